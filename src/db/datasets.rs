@@ -1,0 +1,1 @@
+//! Queries on `datasets` and `dataset_images`.

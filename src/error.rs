@@ -1,0 +1,99 @@
+//! The one error type at the HTTP edge, and the only place where status codes are chosen.
+//!
+//! Client errors carry a stable `code` and a human sentence; internal errors are logged with their
+//! full chain and answered with a bare "internal error" so nothing internal leaks to clients.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// Everything a handler can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The client sent something we refuse; the message says what.
+    #[error("{message}")]
+    Client { status: StatusCode, code: &'static str, message: String },
+    /// A database failure (a bug or a broken disk, never the client's fault).
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    /// Anything else that went wrong inside.
+    #[error("internal error: {0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+/// Response body of every error: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// The inner object of [`ErrorBody`].
+#[derive(Debug, Serialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+impl AppError {
+    /// A client error with an explicit status.
+    pub fn client(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self::Client { status, code, message: message.into() }
+    }
+
+    /// 400: the request is malformed.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::client(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 404 for the resource `what` (e.g. "dataset") with this id.
+    pub fn not_found(what: &str, id: &str) -> Self {
+        Self::client(StatusCode::NOT_FOUND, "not_found", format!("{what} '{id}' does not exist"))
+    }
+
+    /// 409: the request conflicts with the current state.
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::client(StatusCode::CONFLICT, code, message)
+    }
+
+    /// 413: too large.
+    pub fn too_large(code: &'static str, message: impl Into<String>) -> Self {
+        Self::client(StatusCode::PAYLOAD_TOO_LARGE, code, message)
+    }
+
+    /// 415: a body of a type we do not read.
+    pub fn unsupported_media(code: &'static str, message: impl Into<String>) -> Self {
+        Self::client(StatusCode::UNSUPPORTED_MEDIA_TYPE, code, message)
+    }
+
+    /// 422: well-formed but semantically invalid.
+    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::client(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+    }
+
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Client { status, .. } => *status,
+            Self::Db(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// Builds the JSON error response for a status, code and message.
+pub fn error_response(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let body = ErrorBody { error: ErrorDetail { code: code.to_string(), message: message.into() } };
+    (status, Json(body)).into_response()
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        match self {
+            Self::Client { status, code, message } => error_response(status, code, message),
+            other => {
+                tracing::error!(error = ?other, "request failed");
+                error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+            }
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! Image decoding with limits, shared by dataset ingest, training and prediction.
+//!
+//! Every image enters the system through [`decode_rgb`]: the header is read first so that a file
+//! declaring more pixels than allowed is refused before any pixel buffer is allocated.
+
+use std::io::Cursor;
+
+use image::{ImageFormat, ImageReader, Limits, RgbImage};
+
+/// Default pixel limit (width × height): 40 megapixels.
+pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
+
+/// Why an image could not be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ImageError {
+    #[error("empty file")]
+    Empty,
+    #[error("not an image (unrecognised format)")]
+    UnknownFormat,
+    #[error("unsupported image format {0} (supported: JPEG, PNG, WebP, BMP, GIF)")]
+    UnsupportedFormat(String),
+    #[error("image is {width}×{height} = {pixels} pixels, over the limit of {max} pixels")]
+    TooManyPixels { width: u32, height: u32, pixels: u64, max: u64 },
+    #[error("image has a zero dimension")]
+    ZeroSize,
+    #[error("corrupt or truncated image: {0}")]
+    Corrupt(String),
+}
+
+/// The image formats we accept.
+pub fn is_supported(format: ImageFormat) -> bool {
+    matches!(format, ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP | ImageFormat::Bmp | ImageFormat::Gif)
+}
+
+/// Decodes an encoded image (JPEG, PNG, WebP, BMP, or a GIF's first frame) to 8-bit RGB.
+/// Grey, alpha and 16-bit images are converted (alpha is dropped, as PIL's `convert("RGB")` does).
+pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
+    if bytes.is_empty() {
+        return Err(ImageError::Empty);
+    }
+    let format = image::guess_format(bytes).map_err(|_| ImageError::UnknownFormat)?;
+    if !is_supported(format) {
+        return Err(ImageError::UnsupportedFormat(format!("{format:?}")));
+    }
+    let (width, height) = ImageReader::with_format(Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(|e| ImageError::Corrupt(e.to_string()))?;
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels == 0 {
+        return Err(ImageError::ZeroSize);
+    }
+    if pixels > max_pixels {
+        return Err(ImageError::TooManyPixels { width, height, pixels, max: max_pixels });
+    }
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut limits = Limits::default();
+    // Room for the decoded frame at 16 bits per channel with alpha, plus decoder working memory.
+    limits.max_alloc = Some(pixels * 8 + 64 * 1024 * 1024);
+    limits.max_image_width = Some(width);
+    limits.max_image_height = Some(height);
+    reader.limits(limits);
+    let decoded = reader.decode().map_err(|e| ImageError::Corrupt(e.to_string()))?;
+    Ok(decoded.into_rgb8())
+}

@@ -1,0 +1,64 @@
+//! Where things live inside the data folder. Every file the service writes is below `root`.
+
+use std::path::{Path, PathBuf};
+
+/// The layout of a data folder: the SQLite file, the blob store, job checkpoints and models.
+#[derive(Debug, Clone)]
+pub struct DataPaths {
+    root: PathBuf,
+}
+
+impl DataPaths {
+    /// A layout rooted at `root` (nothing is created here; see [`DataPaths::create_all`]).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// Creates the folders of the layout that do not exist yet.
+    pub fn create_all(&self) -> std::io::Result<()> {
+        for dir in [self.root.clone(), self.blobs(), self.jobs(), self.models(), self.tmp()] {
+            std::fs::create_dir_all(dir)?;
+        }
+        Ok(())
+    }
+
+    /// The data folder itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The SQLite database file.
+    pub fn database(&self) -> PathBuf {
+        self.root.join("vitforge.db")
+    }
+
+    /// Content-addressed image store (`<sha256>` files).
+    pub fn blobs(&self) -> PathBuf {
+        self.root.join("blobs")
+    }
+
+    /// Per-job working folders holding epoch checkpoints.
+    pub fn jobs(&self) -> PathBuf {
+        self.root.join("jobs")
+    }
+
+    /// Folder of one job's checkpoints.
+    pub fn job(&self, job_id: &str) -> PathBuf {
+        self.jobs().join(job_id)
+    }
+
+    /// Registered fine-tuned models, one folder each.
+    pub fn models(&self) -> PathBuf {
+        self.root.join("models")
+    }
+
+    /// Folder of one registered model.
+    pub fn model(&self, model_id: &str) -> PathBuf {
+        self.models().join(model_id)
+    }
+
+    /// Scratch space for uploads in flight; emptied at start-up.
+    pub fn tmp(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+}

@@ -1,0 +1,111 @@
+//! Builds the application from its configuration and runs it until SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::config::ServeConfig;
+use crate::http::{self, AppState};
+use crate::paths::DataPaths;
+
+/// A built application: the store is open, migrations have run and the port is bound.
+pub struct Application {
+    addr: SocketAddr,
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl Application {
+    /// Opens the data folder and the database, and binds the listener. With `port = 0` the
+    /// operating system picks a free port, which [`Application::port`] reports (tests rely on it).
+    pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
+        let paths = DataPaths::new(&config.data_dir);
+        paths.create_all().with_context(|| format!("creating data folder {}", paths.root().display()))?;
+        clear_scratch(&paths)?;
+        let db = crate::db::connect(&paths.database())
+            .await
+            .with_context(|| format!("opening database {}", paths.database().display()))?;
+
+        let listener = TcpListener::bind((config.host.as_str(), config.port))
+            .await
+            .with_context(|| format!("binding {}:{}", config.host, config.port))?;
+        let addr = listener.local_addr()?;
+        let state = AppState { db, config: Arc::new(config), paths };
+        Ok(Self { addr, listener, state })
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// The state handlers see (tests use it to reach the database directly).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` completes, then lets in-flight requests finish.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        tracing::info!(addr = %self.addr, data_dir = %self.state.paths.root().display(), "vitforge listening");
+        let app = http::router(self.state.clone());
+        axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await?;
+        self.state.db.close().await;
+        tracing::info!("vitforge stopped");
+        Ok(())
+    }
+
+    /// Serves until SIGINT or SIGTERM.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        self.run_until(shutdown_signal()).await
+    }
+}
+
+/// Removes upload leftovers from a previous run (a crash mid-upload leaves them behind).
+fn clear_scratch(paths: &DataPaths) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(paths.tmp())? {
+        let path = entry?.path();
+        let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        removed.with_context(|| format!("removing leftover {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Entry point of `vitforge serve`: a multi-threaded runtime running the application.
+pub fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let app = Application::build(config).await?;
+        app.run_until_stopped().await
+    })
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,100 @@
+//! `spawn_app()`: a fresh service per test on 127.0.0.1:0 with its own temporary data folder.
+
+use std::path::{Path, PathBuf};
+
+use reqwest::{Client, Response};
+use serde_json::Value;
+use vitforge::config::ServeConfig;
+use vitforge::startup::Application;
+
+/// A running service and what a test needs to talk to it.
+pub struct TestApp {
+    pub address: String,
+    pub client: Client,
+    pub data_dir: PathBuf,
+    /// Dropping the sender stops the server.
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// The default configuration of a test service rooted at `data_dir`.
+pub fn test_config(data_dir: &Path) -> ServeConfig {
+    let mut cfg = ServeConfig::default_for(data_dir);
+    cfg.port = 0;
+    cfg.host = "127.0.0.1".into();
+    cfg
+}
+
+/// Starts a service on a fresh temporary data folder.
+pub async fn spawn_app() -> TestApp {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = test_config(tmp.path());
+    let mut app = spawn_with(cfg).await;
+    app._tmp = Some(tmp);
+    app
+}
+
+/// Starts a service with an explicit configuration (e.g. to restart on the same data folder).
+pub async fn spawn_with(cfg: ServeConfig) -> TestApp {
+    vitforge::telemetry::init_for_tests();
+    let data_dir = cfg.data_dir.clone();
+    let app = Application::build(cfg).await.expect("build app");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(app.run_until(async move {
+        let _ = rx.await;
+    }));
+    TestApp {
+        address,
+        client: Client::new(),
+        data_dir,
+        shutdown: Some(tx),
+        handle: Some(handle),
+        _tmp: None,
+    }
+}
+
+impl TestApp {
+    /// The full URL of a path on this service.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.address, path)
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.client.get(self.url(path)).send().await.expect("request")
+    }
+
+    pub async fn delete(&self, path: &str) -> Response {
+        self.client.delete(self.url(path)).send().await.expect("request")
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> Response {
+        self.client.post(self.url(path)).json(body).send().await.expect("request")
+    }
+
+    /// Stops the server gracefully and waits for it, keeping the data folder for a restart.
+    pub async fn stop(mut self) -> Option<tempfile::TempDir> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            handle.await.expect("server task").expect("server result");
+        }
+        self._tmp.take()
+    }
+}
+
+/// Reads a response as JSON, panicking with the body when it is not JSON.
+pub async fn json(resp: Response) -> Value {
+    let text = resp.text().await.expect("body");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// Asserts the response has `status` and the standard error body with `code`; returns the message.
+pub async fn assert_error(resp: Response, status: u16, code: &str) -> String {
+    assert_eq!(resp.status().as_u16(), status, "unexpected status");
+    let body = json(resp).await;
+    assert_eq!(body["error"]["code"], code, "unexpected error body: {body}");
+    body["error"]["message"].as_str().expect("message").to_string()
+}
