@@ -7,6 +7,8 @@ pub mod db;
 pub mod error;
 pub mod http;
 pub mod imaging;
+pub mod model;
 pub mod paths;
 pub mod startup;
 pub mod telemetry;
+pub mod train;

@@ -1,0 +1,386 @@
+//! Finding, loading and saving models in Hugging Face's folder format: `config.json`,
+//! `model.safetensors` (or sharded with `model.safetensors.index.json`) and, when present,
+//! `preprocessor_config.json`. Hub ids are fetched with `hf-hub` into the standard cache.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use super::params::{self, BACKBONE_PREFIX, HEAD_BIAS, HEAD_WEIGHT, ParamSpec, Params};
+use super::{ModelError, PreprocessorConfig, VitConfig};
+
+type Result<T> = std::result::Result<T, ModelError>;
+
+/// Where a model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A local folder.
+    Dir(PathBuf),
+    /// A Hugging Face hub repository id such as `google/vit-base-patch16-224`.
+    Hub(String),
+}
+
+impl std::fmt::Display for ModelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModelSource::Dir(p) => write!(f, "{}", p.display()),
+            ModelSource::Hub(id) => write!(f, "{id}"),
+        }
+    }
+}
+
+impl ModelSource {
+    /// A local folder when `spec` names an existing directory, else a hub id.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let path = Path::new(spec);
+        if path.is_dir() {
+            return Ok(ModelSource::Dir(path.to_path_buf()));
+        }
+        if is_hub_id(spec) {
+            return Ok(ModelSource::Hub(spec.to_string()));
+        }
+        Err(ModelError::NotFound(format!(
+            "'{spec}' is neither a folder nor a Hugging Face model id (like google/vit-base-patch16-224)"
+        )))
+    }
+
+    /// The files of the model, downloading them first for a hub id that is not cached.
+    pub fn resolve(&self, progress: bool) -> Result<ModelFiles> {
+        match self {
+            ModelSource::Dir(dir) => ModelFiles::in_dir(dir),
+            ModelSource::Hub(id) => fetch_from_hub(id, progress),
+        }
+    }
+}
+
+/// True for strings shaped like a hub repository id: `name` or `owner/name`, made of letters,
+/// digits, `-`, `_` and `.`, with no `..`.
+pub fn is_hub_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    !s.is_empty()
+        && s.len() <= 96
+        && parts.len() <= 2
+        && !s.contains("..")
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && !p.starts_with(['.', '-'])
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        })
+}
+
+/// The files making up a model.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub config: PathBuf,
+    pub weights: Vec<PathBuf>,
+    pub preprocessor: Option<PathBuf>,
+}
+
+impl ModelFiles {
+    fn in_dir(dir: &Path) -> Result<Self> {
+        let config = dir.join("config.json");
+        if !config.is_file() {
+            return Err(ModelError::NotFound(format!("{} has no config.json", dir.display())));
+        }
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let weights = if single.is_file() {
+            vec![single]
+        } else if index.is_file() {
+            shards_from_index(&index)?
+        } else if dir.join("pytorch_model.bin").is_file() {
+            return Err(ModelError::Weights(format!(
+                "{} holds pytorch_model.bin, which vitforge does not read (pickle files can run code); \
+                 convert it with `ViTForImageClassification.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`",
+                dir.display()
+            )));
+        } else {
+            return Err(ModelError::NotFound(format!("{} has no model.safetensors", dir.display())));
+        };
+        let pre = dir.join("preprocessor_config.json");
+        Ok(Self { config, weights, preprocessor: pre.is_file().then_some(pre) })
+    }
+}
+
+fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: HashMap<String, String>,
+    }
+    let text = fs::read_to_string(index)?;
+    let idx: Index = serde_json::from_str(&text).map_err(|e| ModelError::Weights(format!("{}: {e}", index.display())))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<String> = idx.weight_map.into_values().collect();
+    files.sort();
+    files.dedup();
+    files
+        .into_iter()
+        .map(|f| {
+            if f.contains('/') || f.contains("..") {
+                return Err(ModelError::Weights(format!("shard name '{f}' is not a plain file name")));
+            }
+            Ok(dir.join(f))
+        })
+        .collect()
+}
+
+fn hub_offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+}
+
+fn fetch_from_hub(id: &str, progress: bool) -> Result<ModelFiles> {
+    let cache = hf_hub::Cache::from_env();
+    let cached = cache.model(id.to_string());
+    let how_to = format!(
+        "download it where the hub is reachable (e.g. `huggingface-cli download {id}`, with HF_HOME pointing at the \
+         same cache), or use a local folder containing config.json and model.safetensors"
+    );
+    if let (Some(config), Some(weights)) = (cached.get("config.json"), cached.get("model.safetensors")) {
+        return Ok(ModelFiles { config, weights: vec![weights], preprocessor: cached.get("preprocessor_config.json") });
+    }
+    if hub_offline() {
+        return Err(ModelError::NotFound(format!(
+            "model '{id}' is not in the Hugging Face cache ({}) and HF_HUB_OFFLINE is set: {how_to}",
+            cache.path().display()
+        )));
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(progress)
+        .build()
+        .map_err(|e| ModelError::NotFound(format!("cannot reach the Hugging Face hub for '{id}': {e}; {how_to}")))?;
+    let repo = api.model(id.to_string());
+    let fetch = |file: &str| {
+        repo.get(file).map_err(|e| {
+            ModelError::NotFound(format!("cannot fetch {file} of model '{id}' from the Hugging Face hub: {e}; {how_to}"))
+        })
+    };
+    let config = fetch("config.json")?;
+    let weights = fetch("model.safetensors").map_err(|e| match repo.get("pytorch_model.bin") {
+        Ok(_) => ModelError::Weights(format!("model '{id}' has only pytorch_model.bin, which vitforge does not read; use a revision with model.safetensors")),
+        Err(_) => e,
+    })?;
+    let preprocessor = repo.get("preprocessor_config.json").ok();
+    Ok(ModelFiles { config, weights: vec![weights], preprocessor })
+}
+
+/// How loading went: what was reused and what was left over.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    /// Tensors in the checkpoint that the model does not use (e.g. `vit.pooler.*`).
+    pub unused: Vec<String>,
+    /// True when the classification head was created fresh (new labels).
+    pub head_reset: bool,
+}
+
+/// A model ready to run or train.
+pub struct LoadedModel {
+    /// Architecture and labels (`cfg.labels` are the classes the head predicts).
+    pub cfg: VitConfig,
+    pub preprocessor: PreprocessorConfig,
+    pub params: Params,
+    pub report: LoadReport,
+}
+
+impl LoadedModel {
+    /// Loads a model. With `labels`, the head predicts those classes: it is reused when the
+    /// checkpoint's labels are the same, created fresh otherwise (so a 1000-class ImageNet head
+    /// does not stop a backbone from loading). The backbone must be complete.
+    pub fn load(source: &ModelSource, labels: Option<&[String]>, device: &Device, seed: u64) -> Result<Self> {
+        let files = source.resolve(false)?;
+        let cfg = VitConfig::from_json(&fs::read_to_string(&files.config)?)?;
+        let preprocessor = match &files.preprocessor {
+            Some(p) => PreprocessorConfig::from_json(&fs::read_to_string(p)?, cfg.image_size, cfg.num_channels)?,
+            None => PreprocessorConfig::default_for(cfg.image_size),
+        };
+        if preprocessor.size != cfg.image_size {
+            return Err(ModelError::Config(format!(
+                "preprocessor_config.json resizes to {}×{} but the model takes {}×{} images",
+                preprocessor.size.1, preprocessor.size.0, cfg.image_size.1, cfg.image_size.0
+            )));
+        }
+        let mut tensors = BTreeMap::new();
+        for file in &files.weights {
+            let loaded = candle_core::safetensors::load(file, &Device::Cpu)
+                .map_err(|e| ModelError::Weights(format!("{}: {e}", file.display())))?;
+            for (name, t) in loaded {
+                tensors.insert(canonical_name(&name), t);
+            }
+        }
+        let ckpt_labels = cfg.labels.clone();
+        let labels: Vec<String> = match labels {
+            Some(l) => l.to_vec(),
+            None if !ckpt_labels.is_empty() => ckpt_labels.clone(),
+            None => match tensors.get(HEAD_WEIGHT) {
+                Some(w) => (0..w.dim(0)?).map(|i| format!("LABEL_{i}")).collect(),
+                None => {
+                    return Err(ModelError::Config(
+                        "the model has no classification head and no id2label; give the class names".into(),
+                    ));
+                }
+            },
+        };
+        if labels.is_empty() {
+            return Err(ModelError::Config("a classifier needs at least one label".into()));
+        }
+        let cfg = cfg.with_labels(&labels);
+        let specs = params::param_specs(&cfg, labels.len());
+        let head_fits = ckpt_labels == labels
+            && tensors.get(HEAD_WEIGHT).is_some_and(|w| w.dims() == [labels.len(), cfg.hidden_size])
+            && tensors.get(HEAD_BIAS).is_some_and(|b| b.dims() == [labels.len()]);
+        let mut report = LoadReport::default();
+        if !head_fits {
+            tensors.remove(HEAD_WEIGHT);
+            tensors.remove(HEAD_BIAS);
+            report.head_reset = true;
+        }
+        check_complete(&specs, &tensors, head_fits)?;
+        report.unused = tensors.keys().filter(|k| !specs.iter().any(|s| &s.name == *k)).cloned().collect();
+        if head_fits {
+            let params = Params::from_tensors(&specs, tensors, device)?;
+            return Ok(Self { cfg, preprocessor, params, report });
+        }
+        let mut params = Params::from_tensors(
+            &specs.iter().filter(|s| !params::is_head(&s.name)).cloned().collect::<Vec<_>>(),
+            tensors,
+            device,
+        )?;
+        params.reset_head(&cfg, labels.len(), seed, device)?;
+        Ok(Self { cfg, preprocessor, params, report })
+    }
+
+    /// A randomly initialised model (for training from scratch and for tests).
+    pub fn random(cfg: &VitConfig, labels: &[String], seed: u64, device: &Device) -> Result<Self> {
+        let cfg = cfg.with_labels(labels);
+        let params = Params::init(&cfg, labels.len(), seed, device)?;
+        let preprocessor = PreprocessorConfig::default_for(cfg.image_size);
+        Ok(Self { cfg, preprocessor, params, report: LoadReport { unused: vec![], head_reset: true } })
+    }
+
+    /// Writes the model folder (config.json, model.safetensors, preprocessor_config.json)
+    /// atomically: into a temporary sibling folder that is renamed into place.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        save_folder(dir, &self.cfg, &self.preprocessor, &self.params.snapshot()?)
+    }
+}
+
+/// Names in a bare `ViTModel` checkpoint lack the `vit.` prefix.
+fn canonical_name(name: &str) -> String {
+    if name.starts_with(BACKBONE_PREFIX) || name.starts_with("classifier.") {
+        name.to_string()
+    } else {
+        format!("{BACKBONE_PREFIX}{name}")
+    }
+}
+
+fn check_complete(specs: &[ParamSpec], tensors: &BTreeMap<String, Tensor>, with_head: bool) -> Result<()> {
+    let missing: Vec<&str> = specs
+        .iter()
+        .filter(|s| (with_head || !params::is_head(&s.name)) && !tensors.contains_key(&s.name))
+        .map(|s| s.name.as_str())
+        .collect();
+    if !missing.is_empty() {
+        let shown = missing.iter().take(8).copied().collect::<Vec<_>>().join(", ");
+        let more = if missing.len() > 8 { format!(" and {} more", missing.len() - 8) } else { String::new() };
+        return Err(ModelError::Weights(format!("the checkpoint lacks {} tensors: {shown}{more}", missing.len())));
+    }
+    for spec in specs {
+        if let Some(t) = tensors.get(&spec.name)
+            && t.dims() != spec.shape.as_slice()
+        {
+            return Err(ModelError::Weights(format!(
+                "tensor {} has shape {:?} but config.json implies {:?}",
+                spec.name,
+                t.dims(),
+                spec.shape
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Writes a model folder atomically (temporary sibling, fsync, rename). An existing folder at
+/// `dir` is replaced.
+pub fn save_folder(dir: &Path, cfg: &VitConfig, pre: &PreprocessorConfig, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    write_dir_atomically(dir, |tmp| {
+        write_file(&tmp.join("config.json"), serde_json::to_string_pretty(&cfg.to_json()).unwrap_or_default().as_bytes())?;
+        write_file(
+            &tmp.join("preprocessor_config.json"),
+            serde_json::to_string_pretty(&pre.to_json()).unwrap_or_default().as_bytes(),
+        )?;
+        write_safetensors(&tmp.join("model.safetensors"), tensors)
+    })
+}
+
+/// Writes `tensors` as a safetensors file with the `{"format": "pt"}` metadata `transformers`
+/// expects.
+pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    let host: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = safetensors::serialize(host.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata))
+        .map_err(|e| ModelError::Weights(format!("serialising weights: {e}")))?;
+    write_file(path, &bytes)
+}
+
+/// Writes a file and flushes it to disk.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Fills a fresh temporary sibling of `dir` with `fill`, then renames it to `dir` (replacing an
+/// existing folder), so readers see either the old folder or the complete new one.
+pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(parent)?;
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let tmp = parent.join(format!(".{name}.tmp-{}", uuid::Uuid::now_v7()));
+    fs::create_dir(&tmp)?;
+    let result = fill(&tmp).and_then(|()| {
+        fs::File::open(&tmp)?.sync_all()?;
+        let old = parent.join(format!(".{name}.old-{}", uuid::Uuid::now_v7()));
+        let had_old = dir.exists();
+        if had_old {
+            fs::rename(dir, &old)?;
+        }
+        fs::rename(&tmp, dir)?;
+        fs::File::open(parent)?.sync_all()?;
+        if had_old {
+            fs::remove_dir_all(&old)?;
+        }
+        Ok(())
+    });
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_ids_are_recognised_and_paths_are_not() {
+        for ok in ["google/vit-base-patch16-224", "vit_small", "org.x/model-1.5"] {
+            assert!(is_hub_id(ok), "{ok}");
+        }
+        for bad in ["", "/etc/passwd", "../x", "a/b/c", "a/../b", ".hidden/x", "a b", "a/-x"] {
+            assert!(!is_hub_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bare_backbone_names_get_the_prefix() {
+        assert_eq!(canonical_name("embeddings.cls_token"), "vit.embeddings.cls_token");
+        assert_eq!(canonical_name("vit.layernorm.weight"), "vit.layernorm.weight");
+        assert_eq!(canonical_name("classifier.bias"), "classifier.bias");
+    }
+}

@@ -1,0 +1,466 @@
+//! Image preprocessing identical to `transformers`' `ViTImageProcessor` (PIL path): resize with
+//! PIL's resampling filters (8-bit fixed-point, horizontal pass then vertical, antialiased when
+//! shrinking), rescale by `rescale_factor`, normalise with `image_mean` / `image_std`.
+//!
+//! The resampler is a transcription of Pillow's `libImaging/Resample.c`: the same coefficient
+//! windows, the same 22-bit fixed-point rounding and the same 8-bit intermediate image, so the
+//! pixels match PIL's to the last bit for the filters PIL implements this way.
+
+use image::RgbImage;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::ModelError;
+
+/// `image_mean` / `image_std` used by ViT checkpoints that do not say otherwise.
+pub const IMAGENET_STANDARD_MEAN: [f32; 3] = [0.5, 0.5, 0.5];
+/// See [`IMAGENET_STANDARD_MEAN`].
+pub const IMAGENET_STANDARD_STD: [f32; 3] = [0.5, 0.5, 0.5];
+
+/// PIL's resampling filters, numbered as in `PIL.Image.Resampling`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    Nearest,
+    Lanczos,
+    Bilinear,
+    Bicubic,
+    Box,
+    Hamming,
+}
+
+impl Filter {
+    /// The filter for PIL's integer code.
+    pub fn from_pil(code: i64) -> Option<Self> {
+        Some(match code {
+            0 => Filter::Nearest,
+            1 => Filter::Lanczos,
+            2 => Filter::Bilinear,
+            3 => Filter::Bicubic,
+            4 => Filter::Box,
+            5 => Filter::Hamming,
+            _ => return None,
+        })
+    }
+
+    /// PIL's integer code.
+    pub fn pil_code(self) -> i64 {
+        match self {
+            Filter::Nearest => 0,
+            Filter::Lanczos => 1,
+            Filter::Bilinear => 2,
+            Filter::Bicubic => 3,
+            Filter::Box => 4,
+            Filter::Hamming => 5,
+        }
+    }
+
+    fn support(self) -> f64 {
+        match self {
+            Filter::Nearest | Filter::Box => 0.5,
+            Filter::Bilinear | Filter::Hamming => 1.0,
+            Filter::Bicubic => 2.0,
+            Filter::Lanczos => 3.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        fn sinc(x: f64) -> f64 {
+            if x == 0.0 {
+                1.0
+            } else {
+                let x = x * std::f64::consts::PI;
+                x.sin() / x
+            }
+        }
+        match self {
+            Filter::Nearest | Filter::Box => {
+                if x > -0.5 && x <= 0.5 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Filter::Bilinear => {
+                let x = x.abs();
+                if x < 1.0 { 1.0 - x } else { 0.0 }
+            }
+            Filter::Hamming => {
+                let x = x.abs();
+                if x == 0.0 {
+                    1.0
+                } else if x >= 1.0 {
+                    0.0
+                } else {
+                    let x = x * std::f64::consts::PI;
+                    x.sin() / x * (0.54 + 0.46 * x.cos())
+                }
+            }
+            Filter::Bicubic => {
+                const A: f64 = -0.5;
+                let x = x.abs();
+                if x < 1.0 {
+                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
+                } else {
+                    0.0
+                }
+            }
+            Filter::Lanczos => {
+                if (-3.0..3.0).contains(&x) {
+                    sinc(x) * sinc(x / 3.0)
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
+/// The settings of `preprocessor_config.json` that `ViTImageProcessor` applies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreprocessorConfig {
+    pub do_resize: bool,
+    /// Output (height, width).
+    pub size: (usize, usize),
+    pub resample: Filter,
+    pub do_rescale: bool,
+    pub rescale_factor: f64,
+    pub do_normalize: bool,
+    pub image_mean: Vec<f32>,
+    pub image_std: Vec<f32>,
+    /// The file as read, so export keeps fields we do not interpret.
+    pub raw: Map<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeField {
+    Square(usize),
+    HeightWidth { height: usize, width: usize },
+    ShortestEdge { shortest_edge: usize },
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum FloatOrList {
+    One(f32),
+    Many(Vec<f32>),
+}
+
+#[derive(Deserialize)]
+struct RawPreprocessor {
+    do_resize: Option<bool>,
+    size: Option<SizeField>,
+    resample: Option<i64>,
+    do_rescale: Option<bool>,
+    rescale_factor: Option<f64>,
+    do_normalize: Option<bool>,
+    image_mean: Option<FloatOrList>,
+    image_std: Option<FloatOrList>,
+}
+
+impl PreprocessorConfig {
+    /// `ViTImageProcessor`'s defaults for a model of this input size (used when the model
+    /// folder has no `preprocessor_config.json`).
+    pub fn default_for(size: (usize, usize)) -> Self {
+        Self {
+            do_resize: true,
+            size,
+            resample: Filter::Bilinear,
+            do_rescale: true,
+            rescale_factor: 1.0 / 255.0,
+            do_normalize: true,
+            image_mean: IMAGENET_STANDARD_MEAN.to_vec(),
+            image_std: IMAGENET_STANDARD_STD.to_vec(),
+            raw: Map::new(),
+        }
+    }
+
+    /// Parses `preprocessor_config.json`; absent fields take `ViTImageProcessor`'s defaults.
+    /// `model_size` is the model's input size, used when the file gives none.
+    pub fn from_json(text: &str, model_size: (usize, usize), channels: usize) -> Result<Self, ModelError> {
+        let err = |m: String| ModelError::Config(format!("preprocessor_config.json: {m}"));
+        let raw: Map<String, Value> = serde_json::from_str(text).map_err(|e| err(e.to_string()))?;
+        let parsed: RawPreprocessor = serde_json::from_value(Value::Object(raw.clone())).map_err(|e| err(e.to_string()))?;
+        let size = match parsed.size {
+            None => model_size,
+            Some(SizeField::Square(s)) => (s, s),
+            Some(SizeField::HeightWidth { height, width }) => (height, width),
+            Some(SizeField::ShortestEdge { shortest_edge }) => {
+                return Err(err(format!(
+                    "size {{\"shortest_edge\": {shortest_edge}}} is not used by ViTImageProcessor; give height and width"
+                )));
+            }
+        };
+        let resample = match parsed.resample {
+            None => Filter::Bilinear,
+            Some(code) => Filter::from_pil(code).ok_or_else(|| err(format!("unknown resample filter {code}")))?,
+        };
+        let per_channel = |v: Option<FloatOrList>, default: [f32; 3], name: &str| -> Result<Vec<f32>, ModelError> {
+            let v = match v {
+                None => default.to_vec(),
+                Some(FloatOrList::One(x)) => vec![x; channels],
+                Some(FloatOrList::Many(v)) => v,
+            };
+            if v.len() != channels {
+                return Err(err(format!("{name} has {} values for {channels} channels", v.len())));
+            }
+            Ok(v)
+        };
+        let image_mean = per_channel(parsed.image_mean, IMAGENET_STANDARD_MEAN, "image_mean")?;
+        let image_std = per_channel(parsed.image_std, IMAGENET_STANDARD_STD, "image_std")?;
+        if image_std.iter().any(|s| *s == 0.0 || !s.is_finite()) {
+            return Err(err("image_std must be non-zero".into()));
+        }
+        let cfg = Self {
+            do_resize: parsed.do_resize.unwrap_or(true),
+            size,
+            resample,
+            do_rescale: parsed.do_rescale.unwrap_or(true),
+            rescale_factor: parsed.rescale_factor.unwrap_or(1.0 / 255.0),
+            do_normalize: parsed.do_normalize.unwrap_or(true),
+            image_mean,
+            image_std,
+            raw,
+        };
+        if cfg.size.0 == 0 || cfg.size.1 == 0 {
+            return Err(err("size must be positive".into()));
+        }
+        Ok(cfg)
+    }
+
+    /// The JSON to write next to exported weights.
+    pub fn to_json(&self) -> Value {
+        let mut obj = self.raw.clone();
+        obj.insert("image_processor_type".into(), "ViTImageProcessor".into());
+        obj.insert("do_resize".into(), self.do_resize.into());
+        obj.insert("size".into(), serde_json::json!({"height": self.size.0, "width": self.size.1}));
+        obj.insert("resample".into(), self.resample.pil_code().into());
+        obj.insert("do_rescale".into(), self.do_rescale.into());
+        obj.insert("rescale_factor".into(), self.rescale_factor.into());
+        obj.insert("do_normalize".into(), self.do_normalize.into());
+        obj.insert("image_mean".into(), serde_json::json!(self.image_mean));
+        obj.insert("image_std".into(), serde_json::json!(self.image_std));
+        Value::Object(obj)
+    }
+
+    /// Pixel values (channels × height × width, channel-major) of one image, exactly as
+    /// `ViTImageProcessor` computes them. Without `do_resize` the image must already have the
+    /// configured size.
+    pub fn pixel_values(&self, img: &RgbImage) -> Result<Vec<f32>, ModelError> {
+        let (h, w) = self.size;
+        let resized;
+        let img = if self.do_resize && (img.height() as usize, img.width() as usize) != (h, w) {
+            resized = resize(img, w, h, self.resample);
+            &resized
+        } else {
+            img
+        };
+        if (img.height() as usize, img.width() as usize) != (h, w) {
+            return Err(ModelError::Input(format!(
+                "image is {}×{} but the model expects {w}×{h} and do_resize is off",
+                img.width(),
+                img.height()
+            )));
+        }
+        Ok(self.normalize(img))
+    }
+
+    /// Rescales and normalises an image that already has the model's size.
+    pub fn normalize(&self, img: &RgbImage) -> Vec<f32> {
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        let mut out = vec![0f32; 3 * h * w];
+        let scale = if self.do_rescale { self.rescale_factor as f32 } else { 1.0 };
+        let raw = img.as_raw();
+        for c in 0..3 {
+            let (mean, inv_std) = if self.do_normalize { (self.image_mean[c], 1.0 / self.image_std[c]) } else { (0.0, 1.0) };
+            let plane = &mut out[c * h * w..(c + 1) * h * w];
+            for (i, v) in plane.iter_mut().enumerate() {
+                *v = (f32::from(raw[i * 3 + c]) * scale - mean) * inv_std;
+            }
+        }
+        out
+    }
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Coefficient windows of one axis, as Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc`.
+struct Coeffs {
+    ksize: usize,
+    /// (first source index, number of taps) per output index.
+    bounds: Vec<(usize, usize)>,
+    /// Fixed-point weights, `ksize` per output index.
+    weights: Vec<i32>,
+}
+
+fn precompute_coeffs(in_size: usize, in0: f64, in1: f64, out_size: usize, filter: Filter) -> Coeffs {
+    let scale = (in1 - in0) / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = filter.support() * filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut bounds = Vec::with_capacity(out_size);
+    let mut weights = vec![0i32; out_size * ksize];
+    let mut k = vec![0f64; ksize];
+    for xx in 0..out_size {
+        let center = in0 + (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        // C's (int) cast truncates toward zero; clamping to 0 afterwards makes that a floor.
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize - xmin;
+        let xmax = xmax.min(ksize);
+        let mut ww = 0.0;
+        for (x, kx) in k.iter_mut().enumerate().take(xmax) {
+            let w = filter.weight((x as f64 + xmin as f64 - center + 0.5) * ss);
+            *kx = w;
+            ww += w;
+        }
+        for (x, kx) in k.iter().enumerate().take(xmax) {
+            let w = if ww != 0.0 { kx / ww } else { *kx };
+            let fixed = w * f64::from(1u32 << PRECISION_BITS);
+            weights[xx * ksize + x] = if w < 0.0 { (fixed - 0.5) as i32 } else { (fixed + 0.5) as i32 };
+        }
+        bounds.push((xmin, xmax));
+    }
+    Coeffs { ksize, bounds, weights }
+}
+
+#[inline]
+fn clip8(v: i64) -> u8 {
+    (v >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Resizes like `PIL.Image.resize((out_w, out_h), filter)`.
+pub fn resize(img: &RgbImage, out_w: usize, out_h: usize, filter: Filter) -> RgbImage {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    resize_box(img, (0.0, 0.0, w as f64, h as f64), out_w, out_h, filter)
+}
+
+/// Resizes the region `(x0, y0, x1, y1)` of `img` like
+/// `PIL.Image.resize((out_w, out_h), filter, box=(x0, y0, x1, y1))`.
+pub fn resize_box(img: &RgbImage, bx: (f64, f64, f64, f64), out_w: usize, out_h: usize, filter: Filter) -> RgbImage {
+    let (in_w, in_h) = (img.width() as usize, img.height() as usize);
+    if filter == Filter::Nearest {
+        return resize_nearest(img, bx, out_w, out_h);
+    }
+    let (x0, y0, x1, y1) = bx;
+    let need_h = out_w != in_w || x0 != 0.0 || x1 != out_w as f64;
+    let need_v = out_h != in_h || y0 != 0.0 || y1 != out_h as f64;
+    let horiz = precompute_coeffs(in_w, x0, x1, out_w, filter);
+    let vert = precompute_coeffs(in_h, y0, y1, out_h, filter);
+    let src = img.as_raw();
+
+    // Horizontal pass over the rows the vertical pass will read, into an 8-bit image.
+    let (tmp, tmp_w, row_first) = if need_h {
+        let first = vert.bounds.first().map_or(0, |b| b.0);
+        let last = vert.bounds.last().map_or(in_h, |b| b.0 + b.1);
+        let rows = last - first;
+        let mut tmp = vec![0u8; rows * out_w * 3];
+        for r in 0..rows {
+            let src_row = &src[(first + r) * in_w * 3..(first + r + 1) * in_w * 3];
+            let dst_row = &mut tmp[r * out_w * 3..(r + 1) * out_w * 3];
+            for xx in 0..out_w {
+                let (xmin, n) = horiz.bounds[xx];
+                let k = &horiz.weights[xx * horiz.ksize..xx * horiz.ksize + n];
+                for c in 0..3 {
+                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+                    for (x, kx) in k.iter().enumerate() {
+                        ss += i64::from(src_row[(xmin + x) * 3 + c]) * i64::from(*kx);
+                    }
+                    dst_row[xx * 3 + c] = clip8(ss);
+                }
+            }
+        }
+        (tmp, out_w, first)
+    } else {
+        (src.to_vec(), in_w, 0)
+    };
+
+    let out = if need_v {
+        let mut out = vec![0u8; out_h * tmp_w * 3];
+        for yy in 0..out_h {
+            let (ymin, n) = vert.bounds[yy];
+            let ymin = ymin - row_first;
+            let k = &vert.weights[yy * vert.ksize..yy * vert.ksize + n];
+            for xx in 0..tmp_w * 3 {
+                let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+                for (y, ky) in k.iter().enumerate() {
+                    ss += i64::from(tmp[(ymin + y) * tmp_w * 3 + xx]) * i64::from(*ky);
+                }
+                out[yy * tmp_w * 3 + xx] = clip8(ss);
+            }
+        }
+        out
+    } else {
+        tmp
+    };
+    RgbImage::from_raw(out_w as u32, out_h as u32, out).expect("buffer size matches dimensions")
+}
+
+fn resize_nearest(img: &RgbImage, bx: (f64, f64, f64, f64), out_w: usize, out_h: usize) -> RgbImage {
+    let (x0, y0, x1, y1) = bx;
+    let (sx, sy) = ((x1 - x0) / out_w as f64, (y1 - y0) / out_h as f64);
+    let (w, h) = (img.width(), img.height());
+    RgbImage::from_fn(out_w as u32, out_h as u32, |x, y| {
+        let xs = ((x0 + (f64::from(x) + 0.5) * sx) as u32).min(w - 1);
+        let ys = ((y0 + (f64::from(y) + 0.5) * sy) as u32).min(h - 1);
+        *img.get_pixel(xs, ys)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_size_is_untouched() {
+        let img = RgbImage::from_fn(7, 5, |x, y| image::Rgb([(x * 30) as u8, (y * 40) as u8, 9]));
+        assert_eq!(resize(&img, 7, 5, Filter::Bilinear), img);
+    }
+
+    #[test]
+    fn constant_image_stays_constant_under_every_filter() {
+        let img = RgbImage::from_pixel(37, 23, image::Rgb([200, 17, 99]));
+        for f in [Filter::Bilinear, Filter::Bicubic, Filter::Lanczos, Filter::Box, Filter::Hamming, Filter::Nearest] {
+            for (w, h) in [(10, 10), (64, 50), (37, 7)] {
+                let out = resize(&img, w, h, f);
+                assert!(out.pixels().all(|p| p.0 == [200, 17, 99]), "{f:?} {w}×{h}");
+            }
+        }
+    }
+
+    #[test]
+    fn shrinking_widens_the_bilinear_triangle() {
+        // Halving: the triangle is stretched to span 3 source pixels around the centre 1.0 with
+        // weights 0.75, 0.75, 0.25 (normalised by 1.75), unlike a plain 2×2 bilinear sample.
+        // (0·0.75 + 100·0.75 + 200·0.25) / 1.75 = 71.4 → 71. Pillow 11 gives the same.
+        let img = RgbImage::from_fn(4, 1, |x, _| image::Rgb([[0, 100, 200, 40][x as usize]; 3]));
+        let out = resize(&img, 2, 1, Filter::Bilinear);
+        assert_eq!(out.get_pixel(0, 0).0[0], 71);
+    }
+
+    #[test]
+    fn normalisation_matches_formula() {
+        let cfg = PreprocessorConfig::default_for((2, 2));
+        let img = RgbImage::from_pixel(2, 2, image::Rgb([255, 0, 51]));
+        let v = cfg.pixel_values(&img).unwrap();
+        assert_eq!(v.len(), 12);
+        assert!((v[0] - 1.0).abs() < 1e-6);
+        assert!((v[4] + 1.0).abs() < 1e-6);
+        assert!((v[8] - (0.2 - 0.5) / 0.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn parses_processor_configs() {
+        let cfg = PreprocessorConfig::from_json(r#"{"size": {"height": 30, "width": 20}, "resample": 3, "image_mean": 0.5}"#, (224, 224), 3).unwrap();
+        assert_eq!(cfg.size, (30, 20));
+        assert_eq!(cfg.resample, Filter::Bicubic);
+        assert_eq!(cfg.image_mean, vec![0.5; 3]);
+        assert_eq!(PreprocessorConfig::from_json(r#"{"size": 64}"#, (224, 224), 3).unwrap().size, (64, 64));
+        assert_eq!(PreprocessorConfig::from_json("{}", (40, 40), 3).unwrap().size, (40, 40));
+        assert!(PreprocessorConfig::from_json(r#"{"size": {"shortest_edge": 5}}"#, (224, 224), 3).is_err());
+        assert!(PreprocessorConfig::from_json(r#"{"resample": 9}"#, (224, 224), 3).is_err());
+        assert!(PreprocessorConfig::from_json(r#"{"image_std": [1, 0, 1]}"#, (224, 224), 3).is_err());
+    }
+}

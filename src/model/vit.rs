@@ -1,0 +1,343 @@
+//! The ViT forward pass (`ViTForImageClassification`), written with differentiable candle ops
+//! only, so that autograd gives every parameter its true gradient on any device.
+//!
+//! candle-transformers' `vit` uses `softmax_last_dim` and the fused `layer_norm`, which have no
+//! backward: candle silently treats their outputs as constants. Here layer norm, softmax and the
+//! activations are composed from ops that all implement backward, and golden-file tests check
+//! every gradient against PyTorch.
+
+use candle_core::{D, DType, Tensor};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use super::config::Activation;
+use super::params::{self, Params};
+use super::{ModelError, VitConfig};
+
+type Result<T> = std::result::Result<T, ModelError>;
+
+/// A linear layer `y = x Wᵀ + b` over the last dimension.
+#[derive(Clone)]
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dims = xs.dims().to_vec();
+        let (rows, inner) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
+        let y = xs.reshape((rows, inner))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("rank ≥ 1") = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// Layer normalisation over the last dimension, composed so that it has a backward.
+#[derive(Clone)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mean = xs.mean_keepdim(D::Minus1)?;
+        let centred = xs.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// Softmax over the last dimension. The max is subtracted for stability; it is detached because
+/// softmax does not depend on it, which saves its backward work.
+pub fn softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
+    let max = xs.detach().max_keepdim(D::Minus1)?;
+    let e = xs.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// log(softmax(x)) over the last dimension, composed (differentiable).
+pub fn log_softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
+    let max = xs.detach().max_keepdim(D::Minus1)?;
+    let shifted = xs.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+fn activate(act: Activation, xs: &Tensor) -> candle_core::Result<Tensor> {
+    match act {
+        Activation::Gelu => xs.gelu_erf(),
+        Activation::GeluTanh => xs.gelu(),
+        Activation::Relu => xs.relu(),
+        Activation::Silu => xs.silu(),
+        Activation::QuickGelu => {
+            let sig = ((xs * -1.702)?.exp()? + 1.0)?.recip()?;
+            xs * sig
+        }
+    }
+}
+
+/// Dropout for training, driven by our seeded generator so runs are reproducible.
+pub struct Dropout<'a> {
+    pub rng: &'a mut ChaCha8Rng,
+}
+
+impl Dropout<'_> {
+    fn apply(&mut self, xs: &Tensor, p: f64) -> Result<Tensor> {
+        if p <= 0.0 {
+            return Ok(xs.clone());
+        }
+        let keep = 1.0 - p;
+        let mask: Vec<f32> =
+            (0..xs.elem_count()).map(|_| if self.rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?;
+        Ok((xs * mask)?)
+    }
+}
+
+#[derive(Clone)]
+struct Layer {
+    ln_before: LayerNorm,
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    ln_after: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+/// A ViT classifier assembled from [`Params`]. Building one is cheap (tensors are shared with the
+/// parameters), so callers build one per use with the trainable set they need.
+#[derive(Clone)]
+pub struct Vit {
+    cfg: VitConfig,
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    cls_token: Tensor,
+    position_embeddings: Tensor,
+    layers: Vec<Layer>,
+    layernorm: LayerNorm,
+    classifier: Linear,
+}
+
+impl Vit {
+    /// Assembles the model; parameters for which `trainable(name)` is false are detached, so no
+    /// backward graph is built through them.
+    pub fn new(cfg: &VitConfig, params: &Params, trainable: &dyn Fn(&str) -> bool) -> Result<Self> {
+        let t = |name: &str| params.tensor(name, trainable(name));
+        let eps = cfg.layer_norm_eps;
+        let ln = |p: &str| -> Result<LayerNorm> { Ok(LayerNorm { weight: t(&format!("{p}.weight"))?, bias: t(&format!("{p}.bias"))?, eps }) };
+        let lin = |p: &str, bias: bool| -> Result<Linear> {
+            Ok(Linear { weight: t(&format!("{p}.weight"))?, bias: if bias { Some(t(&format!("{p}.bias"))?) } else { None } })
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("vit.encoder.layer.{i}");
+            layers.push(Layer {
+                ln_before: ln(&format!("{p}.layernorm_before"))?,
+                query: lin(&format!("{p}.attention.attention.query"), cfg.qkv_bias)?,
+                key: lin(&format!("{p}.attention.attention.key"), cfg.qkv_bias)?,
+                value: lin(&format!("{p}.attention.attention.value"), cfg.qkv_bias)?,
+                attn_out: lin(&format!("{p}.attention.output.dense"), true)?,
+                ln_after: ln(&format!("{p}.layernorm_after"))?,
+                fc1: lin(&format!("{p}.intermediate.dense"), true)?,
+                fc2: lin(&format!("{p}.output.dense"), true)?,
+            });
+        }
+        let patch_weight = t("vit.embeddings.patch_embeddings.projection.weight")?;
+        let h = cfg.hidden_size;
+        Ok(Self {
+            cfg: cfg.clone(),
+            patch_weight: patch_weight.reshape((h, ()))?,
+            patch_bias: t("vit.embeddings.patch_embeddings.projection.bias")?,
+            cls_token: t("vit.embeddings.cls_token")?,
+            position_embeddings: t("vit.embeddings.position_embeddings")?,
+            layers,
+            layernorm: ln("vit.layernorm")?,
+            classifier: lin("classifier", true)?,
+        })
+    }
+
+    /// Assembles the model with every parameter frozen (for inference).
+    pub fn frozen(cfg: &VitConfig, params: &Params) -> Result<Self> {
+        Self::new(cfg, params, &|_| false)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VitConfig {
+        &self.cfg
+    }
+
+    /// Patch + CLS + position embeddings: (B, C, H, W) pixels → (B, tokens, hidden).
+    pub fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, c, ih, iw) = pixels.dims4()?;
+        if c != cfg.num_channels || (ih, iw) != cfg.image_size {
+            return Err(ModelError::Input(format!(
+                "pixel values are {c}×{ih}×{iw}, the model expects {}×{}×{}",
+                cfg.num_channels, cfg.image_size.0, cfg.image_size.1
+            )));
+        }
+        let (ph, pw) = cfg.patch_size;
+        let (gh, gw) = cfg.grid();
+        // A stride-P convolution with a P×P kernel is a matmul over unfolded patches; pixels past
+        // the last whole patch are dropped, as the convolution drops them.
+        let patches = pixels
+            .narrow(2, 0, gh * ph)?
+            .narrow(3, 0, gw * pw)?
+            .reshape((b, c, gh, ph, gw, pw))?
+            .permute(vec![0, 2, 4, 1, 3, 5])?
+            .contiguous()?
+            .reshape((b * gh * gw, c * ph * pw))?;
+        let emb = patches.matmul(&self.patch_weight.t()?)?.broadcast_add(&self.patch_bias)?;
+        let emb = emb.reshape((b, gh * gw, cfg.hidden_size))?;
+        let cls = self.cls_token.broadcast_as((b, 1, cfg.hidden_size))?;
+        let x = Tensor::cat(&[&cls, &emb], 1)?;
+        Ok(x.broadcast_add(&self.position_embeddings)?)
+    }
+
+    /// Runs encoder layers `range` on hidden states (B, tokens, hidden).
+    pub fn encode(&self, mut x: Tensor, range: std::ops::Range<usize>, mut dropout: Option<&mut Dropout>) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, n, h) = x.dims3()?;
+        let heads = cfg.num_attention_heads;
+        let d = cfg.head_dim();
+        let scale = 1.0 / (d as f64).sqrt();
+        for layer in &self.layers[range] {
+            let hs = layer.ln_before.forward(&x)?;
+            let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()?) };
+            let q = split(layer.query.forward(&hs)?)?;
+            let k = split(layer.key.forward(&hs)?)?;
+            let v = split(layer.value.forward(&hs)?)?;
+            let scores = (q.matmul(&k.t()?)? * scale)?;
+            let mut probs = softmax_last_dim(&scores)?;
+            if let Some(dr) = dropout.as_deref_mut() {
+                probs = dr.apply(&probs, cfg.attention_probs_dropout_prob)?;
+            }
+            let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h))?;
+            let mut attn = layer.attn_out.forward(&ctx)?;
+            if let Some(dr) = dropout.as_deref_mut() {
+                attn = dr.apply(&attn, cfg.hidden_dropout_prob)?;
+            }
+            x = (x + attn)?;
+            let hs = layer.ln_after.forward(&x)?;
+            let hs = activate(cfg.hidden_act, &layer.fc1.forward(&hs)?)?;
+            let mut mlp = layer.fc2.forward(&hs)?;
+            if let Some(dr) = dropout.as_deref_mut() {
+                mlp = dr.apply(&mlp, cfg.hidden_dropout_prob)?;
+            }
+            x = (x + mlp)?;
+        }
+        Ok(x)
+    }
+
+    /// The final layer norm applied to the CLS token: (B, tokens, hidden) → (B, hidden). This
+    /// is what the classifier sees (the "features" of an image).
+    pub fn pool(&self, x: &Tensor) -> Result<Tensor> {
+        let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
+        self.layernorm.forward(&cls)
+    }
+
+    /// Classifier logits from pooled features.
+    pub fn head(&self, features: &Tensor) -> Result<Tensor> {
+        self.classifier.forward(features)
+    }
+
+    /// Features of a batch of images (frozen backbone use).
+    pub fn features(&self, pixels: &Tensor) -> Result<Tensor> {
+        let x = self.embed(pixels)?;
+        let x = self.encode(x, 0..self.layers.len(), None)?;
+        self.pool(&x)
+    }
+
+    /// Logits of a batch of images: (B, C, H, W) → (B, labels).
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.head(&self.features(pixels)?)
+    }
+
+    /// Logits with dropout (training forward).
+    pub fn forward_train(&self, pixels: &Tensor, dropout: Option<&mut Dropout>) -> Result<Tensor> {
+        let x = self.embed(pixels)?;
+        let x = self.encode(x, 0..self.layers.len(), dropout)?;
+        self.head(&self.pool(&x)?)
+    }
+}
+
+/// Mean cross-entropy of `logits` (B, C) against integer `targets`, with label smoothing `eps`
+/// (each target gets 1 − eps + eps/C, the others eps/C, as PyTorch's `label_smoothing`) and
+/// optional per-class weights (the weighted mean over samples, as PyTorch's `weight` without
+/// smoothing).
+pub fn cross_entropy(logits: &Tensor, targets: &[u32], eps: f64, class_weights: Option<&[f32]>) -> Result<Tensor> {
+    let (b, c) = logits.dims2()?;
+    if targets.len() != b {
+        return Err(ModelError::Input(format!("{} targets for {b} logits", targets.len())));
+    }
+    let mut q = vec![(eps / c as f64) as f32; b * c];
+    let mut w = vec![1f32; b];
+    for (i, &t) in targets.iter().enumerate() {
+        let t = t as usize;
+        if t >= c {
+            return Err(ModelError::Input(format!("target {t} is out of range for {c} classes")));
+        }
+        q[i * c + t] += (1.0 - eps) as f32;
+        if let Some(cw) = class_weights {
+            w[i] = cw[t];
+        }
+    }
+    let total_w: f32 = w.iter().sum();
+    let dev = logits.device();
+    let q = Tensor::from_vec(q, (b, c), dev)?;
+    let w = Tensor::from_vec(w, b, dev)?;
+    let per_sample = (log_softmax_last_dim(logits)? * q)?.sum(D::Minus1)?;
+    Ok(((per_sample * w)?.sum_all()? * (-1.0 / f64::from(total_w)))?)
+}
+
+/// Softmax probabilities of logits, on the host.
+pub fn probabilities(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(softmax_last_dim(&logits.to_dtype(DType::F32)?)?.to_vec2::<f32>()?)
+}
+
+/// The names of the parameters that train in each mode, for [`Vit::new`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainableSet {
+    /// Everything.
+    All,
+    /// The classifier only.
+    HeadOnly,
+    /// The classifier, the final layer norm and the last `n` encoder layers.
+    LastLayers(usize),
+}
+
+impl TrainableSet {
+    /// Whether the parameter `name` trains, in a model with `num_layers` encoder layers.
+    pub fn contains(self, name: &str, num_layers: usize) -> bool {
+        match self {
+            TrainableSet::All => true,
+            TrainableSet::HeadOnly => params::is_head(name),
+            TrainableSet::LastLayers(n) => {
+                params::is_head(name)
+                    || name.starts_with("vit.layernorm.")
+                    || params::layer_of(name).is_some_and(|l| l + n >= num_layers)
+            }
+        }
+    }
+
+    /// The first encoder layer whose parameters train (layers before it are frozen and can be
+    /// run once without a backward graph).
+    pub fn first_trainable_layer(self, num_layers: usize) -> usize {
+        match self {
+            TrainableSet::All => 0,
+            TrainableSet::HeadOnly => num_layers,
+            TrainableSet::LastLayers(n) => num_layers.saturating_sub(n),
+        }
+    }
+}

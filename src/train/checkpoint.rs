@@ -1,0 +1,111 @@
+//! Epoch checkpoints: weights, optimiser state and loop state, written atomically so a resumed
+//! fine-tune continues exactly where the last completed epoch left it.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::TrainError;
+use super::metrics::EvalReport;
+use crate::model::io::{save_folder, write_dir_atomically, write_file, write_safetensors};
+use crate::model::{PreprocessorConfig, VitConfig};
+
+/// What the loop needs besides tensors to continue after epoch `epoch`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LoopState {
+    /// Fingerprint of the hyper-parameters, labels and examples; a checkpoint of another run is
+    /// never resumed.
+    pub fingerprint: String,
+    /// The last completed epoch (1-based).
+    pub epoch: u32,
+    /// Optimiser steps taken.
+    pub global_step: u64,
+    pub best_epoch: Option<u32>,
+    pub best_score: Option<(f64, f64)>,
+    pub epochs_since_best: u32,
+    /// Validation report of every completed epoch.
+    pub history: Vec<EvalReport>,
+}
+
+/// Folder name of epoch `n`'s checkpoint.
+pub fn epoch_dir(root: &Path, epoch: u32) -> PathBuf {
+    root.join(format!("epoch-{epoch}"))
+}
+
+/// Folder of the best epoch's model.
+pub fn best_dir(root: &Path) -> PathBuf {
+    root.join("best")
+}
+
+/// Writes epoch `state.epoch`'s checkpoint (a loadable model folder plus `optimizer.safetensors`
+/// and `state.json`), then removes older epoch checkpoints.
+pub fn save(
+    root: &Path,
+    cfg: &VitConfig,
+    pre: &PreprocessorConfig,
+    weights: &BTreeMap<String, Tensor>,
+    optimizer: &BTreeMap<String, Tensor>,
+    state: &LoopState,
+) -> Result<PathBuf, TrainError> {
+    let dir = epoch_dir(root, state.epoch);
+    write_dir_atomically(&dir, |tmp| {
+        save_folder(&tmp.join("model"), cfg, pre, weights)?;
+        write_safetensors(&tmp.join("optimizer.safetensors"), optimizer)?;
+        write_file(&tmp.join("state.json"), serde_json::to_string_pretty(state).unwrap_or_default().as_bytes())
+    })?;
+    for old in list_epochs(root).into_iter().filter(|e| *e < state.epoch) {
+        fs::remove_dir_all(epoch_dir(root, old))?;
+    }
+    Ok(dir)
+}
+
+/// Epoch numbers of the checkpoints present, ascending.
+pub fn list_epochs(root: &Path) -> Vec<u32> {
+    let mut epochs: Vec<u32> = fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("epoch-")?.parse().ok())
+        .collect();
+    epochs.sort_unstable();
+    epochs
+}
+
+/// A checkpoint read back for resuming.
+pub struct Restored {
+    pub state: LoopState,
+    pub weights: BTreeMap<String, Tensor>,
+    pub optimizer: BTreeMap<String, Tensor>,
+}
+
+/// Reads the latest checkpoint under `root` whose fingerprint matches; `Ok(None)` when there is
+/// none, an error describing why when the latest one is unusable.
+pub fn load_latest(root: &Path, fingerprint: &str) -> Result<Option<Restored>, TrainError> {
+    let Some(epoch) = list_epochs(root).pop() else {
+        return Ok(None);
+    };
+    let dir = epoch_dir(root, epoch);
+    let unusable = |what: String| TrainError::Checkpoint(format!("checkpoint {}: {what}", dir.display()));
+    let state: LoopState = serde_json::from_str(&fs::read_to_string(dir.join("state.json")).map_err(|e| unusable(e.to_string()))?)
+        .map_err(|e| unusable(e.to_string()))?;
+    if state.fingerprint != fingerprint {
+        return Err(unusable("it belongs to other settings or data".into()));
+    }
+    let load = |p: PathBuf| -> Result<BTreeMap<String, Tensor>, TrainError> {
+        Ok(candle_core::safetensors::load(&p, &Device::Cpu).map_err(|e| unusable(e.to_string()))?.into_iter().collect())
+    };
+    let weights = load(dir.join("model").join("model.safetensors"))?;
+    let optimizer = load(dir.join("optimizer.safetensors"))?;
+    Ok(Some(Restored { state, weights, optimizer }))
+}
+
+/// Removes every checkpoint under `root` (used before re-running from scratch).
+pub fn clear(root: &Path) -> Result<(), TrainError> {
+    if root.exists() {
+        fs::remove_dir_all(root)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,274 @@
+//! Training data: the examples of each split, a memory-bounded cache of decoded images, and the
+//! per-image transforms (random resized crop + horizontal flip for training, the processor's
+//! exact resize for evaluation).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{Device, Tensor};
+use image::RgbImage;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use super::TrainError;
+use crate::model::PreprocessorConfig;
+use crate::model::preprocess::{Filter, resize_box};
+
+/// One labelled image file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Example {
+    pub path: PathBuf,
+    pub label: u32,
+}
+
+/// Which part of a dataset an example belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SplitKind {
+    Train,
+    Validation,
+    Test,
+}
+
+/// The examples of a fine-tune, by split, with the class names (index = label id).
+#[derive(Debug, Clone, Default)]
+pub struct TrainData {
+    pub labels: Vec<String>,
+    pub train: Vec<Example>,
+    pub validation: Vec<Example>,
+    pub test: Vec<Example>,
+}
+
+impl TrainData {
+    /// Groups `(path, class name, split)` records; labels are the sorted class names.
+    pub fn from_records(records: impl IntoIterator<Item = (PathBuf, String, SplitKind)>) -> Self {
+        let records: Vec<_> = records.into_iter().collect();
+        let mut labels: Vec<String> = records.iter().map(|(_, l, _)| l.clone()).collect();
+        labels.sort();
+        labels.dedup();
+        Self::with_labels(labels, records).expect("labels cover every record")
+    }
+
+    /// Groups records under a fixed label list (e.g. a model's); a record whose class is not in
+    /// `labels` is an error naming it.
+    pub fn with_labels(labels: Vec<String>, records: Vec<(PathBuf, String, SplitKind)>) -> Result<Self, TrainError> {
+        let index: HashMap<&str, u32> = labels.iter().enumerate().map(|(i, l)| (l.as_str(), i as u32)).collect();
+        let mut data = Self { labels: labels.clone(), ..Self::default() };
+        for (path, label, split) in records {
+            let label = *index
+                .get(label.as_str())
+                .ok_or_else(|| TrainError::Data(format!("class '{label}' is not one of the model's labels")))?;
+            let ex = Example { path, label };
+            match split {
+                SplitKind::Train => data.train.push(ex),
+                SplitKind::Validation => data.validation.push(ex),
+                SplitKind::Test => data.test.push(ex),
+            }
+        }
+        Ok(data)
+    }
+
+    /// When there is no validation split, moves a stratified, seeded `ratio` of each class's
+    /// training examples into one (at least one example of every class with two or more).
+    pub fn ensure_validation(&mut self, ratio: f64, seed: u64) {
+        if !self.validation.is_empty() {
+            return;
+        }
+        let mut by_class: BTreeMap<u32, Vec<Example>> = BTreeMap::new();
+        for ex in self.train.drain(..) {
+            by_class.entry(ex.label).or_default().push(ex);
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, 0x7661_6c69));
+        for (_, mut exs) in by_class {
+            exs.shuffle(&mut rng);
+            let n = exs.len();
+            let take = if n < 2 { 0 } else { ((n as f64 * ratio).round() as usize).clamp(1, n - 1) };
+            self.validation.extend(exs.drain(..take));
+            self.train.extend(exs);
+        }
+    }
+
+    /// Number of training examples per class.
+    pub fn train_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0; self.labels.len()];
+        for ex in &self.train {
+            counts[ex.label as usize] += 1;
+        }
+        counts
+    }
+}
+
+/// A reproducible 64-bit mix of a seed and a stream number (SplitMix64's finaliser).
+pub fn mix(seed: u64, stream: u64) -> u64 {
+    let mut z = seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Decodes images on demand and keeps them while they fit in a memory budget, so that small
+/// datasets are decoded once per fine-tune rather than once per epoch.
+pub struct ImageCache {
+    max_pixels: u64,
+    budget: usize,
+    inner: Mutex<CacheInner>,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    used: usize,
+    images: HashMap<PathBuf, Arc<RgbImage>>,
+}
+
+impl ImageCache {
+    /// A cache holding at most `budget` bytes of decoded pixels.
+    pub fn new(max_pixels: u64, budget: usize) -> Self {
+        Self { max_pixels, budget, inner: Mutex::new(CacheInner::default()) }
+    }
+
+    /// The decoded image at `path`.
+    pub fn get(&self, path: &PathBuf) -> Result<Arc<RgbImage>, TrainError> {
+        if let Some(img) = self.lock().images.get(path) {
+            return Ok(img.clone());
+        }
+        let bytes = std::fs::read(path).map_err(|e| TrainError::Data(format!("reading {}: {e}", path.display())))?;
+        let img = Arc::new(
+            crate::imaging::decode_rgb(&bytes, self.max_pixels)
+                .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?,
+        );
+        let mut inner = self.lock();
+        let size = img.as_raw().len();
+        if inner.used + size <= self.budget {
+            inner.used += size;
+            inner.images.insert(path.clone(), img.clone());
+        }
+        Ok(img)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
+        // A panic while holding the lock cannot leave the map inconsistent (inserts are atomic).
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Area and aspect-ratio ranges of torchvision's `RandomResizedCrop` defaults.
+const CROP_SCALE: (f64, f64) = (0.08, 1.0);
+const CROP_RATIO: (f64, f64) = (3.0 / 4.0, 4.0 / 3.0);
+
+/// torchvision's `RandomResizedCrop.get_params`: a crop box (x, y, w, h) of the image.
+pub fn random_crop_box(w: u32, h: u32, rng: &mut impl Rng) -> (u32, u32, u32, u32) {
+    let area = f64::from(w) * f64::from(h);
+    let (lr0, lr1) = (CROP_RATIO.0.ln(), CROP_RATIO.1.ln());
+    for _ in 0..10 {
+        let target = area * rng.random_range(CROP_SCALE.0..CROP_SCALE.1);
+        let aspect = rng.random_range(lr0..lr1).exp();
+        let cw = (target * aspect).sqrt().round() as u32;
+        let ch = (target / aspect).sqrt().round() as u32;
+        if cw > 0 && ch > 0 && cw <= w && ch <= h {
+            let x = rng.random_range(0..=w - cw);
+            let y = rng.random_range(0..=h - ch);
+            return (x, y, cw, ch);
+        }
+    }
+    // Fallback: the largest centred crop within the ratio range.
+    let in_ratio = f64::from(w) / f64::from(h);
+    let (cw, ch) = if in_ratio < CROP_RATIO.0 {
+        (w, ((f64::from(w) / CROP_RATIO.0).round() as u32).min(h))
+    } else if in_ratio > CROP_RATIO.1 {
+        (((f64::from(h) * CROP_RATIO.1).round() as u32).min(w), h)
+    } else {
+        (w, h)
+    };
+    ((w - cw) / 2, (h - ch) / 2, cw.max(1), ch.max(1))
+}
+
+/// A training view of an image: random resized crop to the model size (bilinear, as torchvision
+/// on PIL images) and a horizontal flip with probability ½, then rescale and normalise.
+pub fn augmented_pixels(img: &RgbImage, pre: &PreprocessorConfig, rng: &mut impl Rng) -> Vec<f32> {
+    let (x, y, cw, ch) = random_crop_box(img.width(), img.height(), rng);
+    let crop = image::imageops::crop_imm(img, x, y, cw, ch).to_image();
+    let (oh, ow) = pre.size;
+    let bx = (0.0, 0.0, f64::from(cw), f64::from(ch));
+    let mut out = resize_box(&crop, bx, ow, oh, Filter::Bilinear);
+    if rng.random_bool(0.5) {
+        image::imageops::flip_horizontal_in_place(&mut out);
+    }
+    pre.normalize(&out)
+}
+
+/// Turns per-image pixel vectors into a (B, C, H, W) tensor.
+pub fn batch_tensor(pixels: Vec<Vec<f32>>, pre: &PreprocessorConfig, device: &Device) -> Result<Tensor, TrainError> {
+    let b = pixels.len();
+    let (h, w) = pre.size;
+    let flat: Vec<f32> = pixels.into_iter().flatten().collect();
+    Ok(Tensor::from_vec(flat, (b, 3, h, w), device)?)
+}
+
+/// Pixels of a batch of examples, computed in parallel: evaluation transforms when `augment` is
+/// `None`, otherwise training transforms seeded per (seed, epoch, example) so results do not
+/// depend on thread scheduling.
+pub fn load_batch(
+    examples: &[&Example],
+    cache: &ImageCache,
+    pre: &PreprocessorConfig,
+    augment: Option<(u64, u64)>,
+) -> Result<Vec<Vec<f32>>, TrainError> {
+    examples
+        .par_iter()
+        .map(|ex| {
+            let img = cache.get(&ex.path)?;
+            match augment {
+                None => pre.pixel_values(&img).map_err(TrainError::from),
+                Some((seed, epoch)) => {
+                    let stream = mix(epoch, ex.path.to_string_lossy().bytes().fold(0u64, |h, b| mix(h, u64::from(b))));
+                    let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, stream));
+                    Ok(augmented_pixels(&img, pre, &mut rng))
+                }
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(i: usize, label: u32) -> Example {
+        Example { path: PathBuf::from(format!("img{i}.png")), label }
+    }
+
+    #[test]
+    fn validation_split_is_stratified_and_seeded() {
+        let mut d = TrainData { labels: vec!["a".into(), "b".into()], ..Default::default() };
+        d.train = (0..20).map(|i| ex(i, 0)).chain((20..30).map(|i| ex(i, 1))).collect();
+        let mut d2 = d.clone();
+        d.ensure_validation(0.2, 7);
+        d2.ensure_validation(0.2, 7);
+        assert_eq!(d.validation, d2.validation);
+        assert_eq!(d.validation.iter().filter(|e| e.label == 0).count(), 4);
+        assert_eq!(d.validation.iter().filter(|e| e.label == 1).count(), 2);
+        assert_eq!(d.train.len(), 24);
+    }
+
+    #[test]
+    fn tiny_classes_keep_a_training_example() {
+        let mut d = TrainData { labels: vec!["a".into(), "b".into()], ..Default::default() };
+        d.train = vec![ex(0, 0), ex(1, 1), ex(2, 1)];
+        d.ensure_validation(0.5, 1);
+        assert_eq!(d.train_counts(), vec![1, 1]);
+        assert_eq!(d.validation.len(), 1);
+    }
+
+    #[test]
+    fn crop_boxes_stay_inside_the_image() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for (w, h) in [(224, 224), (500, 40), (3, 900), (1, 1)] {
+            for _ in 0..200 {
+                let (x, y, cw, ch) = random_crop_box(w, h, &mut rng);
+                assert!(cw >= 1 && ch >= 1 && x + cw <= w && y + ch <= h, "{w}×{h}: {x},{y} {cw}×{ch}");
+            }
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Fine-tune hyper-parameters: one struct shared by `POST /jobs` and `vitforge train`, with the
+//! defaults of Hugging Face's image-classification recipe and a range check per field.
+
+use serde::{Deserialize, Serialize};
+
+/// The optimiser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// AdamW (β = 0.9, 0.999, ε = 1e-8), weight decay decoupled, not applied to biases and
+    /// layer norms (as `transformers.Trainer`).
+    Adamw,
+    /// SGD with `momentum`.
+    Sgd,
+}
+
+/// The learning-rate schedule after warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheduler {
+    Linear,
+    Cosine,
+    Constant,
+}
+
+/// Which parameters train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainMode {
+    /// Every parameter.
+    Full,
+    /// The classifier only; the backbone is frozen and run without a backward graph.
+    HeadOnly,
+    /// The classifier, the final layer norm and the last `trainable_layers` encoder layers.
+    LastNLayers,
+}
+
+/// Hyper-parameters of a fine-tune. Every field is optional in JSON; unknown fields are refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainParams {
+    /// Peak learning rate (of the backbone when `head_learning_rate` is set).
+    pub learning_rate: f64,
+    /// Learning rate of the classifier head; `null` means `learning_rate`.
+    pub head_learning_rate: Option<f64>,
+    /// Passes over the training split.
+    pub epochs: u32,
+    /// Images per forward pass.
+    pub batch_size: u32,
+    pub optimizer: OptimizerKind,
+    /// Decoupled weight decay (AdamW) or L2 (SGD); not applied to biases and layer norms.
+    pub weight_decay: f64,
+    /// SGD momentum (ignored by AdamW).
+    pub momentum: f64,
+    pub lr_scheduler: Scheduler,
+    /// Fraction of the optimiser steps spent warming the learning rate up linearly from 0.
+    pub warmup_ratio: f64,
+    /// Batches whose gradients are summed before one optimiser step.
+    pub gradient_accumulation_steps: u32,
+    /// Clip the global gradient norm to this value (0 disables clipping).
+    pub max_grad_norm: f64,
+    pub train_mode: TrainMode,
+    /// Encoder layers that train in `last_n_layers` mode.
+    pub trainable_layers: Option<u32>,
+    /// Fraction of each class held out for validation when the dataset has no validation split.
+    pub validation_split: f64,
+    /// Random resized crop and horizontal flip on training images.
+    pub augment: bool,
+    /// Seed of shuffling, augmentation, the validation split and new weights.
+    pub seed: u64,
+    /// Stop after this many epochs without a better validation macro-F1 (`null`: never).
+    pub early_stopping_patience: Option<u32>,
+    /// Label smoothing of the cross-entropy loss.
+    pub label_smoothing: f64,
+}
+
+impl Default for TrainParams {
+    fn default() -> Self {
+        Self {
+            learning_rate: 5e-5,
+            head_learning_rate: None,
+            epochs: 3,
+            batch_size: 8,
+            optimizer: OptimizerKind::Adamw,
+            weight_decay: 0.0,
+            momentum: 0.9,
+            lr_scheduler: Scheduler::Linear,
+            warmup_ratio: 0.0,
+            gradient_accumulation_steps: 1,
+            max_grad_norm: 1.0,
+            train_mode: TrainMode::Full,
+            trainable_layers: None,
+            validation_split: 0.1,
+            augment: true,
+            seed: 42,
+            early_stopping_patience: None,
+            label_smoothing: 0.0,
+        }
+    }
+}
+
+/// A hyper-parameter outside its range.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ParamError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl TrainParams {
+    /// Checks every range; the error names the first offending field.
+    pub fn validate(&self) -> Result<(), ParamError> {
+        fn check(ok: bool, field: &'static str, message: &str) -> Result<(), ParamError> {
+            if ok { Ok(()) } else { Err(ParamError { field, message: message.to_string() }) }
+        }
+        let lr_ok = |lr: f64| lr.is_finite() && lr > 0.0 && lr <= 10.0;
+        check(lr_ok(self.learning_rate), "learning_rate", "must be in (0, 10]")?;
+        check(self.head_learning_rate.is_none_or(lr_ok), "head_learning_rate", "must be in (0, 10]")?;
+        check((1..=1000).contains(&self.epochs), "epochs", "must be between 1 and 1000")?;
+        check((1..=4096).contains(&self.batch_size), "batch_size", "must be between 1 and 4096")?;
+        check(self.weight_decay.is_finite() && (0.0..=10.0).contains(&self.weight_decay), "weight_decay", "must be in [0, 10]")?;
+        check(self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum), "momentum", "must be in [0, 1)")?;
+        check(self.warmup_ratio.is_finite() && (0.0..1.0).contains(&self.warmup_ratio), "warmup_ratio", "must be in [0, 1)")?;
+        check(
+            (1..=1024).contains(&self.gradient_accumulation_steps),
+            "gradient_accumulation_steps",
+            "must be between 1 and 1024",
+        )?;
+        check(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0, "max_grad_norm", "must be ≥ 0 (0 disables clipping)")?;
+        match (self.train_mode, self.trainable_layers) {
+            (TrainMode::LastNLayers, None) => {
+                return Err(ParamError { field: "trainable_layers", message: "is required with train_mode last_n_layers".into() });
+            }
+            (TrainMode::LastNLayers, Some(n)) => check(n >= 1, "trainable_layers", "must be at least 1")?,
+            (_, Some(_)) => {
+                return Err(ParamError { field: "trainable_layers", message: "is only used with train_mode last_n_layers".into() });
+            }
+            _ => {}
+        }
+        check(
+            self.validation_split.is_finite() && self.validation_split > 0.0 && self.validation_split < 1.0,
+            "validation_split",
+            "must be in (0, 1)",
+        )?;
+        check(self.early_stopping_patience.is_none_or(|p| p >= 1), "early_stopping_patience", "must be at least 1")?;
+        check(
+            self.label_smoothing.is_finite() && (0.0..1.0).contains(&self.label_smoothing),
+            "label_smoothing",
+            "must be in [0, 1)",
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_huggingface_s_and_valid() {
+        let p: TrainParams = serde_json::from_str("{}").unwrap();
+        assert_eq!(p, TrainParams::default());
+        assert_eq!(p.learning_rate, 5e-5);
+        assert_eq!((p.epochs, p.batch_size), (3, 8));
+        p.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_refused_by_name() {
+        let e = serde_json::from_str::<TrainParams>(r#"{"learnin_rate": 1}"#).unwrap_err();
+        assert!(e.to_string().contains("learnin_rate"), "{e}");
+        let p: TrainParams = serde_json::from_str(r#"{"epochs": 0}"#).unwrap();
+        assert_eq!(p.validate().unwrap_err().field, "epochs");
+        let p: TrainParams = serde_json::from_str(r#"{"train_mode": "last_n_layers"}"#).unwrap();
+        assert_eq!(p.validate().unwrap_err().field, "trainable_layers");
+        let p: TrainParams = serde_json::from_str(r#"{"learning_rate": -1}"#).unwrap();
+        assert_eq!(p.validate().unwrap_err().field, "learning_rate");
+        assert!(serde_json::from_str::<TrainParams>(r#"{"optimizer": "adam"}"#).is_err());
+        assert!(serde_json::from_str::<TrainParams>(r#"{"epochs": 1e300}"#).is_err());
+    }
+}

@@ -1,0 +1,92 @@
+//! Fine-tuning end to end on generated data.
+
+use std::sync::atomic::AtomicBool;
+
+use candle_core::Device;
+use vitforge::train::{Control, TrainError, TrainEvent, TrainParams, TrainSpec, fine_tune};
+
+use crate::synth::{stripes_data, tiny_model};
+
+fn params() -> TrainParams {
+    TrainParams { learning_rate: 3e-3, epochs: 8, batch_size: 8, augment: false, validation_split: 0.25, warmup_ratio: 0.1, seed: 11, ..Default::default() }
+}
+
+fn run(
+    data_dir: &std::path::Path,
+    ckpt: &std::path::Path,
+    p: TrainParams,
+    cancel_after_epoch: Option<u32>,
+) -> (Result<vitforge::train::TrainOutcome, TrainError>, Vec<f64>) {
+    let data = stripes_data(data_dir, 24, 3);
+    let mut model = tiny_model(&["horizontal", "vertical"], 9);
+    let cancel = AtomicBool::new(false);
+    let mut losses = vec![];
+    let mut on_event = |e: TrainEvent| match e {
+        TrainEvent::Step { loss, .. } => losses.push(loss),
+        TrainEvent::Checkpoint { epoch, .. } if Some(epoch) == cancel_after_epoch => {
+            cancel.store(true, std::sync::atomic::Ordering::Relaxed)
+        }
+        _ => {}
+    };
+    let spec = TrainSpec { params: p, data, checkpoint_root: ckpt.to_path_buf(), max_pixels: 1 << 24, cache_budget: 1 << 28 };
+    let out = fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut on_event });
+    (out, losses)
+}
+
+#[test]
+fn learns_stripes_from_scratch_deterministically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, losses) = run(&tmp.path().join("data"), &tmp.path().join("ck1"), params(), None);
+    let out = out.unwrap();
+    eprintln!("losses {losses:?}");
+    for h in &out.history { eprintln!("val acc {} loss {}", h.accuracy, h.loss); }
+    assert!(out.best.accuracy >= 0.9, "validation accuracy {}", out.best.accuracy);
+    assert_eq!(out.epochs_run, 8);
+    assert_eq!(out.history.len(), 8);
+    assert!(losses.first().unwrap() > losses.last().unwrap());
+    // Same seed, same data: the same run, step for step.
+    let (out2, losses2) = run(&tmp.path().join("data"), &tmp.path().join("ck2"), params(), None);
+    assert_eq!(losses, losses2);
+    assert_eq!(out2.unwrap().history, out.history);
+}
+
+#[test]
+fn a_cancelled_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = TrainParams { epochs: 3, ..params() };
+    let (whole, whole_losses) = run(&tmp.path().join("data"), &tmp.path().join("whole"), p.clone(), None);
+    let whole = whole.unwrap();
+
+    let ck = tmp.path().join("interrupted");
+    let (first, first_losses) = run(&tmp.path().join("data"), &ck, p.clone(), Some(2));
+    assert!(matches!(first, Err(TrainError::Cancelled)), "{first:?}");
+    let (resumed, resumed_losses) = run(&tmp.path().join("data"), &ck, p, None);
+    let resumed = resumed.unwrap();
+    assert_eq!(resumed.history, whole.history);
+    assert_eq!([first_losses, resumed_losses].concat(), whole_losses);
+}
+
+#[test]
+fn head_only_changes_only_the_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = stripes_data(&tmp.path().join("data"), 12, 4);
+    let mut model = tiny_model(&["horizontal", "vertical"], 9);
+    let before = model.params.snapshot().unwrap();
+    let p = TrainParams { train_mode: vitforge::train::TrainMode::HeadOnly, epochs: 2, learning_rate: 1e-2, ..params() };
+    let spec = TrainSpec { params: p, data, checkpoint_root: tmp.path().join("ck"), max_pixels: 1 << 24, cache_budget: 1 << 28 };
+    let cancel = AtomicBool::new(false);
+    fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut |_| {} }).unwrap();
+    let after = model.params.snapshot().unwrap();
+    for (name, t) in &before {
+        let same = t.eq(&after[name]).unwrap().min_all().unwrap().to_scalar::<u8>().unwrap() == 1;
+        assert_eq!(same, !name.starts_with("classifier."), "{name}");
+    }
+}
+
+#[test]
+fn refuses_bad_hyper_parameters_before_touching_anything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, losses) = run(&tmp.path().join("data"), &tmp.path().join("ck"), TrainParams { epochs: 0, ..params() }, None);
+    assert!(matches!(out, Err(TrainError::Params(ref e)) if e.field == "epochs"), "{out:?}");
+    assert!(losses.is_empty());
+}
