@@ -5,7 +5,7 @@
 
 use std::io::Cursor;
 
-use image::{ImageFormat, ImageReader, Limits, RgbImage};
+use image::{ImageFormat, ImageReader, Limits, RgbImage, RgbaImage};
 
 /// Default pixel limit (width × height): 40 megapixels.
 pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
@@ -32,8 +32,9 @@ pub fn is_supported(format: ImageFormat) -> bool {
     matches!(format, ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP | ImageFormat::Bmp | ImageFormat::Gif)
 }
 
-/// Decodes an encoded image (JPEG, PNG, WebP, BMP, or a GIF's first frame) to 8-bit RGB.
-/// Grey, alpha and 16-bit images are converted (alpha is dropped, as PIL's `convert("RGB")` does).
+/// Decodes an encoded image (JPEG, PNG, WebP, BMP, or a GIF's first frame) to 8-bit RGB, as
+/// `transformers`' `convert_to_rgb` does with Pillow: grey is replicated, 16-bit is reduced to 8,
+/// and an image with transparency is composited onto white.
 pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
@@ -60,5 +61,22 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError>
     limits.max_image_height = Some(height);
     reader.limits(limits);
     let decoded = reader.decode().map_err(|e| ImageError::Corrupt(e.to_string()))?;
-    Ok(decoded.into_rgb8())
+    Ok(if decoded.color().has_alpha() { composite_on_white(&decoded.into_rgba8()) } else { decoded.into_rgb8() })
+}
+
+/// `Image.alpha_composite(white, img).convert("RGB")` with Pillow's exact integer arithmetic
+/// (`AlphaComposite.c` with an opaque white destination).
+pub fn composite_on_white(rgba: &RgbaImage) -> RgbImage {
+    RgbImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+        let p = rgba.get_pixel(x, y).0;
+        let a = u32::from(p[3]);
+        let blend = |c: u8| -> u8 {
+            if a == 0 {
+                return 255;
+            }
+            let t = u32::from(c) * a * 128 + 255 * (255 - a) * 128 + (0x80 << 7);
+            ((((t >> 8) + t) >> 8) >> 7) as u8
+        };
+        image::Rgb([blend(p[0]), blend(p[1]), blend(p[2])])
+    })
 }

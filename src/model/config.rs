@@ -96,7 +96,7 @@ struct RawConfig {
     #[serde(default = "d_init")]
     initializer_range: f64,
     #[serde(default)]
-    id2label: BTreeMap<String, String>,
+    id2label: Option<BTreeMap<String, String>>,
     #[serde(default)]
     model_type: Option<String>,
 }
@@ -144,7 +144,7 @@ impl VitConfig {
         {
             return Err(ModelError::Config(format!("model_type is '{t}', only 'vit' (ViTForImageClassification) is supported")));
         }
-        let labels = labels_from_id2label(&parsed.id2label)?;
+        let labels = labels_from_id2label(&parsed.id2label.unwrap_or_default())?;
         let cfg = Self {
             image_size: parsed.image_size.hw(),
             patch_size: parsed.patch_size.hw(),

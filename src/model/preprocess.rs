@@ -271,13 +271,16 @@ impl PreprocessorConfig {
     pub fn normalize(&self, img: &RgbImage) -> Vec<f32> {
         let (w, h) = (img.width() as usize, img.height() as usize);
         let mut out = vec![0f32; 3 * h * w];
-        let scale = if self.do_rescale { self.rescale_factor as f32 } else { 1.0 };
+        // transformers rescales in float64 then casts to float32, and normalises in float32 by
+        // division; doing the same keeps us bit-identical to it.
+        let scale = if self.do_rescale { self.rescale_factor } else { 1.0 };
+        let levels: [f32; 256] = std::array::from_fn(|v| (v as f64 * scale) as f32);
         let raw = img.as_raw();
         for c in 0..3 {
-            let (mean, inv_std) = if self.do_normalize { (self.image_mean[c], 1.0 / self.image_std[c]) } else { (0.0, 1.0) };
             let plane = &mut out[c * h * w..(c + 1) * h * w];
             for (i, v) in plane.iter_mut().enumerate() {
-                *v = (f32::from(raw[i * 3 + c]) * scale - mean) * inv_std;
+                let x = levels[raw[i * 3 + c] as usize];
+                *v = if self.do_normalize { (x - self.image_mean[c]) / self.image_std[c] } else { x };
             }
         }
         out
@@ -350,52 +353,64 @@ pub fn resize_box(img: &RgbImage, bx: (f64, f64, f64, f64), out_w: usize, out_h:
     let horiz = precompute_coeffs(in_w, x0, x1, out_w, filter);
     let vert = precompute_coeffs(in_h, y0, y1, out_h, filter);
     let src = img.as_raw();
-
-    // Horizontal pass over the rows the vertical pass will read, into an 8-bit image.
-    let (tmp, tmp_w, row_first) = if need_h {
-        let first = vert.bounds.first().map_or(0, |b| b.0);
-        let last = vert.bounds.last().map_or(in_h, |b| b.0 + b.1);
-        let rows = last - first;
-        let mut tmp = vec![0u8; rows * out_w * 3];
-        for r in 0..rows {
-            let src_row = &src[(first + r) * in_w * 3..(first + r + 1) * in_w * 3];
-            let dst_row = &mut tmp[r * out_w * 3..(r + 1) * out_w * 3];
-            for xx in 0..out_w {
-                let (xmin, n) = horiz.bounds[xx];
-                let k = &horiz.weights[xx * horiz.ksize..xx * horiz.ksize + n];
-                for c in 0..3 {
-                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                    for (x, kx) in k.iter().enumerate() {
-                        ss += i64::from(src_row[(xmin + x) * 3 + c]) * i64::from(*kx);
-                    }
-                    dst_row[xx * 3 + c] = clip8(ss);
-                }
-            }
-        }
-        (tmp, out_w, first)
+    // Pillow ≥ 13 runs the vertical pass first when the height shrinks by more than twice as many
+    // pixels as the width (python-pillow/Pillow#9549); the order changes rounding of the 8-bit
+    // intermediate image, so we follow it to stay bit-exact.
+    let vertical_first = out_h < in_h && (in_h - out_h) as i64 > 2 * (in_w as i64 - out_w as i64);
+    let out = if vertical_first {
+        let (tmp, w) = if need_v { (pass_vertical(src, in_w, &vert, 0), in_w) } else { (src.to_vec(), in_w) };
+        if need_h { pass_horizontal(&tmp, w, out_h, 0, &horiz) } else { tmp }
     } else {
-        (src.to_vec(), in_w, 0)
-    };
-
-    let out = if need_v {
-        let mut out = vec![0u8; out_h * tmp_w * 3];
-        for yy in 0..out_h {
-            let (ymin, n) = vert.bounds[yy];
-            let ymin = ymin - row_first;
-            let k = &vert.weights[yy * vert.ksize..yy * vert.ksize + n];
-            for xx in 0..tmp_w * 3 {
-                let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                for (y, ky) in k.iter().enumerate() {
-                    ss += i64::from(tmp[(ymin + y) * tmp_w * 3 + xx]) * i64::from(*ky);
-                }
-                out[yy * tmp_w * 3 + xx] = clip8(ss);
-            }
-        }
-        out
-    } else {
-        tmp
+        // The horizontal pass only needs the rows the vertical pass will read.
+        let (first, last) = if need_v {
+            (vert.bounds.first().map_or(0, |b| b.0), vert.bounds.last().map_or(in_h, |b| b.0 + b.1))
+        } else {
+            (0, in_h)
+        };
+        let (tmp, w) = if need_h { (pass_horizontal(src, in_w, last - first, first, &horiz), out_w) } else { (src[first * in_w * 3..last * in_w * 3].to_vec(), in_w) };
+        if need_v { pass_vertical(&tmp, w, &vert, first) } else { tmp }
     };
     RgbImage::from_raw(out_w as u32, out_h as u32, out).expect("buffer size matches dimensions")
+}
+
+/// Horizontal pass: `rows` rows starting at `first` of an RGB buffer `in_w` wide, to the
+/// coefficient windows' output width.
+fn pass_horizontal(src: &[u8], in_w: usize, rows: usize, first: usize, c: &Coeffs) -> Vec<u8> {
+    let out_w = c.bounds.len();
+    let mut out = vec![0u8; rows * out_w * 3];
+    for r in 0..rows {
+        let src_row = &src[(first + r) * in_w * 3..(first + r + 1) * in_w * 3];
+        let dst_row = &mut out[r * out_w * 3..(r + 1) * out_w * 3];
+        for (xx, &(xmin, n)) in c.bounds.iter().enumerate() {
+            let k = &c.weights[xx * c.ksize..xx * c.ksize + n];
+            for ch in 0..3 {
+                let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+                for (x, kx) in k.iter().enumerate() {
+                    ss += i64::from(src_row[(xmin + x) * 3 + ch]) * i64::from(*kx);
+                }
+                dst_row[xx * 3 + ch] = clip8(ss);
+            }
+        }
+    }
+    out
+}
+
+/// Vertical pass over an RGB buffer `w` wide whose first row is source row `row_first`.
+fn pass_vertical(src: &[u8], w: usize, c: &Coeffs, row_first: usize) -> Vec<u8> {
+    let out_h = c.bounds.len();
+    let mut out = vec![0u8; out_h * w * 3];
+    for (yy, &(ymin, n)) in c.bounds.iter().enumerate() {
+        let ymin = ymin - row_first;
+        let k = &c.weights[yy * c.ksize..yy * c.ksize + n];
+        for xx in 0..w * 3 {
+            let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+            for (y, ky) in k.iter().enumerate() {
+                ss += i64::from(src[(ymin + y) * w * 3 + xx]) * i64::from(*ky);
+            }
+            out[yy * w * 3 + xx] = clip8(ss);
+        }
+    }
+    out
 }
 
 fn resize_nearest(img: &RgbImage, bx: (f64, f64, f64, f64), out_w: usize, out_h: usize) -> RgbImage {

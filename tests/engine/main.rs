@@ -1,5 +1,6 @@
 //! Engine tests: loading, saving, gradients and fine-tuning, without HTTP.
 
+mod golden;
 mod gradients;
 mod loading;
 mod synth;

@@ -1,0 +1,155 @@
+//! Numerical faithfulness to `transformers`, against golden files made by
+//! `tests/fixtures/make_golden.py` (see tests/fixtures/golden/README.md): preprocessing, logits,
+//! loss and the gradient of every parameter, for two small models with odd configurations.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use vitforge::model::preprocess::resize;
+use vitforge::model::vit::cross_entropy;
+use vitforge::model::{LoadedModel, ModelSource, Vit};
+
+const MODELS: [&str; 2] = ["odd", "odd2"];
+
+fn golden() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden")
+}
+
+fn load(path: PathBuf) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn images() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(golden().join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".png") || n.ends_with(".jpg"))
+        .collect();
+    names.sort();
+    names
+}
+
+fn model(name: &str) -> LoadedModel {
+    LoadedModel::load(&ModelSource::Dir(golden().join(name)), None, &Device::Cpu, 0).unwrap()
+}
+
+/// The image as vitforge decodes it, except the JPEG, which starts from libjpeg-turbo's pixels
+/// (decoders may differ by a level; that is tested separately with a bound).
+fn decoded(name: &str) -> image::RgbImage {
+    if name.ends_with(".jpg") {
+        let t = &load(golden().join("images/decoded_rgb.safetensors"))[name];
+        let (h, w, _) = t.dims3().unwrap();
+        let data = t.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        return image::RgbImage::from_raw(w as u32, h as u32, data).unwrap();
+    }
+    let bytes = std::fs::read(golden().join("images").join(name)).unwrap();
+    vitforge::imaging::decode_rgb(&bytes, 1 << 30).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+}
+
+#[test]
+fn decoding_matches_pillow_for_alpha_and_grey_and_bounds_the_jpeg() {
+    let reference = load(golden().join("images/decoded_rgb.safetensors"));
+    for (name, t) in &reference {
+        let bytes = std::fs::read(golden().join("images").join(name)).unwrap();
+        let ours = vitforge::imaging::decode_rgb(&bytes, 1 << 30).unwrap();
+        let (h, w, _) = t.dims3().unwrap();
+        assert_eq!((ours.height() as usize, ours.width() as usize), (h, w), "{name}");
+        let ours = Tensor::from_vec(ours.into_raw(), (h, w, 3), &Device::Cpu).unwrap();
+        let diff = max_abs_diff(&ours, t);
+        eprintln!("decode {name}: max abs diff {diff}");
+        if name.ends_with(".jpg") {
+            // zune-jpeg and libjpeg-turbo round IDCT and chroma upsampling differently.
+            assert!(diff <= 8.0, "{name}: {diff}");
+        } else {
+            assert_eq!(diff, 0.0, "{name}");
+        }
+    }
+}
+
+#[test]
+fn resize_is_bit_exact_with_pillow() {
+    for m in MODELS {
+        let loaded = model(m);
+        let reference = load(golden().join(m).join("resized_u8.safetensors"));
+        let (h, w) = loaded.preprocessor.size;
+        for name in images() {
+            let ours = resize(&decoded(&name), w, h, loaded.preprocessor.resample);
+            let ours = Tensor::from_vec(ours.into_raw(), (h, w, 3), &Device::Cpu).unwrap();
+            assert_eq!(max_abs_diff(&ours, &reference[&name]), 0.0, "{m}/{name}");
+        }
+    }
+}
+
+#[test]
+fn pixel_values_match_vit_image_processor() {
+    for m in MODELS {
+        let loaded = model(m);
+        let reference = load(golden().join(m).join("preprocess.safetensors"));
+        let (h, w) = loaded.preprocessor.size;
+        for name in images() {
+            let ours = loaded.preprocessor.pixel_values(&decoded(&name)).unwrap();
+            let ours = Tensor::from_vec(ours, (3, h, w), &Device::Cpu).unwrap();
+            let diff = max_abs_diff(&ours, &reference[&name]);
+            assert_eq!(diff, 0.0, "{m}/{name}: {diff}");
+        }
+    }
+}
+
+#[test]
+fn logits_match_transformers() {
+    for m in MODELS {
+        let loaded = model(m);
+        let reference = load(golden().join(m).join("reference.safetensors"));
+        let pixels = reference["pixel_values"].to_dtype(DType::F32).unwrap();
+        let logits = Vit::frozen(&loaded.cfg, &loaded.params).unwrap().forward(&pixels).unwrap();
+        let diff = max_abs_diff(&logits, &reference["logits"]);
+        eprintln!("{m}: logits max abs diff {diff:e}");
+        assert!(diff <= 1e-4, "{m}: {diff}");
+    }
+}
+
+#[test]
+fn loss_and_every_gradient_match_pytorch() {
+    for m in MODELS {
+        let loaded = model(m);
+        let reference = load(golden().join(m).join("reference.safetensors"));
+        let pixels = reference["pixel_values"].to_dtype(DType::F32).unwrap();
+        let labels: Vec<u32> = reference["labels"].to_vec1::<i64>().unwrap().into_iter().map(|l| l as u32).collect();
+        let vit = Vit::new(&loaded.cfg, &loaded.params, &|_| true).unwrap();
+        let loss = cross_entropy(&vit.forward(&pixels).unwrap(), &labels, 0.0, None).unwrap();
+        let ref_loss = reference["loss"].to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()[0];
+        let our_loss = f64::from(loss.to_scalar::<f32>().unwrap());
+        assert!((our_loss - ref_loss).abs() / ref_loss.abs() <= 1e-3, "{m}: loss {our_loss} vs {ref_loss}");
+        let grads = loss.backward().unwrap();
+        let mut checked = 0;
+        let mut worst = (0.0f64, String::new());
+        for (name, var) in loaded.params.iter() {
+            let expected = reference.get(&format!("grad.{name}")).unwrap_or_else(|| panic!("{m}: no golden gradient for {name}"));
+            let ours = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{m}: no gradient for {name}"));
+            assert_eq!(ours.dims(), expected.dims(), "{name}");
+            let scale = expected.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+            let diff = max_abs_diff(ours, expected);
+            if scale < 1e-10 {
+                // Key biases: analytically zero (softmax ignores a shift shared by a query's scores).
+                assert!(diff <= 1e-5, "{m}/{name}: {diff} for an analytically zero gradient");
+            } else {
+                let rel = diff / scale;
+                assert!(rel <= 1e-3, "{m}/{name}: relative error {rel:e}");
+                if rel > worst.0 {
+                    worst = (rel, name.clone());
+                }
+            }
+            checked += 1;
+        }
+        eprintln!("{m}: {checked} gradients checked, worst relative error {:e} ({})", worst.0, worst.1);
+        let expected_count = reference.keys().filter(|k| k.starts_with("grad.")).count();
+        assert_eq!(checked, expected_count, "{m}: every golden gradient is compared");
+    }
+}
