@@ -70,6 +70,45 @@ pub struct ServeConfig {
     #[arg(long, env = "VITFORGE_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
     pub max_image_pixels: u64,
 
+    /// Folder of local base models, each a sub-folder in Hugging Face format that jobs can name as
+    /// `base_model` (default: `<data-dir>/base-models`).
+    #[arg(long, env = "VITFORGE_BASE_MODELS_DIR")]
+    pub base_models_dir: Option<PathBuf>,
+
+    /// Compute devices for fine-tune workers, one worker each: `auto` (the first CUDA GPU when built
+    /// with `--features cuda` and one is present, else the CPU), `cpu`, or `cuda:N`. Repeat the
+    /// flag or separate with commas.
+    #[arg(long, env = "VITFORGE_DEVICE", value_delimiter = ',', default_value = "auto")]
+    pub device: Vec<String>,
+
+    /// Largest number of images `/predict` batches into one forward pass.
+    #[arg(long, env = "VITFORGE_MAX_BATCH_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub max_batch_size: u64,
+
+    /// Longest time, in milliseconds, a `/predict` request waits for others to share its batch.
+    #[arg(long, env = "VITFORGE_MAX_BATCH_DELAY_MS", default_value_t = 5)]
+    pub max_batch_delay_ms: u64,
+
+    /// `/predict` requests admitted at once; more are answered 429 at once.
+    #[arg(long, env = "VITFORGE_MAX_CONCURRENT_REQUESTS", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_concurrent_requests: u64,
+
+    /// Fine-tuned models kept loaded for `/predict` (least recently used are dropped).
+    #[arg(long, env = "VITFORGE_MAX_LOADED_MODELS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_loaded_models: u64,
+
+    /// Most images in one `/predict` request.
+    #[arg(long, env = "VITFORGE_MAX_IMAGES_PER_PREDICT", default_value_t = 64)]
+    pub max_images_per_predict: usize,
+
+    /// Largest `/predict` request body, in bytes.
+    #[arg(long, env = "VITFORGE_MAX_PREDICT_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_predict_bytes: usize,
+
+    /// Largest JSON request body elsewhere, in bytes.
+    #[arg(long, env = "VITFORGE_MAX_JSON_BYTES", default_value_t = 1024 * 1024)]
+    pub max_json_bytes: usize,
+
     /// API keys (comma-separated). When set, every route but /healthz and /readyz needs
     /// `Authorization: Bearer <key>`.
     #[arg(long, env = "VITFORGE_API_KEY", value_delimiter = ',', hide_env_values = true)]
@@ -77,6 +116,11 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
+    /// The base models folder.
+    pub fn base_models_dir(&self) -> PathBuf {
+        self.base_models_dir.clone().unwrap_or_else(|| self.data_dir.join("base-models"))
+    }
+
     /// The defaults, as `vitforge serve` with no flags and no environment would use them.
     pub fn default_for(data_dir: impl Into<PathBuf>) -> Self {
         let mut cfg = Cli::parse_from(["vitforge"]).serve;

@@ -19,3 +19,94 @@ pub fn init_for_tests() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
 }
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+/// Labels of per-route HTTP metrics (`route` is the path template, e.g. `/jobs/{id}`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub method: String,
+    pub route: String,
+    pub status: u16,
+}
+
+/// Labels of latency histograms.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteOnly {
+    pub method: String,
+    pub route: String,
+}
+
+/// A label set with one `status` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: String,
+}
+
+/// A label set with one `job` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabel {
+    pub job: String,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// The service's Prometheus metrics, in a registry of its own (so test apps do not share one).
+pub struct Metrics {
+    pub registry: Registry,
+    pub http_requests: Family<RouteLabels, Counter>,
+    pub http_latency: Family<RouteOnly, Histogram, fn() -> Histogram>,
+    pub predict_batch_size: Histogram,
+    pub predict_images: Counter,
+    pub predict_queue_depth: Gauge,
+    pub jobs: Family<StatusLabel, Gauge>,
+    pub training_images_per_second: Family<JobLabel, Gauge<f64, AtomicU64>>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("vitforge");
+        let http_requests = Family::<RouteLabels, Counter>::default();
+        let http_latency = Family::<RouteOnly, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let predict_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 8));
+        let predict_images = Counter::default();
+        let predict_queue_depth = Gauge::default();
+        let jobs = Family::<StatusLabel, Gauge>::default();
+        let training_images_per_second = Family::<JobLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register("http_requests", "HTTP requests by method, route and status", http_requests.clone());
+        registry.register("http_request_duration_seconds", "HTTP request latency by route", http_latency.clone());
+        registry.register("predict_batch_size", "Images per inference batch", predict_batch_size.clone());
+        registry.register("predict_images", "Images classified", predict_images.clone());
+        registry.register("predict_queue_depth", "Images waiting for the model thread", predict_queue_depth.clone());
+        registry.register("jobs", "Fine-tune jobs by status", jobs.clone());
+        registry.register(
+            "training_images_per_second",
+            "Training throughput of each running job",
+            training_images_per_second.clone(),
+        );
+        Self { registry, http_requests, http_latency, predict_batch_size, predict_images, predict_queue_depth, jobs, training_images_per_second }
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            tracing::error!("encoding metrics failed");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,6 +1,7 @@
 //! The Vision Transformer: configuration, weights, forward pass, preprocessing, and loading and
 //! saving in Hugging Face's format. Synchronous code only: no tokio, axum or sqlx here.
 
+pub mod classifier;
 pub mod config;
 pub mod io;
 pub mod params;

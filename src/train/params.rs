@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 /// The optimiser.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum OptimizerKind {
     /// AdamW (β = 0.9, 0.999, ε = 1e-8), weight decay decoupled, not applied to biases and
     /// layer norms (as `transformers.Trainer`).
@@ -17,6 +18,7 @@ pub enum OptimizerKind {
 /// The learning-rate schedule after warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum Scheduler {
     Linear,
     Cosine,
@@ -26,6 +28,7 @@ pub enum Scheduler {
 /// Which parameters train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum TrainMode {
     /// Every parameter.
     Full,

@@ -1,0 +1,86 @@
+//! Hyper-parameter flags of `vitforge train`, named like the JSON fields of `POST /jobs` with
+//! dashes. Unset flags keep the defaults of [`TrainParams`].
+
+use clap::Args;
+
+use crate::train::{OptimizerKind, Scheduler, TrainMode, TrainParams};
+
+/// Fine-tune hyper-parameters (defaults: Hugging Face's image-classification recipe).
+#[derive(Debug, Clone, Default, Args)]
+pub struct HyperParams {
+    /// Peak learning rate [default: 5e-5].
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    /// Learning rate of the classifier head [default: the learning rate].
+    #[arg(long)]
+    pub head_learning_rate: Option<f64>,
+    /// Passes over the training images [default: 3].
+    #[arg(long)]
+    pub epochs: Option<u32>,
+    /// Images per batch [default: 8].
+    #[arg(long)]
+    pub batch_size: Option<u32>,
+    /// Optimiser [default: adamw].
+    #[arg(long, value_enum)]
+    pub optimizer: Option<OptimizerKind>,
+    /// Weight decay, not applied to biases and layer norms [default: 0].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// SGD momentum [default: 0.9].
+    #[arg(long)]
+    pub momentum: Option<f64>,
+    /// Learning-rate schedule after warm-up [default: linear].
+    #[arg(long, value_enum)]
+    pub lr_scheduler: Option<Scheduler>,
+    /// Fraction of steps warming the learning rate up from 0 [default: 0].
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+    /// Batches per optimiser step [default: 1].
+    #[arg(long)]
+    pub gradient_accumulation_steps: Option<u32>,
+    /// Global gradient-norm clip, 0 to disable [default: 1].
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// What trains [default: full].
+    #[arg(long, value_enum)]
+    pub train_mode: Option<TrainMode>,
+    /// Encoder layers that train with `--train-mode last-n-layers`.
+    #[arg(long)]
+    pub trainable_layers: Option<u32>,
+    /// Fraction held out for validation when the data has no validation split [default: 0.1].
+    #[arg(long)]
+    pub validation_split: Option<f64>,
+    /// Random resized crop and flip on training images [default: true].
+    #[arg(long)]
+    pub augment: Option<bool>,
+    /// Seed of shuffling, augmentation and new weights [default: 42].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop after this many epochs without a better validation macro-F1.
+    #[arg(long)]
+    pub early_stopping_patience: Option<u32>,
+    /// Label smoothing of the loss [default: 0].
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
+}
+
+impl HyperParams {
+    /// The defaults with every given flag applied.
+    pub fn apply(&self, mut p: TrainParams) -> TrainParams {
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field { p.$field = v; } )* };
+        }
+        set!(learning_rate, epochs, batch_size, optimizer, weight_decay, momentum, lr_scheduler, warmup_ratio,
+             gradient_accumulation_steps, max_grad_norm, train_mode, validation_split, augment, seed, label_smoothing);
+        if self.head_learning_rate.is_some() {
+            p.head_learning_rate = self.head_learning_rate;
+        }
+        if self.trainable_layers.is_some() {
+            p.trainable_layers = self.trainable_layers;
+        }
+        if self.early_stopping_patience.is_some() {
+            p.early_stopping_patience = self.early_stopping_patience;
+        }
+        p
+    }
+}

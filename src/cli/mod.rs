@@ -1,0 +1,285 @@
+//! The command-line subcommands besides `serve`: `train`, `predict`, `eval` and `init-model` run
+//! the same engine as the service, with progress bars for long work.
+
+pub mod hyper;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use candle_core::Device;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use crate::dataset::{BlobStore, IngestLimits, Split, ingest};
+use crate::model::classifier::Classifier;
+use crate::model::{LoadedModel, ModelSource, VitConfig};
+use crate::train::data::{ImageCache, TrainData};
+use crate::train::{Control, TrainEvent, TrainParams, TrainSpec, cli_checkpoint_root, evaluate, fine_tune};
+
+/// `vitforge train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Training images: a folder or a zip / tar / tar.gz archive in image-folder layout
+    /// (`<class>/<image>`, optionally under `train/`, `validation/`, `test/`), or a Hugging Face
+    /// Parquet export.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Base model: a Hugging Face hub id or a local folder with config.json and model.safetensors.
+    #[arg(long, default_value = crate::http::jobs::DEFAULT_BASE_MODEL)]
+    pub base_model: String,
+    /// Folder to write the fine-tuned model to (replaced if it exists).
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Compute device: auto, cpu or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[command(flatten)]
+    pub hyper: hyper::HyperParams,
+}
+
+/// `vitforge predict`.
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// Model folder (or hub id).
+    #[arg(long)]
+    pub model: String,
+    /// Labels per image in `top_k`.
+    #[arg(long, default_value_t = 5)]
+    pub top_k: usize,
+    /// Compute device: auto, cpu or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Image files.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+}
+
+/// Which images of a dataset `eval` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EvalSplit {
+    All,
+    Train,
+    Validation,
+    Test,
+}
+
+/// `vitforge eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Model folder (or hub id).
+    #[arg(long)]
+    pub model: String,
+    /// Labelled images: a folder or archive in image-folder layout, or Parquet.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Which split of the data to evaluate on.
+    #[arg(long, value_enum, default_value_t = EvalSplit::All)]
+    pub split: EvalSplit,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Compute device: auto, cpu or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+/// `vitforge init-model`.
+#[derive(Debug, Args)]
+pub struct InitModelArgs {
+    /// Architecture: tiny, small or base (patch 16, 224×224), or a config.json file.
+    #[arg(long)]
+    pub config: String,
+    /// Class names, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub labels: Vec<String>,
+    /// Folder to write the model to.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+fn device(name: &str) -> anyhow::Result<Device> {
+    let devices = crate::worker::resolve_devices(&[name.to_string()])?;
+    Ok(devices.into_iter().next().map(|(_, d)| d).unwrap_or(Device::Cpu))
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+fn bar(len: u64, template: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
+}
+
+/// Prints a line above the bar, or to stderr when the bar is hidden.
+fn say(pb: &ProgressBar, msg: String) {
+    if pb.is_hidden() {
+        eprintln!("{msg}");
+    } else {
+        pb.println(msg);
+    }
+}
+
+/// Reads a folder, archive or Parquet file into a temporary blob store, with a progress spinner.
+fn import(data: &Path, store: &BlobStore) -> anyhow::Result<crate::dataset::Ingested> {
+    let pb = bar(0, "{spinner} importing {pos} files ({per_sec}) {elapsed}");
+    let ingested = ingest(data, store, &IngestLimits::default(), &mut |n| pb.set_position(n))
+        .with_context(|| format!("reading {}", data.display()))?;
+    pb.finish_and_clear();
+    eprintln!("imported {} images in {} classes from {}", ingested.images.len(), ingested.classes.len(), data.display());
+    for r in ingested.rejected.iter().take(20) {
+        eprintln!("  skipped {}: {}", r.file, r.reason);
+    }
+    if ingested.rejected.len() > 20 {
+        eprintln!("  ... and {} more skipped files", ingested.rejected.len() - 20);
+    }
+    Ok(ingested)
+}
+
+fn records(ingested: &crate::dataset::Ingested, store: &BlobStore, keep: impl Fn(Split) -> bool) -> anyhow::Result<Vec<(PathBuf, String, Split)>> {
+    ingested
+        .images
+        .iter()
+        .filter(|r| keep(r.split))
+        .map(|r| Ok((store.path(&r.blob)?, r.label.clone(), r.split)))
+        .collect()
+}
+
+/// `vitforge train`: fine-tunes and writes the best epoch's model to `--output`; prints a JSON
+/// summary on stdout.
+pub fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let params: TrainParams = args.hyper.apply(TrainParams::default());
+    params.validate().map_err(|e| anyhow::anyhow!("invalid hyper-parameter {e}"))?;
+    let device = device(&args.device)?;
+    let scratch = tempfile::tempdir()?;
+    let store = BlobStore::open(scratch.path().join("blobs"))?;
+    let ingested = import(&args.data, &store)?;
+    let data = TrainData::with_labels(ingested.classes.clone(), records(&ingested, &store, |_| true)?)?;
+    let source = ModelSource::parse(&args.base_model)?;
+    let mut model = LoadedModel::load(&source, Some(&ingested.classes), &device, params.seed)
+        .with_context(|| format!("loading base model {source}"))?;
+    eprintln!(
+        "base model {source}: {} parameters, {}",
+        model.params.num_scalars(),
+        if model.report.head_reset { "new classification head" } else { "its own classification head" }
+    );
+    let root = cli_checkpoint_root(&args.output);
+    let spec = TrainSpec {
+        params: params.clone(),
+        data,
+        checkpoint_root: root.clone(),
+        max_pixels: IngestLimits::default().max_image_pixels,
+        cache_budget: crate::train::default_cache_budget(),
+    };
+    let pb = bar(0, "{spinner} [{bar:30}] {pos}/{len} steps {msg} eta {eta}");
+    let mut on_event = |e: TrainEvent| match e {
+        TrainEvent::Started { total_steps, train_images, validation_images, resumed_from, .. } => {
+            pb.set_length(total_steps);
+            say(&pb, format!("training on {train_images} images, validating on {validation_images}, {total_steps} steps"));
+            if let Some(epoch) = resumed_from {
+                say(&pb, format!("resuming after epoch {epoch} from {}", root.display()));
+            }
+        }
+        TrainEvent::Restarted { reason } => say(&pb, format!("starting over: {reason}")),
+        TrainEvent::Step { epoch, step, loss, learning_rate, images_per_s, .. } => {
+            pb.set_position(step);
+            pb.set_message(format!("epoch {epoch} loss {loss:.4} lr {learning_rate:.2e} {images_per_s:.1} img/s"));
+        }
+        TrainEvent::Epoch { epoch, report, improved } => say(
+            &pb,
+            format!(
+                "epoch {epoch}: validation loss {:.4} accuracy {:.4} macro-F1 {:.4}{}",
+                report.loss,
+                report.accuracy,
+                report.f1,
+                if improved { " (best so far)" } else { "" }
+            ),
+        ),
+        TrainEvent::Checkpoint { .. } => {}
+        TrainEvent::Test { report } => say(&pb, format!("test: accuracy {:.4} macro-F1 {:.4}", report.accuracy, report.f1)),
+    };
+    let cancel = AtomicBool::new(false);
+    let outcome = fine_tune(&mut model, spec, &device, Control { cancel: &cancel, on_event: &mut on_event })?;
+    pb.finish_and_clear();
+    model.save(&args.output).with_context(|| format!("writing {}", args.output.display()))?;
+    crate::train::checkpoint::clear(&root)?;
+    let summary = json!({
+        "output": args.output,
+        "best_epoch": outcome.best_epoch,
+        "epochs_run": outcome.epochs_run,
+        "validation": outcome.best,
+        "test": outcome.test,
+        "params": params,
+    });
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+/// `vitforge predict`: prints `{"predictions": [{"file", "label", "score", "top_k"}]}`.
+pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
+    let device = device(&args.device)?;
+    let clf = Classifier::load(&ModelSource::parse(&args.model)?, &device)?;
+    let k = args.top_k.clamp(1, clf.labels().len());
+    let mut predictions = Vec::with_capacity(args.images.len());
+    for chunk in args.images.chunks(16) {
+        let mut pixels = Vec::with_capacity(chunk.len());
+        for path in chunk {
+            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let img = crate::imaging::decode_rgb(&bytes, crate::imaging::DEFAULT_MAX_PIXELS)
+                .with_context(|| format!("decoding {}", path.display()))?;
+            pixels.push(clf.preprocess(&img)?);
+        }
+        for (path, probs) in chunk.iter().zip(clf.probabilities(&pixels)?) {
+            let top = clf.top_k(&probs, k);
+            predictions.push(json!({"file": path, "label": top[0].label, "score": top[0].score, "top_k": top}));
+        }
+    }
+    println!("{}", serde_json::to_string_pretty(&json!({ "predictions": predictions }))?);
+    Ok(())
+}
+
+/// `vitforge eval`: prints the metrics block (accuracy, macro precision / recall / F1, per class,
+/// confusion matrix) of a model on labelled images.
+pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    let device = device(&args.device)?;
+    let model = LoadedModel::load(&ModelSource::parse(&args.model)?, None, &device, 0)?;
+    let scratch = tempfile::tempdir()?;
+    let store = BlobStore::open(scratch.path().join("blobs"))?;
+    let ingested = import(&args.data, &store)?;
+    let wanted = |s: Split| match args.split {
+        EvalSplit::All => true,
+        EvalSplit::Train => s == Split::Train,
+        EvalSplit::Validation => s == Split::Validation,
+        EvalSplit::Test => s == Split::Test,
+    };
+    let data = TrainData::with_labels(model.cfg.labels.clone(), records(&ingested, &store, wanted)?)?;
+    let examples: Vec<_> = [data.train, data.validation, data.test].concat();
+    if examples.is_empty() {
+        bail!("no images in the requested split");
+    }
+    let images = ImageCache::new(IngestLimits::default().max_image_pixels, 0);
+    let report = evaluate(&model, &examples, &images, &device, args.batch_size.max(1), None)?;
+    let mut out = serde_json::to_value(&report)?;
+    out["num_images"] = json!(examples.len());
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+/// `vitforge init-model`: writes a randomly initialised model.
+pub fn init_model(args: InitModelArgs) -> anyhow::Result<()> {
+    let cfg = match VitConfig::preset(&args.config) {
+        Some(cfg) => cfg,
+        None => VitConfig::from_json(&std::fs::read_to_string(&args.config).with_context(|| {
+            format!("--config {}: not tiny, small or base, and not a readable config.json", args.config)
+        })?)?,
+    };
+    let model = LoadedModel::random(&cfg, &args.labels, args.seed, &Device::Cpu)?;
+    model.save(&args.output)?;
+    eprintln!("wrote a random {}-parameter model with labels {:?} to {}", model.params.num_scalars(), args.labels, args.output.display());
+    Ok(())
+}

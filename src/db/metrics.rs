@@ -1,0 +1,133 @@
+//! Queries on `job_metrics` (scalar time series) and `job_evaluations` (full evaluation blocks).
+//! Every write is an upsert keyed by (job, split, epoch, step, name), so a step replayed after a
+//! restart overwrites its earlier row instead of duplicating it.
+
+use serde::Serialize;
+use sqlx::SqlitePool;
+
+use crate::train::metrics::EvalReport;
+
+/// One training step's figures.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrainPoint {
+    pub step: u64,
+    pub epoch: u32,
+    pub loss: f64,
+    pub learning_rate: f64,
+}
+
+/// An evaluation block with its epoch.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EpochReport {
+    pub epoch: u32,
+    #[serde(flatten)]
+    pub report: EvalReport,
+}
+
+/// The whole history of a job.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobMetrics {
+    pub train: Vec<TrainPoint>,
+    pub validation: Vec<EpochReport>,
+    pub test: Option<EvalReport>,
+}
+
+/// Records a training step.
+pub async fn record_step(pool: &SqlitePool, job_id: &str, p: &TrainPoint) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    for (name, value) in [("loss", p.loss), ("learning_rate", p.learning_rate)] {
+        sqlx::query("insert or replace into job_metrics (job_id, split, epoch, step, name, value) values (?, 'train', ?, ?, ?, ?)")
+            .bind(job_id)
+            .bind(i64::from(p.epoch))
+            .bind(p.step as i64)
+            .bind(name)
+            .bind(value)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await
+}
+
+/// Records an evaluation block (`split` is `validation` or `test`).
+pub async fn record_evaluation(pool: &SqlitePool, job_id: &str, split: &str, epoch: u32, report: &EvalReport) -> Result<(), sqlx::Error> {
+    let json = serde_json::to_string(report).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let mut tx = pool.begin().await?;
+    sqlx::query("insert or replace into job_evaluations (job_id, split, epoch, report) values (?, ?, ?, ?)")
+        .bind(job_id)
+        .bind(split)
+        .bind(i64::from(epoch))
+        .bind(json)
+        .execute(&mut *tx)
+        .await?;
+    for (name, value) in
+        [("loss", report.loss), ("accuracy", report.accuracy), ("precision", report.precision), ("recall", report.recall), ("f1", report.f1)]
+    {
+        sqlx::query("insert or replace into job_metrics (job_id, split, epoch, step, name, value) values (?, ?, ?, 0, ?, ?)")
+            .bind(job_id)
+            .bind(split)
+            .bind(i64::from(epoch))
+            .bind(name)
+            .bind(value)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await
+}
+
+/// Removes the metrics of epochs after `epoch` (a run restarting from scratch or from an earlier
+/// checkpoint must not keep figures of a future it will recompute).
+pub async fn truncate_after(pool: &SqlitePool, job_id: &str, epoch: u32) -> Result<(), sqlx::Error> {
+    sqlx::query("delete from job_metrics where job_id = ? and epoch > ?").bind(job_id).bind(i64::from(epoch)).execute(pool).await?;
+    sqlx::query("delete from job_evaluations where job_id = ? and epoch > ?").bind(job_id).bind(i64::from(epoch)).execute(pool).await?;
+    Ok(())
+}
+
+/// The full history of a job.
+pub async fn get(pool: &SqlitePool, job_id: &str) -> Result<JobMetrics, sqlx::Error> {
+    let rows: Vec<(i64, i64, String, f64)> = sqlx::query_as(
+        "select epoch, step, name, value from job_metrics where job_id = ? and split = 'train' order by step, name",
+    )
+    .bind(job_id)
+    .fetch_all(pool)
+    .await?;
+    let mut train: Vec<TrainPoint> = Vec::new();
+    for (epoch, step, name, value) in rows {
+        if train.last().is_none_or(|p| p.step != step as u64) {
+            train.push(TrainPoint { step: step as u64, epoch: epoch as u32, loss: f64::NAN, learning_rate: f64::NAN });
+        }
+        let point = train.last_mut().expect("pushed above");
+        match name.as_str() {
+            "loss" => point.loss = value,
+            "learning_rate" => point.learning_rate = value,
+            _ => {}
+        }
+    }
+    let evals: Vec<(String, i64, String)> =
+        sqlx::query_as("select split, epoch, report from job_evaluations where job_id = ? order by epoch").bind(job_id).fetch_all(pool).await?;
+    let mut validation = Vec::new();
+    let mut test = None;
+    for (split, epoch, json) in evals {
+        let report: EvalReport = serde_json::from_str(&json).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+        if split == "test" {
+            test = Some(report);
+        } else {
+            validation.push(EpochReport { epoch: epoch as u32, report });
+        }
+    }
+    Ok(JobMetrics { train, validation, test })
+}
+
+/// Records an epoch checkpoint.
+pub async fn record_checkpoint(pool: &SqlitePool, job_id: &str, epoch: u32, path: &str, score: f64) -> Result<(), sqlx::Error> {
+    sqlx::query("insert or replace into checkpoints (job_id, epoch, path, score, created_at) values (?, ?, ?, ?, ?)")
+        .bind(job_id)
+        .bind(i64::from(epoch))
+        .bind(path)
+        .bind(score)
+        .bind(crate::db::now())
+        .execute(pool)
+        .await?;
+    // Only the latest epoch's checkpoint stays on disk.
+    sqlx::query("delete from checkpoints where job_id = ? and epoch < ?").bind(job_id).bind(i64::from(epoch)).execute(pool).await?;
+    Ok(())
+}

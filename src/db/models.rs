@@ -1,0 +1,148 @@
+//! Queries on `models`: the registry of fine-tuned models.
+
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::SqlitePool;
+
+/// A registered model as the API returns it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Model {
+    pub id: String,
+    pub job_id: Option<String>,
+    pub base_model: String,
+    pub labels: Vec<String>,
+    /// The kept epoch's validation block.
+    pub metrics: Option<Value>,
+    /// Hyper-parameters it was trained with.
+    pub params: Option<Value>,
+    pub recipe: Option<String>,
+    pub created_at: String,
+    /// Folder relative to the data folder.
+    #[serde(skip)]
+    pub path: String,
+}
+
+#[derive(sqlx::FromRow)]
+struct ModelRow {
+    id: String,
+    job_id: Option<String>,
+    base_model: String,
+    labels: String,
+    metrics: Option<String>,
+    params: Option<String>,
+    recipe: Option<String>,
+    path: String,
+    created_at: String,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, sqlx::Error> {
+    serde_json::from_str(s).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+impl TryFrom<ModelRow> for Model {
+    type Error = sqlx::Error;
+    fn try_from(r: ModelRow) -> Result<Self, sqlx::Error> {
+        Ok(Model {
+            labels: parse(&r.labels)?,
+            metrics: r.metrics.as_deref().map(parse).transpose()?,
+            params: r.params.as_deref().map(parse).transpose()?,
+            id: r.id,
+            job_id: r.job_id,
+            base_model: r.base_model,
+            recipe: r.recipe,
+            path: r.path,
+            created_at: r.created_at,
+        })
+    }
+}
+
+const COLUMNS: &str = "id, job_id, base_model, labels, metrics, params, recipe, path, created_at";
+
+/// Registers the model of a succeeded job and marks the job succeeded, in one transaction.
+pub async fn register_for_job(pool: &SqlitePool, model: &Model) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!("insert into models ({COLUMNS}) values (?, ?, ?, ?, ?, ?, ?, ?, ?)"))
+        .bind(&model.id)
+        .bind(&model.job_id)
+        .bind(&model.base_model)
+        .bind(serde_json::to_string(&model.labels).unwrap_or_default())
+        .bind(model.metrics.as_ref().map(Value::to_string))
+        .bind(model.params.as_ref().map(Value::to_string))
+        .bind(&model.recipe)
+        .bind(&model.path)
+        .bind(&model.created_at)
+        .execute(&mut *tx)
+        .await?;
+    if let Some(job_id) = &model.job_id {
+        sqlx::query("update jobs set status = 'succeeded', model_id = ?, finished_at = ?, error = null where id = ?")
+            .bind(&model.id)
+            .bind(crate::db::now())
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await
+}
+
+/// One model.
+pub async fn get(pool: &SqlitePool, id: &str) -> Result<Option<Model>, sqlx::Error> {
+    let row: Option<ModelRow> =
+        sqlx::query_as(&format!("select {COLUMNS} from models where id = ?")).bind(id).fetch_optional(pool).await?;
+    row.map(Model::try_from).transpose()
+}
+
+/// All models, newest first.
+pub async fn list(pool: &SqlitePool) -> Result<Vec<Model>, sqlx::Error> {
+    let rows: Vec<ModelRow> =
+        sqlx::query_as(&format!("select {COLUMNS} from models order by created_at desc, id desc")).fetch_all(pool).await?;
+    rows.into_iter().map(Model::try_from).collect()
+}
+
+/// The newest model (the default for `/predict`).
+pub async fn latest(pool: &SqlitePool) -> Result<Option<Model>, sqlx::Error> {
+    let row: Option<ModelRow> = sqlx::query_as(&format!("select {COLUMNS} from models order by created_at desc, id desc limit 1"))
+        .fetch_optional(pool)
+        .await?;
+    row.map(Model::try_from).transpose()
+}
+
+/// Paths of every registered model (to find orphaned folders at start-up).
+pub async fn paths(pool: &SqlitePool) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("select path from models").fetch_all(pool).await
+}
+
+/// The outcome of [`delete`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Deleted {
+    /// Removed; the folder (relative path) can go.
+    Removed { path: String },
+    NotFound,
+    /// It is the only model, so `/predict` would be left with none.
+    OnlyModel,
+    /// A queued or running job continues training from it.
+    InUse { job_id: String },
+}
+
+/// Deletes a model unless it is the only one or a job continues from it (one transaction).
+pub async fn delete(pool: &SqlitePool, id: &str) -> Result<Deleted, sqlx::Error> {
+    let mut tx = pool.begin_with("begin immediate").await?;
+    let path: Option<String> = sqlx::query_scalar("select path from models where id = ?").bind(id).fetch_optional(&mut *tx).await?;
+    let Some(path) = path else {
+        return Ok(Deleted::NotFound);
+    };
+    let count: i64 = sqlx::query_scalar("select count(*) from models").fetch_one(&mut *tx).await?;
+    if count <= 1 {
+        return Ok(Deleted::OnlyModel);
+    }
+    let job: Option<String> =
+        sqlx::query_scalar("select id from jobs where base_model = ? and status in ('queued', 'running') limit 1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if let Some(job_id) = job {
+        return Ok(Deleted::InUse { job_id });
+    }
+    sqlx::query("delete from models where id = ?").bind(id).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(Deleted::Removed { path })
+}

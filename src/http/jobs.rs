@@ -1,0 +1,185 @@
+//! `/jobs`: submit fine-tunes, watch them (JSON and Server-Sent Events), read their metrics,
+//! cancel them.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures::Stream;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::broadcast::error::RecvError;
+
+use super::extract::{ApiJson, ApiPath, ApiQuery};
+use super::{AppState, Route};
+use crate::db;
+use crate::db::jobs::{Cancel, Job, NewJob, Status};
+use crate::error::AppError;
+use crate::jobs::JobEvent;
+use crate::train::TrainParams;
+
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::post("/jobs", create),
+        Route::get("/jobs", list),
+        Route::get("/jobs/{id}", get),
+        Route::get("/jobs/{id}/metrics", metrics),
+        Route::get("/jobs/{id}/events", events),
+        Route::post("/jobs/{id}/cancel", cancel),
+    ]
+}
+
+/// The base model when a job names none.
+pub const DEFAULT_BASE_MODEL: &str = "google/vit-base-patch16-224";
+
+/// Body of `POST /jobs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewJobRequest {
+    pub dataset_id: String,
+    #[serde(default)]
+    pub base_model: Option<String>,
+    #[serde(default)]
+    pub params: Option<TrainParams>,
+}
+
+async fn create(State(s): State<AppState>, ApiJson(req): ApiJson<NewJobRequest>) -> Result<(StatusCode, Json<Job>), AppError> {
+    let params = req.params.unwrap_or_default();
+    params.validate().map_err(|e| AppError::unprocessable("invalid_params", format!("params.{e}")))?;
+    if db::datasets::get(&s.db, &req.dataset_id).await?.is_none() {
+        return Err(AppError::not_found("dataset", &req.dataset_id));
+    }
+    let base_model = req.base_model.unwrap_or_else(|| DEFAULT_BASE_MODEL.to_string());
+    check_base_model(&s, &base_model).await?;
+    let params_json = serde_json::to_value(&params).map_err(anyhow::Error::from)?;
+    let job = db::jobs::insert(
+        &s.db,
+        &NewJob { dataset_id: &req.dataset_id, base_model: &base_model, params: &params_json, recipe: "manual", epochs: params.epochs },
+    )
+    .await?;
+    s.jobs.job_submitted();
+    Ok((StatusCode::ACCEPTED, Json(job)))
+}
+
+/// `base_model` must be one of our models, a folder name under the base models folder, or a hub
+/// id; paths are refused so a request cannot read arbitrary folders.
+async fn check_base_model(s: &AppState, base_model: &str) -> Result<(), AppError> {
+    if db::models::get(&s.db, base_model).await?.is_some() {
+        return Ok(());
+    }
+    if !crate::model::io::is_hub_id(base_model) {
+        return Err(AppError::unprocessable(
+            "invalid_base_model",
+            format!(
+                "base_model '{base_model}' must be a Hugging Face model id (like {DEFAULT_BASE_MODEL}), the id of a model of \
+                 this service, or the name of a folder under the base models folder; filesystem paths are not accepted"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    status: Option<Status>,
+}
+
+async fn list(State(s): State<AppState>, ApiQuery(q): ApiQuery<ListQuery>) -> Result<Json<Vec<Job>>, AppError> {
+    Ok(Json(db::jobs::list(&s.db, q.status).await?))
+}
+
+async fn find(s: &AppState, id: &str) -> Result<Job, AppError> {
+    db::jobs::get(&s.db, id).await?.ok_or_else(|| AppError::not_found("job", id))
+}
+
+async fn get(State(s): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Json<Job>, AppError> {
+    Ok(Json(find(&s, &id).await?))
+}
+
+async fn metrics(State(s): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Json<db::metrics::JobMetrics>, AppError> {
+    find(&s, &id).await?;
+    Ok(Json(db::metrics::get(&s.db, &id).await?))
+}
+
+async fn cancel(State(s): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<(StatusCode, Json<Job>), AppError> {
+    match db::jobs::cancel(&s.db, &id).await? {
+        Cancel::Cancelled => {
+            let job = find(&s, &id).await?;
+            s.jobs.publish(&id, JobEvent::Status(Box::new(job.clone())));
+            Ok((StatusCode::OK, Json(job)))
+        }
+        Cancel::Requested => {
+            s.jobs.cancel(&id);
+            Ok((StatusCode::ACCEPTED, Json(find(&s, &id).await?)))
+        }
+        Cancel::AlreadyFinished(status) => {
+            Err(AppError::conflict("job_finished", format!("job '{id}' has already finished ({})", status.as_str())))
+        }
+        Cancel::NotFound => Err(AppError::not_found("job", &id)),
+    }
+}
+
+fn progress_of(job: &Job) -> Value {
+    json!({"epoch": job.progress.epoch, "epochs": job.progress.epochs, "step": job.progress.step, "steps": job.progress.steps})
+}
+
+fn sse(event: &str, data: &Value) -> Event {
+    Event::default().event(event).data(data.to_string())
+}
+
+/// Server-Sent Events: the current state first (progress, the validation blocks so far, and the
+/// final status if the job has ended), then live `progress`, `metrics` and a last `status`.
+async fn events(
+    State(s): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, AppError> {
+    // Subscribe before reading the state so nothing between the two is lost.
+    let mut rx = s.jobs.subscribe(&id);
+    let job = find(&s, &id).await?;
+    let history = db::metrics::get(&s.db, &id).await?;
+    let shutdown = s.jobs.shutdown_token();
+    let stream = async_stream(move |tx| async move {
+        let _ = tx.send(sse("progress", &progress_of(&job))).await;
+        for block in &history.validation {
+            let _ = tx.send(sse("metrics", &serde_json::to_value(block).unwrap_or_default())).await;
+        }
+        if job.status.is_terminal() {
+            let _ = tx.send(sse("status", &serde_json::to_value(&job).unwrap_or_default())).await;
+            return;
+        }
+        loop {
+            let event = tokio::select! {
+                e = rx.recv() => e,
+                _ = shutdown.cancelled() => return,
+            };
+            let out = match event {
+                Ok(JobEvent::Progress(v)) => sse("progress", &v),
+                Ok(JobEvent::Metrics(v)) => sse("metrics", &v),
+                Ok(JobEvent::Status(job)) => {
+                    let _ = tx.send(sse("status", &serde_json::to_value(&*job).unwrap_or_default())).await;
+                    return;
+                }
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return,
+            };
+            if tx.send(out).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// A stream fed by a task through a small channel (the task ends when the client goes away).
+fn async_stream<F, Fut>(produce: F) -> impl Stream<Item = Result<Event, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(produce(tx));
+    futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
+}

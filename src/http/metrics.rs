@@ -1,0 +1,44 @@
+//! `GET /metrics` (Prometheus text format) and the middleware that counts requests per route.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::{AppState, Route};
+use crate::error::AppError;
+use crate::telemetry::{JobLabel, RouteLabels, RouteOnly, StatusLabel};
+
+pub fn routes() -> Vec<Route> {
+    vec![Route::get("/metrics", metrics)]
+}
+
+/// Request counts and latency per route template (unmatched paths are counted as `unmatched`).
+pub async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = req.method().to_string();
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    s.metrics.http_requests.get_or_create(&RouteLabels { method: method.clone(), route: route.clone(), status }).inc();
+    s.metrics.http_latency.get_or_create(&RouteOnly { method, route }).observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+async fn metrics(State(s): State<AppState>) -> Result<Response, AppError> {
+    s.metrics.predict_queue_depth.set(s.predictor.queue_depth() as i64);
+    s.metrics.jobs.clear();
+    for status in ["queued", "running", "succeeded", "failed", "cancelled"] {
+        s.metrics.jobs.get_or_create(&StatusLabel { status: status.into() }).set(0);
+    }
+    for (status, n) in crate::db::jobs::count_by_status(&s.db).await? {
+        s.metrics.jobs.get_or_create(&StatusLabel { status }).set(n);
+    }
+    s.metrics.training_images_per_second.clear();
+    for (job, rate) in s.jobs.throughput() {
+        s.metrics.training_images_per_second.get_or_create(&JobLabel { job }).set(rate);
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render()).into_response())
+}

@@ -1,0 +1,156 @@
+//! `POST /predict`: classify images with the newest fine-tuned model (or `?model=`).
+
+use axum::Json;
+use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::http::{StatusCode, header};
+use base64::Engine;
+use bytes::Bytes;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::extract::ApiQuery;
+use super::{AppState, Route};
+use crate::db;
+use crate::error::AppError;
+use crate::model::classifier::Scored;
+use crate::predictor::PredictError;
+
+pub fn routes() -> Vec<Route> {
+    vec![Route::post("/predict", predict)]
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PredictQuery {
+    model: Option<String>,
+    top_k: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Base64Images {
+    images: Vec<String>,
+}
+
+/// One image's answer.
+#[derive(Debug, Serialize)]
+struct Prediction {
+    label: String,
+    score: f32,
+    top_k: Vec<Scored>,
+}
+
+#[derive(Debug, Serialize)]
+struct PredictResponse {
+    model_id: String,
+    predictions: Vec<Prediction>,
+}
+
+impl From<PredictError> for AppError {
+    fn from(e: PredictError) -> Self {
+        match e {
+            PredictError::Overloaded => AppError::client(
+                StatusCode::TOO_MANY_REQUESTS,
+                "overloaded",
+                "too many prediction requests in flight; retry shortly",
+            ),
+            PredictError::NoModel => AppError::conflict(
+                "no_model",
+                "no fine-tuned model yet: upload a dataset (POST /datasets) and run a fine-tune (POST /jobs); \
+                 /predict uses the newest model once its job succeeds",
+            ),
+            PredictError::UnknownModel(id) => AppError::not_found("model", &id),
+            other => AppError::Internal(anyhow::anyhow!(other)),
+        }
+    }
+}
+
+/// The images of a request, named for error messages: multipart parts (any field name), a raw
+/// image body, or JSON `{"images": [base64, ...]}`.
+async fn images_of(s: &AppState, req: Request) -> Result<Vec<(String, Bytes)>, AppError> {
+    let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    let max = s.config.max_images_per_predict;
+    let too_many = |n: usize| AppError::unprocessable("too_many_images", format!("{n} images in one request; the limit is {max}"));
+    let mut out = Vec::new();
+    if content_type.starts_with("multipart/form-data") {
+        let mut form = Multipart::from_request(req, s)
+            .await
+            .map_err(|e| AppError::bad_request("invalid_multipart", e.body_text()))?;
+        while let Some(field) = form.next_field().await.map_err(|e| AppError::bad_request("invalid_multipart", e.body_text()))? {
+            let name = field.file_name().or(field.name()).map(str::to_string).unwrap_or_else(|| format!("part {}", out.len() + 1));
+            let bytes = field.bytes().await.map_err(|e| AppError::client(e.status(), "invalid_multipart", e.body_text()))?;
+            out.push((name, bytes));
+            if out.len() > max {
+                return Err(too_many(out.len()));
+            }
+        }
+    } else if content_type.starts_with("application/json") {
+        let axum::Json(body) = axum::Json::<Base64Images>::from_request(req, s).await?;
+        if body.images.len() > max {
+            return Err(too_many(body.images.len()));
+        }
+        for (i, b64) in body.images.iter().enumerate() {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|e| AppError::bad_request("invalid_base64", format!("images[{i}] is not valid base64: {e}")))?;
+            out.push((format!("images[{i}]"), Bytes::from(bytes)));
+        }
+    } else if content_type.starts_with("image/") || content_type.starts_with("application/octet-stream") || content_type.is_empty() {
+        let bytes = Bytes::from_request(req, s).await.map_err(|e| AppError::client(e.status(), "invalid_body", e.body_text()))?;
+        out.push(("body".to_string(), bytes));
+    } else {
+        return Err(AppError::unsupported_media(
+            "unsupported_content_type",
+            format!("cannot read images from '{content_type}': send multipart/form-data, image/*, application/octet-stream or JSON {{\"images\": [base64]}}"),
+        ));
+    }
+    if out.is_empty() {
+        return Err(AppError::unprocessable("no_images", "the request contains no image"));
+    }
+    Ok(out)
+}
+
+async fn predict(State(s): State<AppState>, ApiQuery(q): ApiQuery<PredictQuery>, req: Request) -> Result<Json<PredictResponse>, AppError> {
+    let _permit = s.predictor.admit()?;
+    let model_id = match q.model {
+        Some(id) => id,
+        None => match s.predictor.default_model() {
+            Some(id) => id,
+            None => db::models::latest(&s.db).await?.map(|m| m.id).ok_or(PredictError::NoModel)?,
+        },
+    };
+    let model = db::models::get(&s.db, &model_id).await?.ok_or_else(|| PredictError::UnknownModel(model_id.clone()))?;
+    if q.top_k == Some(0) {
+        return Err(AppError::unprocessable("invalid_query", "top_k must be at least 1"));
+    }
+    let images = images_of(&s, req).await?;
+    let loaded = s.predictor.get_or_load(&model.id, s.paths.root().join(&model.path)).await?;
+    let max_pixels = s.config.max_image_pixels;
+    let pre_model = loaded.clone();
+    // Decoding and resizing are CPU work: a blocking thread, images in parallel.
+    let pixels = tokio::task::spawn_blocking(move || {
+        images
+            .par_iter()
+            .enumerate()
+            .map(|(i, (name, bytes))| {
+                let img = crate::imaging::decode_rgb(bytes, max_pixels)
+                    .map_err(|e| AppError::bad_request("invalid_image", format!("image {} ('{name}'): {e}", i + 1)))?;
+                pre_model.classifier.preprocess(&img).map_err(|e| AppError::bad_request("invalid_image", format!("image {} ('{name}'): {e}", i + 1)))
+            })
+            .collect::<Result<Vec<_>, AppError>>()
+    })
+    .await
+    .map_err(anyhow::Error::from)??;
+    let n = pixels.len();
+    let probs = s.predictor.infer(loaded.clone(), pixels).await?;
+    s.metrics.predict_images.inc_by(n as u64);
+    let k = q.top_k.unwrap_or(5).min(loaded.classifier.labels().len());
+    let predictions = probs
+        .iter()
+        .map(|p| {
+            let top_k = loaded.classifier.top_k(p, k);
+            Prediction { label: top_k[0].label.clone(), score: top_k[0].score, top_k }
+        })
+        .collect();
+    Ok(Json(PredictResponse { model_id: model.id, predictions }))
+}

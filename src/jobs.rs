@@ -1,0 +1,114 @@
+//! In-process coordination around the `jobs` table: waking workers on submit, cancellation flags
+//! of running jobs, live events for `/jobs/{id}/events`, and the shutdown signal.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+use tokio::sync::{Notify, broadcast};
+use tokio_util::sync::CancellationToken;
+
+use crate::db::jobs::Job;
+
+/// A live event of one job, as Server-Sent Events carry it.
+#[derive(Debug, Clone)]
+pub enum JobEvent {
+    /// `{"epoch", "epochs", "step", "steps", "loss", "learning_rate", "images_per_s"}`.
+    Progress(Value),
+    /// An epoch's validation block, with `"epoch"`.
+    Metrics(Value),
+    /// The job reached a final state; the stream ends after this.
+    Status(Box<Job>),
+}
+
+/// Shared by the HTTP handlers and the workers.
+#[derive(Default)]
+pub struct JobHub {
+    submitted: Notify,
+    cancel_flags: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    channels: Mutex<HashMap<String, broadcast::Sender<JobEvent>>>,
+    throughput: Mutex<HashMap<String, f64>>,
+    shutdown: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The maps stay consistent even if a holder panicked (every update is a single insert/remove).
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl JobHub {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Wakes idle workers after a job was queued.
+    pub fn job_submitted(&self) {
+        self.submitted.notify_waiters();
+    }
+
+    /// Completes on the next [`JobHub::job_submitted`].
+    pub fn submitted(&self) -> tokio::sync::futures::Notified<'_> {
+        self.submitted.notified()
+    }
+
+    /// Registers a running job's cancellation flag.
+    pub fn start(&self, job_id: &str, cancel_requested: bool) -> Arc<AtomicBool> {
+        let flag = Arc::new(AtomicBool::new(cancel_requested || self.shutdown.is_cancelled()));
+        lock(&self.cancel_flags).insert(job_id.to_string(), flag.clone());
+        flag
+    }
+
+    /// Forgets a job that stopped running.
+    pub fn stop(&self, job_id: &str) {
+        lock(&self.cancel_flags).remove(job_id);
+        lock(&self.throughput).remove(job_id);
+    }
+
+    /// Asks a running job to stop at its next batch.
+    pub fn cancel(&self, job_id: &str) {
+        if let Some(flag) = lock(&self.cancel_flags).get(job_id) {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Subscribes to a job's live events.
+    pub fn subscribe(&self, job_id: &str) -> broadcast::Receiver<JobEvent> {
+        lock(&self.channels).entry(job_id.to_string()).or_insert_with(|| broadcast::channel(256).0).subscribe()
+    }
+
+    /// Sends a live event to the job's subscribers (if any); a final status closes the channel.
+    pub fn publish(&self, job_id: &str, event: JobEvent) {
+        let mut channels = lock(&self.channels);
+        let last = matches!(event, JobEvent::Status(_));
+        if let Some(tx) = channels.get(job_id) {
+            let _ = tx.send(event);
+        }
+        if last {
+            channels.remove(job_id);
+        }
+    }
+
+    /// Records the training throughput of a running job (for `/metrics`).
+    pub fn set_throughput(&self, job_id: &str, images_per_s: f64) {
+        lock(&self.throughput).insert(job_id.to_string(), images_per_s);
+    }
+
+    /// Training images per second of each running job.
+    pub fn throughput(&self) -> Vec<(String, f64)> {
+        lock(&self.throughput).iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    /// Starts shutting down: running jobs stop at their next batch and go back to the queue.
+    pub fn shut_down(&self) {
+        self.shutdown.cancel();
+        for flag in lock(&self.cancel_flags).values() {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// The shutdown signal.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
