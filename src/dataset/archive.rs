@@ -151,7 +151,7 @@ pub(super) fn read_zip(mut file: File, sink: &mut Sink<'_>) -> Result<BTreeSet<S
                 };
                 match content {
                     Ok(content) => sink.add(file.clone(), label.clone(), *split, content)?,
-                    Err(e) => sink.reject(file.clone(), format!("damaged archive entry: {e}")),
+                    Err(e) => sink.reject(file.clone(), format!("cannot read this archive entry: {e}")),
                 }
             }
             Action::Reject { file, reason } => sink.reject(file.clone(), reason.clone()),
@@ -466,5 +466,128 @@ mod tests {
         let mut not_zip = tempfile::tempfile().unwrap();
         not_zip.write_all(b"tiny").unwrap();
         assert_eq!(zip_declared_entries(&mut not_zip).unwrap(), None);
+    }
+
+    fn png(seed: u8) -> Vec<u8> {
+        let img = image::RgbImage::from_pixel(8, 8, image::Rgb([seed, 0, 0]));
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_folder_is_ingested_without_following_links() {
+        use super::super::{BlobStore, IngestLimits, Split, ingest};
+
+        let src = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret.png"), png(9)).unwrap();
+        let root = src.path().join("pets");
+        for (dir, n) in [("train/cat", 2u8), ("train/dog", 1), ("test/dog", 1)] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+            for i in 0..n {
+                std::fs::write(root.join(dir).join(format!("{i}.png")), png(i * 10 + n)).unwrap();
+            }
+        }
+        std::os::unix::fs::symlink(outside.path().join("secret.png"), root.join("train/cat/link.png")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("train/bird")).unwrap();
+        std::fs::write(root.join("train/cat/.DS_Store"), b"junk").unwrap();
+
+        let store_dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(store_dir.path()).unwrap();
+        let mut seen = 0;
+        let ingested = ingest(src.path(), &store, &IngestLimits::default(), &mut |n| seen = n).unwrap();
+
+        assert_eq!(ingested.classes, vec!["cat", "dog"]);
+        assert_eq!(ingested.images.len(), 4);
+        assert!(ingested.images.iter().any(|i| i.file == "pets/test/dog/0.png" && i.split == Split::Test));
+        let rejected: Vec<(&str, &str)> =
+            ingested.rejected.iter().map(|r| (r.file.as_str(), r.reason.as_str())).collect();
+        assert_eq!(rejected.len(), 2, "{rejected:?}");
+        assert!(rejected.iter().all(|(_, reason)| reason.contains("symbolic link")), "{rejected:?}");
+        assert!(!store.list().unwrap().contains(&BlobStore::hash(&png(9))));
+        // Every entry was counted: 6 folders, 2 links, 4 images and the clutter file.
+        assert_eq!(seen, 13);
+    }
+
+    #[test]
+    fn a_zip_entry_larger_than_its_header_says_is_rejected() {
+        use super::super::{BlobStore, IngestLimits, ingest};
+
+        let mut writer = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+        writer.start_file("cat/liar.png", opts).unwrap();
+        writer.write_all(&vec![0u8; 4 << 20]).unwrap();
+        for (name, seed) in [("cat/ok.png", 1), ("dog/ok.png", 2)] {
+            writer.start_file(name, opts).unwrap();
+            writer.write_all(&png(seed)).unwrap();
+        }
+        let mut bytes = writer.finish().unwrap().into_inner();
+        // Rewrite the declared size (local and central headers) from 4 MiB to 100 bytes.
+        let declared = (4u32 << 20).to_le_bytes();
+        let mut patched = 0;
+        for i in 0..bytes.len() - 4 {
+            if bytes[i..i + 4] == declared {
+                bytes[i..i + 4].copy_from_slice(&100u32.to_le_bytes());
+                patched += 1;
+            }
+        }
+        assert_eq!(patched, 2);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("liar.zip");
+        std::fs::write(&path, &bytes).unwrap();
+        let store = BlobStore::open(dir.path().join("blobs")).unwrap();
+        let limits = IngestLimits { max_image_bytes: 1 << 20, ..IngestLimits::default() };
+
+        let ingested = ingest(&path, &store, &limits, &mut |_| {}).unwrap();
+        assert_eq!(ingested.images.len(), 2);
+        assert_eq!(ingested.rejected.len(), 1);
+        assert_eq!(ingested.rejected[0].file, "cat/liar.png");
+        assert!(ingested.rejected[0].reason.contains("larger than its declared"), "{:?}", ingested.rejected);
+    }
+
+    /// Appends a raw tar member of `entry_type` with `data`, named `name` in the classic header.
+    fn raw_member(builder: &mut tar::Builder<Vec<u8>>, entry_type: tar::EntryType, name: &str, data: &[u8]) {
+        let mut header = tar::Header::new_ustar();
+        header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        header.set_entry_type(entry_type);
+        header.set_mode(0o644);
+        header.set_size(data.len() as u64);
+        header.set_cksum();
+        builder.append(&header, data).unwrap();
+    }
+
+    fn ingest_tar(bytes: &[u8]) -> Result<super::super::Ingested, IngestError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.tar");
+        std::fs::write(&path, bytes).unwrap();
+        let store = super::super::BlobStore::open(dir.path().join("blobs")).unwrap();
+        super::super::ingest(&path, &store, &super::super::IngestLimits::default(), &mut |_| {})
+    }
+
+    #[test]
+    fn tar_long_names_and_pax_paths_are_honoured() {
+        let long = format!("cat/{}.png", "a".repeat(150));
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_size(png(1).len() as u64);
+        header.set_mode(0o644);
+        // The tar crate writes a GNU long-name member for a path this long.
+        builder.append_data(&mut header, &long, png(1).as_slice()).unwrap();
+        raw_member(&mut builder, tar::EntryType::XHeader, "PaxHeader", b"20 path=dog/pax.png\n");
+        raw_member(&mut builder, tar::EntryType::Regular, "ignored.png", &png(2));
+        let ingested = ingest_tar(&builder.into_inner().unwrap()).unwrap();
+        let files: Vec<&str> = ingested.images.iter().map(|i| i.file.as_str()).collect();
+        assert_eq!(files, vec![long.as_str(), "dog/pax.png"]);
+    }
+
+    #[test]
+    fn an_oversized_tar_long_name_is_refused_without_buffering_it() {
+        let mut builder = tar::Builder::new(Vec::new());
+        raw_member(&mut builder, tar::EntryType::GNULongName, "././@LongLink", &vec![b'a'; 200 * 1024]);
+        raw_member(&mut builder, tar::EntryType::Regular, "cat/a.png", &png(1));
+        let err = ingest_tar(&builder.into_inner().unwrap()).unwrap_err();
+        assert!(matches!(err, IngestError::Corrupt(ref m) if m.contains("long name")), "{err:?}");
     }
 }
