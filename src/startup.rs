@@ -40,7 +40,9 @@ impl Application {
             tracing::info!(removed, "removed blobs no dataset references (left by an interrupted upload)");
         }
 
-        let state = AppState { db, config: Arc::new(config), paths, blobs, blob_lock };
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let ingest_slots = Arc::new(tokio::sync::Semaphore::new(cpus));
+        let state = AppState { db, config: Arc::new(config), paths, blobs, blob_lock, ingest_slots };
         Ok(Self { addr, listener, state })
     }
 

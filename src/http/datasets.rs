@@ -40,6 +40,7 @@ async fn create(
 ) -> Result<(StatusCode, Json<Dataset>), AppError> {
     refuse_declared_oversize(&headers, state.config.max_upload_bytes)?;
     let upload = receive(&state, multipart?).await?;
+    let _slot = state.ingest_slots.acquire().await.context("ingest slots closed")?;
     // Held until the rows are committed, so blob collection cannot remove a blob this upload reuses.
     let _uploading = state.blob_lock.clone().read_owned().await;
     let ingested = ingest(&state, upload.file.path.clone()).await?;

@@ -16,6 +16,7 @@ use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
 use sqlx::SqlitePool;
+use tokio::sync::Semaphore;
 use tower_http::trace::TraceLayer;
 
 use crate::blob_gc::BlobLock;
@@ -34,6 +35,9 @@ pub struct AppState {
     pub blobs: BlobStore,
     /// Held shared by uploads until their rows are in, exclusively by blob collection.
     pub blob_lock: BlobLock,
+    /// One permit per ingest allowed to run at once (one per CPU): each holds up to an image's
+    /// bytes and decoded pixels, so this bounds the memory uploads use together.
+    pub ingest_slots: Arc<Semaphore>,
 }
 
 /// One route: its method, its path template (axum syntax, `{id}`), and its handler.
