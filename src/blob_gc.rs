@@ -79,3 +79,59 @@ pub async fn sweep(pool: &SqlitePool, store: &BlobStore, lock: &BlobLock) -> any
     .with_context(|| format!("listing blobs in {}", store.root().display()))?;
     remove_unreferenced(pool, store, &stored, &guard).await
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::dataset::{ImageRecord, Ingested, Split};
+
+    fn ingested(store: &BlobStore, contents: &[&[u8]]) -> Ingested {
+        let images = contents
+            .iter()
+            .enumerate()
+            .map(|(i, bytes)| ImageRecord {
+                file: format!("{i}.png"),
+                label: if i % 2 == 0 { "a" } else { "b" }.to_string(),
+                split: Split::Train,
+                blob: store.put(bytes).unwrap(),
+            })
+            .collect();
+        Ingested { images, rejected: vec![], classes: vec!["a".into(), "b".into()] }
+    }
+
+    #[tokio::test]
+    async fn collection_waits_for_uploads_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = db::connect(&dir.path().join("test.db")).await.unwrap();
+        let store = BlobStore::open(dir.path().join("blobs")).unwrap();
+        let lock = BlobLock::default();
+        let dataset = db::datasets::insert(&pool, "d", &ingested(&store, &[b"one", b"two"])).await.unwrap();
+
+        // An upload in flight that found b"two" already stored and is about to reference it.
+        let upload = lock.clone().read_owned().await;
+        let db::datasets::Deleted::Removed { blobs } = db::datasets::delete(&pool, &dataset.id).await.unwrap() else {
+            panic!("not removed");
+        };
+        collect_after_delete(&pool, &store, &lock, blobs).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(store.list().unwrap().len(), 2, "collected while an upload held the lock");
+        db::datasets::insert(&pool, "e", &ingested(&store, &[b"two", b"three"])).await.unwrap();
+        drop(upload);
+
+        // Once the upload is done, only the blob nobody references goes.
+        let one = BlobStore::hash(b"one");
+        for _ in 0..100 {
+            if !store.list().unwrap().contains(&one) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut left = store.list().unwrap();
+        left.sort();
+        let mut expected = vec![BlobStore::hash(b"two"), BlobStore::hash(b"three")];
+        expected.sort();
+        assert_eq!(left, expected);
+    }
+}

@@ -196,3 +196,83 @@ pub async fn unreferenced(pool: &SqlitePool, candidates: &[String]) -> Result<Ve
     }
     Ok(orphans)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::ImageRecord;
+
+    async fn pool() -> (tempfile::TempDir, SqlitePool) {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = crate::db::connect(&dir.path().join("test.db")).await.unwrap();
+        (dir, pool)
+    }
+
+    fn blob(i: usize) -> String {
+        format!("{i:064x}")
+    }
+
+    fn ingested(n: usize) -> Ingested {
+        let split = |i: usize| [Split::Train, Split::Validation, Split::Test][i % 3];
+        let images = (0..n)
+            .map(|i| ImageRecord {
+                file: format!("f{i}"),
+                label: format!("c{}", i % 2),
+                split: split(i),
+                blob: blob(i),
+            })
+            .collect();
+        Ingested {
+            images,
+            rejected: vec![Rejected { file: "x".into(), reason: "y".into() }],
+            classes: vec!["c0".into(), "c1".into()],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dataset_round_trips_with_its_images_in_upload_order() {
+        let (_dir, pool) = pool().await;
+        // More rows than one multi-row insert holds.
+        let stored = insert(&pool, "set", &ingested(1203)).await.unwrap();
+        assert_eq!(get(&pool, &stored.id).await.unwrap(), Some(stored.clone()));
+        assert_eq!(stored.counts.train["c0"], 201);
+        let rows = images(&pool, &stored.id).await.unwrap();
+        assert_eq!(rows.len(), 1203);
+        assert_eq!(
+            rows[4],
+            ImageRow { blob: blob(4), label: "c0".into(), split: Split::Validation, file: "f4".into() }
+        );
+        assert!(rows.iter().enumerate().all(|(i, r)| r.file == format!("f{i}")));
+        assert!(images(&pool, "unknown").await.unwrap().is_empty());
+        assert_eq!(get(&pool, "unknown").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn list_is_newest_first_and_delete_reports_blobs_and_users() {
+        let (_dir, pool) = pool().await;
+        let a = insert(&pool, "a", &ingested(3)).await.unwrap();
+        let b = insert(&pool, "b", &ingested(2)).await.unwrap();
+        let ids: Vec<String> = list(&pool).await.unwrap().into_iter().map(|d| d.id).collect();
+        assert_eq!(ids, vec![b.id.clone(), a.id.clone()]);
+
+        sqlx::query(
+            "insert into jobs (id, dataset_id, base_model, params, recipe, status, epochs, created_at) \
+             values ('j', ?, 'm', '{}', 'r', 'running', 1, 'now')",
+        )
+        .bind(&a.id)
+        .execute(&pool)
+        .await
+        .unwrap();
+        assert_eq!(delete(&pool, &a.id).await.unwrap(), Deleted::InUse { job_id: "j".into() });
+        assert_eq!(delete(&pool, "unknown").await.unwrap(), Deleted::NotFound);
+
+        let Deleted::Removed { mut blobs } = delete(&pool, &b.id).await.unwrap() else { panic!("not removed") };
+        blobs.sort();
+        assert_eq!(blobs, vec![blob(0), blob(1)]);
+        // Both are still used by `a`; blob(2) only by `a`; blob(9) by nobody.
+        let candidates: Vec<String> = (0..1200).map(blob).collect();
+        let orphans = unreferenced(&pool, &candidates).await.unwrap();
+        assert_eq!(orphans.len(), 1197);
+        assert!(!orphans.contains(&blob(0)) && !orphans.contains(&blob(2)) && orphans.contains(&blob(9)));
+    }
+}
