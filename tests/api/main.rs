@@ -5,3 +5,4 @@ mod fixtures;
 mod health;
 mod helpers;
 mod openapi;
+mod throughput;
