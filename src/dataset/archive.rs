@@ -118,7 +118,6 @@ pub(super) fn read_zip(mut file: File, sink: &mut Sink<'_>) -> Result<BTreeSet<S
     for i in 0..zip.len() {
         let entry =
             zip.by_index_data(i).map_err(|e| IngestError::Corrupt(format!("the zip archive cannot be read: {e}")))?;
-        let name = entry.name().map(|n| n.into_owned());
         let kind = if entry.encrypted() {
             Kind::Unsupported("encrypted entry")
         } else if entry.is_dir() {
@@ -131,9 +130,13 @@ pub(super) fn read_zip(mut file: File, sink: &mut Sink<'_>) -> Result<BTreeSet<S
                 Some(_) => Kind::Unsupported("device, pipe or socket"),
             }
         };
-        let utf8 = name.is_ok();
-        let name = name.unwrap_or_else(|_| String::from_utf8_lossy(entry.name_raw()).into_owned());
-        entries.push(Entry { name, utf8, kind, size: entry.size() });
+        // Names are UTF-8 or CP437 (decoded by the zip reader); only a name flagged UTF-8 that is
+        // not fails to decode, and its raw bytes then say so.
+        let entry = match entry.name() {
+            Ok(name) => Entry::new(name.as_bytes(), kind, entry.size()),
+            Err(_) => Entry::new(entry.name_raw(), kind, entry.size()),
+        };
+        entries.push(entry);
     }
     let plan = layout::plan(&entries);
     check_declared(&plan, &entries, sink)?;
@@ -294,13 +297,9 @@ fn walk_tar(
             tar::EntryType::GNULongLink | tar::EntryType::XGlobalHeader => continue,
             _ => {}
         }
-        let name_bytes = pax_name.take().or(long_name.take()).unwrap_or_else(|| member.path_bytes().into_owned());
-        let (name, utf8) = match String::from_utf8(name_bytes) {
-            Ok(name) => (name, true),
-            Err(e) => (String::from_utf8_lossy(e.as_bytes()).into_owned(), false),
-        };
+        let name = pax_name.take().or(long_name.take()).unwrap_or_else(|| member.path_bytes().into_owned());
         let kind = match entry_type {
-            tar::EntryType::Regular | tar::EntryType::Continuous if name.ends_with('/') => Kind::Dir,
+            tar::EntryType::Regular | tar::EntryType::Continuous if name.ends_with(b"/") => Kind::Dir,
             tar::EntryType::Regular | tar::EntryType::Continuous => Kind::File,
             tar::EntryType::Directory => Kind::Dir,
             tar::EntryType::Symlink => Kind::Symlink,
@@ -311,7 +310,7 @@ fn walk_tar(
             tar::EntryType::GNUSparse => Kind::Unsupported("sparse file"),
             _ => Kind::Unsupported("unknown tar entry type"),
         };
-        visit(Entry { name, utf8, kind, size }, &mut member)?;
+        visit(Entry::new(&name, kind, size), &mut member)?;
     }
     Ok(())
 }
@@ -400,7 +399,7 @@ fn walk_folder(
             (Kind::Unsupported("device, pipe or socket"), 0)
         };
         let descend = kind == Kind::Dir && utf8;
-        entries.push(Entry { name, utf8, kind, size });
+        entries.push(Entry { utf8, ..Entry::new(name.as_bytes(), kind, size) });
         paths.push(child.path());
         if descend {
             walk_folder(&child.path(), prefix, limit, entries, paths)?;

@@ -40,9 +40,17 @@ pub(super) struct Entry {
 }
 
 impl Entry {
+    /// An entry named by raw bytes. A name over [`MAX_NAME_BYTES`] is cut just past the limit (it is
+    /// rejected anyway), so a hostile archive cannot make the plan hold huge names.
+    pub fn new(name: &[u8], kind: Kind, size: u64) -> Self {
+        let utf8 = std::str::from_utf8(name).is_ok();
+        let name = String::from_utf8_lossy(&name[..name.len().min(MAX_NAME_BYTES + 1)]).into_owned();
+        Self { name, utf8, kind, size }
+    }
+
     #[cfg(test)]
     pub fn file(name: &str) -> Self {
-        Self { name: name.to_string(), utf8: true, kind: Kind::File, size: 1 }
+        Self::new(name.as_bytes(), Kind::File, 1)
     }
 }
 
@@ -366,7 +374,7 @@ mod tests {
             Entry { kind: Kind::Symlink, ..Entry::file("cat/link.png") },
             Entry { kind: Kind::HardLink, ..Entry::file("cat/hard.png") },
             Entry { kind: Kind::Unsupported("block device"), ..Entry::file("cat/dev") },
-            Entry { utf8: false, ..Entry::file("cat/\u{fffd}.png") },
+            Entry::new(b"cat/\xff.png", Kind::File, 1),
             Entry::file(&format!("cat/{}.png", "x".repeat(2000))),
         ];
         entries.push(Entry::file("cat/1.png"));
@@ -376,6 +384,7 @@ mod tests {
         assert!(reason(&p.actions[2]).contains("block device"));
         assert!(reason(&p.actions[3]).contains("UTF-8"));
         assert!(reason(&p.actions[4]).contains("longer than"));
+        assert!(entries[4].name.len() <= MAX_NAME_BYTES + 1, "long names are cut when read");
         match &p.actions[4] {
             Action::Reject { file, .. } => assert!(file.chars().count() <= MAX_SHOWN_CHARS + 1),
             other => panic!("{other:?}"),
