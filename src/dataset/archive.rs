@@ -114,6 +114,13 @@ pub(super) fn read_zip(mut file: File, sink: &mut Sink<'_>) -> Result<BTreeSet<S
     if zip.len() as u64 > limit {
         return Err(too_many_entries(limit));
     }
+    // The zip reader indexes entries by name and keeps one per name, so a repeated name hides an
+    // entry from us; and tools disagree on which copy such an archive means.
+    if zip.has_duplicate_names() {
+        return Err(IngestError::Corrupt(
+            "the zip archive lists the same entry name more than once, which makes it ambiguous".into(),
+        ));
+    }
     let mut entries = Vec::with_capacity(zip.len());
     for i in 0..zip.len() {
         let entry =
@@ -588,5 +595,30 @@ mod tests {
         raw_member(&mut builder, tar::EntryType::Regular, "cat/a.png", &png(1));
         let err = ingest_tar(&builder.into_inner().unwrap()).unwrap_err();
         assert!(matches!(err, IngestError::Corrupt(ref m) if m.contains("long name")), "{err:?}");
+    }
+
+    #[test]
+    fn a_zip_repeating_an_entry_name_is_refused() {
+        let mut writer = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        for (name, seed) in [("cat/a.png", 1), ("cat/b.png", 2), ("dog/c.png", 3)] {
+            writer.start_file(name, zip::write::SimpleFileOptions::default()).unwrap();
+            writer.write_all(&png(seed)).unwrap();
+        }
+        let mut bytes = writer.finish().unwrap().into_inner();
+        // Rename the second entry to the first's name, in its local and central headers.
+        let mut renamed = 0;
+        for i in 0..bytes.len() - 9 {
+            if &bytes[i..i + 9] == b"cat/b.png" {
+                bytes[i..i + 9].copy_from_slice(b"cat/a.png");
+                renamed += 1;
+            }
+        }
+        assert_eq!(renamed, 2);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dup.zip");
+        std::fs::write(&path, &bytes).unwrap();
+        let store = super::super::BlobStore::open(dir.path().join("blobs")).unwrap();
+        let err = super::super::ingest(&path, &store, &super::super::IngestLimits::default(), &mut |_| {}).unwrap_err();
+        assert!(matches!(err, IngestError::Corrupt(ref m) if m.contains("more than once")), "{err:?}");
     }
 }
