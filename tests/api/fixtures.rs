@@ -2,8 +2,6 @@
 //! name sanitising (so hostile entries can be built), and Parquet files shaped like a Hugging Face
 //! `datasets` export.
 
-#![allow(dead_code)]
-
 use std::io::{Cursor, Write};
 use std::sync::Arc;
 
