@@ -20,6 +20,7 @@ mod parquet;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::{self, Read};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::str::FromStr;
 
@@ -265,22 +266,35 @@ pub fn ingest(
     limits: &IngestLimits,
     on_entry: &mut dyn FnMut(u64),
 ) -> Result<Ingested, IngestError> {
-    let meta = std::fs::symlink_metadata(source)?;
     let mut sink = Sink::new(store, limits, on_entry);
-    let declared_classes = if meta.is_dir() {
-        archive::read_folder(source, &mut sink)?
-    } else if meta.is_file() {
-        let mut file = std::fs::File::open(source)?;
-        match archive::detect(&mut file)? {
-            archive::Format::Zip => archive::read_zip(file, &mut sink)?,
-            archive::Format::Tar => archive::read_tar(source, false, &mut sink)?,
-            archive::Format::TarGz => archive::read_tar(source, true, &mut sink)?,
-            archive::Format::Parquet => parquet::read(file, &mut sink)?,
+    // Archive and Parquet readers are not hardened against every malformed input; a panic inside
+    // one is the upload's fault, so it is answered as a damaged file, not a crashed request.
+    let declared_classes = match catch_unwind(AssertUnwindSafe(|| read_source(source, &mut sink))) {
+        Ok(result) => result?,
+        Err(_) => {
+            tracing::error!(source = %source.display(), "a decoder panicked during ingest");
+            return Err(IngestError::Corrupt("the upload could not be decoded".into()));
         }
-    } else {
-        return Err(IngestError::Unsupported(format!("{} is neither a file nor a folder", source.display())));
     };
     sink.finish(declared_classes)
+}
+
+/// Reads `source` in its format; returns the classes it names, used or not.
+fn read_source(source: &Path, sink: &mut Sink<'_>) -> Result<BTreeSet<String>, IngestError> {
+    let meta = std::fs::symlink_metadata(source)?;
+    if meta.is_dir() {
+        return archive::read_folder(source, sink);
+    }
+    if !meta.is_file() {
+        return Err(IngestError::Unsupported(format!("{} is neither a file nor a folder", source.display())));
+    }
+    let mut file = std::fs::File::open(source)?;
+    match archive::detect(&mut file)? {
+        archive::Format::Zip => archive::read_zip(file, sink),
+        archive::Format::Tar => archive::read_tar(source, false, sink),
+        archive::Format::TarGz => archive::read_tar(source, true, sink),
+        archive::Format::Parquet => parquet::read(file, sink),
+    }
 }
 
 /// What reading one entry produced: its bytes, or the fact that it is over the per-file limit

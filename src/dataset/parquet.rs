@@ -9,7 +9,6 @@
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use parquet::basic::{ConvertedType, LogicalType, Type as PhysicalType};
@@ -39,14 +38,10 @@ enum Label {
     Missing,
 }
 
-/// Ingests a Parquet file. The Parquet decoders are not hardened against every malformed input,
-/// so a panic inside them is reported as a corrupt file rather than taking the request down.
+/// Ingests a Parquet file.
 pub(super) fn read(mut file: File, sink: &mut Sink<'_>) -> Result<BTreeSet<String>, IngestError> {
     check_footer(&mut file)?;
-    match catch_unwind(AssertUnwindSafe(|| read_rows(file, sink))) {
-        Ok(result) => result,
-        Err(_) => Err(IngestError::Corrupt("the Parquet file could not be decoded".into())),
-    }
+    read_rows(file, sink)
 }
 
 fn corrupt(e: impl std::fmt::Display) -> IngestError {
