@@ -203,6 +203,23 @@ async fn parquet_that_is_not_an_image_dataset_is_422_and_a_damaged_one_400() {
 }
 
 #[tokio::test]
+async fn a_parquet_footer_that_crashes_the_decoder_is_400() {
+    let app = spawn_app().await;
+    let rows: Vec<HfRow> = (0..4).map(|i| HfRow::new(fixtures::jpeg(i), "x.jpg", i64::from(i % 2))).collect();
+    let mut bytes = fixtures::hf_parquet(&rows, "label", Some(&["cat", "dog"]), 2);
+    // One byte of the footer's thrift changed so that parquet 57's footer decoder panics (found
+    // by mutating this fixture). If a parquet upgrade stops panicking here, this still expects a
+    // 400 but the message check will say the panic path is no longer exercised.
+    let footer = u32::from_le_bytes(bytes[bytes.len() - 8..bytes.len() - 4].try_into().unwrap()) as usize;
+    let footer_start = bytes.len() - 8 - footer;
+    bytes[footer_start + 13] = 0x15;
+    let message = assert_error(app.post_dataset("crash.parquet", bytes, None).await, 400, "corrupt_archive").await;
+    assert!(message.contains("could not be decoded"), "{message}");
+    assert_eq!(app.get("/healthz").await.status(), 200);
+    upload_ok(&app, "ok.zip", fixtures::zip(&class_images("", &["cat", "dog"], 1, 0))).await;
+}
+
+#[tokio::test]
 async fn broken_files_are_rejected_one_by_one() {
     let app = spawn_app().await;
     let mut members = class_images("", &["cat", "dog"], 2, 0);
