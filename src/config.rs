@@ -65,6 +65,11 @@ pub struct ServeConfig {
     #[arg(long, env = "VITFORGE_MAX_ARCHIVE_ENTRIES", default_value_t = 200_000)]
     pub max_archive_entries: u64,
 
+    /// Largest single image file accepted inside an upload, in bytes; larger files are rejected one
+    /// by one (it also bounds the memory one upload holds at a time).
+    #[arg(long, env = "VITFORGE_MAX_IMAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_image_bytes: u64,
+
     /// Largest image accepted, in pixels (width × height); larger ones are rejected to stop
     /// decompression bombs.
     #[arg(long, env = "VITFORGE_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]

@@ -8,6 +8,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::dataset::IngestError;
+
 /// Everything a handler can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -84,6 +86,23 @@ impl AppError {
 pub fn error_response(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     let body = ErrorBody { error: ErrorDetail { code: code.to_string(), message: message.into() } };
     (status, Json(body)).into_response()
+}
+
+impl From<IngestError> for AppError {
+    fn from(e: IngestError) -> Self {
+        let message = e.to_string();
+        match e {
+            IngestError::Unsupported(_) => Self::unsupported_media("unsupported_format", message),
+            IngestError::Corrupt(_) => Self::bad_request("corrupt_archive", message),
+            IngestError::InvalidParquet(_) => Self::unprocessable("invalid_parquet", message),
+            IngestError::TooManyEntries(_) => Self::too_large("too_many_entries", message),
+            IngestError::TooLarge(_) => Self::too_large("extracted_too_large", message),
+            IngestError::NoImages { .. } => Self::unprocessable("no_images", message),
+            IngestError::TooFewClasses { .. } => Self::unprocessable("too_few_classes", message),
+            IngestError::EmptyClass { .. } => Self::unprocessable("empty_class", message),
+            IngestError::Io(e) => Self::Internal(anyhow::Error::new(e).context("dataset ingest")),
+        }
+    }
 }
 
 impl IntoResponse for AppError {

@@ -60,7 +60,10 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError>
     limits.max_image_width = Some(width);
     limits.max_image_height = Some(height);
     reader.limits(limits);
-    let decoded = reader.decode().map_err(|e| ImageError::Corrupt(e.to_string()))?;
+    // Decoders see untrusted bytes; a panic in one must cost one image, not the caller's thread.
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.decode()))
+        .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))?
+        .map_err(|e| ImageError::Corrupt(e.to_string()))?;
     Ok(if decoded.color().has_alpha() { composite_on_white(&decoded.into_rgba8()) } else { decoded.into_rgb8() })
 }
 
@@ -79,4 +82,38 @@ pub fn composite_on_white(rgba: &RgbaImage) -> RgbImage {
         };
         image::Rgb([blend(p[0]), blend(p[1]), blend(p[2])])
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use image::{DynamicImage, ImageBuffer, Luma, Rgba};
+
+    use super::*;
+
+    fn encode(img: DynamicImage, format: ImageFormat) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, format).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn grey_alpha_and_16_bit_become_rgb() {
+        let grey16 = DynamicImage::ImageLuma16(ImageBuffer::from_pixel(3, 2, Luma([65535u16])));
+        let rgb = decode_rgb(&encode(grey16, ImageFormat::Png), 100).unwrap();
+        assert_eq!(rgb.dimensions(), (3, 2));
+        assert_eq!(rgb.get_pixel(0, 0).0, [255, 255, 255]);
+        let rgba = DynamicImage::ImageRgba8(ImageBuffer::from_pixel(2, 2, Rgba([10u8, 20, 30, 0])));
+        // Fully transparent pixels become white, as transformers' convert_to_rgb composites onto white.
+        assert_eq!(decode_rgb(&encode(rgba.clone(), ImageFormat::Png), 100).unwrap().get_pixel(1, 1).0, [255, 255, 255]);
+        assert_eq!(decode_rgb(&encode(rgba, ImageFormat::Gif), 100).unwrap().dimensions(), (2, 2));
+    }
+
+    #[test]
+    fn bad_inputs_are_refused_with_a_reason() {
+        assert_eq!(decode_rgb(b"", 100), Err(ImageError::Empty));
+        assert_eq!(decode_rgb(b"hello, world", 100), Err(ImageError::UnknownFormat));
+        let png = encode(DynamicImage::new_rgb8(20, 10), ImageFormat::Png);
+        assert!(matches!(decode_rgb(&png, 199), Err(ImageError::TooManyPixels { pixels: 200, .. })));
+        assert!(matches!(decode_rgb(&png[..png.len() / 2], 1000), Err(ImageError::Corrupt(_))));
+    }
 }

@@ -7,6 +7,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::config::ServeConfig;
+use crate::dataset::BlobStore;
 use crate::http::{self, AppState};
 use crate::paths::DataPaths;
 
@@ -32,7 +33,16 @@ impl Application {
             .await
             .with_context(|| format!("binding {}:{}", config.host, config.port))?;
         let addr = listener.local_addr()?;
-        let state = AppState { db, config: Arc::new(config), paths };
+        let blobs = BlobStore::open(paths.blobs())?;
+        let blob_lock = Arc::default();
+        let removed = crate::blob_gc::sweep(&db, &blobs, &blob_lock).await.context("sweeping unreferenced blobs")?;
+        if removed > 0 {
+            tracing::info!(removed, "removed blobs no dataset references (left by an interrupted upload)");
+        }
+
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let ingest_slots = Arc::new(tokio::sync::Semaphore::new(cpus));
+        let state = AppState { db, config: Arc::new(config), paths, blobs, blob_lock, ingest_slots };
         Ok(Self { addr, listener, state })
     }
 

@@ -1,1 +1,278 @@
 //! Queries on `datasets` and `dataset_images`.
+
+use serde::Serialize;
+use sqlx::{QueryBuilder, Sqlite, SqlitePool};
+
+use crate::dataset::{Ingested, Rejected, Split, SplitCounts};
+use crate::db::{new_id, now};
+
+/// Rows per multi-row `insert` (5 parameters each, well under SQLite's parameter limit).
+const INSERT_CHUNK: usize = 500;
+/// Blob names per `in (...)` lookup.
+const LOOKUP_CHUNK: usize = 500;
+
+/// A stored dataset, as the API returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Dataset {
+    pub id: String,
+    pub name: String,
+    pub created_at: String,
+    pub num_images: u64,
+    /// Sorted; a class's index here is its label id.
+    pub classes: Vec<String>,
+    pub counts: SplitCounts,
+    pub rejected: Vec<Rejected>,
+}
+
+/// One image of a dataset, as training reads it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ImageRow {
+    /// Blob name in the store (`BlobStore::path`).
+    pub blob: String,
+    pub label: String,
+    #[sqlx(try_from = "String")]
+    pub split: Split,
+    /// Its name in the upload.
+    pub file: String,
+}
+
+/// The outcome of [`delete`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Deleted {
+    /// Gone; `blobs` are the blobs it referenced (some may still be used by other datasets).
+    Removed {
+        blobs: Vec<String>,
+    },
+    NotFound,
+    /// Kept, because this queued or running job reads it.
+    InUse {
+        job_id: String,
+    },
+}
+
+#[derive(sqlx::FromRow)]
+struct DatasetRow {
+    id: String,
+    name: String,
+    created_at: String,
+    num_images: i64,
+    classes: String,
+    counts: String,
+    rejected: String,
+}
+
+impl TryFrom<DatasetRow> for Dataset {
+    type Error = sqlx::Error;
+
+    fn try_from(row: DatasetRow) -> Result<Self, Self::Error> {
+        let decode = |e: serde_json::Error| sqlx::Error::Decode(Box::new(e));
+        Ok(Dataset {
+            id: row.id,
+            name: row.name,
+            created_at: row.created_at,
+            num_images: u64::try_from(row.num_images).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+            classes: serde_json::from_str(&row.classes).map_err(decode)?,
+            counts: serde_json::from_str(&row.counts).map_err(decode)?,
+            rejected: serde_json::from_str(&row.rejected).map_err(decode)?,
+        })
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<String, sqlx::Error> {
+    serde_json::to_string(value).map_err(|e| sqlx::Error::Encode(Box::new(e)))
+}
+
+/// Stores a dataset and all its images in one transaction.
+pub async fn insert(pool: &SqlitePool, name: &str, ingested: &Ingested) -> Result<Dataset, sqlx::Error> {
+    let dataset = Dataset {
+        id: new_id(),
+        name: name.to_string(),
+        created_at: now(),
+        num_images: ingested.images.len() as u64,
+        classes: ingested.classes.clone(),
+        counts: ingested.counts(),
+        rejected: ingested.rejected.clone(),
+    };
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "insert into datasets (id, name, created_at, num_images, classes, counts, rejected) \
+         values (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&dataset.id)
+    .bind(&dataset.name)
+    .bind(&dataset.created_at)
+    .bind(i64::try_from(dataset.num_images).unwrap_or(i64::MAX))
+    .bind(to_json(&dataset.classes)?)
+    .bind(to_json(&dataset.counts)?)
+    .bind(to_json(&dataset.rejected)?)
+    .execute(&mut *tx)
+    .await?;
+    for chunk in ingested.images.chunks(INSERT_CHUNK) {
+        let mut insert =
+            QueryBuilder::<Sqlite>::new("insert into dataset_images (dataset_id, blob, label, split, file) ");
+        insert.push_values(chunk, |mut row, image| {
+            row.push_bind(&dataset.id)
+                .push_bind(&image.blob)
+                .push_bind(&image.label)
+                .push_bind(image.split.as_str())
+                .push_bind(&image.file);
+        });
+        insert.build().execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(dataset)
+}
+
+/// Every dataset, newest first.
+pub async fn list(pool: &SqlitePool) -> Result<Vec<Dataset>, sqlx::Error> {
+    let rows: Vec<DatasetRow> = sqlx::query_as(
+        "select id, name, created_at, num_images, classes, counts, rejected from datasets \
+         order by created_at desc, id desc",
+    )
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter().map(Dataset::try_from).collect()
+}
+
+/// One dataset.
+pub async fn get(pool: &SqlitePool, id: &str) -> Result<Option<Dataset>, sqlx::Error> {
+    let row: Option<DatasetRow> =
+        sqlx::query_as("select id, name, created_at, num_images, classes, counts, rejected from datasets where id = ?")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+    row.map(Dataset::try_from).transpose()
+}
+
+/// The images of a dataset in upload order (empty for an unknown dataset).
+pub async fn images(pool: &SqlitePool, dataset_id: &str) -> Result<Vec<ImageRow>, sqlx::Error> {
+    sqlx::query_as("select blob, label, split, file from dataset_images where dataset_id = ? order by rowid")
+        .bind(dataset_id)
+        .fetch_all(pool)
+        .await
+}
+
+/// Deletes a dataset and its image rows unless a queued or running job uses it. The check and the
+/// delete run in one write transaction, so a job cannot start using the dataset in between.
+pub async fn delete(pool: &SqlitePool, id: &str) -> Result<Deleted, sqlx::Error> {
+    let mut tx = pool.begin_with("begin immediate").await?;
+    let exists: Option<i64> =
+        sqlx::query_scalar("select 1 from datasets where id = ?").bind(id).fetch_optional(&mut *tx).await?;
+    if exists.is_none() {
+        return Ok(Deleted::NotFound);
+    }
+    let job: Option<String> = sqlx::query_scalar(
+        "select id from jobs where dataset_id = ? and status in ('queued', 'running') order by created_at limit 1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(job_id) = job {
+        return Ok(Deleted::InUse { job_id });
+    }
+    let blobs: Vec<String> = sqlx::query_scalar("select distinct blob from dataset_images where dataset_id = ?")
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+    sqlx::query("delete from dataset_images where dataset_id = ?").bind(id).execute(&mut *tx).await?;
+    sqlx::query("delete from datasets where id = ?").bind(id).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(Deleted::Removed { blobs })
+}
+
+/// The blobs among `candidates` that no dataset references.
+pub async fn unreferenced(pool: &SqlitePool, candidates: &[String]) -> Result<Vec<String>, sqlx::Error> {
+    let mut orphans = Vec::new();
+    for chunk in candidates.chunks(LOOKUP_CHUNK) {
+        let mut query = QueryBuilder::<Sqlite>::new("select distinct blob from dataset_images where blob in (");
+        let mut list = query.separated(", ");
+        for blob in chunk {
+            list.push_bind(blob);
+        }
+        query.push(")");
+        let used: std::collections::HashSet<String> =
+            query.build_query_scalar::<String>().fetch_all(pool).await?.into_iter().collect();
+        orphans.extend(chunk.iter().filter(|b| !used.contains(*b)).cloned());
+    }
+    Ok(orphans)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::ImageRecord;
+
+    async fn pool() -> (tempfile::TempDir, SqlitePool) {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = crate::db::connect(&dir.path().join("test.db")).await.unwrap();
+        (dir, pool)
+    }
+
+    fn blob(i: usize) -> String {
+        format!("{i:064x}")
+    }
+
+    fn ingested(n: usize) -> Ingested {
+        let split = |i: usize| [Split::Train, Split::Validation, Split::Test][i % 3];
+        let images = (0..n)
+            .map(|i| ImageRecord {
+                file: format!("f{i}"),
+                label: format!("c{}", i % 2),
+                split: split(i),
+                blob: blob(i),
+            })
+            .collect();
+        Ingested {
+            images,
+            rejected: vec![Rejected { file: "x".into(), reason: "y".into() }],
+            classes: vec!["c0".into(), "c1".into()],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dataset_round_trips_with_its_images_in_upload_order() {
+        let (_dir, pool) = pool().await;
+        // More rows than one multi-row insert holds.
+        let stored = insert(&pool, "set", &ingested(1203)).await.unwrap();
+        assert_eq!(get(&pool, &stored.id).await.unwrap(), Some(stored.clone()));
+        assert_eq!(stored.counts.train["c0"], 201);
+        let rows = images(&pool, &stored.id).await.unwrap();
+        assert_eq!(rows.len(), 1203);
+        assert_eq!(
+            rows[4],
+            ImageRow { blob: blob(4), label: "c0".into(), split: Split::Validation, file: "f4".into() }
+        );
+        assert!(rows.iter().enumerate().all(|(i, r)| r.file == format!("f{i}")));
+        assert!(images(&pool, "unknown").await.unwrap().is_empty());
+        assert_eq!(get(&pool, "unknown").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn list_is_newest_first_and_delete_reports_blobs_and_users() {
+        let (_dir, pool) = pool().await;
+        let a = insert(&pool, "a", &ingested(3)).await.unwrap();
+        let b = insert(&pool, "b", &ingested(2)).await.unwrap();
+        let ids: Vec<String> = list(&pool).await.unwrap().into_iter().map(|d| d.id).collect();
+        assert_eq!(ids, vec![b.id.clone(), a.id.clone()]);
+
+        sqlx::query(
+            "insert into jobs (id, dataset_id, base_model, params, recipe, status, epochs, created_at) \
+             values ('j', ?, 'm', '{}', 'r', 'running', 1, 'now')",
+        )
+        .bind(&a.id)
+        .execute(&pool)
+        .await
+        .unwrap();
+        assert_eq!(delete(&pool, &a.id).await.unwrap(), Deleted::InUse { job_id: "j".into() });
+        assert_eq!(delete(&pool, "unknown").await.unwrap(), Deleted::NotFound);
+
+        let Deleted::Removed { mut blobs } = delete(&pool, &b.id).await.unwrap() else { panic!("not removed") };
+        blobs.sort();
+        assert_eq!(blobs, vec![blob(0), blob(1)]);
+        // Both are still used by `a`; blob(2) only by `a`; blob(9) by nobody.
+        let candidates: Vec<String> = (0..1200).map(blob).collect();
+        let orphans = unreferenced(&pool, &candidates).await.unwrap();
+        assert_eq!(orphans.len(), 1197);
+        assert!(!orphans.contains(&blob(0)) && !orphans.contains(&blob(2)) && orphans.contains(&blob(9)));
+    }
+}

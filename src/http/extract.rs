@@ -3,6 +3,7 @@
 
 use axum::extract::FromRequest;
 use axum::extract::FromRequestParts;
+use axum::extract::multipart::{MultipartError, MultipartRejection};
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 
@@ -47,5 +48,24 @@ impl From<QueryRejection> for AppError {
 impl From<PathRejection> for AppError {
     fn from(rejection: PathRejection) -> Self {
         AppError::bad_request("invalid_path", rejection.body_text())
+    }
+}
+
+impl From<MultipartRejection> for AppError {
+    fn from(rejection: MultipartRejection) -> Self {
+        AppError::unsupported_media(
+            "expected_multipart",
+            format!("expected a multipart/form-data body ({})", rejection.body_text()),
+        )
+    }
+}
+
+impl From<MultipartError> for AppError {
+    fn from(e: MultipartError) -> Self {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            AppError::too_large("upload_too_large", e.body_text())
+        } else {
+            AppError::bad_request("invalid_multipart", format!("the multipart body is malformed: {}", e.body_text()))
+        }
     }
 }

@@ -10,14 +10,18 @@ pub mod health;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::handler::Handler;
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
 use sqlx::SqlitePool;
+use tokio::sync::Semaphore;
 use tower_http::trace::TraceLayer;
 
+use crate::blob_gc::BlobLock;
 use crate::config::ServeConfig;
+use crate::dataset::BlobStore;
 use crate::error::error_response;
 use crate::paths::DataPaths;
 
@@ -27,6 +31,13 @@ pub struct AppState {
     pub db: SqlitePool,
     pub config: Arc<ServeConfig>,
     pub paths: DataPaths,
+    /// The image store under `<data-dir>/blobs`.
+    pub blobs: BlobStore,
+    /// Held shared by uploads until their rows are in, exclusively by blob collection.
+    pub blob_lock: BlobLock,
+    /// One permit per ingest allowed to run at once (one per CPU): each holds up to an image's
+    /// bytes and decoded pixels, so this bounds the memory uploads use together.
+    pub ingest_slots: Arc<Semaphore>,
 }
 
 /// One route: its method, its path template (axum syntax, `{id}`), and its handler.
@@ -51,6 +62,13 @@ impl Route {
     pub fn delete<H: Handler<T, AppState>, T: 'static>(path: &'static str, h: H) -> Self {
         Self { method: Method::DELETE, path, handler: axum::routing::delete(h) }
     }
+
+    /// Lifts axum's default 2 MB body limit, for a handler that streams its body and enforces its
+    /// own limit.
+    pub fn without_body_limit(mut self) -> Self {
+        self.handler = self.handler.layer(DefaultBodyLimit::disable());
+        self
+    }
 }
 
 fn all_routes() -> Vec<Route> {
@@ -64,10 +82,18 @@ pub fn route_table() -> Vec<(Method, &'static str)> {
 
 /// The application's router with its layers, ready to serve.
 pub fn router(state: AppState) -> Router {
-    let mut router = Router::new();
+    // Methods of one path are merged first: axum refuses to merge two `MethodRouter`s that both
+    // have a fallback, and each path needs exactly one (the 405 answer).
+    let mut paths: Vec<(&'static str, MethodRouter<AppState>)> = Vec::new();
     for route in all_routes() {
-        // Registering a second method on a path merges it into the same `MethodRouter`.
-        router = router.route(route.path, route.handler.fallback(method_not_allowed));
+        match paths.iter_mut().find(|(path, _)| *path == route.path) {
+            Some((_, methods)) => *methods = std::mem::take(methods).merge(route.handler),
+            None => paths.push((route.path, route.handler)),
+        }
+    }
+    let mut router = Router::new();
+    for (path, methods) in paths {
+        router = router.route(path, methods.fallback(method_not_allowed));
     }
     router.fallback(not_found).layer(TraceLayer::new_for_http()).with_state(state)
 }

@@ -1,4 +1,8 @@
 //! Integration tests against the real router on a random port with a temporary data folder.
 
+mod datasets;
+mod fixtures;
 mod health;
 mod helpers;
+mod openapi;
+mod throughput;

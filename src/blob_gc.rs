@@ -1,0 +1,137 @@
+//! Removal of blobs that no dataset references any more: right after a dataset is deleted, and as a
+//! full sweep at start-up (a crash between an upload's blob writes and its insert leaves orphans).
+//!
+//! Blobs are shared between datasets, and an upload whose image is already stored writes nothing
+//! and only references the existing blob. So uploads hold the [`BlobLock`] shared from their first
+//! blob write until their rows are committed, and collection holds it exclusively: a blob an upload
+//! is about to reference is never removed under it.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use sqlx::SqlitePool;
+use tokio::sync::{OwnedRwLockWriteGuard, RwLock};
+
+use crate::dataset::BlobStore;
+use crate::db;
+
+/// Shared by uploads in flight, exclusive for collection.
+pub type BlobLock = Arc<RwLock<()>>;
+
+/// Removes the blobs among `candidates` that no dataset references; returns how many went. The
+/// guard proves the caller holds the lock exclusively.
+pub async fn remove_unreferenced(
+    pool: &SqlitePool,
+    store: &BlobStore,
+    candidates: &[String],
+    _exclusive: &OwnedRwLockWriteGuard<()>,
+) -> anyhow::Result<usize> {
+    let orphans = db::datasets::unreferenced(pool, candidates).await?;
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+        let mut removed = 0;
+        for hash in &orphans {
+            if store.remove(hash).with_context(|| format!("removing blob {hash}"))? {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    })
+    .await
+    .context("blob removal task")?
+}
+
+/// Collects the blobs of a deleted dataset. Done now when no upload is in flight; otherwise in the
+/// background once the uploads finish, so the client deleting does not wait for them.
+pub async fn collect_after_delete(
+    pool: &SqlitePool,
+    store: &BlobStore,
+    lock: &BlobLock,
+    candidates: Vec<String>,
+) -> anyhow::Result<()> {
+    if let Ok(guard) = lock.clone().try_write_owned() {
+        let removed = remove_unreferenced(pool, store, &candidates, &guard).await?;
+        tracing::debug!(removed, "removed unreferenced blobs");
+        return Ok(());
+    }
+    let (pool, store, lock) = (pool.clone(), store.clone(), lock.clone());
+    tokio::spawn(async move {
+        let guard = lock.write_owned().await;
+        match remove_unreferenced(&pool, &store, &candidates, &guard).await {
+            Ok(removed) => tracing::debug!(removed, "removed unreferenced blobs after uploads finished"),
+            Err(e) => tracing::error!(error = ?e, "blob collection failed; the next start-up sweep retries"),
+        }
+    });
+    Ok(())
+}
+
+/// Removes every stored blob no dataset references, and temporary files a crash left behind.
+pub async fn sweep(pool: &SqlitePool, store: &BlobStore, lock: &BlobLock) -> anyhow::Result<usize> {
+    let guard = lock.clone().write_owned().await;
+    let listing = store.clone();
+    let stored = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<String>> {
+        // An hour is far longer than any single blob write, so such a file is abandoned.
+        listing.remove_stale_temp_files(std::time::Duration::from_secs(3600))?;
+        listing.list()
+    })
+    .await
+    .context("blob listing task")?
+    .with_context(|| format!("listing blobs in {}", store.root().display()))?;
+    remove_unreferenced(pool, store, &stored, &guard).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::dataset::{ImageRecord, Ingested, Split};
+
+    fn ingested(store: &BlobStore, contents: &[&[u8]]) -> Ingested {
+        let images = contents
+            .iter()
+            .enumerate()
+            .map(|(i, bytes)| ImageRecord {
+                file: format!("{i}.png"),
+                label: if i % 2 == 0 { "a" } else { "b" }.to_string(),
+                split: Split::Train,
+                blob: store.put(bytes).unwrap(),
+            })
+            .collect();
+        Ingested { images, rejected: vec![], classes: vec!["a".into(), "b".into()] }
+    }
+
+    #[tokio::test]
+    async fn collection_waits_for_uploads_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = db::connect(&dir.path().join("test.db")).await.unwrap();
+        let store = BlobStore::open(dir.path().join("blobs")).unwrap();
+        let lock = BlobLock::default();
+        let dataset = db::datasets::insert(&pool, "d", &ingested(&store, &[b"one", b"two"])).await.unwrap();
+
+        // An upload in flight that found b"two" already stored and is about to reference it.
+        let upload = lock.clone().read_owned().await;
+        let db::datasets::Deleted::Removed { blobs } = db::datasets::delete(&pool, &dataset.id).await.unwrap() else {
+            panic!("not removed");
+        };
+        collect_after_delete(&pool, &store, &lock, blobs).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(store.list().unwrap().len(), 2, "collected while an upload held the lock");
+        db::datasets::insert(&pool, "e", &ingested(&store, &[b"two", b"three"])).await.unwrap();
+        drop(upload);
+
+        // Once the upload is done, only the blob nobody references goes.
+        let one = BlobStore::hash(b"one");
+        for _ in 0..100 {
+            if !store.list().unwrap().contains(&one) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut left = store.list().unwrap();
+        left.sort();
+        let mut expected = vec![BlobStore::hash(b"two"), BlobStore::hash(b"three")];
+        expected.sort();
+        assert_eq!(left, expected);
+    }
+}
