@@ -27,6 +27,14 @@ pub struct Cli {
 pub enum Command {
     /// Run the HTTP service, its job workers and the predictor (the default).
     Serve(Box<ServeConfig>),
+    /// Fine-tune a model on a folder, archive or Parquet file of labelled images.
+    Train(Box<crate::cli::TrainArgs>),
+    /// Classify image files with a model folder; prints JSON.
+    Predict(crate::cli::PredictArgs),
+    /// Evaluate a model on labelled images; prints JSON metrics.
+    Eval(crate::cli::EvalArgs),
+    /// Write a randomly initialised model (for training from scratch and for tests).
+    InitModel(crate::cli::InitModelArgs),
 }
 
 /// How log lines are written.

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -9,13 +10,20 @@ use tokio::net::TcpListener;
 use crate::config::ServeConfig;
 use crate::dataset::BlobStore;
 use crate::http::{self, AppState};
+use crate::jobs::JobHub;
 use crate::paths::DataPaths;
+use crate::predictor::{Predictor, PredictorConfig};
+use crate::telemetry::Metrics;
+
+/// How long shutdown waits for a running fine-tune to reach the end of its batch.
+const WORKER_STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A built application: the store is open, migrations have run and the port is bound.
 pub struct Application {
     addr: SocketAddr,
     listener: TcpListener,
     state: AppState,
+    devices: Vec<(String, candle_core::Device)>,
 }
 
 impl Application {
@@ -42,8 +50,39 @@ impl Application {
 
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let ingest_slots = Arc::new(tokio::sync::Semaphore::new(cpus));
-        let state = AppState { db, config: Arc::new(config), paths, blobs, blob_lock, ingest_slots };
-        Ok(Self { addr, listener, state })
+        let metrics = Arc::new(Metrics::new());
+        let devices = crate::worker::resolve_devices(&config.device).context("--device")?;
+        let predictor = Predictor::start(
+            PredictorConfig {
+                max_batch_size: config.max_batch_size as usize,
+                max_batch_delay: Duration::from_millis(config.max_batch_delay_ms),
+                max_concurrent_requests: config.max_concurrent_requests as usize,
+                max_loaded_models: config.max_loaded_models as usize,
+            },
+            devices.first().map_or(candle_core::Device::Cpu, |(_, d)| d.clone()),
+            metrics.clone(),
+        );
+        let state = AppState {
+            db,
+            config: Arc::new(config),
+            paths,
+            blobs,
+            blob_lock,
+            ingest_slots,
+            jobs: JobHub::new(),
+            predictor,
+            metrics,
+        };
+        let requeued = crate::db::jobs::recover_interrupted(&state.db).await?;
+        if requeued > 0 {
+            tracing::info!(requeued, "jobs interrupted by the last shutdown go back to the queue");
+        }
+        for orphan in crate::worker::remove_orphan_models(&state).await.context("removing orphaned model folders")? {
+            tracing::info!(path = %orphan.display(), "removed a model folder no model refers to");
+        }
+        let latest = crate::db::models::latest(&state.db).await?;
+        state.predictor.set_default(latest.map(|m| m.id));
+        Ok(Self { addr, listener, state, devices })
     }
 
     /// The bound port.
@@ -59,8 +98,23 @@ impl Application {
     /// Serves until `shutdown` completes, then lets in-flight requests finish.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         tracing::info!(addr = %self.addr, data_dir = %self.state.paths.root().display(), "vitforge listening");
+        let workers = crate::worker::spawn(self.state.clone(), self.devices);
         let app = http::router(self.state.clone());
-        axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await?;
+        let hub = self.state.jobs.clone();
+        // On the signal, stop the workers' jobs and end live event streams first: graceful
+        // shutdown waits for open connections, and an SSE stream stays open until told.
+        let stop = async move {
+            shutdown.await;
+            hub.shut_down();
+        };
+        axum::serve(self.listener, app).with_graceful_shutdown(stop).await?;
+        self.state.jobs.shut_down();
+        for worker in workers {
+            // A running job stops within one batch; its state is requeued for the next start.
+            if tokio::time::timeout(WORKER_STOP_TIMEOUT, worker).await.is_err() {
+                tracing::warn!("a worker did not stop in time; its job resumes from its checkpoint at the next start");
+            }
+        }
         self.state.db.close().await;
         tracing::info!("vitforge stopped");
         Ok(())

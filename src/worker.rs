@@ -12,14 +12,13 @@ use candle_core::Device;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::dataset::Split;
 use crate::db;
 use crate::db::jobs::{Job, Status};
 use crate::db::metrics::TrainPoint;
 use crate::http::AppState;
 use crate::jobs::JobEvent;
 use crate::model::{LoadedModel, ModelSource};
-use crate::train::data::{SplitKind, TrainData};
+use crate::train::data::TrainData;
 use crate::train::{Control, TrainError, TrainEvent, TrainOutcome, TrainParams, TrainSpec, fine_tune};
 
 /// How often an idle worker looks at the queue even without a wake-up.
@@ -195,12 +194,7 @@ async fn load_dataset(state: &AppState, dataset_id: &str) -> Result<TrainData, J
     let mut records = Vec::with_capacity(rows.len());
     for row in rows {
         let path = state.blobs.path(&row.blob).map_err(|e| JobFailure::Setup(format!("image {}: {e}", row.file)))?;
-        let split = match row.split {
-            Split::Train => SplitKind::Train,
-            Split::Validation => SplitKind::Validation,
-            Split::Test => SplitKind::Test,
-        };
-        records.push((path, row.label, split));
+        records.push((path, row.label, row.split));
     }
     Ok(TrainData::with_labels(dataset.classes, records)?)
 }

@@ -123,8 +123,13 @@ impl TryFrom<JobRow> for Job {
     }
 }
 
-const COLUMNS: &str = "id, dataset_id, base_model, params, recipe, status, epoch, epochs, step, steps, created_at, \
-                       started_at, finished_at, error, model_id, device, cancel_requested";
+/// The columns every query returns, as a literal for `concat!` (sqlx only takes static SQL).
+macro_rules! job_columns {
+    () => {
+        "id, dataset_id, base_model, params, recipe, status, epoch, epochs, step, steps, created_at, \
+                       started_at, finished_at, error, model_id, device, cancel_requested"
+    };
+}
 
 /// What a new job is made of.
 pub struct NewJob<'a> {
@@ -135,11 +140,13 @@ pub struct NewJob<'a> {
     pub epochs: u32,
 }
 
-/// Queues a job.
-pub async fn insert(pool: &SqlitePool, job: &NewJob<'_>) -> Result<Job, sqlx::Error> {
-    let row: JobRow = sqlx::query_as(&format!(
+/// Queues a job; `None` when its dataset does not exist. The existence check is part of the
+/// insert, so a concurrent dataset delete cannot slip in between.
+pub async fn insert(pool: &SqlitePool, job: &NewJob<'_>) -> Result<Option<Job>, sqlx::Error> {
+    let row: Option<JobRow> = sqlx::query_as(concat!(
         "insert into jobs (id, dataset_id, base_model, params, recipe, status, epochs, created_at) \
-         values (?, ?, ?, ?, ?, 'queued', ?, ?) returning {COLUMNS}"
+         select ?, ?, ?, ?, ?, 'queued', ?, ? where exists (select 1 from datasets where id = ?2) returning ",
+        job_columns!()
     ))
     .bind(new_id())
     .bind(job.dataset_id)
@@ -148,22 +155,22 @@ pub async fn insert(pool: &SqlitePool, job: &NewJob<'_>) -> Result<Job, sqlx::Er
     .bind(job.recipe)
     .bind(i64::from(job.epochs))
     .bind(now())
-    .fetch_one(pool)
+    .fetch_optional(pool)
     .await?;
-    row.try_into()
+    row.map(Job::try_from).transpose()
 }
 
 /// One job.
 pub async fn get(pool: &SqlitePool, id: &str) -> Result<Option<Job>, sqlx::Error> {
     let row: Option<JobRow> =
-        sqlx::query_as(&format!("select {COLUMNS} from jobs where id = ?")).bind(id).fetch_optional(pool).await?;
+        sqlx::query_as(concat!("select ", job_columns!(), " from jobs where id = ?")).bind(id).fetch_optional(pool).await?;
     row.map(Job::try_from).transpose()
 }
 
 /// Jobs, newest first, optionally with one status.
 pub async fn list(pool: &SqlitePool, status: Option<Status>) -> Result<Vec<Job>, sqlx::Error> {
-    let rows: Vec<JobRow> = sqlx::query_as(&format!(
-        "select {COLUMNS} from jobs where (?1 is null or status = ?1) order by created_at desc, id desc"
+    let rows: Vec<JobRow> = sqlx::query_as(concat!(
+        "select ", job_columns!(), " from jobs where (?1 is null or status = ?1) order by created_at desc, id desc"
     ))
     .bind(status.map(Status::as_str))
     .fetch_all(pool)
@@ -173,11 +180,10 @@ pub async fn list(pool: &SqlitePool, status: Option<Status>) -> Result<Vec<Job>,
 
 /// Claims the oldest queued job for `device` in one statement.
 pub async fn claim(pool: &SqlitePool, device: &str) -> Result<Option<Job>, sqlx::Error> {
-    let row: Option<JobRow> = sqlx::query_as(&format!(
+    let row: Option<JobRow> = sqlx::query_as(concat!(
         "update jobs set status = 'running', device = ?1, started_at = coalesce(started_at, ?2), attempts = attempts + 1 \
          where id = (select id from jobs where status = 'queued' order by created_at, id limit 1) and status = 'queued' \
-         returning {COLUMNS}"
-    ))
+         returning ", job_columns!()))
     .bind(device)
     .bind(now())
     .fetch_optional(pool)

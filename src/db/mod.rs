@@ -2,6 +2,9 @@
 //! schema; this module opens the pool and runs them.
 
 pub mod datasets;
+pub mod jobs;
+pub mod metrics;
+pub mod models;
 
 use std::path::Path;
 use std::str::FromStr;

@@ -56,12 +56,17 @@ impl TryFrom<ModelRow> for Model {
     }
 }
 
-const COLUMNS: &str = "id, job_id, base_model, labels, metrics, params, recipe, path, created_at";
+/// The columns every query returns, as a literal for `concat!` (sqlx only takes static SQL).
+macro_rules! model_columns {
+    () => {
+        "id, job_id, base_model, labels, metrics, params, recipe, path, created_at"
+    };
+}
 
 /// Registers the model of a succeeded job and marks the job succeeded, in one transaction.
 pub async fn register_for_job(pool: &SqlitePool, model: &Model) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    sqlx::query(&format!("insert into models ({COLUMNS}) values (?, ?, ?, ?, ?, ?, ?, ?, ?)"))
+    sqlx::query(concat!("insert into models (", model_columns!(), ") values (?, ?, ?, ?, ?, ?, ?, ?, ?)"))
         .bind(&model.id)
         .bind(&model.job_id)
         .bind(&model.base_model)
@@ -87,20 +92,20 @@ pub async fn register_for_job(pool: &SqlitePool, model: &Model) -> Result<(), sq
 /// One model.
 pub async fn get(pool: &SqlitePool, id: &str) -> Result<Option<Model>, sqlx::Error> {
     let row: Option<ModelRow> =
-        sqlx::query_as(&format!("select {COLUMNS} from models where id = ?")).bind(id).fetch_optional(pool).await?;
+        sqlx::query_as(concat!("select ", model_columns!(), " from models where id = ?")).bind(id).fetch_optional(pool).await?;
     row.map(Model::try_from).transpose()
 }
 
 /// All models, newest first.
 pub async fn list(pool: &SqlitePool) -> Result<Vec<Model>, sqlx::Error> {
     let rows: Vec<ModelRow> =
-        sqlx::query_as(&format!("select {COLUMNS} from models order by created_at desc, id desc")).fetch_all(pool).await?;
+        sqlx::query_as(concat!("select ", model_columns!(), " from models order by created_at desc, id desc")).fetch_all(pool).await?;
     rows.into_iter().map(Model::try_from).collect()
 }
 
 /// The newest model (the default for `/predict`).
 pub async fn latest(pool: &SqlitePool) -> Result<Option<Model>, sqlx::Error> {
-    let row: Option<ModelRow> = sqlx::query_as(&format!("select {COLUMNS} from models order by created_at desc, id desc limit 1"))
+    let row: Option<ModelRow> = sqlx::query_as(concat!("select ", model_columns!(), " from models order by created_at desc, id desc limit 1"))
         .fetch_optional(pool)
         .await?;
     row.map(Model::try_from).transpose()

@@ -49,9 +49,6 @@ pub struct NewJobRequest {
 async fn create(State(s): State<AppState>, ApiJson(req): ApiJson<NewJobRequest>) -> Result<(StatusCode, Json<Job>), AppError> {
     let params = req.params.unwrap_or_default();
     params.validate().map_err(|e| AppError::unprocessable("invalid_params", format!("params.{e}")))?;
-    if db::datasets::get(&s.db, &req.dataset_id).await?.is_none() {
-        return Err(AppError::not_found("dataset", &req.dataset_id));
-    }
     let base_model = req.base_model.unwrap_or_else(|| DEFAULT_BASE_MODEL.to_string());
     check_base_model(&s, &base_model).await?;
     let params_json = serde_json::to_value(&params).map_err(anyhow::Error::from)?;
@@ -59,7 +56,8 @@ async fn create(State(s): State<AppState>, ApiJson(req): ApiJson<NewJobRequest>)
         &s.db,
         &NewJob { dataset_id: &req.dataset_id, base_model: &base_model, params: &params_json, recipe: "manual", epochs: params.epochs },
     )
-    .await?;
+    .await?
+    .ok_or_else(|| AppError::not_found("dataset", &req.dataset_id))?;
     s.jobs.job_submitted();
     Ok((StatusCode::ACCEPTED, Json(job)))
 }

@@ -6,6 +6,10 @@
 pub mod datasets;
 pub mod extract;
 pub mod health;
+pub mod jobs;
+pub mod metrics;
+pub mod models;
+pub mod predict;
 
 use std::sync::Arc;
 
@@ -23,7 +27,10 @@ use crate::blob_gc::BlobLock;
 use crate::config::ServeConfig;
 use crate::dataset::BlobStore;
 use crate::error::error_response;
+use crate::jobs::JobHub;
 use crate::paths::DataPaths;
+use crate::predictor::Predictor;
+use crate::telemetry::Metrics;
 
 /// What every handler can reach. Each field is cheap to clone.
 #[derive(Clone)]
@@ -38,6 +45,11 @@ pub struct AppState {
     /// One permit per ingest allowed to run at once (one per CPU): each holds up to an image's
     /// bytes and decoded pixels, so this bounds the memory uploads use together.
     pub ingest_slots: Arc<Semaphore>,
+    /// Worker wake-ups, cancellation flags and live job events.
+    pub jobs: Arc<JobHub>,
+    /// Loaded models and the batching inference thread.
+    pub predictor: Predictor,
+    pub metrics: Arc<Metrics>,
 }
 
 /// One route: its method, its path template (axum syntax, `{id}`), and its handler.
@@ -72,7 +84,7 @@ impl Route {
 }
 
 fn all_routes() -> Vec<Route> {
-    [health::routes(), datasets::routes()].into_iter().flatten().collect()
+    [health::routes(), datasets::routes(), jobs::routes(), models::routes(), predict::routes(), metrics::routes()].into_iter().flatten().collect()
 }
 
 /// Every (method, path) the router serves, for the OpenAPI consistency test.
@@ -95,7 +107,14 @@ pub fn router(state: AppState) -> Router {
     for (path, methods) in paths {
         router = router.route(path, methods.fallback(method_not_allowed));
     }
-    router.fallback(not_found).layer(TraceLayer::new_for_http()).with_state(state)
+    let json_limit = state.config.max_json_bytes;
+    router
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
+        // Routes that stream large bodies lift this and enforce their own limits.
+        .layer(DefaultBodyLimit::max(json_limit))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
 }
 
 async fn not_found() -> Response {

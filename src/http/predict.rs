@@ -16,7 +16,7 @@ use crate::model::classifier::Scored;
 use crate::predictor::PredictError;
 
 pub fn routes() -> Vec<Route> {
-    vec![Route::post("/predict", predict)]
+    vec![Route::post("/predict", predict).without_body_limit()]
 }
 
 #[derive(Debug, Deserialize)]
@@ -68,6 +68,8 @@ impl From<PredictError> for AppError {
 /// The images of a request, named for error messages: multipart parts (any field name), a raw
 /// image body, or JSON `{"images": [base64, ...]}`.
 async fn images_of(s: &AppState, req: Request) -> Result<Vec<(String, Bytes)>, AppError> {
+    let limit = s.config.max_predict_bytes;
+    let req = req.map(|body| axum::body::Body::new(http_body_util::Limited::new(body, limit)));
     let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     let max = s.config.max_images_per_predict;
     let too_many = |n: usize| AppError::unprocessable("too_many_images", format!("{n} images in one request; the limit is {max}"));

@@ -14,6 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use super::TrainError;
+use crate::dataset::Split;
 use crate::model::PreprocessorConfig;
 use crate::model::preprocess::{Filter, resize_box};
 
@@ -22,14 +23,6 @@ use crate::model::preprocess::{Filter, resize_box};
 pub struct Example {
     pub path: PathBuf,
     pub label: u32,
-}
-
-/// Which part of a dataset an example belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum SplitKind {
-    Train,
-    Validation,
-    Test,
 }
 
 /// The examples of a fine-tune, by split, with the class names (index = label id).
@@ -43,7 +36,7 @@ pub struct TrainData {
 
 impl TrainData {
     /// Groups `(path, class name, split)` records; labels are the sorted class names.
-    pub fn from_records(records: impl IntoIterator<Item = (PathBuf, String, SplitKind)>) -> Self {
+    pub fn from_records(records: impl IntoIterator<Item = (PathBuf, String, Split)>) -> Self {
         let records: Vec<_> = records.into_iter().collect();
         let mut labels: Vec<String> = records.iter().map(|(_, l, _)| l.clone()).collect();
         labels.sort();
@@ -53,7 +46,7 @@ impl TrainData {
 
     /// Groups records under a fixed label list (e.g. a model's); a record whose class is not in
     /// `labels` is an error naming it.
-    pub fn with_labels(labels: Vec<String>, records: Vec<(PathBuf, String, SplitKind)>) -> Result<Self, TrainError> {
+    pub fn with_labels(labels: Vec<String>, records: Vec<(PathBuf, String, Split)>) -> Result<Self, TrainError> {
         let index: HashMap<&str, u32> = labels.iter().enumerate().map(|(i, l)| (l.as_str(), i as u32)).collect();
         let mut data = Self { labels: labels.clone(), ..Self::default() };
         for (path, label, split) in records {
@@ -62,9 +55,9 @@ impl TrainData {
                 .ok_or_else(|| TrainError::Data(format!("class '{label}' is not one of the model's labels")))?;
             let ex = Example { path, label };
             match split {
-                SplitKind::Train => data.train.push(ex),
-                SplitKind::Validation => data.validation.push(ex),
-                SplitKind::Test => data.test.push(ex),
+                Split::Train => data.train.push(ex),
+                Split::Validation => data.validation.push(ex),
+                Split::Test => data.test.push(ex),
             }
         }
         Ok(data)

@@ -6,7 +6,8 @@ use image::{Rgb, RgbImage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use vitforge::model::{LoadedModel, VitConfig};
-use vitforge::train::data::{SplitKind, TrainData};
+use vitforge::dataset::Split;
+use vitforge::train::data::TrainData;
 
 /// A tiny ViT configuration (32×32 input, patch 8, 2 layers) that trains in seconds.
 pub fn tiny_config() -> VitConfig {
@@ -40,7 +41,7 @@ pub fn stripes(vertical: bool, rng: &mut ChaCha8Rng) -> RgbImage {
 
 /// Writes a two-class stripes dataset (`horizontal/`, `vertical/`) with `n` images per class
 /// under `root` and returns its records.
-pub fn stripes_dataset(root: &Path, n: usize, seed: u64) -> Vec<(PathBuf, String, SplitKind)> {
+pub fn stripes_dataset(root: &Path, n: usize, seed: u64) -> Vec<(PathBuf, String, Split)> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut records = vec![];
     for (class, vertical) in [("horizontal", false), ("vertical", true)] {
@@ -49,7 +50,7 @@ pub fn stripes_dataset(root: &Path, n: usize, seed: u64) -> Vec<(PathBuf, String
         for i in 0..n {
             let path = dir.join(format!("{i}.png"));
             stripes(vertical, &mut rng).save(&path).unwrap();
-            records.push((path, class.to_string(), SplitKind::Train));
+            records.push((path, class.to_string(), Split::Train));
         }
     }
     records
