@@ -73,7 +73,6 @@ struct Inner {
     /// Serialises loads so two requests for the same cold model load it once.
     loading: tokio::sync::Mutex<()>,
     default_model: RwLock<Option<String>>,
-    metrics: Arc<Metrics>,
 }
 
 impl Predictor {
@@ -81,7 +80,7 @@ impl Predictor {
     pub fn start(cfg: PredictorConfig, device: Device, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<Work>();
         let queued_images = Arc::new(AtomicUsize::new(0));
-        let thread_metrics = metrics.clone();
+        let thread_metrics = metrics;
         let thread_queue = queued_images.clone();
         let thread_cfg = cfg.clone();
         std::thread::Builder::new()
@@ -97,7 +96,6 @@ impl Predictor {
             loaded: Mutex::new(VecDeque::new()),
             loading: tokio::sync::Mutex::new(()),
             default_model: RwLock::new(None),
-            metrics,
         };
         Self { inner: Arc::new(inner) }
     }
@@ -170,18 +168,6 @@ impl Predictor {
         Ok(loaded)
     }
 
-    /// A model was registered: load it in the background and make it the default once loaded;
-    /// if loading fails the previous default keeps serving.
-    pub async fn promote(&self, id: &str, dir: std::path::PathBuf) {
-        match self.get_or_load(id, dir).await {
-            Ok(_) => {
-                self.set_default(Some(id.to_string()));
-                tracing::info!(model = %id, "model is now the default for /predict");
-            }
-            Err(e) => tracing::error!(model = %id, error = %e, "new model failed to load; the previous default keeps serving"),
-        }
-    }
-
     /// Forgets a deleted model.
     pub fn evict(&self, id: &str) {
         self.lock_loaded().retain(|l| l.id != id);
@@ -197,7 +183,6 @@ impl Predictor {
             self.inner.queued_images.fetch_sub(n, Ordering::Relaxed);
             return Err(PredictError::Inference("the predictor thread has stopped".into()));
         }
-        let _ = &self.inner.metrics;
         rx.await
             .map_err(|_| PredictError::Inference("the predictor thread dropped the request".into()))?
             .map_err(|e| PredictError::Inference(e.to_string()))

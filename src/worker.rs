@@ -257,8 +257,15 @@ async fn register_model(state: &AppState, job: &Job, outcome: TrainOutcome) -> a
         created_at: db::now(),
         path: dest.strip_prefix(state.paths.root()).unwrap_or(&dest).to_string_lossy().into_owned(),
     };
+    // Load it before the job shows as succeeded, so the default can switch as soon as it does;
+    // a model that fails to load is still registered, and the previous default keeps serving.
+    let loaded = state.predictor.get_or_load(&model_id, dest.clone()).await;
     db::models::register_for_job(&state.db, &model).await.context("registering the model")?;
     tracing::info!(job = %job.id, model = %model_id, epoch = outcome.best_epoch, f1 = outcome.best.f1, "model registered");
+    match loaded {
+        Ok(_) => state.predictor.set_default(Some(model_id.clone())),
+        Err(e) => tracing::error!(model = %model_id, error = %e, "the new model failed to load; the previous default keeps serving"),
+    }
     let job_dir = state.paths.job(&job.id);
     tokio::task::spawn_blocking(move || std::fs::remove_dir_all(job_dir)).await?.ok();
     sqlx::query("delete from checkpoints where job_id = ?").bind(&job.id).execute(&state.db).await?;

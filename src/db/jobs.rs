@@ -145,7 +145,7 @@ pub struct NewJob<'a> {
 pub async fn insert(pool: &SqlitePool, job: &NewJob<'_>) -> Result<Option<Job>, sqlx::Error> {
     let row: Option<JobRow> = sqlx::query_as(concat!(
         "insert into jobs (id, dataset_id, base_model, params, recipe, status, epochs, created_at) \
-         select ?, ?, ?, ?, ?, 'queued', ?, ? where exists (select 1 from datasets where id = ?2) returning ",
+         select ?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?7 where exists (select 1 from datasets where id = ?2) returning ",
         job_columns!()
     ))
     .bind(new_id())

@@ -127,3 +127,55 @@ pub async fn assert_error(resp: Response, status: u16, code: &str) -> String {
     assert_eq!(body["error"]["code"], code, "unexpected error body: {body}");
     body["error"]["message"].as_str().expect("message").to_string()
 }
+
+/// Writes a small random ViT (32×32 input, patch 8, 2 layers) as base model `name` of the app,
+/// so jobs can use `"base_model": name` without any download.
+pub fn install_base_model(data_dir: &Path, name: &str) {
+    let cfg = vitforge::model::VitConfig::from_json(
+        r#"{"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}"#,
+    )
+    .unwrap();
+    let labels = vec!["a".to_string(), "b".to_string()];
+    let model = vitforge::model::LoadedModel::random(&cfg, &labels, 1, &candle_core::Device::Cpu).unwrap();
+    model.save(&data_dir.join("base-models").join(name)).unwrap();
+}
+
+impl TestApp {
+    /// Uploads a two-class (`cat`, `dog`) zip of `n` images per class, with a test split when
+    /// `with_test`; returns the dataset id.
+    pub async fn upload_pets(&self, n: u32, with_test: bool) -> String {
+        use crate::fixtures::{class_images, zip};
+        let mut members = class_images("train/", &["cat", "dog"], n, 1);
+        if with_test {
+            members.extend(class_images("test/", &["cat", "dog"], 2, 500));
+        }
+        let resp = self.post_dataset("pets.zip", zip(&members), Some("pets")).await;
+        assert_eq!(resp.status(), 201);
+        json(resp).await["id"].as_str().unwrap().to_string()
+    }
+
+    /// Submits a job on base model `tiny` (installed on first use) and returns its JSON.
+    pub async fn submit_job(&self, dataset_id: &str, params: Value) -> Value {
+        if !self.data_dir.join("base-models/tiny").exists() {
+            install_base_model(&self.data_dir, "tiny");
+        }
+        let body = serde_json::json!({"dataset_id": dataset_id, "base_model": "tiny", "params": params});
+        let resp = self.post_json("/jobs", &body).await;
+        assert_eq!(resp.status(), 202);
+        json(resp).await
+    }
+
+    /// Polls a job until it has ended (or panics after `secs`).
+    pub async fn wait_job(&self, id: &str, secs: u64) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let job = json(self.get(&format!("/jobs/{id}")).await).await;
+            if ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap()) {
+                return job;
+            }
+            assert!(std::time::Instant::now() < deadline, "job {id} did not finish in {secs} s: {job}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}

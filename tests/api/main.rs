@@ -3,6 +3,10 @@
 mod datasets;
 mod fixtures;
 mod health;
+mod jobs;
+mod models;
 mod helpers;
 mod openapi;
+mod predict;
+mod restart;
 mod throughput;

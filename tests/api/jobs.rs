@@ -1,0 +1,217 @@
+//! Fine-tune jobs over HTTP: submit, poll, metrics, events, cancel, bad input, queueing.
+
+use std::collections::BTreeSet;
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use crate::helpers::{assert_error, json, spawn_app};
+
+fn small() -> Value {
+    json!({"epochs": 2, "batch_size": 4, "learning_rate": 1e-3})
+}
+
+#[tokio::test]
+async fn a_job_runs_to_a_registered_model_with_its_metrics() {
+    let app = spawn_app().await;
+    let dataset = app.upload_pets(6, true).await;
+    let job = app.submit_job(&dataset, small()).await;
+    assert_eq!(job["status"], "queued");
+    assert_eq!(job["dataset_id"], dataset);
+    assert_eq!(job["base_model"], "tiny");
+    // Every default is filled in.
+    assert_eq!(job["params"]["epochs"], 2);
+    assert_eq!(job["params"]["optimizer"], "adamw");
+    assert_eq!(job["params"]["warmup_ratio"], 0.0);
+    assert_eq!(job["progress"]["epochs"], 2);
+    for key in ["created_at", "started_at", "finished_at", "error", "model_id", "device"] {
+        assert!(job.get(key).is_some(), "{key} missing from {job}");
+    }
+
+    let done = app.wait_job(job["id"].as_str().unwrap(), 120).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["device"], "cpu");
+    assert_eq!(done["progress"]["epoch"], 2);
+    assert_eq!(done["progress"]["step"], done["progress"]["steps"]);
+    let model_id = done["model_id"].as_str().unwrap();
+
+    let metrics = json(app.get(&format!("/jobs/{}/metrics", job["id"].as_str().unwrap())).await).await;
+    let steps = done["progress"]["steps"].as_u64().unwrap();
+    let train = metrics["train"].as_array().unwrap();
+    assert_eq!(train.len() as u64, steps, "one train point per step");
+    let unique: BTreeSet<u64> = train.iter().map(|p| p["step"].as_u64().unwrap()).collect();
+    assert_eq!(unique.len() as u64, steps);
+    assert!(train.iter().all(|p| p["loss"].as_f64().unwrap().is_finite() && p["learning_rate"].as_f64().unwrap() > 0.0));
+    let validation = metrics["validation"].as_array().unwrap();
+    assert_eq!(validation.iter().map(|v| v["epoch"].as_u64().unwrap()).collect::<Vec<_>>(), vec![1, 2]);
+    for key in ["loss", "accuracy", "precision", "recall", "f1", "per_class", "confusion_matrix"] {
+        assert!(validation[0].get(key).is_some(), "{key} missing");
+    }
+    assert_eq!(validation[0]["per_class"]["cat"]["support"].as_u64().unwrap() + validation[0]["per_class"]["dog"]["support"].as_u64().unwrap(), 2);
+    let test = &metrics["test"];
+    assert_eq!(test["confusion_matrix"].as_array().unwrap().len(), 2);
+    assert_eq!(test["per_class"]["cat"]["support"], 2);
+
+    let model = json(app.get(&format!("/models/{model_id}")).await).await;
+    assert_eq!(model["job_id"], job["id"]);
+    assert_eq!(model["labels"], json!(["cat", "dog"]));
+    assert_eq!(model["base_model"], "tiny");
+    assert!(model["metrics"]["f1"].is_number());
+    assert!(app.data_dir.join("models").join(model_id).join("model.safetensors").is_file());
+    // The job's checkpoints are gone once the model is registered.
+    assert!(!app.data_dir.join("jobs").join(job["id"].as_str().unwrap()).exists());
+}
+
+/// Reads a whole SSE stream into (event, data) pairs.
+async fn read_events(app: &crate::helpers::TestApp, id: &str) -> Vec<(String, Value)> {
+    let resp = app.get(&format!("/jobs/{id}/events")).await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let mut body = String::new();
+    let mut stream = resp.bytes_stream();
+    let reading = async {
+        while let Some(chunk) = stream.next().await {
+            body.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(120), reading).await.expect("the stream ends");
+    body.split("\n\n")
+        .filter_map(|block| {
+            let event = block.lines().find_map(|l| l.strip_prefix("event: "))?;
+            let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
+            Some((event.to_string(), serde_json::from_str(data).unwrap()))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn events_stream_progress_metrics_and_the_final_status_live_and_late() {
+    let app = spawn_app().await;
+    let dataset = app.upload_pets(6, false).await;
+    let job = app.submit_job(&dataset, json!({"epochs": 3, "batch_size": 2})).await;
+    let id = job["id"].as_str().unwrap();
+    let live = read_events(&app, id).await;
+    let kinds: Vec<&str> = live.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"progress"));
+    assert!(kinds.iter().filter(|k| **k == "progress").count() > 3, "{kinds:?}");
+    assert_eq!(kinds.iter().filter(|k| **k == "metrics").count(), 3, "{kinds:?}");
+    let (last, status) = live.last().unwrap();
+    assert_eq!(last, "status");
+    assert_eq!(status["status"], "succeeded");
+    let steps: Vec<u64> = live.iter().filter(|(e, v)| e == "progress" && v.get("loss").is_some()).map(|(_, v)| v["step"].as_u64().unwrap()).collect();
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "steps in order: {steps:?}");
+
+    // A client connecting after the end gets the current state, then the stream ends.
+    let late = read_events(&app, id).await;
+    let kinds: Vec<&str> = late.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(kinds, vec!["progress", "metrics", "metrics", "metrics", "status"]);
+    assert_eq!(late[0].1["epoch"], 3);
+    assert_eq!(late[4].1["status"], "succeeded");
+}
+
+#[tokio::test]
+async fn queued_jobs_run_one_after_another_and_cancel_works_in_every_state() {
+    let app = spawn_app().await;
+    let dataset = app.upload_pets(6, false).await;
+    // A long job keeps the CPU worker busy while the others queue behind it.
+    let long = app.submit_job(&dataset, json!({"epochs": 1000, "batch_size": 2})).await;
+    let queued = app.submit_job(&dataset, small()).await;
+    let long_id = long["id"].as_str().unwrap();
+    let queued_id = queued["id"].as_str().unwrap();
+
+    // Wait until the long one runs.
+    for _ in 0..200 {
+        if json(app.get(&format!("/jobs/{long_id}")).await).await["status"] == "running" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let listed = json(app.get("/jobs?status=queued").await).await;
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["id"], queued_id);
+
+    // Queued → cancelled at once.
+    let resp = app.client.post(app.url(&format!("/jobs/{queued_id}/cancel"))).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(json(resp).await["status"], "cancelled");
+    // Running → stops within a batch.
+    let resp = app.client.post(app.url(&format!("/jobs/{long_id}/cancel"))).send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+    assert_eq!(json(resp).await["cancel_requested"], true);
+    let done = app.wait_job(long_id, 30).await;
+    assert_eq!(done["status"], "cancelled");
+    assert!(done["model_id"].is_null());
+    // Finished → 409.
+    let resp = app.client.post(app.url(&format!("/jobs/{long_id}/cancel"))).send().await.unwrap();
+    assert_error(resp, 409, "job_finished").await;
+
+    // Two more jobs on the one CPU worker: the second starts after the first ends.
+    let a = app.submit_job(&dataset, small()).await;
+    let b = app.submit_job(&dataset, small()).await;
+    let a = app.wait_job(a["id"].as_str().unwrap(), 120).await;
+    let b = app.wait_job(b["id"].as_str().unwrap(), 120).await;
+    assert_eq!((a["status"].as_str(), b["status"].as_str()), (Some("succeeded"), Some("succeeded")));
+    assert!(b["started_at"].as_str().unwrap() >= a["finished_at"].as_str().unwrap(), "{a}\n{b}");
+    let all = json(app.get("/jobs").await).await;
+    let ids: Vec<&str> = all.as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    assert_eq!(ids[0], b["id"].as_str().unwrap(), "newest first");
+    assert_eq!(ids.len(), 4);
+}
+
+#[tokio::test]
+async fn bad_job_requests_get_clear_errors() {
+    let app = spawn_app().await;
+    let dataset = app.upload_pets(3, false).await;
+    let post = |body: Value| {
+        let app = &app;
+        async move { app.post_json("/jobs", &body).await }
+    };
+    let msg = assert_error(post(json!({"dataset_id": dataset, "params": {"epoch": 3}})).await, 422, "invalid_field").await;
+    assert!(msg.contains("epoch"), "{msg}");
+    let msg = assert_error(post(json!({"dataset_id": dataset, "params": {"epochs": 0}})).await, 422, "invalid_params").await;
+    assert!(msg.contains("params.epochs"), "{msg}");
+    let msg = assert_error(post(json!({"dataset_id": dataset, "params": {"learning_rate": "fast"}})).await, 422, "invalid_field").await;
+    assert!(msg.contains("learning_rate"), "{msg}");
+    let msg = assert_error(post(json!({"dataset_id": dataset, "params": {"batch_size": 1e300}})).await, 422, "invalid_field").await;
+    assert!(msg.contains("batch_size"), "{msg}");
+    let msg = assert_error(post(json!({"dataset_id": dataset, "params": {"train_mode": "last_n_layers"}})).await, 422, "invalid_params").await;
+    assert!(msg.contains("trainable_layers"), "{msg}");
+    assert_error(post(json!({"dataset_id": "nope"})).await, 404, "not_found").await;
+    assert_error(post(json!({"params": {}})).await, 422, "invalid_field").await;
+    assert_error(post(json!({"dataset_id": dataset, "colour": 1})).await, 422, "invalid_field").await;
+    for path in ["/etc/passwd", "../../secret", "a/b/c", "C:\\model"] {
+        let msg = assert_error(post(json!({"dataset_id": dataset, "base_model": path})).await, 422, "invalid_base_model").await;
+        assert!(msg.contains("paths are not accepted"), "{msg}");
+    }
+    let resp = app.client.post(app.url("/jobs")).header("content-type", "application/json").body("{not json").send().await.unwrap();
+    assert_error(resp, 400, "invalid_json").await;
+    let resp = app.client.post(app.url("/jobs")).body("dataset_id=x").send().await.unwrap();
+    assert_error(resp, 415, "expected_json").await;
+    assert_error(app.get("/jobs?status=bogus").await, 422, "invalid_query").await;
+    assert_error(app.get("/jobs/nope").await, 404, "not_found").await;
+    assert_error(app.get("/jobs/nope/metrics").await, 404, "not_found").await;
+    assert_error(app.get("/jobs/nope/events").await, 404, "not_found").await;
+    let resp = app.client.post(app.url("/jobs/nope/cancel")).send().await.unwrap();
+    assert_error(resp, 404, "not_found").await;
+    // None of this queued anything.
+    assert_eq!(json(app.get("/jobs").await).await.as_array().unwrap().len(), 0);
+}
+
+#[tokio::test]
+async fn a_job_on_a_missing_hub_model_fails_with_the_reason() {
+    let app = spawn_app().await;
+    let dataset = app.upload_pets(3, false).await;
+    let cache = tempfile::tempdir().unwrap();
+    // SAFETY: set before the job thread reads them; no other test in this binary reads them.
+    unsafe {
+        std::env::set_var("HF_HOME", cache.path());
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+    }
+    let resp = app.post_json("/jobs", &json!({"dataset_id": dataset, "base_model": "someone/not-cached"})).await;
+    assert_eq!(resp.status(), 202);
+    let job = json(resp).await;
+    let done = app.wait_job(job["id"].as_str().unwrap(), 60).await;
+    assert_eq!(done["status"], "failed");
+    let error = done["error"].as_str().unwrap();
+    assert!(error.contains("someone/not-cached") && error.contains("HF_HUB_OFFLINE"), "{error}");
+}

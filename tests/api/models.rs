@@ -1,0 +1,89 @@
+//! `/models`: list, inspect, delete, download (and reload), evaluate.
+
+use std::io::Read;
+
+use serde_json::json;
+use vitforge::model::{LoadedModel, ModelSource, Vit};
+
+use crate::fixtures::{class_images, zip};
+use crate::helpers::{assert_error, json, spawn_app};
+
+#[tokio::test]
+async fn registry_download_evaluate_and_delete() {
+    let app = spawn_app().await;
+    let dataset = app.upload_pets(4, true).await;
+    let mut models = vec![];
+    for seed in [1, 2] {
+        let job = app.submit_job(&dataset, json!({"epochs": 1, "seed": seed})).await;
+        let done = app.wait_job(job["id"].as_str().unwrap(), 120).await;
+        models.push(done["model_id"].as_str().unwrap().to_string());
+    }
+    let listed = json(app.get("/models").await).await;
+    let ids: Vec<&str> = listed.as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec![models[1].as_str(), models[0].as_str()], "newest first");
+    let m = json(app.get(&format!("/models/{}", models[0])).await).await;
+    for key in ["id", "job_id", "base_model", "labels", "metrics", "created_at"] {
+        assert!(m.get(key).is_some(), "{key}");
+    }
+    assert_error(app.get("/models/nope").await, 404, "not_found").await;
+
+    // Download: a tar that unpacks into a loadable model with the same outputs.
+    let resp = app.get(&format!("/models/{}/download", models[0])).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/x-tar");
+    let bytes = resp.bytes().await.unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut archive = tar::Archive::new(bytes.as_ref());
+    let mut names = vec![];
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().into_owned();
+        names.push(path.file_name().unwrap().to_string_lossy().into_owned());
+        let mut data = vec![];
+        entry.read_to_end(&mut data).unwrap();
+        std::fs::write(out.path().join(path.file_name().unwrap()), data).unwrap();
+    }
+    names.sort();
+    assert_eq!(names, vec!["config.json", "model.safetensors", "preprocessor_config.json"]);
+    let device = candle_core::Device::Cpu;
+    let downloaded = LoadedModel::load(&ModelSource::Dir(out.path().to_path_buf()), None, &device, 0).unwrap();
+    let stored = LoadedModel::load(&ModelSource::Dir(app.data_dir.join("models").join(&models[0])), None, &device, 0).unwrap();
+    let pixels = candle_core::Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &device).unwrap();
+    let a: Vec<Vec<f32>> = Vit::frozen(&downloaded.cfg, &downloaded.params).unwrap().forward(&pixels).unwrap().to_vec2().unwrap();
+    let b: Vec<Vec<f32>> = Vit::frozen(&stored.cfg, &stored.params).unwrap().forward(&pixels).unwrap().to_vec2().unwrap();
+    assert_eq!(a, b);
+    assert_eq!(downloaded.cfg.labels, vec!["cat", "dog"]);
+    assert_error(app.get("/models/nope/download").await, 404, "not_found").await;
+
+    // Evaluate on the dataset's test split (the default when it has one), and on everything.
+    let report = json(app.post_json(&format!("/models/{}/evaluate", models[0]), &json!({"dataset_id": dataset})).await).await;
+    assert_eq!(report["confusion_matrix"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap()).map(|v| v.as_u64().unwrap()).sum::<u64>(), 4);
+    let all = json(app.post_json(&format!("/models/{}/evaluate", models[0]), &json!({"dataset_id": dataset, "split": "all"})).await).await;
+    assert_eq!(all["per_class"]["cat"]["support"].as_u64().unwrap() + all["per_class"]["dog"]["support"].as_u64().unwrap(), 12);
+    for key in ["accuracy", "precision", "recall", "f1", "loss"] {
+        assert!(all[key].is_number(), "{key}");
+    }
+    // A dataset with a class the model does not know.
+    let resp = app.post_dataset("birds.zip", zip(&class_images("", &["cat", "owl"], 2, 9)), None).await;
+    let birds = json(resp).await["id"].as_str().unwrap().to_string();
+    let msg = assert_error(app.post_json(&format!("/models/{}/evaluate", models[0]), &json!({"dataset_id": birds})).await, 422, "unknown_classes").await;
+    assert!(msg.contains("owl"), "{msg}");
+    assert_error(app.post_json(&format!("/models/{}/evaluate", models[0]), &json!({"dataset_id": "nope"})).await, 404, "not_found").await;
+    assert_error(app.post_json(&format!("/models/{}/evaluate", models[0]), &json!({"dataset_id": dataset, "split": "dev"})).await, 422, "invalid_field").await;
+    assert_error(app.post_json("/models/nope/evaluate", &json!({"dataset_id": dataset})).await, 404, "not_found").await;
+
+    // Delete: refused while a queued job continues from it, fine after, refused for the last one.
+    let body = json!({"dataset_id": dataset, "base_model": models[0], "params": {"epochs": 1000}});
+    let cont = json(app.post_json("/jobs", &body).await).await;
+    assert_eq!(cont["base_model"], models[0]);
+    assert_error(app.delete(&format!("/models/{}", models[0])).await, 409, "model_in_use").await;
+    let resp = app.client.post(app.url(&format!("/jobs/{}/cancel", cont["id"].as_str().unwrap()))).send().await.unwrap();
+    assert!(resp.status().is_success());
+    app.wait_job(cont["id"].as_str().unwrap(), 60).await;
+    let resp = app.delete(&format!("/models/{}", models[0])).await;
+    assert_eq!(resp.status(), 204);
+    assert!(!app.data_dir.join("models").join(&models[0]).exists());
+    assert_error(app.get(&format!("/models/{}", models[0])).await, 404, "not_found").await;
+    assert_error(app.delete(&format!("/models/{}", models[1])).await, 409, "only_model").await;
+    assert_error(app.delete("/models/nope").await, 404, "not_found").await;
+}

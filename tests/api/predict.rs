@@ -1,0 +1,192 @@
+//! `/predict`: input forms, order, top_k, model choice and hot swap, batching, overload.
+
+use base64::Engine;
+use serde_json::{Value, json};
+
+use crate::fixtures::{corrupt_jpeg, jpeg, png};
+use crate::helpers::{TestApp, assert_error, json, spawn_app, spawn_app_with};
+
+/// An app with one succeeded job; returns (app, dataset id, model id).
+async fn trained_app(adjust: impl FnOnce(&mut vitforge::config::ServeConfig)) -> (TestApp, String, String) {
+    let app = spawn_app_with(adjust).await;
+    let dataset = app.upload_pets(4, false).await;
+    let job = app.submit_job(&dataset, json!({"epochs": 1, "batch_size": 4})).await;
+    let done = app.wait_job(job["id"].as_str().unwrap(), 120).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let model = done["model_id"].as_str().unwrap().to_string();
+    (app, dataset, model)
+}
+
+fn multipart(images: &[(&str, Vec<u8>)]) -> reqwest::multipart::Form {
+    images.iter().fold(reqwest::multipart::Form::new(), |form, (name, bytes)| {
+        form.part(name.to_string(), reqwest::multipart::Part::bytes(bytes.clone()).file_name(format!("{name}.img")))
+    })
+}
+
+fn check_probabilities(p: &Value, top_k: usize) {
+    let top = p["top_k"].as_array().unwrap();
+    assert_eq!(top.len(), top_k);
+    assert_eq!(p["label"], top[0]["label"]);
+    assert_eq!(p["score"], top[0]["score"]);
+    let scores: Vec<f64> = top.iter().map(|t| t["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "sorted: {scores:?}");
+    if top_k == 2 {
+        assert!((scores.iter().sum::<f64>() - 1.0).abs() < 1e-5, "softmax sums to 1: {scores:?}");
+    }
+}
+
+#[tokio::test]
+async fn every_input_form_gives_the_same_answer_in_input_order() {
+    let (app, _, model) = trained_app(|_| {}).await;
+    let images = [jpeg(1), png(2), jpeg(3)];
+    let url = app.url("/predict");
+
+    let resp = app.client.post(&url).multipart(multipart(&[("a", images[0].clone()), ("b", images[1].clone()), ("c", images[2].clone())])).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let by_multipart = json(resp).await;
+    assert_eq!(by_multipart["model_id"], model);
+    let preds = by_multipart["predictions"].as_array().unwrap();
+    assert_eq!(preds.len(), 3);
+    for p in preds {
+        check_probabilities(p, 2);
+    }
+
+    let b64: Vec<String> = images.iter().map(|i| base64::engine::general_purpose::STANDARD.encode(i)).collect();
+    let by_json = json(app.post_json("/predict", &json!({"images": b64})).await).await;
+    assert_eq!(by_json["predictions"], by_multipart["predictions"]);
+
+    // One at a time, raw bodies: each equals its position in the batch (order preserved).
+    for (i, img) in images.iter().enumerate() {
+        let ct = if i == 1 { "image/png" } else { "image/jpeg" };
+        let resp = app.client.post(&url).header("content-type", ct).body(img.clone()).send().await.unwrap();
+        let single = json(resp).await;
+        let (a, b) = (&single["predictions"][0]["top_k"], &by_multipart["predictions"][i]["top_k"]);
+        for (x, y) in a.as_array().unwrap().iter().zip(b.as_array().unwrap()) {
+            assert_eq!(x["label"], y["label"]);
+            assert!((x["score"].as_f64().unwrap() - y["score"].as_f64().unwrap()).abs() < 1e-5);
+        }
+    }
+    let resp = app.client.post(&url).header("content-type", "application/octet-stream").body(images[0].clone()).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // top_k is capped at the number of labels.
+    let one = json(app.client.post(app.url("/predict?top_k=1")).header("content-type", "image/jpeg").body(images[0].clone()).send().await.unwrap()).await;
+    check_probabilities(&one["predictions"][0], 1);
+    let many = json(app.client.post(app.url("/predict?top_k=50")).header("content-type", "image/jpeg").body(images[0].clone()).send().await.unwrap()).await;
+    check_probabilities(&many["predictions"][0], 2);
+}
+
+#[tokio::test]
+async fn bad_predict_requests_name_the_problem() {
+    let app = spawn_app().await;
+    let resp = app.client.post(app.url("/predict")).header("content-type", "image/jpeg").body(jpeg(1)).send().await.unwrap();
+    let msg = assert_error(resp, 409, "no_model").await;
+    assert!(msg.contains("POST /jobs"), "{msg}");
+
+    let dataset = app.upload_pets(3, false).await;
+    let job = app.submit_job(&dataset, json!({"epochs": 1})).await;
+    app.wait_job(job["id"].as_str().unwrap(), 120).await;
+    let url = app.url("/predict");
+    let resp = app.client.post(&url).multipart(multipart(&[("good", jpeg(1)), ("broken", corrupt_jpeg()), ("also", png(3))])).send().await.unwrap();
+    let msg = assert_error(resp, 400, "invalid_image").await;
+    assert!(msg.contains("image 2") && msg.contains("broken"), "{msg}");
+    let resp = app.client.post(&url).header("content-type", "image/png").body("not an image").send().await.unwrap();
+    assert_error(resp, 400, "invalid_image").await;
+    let resp = app.post_json("/predict", &json!({"images": ["@@@not base64@@@"]})).await;
+    let msg = assert_error(resp, 400, "invalid_base64").await;
+    assert!(msg.contains("images[0]"), "{msg}");
+    assert_error(app.post_json("/predict", &json!({"images": []})).await, 422, "no_images").await;
+    assert_error(app.post_json("/predict", &json!({"pictures": []})).await, 422, "invalid_field").await;
+    let resp = app.client.post(&url).header("content-type", "text/plain").body("hello").send().await.unwrap();
+    assert_error(resp, 415, "unsupported_content_type").await;
+    let resp = app.client.post(app.url("/predict?model=nope")).header("content-type", "image/jpeg").body(jpeg(1)).send().await.unwrap();
+    assert_error(resp, 404, "not_found").await;
+    let resp = app.client.post(app.url("/predict?top_k=0")).header("content-type", "image/jpeg").body(jpeg(1)).send().await.unwrap();
+    assert_error(resp, 422, "invalid_query").await;
+    let resp = app.client.post(app.url("/predict?top_k=many")).header("content-type", "image/jpeg").body(jpeg(1)).send().await.unwrap();
+    assert_error(resp, 422, "invalid_query").await;
+}
+
+#[tokio::test]
+async fn the_default_switches_to_the_newest_model_and_older_ones_stay_reachable() {
+    let (app, dataset, first) = trained_app(|_| {}).await;
+    let post = |q: &str| app.client.post(app.url(&format!("/predict{q}"))).header("content-type", "image/jpeg").body(jpeg(5)).send();
+    assert_eq!(json(post("").await.unwrap()).await["model_id"], first);
+    let job = app.submit_job(&dataset, json!({"epochs": 1, "seed": 7})).await;
+    let done = app.wait_job(job["id"].as_str().unwrap(), 120).await;
+    let second = done["model_id"].as_str().unwrap();
+    // The new model was loaded before the job showed as succeeded, so the switch is immediate
+    // or, at worst, a moment later.
+    let mut served = Value::Null;
+    for _ in 0..40 {
+        served = json(post("").await.unwrap()).await["model_id"].clone();
+        if served == second {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(served, second);
+    assert_eq!(json(post(&format!("?model={first}")).await.unwrap()).await["model_id"], first);
+}
+
+#[tokio::test]
+async fn concurrent_requests_are_batched_and_all_answered() {
+    let (app, _, _) = trained_app(|c| c.max_batch_delay_ms = 50).await;
+    let mut tasks = vec![];
+    for i in 0..64 {
+        let client = app.client.clone();
+        let url = app.url("/predict");
+        tasks.push(tokio::spawn(async move {
+            client.post(url).header("content-type", "image/jpeg").body(jpeg(i)).send().await.unwrap().status().as_u16()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let count = |name: &str| -> f64 {
+        metrics.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()).unwrap_or_else(|| panic!("{name} in\n{metrics}")).parse().unwrap()
+    };
+    let batches = count("vitforge_predict_batch_size_count");
+    let images = count("vitforge_predict_batch_size_sum");
+    assert_eq!(images, 64.0);
+    assert!(batches < 64.0, "64 requests ran in {batches} batches: some batches held several images");
+    assert!(metrics.contains("vitforge_http_requests_total{method=\"POST\",route=\"/predict\",status=\"200\"} 64"), "{metrics}");
+    assert!(metrics.contains("vitforge_jobs{status=\"succeeded\"} 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn overload_gets_429_at_once_and_the_service_recovers() {
+    let (app, _, _) = trained_app(|c| {
+        c.max_concurrent_requests = 2;
+        c.max_batch_delay_ms = 300;
+    })
+    .await;
+    let mut tasks = vec![];
+    for i in 0..12 {
+        let client = app.client.clone();
+        let url = app.url("/predict");
+        tasks.push(tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let resp = client.post(url).header("content-type", "image/jpeg").body(jpeg(i)).send().await.unwrap();
+            (resp.status().as_u16(), started.elapsed(), resp.text().await.unwrap())
+        }));
+    }
+    let mut ok = 0;
+    let mut rejected = 0;
+    for t in tasks {
+        let (status, took, body) = t.await.unwrap();
+        match status {
+            200 => ok += 1,
+            429 => {
+                rejected += 1;
+                assert!(body.contains("overloaded"), "{body}");
+                assert!(took < std::time::Duration::from_millis(250), "429 is immediate, took {took:?}");
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(ok >= 2 && rejected >= 1, "ok {ok}, rejected {rejected}");
+    let resp = app.client.post(app.url("/predict")).header("content-type", "image/jpeg").body(jpeg(99)).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "recovers once the burst is over");
+}
