@@ -1,0 +1,91 @@
+//! The command line: `init-model`, `train`, `predict` and `eval` run as real processes.
+
+use std::path::Path;
+use std::process::Command;
+
+use image::{Rgb, RgbImage};
+use serde_json::Value;
+
+fn vitforge(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vitforge")).args(args).env("RUST_LOG", "warn").output().expect("run vitforge");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Bright-on-top versus bright-at-bottom images: learnable by a tiny model in a few epochs.
+fn write_dataset(root: &Path, per_class: u32) {
+    for (class, top) in [("top", true), ("bottom", false)] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for i in 0..per_class {
+            let img = RgbImage::from_fn(40 + i % 7, 36 + i % 5, |x, y| {
+                let upper = y < 18;
+                let v = if upper == top { 220 } else { 30 };
+                Rgb([v, (v as u32 * (x + i) % 251) as u8 / 4 + v / 2, v])
+            });
+            img.save(root.join(class).join(format!("{i}.png"))).unwrap();
+        }
+    }
+}
+
+#[test]
+fn init_train_predict_and_eval_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_string_lossy().into_owned();
+    std::fs::write(
+        tmp.path().join("config.json"),
+        r#"{"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "intermediate_size": 64}"#,
+    )
+    .unwrap();
+    let (ok, _, err) = vitforge(&["init-model", "--config", &t("config.json"), "--labels", "x,y", "--output", &t("base")]);
+    assert!(ok, "{err}");
+    assert!(tmp.path().join("base/model.safetensors").is_file());
+
+    write_dataset(&tmp.path().join("data"), 16);
+    let (ok, out, err) = vitforge(&[
+        "train", "--data", &t("data"), "--base-model", &t("base"), "--output", &t("model"), "--epochs", "8",
+        "--learning-rate", "2e-3", "--batch-size", "4", "--augment", "false", "--validation-split", "0.25",
+    ]);
+    assert!(ok, "{err}");
+    let summary: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(summary["epochs_run"], 8);
+    assert!(summary["validation"]["accuracy"].as_f64().unwrap() >= 0.75, "{summary}");
+    assert_eq!(summary["params"]["learning_rate"], 2e-3);
+    assert!(err.contains("epoch 8: validation"), "progress lines on stderr: {err}");
+    // Checkpoints are cleaned up once the model is written.
+    assert!(!tmp.path().join(".model.checkpoints").exists());
+
+    let (ok, out, err) = vitforge(&["predict", "--model", &t("model"), "--top-k", "1", &t("data/top/0.png"), &t("data/bottom/0.png")]);
+    assert!(ok, "{err}");
+    let preds: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(preds["predictions"].as_array().unwrap().len(), 2);
+    assert_eq!(preds["predictions"][0]["top_k"].as_array().unwrap().len(), 1);
+    assert!(preds["predictions"][0]["file"].as_str().unwrap().ends_with("top/0.png"));
+    assert!(preds["predictions"][0]["score"].as_f64().unwrap() > 0.0);
+
+    let (ok, out, err) = vitforge(&["eval", "--model", &t("model"), "--data", &t("data")]);
+    assert!(ok, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["num_images"], 32);
+    assert!(report["accuracy"].as_f64().unwrap() >= 0.75, "{report}");
+    for key in ["precision", "recall", "f1", "per_class", "confusion_matrix"] {
+        assert!(report.get(key).is_some(), "{key}");
+    }
+}
+
+#[test]
+fn command_line_errors_are_clear() {
+    let (ok, _, err) = vitforge(&["train", "--data", "/nonexistent", "--output", "/tmp/x", "--epochs", "0"]);
+    assert!(!ok);
+    assert!(err.contains("epochs"), "{err}");
+    let (ok, _, err) = vitforge(&["predict", "--model", "/nonexistent/model", "x.png"]);
+    assert!(!ok);
+    assert!(err.contains("/nonexistent/model"), "{err}");
+    let (ok, _, err) = vitforge(&["init-model", "--config", "huge", "--labels", "a", "--output", "/tmp/x"]);
+    assert!(!ok);
+    assert!(err.contains("tiny, small or base"), "{err}");
+    let (ok, out, _) = vitforge(&["train", "--help"]);
+    assert!(ok);
+    for flag in ["--learning-rate", "--epochs", "--batch-size", "--train-mode", "--trainable-layers", "--optimizer", "--label-smoothing"] {
+        assert!(out.contains(flag), "{flag} in train --help");
+    }
+}
