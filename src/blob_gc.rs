@@ -98,7 +98,7 @@ mod tests {
                 blob: store.put(bytes).unwrap(),
             })
             .collect();
-        Ingested { images, rejected: vec![], classes: vec!["a".into(), "b".into()] }
+        Ingested { images, rejected: vec![], rejected_total: 0, classes: vec!["a".into(), "b".into()] }
     }
 
     #[tokio::test]

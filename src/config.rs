@@ -1,7 +1,9 @@
 //! Command-line and environment configuration. Every `serve` flag also reads a `VITFORGE_*`
 //! environment variable, so a container can be configured without arguments.
 
+use std::fmt;
 use std::path::PathBuf;
+use std::str::FromStr;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -122,10 +124,55 @@ pub struct ServeConfig {
     #[arg(long, env = "VITFORGE_MAX_JSON_BYTES", default_value_t = 1024 * 1024)]
     pub max_json_bytes: usize,
 
+    /// Longest time, in seconds, a request may take before it is answered 408 (0: no limit).
+    /// Dataset uploads are timed per body chunk instead (a stalled sender is cut off, a long
+    /// transfer is not), and their ingest and `POST /models/{id}/evaluate` are not timed; event
+    /// streams and model downloads are timed only until their first byte.
+    #[arg(long, env = "VITFORGE_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    pub request_timeout_secs: u64,
+
     /// API keys (comma-separated). When set, every route but /healthz and /readyz needs
-    /// `Authorization: Bearer <key>`.
+    /// `Authorization: Bearer <key>`. Keys are never logged or printed.
     #[arg(long, env = "VITFORGE_API_KEY", value_delimiter = ',', hide_env_values = true)]
-    pub api_key: Vec<String>,
+    pub api_key: Vec<ApiKey>,
+}
+
+/// One API key. Its `Debug` form is redacted, so logging a configuration never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// The key itself, for the one place that digests it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+/// Why a configured API key is refused.
+#[derive(Debug, thiserror::Error)]
+#[error("an API key must be at least 16 characters long, without spaces or control characters")]
+pub struct InvalidApiKey;
+
+/// Shortest API key accepted (as [`InvalidApiKey`] says): a short key is guessable whatever the
+/// comparison.
+pub const MIN_API_KEY_CHARS: usize = 16;
+
+impl FromStr for ApiKey {
+    type Err = InvalidApiKey;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let key = s.trim();
+        if key.chars().count() < MIN_API_KEY_CHARS || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(InvalidApiKey);
+        }
+        Ok(Self(key.to_string()))
+    }
 }
 
 impl ServeConfig {
@@ -139,5 +186,35 @@ impl ServeConfig {
         let mut cfg = Cli::parse_from(["vitforge"]).serve;
         cfg.data_dir = data_dir.into();
         cfg
+    }
+
+    /// The request timeout, `None` when disabled.
+    pub fn request_timeout(&self) -> Option<std::time::Duration> {
+        (self.request_timeout_secs > 0).then(|| std::time::Duration::from_secs(self.request_timeout_secs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn api_keys_are_parsed_comma_separated_and_never_shown() {
+        let cli = Cli::parse_from(["vitforge", "--api-key", "first-key-0123456789, second-key-0123456789"]);
+        let keys: Vec<&str> = cli.serve.api_key.iter().map(ApiKey::expose).collect();
+        assert_eq!(keys, ["first-key-0123456789", "second-key-0123456789"]);
+        let shown = format!("{:?} {:#?}", cli.serve, cli.serve);
+        assert!(!shown.contains("first-key") && !shown.contains("second-key"), "{shown}");
+        assert!(shown.contains("<redacted>"));
+    }
+
+    #[test]
+    fn short_or_blank_api_keys_are_refused() {
+        for bad in ["", "   ", "short", "has a space in it!!", "tab\tinside-0123456789"] {
+            assert!(bad.parse::<ApiKey>().is_err(), "{bad:?}");
+        }
+        assert!(Cli::try_parse_from(["vitforge", "--api-key", "ok-key-0123456789abc,"]).is_err());
     }
 }

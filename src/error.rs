@@ -4,7 +4,7 @@
 //! full chain and answered with a bare "internal error" so nothing internal leaks to clients.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -58,6 +58,15 @@ impl AppError {
         Self::client(StatusCode::CONFLICT, code, message)
     }
 
+    /// 408: the request took longer than the limit.
+    pub fn request_timeout(limit: std::time::Duration) -> Self {
+        Self::client(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the request was not completed within {} s", limit.as_secs()),
+        )
+    }
+
     /// 413: too large.
     pub fn too_large(code: &'static str, message: impl Into<String>) -> Self {
         Self::client(StatusCode::PAYLOAD_TOO_LARGE, code, message)
@@ -100,6 +109,8 @@ impl From<IngestError> for AppError {
             IngestError::NoImages { .. } => Self::unprocessable("no_images", message),
             IngestError::TooFewClasses { .. } => Self::unprocessable("too_few_classes", message),
             IngestError::EmptyClass { .. } => Self::unprocessable("empty_class", message),
+            // Only reached when the client has gone; nobody reads this answer.
+            IngestError::Cancelled => Self::client(StatusCode::SERVICE_UNAVAILABLE, "cancelled", message),
             IngestError::Io(e) => Self::Internal(anyhow::Error::new(e).context("dataset ingest")),
         }
     }
@@ -108,7 +119,14 @@ impl From<IngestError> for AppError {
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         match self {
-            Self::Client { status, code, message } => error_response(status, code, message),
+            Self::Client { status, code, message } => {
+                let mut resp = error_response(status, code, message);
+                if status == StatusCode::UNAUTHORIZED {
+                    // RFC 6750: a 401 names the scheme the client should use.
+                    resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"vitforge\""));
+                }
+                resp
+            }
             other => {
                 tracing::error!(error = ?other, "request failed");
                 error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")

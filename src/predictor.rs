@@ -214,6 +214,19 @@ fn run_batches(rx: Receiver<Work>, cfg: &PredictorConfig, queued: &AtomicUsize, 
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
+        // Requests whose client has gone (disconnected, or answered 408 by the request timeout)
+        // are dropped unanswered: computing them would only delay everyone behind them.
+        pending.retain(|w| {
+            let waiting = !w.reply.is_closed();
+            if !waiting {
+                queued.fetch_sub(w.pixels.len(), Ordering::Relaxed);
+            }
+            waiting
+        });
+        if pending.is_empty() {
+            continue;
+        }
+        let model_id = pending[0].model.id.clone();
         // Take whole requests of the first request's model, up to the batch size (a single
         // request larger than the batch runs alone, in chunks).
         let mut batch: Vec<Work> = Vec::new();

@@ -41,6 +41,13 @@ impl Application {
             .await
             .with_context(|| format!("binding {}:{}", config.host, config.port))?;
         let addr = listener.local_addr()?;
+        if config.api_key.is_empty() && !addr.ip().is_loopback() {
+            tracing::warn!(
+                %addr,
+                "listening beyond this machine without an API key: anyone who can reach this address can upload, \
+                 train, predict and delete; set --api-key (VITFORGE_API_KEY) or bind 127.0.0.1"
+            );
+        }
         let blobs = BlobStore::open(paths.blobs())?;
         let blob_lock = Arc::default();
         let removed = crate::blob_gc::sweep(&db, &blobs, &blob_lock).await.context("sweeping unreferenced blobs")?;
@@ -62,8 +69,10 @@ impl Application {
             devices.first().map_or(candle_core::Device::Cpu, |(_, d)| d.clone()),
             metrics.clone(),
         );
+        let api_keys = Arc::new(http::auth::ApiKeys::new(&config.api_key));
         let state = AppState {
             db,
+            api_keys,
             config: Arc::new(config),
             paths,
             blobs,
@@ -79,6 +88,9 @@ impl Application {
         }
         for orphan in crate::worker::remove_orphan_models(&state).await.context("removing orphaned model folders")? {
             tracing::info!(path = %orphan.display(), "removed a model folder no model refers to");
+        }
+        for stale in remove_stale_job_files(&state).await.context("removing stale checkpoint files")? {
+            tracing::info!(path = %stale.display(), "removed checkpoint files no unfinished job needs");
         }
         let latest = crate::db::models::latest(&state.db).await?;
         state.predictor.set_default(latest.map(|m| m.id));
@@ -124,6 +136,36 @@ impl Application {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         self.run_until(shutdown_signal()).await
     }
+}
+
+/// Under `jobs/`: the folders of jobs that have ended or no longer exist (a crash after a model
+/// was registered, before its job's checkpoints were dropped, leaves one), and inside the others
+/// the half-written temporary folders of a checkpoint interrupted by a crash. Nothing trains while
+/// this runs, so nothing removed is in use.
+async fn remove_stale_job_files(state: &AppState) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(state.paths.jobs())? {
+        let dir = entry?.path();
+        let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let unfinished = crate::db::jobs::get(&state.db, &id).await?.is_some_and(|job| !job.status.is_terminal());
+        if !unfinished {
+            remove_path(&dir)?;
+            removed.push(dir);
+            continue;
+        }
+        for inner in std::fs::read_dir(&dir)? {
+            let path = inner?.path();
+            if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+                remove_path(&path)?;
+                removed.push(path);
+            }
+        }
+    }
+    Ok(removed)
+}
+
+fn remove_path(path: &std::path::Path) -> std::io::Result<()> {
+    if path.is_dir() { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) }
 }
 
 /// Removes upload leftovers from a previous run (a crash mid-upload leaves them behind).

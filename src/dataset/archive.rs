@@ -15,6 +15,9 @@ const MAX_LONG_NAME_BYTES: u64 = 64 * 1024;
 const MAX_PAX_BYTES: u64 = 1024 * 1024;
 /// Deepest folder nesting walked when ingesting a local folder.
 const MAX_FOLDER_DEPTH: usize = 8;
+/// Largest zip central directory read. The zip reader indexes it in memory; 200 000 entries
+/// with names of a few hundred bytes take a fraction of this.
+const MAX_CENTRAL_DIRECTORY_BYTES: u64 = 128 * 1024 * 1024;
 
 /// An upload's format, recognised from its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,8 +109,16 @@ fn too_many_entries(limit: u64) -> IngestError {
 pub(super) fn read_zip(mut file: File, sink: &mut Sink<'_>) -> Result<BTreeSet<String>, IngestError> {
     let limit = sink.limits.max_entries;
     // Checked before the zip reader indexes the central directory, which costs memory per entry.
-    if zip_declared_entries(&mut file)?.is_some_and(|n| n > limit) {
-        return Err(too_many_entries(limit));
+    if let Some(directory) = zip_directory(&mut file)? {
+        if directory.entries > limit {
+            return Err(too_many_entries(limit));
+        }
+        if directory.size > MAX_CENTRAL_DIRECTORY_BYTES {
+            return Err(IngestError::TooManyEntries(format!(
+                "the zip's central directory is {} bytes, over the limit of {MAX_CENTRAL_DIRECTORY_BYTES}",
+                directory.size
+            )));
+        }
     }
     let mut zip = zip::ZipArchive::new(BufReader::new(file))
         .map_err(|e| IngestError::Corrupt(format!("the zip archive cannot be read: {e}")))?;
@@ -167,14 +178,22 @@ pub(super) fn read_zip(mut file: File, sink: &mut Sink<'_>) -> Result<BTreeSet<S
             Action::Reject { file, reason } => sink.reject(file.clone(), reason.clone()),
             Action::Skip => {}
         }
-        sink.entry_done();
+        sink.entry_done()?;
     }
     Ok(plan.classes)
 }
 
-/// The entry count the zip's end-of-central-directory record declares (zip64 included), read
-/// before the zip reader builds its index.
-fn zip_declared_entries(file: &mut File) -> io::Result<Option<u64>> {
+/// What a zip's end-of-central-directory record declares (zip64 included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ZipDirectory {
+    entries: u64,
+    /// Bytes of the central directory.
+    size: u64,
+}
+
+/// The entry count and directory size the zip's end-of-central-directory record declares,
+/// read before the zip reader builds its index.
+fn zip_directory(file: &mut File) -> io::Result<Option<ZipDirectory>> {
     const EOCD: [u8; 4] = [b'P', b'K', 5, 6];
     const LOCATOR: [u8; 4] = [b'P', b'K', 6, 7];
     const EOCD64: [u8; 4] = [b'P', b'K', 6, 6];
@@ -190,26 +209,29 @@ fn zip_declared_entries(file: &mut File) -> io::Result<Option<u64>> {
         return Ok(None);
     };
     let u16_at = |b: &[u8], at: usize| u64::from(u16::from_le_bytes([b[at], b[at + 1]]));
-    let count = u16_at(&tail, pos + 10);
-    if count != 0xFFFF || pos < 20 || tail[pos - 20..pos - 16] != LOCATOR {
-        return Ok(Some(count));
+    let u32_at = |b: &[u8], at: usize| u64::from(u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]));
+    let u64_at = |b: &[u8], at: usize| {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&b[at..at + 8]);
+        u64::from_le_bytes(v)
+    };
+    let classic = ZipDirectory { entries: u16_at(&tail, pos + 10), size: u32_at(&tail, pos + 12) };
+    let zip64 = classic.entries == 0xFFFF || classic.size == 0xFFFF_FFFF;
+    if !zip64 || pos < 20 || tail[pos - 20..pos - 16] != LOCATOR {
+        return Ok(Some(classic));
     }
-    let mut offset = [0u8; 8];
-    offset.copy_from_slice(&tail[pos - 12..pos - 4]);
-    let offset = u64::from_le_bytes(offset);
-    let mut record = [0u8; 40];
-    if offset.checked_add(40).is_none_or(|end| end > len) {
-        return Ok(Some(count));
+    let offset = u64_at(&tail, pos - 12);
+    let mut record = [0u8; 56];
+    if offset.checked_add(56).is_none_or(|end| end > len) {
+        return Ok(Some(classic));
     }
     file.seek(SeekFrom::Start(offset))?;
     file.read_exact(&mut record)?;
     file.seek(SeekFrom::Start(0))?;
     if record[..4] != EOCD64 {
-        return Ok(Some(count));
+        return Ok(Some(classic));
     }
-    let mut total = [0u8; 8];
-    total.copy_from_slice(&record[32..40]);
-    Ok(Some(u64::from_le_bytes(total)))
+    Ok(Some(ZipDirectory { entries: u64_at(&record, 32), size: u64_at(&record, 40) }))
 }
 
 /// Ingests a tar archive, gzip-compressed or not. A tar is one stream, so damage anywhere makes
@@ -220,10 +242,13 @@ pub(super) fn read_tar(path: &Path, gzip: bool, sink: &mut Sink<'_>) -> Result<B
         Ok(if gzip { Box::new(flate2::read::MultiGzDecoder::new(file)) } else { Box::new(file) })
     };
     let limits = sink.limits.clone();
+    let cancel = sink.cancel;
     let mut entries = Vec::new();
+    // The first pass streams the whole archive (gigabytes, for a big tar.gz): it stops on
+    // cancellation too.
     walk_tar(open()?, &limits, &mut |entry, _| {
         entries.push(entry);
-        Ok(())
+        super::check_cancelled(cancel)
     })?;
     let plan = layout::plan(&entries);
     check_declared(&plan, &entries, sink)?;
@@ -245,7 +270,7 @@ pub(super) fn read_tar(path: &Path, gzip: bool, sink: &mut Sink<'_>) -> Result<B
             Action::Skip => {}
         }
         index += 1;
-        sink.entry_done();
+        sink.entry_done()?;
         Ok(())
     })?;
     Ok(plan.classes)
@@ -356,7 +381,7 @@ pub(super) fn read_folder(root: &Path, sink: &mut Sink<'_>) -> Result<BTreeSet<S
             Action::Reject { file, reason } => sink.reject(file.clone(), reason.clone()),
             Action::Skip => {}
         }
-        sink.entry_done();
+        sink.entry_done()?;
     }
     Ok(plan.classes)
 }
@@ -468,10 +493,13 @@ mod tests {
         let bytes = writer.finish().unwrap().into_inner();
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(&bytes).unwrap();
-        assert_eq!(zip_declared_entries(&mut file).unwrap(), Some(5));
+        let directory = zip_directory(&mut file).unwrap().unwrap();
+        assert_eq!(directory.entries, 5);
+        // Five headers of 46 bytes plus a 9-byte name each (and any extra fields the writer adds).
+        assert!((5 * (46 + 9)..5 * 200).contains(&directory.size), "{directory:?}");
         let mut not_zip = tempfile::tempfile().unwrap();
         not_zip.write_all(b"tiny").unwrap();
-        assert_eq!(zip_declared_entries(&mut not_zip).unwrap(), None);
+        assert_eq!(zip_directory(&mut not_zip).unwrap(), None);
     }
 
     fn png(seed: u8) -> Vec<u8> {

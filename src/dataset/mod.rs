@@ -16,6 +16,7 @@ mod archive;
 mod blobs;
 mod layout;
 mod parquet;
+mod parquet_pages;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -23,6 +24,7 @@ use std::io::{self, Read};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -139,13 +141,19 @@ impl SplitCounts {
     }
 }
 
+/// Most rejected files listed one by one; the rest are only counted, so an archive of
+/// 200 000 junk entries cannot make a dataset's record (and every listing of it) huge.
+pub const MAX_REJECTED_LISTED: usize = 1000;
+
 /// The outcome of a successful ingest.
 #[derive(Debug, Clone)]
 pub struct Ingested {
     /// Accepted images, in upload order.
     pub images: Vec<ImageRecord>,
-    /// Files not used, in upload order.
+    /// Files not used, in upload order: the first [`MAX_REJECTED_LISTED`].
     pub rejected: Vec<Rejected>,
+    /// How many files were not used, listed or not.
+    pub rejected_total: u64,
     /// Class names, sorted byte-wise; a class's index in this list is its label id.
     pub classes: Vec<String>,
 }
@@ -232,6 +240,9 @@ pub enum IngestError {
     /// A class folder (or Parquet class name) without a single usable image.
     #[error("class '{class}' has no usable image")]
     EmptyClass { class: String },
+    /// The caller gave up (its client went away); nothing was stored for it.
+    #[error("the ingest was cancelled")]
+    Cancelled,
     /// Reading the upload or writing a blob failed (not the client's fault).
     #[error("i/o error during ingest: {0}")]
     Io(#[from] io::Error),
@@ -266,7 +277,19 @@ pub fn ingest(
     limits: &IngestLimits,
     on_entry: &mut dyn FnMut(u64),
 ) -> Result<Ingested, IngestError> {
-    let mut sink = Sink::new(store, limits, on_entry);
+    ingest_cancellable(source, store, limits, on_entry, &AtomicBool::new(false))
+}
+
+/// [`ingest`], stopping with [`IngestError::Cancelled`] at the next entry once `cancel` is set
+/// (the service sets it when the uploading client disconnects).
+pub fn ingest_cancellable(
+    source: &Path,
+    store: &BlobStore,
+    limits: &IngestLimits,
+    on_entry: &mut dyn FnMut(u64),
+    cancel: &AtomicBool,
+) -> Result<Ingested, IngestError> {
+    let mut sink = Sink::new(store, limits, on_entry, cancel);
     // Archive and Parquet readers are not hardened against every malformed input; a panic inside
     // one is the upload's fault, so it is answered as a damaged file, not a crashed request.
     let declared_classes = match catch_unwind(AssertUnwindSafe(|| read_source(source, &mut sink))) {
@@ -311,25 +334,46 @@ struct Sink<'a> {
     store: &'a BlobStore,
     limits: &'a IngestLimits,
     on_entry: &'a mut dyn FnMut(u64),
+    cancel: &'a AtomicBool,
     entries: u64,
     extracted: u64,
     images: Vec<ImageRecord>,
     rejected: Vec<Rejected>,
+    rejected_total: u64,
 }
 
 impl<'a> Sink<'a> {
-    fn new(store: &'a BlobStore, limits: &'a IngestLimits, on_entry: &'a mut dyn FnMut(u64)) -> Self {
-        Self { store, limits, on_entry, entries: 0, extracted: 0, images: Vec::new(), rejected: Vec::new() }
+    fn new(
+        store: &'a BlobStore,
+        limits: &'a IngestLimits,
+        on_entry: &'a mut dyn FnMut(u64),
+        cancel: &'a AtomicBool,
+    ) -> Self {
+        Self {
+            store,
+            limits,
+            on_entry,
+            cancel,
+            entries: 0,
+            extracted: 0,
+            images: Vec::new(),
+            rejected: Vec::new(),
+            rejected_total: 0,
+        }
     }
 
     fn reject(&mut self, file: impl Into<String>, reason: impl Into<String>) {
-        self.rejected.push(Rejected { file: file.into(), reason: reason.into() });
+        self.rejected_total += 1;
+        if self.rejected.len() < MAX_REJECTED_LISTED {
+            self.rejected.push(Rejected { file: file.into(), reason: reason.into() });
+        }
     }
 
-    /// Marks one entry as handled and reports progress.
-    fn entry_done(&mut self) {
+    /// Marks one entry as handled, reports progress, and stops a cancelled ingest.
+    fn entry_done(&mut self) -> Result<(), IngestError> {
         self.entries += 1;
         (self.on_entry)(self.entries);
+        check_cancelled(self.cancel)
     }
 
     /// The rejection reason for a file whose size is known to be over the per-file limit.
@@ -392,7 +436,7 @@ impl<'a> Sink<'a> {
     fn finish(self, declared: BTreeSet<String>) -> Result<Ingested, IngestError> {
         if self.images.is_empty() {
             return Err(IngestError::NoImages {
-                rejected: self.rejected.len(),
+                rejected: usize::try_from(self.rejected_total).unwrap_or(usize::MAX),
                 example: self.rejected.into_iter().next(),
             });
         }
@@ -407,8 +451,18 @@ impl<'a> Sink<'a> {
         }
         // The rows about to reference these blobs must not outlive the blobs' directory entries.
         self.store.sync()?;
-        Ok(Ingested { images: self.images, rejected: self.rejected, classes: classes.into_iter().collect() })
+        Ok(Ingested {
+            images: self.images,
+            rejected: self.rejected,
+            rejected_total: self.rejected_total,
+            classes: classes.into_iter().collect(),
+        })
     }
+}
+
+/// [`IngestError::Cancelled`] once `cancel` is set.
+fn check_cancelled(cancel: &AtomicBool) -> Result<(), IngestError> {
+    if cancel.load(Ordering::Relaxed) { Err(IngestError::Cancelled) } else { Ok(()) }
 }
 
 #[cfg(test)]
@@ -424,6 +478,7 @@ mod tests {
         let ingested = Ingested {
             images: vec![record("cat", Split::Train), record("cat", Split::Train), record("dog", Split::Test)],
             rejected: vec![],
+            rejected_total: 0,
             classes: vec!["cat".into(), "dog".into()],
         };
         let counts = ingested.counts();
@@ -450,7 +505,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path().join("blobs")).unwrap();
         let mut progress = |_| {};
-        let mut sink = Sink::new(&store, &limits, &mut progress);
+        let cancel = AtomicBool::new(false);
+        let mut sink = Sink::new(&store, &limits, &mut progress, &cancel);
         f(&mut sink);
     }
 
@@ -486,21 +542,54 @@ mod tests {
         let store = BlobStore::open(dir.path()).unwrap();
         let limits = IngestLimits::default();
         let mut progress = |_| {};
+        let cancel = AtomicBool::new(false);
 
-        let mut sink = Sink::new(&store, &limits, &mut progress);
+        let mut sink = Sink::new(&store, &limits, &mut progress, &cancel);
         sink.images.push(record("cat", Split::Train));
         let err = sink.finish(BTreeSet::new()).unwrap_err();
         assert!(matches!(err, IngestError::TooFewClasses { ref classes } if classes == &["cat"]), "{err:?}");
 
-        let mut sink = Sink::new(&store, &limits, &mut progress);
+        let mut sink = Sink::new(&store, &limits, &mut progress, &cancel);
         sink.images.push(record("cat", Split::Train));
         sink.images.push(record("dog", Split::Train));
         let err = sink.finish(BTreeSet::from(["bird".to_string()])).unwrap_err();
         assert!(matches!(err, IngestError::EmptyClass { ref class } if class == "bird"), "{err:?}");
 
-        let mut sink = Sink::new(&store, &limits, &mut progress);
+        let mut sink = Sink::new(&store, &limits, &mut progress, &cancel);
         sink.reject("a.txt", "not an image");
         let err = sink.finish(BTreeSet::new()).unwrap_err();
         assert!(err.to_string().contains("a.txt"), "{err}");
+    }
+
+    #[test]
+    fn rejections_past_the_listing_cap_are_counted_not_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let limits = IngestLimits::default();
+        let mut progress = |_| {};
+        let cancel = AtomicBool::new(false);
+        let mut sink = Sink::new(&store, &limits, &mut progress, &cancel);
+        for i in 0..MAX_REJECTED_LISTED + 250 {
+            sink.reject(format!("junk/{i}.txt"), "not an image");
+        }
+        sink.images.push(record("cat", Split::Train));
+        sink.images.push(record("dog", Split::Train));
+        let ingested = sink.finish(BTreeSet::new()).unwrap();
+        assert_eq!(ingested.rejected.len(), MAX_REJECTED_LISTED);
+        assert_eq!(ingested.rejected_total, MAX_REJECTED_LISTED as u64 + 250);
+        assert_eq!(ingested.rejected[0].file, "junk/0.txt");
+    }
+
+    #[test]
+    fn a_cancelled_ingest_stops_at_the_next_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let limits = IngestLimits::default();
+        let mut progress = |_| {};
+        let cancel = AtomicBool::new(false);
+        let mut sink = Sink::new(&store, &limits, &mut progress, &cancel);
+        sink.entry_done().unwrap();
+        cancel.store(true, Ordering::Relaxed);
+        assert!(matches!(sink.entry_done(), Err(IngestError::Cancelled)));
     }
 }

@@ -71,6 +71,7 @@ fn check_footer(file: &mut File) -> Result<(), IngestError> {
 }
 
 fn read_rows(file: File, sink: &mut Sink<'_>) -> Result<BTreeSet<String>, IngestError> {
+    let pages = file.try_clone()?;
     let reader = SerializedFileReader::new(file).map_err(corrupt)?;
     let metadata = reader.metadata();
     let file_meta = metadata.file_metadata();
@@ -98,6 +99,8 @@ fn read_rows(file: File, sink: &mut Sink<'_>) -> Result<BTreeSet<String>, Ingest
 
     let mut fields = vec![columns.image.clone(), columns.label.clone()];
     fields.extend(columns.split.clone());
+    let read: Vec<&str> = fields.iter().map(|f| f.name()).collect();
+    super::parquet_pages::check(&pages, metadata, &read)?;
     let projection = Type::group_type_builder("schema").with_fields(fields).build().map_err(corrupt)?;
     let descr = Arc::new(SchemaDescriptor::new(Arc::new(projection)));
 
@@ -110,7 +113,7 @@ fn read_rows(file: File, sink: &mut Sink<'_>) -> Result<BTreeSet<String>, Ingest
             let row = row.map_err(corrupt)?;
             add_row(&row, index, &columns, names.as_deref(), sink)?;
             index += 1;
-            sink.entry_done();
+            sink.entry_done()?;
         }
     }
     Ok(names.map(|n| n.into_iter().collect()).unwrap_or_default())

@@ -21,7 +21,10 @@ pub struct Dataset {
     /// Sorted; a class's index here is its label id.
     pub classes: Vec<String>,
     pub counts: SplitCounts,
+    /// The first [`crate::dataset::MAX_REJECTED_LISTED`] files not used, with reasons.
     pub rejected: Vec<Rejected>,
+    /// How many files were not used, including those past the listing cap.
+    pub rejected_total: u64,
 }
 
 /// One image of a dataset, as training reads it.
@@ -59,6 +62,7 @@ struct DatasetRow {
     classes: String,
     counts: String,
     rejected: String,
+    rejected_total: i64,
 }
 
 impl TryFrom<DatasetRow> for Dataset {
@@ -74,6 +78,7 @@ impl TryFrom<DatasetRow> for Dataset {
             classes: serde_json::from_str(&row.classes).map_err(decode)?,
             counts: serde_json::from_str(&row.counts).map_err(decode)?,
             rejected: serde_json::from_str(&row.rejected).map_err(decode)?,
+            rejected_total: u64::try_from(row.rejected_total).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
         })
     }
 }
@@ -92,11 +97,12 @@ pub async fn insert(pool: &SqlitePool, name: &str, ingested: &Ingested) -> Resul
         classes: ingested.classes.clone(),
         counts: ingested.counts(),
         rejected: ingested.rejected.clone(),
+        rejected_total: ingested.rejected_total,
     };
     let mut tx = pool.begin().await?;
     sqlx::query(
-        "insert into datasets (id, name, created_at, num_images, classes, counts, rejected) \
-         values (?, ?, ?, ?, ?, ?, ?)",
+        "insert into datasets (id, name, created_at, num_images, classes, counts, rejected, rejected_total) \
+         values (?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(&dataset.id)
     .bind(&dataset.name)
@@ -105,6 +111,7 @@ pub async fn insert(pool: &SqlitePool, name: &str, ingested: &Ingested) -> Resul
     .bind(to_json(&dataset.classes)?)
     .bind(to_json(&dataset.counts)?)
     .bind(to_json(&dataset.rejected)?)
+    .bind(i64::try_from(dataset.rejected_total).unwrap_or(i64::MAX))
     .execute(&mut *tx)
     .await?;
     for chunk in ingested.images.chunks(INSERT_CHUNK) {
@@ -126,7 +133,7 @@ pub async fn insert(pool: &SqlitePool, name: &str, ingested: &Ingested) -> Resul
 /// Every dataset, newest first.
 pub async fn list(pool: &SqlitePool) -> Result<Vec<Dataset>, sqlx::Error> {
     let rows: Vec<DatasetRow> = sqlx::query_as(
-        "select id, name, created_at, num_images, classes, counts, rejected from datasets \
+        "select id, name, created_at, num_images, classes, counts, rejected, rejected_total from datasets \
          order by created_at desc, id desc",
     )
     .fetch_all(pool)
@@ -137,7 +144,9 @@ pub async fn list(pool: &SqlitePool) -> Result<Vec<Dataset>, sqlx::Error> {
 /// One dataset.
 pub async fn get(pool: &SqlitePool, id: &str) -> Result<Option<Dataset>, sqlx::Error> {
     let row: Option<DatasetRow> =
-        sqlx::query_as("select id, name, created_at, num_images, classes, counts, rejected from datasets where id = ?")
+        sqlx::query_as(
+            "select id, name, created_at, num_images, classes, counts, rejected, rejected_total from datasets where id = ?",
+        )
             .bind(id)
             .fetch_optional(pool)
             .await?;
@@ -225,6 +234,7 @@ mod tests {
         Ingested {
             images,
             rejected: vec![Rejected { file: "x".into(), reason: "y".into() }],
+            rejected_total: 1,
             classes: vec!["c0".into(), "c1".into()],
         }
     }

@@ -4,6 +4,9 @@
 //! blocking thread, and stored in one transaction.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::Json;
@@ -25,7 +28,9 @@ const MULTIPART_OVERHEAD: u64 = 64 * 1024;
 
 pub fn routes() -> Vec<Route> {
     vec![
-        Route::post("/datasets", create).without_body_limit(),
+        // A big upload takes as long as the link needs, and its ingest as long as the images
+        // need: the body is timed per chunk instead (see `save`).
+        Route::post("/datasets", create).without_body_limit().without_timeout(),
         Route::get("/datasets", list),
         Route::get("/datasets/{id}", get),
         Route::delete("/datasets/{id}", delete),
@@ -40,12 +45,14 @@ async fn create(
 ) -> Result<(StatusCode, Json<Dataset>), AppError> {
     refuse_declared_oversize(&headers, state.config.max_upload_bytes)?;
     let upload = receive(&state, multipart?).await?;
-    let _slot = state.ingest_slots.acquire().await.context("ingest slots closed")?;
-    // Held until the rows are committed, so blob collection cannot remove a blob this upload reuses.
-    let _uploading = state.blob_lock.clone().read_owned().await;
-    let ingested = ingest(&state, upload.file.path.clone()).await?;
+    let slot = state.ingest_slots.clone().acquire_owned().await.context("ingest slots closed")?;
+    // Held until the rows are committed, so blob collection cannot remove a blob this upload
+    // reuses; shared with the ingest thread, which may outlive this future by an entry.
+    let uploading = Arc::new(state.blob_lock.clone().read_owned().await);
+    let ingested = ingest(&state, upload.file, slot, uploading.clone()).await?;
     let dataset = queries::insert(&state.db, &upload.name, &ingested).await?;
-    tracing::info!(id = %dataset.id, images = dataset.num_images, rejected = dataset.rejected.len(), "dataset stored");
+    drop(uploading);
+    tracing::info!(id = %dataset.id, images = dataset.num_images, rejected = dataset.rejected_total, "dataset stored");
     Ok((StatusCode::CREATED, Json(dataset)))
 }
 
@@ -130,7 +137,9 @@ async fn receive(state: &AppState, mut multipart: Multipart) -> Result<Upload, A
             }
             "file" => {
                 let file_name = field.file_name().map(str::to_owned);
-                let saved = save(&mut field, &state.paths.tmp(), state.config.max_upload_bytes).await?;
+                let saved =
+                    save(&mut field, &state.paths.tmp(), state.config.max_upload_bytes, state.config.request_timeout())
+                        .await?;
                 file = Some((saved, file_name));
             }
             "name" => name = Some(read_name(&mut field).await?),
@@ -150,13 +159,20 @@ async fn receive(state: &AppState, mut multipart: Multipart) -> Result<Upload, A
     Ok(Upload { name, file })
 }
 
-/// Streams one part to a scratch file, refusing it once it passes `limit` bytes.
-async fn save(field: &mut Field<'_>, dir: &Path, limit: u64) -> Result<ScratchFile, AppError> {
+/// Streams one part to a scratch file, refusing it once it passes `limit` bytes, and answering
+/// 408 when the client sends nothing for `idle` (a stalled or trickling sender would otherwise
+/// hold a connection and a scratch file forever).
+async fn save(field: &mut Field<'_>, dir: &Path, limit: u64, idle: Option<Duration>) -> Result<ScratchFile, AppError> {
     let scratch = ScratchFile::new(dir);
     let file = tokio::fs::File::create(&scratch.path).await.context("creating upload scratch file")?;
     let mut out = tokio::io::BufWriter::with_capacity(1024 * 1024, file);
     let mut written = 0u64;
-    while let Some(chunk) = field.chunk().await? {
+    loop {
+        let next = match idle {
+            Some(idle) => tokio::time::timeout(idle, field.chunk()).await.map_err(|_| AppError::request_timeout(idle))?,
+            None => field.chunk().await,
+        };
+        let Some(chunk) = next? else { break };
         written += chunk.len() as u64;
         if written > limit {
             return Err(upload_too_large(limit));
@@ -202,13 +218,35 @@ fn name_from_file_name(file_name: &str) -> Option<String> {
     (!name.is_empty()).then(|| name.to_string())
 }
 
-/// Runs the ingest on a blocking thread: it decodes every image.
-async fn ingest(state: &AppState, path: PathBuf) -> Result<Ingested, AppError> {
+/// Sets its flag when dropped: the handler's future is dropped when the client disconnects.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Runs the ingest on a blocking thread: it decodes every image. The ingest slot and the blob
+/// lock's read guard travel with it, as does the scratch file, so they are held until it really
+/// ends: when the client goes away this future is dropped at once, and the thread stops at the
+/// next entry.
+async fn ingest(
+    state: &AppState,
+    upload: ScratchFile,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    uploading: Arc<tokio::sync::OwnedRwLockReadGuard<()>>,
+) -> Result<Ingested, AppError> {
     let store = state.blobs.clone();
     let limits = IngestLimits::from(&*state.config);
     let span = tracing::Span::current();
-    let task =
-        tokio::task::spawn_blocking(move || span.in_scope(|| dataset::ingest(&path, &store, &limits, &mut |_| {})));
+    let cancel = Arc::new(AtomicBool::new(false));
+    let _cancel_on_drop = CancelOnDrop(cancel.clone());
+    let task = tokio::task::spawn_blocking(move || {
+        // The scratch file too: the tar reader opens it by name twice.
+        let _held = (slot, uploading);
+        span.in_scope(|| dataset::ingest_cancellable(&upload.path, &store, &limits, &mut |_| {}, &cancel))
+    });
     Ok(task.await.context("ingest task failed")??)
 }
 

@@ -3,6 +3,7 @@
 //! Every module exposes `routes()` as a list of [`Route`]s; `router()` mounts them and
 //! [`route_table`] lists them, so a test can hold the router and `openapi.yaml` together.
 
+pub mod auth;
 pub mod datasets;
 pub mod extract;
 pub mod health;
@@ -14,9 +15,10 @@ pub mod predict;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::handler::Handler;
 use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
 use sqlx::SqlitePool;
@@ -26,7 +28,7 @@ use tower_http::trace::TraceLayer;
 use crate::blob_gc::BlobLock;
 use crate::config::ServeConfig;
 use crate::dataset::BlobStore;
-use crate::error::error_response;
+use crate::error::{AppError, error_response};
 use crate::jobs::JobHub;
 use crate::paths::DataPaths;
 use crate::predictor::Predictor;
@@ -50,6 +52,8 @@ pub struct AppState {
     /// Loaded models and the batching inference thread.
     pub predictor: Predictor,
     pub metrics: Arc<Metrics>,
+    /// Digests of the API keys; access control is off when there are none.
+    pub api_keys: Arc<auth::ApiKeys>,
 }
 
 /// One route: its method, its path template (axum syntax, `{id}`), and its handler.
@@ -57,28 +61,37 @@ pub struct Route {
     pub method: Method,
     pub path: &'static str,
     handler: MethodRouter<AppState>,
+    /// Whether `--request-timeout-secs` bounds the handler.
+    timed: bool,
 }
 
 impl Route {
     /// A `GET` route.
     pub fn get<H: Handler<T, AppState>, T: 'static>(path: &'static str, h: H) -> Self {
-        Self { method: Method::GET, path, handler: axum::routing::get(h) }
+        Self { method: Method::GET, path, handler: axum::routing::get(h), timed: true }
     }
 
     /// A `POST` route.
     pub fn post<H: Handler<T, AppState>, T: 'static>(path: &'static str, h: H) -> Self {
-        Self { method: Method::POST, path, handler: axum::routing::post(h) }
+        Self { method: Method::POST, path, handler: axum::routing::post(h), timed: true }
     }
 
     /// A `DELETE` route.
     pub fn delete<H: Handler<T, AppState>, T: 'static>(path: &'static str, h: H) -> Self {
-        Self { method: Method::DELETE, path, handler: axum::routing::delete(h) }
+        Self { method: Method::DELETE, path, handler: axum::routing::delete(h), timed: true }
     }
 
     /// Lifts axum's default 2 MB body limit, for a handler that streams its body and enforces its
     /// own limit.
     pub fn without_body_limit(mut self) -> Self {
         self.handler = self.handler.layer(DefaultBodyLimit::disable());
+        self
+    }
+
+    /// Exempts a handler that can legitimately run long from the request timeout; it must bound
+    /// its own waits on the client (as uploads do per body chunk).
+    pub fn without_timeout(mut self) -> Self {
+        self.timed = false;
         self
     }
 }
@@ -98,9 +111,14 @@ pub fn router(state: AppState) -> Router {
     // have a fallback, and each path needs exactly one (the 405 answer).
     let mut paths: Vec<(&'static str, MethodRouter<AppState>)> = Vec::new();
     for route in all_routes() {
+        let handler = if route.timed {
+            route.handler.layer(axum::middleware::from_fn_with_state(state.clone(), request_timeout))
+        } else {
+            route.handler
+        };
         match paths.iter_mut().find(|(path, _)| *path == route.path) {
-            Some((_, methods)) => *methods = std::mem::take(methods).merge(route.handler),
-            None => paths.push((route.path, route.handler)),
+            Some((_, methods)) => *methods = std::mem::take(methods).merge(handler),
+            None => paths.push((route.path, handler)),
         }
     }
     let mut router = Router::new();
@@ -108,13 +126,29 @@ pub fn router(state: AppState) -> Router {
         router = router.route(path, methods.fallback(method_not_allowed));
     }
     let json_limit = state.config.max_json_bytes;
+    // Layers run outside in: tracing, request counting (so refusals are counted too), access
+    // control (before any body is read), then the body limit.
     router
         .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
         // Routes that stream large bodies lift this and enforce their own limits.
         .layer(DefaultBodyLimit::max(json_limit))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Middleware: 408 with the error body when the handler has not answered within
+/// `--request-timeout-secs`. Only the handler is timed: a streamed response body (events, model
+/// downloads) flows for as long as it needs once its head is sent.
+async fn request_timeout(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(limit) = s.config.request_timeout() else {
+        return next.run(req).await;
+    };
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => AppError::request_timeout(limit).into_response(),
+    }
 }
 
 async fn not_found() -> Response {

@@ -27,7 +27,8 @@ pub fn routes() -> Vec<Route> {
         Route::get("/models/{id}", get),
         Route::delete("/models/{id}", delete),
         Route::get("/models/{id}/download", download),
-        Route::post("/models/{id}/evaluate", evaluate),
+        // Evaluation decodes and classifies a whole dataset split: minutes on a large one.
+        Route::post("/models/{id}/evaluate", evaluate).without_timeout(),
     ]
 }
 

@@ -69,25 +69,37 @@ impl From<PredictError> for AppError {
 /// image body, or JSON `{"images": [base64, ...]}`.
 async fn images_of(s: &AppState, req: Request) -> Result<Vec<(String, Bytes)>, AppError> {
     let limit = s.config.max_predict_bytes;
+    let too_large = || AppError::too_large("body_too_large", format!("the request body is larger than the limit of {limit} bytes"));
+    // A declared length over the limit is refused before any of the body is read.
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
     let req = req.map(|body| axum::body::Body::new(http_body_util::Limited::new(body, limit)));
     let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     let max = s.config.max_images_per_predict;
     let too_many = |n: usize| AppError::unprocessable("too_many_images", format!("{n} images in one request; the limit is {max}"));
+    // The body limit surfaces as a 413 from whichever reader hit it; answer all of them alike.
+    let body_error = |status: StatusCode, code: &'static str, text: String| {
+        if status == StatusCode::PAYLOAD_TOO_LARGE { too_large() } else { AppError::client(status, code, text) }
+    };
     let mut out = Vec::new();
     if content_type.starts_with("multipart/form-data") {
         let mut form = Multipart::from_request(req, s)
             .await
             .map_err(|e| AppError::bad_request("invalid_multipart", e.body_text()))?;
-        while let Some(field) = form.next_field().await.map_err(|e| AppError::bad_request("invalid_multipart", e.body_text()))? {
+        while let Some(field) = form.next_field().await.map_err(|e| body_error(e.status(), "invalid_multipart", e.body_text()))? {
             let name = field.file_name().or(field.name()).map(str::to_string).unwrap_or_else(|| format!("part {}", out.len() + 1));
-            let bytes = field.bytes().await.map_err(|e| AppError::client(e.status(), "invalid_multipart", e.body_text()))?;
+            let bytes = field.bytes().await.map_err(|e| body_error(e.status(), "invalid_multipart", e.body_text()))?;
             out.push((name, bytes));
             if out.len() > max {
                 return Err(too_many(out.len()));
             }
         }
     } else if content_type.starts_with("application/json") {
-        let axum::Json(body) = axum::Json::<Base64Images>::from_request(req, s).await?;
+        let axum::Json(body) = axum::Json::<Base64Images>::from_request(req, s).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE { too_large() } else { AppError::from(e) }
+        })?;
         if body.images.len() > max {
             return Err(too_many(body.images.len()));
         }
@@ -98,7 +110,7 @@ async fn images_of(s: &AppState, req: Request) -> Result<Vec<(String, Bytes)>, A
             out.push((format!("images[{i}]"), Bytes::from(bytes)));
         }
     } else if content_type.starts_with("image/") || content_type.starts_with("application/octet-stream") || content_type.is_empty() {
-        let bytes = Bytes::from_request(req, s).await.map_err(|e| AppError::client(e.status(), "invalid_body", e.body_text()))?;
+        let bytes = Bytes::from_request(req, s).await.map_err(|e| body_error(e.status(), "invalid_body", e.body_text()))?;
         out.push(("body".to_string(), bytes));
     } else {
         return Err(AppError::unsupported_media(

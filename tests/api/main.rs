@@ -1,12 +1,17 @@
 //! Integration tests against the real router on a random port with a temporary data folder.
 
+mod access;
+mod crash;
 mod datasets;
 mod fixtures;
 mod health;
+mod hostile;
+mod hostile_inputs;
 mod jobs;
 mod models;
 mod helpers;
 mod openapi;
+mod overload;
 mod predict;
 mod restart;
 mod throughput;

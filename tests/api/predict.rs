@@ -190,3 +190,40 @@ async fn overload_gets_429_at_once_and_the_service_recovers() {
     let resp = app.client.post(app.url("/predict")).header("content-type", "image/jpeg").body(jpeg(99)).send().await.unwrap();
     assert_eq!(resp.status(), 200, "recovers once the burst is over");
 }
+
+#[tokio::test]
+async fn predict_limits_answer_413_and_422_with_the_error_body() {
+    let (app, _, _) = trained_app(|c| {
+        c.max_predict_bytes = 16 * 1024;
+        c.max_images_per_predict = 2;
+    })
+    .await;
+    let url = app.url("/predict");
+    let big = vec![0u8; 20 * 1024];
+    // Declared length over the limit: refused before reading.
+    let resp = app.client.post(&url).header("content-type", "image/png").body(big.clone()).send().await.unwrap();
+    assert_error(resp, 413, "body_too_large").await;
+    // No declared length (chunked): refused once the limit is passed.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..20).map(|_| Ok(vec![0u8; 1024])).collect();
+    let resp = app
+        .client
+        .post(&url)
+        .header("content-type", "image/png")
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, 413, "body_too_large").await;
+    let resp = app.client.post(&url).multipart(multipart(&[("a", big.clone())])).send().await.unwrap();
+    assert_error(resp, 413, "body_too_large").await;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&big);
+    assert_error(app.post_json("/predict", &json!({"images": [b64]})).await, 413, "body_too_large").await;
+    // Over the image count, in every input form.
+    let resp = app.client.post(&url).multipart(multipart(&[("a", jpeg(1)), ("b", jpeg(2)), ("c", jpeg(3))])).send().await.unwrap();
+    assert_error(resp, 422, "too_many_images").await;
+    let three: Vec<String> = (0..3).map(|i| base64::engine::general_purpose::STANDARD.encode(jpeg(i))).collect();
+    assert_error(app.post_json("/predict", &json!({"images": three})).await, 422, "too_many_images").await;
+    // At the limits, it answers.
+    let resp = app.client.post(&url).multipart(multipart(&[("a", jpeg(1)), ("b", jpeg(2))])).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+}

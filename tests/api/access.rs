@@ -1,0 +1,183 @@
+//! Access control (`--api-key`) and the request limits that apply to every route: body size of
+//! JSON routes and the request timeout (408, per body chunk for uploads).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::multipart::{Form, Part};
+use serde_json::json;
+
+use crate::helpers::{assert_error, spawn_app_with};
+
+const KEY_A: &str = "key-a-0123456789abcdef";
+const KEY_B: &str = "key-b-fedcba9876543210";
+
+#[tokio::test]
+async fn with_keys_every_route_but_the_probes_needs_one() {
+    let app = spawn_app_with(|c| c.api_key = vec![KEY_A.parse().unwrap(), KEY_B.parse().unwrap()]).await;
+    for probe in ["/healthz", "/readyz"] {
+        assert_eq!(app.get(probe).await.status(), 200, "{probe} is open");
+    }
+    let mut routes = vitforge::http::route_table();
+    routes.push((reqwest::Method::GET, "/no/such/route"));
+    for (method, path) in routes {
+        if path == "/healthz" || path == "/readyz" {
+            continue;
+        }
+        let url = app.url(&path.replace("{id}", "some-id"));
+        let resp = app.client.request(method.clone(), &url).send().await.unwrap();
+        let challenge = resp.headers().get("www-authenticate").map(|v| v.to_str().unwrap().to_string());
+        assert_error(resp, 401, "missing_api_key").await;
+        assert!(challenge.is_some_and(|c| c.starts_with("Bearer")), "{method} {path}: WWW-Authenticate: Bearer");
+        let resp = app.client.request(method.clone(), &url).bearer_auth("key-a-0123456789abcdeX").send().await.unwrap();
+        assert_error(resp, 401, "invalid_api_key").await;
+        let resp = app.client.request(method.clone(), &url).basic_auth(KEY_A, None::<&str>).send().await.unwrap();
+        assert_eq!(resp.status(), 401, "{method} {path}: Basic is not Bearer");
+    }
+    for key in [KEY_A, KEY_B] {
+        let resp = app.client.get(app.url("/datasets")).bearer_auth(key).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let resp = app.client.get(app.url("/datasets")).header("authorization", format!("bearer {KEY_B}")).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "the scheme is case-insensitive");
+    let resp = app.client.get(app.url("/no/such/route")).bearer_auth(KEY_A).send().await.unwrap();
+    assert_error(resp, 404, "route_not_found").await;
+
+    // Refused before any of the body is read: nothing reaches the scratch folder.
+    let form = Form::new().part("file", Part::bytes(vec![0u8; 4 << 20]).file_name("x.zip"));
+    let resp = app.client.post(app.url("/datasets")).multipart(form).send().await.unwrap();
+    assert_error(resp, 401, "missing_api_key").await;
+    assert!(app.scratch_files().is_empty());
+    let metrics = app.client.get(app.url("/metrics")).bearer_auth(KEY_A).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("status=\"401\""), "refusals are counted: {metrics}");
+}
+
+/// Runs the real binary with `args` and `env` until it is ready, makes a few requests with `key`
+/// (when given), stops it with SIGTERM, and returns everything it logged at debug level.
+async fn run_and_capture(args: &[&str], env: &[(&str, &str)], key: Option<&str>) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("log");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vitforge"));
+    cmd.args(["serve", "--port", &port.to_string(), "--data-dir"]).arg(tmp.path().join("data")).args(args);
+    cmd.env("RUST_LOG", "debug").stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.get(format!("{base}/readyz")).send().await.map(|r| r.status() != 200).unwrap_or(true) {
+        assert!(Instant::now() < deadline, "not ready: {}", std::fs::read_to_string(&log).unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if let Some(key) = key {
+        for path in ["/datasets", "/jobs", "/models", "/metrics"] {
+            assert_eq!(client.get(format!("{base}{path}")).bearer_auth(key).send().await.unwrap().status(), 200);
+        }
+        let resp = client.post(format!("{base}/jobs")).bearer_auth(key).json(&json!({"dataset_id": "nope"})).send().await.unwrap();
+        assert_eq!(resp.status(), 404);
+        assert_eq!(client.get(format!("{base}/jobs")).bearer_auth(format!("{key}-wrong")).send().await.unwrap().status(), 401);
+    }
+    // SIGTERM, so the shutdown path logs too.
+    Command::new("kill").arg(child.id().to_string()).status().unwrap();
+    child.wait().unwrap();
+    std::fs::read_to_string(&log).unwrap()
+}
+
+#[tokio::test]
+async fn keys_are_never_logged_and_an_open_non_loopback_bind_is_warned_about() {
+    let key = "s3cret-key-that-must-not-leak-42";
+    let log = run_and_capture(&[], &[("VITFORGE_API_KEY", key)], Some(key)).await;
+    assert!(log.contains("vitforge listening"), "{log}");
+    assert!(!log.contains(key) && !log.contains("s3cret"), "a key reached the log:\n{log}");
+    assert!(!log.contains("without an API key"), "{log}");
+
+    let log = run_and_capture(&["--host", "0.0.0.0"], &[], None).await;
+    assert!(log.contains("without an API key"), "binding 0.0.0.0 without a key is warned about:\n{log}");
+    let log = run_and_capture(&["--host", "0.0.0.0", "--api-key", key], &[], Some(key)).await;
+    assert!(!log.contains("without an API key") && !log.contains(key), "{log}");
+
+    let help = Command::new(env!("CARGO_BIN_EXE_vitforge")).arg("--help").env("VITFORGE_API_KEY", key).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("--api-key") && !help.contains(key), "{help}");
+    let bad = Command::new(env!("CARGO_BIN_EXE_vitforge")).args(["--api-key", "short"]).output().unwrap();
+    assert!(!bad.status.success(), "a short key is refused at start-up");
+}
+
+#[tokio::test]
+async fn json_bodies_over_the_limit_are_413_with_the_error_body() {
+    let app = spawn_app_with(|c| c.max_json_bytes = 1024).await;
+    let big = json!({"dataset_id": "x".repeat(2000)});
+    assert_error(app.post_json("/jobs", &big).await, 413, "body_too_large").await;
+    let resp = app.client.post(app.url("/models/x/evaluate")).json(&big).send().await.unwrap();
+    assert_error(resp, 413, "body_too_large").await;
+    // Under the limit the same route answers normally.
+    assert_error(app.post_json("/jobs", &json!({"dataset_id": "x"})).await, 404, "not_found").await;
+}
+
+/// A body that sends `first`, then nothing for `stall`, then `rest`.
+fn stalling_body(first: Vec<u8>, stall: Duration, rest: Vec<u8>) -> reqwest::Body {
+    let stream = futures::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(futures::stream::once(async move {
+        tokio::time::sleep(stall).await;
+        Ok(rest)
+    }));
+    reqwest::Body::wrap_stream(stream)
+}
+
+use futures::StreamExt;
+
+#[tokio::test]
+async fn a_stalled_request_gets_408_and_a_slow_but_steady_upload_does_not() {
+    let app = spawn_app_with(|c| c.request_timeout_secs = 1).await;
+
+    // A JSON body that stops half-way: the whole request is timed.
+    let started = Instant::now();
+    let resp = app
+        .client
+        .post(app.url("/jobs"))
+        .header("content-type", "application/json")
+        .body(stalling_body(br#"{"dataset_id": "#.to_vec(), Duration::from_secs(5), br#""x"}"#.to_vec()))
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, 408, "request_timeout").await;
+    assert!(started.elapsed() < Duration::from_secs(4), "answered at the limit, not when the client resumed");
+
+    // An upload that stalls between chunks: timed per chunk.
+    let boundary = "XyZ";
+    let head = format!("--{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"a.zip\"\r\n\r\nPK").into_bytes();
+    let tail = format!("\r\n--{boundary}--\r\n").into_bytes();
+    let resp = app
+        .client
+        .post(app.url("/datasets"))
+        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .body(stalling_body(head.clone(), Duration::from_secs(3), tail.clone()))
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, 408, "request_timeout").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(app.scratch_files().is_empty(), "the stalled upload's scratch file is removed");
+
+    // An upload that takes longer than the timeout in total but never stalls is read whole (and
+    // refused for what it is, not for its duration).
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        std::iter::once(Ok(head)).chain((0..12).map(|_| Ok(vec![0u8; 1000]))).chain(std::iter::once(Ok(tail))).collect();
+    let steady = futures::stream::iter(chunks).then(|c| async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        c
+    });
+    let started = Instant::now();
+    let resp = app
+        .client
+        .post(app.url("/datasets"))
+        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .body(reqwest::Body::wrap_stream(steady))
+        .send()
+        .await
+        .unwrap();
+    assert!(started.elapsed() > Duration::from_secs(2));
+    assert_error(resp, 415, "unsupported_format").await;
+}
