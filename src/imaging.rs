@@ -10,6 +10,12 @@ use image::{ImageFormat, ImageReader, Limits, RgbImage, RgbaImage};
 /// Default pixel limit (width × height): 40 megapixels.
 pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
 
+/// Most memory the decoder may use for what precedes the pixels (ICC profile, EXIF, text
+/// chunks). Real ICC profiles are kilobytes to a few megabytes; without this, a PNG of a few
+/// hundred kilobytes whose compressed ICC profile inflates to 512 MiB is read whole just to
+/// learn its size (the image crate's default limit).
+pub const MAX_METADATA_BYTES: u64 = 16 * 1024 * 1024;
+
 /// Why an image could not be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ImageError {
@@ -23,6 +29,8 @@ pub enum ImageError {
     TooManyPixels { width: u32, height: u32, pixels: u64, max: u64 },
     #[error("image has a zero dimension")]
     ZeroSize,
+    #[error("image metadata (such as an ICC profile) needs more than {MAX_METADATA_BYTES} bytes")]
+    MetadataTooLarge,
     #[error("corrupt or truncated image: {0}")]
     Corrupt(String),
 }
@@ -43,9 +51,17 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError>
     if !is_supported(format) {
         return Err(ImageError::UnsupportedFormat(format!("{format:?}")));
     }
-    let (width, height) = ImageReader::with_format(Cursor::new(bytes), format)
-        .into_dimensions()
-        .map_err(|e| ImageError::Corrupt(e.to_string()))?;
+    let mut header = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut header_limits = Limits::default();
+    header_limits.max_alloc = Some(MAX_METADATA_BYTES);
+    header.limits(header_limits);
+    // Decoders see untrusted bytes; a panic in one must cost one image, not the caller's thread.
+    let (width, height) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| header.into_dimensions()))
+        .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))?
+        .map_err(|e| match e {
+            image::ImageError::Limits(_) => ImageError::MetadataTooLarge,
+            e => ImageError::Corrupt(e.to_string()),
+        })?;
     let pixels = u64::from(width) * u64::from(height);
     if pixels == 0 {
         return Err(ImageError::ZeroSize);
@@ -55,12 +71,12 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError>
     }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = Limits::default();
-    // Room for the decoded frame at 16 bits per channel with alpha, plus decoder working memory.
-    limits.max_alloc = Some(pixels * 8 + 64 * 1024 * 1024);
+    // Room for the decoded frame at 16 bits per channel with alpha, plus the metadata allowance
+    // (decoders that count their allocations, as the PNG one does, stay within it).
+    limits.max_alloc = Some(pixels * 8 + MAX_METADATA_BYTES);
     limits.max_image_width = Some(width);
     limits.max_image_height = Some(height);
     reader.limits(limits);
-    // Decoders see untrusted bytes; a panic in one must cost one image, not the caller's thread.
     let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.decode()))
         .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))?
         .map_err(|e| ImageError::Corrupt(e.to_string()))?;
@@ -115,5 +131,27 @@ mod tests {
         let png = encode(DynamicImage::new_rgb8(20, 10), ImageFormat::Png);
         assert!(matches!(decode_rgb(&png, 199), Err(ImageError::TooManyPixels { pixels: 200, .. })));
         assert!(matches!(decode_rgb(&png[..png.len() / 2], 1000), Err(ImageError::Corrupt(_))));
+    }
+
+    #[test]
+    fn an_icc_profile_that_inflates_past_the_metadata_limit_is_dropped() {
+        // A PNG with an iCCP chunk after its header, whose profile inflates to 64 MiB: the PNG
+        // decoder stops inflating at the limit and drops the profile (we never use it); the
+        // pixels still decode. The hostile-input corpus measures the memory this saves.
+        let png = encode(DynamicImage::new_rgb8(4, 4), ImageFormat::Png);
+        let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut zlib, &vec![0u8; 64 << 20]).unwrap();
+        let mut chunk = b"icc\0\0".to_vec();
+        chunk.extend(zlib.finish().unwrap());
+        let mut crc = flate2::Crc::new();
+        crc.update(b"iCCP");
+        crc.update(&chunk);
+        let mut bomb = png[..33].to_vec();
+        bomb.extend_from_slice(&(chunk.len() as u32).to_be_bytes());
+        bomb.extend_from_slice(b"iCCP");
+        bomb.extend_from_slice(&chunk);
+        bomb.extend_from_slice(&crc.sum().to_be_bytes());
+        bomb.extend_from_slice(&png[33..]);
+        assert_eq!(decode_rgb(&bomb, 100).unwrap().dimensions(), (4, 4));
     }
 }

@@ -119,7 +119,7 @@ impl Application {
             shutdown.await;
             hub.shut_down();
         };
-        axum::serve(self.listener, app).with_graceful_shutdown(stop).await?;
+        axum::serve(http::linger::LingeringListener::new(self.listener), app).with_graceful_shutdown(stop).await?;
         self.state.jobs.shut_down();
         for worker in workers {
             // A running job stops within one batch; its state is requeued for the next start.

@@ -148,8 +148,9 @@ pub(super) fn read_zip(mut file: File, sink: &mut Sink<'_>) -> Result<BTreeSet<S
                 Some(_) => Kind::Unsupported("device, pipe or socket"),
             }
         };
-        // Names are UTF-8 or CP437 (decoded by the zip reader); only a name flagged UTF-8 that is
-        // not fails to decode, and its raw bytes then say so.
+        // The zip reader decodes any name that is not valid UTF-8 as CP437 (the format's legacy
+        // encoding), whatever the entry's UTF-8 flag says, so zip names always arrive as text;
+        // should decoding fail, the raw bytes are rejected as not UTF-8. Names are never paths.
         let entry = match entry.name() {
             Ok(name) => Entry::new(name.as_bytes(), kind, entry.size()),
             Err(_) => Entry::new(entry.name_raw(), kind, entry.size()),

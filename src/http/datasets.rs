@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -218,15 +218,6 @@ fn name_from_file_name(file_name: &str) -> Option<String> {
     (!name.is_empty()).then(|| name.to_string())
 }
 
-/// Sets its flag when dropped: the handler's future is dropped when the client disconnects.
-struct CancelOnDrop(Arc<AtomicBool>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
 /// Runs the ingest on a blocking thread: it decodes every image. The ingest slot and the blob
 /// lock's read guard travel with it, as does the scratch file, so they are held until it really
 /// ends: when the client goes away this future is dropped at once, and the thread stops at the
@@ -241,7 +232,7 @@ async fn ingest(
     let limits = IngestLimits::from(&*state.config);
     let span = tracing::Span::current();
     let cancel = Arc::new(AtomicBool::new(false));
-    let _cancel_on_drop = CancelOnDrop(cancel.clone());
+    let _cancel_on_drop = super::CancelOnDrop(cancel.clone());
     let task = tokio::task::spawn_blocking(move || {
         // The scratch file too: the tar reader opens it by name twice.
         let _held = (slot, uploading);

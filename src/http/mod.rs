@@ -8,6 +8,7 @@ pub mod datasets;
 pub mod extract;
 pub mod health;
 pub mod jobs;
+pub mod linger;
 pub mod metrics;
 pub mod models;
 pub mod predict;
@@ -54,6 +55,16 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Digests of the API keys; access control is off when there are none.
     pub api_keys: Arc<auth::ApiKeys>,
+}
+
+/// Sets its flag when dropped. A handler's future is dropped when its client disconnects or the
+/// request times out; blocking work it started checks the flag and stops early.
+pub(crate) struct CancelOnDrop(pub Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// One route: its method, its path template (axum syntax, `{id}`), and its handler.

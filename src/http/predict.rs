@@ -1,5 +1,8 @@
 //! `POST /predict`: classify images with the newest fine-tuned model (or `?model=`).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use axum::Json;
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{StatusCode, header};
@@ -141,12 +144,18 @@ async fn predict(State(s): State<AppState>, ApiQuery(q): ApiQuery<PredictQuery>,
     let loaded = s.predictor.get_or_load(&model.id, s.paths.root().join(&model.path)).await?;
     let max_pixels = s.config.max_image_pixels;
     let pre_model = loaded.clone();
-    // Decoding and resizing are CPU work: a blocking thread, images in parallel.
+    // Decoding and resizing are CPU work: a blocking thread, images in parallel. If the client
+    // goes away (or the request times out) the remaining images are skipped.
+    let cancel = Arc::new(AtomicBool::new(false));
+    let _cancel_on_drop = super::CancelOnDrop(cancel.clone());
     let pixels = tokio::task::spawn_blocking(move || {
         images
             .par_iter()
             .enumerate()
             .map(|(i, (name, bytes))| {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(AppError::client(StatusCode::SERVICE_UNAVAILABLE, "cancelled", "the request was abandoned"));
+                }
                 let img = crate::imaging::decode_rgb(bytes, max_pixels)
                     .map_err(|e| AppError::bad_request("invalid_image", format!("image {} ('{name}'): {e}", i + 1)))?;
                 pre_model.classifier.preprocess(&img).map_err(|e| AppError::bad_request("invalid_image", format!("image {} ('{name}'): {e}", i + 1)))

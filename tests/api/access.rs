@@ -107,6 +107,41 @@ async fn keys_are_never_logged_and_an_open_non_loopback_bind_is_warned_about() {
 }
 
 #[tokio::test]
+async fn a_body_refused_before_it_is_read_still_gets_its_answer() {
+    // The answer is sent while the client is still sending; without a lingering close the
+    // connection reset would often destroy it before the client read it.
+    let app = spawn_app_with(|c| c.api_key = vec![KEY_A.parse().unwrap()]).await;
+    // A client that keeps sending for a while after the answer: 4 MiB in 64 chunks, 5 ms apart.
+    let trickle = || {
+        let chunks = (0..64).map(|i| Ok::<_, std::io::Error>(if i == 0 { br#"{"dataset_id": ""#.to_vec() } else { vec![b'x'; 64 * 1024] }));
+        reqwest::Body::wrap_stream(futures::stream::iter(chunks).then(|c| async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            c
+        }))
+    };
+    for _ in 0..5 {
+        let resp = app.client.post(app.url("/jobs")).bearer_auth(KEY_A).header("content-type", "application/json").body(trickle()).send().await.unwrap();
+        assert_error(resp, 413, "body_too_large").await;
+        let resp = app.client.post(app.url("/jobs")).header("content-type", "application/json").body(trickle()).send().await.unwrap();
+        assert_error(resp, 401, "missing_api_key").await;
+    }
+    // Bodies with a declared length, refused on it, many at once.
+    let body = format!(r#"{{"dataset_id": "{}"}}"#, "x".repeat(2 << 20));
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let (client, url, body) = (reqwest::Client::new(), app.url("/jobs"), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let req = client.post(url).header("content-type", "application/json").body(body);
+            let req = if i % 2 == 0 { req.bearer_auth(KEY_A) } else { req };
+            req.send().await.map(|r| r.status().as_u16()).map_err(|e| format!("{e:?}"))
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(t.await.unwrap(), Ok(if i % 2 == 0 { 413 } else { 401 }));
+    }
+}
+
+#[tokio::test]
 async fn json_bodies_over_the_limit_are_413_with_the_error_body() {
     let app = spawn_app_with(|c| c.max_json_bytes = 1024).await;
     let big = json!({"dataset_id": "x".repeat(2000)});
