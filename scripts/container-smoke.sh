@@ -7,7 +7,7 @@
 #    - runtime: a Debian bookworm root from `debootstrap --variant=minbase`, trimmed like
 #      debian:bookworm-slim, imported with `buildah from scratch` + `buildah commit`;
 #    - builder: the runtime stand-in plus gcc, libc6-dev, pkg-config, ca-certificates and this
-#      machine's Rust toolchain (`rustc --print sysroot`) laid out like the official rust image
+#      machine's Rust toolchain (`$RUSTC --print sysroot`) laid out like the official rust image
 #      (/usr/local/rustup, /usr/local/cargo/bin on PATH).
 # 2. `buildah build --layers --format docker` of ./Dockerfile with --build-arg BUILDER_IMAGE and
 #    RUNTIME_IMAGE pointing at the stand-ins (crates are fetched from crates.io, Debian packages
@@ -19,7 +19,8 @@
 #    /predict, the uid of the server process, the files in the volume, and a clean SIGTERM stop.
 #
 # Needs root (debootstrap, buildah's vfs storage and chroot isolation), buildah, debootstrap,
-# curl, python3 with Pillow, and rustc on PATH. Exits 0 with "SKIPPED: buildah not installed"
+# curl, python3 with Pillow, and a Rust toolchain: rustc on PATH, or $RUSTC naming one (under
+# sudo: `sudo RUSTC="$(rustup which rustc)" scripts/container-smoke.sh`). Exits 0 with "SKIPPED: buildah not installed"
 # where there is no buildah; otherwise prints PASS/FAIL per check and exits 1 on any failure.
 #
 # Environment: VITFORGE_SMOKE_CACHE (stand-in roots, buildah storage, layer cache),
@@ -99,7 +100,8 @@ trap 'exit 130' INT TERM
 step "prerequisites"
 missing=()
 [[ $(id -u) == 0 ]] || missing+=("root (debootstrap and buildah's chroot isolation)")
-for tool in debootstrap curl python3 rustc tar; do
+RUSTC=${RUSTC:-rustc}
+for tool in debootstrap curl python3 "$RUSTC" tar; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 python3 -c 'import PIL' 2>/dev/null || missing+=("python3 Pillow")
@@ -107,8 +109,8 @@ if ((${#missing[@]})); then
     die "prerequisites" "missing: ${missing[*]}"
 fi
 mkdir -p "$CACHE"
-RUST_VERSION=$(rustc --version | awk '{print $2}')
-SYSROOT=$(rustc --print sysroot)
+RUST_VERSION=$("$RUSTC" --version | awk '{print $2}')
+SYSROOT=$("$RUSTC" --print sysroot)
 BUILDER_STANDIN=localhost/vitforge-smoke/rust:${RUST_VERSION}-slim-bookworm
 STANDINS="builder $BUILDER_STANDIN, runtime $RUNTIME_STANDIN (debootstrap $SUITE)"
 echo "buildah $(buildah --version | awk '{print $3}'), rust $RUST_VERSION from $SYSROOT, cache $CACHE, run folder $RUN_DIR"
