@@ -37,6 +37,8 @@ pub enum Command {
     Eval(crate::cli::EvalArgs),
     /// Write a randomly initialised model (for training from scratch and for tests).
     InitModel(crate::cli::InitModelArgs),
+    /// Measure inference and training speed and peak memory (JSON lines).
+    Bench(crate::cli::bench::BenchArgs),
 }
 
 /// How log lines are written.

@@ -11,5 +11,6 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Predict(args)) => vitforge::cli::predict(args),
         Some(Command::Eval(args)) => vitforge::cli::eval(args),
         Some(Command::InitModel(args)) => vitforge::cli::init_model(args),
+        Some(Command::Bench(args)) => vitforge::cli::bench::bench(args),
     }
 }

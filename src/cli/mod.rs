@@ -1,6 +1,7 @@
 //! The command-line subcommands besides `serve`: `train`, `predict`, `eval` and `init-model` run
 //! the same engine as the service, with progress bars for long work.
 
+pub mod bench;
 pub mod hyper;
 
 use std::path::{Path, PathBuf};

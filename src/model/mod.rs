@@ -3,6 +3,7 @@
 
 pub mod classifier;
 pub mod config;
+pub mod fast;
 pub mod io;
 pub mod params;
 pub mod preprocess;

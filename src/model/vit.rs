@@ -18,9 +18,9 @@ type Result<T> = std::result::Result<T, ModelError>;
 
 /// A linear layer `y = x Wᵀ + b` over the last dimension.
 #[derive(Clone)]
-struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
+pub(crate) struct Linear {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Tensor>,
 }
 
 impl Linear {
@@ -40,10 +40,10 @@ impl Linear {
 
 /// Layer normalisation over the last dimension, composed so that it has a backward.
 #[derive(Clone)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
+pub(crate) struct LayerNorm {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
+    pub(crate) eps: f64,
 }
 
 impl LayerNorm {
@@ -104,29 +104,32 @@ impl Dropout<'_> {
 }
 
 #[derive(Clone)]
-struct Layer {
-    ln_before: LayerNorm,
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    attn_out: Linear,
-    ln_after: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+pub(crate) struct Layer {
+    pub(crate) ln_before: LayerNorm,
+    pub(crate) query: Linear,
+    pub(crate) key: Linear,
+    pub(crate) value: Linear,
+    pub(crate) attn_out: Linear,
+    pub(crate) ln_after: LayerNorm,
+    pub(crate) fc1: Linear,
+    pub(crate) fc2: Linear,
 }
 
 /// A ViT classifier assembled from [`Params`]. Building one is cheap (tensors are shared with the
 /// parameters), so callers build one per use with the trainable set they need.
 #[derive(Clone)]
 pub struct Vit {
-    cfg: VitConfig,
-    patch_weight: Tensor,
-    patch_bias: Tensor,
-    cls_token: Tensor,
-    position_embeddings: Tensor,
-    layers: Vec<Layer>,
-    layernorm: LayerNorm,
-    classifier: Linear,
+    pub(crate) cfg: VitConfig,
+    pub(crate) patch_weight: Tensor,
+    pub(crate) patch_bias: Tensor,
+    pub(crate) cls_token: Tensor,
+    pub(crate) position_embeddings: Tensor,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) layernorm: LayerNorm,
+    pub(crate) classifier: Linear,
+    /// True when some parameter is tracked by autograd (then the fast path, which builds no
+    /// graph, must not be used).
+    trainable: bool,
 }
 
 impl Vit {
@@ -134,6 +137,7 @@ impl Vit {
     /// backward graph is built through them.
     pub fn new(cfg: &VitConfig, params: &Params, trainable: &dyn Fn(&str) -> bool) -> Result<Self> {
         let t = |name: &str| params.tensor(name, trainable(name));
+        let any_trainable = params.iter().any(|(name, _)| trainable(name));
         let eps = cfg.layer_norm_eps;
         let ln = |p: &str| -> Result<LayerNorm> { Ok(LayerNorm { weight: t(&format!("{p}.weight"))?, bias: t(&format!("{p}.bias"))?, eps }) };
         let lin = |p: &str, bias: bool| -> Result<Linear> {
@@ -164,6 +168,7 @@ impl Vit {
             layers,
             layernorm: ln("vit.layernorm")?,
             classifier: lin("classifier", true)?,
+            trainable: any_trainable,
         })
     }
 
@@ -177,16 +182,32 @@ impl Vit {
         &self.cfg
     }
 
-    /// Patch + CLS + position embeddings: (B, C, H, W) pixels → (B, tokens, hidden).
-    pub fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
+    fn check_pixels(&self, pixels: &Tensor) -> Result<()> {
         let cfg = &self.cfg;
-        let (b, c, ih, iw) = pixels.dims4()?;
+        let (_, c, ih, iw) = pixels.dims4()?;
         if c != cfg.num_channels || (ih, iw) != cfg.image_size {
             return Err(ModelError::Input(format!(
                 "pixel values are {c}×{ih}×{iw}, the model expects {}×{}×{}",
                 cfg.num_channels, cfg.image_size.0, cfg.image_size.1
             )));
         }
+        Ok(())
+    }
+
+    /// Patch + CLS + position embeddings: (B, C, H, W) pixels → (B, tokens, hidden).
+    pub fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.check_pixels(pixels)?;
+        if self.fast_path() {
+            return super::fast::embed_tensor(self, pixels);
+        }
+        self.embed_reference(pixels)
+    }
+
+    /// [`Vit::embed`] with candle ops only (differentiable; the fast path's oracle).
+    pub fn embed_reference(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.check_pixels(pixels)?;
+        let cfg = &self.cfg;
+        let (b, c, _, _) = pixels.dims4()?;
         let (ph, pw) = cfg.patch_size;
         let (gh, gw) = cfg.grid();
         // A stride-P convolution with a P×P kernel is a matmul over unfolded patches; pixels past
@@ -206,7 +227,15 @@ impl Vit {
     }
 
     /// Runs encoder layers `range` on hidden states (B, tokens, hidden).
-    pub fn encode(&self, mut x: Tensor, range: std::ops::Range<usize>, mut dropout: Option<&mut Dropout>) -> Result<Tensor> {
+    pub fn encode(&self, x: Tensor, range: std::ops::Range<usize>, dropout: Option<&mut Dropout>) -> Result<Tensor> {
+        if dropout.is_none() && self.fast_path() {
+            return super::fast::encode(self, &x, range);
+        }
+        self.encode_reference(x, range, dropout)
+    }
+
+    /// [`Vit::encode`] with candle ops only (differentiable; the fast path's oracle).
+    pub fn encode_reference(&self, mut x: Tensor, range: std::ops::Range<usize>, mut dropout: Option<&mut Dropout>) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, n, h) = x.dims3()?;
         let heads = cfg.num_attention_heads;
@@ -252,10 +281,25 @@ impl Vit {
         self.classifier.forward(features)
     }
 
+    /// True when the fast CPU path may run this model: nothing is tracked by autograd, the
+    /// tensors live on the CPU and dropout is off.
+    pub fn fast_path(&self) -> bool {
+        !self.trainable && super::fast::usable(self, self.patch_weight.device())
+    }
+
     /// Features of a batch of images (frozen backbone use).
     pub fn features(&self, pixels: &Tensor) -> Result<Tensor> {
-        let x = self.embed(pixels)?;
-        let x = self.encode(x, 0..self.layers.len(), None)?;
+        if self.fast_path() {
+            self.check_pixels(pixels)?;
+            return super::fast::features(self, pixels);
+        }
+        self.features_reference(pixels)
+    }
+
+    /// [`Vit::features`] with candle ops only (differentiable; the fast path's oracle).
+    pub fn features_reference(&self, pixels: &Tensor) -> Result<Tensor> {
+        let x = self.embed_reference(pixels)?;
+        let x = self.encode_reference(x, 0..self.layers.len(), None)?;
         self.pool(&x)
     }
 

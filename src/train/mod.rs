@@ -7,6 +7,7 @@ pub mod data;
 pub mod metrics;
 pub mod optim;
 pub mod params;
+pub mod step;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,8 +20,9 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
 
-use crate::model::vit::{Dropout, TrainableSet, cross_entropy};
+use crate::model::vit::{Dropout, cross_entropy};
 use crate::model::{LoadedModel, ModelError, Vit, params as mparams};
+use step::{Boundary, boundary, frozen_forward, loss_and_grads, trainable_forward, trainable_set};
 use checkpoint::LoopState;
 use data::{Example, ImageCache, TrainData, batch_tensor, load_batch, mix};
 use metrics::EvalReport;
@@ -95,53 +97,6 @@ pub struct TrainOutcome {
 pub struct Control<'a> {
     pub cancel: &'a AtomicBool,
     pub on_event: &'a mut dyn FnMut(TrainEvent),
-}
-
-/// Where the frozen part of the network ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Boundary {
-    /// Everything trains: start from pixels.
-    Pixels,
-    /// Layers before this one are frozen: start from their output hidden states.
-    Layer(usize),
-    /// Only the head trains: start from pooled features.
-    Features,
-}
-
-fn trainable_set(p: &TrainParams) -> TrainableSet {
-    match p.train_mode {
-        TrainMode::Full => TrainableSet::All,
-        TrainMode::HeadOnly => TrainableSet::HeadOnly,
-        TrainMode::LastNLayers => TrainableSet::LastLayers(p.trainable_layers.unwrap_or(1) as usize),
-    }
-}
-
-fn boundary(set: TrainableSet, num_layers: usize) -> Boundary {
-    match set {
-        TrainableSet::All => Boundary::Pixels,
-        TrainableSet::HeadOnly => Boundary::Features,
-        TrainableSet::LastLayers(n) if n >= num_layers => Boundary::Layer(0),
-        TrainableSet::LastLayers(n) => Boundary::Layer(num_layers - n),
-    }
-}
-
-/// Runs the frozen part of the network (no backward graph: every tensor in `frozen` is detached).
-fn frozen_forward(frozen: &Vit, b: Boundary, pixels: &Tensor) -> Result<Tensor, TrainError> {
-    Ok(match b {
-        Boundary::Pixels => pixels.clone(),
-        Boundary::Layer(k) => frozen.encode(frozen.embed(pixels)?, 0..k, None)?,
-        Boundary::Features => frozen.features(pixels)?,
-    })
-}
-
-/// Runs the trainable part from the boundary's output to logits.
-fn trainable_forward(vit: &Vit, b: Boundary, input: &Tensor, dropout: Option<&mut Dropout>) -> Result<Tensor, TrainError> {
-    let layers = vit.config().num_hidden_layers;
-    Ok(match b {
-        Boundary::Pixels => vit.forward_train(input, dropout)?,
-        Boundary::Layer(k) => vit.head(&vit.pool(&vit.encode(input.clone(), k..layers, dropout)?)?)?,
-        Boundary::Features => vit.head(input)?,
-    })
 }
 
 /// Frozen-part outputs of a list of examples, kept when they fit in the budget.
@@ -380,23 +335,16 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, ctl:
             let input = train_cache.batch(idx, &data.train, &frozen, b, &images, model, device, augment)?;
             let targets: Vec<u32> = idx.iter().map(|&i| data.train[i].label).collect();
             let mut dropout = Dropout { rng: &mut dropout_rng };
-            let logits = trainable_forward(&vit, b, &input, Some(&mut dropout))?;
-            let loss = cross_entropy(&logits, &targets, p.label_smoothing, None)?;
-            let grads = loss.backward()?;
-            for (name, var) in model.params.iter() {
-                if !set.contains(name, num_layers) {
-                    continue;
-                }
-                if let Some(g) = grads.get(var.as_tensor()) {
-                    let g = match acc.remove(name) {
-                        Some(prev) => (prev + g)?,
-                        None => g.clone(),
-                    };
-                    acc.insert(name.clone(), g);
-                }
+            let (loss, grads) = loss_and_grads(&vit, &model.params, set, b, &input, &targets, p.label_smoothing, Some(&mut dropout))?;
+            for (name, g) in grads {
+                let g = match acc.remove(&name) {
+                    Some(prev) => (prev + g)?,
+                    None => g,
+                };
+                acc.insert(name, g);
             }
             micro += 1;
-            micro_loss += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            micro_loss += loss;
             step_images += idx.len();
             let last = bi as u64 + 1 == batches_per_epoch;
             if micro == accum || last {

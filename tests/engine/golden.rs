@@ -153,3 +153,38 @@ fn loss_and_every_gradient_match_pytorch() {
         assert_eq!(checked, expected_count, "{m}: every golden gradient is compared");
     }
 }
+
+#[test]
+fn the_fast_cpu_path_matches_pytorch_too() {
+    use vitforge::model::vit::TrainableSet;
+    use vitforge::train::step::{Boundary, loss_and_grads};
+    for m in MODELS {
+        let loaded = model(m);
+        let reference = load(golden().join(m).join("reference.safetensors"));
+        let pixels = reference["pixel_values"].to_dtype(DType::F32).unwrap();
+        let labels: Vec<u32> = reference["labels"].to_vec1::<i64>().unwrap().into_iter().map(|l| l as u32).collect();
+        let vit = Vit::new(&loaded.cfg, &loaded.params, &|_| true).unwrap();
+        let (loss, grads) = loss_and_grads(&vit, &loaded.params, TrainableSet::All, Boundary::Pixels, &pixels, &labels, 0.0, None).unwrap();
+        let ref_loss = reference["loss"].to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()[0];
+        assert!((loss - ref_loss).abs() / ref_loss.abs() <= 1e-5, "{m}: loss {loss} vs {ref_loss}");
+        assert_eq!(grads.len(), loaded.params.iter().count(), "{m}: a gradient for every parameter");
+        let mut worst = 0f64;
+        for (name, ours) in &grads {
+            let expected = &reference[&format!("grad.{name}")];
+            let scale = expected.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+            let diff = max_abs_diff(ours, expected);
+            if scale < 1e-10 {
+                assert!(diff <= 1e-5, "{m}/{name}: {diff}");
+            } else {
+                assert!(diff / scale <= 1e-3, "{m}/{name}: relative error {:e}", diff / scale);
+                worst = worst.max(diff / scale);
+            }
+        }
+        eprintln!("{m}: fast path worst relative gradient error {worst:e}");
+        let logits = Vit::frozen(&loaded.cfg, &loaded.params).unwrap().forward(&pixels).unwrap();
+        assert!(vitforge::model::fast::usable(&Vit::frozen(&loaded.cfg, &loaded.params).unwrap(), &Device::Cpu));
+        let diff = max_abs_diff(&logits, &reference["logits"]);
+        eprintln!("{m}: fast path logits max abs diff {diff:e}");
+        assert!(diff <= 1e-4, "{m}: {diff}");
+    }
+}

@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""PyTorch + transformers reference for `vitforge bench`: the same figures, the same JSON shape.
+
+Measures, for a named ViT (tiny/small/base, patch 16, 224x224) or a model folder, at given batch
+sizes: inference images/s (no_grad, eval), one full training step (forward, loss, backward,
+clip_grad_norm_(1.0), AdamW step) images/s, a head-only step (backbone frozen with
+requires_grad=False, so autograd builds no graph through it) images/s, and the process's peak RSS.
+Median of --iters timed runs after --warmup untimed ones, with 2 threads by default (the machine
+vitforge is compared on). One JSON line per figure:
+
+    {"impl": "pytorch", "config", "batch", "mode", "images_per_s", "peak_rss_mb"}
+
+Usage: python3 bench/torch_reference.py --config small --batch 8 --mode train --iters 5
+Needs: torch, transformers (pip install torch transformers).
+"""
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+from transformers import ViTConfig, ViTForImageClassification
+
+PRESETS = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
+LABELS = 10  # as vitforge bench
+
+
+def build(args):
+    if args.model:
+        model = ViTForImageClassification.from_pretrained(args.model, num_labels=LABELS, ignore_mismatched_sizes=True)
+        return args.model, model
+    hidden, heads = PRESETS[args.config]
+    cfg = ViTConfig(hidden_size=hidden, num_attention_heads=heads, intermediate_size=4 * hidden, num_hidden_layers=12,
+                    image_size=224, patch_size=16, num_labels=LABELS, layer_norm_eps=1e-12,
+                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return args.config, ViTForImageClassification(cfg)
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="small", choices=sorted(PRESETS))
+    ap.add_argument("--model", help="a model folder instead of a named architecture")
+    ap.add_argument("--batch", default="8", help="comma-separated batch sizes")
+    ap.add_argument("--mode", default="infer,train,head_only", help="comma-separated: infer, train, head_only")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    name, model = build(args)
+    cfg = model.config
+    for batch in [int(b) for b in args.batch.split(",")]:
+        pixels = torch.randn(batch, cfg.num_channels, cfg.image_size, cfg.image_size)
+        labels = torch.arange(batch) % LABELS
+        for mode in args.mode.split(","):
+            if mode == "infer":
+                model.eval()
+                for p in model.parameters():
+                    p.requires_grad_(True)
+
+                def run():
+                    with torch.no_grad():
+                        model(pixel_values=pixels).logits
+            elif mode in ("train", "head_only"):
+                model.train()
+                for n, p in model.named_parameters():
+                    p.requires_grad_(mode == "train" or n.startswith("classifier."))
+                opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+
+                def run():
+                    opt.zero_grad(set_to_none=True)
+                    loss = model(pixel_values=pixels, labels=labels).loss
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+                    opt.step()
+            else:
+                raise SystemExit(f"unknown mode {mode}")
+            for _ in range(args.warmup):
+                run()
+            times = []
+            for _ in range(max(args.iters, 1)):
+                t = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t)
+            median = statistics.median(times)
+            print(json.dumps({"impl": "pytorch", "config": name, "batch": batch, "mode": mode,
+                              "images_per_s": round(batch / median, 2), "peak_rss_mb": round(peak_rss_mb())}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

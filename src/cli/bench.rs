@@ -1,0 +1,141 @@
+//! `vitforge bench`: images per second of inference, a full training step and a head-only step,
+//! and peak memory, for a named architecture or a model folder. One JSON line per figure, in the
+//! same shape as `bench/torch_reference.py`, so `bench/compare.sh` can put them side by side.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::bail;
+use candle_core::{Device, Tensor};
+use clap::{Args, ValueEnum};
+use serde_json::json;
+
+use crate::model::vit::TrainableSet;
+use crate::model::{LoadedModel, ModelSource, Vit, VitConfig};
+use crate::train::optim::{Optimizer, clip_grad_norm};
+use crate::train::step::{boundary, frozen_forward, loss_and_grads};
+use crate::train::OptimizerKind;
+
+/// What is timed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum BenchMode {
+    /// Forward pass without gradients.
+    Infer,
+    /// Forward, loss, backward, gradient clipping and an AdamW step over every parameter.
+    Train,
+    /// The frozen backbone's forward (no backward graph), then a step of the head.
+    HeadOnly,
+}
+
+impl BenchMode {
+    fn name(self) -> &'static str {
+        match self {
+            BenchMode::Infer => "infer",
+            BenchMode::Train => "train",
+            BenchMode::HeadOnly => "head_only",
+        }
+    }
+}
+
+/// `vitforge bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Architecture with random weights: tiny, small or base (patch 16, 224×224).
+    #[arg(long, default_value = "small", conflicts_with = "model")]
+    pub config: String,
+    /// A model folder to benchmark instead of a named architecture.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Batch sizes (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "8")]
+    pub batch: Vec<usize>,
+    /// Modes (comma-separated). Peak memory is the process's high-water mark, so measure one mode
+    /// per process to compare memory (bench/compare.sh does).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "infer,train,head_only")]
+    pub mode: Vec<BenchMode>,
+    /// Timed iterations per figure (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Untimed iterations before timing.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Compute device: cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// Number of classes of the benchmark head (as in bench/torch_reference.py).
+const BENCH_LABELS: usize = 10;
+
+/// Peak resident memory of this process, in MiB (Linux `VmHWM`).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let device = crate::model::device_from_name(&args.device)?;
+    let labels: Vec<String> = (0..BENCH_LABELS).map(|i| format!("class_{i}")).collect();
+    let (name, model) = match &args.model {
+        Some(dir) => (dir.display().to_string(), LoadedModel::load(&ModelSource::Dir(dir.clone()), Some(&labels), &device, 0)?),
+        None => {
+            let Some(cfg) = VitConfig::preset(&args.config) else { bail!("--config must be tiny, small or base") };
+            (args.config.clone(), LoadedModel::random(&cfg, &labels, 0, &device)?)
+        }
+    };
+    let (h, w) = model.cfg.image_size;
+    for &batch in &args.batch {
+        let pixels = Tensor::randn(0f32, 1.0, (batch, model.cfg.num_channels, h, w), &device)?;
+        let targets: Vec<u32> = (0..batch as u32).map(|i| i % BENCH_LABELS as u32).collect();
+        for &mode in &args.mode {
+            let mut optimizer = Optimizer::new(OptimizerKind::Adamw, 0.0, 0.0);
+            let mut run = || -> anyhow::Result<()> {
+                match mode {
+                    BenchMode::Infer => {
+                        let logits = Vit::frozen(&model.cfg, &model.params)?.forward(&pixels)?;
+                        logits.to_device(&Device::Cpu)?;
+                    }
+                    BenchMode::Train | BenchMode::HeadOnly => {
+                        let set = if mode == BenchMode::Train { TrainableSet::All } else { TrainableSet::HeadOnly };
+                        let layers = model.cfg.num_hidden_layers;
+                        let b = boundary(set, layers);
+                        let frozen = Vit::frozen(&model.cfg, &model.params)?;
+                        let input = frozen_forward(&frozen, b, &pixels)?;
+                        let vit = Vit::new(&model.cfg, &model.params, &|n| set.contains(n, layers))?;
+                        let (_, mut grads) = loss_and_grads(&vit, &model.params, set, b, &input, &targets, 0.0, None)?;
+                        clip_grad_norm(&mut grads, 1.0)?;
+                        optimizer.step(&model.params, &grads, &|_| 1e-4)?;
+                    }
+                }
+                Ok(())
+            };
+            for _ in 0..args.warmup {
+                run()?;
+            }
+            let mut times = Vec::with_capacity(args.iters);
+            let pb = indicatif::ProgressBar::new(args.iters as u64);
+            for _ in 0..args.iters.max(1) {
+                let t = Instant::now();
+                run()?;
+                times.push(t.elapsed().as_secs_f64());
+                pb.inc(1);
+            }
+            pb.finish_and_clear();
+            times.sort_by(f64::total_cmp);
+            let median = times[times.len() / 2];
+            let line = json!({
+                "impl": "vitforge",
+                "config": name,
+                "batch": batch,
+                "mode": mode.name(),
+                "images_per_s": (batch as f64 / median * 100.0).round() / 100.0,
+                "peak_rss_mb": peak_rss_mb().round(),
+            });
+            println!("{line}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,330 @@
+//! Element-wise and row-wise kernels of the fast CPU path, each with its backward, parallel over
+//! rows with rayon and vectorised through [`dispatch!`].
+
+use rayon::prelude::*;
+
+use super::simd::{self, dispatch};
+use crate::model::config::Activation;
+
+/// Rows handed to one rayon task at least (small tasks cost more than they save).
+const MIN_ROWS: usize = 16;
+
+/// Rows per rayon chunk so that each of the pool's threads gets a few chunks.
+fn rows_per_task(rows: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    rows.div_ceil(threads * 4).max(MIN_ROWS)
+}
+
+/// Sum of a slice with eight independent accumulators (so it vectorises).
+#[inline(always)]
+fn sum8(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+/// Dot product with eight independent accumulators.
+#[inline(always)]
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let rest: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+dispatch! {
+    /// One row of layer-norm forward; returns (mean, 1/std).
+    pub fn ln_row(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32]) -> (f32, f32) {
+        let n = x.len() as f32;
+        let mean = sum8(x) / n;
+        let mut acc = [0f32; 8];
+        let chunks = x.chunks_exact(8);
+        let rest: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
+        for c in chunks {
+            for i in 0..8 {
+                let d = c[i] - mean;
+                acc[i] = d.mul_add(d, acc[i]);
+            }
+        }
+        let var = (acc.iter().sum::<f32>() + rest) / n;
+        let rstd = 1.0 / (var + eps).sqrt();
+        for i in 0..x.len() {
+            y[i] = ((x[i] - mean) * rstd).mul_add(gamma[i], beta[i]);
+        }
+        (mean, rstd)
+    }
+}
+
+/// Layer norm over rows of width `gamma.len()`: writes `y`, returns per-row mean and 1/std.
+pub fn layer_norm(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32]) -> (Vec<f32>, Vec<f32>) {
+    let h = gamma.len();
+    let rows = x.len() / h;
+    let mut stats = vec![(0f32, 0f32); rows];
+    let chunk = rows_per_task(rows);
+    y.par_chunks_mut(chunk * h).zip(x.par_chunks(chunk * h)).zip(stats.par_chunks_mut(chunk)).for_each(|((y, x), st)| {
+        for ((yr, xr), s) in y.chunks_mut(h).zip(x.chunks(h)).zip(st.iter_mut()) {
+            *s = ln_row(xr, gamma, beta, eps, yr);
+        }
+    });
+    stats.into_iter().unzip()
+}
+
+dispatch! {
+    /// Re-applies a layer norm with known statistics (backward recomputes outputs this way).
+    pub fn ln_apply_row(x: &[f32], gamma: &[f32], beta: &[f32], mean: f32, rstd: f32, y: &mut [f32]) {
+        for i in 0..x.len() {
+            y[i] = ((x[i] - mean) * rstd).mul_add(gamma[i], beta[i]);
+        }
+    }
+}
+
+/// Layer-norm outputs from saved statistics.
+pub fn layer_norm_apply(x: &[f32], gamma: &[f32], beta: &[f32], mean: &[f32], rstd: &[f32], y: &mut [f32]) {
+    let h = gamma.len();
+    let chunk = rows_per_task(mean.len());
+    y.par_chunks_mut(chunk * h).zip(x.par_chunks(chunk * h)).enumerate().for_each(|(c, (y, x))| {
+        for (r, (yr, xr)) in y.chunks_mut(h).zip(x.chunks(h)).enumerate() {
+            let row = c * chunk + r;
+            ln_apply_row(xr, gamma, beta, mean[row], rstd[row], yr);
+        }
+    });
+}
+
+dispatch! {
+    /// One row of layer-norm backward: adds to `dx`, accumulates `dgamma` and `dbeta`.
+    pub fn ln_backward_row(dy: &[f32], x: &[f32], gamma: &[f32], mean: f32, rstd: f32, dx: &mut [f32], dgamma: &mut [f32], dbeta: &mut [f32]) {
+        let n = x.len();
+        // dxhat = dy·γ; dx = rstd·(dxhat − mean(dxhat) − x̂·mean(dxhat·x̂))
+        let mut s1 = [0f32; 8];
+        let mut s2 = [0f32; 8];
+        let mut i = 0;
+        while i + 8 <= n {
+            for j in 0..8 {
+                let xhat = (x[i + j] - mean) * rstd;
+                let g = dy[i + j] * gamma[i + j];
+                s1[j] += g;
+                s2[j] = g.mul_add(xhat, s2[j]);
+                dgamma[i + j] = dy[i + j].mul_add(xhat, dgamma[i + j]);
+                dbeta[i + j] += dy[i + j];
+            }
+            i += 8;
+        }
+        let (mut t1, mut t2) = (s1.iter().sum::<f32>(), s2.iter().sum::<f32>());
+        while i < n {
+            let xhat = (x[i] - mean) * rstd;
+            let g = dy[i] * gamma[i];
+            t1 += g;
+            t2 += g * xhat;
+            dgamma[i] += dy[i] * xhat;
+            dbeta[i] += dy[i];
+            i += 1;
+        }
+        let m1 = t1 / n as f32;
+        let m2 = t2 / n as f32;
+        for i in 0..n {
+            let xhat = (x[i] - mean) * rstd;
+            dx[i] += rstd * (dy[i] * gamma[i] - m1 - xhat * m2);
+        }
+    }
+}
+
+/// Layer-norm backward over rows: `dx += ∂L/∂x`, returns (dgamma, dbeta).
+pub fn layer_norm_backward(dy: &[f32], x: &[f32], gamma: &[f32], mean: &[f32], rstd: &[f32], dx: &mut [f32]) -> (Vec<f32>, Vec<f32>) {
+    let h = gamma.len();
+    let rows = mean.len();
+    let chunk = rows_per_task(rows);
+    let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(chunk * h)
+        .enumerate()
+        .map(|(c, dx)| {
+            let mut dg = vec![0f32; h];
+            let mut db = vec![0f32; h];
+            for (r, dxr) in dx.chunks_mut(h).enumerate() {
+                let row = c * chunk + r;
+                let span = row * h..(row + 1) * h;
+                ln_backward_row(&dy[span.clone()], &x[span], gamma, mean[row], rstd[row], dxr, &mut dg, &mut db);
+            }
+            (dg, db)
+        })
+        .collect();
+    let mut dg = vec![0f32; h];
+    let mut db = vec![0f32; h];
+    for (g, b) in partial {
+        add_assign(&mut dg, &g);
+        add_assign(&mut db, &b);
+    }
+    (dg, db)
+}
+
+dispatch! {
+    /// `a += b`.
+    pub fn add_assign(a: &mut [f32], b: &[f32]) {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x += y;
+        }
+    }
+}
+
+/// `a += b` over large buffers, in parallel.
+pub fn par_add_assign(a: &mut [f32], b: &[f32]) {
+    let chunk = 1 << 14;
+    a.par_chunks_mut(chunk).zip(b.par_chunks(chunk)).for_each(|(a, b)| add_assign(a, b));
+}
+
+/// Column sums of a (rows × cols) matrix (bias gradients).
+pub fn col_sums(x: &[f32], cols: usize) -> Vec<f32> {
+    let rows = x.len() / cols;
+    let chunk = rows_per_task(rows);
+    x.par_chunks(chunk * cols)
+        .map(|block| {
+            let mut acc = vec![0f32; cols];
+            for row in block.chunks(cols) {
+                add_assign(&mut acc, row);
+            }
+            acc
+        })
+        .reduce(|| vec![0f32; cols], |mut a, b| {
+            add_assign(&mut a, &b);
+            a
+        })
+}
+
+dispatch! {
+    fn act_forward_chunk(act: Activation, x: &[f32], y: &mut [f32]) {
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        match act {
+            Activation::Gelu => {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = 0.5 * x * (1.0 + simd::erf(x * std::f32::consts::FRAC_1_SQRT_2));
+                }
+            }
+            Activation::GeluTanh => {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    let u = SQRT_2_OVER_PI * (0.044_715 * x * x).mul_add(x, x);
+                    *y = 0.5 * x * (1.0 + simd::tanh(u));
+                }
+            }
+            Activation::Relu => {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = x.max(0.0);
+                }
+            }
+            Activation::Silu => {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = x * simd::sigmoid(x);
+                }
+            }
+            Activation::QuickGelu => {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = x * simd::sigmoid(1.702 * x);
+                }
+            }
+        }
+    }
+}
+
+dispatch! {
+    /// `dx = dy · act'(x)`, written over `dy`.
+    fn act_backward_chunk(act: Activation, x: &[f32], dy: &mut [f32]) {
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        match act {
+            Activation::Gelu => {
+                for (d, &x) in dy.iter_mut().zip(x) {
+                    let cdf = 0.5 * (1.0 + simd::erf(x * std::f32::consts::FRAC_1_SQRT_2));
+                    let pdf = INV_SQRT_2PI * simd::exp(-0.5 * x * x);
+                    *d *= x.mul_add(pdf, cdf);
+                }
+            }
+            Activation::GeluTanh => {
+                for (d, &x) in dy.iter_mut().zip(x) {
+                    let u = SQRT_2_OVER_PI * (0.044_715 * x * x).mul_add(x, x);
+                    let t = simd::tanh(u);
+                    let du = SQRT_2_OVER_PI * (3.0 * 0.044_715 * x).mul_add(x, 1.0);
+                    *d *= 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du;
+                }
+            }
+            Activation::Relu => {
+                for (d, &x) in dy.iter_mut().zip(x) {
+                    *d = if x > 0.0 { *d } else { 0.0 };
+                }
+            }
+            Activation::Silu => {
+                for (d, &x) in dy.iter_mut().zip(x) {
+                    let s = simd::sigmoid(x);
+                    *d *= s * (1.0 + x * (1.0 - s));
+                }
+            }
+            Activation::QuickGelu => {
+                for (d, &x) in dy.iter_mut().zip(x) {
+                    let s = simd::sigmoid(1.702 * x);
+                    *d *= s + 1.702 * x * s * (1.0 - s);
+                }
+            }
+        }
+    }
+}
+
+const ELEMENTS_PER_TASK: usize = 1 << 14;
+
+/// `y = act(x)`.
+pub fn activation(act: Activation, x: &[f32], y: &mut [f32]) {
+    y.par_chunks_mut(ELEMENTS_PER_TASK).zip(x.par_chunks(ELEMENTS_PER_TASK)).for_each(|(y, x)| act_forward_chunk(act, x, y));
+}
+
+/// `dy ← dy · act'(x)`.
+pub fn activation_backward(act: Activation, x: &[f32], dy: &mut [f32]) {
+    dy.par_chunks_mut(ELEMENTS_PER_TASK).zip(x.par_chunks(ELEMENTS_PER_TASK)).for_each(|(dy, x)| act_backward_chunk(act, x, dy));
+}
+
+dispatch! {
+    /// Softmax of one row in place (scaled by `scale` first); returns the row's log-sum-exp of
+    /// the scaled inputs.
+    pub fn softmax_row(row: &mut [f32], scale: f32) -> f32 {
+        let mut max = f32::NEG_INFINITY;
+        for v in row.iter_mut() {
+            *v *= scale;
+            max = max.max(*v);
+        }
+        for v in row.iter_mut() {
+            *v = simd::exp(*v - max);
+        }
+        let sum = sum8(row);
+        let inv = 1.0 / sum;
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+        max + sum.ln()
+    }
+}
+
+dispatch! {
+    /// Probabilities from scaled scores and their saved log-sum-exp, in place.
+    pub fn softmax_from_lse(row: &mut [f32], scale: f32, lse: f32) {
+        for v in row.iter_mut() {
+            *v = simd::exp((*v).mul_add(scale, -lse));
+        }
+    }
+}
+
+dispatch! {
+    /// Softmax backward of one row, scaled: `ds = scale · p ⊙ (dp − Σ dp⊙p)`, written over `dp`.
+    pub fn softmax_backward_row(p: &[f32], dp: &mut [f32], scale: f32) {
+        let d = dot8(p, dp);
+        for (g, &pv) in dp.iter_mut().zip(p) {
+            *g = scale * pv * (*g - d);
+        }
+    }
+}

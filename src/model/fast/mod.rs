@@ -1,0 +1,638 @@
+//! The fast CPU path of the ViT: forward and backward written out layer by layer (as llm.c
+//! does for GPT-2), with fused kernels and `gemm` products on strided views, instead of candle's
+//! op-by-op autograd. It computes exactly what [`super::vit`] computes (tests hold the two and the
+//! PyTorch golden files together) while avoiding per-op allocations, transposed copies and the
+//! zero-then-add gradient accumulation of a generic autograd, and it keeps far fewer activations:
+//! layer-norm and GELU outputs and attention probabilities are recomputed in backward.
+//!
+//! Parameters stay candle tensors; this module borrows their storage for the duration of a call.
+//! Used on the CPU device when dropout is off; everything else takes the reference path.
+
+pub mod kernels;
+pub mod matmul;
+pub mod simd;
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Storage, StorageRef, Tensor};
+use rayon::prelude::*;
+
+use self::kernels as k;
+use self::matmul::{Mat, MatMut, Threads, gemm};
+use super::vit::{Linear, TrainableSet, Vit};
+use super::{ModelError, VitConfig, params};
+
+type Result<T> = std::result::Result<T, ModelError>;
+
+/// Whether the fast path can run this model on this device (set `VITFORGE_REFERENCE_OPS=1` to
+/// force the reference path, e.g. to compare speed).
+pub fn usable(vit: &Vit, device: &Device) -> bool {
+    static FORCE_REFERENCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    device.is_cpu()
+        && !*FORCE_REFERENCE.get_or_init(|| std::env::var_os("VITFORGE_REFERENCE_OPS").is_some())
+        && vit.cfg.hidden_dropout_prob == 0.0
+        && vit.cfg.attention_probs_dropout_prob == 0.0
+}
+
+/// Read guards on the storage of every tensor of a model, so its weights can be used as slices.
+struct Guards<'a> {
+    items: Vec<(StorageRef<'a>, usize, usize)>,
+}
+
+impl<'a> Guards<'a> {
+    fn new(tensors: &[&'a Tensor]) -> Result<Self> {
+        let mut items = Vec::with_capacity(tensors.len());
+        for t in tensors {
+            let (guard, layout) = t.storage_and_layout();
+            if !layout.is_contiguous() || t.dtype() != candle_core::DType::F32 || !matches!(&*guard, Storage::Cpu(_)) {
+                return Err(ModelError::Input("the fast path needs contiguous f32 CPU weights".into()));
+            }
+            items.push((guard, layout.start_offset(), t.elem_count()));
+        }
+        Ok(Self { items })
+    }
+
+    fn slice(&self, i: usize) -> &[f32] {
+        let (guard, offset, len) = &self.items[i];
+        match &**guard {
+            Storage::Cpu(cpu) => &cpu.as_slice::<f32>().expect("checked f32 in new")[*offset..*offset + *len],
+            _ => unreachable!("checked CPU storage in new"),
+        }
+    }
+}
+
+struct Lin<'g> {
+    w: &'g [f32],
+    b: Option<&'g [f32]>,
+    out: usize,
+    inp: usize,
+}
+
+struct LayerW<'g> {
+    ln1: (&'g [f32], &'g [f32]),
+    q: Lin<'g>,
+    k: Lin<'g>,
+    v: Lin<'g>,
+    o: Lin<'g>,
+    ln2: (&'g [f32], &'g [f32]),
+    fc1: Lin<'g>,
+    fc2: Lin<'g>,
+}
+
+struct Weights<'g> {
+    patch: Lin<'g>,
+    cls: &'g [f32],
+    pos: &'g [f32],
+    layers: Vec<LayerW<'g>>,
+    ln: (&'g [f32], &'g [f32]),
+    head: Lin<'g>,
+}
+
+/// Every tensor of the model in a fixed order (the order [`Weights::new`] reads them back).
+fn tensor_list(vit: &Vit) -> Vec<&Tensor> {
+    let mut out = vec![&vit.patch_weight, &vit.patch_bias, &vit.cls_token, &vit.position_embeddings];
+    for layer in &vit.layers {
+        out.push(&layer.ln_before.weight);
+        out.push(&layer.ln_before.bias);
+        for l in [&layer.query, &layer.key, &layer.value, &layer.attn_out] {
+            out.push(&l.weight);
+            if let Some(b) = &l.bias {
+                out.push(b);
+            }
+        }
+        out.push(&layer.ln_after.weight);
+        out.push(&layer.ln_after.bias);
+        for l in [&layer.fc1, &layer.fc2] {
+            out.push(&l.weight);
+            if let Some(b) = &l.bias {
+                out.push(b);
+            }
+        }
+    }
+    out.push(&vit.layernorm.weight);
+    out.push(&vit.layernorm.bias);
+    out.push(&vit.classifier.weight);
+    if let Some(b) = &vit.classifier.bias {
+        out.push(b);
+    }
+    out
+}
+
+impl<'g> Weights<'g> {
+    fn new(vit: &Vit, g: &'g Guards) -> Self {
+        let mut i = 0;
+        let mut next = || {
+            i += 1;
+            g.slice(i - 1)
+        };
+        let dims = |l: &Linear| (l.weight.dim(0).unwrap_or(0), l.weight.dim(1).unwrap_or(0));
+        let patch_w = next();
+        let patch_b = next();
+        let (h, cpp) = (vit.cfg.hidden_size, patch_w.len() / vit.cfg.hidden_size);
+        let cls = next();
+        let pos = next();
+        let mut layers = Vec::with_capacity(vit.layers.len());
+        for layer in &vit.layers {
+            let ln1 = (next(), next());
+            let mut lin = |l: &Linear| {
+                let (out, inp) = dims(l);
+                let w = next();
+                let b = if l.bias.is_some() { Some(next()) } else { None };
+                Lin { w, b, out, inp }
+            };
+            let q = lin(&layer.query);
+            let k = lin(&layer.key);
+            let v = lin(&layer.value);
+            let o = lin(&layer.attn_out);
+            let ln2 = {
+                let w = next();
+                (w, next())
+            };
+            let mut lin = |l: &Linear| {
+                let (out, inp) = dims(l);
+                let w = next();
+                let b = if l.bias.is_some() { Some(next()) } else { None };
+                Lin { w, b, out, inp }
+            };
+            let fc1 = lin(&layer.fc1);
+            let fc2 = lin(&layer.fc2);
+            layers.push(LayerW { ln1, q, k, v, o, ln2, fc1, fc2 });
+        }
+        let ln = (next(), next());
+        let (out, inp) = dims(&vit.classifier);
+        let hw = next();
+        let hb = vit.classifier.bias.as_ref().map(|_| next());
+        Weights { patch: Lin { w: patch_w, b: Some(patch_b), out: h, inp: cpp }, cls, pos, layers, ln, head: Lin { w: hw, b: hb, out, inp } }
+    }
+}
+
+/// `y[:, col..col+out] = x·Wᵀ + b` for a row-major `x` (rows × in) into a buffer `stride` wide.
+fn linear(x: &[f32], rows: usize, l: &Lin, y: &mut [f32], stride: usize, col: usize) {
+    if let Some(b) = l.b {
+        for r in 0..rows {
+            y[r * stride + col..r * stride + col + l.out].copy_from_slice(b);
+        }
+    }
+    gemm(
+        Mat::rows(x, rows, l.inp),
+        Mat::rows(l.w, l.out, l.inp).t(),
+        MatMut::strided(y, rows, l.out, stride, col),
+        1.0,
+        l.b.is_some(),
+        Threads::All,
+    );
+}
+
+/// Weight and bias gradients of a linear layer from its input and the gradient of its output
+/// (the columns `col..col+out` of a `stride`-wide buffer).
+fn linear_grads(x: &[f32], rows: usize, l: &Lin, dy: &[f32], stride: usize, col: usize) -> (Vec<f32>, Option<Vec<f32>>) {
+    let dy_view = Mat { data: dy, offset: col, rows, cols: l.out, rs: stride, cs: 1 };
+    let mut dw = vec![0f32; l.out * l.inp];
+    gemm(dy_view.t(), Mat::rows(x, rows, l.inp), MatMut::rows(&mut dw, l.out, l.inp), 1.0, false, Threads::All);
+    let db = l.b.map(|_| {
+        if stride == l.out {
+            k::col_sums(dy, l.out)
+        } else {
+            let mut part = vec![0f32; rows * l.out];
+            for r in 0..rows {
+                part[r * l.out..(r + 1) * l.out].copy_from_slice(&dy[r * stride + col..r * stride + col + l.out]);
+            }
+            k::col_sums(&part, l.out)
+        }
+    });
+    (dw, db)
+}
+
+/// `dx (+)= dy[:, col..col+out]·W`.
+fn linear_input_grad(dy: &[f32], rows: usize, l: &Lin, stride: usize, col: usize, dx: &mut [f32], accumulate: bool) {
+    let dy_view = Mat { data: dy, offset: col, rows, cols: l.out, rs: stride, cs: 1 };
+    gemm(dy_view, Mat::rows(l.w, l.out, l.inp), MatMut::rows(dx, rows, l.inp), 1.0, accumulate, Threads::All);
+}
+
+/// Patches as rows (B·patches × C·ph·pw), in the order of the convolution kernel's flattening.
+fn im2col(cfg: &VitConfig, pixels: &[f32], b: usize) -> Vec<f32> {
+    let c = cfg.num_channels;
+    let (ih, iw) = cfg.image_size;
+    let (ph, pw) = cfg.patch_size;
+    let (gh, gw) = cfg.grid();
+    let cpp = c * ph * pw;
+    let mut cols = vec![0f32; b * gh * gw * cpp];
+    cols.par_chunks_mut(gh * gw * cpp).enumerate().for_each(|(bi, out)| {
+        let img = &pixels[bi * c * ih * iw..(bi + 1) * c * ih * iw];
+        for py in 0..gh {
+            for px in 0..gw {
+                let row = &mut out[(py * gw + px) * cpp..(py * gw + px + 1) * cpp];
+                for ch in 0..c {
+                    for y in 0..ph {
+                        let src = ch * ih * iw + (py * ph + y) * iw + px * pw;
+                        row[(ch * ph + y) * pw..(ch * ph + y + 1) * pw].copy_from_slice(&img[src..src + pw]);
+                    }
+                }
+            }
+        }
+    });
+    cols
+}
+
+/// Patch, CLS and position embeddings: pixels → hidden states (B·tokens × hidden).
+fn embed(cfg: &VitConfig, w: &Weights, pixels: &[f32], b: usize) -> (Vec<f32>, Vec<f32>) {
+    let h = cfg.hidden_size;
+    let n = cfg.num_tokens();
+    let p = n - 1;
+    let cols = im2col(cfg, pixels, b);
+    let mut patches = vec![0f32; b * p * h];
+    linear(&cols, b * p, &w.patch, &mut patches, h, 0);
+    let mut x = vec![0f32; b * n * h];
+    x.par_chunks_mut(n * h).enumerate().for_each(|(bi, xb)| {
+        xb[..h].copy_from_slice(w.cls);
+        xb[h..].copy_from_slice(&patches[bi * p * h..(bi + 1) * p * h]);
+        k::add_assign(xb, w.pos);
+    });
+    (x, cols)
+}
+
+/// What one layer keeps for its backward.
+struct LayerSaved {
+    x_in: Vec<f32>,
+    mean1: Vec<f32>,
+    rstd1: Vec<f32>,
+    qkv: Vec<f32>,
+    lse: Vec<f32>,
+    ctx: Vec<f32>,
+    x_mid: Vec<f32>,
+    mean2: Vec<f32>,
+    rstd2: Vec<f32>,
+    fc1: Vec<f32>,
+}
+
+/// Attention of one (image, head): O (n × d) and the log-sum-exp of each score row.
+fn attention_head(qkv: &[f32], n: usize, hid: usize, d: usize, bi: usize, hi: usize, scale: f32) -> (Vec<f32>, Vec<f32>) {
+    let base = bi * n * 3 * hid;
+    let q = Mat { data: qkv, offset: base + hi * d, rows: n, cols: d, rs: 3 * hid, cs: 1 };
+    let kk = Mat { offset: base + hid + hi * d, ..q };
+    let v = Mat { offset: base + 2 * hid + hi * d, ..q };
+    let mut s = vec![0f32; n * n];
+    gemm(q, kk.t(), MatMut::rows(&mut s, n, n), 1.0, false, Threads::One);
+    let mut lse = vec![0f32; n];
+    for (row, l) in s.chunks_mut(n).zip(lse.iter_mut()) {
+        *l = k::softmax_row(row, scale);
+    }
+    let mut o = vec![0f32; n * d];
+    gemm(Mat::rows(&s, n, n), v, MatMut::rows(&mut o, n, d), 1.0, false, Threads::One);
+    (o, lse)
+}
+
+fn attention(cfg: &VitConfig, qkv: &[f32], b: usize) -> (Vec<f32>, Vec<f32>) {
+    let (n, hid, heads, d) = (cfg.num_tokens(), cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim());
+    let scale = 1.0 / (d as f32).sqrt();
+    let outs: Vec<(Vec<f32>, Vec<f32>)> =
+        (0..b * heads).into_par_iter().map(|t| attention_head(qkv, n, hid, d, t / heads, t % heads, scale)).collect();
+    let mut ctx = vec![0f32; b * n * hid];
+    let mut lse = vec![0f32; b * heads * n];
+    for (t, (o, l)) in outs.into_iter().enumerate() {
+        let (bi, hi) = (t / heads, t % heads);
+        for r in 0..n {
+            let dst = (bi * n + r) * hid + hi * d;
+            ctx[dst..dst + d].copy_from_slice(&o[r * d..(r + 1) * d]);
+        }
+        lse[t * n..(t + 1) * n].copy_from_slice(&l);
+    }
+    (ctx, lse)
+}
+
+/// Backward of one (image, head): dQ, dK, dV (each n × d), recomputing the probabilities.
+#[allow(clippy::too_many_arguments)]
+fn attention_head_backward(
+    qkv: &[f32],
+    lse: &[f32],
+    dctx: &[f32],
+    n: usize,
+    hid: usize,
+    d: usize,
+    bi: usize,
+    hi: usize,
+    scale: f32,
+) -> [Vec<f32>; 3] {
+    let base = bi * n * 3 * hid;
+    let q = Mat { data: qkv, offset: base + hi * d, rows: n, cols: d, rs: 3 * hid, cs: 1 };
+    let kk = Mat { offset: base + hid + hi * d, ..q };
+    let v = Mat { offset: base + 2 * hid + hi * d, ..q };
+    let d_o = Mat { data: dctx, offset: bi * n * hid + hi * d, rows: n, cols: d, rs: hid, cs: 1 };
+    let mut p = vec![0f32; n * n];
+    gemm(q, kk.t(), MatMut::rows(&mut p, n, n), 1.0, false, Threads::One);
+    for (row, &l) in p.chunks_mut(n).zip(lse) {
+        k::softmax_from_lse(row, scale, l);
+    }
+    let mut dv = vec![0f32; n * d];
+    gemm(Mat::rows(&p, n, n).t(), d_o, MatMut::rows(&mut dv, n, d), 1.0, false, Threads::One);
+    let mut dp = vec![0f32; n * n];
+    gemm(d_o, v.t(), MatMut::rows(&mut dp, n, n), 1.0, false, Threads::One);
+    for (pr, dr) in p.chunks(n).zip(dp.chunks_mut(n)) {
+        k::softmax_backward_row(pr, dr, scale);
+    }
+    let mut dq = vec![0f32; n * d];
+    gemm(Mat::rows(&dp, n, n), kk, MatMut::rows(&mut dq, n, d), 1.0, false, Threads::One);
+    let mut dk = vec![0f32; n * d];
+    gemm(Mat::rows(&dp, n, n).t(), q, MatMut::rows(&mut dk, n, d), 1.0, false, Threads::One);
+    [dq, dk, dv]
+}
+
+fn attention_backward(cfg: &VitConfig, qkv: &[f32], lse: &[f32], dctx: &[f32], b: usize) -> Vec<f32> {
+    let (n, hid, heads, d) = (cfg.num_tokens(), cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim());
+    let scale = 1.0 / (d as f32).sqrt();
+    let outs: Vec<[Vec<f32>; 3]> = (0..b * heads)
+        .into_par_iter()
+        .map(|t| attention_head_backward(qkv, &lse[t * n..(t + 1) * n], dctx, n, hid, d, t / heads, t % heads, scale))
+        .collect();
+    let mut dqkv = vec![0f32; b * n * 3 * hid];
+    for (t, parts) in outs.into_iter().enumerate() {
+        let (bi, hi) = (t / heads, t % heads);
+        for (j, part) in parts.iter().enumerate() {
+            for r in 0..n {
+                let dst = (bi * n + r) * 3 * hid + j * hid + hi * d;
+                dqkv[dst..dst + d].copy_from_slice(&part[r * d..(r + 1) * d]);
+            }
+        }
+    }
+    dqkv
+}
+
+/// One encoder layer forward; with `save`, also what its backward needs.
+fn layer_forward(cfg: &VitConfig, w: &LayerW, x: Vec<f32>, b: usize, save: bool) -> (Vec<f32>, Option<LayerSaved>) {
+    let h = cfg.hidden_size;
+    let rows = b * cfg.num_tokens();
+    let eps = cfg.layer_norm_eps as f32;
+    let mut hs = vec![0f32; rows * h];
+    let (mean1, rstd1) = k::layer_norm(&x, w.ln1.0, w.ln1.1, eps, &mut hs);
+    let mut qkv = vec![0f32; rows * 3 * h];
+    linear(&hs, rows, &w.q, &mut qkv, 3 * h, 0);
+    linear(&hs, rows, &w.k, &mut qkv, 3 * h, h);
+    linear(&hs, rows, &w.v, &mut qkv, 3 * h, 2 * h);
+    let (ctx, lse) = attention(cfg, &qkv, b);
+    let mut x_mid = vec![0f32; rows * h];
+    linear(&ctx, rows, &w.o, &mut x_mid, h, 0);
+    k::par_add_assign(&mut x_mid, &x);
+    let (mean2, rstd2) = k::layer_norm(&x_mid, w.ln2.0, w.ln2.1, eps, &mut hs);
+    let inter = w.fc1.out;
+    let mut fc1 = vec![0f32; rows * inter];
+    linear(&hs, rows, &w.fc1, &mut fc1, inter, 0);
+    let mut act = vec![0f32; rows * inter];
+    k::activation(cfg.hidden_act, &fc1, &mut act);
+    let mut out = vec![0f32; rows * h];
+    linear(&act, rows, &w.fc2, &mut out, h, 0);
+    k::par_add_assign(&mut out, &x_mid);
+    let saved = save.then(|| LayerSaved { x_in: x, mean1, rstd1, qkv, lse, ctx, x_mid, mean2, rstd2, fc1 });
+    (out, saved)
+}
+
+/// Gradients of one layer's parameters, in checkpoint order under `vit.encoder.layer.{i}.`.
+type NamedGrads = Vec<(String, Vec<f32>)>;
+
+/// One encoder layer backward: parameter gradients, and the gradient of its input when
+/// `need_dx` (not for the lowest trainable layer).
+fn layer_backward(cfg: &VitConfig, w: &LayerW, s: LayerSaved, dx: Vec<f32>, b: usize, prefix: &str, need_dx: bool) -> (NamedGrads, Option<Vec<f32>>) {
+    let h = cfg.hidden_size;
+    let rows = b * cfg.num_tokens();
+    let inter = w.fc1.out;
+    let mut grads = NamedGrads::new();
+    let mut push = |name: &str, g: Vec<f32>| grads.push((format!("{prefix}{name}"), g));
+
+    // MLP branch: out = x_mid + fc2(act(fc1(ln2(x_mid)))).
+    let mut act = vec![0f32; rows * inter];
+    k::activation(cfg.hidden_act, &s.fc1, &mut act);
+    let (dw2, db2) = linear_grads(&act, rows, &w.fc2, &dx, h, 0);
+    drop(act);
+    let mut dfc1 = vec![0f32; rows * inter];
+    linear_input_grad(&dx, rows, &w.fc2, h, 0, &mut dfc1, false);
+    k::activation_backward(cfg.hidden_act, &s.fc1, &mut dfc1);
+    drop(s.fc1);
+    let mut hs = vec![0f32; rows * h];
+    k::layer_norm_apply(&s.x_mid, w.ln2.0, w.ln2.1, &s.mean2, &s.rstd2, &mut hs);
+    let (dw1, db1) = linear_grads(&hs, rows, &w.fc1, &dfc1, inter, 0);
+    let mut dhs = vec![0f32; rows * h];
+    linear_input_grad(&dfc1, rows, &w.fc1, inter, 0, &mut dhs, false);
+    drop(dfc1);
+    let mut dx_mid = dx;
+    let (dg2, dbeta2) = k::layer_norm_backward(&dhs, &s.x_mid, w.ln2.0, &s.mean2, &s.rstd2, &mut dx_mid);
+    drop(s.x_mid);
+
+    // Attention branch: x_mid = x_in + o(attention(qkv(ln1(x_in)))).
+    let (dwo, dbo) = linear_grads(&s.ctx, rows, &w.o, &dx_mid, h, 0);
+    let mut dctx = vec![0f32; rows * h];
+    linear_input_grad(&dx_mid, rows, &w.o, h, 0, &mut dctx, false);
+    drop(s.ctx);
+    let dqkv = attention_backward(cfg, &s.qkv, &s.lse, &dctx, b);
+    drop(dctx);
+    drop(s.qkv);
+    k::layer_norm_apply(&s.x_in, w.ln1.0, w.ln1.1, &s.mean1, &s.rstd1, &mut hs);
+    let (dwq, dbq) = linear_grads(&hs, rows, &w.q, &dqkv, 3 * h, 0);
+    let (dwk, dbk) = linear_grads(&hs, rows, &w.k, &dqkv, 3 * h, h);
+    let (dwv, dbv) = linear_grads(&hs, rows, &w.v, &dqkv, 3 * h, 2 * h);
+    linear_input_grad(&dqkv, rows, &w.q, 3 * h, 0, &mut dhs, false);
+    linear_input_grad(&dqkv, rows, &w.k, 3 * h, h, &mut dhs, true);
+    linear_input_grad(&dqkv, rows, &w.v, 3 * h, 2 * h, &mut dhs, true);
+    let mut dx_in = dx_mid;
+    let (dg1, dbeta1) = k::layer_norm_backward(&dhs, &s.x_in, w.ln1.0, &s.mean1, &s.rstd1, &mut dx_in);
+
+    for (name, (dw, db)) in [("query", (dwq, dbq)), ("key", (dwk, dbk)), ("value", (dwv, dbv))] {
+        push(&format!("attention.attention.{name}.weight"), dw);
+        if let Some(db) = db {
+            push(&format!("attention.attention.{name}.bias"), db);
+        }
+    }
+    push("attention.output.dense.weight", dwo);
+    push("attention.output.dense.bias", dbo.unwrap_or_default());
+    push("intermediate.dense.weight", dw1);
+    push("intermediate.dense.bias", db1.unwrap_or_default());
+    push("output.dense.weight", dw2);
+    push("output.dense.bias", db2.unwrap_or_default());
+    push("layernorm_before.weight", dg1);
+    push("layernorm_before.bias", dbeta1);
+    push("layernorm_after.weight", dg2);
+    push("layernorm_after.bias", dbeta2);
+    (grads, need_dx.then_some(dx_in))
+}
+
+fn host_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// Final layer norm of the CLS rows: (B·tokens × hidden) → (B × hidden), with its statistics.
+fn pool(cfg: &VitConfig, w: &Weights, x: &[f32], b: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let h = cfg.hidden_size;
+    let n = cfg.num_tokens();
+    let mut cls = vec![0f32; b * h];
+    for bi in 0..b {
+        cls[bi * h..(bi + 1) * h].copy_from_slice(&x[bi * n * h..bi * n * h + h]);
+    }
+    let mut pooled = vec![0f32; b * h];
+    let (mean, rstd) = k::layer_norm(&cls, w.ln.0, w.ln.1, cfg.layer_norm_eps as f32, &mut pooled);
+    (pooled, cls, mean, rstd)
+}
+
+/// Runs layers `range` on hidden states (B, tokens, hidden) without keeping anything.
+pub fn encode(vit: &Vit, x: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
+    let guards = Guards::new(&tensor_list(vit))?;
+    let w = Weights::new(vit, &guards);
+    let (b, n, h) = x.dims3()?;
+    let mut hidden = host_vec(x)?;
+    for l in range {
+        hidden = layer_forward(&vit.cfg, &w.layers[l], hidden, b, false).0;
+    }
+    Ok(Tensor::from_vec(hidden, (b, n, h), x.device())?)
+}
+
+/// Embeddings of pixels (B, C, H, W) → (B, tokens, hidden).
+pub fn embed_tensor(vit: &Vit, pixels: &Tensor) -> Result<Tensor> {
+    let guards = Guards::new(&tensor_list(vit))?;
+    let w = Weights::new(vit, &guards);
+    let b = pixels.dim(0)?;
+    let (x, _) = embed(&vit.cfg, &w, &host_vec(pixels)?, b);
+    Ok(Tensor::from_vec(x, (b, vit.cfg.num_tokens(), vit.cfg.hidden_size), pixels.device())?)
+}
+
+/// Pooled features (B, hidden) of pixels, without keeping anything for backward.
+pub fn features(vit: &Vit, pixels: &Tensor) -> Result<Tensor> {
+    let guards = Guards::new(&tensor_list(vit))?;
+    let w = Weights::new(vit, &guards);
+    let b = pixels.dim(0)?;
+    let (mut x, _) = embed(&vit.cfg, &w, &host_vec(pixels)?, b);
+    for layer in &w.layers {
+        x = layer_forward(&vit.cfg, layer, x, b, false).0;
+    }
+    let (pooled, ..) = pool(&vit.cfg, &w, &x, b);
+    Ok(Tensor::from_vec(pooled, (b, vit.cfg.hidden_size), pixels.device())?)
+}
+
+/// Mean cross-entropy with label smoothing, and its gradient with respect to the logits.
+fn cross_entropy(logits: &[f32], labels: usize, targets: &[u32], eps: f64) -> (f64, Vec<f32>) {
+    let b = targets.len();
+    let mut grad = vec![0f32; logits.len()];
+    let mut loss = 0.0f64;
+    for (i, &t) in targets.iter().enumerate() {
+        let row = &logits[i * labels..(i + 1) * labels];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = row.iter().map(|&v| f64::from(v - max).exp()).sum();
+        let lse = f64::from(max) + sum.ln();
+        for (c, &v) in row.iter().enumerate() {
+            let q = eps / labels as f64 + if c == t as usize { 1.0 - eps } else { 0.0 };
+            let logp = f64::from(v) - lse;
+            loss -= q * logp;
+            grad[i * labels + c] = ((logp.exp() - q) / b as f64) as f32;
+        }
+    }
+    (loss / b as f64, grad)
+}
+
+/// Where the trainable part starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Pixels (B, C, H, W): everything trains.
+    Pixels,
+    /// Hidden states (B, tokens, hidden) entering this layer.
+    Layer(usize),
+    /// Pooled features (B, hidden): only the head trains.
+    Features,
+}
+
+/// Loss of a batch and the gradients of the trainable parameters (by checkpoint name, shaped as
+/// the parameters), computed by the hand-written backward.
+pub fn loss_and_grads(
+    vit: &Vit,
+    set: TrainableSet,
+    start: Start,
+    input: &Tensor,
+    targets: &[u32],
+    label_smoothing: f64,
+) -> Result<(f64, BTreeMap<String, Tensor>)> {
+    let cfg = &vit.cfg;
+    let guards = Guards::new(&tensor_list(vit))?;
+    let w = Weights::new(vit, &guards);
+    let device = input.device().clone();
+    let b = targets.len();
+    let h = cfg.hidden_size;
+    let n = cfg.num_tokens();
+    let labels = w.head.out;
+    let layers = cfg.num_hidden_layers;
+    let mut grads: Vec<(String, Vec<f32>)> = Vec::new();
+
+    // Forward, keeping what backward needs.
+    let (first_layer, mut x, cols) = match start {
+        Start::Pixels => {
+            let (x, cols) = embed(cfg, &w, &host_vec(input)?, b);
+            (0, x, Some(cols))
+        }
+        Start::Layer(l) => (l, host_vec(input)?, None),
+        Start::Features => (layers, Vec::new(), None),
+    };
+    let mut saved = Vec::with_capacity(layers - first_layer);
+    if start != Start::Features {
+        for layer in &w.layers[first_layer..] {
+            let (next, s) = layer_forward(cfg, layer, x, b, true);
+            saved.push(s.expect("saved"));
+            x = next;
+        }
+    }
+    let (pooled, cls, mean_f, rstd_f) = if start == Start::Features {
+        (host_vec(input)?, Vec::new(), Vec::new(), Vec::new())
+    } else {
+        pool(cfg, &w, &x, b)
+    };
+    drop(x);
+    let mut logits = vec![0f32; b * labels];
+    linear(&pooled, b, &w.head, &mut logits, labels, 0);
+    let (loss, dlogits) = cross_entropy(&logits, labels, targets, label_smoothing);
+
+    // Backward.
+    let (dw, db) = linear_grads(&pooled, b, &w.head, &dlogits, labels, 0);
+    grads.push((params::HEAD_WEIGHT.into(), dw));
+    grads.push((params::HEAD_BIAS.into(), db.unwrap_or_default()));
+    if start != Start::Features {
+        let mut dpooled = vec![0f32; b * h];
+        linear_input_grad(&dlogits, b, &w.head, labels, 0, &mut dpooled, false);
+        let mut dcls = vec![0f32; b * h];
+        let (dg, dbeta) = k::layer_norm_backward(&dpooled, &cls, w.ln.0, &mean_f, &rstd_f, &mut dcls);
+        grads.push(("vit.layernorm.weight".into(), dg));
+        grads.push(("vit.layernorm.bias".into(), dbeta));
+        let mut dx = vec![0f32; b * n * h];
+        for bi in 0..b {
+            dx[bi * n * h..bi * n * h + h].copy_from_slice(&dcls[bi * h..(bi + 1) * h]);
+        }
+        for l in (first_layer..layers).rev() {
+            let s = saved.pop().expect("one saved state per layer");
+            let need_dx = l > first_layer || start == Start::Pixels;
+            let (g, next) = layer_backward(cfg, &w.layers[l], s, dx, b, &format!("vit.encoder.layer.{l}."), need_dx);
+            grads.extend(g);
+            dx = next.unwrap_or_default();
+        }
+        if let Some(cols) = cols {
+            // x = [cls; patches·Wᵀ + b] + pos.
+            let mut dpos = vec![0f32; n * h];
+            let mut dcls_tok = vec![0f32; h];
+            let p = n - 1;
+            let mut dpatch = vec![0f32; b * p * h];
+            for bi in 0..b {
+                let xb = &dx[bi * n * h..(bi + 1) * n * h];
+                k::add_assign(&mut dpos, xb);
+                k::add_assign(&mut dcls_tok, &xb[..h]);
+                dpatch[bi * p * h..(bi + 1) * p * h].copy_from_slice(&xb[h..]);
+            }
+            let (dwp, dbp) = linear_grads(&cols, b * p, &w.patch, &dpatch, h, 0);
+            grads.push(("vit.embeddings.cls_token".into(), dcls_tok));
+            grads.push(("vit.embeddings.position_embeddings".into(), dpos));
+            grads.push(("vit.embeddings.patch_embeddings.projection.weight".into(), dwp));
+            grads.push(("vit.embeddings.patch_embeddings.projection.bias".into(), dbp.unwrap_or_default()));
+        }
+    }
+
+    let shapes: BTreeMap<String, Vec<usize>> = params::param_specs(cfg, labels).into_iter().map(|s| (s.name, s.shape)).collect();
+    let mut out = BTreeMap::new();
+    for (name, g) in grads {
+        if !set.contains(&name, layers) {
+            continue;
+        }
+        let shape = shapes.get(&name).ok_or_else(|| ModelError::Weights(format!("no parameter named {name}")))?;
+        out.insert(name, Tensor::from_vec(g, shape.as_slice(), &device)?);
+    }
+    Ok((loss, out))
+}
