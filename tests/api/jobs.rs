@@ -170,6 +170,11 @@ async fn bad_job_requests_get_clear_errors() {
     assert!(msg.contains("epoch"), "{msg}");
     let msg = assert_error(post(json!({"dataset_id": dataset, "params": {"epochs": 0}})).await, 422, "invalid_params").await;
     assert!(msg.contains("params.epochs"), "{msg}");
+    // 0.0 is an integer to JSON Schema, so it is read as 0 (and refused as 0); 2.5 is not.
+    let msg = assert_error(post(json!({"dataset_id": dataset, "params": {"epochs": 0.0}})).await, 422, "invalid_params").await;
+    assert!(msg.contains("params.epochs"), "{msg}");
+    let msg = assert_error(post(json!({"dataset_id": dataset, "params": {"epochs": 2.5}})).await, 422, "invalid_field").await;
+    assert!(msg.contains("params.epochs"), "{msg}");
     let msg = assert_error(post(json!({"dataset_id": dataset, "params": {"learning_rate": "fast"}})).await, 422, "invalid_field").await;
     assert!(msg.contains("learning_rate"), "{msg}");
     let msg = assert_error(post(json!({"dataset_id": dataset, "params": {"batch_size": 1e300}})).await, 422, "invalid_field").await;
