@@ -67,7 +67,14 @@ fn check_footer(file: &mut File) -> Result<(), IngestError> {
             "the Parquet footer is {footer} bytes, over the limit of {MAX_FOOTER_BYTES}"
         )));
     }
-    Ok(())
+    if footer + 8 > len {
+        return Err(corrupt("the footer is longer than the file"));
+    }
+    let mut bytes = vec![0u8; footer as usize];
+    file.seek(SeekFrom::Start(len - 8 - footer))?;
+    file.read_exact(&mut bytes)?;
+    file.seek(SeekFrom::Start(0))?;
+    super::parquet_pages::check_footer(&bytes)
 }
 
 fn read_rows(file: File, sink: &mut Sink<'_>) -> Result<BTreeSet<String>, IngestError> {

@@ -32,6 +32,17 @@ fn corrupt(what: impl std::fmt::Display) -> IngestError {
     IngestError::Corrupt(format!("the Parquet file is damaged: {what}"))
 }
 
+/// Walks the footer's Thrift structure (a `FileMetaData` struct) before the parquet crate decodes
+/// it. That decoder reserves `Vec::with_capacity(declared length)` for every list, so a footer of
+/// a few bytes declaring a list of billions of key-value pairs asks for ~100 GB and aborts the
+/// process (found by `cargo fuzz`); here such a list is refused, as is deeper nesting than any
+/// real footer has.
+pub(super) fn check_footer(footer: &[u8]) -> Result<(), IngestError> {
+    let mut r = Compact::new(footer, footer.len() as u64);
+    r.fields(0, |r, _, ty, depth| r.skip(ty, true, depth))
+        .map_err(|e| IngestError::Corrupt(format!("the Parquet footer is malformed: {e}")))
+}
+
 /// Checks every page of the column chunks whose top-level column is in `columns`.
 pub(super) fn check(file: &File, metadata: &ParquetMetaData, columns: &[&str]) -> Result<(), IngestError> {
     let file_len = file.metadata()?.len();
@@ -235,19 +246,26 @@ impl<R: Read> Compact<R> {
                 let n = self.varint()?;
                 self.skip_bytes(n)
             }
+            // Containers count as a nesting level (lists of lists would otherwise recurse once per
+            // byte), and a declared size must fit in the bytes left, one byte per element at least:
+            // the parquet crate reserves room for the declared size before reading an element.
             9 | 10 => {
+                let depth = self.nested(depth)?;
                 let head = self.byte()?;
                 let size = match head >> 4 {
                     15 => self.varint()?,
                     n => u64::from(n),
                 };
+                self.room_for(size)?;
                 for _ in 0..size {
                     self.skip(head & 0x0f, false, depth)?;
                 }
                 Ok(())
             }
             11 => {
+                let depth = self.nested(depth)?;
                 let size = self.varint()?;
+                self.room_for(size)?;
                 if size > 0 {
                     let kinds = self.byte()?;
                     for _ in 0..size {
@@ -260,6 +278,20 @@ impl<R: Read> Compact<R> {
             12 => self.fields(depth + 1, |r, _, ty, depth| r.skip(ty, true, depth)),
             _ => Err(invalid("unknown field type")),
         }
+    }
+
+    fn nested(&self, depth: u8) -> io::Result<u8> {
+        if depth >= MAX_DEPTH {
+            return Err(invalid("nested too deeply"));
+        }
+        Ok(depth + 1)
+    }
+
+    fn room_for(&self, elements: u64) -> io::Result<()> {
+        if elements > self.limit - self.read {
+            return Err(invalid("a list declares more elements than the bytes left"));
+        }
+        Ok(())
     }
 
     /// Reads a struct's fields up to its stop byte, handing each (id, type) to `field`, which must
@@ -428,6 +460,20 @@ mod tests {
         assert_eq!(h, PageHeader { uncompressed: 1000, compressed: 300, levels: 0, values_compressed: true });
         let h = parse(&header(1000, 300, Some((10, 4, false)))).unwrap();
         assert_eq!(h, PageHeader { uncompressed: 1000, compressed: 300, levels: 14, values_compressed: false });
+    }
+
+    #[test]
+    fn footers_declaring_impossible_lists_or_deep_nesting_are_refused() {
+        // FileMetaData field 5 (key_value_metadata), a list of structs declaring 2^32 - 1 elements
+        // in a few bytes: the fuzzer's input that made parquet reserve ~100 GB.
+        let huge = [0x59, 0xfc, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x00, 0x00];
+        assert!(super::check_footer(&huge).is_err());
+        // Lists of lists of lists…, one byte a level.
+        let mut deep = vec![0x19];
+        deep.extend(std::iter::repeat_n(0x19, 100_000));
+        assert!(super::check_footer(&deep).is_err());
+        // A list whose elements are all there passes: field 1 (i32) then a list of three i32.
+        assert!(super::check_footer(&[0x15, 0x02, 0x19, 0x35, 0x02, 0x04, 0x06, 0x00]).is_ok());
     }
 
     #[test]

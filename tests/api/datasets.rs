@@ -202,6 +202,19 @@ async fn parquet_that_is_not_an_image_dataset_is_422_and_a_damaged_one_400() {
     assert!(app.blobs().is_empty());
 }
 
+/// Inputs `cargo fuzz` found (`scripts/fuzz.sh`): a footer whose list declares billions of
+/// elements, which made the parquet crate reserve ~100 GB and abort the process, and one on which
+/// its footer decoder panics.
+#[tokio::test]
+async fn parquet_footers_found_by_the_fuzzer_are_400() {
+    let app = spawn_app().await;
+    for name in ["parquet-footer-huge-list.parquet", "parquet-footer-decoder-panic.parquet"] {
+        let bytes = std::fs::read(format!("{}/tests/fixtures/fuzz/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        assert_error(app.post_dataset(name, bytes, None).await, 400, "corrupt_archive").await;
+    }
+    assert_eq!(app.get("/healthz").await.status(), 200);
+}
+
 #[tokio::test]
 async fn a_parquet_footer_that_crashes_the_decoder_is_400() {
     let app = spawn_app().await;
