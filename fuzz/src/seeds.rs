@@ -1,6 +1,7 @@
 //! Writes the seed corpora: `cargo run --release --bin seeds` (from `fuzz/`) fills
 //! `corpus/ingest/` with a small valid zip, tar, tar.gz and Parquet dataset, and
-//! `corpus/decode_image/` with one small image per supported format.
+//! `corpus/decode_image/` with one small image per supported format. `scripts/fuzz.sh` runs it
+//! from the fuzz build when a corpus is missing.
 
 use std::io::{Cursor, Write};
 use std::path::Path;
