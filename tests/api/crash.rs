@@ -199,7 +199,10 @@ async fn sigkill_at_random_points_loses_nothing() {
     let timed = Instant::now();
     let resp = server.client.post(format!("{}/datasets", server.base)).multipart(upload_form(big.clone())).send().await.unwrap();
     assert_eq!(resp.status(), 201);
-    let upload_ms = (timed.elapsed().as_millis() as u64).max(10);
+    // The kill delay adapts: shorter after an upload that finished before its kill, longer after
+    // one that did not, so about half the upload kills land mid-upload.
+    let mut upload_ms = (timed.elapsed().as_millis() as u64).max(10);
+    let first_upload_ms = upload_ms;
     let first_big = resp.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
 
     let mut acknowledged: BTreeMap<String, u64> = BTreeMap::new();
@@ -242,6 +245,7 @@ async fn sigkill_at_random_points_loses_nothing() {
                 let upload = tokio::spawn(async move { client.post(url).multipart(upload_form(bytes)).send().await });
                 tokio::time::sleep(Duration::from_millis(rng.random_range(0..upload_ms))).await;
                 if upload.is_finished() {
+                    upload_ms = (upload_ms * 3 / 4).max(10);
                     if let Ok(Ok(resp)) = upload.await {
                         if resp.status() == 201 {
                             let d: Value = resp.json().await.unwrap();
@@ -250,6 +254,7 @@ async fn sigkill_at_random_points_loses_nothing() {
                     }
                     false
                 } else {
+                    upload_ms = upload_ms * 5 / 4;
                     true
                 }
             }
@@ -323,7 +328,7 @@ async fn sigkill_at_random_points_loses_nothing() {
     server.kill();
     integrity_check(&data).await;
     assert!(leftovers(&data).await.is_empty(), "nothing left over once every job has ended");
-    println!("an upload of 300 images took {upload_ms} ms; crash leftovers removed at restarts: {cleaned}");
+    println!("an upload of 300 images took {first_upload_ms} ms; crash leftovers removed at restarts: {cleaned}");
     println!(
         "crash test: survived {total} SIGKILLs in {:.0} s over {} jobs; kills by point: {kills:?}; of which landed mid-write: {mid_write:?}",
         started.elapsed().as_secs_f64(),
