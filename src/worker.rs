@@ -225,6 +225,7 @@ async fn record_event(state: &AppState, job: &Job, event: TrainEvent) -> anyhow:
         }
         TrainEvent::Epoch { epoch, report, .. } => {
             db::metrics::record_evaluation(db, &job.id, "validation", epoch, &report).await?;
+            db::jobs::set_epoch_done(db, &job.id, epoch).await?;
             let mut block = serde_json::to_value(&report)?;
             block["epoch"] = json!(epoch);
             state.jobs.publish(&job.id, JobEvent::Metrics(block));
@@ -234,6 +235,8 @@ async fn record_event(state: &AppState, job: &Job, event: TrainEvent) -> anyhow:
             db::metrics::record_checkpoint(db, &job.id, epoch, &rel, score).await?;
         }
         TrainEvent::Test { report } => db::metrics::record_evaluation(db, &job.id, "test", 0, &report).await?,
+        TrainEvent::Features { done, total } => tracing::debug!(job = %job.id, done, total, "probe features"),
+        TrainEvent::Probe { c, cv_accuracy, seconds } => tracing::info!(job = %job.id, c, ?cv_accuracy, seconds, "probe head fitted"),
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use clap::Args;
 
-use crate::train::{OptimizerKind, Scheduler, TrainMode, TrainParams};
+use crate::train::{HeadInit, OptimizerKind, Scheduler, TrainMode, TrainParams};
 
 /// Fine-tune hyper-parameters (defaults: Hugging Face's image-classification recipe).
 #[derive(Debug, Clone, Default, Args)]
@@ -62,16 +62,36 @@ pub struct HyperParams {
     /// Label smoothing of the loss [default: 0].
     #[arg(long)]
     pub label_smoothing: Option<f64>,
+    /// How the head starts: `probe` makes epoch 1 a logistic-regression fit on frozen features
+    /// [default: random; probe with the auto recipe].
+    #[arg(long, value_enum)]
+    pub head_init: Option<HeadInit>,
 }
 
 impl HyperParams {
+    /// Whether a hyper-parameter flag other than `--seed` and `--validation-split` is given (which
+    /// makes the recipe `manual` by default).
+    pub fn any_recipe_flag(&self) -> bool {
+        let Self {
+            learning_rate, head_learning_rate, epochs, batch_size, optimizer, weight_decay, momentum, lr_scheduler,
+            warmup_ratio, gradient_accumulation_steps, max_grad_norm, train_mode, trainable_layers,
+            augment, early_stopping_patience, label_smoothing, head_init, seed: _, validation_split: _,
+        } = self;
+        learning_rate.is_some() || head_learning_rate.is_some() || epochs.is_some() || batch_size.is_some()
+            || optimizer.is_some() || weight_decay.is_some() || momentum.is_some() || lr_scheduler.is_some()
+            || warmup_ratio.is_some() || gradient_accumulation_steps.is_some() || max_grad_norm.is_some()
+            || train_mode.is_some() || trainable_layers.is_some() || augment.is_some()
+            || early_stopping_patience.is_some() || label_smoothing.is_some() || head_init.is_some()
+    }
+
     /// The defaults with every given flag applied.
     pub fn apply(&self, mut p: TrainParams) -> TrainParams {
         macro_rules! set {
             ($($field:ident),*) => { $( if let Some(v) = self.$field { p.$field = v; } )* };
         }
         set!(learning_rate, epochs, batch_size, optimizer, weight_decay, momentum, lr_scheduler, warmup_ratio,
-             gradient_accumulation_steps, max_grad_norm, train_mode, validation_split, augment, seed, label_smoothing);
+             gradient_accumulation_steps, max_grad_norm, train_mode, validation_split, augment, seed, label_smoothing,
+             head_init);
         if self.head_learning_rate.is_some() {
             p.head_learning_rate = self.head_learning_rate;
         }

@@ -18,7 +18,7 @@ use crate::dataset::{BlobStore, IngestLimits, Split, ingest};
 use crate::model::classifier::Classifier;
 use crate::model::{LoadedModel, ModelSource, VitConfig};
 use crate::train::data::{ImageCache, TrainData};
-use crate::train::{Control, TrainEvent, TrainParams, TrainSpec, cli_checkpoint_root, evaluate, fine_tune};
+use crate::train::{Control, Recipe, TrainEvent, TrainParams, TrainSpec, cli_checkpoint_root, evaluate, fine_tune};
 
 /// `vitforge train`.
 #[derive(Debug, Args)]
@@ -37,6 +37,11 @@ pub struct TrainArgs {
     /// Compute device: auto, cpu or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Defaults to start from: `auto` (small-data recipe: probe head, then a gentle fine-tune) or
+    /// `manual` (Hugging Face's defaults). Default: auto, or manual when a hyper-parameter flag
+    /// other than --seed and --validation-split is given. Given flags override either.
+    #[arg(long, value_enum)]
+    pub recipe: Option<Recipe>,
     #[command(flatten)]
     pub hyper: hyper::HyperParams,
 }
@@ -154,7 +159,8 @@ fn records(ingested: &crate::dataset::Ingested, store: &BlobStore, keep: impl Fn
 /// `vitforge train`: fine-tunes and writes the best epoch's model to `--output`; prints a JSON
 /// summary on stdout.
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
-    let params: TrainParams = args.hyper.apply(TrainParams::default());
+    let recipe = args.recipe.unwrap_or(if args.hyper.any_recipe_flag() { Recipe::Manual } else { Recipe::Auto });
+    let params: TrainParams = args.hyper.apply(recipe.base());
     params.validate().map_err(|e| anyhow::anyhow!("invalid hyper-parameter {e}"))?;
     let device = device(&args.device)?;
     let scratch = tempfile::tempdir()?;
@@ -202,6 +208,14 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             ),
         ),
         TrainEvent::Checkpoint { .. } => {}
+        TrainEvent::Features { done, total } => pb.set_message(format!("probe: features of {done}/{total} images")),
+        TrainEvent::Probe { c, cv_accuracy, seconds } => say(
+            &pb,
+            format!(
+                "probe head fitted in {seconds:.1} s: C = {c}{}",
+                cv_accuracy.map(|a| format!(", cross-validated accuracy {a:.4}")).unwrap_or_default()
+            ),
+        ),
         TrainEvent::Test { report } => say(&pb, format!("test: accuracy {:.4} macro-F1 {:.4}", report.accuracy, report.f1)),
     };
     let cancel = AtomicBool::new(false);
@@ -215,6 +229,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         "epochs_run": outcome.epochs_run,
         "validation": outcome.best,
         "test": outcome.test,
+        "recipe": recipe,
         "params": params,
     });
     println!("{}", serde_json::to_string_pretty(&summary)?);

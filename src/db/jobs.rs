@@ -230,6 +230,12 @@ pub async fn set_progress(pool: &SqlitePool, id: &str, epoch: u32, step: u64) ->
     Ok(())
 }
 
+/// Records that epoch `epoch` has ended (a probe epoch has no steps to report it).
+pub async fn set_epoch_done(pool: &SqlitePool, id: &str, epoch: u32) -> Result<(), sqlx::Error> {
+    sqlx::query("update jobs set epoch = max(epoch, ?) where id = ?").bind(i64::from(epoch)).bind(id).execute(pool).await?;
+    Ok(())
+}
+
 /// Ends a running job as failed or cancelled (a no-op if it is not running any more).
 pub async fn finish(pool: &SqlitePool, id: &str, status: Status, error: Option<&str>) -> Result<(), sqlx::Error> {
     sqlx::query("update jobs set status = ?, error = ?, finished_at = ? where id = ? and status = 'running'")

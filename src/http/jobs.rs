@@ -19,7 +19,7 @@ use crate::db;
 use crate::db::jobs::{Cancel, Job, NewJob, Status};
 use crate::error::AppError;
 use crate::jobs::JobEvent;
-use crate::train::TrainParams;
+use crate::train::Recipe;
 
 pub fn routes() -> Vec<Route> {
     vec![
@@ -42,19 +42,25 @@ pub struct NewJobRequest {
     pub dataset_id: String,
     #[serde(default)]
     pub base_model: Option<String>,
+    /// `auto` (the default when no hyper-parameters are given) or `manual` (the default when some are).
     #[serde(default)]
-    pub params: Option<TrainParams>,
+    pub recipe: Option<Recipe>,
+    /// Hyper-parameters; each given field overrides the recipe's default.
+    #[serde(default)]
+    pub params: Option<serde_json::Map<String, Value>>,
 }
 
 async fn create(State(s): State<AppState>, ApiJson(req): ApiJson<NewJobRequest>) -> Result<(StatusCode, Json<Job>), AppError> {
-    let params = req.params.unwrap_or_default();
+    let given = req.params.unwrap_or_default();
+    let recipe = req.recipe.unwrap_or(Recipe::implied(given.keys().map(String::as_str)));
+    let params = recipe.resolve(&given).map_err(|e| AppError::unprocessable("invalid_field", format!("params.{e}")))?;
     params.validate().map_err(|e| AppError::unprocessable("invalid_params", format!("params.{e}")))?;
     let base_model = req.base_model.unwrap_or_else(|| DEFAULT_BASE_MODEL.to_string());
     check_base_model(&s, &base_model).await?;
     let params_json = serde_json::to_value(&params).map_err(anyhow::Error::from)?;
     let job = db::jobs::insert(
         &s.db,
-        &NewJob { dataset_id: &req.dataset_id, base_model: &base_model, params: &params_json, recipe: "manual", epochs: params.epochs },
+        &NewJob { dataset_id: &req.dataset_id, base_model: &base_model, params: &params_json, recipe: recipe.as_str(), epochs: params.epochs },
     )
     .await?
     .ok_or_else(|| AppError::not_found("dataset", &req.dataset_id))?;

@@ -157,6 +157,18 @@ impl Params {
         self.vars.iter().map(|(k, v)| Ok((k.clone(), v.as_detached_tensor().copy()?))).collect()
     }
 
+    /// Overwrites the named variables (each must exist and keep its shape).
+    pub fn set_some(&self, tensors: &BTreeMap<String, Tensor>) -> Result<(), ModelError> {
+        for (name, t) in tensors {
+            let var = self.vars.get(name).ok_or_else(|| ModelError::Weights(format!("unknown tensor {name}")))?;
+            if t.dims() != var.dims() {
+                return Err(ModelError::Weights(format!("tensor {name} has shape {:?}, expected {:?}", t.dims(), var.dims())));
+            }
+            var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
+        }
+        Ok(())
+    }
+
     /// Overwrites every variable from named tensors of the same shapes.
     pub fn load_from(&self, tensors: &BTreeMap<String, Tensor>) -> Result<(), ModelError> {
         for (name, var) in &self.vars {

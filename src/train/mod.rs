@@ -7,6 +7,7 @@ pub mod data;
 pub mod metrics;
 pub mod optim;
 pub mod params;
+pub mod probe;
 pub mod step;
 
 use std::collections::BTreeMap;
@@ -27,7 +28,7 @@ use checkpoint::LoopState;
 use data::{Example, ImageCache, TrainData, batch_tensor, load_batch, mix};
 use metrics::EvalReport;
 use optim::{Optimizer, clip_grad_norm, lr_multiplier};
-pub use params::{OptimizerKind, Scheduler, TrainMode, TrainParams};
+pub use params::{HeadInit, OptimizerKind, Recipe, Scheduler, TrainMode, TrainParams};
 
 /// Why a fine-tune stopped without a model.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +68,11 @@ pub enum TrainEvent {
     Checkpoint { epoch: u32, dir: PathBuf, score: f64 },
     /// Test-split evaluation of the kept model.
     Test { report: EvalReport },
+    /// The frozen backbone's features are being computed for the probe (`done` of `total` images).
+    Features { done: usize, total: usize },
+    /// The probe head was fitted (epoch 1 of a `head_init: probe` run): its regularisation
+    /// strength `c` chosen by cross-validation (`cv_accuracy`), and the time it took.
+    Probe { c: f64, cv_accuracy: Option<f64>, seconds: f64 },
 }
 
 /// How a fine-tune runs, besides its hyper-parameters.
@@ -134,6 +140,35 @@ impl PrefixCache {
             }
         }
         Ok(Self { rows: Some(rows) })
+    }
+
+    /// Frozen-part outputs of every example (no budget check), reporting progress.
+    #[allow(clippy::too_many_arguments)]
+    fn build_with_progress(
+        frozen: &Vit,
+        b: Boundary,
+        examples: &[Example],
+        images: &ImageCache,
+        model: &LoadedModel,
+        device: &Device,
+        batch: usize,
+        cancel: &AtomicBool,
+        on_event: &mut dyn FnMut(TrainEvent),
+    ) -> Result<Vec<Tensor>, TrainError> {
+        let mut rows = Vec::with_capacity(examples.len());
+        for chunk in examples.chunks(batch) {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(TrainError::Cancelled);
+            }
+            let refs: Vec<&Example> = chunk.iter().collect();
+            let pixels = batch_tensor(load_batch(&refs, images, &model.preprocessor, None)?, &model.preprocessor, device)?;
+            let out = frozen_forward(frozen, b, &pixels)?;
+            for i in 0..chunk.len() {
+                rows.push(out.get(i)?);
+            }
+            on_event(TrainEvent::Features { done: rows.len(), total: examples.len() });
+        }
+        Ok(rows)
     }
 
     /// The frozen-part output of examples `idx` of `examples`, from the cache or computed now.
@@ -262,7 +297,9 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, ctl:
     let accum = p.gradient_accumulation_steps as u64;
     let batches_per_epoch = data.train.len().div_ceil(batch) as u64;
     let steps_per_epoch = batches_per_epoch.div_ceil(accum);
-    let total_steps = steps_per_epoch * u64::from(p.epochs);
+    // With a probe head, epoch 1 fits the head without gradient steps.
+    let probe_epochs = u32::from(p.head_init == HeadInit::Probe);
+    let total_steps = steps_per_epoch * u64::from(p.epochs - probe_epochs);
     let warmup = (p.warmup_ratio * total_steps as f64).ceil() as u64;
     let images = ImageCache::new(spec.max_pixels, spec.cache_budget / 2);
 
@@ -315,6 +352,29 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, ctl:
         PrefixCache::build(&frozen, b, &data.train, &images, model, device, batch, budget / 2)?
     };
     let head_scale = p.head_learning_rate.map_or(1.0, |h| h / p.learning_rate);
+
+    if probe_epochs == 1 && state.epoch == 0 {
+        let started = Instant::now();
+        let fb = Boundary::Features;
+        let feats = if b == fb && train_cache.rows.is_some() {
+            train_cache.rows.clone().unwrap_or_default()
+        } else {
+            PrefixCache::build_with_progress(&frozen, fb, &data.train, &images, model, device, batch, ctl.cancel, &mut *ctl.on_event)?
+        };
+        let flat: Vec<f32> = Tensor::stack(&feats, 0)?.flatten_all()?.to_vec1::<f32>()?;
+        let labels: Vec<u32> = data.train.iter().map(|e| e.label).collect();
+        let fitted = probe::fit(&flat, &labels, data.labels.len(), p.seed);
+        let k = data.labels.len();
+        let d = flat.len() / labels.len();
+        let mut head = BTreeMap::new();
+        head.insert("classifier.weight".to_string(), Tensor::from_vec(fitted.weight, (k, d), device)?);
+        head.insert("classifier.bias".to_string(), Tensor::from_vec(fitted.bias, k, device)?);
+        model.params.set_some(&head)?;
+        (ctl.on_event)(TrainEvent::Probe { c: fitted.c, cv_accuracy: fitted.cv_accuracy, seconds: started.elapsed().as_secs_f64() });
+        let eval_vit = Vit::frozen(&model.cfg, &model.params)?;
+        let report = evaluate_with(&eval_vit, b, &val_cache, model, &data.validation, &images, device, batch, Some(ctl.cancel))?;
+        end_epoch(&root, model, &optimizer, &mut state, 1, report, &mut *ctl.on_event)?;
+    }
 
     let mut epoch = state.epoch;
     while epoch < p.epochs {
@@ -377,21 +437,7 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, ctl:
 
         let eval_vit = Vit::frozen(&model.cfg, &model.params)?;
         let report = evaluate_with(&eval_vit, b, &val_cache, model, &data.validation, &images, device, batch, Some(ctl.cancel))?;
-        let score = (report.f1, report.loss);
-        let improved = better(score, state.best_score);
-        state.epoch = epoch;
-        state.history.push(report.clone());
-        if improved {
-            state.best_epoch = Some(epoch);
-            state.best_score = Some(score);
-            state.epochs_since_best = 0;
-            model.save(&checkpoint::best_dir(&root))?;
-        } else {
-            state.epochs_since_best += 1;
-        }
-        (ctl.on_event)(TrainEvent::Epoch { epoch, report, improved });
-        let dir = checkpoint::save(&root, &model.cfg, &model.preprocessor, &model.params.snapshot()?, &optimizer.state()?, &state)?;
-        (ctl.on_event)(TrainEvent::Checkpoint { epoch, dir, score: score.0 });
+        end_epoch(&root, model, &optimizer, &mut state, epoch, report, &mut *ctl.on_event)?;
         if p.early_stopping_patience.is_some_and(|pat| state.epochs_since_best >= pat) {
             break;
         }
@@ -410,6 +456,35 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, ctl:
     };
     let best_report = state.history[best_epoch as usize - 1].clone();
     Ok(TrainOutcome { best_dir, best_epoch, best: best_report, test, epochs_run: state.epoch, history: state.history })
+}
+
+/// Records epoch `epoch`'s validation, keeps the model when it is the best so far and writes the
+/// epoch checkpoint.
+fn end_epoch(
+    root: &Path,
+    model: &LoadedModel,
+    optimizer: &Optimizer,
+    state: &mut LoopState,
+    epoch: u32,
+    report: EvalReport,
+    on_event: &mut dyn FnMut(TrainEvent),
+) -> Result<(), TrainError> {
+    let score = (report.f1, report.loss);
+    let improved = better(score, state.best_score);
+    state.epoch = epoch;
+    state.history.push(report.clone());
+    if improved {
+        state.best_epoch = Some(epoch);
+        state.best_score = Some(score);
+        state.epochs_since_best = 0;
+        model.save(&checkpoint::best_dir(root))?;
+    } else {
+        state.epochs_since_best += 1;
+    }
+    on_event(TrainEvent::Epoch { epoch, report, improved });
+    let dir = checkpoint::save(root, &model.cfg, &model.preprocessor, &model.params.snapshot()?, &optimizer.state()?, state)?;
+    on_event(TrainEvent::Checkpoint { epoch, dir, score: score.0 });
+    Ok(())
 }
 
 /// The default memory budget for decoded images and cached frozen-backbone outputs: 4 GiB.

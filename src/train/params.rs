@@ -38,6 +38,77 @@ pub enum TrainMode {
     LastNLayers,
 }
 
+/// How the classifier head starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum HeadInit {
+    /// Fresh random weights (or the base model's head when it already has these labels).
+    Random,
+    /// Epoch 1 fits the head without gradient steps: an L2-regularised logistic regression on the
+    /// frozen backbone's features, fitted to convergence (L-BFGS) with class-balanced weights and
+    /// its strength chosen by cross-validation. Later epochs fine-tune from that head.
+    Probe,
+}
+
+/// Fields that leave the implied recipe `auto`.
+pub const NOT_RECIPE_FIELDS: [&str; 2] = ["seed", "validation_split"];
+
+/// Which defaults a job starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum Recipe {
+    /// Defaults tuned for small data ([`TrainParams::auto`]); given fields override them.
+    Auto,
+    /// Hugging Face's image-classification defaults ([`TrainParams::default`]) with exactly the
+    /// given fields changed.
+    Manual,
+}
+
+impl Recipe {
+    /// The recipe when a request names none: `auto` unless hyper-parameters other than `seed`
+    /// and `validation_split` (which pick data, not a recipe) are given.
+    pub fn implied<'a>(given: impl IntoIterator<Item = &'a str>) -> Self {
+        if given.into_iter().any(|k| !NOT_RECIPE_FIELDS.contains(&k)) { Recipe::Manual } else { Recipe::Auto }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Recipe::Auto => "auto",
+            Recipe::Manual => "manual",
+        }
+    }
+
+    /// The recipe's defaults.
+    pub fn base(self) -> TrainParams {
+        match self {
+            Recipe::Auto => TrainParams::auto(),
+            Recipe::Manual => TrainParams::default(),
+        }
+    }
+
+    /// The recipe's defaults with the fields of a JSON object applied; unknown fields and wrong
+    /// types are refused by name (range checks are [`TrainParams::validate`]'s).
+    pub fn resolve(self, given: &serde_json::Map<String, serde_json::Value>) -> Result<TrainParams, String> {
+        // Field by field first, so an error names its field (a `Value` carries no path).
+        for (k, v) in given {
+            let one = serde_json::Value::Object([(k.clone(), v.clone())].into_iter().collect());
+            if let Err(e) = serde_json::from_value::<TrainParams>(one) {
+                return Err(format!("{k}: {e}"));
+            }
+        }
+        let mut merged = match serde_json::to_value(self.base()) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        for (k, v) in given {
+            merged.insert(k.clone(), v.clone());
+        }
+        serde_json::from_value(serde_json::Value::Object(merged)).map_err(|e| e.to_string())
+    }
+}
+
 /// Hyper-parameters of a fine-tune. Every field is optional in JSON; unknown fields are refused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -75,6 +146,8 @@ pub struct TrainParams {
     pub early_stopping_patience: Option<u32>,
     /// Label smoothing of the cross-entropy loss.
     pub label_smoothing: f64,
+    /// How the head starts; with `probe`, epoch 1 is the probe fit and counts among `epochs`.
+    pub head_init: HeadInit,
 }
 
 impl Default for TrainParams {
@@ -98,9 +171,34 @@ impl Default for TrainParams {
             seed: 42,
             early_stopping_patience: None,
             label_smoothing: 0.0,
+            head_init: HeadInit::Random,
         }
     }
 }
+
+impl TrainParams {
+    /// The `auto` recipe for small data: the head fitted to convergence on the frozen backbone's
+    /// features (epoch 1, no gradient steps). Given more `epochs`, the whole network then
+    /// fine-tunes gently from that head (learning rate 1e-5; linear-probe-then-fine-tune), keeping
+    /// the best epoch by validation macro-F1 and stopping when it stops improving. On a few hundred
+    /// images those extra epochs cost several times the probe's time and did not add accuracy in
+    /// our measurements (bench/QUALITY.md), so by default there are none.
+    pub fn auto() -> Self {
+        Self {
+            learning_rate: AUTO_LEARNING_RATE,
+            epochs: AUTO_EPOCHS,
+            head_init: HeadInit::Probe,
+            early_stopping_patience: Some(1),
+            warmup_ratio: 0.0,
+            ..Self::default()
+        }
+    }
+}
+
+/// Backbone learning rate of the `auto` recipe's fine-tune epochs.
+pub const AUTO_LEARNING_RATE: f64 = 1e-5;
+/// Epochs of the `auto` recipe, the probe epoch included.
+pub const AUTO_EPOCHS: u32 = 1;
 
 /// A hyper-parameter outside its range.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -220,3 +220,45 @@ async fn a_job_on_a_missing_hub_model_fails_with_the_reason() {
     let error = done["error"].as_str().unwrap();
     assert!(error.contains("someone/not-cached") && error.contains("HF_HUB_OFFLINE"), "{error}");
 }
+
+#[tokio::test]
+async fn without_hyper_parameters_a_job_gets_the_auto_recipe_and_its_model_records_it() {
+    let app = spawn_app().await;
+    let dataset = app.upload_pets(6, false).await;
+    app.submit_job(&dataset, json!({})).await; // installs the tiny base model
+    let post = |body: Value| {
+        let app = &app;
+        async move { json(app.post_json("/jobs", &body).await).await }
+    };
+    let auto = post(json!({"dataset_id": dataset, "base_model": "tiny"})).await;
+    assert_eq!(auto["recipe"], "auto", "{auto}");
+    assert_eq!(auto["params"]["head_init"], "probe");
+    assert_eq!(auto["params"]["learning_rate"], 1e-5);
+    assert_eq!(auto["params"]["early_stopping_patience"], 1);
+    assert_eq!(auto["params"]["epochs"], 1);
+    // Seed and validation split choose data, not a recipe.
+    let seeded = post(json!({"dataset_id": dataset, "base_model": "tiny", "params": {"seed": 7, "validation_split": 0.3}})).await;
+    assert_eq!((seeded["recipe"].as_str(), seeded["params"]["seed"].as_u64()), (Some("auto"), Some(7)));
+    // Any other field means exactly the hyper-parameters given, on Hugging Face's defaults.
+    let manual = post(json!({"dataset_id": dataset, "base_model": "tiny", "params": {"epochs": 1}})).await;
+    assert_eq!(manual["recipe"], "manual");
+    assert_eq!((manual["params"]["head_init"].as_str(), manual["params"]["learning_rate"].as_f64()), (Some("random"), Some(5e-5)));
+    // An explicit recipe takes the given fields as overrides of its own defaults.
+    let tuned = post(json!({"dataset_id": dataset, "base_model": "tiny", "recipe": "auto", "params": {"epochs": 2}})).await;
+    assert_eq!(tuned["params"]["learning_rate"], 1e-5);
+    assert_eq!((tuned["recipe"].as_str(), tuned["params"]["epochs"].as_u64()), (Some("auto"), Some(2)));
+    assert_eq!(tuned["params"]["head_init"], "probe");
+    let msg = assert_error(app.post_json("/jobs", &json!({"dataset_id": dataset, "recipe": "magic"})).await, 422, "invalid_field").await;
+    assert!(msg.contains("recipe"), "{msg}");
+
+    let done = app.wait_job(auto["id"].as_str().unwrap(), 300).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let model = json(app.get(&format!("/models/{}", done["model_id"].as_str().unwrap())).await).await;
+    assert_eq!(model["recipe"], "auto");
+    assert_eq!(model["params"], auto["params"]);
+    let metrics = json(app.get(&format!("/jobs/{}/metrics", auto["id"].as_str().unwrap())).await).await;
+    // Epoch 1 is the probe: validated, without training steps.
+    assert_eq!(metrics["validation"][0]["epoch"], 1);
+    assert_eq!(metrics["train"], json!([]), "{metrics}");
+    assert_eq!((done["progress"]["epoch"].as_u64(), done["progress"]["steps"].as_u64()), (Some(1), Some(0)));
+}

@@ -3,7 +3,7 @@
 use std::sync::atomic::AtomicBool;
 
 use candle_core::Device;
-use vitforge::train::{Control, TrainError, TrainEvent, TrainParams, TrainSpec, fine_tune};
+use vitforge::train::{Control, HeadInit, TrainError, TrainEvent, TrainParams, TrainSpec, fine_tune};
 
 use crate::synth::{stripes_data, tiny_model};
 
@@ -87,4 +87,62 @@ fn refuses_bad_hyper_parameters_before_touching_anything() {
     let (out, losses) = run(&tmp.path().join("data"), &tmp.path().join("ck"), TrainParams { epochs: 0, ..params() }, None);
     assert!(matches!(out, Err(TrainError::Params(ref e)) if e.field == "epochs"), "{out:?}");
     assert!(losses.is_empty());
+}
+
+#[test]
+fn a_probe_head_is_fitted_in_epoch_one_without_gradient_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A backbone that already sees stripes: trained on them, then given a head that knows nothing.
+    let data = stripes_data(&tmp.path().join("data"), 40, 3);
+    let mut model = tiny_model(&["horizontal", "vertical"], 9);
+    let spec = TrainSpec { params: params(), data: data.clone(), checkpoint_root: tmp.path().join("pre"), max_pixels: 1 << 24, cache_budget: 1 << 28 };
+    let cancel = AtomicBool::new(false);
+    fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut |_| {} }).unwrap();
+    let blank: std::collections::BTreeMap<String, candle_core::Tensor> = ["classifier.weight", "classifier.bias"]
+        .iter()
+        .map(|n| {
+            let t = model.params.snapshot().unwrap()[*n].zeros_like().unwrap();
+            (n.to_string(), t)
+        })
+        .collect();
+    model.params.set_some(&blank).unwrap();
+    let before = model.params.snapshot().unwrap();
+    let p = TrainParams { head_init: HeadInit::Probe, epochs: 1, ..params() };
+    let spec = TrainSpec { params: p, data, checkpoint_root: tmp.path().join("ck"), max_pixels: 1 << 24, cache_budget: 1 << 28 };
+    let (mut steps, mut probes, mut features) = (0, vec![], 0);
+    let mut on_event = |e: TrainEvent| match e {
+        TrainEvent::Step { .. } => steps += 1,
+        TrainEvent::Probe { c, cv_accuracy, .. } => probes.push((c, cv_accuracy)),
+        TrainEvent::Features { .. } => features += 1,
+        _ => {}
+    };
+    let out = fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut on_event }).unwrap();
+    assert_eq!((steps, probes.len(), out.best_epoch, out.epochs_run), (0, 1, 1, 1));
+    assert!(features > 0);
+    assert!(probes[0].1.unwrap() >= 0.9, "{probes:?}");
+    // The backbone's features separate the classes; the fitted head finds that at once.
+    assert!(out.best.accuracy >= 0.9, "validation accuracy {}", out.best.accuracy);
+    let after = model.params.snapshot().unwrap();
+    for (name, t) in &before {
+        let same = t.eq(&after[name]).unwrap().min_all().unwrap().to_scalar::<u8>().unwrap() == 1;
+        assert_eq!(same, !name.starts_with("classifier."), "{name}");
+    }
+}
+
+#[test]
+fn a_probe_run_resumed_after_the_probe_epoch_ends_like_an_uninterrupted_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = TrainParams { head_init: HeadInit::Probe, epochs: 3, learning_rate: 1e-4, ..params() };
+    let (whole, whole_losses) = run(&tmp.path().join("data"), &tmp.path().join("whole"), p.clone(), None);
+    let whole = whole.unwrap();
+    assert_eq!(whole.history.len(), 3);
+    // Two gradient epochs of 60 training images in batches of 8.
+    assert_eq!(whole_losses.len(), 16);
+    let ck = tmp.path().join("interrupted");
+    let (first, first_losses) = run(&tmp.path().join("data"), &ck, p.clone(), Some(1));
+    assert!(matches!(first, Err(TrainError::Cancelled)), "{first:?}");
+    assert!(first_losses.is_empty());
+    let (resumed, resumed_losses) = run(&tmp.path().join("data"), &ck, p, None);
+    assert_eq!(resumed.unwrap().history, whole.history);
+    assert_eq!(resumed_losses, whole_losses);
 }
