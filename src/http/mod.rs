@@ -4,6 +4,7 @@
 //! [`route_table`] lists them, so a test can hold the router and `openapi.yaml` together.
 
 pub mod datasets;
+pub mod docs;
 pub mod extract;
 pub mod health;
 pub mod jobs;
@@ -84,7 +85,7 @@ impl Route {
 }
 
 fn all_routes() -> Vec<Route> {
-    [health::routes(), datasets::routes(), jobs::routes(), models::routes(), predict::routes(), metrics::routes()].into_iter().flatten().collect()
+    [health::routes(), docs::routes(), datasets::routes(), jobs::routes(), models::routes(), predict::routes(), metrics::routes()].into_iter().flatten().collect()
 }
 
 /// Every (method, path) the router serves, for the OpenAPI consistency test.
