@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod datasets;
+pub mod docs;
 pub mod extract;
 pub mod health;
 pub mod jobs;
@@ -108,7 +109,7 @@ impl Route {
 }
 
 fn all_routes() -> Vec<Route> {
-    [health::routes(), datasets::routes(), jobs::routes(), models::routes(), predict::routes(), metrics::routes()].into_iter().flatten().collect()
+    [health::routes(), docs::routes(), datasets::routes(), jobs::routes(), models::routes(), predict::routes(), metrics::routes()].into_iter().flatten().collect()
 }
 
 /// Every (method, path) the router serves, for the OpenAPI consistency test.

@@ -46,6 +46,13 @@ impl Optimizer {
             let p = var.as_detached_tensor();
             let lr = lr(name);
             let wd = if decays(name) { self.weight_decay } else { 0.0 };
+            if self.kind == OptimizerKind::Adamw && p.device().is_cpu() && !reference_ops() {
+                let (new_p, m, v) = adamw_cpu(&p, g, self.m.get(name), self.v.get(name), lr, wd, t)?;
+                self.m.insert(name.clone(), m);
+                self.v.insert(name.clone(), v);
+                var.set(&new_p)?;
+                continue;
+            }
             let new_p = match self.kind {
                 OptimizerKind::Adamw => {
                     let m = match self.m.get(name) {
@@ -116,6 +123,52 @@ impl Optimizer {
     }
 }
 
+/// Whether `VITFORGE_REFERENCE_OPS=1` asks for candle's composed ops instead of fused kernels.
+fn reference_ops() -> bool {
+    static REFERENCE: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| std::env::var("VITFORGE_REFERENCE_OPS").is_ok_and(|v| v == "1"));
+    *REFERENCE
+}
+
+/// One AdamW update of a CPU parameter in a single pass over memory (parallel over chunks),
+/// where the composed version makes a dozen temporary tensors the size of the parameter. The
+/// arithmetic is the composed version's, in the same order, so the two agree to rounding.
+fn adamw_cpu(p: &Tensor, g: &Tensor, m: Option<&Tensor>, v: Option<&Tensor>, lr: f64, wd: f64, t: i32) -> Result<(Tensor, Tensor, Tensor), TrainError> {
+    use rayon::prelude::*;
+    let flat = |x: &Tensor| -> Result<Vec<f32>, TrainError> { Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
+    let mut pv = flat(p)?;
+    let gv = flat(g)?;
+    let n = pv.len();
+    let mut mv = match m {
+        Some(m) => flat(m)?,
+        None => vec![0.0; n],
+    };
+    let mut vv = match v {
+        Some(v) => flat(v)?,
+        None => vec![0.0; n],
+    };
+    let (b1, b2) = (BETA1 as f32, BETA2 as f32);
+    let (c1, c2) = ((1.0 - BETA1) as f32, (1.0 - BETA2) as f32);
+    let (bc1, bc2) = ((1.0 - BETA1.powi(t)) as f32, (1.0 - BETA2.powi(t)) as f32);
+    let (decay, lr32, eps) = ((1.0 - lr * wd) as f32, lr as f32, ADAM_EPS as f32);
+    const CHUNK: usize = 1 << 14;
+    pv.par_chunks_mut(CHUNK)
+        .zip(mv.par_chunks_mut(CHUNK))
+        .zip(vv.par_chunks_mut(CHUNK))
+        .zip(gv.par_chunks(CHUNK))
+        .for_each(|(((p, m), v), g)| {
+            for i in 0..p.len() {
+                let gi = g[i];
+                m[i] = m[i] * b1 + gi * c1;
+                v[i] = v[i] * b2 + (gi * gi) * c2;
+                let update = (m[i] / bc1) / ((v[i] / bc2).sqrt() + eps);
+                p[i] = p[i] * decay - update * lr32;
+            }
+        });
+    let shape = p.shape().clone();
+    let dev = p.device();
+    Ok((Tensor::from_vec(pv, shape.clone(), dev)?, Tensor::from_vec(mv, shape.clone(), dev)?, Tensor::from_vec(vv, shape, dev)?))
+}
+
 /// Learning-rate multiplier at optimiser step `step` (0-based), as `transformers.get_scheduler`.
 pub fn lr_multiplier(sched: Scheduler, step: u64, total: u64, warmup: u64) -> f64 {
     if step < warmup {
@@ -163,6 +216,34 @@ mod tests {
         assert_eq!(lr_multiplier(Scheduler::Linear, 0, 10, 0), 1.0);
         assert!((lr_multiplier(Scheduler::Cosine, 5, 10, 0) - 0.5).abs() < 1e-12);
         assert_eq!(lr_multiplier(Scheduler::Constant, 9, 10, 2), 1.0);
+    }
+
+    #[test]
+    fn the_fused_cpu_adamw_matches_the_composed_one() {
+        use candle_core::Device;
+        let dev = Device::Cpu;
+        let p = Tensor::randn(0f32, 1.0, (3, 40_000), &dev).unwrap();
+        let mut m = None;
+        let mut v = None;
+        let mut pc = p.clone();
+        let mut mc: Option<Tensor> = None;
+        let mut vc: Option<Tensor> = None;
+        let mut pf = p;
+        for t in 1..=3 {
+            let g = Tensor::randn(0f32, 1.0, (3, 40_000), &dev).unwrap();
+            let (lr, wd) = (1e-3, 0.01);
+            // The composed update, as Optimizer::step writes it.
+            let m2 = match &mc { Some(m) => ((m * BETA1).unwrap() + (&g * (1.0 - BETA1)).unwrap()).unwrap(), None => (&g * (1.0 - BETA1)).unwrap() };
+            let v2 = match &vc { Some(v) => ((v * BETA2).unwrap() + (g.sqr().unwrap() * (1.0 - BETA2)).unwrap()).unwrap(), None => (g.sqr().unwrap() * (1.0 - BETA2)).unwrap() };
+            let upd = ((&m2 / (1.0 - BETA1.powi(t))).unwrap() / ((&v2 / (1.0 - BETA2.powi(t))).unwrap().sqrt().unwrap() + ADAM_EPS).unwrap()).unwrap();
+            pc = ((&pc * (1.0 - lr * wd)).unwrap() - (upd * lr).unwrap()).unwrap();
+            mc = Some(m2);
+            vc = Some(v2);
+            let (np, nm, nv) = adamw_cpu(&pf, &g, m.as_ref(), v.as_ref(), lr, wd, t).unwrap();
+            (pf, m, v) = (np, Some(nm), Some(nv));
+        }
+        let diff = (pf - pc).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-6, "max difference {diff}");
     }
 
     #[test]
