@@ -110,6 +110,12 @@ pub struct ServeConfig {
     #[arg(long, env = "VITFORGE_MAX_CONCURRENT_REQUESTS", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_concurrent_requests: u64,
 
+    /// Longest expected wait, in milliseconds, for the model that a `/predict` request is queued
+    /// for (images waiting × recent cost per image); beyond it the request gets 429 at once
+    /// instead of waiting. Capped at half the request timeout. 0: no bound but the timeout's.
+    #[arg(long, env = "VITFORGE_MAX_PREDICT_WAIT_MS", default_value_t = 5000)]
+    pub max_predict_wait_ms: u64,
+
     /// Fine-tuned models kept loaded for `/predict` (least recently used are dropped).
     #[arg(long, env = "VITFORGE_MAX_LOADED_MODELS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_loaded_models: u64,
@@ -191,6 +197,17 @@ impl ServeConfig {
     }
 
     /// The request timeout, `None` when disabled.
+    /// The expected-wait bound of `/predict` admission: `--max-predict-wait-ms`, at most half
+    /// the request timeout.
+    pub fn max_predict_wait(&self) -> Option<std::time::Duration> {
+        let own = (self.max_predict_wait_ms > 0).then(|| std::time::Duration::from_millis(self.max_predict_wait_ms));
+        let half_timeout = self.request_timeout().map(|t| t / 2);
+        match (own, half_timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     pub fn request_timeout(&self) -> Option<std::time::Duration> {
         (self.request_timeout_secs > 0).then(|| std::time::Duration::from_secs(self.request_timeout_secs))
     }

@@ -2,12 +2,13 @@
 //! queue and batching concurrent requests dynamically (as text-embeddings-inference does).
 //!
 //! Requests wait at most `max_batch_delay` for company, then run together up to
-//! `max_batch_size` images. Admission is bounded by a semaphore so overload is answered at once
-//! instead of queueing without bound. A newly registered model is loaded in the background and
+//! `max_batch_size` images. Admission is bounded by a semaphore, and by the expected wait (images
+//! queued × recent cost per image) against `max_queue_wait`, so overload is answered 429 at once
+//! instead of queueing until the request times out. A newly registered model is loaded in the background and
 //! only then becomes the default, so no request is dropped by a swap.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -26,6 +27,9 @@ pub struct PredictorConfig {
     pub max_batch_delay: Duration,
     pub max_concurrent_requests: usize,
     pub max_loaded_models: usize,
+    /// Longest expected wait for the model thread that a request is admitted to: beyond it the
+    /// request is answered 429 at once rather than queued to time out (None: no bound).
+    pub max_queue_wait: Option<Duration>,
 }
 
 /// A loaded model and its id.
@@ -68,6 +72,9 @@ struct Inner {
     admission: Arc<Semaphore>,
     /// Images waiting for the model thread.
     queued_images: Arc<AtomicUsize>,
+    /// Recent inference cost in nanoseconds per image (an exponential moving average kept by the
+    /// model thread; 0 until the first batch).
+    ns_per_image: Arc<AtomicU64>,
     /// Most recently used first.
     loaded: Mutex<VecDeque<Arc<Loaded>>>,
     /// Serialises loads so two requests for the same cold model load it once.
@@ -83,9 +90,11 @@ impl Predictor {
         let thread_metrics = metrics;
         let thread_queue = queued_images.clone();
         let thread_cfg = cfg.clone();
+        let ns_per_image = Arc::new(AtomicU64::new(0));
+        let thread_cost = ns_per_image.clone();
         std::thread::Builder::new()
             .name("predictor".into())
-            .spawn(move || run_batches(rx, &thread_cfg, &thread_queue, &thread_metrics))
+            .spawn(move || run_batches(rx, &thread_cfg, &thread_queue, &thread_cost, &thread_metrics))
             .expect("spawning the predictor thread");
         let inner = Inner {
             admission: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
@@ -93,6 +102,7 @@ impl Predictor {
             device,
             queue: Mutex::new(tx),
             queued_images,
+            ns_per_image,
             loaded: Mutex::new(VecDeque::new()),
             loading: tokio::sync::Mutex::new(()),
             default_model: RwLock::new(None),
@@ -177,7 +187,15 @@ impl Predictor {
     pub async fn infer(&self, model: Arc<Loaded>, pixels: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, PredictError> {
         let (reply, rx) = oneshot::channel();
         let n = pixels.len();
-        self.inner.queued_images.fetch_add(n, Ordering::Relaxed);
+        let ahead = self.inner.queued_images.fetch_add(n, Ordering::Relaxed) + n;
+        if let Some(max_wait) = self.inner.cfg.max_queue_wait {
+            let expected = Duration::from_nanos(self.inner.ns_per_image.load(Ordering::Relaxed).saturating_mul(ahead as u64));
+            // Always admit into an empty queue, so one large request is never refused outright.
+            if expected > max_wait && ahead > n {
+                self.inner.queued_images.fetch_sub(n, Ordering::Relaxed);
+                return Err(PredictError::Overloaded);
+            }
+        }
         let sent = self.inner.queue.lock().unwrap_or_else(|e| e.into_inner()).send(Work { model, pixels, reply });
         if sent.is_err() {
             self.inner.queued_images.fetch_sub(n, Ordering::Relaxed);
@@ -191,7 +209,7 @@ impl Predictor {
 
 /// The model thread: gathers work for up to `max_batch_delay` (or until `max_batch_size` images
 /// are waiting), runs each model's share as one forward pass and answers every request.
-fn run_batches(rx: Receiver<Work>, cfg: &PredictorConfig, queued: &AtomicUsize, metrics: &Metrics) {
+fn run_batches(rx: Receiver<Work>, cfg: &PredictorConfig, queued: &AtomicUsize, ns_per_image: &AtomicU64, metrics: &Metrics) {
     let mut pending: VecDeque<Work> = VecDeque::new();
     loop {
         if pending.is_empty() {
@@ -245,6 +263,7 @@ fn run_batches(rx: Receiver<Work>, cfg: &PredictorConfig, queued: &AtomicUsize, 
         let model = batch[0].model.clone();
         let all: Vec<Vec<f32>> = batch.iter().flat_map(|w| w.pixels.iter().cloned()).collect();
         let mut results: Result<Vec<Vec<f32>>, ModelError> = Ok(Vec::with_capacity(all.len()));
+        let started = Instant::now();
         for chunk in all.chunks(cfg.max_batch_size.max(1)) {
             metrics.predict_batch_size.observe(chunk.len() as f64);
             results = results.and_then(|mut acc| {
@@ -252,6 +271,9 @@ fn run_batches(rx: Receiver<Work>, cfg: &PredictorConfig, queued: &AtomicUsize, 
                 Ok(acc)
             });
         }
+        let cost = (started.elapsed().as_nanos() / all.len().max(1) as u128).min(u128::from(u64::MAX)) as u64;
+        let old = ns_per_image.load(Ordering::Relaxed);
+        ns_per_image.store(if old == 0 { cost } else { (old * 3 + cost) / 4 }, Ordering::Relaxed);
         match results {
             Ok(probs) => {
                 let mut it = probs.into_iter();

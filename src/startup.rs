@@ -65,6 +65,7 @@ impl Application {
                 max_batch_delay: Duration::from_millis(config.max_batch_delay_ms),
                 max_concurrent_requests: config.max_concurrent_requests as usize,
                 max_loaded_models: config.max_loaded_models as usize,
+                max_queue_wait: config.max_predict_wait(),
             },
             devices.first().map_or(candle_core::Device::Cpu, |(_, d)| d.clone()),
             metrics.clone(),
