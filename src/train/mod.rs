@@ -130,15 +130,8 @@ impl PrefixCache {
         if per_example * examples.len() > budget {
             return Ok(Self { rows: None });
         }
-        let mut rows = Vec::with_capacity(examples.len());
-        for chunk in examples.chunks(batch) {
-            let refs: Vec<&Example> = chunk.iter().collect();
-            let pixels = batch_tensor(load_batch(&refs, images, &model.preprocessor, None)?, &model.preprocessor, device)?;
-            let out = frozen_forward(frozen, b, &pixels)?;
-            for i in 0..chunk.len() {
-                rows.push(out.get(i)?);
-            }
-        }
+        let never = AtomicBool::new(false);
+        let rows = Self::build_with_progress(frozen, b, examples, images, model, device, batch, &never, &mut |_| {})?;
         Ok(Self { rows: Some(rows) })
     }
 
