@@ -46,7 +46,7 @@ impl Optimizer {
             let p = var.as_detached_tensor();
             let lr = lr(name);
             let wd = if decays(name) { self.weight_decay } else { 0.0 };
-            if self.kind == OptimizerKind::Adamw && p.device().is_cpu() && !reference_ops() {
+            if self.kind == OptimizerKind::Adamw && p.device().is_cpu() && !crate::model::fast::reference_ops_forced() {
                 let (new_p, m, v) = adamw_cpu(&p, g, self.m.get(name), self.v.get(name), lr, wd, t)?;
                 self.m.insert(name.clone(), m);
                 self.v.insert(name.clone(), v);
@@ -121,12 +121,6 @@ impl Optimizer {
         }
         Ok(())
     }
-}
-
-/// Whether `VITFORGE_REFERENCE_OPS=1` asks for candle's composed ops instead of fused kernels.
-fn reference_ops() -> bool {
-    static REFERENCE: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| std::env::var("VITFORGE_REFERENCE_OPS").is_ok_and(|v| v == "1"));
-    *REFERENCE
 }
 
 /// One AdamW update of a CPU parameter in a single pass over memory (parallel over chunks),

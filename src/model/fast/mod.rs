@@ -27,11 +27,17 @@ type Result<T> = std::result::Result<T, ModelError>;
 /// Whether the fast path can run this model on this device (set `VITFORGE_REFERENCE_OPS=1` to
 /// force the reference path, e.g. to compare speed).
 pub fn usable(vit: &Vit, device: &Device) -> bool {
-    static FORCE_REFERENCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     device.is_cpu()
-        && !*FORCE_REFERENCE.get_or_init(|| std::env::var_os("VITFORGE_REFERENCE_OPS").is_some())
+        && !reference_ops_forced()
         && vit.cfg.hidden_dropout_prob == 0.0
         && vit.cfg.attention_probs_dropout_prob == 0.0
+}
+
+/// Whether `VITFORGE_REFERENCE_OPS` asks for candle's composed ops instead of the fused CPU
+/// kernels (read once).
+pub fn reference_ops_forced() -> bool {
+    static FORCE_REFERENCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCE_REFERENCE.get_or_init(|| std::env::var_os("VITFORGE_REFERENCE_OPS").is_some())
 }
 
 /// Read guards on the storage of every tensor of a model, so its weights can be used as slices.
