@@ -1,6 +1,7 @@
-//! Matrix products on strided views of `f32` slices, through the `gemm` crate (the same kernels
-//! candle's CPU backend uses), with bounds checked before the unsafe call. Strides let one buffer
-//! hold Q, K and V side by side and let transposes cost nothing.
+//! Matrix products on strided views of `f32` slices, with bounds checked before the unsafe call:
+//! through our AVX2/FMA kernel ([`super::sgemm`]) where the CPU has it, else through the `gemm`
+//! crate (the kernels candle's CPU backend uses). Strides let one buffer hold Q, K and V side by
+//! side and let transposes cost nothing.
 
 use gemm::Parallelism;
 
@@ -74,6 +75,13 @@ pub enum Threads {
     All,
 }
 
+/// Whether `VITFORGE_GENERIC_GEMM` asks for the `gemm` crate even where our kernel runs (to
+/// compare the two; read once).
+pub fn generic_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var_os("VITFORGE_GENERIC_GEMM").is_some())
+}
+
 /// `c = beta·a·b` (or `c += beta·a·b` with `accumulate`).
 pub fn gemm(a: Mat, b: Mat, c: MatMut, beta: f32, accumulate: bool, threads: Threads) {
     assert_eq!(a.cols, b.rows, "inner dimensions");
@@ -92,6 +100,12 @@ pub fn gemm(a: Mat, b: Mat, c: MatMut, beta: f32, accumulate: bool, threads: Thr
                 c.data[c.offset + r * c.rs..c.offset + r * c.rs + c.cols].fill(0.0);
             }
         }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::sgemm::available() && !generic_forced() {
+        let parallel = threads == Threads::All && rayon::current_num_threads() > 1;
+        super::sgemm::gemm(a, b, c, beta, accumulate, parallel);
         return;
     }
     let parallelism = match threads {

@@ -10,6 +10,7 @@
 
 pub mod kernels;
 pub mod matmul;
+pub mod sgemm;
 pub mod simd;
 
 use std::collections::BTreeMap;
