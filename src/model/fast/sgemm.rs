@@ -46,10 +46,10 @@ unsafe impl Sync for OutPtr {}
 /// `c = alpha·a·b`, or `c += alpha·a·b` with `accumulate`; views already checked by the caller.
 /// `parallel`: spread the work over rayon's pool.
 ///
-/// B is packed whole, once (NR-wide panels over the full depth); each task then packs its MC
-/// rows of A over the full depth and walks its columns in strips of `NS`, finishing each strip
-/// over all of k before the next, so the strip of C it updates stays in L2 instead of being
-/// reloaded from memory for every block of depth.
+/// B is packed whole, once (NR-wide panels over the full depth); each task then takes MC rows of
+/// A (read in place when row-major, else packed over the full depth) and walks its columns in
+/// strips of `NS`, finishing each strip over all of k before the next, so the strip of C it
+/// updates stays in L2 instead of being reloaded from memory for every block of depth.
 pub fn gemm(a: Mat, b: Mat, c: MatMut, alpha: f32, accumulate: bool, parallel: bool) {
     debug_assert!(available());
     let (n, k) = (c.cols, a.cols);
