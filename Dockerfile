@@ -48,10 +48,12 @@ RUN mkdir src \
     && cargo build --release --locked --features "$FEATURES" \
     && rm -rf src
 
-# The real build. COPY keeps the files' own modification times, which can be older than the stubs'
-# build, so the stubs' outputs are deleted to make cargo rebuild the crate from the real sources.
-COPY migrations ./migrations
-COPY src ./src
+# The real build, from the whole build context: `.dockerignore` decides what stays out, and a test
+# (`cargo test --test repo`) holds it to every file the crate reads at compile time (sources,
+# migrations, openapi.yaml, embedded assets), so a new one cannot be left out of the image unseen.
+# COPY keeps the files' own modification times, which can be older than the stubs' build, so the
+# stubs' outputs are deleted to make cargo rebuild the crate from the real sources.
+COPY . .
 RUN rm -rf target/release/.fingerprint/vitforge-* target/release/deps/vitforge-* \
            target/release/deps/libvitforge-* target/release/vitforge \
     && if [ -z "$CUDA_COMPUTE_CAP" ]; then unset CUDA_COMPUTE_CAP; fi \
