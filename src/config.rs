@@ -1,54 +1,13 @@
-//! Command-line and environment configuration. Every `serve` flag also reads a `VITFORGE_*`
-//! environment variable, so a container can be configured without arguments.
+//! The configuration of `vitforge serve`. Every flag also reads a `VITFORGE_*` environment
+//! variable, so a container can be configured without arguments. It is read once, at the top
+//! (`startup`), and handed down as plain values: nothing below the HTTP layer sees it, and this
+//! module names nothing else of the crate.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
-
-/// vitforge: fine-tune a pre-trained Vision Transformer on your images and serve it over HTTP.
-///
-/// With no subcommand, `vitforge` runs `serve`.
-#[derive(Debug, Parser)]
-#[command(name = "vitforge", version, about, long_about = None, args_conflicts_with_subcommands = true)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-
-    #[command(flatten)]
-    pub serve: ServeConfig,
-
-    /// Log output format.
-    #[arg(long, env = "VITFORGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
-    pub log_format: LogFormat,
-}
-
-/// The subcommands.
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the HTTP service, its job workers and the predictor (the default).
-    Serve(Box<ServeConfig>),
-    /// Fine-tune a model on a folder, archive or Parquet file of labelled images.
-    Train(Box<crate::cli::TrainArgs>),
-    /// Classify image files with a model folder; prints JSON.
-    Predict(crate::cli::PredictArgs),
-    /// Evaluate a model on labelled images; prints JSON metrics.
-    Eval(crate::cli::EvalArgs),
-    /// Write a randomly initialised model (for training from scratch and for tests).
-    InitModel(crate::cli::InitModelArgs),
-    /// Measure inference and training speed and peak memory (JSON lines).
-    Bench(crate::cli::bench::BenchArgs),
-}
-
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
+use clap::{Args, FromArgMatches};
 
 /// Settings of `vitforge serve`.
 #[derive(Debug, Clone, Args)]
@@ -189,14 +148,17 @@ impl ServeConfig {
         self.base_models_dir.clone().unwrap_or_else(|| self.data_dir.join("base-models"))
     }
 
-    /// The defaults, as `vitforge serve` with no flags and no environment would use them.
+    /// The defaults, as `vitforge serve` with no flags and no environment would use them: the
+    /// `VITFORGE_*` variables of the calling process are not read (an exported
+    /// `VITFORGE_API_KEY` must not change a test's service).
     pub fn default_for(data_dir: impl Into<PathBuf>) -> Self {
-        let mut cfg = Cli::parse_from(["vitforge"]).serve;
+        let command = Self::augment_args(clap::Command::new("vitforge")).mut_args(|arg| arg.env(None));
+        let matches = command.try_get_matches_from(["vitforge"]).expect("the defaults parse");
+        let mut cfg = Self::from_arg_matches(&matches).expect("the defaults parse");
         cfg.data_dir = data_dir.into();
         cfg
     }
 
-    /// The request timeout, `None` when disabled.
     /// The expected-wait bound of `/predict` admission: `--max-predict-wait-ms`, at most half
     /// the request timeout.
     pub fn max_predict_wait(&self) -> Option<std::time::Duration> {
@@ -208,6 +170,7 @@ impl ServeConfig {
         }
     }
 
+    /// The request timeout, `None` when disabled.
     pub fn request_timeout(&self) -> Option<std::time::Duration> {
         (self.request_timeout_secs > 0).then(|| std::time::Duration::from_secs(self.request_timeout_secs))
     }
@@ -218,6 +181,12 @@ mod tests {
     use clap::Parser;
 
     use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeConfig,
+    }
 
     #[test]
     fn api_keys_are_parsed_comma_separated_and_never_shown() {
@@ -235,5 +204,27 @@ mod tests {
             assert!(bad.parse::<ApiKey>().is_err(), "{bad:?}");
         }
         assert!(Cli::try_parse_from(["vitforge", "--api-key", "ok-key-0123456789abc,"]).is_err());
+    }
+
+    #[test]
+    fn the_defaults_ignore_the_environment() {
+        if std::env::var_os("VITFORGE_DEFAULTS_CHILD").is_some() {
+            let cfg = ServeConfig::default_for("/tmp/x");
+            assert!(cfg.api_key.is_empty(), "VITFORGE_API_KEY leaked into the defaults");
+            assert_eq!((cfg.port, cfg.max_json_bytes, cfg.host.as_str()), (8080, 1024 * 1024, "127.0.0.1"));
+            return;
+        }
+        // In a child process of this test binary, so no other test sees the variables.
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "config::tests::the_defaults_ignore_the_environment", "--test-threads", "1"])
+            .env("VITFORGE_DEFAULTS_CHILD", "1")
+            .env("VITFORGE_API_KEY", "leaked-key-0123456789")
+            .env("VITFORGE_PORT", "1")
+            .env("VITFORGE_MAX_JSON_BYTES", "7")
+            .env("VITFORGE_HOST", "0.0.0.0")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && stdout.contains("1 passed"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     }
 }

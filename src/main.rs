@@ -1,5 +1,5 @@
 use clap::Parser;
-use vitforge::config::{Cli, Command};
+use vitforge::cli::{self, Cli, Command};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -7,10 +7,10 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         None => vitforge::startup::serve(cli.serve),
         Some(Command::Serve(cfg)) => vitforge::startup::serve(*cfg),
-        Some(Command::Train(args)) => vitforge::cli::train(*args),
-        Some(Command::Predict(args)) => vitforge::cli::predict(args),
-        Some(Command::Eval(args)) => vitforge::cli::eval(args),
-        Some(Command::InitModel(args)) => vitforge::cli::init_model(args),
-        Some(Command::Bench(args)) => vitforge::cli::bench::bench(args),
+        Some(Command::Train(args)) => cli::train(*args),
+        Some(Command::Predict(args)) => cli::predict(args),
+        Some(Command::Eval(args)) => cli::eval(args),
+        Some(Command::InitModel(args)) => cli::init_model(args),
+        Some(Command::Bench(args)) => cli::bench::bench(args),
     }
 }

@@ -1,4 +1,6 @@
-//! Builds the application from its configuration and runs it until SIGINT/SIGTERM.
+//! Builds the application from its configuration and runs it until SIGINT/SIGTERM. This is where
+//! the server's flags are turned into what each part needs (ingest limits, predictor settings,
+//! the jobs' context), so nothing below sees the configuration itself.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,12 +10,14 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::config::ServeConfig;
-use crate::dataset::BlobStore;
+use crate::dataset::{BlobStore, IngestLimits};
 use crate::http::{self, AppState};
-use crate::jobs::JobHub;
 use crate::paths::DataPaths;
 use crate::predictor::{Predictor, PredictorConfig};
-use crate::telemetry::Metrics;
+use crate::registry::ModelRegistry;
+use crate::telemetry::ServiceMetrics;
+use crate::worker::JobContext;
+use crate::worker::hub::JobHub;
 
 /// How long shutdown waits for a running fine-tune to reach the end of its batch.
 const WORKER_STOP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -57,8 +61,8 @@ impl Application {
 
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let ingest_slots = Arc::new(tokio::sync::Semaphore::new(cpus));
-        let metrics = Arc::new(Metrics::new());
-        let devices = crate::worker::resolve_devices(&config.device).context("--device")?;
+        let metrics = Arc::new(ServiceMetrics::new());
+        let devices = crate::model::resolve_devices(&config.device).context("--device")?;
         let predictor = Predictor::start(
             PredictorConfig {
                 max_batch_size: config.max_batch_size as usize,
@@ -71,9 +75,11 @@ impl Application {
             metrics.clone(),
         );
         let api_keys = Arc::new(http::auth::ApiKeys::new(&config.api_key));
+        let models = ModelRegistry::new(db.clone(), paths.clone(), predictor.clone());
         let state = AppState {
             db,
             api_keys,
+            ingest_limits: ingest_limits(&config),
             config: Arc::new(config),
             paths,
             blobs,
@@ -81,20 +87,20 @@ impl Application {
             ingest_slots,
             jobs: JobHub::new(),
             predictor,
+            models,
             metrics,
         };
         let requeued = crate::db::jobs::recover_interrupted(&state.db).await?;
         if requeued > 0 {
             tracing::info!(requeued, "jobs interrupted by the last shutdown go back to the queue");
         }
-        for orphan in crate::worker::remove_orphan_models(&state).await.context("removing orphaned model folders")? {
+        for orphan in state.models.remove_orphans().await.context("removing orphaned model folders")? {
             tracing::info!(path = %orphan.display(), "removed a model folder no model refers to");
         }
         for stale in remove_stale_job_files(&state).await.context("removing stale checkpoint files")? {
             tracing::info!(path = %stale.display(), "removed checkpoint files no unfinished job needs");
         }
-        let latest = crate::db::models::latest(&state.db).await?;
-        state.predictor.set_default(latest.map(|m| m.id));
+        state.models.set_default_to_latest().await?;
         Ok(Self { addr, listener, state, devices })
     }
 
@@ -111,7 +117,7 @@ impl Application {
     /// Serves until `shutdown` completes, then lets in-flight requests finish.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         tracing::info!(addr = %self.addr, data_dir = %self.state.paths.root().display(), "vitforge listening");
-        let workers = crate::worker::spawn(self.state.clone(), self.devices);
+        let workers = crate::worker::spawn(job_context(&self.state), self.devices);
         let app = http::router(self.state.clone());
         let hub = self.state.jobs.clone();
         // On the signal, stop the workers' jobs and end live event streams first: graceful
@@ -136,6 +142,29 @@ impl Application {
     /// Serves until SIGINT or SIGTERM.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         self.run_until(shutdown_signal()).await
+    }
+}
+
+/// What one dataset ingest may unpack, from the server's flags.
+fn ingest_limits(config: &ServeConfig) -> IngestLimits {
+    IngestLimits {
+        max_extracted_bytes: config.max_extracted_bytes,
+        max_entries: config.max_archive_entries,
+        max_image_bytes: config.max_image_bytes,
+        max_image_pixels: config.max_image_pixels,
+    }
+}
+
+/// What the job workers get: storage, the hub, the registry, and the settings of jobs.
+fn job_context(state: &AppState) -> JobContext {
+    JobContext {
+        db: state.db.clone(),
+        paths: state.paths.clone(),
+        blobs: state.blobs.clone(),
+        hub: state.jobs.clone(),
+        models: state.models.clone(),
+        base_models_dir: state.config.base_models_dir(),
+        max_image_pixels: state.config.max_image_pixels,
     }
 }
 

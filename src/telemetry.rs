@@ -1,8 +1,15 @@
-//! Logging setup (`RUST_LOG` filters, default `info`).
+//! Logging setup (`RUST_LOG` filters, default `info`) and the service's Prometheus metrics.
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Installs the global tracing subscriber; later calls are ignored, so tests may call it freely.
 pub fn init(format: LogFormat) {
@@ -60,7 +67,7 @@ fn latency_histogram() -> Histogram {
 }
 
 /// The service's Prometheus metrics, in a registry of its own (so test apps do not share one).
-pub struct Metrics {
+pub struct ServiceMetrics {
     pub registry: Registry,
     pub http_requests: Family<RouteLabels, Counter>,
     pub http_latency: Family<RouteOnly, Histogram, fn() -> Histogram>,
@@ -71,7 +78,7 @@ pub struct Metrics {
     pub training_images_per_second: Family<JobLabel, Gauge<f64, AtomicU64>>,
 }
 
-impl Metrics {
+impl ServiceMetrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("vitforge");
         let http_requests = Family::<RouteLabels, Counter>::default();
@@ -105,7 +112,7 @@ impl Metrics {
     }
 }
 
-impl Default for Metrics {
+impl Default for ServiceMetrics {
     fn default() -> Self {
         Self::new()
     }

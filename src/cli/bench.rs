@@ -10,11 +10,10 @@ use candle_core::{Device, Tensor};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
-use crate::model::vit::TrainableSet;
-use crate::model::{LoadedModel, ModelSource, Vit, VitConfig};
-use crate::train::optim::{Optimizer, clip_grad_norm};
-use crate::train::step::{boundary, frozen_forward, loss_and_grads};
+use crate::model::network::{frozen_forward, loss_and_grads};
+use crate::model::{LoadedModel, ModelSource, TrainableSet, Vit, VitConfig};
 use crate::train::OptimizerKind;
+use crate::train::optim::{Optimizer, clip_grad_norm};
 
 /// What is timed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -60,7 +59,7 @@ pub struct BenchArgs {
     /// Untimed iterations before timing.
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
-    /// Compute device: cpu or cuda:N.
+    /// Compute device: auto, cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -77,7 +76,7 @@ pub fn peak_rss_mb() -> f64 {
 }
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    let device = crate::model::device_from_name(&args.device)?;
+    let device = crate::model::device(&args.device)?;
     let labels: Vec<String> = (0..BENCH_LABELS).map(|i| format!("class_{i}")).collect();
     let (name, model) = match &args.model {
         Some(dir) => (dir.display().to_string(), LoadedModel::load(&ModelSource::Dir(dir.clone()), Some(&labels), &device, 0)?),
@@ -101,7 +100,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                     BenchMode::Train | BenchMode::HeadOnly => {
                         let set = if mode == BenchMode::Train { TrainableSet::All } else { TrainableSet::HeadOnly };
                         let layers = model.cfg.num_hidden_layers;
-                        let b = boundary(set, layers);
+                        let b = set.boundary(layers);
                         let frozen = Vit::frozen(&model.cfg, &model.params)?;
                         let input = frozen_forward(&frozen, b, &pixels)?;
                         let vit = Vit::new(&model.cfg, &model.params, &|n| set.contains(n, layers))?;

@@ -1,24 +1,63 @@
-//! The command-line subcommands besides `serve`: `train`, `predict`, `eval` and `init-model` run
-//! the same engine as the service, with progress bars for long work.
+//! The command line: the `Cli` that `main` parses, and the subcommands besides `serve` (`train`,
+//! `predict`, `eval`, `init-model`, `bench`), which run the same engine as the service, with
+//! progress bars for long work.
 
 pub mod bench;
-pub mod hyper;
+pub mod train_flags;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use candle_core::Device;
-use clap::Args;
+use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
+use crate::config::ServeConfig;
 use crate::dataset::{BlobStore, IngestLimits, Split, ingest};
-use crate::model::classifier::Classifier;
+use crate::model::classifier::{ClassifyError, Classifier};
 use crate::model::{LoadedModel, ModelSource, VitConfig};
-use crate::train::data::{ImageCache, TrainData};
-use crate::train::{Control, Recipe, TrainEvent, TrainParams, TrainSpec, cli_checkpoint_root, evaluate, fine_tune};
+use crate::telemetry::LogFormat;
+use crate::train::data::TrainData;
+use crate::train::eval::{EvalSplit, evaluate_records};
+use crate::train::{Control, Recipe, TrainEvent, TrainParams, TrainSpec, cli_checkpoint_root, fine_tune};
+use crate::worker::submit::DEFAULT_BASE_MODEL;
+
+/// vitforge: fine-tune a pre-trained Vision Transformer on your images and serve it over HTTP.
+///
+/// With no subcommand, `vitforge` runs `serve`.
+#[derive(Debug, Parser)]
+#[command(name = "vitforge", version, about, long_about = None, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub serve: ServeConfig,
+
+    /// Log output format.
+    #[arg(long, env = "VITFORGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP service, its job workers and the predictor (the default).
+    Serve(Box<ServeConfig>),
+    /// Fine-tune a model on a folder, archive or Parquet file of labelled images.
+    Train(Box<TrainArgs>),
+    /// Classify image files with a model folder; prints JSON.
+    Predict(PredictArgs),
+    /// Evaluate a model on labelled images; prints JSON metrics.
+    Eval(EvalArgs),
+    /// Write a randomly initialised model (for training from scratch and for tests).
+    InitModel(InitModelArgs),
+    /// Measure inference and training speed and peak memory (JSON lines).
+    Bench(bench::BenchArgs),
+}
 
 /// `vitforge train`.
 #[derive(Debug, Args)]
@@ -29,7 +68,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub data: PathBuf,
     /// Base model: a Hugging Face hub id or a local folder with config.json and model.safetensors.
-    #[arg(long, default_value = crate::http::jobs::DEFAULT_BASE_MODEL)]
+    #[arg(long, default_value = DEFAULT_BASE_MODEL)]
     pub base_model: String,
     /// Folder to write the fine-tuned model to (replaced if it exists).
     #[arg(long)]
@@ -43,7 +82,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum)]
     pub recipe: Option<Recipe>,
     #[command(flatten)]
-    pub hyper: hyper::HyperParams,
+    pub hyper: train_flags::HyperParams,
 }
 
 /// `vitforge predict`.
@@ -61,15 +100,6 @@ pub struct PredictArgs {
     /// Image files.
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
-}
-
-/// Which images of a dataset `eval` uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum EvalSplit {
-    All,
-    Train,
-    Validation,
-    Test,
 }
 
 /// `vitforge eval`.
@@ -109,11 +139,6 @@ pub struct InitModelArgs {
     pub seed: u64,
 }
 
-fn device(name: &str) -> anyhow::Result<Device> {
-    let devices = crate::worker::resolve_devices(&[name.to_string()])?;
-    Ok(devices.into_iter().next().map(|(_, d)| d).unwrap_or(Device::Cpu))
-}
-
 /// A progress bar on stderr (hidden when stderr is not a terminal).
 fn bar(len: u64, template: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
@@ -147,11 +172,11 @@ fn import(data: &Path, store: &BlobStore) -> anyhow::Result<crate::dataset::Inge
     Ok(ingested)
 }
 
-fn records(ingested: &crate::dataset::Ingested, store: &BlobStore, keep: impl Fn(Split) -> bool) -> anyhow::Result<Vec<(PathBuf, String, Split)>> {
+/// Every imported image as (blob file, class, split).
+fn records(ingested: &crate::dataset::Ingested, store: &BlobStore) -> anyhow::Result<Vec<(PathBuf, String, Split)>> {
     ingested
         .images
         .iter()
-        .filter(|r| keep(r.split))
         .map(|r| Ok((store.path(&r.blob)?, r.label.clone(), r.split)))
         .collect()
 }
@@ -162,11 +187,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let recipe = args.recipe.unwrap_or(if args.hyper.any_recipe_flag() { Recipe::Manual } else { Recipe::Auto });
     let params: TrainParams = args.hyper.apply(recipe.base());
     params.validate().map_err(|e| anyhow::anyhow!("invalid hyper-parameter {e}"))?;
-    let device = device(&args.device)?;
+    let device = crate::model::device(&args.device)?;
     let scratch = tempfile::tempdir()?;
     let store = BlobStore::open(scratch.path().join("blobs"))?;
     let ingested = import(&args.data, &store)?;
-    let data = TrainData::with_labels(ingested.classes.clone(), records(&ingested, &store, |_| true)?)?;
+    let data = TrainData::with_labels(ingested.classes.clone(), records(&ingested, &store)?)?;
     let source = ModelSource::parse(&args.base_model)?;
     let mut model = LoadedModel::load(&source, Some(&ingested.classes), &device, params.seed)
         .with_context(|| format!("loading base model {source}"))?;
@@ -238,50 +263,43 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
 
 /// `vitforge predict`: prints `{"predictions": [{"file", "label", "score", "top_k"}]}`.
 pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
-    let device = device(&args.device)?;
+    let device = crate::model::device(&args.device)?;
     let clf = Classifier::load(&ModelSource::parse(&args.model)?, &device)?;
-    let k = args.top_k.clamp(1, clf.labels().len());
     let mut predictions = Vec::with_capacity(args.images.len());
-    for chunk in args.images.chunks(16) {
-        let mut pixels = Vec::with_capacity(chunk.len());
+    // A chunk at a time, so only one forward pass of files is held in memory.
+    for chunk in args.images.chunks(PREDICT_BATCH) {
+        let mut images = Vec::with_capacity(chunk.len());
         for path in chunk {
             let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            let img = crate::imaging::decode_rgb(&bytes, crate::imaging::DEFAULT_MAX_PIXELS)
-                .with_context(|| format!("decoding {}", path.display()))?;
-            pixels.push(clf.preprocess(&img)?);
+            images.push((path.display().to_string(), bytes));
         }
-        for (path, probs) in chunk.iter().zip(clf.probabilities(&pixels)?) {
-            let top = clf.top_k(&probs, k);
-            predictions.push(json!({"file": path, "label": top[0].label, "score": top[0].score, "top_k": top}));
+        let answers = clf.classify(&images, args.top_k, crate::imaging::DEFAULT_MAX_PIXELS, PREDICT_BATCH).map_err(|e| match e {
+            ClassifyError::Image { name, reason, .. } => anyhow::anyhow!("{name}: {reason}"),
+            other => other.into(),
+        })?;
+        for (path, answer) in chunk.iter().zip(answers) {
+            predictions.push(json!({"file": path, "label": answer.label, "score": answer.score, "top_k": answer.top_k}));
         }
     }
     println!("{}", serde_json::to_string_pretty(&json!({ "predictions": predictions }))?);
     Ok(())
 }
 
+/// Images per forward pass of `vitforge predict`.
+const PREDICT_BATCH: usize = 16;
+
 /// `vitforge eval`: prints the metrics block (accuracy, macro precision / recall / F1, per class,
-/// confusion matrix) of a model on labelled images.
+/// confusion matrix) of a model on labelled images, and how many images it rests on.
 pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
-    let device = device(&args.device)?;
+    let device = crate::model::device(&args.device)?;
     let model = LoadedModel::load(&ModelSource::parse(&args.model)?, None, &device, 0)?;
     let scratch = tempfile::tempdir()?;
     let store = BlobStore::open(scratch.path().join("blobs"))?;
     let ingested = import(&args.data, &store)?;
-    let wanted = |s: Split| match args.split {
-        EvalSplit::All => true,
-        EvalSplit::Train => s == Split::Train,
-        EvalSplit::Validation => s == Split::Validation,
-        EvalSplit::Test => s == Split::Test,
-    };
-    let data = TrainData::with_labels(model.cfg.labels.clone(), records(&ingested, &store, wanted)?)?;
-    let examples: Vec<_> = [data.train, data.validation, data.test].concat();
-    if examples.is_empty() {
-        bail!("no images in the requested split");
-    }
-    let images = ImageCache::new(IngestLimits::default().max_image_pixels, 0);
-    let report = evaluate(&model, &examples, &images, &device, args.batch_size.max(1), None)?;
-    let mut out = serde_json::to_value(&report)?;
-    out["num_images"] = json!(examples.len());
+    let limits = IngestLimits::default();
+    let evaluation = evaluate_records(&model, records(&ingested, &store)?, Some(args.split), limits.max_image_pixels, args.batch_size, &device)?;
+    let mut out = serde_json::to_value(&evaluation.report)?;
+    out["num_images"] = json!(evaluation.num_images);
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }

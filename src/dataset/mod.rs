@@ -30,7 +30,6 @@ use serde::{Deserialize, Serialize};
 
 pub use blobs::BlobStore;
 
-use crate::config::ServeConfig;
 use crate::imaging;
 
 /// The part of a dataset an image belongs to.
@@ -197,17 +196,6 @@ impl Default for IngestLimits {
             max_entries: 200_000,
             max_image_bytes: 64 * 1024 * 1024,
             max_image_pixels: imaging::DEFAULT_MAX_PIXELS,
-        }
-    }
-}
-
-impl From<&ServeConfig> for IngestLimits {
-    fn from(cfg: &ServeConfig) -> Self {
-        Self {
-            max_extracted_bytes: cfg.max_extracted_bytes,
-            max_entries: cfg.max_archive_entries,
-            max_image_bytes: cfg.max_image_bytes,
-            max_image_pixels: cfg.max_image_pixels,
         }
     }
 }

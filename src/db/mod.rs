@@ -1,9 +1,10 @@
-//! Every SQL query of the service, one function each, grouped by table. `migrations/` holds the
-//! schema; this module opens the pool and runs them.
+//! Every SQL query of the service, one function each, grouped by table (`job_metrics` holds the
+//! queries on `job_metrics`, `job_evaluations` and `checkpoints`). `migrations/` holds the schema;
+//! this module opens the pool and runs them.
 
 pub mod datasets;
+pub mod job_metrics;
 pub mod jobs;
-pub mod metrics;
 pub mod models;
 
 use std::path::Path;
@@ -26,6 +27,12 @@ pub async fn connect(path: &Path) -> anyhow::Result<SqlitePool> {
     let pool = SqlitePoolOptions::new().max_connections(8).connect_with(options).await?;
     sqlx::migrate!("./migrations").run(&pool).await?;
     Ok(pool)
+}
+
+/// Whether the database answers (the readiness probe).
+pub async fn ping(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+    sqlx::query("select 1").execute(pool).await?;
+    Ok(())
 }
 
 /// The current time as stored in the database: RFC 3339, UTC, milliseconds.

@@ -6,7 +6,7 @@
 //! answer's timing.
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
@@ -14,7 +14,7 @@ use subtle::ConstantTimeEq;
 
 use super::AppState;
 use crate::config::ApiKey;
-use crate::error::AppError;
+use super::error::AppError;
 
 /// Paths answered without a key: orchestrators probe them without credentials.
 const PUBLIC_PATHS: [&str; 2] = ["/healthz", "/readyz"];
@@ -61,9 +61,8 @@ pub async fn require_key(State(s): State<AppState>, req: Request, next: Next) ->
     }
     match bearer_token(req.headers()) {
         Some(token) if s.api_keys.accepts(token) => next.run(req).await,
-        Some(_) => AppError::client(StatusCode::UNAUTHORIZED, "invalid_api_key", "the API key is not valid").into_response(),
-        None => AppError::client(
-            StatusCode::UNAUTHORIZED,
+        Some(_) => AppError::unauthorized("invalid_api_key", "the API key is not valid").into_response(),
+        None => AppError::unauthorized(
             "missing_api_key",
             "this service needs an API key: send 'Authorization: Bearer <key>'",
         )

@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -17,9 +16,10 @@ use tokio::io::AsyncWriteExt;
 
 use super::extract::ApiPath;
 use super::{AppState, Route};
-use crate::dataset::{self, IngestLimits, Ingested};
+use super::error::AppError;
+use crate::cancel::CancelOnDrop;
+use crate::dataset::{self, Ingested};
 use crate::db::datasets::{self as queries, Dataset, Deleted};
-use crate::error::AppError;
 
 /// Longest dataset name, in characters.
 const MAX_NAME_CHARS: usize = 200;
@@ -229,10 +229,9 @@ async fn ingest(
     uploading: Arc<tokio::sync::OwnedRwLockReadGuard<()>>,
 ) -> Result<Ingested, AppError> {
     let store = state.blobs.clone();
-    let limits = IngestLimits::from(&*state.config);
+    let limits = state.ingest_limits.clone();
     let span = tracing::Span::current();
-    let cancel = Arc::new(AtomicBool::new(false));
-    let _cancel_on_drop = super::CancelOnDrop(cancel.clone());
+    let (_cancel_on_drop, cancel) = CancelOnDrop::new();
     let task = tokio::task::spawn_blocking(move || {
         // The scratch file too: the tar reader opens it by name twice.
         let _held = (slot, uploading);

@@ -4,12 +4,12 @@
 use std::sync::{Arc, LazyLock};
 
 use axum::extract::Path;
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Redirect, Response};
 use utoipa_swagger_ui::Config;
 
 use super::Route;
-use crate::error::AppError;
+use super::error::AppError;
 
 /// The OpenAPI document, exactly as in the repository.
 pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
@@ -45,9 +45,6 @@ fn serve(file: &str) -> Result<Response, AppError> {
     match utoipa_swagger_ui::serve(file, CONFIG.clone()) {
         Ok(Some(f)) => Ok(([(header::CONTENT_TYPE, f.content_type)], f.bytes.into_owned()).into_response()),
         Ok(None) => Err(AppError::not_found("documentation file", file)),
-        Err(e) => {
-            tracing::error!(error = %e, "serving Swagger UI");
-            Ok(StatusCode::INTERNAL_SERVER_ERROR.into_response())
-        }
+        Err(e) => Err(AppError::Internal(anyhow::anyhow!("serving Swagger UI: {e}"))),
     }
 }

@@ -8,7 +8,7 @@ use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 
-use crate::error::AppError;
+use super::error::AppError;
 
 /// `axum::Json` with errors in our format: 415 without a JSON content type, 400 for a syntax
 /// error, 422 naming the field for a value of the wrong shape, 413 for a body over the limit.

@@ -2,9 +2,9 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
 use serde_json::{Value, json};
 
+use super::error::AppError;
 use super::{AppState, Route};
 
 pub fn routes() -> Vec<Route> {
@@ -17,13 +17,12 @@ async fn healthz() -> Json<Value> {
 }
 
 /// 200 when the database answers, 503 when it does not.
-async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    match sqlx::query("select 1").execute(&state.db).await {
-        Ok(_) => (StatusCode::OK, Json(json!({"status": "ready"}))),
+async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, AppError> {
+    match crate::db::ping(&state.db).await {
+        Ok(()) => Ok(Json(json!({"status": "ready"}))),
         Err(e) => {
             tracing::warn!(error = %e, "readiness check failed");
-            let body = json!({"error": {"code": "not_ready", "message": "the database does not answer"}});
-            (StatusCode::SERVICE_UNAVAILABLE, Json(body))
+            Err(AppError::unavailable("not_ready", "the database does not answer"))
         }
     }
 }

@@ -13,13 +13,13 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
+use super::error::AppError;
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::{AppState, Route};
 use crate::db;
-use crate::db::jobs::{Cancel, Job, NewJob, Status};
-use crate::error::AppError;
-use crate::jobs::JobEvent;
-use crate::train::Recipe;
+use crate::db::jobs::{Cancel, Job, Status};
+use crate::worker::hub::JobEvent;
+use crate::worker::submit::{JobRequest, submit};
 
 pub fn routes() -> Vec<Route> {
     vec![
@@ -32,58 +32,9 @@ pub fn routes() -> Vec<Route> {
     ]
 }
 
-/// The base model when a job names none.
-pub const DEFAULT_BASE_MODEL: &str = "google/vit-base-patch16-224";
-
-/// Body of `POST /jobs`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewJobRequest {
-    pub dataset_id: String,
-    #[serde(default)]
-    pub base_model: Option<String>,
-    /// `auto` (the default when no hyper-parameters are given) or `manual` (the default when some are).
-    #[serde(default)]
-    pub recipe: Option<Recipe>,
-    /// Hyper-parameters; each given field overrides the recipe's default.
-    #[serde(default)]
-    pub params: Option<serde_json::Map<String, Value>>,
-}
-
-async fn create(State(s): State<AppState>, ApiJson(req): ApiJson<NewJobRequest>) -> Result<(StatusCode, Json<Job>), AppError> {
-    let given = req.params.unwrap_or_default();
-    let recipe = req.recipe.unwrap_or(Recipe::implied(given.keys().map(String::as_str)));
-    let params = recipe.resolve(&given).map_err(|e| AppError::unprocessable("invalid_field", format!("params.{e}")))?;
-    params.validate().map_err(|e| AppError::unprocessable("invalid_params", format!("params.{e}")))?;
-    let base_model = req.base_model.unwrap_or_else(|| DEFAULT_BASE_MODEL.to_string());
-    check_base_model(&s, &base_model).await?;
-    let params_json = serde_json::to_value(&params).map_err(anyhow::Error::from)?;
-    let job = db::jobs::insert(
-        &s.db,
-        &NewJob { dataset_id: &req.dataset_id, base_model: &base_model, params: &params_json, recipe: recipe.as_str(), epochs: params.epochs },
-    )
-    .await?
-    .ok_or_else(|| AppError::not_found("dataset", &req.dataset_id))?;
-    s.jobs.job_submitted();
-    Ok((StatusCode::ACCEPTED, Json(job)))
-}
-
-/// `base_model` must be one of our models, a folder name under the base models folder, or a hub
-/// id; paths are refused so a request cannot read arbitrary folders.
-async fn check_base_model(s: &AppState, base_model: &str) -> Result<(), AppError> {
-    if db::models::get(&s.db, base_model).await?.is_some() {
-        return Ok(());
-    }
-    if !crate::model::io::is_hub_id(base_model) {
-        return Err(AppError::unprocessable(
-            "invalid_base_model",
-            format!(
-                "base_model '{base_model}' must be a Hugging Face model id (like {DEFAULT_BASE_MODEL}), the id of a model of \
-                 this service, or the name of a folder under the base models folder; filesystem paths are not accepted"
-            ),
-        ));
-    }
-    Ok(())
+/// `POST /jobs`: 202 with the queued job.
+async fn create(State(s): State<AppState>, ApiJson(req): ApiJson<JobRequest>) -> Result<(StatusCode, Json<Job>), AppError> {
+    Ok((StatusCode::ACCEPTED, Json(submit(&s.db, &s.jobs, req).await?)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,9 +54,9 @@ async fn get(State(s): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<
     Ok(Json(find(&s, &id).await?))
 }
 
-async fn metrics(State(s): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Json<db::metrics::JobMetrics>, AppError> {
+async fn metrics(State(s): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Json<db::job_metrics::JobMetrics>, AppError> {
     find(&s, &id).await?;
-    Ok(Json(db::metrics::get(&s.db, &id).await?))
+    Ok(Json(db::job_metrics::get(&s.db, &id).await?))
 }
 
 async fn cancel(State(s): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<(StatusCode, Json<Job>), AppError> {
@@ -143,7 +94,7 @@ async fn events(
     // Subscribe before reading the state so nothing between the two is lost.
     let mut rx = s.jobs.subscribe(&id);
     let job = find(&s, &id).await?;
-    let history = db::metrics::get(&s.db, &id).await?;
+    let history = db::job_metrics::get(&s.db, &id).await?;
     let shutdown = s.jobs.shutdown_token();
     let stream = async_stream(move |tx| async move {
         let _ = tx.send(sse("progress", &progress_of(&job))).await;

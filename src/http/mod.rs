@@ -6,20 +6,21 @@
 pub mod auth;
 pub mod datasets;
 pub mod docs;
+pub mod error;
 pub mod extract;
 pub mod health;
 pub mod jobs;
 pub mod linger;
-pub mod metrics;
 pub mod models;
 pub mod predict;
+pub mod prometheus;
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::handler::Handler;
-use axum::http::{Method, StatusCode};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
@@ -29,12 +30,13 @@ use tower_http::trace::TraceLayer;
 
 use crate::blob_gc::BlobLock;
 use crate::config::ServeConfig;
-use crate::dataset::BlobStore;
-use crate::error::{AppError, error_response};
-use crate::jobs::JobHub;
+use crate::dataset::{BlobStore, IngestLimits};
 use crate::paths::DataPaths;
 use crate::predictor::Predictor;
-use crate::telemetry::Metrics;
+use crate::registry::ModelRegistry;
+use crate::telemetry::ServiceMetrics;
+use crate::worker::hub::JobHub;
+use error::AppError;
 
 /// What every handler can reach. Each field is cheap to clone.
 #[derive(Clone)]
@@ -49,23 +51,17 @@ pub struct AppState {
     /// One permit per ingest allowed to run at once (one per CPU): each holds up to an image's
     /// bytes and decoded pixels, so this bounds the memory uploads use together.
     pub ingest_slots: Arc<Semaphore>,
+    /// What one upload may unpack.
+    pub ingest_limits: IngestLimits,
     /// Worker wake-ups, cancellation flags and live job events.
     pub jobs: Arc<JobHub>,
     /// Loaded models and the batching inference thread.
     pub predictor: Predictor,
-    pub metrics: Arc<Metrics>,
+    /// Registers, deletes and chooses fine-tuned models.
+    pub models: ModelRegistry,
+    pub metrics: Arc<ServiceMetrics>,
     /// Digests of the API keys; access control is off when there are none.
     pub api_keys: Arc<auth::ApiKeys>,
-}
-
-/// Sets its flag when dropped. A handler's future is dropped when its client disconnects or the
-/// request times out; blocking work it started checks the flag and stops early.
-pub(crate) struct CancelOnDrop(pub Arc<std::sync::atomic::AtomicBool>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
 }
 
 /// One route: its method, its path template (axum syntax, `{id}`), and its handler.
@@ -109,7 +105,7 @@ impl Route {
 }
 
 fn all_routes() -> Vec<Route> {
-    [health::routes(), docs::routes(), datasets::routes(), jobs::routes(), models::routes(), predict::routes(), metrics::routes()].into_iter().flatten().collect()
+    [health::routes(), docs::routes(), datasets::routes(), jobs::routes(), models::routes(), predict::routes(), prometheus::routes()].into_iter().flatten().collect()
 }
 
 /// Every (method, path) the router serves, for the OpenAPI consistency test.
@@ -145,7 +141,7 @@ pub fn router(state: AppState) -> Router {
         // Routes that stream large bodies lift this and enforce their own limits.
         .layer(DefaultBodyLimit::max(json_limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), prometheus::track))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -163,11 +159,10 @@ async fn request_timeout(State(s): State<AppState>, req: Request, next: Next) ->
     }
 }
 
-async fn not_found() -> Response {
-    error_response(StatusCode::NOT_FOUND, "route_not_found", "no such route")
+async fn not_found() -> AppError {
+    AppError::no_route()
 }
 
-async fn method_not_allowed() -> Response {
-    error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
-        .into_response()
+async fn method_not_allowed() -> AppError {
+    AppError::method_not_allowed()
 }

@@ -11,15 +11,15 @@ use bytes::Bytes;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
+use super::error::AppError;
 use super::extract::{ApiJson, ApiPath};
 use super::{AppState, Route};
-use crate::dataset::Split;
 use crate::db;
 use crate::db::models::{Deleted, Model};
-use crate::error::AppError;
+use crate::model::io::SAVED_FILES;
 use crate::model::{LoadedModel, ModelSource};
-use crate::train::data::{ImageCache, TrainData};
-use crate::train::metrics::EvalReport;
+use crate::train::eval::{EvalSplit, evaluate_records};
+use crate::train::report::EvalReport;
 
 pub fn routes() -> Vec<Route> {
     vec![
@@ -45,21 +45,13 @@ async fn get(State(s): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<
 }
 
 async fn delete(State(s): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<StatusCode, AppError> {
-    match db::models::delete(&s.db, &id).await? {
+    match s.models.delete(&id).await? {
         Deleted::NotFound => Err(AppError::not_found("model", &id)),
         Deleted::OnlyModel => Err(AppError::conflict("only_model", format!("model '{id}' is the only model; /predict needs one"))),
         Deleted::InUse { job_id } => {
             Err(AppError::conflict("model_in_use", format!("model '{id}' is the base model of job '{job_id}', which has not finished")))
         }
-        Deleted::Removed { path } => {
-            s.predictor.evict(&id);
-            if s.predictor.default_model().as_deref() == Some(id.as_str()) {
-                s.predictor.set_default(db::models::latest(&s.db).await?.map(|m| m.id));
-            }
-            let dir = s.paths.root().join(path);
-            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await.map_err(anyhow::Error::from)?.ok();
-            Ok(StatusCode::NO_CONTENT)
-        }
+        Deleted::Removed { .. } => Ok(StatusCode::NO_CONTENT),
     }
 }
 
@@ -82,13 +74,13 @@ impl Write for ChannelWriter {
 /// streamed as it is written.
 async fn download(State(s): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, AppError> {
     let model = find(&s, &id).await?;
-    let dir = s.paths.root().join(&model.path);
+    let dir = s.models.dir(&model);
     let (tx, rx) = mpsc::channel(8);
     let name = format!("vitforge-model-{id}");
     let prefix = name.clone();
     tokio::task::spawn_blocking(move || {
         let mut tar = tar::Builder::new(ChannelWriter(tx.clone()));
-        let result = ["config.json", "preprocessor_config.json", "model.safetensors"]
+        let result = SAVED_FILES
             .iter()
             .try_for_each(|f| tar.append_path_with_name(dir.join(f), format!("{prefix}/{f}")))
             .and_then(|()| tar.finish());
@@ -105,16 +97,6 @@ async fn download(State(s): State<AppState>, ApiPath(id): ApiPath<String>) -> Re
         .into_response())
 }
 
-/// Which images of a dataset to evaluate on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum EvalSplit {
-    Test,
-    Validation,
-    Train,
-    All,
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EvaluateRequest {
@@ -123,49 +105,27 @@ struct EvaluateRequest {
     split: Option<EvalSplit>,
 }
 
+/// `POST /models/{id}/evaluate`: the model's metrics on a split of a dataset, computed on a
+/// blocking thread by the same path as `vitforge eval`.
 async fn evaluate(
     State(s): State<AppState>,
     ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<EvaluateRequest>,
 ) -> Result<Json<EvalReport>, AppError> {
     let model = find(&s, &id).await?;
-    let dataset = db::datasets::get(&s.db, &req.dataset_id).await?.ok_or_else(|| AppError::not_found("dataset", &req.dataset_id))?;
-    let unknown: Vec<&String> = dataset.classes.iter().filter(|c| !model.labels.contains(c)).collect();
-    if !unknown.is_empty() {
-        return Err(AppError::unprocessable(
-            "unknown_classes",
-            format!("the dataset has classes the model does not know: {unknown:?} (model labels: {:?})", model.labels),
-        ));
-    }
-    let has_test = dataset.counts.test.values().any(|n| *n > 0);
-    let split = req.split.unwrap_or(if has_test { EvalSplit::Test } else { EvalSplit::All });
-    let keep = |sp: Split| match split {
-        EvalSplit::All => true,
-        EvalSplit::Test => sp == Split::Test,
-        EvalSplit::Validation => sp == Split::Validation,
-        EvalSplit::Train => sp == Split::Train,
-    };
+    db::datasets::get(&s.db, &req.dataset_id).await?.ok_or_else(|| AppError::not_found("dataset", &req.dataset_id))?;
     let mut records = Vec::new();
     for row in db::datasets::images(&s.db, &req.dataset_id).await? {
-        if keep(row.split) {
-            records.push((s.blobs.path(&row.blob).map_err(anyhow::Error::from)?, row.label, row.split));
-        }
+        records.push((s.blobs.path(&row.blob).map_err(anyhow::Error::from)?, row.label, row.split));
     }
-    if records.is_empty() {
-        return Err(AppError::unprocessable("empty_split", "the dataset has no image in the requested split"));
-    }
-    let dir = s.paths.root().join(&model.path);
-    let labels = model.labels.clone();
+    let dir = s.models.dir(&model);
     let max_pixels = s.config.max_image_pixels;
-    let report = tokio::task::spawn_blocking(move || -> anyhow::Result<EvalReport> {
+    let evaluation = tokio::task::spawn_blocking(move || {
         let device = candle_core::Device::Cpu;
-        let loaded = LoadedModel::load(&ModelSource::Dir(dir), None, &device, 0)?;
-        let data = TrainData::with_labels(labels, records)?;
-        let examples = [data.train, data.validation, data.test].concat();
-        let images = ImageCache::new(max_pixels, 0);
-        Ok(crate::train::evaluate(&loaded, &examples, &images, &device, 16, None)?)
+        let loaded = LoadedModel::load(&ModelSource::Dir(dir), None, &device, 0).map_err(anyhow::Error::from)?;
+        Ok::<_, AppError>(evaluate_records(&loaded, records, req.split, max_pixels, 16, &device)?)
     })
     .await
     .map_err(anyhow::Error::from)??;
-    Ok(Json(report))
+    Ok(Json(evaluation.report))
 }

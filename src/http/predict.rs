@@ -1,22 +1,16 @@
 //! `POST /predict`: classify images with the newest fine-tuned model (or `?model=`).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use axum::Json;
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{StatusCode, header};
 use base64::Engine;
 use bytes::Bytes;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::error::AppError;
 use super::extract::ApiQuery;
 use super::{AppState, Route};
-use crate::db;
-use crate::error::AppError;
-use crate::model::classifier::Scored;
-use crate::predictor::PredictError;
+use crate::model::classifier::Prediction;
 
 pub fn routes() -> Vec<Route> {
     vec![Route::post("/predict", predict).without_body_limit()]
@@ -35,37 +29,10 @@ struct Base64Images {
     images: Vec<String>,
 }
 
-/// One image's answer.
-#[derive(Debug, Serialize)]
-struct Prediction {
-    label: String,
-    score: f32,
-    top_k: Vec<Scored>,
-}
-
 #[derive(Debug, Serialize)]
 struct PredictResponse {
     model_id: String,
     predictions: Vec<Prediction>,
-}
-
-impl From<PredictError> for AppError {
-    fn from(e: PredictError) -> Self {
-        match e {
-            PredictError::Overloaded => AppError::client(
-                StatusCode::TOO_MANY_REQUESTS,
-                "overloaded",
-                "too many prediction requests in flight; retry shortly",
-            ),
-            PredictError::NoModel => AppError::conflict(
-                "no_model",
-                "no fine-tuned model yet: upload a dataset (POST /datasets) and run a fine-tune (POST /jobs); \
-                 /predict uses the newest model once its job succeeds",
-            ),
-            PredictError::UnknownModel(id) => AppError::not_found("model", &id),
-            other => AppError::Internal(anyhow::anyhow!(other)),
-        }
-    }
 }
 
 /// The images of a request, named for error messages: multipart parts (any field name), a raw
@@ -129,51 +96,14 @@ async fn images_of(s: &AppState, req: Request) -> Result<Vec<(String, Bytes)>, A
 
 async fn predict(State(s): State<AppState>, ApiQuery(q): ApiQuery<PredictQuery>, req: Request) -> Result<Json<PredictResponse>, AppError> {
     let _permit = s.predictor.admit()?;
-    let model_id = match q.model {
-        Some(id) => id,
-        None => match s.predictor.default_model() {
-            Some(id) => id,
-            None => db::models::latest(&s.db).await?.map(|m| m.id).ok_or(PredictError::NoModel)?,
-        },
-    };
-    let model = db::models::get(&s.db, &model_id).await?.ok_or_else(|| PredictError::UnknownModel(model_id.clone()))?;
+    let model = s.models.resolve(q.model).await?;
     if q.top_k == Some(0) {
         return Err(AppError::unprocessable("invalid_query", "top_k must be at least 1"));
     }
     let images = images_of(&s, req).await?;
-    let loaded = s.predictor.get_or_load(&model.id, s.paths.root().join(&model.path)).await?;
-    let max_pixels = s.config.max_image_pixels;
-    let pre_model = loaded.clone();
-    // Decoding and resizing are CPU work: a blocking thread, images in parallel. If the client
-    // goes away (or the request times out) the remaining images are skipped.
-    let cancel = Arc::new(AtomicBool::new(false));
-    let _cancel_on_drop = super::CancelOnDrop(cancel.clone());
-    let pixels = tokio::task::spawn_blocking(move || {
-        images
-            .par_iter()
-            .enumerate()
-            .map(|(i, (name, bytes))| {
-                if cancel.load(Ordering::Relaxed) {
-                    return Err(AppError::client(StatusCode::SERVICE_UNAVAILABLE, "cancelled", "the request was abandoned"));
-                }
-                let img = crate::imaging::decode_rgb(bytes, max_pixels)
-                    .map_err(|e| AppError::bad_request("invalid_image", format!("image {} ('{name}'): {e}", i + 1)))?;
-                pre_model.classifier.preprocess(&img).map_err(|e| AppError::bad_request("invalid_image", format!("image {} ('{name}'): {e}", i + 1)))
-            })
-            .collect::<Result<Vec<_>, AppError>>()
-    })
-    .await
-    .map_err(anyhow::Error::from)??;
-    let n = pixels.len();
-    let probs = s.predictor.infer(loaded.clone(), pixels).await?;
+    let n = images.len();
+    let loaded = s.models.load(&model).await?;
+    let predictions = s.predictor.classify(loaded, images, q.top_k.unwrap_or(5), s.config.max_image_pixels).await?;
     s.metrics.predict_images.inc_by(n as u64);
-    let k = q.top_k.unwrap_or(5).min(loaded.classifier.labels().len());
-    let predictions = probs
-        .iter()
-        .map(|p| {
-            let top_k = loaded.classifier.top_k(p, k);
-            Prediction { label: top_k[0].label.clone(), score: top_k[0].score, top_k }
-        })
-        .collect();
     Ok(Json(PredictResponse { model_id: model.id, predictions }))
 }

@@ -1,7 +1,13 @@
-//! Inference: a loaded model turned into probabilities for images.
+//! Inference: a loaded model turned into probabilities and top-k labels for images. `/predict`
+//! and `vitforge predict` both go through [`Classifier::prepare`] and
+//! [`Classifier::predictions`] (the service batches the forward pass between the two on its
+//! predictor thread; the command line calls [`Classifier::classify`]).
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{Device, Tensor};
 use image::RgbImage;
+use rayon::prelude::*;
 use serde::Serialize;
 
 use super::{LoadedModel, ModelError, ModelSource, PreprocessorConfig, Vit, VitConfig};
@@ -11,6 +17,27 @@ use super::{LoadedModel, ModelError, ModelSource, PreprocessorConfig, Vit, VitCo
 pub struct Scored {
     pub label: String,
     pub score: f32,
+}
+
+/// One image's answer: the most probable label, its probability, and the `k` most probable.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Prediction {
+    pub label: String,
+    pub score: f32,
+    pub top_k: Vec<Scored>,
+}
+
+/// Why images could not be classified.
+#[derive(Debug, thiserror::Error)]
+pub enum ClassifyError {
+    /// One image is unusable (1-based `index` and its name in the request).
+    #[error("image {index} ('{name}'): {reason}")]
+    Image { index: usize, name: String, reason: String },
+    /// The caller gave up (its client went away).
+    #[error("cancelled")]
+    Cancelled,
+    #[error(transparent)]
+    Model(#[from] ModelError),
 }
 
 /// A model ready for inference: frozen weights, its preprocessing and its labels.
@@ -71,5 +98,49 @@ impl Classifier {
         let mut idx: Vec<usize> = (0..probs.len()).collect();
         idx.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
         idx.into_iter().take(k).map(|i| Scored { label: self.labels()[i].clone(), score: probs[i] }).collect()
+    }
+
+    /// Decodes (within `max_pixels`) and preprocesses named encoded images, in parallel on the
+    /// rayon pool; stops early when `cancel` is set.
+    pub fn prepare<B: AsRef<[u8]> + Sync>(&self, images: &[(String, B)], max_pixels: u64, cancel: &AtomicBool) -> Result<Vec<Vec<f32>>, ClassifyError> {
+        images
+            .par_iter()
+            .enumerate()
+            .map(|(i, (name, bytes))| {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(ClassifyError::Cancelled);
+                }
+                let bad = |reason: String| ClassifyError::Image { index: i + 1, name: name.clone(), reason };
+                let img = crate::imaging::decode_rgb(bytes.as_ref(), max_pixels).map_err(|e| bad(e.to_string()))?;
+                self.preprocess(&img).map_err(|e| bad(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// The answer for each image's probabilities, with the `top_k` most probable labels (at
+    /// least one, at most every label).
+    pub fn predictions(&self, probs: &[Vec<f32>], top_k: usize) -> Vec<Prediction> {
+        let k = top_k.clamp(1, self.labels().len().max(1));
+        probs
+            .iter()
+            .map(|p| {
+                let top_k = self.top_k(p, k);
+                Prediction { label: top_k[0].label.clone(), score: top_k[0].score, top_k }
+            })
+            .collect()
+    }
+
+    /// Classifies named encoded images on the calling thread, `batch` images per forward pass.
+    pub fn classify<B: AsRef<[u8]> + Sync>(&self, images: &[(String, B)], top_k: usize, max_pixels: u64, batch: usize) -> Result<Vec<Prediction>, ClassifyError> {
+        let never = AtomicBool::new(false);
+        let mut out = Vec::with_capacity(images.len());
+        for (c, chunk) in images.chunks(batch.max(1)).enumerate() {
+            let pixels = self.prepare(chunk, max_pixels, &never).map_err(|e| match e {
+                ClassifyError::Image { index, name, reason } => ClassifyError::Image { index: index + c * batch.max(1), name, reason },
+                other => other,
+            })?;
+            out.extend(self.predictions(&self.probabilities(&pixels)?, top_k));
+        }
+        Ok(out)
     }
 }

@@ -9,10 +9,20 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
-use super::params::{self, BACKBONE_PREFIX, HEAD_BIAS, HEAD_WEIGHT, ParamSpec, Params};
+use super::weights::keys::{BACKBONE_PREFIX, HEAD_BIAS, HEAD_WEIGHT};
+use super::weights::{ParamSpec, Params, keys, param_specs};
 use super::{ModelError, PreprocessorConfig, VitConfig};
 
 type Result<T> = std::result::Result<T, ModelError>;
+
+/// The model's configuration file.
+pub const CONFIG_FILE: &str = "config.json";
+/// The weights file (unsharded).
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The image processor's configuration.
+pub const PREPROCESSOR_FILE: &str = "preprocessor_config.json";
+/// The files [`save_folder`] writes: a model folder as `from_pretrained` reads it.
+pub const SAVED_FILES: [&str; 3] = [CONFIG_FILE, PREPROCESSOR_FILE, WEIGHTS_FILE];
 
 /// Where a model comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,11 +91,11 @@ pub struct ModelFiles {
 
 impl ModelFiles {
     fn in_dir(dir: &Path) -> Result<Self> {
-        let config = dir.join("config.json");
+        let config = dir.join(CONFIG_FILE);
         if !config.is_file() {
             return Err(ModelError::NotFound(format!("{} has no config.json", dir.display())));
         }
-        let single = dir.join("model.safetensors");
+        let single = dir.join(WEIGHTS_FILE);
         let index = dir.join("model.safetensors.index.json");
         let weights = if single.is_file() {
             vec![single]
@@ -100,7 +110,7 @@ impl ModelFiles {
         } else {
             return Err(ModelError::NotFound(format!("{} has no model.safetensors", dir.display())));
         };
-        let pre = dir.join("preprocessor_config.json");
+        let pre = dir.join(PREPROCESSOR_FILE);
         Ok(Self { config, weights, preprocessor: pre.is_file().then_some(pre) })
     }
 }
@@ -138,8 +148,8 @@ fn fetch_from_hub(id: &str, progress: bool) -> Result<ModelFiles> {
         "download it where the hub is reachable (e.g. `huggingface-cli download {id}`, with HF_HOME pointing at the \
          same cache), or use a local folder containing config.json and model.safetensors"
     );
-    if let (Some(config), Some(weights)) = (cached.get("config.json"), cached.get("model.safetensors")) {
-        return Ok(ModelFiles { config, weights: vec![weights], preprocessor: cached.get("preprocessor_config.json") });
+    if let (Some(config), Some(weights)) = (cached.get(CONFIG_FILE), cached.get(WEIGHTS_FILE)) {
+        return Ok(ModelFiles { config, weights: vec![weights], preprocessor: cached.get(PREPROCESSOR_FILE) });
     }
     if hub_offline() {
         return Err(ModelError::NotFound(format!(
@@ -157,12 +167,12 @@ fn fetch_from_hub(id: &str, progress: bool) -> Result<ModelFiles> {
             ModelError::NotFound(format!("cannot fetch {file} of model '{id}' from the Hugging Face hub: {e}; {how_to}"))
         })
     };
-    let config = fetch("config.json")?;
-    let weights = fetch("model.safetensors").map_err(|e| match repo.get("pytorch_model.bin") {
+    let config = fetch(CONFIG_FILE)?;
+    let weights = fetch(WEIGHTS_FILE).map_err(|e| match repo.get("pytorch_model.bin") {
         Ok(_) => ModelError::Weights(format!("model '{id}' has only pytorch_model.bin, which vitforge does not read; use a revision with model.safetensors")),
         Err(_) => e,
     })?;
-    let preprocessor = repo.get("preprocessor_config.json").ok();
+    let preprocessor = repo.get(PREPROCESSOR_FILE).ok();
     Ok(ModelFiles { config, weights: vec![weights], preprocessor })
 }
 
@@ -226,7 +236,7 @@ impl LoadedModel {
             return Err(ModelError::Config("a classifier needs at least one label".into()));
         }
         let cfg = cfg.with_labels(&labels);
-        let specs = params::param_specs(&cfg, labels.len());
+        let specs = param_specs(&cfg, labels.len());
         let head_fits = ckpt_labels == labels
             && tensors.get(HEAD_WEIGHT).is_some_and(|w| w.dims() == [labels.len(), cfg.hidden_size])
             && tensors.get(HEAD_BIAS).is_some_and(|b| b.dims() == [labels.len()]);
@@ -243,7 +253,7 @@ impl LoadedModel {
             return Ok(Self { cfg, preprocessor, params, report });
         }
         let mut params = Params::from_tensors(
-            &specs.iter().filter(|s| !params::is_head(&s.name)).cloned().collect::<Vec<_>>(),
+            &specs.iter().filter(|s| !keys::is_head(&s.name)).cloned().collect::<Vec<_>>(),
             tensors,
             device,
         )?;
@@ -268,7 +278,7 @@ impl LoadedModel {
 
 /// Names in a bare `ViTModel` checkpoint lack the `vit.` prefix.
 fn canonical_name(name: &str) -> String {
-    if name.starts_with(BACKBONE_PREFIX) || name.starts_with("classifier.") {
+    if name.starts_with(BACKBONE_PREFIX) || keys::in_module(name, keys::HEAD) {
         name.to_string()
     } else {
         format!("{BACKBONE_PREFIX}{name}")
@@ -278,7 +288,7 @@ fn canonical_name(name: &str) -> String {
 fn check_complete(specs: &[ParamSpec], tensors: &BTreeMap<String, Tensor>, with_head: bool) -> Result<()> {
     let missing: Vec<&str> = specs
         .iter()
-        .filter(|s| (with_head || !params::is_head(&s.name)) && !tensors.contains_key(&s.name))
+        .filter(|s| (with_head || !keys::is_head(&s.name)) && !tensors.contains_key(&s.name))
         .map(|s| s.name.as_str())
         .collect();
     if !missing.is_empty() {
@@ -305,12 +315,12 @@ fn check_complete(specs: &[ParamSpec], tensors: &BTreeMap<String, Tensor>, with_
 /// `dir` is replaced.
 pub fn save_folder(dir: &Path, cfg: &VitConfig, pre: &PreprocessorConfig, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
     write_dir_atomically(dir, |tmp| {
-        write_file(&tmp.join("config.json"), serde_json::to_string_pretty(&cfg.to_json()).unwrap_or_default().as_bytes())?;
+        write_file(&tmp.join(CONFIG_FILE), serde_json::to_string_pretty(&cfg.to_json()).unwrap_or_default().as_bytes())?;
         write_file(
-            &tmp.join("preprocessor_config.json"),
+            &tmp.join(PREPROCESSOR_FILE),
             serde_json::to_string_pretty(&pre.to_json()).unwrap_or_default().as_bytes(),
         )?;
-        write_safetensors(&tmp.join("model.safetensors"), tensors)
+        write_safetensors(&tmp.join(WEIGHTS_FILE), tensors)
     })
 }
 

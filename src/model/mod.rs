@@ -1,19 +1,24 @@
-//! The Vision Transformer: configuration, weights, forward pass, preprocessing, and loading and
-//! saving in Hugging Face's format. Synchronous code only: no tokio, axum or sqlx here.
+//! The Vision Transformer: configuration, weights, forward and backward passes, preprocessing,
+//! and loading and saving in Hugging Face's format. Synchronous code only: no tokio, axum or sqlx
+//! here.
+//!
+//! `vit` is the reference model (composed candle ops, differentiable anywhere), `fast` the
+//! hand-written CPU path, and `network` the one place that picks between them.
 
 pub mod classifier;
 pub mod config;
-pub mod fast;
+mod fast;
 pub mod io;
-pub mod params;
+pub mod network;
 pub mod preprocess;
 pub mod vit;
+pub mod weights;
 
 pub use config::VitConfig;
 pub use io::{LoadedModel, ModelSource};
-pub use params::Params;
 pub use preprocess::PreprocessorConfig;
 pub use vit::Vit;
+pub use weights::{Boundary, Params, TrainableSet};
 
 /// Errors of model loading, saving and running.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +39,31 @@ pub enum ModelError {
     Io(#[from] std::io::Error),
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
+}
+
+/// Resolves device names as the command line and `--device` take them (`auto`, `cpu`, `cuda:N`)
+/// to distinct devices, in order: `auto` is the first CUDA GPU where the binary is built with
+/// CUDA and one is present, else the CPU.
+pub fn resolve_devices(names: &[String]) -> Result<Vec<(String, candle_core::Device)>, ModelError> {
+    let mut out: Vec<(String, candle_core::Device)> = Vec::new();
+    for name in names {
+        let name = if name == "auto" {
+            if candle_core::utils::cuda_is_available() { "cuda:0".to_string() } else { "cpu".to_string() }
+        } else {
+            name.clone()
+        };
+        if out.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
+        let device = device_from_name(&name)?;
+        out.push((name, device));
+    }
+    Ok(out)
+}
+
+/// One device by name (`auto`, `cpu`, `cuda:N`), as [`resolve_devices`] resolves it.
+pub fn device(name: &str) -> Result<candle_core::Device, ModelError> {
+    Ok(resolve_devices(&[name.to_string()])?.into_iter().next().map_or(candle_core::Device::Cpu, |(_, d)| d))
 }
 
 /// The compute device, as named on the command line (`cpu`, `cuda:N`).

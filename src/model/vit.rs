@@ -1,5 +1,7 @@
-//! The ViT forward pass (`ViTForImageClassification`), written with differentiable candle ops
-//! only, so that autograd gives every parameter its true gradient on any device.
+//! The reference ViT (`ViTForImageClassification`): its weights assembled from [`Params`], and a
+//! forward pass written with differentiable candle ops only, so that autograd gives every
+//! parameter its true gradient on any device. It is the oracle of the fast CPU path; which of the
+//! two runs is decided in one place, [`super::network`].
 //!
 //! candle-transformers' `vit` uses `softmax_last_dim` and the fused `layer_norm`, which have no
 //! backward: candle silently treats their outputs as constants. Here layer norm, softmax and the
@@ -11,7 +13,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::config::Activation;
-use super::params::{self, Params};
+use super::weights::{Params, keys};
 use super::{ModelError, VitConfig};
 
 type Result<T> = std::result::Result<T, ModelError>;
@@ -129,45 +131,46 @@ pub struct Vit {
     pub(crate) classifier: Linear,
     /// True when some parameter is tracked by autograd (then the fast path, which builds no
     /// graph, must not be used).
-    trainable: bool,
+    pub(crate) trainable: bool,
 }
 
 impl Vit {
     /// Assembles the model; parameters for which `trainable(name)` is false are detached, so no
     /// backward graph is built through them.
     pub fn new(cfg: &VitConfig, params: &Params, trainable: &dyn Fn(&str) -> bool) -> Result<Self> {
+        use keys::{bias, weight};
         let t = |name: &str| params.tensor(name, trainable(name));
         let any_trainable = params.iter().any(|(name, _)| trainable(name));
         let eps = cfg.layer_norm_eps;
-        let ln = |p: &str| -> Result<LayerNorm> { Ok(LayerNorm { weight: t(&format!("{p}.weight"))?, bias: t(&format!("{p}.bias"))?, eps }) };
-        let lin = |p: &str, bias: bool| -> Result<Linear> {
-            Ok(Linear { weight: t(&format!("{p}.weight"))?, bias: if bias { Some(t(&format!("{p}.bias"))?) } else { None } })
+        let ln = |p: &str| -> Result<LayerNorm> { Ok(LayerNorm { weight: t(&weight(p))?, bias: t(&bias(p))?, eps }) };
+        let lin = |p: &str, with_bias: bool| -> Result<Linear> {
+            Ok(Linear { weight: t(&weight(p))?, bias: if with_bias { Some(t(&bias(p))?) } else { None } })
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
-            let p = format!("vit.encoder.layer.{i}");
+            let key = |part: &str| keys::layer(i, part);
             layers.push(Layer {
-                ln_before: ln(&format!("{p}.layernorm_before"))?,
-                query: lin(&format!("{p}.attention.attention.query"), cfg.qkv_bias)?,
-                key: lin(&format!("{p}.attention.attention.key"), cfg.qkv_bias)?,
-                value: lin(&format!("{p}.attention.attention.value"), cfg.qkv_bias)?,
-                attn_out: lin(&format!("{p}.attention.output.dense"), true)?,
-                ln_after: ln(&format!("{p}.layernorm_after"))?,
-                fc1: lin(&format!("{p}.intermediate.dense"), true)?,
-                fc2: lin(&format!("{p}.output.dense"), true)?,
+                ln_before: ln(&key(keys::NORM_BEFORE))?,
+                query: lin(&key(keys::QUERY), cfg.qkv_bias)?,
+                key: lin(&key(keys::KEY), cfg.qkv_bias)?,
+                value: lin(&key(keys::VALUE), cfg.qkv_bias)?,
+                attn_out: lin(&key(keys::ATTENTION_OUT), true)?,
+                ln_after: ln(&key(keys::NORM_AFTER))?,
+                fc1: lin(&key(keys::FC1), true)?,
+                fc2: lin(&key(keys::FC2), true)?,
             });
         }
-        let patch_weight = t("vit.embeddings.patch_embeddings.projection.weight")?;
+        let patch_weight = t(keys::PATCH_WEIGHT)?;
         let h = cfg.hidden_size;
         Ok(Self {
             cfg: cfg.clone(),
             patch_weight: patch_weight.reshape((h, ()))?,
-            patch_bias: t("vit.embeddings.patch_embeddings.projection.bias")?,
-            cls_token: t("vit.embeddings.cls_token")?,
-            position_embeddings: t("vit.embeddings.position_embeddings")?,
+            patch_bias: t(keys::PATCH_BIAS)?,
+            cls_token: t(keys::CLS_TOKEN)?,
+            position_embeddings: t(keys::POSITION_EMBEDDINGS)?,
             layers,
-            layernorm: ln("vit.layernorm")?,
-            classifier: lin("classifier", true)?,
+            layernorm: ln(keys::FINAL_NORM)?,
+            classifier: lin(keys::HEAD, true)?,
             trainable: any_trainable,
         })
     }
@@ -182,7 +185,7 @@ impl Vit {
         &self.cfg
     }
 
-    fn check_pixels(&self, pixels: &Tensor) -> Result<()> {
+    pub(crate) fn check_pixels(&self, pixels: &Tensor) -> Result<()> {
         let cfg = &self.cfg;
         let (_, c, ih, iw) = pixels.dims4()?;
         if c != cfg.num_channels || (ih, iw) != cfg.image_size {
@@ -194,16 +197,8 @@ impl Vit {
         Ok(())
     }
 
-    /// Patch + CLS + position embeddings: (B, C, H, W) pixels → (B, tokens, hidden).
-    pub fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
-        self.check_pixels(pixels)?;
-        if self.fast_path() {
-            return super::fast::embed_tensor(self, pixels);
-        }
-        self.embed_reference(pixels)
-    }
-
-    /// [`Vit::embed`] with candle ops only (differentiable; the fast path's oracle).
+    /// Patch + CLS + position embeddings: (B, C, H, W) pixels → (B, tokens, hidden), with candle
+    /// ops only (differentiable; the fast path's oracle).
     pub fn embed_reference(&self, pixels: &Tensor) -> Result<Tensor> {
         self.check_pixels(pixels)?;
         let cfg = &self.cfg;
@@ -226,15 +221,8 @@ impl Vit {
         Ok(x.broadcast_add(&self.position_embeddings)?)
     }
 
-    /// Runs encoder layers `range` on hidden states (B, tokens, hidden).
-    pub fn encode(&self, x: Tensor, range: std::ops::Range<usize>, dropout: Option<&mut Dropout>) -> Result<Tensor> {
-        if dropout.is_none() && self.fast_path() {
-            return super::fast::encode(self, &x, range);
-        }
-        self.encode_reference(x, range, dropout)
-    }
-
-    /// [`Vit::encode`] with candle ops only (differentiable; the fast path's oracle).
+    /// Runs encoder layers `range` on hidden states (B, tokens, hidden), with candle ops only
+    /// (differentiable; the fast path's oracle), and dropout when given.
     pub fn encode_reference(&self, mut x: Tensor, range: std::ops::Range<usize>, mut dropout: Option<&mut Dropout>) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, n, h) = x.dims3()?;
@@ -281,37 +269,19 @@ impl Vit {
         self.classifier.forward(features)
     }
 
-    /// True when the fast CPU path may run this model: nothing is tracked by autograd, the
-    /// tensors live on the CPU and dropout is off.
-    pub fn fast_path(&self) -> bool {
-        !self.trainable && super::fast::usable(self, self.patch_weight.device())
-    }
-
-    /// Features of a batch of images (frozen backbone use).
-    pub fn features(&self, pixels: &Tensor) -> Result<Tensor> {
-        if self.fast_path() {
-            self.check_pixels(pixels)?;
-            return super::fast::features(self, pixels);
-        }
-        self.features_reference(pixels)
-    }
-
-    /// [`Vit::features`] with candle ops only (differentiable; the fast path's oracle).
+    /// Features of a batch of images with candle ops only (differentiable; the fast path's
+    /// oracle).
     pub fn features_reference(&self, pixels: &Tensor) -> Result<Tensor> {
         let x = self.embed_reference(pixels)?;
         let x = self.encode_reference(x, 0..self.layers.len(), None)?;
         self.pool(&x)
     }
 
-    /// Logits of a batch of images: (B, C, H, W) → (B, labels).
-    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
-        self.head(&self.features(pixels)?)
-    }
-
-    /// Logits with dropout (training forward).
-    pub fn forward_train(&self, pixels: &Tensor, dropout: Option<&mut Dropout>) -> Result<Tensor> {
-        let x = self.embed(pixels)?;
-        let x = self.encode(x, 0..self.layers.len(), dropout)?;
+    /// Logits with dropout when given, with candle ops only (the training forward of the
+    /// reference path).
+    pub fn forward_reference(&self, pixels: &Tensor, dropout: Option<&mut Dropout>) -> Result<Tensor> {
+        let x = self.embed_reference(pixels)?;
+        let x = self.encode_reference(x, 0..self.layers.len(), dropout)?;
         self.head(&self.pool(&x)?)
     }
 }
@@ -350,38 +320,3 @@ pub fn probabilities(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(softmax_last_dim(&logits.to_dtype(DType::F32)?)?.to_vec2::<f32>()?)
 }
 
-/// The names of the parameters that train in each mode, for [`Vit::new`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TrainableSet {
-    /// Everything.
-    All,
-    /// The classifier only.
-    HeadOnly,
-    /// The classifier, the final layer norm and the last `n` encoder layers.
-    LastLayers(usize),
-}
-
-impl TrainableSet {
-    /// Whether the parameter `name` trains, in a model with `num_layers` encoder layers.
-    pub fn contains(self, name: &str, num_layers: usize) -> bool {
-        match self {
-            TrainableSet::All => true,
-            TrainableSet::HeadOnly => params::is_head(name),
-            TrainableSet::LastLayers(n) => {
-                params::is_head(name)
-                    || name.starts_with("vit.layernorm.")
-                    || params::layer_of(name).is_some_and(|l| l + n >= num_layers)
-            }
-        }
-    }
-
-    /// The first encoder layer whose parameters train (layers before it are frozen and can be
-    /// run once without a backward graph).
-    pub fn first_trainable_layer(self, num_layers: usize) -> usize {
-        match self {
-            TrainableSet::All => 0,
-            TrainableSet::HeadOnly => num_layers,
-            TrainableSet::LastLayers(n) => num_layers.saturating_sub(n),
-        }
-    }
-}

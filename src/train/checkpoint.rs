@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::TrainError;
-use super::metrics::EvalReport;
+use super::report::EvalReport;
 use crate::model::io::{save_folder, write_dir_atomically, write_file, write_safetensors};
 use crate::model::{PreprocessorConfig, VitConfig};
 

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Tensor};
 
 use super::TrainError;
-use super::params::{OptimizerKind, Scheduler};
+use super::hyperparams::{OptimizerKind, Scheduler};
 use crate::model::Params;
+use crate::model::weights::keys;
 
 const BETA1: f64 = 0.9;
 const BETA2: f64 = 0.999;
@@ -16,7 +17,7 @@ const ADAM_EPS: f64 = 1e-8;
 /// Whether weight decay applies to a parameter: not to biases and layer norms (as
 /// `Trainer.get_decay_parameter_names`).
 pub fn decays(name: &str) -> bool {
-    !name.ends_with(".bias") && !name.contains("layernorm")
+    !name.ends_with(".bias") && !keys::is_layer_norm(name)
 }
 
 /// An optimiser and its per-parameter state.
@@ -46,7 +47,7 @@ impl Optimizer {
             let p = var.as_detached_tensor();
             let lr = lr(name);
             let wd = if decays(name) { self.weight_decay } else { 0.0 };
-            if self.kind == OptimizerKind::Adamw && p.device().is_cpu() && !crate::model::fast::reference_ops_forced() {
+            if self.kind == OptimizerKind::Adamw && p.device().is_cpu() && !crate::model::network::reference_ops_forced() {
                 let (new_p, m, v) = adamw_cpu(&p, g, self.m.get(name), self.v.get(name), lr, wd, t)?;
                 self.m.insert(name.clone(), m);
                 self.v.insert(name.clone(), v);

@@ -35,6 +35,7 @@ pub fn balanced_weights(labels: &[u32], classes: usize) -> Vec<f64> {
 
 /// Objective and gradient of weighted multinomial logistic regression with L2 on the weights
 /// (not the bias), over standardised features `x` (n × d). Parameters: W (k × d) then b (k).
+#[allow(clippy::too_many_arguments)]
 fn objective(theta: &[f64], x: &[f64], y: &[u32], sample_w: &[f64], d: usize, k: usize, c: f64, grad: &mut [f64]) -> f64 {
     let n = y.len();
     let (w, b) = theta.split_at(k * d);

@@ -1,12 +1,13 @@
 //! Access control (`--api-key`) and the request limits that apply to every route: body size of
 //! JSON routes and the request timeout (408, per body chunk for uploads).
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use reqwest::multipart::{Form, Part};
 use serde_json::json;
 
+use crate::support::Launch;
 use crate::helpers::{assert_error, spawn_app_with};
 
 const KEY_A: &str = "key-a-0123456789abcdef";
@@ -56,22 +57,12 @@ async fn with_keys_every_route_but_the_probes_needs_one() {
 /// (when given), stops it with SIGTERM, and returns everything it logged at debug level.
 async fn run_and_capture(args: &[&str], env: &[(&str, &str)], key: Option<&str>) -> String {
     let tmp = tempfile::tempdir().unwrap();
-    let log = tmp.path().join("log");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vitforge"));
-    cmd.args(["serve", "--port", &port.to_string(), "--data-dir"]).arg(tmp.path().join("data")).args(args);
-    cmd.env("RUST_LOG", "debug").stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
+    let mut launch = Launch::new(&tmp.path().join("data")).args(args).level("debug");
     for (k, v) in env {
-        cmd.env(k, v);
+        launch = launch.env(k, v);
     }
-    let mut child = cmd.spawn().unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client.get(format!("{base}/readyz")).send().await.map(|r| r.status() != 200).unwrap_or(true) {
-        assert!(Instant::now() < deadline, "not ready: {}", std::fs::read_to_string(&log).unwrap());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let server = launch.start();
+    let (base, client) = (server.base.clone(), server.client.clone());
     if let Some(key) = key {
         for path in ["/datasets", "/jobs", "/models", "/metrics"] {
             assert_eq!(client.get(format!("{base}{path}")).bearer_auth(key).send().await.unwrap().status(), 200);
@@ -81,9 +72,7 @@ async fn run_and_capture(args: &[&str], env: &[(&str, &str)], key: Option<&str>)
         assert_eq!(client.get(format!("{base}/jobs")).bearer_auth(format!("{key}-wrong")).send().await.unwrap().status(), 401);
     }
     // SIGTERM, so the shutdown path logs too.
-    Command::new("kill").arg(child.id().to_string()).status().unwrap();
-    child.wait().unwrap();
-    std::fs::read_to_string(&log).unwrap()
+    server.terminate().1
 }
 
 #[tokio::test]

@@ -18,7 +18,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
@@ -26,53 +25,13 @@ use serde_json::{Value, json};
 use sha2::Digest;
 
 use crate::fixtures::{class_images, zip};
+use crate::support::{ChildServer, Launch, install_base_model, slow_config};
 
-struct Server {
-    child: Child,
-    base: String,
-    client: reqwest::Client,
-}
+type Server = ChildServer;
 
-impl Server {
-    async fn start(data: &Path) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(env!("CARGO_BIN_EXE_vitforge"))
-            .args(["serve", "--port", &port.to_string(), "--data-dir"])
-            .arg(data)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start vitforge");
-        let base = format!("http://127.0.0.1:{port}");
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while client.get(format!("{base}/readyz")).send().await.map(|r| r.status() != 200).unwrap_or(true) {
-            assert!(Instant::now() < deadline, "vitforge did not become ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Server { child, base, client }
-    }
-
-    fn kill(mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-
-    async fn get(&self, path: &str) -> Value {
-        self.client.get(format!("{}{path}", self.base)).send().await.unwrap().json().await.unwrap()
-    }
-}
-
-/// A base model slow enough that an epoch is long compared with the polling (64×64, 4 layers).
-fn install_base_model(data: &Path) {
-    let cfg = vitforge::model::VitConfig::from_json(
-        r#"{"model_type": "vit", "image_size": 64, "patch_size": 8, "hidden_size": 64,
-            "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128}"#,
-    )
-    .unwrap();
-    let model = vitforge::model::LoadedModel::random(&cfg, &["a".into(), "b".into()], 1, &candle_core::Device::Cpu).unwrap();
-    model.save(&data.join("base-models").join("slow")).unwrap();
+/// A base model slow enough that an epoch is long compared with the polling.
+fn install_slow_base_model(data: &Path) {
+    install_base_model(data, "slow", &slow_config(), &["a", "b"]);
 }
 
 fn upload_form(bytes: Vec<u8>) -> reqwest::multipart::Form {
@@ -112,7 +71,7 @@ async fn leftovers(data: &Path) -> Vec<PathBuf> {
 async fn check_served(s: &Server, data: &Path) -> BTreeMap<String, u64> {
     let db = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", data.join("vitforge.db").display())).await.unwrap();
     let mut counts = BTreeMap::new();
-    for d in s.get("/datasets").await.as_array().unwrap() {
+    for d in s.get_json("/datasets").await.as_array().unwrap() {
         let id = d["id"].as_str().unwrap();
         let blobs: Vec<String> = sqlx::query_scalar("select blob from dataset_images where dataset_id = ?").bind(id).fetch_all(&db).await.unwrap();
         assert_eq!(blobs.len() as u64, d["num_images"].as_u64().unwrap(), "dataset {id} has all its rows");
@@ -123,7 +82,7 @@ async fn check_served(s: &Server, data: &Path) -> BTreeMap<String, u64> {
         counts.insert(id.to_string(), blobs.len() as u64);
     }
     db.close().await;
-    let models = s.get("/models").await;
+    let models = s.get_json("/models").await;
     for m in models.as_array().unwrap() {
         let id = m["id"].as_str().unwrap();
         for f in ["config.json", "model.safetensors", "preprocessor_config.json"] {
@@ -187,9 +146,9 @@ async fn sigkill_at_random_points_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
-    install_base_model(&data);
+    install_slow_base_model(&data);
 
-    let mut server = Server::start(&data).await;
+    let mut server = Launch::new(&data).start();
     let small = zip(&class_images("", &["cat", "dog"], 6, 1));
     let resp = server.client.post(format!("{}/datasets", server.base)).multipart(upload_form(small)).send().await.unwrap();
     assert_eq!(resp.status(), 201);
@@ -219,7 +178,7 @@ async fn sigkill_at_random_points_loses_nothing() {
         let point = [Point::Upload, Point::Epoch, Point::Checkpoint, Point::Register][rng.random_range(0..4)];
         // A job to kill during: the one under way, or a new one.
         let running = {
-            let list = server.get("/jobs").await;
+            let list = server.get_json("/jobs").await;
             list.as_array().unwrap().iter().find(|j| j["status"] == "running" || j["status"] == "queued").map(|j| j["id"].as_str().unwrap().to_string())
         };
         let job = match running {
@@ -246,11 +205,11 @@ async fn sigkill_at_random_points_loses_nothing() {
                 tokio::time::sleep(Duration::from_millis(rng.random_range(0..upload_ms))).await;
                 if upload.is_finished() {
                     upload_ms = (upload_ms * 3 / 4).max(10);
-                    if let Ok(Ok(resp)) = upload.await {
-                        if resp.status() == 201 {
-                            let d: Value = resp.json().await.unwrap();
-                            acknowledged.insert(d["id"].as_str().unwrap().to_string(), d["num_images"].as_u64().unwrap());
-                        }
+                    if let Ok(Ok(resp)) = upload.await
+                        && resp.status() == 201
+                    {
+                        let d: Value = resp.json().await.unwrap();
+                        acknowledged.insert(d["id"].as_str().unwrap().to_string(), d["num_images"].as_u64().unwrap());
                     }
                     false
                 } else {
@@ -264,7 +223,7 @@ async fn sigkill_at_random_points_loses_nothing() {
             }
             Point::Checkpoint => wait_for(60, || dot_entries(&job_dir).iter().any(|p| p.to_string_lossy().contains(".tmp-"))).await,
             Point::Register => {
-                let known: Vec<String> = server.get("/models").await.as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
+                let known: Vec<String> = server.get_json("/models").await.as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
                 wait_for(120, || {
                     std::fs::read_dir(&models_dir).unwrap().flatten().any(|e| !known.contains(&e.file_name().to_string_lossy().into_owned()))
                 })
@@ -287,7 +246,7 @@ async fn sigkill_at_random_points_loses_nothing() {
         integrity_check(&data).await;
         let left = leftovers(&data).await;
         cleaned += left.len() as u32;
-        server = Server::start(&data).await;
+        server = Launch::new(&data).start();
         for path in &left {
             assert!(!path.exists(), "{} left by the crash is removed at start-up", path.display());
         }
@@ -303,7 +262,7 @@ async fn sigkill_at_random_points_loses_nothing() {
     let deadline = Instant::now() + Duration::from_secs(1200);
     for id in &jobs {
         let done = loop {
-            let j = server.get(&format!("/jobs/{id}")).await;
+            let j = server.get_json(&format!("/jobs/{id}")).await;
             if !["queued", "running"].contains(&j["status"].as_str().unwrap()) {
                 break j;
             }
@@ -315,13 +274,13 @@ async fn sigkill_at_random_points_loses_nothing() {
             "failed" => assert!(done["error"].as_str().is_some_and(|e| !e.is_empty()), "a failed job says why: {done}"),
             other => panic!("job {id} ended {other}: {done}"),
         }
-        let metrics = server.get(&format!("/jobs/{id}/metrics")).await;
+        let metrics = server.get_json(&format!("/jobs/{id}/metrics")).await;
         let steps: Vec<u64> = metrics["train"].as_array().unwrap().iter().map(|p| p["step"].as_u64().unwrap()).collect();
         assert_eq!(steps, (1..=done["progress"]["steps"].as_u64().unwrap()).collect::<Vec<_>>(), "job {id}: each step exactly once");
         let epochs: Vec<u64> = metrics["validation"].as_array().unwrap().iter().map(|v| v["epoch"].as_u64().unwrap()).collect();
         assert_eq!(epochs, (1..=done["progress"]["epochs"].as_u64().unwrap()).collect::<Vec<_>>(), "job {id}: each epoch exactly once");
         if done["status"] == "succeeded" {
-            assert!(server.get(&format!("/models/{}", done["model_id"].as_str().unwrap())).await["id"].is_string());
+            assert!(server.get_json(&format!("/models/{}", done["model_id"].as_str().unwrap())).await["id"].is_string());
         }
     }
     check_served(&server, &data).await;

@@ -10,6 +10,7 @@ use vitforge::dataset::BlobStore;
 
 use crate::fixtures::{self, HfRow, Member, class_images, file};
 use crate::helpers::{TestApp, assert_error, json, spawn_app, spawn_app_with, spawn_with, test_config};
+use crate::support::files_under;
 
 /// Uploads and expects 201, returning the dataset.
 async fn upload_ok(app: &TestApp, file_name: &str, bytes: Vec<u8>) -> Value {
@@ -30,24 +31,10 @@ fn rejected(dataset: &Value) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Every file under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(files_under(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
-}
-
 /// Asserts the data folder holds nothing but the database, blobs named by hash, and empty scratch.
 fn assert_only_blobs_written(app: &TestApp) {
-    for path in files_under(&app.data_dir) {
-        let rel = path.strip_prefix(&app.data_dir).unwrap();
+    for rel in files_under(&app.data_dir) {
+        let rel = rel.as_path();
         let name = rel.to_string_lossy();
         let ok = name.starts_with("vitforge.db")
             || rel.parent() == Some(Path::new("blobs"))

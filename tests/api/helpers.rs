@@ -2,12 +2,18 @@
 
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use reqwest::multipart::{Form, Part};
 use reqwest::{Client, Response};
 use serde_json::Value;
 use sqlx::SqlitePool;
 use vitforge::config::ServeConfig;
 use vitforge::startup::Application;
+use vitforge::worker::hub::JobHub;
+
+use crate::support::{install_base_model, tiny_config};
 
 /// A running service and what a test needs to talk to it.
 pub struct TestApp {
@@ -16,6 +22,8 @@ pub struct TestApp {
     pub data_dir: PathBuf,
     /// The service's database, for tests that set up rows directly.
     pub db: SqlitePool,
+    /// The service's job hub: tests wait on it for jobs to end instead of polling.
+    hub: Arc<JobHub>,
     /// Dropping the sender stops the server.
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -52,11 +60,12 @@ pub async fn spawn_with(cfg: ServeConfig) -> TestApp {
     let app = Application::build(cfg).await.expect("build app");
     let address = format!("http://127.0.0.1:{}", app.port());
     let db = app.state().db.clone();
+    let hub = app.state().jobs.clone();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let handle = tokio::spawn(app.run_until(async move {
         let _ = rx.await;
     }));
-    TestApp { address, client: Client::new(), data_dir, db, shutdown: Some(tx), handle: Some(handle), _tmp: None }
+    TestApp { address, client: Client::new(), data_dir, db, hub, shutdown: Some(tx), handle: Some(handle), _tmp: None }
 }
 
 impl TestApp {
@@ -128,19 +137,6 @@ pub async fn assert_error(resp: Response, status: u16, code: &str) -> String {
     body["error"]["message"].as_str().expect("message").to_string()
 }
 
-/// Writes a small random ViT (32×32 input, patch 8, 2 layers) as base model `name` of the app,
-/// so jobs can use `"base_model": name` without any download.
-pub fn install_base_model(data_dir: &Path, name: &str) {
-    let cfg = vitforge::model::VitConfig::from_json(
-        r#"{"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32,
-            "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}"#,
-    )
-    .unwrap();
-    let labels = vec!["a".to_string(), "b".to_string()];
-    let model = vitforge::model::LoadedModel::random(&cfg, &labels, 1, &candle_core::Device::Cpu).unwrap();
-    model.save(&data_dir.join("base-models").join(name)).unwrap();
-}
-
 impl TestApp {
     /// Uploads a two-class (`cat`, `dog`) zip of `n` images per class, with a test split when
     /// `with_test`; returns the dataset id.
@@ -158,7 +154,7 @@ impl TestApp {
     /// Submits a job on base model `tiny` (installed on first use) and returns its JSON.
     pub async fn submit_job(&self, dataset_id: &str, params: Value) -> Value {
         if !self.data_dir.join("base-models/tiny").exists() {
-            install_base_model(&self.data_dir, "tiny");
+            install_base_model(&self.data_dir, "tiny", &tiny_config(), &["a", "b"]);
         }
         let body = serde_json::json!({"dataset_id": dataset_id, "base_model": "tiny", "params": params});
         let resp = self.post_json("/jobs", &body).await;
@@ -166,16 +162,32 @@ impl TestApp {
         json(resp).await
     }
 
-    /// Polls a job until it has ended (or panics after `secs`).
+    /// Waits until a job has ended (or panics after `secs`), woken by the hub when any job ends.
     pub async fn wait_job(&self, id: &str, secs: u64) -> Value {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
+            // Subscribe before looking, so an end between the two is not missed.
+            let mut ended = self.hub.ended();
             let job = json(self.get(&format!("/jobs/{id}")).await).await;
             if ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap()) {
                 return job;
             }
-            assert!(std::time::Instant::now() < deadline, "job {id} did not finish in {secs} s: {job}");
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero() && tokio::time::timeout(left, ended.changed()).await.is_ok(), "job {id} did not finish in {secs} s: {job}");
+        }
+    }
+
+    /// Waits until no job is queued or running (or panics after `secs`): the queue has drained.
+    pub async fn drain(&self, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let mut ended = self.hub.ended();
+            let busy: i64 = sqlx::query_scalar("select count(*) from jobs where status in ('queued', 'running')").fetch_one(&self.db).await.unwrap();
+            if busy == 0 {
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero() && tokio::time::timeout(left, ended.changed()).await.is_ok(), "{busy} jobs still queued or running after {secs} s");
         }
     }
 }

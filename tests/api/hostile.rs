@@ -12,7 +12,6 @@
 //! time and memory peak.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use image::ImageFormat;
@@ -22,6 +21,7 @@ use sha2::Digest;
 
 use crate::fixtures::{self, Member, file};
 use crate::hostile_inputs::*;
+use crate::support::{ChildServer, Launch, entries_under, install_base_model, tiny_config};
 
 /// Peak resident memory allowed while one hostile input is handled, in MiB. The largest single
 /// allocations are an entry of up to `--max-image-bytes` (64 MiB) read whole, a `/predict` body
@@ -29,46 +29,12 @@ use crate::hostile_inputs::*;
 /// (under 40 megapixels); see the README's "Memory" section.
 const RSS_BOUND_MIB: u64 = 1024;
 
-struct Server {
-    child: Child,
-    base: String,
-    client: reqwest::Client,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+type Server = ChildServer;
 
 /// Starts `vitforge serve` on `data` with `cwd` as working folder, `tmp` as `TMPDIR`, and its log
 /// in `log`.
-async fn start(data: &Path, cwd: &Path, tmp: &Path, log: &Path) -> Server {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_vitforge"))
-        .args(["serve", "--port", &port.to_string(), "--data-dir"])
-        .arg(data)
-        .current_dir(cwd)
-        .env("TMPDIR", tmp)
-        .env("RUST_LOG", "warn")
-        .env("RUST_BACKTRACE", "0")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("start vitforge");
-    let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(300)).build().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client.get(format!("{base}/readyz")).send().await.map(|r| r.status() != 200).unwrap_or(true) {
-        assert!(Instant::now() < deadline, "vitforge did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Server { child, base, client }
+fn start(data: &Path, cwd: &Path, tmp: &Path, log: &Path) -> Server {
+    Launch::new(data).cwd(cwd).env("TMPDIR", tmp).log_file(log).start()
 }
 
 /// The process's peak resident set size in MiB since the last [`reset_peak`].
@@ -100,7 +66,7 @@ struct Corpus<'a> {
 
 impl Corpus<'_> {
     async fn check(&mut self, name: &str, request: reqwest::RequestBuilder, expect: Expect) -> Value {
-        let pid = self.server.child.id();
+        let pid = self.server.pid();
         reset_peak(pid);
         let started = Instant::now();
         let resp = request.send().await.unwrap_or_else(|e| panic!("{name}: no answer: {e:?}"));
@@ -192,23 +158,6 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
 }
 
-/// Every file under `dir`, relative, sorted.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() && !p.is_symlink() {
-                stack.push(p.clone());
-            }
-            out.push(p.strip_prefix(dir).unwrap().to_path_buf());
-        }
-    }
-    out.sort();
-    out
-}
-
 /// The stored state a hostile input must not change: the dataset and model as the API shows
 /// them, the dataset's blobs by content, the model's files by content, and a prediction.
 async fn snapshot(s: &Server, data: &Path, dataset: &str, model: &str) -> Value {
@@ -256,9 +205,9 @@ async fn hostile_inputs_get_4xx_or_per_file_rejections_and_harm_nothing() {
     }
     // An image outside the data folder, which links and `..` entries name.
     std::fs::write(cwd.join("secret.jpg"), good(ImageFormat::Jpeg, 99)).unwrap();
-    crate::helpers::install_base_model(&data, "tiny");
-    let server = start(&data, &cwd, &tmpdir, &log).await;
-    let pid = server.child.id();
+    install_base_model(&data, "tiny", &tiny_config(), &["a", "b"]);
+    let server = start(&data, &cwd, &tmpdir, &log);
+    let pid = server.pid();
 
     // What was stored before: a dataset and a model trained on it.
     let form = Form::new().part("file", Part::bytes(fixtures::zip(&fixtures::class_images("", &["cat", "dog"], 6, 1))).file_name("pets.zip"));
@@ -497,7 +446,7 @@ async fn hostile_inputs_get_4xx_or_per_file_rejections_and_harm_nothing() {
         c.check(&format!("POST /jobs: {field} = {value}"), c.post_json("/jobs", body), Expect::Status(&[400, 422])).await;
     }
     c.check("POST /jobs: a 2 MiB body", c.post_json("/jobs", format!(r#"{{"dataset_id": "{}"}}"#, "x".repeat(2 << 20))), Expect::Status(&[413])).await;
-    c.check(&format!("POST /models/{{id}}/evaluate: JSON nested 100000 deep"), c.post_json(&format!("/models/{model_id}/evaluate"), deep_json(100_000)), Expect::Status(&[400, 422])).await;
+    c.check("POST /models/{id}/evaluate: JSON nested 100000 deep", c.post_json(&format!("/models/{model_id}/evaluate"), deep_json(100_000)), Expect::Status(&[400, 422])).await;
     c.check("POST /predict: JSON nested 100000 deep", c.post_json("/predict", deep_json(100_000)), Expect::Status(&[400, 422])).await;
 
     // --- base64 ---------------------------------------------------------------------------
@@ -530,9 +479,9 @@ async fn hostile_inputs_get_4xx_or_per_file_rejections_and_harm_nothing() {
 
     let after = snapshot(&server, &data, &dataset_id, &model_id).await;
     assert_eq!(after, before, "the dataset and model stored before the corpus are unchanged");
-    assert_eq!(files_under(&cwd), vec![PathBuf::from("secret.jpg")], "nothing written in the working folder");
-    assert!(files_under(&tmpdir).is_empty(), "nothing written in TMPDIR: {:?}", files_under(&tmpdir));
-    assert!(files_under(&data.join("tmp")).is_empty(), "no upload scratch file left");
+    assert_eq!(entries_under(&cwd), vec![PathBuf::from("secret.jpg")], "nothing written in the working folder");
+    assert!(entries_under(&tmpdir).is_empty(), "nothing written in TMPDIR: {:?}", entries_under(&tmpdir));
+    assert!(entries_under(&data.join("tmp")).is_empty(), "no upload scratch file left");
     let secret = sha256_hex(&good(ImageFormat::Jpeg, 99));
     assert!(!data.join("blobs").join(&secret).exists(), "the file outside the data folder was never read");
     for entry in std::fs::read_dir(&data).unwrap() {
@@ -542,7 +491,7 @@ async fn hostile_inputs_get_4xx_or_per_file_rejections_and_harm_nothing() {
             "unexpected entry in the data folder: {name}"
         );
     }
-    for blob in files_under(&data.join("blobs")) {
+    for blob in entries_under(&data.join("blobs")) {
         let name = blob.to_string_lossy().into_owned();
         assert_eq!(sha256_hex(&std::fs::read(data.join("blobs").join(&blob)).unwrap()), name, "blob {name} holds what its name says");
     }

@@ -148,8 +148,9 @@ async fn queued_jobs_run_one_after_another_and_cancel_works_in_every_state() {
     // Two more jobs on the one CPU worker: the second starts after the first ends.
     let a = app.submit_job(&dataset, small()).await;
     let b = app.submit_job(&dataset, small()).await;
-    let a = app.wait_job(a["id"].as_str().unwrap(), 120).await;
-    let b = app.wait_job(b["id"].as_str().unwrap(), 120).await;
+    app.drain(240).await;
+    let a = app.wait_job(a["id"].as_str().unwrap(), 1).await;
+    let b = app.wait_job(b["id"].as_str().unwrap(), 1).await;
     assert_eq!((a["status"].as_str(), b["status"].as_str()), (Some("succeeded"), Some("succeeded")));
     assert!(b["started_at"].as_str().unwrap() >= a["finished_at"].as_str().unwrap(), "{a}\n{b}");
     let all = json(app.get("/jobs").await).await;

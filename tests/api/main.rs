@@ -14,4 +14,6 @@ mod openapi;
 mod overload;
 mod predict;
 mod restart;
+#[path = "../support/mod.rs"]
+mod support;
 mod throughput;

@@ -13,7 +13,6 @@
 //! memory must stay bounded; and right after the burst a request must be served at the normal
 //! latency.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -21,18 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::fixtures::{class_images, jpeg, zip};
-
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use crate::support::{Launch, install_base_model};
 
 fn rss_mib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -62,33 +50,14 @@ async fn predict(client: &reqwest::Client, url: &str, body: Vec<u8>) -> (u16, Du
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "a load measurement; see the module documentation"]
 async fn overload_is_answered_429_with_bounded_latency_and_memory() {
-    let bin = std::env::var("VITFORGE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_vitforge").to_string());
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let cfg = vitforge::model::VitConfig::preset("tiny").unwrap();
-    vitforge::model::LoadedModel::random(&cfg, &["a".into(), "b".into()], 1, &candle_core::Device::Cpu)
-        .unwrap()
-        .save(&data.join("base-models").join("vit-tiny"))
-        .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    install_base_model(&data, "vit-tiny", &vitforge::model::VitConfig::preset("tiny").unwrap(), &["a", "b"]);
     let extra: Vec<String> = std::env::var("VITFORGE_OVERLOAD_ARGS").map(|a| a.split_whitespace().map(String::from).collect()).unwrap_or_default();
-    let child = Command::new(&bin)
-        .args(["serve", "--port", &port.to_string(), "--data-dir"])
-        .arg(&data)
-        .args(&extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let server = Server { child, base: format!("http://127.0.0.1:{port}") };
-    let pid = server.child.id();
-    let client = reqwest::Client::builder().pool_max_idle_per_host(1024).timeout(Duration::from_secs(120)).build().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while client.get(format!("{}/readyz", server.base)).send().await.map(|r| r.status() != 200).unwrap_or(true) {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // $VITFORGE_BIN, when set, is the binary measured (to compare builds).
+    let server = Launch::new(&data).args(&extra).start();
+    let pid = server.pid();
+    let client = server.client.clone();
     let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(zip(&class_images("", &["cat", "dog"], 4, 1))).file_name("p.zip"));
     let dataset: Value = client.post(format!("{}/datasets", server.base)).multipart(form).send().await.unwrap().json().await.unwrap();
     let body = json!({"dataset_id": dataset["id"], "base_model": "vit-tiny", "params": {"epochs": 1, "batch_size": 8, "train_mode": "head_only"}});

@@ -2,55 +2,16 @@
 //! the same data folder the job resumes from its last epoch checkpoint and finishes with every
 //! epoch's metrics exactly once, and its model is served.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use crate::fixtures::{class_images, zip};
+use crate::support::{Launch, install_base_model, slow_config};
 
-struct Server {
-    child: Child,
-    base: String,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-async fn start(data_dir: &std::path::Path) -> Server {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_vitforge"))
-        .args(["serve", "--port", &port.to_string(), "--data-dir"])
-        .arg(data_dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start vitforge");
-    let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client.get(format!("{base}/readyz")).send().await.map(|r| r.status() != 200).unwrap_or(true) {
-        assert!(Instant::now() < deadline, "vitforge did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Server { child, base }
-}
-
-async fn get(url: String) -> Value {
-    reqwest::get(url).await.unwrap().json().await.unwrap()
-}
-
-/// A base model big enough that an epoch takes a noticeable time (64×64 input, 4 layers).
+/// A base model big enough that an epoch takes a noticeable time.
 fn install_slow_base_model(data_dir: &std::path::Path) {
-    let cfg = vitforge::model::VitConfig::from_json(
-        r#"{"model_type": "vit", "image_size": 64, "patch_size": 8, "hidden_size": 64,
-            "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128}"#,
-    )
-    .unwrap();
-    let model = vitforge::model::LoadedModel::random(&cfg, &["a".into(), "b".into()], 1, &candle_core::Device::Cpu).unwrap();
-    model.save(&data_dir.join("base-models").join("slow")).unwrap();
+    install_base_model(data_dir, "slow", &slow_config(), &["a", "b"]);
 }
 
 #[tokio::test]
@@ -59,7 +20,7 @@ async fn a_killed_server_resumes_its_job_from_the_last_checkpoint() {
     let data = tmp.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
     install_slow_base_model(&data);
-    let mut server = start(&data).await;
+    let server = Launch::new(&data).start();
     let client = reqwest::Client::new();
     let form = reqwest::multipart::Form::new()
         .part("file", reqwest::multipart::Part::bytes(zip(&class_images("", &["cat", "dog"], 12, 3))).file_name("pets.zip"));
@@ -79,7 +40,7 @@ async fn a_killed_server_resumes_its_job_from_the_last_checkpoint() {
     // Kill it once the first epoch's checkpoint exists and the second epoch is under way.
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let j = get(format!("{}/jobs/{id}", server.base)).await;
+        let j = server.get_json(&format!("/jobs/{id}")).await;
         assert_ne!(j["status"], "succeeded", "the job finished before it could be killed; make it slower");
         if j["progress"]["epoch"].as_u64().unwrap_or(0) >= 2 {
             break;
@@ -87,13 +48,12 @@ async fn a_killed_server_resumes_its_job_from_the_last_checkpoint() {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    server.child.kill().unwrap(); // SIGKILL
-    server.child.wait().unwrap();
+    server.kill(); // SIGKILL
 
-    let mut server = start(&data).await;
+    let server = Launch::new(&data).start();
     let deadline = Instant::now() + Duration::from_secs(300);
     let done = loop {
-        let j = get(format!("{}/jobs/{id}", server.base)).await;
+        let j = server.get_json(&format!("/jobs/{id}")).await;
         if j["status"] != "running" && j["status"] != "queued" {
             break j;
         }
@@ -101,7 +61,7 @@ async fn a_killed_server_resumes_its_job_from_the_last_checkpoint() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(done["status"], "succeeded", "{done}");
-    let metrics = get(format!("{}/jobs/{id}/metrics", server.base)).await;
+    let metrics = server.get_json(&format!("/jobs/{id}/metrics")).await;
     let epochs_seen: Vec<u64> = metrics["validation"].as_array().unwrap().iter().map(|v| v["epoch"].as_u64().unwrap()).collect();
     assert_eq!(epochs_seen, (1..=epochs).collect::<Vec<_>>(), "each epoch's metrics exactly once");
     let steps: Vec<u64> = metrics["train"].as_array().unwrap().iter().map(|p| p["step"].as_u64().unwrap()).collect();
@@ -112,6 +72,4 @@ async fn a_killed_server_resumes_its_job_from_the_last_checkpoint() {
     assert_eq!(resp.status(), 200);
     let prediction: Value = resp.json().await.unwrap();
     assert_eq!(prediction["model_id"], done["model_id"]);
-    server.child.kill().unwrap();
-    server.child.wait().unwrap();
 }

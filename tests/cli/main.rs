@@ -6,6 +6,9 @@ use std::process::Command;
 use image::{Rgb, RgbImage};
 use serde_json::Value;
 
+#[path = "../support/mod.rs"]
+mod support;
+
 fn vitforge(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_vitforge")).args(args).env("RUST_LOG", "warn").output().expect("run vitforge");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
@@ -30,12 +33,7 @@ fn write_dataset(root: &Path, per_class: u32) {
 fn init_train_predict_and_eval_from_the_command_line() {
     let tmp = tempfile::tempdir().unwrap();
     let t = |p: &str| tmp.path().join(p).to_string_lossy().into_owned();
-    std::fs::write(
-        tmp.path().join("config.json"),
-        r#"{"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "intermediate_size": 64}"#,
-    )
-    .unwrap();
+    std::fs::write(tmp.path().join("config.json"), support::TINY_CONFIG).unwrap();
     let (ok, _, err) = vitforge(&["init-model", "--config", &t("config.json"), "--labels", "x,y", "--output", &t("base")]);
     assert!(ok, "{err}");
     assert!(tmp.path().join("base/model.safetensors").is_file());

@@ -156,8 +156,8 @@ fn loss_and_every_gradient_match_pytorch() {
 
 #[test]
 fn the_fast_cpu_path_matches_pytorch_too() {
-    use vitforge::model::vit::TrainableSet;
-    use vitforge::train::step::{Boundary, loss_and_grads};
+    use vitforge::model::network::loss_and_grads;
+    use vitforge::model::{Boundary, TrainableSet};
     for m in MODELS {
         let loaded = model(m);
         let reference = load(golden().join(m).join("reference.safetensors"));
@@ -182,7 +182,7 @@ fn the_fast_cpu_path_matches_pytorch_too() {
         }
         eprintln!("{m}: fast path worst relative gradient error {worst:e}");
         let logits = Vit::frozen(&loaded.cfg, &loaded.params).unwrap().forward(&pixels).unwrap();
-        assert!(vitforge::model::fast::usable(&Vit::frozen(&loaded.cfg, &loaded.params).unwrap(), &Device::Cpu));
+        assert!(Vit::frozen(&loaded.cfg, &loaded.params).unwrap().fast_path());
         let diff = max_abs_diff(&logits, &reference["logits"]);
         eprintln!("{m}: fast path logits max abs diff {diff:e}");
         assert!(diff <= 1e-4, "{m}: {diff}");

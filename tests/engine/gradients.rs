@@ -2,7 +2,8 @@
 
 use candle_core::{Device, Tensor};
 use vitforge::model::Vit;
-use vitforge::model::vit::{TrainableSet, cross_entropy};
+use vitforge::model::TrainableSet;
+use vitforge::model::vit::cross_entropy;
 
 use crate::synth::tiny_model;
 
@@ -58,13 +59,14 @@ fn last_layers_mode_trains_the_last_layer_final_norm_and_head() {
 /// autograd through the reference forward, in every mode.
 #[test]
 fn fast_path_agrees_with_autograd_in_every_mode() {
-    use vitforge::train::step::{Boundary, boundary, frozen_forward, loss_and_grads, reference_loss_and_grads};
+    use vitforge::model::Boundary;
+    use vitforge::model::network::{frozen_forward, loss_and_grads, reference_loss_and_grads};
     let model = tiny_model(&["a", "b", "c"], 5);
     let layers = model.cfg.num_hidden_layers;
     let pixels = Tensor::randn(0f32, 1.0, (3, 3, 32, 32), &Device::Cpu).unwrap();
     let targets = [0u32, 2, 1];
     for set in [TrainableSet::All, TrainableSet::LastLayers(1), TrainableSet::HeadOnly] {
-        let b = boundary(set, layers);
+        let b = set.boundary(layers);
         let frozen = Vit::frozen(&model.cfg, &model.params).unwrap();
         let input = frozen_forward(&frozen, b, &pixels).unwrap();
         let vit = Vit::new(&model.cfg, &model.params, &|n| set.contains(n, layers)).unwrap();

@@ -4,4 +4,6 @@ mod golden;
 mod gradients;
 mod loading;
 mod synth;
+#[path = "../support/mod.rs"]
+mod support;
 mod training;

@@ -5,19 +5,11 @@ use std::path::{Path, PathBuf};
 use image::{Rgb, RgbImage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use vitforge::model::{LoadedModel, VitConfig};
+use vitforge::model::LoadedModel;
 use vitforge::dataset::Split;
 use vitforge::train::data::TrainData;
 
-/// A tiny ViT configuration (32×32 input, patch 8, 2 layers) that trains in seconds.
-pub fn tiny_config() -> VitConfig {
-    VitConfig::from_json(
-        r#"{"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32,
-            "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-            "layer_norm_eps": 1e-12}"#,
-    )
-    .unwrap()
-}
+pub use crate::support::tiny_config;
 
 /// A random tiny model with these labels.
 pub fn tiny_model(labels: &[&str], seed: u64) -> LoadedModel {

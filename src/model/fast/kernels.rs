@@ -104,6 +104,7 @@ pub fn layer_norm_apply(x: &[f32], gamma: &[f32], beta: &[f32], mean: &[f32], rs
 
 dispatch! {
     /// One row of layer-norm backward: adds to `dx`, accumulates `dgamma` and `dbeta`.
+    #[allow(clippy::too_many_arguments)]
     pub fn ln_backward_row(dy: &[f32], x: &[f32], gamma: &[f32], mean: f32, rstd: f32, dx: &mut [f32], dgamma: &mut [f32], dbeta: &mut [f32]) {
         let n = x.len();
         // dxhat = dy·γ; dx = rstd·(dxhat − mean(dxhat) − x̂·mean(dxhat·x̂))

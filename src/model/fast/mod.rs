@@ -8,10 +8,9 @@
 //! Parameters stay candle tensors; this module borrows their storage for the duration of a call.
 //! Used on the CPU device when dropout is off; everything else takes the reference path.
 
-pub mod kernels;
-pub mod matmul;
-pub mod sgemm;
-pub mod simd;
+mod kernels;
+mod matmul;
+mod simd;
 
 use std::collections::BTreeMap;
 
@@ -20,14 +19,15 @@ use rayon::prelude::*;
 
 use self::kernels as k;
 use self::matmul::{Mat, MatMut, Threads, gemm};
-use super::vit::{Linear, TrainableSet, Vit};
-use super::{ModelError, VitConfig, params};
+use super::vit::{Linear, Vit};
+use super::weights::{Boundary, TrainableSet, keys, param_specs};
+use super::{ModelError, VitConfig};
 
 type Result<T> = std::result::Result<T, ModelError>;
 
 /// Whether the fast path can run this model on this device (set `VITFORGE_REFERENCE_OPS=1` to
-/// force the reference path, e.g. to compare speed).
-pub fn usable(vit: &Vit, device: &Device) -> bool {
+/// force the reference path, e.g. to compare speed). [`super::network`] decides with it.
+pub(super) fn usable(vit: &Vit, device: &Device) -> bool {
     device.is_cpu()
         && !reference_ops_forced()
         && vit.cfg.hidden_dropout_prob == 0.0
@@ -388,21 +388,22 @@ fn layer_forward(cfg: &VitConfig, w: &LayerW, x: Vec<f32>, b: usize, save: bool)
     let mut out = vec![0f32; rows * h];
     linear(&act, rows, &w.fc2, &mut out, h, 0);
     k::par_add_assign(&mut out, &x_mid);
-    let saved = save.then(|| LayerSaved { x_in: x, mean1, rstd1, qkv, lse, ctx, x_mid, mean2, rstd2, fc1 });
+    let saved = save.then_some(LayerSaved { x_in: x, mean1, rstd1, qkv, lse, ctx, x_mid, mean2, rstd2, fc1 });
     (out, saved)
 }
 
-/// Gradients of one layer's parameters, in checkpoint order under `vit.encoder.layer.{i}.`.
+/// Gradients by checkpoint key.
 type NamedGrads = Vec<(String, Vec<f32>)>;
 
-/// One encoder layer backward: parameter gradients, and the gradient of its input when
-/// `need_dx` (not for the lowest trainable layer).
-fn layer_backward(cfg: &VitConfig, w: &LayerW, s: LayerSaved, dx: Vec<f32>, b: usize, prefix: &str, need_dx: bool) -> (NamedGrads, Option<Vec<f32>>) {
+/// One encoder layer backward (layer `index`): parameter gradients, and the gradient of its input
+/// when `need_dx` (not for the lowest trainable layer).
+#[allow(clippy::too_many_arguments)]
+fn layer_backward(cfg: &VitConfig, w: &LayerW, s: LayerSaved, dx: Vec<f32>, b: usize, index: usize, need_dx: bool) -> (NamedGrads, Option<Vec<f32>>) {
     let h = cfg.hidden_size;
     let rows = b * cfg.num_tokens();
     let inter = w.fc1.out;
     let mut grads = NamedGrads::new();
-    let mut push = |name: &str, g: Vec<f32>| grads.push((format!("{prefix}{name}"), g));
+    let mut push = |part: String, g: Vec<f32>| grads.push((keys::layer(index, &part), g));
 
     // MLP branch: out = x_mid + fc2(act(fc1(ln2(x_mid)))).
     let mut act = vec![0f32; rows * inter];
@@ -441,22 +442,20 @@ fn layer_backward(cfg: &VitConfig, w: &LayerW, s: LayerSaved, dx: Vec<f32>, b: u
     let mut dx_in = dx_mid;
     let (dg1, dbeta1) = k::layer_norm_backward(&dhs, &s.x_in, w.ln1.0, &s.mean1, &s.rstd1, &mut dx_in);
 
-    for (name, (dw, db)) in [("query", (dwq, dbq)), ("key", (dwk, dbk)), ("value", (dwv, dbv))] {
-        push(&format!("attention.attention.{name}.weight"), dw);
+    for (module, (dw, db)) in [(keys::QUERY, (dwq, dbq)), (keys::KEY, (dwk, dbk)), (keys::VALUE, (dwv, dbv))] {
+        push(keys::weight(module), dw);
         if let Some(db) = db {
-            push(&format!("attention.attention.{name}.bias"), db);
+            push(keys::bias(module), db);
         }
     }
-    push("attention.output.dense.weight", dwo);
-    push("attention.output.dense.bias", dbo.unwrap_or_default());
-    push("intermediate.dense.weight", dw1);
-    push("intermediate.dense.bias", db1.unwrap_or_default());
-    push("output.dense.weight", dw2);
-    push("output.dense.bias", db2.unwrap_or_default());
-    push("layernorm_before.weight", dg1);
-    push("layernorm_before.bias", dbeta1);
-    push("layernorm_after.weight", dg2);
-    push("layernorm_after.bias", dbeta2);
+    for (module, dw, db) in [(keys::ATTENTION_OUT, dwo, dbo), (keys::FC1, dw1, db1), (keys::FC2, dw2, db2)] {
+        push(keys::weight(module), dw);
+        push(keys::bias(module), db.unwrap_or_default());
+    }
+    push(keys::weight(keys::NORM_BEFORE), dg1);
+    push(keys::bias(keys::NORM_BEFORE), dbeta1);
+    push(keys::weight(keys::NORM_AFTER), dg2);
+    push(keys::bias(keys::NORM_AFTER), dbeta2);
     (grads, need_dx.then_some(dx_in))
 }
 
@@ -464,21 +463,31 @@ fn host_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
+/// The final layer norm of the CLS rows, with what its backward needs.
+struct Pooled {
+    /// (B × hidden): what the head sees.
+    features: Vec<f32>,
+    /// The CLS rows before the norm, and their statistics.
+    cls: Vec<f32>,
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
+}
+
 /// Final layer norm of the CLS rows: (B·tokens × hidden) → (B × hidden), with its statistics.
-fn pool(cfg: &VitConfig, w: &Weights, x: &[f32], b: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+fn pool(cfg: &VitConfig, w: &Weights, x: &[f32], b: usize) -> Pooled {
     let h = cfg.hidden_size;
     let n = cfg.num_tokens();
     let mut cls = vec![0f32; b * h];
     for bi in 0..b {
         cls[bi * h..(bi + 1) * h].copy_from_slice(&x[bi * n * h..bi * n * h + h]);
     }
-    let mut pooled = vec![0f32; b * h];
-    let (mean, rstd) = k::layer_norm(&cls, w.ln.0, w.ln.1, cfg.layer_norm_eps as f32, &mut pooled);
-    (pooled, cls, mean, rstd)
+    let mut features = vec![0f32; b * h];
+    let (mean, rstd) = k::layer_norm(&cls, w.ln.0, w.ln.1, cfg.layer_norm_eps as f32, &mut features);
+    Pooled { features, cls, mean, rstd }
 }
 
 /// Runs layers `range` on hidden states (B, tokens, hidden) without keeping anything.
-pub fn encode(vit: &Vit, x: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
+pub(super) fn encode(vit: &Vit, x: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
     let guards = Guards::new(&tensor_list(vit))?;
     let w = Weights::new(vit, &guards);
     let (b, n, h) = x.dims3()?;
@@ -490,7 +499,7 @@ pub fn encode(vit: &Vit, x: &Tensor, range: std::ops::Range<usize>) -> Result<Te
 }
 
 /// Embeddings of pixels (B, C, H, W) → (B, tokens, hidden).
-pub fn embed_tensor(vit: &Vit, pixels: &Tensor) -> Result<Tensor> {
+pub(super) fn embed_tensor(vit: &Vit, pixels: &Tensor) -> Result<Tensor> {
     let guards = Guards::new(&tensor_list(vit))?;
     let w = Weights::new(vit, &guards);
     let b = pixels.dim(0)?;
@@ -499,7 +508,7 @@ pub fn embed_tensor(vit: &Vit, pixels: &Tensor) -> Result<Tensor> {
 }
 
 /// Pooled features (B, hidden) of pixels, without keeping anything for backward.
-pub fn features(vit: &Vit, pixels: &Tensor) -> Result<Tensor> {
+pub(super) fn features(vit: &Vit, pixels: &Tensor) -> Result<Tensor> {
     let guards = Guards::new(&tensor_list(vit))?;
     let w = Weights::new(vit, &guards);
     let b = pixels.dim(0)?;
@@ -507,8 +516,8 @@ pub fn features(vit: &Vit, pixels: &Tensor) -> Result<Tensor> {
     for layer in &w.layers {
         x = layer_forward(&vit.cfg, layer, x, b, false).0;
     }
-    let (pooled, ..) = pool(&vit.cfg, &w, &x, b);
-    Ok(Tensor::from_vec(pooled, (b, vit.cfg.hidden_size), pixels.device())?)
+    let pooled = pool(&vit.cfg, &w, &x, b);
+    Ok(Tensor::from_vec(pooled.features, (b, vit.cfg.hidden_size), pixels.device())?)
 }
 
 /// Mean cross-entropy with label smoothing, and its gradient with respect to the logits.
@@ -531,23 +540,13 @@ fn cross_entropy(logits: &[f32], labels: usize, targets: &[u32], eps: f64) -> (f
     (loss / b as f64, grad)
 }
 
-/// Where the trainable part starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Start {
-    /// Pixels (B, C, H, W): everything trains.
-    Pixels,
-    /// Hidden states (B, tokens, hidden) entering this layer.
-    Layer(usize),
-    /// Pooled features (B, hidden): only the head trains.
-    Features,
-}
-
-/// Loss of a batch and the gradients of the trainable parameters (by checkpoint name, shaped as
-/// the parameters), computed by the hand-written backward.
-pub fn loss_and_grads(
+/// Loss of a batch and the gradients of the trainable parameters (by checkpoint key, shaped as
+/// the parameters), computed by the hand-written backward. `input` is what enters the trainable
+/// part at the boundary `start`.
+pub(super) fn loss_and_grads(
     vit: &Vit,
     set: TrainableSet,
-    start: Start,
+    start: Boundary,
     input: &Tensor,
     targets: &[u32],
     label_smoothing: f64,
@@ -555,91 +554,138 @@ pub fn loss_and_grads(
     let cfg = &vit.cfg;
     let guards = Guards::new(&tensor_list(vit))?;
     let w = Weights::new(vit, &guards);
-    let device = input.device().clone();
     let b = targets.len();
-    let h = cfg.hidden_size;
-    let n = cfg.num_tokens();
     let labels = w.head.out;
-    let layers = cfg.num_hidden_layers;
-    let mut grads: Vec<(String, Vec<f32>)> = Vec::new();
 
     // Forward, keeping what backward needs.
-    let (first_layer, mut x, cols) = match start {
-        Start::Pixels => {
-            let (x, cols) = embed(cfg, &w, &host_vec(input)?, b);
-            (0, x, Some(cols))
-        }
-        Start::Layer(l) => (l, host_vec(input)?, None),
-        Start::Features => (layers, Vec::new(), None),
-    };
-    let mut saved = Vec::with_capacity(layers - first_layer);
-    if start != Start::Features {
-        for layer in &w.layers[first_layer..] {
-            let (next, s) = layer_forward(cfg, layer, x, b, true);
-            saved.push(s.expect("saved"));
-            x = next;
-        }
-    }
-    let (pooled, cls, mean_f, rstd_f) = if start == Start::Features {
-        (host_vec(input)?, Vec::new(), Vec::new(), Vec::new())
-    } else {
-        pool(cfg, &w, &x, b)
+    let (x, saved, cols) = forward_saving(cfg, &w, start, input, b)?;
+    let pooled = match start {
+        Boundary::Features => Pooled { features: host_vec(input)?, cls: vec![], mean: vec![], rstd: vec![] },
+        _ => pool(cfg, &w, &x, b),
     };
     drop(x);
     let mut logits = vec![0f32; b * labels];
-    linear(&pooled, b, &w.head, &mut logits, labels, 0);
+    linear(&pooled.features, b, &w.head, &mut logits, labels, 0);
     let (loss, dlogits) = cross_entropy(&logits, labels, targets, label_smoothing);
 
-    // Backward.
-    let (dw, db) = linear_grads(&pooled, b, &w.head, &dlogits, labels, 0);
-    grads.push((params::HEAD_WEIGHT.into(), dw));
-    grads.push((params::HEAD_BIAS.into(), db.unwrap_or_default()));
-    if start != Start::Features {
-        let mut dpooled = vec![0f32; b * h];
-        linear_input_grad(&dlogits, b, &w.head, labels, 0, &mut dpooled, false);
-        let mut dcls = vec![0f32; b * h];
-        let (dg, dbeta) = k::layer_norm_backward(&dpooled, &cls, w.ln.0, &mean_f, &rstd_f, &mut dcls);
-        grads.push(("vit.layernorm.weight".into(), dg));
-        grads.push(("vit.layernorm.bias".into(), dbeta));
-        let mut dx = vec![0f32; b * n * h];
-        for bi in 0..b {
-            dx[bi * n * h..bi * n * h + h].copy_from_slice(&dcls[bi * h..(bi + 1) * h]);
-        }
-        for l in (first_layer..layers).rev() {
-            let s = saved.pop().expect("one saved state per layer");
-            let need_dx = l > first_layer || start == Start::Pixels;
-            let (g, next) = layer_backward(cfg, &w.layers[l], s, dx, b, &format!("vit.encoder.layer.{l}."), need_dx);
-            grads.extend(g);
-            dx = next.unwrap_or_default();
-        }
-        if let Some(cols) = cols {
-            // x = [cls; patches·Wᵀ + b] + pos.
-            let mut dpos = vec![0f32; n * h];
-            let mut dcls_tok = vec![0f32; h];
-            let p = n - 1;
-            let mut dpatch = vec![0f32; b * p * h];
-            for bi in 0..b {
-                let xb = &dx[bi * n * h..(bi + 1) * n * h];
-                k::add_assign(&mut dpos, xb);
-                k::add_assign(&mut dcls_tok, &xb[..h]);
-                dpatch[bi * p * h..(bi + 1) * p * h].copy_from_slice(&xb[h..]);
-            }
-            let (dwp, dbp) = linear_grads(&cols, b * p, &w.patch, &dpatch, h, 0);
-            grads.push(("vit.embeddings.cls_token".into(), dcls_tok));
-            grads.push(("vit.embeddings.position_embeddings".into(), dpos));
-            grads.push(("vit.embeddings.patch_embeddings.projection.weight".into(), dwp));
-            grads.push(("vit.embeddings.patch_embeddings.projection.bias".into(), dbp.unwrap_or_default()));
+    // Backward, top to bottom.
+    let (mut grads, dcls) = head_backward(cfg, &w, &pooled, &dlogits, b, start != Boundary::Features);
+    if let Some(dcls) = dcls {
+        let first_layer = match start {
+            Boundary::Layer(l) => l,
+            _ => 0,
+        };
+        let dx = encoder_backward(cfg, &w, saved, dcls, b, first_layer, start == Boundary::Pixels, &mut grads);
+        if let (Some(cols), Some(dx)) = (cols, dx) {
+            grads.extend(embed_backward(cfg, &w, &cols, &dx, b));
         }
     }
+    Ok((loss, grads_as_tensors(cfg, labels, set, grads, input.device())?))
+}
 
-    let shapes: BTreeMap<String, Vec<usize>> = params::param_specs(cfg, labels).into_iter().map(|s| (s.name, s.shape)).collect();
+/// The last layer's output, each layer's saved state, and the patch columns (from pixels).
+type SavedForward = (Vec<f32>, Vec<LayerSaved>, Option<Vec<f32>>);
+
+/// The forward of the trainable part up to the last layer's output, keeping each layer's saved
+/// state (and the patch columns when it starts from pixels).
+fn forward_saving(cfg: &VitConfig, w: &Weights, start: Boundary, input: &Tensor, b: usize) -> Result<SavedForward> {
+    let layers = cfg.num_hidden_layers;
+    let (first_layer, mut x, cols) = match start {
+        Boundary::Pixels => {
+            let (x, cols) = embed(cfg, w, &host_vec(input)?, b);
+            (0, x, Some(cols))
+        }
+        Boundary::Layer(l) => (l, host_vec(input)?, None),
+        Boundary::Features => return Ok((Vec::new(), Vec::new(), None)),
+    };
+    let mut saved = Vec::with_capacity(layers - first_layer);
+    for layer in &w.layers[first_layer..] {
+        let (next, s) = layer_forward(cfg, layer, x, b, true);
+        saved.push(s.expect("saved"));
+        x = next;
+    }
+    Ok((x, saved, cols))
+}
+
+/// Backward of the head (and of the final layer norm when `through_norm`): the gradients of
+/// their parameters, and the gradient of the CLS rows entering the final layer norm.
+fn head_backward(cfg: &VitConfig, w: &Weights, pooled: &Pooled, dlogits: &[f32], b: usize, through_norm: bool) -> (NamedGrads, Option<Vec<f32>>) {
+    let labels = w.head.out;
+    let (dw, db) = linear_grads(&pooled.features, b, &w.head, dlogits, labels, 0);
+    let mut grads: NamedGrads = vec![(keys::HEAD_WEIGHT.into(), dw), (keys::HEAD_BIAS.into(), db.unwrap_or_default())];
+    if !through_norm {
+        return (grads, None);
+    }
+    let h = cfg.hidden_size;
+    let mut dpooled = vec![0f32; b * h];
+    linear_input_grad(dlogits, b, &w.head, labels, 0, &mut dpooled, false);
+    let mut dcls = vec![0f32; b * h];
+    let (dg, dbeta) = k::layer_norm_backward(&dpooled, &pooled.cls, w.ln.0, &pooled.mean, &pooled.rstd, &mut dcls);
+    grads.push((keys::weight(keys::FINAL_NORM), dg));
+    grads.push((keys::bias(keys::FINAL_NORM), dbeta));
+    (grads, Some(dcls))
+}
+
+/// Backward of encoder layers `first_layer..`, top down, from the gradient of the CLS rows;
+/// returns the gradient of the hidden states entering `first_layer` when `need_input_grad`.
+#[allow(clippy::too_many_arguments)]
+fn encoder_backward(
+    cfg: &VitConfig,
+    w: &Weights,
+    mut saved: Vec<LayerSaved>,
+    dcls: Vec<f32>,
+    b: usize,
+    first_layer: usize,
+    need_input_grad: bool,
+    grads: &mut NamedGrads,
+) -> Option<Vec<f32>> {
+    let (h, n) = (cfg.hidden_size, cfg.num_tokens());
+    let mut dx = vec![0f32; b * n * h];
+    for bi in 0..b {
+        dx[bi * n * h..bi * n * h + h].copy_from_slice(&dcls[bi * h..(bi + 1) * h]);
+    }
+    for l in (first_layer..cfg.num_hidden_layers).rev() {
+        let s = saved.pop().expect("one saved state per layer");
+        let need_dx = l > first_layer || need_input_grad;
+        let (g, next) = layer_backward(cfg, &w.layers[l], s, dx, b, l, need_dx);
+        grads.extend(g);
+        dx = next.unwrap_or_default();
+    }
+    need_input_grad.then_some(dx)
+}
+
+/// Backward of the embeddings, `x = [cls; patches·Wᵀ + b] + pos`, from the gradient of `x`.
+fn embed_backward(cfg: &VitConfig, w: &Weights, cols: &[f32], dx: &[f32], b: usize) -> NamedGrads {
+    let (h, n) = (cfg.hidden_size, cfg.num_tokens());
+    let mut dpos = vec![0f32; n * h];
+    let mut dcls_tok = vec![0f32; h];
+    let p = n - 1;
+    let mut dpatch = vec![0f32; b * p * h];
+    for bi in 0..b {
+        let xb = &dx[bi * n * h..(bi + 1) * n * h];
+        k::add_assign(&mut dpos, xb);
+        k::add_assign(&mut dcls_tok, &xb[..h]);
+        dpatch[bi * p * h..(bi + 1) * p * h].copy_from_slice(&xb[h..]);
+    }
+    let (dwp, dbp) = linear_grads(cols, b * p, &w.patch, &dpatch, h, 0);
+    vec![
+        (keys::CLS_TOKEN.into(), dcls_tok),
+        (keys::POSITION_EMBEDDINGS.into(), dpos),
+        (keys::PATCH_WEIGHT.into(), dwp),
+        (keys::PATCH_BIAS.into(), dbp.unwrap_or_default()),
+    ]
+}
+
+/// The gradients of the parameters in `set`, as tensors shaped as the parameters.
+fn grads_as_tensors(cfg: &VitConfig, labels: usize, set: TrainableSet, grads: NamedGrads, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+    let shapes: BTreeMap<String, Vec<usize>> = param_specs(cfg, labels).into_iter().map(|s| (s.name, s.shape)).collect();
     let mut out = BTreeMap::new();
     for (name, g) in grads {
-        if !set.contains(&name, layers) {
+        if !set.contains(&name, cfg.num_hidden_layers) {
             continue;
         }
         let shape = shapes.get(&name).ok_or_else(|| ModelError::Weights(format!("no parameter named {name}")))?;
-        out.insert(name, Tensor::from_vec(g, shape.as_slice(), &device)?);
+        out.insert(name, Tensor::from_vec(g, shape.as_slice(), device)?);
     }
-    Ok((loss, out))
+    Ok(out)
 }

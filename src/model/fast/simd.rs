@@ -16,10 +16,12 @@ macro_rules! dispatch {
         $(#[$meta])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
             fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
                 if $crate::model::fast::simd::has_avx2_fma() {
                     // SAFETY: the features `avx2` and `fma` were detected on this CPU.
@@ -49,7 +51,7 @@ pub fn exp(x: f32) -> f32 {
         .mul_add(r, 8.333_452e-3)
         .mul_add(r, 4.166_579_6e-2)
         .mul_add(r, 1.666_666_5e-1)
-        .mul_add(r, 5.000_000_1e-1);
+        .mul_add(r, 0.5);
     let y = p.mul_add(z, r) + 1.0;
     // SAFETY: n is in [-126, 127] after the clamp, so the conversion is exact.
     let bits = (unsafe { n.to_int_unchecked::<i32>() } + 127) << 23;
@@ -61,7 +63,7 @@ pub fn exp(x: f32) -> f32 {
 pub fn erf(x: f32) -> f32 {
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.5 * z);
-    let poly = t.mul_add(0.170_872_77, -0.822_152_23).mul_add(t, 1.488_515_9).mul_add(t, -1.135_203_98).mul_add(t, 0.278_868_07)
+    let poly = t.mul_add(0.170_872_77, -0.822_152_23).mul_add(t, 1.488_515_9).mul_add(t, -1.135_204).mul_add(t, 0.278_868_07)
         .mul_add(t, -0.186_288_06)
         .mul_add(t, 0.096_784_18)
         .mul_add(t, 0.374_091_96)

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::TrainableSet;
+
 /// The optimiser.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -199,6 +201,17 @@ impl TrainParams {
 pub const AUTO_LEARNING_RATE: f64 = 1e-5;
 /// Epochs of the `auto` recipe, the probe epoch included.
 pub const AUTO_EPOCHS: u32 = 1;
+
+impl TrainParams {
+    /// The parameters that train in this run's `train_mode`.
+    pub fn trainable_set(&self) -> TrainableSet {
+        match self.train_mode {
+            TrainMode::Full => TrainableSet::All,
+            TrainMode::HeadOnly => TrainableSet::HeadOnly,
+            TrainMode::LastNLayers => TrainableSet::LastLayers(self.trainable_layers.unwrap_or(1) as usize),
+        }
+    }
+}
 
 /// A hyper-parameter outside its range.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

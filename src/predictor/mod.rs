@@ -1,5 +1,6 @@
 //! The predictor: loaded models kept in a small LRU, and one thread that owns inference, fed by a
-//! queue and batching concurrent requests dynamically (as text-embeddings-inference does).
+//! queue and batching concurrent requests dynamically (as text-embeddings-inference does, its
+//! queue ([`queue`]) kept apart from the thread that runs the model ([`backend`])).
 //!
 //! Requests wait at most `max_batch_delay` for company, then run together up to
 //! `max_batch_size` images. Admission is bounded by a semaphore, and by the expected wait (images
@@ -7,18 +8,23 @@
 //! instead of queueing until the request times out. A newly registered model is loaded in the background and
 //! only then becomes the default, so no request is dropped by a swap.
 
+mod backend;
+mod queue;
+
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
-use crate::model::classifier::Classifier;
-use crate::model::{ModelError, ModelSource};
-use crate::telemetry::Metrics;
+use crate::cancel::CancelOnDrop;
+use crate::model::classifier::{ClassifyError, Classifier, Prediction};
+use crate::model::ModelSource;
+use crate::telemetry::ServiceMetrics;
+use queue::Work;
 
 /// Batching and admission settings.
 #[derive(Debug, Clone)]
@@ -38,12 +44,6 @@ pub struct Loaded {
     pub classifier: Classifier,
 }
 
-struct Work {
-    model: Arc<Loaded>,
-    pixels: Vec<Vec<f32>>,
-    reply: oneshot::Sender<Result<Vec<Vec<f32>>, ModelError>>,
-}
-
 /// Why a prediction could not be served.
 #[derive(Debug, thiserror::Error)]
 pub enum PredictError {
@@ -57,6 +57,19 @@ pub enum PredictError {
     Load { id: String, reason: String },
     #[error("inference failed: {0}")]
     Inference(String),
+    /// An image of the request is unusable, or the request was abandoned.
+    #[error(transparent)]
+    Classify(#[from] ClassifyError),
+    /// The database failed while choosing the model.
+    #[error("database error: {0}")]
+    Store(String),
+}
+
+impl PredictError {
+    /// A database failure while choosing the model.
+    pub fn store(e: impl std::fmt::Display) -> Self {
+        PredictError::Store(e.to_string())
+    }
 }
 
 /// Handle to the predictor; cheap to clone.
@@ -84,7 +97,7 @@ struct Inner {
 
 impl Predictor {
     /// Starts the inference thread.
-    pub fn start(cfg: PredictorConfig, device: Device, metrics: Arc<Metrics>) -> Self {
+    pub fn start(cfg: PredictorConfig, device: Device, metrics: Arc<ServiceMetrics>) -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<Work>();
         let queued_images = Arc::new(AtomicUsize::new(0));
         let thread_metrics = metrics;
@@ -94,7 +107,7 @@ impl Predictor {
         let thread_cost = ns_per_image.clone();
         std::thread::Builder::new()
             .name("predictor".into())
-            .spawn(move || run_batches(rx, &thread_cfg, &thread_queue, &thread_cost, &thread_metrics))
+            .spawn(move || backend::run(rx, &thread_cfg, &thread_queue, &thread_cost, &thread_metrics))
             .expect("spawning the predictor thread");
         let inner = Inner {
             admission: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
@@ -205,89 +218,20 @@ impl Predictor {
             .map_err(|_| PredictError::Inference("the predictor thread dropped the request".into()))?
             .map_err(|e| PredictError::Inference(e.to_string()))
     }
-}
 
-/// The model thread: gathers work for up to `max_batch_delay` (or until `max_batch_size` images
-/// are waiting), runs each model's share as one forward pass and answers every request.
-fn run_batches(rx: Receiver<Work>, cfg: &PredictorConfig, queued: &AtomicUsize, ns_per_image: &AtomicU64, metrics: &Metrics) {
-    let mut pending: VecDeque<Work> = VecDeque::new();
-    loop {
-        if pending.is_empty() {
-            match rx.recv() {
-                Ok(w) => pending.push_back(w),
-                Err(_) => return,
-            }
-        }
-        let deadline = Instant::now() + cfg.max_batch_delay;
-        let model_id = pending[0].model.id.clone();
-        let images_for = |p: &VecDeque<Work>| p.iter().filter(|w| w.model.id == model_id).map(|w| w.pixels.len()).sum::<usize>();
-        while images_for(&pending) < cfg.max_batch_size {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            match rx.recv_timeout(left) {
-                Ok(w) => pending.push_back(w),
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-        }
-        // Requests whose client has gone (disconnected, or answered 408 by the request timeout)
-        // are dropped unanswered: computing them would only delay everyone behind them.
-        pending.retain(|w| {
-            let waiting = !w.reply.is_closed();
-            if !waiting {
-                queued.fetch_sub(w.pixels.len(), Ordering::Relaxed);
-            }
-            waiting
-        });
-        if pending.is_empty() {
-            continue;
-        }
-        let model_id = pending[0].model.id.clone();
-        // Take whole requests of the first request's model, up to the batch size (a single
-        // request larger than the batch runs alone, in chunks).
-        let mut batch: Vec<Work> = Vec::new();
-        let mut size = 0;
-        let mut rest = VecDeque::new();
-        while let Some(w) = pending.pop_front() {
-            if w.model.id == model_id && (batch.is_empty() || size + w.pixels.len() <= cfg.max_batch_size) {
-                size += w.pixels.len();
-                batch.push(w);
-            } else {
-                rest.push_back(w);
-            }
-        }
-        pending = rest;
-        queued.fetch_sub(size, Ordering::Relaxed);
-        let model = batch[0].model.clone();
-        let all: Vec<Vec<f32>> = batch.iter().flat_map(|w| w.pixels.iter().cloned()).collect();
-        let mut results: Result<Vec<Vec<f32>>, ModelError> = Ok(Vec::with_capacity(all.len()));
-        let started = Instant::now();
-        for chunk in all.chunks(cfg.max_batch_size.max(1)) {
-            metrics.predict_batch_size.observe(chunk.len() as f64);
-            results = results.and_then(|mut acc| {
-                acc.extend(model.classifier.probabilities(chunk)?);
-                Ok(acc)
-            });
-        }
-        let cost = (started.elapsed().as_nanos() / all.len().max(1) as u128).min(u128::from(u64::MAX)) as u64;
-        let old = ns_per_image.load(Ordering::Relaxed);
-        ns_per_image.store(if old == 0 { cost } else { (old * 3 + cost) / 4 }, Ordering::Relaxed);
-        match results {
-            Ok(probs) => {
-                let mut it = probs.into_iter();
-                for w in batch {
-                    let mine: Vec<Vec<f32>> = it.by_ref().take(w.pixels.len()).collect();
-                    let _ = w.reply.send(Ok(mine));
-                }
-            }
-            Err(e) => {
-                tracing::error!(model = %model.id, error = %e, "batch inference failed");
-                for w in batch {
-                    let _ = w.reply.send(Err(ModelError::Input(e.to_string())));
-                }
-            }
-        }
+    /// Classifies named encoded images with a loaded model: decoding and preprocessing on a
+    /// blocking thread (images in parallel; abandoned when the caller's future is dropped), the
+    /// forward pass batched with other requests on the model thread, then the `top_k` labels.
+    pub async fn classify<B>(&self, model: Arc<Loaded>, images: Vec<(String, B)>, top_k: usize, max_pixels: u64) -> Result<Vec<Prediction>, PredictError>
+    where
+        B: AsRef<[u8]> + Send + Sync + 'static,
+    {
+        let (_cancel_on_drop, cancel) = CancelOnDrop::new();
+        let prep = model.clone();
+        let pixels = tokio::task::spawn_blocking(move || prep.classifier.prepare(&images, max_pixels, &cancel))
+            .await
+            .map_err(|e| PredictError::Inference(format!("preprocessing stopped: {e}")))??;
+        let probs = self.infer(model.clone(), pixels).await?;
+        Ok(model.classifier.predictions(&probs, top_k))
     }
 }

@@ -1,12 +1,13 @@
 //! In-process coordination around the `jobs` table: waking workers on submit, cancellation flags
-//! of running jobs, live events for `/jobs/{id}/events`, and the shutdown signal.
+//! of running jobs, live events for `/jobs/{id}/events`, a count of jobs that ended (so callers
+//! can wait for the queue to drain without polling), and the shutdown signal.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::db::jobs::Job;
@@ -23,9 +24,10 @@ pub enum JobEvent {
 }
 
 /// Shared by the HTTP handlers and the workers.
-#[derive(Default)]
 pub struct JobHub {
     submitted: Notify,
+    /// Bumped whenever a job reaches a final state.
+    ended: watch::Sender<u64>,
     cancel_flags: Mutex<HashMap<String, Arc<AtomicBool>>>,
     channels: Mutex<HashMap<String, broadcast::Sender<JobEvent>>>,
     throughput: Mutex<HashMap<String, f64>>,
@@ -37,9 +39,28 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+impl Default for JobHub {
+    fn default() -> Self {
+        Self {
+            submitted: Notify::new(),
+            ended: watch::channel(0).0,
+            cancel_flags: Mutex::default(),
+            channels: Mutex::default(),
+            throughput: Mutex::default(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+}
+
 impl JobHub {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// Changes whenever a job reaches a final state: wait on it (after subscribing, look at the
+    /// queue) to drain the queue without polling.
+    pub fn ended(&self) -> watch::Receiver<u64> {
+        self.ended.subscribe()
     }
 
     /// Wakes idle workers after a job was queued.
@@ -86,6 +107,8 @@ impl JobHub {
         }
         if last {
             channels.remove(job_id);
+            drop(channels);
+            self.ended.send_modify(|n| *n += 1);
         }
     }
 

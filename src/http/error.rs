@@ -1,4 +1,7 @@
-//! The one error type at the HTTP edge, and the only place where status codes are chosen.
+//! The one error type at the HTTP edge, and the only place where error status codes are chosen:
+//! handlers and middleware build errors with the constructors below, and the errors of the layers
+//! beneath (ingest, job submission, prediction, evaluation) are mapped here. (`extract.rs` passes
+//! on the status that axum's own rejections carry, such as 413 for a body over the limit.)
 //!
 //! Client errors carry a stable `code` and a human sentence; internal errors are logged with their
 //! full chain and answered with a bare "internal error" so nothing internal leaks to clients.
@@ -9,6 +12,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::dataset::IngestError;
+use crate::model::classifier::ClassifyError;
+use crate::predictor::PredictError;
+use crate::train::eval::EvalError;
+use crate::worker::submit::SubmitError;
 
 /// Everything a handler can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +84,26 @@ impl AppError {
         Self::client(StatusCode::UNSUPPORTED_MEDIA_TYPE, code, message)
     }
 
+    /// 401: no valid API key.
+    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
+        Self::client(StatusCode::UNAUTHORIZED, code, message)
+    }
+
+    /// 503: the service cannot answer now (its database does not answer).
+    pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::client(StatusCode::SERVICE_UNAVAILABLE, code, message)
+    }
+
+    /// 404 for a path no route serves.
+    pub fn no_route() -> Self {
+        Self::client(StatusCode::NOT_FOUND, "route_not_found", "no such route")
+    }
+
+    /// 405 for a method a route does not serve.
+    pub fn method_not_allowed() -> Self {
+        Self::client(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+    }
+
     /// 422: well-formed but semantically invalid.
     pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
         Self::client(StatusCode::UNPROCESSABLE_ENTITY, code, message)
@@ -92,7 +119,7 @@ impl AppError {
 }
 
 /// Builds the JSON error response for a status, code and message.
-pub fn error_response(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+fn error_response(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     let body = ErrorBody { error: ErrorDetail { code: code.to_string(), message: message.into() } };
     (status, Json(body)).into_response()
 }
@@ -112,6 +139,52 @@ impl From<IngestError> for AppError {
             // Only reached when the client has gone; nobody reads this answer.
             IngestError::Cancelled => Self::client(StatusCode::SERVICE_UNAVAILABLE, "cancelled", message),
             IngestError::Io(e) => Self::Internal(anyhow::Error::new(e).context("dataset ingest")),
+        }
+    }
+}
+
+impl From<SubmitError> for AppError {
+    fn from(e: SubmitError) -> Self {
+        let message = e.to_string();
+        match e {
+            SubmitError::InvalidField(_) => Self::unprocessable("invalid_field", message),
+            SubmitError::InvalidParams(_) => Self::unprocessable("invalid_params", message),
+            SubmitError::BaseModel(_) => Self::unprocessable("invalid_base_model", message),
+            SubmitError::UnknownDataset(id) => Self::not_found("dataset", &id),
+            SubmitError::Db(e) => Self::Db(e),
+        }
+    }
+}
+
+impl From<PredictError> for AppError {
+    fn from(e: PredictError) -> Self {
+        match e {
+            PredictError::Overloaded => {
+                Self::client(StatusCode::TOO_MANY_REQUESTS, "overloaded", "too many prediction requests in flight; retry shortly")
+            }
+            PredictError::NoModel => Self::conflict(
+                "no_model",
+                "no fine-tuned model yet: upload a dataset (POST /datasets) and run a fine-tune (POST /jobs); \
+                 /predict uses the newest model once its job succeeds",
+            ),
+            PredictError::UnknownModel(id) => Self::not_found("model", &id),
+            PredictError::Classify(ClassifyError::Image { .. }) => Self::bad_request("invalid_image", e.to_string()),
+            // Only reached when the client has gone; nobody reads this answer.
+            PredictError::Classify(ClassifyError::Cancelled) => {
+                Self::client(StatusCode::SERVICE_UNAVAILABLE, "cancelled", "the request was abandoned")
+            }
+            other => Self::Internal(anyhow::anyhow!(other)),
+        }
+    }
+}
+
+impl From<EvalError> for AppError {
+    fn from(e: EvalError) -> Self {
+        let message = e.to_string();
+        match e {
+            EvalError::UnknownClasses { .. } => Self::unprocessable("unknown_classes", message),
+            EvalError::EmptySplit => Self::unprocessable("empty_split", message),
+            EvalError::Train(e) => Self::Internal(anyhow::Error::new(e).context("evaluation")),
         }
     }
 }

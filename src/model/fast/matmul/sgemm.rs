@@ -16,7 +16,7 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
-use super::matmul::{Mat, MatMut};
+use super::{Mat, MatMut};
 
 /// Rows of the micro-tile (broadcasts of A per step).
 const MR: usize = 6;
@@ -64,6 +64,7 @@ pub fn gemm(a: Mat, b: Mat, c: MatMut, alpha: f32, accumulate: bool, parallel: b
 }
 
 /// [`gemm`] with its packing space for B.
+// long: the kernel driver's loop nest (tasks, strips, depth blocks, micro-tiles) reads best whole.
 #[allow(clippy::too_many_arguments)]
 fn run(
     a: Mat,
@@ -114,6 +115,9 @@ fn run(
         A_SCRATCH.with(|scratch| {
             scratch.with(packed_rows.next_multiple_of(MR) * k, |apack| {
                 pack_a(a, ic + whole, packed_rows, k, apack);
+                // The whole `OutPtr` (Send), not its raw pointer field, is what the closure
+                // below must capture.
+                #[allow(clippy::redundant_locals)]
                 let out = out;
                 for s0 in (p0..p1).step_by(NS / NR) {
                     let s1 = p1.min(s0 + NS / NR);
@@ -437,7 +441,7 @@ unsafe fn kernel_at(kc: usize, at: impl Fn(usize, usize) -> *const f32, b: *cons
 
 #[cfg(test)]
 mod tests {
-    use super::super::matmul::{Mat, MatMut};
+    use super::super::{Mat, MatMut};
     use super::*;
 
     /// Every layout of A and B, sizes that cut micro-tiles, row blocks and depth blocks at odd

@@ -1,7 +1,10 @@
 //! Matrix products on strided views of `f32` slices, with bounds checked before the unsafe call:
-//! through our AVX2/FMA kernel ([`super::sgemm`]) where the CPU has it, else through the `gemm`
+//! through our AVX2/FMA kernel ([`sgemm`]) where the CPU has it, else through the `gemm`
 //! crate (the kernels candle's CPU backend uses). Strides let one buffer hold Q, K and V side by
 //! side and let transposes cost nothing.
+
+#[cfg(target_arch = "x86_64")]
+mod sgemm;
 
 use gemm::Parallelism;
 
@@ -25,16 +28,6 @@ impl<'a> Mat<'a> {
     /// The transpose (a view, nothing is copied).
     pub fn t(self) -> Self {
         Self { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
-    }
-
-    /// Columns `start..start + n` (a view).
-    pub fn cols(self, start: usize, n: usize) -> Self {
-        Self { offset: self.offset + start * self.cs, cols: n, ..self }
-    }
-
-    /// Rows `start..start + n` (a view).
-    pub fn rows_range(self, start: usize, n: usize) -> Self {
-        Self { offset: self.offset + start * self.rs, rows: n, ..self }
     }
 
     fn check(&self) {
@@ -103,9 +96,9 @@ pub fn gemm(a: Mat, b: Mat, c: MatMut, beta: f32, accumulate: bool, threads: Thr
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if super::sgemm::available() && !generic_forced() {
+    if sgemm::available() && !generic_forced() {
         let parallel = threads == Threads::All && rayon::current_num_threads() > 1;
-        super::sgemm::gemm(a, b, c, beta, accumulate, parallel);
+        sgemm::gemm(a, b, c, beta, accumulate, parallel);
         return;
     }
     let parallelism = match threads {

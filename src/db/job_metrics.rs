@@ -5,7 +5,7 @@
 use serde::Serialize;
 use sqlx::SqlitePool;
 
-use crate::train::metrics::EvalReport;
+use crate::train::report::EvalReport;
 
 /// One training step's figures.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -131,3 +131,9 @@ pub async fn record_checkpoint(pool: &SqlitePool, job_id: &str, epoch: u32, path
     sqlx::query("delete from checkpoints where job_id = ? and epoch < ?").bind(job_id).bind(i64::from(epoch)).execute(pool).await?;
     Ok(())
 }
+/// Forgets a job's checkpoints (its model is registered and its checkpoint files are gone).
+pub async fn delete_checkpoints(pool: &SqlitePool, job_id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("delete from checkpoints where job_id = ?").bind(job_id).execute(pool).await?;
+    Ok(())
+}
+

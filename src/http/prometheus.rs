@@ -8,7 +8,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::{AppState, Route};
-use crate::error::AppError;
+use super::error::AppError;
 use crate::telemetry::{JobLabel, RouteLabels, RouteOnly, StatusLabel};
 
 pub fn routes() -> Vec<Route> {

@@ -1,0 +1,142 @@
+//! The registry of fine-tuned models: the one owner of what makes a model exist and stop existing.
+//! Registering one copies its folder into `<data-dir>/models/<id>/`, loads it for `/predict`,
+//! inserts its row (marking its job succeeded) and makes it the default; deleting one removes the
+//! row, evicts it from the predictor, moves the default to the newest remaining model and
+//! removes its folder. `/predict` asks it which model a request means.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use sqlx::SqlitePool;
+
+use crate::db;
+use crate::db::jobs::Job;
+use crate::db::models::{Deleted, Model};
+use crate::model::VitConfig;
+use crate::model::io::{CONFIG_FILE, SAVED_FILES, write_dir_atomically, write_file};
+use crate::paths::DataPaths;
+use crate::predictor::{Loaded, PredictError, Predictor};
+use crate::train::TrainOutcome;
+
+/// Handle to the registry; cheap to clone.
+#[derive(Clone)]
+pub struct ModelRegistry {
+    db: SqlitePool,
+    paths: DataPaths,
+    predictor: Predictor,
+}
+
+impl ModelRegistry {
+    pub fn new(db: SqlitePool, paths: DataPaths, predictor: Predictor) -> Self {
+        Self { db, paths, predictor }
+    }
+
+    /// The folder of a registered model.
+    pub fn dir(&self, model: &Model) -> PathBuf {
+        self.paths.root().join(&model.path)
+    }
+
+    /// Makes the newest model the default of `/predict` (at start-up).
+    pub async fn set_default_to_latest(&self) -> Result<(), sqlx::Error> {
+        self.predictor.set_default(db::models::latest(&self.db).await?.map(|m| m.id));
+        Ok(())
+    }
+
+    /// Registers the best checkpoint of a finished job: copies it into `<data-dir>/models/<id>/`,
+    /// inserts the model and marks the job succeeded (one transaction), makes it the default
+    /// once loaded, then drops the job's checkpoints.
+    pub async fn register_for_job(&self, job: &Job, outcome: &TrainOutcome) -> anyhow::Result<Model> {
+        let model_id = db::new_id();
+        let dest = self.paths.model(&model_id);
+        let (src, copy_to) = (outcome.best_dir.clone(), dest.clone());
+        tokio::task::spawn_blocking(move || copy_model_folder(&src, &copy_to)).await??;
+        let model = Model {
+            id: model_id.clone(),
+            job_id: Some(job.id.clone()),
+            base_model: job.base_model.clone(),
+            labels: labels_of(&outcome.best_dir)?,
+            metrics: Some(serde_json::to_value(&outcome.best)?),
+            params: Some(job.params.clone()),
+            recipe: Some(job.recipe.clone()),
+            created_at: db::now(),
+            path: self.relative(&dest),
+        };
+        // Load it before the job shows as succeeded, so the default can switch as soon as it does;
+        // a model that fails to load is still registered, and the previous default keeps serving.
+        let loaded = self.predictor.get_or_load(&model_id, dest).await;
+        db::models::register_for_job(&self.db, &model).await.context("registering the model")?;
+        match loaded {
+            Ok(_) => self.predictor.set_default(Some(model_id.clone())),
+            Err(e) => tracing::error!(model = %model_id, error = %e, "the new model failed to load; the previous default keeps serving"),
+        }
+        let job_dir = self.paths.job(&job.id);
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(job_dir)).await?.ok();
+        db::job_metrics::delete_checkpoints(&self.db, &job.id).await?;
+        Ok(model)
+    }
+
+    /// Deletes a model unless it is the only one or a job continues from it: its row, its place in
+    /// the predictor (and as the default), and its folder.
+    pub async fn delete(&self, id: &str) -> anyhow::Result<Deleted> {
+        let outcome = db::models::delete(&self.db, id).await?;
+        if let Deleted::Removed { path } = &outcome {
+            self.predictor.evict(id);
+            if self.predictor.default_model().as_deref() == Some(id) {
+                self.set_default_to_latest().await?;
+            }
+            let dir = self.paths.root().join(path);
+            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await?.ok();
+        }
+        Ok(outcome)
+    }
+
+    /// The model a `/predict` request means: the one it names, else the default, else the newest.
+    pub async fn resolve(&self, requested: Option<String>) -> Result<Model, PredictError> {
+        let id = match requested.or_else(|| self.predictor.default_model()) {
+            Some(id) => id,
+            None => db::models::latest(&self.db).await.map_err(PredictError::store)?.map(|m| m.id).ok_or(PredictError::NoModel)?,
+        };
+        db::models::get(&self.db, &id).await.map_err(PredictError::store)?.ok_or(PredictError::UnknownModel(id))
+    }
+
+    /// The model loaded for inference (from memory, or loaded now).
+    pub async fn load(&self, model: &Model) -> Result<std::sync::Arc<Loaded>, PredictError> {
+        self.predictor.get_or_load(&model.id, self.dir(model)).await
+    }
+
+    /// At start-up: removes folders under `models/` that no model row points at (left by a crash
+    /// between copying a model and registering it), and temporary folders.
+    pub async fn remove_orphans(&self) -> anyhow::Result<Vec<PathBuf>> {
+        let known: std::collections::HashSet<String> = db::models::paths(&self.db).await?.into_iter().collect();
+        let mut removed = vec![];
+        for entry in std::fs::read_dir(self.paths.models())? {
+            let path = entry?.path();
+            if !known.contains(&self.relative(&path)) {
+                std::fs::remove_dir_all(&path)?;
+                removed.push(path);
+            }
+        }
+        Ok(removed)
+    }
+
+    fn relative(&self, path: &Path) -> String {
+        path.strip_prefix(self.paths.root()).unwrap_or(path).to_string_lossy().into_owned()
+    }
+}
+
+fn labels_of(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let cfg = VitConfig::from_json(&std::fs::read_to_string(dir.join(CONFIG_FILE))?)?;
+    Ok(cfg.labels)
+}
+
+/// Copies a model folder's files into `dest` atomically (temporary sibling, then rename).
+fn copy_model_folder(src: &Path, dest: &Path) -> anyhow::Result<()> {
+    write_dir_atomically(dest, |tmp| {
+        for name in SAVED_FILES {
+            let bytes = std::fs::read(src.join(name))?;
+            write_file(&tmp.join(name), &bytes)?;
+        }
+        Ok(())
+    })?;
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! Outputs of the frozen part of the network (the input of the trainable part), computed once per
+//! example and kept when they fit a memory budget: they never change during a run, so evaluation
+//! and (without augmentation) training read them instead of running the frozen layers again.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{Device, Tensor};
+
+use super::data::{Example, ImageCache, batch_tensor, load_batch};
+use super::{TrainError, TrainEvent};
+use crate::model::network::frozen_forward;
+use crate::model::{Boundary, LoadedModel, Vit};
+
+/// Frozen-part outputs of a list of examples, kept when they fit in the budget.
+pub struct PrefixCache {
+    rows: Option<Vec<Tensor>>,
+}
+
+/// What a cache is computed from: the frozen model, where it ends, and how examples are read.
+pub struct Frozen<'a> {
+    pub vit: &'a Vit,
+    pub boundary: Boundary,
+    pub images: &'a ImageCache,
+    pub model: &'a LoadedModel,
+    pub device: &'a Device,
+    pub batch: usize,
+}
+
+impl PrefixCache {
+    /// A cache that keeps nothing (every batch is computed when asked for).
+    pub fn empty() -> Self {
+        Self { rows: None }
+    }
+
+    /// The outputs of every example when they fit in `budget` bytes, else an empty cache.
+    pub fn build(f: &Frozen, examples: &[Example], budget: usize) -> Result<Self, TrainError> {
+        let cfg = &f.model.cfg;
+        let per_example = match f.boundary {
+            Boundary::Pixels => return Ok(Self::empty()),
+            Boundary::Layer(_) => cfg.num_tokens() * cfg.hidden_size,
+            Boundary::Features => cfg.hidden_size,
+        } * 4;
+        if per_example * examples.len() > budget {
+            return Ok(Self::empty());
+        }
+        let never = AtomicBool::new(false);
+        Ok(Self { rows: Some(Self::compute(f, examples, &never, &mut |_, _| {})?) })
+    }
+
+    /// The cached rows, if the cache holds them.
+    pub fn rows(&self) -> Option<&[Tensor]> {
+        self.rows.as_deref()
+    }
+
+    /// Frozen-part outputs of every example (no budget check), reporting `(done, total)` after
+    /// each batch.
+    pub fn compute(
+        f: &Frozen,
+        examples: &[Example],
+        cancel: &AtomicBool,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<Tensor>, TrainError> {
+        let mut rows = Vec::with_capacity(examples.len());
+        for chunk in examples.chunks(f.batch.max(1)) {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(TrainError::Cancelled);
+            }
+            let refs: Vec<&Example> = chunk.iter().collect();
+            let pixels = batch_tensor(load_batch(&refs, f.images, &f.model.preprocessor, None)?, &f.model.preprocessor, f.device)?;
+            let out = frozen_forward(f.vit, f.boundary, &pixels)?;
+            for i in 0..chunk.len() {
+                rows.push(out.get(i)?);
+            }
+            progress(rows.len(), examples.len());
+        }
+        Ok(rows)
+    }
+
+    /// The frozen-part output of examples `idx` of `examples`, from the cache or computed now
+    /// (always computed for an augmented view, seeded by `augment`).
+    pub fn batch(&self, f: &Frozen, idx: &[usize], examples: &[Example], augment: Option<(u64, u64)>) -> Result<Tensor, TrainError> {
+        if augment.is_none()
+            && let Some(rows) = &self.rows
+        {
+            let picked: Vec<&Tensor> = idx.iter().map(|&i| &rows[i]).collect();
+            return Ok(Tensor::stack(&picked, 0)?);
+        }
+        let refs: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
+        let pixels = batch_tensor(load_batch(&refs, f.images, &f.model.preprocessor, augment)?, &f.model.preprocessor, f.device)?;
+        Ok(frozen_forward(f.vit, f.boundary, &pixels)?)
+    }
+}
+
+/// Reports feature progress as the probe's event.
+pub fn features_event(on_event: &mut dyn FnMut(TrainEvent)) -> impl FnMut(usize, usize) + '_ {
+    move |done, total| on_event(TrainEvent::Features { done, total })
+}

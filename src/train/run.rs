@@ -1,0 +1,393 @@
+//! The fine-tune, step by step: [`fine_tune`] reads as the recipe (check the data, plan the
+//! schedule, resume or start, fit the probe head, run gradient epochs, finish), and each step is a
+//! function of its own below.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use sha2::{Digest, Sha256};
+
+use super::checkpoint::{self, LoopState};
+use super::data::{ImageCache, TrainData, mix};
+use super::eval::{evaluate, evaluate_with};
+use super::features::{Frozen, PrefixCache, features_event};
+use super::hyperparams::{HeadInit, TrainParams};
+use super::optim::{Optimizer, clip_grad_norm, lr_multiplier};
+use super::report::EvalReport;
+use super::{Control, TrainError, TrainEvent, TrainOutcome, TrainSpec, probe};
+use crate::model::network::loss_and_grads;
+use crate::model::vit::Dropout;
+use crate::model::weights::keys;
+use crate::model::{Boundary, LoadedModel, ModelSource, TrainableSet, Vit};
+
+/// Fine-tunes `model` in place. Validation is split off first when `data` has none. Resumes from
+/// the latest matching checkpoint under `spec.checkpoint_root`; an unusable one is reported with
+/// [`TrainEvent::Restarted`] and the run starts over. On success, `model` holds the best epoch's
+/// weights, which are also in `TrainOutcome::best_dir`.
+pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, mut ctl: Control) -> Result<TrainOutcome, TrainError> {
+    let p = spec.params.clone();
+    p.validate()?;
+    let data = checked_data(spec.data, model, &p)?;
+    let root = spec.checkpoint_root.clone();
+    std::fs::create_dir_all(&root)?;
+    let plan = Plan::new(&p, model, data.train.len());
+    let mut optimizer = Optimizer::new(p.optimizer, p.weight_decay, p.momentum);
+    let (mut state, resumed_from) = resume_or_start(&root, fingerprint(&p, &data, model), model, &mut optimizer, device, &mut ctl)?;
+    (ctl.on_event)(TrainEvent::Started {
+        epochs: p.epochs,
+        steps_per_epoch: plan.steps_per_epoch,
+        total_steps: plan.total_steps,
+        train_images: data.train.len(),
+        validation_images: data.validation.len(),
+        resumed_from,
+    });
+    let run = Run::prepare(&p, &data, (spec.max_pixels, spec.cache_budget), plan, &root, model, device)?;
+    if run.plan.probe_epochs == 1 && state.epoch == 0 {
+        probe_epoch(&run, model, &optimizer, &mut state, &mut ctl)?;
+    }
+    while state.epoch < p.epochs {
+        let epoch = state.epoch + 1;
+        gradient_epoch(&run, model, &mut optimizer, &mut state, epoch, &mut ctl)?;
+        let report = validate(&run, model, &ctl)?;
+        end_epoch(&root, model, &optimizer, &mut state, epoch, report, &mut *ctl.on_event)?;
+        if p.early_stopping_patience.is_some_and(|patience| state.epochs_since_best >= patience) {
+            break;
+        }
+    }
+    finish(&run, model, state, &mut ctl)
+}
+
+/// The data of a run: its classes match the model's labels, validation is split off when the
+/// data has none, and neither training nor validation is empty.
+fn checked_data(mut data: TrainData, model: &LoadedModel, p: &TrainParams) -> Result<TrainData, TrainError> {
+    if data.labels != model.cfg.labels {
+        return Err(TrainError::Data(format!(
+            "the data's classes {:?} differ from the model's labels {:?}",
+            data.labels, model.cfg.labels
+        )));
+    }
+    data.ensure_validation(p.validation_split, p.seed);
+    if data.train.is_empty() {
+        return Err(TrainError::Data("no training images".into()));
+    }
+    if data.validation.is_empty() {
+        return Err(TrainError::Data("no validation images (every class has a single image)".into()));
+    }
+    Ok(data)
+}
+
+/// The schedule maths of a run: what trains, batches and optimiser steps per epoch, warm-up.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    set: TrainableSet,
+    boundary: Boundary,
+    batch: usize,
+    accumulation: u64,
+    batches_per_epoch: u64,
+    steps_per_epoch: u64,
+    /// Optimiser steps of the whole run (the probe epoch has none).
+    total_steps: u64,
+    warmup_steps: u64,
+    /// 1 when epoch 1 fits the head as a probe instead of taking gradient steps.
+    probe_epochs: u32,
+}
+
+impl Plan {
+    fn new(p: &TrainParams, model: &LoadedModel, train_images: usize) -> Self {
+        let set = p.trainable_set();
+        let batch = p.batch_size as usize;
+        let accumulation = u64::from(p.gradient_accumulation_steps);
+        let batches_per_epoch = train_images.div_ceil(batch) as u64;
+        let steps_per_epoch = batches_per_epoch.div_ceil(accumulation);
+        let probe_epochs = u32::from(p.head_init == HeadInit::Probe);
+        let total_steps = steps_per_epoch * u64::from(p.epochs - probe_epochs);
+        Self {
+            set,
+            boundary: set.boundary(model.cfg.num_hidden_layers),
+            batch,
+            accumulation,
+            batches_per_epoch,
+            steps_per_epoch,
+            total_steps,
+            warmup_steps: (p.warmup_ratio * total_steps as f64).ceil() as u64,
+            probe_epochs,
+        }
+    }
+}
+
+/// A stable fingerprint of what determines a run, so checkpoints are only resumed by the run
+/// that wrote them.
+fn fingerprint(p: &TrainParams, data: &TrainData, model: &LoadedModel) -> String {
+    let mut h = Sha256::new();
+    h.update(serde_json::to_string(p).unwrap_or_default());
+    h.update(serde_json::to_string(&data.labels).unwrap_or_default());
+    for (split, exs) in [("t", &data.train), ("v", &data.validation), ("s", &data.test)] {
+        h.update(split);
+        for e in exs.iter() {
+            h.update(e.path.to_string_lossy().as_bytes());
+            h.update(e.label.to_le_bytes());
+        }
+    }
+    h.update(model.params.num_scalars().to_le_bytes());
+    hex::encode(h.finalize())
+}
+
+/// The loop state to continue from: the latest matching checkpoint's (its weights and optimiser
+/// state loaded), or a fresh one. An unusable checkpoint is reported and removed.
+fn resume_or_start(
+    root: &Path,
+    fingerprint: String,
+    model: &mut LoadedModel,
+    optimizer: &mut Optimizer,
+    device: &Device,
+    ctl: &mut Control,
+) -> Result<(LoopState, Option<u32>), TrainError> {
+    let fresh = LoopState {
+        fingerprint: fingerprint.clone(),
+        epoch: 0,
+        global_step: 0,
+        best_epoch: None,
+        best_score: None,
+        epochs_since_best: 0,
+        history: vec![],
+    };
+    match checkpoint::load_latest(root, &fingerprint) {
+        Ok(Some(restored)) => {
+            model.params.load_from(&restored.weights)?;
+            optimizer.load_state(restored.optimizer, device)?;
+            let epoch = restored.state.epoch;
+            Ok((restored.state, Some(epoch)))
+        }
+        Ok(None) => Ok((fresh, None)),
+        Err(e) => {
+            (ctl.on_event)(TrainEvent::Restarted { reason: e.to_string() });
+            checkpoint::clear(root)?;
+            std::fs::create_dir_all(root)?;
+            Ok((fresh, None))
+        }
+    }
+}
+
+/// What every epoch of a run shares: the plan, the frozen part of the network and the cached
+/// outputs of it, decoded images.
+struct Run<'a> {
+    p: &'a TrainParams,
+    data: &'a TrainData,
+    plan: Plan,
+    root: PathBuf,
+    device: Device,
+    images: ImageCache,
+    /// The model with every parameter frozen, for the part before the boundary.
+    frozen: Vit,
+    val_cache: PrefixCache,
+    train_cache: PrefixCache,
+    /// Learning rate of the head relative to the backbone's.
+    head_scale: f64,
+}
+
+impl<'a> Run<'a> {
+    /// The run's shared state; `(max_pixels, cache_budget)` as in [`TrainSpec`].
+    fn prepare(p: &'a TrainParams, data: &'a TrainData, (max_pixels, cache_budget): (u64, usize), plan: Plan, root: &Path, model: &LoadedModel, device: &Device) -> Result<Self, TrainError> {
+        let images = ImageCache::new(max_pixels, cache_budget / 2);
+        let frozen = Vit::frozen(&model.cfg, &model.params)?;
+        // Frozen-part outputs never change during the run: cache them (for training only when
+        // augmentation is off, since augmented views differ every epoch).
+        let budget = cache_budget / 4;
+        let f = Frozen { vit: &frozen, boundary: plan.boundary, images: &images, model, device, batch: plan.batch };
+        let val_cache = PrefixCache::build(&f, &data.validation, budget)?;
+        let train_cache = if p.augment { PrefixCache::empty() } else { PrefixCache::build(&f, &data.train, budget)? };
+        Ok(Self {
+            p,
+            data,
+            plan,
+            root: root.to_path_buf(),
+            device: device.clone(),
+            images,
+            frozen,
+            val_cache,
+            train_cache,
+            head_scale: p.head_learning_rate.map_or(1.0, |h| h / p.learning_rate),
+        })
+    }
+
+    /// How the frozen part is run for `model`.
+    fn frozen_part<'r>(&'r self, model: &'r LoadedModel) -> Frozen<'r> {
+        Frozen { vit: &self.frozen, boundary: self.plan.boundary, images: &self.images, model, device: &self.device, batch: self.plan.batch }
+    }
+}
+
+/// Epoch 1 of a `head_init: probe` run: the head fitted as a logistic regression on the frozen
+/// backbone's features, then validated and checkpointed like any epoch.
+fn probe_epoch(run: &Run, model: &mut LoadedModel, optimizer: &Optimizer, state: &mut LoopState, ctl: &mut Control) -> Result<(), TrainError> {
+    let started = Instant::now();
+    let data = run.data;
+    let feats = match run.train_cache.rows() {
+        Some(rows) if run.plan.boundary == Boundary::Features => rows.to_vec(),
+        _ => {
+            let f = Frozen { boundary: Boundary::Features, ..run.frozen_part(model) };
+            PrefixCache::compute(&f, &data.train, ctl.cancel, &mut features_event(&mut *ctl.on_event))?
+        }
+    };
+    let flat: Vec<f32> = Tensor::stack(&feats, 0)?.flatten_all()?.to_vec1::<f32>()?;
+    let labels: Vec<u32> = data.train.iter().map(|e| e.label).collect();
+    let fitted = probe::fit(&flat, &labels, data.labels.len(), run.p.seed);
+    let k = data.labels.len();
+    let d = flat.len() / labels.len();
+    let mut head = BTreeMap::new();
+    head.insert(keys::HEAD_WEIGHT.to_string(), Tensor::from_vec(fitted.weight, (k, d), &run.device)?);
+    head.insert(keys::HEAD_BIAS.to_string(), Tensor::from_vec(fitted.bias, k, &run.device)?);
+    model.params.set_some(&head)?;
+    (ctl.on_event)(TrainEvent::Probe { c: fitted.c, cv_accuracy: fitted.cv_accuracy, seconds: started.elapsed().as_secs_f64() });
+    let report = validate(run, model, ctl)?;
+    end_epoch(&run.root, model, optimizer, state, 1, report, &mut *ctl.on_event)
+}
+
+/// One pass over the training split in a seeded order: a forward and backward per batch, the
+/// gradients of `gradient_accumulation_steps` batches averaged into one clipped optimiser step.
+fn gradient_epoch(run: &Run, model: &LoadedModel, optimizer: &mut Optimizer, state: &mut LoopState, epoch: u32, ctl: &mut Control) -> Result<(), TrainError> {
+    let (p, plan, data) = (run.p, &run.plan, run.data);
+    let layers = model.cfg.num_hidden_layers;
+    let mut order: Vec<usize> = (0..data.train.len()).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix(p.seed, u64::from(epoch))));
+    let mut dropout_rng = ChaCha8Rng::seed_from_u64(mix(p.seed, 0x64726f70 + u64::from(epoch)));
+    let augment = p.augment.then_some((p.seed, u64::from(epoch)));
+    let mut acc = Accumulator::default();
+    for (bi, idx) in order.chunks(plan.batch).enumerate() {
+        if ctl.cancel.load(Ordering::Relaxed) {
+            return Err(TrainError::Cancelled);
+        }
+        acc.started.get_or_insert_with(Instant::now);
+        let vit = Vit::new(&model.cfg, &model.params, &|n| plan.set.contains(n, layers))?;
+        let input = run.train_cache.batch(&run.frozen_part(model), idx, &data.train, augment)?;
+        let targets: Vec<u32> = idx.iter().map(|&i| data.train[i].label).collect();
+        let mut dropout = Dropout { rng: &mut dropout_rng };
+        let (loss, grads) = loss_and_grads(&vit, &model.params, plan.set, plan.boundary, &input, &targets, p.label_smoothing, Some(&mut dropout))?;
+        acc.add(grads, loss, idx.len())?;
+        if acc.batches == plan.accumulation || bi as u64 + 1 == plan.batches_per_epoch {
+            optimiser_step(run, model, optimizer, state, epoch, std::mem::take(&mut acc), ctl)?;
+        }
+    }
+    Ok(())
+}
+
+/// Gradients summed over the batches of one optimiser step.
+#[derive(Default)]
+struct Accumulator {
+    grads: BTreeMap<String, Tensor>,
+    batches: u64,
+    loss: f64,
+    images: usize,
+    /// When the step's first batch started (its time includes loading the batches).
+    started: Option<Instant>,
+}
+
+impl Accumulator {
+    fn add(&mut self, grads: BTreeMap<String, Tensor>, loss: f64, images: usize) -> Result<(), TrainError> {
+        for (name, g) in grads {
+            let g = match self.grads.remove(&name) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            self.grads.insert(name, g);
+        }
+        self.batches += 1;
+        self.loss += loss;
+        self.images += images;
+        Ok(())
+    }
+}
+
+/// Averages the accumulated gradients, clips them, steps the optimiser at the scheduled learning
+/// rate and reports the step.
+fn optimiser_step(run: &Run, model: &LoadedModel, optimizer: &mut Optimizer, state: &mut LoopState, epoch: u32, mut acc: Accumulator, ctl: &mut Control) -> Result<(), TrainError> {
+    let (p, plan) = (run.p, &run.plan);
+    if acc.batches > 1 {
+        for g in acc.grads.values_mut() {
+            *g = (&*g / acc.batches as f64)?;
+        }
+    }
+    clip_grad_norm(&mut acc.grads, p.max_grad_norm)?;
+    let lr = p.learning_rate * lr_multiplier(p.lr_scheduler, state.global_step, plan.total_steps, plan.warmup_steps);
+    let head_lr = lr * run.head_scale;
+    optimizer.step(&model.params, &acc.grads, &|n| if keys::is_head(n) { head_lr } else { lr })?;
+    state.global_step += 1;
+    let secs = acc.started.map_or(1e-9, |t| t.elapsed().as_secs_f64().max(1e-9));
+    (ctl.on_event)(TrainEvent::Step {
+        epoch,
+        step: state.global_step,
+        steps: plan.total_steps,
+        loss: acc.loss / acc.batches as f64,
+        learning_rate: lr,
+        images_per_s: acc.images as f64 / secs,
+    });
+    Ok(())
+}
+
+/// The current model's report on the validation split.
+fn validate(run: &Run, model: &LoadedModel, ctl: &Control) -> Result<EvalReport, TrainError> {
+    let eval_vit = Vit::frozen(&model.cfg, &model.params)?;
+    let f = Frozen { vit: &eval_vit, ..run.frozen_part(model) };
+    evaluate_with(&f, &run.val_cache, &run.data.validation, Some(ctl.cancel))
+}
+
+/// Better validation: higher macro-F1, then lower loss.
+fn better(a: (f64, f64), b: Option<(f64, f64)>) -> bool {
+    match b {
+        None => true,
+        Some(b) => a.0 > b.0 || (a.0 == b.0 && a.1 < b.1),
+    }
+}
+
+/// Records epoch `epoch`'s validation, keeps the model when it is the best so far and writes the
+/// epoch checkpoint.
+fn end_epoch(
+    root: &Path,
+    model: &LoadedModel,
+    optimizer: &Optimizer,
+    state: &mut LoopState,
+    epoch: u32,
+    report: EvalReport,
+    on_event: &mut dyn FnMut(TrainEvent),
+) -> Result<(), TrainError> {
+    let score = (report.f1, report.loss);
+    let improved = better(score, state.best_score);
+    state.epoch = epoch;
+    state.history.push(report.clone());
+    if improved {
+        state.best_epoch = Some(epoch);
+        state.best_score = Some(score);
+        state.epochs_since_best = 0;
+        model.save(&checkpoint::best_dir(root))?;
+    } else {
+        state.epochs_since_best += 1;
+    }
+    on_event(TrainEvent::Epoch { epoch, report, improved });
+    let dir = checkpoint::save(root, &model.cfg, &model.preprocessor, &model.params.snapshot()?, &optimizer.state()?, state)?;
+    on_event(TrainEvent::Checkpoint { epoch, dir, score: score.0 });
+    Ok(())
+}
+
+/// Loads the best epoch's weights back into `model`, evaluates them on the test split when there
+/// is one, and describes the outcome.
+fn finish(run: &Run, model: &mut LoadedModel, state: LoopState, ctl: &mut Control) -> Result<TrainOutcome, TrainError> {
+    let data = run.data;
+    let best_epoch = state.best_epoch.ok_or_else(|| TrainError::Checkpoint("no epoch completed".into()))?;
+    let best_dir = checkpoint::best_dir(&run.root);
+    let best = LoadedModel::load(&ModelSource::Dir(best_dir.clone()), Some(&data.labels), &run.device, run.p.seed)?;
+    model.params.load_from(&best.params.snapshot()?)?;
+    let test = if data.test.is_empty() {
+        None
+    } else {
+        let report = evaluate(model, &data.test, &run.images, &run.device, run.plan.batch, Some(ctl.cancel))?;
+        (ctl.on_event)(TrainEvent::Test { report: report.clone() });
+        Some(report)
+    };
+    let best_report = state.history[best_epoch as usize - 1].clone();
+    Ok(TrainOutcome { best_dir, best_epoch, best: best_report, test, epochs_run: state.epoch, history: state.history })
+}

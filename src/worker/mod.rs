@@ -1,0 +1,108 @@
+//! Job workers, one per compute device: claim the oldest queued job, run the fine-tune on its own
+//! OS thread ([`run`]), record progress and metrics as they arrive, register the model on
+//! success. Workers get a [`JobContext`] of their own, not the web state.
+
+pub mod hub;
+mod run;
+pub mod submit;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+use sqlx::SqlitePool;
+
+use crate::dataset::BlobStore;
+use crate::db;
+use crate::db::jobs::{Job, Status};
+use crate::paths::DataPaths;
+use crate::registry::ModelRegistry;
+use crate::train::TrainError;
+use hub::{JobEvent, JobHub};
+use run::JobFailure;
+
+/// How often an idle worker looks at the queue even without a wake-up.
+const POLL: Duration = Duration::from_secs(2);
+
+/// What a job needs from the service: storage, the hub, the model registry, and the few settings
+/// that concern jobs, as plain values.
+#[derive(Clone)]
+pub struct JobContext {
+    pub db: SqlitePool,
+    pub paths: DataPaths,
+    pub blobs: BlobStore,
+    pub hub: Arc<JobHub>,
+    pub models: ModelRegistry,
+    /// Folder of local base models (`base_model` names a sub-folder).
+    pub base_models_dir: PathBuf,
+    /// Largest image decoded, in pixels.
+    pub max_image_pixels: u64,
+}
+
+/// Starts one worker task per device.
+pub fn spawn(ctx: JobContext, devices: Vec<(String, Device)>) -> Vec<tokio::task::JoinHandle<()>> {
+    devices.into_iter().map(|(name, device)| tokio::spawn(work(ctx.clone(), name, device))).collect()
+}
+
+async fn work(ctx: JobContext, name: String, device: Device) {
+    let shutdown = ctx.hub.shutdown_token();
+    tracing::info!(device = %name, "worker started");
+    loop {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        // Listen before looking, so a submit between the claim and the wait is not missed.
+        let submitted = ctx.hub.submitted();
+        tokio::pin!(submitted);
+        submitted.as_mut().enable();
+        match db::jobs::claim(&ctx.db, &name).await {
+            Ok(Some(job)) => {
+                process(&ctx, job, &name, &device).await;
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "claiming a job failed"),
+        }
+        tokio::select! {
+            _ = submitted => {}
+            _ = tokio::time::sleep(POLL) => {}
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    tracing::info!(device = %name, "worker stopped");
+}
+
+/// Runs one claimed job to its end and records the outcome.
+async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device) {
+    tracing::info!(job = %job.id, device = %device_name, "job started");
+    let cancel = ctx.hub.start(&job.id, job.cancel_requested);
+    let outcome = run::run_job(ctx, &job, device, cancel).await;
+    ctx.hub.stop(&job.id);
+    let shutting_down = ctx.hub.shutdown_token().is_cancelled();
+    let result = match outcome {
+        Ok(outcome) => ctx.models.register_for_job(&job, &outcome).await.map(|model| {
+            tracing::info!(job = %job.id, model = %model.id, epoch = outcome.best_epoch, f1 = outcome.best.f1, "model registered");
+        }),
+        Err(JobFailure::Train(TrainError::Cancelled)) if shutting_down => {
+            tracing::info!(job = %job.id, "job interrupted by shutdown; it resumes at the next start");
+            db::jobs::requeue(&ctx.db, &job.id).await.map_err(Into::into)
+        }
+        Err(JobFailure::Train(TrainError::Cancelled)) => db::jobs::finish(&ctx.db, &job.id, Status::Cancelled, None).await.map_err(Into::into),
+        Err(e) => {
+            tracing::warn!(job = %job.id, error = %e, "job failed");
+            db::jobs::finish(&ctx.db, &job.id, Status::Failed, Some(&e.to_string())).await.map_err(Into::into)
+        }
+    };
+    if let Err(e) = result {
+        tracing::error!(job = %job.id, error = ?e, "recording the job's outcome failed");
+    }
+    match db::jobs::get(&ctx.db, &job.id).await {
+        Ok(Some(done)) if done.status.is_terminal() => {
+            tracing::info!(job = %job.id, status = done.status.as_str(), "job finished");
+            ctx.hub.publish(&job.id, JobEvent::Status(Box::new(done)));
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(job = %job.id, error = %e, "reading the finished job failed"),
+    }
+}

@@ -1,0 +1,230 @@
+//! What the three test binaries (`api`, `cli`, `engine`) share: a `vitforge serve` child process
+//! ([`ChildServer`]), the tiny ViT configuration and a base-model installer, and a file walker.
+//! Each binary includes it with `#[path = "../support/mod.rs"] mod support;` and uses what it
+//! needs, hence the `dead_code` allowance.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+/// The tiny ViT every fast test uses: 32×32 input, patch 8, 2 layers of width 32.
+pub const TINY_CONFIG: &str = r#"{"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32,
+    "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}"#;
+
+/// A ViT slow enough that an epoch is long compared with polling (64×64 input, 4 layers).
+pub const SLOW_CONFIG: &str = r#"{"model_type": "vit", "image_size": 64, "patch_size": 8, "hidden_size": 64,
+    "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128}"#;
+
+/// The tiny configuration.
+pub fn tiny_config() -> vitforge::model::VitConfig {
+    vitforge::model::VitConfig::from_json(TINY_CONFIG).unwrap()
+}
+
+/// The slow configuration.
+pub fn slow_config() -> vitforge::model::VitConfig {
+    vitforge::model::VitConfig::from_json(SLOW_CONFIG).unwrap()
+}
+
+/// Writes a random model of `cfg` with `labels` as base model `name` of a data folder, so jobs
+/// can use `"base_model": name` without any download.
+pub fn install_base_model(data_dir: &Path, name: &str, cfg: &vitforge::model::VitConfig, labels: &[&str]) {
+    let labels: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
+    let model = vitforge::model::LoadedModel::random(cfg, &labels, 1, &candle_core::Device::Cpu).unwrap();
+    model.save(&data_dir.join("base-models").join(name)).unwrap();
+}
+
+/// Every entry under `dir` (files and folders; links are listed, not followed), relative to
+/// `dir`, sorted.
+pub fn entries_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
+            let path = entry.unwrap().path();
+            if path.is_dir() && !path.is_symlink() {
+                stack.push(path.clone());
+            }
+            out.push(path.strip_prefix(dir).unwrap().to_path_buf());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The files (not folders) under `dir`, relative to it, sorted.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    entries_under(dir).into_iter().filter(|p| !dir.join(p).is_dir()).collect()
+}
+
+/// How to start a `vitforge serve` child process.
+pub struct Launch {
+    bin: PathBuf,
+    data_dir: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    cwd: Option<PathBuf>,
+    log_file: Option<PathBuf>,
+    level: String,
+}
+
+impl Launch {
+    /// `vitforge serve --port 0 --data-dir <data_dir>`, logging at `warn` (`$VITFORGE_BIN`
+    /// replaces the binary under test, to compare builds).
+    pub fn new(data_dir: &Path) -> Self {
+        let bin = std::env::var_os("VITFORGE_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_vitforge")));
+        Self { bin, data_dir: data_dir.to_path_buf(), args: vec![], env: vec![], cwd: None, log_file: None, level: "warn".into() }
+    }
+
+    /// More `serve` flags.
+    pub fn args<S: AsRef<str>>(mut self, args: &[S]) -> Self {
+        self.args.extend(args.iter().map(|a| a.as_ref().to_string()));
+        self
+    }
+
+    /// An environment variable of the child.
+    pub fn env(mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> Self {
+        self.env.push((key.to_string(), value.as_ref().to_string_lossy().into_owned()));
+        self
+    }
+
+    /// The child's working folder.
+    pub fn cwd(mut self, dir: &Path) -> Self {
+        self.cwd = Some(dir.to_path_buf());
+        self
+    }
+
+    /// Also writes the child's log to this file.
+    pub fn log_file(mut self, path: &Path) -> Self {
+        self.log_file = Some(path.to_path_buf());
+        self
+    }
+
+    /// The `RUST_LOG` level (default `warn`); start-up's address line is always logged.
+    pub fn level(mut self, level: &str) -> Self {
+        self.level = level.to_string();
+        self
+    }
+
+    /// Starts the child and waits until it has logged the address it listens on.
+    pub fn start(self) -> ChildServer {
+        let rust_log = if matches!(self.level.as_str(), "debug" | "trace") {
+            self.level.clone()
+        } else {
+            format!("{},vitforge::startup=info", self.level)
+        };
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["serve", "--port", "0", "--log-format", "json", "--data-dir"]).arg(&self.data_dir).args(&self.args);
+        cmd.env("RUST_LOG", rust_log).env("RUST_BACKTRACE", "0").stdout(Stdio::null()).stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        if let Some(cwd) = &self.cwd {
+            cmd.current_dir(cwd);
+        }
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {}: {e}", self.bin.display()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let (thread_log, log_file) = (log.clone(), self.log_file.clone());
+        let reader = std::thread::spawn(move || read_log(stderr, &thread_log, log_file.as_deref(), addr_tx));
+        let addr = match addr_rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("vitforge did not log its address within 60 s:\n{}", log.lock().unwrap());
+            }
+        };
+        // A server bound to every interface is reached on loopback.
+        let addr = addr.replace("0.0.0.0:", "127.0.0.1:").replace("[::]:", "[::1]:");
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(300)).pool_max_idle_per_host(1024).build().unwrap();
+        ChildServer { child, base: format!("http://{addr}"), client, log, reader: Some(reader) }
+    }
+}
+
+/// Copies the child's log lines to the buffer (and the file), and sends the address of the
+/// start-up line `{"fields": {"message": "vitforge listening", "addr": …}}` once.
+fn read_log(stderr: std::process::ChildStderr, log: &Mutex<String>, file: Option<&Path>, addr: mpsc::Sender<String>) {
+    let mut file = file.map(|p| std::fs::File::create(p).unwrap());
+    let mut sent = false;
+    for line in BufReader::new(stderr).lines() {
+        let Ok(line) = line else { break };
+        if let Some(f) = file.as_mut() {
+            let _ = writeln!(f, "{line}");
+        }
+        if !sent
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && v["fields"]["message"] == "vitforge listening"
+            && let Some(a) = v["fields"]["addr"].as_str()
+        {
+            sent = addr.send(a.to_string()).is_ok();
+        }
+        let mut log = log.lock().unwrap();
+        log.push_str(&line);
+        log.push('\n');
+    }
+}
+
+/// A running `vitforge serve` child process, killed when dropped.
+pub struct ChildServer {
+    child: Child,
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    /// A client with a generous timeout and a large pool.
+    pub client: reqwest::Client,
+    log: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ChildServer {
+    /// The full URL of a path.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the child has logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// GET a path and read the answer as JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.client.get(self.url(path)).send().await.unwrap().json().await.unwrap()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// SIGKILL, and waits for the process to go.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM (a graceful stop); waits for the process to exit and returns its status and
+    /// everything it logged.
+    pub fn terminate(mut self) -> (ExitStatus, String) {
+        Command::new("kill").arg(self.child.id().to_string()).status().unwrap();
+        let status = self.child.wait().unwrap();
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        (status, self.log())
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
