@@ -98,10 +98,36 @@ pub struct ServeConfig {
     #[arg(long, env = "VITFORGE_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
 
+    /// Bytes that request bodies being received or held, upload entries being read and images
+    /// being decoded may take together, across all requests (default: a quarter of the machine's
+    /// memory, or of the container's memory limit). A request that would exceed it waits up to
+    /// a second, then gets 429 with Retry-After.
+    #[arg(long, env = "VITFORGE_MAX_INFLIGHT_BYTES", default_value_t = default_max_inflight_bytes(), value_parser = clap::value_parser!(u64).range(1024 * 1024..))]
+    pub max_inflight_bytes: u64,
+
     /// API keys (comma-separated). When set, every route but /healthz and /readyz needs
     /// `Authorization: Bearer <key>`. Keys are never logged or printed.
     #[arg(long, env = "VITFORGE_API_KEY", value_delimiter = ',', hide_env_values = true)]
     pub api_key: Vec<ApiKey>,
+}
+
+/// A quarter of the memory this process may use: the machine's (`MemTotal`), or the cgroup's
+/// limit when that is lower (a container); 1 GiB where neither can be read.
+pub fn default_max_inflight_bytes() -> u64 {
+    let machine = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+    });
+    let cgroup = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok())
+        .min();
+    match (machine, cgroup) {
+        (Some(m), Some(c)) => m.min(c) / 4,
+        (Some(m), None) => m / 4,
+        (None, Some(c)) => c / 4,
+        (None, None) => 1 << 30,
+    }
 }
 
 /// One API key. Its `Debug` form is redacted, so logging a configuration never shows it.

@@ -4,8 +4,12 @@
 //! declaring more pixels than allowed is refused before any pixel buffer is allocated.
 
 use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Duration;
 
 use image::{ImageFormat, ImageReader, Limits, RgbImage, RgbaImage};
+
+use crate::budget::{MemoryBudget, Reservation};
 
 /// Default pixel limit (width × height): 40 megapixels.
 pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
@@ -33,6 +37,9 @@ pub enum ImageError {
     MetadataTooLarge,
     #[error("corrupt or truncated image: {0}")]
     Corrupt(String),
+    /// Not the image's fault: decoding it needs more of the memory budget than is free.
+    #[error("decoding this image needs {needed} bytes and the service's memory budget for work in flight is spent; retry shortly")]
+    OverBudget { needed: u64 },
 }
 
 /// The image formats we accept.
@@ -44,6 +51,36 @@ pub fn is_supported(format: ImageFormat) -> bool {
 /// `transformers`' `convert_to_rgb` does with Pillow: grey is replicated, 16-bit is reduced to 8,
 /// and an image with transparency is composited onto white.
 pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
+    let (format, width, height) = dimensions(bytes, max_pixels)?;
+    decode_checked(bytes, format, width, height)
+}
+
+/// Most bytes decoding an image of `pixels` pixels holds at once: the decoded frame at up to 8
+/// bytes per pixel (16-bit RGBA), its 8-bit copy at up to 4, and the metadata allowance.
+pub fn decode_cost(pixels: u64) -> u64 {
+    pixels.saturating_mul(12).saturating_add(MAX_METADATA_BYTES)
+}
+
+/// What decoding `bytes` would hold at most ([`decode_cost`] of the pixels its header declares);
+/// 0 for bytes whose header is refused (their decode fails before allocating pixels).
+pub fn decode_cost_of(bytes: &[u8], max_pixels: u64) -> u64 {
+    dimensions(bytes, max_pixels).map_or(0, |(_, w, h)| decode_cost(u64::from(w) * u64::from(h)))
+}
+
+/// [`decode_rgb`] within a memory budget: the decode's cost ([`decode_cost`], known from the
+/// header before any pixel is allocated) is reserved first, waiting up to `wait` (zero: not at
+/// all) when the budget is spent, and given back when the decode is done.
+pub fn decode_rgb_within(bytes: &[u8], max_pixels: u64, memory: &Arc<MemoryBudget>, wait: Duration) -> Result<RgbImage, ImageError> {
+    let (format, width, height) = dimensions(bytes, max_pixels)?;
+    let needed = decode_cost(u64::from(width) * u64::from(height));
+    let reserved: Option<Reservation> =
+        if wait.is_zero() { memory.try_reserve(needed) } else { memory.reserve_blocking(needed, wait) };
+    let _reserved = reserved.ok_or(ImageError::OverBudget { needed })?;
+    decode_checked(bytes, format, width, height)
+}
+
+/// The format and size of an encoded image, read from its header within the limits.
+fn dimensions(bytes: &[u8], max_pixels: u64) -> Result<(ImageFormat, u32, u32), ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
@@ -69,6 +106,12 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError>
     if pixels > max_pixels {
         return Err(ImageError::TooManyPixels { width, height, pixels, max: max_pixels });
     }
+    Ok((format, width, height))
+}
+
+/// Decodes an image whose header [`dimensions`] has accepted.
+fn decode_checked(bytes: &[u8], format: ImageFormat, width: u32, height: u32) -> Result<RgbImage, ImageError> {
+    let pixels = u64::from(width) * u64::from(height);
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = Limits::default();
     // Room for the decoded frame at 16 bits per channel with alpha, plus the metadata allowance

@@ -3,6 +3,7 @@
 //! draws their layers (a module names only modules of its own layer or below).
 
 pub mod blob_gc;
+pub mod budget;
 pub mod cancel;
 pub mod cli;
 pub mod config;

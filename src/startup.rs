@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
+use crate::budget::MemoryBudget;
 use crate::config::ServeConfig;
 use crate::dataset::{BlobStore, IngestLimits};
 use crate::http::{self, AppState};
@@ -63,6 +64,7 @@ impl Application {
         let ingest_slots = Arc::new(tokio::sync::Semaphore::new(cpus));
         let metrics = Arc::new(ServiceMetrics::new());
         let devices = crate::model::resolve_devices(&config.device).context("--device")?;
+        let memory = MemoryBudget::new(config.max_inflight_bytes);
         let predictor = Predictor::start(
             PredictorConfig {
                 max_batch_size: config.max_batch_size as usize,
@@ -70,6 +72,7 @@ impl Application {
                 max_concurrent_requests: config.max_concurrent_requests as usize,
                 max_loaded_models: config.max_loaded_models as usize,
                 max_queue_wait: config.max_predict_wait(),
+                memory: memory.clone(),
             },
             devices.first().map_or(candle_core::Device::Cpu, |(_, d)| d.clone()),
             metrics.clone(),
@@ -89,6 +92,7 @@ impl Application {
             predictor,
             models,
             metrics,
+            memory,
         };
         let requeued = crate::db::jobs::recover_interrupted(&state.db).await?;
         if requeued > 0 {

@@ -74,6 +74,9 @@ pub struct ServiceMetrics {
     pub predict_batch_size: Histogram,
     pub predict_images: Counter,
     pub predict_queue_depth: Gauge,
+    /// Bytes reserved from the memory budget for work in flight, and the budget.
+    pub inflight_bytes: Gauge,
+    pub inflight_budget_bytes: Gauge,
     pub jobs: Family<StatusLabel, Gauge>,
     pub training_images_per_second: Family<JobLabel, Gauge<f64, AtomicU64>>,
 }
@@ -86,6 +89,8 @@ impl ServiceMetrics {
         let predict_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 8));
         let predict_images = Counter::default();
         let predict_queue_depth = Gauge::default();
+        let inflight_bytes = Gauge::default();
+        let inflight_budget_bytes = Gauge::default();
         let jobs = Family::<StatusLabel, Gauge>::default();
         let training_images_per_second = Family::<JobLabel, Gauge<f64, AtomicU64>>::default();
         registry.register("http_requests", "HTTP requests by method, route and status", http_requests.clone());
@@ -93,13 +98,26 @@ impl ServiceMetrics {
         registry.register("predict_batch_size", "Images per inference batch", predict_batch_size.clone());
         registry.register("predict_images", "Images classified", predict_images.clone());
         registry.register("predict_queue_depth", "Images waiting for the model thread", predict_queue_depth.clone());
+        registry.register("inflight_bytes", "Bytes of request bodies, upload entries and image decodes held now", inflight_bytes.clone());
+        registry.register("inflight_budget_bytes", "The memory budget for work in flight (--max-inflight-bytes)", inflight_budget_bytes.clone());
         registry.register("jobs", "Fine-tune jobs by status", jobs.clone());
         registry.register(
             "training_images_per_second",
             "Training throughput of each running job",
             training_images_per_second.clone(),
         );
-        Self { registry, http_requests, http_latency, predict_batch_size, predict_images, predict_queue_depth, jobs, training_images_per_second }
+        Self {
+            registry,
+            http_requests,
+            http_latency,
+            predict_batch_size,
+            predict_images,
+            predict_queue_depth,
+            inflight_bytes,
+            inflight_budget_bytes,
+            jobs,
+            training_images_per_second,
+        }
     }
 
     /// The registry in Prometheus text format.

@@ -22,7 +22,7 @@ use crate::model::{LoadedModel, ModelSource, VitConfig};
 use crate::telemetry::LogFormat;
 use crate::train::data::TrainData;
 use crate::train::eval::{EvalSplit, evaluate_records};
-use crate::train::{Control, Recipe, TrainEvent, TrainParams, TrainSpec, cli_checkpoint_root, fine_tune};
+use crate::train::{Control, Phase, Recipe, TrainEvent, TrainParams, TrainSpec, cli_checkpoint_root, fine_tune};
 use crate::worker::submit::DEFAULT_BASE_MODEL;
 
 /// vitforge: fine-tune a pre-trained Vision Transformer on your images and serve it over HTTP.
@@ -147,6 +147,28 @@ fn bar(len: u64, template: &str) -> ProgressBar {
     pb
 }
 
+/// Points the bar at `phase`: its name as the prefix, `done` of `total`; a new phase restarts the
+/// bar's clock so its rate and estimate are the phase's own.
+fn show_phase(pb: &ProgressBar, shown: &mut Option<Phase>, phase: Phase, done: u64, total: u64) {
+    if *shown != Some(phase) {
+        *shown = Some(phase);
+        pb.set_prefix(phase.as_str());
+        pb.reset();
+    }
+    pb.set_length(total);
+    pb.set_position(done);
+}
+
+/// What `done` / `total` count in a phase, for the bar.
+fn phase_unit(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Features | Phase::Validating => "images",
+        Phase::Probe => "fits",
+        Phase::Training => "steps",
+        Phase::Loading | Phase::Saving => "",
+    }
+}
+
 /// Prints a line above the bar, or to stderr when the bar is hidden.
 fn say(pb: &ProgressBar, msg: String) {
     if pb.is_hidden() {
@@ -193,12 +215,17 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let ingested = import(&args.data, &store)?;
     let data = TrainData::with_labels(ingested.classes.clone(), records(&ingested, &store)?)?;
     let source = ModelSource::parse(&args.base_model)?;
+    let pb = bar(0, "{spinner} {prefix:>10} [{bar:30}] {pos}/{len} {msg} eta {eta}");
+    pb.set_prefix(Phase::Loading.as_str());
     let mut model = LoadedModel::load(&source, Some(&ingested.classes), &device, params.seed)
         .with_context(|| format!("loading base model {source}"))?;
-    eprintln!(
-        "base model {source}: {} parameters, {}",
-        model.params.num_scalars(),
-        if model.report.head_reset { "new classification head" } else { "its own classification head" }
+    say(
+        &pb,
+        format!(
+            "base model {source}: {} parameters, {}",
+            model.params.num_scalars(),
+            if model.report.head_reset { "new classification head" } else { "its own classification head" }
+        ),
     );
     let root = cli_checkpoint_root(&args.output);
     let spec = TrainSpec {
@@ -208,19 +235,22 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         max_pixels: IngestLimits::default().max_image_pixels,
         cache_budget: crate::train::default_cache_budget(),
     };
-    let pb = bar(0, "{spinner} [{bar:30}] {pos}/{len} steps {msg} eta {eta}");
+    let mut shown = None;
     let mut on_event = |e: TrainEvent| match e {
         TrainEvent::Started { total_steps, train_images, validation_images, resumed_from, .. } => {
-            pb.set_length(total_steps);
             say(&pb, format!("training on {train_images} images, validating on {validation_images}, {total_steps} steps"));
             if let Some(epoch) = resumed_from {
                 say(&pb, format!("resuming after epoch {epoch} from {}", root.display()));
             }
         }
         TrainEvent::Restarted { reason } => say(&pb, format!("starting over: {reason}")),
-        TrainEvent::Step { epoch, step, loss, learning_rate, images_per_s, .. } => {
-            pb.set_position(step);
-            pb.set_message(format!("epoch {epoch} loss {loss:.4} lr {learning_rate:.2e} {images_per_s:.1} img/s"));
+        TrainEvent::Step { epoch, step, steps, loss, learning_rate, images_per_s } => {
+            show_phase(&pb, &mut shown, Phase::Training, step, steps);
+            pb.set_message(format!("steps, epoch {epoch} loss {loss:.4} lr {learning_rate:.2e} {images_per_s:.1} img/s"));
+        }
+        TrainEvent::Phase { phase, done, total } => {
+            show_phase(&pb, &mut shown, phase, done, total);
+            pb.set_message(phase_unit(phase));
         }
         TrainEvent::Epoch { epoch, report, improved } => say(
             &pb,
@@ -233,7 +263,6 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             ),
         ),
         TrainEvent::Checkpoint { .. } => {}
-        TrainEvent::Features { done, total } => pb.set_message(format!("probe: features of {done}/{total} images")),
         TrainEvent::Probe { c, cv_accuracy, seconds } => say(
             &pb,
             format!(

@@ -24,13 +24,16 @@ use std::io::{self, Read};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 pub use blobs::BlobStore;
 
-use crate::imaging;
+use crate::budget::{MemoryBudget, Reservation};
+use crate::imaging::{self, ImageError};
 
 /// The part of a dataset an image belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -231,6 +234,10 @@ pub enum IngestError {
     /// The caller gave up (its client went away); nothing was stored for it.
     #[error("the ingest was cancelled")]
     Cancelled,
+    /// The memory budget for work in flight stayed spent for [`MEMORY_WAIT`] (not the upload's
+    /// fault; nothing was stored for it).
+    #[error("{0}")]
+    OverBudget(String),
     /// Reading the upload or writing a blob failed (not the client's fault).
     #[error("i/o error during ingest: {0}")]
     Io(#[from] io::Error),
@@ -265,19 +272,26 @@ pub fn ingest(
     limits: &IngestLimits,
     on_entry: &mut dyn FnMut(u64),
 ) -> Result<Ingested, IngestError> {
-    ingest_cancellable(source, store, limits, on_entry, &AtomicBool::new(false))
+    ingest_cancellable(source, store, limits, on_entry, &AtomicBool::new(false), &MemoryBudget::unlimited())
 }
 
+/// How long an entry waits for its bytes (or an image for its decode) when the memory budget is
+/// spent, before the upload is refused with [`IngestError::OverBudget`].
+pub const MEMORY_WAIT: Duration = Duration::from_secs(30);
+
 /// [`ingest`], stopping with [`IngestError::Cancelled`] at the next entry once `cancel` is set
-/// (the service sets it when the uploading client disconnects).
+/// (the service sets it when the uploading client disconnects), with the bytes of each entry
+/// read and each image decoded reserved from `memory` while they are held.
 pub fn ingest_cancellable(
     source: &Path,
     store: &BlobStore,
     limits: &IngestLimits,
     on_entry: &mut dyn FnMut(u64),
     cancel: &AtomicBool,
+    memory: &Arc<MemoryBudget>,
 ) -> Result<Ingested, IngestError> {
     let mut sink = Sink::new(store, limits, on_entry, cancel);
+    sink.memory = memory.clone();
     // Archive and Parquet readers are not hardened against every malformed input; a panic inside
     // one is the upload's fault, so it is answered as a damaged file, not a crashed request.
     let declared_classes = match catch_unwind(AssertUnwindSafe(|| read_source(source, &mut sink))) {
@@ -312,8 +326,16 @@ fn read_source(source: &Path, sink: &mut Sink<'_>) -> Result<BTreeSet<String>, I
 /// (in which case only `limit + 1` bytes were read).
 #[derive(Debug)]
 enum Content {
-    Bytes(Vec<u8>),
+    /// The bytes, and their share of the memory budget (when they were reserved).
+    Bytes(Vec<u8>, Option<Reservation>),
     TooBig,
+}
+
+fn over_budget(bytes: u64) -> IngestError {
+    IngestError::OverBudget(format!(
+        "the service's memory budget for work in flight stayed spent for {} s while this upload needed {bytes} bytes for one file; retry shortly",
+        MEMORY_WAIT.as_secs()
+    ))
 }
 
 /// Collects the outcome of the second pass: counts entries and unpacked bytes against the limits,
@@ -323,6 +345,8 @@ struct Sink<'a> {
     limits: &'a IngestLimits,
     on_entry: &'a mut dyn FnMut(u64),
     cancel: &'a AtomicBool,
+    /// What entries being read and images being decoded reserve (unlimited unless set).
+    memory: Arc<MemoryBudget>,
     entries: u64,
     extracted: u64,
     images: Vec<ImageRecord>,
@@ -342,6 +366,7 @@ impl<'a> Sink<'a> {
             limits,
             on_entry,
             cancel,
+            memory: MemoryBudget::unlimited(),
             entries: 0,
             extracted: 0,
             images: Vec::new(),
@@ -381,15 +406,27 @@ impl<'a> Sink<'a> {
         let cap = self.limits.max_image_bytes.min(budget).saturating_add(1);
         // Cap the initial allocation too: the hint comes from the archive and may lie.
         let initial = size_hint.min(cap).min(8 * 1024 * 1024);
+        // The entry's bytes are held until it is stored (or rejected): reserve what the header
+        // says, and the rest if it turns out larger.
+        let mut held = self.reserve(size_hint.min(cap))?;
         let mut bytes = Vec::with_capacity(usize::try_from(initial).unwrap_or(0));
         let read = reader.take(cap).read_to_end(&mut bytes);
+        let more = (bytes.len() as u64).saturating_sub(held.bytes());
+        if more > 0 && !held.try_grow(more) {
+            held.absorb(self.reserve(more)?);
+        }
         self.extracted = self.extracted.saturating_add(bytes.len() as u64);
         if self.extracted > self.limits.max_extracted_bytes {
             return Err(self.too_large());
         }
         Ok(read.map(|_| {
-            if bytes.len() as u64 > self.limits.max_image_bytes { Content::TooBig } else { Content::Bytes(bytes) }
+            if bytes.len() as u64 > self.limits.max_image_bytes { Content::TooBig } else { Content::Bytes(bytes, Some(held)) }
         }))
+    }
+
+    /// Reserves `bytes` of the memory budget, waiting up to [`MEMORY_WAIT`].
+    fn reserve(&self, bytes: u64) -> Result<Reservation, IngestError> {
+        self.memory.reserve_blocking(bytes, MEMORY_WAIT).ok_or_else(|| over_budget(bytes))
     }
 
     /// The error for an upload that unpacks to more than the limit.
@@ -402,17 +439,21 @@ impl<'a> Sink<'a> {
 
     /// Validates one image and stores it, or records why it was rejected.
     fn add(&mut self, file: String, label: String, split: Split, content: Content) -> Result<(), IngestError> {
-        let bytes = match content {
-            Content::Bytes(bytes) => bytes,
+        let (bytes, _held) = match content {
+            Content::Bytes(bytes, held) => (bytes, held),
             Content::TooBig => {
                 let reason = self.too_big_reason(None);
                 self.reject(file, reason);
                 return Ok(());
             }
         };
-        if let Err(e) = imaging::decode_rgb(&bytes, self.limits.max_image_pixels) {
-            self.reject(file, e.to_string());
-            return Ok(());
+        match imaging::decode_rgb_within(&bytes, self.limits.max_image_pixels, &self.memory, MEMORY_WAIT) {
+            Ok(_) => {}
+            Err(ImageError::OverBudget { needed }) => return Err(over_budget(needed)),
+            Err(e) => {
+                self.reject(file, e.to_string());
+                return Ok(());
+            }
         }
         let blob = self.store.put(&bytes)?;
         self.images.push(ImageRecord { file, label, split, blob });
@@ -515,7 +556,7 @@ mod tests {
         sink_fixture(limits, |sink| {
             for _ in 0..2 {
                 let content = sink.read_entry(&mut io::repeat(1).take(900), 900).unwrap().unwrap();
-                assert!(matches!(content, Content::Bytes(ref b) if b.len() == 900));
+                assert!(matches!(content, Content::Bytes(ref b, _) if b.len() == 900));
             }
             let err = sink.read_entry(&mut io::repeat(1), 1).unwrap_err();
             assert!(matches!(err, IngestError::TooLarge(_)), "{err:?}");

@@ -6,6 +6,7 @@ use serde_json::Value;
 use sqlx::SqlitePool;
 
 use crate::db::{new_id, now};
+use crate::train::Phase;
 
 /// Lifecycle of a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -50,12 +51,19 @@ impl TryFrom<String> for Status {
 }
 
 /// Where a job is in its run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Progress {
     pub epoch: u32,
     pub epochs: u32,
     pub step: u64,
     pub steps: u64,
+    /// The phase under way (or the last one, once the job has ended); `None` until it runs.
+    pub phase: Option<Phase>,
+    /// Progress within the phase: `done` of `total` (images, fits or steps; see `Phase`).
+    pub done: u64,
+    pub total: u64,
+    /// `done` per second in this phase, where the phase has a rate.
+    pub rate: Option<f64>,
 }
 
 /// A job as the API returns it.
@@ -99,6 +107,10 @@ struct JobRow {
     model_id: Option<String>,
     device: Option<String>,
     cancel_requested: bool,
+    phase: Option<String>,
+    phase_done: i64,
+    phase_total: i64,
+    phase_rate: Option<f64>,
 }
 
 impl TryFrom<JobRow> for Job {
@@ -111,7 +123,16 @@ impl TryFrom<JobRow> for Job {
             base_model: r.base_model,
             recipe: r.recipe,
             status: r.status,
-            progress: Progress { epoch: r.epoch as u32, epochs: r.epochs as u32, step: r.step as u64, steps: r.steps as u64 },
+            progress: Progress {
+                epoch: r.epoch as u32,
+                epochs: r.epochs as u32,
+                step: r.step as u64,
+                steps: r.steps as u64,
+                phase: r.phase.as_deref().map(str::parse).transpose().map_err(|e: String| sqlx::Error::Decode(e.into()))?,
+                done: r.phase_done as u64,
+                total: r.phase_total as u64,
+                rate: r.phase_rate,
+            },
             created_at: r.created_at,
             started_at: r.started_at,
             finished_at: r.finished_at,
@@ -127,7 +148,7 @@ impl TryFrom<JobRow> for Job {
 macro_rules! job_columns {
     () => {
         "id, dataset_id, base_model, params, recipe, status, epoch, epochs, step, steps, created_at, \
-                       started_at, finished_at, error, model_id, device, cancel_requested"
+                       started_at, finished_at, error, model_id, device, cancel_requested, phase, phase_done, phase_total, phase_rate"
     };
 }
 
@@ -224,6 +245,19 @@ pub async fn set_progress(pool: &SqlitePool, id: &str, epoch: u32, step: u64) ->
     sqlx::query("update jobs set epoch = ?, step = ? where id = ?")
         .bind(i64::from(epoch))
         .bind(step as i64)
+        .bind(id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Records the phase a job is in and its progress within it.
+pub async fn set_phase(pool: &SqlitePool, id: &str, phase: Phase, done: u64, total: u64, rate: Option<f64>) -> Result<(), sqlx::Error> {
+    sqlx::query("update jobs set phase = ?, phase_done = ?, phase_total = ?, phase_rate = ? where id = ?")
+        .bind(phase.as_str())
+        .bind(done as i64)
+        .bind(total as i64)
+        .bind(rate)
         .bind(id)
         .execute(pool)
         .await?;

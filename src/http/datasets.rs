@@ -17,6 +17,7 @@ use tokio::io::AsyncWriteExt;
 use super::extract::ApiPath;
 use super::{AppState, Route};
 use super::error::AppError;
+use super::inflight::BodyUse;
 use crate::cancel::CancelOnDrop;
 use crate::dataset::{self, Ingested};
 use crate::db::datasets::{self as queries, Dataset, Deleted};
@@ -30,7 +31,7 @@ pub fn routes() -> Vec<Route> {
     vec![
         // A big upload takes as long as the link needs, and its ingest as long as the images
         // need: the body is timed per chunk instead (see `save`).
-        Route::post("/datasets", create).without_body_limit().without_timeout(),
+        Route::post("/datasets", create).without_body_limit().without_timeout().body(BodyUse::Streamed),
         Route::get("/datasets", list),
         Route::get("/datasets/{id}", get),
         Route::delete("/datasets/{id}", delete),
@@ -230,12 +231,13 @@ async fn ingest(
 ) -> Result<Ingested, AppError> {
     let store = state.blobs.clone();
     let limits = state.ingest_limits.clone();
+    let memory = state.memory.clone();
     let span = tracing::Span::current();
     let (_cancel_on_drop, cancel) = CancelOnDrop::new();
     let task = tokio::task::spawn_blocking(move || {
         // The scratch file too: the tar reader opens it by name twice.
         let _held = (slot, uploading);
-        span.in_scope(|| dataset::ingest_cancellable(&upload.path, &store, &limits, &mut |_| {}, &cancel))
+        span.in_scope(|| dataset::ingest_cancellable(&upload.path, &store, &limits, &mut |_| {}, &cancel, &memory))
     });
     Ok(task.await.context("ingest task failed")??)
 }

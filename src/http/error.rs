@@ -104,6 +104,11 @@ impl AppError {
         Self::client(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
     }
 
+    /// 429 (with `Retry-After`): the memory budget for work in flight is spent.
+    pub fn over_budget(message: impl Into<String>) -> Self {
+        Self::client(StatusCode::TOO_MANY_REQUESTS, "over_memory_budget", message)
+    }
+
     /// 422: well-formed but semantically invalid.
     pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
         Self::client(StatusCode::UNPROCESSABLE_ENTITY, code, message)
@@ -138,6 +143,7 @@ impl From<IngestError> for AppError {
             IngestError::EmptyClass { .. } => Self::unprocessable("empty_class", message),
             // Only reached when the client has gone; nobody reads this answer.
             IngestError::Cancelled => Self::client(StatusCode::SERVICE_UNAVAILABLE, "cancelled", message),
+            IngestError::OverBudget(_) => Self::over_budget(message),
             IngestError::Io(e) => Self::Internal(anyhow::Error::new(e).context("dataset ingest")),
         }
     }
@@ -169,6 +175,7 @@ impl From<PredictError> for AppError {
             ),
             PredictError::UnknownModel(id) => Self::not_found("model", &id),
             PredictError::Classify(ClassifyError::Image { .. }) => Self::bad_request("invalid_image", e.to_string()),
+            PredictError::Classify(ClassifyError::Busy(message)) => Self::over_budget(message),
             // Only reached when the client has gone; nobody reads this answer.
             PredictError::Classify(ClassifyError::Cancelled) => {
                 Self::client(StatusCode::SERVICE_UNAVAILABLE, "cancelled", "the request was abandoned")
@@ -197,6 +204,10 @@ impl IntoResponse for AppError {
                 if status == StatusCode::UNAUTHORIZED {
                     // RFC 6750: a 401 names the scheme the client should use.
                     resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"vitforge\""));
+                }
+                if status == StatusCode::TOO_MANY_REQUESTS {
+                    // Overload and a spent memory budget pass within a second or two.
+                    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 }
                 resp
             }

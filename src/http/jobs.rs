@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::error::AppError;
@@ -77,9 +77,6 @@ async fn cancel(State(s): State<AppState>, ApiPath(id): ApiPath<String>) -> Resu
     }
 }
 
-fn progress_of(job: &Job) -> Value {
-    json!({"epoch": job.progress.epoch, "epochs": job.progress.epochs, "step": job.progress.step, "steps": job.progress.steps})
-}
 
 fn sse(event: &str, data: &Value) -> Event {
     Event::default().event(event).data(data.to_string())
@@ -97,7 +94,7 @@ async fn events(
     let history = db::job_metrics::get(&s.db, &id).await?;
     let shutdown = s.jobs.shutdown_token();
     let stream = async_stream(move |tx| async move {
-        let _ = tx.send(sse("progress", &progress_of(&job))).await;
+        let _ = tx.send(sse("progress", &serde_json::to_value(&job.progress).unwrap_or_default())).await;
         for block in &history.validation {
             let _ = tx.send(sse("metrics", &serde_json::to_value(block).unwrap_or_default())).await;
         }

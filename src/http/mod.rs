@@ -9,6 +9,7 @@ pub mod docs;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod inflight;
 pub mod jobs;
 pub mod linger;
 pub mod models;
@@ -29,6 +30,7 @@ use tokio::sync::Semaphore;
 use tower_http::trace::TraceLayer;
 
 use crate::blob_gc::BlobLock;
+use crate::budget::MemoryBudget;
 use crate::config::ServeConfig;
 use crate::dataset::{BlobStore, IngestLimits};
 use crate::paths::DataPaths;
@@ -62,6 +64,8 @@ pub struct AppState {
     pub metrics: Arc<ServiceMetrics>,
     /// Digests of the API keys; access control is off when there are none.
     pub api_keys: Arc<auth::ApiKeys>,
+    /// The budget of bytes in flight: request bodies, upload entries, image decodes.
+    pub memory: Arc<MemoryBudget>,
 }
 
 /// One route: its method, its path template (axum syntax, `{id}`), and its handler.
@@ -71,28 +75,36 @@ pub struct Route {
     handler: MethodRouter<AppState>,
     /// Whether `--request-timeout-secs` bounds the handler.
     timed: bool,
+    /// How the body is held, for the memory budget.
+    body: inflight::BodyUse,
 }
 
 impl Route {
     /// A `GET` route.
     pub fn get<H: Handler<T, AppState>, T: 'static>(path: &'static str, h: H) -> Self {
-        Self { method: Method::GET, path, handler: axum::routing::get(h), timed: true }
+        Self { method: Method::GET, path, handler: axum::routing::get(h), timed: true, body: inflight::BodyUse::Json }
     }
 
     /// A `POST` route.
     pub fn post<H: Handler<T, AppState>, T: 'static>(path: &'static str, h: H) -> Self {
-        Self { method: Method::POST, path, handler: axum::routing::post(h), timed: true }
+        Self { method: Method::POST, path, handler: axum::routing::post(h), timed: true, body: inflight::BodyUse::Json }
     }
 
     /// A `DELETE` route.
     pub fn delete<H: Handler<T, AppState>, T: 'static>(path: &'static str, h: H) -> Self {
-        Self { method: Method::DELETE, path, handler: axum::routing::delete(h), timed: true }
+        Self { method: Method::DELETE, path, handler: axum::routing::delete(h), timed: true, body: inflight::BodyUse::Json }
     }
 
     /// Lifts axum's default 2 MB body limit, for a handler that streams its body and enforces its
     /// own limit.
     pub fn without_body_limit(mut self) -> Self {
         self.handler = self.handler.layer(DefaultBodyLimit::disable());
+        self
+    }
+
+    /// Declares how the handler holds its body (default: read whole as JSON).
+    pub fn body(mut self, body: inflight::BodyUse) -> Self {
+        self.body = body;
         self
     }
 
@@ -119,10 +131,11 @@ pub fn router(state: AppState) -> Router {
     // have a fallback, and each path needs exactly one (the 405 answer).
     let mut paths: Vec<(&'static str, MethodRouter<AppState>)> = Vec::new();
     for route in all_routes() {
+        let handler = route.handler.layer(axum::middleware::from_fn_with_state((state.clone(), route.body), inflight::count_body));
         let handler = if route.timed {
-            route.handler.layer(axum::middleware::from_fn_with_state(state.clone(), request_timeout))
+            handler.layer(axum::middleware::from_fn_with_state(state.clone(), request_timeout))
         } else {
-            route.handler
+            handler
         };
         match paths.iter_mut().find(|(path, _)| *path == route.path) {
             Some((_, methods)) => *methods = std::mem::take(methods).merge(handler),

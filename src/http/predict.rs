@@ -8,12 +8,13 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::error::AppError;
+use super::inflight::BodyUse;
 use super::extract::ApiQuery;
 use super::{AppState, Route};
 use crate::model::classifier::Prediction;
 
 pub fn routes() -> Vec<Route> {
-    vec![Route::post("/predict", predict).without_body_limit()]
+    vec![Route::post("/predict", predict).without_body_limit().body(BodyUse::Images)]
 }
 
 #[derive(Debug, Deserialize)]

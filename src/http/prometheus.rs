@@ -29,6 +29,8 @@ pub async fn track(State(s): State<AppState>, req: Request, next: Next) -> Respo
 
 async fn metrics(State(s): State<AppState>) -> Result<Response, AppError> {
     s.metrics.predict_queue_depth.set(s.predictor.queue_depth() as i64);
+    s.metrics.inflight_bytes.set(i64::try_from(s.memory.in_use()).unwrap_or(i64::MAX));
+    s.metrics.inflight_budget_bytes.set(i64::try_from(s.memory.limit()).unwrap_or(i64::MAX));
     s.metrics.jobs.clear();
     for status in ["queued", "running", "succeeded", "failed", "cancelled"] {
         s.metrics.jobs.get_or_create(&StatusLabel { status: status.into() }).set(0);

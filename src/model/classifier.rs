@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::{LoadedModel, ModelError, ModelSource, PreprocessorConfig, Vit, VitConfig};
+use crate::imaging::{decode_cost_of, decode_rgb};
 
 /// A label and its probability.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -36,6 +37,9 @@ pub enum ClassifyError {
     /// The caller gave up (its client went away).
     #[error("cancelled")]
     Cancelled,
+    /// Decoding needs more of the memory budget than is free (not the image's fault).
+    #[error("{0}")]
+    Busy(String),
     #[error(transparent)]
     Model(#[from] ModelError),
 }
@@ -69,6 +73,11 @@ impl Classifier {
 
     pub fn preprocessor(&self) -> &PreprocessorConfig {
         &self.pre
+    }
+
+    /// Bytes of one image's pixel values (3 × height × width floats).
+    pub fn input_bytes(&self) -> u64 {
+        (3 * self.pre.size.0 * self.pre.size.1 * std::mem::size_of::<f32>()) as u64
     }
 
     /// Pixel values of one image, as `ViTImageProcessor` makes them.
@@ -111,10 +120,20 @@ impl Classifier {
                     return Err(ClassifyError::Cancelled);
                 }
                 let bad = |reason: String| ClassifyError::Image { index: i + 1, name: name.clone(), reason };
-                let img = crate::imaging::decode_rgb(bytes.as_ref(), max_pixels).map_err(|e| bad(e.to_string()))?;
+                let img = decode_rgb(bytes.as_ref(), max_pixels).map_err(|e| bad(e.to_string()))?;
                 self.preprocess(&img).map_err(|e| bad(e.to_string()))
             })
             .collect()
+    }
+
+    /// The most memory [`Classifier::prepare`] holds for these images at once: the decodes that
+    /// can run together (one per thread of the pool, the largest first) and every image's pixel
+    /// values.
+    pub fn prepare_cost<B: AsRef<[u8]>>(&self, images: &[(String, B)], max_pixels: u64) -> u64 {
+        let mut decodes: Vec<u64> = images.iter().map(|(_, b)| decode_cost_of(b.as_ref(), max_pixels)).collect();
+        decodes.sort_unstable_by(|a, b| b.cmp(a));
+        let together: u64 = decodes.iter().take(rayon::current_num_threads().max(1)).sum();
+        together + self.input_bytes() * images.len() as u64
     }
 
     /// The answer for each image's probabilities, with the `top_k` most probable labels (at

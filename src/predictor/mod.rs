@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
+use crate::budget::{MemoryBudget, WAIT};
 use crate::cancel::CancelOnDrop;
 use crate::model::classifier::{ClassifyError, Classifier, Prediction};
 use crate::model::ModelSource;
@@ -36,6 +37,8 @@ pub struct PredictorConfig {
     /// Longest expected wait for the model thread that a request is admitted to: beyond it the
     /// request is answered 429 at once rather than queued to time out (None: no bound).
     pub max_queue_wait: Option<Duration>,
+    /// The budget that decoded images and pixel values are reserved from.
+    pub memory: Arc<MemoryBudget>,
 }
 
 /// A loaded model and its id.
@@ -227,10 +230,22 @@ impl Predictor {
         B: AsRef<[u8]> + Send + Sync + 'static,
     {
         let (_cancel_on_drop, cancel) = CancelOnDrop::new();
+        let memory = self.inner.cfg.memory.clone();
         let prep = model.clone();
-        let pixels = tokio::task::spawn_blocking(move || prep.classifier.prepare(&images, max_pixels, &cancel))
-            .await
-            .map_err(|e| PredictError::Inference(format!("preprocessing stopped: {e}")))??;
+        // The decodes and the pixel values are reserved before any is allocated (waiting up to
+        // budget::WAIT on this blocking thread), and held until the answer.
+        let (pixels, _held) = tokio::task::spawn_blocking(move || {
+            let cost = prep.classifier.prepare_cost(&images, max_pixels);
+            let held = memory.reserve_blocking(cost, WAIT).ok_or_else(|| {
+                ClassifyError::Busy(format!(
+                    "decoding these images needs {cost} bytes and the service's memory budget for work in flight ({} bytes) is spent; retry shortly",
+                    memory.limit()
+                ))
+            })?;
+            Ok::<_, ClassifyError>((prep.classifier.prepare(&images, max_pixels, &cancel)?, held))
+        })
+        .await
+        .map_err(|e| PredictError::Inference(format!("preprocessing stopped: {e}")))??;
         let probs = self.infer(model.clone(), pixels).await?;
         Ok(model.classifier.predictions(&probs, top_k))
     }

@@ -28,11 +28,18 @@ pub fn evaluate(
 ) -> Result<EvalReport, TrainError> {
     let vit = Vit::frozen(&model.cfg, &model.params)?;
     let frozen = Frozen { vit: &vit, boundary: Boundary::Pixels, images, model, device, batch };
-    evaluate_with(&frozen, &PrefixCache::empty(), examples, cancel)
+    evaluate_with(&frozen, &PrefixCache::empty(), examples, cancel, &mut |_, _| {})
 }
 
-/// Evaluates on examples whose frozen-part outputs come from `cache` (or are computed by `f`).
-pub fn evaluate_with(f: &Frozen, cache: &PrefixCache, examples: &[Example], cancel: Option<&AtomicBool>) -> Result<EvalReport, TrainError> {
+/// Evaluates on examples whose frozen-part outputs come from `cache` (or are computed by `f`),
+/// reporting `(images done, images)` after each batch.
+pub fn evaluate_with(
+    f: &Frozen,
+    cache: &PrefixCache,
+    examples: &[Example],
+    cancel: Option<&AtomicBool>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<EvalReport, TrainError> {
     let mut truth = Vec::with_capacity(examples.len());
     let mut predicted = Vec::with_capacity(examples.len());
     let mut loss_sum = 0.0;
@@ -48,6 +55,7 @@ pub fn evaluate_with(f: &Frozen, cache: &PrefixCache, examples: &[Example], canc
         loss_sum += loss * idx.len() as f64;
         predicted.extend(logits.argmax(1)?.to_vec1::<u32>()?);
         truth.extend(targets);
+        progress(truth.len(), examples.len());
     }
     Ok(EvalReport::compute(&f.model.cfg.labels, &truth, &predicted, loss_sum))
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{Device, Tensor};
 
 use super::data::{Example, ImageCache, batch_tensor, load_batch};
-use super::{TrainError, TrainEvent};
+use super::TrainError;
 use crate::model::network::frozen_forward;
 use crate::model::{Boundary, LoadedModel, Vit};
 
@@ -32,19 +32,21 @@ impl PrefixCache {
         Self { rows: None }
     }
 
-    /// The outputs of every example when they fit in `budget` bytes, else an empty cache.
-    pub fn build(f: &Frozen, examples: &[Example], budget: usize) -> Result<Self, TrainError> {
+    /// Whether the outputs of `examples` examples fit in `budget` bytes (never worth it when the
+    /// trainable part starts at the pixels).
+    pub fn fits(f: &Frozen, examples: usize, budget: usize) -> bool {
         let cfg = &f.model.cfg;
         let per_example = match f.boundary {
-            Boundary::Pixels => return Ok(Self::empty()),
+            Boundary::Pixels => return false,
             Boundary::Layer(_) => cfg.num_tokens() * cfg.hidden_size,
             Boundary::Features => cfg.hidden_size,
         } * 4;
-        if per_example * examples.len() > budget {
-            return Ok(Self::empty());
-        }
-        let never = AtomicBool::new(false);
-        Ok(Self { rows: Some(Self::compute(f, examples, &never, &mut |_, _| {})?) })
+        per_example * examples <= budget
+    }
+
+    /// A cache holding these rows (one per example, from [`PrefixCache::compute`]).
+    pub fn from_rows(rows: Vec<Tensor>) -> Self {
+        Self { rows: Some(rows) }
     }
 
     /// The cached rows, if the cache holds them.
@@ -89,9 +91,4 @@ impl PrefixCache {
         let pixels = batch_tensor(load_batch(&refs, f.images, &f.model.preprocessor, augment)?, &f.model.preprocessor, f.device)?;
         Ok(frozen_forward(f.vit, f.boundary, &pixels)?)
     }
-}
-
-/// Reports feature progress as the probe's event.
-pub fn features_event(on_event: &mut dyn FnMut(TrainEvent)) -> impl FnMut(usize, usize) + '_ {
-    move |done, total| on_event(TrainEvent::Features { done, total })
 }

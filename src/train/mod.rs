@@ -9,6 +9,7 @@ pub mod features;
 pub mod hyperparams;
 pub mod optim;
 pub mod probe;
+pub mod progress;
 pub mod report;
 mod run;
 
@@ -19,6 +20,7 @@ use crate::model::ModelError;
 use data::TrainData;
 pub use eval::{EvalSplit, evaluate};
 pub use hyperparams::{HeadInit, OptimizerKind, Recipe, Scheduler, TrainMode, TrainParams};
+pub use progress::Phase;
 use report::EvalReport;
 pub use run::fine_tune;
 
@@ -60,8 +62,9 @@ pub enum TrainEvent {
     Checkpoint { epoch: u32, dir: PathBuf, score: f64 },
     /// Test-split evaluation of the kept model.
     Test { report: EvalReport },
-    /// The frozen backbone's features are being computed for the probe (`done` of `total` images).
-    Features { done: usize, total: usize },
+    /// Progress within a phase (`done` of `total`; see [`Phase`] for what they count). The
+    /// training phase is reported by [`TrainEvent::Step`] instead.
+    Phase { phase: Phase, done: u64, total: u64 },
     /// The probe head was fitted (epoch 1 of a `head_init: probe` run): its regularisation
     /// strength `c` chosen by cross-validation (`cv_accuracy`), and the time it took.
     Probe { c: f64, cv_accuracy: Option<f64>, seconds: f64 },

@@ -167,6 +167,11 @@ fn predict(theta: &[f64], x: &[f64], d: usize, k: usize) -> Vec<u32> {
 /// Fits the probe on features (n × d, row-major) and labels, choosing `C` from [`C_GRID`] by
 /// stratified k-fold cross-validation (k ≤ 5, limited by the smallest class).
 pub fn fit(features: &[f32], labels: &[u32], classes: usize, seed: u64) -> Probe {
+    fit_with_progress(features, labels, classes, seed, &mut |_, _| {})
+}
+
+/// [`fit`], reporting `(fits done, fits in all)` after each logistic-regression fit.
+pub fn fit_with_progress(features: &[f32], labels: &[u32], classes: usize, seed: u64, progress: &mut dyn FnMut(usize, usize)) -> Probe {
     let n = labels.len();
     let d = features.len() / n.max(1);
     // Standardise each dimension (a constant one gets std 1, so it is simply ignored).
@@ -187,6 +192,8 @@ pub fn fit(features: &[f32], labels: &[u32], classes: usize, seed: u64) -> Probe
 
     let min_class = (0..classes).map(|c| labels.iter().filter(|&&l| l as usize == c).count()).filter(|&n| n > 0).min().unwrap_or(0);
     let folds = min_class.min(5);
+    let fits = if folds >= 2 { C_GRID.len() * folds + 1 } else { 1 };
+    let mut fitted = 0;
     let (c, cv_accuracy) = if folds >= 2 {
         // Stratified folds: each class's examples are shuffled and dealt round-robin.
         let mut fold_of = vec![0usize; n];
@@ -211,6 +218,8 @@ pub fn fit(features: &[f32], labels: &[u32], classes: usize, seed: u64) -> Probe
                 let (xv, yv) = pick(&test);
                 let theta = fit_standardised(&xt, &yt, d, classes, c);
                 correct += predict(&theta, &xv, d, classes).iter().zip(&yv).filter(|(a, b)| a == b).count();
+                fitted += 1;
+                progress(fitted, fits);
             }
             let acc = correct as f64 / n as f64;
             // Strictly better only: among ties the stronger regularisation (earlier C) stays.
@@ -223,6 +232,7 @@ pub fn fit(features: &[f32], labels: &[u32], classes: usize, seed: u64) -> Probe
         (1.0, None)
     };
     let theta = fit_standardised(&x, labels, d, classes, c);
+    progress(fits, fits);
     // Fold the standardisation in: W' = W / σ, b' = b − W'·μ.
     let (w, b) = theta.split_at(classes * d);
     let mut weight = vec![0f32; classes * d];

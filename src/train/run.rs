@@ -15,8 +15,9 @@ use sha2::{Digest, Sha256};
 
 use super::checkpoint::{self, LoopState};
 use super::data::{ImageCache, TrainData, mix};
-use super::eval::{evaluate, evaluate_with};
-use super::features::{Frozen, PrefixCache, features_event};
+use super::eval::evaluate_with;
+use super::features::{Frozen, PrefixCache};
+use super::progress::Phase;
 use super::hyperparams::{HeadInit, TrainParams};
 use super::optim::{Optimizer, clip_grad_norm, lr_multiplier};
 use super::report::EvalReport;
@@ -39,6 +40,7 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, mut 
     let plan = Plan::new(&p, model, data.train.len());
     let mut optimizer = Optimizer::new(p.optimizer, p.weight_decay, p.momentum);
     let (mut state, resumed_from) = resume_or_start(&root, fingerprint(&p, &data, model), model, &mut optimizer, device, &mut ctl)?;
+    report_phase(&mut ctl, Phase::Loading, 1, 1);
     (ctl.on_event)(TrainEvent::Started {
         epochs: p.epochs,
         steps_per_epoch: plan.steps_per_epoch,
@@ -47,20 +49,25 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, mut 
         validation_images: data.validation.len(),
         resumed_from,
     });
-    let run = Run::prepare(&p, &data, (spec.max_pixels, spec.cache_budget), plan, &root, model, device)?;
+    let run = Run::prepare(&p, &data, (spec.max_pixels, spec.cache_budget), plan, &root, model, device, &mut ctl)?;
     if run.plan.probe_epochs == 1 && state.epoch == 0 {
         probe_epoch(&run, model, &optimizer, &mut state, &mut ctl)?;
     }
     while state.epoch < p.epochs {
         let epoch = state.epoch + 1;
         gradient_epoch(&run, model, &mut optimizer, &mut state, epoch, &mut ctl)?;
-        let report = validate(&run, model, &ctl)?;
+        let report = validate(&run, model, &mut ctl)?;
         end_epoch(&root, model, &optimizer, &mut state, epoch, report, &mut *ctl.on_event)?;
         if p.early_stopping_patience.is_some_and(|patience| state.epochs_since_best >= patience) {
             break;
         }
     }
     finish(&run, model, state, &mut ctl)
+}
+
+/// Reports progress within a phase.
+fn report_phase(ctl: &mut Control, phase: Phase, done: usize, total: usize) {
+    (ctl.on_event)(TrainEvent::Phase { phase, done: done as u64, total: total as u64 });
 }
 
 /// The data of a run: its classes match the model's labels, validation is split off when the
@@ -192,16 +199,38 @@ struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    /// The run's shared state; `(max_pixels, cache_budget)` as in [`TrainSpec`].
-    fn prepare(p: &'a TrainParams, data: &'a TrainData, (max_pixels, cache_budget): (u64, usize), plan: Plan, root: &Path, model: &LoadedModel, device: &Device) -> Result<Self, TrainError> {
+    /// The run's shared state; `(max_pixels, cache_budget)` as in [`TrainSpec`]. Computing the
+    /// cached frozen-part outputs is the `features` phase.
+    #[allow(clippy::too_many_arguments)]
+    fn prepare(
+        p: &'a TrainParams,
+        data: &'a TrainData,
+        (max_pixels, cache_budget): (u64, usize),
+        plan: Plan,
+        root: &Path,
+        model: &LoadedModel,
+        device: &Device,
+        ctl: &mut Control,
+    ) -> Result<Self, TrainError> {
         let images = ImageCache::new(max_pixels, cache_budget / 2);
         let frozen = Vit::frozen(&model.cfg, &model.params)?;
         // Frozen-part outputs never change during the run: cache them (for training only when
         // augmentation is off, since augmented views differ every epoch).
         let budget = cache_budget / 4;
         let f = Frozen { vit: &frozen, boundary: plan.boundary, images: &images, model, device, batch: plan.batch };
-        let val_cache = PrefixCache::build(&f, &data.validation, budget)?;
-        let train_cache = if p.augment { PrefixCache::empty() } else { PrefixCache::build(&f, &data.train, budget)? };
+        let val_n = if PrefixCache::fits(&f, data.validation.len(), budget) { data.validation.len() } else { 0 };
+        let train_n = if !p.augment && PrefixCache::fits(&f, data.train.len(), budget) { data.train.len() } else { 0 };
+        let total = val_n + train_n;
+        let cache = |examples: &[crate::train::data::Example], offset: usize, ctl: &mut Control| -> Result<PrefixCache, TrainError> {
+            if examples.is_empty() {
+                return Ok(PrefixCache::empty());
+            }
+            let cancel = ctl.cancel;
+            let rows = PrefixCache::compute(&f, examples, cancel, &mut |done, _| report_phase(ctl, Phase::Features, offset + done, total))?;
+            Ok(PrefixCache::from_rows(rows))
+        };
+        let val_cache = cache(&data.validation[..val_n], 0, ctl)?;
+        let train_cache = cache(&data.train[..train_n], val_n, ctl)?;
         Ok(Self {
             p,
             data,
@@ -231,12 +260,13 @@ fn probe_epoch(run: &Run, model: &mut LoadedModel, optimizer: &Optimizer, state:
         Some(rows) if run.plan.boundary == Boundary::Features => rows.to_vec(),
         _ => {
             let f = Frozen { boundary: Boundary::Features, ..run.frozen_part(model) };
-            PrefixCache::compute(&f, &data.train, ctl.cancel, &mut features_event(&mut *ctl.on_event))?
+            let cancel = ctl.cancel;
+            PrefixCache::compute(&f, &data.train, cancel, &mut |done, total| report_phase(ctl, Phase::Features, done, total))?
         }
     };
     let flat: Vec<f32> = Tensor::stack(&feats, 0)?.flatten_all()?.to_vec1::<f32>()?;
     let labels: Vec<u32> = data.train.iter().map(|e| e.label).collect();
-    let fitted = probe::fit(&flat, &labels, data.labels.len(), run.p.seed);
+    let fitted = probe::fit_with_progress(&flat, &labels, data.labels.len(), run.p.seed, &mut |done, total| report_phase(ctl, Phase::Probe, done, total));
     let k = data.labels.len();
     let d = flat.len() / labels.len();
     let mut head = BTreeMap::new();
@@ -329,11 +359,13 @@ fn optimiser_step(run: &Run, model: &LoadedModel, optimizer: &mut Optimizer, sta
     Ok(())
 }
 
-/// The current model's report on the validation split.
-fn validate(run: &Run, model: &LoadedModel, ctl: &Control) -> Result<EvalReport, TrainError> {
+/// The current model's report on the validation split (the `validating` phase).
+fn validate(run: &Run, model: &LoadedModel, ctl: &mut Control) -> Result<EvalReport, TrainError> {
     let eval_vit = Vit::frozen(&model.cfg, &model.params)?;
     let f = Frozen { vit: &eval_vit, ..run.frozen_part(model) };
-    evaluate_with(&f, &run.val_cache, &run.data.validation, Some(ctl.cancel))
+    let cancel = ctl.cancel;
+    report_phase(ctl, Phase::Validating, 0, run.data.validation.len());
+    evaluate_with(&f, &run.val_cache, &run.data.validation, Some(cancel), &mut |done, total| report_phase(ctl, Phase::Validating, done, total))
 }
 
 /// Better validation: higher macro-F1, then lower loss.
@@ -355,6 +387,7 @@ fn end_epoch(
     report: EvalReport,
     on_event: &mut dyn FnMut(TrainEvent),
 ) -> Result<(), TrainError> {
+    on_event(TrainEvent::Phase { phase: Phase::Saving, done: 0, total: 1 });
     let score = (report.f1, report.loss);
     let improved = better(score, state.best_score);
     state.epoch = epoch;
@@ -370,6 +403,7 @@ fn end_epoch(
     on_event(TrainEvent::Epoch { epoch, report, improved });
     let dir = checkpoint::save(root, &model.cfg, &model.preprocessor, &model.params.snapshot()?, &optimizer.state()?, state)?;
     on_event(TrainEvent::Checkpoint { epoch, dir, score: score.0 });
+    on_event(TrainEvent::Phase { phase: Phase::Saving, done: 1, total: 1 });
     Ok(())
 }
 
@@ -384,7 +418,11 @@ fn finish(run: &Run, model: &mut LoadedModel, state: LoopState, ctl: &mut Contro
     let test = if data.test.is_empty() {
         None
     } else {
-        let report = evaluate(model, &data.test, &run.images, &run.device, run.plan.batch, Some(ctl.cancel))?;
+        let vit = Vit::frozen(&model.cfg, &model.params)?;
+        let f = Frozen { vit: &vit, boundary: Boundary::Pixels, ..run.frozen_part(model) };
+        let cancel = ctl.cancel;
+        report_phase(ctl, Phase::Validating, 0, data.test.len());
+        let report = evaluate_with(&f, &PrefixCache::empty(), &data.test, Some(cancel), &mut |done, total| report_phase(ctl, Phase::Validating, done, total))?;
         (ctl.on_event)(TrainEvent::Test { report: report.clone() });
         Some(report)
     };

@@ -18,9 +18,9 @@ use crate::db;
 use crate::db::jobs::{Job, Status};
 use crate::paths::DataPaths;
 use crate::registry::ModelRegistry;
-use crate::train::TrainError;
+use crate::train::{Phase, TrainError, TrainEvent};
 use hub::{JobEvent, JobHub};
-use run::JobFailure;
+use run::{JobFailure, Recorder};
 
 /// How often an idle worker looks at the queue even without a wake-up.
 const POLL: Duration = Duration::from_secs(2);
@@ -77,13 +77,21 @@ async fn work(ctx: JobContext, name: String, device: Device) {
 async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device) {
     tracing::info!(job = %job.id, device = %device_name, "job started");
     let cancel = ctx.hub.start(&job.id, job.cancel_requested);
-    let outcome = run::run_job(ctx, &job, device, cancel).await;
+    let mut recorder = Recorder::new(ctx, &job);
+    let outcome = run::run_job(ctx, &job, device, cancel, &mut recorder).await;
     ctx.hub.stop(&job.id);
     let shutting_down = ctx.hub.shutdown_token().is_cancelled();
     let result = match outcome {
-        Ok(outcome) => ctx.models.register_for_job(&job, &outcome).await.map(|model| {
-            tracing::info!(job = %job.id, model = %model.id, epoch = outcome.best_epoch, f1 = outcome.best.f1, "model registered");
-        }),
+        Ok(outcome) => {
+            // Copying the model into place and loading it for /predict is the last of `saving`.
+            recorder.record(TrainEvent::Phase { phase: Phase::Saving, done: 0, total: 1 }).await;
+            let registered = ctx.models.register_for_job(&job, &outcome).await;
+            if let Ok(model) = &registered {
+                tracing::info!(job = %job.id, model = %model.id, epoch = outcome.best_epoch, f1 = outcome.best.f1, "model registered");
+                recorder.record(TrainEvent::Phase { phase: Phase::Saving, done: 1, total: 1 }).await;
+            }
+            registered.map(|_| ())
+        }
         Err(JobFailure::Train(TrainError::Cancelled)) if shutting_down => {
             tracing::info!(job = %job.id, "job interrupted by shutdown; it resumes at the next start");
             db::jobs::requeue(&ctx.db, &job.id).await.map_err(Into::into)

@@ -5,6 +5,7 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use serde_json::json;
@@ -14,11 +15,12 @@ use super::JobContext;
 use super::hub::JobEvent;
 use super::submit::resolve_base_model;
 use crate::db;
-use crate::db::jobs::Job;
+use crate::db::jobs::{Job, Progress};
 use crate::db::job_metrics::TrainPoint;
 use crate::model::LoadedModel;
 use crate::train::data::TrainData;
-use crate::train::{Control, TrainError, TrainEvent, TrainOutcome, TrainParams, TrainSpec, default_cache_budget, fine_tune};
+use crate::train::progress::PhaseClock;
+use crate::train::{Control, Phase, TrainError, TrainEvent, TrainOutcome, TrainParams, TrainSpec, default_cache_budget, fine_tune};
 
 /// Why a job did not produce a model.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +38,7 @@ fn setup(e: impl std::fmt::Display) -> JobFailure {
 }
 
 /// Runs the fine-tune of `job` on a thread of its own and records its events as they arrive.
-pub(super) async fn run_job(ctx: &JobContext, job: &Job, device: &Device, cancel: Arc<AtomicBool>) -> Result<TrainOutcome, JobFailure> {
+pub(super) async fn run_job(ctx: &JobContext, job: &Job, device: &Device, cancel: Arc<AtomicBool>, recorder: &mut Recorder<'_>) -> Result<TrainOutcome, JobFailure> {
     let params: TrainParams = serde_json::from_value(job.params.clone()).map_err(|e| setup(format!("stored hyper-parameters: {e}")))?;
     let is_our_model = db::models::get(&ctx.db, &job.base_model).await.map_err(setup)?.is_some();
     let source = resolve_base_model(&job.base_model, is_our_model, &ctx.paths.models(), &ctx.base_models_dir).map_err(setup)?;
@@ -56,10 +58,11 @@ pub(super) async fn run_job(ctx: &JobContext, job: &Job, device: &Device, cancel
         .name(format!("train-{}", &job.id[job.id.len().saturating_sub(8)..]))
         .spawn(move || {
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<TrainOutcome, JobFailure> {
-                let mut model = LoadedModel::load(&source, Some(&labels), &device, params.seed).map_err(TrainError::from)?;
                 let mut on_event = |e: TrainEvent| {
                     let _ = tx.send(e);
                 };
+                on_event(TrainEvent::Phase { phase: Phase::Loading, done: 0, total: 1 });
+                let mut model = LoadedModel::load(&source, Some(&labels), &device, params.seed).map_err(TrainError::from)?;
                 Ok(fine_tune(&mut model, spec, &device, Control { cancel: &cancel, on_event: &mut on_event })?)
             }));
             let _ = done_tx.send(result.unwrap_or_else(|panic| Err(JobFailure::Panic(panic_message(panic.as_ref())))));
@@ -68,9 +71,7 @@ pub(super) async fn run_job(ctx: &JobContext, job: &Job, device: &Device, cancel
 
     // Events arrive until the thread drops its sender; record each as it comes.
     while let Some(event) = rx.recv().await {
-        if let Err(e) = record_event(ctx, job, event).await {
-            tracing::error!(job = %job.id, error = %e, "recording a training event failed");
-        }
+        recorder.record(event).await;
     }
     done_rx.await.unwrap_or_else(|_| Err(JobFailure::Panic("the training thread vanished".into())))
 }
@@ -98,45 +99,93 @@ async fn load_dataset(ctx: &JobContext, dataset_id: &str) -> Result<TrainData, J
     Ok(TrainData::with_labels(dataset.classes, records)?)
 }
 
-/// Records one training event and forwards it to the job's live subscribers.
-async fn record_event(ctx: &JobContext, job: &Job, event: TrainEvent) -> anyhow::Result<()> {
-    let db = &ctx.db;
-    match event {
-        TrainEvent::Started { epochs, total_steps, resumed_from, .. } => {
-            db::jobs::set_plan(db, &job.id, epochs, total_steps).await?;
-            let done = resumed_from.unwrap_or(0);
-            db::job_metrics::truncate_after(db, &job.id, done).await?;
-            db::jobs::set_progress(db, &job.id, done, 0).await?;
-            if let Some(epoch) = resumed_from {
-                tracing::info!(job = %job.id, epoch, "resuming from checkpoint");
-            }
-        }
-        TrainEvent::Restarted { reason } => tracing::warn!(job = %job.id, %reason, "checkpoint unusable, starting over"),
-        TrainEvent::Step { epoch, step, steps, loss, learning_rate, images_per_s } => {
-            db::job_metrics::record_step(db, &job.id, &TrainPoint { step, epoch, loss, learning_rate }).await?;
-            db::jobs::set_progress(db, &job.id, epoch, step).await?;
-            ctx.hub.set_throughput(&job.id, images_per_s);
-            let epochs = job.progress.epochs;
-            ctx.hub.publish(
-                &job.id,
-                JobEvent::Progress(json!({"epoch": epoch, "epochs": epochs, "step": step, "steps": steps,
-                    "loss": loss, "learning_rate": learning_rate, "images_per_s": images_per_s})),
-            );
-        }
-        TrainEvent::Epoch { epoch, report, .. } => {
-            db::job_metrics::record_evaluation(db, &job.id, "validation", epoch, &report).await?;
-            db::jobs::set_epoch_done(db, &job.id, epoch).await?;
-            let mut block = serde_json::to_value(&report)?;
-            block["epoch"] = json!(epoch);
-            ctx.hub.publish(&job.id, JobEvent::Metrics(block));
-        }
-        TrainEvent::Checkpoint { epoch, dir, score } => {
-            let rel = dir.strip_prefix(ctx.paths.root()).unwrap_or(&dir).to_string_lossy().into_owned();
-            db::job_metrics::record_checkpoint(db, &job.id, epoch, &rel, score).await?;
-        }
-        TrainEvent::Test { report } => db::job_metrics::record_evaluation(db, &job.id, "test", 0, &report).await?,
-        TrainEvent::Features { done, total } => tracing::debug!(job = %job.id, done, total, "probe features"),
-        TrainEvent::Probe { c, cv_accuracy, seconds } => tracing::info!(job = %job.id, c, ?cv_accuracy, seconds, "probe head fitted"),
+/// How often, at most, a job's phase progress is written and sent live (besides every change of
+/// phase and the end of each): a few times a second.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Records a run's events: every step and evaluation in the database; the job's progress (epoch,
+/// step, phase) in its row and as live `progress` events, at most every [`PROGRESS_INTERVAL`]
+/// except at a change of phase and at the end of one.
+pub(super) struct Recorder<'a> {
+    ctx: &'a JobContext,
+    job: &'a Job,
+    progress: Progress,
+    clock: PhaseClock,
+    last_sent: Option<Instant>,
+}
+
+impl<'a> Recorder<'a> {
+    pub fn new(ctx: &'a JobContext, job: &'a Job) -> Self {
+        Self { ctx, job, progress: job.progress.clone(), clock: PhaseClock::default(), last_sent: None }
     }
-    Ok(())
+
+    /// Records one event; a failure to record is logged (the run goes on).
+    pub async fn record(&mut self, event: TrainEvent) {
+        if let Err(e) = self.try_record(event).await {
+            tracing::error!(job = %self.job.id, error = %e, "recording a training event failed");
+        }
+    }
+
+    async fn try_record(&mut self, event: TrainEvent) -> anyhow::Result<()> {
+        let (ctx, job, db) = (self.ctx, self.job, &self.ctx.db);
+        match event {
+            TrainEvent::Started { epochs, total_steps, resumed_from, .. } => {
+                db::jobs::set_plan(db, &job.id, epochs, total_steps).await?;
+                let done = resumed_from.unwrap_or(0);
+                db::job_metrics::truncate_after(db, &job.id, done).await?;
+                db::jobs::set_progress(db, &job.id, done, 0).await?;
+                (self.progress.epochs, self.progress.steps, self.progress.epoch, self.progress.step) = (epochs, total_steps, done, 0);
+                if let Some(epoch) = resumed_from {
+                    tracing::info!(job = %job.id, epoch, "resuming from checkpoint");
+                }
+            }
+            TrainEvent::Restarted { reason } => tracing::warn!(job = %job.id, %reason, "checkpoint unusable, starting over"),
+            TrainEvent::Step { epoch, step, steps, loss, learning_rate, images_per_s } => {
+                db::job_metrics::record_step(db, &job.id, &TrainPoint { step, epoch, loss, learning_rate }).await?;
+                ctx.hub.set_throughput(&job.id, images_per_s);
+                (self.progress.epoch, self.progress.step, self.progress.steps) = (epoch, step, steps);
+                let extra = json!({"loss": loss, "learning_rate": learning_rate, "images_per_s": images_per_s});
+                self.phase(Phase::Training, step, steps, Some(images_per_s), extra).await?;
+            }
+            TrainEvent::Phase { phase, done, total } => self.phase(phase, done, total, None, json!({})).await?,
+            TrainEvent::Epoch { epoch, report, .. } => {
+                db::job_metrics::record_evaluation(db, &job.id, "validation", epoch, &report).await?;
+                db::jobs::set_epoch_done(db, &job.id, epoch).await?;
+                self.progress.epoch = self.progress.epoch.max(epoch);
+                let mut block = serde_json::to_value(&report)?;
+                block["epoch"] = json!(epoch);
+                ctx.hub.publish(&job.id, JobEvent::Metrics(block));
+            }
+            TrainEvent::Checkpoint { epoch, dir, score } => {
+                let rel = dir.strip_prefix(ctx.paths.root()).unwrap_or(&dir).to_string_lossy().into_owned();
+                db::job_metrics::record_checkpoint(db, &job.id, epoch, &rel, score).await?;
+            }
+            TrainEvent::Test { report } => db::job_metrics::record_evaluation(db, &job.id, "test", 0, &report).await?,
+            TrainEvent::Probe { c, cv_accuracy, seconds } => tracing::info!(job = %job.id, c, ?cv_accuracy, seconds, "probe head fitted"),
+        }
+        Ok(())
+    }
+
+    /// Progress within a phase: written and sent when the phase changed, when it is complete, or
+    /// when the last update is older than [`PROGRESS_INTERVAL`]. `rate` overrides the measured one;
+    /// `extra` fields (a step's loss) go into the live event only.
+    async fn phase(&mut self, phase: Phase, done: u64, total: u64, rate: Option<f64>, extra: serde_json::Value) -> anyhow::Result<()> {
+        let (changed, measured) = self.clock.update(phase, done);
+        let p = &mut self.progress;
+        (p.phase, p.done, p.total, p.rate) = (Some(phase), done, total, rate.or(measured));
+        let due = self.last_sent.is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL);
+        if !(changed || done >= total || due) {
+            return Ok(());
+        }
+        self.last_sent = Some(Instant::now());
+        let (db, id, p) = (&self.ctx.db, &self.job.id, &self.progress);
+        db::jobs::set_progress(db, id, p.epoch, p.step).await?;
+        db::jobs::set_phase(db, id, phase, done, total, p.rate).await?;
+        let mut event = serde_json::to_value(p)?;
+        if let (Some(event), Some(extra)) = (event.as_object_mut(), extra.as_object()) {
+            event.extend(extra.clone());
+        }
+        self.ctx.hub.publish(id, JobEvent::Progress(event));
+        Ok(())
+    }
 }

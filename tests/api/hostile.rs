@@ -21,7 +21,7 @@ use sha2::Digest;
 
 use crate::fixtures::{self, Member, file};
 use crate::hostile_inputs::*;
-use crate::support::{ChildServer, Launch, entries_under, install_base_model, tiny_config};
+use crate::support::{ChildServer, Launch, entries_under, install_base_model, reset_peak_rss, rss_mib, tiny_config};
 
 /// Peak resident memory allowed while one hostile input is handled, in MiB. The largest single
 /// allocations are an entry of up to `--max-image-bytes` (64 MiB) read whole, a `/predict` body
@@ -37,16 +37,8 @@ fn start(data: &Path, cwd: &Path, tmp: &Path, log: &Path) -> Server {
     Launch::new(data).cwd(cwd).env("TMPDIR", tmp).log_file(log).start()
 }
 
-/// The process's peak resident set size in MiB since the last [`reset_peak`].
 fn peak_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
-}
-
-/// Resets the process's peak resident set size to its current size.
-fn reset_peak(pid: u32) {
-    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+    rss_mib(pid, "VmHWM:")
 }
 
 /// What a hostile input may be answered with.
@@ -67,7 +59,7 @@ struct Corpus<'a> {
 impl Corpus<'_> {
     async fn check(&mut self, name: &str, request: reqwest::RequestBuilder, expect: Expect) -> Value {
         let pid = self.server.pid();
-        reset_peak(pid);
+        reset_peak_rss(pid);
         let started = Instant::now();
         let resp = request.send().await.unwrap_or_else(|e| panic!("{name}: no answer: {e:?}"));
         let status = resp.status().as_u16();
@@ -158,9 +150,31 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
 }
 
+/// What tests of harm store first: a dataset (cat, dog) and a model trained on it for one epoch
+/// from base model `tiny`; returns their ids.
+pub(crate) async fn store_dataset_and_model(server: &Server) -> (String, String) {
+    let form = Form::new().part("file", Part::bytes(fixtures::zip(&fixtures::class_images("", &["cat", "dog"], 6, 1))).file_name("pets.zip"));
+    let dataset: Value = server.client.post(server.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
+    let dataset_id = dataset["id"].as_str().unwrap().to_string();
+    let body = json!({"dataset_id": dataset_id, "base_model": "tiny", "params": {"epochs": 1, "batch_size": 4}});
+    let job: Value = server.client.post(server.url("/jobs")).json(&body).send().await.unwrap().json().await.unwrap();
+    let job_id = job["id"].as_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let done = loop {
+        let j = server.get_json(&format!("/jobs/{job_id}")).await;
+        if j["status"] == "succeeded" || j["status"] == "failed" {
+            break j;
+        }
+        assert!(Instant::now() < deadline, "training did not finish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(done["status"], "succeeded", "{done}");
+    (dataset_id, done["model_id"].as_str().unwrap().to_string())
+}
+
 /// The stored state a hostile input must not change: the dataset and model as the API shows
 /// them, the dataset's blobs by content, the model's files by content, and a prediction.
-async fn snapshot(s: &Server, data: &Path, dataset: &str, model: &str) -> Value {
+pub(crate) async fn snapshot(s: &Server, data: &Path, dataset: &str, model: &str) -> Value {
     let get = |path: String| {
         let c = s.client.clone();
         async move { c.get(path).send().await.unwrap().json::<Value>().await.unwrap() }
@@ -209,32 +223,7 @@ async fn hostile_inputs_get_4xx_or_per_file_rejections_and_harm_nothing() {
     let server = start(&data, &cwd, &tmpdir, &log);
     let pid = server.pid();
 
-    // What was stored before: a dataset and a model trained on it.
-    let form = Form::new().part("file", Part::bytes(fixtures::zip(&fixtures::class_images("", &["cat", "dog"], 6, 1))).file_name("pets.zip"));
-    let dataset: Value = server.client.post(format!("{}/datasets", server.base)).multipart(form).send().await.unwrap().json().await.unwrap();
-    let dataset_id = dataset["id"].as_str().unwrap().to_string();
-    let job: Value = server
-        .client
-        .post(format!("{}/jobs", server.base))
-        .json(&json!({"dataset_id": dataset_id, "base_model": "tiny", "params": {"epochs": 1, "batch_size": 4}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let job_id = job["id"].as_str().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let done = loop {
-        let j: Value = server.client.get(format!("{}/jobs/{job_id}", server.base)).send().await.unwrap().json().await.unwrap();
-        if j["status"] == "succeeded" || j["status"] == "failed" {
-            break j;
-        }
-        assert!(Instant::now() < deadline, "training did not finish");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert_eq!(done["status"], "succeeded", "{done}");
-    let model_id = done["model_id"].as_str().unwrap().to_string();
+    let (dataset_id, model_id) = store_dataset_and_model(&server).await;
     let before = snapshot(&server, &data, &dataset_id, &model_id).await;
     let rss_before = peak_mib(pid);
 

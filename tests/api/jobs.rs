@@ -110,6 +110,53 @@ async fn events_stream_progress_metrics_and_the_final_status_live_and_late() {
 }
 
 #[tokio::test]
+async fn every_phase_of_a_job_is_streamed_in_order_with_growing_progress() {
+    let app = spawn_app().await;
+    let dataset = app.upload_pets(6, true).await;
+    // A first job keeps the one CPU worker busy, so the second is still queued when its event
+    // stream opens and every phase of it is seen live.
+    app.submit_job(&dataset, json!({"epochs": 12, "batch_size": 2})).await;
+    let resp = app.post_json("/jobs", &json!({"dataset_id": dataset, "base_model": "tiny", "recipe": "auto", "params": {"epochs": 2}})).await;
+    assert_eq!(resp.status(), 202);
+    let job = json(resp).await;
+    let id = job["id"].as_str().unwrap();
+    let events = read_events(&app, id).await;
+    assert_eq!(events[0].1["phase"], Value::Null, "queued when the stream opened: {:?}", events[0]);
+
+    let progress: Vec<&Value> = events.iter().filter(|(e, v)| e == "progress" && !v["phase"].is_null()).map(|(_, v)| v).collect();
+    let mut runs: Vec<(String, Vec<(u64, u64)>)> = Vec::new();
+    for p in &progress {
+        let phase = p["phase"].as_str().unwrap().to_string();
+        let at = (p["done"].as_u64().unwrap(), p["total"].as_u64().unwrap());
+        match runs.last_mut() {
+            Some((last, points)) if *last == phase => points.push(at),
+            _ => runs.push((phase, vec![at])),
+        }
+    }
+    let order: Vec<&str> = runs.iter().map(|(p, _)| p.as_str()).collect();
+    // Epoch 1 is the probe; epoch 2 fine-tunes; the test split is evaluated at the end.
+    assert_eq!(
+        order,
+        ["loading", "features", "probe", "validating", "saving", "training", "validating", "saving", "validating", "saving"],
+        "{progress:?}"
+    );
+    for (phase, points) in &runs {
+        assert!(points.windows(2).all(|w| w[0].0 <= w[1].0), "{phase}: done grows: {points:?}");
+        let (done, total) = *points.last().unwrap();
+        assert!(total > 0 && done == total, "{phase} ends complete: {points:?}");
+    }
+    let features = &runs[1].1;
+    assert_eq!(features.last().unwrap().1, 10, "features of the 10 training images");
+    assert!(progress.iter().any(|p| p["phase"] == "training" && p["rate"].as_f64().is_some_and(|r| r > 0.0)), "training has a rate");
+    assert_eq!(events.last().unwrap().0, "status");
+    assert_eq!(events.last().unwrap().1["status"], "succeeded");
+
+    // The job records its last phase.
+    let done = json(app.get(&format!("/jobs/{id}")).await).await;
+    assert_eq!((done["progress"]["phase"].as_str(), done["progress"]["done"].as_u64(), done["progress"]["total"].as_u64()), (Some("saving"), Some(1), Some(1)), "{done}");
+}
+
+#[tokio::test]
 async fn queued_jobs_run_one_after_another_and_cancel_works_in_every_state() {
     let app = spawn_app().await;
     let dataset = app.upload_pets(6, false).await;

@@ -3,7 +3,7 @@
 use std::sync::atomic::AtomicBool;
 
 use candle_core::Device;
-use vitforge::train::{Control, HeadInit, TrainError, TrainEvent, TrainParams, TrainSpec, fine_tune};
+use vitforge::train::{Control, HeadInit, Phase, TrainError, TrainEvent, TrainParams, TrainSpec, fine_tune};
 
 use crate::synth::{stripes_data, tiny_model};
 
@@ -113,7 +113,7 @@ fn a_probe_head_is_fitted_in_epoch_one_without_gradient_steps() {
     let mut on_event = |e: TrainEvent| match e {
         TrainEvent::Step { .. } => steps += 1,
         TrainEvent::Probe { c, cv_accuracy, .. } => probes.push((c, cv_accuracy)),
-        TrainEvent::Features { .. } => features += 1,
+        TrainEvent::Phase { phase: Phase::Features, .. } => features += 1,
         _ => {}
     };
     let out = fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut on_event }).unwrap();

@@ -59,6 +59,18 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     entries_under(dir).into_iter().filter(|p| !dir.join(p).is_dir()).collect()
 }
 
+/// A memory figure of a process in MiB: `field` is a line of `/proc/<pid>/status` (`VmRSS:`, or
+/// `VmHWM:` for the peak since the last [`reset_peak_rss`]); 0 when the process is gone.
+pub fn rss_mib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) / 1024
+}
+
+/// Resets a process's peak resident set size (`VmHWM`) to its current size.
+pub fn reset_peak_rss(pid: u32) {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+}
+
 /// How to start a `vitforge serve` child process.
 pub struct Launch {
     bin: PathBuf,
