@@ -12,5 +12,6 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Eval(args)) => cli::eval(args),
         Some(Command::InitModel(args)) => cli::init_model(args),
         Some(Command::Bench(args)) => cli::bench::bench(args),
+        Some(Command::Selfcheck(args)) => cli::selfcheck::selfcheck(args),
     }
 }

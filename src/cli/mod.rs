@@ -3,6 +3,7 @@
 //! progress bars for long work.
 
 pub mod bench;
+pub mod selfcheck;
 pub mod train_flags;
 
 use std::path::{Path, PathBuf};
@@ -57,6 +58,9 @@ pub enum Command {
     InitModel(InitModelArgs),
     /// Measure inference and training speed and peak memory (JSON lines).
     Bench(bench::BenchArgs),
+    /// Check this build on a device against transformers' golden values (preprocessing, logits,
+    /// loss, every gradient), then training steps and a save/load round trip.
+    Selfcheck(selfcheck::SelfcheckArgs),
 }
 
 /// `vitforge train`.

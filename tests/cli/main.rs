@@ -87,3 +87,36 @@ fn command_line_errors_are_clear() {
         assert!(out.contains(flag), "{flag} in train --help");
     }
 }
+
+#[test]
+fn selfcheck_passes_on_this_machine_and_fails_on_a_wrong_reference() {
+    let (ok, out, err) = vitforge(&["selfcheck", "--device", "cpu"]);
+    assert!(ok, "{err}");
+    let summary: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(summary["passed"], true, "{summary}");
+    let names: Vec<&str> = summary["checks"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    for name in ["odd: preprocessing", "odd: logits", "odd: loss", "odd: every gradient", "odd: training steps", "odd: save and load", "odd2: logits"] {
+        assert!(names.contains(&name), "{name} in {names:?}");
+    }
+    assert_eq!(err.lines().filter(|l| l.starts_with("PASS")).count(), names.len(), "{err}");
+
+    // The same files with one golden logit off by 0.01: the logits check fails, and says so.
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden");
+    for entry in support::files_under(&golden) {
+        let dest = tmp.path().join(&entry);
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(golden.join(&entry), &dest).unwrap();
+    }
+    let reference = tmp.path().join("odd/reference.safetensors");
+    let mut tensors = candle_core::safetensors::load(&reference, &candle_core::Device::Cpu).unwrap();
+    let logits = tensors["logits"].clone();
+    let bump = (logits.ones_like().unwrap() * 0.01).unwrap().to_dtype(logits.dtype()).unwrap();
+    tensors.insert("logits".into(), (logits + bump).unwrap());
+    candle_core::safetensors::save(&tensors, &reference).unwrap();
+    let (ok, out, err) = vitforge(&["selfcheck", "--device", "cpu", "--fixtures", &tmp.path().to_string_lossy()]);
+    assert!(!ok, "a wrong reference must fail: {out}");
+    assert!(err.lines().any(|l| l.starts_with("FAIL  odd: logits")), "{err}");
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["passed"], false);
+}
