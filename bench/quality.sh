@@ -37,5 +37,10 @@ print(json.dumps({
     "best_epoch": train["best_epoch"],
     "epochs_run": train["epochs_run"],
     "validation_f1": round(train["validation"]["f1"], 4),
+    "test_ece": round(ev.get("ece", 0.0), 4),
+    "test_mean_score": round(ev.get("mean_score", 0.0), 4),
+    "temperature": round((train.get("calibration") or {}).get("temperature", 1.0), 3),
+    "calibrated": bool((train.get("calibration") or {}).get("fitted", False)),
+    "test_ece_before_calibration": (train.get("calibration") or {}).get("test_ece_before"),
 }))
 PY

@@ -55,7 +55,7 @@ impl ModelRegistry {
             job_id: Some(job.id.clone()),
             base_model: job.base_model.clone(),
             labels: labels_of(&outcome.best_dir)?,
-            metrics: Some(serde_json::to_value(&outcome.best)?),
+            metrics: Some(model_metrics(outcome)?),
             params: Some(job.params.clone()),
             recipe: Some(job.recipe.clone()),
             created_at: db::now(),
@@ -122,6 +122,16 @@ impl ModelRegistry {
     fn relative(&self, path: &Path) -> String {
         path.strip_prefix(self.paths.root()).unwrap_or(path).to_string_lossy().into_owned()
     }
+}
+
+/// What a model records as its metrics: the kept epoch's validation block, with the calibration
+/// of its scores when the run calibrated them.
+fn model_metrics(outcome: &TrainOutcome) -> anyhow::Result<serde_json::Value> {
+    let mut metrics = serde_json::to_value(&outcome.best)?;
+    if let (Some(c), Some(m)) = (&outcome.calibration, metrics.as_object_mut()) {
+        m.insert("calibration".into(), serde_json::to_value(c)?);
+    }
+    Ok(metrics)
 }
 
 fn labels_of(dir: &Path) -> anyhow::Result<Vec<String>> {

@@ -274,7 +274,12 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 cv_accuracy.map(|a| format!(", cross-validated accuracy {a:.4}")).unwrap_or_default()
             ),
         ),
-        TrainEvent::Test { report } => say(&pb, format!("test: accuracy {:.4} macro-F1 {:.4}", report.accuracy, report.f1)),
+        TrainEvent::Test { report } => say(&pb, format!("test: accuracy {:.4} macro-F1 {:.4} calibration error {:.4}", report.accuracy, report.f1, report.ece)),
+        TrainEvent::Calibrated { calibration: c } if c.fitted => say(
+            &pb,
+            format!("scores calibrated: temperature {:.3}, validation calibration error {:.4} → {:.4}", c.temperature, c.validation_ece_before, c.validation_ece_after),
+        ),
+        TrainEvent::Calibrated { .. } => say(&pb, format!("scores not calibrated: fewer than {} validation images", crate::train::calibrate::MIN_VALIDATION_IMAGES)),
     };
     let cancel = AtomicBool::new(false);
     let outcome = fine_tune(&mut model, spec, &device, Control { cancel: &cancel, on_event: &mut on_event })?;
@@ -287,6 +292,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         "epochs_run": outcome.epochs_run,
         "validation": outcome.best,
         "test": outcome.test,
+        "calibration": outcome.calibration,
         "recipe": recipe,
         "params": params,
     });

@@ -66,6 +66,10 @@ pub struct HyperParams {
     /// [default: random; probe with the auto recipe].
     #[arg(long, value_enum)]
     pub head_init: Option<HeadInit>,
+    /// Fit a temperature on the validation split so scores match accuracy [default: true with
+    /// the auto recipe, false with manual].
+    #[arg(long)]
+    pub calibrate: Option<bool>,
 }
 
 impl HyperParams {
@@ -75,13 +79,13 @@ impl HyperParams {
         let Self {
             learning_rate, head_learning_rate, epochs, batch_size, optimizer, weight_decay, momentum, lr_scheduler,
             warmup_ratio, gradient_accumulation_steps, max_grad_norm, train_mode, trainable_layers,
-            augment, early_stopping_patience, label_smoothing, head_init, seed: _, validation_split: _,
+            augment, early_stopping_patience, label_smoothing, head_init, calibrate, seed: _, validation_split: _,
         } = self;
         learning_rate.is_some() || head_learning_rate.is_some() || epochs.is_some() || batch_size.is_some()
             || optimizer.is_some() || weight_decay.is_some() || momentum.is_some() || lr_scheduler.is_some()
             || warmup_ratio.is_some() || gradient_accumulation_steps.is_some() || max_grad_norm.is_some()
             || train_mode.is_some() || trainable_layers.is_some() || augment.is_some()
-            || early_stopping_patience.is_some() || label_smoothing.is_some() || head_init.is_some()
+            || early_stopping_patience.is_some() || label_smoothing.is_some() || head_init.is_some() || calibrate.is_some()
     }
 
     /// The defaults with every given flag applied.
@@ -91,7 +95,7 @@ impl HyperParams {
         }
         set!(learning_rate, epochs, batch_size, optimizer, weight_decay, momentum, lr_scheduler, warmup_ratio,
              gradient_accumulation_steps, max_grad_norm, train_mode, validation_split, augment, seed, label_smoothing,
-             head_init);
+             head_init, calibrate);
         if self.head_learning_rate.is_some() {
             p.head_learning_rate = self.head_learning_rate;
         }

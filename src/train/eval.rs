@@ -14,7 +14,6 @@ use super::features::{Frozen, PrefixCache};
 use super::report::EvalReport;
 use crate::dataset::Split;
 use crate::model::network::trainable_forward;
-use crate::model::vit::cross_entropy;
 use crate::model::{Boundary, LoadedModel, Vit};
 
 /// Evaluates `model` on examples (evaluation transforms; loss without smoothing).
@@ -40,9 +39,60 @@ pub fn evaluate_with(
     cancel: Option<&AtomicBool>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalReport, TrainError> {
-    let mut truth = Vec::with_capacity(examples.len());
-    let mut predicted = Vec::with_capacity(examples.len());
-    let mut loss_sum = 0.0;
+    let logits = logits_with(f, cache, examples, cancel, progress)?;
+    Ok(logits.report(&f.model.cfg.labels, 1.0))
+}
+
+/// The logits of a set of examples, with their true labels.
+#[derive(Debug, Clone)]
+pub struct Logits {
+    /// One row per example, in order.
+    pub rows: Vec<Vec<f32>>,
+    pub truth: Vec<u32>,
+}
+
+impl Logits {
+    /// The report of the model whose logits are these times `scale` (1/temperature): loss
+    /// without smoothing, classification figures, and calibration.
+    pub fn report(&self, labels: &[String], scale: f64) -> EvalReport {
+        let mut loss_sum = 0.0;
+        let mut predicted = Vec::with_capacity(self.rows.len());
+        let mut scores = Vec::with_capacity(self.rows.len());
+        for (row, &t) in self.rows.iter().zip(&self.truth) {
+            let log_p = log_softmax(row, scale);
+            let (best, &top) = log_p.iter().enumerate().fold((0, &f64::NEG_INFINITY), |acc, (i, v)| if *v > *acc.1 { (i, v) } else { acc });
+            loss_sum -= log_p[t as usize];
+            predicted.push(best as u32);
+            scores.push(top.exp());
+        }
+        EvalReport::compute(labels, &self.truth, &predicted, &scores, loss_sum)
+    }
+
+    /// Mean negative log-likelihood of the truth at `scale` (1/temperature).
+    pub fn nll(&self, scale: f64) -> f64 {
+        let sum: f64 = self.rows.iter().zip(&self.truth).map(|(row, &t)| -log_softmax(row, scale)[t as usize]).sum();
+        sum / self.rows.len().max(1) as f64
+    }
+}
+
+/// log softmax(scale · row), in f64.
+fn log_softmax(row: &[f32], scale: f64) -> Vec<f64> {
+    let z: Vec<f64> = row.iter().map(|&v| f64::from(v) * scale).collect();
+    let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let lse = max + z.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+    z.iter().map(|v| v - lse).collect()
+}
+
+/// The logits of examples whose frozen-part outputs come from `cache` (or are computed by `f`),
+/// reporting `(images done, images)` after each batch.
+pub fn logits_with(
+    f: &Frozen,
+    cache: &PrefixCache,
+    examples: &[Example],
+    cancel: Option<&AtomicBool>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Logits, TrainError> {
+    let mut out = Logits { rows: Vec::with_capacity(examples.len()), truth: Vec::with_capacity(examples.len()) };
     let all: Vec<usize> = (0..examples.len()).collect();
     for idx in all.chunks(f.batch.max(1)) {
         if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
@@ -50,14 +100,11 @@ pub fn evaluate_with(
         }
         let input = cache.batch(f, idx, examples, None)?;
         let logits = trainable_forward(f.vit, f.boundary, &input, None)?;
-        let targets: Vec<u32> = idx.iter().map(|&i| examples[i].label).collect();
-        let loss = cross_entropy(&logits, &targets, 0.0, None)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        loss_sum += loss * idx.len() as f64;
-        predicted.extend(logits.argmax(1)?.to_vec1::<u32>()?);
-        truth.extend(targets);
-        progress(truth.len(), examples.len());
+        out.rows.extend(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?);
+        out.truth.extend(idx.iter().map(|&i| examples[i].label));
+        progress(out.truth.len(), examples.len());
     }
-    Ok(EvalReport::compute(&f.model.cfg.labels, &truth, &predicted, loss_sum))
+    Ok(out)
 }
 
 /// Which images of a labelled set an evaluation uses.

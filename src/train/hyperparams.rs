@@ -150,6 +150,9 @@ pub struct TrainParams {
     pub label_smoothing: f64,
     /// How the head starts; with `probe`, epoch 1 is the probe fit and counts among `epochs`.
     pub head_init: HeadInit,
+    /// Fit a temperature on the validation split after training and fold it into the head, so
+    /// that scores mean what they say (predictions do not change).
+    pub calibrate: bool,
 }
 
 impl Default for TrainParams {
@@ -174,6 +177,7 @@ impl Default for TrainParams {
             early_stopping_patience: None,
             label_smoothing: 0.0,
             head_init: HeadInit::Random,
+            calibrate: false,
         }
     }
 }
@@ -192,6 +196,7 @@ impl TrainParams {
             head_init: HeadInit::Probe,
             early_stopping_patience: Some(1),
             warmup_ratio: 0.0,
+            calibrate: true,
             ..Self::default()
         }
     }

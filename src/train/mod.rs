@@ -2,6 +2,7 @@
 //! and schedule, per-epoch validation with the best epoch kept, checkpoints, progress events and
 //! cancellation. It runs on a plain thread; nothing here is async.
 
+pub mod calibrate;
 pub mod checkpoint;
 pub mod data;
 pub mod eval;
@@ -62,6 +63,8 @@ pub enum TrainEvent {
     Checkpoint { epoch: u32, dir: PathBuf, score: f64 },
     /// Test-split evaluation of the kept model.
     Test { report: EvalReport },
+    /// The kept model's scores were calibrated on the validation split.
+    Calibrated { calibration: calibrate::Calibration },
     /// Progress within a phase (`done` of `total`; see [`Phase`] for what they count). The
     /// training phase is reported by [`TrainEvent::Step`] instead.
     Phase { phase: Phase, done: u64, total: u64 },
@@ -92,6 +95,8 @@ pub struct TrainOutcome {
     pub test: Option<EvalReport>,
     pub epochs_run: u32,
     pub history: Vec<EvalReport>,
+    /// The temperature fitted on the validation split, when the run calibrates.
+    pub calibration: Option<calibrate::Calibration>,
 }
 
 /// Cancellation flag and event sink of a running fine-tune.

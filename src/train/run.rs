@@ -15,7 +15,8 @@ use sha2::{Digest, Sha256};
 
 use super::checkpoint::{self, LoopState};
 use super::data::{ImageCache, TrainData, mix};
-use super::eval::evaluate_with;
+use super::calibrate::{self, Calibration};
+use super::eval::{evaluate_with, logits_with};
 use super::features::{Frozen, PrefixCache};
 use super::progress::Phase;
 use super::hyperparams::{HeadInit, TrainParams};
@@ -407,14 +408,21 @@ fn end_epoch(
     Ok(())
 }
 
-/// Loads the best epoch's weights back into `model`, evaluates them on the test split when there
-/// is one, and describes the outcome.
+/// Loads the best epoch's weights back into `model`, calibrates its scores on the validation
+/// split (when the run asks for it), evaluates it on the test split when there is one, and
+/// describes the outcome.
 fn finish(run: &Run, model: &mut LoadedModel, state: LoopState, ctl: &mut Control) -> Result<TrainOutcome, TrainError> {
     let data = run.data;
     let best_epoch = state.best_epoch.ok_or_else(|| TrainError::Checkpoint("no epoch completed".into()))?;
     let best_dir = checkpoint::best_dir(&run.root);
     let best = LoadedModel::load(&ModelSource::Dir(best_dir.clone()), Some(&data.labels), &run.device, run.p.seed)?;
     model.params.load_from(&best.params.snapshot()?)?;
+    let mut calibration = if run.p.calibrate { Some(calibrate(run, model, ctl)?) } else { None };
+    if calibration.as_ref().is_some_and(|c| c.fitted) {
+        report_phase(ctl, Phase::Saving, 0, 1);
+        model.save(&best_dir)?;
+        report_phase(ctl, Phase::Saving, 1, 1);
+    }
     let test = if data.test.is_empty() {
         None
     } else {
@@ -422,10 +430,44 @@ fn finish(run: &Run, model: &mut LoadedModel, state: LoopState, ctl: &mut Contro
         let f = Frozen { vit: &vit, boundary: Boundary::Pixels, ..run.frozen_part(model) };
         let cancel = ctl.cancel;
         report_phase(ctl, Phase::Validating, 0, data.test.len());
-        let report = evaluate_with(&f, &PrefixCache::empty(), &data.test, Some(cancel), &mut |done, total| report_phase(ctl, Phase::Validating, done, total))?;
+        let logits = logits_with(&f, &PrefixCache::empty(), &data.test, Some(cancel), &mut |done, total| report_phase(ctl, Phase::Validating, done, total))?;
+        let report = logits.report(&data.labels, 1.0);
+        if let Some(c) = calibration.as_mut() {
+            // The head is already scaled: the uncalibrated scores are the logits / scale.
+            c.test_ece_after = Some(report.ece);
+            c.test_ece_before = Some(logits.report(&data.labels, c.temperature).ece);
+        }
         (ctl.on_event)(TrainEvent::Test { report: report.clone() });
         Some(report)
     };
     let best_report = state.history[best_epoch as usize - 1].clone();
-    Ok(TrainOutcome { best_dir, best_epoch, best: best_report, test, epochs_run: state.epoch, history: state.history })
+    Ok(TrainOutcome { best_dir, best_epoch, best: best_report, test, epochs_run: state.epoch, history: state.history, calibration })
+}
+
+/// Fits a temperature on the validation split's logits and folds it into the head (see
+/// [`super::calibrate`]); with too few validation images the head is left as it is.
+fn calibrate(run: &Run, model: &LoadedModel, ctl: &mut Control) -> Result<Calibration, TrainError> {
+    let vit = Vit::frozen(&model.cfg, &model.params)?;
+    let f = Frozen { vit: &vit, ..run.frozen_part(model) };
+    let cancel = ctl.cancel;
+    let validation = &run.data.validation;
+    report_phase(ctl, Phase::Validating, 0, validation.len());
+    let logits = logits_with(&f, &run.val_cache, validation, Some(cancel), &mut |done, total| report_phase(ctl, Phase::Validating, done, total))?;
+    let labels = &run.data.labels;
+    let before = logits.report(labels, 1.0).ece;
+    let fitted = validation.len() >= calibrate::MIN_VALIDATION_IMAGES;
+    let scale = if fitted { calibrate::fit_scale(&logits) } else { 1.0 };
+    if fitted {
+        calibrate::fold_into_head(model, scale)?;
+    }
+    let calibration = Calibration {
+        temperature: 1.0 / scale,
+        fitted,
+        validation_ece_before: before,
+        validation_ece_after: logits.report(labels, scale).ece,
+        test_ece_before: None,
+        test_ece_after: None,
+    };
+    (ctl.on_event)(TrainEvent::Calibrated { calibration: calibration.clone() });
+    Ok(calibration)
 }

@@ -162,6 +162,9 @@ impl<'a> Recorder<'a> {
             }
             TrainEvent::Test { report } => db::job_metrics::record_evaluation(db, &job.id, "test", 0, &report).await?,
             TrainEvent::Probe { c, cv_accuracy, seconds } => tracing::info!(job = %job.id, c, ?cv_accuracy, seconds, "probe head fitted"),
+            TrainEvent::Calibrated { calibration: c } => {
+                tracing::info!(job = %job.id, temperature = c.temperature, fitted = c.fitted, ece_before = c.validation_ece_before, ece_after = c.validation_ece_after, "scores calibrated")
+            }
         }
         Ok(())
     }

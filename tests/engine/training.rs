@@ -146,3 +146,29 @@ fn a_probe_run_resumed_after_the_probe_epoch_ends_like_an_uninterrupted_one() {
     assert_eq!(resumed.unwrap().history, whole.history);
     assert_eq!(resumed_losses, whole_losses);
 }
+
+/// Calibration divides the head by the fitted temperature and changes no prediction: the same
+/// run without it ends with the same head times the temperature, and the same accuracy.
+#[test]
+fn calibration_folds_a_temperature_into_the_head_and_changes_no_prediction() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    // 40 images per class, a quarter held out: 20 validation images, enough to calibrate.
+    let p = TrainParams { epochs: 4, ..params() };
+    let head = |dir: &std::path::Path| {
+        let m = vitforge::model::LoadedModel::load(&vitforge::model::ModelSource::Dir(dir.to_path_buf()), None, &Device::Cpu, 0).unwrap();
+        m.params.snapshot().unwrap()["classifier.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let (plain, _) = run(&data, &tmp.path().join("plain"), TrainParams { calibrate: false, ..p.clone() }, None);
+    let plain = plain.unwrap();
+    assert!(plain.calibration.is_none());
+    let (cal, _) = run(&data, &tmp.path().join("cal"), TrainParams { calibrate: true, ..p }, None);
+    let cal = cal.unwrap();
+    let c = cal.calibration.clone().expect("calibrated");
+    assert!(c.fitted && c.temperature > 0.0 && c.temperature != 1.0, "{c:?}");
+    assert_eq!((cal.best_epoch, cal.best.accuracy), (plain.best_epoch, plain.best.accuracy));
+    let (h_plain, h_cal) = (head(&plain.best_dir), head(&cal.best_dir));
+    for (a, b) in h_plain.iter().zip(&h_cal) {
+        assert!((f64::from(*a) / c.temperature - f64::from(*b)).abs() < 1e-5, "{a} / {} vs {b}", c.temperature);
+    }
+}
