@@ -10,7 +10,13 @@ vitforge is compared on). One JSON line per figure:
 
     {"impl": "pytorch", "config", "batch", "mode", "images_per_s", "peak_rss_mb"}
 
+With --device cuda, timings wait for the GPU (torch.cuda.synchronize) and each line also has
+"peak_gpu_mb" (torch.cuda.max_memory_allocated); f32 then runs with PyTorch's defaults (TF32 in
+products where it allows it), and --precision bf16 measures bf16 weights under inference_mode for
+inference and torch.autocast(bfloat16) with f32 master weights for a training step.
+
 Usage: python3 bench/torch_reference.py --config small --batch 8 --mode train --iters 5
+       python3 bench/torch_reference.py --device cuda --precision bf16 --config base --batch 64
 Needs: torch, transformers (pip install torch transformers).
 """
 import argparse
@@ -50,24 +56,35 @@ def main():
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--precision", default="f32", choices=["f32", "bf16"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     name, model = build(args)
     cfg = model.config
+    dev = torch.device(args.device)
+    model.to(dev)
+    cuda = dev.type == "cuda"
+    bf16 = args.precision == "bf16"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for batch in [int(b) for b in args.batch.split(",")]:
-        pixels = torch.randn(batch, cfg.num_channels, cfg.image_size, cfg.image_size)
-        labels = torch.arange(batch) % LABELS
+        pixels = torch.randn(batch, cfg.num_channels, cfg.image_size, cfg.image_size, device=dev)
+        labels = (torch.arange(batch) % LABELS).to(dev)
         for mode in args.mode.split(","):
             if mode == "infer":
                 model.eval()
                 for p in model.parameters():
                     p.requires_grad_(True)
+                infer_model = model.to(torch.bfloat16) if bf16 else model
+                infer_pixels = pixels.to(torch.bfloat16) if bf16 else pixels
 
                 def run():
-                    with torch.no_grad():
-                        model(pixel_values=pixels).logits
+                    with torch.inference_mode():
+                        infer_model(pixel_values=infer_pixels).logits
+                    sync()
             elif mode in ("train", "head_only"):
+                model.float()
                 model.train()
                 for n, p in model.named_parameters():
                     p.requires_grad_(mode == "train" or n.startswith("classifier."))
@@ -75,12 +92,16 @@ def main():
 
                 def run():
                     opt.zero_grad(set_to_none=True)
-                    loss = model(pixel_values=pixels, labels=labels).loss
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                        loss = model(pixel_values=pixels, labels=labels).loss
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
                     opt.step()
+                    sync()
             else:
                 raise SystemExit(f"unknown mode {mode}")
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             for _ in range(args.warmup):
                 run()
             times = []
@@ -89,8 +110,11 @@ def main():
                 run()
                 times.append(time.perf_counter() - t)
             median = statistics.median(times)
-            print(json.dumps({"impl": "pytorch", "config": name, "batch": batch, "mode": mode,
-                              "images_per_s": round(batch / median, 2), "peak_rss_mb": round(peak_rss_mb())}), flush=True)
+            line = {"impl": "pytorch", "config": name, "batch": batch, "mode": mode, "precision": args.precision,
+                    "device": args.device, "images_per_s": round(batch / median, 2), "peak_rss_mb": round(peak_rss_mb())}
+            if cuda:
+                line["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+            print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":

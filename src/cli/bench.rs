@@ -109,6 +109,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                         optimizer.step(&model.params, &grads, &|_| 1e-4)?;
                     }
                 }
+                // GPU work is queued; a figure must include it.
+                device.synchronize()?;
                 Ok(())
             };
             for _ in 0..args.warmup {
