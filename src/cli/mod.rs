@@ -275,6 +275,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             ),
         ),
         TrainEvent::Test { report } => say(&pb, format!("test: accuracy {:.4} macro-F1 {:.4} calibration error {:.4}", report.accuracy, report.f1, report.ece)),
+        TrainEvent::Decided { decision, .. } => say(&pb, format!("auto: {}", decision.reason)),
         TrainEvent::Calibrated { calibration: c } if c.fitted => say(
             &pb,
             format!("scores calibrated: temperature {:.3}, validation calibration error {:.4} → {:.4}", c.temperature, c.validation_ece_before, c.validation_ece_after),
@@ -293,6 +294,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         "validation": outcome.best,
         "test": outcome.test,
         "calibration": outcome.calibration,
+        "decision": outcome.decision,
         "recipe": recipe,
         "params": params,
     });

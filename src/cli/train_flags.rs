@@ -3,7 +3,7 @@
 
 use clap::Args;
 
-use crate::train::{HeadInit, OptimizerKind, Scheduler, TrainMode, TrainParams};
+use crate::train::{AfterProbe, HeadInit, OptimizerKind, Scheduler, TrainMode, TrainParams};
 
 /// Fine-tune hyper-parameters (defaults: Hugging Face's image-classification recipe).
 #[derive(Debug, Clone, Default, Args)]
@@ -70,6 +70,15 @@ pub struct HyperParams {
     /// the auto recipe, false with manual].
     #[arg(long)]
     pub calibrate: Option<bool>,
+    /// After the probe epoch: `auto` decides from the data and the time budget, `given` follows
+    /// --epochs and --train-mode [default: auto with the auto recipe unless --epochs,
+    /// --train-mode or --trainable-layers is given].
+    #[arg(long, value_enum)]
+    pub after_probe: Option<AfterProbe>,
+    /// Longest the run should take, in seconds: auto plans within it, and no epoch starts that
+    /// would end past it.
+    #[arg(long)]
+    pub time_budget_secs: Option<u64>,
 }
 
 impl HyperParams {
@@ -79,13 +88,15 @@ impl HyperParams {
         let Self {
             learning_rate, head_learning_rate, epochs, batch_size, optimizer, weight_decay, momentum, lr_scheduler,
             warmup_ratio, gradient_accumulation_steps, max_grad_norm, train_mode, trainable_layers,
-            augment, early_stopping_patience, label_smoothing, head_init, calibrate, seed: _, validation_split: _,
+            augment, early_stopping_patience, label_smoothing, head_init, calibrate, after_probe,
+            seed: _, validation_split: _, time_budget_secs: _,
         } = self;
         learning_rate.is_some() || head_learning_rate.is_some() || epochs.is_some() || batch_size.is_some()
             || optimizer.is_some() || weight_decay.is_some() || momentum.is_some() || lr_scheduler.is_some()
             || warmup_ratio.is_some() || gradient_accumulation_steps.is_some() || max_grad_norm.is_some()
             || train_mode.is_some() || trainable_layers.is_some() || augment.is_some()
             || early_stopping_patience.is_some() || label_smoothing.is_some() || head_init.is_some() || calibrate.is_some()
+            || after_probe.is_some()
     }
 
     /// The defaults with every given flag applied.
@@ -95,7 +106,7 @@ impl HyperParams {
         }
         set!(learning_rate, epochs, batch_size, optimizer, weight_decay, momentum, lr_scheduler, warmup_ratio,
              gradient_accumulation_steps, max_grad_norm, train_mode, validation_split, augment, seed, label_smoothing,
-             head_init, calibrate);
+             head_init, calibrate, after_probe);
         if self.head_learning_rate.is_some() {
             p.head_learning_rate = self.head_learning_rate;
         }
@@ -104,6 +115,13 @@ impl HyperParams {
         }
         if self.early_stopping_patience.is_some() {
             p.early_stopping_patience = self.early_stopping_patience;
+        }
+        if self.time_budget_secs.is_some() {
+            p.time_budget_secs = self.time_budget_secs;
+        }
+        // As POST /jobs: fixing the epochs or the mode fixes what follows the probe.
+        if self.after_probe.is_none() && (self.epochs.is_some() || self.train_mode.is_some() || self.trainable_layers.is_some()) {
+            p.after_probe = AfterProbe::Given;
         }
         p
     }

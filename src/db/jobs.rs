@@ -85,6 +85,9 @@ pub struct Job {
     pub device: Option<String>,
     /// A cancel was asked for while the job runs; it stops within one batch.
     pub cancel_requested: bool,
+    /// What the `auto` recipe decided after its probe epoch, and why (`{"action", "epochs",
+    /// "reason"}`); also why a time budget ended the run early.
+    pub decision: Option<Value>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -111,6 +114,7 @@ struct JobRow {
     phase_done: i64,
     phase_total: i64,
     phase_rate: Option<f64>,
+    decision: Option<String>,
 }
 
 impl TryFrom<JobRow> for Job {
@@ -140,6 +144,7 @@ impl TryFrom<JobRow> for Job {
             model_id: r.model_id,
             device: r.device,
             cancel_requested: r.cancel_requested,
+            decision: r.decision.as_deref().map(serde_json::from_str).transpose().map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
         })
     }
 }
@@ -148,7 +153,7 @@ impl TryFrom<JobRow> for Job {
 macro_rules! job_columns {
     () => {
         "id, dataset_id, base_model, params, recipe, status, epoch, epochs, step, steps, created_at, \
-                       started_at, finished_at, error, model_id, device, cancel_requested, phase, phase_done, phase_total, phase_rate"
+                       started_at, finished_at, error, model_id, device, cancel_requested, phase, phase_done, phase_total, phase_rate, decision"
     };
 }
 
@@ -261,6 +266,12 @@ pub async fn set_phase(pool: &SqlitePool, id: &str, phase: Phase, done: u64, tot
         .bind(id)
         .execute(pool)
         .await?;
+    Ok(())
+}
+
+/// Records what the auto recipe decided (or why a time budget ended the run).
+pub async fn set_decision(pool: &SqlitePool, id: &str, decision: &Value) -> Result<(), sqlx::Error> {
+    sqlx::query("update jobs set decision = ? where id = ?").bind(decision.to_string()).bind(id).execute(pool).await?;
     Ok(())
 }
 

@@ -28,6 +28,10 @@ pub struct LoopState {
     pub epochs_since_best: u32,
     /// Validation report of every completed epoch.
     pub history: Vec<EvalReport>,
+    /// What `after_probe: auto` decided after the probe epoch (kept, so a resumed run goes on
+    /// as decided).
+    #[serde(default)]
+    pub decision: Option<super::auto::Decision>,
 }
 
 /// Folder name of epoch `n`'s checkpoint.

@@ -53,8 +53,25 @@ pub enum HeadInit {
     Probe,
 }
 
+/// How a run with a probe head goes on after the probe epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum AfterProbe {
+    /// As `epochs` and `train_mode` say.
+    Given,
+    /// The run decides from the data and the time budget (`train::auto`): stop after the probe,
+    /// or fine-tune the whole network for as many epochs as pay and fit; the decision and its
+    /// reason are recorded on the job.
+    Auto,
+}
+
+/// Fields that, given to the `auto` recipe, fix what follows the probe (so `after_probe` becomes
+/// `given` unless it is given too).
+pub const FIXES_AFTER_PROBE: [&str; 3] = ["epochs", "train_mode", "trainable_layers"];
+
 /// Fields that leave the implied recipe `auto`.
-pub const NOT_RECIPE_FIELDS: [&str; 2] = ["seed", "validation_split"];
+pub const NOT_RECIPE_FIELDS: [&str; 3] = ["seed", "validation_split", "time_budget_secs"];
 
 /// Which defaults a job starts from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -104,6 +121,9 @@ impl Recipe {
             Ok(serde_json::Value::Object(m)) => m,
             _ => serde_json::Map::new(),
         };
+        if self == Recipe::Auto && !given.contains_key("after_probe") && FIXES_AFTER_PROBE.iter().any(|f| given.contains_key(*f)) {
+            merged.insert("after_probe".into(), serde_json::json!(AfterProbe::Given));
+        }
         for (k, v) in given {
             merged.insert(k.clone(), v.clone());
         }
@@ -153,6 +173,11 @@ pub struct TrainParams {
     /// Fit a temperature on the validation split after training and fold it into the head, so
     /// that scores mean what they say (predictions do not change).
     pub calibrate: bool,
+    /// How a run with a probe head goes on after the probe epoch.
+    pub after_probe: AfterProbe,
+    /// Longest the run should take, in seconds: `after_probe: auto` plans within it, and no
+    /// gradient epoch starts that would end past it (the best epoch so far is kept).
+    pub time_budget_secs: Option<u64>,
 }
 
 impl Default for TrainParams {
@@ -178,6 +203,8 @@ impl Default for TrainParams {
             label_smoothing: 0.0,
             head_init: HeadInit::Random,
             calibrate: false,
+            after_probe: AfterProbe::Given,
+            time_budget_secs: None,
         }
     }
 }
@@ -197,6 +224,7 @@ impl TrainParams {
             early_stopping_patience: Some(1),
             warmup_ratio: 0.0,
             calibrate: true,
+            after_probe: AfterProbe::Auto,
             ..Self::default()
         }
     }
@@ -262,6 +290,16 @@ impl TrainParams {
             "must be in (0, 1)",
         )?;
         check(self.early_stopping_patience.is_none_or(|p| p >= 1), "early_stopping_patience", "must be at least 1")?;
+        check(
+            self.after_probe == AfterProbe::Given || self.head_init == HeadInit::Probe,
+            "after_probe",
+            "auto needs head_init probe (the decision is taken after the probe epoch)",
+        )?;
+        check(
+            self.time_budget_secs.is_none_or(|t| (1..=7 * 24 * 3600).contains(&t)),
+            "time_budget_secs",
+            "must be between 1 and 604800 (a week)",
+        )?;
         check(
             self.label_smoothing.is_finite() && (0.0..1.0).contains(&self.label_smoothing),
             "label_smoothing",

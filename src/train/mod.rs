@@ -2,6 +2,7 @@
 //! and schedule, per-epoch validation with the best epoch kept, checkpoints, progress events and
 //! cancellation. It runs on a plain thread; nothing here is async.
 
+pub mod auto;
 pub mod calibrate;
 pub mod checkpoint;
 pub mod data;
@@ -20,7 +21,7 @@ use std::sync::atomic::AtomicBool;
 use crate::model::ModelError;
 use data::TrainData;
 pub use eval::{EvalSplit, evaluate};
-pub use hyperparams::{HeadInit, OptimizerKind, Recipe, Scheduler, TrainMode, TrainParams};
+pub use hyperparams::{AfterProbe, HeadInit, OptimizerKind, Recipe, Scheduler, TrainMode, TrainParams};
 pub use progress::Phase;
 use report::EvalReport;
 pub use run::fine_tune;
@@ -63,6 +64,9 @@ pub enum TrainEvent {
     Checkpoint { epoch: u32, dir: PathBuf, score: f64 },
     /// Test-split evaluation of the kept model.
     Test { report: EvalReport },
+    /// What follows the probe epoch was decided (`after_probe: auto`), or the time budget ended
+    /// the run early; `epochs` and `total_steps` are the run's plan from here on.
+    Decided { decision: auto::Decision, epochs: u32, total_steps: u64 },
     /// The kept model's scores were calibrated on the validation split.
     Calibrated { calibration: calibrate::Calibration },
     /// Progress within a phase (`done` of `total`; see [`Phase`] for what they count). The
@@ -97,6 +101,8 @@ pub struct TrainOutcome {
     pub history: Vec<EvalReport>,
     /// The temperature fitted on the validation split, when the run calibrates.
     pub calibration: Option<calibrate::Calibration>,
+    /// What `after_probe: auto` decided.
+    pub decision: Option<auto::Decision>,
 }
 
 /// Cancellation flag and event sink of a running fine-tune.

@@ -19,7 +19,8 @@ use super::calibrate::{self, Calibration};
 use super::eval::{evaluate_with, logits_with};
 use super::features::{Frozen, PrefixCache};
 use super::progress::Phase;
-use super::hyperparams::{HeadInit, TrainParams};
+use super::auto::{self, Decision, Situation};
+use super::hyperparams::{AfterProbe, HeadInit, TrainParams};
 use super::optim::{Optimizer, clip_grad_norm, lr_multiplier};
 use super::report::EvalReport;
 use super::{Control, TrainError, TrainEvent, TrainOutcome, TrainSpec, probe};
@@ -33,37 +34,70 @@ use crate::model::{Boundary, LoadedModel, ModelSource, TrainableSet, Vit};
 /// [`TrainEvent::Restarted`] and the run starts over. On success, `model` holds the best epoch's
 /// weights, which are also in `TrainOutcome::best_dir`.
 pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, mut ctl: Control) -> Result<TrainOutcome, TrainError> {
+    let started = Instant::now();
     let p = spec.params.clone();
     p.validate()?;
     let data = checked_data(spec.data, model, &p)?;
     let root = spec.checkpoint_root.clone();
     std::fs::create_dir_all(&root)?;
-    let plan = Plan::new(&p, model, data.train.len());
     let mut optimizer = Optimizer::new(p.optimizer, p.weight_decay, p.momentum);
     let (mut state, resumed_from) = resume_or_start(&root, fingerprint(&p, &data, model), model, &mut optimizer, device, &mut ctl)?;
     report_phase(&mut ctl, Phase::Loading, 1, 1);
+    // A decision an earlier attempt of this run took stands.
+    let params = state.decision.as_ref().map_or_else(|| p.clone(), |d| auto::apply(&p, d));
+    let plan = Plan::new(&params, model, data.train.len());
     (ctl.on_event)(TrainEvent::Started {
-        epochs: p.epochs,
+        epochs: params.epochs,
         steps_per_epoch: plan.steps_per_epoch,
         total_steps: plan.total_steps,
         train_images: data.train.len(),
         validation_images: data.validation.len(),
         resumed_from,
     });
-    let run = Run::prepare(&p, &data, (spec.max_pixels, spec.cache_budget), plan, &root, model, device, &mut ctl)?;
+    let limits = (spec.max_pixels, spec.cache_budget);
+    let mut run = Run::prepare(params, &data, limits, plan, &root, model, device, &mut ctl)?;
+    let mut next_epoch_secs = None;
     if run.plan.probe_epochs == 1 && state.epoch == 0 {
-        probe_epoch(&run, model, &optimizer, &mut state, &mut ctl)?;
+        let decide = (p.after_probe == AfterProbe::Auto).then_some(started);
+        next_epoch_secs = probe_epoch(&run, model, &optimizer, &mut state, decide, &mut ctl)?;
+        if let Some(d) = &state.decision {
+            let params = auto::apply(&p, d);
+            let plan = Plan::new(&params, model, data.train.len());
+            (ctl.on_event)(TrainEvent::Decided { decision: d.clone(), epochs: params.epochs, total_steps: plan.total_steps });
+            run = Run::prepare(params, &data, limits, plan, &root, model, device, &mut ctl)?;
+        }
     }
-    while state.epoch < p.epochs {
+    while state.epoch < run.p.epochs {
         let epoch = state.epoch + 1;
+        if let Some(stop) = over_budget(&run.p, started, next_epoch_secs, epoch) {
+            (ctl.on_event)(TrainEvent::Decided { decision: stop, epochs: state.epoch, total_steps: state.global_step });
+            break;
+        }
+        let epoch_started = Instant::now();
         gradient_epoch(&run, model, &mut optimizer, &mut state, epoch, &mut ctl)?;
         let report = validate(&run, model, &mut ctl)?;
         end_epoch(&root, model, &optimizer, &mut state, epoch, report, &mut *ctl.on_event)?;
-        if p.early_stopping_patience.is_some_and(|patience| state.epochs_since_best >= patience) {
+        next_epoch_secs = Some(epoch_started.elapsed().as_secs_f64());
+        if run.p.early_stopping_patience.is_some_and(|patience| state.epochs_since_best >= patience) {
             break;
         }
     }
     finish(&run, model, state, &mut ctl)
+}
+
+/// With a time budget: the decision to stop before epoch `epoch` when it would end past the
+/// budget (its length estimated from the last epoch, or from the probe's measurements).
+fn over_budget(p: &TrainParams, started: Instant, epoch_secs: Option<f64>, epoch: u32) -> Option<Decision> {
+    let (budget, secs) = (p.time_budget_secs? as f64, epoch_secs?);
+    let elapsed = started.elapsed().as_secs_f64();
+    (elapsed + secs > budget).then(|| Decision {
+        action: auto::Action::FullFineTune,
+        epochs: epoch - 1,
+        reason: format!(
+            "stopped after epoch {}: another epoch (about {secs:.0} s) would end past the time budget of {budget:.0} s ({elapsed:.0} s spent)",
+            epoch - 1
+        ),
+    })
 }
 
 /// Reports progress within a phase.
@@ -164,6 +198,7 @@ fn resume_or_start(
         best_score: None,
         epochs_since_best: 0,
         history: vec![],
+        decision: None,
     };
     match checkpoint::load_latest(root, &fingerprint) {
         Ok(Some(restored)) => {
@@ -185,7 +220,7 @@ fn resume_or_start(
 /// What every epoch of a run shares: the plan, the frozen part of the network and the cached
 /// outputs of it, decoded images.
 struct Run<'a> {
-    p: &'a TrainParams,
+    p: TrainParams,
     data: &'a TrainData,
     plan: Plan,
     root: PathBuf,
@@ -204,7 +239,7 @@ impl<'a> Run<'a> {
     /// cached frozen-part outputs is the `features` phase.
     #[allow(clippy::too_many_arguments)]
     fn prepare(
-        p: &'a TrainParams,
+        p: TrainParams,
         data: &'a TrainData,
         (max_pixels, cache_budget): (u64, usize),
         plan: Plan,
@@ -233,7 +268,6 @@ impl<'a> Run<'a> {
         let val_cache = cache(&data.validation[..val_n], 0, ctl)?;
         let train_cache = cache(&data.train[..train_n], val_n, ctl)?;
         Ok(Self {
-            p,
             data,
             plan,
             root: root.to_path_buf(),
@@ -243,6 +277,7 @@ impl<'a> Run<'a> {
             val_cache,
             train_cache,
             head_scale: p.head_learning_rate.map_or(1.0, |h| h / p.learning_rate),
+            p,
         })
     }
 
@@ -254,15 +289,23 @@ impl<'a> Run<'a> {
 
 /// Epoch 1 of a `head_init: probe` run: the head fitted as a logistic regression on the frozen
 /// backbone's features, then validated and checkpointed like any epoch.
-fn probe_epoch(run: &Run, model: &mut LoadedModel, optimizer: &Optimizer, state: &mut LoopState, ctl: &mut Control) -> Result<(), TrainError> {
+fn probe_epoch(
+    run: &Run,
+    model: &mut LoadedModel,
+    optimizer: &Optimizer,
+    state: &mut LoopState,
+    decide_from: Option<Instant>,
+    ctl: &mut Control,
+) -> Result<Option<f64>, TrainError> {
     let started = Instant::now();
     let data = run.data;
-    let feats = match run.train_cache.rows() {
-        Some(rows) if run.plan.boundary == Boundary::Features => rows.to_vec(),
+    let (feats, forward_per_s) = match run.train_cache.rows() {
+        Some(rows) if run.plan.boundary == Boundary::Features => (rows.to_vec(), None),
         _ => {
             let f = Frozen { boundary: Boundary::Features, ..run.frozen_part(model) };
             let cancel = ctl.cancel;
-            PrefixCache::compute(&f, &data.train, cancel, &mut |done, total| report_phase(ctl, Phase::Features, done, total))?
+            let rows = PrefixCache::compute(&f, &data.train, cancel, &mut |done, total| report_phase(ctl, Phase::Features, done, total))?;
+            (rows, Some(data.train.len() as f64 / started.elapsed().as_secs_f64().max(1e-9)))
         }
     };
     let flat: Vec<f32> = Tensor::stack(&feats, 0)?.flatten_all()?.to_vec1::<f32>()?;
@@ -276,13 +319,28 @@ fn probe_epoch(run: &Run, model: &mut LoadedModel, optimizer: &Optimizer, state:
     model.params.set_some(&head)?;
     (ctl.on_event)(TrainEvent::Probe { c: fitted.c, cv_accuracy: fitted.cv_accuracy, seconds: started.elapsed().as_secs_f64() });
     let report = validate(run, model, ctl)?;
-    end_epoch(&run.root, model, optimizer, state, 1, report, &mut *ctl.on_event)
+    // The decision goes into this epoch's checkpoint, so a resumed run keeps it.
+    let mut next_epoch_secs = None;
+    if let Some(run_started) = decide_from {
+        let situation = Situation {
+            per_class: data.train_counts(),
+            validation_images: data.validation.len(),
+            test_images: data.test.len(),
+            forward_per_s: forward_per_s.unwrap_or(f64::INFINITY),
+            elapsed_s: run_started.elapsed().as_secs_f64(),
+            budget_s: run.p.time_budget_secs.map(|s| s as f64).filter(|_| forward_per_s.is_some()),
+        };
+        next_epoch_secs = forward_per_s.map(|_| situation.epoch_secs());
+        state.decision = Some(auto::decide(&situation));
+    }
+    end_epoch(&run.root, model, optimizer, state, 1, report, &mut *ctl.on_event)?;
+    Ok(next_epoch_secs)
 }
 
 /// One pass over the training split in a seeded order: a forward and backward per batch, the
 /// gradients of `gradient_accumulation_steps` batches averaged into one clipped optimiser step.
 fn gradient_epoch(run: &Run, model: &LoadedModel, optimizer: &mut Optimizer, state: &mut LoopState, epoch: u32, ctl: &mut Control) -> Result<(), TrainError> {
-    let (p, plan, data) = (run.p, &run.plan, run.data);
+    let (p, plan, data) = (&run.p, &run.plan, run.data);
     let layers = model.cfg.num_hidden_layers;
     let mut order: Vec<usize> = (0..data.train.len()).collect();
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix(p.seed, u64::from(epoch))));
@@ -337,7 +395,7 @@ impl Accumulator {
 /// Averages the accumulated gradients, clips them, steps the optimiser at the scheduled learning
 /// rate and reports the step.
 fn optimiser_step(run: &Run, model: &LoadedModel, optimizer: &mut Optimizer, state: &mut LoopState, epoch: u32, mut acc: Accumulator, ctl: &mut Control) -> Result<(), TrainError> {
-    let (p, plan) = (run.p, &run.plan);
+    let (p, plan) = (&run.p, &run.plan);
     if acc.batches > 1 {
         for g in acc.grads.values_mut() {
             *g = (&*g / acc.batches as f64)?;
@@ -441,7 +499,7 @@ fn finish(run: &Run, model: &mut LoadedModel, state: LoopState, ctl: &mut Contro
         Some(report)
     };
     let best_report = state.history[best_epoch as usize - 1].clone();
-    Ok(TrainOutcome { best_dir, best_epoch, best: best_report, test, epochs_run: state.epoch, history: state.history, calibration })
+    Ok(TrainOutcome { best_dir, best_epoch, best: best_report, test, epochs_run: state.epoch, history: state.history, calibration, decision: state.decision })
 }
 
 /// Fits a temperature on the validation split's logits and folds it into the head (see

@@ -162,6 +162,12 @@ impl<'a> Recorder<'a> {
             }
             TrainEvent::Test { report } => db::job_metrics::record_evaluation(db, &job.id, "test", 0, &report).await?,
             TrainEvent::Probe { c, cv_accuracy, seconds } => tracing::info!(job = %job.id, c, ?cv_accuracy, seconds, "probe head fitted"),
+            TrainEvent::Decided { decision, epochs, total_steps } => {
+                tracing::info!(job = %job.id, action = ?decision.action, epochs, reason = %decision.reason, "decided");
+                db::jobs::set_decision(db, &job.id, &serde_json::to_value(&decision)?).await?;
+                db::jobs::set_plan(db, &job.id, epochs, total_steps).await?;
+                (self.progress.epochs, self.progress.steps) = (epochs, total_steps);
+            }
             TrainEvent::Calibrated { calibration: c } => {
                 tracing::info!(job = %job.id, temperature = c.temperature, fitted = c.fitted, ece_before = c.validation_ece_before, ece_after = c.validation_ece_after, "scores calibrated")
             }

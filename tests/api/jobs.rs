@@ -230,6 +230,10 @@ async fn bad_job_requests_get_clear_errors() {
     let msg = assert_error(post(json!({"dataset_id": dataset, "params": {"train_mode": "last_n_layers"}})).await, 422, "invalid_params").await;
     assert!(msg.contains("trainable_layers"), "{msg}");
     assert_error(post(json!({"dataset_id": "nope"})).await, 404, "not_found").await;
+    let msg = assert_error(post(json!({"dataset_id": dataset, "params": {"time_budget_secs": 0}})).await, 422, "invalid_params").await;
+    assert!(msg.contains("time_budget_secs"), "{msg}");
+    let msg = assert_error(post(json!({"dataset_id": dataset, "recipe": "manual", "params": {"after_probe": "auto"}})).await, 422, "invalid_params").await;
+    assert!(msg.contains("after_probe") && msg.contains("head_init"), "{msg}");
     assert_error(post(json!({"params": {}})).await, 422, "invalid_field").await;
     assert_error(post(json!({"dataset_id": dataset, "colour": 1})).await, 422, "invalid_field").await;
     for path in ["/etc/passwd", "../../secret", "a/b/c", "C:\\model"] {
@@ -284,9 +288,11 @@ async fn without_hyper_parameters_a_job_gets_the_auto_recipe_and_its_model_recor
     assert_eq!(auto["params"]["learning_rate"], 1e-5);
     assert_eq!(auto["params"]["early_stopping_patience"], 1);
     assert_eq!(auto["params"]["epochs"], 1);
-    // Seed and validation split choose data, not a recipe.
-    let seeded = post(json!({"dataset_id": dataset, "base_model": "tiny", "params": {"seed": 7, "validation_split": 0.3}})).await;
+    assert_eq!((auto["params"]["after_probe"].as_str(), auto["params"]["calibrate"].as_bool()), (Some("auto"), Some(true)));
+    // Seed, validation split and a time budget choose data and limits, not a recipe.
+    let seeded = post(json!({"dataset_id": dataset, "base_model": "tiny", "params": {"seed": 7, "validation_split": 0.3, "time_budget_secs": 600}})).await;
     assert_eq!((seeded["recipe"].as_str(), seeded["params"]["seed"].as_u64()), (Some("auto"), Some(7)));
+    assert_eq!(seeded["params"]["time_budget_secs"], 600);
     // Any other field means exactly the hyper-parameters given, on Hugging Face's defaults.
     let manual = post(json!({"dataset_id": dataset, "base_model": "tiny", "params": {"epochs": 1}})).await;
     assert_eq!(manual["recipe"], "manual");
@@ -296,6 +302,7 @@ async fn without_hyper_parameters_a_job_gets_the_auto_recipe_and_its_model_recor
     assert_eq!(tuned["params"]["learning_rate"], 1e-5);
     assert_eq!((tuned["recipe"].as_str(), tuned["params"]["epochs"].as_u64()), (Some("auto"), Some(2)));
     assert_eq!(tuned["params"]["head_init"], "probe");
+    assert_eq!(tuned["params"]["after_probe"], "given", "given epochs fix what follows the probe");
     let msg = assert_error(app.post_json("/jobs", &json!({"dataset_id": dataset, "recipe": "magic"})).await, 422, "invalid_field").await;
     assert!(msg.contains("recipe"), "{msg}");
 
@@ -309,4 +316,8 @@ async fn without_hyper_parameters_a_job_gets_the_auto_recipe_and_its_model_recor
     assert_eq!(metrics["validation"][0]["epoch"], 1);
     assert_eq!(metrics["train"], json!([]), "{metrics}");
     assert_eq!((done["progress"]["epoch"].as_u64(), done["progress"]["steps"].as_u64()), (Some(1), Some(0)));
+    // Five images per class are too few for fine-tuning to pay: the job says so.
+    assert_eq!(done["decision"]["action"], "probe_only", "{done}");
+    assert_eq!(done["decision"]["epochs"], 1);
+    assert!(done["decision"]["reason"].as_str().unwrap().contains("per class"), "{done}");
 }

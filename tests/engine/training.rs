@@ -172,3 +172,37 @@ fn calibration_folds_a_temperature_into_the_head_and_changes_no_prediction() {
         assert!((f64::from(*a) / c.temperature - f64::from(*b)).abs() < 1e-5, "{a} / {} vs {b}", c.temperature);
     }
 }
+
+/// After its probe epoch, `after_probe: auto` decides: on 30 images per class it stops there
+/// and says why; a time budget too short for an epoch stops a run before it.
+#[test]
+fn auto_decides_after_the_probe_and_a_time_budget_stops_epochs() {
+    use vitforge::train::AfterProbe;
+    use vitforge::train::auto::Action;
+    let tmp = tempfile::tempdir().unwrap();
+    let p = TrainParams { head_init: HeadInit::Probe, after_probe: AfterProbe::Auto, epochs: 1, ..params() };
+    let (out, losses) = run(&tmp.path().join("data"), &tmp.path().join("auto"), p, None);
+    let out = out.unwrap();
+    let d = out.decision.expect("a decision");
+    assert_eq!((d.action, d.epochs, out.epochs_run), (Action::ProbeOnly, 1, 1), "{}", d.reason);
+    assert!(d.reason.contains("per class"), "{}", d.reason);
+    assert!(losses.is_empty(), "no gradient step after the probe");
+
+    // A manual run of 1000 epochs with a one-second budget: once an epoch shows how long one
+    // takes, the run stops before an epoch that would end past the budget.
+    let p = TrainParams { time_budget_secs: Some(1), epochs: 1000, early_stopping_patience: None, ..params() };
+    let mut decided = None;
+    let data = crate::synth::stripes_data(&tmp.path().join("data"), 40, 3);
+    let mut model = crate::synth::tiny_model(&["horizontal", "vertical"], 9);
+    let cancel = AtomicBool::new(false);
+    let spec = TrainSpec { params: p, data, checkpoint_root: tmp.path().join("budget"), max_pixels: 1 << 24, cache_budget: 1 << 28 };
+    let mut on_event = |e: TrainEvent| {
+        if let TrainEvent::Decided { decision, .. } = e {
+            decided = Some(decision);
+        }
+    };
+    let out = fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut on_event }).unwrap();
+    assert!(out.epochs_run < 1000, "stopped early: {} epochs", out.epochs_run);
+    let stop = decided.expect("the stop is reported");
+    assert!(stop.reason.contains("time budget"), "{}", stop.reason);
+}
