@@ -151,6 +151,52 @@ fn bar(len: u64, template: &str) -> ProgressBar {
     pb
 }
 
+/// Shows a training event on the progress bar (or as a line above it).
+fn show_event(pb: &ProgressBar, shown: &mut Option<Phase>, root: &Path, e: TrainEvent) {
+    match e {
+        TrainEvent::Started { total_steps, train_images, validation_images, resumed_from, .. } => {
+            say(pb, format!("training on {train_images} images, validating on {validation_images}, {total_steps} steps"));
+            if let Some(epoch) = resumed_from {
+                say(pb, format!("resuming after epoch {epoch} from {}", root.display()));
+            }
+        }
+        TrainEvent::Restarted { reason } => say(pb, format!("starting over: {reason}")),
+        TrainEvent::Step { epoch, step, steps, loss, learning_rate, images_per_s } => {
+            show_phase(pb, shown, Phase::Training, step, steps);
+            pb.set_message(format!("steps, epoch {epoch} loss {loss:.4} lr {learning_rate:.2e} {images_per_s:.1} img/s"));
+        }
+        TrainEvent::Phase { phase, done, total } => {
+            show_phase(pb, shown, phase, done, total);
+            pb.set_message(phase_unit(phase));
+        }
+        TrainEvent::Epoch { epoch, report, improved } => say(
+            pb,
+            format!(
+                "epoch {epoch}: validation loss {:.4} accuracy {:.4} macro-F1 {:.4}{}",
+                report.loss,
+                report.accuracy,
+                report.f1,
+                if improved { " (best so far)" } else { "" }
+            ),
+        ),
+        TrainEvent::Checkpoint { .. } => {}
+        TrainEvent::Probe { c, cv_accuracy, seconds } => say(
+            pb,
+            format!(
+                "probe head fitted in {seconds:.1} s: C = {c}{}",
+                cv_accuracy.map(|a| format!(", cross-validated accuracy {a:.4}")).unwrap_or_default()
+            ),
+        ),
+        TrainEvent::Test { report } => say(pb, format!("test: accuracy {:.4} macro-F1 {:.4} calibration error {:.4}", report.accuracy, report.f1, report.ece)),
+        TrainEvent::Decided { decision, .. } => say(pb, format!("auto: {}", decision.reason)),
+        TrainEvent::Calibrated { calibration: c } if c.fitted => say(
+            pb,
+            format!("scores calibrated: temperature {:.3}, validation calibration error {:.4} → {:.4}", c.temperature, c.validation_ece_before, c.validation_ece_after),
+        ),
+        TrainEvent::Calibrated { .. } => say(pb, format!("scores not calibrated: fewer than {} validation images", crate::train::calibrate::MIN_VALIDATION_IMAGES)),
+    }
+}
+
 /// Points the bar at `phase`: its name as the prefix, `done` of `total`; a new phase restarts the
 /// bar's clock so its rate and estimate are the phase's own.
 fn show_phase(pb: &ProgressBar, shown: &mut Option<Phase>, phase: Phase, done: u64, total: u64) {
@@ -240,48 +286,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         cache_budget: crate::train::default_cache_budget(),
     };
     let mut shown = None;
-    let mut on_event = |e: TrainEvent| match e {
-        TrainEvent::Started { total_steps, train_images, validation_images, resumed_from, .. } => {
-            say(&pb, format!("training on {train_images} images, validating on {validation_images}, {total_steps} steps"));
-            if let Some(epoch) = resumed_from {
-                say(&pb, format!("resuming after epoch {epoch} from {}", root.display()));
-            }
-        }
-        TrainEvent::Restarted { reason } => say(&pb, format!("starting over: {reason}")),
-        TrainEvent::Step { epoch, step, steps, loss, learning_rate, images_per_s } => {
-            show_phase(&pb, &mut shown, Phase::Training, step, steps);
-            pb.set_message(format!("steps, epoch {epoch} loss {loss:.4} lr {learning_rate:.2e} {images_per_s:.1} img/s"));
-        }
-        TrainEvent::Phase { phase, done, total } => {
-            show_phase(&pb, &mut shown, phase, done, total);
-            pb.set_message(phase_unit(phase));
-        }
-        TrainEvent::Epoch { epoch, report, improved } => say(
-            &pb,
-            format!(
-                "epoch {epoch}: validation loss {:.4} accuracy {:.4} macro-F1 {:.4}{}",
-                report.loss,
-                report.accuracy,
-                report.f1,
-                if improved { " (best so far)" } else { "" }
-            ),
-        ),
-        TrainEvent::Checkpoint { .. } => {}
-        TrainEvent::Probe { c, cv_accuracy, seconds } => say(
-            &pb,
-            format!(
-                "probe head fitted in {seconds:.1} s: C = {c}{}",
-                cv_accuracy.map(|a| format!(", cross-validated accuracy {a:.4}")).unwrap_or_default()
-            ),
-        ),
-        TrainEvent::Test { report } => say(&pb, format!("test: accuracy {:.4} macro-F1 {:.4} calibration error {:.4}", report.accuracy, report.f1, report.ece)),
-        TrainEvent::Decided { decision, .. } => say(&pb, format!("auto: {}", decision.reason)),
-        TrainEvent::Calibrated { calibration: c } if c.fitted => say(
-            &pb,
-            format!("scores calibrated: temperature {:.3}, validation calibration error {:.4} → {:.4}", c.temperature, c.validation_ece_before, c.validation_ece_after),
-        ),
-        TrainEvent::Calibrated { .. } => say(&pb, format!("scores not calibrated: fewer than {} validation images", crate::train::calibrate::MIN_VALIDATION_IMAGES)),
-    };
+    let mut on_event = |e: TrainEvent| show_event(&pb, &mut shown, &root, e);
     let cancel = AtomicBool::new(false);
     let outcome = fine_tune(&mut model, spec, &device, Control { cancel: &cancel, on_event: &mut on_event })?;
     pb.finish_and_clear();
