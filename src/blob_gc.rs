@@ -80,6 +80,21 @@ pub async fn sweep(pool: &SqlitePool, store: &BlobStore, lock: &BlobLock) -> any
     remove_unreferenced(pool, store, &stored, &guard).await
 }
 
+/// Removes cached thumbnails (`<hash>.jpg` in `dir`) whose blob is gone; returns how many.
+pub fn remove_orphan_thumbnails(store: &BlobStore, dir: &std::path::Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let hash = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        if store.path(&hash).is_ok_and(|blob| blob.exists()) {
+            continue;
+        }
+        std::fs::remove_file(&path)?;
+        removed += 1;
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

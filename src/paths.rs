@@ -16,7 +16,7 @@ impl DataPaths {
 
     /// Creates the folders of the layout that do not exist yet.
     pub fn create_all(&self) -> std::io::Result<()> {
-        for dir in [self.root.clone(), self.blobs(), self.jobs(), self.models(), self.tmp()] {
+        for dir in [self.root.clone(), self.blobs(), self.jobs(), self.models(), self.tmp(), self.thumbnails()] {
             std::fs::create_dir_all(dir)?;
         }
         Ok(())
@@ -55,6 +55,16 @@ impl DataPaths {
     /// Folder of one registered model.
     pub fn model(&self, model_id: &str) -> PathBuf {
         self.models().join(model_id)
+    }
+
+    /// Thumbnails of dataset images (a cache: deleting it costs only their regeneration).
+    pub fn thumbnails(&self) -> PathBuf {
+        self.root.join("thumbnails")
+    }
+
+    /// The cached thumbnail of a blob.
+    pub fn thumbnail(&self, blob: &str) -> PathBuf {
+        self.thumbnails().join(format!("{blob}.jpg"))
     }
 
     /// Scratch space for uploads in flight; emptied at start-up.

@@ -59,6 +59,10 @@ impl Application {
         if removed > 0 {
             tracing::info!(removed, "removed blobs no dataset references (left by an interrupted upload)");
         }
+        let thumbnails = crate::blob_gc::remove_orphan_thumbnails(&blobs, &paths.thumbnails()).context("removing stale thumbnails")?;
+        if thumbnails > 0 {
+            tracing::info!(thumbnails, "removed thumbnails of images no dataset has any more");
+        }
 
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let ingest_slots = Arc::new(tokio::sync::Semaphore::new(cpus));

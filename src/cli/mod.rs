@@ -169,7 +169,7 @@ fn show_event(pb: &ProgressBar, shown: &mut Option<Phase>, root: &Path, e: Train
             show_phase(pb, shown, phase, done, total);
             pb.set_message(phase_unit(phase));
         }
-        TrainEvent::Epoch { epoch, report, improved } => say(
+        TrainEvent::Epoch { epoch, report, improved, .. } => say(
             pb,
             format!(
                 "epoch {epoch}: validation loss {:.4} accuracy {:.4} macro-F1 {:.4}{}",

@@ -161,6 +161,48 @@ pub async fn images(pool: &SqlitePool, dataset_id: &str) -> Result<Vec<ImageRow>
         .await
 }
 
+/// One page of a dataset's images in upload order, optionally of one split and one class, and how
+/// many match in all.
+pub async fn images_page(
+    pool: &SqlitePool,
+    dataset_id: &str,
+    split: Option<Split>,
+    label: Option<&str>,
+    offset: u64,
+    limit: u64,
+) -> Result<(Vec<ImageRow>, u64), sqlx::Error> {
+    macro_rules! filter {
+        () => {
+            "dataset_id = ?1 and (?2 is null or split = ?2) and (?3 is null or label = ?3)"
+        };
+    }
+    let rows: Vec<ImageRow> = sqlx::query_as(concat!("select blob, label, split, file from dataset_images where ", filter!(), " order by rowid limit ?4 offset ?5"))
+        .bind(dataset_id)
+        .bind(split.map(Split::as_str))
+        .bind(label)
+        .bind(limit as i64)
+        .bind(offset as i64)
+        .fetch_all(pool)
+        .await?;
+    let total: i64 = sqlx::query_scalar(concat!("select count(*) from dataset_images where ", filter!()))
+        .bind(dataset_id)
+        .bind(split.map(Split::as_str))
+        .bind(label)
+        .fetch_one(pool)
+        .await?;
+    Ok((rows, total as u64))
+}
+
+/// Whether a dataset has an image stored as `blob`.
+pub async fn references(pool: &SqlitePool, dataset_id: &str, blob: &str) -> Result<bool, sqlx::Error> {
+    let found: Option<i64> = sqlx::query_scalar("select 1 from dataset_images where dataset_id = ? and blob = ? limit 1")
+        .bind(dataset_id)
+        .bind(blob)
+        .fetch_optional(pool)
+        .await?;
+    Ok(found.is_some())
+}
+
 /// Deletes a dataset and its image rows unless a queued or running job uses it. The check and the
 /// delete run in one write transaction, so a job cannot start using the dataset in between.
 pub async fn delete(pool: &SqlitePool, id: &str) -> Result<Deleted, sqlx::Error> {

@@ -79,6 +79,7 @@ pub async fn record_evaluation(pool: &SqlitePool, job_id: &str, split: &str, epo
 pub async fn truncate_after(pool: &SqlitePool, job_id: &str, epoch: u32) -> Result<(), sqlx::Error> {
     sqlx::query("delete from job_metrics where job_id = ? and epoch > ?").bind(job_id).bind(i64::from(epoch)).execute(pool).await?;
     sqlx::query("delete from job_evaluations where job_id = ? and epoch > ?").bind(job_id).bind(i64::from(epoch)).execute(pool).await?;
+    sqlx::query("delete from job_mistakes where job_id = ? and epoch > ?").bind(job_id).bind(i64::from(epoch)).execute(pool).await?;
     Ok(())
 }
 
@@ -131,6 +132,51 @@ pub async fn record_checkpoint(pool: &SqlitePool, job_id: &str, epoch: u32, path
     sqlx::query("delete from checkpoints where job_id = ? and epoch < ?").bind(job_id).bind(i64::from(epoch)).execute(pool).await?;
     Ok(())
 }
+/// A validation image a job's model got wrong.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MistakeRow {
+    /// The image's blob (its thumbnail: `/datasets/{dataset_id}/images/{blob}/thumbnail`).
+    pub blob: String,
+    /// Its name in the upload.
+    pub file: String,
+    pub label: String,
+    pub predicted: String,
+    /// The predicted class's probability.
+    pub score: f64,
+}
+
+/// Replaces epoch `epoch`'s mistakes of a job (most confident first).
+pub async fn record_mistakes(pool: &SqlitePool, job_id: &str, epoch: u32, mistakes: &[MistakeRow]) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("delete from job_mistakes where job_id = ? and epoch = ?").bind(job_id).bind(i64::from(epoch)).execute(&mut *tx).await?;
+    for (rank, m) in mistakes.iter().enumerate() {
+        sqlx::query("insert into job_mistakes (job_id, epoch, rank, blob, file, label, predicted, score) values (?, ?, ?, ?, ?, ?, ?, ?)")
+            .bind(job_id)
+            .bind(i64::from(epoch))
+            .bind(rank as i64)
+            .bind(&m.blob)
+            .bind(&m.file)
+            .bind(&m.label)
+            .bind(&m.predicted)
+            .bind(m.score)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await
+}
+
+/// A job's mistakes at epoch `epoch`, most confident first.
+pub async fn mistakes(pool: &SqlitePool, job_id: &str, epoch: u32) -> Result<Vec<MistakeRow>, sqlx::Error> {
+    let rows: Vec<(String, String, String, String, f64)> = sqlx::query_as(
+        "select blob, file, label, predicted, score from job_mistakes where job_id = ? and epoch = ? order by rank",
+    )
+    .bind(job_id)
+    .bind(i64::from(epoch))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(blob, file, label, predicted, score)| MistakeRow { blob, file, label, predicted, score }).collect())
+}
+
 /// Forgets a job's checkpoints (its model is registered and its checkpoint files are gone).
 pub async fn delete_checkpoints(pool: &SqlitePool, job_id: &str) -> Result<(), sqlx::Error> {
     sqlx::query("delete from checkpoints where job_id = ?").bind(job_id).execute(pool).await?;

@@ -325,6 +325,14 @@ pub async fn cancel(pool: &SqlitePool, id: &str) -> Result<Cancel, sqlx::Error> 
     })
 }
 
+/// The base models jobs named, most recently used first (at most `limit`).
+pub async fn recent_base_models(pool: &SqlitePool, limit: u32) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("select base_model from jobs group by base_model order by max(created_at) desc limit ?")
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await
+}
+
 /// Number of jobs in each status.
 pub async fn count_by_status(pool: &SqlitePool) -> Result<Vec<(String, i64)>, sqlx::Error> {
     sqlx::query_as("select status, count(*) from jobs group by status").fetch_all(pool).await

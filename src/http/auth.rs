@@ -16,7 +16,8 @@ use super::AppState;
 use crate::config::ApiKey;
 use super::error::AppError;
 
-/// Paths answered without a key: orchestrators probe them without credentials.
+/// Paths answered without a key: orchestrators probe them without credentials. (The console's
+/// files are public too: they hold no data.)
 const PUBLIC_PATHS: [&str; 2] = ["/healthz", "/readyz"];
 
 /// The digests of the accepted keys; empty when access control is off.
@@ -56,7 +57,8 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 
 /// Middleware: 401 (with `WWW-Authenticate: Bearer`) for a request without a valid key.
 pub async fn require_key(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    if !s.api_keys.enabled() || PUBLIC_PATHS.contains(&req.uri().path()) {
+    let path = req.uri().path();
+    if !s.api_keys.enabled() || PUBLIC_PATHS.contains(&path) || super::console::is_console_path(path) {
         return next.run(req).await;
     }
     match bearer_token(req.headers()) {

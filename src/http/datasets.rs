@@ -12,14 +12,15 @@ use axum::Json;
 use axum::extract::multipart::{Field, MultipartRejection};
 use axum::extract::{Multipart, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use tokio::io::AsyncWriteExt;
 
-use super::extract::ApiPath;
+use super::extract::{ApiPath, ApiQuery};
 use super::{AppState, Route};
 use super::error::AppError;
 use super::inflight::BodyUse;
 use crate::cancel::CancelOnDrop;
-use crate::dataset::{self, Ingested};
+use crate::dataset::{self, BlobStore, Ingested, Split};
 use crate::db::datasets::{self as queries, Dataset, Deleted};
 
 /// Longest dataset name, in characters.
@@ -35,7 +36,85 @@ pub fn routes() -> Vec<Route> {
         Route::get("/datasets", list),
         Route::get("/datasets/{id}", get),
         Route::delete("/datasets/{id}", delete),
+        Route::get("/datasets/{id}/images", images),
+        Route::get("/datasets/{id}/images/{blob}/thumbnail", thumbnail),
     ]
+}
+
+/// Most images in one page of `GET /datasets/{id}/images`.
+const MAX_PAGE: u64 = 200;
+
+/// Longest side of a thumbnail, in pixels.
+pub const THUMBNAIL_SIDE: u32 = 160;
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImagesQuery {
+    split: Option<Split>,
+    class: Option<String>,
+    offset: Option<u64>,
+    limit: Option<u64>,
+}
+
+/// `GET /datasets/{id}/images`: a page of the dataset's images in upload order, optionally of one
+/// split and class, each with its thumbnail's URL.
+async fn images(State(state): State<AppState>, ApiPath(id): ApiPath<String>, ApiQuery(q): ApiQuery<ImagesQuery>) -> Result<Json<serde_json::Value>, AppError> {
+    queries::get(&state.db, &id).await?.ok_or_else(|| AppError::not_found("dataset", &id))?;
+    let (offset, limit) = (q.offset.unwrap_or(0), q.limit.unwrap_or(50));
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(AppError::unprocessable("invalid_query", format!("limit must be between 1 and {MAX_PAGE}")));
+    }
+    let (rows, total) = queries::images_page(&state.db, &id, q.split, q.class.as_deref(), offset, limit).await?;
+    let images: Vec<serde_json::Value> = rows
+        .into_iter()
+        .map(|r| {
+            let thumbnail = format!("/datasets/{id}/images/{}/thumbnail", r.blob);
+            serde_json::json!({"blob": r.blob, "file": r.file, "label": r.label, "split": r.split, "thumbnail": thumbnail})
+        })
+        .collect();
+    Ok(Json(serde_json::json!({"total": total, "offset": offset, "limit": limit, "images": images})))
+}
+
+/// `GET /datasets/{id}/images/{blob}/thumbnail`: a JPEG of at most [`THUMBNAIL_SIDE`] pixels a
+/// side, made on first use and cached; only for an image the dataset has (no other blob, no
+/// path can be read this way).
+async fn thumbnail(State(state): State<AppState>, ApiPath((id, blob)): ApiPath<(String, String)>) -> Result<Response, AppError> {
+    if !BlobStore::is_valid_hash(&blob) {
+        return Err(AppError::bad_request("invalid_blob", "the image id must be 64 lower-case hexadecimal characters"));
+    }
+    queries::get(&state.db, &id).await?.ok_or_else(|| AppError::not_found("dataset", &id))?;
+    if !queries::references(&state.db, &id, &blob).await? {
+        return Err(AppError::not_found("image", &blob));
+    }
+    let cached = state.paths.thumbnail(&blob);
+    let (blobs, memory, max_pixels) = (state.blobs.clone(), state.memory.clone(), state.config.max_image_pixels);
+    let jpeg = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, AppError> {
+        if let Ok(bytes) = std::fs::read(&cached) {
+            return Ok(bytes);
+        }
+        let bytes = blobs.read(&blob).context("reading the image")?;
+        let img = crate::imaging::decode_rgb_within(&bytes, max_pixels, &memory, crate::budget::WAIT).map_err(|e| match e {
+            crate::imaging::ImageError::OverBudget { .. } => AppError::over_budget(e.to_string()),
+            e => AppError::Internal(anyhow::anyhow!("a stored image no longer decodes: {e}")),
+        })?;
+        let (w, h) = fit_within(img.width(), img.height(), THUMBNAIL_SIDE);
+        let small = image::imageops::thumbnail(&img, w, h);
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85).encode_image(&small).context("encoding the thumbnail")?;
+        let out = out.into_inner();
+        crate::model::io::write_file(&cached, &out).context("caching the thumbnail")?;
+        Ok(out)
+    })
+    .await
+    .context("thumbnail task")??;
+    // Blobs are content-addressed: a thumbnail never changes.
+    Ok(([(header::CONTENT_TYPE, "image/jpeg"), (header::CACHE_CONTROL, "private, max-age=31536000, immutable")], jpeg).into_response())
+}
+
+/// The size of a `w` × `h` image scaled down (never up) to fit `side` × `side`.
+fn fit_within(w: u32, h: u32, side: u32) -> (u32, u32) {
+    let scale = (f64::from(side) / f64::from(w.max(h))).min(1.0);
+    (((f64::from(w) * scale).round() as u32).max(1), ((f64::from(h) * scale).round() as u32).max(1))
 }
 
 /// `POST /datasets`: multipart `file` (archive or Parquet) and optional `name`; 201 with the dataset.
@@ -245,6 +324,14 @@ async fn ingest(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thumbnails_fit_the_square_keep_the_aspect_and_never_grow() {
+        assert_eq!(fit_within(640, 480, 160), (160, 120));
+        assert_eq!(fit_within(90, 360, 160), (40, 160));
+        assert_eq!(fit_within(50, 30, 160), (50, 30));
+        assert_eq!(fit_within(10_000, 1, 160), (160, 1));
+    }
 
     #[test]
     fn default_names_come_from_the_file_name() {

@@ -18,6 +18,7 @@ use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::{AppState, Route};
 use crate::db;
 use crate::db::jobs::{Cancel, Job, Status};
+use crate::train::Recipe;
 use crate::worker::hub::JobEvent;
 use crate::worker::submit::{JobRequest, submit};
 
@@ -29,7 +30,42 @@ pub fn routes() -> Vec<Route> {
         Route::get("/jobs/{id}/metrics", metrics),
         Route::get("/jobs/{id}/events", events),
         Route::post("/jobs/{id}/cancel", cancel),
+        Route::get("/jobs/{id}/mistakes", mistakes),
+        Route::get("/recipes", recipes),
     ]
+}
+
+/// `GET /recipes`: every recipe's defaults, as a job without `params` gets them.
+async fn recipes() -> Json<Value> {
+    let recipes: serde_json::Map<String, Value> =
+        [Recipe::Auto, Recipe::Manual].into_iter().map(|r| (r.as_str().to_string(), serde_json::to_value(r.base()).unwrap_or_default())).collect();
+    Json(Value::Object(recipes))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MistakesQuery {
+    epoch: Option<u32>,
+}
+
+/// `GET /jobs/{id}/mistakes`: the validation images the model got wrong at an epoch (default:
+/// the best epoch by validation macro-F1, as training keeps it), most confident first.
+async fn mistakes(State(s): State<AppState>, ApiPath(id): ApiPath<String>, ApiQuery(q): ApiQuery<MistakesQuery>) -> Result<Json<Value>, AppError> {
+    let job = find(&s, &id).await?;
+    let history = db::job_metrics::get(&s.db, &id).await?;
+    let best = history
+        .validation
+        .iter()
+        .max_by(|a, b| a.report.f1.total_cmp(&b.report.f1).then(b.report.loss.total_cmp(&a.report.loss)))
+        .map(|e| e.epoch);
+    let epoch = match (q.epoch, best) {
+        (Some(e), _) if history.validation.iter().any(|v| v.epoch == e) => e,
+        (Some(e), _) => return Err(AppError::not_found("validated epoch", &format!("{e} of job {id}"))),
+        (None, Some(e)) => e,
+        (None, None) => return Err(AppError::conflict("not_validated", format!("job '{id}' has not finished an epoch yet"))),
+    };
+    let mistakes = db::job_metrics::mistakes(&s.db, &id, epoch).await?;
+    Ok(Json(serde_json::json!({"job_id": id, "dataset_id": job.dataset_id, "epoch": epoch, "best_epoch": best, "mistakes": mistakes})))
 }
 
 /// `POST /jobs`: 202 with the queued job.

@@ -4,6 +4,8 @@
 //! [`route_table`] lists them, so a test can hold the router and `openapi.yaml` together.
 
 pub mod auth;
+pub mod base_models;
+pub mod console;
 pub mod datasets;
 pub mod docs;
 pub mod error;
@@ -117,7 +119,20 @@ impl Route {
 }
 
 fn all_routes() -> Vec<Route> {
-    [health::routes(), docs::routes(), datasets::routes(), jobs::routes(), models::routes(), predict::routes(), prometheus::routes()].into_iter().flatten().collect()
+    [
+        health::routes(),
+        docs::routes(),
+        datasets::routes(),
+        jobs::routes(),
+        base_models::routes(),
+        models::routes(),
+        predict::routes(),
+        prometheus::routes(),
+        console::routes(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// Every (method, path) the router serves, for the OpenAPI consistency test.

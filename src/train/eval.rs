@@ -68,11 +68,45 @@ impl Logits {
         EvalReport::compute(labels, &self.truth, &predicted, &scores, loss_sum)
     }
 
+    /// The examples predicted wrong (at `scale`), the most confident first, at most
+    /// [`MAX_MISTAKES`]: what a person looks at to see what the model gets wrong.
+    pub fn mistakes(&self, examples: &[Example], scale: f64) -> Vec<Mistake> {
+        let mut out: Vec<Mistake> = self
+            .rows
+            .iter()
+            .zip(&self.truth)
+            .zip(examples)
+            .filter_map(|((row, &label), example)| {
+                let log_p = log_softmax(row, scale);
+                let (predicted, top) = log_p.iter().enumerate().fold((0, f64::NEG_INFINITY), |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc });
+                (predicted as u32 != label).then(|| Mistake { path: example.path.clone(), label, predicted: predicted as u32, score: top.exp() })
+            })
+            .collect();
+        out.sort_by(|a, b| b.score.total_cmp(&a.score));
+        out.truncate(MAX_MISTAKES);
+        out
+    }
+
     /// Mean negative log-likelihood of the truth at `scale` (1/temperature).
     pub fn nll(&self, scale: f64) -> f64 {
         let sum: f64 = self.rows.iter().zip(&self.truth).map(|(row, &t)| -log_softmax(row, scale)[t as usize]).sum();
         sum / self.rows.len().max(1) as f64
     }
+}
+
+/// Most mistakes kept per evaluation.
+pub const MAX_MISTAKES: usize = 100;
+
+/// An example the model got wrong.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mistake {
+    /// The image file.
+    pub path: PathBuf,
+    /// Its true class and the predicted one (label indices).
+    pub label: u32,
+    pub predicted: u32,
+    /// The predicted class's probability.
+    pub score: f64,
 }
 
 /// log softmax(scale · row), in f64.

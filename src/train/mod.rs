@@ -58,8 +58,8 @@ pub enum TrainEvent {
     Restarted { reason: String },
     /// One optimiser step (1-based `step` out of `steps`).
     Step { epoch: u32, step: u64, steps: u64, loss: f64, learning_rate: f64, images_per_s: f64 },
-    /// Validation after an epoch.
-    Epoch { epoch: u32, report: EvalReport, improved: bool },
+    /// Validation after an epoch, with the validation images it got wrong (most confident first).
+    Epoch { epoch: u32, report: EvalReport, improved: bool, mistakes: Vec<eval::Mistake> },
     /// Epoch `epoch`'s checkpoint is on disk at `dir`.
     Checkpoint { epoch: u32, dir: PathBuf, score: f64 },
     /// Test-split evaluation of the kept model.

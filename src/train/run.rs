@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use super::checkpoint::{self, LoopState};
 use super::data::{ImageCache, TrainData, mix};
 use super::calibrate::{self, Calibration};
-use super::eval::{evaluate_with, logits_with};
+use super::eval::{Mistake, logits_with};
 use super::features::{Frozen, PrefixCache};
 use super::progress::Phase;
 use super::auto::{self, Decision, Situation};
@@ -75,8 +75,8 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, mut 
         }
         let epoch_started = Instant::now();
         gradient_epoch(&run, model, &mut optimizer, &mut state, epoch, &mut ctl)?;
-        let report = validate(&run, model, &mut ctl)?;
-        end_epoch(&root, model, &optimizer, &mut state, epoch, report, &mut *ctl.on_event)?;
+        let validation = validate(&run, model, &mut ctl)?;
+        end_epoch(&root, model, &optimizer, &mut state, epoch, validation, &mut *ctl.on_event)?;
         next_epoch_secs = Some(epoch_started.elapsed().as_secs_f64());
         if run.p.early_stopping_patience.is_some_and(|patience| state.epochs_since_best >= patience) {
             break;
@@ -318,7 +318,7 @@ fn probe_epoch(
     head.insert(keys::HEAD_BIAS.to_string(), Tensor::from_vec(fitted.bias, k, &run.device)?);
     model.params.set_some(&head)?;
     (ctl.on_event)(TrainEvent::Probe { c: fitted.c, cv_accuracy: fitted.cv_accuracy, seconds: started.elapsed().as_secs_f64() });
-    let report = validate(run, model, ctl)?;
+    let validation = validate(run, model, ctl)?;
     // The decision goes into this epoch's checkpoint, so a resumed run keeps it.
     let mut next_epoch_secs = None;
     if let Some(run_started) = decide_from {
@@ -333,7 +333,7 @@ fn probe_epoch(
         next_epoch_secs = forward_per_s.map(|_| situation.epoch_secs());
         state.decision = Some(auto::decide(&situation));
     }
-    end_epoch(&run.root, model, optimizer, state, 1, report, &mut *ctl.on_event)?;
+    end_epoch(&run.root, model, optimizer, state, 1, validation, &mut *ctl.on_event)?;
     Ok(next_epoch_secs)
 }
 
@@ -418,13 +418,16 @@ fn optimiser_step(run: &Run, model: &LoadedModel, optimizer: &mut Optimizer, sta
     Ok(())
 }
 
-/// The current model's report on the validation split (the `validating` phase).
-fn validate(run: &Run, model: &LoadedModel, ctl: &mut Control) -> Result<EvalReport, TrainError> {
+/// The current model's report on the validation split, and the images it gets wrong (the
+/// `validating` phase).
+fn validate(run: &Run, model: &LoadedModel, ctl: &mut Control) -> Result<(EvalReport, Vec<Mistake>), TrainError> {
     let eval_vit = Vit::frozen(&model.cfg, &model.params)?;
     let f = Frozen { vit: &eval_vit, ..run.frozen_part(model) };
     let cancel = ctl.cancel;
-    report_phase(ctl, Phase::Validating, 0, run.data.validation.len());
-    evaluate_with(&f, &run.val_cache, &run.data.validation, Some(cancel), &mut |done, total| report_phase(ctl, Phase::Validating, done, total))
+    let validation = &run.data.validation;
+    report_phase(ctl, Phase::Validating, 0, validation.len());
+    let logits = logits_with(&f, &run.val_cache, validation, Some(cancel), &mut |done, total| report_phase(ctl, Phase::Validating, done, total))?;
+    Ok((logits.report(&run.data.labels, 1.0), logits.mistakes(validation, 1.0)))
 }
 
 /// Better validation: higher macro-F1, then lower loss.
@@ -443,7 +446,7 @@ fn end_epoch(
     optimizer: &Optimizer,
     state: &mut LoopState,
     epoch: u32,
-    report: EvalReport,
+    (report, mistakes): (EvalReport, Vec<Mistake>),
     on_event: &mut dyn FnMut(TrainEvent),
 ) -> Result<(), TrainError> {
     on_event(TrainEvent::Phase { phase: Phase::Saving, done: 0, total: 1 });
@@ -459,7 +462,7 @@ fn end_epoch(
     } else {
         state.epochs_since_best += 1;
     }
-    on_event(TrainEvent::Epoch { epoch, report, improved });
+    on_event(TrainEvent::Epoch { epoch, report, improved, mistakes });
     let dir = checkpoint::save(root, &model.cfg, &model.preprocessor, &model.params.snapshot()?, &optimizer.state()?, state)?;
     on_event(TrainEvent::Checkpoint { epoch, dir, score: score.0 });
     on_event(TrainEvent::Phase { phase: Phase::Saving, done: 1, total: 1 });

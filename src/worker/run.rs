@@ -2,7 +2,9 @@
 //! (never on the async runtime), and every event it reports recorded in the database and sent
 //! to the job's live subscribers.
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -16,7 +18,7 @@ use super::hub::JobEvent;
 use super::submit::resolve_base_model;
 use crate::db;
 use crate::db::jobs::{Job, Progress};
-use crate::db::job_metrics::TrainPoint;
+use crate::db::job_metrics::{MistakeRow, TrainPoint};
 use crate::model::LoadedModel;
 use crate::train::data::TrainData;
 use crate::train::progress::PhaseClock;
@@ -42,7 +44,8 @@ pub(super) async fn run_job(ctx: &JobContext, job: &Job, device: &Device, cancel
     let params: TrainParams = serde_json::from_value(job.params.clone()).map_err(|e| setup(format!("stored hyper-parameters: {e}")))?;
     let is_our_model = db::models::get(&ctx.db, &job.base_model).await.map_err(setup)?.is_some();
     let source = resolve_base_model(&job.base_model, is_our_model, &ctx.paths.models(), &ctx.base_models_dir).map_err(setup)?;
-    let data = load_dataset(ctx, &job.dataset_id).await?;
+    let (data, files) = load_dataset(ctx, &job.dataset_id).await?;
+    (recorder.files, recorder.labels) = (files, data.labels.clone());
     let spec = TrainSpec {
         params: params.clone(),
         data,
@@ -84,19 +87,22 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-/// The job's dataset as training examples (its images are blobs of the store).
-async fn load_dataset(ctx: &JobContext, dataset_id: &str) -> Result<TrainData, JobFailure> {
+/// The job's dataset as training examples (its images are blobs of the store), and each image
+/// file's blob and name in the upload.
+async fn load_dataset(ctx: &JobContext, dataset_id: &str) -> Result<(TrainData, HashMap<PathBuf, (String, String)>), JobFailure> {
     let dataset = db::datasets::get(&ctx.db, dataset_id)
         .await
         .map_err(setup)?
         .ok_or_else(|| setup(format!("dataset '{dataset_id}' no longer exists")))?;
     let rows = db::datasets::images(&ctx.db, dataset_id).await.map_err(setup)?;
     let mut records = Vec::with_capacity(rows.len());
+    let mut files = HashMap::with_capacity(rows.len());
     for row in rows {
         let path = ctx.blobs.path(&row.blob).map_err(|e| setup(format!("image {}: {e}", row.file)))?;
+        files.insert(path.clone(), (row.blob, row.file));
         records.push((path, row.label, row.split));
     }
-    Ok(TrainData::with_labels(dataset.classes, records)?)
+    Ok((TrainData::with_labels(dataset.classes, records)?, files))
 }
 
 /// How often, at most, a job's phase progress is written and sent live (besides every change of
@@ -112,11 +118,15 @@ pub(super) struct Recorder<'a> {
     progress: Progress,
     clock: PhaseClock,
     last_sent: Option<Instant>,
+    /// Blob and file name of each image file of the dataset, and the class names, to record
+    /// mistakes by.
+    files: HashMap<PathBuf, (String, String)>,
+    labels: Vec<String>,
 }
 
 impl<'a> Recorder<'a> {
     pub fn new(ctx: &'a JobContext, job: &'a Job) -> Self {
-        Self { ctx, job, progress: job.progress.clone(), clock: PhaseClock::default(), last_sent: None }
+        Self { ctx, job, progress: job.progress.clone(), clock: PhaseClock::default(), last_sent: None, files: HashMap::new(), labels: vec![] }
     }
 
     /// Records one event; a failure to record is logged (the run goes on).
@@ -148,8 +158,17 @@ impl<'a> Recorder<'a> {
                 self.phase(Phase::Training, step, steps, Some(images_per_s), extra).await?;
             }
             TrainEvent::Phase { phase, done, total } => self.phase(phase, done, total, None, json!({})).await?,
-            TrainEvent::Epoch { epoch, report, .. } => {
+            TrainEvent::Epoch { epoch, report, mistakes, .. } => {
                 db::job_metrics::record_evaluation(db, &job.id, "validation", epoch, &report).await?;
+                let label = |i: u32| self.labels.get(i as usize).cloned().unwrap_or_default();
+                let rows: Vec<MistakeRow> = mistakes
+                    .iter()
+                    .filter_map(|m| {
+                        let (blob, file) = self.files.get(&m.path)?.clone();
+                        Some(MistakeRow { blob, file, label: label(m.label), predicted: label(m.predicted), score: m.score })
+                    })
+                    .collect();
+                db::job_metrics::record_mistakes(db, &job.id, epoch, &rows).await?;
                 db::jobs::set_epoch_done(db, &job.id, epoch).await?;
                 self.progress.epoch = self.progress.epoch.max(epoch);
                 let mut block = serde_json::to_value(&report)?;

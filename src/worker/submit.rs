@@ -85,6 +85,21 @@ pub fn check_base_model(spec: &str, is_our_model: bool) -> Result<(), InvalidBas
     if is_our_model || is_hub_id(spec) { Ok(()) } else { Err(InvalidBaseModel(spec.to_string())) }
 }
 
+/// The base models in `base_models_dir` a job can name: the folders with a `config.json` whose
+/// names the rule accepts, sorted.
+pub fn local_base_models(base_models_dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(base_models_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join(crate::model::io::CONFIG_FILE).is_file())
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| is_hub_id(n))
+        .collect();
+    names.sort();
+    names
+}
+
 /// The model files a job's `base_model` names: one of our models (`models_dir/<id>`), a folder
 /// under `base_models_dir`, or a hub id. Checked at submit and again when the job runs, because
 /// the queue may predate a change (the model deleted, the folder added).

@@ -1,7 +1,9 @@
 //! Integration tests against the real router on a random port with a temporary data folder.
 
 mod access;
+mod browse;
 mod budget;
+mod console;
 mod crash;
 mod datasets;
 mod fixtures;

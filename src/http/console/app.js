@@ -1,0 +1,491 @@
+// The console's pages. Every /ui/ path loads this module, which renders the page the path names
+// from the JSON API: overview, dataset, new job, job, model, predict.
+
+import { ApiError, del, events, get, objectUrl, post, send, upload } from "./api.js";
+import { heatmap, lineChart } from "./charts.js";
+
+const main = document.getElementById("main");
+
+/** An element: h("a", {href: "/ui/"}, "text", child, …). Text is always text, never HTML. */
+function h(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (k === "class") node.className = v;
+    else node.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat(Infinity)) {
+    if (c === null || c === undefined || c === false) continue;
+    node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return node;
+}
+
+const pct = (v) => (v === null || v === undefined ? "–" : `${(v * 100).toFixed(1)}%`);
+const num = (v, d = 3) => (v === null || v === undefined ? "–" : Number(v).toFixed(d));
+const when = (t) => (t ? new Date(t).toLocaleString() : "–");
+const short = (id) => id.slice(-8);
+const status = (s) => h("span", { class: `status ${s}` }, s);
+
+function errorBox(e) {
+  return h("p", { class: "error", role: "alert" }, e instanceof ApiError ? `${e.message} (${e.code})` : String(e));
+}
+
+function render(title, ...content) {
+  document.title = `${title} · vitforge`;
+  main.replaceChildren(h("h1", {}, title), ...content);
+}
+
+/** A table from rows of cells (a cell: text, a node, or {v, num: true}). */
+function table(headers, rows, empty = "none yet") {
+  if (!rows.length) return h("p", { class: "muted" }, empty);
+  return h(
+    "table",
+    {},
+    h("thead", {}, h("tr", {}, headers.map((x) => h("th", { class: x.startsWith("#") ? "num" : null }, x.replace(/^#/, ""))))),
+    h("tbody", {}, rows.map((r) => h("tr", {}, r.map((c) => (c && c.num !== undefined ? h("td", { class: "num" }, c.v) : h("td", {}, c)))))),
+  );
+}
+
+function progressOf(job) {
+  const p = job.progress;
+  if (!p.phase) return h("span", { class: "muted" }, job.status === "queued" ? "waiting" : "–");
+  const share = p.total ? p.done / p.total : 0;
+  return h(
+    "div",
+    {},
+    h("div", { class: "muted" }, `${p.phase} ${p.done}/${p.total}${p.rate ? ` · ${p.rate.toFixed(1)}/s` : ""} · epoch ${p.epoch}/${p.epochs}`),
+    h("div", { class: "bar", role: "progressbar", "aria-valuemin": 0, "aria-valuemax": p.total, "aria-valuenow": p.done }, h("div", { style: `width:${(share * 100).toFixed(0)}%` })),
+  );
+}
+
+/** Loads an image through the API (with the key) into an <img>. */
+function apiImage(path, alt) {
+  const img = h("img", { alt, loading: "lazy" });
+  objectUrl(path).then((url) => (img.src = url)).catch(() => (img.alt = `${alt} (unavailable)`));
+  return img;
+}
+
+// ---- Overview ------------------------------------------------------------------------------
+
+function uploadZone(onDone) {
+  const input = h("input", { type: "file", id: "dataset-file", accept: ".zip,.tar,.gz,.tgz,.parquet" });
+  const name = h("input", { type: "text", id: "dataset-name", placeholder: "name (default: the file's)" });
+  const bar = h("progress", { max: 1, value: 0, hidden: true });
+  const note = h("p", { class: "muted", "aria-live": "polite" });
+  const zone = h("div", { class: "drop", id: "drop" }, "Drop a zip, tar(.gz) or Parquet file of labelled images here, or pick one: ", input);
+  async function send(file) {
+    const form = new FormData();
+    form.append("file", file);
+    if (name.value.trim()) form.append("name", name.value.trim());
+    bar.hidden = false;
+    note.textContent = `uploading ${file.name}…`;
+    try {
+      const ds = await upload("/datasets", form, (share) => {
+        bar.value = share;
+        note.textContent = share < 1 ? `uploading ${file.name}: ${(share * 100).toFixed(0)}%` : "checking every image…";
+      });
+      note.textContent = `stored ${ds.num_images} images in ${ds.classes.length} classes (${ds.rejected_total} files rejected)`;
+      onDone(ds);
+    } catch (e) {
+      note.replaceChildren(errorBox(e));
+    } finally {
+      bar.hidden = true;
+    }
+  }
+  input.addEventListener("change", () => input.files[0] && send(input.files[0]));
+  zone.addEventListener("dragover", (e) => {
+    e.preventDefault();
+    zone.classList.add("over");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("over");
+    if (e.dataTransfer.files[0]) send(e.dataTransfer.files[0]);
+  });
+  return h("div", {}, zone, h("label", {}, "Name ", name), bar, note);
+}
+
+async function overview() {
+  const datasets = h("div", {});
+  const jobs = h("div", { id: "jobs" });
+  const models = h("div", {});
+  render(
+    "Overview",
+    h("section", {}, h("h2", {}, "Datasets"), uploadZone((ds) => (location.href = `/ui/datasets/${ds.id}`)), datasets),
+    h("section", {}, h("h2", {}, "Jobs"), h("p", {}, h("a", { href: "/ui/new" }, "Start a fine-tune")), jobs),
+    h("section", {}, h("h2", {}, "Models"), models),
+  );
+  const ds = await get("/datasets");
+  datasets.replaceChildren(
+    table(
+      ["Dataset", "#Images", "Classes", "Created", ""],
+      ds.map((d) => [h("a", { href: `/ui/datasets/${d.id}` }, d.name), { v: d.num_images, num: true }, d.classes.join(", "), when(d.created_at), h("a", { href: `/ui/new?dataset=${d.id}` }, "fine-tune")]),
+      "No dataset yet: upload one above.",
+    ),
+  );
+  const drawModels = (ms) => models.replaceChildren(
+    table(
+      ["Model", "Labels", "#Val. accuracy", "#Val. F1", "Recipe", "Created"],
+      ms.map((m, i) => [
+        h("span", {}, h("a", { href: `/ui/models/${m.id}` }, short(m.id)), i === 0 ? h("span", { class: "muted" }, " (default)") : null),
+        m.labels.join(", "),
+        { v: pct(m.metrics?.accuracy), num: true },
+        { v: num(m.metrics?.f1), num: true },
+        m.recipe ?? "–",
+        when(m.created_at),
+      ]),
+      "No model yet: fine-tune one.",
+    ),
+  );
+  // Live job status (and the models jobs register) without reloading.
+  const refresh = async () => {
+    const [js, ms] = await Promise.all([get("/jobs"), get("/models")]);
+    const f1 = Object.fromEntries(ms.map((m) => [m.id, m.metrics?.f1]));
+    drawModels(ms);
+    jobs.replaceChildren(
+      table(
+        ["Job", "Status", "Progress", "Recipe", "#Best val. F1", "Created"],
+        js.map((j) => [h("a", { href: `/ui/jobs/${j.id}` }, short(j.id)), status(j.status), progressOf(j), j.recipe, { v: num(f1[j.model_id]), num: true }, when(j.created_at)]),
+        "No job yet.",
+      ),
+    );
+    return js.some((j) => j.status === "queued" || j.status === "running");
+  };
+  const loop = async () => {
+    const busy = await refresh().catch(() => true);
+    setTimeout(loop, busy ? 1500 : 5000);
+  };
+  loop();
+}
+
+// ---- Dataset -------------------------------------------------------------------------------
+
+async function dataset(id) {
+  const d = await get(`/datasets/${id}`);
+  const splits = ["train", "validation", "test"];
+  const counts = table(
+    ["Class", ...splits.map((s) => "#" + s)],
+    d.classes.map((c) => [c, ...splits.map((s) => ({ v: d.counts[s][c] ?? 0, num: true }))]),
+  );
+  const rejected = d.rejected_total
+    ? h("details", {}, h("summary", {}, `${d.rejected_total} files rejected`), table(["File", "Why"], d.rejected.map((r) => [h("span", { class: "mono" }, r.file), r.reason])))
+    : h("p", { class: "muted" }, "No file was rejected.");
+  const split = h("select", { id: "split", "aria-label": "Split" }, h("option", { value: "" }, "all splits"), splits.map((s) => h("option", { value: s }, s)));
+  const cls = h("select", { id: "class", "aria-label": "Class" }, h("option", { value: "" }, "all classes"), d.classes.map((c) => h("option", { value: c }, c)));
+  const grid = h("div", { class: "grid", id: "thumbs" });
+  const pager = h("p", { class: "row" });
+  let offset = 0;
+  const limit = 48;
+  async function page() {
+    const q = new URLSearchParams({ offset, limit });
+    if (split.value) q.set("split", split.value);
+    if (cls.value) q.set("class", cls.value);
+    const p = await get(`/datasets/${id}/images?${q}`);
+    grid.replaceChildren(...p.images.map((im) => h("figure", { class: "thumb" }, apiImage(im.thumbnail, im.file), h("figcaption", {}, `${im.label} · ${im.split}`, h("br"), h("span", { class: "muted" }, im.file)))));
+    pager.replaceChildren(
+      h("button", { disabled: offset === 0, onclick: () => ((offset = Math.max(0, offset - limit)), page()) }, "Previous"),
+      h("span", { class: "muted" }, p.total ? `${offset + 1}–${Math.min(offset + limit, p.total)} of ${p.total}` : "no image"),
+      h("button", { disabled: offset + limit >= p.total, onclick: () => ((offset += limit), page()) }, "Next"),
+    );
+  }
+  split.addEventListener("change", () => ((offset = 0), page()));
+  cls.addEventListener("change", () => ((offset = 0), page()));
+  const remove = h("button", {
+    class: "danger",
+    onclick: async () => {
+      if (!confirm(`Delete dataset ${d.name}?`)) return;
+      try {
+        await del(`/datasets/${id}`);
+        location.href = "/ui/";
+      } catch (e) {
+        remove.after(errorBox(e));
+      }
+    },
+  }, "Delete dataset");
+  render(
+    d.name,
+    h("p", { class: "row" }, h("a", { href: `/ui/new?dataset=${id}` }, "Fine-tune on it"), remove),
+    h("section", {}, h("h2", {}, `${d.num_images} images in ${d.classes.length} classes`), counts),
+    h("section", {}, h("h2", {}, "Rejected files"), rejected),
+    h("section", {}, h("h2", {}, "Images"), h("p", { class: "row" }, split, cls), grid, pager),
+  );
+  await page();
+}
+
+// ---- New job -------------------------------------------------------------------------------
+
+const FIELDS = [
+  ["learning_rate", "number", "Peak learning rate"],
+  ["head_learning_rate", "number", "Head learning rate"],
+  ["epochs", "number", "Epochs"],
+  ["batch_size", "number", "Batch size"],
+  ["optimizer", ["adamw", "sgd"], "Optimiser"],
+  ["weight_decay", "number", "Weight decay"],
+  ["lr_scheduler", ["linear", "cosine", "constant"], "Schedule"],
+  ["warmup_ratio", "number", "Warm-up share"],
+  ["train_mode", ["full", "head_only", "last_n_layers"], "What trains"],
+  ["trainable_layers", "number", "Trainable layers"],
+  ["augment", ["true", "false"], "Augmentation"],
+  ["head_init", ["random", "probe"], "Head"],
+  ["after_probe", ["given", "auto"], "After the probe"],
+  ["validation_split", "number", "Validation share"],
+  ["early_stopping_patience", "number", "Early stopping patience"],
+  ["calibrate", ["true", "false"], "Calibrate scores"],
+  ["time_budget_secs", "number", "Time budget (s)"],
+  ["seed", "number", "Seed"],
+];
+
+async function newJob() {
+  const [datasets, bases, models, recipes] = await Promise.all([get("/datasets"), get("/base-models"), get("/models"), get("/recipes")]);
+  const want = new URLSearchParams(location.search).get("dataset");
+  const dsSelect = h("select", { id: "job-dataset", required: true }, datasets.map((d) => h("option", { value: d.id, selected: d.id === want }, `${d.name} (${d.num_images} images)`)));
+  const base = h("select", { id: "job-base" },
+    h("optgroup", { label: "Local base models" }, bases.local.map((b) => h("option", { value: b }, b))),
+    h("optgroup", { label: "Hugging Face hub" }, bases.hub.map((b) => h("option", { value: b, selected: !bases.local.length && b === bases.default }, b))),
+    h("optgroup", { label: "Models of this service (continue training)" }, models.map((m) => h("option", { value: m.id }, `${short(m.id)} (${m.labels.join(", ")})`))));
+  const recipe = h("select", { id: "job-recipe" }, h("option", { value: "auto" }, "auto: probe head, then what pays"), h("option", { value: "manual" }, "manual: Hugging Face's defaults"));
+  const inputs = {};
+  const grid = h("div", { class: "form-grid" });
+  function showDefaults() {
+    const defaults = recipes[recipe.value];
+    grid.replaceChildren(
+      ...FIELDS.map(([key, kind, label]) => {
+        const d = defaults[key];
+        const input = Array.isArray(kind)
+          ? h("select", { name: key }, h("option", { value: "" }, `default: ${d}`), kind.map((o) => h("option", { value: o }, o)))
+          : h("input", { type: "number", name: key, step: "any", placeholder: `default: ${d ?? "none"}` });
+        inputs[key] = [input, kind];
+        return h("label", {}, h("span", {}, label), input);
+      }),
+    );
+  }
+  recipe.addEventListener("change", showDefaults);
+  showDefaults();
+  const note = h("div", { "aria-live": "polite" });
+  const form = h(
+    "form",
+    {
+      id: "job-form",
+      onsubmit: async (e) => {
+        e.preventDefault();
+        const params = {};
+        for (const [key, [input, kind]] of Object.entries(inputs)) {
+          if (input.value === "") continue;
+          params[key] = kind === "number" ? Number(input.value) : input.value === "true" ? true : input.value === "false" ? false : input.value;
+        }
+        try {
+          const job = await post("/jobs", { dataset_id: dsSelect.value, base_model: base.value, recipe: recipe.value, params });
+          location.href = `/ui/jobs/${job.id}`;
+        } catch (err) {
+          note.replaceChildren(errorBox(err));
+        }
+      },
+    },
+    h("label", {}, "Dataset ", dsSelect),
+    h("label", {}, "Base model ", base),
+    h("label", {}, "Recipe ", recipe),
+    h("h2", {}, "Hyper-parameters (empty: the recipe's default)"),
+    grid,
+    h("p", {}, h("button", { class: "primary", type: "submit", id: "job-submit" }, "Start the fine-tune")),
+    note,
+  );
+  render("New fine-tune", datasets.length ? form : h("p", {}, "Upload a dataset first, on the ", h("a", { href: "/ui/" }, "overview"), "."));
+}
+
+// ---- Job -----------------------------------------------------------------------------------
+
+async function job(id) {
+  const head = h("div", {});
+  const charts = h("div", { class: "charts" });
+  const matrix = h("div", {});
+  const perClass = h("div", {});
+  const mistakes = h("div", {});
+  render(`Job ${short(id)}`, head, h("section", {}, h("h2", {}, "Training"), charts), h("section", {}, h("h2", {}, "Confusion matrix (best epoch, validation)"), matrix, perClass), h("section", {}, h("h2", {}, "What the model gets wrong (validation)"), mistakes));
+
+  async function drawHead() {
+    const j = await get(`/jobs/${id}`);
+    const cancel = !["succeeded", "failed", "cancelled"].includes(j.status)
+      ? h("button", { class: "danger", onclick: async () => { await post(`/jobs/${id}/cancel`).catch((e) => head.append(errorBox(e))); drawHead(); } }, "Cancel")
+      : null;
+    head.replaceChildren(
+      h("section", {},
+        h("p", { class: "row" }, status(j.status), j.model_id ? h("a", { href: `/ui/models/${j.model_id}`, id: "job-model" }, `model ${short(j.model_id)}`) : null, cancel),
+        progressOf(j),
+        table(["Dataset", "Base model", "Recipe", "Started", "Finished"], [[h("a", { href: `/ui/datasets/${j.dataset_id}` }, short(j.dataset_id)), j.base_model, j.recipe, when(j.started_at), when(j.finished_at)]]),
+        j.decision ? h("p", {}, h("strong", {}, "auto: "), j.decision.reason) : null,
+        j.error ? errorBox(j.error) : null,
+      ),
+    );
+    return j;
+  }
+
+  async function drawMetrics() {
+    const m = await get(`/jobs/${id}/metrics`);
+    charts.replaceChildren(
+      lineChart("Training loss", [{ name: "loss", points: m.train.map((p) => [p.step, p.loss]) }], { xLabel: "step" }),
+      lineChart("Learning rate", [{ name: "lr", points: m.train.map((p) => [p.step, p.learning_rate]) }], { xLabel: "step" }),
+      lineChart("Validation", [
+        { name: "accuracy", points: m.validation.map((v) => [v.epoch, v.accuracy]) },
+        { name: "macro-F1", points: m.validation.map((v) => [v.epoch, v.f1]) },
+      ], { xLabel: "epoch" }),
+    );
+    if (!m.validation.length) return;
+    const best = m.validation.reduce((a, b) => (b.f1 > a.f1 || (b.f1 === a.f1 && b.loss < a.loss) ? b : a));
+    const labels = Object.keys(best.per_class);
+    matrix.replaceChildren(h("p", { class: "muted" }, `epoch ${best.epoch}: accuracy ${pct(best.accuracy)}, macro-F1 ${num(best.f1)}, calibration error ${num(best.ece)}`), heatmap(best.confusion_matrix, labels));
+    perClass.replaceChildren(
+      table(["Class", "#Precision", "#Recall", "#F1", "#Support"], labels.map((l) => {
+        const c = best.per_class[l];
+        return [l, { v: num(c.precision), num: true }, { v: num(c.recall), num: true }, { v: num(c.f1), num: true }, { v: c.support, num: true }];
+      })),
+    );
+  }
+
+  async function drawMistakes() {
+    try {
+      const m = await get(`/jobs/${id}/mistakes`);
+      mistakes.replaceChildren(
+        m.mistakes.length
+          ? h("div", { class: "grid", id: "mistakes" }, m.mistakes.map((x) => h("figure", { class: "thumb" }, apiImage(`/datasets/${m.dataset_id}/images/${x.blob}/thumbnail`, x.file), h("figcaption", {}, `true: ${x.label}`, h("br"), h("span", { class: "wrong" }, `predicted: ${x.predicted} (${pct(x.score)})`)))))
+          : h("p", { class: "muted" }, `No validation image was misclassified at epoch ${m.epoch}.`),
+      );
+    } catch (e) {
+      mistakes.replaceChildren(h("p", { class: "muted" }, e.code === "not_validated" ? "No epoch has been validated yet." : e.message));
+    }
+  }
+
+  const j = await drawHead();
+  await drawMetrics();
+  await drawMistakes();
+  if (["succeeded", "failed", "cancelled"].includes(j.status)) return;
+  // Live: the event stream; the page redraws on progress (at most a few times a second).
+  let last = 0;
+  for await (const ev of events(`/jobs/${id}/events`)) {
+    if (ev.event === "status") break;
+    if (ev.event === "metrics" || Date.now() - last > 1000) {
+      last = Date.now();
+      await drawHead();
+      if (ev.event === "metrics" || ev.data.loss !== undefined) await drawMetrics();
+    }
+  }
+  await drawHead();
+  await drawMetrics();
+  await drawMistakes();
+}
+
+// ---- Model ---------------------------------------------------------------------------------
+
+async function model(id) {
+  const [m, datasets] = await Promise.all([get(`/models/${id}`), get("/datasets")]);
+  const result = h("div", { "aria-live": "polite" });
+  const ds = h("select", { id: "eval-dataset" }, datasets.map((d) => h("option", { value: d.id }, d.name)));
+  const split = h("select", { id: "eval-split" }, h("option", { value: "" }, "test split if any, else all"), ["test", "validation", "train", "all"].map((s) => h("option", { value: s }, s)));
+  const evaluate = async () => {
+    result.replaceChildren(h("p", { class: "muted" }, "evaluating…"));
+    try {
+      const body = { dataset_id: ds.value };
+      if (split.value) body.split = split.value;
+      const r = await post(`/models/${id}/evaluate`, body);
+      const labels = Object.keys(r.per_class);
+      result.replaceChildren(h("p", {}, `accuracy ${pct(r.accuracy)}, macro-F1 ${num(r.f1)}, calibration error ${num(r.ece)}`), heatmap(r.confusion_matrix, labels));
+    } catch (e) {
+      result.replaceChildren(errorBox(e));
+    }
+  };
+  const download = async () => {
+    const a = h("a", { href: await objectUrl(`/models/${id}/download`), download: `vitforge-model-${id}.tar` });
+    document.body.append(a);
+    a.click();
+    a.remove();
+  };
+  const remove = h("button", {
+    class: "danger",
+    onclick: async () => {
+      if (!confirm("Delete this model?")) return;
+      try {
+        await del(`/models/${id}`);
+        location.href = "/ui/";
+      } catch (e) {
+        remove.after(errorBox(e));
+      }
+    },
+  }, "Delete model");
+  const c = m.metrics?.calibration;
+  render(
+    `Model ${short(id)}`,
+    h("p", { class: "row" }, h("button", { onclick: download }, "Download (tar for transformers)"), h("a", { href: `/ui/predict?model=${id}` }, "Predict with it"), remove),
+    h("section", {}, h("h2", {}, "Validation (kept epoch)"),
+      table(["Labels", "#Accuracy", "#Macro-F1", "#Loss", "#Calibration error"], [[m.labels.join(", "), { v: pct(m.metrics?.accuracy), num: true }, { v: num(m.metrics?.f1), num: true }, { v: num(m.metrics?.loss), num: true }, { v: num(m.metrics?.ece), num: true }]]),
+      c ? h("p", { class: "muted" }, c.fitted ? `Scores calibrated: temperature ${num(c.temperature)}; validation calibration error ${num(c.validation_ece_before)} → ${num(c.validation_ece_after)}` : "Scores not calibrated (too few validation images).") : null),
+    h("section", {}, h("h2", {}, "Trained with"), table(["Base model", "Recipe", "Job"], [[m.base_model, m.recipe ?? "–", m.job_id ? h("a", { href: `/ui/jobs/${m.job_id}` }, short(m.job_id)) : "–"]]),
+      h("pre", { class: "mono" }, JSON.stringify(m.params, null, 2))),
+    h("section", {}, h("h2", {}, "Evaluate on a dataset"), h("p", { class: "row" }, ds, split, h("button", { class: "primary", onclick: evaluate }, "Evaluate")), result),
+  );
+}
+
+// ---- Predict -------------------------------------------------------------------------------
+
+async function predict() {
+  const models = await get("/models");
+  const want = new URLSearchParams(location.search).get("model");
+  const choice = h("select", { id: "predict-model" }, models.map((m, i) => h("option", { value: m.id, selected: want ? m.id === want : i === 0 }, `${short(m.id)} (${m.labels.join(", ")})${i === 0 ? " — newest" : ""}`)));
+  const input = h("input", { type: "file", id: "predict-file", accept: "image/*", multiple: true });
+  const results = h("div", { id: "predictions", "aria-live": "polite" });
+  async function classify(files) {
+    if (!files.length) return;
+    const form = new FormData();
+    for (const f of files) form.append("image", f, f.name);
+    results.replaceChildren(h("p", { class: "muted" }, "classifying…"));
+    try {
+      const r = await (await send("POST", `/predict?top_k=5&model=${encodeURIComponent(choice.value)}`, form)).json();
+      results.replaceChildren(
+        ...r.predictions.map((p, i) =>
+          h("section", { class: "prediction" },
+            h("div", { class: "row" }, h("img", { src: URL.createObjectURL(files[i]), alt: files[i].name, style: "max-width:160px;max-height:160px;border-radius:4px" }),
+              h("div", {}, h("h2", { class: "label" }, p.label), h("p", { class: "muted" }, `${files[i].name} · ${pct(p.score)}`))),
+            h("div", { class: "topk" }, p.top_k.map((t) => [h("span", {}, t.label), h("div", { class: "bar" }, h("div", { style: `width:${(t.score * 100).toFixed(1)}%` })), h("span", { class: "num" }, pct(t.score))])),
+          ),
+        ),
+      );
+    } catch (e) {
+      results.replaceChildren(errorBox(e));
+    }
+  }
+  input.addEventListener("change", () => classify([...input.files]));
+  const zone = h("div", { class: "drop" }, "Drop images here, or pick them: ", input);
+  zone.addEventListener("dragover", (e) => (e.preventDefault(), zone.classList.add("over")));
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => (e.preventDefault(), zone.classList.remove("over"), classify([...e.dataTransfer.files])));
+  render("Predict", models.length ? h("div", {}, h("label", {}, "Model ", choice), zone, results) : h("p", {}, "No model yet: ", h("a", { href: "/ui/new" }, "fine-tune one"), "."));
+}
+
+// ---- Routing -------------------------------------------------------------------------------
+
+const routes = [
+  [/^\/ui\/?$/, overview],
+  [/^\/ui\/datasets\/([^/]+)$/, dataset],
+  [/^\/ui\/new$/, newJob],
+  [/^\/ui\/jobs\/([^/]+)$/, job],
+  [/^\/ui\/models\/([^/]+)$/, model],
+  [/^\/ui\/predict$/, predict],
+];
+
+async function start() {
+  for (const [pattern, page] of routes) {
+    const m = location.pathname.match(pattern);
+    if (m) {
+      try {
+        await page(...m.slice(1).map(decodeURIComponent));
+      } catch (e) {
+        render("Something went wrong", errorBox(e));
+      }
+      return;
+    }
+  }
+  render("Not found", h("p", {}, "No console page here. ", h("a", { href: "/ui/" }, "Overview")));
+}
+
+start();

@@ -1,0 +1,217 @@
+//! The web console in a real browser: Debian's `chromium`, driven over WebDriver (a local
+//! `chromedriver`) by fantoccini. One test walks the path a person takes: open `/`, upload an
+//! image-folder zip through the page, start a fine-tune on a tiny base model, watch it reach
+//! `succeeded`, see the charts and the confusion matrix, predict an image and read its label.
+//!
+//! Without chromium and chromedriver it says so and passes, unless `VITFORGE_REQUIRE_BROWSER=1`
+//! (set by `.ci/run`, which installs them). With `VITFORGE_SCREENSHOTS=DIR` it saves the job and
+//! predict pages as PNGs there (the README's screenshots).
+
+use std::io::{BufRead, BufReader, Cursor};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use image::{ImageFormat, Rgb, RgbImage};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use crate::fixtures::{Member, file, zip};
+use crate::support::{Launch, install_base_model, tiny_config};
+
+/// A chromedriver process, killed when dropped.
+struct Driver {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts chromedriver on a port of its choosing; `None` (and a line saying why) when it is not
+/// installed and the browser is not required.
+fn chromedriver() -> Option<Driver> {
+    let required = std::env::var_os("VITFORGE_REQUIRE_BROWSER").is_some_and(|v| v == "1");
+    let spawned = Command::new("chromedriver").arg("--port=0").stdout(Stdio::piped()).stderr(Stdio::null()).spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) if !required => {
+            eprintln!("SKIPPED: no chromedriver ({e}); install Debian's chromium and chromium-driver to run the console test");
+            return None;
+        }
+        Err(e) => panic!("VITFORGE_REQUIRE_BROWSER=1 but chromedriver does not start: {e}"),
+    };
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let port = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.split("started successfully on port ").nth(1).and_then(|p| p.trim_end_matches('.').parse().ok()))
+        .expect("chromedriver names its port");
+    std::thread::spawn(move || lines.for_each(drop));
+    Some(Driver { child, port })
+}
+
+async fn browser(driver: &Driver, profile: &Path) -> Client {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--window-size=1280,1600", format!("--user-data-dir={}", profile.display())]}),
+    );
+    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{}", driver.port))
+        .await
+        .expect("a WebDriver session")
+}
+
+/// Waits until `css` matches an element whose text satisfies `ok`; returns that text.
+async fn wait_text(c: &Client, css: &str, secs: u64, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Ok(elements) = c.find_all(Locator::Css(css)).await {
+            for e in elements {
+                if let Ok(text) = e.text().await
+                    && ok(&text)
+                {
+                    return text;
+                }
+            }
+        }
+        let page = c.source().await.unwrap_or_default();
+        assert!(Instant::now() < deadline, "waited {secs} s for '{css}'; the page:\n{page}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The element `css` names, once the page has drawn it (pages render after their data arrives).
+async fn element(c: &Client, css: &str) -> fantoccini::elements::Element {
+    c.wait().at_most(Duration::from_secs(20)).for_element(Locator::Css(css)).await.unwrap_or_else(|e| panic!("no '{css}': {e}"))
+}
+
+async fn wait_url(c: &Client, part: &str, secs: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let url = c.current_url().await.unwrap().to_string();
+        if url.contains(part) {
+            return url;
+        }
+        assert!(Instant::now() < deadline, "waited {secs} s for a URL with '{part}', at {url}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A `size`² image of `rgb` with noise.
+fn colour(rgb: [u8; 3], seed: u64) -> Vec<u8> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let img = RgbImage::from_fn(48, 40, |_, _| Rgb(rgb.map(|c| c.saturating_add(rng.random_range(0..40)))));
+    let mut out = Cursor::new(Vec::new());
+    img.write_to(&mut out, ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+async fn screenshot(c: &Client, name: &str) {
+    if let Some(dir) = std::env::var_os("VITFORGE_SCREENSHOTS") {
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(Path::new(&dir).join(name), c.screenshot().await.unwrap()).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_person_uploads_trains_watches_and_predicts_in_the_console() {
+    let Some(driver) = chromedriver() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    install_base_model(&data, "tiny", &tiny_config(), &["a", "b"]);
+    let server = Launch::new(&data).start();
+    let members: Vec<Member> = (0..12)
+        .flat_map(|i| [file(&format!("red/{i}.png"), colour([190, 30, 30], i)), file(&format!("blue/{i}.png"), colour([30, 40, 190], 100 + i))])
+        .collect();
+    let upload = tmp.path().join("colours.zip");
+    std::fs::write(&upload, zip(&members)).unwrap();
+    let probe = tmp.path().join("probe.png");
+    std::fs::write(&probe, colour([200, 35, 35], 999)).unwrap();
+    let c = browser(&driver, &tmp.path().join("profile")).await;
+    let started = Instant::now();
+
+    // A browser opening / lands on the console's overview.
+    c.goto(&server.url("/")).await.unwrap();
+    wait_url(&c, "/ui/", 10).await;
+    wait_text(&c, "h1", 10, |t| t == "Overview").await;
+
+    // Upload through the page: the dataset page opens, with its counts and thumbnails.
+    element(&c, "#dataset-file").await.send_keys(&upload.to_string_lossy()).await.unwrap();
+    wait_url(&c, "/ui/datasets/", 30).await;
+    wait_text(&c, "h2", 10, |t| t.contains("24 images in 2 classes")).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.find_all(Locator::Css("#thumbs img[src^='blob:']")).await.unwrap().len() < 24 {
+        assert!(Instant::now() < deadline, "the thumbnails did not load");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Start a fine-tune from the new-job page, on the tiny local base model.
+    element(&c, "a[href^='/ui/new?dataset=']").await.click().await.unwrap();
+    wait_url(&c, "/ui/new", 10).await;
+    element(&c, "#job-base option[value='tiny']").await.click().await.unwrap();
+    element(&c, "#job-recipe option[value='manual']").await.click().await.unwrap();
+    for (name, value) in [("epochs", "3"), ("learning_rate", "0.002"), ("batch_size", "4")] {
+        c.find(Locator::Css(&format!("input[name='{name}']"))).await.unwrap().send_keys(value).await.unwrap();
+    }
+    element(&c, "#job-submit").await.click().await.unwrap();
+    let job_url = wait_url(&c, "/ui/jobs/", 10).await;
+
+    // Watch it to the end: status, charts, confusion matrix with its counts.
+    wait_text(&c, ".status", 60, |t| t == "succeeded").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.find_all(Locator::Css("svg.chart path")).await.unwrap().len() < 3 {
+        assert!(Instant::now() < deadline, "the charts did not draw their lines");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(c.source().await.unwrap().contains("<title>Training loss</title>"));
+    let cells = wait_text(&c, "table.heat tbody", 10, |t| !t.is_empty()).await;
+    let counted: u64 = cells.split_whitespace().filter_map(|w| w.parse::<u64>().ok()).sum();
+    assert!(counted > 0, "the confusion matrix shows counts: {cells}");
+    assert_eq!(c.find_all(Locator::Css("svg.chart")).await.unwrap().len(), 3);
+    screenshot(&c, "console-job.png").await;
+    assert!(job_url.contains("/ui/jobs/"));
+
+    // Predict: pick an image, read its label and the top-k bars.
+    c.goto(&server.url("/ui/predict")).await.unwrap();
+    element(&c, "#predict-file").await.send_keys(&probe.to_string_lossy()).await.unwrap();
+    let label = wait_text(&c, ".prediction h2.label", 30, |t| !t.is_empty()).await;
+    assert!(label == "red" || label == "blue", "{label}");
+    assert_eq!(c.find_all(Locator::Css(".prediction .topk .bar")).await.unwrap().len(), 2);
+    screenshot(&c, "console-predict.png").await;
+    eprintln!("console walk-through: {:.1} s, predicted '{label}'", started.elapsed().as_secs_f64());
+    assert!(started.elapsed() < Duration::from_secs(60), "the walk-through takes under a minute");
+    c.close().await.unwrap();
+}
+
+/// With `--api-key`, the console asks for the key once, keeps it out of every URL, and every
+/// page's data loads with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_an_api_key_the_console_asks_once_and_sends_it_as_a_bearer_token() {
+    let Some(driver) = chromedriver() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let key = "console-key-0123456789";
+    let server = Launch::new(&tmp.path().join("data")).args(&["--api-key", key]).start();
+    let c = browser(&driver, &tmp.path().join("profile")).await;
+    c.goto(&server.url("/ui/")).await.unwrap();
+    element(&c, "#key-dialog[open] #key-input").await.send_keys(key).await.unwrap();
+    element(&c, "#key-form button[type=submit]").await.click().await.unwrap();
+    wait_text(&c, "#main", 20, |t| t.contains("No dataset yet")).await;
+    // Another page, same tab: no second question.
+    c.goto(&server.url("/ui/predict")).await.unwrap();
+    wait_text(&c, "#main", 20, |t| t.contains("No model yet")).await;
+    assert!(c.find_all(Locator::Css("#key-dialog[open]")).await.unwrap().is_empty(), "asked once");
+    let url = c.current_url().await.unwrap().to_string();
+    assert!(!url.contains(key), "{url}");
+    c.close().await.unwrap();
+}
