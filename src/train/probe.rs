@@ -33,36 +33,81 @@ pub fn balanced_weights(labels: &[u32], classes: usize) -> Vec<f64> {
     counts.iter().map(|&n| if n == 0 { 1.0 } else { labels.len() as f64 / (classes as f64 * n as f64) }).collect()
 }
 
+/// `c (m × n) = a · b` in f64 (the `gemm` crate, one thread: the cross-validation runs its fits
+/// side by side instead), every matrix given by its data and (row, column) strides.
+#[allow(clippy::too_many_arguments)]
+fn matmul(m: usize, n: usize, k: usize, a: &[f64], a_strides: (usize, usize), b: &[f64], b_strides: (usize, usize), c: &mut [f64]) {
+    let last = |rows: usize, cols: usize, (rs, cs): (usize, usize)| if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 };
+    assert!(a.len() >= last(m, k, a_strides) && b.len() >= last(k, n, b_strides) && c.len() >= m * n, "matmul: a view runs past its slice");
+    // SAFETY: every view was checked to lie inside its slice just above; `c` is borrowed
+    // mutably, so it cannot alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_strides.1 as isize,
+            a_strides.0 as isize,
+            b.as_ptr(),
+            b_strides.1 as isize,
+            b_strides.0 as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Logits (n × k) = X·Wᵀ + b for standardised features `x` (n × d) and parameters W (k × d), b (k).
+fn logits(theta: &[f64], x: &[f64], d: usize, k: usize) -> Vec<f64> {
+    let n = x.len() / d.max(1);
+    let (w, b) = theta.split_at(k * d);
+    let mut out = vec![0f64; n * k];
+    matmul(n, k, d, x, (d, 1), w, (1, d), &mut out);
+    for row in out.chunks_mut(k.max(1)) {
+        row.iter_mut().zip(b).for_each(|(l, bc)| *l += bc);
+    }
+    out
+}
+
 /// Objective and gradient of weighted multinomial logistic regression with L2 on the weights
 /// (not the bias), over standardised features `x` (n × d). Parameters: W (k × d) then b (k).
+/// The two products (logits = X·Wᵀ, ∇W = Gᵀ·X) are matrix products: they are nearly all its cost.
 #[allow(clippy::too_many_arguments)]
 fn objective(theta: &[f64], x: &[f64], y: &[u32], sample_w: &[f64], d: usize, k: usize, c: f64, grad: &mut [f64]) -> f64 {
     let n = y.len();
-    let (w, b) = theta.split_at(k * d);
-    grad.fill(0.0);
+    let w = &theta[..k * d];
+    // Turn the logits into the per-example gradient of the loss w.r.t. them, in place.
+    let mut g = logits(theta, x, d, k);
     let mut f = 0.0;
-    let mut logits = vec![0f64; k];
-    for i in 0..n {
-        let xi = &x[i * d..(i + 1) * d];
-        for (c_, l) in logits.iter_mut().enumerate() {
-            *l = b[c_] + w[c_ * d..(c_ + 1) * d].iter().zip(xi).map(|(a, b)| a * b).sum::<f64>();
-        }
-        let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let sum: f64 = logits.iter().map(|l| (l - max).exp()).sum();
+    for (i, row) in g.chunks_mut(k).enumerate() {
+        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = row.iter().map(|l| (l - max).exp()).sum();
         let lse = max + sum.ln();
         let wi = c * sample_w[i];
-        f += wi * (lse - logits[y[i] as usize]);
-        for c_ in 0..k {
-            let g = wi * ((logits[c_] - lse).exp() - if c_ == y[i] as usize { 1.0 } else { 0.0 });
-            for (gj, xj) in grad[c_ * d..(c_ + 1) * d].iter_mut().zip(xi) {
-                *gj += g * xj;
-            }
-            grad[k * d + c_] += g;
+        let label = y[i] as usize;
+        f += wi * (lse - row[label]);
+        for (c_, l) in row.iter_mut().enumerate() {
+            *l = wi * ((*l - lse).exp() - if c_ == label { 1.0 } else { 0.0 });
         }
     }
-    for (j, wj) in w.iter().enumerate() {
+    let (grad_w, grad_b) = grad.split_at_mut(k * d);
+    matmul(k, d, n, &g, (1, k), x, (d, 1), grad_w);
+    grad_b.fill(0.0);
+    for row in g.chunks(k) {
+        grad_b.iter_mut().zip(row).for_each(|(gb, v)| *gb += v);
+    }
+    for (gj, wj) in grad_w.iter_mut().zip(w) {
         f += 0.5 * wj * wj;
-        grad[j] += wj;
+        *gj += wj;
     }
     f
 }
@@ -152,16 +197,73 @@ fn fit_standardised(x: &[f64], y: &[u32], d: usize, k: usize, c: f64) -> Vec<f64
 }
 
 fn predict(theta: &[f64], x: &[f64], d: usize, k: usize) -> Vec<u32> {
-    let (w, b) = theta.split_at(k * d);
-    x.chunks(d)
-        .map(|xi| {
-            (0..k)
-                .map(|c| b[c] + w[c * d..(c + 1) * d].iter().zip(xi).map(|(a, b)| a * b).sum::<f64>())
-                .enumerate()
-                .fold((0u32, f64::NEG_INFINITY), |best, (c, v)| if v > best.1 { (c as u32, v) } else { best })
-                .0
-        })
+    logits(theta, x, d, k)
+        .chunks(k)
+        .map(|row| row.iter().enumerate().fold((0u32, f64::NEG_INFINITY), |best, (c, &v)| if v > best.1 { (c as u32, v) } else { best }).0)
         .collect()
+}
+
+/// Chooses `C` from [`C_GRID`] by stratified `folds`-fold cross-validation on standardised
+/// features; returns it with its mean accuracy. The grid's fits are independent, so they run side
+/// by side on rayon's threads; `progress` hears the number done after each one.
+#[allow(clippy::too_many_arguments)]
+fn cross_validate(x: &[f64], labels: &[u32], d: usize, classes: usize, folds: usize, seed: u64, progress: &mut dyn FnMut(usize)) -> (f64, f64) {
+    use rayon::prelude::*;
+    let n = labels.len();
+    // Stratified folds: each class's examples are shuffled and dealt round-robin.
+    let mut fold_of = vec![0usize; n];
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7072_6f62);
+    for class in 0..classes as u32 {
+        let mut idx: Vec<usize> = (0..n).filter(|&i| labels[i] == class).collect();
+        idx.shuffle(&mut rng);
+        for (j, i) in idx.into_iter().enumerate() {
+            fold_of[i] = j % folds;
+        }
+    }
+    let pick = |keep: &dyn Fn(usize) -> bool| -> (Vec<f64>, Vec<u32>) {
+        let idx: Vec<usize> = (0..n).filter(|&i| keep(fold_of[i])).collect();
+        (idx.iter().flat_map(|&i| x[i * d..(i + 1) * d].iter().copied()).collect(), idx.iter().map(|&i| labels[i]).collect())
+    };
+    let tasks: Vec<(f64, usize)> = C_GRID.iter().flat_map(|&c| (0..folds).map(move |f| (c, f))).collect();
+    let fit_one = |&(c, f): &(f64, usize)| -> usize {
+        let (xt, yt) = pick(&|fold| fold != f);
+        let (xv, yv) = pick(&|fold| fold == f);
+        let theta = fit_standardised(&xt, &yt, d, classes, c);
+        predict(&theta, &xv, d, classes).iter().zip(&yv).filter(|(a, b)| a == b).count()
+    };
+    // Inside a rayon task (or with one thread) this thread's waiting could starve the pool:
+    // fit one after the other there.
+    let correct: Vec<usize> = if rayon::current_thread_index().is_some() || rayon::current_num_threads() < 2 {
+        tasks.iter().enumerate().map(|(i, t)| (fit_one(t), progress(i + 1)).0).collect()
+    } else {
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        std::thread::scope(|scope| {
+            let fits = scope.spawn(move || {
+                tasks
+                    .par_iter()
+                    .map(|t| {
+                        let right = fit_one(t);
+                        // The receiver outlives every fit; a send cannot fail.
+                        let _ = done_tx.send(());
+                        right
+                    })
+                    .collect()
+            });
+            for (done, ()) in done_rx.iter().enumerate() {
+                progress(done + 1);
+            }
+            fits.join().expect("a probe fit panicked")
+        })
+    };
+    let mut best = (C_GRID[0], -1.0);
+    for (c, right) in C_GRID.iter().zip(correct.chunks(folds)) {
+        let acc = right.iter().sum::<usize>() as f64 / n as f64;
+        // Strictly better only: among ties the stronger regularisation (earlier C) stays.
+        if acc > best.1 {
+            best = (*c, acc);
+        }
+    }
+    best
 }
 
 /// Fits the probe on features (n × d, row-major) and labels, choosing `C` from [`C_GRID`] by
@@ -193,41 +295,9 @@ pub fn fit_with_progress(features: &[f32], labels: &[u32], classes: usize, seed:
     let min_class = (0..classes).map(|c| labels.iter().filter(|&&l| l as usize == c).count()).filter(|&n| n > 0).min().unwrap_or(0);
     let folds = min_class.min(5);
     let fits = if folds >= 2 { C_GRID.len() * folds + 1 } else { 1 };
-    let mut fitted = 0;
     let (c, cv_accuracy) = if folds >= 2 {
-        // Stratified folds: each class's examples are shuffled and dealt round-robin.
-        let mut fold_of = vec![0usize; n];
-        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7072_6f62);
-        for class in 0..classes as u32 {
-            let mut idx: Vec<usize> = (0..n).filter(|&i| labels[i] == class).collect();
-            idx.shuffle(&mut rng);
-            for (j, i) in idx.into_iter().enumerate() {
-                fold_of[i] = j % folds;
-            }
-        }
-        let mut best = (C_GRID[0], -1.0);
-        for &c in &C_GRID {
-            let mut correct = 0;
-            for f in 0..folds {
-                let train: Vec<usize> = (0..n).filter(|&i| fold_of[i] != f).collect();
-                let test: Vec<usize> = (0..n).filter(|&i| fold_of[i] == f).collect();
-                let pick = |idx: &[usize]| -> (Vec<f64>, Vec<u32>) {
-                    (idx.iter().flat_map(|&i| x[i * d..(i + 1) * d].iter().copied()).collect(), idx.iter().map(|&i| labels[i]).collect())
-                };
-                let (xt, yt) = pick(&train);
-                let (xv, yv) = pick(&test);
-                let theta = fit_standardised(&xt, &yt, d, classes, c);
-                correct += predict(&theta, &xv, d, classes).iter().zip(&yv).filter(|(a, b)| a == b).count();
-                fitted += 1;
-                progress(fitted, fits);
-            }
-            let acc = correct as f64 / n as f64;
-            // Strictly better only: among ties the stronger regularisation (earlier C) stays.
-            if acc > best.1 {
-                best = (c, acc);
-            }
-        }
-        (best.0, Some(best.1))
+        let (c, accuracy) = cross_validate(&x, labels, d, classes, folds, seed, &mut |done| progress(done, fits));
+        (c, Some(accuracy))
     } else {
         (1.0, None)
     };
@@ -281,6 +351,36 @@ mod tests {
             })
             .count();
         assert!(correct >= 80, "{correct}/90 on raw features");
+    }
+
+    /// The objective's gradient (two strided matrix products) matches central differences, and
+    /// its value matches a plain per-example loop.
+    #[test]
+    fn objective_gradient_matches_finite_differences() {
+        use rand::Rng;
+        let (n, d, k, c) = (7, 4, 3, 0.7);
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let x: Vec<f64> = (0..n * d).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let y: Vec<u32> = (0..n as u32).map(|i| i % k as u32).collect();
+        let sw: Vec<f64> = (0..n).map(|i| 0.5 + i as f64 * 0.1).collect();
+        let theta: Vec<f64> = (0..k * d + k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut grad = vec![0.0; theta.len()];
+        let f = objective(&theta, &x, &y, &sw, d, k, c, &mut grad);
+        let mut plain = 0.5 * theta[..k * d].iter().map(|w| w * w).sum::<f64>();
+        for i in 0..n {
+            let l: Vec<f64> = (0..k).map(|cl| theta[k * d + cl] + (0..d).map(|j| theta[cl * d + j] * x[i * d + j]).sum::<f64>()).collect();
+            let lse = l.iter().map(|v| v.exp()).sum::<f64>().ln();
+            plain += c * sw[i] * (lse - l[y[i] as usize]);
+        }
+        assert!((f - plain).abs() < 1e-9, "{f} vs {plain}");
+        let mut scratch = vec![0.0; theta.len()];
+        for j in 0..theta.len() {
+            let (mut up, mut down) = (theta.clone(), theta.clone());
+            up[j] += 1e-6;
+            down[j] -= 1e-6;
+            let numeric = (objective(&up, &x, &y, &sw, d, k, c, &mut scratch) - objective(&down, &x, &y, &sw, d, k, c, &mut scratch)) / 2e-6;
+            assert!((numeric - grad[j]).abs() < 1e-5, "parameter {j}: {numeric} vs {}", grad[j]);
+        }
     }
 
     #[test]
