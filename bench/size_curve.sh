@@ -5,6 +5,7 @@
 # (with "size", "seed", "recipe" added), appended to OUT.
 #
 # Usage: bench/size_curve.sh IMAGES BASE_MODEL OUT "SIZES" "SEEDS" [RECIPES]
+#   TEST_PER_CLASS=M (env) caps the test images per class (default: all the rest)
 #   IMAGES  an image folder (<class>/<image>), e.g. catsdogs-dev and catsdogs-more merged
 #   RECIPES comma-separated, from: probe (auto as of the probe epoch only), last2 (probe, then the
 #           last 2 layers, lr 1e-4, no augmentation, up to 2 epochs), full (probe, then the whole
@@ -24,7 +25,7 @@ trap 'rm -rf "$work"' EXIT
 flags() {
   case $1 in
     probe) echo "--recipe auto --epochs 1" ;;
-    last2) echo "--recipe auto --epochs 3 --train-mode last-n-layers --trainable-layers 2 --learning-rate 1e-4 --augment false" ;;
+    last2) echo "--recipe auto --epochs 3 --train-mode last_n_layers --trainable-layers 2 --learning-rate 1e-4 --augment false" ;;
     full) echo "--recipe auto --epochs 3" ;;
     auto) echo "" ;;
     hf) echo "--recipe manual" ;;
@@ -33,7 +34,7 @@ flags() {
 }
 for seed in $seeds; do
   for size in $sizes; do
-    python3 bench/split.py "$images" "$work/split" --train-per-class "$size" --seed "$seed"
+    python3 bench/split.py "$images" "$work/split" --train-per-class "$size" --seed "$seed" ${TEST_PER_CLASS:+--test-per-class "$TEST_PER_CLASS"}
     for recipe in ${recipes//,/ }; do
       # shellcheck disable=SC2046 # the flags are words
       line=$(LABEL=$recipe bench/quality.sh "$work/split/train" "$work/split/test" "$base" $(flags "$recipe") --seed "$seed")

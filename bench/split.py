@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Splits an image folder (`<class>/<image>`) into train and test folders by copying files.
 
-Usage: bench/split.py SRC OUT --train-per-class N --seed S
-Writes OUT/train/<class>/... and OUT/test/<class>/... (the rest of each class). Files are copied,
+Usage: bench/split.py SRC OUT --train-per-class N --seed S [--test-per-class M]
+Writes OUT/train/<class>/... and OUT/test/<class>/... (the rest of each class, or M of the rest). Files are copied,
 never linked, so an ingest that refuses links still reads them.
 """
 import argparse
@@ -15,6 +15,7 @@ ap.add_argument("src", type=Path)
 ap.add_argument("out", type=Path)
 ap.add_argument("--train-per-class", type=int, required=True)
 ap.add_argument("--seed", type=int, default=0)
+ap.add_argument("--test-per-class", type=int, default=None, help="at most this many test images per class")
 a = ap.parse_args()
 if a.out.exists():
     shutil.rmtree(a.out)
@@ -23,7 +24,10 @@ for cls in sorted(p for p in a.src.iterdir() if p.is_dir()):
     random.Random(f"{a.seed}/{cls.name}").shuffle(files)
     if len(files) <= a.train_per_class:
         raise SystemExit(f"class {cls.name} has {len(files)} images, need more than {a.train_per_class}")
-    for split, part in (("train", files[: a.train_per_class]), ("test", files[a.train_per_class :])):
+    rest = files[a.train_per_class :]
+    if a.test_per_class is not None:
+        rest = rest[: a.test_per_class]
+    for split, part in (("train", files[: a.train_per_class]), ("test", rest)):
         dest = a.out / split / cls.name
         dest.mkdir(parents=True, exist_ok=True)
         for f in part:
