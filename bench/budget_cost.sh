@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What the in-flight memory budget costs /predict under normal load: the same small model served
 # by two binaries (e.g. the commit before the budget and HEAD), measured in alternating rounds of
-# bench/predict_load.py with 16 clients, so a busy machine slows both alike. Prints one JSON line
-# per round and binary, then the mean requests per second of each.
+# bench/predict_load.py with 16 clients (A first in odd rounds, B in even ones), so a busy machine
+# slows both alike. Prints one JSON line per round and binary, then the mean requests per second
+# of each.
 #
 # Usage: bench/budget_cost.sh BIN_A BIN_B [ROUNDS] [SECONDS]
 #   e.g. git worktree add /tmp/before c25af28^ && (cd /tmp/before && cargo build --release)
@@ -43,7 +44,8 @@ stop
 image=$(find "$work/images" -name '*.png' | head -1)
 for bin in a b; do cp -r "$work/seed" "$work/data-$bin"; done
 for round in $(seq "$rounds"); do
-  for bin in a b; do
+  order="a b"; ((round % 2)) || order="b a" # alternate who goes first
+  for bin in $order; do
     path=$a; [[ $bin == b ]] && path=$b
     serve "$path" "$work/data-$bin"
     python3 bench/predict_load.py "$url/predict" "$image" --concurrency 1 --requests 20 >/dev/null # warm-up
