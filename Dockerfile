@@ -40,8 +40,14 @@ WORKDIR /src
 # the equivalent trick by hand: build every dependency against the real Cargo.toml and Cargo.lock
 # with stub sources. This layer depends on nothing but those two files (and the build args), so
 # editing code under src/ rebuilds only the vitforge crate itself.
+#
+# The release profile keeps line tables for backtraces (file:line), which would be about 120 of the
+# binary's 140 MB and several GB of build layers. The image builds without them and keeps the
+# symbols, so backtraces still name functions. `--build-arg KEEP_DEBUG_INFO=1` keeps file:line.
+ARG KEEP_DEBUG_INFO=
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
+RUN if [ -z "$KEEP_DEBUG_INFO" ]; then export CARGO_PROFILE_RELEASE_DEBUG=false; fi \
+    && mkdir src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
     && if [ -z "$CUDA_COMPUTE_CAP" ]; then unset CUDA_COMPUTE_CAP; fi \
@@ -54,17 +60,15 @@ RUN mkdir src \
 # COPY keeps the files' own modification times, which can be older than the stubs' build, so the
 # stubs' outputs are deleted to make cargo rebuild the crate from the real sources.
 COPY . .
-RUN rm -rf target/release/.fingerprint/vitforge-* target/release/deps/vitforge-* \
+# One step, not two: with a storage driver that copies whole layers (buildah's vfs), every step
+# after the build would be another copy of the builder's target folder.
+RUN if [ -z "$KEEP_DEBUG_INFO" ]; then export CARGO_PROFILE_RELEASE_DEBUG=false; fi \
+    && rm -rf target/release/.fingerprint/vitforge-* target/release/deps/vitforge-* \
            target/release/deps/libvitforge-* target/release/vitforge \
     && if [ -z "$CUDA_COMPUTE_CAP" ]; then unset CUDA_COMPUTE_CAP; fi \
     && cargo build --release --locked --features "$FEATURES" \
-    && install -D -m 0755 target/release/vitforge /out/vitforge
-
-# The release profile keeps line tables for backtraces, which make up about 120 of the binary's
-# 140 MB. The image drops them and keeps the symbols, so backtraces still name functions. Build
-# with `--build-arg KEEP_DEBUG_INFO=1` to keep file:line in backtraces.
-ARG KEEP_DEBUG_INFO=
-RUN if [ -z "$KEEP_DEBUG_INFO" ]; then objcopy --strip-debug /out/vitforge; fi
+    && install -D -m 0755 target/release/vitforge /out/vitforge \
+    && if [ -z "$KEEP_DEBUG_INFO" ]; then objcopy --strip-debug /out/vitforge; fi
 
 FROM ${RUNTIME_IMAGE} AS runtime
 # ca-certificates: hub downloads of base models go over HTTPS. The health check below needs no

@@ -18,12 +18,13 @@
 #    model written by `vitforge init-model` inside the container, a 1-epoch fine-tune,
 #    /predict, the uid of the server process, the files in the volume, and a clean SIGTERM stop.
 #
-# Needs root (debootstrap, buildah's vfs storage and chroot isolation), buildah, debootstrap,
+# Needs root (debootstrap, buildah's storage and chroot isolation), buildah, debootstrap,
 # curl, python3 with Pillow, and a Rust toolchain: rustc on PATH, or $RUSTC naming one (under
 # sudo: `sudo RUSTC="$(rustup which rustc)" scripts/container-smoke.sh`). Exits 0 with "SKIPPED: buildah not installed"
 # where there is no buildah; otherwise prints PASS/FAIL per check and exits 1 on any failure.
 #
 # Environment: VITFORGE_SMOKE_CACHE (stand-in roots, buildah storage, layer cache),
+# VITFORGE_SMOKE_DRIVER (buildah storage driver: overlay where it mounts, else vfs),
 # VITFORGE_SMOKE_MIRROR (Debian mirror, default http://deb.debian.org/debian),
 # VITFORGE_SMOKE_KEEP=1 (keep the run folder: logs and the /data volume).
 set -uo pipefail
@@ -50,8 +51,27 @@ step() { echo; echo "==> $*"; }
 die() { fail "$1" "${2:-}"; exit 1; }
 
 # buildah with storage of its own under the cache, so the stand-ins and layer cache persist between
-# runs and nothing touches the machine's default container storage.
-B() { buildah --root "$CACHE/storage" --runroot "$CACHE/runroot" --storage-driver vfs "$@"; }
+# runs and nothing touches the machine's default container storage. The overlay driver stores each
+# layer as its changes; vfs (the fallback, where the kernel's overlayfs cannot be mounted here)
+# stores every layer as a whole copy of the file system, which took 17 GB for one cold build and
+# filled a CI machine's disk. VITFORGE_SMOKE_DRIVER=vfs|overlay chooses.
+mkdir -p "$CACHE"
+overlay_mounts() {
+    local t
+    t=$(mktemp -d "$CACHE/overlay-probe.XXXXXX") || return 1
+    mkdir -p "$t"/{lower,upper,work,merged}
+    mount -t overlay overlay -o "lowerdir=$t/lower,upperdir=$t/upper,workdir=$t/work" "$t/merged" 2>/dev/null \
+        && umount "$t/merged"
+    local rc=$?
+    rm -rf "$t"
+    return $rc
+}
+DRIVER=${VITFORGE_SMOKE_DRIVER:-}
+if [[ -z $DRIVER ]]; then
+    if overlay_mounts; then DRIVER=overlay; else DRIVER=vfs; fi
+fi
+STORAGE=$CACHE/storage-$DRIVER
+B() { buildah --root "$STORAGE" --runroot "$CACHE/runroot-$DRIVER" --storage-driver "$DRIVER" "$@"; }
 
 RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/vitforge-smoke.XXXXXX")
 DATA=$RUN_DIR/data
@@ -68,6 +88,7 @@ summary() {
     echo "image:        $IMAGE ($IMAGE_SIZE; binary $BINARY_SIZE)"
     echo "base images:  $STANDINS"
     echo "build time:   $BUILD_SECS"
+    echo "storage:      $DRIVER driver, $(du -sh "$STORAGE" 2>/dev/null | cut -f1) in $STORAGE; $(df -h --output=avail "$CACHE" | tail -n 1 | tr -d ' ') left on its disk"
     printf '%s\n' "${RESULTS[@]}"
     local n_fail=0 r
     for r in "${RESULTS[@]}"; do [[ $r == FAIL* ]] && n_fail=$((n_fail + 1)); done
@@ -113,7 +134,8 @@ RUST_VERSION=$("$RUSTC" --version | awk '{print $2}')
 SYSROOT=$("$RUSTC" --print sysroot)
 BUILDER_STANDIN=localhost/vitforge-smoke/rust:${RUST_VERSION}-slim-bookworm
 STANDINS="builder $BUILDER_STANDIN, runtime $RUNTIME_STANDIN (debootstrap $SUITE)"
-echo "buildah $(buildah --version | awk '{print $3}'), rust $RUST_VERSION from $SYSROOT, cache $CACHE, run folder $RUN_DIR"
+echo "buildah $(buildah --version | awk '{print $3}'), rust $RUST_VERSION from $SYSROOT, cache $CACHE ($DRIVER storage), run folder $RUN_DIR"
+echo "disk: $(df -h --output=avail "$CACHE" | tail -n 1 | tr -d ' ') free where the cache is (a cold build takes about 6 GB with overlay)"
 
 # ---------------------------------------------------------------------------------------------
 step "stand-in base images"
