@@ -61,8 +61,8 @@ pub enum AfterProbe {
     /// As `epochs` and `train_mode` say.
     Given,
     /// The run decides from the data and the time budget (`train::auto`): stop after the probe,
-    /// or fine-tune the whole network for as many epochs as pay and fit; the decision and its
-    /// reason are recorded on the job.
+    /// fine-tune the last layers, or fine-tune the whole network, for as many epochs as pay and
+    /// fit; the decision and its reason are recorded on the job.
     Auto,
 }
 
@@ -210,12 +210,12 @@ impl Default for TrainParams {
 }
 
 impl TrainParams {
-    /// The `auto` recipe for small data: the head fitted to convergence on the frozen backbone's
-    /// features (epoch 1, no gradient steps). Given more `epochs`, the whole network then
-    /// fine-tunes gently from that head (learning rate 1e-5; linear-probe-then-fine-tune), keeping
-    /// the best epoch by validation macro-F1 and stopping when it stops improving. On a few hundred
-    /// images those extra epochs cost several times the probe's time and did not add accuracy in
-    /// our measurements (bench/QUALITY.md), so by default there are none.
+    /// The `auto` recipe: the head fitted to convergence on the frozen backbone's features (epoch
+    /// 1, no gradient steps); then `after_probe: auto` decides from the data and the time budget
+    /// whether the last layers or the whole network fine-tune from that head (`train::auto`),
+    /// keeping the best epoch by validation macro-F1, and a temperature is fitted at the end.
+    /// Given `epochs`, the whole network fine-tunes gently from the probe head (learning rate
+    /// 1e-5; linear-probe-then-fine-tune) for those epochs instead.
     pub fn auto() -> Self {
         Self {
             learning_rate: AUTO_LEARNING_RATE,

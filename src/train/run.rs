@@ -69,7 +69,8 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, mut 
     }
     while state.epoch < run.p.epochs {
         let epoch = state.epoch + 1;
-        if let Some(stop) = over_budget(&run.p, started, next_epoch_secs, epoch) {
+        let action = state.decision.as_ref().map_or(auto::Action::AsGiven, |d| d.action);
+        if let Some(stop) = over_budget(&run.p, started, next_epoch_secs, epoch, action) {
             (ctl.on_event)(TrainEvent::Decided { decision: stop, epochs: state.epoch, total_steps: state.global_step });
             break;
         }
@@ -87,11 +88,11 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, mut 
 
 /// With a time budget: the decision to stop before epoch `epoch` when it would end past the
 /// budget (its length estimated from the last epoch, or from the probe's measurements).
-fn over_budget(p: &TrainParams, started: Instant, epoch_secs: Option<f64>, epoch: u32) -> Option<Decision> {
+fn over_budget(p: &TrainParams, started: Instant, epoch_secs: Option<f64>, epoch: u32, action: auto::Action) -> Option<Decision> {
     let (budget, secs) = (p.time_budget_secs? as f64, epoch_secs?);
     let elapsed = started.elapsed().as_secs_f64();
     (elapsed + secs > budget).then(|| Decision {
-        action: auto::Action::FullFineTune,
+        action,
         epochs: epoch - 1,
         reason: format!(
             "stopped after epoch {}: another epoch (about {secs:.0} s) would end past the time budget of {budget:.0} s ({elapsed:.0} s spent)",
@@ -326,12 +327,15 @@ fn probe_epoch(
             per_class: data.train_counts(),
             validation_images: data.validation.len(),
             test_images: data.test.len(),
+            layers: model.cfg.num_hidden_layers,
             forward_per_s: forward_per_s.unwrap_or(f64::INFINITY),
             elapsed_s: run_started.elapsed().as_secs_f64(),
             budget_s: run.p.time_budget_secs.map(|s| s as f64).filter(|_| forward_per_s.is_some()),
         };
-        next_epoch_secs = forward_per_s.map(|_| situation.epoch_secs());
-        state.decision = Some(auto::decide(&situation));
+        let decision = auto::decide(&situation);
+        // The set-up (a last-layers run's cache) happens before the next epoch's budget check.
+        next_epoch_secs = forward_per_s.map(|_| situation.epoch_secs(decision.action));
+        state.decision = Some(decision);
     }
     end_epoch(&run.root, model, optimizer, state, 1, validation, &mut *ctl.on_event)?;
     Ok(next_epoch_secs)

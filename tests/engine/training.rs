@@ -207,6 +207,40 @@ fn auto_decides_after_the_probe_and_a_time_budget_stops_epochs() {
     assert!(stop.reason.contains("time budget"), "{}", stop.reason);
 }
 
+/// From 50 training images per class, `auto` fine-tunes the last layers after the probe: the
+/// decision says so, gradient steps follow the probe epoch, and the frozen embeddings stay as
+/// they were.
+#[test]
+fn auto_fine_tunes_the_last_layers_from_fifty_images_per_class() {
+    use vitforge::train::AfterProbe;
+    use vitforge::train::auto::{Action, LAST_LAYERS, MAX_FINE_TUNE_EPOCHS, MIN_PER_CLASS_TO_FINE_TUNE};
+    let tmp = tempfile::tempdir().unwrap();
+    // 70 per class, a quarter held out for validation: 52 or 53 train per class.
+    let data = stripes_data(&tmp.path().join("data"), 70, 4);
+    assert!(data.train_counts().iter().all(|&n| n >= MIN_PER_CLASS_TO_FINE_TUNE), "{:?}", data.train_counts());
+    let mut model = tiny_model(&["horizontal", "vertical"], 9);
+    let read = |m: &vitforge::model::LoadedModel| {
+        let t = m.params.tensor(vitforge::model::weights::keys::PATCH_WEIGHT, false).unwrap();
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let before = read(&model);
+    let p = TrainParams { head_init: HeadInit::Probe, after_probe: AfterProbe::Auto, epochs: 1, early_stopping_patience: None, ..params() };
+    let cancel = AtomicBool::new(false);
+    let mut steps = 0;
+    let mut on_event = |e: TrainEvent| {
+        if let TrainEvent::Step { .. } = e {
+            steps += 1;
+        }
+    };
+    let spec = TrainSpec { params: p, data, checkpoint_root: tmp.path().join("run"), max_pixels: 1 << 24, cache_budget: 1 << 28 };
+    let out = fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut on_event }).unwrap();
+    let d = out.decision.expect("a decision");
+    assert_eq!((d.action, d.epochs, out.epochs_run), (Action::LastLayers, 1 + MAX_FINE_TUNE_EPOCHS, 1 + MAX_FINE_TUNE_EPOCHS), "{}", d.reason);
+    assert!(d.reason.contains(&format!("last {LAST_LAYERS} layers")), "{}", d.reason);
+    assert!(steps > 0, "gradient steps after the probe");
+    assert!(read(&model) == before, "the embeddings are frozen");
+}
+
 /// Twenty classes at a 10:1 imbalance (40 images in the largest, 4 in the smallest): the probe
 /// run trains, reports every class's precision, recall, F1 and support on the test split, and
 /// beats chance by far on the rare classes too.
