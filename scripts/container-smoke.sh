@@ -88,7 +88,7 @@ summary() {
     echo "image:        $IMAGE ($IMAGE_SIZE; binary $BINARY_SIZE)"
     echo "base images:  $STANDINS"
     echo "build time:   $BUILD_SECS"
-    echo "storage:      $DRIVER driver, $(du -sh "$STORAGE" 2>/dev/null | cut -f1) in $STORAGE; $(df -h --output=avail "$CACHE" | tail -n 1 | tr -d ' ') left on its disk"
+    echo "storage:      $DRIVER driver, $(du -shx "$STORAGE" 2>/dev/null | cut -f1) in $STORAGE; $(df -h --output=avail "$CACHE" | tail -n 1 | tr -d ' ') left on its disk"
     printf '%s\n' "${RESULTS[@]}"
     local n_fail=0 r
     for r in "${RESULTS[@]}"; do [[ $r == FAIL* ]] && n_fail=$((n_fail + 1)); done
