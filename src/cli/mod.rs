@@ -180,10 +180,10 @@ fn show_event(pb: &ProgressBar, shown: &mut Option<Phase>, root: &Path, e: Train
             ),
         ),
         TrainEvent::Checkpoint { .. } => {}
-        TrainEvent::Probe { c, cv_accuracy, seconds } => say(
+        TrainEvent::Probe { c, cv_accuracy, features_seconds, fit_seconds } => say(
             pb,
             format!(
-                "probe head fitted in {seconds:.1} s: C = {c}{}",
+                "probe head fitted in {fit_seconds:.1} s after a {features_seconds:.1} s feature pass: C = {c}{}",
                 cv_accuracy.map(|a| format!(", cross-validated accuracy {a:.4}")).unwrap_or_default()
             ),
         ),
@@ -193,7 +193,7 @@ fn show_event(pb: &ProgressBar, shown: &mut Option<Phase>, root: &Path, e: Train
             pb,
             format!("scores calibrated: temperature {:.3}, validation calibration error {:.4} → {:.4}", c.temperature, c.validation_ece_before, c.validation_ece_after),
         ),
-        TrainEvent::Calibrated { .. } => say(pb, format!("scores not calibrated: fewer than {} validation images", crate::train::calibrate::MIN_VALIDATION_IMAGES)),
+        TrainEvent::Calibrated { calibration: c } => say(pb, format!("scores not calibrated: {}", c.reason.as_deref().unwrap_or("no reason given"))),
     }
 }
 

@@ -88,6 +88,18 @@ impl Logits {
     }
 
     /// Mean negative log-likelihood of the truth at `scale` (1/temperature).
+    /// How many examples are predicted wrong (the first highest logit is not their class's).
+    pub fn wrong(&self) -> usize {
+        self.rows
+            .iter()
+            .zip(&self.truth)
+            .filter(|(row, label)| {
+                let predicted = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc }).0;
+                predicted as u32 != **label
+            })
+            .count()
+    }
+
     pub fn nll(&self, scale: f64) -> f64 {
         let sum: f64 = self.rows.iter().zip(&self.truth).map(|(row, &t)| -log_softmax(row, scale)[t as usize]).sum();
         sum / self.rows.len().max(1) as f64

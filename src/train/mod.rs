@@ -73,8 +73,10 @@ pub enum TrainEvent {
     /// training phase is reported by [`TrainEvent::Step`] instead.
     Phase { phase: Phase, done: u64, total: u64 },
     /// The probe head was fitted (epoch 1 of a `head_init: probe` run): its regularisation
-    /// strength `c` chosen by cross-validation (`cv_accuracy`), and the time it took.
-    Probe { c: f64, cv_accuracy: Option<f64>, seconds: f64 },
+    /// strength `c` chosen by cross-validation (`cv_accuracy`), the seconds of the frozen
+    /// network's pass over the training images (`features_seconds`, 0 when they were cached) and
+    /// of the logistic-regression fits (`fit_seconds`).
+    Probe { c: f64, cv_accuracy: Option<f64>, features_seconds: f64, fit_seconds: f64 },
 }
 
 /// How a fine-tune runs, besides its hyper-parameters.

@@ -309,6 +309,8 @@ fn probe_epoch(
             (rows, Some(data.train.len() as f64 / started.elapsed().as_secs_f64().max(1e-9)))
         }
     };
+    let features_seconds = started.elapsed().as_secs_f64();
+    let fit_started = Instant::now();
     let flat: Vec<f32> = Tensor::stack(&feats, 0)?.flatten_all()?.to_vec1::<f32>()?;
     let labels: Vec<u32> = data.train.iter().map(|e| e.label).collect();
     let fitted = probe::fit_with_progress(&flat, &labels, data.labels.len(), run.p.seed, &mut |done, total| report_phase(ctl, Phase::Probe, done, total));
@@ -318,7 +320,7 @@ fn probe_epoch(
     head.insert(keys::HEAD_WEIGHT.to_string(), Tensor::from_vec(fitted.weight, (k, d), &run.device)?);
     head.insert(keys::HEAD_BIAS.to_string(), Tensor::from_vec(fitted.bias, k, &run.device)?);
     model.params.set_some(&head)?;
-    (ctl.on_event)(TrainEvent::Probe { c: fitted.c, cv_accuracy: fitted.cv_accuracy, seconds: started.elapsed().as_secs_f64() });
+    (ctl.on_event)(TrainEvent::Probe { c: fitted.c, cv_accuracy: fitted.cv_accuracy, features_seconds, fit_seconds: fit_started.elapsed().as_secs_f64() });
     let validation = validate(run, model, ctl)?;
     // The decision goes into this epoch's checkpoint, so a resumed run keeps it.
     let mut next_epoch_secs = None;
@@ -510,7 +512,8 @@ fn finish(run: &Run, model: &mut LoadedModel, state: LoopState, ctl: &mut Contro
 }
 
 /// Fits a temperature on the validation split's logits and folds it into the head (see
-/// [`super::calibrate`]); with too few validation images the head is left as it is.
+/// [`super::calibrate`]); where the validation split cannot pin one down (too few images or
+/// mistakes) the head is left as it is, and the calibration says why.
 fn calibrate(run: &Run, model: &LoadedModel, ctl: &mut Control) -> Result<Calibration, TrainError> {
     let vit = Vit::frozen(&model.cfg, &model.params)?;
     let f = Frozen { vit: &vit, ..run.frozen_part(model) };
@@ -520,16 +523,20 @@ fn calibrate(run: &Run, model: &LoadedModel, ctl: &mut Control) -> Result<Calibr
     let logits = logits_with(&f, &run.val_cache, validation, Some(cancel), &mut |done, total| report_phase(ctl, Phase::Validating, done, total))?;
     let labels = &run.data.labels;
     let before = logits.report(labels, 1.0).ece;
-    let fitted = validation.len() >= calibrate::MIN_VALIDATION_IMAGES;
-    let scale = if fitted { calibrate::fit_scale(&logits) } else { 1.0 };
-    if fitted {
+    let (scale, reason) = match calibrate::choose(&logits) {
+        Ok(scale) => (Some(scale), None),
+        Err(reason) => (None, Some(reason)),
+    };
+    if let Some(scale) = scale {
         calibrate::fold_into_head(model, scale)?;
     }
+    let scale_or_1 = scale.unwrap_or(1.0);
     let calibration = Calibration {
-        temperature: 1.0 / scale,
-        fitted,
+        temperature: 1.0 / scale_or_1,
+        fitted: scale.is_some(),
+        reason,
         validation_ece_before: before,
-        validation_ece_after: logits.report(labels, scale).ece,
+        validation_ece_after: logits.report(labels, scale_or_1).ece,
         test_ece_before: None,
         test_ece_after: None,
     };

@@ -419,7 +419,7 @@ async function model(id) {
     h("p", { class: "row" }, h("button", { onclick: download }, "Download (tar for transformers)"), h("a", { href: `/ui/predict?model=${id}` }, "Predict with it"), remove),
     h("section", {}, h("h2", {}, "Validation (kept epoch)"),
       table(["Labels", "#Accuracy", "#Macro-F1", "#Loss", "#Calibration error"], [[m.labels.join(", "), { v: pct(m.metrics?.accuracy), num: true }, { v: num(m.metrics?.f1), num: true }, { v: num(m.metrics?.loss), num: true }, { v: num(m.metrics?.ece), num: true }]]),
-      c ? h("p", { class: "muted" }, c.fitted ? `Scores calibrated: temperature ${num(c.temperature)}; validation calibration error ${num(c.validation_ece_before)} → ${num(c.validation_ece_after)}` : "Scores not calibrated (too few validation images).") : null),
+      c ? h("p", { class: "muted" }, c.fitted ? `Scores calibrated: temperature ${num(c.temperature)}; validation calibration error ${num(c.validation_ece_before)} → ${num(c.validation_ece_after)}` : `Scores not calibrated: ${c.reason || "no reason recorded"}.`) : null),
     h("section", {}, h("h2", {}, "Trained with"), table(["Base model", "Recipe", "Job"], [[m.base_model, m.recipe ?? "–", m.job_id ? h("a", { href: `/ui/jobs/${m.job_id}` }, short(m.job_id)) : "–"]]),
       h("pre", { class: "mono" }, JSON.stringify(m.params, null, 2))),
     h("section", {}, h("h2", {}, "Evaluate on a dataset"), h("p", { class: "row" }, ds, split, h("button", { class: "primary", onclick: evaluate }, "Evaluate")), result),
