@@ -95,7 +95,7 @@ pub fn cannot_fit(validation: &Logits) -> Option<String> {
     let mistakes = validation.wrong();
     if mistakes < MIN_VALIDATION_MISTAKES {
         return Some(format!(
-            "{mistakes} mistakes on {n} validation images, fewer than {MIN_VALIDATION_MISTAKES}: too few to tell how confident the model should be"
+            "{mistakes} of {n} validation images mistaken, fewer than {MIN_VALIDATION_MISTAKES}: too few to tell how confident the model should be"
         ));
     }
     None
@@ -141,10 +141,10 @@ mod tests {
         let truth: Vec<u32> = (0..80).map(|i| i % 2).collect();
         let mut logits = Logits { rows, truth };
         assert_eq!(fit_scale(&logits), None, "the minimum is at the end of the range");
-        assert!(cannot_fit(&logits).unwrap().contains("0 mistakes on 80"), "{:?}", cannot_fit(&logits));
+        assert!(cannot_fit(&logits).unwrap().contains("0 of 80"), "{:?}", cannot_fit(&logits));
         logits.truth[0] = 1;
         logits.truth[2] = 1;
-        assert!(cannot_fit(&logits).unwrap().contains("2 mistakes"));
+        assert!(cannot_fit(&logits).unwrap().contains("2 of 80"));
         logits.truth[4] = 1;
         assert_eq!(cannot_fit(&logits), None);
         assert!(fit_scale(&logits).is_some());

@@ -207,16 +207,16 @@ fn auto_decides_after_the_probe_and_a_time_budget_stops_epochs() {
     assert!(stop.reason.contains("time budget"), "{}", stop.reason);
 }
 
-/// From 50 training images per class, `auto` fine-tunes the last layers after the probe: the
-/// decision says so, gradient steps follow the probe epoch, and the frozen embeddings stay as
-/// they were.
+/// With enough training images per class, `auto` fine-tunes the last layers after the probe:
+/// the decision says so, gradient steps follow the probe epoch, and the frozen embeddings stay
+/// as they were.
 #[test]
-fn auto_fine_tunes_the_last_layers_from_fifty_images_per_class() {
+fn auto_fine_tunes_the_last_layers_with_enough_images_per_class() {
     use vitforge::train::AfterProbe;
     use vitforge::train::auto::{Action, LAST_LAYERS, MAX_FINE_TUNE_EPOCHS, MIN_PER_CLASS_TO_FINE_TUNE};
     let tmp = tempfile::tempdir().unwrap();
-    // 70 per class, a quarter held out for validation: 52 or 53 train per class.
-    let data = stripes_data(&tmp.path().join("data"), 70, 4);
+    // Just over the threshold once a tenth is held out for validation.
+    let data = stripes_data(&tmp.path().join("data"), MIN_PER_CLASS_TO_FINE_TUNE * 10 / 9 + 2, 4);
     assert!(data.train_counts().iter().all(|&n| n >= MIN_PER_CLASS_TO_FINE_TUNE), "{:?}", data.train_counts());
     let mut model = tiny_model(&["horizontal", "vertical"], 9);
     let read = |m: &vitforge::model::LoadedModel| {
@@ -224,7 +224,14 @@ fn auto_fine_tunes_the_last_layers_from_fifty_images_per_class() {
         t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     };
     let before = read(&model);
-    let p = TrainParams { head_init: HeadInit::Probe, after_probe: AfterProbe::Auto, epochs: 1, early_stopping_patience: None, ..params() };
+    let p = TrainParams {
+        head_init: HeadInit::Probe,
+        after_probe: AfterProbe::Auto,
+        epochs: 1,
+        early_stopping_patience: None,
+        validation_split: 0.1,
+        ..params()
+    };
     let cancel = AtomicBool::new(false);
     let mut steps = 0;
     let mut on_event = |e: TrainEvent| {
