@@ -60,7 +60,7 @@ impl Logits {
         let mut scores = Vec::with_capacity(self.rows.len());
         for (row, &t) in self.rows.iter().zip(&self.truth) {
             let log_p = log_softmax(row, scale);
-            let (best, &top) = log_p.iter().enumerate().fold((0, &f64::NEG_INFINITY), |acc, (i, v)| if *v > *acc.1 { (i, v) } else { acc });
+            let (best, top) = top(&log_p);
             loss_sum -= log_p[t as usize];
             predicted.push(best as u32);
             scores.push(top.exp());
@@ -78,7 +78,7 @@ impl Logits {
             .zip(examples)
             .filter_map(|((row, &label), example)| {
                 let log_p = log_softmax(row, scale);
-                let (predicted, top) = log_p.iter().enumerate().fold((0, f64::NEG_INFINITY), |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc });
+                let (predicted, top) = top(&log_p);
                 (predicted as u32 != label).then(|| Mistake { path: example.path.clone(), label, predicted: predicted as u32, score: top.exp() })
             })
             .collect();
@@ -87,23 +87,22 @@ impl Logits {
         out
     }
 
-    /// Mean negative log-likelihood of the truth at `scale` (1/temperature).
-    /// How many examples are predicted wrong (the first highest logit is not their class's).
+    /// How many examples are predicted wrong (as [`Logits::report`] and [`Logits::mistakes`]
+    /// predict: the first highest score).
     pub fn wrong(&self) -> usize {
-        self.rows
-            .iter()
-            .zip(&self.truth)
-            .filter(|(row, label)| {
-                let predicted = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc }).0;
-                predicted as u32 != **label
-            })
-            .count()
+        self.rows.iter().zip(&self.truth).filter(|(row, label)| top(&log_softmax(row, 1.0)).0 as u32 != **label).count()
     }
 
+    /// Mean negative log-likelihood of the truth at `scale` (1/temperature).
     pub fn nll(&self, scale: f64) -> f64 {
         let sum: f64 = self.rows.iter().zip(&self.truth).map(|(row, &t)| -log_softmax(row, scale)[t as usize]).sum();
         sum / self.rows.len().max(1) as f64
     }
+}
+
+/// The predicted class (the first highest log-probability) and its log-probability.
+fn top(log_p: &[f64]) -> (usize, f64) {
+    log_p.iter().enumerate().fold((0, f64::NEG_INFINITY), |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc })
 }
 
 /// Most mistakes kept per evaluation.

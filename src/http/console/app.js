@@ -32,6 +32,23 @@ function errorBox(e) {
   return h("p", { class: "error", role: "alert" }, e instanceof ApiError ? `${e.message} (${e.code})` : String(e));
 }
 
+/** A button that deletes `path` once the person confirms `question`, then goes to the start page. */
+function deleteButton(question, path, label) {
+  const button = h("button", {
+    class: "danger",
+    onclick: async () => {
+      if (!confirm(question)) return;
+      try {
+        await del(path);
+        location.href = "/ui/";
+      } catch (e) {
+        button.after(errorBox(e));
+      }
+    },
+  }, label);
+  return button;
+}
+
 function render(title, ...content) {
   document.title = `${title} · vitforge`;
   main.replaceChildren(h("h1", {}, title), ...content);
@@ -193,18 +210,7 @@ async function dataset(id) {
   }
   split.addEventListener("change", () => ((offset = 0), page()));
   cls.addEventListener("change", () => ((offset = 0), page()));
-  const remove = h("button", {
-    class: "danger",
-    onclick: async () => {
-      if (!confirm(`Delete dataset ${d.name}?`)) return;
-      try {
-        await del(`/datasets/${id}`);
-        location.href = "/ui/";
-      } catch (e) {
-        remove.after(errorBox(e));
-      }
-    },
-  }, "Delete dataset");
+  const remove = deleteButton(`Delete dataset ${d.name}?`, `/datasets/${id}`, "Delete dataset");
   render(
     d.name,
     h("p", { class: "row" }, h("a", { href: `/ui/new?dataset=${id}` }, "Fine-tune on it"), remove),
@@ -401,18 +407,7 @@ async function model(id) {
     a.click();
     a.remove();
   };
-  const remove = h("button", {
-    class: "danger",
-    onclick: async () => {
-      if (!confirm("Delete this model?")) return;
-      try {
-        await del(`/models/${id}`);
-        location.href = "/ui/";
-      } catch (e) {
-        remove.after(errorBox(e));
-      }
-    },
-  }, "Delete model");
+  const remove = deleteButton("Delete this model?", `/models/${id}`, "Delete model");
   const c = m.metrics?.calibration;
   render(
     `Model ${short(id)}`,
