@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use sqlx::SqlitePool;
+use crate::db::Pool;
 use tokio::sync::{OwnedRwLockWriteGuard, RwLock};
 
 use crate::dataset::BlobStore;
@@ -21,7 +21,7 @@ pub type BlobLock = Arc<RwLock<()>>;
 /// Removes the blobs among `candidates` that no dataset references; returns how many went. The
 /// guard proves the caller holds the lock exclusively.
 pub async fn remove_unreferenced(
-    pool: &SqlitePool,
+    pool: &Pool,
     store: &BlobStore,
     candidates: &[String],
     _exclusive: &OwnedRwLockWriteGuard<()>,
@@ -44,7 +44,7 @@ pub async fn remove_unreferenced(
 /// Collects the blobs of a deleted dataset. Done now when no upload is in flight; otherwise in the
 /// background once the uploads finish, so the client deleting does not wait for them.
 pub async fn collect_after_delete(
-    pool: &SqlitePool,
+    pool: &Pool,
     store: &BlobStore,
     lock: &BlobLock,
     candidates: Vec<String>,
@@ -66,7 +66,7 @@ pub async fn collect_after_delete(
 }
 
 /// Removes every stored blob no dataset references, and temporary files a crash left behind.
-pub async fn sweep(pool: &SqlitePool, store: &BlobStore, lock: &BlobLock) -> anyhow::Result<usize> {
+pub async fn sweep(pool: &Pool, store: &BlobStore, lock: &BlobLock) -> anyhow::Result<usize> {
     let guard = lock.clone().write_owned().await;
     let listing = store.clone();
     let stored = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<String>> {
@@ -119,7 +119,7 @@ mod tests {
     #[tokio::test]
     async fn collection_waits_for_uploads_in_flight() {
         let dir = tempfile::tempdir().unwrap();
-        let pool = db::connect(&dir.path().join("test.db")).await.unwrap();
+        let pool = db::connect(&db::sqlite_url(&dir.path().join("test.db"))).await.unwrap();
         let store = BlobStore::open(dir.path().join("blobs")).unwrap();
         let lock = BlobLock::default();
         let dataset = db::datasets::insert(&pool, "d", &ingested(&store, &[b"one", b"two"])).await.unwrap();

@@ -24,6 +24,29 @@ pub struct ServeConfig {
     #[arg(long, env = "VITFORGE_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
+    /// Database of datasets, jobs and models: `sqlite://<file>` or `postgres://user:password@host/db`
+    /// (default: `sqlite://<data-dir>/vitforge.db`). A password in it is never logged.
+    #[arg(long, env = "VITFORGE_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<DatabaseUrl>,
+
+    /// What this process does: `all` (the HTTP API and the fine-tune workers, the only process on
+    /// its database and data folder), `api` (the HTTP API and `/predict`; runs no job) or `worker`
+    /// (claims and runs jobs; answers only `/healthz`, `/readyz` and `/metrics`). Several
+    /// processes on one database are `api` and `worker` processes.
+    #[arg(long, env = "VITFORGE_ROLE", value_enum, default_value_t = Role::All)]
+    pub role: Role,
+
+    /// This process's name in a job's `worker` field (default: `<host name>:<process id>`). A
+    /// worker restarted under the same name takes its interrupted jobs back at once instead of
+    /// after their lease runs out.
+    #[arg(long, env = "VITFORGE_WORKER_NAME", value_parser = parse_worker_name)]
+    pub worker_name: Option<String>,
+
+    /// Seconds a worker's claim on a running job holds without renewal (it renews every third of
+    /// it). A job whose worker died goes to the next worker this long after the last renewal.
+    #[arg(long, env = "VITFORGE_LEASE_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3600))]
+    pub lease_secs: u64,
+
     /// Largest dataset upload accepted, in bytes (the archive as sent).
     #[arg(long, env = "VITFORGE_MAX_UPLOAD_BYTES", default_value_t = 2 * 1024 * 1024 * 1024)]
     pub max_upload_bytes: u64,
@@ -111,6 +134,82 @@ pub struct ServeConfig {
     pub api_key: Vec<ApiKey>,
 }
 
+/// What one `vitforge serve` process does (`--role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// The HTTP API and the fine-tune workers in one process.
+    All,
+    /// The HTTP API and `/predict`; runs no job.
+    Api,
+    /// Claims and runs jobs; answers only `/healthz`, `/readyz` and `/metrics`.
+    Worker,
+}
+
+impl Role {
+    /// Whether this process runs fine-tune workers.
+    pub fn runs_jobs(self) -> bool {
+        matches!(self, Role::All | Role::Worker)
+    }
+
+    /// Whether this process serves the HTTP API (beyond the probes and metrics).
+    pub fn serves_api(self) -> bool {
+        matches!(self, Role::All | Role::Api)
+    }
+}
+
+fn parse_worker_name(s: &str) -> Result<String, String> {
+    let name = s.trim();
+    if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
+        return Err("a worker name is 1 to 200 characters, without control characters".into());
+    }
+    Ok(name.to_string())
+}
+
+/// A database URL (`--database-url`). Its `Debug` form hides a password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// The URL itself, for the one place that connects with it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`, for logs and errors.
+    pub fn redacted(&self) -> String {
+        // scheme://user:password@host/… : the password is between the first ':' after "://" and
+        // the last '@' of the authority.
+        let Some(start) = self.0.find("://").map(|i| i + 3) else { return self.0.clone() };
+        let authority_end = self.0[start..].find('/').map_or(self.0.len(), |i| start + i);
+        let authority = &self.0[start..authority_end];
+        match (authority.rfind('@'), authority.find(':')) {
+            (Some(at), Some(colon)) if colon < at => {
+                format!("{}{}:***{}", &self.0[..start], &authority[..colon], &self.0[start + at..])
+            }
+            _ => self.0.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({})", self.redacted())
+    }
+}
+
+impl FromStr for DatabaseUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let url = s.trim();
+        let scheme = url.split("://").next().unwrap_or_default();
+        if !url.contains("://") || !matches!(scheme, "sqlite" | "postgres" | "postgresql") {
+            return Err("a database URL starts with sqlite:// or postgres://".into());
+        }
+        Ok(Self(url.to_string()))
+    }
+}
+
 /// A quarter of the memory this process may use: the machine's (`MemTotal`), or the cgroup's
 /// limit when that is lower (a container); 1 GiB where neither can be read.
 pub fn default_max_inflight_bytes() -> u64 {
@@ -169,6 +268,21 @@ impl FromStr for ApiKey {
 }
 
 impl ServeConfig {
+    /// The database URL: `--database-url`, else the SQLite file in the data folder.
+    pub fn database_url(&self) -> DatabaseUrl {
+        // `mode=rwc`: create the file if missing.
+        self.database_url.clone().unwrap_or_else(|| DatabaseUrl(format!("sqlite://{}?mode=rwc", self.data_dir.join("vitforge.db").display())))
+    }
+
+    /// This process's worker name: `--worker-name`, else `<host name>:<process id>`.
+    pub fn worker_name(&self) -> String {
+        self.worker_name.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+            let host = if host.is_empty() { "localhost".to_string() } else { host };
+            format!("{host}:{}", std::process::id())
+        })
+    }
+
     /// The base models folder.
     pub fn base_models_dir(&self) -> PathBuf {
         self.base_models_dir.clone().unwrap_or_else(|| self.data_dir.join("base-models"))
@@ -222,6 +336,37 @@ mod tests {
         let shown = format!("{:?} {:#?}", cli.serve, cli.serve);
         assert!(!shown.contains("first-key") && !shown.contains("second-key"), "{shown}");
         assert!(shown.contains("<redacted>"));
+    }
+
+    #[test]
+    fn database_urls_are_checked_and_their_passwords_never_shown() {
+        let cli = Cli::parse_from(["vitforge", "--database-url", "postgres://vf:s3cret@db.internal:5432/vitforge"]);
+        let url = cli.serve.database_url();
+        assert_eq!(url.expose(), "postgres://vf:s3cret@db.internal:5432/vitforge");
+        assert_eq!(url.redacted(), "postgres://vf:***@db.internal:5432/vitforge");
+        let shown = format!("{:?}", cli.serve);
+        assert!(!shown.contains("s3cret") && shown.contains("vf:***@db.internal"), "{shown}");
+        for bad in ["mysql://x/y", "vitforge.db", "", "postgres:/x"] {
+            assert!(Cli::try_parse_from(["vitforge", "--database-url", bad]).is_err(), "{bad:?}");
+        }
+        let default = Cli::parse_from(["vitforge", "--data-dir", "/srv/d"]).serve.database_url();
+        assert_eq!(default.expose(), "sqlite:///srv/d/vitforge.db?mode=rwc");
+        assert_eq!(DatabaseUrl("postgres://db/x".into()).redacted(), "postgres://db/x");
+    }
+
+    #[test]
+    fn roles_and_worker_names_parse() {
+        let cli = Cli::parse_from(["vitforge", "--role", "worker", "--worker-name", " gpu-1 ", "--lease-secs", "10"]);
+        assert_eq!((cli.serve.role, cli.serve.worker_name(), cli.serve.lease_secs), (Role::Worker, "gpu-1".to_string(), 10));
+        assert!(cli.serve.role.runs_jobs() && !cli.serve.role.serves_api());
+        assert!(Role::Api.serves_api() && !Role::Api.runs_jobs() && Role::All.runs_jobs() && Role::All.serves_api());
+        let default = Cli::parse_from(["vitforge"]).serve;
+        assert_eq!(default.role, Role::All);
+        assert!(default.worker_name().ends_with(&format!(":{}", std::process::id())), "{}", default.worker_name());
+        for bad in [&["--role", "boss"][..], &["--worker-name", ""], &["--worker-name", "a\nb"], &["--lease-secs", "1"]] {
+            let args: Vec<&str> = std::iter::once("vitforge").chain(bad.iter().copied()).collect();
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use sqlx::SqlitePool;
+use crate::db::Pool;
 
 use crate::db;
 use crate::db::jobs::Job;
@@ -21,13 +21,13 @@ use crate::train::TrainOutcome;
 /// Handle to the registry; cheap to clone.
 #[derive(Clone)]
 pub struct ModelRegistry {
-    db: SqlitePool,
+    db: Pool,
     paths: DataPaths,
     predictor: Predictor,
 }
 
 impl ModelRegistry {
-    pub fn new(db: SqlitePool, paths: DataPaths, predictor: Predictor) -> Self {
+    pub fn new(db: Pool, paths: DataPaths, predictor: Predictor) -> Self {
         Self { db, paths, predictor }
     }
 
@@ -44,8 +44,9 @@ impl ModelRegistry {
 
     /// Registers the best checkpoint of a finished job: copies it into `<data-dir>/models/<id>/`,
     /// inserts the model and marks the job succeeded (one transaction), makes it the default
-    /// once loaded, then drops the job's checkpoints.
-    pub async fn register_for_job(&self, job: &Job, outcome: &TrainOutcome) -> anyhow::Result<Model> {
+    /// once loaded, then drops the job's checkpoints. Only while the job still runs under `worker`:
+    /// a worker that lost its lease registers nothing and removes its copy.
+    pub async fn register_for_job(&self, job: &Job, outcome: &TrainOutcome, worker: &str) -> anyhow::Result<Model> {
         let model_id = db::new_id();
         let dest = self.paths.model(&model_id);
         let (src, copy_to) = (outcome.best_dir.clone(), dest.clone());
@@ -63,8 +64,14 @@ impl ModelRegistry {
         };
         // Load it before the job shows as succeeded, so the default can switch as soon as it does;
         // a model that fails to load is still registered, and the previous default keeps serving.
-        let loaded = self.predictor.get_or_load(&model_id, dest).await;
-        db::models::register_for_job(&self.db, &model).await.context("registering the model")?;
+        let loaded = self.predictor.get_or_load(&model_id, dest.clone()).await;
+        let registered = db::models::register_for_job(&self.db, &model, Some(worker)).await.context("registering the model");
+        if !matches!(registered, Ok(true)) {
+            self.predictor.evict(&model_id);
+            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dest)).await?.ok();
+            registered?;
+            anyhow::bail!("job {} no longer runs under this worker (its lease ran out and another worker took it)", job.id);
+        }
         match loaded {
             Ok(_) => self.predictor.set_default(Some(model_id.clone())),
             Err(e) => tracing::error!(model = %model_id, error = %e, "the new model failed to load; the previous default keeps serving"),

@@ -10,7 +10,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::budget::MemoryBudget;
-use crate::config::ServeConfig;
+use crate::config::{Role, ServeConfig};
 use crate::dataset::{BlobStore, IngestLimits};
 use crate::http::{self, AppState};
 use crate::paths::DataPaths;
@@ -37,10 +37,10 @@ impl Application {
     pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
         let paths = DataPaths::new(&config.data_dir);
         paths.create_all().with_context(|| format!("creating data folder {}", paths.root().display()))?;
-        clear_scratch(&paths)?;
-        let db = crate::db::connect(&paths.database())
+        let database_url = config.database_url();
+        let db = crate::db::connect(database_url.expose())
             .await
-            .with_context(|| format!("opening database {}", paths.database().display()))?;
+            .with_context(|| format!("opening database {}", database_url.redacted()))?;
 
         let listener = TcpListener::bind((config.host.as_str(), config.port))
             .await
@@ -55,15 +55,6 @@ impl Application {
         }
         let blobs = BlobStore::open(paths.blobs())?;
         let blob_lock = Arc::default();
-        let removed = crate::blob_gc::sweep(&db, &blobs, &blob_lock).await.context("sweeping unreferenced blobs")?;
-        if removed > 0 {
-            tracing::info!(removed, "removed blobs no dataset references (left by an interrupted upload)");
-        }
-        let thumbnails = crate::blob_gc::remove_orphan_thumbnails(&blobs, &paths.thumbnails()).context("removing stale thumbnails")?;
-        if thumbnails > 0 {
-            tracing::info!(thumbnails, "removed thumbnails of images no dataset has any more");
-        }
-
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let ingest_slots = Arc::new(tokio::sync::Semaphore::new(cpus));
         let metrics = Arc::new(ServiceMetrics::new());
@@ -98,15 +89,11 @@ impl Application {
             metrics,
             memory,
         };
-        let requeued = crate::db::jobs::recover_interrupted(&state.db).await?;
-        if requeued > 0 {
-            tracing::info!(requeued, "jobs interrupted by the last shutdown go back to the queue");
-        }
-        for orphan in state.models.remove_orphans().await.context("removing orphaned model folders")? {
-            tracing::info!(path = %orphan.display(), "removed a model folder no model refers to");
-        }
-        for stale in remove_stale_job_files(&state).await.context("removing stale checkpoint files")? {
-            tracing::info!(path = %stale.display(), "removed checkpoint files no unfinished job needs");
+        recover_jobs(&state).await?;
+        if state.config.role == Role::All {
+            clean_up(&state).await?;
+        } else {
+            tracing::info!(role = ?state.config.role, "sharing the database and data folder with other processes: start-up clean-up skipped");
         }
         state.models.set_default_to_latest().await?;
         Ok(Self { addr, listener, state, devices })
@@ -125,7 +112,10 @@ impl Application {
     /// Serves until `shutdown` completes, then lets in-flight requests finish.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         tracing::info!(addr = %self.addr, data_dir = %self.state.paths.root().display(), "vitforge listening");
-        let workers = crate::worker::spawn(job_context(&self.state), self.devices);
+        let devices = if self.state.config.role.runs_jobs() { self.devices } else { Vec::new() };
+        let workers = crate::worker::spawn(job_context(&self.state), devices);
+        // An API process of several learns of models registered by workers elsewhere by looking.
+        let follower = (self.state.config.role == Role::Api).then(|| tokio::spawn(follow_newest_model(self.state.clone())));
         let app = http::router(self.state.clone());
         let hub = self.state.jobs.clone();
         // On the signal, stop the workers' jobs and end live event streams first: graceful
@@ -142,6 +132,9 @@ impl Application {
                 tracing::warn!("a worker did not stop in time; its job resumes from its checkpoint at the next start");
             }
         }
+        if let Some(follower) = follower {
+            follower.abort();
+        }
         self.state.db.close().await;
         tracing::info!("vitforge stopped");
         Ok(())
@@ -151,6 +144,65 @@ impl Application {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         self.run_until(shutdown_signal()).await
     }
+}
+
+/// How often an API process looks for a model newer than its `/predict` default.
+const FOLLOW_MODELS_EVERY: Duration = Duration::from_secs(2);
+
+/// Keeps an API process's `/predict` default on the newest registered model, which workers in
+/// other processes register: it looks every [`FOLLOW_MODELS_EVERY`].
+async fn follow_newest_model(state: AppState) {
+    loop {
+        tokio::time::sleep(FOLLOW_MODELS_EVERY).await;
+        match crate::db::models::latest(&state.db).await {
+            Ok(Some(newest)) if state.predictor.default_model().as_deref() != Some(newest.id.as_str()) => {
+                tracing::info!(model = %newest.id, "a newer model was registered; it is now the default of /predict");
+                state.predictor.set_default(Some(newest.id));
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "looking for a newer model failed"),
+        }
+    }
+}
+
+/// At start-up, jobs left `running` go back to the queue (they resume from their last checkpoint).
+/// `--role all` is alone on its database, so it takes every one; a worker of several takes only its
+/// own (restarted under the same name) and those whose lease ran out.
+async fn recover_jobs(state: &AppState) -> anyhow::Result<()> {
+    if !state.config.role.runs_jobs() {
+        return Ok(());
+    }
+    let worker_name = state.config.worker_name();
+    let owner = if state.config.role == Role::All { None } else { Some(worker_name.as_str()) };
+    let requeued = crate::db::jobs::recover_interrupted(&state.db, owner).await?;
+    if requeued > 0 {
+        tracing::info!(requeued, "jobs interrupted by the last shutdown go back to the queue");
+    }
+    Ok(())
+}
+
+/// Start-up clean-up of what a crash left: upload scratch, blobs no dataset references, stale
+/// thumbnails, model folders never registered, checkpoint leftovers. It assumes nothing else uses
+/// the data folder and the database, which `--role all` means (one process, as by default);
+/// processes of the other roles share them and must not remove what another is writing.
+async fn clean_up(state: &AppState) -> anyhow::Result<()> {
+    clear_scratch(&state.paths)?;
+    let removed = crate::blob_gc::sweep(&state.db, &state.blobs, &state.blob_lock).await.context("sweeping unreferenced blobs")?;
+    if removed > 0 {
+        tracing::info!(removed, "removed blobs no dataset references (left by an interrupted upload)");
+    }
+    let thumbnails =
+        crate::blob_gc::remove_orphan_thumbnails(&state.blobs, &state.paths.thumbnails()).context("removing stale thumbnails")?;
+    if thumbnails > 0 {
+        tracing::info!(thumbnails, "removed thumbnails of images no dataset has any more");
+    }
+    for orphan in state.models.remove_orphans().await.context("removing orphaned model folders")? {
+        tracing::info!(path = %orphan.display(), "removed a model folder no model refers to");
+    }
+    for stale in remove_stale_job_files(state).await.context("removing stale checkpoint files")? {
+        tracing::info!(path = %stale.display(), "removed checkpoint files no unfinished job needs");
+    }
+    Ok(())
 }
 
 /// What one dataset ingest may unpack, from the server's flags.
@@ -173,6 +225,8 @@ fn job_context(state: &AppState) -> JobContext {
         models: state.models.clone(),
         base_models_dir: state.config.base_models_dir(),
         max_image_pixels: state.config.max_image_pixels,
+        worker_name: state.config.worker_name(),
+        lease: Duration::from_secs(state.config.lease_secs),
     }
 }
 

@@ -1,12 +1,12 @@
 //! Queries on `datasets` and `dataset_images`.
 
 use serde::Serialize;
-use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use crate::dataset::{Ingested, Rejected, Split, SplitCounts};
-use crate::db::{new_id, now};
+use crate::db::{Backend, Pool, new_id, now};
 
-/// Rows per multi-row `insert` (5 parameters each, well under SQLite's parameter limit).
+/// Rows per multi-row `insert` (5 parameters each, well under SQLite's parameter limit and
+/// PostgreSQL's 65,535).
 const INSERT_CHUNK: usize = 500;
 /// Blob names per `in (...)` lookup.
 const LOOKUP_CHUNK: usize = 500;
@@ -83,12 +83,19 @@ impl TryFrom<DatasetRow> for Dataset {
     }
 }
 
+/// `($1, $2, …), ($n+1, …)`: `rows` groups of `width` numbered placeholders, which both backends
+/// read (sqlx's `QueryBuilder` for the `Any` driver writes `?`, which PostgreSQL does not).
+fn placeholder_rows(rows: usize, width: usize) -> String {
+    let row = |r: usize| format!("({})", (1..=width).map(|c| format!("${}", r * width + c)).collect::<Vec<_>>().join(", "));
+    (0..rows).map(row).collect::<Vec<_>>().join(", ")
+}
+
 fn to_json<T: Serialize>(value: &T) -> Result<String, sqlx::Error> {
     serde_json::to_string(value).map_err(|e| sqlx::Error::Encode(Box::new(e)))
 }
 
 /// Stores a dataset and all its images in one transaction.
-pub async fn insert(pool: &SqlitePool, name: &str, ingested: &Ingested) -> Result<Dataset, sqlx::Error> {
+pub async fn insert(pool: &Pool, name: &str, ingested: &Ingested) -> Result<Dataset, sqlx::Error> {
     let dataset = Dataset {
         id: new_id(),
         name: name.to_string(),
@@ -102,7 +109,7 @@ pub async fn insert(pool: &SqlitePool, name: &str, ingested: &Ingested) -> Resul
     let mut tx = pool.begin().await?;
     sqlx::query(
         "insert into datasets (id, name, created_at, num_images, classes, counts, rejected, rejected_total) \
-         values (?, ?, ?, ?, ?, ?, ?, ?)",
+         values ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(&dataset.id)
     .bind(&dataset.name)
@@ -115,23 +122,19 @@ pub async fn insert(pool: &SqlitePool, name: &str, ingested: &Ingested) -> Resul
     .execute(&mut *tx)
     .await?;
     for chunk in ingested.images.chunks(INSERT_CHUNK) {
-        let mut insert =
-            QueryBuilder::<Sqlite>::new("insert into dataset_images (dataset_id, blob, label, split, file) ");
-        insert.push_values(chunk, |mut row, image| {
-            row.push_bind(&dataset.id)
-                .push_bind(&image.blob)
-                .push_bind(&image.label)
-                .push_bind(image.split.as_str())
-                .push_bind(&image.file);
-        });
-        insert.build().execute(&mut *tx).await?;
+        let sql = format!("insert into dataset_images (dataset_id, blob, label, split, file) values {}", placeholder_rows(chunk.len(), 5));
+        let mut insert = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for image in chunk {
+            insert = insert.bind(&dataset.id).bind(&image.blob).bind(&image.label).bind(image.split.as_str()).bind(&image.file);
+        }
+        insert.execute(&mut *tx).await?;
     }
     tx.commit().await?;
     Ok(dataset)
 }
 
 /// Every dataset, newest first.
-pub async fn list(pool: &SqlitePool) -> Result<Vec<Dataset>, sqlx::Error> {
+pub async fn list(pool: &Pool) -> Result<Vec<Dataset>, sqlx::Error> {
     let rows: Vec<DatasetRow> = sqlx::query_as(
         "select id, name, created_at, num_images, classes, counts, rejected, rejected_total from datasets \
          order by created_at desc, id desc",
@@ -142,10 +145,10 @@ pub async fn list(pool: &SqlitePool) -> Result<Vec<Dataset>, sqlx::Error> {
 }
 
 /// One dataset.
-pub async fn get(pool: &SqlitePool, id: &str) -> Result<Option<Dataset>, sqlx::Error> {
+pub async fn get(pool: &Pool, id: &str) -> Result<Option<Dataset>, sqlx::Error> {
     let row: Option<DatasetRow> =
         sqlx::query_as(
-            "select id, name, created_at, num_images, classes, counts, rejected, rejected_total from datasets where id = ?",
+            "select id, name, created_at, num_images, classes, counts, rejected, rejected_total from datasets where id = $1",
         )
             .bind(id)
             .fetch_optional(pool)
@@ -154,8 +157,8 @@ pub async fn get(pool: &SqlitePool, id: &str) -> Result<Option<Dataset>, sqlx::E
 }
 
 /// The images of a dataset in upload order (empty for an unknown dataset).
-pub async fn images(pool: &SqlitePool, dataset_id: &str) -> Result<Vec<ImageRow>, sqlx::Error> {
-    sqlx::query_as("select blob, label, split, file from dataset_images where dataset_id = ? order by rowid")
+pub async fn images(pool: &Pool, dataset_id: &str) -> Result<Vec<ImageRow>, sqlx::Error> {
+    sqlx::query_as("select blob, label, split, file from dataset_images where dataset_id = $1 order by rowid")
         .bind(dataset_id)
         .fetch_all(pool)
         .await
@@ -164,7 +167,7 @@ pub async fn images(pool: &SqlitePool, dataset_id: &str) -> Result<Vec<ImageRow>
 /// One page of a dataset's images in upload order, optionally of one split and one class, and how
 /// many match in all.
 pub async fn images_page(
-    pool: &SqlitePool,
+    pool: &Pool,
     dataset_id: &str,
     split: Option<Split>,
     label: Option<&str>,
@@ -173,10 +176,10 @@ pub async fn images_page(
 ) -> Result<(Vec<ImageRow>, u64), sqlx::Error> {
     macro_rules! filter {
         () => {
-            "dataset_id = ?1 and (?2 is null or split = ?2) and (?3 is null or label = ?3)"
+            "dataset_id = $1 and ($2 is null or split = $2) and ($3 is null or label = $3)"
         };
     }
-    let rows: Vec<ImageRow> = sqlx::query_as(concat!("select blob, label, split, file from dataset_images where ", filter!(), " order by rowid limit ?4 offset ?5"))
+    let rows: Vec<ImageRow> = sqlx::query_as(concat!("select blob, label, split, file from dataset_images where ", filter!(), " order by rowid limit $4 offset $5"))
         .bind(dataset_id)
         .bind(split.map(Split::as_str))
         .bind(label)
@@ -194,8 +197,8 @@ pub async fn images_page(
 }
 
 /// Whether a dataset has an image stored as `blob`.
-pub async fn references(pool: &SqlitePool, dataset_id: &str, blob: &str) -> Result<bool, sqlx::Error> {
-    let found: Option<i64> = sqlx::query_scalar("select 1 from dataset_images where dataset_id = ? and blob = ? limit 1")
+pub async fn references(pool: &Pool, dataset_id: &str, blob: &str) -> Result<bool, sqlx::Error> {
+    let found: Option<i64> = sqlx::query_scalar("select 1 from dataset_images where dataset_id = $1 and blob = $2 limit 1")
         .bind(dataset_id)
         .bind(blob)
         .fetch_optional(pool)
@@ -205,15 +208,20 @@ pub async fn references(pool: &SqlitePool, dataset_id: &str, blob: &str) -> Resu
 
 /// Deletes a dataset and its image rows unless a queued or running job uses it. The check and the
 /// delete run in one write transaction, so a job cannot start using the dataset in between.
-pub async fn delete(pool: &SqlitePool, id: &str) -> Result<Deleted, sqlx::Error> {
-    let mut tx = pool.begin_with("begin immediate").await?;
-    let exists: Option<i64> =
-        sqlx::query_scalar("select 1 from datasets where id = ?").bind(id).fetch_optional(&mut *tx).await?;
+pub async fn delete(pool: &Pool, id: &str) -> Result<Deleted, sqlx::Error> {
+    // SQLite: a write transaction from the start. PostgreSQL: the dataset's row locked for update,
+    // which a job insert's share lock on it waits for (see `jobs::insert`).
+    let (begin, lock) = match Backend::of(pool) {
+        Backend::Sqlite => ("begin immediate", "select 1 from datasets where id = $1"),
+        Backend::Postgres => ("begin", "select 1 from datasets where id = $1 for update"),
+    };
+    let mut tx = pool.begin_with(begin).await?;
+    let exists: Option<i32> = sqlx::query_scalar(lock).bind(id).fetch_optional(&mut *tx).await?;
     if exists.is_none() {
         return Ok(Deleted::NotFound);
     }
     let job: Option<String> = sqlx::query_scalar(
-        "select id from jobs where dataset_id = ? and status in ('queued', 'running') order by created_at limit 1",
+        "select id from jobs where dataset_id = $1 and status in ('queued', 'running') order by created_at limit 1",
     )
     .bind(id)
     .fetch_optional(&mut *tx)
@@ -221,28 +229,27 @@ pub async fn delete(pool: &SqlitePool, id: &str) -> Result<Deleted, sqlx::Error>
     if let Some(job_id) = job {
         return Ok(Deleted::InUse { job_id });
     }
-    let blobs: Vec<String> = sqlx::query_scalar("select distinct blob from dataset_images where dataset_id = ?")
+    let blobs: Vec<String> = sqlx::query_scalar("select distinct blob from dataset_images where dataset_id = $1")
         .bind(id)
         .fetch_all(&mut *tx)
         .await?;
-    sqlx::query("delete from dataset_images where dataset_id = ?").bind(id).execute(&mut *tx).await?;
-    sqlx::query("delete from datasets where id = ?").bind(id).execute(&mut *tx).await?;
+    sqlx::query("delete from dataset_images where dataset_id = $1").bind(id).execute(&mut *tx).await?;
+    sqlx::query("delete from datasets where id = $1").bind(id).execute(&mut *tx).await?;
     tx.commit().await?;
     Ok(Deleted::Removed { blobs })
 }
 
 /// The blobs among `candidates` that no dataset references.
-pub async fn unreferenced(pool: &SqlitePool, candidates: &[String]) -> Result<Vec<String>, sqlx::Error> {
+pub async fn unreferenced(pool: &Pool, candidates: &[String]) -> Result<Vec<String>, sqlx::Error> {
     let mut orphans = Vec::new();
     for chunk in candidates.chunks(LOOKUP_CHUNK) {
-        let mut query = QueryBuilder::<Sqlite>::new("select distinct blob from dataset_images where blob in (");
-        let mut list = query.separated(", ");
+        let placeholders = (1..=chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+        let sql = format!("select distinct blob from dataset_images where blob in ({placeholders})");
+        let mut query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql));
         for blob in chunk {
-            list.push_bind(blob);
+            query = query.bind(blob);
         }
-        query.push(")");
-        let used: std::collections::HashSet<String> =
-            query.build_query_scalar::<String>().fetch_all(pool).await?.into_iter().collect();
+        let used: std::collections::HashSet<String> = query.fetch_all(pool).await?.into_iter().collect();
         orphans.extend(chunk.iter().filter(|b| !used.contains(*b)).cloned());
     }
     Ok(orphans)
@@ -253,9 +260,9 @@ mod tests {
     use super::*;
     use crate::dataset::ImageRecord;
 
-    async fn pool() -> (tempfile::TempDir, SqlitePool) {
+    async fn pool() -> (tempfile::TempDir, Pool) {
         let dir = tempfile::tempdir().unwrap();
-        let pool = crate::db::connect(&dir.path().join("test.db")).await.unwrap();
+        let pool = crate::db::connect(&crate::db::sqlite_url(&dir.path().join("test.db"))).await.unwrap();
         (dir, pool)
     }
 
@@ -309,7 +316,7 @@ mod tests {
 
         sqlx::query(
             "insert into jobs (id, dataset_id, base_model, params, recipe, status, epochs, created_at) \
-             values ('j', ?, 'm', '{}', 'r', 'running', 1, 'now')",
+             values ('j', $1, 'm', '{}', 'r', 'running', 1, 'now')",
         )
         .bind(&a.id)
         .execute(&pool)

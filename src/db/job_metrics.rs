@@ -3,7 +3,7 @@
 //! restart overwrites its earlier row instead of duplicating it.
 
 use serde::Serialize;
-use sqlx::SqlitePool;
+use crate::db::Pool;
 
 use crate::train::report::EvalReport;
 
@@ -33,10 +33,11 @@ pub struct JobMetrics {
 }
 
 /// Records a training step.
-pub async fn record_step(pool: &SqlitePool, job_id: &str, p: &TrainPoint) -> Result<(), sqlx::Error> {
+pub async fn record_step(pool: &Pool, job_id: &str, p: &TrainPoint) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     for (name, value) in [("loss", p.loss), ("learning_rate", p.learning_rate)] {
-        sqlx::query("insert or replace into job_metrics (job_id, split, epoch, step, name, value) values (?, 'train', ?, ?, ?, ?)")
+        sqlx::query("insert into job_metrics (job_id, split, epoch, step, name, value) values ($1, 'train', $2, $3, $4, $5) \
+             on conflict (job_id, split, epoch, step, name) do update set value = excluded.value")
             .bind(job_id)
             .bind(i64::from(p.epoch))
             .bind(p.step as i64)
@@ -49,10 +50,11 @@ pub async fn record_step(pool: &SqlitePool, job_id: &str, p: &TrainPoint) -> Res
 }
 
 /// Records an evaluation block (`split` is `validation` or `test`).
-pub async fn record_evaluation(pool: &SqlitePool, job_id: &str, split: &str, epoch: u32, report: &EvalReport) -> Result<(), sqlx::Error> {
+pub async fn record_evaluation(pool: &Pool, job_id: &str, split: &str, epoch: u32, report: &EvalReport) -> Result<(), sqlx::Error> {
     let json = serde_json::to_string(report).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     let mut tx = pool.begin().await?;
-    sqlx::query("insert or replace into job_evaluations (job_id, split, epoch, report) values (?, ?, ?, ?)")
+    sqlx::query("insert into job_evaluations (job_id, split, epoch, report) values ($1, $2, $3, $4) \
+         on conflict (job_id, split, epoch) do update set report = excluded.report")
         .bind(job_id)
         .bind(split)
         .bind(i64::from(epoch))
@@ -62,7 +64,8 @@ pub async fn record_evaluation(pool: &SqlitePool, job_id: &str, split: &str, epo
     for (name, value) in
         [("loss", report.loss), ("accuracy", report.accuracy), ("precision", report.precision), ("recall", report.recall), ("f1", report.f1)]
     {
-        sqlx::query("insert or replace into job_metrics (job_id, split, epoch, step, name, value) values (?, ?, ?, 0, ?, ?)")
+        sqlx::query("insert into job_metrics (job_id, split, epoch, step, name, value) values ($1, $2, $3, 0, $4, $5) \
+             on conflict (job_id, split, epoch, step, name) do update set value = excluded.value")
             .bind(job_id)
             .bind(split)
             .bind(i64::from(epoch))
@@ -76,17 +79,17 @@ pub async fn record_evaluation(pool: &SqlitePool, job_id: &str, split: &str, epo
 
 /// Removes the metrics of epochs after `epoch` (a run restarting from scratch or from an earlier
 /// checkpoint must not keep figures of a future it will recompute).
-pub async fn truncate_after(pool: &SqlitePool, job_id: &str, epoch: u32) -> Result<(), sqlx::Error> {
-    sqlx::query("delete from job_metrics where job_id = ? and epoch > ?").bind(job_id).bind(i64::from(epoch)).execute(pool).await?;
-    sqlx::query("delete from job_evaluations where job_id = ? and epoch > ?").bind(job_id).bind(i64::from(epoch)).execute(pool).await?;
-    sqlx::query("delete from job_mistakes where job_id = ? and epoch > ?").bind(job_id).bind(i64::from(epoch)).execute(pool).await?;
+pub async fn truncate_after(pool: &Pool, job_id: &str, epoch: u32) -> Result<(), sqlx::Error> {
+    sqlx::query("delete from job_metrics where job_id = $1 and epoch > $2").bind(job_id).bind(i64::from(epoch)).execute(pool).await?;
+    sqlx::query("delete from job_evaluations where job_id = $1 and epoch > $2").bind(job_id).bind(i64::from(epoch)).execute(pool).await?;
+    sqlx::query("delete from job_mistakes where job_id = $1 and epoch > $2").bind(job_id).bind(i64::from(epoch)).execute(pool).await?;
     Ok(())
 }
 
 /// The full history of a job.
-pub async fn get(pool: &SqlitePool, job_id: &str) -> Result<JobMetrics, sqlx::Error> {
+pub async fn get(pool: &Pool, job_id: &str) -> Result<JobMetrics, sqlx::Error> {
     let rows: Vec<(i64, i64, String, f64)> = sqlx::query_as(
-        "select epoch, step, name, value from job_metrics where job_id = ? and split = 'train' order by step, name",
+        "select epoch, step, name, value from job_metrics where job_id = $1 and split = 'train' order by step, name",
     )
     .bind(job_id)
     .fetch_all(pool)
@@ -104,7 +107,7 @@ pub async fn get(pool: &SqlitePool, job_id: &str) -> Result<JobMetrics, sqlx::Er
         }
     }
     let evals: Vec<(String, i64, String)> =
-        sqlx::query_as("select split, epoch, report from job_evaluations where job_id = ? order by epoch").bind(job_id).fetch_all(pool).await?;
+        sqlx::query_as("select split, epoch, report from job_evaluations where job_id = $1 order by epoch").bind(job_id).fetch_all(pool).await?;
     let mut validation = Vec::new();
     let mut test = None;
     for (split, epoch, json) in evals {
@@ -119,8 +122,9 @@ pub async fn get(pool: &SqlitePool, job_id: &str) -> Result<JobMetrics, sqlx::Er
 }
 
 /// Records an epoch checkpoint.
-pub async fn record_checkpoint(pool: &SqlitePool, job_id: &str, epoch: u32, path: &str, score: f64) -> Result<(), sqlx::Error> {
-    sqlx::query("insert or replace into checkpoints (job_id, epoch, path, score, created_at) values (?, ?, ?, ?, ?)")
+pub async fn record_checkpoint(pool: &Pool, job_id: &str, epoch: u32, path: &str, score: f64) -> Result<(), sqlx::Error> {
+    sqlx::query("insert into checkpoints (job_id, epoch, path, score, created_at) values ($1, $2, $3, $4, $5) \
+         on conflict (job_id, epoch) do update set path = excluded.path, score = excluded.score, created_at = excluded.created_at")
         .bind(job_id)
         .bind(i64::from(epoch))
         .bind(path)
@@ -129,7 +133,7 @@ pub async fn record_checkpoint(pool: &SqlitePool, job_id: &str, epoch: u32, path
         .execute(pool)
         .await?;
     // Only the latest epoch's checkpoint stays on disk.
-    sqlx::query("delete from checkpoints where job_id = ? and epoch < ?").bind(job_id).bind(i64::from(epoch)).execute(pool).await?;
+    sqlx::query("delete from checkpoints where job_id = $1 and epoch < $2").bind(job_id).bind(i64::from(epoch)).execute(pool).await?;
     Ok(())
 }
 /// A validation image a job's model got wrong.
@@ -146,11 +150,11 @@ pub struct MistakeRow {
 }
 
 /// Replaces epoch `epoch`'s mistakes of a job (most confident first).
-pub async fn record_mistakes(pool: &SqlitePool, job_id: &str, epoch: u32, mistakes: &[MistakeRow]) -> Result<(), sqlx::Error> {
+pub async fn record_mistakes(pool: &Pool, job_id: &str, epoch: u32, mistakes: &[MistakeRow]) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    sqlx::query("delete from job_mistakes where job_id = ? and epoch = ?").bind(job_id).bind(i64::from(epoch)).execute(&mut *tx).await?;
+    sqlx::query("delete from job_mistakes where job_id = $1 and epoch = $2").bind(job_id).bind(i64::from(epoch)).execute(&mut *tx).await?;
     for (rank, m) in mistakes.iter().enumerate() {
-        sqlx::query("insert into job_mistakes (job_id, epoch, rank, blob, file, label, predicted, score) values (?, ?, ?, ?, ?, ?, ?, ?)")
+        sqlx::query("insert into job_mistakes (job_id, epoch, rank, blob, file, label, predicted, score) values ($1, $2, $3, $4, $5, $6, $7, $8)")
             .bind(job_id)
             .bind(i64::from(epoch))
             .bind(rank as i64)
@@ -166,9 +170,9 @@ pub async fn record_mistakes(pool: &SqlitePool, job_id: &str, epoch: u32, mistak
 }
 
 /// A job's mistakes at epoch `epoch`, most confident first.
-pub async fn mistakes(pool: &SqlitePool, job_id: &str, epoch: u32) -> Result<Vec<MistakeRow>, sqlx::Error> {
+pub async fn mistakes(pool: &Pool, job_id: &str, epoch: u32) -> Result<Vec<MistakeRow>, sqlx::Error> {
     let rows: Vec<(String, String, String, String, f64)> = sqlx::query_as(
-        "select blob, file, label, predicted, score from job_mistakes where job_id = ? and epoch = ? order by rank",
+        "select blob, file, label, predicted, score from job_mistakes where job_id = $1 and epoch = $2 order by rank",
     )
     .bind(job_id)
     .bind(i64::from(epoch))
@@ -178,8 +182,8 @@ pub async fn mistakes(pool: &SqlitePool, job_id: &str, epoch: u32) -> Result<Vec
 }
 
 /// Forgets a job's checkpoints (its model is registered and its checkpoint files are gone).
-pub async fn delete_checkpoints(pool: &SqlitePool, job_id: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("delete from checkpoints where job_id = ?").bind(job_id).execute(pool).await?;
+pub async fn delete_checkpoints(pool: &Pool, job_id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("delete from checkpoints where job_id = $1").bind(job_id).execute(pool).await?;
     Ok(())
 }
 

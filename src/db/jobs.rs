@@ -1,11 +1,11 @@
 //! Queries on `jobs`, which is also the work queue: a job is claimed with one atomic
-//! `update … returning`, so two workers can never take the same one.
+//! `update … returning` (on PostgreSQL its row is picked with `for update skip locked`), so two
+//! workers can never take the same one. A claim is a lease: the worker renews it while the job
+//! runs, and a running job whose lease ran out (its worker died) is claimed again like a queued one.
 
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::SqlitePool;
-
-use crate::db::{new_id, now};
+use crate::db::{Backend, Pool, new_id, now};
 use crate::train::Phase;
 
 /// Lifecycle of a job.
@@ -88,6 +88,9 @@ pub struct Job {
     /// What the `auto` recipe decided after its probe epoch, and why (`{"action", "epochs",
     /// "reason"}`); also why a time budget ended the run early.
     pub decision: Option<Value>,
+    /// The worker that runs it, or ran it last (`--worker-name`: host name and process id by
+    /// default).
+    pub worker: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -109,12 +112,13 @@ struct JobRow {
     error: Option<String>,
     model_id: Option<String>,
     device: Option<String>,
-    cancel_requested: bool,
+    cancel_requested: i64,
     phase: Option<String>,
     phase_done: i64,
     phase_total: i64,
     phase_rate: Option<f64>,
     decision: Option<String>,
+    worker: Option<String>,
 }
 
 impl TryFrom<JobRow> for Job {
@@ -143,8 +147,9 @@ impl TryFrom<JobRow> for Job {
             error: r.error,
             model_id: r.model_id,
             device: r.device,
-            cancel_requested: r.cancel_requested,
+            cancel_requested: r.cancel_requested != 0,
             decision: r.decision.as_deref().map(serde_json::from_str).transpose().map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+            worker: r.worker,
         })
     }
 }
@@ -153,7 +158,7 @@ impl TryFrom<JobRow> for Job {
 macro_rules! job_columns {
     () => {
         "id, dataset_id, base_model, params, recipe, status, epoch, epochs, step, steps, created_at, \
-                       started_at, finished_at, error, model_id, device, cancel_requested, phase, phase_done, phase_total, phase_rate, decision"
+                       started_at, finished_at, error, model_id, device, cancel_requested, phase, phase_done, phase_total, phase_rate, decision, worker"
     };
 }
 
@@ -167,36 +172,46 @@ pub struct NewJob<'a> {
 }
 
 /// Queues a job; `None` when its dataset does not exist. The existence check is part of the
-/// insert, so a concurrent dataset delete cannot slip in between.
-pub async fn insert(pool: &SqlitePool, job: &NewJob<'_>) -> Result<Option<Job>, sqlx::Error> {
-    let row: Option<JobRow> = sqlx::query_as(concat!(
-        "insert into jobs (id, dataset_id, base_model, params, recipe, status, epochs, created_at) \
-         select ?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?7 where exists (select 1 from datasets where id = ?2) returning ",
-        job_columns!()
-    ))
-    .bind(new_id())
-    .bind(job.dataset_id)
-    .bind(job.base_model)
-    .bind(job.params.to_string())
-    .bind(job.recipe)
-    .bind(i64::from(job.epochs))
-    .bind(now())
-    .fetch_optional(pool)
-    .await?;
+/// insert, so a concurrent dataset delete cannot slip in between (on PostgreSQL the check takes a
+/// share lock on the dataset's row, which [`crate::db::datasets::delete`] locks for update).
+pub async fn insert(pool: &Pool, job: &NewJob<'_>) -> Result<Option<Job>, sqlx::Error> {
+    macro_rules! insert_sql {
+        ($lock:literal) => {
+            concat!(
+                "insert into jobs (id, dataset_id, base_model, params, recipe, status, epochs, created_at) \
+                 select $1, $2, $3, $4, $5, 'queued', $6, $7 where exists (select 1 from datasets where id = $2", $lock, ") returning ",
+                job_columns!()
+            )
+        };
+    }
+    let sql = match Backend::of(pool) {
+        Backend::Sqlite => insert_sql!(""),
+        Backend::Postgres => insert_sql!(" for share"),
+    };
+    let row: Option<JobRow> = sqlx::query_as(sql)
+        .bind(new_id())
+        .bind(job.dataset_id)
+        .bind(job.base_model)
+        .bind(job.params.to_string())
+        .bind(job.recipe)
+        .bind(i64::from(job.epochs))
+        .bind(now())
+        .fetch_optional(pool)
+        .await?;
     row.map(Job::try_from).transpose()
 }
 
 /// One job.
-pub async fn get(pool: &SqlitePool, id: &str) -> Result<Option<Job>, sqlx::Error> {
+pub async fn get(pool: &Pool, id: &str) -> Result<Option<Job>, sqlx::Error> {
     let row: Option<JobRow> =
-        sqlx::query_as(concat!("select ", job_columns!(), " from jobs where id = ?")).bind(id).fetch_optional(pool).await?;
+        sqlx::query_as(concat!("select ", job_columns!(), " from jobs where id = $1")).bind(id).fetch_optional(pool).await?;
     row.map(Job::try_from).transpose()
 }
 
 /// Jobs, newest first, optionally with one status.
-pub async fn list(pool: &SqlitePool, status: Option<Status>) -> Result<Vec<Job>, sqlx::Error> {
+pub async fn list(pool: &Pool, status: Option<Status>) -> Result<Vec<Job>, sqlx::Error> {
     let rows: Vec<JobRow> = sqlx::query_as(concat!(
-        "select ", job_columns!(), " from jobs where (?1 is null or status = ?1) order by created_at desc, id desc"
+        "select ", job_columns!(), " from jobs where ($1 is null or status = $1) order by created_at desc, id desc"
     ))
     .bind(status.map(Status::as_str))
     .fetch_all(pool)
@@ -204,39 +219,82 @@ pub async fn list(pool: &SqlitePool, status: Option<Status>) -> Result<Vec<Job>,
     rows.into_iter().map(Job::try_from).collect()
 }
 
-/// Claims the oldest queued job for `device` in one statement.
-pub async fn claim(pool: &SqlitePool, device: &str) -> Result<Option<Job>, sqlx::Error> {
-    let row: Option<JobRow> = sqlx::query_as(concat!(
-        "update jobs set status = 'running', device = ?1, started_at = coalesce(started_at, ?2), attempts = attempts + 1 \
-         where id = (select id from jobs where status = 'queued' order by created_at, id limit 1) and status = 'queued' \
-         returning ", job_columns!()))
-    .bind(device)
-    .bind(now())
-    .fetch_optional(pool)
-    .await?;
+/// Claims the oldest claimable job for `worker` (its `device`) until `lease_until`: a queued job, or
+/// a running one whose lease ran out before `now` (its worker died; it resumes from its last
+/// checkpoint). One statement, so two workers never take the same job.
+pub async fn claim(pool: &Pool, worker: &str, device: &str, lease_until: &str) -> Result<Option<Job>, sqlx::Error> {
+    macro_rules! claim_sql {
+        ($lock:literal) => {
+            concat!(
+                "update jobs set status = 'running', device = $1, worker = $2, lease_expires_at = $3, \
+                 started_at = coalesce(started_at, $4), attempts = attempts + 1 \
+                 where id = (select id from jobs where status = 'queued' or (status = 'running' and lease_expires_at < $4) \
+                 order by created_at, id limit 1", $lock, ") \
+                 and (status = 'queued' or (status = 'running' and lease_expires_at < $4)) returning ",
+                job_columns!()
+            )
+        };
+    }
+    let sql = match Backend::of(pool) {
+        Backend::Sqlite => claim_sql!(""),
+        Backend::Postgres => claim_sql!(" for update skip locked"),
+    };
+    let row: Option<JobRow> =
+        sqlx::query_as(sql).bind(device).bind(worker).bind(lease_until).bind(now()).fetch_optional(pool).await?;
     row.map(Job::try_from).transpose()
 }
 
-/// At start-up: jobs left `running` by a previous process go back to the queue (they resume from
-/// their last checkpoint), except those whose cancel had been asked for, which become cancelled.
-pub async fn recover_interrupted(pool: &SqlitePool) -> Result<u64, sqlx::Error> {
-    sqlx::query("update jobs set status = 'cancelled', finished_at = ? where status = 'running' and cancel_requested = 1")
-        .bind(now())
+/// Extends `worker`'s lease on a running job; false when the job is no longer running under this
+/// worker (it ended, or its lease ran out and another worker claimed it), so the run must stop.
+pub async fn renew_lease(pool: &Pool, id: &str, worker: &str, lease_until: &str) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query("update jobs set lease_expires_at = $1 where id = $2 and worker = $3 and status = 'running'")
+        .bind(lease_until)
+        .bind(id)
+        .bind(worker)
         .execute(pool)
         .await?;
-    let done = sqlx::query("update jobs set status = 'queued' where status = 'running'").execute(pool).await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// At start-up: jobs left `running` by an earlier process go back to the queue (they resume from
+/// their last checkpoint), except those whose cancel had been asked for, which become cancelled.
+/// `owner = None` takes every running job (a process alone on its database); `Some(worker)` only
+/// this worker's own (it was restarted under the same name) and those whose lease ran out, so a
+/// process never takes a job another live process runs.
+pub async fn recover_interrupted(pool: &Pool, owner: Option<&str>) -> Result<u64, sqlx::Error> {
+    let now = now();
+    sqlx::query(
+        "update jobs set status = 'cancelled', finished_at = $1 where status = 'running' and cancel_requested = 1 \
+         and ($2 is null or worker = $2 or lease_expires_at < $1)",
+    )
+    .bind(&now)
+    .bind(owner)
+    .execute(pool)
+    .await?;
+    let done = sqlx::query(
+        "update jobs set status = 'queued', lease_expires_at = null where status = 'running' \
+         and ($2 is null or worker = $2 or lease_expires_at < $1)",
+    )
+    .bind(&now)
+    .bind(owner)
+    .execute(pool)
+    .await?;
     Ok(done.rows_affected())
 }
 
-/// Puts a running job back in the queue (graceful shutdown mid-run).
-pub async fn requeue(pool: &SqlitePool, id: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("update jobs set status = 'queued' where id = ? and status = 'running'").bind(id).execute(pool).await?;
+/// Puts `worker`'s running job back in the queue (graceful shutdown mid-run).
+pub async fn requeue(pool: &Pool, id: &str, worker: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("update jobs set status = 'queued', lease_expires_at = null where id = $1 and status = 'running' and worker = $2")
+        .bind(id)
+        .bind(worker)
+        .execute(pool)
+        .await?;
     Ok(())
 }
 
 /// Records the plan of a run (total optimiser steps) once it is known.
-pub async fn set_plan(pool: &SqlitePool, id: &str, epochs: u32, steps: u64) -> Result<(), sqlx::Error> {
-    sqlx::query("update jobs set epochs = ?, steps = ? where id = ?")
+pub async fn set_plan(pool: &Pool, id: &str, epochs: u32, steps: u64) -> Result<(), sqlx::Error> {
+    sqlx::query("update jobs set epochs = $1, steps = $2 where id = $3")
         .bind(i64::from(epochs))
         .bind(steps as i64)
         .bind(id)
@@ -246,8 +304,8 @@ pub async fn set_plan(pool: &SqlitePool, id: &str, epochs: u32, steps: u64) -> R
 }
 
 /// Records progress.
-pub async fn set_progress(pool: &SqlitePool, id: &str, epoch: u32, step: u64) -> Result<(), sqlx::Error> {
-    sqlx::query("update jobs set epoch = ?, step = ? where id = ?")
+pub async fn set_progress(pool: &Pool, id: &str, epoch: u32, step: u64) -> Result<(), sqlx::Error> {
+    sqlx::query("update jobs set epoch = $1, step = $2 where id = $3")
         .bind(i64::from(epoch))
         .bind(step as i64)
         .bind(id)
@@ -257,8 +315,8 @@ pub async fn set_progress(pool: &SqlitePool, id: &str, epoch: u32, step: u64) ->
 }
 
 /// Records the phase a job is in and its progress within it.
-pub async fn set_phase(pool: &SqlitePool, id: &str, phase: Phase, done: u64, total: u64, rate: Option<f64>) -> Result<(), sqlx::Error> {
-    sqlx::query("update jobs set phase = ?, phase_done = ?, phase_total = ?, phase_rate = ? where id = ?")
+pub async fn set_phase(pool: &Pool, id: &str, phase: Phase, done: u64, total: u64, rate: Option<f64>) -> Result<(), sqlx::Error> {
+    sqlx::query("update jobs set phase = $1, phase_done = $2, phase_total = $3, phase_rate = $4 where id = $5")
         .bind(phase.as_str())
         .bind(done as i64)
         .bind(total as i64)
@@ -270,24 +328,26 @@ pub async fn set_phase(pool: &SqlitePool, id: &str, phase: Phase, done: u64, tot
 }
 
 /// Records what the auto recipe decided (or why a time budget ended the run).
-pub async fn set_decision(pool: &SqlitePool, id: &str, decision: &Value) -> Result<(), sqlx::Error> {
-    sqlx::query("update jobs set decision = ? where id = ?").bind(decision.to_string()).bind(id).execute(pool).await?;
+pub async fn set_decision(pool: &Pool, id: &str, decision: &Value) -> Result<(), sqlx::Error> {
+    sqlx::query("update jobs set decision = $1 where id = $2").bind(decision.to_string()).bind(id).execute(pool).await?;
     Ok(())
 }
 
 /// Records that epoch `epoch` has ended (a probe epoch has no steps to report it).
-pub async fn set_epoch_done(pool: &SqlitePool, id: &str, epoch: u32) -> Result<(), sqlx::Error> {
-    sqlx::query("update jobs set epoch = max(epoch, ?) where id = ?").bind(i64::from(epoch)).bind(id).execute(pool).await?;
+pub async fn set_epoch_done(pool: &Pool, id: &str, epoch: u32) -> Result<(), sqlx::Error> {
+    sqlx::query("update jobs set epoch = case when epoch > $1 then epoch else $1 end where id = $2").bind(i64::from(epoch)).bind(id).execute(pool).await?;
     Ok(())
 }
 
-/// Ends a running job as failed or cancelled (a no-op if it is not running any more).
-pub async fn finish(pool: &SqlitePool, id: &str, status: Status, error: Option<&str>) -> Result<(), sqlx::Error> {
-    sqlx::query("update jobs set status = ?, error = ?, finished_at = ? where id = ? and status = 'running'")
+/// Ends `worker`'s running job as failed or cancelled (a no-op if it is not running under this
+/// worker any more).
+pub async fn finish(pool: &Pool, id: &str, worker: &str, status: Status, error: Option<&str>) -> Result<(), sqlx::Error> {
+    sqlx::query("update jobs set status = $1, error = $2, finished_at = $3 where id = $4 and status = 'running' and worker = $5")
         .bind(status.as_str())
         .bind(error)
         .bind(now())
         .bind(id)
+        .bind(worker)
         .execute(pool)
         .await?;
     Ok(())
@@ -306,8 +366,8 @@ pub enum Cancel {
 }
 
 /// Cancels a queued job at once, or flags a running one for its worker.
-pub async fn cancel(pool: &SqlitePool, id: &str) -> Result<Cancel, sqlx::Error> {
-    let done = sqlx::query("update jobs set status = 'cancelled', finished_at = ? where id = ? and status = 'queued'")
+pub async fn cancel(pool: &Pool, id: &str) -> Result<Cancel, sqlx::Error> {
+    let done = sqlx::query("update jobs set status = 'cancelled', finished_at = $1 where id = $2 and status = 'queued'")
         .bind(now())
         .bind(id)
         .execute(pool)
@@ -315,7 +375,7 @@ pub async fn cancel(pool: &SqlitePool, id: &str) -> Result<Cancel, sqlx::Error> 
     if done.rows_affected() == 1 {
         return Ok(Cancel::Cancelled);
     }
-    let flagged = sqlx::query("update jobs set cancel_requested = 1 where id = ? and status = 'running'").bind(id).execute(pool).await?;
+    let flagged = sqlx::query("update jobs set cancel_requested = 1 where id = $1 and status = 'running'").bind(id).execute(pool).await?;
     if flagged.rows_affected() == 1 {
         return Ok(Cancel::Requested);
     }
@@ -326,14 +386,93 @@ pub async fn cancel(pool: &SqlitePool, id: &str) -> Result<Cancel, sqlx::Error> 
 }
 
 /// The base models jobs named, most recently used first (at most `limit`).
-pub async fn recent_base_models(pool: &SqlitePool, limit: u32) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar("select base_model from jobs group by base_model order by max(created_at) desc limit ?")
+pub async fn recent_base_models(pool: &Pool, limit: u32) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("select base_model from jobs group by base_model order by max(created_at) desc limit $1")
         .bind(i64::from(limit))
         .fetch_all(pool)
         .await
 }
 
 /// Number of jobs in each status.
-pub async fn count_by_status(pool: &SqlitePool) -> Result<Vec<(String, i64)>, sqlx::Error> {
+pub async fn count_by_status(pool: &Pool) -> Result<Vec<(String, i64)>, sqlx::Error> {
     sqlx::query_as("select status, count(*) from jobs group by status").fetch_all(pool).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::models::{Model, register_for_job};
+
+    async fn pool_with_job() -> (tempfile::TempDir, Pool, Job) {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = crate::db::connect(&crate::db::sqlite_url(&dir.path().join("test.db"))).await.unwrap();
+        sqlx::query("insert into datasets (id, name, created_at, num_images, classes, counts, rejected) values ('d', 'd', 'now', 0, '[]', '{}', '[]')")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let params = serde_json::json!({});
+        let job = insert(&pool, &NewJob { dataset_id: "d", base_model: "m", params: &params, recipe: "r", epochs: 1 }).await.unwrap().unwrap();
+        (dir, pool, job)
+    }
+
+    fn model_of(job: &Job, id: &str) -> Model {
+        Model {
+            id: id.into(),
+            job_id: Some(job.id.clone()),
+            base_model: "m".into(),
+            labels: vec![],
+            metrics: None,
+            params: None,
+            recipe: None,
+            created_at: now(),
+            path: format!("models/{id}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_that_ran_out_moves_the_job_and_the_first_worker_can_no_longer_end_it() {
+        let (_dir, pool, job) = pool_with_job().await;
+        let soon = crate::db::at(chrono::Utc::now() + chrono::Duration::seconds(60));
+        let past = crate::db::at(chrono::Utc::now() - chrono::Duration::seconds(1));
+
+        // A live lease: nobody else can claim.
+        let claimed = claim(&pool, "one", "cpu", &soon).await.unwrap().unwrap();
+        assert_eq!((claimed.id.as_str(), claimed.worker.as_deref(), claimed.status), (job.id.as_str(), Some("one"), Status::Running));
+        assert!(claim(&pool, "two", "cpu", &soon).await.unwrap().is_none());
+        assert!(renew_lease(&pool, &job.id, "one", &soon).await.unwrap());
+        assert!(!renew_lease(&pool, &job.id, "two", &soon).await.unwrap(), "only the holder renews");
+
+        // Worker one stops renewing (its lease ends in the past): worker two takes the job.
+        assert!(renew_lease(&pool, &job.id, "one", &past).await.unwrap());
+        let taken = claim(&pool, "two", "cpu", &soon).await.unwrap().unwrap();
+        assert_eq!(taken.worker.as_deref(), Some("two"));
+        assert!(!renew_lease(&pool, &job.id, "one", &soon).await.unwrap(), "worker one learns it lost the job");
+
+        // Worker one, running on regardless, can neither end the job nor register a model for it.
+        finish(&pool, &job.id, "one", Status::Failed, Some("late")).await.unwrap();
+        requeue(&pool, &job.id, "one").await.unwrap();
+        assert_eq!(get(&pool, &job.id).await.unwrap().unwrap().status, Status::Running);
+        assert!(!register_for_job(&pool, &model_of(&job, "m-one"), Some("one")).await.unwrap());
+        assert!(register_for_job(&pool, &model_of(&job, "m-two"), Some("two")).await.unwrap());
+        let done = get(&pool, &job.id).await.unwrap().unwrap();
+        assert_eq!((done.status, done.model_id.as_deref()), (Status::Succeeded, Some("m-two")));
+        let models: Vec<String> = sqlx::query_scalar("select id from models").fetch_all(&pool).await.unwrap();
+        assert_eq!(models, vec!["m-two".to_string()], "one model for the job");
+    }
+
+    #[tokio::test]
+    async fn start_up_recovery_takes_only_what_is_its_own_or_expired() {
+        let (_dir, pool, job) = pool_with_job().await;
+        let soon = crate::db::at(chrono::Utc::now() + chrono::Duration::seconds(60));
+        claim(&pool, "one", "cpu", &soon).await.unwrap().unwrap();
+        // Another worker's live job stays where it is.
+        assert_eq!(recover_interrupted(&pool, Some("two")).await.unwrap(), 0);
+        assert_eq!(get(&pool, &job.id).await.unwrap().unwrap().status, Status::Running);
+        // Its own (restarted under the same name) goes back to the queue.
+        assert_eq!(recover_interrupted(&pool, Some("one")).await.unwrap(), 1);
+        assert_eq!(get(&pool, &job.id).await.unwrap().unwrap().status, Status::Queued);
+        // A process alone on the database takes every running job.
+        claim(&pool, "one", "cpu", &soon).await.unwrap().unwrap();
+        assert_eq!(recover_interrupted(&pool, None).await.unwrap(), 1);
+    }
 }

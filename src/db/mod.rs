@@ -1,43 +1,104 @@
 //! Every SQL query of the service, one function each, grouped by table (`job_metrics` holds the
-//! queries on `job_metrics`, `job_evaluations` and `checkpoints`). `migrations/` holds the schema;
-//! this module opens the pool and runs them.
+//! queries on `job_metrics`, `job_evaluations` and `checkpoints`). `migrations/sqlite/` and
+//! `migrations/postgres/` hold the schema of each backend; this module opens the pool and runs them.
+//!
+//! The pool is sqlx's `Any` pool, so one query text serves both backends: placeholders are `$N`
+//! (which SQLite reads too), upserts are `on conflict … do update`, and the few statements that must
+//! differ (locking, the queue's claim) pick their text with [`Backend::of`].
 
 pub mod datasets;
 pub mod job_metrics;
 pub mod jobs;
 pub mod models;
 
-use std::path::Path;
-use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::SqlitePool;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Executor};
 
-/// Opens (creating if needed) the SQLite file in WAL mode and brings its schema up to date.
-pub async fn connect(path: &Path) -> anyhow::Result<SqlitePool> {
-    let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        // NORMAL is durable in WAL mode except for the last transactions before a power loss;
-        // a process crash (the case we test) loses nothing.
-        .synchronous(SqliteSynchronous::Normal)
-        .foreign_keys(true)
-        .busy_timeout(Duration::from_secs(10));
-    let pool = SqlitePoolOptions::new().max_connections(8).connect_with(options).await?;
-    sqlx::migrate!("./migrations").run(&pool).await?;
+/// The service's connection pool: SQLite or PostgreSQL, by the database URL.
+pub type Pool = AnyPool;
+
+/// Which database a pool talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// The backend of a database URL (`sqlite:…`, `postgres://…` or `postgresql://…`).
+    pub fn of_url(url: &str) -> Result<Self, String> {
+        let scheme = url.split(':').next().unwrap_or_default();
+        match scheme {
+            "sqlite" => Ok(Backend::Sqlite),
+            "postgres" | "postgresql" => Ok(Backend::Postgres),
+            _ => Err(format!("unsupported database URL scheme '{scheme}:' (use sqlite:// or postgres://)")),
+        }
+    }
+
+    /// The backend of an open pool.
+    pub fn of(pool: &Pool) -> Self {
+        Self::of_url(pool.connect_options().database_url.as_str()).unwrap_or(Backend::Sqlite)
+    }
+}
+
+/// The SQLite URL of a database file (created if missing).
+pub fn sqlite_url(path: &std::path::Path) -> String {
+    format!("sqlite://{}?mode=rwc", path.display())
+}
+
+/// Opens a pool on `url` and brings its schema up to date. SQLite files are created if missing
+/// and run in WAL mode.
+pub async fn connect(url: &str) -> anyhow::Result<Pool> {
+    sqlx::any::install_default_drivers();
+    let backend = Backend::of_url(url).map_err(anyhow::Error::msg)?;
+    let options: AnyConnectOptions = url.parse()?;
+    let pool = AnyPoolOptions::new()
+        .max_connections(match backend {
+            Backend::Sqlite => 8,
+            Backend::Postgres => 16,
+        })
+        // A database that does not answer fails a request after this long instead of hanging it.
+        .acquire_timeout(Duration::from_secs(10))
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                if backend == Backend::Sqlite {
+                    // NORMAL is durable in WAL mode except for the last transactions before a
+                    // power loss; a process crash (the case we test) loses nothing.
+                    conn.execute(
+                        "pragma journal_mode = wal; pragma synchronous = normal; pragma foreign_keys = on; \
+                         pragma busy_timeout = 10000;",
+                    )
+                    .await?;
+                }
+                Ok(())
+            })
+        })
+        .connect_with(options)
+        .await?;
+    match backend {
+        Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await?,
+        Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
+    }
     Ok(pool)
 }
 
 /// Whether the database answers (the readiness probe).
-pub async fn ping(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+pub async fn ping(pool: &Pool) -> Result<(), sqlx::Error> {
     sqlx::query("select 1").execute(pool).await?;
     Ok(())
 }
 
 /// The current time as stored in the database: RFC 3339, UTC, milliseconds.
 pub fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    at(chrono::Utc::now())
+}
+
+/// A time as stored in the database. The fixed width makes text order time order, which lease
+/// expiry relies on.
+pub fn at(time: chrono::DateTime<chrono::Utc>) -> String {
+    time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// A new identifier: a UUIDv7, so ids sort by creation time.

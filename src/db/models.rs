@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::SqlitePool;
+use crate::db::{Backend, Pool};
 
 /// A registered model as the API returns it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -63,10 +63,29 @@ macro_rules! model_columns {
     };
 }
 
-/// Registers the model of a succeeded job and marks the job succeeded, in one transaction.
-pub async fn register_for_job(pool: &SqlitePool, model: &Model) -> Result<(), sqlx::Error> {
+/// Registers the model of a succeeded job and marks the job succeeded, in one transaction. With a
+/// `worker`, only while the job still runs under that worker: a worker whose lease ran out (and
+/// whose job another worker took) registers nothing, so a job gets one model even when two workers
+/// race to the end of it. Returns whether the model was registered.
+pub async fn register_for_job(pool: &Pool, model: &Model, worker: Option<&str>) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    sqlx::query(concat!("insert into models (", model_columns!(), ") values (?, ?, ?, ?, ?, ?, ?, ?, ?)"))
+    if let Some(job_id) = &model.job_id {
+        let done = sqlx::query(
+            "update jobs set status = 'succeeded', model_id = $1, finished_at = $2, error = null \
+             where id = $3 and ($4 is null or (status = 'running' and worker = $4))",
+        )
+        .bind(&model.id)
+        .bind(crate::db::now())
+        .bind(job_id)
+        .bind(worker)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+    }
+    sqlx::query(concat!("insert into models (", model_columns!(), ") values ($1, $2, $3, $4, $5, $6, $7, $8, $9)"))
         .bind(&model.id)
         .bind(&model.job_id)
         .bind(&model.base_model)
@@ -78,33 +97,26 @@ pub async fn register_for_job(pool: &SqlitePool, model: &Model) -> Result<(), sq
         .bind(&model.created_at)
         .execute(&mut *tx)
         .await?;
-    if let Some(job_id) = &model.job_id {
-        sqlx::query("update jobs set status = 'succeeded', model_id = ?, finished_at = ?, error = null where id = ?")
-            .bind(&model.id)
-            .bind(crate::db::now())
-            .bind(job_id)
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// One model.
-pub async fn get(pool: &SqlitePool, id: &str) -> Result<Option<Model>, sqlx::Error> {
+pub async fn get(pool: &Pool, id: &str) -> Result<Option<Model>, sqlx::Error> {
     let row: Option<ModelRow> =
-        sqlx::query_as(concat!("select ", model_columns!(), " from models where id = ?")).bind(id).fetch_optional(pool).await?;
+        sqlx::query_as(concat!("select ", model_columns!(), " from models where id = $1")).bind(id).fetch_optional(pool).await?;
     row.map(Model::try_from).transpose()
 }
 
 /// All models, newest first.
-pub async fn list(pool: &SqlitePool) -> Result<Vec<Model>, sqlx::Error> {
+pub async fn list(pool: &Pool) -> Result<Vec<Model>, sqlx::Error> {
     let rows: Vec<ModelRow> =
         sqlx::query_as(concat!("select ", model_columns!(), " from models order by created_at desc, id desc")).fetch_all(pool).await?;
     rows.into_iter().map(Model::try_from).collect()
 }
 
 /// The newest model (the default for `/predict`).
-pub async fn latest(pool: &SqlitePool) -> Result<Option<Model>, sqlx::Error> {
+pub async fn latest(pool: &Pool) -> Result<Option<Model>, sqlx::Error> {
     let row: Option<ModelRow> = sqlx::query_as(concat!("select ", model_columns!(), " from models order by created_at desc, id desc limit 1"))
         .fetch_optional(pool)
         .await?;
@@ -112,7 +124,7 @@ pub async fn latest(pool: &SqlitePool) -> Result<Option<Model>, sqlx::Error> {
 }
 
 /// Paths of every registered model (to find orphaned folders at start-up).
-pub async fn paths(pool: &SqlitePool) -> Result<Vec<String>, sqlx::Error> {
+pub async fn paths(pool: &Pool) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar("select path from models").fetch_all(pool).await
 }
 
@@ -129,9 +141,17 @@ pub enum Deleted {
 }
 
 /// Deletes a model unless it is the only one or a job continues from it (one transaction).
-pub async fn delete(pool: &SqlitePool, id: &str) -> Result<Deleted, sqlx::Error> {
-    let mut tx = pool.begin_with("begin immediate").await?;
-    let path: Option<String> = sqlx::query_scalar("select path from models where id = ?").bind(id).fetch_optional(&mut *tx).await?;
+pub async fn delete(pool: &Pool, id: &str) -> Result<Deleted, sqlx::Error> {
+    // One deleter at a time, so two deletes cannot each see the other's model and leave none.
+    let mut tx = match Backend::of(pool) {
+        Backend::Sqlite => pool.begin_with("begin immediate").await?,
+        Backend::Postgres => {
+            let mut tx = pool.begin().await?;
+            sqlx::query("lock table models in share row exclusive mode").execute(&mut *tx).await?;
+            tx
+        }
+    };
+    let path: Option<String> = sqlx::query_scalar("select path from models where id = $1").bind(id).fetch_optional(&mut *tx).await?;
     let Some(path) = path else {
         return Ok(Deleted::NotFound);
     };
@@ -140,14 +160,14 @@ pub async fn delete(pool: &SqlitePool, id: &str) -> Result<Deleted, sqlx::Error>
         return Ok(Deleted::OnlyModel);
     }
     let job: Option<String> =
-        sqlx::query_scalar("select id from jobs where base_model = ? and status in ('queued', 'running') limit 1")
+        sqlx::query_scalar("select id from jobs where base_model = $1 and status in ('queued', 'running') limit 1")
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?;
     if let Some(job_id) = job {
         return Ok(Deleted::InUse { job_id });
     }
-    sqlx::query("delete from models where id = ?").bind(id).execute(&mut *tx).await?;
+    sqlx::query("delete from models where id = $1").bind(id).execute(&mut *tx).await?;
     tx.commit().await?;
     Ok(Deleted::Removed { path })
 }

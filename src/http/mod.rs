@@ -27,7 +27,7 @@ use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
-use sqlx::SqlitePool;
+use crate::db::Pool;
 use tokio::sync::Semaphore;
 use tower_http::trace::TraceLayer;
 
@@ -45,7 +45,7 @@ use error::AppError;
 /// What every handler can reach. Each field is cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
-    pub db: SqlitePool,
+    pub db: Pool,
     pub config: Arc<ServeConfig>,
     pub paths: DataPaths,
     /// The image store under `<data-dir>/blobs`.
@@ -135,6 +135,11 @@ fn all_routes() -> Vec<Route> {
     .collect()
 }
 
+/// The routes of a `--role worker` process: the probes and the metrics.
+fn worker_routes() -> Vec<Route> {
+    [health::routes(), prometheus::routes()].into_iter().flatten().collect()
+}
+
 /// Every (method, path) the router serves, for the OpenAPI consistency test.
 pub fn route_table() -> Vec<(Method, &'static str)> {
     all_routes().into_iter().map(|r| (r.method, r.path)).collect()
@@ -145,7 +150,8 @@ pub fn router(state: AppState) -> Router {
     // Methods of one path are merged first: axum refuses to merge two `MethodRouter`s that both
     // have a fallback, and each path needs exactly one (the 405 answer).
     let mut paths: Vec<(&'static str, MethodRouter<AppState>)> = Vec::new();
-    for route in all_routes() {
+    let routes = if state.config.role.serves_api() { all_routes() } else { worker_routes() };
+    for route in routes {
         let handler = route.handler.layer(axum::middleware::from_fn_with_state((state.clone(), route.body), inflight::count_body));
         let handler = if route.timed {
             handler.layer(axum::middleware::from_fn_with_state(state.clone(), request_timeout))

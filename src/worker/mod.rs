@@ -8,10 +8,11 @@ pub mod submit;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use candle_core::Device;
-use sqlx::SqlitePool;
+use crate::db::Pool;
 
 use crate::dataset::BlobStore;
 use crate::db;
@@ -29,7 +30,7 @@ const POLL: Duration = Duration::from_secs(2);
 /// that concern jobs, as plain values.
 #[derive(Clone)]
 pub struct JobContext {
-    pub db: SqlitePool,
+    pub db: Pool,
     pub paths: DataPaths,
     pub blobs: BlobStore,
     pub hub: Arc<JobHub>,
@@ -38,6 +39,17 @@ pub struct JobContext {
     pub base_models_dir: PathBuf,
     /// Largest image decoded, in pixels.
     pub max_image_pixels: u64,
+    /// This process's name in `jobs.worker` (`--worker-name`).
+    pub worker_name: String,
+    /// How long a claim holds without renewal (`--lease-secs`); renewed every third of it.
+    pub lease: Duration,
+}
+
+impl JobContext {
+    /// When a lease taken or renewed now runs out.
+    fn lease_until(&self) -> String {
+        db::at(chrono::Utc::now() + chrono::Duration::from_std(self.lease).unwrap_or(chrono::Duration::seconds(30)))
+    }
 }
 
 /// Starts one worker task per device.
@@ -56,7 +68,7 @@ async fn work(ctx: JobContext, name: String, device: Device) {
         let submitted = ctx.hub.submitted();
         tokio::pin!(submitted);
         submitted.as_mut().enable();
-        match db::jobs::claim(&ctx.db, &name).await {
+        match db::jobs::claim(&ctx.db, &ctx.worker_name, &name, &ctx.lease_until()).await {
             Ok(Some(job)) => {
                 process(&ctx, job, &name, &device).await;
                 continue;
@@ -73,19 +85,46 @@ async fn work(ctx: JobContext, name: String, device: Device) {
     tracing::info!(device = %name, "worker stopped");
 }
 
+/// Renews the lease on a running job every third of its length. When the job no longer runs under
+/// this worker (its lease ran out and another worker claimed it, or it ended elsewhere), the run is
+/// cancelled and flagged `lost`, so nothing of its outcome is recorded. A database that does not
+/// answer is retried: the lease still holds for two thirds of its length.
+async fn keep_lease(ctx: JobContext, job_id: String, cancel: Arc<AtomicBool>, lost: Arc<AtomicBool>) {
+    loop {
+        tokio::time::sleep(ctx.lease / 3).await;
+        match db::jobs::renew_lease(&ctx.db, &job_id, &ctx.worker_name, &ctx.lease_until()).await {
+            Ok(true) => {}
+            Ok(false) => {
+                lost.store(true, Ordering::SeqCst);
+                cancel.store(true, Ordering::SeqCst);
+                return;
+            }
+            Err(e) => tracing::warn!(job = %job_id, error = %e, "renewing the job's lease failed; retrying"),
+        }
+    }
+}
+
 /// Runs one claimed job to its end and records the outcome.
 async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device) {
     tracing::info!(job = %job.id, device = %device_name, "job started");
     let cancel = ctx.hub.start(&job.id, job.cancel_requested);
+    let lost = Arc::new(AtomicBool::new(false));
+    let renewal = tokio::spawn(keep_lease(ctx.clone(), job.id.clone(), cancel.clone(), lost.clone()));
     let mut recorder = Recorder::new(ctx, &job);
     let outcome = run::run_job(ctx, &job, device, cancel, &mut recorder).await;
+    renewal.abort();
     ctx.hub.stop(&job.id);
     let shutting_down = ctx.hub.shutdown_token().is_cancelled();
+    let worker = ctx.worker_name.as_str();
     let result = match outcome {
+        _ if lost.load(Ordering::SeqCst) => {
+            tracing::warn!(job = %job.id, "lease lost: another worker has taken the job over; this run's outcome is dropped");
+            Ok(())
+        }
         Ok(outcome) => {
             // Copying the model into place and loading it for /predict is the last of `saving`.
             recorder.record(TrainEvent::Phase { phase: Phase::Saving, done: 0, total: 1 }).await;
-            let registered = ctx.models.register_for_job(&job, &outcome).await;
+            let registered = ctx.models.register_for_job(&job, &outcome, worker).await;
             if let Ok(model) = &registered {
                 tracing::info!(job = %job.id, model = %model.id, epoch = outcome.best_epoch, f1 = outcome.best.f1, "model registered");
                 recorder.record(TrainEvent::Phase { phase: Phase::Saving, done: 1, total: 1 }).await;
@@ -94,12 +133,12 @@ async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device)
         }
         Err(JobFailure::Train(TrainError::Cancelled)) if shutting_down => {
             tracing::info!(job = %job.id, "job interrupted by shutdown; it resumes at the next start");
-            db::jobs::requeue(&ctx.db, &job.id).await.map_err(Into::into)
+            db::jobs::requeue(&ctx.db, &job.id, worker).await.map_err(Into::into)
         }
-        Err(JobFailure::Train(TrainError::Cancelled)) => db::jobs::finish(&ctx.db, &job.id, Status::Cancelled, None).await.map_err(Into::into),
+        Err(JobFailure::Train(TrainError::Cancelled)) => db::jobs::finish(&ctx.db, &job.id, worker, Status::Cancelled, None).await.map_err(Into::into),
         Err(e) => {
             tracing::warn!(job = %job.id, error = %e, "job failed");
-            db::jobs::finish(&ctx.db, &job.id, Status::Failed, Some(&e.to_string())).await.map_err(Into::into)
+            db::jobs::finish(&ctx.db, &job.id, worker, Status::Failed, Some(&e.to_string())).await.map_err(Into::into)
         }
     };
     if let Err(e) = result {

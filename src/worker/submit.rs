@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 use serde_json::Value;
-use sqlx::SqlitePool;
+use crate::db::Pool;
 
 use super::hub::JobHub;
 use crate::db;
@@ -59,7 +59,7 @@ pub enum SubmitError {
 pub struct InvalidBaseModel(pub String);
 
 /// Checks a request and queues its job (waking the workers).
-pub async fn submit(db: &SqlitePool, hub: &JobHub, req: JobRequest) -> Result<Job, SubmitError> {
+pub async fn submit(db: &Pool, hub: &JobHub, req: JobRequest) -> Result<Job, SubmitError> {
     let given = req.params.unwrap_or_default();
     let recipe = req.recipe.unwrap_or(Recipe::implied(given.keys().map(String::as_str)));
     let params = recipe.resolve(&given).map_err(SubmitError::InvalidField)?;

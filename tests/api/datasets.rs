@@ -167,7 +167,7 @@ async fn parquet_with_a_split_column_and_no_class_names() {
         json!({"train": {"0": 2, "1": 1}, "validation": {"0": 1, "1": 1}, "test": {"0": 0, "1": 1}})
     );
     let id = ds["id"].as_str().unwrap();
-    let files: Vec<String> = sqlx::query_scalar("select file from dataset_images where dataset_id = ? order by rowid")
+    let files: Vec<String> = sqlx::query_scalar("select file from dataset_images where dataset_id = $1 order by rowid")
         .bind(id)
         .fetch_all(&app.db)
         .await
@@ -512,7 +512,7 @@ async fn delete_is_refused_while_a_queued_or_running_job_uses_the_dataset() {
     let id = ds["id"].as_str().unwrap();
     sqlx::query(
         "insert into jobs (id, dataset_id, base_model, params, recipe, status, epochs, created_at) \
-         values ('job-1', ?, 'google/vit-base-patch16-224', '{}', 'default', 'queued', 3, '2026-01-01T00:00:00.000Z')",
+         values ('job-1', $1, 'google/vit-base-patch16-224', '{}', 'default', 'queued', 3, '2026-01-01T00:00:00.000Z')",
     )
     .bind(id)
     .execute(&app.db)

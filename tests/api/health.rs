@@ -22,6 +22,7 @@ async fn unknown_route_and_wrong_method_get_json_errors() {
 #[tokio::test]
 async fn creates_database_in_data_folder() {
     let app = spawn_app().await;
-    assert!(app.data_dir.join("vitforge.db").exists());
+    // Under VITFORGE_TEST_POSTGRES the database is on that server, not in the folder.
+    assert_eq!(app.data_dir.join("vitforge.db").exists(), crate::support::test_postgres().is_none());
     assert!(app.data_dir.join("blobs").is_dir());
 }

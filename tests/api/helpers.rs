@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use reqwest::multipart::{Form, Part};
 use reqwest::{Client, Response};
 use serde_json::Value;
-use sqlx::SqlitePool;
 use vitforge::config::ServeConfig;
 use vitforge::startup::Application;
 use vitforge::worker::hub::JobHub;
@@ -21,7 +20,7 @@ pub struct TestApp {
     pub client: Client,
     pub data_dir: PathBuf,
     /// The service's database, for tests that set up rows directly.
-    pub db: SqlitePool,
+    pub db: vitforge::db::Pool,
     /// The service's job hub: tests wait on it for jobs to end instead of polling.
     hub: Arc<JobHub>,
     /// Dropping the sender stops the server.
@@ -33,6 +32,7 @@ pub struct TestApp {
 /// The default configuration of a test service rooted at `data_dir`.
 pub fn test_config(data_dir: &Path) -> ServeConfig {
     let mut cfg = ServeConfig::default_for(data_dir);
+    cfg.database_url = crate::support::database_url(data_dir).map(|url| url.parse().expect("a database URL"));
     cfg.port = 0;
     cfg.host = "127.0.0.1".into();
     cfg

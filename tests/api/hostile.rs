@@ -182,9 +182,9 @@ pub(crate) async fn snapshot(s: &Server, data: &Path, dataset: &str, model: &str
         let c = s.client.clone();
         async move { c.get(path).send().await.unwrap().json::<Value>().await.unwrap() }
     };
-    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", data.join("vitforge.db").display())).await.unwrap();
+    let db = crate::support::open_database(&data).await;
     let blobs: Vec<String> =
-        sqlx::query_scalar("select blob from dataset_images where dataset_id = ? order by rowid").bind(dataset).fetch_all(&db).await.unwrap();
+        sqlx::query_scalar("select blob from dataset_images where dataset_id = $1 order by rowid").bind(dataset).fetch_all(&db).await.unwrap();
     db.close().await;
     let blob_hashes: Vec<String> = blobs.iter().map(|b| sha256_hex(&std::fs::read(data.join("blobs").join(b)).unwrap())).collect();
     assert_eq!(blob_hashes, blobs, "every blob's content matches its name");

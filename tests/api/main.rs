@@ -3,6 +3,7 @@
 mod access;
 mod browse;
 mod budget;
+mod cluster;
 mod console;
 mod crash;
 mod datasets;

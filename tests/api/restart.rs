@@ -51,9 +51,9 @@ async fn a_killed_server_resumes_its_job_from_the_last_checkpoint() {
     server.kill(); // SIGKILL
 
     // The phase the job was in is recorded, so the restarted service shows where it was.
-    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", data.join("vitforge.db").display())).await.unwrap();
+    let db = crate::support::open_database(&data).await;
     let (phase, done, total): (Option<String>, i64, i64) =
-        sqlx::query_as("select phase, phase_done, phase_total from jobs where id = ?").bind(&id).fetch_one(&db).await.unwrap();
+        sqlx::query_as("select phase, phase_done, phase_total from jobs where id = $1").bind(&id).fetch_one(&db).await.unwrap();
     db.close().await;
     assert!(matches!(phase.as_deref(), Some("training" | "validating" | "saving")), "{phase:?}");
     assert!(total > 0 && done <= total, "{done} of {total}");

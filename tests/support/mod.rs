@@ -71,6 +71,52 @@ pub fn reset_peak_rss(pid: u32) {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
 }
 
+/// The PostgreSQL server the tests run against instead of SQLite, when `VITFORGE_TEST_POSTGRES`
+/// names one (`postgres://user@host:port/db`, a user who may create databases);
+/// `scripts/test-postgres.sh` starts a private one and runs the API tests with it.
+pub fn test_postgres() -> Option<String> {
+    std::env::var("VITFORGE_TEST_POSTGRES").ok().filter(|u| !u.is_empty())
+}
+
+/// The database URL of a test service on `data_dir`: `None` for the default (SQLite in the
+/// folder), or, under `VITFORGE_TEST_POSTGRES`, a database of its own on that server, named after
+/// the folder (so a service restarted on the same folder finds its data) and created on first use.
+pub fn database_url(data_dir: &Path) -> Option<String> {
+    let admin = test_postgres()?;
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    data_dir.hash(&mut hasher);
+    let name = format!("vitforge_test_{:016x}", hasher.finish());
+    let create = format!("create database {name}");
+    let admin_url = admin.clone();
+    // Its own thread and runtime, so it can be called from sync and async code alike.
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            use sqlx::{Connection, Executor};
+            let mut conn = sqlx::PgConnection::connect(&admin_url).await.unwrap_or_else(|e| panic!("VITFORGE_TEST_POSTGRES: {e}"));
+            match conn.execute(sqlx::AssertSqlSafe(create)).await {
+                Ok(_) => {}
+                // 42P04: it exists already (a restart on the same folder).
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+                Err(e) => panic!("creating the test database: {e}"),
+            }
+        })
+    })
+    .join()
+    .unwrap();
+    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(base, _)| base);
+    Some(format!("{base}/{name}"))
+}
+
+/// A connection pool on the database of a test service on `data_dir` (either backend), for tests
+/// that look at rows directly.
+pub async fn open_database(data_dir: &Path) -> sqlx::AnyPool {
+    sqlx::any::install_default_drivers();
+    let url = database_url(data_dir).unwrap_or_else(|| format!("sqlite://{}", data_dir.join("vitforge.db").display()));
+    sqlx::AnyPool::connect(&url).await.unwrap_or_else(|e| panic!("opening {url}: {e}"))
+}
+
 /// How to start a `vitforge serve` child process.
 pub struct Launch {
     bin: PathBuf,
@@ -87,7 +133,8 @@ impl Launch {
     /// replaces the binary under test, to compare builds).
     pub fn new(data_dir: &Path) -> Self {
         let bin = std::env::var_os("VITFORGE_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_vitforge")));
-        Self { bin, data_dir: data_dir.to_path_buf(), args: vec![], env: vec![], cwd: None, log_file: None, level: "warn".into() }
+        let env = database_url(data_dir).map(|url| ("VITFORGE_DATABASE_URL".to_string(), url)).into_iter().collect();
+        Self { bin, data_dir: data_dir.to_path_buf(), args: vec![], env, cwd: None, log_file: None, level: "warn".into() }
     }
 
     /// More `serve` flags.

@@ -1,0 +1,108 @@
+//! Several `vitforge serve` processes on one database and data folder (`--role api` and
+//! `--role worker`), run against whichever backend the suite runs on (SQLite by default,
+//! PostgreSQL under `scripts/test-postgres.sh`): a worker SIGKILLed in the middle of a job loses
+//! its lease, another worker finishes the job with each epoch's and step's metrics once, the model
+//! is registered once, and the API process serves it without being told.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::fixtures::{class_images, zip};
+use crate::support::{ChildServer, Launch, install_base_model, slow_config};
+
+/// How long a worker's lease holds in these tests: short, so a dead worker's job moves on soon.
+const LEASE_SECS: &str = "3";
+
+fn worker(data: &std::path::Path, name: &str) -> ChildServer {
+    Launch::new(data).args(&["--role", "worker", "--worker-name", name, "--lease-secs", LEASE_SECS]).start()
+}
+
+/// Polls `GET /jobs/{id}` on `api` until `done` holds (at most `secs`).
+async fn wait_for(api: &ChildServer, id: &str, secs: u64, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let job = api.get_json(&format!("/jobs/{id}")).await;
+        if done(&job) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {secs} s; the job is {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_killed_workers_job_is_finished_by_another_worker_and_served_by_the_api_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    install_base_model(&data, "slow", &slow_config(), &["a", "b"]);
+    // Every process starts before any work exists (start-up touches nothing shared: see startup.rs).
+    let api = Launch::new(&data).args(&["--role", "api"]).start();
+    let first = worker(&data, "worker-one");
+
+    // A worker process answers only the probes and the metrics.
+    let client = reqwest::Client::new();
+    assert_eq!(client.get(first.url("/readyz")).send().await.unwrap().status(), 200);
+    assert_eq!(client.get(first.url("/metrics")).send().await.unwrap().status(), 200);
+    assert_eq!(client.get(first.url("/jobs")).send().await.unwrap().status(), 404);
+
+    let form = reqwest::multipart::Form::new()
+        .part("file", reqwest::multipart::Part::bytes(zip(&class_images("", &["cat", "dog"], 12, 3))).file_name("pets.zip"));
+    let dataset: Value = client.post(api.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
+    let epochs = 4;
+    let job: Value = client
+        .post(api.url("/jobs"))
+        .json(&json!({"dataset_id": dataset["id"], "base_model": "slow", "params": {"epochs": epochs, "batch_size": 2}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    assert_eq!(job["worker"], Value::Null, "queued, nobody runs it yet");
+
+    // The API process runs no job: only the worker claims it.
+    let running = wait_for(&api, &id, 300, "the first worker reaching epoch 2", |j| {
+        assert_ne!(j["status"], "succeeded", "the job finished before it could be killed; make it slower");
+        j["progress"]["epoch"].as_u64().unwrap_or(0) >= 2
+    })
+    .await;
+    assert_eq!(running["worker"], "worker-one");
+    first.kill(); // SIGKILL: its lease is no longer renewed
+
+    let killed_at = Instant::now();
+    let second = worker(&data, "worker-two");
+    let resumed = wait_for(&api, &id, 60, "the second worker taking the job", |j| j["worker"] == "worker-two").await;
+    assert_eq!(resumed["status"], "running");
+    let moved_after = killed_at.elapsed();
+    assert!(moved_after < Duration::from_secs(30), "the job moved {moved_after:?} after the kill (lease 3 s)");
+
+    let done = wait_for(&api, &id, 300, "the job finishing", |j| j["status"] != "running" && j["status"] != "queued").await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["worker"], "worker-two");
+    let metrics = api.get_json(&format!("/jobs/{id}/metrics")).await;
+    let epochs_seen: Vec<u64> = metrics["validation"].as_array().unwrap().iter().map(|v| v["epoch"].as_u64().unwrap()).collect();
+    assert_eq!(epochs_seen, (1..=epochs).collect::<Vec<_>>(), "each epoch's metrics exactly once");
+    let steps: Vec<u64> = metrics["train"].as_array().unwrap().iter().map(|p| p["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=done["progress"]["steps"].as_u64().unwrap()).collect::<Vec<_>>(), "each step exactly once");
+    let models = api.get_json("/models").await;
+    let of_job: Vec<&Value> = models.as_array().unwrap().iter().filter(|m| m["job_id"] == id.as_str()).collect();
+    assert_eq!(of_job.len(), 1, "one model for the job: {models}");
+
+    // The API process serves the new model: it was not told, it looked.
+    let image = crate::fixtures::png(7);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = client.post(api.url("/predict")).header("content-type", "image/png").body(image.clone()).send().await.unwrap();
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap();
+        if status == 200 && body["model_id"] == done["model_id"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the API process does not serve the new model: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(second);
+}
