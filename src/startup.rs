@@ -150,10 +150,19 @@ impl Application {
 const FOLLOW_MODELS_EVERY: Duration = Duration::from_secs(2);
 
 /// Keeps an API process's `/predict` default on the newest registered model, which workers in
-/// other processes register: it looks every [`FOLLOW_MODELS_EVERY`].
+/// other processes register: it looks when PostgreSQL notifies a new model, and every
+/// [`FOLLOW_MODELS_EVERY`] in any case.
 async fn follow_newest_model(state: AppState) {
+    let registered = Arc::new(tokio::sync::Notify::new());
+    let notify = registered.clone();
+    let db = state.db.clone();
+    let listener = tokio::spawn(async move { crate::db::listen(&db, crate::db::MODELS_CHANNEL, || notify.notify_one()).await });
+    let _stop_listening = AbortOnDrop(listener);
     loop {
-        tokio::time::sleep(FOLLOW_MODELS_EVERY).await;
+        tokio::select! {
+            _ = tokio::time::sleep(FOLLOW_MODELS_EVERY) => {}
+            _ = registered.notified() => {}
+        }
         match crate::db::models::latest(&state.db).await {
             Ok(Some(newest)) if state.predictor.default_model().as_deref() != Some(newest.id.as_str()) => {
                 tracing::info!(model = %newest.id, "a newer model was registered; it is now the default of /predict");
@@ -203,6 +212,15 @@ async fn clean_up(state: &AppState) -> anyhow::Result<()> {
         tracing::info!(path = %stale.display(), "removed checkpoint files no unfinished job needs");
     }
     Ok(())
+}
+
+/// Aborts a task when dropped (when the task holding it is aborted).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// What one dataset ingest may unpack, from the server's flags.

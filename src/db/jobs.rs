@@ -244,16 +244,19 @@ pub async fn claim(pool: &Pool, worker: &str, device: &str, lease_until: &str) -
     row.map(Job::try_from).transpose()
 }
 
-/// Extends `worker`'s lease on a running job; false when the job is no longer running under this
-/// worker (it ended, or its lease ran out and another worker claimed it), so the run must stop.
-pub async fn renew_lease(pool: &Pool, id: &str, worker: &str, lease_until: &str) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query("update jobs set lease_expires_at = $1 where id = $2 and worker = $3 and status = 'running'")
-        .bind(lease_until)
-        .bind(id)
-        .bind(worker)
-        .execute(pool)
-        .await?;
-    Ok(done.rows_affected() == 1)
+/// Extends `worker`'s lease on a running job. `None` when the job no longer runs under this worker
+/// (it ended, or its lease ran out and another worker claimed it), so the run must stop; else
+/// whether a cancel was asked for (by an API process that cannot reach the run itself).
+pub async fn renew_lease(pool: &Pool, id: &str, worker: &str, lease_until: &str) -> Result<Option<bool>, sqlx::Error> {
+    let cancel: Option<i64> = sqlx::query_scalar(
+        "update jobs set lease_expires_at = $1 where id = $2 and worker = $3 and status = 'running' returning cancel_requested",
+    )
+    .bind(lease_until)
+    .bind(id)
+    .bind(worker)
+    .fetch_optional(pool)
+    .await?;
+    Ok(cancel.map(|c| c != 0))
 }
 
 /// At start-up: jobs left `running` by an earlier process go back to the queue (they resume from
@@ -439,14 +442,17 @@ mod tests {
         let claimed = claim(&pool, "one", "cpu", &soon).await.unwrap().unwrap();
         assert_eq!((claimed.id.as_str(), claimed.worker.as_deref(), claimed.status), (job.id.as_str(), Some("one"), Status::Running));
         assert!(claim(&pool, "two", "cpu", &soon).await.unwrap().is_none());
-        assert!(renew_lease(&pool, &job.id, "one", &soon).await.unwrap());
-        assert!(!renew_lease(&pool, &job.id, "two", &soon).await.unwrap(), "only the holder renews");
+        assert_eq!(renew_lease(&pool, &job.id, "one", &soon).await.unwrap(), Some(false));
+        assert_eq!(renew_lease(&pool, &job.id, "two", &soon).await.unwrap(), None, "only the holder renews");
+        assert_eq!(cancel(&pool, &job.id).await.unwrap(), Cancel::Requested);
+        assert_eq!(renew_lease(&pool, &job.id, "one", &soon).await.unwrap(), Some(true), "the renewal carries the cancel");
+        sqlx::query("update jobs set cancel_requested = 0").execute(&pool).await.unwrap();
 
         // Worker one stops renewing (its lease ends in the past): worker two takes the job.
-        assert!(renew_lease(&pool, &job.id, "one", &past).await.unwrap());
+        assert!(renew_lease(&pool, &job.id, "one", &past).await.unwrap().is_some());
         let taken = claim(&pool, "two", "cpu", &soon).await.unwrap().unwrap();
         assert_eq!(taken.worker.as_deref(), Some("two"));
-        assert!(!renew_lease(&pool, &job.id, "one", &soon).await.unwrap(), "worker one learns it lost the job");
+        assert_eq!(renew_lease(&pool, &job.id, "one", &soon).await.unwrap(), None, "worker one learns it lost the job");
 
         // Worker one, running on regardless, can neither end the job nor register a model for it.
         finish(&pool, &job.id, "one", Status::Failed, Some("late")).await.unwrap();

@@ -84,6 +84,36 @@ pub async fn connect(url: &str) -> anyhow::Result<Pool> {
     Ok(pool)
 }
 
+/// Channels the PostgreSQL triggers notify (`migrations/postgres/…_notify.sql`).
+pub const JOBS_CHANNEL: &str = "vitforge_jobs";
+pub const MODELS_CHANNEL: &str = "vitforge_models";
+
+/// On PostgreSQL, calls `on_notify` for every notification on `channel`, for ever: it listens on
+/// a connection of its own and reconnects (after a second) when the database goes away. On SQLite
+/// it returns at once: there is nothing to listen to, and callers poll anyway.
+pub async fn listen(pool: &Pool, channel: &'static str, on_notify: impl Fn()) {
+    if Backend::of(pool) != Backend::Postgres {
+        return;
+    }
+    let url = pool.connect_options().database_url.to_string();
+    loop {
+        match sqlx::postgres::PgListener::connect(&url).await {
+            Ok(mut listener) => match listener.listen(channel).await {
+                Ok(()) => {
+                    // A notification sent while we were away is caught by the callers' polling.
+                    on_notify();
+                    while listener.recv().await.is_ok() {
+                        on_notify();
+                    }
+                }
+                Err(e) => tracing::warn!(channel, error = %e, "LISTEN failed; polling only until it works"),
+            },
+            Err(e) => tracing::debug!(channel, error = %e, "cannot connect to listen; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// Whether the database answers (the readiness probe).
 pub async fn ping(pool: &Pool) -> Result<(), sqlx::Error> {
     sqlx::query("select 1").execute(pool).await?;

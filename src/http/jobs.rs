@@ -129,6 +129,7 @@ async fn events(
     let job = find(&s, &id).await?;
     let history = db::job_metrics::get(&s.db, &id).await?;
     let shutdown = s.jobs.shutdown_token();
+    let (runs_jobs, db) = (s.config.role.runs_jobs(), s.db.clone());
     let stream = async_stream(move |tx| async move {
         let _ = tx.send(sse("progress", &serde_json::to_value(&job.progress).unwrap_or_default())).await;
         for block in &history.validation {
@@ -136,6 +137,11 @@ async fn events(
         }
         if job.status.is_terminal() {
             let _ = tx.send(sse("status", &serde_json::to_value(&job).unwrap_or_default())).await;
+            return;
+        }
+        if !runs_jobs {
+            // The job runs in a worker process: its events reach this process through the database.
+            follow_in_database(&db, job, history.validation.len(), &tx, &shutdown).await;
             return;
         }
         loop {
@@ -159,6 +165,46 @@ async fn events(
         }
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// How often an event stream of a job run by another process looks at the database.
+const FOLLOW_EVERY: Duration = Duration::from_millis(500);
+
+/// The live part of an event stream in a process that runs no job (`--role api`): every
+/// [`FOLLOW_EVERY`], the job's progress when it changed, validation blocks past the first `seen`,
+/// and the final status, read from the database.
+async fn follow_in_database(db: &db::Pool, mut last: Job, mut seen: usize, tx: &tokio::sync::mpsc::Sender<Event>, shutdown: &tokio_util::sync::CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+            _ = shutdown.cancelled() => return,
+            _ = tx.closed() => return,
+        }
+        let (Ok(Some(job)), Ok(history)) = (db::jobs::get(db, &last.id).await, db::job_metrics::get(db, &last.id).await) else {
+            continue; // the database did not answer: look again
+        };
+        let mut out = Vec::new();
+        if job.progress != last.progress {
+            out.push(sse("progress", &serde_json::to_value(&job.progress).unwrap_or_default()));
+        }
+        for block in history.validation.iter().skip(seen) {
+            out.push(sse("metrics", &serde_json::to_value(block).unwrap_or_default()));
+        }
+        seen = seen.max(history.validation.len());
+        let ended = job.status.is_terminal();
+        if ended {
+            out.push(sse("status", &serde_json::to_value(&job).unwrap_or_default()));
+        }
+        for event in out {
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+        if ended {
+            return;
+        }
+        last = job;
+    }
 }
 
 /// A stream fed by a task through a small channel (the task ends when the client goes away).

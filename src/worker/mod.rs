@@ -52,8 +52,19 @@ impl JobContext {
     }
 }
 
-/// Starts one worker task per device.
+/// Starts one worker task per device (and, on PostgreSQL, a listener that wakes them when a job is
+/// queued by another process).
 pub fn spawn(ctx: JobContext, devices: Vec<(String, Device)>) -> Vec<tokio::task::JoinHandle<()>> {
+    if !devices.is_empty() {
+        let (db, hub) = (ctx.db.clone(), ctx.hub.clone());
+        let shutdown = hub.shutdown_token();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = db::listen(&db, db::JOBS_CHANNEL, || hub.job_submitted()) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
     devices.into_iter().map(|(name, device)| tokio::spawn(work(ctx.clone(), name, device))).collect()
 }
 
@@ -87,14 +98,19 @@ async fn work(ctx: JobContext, name: String, device: Device) {
 
 /// Renews the lease on a running job every third of its length. When the job no longer runs under
 /// this worker (its lease ran out and another worker claimed it, or it ended elsewhere), the run is
-/// cancelled and flagged `lost`, so nothing of its outcome is recorded. A database that does not
-/// answer is retried: the lease still holds for two thirds of its length.
+/// cancelled and flagged `lost`, so nothing of its outcome is recorded. A cancel asked for through
+/// another process arrives with the renewal. A database that does not answer is retried: the
+/// lease still holds for two thirds of its length.
 async fn keep_lease(ctx: JobContext, job_id: String, cancel: Arc<AtomicBool>, lost: Arc<AtomicBool>) {
     loop {
         tokio::time::sleep(ctx.lease / 3).await;
         match db::jobs::renew_lease(&ctx.db, &job_id, &ctx.worker_name, &ctx.lease_until()).await {
-            Ok(true) => {}
-            Ok(false) => {
+            Ok(Some(cancel_requested)) => {
+                if cancel_requested {
+                    cancel.store(true, Ordering::SeqCst);
+                }
+            }
+            Ok(None) => {
                 lost.store(true, Ordering::SeqCst);
                 cancel.store(true, Ordering::SeqCst);
                 return;

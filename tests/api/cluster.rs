@@ -70,6 +70,8 @@ async fn a_killed_workers_job_is_finished_by_another_worker_and_served_by_the_ap
     })
     .await;
     assert_eq!(running["worker"], "worker-one");
+    // The API process streams the job's events though another process runs it.
+    let events = tokio::spawn(read_events(client.clone(), api.url(&format!("/jobs/{id}/events"))));
     first.kill(); // SIGKILL: its lease is no longer renewed
 
     let killed_at = Instant::now();
@@ -90,6 +92,11 @@ async fn a_killed_workers_job_is_finished_by_another_worker_and_served_by_the_ap
     let models = api.get_json("/models").await;
     let of_job: Vec<&Value> = models.as_array().unwrap().iter().filter(|m| m["job_id"] == id.as_str()).collect();
     assert_eq!(of_job.len(), 1, "one model for the job: {models}");
+    let events = tokio::time::timeout(Duration::from_secs(10), events).await.expect("the event stream ends with the job").unwrap();
+    let metrics_events = events.matches("event: metrics").count();
+    assert!(metrics_events >= epochs as usize - 1, "the epochs after the kill are streamed: {events}");
+    let last = events.rsplit("event: ").next().unwrap();
+    assert!(last.starts_with("status") && last.contains("\"succeeded\""), "the stream ends with the status: {last}");
 
     // The API process serves the new model: it was not told, it looked.
     let image = crate::fixtures::png(7);
@@ -104,5 +111,65 @@ async fn a_killed_workers_job_is_finished_by_another_worker_and_served_by_the_ap
         assert!(Instant::now() < deadline, "the API process does not serve the new model: {status} {body}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // A cancel asked of the API process reaches the job in the worker process (with the lease's
+    // renewal, every second here).
+    let job: Value = client
+        .post(api.url("/jobs"))
+        .json(&json!({"dataset_id": dataset["id"], "base_model": "slow", "params": {"epochs": 50, "batch_size": 2}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    wait_for(&api, &id, 60, "the second job running", |j| j["status"] == "running").await;
+    let resp = client.post(api.url(&format!("/jobs/{id}/cancel"))).send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+    let cancelled = wait_for(&api, &id, 30, "the cancel reaching the worker", |j| j["status"] != "running").await;
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
     drop(second);
+}
+
+/// The whole body of an event stream, read until the server ends it.
+async fn read_events(client: reqwest::Client, url: String) -> String {
+    let mut resp = client.get(url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        body.extend_from_slice(&chunk);
+    }
+    String::from_utf8(body).unwrap()
+}
+
+/// On PostgreSQL, queueing a job and registering a model notify the listeners (workers and API
+/// processes wake at once instead of at their next poll). SQLite has no notifications: skipped.
+#[tokio::test]
+async fn postgres_notifies_queued_jobs_and_registered_models() {
+    if crate::support::test_postgres().is_none() {
+        eprintln!("skipped: SQLite has no LISTEN/NOTIFY (scripts/test-postgres.sh runs this)");
+        return;
+    }
+    let app = crate::helpers::spawn_app().await;
+    let (jobs_tx, mut jobs_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (models_tx, mut models_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (db1, db2) = (app.db.clone(), app.db.clone());
+    let listeners = [
+        tokio::spawn(async move { vitforge::db::listen(&db1, vitforge::db::JOBS_CHANNEL, || jobs_tx.send(()).unwrap()).await }),
+        tokio::spawn(async move { vitforge::db::listen(&db2, vitforge::db::MODELS_CHANNEL, || models_tx.send(()).unwrap()).await }),
+    ];
+    // Each listener calls once when it starts listening.
+    for rx in [&mut jobs_rx, &mut models_rx] {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("listening").unwrap();
+    }
+    let dataset = app.upload_pets(4, false).await;
+    let job = app.submit_job(&dataset, json!({"epochs": 1})).await;
+    tokio::time::timeout(Duration::from_secs(5), jobs_rx.recv()).await.expect("a queued job is notified").unwrap();
+    let done = app.wait_job(job["id"].as_str().unwrap(), 120).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    tokio::time::timeout(Duration::from_secs(5), models_rx.recv()).await.expect("a registered model is notified").unwrap();
+    for l in listeners {
+        l.abort();
+    }
 }
