@@ -1,6 +1,7 @@
 //! Checks that read the repository itself rather than run the service: what the container image
-//! is built from.
+//! is built from, the layers of the code, and the deployment files.
 
+mod deploy;
 mod docker_context;
 mod layers;
 
