@@ -118,8 +118,20 @@ impl AppError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Client { status, .. } => *status,
+            Self::Db(e) if database_unreachable(e) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Db(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
+    }
+}
+
+/// Whether a database error means the database cannot be reached (stopped, restarting, the
+/// network gone) rather than a bug: answered 503, and the request can be retried.
+fn database_unreachable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
+        // PostgreSQL: 08 connection exception, 57P01-57P03 shut down or starting up.
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("08") || matches!(c.as_ref(), "57P01" | "57P02" | "57P03")),
+        _ => false,
     }
 }
 
@@ -209,6 +221,12 @@ impl IntoResponse for AppError {
                     // Overload and a spent memory budget pass within a second or two.
                     resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 }
+                resp
+            }
+            Self::Db(e) if database_unreachable(&e) => {
+                tracing::warn!(error = %e, "the database does not answer");
+                let mut resp = error_response(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "the database does not answer; retry shortly");
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
                 resp
             }
             other => {

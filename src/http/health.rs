@@ -16,12 +16,20 @@ async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// 200 when the database answers, 503 when it does not.
+/// How long readiness waits for the database: less than an orchestrator's probe timeout, so a
+/// database that is down gives a 503, not a probe that times out.
+const READY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// 200 when the database answers within [`READY_WAIT`], 503 when it does not.
 async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, AppError> {
-    match crate::db::ping(&state.db).await {
-        Ok(()) => Ok(Json(json!({"status": "ready"}))),
-        Err(e) => {
+    match tokio::time::timeout(READY_WAIT, crate::db::ping(&state.db)).await {
+        Ok(Ok(())) => Ok(Json(json!({"status": "ready"}))),
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "readiness check failed");
+            Err(AppError::unavailable("not_ready", "the database does not answer"))
+        }
+        Err(_) => {
+            tracing::warn!("readiness check failed: the database did not answer within {READY_WAIT:?}");
             Err(AppError::unavailable("not_ready", "the database does not answer"))
         }
     }

@@ -173,3 +173,68 @@ async fn postgres_notifies_queued_jobs_and_registered_models() {
         l.abort();
     }
 }
+
+/// The database stopped under load and started again: `/readyz` answers 503 within its 2 s,
+/// requests get 503 `database_unavailable` (never a 500, never past the request timeout), and the
+/// service recovers by itself: ready again, its data intact, a job runs. Needs PostgreSQL
+/// installed; runs under `scripts/test-postgres.sh` (with a server of its own).
+#[tokio::test]
+async fn the_database_stopped_and_restarted_under_load() {
+    if crate::support::test_postgres().is_none() {
+        eprintln!("skipped: runs under scripts/test-postgres.sh");
+        return;
+    }
+    let pg = crate::support::PrivatePostgres::start().expect("PostgreSQL is installed (scripts/test-postgres.sh found it)");
+    let url = pg.url();
+    let app = crate::helpers::spawn_app_with(|c| {
+        c.database_url = Some(url.parse().unwrap());
+        c.request_timeout_secs = 15;
+    })
+    .await;
+    let dataset = app.upload_pets(4, false).await;
+
+    // Load: reads of the dataset, each answer's status and time kept.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (client, target, stop) = (app.client.clone(), app.url(&format!("/datasets/{dataset}")), stop.clone());
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let started = Instant::now();
+                let status = client.get(&target).send().await.unwrap().status().as_u16();
+                seen.push((status, started.elapsed()));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            seen
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pg.down();
+
+    let started = Instant::now();
+    let ready = app.get("/readyz").await;
+    assert_eq!(ready.status(), 503);
+    assert!(started.elapsed() < Duration::from_secs(4), "readyz took {:?}", started.elapsed());
+    let started = Instant::now();
+    let message = crate::helpers::assert_error(app.get("/datasets").await, 503, "database_unavailable").await;
+    assert!(started.elapsed() < Duration::from_secs(15), "a request waited {:?}", started.elapsed());
+    assert!(message.contains("database"), "{message}");
+
+    pg.up();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app.get("/readyz").await.status() != 200 {
+        assert!(Instant::now() < deadline, "not ready again 30 s after the database returned");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = load.await.unwrap();
+    assert!(seen.iter().any(|(s, _)| *s == 503), "the load saw the outage: {seen:?}");
+    assert!(seen.iter().all(|(s, _)| matches!(s, 200 | 503)), "only 200 and 503: {seen:?}");
+    assert!(seen.iter().all(|(_, t)| *t < Duration::from_secs(15)), "none past the request timeout: {seen:?}");
+
+    let resp = app.get(&format!("/datasets/{dataset}")).await;
+    assert_eq!(resp.status(), 200, "the data is intact");
+    let job = app.submit_job(&dataset, json!({"epochs": 1})).await;
+    let done = app.wait_job(job["id"].as_str().unwrap(), 120).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+}

@@ -117,6 +117,80 @@ pub async fn open_database(data_dir: &Path) -> sqlx::AnyPool {
     sqlx::AnyPool::connect(&url).await.unwrap_or_else(|e| panic!("opening {url}: {e}"))
 }
 
+/// A PostgreSQL server of one test's own, which it may stop and start again (the shared one of
+/// `VITFORGE_TEST_POSTGRES` must stay up for the other tests). Run as the `postgres` user when the
+/// tests run as root (initdb refuses root). Stopped and removed when dropped.
+pub struct PrivatePostgres {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    pub port: u16,
+    as_root: bool,
+}
+
+impl PrivatePostgres {
+    /// `initdb` and start, or `None` when no PostgreSQL is installed (`PG_BIN`, else the newest
+    /// `/usr/lib/postgresql/*/bin`).
+    pub fn start() -> Option<Self> {
+        let bin = std::env::var_os("PG_BIN").map(PathBuf::from).or_else(|| {
+            let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql").ok()?.flatten().map(|e| e.path().join("bin")).collect();
+            found.sort();
+            found.pop()
+        })?;
+        if !bin.join("initdb").exists() {
+            return None;
+        }
+        let dir = tempfile::Builder::new().prefix("vitforge-pg-").tempdir_in("/tmp").unwrap();
+        let as_root = Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false);
+        if as_root {
+            assert!(Command::new("chown").arg("postgres:").arg(dir.path()).status().unwrap().success());
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let pg = Self { bin, dir, port, as_root };
+        let data = pg.dir.path().join("data");
+        let out = pg.command("initdb").arg("-D").arg(&data).args(["-U", "postgres", "--auth=trust", "--no-locale", "-E", "UTF8"]).output().unwrap();
+        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        pg.up();
+        Some(pg)
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let mut cmd = if self.as_root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(self.bin.join(tool));
+            c
+        } else {
+            Command::new(self.bin.join(tool))
+        };
+        cmd.stdout(Stdio::null());
+        cmd
+    }
+
+    /// Starts the server (again) on the same data and port, and waits until it accepts connections.
+    pub fn up(&self) {
+        let dir = self.dir.path();
+        let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, dir.display());
+        let status = self.command("pg_ctl").arg("-D").arg(dir.join("data")).arg("-l").arg(dir.join("log")).args(["-w", "-o", &options, "start"]).status().unwrap();
+        assert!(status.success(), "pg_ctl start: {}", std::fs::read_to_string(dir.join("log")).unwrap_or_default());
+    }
+
+    /// Stops the server (fast: open connections are cut).
+    pub fn down(&self) {
+        let status = self.command("pg_ctl").arg("-D").arg(self.dir.path().join("data")).args(["-m", "fast", "-w", "stop"]).status().unwrap();
+        assert!(status.success(), "pg_ctl stop");
+    }
+
+    /// The URL of its `postgres` database.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self.command("pg_ctl").arg("-D").arg(self.dir.path().join("data")).args(["-m", "immediate", "stop"]).status();
+    }
+}
+
 /// How to start a `vitforge serve` child process.
 pub struct Launch {
     bin: PathBuf,
