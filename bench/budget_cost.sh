@@ -12,6 +12,7 @@
 # HTTP path (body, decode, budget, batching) is a large share of each request's time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 a=$(realpath "$1") b=$(realpath "$2") rounds=${3:-4} secs=${4:-15}
 work=$(mktemp -d)
 cleanup() { [[ -n ${pid:-} ]] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
@@ -21,8 +22,7 @@ url=http://127.0.0.1:$port
 serve() { # BIN DATA_DIR
   "$1" serve --port "$port" --data-dir "$2" >>"$work/serve.log" 2>&1 &
   pid=$!
-  for _ in $(seq 150); do curl -sf "$url/healthz" >/dev/null && return; sleep 0.2; done
-  echo "server did not start" >&2; cat "$work/serve.log" >&2; exit 1
+  wait_healthy "$url" "$work/serve.log"
 }
 stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; pid=; }
 
@@ -31,15 +31,7 @@ python3 bench/make_textures.py "$work/images" --per-class 20 --seed 0 >/dev/null
 (cd "$work/images" && zip -qr "$work/data.zip" .)
 "$a" init-model --config tiny --labels x --output "$work/seed/base-models/tiny" >/dev/null
 serve "$a" "$work/seed"
-dataset=$(curl -sf -F file=@"$work/data.zip" "$url/datasets" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-job=$(curl -sf -H 'content-type: application/json' -d "{\"dataset_id\": \"$dataset\", \"base_model\": \"tiny\", \"params\": {\"epochs\": 1}}" "$url/jobs" |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-while :; do
-  status=$(curl -sf "$url/jobs/$job" | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])')
-  [[ $status == queued || $status == running ]] || break
-  sleep 1
-done
-[[ $status == succeeded ]] || { echo "fine-tune $status" >&2; cat "$work/serve.log" >&2; exit 1; }
+train_job "$url" "$work/data.zip" tiny '{"epochs": 1}' "$work/serve.log" >/dev/null
 stop
 image=$(find "$work/images" -name '*.png' | head -1)
 for bin in a b; do cp -r "$work/seed" "$work/data-$bin"; done

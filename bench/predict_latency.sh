@@ -11,6 +11,7 @@
 #   e.g. bench/predict_latency.sh ../shared/models/vit-small-patch14-pretrained ../shared/data/catsdogs-dev 30
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 base=$(realpath "$1") data=$(realpath "$2") secs=${3:-30}
 bin=${VITFORGE:-target/release/vitforge}
 [[ -x $bin ]] || cargo build --release --locked
@@ -23,17 +24,9 @@ cp -r "$base" "$work/data/base-models/base"
 "$bin" serve --port "$port" --data-dir "$work/data" >"$work/serve.log" 2>&1 &
 pid=$!
 url=http://127.0.0.1:$port
-for _ in $(seq 100); do curl -sf "$url/healthz" >/dev/null && break; sleep 0.2; done
+wait_healthy "$url" "$work/serve.log"
 (cd "$data" && zip -qr "$work/data.zip" .)
-dataset=$(curl -sf -F file=@"$work/data.zip" "$url/datasets" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-job=$(curl -sf -H 'content-type: application/json' -d "{\"dataset_id\": \"$dataset\", \"base_model\": \"base\"}" "$url/jobs" |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-while :; do
-  status=$(curl -sf "$url/jobs/$job" | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])')
-  [[ $status == queued || $status == running ]] || break
-  sleep 2
-done
-[[ $status == succeeded ]] || { echo "fine-tune $status" >&2; cat "$work/serve.log" >&2; exit 1; }
+job=$(train_job "$url" "$work/data.zip" base "" "$work/serve.log")
 model=$(curl -sf "$url/jobs/$job" | python3 -c 'import json,sys; print(json.load(sys.stdin)["model_id"])')
 image=$(find "$data" -type f \( -iname '*.jpg' -o -iname '*.png' \) | head -1)
 python3 bench/predict_load.py "$url/predict" "$image" --concurrency 1 --requests 5 >/dev/null # warm-up

@@ -8,27 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-pg_bin=${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}
-if [[ -z $pg_bin || ! -x $pg_bin/initdb ]]; then
-    echo "test-postgres: no PostgreSQL found (apt-get install postgresql, or set PG_BIN)" >&2
-    exit 2
-fi
+source scripts/postgres.sh
 dir=$(mktemp -d /tmp/vitforge-pg.XXXXXX)
-run_as=()
-if [[ $(id -u) == 0 ]]; then
-    chown postgres: "$dir"
-    run_as=(runuser -u postgres --)
-fi
-cleanup() {
-    "${run_as[@]}" "$pg_bin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
-    rm -rf "$dir"
-}
-trap cleanup EXIT
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"${run_as[@]}" "$pg_bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --no-locale >/dev/null
-# fsync off: a test server's data is thrown away, and fsync costs more than the tests.
-"${run_as[@]}" "$pg_bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
-    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=400" start >/dev/null
-echo "test-postgres: PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$port"
-export VITFORGE_TEST_POSTGRES="postgres://postgres@127.0.0.1:$port/postgres"
+trap 'pg_stop; rm -rf "$dir"' EXIT
+pg_start "$dir"
+echo "test-postgres: PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}') at $PG_URL"
+export VITFORGE_TEST_POSTGRES=$PG_URL
 cargo test --locked --test api "$@"

@@ -114,6 +114,33 @@ pub async fn listen(pool: &Pool, channel: &'static str, on_notify: impl Fn()) {
     }
 }
 
+/// PostgreSQL advisory-lock key of blob collection across processes (any fixed number).
+const BLOB_LOCK_KEY: i64 = 0x7669_7466_6f72_6765;
+
+/// A hold on the cross-process blob lock: a connection of its own, taken out of the pool, whose
+/// session holds a PostgreSQL advisory lock. Dropping it closes the connection, and the server
+/// releases the lock; so does the death of the process.
+pub struct SessionLock(#[allow(dead_code)] sqlx::AnyConnection);
+
+/// The blob lock across processes, as [`crate::blob_gc`] uses the in-process one: uploads hold it
+/// shared from their first blob write to their commit, collection exclusively. `wait = false`
+/// gives `None` at once when another process holds it the other way. Only PostgreSQL has it:
+/// `Ok(None)` on SQLite.
+pub async fn blob_lock(pool: &Pool, exclusive: bool, wait: bool) -> Result<Option<SessionLock>, sqlx::Error> {
+    if Backend::of(pool) != Backend::Postgres {
+        return Ok(None);
+    }
+    let mut conn = pool.acquire().await?.detach();
+    let sql = match (exclusive, wait) {
+        (true, true) => "select pg_advisory_lock($1) is not null",
+        (true, false) => "select pg_try_advisory_lock($1)",
+        (false, true) => "select pg_advisory_lock_shared($1) is not null",
+        (false, false) => "select pg_try_advisory_lock_shared($1)",
+    };
+    let held: bool = sqlx::query_scalar(sql).bind(BLOB_LOCK_KEY).fetch_one(&mut conn).await?;
+    Ok(held.then_some(SessionLock(conn)))
+}
+
 /// Whether the database answers (the readiness probe).
 pub async fn ping(pool: &Pool) -> Result<(), sqlx::Error> {
     sqlx::query("select 1").execute(pool).await?;

@@ -128,12 +128,20 @@ async fn create(
     let slot = state.ingest_slots.clone().acquire_owned().await.context("ingest slots closed")?;
     // Held until the rows are committed, so blob collection cannot remove a blob this upload
     // reuses; shared with the ingest thread, which may outlive this future by an entry.
+    // Processes of several roles share the blobs: the lock across processes is held as well.
+    let across = if shared_blobs(&state) { crate::db::blob_lock(&state.db, false, true).await? } else { None };
     let uploading = Arc::new(state.blob_lock.clone().read_owned().await);
     let ingested = ingest(&state, upload.file, slot, uploading.clone()).await?;
     let dataset = queries::insert(&state.db, &upload.name, &ingested).await?;
     drop(uploading);
+    drop(across);
     tracing::info!(id = %dataset.id, images = dataset.num_images, rejected = dataset.rejected_total, "dataset stored");
     Ok((StatusCode::CREATED, Json(dataset)))
+}
+
+/// Whether other processes share this one's blobs (every role but `all`, which is alone).
+fn shared_blobs(state: &AppState) -> bool {
+    state.config.role != crate::config::Role::All
 }
 
 /// `GET /datasets`: every dataset, newest first.
@@ -151,7 +159,7 @@ async fn get(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Res
 async fn delete(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<StatusCode, AppError> {
     match queries::delete(&state.db, &id).await? {
         Deleted::Removed { blobs } => {
-            crate::blob_gc::collect_after_delete(&state.db, &state.blobs, &state.blob_lock, blobs).await?;
+            crate::blob_gc::collect_after_delete(&state.db, &state.blobs, &state.blob_lock, blobs, shared_blobs(&state)).await?;
             Ok(StatusCode::NO_CONTENT)
         }
         Deleted::NotFound => Err(AppError::not_found("dataset", &id)),

@@ -238,3 +238,36 @@ async fn the_database_stopped_and_restarted_under_load() {
     let done = app.wait_job(job["id"].as_str().unwrap(), 120).await;
     assert_eq!(done["status"], "succeeded", "{done}");
 }
+
+/// Blob collection after a dataset delete waits for uploads in other processes (which hold
+/// PostgreSQL's advisory lock shared), then removes what no dataset references. On SQLite an API
+/// process of several leaves them to the next `--role all` start-up sweep: skipped there.
+#[tokio::test]
+async fn blob_collection_waits_for_uploads_in_other_processes() {
+    if crate::support::test_postgres().is_none() {
+        eprintln!("skipped: the lock across processes is PostgreSQL's (scripts/test-postgres.sh runs this)");
+        return;
+    }
+    let app = crate::helpers::spawn_app_with(|c| c.role = vitforge::config::Role::Api).await;
+    let dataset = app.upload_pets(3, false).await;
+    assert_eq!(app.blobs().len(), 6);
+
+    // The lock: shared holders exclude an exclusive one and the other way round.
+    let upload_elsewhere = vitforge::db::blob_lock(&app.db, false, true).await.unwrap().expect("shared");
+    assert!(vitforge::db::blob_lock(&app.db, true, false).await.unwrap().is_none(), "no exclusive while shared");
+    assert!(vitforge::db::blob_lock(&app.db, false, false).await.unwrap().is_some(), "shared with shared");
+
+    // Another process's upload is in flight: the delete answers at once, collection waits.
+    assert_eq!(app.delete(&format!("/datasets/{dataset}")).await.status(), 204);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(app.blobs().len(), 6, "nothing removed under an upload in flight elsewhere");
+    drop(upload_elsewhere);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !app.blobs().is_empty() {
+        assert!(Instant::now() < deadline, "collected once the upload ended: {:?}", app.blobs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let exclusive = vitforge::db::blob_lock(&app.db, true, false).await.unwrap();
+    assert!(exclusive.is_some(), "free again");
+    assert!(vitforge::db::blob_lock(&app.db, false, false).await.unwrap().is_none(), "no shared while exclusive");
+}
