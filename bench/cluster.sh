@@ -1,29 +1,30 @@
 #!/usr/bin/env bash
 # Several processes on one PostgreSQL database (`--role api` / `--role worker`), measured:
-#   1. queue throughput: JOBS tiny fine-tunes (1 epoch on 40 generated images) drained by one
-#      worker, then JOBS more by two workers, in jobs per minute (the queue and job overhead,
-#      not model speed);
+#   1. queue throughput: JOBS fine-tunes of a minute ViT (32×32 input, 2 layers of width 32, the
+#      tests' `tiny`; 1 epoch on 8 generated images) drained by one worker, then JOBS more by two
+#      workers, in jobs per minute: the queue and each job's fixed costs, not model speed;
 #   2. recovery: a worker SIGKILLed in the middle of a job, and the time until another worker
 #      runs it (the lease, --lease-secs, plus the claim), at LEASE seconds;
 #   3. /predict throughput of one API process, then of two (16 clients in all, split over them).
 # Prints one JSON line per measurement. On a 2-core machine the processes share the two cores,
 # so two workers or two replicas cannot be twice as fast; the figures show the overhead.
 #
-# Usage: bench/cluster.sh [JOBS] [LEASE] [SECONDS]     (defaults 8, 30, 15)
+# Usage: bench/cluster.sh [JOBS] [LEASE] [SECONDS]     (defaults 20, 30, 15)
 # VITFORGE names the binary (default target/release/vitforge, built if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
 source scripts/postgres.sh
-jobs=${1:-8} lease=${2:-30} secs=${3:-15}
+jobs=${1:-20} lease=${2:-30} secs=${3:-15}
 bin=${VITFORGE:-target/release/vitforge}
 [[ -x $bin ]] || cargo build --release --locked
 work=$(mktemp -d /tmp/vitforge-cluster.XXXXXX)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null; pg_stop; rm -rf "$work"; }
+pg_home=$(mktemp -d /tmp/vitforge-pg.XXXXXX) # its own: the postgres user cannot enter $work
+cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null; pg_stop; rm -rf "$work" "$pg_home"; }
 trap cleanup EXIT
-mkdir -p "$work/pg" "$work/data"
-pg_start "$work/pg"
+mkdir -p "$work/data"
+pg_start "$pg_home"
 export VITFORGE_DATABASE_URL=$PG_URL
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
@@ -38,9 +39,13 @@ start() {
 }
 emit() { python3 -c 'import json,sys; print(json.dumps(dict(a.split("=",1) for a in sys.argv[1:])))' "$@"; }
 
-python3 bench/make_textures.py "$work/images" --per-class 20 --seed 0 >/dev/null
+python3 bench/make_textures.py "$work/images" --per-class 4 --seed 0 >/dev/null
 (cd "$work/images" && zip -qr "$work/data.zip" .)
-"$bin" init-model --config tiny --labels x --output "$work/data/base-models/tiny" >/dev/null
+cat >"$work/minute.json" <<'JSON'
+{"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
+ "num_attention_heads": 2, "intermediate_size": 64}
+JSON
+"$bin" init-model --config "$work/minute.json" --labels x --output "$work/data/base-models/tiny" >/dev/null
 start api api-1; api=$url
 dataset=$(upload_zip "$api" "$work/data.zip")
 
@@ -60,9 +65,9 @@ drain() { # WORKERS
 drain 1
 drain 2
 
-# 2. Recovery: a 40-epoch job on worker A, SIGKILL A once it has run an epoch, B takes over.
+# 2. Recovery: a 400-epoch job on worker A, SIGKILL A once it has run an epoch, B takes over.
 start worker recover-a; a_pid=$last_pid
-job=$(submit_job "$api" "$dataset" tiny '{"epochs": 40, "batch_size": 2}')
+job=$(submit_job "$api" "$dataset" tiny '{"epochs": 400, "batch_size": 2}')
 until [[ $(curl -sf "$api/jobs/$job" | python3 -c 'import json,sys; j=json.load(sys.stdin); print(j["status"] == "running" and j["progress"]["epoch"] >= 1)') == True ]]; do sleep 0.1; done
 start worker recover-b
 kill -9 "$a_pid"; killed=$(date +%s.%N)

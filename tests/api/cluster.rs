@@ -51,15 +51,7 @@ async fn a_killed_workers_job_is_finished_by_another_worker_and_served_by_the_ap
         .part("file", reqwest::multipart::Part::bytes(zip(&class_images("", &["cat", "dog"], 12, 3))).file_name("pets.zip"));
     let dataset: Value = client.post(api.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
     let epochs = 4;
-    let job: Value = client
-        .post(api.url("/jobs"))
-        .json(&json!({"dataset_id": dataset["id"], "base_model": "slow", "params": {"epochs": epochs, "batch_size": 2}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job = api.post_json("/jobs", &json!({"dataset_id": dataset["id"], "base_model": "slow", "params": {"epochs": epochs, "batch_size": 2}})).await;
     let id = job["id"].as_str().unwrap().to_string();
     assert_eq!(job["worker"], Value::Null, "queued, nobody runs it yet");
 
@@ -114,15 +106,7 @@ async fn a_killed_workers_job_is_finished_by_another_worker_and_served_by_the_ap
 
     // A cancel asked of the API process reaches the job in the worker process (with the lease's
     // renewal, every second here).
-    let job: Value = client
-        .post(api.url("/jobs"))
-        .json(&json!({"dataset_id": dataset["id"], "base_model": "slow", "params": {"epochs": 50, "batch_size": 2}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job = api.post_json("/jobs", &json!({"dataset_id": dataset["id"], "base_model": "slow", "params": {"epochs": 50, "batch_size": 2}})).await;
     let id = job["id"].as_str().unwrap().to_string();
     wait_for(&api, &id, 60, "the second job running", |j| j["status"] == "running").await;
     let resp = client.post(api.url(&format!("/jobs/{id}/cancel"))).send().await.unwrap();

@@ -26,15 +26,7 @@ async fn a_killed_server_resumes_its_job_from_the_last_checkpoint() {
         .part("file", reqwest::multipart::Part::bytes(zip(&class_images("", &["cat", "dog"], 12, 3))).file_name("pets.zip"));
     let dataset: Value = client.post(format!("{}/datasets", server.base)).multipart(form).send().await.unwrap().json().await.unwrap();
     let epochs = 4;
-    let job: Value = client
-        .post(format!("{}/jobs", server.base))
-        .json(&json!({"dataset_id": dataset["id"], "base_model": "slow", "params": {"epochs": epochs, "batch_size": 2}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job = server.post_json("/jobs", &json!({"dataset_id": dataset["id"], "base_model": "slow", "params": {"epochs": epochs, "batch_size": 2}})).await;
     let id = job["id"].as_str().unwrap().to_string();
 
     // Kill it once the first epoch's checkpoint exists and the second epoch is under way.

@@ -332,6 +332,11 @@ impl ChildServer {
         self.client.get(self.url(path)).send().await.unwrap().json().await.unwrap()
     }
 
+    /// POST a JSON body to a path and read the answer as JSON.
+    pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> serde_json::Value {
+        self.client.post(self.url(path)).json(body).send().await.unwrap().json().await.unwrap()
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
