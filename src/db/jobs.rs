@@ -320,7 +320,8 @@ pub async fn set_progress(pool: &Pool, id: &str, epoch: u32, step: u64) -> Resul
 /// Records the phase a job is in and its progress within it.
 pub async fn set_phase(pool: &Pool, id: &str, phase: Phase, done: u64, total: u64, rate: Option<f64>) -> Result<(), sqlx::Error> {
     // No `Option<f64>` is bound: sqlx 0.9's Any driver sends a missing f64 as a PostgreSQL `real`,
-    // and a prepared statement whose parameter got that type then refuses the next rate (8 bytes).
+    // and a prepared statement whose parameter got that type then refuses the next rate (8 bytes):
+    // transact-rs/sqlx#4284 (the NULL float kinds swapped in `AnyArguments::convert_into`).
     let query = match rate {
         Some(_) => sqlx::query("update jobs set phase = $1, phase_done = $2, phase_total = $3, phase_rate = $5 where id = $4"),
         None => sqlx::query("update jobs set phase = $1, phase_done = $2, phase_total = $3, phase_rate = null where id = $4"),

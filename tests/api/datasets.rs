@@ -507,9 +507,9 @@ async fn an_unknown_dataset_is_404() {
 
 #[tokio::test]
 async fn delete_is_refused_while_a_queued_or_running_job_uses_the_dataset() {
-    // An API process runs no job, so the job inserted below stays as the test sets it (a worker
-    // would claim it, and on PostgreSQL it is woken at once by the insert's notification).
-    let app = spawn_app_with(|c| c.role = vitforge::config::Role::Api).await;
+    // No device, so no worker: the job inserted below stays as the test sets it (a worker would
+    // claim it, and on PostgreSQL it is woken at once by the insert's notification).
+    let app = spawn_app_with(|c| c.device = vec![]).await;
     let ds = upload_ok(&app, "a.zip", fixtures::zip(&class_images("", &["cat", "dog"], 1, 0))).await;
     let id = ds["id"].as_str().unwrap();
     sqlx::query(
