@@ -98,6 +98,10 @@ pub struct PredictArgs {
     /// Labels per image in `top_k`.
     #[arg(long, default_value_t = 5)]
     pub top_k: usize,
+    /// Test-time flip: average each image's probabilities with its mirror image's (twice the
+    /// compute).
+    #[arg(long)]
+    pub flip: bool,
     /// Compute device: auto, cpu or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -319,7 +323,7 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
             let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
             images.push((path.display().to_string(), bytes));
         }
-        let answers = clf.classify(&images, args.top_k, crate::imaging::DEFAULT_MAX_PIXELS, PREDICT_BATCH).map_err(|e| match e {
+        let answers = clf.classify(&images, args.top_k, crate::imaging::DEFAULT_MAX_PIXELS, PREDICT_BATCH, args.flip).map_err(|e| match e {
             ClassifyError::Image { name, reason, .. } => anyhow::anyhow!("{name}: {reason}"),
             other => other.into(),
         })?;

@@ -22,6 +22,9 @@ pub fn routes() -> Vec<Route> {
 struct PredictQuery {
     model: Option<String>,
     top_k: Option<usize>,
+    /// Test-time flip: average each image's probabilities with its mirror image's.
+    #[serde(default)]
+    flip: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,7 +107,7 @@ async fn predict(State(s): State<AppState>, ApiQuery(q): ApiQuery<PredictQuery>,
     let images = images_of(&s, req).await?;
     let n = images.len();
     let loaded = s.models.load(&model).await?;
-    let predictions = s.predictor.classify(loaded, images, q.top_k.unwrap_or(5), s.config.max_image_pixels).await?;
+    let predictions = s.predictor.classify(loaded, images, q.top_k.unwrap_or(5), s.config.max_image_pixels, q.flip).await?;
     s.metrics.predict_images.inc_by(n as u64);
     Ok(Json(PredictResponse { model_id: model.id, predictions }))
 }

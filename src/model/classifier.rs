@@ -102,6 +102,27 @@ impl Classifier {
         super::vit::probabilities(&self.vit.forward(&batch)?)
     }
 
+    /// Probabilities with test-time flip: each image's are the mean of its own and those of its
+    /// mirror image (left-right), from one forward pass of twice the batch. Without `flip`, as
+    /// [`Classifier::probabilities`].
+    pub fn probabilities_tta(&self, pixels: &[Vec<f32>], flip: bool) -> Result<Vec<Vec<f32>>, ModelError> {
+        if !flip {
+            return self.probabilities(pixels);
+        }
+        let both: Vec<Vec<f32>> = pixels.iter().cloned().chain(pixels.iter().map(|p| self.mirrored(p))).collect();
+        Ok(mean_of_halves(&self.probabilities(&both)?))
+    }
+
+    /// The pixel values of the left-right mirror image (channels × height × width).
+    pub fn mirrored(&self, pixels: &[f32]) -> Vec<f32> {
+        let (_, w) = self.pre.size;
+        let mut out = pixels.to_vec();
+        for row in out.chunks_mut(w.max(1)) {
+            row.reverse();
+        }
+        out
+    }
+
     /// The `k` most probable labels, most probable first.
     pub fn top_k(&self, probs: &[f32], k: usize) -> Vec<Scored> {
         let mut idx: Vec<usize> = (0..probs.len()).collect();
@@ -149,8 +170,9 @@ impl Classifier {
             .collect()
     }
 
-    /// Classifies named encoded images on the calling thread, `batch` images per forward pass.
-    pub fn classify<B: AsRef<[u8]> + Sync>(&self, images: &[(String, B)], top_k: usize, max_pixels: u64, batch: usize) -> Result<Vec<Prediction>, ClassifyError> {
+    /// Classifies named encoded images on the calling thread, `batch` images per forward pass
+    /// (with test-time `flip`, see [`Classifier::probabilities_tta`]).
+    pub fn classify<B: AsRef<[u8]> + Sync>(&self, images: &[(String, B)], top_k: usize, max_pixels: u64, batch: usize, flip: bool) -> Result<Vec<Prediction>, ClassifyError> {
         let never = AtomicBool::new(false);
         let mut out = Vec::with_capacity(images.len());
         for (c, chunk) in images.chunks(batch.max(1)).enumerate() {
@@ -158,8 +180,14 @@ impl Classifier {
                 ClassifyError::Image { index, name, reason } => ClassifyError::Image { index: index + c * batch.max(1), name, reason },
                 other => other,
             })?;
-            out.extend(self.predictions(&self.probabilities(&pixels)?, top_k));
+            out.extend(self.predictions(&self.probabilities_tta(&pixels, flip)?, top_k));
         }
         Ok(out)
     }
+}
+
+/// The element-wise mean of the first and second half of `rows` (row i with row i + n/2).
+pub fn mean_of_halves(rows: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    let (first, second) = rows.split_at(rows.len() / 2);
+    first.iter().zip(second).map(|(a, b)| a.iter().zip(b).map(|(x, y)| 0.5 * (x + y)).collect()).collect()
 }

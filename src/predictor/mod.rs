@@ -225,7 +225,7 @@ impl Predictor {
     /// Classifies named encoded images with a loaded model: decoding and preprocessing on a
     /// blocking thread (images in parallel; abandoned when the caller's future is dropped), the
     /// forward pass batched with other requests on the model thread, then the `top_k` labels.
-    pub async fn classify<B>(&self, model: Arc<Loaded>, images: Vec<(String, B)>, top_k: usize, max_pixels: u64) -> Result<Vec<Prediction>, PredictError>
+    pub async fn classify<B>(&self, model: Arc<Loaded>, images: Vec<(String, B)>, top_k: usize, max_pixels: u64, flip: bool) -> Result<Vec<Prediction>, PredictError>
     where
         B: AsRef<[u8]> + Send + Sync + 'static,
     {
@@ -235,7 +235,9 @@ impl Predictor {
         // The decodes and the pixel values are reserved before any is allocated (waiting up to
         // budget::WAIT on this blocking thread), and held until the answer.
         let (pixels, _held) = tokio::task::spawn_blocking(move || {
-            let cost = prep.classifier.prepare_cost(&images, max_pixels);
+            // Test-time flip holds a mirrored copy of every image's pixel values as well.
+            let mirrors = if flip { prep.classifier.input_bytes() * images.len() as u64 } else { 0 };
+            let cost = prep.classifier.prepare_cost(&images, max_pixels) + mirrors;
             let held = memory.reserve_blocking(cost, WAIT).ok_or_else(|| {
                 ClassifyError::Busy(format!(
                     "decoding these images needs {cost} bytes and the service's memory budget for work in flight ({} bytes) is spent; retry shortly",
@@ -246,7 +248,13 @@ impl Predictor {
         })
         .await
         .map_err(|e| PredictError::Inference(format!("preprocessing stopped: {e}")))??;
-        let probs = self.infer(model.clone(), pixels).await?;
+        let probs = if flip {
+            let mirrored: Vec<Vec<f32>> = pixels.iter().map(|p| model.classifier.mirrored(p)).collect();
+            let both = pixels.into_iter().chain(mirrored).collect();
+            crate::model::classifier::mean_of_halves(&self.infer(model.clone(), both).await?)
+        } else {
+            self.infer(model.clone(), pixels).await?
+        };
         Ok(model.classifier.predictions(&probs, top_k))
     }
 }

@@ -169,6 +169,9 @@ async fn a_person_uploads_trains_watches_and_predicts_in_the_console() {
 
     // Watch it to the end: status, charts, confusion matrix with its counts.
     wait_text(&c, ".status", 60, |t| t == "succeeded").await;
+    // The worker that ran it: by default the server's host name and process id.
+    let worker = format!(":{}", server.pid());
+    wait_text(&c, "#main", 10, |t| t.contains(&worker)).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while c.find_all(Locator::Css("svg.chart path")).await.unwrap().len() < 3 {
         assert!(Instant::now() < deadline, "the charts did not draw their lines");

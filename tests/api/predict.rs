@@ -76,6 +76,33 @@ async fn every_input_form_gives_the_same_answer_in_input_order() {
     check_probabilities(&many["predictions"][0], 2);
 }
 
+/// Each label's score in one answer.
+fn scores(answer: &Value) -> std::collections::BTreeMap<String, f64> {
+    answer["predictions"][0]["top_k"].as_array().unwrap().iter().map(|s| (s["label"].as_str().unwrap().to_string(), s["score"].as_f64().unwrap())).collect()
+}
+
+#[tokio::test]
+async fn test_time_flip_averages_an_image_with_its_mirror_image() {
+    let (app, _, _) = trained_app(|_| {}).await;
+    let image = png(4);
+    let mut mirror = Vec::new();
+    image::load_from_memory(&image).unwrap().fliph().write_to(&mut std::io::Cursor::new(&mut mirror), image::ImageFormat::Png).unwrap();
+    let ask = |body: Vec<u8>, query: &'static str| {
+        let req = app.client.post(app.url(&format!("/predict?top_k=2{query}"))).header("content-type", "image/png").body(body);
+        async move { json(req.send().await.unwrap()).await }
+    };
+    let (plain, mirrored) = (scores(&ask(image.clone(), "").await), scores(&ask(mirror.clone(), "").await));
+    let flipped = scores(&ask(image.clone(), "&flip=true").await);
+    let flipped_mirror = scores(&ask(mirror, "&flip=true").await);
+    assert_ne!(plain, mirrored, "the model tells an image from its mirror, so the test can see a difference");
+    for (label, score) in &flipped {
+        let mean = (plain[label] + mirrored[label]) / 2.0;
+        assert!((score - mean).abs() < 1e-4, "{label}: {score} with flip, {mean} the mean of the two");
+        assert!((score - flipped_mirror[label]).abs() < 1e-4, "an image and its mirror agree with flip");
+    }
+    assert_eq!(scores(&ask(image, "&flip=false").await), plain);
+}
+
 #[tokio::test]
 async fn bad_predict_requests_name_the_problem() {
     let app = spawn_app().await;
@@ -104,6 +131,8 @@ async fn bad_predict_requests_name_the_problem() {
     let resp = app.client.post(app.url("/predict?top_k=0")).header("content-type", "image/jpeg").body(jpeg(1)).send().await.unwrap();
     assert_error(resp, 422, "invalid_query").await;
     let resp = app.client.post(app.url("/predict?top_k=many")).header("content-type", "image/jpeg").body(jpeg(1)).send().await.unwrap();
+    assert_error(resp, 422, "invalid_query").await;
+    let resp = app.client.post(app.url("/predict?flip=maybe")).header("content-type", "image/jpeg").body(jpeg(1)).send().await.unwrap();
     assert_error(resp, 422, "invalid_query").await;
 }
 
