@@ -128,7 +128,6 @@ async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device)
     let renewal = tokio::spawn(keep_lease(ctx.clone(), job.id.clone(), cancel.clone(), lost.clone()));
     let mut recorder = Recorder::new(ctx, &job);
     let outcome = run::run_job(ctx, &job, device, cancel, &mut recorder).await;
-    renewal.abort();
     ctx.hub.stop(&job.id);
     let shutting_down = ctx.hub.shutdown_token().is_cancelled();
     let worker = ctx.worker_name.as_str();
@@ -157,6 +156,9 @@ async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device)
             db::jobs::finish(&ctx.db, &job.id, worker, Status::Failed, Some(&e.to_string())).await.map_err(Into::into)
         }
     };
+    // The lease is held until the outcome is recorded: copying and loading a large model takes a
+    // while, and the job must not look abandoned meanwhile.
+    renewal.abort();
     if let Err(e) = result {
         tracing::error!(job = %job.id, error = ?e, "recording the job's outcome failed");
     }
