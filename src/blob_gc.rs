@@ -44,7 +44,8 @@ pub async fn remove_unreferenced(
 /// Collects the blobs of a deleted dataset. Done now when no upload is in flight; otherwise in the
 /// background once the uploads finish, so the client deleting does not wait for them. With
 /// `shared_store` (processes of several roles share the blobs), uploads of the other processes
-/// count too: on PostgreSQL through its advisory lock ([`db::blob_lock`]); on SQLite, which has
+/// count too: on PostgreSQL through its advisory lock ([`db::blob_lock`]), taken before the
+/// in-process one (its holders wait on the database, not on this process); on SQLite, which has
 /// none, the blobs are left for the next start-up sweep of a `--role all` process.
 pub async fn collect_after_delete(
     pool: &Pool,
@@ -53,50 +54,27 @@ pub async fn collect_after_delete(
     candidates: Vec<String>,
     shared_store: bool,
 ) -> anyhow::Result<()> {
-    if shared_store {
-        return collect_across_processes(pool, store, lock, candidates).await;
+    if shared_store && db::Backend::of(pool) != db::Backend::Postgres {
+        tracing::info!(blobs = candidates.len(), "blobs of a deleted dataset left for the next --role all start-up sweep (SQLite has no lock across processes)");
+        return Ok(());
     }
-    if let Ok(guard) = lock.clone().try_write_owned() {
+    let across = if shared_store { db::blob_lock(pool, true, false).await? } else { None };
+    if (across.is_some() || !shared_store)
+        && let Ok(guard) = lock.clone().try_write_owned()
+    {
         let removed = remove_unreferenced(pool, store, &candidates, &guard).await?;
         tracing::debug!(removed, "removed unreferenced blobs");
         return Ok(());
     }
+    drop(across);
     let (pool, store, lock) = (pool.clone(), store.clone(), lock.clone());
     tokio::spawn(async move {
-        let guard = lock.write_owned().await;
-        match remove_unreferenced(&pool, &store, &candidates, &guard).await {
-            Ok(removed) => tracing::debug!(removed, "removed unreferenced blobs after uploads finished"),
-            Err(e) => tracing::error!(error = ?e, "blob collection failed; the next start-up sweep retries"),
-        }
-    });
-    Ok(())
-}
-
-/// [`collect_after_delete`] when other processes share the blobs: both locks, the cross-process
-/// one first (its holders wait on the database, not on this process).
-async fn collect_across_processes(pool: &Pool, store: &BlobStore, lock: &BlobLock, candidates: Vec<String>) -> anyhow::Result<()> {
-    if db::Backend::of(pool) != db::Backend::Postgres {
-        tracing::info!(blobs = candidates.len(), "blobs of a deleted dataset left for the next --role all start-up sweep (SQLite has no lock across processes)");
-        return Ok(());
-    }
-    if let Some(across) = db::blob_lock(pool, true, false).await? {
-        if let Ok(guard) = lock.clone().try_write_owned() {
-            let removed = remove_unreferenced(pool, store, &candidates, &guard).await?;
-            tracing::debug!(removed, "removed unreferenced blobs");
-            drop(across);
-            return Ok(());
-        }
-    }
-    let (pool, store, lock) = (pool.clone(), store.clone(), lock.clone());
-    tokio::spawn(async move {
-        let result = async {
-            let across = db::blob_lock(&pool, true, true).await?;
+        let collected = async {
+            let _across = if shared_store { db::blob_lock(&pool, true, true).await? } else { None };
             let guard = lock.write_owned().await;
-            let removed = remove_unreferenced(&pool, &store, &candidates, &guard).await;
-            drop(across);
-            removed
+            remove_unreferenced(&pool, &store, &candidates, &guard).await
         };
-        match result.await {
+        match collected.await {
             Ok(removed) => tracing::debug!(removed, "removed unreferenced blobs after uploads finished"),
             Err(e) => tracing::error!(error = ?e, "blob collection failed; the next start-up sweep retries"),
         }

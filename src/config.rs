@@ -268,12 +268,6 @@ impl FromStr for ApiKey {
 }
 
 impl ServeConfig {
-    /// The database URL: `--database-url`, else the SQLite file in the data folder.
-    pub fn database_url(&self) -> DatabaseUrl {
-        // `mode=rwc`: create the file if missing.
-        self.database_url.clone().unwrap_or_else(|| DatabaseUrl(format!("sqlite://{}?mode=rwc", self.data_dir.join("vitforge.db").display())))
-    }
-
     /// This process's worker name: `--worker-name`, else `<host name>:<process id>`.
     pub fn worker_name(&self) -> String {
         self.worker_name.clone().unwrap_or_else(|| {
@@ -341,7 +335,7 @@ mod tests {
     #[test]
     fn database_urls_are_checked_and_their_passwords_never_shown() {
         let cli = Cli::parse_from(["vitforge", "--database-url", "postgres://vf:s3cret@db.internal:5432/vitforge"]);
-        let url = cli.serve.database_url();
+        let url = cli.serve.database_url.clone().unwrap();
         assert_eq!(url.expose(), "postgres://vf:s3cret@db.internal:5432/vitforge");
         assert_eq!(url.redacted(), "postgres://vf:***@db.internal:5432/vitforge");
         let shown = format!("{:?}", cli.serve);
@@ -349,8 +343,6 @@ mod tests {
         for bad in ["mysql://x/y", "vitforge.db", "", "postgres:/x"] {
             assert!(Cli::try_parse_from(["vitforge", "--database-url", bad]).is_err(), "{bad:?}");
         }
-        let default = Cli::parse_from(["vitforge", "--data-dir", "/srv/d"]).serve.database_url();
-        assert_eq!(default.expose(), "sqlite:///srv/d/vitforge.db?mode=rwc");
         assert_eq!(DatabaseUrl("postgres://db/x".into()).redacted(), "postgres://db/x");
     }
 

@@ -27,7 +27,7 @@ impl DataPaths {
         &self.root
     }
 
-    /// The SQLite database file.
+    /// The SQLite database file (the default database: `--database-url` may name another).
     pub fn database(&self) -> PathBuf {
         self.root.join("vitforge.db")
     }

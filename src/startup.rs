@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::budget::MemoryBudget;
-use crate::config::{Role, ServeConfig};
+use crate::config::{DatabaseUrl, Role, ServeConfig};
 use crate::dataset::{BlobStore, IngestLimits};
 use crate::http::{self, AppState};
 use crate::paths::DataPaths;
@@ -37,7 +38,7 @@ impl Application {
     pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
         let paths = DataPaths::new(&config.data_dir);
         paths.create_all().with_context(|| format!("creating data folder {}", paths.root().display()))?;
-        let database_url = config.database_url();
+        let database_url = database_url(&config, &paths)?;
         let db = crate::db::connect(database_url.expose())
             .await
             .with_context(|| format!("opening database {}", database_url.redacted()))?;
@@ -146,6 +147,14 @@ impl Application {
     }
 }
 
+/// The database: `--database-url`, else the SQLite file of the data folder (created if missing).
+fn database_url(config: &ServeConfig, paths: &DataPaths) -> anyhow::Result<DatabaseUrl> {
+    match &config.database_url {
+        Some(url) => Ok(url.clone()),
+        None => crate::db::sqlite_url(&paths.database()).parse().map_err(anyhow::Error::msg),
+    }
+}
+
 /// How often an API process looks for a model newer than its `/predict` default.
 const FOLLOW_MODELS_EVERY: Duration = Duration::from_secs(2);
 
@@ -156,8 +165,8 @@ async fn follow_newest_model(state: AppState) {
     let registered = Arc::new(tokio::sync::Notify::new());
     let notify = registered.clone();
     let db = state.db.clone();
-    let listener = tokio::spawn(async move { crate::db::listen(&db, crate::db::MODELS_CHANNEL, || notify.notify_one()).await });
-    let _stop_listening = AbortOnDrop(listener);
+    // Aborted with this task, which is aborted at shutdown.
+    let _listener = AbortOnDropHandle::new(tokio::spawn(async move { crate::db::listen(&db, crate::db::MODELS_CHANNEL, || notify.notify_one()).await }));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(FOLLOW_MODELS_EVERY) => {}
@@ -212,15 +221,6 @@ async fn clean_up(state: &AppState) -> anyhow::Result<()> {
         tracing::info!(path = %stale.display(), "removed checkpoint files no unfinished job needs");
     }
     Ok(())
-}
-
-/// Aborts a task when dropped (when the task holding it is aborted).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// What one dataset ingest may unpack, from the server's flags.
@@ -324,4 +324,18 @@ pub async fn shutdown_signal() {
         _ = terminate => {},
     }
     tracing::info!("shutdown signal received");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_database_is_the_sqlite_file_of_the_data_folder() {
+        let config = ServeConfig::default_for("/srv/d");
+        let default = database_url(&config, &DataPaths::new("/srv/d")).unwrap();
+        assert_eq!(default.expose(), "sqlite:///srv/d/vitforge.db?mode=rwc");
+        let given = ServeConfig { database_url: Some("postgres://db/x".parse().unwrap()), ..config };
+        assert_eq!(database_url(&given, &DataPaths::new("/srv/d")).unwrap().expose(), "postgres://db/x");
+    }
 }

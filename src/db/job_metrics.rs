@@ -106,6 +106,13 @@ pub async fn get(pool: &Pool, job_id: &str) -> Result<JobMetrics, sqlx::Error> {
             _ => {}
         }
     }
+    let (validation, test) = evaluations(pool, job_id).await?;
+    Ok(JobMetrics { train, validation, test })
+}
+
+/// A job's evaluation blocks: the validation ones by epoch, and the test one if the job has ended
+/// with a test split. (Without the step series of [`get`], for callers that look often.)
+pub async fn evaluations(pool: &Pool, job_id: &str) -> Result<(Vec<EpochReport>, Option<EvalReport>), sqlx::Error> {
     let evals: Vec<(String, i64, String)> =
         sqlx::query_as("select split, epoch, report from job_evaluations where job_id = $1 order by epoch").bind(job_id).fetch_all(pool).await?;
     let mut validation = Vec::new();
@@ -118,7 +125,7 @@ pub async fn get(pool: &Pool, job_id: &str) -> Result<JobMetrics, sqlx::Error> {
             validation.push(EpochReport { epoch: epoch as u32, report });
         }
     }
-    Ok(JobMetrics { train, validation, test })
+    Ok((validation, test))
 }
 
 /// Records an epoch checkpoint.

@@ -22,15 +22,11 @@ const READY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// 200 when the database answers within [`READY_WAIT`], 503 when it does not.
 async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, AppError> {
-    match tokio::time::timeout(READY_WAIT, crate::db::ping(&state.db)).await {
-        Ok(Ok(())) => Ok(Json(json!({"status": "ready"}))),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "readiness check failed");
-            Err(AppError::unavailable("not_ready", "the database does not answer"))
-        }
-        Err(_) => {
-            tracing::warn!("readiness check failed: the database did not answer within {READY_WAIT:?}");
-            Err(AppError::unavailable("not_ready", "the database does not answer"))
-        }
-    }
+    let why = match tokio::time::timeout(READY_WAIT, crate::db::ping(&state.db)).await {
+        Ok(Ok(())) => return Ok(Json(json!({"status": "ready"}))),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {READY_WAIT:?}"),
+    };
+    tracing::warn!(error = %why, "readiness check failed");
+    Err(AppError::unavailable("not_ready", "the database does not answer"))
 }

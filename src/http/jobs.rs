@@ -52,14 +52,13 @@ struct MistakesQuery {
 /// the best epoch by validation macro-F1, as training keeps it), most confident first.
 async fn mistakes(State(s): State<AppState>, ApiPath(id): ApiPath<String>, ApiQuery(q): ApiQuery<MistakesQuery>) -> Result<Json<Value>, AppError> {
     let job = find(&s, &id).await?;
-    let history = db::job_metrics::get(&s.db, &id).await?;
-    let best = history
-        .validation
+    let (validation, _) = db::job_metrics::evaluations(&s.db, &id).await?;
+    let best = validation
         .iter()
         .max_by(|a, b| a.report.f1.total_cmp(&b.report.f1).then(b.report.loss.total_cmp(&a.report.loss)))
         .map(|e| e.epoch);
     let epoch = match (q.epoch, best) {
-        (Some(e), _) if history.validation.iter().any(|v| v.epoch == e) => e,
+        (Some(e), _) if validation.iter().any(|v| v.epoch == e) => e,
         (Some(e), _) => return Err(AppError::not_found("validated epoch", &format!("{e} of job {id}"))),
         (None, Some(e)) => e,
         (None, None) => return Err(AppError::conflict("not_validated", format!("job '{id}' has not finished an epoch yet"))),
@@ -127,12 +126,12 @@ async fn events(
     // Subscribe before reading the state so nothing between the two is lost.
     let mut rx = s.jobs.subscribe(&id);
     let job = find(&s, &id).await?;
-    let history = db::job_metrics::get(&s.db, &id).await?;
+    let (validation, _) = db::job_metrics::evaluations(&s.db, &id).await?;
     let shutdown = s.jobs.shutdown_token();
     let (runs_jobs, db) = (s.config.role.runs_jobs(), s.db.clone());
     let stream = async_stream(move |tx| async move {
         let _ = tx.send(sse("progress", &serde_json::to_value(&job.progress).unwrap_or_default())).await;
-        for block in &history.validation {
+        for block in &validation {
             let _ = tx.send(sse("metrics", &serde_json::to_value(block).unwrap_or_default())).await;
         }
         if job.status.is_terminal() {
@@ -141,7 +140,7 @@ async fn events(
         }
         if !runs_jobs {
             // The job runs in a worker process: its events reach this process through the database.
-            follow_in_database(&db, job, history.validation.len(), &tx, &shutdown).await;
+            follow_in_database(&db, job, validation.len(), &tx, &shutdown).await;
             return;
         }
         loop {
@@ -180,17 +179,17 @@ async fn follow_in_database(db: &db::Pool, mut last: Job, mut seen: usize, tx: &
             _ = shutdown.cancelled() => return,
             _ = tx.closed() => return,
         }
-        let (Ok(Some(job)), Ok(history)) = (db::jobs::get(db, &last.id).await, db::job_metrics::get(db, &last.id).await) else {
+        let (Ok(Some(job)), Ok((validation, _))) = (db::jobs::get(db, &last.id).await, db::job_metrics::evaluations(db, &last.id).await) else {
             continue; // the database did not answer: look again
         };
         let mut out = Vec::new();
         if job.progress != last.progress {
             out.push(sse("progress", &serde_json::to_value(&job.progress).unwrap_or_default()));
         }
-        for block in history.validation.iter().skip(seen) {
+        for block in validation.iter().skip(seen) {
             out.push(sse("metrics", &serde_json::to_value(block).unwrap_or_default()));
         }
-        seen = seen.max(history.validation.len());
+        seen = seen.max(validation.len());
         let ended = job.status.is_terminal();
         if ended {
             out.push(sse("status", &serde_json::to_value(&job).unwrap_or_default()));

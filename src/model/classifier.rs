@@ -109,18 +109,24 @@ impl Classifier {
         if !flip {
             return self.probabilities(pixels);
         }
-        let both: Vec<Vec<f32>> = pixels.iter().cloned().chain(pixels.iter().map(|p| self.mirrored(p))).collect();
-        Ok(mean_of_halves(&self.probabilities(&both)?))
+        Ok(mean_of_halves(&self.probabilities(&self.with_mirrors(pixels.to_vec()))?))
     }
 
-    /// The pixel values of the left-right mirror image (channels × height × width).
-    pub fn mirrored(&self, pixels: &[f32]) -> Vec<f32> {
+    /// The images' pixel values followed by those of their left-right mirror images (channels ×
+    /// height × width each), the batch of a test-time flip: [`mean_of_halves`] of its
+    /// probabilities is the answer.
+    pub fn with_mirrors(&self, mut pixels: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
         let (_, w) = self.pre.size;
-        let mut out = pixels.to_vec();
-        for row in out.chunks_mut(w.max(1)) {
-            row.reverse();
-        }
-        out
+        let mirrors: Vec<Vec<f32>> = pixels
+            .iter()
+            .map(|p| {
+                let mut m = p.clone();
+                m.chunks_mut(w.max(1)).for_each(<[f32]>::reverse);
+                m
+            })
+            .collect();
+        pixels.extend(mirrors);
+        pixels
     }
 
     /// The `k` most probable labels, most probable first.

@@ -249,8 +249,7 @@ impl Predictor {
         .await
         .map_err(|e| PredictError::Inference(format!("preprocessing stopped: {e}")))??;
         let probs = if flip {
-            let mirrored: Vec<Vec<f32>> = pixels.iter().map(|p| model.classifier.mirrored(p)).collect();
-            let both = pixels.into_iter().chain(mirrored).collect();
+            let both = model.classifier.with_mirrors(pixels);
             crate::model::classifier::mean_of_halves(&self.infer(model.clone(), both).await?)
         } else {
             self.infer(model.clone(), pixels).await?
