@@ -14,31 +14,21 @@ use tokio::sync::{OwnedRwLockWriteGuard, RwLock};
 
 use crate::dataset::BlobStore;
 use crate::db;
+use crate::objects::Objects;
 
 /// Shared by uploads in flight, exclusive for collection.
 pub type BlobLock = Arc<RwLock<()>>;
 
-/// Removes the blobs among `candidates` that no dataset references; returns how many went. The
-/// guard proves the caller holds the lock exclusively.
+/// Removes the blobs among `candidates` that no dataset references (from the data folder and the
+/// object store); returns how many went. The guard proves the caller holds the lock exclusively.
 pub async fn remove_unreferenced(
     pool: &Pool,
-    store: &BlobStore,
+    store: &Objects,
     candidates: &[String],
     _exclusive: &OwnedRwLockWriteGuard<()>,
 ) -> anyhow::Result<usize> {
     let orphans = db::datasets::unreferenced(pool, candidates).await?;
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
-        let mut removed = 0;
-        for hash in &orphans {
-            if store.remove(hash).with_context(|| format!("removing blob {hash}"))? {
-                removed += 1;
-            }
-        }
-        Ok(removed)
-    })
-    .await
-    .context("blob removal task")?
+    store.remove_blobs(&orphans).await
 }
 
 /// Collects the blobs of a deleted dataset. Done now when no upload is in flight; otherwise in the
@@ -49,7 +39,7 @@ pub async fn remove_unreferenced(
 /// none, the blobs are left for the next start-up sweep of a `--role all` process.
 pub async fn collect_after_delete(
     pool: &Pool,
-    store: &BlobStore,
+    store: &Objects,
     lock: &BlobLock,
     candidates: Vec<String>,
     shared_store: bool,
@@ -82,10 +72,11 @@ pub async fn collect_after_delete(
     Ok(())
 }
 
-/// Removes every stored blob no dataset references, and temporary files a crash left behind.
-pub async fn sweep(pool: &Pool, store: &BlobStore, lock: &BlobLock) -> anyhow::Result<usize> {
+/// Removes every stored blob no dataset references (in the data folder and the object store), and
+/// temporary files a crash left behind.
+pub async fn sweep(pool: &Pool, store: &Objects, lock: &BlobLock) -> anyhow::Result<usize> {
     let guard = lock.clone().write_owned().await;
-    let listing = store.clone();
+    let listing = store.blobs().clone();
     let stored = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<String>> {
         // An hour is far longer than any single blob write, so such a file is abandoned.
         listing.remove_stale_temp_files(std::time::Duration::from_secs(3600))?;
@@ -93,8 +84,10 @@ pub async fn sweep(pool: &Pool, store: &BlobStore, lock: &BlobLock) -> anyhow::R
     })
     .await
     .context("blob listing task")?
-    .with_context(|| format!("listing blobs in {}", store.root().display()))?;
-    remove_unreferenced(pool, store, &stored, &guard).await
+    .with_context(|| format!("listing blobs in {}", store.blobs().root().display()))?;
+    let mut stored: std::collections::BTreeSet<String> = stored.into_iter().collect();
+    stored.extend(store.remote_blobs().await?);
+    remove_unreferenced(pool, store, &stored.into_iter().collect::<Vec<_>>(), &guard).await
 }
 
 /// Removes cached thumbnails (`<hash>.jpg` in `dir`) whose blob is gone; returns how many.
@@ -137,7 +130,9 @@ mod tests {
     async fn collection_waits_for_uploads_in_flight() {
         let dir = tempfile::tempdir().unwrap();
         let pool = db::connect(&db::sqlite_url(&dir.path().join("test.db"))).await.unwrap();
-        let store = BlobStore::open(dir.path().join("blobs")).unwrap();
+        let paths = crate::paths::DataPaths::new(dir.path());
+        let store = BlobStore::open(paths.blobs()).unwrap();
+        let objects = Objects::local(paths, store.clone());
         let lock = BlobLock::default();
         let dataset = db::datasets::insert(&pool, "d", &ingested(&store, &[b"one", b"two"])).await.unwrap();
 
@@ -146,7 +141,7 @@ mod tests {
         let db::datasets::Deleted::Removed { blobs } = db::datasets::delete(&pool, &dataset.id).await.unwrap() else {
             panic!("not removed");
         };
-        collect_after_delete(&pool, &store, &lock, blobs, false).await.unwrap();
+        collect_after_delete(&pool, &objects, &lock, blobs, false).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(store.list().unwrap().len(), 2, "collected while an upload held the lock");
         db::datasets::insert(&pool, "e", &ingested(&store, &[b"two", b"three"])).await.unwrap();

@@ -29,6 +29,14 @@ pub struct ServeConfig {
     #[arg(long, env = "VITFORGE_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<DatabaseUrl>,
 
+    /// Where image blobs, checkpoints and models live: the data folder (the default), or an
+    /// S3-compatible object store, `s3://bucket/prefix`, configured by the usual `AWS_*` variables
+    /// (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
+    /// `AWS_ALLOW_HTTP`). With a store the data folder holds only scratch and caches, and
+    /// processes on several machines share nothing but the database and the store.
+    #[arg(long, env = "VITFORGE_OBJECT_STORE")]
+    pub object_store: Option<String>,
+
     /// What this process does: `all` (the HTTP API and the fine-tune workers, the only process on
     /// its database and data folder), `api` (the HTTP API and `/predict`; runs no job) or `worker`
     /// (claims and runs jobs; answers only `/healthz`, `/readyz` and `/metrics`). Several

@@ -12,6 +12,7 @@ pub mod db;
 pub mod http;
 pub mod imaging;
 pub mod model;
+pub mod objects;
 pub mod paths;
 pub mod predictor;
 pub mod registry;

@@ -2,7 +2,8 @@
 //! Registering one copies its folder into `<data-dir>/models/<id>/`, loads it for `/predict`,
 //! inserts its row (marking its job succeeded) and makes it the default; deleting one removes the
 //! row, evicts it from the predictor, moves the default to the newest remaining model and
-//! removes its folder. `/predict` asks it which model a request means.
+//! removes its folder. `/predict` asks it which model a request means. With an object store the
+//! folder is stored there before the row exists, and fetched into the data folder on first use.
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +15,7 @@ use crate::db::jobs::Job;
 use crate::db::models::{Deleted, Model};
 use crate::model::VitConfig;
 use crate::model::io::{CONFIG_FILE, SAVED_FILES, write_dir_atomically, write_file};
+use crate::objects::Objects;
 use crate::paths::DataPaths;
 use crate::predictor::{Loaded, PredictError, Predictor};
 use crate::train::TrainOutcome;
@@ -23,17 +25,21 @@ use crate::train::TrainOutcome;
 pub struct ModelRegistry {
     db: Pool,
     paths: DataPaths,
+    objects: Objects,
     predictor: Predictor,
 }
 
 impl ModelRegistry {
-    pub fn new(db: Pool, paths: DataPaths, predictor: Predictor) -> Self {
-        Self { db, paths, predictor }
+    pub fn new(db: Pool, paths: DataPaths, objects: Objects, predictor: Predictor) -> Self {
+        Self { db, paths, objects, predictor }
     }
 
-    /// The folder of a registered model.
-    pub fn dir(&self, model: &Model) -> PathBuf {
-        self.paths.root().join(&model.path)
+    /// The folder of a registered model, fetched from the object store first when the data
+    /// folder lacks it.
+    pub async fn dir(&self, model: &Model) -> anyhow::Result<PathBuf> {
+        let dir = self.paths.root().join(&model.path);
+        self.objects.fetch_dir(&dir).await.with_context(|| format!("fetching model {}", model.id))?;
+        Ok(dir)
     }
 
     /// Makes the newest model the default of `/predict` (at start-up).
@@ -51,6 +57,11 @@ impl ModelRegistry {
         let dest = self.paths.model(&model_id);
         let (src, copy_to) = (outcome.best_dir.clone(), dest.clone());
         tokio::task::spawn_blocking(move || copy_model_folder(&src, &copy_to)).await??;
+        // In the object store before its row exists, so every process that sees the row finds it.
+        if let Err(e) = self.objects.publish_dir(&dest).await {
+            self.objects.remove_dir(&dest).await.ok();
+            return Err(e.context("storing the model"));
+        }
         let model = Model {
             id: model_id.clone(),
             job_id: Some(job.id.clone()),
@@ -68,7 +79,7 @@ impl ModelRegistry {
         let registered = db::models::register_for_job(&self.db, &model, Some(worker)).await.context("registering the model");
         if !matches!(registered, Ok(true)) {
             self.predictor.evict(&model_id);
-            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dest)).await?.ok();
+            self.objects.remove_dir(&dest).await.ok();
             registered?;
             anyhow::bail!("job {} no longer runs under this worker (its lease ran out and another worker took it)", job.id);
         }
@@ -76,8 +87,7 @@ impl ModelRegistry {
             Ok(_) => self.predictor.set_default(Some(model_id.clone())),
             Err(e) => tracing::error!(model = %model_id, error = %e, "the new model failed to load; the previous default keeps serving"),
         }
-        let job_dir = self.paths.job(&job.id);
-        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(job_dir)).await?.ok();
+        self.objects.remove_dir(&self.paths.job(&job.id)).await.ok();
         db::job_metrics::delete_checkpoints(&self.db, &job.id).await?;
         Ok(model)
     }
@@ -91,8 +101,7 @@ impl ModelRegistry {
             if self.predictor.default_model().as_deref() == Some(id) {
                 self.set_default_to_latest().await?;
             }
-            let dir = self.paths.root().join(path);
-            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await?.ok();
+            self.objects.remove_dir(&self.paths.root().join(path)).await?;
         }
         Ok(outcome)
     }
@@ -108,7 +117,8 @@ impl ModelRegistry {
 
     /// The model loaded for inference (from memory, or loaded now).
     pub async fn load(&self, model: &Model) -> Result<std::sync::Arc<Loaded>, PredictError> {
-        self.predictor.get_or_load(&model.id, self.dir(model)).await
+        let dir = self.dir(model).await.map_err(PredictError::Fetch)?;
+        self.predictor.get_or_load(&model.id, dir).await
     }
 
     /// At start-up: removes folders under `models/` that no model row points at (left by a crash
@@ -120,6 +130,14 @@ impl ModelRegistry {
             let path = entry?.path();
             if !known.contains(&self.relative(&path)) {
                 std::fs::remove_dir_all(&path)?;
+                removed.push(path);
+            }
+        }
+        // And in the object store: stored, then the process died before the row went in.
+        for name in self.objects.stored_folders(&self.paths.models()).await? {
+            let path = self.paths.model(&name);
+            if !known.contains(&self.relative(&path)) {
+                self.objects.remove_dir(&path).await?;
                 removed.push(path);
             }
         }

@@ -14,6 +14,7 @@ use crate::budget::MemoryBudget;
 use crate::config::{DatabaseUrl, Role, ServeConfig};
 use crate::dataset::{BlobStore, IngestLimits};
 use crate::http::{self, AppState};
+use crate::objects::Objects;
 use crate::paths::DataPaths;
 use crate::predictor::{Predictor, PredictorConfig};
 use crate::registry::ModelRegistry;
@@ -55,6 +56,10 @@ impl Application {
             );
         }
         let blobs = BlobStore::open(paths.blobs())?;
+        let objects = match &config.object_store {
+            Some(url) => Objects::s3(url, paths.clone(), blobs)?,
+            None => Objects::local(paths.clone(), blobs),
+        };
         let blob_lock = Arc::default();
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let ingest_slots = Arc::new(tokio::sync::Semaphore::new(cpus));
@@ -74,14 +79,14 @@ impl Application {
             metrics.clone(),
         );
         let api_keys = Arc::new(http::auth::ApiKeys::new(&config.api_key));
-        let models = ModelRegistry::new(db.clone(), paths.clone(), predictor.clone());
+        let models = ModelRegistry::new(db.clone(), paths.clone(), objects.clone(), predictor.clone());
         let state = AppState {
             db,
             api_keys,
             ingest_limits: ingest_limits(&config),
             config: Arc::new(config),
             paths,
-            blobs,
+            objects,
             blob_lock,
             ingest_slots,
             jobs: JobHub::new(),
@@ -112,7 +117,8 @@ impl Application {
 
     /// Serves until `shutdown` completes, then lets in-flight requests finish.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        tracing::info!(addr = %self.addr, data_dir = %self.state.paths.root().display(), "vitforge listening");
+        let object_store = self.state.objects.url().unwrap_or("the data folder");
+        tracing::info!(addr = %self.addr, data_dir = %self.state.paths.root().display(), object_store, "vitforge listening");
         let devices = if self.state.config.role.runs_jobs() { self.devices } else { Vec::new() };
         let workers = crate::worker::spawn(job_context(&self.state), devices);
         // An API process of several learns of models registered by workers elsewhere by looking.
@@ -205,12 +211,12 @@ async fn recover_jobs(state: &AppState) -> anyhow::Result<()> {
 /// processes of the other roles share them and must not remove what another is writing.
 async fn clean_up(state: &AppState) -> anyhow::Result<()> {
     clear_scratch(&state.paths)?;
-    let removed = crate::blob_gc::sweep(&state.db, &state.blobs, &state.blob_lock).await.context("sweeping unreferenced blobs")?;
+    let removed = crate::blob_gc::sweep(&state.db, &state.objects, &state.blob_lock).await.context("sweeping unreferenced blobs")?;
     if removed > 0 {
         tracing::info!(removed, "removed blobs no dataset references (left by an interrupted upload)");
     }
     let thumbnails =
-        crate::blob_gc::remove_orphan_thumbnails(&state.blobs, &state.paths.thumbnails()).context("removing stale thumbnails")?;
+        crate::blob_gc::remove_orphan_thumbnails(state.objects.blobs(), &state.paths.thumbnails()).context("removing stale thumbnails")?;
     if thumbnails > 0 {
         tracing::info!(thumbnails, "removed thumbnails of images no dataset has any more");
     }
@@ -238,7 +244,7 @@ fn job_context(state: &AppState) -> JobContext {
     JobContext {
         db: state.db.clone(),
         paths: state.paths.clone(),
-        blobs: state.blobs.clone(),
+        objects: state.objects.clone(),
         hub: state.jobs.clone(),
         models: state.models.clone(),
         base_models_dir: state.config.base_models_dir(),

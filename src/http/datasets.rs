@@ -87,12 +87,15 @@ async fn thumbnail(State(state): State<AppState>, ApiPath((id, blob)): ApiPath<(
         return Err(AppError::not_found("image", &blob));
     }
     let cached = state.paths.thumbnail(&blob);
-    let (blobs, memory, max_pixels) = (state.blobs.clone(), state.memory.clone(), state.config.max_image_pixels);
+    let image = if tokio::fs::try_exists(&cached).await.unwrap_or(false) { None } else { Some(state.objects.blob_path(&blob).await?) };
+    let (memory, max_pixels) = (state.memory.clone(), state.config.max_image_pixels);
     let jpeg = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, AppError> {
-        if let Ok(bytes) = std::fs::read(&cached) {
-            return Ok(bytes);
-        }
-        let bytes = blobs.read(&blob).context("reading the image")?;
+        let image = match (std::fs::read(&cached), image) {
+            (Ok(bytes), _) => return Ok(bytes),
+            (Err(_), Some(image)) => image,
+            (Err(e), None) => return Err(anyhow::Error::new(e).context("reading a cached thumbnail").into()),
+        };
+        let bytes = std::fs::read(image).context("reading the image")?;
         let img = crate::imaging::decode_rgb_within(&bytes, max_pixels, &memory, crate::budget::WAIT).map_err(|e| match e {
             crate::imaging::ImageError::OverBudget { .. } => AppError::over_budget(e.to_string()),
             e => AppError::Internal(anyhow::anyhow!("a stored image no longer decodes: {e}")),
@@ -132,6 +135,9 @@ async fn create(
     let across = if shared_blobs(&state) { crate::db::blob_lock(&state.db, false, true).await? } else { None };
     let uploading = Arc::new(state.blob_lock.clone().read_owned().await);
     let ingested = ingest(&state, upload.file, slot, uploading.clone()).await?;
+    // In the object store before the rows that name them.
+    let blobs: std::collections::BTreeSet<String> = ingested.images.iter().map(|i| i.blob.clone()).collect();
+    state.objects.publish_blobs(&blobs.into_iter().collect::<Vec<_>>()).await?;
     let dataset = queries::insert(&state.db, &upload.name, &ingested).await?;
     drop(uploading);
     drop(across);
@@ -159,7 +165,7 @@ async fn get(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Res
 async fn delete(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<StatusCode, AppError> {
     match queries::delete(&state.db, &id).await? {
         Deleted::Removed { blobs } => {
-            crate::blob_gc::collect_after_delete(&state.db, &state.blobs, &state.blob_lock, blobs, shared_blobs(&state)).await?;
+            crate::blob_gc::collect_after_delete(&state.db, &state.objects, &state.blob_lock, blobs, shared_blobs(&state)).await?;
             Ok(StatusCode::NO_CONTENT)
         }
         Deleted::NotFound => Err(AppError::not_found("dataset", &id)),
@@ -316,7 +322,7 @@ async fn ingest(
     slot: tokio::sync::OwnedSemaphorePermit,
     uploading: Arc<tokio::sync::OwnedRwLockReadGuard<()>>,
 ) -> Result<Ingested, AppError> {
-    let store = state.blobs.clone();
+    let store = state.objects.blobs().clone();
     let limits = state.ingest_limits.clone();
     let memory = state.memory.clone();
     let span = tracing::Span::current();

@@ -192,6 +192,7 @@ impl From<PredictError> for AppError {
             PredictError::Classify(ClassifyError::Cancelled) => {
                 Self::client(StatusCode::SERVICE_UNAVAILABLE, "cancelled", "the request was abandoned")
             }
+            PredictError::Fetch(e) => Self::Internal(e),
             other => Self::Internal(anyhow::anyhow!(other)),
         }
     }
@@ -226,6 +227,13 @@ impl IntoResponse for AppError {
             Self::Db(e) if database_unreachable(&e) => {
                 tracing::warn!(error = %e, "the database does not answer");
                 let mut resp = error_response(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "the database does not answer; retry shortly");
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+                resp
+            }
+            Self::Internal(e) if e.downcast_ref::<crate::objects::StoreFailed>().is_some() => {
+                tracing::warn!(error = format!("{e:#}"), "the object store failed");
+                let mut resp =
+                    error_response(StatusCode::SERVICE_UNAVAILABLE, "object_store_unavailable", "the object store does not answer or refused a request; retry shortly");
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
                 resp
             }

@@ -20,13 +20,20 @@ async fn healthz() -> Json<Value> {
 /// database that is down gives a 503, not a probe that times out.
 const READY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// 200 when the database answers within [`READY_WAIT`], 503 when it does not.
+/// 200 when the database and the object store (if any) answer within [`READY_WAIT`], 503 naming
+/// the one that does not.
 async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, AppError> {
-    let why = match tokio::time::timeout(READY_WAIT, crate::db::ping(&state.db)).await {
-        Ok(Ok(())) => return Ok(Json(json!({"status": "ready"}))),
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => format!("no answer within {READY_WAIT:?}"),
-    };
-    tracing::warn!(error = %why, "readiness check failed");
-    Err(AppError::unavailable("not_ready", "the database does not answer"))
+    let database = tokio::time::timeout(READY_WAIT, async { crate::db::ping(&state.db).await.map_err(anyhow::Error::from) });
+    let objects = tokio::time::timeout(READY_WAIT, state.objects.check());
+    let (database, objects) = tokio::join!(database, objects);
+    for (what, outcome) in [("the database", database), ("the object store", objects)] {
+        let why = match outcome {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(_) => format!("no answer within {READY_WAIT:?}"),
+        };
+        tracing::warn!(error = %why, "readiness check failed: {what}");
+        return Err(AppError::unavailable("not_ready", format!("{what} does not answer")));
+    }
+    Ok(Json(json!({"status": "ready"})))
 }

@@ -34,7 +34,8 @@ use tower_http::trace::TraceLayer;
 use crate::blob_gc::BlobLock;
 use crate::budget::MemoryBudget;
 use crate::config::ServeConfig;
-use crate::dataset::{BlobStore, IngestLimits};
+use crate::dataset::IngestLimits;
+use crate::objects::Objects;
 use crate::paths::DataPaths;
 use crate::predictor::Predictor;
 use crate::registry::ModelRegistry;
@@ -48,8 +49,9 @@ pub struct AppState {
     pub db: Pool,
     pub config: Arc<ServeConfig>,
     pub paths: DataPaths,
-    /// The image store under `<data-dir>/blobs`.
-    pub blobs: BlobStore,
+    /// The bytes: image blobs, checkpoints and models (the data folder, or an object store with
+    /// the data folder as a cache).
+    pub objects: Objects,
     /// Held shared by uploads until their rows are in, exclusively by blob collection.
     pub blob_lock: BlobLock,
     /// One permit per ingest allowed to run at once (one per CPU): each holds up to an image's

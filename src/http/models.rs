@@ -74,7 +74,7 @@ impl Write for ChannelWriter {
 /// streamed as it is written.
 async fn download(State(s): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, AppError> {
     let model = find(&s, &id).await?;
-    let dir = s.models.dir(&model);
+    let dir = s.models.dir(&model).await?;
     let (tx, rx) = mpsc::channel(8);
     let name = format!("vitforge-model-{id}");
     let prefix = name.clone();
@@ -114,11 +114,10 @@ async fn evaluate(
 ) -> Result<Json<EvalReport>, AppError> {
     let model = find(&s, &id).await?;
     db::datasets::get(&s.db, &req.dataset_id).await?.ok_or_else(|| AppError::not_found("dataset", &req.dataset_id))?;
-    let mut records = Vec::new();
-    for row in db::datasets::images(&s.db, &req.dataset_id).await? {
-        records.push((s.blobs.path(&row.blob).map_err(anyhow::Error::from)?, row.label, row.split));
-    }
-    let dir = s.models.dir(&model);
+    let rows = db::datasets::images(&s.db, &req.dataset_id).await?;
+    let files = s.objects.blob_paths(&rows.iter().map(|r| r.blob.clone()).collect::<Vec<_>>()).await?;
+    let records: Vec<_> = rows.into_iter().zip(files).map(|(row, file)| (file, row.label, row.split)).collect();
+    let dir = s.models.dir(&model).await?;
     let max_pixels = s.config.max_image_pixels;
     let evaluation = tokio::task::spawn_blocking(move || {
         let device = candle_core::Device::Cpu;

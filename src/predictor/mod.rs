@@ -66,6 +66,9 @@ pub enum PredictError {
     /// The database failed while choosing the model.
     #[error("database error: {0}")]
     Store(String),
+    /// The model's files could not be fetched from the object store.
+    #[error("{0:#}")]
+    Fetch(anyhow::Error),
 }
 
 impl PredictError {

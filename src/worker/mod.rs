@@ -14,9 +14,9 @@ use std::time::Duration;
 use candle_core::Device;
 use crate::db::Pool;
 
-use crate::dataset::BlobStore;
 use crate::db;
 use crate::db::jobs::{Job, Status};
+use crate::objects::Objects;
 use crate::paths::DataPaths;
 use crate::registry::ModelRegistry;
 use crate::train::{Phase, TrainError, TrainEvent};
@@ -32,7 +32,7 @@ const POLL: Duration = Duration::from_secs(2);
 pub struct JobContext {
     pub db: Pool,
     pub paths: DataPaths,
-    pub blobs: BlobStore,
+    pub objects: Objects,
     pub hub: Arc<JobHub>,
     pub models: ModelRegistry,
     /// Folder of local base models (`base_model` names a sub-folder).
@@ -165,6 +165,10 @@ async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device)
     match db::jobs::get(&ctx.db, &job.id).await {
         Ok(Some(done)) if done.status.is_terminal() => {
             tracing::info!(job = %job.id, status = done.status.as_str(), "job finished");
+            // Its checkpoints serve no one any more, here or in the object store.
+            if let Err(e) = ctx.objects.remove_dir(&ctx.paths.job(&job.id)).await {
+                tracing::warn!(job = %job.id, error = format!("{e:#}"), "removing the job's checkpoints failed");
+            }
             ctx.hub.publish(&job.id, JobEvent::Status(Box::new(done)));
         }
         Ok(_) => {}

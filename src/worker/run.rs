@@ -42,26 +42,42 @@ fn setup(e: impl std::fmt::Display) -> JobFailure {
 /// Runs the fine-tune of `job` on a thread of its own and records its events as they arrive.
 pub(super) async fn run_job(ctx: &JobContext, job: &Job, device: &Device, cancel: Arc<AtomicBool>, recorder: &mut Recorder<'_>) -> Result<TrainOutcome, JobFailure> {
     let params: TrainParams = serde_json::from_value(job.params.clone()).map_err(|e| setup(format!("stored hyper-parameters: {e}")))?;
-    let is_our_model = db::models::get(&ctx.db, &job.base_model).await.map_err(setup)?.is_some();
-    let source = resolve_base_model(&job.base_model, is_our_model, &ctx.paths.models(), &ctx.base_models_dir).map_err(setup)?;
+    let our_model = db::models::get(&ctx.db, &job.base_model).await.map_err(setup)?;
+    if let Some(model) = &our_model {
+        ctx.models.dir(model).await.map_err(|e| setup(format!("{e:#}")))?;
+    }
+    let source = resolve_base_model(&job.base_model, our_model.is_some(), &ctx.paths.models(), &ctx.base_models_dir).map_err(setup)?;
     let (data, files) = load_dataset(ctx, &job.dataset_id).await?;
     (recorder.files, recorder.labels) = (files, data.labels.clone());
-    let spec = TrainSpec {
-        params: params.clone(),
-        data,
-        checkpoint_root: ctx.paths.job(&job.id),
-        max_pixels: ctx.max_image_pixels,
-        cache_budget: default_cache_budget(),
-    };
+    let checkpoint_root = ctx.paths.job(&job.id);
+    // Another machine may have run it before: its last checkpoint is in the object store.
+    if let Some(epoch) = ctx.objects.fetch_checkpoint(&checkpoint_root).await.map_err(|e| setup(format!("{e:#}")))? {
+        tracing::info!(job = %job.id, epoch, "fetched the job's last checkpoint from the object store");
+    }
+    let spec = TrainSpec { params: params.clone(), data, checkpoint_root: checkpoint_root.clone(), max_pixels: ctx.max_image_pixels, cache_budget: default_cache_budget() };
     let (tx, mut rx) = mpsc::unbounded_channel::<TrainEvent>();
     let (done_tx, done_rx) = oneshot::channel();
     let device = device.clone();
     let labels = spec.data.labels.clone();
+    let (objects, runtime) = (ctx.objects.clone(), tokio::runtime::Handle::current());
     std::thread::Builder::new()
         .name(format!("train-{}", &job.id[job.id.len().saturating_sub(8)..]))
         .spawn(move || {
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<TrainOutcome, JobFailure> {
+                let mut improved = false;
                 let mut on_event = |e: TrainEvent| {
+                    match &e {
+                        TrainEvent::Epoch { improved: better, .. } => improved = *better,
+                        // Stored before the next epoch starts, from this thread (the async side
+                        // only records): the checkpoint is then in the object store before the
+                        // next one replaces it in the folder.
+                        TrainEvent::Checkpoint { epoch, .. } if objects.is_remote() => {
+                            if let Err(e) = runtime.block_on(objects.publish_checkpoint(&checkpoint_root, *epoch, improved)) {
+                                tracing::error!(error = format!("{e:#}"), epoch, "storing the checkpoint in the object store failed; a resume elsewhere starts from an earlier one");
+                            }
+                        }
+                        _ => {}
+                    }
                     let _ = tx.send(e);
                 };
                 on_event(TrainEvent::Phase { phase: Phase::Loading, done: 0, total: 1 });
@@ -95,10 +111,10 @@ async fn load_dataset(ctx: &JobContext, dataset_id: &str) -> Result<(TrainData, 
         .map_err(setup)?
         .ok_or_else(|| setup(format!("dataset '{dataset_id}' no longer exists")))?;
     let rows = db::datasets::images(&ctx.db, dataset_id).await.map_err(setup)?;
+    let paths = ctx.objects.blob_paths(&rows.iter().map(|r| r.blob.clone()).collect::<Vec<_>>()).await.map_err(|e| setup(format!("{e:#}")))?;
     let mut records = Vec::with_capacity(rows.len());
     let mut files = HashMap::with_capacity(rows.len());
-    for row in rows {
-        let path = ctx.blobs.path(&row.blob).map_err(|e| setup(format!("image {}: {e}", row.file)))?;
+    for (row, path) in rows.into_iter().zip(paths) {
         files.insert(path.clone(), (row.blob, row.file));
         records.push((path, row.label, row.split));
     }

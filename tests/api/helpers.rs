@@ -33,6 +33,7 @@ pub struct TestApp {
 pub fn test_config(data_dir: &Path) -> ServeConfig {
     let mut cfg = ServeConfig::default_for(data_dir);
     cfg.database_url = crate::support::database_url(data_dir).map(|url| url.parse().expect("a database URL"));
+    cfg.object_store = crate::support::object_store_url(data_dir);
     cfg.port = 0;
     cfg.host = "127.0.0.1".into();
     cfg

@@ -13,6 +13,7 @@ mod hostile;
 mod hostile_inputs;
 mod jobs;
 mod models;
+mod objects;
 mod helpers;
 mod openapi;
 mod overload;

@@ -109,6 +109,101 @@ pub fn database_url(data_dir: &Path) -> Option<String> {
     Some(format!("{base}/{name}"))
 }
 
+/// The object store of a test service on `data_dir`: `None` for the default (the data folder), or,
+/// under `VITFORGE_TEST_S3` (`s3://bucket`, with the `AWS_*` variables of its server set), a prefix
+/// of its own in that bucket, named after the folder (so a restart on the same folder finds its
+/// objects). `scripts/test-postgres.sh` starts a private S3 server for it.
+pub fn object_store_url(data_dir: &Path) -> Option<String> {
+    let bucket = std::env::var("VITFORGE_TEST_S3").ok().filter(|u| !u.is_empty())?;
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    data_dir.hash(&mut hasher);
+    Some(format!("{}/test-{:016x}", bucket.trim_end_matches('/'), hasher.finish()))
+}
+
+/// An S3-compatible server of one test's own (`moto_server`, PyPI `moto[server]`) on a loopback
+/// port, with one bucket; the test may stop and start it again. Killed when dropped.
+pub struct PrivateS3 {
+    child: Option<Child>,
+    pub port: u16,
+    pub bucket: String,
+}
+
+impl PrivateS3 {
+    /// Starts `moto_server` and creates the bucket, or `None` when it is not installed. Panics when
+    /// it is missing and `VITFORGE_REQUIRE_S3=1` (`.ci/run` installs it and sets that).
+    pub async fn start() -> Option<Self> {
+        let found = Command::new("moto_server").arg("--help").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+        if !found {
+            assert!(std::env::var_os("VITFORGE_REQUIRE_S3").is_none_or(|v| v != "1"), "VITFORGE_REQUIRE_S3=1 but moto_server is not installed");
+            eprintln!("moto_server (pip install 'moto[server]') is not installed: this object-store test is skipped");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut s3 = Self { child: None, port, bucket: "vitforge".into() };
+        s3.up().await;
+        Some(s3)
+    }
+
+    /// Starts the server (again, empty: moto keeps everything in memory) and creates the bucket.
+    pub async fn up(&mut self) {
+        let child = Command::new("moto_server").args(["-H", "127.0.0.1", "-p", &self.port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let url = format!("{}/{}", self.endpoint(), self.bucket);
+        loop {
+            let created = reqwest::Client::new().put(&url).send().await;
+            if created.is_ok_and(|r| r.status().is_success()) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "moto_server did not start within 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the server (SIGKILL).
+    pub fn down(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The variables that point a `vitforge serve` at it, with `prefix` in the bucket.
+    pub fn env(&self, prefix: &str) -> Vec<(String, String)> {
+        [
+            ("VITFORGE_OBJECT_STORE", format!("s3://{}/{prefix}", self.bucket)),
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// The keys stored under `prefix` (S3 ListObjectsV2, at most 1,000).
+    pub async fn keys(&self, prefix: &str) -> Vec<String> {
+        let url = format!("{}/{}?list-type=2&prefix={prefix}", self.endpoint(), self.bucket);
+        let answer = reqwest::get(&url).await.unwrap();
+        assert!(answer.status().is_success(), "listing {url}: {}", answer.status());
+        let xml = answer.text().await.unwrap();
+        xml.split("<Key>").skip(1).filter_map(|s| s.split("</Key>").next()).map(str::to_string).collect()
+    }
+}
+
+impl Drop for PrivateS3 {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
 /// A connection pool on the database of a test service on `data_dir` (either backend), for tests
 /// that look at rows directly.
 pub async fn open_database(data_dir: &Path) -> sqlx::AnyPool {
@@ -207,7 +302,8 @@ impl Launch {
     /// replaces the binary under test, to compare builds).
     pub fn new(data_dir: &Path) -> Self {
         let bin = std::env::var_os("VITFORGE_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_vitforge")));
-        let env = database_url(data_dir).map(|url| ("VITFORGE_DATABASE_URL".to_string(), url)).into_iter().collect();
+        let mut env: Vec<(String, String)> = database_url(data_dir).map(|url| ("VITFORGE_DATABASE_URL".to_string(), url)).into_iter().collect();
+        env.extend(object_store_url(data_dir).map(|url| ("VITFORGE_OBJECT_STORE".to_string(), url)));
         Self { bin, data_dir: data_dir.to_path_buf(), args: vec![], env, cwd: None, log_file: None, level: "warn".into() }
     }
 
@@ -220,6 +316,12 @@ impl Launch {
     /// An environment variable of the child.
     pub fn env(mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> Self {
         self.env.push((key.to_string(), value.as_ref().to_string_lossy().into_owned()));
+        self
+    }
+
+    /// Several environment variables of the child (later ones win).
+    pub fn envs(mut self, vars: Vec<(String, String)>) -> Self {
+        self.env.extend(vars);
         self
     }
 

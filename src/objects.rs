@@ -1,0 +1,425 @@
+//! Where the service's bytes live: the data folder alone (the default), or an S3-compatible
+//! object store (`--object-store s3://bucket/prefix`) with the data folder as a cache.
+//!
+//! With a store, every image blob, every epoch checkpoint and every model folder is written to
+//! it before the database row that makes it visible (the dataset, the checkpoint record, the
+//! model), so what a row names is always complete in the store; the local copy is a cache that
+//! may be deleted at any time and is fetched again on first use. Keys mirror the data folder's
+//! layout (`blobs/<sha256>`, `models/<id>/…`, `jobs/<id>/epoch-<n>/…`), under the prefix, except
+//! a job's best model: its local `best/` is stored as `jobs/<id>/best-<epoch>/`, and each epoch
+//! checkpoint's `state.json` (written last) names the one it goes with.
+//!
+//! The bottom layers stay synchronous and know only local files; this module moves bytes between
+//! the two, on the async side, and the callers decide when.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path as Key;
+use object_store::{ObjectStore, PutPayload};
+
+use crate::dataset::BlobStore;
+use crate::paths::DataPaths;
+use crate::train::checkpoint::{self, LoopState};
+
+/// How many objects move at once in a transfer of many (a dataset's blobs).
+const PARALLEL: usize = 16;
+
+/// The bytes of the service: the data folder, and the object store when there is one. Cheap to
+/// clone.
+#[derive(Clone)]
+pub struct Objects {
+    paths: DataPaths,
+    blobs: BlobStore,
+    remote: Option<Arc<Remote>>,
+}
+
+struct Remote {
+    store: Arc<dyn ObjectStore>,
+    /// `s3://bucket/prefix`, for messages.
+    url: String,
+}
+
+impl Remote {
+    fn failed(&self, source: object_store::Error, doing: String) -> anyhow::Error {
+        anyhow::Error::new(StoreFailed { url: self.url.clone(), doing, source })
+    }
+}
+
+/// The object store refused or did not answer a request (the HTTP layer answers 503).
+#[derive(Debug, thiserror::Error)]
+#[error("object store {url}: {doing}: {source}")]
+pub struct StoreFailed {
+    url: String,
+    doing: String,
+    #[source]
+    source: object_store::Error,
+}
+
+/// Why an `--object-store` value is refused.
+fn invalid(url: &str, why: &str) -> anyhow::Error {
+    anyhow::anyhow!("--object-store {url:?}: {why} (expected s3://bucket or s3://bucket/prefix)")
+}
+
+impl Objects {
+    /// The data folder alone.
+    pub fn local(paths: DataPaths, blobs: BlobStore) -> Self {
+        Self { paths, blobs, remote: None }
+    }
+
+    /// The data folder as a cache of the S3-compatible store at `url` (`s3://bucket/prefix`),
+    /// configured by the usual `AWS_*` variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ALLOW_HTTP`). Nothing is contacted here.
+    pub fn s3(url: &str, paths: DataPaths, blobs: BlobStore) -> anyhow::Result<Self> {
+        let rest = url.strip_prefix("s3://").ok_or_else(|| invalid(url, "only s3:// is supported"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(invalid(url, "no bucket"));
+        }
+        let prefix = prefix.trim_matches('/');
+        if prefix.split('/').any(|part| part == "." || part == "..") {
+            return Err(invalid(url, "the prefix may not contain . or .. parts"));
+        }
+        let retry = object_store::RetryConfig { max_retries: 3, retry_timeout: Duration::from_secs(20), ..Default::default() };
+        use object_store::ClientConfigKey::{ConnectTimeout, Timeout};
+        use object_store::aws::AmazonS3ConfigKey::Client;
+        // Timeouts as configuration keys: replacing the client options would drop those the
+        // environment set (AWS_ALLOW_HTTP among them).
+        let s3 = object_store::aws::AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_retry(retry)
+            .with_config(Client(ConnectTimeout), "5 seconds")
+            .with_config(Client(Timeout), "120 seconds")
+            .build()
+            .map_err(|e| invalid(url, &e.to_string()))?;
+        let store: Arc<dyn ObjectStore> =
+            if prefix.is_empty() { Arc::new(s3) } else { Arc::new(object_store::prefix::PrefixStore::new(s3, prefix)) };
+        Ok(Self { paths, blobs, remote: Some(Arc::new(Remote { store, url: format!("s3://{bucket}/{prefix}") })) })
+    }
+
+    /// Whether bytes live in an object store (the data folder is then a cache).
+    pub fn is_remote(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// The object store's URL, or `None` for the data folder alone.
+    pub fn url(&self) -> Option<&str> {
+        self.remote.as_deref().map(|r| r.url.as_str())
+    }
+
+    /// The local image store (the cache, with an object store).
+    pub fn blobs(&self) -> &BlobStore {
+        &self.blobs
+    }
+
+    /// The key of a file or folder under the data folder.
+    fn key(&self, path: &Path) -> anyhow::Result<Key> {
+        let rel = path.strip_prefix(self.paths.root()).with_context(|| format!("{} is outside the data folder", path.display()))?;
+        let parts: Vec<String> = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+        Ok(Key::from(parts.join("/")))
+    }
+
+    /// Whether the object store answers (a missing object is an answer).
+    pub async fn check(&self) -> anyhow::Result<()> {
+        let Some(remote) = &self.remote else { return Ok(()) };
+        match remote.store.head(&Key::from("readyz")).await {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(remote.failed(e, "checking readiness".into())),
+        }
+    }
+
+    // ---- image blobs ----
+
+    /// Writes blobs of the local store to the object store (all of them: one stored earlier
+    /// may since have been collected there while it stayed in this cache).
+    pub async fn publish_blobs(&self, hashes: &[String]) -> anyhow::Result<()> {
+        let Some(remote) = &self.remote else { return Ok(()) };
+        let puts: Vec<_> = hashes
+            .iter()
+            .map(|hash| {
+                let (remote, hash) = (remote.clone(), hash.clone());
+                let path = self.blobs.path(&hash);
+                let key = path.as_ref().map_err(|e| anyhow::anyhow!("{e}")).and_then(|p| self.key(p));
+                async move {
+                    let (path, key) = (path?, key?);
+                    let bytes = tokio::fs::read(&path).await.with_context(|| format!("reading blob {hash}"))?;
+                    remote.store.put(&key, PutPayload::from(bytes)).await.map_err(|e| remote.failed(e, format!("storing blob {hash}")))?;
+                    anyhow::Ok(())
+                }
+            })
+            .collect();
+        futures::stream::iter(puts).buffer_unordered(PARALLEL).try_collect::<()>().await
+    }
+
+    /// The local file of blob `hash`, fetched from the object store first when the cache lacks it.
+    pub async fn blob_path(&self, hash: &str) -> anyhow::Result<PathBuf> {
+        let path = self.blobs.path(hash)?;
+        let Some(remote) = &self.remote else { return Ok(path) };
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Ok(path);
+        }
+        let bytes = remote.store.get(&self.key(&path)?).await.map_err(|e| remote.failed(e, format!("fetching blob {hash}")))?.bytes().await.map_err(|e| remote.failed(e, "reading an object".into()))?;
+        let blobs = self.blobs.clone();
+        let stored = tokio::task::spawn_blocking(move || blobs.put(&bytes)).await??;
+        if stored != hash {
+            bail!("blob {hash} in {} holds other content ({stored})", remote.url);
+        }
+        Ok(path)
+    }
+
+    /// The local files of `hashes`, fetching the missing ones (many at once).
+    pub async fn blob_paths(&self, hashes: &[String]) -> anyhow::Result<Vec<PathBuf>> {
+        // Owned futures: a stream of borrowing closures is not `Send` for every lifetime.
+        let fetches: Vec<_> = hashes
+            .iter()
+            .map(|hash| {
+                let (this, hash) = (self.clone(), hash.clone());
+                async move { this.blob_path(&hash).await }
+            })
+            .collect();
+        futures::stream::iter(fetches).buffered(PARALLEL).try_collect().await
+    }
+
+    /// Removes blobs from the cache and the object store; how many were in either.
+    pub async fn remove_blobs(&self, hashes: &[String]) -> anyhow::Result<usize> {
+        let (blobs, names) = (self.blobs.clone(), hashes.to_vec());
+        let mut removed = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<bool>> {
+            names.iter().map(|h| blobs.remove(h).with_context(|| format!("removing blob {h}"))).collect()
+        })
+        .await??;
+        if let Some(remote) = &self.remote {
+            for (i, hash) in hashes.iter().enumerate() {
+                let key = self.key(&self.blobs.path(hash)?)?;
+                match remote.store.delete(&key).await {
+                    Ok(()) => removed[i] = true,
+                    Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(remote.failed(e, format!("removing blob {hash}"))),
+                }
+            }
+        }
+        Ok(removed.into_iter().filter(|r| *r).count())
+    }
+
+    /// The names of the blobs in the object store (none without one).
+    pub async fn remote_blobs(&self) -> anyhow::Result<Vec<String>> {
+        let Some(remote) = &self.remote else { return Ok(vec![]) };
+        let keys = self.list(remote, &self.key(&self.paths.blobs())?).await?;
+        Ok(keys.into_iter().filter_map(|k| k.filename().map(str::to_string)).filter(|n| BlobStore::is_valid_hash(n)).collect())
+    }
+
+    // ---- folders: models and checkpoints ----
+
+    /// Writes every file under `dir` (a folder of the data folder) to the object store.
+    pub async fn publish_dir(&self, dir: &Path) -> anyhow::Result<()> {
+        let Some(remote) = &self.remote else { return Ok(()) };
+        self.upload_tree(remote, dir, &self.key(dir)?, None).await
+    }
+
+    /// Makes sure `dir` (a folder of the data folder) is in the cache: fetched whole from the
+    /// object store when it is missing, into a temporary sibling renamed at the end.
+    pub async fn fetch_dir(&self, dir: &Path) -> anyhow::Result<()> {
+        let Some(remote) = &self.remote else { return Ok(()) };
+        if tokio::fs::try_exists(dir).await.unwrap_or(false) {
+            return Ok(());
+        }
+        self.download_tree(remote, &self.key(dir)?, dir).await
+    }
+
+    /// The names of the folders directly under `dir` in the object store (none without one).
+    pub async fn stored_folders(&self, dir: &Path) -> anyhow::Result<Vec<String>> {
+        let Some(remote) = &self.remote else { return Ok(vec![]) };
+        self.children(remote, &self.key(dir)?).await
+    }
+
+    /// Removes `dir` from the cache and its objects from the store.
+    pub async fn remove_dir(&self, dir: &Path) -> anyhow::Result<()> {
+        let local = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&local) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        })
+        .await??;
+        if let Some(remote) = &self.remote {
+            self.delete_prefix(remote, &self.key(dir)?).await?;
+        }
+        Ok(())
+    }
+
+    /// After epoch `epoch`'s checkpoint of the job whose folder is `root` was written: stores the
+    /// best model (when this epoch improved it) as `best-<epoch>/`, then the checkpoint with its
+    /// `state.json` last, then removes the checkpoints and best models it supersedes.
+    pub async fn publish_checkpoint(&self, root: &Path, epoch: u32, improved: bool) -> anyhow::Result<()> {
+        let Some(remote) = &self.remote else { return Ok(()) };
+        let job = self.key(root)?;
+        if improved {
+            self.upload_tree(remote, &checkpoint::best_dir(root), &job.child(format!("best-{epoch}")), None).await?;
+        }
+        let dir = checkpoint::epoch_dir(root, epoch);
+        self.upload_tree(remote, &dir, &job.child(format!("epoch-{epoch}")), Some("state.json")).await?;
+        let state = read_state(&dir.join("state.json")).await?;
+        let keep = [format!("epoch-{epoch}"), format!("best-{}", state.best_epoch.unwrap_or(0))];
+        for part in self.children(remote, &job).await? {
+            if (part.starts_with("epoch-") || part.starts_with("best-")) && !keep.contains(&part) {
+                self.delete_prefix(remote, &job.child(part)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Before a job runs: when the object store holds a later checkpoint of it than the folder
+    /// `root` (another machine ran it), fetches that checkpoint and its best model. Returns the
+    /// epoch fetched.
+    pub async fn fetch_checkpoint(&self, root: &Path) -> anyhow::Result<Option<u32>> {
+        let Some(remote) = &self.remote else { return Ok(None) };
+        let job = self.key(root)?;
+        let stored = self.list(remote, &job).await?;
+        let Some(epoch) = stored
+            .iter()
+            .filter(|k| k.filename() == Some("state.json"))
+            .filter_map(|k| {
+                let parts: Vec<_> = k.parts().collect();
+                parts.get(parts.len().checked_sub(2)?)?.as_ref().strip_prefix("epoch-")?.parse::<u32>().ok()
+            })
+            .max()
+        else {
+            return Ok(None);
+        };
+        let local = {
+            let root = root.to_path_buf();
+            tokio::task::spawn_blocking(move || checkpoint::list_epochs(&root).pop()).await?
+        };
+        if local >= Some(epoch) {
+            return Ok(None);
+        }
+        let dir = checkpoint::epoch_dir(root, epoch);
+        self.download_tree(remote, &job.child(format!("epoch-{epoch}")), &dir).await?;
+        if let Some(best) = read_state(&dir.join("state.json")).await?.best_epoch {
+            self.download_tree(remote, &job.child(format!("best-{best}")), &checkpoint::best_dir(root)).await?;
+        }
+        Ok(Some(epoch))
+    }
+
+    // ---- transfers ----
+
+    async fn list(&self, remote: &Remote, prefix: &Key) -> anyhow::Result<Vec<Key>> {
+        let listed: Vec<_> = remote.store.list(Some(prefix)).try_collect().await.map_err(|e| remote.failed(e, format!("listing {prefix}")))?;
+        Ok(listed.into_iter().map(|meta| meta.location).collect())
+    }
+
+    /// The names of the folders directly under `prefix`.
+    async fn children(&self, remote: &Remote, prefix: &Key) -> anyhow::Result<Vec<String>> {
+        let listed = remote.store.list_with_delimiter(Some(prefix)).await.map_err(|e| remote.failed(e, format!("listing {prefix}")))?;
+        Ok(listed.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_string)).collect())
+    }
+
+    async fn delete_prefix(&self, remote: &Remote, prefix: &Key) -> anyhow::Result<()> {
+        for key in self.list(remote, prefix).await? {
+            match remote.store.delete(&key).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(remote.failed(e, format!("removing {key}"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Uploads the files under `dir` to `prefix`, the file named `last` (if any) after the others.
+    async fn upload_tree(&self, remote: &Remote, dir: &Path, prefix: &Key, last: Option<&str>) -> anyhow::Result<()> {
+        let root = dir.to_path_buf();
+        let mut files = tokio::task::spawn_blocking(move || files_under(&root)).await?.with_context(|| format!("listing {}", dir.display()))?;
+        files.sort_by_key(|rel| Some(rel.as_str()) == last);
+        for rel in files {
+            let bytes = tokio::fs::read(dir.join(&rel)).await.with_context(|| format!("reading {}", dir.join(&rel).display()))?;
+            let key = Key::from(format!("{prefix}/{rel}"));
+            remote.store.put(&key, PutPayload::from(bytes)).await.map_err(|e| remote.failed(e, format!("storing {key}")))?;
+        }
+        Ok(())
+    }
+
+    /// Downloads every object under `prefix` into the folder `dest` (replacing it), through a
+    /// temporary sibling renamed at the end, so `dest` is either whole or as it was.
+    async fn download_tree(&self, remote: &Remote, prefix: &Key, dest: &Path) -> anyhow::Result<()> {
+        let keys = self.list(remote, prefix).await?;
+        if keys.is_empty() {
+            bail!("{prefix} is not in {}", remote.url);
+        }
+        let mut files = Vec::with_capacity(keys.len());
+        for key in keys {
+            let rel: Vec<String> = key.prefix_match(prefix).into_iter().flatten().map(|p| p.as_ref().to_string()).collect();
+            if rel.is_empty() || rel.iter().any(|p| p == "..") {
+                continue;
+            }
+            let bytes = remote.store.get(&key).await.map_err(|e| remote.failed(e, format!("fetching {key}")))?.bytes().await.map_err(|e| remote.failed(e, "reading an object".into()))?;
+            files.push((rel.join("/"), bytes));
+        }
+        let dest = dest.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            crate::model::io::write_dir_atomically(&dest, |tmp| {
+                for (rel, bytes) in &files {
+                    let path = tmp.join(rel);
+                    if let Some(parent) = path.parent() {
+                        std::fs::create_dir_all(parent)?;
+                    }
+                    crate::model::io::write_file(&path, bytes)?;
+                }
+                Ok(())
+            })
+        })
+        .await?
+        .with_context(|| format!("writing what {prefix} holds"))?;
+        Ok(())
+    }
+}
+
+/// The files under `dir`, as `/`-separated paths relative to it.
+fn files_under(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                stack.push(entry.path());
+            } else if let Ok(rel) = entry.path().strip_prefix(dir) {
+                out.push(rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn read_state(path: &Path) -> anyhow::Result<LoopState> {
+    let text = tokio::fs::read_to_string(path).await.with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn objects(url: &str) -> anyhow::Result<Objects> {
+        let dir = std::env::temp_dir();
+        Objects::s3(url, DataPaths::new(&dir), BlobStore::open(dir.join("vitforge-objects-test")).unwrap())
+    }
+
+    #[test]
+    fn object_store_urls_are_checked() {
+        for bad in ["", "bucket", "file:///tmp/x", "s3://", "s3:///prefix", "s3://b/../x", "s3://b/a/./c"] {
+            let e = objects(bad).err().unwrap_or_else(|| panic!("{bad} accepted")).to_string();
+            assert!(e.contains("--object-store"), "{e}");
+        }
+        assert_eq!(objects("s3://bucket").unwrap().url(), Some("s3://bucket/"));
+        assert_eq!(objects("s3://bucket/team/a/").unwrap().url(), Some("s3://bucket/team/a"));
+    }
+
+    #[test]
+    fn keys_mirror_the_data_folder_and_nothing_outside_it() {
+        let o = objects("s3://b/p").unwrap();
+        let root = o.paths.root().to_path_buf();
+        assert_eq!(o.key(&root.join("models").join("m1")).unwrap().as_ref(), "models/m1");
+        assert_eq!(o.key(&root.join("blobs").join("ab")).unwrap().as_ref(), "blobs/ab");
+        assert!(o.key(Path::new("/elsewhere/x")).is_err());
+    }
+}

@@ -1,0 +1,187 @@
+//! `--object-store s3://…`: processes that share only the database and an S3-compatible store
+//! (a private `moto_server` per test), each on a data folder of its own, as on separate machines.
+//! Without `moto_server` installed these tests say so and pass, unless `VITFORGE_REQUIRE_S3=1`
+//! (`.ci/run` installs it and sets that).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::fixtures::{class_images, zip};
+use crate::support::{ChildServer, Launch, PrivateS3, install_base_model, slow_config};
+
+/// A data folder of its own ("a machine") with the slow base model installed.
+fn machine(root: &Path, name: &str) -> std::path::PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    install_base_model(&dir, "slow", &slow_config(), &["a", "b"]);
+    dir
+}
+
+/// `vitforge serve` on `data`, on the shared database `db_url` and the store `s3` (prefix `cluster`).
+fn launch(data: &Path, db_url: &str, s3: &PrivateS3, args: &[&str]) -> Launch {
+    Launch::new(data).args(args).envs(s3.env("cluster")).env("VITFORGE_DATABASE_URL", db_url)
+}
+
+/// The shared database: the suite's PostgreSQL server when it runs on one, else one SQLite file
+/// outside every data folder (processes on one machine may share it).
+fn shared_database(root: &Path) -> String {
+    let dir = root.join("database");
+    std::fs::create_dir_all(&dir).unwrap();
+    crate::support::database_url(&dir).unwrap_or_else(|| vitforge::db::sqlite_url(&dir.join("vitforge.db")))
+}
+
+async fn wait_for(api: &ChildServer, id: &str, secs: u64, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let job = api.get_json(&format!("/jobs/{id}")).await;
+        if done(&job) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {secs} s; the job is {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn upload(api: &ChildServer) -> reqwest::Response {
+    let form = reqwest::multipart::Form::new()
+        .part("file", reqwest::multipart::Part::bytes(zip(&class_images("", &["cat", "dog"], 12, 3))).file_name("pets.zip"));
+    api.client.post(api.url("/datasets")).multipart(form).send().await.unwrap()
+}
+
+#[tokio::test]
+async fn machines_that_share_only_the_database_and_the_object_store() {
+    let Some(s3) = PrivateS3::start().await else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let db = shared_database(tmp.path());
+    let api = launch(&machine(tmp.path(), "api-1"), &db, &s3, &["--role", "api"]).start();
+    let first = launch(&machine(tmp.path(), "worker-1"), &db, &s3, &["--role", "worker", "--worker-name", "worker-one", "--lease-secs", "3"]).start();
+
+    // An upload's images are in the store once the dataset exists.
+    let resp = upload(&api).await;
+    assert_eq!(resp.status(), 201);
+    let dataset: Value = resp.json().await.unwrap();
+    assert_eq!(s3.keys("cluster/blobs/").await.len() as u64, dataset["num_images"].as_u64().unwrap());
+
+    // A worker on another machine runs the job; killed after a checkpoint, a third machine that
+    // has never seen the job resumes it from the checkpoint in the store.
+    let epochs = 4;
+    let job = api.post_json("/jobs", &json!({"dataset_id": dataset["id"], "base_model": "slow", "params": {"epochs": epochs, "batch_size": 2}})).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    wait_for(&api, &id, 300, "the first worker reaching epoch 2", |j| {
+        assert_ne!(j["status"], "succeeded", "the job finished before it could be killed; make it slower");
+        j["progress"]["epoch"].as_u64().unwrap_or(0) >= 2
+    })
+    .await;
+    assert!(s3.keys(&format!("cluster/jobs/{id}/epoch-")).await.iter().any(|k| k.ends_with("/state.json")), "a checkpoint is in the store");
+    first.kill();
+    let log = tmp.path().join("worker-2.log");
+    let second = launch(&machine(tmp.path(), "worker-2"), &db, &s3, &["--role", "worker", "--worker-name", "worker-two", "--lease-secs", "3"])
+        .level("info")
+        .log_file(&log)
+        .start();
+    let done = wait_for(&api, &id, 300, "the job finishing", |j| j["status"] != "running" && j["status"] != "queued").await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["worker"], "worker-two");
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("fetched the job's last checkpoint from the object store"), "the second worker resumed from the store:\n{log}");
+    let metrics = api.get_json(&format!("/jobs/{id}/metrics")).await;
+    let seen: Vec<u64> = metrics["validation"].as_array().unwrap().iter().map(|v| v["epoch"].as_u64().unwrap()).collect();
+    assert_eq!(seen, (1..=epochs).collect::<Vec<_>>(), "each epoch's metrics exactly once");
+    let model_id = done["model_id"].as_str().unwrap().to_string();
+    let mut stored = s3.keys(&format!("cluster/models/{model_id}/")).await;
+    stored.sort();
+    assert_eq!(stored.len(), 3, "the model's three files are in the store: {stored:?}");
+    // The checkpoints go right after the job shows as succeeded.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s3.keys(&format!("cluster/jobs/{id}/")).await.is_empty() {
+        assert!(Instant::now() < deadline, "the job's checkpoints are still in the store");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A fresh API process on an empty data folder serves everything from the database and the store.
+    let empty = tmp.path().join("api-2");
+    let fresh = launch(&empty, &db, &s3, &["--role", "api"]).start();
+    let image = crate::fixtures::png(7);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = fresh.client.post(fresh.url("/predict")).header("content-type", "image/png").body(image.clone()).send().await.unwrap();
+        let (status, body): (_, Value) = (resp.status(), resp.json().await.unwrap());
+        if status == 200 && body["model_id"] == model_id.as_str() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the fresh API process does not serve the model: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let named = fresh.client.post(fresh.url(&format!("/predict?model={model_id}"))).header("content-type", "image/png").body(image).send().await.unwrap();
+    assert_eq!(named.status(), 200);
+    let images = fresh.get_json(&format!("/datasets/{}/images?limit=1", dataset["id"].as_str().unwrap())).await;
+    let thumbnail = fresh.client.get(fresh.url(images["images"][0]["thumbnail"].as_str().unwrap())).send().await.unwrap();
+    assert_eq!(thumbnail.status(), 200);
+    assert_eq!(thumbnail.headers()["content-type"], "image/jpeg");
+    let download = fresh.client.get(fresh.url(&format!("/models/{model_id}/download"))).send().await.unwrap();
+    assert_eq!(download.status(), 200);
+    let tar_bytes = download.bytes().await.unwrap();
+    let mut archive = tar::Archive::new(&tar_bytes[..]);
+    assert_eq!(archive.entries().unwrap().count(), 3, "config, weights and preprocessor in the download");
+    let evaluated = fresh.client.post(fresh.url(&format!("/models/{model_id}/evaluate"))).json(&json!({"dataset_id": dataset["id"]})).send().await.unwrap();
+    assert_eq!(evaluated.status(), 200, "{}", evaluated.text().await.unwrap());
+
+    // A model deleted through one process is gone from the store.
+    let other = api.post_json("/jobs", &json!({"dataset_id": dataset["id"], "base_model": "slow", "params": {"epochs": 1, "batch_size": 4}})).await;
+    let other = wait_for(&api, other["id"].as_str().unwrap(), 300, "a second model", |j| j["status"] == "succeeded").await;
+    let resp = fresh.client.delete(fresh.url(&format!("/models/{model_id}"))).send().await.unwrap();
+    assert_eq!(resp.status(), 204);
+    assert!(s3.keys(&format!("cluster/models/{model_id}/")).await.is_empty(), "the deleted model's files are gone from the store");
+    assert_eq!(s3.keys(&format!("cluster/models/{}/", other["model_id"].as_str().unwrap())).await.len(), 3);
+    drop(second);
+}
+
+#[tokio::test]
+async fn an_unreachable_object_store_makes_the_service_unready_until_it_returns() {
+    let Some(mut s3) = PrivateS3::start().await else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let app = Launch::new(&data).envs(s3.env("alone")).start();
+    assert_eq!(app.client.get(app.url("/readyz")).send().await.unwrap().status(), 200);
+
+    s3.down();
+    let started = Instant::now();
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["error"]["message"], "the object store does not answer", "{body}");
+    assert!(started.elapsed() < Duration::from_secs(5), "readiness answered in {:?}", started.elapsed());
+    // An upload fails cleanly, and leaves no dataset behind.
+    let resp = upload(&app).await;
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "object_store_unavailable", "{body}");
+    assert_eq!(app.get_json("/datasets").await, json!([]));
+
+    // It comes back (empty: moto keeps nothing): ready again, and uploads and deletes work.
+    s3.up().await;
+    assert_eq!(app.client.get(app.url("/readyz")).send().await.unwrap().status(), 200);
+    let resp = upload(&app).await;
+    assert_eq!(resp.status(), 201);
+    let dataset: Value = resp.json().await.unwrap();
+    assert_eq!(s3.keys("alone/blobs/").await.len() as u64, dataset["num_images"].as_u64().unwrap());
+    let resp = app.client.delete(app.url(&format!("/datasets/{}", dataset["id"].as_str().unwrap()))).send().await.unwrap();
+    assert_eq!(resp.status(), 204);
+    assert!(s3.keys("alone/blobs/").await.is_empty(), "a deleted dataset's images are gone from the store");
+}
+
+#[tokio::test]
+async fn a_bad_object_store_url_stops_start_up_with_a_clear_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vitforge"))
+        .args(["serve", "--port", "0", "--data-dir"])
+        .arg(tmp.path())
+        .args(["--object-store", "gs://bucket/x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--object-store") && stderr.contains("only s3:// is supported"), "{stderr}");
+}
