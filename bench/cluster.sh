@@ -10,29 +10,44 @@
 # so two workers or two replicas cannot be twice as fast; the figures show the overhead.
 #
 # Usage: bench/cluster.sh [JOBS] [LEASE] [SECONDS]     (defaults 20, 30, 15)
-# VITFORGE names the binary (default target/release/vitforge, built if missing).
+# VITFORGE names the binary (default target/release/vitforge, built if missing). OBJECT_STORE=s3
+# puts the bytes in a private S3 server (moto_server, PyPI `moto[server]`) and gives every process
+# a data folder of its own, as on separate machines; by default they share one data folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
 source scripts/postgres.sh
+source scripts/s3.sh
 jobs=${1:-20} lease=${2:-30} secs=${3:-15}
+store=${OBJECT_STORE:-folder}
 bin=${VITFORGE:-target/release/vitforge}
 [[ -x $bin ]] || cargo build --release --locked
 work=$(mktemp -d /tmp/vitforge-cluster.XXXXXX)
 pids=()
 pg_home=$(mktemp -d /tmp/vitforge-pg.XXXXXX) # its own: the postgres user cannot enter $work
 cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null; pg_stop; rm -rf "$work" "$pg_home"; }
-trap cleanup EXIT
+trap 's3_stop; cleanup' EXIT
 mkdir -p "$work/data"
 pg_start "$pg_home"
 export VITFORGE_DATABASE_URL=$PG_URL
+case $store in
+  folder) ;;
+  s3) s3_start vitforge-bench; export VITFORGE_OBJECT_STORE=s3://vitforge-bench/cluster ;;
+  *) echo "OBJECT_STORE must be s3 or unset" >&2; exit 2 ;;
+esac
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-# start ROLE NAME: a process of the cluster on the shared data folder; sets `url` and `last_pid`.
+# start ROLE NAME: a process of the cluster on the shared data folder (with S3, on a folder of its
+# own holding only the base model); sets `url` and `last_pid`.
 start() {
   local port; port=$(free_port)
   local extra=(); [[ $1 == worker ]] && extra=(--worker-name "$2" --lease-secs "$lease")
-  "$bin" serve --role "$1" "${extra[@]}" --port "$port" --data-dir "$work/data" >>"$work/$2.log" 2>&1 &
+  local data=$work/data
+  if [[ $store == s3 ]]; then
+    data=$work/data-$2
+    mkdir -p "$data/base-models" && cp -r "$work/data/base-models/tiny" "$data/base-models/"
+  fi
+  "$bin" serve --role "$1" "${extra[@]}" --port "$port" --data-dir "$data" >>"$work/$2.log" 2>&1 &
   last_pid=$!; pids+=("$last_pid")
   url=http://127.0.0.1:$port
   wait_healthy "$url" "$work/$2.log"
@@ -59,7 +74,7 @@ drain() { # WORKERS
   for id in "${ids[@]}"; do [[ $(wait_job "$api" "$id" 0.2) == succeeded ]] || { echo "job $id failed" >&2; exit 1; }; done
   t1=$(date +%s.%N)
   for p in "${started[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
-  emit measure=queue_drain workers="$1" jobs="$jobs" seconds="$(python3 -c "print(round($t1-$t0, 2))")" \
+  emit measure=queue_drain store="$store" workers="$1" jobs="$jobs" seconds="$(python3 -c "print(round($t1-$t0, 2))")" \
     jobs_per_minute="$(python3 -c "print(round($jobs*60/($t1-$t0), 1))")"
 }
 drain 1
@@ -75,7 +90,7 @@ until [[ $(curl -sf "$api/jobs/$job" | json_field worker) == recover-b ]]; do sl
 taken=$(date +%s.%N)
 until [[ $(curl -sf "$api/jobs/$job" | python3 -c 'import json,sys; print(json.load(sys.stdin)["progress"]["step"])') -gt 0 ]]; do sleep 0.05; done
 resumed_step=$(curl -sf "$api/jobs/$job" | python3 -c 'import json,sys; j=json.load(sys.stdin); print(j["progress"]["epoch"])')
-emit measure=worker_death_to_claim lease_secs="$lease" seconds="$(python3 -c "print(round($taken-$killed, 2))")" resumed_at_epoch="$resumed_step"
+emit measure=worker_death_to_claim store="$store" lease_secs="$lease" seconds="$(python3 -c "print(round($taken-$killed, 2))")" resumed_at_epoch="$resumed_step"
 curl -sf -X POST "$api/jobs/$job/cancel" >/dev/null
 [[ $(wait_job "$api" "$job" 0.2) == cancelled ]]
 
@@ -84,15 +99,15 @@ image=$(find "$work/images" -name '*.png' | head -1)
 load() { python3 bench/predict_load.py "$1/predict" "$image" --concurrency "$2" --seconds "$secs"; }
 load "$api" 1 >/dev/null # warm-up, loads the model
 one=$(load "$api" 16)
-emit measure=predict replicas=1 result="$one"
+emit measure=predict store="$store" replicas=1 result="$one"
 start api api-2; api2=$url
 load "$api2" 1 >/dev/null
 load "$api" 8 >"$work/p1.json" & l1=$!
 load "$api2" 8 >"$work/p2.json"
 wait "$l1"
-python3 - "$work/p1.json" "$work/p2.json" <<'PY'
+python3 - "$work/p1.json" "$work/p2.json" "$store" <<'PY'
 import json, sys
-a, b = (json.load(open(p)) for p in sys.argv[1:])
-print(json.dumps({"measure": "predict", "replicas": 2, "per_replica": [a, b],
+a, b = (json.load(open(p)) for p in sys.argv[1:3])
+print(json.dumps({"measure": "predict", "store": sys.argv[3], "replicas": 2, "per_replica": [a, b],
                   "ok_per_s": round(sum(r["ok_per_s"] for r in (a, b)), 2)}))
 PY
