@@ -44,8 +44,38 @@ struct Remote {
 }
 
 impl Remote {
-    fn failed(&self, source: object_store::Error, doing: String) -> anyhow::Error {
-        anyhow::Error::new(StoreFailed { url: self.url.clone(), doing, source })
+    fn failed(&self, source: impl std::error::Error + Send + Sync + 'static, doing: String) -> anyhow::Error {
+        anyhow::Error::new(StoreFailed { url: self.url.clone(), doing, source: Box::new(source) })
+    }
+
+    /// Streams the file at `path` to `key`: one request for a small file, a multipart upload
+    /// (parts of 10 MB) for a large one, never the whole file in memory.
+    async fn put_file(&self, path: &Path, key: &Key) -> anyhow::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let mut file = tokio::fs::File::open(path).await.with_context(|| format!("reading {}", path.display()))?;
+        let mut writer = object_store::buffered::BufWriter::new(self.store.clone(), key.clone());
+        let copied = async {
+            tokio::io::copy(&mut file, &mut writer).await?;
+            writer.shutdown().await
+        }
+        .await;
+        if let Err(e) = copied {
+            writer.abort().await.ok();
+            return Err(self.failed(e, format!("storing {key}")));
+        }
+        Ok(())
+    }
+
+    /// Streams the object `key` into a new file at `path`.
+    async fn get_file(&self, key: &Key, path: &Path) -> anyhow::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = self.store.get(key).await.map_err(|e| self.failed(e, format!("fetching {key}")))?.into_stream();
+        let mut file = tokio::fs::File::create(path).await.with_context(|| format!("creating {}", path.display()))?;
+        while let Some(chunk) = stream.try_next().await.map_err(|e| self.failed(e, format!("fetching {key}")))? {
+            file.write_all(&chunk).await.with_context(|| format!("writing {}", path.display()))?;
+        }
+        file.sync_all().await?;
+        Ok(())
     }
 }
 
@@ -56,7 +86,7 @@ pub struct StoreFailed {
     url: String,
     doing: String,
     #[source]
-    source: object_store::Error,
+    source: Box<dyn std::error::Error + Send + Sync>,
 }
 
 /// Why an `--object-store` value is refused.
@@ -74,6 +104,12 @@ impl Objects {
     /// configured by the usual `AWS_*` variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
     /// `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ALLOW_HTTP`). Nothing is contacted here.
     pub fn s3(url: &str, paths: DataPaths, blobs: BlobStore) -> anyhow::Result<Self> {
+        Self::s3_with(url, &[], paths, blobs)
+    }
+
+    /// [`Objects::s3`] with `settings` (names as the `AWS_*` variables', e.g. `AWS_ENDPOINT_URL`)
+    /// applied over the environment's.
+    pub fn s3_with(url: &str, settings: &[(&str, &str)], paths: DataPaths, blobs: BlobStore) -> anyhow::Result<Self> {
         let rest = url.strip_prefix("s3://").ok_or_else(|| invalid(url, "only s3:// is supported"))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
@@ -88,7 +124,12 @@ impl Objects {
         use object_store::aws::AmazonS3ConfigKey::Client;
         // Timeouts as configuration keys: replacing the client options would drop those the
         // environment set (AWS_ALLOW_HTTP among them).
-        let s3 = object_store::aws::AmazonS3Builder::from_env()
+        let mut builder = object_store::aws::AmazonS3Builder::from_env();
+        for (name, value) in settings {
+            let key = name.to_ascii_lowercase().parse().map_err(|e: object_store::Error| invalid(url, &e.to_string()))?;
+            builder = builder.with_config(key, *value);
+        }
+        let s3 = builder
             .with_bucket_name(bucket)
             .with_retry(retry)
             .with_config(Client(ConnectTimeout), "5 seconds")
@@ -331,38 +372,45 @@ impl Objects {
         let mut files = tokio::task::spawn_blocking(move || files_under(&root)).await?.with_context(|| format!("listing {}", dir.display()))?;
         files.sort_by_key(|rel| Some(rel.as_str()) == last);
         for rel in files {
-            let bytes = tokio::fs::read(dir.join(&rel)).await.with_context(|| format!("reading {}", dir.join(&rel).display()))?;
-            let key = Key::from(format!("{prefix}/{rel}"));
-            remote.store.put(&key, PutPayload::from(bytes)).await.map_err(|e| remote.failed(e, format!("storing {key}")))?;
+            remote.put_file(&dir.join(&rel), &Key::from(format!("{prefix}/{rel}"))).await?;
         }
         Ok(())
     }
 
-    /// Downloads every object under `prefix` into the folder `dest` (replacing it), through a
-    /// temporary sibling renamed at the end, so `dest` is either whole or as it was.
+    /// Downloads every object under `prefix` into the folder `dest` (replacing it): streamed into
+    /// a staging folder in the data folder's scratch space, then moved into place as a whole, so
+    /// `dest` is either whole or as it was.
     async fn download_tree(&self, remote: &Remote, prefix: &Key, dest: &Path) -> anyhow::Result<()> {
         let keys = self.list(remote, prefix).await?;
         if keys.is_empty() {
             bail!("{prefix} is not in {}", remote.url);
         }
+        tokio::fs::create_dir_all(self.paths.tmp()).await?;
+        let staging = tempfile::Builder::new().prefix("fetch-").tempdir_in(self.paths.tmp())?;
         let mut files = Vec::with_capacity(keys.len());
         for key in keys {
             let rel: Vec<String> = key.prefix_match(prefix).into_iter().flatten().map(|p| p.as_ref().to_string()).collect();
-            if rel.is_empty() || rel.iter().any(|p| p == "..") {
+            if rel.is_empty() || rel.iter().any(|p| p == ".." || p == ".") {
                 continue;
             }
-            let bytes = remote.store.get(&key).await.map_err(|e| remote.failed(e, format!("fetching {key}")))?.bytes().await.map_err(|e| remote.failed(e, "reading an object".into()))?;
-            files.push((rel.join("/"), bytes));
+            let rel = rel.join("/");
+            let path = staging.path().join(&rel);
+            if let Some(parent) = path.parent() {
+                tokio::fs::create_dir_all(parent).await?;
+            }
+            remote.get_file(&key, &path).await?;
+            files.push(rel);
         }
         let dest = dest.to_path_buf();
         tokio::task::spawn_blocking(move || {
+            let staged = staging.path();
             crate::model::io::write_dir_atomically(&dest, |tmp| {
-                for (rel, bytes) in &files {
+                for rel in &files {
                     let path = tmp.join(rel);
                     if let Some(parent) = path.parent() {
                         std::fs::create_dir_all(parent)?;
                     }
-                    crate::model::io::write_file(&path, bytes)?;
+                    std::fs::rename(staged.join(rel), path)?;
                 }
                 Ok(())
             })

@@ -185,3 +185,45 @@ async fn a_bad_object_store_url_stops_start_up_with_a_clear_message() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--object-store") && stderr.contains("only s3:// is supported"), "{stderr}");
 }
+
+/// Files over the 10 MB part size go up as multipart uploads and come back streamed, byte for byte,
+/// into a folder that appears whole.
+#[tokio::test]
+async fn large_files_go_up_in_parts_and_come_back_whole() {
+    let Some(s3) = PrivateS3::start().await else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let paths = vitforge::paths::DataPaths::new(tmp.path());
+    paths.create_all().unwrap();
+    let settings: Vec<(String, String)> = s3.env("parts").into_iter().filter(|(k, _)| k.starts_with("AWS_")).collect();
+    let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let url = format!("s3://{}/parts", s3.bucket);
+    let open = |paths: vitforge::paths::DataPaths| {
+        let blobs = vitforge::dataset::BlobStore::open(paths.blobs()).unwrap();
+        vitforge::objects::Objects::s3_with(&url, &settings, paths, blobs).unwrap()
+    };
+    let objects = open(paths.clone());
+    let dir = paths.model("big");
+    std::fs::create_dir_all(dir.join("inner")).unwrap();
+    let big: Vec<u8> = (0..25_000_017u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(dir.join("model.safetensors"), &big).unwrap();
+    std::fs::write(dir.join("inner").join("small.json"), b"{}").unwrap();
+    objects.publish_dir(&dir).await.unwrap();
+    let mut keys = s3.keys("parts/models/big/").await;
+    keys.sort();
+    assert_eq!(keys, vec!["parts/models/big/inner/small.json", "parts/models/big/model.safetensors"]);
+
+    // Another machine: an empty data folder.
+    let elsewhere = vitforge::paths::DataPaths::new(tmp.path().join("elsewhere"));
+    elsewhere.create_all().unwrap();
+    let theirs = open(elsewhere.clone());
+    theirs.fetch_dir(&elsewhere.model("big")).await.unwrap();
+    assert!(std::fs::read(elsewhere.model("big").join("model.safetensors")).unwrap() == big, "the large file differs");
+    assert_eq!(std::fs::read(elsewhere.model("big").join("inner").join("small.json")).unwrap(), b"{}");
+    assert_eq!(std::fs::read_dir(elsewhere.tmp()).unwrap().count(), 0, "the staging folder is gone");
+    // A folder the store does not have is an error naming it, and leaves nothing behind.
+    let missing = theirs.fetch_dir(&elsewhere.model("absent")).await.unwrap_err().to_string();
+    assert!(missing.contains("models/absent"), "{missing}");
+    assert!(!elsewhere.model("absent").exists());
+    theirs.remove_dir(&elsewhere.model("big")).await.unwrap();
+    assert!(s3.keys("parts/models/big/").await.is_empty());
+}
