@@ -56,7 +56,7 @@ pub struct HyperParams {
     /// Seed of shuffling, augmentation and new weights [default: 42].
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Stop after this many epochs without a better validation macro-F1.
+    /// Stop after this many epochs in a row that improve neither the validation macro-F1 nor loss.
     #[arg(long)]
     pub early_stopping_patience: Option<u32>,
     /// Label smoothing of the loss [default: 0].

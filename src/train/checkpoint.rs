@@ -25,7 +25,12 @@ pub struct LoopState {
     pub global_step: u64,
     pub best_epoch: Option<u32>,
     pub best_score: Option<(f64, f64)>,
+    /// Epochs in a row in which neither the validation macro-F1 nor the validation loss improved
+    /// (early stopping counts these).
     pub epochs_since_best: u32,
+    /// The lowest validation loss so far (absent in checkpoints written before it was kept).
+    #[serde(default)]
+    pub lowest_loss: Option<f64>,
     /// Validation report of every completed epoch.
     pub history: Vec<EvalReport>,
     /// What `after_probe: auto` decided after the probe epoch (kept, so a resumed run goes on

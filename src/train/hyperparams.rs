@@ -164,7 +164,8 @@ pub struct TrainParams {
     pub augment: bool,
     /// Seed of shuffling, augmentation, the validation split and new weights.
     pub seed: u64,
-    /// Stop after this many epochs without a better validation macro-F1 (`null`: never).
+    /// Stop after this many epochs in a row that improve neither the validation macro-F1 nor the
+    /// validation loss (`null`: never). The epoch kept is the best by macro-F1, then loss.
     pub early_stopping_patience: Option<u32>,
     /// Label smoothing of the cross-entropy loss.
     pub label_smoothing: f64,

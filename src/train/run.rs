@@ -198,6 +198,7 @@ fn resume_or_start(
         best_epoch: None,
         best_score: None,
         epochs_since_best: 0,
+        lowest_loss: None,
         history: vec![],
         decision: None,
     };
@@ -444,6 +445,23 @@ fn better(a: (f64, f64), b: Option<(f64, f64)>) -> bool {
     }
 }
 
+/// Updates the loop state with an epoch's validation `(macro-F1, loss)` and says whether the epoch
+/// is the best so far (higher F1, then lower loss: the one kept). Early stopping counts the epochs
+/// in which neither the F1 nor the loss improved: an epoch that lowers the loss without raising the
+/// F1 is not kept, but it is progress, and the run goes on.
+fn track_progress(state: &mut LoopState, score: (f64, f64)) -> bool {
+    let improved = better(score, state.best_score);
+    let lower_loss = state.lowest_loss.is_none_or(|lowest| score.1 < lowest);
+    if improved {
+        state.best_score = Some(score);
+    }
+    if lower_loss {
+        state.lowest_loss = Some(score.1);
+    }
+    state.epochs_since_best = if improved || lower_loss { 0 } else { state.epochs_since_best + 1 };
+    improved
+}
+
 /// Records epoch `epoch`'s validation, keeps the model when it is the best so far and writes the
 /// epoch checkpoint.
 fn end_epoch(
@@ -457,16 +475,12 @@ fn end_epoch(
 ) -> Result<(), TrainError> {
     on_event(TrainEvent::Phase { phase: Phase::Saving, done: 0, total: 1 });
     let score = (report.f1, report.loss);
-    let improved = better(score, state.best_score);
+    let improved = track_progress(state, score);
     state.epoch = epoch;
     state.history.push(report.clone());
     if improved {
         state.best_epoch = Some(epoch);
-        state.best_score = Some(score);
-        state.epochs_since_best = 0;
         model.save(&checkpoint::best_dir(root))?;
-    } else {
-        state.epochs_since_best += 1;
     }
     on_event(TrainEvent::Epoch { epoch, report, improved, mistakes });
     let dir = checkpoint::save(root, &model.cfg, &model.preprocessor, &model.params.snapshot()?, &optimizer.state()?, state)?;
@@ -542,4 +556,52 @@ fn calibrate(run: &Run, model: &LoadedModel, ctl: &mut Control) -> Result<Calibr
     };
     (ctl.on_event)(TrainEvent::Calibrated { calibration: calibration.clone() });
     Ok(calibration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> LoopState {
+        LoopState {
+            fingerprint: String::new(),
+            epoch: 0,
+            global_step: 0,
+            best_epoch: None,
+            best_score: None,
+            epochs_since_best: 0,
+            lowest_loss: None,
+            history: vec![],
+            decision: None,
+        }
+    }
+
+    #[test]
+    fn early_stopping_counts_epochs_that_improve_neither_f1_nor_loss() {
+        let mut s = state();
+        assert!(track_progress(&mut s, (0.80, 0.50)), "the first epoch is the best so far");
+        assert_eq!(s.epochs_since_best, 0);
+        // The same F1, a lower loss: kept (the tie-break), progress.
+        assert!(track_progress(&mut s, (0.80, 0.40)));
+        assert_eq!((s.epochs_since_best, s.lowest_loss), (0, Some(0.40)));
+        // A lower F1 but a lower loss: not kept, yet progress (the model grows surer where it is right).
+        assert!(!track_progress(&mut s, (0.78, 0.35)));
+        assert_eq!((s.epochs_since_best, s.best_score, s.lowest_loss), (0, Some((0.80, 0.40)), Some(0.35)));
+        // Neither better: counted.
+        assert!(!track_progress(&mut s, (0.79, 0.36)));
+        assert_eq!(s.epochs_since_best, 1);
+        assert!(!track_progress(&mut s, (0.80, 0.45)));
+        assert_eq!(s.epochs_since_best, 2);
+        // A higher F1 with a higher loss: kept, and the count starts again.
+        assert!(track_progress(&mut s, (0.85, 0.60)));
+        assert_eq!((s.epochs_since_best, s.best_score, s.lowest_loss), (0, Some((0.85, 0.60)), Some(0.35)));
+    }
+
+    #[test]
+    fn a_checkpoint_written_before_the_lowest_loss_was_kept_still_loads() {
+        let mut old = serde_json::to_value(state()).unwrap();
+        old.as_object_mut().unwrap().remove("lowest_loss");
+        let back: LoopState = serde_json::from_value(old).unwrap();
+        assert_eq!(back.lowest_loss, None);
+    }
 }
