@@ -39,6 +39,23 @@ pub struct LoopState {
     pub decision: Option<super::auto::Decision>,
 }
 
+impl LoopState {
+    /// The state before the first epoch of a run with this fingerprint.
+    pub fn fresh(fingerprint: String) -> Self {
+        Self {
+            fingerprint,
+            epoch: 0,
+            global_step: 0,
+            best_epoch: None,
+            best_score: None,
+            epochs_since_best: 0,
+            lowest_loss: None,
+            history: vec![],
+            decision: None,
+        }
+    }
+}
+
 /// Folder name of epoch `n`'s checkpoint.
 pub fn epoch_dir(root: &Path, epoch: u32) -> PathBuf {
     root.join(format!("epoch-{epoch}"))

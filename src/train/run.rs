@@ -191,17 +191,7 @@ fn resume_or_start(
     device: &Device,
     ctl: &mut Control,
 ) -> Result<(LoopState, Option<u32>), TrainError> {
-    let fresh = LoopState {
-        fingerprint: fingerprint.clone(),
-        epoch: 0,
-        global_step: 0,
-        best_epoch: None,
-        best_score: None,
-        epochs_since_best: 0,
-        lowest_loss: None,
-        history: vec![],
-        decision: None,
-    };
+    let fresh = LoopState::fresh(fingerprint.clone());
     match checkpoint::load_latest(root, &fingerprint) {
         Ok(Some(restored)) => {
             model.params.load_from(&restored.weights)?;
@@ -563,17 +553,7 @@ mod tests {
     use super::*;
 
     fn state() -> LoopState {
-        LoopState {
-            fingerprint: String::new(),
-            epoch: 0,
-            global_step: 0,
-            best_epoch: None,
-            best_score: None,
-            epochs_since_best: 0,
-            lowest_loss: None,
-            history: vec![],
-            decision: None,
-        }
+        LoopState::fresh(String::new())
     }
 
     #[test]

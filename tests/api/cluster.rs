@@ -19,7 +19,7 @@ fn worker(data: &std::path::Path, name: &str) -> ChildServer {
 }
 
 /// Polls `GET /jobs/{id}` on `api` until `done` holds (at most `secs`).
-async fn wait_for(api: &ChildServer, id: &str, secs: u64, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn wait_for(api: &ChildServer, id: &str, secs: u64, what: &str, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let job = api.get_json(&format!("/jobs/{id}")).await;

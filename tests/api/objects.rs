@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::fixtures::{class_images, zip};
+use crate::cluster::wait_for;
 use crate::support::{ChildServer, Launch, PrivateS3, install_base_model, slow_config};
 
 /// A data folder of its own ("a machine") with the slow base model installed.
@@ -30,18 +31,6 @@ fn shared_database(root: &Path) -> String {
     let dir = root.join("database");
     std::fs::create_dir_all(&dir).unwrap();
     crate::support::database_url(&dir).unwrap_or_else(|| vitforge::db::sqlite_url(&dir.join("vitforge.db")))
-}
-
-async fn wait_for(api: &ChildServer, id: &str, secs: u64, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let job = api.get_json(&format!("/jobs/{id}")).await;
-        if done(&job) {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {secs} s; the job is {job}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn upload(api: &ChildServer) -> reqwest::Response {
