@@ -5,9 +5,12 @@
 //! it before the database row that makes it visible (the dataset, the checkpoint record, the
 //! model), so what a row names is always complete in the store; the local copy is a cache that
 //! may be deleted at any time and is fetched again on first use. Keys mirror the data folder's
-//! layout (`blobs/<sha256>`, `models/<id>/…`, `jobs/<id>/epoch-<n>/…`), under the prefix, except
-//! a job's best model: its local `best/` is stored as `jobs/<id>/best-<epoch>/`, and each epoch
-//! checkpoint's `state.json` (written last) names the one it goes with.
+//! layout (`blobs/<sha256>`, `models/<id>/…`), under the prefix, except a job's checkpoints: each
+//! run of a job (each claim of it by a worker) writes under a prefix of its own,
+//! `jobs/<id>/run-<uuid v7>/` (`epoch-<n>/`, and the local `best/` as `best-<epoch>/`, which each
+//! checkpoint's `state.json`, written last, names). One writer per prefix: a worker that lost its
+//! lease and has not noticed yet cannot overwrite or delete what the worker that took over
+//! writes.
 //!
 //! The bottom layers stay synchronous and know only local files; this module moves bytes between
 //! the two, on the async side, and the callers decide when.
@@ -289,21 +292,32 @@ impl Objects {
         Ok(())
     }
 
-    /// After epoch `epoch`'s checkpoint of the job whose folder is `root` was written: stores the
-    /// best model (when this epoch improved it) as `best-<epoch>/`, then the checkpoint with its
-    /// `state.json` last, then removes the checkpoints and best models it supersedes.
-    pub async fn publish_checkpoint(&self, root: &Path, epoch: u32, improved: bool) -> anyhow::Result<()> {
+    /// After epoch `epoch`'s checkpoint of the job whose folder is `root` was written by the run
+    /// `run` (`run-<uuid v7>`, new at each claim): stores the best model (when this epoch improved
+    /// it) as `best-<epoch>/`, then the checkpoint with its `state.json` last, under the run's
+    /// prefix; then removes what this run's checkpoint supersedes, and the earlier runs' prefixes.
+    pub async fn publish_checkpoint(&self, root: &Path, run: &str, epoch: u32, improved: bool) -> anyhow::Result<()> {
         let Some(remote) = &self.remote else { return Ok(()) };
         let job = self.key(root)?;
-        if improved {
-            self.upload_tree(remote, &checkpoint::best_dir(root), &job.child(format!("best-{epoch}")), None).await?;
-        }
+        let mine = job.child(run);
         let dir = checkpoint::epoch_dir(root, epoch);
-        self.upload_tree(remote, &dir, &job.child(format!("epoch-{epoch}")), Some("state.json")).await?;
-        let state = read_state(&dir.join("state.json")).await?;
-        let keep = [format!("epoch-{epoch}"), format!("best-{}", state.best_epoch.unwrap_or(0))];
+        let best = read_state(&dir.join("state.json")).await?.best_epoch.unwrap_or(epoch);
+        let best_part = format!("best-{best}");
+        // The best model this checkpoint names, when it is new or not stored under this run yet
+        // (a run that resumed elsewhere, or whose prefix a later run removed).
+        if improved || !self.children(remote, &mine).await?.contains(&best_part) {
+            self.upload_tree(remote, &checkpoint::best_dir(root), &mine.child(best_part.clone()), None).await?;
+        }
+        self.upload_tree(remote, &dir, &mine.child(format!("epoch-{epoch}")), Some("state.json")).await?;
+        let keep = [format!("epoch-{epoch}"), best_part];
+        for part in self.children(remote, &mine).await? {
+            if !keep.contains(&part) {
+                self.delete_prefix(remote, &mine.child(part)).await?;
+            }
+        }
+        // Runs before this one (UUIDv7 sorts by time): this run resumed from the newest of them.
         for part in self.children(remote, &job).await? {
-            if (part.starts_with("epoch-") || part.starts_with("best-")) && !keep.contains(&part) {
+            if part.starts_with("run-") && part.as_str() < run {
                 self.delete_prefix(remote, &job.child(part)).await?;
             }
         }
@@ -311,23 +325,25 @@ impl Objects {
     }
 
     /// Before a job runs: when the object store holds a later checkpoint of it than the folder
-    /// `root` (another machine ran it), fetches that checkpoint and its best model. Returns the
-    /// epoch fetched.
+    /// `root` (another machine ran it), fetches that checkpoint and its best model: the latest
+    /// epoch of any run, the latest run among equals. Returns the epoch fetched.
     pub async fn fetch_checkpoint(&self, root: &Path) -> anyhow::Result<Option<u32>> {
         let Some(remote) = &self.remote else { return Ok(None) };
         let job = self.key(root)?;
         let stored = self.list(remote, &job).await?;
-        let Some(epoch) = stored
+        let Some((epoch, run)) = stored
             .iter()
-            .filter(|k| k.filename() == Some("state.json"))
             .filter_map(|k| {
-                let parts: Vec<_> = k.parts().collect();
-                parts.get(parts.len().checked_sub(2)?)?.as_ref().strip_prefix("epoch-")?.parse::<u32>().ok()
+                let parts: Vec<String> = k.prefix_match(&job)?.map(|p| p.as_ref().to_string()).collect();
+                let [run, epoch, file] = parts.as_slice() else { return None };
+                let epoch = epoch.strip_prefix("epoch-")?.parse::<u32>().ok()?;
+                (run.starts_with("run-") && file == "state.json").then(|| (epoch, run.clone()))
             })
             .max()
         else {
             return Ok(None);
         };
+        let job = job.child(run);
         let local = {
             let root = root.to_path_buf();
             tokio::task::spawn_blocking(move || checkpoint::list_epochs(&root).pop()).await?

@@ -60,6 +60,8 @@ pub(super) async fn run_job(ctx: &JobContext, job: &Job, device: &Device, cancel
     let device = device.clone();
     let labels = spec.data.labels.clone();
     let (objects, runtime) = (ctx.objects.clone(), tokio::runtime::Handle::current());
+    // This run's own prefix for its checkpoints in the object store (see `objects`).
+    let run_prefix = format!("run-{}", db::new_id());
     std::thread::Builder::new()
         .name(format!("train-{}", &job.id[job.id.len().saturating_sub(8)..]))
         .spawn(move || {
@@ -72,7 +74,7 @@ pub(super) async fn run_job(ctx: &JobContext, job: &Job, device: &Device, cancel
                         // only records): the checkpoint is then in the object store before the
                         // next one replaces it in the folder.
                         TrainEvent::Checkpoint { epoch, .. } if objects.is_remote() => {
-                            if let Err(e) = runtime.block_on(objects.publish_checkpoint(&checkpoint_root, *epoch, improved)) {
+                            if let Err(e) = runtime.block_on(objects.publish_checkpoint(&checkpoint_root, &run_prefix, *epoch, improved)) {
                                 tracing::error!(error = format!("{e:#}"), epoch, "storing the checkpoint in the object store failed; a resume elsewhere starts from an earlier one");
                             }
                         }

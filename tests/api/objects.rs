@@ -63,7 +63,8 @@ async fn machines_that_share_only_the_database_and_the_object_store() {
         j["progress"]["epoch"].as_u64().unwrap_or(0) >= 2
     })
     .await;
-    assert!(s3.keys(&format!("cluster/jobs/{id}/epoch-")).await.iter().any(|k| k.ends_with("/state.json")), "a checkpoint is in the store");
+    let stored = s3.keys(&format!("cluster/jobs/{id}/run-")).await;
+    assert!(stored.iter().any(|k| k.contains("/epoch-") && k.ends_with("/state.json")), "a checkpoint is in the store: {stored:?}");
     first.kill();
     let log = tmp.path().join("worker-2.log");
     let second = launch(&machine(tmp.path(), "worker-2"), &db, &s3, &["--role", "worker", "--worker-name", "worker-two", "--lease-secs", "3"])
@@ -215,4 +216,65 @@ async fn large_files_go_up_in_parts_and_come_back_whole() {
     assert!(!elsewhere.model("absent").exists());
     theirs.remove_dir(&elsewhere.model("big")).await.unwrap();
     assert!(s3.keys("parts/models/big/").await.is_empty());
+}
+
+/// Each run of a job writes its checkpoints under a prefix of its own: a later run removes the
+/// earlier runs' prefixes, and a run that lost its lease without noticing ("zombie") cannot delete
+/// what the run that took over wrote; a resume takes the latest epoch, with the best model its
+/// own `state.json` names.
+#[tokio::test]
+async fn each_run_of_a_job_keeps_its_checkpoints_apart() {
+    let Some(s3) = PrivateS3::start().await else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let settings: Vec<(String, String)> = s3.env("runs").into_iter().filter(|(k, _)| k.starts_with("AWS_")).collect();
+    let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let url = format!("s3://{}/runs", s3.bucket);
+    let machine = |name: &str| {
+        let paths = vitforge::paths::DataPaths::new(tmp.path().join(name));
+        paths.create_all().unwrap();
+        let blobs = vitforge::dataset::BlobStore::open(paths.blobs()).unwrap();
+        let objects = vitforge::objects::Objects::s3_with(&url, &settings, paths.clone(), blobs).unwrap();
+        (paths.job("j"), objects)
+    };
+    // A checkpoint of `epoch` in `root` whose best model is `best` (the best model's file says which).
+    let write = |root: &Path, epoch: u32, best: u32| {
+        let mut state = vitforge::train::checkpoint::LoopState::fresh("f".into());
+        (state.epoch, state.best_epoch) = (epoch, Some(best));
+        let dir = root.join(format!("epoch-{epoch}"));
+        std::fs::create_dir_all(dir.join("model")).unwrap();
+        std::fs::write(dir.join("model").join("model.safetensors"), format!("weights {epoch}")).unwrap();
+        std::fs::write(dir.join("state.json"), serde_json::to_string(&state).unwrap()).unwrap();
+        std::fs::create_dir_all(root.join("best")).unwrap();
+        std::fs::write(root.join("best").join("model.safetensors"), format!("best {best}")).unwrap();
+    };
+    let runs = |keys: Vec<String>| -> std::collections::BTreeSet<String> { keys.iter().map(|k| k.split('/').nth(3).unwrap().to_string()).collect() };
+
+    let (root_a, a) = machine("a");
+    write(&root_a, 1, 1);
+    a.publish_checkpoint(&root_a, "run-01", 1, true).await.unwrap();
+    write(&root_a, 2, 1);
+    a.publish_checkpoint(&root_a, "run-01", 2, false).await.unwrap();
+    let mut keys = s3.keys("runs/jobs/j/").await;
+    keys.sort();
+    assert_eq!(keys, ["runs/jobs/j/run-01/best-1/model.safetensors", "runs/jobs/j/run-01/epoch-2/model/model.safetensors", "runs/jobs/j/run-01/epoch-2/state.json"]);
+
+    // Another machine resumes: epoch 2 and the best model of epoch 1.
+    let (root_b, b) = machine("b");
+    assert_eq!(b.fetch_checkpoint(&root_b).await.unwrap(), Some(2));
+    assert_eq!(std::fs::read_to_string(root_b.join("best").join("model.safetensors")).unwrap(), "best 1");
+    assert_eq!(std::fs::read_to_string(root_b.join("epoch-2").join("model").join("model.safetensors")).unwrap(), "weights 2");
+    assert_eq!(b.fetch_checkpoint(&root_b).await.unwrap(), None, "nothing newer than what it has");
+    write(&root_b, 3, 3);
+    b.publish_checkpoint(&root_b, "run-02", 3, true).await.unwrap();
+    assert_eq!(runs(s3.keys("runs/jobs/j/").await), ["run-02".to_string()].into(), "the earlier run's prefix is gone");
+
+    // The first run, unaware it lost the job, writes one more checkpoint: the second run's stays.
+    write(&root_a, 4, 1);
+    a.publish_checkpoint(&root_a, "run-01", 4, false).await.unwrap();
+    assert_eq!(runs(s3.keys("runs/jobs/j/").await), ["run-01".to_string(), "run-02".to_string()].into());
+    assert_eq!(s3.keys("runs/jobs/j/run-02/epoch-3/").await.len(), 2);
+    // A third machine takes the latest epoch, with the best model of its own run.
+    let (root_c, c) = machine("c");
+    assert_eq!(c.fetch_checkpoint(&root_c).await.unwrap(), Some(4));
+    assert_eq!(std::fs::read_to_string(root_c.join("best").join("model.safetensors")).unwrap(), "best 1");
 }
