@@ -57,16 +57,14 @@ impl Remote {
         use tokio::io::AsyncWriteExt;
         let mut file = tokio::fs::File::open(path).await.with_context(|| format!("reading {}", path.display()))?;
         let mut writer = object_store::buffered::BufWriter::new(self.store.clone(), key.clone());
-        let copied = async {
-            tokio::io::copy(&mut file, &mut writer).await?;
-            writer.shutdown().await
-        }
-        .await;
-        if let Err(e) = copied {
+        if let Err(e) = tokio::io::copy(&mut file, &mut writer).await {
             writer.abort().await.ok();
             return Err(self.failed(e, format!("storing {key}")));
         }
-        Ok(())
+        // Not `abort` after a failed shutdown: the writer panics ("Already shut down"). A failed
+        // put leaves nothing visible (an unfinished multipart upload neither: the bucket's
+        // lifecycle rule for incomplete uploads removes its parts).
+        writer.shutdown().await.map_err(|e| self.failed(e, format!("storing {key}")))
     }
 
     /// Streams the object `key` into a new file at `path`.
