@@ -1,7 +1,7 @@
 # A private S3-compatible server for tests and benchmarks (source it): s3_start BUCKET starts
 # `moto_server` (PyPI `moto[server]`) on a free loopback port, creates BUCKET and exports the
 # AWS_* variables vitforge reads; s3_stop stops it. Used by scripts/test-postgres.sh and
-# bench/cluster.sh. moto keeps everything in memory.
+# bench/cluster.sh. moto keeps everything in memory. Needs only Python 3 (moto's own).
 
 s3_start() {
   local bucket=$1 port
@@ -10,12 +10,17 @@ s3_start() {
   s3_pid=$!
   export AWS_ENDPOINT_URL="http://127.0.0.1:$port" AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test \
     AWS_REGION=us-east-1 AWS_ALLOW_HTTP=true
-  for _ in $(seq 300); do
-    if curl -sf -X PUT "$AWS_ENDPOINT_URL/$bucket" >/dev/null 2>&1; then return 0; fi
-    sleep 0.1
-  done
-  echo "moto_server did not start within 30 s" >&2
-  exit 2
+  # Creates the bucket once the server answers (30 s at most).
+  python3 - "$AWS_ENDPOINT_URL/$bucket" <<'PY' || { echo "moto_server did not start within 30 s" >&2; exit 2; }
+import sys, time, urllib.request
+for _ in range(300):
+    try:
+        urllib.request.urlopen(urllib.request.Request(sys.argv[1], method="PUT"), timeout=2)
+        sys.exit(0)
+    except OSError:
+        time.sleep(0.1)
+sys.exit(1)
+PY
 }
 
 s3_stop() {

@@ -130,9 +130,8 @@ mod tests {
     async fn collection_waits_for_uploads_in_flight() {
         let dir = tempfile::tempdir().unwrap();
         let pool = db::connect(&db::sqlite_url(&dir.path().join("test.db"))).await.unwrap();
-        let paths = crate::paths::DataPaths::new(dir.path());
-        let store = BlobStore::open(paths.blobs()).unwrap();
-        let objects = Objects::local(paths, store.clone());
+        let objects = Objects::local(crate::paths::DataPaths::new(dir.path())).unwrap();
+        let store = objects.blobs().clone();
         let lock = BlobLock::default();
         let dataset = db::datasets::insert(&pool, "d", &ingested(&store, &[b"one", b"two"])).await.unwrap();
 

@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as Key;
-use object_store::{ObjectStore, PutPayload};
+use object_store::ObjectStore;
 
 use crate::dataset::BlobStore;
 use crate::paths::DataPaths;
@@ -96,21 +96,22 @@ fn invalid(url: &str, why: &str) -> anyhow::Error {
 }
 
 impl Objects {
-    /// The data folder alone.
-    pub fn local(paths: DataPaths, blobs: BlobStore) -> Self {
-        Self { paths, blobs, remote: None }
+    /// The data folder alone (its blob store is opened, and created if missing).
+    pub fn local(paths: DataPaths) -> std::io::Result<Self> {
+        let blobs = BlobStore::open(paths.blobs())?;
+        Ok(Self { paths, blobs, remote: None })
     }
 
     /// The data folder as a cache of the S3-compatible store at `url` (`s3://bucket/prefix`),
     /// configured by the usual `AWS_*` variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
     /// `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ALLOW_HTTP`). Nothing is contacted here.
-    pub fn s3(url: &str, paths: DataPaths, blobs: BlobStore) -> anyhow::Result<Self> {
-        Self::s3_with(url, &[], paths, blobs)
+    pub fn s3(url: &str, paths: DataPaths) -> anyhow::Result<Self> {
+        Self::s3_with(url, &[], paths)
     }
 
     /// [`Objects::s3`] with `settings` (names as the `AWS_*` variables', e.g. `AWS_ENDPOINT_URL`)
     /// applied over the environment's.
-    pub fn s3_with(url: &str, settings: &[(&str, &str)], paths: DataPaths, blobs: BlobStore) -> anyhow::Result<Self> {
+    pub fn s3_with(url: &str, settings: &[(&str, &str)], paths: DataPaths) -> anyhow::Result<Self> {
         let rest = url.strip_prefix("s3://").ok_or_else(|| invalid(url, "only s3:// is supported"))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
@@ -139,7 +140,8 @@ impl Objects {
             .map_err(|e| invalid(url, &e.to_string()))?;
         let store: Arc<dyn ObjectStore> =
             if prefix.is_empty() { Arc::new(s3) } else { Arc::new(object_store::prefix::PrefixStore::new(s3, prefix)) };
-        Ok(Self { paths, blobs, remote: Some(Arc::new(Remote { store, url: format!("s3://{bucket}/{prefix}") })) })
+        let local = Self::local(paths)?;
+        Ok(Self { remote: Some(Arc::new(Remote { store, url: format!("s3://{bucket}/{prefix}") })), ..local })
     }
 
     /// Whether bytes live in an object store (the data folder is then a cache).
@@ -182,15 +184,10 @@ impl Objects {
         let puts: Vec<_> = hashes
             .iter()
             .map(|hash| {
-                let (remote, hash) = (remote.clone(), hash.clone());
-                let path = self.blobs.path(&hash);
+                let remote = remote.clone();
+                let path = self.blobs.path(hash);
                 let key = path.as_ref().map_err(|e| anyhow::anyhow!("{e}")).and_then(|p| self.key(p));
-                async move {
-                    let (path, key) = (path?, key?);
-                    let bytes = tokio::fs::read(&path).await.with_context(|| format!("reading blob {hash}"))?;
-                    remote.store.put(&key, PutPayload::from(bytes)).await.map_err(|e| remote.failed(e, format!("storing blob {hash}")))?;
-                    anyhow::Ok(())
-                }
+                async move { remote.put_file(&path?, &key?).await }
             })
             .collect();
         futures::stream::iter(puts).buffer_unordered(PARALLEL).try_collect::<()>().await
@@ -225,7 +222,8 @@ impl Objects {
         futures::stream::iter(fetches).buffered(PARALLEL).try_collect().await
     }
 
-    /// Removes blobs from the cache and the object store; how many were in either.
+    /// Removes blobs from the cache and the object store; how many went (with a store, every one:
+    /// S3 answers the delete of a missing object as a success).
     pub async fn remove_blobs(&self, hashes: &[String]) -> anyhow::Result<usize> {
         let (blobs, names) = (self.blobs.clone(), hashes.to_vec());
         let mut removed = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<bool>> {
@@ -301,14 +299,16 @@ impl Objects {
         let dir = checkpoint::epoch_dir(root, epoch);
         let best = read_state(&dir.join("state.json")).await?.best_epoch.unwrap_or(epoch);
         let best_part = format!("best-{best}");
+        let stored = self.children(remote, &mine).await?;
         // The best model this checkpoint names, when it is new or not stored under this run yet
         // (a run that resumed elsewhere, or whose prefix a later run removed).
-        if improved || !self.children(remote, &mine).await?.contains(&best_part) {
+        if improved || !stored.contains(&best_part) {
             self.upload_tree(remote, &checkpoint::best_dir(root), &mine.child(best_part.clone()), None).await?;
         }
         self.upload_tree(remote, &dir, &mine.child(format!("epoch-{epoch}")), Some("state.json")).await?;
+        // What was there before these uploads, less what this checkpoint needs.
         let keep = [format!("epoch-{epoch}"), best_part];
-        for part in self.children(remote, &mine).await? {
+        for part in stored {
             if !keep.contains(&part) {
                 self.delete_prefix(remote, &mine.child(part)).await?;
             }
@@ -462,8 +462,7 @@ mod tests {
     use super::*;
 
     fn objects(url: &str) -> anyhow::Result<Objects> {
-        let dir = std::env::temp_dir();
-        Objects::s3(url, DataPaths::new(&dir), BlobStore::open(dir.join("vitforge-objects-test")).unwrap())
+        Objects::s3(url, DataPaths::new(tempfile::tempdir().unwrap().path()))
     }
 
     #[test]

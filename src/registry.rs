@@ -50,7 +50,8 @@ impl ModelRegistry {
 
     /// Registers the best checkpoint of a finished job: copies it into `<data-dir>/models/<id>/`,
     /// inserts the model and marks the job succeeded (one transaction), makes it the default
-    /// once loaded, then drops the job's checkpoints. Only while the job still runs under `worker`:
+    /// once loaded, then drops the job's checkpoint records (the worker removes their files, as for
+    /// every job that ends). Only while the job still runs under `worker`:
     /// a worker that lost its lease registers nothing and removes its copy.
     pub async fn register_for_job(&self, job: &Job, outcome: &TrainOutcome, worker: &str) -> anyhow::Result<Model> {
         let model_id = db::new_id();
@@ -87,7 +88,6 @@ impl ModelRegistry {
             Ok(_) => self.predictor.set_default(Some(model_id.clone())),
             Err(e) => tracing::error!(model = %model_id, error = %e, "the new model failed to load; the previous default keeps serving"),
         }
-        self.objects.remove_dir(&self.paths.job(&job.id)).await.ok();
         db::job_metrics::delete_checkpoints(&self.db, &job.id).await?;
         Ok(model)
     }

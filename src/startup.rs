@@ -12,7 +12,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::budget::MemoryBudget;
 use crate::config::{DatabaseUrl, Role, ServeConfig};
-use crate::dataset::{BlobStore, IngestLimits};
+use crate::dataset::IngestLimits;
 use crate::http::{self, AppState};
 use crate::objects::Objects;
 use crate::paths::DataPaths;
@@ -55,10 +55,9 @@ impl Application {
                  train, predict and delete; set --api-key (VITFORGE_API_KEY) or bind 127.0.0.1"
             );
         }
-        let blobs = BlobStore::open(paths.blobs())?;
         let objects = match &config.object_store {
-            Some(url) => Objects::s3(url, paths.clone(), blobs)?,
-            None => Objects::local(paths.clone(), blobs),
+            Some(url) => Objects::s3(url, paths.clone())?,
+            None => Objects::local(paths.clone())?,
         };
         let blob_lock = Arc::default();
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -87,14 +87,12 @@ async fn thumbnail(State(state): State<AppState>, ApiPath((id, blob)): ApiPath<(
         return Err(AppError::not_found("image", &blob));
     }
     let cached = state.paths.thumbnail(&blob);
-    let image = if tokio::fs::try_exists(&cached).await.unwrap_or(false) { None } else { Some(state.objects.blob_path(&blob).await?) };
+    if let Ok(jpeg) = tokio::fs::read(&cached).await {
+        return Ok(thumbnail_response(jpeg));
+    }
+    let image = state.objects.blob_path(&blob).await?;
     let (memory, max_pixels) = (state.memory.clone(), state.config.max_image_pixels);
     let jpeg = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, AppError> {
-        let image = match (std::fs::read(&cached), image) {
-            (Ok(bytes), _) => return Ok(bytes),
-            (Err(_), Some(image)) => image,
-            (Err(e), None) => return Err(anyhow::Error::new(e).context("reading a cached thumbnail").into()),
-        };
         let bytes = std::fs::read(image).context("reading the image")?;
         let img = crate::imaging::decode_rgb_within(&bytes, max_pixels, &memory, crate::budget::WAIT).map_err(|e| match e {
             crate::imaging::ImageError::OverBudget { .. } => AppError::over_budget(e.to_string()),
@@ -110,8 +108,12 @@ async fn thumbnail(State(state): State<AppState>, ApiPath((id, blob)): ApiPath<(
     })
     .await
     .context("thumbnail task")??;
+    Ok(thumbnail_response(jpeg))
+}
+
+fn thumbnail_response(jpeg: Vec<u8>) -> Response {
     // Blobs are content-addressed: a thumbnail never changes.
-    Ok(([(header::CONTENT_TYPE, "image/jpeg"), (header::CACHE_CONTROL, "private, max-age=31536000, immutable")], jpeg).into_response())
+    ([(header::CONTENT_TYPE, "image/jpeg"), (header::CACHE_CONTROL, "private, max-age=31536000, immutable")], jpeg).into_response()
 }
 
 /// The size of a `w` × `h` image scaled down (never up) to fit `side` × `side`.

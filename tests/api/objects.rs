@@ -187,10 +187,7 @@ async fn large_files_go_up_in_parts_and_come_back_whole() {
     let settings: Vec<(String, String)> = s3.env("parts").into_iter().filter(|(k, _)| k.starts_with("AWS_")).collect();
     let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let url = format!("s3://{}/parts", s3.bucket);
-    let open = |paths: vitforge::paths::DataPaths| {
-        let blobs = vitforge::dataset::BlobStore::open(paths.blobs()).unwrap();
-        vitforge::objects::Objects::s3_with(&url, &settings, paths, blobs).unwrap()
-    };
+    let open = |paths: vitforge::paths::DataPaths| vitforge::objects::Objects::s3_with(&url, &settings, paths).unwrap();
     let objects = open(paths.clone());
     let dir = paths.model("big");
     std::fs::create_dir_all(dir.join("inner")).unwrap();
@@ -232,8 +229,7 @@ async fn each_run_of_a_job_keeps_its_checkpoints_apart() {
     let machine = |name: &str| {
         let paths = vitforge::paths::DataPaths::new(tmp.path().join(name));
         paths.create_all().unwrap();
-        let blobs = vitforge::dataset::BlobStore::open(paths.blobs()).unwrap();
-        let objects = vitforge::objects::Objects::s3_with(&url, &settings, paths.clone(), blobs).unwrap();
+        let objects = vitforge::objects::Objects::s3_with(&url, &settings, paths.clone()).unwrap();
         (paths.job("j"), objects)
     };
     // A checkpoint of `epoch` in `root` whose best model is `best` (the best model's file says which).

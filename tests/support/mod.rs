@@ -83,10 +83,7 @@ pub fn test_postgres() -> Option<String> {
 /// the folder (so a service restarted on the same folder finds its data) and created on first use.
 pub fn database_url(data_dir: &Path) -> Option<String> {
     let admin = test_postgres()?;
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    data_dir.hash(&mut hasher);
-    let name = format!("vitforge_test_{:016x}", hasher.finish());
+    let name = format!("vitforge_test_{}", folder_tag(data_dir));
     let create = format!("create database {name}");
     let admin_url = admin.clone();
     // Its own thread and runtime, so it can be called from sync and async code alike.
@@ -115,10 +112,15 @@ pub fn database_url(data_dir: &Path) -> Option<String> {
 /// objects). `scripts/test-postgres.sh` starts a private S3 server for it.
 pub fn object_store_url(data_dir: &Path) -> Option<String> {
     let bucket = std::env::var("VITFORGE_TEST_S3").ok().filter(|u| !u.is_empty())?;
+    Some(format!("{}/test-{}", bucket.trim_end_matches('/'), folder_tag(data_dir)))
+}
+
+/// A name of a test service's data folder, the same for the same folder (a restart on it).
+fn folder_tag(data_dir: &Path) -> String {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     data_dir.hash(&mut hasher);
-    Some(format!("{}/test-{:016x}", bucket.trim_end_matches('/'), hasher.finish()))
+    format!("{:016x}", hasher.finish())
 }
 
 /// An S3-compatible server of one test's own (`moto_server`, PyPI `moto[server]`) on a loopback
