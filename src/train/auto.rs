@@ -1,21 +1,22 @@
 //! What the `auto` recipe does after its probe epoch, decided from the data and the time budget
 //! by the measurements of `bench/QUALITY.md` (a size curve on real photos): stop after the probe
-//! where fine-tuning did not reliably pay and validation is too small to tell, fine-tune the last layers from
-//! the probe head where that paid, the whole network (LP-FT) where there is data enough; always
-//! for as many epochs as the budget allows, keeping the best epoch by validation (the probe's
-//! included, so a fine-tune that does not help is not kept).
+//! below the sizes measured, where validation is too small to tell a better epoch; fine-tune the
+//! last layers from the probe head where that paid, the whole network (LP-FT) where there is data
+//! enough; always for as many epochs as the budget allows, keeping the best epoch by validation
+//! (the probe's included, so a fine-tune that does not help is not kept).
 
 use serde::{Deserialize, Serialize};
 
 use super::hyperparams::{AUTO_LEARNING_RATE, TrainMode, TrainParams};
 
 /// Fewest training images per class (after the validation hold-out) at which `auto` fine-tunes
-/// after the probe: 300 photos per class with the default 10% held out. There and at 400 the last
-/// layers beat the probe by 2.25 and 4.25 points on 400 test photos; at 25, 100 and 200 per class
-/// no fine-tuned epoch beat the probe on validation, and at 50 the one-split gain (+3 points) did
-/// not hold over three splits, where a fine-tuned epoch picked on 10 validation photos tested 10
-/// points worse (bench/QUALITY.md, "Size curve").
-pub const MIN_PER_CLASS_TO_FINE_TUNE: usize = 270;
+/// after the probe: 25 photos per class with the default 10% held out, the smallest size
+/// measured. Over three seeded splits at each of 25, 50, 100 and 200 photos per class (400 test
+/// photos each) the last layers were ahead of the probe 5 times in 12, level 6 times (the probe
+/// kept on validation) and behind once by half a point; at 300 and 400 per class they gained 2.25
+/// and 4.25 points (bench/QUALITY.md, "Size curve"). Below 25 photos per class nothing was
+/// measured, and validation holds 2 images per class or fewer.
+pub const MIN_PER_CLASS_TO_FINE_TUNE: usize = 22;
 
 /// Fewest training images per class at which `auto` fine-tunes the whole network rather than the
 /// last layers: 1,000 photos per class with 10% held out, where the whole network's fine-tune
@@ -123,9 +124,9 @@ pub fn decide(s: &Situation) -> Decision {
     let probe_only = |reason: String| Decision { action: Action::ProbeOnly, epochs: 1, reason };
     if smallest < MIN_PER_CLASS_TO_FINE_TUNE {
         return probe_only(format!(
-            "{smallest} training images in the smallest class: below {MIN_PER_CLASS_TO_FINE_TUNE} per class fine-tuning after the probe \
-             did not reliably beat the probe alone in our measurements, and the validation split is too small to tell a better \
-             epoch (bench/QUALITY.md)"
+            "{smallest} training images in the smallest class: below {MIN_PER_CLASS_TO_FINE_TUNE} per class (25 photos with 10% held \
+             out) fine-tuning after the probe was not measured, and a validation split of 2 images per class or fewer cannot tell \
+             a better epoch (bench/QUALITY.md)"
         ));
     }
     let (action, what) = if smallest >= MIN_PER_CLASS_FOR_FULL {

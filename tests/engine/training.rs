@@ -173,14 +173,17 @@ fn calibration_folds_a_temperature_into_the_head_and_changes_no_prediction() {
     }
 }
 
-/// After its probe epoch, `after_probe: auto` decides: on 30 images per class it stops there
-/// and says why; a time budget too short for an epoch stops a run before it.
+/// After its probe epoch, `after_probe: auto` decides: on 20 training images per class (below the
+/// sizes measured) it stops there and says why; a time budget too short for an epoch stops a run
+/// before it.
 #[test]
 fn auto_decides_after_the_probe_and_a_time_budget_stops_epochs() {
     use vitforge::train::AfterProbe;
     use vitforge::train::auto::Action;
     let tmp = tempfile::tempdir().unwrap();
-    let p = TrainParams { head_init: HeadInit::Probe, after_probe: AfterProbe::Auto, epochs: 1, ..params() };
+    // 40 images per class, half of them held out.
+    let p = TrainParams { head_init: HeadInit::Probe, after_probe: AfterProbe::Auto, epochs: 1, validation_split: 0.5, ..params() };
+    assert!(20 < vitforge::train::auto::MIN_PER_CLASS_TO_FINE_TUNE);
     let (out, losses) = run(&tmp.path().join("data"), &tmp.path().join("auto"), p, None);
     let out = out.unwrap();
     let d = out.decision.expect("a decision");
