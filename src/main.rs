@@ -4,6 +4,8 @@ use vitforge::cli::{self, Cli, Command};
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     vitforge::telemetry::init(cli.log_format);
+    // A cap on the CPU kernels that cannot be read is an error here, not a silent default later.
+    vitforge::model::isa::cap_from_env().map_err(anyhow::Error::msg)?;
     match cli.command {
         None => vitforge::startup::serve(cli.serve),
         Some(Command::Serve(cfg)) => vitforge::startup::serve(*cfg),

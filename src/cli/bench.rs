@@ -11,7 +11,7 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use crate::model::network::{frozen_forward, loss_and_grads};
-use crate::model::{LoadedModel, ModelSource, TrainableSet, Vit, VitConfig};
+use crate::model::{LoadedModel, ModelSource, TrainableSet, Vit, VitConfig, isa};
 use crate::train::OptimizerKind;
 use crate::train::optim::{Optimizer, clip_grad_norm};
 
@@ -97,6 +97,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
     };
     let (h, w) = model.cfg.image_size;
+    if device.is_cpu() {
+        eprintln!("{}; path {}", isa::summary(), crate::model::cpu_path());
+    }
     for &batch in &args.batch {
         let pixels = Tensor::randn(0f32, 1.0, (batch, model.cfg.num_channels, h, w), &device)?;
         let targets: Vec<u32> = (0..batch as u32).map(|i| i % BENCH_LABELS as u32).collect();
@@ -145,6 +148,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 "mode": mode.name(),
                 "images_per_s": (batch as f64 / median * 100.0).round() / 100.0,
                 "peak_rss_mb": peak_rss_mb().round(),
+                "cpu_isa": isa::detected().name(),
+                "path": if device.is_cpu() { crate::model::cpu_path() } else { "cuda".to_string() },
             });
             println!("{line}");
         }

@@ -15,6 +15,7 @@ pub mod vit;
 pub mod weights;
 
 pub use config::VitConfig;
+pub use fast::{cpu_path, isa};
 pub use io::{LoadedModel, ModelSource};
 pub use preprocess::PreprocessorConfig;
 pub use vit::Vit;

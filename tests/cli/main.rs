@@ -10,7 +10,16 @@ use serde_json::Value;
 mod support;
 
 fn vitforge(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vitforge")).args(args).env("RUST_LOG", "warn").output().expect("run vitforge");
+    vitforge_with(args, &[])
+}
+
+fn vitforge_with(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vitforge"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run vitforge");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -119,4 +128,33 @@ fn selfcheck_passes_on_this_machine_and_fails_on_a_wrong_reference() {
     assert!(err.lines().any(|l| l.starts_with("FAIL  odd: logits")), "{err}");
     let summary: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(summary["passed"], false);
+}
+
+/// `VITFORGE_MAX_ISA` at every kernel level this CPU runs: the golden files pass (the model's
+/// logits, loss and every gradient against PyTorch's), and `bench` reports the path it ran. An
+/// unknown level stops the command with a message naming the variable.
+#[test]
+fn every_kernel_level_passes_the_golden_files_and_bench_names_it() {
+    let mut levels = vec!["generic"];
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        levels.push("avx2");
+    }
+    for level in &levels {
+        let env = [("VITFORGE_MAX_ISA", *level)];
+        let (ok, out, err) = vitforge_with(&["selfcheck", "--device", "cpu"], &env);
+        assert!(ok, "{level}: {err}");
+        let summary: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        assert_eq!(summary["passed"], true, "{level}: {summary}");
+        let (ok, out, err) = vitforge_with(&["bench", "--config", "tiny", "--mode", "infer", "--iters", "1", "--warmup", "0"], &env);
+        assert!(ok, "{level}: {err}");
+        let line: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+        assert_eq!(line["path"], *level, "{line}");
+        assert!(line["cpu_isa"].is_string(), "{line}");
+        assert!(err.contains(&format!("capped at {level} by VITFORGE_MAX_ISA")), "{err}");
+    }
+    eprintln!("kernel levels run through the golden files here: {levels:?}");
+    let (ok, _, err) = vitforge_with(&["bench", "--config", "tiny", "--iters", "1"], &[("VITFORGE_MAX_ISA", "sse9")]);
+    assert!(!ok);
+    assert!(err.contains("VITFORGE_MAX_ISA") && err.contains("generic, avx2, avx512, amx"), "{err}");
 }

@@ -329,3 +329,110 @@ dispatch! {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fast::isa::tests::{on, runnable};
+    use crate::model::fast::simd::tests::erf64;
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) as f64 / (1u64 << 31) as f64 * 8.0 - 4.0) as f32
+            })
+            .collect()
+    }
+
+    fn close(got: &[f32], want: &[f64], tol: f64, what: &str) {
+        let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!((f64::from(g) - w).abs() <= tol * scale, "{what}[{i}] = {g}, want {w}");
+        }
+    }
+
+    fn act64(act: Activation, x: f64) -> f64 {
+        let sigmoid = |v: f64| 1.0 / (1.0 + (-v).exp());
+        match act {
+            Activation::Gelu => 0.5 * x * (1.0 + erf64(x / 2f64.sqrt())),
+            Activation::GeluTanh => 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044_715 * x * x * x)).tanh()),
+            Activation::Relu => x.max(0.0),
+            Activation::Silu => x * sigmoid(x),
+            Activation::QuickGelu => x * sigmoid(1.702 * x),
+        }
+    }
+
+    /// Every element-wise and row kernel, at every kernel level this CPU runs, against the same
+    /// function computed in f64 (derivatives by central differences of the f64 function).
+    #[test]
+    fn every_kernel_matches_f64_at_every_level() {
+        let levels = runnable();
+        for &level in &levels {
+            for n in [1usize, 7, 8, 37, 389] {
+                let x = data(n, n as u64);
+                let (gamma, beta, dy) = (data(n, 1), data(n, 2), data(n, 3));
+                let x64: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+                let what = |k: &str| format!("{level:?} {k} n={n}");
+
+                // Layer norm, forward, re-applied and backward.
+                let mean = x64.iter().sum::<f64>() / n as f64;
+                let rstd = 1.0 / (x64.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n as f64 + 1e-5).sqrt();
+                let xhat: Vec<f64> = x64.iter().map(|v| (v - mean) * rstd).collect();
+                let y64: Vec<f64> = (0..n).map(|i| xhat[i] * f64::from(gamma[i]) + f64::from(beta[i])).collect();
+                let mut y = vec![0f32; n];
+                let (m, r) = on(level, || ln_row(&x, &gamma, &beta, 1e-5, &mut y));
+                close(&y, &y64, 1e-5, &what("ln_row"));
+                close(&[m, r], &[mean, rstd], 1e-5, &what("ln_row stats"));
+                let mut again = vec![0f32; n];
+                on(level, || ln_apply_row(&x, &gamma, &beta, m, r, &mut again));
+                close(&again, &y64, 1e-5, &what("ln_apply_row"));
+                let g: Vec<f64> = (0..n).map(|i| f64::from(dy[i]) * f64::from(gamma[i])).collect();
+                let (m1, m2) = (g.iter().sum::<f64>() / n as f64, g.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / n as f64);
+                let dx64: Vec<f64> = (0..n).map(|i| 0.5 + rstd * (g[i] - m1 - xhat[i] * m2)).collect();
+                let (mut dx, mut dgamma, mut dbeta) = (vec![0.5f32; n], vec![0.25f32; n], vec![0.25f32; n]);
+                on(level, || ln_backward_row(&dy, &x, &gamma, m, r, &mut dx, &mut dgamma, &mut dbeta));
+                close(&dx, &dx64, 1e-5, &what("ln_backward_row dx"));
+                close(&dgamma, &(0..n).map(|i| 0.25 + f64::from(dy[i]) * xhat[i]).collect::<Vec<_>>(), 1e-5, &what("dgamma"));
+                close(&dbeta, &(0..n).map(|i| 0.25 + f64::from(dy[i])).collect::<Vec<_>>(), 1e-6, &what("dbeta"));
+
+                // Activations and their derivatives.
+                for act in [Activation::Gelu, Activation::GeluTanh, Activation::Relu, Activation::Silu, Activation::QuickGelu] {
+                    let mut y = vec![0f32; n];
+                    on(level, || act_forward_chunk(act, &x, &mut y));
+                    close(&y, &x64.iter().map(|&v| act64(act, v)).collect::<Vec<_>>(), 1e-6, &what(&format!("{act:?}")));
+                    let mut d = dy.clone();
+                    on(level, || act_backward_chunk(act, &x, &mut d));
+                    let h = 1e-5;
+                    let want: Vec<f64> =
+                        (0..n).map(|i| f64::from(dy[i]) * (act64(act, x64[i] + h) - act64(act, x64[i] - h)) / (2.0 * h)).collect();
+                    close(&d, &want, 1e-5, &what(&format!("{act:?} backward")));
+                }
+
+                // Softmax, its re-application from the log-sum-exp, and its backward.
+                let scale = 0.7;
+                let max = x64.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b * scale));
+                let sum: f64 = x64.iter().map(|v| (v * scale - max).exp()).sum();
+                let p64: Vec<f64> = x64.iter().map(|v| (v * scale - max).exp() / sum).collect();
+                let mut p = x.clone();
+                let lse = on(level, || softmax_row(&mut p, scale as f32));
+                close(&p, &p64, 1e-6, &what("softmax_row"));
+                close(&[lse], &[max + sum.ln()], 1e-6, &what("log-sum-exp"));
+                let mut q = x.clone();
+                on(level, || softmax_from_lse(&mut q, scale as f32, lse));
+                close(&q, &p64, 1e-5, &what("softmax_from_lse"));
+                let dot: f64 = p64.iter().zip(&dy).map(|(a, &b)| a * f64::from(b)).sum();
+                let mut ds = dy.clone();
+                on(level, || softmax_backward_row(&p, &mut ds, scale as f32));
+                close(&ds, &(0..n).map(|i| scale * p64[i] * (f64::from(dy[i]) - dot)).collect::<Vec<_>>(), 1e-5, &what("softmax backward"));
+
+                // a += b.
+                let mut a = x.clone();
+                on(level, || add_assign(&mut a, &dy));
+                close(&a, &(0..n).map(|i| x64[i] + f64::from(dy[i])).collect::<Vec<_>>(), 1e-6, &what("add_assign"));
+            }
+        }
+        eprintln!("element-wise kernels checked at {levels:?}");
+    }
+}

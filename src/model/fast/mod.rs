@@ -8,6 +8,7 @@
 //! Parameters stay candle tensors; this module borrows their storage for the duration of a call.
 //! Used on the CPU device when dropout is off; everything else takes the reference path.
 
+pub mod isa;
 mod kernels;
 mod matmul;
 mod simd;
@@ -39,6 +40,18 @@ pub(super) fn usable(vit: &Vit, device: &Device) -> bool {
 pub fn reference_ops_forced() -> bool {
     static FORCE_REFERENCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *FORCE_REFERENCE.get_or_init(|| std::env::var_os("VITFORGE_REFERENCE_OPS").is_some())
+}
+
+/// Which compute path a CPU model runs, for `vitforge bench`: `reference` (candle's composed ops,
+/// `VITFORGE_REFERENCE_OPS`), else the kernel level (`generic` or `avx2`, see [`isa`]), with
+/// `+gemm-crate` when `VITFORGE_GENERIC_GEMM` swaps our matrix product for the crate's.
+pub fn cpu_path() -> String {
+    if reference_ops_forced() {
+        return "reference".into();
+    }
+    let level = isa::active().kernels();
+    let crate_gemm = if level >= isa::Isa::Avx2 && matmul::generic_forced() { "+gemm-crate" } else { "" };
+    format!("{}{crate_gemm}", level.name())
 }
 
 /// Read guards on the storage of every tensor of a model, so its weights can be used as slices.

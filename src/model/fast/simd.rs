@@ -1,16 +1,15 @@
 //! Runtime CPU-feature dispatch for the element-wise kernels: each kernel body is written as plain
 //! loops that LLVM vectorises, and compiled twice, once for the baseline target and once with
-//! AVX2 + FMA, picked at run time (the binary stays portable).
+//! AVX2 + FMA, picked at run time by [`isa::active`](super::isa::active) (the binary stays
+//! portable, and `VITFORGE_MAX_ISA=generic` runs the baseline on any CPU).
 
-/// True when the CPU has AVX2 and FMA (checked once).
+/// True when the kernels may use AVX2 and FMA: the CPU has them and no cap forbids them.
 #[cfg(target_arch = "x86_64")]
-pub fn has_avx2_fma() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"))
+pub fn use_avx2() -> bool {
+    super::isa::active() >= super::isa::Isa::Avx2
 }
 
-/// Defines `pub fn $name(args)` that runs `$body` compiled with AVX2 + FMA when the CPU has them.
+/// Defines `pub fn $name(args)` that runs `$body` compiled with AVX2 + FMA when [`use_avx2`] says so.
 macro_rules! dispatch {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
@@ -23,8 +22,9 @@ macro_rules! dispatch {
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-                if $crate::model::fast::simd::has_avx2_fma() {
-                    // SAFETY: the features `avx2` and `fma` were detected on this CPU.
+                if $crate::model::fast::simd::use_avx2() {
+                    // SAFETY: `isa::active` is never above what was detected on this CPU, so it
+                    // has `avx2` and `fma`.
                     return unsafe { avx2($($arg),*) };
                 }
             }
@@ -87,7 +87,7 @@ pub fn sigmoid(x: f32) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub mod tests {
     use super::*;
 
     #[test]
@@ -97,7 +97,7 @@ mod tests {
         while x < 30.0 {
             let e = (f64::from(exp(x)) - f64::from(x).exp()).abs() / f64::from(x).exp();
             worst[0] = worst[0].max(e);
-            let erf_ref = libm_erf(f64::from(x));
+            let erf_ref = erf64(f64::from(x));
             worst[1] = worst[1].max((f64::from(erf(x)) - erf_ref).abs());
             worst[2] = worst[2].max((f64::from(tanh(x)) - f64::from(x).tanh()).abs());
             x += 0.001_37;
@@ -110,7 +110,7 @@ mod tests {
     }
 
     /// erf by its Taylor series (|x| < 3) or 1 − erfc by continued fraction, in f64.
-    fn libm_erf(x: f64) -> f64 {
+    pub fn erf64(x: f64) -> f64 {
         let a = x.abs();
         let v = if a < 3.0 {
             let (mut sum, mut term, mut n) = (a, a, 0.0);

@@ -1,6 +1,6 @@
 //! Matrix products on strided views of `f32` slices, with bounds checked before the unsafe call:
-//! through our AVX2/FMA kernel ([`sgemm`]) where the CPU has it, else through the `gemm`
-//! crate (the kernels candle's CPU backend uses). Strides let one buffer hold Q, K and V side by
+//! through our AVX2/FMA kernel ([`sgemm`]) where the CPU has it (and `VITFORGE_MAX_ISA` allows
+//! it), else through the `gemm` crate (the kernels candle's CPU backend uses). Strides let one buffer hold Q, K and V side by
 //! side and let transposes cost nothing.
 
 #[cfg(target_arch = "x86_64")]
@@ -96,7 +96,7 @@ pub fn gemm(a: Mat, b: Mat, c: MatMut, beta: f32, accumulate: bool, threads: Thr
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if sgemm::available() && !generic_forced() {
+    if super::simd::use_avx2() && !generic_forced() {
         let parallel = threads == Threads::All && rayon::current_num_threads() > 1;
         sgemm::gemm(a, b, c, beta, accumulate, parallel);
         return;
@@ -138,28 +138,56 @@ pub fn gemm(a: Mat, b: Mat, c: MatMut, beta: f32, accumulate: bool, threads: Thr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::fast::isa::tests::{on, runnable};
 
+    /// At every kernel level this CPU runs (`VITFORGE_MAX_ISA`'s levels): every layout of A and
+    /// B, sizes that cut micro-tiles, row blocks and depth blocks at odd places, a strided
+    /// output, accumulation and scaling, serial and parallel, against a plain triple loop in f64.
     #[test]
-    fn strided_products_match_a_naive_loop() {
-        let a: Vec<f32> = (0..24).map(|v| v as f32 * 0.5 - 3.0).collect(); // 4×6
-        let b: Vec<f32> = (0..18).map(|v| (v as f32).sin()).collect(); // 6×3
-        let mut c = vec![1.0f32; 4 * 3];
-        gemm(Mat::rows(&a, 4, 6), Mat::rows(&b, 6, 3), MatMut::rows(&mut c, 4, 3), 2.0, true, Threads::All);
-        for i in 0..4 {
-            for j in 0..3 {
-                let want: f32 = 1.0 + 2.0 * (0..6).map(|k| a[i * 6 + k] * b[k * 3 + j]).sum::<f32>();
-                assert!((c[i * 3 + j] - want).abs() < 1e-4);
+    fn products_match_f64_for_every_layout_edge_and_level() {
+        let mut seed = 1u64;
+        let mut rand = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        let levels = runnable();
+        for &(m, n, k) in &[(1, 1, 1), (5, 15, 7), (6, 16, 384), (13, 37, 385), (101, 33, 800), (200, 130, 64)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rand()).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rand()).collect();
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                // Stored transposed when asked, then viewed back as m×k and k×n.
+                let av = if ta { Mat::rows(&a, k, m).t() } else { Mat::rows(&a, m, k) };
+                let bv = if tb { Mat::rows(&b, n, k).t() } else { Mat::rows(&b, k, n) };
+                let at = |i: usize, p: usize| f64::from(a[av.offset + i * av.rs + p * av.cs]);
+                let bt = |p: usize, j: usize| f64::from(b[bv.offset + p * bv.rs + j * bv.cs]);
+                for (&level, (accumulate, threads)) in
+                    levels.iter().flat_map(|l| [(false, Threads::One), (true, Threads::All), (false, Threads::All)].map(|c| (l, c)))
+                {
+                    let stride = n + 3;
+                    let mut c = vec![0.25f32; m * stride];
+                    on(level, || gemm(av, bv, MatMut::strided(&mut c, m, n, stride, 2), 0.5, accumulate, threads));
+                    for i in 0..m {
+                        for j in 0..stride {
+                            let got = f64::from(c[i * stride + j]);
+                            let want = if (2..2 + n).contains(&j) {
+                                let dot: f64 = (0..k).map(|p| at(i, p) * bt(p, j - 2)).sum();
+                                0.5 * dot + if accumulate { 0.25 } else { 0.0 }
+                            } else {
+                                0.25
+                            };
+                            assert!(
+                                (got - want).abs() < 1e-4,
+                                "{level:?} {m}x{n}x{k} ta={ta} tb={tb} acc={accumulate}: c[{i}][{j}] = {got}, want {want}"
+                            );
+                        }
+                    }
+                }
             }
         }
-        // Aᵀ·A via views, into the middle columns of a wider buffer.
-        let mut wide = vec![9.0f32; 6 * 10];
-        gemm(Mat::rows(&a, 4, 6).t(), Mat::rows(&a, 4, 6), MatMut::strided(&mut wide, 6, 6, 10, 2), 1.0, false, Threads::One);
-        for i in 0..6 {
-            assert_eq!(wide[i * 10], 9.0);
-            for j in 0..6 {
-                let want: f32 = (0..4).map(|k| a[k * 6 + i] * a[k * 6 + j]).sum();
-                assert!((wide[i * 10 + 2 + j] - want).abs() < 1e-4);
-            }
-        }
+        // An empty depth: C is cleared, or left as it is when accumulating.
+        let mut c = vec![3.0f32; 4];
+        gemm(Mat::rows(&[], 2, 0), Mat::rows(&[], 0, 2), MatMut::rows(&mut c, 2, 2), 1.0, false, Threads::One);
+        assert_eq!(c, vec![0.0; 4]);
+        eprintln!("matrix products checked at {:?}", levels);
     }
 }

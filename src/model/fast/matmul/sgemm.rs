@@ -30,12 +30,6 @@ const MC: usize = 96;
 /// Columns of a strip of C finished before the next (`MC × NS` is 48 KiB, in L2).
 const NS: usize = 128;
 
-/// Whether this CPU can run [`gemm`].
-pub fn available() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-}
-
 /// A raw pointer that may cross to rayon's threads: every task writes a disjoint set of rows.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -51,7 +45,7 @@ unsafe impl Sync for OutPtr {}
 /// strips of `NS`, finishing each strip over all of k before the next, so the strip of C it
 /// updates stays in L2 instead of being reloaded from memory for every block of depth.
 pub fn gemm(a: Mat, b: Mat, c: MatMut, alpha: f32, accumulate: bool, parallel: bool) {
-    debug_assert!(available());
+    debug_assert!(crate::model::fast::simd::use_avx2());
     let (n, k) = (c.cols, a.cols);
     let ldc = c.rs;
     let out = OutPtr(c.data[c.offset..].as_mut_ptr());
@@ -348,7 +342,7 @@ unsafe fn tile(kc: usize, a: APanel, b: &[f32], c: *mut f32, ldc: usize, mr: usi
     let whole = mr == MR && nr == NR;
     let mut scratch = [0f32; MR * NR];
     let (dst, ld, add) = if whole { (c, ldc, acc) } else { (scratch.as_mut_ptr(), NR, false) };
-    // SAFETY: AVX2 and FMA checked by `available`; the panels hold what the kernel reads (checked
+    // SAFETY: AVX2 and FMA checked by the caller (`simd::use_avx2`); the panels hold what the kernel reads (checked
     // here), and `dst` is either the caller's whole tile or the scratch tile.
     unsafe {
         match a {
@@ -434,55 +428,6 @@ unsafe fn kernel_at(kc: usize, at: impl Fn(usize, usize) -> *const f32, b: *cons
             } else {
                 _mm256_storeu_ps(row, _mm256_mul_ps(alpha, c0[r]));
                 _mm256_storeu_ps(row.add(8), _mm256_mul_ps(alpha, c1[r]));
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::super::{Mat, MatMut};
-    use super::*;
-
-    /// Every layout of A and B, sizes that cut micro-tiles, row blocks and depth blocks at odd
-    /// places, a strided output, accumulation and scaling, serial and parallel: against a
-    /// plain triple loop in f64.
-    #[test]
-    fn matches_a_naive_product_for_every_layout_and_edge() {
-        if !available() {
-            return;
-        }
-        let mut seed = 1u64;
-        let mut rand = move || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        };
-        for &(m, n, k) in &[(1, 1, 1), (5, 15, 7), (6, 16, 384), (13, 37, 385), (101, 33, 800), (200, 130, 64)] {
-            let a: Vec<f32> = (0..m * k).map(|_| rand()).collect();
-            let b: Vec<f32> = (0..k * n).map(|_| rand()).collect();
-            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-                // Stored transposed when asked, then viewed back as m×k and k×n.
-                let av = if ta { Mat::rows(&a, k, m).t() } else { Mat::rows(&a, m, k) };
-                let bv = if tb { Mat::rows(&b, n, k).t() } else { Mat::rows(&b, k, n) };
-                let at = |i: usize, p: usize| f64::from(a[av.offset + i * av.rs + p * av.cs]);
-                let bt = |p: usize, j: usize| f64::from(b[bv.offset + p * bv.rs + j * bv.cs]);
-                for (accumulate, parallel) in [(false, false), (true, true), (false, true)] {
-                    let stride = n + 3;
-                    let mut c = vec![0.25f32; m * stride];
-                    gemm(av, bv, MatMut::strided(&mut c, m, n, stride, 2), 0.5, accumulate, parallel);
-                    for i in 0..m {
-                        for j in 0..stride {
-                            let got = f64::from(c[i * stride + j]);
-                            let want = if (2..2 + n).contains(&j) {
-                                let dot: f64 = (0..k).map(|p| at(i, p) * bt(p, j - 2)).sum();
-                                0.5 * dot + if accumulate { 0.25 } else { 0.0 }
-                            } else {
-                                0.25
-                            };
-                            assert!((got - want).abs() < 1e-4, "{m}x{n}x{k} ta={ta} tb={tb} acc={accumulate}: c[{i}][{j}] = {got}, want {want}");
-                        }
-                    }
-                }
             }
         }
     }

@@ -1,0 +1,168 @@
+//! Which instruction sets the CPU kernels may use: what the CPU has, capped by
+//! `VITFORGE_MAX_ISA` (`generic`, `avx2`, `avx512` or `amx`) so that every path can be run,
+//! compared and tested on one machine.
+//!
+//! Our kernels exist for two levels today: portable code (`generic`: the `gemm` crate's matrix
+//! product and plain loops) and AVX2 + FMA (our 6×16 matrix product and the element-wise
+//! kernels compiled for AVX2). On an AVX-512 or AMX CPU the AVX2 kernels run: no kernel of ours
+//! for those instruction sets has run on them yet, so none is enabled (bench/RESULTS.md).
+
+use std::sync::OnceLock;
+
+/// An instruction-set level, from the lowest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Whatever the compile target guarantees (SSE2 on x86-64).
+    Generic,
+    /// AVX2 and FMA.
+    Avx2,
+    /// AVX-512 F, BW, VL and DQ.
+    Avx512,
+    /// AMX tiles with bf16 (and AVX-512 BF16).
+    Amx,
+}
+
+/// Every level, from the lowest.
+pub const ALL: [Isa; 4] = [Isa::Generic, Isa::Avx2, Isa::Avx512, Isa::Amx];
+
+/// The environment variable that caps the level.
+pub const CAP_VAR: &str = "VITFORGE_MAX_ISA";
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Generic => "generic",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Amx => "amx",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Isa> {
+        ALL.into_iter().find(|i| i.name().eq_ignore_ascii_case(s.trim()))
+    }
+
+    /// The level whose kernels run at this level: the highest of ours at or below it.
+    pub fn kernels(self) -> Isa {
+        self.min(Isa::Avx2)
+    }
+
+    /// What runs at this level, in words (for `vitforge bench` and the start-up log).
+    pub fn describe_kernels(self) -> &'static str {
+        match self.kernels() {
+            Isa::Generic => "portable kernels (the gemm crate's matrix product, plain loops)",
+            _ => "AVX2/FMA kernels (our 6×16 matrix product, the element-wise kernels compiled for AVX2)",
+        }
+    }
+}
+
+/// The highest level this CPU (and its operating system) supports, checked once.
+pub fn detected() -> Isa {
+    static DETECTED: OnceLock<Isa> = OnceLock::new();
+    *DETECTED.get_or_init(detect)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> Isa {
+    use std::arch::is_x86_feature_detected as has;
+    if !(has!("avx2") && has!("fma")) {
+        return Isa::Generic;
+    }
+    if !(has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq")) {
+        return Isa::Avx2;
+    }
+    // AMX has no stable feature detection: CPUID leaf 7, EDX bit 22 (AMX-BF16) and 24
+    // (AMX-TILE). The OS must also save the tile state (XCR0 bits 17 and 18); Linux enables it
+    // per process on request (arch_prctl), which a kernel using AMX must make first.
+    // SAFETY: CPUID leaf 7 exists on every CPU with AVX2.
+    #[allow(unused_unsafe)]
+    let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
+    let amx = edx & (1 << 22) != 0 && edx & (1 << 24) != 0;
+    if amx && has!("avx512bf16") { Isa::Amx } else { Isa::Avx512 }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> Isa {
+    Isa::Generic
+}
+
+/// The cap set by `VITFORGE_MAX_ISA`, or an error naming the variable and its values.
+pub fn cap_from_env() -> Result<Option<Isa>, String> {
+    match std::env::var(CAP_VAR) {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Ok(v) if v.trim().is_empty() => Ok(None),
+        Ok(v) => Isa::parse(&v).map(Some).ok_or_else(|| {
+            format!("{CAP_VAR}={v:?} is not an instruction-set level: use one of generic, avx2, avx512, amx")
+        }),
+        Err(e) => Err(format!("{CAP_VAR}: {e}")),
+    }
+}
+
+/// The level the kernels use: what the CPU has, capped by `VITFORGE_MAX_ISA` (read once; the
+/// command line checks it at start-up, so an unreadable value is reported there).
+pub fn active() -> Isa {
+    #[cfg(test)]
+    if let Some(isa) = tests::OVERRIDE.get() {
+        return isa.min(detected());
+    }
+    static ACTIVE: OnceLock<Isa> = OnceLock::new();
+    *ACTIVE.get_or_init(|| match cap_from_env() {
+        Ok(Some(cap)) => detected().min(cap),
+        _ => detected(),
+    })
+}
+
+/// One line for logs and `vitforge bench`: the CPU's level, the cap, and what runs.
+pub fn summary() -> String {
+    let active = active();
+    let cap = match cap_from_env() {
+        Ok(Some(c)) => format!(", capped at {} by {CAP_VAR}", c.name()),
+        _ => String::new(),
+    };
+    format!("CPU instruction sets: {} detected{cap}; running {}", detected().name(), active.describe_kernels())
+}
+
+#[cfg(test)]
+pub mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    thread_local! {
+        /// A level forced on this thread by [`on`] (tests only: kernels called on this thread).
+        pub static OVERRIDE: Cell<Option<Isa>> = const { Cell::new(None) };
+    }
+
+    /// Runs `f` with the kernels called on this thread at `isa`.
+    pub fn on<T>(isa: Isa, f: impl FnOnce() -> T) -> T {
+        let before = OVERRIDE.replace(Some(isa));
+        let out = f();
+        OVERRIDE.set(before);
+        out
+    }
+
+    /// The levels this machine can run, each with the kernels it selects, lowest first: every
+    /// kernel test runs once per entry (a level whose kernels are a lower level's is skipped).
+    pub fn runnable() -> Vec<Isa> {
+        let mut out: Vec<Isa> = ALL.into_iter().filter(|&i| i <= detected()).map(Isa::kernels).collect();
+        out.dedup();
+        out
+    }
+
+    #[test]
+    fn levels_parse_order_and_cap() {
+        assert_eq!(Isa::parse(" AVX512 "), Some(Isa::Avx512));
+        assert_eq!(Isa::parse("sse"), None);
+        assert!(Isa::Generic < Isa::Avx2 && Isa::Avx2 < Isa::Avx512 && Isa::Avx512 < Isa::Amx);
+        assert_eq!(Isa::Amx.kernels(), Isa::Avx2, "no kernel of ours above AVX2 is enabled");
+        assert_eq!(Isa::Generic.kernels(), Isa::Generic);
+        assert_eq!(on(Isa::Generic, active), Isa::Generic);
+        assert!(runnable().contains(&Isa::Generic));
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            runnable().contains(&Isa::Avx2),
+            std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        );
+        eprintln!("this CPU: {}; kernel levels tested here: {:?}", detected().name(), runnable());
+    }
+}
