@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
-use crate::model::network::{frozen_forward, loss_and_grads};
+use crate::model::network::{Objective, frozen_forward, loss_and_grads};
 use crate::model::{LoadedModel, ModelSource, TrainableSet, Vit, VitConfig, isa};
 use crate::train::OptimizerKind;
 use crate::train::optim::{Optimizer, clip_grad_norm};
@@ -118,7 +118,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                         let frozen = Vit::frozen(&model.cfg, &model.params)?;
                         let input = frozen_forward(&frozen, b, &pixels)?;
                         let vit = Vit::new(&model.cfg, &model.params, &|n| set.contains(n, layers))?;
-                        let (_, mut grads) = loss_and_grads(&vit, &model.params, set, b, &input, &targets, 0.0, None)?;
+                        let (_, mut grads) = loss_and_grads(&vit, &model.params, set, b, &input, Objective::plain(&targets), None)?;
                         clip_grad_norm(&mut grads, 1.0)?;
                         optimizer.step(&model.params, &grads, &|_| 1e-4)?;
                     }

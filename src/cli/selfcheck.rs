@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::model::network::loss_and_grads;
+use crate::model::network::{Objective, loss_and_grads};
 use crate::model::{Boundary, LoadedModel, ModelSource, TrainableSet, Vit};
 use crate::train::OptimizerKind;
 use crate::train::optim::Optimizer;
@@ -142,7 +142,7 @@ fn check_model(golden: &Path, name: &str, device: &Device, scratch: &Path) -> an
     checks.push(Check { name: format!("{name}: logits"), passed: diff <= logit_tol, detail: format!("max abs diff {diff:.2e} (≤ {logit_tol:.0e})") });
 
     let vit = Vit::new(&model.cfg, &model.params, &|_| true)?;
-    let (loss, grads) = loss_and_grads(&vit, &model.params, TrainableSet::All, Boundary::Pixels, &pixels, &labels, 0.0, None)?;
+    let (loss, grads) = loss_and_grads(&vit, &model.params, TrainableSet::All, Boundary::Pixels, &pixels, Objective::plain(&labels), None)?;
     let ref_loss = reference["loss"].to_dtype(DType::F64)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f64>()?[0];
     let rel = (loss - ref_loss).abs() / ref_loss.abs().max(1e-12);
     checks.push(Check { name: format!("{name}: loss"), passed: rel <= grad_tol, detail: format!("{loss:.6} vs {ref_loss:.6} (relative {rel:.1e})") });
@@ -199,7 +199,7 @@ fn check_training(name: &str, model: &LoadedModel, pixels: &Tensor, labels: &[u3
     let mut losses = Vec::new();
     for _ in 0..6 {
         let vit = Vit::new(&model.cfg, &model.params, &|_| true)?;
-        let (loss, grads) = loss_and_grads(&vit, &model.params, TrainableSet::All, Boundary::Pixels, pixels, labels, 0.0, None)?;
+        let (loss, grads) = loss_and_grads(&vit, &model.params, TrainableSet::All, Boundary::Pixels, pixels, Objective::plain(labels), None)?;
         losses.push(loss);
         optimizer.step(&model.params, &grads, &|_| 1e-3)?;
     }

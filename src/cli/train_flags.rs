@@ -62,6 +62,9 @@ pub struct HyperParams {
     /// Label smoothing of the loss [default: 0].
     #[arg(long)]
     pub label_smoothing: Option<f64>,
+    /// Weigh the loss so each class counts alike, whatever its number of images [default: false].
+    #[arg(long)]
+    pub class_balanced_loss: Option<bool>,
     /// How the head starts: `probe` makes epoch 1 a logistic-regression fit on frozen features
     /// [default: random; probe with the auto recipe].
     #[arg(long, value_enum)]
@@ -75,6 +78,10 @@ pub struct HyperParams {
     /// --train-mode or --trainable-layers is given].
     #[arg(long, value_enum)]
     pub after_probe: Option<AfterProbe>,
+    /// Other views of each training image the probe head is also fitted on: the first is its
+    /// mirror image, further ones random resized crops [default: 0].
+    #[arg(long)]
+    pub probe_views: Option<u32>,
     /// Longest the run should take, in seconds: auto plans within it, and no epoch starts that
     /// would end past it.
     #[arg(long)]
@@ -88,7 +95,7 @@ impl HyperParams {
         let Self {
             learning_rate, head_learning_rate, epochs, batch_size, optimizer, weight_decay, momentum, lr_scheduler,
             warmup_ratio, gradient_accumulation_steps, max_grad_norm, train_mode, trainable_layers,
-            augment, early_stopping_patience, label_smoothing, head_init, calibrate, after_probe,
+            augment, early_stopping_patience, label_smoothing, class_balanced_loss, head_init, calibrate, after_probe, probe_views,
             seed: _, validation_split: _, time_budget_secs: _,
         } = self;
         learning_rate.is_some() || head_learning_rate.is_some() || epochs.is_some() || batch_size.is_some()
@@ -96,7 +103,7 @@ impl HyperParams {
             || warmup_ratio.is_some() || gradient_accumulation_steps.is_some() || max_grad_norm.is_some()
             || train_mode.is_some() || trainable_layers.is_some() || augment.is_some()
             || early_stopping_patience.is_some() || label_smoothing.is_some() || head_init.is_some() || calibrate.is_some()
-            || after_probe.is_some()
+            || after_probe.is_some() || probe_views.is_some() || class_balanced_loss.is_some()
     }
 
     /// The defaults with every given flag applied.
@@ -106,7 +113,7 @@ impl HyperParams {
         }
         set!(learning_rate, epochs, batch_size, optimizer, weight_decay, momentum, lr_scheduler, warmup_ratio,
              gradient_accumulation_steps, max_grad_norm, train_mode, validation_split, augment, seed, label_smoothing,
-             head_init, calibrate, after_probe);
+             head_init, calibrate, after_probe, probe_views, class_balanced_loss);
         if self.head_learning_rate.is_some() {
             p.head_learning_rate = self.head_learning_rate;
         }

@@ -116,12 +116,11 @@ impl Classifier {
     /// height × width each), the batch of a test-time flip: [`mean_of_halves`] of its
     /// probabilities is the answer.
     pub fn with_mirrors(&self, mut pixels: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
-        let (_, w) = self.pre.size;
         let mirrors: Vec<Vec<f32>> = pixels
             .iter()
             .map(|p| {
                 let mut m = p.clone();
-                m.chunks_mut(w.max(1)).for_each(<[f32]>::reverse);
+                self.pre.mirror(&mut m);
                 m
             })
             .collect();

@@ -90,42 +90,55 @@ pub fn trainable_forward(vit: &Vit, b: Boundary, input: &Tensor, dropout: Option
     }
 }
 
+/// What a batch's loss is: the cross-entropy of its targets, with label smoothing, each example
+/// weighted by its class's weight when there are class weights (the loss is then the weighted
+/// mean, as PyTorch's `CrossEntropyLoss(weight=…)`).
+#[derive(Debug, Clone, Copy)]
+pub struct Objective<'a> {
+    pub targets: &'a [u32],
+    pub label_smoothing: f64,
+    pub class_weights: Option<&'a [f32]>,
+}
+
+impl<'a> Objective<'a> {
+    /// The plain mean cross-entropy of `targets`.
+    pub fn plain(targets: &'a [u32]) -> Self {
+        Self { targets, label_smoothing: 0.0, class_weights: None }
+    }
+}
+
 /// Loss of a batch and the gradient of every trainable parameter, by name: by the fast path's
 /// hand-written backward where it runs, else by candle's autograd.
-#[allow(clippy::too_many_arguments)]
 pub fn loss_and_grads(
     vit: &Vit,
     params: &Params,
     set: TrainableSet,
     b: Boundary,
     input: &Tensor,
-    targets: &[u32],
-    label_smoothing: f64,
+    objective: Objective,
     dropout: Option<&mut Dropout>,
 ) -> Result<(f64, BTreeMap<String, Tensor>)> {
     let cfg = vit.config();
     let no_dropout = cfg.hidden_dropout_prob == 0.0 && cfg.attention_probs_dropout_prob == 0.0;
     if no_dropout && fast::usable(vit, input.device()) {
-        return fast::loss_and_grads(vit, set, b, input, targets, label_smoothing);
+        return fast::loss_and_grads(vit, set, b, input, objective);
     }
-    reference_loss_and_grads(vit, params, set, b, input, targets, label_smoothing, dropout)
+    reference_loss_and_grads(vit, params, set, b, input, objective, dropout)
 }
 
 /// [`loss_and_grads`] through candle's autograd on the reference forward (any device, dropout).
-#[allow(clippy::too_many_arguments)]
 pub fn reference_loss_and_grads(
     vit: &Vit,
     params: &Params,
     set: TrainableSet,
     b: Boundary,
     input: &Tensor,
-    targets: &[u32],
-    label_smoothing: f64,
+    objective: Objective,
     dropout: Option<&mut Dropout>,
 ) -> Result<(f64, BTreeMap<String, Tensor>)> {
     let layers = vit.config().num_hidden_layers;
     let logits = trainable_forward(vit, b, input, dropout)?;
-    let loss = cross_entropy(&logits, targets, label_smoothing, None)?;
+    let loss = cross_entropy(&logits, objective.targets, objective.label_smoothing, objective.class_weights)?;
     let grads = loss.backward()?;
     let mut out = BTreeMap::new();
     for (name, var) in params.iter() {

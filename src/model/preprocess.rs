@@ -245,6 +245,11 @@ impl PreprocessorConfig {
         Value::Object(obj)
     }
 
+    /// Pixel values of the left-right mirror image, in place (each row of each channel reversed).
+    pub fn mirror(&self, pixels: &mut [f32]) {
+        pixels.chunks_mut(self.size.1.max(1)).for_each(<[f32]>::reverse);
+    }
+
     /// Pixel values (channels × height × width, channel-major) of one image, exactly as
     /// `ViTImageProcessor` computes them. Without `do_resize` the image must already have the
     /// configured size.

@@ -11,6 +11,21 @@ use super::TrainError;
 use crate::model::network::frozen_forward;
 use crate::model::{Boundary, LoadedModel, Vit};
 
+/// How each example's image is shown to the frozen network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// As the processor prepares it.
+    Plain,
+    /// Its left-right mirror image.
+    Mirror,
+    /// A random resized crop with a random flip (the training augmentation), the `index`-th of
+    /// a run seeded by `seed`.
+    Crop { seed: u64, index: u64 },
+}
+
+/// Augmentation streams of [`View::Crop`], apart from the epochs' (which count from 0).
+const CROP_STREAM: u64 = 0x7072_6f62_6500_0000;
+
 /// Frozen-part outputs of a list of examples, kept when they fit in the budget.
 pub struct PrefixCache {
     rows: Option<Vec<Tensor>>,
@@ -62,13 +77,33 @@ impl PrefixCache {
         cancel: &AtomicBool,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Vec<Tensor>, TrainError> {
+        Self::compute_view(f, examples, View::Plain, cancel, progress)
+    }
+
+    /// [`PrefixCache::compute`] on another view of each example's image.
+    pub fn compute_view(
+        f: &Frozen,
+        examples: &[Example],
+        view: View,
+        cancel: &AtomicBool,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<Tensor>, TrainError> {
+        let pre = &f.model.preprocessor;
         let mut rows = Vec::with_capacity(examples.len());
         for chunk in examples.chunks(f.batch.max(1)) {
             if cancel.load(Ordering::Relaxed) {
                 return Err(TrainError::Cancelled);
             }
             let refs: Vec<&Example> = chunk.iter().collect();
-            let pixels = batch_tensor(load_batch(&refs, f.images, &f.model.preprocessor, None)?, &f.model.preprocessor, f.device)?;
+            let augment = match view {
+                View::Crop { seed, index } => Some((seed, CROP_STREAM + index)),
+                View::Plain | View::Mirror => None,
+            };
+            let mut loaded = load_batch(&refs, f.images, pre, augment)?;
+            if view == View::Mirror {
+                loaded.iter_mut().for_each(|p| pre.mirror(p));
+            }
+            let pixels = batch_tensor(loaded, pre, f.device)?;
             let out = frozen_forward(f.vit, f.boundary, &pixels)?;
             for i in 0..chunk.len() {
                 rows.push(out.get(i)?);

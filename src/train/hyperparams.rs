@@ -169,6 +169,9 @@ pub struct TrainParams {
     pub early_stopping_patience: Option<u32>,
     /// Label smoothing of the cross-entropy loss.
     pub label_smoothing: f64,
+    /// Weigh each training example's loss by its class's weight `n / (classes · n_class)`
+    /// (scikit-learn's `balanced`, as the probe does), so that each class counts alike.
+    pub class_balanced_loss: bool,
     /// How the head starts; with `probe`, epoch 1 is the probe fit and counts among `epochs`.
     pub head_init: HeadInit,
     /// Fit a temperature on the validation split after training and fold it into the head, so
@@ -176,6 +179,10 @@ pub struct TrainParams {
     pub calibrate: bool,
     /// How a run with a probe head goes on after the probe epoch.
     pub after_probe: AfterProbe,
+    /// Other views of each training image that the probe head is fitted on as well: the first
+    /// is its mirror image, each further one a random resized crop with flip. Each costs one
+    /// more pass of the frozen network over the training images; 0: the images alone.
+    pub probe_views: u32,
     /// Longest the run should take, in seconds: `after_probe: auto` plans within it, and no
     /// gradient epoch starts that would end past it (the best epoch so far is kept).
     pub time_budget_secs: Option<u64>,
@@ -202,9 +209,11 @@ impl Default for TrainParams {
             seed: 42,
             early_stopping_patience: None,
             label_smoothing: 0.0,
+            class_balanced_loss: false,
             head_init: HeadInit::Random,
             calibrate: false,
             after_probe: AfterProbe::Given,
+            probe_views: 0,
             time_budget_secs: None,
         }
     }
@@ -230,6 +239,9 @@ impl TrainParams {
         }
     }
 }
+
+/// Most other views per image the probe may be fitted on.
+pub const MAX_PROBE_VIEWS: u32 = 8;
 
 /// Backbone learning rate of the `auto` recipe's fine-tune epochs.
 pub const AUTO_LEARNING_RATE: f64 = 1e-5;
@@ -296,6 +308,8 @@ impl TrainParams {
             "after_probe",
             "auto needs head_init probe (the decision is taken after the probe epoch)",
         )?;
+        check(self.probe_views <= MAX_PROBE_VIEWS, "probe_views", &format!("must be between 0 and {MAX_PROBE_VIEWS}"))?;
+        check(self.probe_views == 0 || self.head_init == HeadInit::Probe, "probe_views", "needs head_init probe (views feed the probe fit)")?;
         check(
             self.time_budget_secs.is_none_or(|t| (1..=7 * 24 * 3600).contains(&t)),
             "time_budget_secs",

@@ -17,14 +17,14 @@ use super::checkpoint::{self, LoopState};
 use super::data::{ImageCache, TrainData, mix};
 use super::calibrate::{self, Calibration};
 use super::eval::{Mistake, logits_with};
-use super::features::{Frozen, PrefixCache};
+use super::features::{Frozen, PrefixCache, View};
 use super::progress::Phase;
 use super::auto::{self, Decision, Situation};
 use super::hyperparams::{AfterProbe, HeadInit, TrainParams};
 use super::optim::{Optimizer, clip_grad_norm, lr_multiplier};
 use super::report::EvalReport;
 use super::{Control, TrainError, TrainEvent, TrainOutcome, TrainSpec, probe};
-use crate::model::network::loss_and_grads;
+use crate::model::network::{Objective, loss_and_grads};
 use crate::model::vit::Dropout;
 use crate::model::weights::keys;
 use crate::model::{Boundary, LoadedModel, ModelSource, TrainableSet, Vit};
@@ -291,20 +291,37 @@ fn probe_epoch(
 ) -> Result<Option<f64>, TrainError> {
     let started = Instant::now();
     let data = run.data;
+    let (n, cancel) = (data.train.len(), ctl.cancel);
+    // The images, then any other views of them (mirror images, crops), in one progress count.
+    let total = n * (1 + run.p.probe_views as usize);
+    let f = Frozen { boundary: Boundary::Features, ..run.frozen_part(model) };
     let (feats, forward_per_s) = match run.train_cache.rows() {
         Some(rows) if run.plan.boundary == Boundary::Features => (rows.to_vec(), None),
         _ => {
-            let f = Frozen { boundary: Boundary::Features, ..run.frozen_part(model) };
-            let cancel = ctl.cancel;
-            let rows = PrefixCache::compute(&f, &data.train, cancel, &mut |done, total| report_phase(ctl, Phase::Features, done, total))?;
-            (rows, Some(data.train.len() as f64 / started.elapsed().as_secs_f64().max(1e-9)))
+            let rows = PrefixCache::compute(&f, &data.train, cancel, &mut |done, _| report_phase(ctl, Phase::Features, done, total))?;
+            (rows, Some(n as f64 / started.elapsed().as_secs_f64().max(1e-9)))
         }
     };
+    let mut views = Vec::new();
+    for index in 0..u64::from(run.p.probe_views) {
+        let view = if index == 0 { View::Mirror } else { View::Crop { seed: run.p.seed, index } };
+        let offset = n * (1 + index as usize);
+        let rows = PrefixCache::compute_view(&f, &data.train, view, cancel, &mut |done, _| report_phase(ctl, Phase::Features, offset + done, total))?;
+        views.extend(rows);
+    }
     let features_seconds = started.elapsed().as_secs_f64();
     let fit_started = Instant::now();
-    let flat: Vec<f32> = Tensor::stack(&feats, 0)?.flatten_all()?.to_vec1::<f32>()?;
+    let flat = |rows: &[Tensor]| -> Result<Vec<f32>, TrainError> {
+        if rows.is_empty() {
+            return Ok(vec![]);
+        }
+        Ok(Tensor::stack(rows, 0)?.flatten_all()?.to_vec1::<f32>()?)
+    };
+    let (flat, views) = (flat(&feats)?, flat(&views)?);
     let labels: Vec<u32> = data.train.iter().map(|e| e.label).collect();
-    let fitted = probe::fit_with_progress(&flat, &labels, data.labels.len(), run.p.seed, &mut |done, total| report_phase(ctl, Phase::Probe, done, total));
+    let fitted = probe::fit_with_views(&flat, &views, &labels, data.labels.len(), run.p.seed, &mut |done, total| {
+        report_phase(ctl, Phase::Probe, done, total)
+    });
     let k = data.labels.len();
     let d = flat.len() / labels.len();
     let mut head = BTreeMap::new();
@@ -343,6 +360,10 @@ fn gradient_epoch(run: &Run, model: &LoadedModel, optimizer: &mut Optimizer, sta
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix(p.seed, u64::from(epoch))));
     let mut dropout_rng = ChaCha8Rng::seed_from_u64(mix(p.seed, 0x64726f70 + u64::from(epoch)));
     let augment = p.augment.then_some((p.seed, u64::from(epoch)));
+    let class_weights: Option<Vec<f32>> = p.class_balanced_loss.then(|| {
+        let labels: Vec<u32> = data.train.iter().map(|e| e.label).collect();
+        probe::balanced_weights(&labels, data.labels.len()).into_iter().map(|w| w as f32).collect()
+    });
     let mut acc = Accumulator::default();
     for (bi, idx) in order.chunks(plan.batch).enumerate() {
         if ctl.cancel.load(Ordering::Relaxed) {
@@ -353,7 +374,8 @@ fn gradient_epoch(run: &Run, model: &LoadedModel, optimizer: &mut Optimizer, sta
         let input = run.train_cache.batch(&run.frozen_part(model), idx, &data.train, augment)?;
         let targets: Vec<u32> = idx.iter().map(|&i| data.train[i].label).collect();
         let mut dropout = Dropout { rng: &mut dropout_rng };
-        let (loss, grads) = loss_and_grads(&vit, &model.params, plan.set, plan.boundary, &input, &targets, p.label_smoothing, Some(&mut dropout))?;
+        let objective = Objective { targets: &targets, label_smoothing: p.label_smoothing, class_weights: class_weights.as_deref() };
+        let (loss, grads) = loss_and_grads(&vit, &model.params, plan.set, plan.boundary, &input, objective, Some(&mut dropout))?;
         acc.add(grads, loss, idx.len())?;
         if acc.batches == plan.accumulation || bi as u64 + 1 == plan.batches_per_epoch {
             optimiser_step(run, model, optimizer, state, epoch, std::mem::take(&mut acc), ctl)?;

@@ -234,6 +234,12 @@ async fn bad_job_requests_get_clear_errors() {
     assert!(msg.contains("time_budget_secs"), "{msg}");
     let msg = assert_error(post(json!({"dataset_id": dataset, "recipe": "manual", "params": {"after_probe": "auto"}})).await, 422, "invalid_params").await;
     assert!(msg.contains("after_probe") && msg.contains("head_init"), "{msg}");
+    let msg = assert_error(post(json!({"dataset_id": dataset, "recipe": "auto", "params": {"probe_views": 9}})).await, 422, "invalid_params").await;
+    assert!(msg.contains("probe_views") && msg.contains("between 0 and 8"), "{msg}");
+    let msg = assert_error(post(json!({"dataset_id": dataset, "recipe": "manual", "params": {"probe_views": 1}})).await, 422, "invalid_params").await;
+    assert!(msg.contains("probe_views") && msg.contains("head_init"), "{msg}");
+    let msg = assert_error(post(json!({"dataset_id": dataset, "recipe": "auto", "params": {"probe_views": -1}})).await, 422, "invalid_field").await;
+    assert!(msg.contains("probe_views"), "{msg}");
     assert_error(post(json!({"params": {}})).await, 422, "invalid_field").await;
     assert_error(post(json!({"dataset_id": dataset, "colour": 1})).await, 422, "invalid_field").await;
     for path in ["/etc/passwd", "../../secret", "a/b/c", "C:\\model"] {

@@ -156,7 +156,7 @@ fn loss_and_every_gradient_match_pytorch() {
 
 #[test]
 fn the_fast_cpu_path_matches_pytorch_too() {
-    use vitforge::model::network::loss_and_grads;
+    use vitforge::model::network::{Objective, loss_and_grads};
     use vitforge::model::{Boundary, TrainableSet};
     for m in MODELS {
         let loaded = model(m);
@@ -164,7 +164,7 @@ fn the_fast_cpu_path_matches_pytorch_too() {
         let pixels = reference["pixel_values"].to_dtype(DType::F32).unwrap();
         let labels: Vec<u32> = reference["labels"].to_vec1::<i64>().unwrap().into_iter().map(|l| l as u32).collect();
         let vit = Vit::new(&loaded.cfg, &loaded.params, &|_| true).unwrap();
-        let (loss, grads) = loss_and_grads(&vit, &loaded.params, TrainableSet::All, Boundary::Pixels, &pixels, &labels, 0.0, None).unwrap();
+        let (loss, grads) = loss_and_grads(&vit, &loaded.params, TrainableSet::All, Boundary::Pixels, &pixels, Objective::plain(&labels), None).unwrap();
         let ref_loss = reference["loss"].to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()[0];
         assert!((loss - ref_loss).abs() / ref_loss.abs() <= 1e-5, "{m}: loss {loss} vs {ref_loss}");
         assert_eq!(grads.len(), loaded.params.iter().count(), "{m}: a gradient for every parameter");

@@ -60,7 +60,7 @@ fn last_layers_mode_trains_the_last_layer_final_norm_and_head() {
 #[test]
 fn fast_path_agrees_with_autograd_in_every_mode() {
     use vitforge::model::Boundary;
-    use vitforge::model::network::{frozen_forward, loss_and_grads, reference_loss_and_grads};
+    use vitforge::model::network::{Objective, frozen_forward, loss_and_grads, reference_loss_and_grads};
     let model = tiny_model(&["a", "b", "c"], 5);
     let layers = model.cfg.num_hidden_layers;
     let pixels = Tensor::randn(0f32, 1.0, (3, 3, 32, 32), &Device::Cpu).unwrap();
@@ -70,7 +70,9 @@ fn fast_path_agrees_with_autograd_in_every_mode() {
         let frozen = Vit::frozen(&model.cfg, &model.params).unwrap();
         let input = frozen_forward(&frozen, b, &pixels).unwrap();
         let vit = Vit::new(&model.cfg, &model.params, &|n| set.contains(n, layers)).unwrap();
-        let (fast_loss, fast) = loss_and_grads(&vit, &model.params, set, b, &input, &targets, 0.1, None).unwrap();
+        // Label smoothing and class weights, so both paths' weighted mean is checked too.
+        let objective = Objective { targets: &targets, label_smoothing: 0.1, class_weights: Some(&[0.5f32, 3.0, 1.0][..]) };
+        let (fast_loss, fast) = loss_and_grads(&vit, &model.params, set, b, &input, objective, None).unwrap();
         let input_ref = match b {
             Boundary::Pixels => pixels.clone(),
             Boundary::Layer(k) => frozen.encode_reference(frozen.embed_reference(&pixels).unwrap(), 0..k, None).unwrap(),
@@ -78,7 +80,10 @@ fn fast_path_agrees_with_autograd_in_every_mode() {
         };
         let diff = (&input - &input_ref).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-4, "{set:?}: frozen part differs by {diff}");
-        let (ref_loss, reference) = reference_loss_and_grads(&vit, &model.params, set, b, &input_ref, &targets, 0.1, None).unwrap();
+        let (ref_loss, reference) = reference_loss_and_grads(&vit, &model.params, set, b, &input_ref, objective, None).unwrap();
+        // The weights matter: without them, the loss differs.
+        let (plain_loss, _) = loss_and_grads(&vit, &model.params, set, b, &input, Objective { class_weights: None, ..objective }, None).unwrap();
+        assert!((plain_loss - fast_loss).abs() > 1e-4, "{set:?}: class weights changed nothing");
         assert!((fast_loss - ref_loss).abs() < 1e-5, "{set:?}: {fast_loss} vs {ref_loss}");
         assert_eq!(fast.keys().collect::<Vec<_>>(), reference.keys().collect::<Vec<_>>(), "{set:?}");
         for (name, g) in &fast {

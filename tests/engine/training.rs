@@ -127,6 +127,26 @@ fn a_probe_head_is_fitted_in_epoch_one_without_gradient_steps() {
         let same = t.eq(&after[name]).unwrap().min_all().unwrap().to_scalar::<u8>().unwrap() == 1;
         assert_eq!(same, !name.starts_with("classifier."), "{name}");
     }
+
+    // With 2 other views (the mirror image and a crop): the features pass covers 3 × the
+    // training images in one count, and the head is fitted on them all (it differs).
+    model.params.set_some(&blank).unwrap();
+    let p = TrainParams { head_init: HeadInit::Probe, epochs: 1, probe_views: 2, ..params() };
+    let spec = TrainSpec { params: p, data: stripes_data(&tmp.path().join("data"), 40, 3), checkpoint_root: tmp.path().join("views"), max_pixels: 1 << 24, cache_budget: 1 << 28 };
+    let mut counts = vec![];
+    let mut on_event = |e: TrainEvent| {
+        if let TrainEvent::Phase { phase: Phase::Features, done, total } = e {
+            counts.push((done, total));
+        }
+    };
+    let viewed = fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut on_event }).unwrap();
+    let train = 60; // 40 images per class, a quarter held out
+
+    assert!(counts.iter().all(|&(_, total)| total == 3 * train), "{counts:?}");
+    assert_eq!(counts.last().copied(), Some((3 * train, 3 * train)), "{counts:?}");
+    assert!(viewed.best.accuracy >= 0.9, "validation accuracy {}", viewed.best.accuracy);
+    let head = |m: &std::collections::BTreeMap<String, candle_core::Tensor>| m["classifier.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_ne!(head(&model.params.snapshot().unwrap()), head(&after), "the views change the fit");
 }
 
 #[test]

@@ -237,6 +237,8 @@ const FIELDS = [
   ["augment", ["true", "false"], "Augmentation"],
   ["head_init", ["random", "probe"], "Head"],
   ["after_probe", ["given", "auto"], "After the probe"],
+  ["probe_views", "number", "Probe views per image"],
+  ["class_balanced_loss", ["false", "true"], "Class-balanced loss"],
   ["validation_split", "number", "Validation share"],
   ["early_stopping_patience", "number", "Early stopping patience"],
   ["calibrate", ["true", "false"], "Calibrate scores"],

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use self::kernels as k;
 use self::matmul::{Mat, MatMut, Threads, gemm};
+use super::network::Objective;
 use super::vit::{Linear, Vit};
 use super::weights::{Boundary, TrainableSet, keys, param_specs};
 use super::{ModelError, VitConfig};
@@ -533,24 +534,28 @@ pub(super) fn features(vit: &Vit, pixels: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(pooled.features, (b, vit.cfg.hidden_size), pixels.device())?)
 }
 
-/// Mean cross-entropy with label smoothing, and its gradient with respect to the logits.
-fn cross_entropy(logits: &[f32], labels: usize, targets: &[u32], eps: f64) -> (f64, Vec<f32>) {
-    let b = targets.len();
+/// Cross-entropy with label smoothing, the mean over the batch weighted by the class weights
+/// when given (see [`Objective`]), and its gradient with respect to the logits.
+fn cross_entropy(logits: &[f32], labels: usize, o: &Objective) -> (f64, Vec<f32>) {
+    let eps = o.label_smoothing;
+    let weight = |t: u32| o.class_weights.map_or(1.0, |w| f64::from(w[t as usize]));
+    let total: f64 = o.targets.iter().map(|&t| weight(t)).sum();
     let mut grad = vec![0f32; logits.len()];
     let mut loss = 0.0f64;
-    for (i, &t) in targets.iter().enumerate() {
+    for (i, &t) in o.targets.iter().enumerate() {
         let row = &logits[i * labels..(i + 1) * labels];
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let sum: f64 = row.iter().map(|&v| f64::from(v - max).exp()).sum();
         let lse = f64::from(max) + sum.ln();
+        let w = weight(t) / total;
         for (c, &v) in row.iter().enumerate() {
             let q = eps / labels as f64 + if c == t as usize { 1.0 - eps } else { 0.0 };
             let logp = f64::from(v) - lse;
-            loss -= q * logp;
-            grad[i * labels + c] = ((logp.exp() - q) / b as f64) as f32;
+            loss -= w * q * logp;
+            grad[i * labels + c] = (w * (logp.exp() - q)) as f32;
         }
     }
-    (loss / b as f64, grad)
+    (loss, grad)
 }
 
 /// Loss of a batch and the gradients of the trainable parameters (by checkpoint key, shaped as
@@ -561,13 +566,12 @@ pub(super) fn loss_and_grads(
     set: TrainableSet,
     start: Boundary,
     input: &Tensor,
-    targets: &[u32],
-    label_smoothing: f64,
+    objective: Objective,
 ) -> Result<(f64, BTreeMap<String, Tensor>)> {
     let cfg = &vit.cfg;
     let guards = Guards::new(&tensor_list(vit))?;
     let w = Weights::new(vit, &guards);
-    let b = targets.len();
+    let b = objective.targets.len();
     let labels = w.head.out;
 
     // Forward, keeping what backward needs.
@@ -579,7 +583,7 @@ pub(super) fn loss_and_grads(
     drop(x);
     let mut logits = vec![0f32; b * labels];
     linear(&pooled.features, b, &w.head, &mut logits, labels, 0);
-    let (loss, dlogits) = cross_entropy(&logits, labels, targets, label_smoothing);
+    let (loss, dlogits) = cross_entropy(&logits, labels, &objective);
 
     // Backward, top to bottom.
     let (mut grads, dcls) = head_backward(cfg, &w, &pooled, &dlogits, b, start != Boundary::Features);
