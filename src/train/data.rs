@@ -201,7 +201,8 @@ pub fn batch_tensor(pixels: Vec<Vec<f32>>, pre: &PreprocessorConfig, device: &De
 
 /// Pixels of a batch of examples, computed in parallel: evaluation transforms when `augment` is
 /// `None`, otherwise training transforms seeded per (seed, epoch, example) so results do not
-/// depend on thread scheduling.
+/// depend on thread scheduling. An example is known by its label and file name, not its whole
+/// path, so the same data copied to another folder augments alike.
 pub fn load_batch(
     examples: &[&Example],
     cache: &ImageCache,
@@ -215,7 +216,8 @@ pub fn load_batch(
             match augment {
                 None => pre.pixel_values(&img).map_err(TrainError::from),
                 Some((seed, epoch)) => {
-                    let stream = mix(epoch, ex.path.to_string_lossy().bytes().fold(0u64, |h, b| mix(h, u64::from(b))));
+                    let name = ex.path.file_name().unwrap_or(ex.path.as_os_str()).to_string_lossy();
+                    let stream = mix(epoch, name.bytes().fold(u64::from(ex.label), |h, b| mix(h, u64::from(b))));
                     let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, stream));
                     Ok(augmented_pixels(&img, pre, &mut rng))
                 }
@@ -252,6 +254,27 @@ mod tests {
         d.ensure_validation(0.5, 1);
         assert_eq!(d.train_counts(), vec![1, 1]);
         assert_eq!(d.validation.len(), 1);
+    }
+
+    /// The same data in another folder augments alike (benchmarks copy their data to a fresh
+    /// folder each run); another example, or the same one in another epoch, differently.
+    #[test]
+    fn augmentation_follows_label_and_file_name_not_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let img = RgbImage::from_fn(48, 40, |x, y| image::Rgb([(x * 5) as u8, (y * 6) as u8, ((x * y) % 251) as u8]));
+        for dir in ["a", "b"] {
+            std::fs::create_dir_all(tmp.path().join(dir)).unwrap();
+            img.save(tmp.path().join(dir).join("1.png")).unwrap();
+        }
+        let cache = ImageCache::new(1 << 24, 1 << 24);
+        let pre = PreprocessorConfig::default_for((16, 16));
+        let at = |dir: &str, label: u32, epoch: u64| {
+            let ex = Example { path: tmp.path().join(dir).join("1.png"), label };
+            load_batch(&[&ex], &cache, &pre, Some((7, epoch))).unwrap().remove(0)
+        };
+        assert_eq!(at("a", 0, 1), at("b", 0, 1));
+        assert_ne!(at("a", 0, 1), at("a", 1, 1));
+        assert_ne!(at("a", 0, 1), at("a", 0, 2));
     }
 
     #[test]
