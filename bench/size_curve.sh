@@ -13,13 +13,14 @@
 #           network, lr 1e-5, up to 2 epochs: LP-FT), auto (the recipe's own choice), hf (Hugging
 #           Face's defaults), probe_mirror (the probe also fitted on each image's mirror image),
 #           probe_crops (... and on 2 random resized crops as well), last2_balanced (last2 with the
-#           class-balanced loss). Default: probe,last2,full
+#           class-balanced loss), auto_crops and auto_balanced (auto with probe_crops' views or
+#           the class-balanced loss). Default: probe,last2,full
 #   e.g. bench/size_curve.sh /tmp/catsdogs-all ../shared/models/vit-small-patch14-pretrained \
 #          /tmp/curve.jsonl "25 50 100 300 550" "1" probe,last2,full
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if (($# < 5)); then
-  sed -n '2,20p' "$0" >&2
+  sed -n '2,22p' "$0" >&2
   exit 2
 fi
 images=$1 base=$2 out=$3 sizes=$4 seeds=$5 recipes=${6:-probe,last2,full}
@@ -34,6 +35,8 @@ flags() {
     last2_balanced) echo "$(flags last2) --class-balanced-loss true" ;;
     full) echo "--recipe auto --epochs 3" ;;
     auto) echo "" ;;
+    auto_crops) echo "--recipe auto --probe-views 3" ;;
+    auto_balanced) echo "--recipe auto --class-balanced-loss true" ;;
     hf) echo "--recipe manual" ;;
     *) echo "unknown recipe $1" >&2; exit 2 ;;
   esac

@@ -184,10 +184,11 @@ fn show_event(pb: &ProgressBar, shown: &mut Option<Phase>, root: &Path, e: Train
             ),
         ),
         TrainEvent::Checkpoint { .. } => {}
-        TrainEvent::Probe { c, cv_accuracy, features_seconds, fit_seconds } => say(
+        TrainEvent::Probe { c, cv_accuracy, features_seconds, fit_seconds, views } => say(
             pb,
             format!(
-                "probe head fitted in {fit_seconds:.1} s after a {features_seconds:.1} s feature pass: C = {c}{}",
+                "probe head fitted in {fit_seconds:.1} s after a {features_seconds:.1} s feature pass{}: C = {c}{}",
+                if views > 0 { format!(" over the images and {views} other view(s) of each") } else { String::new() },
                 cv_accuracy.map(|a| format!(", cross-validated accuracy {a:.4}")).unwrap_or_default()
             ),
         ),

@@ -79,7 +79,8 @@ pub struct HyperParams {
     #[arg(long, value_enum)]
     pub after_probe: Option<AfterProbe>,
     /// Other views of each training image the probe head is also fitted on: the first is its
-    /// mirror image, further ones random resized crops [default: 0].
+    /// mirror image, further ones random resized crops [default: the auto recipe's choice (3
+    /// where the probe is the model), else 0].
     #[arg(long)]
     pub probe_views: Option<u32>,
     /// Longest the run should take, in seconds: auto plans within it, and no epoch starts that
@@ -113,7 +114,10 @@ impl HyperParams {
         }
         set!(learning_rate, epochs, batch_size, optimizer, weight_decay, momentum, lr_scheduler, warmup_ratio,
              gradient_accumulation_steps, max_grad_norm, train_mode, validation_split, augment, seed, label_smoothing,
-             head_init, calibrate, after_probe, probe_views, class_balanced_loss);
+             head_init, calibrate, after_probe, class_balanced_loss);
+        if self.probe_views.is_some() {
+            p.probe_views = self.probe_views;
+        }
         if self.head_learning_rate.is_some() {
             p.head_learning_rate = self.head_learning_rate;
         }

@@ -181,8 +181,9 @@ pub struct TrainParams {
     pub after_probe: AfterProbe,
     /// Other views of each training image that the probe head is fitted on as well: the first
     /// is its mirror image, each further one a random resized crop with flip. Each costs one
-    /// more pass of the frozen network over the training images; 0: the images alone.
-    pub probe_views: u32,
+    /// more pass of the frozen network over the training images; 0: the images alone; `null`:
+    /// `after_probe: auto` chooses ([`super::auto::probe_views`]), else 0.
+    pub probe_views: Option<u32>,
     /// Longest the run should take, in seconds: `after_probe: auto` plans within it, and no
     /// gradient epoch starts that would end past it (the best epoch so far is kept).
     pub time_budget_secs: Option<u64>,
@@ -213,7 +214,7 @@ impl Default for TrainParams {
             head_init: HeadInit::Random,
             calibrate: false,
             after_probe: AfterProbe::Given,
-            probe_views: 0,
+            probe_views: None,
             time_budget_secs: None,
         }
     }
@@ -308,8 +309,9 @@ impl TrainParams {
             "after_probe",
             "auto needs head_init probe (the decision is taken after the probe epoch)",
         )?;
-        check(self.probe_views <= MAX_PROBE_VIEWS, "probe_views", &format!("must be between 0 and {MAX_PROBE_VIEWS}"))?;
-        check(self.probe_views == 0 || self.head_init == HeadInit::Probe, "probe_views", "needs head_init probe (views feed the probe fit)")?;
+        let views = self.probe_views.unwrap_or(0);
+        check(views <= MAX_PROBE_VIEWS, "probe_views", &format!("must be between 0 and {MAX_PROBE_VIEWS}"))?;
+        check(views == 0 || self.head_init == HeadInit::Probe, "probe_views", "needs head_init probe (views feed the probe fit)")?;
         check(
             self.time_budget_secs.is_none_or(|t| (1..=7 * 24 * 3600).contains(&t)),
             "time_budget_secs",

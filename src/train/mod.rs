@@ -75,8 +75,9 @@ pub enum TrainEvent {
     /// The probe head was fitted (epoch 1 of a `head_init: probe` run): its regularisation
     /// strength `c` chosen by cross-validation (`cv_accuracy`), the seconds of the frozen
     /// network's pass over the training images (`features_seconds`, 0 when they were cached) and
-    /// of the logistic-regression fits (`fit_seconds`).
-    Probe { c: f64, cv_accuracy: Option<f64>, features_seconds: f64, fit_seconds: f64 },
+    /// of the logistic-regression fits (`fit_seconds`), and how many other views of each image
+    /// (mirror image, crops) it was fitted on as well (`views`).
+    Probe { c: f64, cv_accuracy: Option<f64>, features_seconds: f64, fit_seconds: f64, views: u32 },
 }
 
 /// How a fine-tune runs, besides its hyper-parameters.

@@ -293,7 +293,8 @@ fn probe_epoch(
     let data = run.data;
     let (n, cancel) = (data.train.len(), ctl.cancel);
     // The images, then any other views of them (mirror images, crops), in one progress count.
-    let total = n * (1 + run.p.probe_views as usize);
+    let probe_views = run.p.probe_views.unwrap_or_else(|| auto::probe_views(run.p.after_probe == AfterProbe::Auto, &data.train_counts()));
+    let total = n * (1 + probe_views as usize);
     let f = Frozen { boundary: Boundary::Features, ..run.frozen_part(model) };
     let (feats, forward_per_s) = match run.train_cache.rows() {
         Some(rows) if run.plan.boundary == Boundary::Features => (rows.to_vec(), None),
@@ -303,7 +304,7 @@ fn probe_epoch(
         }
     };
     let mut views = Vec::new();
-    for index in 0..u64::from(run.p.probe_views) {
+    for index in 0..u64::from(probe_views) {
         let view = if index == 0 { View::Mirror } else { View::Crop { seed: run.p.seed, index } };
         let offset = n * (1 + index as usize);
         let rows = PrefixCache::compute_view(&f, &data.train, view, cancel, &mut |done, _| report_phase(ctl, Phase::Features, offset + done, total))?;
@@ -328,7 +329,8 @@ fn probe_epoch(
     head.insert(keys::HEAD_WEIGHT.to_string(), Tensor::from_vec(fitted.weight, (k, d), &run.device)?);
     head.insert(keys::HEAD_BIAS.to_string(), Tensor::from_vec(fitted.bias, k, &run.device)?);
     model.params.set_some(&head)?;
-    (ctl.on_event)(TrainEvent::Probe { c: fitted.c, cv_accuracy: fitted.cv_accuracy, features_seconds, fit_seconds: fit_started.elapsed().as_secs_f64() });
+    let fit_seconds = fit_started.elapsed().as_secs_f64();
+    (ctl.on_event)(TrainEvent::Probe { c: fitted.c, cv_accuracy: fitted.cv_accuracy, features_seconds, fit_seconds, views: probe_views });
     let validation = validate(run, model, ctl)?;
     // The decision goes into this epoch's checkpoint, so a resumed run keeps it.
     let mut next_epoch_secs = None;
@@ -342,7 +344,10 @@ fn probe_epoch(
             elapsed_s: run_started.elapsed().as_secs_f64(),
             budget_s: run.p.time_budget_secs.map(|s| s as f64).filter(|_| forward_per_s.is_some()),
         };
-        let decision = auto::decide(&situation);
+        let mut decision = auto::decide(&situation);
+        if probe_views > 0 {
+            decision.reason.push_str(&format!("; the probe was fitted on each image and {probe_views} other view(s) of it (its mirror image, then crops)"));
+        }
         // The set-up (a last-layers run's cache) happens before the next epoch's budget check.
         next_epoch_secs = forward_per_s.map(|_| situation.epoch_secs(decision.action));
         state.decision = Some(decision);

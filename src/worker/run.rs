@@ -198,8 +198,8 @@ impl<'a> Recorder<'a> {
                 db::job_metrics::record_checkpoint(db, &job.id, epoch, &rel, score).await?;
             }
             TrainEvent::Test { report } => db::job_metrics::record_evaluation(db, &job.id, "test", 0, &report).await?,
-            TrainEvent::Probe { c, cv_accuracy, features_seconds, fit_seconds } => {
-                tracing::info!(job = %job.id, c, ?cv_accuracy, features_seconds, fit_seconds, "probe head fitted")
+            TrainEvent::Probe { c, cv_accuracy, features_seconds, fit_seconds, views } => {
+                tracing::info!(job = %job.id, c, ?cv_accuracy, features_seconds, fit_seconds, views, "probe head fitted")
             }
             TrainEvent::Decided { decision, epochs, total_steps } => {
                 tracing::info!(job = %job.id, action = ?decision.action, epochs, reason = %decision.reason, "decided");

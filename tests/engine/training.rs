@@ -131,7 +131,7 @@ fn a_probe_head_is_fitted_in_epoch_one_without_gradient_steps() {
     // With 2 other views (the mirror image and a crop): the features pass covers 3 × the
     // training images in one count, and the head is fitted on them all (it differs).
     model.params.set_some(&blank).unwrap();
-    let p = TrainParams { head_init: HeadInit::Probe, epochs: 1, probe_views: 2, ..params() };
+    let p = TrainParams { head_init: HeadInit::Probe, epochs: 1, probe_views: Some(2), ..params() };
     let spec = TrainSpec { params: p, data: stripes_data(&tmp.path().join("data"), 40, 3), checkpoint_root: tmp.path().join("views"), max_pixels: 1 << 24, cache_budget: 1 << 28 };
     let mut counts = vec![];
     let mut on_event = |e: TrainEvent| {
@@ -193,9 +193,9 @@ fn calibration_folds_a_temperature_into_the_head_and_changes_no_prediction() {
     }
 }
 
-/// After its probe epoch, `after_probe: auto` decides: on 20 training images per class (below the
-/// sizes measured) it stops there and says why; a time budget too short for an epoch stops a run
-/// before it.
+/// After its probe epoch, `after_probe: auto` decides: on 20 training images per class it stops
+/// there (the probe fitted on 3 other views of each image as well) and says why; a time budget
+/// too short for an epoch stops a run before it.
 #[test]
 fn auto_decides_after_the_probe_and_a_time_budget_stops_epochs() {
     use vitforge::train::AfterProbe;
@@ -209,6 +209,7 @@ fn auto_decides_after_the_probe_and_a_time_budget_stops_epochs() {
     let d = out.decision.expect("a decision");
     assert_eq!((d.action, d.epochs, out.epochs_run), (Action::ProbeOnly, 1, 1), "{}", d.reason);
     assert!(d.reason.contains("per class"), "{}", d.reason);
+    assert!(d.reason.contains("3 other view(s)"), "{}", d.reason);
     assert!(losses.is_empty(), "no gradient step after the probe");
 
     // A manual run of 1000 epochs with a one-second budget: once an epoch shows how long one
