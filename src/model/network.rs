@@ -13,6 +13,7 @@ use candle_core::{DType, Tensor};
 
 use super::ModelError;
 use super::fast;
+pub use super::vit::Objective;
 use super::vit::{Dropout, Vit, cross_entropy};
 use super::weights::{Boundary, Params, TrainableSet};
 
@@ -87,23 +88,6 @@ pub fn trainable_forward(vit: &Vit, b: Boundary, input: &Tensor, dropout: Option
         Boundary::Pixels => vit.forward_train(input, dropout),
         Boundary::Layer(k) => vit.head(&vit.pool(&vit.encode(input.clone(), k..layers, dropout)?)?),
         Boundary::Features => vit.head(input),
-    }
-}
-
-/// What a batch's loss is: the cross-entropy of its targets, with label smoothing, each example
-/// weighted by its class's weight when there are class weights (the loss is then the weighted
-/// mean, as PyTorch's `CrossEntropyLoss(weight=…)`).
-#[derive(Debug, Clone, Copy)]
-pub struct Objective<'a> {
-    pub targets: &'a [u32],
-    pub label_smoothing: f64,
-    pub class_weights: Option<&'a [f32]>,
-}
-
-impl<'a> Objective<'a> {
-    /// The plain mean cross-entropy of `targets`.
-    pub fn plain(targets: &'a [u32]) -> Self {
-        Self { targets, label_smoothing: 0.0, class_weights: None }
     }
 }
 

@@ -286,6 +286,23 @@ impl Vit {
     }
 }
 
+/// What a batch's loss is: the cross-entropy of its targets, with label smoothing, each example
+/// weighted by its class's weight when there are class weights (the loss is then the weighted
+/// mean, as PyTorch's `CrossEntropyLoss(weight=…)`).
+#[derive(Debug, Clone, Copy)]
+pub struct Objective<'a> {
+    pub targets: &'a [u32],
+    pub label_smoothing: f64,
+    pub class_weights: Option<&'a [f32]>,
+}
+
+impl<'a> Objective<'a> {
+    /// The plain mean cross-entropy of `targets`.
+    pub fn plain(targets: &'a [u32]) -> Self {
+        Self { targets, label_smoothing: 0.0, class_weights: None }
+    }
+}
+
 /// Mean cross-entropy of `logits` (B, C) against integer `targets`, with label smoothing `eps`
 /// (each target gets 1 − eps + eps/C, the others eps/C, as PyTorch's `label_smoothing`) and
 /// optional per-class weights (the weighted mean over samples, as PyTorch's `weight` without

@@ -20,8 +20,7 @@ use rayon::prelude::*;
 
 use self::kernels as k;
 use self::matmul::{Mat, MatMut, Threads, gemm};
-use super::network::Objective;
-use super::vit::{Linear, Vit};
+use super::vit::{Linear, Objective, Vit};
 use super::weights::{Boundary, TrainableSet, keys, param_specs};
 use super::{ModelError, VitConfig};
 
