@@ -303,13 +303,24 @@ fn probe_epoch(
             (rows, Some(n as f64 / started.elapsed().as_secs_f64().max(1e-9)))
         }
     };
+    // Each view costs a pass like the images' own; with a time budget, none starts that would
+    // end past it (they only refine the probe).
+    let pass_secs = started.elapsed().as_secs_f64();
+    let run_started = decide_from.unwrap_or(started);
+    let another_fits = || run.p.time_budget_secs.is_none_or(|b| run_started.elapsed().as_secs_f64() + pass_secs <= b as f64);
     let mut views = Vec::new();
+    let mut probe_views_used = 0;
     for index in 0..u64::from(probe_views) {
+        if !another_fits() {
+            break;
+        }
         let view = if index == 0 { View::Mirror } else { View::Crop { seed: run.p.seed, index } };
         let offset = n * (1 + index as usize);
         let rows = PrefixCache::compute_view(&f, &data.train, view, cancel, &mut |done, _| report_phase(ctl, Phase::Features, offset + done, total))?;
         views.extend(rows);
+        probe_views_used += 1;
     }
+    let probe_views = probe_views_used;
     let features_seconds = started.elapsed().as_secs_f64();
     let fit_started = Instant::now();
     let flat = |rows: &[Tensor]| -> Result<Vec<f32>, TrainError> {
