@@ -25,12 +25,19 @@ pub const MIN_PER_CLASS_TO_FINE_TUNE: usize = 180;
 /// over the training images (bench/QUALITY.md, "Probe on other views").
 pub const AUTO_PROBE_VIEWS: u32 = 3;
 
+/// Most training images on which `auto` fits the probe on other views: three more passes over
+/// 1,000 images take about 5 minutes for ViT-S on two cores (10 images/s). The views were
+/// measured on up to 180 images (bench/QUALITY.md); on many classes of small size the passes grow
+/// with the number of classes while their gain was never measured there.
+pub const AUTO_PROBE_VIEWS_MAX_IMAGES: usize = 1000;
+
 /// The probe views of a run that leaves them to the recipe (`probe_views: null`): with
-/// `after_probe: auto`, [`AUTO_PROBE_VIEWS`] where the smallest class will keep the probe, else
-/// none.
+/// `after_probe: auto`, [`AUTO_PROBE_VIEWS`] where the smallest class will keep the probe and
+/// the training split is at most [`AUTO_PROBE_VIEWS_MAX_IMAGES`], else none.
 pub fn probe_views(after_probe_auto: bool, train_per_class: &[usize]) -> u32 {
     let smallest = train_per_class.iter().copied().min().unwrap_or(0);
-    if after_probe_auto && smallest < MIN_PER_CLASS_TO_FINE_TUNE { AUTO_PROBE_VIEWS } else { 0 }
+    let total: usize = train_per_class.iter().sum();
+    if after_probe_auto && smallest < MIN_PER_CLASS_TO_FINE_TUNE && total <= AUTO_PROBE_VIEWS_MAX_IMAGES { AUTO_PROBE_VIEWS } else { 0 }
 }
 
 /// Fewest training images per class at which `auto` fine-tunes the whole network rather than the
@@ -239,6 +246,8 @@ mod tests {
         assert_eq!(probe_views(true, &[MIN_PER_CLASS_TO_FINE_TUNE - 1, 500]), AUTO_PROBE_VIEWS);
         assert_eq!(probe_views(true, &[MIN_PER_CLASS_TO_FINE_TUNE, 500]), 0);
         assert_eq!(probe_views(false, &[10, 10]), 0, "a run auto does not plan gets what it asks for");
+        assert_eq!(probe_views(true, &[50; 20]), AUTO_PROBE_VIEWS);
+        assert_eq!(probe_views(true, &[50; 21]), 0, "over {AUTO_PROBE_VIEWS_MAX_IMAGES} images");
     }
 
     #[test]
