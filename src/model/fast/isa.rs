@@ -98,28 +98,26 @@ pub fn cap_from_env() -> Result<Option<Isa>, String> {
     }
 }
 
-/// The level the kernels use: what the CPU has, capped by `VITFORGE_MAX_ISA` (read once; the
-/// command line checks it at start-up, so an unreadable value is reported there).
+/// The cap in force: `VITFORGE_MAX_ISA`, read once (the command line checks it at start-up, so
+/// an unreadable value is reported there and none applies here).
+fn cap() -> Option<Isa> {
+    static CAP: OnceLock<Option<Isa>> = OnceLock::new();
+    *CAP.get_or_init(|| cap_from_env().ok().flatten())
+}
+
+/// The level the kernels use: what the CPU has, capped by [`cap`].
 pub fn active() -> Isa {
     #[cfg(test)]
     if let Some(isa) = tests::OVERRIDE.get() {
         return isa.min(detected());
     }
-    static ACTIVE: OnceLock<Isa> = OnceLock::new();
-    *ACTIVE.get_or_init(|| match cap_from_env() {
-        Ok(Some(cap)) => detected().min(cap),
-        _ => detected(),
-    })
+    cap().map_or(detected(), |c| detected().min(c))
 }
 
 /// One line for logs and `vitforge bench`: the CPU's level, the cap, and what runs.
 pub fn summary() -> String {
-    let active = active();
-    let cap = match cap_from_env() {
-        Ok(Some(c)) => format!(", capped at {} by {CAP_VAR}", c.name()),
-        _ => String::new(),
-    };
-    format!("CPU instruction sets: {} detected{cap}; running {}", detected().name(), active.describe_kernels())
+    let cap = cap().map(|c| format!(", capped at {} by {CAP_VAR}", c.name())).unwrap_or_default();
+    format!("CPU instruction sets: {} detected{cap}; running {}", detected().name(), active().describe_kernels())
 }
 
 #[cfg(test)]
