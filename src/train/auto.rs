@@ -27,8 +27,9 @@ pub const AUTO_PROBE_VIEWS: u32 = 3;
 
 /// Most training images on which `auto` fits the probe on other views: three more passes over
 /// 1,000 images take about 5 minutes for ViT-S on two cores (10 images/s). The views were
-/// measured on up to 180 images (bench/QUALITY.md); on many classes of small size the passes grow
-/// with the number of classes while their gain was never measured there.
+/// measured on up to 450 training images (five texture classes of 90, bench/QUALITY.md); on many
+/// classes of small size the passes grow with the number of classes while their gain was never
+/// measured there.
 pub const AUTO_PROBE_VIEWS_MAX_IMAGES: usize = 1000;
 
 /// The probe views of a run that leaves them to the recipe (`probe_views: null`): with
