@@ -13,6 +13,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::config::Activation;
+use super::precision::Precision;
 use super::weights::{Params, keys};
 use super::{ModelError, VitConfig};
 
@@ -26,10 +27,10 @@ pub(crate) struct Linear {
 }
 
 impl Linear {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, prec: Precision) -> Result<Tensor> {
         let dims = xs.dims().to_vec();
         let (rows, inner) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
-        let y = xs.reshape((rows, inner))?.matmul(&self.weight.t()?)?;
+        let y = matmul(&xs.reshape((rows, inner))?, &self.weight.t()?, prec)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -37,6 +38,20 @@ impl Linear {
         let mut out_dims = dims;
         *out_dims.last_mut().expect("rank ≥ 1") = self.weight.dim(0)?;
         Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// `a·b` with both operands at `prec`. In bf16 each operand is rounded to bfloat16 by a
+/// straight-through cast, `x + (bf16(x) − x)` with the difference detached: the value is the
+/// rounded one (the difference is exact), and the gradient reaches `x` unchanged, as the fast
+/// path's mixed precision gives it (f32 gradients of the f32 master weights).
+fn matmul(a: &Tensor, b: &Tensor, prec: Precision) -> Result<Tensor> {
+    match prec {
+        Precision::F32 => Ok(a.matmul(b)?),
+        Precision::Bf16 => {
+            let round = |x: &Tensor| -> Result<Tensor> { Ok((x + (x.to_dtype(DType::BF16)?.to_dtype(x.dtype())? - x)?.detach())?) };
+            Ok(round(a)?.matmul(&round(b)?)?)
+        }
     }
 }
 
@@ -132,6 +147,8 @@ pub struct Vit {
     /// True when some parameter is tracked by autograd (then the fast path, which builds no
     /// graph, must not be used).
     pub(crate) trainable: bool,
+    /// The precision of every matrix product, on both paths.
+    pub(crate) precision: Precision,
 }
 
 impl Vit {
@@ -172,7 +189,19 @@ impl Vit {
             layernorm: ln(keys::FINAL_NORM)?,
             classifier: lin(keys::HEAD, true)?,
             trainable: any_trainable,
+            precision: Precision::F32,
         })
+    }
+
+    /// The same model with its products at `precision` (f32 when built).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    /// The precision of its products.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Assembles the model with every parameter frozen (for inference).
@@ -214,7 +243,7 @@ impl Vit {
             .permute(vec![0, 2, 4, 1, 3, 5])?
             .contiguous()?
             .reshape((b * gh * gw, c * ph * pw))?;
-        let emb = patches.matmul(&self.patch_weight.t()?)?.broadcast_add(&self.patch_bias)?;
+        let emb = matmul(&patches, &self.patch_weight.t()?, self.precision)?.broadcast_add(&self.patch_bias)?;
         let emb = emb.reshape((b, gh * gw, cfg.hidden_size))?;
         let cls = self.cls_token.broadcast_as((b, 1, cfg.hidden_size))?;
         let x = Tensor::cat(&[&cls, &emb], 1)?;
@@ -232,23 +261,24 @@ impl Vit {
         for layer in &self.layers[range] {
             let hs = layer.ln_before.forward(&x)?;
             let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()?) };
-            let q = split(layer.query.forward(&hs)?)?;
-            let k = split(layer.key.forward(&hs)?)?;
-            let v = split(layer.value.forward(&hs)?)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?;
+            let prec = self.precision;
+            let q = split(layer.query.forward(&hs, prec)?)?;
+            let k = split(layer.key.forward(&hs, prec)?)?;
+            let v = split(layer.value.forward(&hs, prec)?)?;
+            let scores = (matmul(&q, &k.t()?, prec)? * scale)?;
             let mut probs = softmax_last_dim(&scores)?;
             if let Some(dr) = dropout.as_deref_mut() {
                 probs = dr.apply(&probs, cfg.attention_probs_dropout_prob)?;
             }
-            let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h))?;
-            let mut attn = layer.attn_out.forward(&ctx)?;
+            let ctx = matmul(&probs, &v, prec)?.transpose(1, 2)?.reshape((b, n, h))?;
+            let mut attn = layer.attn_out.forward(&ctx, prec)?;
             if let Some(dr) = dropout.as_deref_mut() {
                 attn = dr.apply(&attn, cfg.hidden_dropout_prob)?;
             }
             x = (x + attn)?;
             let hs = layer.ln_after.forward(&x)?;
-            let hs = activate(cfg.hidden_act, &layer.fc1.forward(&hs)?)?;
-            let mut mlp = layer.fc2.forward(&hs)?;
+            let hs = activate(cfg.hidden_act, &layer.fc1.forward(&hs, prec)?)?;
+            let mut mlp = layer.fc2.forward(&hs, prec)?;
             if let Some(dr) = dropout.as_deref_mut() {
                 mlp = dr.apply(&mlp, cfg.hidden_dropout_prob)?;
             }
@@ -266,7 +296,7 @@ impl Vit {
 
     /// Classifier logits from pooled features.
     pub fn head(&self, features: &Tensor) -> Result<Tensor> {
-        self.classifier.forward(features)
+        self.classifier.forward(features, self.precision)
     }
 
     /// Features of a batch of images with candle ops only (differentiable; the fast path's

@@ -94,3 +94,67 @@ fn fast_path_agrees_with_autograd_in_every_mode() {
         }
     }
 }
+
+/// Mixed precision: with bf16 products (f32 master weights, f32 accumulation and statistics),
+/// the fast path's loss and gradients agree with autograd's through the reference path in bf16,
+/// and both stay close to the f32 gradients (within bf16's rounding), in every mode; and bf16
+/// does round (its gradients are not the f32 ones).
+#[test]
+fn bf16_gradients_agree_across_paths_and_with_f32_in_every_mode() {
+    use vitforge::model::network::{Objective, frozen_forward, loss_and_grads, reference_loss_and_grads};
+    use vitforge::model::{Boundary, Precision};
+    let model = tiny_model(&["a", "b", "c"], 5);
+    let layers = model.cfg.num_hidden_layers;
+    // Fixed pixels, so the bounds below are met or missed the same way on every run.
+    let pixels: Vec<f32> = (0..3 * 3 * 32 * 32).map(|i| (i as f32 * 0.618).sin() * 1.5).collect();
+    let pixels = Tensor::from_vec(pixels, (3, 3, 32, 32), &Device::Cpu).unwrap();
+    let targets = [0u32, 2, 1];
+    let objective = Objective { targets: &targets, label_smoothing: 0.1, class_weights: None };
+    // max |a − b| / max |b|, and the relative L2 error ‖a − b‖ / ‖b‖.
+    let rel = |a: &Tensor, b: &Tensor| {
+        let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+        let d = (a - b).unwrap();
+        let max = d.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() / scale;
+        let norm = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        (max, norm(&d) / norm(b).max(1e-6))
+    };
+    for set in [TrainableSet::All, TrainableSet::LastLayers(1), TrainableSet::HeadOnly] {
+        let b = set.boundary(layers);
+        let at = |p: Precision| {
+            let frozen = Vit::frozen(&model.cfg, &model.params).unwrap().with_precision(p);
+            let input = frozen_forward(&frozen, b, &pixels).unwrap();
+            let input_ref = match b {
+                Boundary::Pixels => pixels.clone(),
+                Boundary::Layer(k) => frozen.encode_reference(frozen.embed_reference(&pixels).unwrap(), 0..k, None).unwrap(),
+                Boundary::Features => frozen.features_reference(&pixels).unwrap(),
+            };
+            let (inp_max, _) = rel(&input, &input_ref);
+            assert!(inp_max < 2e-2, "{set:?} {p:?}: frozen part differs across paths by {inp_max}");
+            let vit = Vit::new(&model.cfg, &model.params, &|n| set.contains(n, layers)).unwrap().with_precision(p);
+            let fast = loss_and_grads(&vit, &model.params, set, b, &input, objective, None).unwrap();
+            let reference = reference_loss_and_grads(&vit, &model.params, set, b, &input_ref, objective, None).unwrap();
+            (fast, reference)
+        };
+        let ((f32_loss, f32_grads), (_, f32_reference)) = at(Precision::F32);
+        let ((loss, fast), (ref_loss, reference)) = at(Precision::Bf16);
+        assert!((loss - ref_loss).abs() < 1e-3 * ref_loss.abs(), "{set:?}: bf16 loss {loss} vs autograd {ref_loss}");
+        assert!((loss - f32_loss).abs() < 1e-2 * f32_loss.abs(), "{set:?}: bf16 loss {loss} vs f32 {f32_loss}");
+        let (mut rounded, mut rounded_ref) = (false, false);
+        for (name, g) in &fast {
+            if name.ends_with("key.bias") {
+                // Zero in exact arithmetic (softmax ignores a shift of a score row): in either
+                // precision its value is rounding noise, so there is nothing to compare.
+                continue;
+            }
+            let (max, l2) = rel(g, &reference[name]);
+            let (max32, l2_32) = rel(g, &f32_grads[name]);
+            eprintln!("{set:?} {name}: vs autograd bf16 max {max:.2e} l2 {l2:.2e}; vs f32 max {max32:.2e} l2 {l2_32:.2e}");
+            assert!(l2 < 3e-2 && max < 6e-2, "{set:?} {name}: bf16 fast path vs autograd: l2 {l2}, max {max}");
+            assert!(l2_32 < 3e-2 && max32 < 6e-2, "{set:?} {name}: bf16 vs f32: l2 {l2_32}, max {max32}");
+            rounded |= l2_32 > 1e-4;
+            rounded_ref |= rel(&reference[name], &f32_reference[name]).1 > 1e-4;
+        }
+        assert!(rounded, "{set:?}: the fast path's bf16 gradients equal the f32 ones, nothing was rounded");
+        assert!(rounded_ref, "{set:?}: autograd's bf16 gradients equal the f32 ones, nothing was rounded");
+    }
+}

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use self::kernels as k;
 use self::matmul::{Mat, MatMut, Threads, gemm};
+use super::precision::Precision;
 use super::vit::{Linear, Objective, Vit};
 use super::weights::{Boundary, TrainableSet, keys, param_specs};
 use super::{ModelError, VitConfig};
@@ -86,6 +87,8 @@ struct Lin<'g> {
     b: Option<&'g [f32]>,
     out: usize,
     inp: usize,
+    /// The precision of its products (forward and backward).
+    prec: Precision,
 }
 
 struct LayerW<'g> {
@@ -97,6 +100,8 @@ struct LayerW<'g> {
     ln2: (&'g [f32], &'g [f32]),
     fc1: Lin<'g>,
     fc2: Lin<'g>,
+    /// The precision of the attention products.
+    prec: Precision,
 }
 
 struct Weights<'g> {
@@ -146,6 +151,7 @@ impl<'g> Weights<'g> {
             g.slice(i - 1)
         };
         let dims = |l: &Linear| (l.weight.dim(0).unwrap_or(0), l.weight.dim(1).unwrap_or(0));
+        let prec = vit.precision;
         let patch_w = next();
         let patch_b = next();
         let (h, cpp) = (vit.cfg.hidden_size, patch_w.len() / vit.cfg.hidden_size);
@@ -158,7 +164,7 @@ impl<'g> Weights<'g> {
                 let (out, inp) = dims(l);
                 let w = next();
                 let b = if l.bias.is_some() { Some(next()) } else { None };
-                Lin { w, b, out, inp }
+                Lin { w, b, out, inp, prec }
             };
             let q = lin(&layer.query);
             let k = lin(&layer.key);
@@ -172,17 +178,18 @@ impl<'g> Weights<'g> {
                 let (out, inp) = dims(l);
                 let w = next();
                 let b = if l.bias.is_some() { Some(next()) } else { None };
-                Lin { w, b, out, inp }
+                Lin { w, b, out, inp, prec }
             };
             let fc1 = lin(&layer.fc1);
             let fc2 = lin(&layer.fc2);
-            layers.push(LayerW { ln1, q, k, v, o, ln2, fc1, fc2 });
+            layers.push(LayerW { ln1, q, k, v, o, ln2, fc1, fc2, prec });
         }
         let ln = (next(), next());
         let (out, inp) = dims(&vit.classifier);
         let hw = next();
         let hb = vit.classifier.bias.as_ref().map(|_| next());
-        Weights { patch: Lin { w: patch_w, b: Some(patch_b), out: h, inp: cpp }, cls, pos, layers, ln, head: Lin { w: hw, b: hb, out, inp } }
+        let patch = Lin { w: patch_w, b: Some(patch_b), out: h, inp: cpp, prec };
+        Weights { patch, cls, pos, layers, ln, head: Lin { w: hw, b: hb, out, inp, prec } }
     }
 }
 
@@ -200,6 +207,7 @@ fn linear(x: &[f32], rows: usize, l: &Lin, y: &mut [f32], stride: usize, col: us
         1.0,
         l.b.is_some(),
         Threads::All,
+        l.prec,
     );
 }
 
@@ -208,7 +216,7 @@ fn linear(x: &[f32], rows: usize, l: &Lin, y: &mut [f32], stride: usize, col: us
 fn linear_grads(x: &[f32], rows: usize, l: &Lin, dy: &[f32], stride: usize, col: usize) -> (Vec<f32>, Option<Vec<f32>>) {
     let dy_view = Mat { data: dy, offset: col, rows, cols: l.out, rs: stride, cs: 1 };
     let mut dw = vec![0f32; l.out * l.inp];
-    gemm(dy_view.t(), Mat::rows(x, rows, l.inp), MatMut::rows(&mut dw, l.out, l.inp), 1.0, false, Threads::All);
+    gemm(dy_view.t(), Mat::rows(x, rows, l.inp), MatMut::rows(&mut dw, l.out, l.inp), 1.0, false, Threads::All, l.prec);
     let db = l.b.map(|_| {
         if stride == l.out {
             k::col_sums(dy, l.out)
@@ -226,7 +234,7 @@ fn linear_grads(x: &[f32], rows: usize, l: &Lin, dy: &[f32], stride: usize, col:
 /// `dx (+)= dy[:, col..col+out]·W`.
 fn linear_input_grad(dy: &[f32], rows: usize, l: &Lin, stride: usize, col: usize, dx: &mut [f32], accumulate: bool) {
     let dy_view = Mat { data: dy, offset: col, rows, cols: l.out, rs: stride, cs: 1 };
-    gemm(dy_view, Mat::rows(l.w, l.out, l.inp), MatMut::rows(dx, rows, l.inp), 1.0, accumulate, Threads::All);
+    gemm(dy_view, Mat::rows(l.w, l.out, l.inp), MatMut::rows(dx, rows, l.inp), 1.0, accumulate, Threads::All, l.prec);
 }
 
 /// Patches as rows (B·patches × C·ph·pw), in the order of the convolution kernel's flattening.
@@ -286,27 +294,28 @@ struct LayerSaved {
 }
 
 /// Attention of one (image, head): O (n × d) and the log-sum-exp of each score row.
-fn attention_head(qkv: &[f32], n: usize, hid: usize, d: usize, bi: usize, hi: usize, scale: f32) -> (Vec<f32>, Vec<f32>) {
+#[allow(clippy::too_many_arguments)]
+fn attention_head(qkv: &[f32], n: usize, hid: usize, d: usize, bi: usize, hi: usize, scale: f32, prec: Precision) -> (Vec<f32>, Vec<f32>) {
     let base = bi * n * 3 * hid;
     let q = Mat { data: qkv, offset: base + hi * d, rows: n, cols: d, rs: 3 * hid, cs: 1 };
     let kk = Mat { offset: base + hid + hi * d, ..q };
     let v = Mat { offset: base + 2 * hid + hi * d, ..q };
     let mut s = vec![0f32; n * n];
-    gemm(q, kk.t(), MatMut::rows(&mut s, n, n), 1.0, false, Threads::One);
+    gemm(q, kk.t(), MatMut::rows(&mut s, n, n), 1.0, false, Threads::One, prec);
     let mut lse = vec![0f32; n];
     for (row, l) in s.chunks_mut(n).zip(lse.iter_mut()) {
         *l = k::softmax_row(row, scale);
     }
     let mut o = vec![0f32; n * d];
-    gemm(Mat::rows(&s, n, n), v, MatMut::rows(&mut o, n, d), 1.0, false, Threads::One);
+    gemm(Mat::rows(&s, n, n), v, MatMut::rows(&mut o, n, d), 1.0, false, Threads::One, prec);
     (o, lse)
 }
 
-fn attention(cfg: &VitConfig, qkv: &[f32], b: usize) -> (Vec<f32>, Vec<f32>) {
+fn attention(cfg: &VitConfig, qkv: &[f32], b: usize, prec: Precision) -> (Vec<f32>, Vec<f32>) {
     let (n, hid, heads, d) = (cfg.num_tokens(), cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim());
     let scale = 1.0 / (d as f32).sqrt();
     let outs: Vec<(Vec<f32>, Vec<f32>)> =
-        (0..b * heads).into_par_iter().map(|t| attention_head(qkv, n, hid, d, t / heads, t % heads, scale)).collect();
+        (0..b * heads).into_par_iter().map(|t| attention_head(qkv, n, hid, d, t / heads, t % heads, scale, prec)).collect();
     let mut ctx = vec![0f32; b * n * hid];
     let mut lse = vec![0f32; b * heads * n];
     for (t, (o, l)) in outs.into_iter().enumerate() {
@@ -332,6 +341,7 @@ fn attention_head_backward(
     bi: usize,
     hi: usize,
     scale: f32,
+    prec: Precision,
 ) -> [Vec<f32>; 3] {
     let base = bi * n * 3 * hid;
     let q = Mat { data: qkv, offset: base + hi * d, rows: n, cols: d, rs: 3 * hid, cs: 1 };
@@ -339,30 +349,30 @@ fn attention_head_backward(
     let v = Mat { offset: base + 2 * hid + hi * d, ..q };
     let d_o = Mat { data: dctx, offset: bi * n * hid + hi * d, rows: n, cols: d, rs: hid, cs: 1 };
     let mut p = vec![0f32; n * n];
-    gemm(q, kk.t(), MatMut::rows(&mut p, n, n), 1.0, false, Threads::One);
+    gemm(q, kk.t(), MatMut::rows(&mut p, n, n), 1.0, false, Threads::One, prec);
     for (row, &l) in p.chunks_mut(n).zip(lse) {
         k::softmax_from_lse(row, scale, l);
     }
     let mut dv = vec![0f32; n * d];
-    gemm(Mat::rows(&p, n, n).t(), d_o, MatMut::rows(&mut dv, n, d), 1.0, false, Threads::One);
+    gemm(Mat::rows(&p, n, n).t(), d_o, MatMut::rows(&mut dv, n, d), 1.0, false, Threads::One, prec);
     let mut dp = vec![0f32; n * n];
-    gemm(d_o, v.t(), MatMut::rows(&mut dp, n, n), 1.0, false, Threads::One);
+    gemm(d_o, v.t(), MatMut::rows(&mut dp, n, n), 1.0, false, Threads::One, prec);
     for (pr, dr) in p.chunks(n).zip(dp.chunks_mut(n)) {
         k::softmax_backward_row(pr, dr, scale);
     }
     let mut dq = vec![0f32; n * d];
-    gemm(Mat::rows(&dp, n, n), kk, MatMut::rows(&mut dq, n, d), 1.0, false, Threads::One);
+    gemm(Mat::rows(&dp, n, n), kk, MatMut::rows(&mut dq, n, d), 1.0, false, Threads::One, prec);
     let mut dk = vec![0f32; n * d];
-    gemm(Mat::rows(&dp, n, n).t(), q, MatMut::rows(&mut dk, n, d), 1.0, false, Threads::One);
+    gemm(Mat::rows(&dp, n, n).t(), q, MatMut::rows(&mut dk, n, d), 1.0, false, Threads::One, prec);
     [dq, dk, dv]
 }
 
-fn attention_backward(cfg: &VitConfig, qkv: &[f32], lse: &[f32], dctx: &[f32], b: usize) -> Vec<f32> {
+fn attention_backward(cfg: &VitConfig, qkv: &[f32], lse: &[f32], dctx: &[f32], b: usize, prec: Precision) -> Vec<f32> {
     let (n, hid, heads, d) = (cfg.num_tokens(), cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim());
     let scale = 1.0 / (d as f32).sqrt();
     let outs: Vec<[Vec<f32>; 3]> = (0..b * heads)
         .into_par_iter()
-        .map(|t| attention_head_backward(qkv, &lse[t * n..(t + 1) * n], dctx, n, hid, d, t / heads, t % heads, scale))
+        .map(|t| attention_head_backward(qkv, &lse[t * n..(t + 1) * n], dctx, n, hid, d, t / heads, t % heads, scale, prec))
         .collect();
     let mut dqkv = vec![0f32; b * n * 3 * hid];
     for (t, parts) in outs.into_iter().enumerate() {
@@ -388,7 +398,7 @@ fn layer_forward(cfg: &VitConfig, w: &LayerW, x: Vec<f32>, b: usize, save: bool)
     linear(&hs, rows, &w.q, &mut qkv, 3 * h, 0);
     linear(&hs, rows, &w.k, &mut qkv, 3 * h, h);
     linear(&hs, rows, &w.v, &mut qkv, 3 * h, 2 * h);
-    let (ctx, lse) = attention(cfg, &qkv, b);
+    let (ctx, lse) = attention(cfg, &qkv, b, w.prec);
     let mut x_mid = vec![0f32; rows * h];
     linear(&ctx, rows, &w.o, &mut x_mid, h, 0);
     k::par_add_assign(&mut x_mid, &x);
@@ -442,7 +452,7 @@ fn layer_backward(cfg: &VitConfig, w: &LayerW, s: LayerSaved, dx: Vec<f32>, b: u
     let mut dctx = vec![0f32; rows * h];
     linear_input_grad(&dx_mid, rows, &w.o, h, 0, &mut dctx, false);
     drop(s.ctx);
-    let dqkv = attention_backward(cfg, &s.qkv, &s.lse, &dctx, b);
+    let dqkv = attention_backward(cfg, &s.qkv, &s.lse, &dctx, b, w.prec);
     drop(dctx);
     drop(s.qkv);
     k::layer_norm_apply(&s.x_in, w.ln1.0, w.ln1.1, &s.mean1, &s.rstd1, &mut hs);

@@ -1,12 +1,16 @@
 //! Matrix products on strided views of `f32` slices, with bounds checked before the unsafe call:
 //! through our AVX2/FMA kernel ([`sgemm`]) where the CPU has it (and `VITFORGE_MAX_ISA` allows
 //! it), else through the `gemm` crate (the kernels candle's CPU backend uses). Strides let one buffer hold Q, K and V side by
-//! side and let transposes cost nothing.
+//! side and let transposes cost nothing. In [`Precision::Bf16`] both operands are rounded to
+//! bfloat16 (our kernel rounds them as it packs them, the crate's path on rounded copies) and the
+//! products accumulate in f32.
 
 #[cfg(target_arch = "x86_64")]
 mod sgemm;
 
 use gemm::Parallelism;
+
+use crate::model::precision::{Precision, round_bf16};
 
 /// A read-only matrix view: `rows × cols` elements at `data[offset + r·rs + c·cs]`.
 #[derive(Clone, Copy)]
@@ -75,8 +79,8 @@ pub fn generic_forced() -> bool {
     *FORCED.get_or_init(|| std::env::var_os("VITFORGE_GENERIC_GEMM").is_some())
 }
 
-/// `c = beta·a·b` (or `c += beta·a·b` with `accumulate`).
-pub fn gemm(a: Mat, b: Mat, c: MatMut, beta: f32, accumulate: bool, threads: Threads) {
+/// `c = beta·a·b` (or `c += beta·a·b` with `accumulate`), with the operands at `precision`.
+pub fn gemm(a: Mat, b: Mat, c: MatMut, beta: f32, accumulate: bool, threads: Threads, precision: Precision) {
     assert_eq!(a.cols, b.rows, "inner dimensions");
     assert_eq!((a.rows, b.cols), (c.rows, c.cols), "output shape");
     a.check();
@@ -98,8 +102,13 @@ pub fn gemm(a: Mat, b: Mat, c: MatMut, beta: f32, accumulate: bool, threads: Thr
     #[cfg(target_arch = "x86_64")]
     if super::simd::use_avx2() && !generic_forced() {
         let parallel = threads == Threads::All && rayon::current_num_threads() > 1;
-        sgemm::gemm(a, b, c, beta, accumulate, parallel);
+        sgemm::gemm(a, b, c, beta, accumulate, parallel, precision == Precision::Bf16);
         return;
+    }
+    if precision == Precision::Bf16 {
+        let k = a.cols;
+        let (a, b) = (rounded(a), rounded(b));
+        return gemm(Mat::rows(&a, c.rows, k), Mat::rows(&b, k, c.cols), c, beta, accumulate, threads, Precision::F32);
     }
     let parallelism = match threads {
         Threads::One => Parallelism::None,
@@ -135,14 +144,24 @@ pub fn gemm(a: Mat, b: Mat, c: MatMut, beta: f32, accumulate: bool, threads: Thr
     }
 }
 
+/// A row-major copy of `m` with every element rounded to bfloat16.
+fn rounded(m: Mat) -> Vec<f32> {
+    let mut out = Vec::with_capacity(m.rows * m.cols);
+    for r in 0..m.rows {
+        out.extend((0..m.cols).map(|c| round_bf16(m.data[m.offset + r * m.rs + c * m.cs])));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::fast::isa::tests::{on, runnable};
 
-    /// At every kernel level this CPU runs (`VITFORGE_MAX_ISA`'s levels): every layout of A and
-    /// B, sizes that cut micro-tiles, row blocks and depth blocks at odd places, a strided
-    /// output, accumulation and scaling, serial and parallel, against a plain triple loop in f64.
+    /// At every kernel level this CPU runs (`VITFORGE_MAX_ISA`'s levels) and in both precisions:
+    /// every layout of A and B, sizes that cut micro-tiles, row blocks and depth blocks at odd
+    /// places, a strided output, accumulation and scaling, serial and parallel, against a plain
+    /// triple loop in f64 (on the bf16-rounded operands in bf16).
     #[test]
     fn products_match_f64_for_every_layout_edge_and_level() {
         let mut seed = 1u64;
@@ -158,14 +177,16 @@ mod tests {
                 // Stored transposed when asked, then viewed back as m×k and k×n.
                 let av = if ta { Mat::rows(&a, k, m).t() } else { Mat::rows(&a, m, k) };
                 let bv = if tb { Mat::rows(&b, n, k).t() } else { Mat::rows(&b, k, n) };
-                let at = |i: usize, p: usize| f64::from(a[av.offset + i * av.rs + p * av.cs]);
-                let bt = |p: usize, j: usize| f64::from(b[bv.offset + p * bv.rs + j * bv.cs]);
-                for (&level, (accumulate, threads)) in
-                    levels.iter().flat_map(|l| [(false, Threads::One), (true, Threads::All), (false, Threads::All)].map(|c| (l, c)))
-                {
+                for (&level, (accumulate, threads), precision) in levels.iter().flat_map(|l| {
+                    [(false, Threads::One, Precision::F32), (true, Threads::All, Precision::F32), (false, Threads::All, Precision::Bf16), (true, Threads::One, Precision::Bf16)]
+                        .map(|(acc, th, p)| (l, (acc, th), p))
+                }) {
+                    let op = |x: f32| f64::from(if precision == Precision::Bf16 { round_bf16(x) } else { x });
+                    let at = |i: usize, p: usize| op(a[av.offset + i * av.rs + p * av.cs]);
+                    let bt = |p: usize, j: usize| op(b[bv.offset + p * bv.rs + j * bv.cs]);
                     let stride = n + 3;
                     let mut c = vec![0.25f32; m * stride];
-                    on(level, || gemm(av, bv, MatMut::strided(&mut c, m, n, stride, 2), 0.5, accumulate, threads));
+                    on(level, || gemm(av, bv, MatMut::strided(&mut c, m, n, stride, 2), 0.5, accumulate, threads, precision));
                     for i in 0..m {
                         for j in 0..stride {
                             let got = f64::from(c[i * stride + j]);
@@ -177,7 +198,7 @@ mod tests {
                             };
                             assert!(
                                 (got - want).abs() < 1e-4,
-                                "{level:?} {m}x{n}x{k} ta={ta} tb={tb} acc={accumulate}: c[{i}][{j}] = {got}, want {want}"
+                                "{level:?} {precision:?} {m}x{n}x{k} ta={ta} tb={tb} acc={accumulate}: c[{i}][{j}] = {got}, want {want}"
                             );
                         }
                     }
@@ -186,7 +207,7 @@ mod tests {
         }
         // An empty depth: C is cleared, or left as it is when accumulating.
         let mut c = vec![3.0f32; 4];
-        gemm(Mat::rows(&[], 2, 0), Mat::rows(&[], 0, 2), MatMut::rows(&mut c, 2, 2), 1.0, false, Threads::One);
+        gemm(Mat::rows(&[], 2, 0), Mat::rows(&[], 0, 2), MatMut::rows(&mut c, 2, 2), 1.0, false, Threads::One, Precision::F32);
         assert_eq!(c, vec![0.0; 4]);
         eprintln!("matrix products checked at {:?}", levels);
     }

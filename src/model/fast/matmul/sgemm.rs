@@ -9,6 +9,9 @@
 //! the transposed operands of backward: the weight gradient `dYᵀ·X` reads A column-major, and
 //! packing it well (contiguous copies, 8×8 register transposes for `Wᵀ`) is most of the
 //! difference. `VITFORGE_GENERIC_GEMM=1` switches back to the crate, to compare.
+//!
+//! In bf16 every operand is packed (A too) and rounded to bfloat16 as it is packed: the kernel
+//! then multiplies bf16 values exactly and accumulates in f32, as `vdpbf16ps` and AMX do.
 
 #![cfg(target_arch = "x86_64")]
 
@@ -17,6 +20,7 @@ use std::arch::x86_64::*;
 use rayon::prelude::*;
 
 use super::{Mat, MatMut};
+use crate::model::precision::round_bf16_slice;
 
 /// Rows of the micro-tile (broadcasts of A per step).
 const MR: usize = 6;
@@ -38,13 +42,13 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 /// `c = alpha·a·b`, or `c += alpha·a·b` with `accumulate`; views already checked by the caller.
-/// `parallel`: spread the work over rayon's pool.
+/// `parallel`: spread the work over rayon's pool; `bf16`: round the operands to bfloat16.
 ///
 /// B is packed whole, once (NR-wide panels over the full depth); each task then takes MC rows of
 /// A (read in place when row-major, else packed over the full depth) and walks its columns in
 /// strips of `NS`, finishing each strip over all of k before the next, so the strip of C it
 /// updates stays in L2 instead of being reloaded from memory for every block of depth.
-pub fn gemm(a: Mat, b: Mat, c: MatMut, alpha: f32, accumulate: bool, parallel: bool) {
+pub fn gemm(a: Mat, b: Mat, c: MatMut, alpha: f32, accumulate: bool, parallel: bool, bf16: bool) {
     debug_assert!(crate::model::fast::simd::use_avx2());
     let (n, k) = (c.cols, a.cols);
     let ldc = c.rs;
@@ -52,28 +56,32 @@ pub fn gemm(a: Mat, b: Mat, c: MatMut, alpha: f32, accumulate: bool, parallel: b
     let panels = n.div_ceil(NR);
     B_SCRATCH.with(|scratch| {
         scratch.with(panels * NR * k, |bpack| {
-            run(a, b, c.rows, ldc, out, alpha, accumulate, parallel, bpack)
+            run(a, b, c.rows, ldc, out, Step { alpha, accumulate, parallel, bf16 }, bpack)
         })
     });
 }
 
-/// [`gemm`] with its packing space for B.
-// long: the kernel driver's loop nest (tasks, strips, depth blocks, micro-tiles) reads best whole.
-#[allow(clippy::too_many_arguments)]
-fn run(
-    a: Mat,
-    b: Mat,
-    m: usize,
-    ldc: usize,
-    out: OutPtr,
+/// How [`run`] runs: the scale, whether it adds to C, on how many threads, in which precision.
+#[derive(Clone, Copy)]
+struct Step {
     alpha: f32,
     accumulate: bool,
     parallel: bool,
-    bpack: &mut [f32],
-) {
+    bf16: bool,
+}
+
+/// [`gemm`] with its packing space for B.
+// long: the kernel driver's loop nest (tasks, strips, depth blocks, micro-tiles) reads best whole.
+fn run(a: Mat, b: Mat, m: usize, ldc: usize, out: OutPtr, step: Step, bpack: &mut [f32]) {
+    let Step { alpha, accumulate, parallel, bf16 } = step;
     let (n, k) = (b.cols, a.cols);
     let panels = n.div_ceil(NR);
-    let pack = |(p, dst): (usize, &mut [f32])| pack_b(b, k, p * NR, NR.min(n - p * NR), dst);
+    let pack = |(p, dst): (usize, &mut [f32])| {
+        pack_b(b, k, p * NR, NR.min(n - p * NR), dst);
+        if bf16 {
+            round_bf16_slice(&mut dst[..k * NR]);
+        }
+    };
     if parallel && panels > 1 {
         bpack.par_chunks_mut(NR * k).enumerate().for_each(pack);
     } else {
@@ -103,12 +111,15 @@ fn run(
         }
         // Row-major A is read in place, six rows at a time (its rows are contiguous in k);
         // only a last partial panel, or A in any other layout, is packed.
-        let direct = a.cs == 1;
+        let direct = a.cs == 1 && !bf16;
         let whole = if direct { mc / MR * MR } else { 0 };
         let packed_rows = mc - whole;
         A_SCRATCH.with(|scratch| {
             scratch.with(packed_rows.next_multiple_of(MR) * k, |apack| {
                 pack_a(a, ic + whole, packed_rows, k, apack);
+                if bf16 {
+                    round_bf16_slice(apack);
+                }
                 // The whole `OutPtr` (Send), not its raw pointer field, is what the closure
                 // below must capture.
                 #[allow(clippy::redundant_locals)]

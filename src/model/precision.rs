@@ -1,0 +1,101 @@
+//! The precision of the matrix products: `f32`, or `bf16` (operands rounded to bfloat16, products
+//! accumulated in f32), and `auto`, which picks bf16 only where our kernels run bf16 natively.
+//!
+//! Layer norm, softmax, the activations, the loss and every reduction stay in f32 in both; so do
+//! the weights a model keeps and saves (training in bf16 is mixed precision: f32 master weights
+//! and optimiser state, bf16 operands for the products). The fast CPU path rounds each operand
+//! as it packs it for the product ([`super::fast`]); the reference path rounds with a
+//! straight-through cast, so that autograd passes gradients through the rounding unchanged.
+//!
+//! Today no kernel of ours multiplies bf16 natively (AVX512-BF16 and AMX kernels have not run on
+//! their hardware, see [`super::isa`]), so bf16 runs at f32 speed with bf16's rounding, and
+//! `auto` is f32 everywhere.
+
+use serde::{Deserialize, Serialize};
+
+/// The precision the products of a run use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// The precision asked for (a flag, a job parameter): `auto` is decided where the work runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PrecisionChoice {
+    #[default]
+    F32,
+    Bf16,
+    /// bf16 where our kernels run it natively on this CPU, else f32.
+    Auto,
+}
+
+impl PrecisionChoice {
+    /// The precision to run at on this machine.
+    pub fn resolve(self) -> Precision {
+        match self {
+            PrecisionChoice::F32 => Precision::F32,
+            PrecisionChoice::Bf16 => Precision::Bf16,
+            PrecisionChoice::Auto => native_bf16(),
+        }
+    }
+}
+
+/// bf16 when a kernel of ours multiplies bf16 natively at the active instruction-set level:
+/// none does yet (no bf16 kernel is enabled, see [`super::isa::Isa::kernels`]), so f32.
+fn native_bf16() -> Precision {
+    Precision::F32
+}
+
+/// `x` rounded to the nearest bfloat16 (ties to even), as an f32.
+#[inline]
+pub fn round_bf16(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+/// Rounds every element to bfloat16 in place.
+pub fn round_bf16_slice(xs: &mut [f32]) {
+    for x in xs {
+        *x = round_bf16(*x);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_is_to_nearest_even_and_idempotent() {
+        // 1 + 2⁻⁸ lies halfway between 1 and 1 + 2⁻⁷: ties go to the even mantissa (1).
+        assert_eq!(round_bf16(1.0 + 1.0 / 256.0), 1.0);
+        assert_eq!(round_bf16(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
+        assert_eq!(round_bf16(1.0 + 1.0 / 256.0 + 1e-6), 1.0 + 2.0 / 256.0);
+        let x = round_bf16(std::f32::consts::PI);
+        assert_eq!(round_bf16(x), x);
+        assert!((x - std::f32::consts::PI).abs() < 2f32.powi(-7) * 2.0);
+        assert!(round_bf16(f32::NAN).is_nan());
+        assert_eq!(round_bf16(f32::INFINITY), f32::INFINITY);
+    }
+
+    #[test]
+    fn choices_parse_and_resolve() {
+        let c: PrecisionChoice = serde_json::from_str("\"bf16\"").unwrap();
+        assert_eq!(c.resolve(), Precision::Bf16);
+        assert_eq!(PrecisionChoice::F32.resolve(), Precision::F32);
+        assert_eq!(PrecisionChoice::Auto.resolve(), Precision::F32, "no native bf16 kernel is enabled");
+        assert!(serde_json::from_str::<PrecisionChoice>("\"fp16\"").is_err());
+        assert_eq!(serde_json::to_string(&Precision::Bf16).unwrap(), "\"bf16\"");
+    }
+}
