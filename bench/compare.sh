@@ -3,8 +3,11 @@
 # memory is per mode), for the same configs and batch sizes, and prints a table of ratios
 # (vitforge / PyTorch; > 1 means vitforge is faster, or for memory, uses more).
 #
-# Usage: bench/compare.sh [configs] [batches] [modes] [iters]
+# Usage: bench/compare.sh [configs] [batches] [modes] [iters] [precision]
 #   e.g. bench/compare.sh tiny,small,base 8 infer,train,head_only 5
+#        bench/compare.sh small,base 8 infer,train 5 bf16
+#   precision: f32 (default) or bf16 — vitforge `--precision bf16` against PyTorch with bf16
+#   weights under inference_mode (inference) and torch.autocast(bfloat16) with AdamW (training)
 # Env:   VITFORGE=path/to/vitforge (default: target/release/vitforge, built if missing)
 #        ROUNDS=n  repeat each pair n times and keep the best of each (default 1)
 set -euo pipefail
@@ -13,6 +16,7 @@ configs=${1:-tiny,small,base}
 batches=${2:-8}
 modes=${3:-infer,train,head_only}
 iters=${4:-5}
+precision=${5:-f32}
 rounds=${ROUNDS:-1}
 bin=${VITFORGE:-target/release/vitforge}
 if [[ ! -x $bin ]]; then
@@ -26,12 +30,13 @@ for config in ${configs//,/ }; do
   for batch in ${batches//,/ }; do
     for mode in ${modes//,/ }; do
       for _ in $(seq "$rounds"); do
-        "$bin" bench --config "$config" --batch "$batch" --mode "$mode" --iters "$iters" | tee -a "$out" >&2
-        python3 bench/torch_reference.py --config "$config" --batch "$batch" --mode "$mode" --iters "$iters" | tee -a "$out" >&2
+        "$bin" bench --config "$config" --batch "$batch" --mode "$mode" --iters "$iters" --precision "$precision" | tee -a "$out" >&2
+        python3 bench/torch_reference.py --config "$config" --batch "$batch" --mode "$mode" --iters "$iters" --precision "$precision" | tee -a "$out" >&2
       done
     done
   done
 done
+echo "precision: $precision" >&2
 python3 - "$out" <<'PY'
 import json, sys
 best = {}

@@ -106,6 +106,11 @@ pub struct ServeConfig {
     #[arg(long, env = "VITFORGE_MAX_PREDICT_WAIT_MS", default_value_t = 5000)]
     pub max_predict_wait_ms: u64,
 
+    /// Precision of `/predict`'s matrix products: `f32`, `bf16` (bf16 operands, f32 accumulation
+    /// and statistics) or `auto` (bf16 where the CPU multiplies bf16 natively, else f32).
+    #[arg(long, env = "VITFORGE_PRECISION", default_value = "f32", value_parser = ["f32", "bf16", "auto"])]
+    pub precision: String,
+
     /// Fine-tuned models kept loaded for `/predict` (least recently used are dropped).
     #[arg(long, env = "VITFORGE_MAX_LOADED_MODELS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_loaded_models: u64,

@@ -69,7 +69,7 @@ impl ModelRegistry {
             base_model: job.base_model.clone(),
             labels: labels_of(&outcome.best_dir)?,
             metrics: Some(model_metrics(outcome)?),
-            params: Some(job.params.clone()),
+            params: Some(trained_params(job, outcome)),
             recipe: Some(job.recipe.clone()),
             created_at: db::now(),
             path: self.relative(&dest),
@@ -174,4 +174,15 @@ fn copy_model_folder(src: &Path, dest: &Path) -> anyhow::Result<()> {
         Ok(())
     })?;
     Ok(())
+}
+
+
+/// The job's hyper-parameters as the model records them: with the precision it was trained in
+/// (`auto` resolved on the worker that ran it).
+fn trained_params(job: &Job, outcome: &TrainOutcome) -> serde_json::Value {
+    let mut params = job.params.clone();
+    if let Some(p) = params.as_object_mut() {
+        p.insert("precision".into(), serde_json::json!(outcome.precision));
+    }
+    params
 }

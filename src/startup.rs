@@ -14,6 +14,7 @@ use crate::budget::MemoryBudget;
 use crate::config::{DatabaseUrl, Role, ServeConfig};
 use crate::dataset::IngestLimits;
 use crate::http::{self, AppState};
+use crate::model::PrecisionChoice;
 use crate::objects::Objects;
 use crate::paths::DataPaths;
 use crate::predictor::{Predictor, PredictorConfig};
@@ -73,6 +74,7 @@ impl Application {
                 max_loaded_models: config.max_loaded_models as usize,
                 max_queue_wait: config.max_predict_wait(),
                 memory: memory.clone(),
+                precision: PrecisionChoice::parse(&config.precision).map_err(|e| anyhow::anyhow!("--precision: {e}"))?.resolve(),
             },
             devices.first().map_or(candle_core::Device::Cpu, |(_, d)| d.clone()),
             metrics.clone(),

@@ -11,7 +11,7 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use crate::model::network::{Objective, frozen_forward, loss_and_grads};
-use crate::model::{LoadedModel, ModelSource, TrainableSet, Vit, VitConfig, isa};
+use crate::model::{LoadedModel, ModelSource, PrecisionChoice, TrainableSet, Vit, VitConfig, isa};
 use crate::train::OptimizerKind;
 use crate::train::optim::{Optimizer, clip_grad_norm};
 
@@ -70,6 +70,9 @@ pub struct BenchArgs {
     /// Training images per class for `--probe-classes`.
     #[arg(long, default_value_t = 50)]
     pub probe_per_class: usize,
+    /// Precision of the matrix products: f32, bf16 or auto (as `vitforge train`).
+    #[arg(long, value_enum, default_value_t = PrecisionChoice::F32)]
+    pub precision: PrecisionChoice,
 }
 
 /// Number of classes of the benchmark head (as in bench/torch_reference.py).
@@ -97,8 +100,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
     };
     let (h, w) = model.cfg.image_size;
+    let precision = args.precision.resolve();
     if device.is_cpu() {
-        eprintln!("{}; path {}", isa::summary(), crate::model::cpu_path());
+        eprintln!("{}; path {}; precision {}", isa::summary(), crate::model::cpu_path(), precision.name());
     }
     for &batch in &args.batch {
         let pixels = Tensor::randn(0f32, 1.0, (batch, model.cfg.num_channels, h, w), &device)?;
@@ -108,16 +112,16 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             let mut run = || -> anyhow::Result<()> {
                 match mode {
                     BenchMode::Infer => {
-                        let logits = Vit::frozen(&model.cfg, &model.params)?.forward(&pixels)?;
+                        let logits = Vit::frozen(&model.cfg, &model.params)?.with_precision(precision).forward(&pixels)?;
                         logits.to_device(&Device::Cpu)?;
                     }
                     BenchMode::Train | BenchMode::HeadOnly => {
                         let set = if mode == BenchMode::Train { TrainableSet::All } else { TrainableSet::HeadOnly };
                         let layers = model.cfg.num_hidden_layers;
                         let b = set.boundary(layers);
-                        let frozen = Vit::frozen(&model.cfg, &model.params)?;
+                        let frozen = Vit::frozen(&model.cfg, &model.params)?.with_precision(precision);
                         let input = frozen_forward(&frozen, b, &pixels)?;
-                        let vit = Vit::new(&model.cfg, &model.params, &|n| set.contains(n, layers))?;
+                        let vit = Vit::new(&model.cfg, &model.params, &|n| set.contains(n, layers))?.with_precision(precision);
                         let (_, mut grads) = loss_and_grads(&vit, &model.params, set, b, &input, Objective::plain(&targets), None)?;
                         clip_grad_norm(&mut grads, 1.0)?;
                         optimizer.step(&model.params, &grads, &|_| 1e-4)?;
@@ -150,6 +154,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 "peak_rss_mb": peak_rss_mb().round(),
                 "cpu_isa": isa::detected().name(),
                 "path": if device.is_cpu() { crate::model::cpu_path() } else { "cuda".to_string() },
+                "precision": precision.name(),
             });
             println!("{line}");
         }

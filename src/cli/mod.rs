@@ -19,7 +19,7 @@ use serde_json::json;
 use crate::config::ServeConfig;
 use crate::dataset::{BlobStore, IngestLimits, Split, ingest};
 use crate::model::classifier::{ClassifyError, Classifier};
-use crate::model::{LoadedModel, ModelSource, VitConfig};
+use crate::model::{LoadedModel, ModelSource, PrecisionChoice, VitConfig};
 use crate::telemetry::LogFormat;
 use crate::train::data::TrainData;
 use crate::train::eval::{EvalSplit, evaluate_records};
@@ -105,6 +105,10 @@ pub struct PredictArgs {
     /// Compute device: auto, cpu or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Precision of the matrix products: f32, bf16 (bf16 operands, f32 accumulation) or auto
+    /// (bf16 where the CPU multiplies bf16 natively, else f32).
+    #[arg(long, value_enum, default_value_t = PrecisionChoice::F32)]
+    pub precision: PrecisionChoice,
     /// Image files.
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
@@ -128,6 +132,9 @@ pub struct EvalArgs {
     /// Compute device: auto, cpu or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Precision of the matrix products: f32, bf16 or auto (as `predict`).
+    #[arg(long, value_enum, default_value_t = PrecisionChoice::F32)]
+    pub precision: PrecisionChoice,
 }
 
 /// `vitforge init-model`.
@@ -158,8 +165,8 @@ fn bar(len: u64, template: &str) -> ProgressBar {
 /// Shows a training event on the progress bar (or as a line above it).
 fn show_event(pb: &ProgressBar, shown: &mut Option<Phase>, root: &Path, e: TrainEvent) {
     match e {
-        TrainEvent::Started { total_steps, train_images, validation_images, resumed_from, .. } => {
-            say(pb, format!("training on {train_images} images, validating on {validation_images}, {total_steps} steps"));
+        TrainEvent::Started { total_steps, train_images, validation_images, resumed_from, precision, .. } => {
+            say(pb, format!("training on {train_images} images, validating on {validation_images}, {total_steps} steps, products in {}", precision.name()));
             if let Some(epoch) = resumed_from {
                 say(pb, format!("resuming after epoch {epoch} from {}", root.display()));
             }
@@ -315,7 +322,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
 /// `vitforge predict`: prints `{"predictions": [{"file", "label", "score", "top_k"}]}`.
 pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
     let device = crate::model::device(&args.device)?;
-    let clf = Classifier::load(&ModelSource::parse(&args.model)?, &device)?;
+    let clf = Classifier::load(&ModelSource::parse(&args.model)?, &device, args.precision.resolve())?;
     let mut predictions = Vec::with_capacity(args.images.len());
     // A chunk at a time, so only one forward pass of files is held in memory.
     for chunk in args.images.chunks(PREDICT_BATCH) {
@@ -348,7 +355,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let store = BlobStore::open(scratch.path().join("blobs"))?;
     let ingested = import(&args.data, &store)?;
     let limits = IngestLimits::default();
-    let evaluation = evaluate_records(&model, records(&ingested, &store)?, Some(args.split), limits.max_image_pixels, args.batch_size, &device)?;
+    let evaluation = evaluate_records(&model, records(&ingested, &store)?, Some(args.split), limits.max_image_pixels, args.batch_size, &device, args.precision.resolve())?;
     let mut out = serde_json::to_value(&evaluation.report)?;
     out["num_images"] = json!(evaluation.num_images);
     println!("{}", serde_json::to_string_pretty(&out)?);

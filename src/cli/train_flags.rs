@@ -3,6 +3,7 @@
 
 use clap::Args;
 
+use crate::model::PrecisionChoice;
 use crate::train::{AfterProbe, HeadInit, OptimizerKind, Scheduler, TrainMode, TrainParams};
 
 /// Fine-tune hyper-parameters (defaults: Hugging Face's image-classification recipe).
@@ -87,6 +88,10 @@ pub struct HyperParams {
     /// would end past it.
     #[arg(long)]
     pub time_budget_secs: Option<u64>,
+    /// Precision of the matrix products: f32, bf16 (mixed precision: f32 weights, bf16 operands,
+    /// f32 accumulation) or auto (bf16 where the CPU multiplies bf16 natively) [default: f32].
+    #[arg(long, value_enum)]
+    pub precision: Option<PrecisionChoice>,
 }
 
 impl HyperParams {
@@ -97,7 +102,7 @@ impl HyperParams {
             learning_rate, head_learning_rate, epochs, batch_size, optimizer, weight_decay, momentum, lr_scheduler,
             warmup_ratio, gradient_accumulation_steps, max_grad_norm, train_mode, trainable_layers,
             augment, early_stopping_patience, label_smoothing, class_balanced_loss, head_init, calibrate, after_probe, probe_views,
-            seed: _, validation_split: _, time_budget_secs: _,
+            seed: _, validation_split: _, time_budget_secs: _, precision: _,
         } = self;
         learning_rate.is_some() || head_learning_rate.is_some() || epochs.is_some() || batch_size.is_some()
             || optimizer.is_some() || weight_decay.is_some() || momentum.is_some() || lr_scheduler.is_some()
@@ -114,7 +119,7 @@ impl HyperParams {
         }
         set!(learning_rate, epochs, batch_size, optimizer, weight_decay, momentum, lr_scheduler, warmup_ratio,
              gradient_accumulation_steps, max_grad_norm, train_mode, validation_split, augment, seed, label_smoothing,
-             head_init, calibrate, after_probe, class_balanced_loss);
+             head_init, calibrate, after_probe, class_balanced_loss, precision);
         if self.probe_views.is_some() {
             p.probe_views = self.probe_views;
         }

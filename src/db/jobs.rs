@@ -91,6 +91,9 @@ pub struct Job {
     /// The worker that runs it, or ran it last (`--worker-name`: host name and process id by
     /// default).
     pub worker: Option<String>,
+    /// The precision its products run in there (`params.precision` with `auto` resolved), once
+    /// training has started.
+    pub precision: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -119,6 +122,7 @@ struct JobRow {
     phase_rate: Option<f64>,
     decision: Option<String>,
     worker: Option<String>,
+    precision: Option<String>,
 }
 
 impl TryFrom<JobRow> for Job {
@@ -150,6 +154,7 @@ impl TryFrom<JobRow> for Job {
             cancel_requested: r.cancel_requested != 0,
             decision: r.decision.as_deref().map(serde_json::from_str).transpose().map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
             worker: r.worker,
+            precision: r.precision,
         })
     }
 }
@@ -158,7 +163,7 @@ impl TryFrom<JobRow> for Job {
 macro_rules! job_columns {
     () => {
         "id, dataset_id, base_model, params, recipe, status, epoch, epochs, step, steps, created_at, \
-                       started_at, finished_at, error, model_id, device, cancel_requested, phase, phase_done, phase_total, phase_rate, decision, worker"
+                       started_at, finished_at, error, model_id, device, cancel_requested, phase, phase_done, phase_total, phase_rate, decision, worker, precision"
     };
 }
 
@@ -337,6 +342,12 @@ pub async fn set_phase(pool: &Pool, id: &str, phase: Phase, done: u64, total: u6
 /// Records what the auto recipe decided (or why a time budget ended the run).
 pub async fn set_decision(pool: &Pool, id: &str, decision: &Value) -> Result<(), sqlx::Error> {
     sqlx::query("update jobs set decision = $1 where id = $2").bind(decision.to_string()).bind(id).execute(pool).await?;
+    Ok(())
+}
+
+/// Records the precision the job's products run in on its worker.
+pub async fn set_precision(pool: &Pool, id: &str, precision: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("update jobs set precision = $1 where id = $2").bind(precision).bind(id).execute(pool).await?;
     Ok(())
 }
 

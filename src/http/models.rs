@@ -118,11 +118,11 @@ async fn evaluate(
     let files = s.objects.blob_paths(&rows.iter().map(|r| r.blob.clone()).collect::<Vec<_>>()).await?;
     let records: Vec<_> = rows.into_iter().zip(files).map(|(row, file)| (file, row.label, row.split)).collect();
     let dir = s.models.dir(&model).await?;
-    let max_pixels = s.config.max_image_pixels;
+    let (max_pixels, precision) = (s.config.max_image_pixels, s.predictor.precision());
     let evaluation = tokio::task::spawn_blocking(move || {
         let device = candle_core::Device::Cpu;
         let loaded = LoadedModel::load(&ModelSource::Dir(dir), None, &device, 0).map_err(anyhow::Error::from)?;
-        Ok::<_, AppError>(evaluate_records(&loaded, records, req.split, max_pixels, 16, &device)?)
+        Ok::<_, AppError>(evaluate_records(&loaded, records, req.split, max_pixels, 16, &device, precision)?)
     })
     .await
     .map_err(anyhow::Error::from)??;

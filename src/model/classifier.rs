@@ -10,7 +10,7 @@ use image::RgbImage;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::{LoadedModel, ModelError, ModelSource, PreprocessorConfig, Vit, VitConfig};
+use super::{LoadedModel, ModelError, ModelSource, Precision, PreprocessorConfig, Vit, VitConfig};
 use crate::imaging::{decode_cost_of, decode_rgb};
 
 /// A label and its probability.
@@ -52,15 +52,16 @@ pub struct Classifier {
 }
 
 impl Classifier {
-    /// Wraps a loaded model.
-    pub fn new(model: &LoadedModel, device: &Device) -> Result<Self, ModelError> {
-        Ok(Self { vit: Vit::frozen(&model.cfg, &model.params)?, pre: model.preprocessor.clone(), device: device.clone() })
+    /// Wraps a loaded model, to run its products at `precision`.
+    pub fn new(model: &LoadedModel, device: &Device, precision: Precision) -> Result<Self, ModelError> {
+        let vit = Vit::frozen(&model.cfg, &model.params)?.with_precision(precision);
+        Ok(Self { vit, pre: model.preprocessor.clone(), device: device.clone() })
     }
 
     /// Loads a model folder (or hub id) with its own labels.
-    pub fn load(source: &ModelSource, device: &Device) -> Result<Self, ModelError> {
+    pub fn load(source: &ModelSource, device: &Device, precision: Precision) -> Result<Self, ModelError> {
         let model = LoadedModel::load(source, None, device, 0)?;
-        Self::new(&model, device)
+        Self::new(&model, device, precision)
     }
 
     pub fn config(&self) -> &VitConfig {

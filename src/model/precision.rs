@@ -43,6 +43,11 @@ pub enum PrecisionChoice {
 }
 
 impl PrecisionChoice {
+    /// `f32`, `bf16` or `auto`, or an error naming the values.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        <Self as clap::ValueEnum>::from_str(s.trim(), true).map_err(|_| format!("{s:?} is not a precision: use f32, bf16 or auto"))
+    }
+
     /// The precision to run at on this machine.
     pub fn resolve(self) -> Precision {
         match self {
@@ -63,13 +68,6 @@ fn native_bf16() -> Precision {
 #[inline]
 pub fn round_bf16(x: f32) -> f32 {
     half::bf16::from_f32(x).to_f32()
-}
-
-/// Rounds every element to bfloat16 in place.
-pub fn round_bf16_slice(xs: &mut [f32]) {
-    for x in xs {
-        *x = round_bf16(*x);
-    }
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use crate::budget::{MemoryBudget, WAIT};
 use crate::cancel::CancelOnDrop;
 use crate::model::classifier::{ClassifyError, Classifier, Prediction};
-use crate::model::ModelSource;
+use crate::model::{ModelSource, Precision};
 use crate::telemetry::ServiceMetrics;
 use queue::Work;
 
@@ -39,6 +39,8 @@ pub struct PredictorConfig {
     pub max_queue_wait: Option<Duration>,
     /// The budget that decoded images and pixel values are reserved from.
     pub memory: Arc<MemoryBudget>,
+    /// The precision of the models' products.
+    pub precision: Precision,
 }
 
 /// A loaded model and its id.
@@ -173,6 +175,11 @@ impl Predictor {
         loaded.truncate(self.inner.cfg.max_loaded_models.max(1));
     }
 
+    /// The precision of the models' products (`--precision`, resolved).
+    pub fn precision(&self) -> Precision {
+        self.inner.cfg.precision
+    }
+
     /// The model `id` (folder `dir`), loading it on a blocking thread if it is not in memory.
     pub async fn get_or_load(&self, id: &str, dir: std::path::PathBuf) -> Result<Arc<Loaded>, PredictError> {
         if let Some(hit) = self.cached(id) {
@@ -182,11 +189,11 @@ impl Predictor {
         if let Some(hit) = self.cached(id) {
             return Ok(hit);
         }
-        let device = self.inner.device.clone();
+        let (device, precision) = (self.inner.device.clone(), self.inner.cfg.precision);
         let model_id = id.to_string();
         let started = Instant::now();
         let loaded = tokio::task::spawn_blocking(move || {
-            Classifier::load(&ModelSource::Dir(dir), &device).map(|classifier| Loaded { id: model_id, classifier })
+            Classifier::load(&ModelSource::Dir(dir), &device, precision).map(|classifier| Loaded { id: model_id, classifier })
         })
         .await
         .map_err(|e| PredictError::Load { id: id.to_string(), reason: e.to_string() })?

@@ -14,20 +14,14 @@ use super::features::{Frozen, PrefixCache};
 use super::report::EvalReport;
 use crate::dataset::Split;
 use crate::model::network::trainable_forward;
-use crate::model::{Boundary, LoadedModel, Vit};
+use crate::model::{Boundary, LoadedModel, Precision, Vit};
 
-/// Evaluates `model` on examples (evaluation transforms; loss without smoothing).
-pub fn evaluate(
-    model: &LoadedModel,
-    examples: &[Example],
-    images: &ImageCache,
-    device: &Device,
-    batch: usize,
-    cancel: Option<&AtomicBool>,
-) -> Result<EvalReport, TrainError> {
-    let vit = Vit::frozen(&model.cfg, &model.params)?;
+/// Evaluates `model` on examples (evaluation transforms; loss without smoothing), its products
+/// at `precision`.
+fn evaluate(model: &LoadedModel, examples: &[Example], images: &ImageCache, device: &Device, batch: usize, precision: Precision) -> Result<EvalReport, TrainError> {
+    let vit = Vit::frozen(&model.cfg, &model.params)?.with_precision(precision);
     let frozen = Frozen { vit: &vit, boundary: Boundary::Pixels, images, model, device, batch };
-    evaluate_with(&frozen, &PrefixCache::empty(), examples, cancel, &mut |_, _| {})
+    evaluate_with(&frozen, &PrefixCache::empty(), examples, None, &mut |_, _| {})
 }
 
 /// Evaluates on examples whose frozen-part outputs come from `cache` (or are computed by `f`),
@@ -193,8 +187,8 @@ pub struct Evaluation {
 }
 
 /// Evaluates `model` on the `(image file, class, split)` records of `split` (default: the test
-/// split when there is one, else every image). Every class of the records must be one of the
-/// model's labels.
+/// split when there is one, else every image), its products at `precision`. Every class of the
+/// records must be one of the model's labels.
 pub fn evaluate_records(
     model: &LoadedModel,
     records: Vec<(PathBuf, String, Split)>,
@@ -202,6 +196,7 @@ pub fn evaluate_records(
     max_pixels: u64,
     batch: usize,
     device: &Device,
+    precision: Precision,
 ) -> Result<Evaluation, EvalError> {
     let labels = &model.cfg.labels;
     let mut unknown: Vec<String> = records.iter().map(|r| r.1.clone()).filter(|c| !labels.contains(c)).collect();
@@ -218,6 +213,6 @@ pub fn evaluate_records(
     let data = TrainData::with_labels(labels.clone(), kept)?;
     let examples = [data.train, data.validation, data.test].concat();
     let images = ImageCache::new(max_pixels, 0);
-    let report = evaluate(model, &examples, &images, device, batch.max(1), None)?;
+    let report = evaluate(model, &examples, &images, device, batch.max(1), precision)?;
     Ok(Evaluation { report, num_images: examples.len() })
 }

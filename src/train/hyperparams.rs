@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::TrainableSet;
+use crate::model::{PrecisionChoice, TrainableSet};
 
 /// The optimiser.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -71,7 +71,7 @@ pub enum AfterProbe {
 pub const FIXES_AFTER_PROBE: [&str; 3] = ["epochs", "train_mode", "trainable_layers"];
 
 /// Fields that leave the implied recipe `auto`.
-pub const NOT_RECIPE_FIELDS: [&str; 3] = ["seed", "validation_split", "time_budget_secs"];
+pub const NOT_RECIPE_FIELDS: [&str; 4] = ["seed", "validation_split", "time_budget_secs", "precision"];
 
 /// Which defaults a job starts from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -187,6 +187,11 @@ pub struct TrainParams {
     /// Longest the run should take, in seconds: `after_probe: auto` plans within it, and no
     /// gradient epoch starts that would end past it (the best epoch so far is kept).
     pub time_budget_secs: Option<u64>,
+    /// The precision of the matrix products, in training and in the run's evaluations: `f32`,
+    /// `bf16` (mixed precision: f32 weights and optimiser state, bf16 operands, f32
+    /// accumulation), or `auto` (bf16 where the worker's CPU multiplies bf16 natively, else
+    /// f32). The model is saved in f32 either way.
+    pub precision: PrecisionChoice,
 }
 
 impl Default for TrainParams {
@@ -216,6 +221,7 @@ impl Default for TrainParams {
             after_probe: AfterProbe::Given,
             probe_views: None,
             time_budget_secs: None,
+            precision: PrecisionChoice::F32,
         }
     }
 }

@@ -20,7 +20,7 @@ use std::sync::atomic::AtomicBool;
 
 use crate::model::ModelError;
 use data::TrainData;
-pub use eval::{EvalSplit, evaluate};
+pub use eval::EvalSplit;
 pub use hyperparams::{AfterProbe, HeadInit, OptimizerKind, Recipe, Scheduler, TrainMode, TrainParams};
 pub use progress::Phase;
 use report::EvalReport;
@@ -53,7 +53,16 @@ impl From<candle_core::Error> for TrainError {
 #[derive(Debug, Clone)]
 pub enum TrainEvent {
     /// The plan, once data is loaded; `resumed_from` is the checkpoint epoch continued from.
-    Started { epochs: u32, steps_per_epoch: u64, total_steps: u64, train_images: usize, validation_images: usize, resumed_from: Option<u32> },
+    /// `precision` is the job's `precision` as it runs on this machine (`auto` resolved).
+    Started {
+        epochs: u32,
+        steps_per_epoch: u64,
+        total_steps: u64,
+        train_images: usize,
+        validation_images: usize,
+        resumed_from: Option<u32>,
+        precision: crate::model::Precision,
+    },
     /// A checkpoint could not be used; the fine-tune starts over.
     Restarted { reason: String },
     /// One optimiser step (1-based `step` out of `steps`).
@@ -106,6 +115,8 @@ pub struct TrainOutcome {
     pub calibration: Option<calibrate::Calibration>,
     /// What `after_probe: auto` decided.
     pub decision: Option<auto::Decision>,
+    /// The precision the products ran in (`precision` with `auto` resolved).
+    pub precision: crate::model::Precision,
 }
 
 /// Cancellation flag and event sink of a running fine-tune.

@@ -27,7 +27,7 @@ use super::{Control, TrainError, TrainEvent, TrainOutcome, TrainSpec, probe};
 use crate::model::network::{Objective, loss_and_grads};
 use crate::model::vit::Dropout;
 use crate::model::weights::keys;
-use crate::model::{Boundary, LoadedModel, ModelSource, TrainableSet, Vit};
+use crate::model::{Boundary, LoadedModel, ModelSource, Precision, TrainableSet, Vit};
 
 /// Fine-tunes `model` in place. Validation is split off first when `data` has none. Resumes from
 /// the latest matching checkpoint under `spec.checkpoint_root`; an unusable one is reported with
@@ -53,6 +53,7 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, mut 
         train_images: data.train.len(),
         validation_images: data.validation.len(),
         resumed_from,
+        precision: params.precision.resolve(),
     });
     let limits = (spec.max_pixels, spec.cache_budget);
     let mut run = Run::prepare(params, &data, limits, plan, &root, model, device, &mut ctl)?;
@@ -218,6 +219,8 @@ struct Run<'a> {
     root: PathBuf,
     device: Device,
     images: ImageCache,
+    /// The precision of the products (`p.precision` resolved on this machine).
+    precision: Precision,
     /// The model with every parameter frozen, for the part before the boundary.
     frozen: Vit,
     val_cache: PrefixCache,
@@ -241,7 +244,8 @@ impl<'a> Run<'a> {
         ctl: &mut Control,
     ) -> Result<Self, TrainError> {
         let images = ImageCache::new(max_pixels, cache_budget / 2);
-        let frozen = Vit::frozen(&model.cfg, &model.params)?;
+        let precision = p.precision.resolve();
+        let frozen = Vit::frozen(&model.cfg, &model.params)?.with_precision(precision);
         // Frozen-part outputs never change during the run: cache them (for training only when
         // augmentation is off, since augmented views differ every epoch).
         let budget = cache_budget / 4;
@@ -265,12 +269,18 @@ impl<'a> Run<'a> {
             root: root.to_path_buf(),
             device: device.clone(),
             images,
+            precision,
             frozen,
             val_cache,
             train_cache,
             head_scale: p.head_learning_rate.map_or(1.0, |h| h / p.learning_rate),
             p,
         })
+    }
+
+    /// `model` with every parameter frozen, at the run's precision (for evaluation).
+    fn frozen_vit(&self, model: &LoadedModel) -> Result<Vit, TrainError> {
+        Ok(Vit::frozen(&model.cfg, &model.params)?.with_precision(self.precision))
     }
 
     /// How the frozen part is run for `model`.
@@ -386,7 +396,7 @@ fn gradient_epoch(run: &Run, model: &LoadedModel, optimizer: &mut Optimizer, sta
             return Err(TrainError::Cancelled);
         }
         acc.started.get_or_insert_with(Instant::now);
-        let vit = Vit::new(&model.cfg, &model.params, &|n| plan.set.contains(n, layers))?;
+        let vit = Vit::new(&model.cfg, &model.params, &|n| plan.set.contains(n, layers))?.with_precision(run.precision);
         let input = run.train_cache.batch(&run.frozen_part(model), idx, &data.train, augment)?;
         let targets: Vec<u32> = idx.iter().map(|&i| data.train[i].label).collect();
         let mut dropout = Dropout { rng: &mut dropout_rng };
@@ -456,7 +466,7 @@ fn optimiser_step(run: &Run, model: &LoadedModel, optimizer: &mut Optimizer, sta
 /// The current model's report on the validation split, and the images it gets wrong (the
 /// `validating` phase).
 fn validate(run: &Run, model: &LoadedModel, ctl: &mut Control) -> Result<(EvalReport, Vec<Mistake>), TrainError> {
-    let eval_vit = Vit::frozen(&model.cfg, &model.params)?;
+    let eval_vit = run.frozen_vit(model)?;
     let f = Frozen { vit: &eval_vit, ..run.frozen_part(model) };
     let cancel = ctl.cancel;
     let validation = &run.data.validation;
@@ -535,7 +545,7 @@ fn finish(run: &Run, model: &mut LoadedModel, state: LoopState, ctl: &mut Contro
     let test = if data.test.is_empty() {
         None
     } else {
-        let vit = Vit::frozen(&model.cfg, &model.params)?;
+        let vit = run.frozen_vit(model)?;
         let f = Frozen { vit: &vit, boundary: Boundary::Pixels, ..run.frozen_part(model) };
         let cancel = ctl.cancel;
         report_phase(ctl, Phase::Validating, 0, data.test.len());
@@ -550,14 +560,14 @@ fn finish(run: &Run, model: &mut LoadedModel, state: LoopState, ctl: &mut Contro
         Some(report)
     };
     let best_report = state.history[best_epoch as usize - 1].clone();
-    Ok(TrainOutcome { best_dir, best_epoch, best: best_report, test, epochs_run: state.epoch, history: state.history, calibration, decision: state.decision })
+    Ok(TrainOutcome { best_dir, best_epoch, best: best_report, test, epochs_run: state.epoch, history: state.history, calibration, decision: state.decision, precision: run.precision })
 }
 
 /// Fits a temperature on the validation split's logits and folds it into the head (see
 /// [`super::calibrate`]); where the validation split cannot pin one down (too few images or
 /// mistakes) the head is left as it is, and the calibration says why.
 fn calibrate(run: &Run, model: &LoadedModel, ctl: &mut Control) -> Result<Calibration, TrainError> {
-    let vit = Vit::frozen(&model.cfg, &model.params)?;
+    let vit = run.frozen_vit(model)?;
     let f = Frozen { vit: &vit, ..run.frozen_part(model) };
     let cancel = ctl.cancel;
     let validation = &run.data.validation;

@@ -157,8 +157,9 @@ impl<'a> Recorder<'a> {
     async fn try_record(&mut self, event: TrainEvent) -> anyhow::Result<()> {
         let (ctx, job, db) = (self.ctx, self.job, &self.ctx.db);
         match event {
-            TrainEvent::Started { epochs, total_steps, resumed_from, .. } => {
+            TrainEvent::Started { epochs, total_steps, resumed_from, precision, .. } => {
                 db::jobs::set_plan(db, &job.id, epochs, total_steps).await?;
+                db::jobs::set_precision(db, &job.id, precision.name()).await?;
                 let done = resumed_from.unwrap_or(0);
                 db::job_metrics::truncate_after(db, &job.id, done).await?;
                 db::jobs::set_progress(db, &job.id, done, 0).await?;

@@ -240,6 +240,8 @@ async fn bad_job_requests_get_clear_errors() {
     assert!(msg.contains("probe_views") && msg.contains("head_init"), "{msg}");
     let msg = assert_error(post(json!({"dataset_id": dataset, "recipe": "auto", "params": {"probe_views": -1}})).await, 422, "invalid_field").await;
     assert!(msg.contains("probe_views"), "{msg}");
+    let msg = assert_error(post(json!({"dataset_id": dataset, "params": {"precision": "fp16"}})).await, 422, "invalid_field").await;
+    assert!(msg.contains("precision") && msg.contains("bf16"), "{msg}");
     assert_error(post(json!({"params": {}})).await, 422, "invalid_field").await;
     assert_error(post(json!({"dataset_id": dataset, "colour": 1})).await, 422, "invalid_field").await;
     for path in ["/etc/passwd", "../../secret", "a/b/c", "C:\\model"] {
@@ -295,9 +297,11 @@ async fn without_hyper_parameters_a_job_gets_the_auto_recipe_and_its_model_recor
     assert_eq!(auto["params"]["early_stopping_patience"], 1);
     assert_eq!(auto["params"]["epochs"], 1);
     assert_eq!((auto["params"]["after_probe"].as_str(), auto["params"]["calibrate"].as_bool()), (Some("auto"), Some(true)));
-    // Seed, validation split and a time budget choose data and limits, not a recipe.
-    let seeded = post(json!({"dataset_id": dataset, "base_model": "tiny", "params": {"seed": 7, "validation_split": 0.3, "time_budget_secs": 600}})).await;
+    // Seed, validation split, a time budget and the precision choose data, limits and arithmetic,
+    // not a recipe.
+    let seeded = post(json!({"dataset_id": dataset, "base_model": "tiny", "params": {"seed": 7, "validation_split": 0.3, "time_budget_secs": 600, "precision": "bf16"}})).await;
     assert_eq!((seeded["recipe"].as_str(), seeded["params"]["seed"].as_u64()), (Some("auto"), Some(7)));
+    assert_eq!(seeded["params"]["precision"], "bf16");
     assert_eq!(seeded["params"]["time_budget_secs"], 600);
     // Any other field means exactly the hyper-parameters given, on Hugging Face's defaults.
     let manual = post(json!({"dataset_id": dataset, "base_model": "tiny", "params": {"epochs": 1}})).await;
@@ -326,4 +330,31 @@ async fn without_hyper_parameters_a_job_gets_the_auto_recipe_and_its_model_recor
     assert_eq!(done["decision"]["action"], "probe_only", "{done}");
     assert_eq!(done["decision"]["epochs"], 1);
     assert!(done["decision"]["reason"].as_str().unwrap().contains("per class"), "{done}");
+}
+
+/// `precision`: a bf16 job trains in mixed precision and the job and its model say so; with
+/// `auto` the job keeps what was asked and records what ran, and so does its model.
+#[tokio::test]
+async fn the_precision_a_job_ran_in_is_recorded_on_the_job_and_its_model() {
+    let app = spawn_app().await;
+    let dataset = app.upload_pets(6, false).await;
+    let mut params = small();
+    params["precision"] = json!("bf16");
+    let bf16 = app.submit_job(&dataset, params).await;
+    assert_eq!(bf16["params"]["precision"], "bf16");
+    assert_eq!(bf16["precision"], Value::Null, "set when training starts: {bf16}");
+    let auto = app.submit_job(&dataset, json!({"epochs": 1, "batch_size": 4, "precision": "auto"})).await;
+    let plain = app.submit_job(&dataset, json!({"epochs": 1, "batch_size": 4})).await;
+    assert_eq!(plain["params"]["precision"], "f32", "f32 is the default");
+    let resolved = vitforge::model::PrecisionChoice::Auto.resolve().name();
+    for (job, asked, ran) in [(&bf16, "bf16", "bf16"), (&auto, "auto", resolved), (&plain, "f32", "f32")] {
+        let done = app.wait_job(job["id"].as_str().unwrap(), 120).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        assert_eq!((done["params"]["precision"].as_str(), done["precision"].as_str()), (Some(asked), Some(ran)), "{done}");
+        let model = json(app.get(&format!("/models/{}", done["model_id"].as_str().unwrap())).await).await;
+        assert_eq!(model["params"]["precision"], ran, "{model}");
+        let metrics = json(app.get(&format!("/jobs/{}/metrics", job["id"].as_str().unwrap())).await).await;
+        let losses: Vec<f64> = metrics["train"].as_array().unwrap().iter().map(|p| p["loss"].as_f64().unwrap()).collect();
+        assert!(!losses.is_empty() && losses.iter().all(|l| l.is_finite()), "{asked}: {metrics}");
+    }
 }

@@ -81,6 +81,28 @@ fn scores(answer: &Value) -> std::collections::BTreeMap<String, f64> {
     answer["predictions"][0]["top_k"].as_array().unwrap().iter().map(|s| (s["label"].as_str().unwrap().to_string(), s["score"].as_f64().unwrap())).collect()
 }
 
+/// `--precision bf16`: the service's answers are the bf16 model's, not the f32 model's.
+#[tokio::test]
+async fn the_serve_precision_reaches_predict() {
+    use vitforge::model::classifier::Classifier;
+    use vitforge::model::{ModelSource, Precision};
+    let (app, _, model) = trained_app(|c| c.precision = "bf16".into()).await;
+    let image = png(4);
+    let req = app.client.post(app.url("/predict?top_k=2")).header("content-type", "image/png").body(image.clone());
+    let served = scores(&json(req.send().await.unwrap()).await);
+    let dir = app.data_dir.join("models").join(&model);
+    let local = |precision: Precision| {
+        let clf = Classifier::load(&ModelSource::Dir(dir.clone()), &candle_core::Device::Cpu, precision).unwrap();
+        let answer = clf.classify(&[("x".to_string(), image.clone())], 2, 1 << 24, 1, false).unwrap().remove(0);
+        answer.top_k.into_iter().map(|s| (s.label, f64::from(s.score))).collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let (bf16, f32) = (local(Precision::Bf16), local(Precision::F32));
+    for (label, score) in &served {
+        assert!((score - bf16[label]).abs() < 1e-6, "{label}: served {score}, bf16 {}", bf16[label]);
+    }
+    assert!(served.iter().any(|(label, score)| (score - f32[label]).abs() > 1e-6), "served {served:?} equals f32 {f32:?}");
+}
+
 #[tokio::test]
 async fn test_time_flip_averages_an_image_with_its_mirror_image() {
     let (app, _, _) = trained_app(|_| {}).await;

@@ -77,6 +77,38 @@ fn init_train_predict_and_eval_from_the_command_line() {
     for key in ["precision", "recall", "f1", "per_class", "confusion_matrix"] {
         assert!(report.get(key).is_some(), "{key}");
     }
+
+    // bf16 products: the same model's predictions and accuracy, within bf16's rounding.
+    let images: Vec<String> = ["top", "bottom"].iter().flat_map(|c| (0..16).map(move |i| format!("data/{c}/{i}.png"))).map(|p| t(&p)).collect();
+    let model = t("model");
+    let predict = |precision: &str| -> Vec<(String, f64)> {
+        let mut args = vec!["predict", "--model", &model, "--top-k", "1", "--precision", precision];
+        args.extend(images.iter().map(String::as_str));
+        let (ok, out, err) = vitforge(&args);
+        assert!(ok, "{precision}: {err}");
+        let preds: Value = serde_json::from_str(&out).unwrap();
+        preds["predictions"].as_array().unwrap().iter().map(|p| (p["label"].as_str().unwrap().to_string(), p["score"].as_f64().unwrap())).collect()
+    };
+    let (full, half) = (predict("f32"), predict("bf16"));
+    let same = full.iter().zip(&half).filter(|(a, b)| a.0 == b.0).count();
+    assert!(same >= 31, "bf16 changed {} of 32 top-1 labels", 32 - same);
+    assert!(full.iter().zip(&half).any(|(a, b)| (a.1 - b.1).abs() > 1e-6), "bf16 scores equal f32's: nothing was rounded");
+    let (ok, out, err) = vitforge(&["eval", "--model", &t("model"), "--data", &t("data"), "--precision", "bf16"]);
+    assert!(ok, "{err}");
+    let half_report: Value = serde_json::from_str(&out).unwrap();
+    let gap = (half_report["accuracy"].as_f64().unwrap() - report["accuracy"].as_f64().unwrap()).abs();
+    assert!(gap <= 1.0 / 32.0 + 1e-9, "accuracy f32 {} vs bf16 {}", report["accuracy"], half_report["accuracy"]);
+
+    // Mixed-precision training says so, and records it.
+    let (ok, out, err) = vitforge(&[
+        "train", "--data", &t("data"), "--base-model", &t("base"), "--output", &t("model16"), "--epochs", "2",
+        "--learning-rate", "2e-3", "--batch-size", "4", "--augment", "false", "--precision", "bf16",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("products in bf16"), "{err}");
+    let summary: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(summary["params"]["precision"], "bf16");
+    assert!(summary["validation"]["loss"].as_f64().unwrap().is_finite(), "{summary}");
 }
 
 #[test]
@@ -90,6 +122,12 @@ fn command_line_errors_are_clear() {
     let (ok, _, err) = vitforge(&["init-model", "--config", "huge", "--labels", "a", "--output", "/tmp/x"]);
     assert!(!ok);
     assert!(err.contains("tiny, small or base"), "{err}");
+    let (ok, _, err) = vitforge(&["predict", "--model", "m", "--precision", "fp16", "x.png"]);
+    assert!(!ok);
+    assert!(err.contains("fp16") && err.contains("f32") && err.contains("bf16") && err.contains("auto"), "{err}");
+    let (ok, _, err) = vitforge(&["serve", "--precision", "half"]);
+    assert!(!ok);
+    assert!(err.contains("--precision") && err.contains("bf16"), "{err}");
     let (ok, out, _) = vitforge(&["train", "--help"]);
     assert!(ok);
     for flag in ["--learning-rate", "--epochs", "--batch-size", "--train-mode", "--trainable-layers", "--optimizer", "--label-smoothing"] {
@@ -152,6 +190,12 @@ fn every_kernel_level_passes_the_golden_files_and_bench_names_it() {
         assert_eq!(line["path"], *level, "{line}");
         assert!(line["cpu_isa"].is_string(), "{line}");
         assert!(err.contains(&format!("capped at {level} by VITFORGE_MAX_ISA")), "{err}");
+        let (ok, out, err) = vitforge_with(&["bench", "--config", "tiny", "--mode", "infer,train", "--iters", "1", "--warmup", "0", "--precision", "bf16"], &env);
+        assert!(ok, "{level} bf16: {err}");
+        for line in out.lines() {
+            let line: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {out}"));
+            assert_eq!((line["path"].as_str(), line["precision"].as_str()), (Some(*level), Some("bf16")), "{line}");
+        }
     }
     eprintln!("kernel levels run through the golden files here: {levels:?}");
     let (ok, _, err) = vitforge_with(&["bench", "--config", "tiny", "--iters", "1"], &[("VITFORGE_MAX_ISA", "sse9")]);

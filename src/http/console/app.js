@@ -243,6 +243,7 @@ const FIELDS = [
   ["early_stopping_patience", "number", "Early stopping patience"],
   ["calibrate", ["true", "false"], "Calibrate scores"],
   ["time_budget_secs", "number", "Time budget (s)"],
+  ["precision", ["f32", "bf16", "auto"], "Precision"],
   ["seed", "number", "Seed"],
 ];
 
@@ -322,7 +323,7 @@ async function job(id) {
       h("section", {},
         h("p", { class: "row" }, status(j.status), j.model_id ? h("a", { href: `/ui/models/${j.model_id}`, id: "job-model" }, `model ${short(j.model_id)}`) : null, cancel),
         progressOf(j),
-        table(["Dataset", "Base model", "Recipe", "Worker", "Started", "Finished"], [[h("a", { href: `/ui/datasets/${j.dataset_id}` }, short(j.dataset_id)), j.base_model, j.recipe, j.worker ?? "–", when(j.started_at), when(j.finished_at)]]),
+        table(["Dataset", "Base model", "Recipe", "Precision", "Worker", "Started", "Finished"], [[h("a", { href: `/ui/datasets/${j.dataset_id}` }, short(j.dataset_id)), j.base_model, j.recipe, j.precision ?? j.params.precision, j.worker ?? "–", when(j.started_at), when(j.finished_at)]]),
         j.decision ? h("p", {}, h("strong", {}, "auto: "), j.decision.reason) : null,
         j.error ? errorBox(j.error) : null,
       ),

@@ -20,7 +20,7 @@ use std::arch::x86_64::*;
 use rayon::prelude::*;
 
 use super::{Mat, MatMut};
-use crate::model::precision::round_bf16_slice;
+use crate::model::precision::round_bf16;
 
 /// Rows of the micro-tile (broadcasts of A per step).
 const MR: usize = 6;
@@ -79,7 +79,7 @@ fn run(a: Mat, b: Mat, m: usize, ldc: usize, out: OutPtr, step: Step, bpack: &mu
     let pack = |(p, dst): (usize, &mut [f32])| {
         pack_b(b, k, p * NR, NR.min(n - p * NR), dst);
         if bf16 {
-            round_bf16_slice(&mut dst[..k * NR]);
+            round_packed(&mut dst[..k * NR]);
         }
     };
     if parallel && panels > 1 {
@@ -118,7 +118,7 @@ fn run(a: Mat, b: Mat, m: usize, ldc: usize, out: OutPtr, step: Step, bpack: &mu
             scratch.with(packed_rows.next_multiple_of(MR) * k, |apack| {
                 pack_a(a, ic + whole, packed_rows, k, apack);
                 if bf16 {
-                    round_bf16_slice(apack);
+                    round_packed(apack);
                 }
                 // The whole `OutPtr` (Send), not its raw pointer field, is what the closure
                 // below must capture.
@@ -333,6 +333,44 @@ fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
     ]
 }
 
+/// Rounds a packed panel to bfloat16 in place (ties to even; NaN stays NaN), eight at a time.
+fn round_packed(xs: &mut [f32]) {
+    let whole = xs.len() / 8 * 8;
+    // SAFETY: AVX2 is available (this module only runs where it is); `whole` floats are in `xs`.
+    unsafe { round_bf16_avx2(&mut xs[..whole]) };
+    for x in &mut xs[whole..] {
+        *x = round_bf16(*x);
+    }
+}
+
+/// [`round_packed`] on a multiple of eight floats: `bits + 0x7fff + (bit 16)`, cut to the top
+/// 16 bits, as `half::bf16::from_f32` rounds (NaNs are kept, made quiet).
+///
+/// # Safety
+/// AVX2 must be available; `xs.len()` must be a multiple of 8.
+#[target_feature(enable = "avx2")]
+unsafe fn round_bf16_avx2(xs: &mut [f32]) {
+    assert!(xs.len().is_multiple_of(8));
+    let one = _mm256_set1_epi32(1);
+    let bias = _mm256_set1_epi32(0x7fff);
+    let high = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+    let abs = _mm256_set1_epi32(0x7fff_ffff);
+    let inf = _mm256_set1_epi32(0x7f80_0000);
+    let quiet = _mm256_set1_epi32(0x0040_0000);
+    for chunk in xs.chunks_exact_mut(8) {
+        // SAFETY: each chunk is eight floats, read and written unaligned.
+        unsafe {
+            let p = chunk.as_mut_ptr().cast::<__m256i>();
+            let v = _mm256_loadu_si256(p);
+            let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(v), one);
+            let rounded = _mm256_and_si256(_mm256_add_epi32(v, _mm256_add_epi32(bias, lsb)), high);
+            let nan = _mm256_cmpgt_epi32(_mm256_and_si256(v, abs), inf);
+            let quiet_nan = _mm256_and_si256(_mm256_or_si256(v, quiet), high);
+            _mm256_storeu_si256(p, _mm256_blendv_epi8(rounded, quiet_nan, nan));
+        }
+    }
+}
+
 /// Where a micro-tile's six rows of A come from.
 #[derive(Clone, Copy)]
 enum APanel<'a> {
@@ -440,6 +478,38 @@ unsafe fn kernel_at(kc: usize, at: impl Fn(usize, usize) -> *const f32, b: *cons
                 _mm256_storeu_ps(row, _mm256_mul_ps(alpha, c0[r]));
                 _mm256_storeu_ps(row.add(8), _mm256_mul_ps(alpha, c1[r]));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vector rounding gives `half`'s bits for every kind of float: ties, carries into the
+    /// exponent, the largest finite values (which round to infinity), subnormals, infinities and
+    /// NaNs.
+    #[test]
+    fn vector_rounding_matches_half_bit_for_bit() {
+        if !crate::model::fast::simd::use_avx2() {
+            eprintln!("no AVX2 here: the vector rounding cannot run");
+            return;
+        }
+        let mut seed = 7u64;
+        let mut bits: Vec<u32> = (0..100_000)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (seed >> 32) as u32
+            })
+            .collect();
+        bits.extend([0, 0x8000_0000, 0x3f80_8000, 0x3f81_8000, 0x3f80_8001, 0x7f7f_ffff, 0xff7f_ffff, 0x0000_0001, 0x0000_8000]);
+        bits.extend([0x7f80_0000, 0xff80_0000, 0x7fc0_0000, 0x7f80_0001, 0xffff_ffff, 0x7fbf_ffff]);
+        bits.resize(bits.len().next_multiple_of(8) + 3, 0x3f80_8000);
+        let mut xs: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        round_packed(&mut xs);
+        for (&b, x) in bits.iter().zip(&xs) {
+            let want = half::bf16::from_f32(f32::from_bits(b)).to_f32().to_bits();
+            assert_eq!(x.to_bits(), want, "rounding {b:#010x}");
         }
     }
 }
