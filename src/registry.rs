@@ -176,7 +176,6 @@ fn copy_model_folder(src: &Path, dest: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-
 /// The job's hyper-parameters as the model records them: with the precision it was trained in
 /// (`auto` resolved on the worker that ran it).
 fn trained_params(job: &Job, outcome: &TrainOutcome) -> serde_json::Value {
