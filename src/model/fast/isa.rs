@@ -1,11 +1,14 @@
 //! Which instruction sets the CPU kernels may use: what the CPU has, capped by
-//! `VITFORGE_MAX_ISA` (`generic`, `avx2`, `avx512` or `amx`) so that every path can be run,
-//! compared and tested on one machine.
+//! `VITFORGE_MAX_ISA` (`generic`, `avx2`, `avx512`, `avx512bf16` or `amx`) so that every path
+//! can be run, compared and tested on one machine.
 //!
-//! Our kernels exist for two levels today: portable code (`generic`: the `gemm` crate's matrix
-//! product and plain loops) and AVX2 + FMA (our 6×16 matrix product and the element-wise
-//! kernels compiled for AVX2). On an AVX-512 or AMX CPU the AVX2 kernels run: no kernel of ours
-//! for those instruction sets has run on them yet, so none is enabled (bench/RESULTS.md).
+//! Our kernels exist for four levels: portable code (`generic`: the `gemm` crate's matrix
+//! product and plain loops), AVX2 + FMA (our 6×16 matrix product, the element-wise kernels
+//! compiled for AVX2), AVX-512 (a 12×32 f32 matrix product, the element-wise kernels compiled
+//! for AVX-512) and AVX-512 BF16 (bf16 products by `vdpbf16ps`, 12×32). Each has run and been
+//! checked against f64 on a CPU with its instruction set (bench/RESULTS.md names the CPUs). An
+//! AMX CPU runs the AVX-512 BF16 kernels: no AMX kernel of ours has run on AMX hardware, so
+//! none is enabled.
 
 use std::sync::OnceLock;
 
@@ -18,12 +21,14 @@ pub enum Isa {
     Avx2,
     /// AVX-512 F, BW, VL and DQ.
     Avx512,
+    /// AVX-512 with BF16 (`vdpbf16ps`: bf16 pairs multiplied, accumulated in f32).
+    Avx512Bf16,
     /// AMX tiles with bf16 (and AVX-512 BF16).
     Amx,
 }
 
 /// Every level, from the lowest.
-pub const ALL: [Isa; 4] = [Isa::Generic, Isa::Avx2, Isa::Avx512, Isa::Amx];
+pub const ALL: [Isa; 5] = [Isa::Generic, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Amx];
 
 /// The environment variable that caps the level.
 pub const CAP_VAR: &str = "VITFORGE_MAX_ISA";
@@ -34,6 +39,7 @@ impl Isa {
             Isa::Generic => "generic",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Avx512Bf16 => "avx512bf16",
             Isa::Amx => "amx",
         }
     }
@@ -44,14 +50,23 @@ impl Isa {
 
     /// The level whose kernels run at this level: the highest of ours at or below it.
     pub fn kernels(self) -> Isa {
-        self.min(Isa::Avx2)
+        self.min(Isa::Avx512Bf16)
+    }
+
+    /// Whether bf16 products run natively at this level (not emulated by rounding f32 operands).
+    pub fn native_bf16(self) -> bool {
+        self.kernels() >= Isa::Avx512Bf16
     }
 
     /// What runs at this level, in words (for `vitforge bench` and the start-up log).
     pub fn describe_kernels(self) -> &'static str {
         match self.kernels() {
             Isa::Generic => "portable kernels (the gemm crate's matrix product, plain loops)",
-            _ => "AVX2/FMA kernels (our 6×16 matrix product, the element-wise kernels compiled for AVX2)",
+            Isa::Avx2 => "AVX2/FMA kernels (our 6×16 matrix product, the element-wise kernels compiled for AVX2)",
+            Isa::Avx512 => {
+                "AVX-512 kernels (our 12×32 f32 matrix product, bf16 emulated by rounding; element-wise kernels compiled for AVX-512)"
+            }
+            _ => "AVX-512 BF16 kernels (12×32 matrix products: f32 by FMA, bf16 by vdpbf16ps; element-wise kernels compiled for AVX-512)",
         }
     }
 }
@@ -78,7 +93,11 @@ fn detect() -> Isa {
     #[allow(unused_unsafe)]
     let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
     let amx = edx & (1 << 22) != 0 && edx & (1 << 24) != 0;
-    if amx && has!("avx512bf16") { Isa::Amx } else { Isa::Avx512 }
+    match (has!("avx512bf16"), amx) {
+        (false, _) => Isa::Avx512,
+        (true, false) => Isa::Avx512Bf16,
+        (true, true) => Isa::Amx,
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -92,7 +111,7 @@ pub fn cap_from_env() -> Result<Option<Isa>, String> {
         Err(std::env::VarError::NotPresent) => Ok(None),
         Ok(v) if v.trim().is_empty() => Ok(None),
         Ok(v) => Isa::parse(&v).map(Some).ok_or_else(|| {
-            format!("{CAP_VAR}={v:?} is not an instruction-set level: use one of generic, avx2, avx512, amx")
+            format!("{CAP_VAR}={v:?} is not an instruction-set level: use one of generic, avx2, avx512, avx512bf16, amx")
         }),
         Err(e) => Err(format!("{CAP_VAR}: {e}")),
     }
@@ -151,8 +170,10 @@ pub mod tests {
     fn levels_parse_order_and_cap() {
         assert_eq!(Isa::parse(" AVX512 "), Some(Isa::Avx512));
         assert_eq!(Isa::parse("sse"), None);
-        assert!(Isa::Generic < Isa::Avx2 && Isa::Avx2 < Isa::Avx512 && Isa::Avx512 < Isa::Amx);
-        assert_eq!(Isa::Amx.kernels(), Isa::Avx2, "no kernel of ours above AVX2 is enabled");
+        assert_eq!(Isa::parse("avx512BF16"), Some(Isa::Avx512Bf16));
+        assert!(ALL.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(Isa::Amx.kernels(), Isa::Avx512Bf16, "no AMX kernel of ours is enabled");
+        assert!(Isa::Amx.native_bf16() && !Isa::Avx512.native_bf16());
         assert_eq!(Isa::Generic.kernels(), Isa::Generic);
         assert_eq!(on(Isa::Generic, active), Isa::Generic);
         assert!(runnable().contains(&Isa::Generic));

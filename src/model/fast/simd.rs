@@ -1,7 +1,7 @@
 //! Runtime CPU-feature dispatch for the element-wise kernels: each kernel body is written as plain
-//! loops that LLVM vectorises, and compiled twice, once for the baseline target and once with
-//! AVX2 + FMA, picked at run time by [`isa::active`](super::isa::active) (the binary stays
-//! portable, and `VITFORGE_MAX_ISA=generic` runs the baseline on any CPU).
+//! loops that LLVM vectorises, and compiled three times, for the baseline target, with AVX2 +
+//! FMA and with AVX-512, picked at run time by [`isa::active`](super::isa::active) (the binary
+//! stays portable, and `VITFORGE_MAX_ISA=generic` runs the baseline on any CPU).
 
 /// True when the kernels may use AVX2 and FMA: the CPU has them and no cap forbids them.
 #[cfg(target_arch = "x86_64")]
@@ -9,7 +9,14 @@ pub fn use_avx2() -> bool {
     super::isa::active() >= super::isa::Isa::Avx2
 }
 
-/// Defines `pub fn $name(args)` that runs `$body` compiled with AVX2 + FMA when [`use_avx2`] says so.
+/// True when the kernels may use AVX-512 (F, BW, VL, DQ): the CPU has it and no cap forbids it.
+#[cfg(target_arch = "x86_64")]
+pub fn use_avx512() -> bool {
+    super::isa::active() >= super::isa::Isa::Avx512
+}
+
+/// Defines `pub fn $name(args)` that runs `$body` compiled with AVX-512 when [`use_avx512`] says
+/// so, else with AVX2 + FMA when [`use_avx2`] does, else for the baseline.
 macro_rules! dispatch {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
@@ -22,6 +29,14 @@ macro_rules! dispatch {
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                if $crate::model::fast::simd::use_avx512() {
+                    // SAFETY: `isa::active` is never above what was detected on this CPU, so it
+                    // has AVX-512 F, BW, VL and DQ.
+                    return unsafe { avx512($($arg),*) };
+                }
                 if $crate::model::fast::simd::use_avx2() {
                     // SAFETY: `isa::active` is never above what was detected on this CPU, so it
                     // has `avx2` and `fma`.

@@ -1,10 +1,12 @@
 //! Matrix products on strided views of `f32` slices, with bounds checked before the unsafe call:
-//! through our AVX2/FMA kernel ([`sgemm`]) where the CPU has it (and `VITFORGE_MAX_ISA` allows
-//! it), else through the `gemm` crate (the kernels candle's CPU backend uses). Strides let one buffer hold Q, K and V side by
+//! through our kernels ([`sgemm`]'s driver with an AVX2/FMA, AVX-512 or AVX-512 BF16 micro-kernel,
+//! the highest the CPU has and `VITFORGE_MAX_ISA` allows), else through the `gemm` crate (the kernels candle's CPU backend uses). Strides let one buffer hold Q, K and V side by
 //! side and let transposes cost nothing. In [`Precision::Bf16`] both operands are rounded to
 //! bfloat16 (our kernel rounds them as it packs them, the crate's path on rounded copies) and the
-//! products accumulate in f32.
+//! products accumulate in f32 (natively by `vdpbf16ps` at the `avx512bf16` level).
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod sgemm;
 
@@ -101,8 +103,16 @@ pub fn gemm(a: Mat, b: Mat, c: MatMut, beta: f32, accumulate: bool, threads: Thr
     }
     #[cfg(target_arch = "x86_64")]
     if super::simd::use_avx2() && !generic_forced() {
+        use super::isa::Isa;
         let parallel = threads == Threads::All && rayon::current_num_threads() > 1;
-        sgemm::gemm(a, b, c, beta, accumulate, parallel, precision == Precision::Bf16);
+        let bf16 = precision == Precision::Bf16;
+        let level = super::isa::active().kernels();
+        // SAFETY (of each kernel's instructions): `isa::active` is never above what this CPU has.
+        match level {
+            Isa::Generic | Isa::Avx2 => sgemm::gemm::<sgemm::Avx2>(a, b, c, beta, accumulate, parallel, bf16),
+            _ if bf16 && level.native_bf16() => sgemm::gemm::<avx512::Bf16>(a, b, c, beta, accumulate, parallel, true),
+            _ => sgemm::gemm::<avx512::F32>(a, b, c, beta, accumulate, parallel, bf16),
+        }
         return;
     }
     if precision == Precision::Bf16 {

@@ -1,8 +1,8 @@
-//! A blocked single-precision matrix product for x86-64 with AVX2 and FMA, after BLIS (Goto's
-//! algorithm): a 6×16 register-blocked micro-kernel (12 accumulators, two loads of B and six
-//! broadcasts of A per step of k), B packed once into 16-wide panels, and A read in place when
-//! its rows are contiguous (packed otherwise). Each rayon task owns a block of rows and finishes
-//! one strip of C over the whole depth before the next, so the strip stays in L2.
+//! A blocked single-precision matrix product for x86-64, after BLIS (Goto's algorithm): a
+//! register-blocked micro-kernel ([`Micro`]: 6×16 with AVX2 + FMA here, 12×32 with AVX-512 in
+//! `avx512.rs`), B packed once into NR-wide panels, and A read in place when its rows are
+//! contiguous (packed otherwise). Each rayon task owns a block of rows and finishes one strip of
+//! C over the whole depth before the next, so the strip stays in L2.
 //!
 //! Matrix products are two thirds to three quarters of a ViT step. Against the `gemm` crate
 //! (which candle uses, and which this replaces where the CPU has AVX2 and FMA), the gain is in
@@ -10,8 +10,9 @@
 //! packing it well (contiguous copies, 8×8 register transposes for `Wᵀ`) is most of the
 //! difference. `VITFORGE_GENERIC_GEMM=1` switches back to the crate, to compare.
 //!
-//! In bf16 every operand is packed (A too) and rounded to bfloat16 as it is packed: the kernel
-//! then multiplies bf16 values exactly and accumulates in f32, as `vdpbf16ps` and AMX do.
+//! In bf16 an f32 kernel gets every operand packed (A too) and rounded to bfloat16 as it is
+//! packed: it then multiplies bf16 values exactly and accumulates in f32, as `vdpbf16ps` and AMX
+//! do. A kernel with [`Micro::PAIRS`] (AVX-512 BF16) packs pairs of bf16 values of k instead.
 
 #![cfg(target_arch = "x86_64")]
 
@@ -22,17 +23,79 @@ use rayon::prelude::*;
 use super::{Mat, MatMut};
 use crate::model::precision::round_bf16;
 
-/// Rows of the micro-tile (broadcasts of A per step).
-const MR: usize = 6;
-/// Columns of the micro-tile (two AVX registers).
-const NR: usize = 16;
-/// Depth of one pass of the micro-kernel: a `KC × NR` panel of B (16 KiB) and six rows of A
-/// (6 KiB) fit in L1 together.
-const KC: usize = 256;
-/// Rows of A per task: its `MC × KC` block is 96 KiB, in L2.
+/// A micro-kernel: its tile, its depth blocking, and how its operands are packed.
+pub(super) trait Micro {
+    /// Rows of the tile (broadcasts of A per step).
+    const MR: usize;
+    /// Columns of the tile.
+    const NR: usize;
+    /// Packed steps of depth per pass: a `KC × NR` panel of B stays in L1 while the tiles of a
+    /// block of rows pass over it.
+    const KC: usize;
+    /// Whether a packed step holds two values of k, as a pair of bf16 in one 32-bit slot (low
+    /// half first), rather than one f32.
+    const PAIRS: bool;
+
+    /// Packs rows `i0..i0+mc` of `a` (all of k) into panels of MR rows, step-major
+    /// (`dst[panel][step][r]`), zero-padded.
+    fn pack_a(a: Mat, i0: usize, mc: usize, k: usize, dst: &mut [f32]);
+
+    /// Packs columns `j0..j0+nr` of `b` (all of k) as one NR-wide panel, step-major
+    /// (`dst[step][j]`), zero-padded.
+    fn pack_b(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]);
+
+    /// `c[MR×NR] (+)= alpha · a · b` over `steps` packed steps, A packed.
+    ///
+    /// # Safety
+    /// The CPU must run the kernel's instructions; `a` must hold `MR·steps` floats, `b`
+    /// `NR·steps`, and `c` MR rows of NR writable floats `ldc` apart.
+    unsafe fn packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool);
+
+    /// As [`Micro::packed`] with A's MR rows read in place, `stride` apart, `kc` floats each
+    /// (only called when not [`Micro::PAIRS`]).
+    ///
+    /// # Safety
+    /// As [`Micro::packed`], with row `r` of A at `a + r·stride`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows(kc: usize, a: *const f32, stride: usize, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool);
+}
+
+/// The AVX2 + FMA kernel: 6×16 (12 accumulators, two loads of B and six broadcasts of A per
+/// step of k).
+pub(super) struct Avx2;
+
+impl Micro for Avx2 {
+    const MR: usize = AVX2_MR;
+    const NR: usize = AVX2_NR;
+    /// A `256 × 16` panel of B (16 KiB) and six rows of A (6 KiB) fit in L1 together.
+    const KC: usize = 256;
+    const PAIRS: bool = false;
+
+    fn pack_a(a: Mat, i0: usize, mc: usize, k: usize, dst: &mut [f32]) {
+        pack_a::<AVX2_MR>(a, i0, mc, k, dst)
+    }
+
+    fn pack_b(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]) {
+        pack_b::<AVX2_NR>(b, k, j0, nr, dst)
+    }
+
+    unsafe fn packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
+        // SAFETY: as the trait's contract.
+        unsafe { kernel(steps, a, b, c, ldc, alpha, acc) }
+    }
+
+    unsafe fn rows(kc: usize, a: *const f32, stride: usize, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
+        // SAFETY: as the trait's contract.
+        unsafe { kernel_rows(kc, a, stride, b, c, ldc, alpha, acc) }
+    }
+}
+
+/// Rows of A per task: its `MC × KC` block is at most 96 KiB, in L2 (a multiple of every MR).
 const MC: usize = 96;
 /// Columns of a strip of C finished before the next (`MC × NS` is 48 KiB, in L2).
 const NS: usize = 128;
+/// The largest tile of any kernel, in floats (the scratch tile for cut edges).
+const MAX_TILE: usize = 12 * 32;
 
 /// A raw pointer that may cross to rayon's threads: every task writes a disjoint set of rows.
 #[derive(Clone, Copy)]
@@ -41,24 +104,30 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-/// `c = alpha·a·b`, or `c += alpha·a·b` with `accumulate`; views already checked by the caller.
-/// `parallel`: spread the work over rayon's pool; `bf16`: round the operands to bfloat16.
+/// `c = alpha·a·b`, or `c += alpha·a·b` with `accumulate`, by the kernel `K`; views already
+/// checked by the caller, and the CPU runs `K`'s instructions. `parallel`: spread the work over
+/// rayon's pool; `bf16`: round the operands to bfloat16 (what a kernel of pairs always does).
 ///
 /// B is packed whole, once (NR-wide panels over the full depth); each task then takes MC rows of
 /// A (read in place when row-major, else packed over the full depth) and walks its columns in
 /// strips of `NS`, finishing each strip over all of k before the next, so the strip of C it
 /// updates stays in L2 instead of being reloaded from memory for every block of depth.
-pub fn gemm(a: Mat, b: Mat, c: MatMut, alpha: f32, accumulate: bool, parallel: bool, bf16: bool) {
-    debug_assert!(crate::model::fast::simd::use_avx2());
+pub(super) fn gemm<K: Micro>(a: Mat, b: Mat, c: MatMut, alpha: f32, accumulate: bool, parallel: bool, bf16: bool) {
+    debug_assert!(K::MR * K::NR <= MAX_TILE && MC.is_multiple_of(K::MR) && NS.is_multiple_of(K::NR));
     let (n, k) = (c.cols, a.cols);
     let ldc = c.rs;
     let out = OutPtr(c.data[c.offset..].as_mut_ptr());
-    let panels = n.div_ceil(NR);
+    let panels = n.div_ceil(K::NR);
     B_SCRATCH.with(|scratch| {
-        scratch.with(panels * NR * k, |bpack| {
-            run(a, b, c.rows, ldc, out, Step { alpha, accumulate, parallel, bf16 }, bpack)
+        scratch.with(panels * K::NR * steps::<K>(k), |bpack| {
+            run::<K>(a, b, c.rows, ldc, out, Step { alpha, accumulate, parallel, bf16 }, bpack)
         })
     });
+}
+
+/// Packed steps for a depth of `k`.
+fn steps<K: Micro>(k: usize) -> usize {
+    if K::PAIRS { k.div_ceil(2) } else { k }
 }
 
 /// How [`run`] runs: the scale, whether it adds to C, on how many threads, in which precision.
@@ -72,20 +141,23 @@ struct Step {
 
 /// [`gemm`] with its packing space for B.
 // long: the kernel driver's loop nest (tasks, strips, depth blocks, micro-tiles) reads best whole.
-fn run(a: Mat, b: Mat, m: usize, ldc: usize, out: OutPtr, step: Step, bpack: &mut [f32]) {
+fn run<K: Micro>(a: Mat, b: Mat, m: usize, ldc: usize, out: OutPtr, step: Step, bpack: &mut [f32]) {
     let Step { alpha, accumulate, parallel, bf16 } = step;
+    let (mr_, nr_) = (K::MR, K::NR);
     let (n, k) = (b.cols, a.cols);
-    let panels = n.div_ceil(NR);
+    let depth = steps::<K>(k);
+    let round = bf16 && !K::PAIRS;
+    let panels = n.div_ceil(nr_);
     let pack = |(p, dst): (usize, &mut [f32])| {
-        pack_b(b, k, p * NR, NR.min(n - p * NR), dst);
-        if bf16 {
-            round_packed(&mut dst[..k * NR]);
+        K::pack_b(b, k, p * nr_, nr_.min(n - p * nr_), dst);
+        if round {
+            round_packed(&mut dst[..depth * nr_]);
         }
     };
     if parallel && panels > 1 {
-        bpack.par_chunks_mut(NR * k).enumerate().for_each(pack);
+        bpack.par_chunks_mut(nr_ * depth).enumerate().for_each(pack);
     } else {
-        bpack.chunks_mut(NR * k).enumerate().for_each(pack);
+        bpack.chunks_mut(nr_ * depth).enumerate().for_each(pack);
     }
     let bpack: &[f32] = bpack;
     // Tasks: row blocks of MC, and when there are few of them, column ranges too.
@@ -101,6 +173,7 @@ fn run(a: Mat, b: Mat, m: usize, ldc: usize, out: OutPtr, step: Step, bpack: &mu
         1
     };
     let panels_per_part = panels.div_ceil(col_parts);
+    let strip = NS / nr_;
     let task = |t: usize| {
         let (ib, part) = (t / col_parts, t % col_parts);
         let (ic, mc) = (ib * MC, MC.min(m - ib * MC));
@@ -109,45 +182,46 @@ fn run(a: Mat, b: Mat, m: usize, ldc: usize, out: OutPtr, step: Step, bpack: &mu
         if p0 >= p1 {
             return;
         }
-        // Row-major A is read in place, six rows at a time (its rows are contiguous in k);
-        // only a last partial panel, or A in any other layout, is packed.
-        let direct = a.cs == 1 && !bf16;
-        let whole = if direct { mc / MR * MR } else { 0 };
+        // Row-major A is read in place, MR rows at a time (its rows are contiguous in k);
+        // only a last partial panel, or A in any other layout or precision, is packed.
+        let direct = a.cs == 1 && !bf16 && !K::PAIRS;
+        let whole = if direct { mc / mr_ * mr_ } else { 0 };
         let packed_rows = mc - whole;
         A_SCRATCH.with(|scratch| {
-            scratch.with(packed_rows.next_multiple_of(MR) * k, |apack| {
-                pack_a(a, ic + whole, packed_rows, k, apack);
-                if bf16 {
+            scratch.with(packed_rows.next_multiple_of(mr_) * depth, |apack| {
+                K::pack_a(a, ic + whole, packed_rows, k, apack);
+                if round {
                     round_packed(apack);
                 }
                 // The whole `OutPtr` (Send), not its raw pointer field, is what the closure
                 // below must capture.
                 #[allow(clippy::redundant_locals)]
                 let out = out;
-                for s0 in (p0..p1).step_by(NS / NR) {
-                    let s1 = p1.min(s0 + NS / NR);
-                    for pc in (0..k).step_by(KC) {
-                        let kc = KC.min(k - pc);
+                for s0 in (p0..p1).step_by(strip) {
+                    let s1 = p1.min(s0 + strip);
+                    for pc in (0..depth).step_by(K::KC) {
+                        let kc = K::KC.min(depth - pc);
                         let acc = accumulate || pc > 0;
                         for p in s0..s1 {
-                            let (j, nr) = (p * NR, NR.min(n - p * NR));
-                            let bpanel = &bpack[p * NR * k + pc * NR..p * NR * k + (pc + kc) * NR];
-                            for i in (0..mc).step_by(MR) {
-                                let mr = MR.min(mc - i);
+                            let (j, nr) = (p * nr_, nr_.min(n - p * nr_));
+                            let panel = p * nr_ * depth;
+                            let bpanel = &bpack[panel + pc * nr_..panel + (pc + kc) * nr_];
+                            for i in (0..mc).step_by(mr_) {
+                                let mr = mr_.min(mc - i);
                                 let apanel = if i < whole {
                                     let start = a.offset + (ic + i) * a.rs + pc;
-                                    APanel::Rows(&a.data[start..start + (MR - 1) * a.rs + kc], a.rs)
+                                    APanel::Rows(&a.data[start..start + (mr_ - 1) * a.rs + kc], a.rs)
                                 } else {
                                     let i = i - whole;
-                                    APanel::Packed(&apack[i * k + pc * MR..i * k + (pc + kc) * MR])
+                                    APanel::Packed(&apack[i * depth + pc * mr_..i * depth + (pc + kc) * mr_])
                                 };
                                 // SAFETY: rows ic+i..ic+i+mr and columns j..j+nr lie inside the
                                 // output view (checked by the caller); this task owns rows
                                 // ic..ic+mc for the columns of panels p0..p1, which no other
-                                // task writes.
+                                // task writes. The caller checked that the CPU runs `K`.
                                 unsafe {
                                     let dst = out.0.add((ic + i) * ldc + j);
-                                    tile(kc, apanel, bpanel, dst, ldc, mr, nr, alpha, acc);
+                                    tile::<K>(kc, apanel, bpanel, dst, ldc, mr, nr, alpha, acc);
                                 }
                             }
                         }
@@ -195,7 +269,7 @@ impl Scratch {
 
 /// Packs rows `i0..i0+mc` of `a` (all `k` columns) into panels of MR rows, k-major
 /// (`dst[panel][kk][r]`), zero-padding the last panel.
-fn pack_a(a: Mat, i0: usize, mc: usize, k: usize, dst: &mut [f32]) {
+pub(super) fn pack_a<const MR: usize>(a: Mat, i0: usize, mc: usize, k: usize, dst: &mut [f32]) {
     let dst = &mut dst[..mc.div_ceil(MR) * MR * k];
     if a.rs == 1 {
         // Column-major A (a transposed view): at each kk the block's rows are contiguous; walk
@@ -240,9 +314,9 @@ fn pack_a(a: Mat, i0: usize, mc: usize, k: usize, dst: &mut [f32]) {
     }
 }
 
-/// Packs columns `j0..j0+nr` of `b` (all `k` rows) as one NR-wide panel, k-major
-/// (`dst[kk][j]`), zero-padding missing columns.
-fn pack_b(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]) {
+/// Packs columns `j0..j0+nr` of `b` (all `k` rows) as one NR-wide panel (NR a multiple of 8),
+/// k-major (`dst[kk][j]`), zero-padding missing columns.
+pub(super) fn pack_b<const NR: usize>(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]) {
     let dst = &mut dst[..k * NR];
     if nr < NR {
         dst.fill(0.0);
@@ -285,11 +359,11 @@ fn pack_b(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]) {
 /// # Safety
 /// AVX2 must be available; every column must hold at least `whole` floats, `dst` `whole·NR`.
 #[target_feature(enable = "avx2")]
-unsafe fn transpose_panel(cols: &[&[f32]; NR], whole: usize, dst: &mut [f32]) {
-    assert!(cols.iter().all(|c| c.len() >= whole) && dst.len() >= whole * NR);
+unsafe fn transpose_panel<const NR: usize>(cols: &[&[f32]; NR], whole: usize, dst: &mut [f32]) {
+    assert!(cols.iter().all(|c| c.len() >= whole) && dst.len() >= whole * NR && NR.is_multiple_of(8));
     unsafe {
         for kk in (0..whole).step_by(8) {
-            for half in 0..2 {
+            for half in 0..NR / 8 {
                 let r: [__m256; 8] =
                     std::array::from_fn(|j| _mm256_loadu_ps(cols[half * 8 + j].as_ptr().add(kk)));
                 let t = transpose8(r);
@@ -334,7 +408,7 @@ fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
 }
 
 /// Rounds a packed panel to bfloat16 in place (ties to even; NaN stays NaN), eight at a time.
-fn round_packed(xs: &mut [f32]) {
+pub(super) fn round_packed(xs: &mut [f32]) {
     let whole = xs.len() / 8 * 8;
     // SAFETY: AVX2 is available (this module only runs where it is); `whole` floats are in `xs`.
     unsafe { round_bf16_avx2(&mut xs[..whole]) };
@@ -371,37 +445,38 @@ unsafe fn round_bf16_avx2(xs: &mut [f32]) {
     }
 }
 
-/// Where a micro-tile's six rows of A come from.
+/// Where a micro-tile's MR rows of A come from.
 #[derive(Clone, Copy)]
 enum APanel<'a> {
-    /// Packed, k-major: `MR · kc` floats.
+    /// Packed, step-major: `MR · steps` floats.
     Packed(&'a [f32]),
-    /// In place: six rows `stride` apart, each `kc` long, from the slice's start.
+    /// In place: MR rows `stride` apart, each `kc` long, from the slice's start.
     Rows(&'a [f32], usize),
 }
 
-/// One micro-tile: the full kernel into `c` when the tile is whole, through a scratch tile when
-/// it is cut by the matrix's edge.
+/// One micro-tile of the kernel `K`: the full kernel into `c` when the tile is whole, through a
+/// scratch tile when it is cut by the matrix's edge.
 ///
 /// # Safety
-/// `c` must point at `mr` rows of `nr` writable floats, `ldc` apart.
+/// The CPU must run `K`'s instructions; `c` must point at `mr` rows of `nr` writable floats,
+/// `ldc` apart.
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile(kc: usize, a: APanel, b: &[f32], c: *mut f32, ldc: usize, mr: usize, nr: usize, alpha: f32, acc: bool) {
-    assert!(b.len() >= kc * NR);
-    let whole = mr == MR && nr == NR;
-    let mut scratch = [0f32; MR * NR];
-    let (dst, ld, add) = if whole { (c, ldc, acc) } else { (scratch.as_mut_ptr(), NR, false) };
-    // SAFETY: AVX2 and FMA checked by the caller (`simd::use_avx2`); the panels hold what the kernel reads (checked
-    // here), and `dst` is either the caller's whole tile or the scratch tile.
+unsafe fn tile<K: Micro>(kc: usize, a: APanel, b: &[f32], c: *mut f32, ldc: usize, mr: usize, nr: usize, alpha: f32, acc: bool) {
+    assert!(b.len() >= kc * K::NR && K::MR * K::NR <= MAX_TILE);
+    let whole = mr == K::MR && nr == K::NR;
+    let mut scratch = [0f32; MAX_TILE];
+    let (dst, ld, add) = if whole { (c, ldc, acc) } else { (scratch.as_mut_ptr(), K::NR, false) };
+    // SAFETY: the caller checked the CPU; the panels hold what the kernel reads (checked here),
+    // and `dst` is either the caller's whole tile or the scratch tile.
     unsafe {
         match a {
             APanel::Packed(a) => {
-                assert!(a.len() >= kc * MR);
-                kernel(kc, a.as_ptr(), b.as_ptr(), dst, ld, alpha, add);
+                assert!(a.len() >= kc * K::MR);
+                K::packed(kc, a.as_ptr(), b.as_ptr(), dst, ld, alpha, add);
             }
             APanel::Rows(a, stride) => {
-                assert!(kc > 0 && a.len() > (MR - 1) * stride + kc - 1);
-                kernel_rows(kc, a.as_ptr(), stride, b.as_ptr(), dst, ld, alpha, add);
+                assert!(!K::PAIRS && kc > 0 && a.len() > (K::MR - 1) * stride + kc - 1);
+                K::rows(kc, a.as_ptr(), stride, b.as_ptr(), dst, ld, alpha, add);
             }
         }
     }
@@ -413,11 +488,15 @@ unsafe fn tile(kc: usize, a: APanel, b: &[f32], c: *mut f32, ldc: usize, mr: usi
             // SAFETY: r < mr and j < nr, inside the caller's tile.
             unsafe {
                 let d = c.add(r * ldc + j);
-                *d = if acc { *d + scratch[r * NR + j] } else { scratch[r * NR + j] };
+                *d = if acc { *d + scratch[r * K::NR + j] } else { scratch[r * K::NR + j] };
             }
         }
     }
 }
+
+/// Rows and columns of the AVX2 kernel's tile.
+const AVX2_MR: usize = 6;
+const AVX2_NR: usize = 16;
 
 /// [`kernel_at`] on six rows of A read in place, `stride` apart.
 ///
@@ -429,13 +508,13 @@ unsafe fn kernel_rows(kc: usize, a: *const f32, stride: usize, b: *const f32, c:
     unsafe { kernel_at(kc, |kk, r| a.add(r * stride + kk), b, c, ldc, alpha, acc) }
 }
 
-/// [`kernel_at`] on a packed panel of A (`MR` floats per step of k).
+/// [`kernel_at`] on a packed panel of A (`AVX2_MR` floats per step of k).
 ///
 /// # Safety
 /// As [`kernel_at`], with A packed k-major.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
-    unsafe { kernel_at(kc, |kk, r| a.add(kk * MR + r), b, c, ldc, alpha, acc) }
+    unsafe { kernel_at(kc, |kk, r| a.add(kk * AVX2_MR + r), b, c, ldc, alpha, acc) }
 }
 
 /// The 6×16 micro-kernel: `c[6×16] (+)= alpha · a[6×kc] · b[kc×16]`, with B packed k-major and
@@ -448,25 +527,25 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usiz
 unsafe fn kernel_at(kc: usize, at: impl Fn(usize, usize) -> *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
     unsafe {
         // Fetch the tile of C while the products run (it is read or written only at the end).
-        for r in 0..MR {
+        for r in 0..AVX2_MR {
             _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc).cast());
-            _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc + NR - 1).cast());
+            _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc + AVX2_NR - 1).cast());
         }
-        let mut c0 = [_mm256_setzero_ps(); MR];
-        let mut c1 = [_mm256_setzero_ps(); MR];
+        let mut c0 = [_mm256_setzero_ps(); AVX2_MR];
+        let mut c1 = [_mm256_setzero_ps(); AVX2_MR];
         let mut b = b;
         for kk in 0..kc {
             let b0 = _mm256_loadu_ps(b);
             let b1 = _mm256_loadu_ps(b.add(8));
-            for r in 0..MR {
+            for r in 0..AVX2_MR {
                 let ar = _mm256_broadcast_ss(&*at(kk, r));
                 c0[r] = _mm256_fmadd_ps(ar, b0, c0[r]);
                 c1[r] = _mm256_fmadd_ps(ar, b1, c1[r]);
             }
-            b = b.add(NR);
+            b = b.add(AVX2_NR);
         }
         let alpha = _mm256_set1_ps(alpha);
-        for r in 0..MR {
+        for r in 0..AVX2_MR {
             let row = c.add(r * ldc);
             if acc {
                 _mm256_storeu_ps(row, _mm256_fmadd_ps(alpha, c0[r], _mm256_loadu_ps(row)));

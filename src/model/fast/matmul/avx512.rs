@@ -1,0 +1,418 @@
+//! The AVX-512 micro-kernels for the driver in `sgemm.rs`, both 12×32 (24 accumulators of 16
+//! floats, two loads of B and twelve broadcasts of A per step):
+//! - [`F32`]: f32 by FMA (bf16 emulated by the driver, which rounds the packed operands);
+//! - [`Bf16`]: bf16 by `vdpbf16ps` (AVX-512 BF16), which multiplies pairs of bf16 values and adds
+//!   both products to an f32 accumulator. Both operands are packed in pairs along k — each
+//!   32-bit slot holds the bf16 of k = 2s (low half) and of k = 2s + 1 (high half), rounded to
+//!   nearest even as [`round_bf16`] does — so one instruction does two steps of depth.
+//!
+//! Every product of two bf16 values is exact in f32, so [`Bf16`] and the emulation differ only in
+//! the order of the f32 additions (and in `vdpbf16ps` treating subnormal inputs as zero).
+
+#![cfg(target_arch = "x86_64")]
+
+use std::arch::x86_64::*;
+
+use super::Mat;
+use super::sgemm::{Micro, pack_a, pack_b};
+
+/// Rows and columns of both kernels' tile.
+const MR: usize = 12;
+const NR: usize = 32;
+
+/// The AVX-512 f32 kernel (12×32).
+pub(super) struct F32;
+
+impl Micro for F32 {
+    const MR: usize = MR;
+    const NR: usize = NR;
+    /// A `128 × 32` panel of B (16 KiB) stays in L1 beside twelve rows of A (6 KiB).
+    const KC: usize = 128;
+    const PAIRS: bool = false;
+
+    fn pack_a(a: Mat, i0: usize, mc: usize, k: usize, dst: &mut [f32]) {
+        pack_a::<MR>(a, i0, mc, k, dst)
+    }
+
+    fn pack_b(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]) {
+        pack_b::<NR>(b, k, j0, nr, dst)
+    }
+
+    unsafe fn packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
+        // SAFETY: as the trait's contract.
+        unsafe { f32_packed(steps, a, b, c, ldc, alpha, acc) }
+    }
+
+    unsafe fn rows(kc: usize, a: *const f32, stride: usize, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
+        // SAFETY: as the trait's contract.
+        unsafe { f32_rows(kc, a, stride, b, c, ldc, alpha, acc) }
+    }
+}
+
+/// The AVX-512 BF16 kernel (12×32, pairs of k).
+pub(super) struct Bf16;
+
+impl Micro for Bf16 {
+    const MR: usize = MR;
+    const NR: usize = NR;
+    /// 128 pairs: a panel of B of 16 KiB, as for [`F32`], covering twice the depth.
+    const KC: usize = 128;
+    const PAIRS: bool = true;
+
+    fn pack_a(a: Mat, i0: usize, mc: usize, k: usize, dst: &mut [f32]) {
+        // SAFETY: the driver runs this kernel only on a CPU with AVX-512 BF16.
+        unsafe { pack_a_pairs(a, i0, mc, k, dst) }
+    }
+
+    fn pack_b(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]) {
+        // SAFETY: as for `pack_a`.
+        unsafe { pack_b_pairs(b, k, j0, nr, dst) }
+    }
+
+    unsafe fn packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
+        // SAFETY: as the trait's contract.
+        unsafe { bf16_packed(steps, a, b, c, ldc, alpha, acc) }
+    }
+
+    unsafe fn rows(_: usize, _: *const f32, _: usize, _: *const f32, _: *mut f32, _: usize, _: f32, _: bool) {
+        unreachable!("a kernel of bf16 pairs always packs A (the driver checks PAIRS)")
+    }
+}
+
+/// The bf16 bits of `x`, rounded to nearest even (as [`round_bf16`]; NaNs stay NaN): the scalar
+/// edges of the packing, where a vector of 16 does not fit.
+///
+/// [`round_bf16`]: crate::model::precision::round_bf16
+#[inline(always)]
+fn bf16_bits(x: f32) -> u32 {
+    u32::from(half::bf16::from_f32(x).to_bits())
+}
+
+/// One 32-bit slot of a pair: `lo`'s bf16 in the low half, `hi`'s in the high half.
+#[inline(always)]
+fn pair(lo: f32, hi: f32) -> f32 {
+    f32::from_bits(bf16_bits(lo) | bf16_bits(hi) << 16)
+}
+
+/// 32 consecutive values of k (`x[0..16]`, `x[16..32]`) as 16 pair slots: slot `s` holds
+/// `x[2s]` and `x[2s+1]`. `vcvtne2ps2bf16` rounds to nearest even as [`bf16_bits`] does, but
+/// flushes subnormals to zero (as `vdpbf16ps` treats them anyway).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+fn run_pairs(first: __m512, second: __m512) -> __m512i {
+    // The low 16 bf16 lanes come from the second operand: `first`, in order, then `second`.
+    // SAFETY: same size; a vector of bf16 is a vector of bits.
+    unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(second, first)) }
+}
+
+/// Two rows of 16 (`lo[j]` at k = 2s, `hi[j]` at 2s + 1) as 16 pair slots: slot `j` holds
+/// `lo[j]` and `hi[j]`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+fn interleave_pairs(lo: __m512, hi: __m512) -> __m512i {
+    // Lanes 0..16 hold lo's bf16, 16..32 hi's; then word 2j takes lane j, word 2j + 1 lane 16 + j.
+    let idx = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
+    );
+    // SAFETY: same size; a vector of bf16 is a vector of bits.
+    let both = unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)) };
+    _mm512_permutexvar_epi16(idx, both)
+}
+
+/// A mask of the first `n` (≤ 16) lanes.
+fn lanes(n: usize) -> __mmask16 {
+    ((1u32 << n.min(16)) - 1) as __mmask16
+}
+
+/// Writes the pairs of one contiguous run of k (`src`, `k` floats) to `dst[s·stride]`, s from 0:
+/// 16 pairs per vector conversion, the odd tail by [`pair`].
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BF16.
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn scatter_run(src: &[f32], dst: &mut [f32], stride: usize) {
+    let k = src.len();
+    let whole = k / 32 * 32;
+    assert!(dst.len() > (k.div_ceil(2).max(1) - 1) * stride);
+    let mut slots = [0u32; 16];
+    for kk in (0..whole).step_by(32) {
+        // SAFETY: kk + 32 ≤ whole ≤ k floats of src; `slots` holds 16 slots.
+        unsafe {
+            let v = run_pairs(_mm512_loadu_ps(src.as_ptr().add(kk)), _mm512_loadu_ps(src.as_ptr().add(kk + 16)));
+            _mm512_storeu_si512(slots.as_mut_ptr().cast(), v);
+        }
+        for (t, &slot) in slots.iter().enumerate() {
+            dst[(kk / 2 + t) * stride] = f32::from_bits(slot);
+        }
+    }
+    for (t, two) in src[whole..].chunks(2).enumerate() {
+        dst[(whole / 2 + t) * stride] = pair(two[0], two.get(1).copied().unwrap_or(0.0));
+    }
+}
+
+/// [`Micro::pack_a`] in pairs: `dst[panel][s][r] = pair(a[r][2s], a[r][2s+1])`, zero beyond the
+/// matrix (a missing last value of an odd k, and rows past `mc`).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and BF16.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_a_pairs(a: Mat, i0: usize, mc: usize, k: usize, dst: &mut [f32]) {
+    let depth = k.div_ceil(2);
+    let dst = &mut dst[..mc.div_ceil(MR) * MR * depth];
+    let at = |i: usize, kk: usize| if kk < k { a.data[a.offset + i * a.rs + kk * a.cs] } else { 0.0 };
+    for (pi, panel) in dst.chunks_mut(MR * depth).enumerate() {
+        let r0 = i0 + pi * MR;
+        let rows = MR.min(i0 + mc - r0);
+        if rows < MR {
+            panel.fill(0.0);
+        }
+        if a.cs == 1 {
+            // Rows contiguous in k: each row converted 32 values at a time, its pairs written
+            // MR apart.
+            for r in 0..rows {
+                let row = &a.data[a.offset + (r0 + r) * a.rs..][..k];
+                // SAFETY: this function's contract.
+                unsafe { scatter_run(row, &mut panel[r..], MR) };
+            }
+        } else if a.rs == 1 {
+            // Columns contiguous (a transposed view): the panel's rows of k = 2s and 2s + 1
+            // are two runs of `rows` floats, interleaved into one step of the panel.
+            let base = a.offset + r0;
+            assert!(rows <= 16 && base + (k - 1) * a.cs + rows <= a.data.len());
+            let mask = lanes(rows);
+            for s in 0..depth {
+                // SAFETY: the masked loads read `rows` floats of columns 2s and 2s + 1 (< k,
+                // checked above) and the masked store writes `rows` slots of step s of the panel.
+                unsafe {
+                    let lo = _mm512_maskz_loadu_ps(mask, a.data.as_ptr().add(base + 2 * s * a.cs));
+                    let hi = if 2 * s + 1 < k {
+                        _mm512_maskz_loadu_ps(mask, a.data.as_ptr().add(base + (2 * s + 1) * a.cs))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
+                    _mm512_mask_storeu_epi32(panel[s * MR..][..MR].as_mut_ptr().cast(), mask, interleave_pairs(lo, hi));
+                }
+            }
+        } else {
+            for s in 0..depth {
+                for r in 0..rows {
+                    panel[s * MR + r] = pair(at(r0 + r, 2 * s), at(r0 + r, 2 * s + 1));
+                }
+            }
+        }
+    }
+}
+
+/// [`Micro::pack_b`] in pairs: `dst[s][j] = pair(b[2s][j0+j], b[2s+1][j0+j])`, zero beyond the
+/// matrix.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and BF16.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_b_pairs(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]) {
+    let depth = k.div_ceil(2);
+    let dst = &mut dst[..depth * NR];
+    if nr < NR {
+        dst.fill(0.0);
+    }
+    if b.rs == 1 {
+        // Columns contiguous in k (weights used as `x·Wᵀ`): each column converted 32 values at
+        // a time, its pairs written NR apart.
+        for j in 0..nr {
+            let col = &b.data[b.offset + (j0 + j) * b.cs..][..k];
+            // SAFETY: this function's contract.
+            unsafe { scatter_run(col, &mut dst[j..], NR) };
+        }
+    } else if b.cs == 1 {
+        // Rows contiguous: rows 2s and 2s + 1 interleaved, 16 columns at a time.
+        let row = |kk: usize| b.offset + kk * b.rs + j0;
+        assert!(row(k - 1) + nr <= b.data.len());
+        for s in 0..depth {
+            for j in (0..nr).step_by(16) {
+                let mask = lanes(nr - j);
+                // SAFETY: the masked loads read at most `nr - j` floats of rows 2s and 2s + 1
+                // (< k, checked above), and the store writes 16 slots of step s (j + 16 ≤ NR).
+                unsafe {
+                    let lo = _mm512_maskz_loadu_ps(mask, b.data.as_ptr().add(row(2 * s) + j));
+                    let hi = if 2 * s + 1 < k {
+                        _mm512_maskz_loadu_ps(mask, b.data.as_ptr().add(row(2 * s + 1) + j))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
+                    _mm512_storeu_si512(dst[s * NR + j..][..16].as_mut_ptr().cast(), interleave_pairs(lo, hi));
+                }
+            }
+        }
+    } else {
+        let at = |kk: usize, j: usize| if kk < k { b.data[b.offset + kk * b.rs + (j0 + j) * b.cs] } else { 0.0 };
+        for (s, out) in dst.chunks_exact_mut(NR).enumerate() {
+            for (j, o) in out[..nr].iter_mut().enumerate() {
+                *o = pair(at(2 * s, j), at(2 * s + 1, j));
+            }
+        }
+    }
+}
+
+/// [`f32_at`] on twelve rows of A read in place, `stride` apart.
+///
+/// # Safety
+/// As [`f32_at`], with row `r` of A at `a + r·stride`, `kc` floats long.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn f32_rows(kc: usize, a: *const f32, stride: usize, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
+    unsafe { f32_at(kc, |kk, r| a.add(r * stride + kk), b, c, ldc, alpha, acc) }
+}
+
+/// [`f32_at`] on a packed panel of A (`MR` floats per step of k).
+///
+/// # Safety
+/// As [`f32_at`], with A packed k-major.
+#[target_feature(enable = "avx512f")]
+unsafe fn f32_packed(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
+    unsafe { f32_at(kc, |kk, r| a.add(kk * MR + r), b, c, ldc, alpha, acc) }
+}
+
+/// The 12×32 f32 micro-kernel: `c[12×32] (+)= alpha · a[12×kc] · b[kc×32]`, with B packed
+/// k-major and element (kk, r) of A at `at(kk, r)`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F; `at` must give readable addresses for every `kk < kc`,
+/// `r < 12`, `b` hold `32·kc` floats, and `c` twelve rows of 32 writable floats `ldc` apart.
+#[inline(always)]
+unsafe fn f32_at(kc: usize, at: impl Fn(usize, usize) -> *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
+    unsafe {
+        prefetch_tile(c, ldc);
+        let mut c0 = [_mm512_setzero_ps(); MR];
+        let mut c1 = [_mm512_setzero_ps(); MR];
+        let mut b = b;
+        for kk in 0..kc {
+            let b0 = _mm512_loadu_ps(b);
+            let b1 = _mm512_loadu_ps(b.add(16));
+            for r in 0..MR {
+                let ar = _mm512_set1_ps(*at(kk, r));
+                c0[r] = _mm512_fmadd_ps(ar, b0, c0[r]);
+                c1[r] = _mm512_fmadd_ps(ar, b1, c1[r]);
+            }
+            b = b.add(NR);
+        }
+        store_tile(c0, c1, c, ldc, alpha, acc);
+    }
+}
+
+/// The 12×32 bf16 micro-kernel: `c[12×32] (+)= alpha · a · b` over `steps` pairs of k, A packed
+/// (`dst[s][r]`) and B packed (`dst[s][j]`) in pairs.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BF16; `a` must hold `12·steps` slots, `b` `32·steps`, and
+/// `c` twelve rows of 32 writable floats `ldc` apart.
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn bf16_packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
+    unsafe {
+        prefetch_tile(c, ldc);
+        let mut c0 = [_mm512_setzero_ps(); MR];
+        let mut c1 = [_mm512_setzero_ps(); MR];
+        let (mut a, mut b) = (a.cast::<i32>(), b.cast::<i32>());
+        for _ in 0..steps {
+            // Loaded as integers: the slots are bit patterns (a pair may look like a NaN).
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.cast()));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(16).cast()));
+            for r in 0..MR {
+                let ar: __m512bh = std::mem::transmute(_mm512_set1_epi32(a.add(r).read_unaligned()));
+                c0[r] = _mm512_dpbf16_ps(c0[r], ar, b0);
+                c1[r] = _mm512_dpbf16_ps(c1[r], ar, b1);
+            }
+            a = a.add(MR);
+            b = b.add(NR);
+        }
+        store_tile(c0, c1, c, ldc, alpha, acc);
+    }
+}
+
+/// Fetches a tile of C while the products run (it is read or written only at the end).
+///
+/// # Safety
+/// The CPU must support SSE; prefetches never fault, but `c + r·ldc + 31` must not overflow.
+#[inline(always)]
+unsafe fn prefetch_tile(c: *mut f32, ldc: usize) {
+    for r in 0..MR {
+        // SAFETY: address arithmetic inside the caller's tile; prefetching reads nothing.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc).cast());
+            _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc + 16).cast());
+            _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc + NR - 1).cast());
+        }
+    }
+}
+
+/// `c = alpha·acc` or `c += alpha·acc` for a 12×32 tile held as two halves of 16 columns.
+///
+/// # Safety
+/// The CPU must support AVX-512 F; `c` must hold twelve rows of 32 writable floats `ldc` apart.
+#[inline(always)]
+unsafe fn store_tile(c0: [__m512; MR], c1: [__m512; MR], c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
+    unsafe {
+        let alpha = _mm512_set1_ps(alpha);
+        for r in 0..MR {
+            let row = c.add(r * ldc);
+            if acc {
+                _mm512_storeu_ps(row, _mm512_fmadd_ps(alpha, c0[r], _mm512_loadu_ps(row)));
+                _mm512_storeu_ps(row.add(16), _mm512_fmadd_ps(alpha, c1[r], _mm512_loadu_ps(row.add(16))));
+            } else {
+                _mm512_storeu_ps(row, _mm512_mul_ps(alpha, c0[r]));
+                _mm512_storeu_ps(row.add(16), _mm512_mul_ps(alpha, c1[r]));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Packing in pairs puts each value's bf16 where the kernel reads it, for every layout of
+    /// each operand (row-major, column-major, neither), a depth with whole runs of 32 and an odd
+    /// tail, cut panels of A and B: bit for bit what `half` gives.
+    #[test]
+    fn pairs_hold_the_rounded_values_in_place() {
+        use std::arch::is_x86_feature_detected as has;
+        if !(has!("avx512f") && has!("avx512bw") && has!("avx512bf16")) {
+            eprintln!("no AVX-512 BF16 here: the packing in pairs cannot run");
+            return;
+        }
+        let (m, k) = (40usize, 71usize);
+        let data: Vec<f32> = (0..2 * m * k).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let bits = |x: f32| u32::from(half::bf16::from_f32(x).to_bits());
+        let depth = k.div_ceil(2);
+        let strided = Mat { data: &data, offset: 1, rows: m, cols: k, rs: 2 * k, cs: 2 };
+        for view in [Mat::rows(&data, m, k), Mat::rows(&data, k, m).t(), strided] {
+            let want = |i: usize, kk: usize| if kk < k { bits(view.data[view.offset + i * view.rs + kk * view.cs]) } else { 0 };
+            let slot = |i: usize, s: usize| want(i, 2 * s) | want(i, 2 * s + 1) << 16;
+            let layout = format!("rs {} cs {}", view.rs, view.cs);
+            // Rows 3..16 of A: one whole panel of 12 and one cut to a single row.
+            let (i0, mc) = (3usize, 13usize);
+            let mut dst = vec![f32::NAN; mc.div_ceil(MR) * MR * depth];
+            // SAFETY: checked above that the CPU has AVX-512 F, BW and BF16.
+            unsafe { pack_a_pairs(view, i0, mc, k, &mut dst) };
+            for i in 0..mc.div_ceil(MR) * MR {
+                for s in 0..depth {
+                    let got = dst[(i / MR) * MR * depth + s * MR + i % MR].to_bits();
+                    let expect = if i < mc { slot(i0 + i, s) } else { 0 };
+                    assert_eq!(got, expect, "A {layout}: row {i} pair {s}");
+                }
+            }
+            // The same view as B (k×m): a whole panel of 32 columns, then one cut to 8.
+            let bview = view.t();
+            for (j0, nr) in [(0, 32), (32, 8)] {
+                let mut dst = vec![f32::NAN; depth * NR];
+                // SAFETY: as above.
+                unsafe { pack_b_pairs(bview, k, j0, nr, &mut dst) };
+                for s in 0..depth {
+                    for j in 0..NR {
+                        let expect = if j < nr { slot(j0 + j, s) } else { 0 };
+                        assert_eq!(dst[s * NR + j].to_bits(), expect, "B {layout}: column {} pair {s}", j0 + j);
+                    }
+                }
+            }
+        }
+    }
+}
