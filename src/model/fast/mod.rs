@@ -44,7 +44,7 @@ pub fn reference_ops_forced() -> bool {
 }
 
 /// Which compute path a CPU model runs, for `vitforge bench`: `reference` (candle's composed ops,
-/// `VITFORGE_REFERENCE_OPS`), else the kernel level (`generic` or `avx2`, see [`isa`]), with
+/// `VITFORGE_REFERENCE_OPS`), else the kernel level (`generic`, `avx2`, `avx512` or `avx512bf16`, see [`isa`]), with
 /// `+gemm-crate` when `VITFORGE_GENERIC_GEMM` swaps our matrix product for the crate's.
 pub fn cpu_path() -> String {
     if reference_ops_forced() {

@@ -463,12 +463,9 @@ enum APanel<'a> {
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile<K: Micro>(kc: usize, a: APanel, b: &[f32], c: *mut f32, ldc: usize, mr: usize, nr: usize, alpha: f32, acc: bool) {
     assert!(b.len() >= kc * K::NR && K::MR * K::NR <= MAX_TILE);
-    let whole = mr == K::MR && nr == K::NR;
-    let mut scratch = [0f32; MAX_TILE];
-    let (dst, ld, add) = if whole { (c, ldc, acc) } else { (scratch.as_mut_ptr(), K::NR, false) };
     // SAFETY: the caller checked the CPU; the panels hold what the kernel reads (checked here),
-    // and `dst` is either the caller's whole tile or the scratch tile.
-    unsafe {
+    // and `dst` is either the caller's whole tile or a scratch tile.
+    let run = |dst: *mut f32, ld: usize, add: bool| unsafe {
         match a {
             APanel::Packed(a) => {
                 assert!(a.len() >= kc * K::MR);
@@ -479,10 +476,15 @@ unsafe fn tile<K: Micro>(kc: usize, a: APanel, b: &[f32], c: *mut f32, ldc: usiz
                 K::rows(kc, a.as_ptr(), stride, b.as_ptr(), dst, ld, alpha, add);
             }
         }
-    }
-    if whole {
+    };
+    if mr == K::MR && nr == K::NR {
+        run(c, ldc, acc);
         return;
     }
+    // Cut by the matrix's edge: the whole tile into scratch (so zeroed only here), then the part
+    // that exists.
+    let mut scratch = [0f32; MAX_TILE];
+    run(scratch.as_mut_ptr(), K::NR, false);
     for r in 0..mr {
         for j in 0..nr {
             // SAFETY: r < mr and j < nr, inside the caller's tile.
