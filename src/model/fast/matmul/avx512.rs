@@ -124,30 +124,69 @@ fn lanes(n: usize) -> __mmask16 {
     ((1u32 << n.min(16)) - 1) as __mmask16
 }
 
-/// Writes the pairs of one contiguous run of k (`src`, `k` floats) to `dst[s·stride]`, s from 0:
-/// 16 pairs per vector conversion, the odd tail by [`pair`].
+/// Writes the pairs of up to 16 contiguous runs of k (`runs[i]`, `k` floats each) as packed
+/// steps: slot `s` of run `i` goes to `dst[s·stride + i]`. 32 values of each run are converted
+/// at a time and the 16 × 16 block of slots is transposed in registers, so each step is one
+/// (masked) store; the odd tail goes by [`pair`].
 ///
 /// # Safety
 /// The CPU must support AVX-512 F and BF16.
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn scatter_run(src: &[f32], dst: &mut [f32], stride: usize) {
-    let k = src.len();
+unsafe fn transpose_runs(runs: &[&[f32]], k: usize, dst: &mut [f32], stride: usize) {
+    let n = runs.len();
+    let depth = k.div_ceil(2);
+    assert!((1..=16).contains(&n) && runs.iter().all(|r| r.len() >= k) && stride >= n);
+    assert!(dst.len() >= (depth.max(1) - 1) * stride + n);
     let whole = k / 32 * 32;
-    assert!(dst.len() > (k.div_ceil(2).max(1) - 1) * stride);
-    let mut slots = [0u32; 16];
+    let mask = lanes(n);
     for kk in (0..whole).step_by(32) {
-        // SAFETY: kk + 32 ≤ whole ≤ k floats of src; `slots` holds 16 slots.
+        // SAFETY: kk + 32 ≤ whole ≤ k floats of every run; the masked stores write `n` slots
+        // of steps kk/2 .. kk/2 + 16 < depth, inside `dst` (checked above).
         unsafe {
-            let v = run_pairs(_mm512_loadu_ps(src.as_ptr().add(kk)), _mm512_loadu_ps(src.as_ptr().add(kk + 16)));
-            _mm512_storeu_si512(slots.as_mut_ptr().cast(), v);
-        }
-        for (t, &slot) in slots.iter().enumerate() {
-            dst[(kk / 2 + t) * stride] = f32::from_bits(slot);
+            let rows: [__m512i; 16] = std::array::from_fn(|i| match runs.get(i) {
+                Some(r) => run_pairs(_mm512_loadu_ps(r.as_ptr().add(kk)), _mm512_loadu_ps(r.as_ptr().add(kk + 16))),
+                None => _mm512_setzero_si512(),
+            });
+            for (q, v) in transpose16(rows).into_iter().enumerate() {
+                _mm512_mask_storeu_epi32(dst.as_mut_ptr().add((kk / 2 + q) * stride).cast(), mask, v);
+            }
         }
     }
-    for (t, two) in src[whole..].chunks(2).enumerate() {
-        dst[(whole / 2 + t) * stride] = pair(two[0], two.get(1).copied().unwrap_or(0.0));
+    for (i, run) in runs.iter().enumerate() {
+        for (t, two) in run[whole..k].chunks(2).enumerate() {
+            dst[(whole / 2 + t) * stride + i] = pair(two[0], two.get(1).copied().unwrap_or(0.0));
+        }
     }
+}
+
+/// Transposes a 16 × 16 block of 32-bit values held as sixteen rows.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+    // Within each 128-bit lane L, u[4g + q] holds column 4L + q of rows 4g .. 4g + 4.
+    let mut u = [_mm512_setzero_si512(); 16];
+    for g in 0..4 {
+        let (a, b, c, d) = (r[4 * g], r[4 * g + 1], r[4 * g + 2], r[4 * g + 3]);
+        let (t0, t1) = (_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+        let (t2, t3) = (_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+        u[4 * g] = _mm512_unpacklo_epi64(t0, t2);
+        u[4 * g + 1] = _mm512_unpackhi_epi64(t0, t2);
+        u[4 * g + 2] = _mm512_unpacklo_epi64(t1, t3);
+        u[4 * g + 3] = _mm512_unpackhi_epi64(t1, t3);
+    }
+    // Then gather lane L of u[q], u[4 + q], u[8 + q], u[12 + q]: column 4L + q whole.
+    let mut out = [_mm512_setzero_si512(); 16];
+    for q in 0..4 {
+        let even_lo = _mm512_shuffle_i32x4::<0x88>(u[q], u[4 + q]);
+        let odd_lo = _mm512_shuffle_i32x4::<0xdd>(u[q], u[4 + q]);
+        let even_hi = _mm512_shuffle_i32x4::<0x88>(u[8 + q], u[12 + q]);
+        let odd_hi = _mm512_shuffle_i32x4::<0xdd>(u[8 + q], u[12 + q]);
+        out[q] = _mm512_shuffle_i32x4::<0x88>(even_lo, even_hi);
+        out[8 + q] = _mm512_shuffle_i32x4::<0xdd>(even_lo, even_hi);
+        out[4 + q] = _mm512_shuffle_i32x4::<0x88>(odd_lo, odd_hi);
+        out[12 + q] = _mm512_shuffle_i32x4::<0xdd>(odd_lo, odd_hi);
+    }
+    out
 }
 
 /// [`Micro::pack_a`] in pairs: `dst[panel][s][r] = pair(a[r][2s], a[r][2s+1])`, zero beyond the
@@ -167,13 +206,10 @@ unsafe fn pack_a_pairs(a: Mat, i0: usize, mc: usize, k: usize, dst: &mut [f32]) 
             panel.fill(0.0);
         }
         if a.cs == 1 {
-            // Rows contiguous in k: each row converted 32 values at a time, its pairs written
-            // MR apart.
-            for r in 0..rows {
-                let row = &a.data[a.offset + (r0 + r) * a.rs..][..k];
-                // SAFETY: this function's contract.
-                unsafe { scatter_run(row, &mut panel[r..], MR) };
-            }
+            // Rows contiguous in k: the panel's rows are the runs.
+            let runs: Vec<&[f32]> = (0..rows).map(|r| &a.data[a.offset + (r0 + r) * a.rs..][..k]).collect();
+            // SAFETY: this function's contract.
+            unsafe { transpose_runs(&runs, k, panel, MR) };
         } else if a.rs == 1 {
             // Columns contiguous (a transposed view): the panel's rows of k = 2s and 2s + 1
             // are two runs of `rows` floats, interleaved into one step of the panel.
@@ -216,12 +252,11 @@ unsafe fn pack_b_pairs(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]) 
         dst.fill(0.0);
     }
     if b.rs == 1 {
-        // Columns contiguous in k (weights used as `x·Wᵀ`): each column converted 32 values at
-        // a time, its pairs written NR apart.
-        for j in 0..nr {
-            let col = &b.data[b.offset + (j0 + j) * b.cs..][..k];
+        // Columns contiguous in k (weights used as `x·Wᵀ`): 16 columns at a time are the runs.
+        for jb in (0..nr).step_by(16) {
+            let runs: Vec<&[f32]> = (jb..nr.min(jb + 16)).map(|j| &b.data[b.offset + (j0 + j) * b.cs..][..k]).collect();
             // SAFETY: this function's contract.
-            unsafe { scatter_run(col, &mut dst[j..], NR) };
+            unsafe { transpose_runs(&runs, k, &mut dst[jb..], NR) };
         }
     } else if b.cs == 1 {
         // Rows contiguous: rows 2s and 2s + 1 interleaved, 16 columns at a time.
