@@ -175,8 +175,17 @@ fn selfcheck_passes_on_this_machine_and_fails_on_a_wrong_reference() {
 fn every_kernel_level_passes_the_golden_files_and_bench_names_it() {
     let mut levels = vec!["generic"];
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        levels.push("avx2");
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx2") && has!("fma") {
+            levels.push("avx2");
+        }
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq") {
+            levels.push("avx512");
+            if has!("avx512bf16") {
+                levels.push("avx512bf16");
+            }
+        }
     }
     for level in &levels {
         let env = [("VITFORGE_MAX_ISA", *level)];
@@ -200,5 +209,5 @@ fn every_kernel_level_passes_the_golden_files_and_bench_names_it() {
     eprintln!("kernel levels run through the golden files here: {levels:?}");
     let (ok, _, err) = vitforge_with(&["bench", "--config", "tiny", "--iters", "1"], &[("VITFORGE_MAX_ISA", "sse9")]);
     assert!(!ok);
-    assert!(err.contains("VITFORGE_MAX_ISA") && err.contains("generic, avx2, avx512, amx"), "{err}");
+    assert!(err.contains("VITFORGE_MAX_ISA") && err.contains("generic, avx2, avx512, avx512bf16, amx"), "{err}");
 }
