@@ -294,8 +294,18 @@ dispatch! {
     /// Softmax of one row in place (scaled by `scale` first); returns the row's log-sum-exp of
     /// the scaled inputs.
     pub fn softmax_row(row: &mut [f32], scale: f32) -> f32 {
-        let mut max = f32::NEG_INFINITY;
-        for v in row.iter_mut() {
+        // The maximum in 16 independent lanes: one running maximum is a chain of dependent
+        // `max`es that does not vectorise (it was 10% of a small ViT's inference in bf16).
+        let mut lanes = [f32::NEG_INFINITY; 16];
+        let mut chunks = row.chunks_exact_mut(16);
+        for c in &mut chunks {
+            for i in 0..16 {
+                c[i] *= scale;
+                lanes[i] = lanes[i].max(c[i]);
+            }
+        }
+        let mut max = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        for v in chunks.into_remainder() {
             *v *= scale;
             max = max.max(*v);
         }
