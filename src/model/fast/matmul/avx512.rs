@@ -15,6 +15,7 @@ use std::arch::x86_64::*;
 
 use super::Mat;
 use super::sgemm::{Micro, pack_a, pack_b};
+use crate::model::precision::round_bf16;
 
 /// Rows and columns of both kernels' tile.
 const MR: usize = 12;
@@ -79,13 +80,11 @@ impl Micro for Bf16 {
     }
 }
 
-/// The bf16 bits of `x`, rounded to nearest even (as [`round_bf16`]; NaNs stay NaN): the scalar
+/// The bf16 bits of `x`, rounded by [`round_bf16`] (to nearest even; NaNs stay NaN): the scalar
 /// edges of the packing, where a vector of 16 does not fit.
-///
-/// [`round_bf16`]: crate::model::precision::round_bf16
 #[inline(always)]
 fn bf16_bits(x: f32) -> u32 {
-    u32::from(half::bf16::from_f32(x).to_bits())
+    round_bf16(x).to_bits() >> 16
 }
 
 /// One 32-bit slot of a pair: `lo`'s bf16 in the low half, `hi`'s in the high half.
@@ -122,6 +121,30 @@ fn interleave_pairs(lo: __m512, hi: __m512) -> __m512i {
 /// A mask of the first `n` (≤ 16) lanes.
 fn lanes(n: usize) -> __mmask16 {
     ((1u32 << n.min(16)) - 1) as __mmask16
+}
+
+/// One packed step from two runs across the tile (up to 16 floats each, the lanes of `mask`):
+/// the values at k = 2s from `lo`, those at k = 2s + 1 from `hi` (`None` past the end of k, read
+/// as zeros), interleaved into pair slots.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and BF16; the lanes of `mask` must be readable from `lo`
+/// and from `hi` when given.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn step_of_two_runs(lo: *const f32, hi: Option<*const f32>, mask: __mmask16) -> __m512i {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let hi = hi.map_or(_mm512_setzero_ps(), |p| _mm512_maskz_loadu_ps(mask, p));
+        interleave_pairs(_mm512_maskz_loadu_ps(mask, lo), hi)
+    }
+}
+
+/// Runs `run(0)..run(n)` (n ≤ 16) in the first `n` entries, for [`transpose_runs`], without
+/// allocating on the packing path.
+fn runs_of<'a>(n: usize, run: impl Fn(usize) -> &'a [f32]) -> [&'a [f32]; 16] {
+    assert!(n <= 16);
+    std::array::from_fn(|i| if i < n { run(i) } else { &[] })
 }
 
 /// Writes the pairs of up to 16 contiguous runs of k (`runs[i]`, `k` floats each) as packed
@@ -207,26 +230,23 @@ unsafe fn pack_a_pairs(a: Mat, i0: usize, mc: usize, k: usize, dst: &mut [f32]) 
         }
         if a.cs == 1 {
             // Rows contiguous in k: the panel's rows are the runs.
-            let runs: Vec<&[f32]> = (0..rows).map(|r| &a.data[a.offset + (r0 + r) * a.rs..][..k]).collect();
+            let runs = runs_of(rows, |r| &a.data[a.offset + (r0 + r) * a.rs..][..k]);
             // SAFETY: this function's contract.
-            unsafe { transpose_runs(&runs, k, panel, MR) };
+            unsafe { transpose_runs(&runs[..rows], k, panel, MR) };
         } else if a.rs == 1 {
             // Columns contiguous (a transposed view): the panel's rows of k = 2s and 2s + 1
             // are two runs of `rows` floats, interleaved into one step of the panel.
             let base = a.offset + r0;
             assert!(rows <= 16 && base + (k - 1) * a.cs + rows <= a.data.len());
             let mask = lanes(rows);
+            let column = |kk: usize| (kk < k).then(|| a.data[base + kk * a.cs..].as_ptr());
             for s in 0..depth {
-                // SAFETY: the masked loads read `rows` floats of columns 2s and 2s + 1 (< k,
-                // checked above) and the masked store writes `rows` slots of step s of the panel.
+                // SAFETY: this function's contract; the masked loads read `rows` floats of
+                // columns 2s and 2s + 1 (< k, checked above) and the masked store writes `rows`
+                // slots of step s of the panel.
                 unsafe {
-                    let lo = _mm512_maskz_loadu_ps(mask, a.data.as_ptr().add(base + 2 * s * a.cs));
-                    let hi = if 2 * s + 1 < k {
-                        _mm512_maskz_loadu_ps(mask, a.data.as_ptr().add(base + (2 * s + 1) * a.cs))
-                    } else {
-                        _mm512_setzero_ps()
-                    };
-                    _mm512_mask_storeu_epi32(panel[s * MR..][..MR].as_mut_ptr().cast(), mask, interleave_pairs(lo, hi));
+                    let v = step_of_two_runs(a.data[base + 2 * s * a.cs..].as_ptr(), column(2 * s + 1), mask);
+                    _mm512_mask_storeu_epi32(panel[s * MR..][..MR].as_mut_ptr().cast(), mask, v);
                 }
             }
         } else {
@@ -254,9 +274,10 @@ unsafe fn pack_b_pairs(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]) 
     if b.rs == 1 {
         // Columns contiguous in k (weights used as `x·Wᵀ`): 16 columns at a time are the runs.
         for jb in (0..nr).step_by(16) {
-            let runs: Vec<&[f32]> = (jb..nr.min(jb + 16)).map(|j| &b.data[b.offset + (j0 + j) * b.cs..][..k]).collect();
+            let n = (nr - jb).min(16);
+            let runs = runs_of(n, |j| &b.data[b.offset + (j0 + jb + j) * b.cs..][..k]);
             // SAFETY: this function's contract.
-            unsafe { transpose_runs(&runs, k, &mut dst[jb..], NR) };
+            unsafe { transpose_runs(&runs[..n], k, &mut dst[jb..], NR) };
         }
     } else if b.cs == 1 {
         // Rows contiguous: rows 2s and 2s + 1 interleaved, 16 columns at a time.
@@ -264,17 +285,13 @@ unsafe fn pack_b_pairs(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]) 
         assert!(row(k - 1) + nr <= b.data.len());
         for s in 0..depth {
             for j in (0..nr).step_by(16) {
-                let mask = lanes(nr - j);
-                // SAFETY: the masked loads read at most `nr - j` floats of rows 2s and 2s + 1
-                // (< k, checked above), and the store writes 16 slots of step s (j + 16 ≤ NR).
+                let at = |kk: usize| (kk < k).then(|| b.data[row(kk) + j..].as_ptr());
+                // SAFETY: this function's contract; the masked loads read at most `nr - j`
+                // floats of rows 2s and 2s + 1 (< k, checked above), and the store writes 16
+                // slots of step s (j + 16 ≤ NR).
                 unsafe {
-                    let lo = _mm512_maskz_loadu_ps(mask, b.data.as_ptr().add(row(2 * s) + j));
-                    let hi = if 2 * s + 1 < k {
-                        _mm512_maskz_loadu_ps(mask, b.data.as_ptr().add(row(2 * s + 1) + j))
-                    } else {
-                        _mm512_setzero_ps()
-                    };
-                    _mm512_storeu_si512(dst[s * NR + j..][..16].as_mut_ptr().cast(), interleave_pairs(lo, hi));
+                    let v = step_of_two_runs(b.data[row(2 * s) + j..].as_ptr(), at(2 * s + 1), lanes(nr - j));
+                    _mm512_storeu_si512(dst[s * NR + j..][..16].as_mut_ptr().cast(), v);
                 }
             }
         }
