@@ -168,7 +168,8 @@ fn selfcheck_passes_on_this_machine_and_fails_on_a_wrong_reference() {
     assert_eq!(summary["passed"], false);
 }
 
-/// `VITFORGE_MAX_ISA` at every kernel level this CPU runs: the golden files pass (the model's
+/// `VITFORGE_MAX_ISA` at every kernel level this CPU runs (`amx` where it has AMX, which only
+/// the variable selects): the golden files pass (the model's
 /// logits, loss and every gradient against PyTorch's), and `bench` reports the path it ran. An
 /// unknown level stops the command with a message naming the variable.
 #[test]
@@ -186,6 +187,15 @@ fn every_kernel_level_passes_the_golden_files_and_bench_names_it() {
                 levels.push("avx512bf16");
             }
         }
+    }
+    // AMX needs the OS's grant as well as the CPU's flags: the binary's own detection decides.
+    let (ok, out, err) = vitforge_with(&["bench", "--config", "tiny", "--mode", "infer", "--iters", "1", "--warmup", "0"], &[]);
+    assert!(ok, "{err}");
+    let line: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    if line["cpu_isa"] == "amx" {
+        levels.push("amx");
+        assert_eq!(line["path"], "avx512bf16", "the AMX kernel is not a default: {line}");
+        assert!(err.contains("the AMX kernel runs only with VITFORGE_MAX_ISA=amx"), "{err}");
     }
     for level in &levels {
         let env = [("VITFORGE_MAX_ISA", *level)];

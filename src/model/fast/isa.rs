@@ -2,13 +2,14 @@
 //! `VITFORGE_MAX_ISA` (`generic`, `avx2`, `avx512`, `avx512bf16` or `amx`) so that every path
 //! can be run, compared and tested on one machine.
 //!
-//! Our kernels exist for four levels: portable code (`generic`: the `gemm` crate's matrix
+//! Our kernels exist for five levels: portable code (`generic`: the `gemm` crate's matrix
 //! product and plain loops), AVX2 + FMA (our 6×16 matrix product, the element-wise kernels
 //! compiled for AVX2), AVX-512 (a 12×32 f32 matrix product, the element-wise kernels compiled
-//! for AVX-512) and AVX-512 BF16 (bf16 products by `vdpbf16ps`, 12×32). Each has run and been
-//! checked against f64 on a CPU with its instruction set (bench/RESULTS.md names the CPUs). An
-//! AMX CPU runs the AVX-512 BF16 kernels: no AMX kernel of ours has run on AMX hardware, so
-//! none is enabled.
+//! for AVX-512), AVX-512 BF16 (bf16 products by `vdpbf16ps`, 12×32) and AMX (bf16 products on
+//! tiles, 32×32). The first four have run and been checked against f64 on a CPU with their
+//! instruction set (bench/RESULTS.md names the CPUs) and are chosen by default. **The AMX kernel
+//! has not run on AMX hardware**, so it is never chosen by default: an AMX CPU runs the AVX-512
+//! BF16 kernels unless `VITFORGE_MAX_ISA=amx` names the level.
 
 use std::sync::OnceLock;
 
@@ -48,25 +49,25 @@ impl Isa {
         ALL.into_iter().find(|i| i.name().eq_ignore_ascii_case(s.trim()))
     }
 
-    /// The level whose kernels run at this level: the highest of ours at or below it.
-    pub fn kernels(self) -> Isa {
-        self.min(Isa::Avx512Bf16)
-    }
-
     /// Whether bf16 products run natively at this level (not emulated by rounding f32 operands).
     pub fn native_bf16(self) -> bool {
-        self.kernels() >= Isa::Avx512Bf16
+        self >= Isa::Avx512Bf16
     }
 
     /// What runs at this level, in words (for `vitforge bench` and the start-up log).
     pub fn describe_kernels(self) -> &'static str {
-        match self.kernels() {
+        match self {
             Isa::Generic => "portable kernels (the gemm crate's matrix product, plain loops)",
             Isa::Avx2 => "AVX2/FMA kernels (our 6×16 matrix product, the element-wise kernels compiled for AVX2)",
             Isa::Avx512 => {
                 "AVX-512 kernels (our 12×32 f32 matrix product, bf16 emulated by rounding; element-wise kernels compiled for AVX-512)"
             }
-            _ => "AVX-512 BF16 kernels (12×32 matrix products: f32 by FMA, bf16 by vdpbf16ps; element-wise kernels compiled for AVX-512)",
+            Isa::Avx512Bf16 => {
+                "AVX-512 BF16 kernels (12×32 matrix products: f32 by FMA, bf16 by vdpbf16ps; element-wise kernels compiled for AVX-512)"
+            }
+            Isa::Amx => {
+                "AMX kernels, not yet run on AMX hardware (bf16 products on 32×32 tiles; f32 by the 12×32 AVX-512 FMA kernel; element-wise kernels compiled for AVX-512)"
+            }
         }
     }
 }
@@ -86,14 +87,8 @@ fn detect() -> Isa {
     if !(has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq")) {
         return Isa::Avx2;
     }
-    // AMX has no stable feature detection: CPUID leaf 7, EDX bit 22 (AMX-BF16) and 24
-    // (AMX-TILE). The OS must also save the tile state (XCR0 bits 17 and 18); Linux enables it
-    // per process on request (arch_prctl), which a kernel using AMX must make first.
-    // SAFETY: CPUID leaf 7 exists on every CPU with AVX2.
-    #[allow(unused_unsafe)]
-    let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
-    let amx = edx & (1 << 22) != 0 && edx & (1 << 24) != 0;
-    match (has!("avx512bf16"), amx) {
+    // AMX has no stable feature detection: the CPUID bits, and the OS's grant of the tile state.
+    match (has!("avx512bf16"), super::matmul::amx_available()) {
         (false, _) => Isa::Avx512,
         (true, false) => Isa::Avx512Bf16,
         (true, true) => Isa::Amx,
@@ -124,19 +119,29 @@ fn cap() -> Option<Isa> {
     *CAP.get_or_init(|| cap_from_env().ok().flatten())
 }
 
-/// The level the kernels use: what the CPU has, capped by [`cap`].
+/// The level the kernels use: what the CPU has, capped by [`cap`]; `amx` only where the cap
+/// names it (see the module's note).
 pub fn active() -> Isa {
     #[cfg(test)]
     if let Some(isa) = tests::OVERRIDE.get() {
         return isa.min(detected());
     }
-    cap().map_or(detected(), |c| detected().min(c))
+    choose(detected(), cap())
+}
+
+/// The level for a CPU at `detected` under `cap`.
+fn choose(detected: Isa, cap: Option<Isa>) -> Isa {
+    match cap {
+        Some(cap) => detected.min(cap),
+        None => detected.min(Isa::Avx512Bf16),
+    }
 }
 
 /// One line for logs and `vitforge bench`: the CPU's level, the cap, and what runs.
 pub fn summary() -> String {
     let cap = cap().map(|c| format!(", capped at {} by {CAP_VAR}", c.name())).unwrap_or_default();
-    format!("CPU instruction sets: {} detected{cap}; running {}", detected().name(), active().describe_kernels())
+    let amx = if detected() == Isa::Amx && active() != Isa::Amx { format!(" (the AMX kernel runs only with {CAP_VAR}=amx)") } else { String::new() };
+    format!("CPU instruction sets: {} detected{cap}; running {}{amx}", detected().name(), active().describe_kernels())
 }
 
 #[cfg(test)]
@@ -158,12 +163,10 @@ pub mod tests {
         out
     }
 
-    /// The levels this machine can run, each with the kernels it selects, lowest first: every
-    /// kernel test runs once per entry (a level whose kernels are a lower level's is skipped).
+    /// The levels this machine can run, lowest first (`amx` included where the CPU has it):
+    /// every kernel test runs once per entry.
     pub fn runnable() -> Vec<Isa> {
-        let mut out: Vec<Isa> = ALL.into_iter().filter(|&i| i <= detected()).map(Isa::kernels).collect();
-        out.dedup();
-        out
+        ALL.into_iter().filter(|&i| i <= detected()).collect()
     }
 
     #[test]
@@ -172,9 +175,12 @@ pub mod tests {
         assert_eq!(Isa::parse("sse"), None);
         assert_eq!(Isa::parse("avx512BF16"), Some(Isa::Avx512Bf16));
         assert!(ALL.windows(2).all(|w| w[0] < w[1]));
-        assert_eq!(Isa::Amx.kernels(), Isa::Avx512Bf16, "no AMX kernel of ours is enabled");
-        assert!(Isa::Amx.native_bf16() && !Isa::Avx512.native_bf16());
-        assert_eq!(Isa::Generic.kernels(), Isa::Generic);
+        assert_eq!(choose(Isa::Amx, None), Isa::Avx512Bf16, "the AMX kernel, never run on AMX, is not a default");
+        assert_eq!(choose(Isa::Amx, Some(Isa::Amx)), Isa::Amx);
+        assert_eq!(choose(Isa::Avx512Bf16, Some(Isa::Amx)), Isa::Avx512Bf16);
+        assert_eq!(choose(Isa::Amx, Some(Isa::Avx2)), Isa::Avx2);
+        assert_eq!(choose(Isa::Avx512, None), Isa::Avx512);
+        assert!(Isa::Amx.native_bf16() && Isa::Avx512Bf16.native_bf16() && !Isa::Avx512.native_bf16());
         assert_eq!(on(Isa::Generic, active), Isa::Generic);
         assert!(runnable().contains(&Isa::Generic));
         #[cfg(target_arch = "x86_64")]

@@ -44,13 +44,13 @@ pub fn reference_ops_forced() -> bool {
 }
 
 /// Which compute path a CPU model runs, for `vitforge bench`: `reference` (candle's composed ops,
-/// `VITFORGE_REFERENCE_OPS`), else the kernel level (`generic`, `avx2`, `avx512` or `avx512bf16`, see [`isa`]), with
+/// `VITFORGE_REFERENCE_OPS`), else the kernel level (`generic`, `avx2`, `avx512`, `avx512bf16` or `amx`, see [`isa`]), with
 /// `+gemm-crate` when `VITFORGE_GENERIC_GEMM` swaps our matrix product for the crate's.
 pub fn cpu_path() -> String {
     if reference_ops_forced() {
         return "reference".into();
     }
-    let level = isa::active().kernels();
+    let level = isa::active();
     let crate_gemm = if level >= isa::Isa::Avx2 && matmul::generic_forced() { "+gemm-crate" } else { "" };
     format!("{}{crate_gemm}", level.name())
 }

@@ -19,7 +19,7 @@ use crate::model::precision::round_bf16;
 
 /// Rows and columns of both kernels' tile.
 const MR: usize = 12;
-const NR: usize = 32;
+pub(super) const NR: usize = 32;
 
 /// The AVX-512 f32 kernel (12×32).
 pub(super) struct F32;
@@ -89,7 +89,7 @@ fn bf16_bits(x: f32) -> u32 {
 
 /// One 32-bit slot of a pair: `lo`'s bf16 in the low half, `hi`'s in the high half.
 #[inline(always)]
-fn pair(lo: f32, hi: f32) -> f32 {
+pub(super) fn pair(lo: f32, hi: f32) -> f32 {
     f32::from_bits(bf16_bits(lo) | bf16_bits(hi) << 16)
 }
 
@@ -98,7 +98,7 @@ fn pair(lo: f32, hi: f32) -> f32 {
 /// flushes subnormals to zero (as `vdpbf16ps` treats them anyway).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16")]
-fn run_pairs(first: __m512, second: __m512) -> __m512i {
+pub(super) fn run_pairs(first: __m512, second: __m512) -> __m512i {
     // The low 16 bf16 lanes come from the second operand: `first`, in order, then `second`.
     // SAFETY: same size; a vector of bf16 is a vector of bits.
     unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(second, first)) }
@@ -119,7 +119,7 @@ fn interleave_pairs(lo: __m512, hi: __m512) -> __m512i {
 }
 
 /// A mask of the first `n` (≤ 16) lanes.
-fn lanes(n: usize) -> __mmask16 {
+pub(super) fn lanes(n: usize) -> __mmask16 {
     ((1u32 << n.min(16)) - 1) as __mmask16
 }
 
@@ -132,7 +132,7 @@ fn lanes(n: usize) -> __mmask16 {
 /// and from `hi` when given.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn step_of_two_runs(lo: *const f32, hi: Option<*const f32>, mask: __mmask16) -> __m512i {
+pub(super) unsafe fn step_of_two_runs(lo: *const f32, hi: Option<*const f32>, mask: __mmask16) -> __m512i {
     // SAFETY: the caller's contract.
     unsafe {
         let hi = hi.map_or(_mm512_setzero_ps(), |p| _mm512_maskz_loadu_ps(mask, p));
@@ -185,7 +185,7 @@ unsafe fn transpose_runs(runs: &[&[f32]], k: usize, dst: &mut [f32], stride: usi
 /// Transposes a 16 × 16 block of 32-bit values held as sixteen rows.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+pub(super) fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
     // Within each 128-bit lane L, u[4g + q] holds column 4L + q of rows 4g .. 4g + 4.
     let mut u = [_mm512_setzero_si512(); 16];
     for g in 0..4 {
@@ -265,7 +265,7 @@ unsafe fn pack_a_pairs(a: Mat, i0: usize, mc: usize, k: usize, dst: &mut [f32]) 
 /// # Safety
 /// The CPU must support AVX-512 F, BW and BF16.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pack_b_pairs(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]) {
+pub(super) unsafe fn pack_b_pairs(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]) {
     let depth = k.div_ceil(2);
     let dst = &mut dst[..depth * NR];
     if nr < NR {

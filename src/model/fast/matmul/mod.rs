@@ -6,11 +6,16 @@
 //! products accumulate in f32 (natively by `vdpbf16ps` at the `avx512bf16` level).
 
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod sgemm;
 
 use gemm::Parallelism;
+
+#[cfg(target_arch = "x86_64")]
+pub use amx::available as amx_available;
 
 use crate::model::precision::{Precision, round_bf16};
 
@@ -106,10 +111,12 @@ pub fn gemm(a: Mat, b: Mat, c: MatMut, beta: f32, accumulate: bool, threads: Thr
         use super::isa::Isa;
         let parallel = threads == Threads::All && rayon::current_num_threads() > 1;
         let bf16 = precision == Precision::Bf16;
-        let level = super::isa::active().kernels();
-        // SAFETY (of each kernel's instructions): `isa::active` is never above what this CPU has.
+        let level = super::isa::active();
+        // SAFETY (of each kernel's instructions): `isa::active` is never above what this CPU has
+        // (and `amx` only where Linux granted the tile state).
         match level {
             Isa::Generic | Isa::Avx2 => sgemm::gemm::<sgemm::Avx2>(a, b, c, beta, accumulate, parallel, bf16),
+            Isa::Amx if bf16 => sgemm::gemm::<amx::Amx>(a, b, c, beta, accumulate, parallel, true),
             _ if bf16 && level.native_bf16() => sgemm::gemm::<avx512::Bf16>(a, b, c, beta, accumulate, parallel, true),
             _ => sgemm::gemm::<avx512::F32>(a, b, c, beta, accumulate, parallel, bf16),
         }
@@ -168,57 +175,74 @@ mod tests {
     use super::*;
     use crate::model::fast::isa::tests::{on, runnable};
 
-    /// At every kernel level this CPU runs (`VITFORGE_MAX_ISA`'s levels) and in both precisions:
-    /// every layout of A and B, sizes that cut micro-tiles, row blocks and depth blocks at odd
-    /// places, a strided output, accumulation and scaling, serial and parallel, against a plain
-    /// triple loop in f64 (on the bf16-rounded operands in bf16).
+    /// At every kernel level this CPU runs (`VITFORGE_MAX_ISA`'s levels, `amx` included where
+    /// the CPU has it) and in both precisions: every layout of A and B, sizes that cut
+    /// micro-tiles, row blocks and depth blocks at odd places, a strided output, accumulation
+    /// and scaling, serial and parallel, against a plain triple loop in f64 (on the
+    /// bf16-rounded operands in bf16).
     #[test]
     fn products_match_f64_for_every_layout_edge_and_level() {
-        let mut seed = 1u64;
-        let mut rand = move || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        };
         let levels = runnable();
-        for &(m, n, k) in &[(1, 1, 1), (5, 15, 7), (6, 16, 384), (13, 37, 385), (101, 33, 800), (200, 130, 64)] {
-            let a: Vec<f32> = (0..m * k).map(|_| rand()).collect();
-            let b: Vec<f32> = (0..k * n).map(|_| rand()).collect();
-            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-                // Stored transposed when asked, then viewed back as m×k and k×n.
-                let av = if ta { Mat::rows(&a, k, m).t() } else { Mat::rows(&a, m, k) };
-                let bv = if tb { Mat::rows(&b, n, k).t() } else { Mat::rows(&b, k, n) };
-                for (&level, (accumulate, threads), precision) in levels.iter().flat_map(|l| {
-                    [(false, Threads::One, Precision::F32), (true, Threads::All, Precision::F32), (false, Threads::All, Precision::Bf16), (true, Threads::One, Precision::Bf16)]
-                        .map(|(acc, th, p)| (l, (acc, th), p))
-                }) {
-                    let op = |x: f32| f64::from(if precision == Precision::Bf16 { round_bf16(x) } else { x });
-                    let at = |i: usize, p: usize| op(a[av.offset + i * av.rs + p * av.cs]);
-                    let bt = |p: usize, j: usize| op(b[bv.offset + p * bv.rs + j * bv.cs]);
-                    let stride = n + 3;
-                    let mut c = vec![0.25f32; m * stride];
-                    on(level, || gemm(av, bv, MatMut::strided(&mut c, m, n, stride, 2), 0.5, accumulate, threads, precision));
-                    for i in 0..m {
-                        for j in 0..stride {
-                            let got = f64::from(c[i * stride + j]);
-                            let want = if (2..2 + n).contains(&j) {
-                                let dot: f64 = (0..k).map(|p| at(i, p) * bt(p, j - 2)).sum();
-                                0.5 * dot + if accumulate { 0.25 } else { 0.0 }
-                            } else {
-                                0.25
-                            };
-                            assert!(
-                                (got - want).abs() < 1e-4,
-                                "{level:?} {precision:?} {m}x{n}x{k} ta={ta} tb={tb} acc={accumulate}: c[{i}][{j}] = {got}, want {want}"
-                            );
-                        }
-                    }
-                }
-            }
+        for &level in &levels {
+            check_products(&format!("{level:?}"), &[Precision::F32, Precision::Bf16], |a, b, c, alpha, acc, threads, precision| {
+                on(level, || gemm(a, b, c, alpha, acc, threads, precision))
+            });
         }
         // An empty depth: C is cleared, or left as it is when accumulating.
         let mut c = vec![3.0f32; 4];
         gemm(Mat::rows(&[], 2, 0), Mat::rows(&[], 0, 2), MatMut::rows(&mut c, 2, 2), 1.0, false, Threads::One, Precision::F32);
         assert_eq!(c, vec![0.0; 4]);
         eprintln!("matrix products checked at {:?}", levels);
+    }
+
+    /// Checks `run` — a product `c (+)= alpha·a·b` (a, b, c, alpha, accumulate, threads,
+    /// precision) — against f64 for the `precisions` given: sizes that cut every kernel's tiles
+    /// and blocks, every layout of A and B, a strided output, scaling by 1 and by ½, with and
+    /// without accumulation, serial and parallel.
+    pub(super) fn check_products(label: &str, precisions: &[Precision], run: impl Fn(Mat, Mat, MatMut, f32, bool, Threads, Precision)) {
+        let mut seed = 1u64;
+        let mut rand = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        let runs = [
+            (false, Threads::One, Precision::F32, 0.5),
+            (true, Threads::All, Precision::F32, 1.0),
+            (false, Threads::All, Precision::Bf16, 1.0),
+            (true, Threads::One, Precision::Bf16, 0.5),
+            (true, Threads::All, Precision::Bf16, 1.0),
+        ];
+        for &(m, n, k) in &[(1, 1, 1), (5, 15, 7), (6, 16, 384), (13, 37, 385), (70, 96, 49), (101, 33, 800), (200, 130, 64)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rand()).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rand()).collect();
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                // Stored transposed when asked, then viewed back as m×k and k×n.
+                let av = if ta { Mat::rows(&a, k, m).t() } else { Mat::rows(&a, m, k) };
+                let bv = if tb { Mat::rows(&b, n, k).t() } else { Mat::rows(&b, k, n) };
+                for &(accumulate, threads, precision, alpha) in runs.iter().filter(|r| precisions.contains(&r.2)) {
+                    let op = |x: f32| f64::from(if precision == Precision::Bf16 { round_bf16(x) } else { x });
+                    let at = |i: usize, p: usize| op(a[av.offset + i * av.rs + p * av.cs]);
+                    let bt = |p: usize, j: usize| op(b[bv.offset + p * bv.rs + j * bv.cs]);
+                    let stride = n + 3;
+                    let mut c = vec![0.25f32; m * stride];
+                    run(av, bv, MatMut::strided(&mut c, m, n, stride, 2), alpha, accumulate, threads, precision);
+                    for i in 0..m {
+                        for j in 0..stride {
+                            let got = f64::from(c[i * stride + j]);
+                            let want = if (2..2 + n).contains(&j) {
+                                let dot: f64 = (0..k).map(|p| at(i, p) * bt(p, j - 2)).sum();
+                                f64::from(alpha) * dot + if accumulate { 0.25 } else { 0.0 }
+                            } else {
+                                0.25
+                            };
+                            assert!(
+                                (got - want).abs() < 1e-4,
+                                "{label} {precision:?} {m}x{n}x{k} ta={ta} tb={tb} acc={accumulate} alpha={alpha}: c[{i}][{j}] = {got}, want {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! A blocked single-precision matrix product for x86-64, after BLIS (Goto's algorithm): a
 //! register-blocked micro-kernel ([`Micro`]: 6×16 with AVX2 + FMA here, 12×32 with AVX-512 in
-//! `avx512.rs`), B packed once into NR-wide panels, and A read in place when its rows are
+//! `avx512.rs`, 32×32 on AMX tiles in `amx.rs`), B packed once into NR-wide panels, and A read in place when its rows are
 //! contiguous (packed otherwise). Each rayon task owns a block of rows and finishes one strip of
 //! C over the whole depth before the next, so the strip stays in L2.
 //!
@@ -35,13 +35,17 @@ pub(super) trait Micro {
     /// Whether a packed step holds two values of k, as a pair of bf16 in one 32-bit slot (low
     /// half first), rather than one f32.
     const PAIRS: bool;
+    /// Packed steps come in blocks of this many (KC is a multiple of it): the depth is padded
+    /// with zero steps to whole blocks (AMX tiles take 16 pairs of k at a time).
+    const STEP_BLOCK: usize = 1;
 
-    /// Packs rows `i0..i0+mc` of `a` (all of k) into panels of MR rows, step-major
-    /// (`dst[panel][step][r]`), zero-padded.
+    /// Packs rows `i0..i0+mc` of `a` (all of k, padded to whole blocks of steps) into panels of
+    /// MR rows, `MR · STEP_BLOCK` slots per block (`dst[panel][block][..]`, step-major within
+    /// it, `dst[panel][step][r]`, unless the kernel says otherwise), zero-padded.
     fn pack_a(a: Mat, i0: usize, mc: usize, k: usize, dst: &mut [f32]);
 
-    /// Packs columns `j0..j0+nr` of `b` (all of k) as one NR-wide panel, step-major
-    /// (`dst[step][j]`), zero-padded.
+    /// Packs columns `j0..j0+nr` of `b` (all of k, padded to whole blocks of steps) as one
+    /// NR-wide panel, step-major (`dst[step][j]`), zero-padded.
     fn pack_b(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]);
 
     /// `c[MR×NR] (+)= alpha · a · b` over `steps` packed steps, A packed.
@@ -95,7 +99,7 @@ const MC: usize = 96;
 /// Columns of a strip of C finished before the next (`MC × NS` is 48 KiB, in L2).
 const NS: usize = 128;
 /// The largest tile of any kernel, in floats (the scratch tile for cut edges).
-const MAX_TILE: usize = 12 * 32;
+const MAX_TILE: usize = 32 * 32;
 
 /// A raw pointer that may cross to rayon's threads: every task writes a disjoint set of rows.
 #[derive(Clone, Copy)]
@@ -114,6 +118,7 @@ unsafe impl Sync for OutPtr {}
 /// updates stays in L2 instead of being reloaded from memory for every block of depth.
 pub(super) fn gemm<K: Micro>(a: Mat, b: Mat, c: MatMut, alpha: f32, accumulate: bool, parallel: bool, bf16: bool) {
     debug_assert!(K::MR * K::NR <= MAX_TILE && MC.is_multiple_of(K::MR) && NS.is_multiple_of(K::NR));
+    debug_assert!(K::KC.is_multiple_of(K::STEP_BLOCK));
     let (n, k) = (c.cols, a.cols);
     let ldc = c.rs;
     let out = OutPtr(c.data[c.offset..].as_mut_ptr());
@@ -125,9 +130,9 @@ pub(super) fn gemm<K: Micro>(a: Mat, b: Mat, c: MatMut, alpha: f32, accumulate: 
     });
 }
 
-/// Packed steps for a depth of `k`.
+/// Packed steps for a depth of `k`, padded to whole blocks of [`Micro::STEP_BLOCK`].
 fn steps<K: Micro>(k: usize) -> usize {
-    if K::PAIRS { k.div_ceil(2) } else { k }
+    (if K::PAIRS { k.div_ceil(2) } else { k }).next_multiple_of(K::STEP_BLOCK)
 }
 
 /// How [`run`] runs: the scale, whether it adds to C, on how many threads, in which precision.
