@@ -88,11 +88,46 @@ fn detect() -> Isa {
         return Isa::Avx2;
     }
     // AMX has no stable feature detection: the CPUID bits, and the OS's grant of the tile state.
-    match (has!("avx512bf16"), super::matmul::amx_available()) {
+    match (has!("avx512bf16"), amx_available()) {
         (false, _) => Isa::Avx512,
         (true, false) => Isa::Avx512Bf16,
         (true, true) => Isa::Amx,
     }
+}
+
+/// Whether this process may use AMX tiles: the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7,
+/// EDX bits 24 and 22) and Linux granted the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM,
+/// XFEATURE_XTILEDATA)`, then `ARCH_GET_XCOMP_PERM` shows it). Asked once, by [`detected`].
+#[cfg(target_arch = "x86_64")]
+fn amx_available() -> bool {
+    // SAFETY: CPUID leaf 7 exists on every CPU this is asked on (it has AVX-512).
+    #[allow(unused_unsafe)]
+    let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
+    if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+        return false;
+    }
+    grant_tile_state()
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn grant_tile_state() -> bool {
+    const ARCH_GET_XCOMP_PERM: libc::c_long = 0x1022;
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    let mut granted: libc::c_ulong = 0;
+    // SAFETY: arch_prctl with these codes reads an integer argument or writes one `c_ulong`
+    // through the pointer given.
+    unsafe {
+        libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
+            && libc::syscall(libc::SYS_arch_prctl, ARCH_GET_XCOMP_PERM, &mut granted as *mut libc::c_ulong) == 0
+            && granted & (1 << XFEATURE_XTILEDATA) != 0
+    }
+}
+
+/// Other systems: not known to grant the tile state, so AMX is not used there.
+#[cfg(all(target_arch = "x86_64", not(target_os = "linux")))]
+fn grant_tile_state() -> bool {
+    false
 }
 
 #[cfg(not(target_arch = "x86_64"))]

@@ -14,9 +14,6 @@ mod sgemm;
 
 use gemm::Parallelism;
 
-#[cfg(target_arch = "x86_64")]
-pub use amx::available as amx_available;
-
 use crate::model::precision::{Precision, round_bf16};
 
 /// A read-only matrix view: `rows × cols` elements at `data[offset + r·rs + c·cs]`.
