@@ -10,26 +10,23 @@
 //! an AMX CPU the same test, and every matrix-product test at the `amx` level, run the
 //! instructions themselves.
 //!
-//! Layouts. B is the AVX-512 BF16 kernel's pair panel (`dst[s][j]`: the bf16 of k = 2s and
-//! 2s + 1 of column j in one 32-bit slot), which is AMX's "VNNI" layout of a B tile: a block of
-//! 16 steps of a 32-wide panel is two B tiles, 128 bytes apart per row. A is packed per block of
-//! 16 steps with each row's 16 pairs contiguous (`dst[panel][block][r][s]`: row-major bf16,
-//! 64 bytes per tile row). The depth is padded with zero pairs to whole blocks.
+//! Layouts: the AVX-512 BF16 kernel's packing, whose blocks of 16 pairs of k are AMX's. B's pair
+//! panel (`dst[s][j]`: the bf16 of k = 2s and 2s + 1 of column j in one 32-bit slot) is AMX's
+//! "VNNI" layout of a B tile: a block of 16 steps of a 32-wide panel is two B tiles, 128 bytes
+//! apart per row. A's blocks hold each row's 16 pairs contiguous (`dst[panel][block][r][q]`:
+//! row-major bf16, 64 bytes per tile row).
 
 #![cfg(target_arch = "x86_64")]
 
 use std::arch::asm;
-use std::arch::x86_64::*;
 
 use super::Mat;
-use super::avx512::{lanes, pack_b_pairs, pair, run_pairs, step_of_two_runs, transpose16};
+use super::avx512::{PAIR_BLOCK as KT, pack_a_blocks, pack_b_blocks};
 use super::sgemm::Micro;
 
 /// Rows and columns of the kernel's tile of C: 2 × 2 AMX tiles of 16 × 16 floats.
 const MR: usize = 32;
 const NR: usize = super::avx512::NR;
-/// Pairs of k in one AMX tile row (64 bytes).
-const KT: usize = 16;
 /// Bytes of a packed slot (a pair of bf16, or an f32 of C).
 const SLOT: usize = 4;
 
@@ -47,7 +44,7 @@ impl Micro for Amx {
 
     fn pack_a(a: Mat, i0: usize, mc: usize, k: usize, dst: &mut [f32]) {
         // SAFETY: the driver runs this kernel only on a CPU with AMX, which has AVX-512 BF16.
-        unsafe { pack_a_rows(a, i0, mc, k, dst) }
+        unsafe { pack_a_blocks::<MR>(a, i0, mc, k, dst) }
     }
 
     fn pack_b(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]) {
@@ -63,93 +60,6 @@ impl Micro for Amx {
     unsafe fn rows(_: usize, _: *const f32, _: usize, _: *const f32, _: *mut f32, _: usize, _: f32, _: bool) {
         unreachable!("a kernel of bf16 pairs always packs A (the driver checks PAIRS)")
     }
-}
-
-/// Steps of the padded depth for `k`: pairs, in whole blocks of [`KT`].
-fn padded_steps(k: usize) -> usize {
-    k.div_ceil(2).next_multiple_of(KT)
-}
-
-/// [`Micro::pack_a`] for tiles: `dst[panel][block][r][q] = pair(a[r][2s], a[r][2s+1])` with
-/// `s = 16·block + q`, zero beyond the matrix (past k, and rows past `mc`).
-///
-/// # Safety
-/// The CPU must support AVX-512 F, BW and BF16.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pack_a_rows(a: Mat, i0: usize, mc: usize, k: usize, dst: &mut [f32]) {
-    let depth = padded_steps(k);
-    let blocks = depth / KT;
-    let dst = &mut dst[..mc.div_ceil(MR) * MR * depth];
-    for (pi, panel) in dst.chunks_mut(MR * depth).enumerate() {
-        let r0 = i0 + pi * MR;
-        let rows = MR.min(i0 + mc - r0);
-        let slots = |panel: &mut [f32], block: usize, r: usize| panel[(block * MR + r) * KT..][..KT].as_mut_ptr().cast::<__m512i>();
-        if a.cs == 1 {
-            // Rows contiguous in k: 32 values of a row are one row of a tile.
-            for r in 0..MR {
-                let row = if r < rows { a.data[a.offset + (r0 + r) * a.rs..][..k].as_ptr() } else { std::ptr::null() };
-                for block in 0..blocks {
-                    let kk = block * 2 * KT;
-                    let n = if r < rows { k.saturating_sub(kk).min(2 * KT) } else { 0 };
-                    // SAFETY: this function's contract; the masked loads read the `n` values of
-                    // row r0 + r from kk (inside the row's k values; none past the panel's
-                    // rows), the store writes the 16 slots of this row of the block.
-                    unsafe {
-                        let first = if n > 0 { _mm512_maskz_loadu_ps(lanes(n), row.add(kk)) } else { _mm512_setzero_ps() };
-                        let second = if n > 16 { _mm512_maskz_loadu_ps(lanes(n - 16), row.add(kk + 16)) } else { _mm512_setzero_ps() };
-                        _mm512_storeu_si512(slots(panel, block, r), run_pairs(first, second));
-                    }
-                }
-            }
-        } else if a.rs == 1 {
-            // Columns contiguous (a transposed view): 16 steps of 16 rows by interleaving two
-            // columns each, then a 16 × 16 transpose makes them 16 rows of 16 steps.
-            for g in (0..MR).step_by(16) {
-                let n = rows.saturating_sub(g).min(16);
-                let base = a.offset + r0 + g;
-                assert!(n == 0 || base + (k - 1) * a.cs + n <= a.data.len());
-                let column = |kk: usize| (n > 0 && kk < k).then(|| a.data[base + kk * a.cs..].as_ptr());
-                for block in 0..blocks {
-                    let steps: [__m512i; KT] = std::array::from_fn(|q| {
-                        let s = block * KT + q;
-                        match column(2 * s) {
-                            // SAFETY: this function's contract; the masked loads read `n` floats
-                            // of columns 2s and 2s + 1 (< k, checked above).
-                            Some(lo) => unsafe { step_of_two_runs(lo, column(2 * s + 1), lanes(n)) },
-                            None => _mm512_setzero_si512(),
-                        }
-                    });
-                    for (r, v) in transpose16(steps).into_iter().enumerate() {
-                        // SAFETY: the 16 slots of row g + r of this block, inside the panel.
-                        unsafe { _mm512_storeu_si512(slots(panel, block, g + r), v) };
-                    }
-                }
-            }
-        } else {
-            let at = |i: usize, kk: usize| if kk < k { a.data[a.offset + i * a.rs + kk * a.cs] } else { 0.0 };
-            for block in 0..blocks {
-                for r in 0..MR {
-                    for q in 0..KT {
-                        let s = block * KT + q;
-                        panel[(block * MR + r) * KT + q] = if r < rows { pair(at(r0 + r, 2 * s), at(r0 + r, 2 * s + 1)) } else { 0.0 };
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// [`Micro::pack_b`] for tiles: the AVX-512 BF16 kernel's pair panel, then zero steps to the
-/// padded depth.
-///
-/// # Safety
-/// The CPU must support AVX-512 F, BW and BF16.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pack_b_blocks(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]) {
-    let dst = &mut dst[..padded_steps(k) * NR];
-    // SAFETY: this function's contract.
-    unsafe { pack_b_pairs(b, k, j0, nr, dst) };
-    dst[k.div_ceil(2) * NR..].fill(0.0);
 }
 
 /// The tile instructions the kernel uses, with the tile registers as constants: run by the CPU
@@ -245,7 +155,7 @@ impl Tiles for Hardware {
 }
 
 /// The 32×32 tile kernel: `c (+)= alpha · a · b` over `steps` pairs of k (whole blocks of 16),
-/// A packed by [`pack_a_rows`] and B by [`pack_b_blocks`]. Tiles 0–3 hold C (rows 0–15 and
+/// A packed by [`pack_a_blocks`] and B by [`pack_b_blocks`]. Tiles 0–3 hold C (rows 0–15 and
 /// 16–31, columns 0–15 and 16–31), 4–5 the two halves of A's rows, 6–7 the two halves of B's
 /// columns. With `alpha` 1, C is loaded into the tiles (or they are zeroed) and stored back;
 /// otherwise the product goes through a scratch tile and is scaled on the way.

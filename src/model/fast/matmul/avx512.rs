@@ -4,7 +4,10 @@
 //! - [`Bf16`]: bf16 by `vdpbf16ps` (AVX-512 BF16), which multiplies pairs of bf16 values and adds
 //!   both products to an f32 accumulator. Both operands are packed in pairs along k — each
 //!   32-bit slot holds the bf16 of k = 2s (low half) and of k = 2s + 1 (high half), rounded to
-//!   nearest even as [`round_bf16`] does — so one instruction does two steps of depth.
+//!   nearest even as [`round_bf16`] does — so one instruction does two steps of depth. The
+//!   depth is padded to whole blocks of 16 pairs ([`PAIR_BLOCK`]); A keeps each row's 16 pairs
+//!   of a block together (row-major bf16, converted without a transpose when A is row-major,
+//!   as activations are), and the AMX kernel (`amx.rs`) packs both operands the same way.
 //!
 //! Every product of two bf16 values is exact in f32, so [`Bf16`] and the emulation differ only in
 //! the order of the f32 additions (and in `vdpbf16ps` treating subnormal inputs as zero).
@@ -20,6 +23,9 @@ use crate::model::precision::round_bf16;
 /// Rows and columns of both kernels' tile.
 const MR: usize = 12;
 pub(super) const NR: usize = 32;
+/// Pairs of k per block of a bf16 panel: the depth is padded with zero pairs to whole blocks,
+/// and A keeps each row's pairs of a block together (64 bytes: the row of an AMX tile).
+pub(super) const PAIR_BLOCK: usize = 16;
 
 /// The AVX-512 f32 kernel (12×32).
 pub(super) struct F32;
@@ -59,15 +65,16 @@ impl Micro for Bf16 {
     /// 128 pairs: a panel of B of 16 KiB, as for [`F32`], covering twice the depth.
     const KC: usize = 128;
     const PAIRS: bool = true;
+    const STEP_BLOCK: usize = PAIR_BLOCK;
 
     fn pack_a(a: Mat, i0: usize, mc: usize, k: usize, dst: &mut [f32]) {
         // SAFETY: the driver runs this kernel only on a CPU with AVX-512 BF16.
-        unsafe { pack_a_pairs(a, i0, mc, k, dst) }
+        unsafe { pack_a_blocks::<MR>(a, i0, mc, k, dst) }
     }
 
     fn pack_b(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]) {
         // SAFETY: as for `pack_a`.
-        unsafe { pack_b_pairs(b, k, j0, nr, dst) }
+        unsafe { pack_b_blocks(b, k, j0, nr, dst) }
     }
 
     unsafe fn packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
@@ -89,7 +96,7 @@ fn bf16_bits(x: f32) -> u32 {
 
 /// One 32-bit slot of a pair: `lo`'s bf16 in the low half, `hi`'s in the high half.
 #[inline(always)]
-pub(super) fn pair(lo: f32, hi: f32) -> f32 {
+fn pair(lo: f32, hi: f32) -> f32 {
     f32::from_bits(bf16_bits(lo) | bf16_bits(hi) << 16)
 }
 
@@ -98,7 +105,7 @@ pub(super) fn pair(lo: f32, hi: f32) -> f32 {
 /// flushes subnormals to zero (as `vdpbf16ps` treats them anyway).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16")]
-pub(super) fn run_pairs(first: __m512, second: __m512) -> __m512i {
+fn run_pairs(first: __m512, second: __m512) -> __m512i {
     // The low 16 bf16 lanes come from the second operand: `first`, in order, then `second`.
     // SAFETY: same size; a vector of bf16 is a vector of bits.
     unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(second, first)) }
@@ -119,7 +126,7 @@ fn interleave_pairs(lo: __m512, hi: __m512) -> __m512i {
 }
 
 /// A mask of the first `n` (≤ 16) lanes.
-pub(super) fn lanes(n: usize) -> __mmask16 {
+fn lanes(n: usize) -> __mmask16 {
     ((1u32 << n.min(16)) - 1) as __mmask16
 }
 
@@ -132,7 +139,7 @@ pub(super) fn lanes(n: usize) -> __mmask16 {
 /// and from `hi` when given.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub(super) unsafe fn step_of_two_runs(lo: *const f32, hi: Option<*const f32>, mask: __mmask16) -> __m512i {
+unsafe fn step_of_two_runs(lo: *const f32, hi: Option<*const f32>, mask: __mmask16) -> __m512i {
     // SAFETY: the caller's contract.
     unsafe {
         let hi = hi.map_or(_mm512_setzero_ps(), |p| _mm512_maskz_loadu_ps(mask, p));
@@ -185,7 +192,7 @@ unsafe fn transpose_runs(runs: &[&[f32]], k: usize, dst: &mut [f32], stride: usi
 /// Transposes a 16 × 16 block of 32-bit values held as sixteen rows.
 #[inline]
 #[target_feature(enable = "avx512f")]
-pub(super) fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
     // Within each 128-bit lane L, u[4g + q] holds column 4L + q of rows 4g .. 4g + 4.
     let mut u = [_mm512_setzero_si512(); 16];
     for g in 0..4 {
@@ -212,51 +219,100 @@ pub(super) fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
     out
 }
 
-/// [`Micro::pack_a`] in pairs: `dst[panel][s][r] = pair(a[r][2s], a[r][2s+1])`, zero beyond the
-/// matrix (a missing last value of an odd k, and rows past `mc`).
+/// Steps of the padded depth for `k`: pairs, in whole blocks of [`PAIR_BLOCK`].
+fn padded_pairs(k: usize) -> usize {
+    k.div_ceil(2).next_multiple_of(PAIR_BLOCK)
+}
+
+/// [`Micro::pack_a`] in blocks of pairs, for both bf16 kernels (panels of `MR` rows):
+/// `dst[panel][block][r][q] = pair(a[r][2s], a[r][2s+1])` with `s = 16·block + q`, zero beyond
+/// the matrix (past k, and rows past `mc`): each row's 16 pairs of a block are one 64-byte line.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW and BF16.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pack_a_pairs(a: Mat, i0: usize, mc: usize, k: usize, dst: &mut [f32]) {
-    let depth = k.div_ceil(2);
+pub(super) unsafe fn pack_a_blocks<const MR: usize>(a: Mat, i0: usize, mc: usize, k: usize, dst: &mut [f32]) {
+    let depth = padded_pairs(k);
+    let blocks = depth / PAIR_BLOCK;
     let dst = &mut dst[..mc.div_ceil(MR) * MR * depth];
-    let at = |i: usize, kk: usize| if kk < k { a.data[a.offset + i * a.rs + kk * a.cs] } else { 0.0 };
     for (pi, panel) in dst.chunks_mut(MR * depth).enumerate() {
         let r0 = i0 + pi * MR;
         let rows = MR.min(i0 + mc - r0);
-        if rows < MR {
-            panel.fill(0.0);
-        }
+        let slots = |panel: &mut [f32], block: usize, r: usize| panel[(block * MR + r) * PAIR_BLOCK..][..PAIR_BLOCK].as_mut_ptr().cast::<__m512i>();
         if a.cs == 1 {
-            // Rows contiguous in k: the panel's rows are the runs.
-            let runs = runs_of(rows, |r| &a.data[a.offset + (r0 + r) * a.rs..][..k]);
-            // SAFETY: this function's contract.
-            unsafe { transpose_runs(&runs[..rows], k, panel, MR) };
+            // Rows contiguous in k: 32 values of a row are one row of a block. Block by block,
+            // so the panel is written front to back while the rows are read side by side.
+            let row_of = |r: usize| if r < rows { a.data[a.offset + (r0 + r) * a.rs..][..k].as_ptr() } else { std::ptr::null() };
+            let row: [*const f32; MR] = std::array::from_fn(row_of);
+            for block in 0..blocks {
+                let kk = block * 2 * PAIR_BLOCK;
+                let n = k.saturating_sub(kk).min(2 * PAIR_BLOCK);
+                for (r, &row) in row.iter().enumerate() {
+                    // SAFETY: this function's contract; the loads read the `n` values of row
+                    // r0 + r from kk (inside the row's k values; none past the panel's rows),
+                    // the store writes the 16 slots of this row of the block.
+                    unsafe {
+                        let v = if r >= rows {
+                            _mm512_setzero_si512()
+                        } else if n == 2 * PAIR_BLOCK {
+                            run_pairs(_mm512_loadu_ps(row.add(kk)), _mm512_loadu_ps(row.add(kk + 16)))
+                        } else {
+                            let first = _mm512_maskz_loadu_ps(lanes(n), row.add(kk));
+                            let second = if n > 16 { _mm512_maskz_loadu_ps(lanes(n - 16), row.add(kk + 16)) } else { _mm512_setzero_ps() };
+                            run_pairs(first, second)
+                        };
+                        _mm512_storeu_si512(slots(panel, block, r), v);
+                    }
+                }
+            }
         } else if a.rs == 1 {
-            // Columns contiguous (a transposed view): the panel's rows of k = 2s and 2s + 1
-            // are two runs of `rows` floats, interleaved into one step of the panel.
-            let base = a.offset + r0;
-            assert!(rows <= 16 && base + (k - 1) * a.cs + rows <= a.data.len());
-            let mask = lanes(rows);
-            let column = |kk: usize| (kk < k).then(|| a.data[base + kk * a.cs..].as_ptr());
-            for s in 0..depth {
-                // SAFETY: this function's contract; the masked loads read `rows` floats of
-                // columns 2s and 2s + 1 (< k, checked above) and the masked store writes `rows`
-                // slots of step s of the panel.
-                unsafe {
-                    let v = step_of_two_runs(a.data[base + 2 * s * a.cs..].as_ptr(), column(2 * s + 1), mask);
-                    _mm512_mask_storeu_epi32(panel[s * MR..][..MR].as_mut_ptr().cast(), mask, v);
+            // Columns contiguous (a transposed view): 16 steps of 16 rows by interleaving two
+            // columns each, then a 16 × 16 transpose makes them 16 rows of 16 steps.
+            for g in (0..MR).step_by(16) {
+                let n = rows.saturating_sub(g).min(16);
+                let base = a.offset + r0 + g;
+                assert!(n == 0 || base + (k - 1) * a.cs + n <= a.data.len());
+                let column = |kk: usize| (n > 0 && kk < k).then(|| a.data[base + kk * a.cs..].as_ptr());
+                for block in 0..blocks {
+                    let steps: [__m512i; PAIR_BLOCK] = std::array::from_fn(|q| {
+                        let s = block * PAIR_BLOCK + q;
+                        match column(2 * s) {
+                            // SAFETY: this function's contract; the masked loads read `n` floats
+                            // of columns 2s and 2s + 1 (< k, checked above).
+                            Some(lo) => unsafe { step_of_two_runs(lo, column(2 * s + 1), lanes(n)) },
+                            None => _mm512_setzero_si512(),
+                        }
+                    });
+                    for (r, v) in transpose16(steps).into_iter().enumerate().take(MR - g) {
+                        // SAFETY: the 16 slots of row g + r of this block, inside the panel.
+                        unsafe { _mm512_storeu_si512(slots(panel, block, g + r), v) };
+                    }
                 }
             }
         } else {
-            for s in 0..depth {
-                for r in 0..rows {
-                    panel[s * MR + r] = pair(at(r0 + r, 2 * s), at(r0 + r, 2 * s + 1));
+            let at = |i: usize, kk: usize| if kk < k { a.data[a.offset + i * a.rs + kk * a.cs] } else { 0.0 };
+            for block in 0..blocks {
+                for r in 0..MR {
+                    for q in 0..PAIR_BLOCK {
+                        let s = block * PAIR_BLOCK + q;
+                        panel[(block * MR + r) * PAIR_BLOCK + q] = if r < rows { pair(at(r0 + r, 2 * s), at(r0 + r, 2 * s + 1)) } else { 0.0 };
+                    }
                 }
             }
         }
     }
+}
+
+/// [`Micro::pack_b`] in blocks of pairs: [`pack_b_pairs`], then zero steps to the padded depth.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and BF16.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(super) unsafe fn pack_b_blocks(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]) {
+    let dst = &mut dst[..padded_pairs(k) * NR];
+    // SAFETY: this function's contract.
+    unsafe { pack_b_pairs(b, k, j0, nr, dst) };
+    dst[k.div_ceil(2) * NR..].fill(0.0);
 }
 
 /// [`Micro::pack_b`] in pairs: `dst[s][j] = pair(b[2s][j0+j], b[2s+1][j0+j])`, zero beyond the
@@ -265,7 +321,7 @@ unsafe fn pack_a_pairs(a: Mat, i0: usize, mc: usize, k: usize, dst: &mut [f32]) 
 /// # Safety
 /// The CPU must support AVX-512 F, BW and BF16.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub(super) unsafe fn pack_b_pairs(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]) {
+unsafe fn pack_b_pairs(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]) {
     let depth = k.div_ceil(2);
     let dst = &mut dst[..depth * NR];
     if nr < NR {
@@ -351,30 +407,34 @@ unsafe fn f32_at(kc: usize, at: impl Fn(usize, usize) -> *const f32, b: *const f
     }
 }
 
-/// The 12×32 bf16 micro-kernel: `c[12×32] (+)= alpha · a · b` over `steps` pairs of k, A packed
-/// (`dst[s][r]`) and B packed (`dst[s][j]`) in pairs.
+/// The 12×32 bf16 micro-kernel: `c[12×32] (+)= alpha · a · b` over `steps` pairs of k (whole
+/// blocks), A packed by [`pack_a_blocks`] (`dst[block][r][q]`) and B by [`pack_b_blocks`]
+/// (`dst[s][j]`).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F and BF16; `a` must hold `12·steps` slots, `b` `32·steps`, and
 /// `c` twelve rows of 32 writable floats `ldc` apart.
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn bf16_packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
+    assert!(steps.is_multiple_of(PAIR_BLOCK));
     unsafe {
         prefetch_tile(c, ldc);
         let mut c0 = [_mm512_setzero_ps(); MR];
         let mut c1 = [_mm512_setzero_ps(); MR];
-        let (mut a, mut b) = (a.cast::<i32>(), b.cast::<i32>());
-        for _ in 0..steps {
-            // Loaded as integers: the slots are bit patterns (a pair may look like a NaN).
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.cast()));
-            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(16).cast()));
-            for r in 0..MR {
-                let ar: __m512bh = std::mem::transmute(_mm512_set1_epi32(a.add(r).read_unaligned()));
-                c0[r] = _mm512_dpbf16_ps(c0[r], ar, b0);
-                c1[r] = _mm512_dpbf16_ps(c1[r], ar, b1);
+        let (a, mut b) = (a.cast::<i32>(), b.cast::<i32>());
+        for block in 0..steps / PAIR_BLOCK {
+            let a = a.add(block * MR * PAIR_BLOCK);
+            for q in 0..PAIR_BLOCK {
+                // Loaded as integers: the slots are bit patterns (a pair may look like a NaN).
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.cast()));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(16).cast()));
+                for r in 0..MR {
+                    let ar: __m512bh = std::mem::transmute(_mm512_set1_epi32(a.add(r * PAIR_BLOCK + q).read_unaligned()));
+                    c0[r] = _mm512_dpbf16_ps(c0[r], ar, b0);
+                    c1[r] = _mm512_dpbf16_ps(c1[r], ar, b1);
+                }
+                b = b.add(NR);
             }
-            a = a.add(MR);
-            b = b.add(NR);
         }
         store_tile(c0, c1, c, ldc, alpha, acc);
     }
@@ -421,9 +481,10 @@ unsafe fn store_tile(c0: [__m512; MR], c1: [__m512; MR], c: *mut f32, ldc: usize
 mod tests {
     use super::*;
 
-    /// Packing in pairs puts each value's bf16 where the kernel reads it, for every layout of
-    /// each operand (row-major, column-major, neither), a depth with whole runs of 32 and an odd
-    /// tail, cut panels of A and B: bit for bit what `half` gives.
+    /// Packing in pairs puts each value's bf16 where the kernels read it, for every layout of
+    /// each operand (row-major, column-major, neither), a depth with whole runs of 32, a block
+    /// cut short and an odd tail, cut panels of A (12 rows for `vdpbf16ps`, 32 for AMX) and of
+    /// B, and zero pairs to the padded depth: bit for bit what `half` gives.
     #[test]
     fn pairs_hold_the_rounded_values_in_place() {
         use std::arch::is_x86_feature_detected as has;
@@ -434,30 +495,36 @@ mod tests {
         let (m, k) = (40usize, 71usize);
         let data: Vec<f32> = (0..2 * m * k).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
         let bits = |x: f32| u32::from(half::bf16::from_f32(x).to_bits());
-        let depth = k.div_ceil(2);
+        let depth = padded_pairs(k);
+        assert_eq!(depth, 48);
         let strided = Mat { data: &data, offset: 1, rows: m, cols: k, rs: 2 * k, cs: 2 };
         for view in [Mat::rows(&data, m, k), Mat::rows(&data, k, m).t(), strided] {
             let want = |i: usize, kk: usize| if kk < k { bits(view.data[view.offset + i * view.rs + kk * view.cs]) } else { 0 };
             let slot = |i: usize, s: usize| want(i, 2 * s) | want(i, 2 * s + 1) << 16;
             let layout = format!("rs {} cs {}", view.rs, view.cs);
-            // Rows 3..16 of A: one whole panel of 12 and one cut to a single row.
-            let (i0, mc) = (3usize, 13usize);
-            let mut dst = vec![f32::NAN; mc.div_ceil(MR) * MR * depth];
-            // SAFETY: checked above that the CPU has AVX-512 F, BW and BF16.
-            unsafe { pack_a_pairs(view, i0, mc, k, &mut dst) };
-            for i in 0..mc.div_ceil(MR) * MR {
-                for s in 0..depth {
-                    let got = dst[(i / MR) * MR * depth + s * MR + i % MR].to_bits();
-                    let expect = if i < mc { slot(i0 + i, s) } else { 0 };
-                    assert_eq!(got, expect, "A {layout}: row {i} pair {s}");
+            // Rows 3..16 of A: one whole panel of 12 and one cut to a single row; for 32-row
+            // panels, one panel cut to 13 rows.
+            fn check<const R: usize>(view: Mat, k: usize, depth: usize, slot: &dyn Fn(usize, usize) -> u32, layout: &str) {
+                let (i0, mc) = (3usize, 13usize);
+                let mut dst = vec![f32::NAN; mc.div_ceil(R) * R * depth];
+                // SAFETY: the caller checked that the CPU has AVX-512 F, BW and BF16.
+                unsafe { pack_a_blocks::<R>(view, i0, mc, k, &mut dst) };
+                for i in 0..mc.div_ceil(R) * R {
+                    for s in 0..depth {
+                        let at = (i / R) * R * depth + (s / PAIR_BLOCK) * R * PAIR_BLOCK + (i % R) * PAIR_BLOCK + s % PAIR_BLOCK;
+                        let expect = if i < mc { slot(i0 + i, s) } else { 0 };
+                        assert_eq!(dst[at].to_bits(), expect, "A ({R} rows) {layout}: row {i} pair {s}");
+                    }
                 }
             }
+            check::<MR>(view, k, depth, &slot, &layout);
+            check::<32>(view, k, depth, &slot, &layout);
             // The same view as B (k×m): a whole panel of 32 columns, then one cut to 8.
             let bview = view.t();
             for (j0, nr) in [(0, 32), (32, 8)] {
                 let mut dst = vec![f32::NAN; depth * NR];
                 // SAFETY: as above.
-                unsafe { pack_b_pairs(bview, k, j0, nr, &mut dst) };
+                unsafe { pack_b_blocks(bview, k, j0, nr, &mut dst) };
                 for s in 0..depth {
                     for j in 0..NR {
                         let expect = if j < nr { slot(j0 + j, s) } else { 0 };
