@@ -387,31 +387,55 @@ fn attention_backward(cfg: &VitConfig, qkv: &[f32], lse: &[f32], dctx: &[f32], b
     dqkv
 }
 
-/// One encoder layer forward; with `save`, also what its backward needs.
-fn layer_forward(cfg: &VitConfig, w: &LayerW, x: Vec<f32>, b: usize, save: bool) -> (Vec<f32>, Option<LayerSaved>) {
+/// Buffers of a layer's forward, kept from layer to layer: a buffer the layer saves for backward
+/// is taken (and the next layer gets a fresh one), the others are reused, so inference
+/// allocates (and zeroes, and faults in) none of its large buffers after the first layer. Every
+/// buffer is fully written before it is read, so what a layer before left in it never shows.
+#[derive(Default)]
+struct Workspace {
+    hs: Vec<f32>,
+    qkv: Vec<f32>,
+    x_mid: Vec<f32>,
+    fc1: Vec<f32>,
+    act: Vec<f32>,
+}
+
+/// `buf` holding `len` floats: as it is when it already does, else fresh zeros.
+fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() != len {
+        *buf = vec![0f32; len];
+    }
+    buf
+}
+
+/// One encoder layer forward on `ws`'s buffers; with `save`, also what its backward needs.
+fn layer_forward(cfg: &VitConfig, w: &LayerW, x: Vec<f32>, b: usize, save: bool, ws: &mut Workspace) -> (Vec<f32>, Option<LayerSaved>) {
     let h = cfg.hidden_size;
     let rows = b * cfg.num_tokens();
     let eps = cfg.layer_norm_eps as f32;
-    let mut hs = vec![0f32; rows * h];
-    let (mean1, rstd1) = k::layer_norm(&x, w.ln1.0, w.ln1.1, eps, &mut hs);
-    let mut qkv = vec![0f32; rows * 3 * h];
-    linear(&hs, rows, &w.q, &mut qkv, 3 * h, 0);
-    linear(&hs, rows, &w.k, &mut qkv, 3 * h, h);
-    linear(&hs, rows, &w.v, &mut qkv, 3 * h, 2 * h);
-    let (ctx, lse) = attention(cfg, &qkv, b, w.prec);
-    let mut x_mid = vec![0f32; rows * h];
-    linear(&ctx, rows, &w.o, &mut x_mid, h, 0);
-    k::par_add_assign(&mut x_mid, &x);
-    let (mean2, rstd2) = k::layer_norm(&x_mid, w.ln2.0, w.ln2.1, eps, &mut hs);
     let inter = w.fc1.out;
-    let mut fc1 = vec![0f32; rows * inter];
-    linear(&hs, rows, &w.fc1, &mut fc1, inter, 0);
-    let mut act = vec![0f32; rows * inter];
-    k::activation(cfg.hidden_act, &fc1, &mut act);
-    let mut out = vec![0f32; rows * h];
-    linear(&act, rows, &w.fc2, &mut out, h, 0);
-    k::par_add_assign(&mut out, &x_mid);
-    let saved = save.then_some(LayerSaved { x_in: x, mean1, rstd1, qkv, lse, ctx, x_mid, mean2, rstd2, fc1 });
+    let Workspace { hs, qkv, x_mid, fc1, act } = ws;
+    let hs = sized(hs, rows * h);
+    let (mean1, rstd1) = k::layer_norm(&x, w.ln1.0, w.ln1.1, eps, hs);
+    let qkv_buf = sized(qkv, rows * 3 * h);
+    linear(hs, rows, &w.q, qkv_buf, 3 * h, 0);
+    linear(hs, rows, &w.k, qkv_buf, 3 * h, h);
+    linear(hs, rows, &w.v, qkv_buf, 3 * h, 2 * h);
+    let (ctx, lse) = attention(cfg, qkv_buf, b, w.prec);
+    let x_mid_buf = sized(x_mid, rows * h);
+    linear(&ctx, rows, &w.o, x_mid_buf, h, 0);
+    k::par_add_assign(x_mid_buf, &x);
+    let (mean2, rstd2) = k::layer_norm(x_mid_buf, w.ln2.0, w.ln2.1, eps, hs);
+    let fc1_buf = sized(fc1, rows * inter);
+    linear(hs, rows, &w.fc1, fc1_buf, inter, 0);
+    let act = sized(act, rows * inter);
+    k::activation(cfg.hidden_act, fc1_buf, act);
+    // The output goes where the input was, unless the input is saved.
+    let (mut out, x_in) = if save { (vec![0f32; rows * h], Some(x)) } else { (x, None) };
+    linear(act, rows, &w.fc2, &mut out, h, 0);
+    k::par_add_assign(&mut out, x_mid_buf);
+    let take = std::mem::take::<Vec<f32>>;
+    let saved = x_in.map(|x_in| LayerSaved { x_in, mean1, rstd1, qkv: take(qkv), lse, ctx, x_mid: take(x_mid), mean2, rstd2, fc1: take(fc1) });
     (out, saved)
 }
 
@@ -515,8 +539,9 @@ pub(super) fn encode(vit: &Vit, x: &Tensor, range: std::ops::Range<usize>) -> Re
     let w = Weights::new(vit, &guards);
     let (b, n, h) = x.dims3()?;
     let mut hidden = host_vec(x)?;
+    let mut ws = Workspace::default();
     for l in range {
-        hidden = layer_forward(&vit.cfg, &w.layers[l], hidden, b, false).0;
+        hidden = layer_forward(&vit.cfg, &w.layers[l], hidden, b, false, &mut ws).0;
     }
     Ok(Tensor::from_vec(hidden, (b, n, h), x.device())?)
 }
@@ -536,8 +561,9 @@ pub(super) fn features(vit: &Vit, pixels: &Tensor) -> Result<Tensor> {
     let w = Weights::new(vit, &guards);
     let b = pixels.dim(0)?;
     let (mut x, _) = embed(&vit.cfg, &w, &host_vec(pixels)?, b);
+    let mut ws = Workspace::default();
     for layer in &w.layers {
-        x = layer_forward(&vit.cfg, layer, x, b, false).0;
+        x = layer_forward(&vit.cfg, layer, x, b, false, &mut ws).0;
     }
     let pooled = pool(&vit.cfg, &w, &x, b);
     Ok(Tensor::from_vec(pooled.features, (b, vit.cfg.hidden_size), pixels.device())?)
@@ -625,8 +651,9 @@ fn forward_saving(cfg: &VitConfig, w: &Weights, start: Boundary, input: &Tensor,
         Boundary::Features => return Ok((Vec::new(), Vec::new(), None)),
     };
     let mut saved = Vec::with_capacity(layers - first_layer);
+    let mut ws = Workspace::default();
     for layer in &w.layers[first_layer..] {
-        let (next, s) = layer_forward(cfg, layer, x, b, true);
+        let (next, s) = layer_forward(cfg, layer, x, b, true, &mut ws);
         saved.push(s.expect("saved"));
         x = next;
     }
