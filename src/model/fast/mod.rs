@@ -19,7 +19,7 @@ use candle_core::{Device, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
 
 use self::kernels as k;
-use self::matmul::{Mat, MatMut, Threads, gemm};
+use self::matmul::{Mat, MatMut, Threads, gemm, gemm_bias};
 use super::precision::Precision;
 use super::vit::{Linear, Objective, Vit};
 use super::weights::{Boundary, TrainableSet, keys, param_specs};
@@ -195,20 +195,12 @@ impl<'g> Weights<'g> {
 
 /// `y[:, col..col+out] = x·Wᵀ + b` for a row-major `x` (rows × in) into a buffer `stride` wide.
 fn linear(x: &[f32], rows: usize, l: &Lin, y: &mut [f32], stride: usize, col: usize) {
-    if let Some(b) = l.b {
-        for r in 0..rows {
-            y[r * stride + col..r * stride + col + l.out].copy_from_slice(b);
-        }
+    let (x, wt) = (Mat::rows(x, rows, l.inp), Mat::rows(l.w, l.out, l.inp).t());
+    let y = MatMut::strided(y, rows, l.out, stride, col);
+    match l.b {
+        Some(b) => gemm_bias(x, wt, y, b, Threads::All, l.prec),
+        None => gemm(x, wt, y, 1.0, false, Threads::All, l.prec),
     }
-    gemm(
-        Mat::rows(x, rows, l.inp),
-        Mat::rows(l.w, l.out, l.inp).t(),
-        MatMut::strided(y, rows, l.out, stride, col),
-        1.0,
-        l.b.is_some(),
-        Threads::All,
-        l.prec,
-    );
 }
 
 /// Weight and bias gradients of a linear layer from its input and the gradient of its output

@@ -22,7 +22,7 @@ use std::arch::asm;
 
 use super::Mat;
 use super::avx512::{PAIR_BLOCK as KT, pack_a_blocks, pack_b_blocks};
-use super::sgemm::Micro;
+use super::sgemm::{Init, Micro};
 
 /// Rows and columns of the kernel's tile of C: 2 × 2 AMX tiles of 16 × 16 floats.
 const MR: usize = 32;
@@ -52,12 +52,12 @@ impl Micro for Amx {
         unsafe { pack_b_blocks(b, k, j0, nr, dst) }
     }
 
-    unsafe fn packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
+    unsafe fn packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
         // SAFETY: as the trait's contract (the driver hands whole blocks of steps).
-        unsafe { tiles::<Hardware>(steps, a, b, c, ldc, alpha, acc) }
+        unsafe { tiles::<Hardware>(steps, a, b, c, ldc, alpha, init) }
     }
 
-    unsafe fn rows(_: usize, _: *const f32, _: usize, _: *const f32, _: *mut f32, _: usize, _: f32, _: bool) {
+    unsafe fn rows(_: usize, _: *const f32, _: usize, _: *const f32, _: *mut f32, _: usize, _: f32, _: Init) {
         unreachable!("a kernel of bf16 pairs always packs A (the driver checks PAIRS)")
     }
 }
@@ -154,16 +154,17 @@ impl Tiles for Hardware {
     }
 }
 
-/// The 32×32 tile kernel: `c (+)= alpha · a · b` over `steps` pairs of k (whole blocks of 16),
-/// A packed by [`pack_a_blocks`] and B by [`pack_b_blocks`]. Tiles 0–3 hold C (rows 0–15 and
-/// 16–31, columns 0–15 and 16–31), 4–5 the two halves of A's rows, 6–7 the two halves of B's
-/// columns. With `alpha` 1, C is loaded into the tiles (or they are zeroed) and stored back;
-/// otherwise the product goes through a scratch tile and is scaled on the way.
+/// The 32×32 tile kernel: `c = alpha · a · b + init` over `steps` pairs of k (whole blocks of
+/// 16), A packed by [`pack_a_blocks`] and B by [`pack_b_blocks`]. Tiles 0–3 hold C (rows 0–15
+/// and 16–31, columns 0–15 and 16–31), 4–5 the two halves of A's rows, 6–7 the two halves of
+/// B's columns. With `alpha` 1 the tiles start from `init` — C loaded, the bias row loaded into
+/// every row (a stride of 0), or zero — and are stored to C; otherwise the product goes through
+/// a scratch tile and is scaled on the way.
 ///
 /// # Safety
-/// As [`Tiles::configure`] for `T`; `a` must hold `32·steps` slots, `b` `32·steps`, and `c`
-/// 32 rows of 32 writable floats `ldc` apart.
-pub(super) unsafe fn tiles<T: Tiles>(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
+/// As [`Tiles::configure`] for `T`; `a` must hold `32·steps` slots, `b` `32·steps`, `c` 32 rows
+/// of 32 writable floats `ldc` apart, and an [`Init::Row`] 32 readable floats.
+pub(super) unsafe fn tiles<T: Tiles>(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
     assert!(steps.is_multiple_of(KT));
     // SAFETY: the caller's contract; every load and store below stays inside the panels of A
     // (32 rows of 16 slots per block) and B (16 steps of 32 slots per block) and the tile of C.
@@ -171,16 +172,26 @@ pub(super) unsafe fn tiles<T: Tiles>(steps: usize, a: *const f32, b: *const f32,
         T::configure();
         let direct = alpha == 1.0;
         let (ld, quarter) = (ldc * SLOT, |r: usize, j: usize| c.add(r * ldc + j).cast::<u8>());
-        if direct && acc {
-            T::load::<0>(quarter(0, 0), ld);
-            T::load::<1>(quarter(0, 16), ld);
-            T::load::<2>(quarter(16, 0), ld);
-            T::load::<3>(quarter(16, 16), ld);
-        } else {
-            T::zero::<0>();
-            T::zero::<1>();
-            T::zero::<2>();
-            T::zero::<3>();
+        match init {
+            Init::C if direct => {
+                T::load::<0>(quarter(0, 0), ld);
+                T::load::<1>(quarter(0, 16), ld);
+                T::load::<2>(quarter(16, 0), ld);
+                T::load::<3>(quarter(16, 16), ld);
+            }
+            Init::Row(bias) if direct => {
+                let bias = bias.cast::<u8>();
+                T::load::<0>(bias, 0);
+                T::load::<1>(bias.add(16 * SLOT), 0);
+                T::load::<2>(bias, 0);
+                T::load::<3>(bias.add(16 * SLOT), 0);
+            }
+            _ => {
+                T::zero::<0>();
+                T::zero::<1>();
+                T::zero::<2>();
+                T::zero::<3>();
+            }
         }
         let (a, b) = (a.cast::<u8>(), b.cast::<u8>());
         for block in 0..steps / KT {
@@ -210,8 +221,13 @@ pub(super) unsafe fn tiles<T: Tiles>(steps: usize, a: *const f32, b: *const f32,
         T::store::<3>(at(16, 16), NR * SLOT);
         for (r, row) in product.chunks_exact(NR).enumerate() {
             let out = std::slice::from_raw_parts_mut(c.add(r * ldc), NR);
-            for (o, p) in out.iter_mut().zip(row) {
-                *o = if acc { *o + alpha * p } else { alpha * p };
+            for (j, (o, p)) in out.iter_mut().zip(row).enumerate() {
+                *o = alpha * p
+                    + match init {
+                        Init::Zero => 0.0,
+                        Init::C => *o,
+                        Init::Row(bias) => *bias.add(j),
+                    };
             }
         }
     }
@@ -321,12 +337,12 @@ mod tests {
             Amx::pack_b(b, k, j0, nr, dst)
         }
 
-        unsafe fn packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
+        unsafe fn packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
             // SAFETY: as the trait's contract; the emulation needs no AMX.
-            unsafe { tiles::<Emulated>(steps, a, b, c, ldc, alpha, acc) }
+            unsafe { tiles::<Emulated>(steps, a, b, c, ldc, alpha, init) }
         }
 
-        unsafe fn rows(_: usize, _: *const f32, _: usize, _: *const f32, _: *mut f32, _: usize, _: f32, _: bool) {
+        unsafe fn rows(_: usize, _: *const f32, _: usize, _: *const f32, _: *mut f32, _: usize, _: f32, _: Init) {
             unreachable!("a kernel of bf16 pairs always packs A")
         }
     }
@@ -342,8 +358,8 @@ mod tests {
             eprintln!("no AVX-512 BF16 here: the AMX kernel's packing cannot run");
             return;
         }
-        check_products("amx (emulated tiles)", &[Precision::Bf16], |a, b, c, alpha, acc, threads, _| {
-            super::super::sgemm::gemm::<EmulatedAmx>(a, b, c, alpha, acc, threads == Threads::All, true)
+        check_products("amx (emulated tiles)", &[Precision::Bf16], |a, b, c, alpha, onto, threads, _| {
+            super::super::sgemm::gemm::<EmulatedAmx>(a, b, c, alpha, onto, threads == Threads::All, true)
         });
     }
 

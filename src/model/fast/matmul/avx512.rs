@@ -17,7 +17,7 @@
 use std::arch::x86_64::*;
 
 use super::Mat;
-use super::sgemm::{Micro, pack_a, pack_b};
+use super::sgemm::{Init, Micro, pack_a, pack_b};
 use crate::model::precision::round_bf16;
 
 /// Rows and columns of both kernels' tile.
@@ -45,14 +45,14 @@ impl Micro for F32 {
         pack_b::<NR>(b, k, j0, nr, dst)
     }
 
-    unsafe fn packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
+    unsafe fn packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
         // SAFETY: as the trait's contract.
-        unsafe { f32_packed(steps, a, b, c, ldc, alpha, acc) }
+        unsafe { f32_packed(steps, a, b, c, ldc, alpha, init) }
     }
 
-    unsafe fn rows(kc: usize, a: *const f32, stride: usize, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
+    unsafe fn rows(kc: usize, a: *const f32, stride: usize, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
         // SAFETY: as the trait's contract.
-        unsafe { f32_rows(kc, a, stride, b, c, ldc, alpha, acc) }
+        unsafe { f32_rows(kc, a, stride, b, c, ldc, alpha, init) }
     }
 }
 
@@ -77,12 +77,12 @@ impl Micro for Bf16 {
         unsafe { pack_b_blocks(b, k, j0, nr, dst) }
     }
 
-    unsafe fn packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
+    unsafe fn packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
         // SAFETY: as the trait's contract.
-        unsafe { bf16_packed(steps, a, b, c, ldc, alpha, acc) }
+        unsafe { bf16_packed(steps, a, b, c, ldc, alpha, init) }
     }
 
-    unsafe fn rows(_: usize, _: *const f32, _: usize, _: *const f32, _: *mut f32, _: usize, _: f32, _: bool) {
+    unsafe fn rows(_: usize, _: *const f32, _: usize, _: *const f32, _: *mut f32, _: usize, _: f32, _: Init) {
         unreachable!("a kernel of bf16 pairs always packs A (the driver checks PAIRS)")
     }
 }
@@ -367,8 +367,8 @@ unsafe fn pack_b_pairs(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]) 
 /// As [`f32_at`], with row `r` of A at `a + r·stride`, `kc` floats long.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn f32_rows(kc: usize, a: *const f32, stride: usize, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
-    unsafe { f32_at(kc, |kk, r| a.add(r * stride + kk), b, c, ldc, alpha, acc) }
+unsafe fn f32_rows(kc: usize, a: *const f32, stride: usize, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
+    unsafe { f32_at(kc, |kk, r| a.add(r * stride + kk), b, c, ldc, alpha, init) }
 }
 
 /// [`f32_at`] on a packed panel of A (`MR` floats per step of k).
@@ -376,18 +376,18 @@ unsafe fn f32_rows(kc: usize, a: *const f32, stride: usize, b: *const f32, c: *m
 /// # Safety
 /// As [`f32_at`], with A packed k-major.
 #[target_feature(enable = "avx512f")]
-unsafe fn f32_packed(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
-    unsafe { f32_at(kc, |kk, r| a.add(kk * MR + r), b, c, ldc, alpha, acc) }
+unsafe fn f32_packed(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
+    unsafe { f32_at(kc, |kk, r| a.add(kk * MR + r), b, c, ldc, alpha, init) }
 }
 
-/// The 12×32 f32 micro-kernel: `c[12×32] (+)= alpha · a[12×kc] · b[kc×32]`, with B packed
+/// The 12×32 f32 micro-kernel: `c[12×32] = alpha · a[12×kc] · b[kc×32] + init`, with B packed
 /// k-major and element (kk, r) of A at `at(kk, r)`.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F; `at` must give readable addresses for every `kk < kc`,
 /// `r < 12`, `b` hold `32·kc` floats, and `c` twelve rows of 32 writable floats `ldc` apart.
 #[inline(always)]
-unsafe fn f32_at(kc: usize, at: impl Fn(usize, usize) -> *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
+unsafe fn f32_at(kc: usize, at: impl Fn(usize, usize) -> *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
     unsafe {
         prefetch_tile(c, ldc);
         let mut c0 = [_mm512_setzero_ps(); MR];
@@ -403,11 +403,11 @@ unsafe fn f32_at(kc: usize, at: impl Fn(usize, usize) -> *const f32, b: *const f
             }
             b = b.add(NR);
         }
-        store_tile(c0, c1, c, ldc, alpha, acc);
+        store_tile(c0, c1, c, ldc, alpha, init);
     }
 }
 
-/// The 12×32 bf16 micro-kernel: `c[12×32] (+)= alpha · a · b` over `steps` pairs of k (whole
+/// The 12×32 bf16 micro-kernel: `c[12×32] = alpha · a · b + init` over `steps` pairs of k (whole
 /// blocks), A packed by [`pack_a_blocks`] (`dst[block][r][q]`) and B by [`pack_b_blocks`]
 /// (`dst[s][j]`).
 ///
@@ -415,7 +415,7 @@ unsafe fn f32_at(kc: usize, at: impl Fn(usize, usize) -> *const f32, b: *const f
 /// The CPU must support AVX-512 F and BF16; `a` must hold `12·steps` slots, `b` `32·steps`, and
 /// `c` twelve rows of 32 writable floats `ldc` apart.
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn bf16_packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
+unsafe fn bf16_packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
     assert!(steps.is_multiple_of(PAIR_BLOCK));
     unsafe {
         prefetch_tile(c, ldc);
@@ -436,7 +436,7 @@ unsafe fn bf16_packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, l
                 b = b.add(NR);
             }
         }
-        store_tile(c0, c1, c, ldc, alpha, acc);
+        store_tile(c0, c1, c, ldc, alpha, init);
     }
 }
 
@@ -456,19 +456,23 @@ unsafe fn prefetch_tile(c: *mut f32, ldc: usize) {
     }
 }
 
-/// `c = alpha·acc` or `c += alpha·acc` for a 12×32 tile held as two halves of 16 columns.
+/// `c = alpha·acc + init` for a 12×32 tile held as two halves of 16 columns.
 ///
 /// # Safety
-/// The CPU must support AVX-512 F; `c` must hold twelve rows of 32 writable floats `ldc` apart.
+/// The CPU must support AVX-512 F; `c` must hold twelve rows of 32 writable floats `ldc` apart,
+/// and an [`Init::Row`] 32 readable floats.
 #[inline(always)]
-unsafe fn store_tile(c0: [__m512; MR], c1: [__m512; MR], c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
+unsafe fn store_tile(c0: [__m512; MR], c1: [__m512; MR], c: *mut f32, ldc: usize, alpha: f32, init: Init) {
     unsafe {
         let alpha = _mm512_set1_ps(alpha);
+        // What is added: rows `ld` apart from `add` (C's own rows, or the bias row every time).
+        let (add, ld) = init.rows(c, ldc);
         for r in 0..MR {
             let row = c.add(r * ldc);
-            if acc {
-                _mm512_storeu_ps(row, _mm512_fmadd_ps(alpha, c0[r], _mm512_loadu_ps(row)));
-                _mm512_storeu_ps(row.add(16), _mm512_fmadd_ps(alpha, c1[r], _mm512_loadu_ps(row.add(16))));
+            if !add.is_null() {
+                let add = add.add(r * ld);
+                _mm512_storeu_ps(row, _mm512_fmadd_ps(alpha, c0[r], _mm512_loadu_ps(add)));
+                _mm512_storeu_ps(row.add(16), _mm512_fmadd_ps(alpha, c1[r], _mm512_loadu_ps(add.add(16))));
             } else {
                 _mm512_storeu_ps(row, _mm512_mul_ps(alpha, c0[r]));
                 _mm512_storeu_ps(row.add(16), _mm512_mul_ps(alpha, c1[r]));

@@ -83,8 +83,31 @@ pub fn generic_forced() -> bool {
     *FORCED.get_or_init(|| std::env::var_os("VITFORGE_GENERIC_GEMM").is_some())
 }
 
+/// What a product is added to.
+#[derive(Clone, Copy)]
+pub enum Onto<'a> {
+    /// Nothing: `c = beta·a·b`.
+    Zero,
+    /// C as it is: `c += beta·a·b`.
+    C,
+    /// A row (one value per column of C) added to every row: `c = beta·a·b + bias`. Our
+    /// kernels add it as they store each tile, so C is written once.
+    Bias(&'a [f32]),
+}
+
 /// `c = beta·a·b` (or `c += beta·a·b` with `accumulate`), with the operands at `precision`.
 pub fn gemm(a: Mat, b: Mat, c: MatMut, beta: f32, accumulate: bool, threads: Threads, precision: Precision) {
+    product(a, b, c, beta, if accumulate { Onto::C } else { Onto::Zero }, threads, precision)
+}
+
+/// `c = a·b + bias`, the bias added to every row, with the operands at `precision`.
+pub fn gemm_bias(a: Mat, b: Mat, c: MatMut, bias: &[f32], threads: Threads, precision: Precision) {
+    assert_eq!(bias.len(), c.cols, "one bias per column");
+    product(a, b, c, 1.0, Onto::Bias(bias), threads, precision)
+}
+
+/// `beta·a·b` onto `onto`, with the operands at `precision`.
+fn product(a: Mat, b: Mat, c: MatMut, beta: f32, onto: Onto, threads: Threads, precision: Precision) {
     assert_eq!(a.cols, b.rows, "inner dimensions");
     assert_eq!((a.rows, b.cols), (c.rows, c.cols), "output shape");
     a.check();
@@ -92,19 +115,31 @@ pub fn gemm(a: Mat, b: Mat, c: MatMut, beta: f32, accumulate: bool, threads: Thr
     if c.rows > 0 && c.cols > 0 {
         assert!(c.offset + (c.rows - 1) * c.rs + c.cols - 1 < c.data.len(), "output view out of bounds");
     }
+    if let Onto::Bias(bias) = onto {
+        assert_eq!(bias.len(), c.cols, "one bias per column");
+    }
     if a.rows == 0 || b.cols == 0 {
         return;
     }
-    if a.cols == 0 {
-        if !accumulate {
-            for r in 0..c.rows {
-                c.data[c.offset + r * c.rs..c.offset + r * c.rs + c.cols].fill(0.0);
+    if a.cols == 0 || matches!(onto, Onto::Bias(_)) && !uses_our_kernels() {
+        // No product to add (C becomes zero or the bias), or the crate's product, which adds to
+        // C, after the bias is copied to every row.
+        for r in 0..c.rows {
+            let row = &mut c.data[c.offset + r * c.rs..c.offset + r * c.rs + c.cols];
+            match onto {
+                Onto::Zero => row.fill(0.0),
+                Onto::C => {}
+                Onto::Bias(bias) => row.copy_from_slice(bias),
             }
         }
-        return;
+        if a.cols == 0 {
+            return;
+        }
+        return product(a, b, c, beta, Onto::C, threads, precision);
     }
+    let accumulate = matches!(onto, Onto::C);
     #[cfg(target_arch = "x86_64")]
-    if super::simd::use_avx2() && !generic_forced() {
+    if uses_our_kernels() {
         use super::isa::Isa;
         let parallel = threads == Threads::All && rayon::current_num_threads() > 1;
         let bf16 = precision == Precision::Bf16;
@@ -112,10 +147,10 @@ pub fn gemm(a: Mat, b: Mat, c: MatMut, beta: f32, accumulate: bool, threads: Thr
         // SAFETY (of each kernel's instructions): `isa::active` is never above what this CPU has
         // (and `amx` only where Linux granted the tile state).
         match level {
-            Isa::Generic | Isa::Avx2 => sgemm::gemm::<sgemm::Avx2>(a, b, c, beta, accumulate, parallel, bf16),
-            Isa::Amx if bf16 => sgemm::gemm::<amx::Amx>(a, b, c, beta, accumulate, parallel, true),
-            _ if bf16 && level.native_bf16() => sgemm::gemm::<avx512::Bf16>(a, b, c, beta, accumulate, parallel, true),
-            _ => sgemm::gemm::<avx512::F32>(a, b, c, beta, accumulate, parallel, bf16),
+            Isa::Generic | Isa::Avx2 => sgemm::gemm::<sgemm::Avx2>(a, b, c, beta, onto, parallel, bf16),
+            Isa::Amx if bf16 => sgemm::gemm::<amx::Amx>(a, b, c, beta, onto, parallel, true),
+            _ if bf16 && level.native_bf16() => sgemm::gemm::<avx512::Bf16>(a, b, c, beta, onto, parallel, true),
+            _ => sgemm::gemm::<avx512::F32>(a, b, c, beta, onto, parallel, bf16),
         }
         return;
     }
@@ -158,6 +193,18 @@ pub fn gemm(a: Mat, b: Mat, c: MatMut, beta: f32, accumulate: bool, threads: Thr
     }
 }
 
+/// Whether products run on our kernels (AVX2 and up, unless `VITFORGE_GENERIC_GEMM`), not the
+/// `gemm` crate's.
+#[cfg(target_arch = "x86_64")]
+fn uses_our_kernels() -> bool {
+    super::simd::use_avx2() && !generic_forced()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn uses_our_kernels() -> bool {
+    false
+}
+
 /// A row-major copy of `m` with every element rounded to bfloat16.
 fn rounded(m: Mat) -> Vec<f32> {
     let mut out = Vec::with_capacity(m.rows * m.cols);
@@ -181,8 +228,8 @@ mod tests {
     fn products_match_f64_for_every_layout_edge_and_level() {
         let levels = runnable();
         for &level in &levels {
-            check_products(&format!("{level:?}"), &[Precision::F32, Precision::Bf16], |a, b, c, alpha, acc, threads, precision| {
-                on(level, || gemm(a, b, c, alpha, acc, threads, precision))
+            check_products(&format!("{level:?}"), &[Precision::F32, Precision::Bf16], |a, b, c, alpha, onto, threads, precision| {
+                on(level, || product(a, b, c, alpha, onto, threads, precision))
             });
         }
         // An empty depth: C is cleared, or left as it is when accumulating.
@@ -192,49 +239,55 @@ mod tests {
         eprintln!("matrix products checked at {:?}", levels);
     }
 
-    /// Checks `run` — a product `c (+)= alpha·a·b` (a, b, c, alpha, accumulate, threads,
-    /// precision) — against f64 for the `precisions` given: sizes that cut every kernel's tiles
-    /// and blocks, every layout of A and B, a strided output, scaling by 1 and by ½, with and
-    /// without accumulation, serial and parallel.
-    pub(super) fn check_products(label: &str, precisions: &[Precision], run: impl Fn(Mat, Mat, MatMut, f32, bool, Threads, Precision)) {
+    /// Checks `run` — a product `alpha·a·b` onto nothing, C or a bias row (a, b, c, alpha,
+    /// onto, threads, precision) — against f64 for the `precisions` given: sizes that cut every
+    /// kernel's tiles and blocks, every layout of A and B, a strided output, scaling by 1 and by
+    /// ½, serial and parallel.
+    pub(super) fn check_products(label: &str, precisions: &[Precision], run: impl Fn(Mat, Mat, MatMut, f32, Onto, Threads, Precision)) {
         let mut seed = 1u64;
         let mut rand = move || {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
         };
+        // Onto: 0 nothing, 1 C, 2 a bias row.
         let runs = [
-            (false, Threads::One, Precision::F32, 0.5),
-            (true, Threads::All, Precision::F32, 1.0),
-            (false, Threads::All, Precision::Bf16, 1.0),
-            (true, Threads::One, Precision::Bf16, 0.5),
-            (true, Threads::All, Precision::Bf16, 1.0),
+            (0, Threads::One, Precision::F32, 0.5),
+            (1, Threads::All, Precision::F32, 1.0),
+            (2, Threads::One, Precision::F32, 1.0),
+            (0, Threads::All, Precision::Bf16, 1.0),
+            (1, Threads::One, Precision::Bf16, 0.5),
+            (1, Threads::All, Precision::Bf16, 1.0),
+            (2, Threads::All, Precision::Bf16, 1.0),
+            (2, Threads::One, Precision::Bf16, 0.5),
         ];
         for &(m, n, k) in &[(1, 1, 1), (5, 15, 7), (6, 16, 384), (13, 37, 385), (70, 96, 49), (101, 33, 800), (200, 130, 64)] {
             let a: Vec<f32> = (0..m * k).map(|_| rand()).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rand()).collect();
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 0.1).collect();
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                 // Stored transposed when asked, then viewed back as m×k and k×n.
                 let av = if ta { Mat::rows(&a, k, m).t() } else { Mat::rows(&a, m, k) };
                 let bv = if tb { Mat::rows(&b, n, k).t() } else { Mat::rows(&b, k, n) };
-                for &(accumulate, threads, precision, alpha) in runs.iter().filter(|r| precisions.contains(&r.2)) {
+                for &(kind, threads, precision, alpha) in runs.iter().filter(|r| precisions.contains(&r.2)) {
+                    let onto = [Onto::Zero, Onto::C, Onto::Bias(&bias)][kind];
                     let op = |x: f32| f64::from(if precision == Precision::Bf16 { round_bf16(x) } else { x });
                     let at = |i: usize, p: usize| op(a[av.offset + i * av.rs + p * av.cs]);
                     let bt = |p: usize, j: usize| op(b[bv.offset + p * bv.rs + j * bv.cs]);
                     let stride = n + 3;
                     let mut c = vec![0.25f32; m * stride];
-                    run(av, bv, MatMut::strided(&mut c, m, n, stride, 2), alpha, accumulate, threads, precision);
+                    run(av, bv, MatMut::strided(&mut c, m, n, stride, 2), alpha, onto, threads, precision);
                     for i in 0..m {
                         for j in 0..stride {
                             let got = f64::from(c[i * stride + j]);
                             let want = if (2..2 + n).contains(&j) {
                                 let dot: f64 = (0..k).map(|p| at(i, p) * bt(p, j - 2)).sum();
-                                f64::from(alpha) * dot + if accumulate { 0.25 } else { 0.0 }
+                                f64::from(alpha) * dot + [0.0, 0.25, f64::from(bias[j - 2])][kind]
                             } else {
                                 0.25
                             };
                             assert!(
                                 (got - want).abs() < 1e-4,
-                                "{label} {precision:?} {m}x{n}x{k} ta={ta} tb={tb} acc={accumulate} alpha={alpha}: c[{i}][{j}] = {got}, want {want}"
+                                "{label} {precision:?} {m}x{n}x{k} ta={ta} tb={tb} onto={kind} alpha={alpha}: c[{i}][{j}] = {got}, want {want}"
                             );
                         }
                     }

@@ -20,7 +20,7 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
-use super::{Mat, MatMut};
+use super::{Mat, MatMut, Onto};
 use crate::model::precision::round_bf16;
 
 /// A micro-kernel: its tile, its depth blocking, and how its operands are packed.
@@ -48,12 +48,13 @@ pub(super) trait Micro {
     /// NR-wide panel, step-major (`dst[step][j]`), zero-padded.
     fn pack_b(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]);
 
-    /// `c[MR×NR] (+)= alpha · a · b` over `steps` packed steps, A packed.
+    /// `c[MR×NR] = alpha · a · b + init` over `steps` packed steps, A packed.
     ///
     /// # Safety
     /// The CPU must run the kernel's instructions; `a` must hold `MR·steps` floats, `b`
-    /// `NR·steps`, and `c` MR rows of NR writable floats `ldc` apart.
-    unsafe fn packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool);
+    /// `NR·steps`, `c` MR rows of NR writable floats `ldc` apart, and an [`Init::Row`] NR
+    /// readable floats.
+    unsafe fn packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init);
 
     /// As [`Micro::packed`] with A's MR rows read in place, `stride` apart, `kc` floats each
     /// (only called when not [`Micro::PAIRS`]).
@@ -61,7 +62,33 @@ pub(super) trait Micro {
     /// # Safety
     /// As [`Micro::packed`], with row `r` of A at `a + r·stride`.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn rows(kc: usize, a: *const f32, stride: usize, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool);
+    unsafe fn rows(kc: usize, a: *const f32, stride: usize, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init);
+}
+
+/// What a micro-kernel adds its product to.
+#[derive(Clone, Copy)]
+pub(super) enum Init {
+    /// Nothing.
+    Zero,
+    /// The tile of C as it is.
+    C,
+    /// One row of NR floats (the bias of the tile's columns), added to every row.
+    Row(*const f32),
+}
+
+impl Init {
+    /// What a kernel adds as it stores a tile of C at `c` (rows `ldc` apart): row `r` of it at
+    /// `add + r·ld`, or nothing when `add` is null. (Two plain values rather than a match per
+    /// row: a match in the store phase made the compiler write the bf16 kernel's accumulators
+    /// to the stack on every step.)
+    #[inline(always)]
+    pub(super) fn rows(self, c: *mut f32, ldc: usize) -> (*const f32, usize) {
+        match self {
+            Init::Zero => (std::ptr::null(), 0),
+            Init::C => (c.cast_const(), ldc),
+            Init::Row(bias) => (bias, 0),
+        }
+    }
 }
 
 /// The AVX2 + FMA kernel: 6×16 (12 accumulators, two loads of B and six broadcasts of A per
@@ -83,14 +110,14 @@ impl Micro for Avx2 {
         pack_b::<AVX2_NR>(b, k, j0, nr, dst)
     }
 
-    unsafe fn packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
+    unsafe fn packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
         // SAFETY: as the trait's contract.
-        unsafe { kernel(steps, a, b, c, ldc, alpha, acc) }
+        unsafe { kernel(steps, a, b, c, ldc, alpha, init) }
     }
 
-    unsafe fn rows(kc: usize, a: *const f32, stride: usize, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
+    unsafe fn rows(kc: usize, a: *const f32, stride: usize, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
         // SAFETY: as the trait's contract.
-        unsafe { kernel_rows(kc, a, stride, b, c, ldc, alpha, acc) }
+        unsafe { kernel_rows(kc, a, stride, b, c, ldc, alpha, init) }
     }
 }
 
@@ -108,15 +135,16 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-/// `c = alpha·a·b`, or `c += alpha·a·b` with `accumulate`, by the kernel `K`; views already
-/// checked by the caller, and the CPU runs `K`'s instructions. `parallel`: spread the work over
-/// rayon's pool; `bf16`: round the operands to bfloat16 (what a kernel of pairs always does).
+/// `alpha·a·b` onto `onto` (nothing, C, or a bias row) by the kernel `K`; views already checked
+/// by the caller (a bias has one value per column), and the CPU runs `K`'s instructions.
+/// `parallel`: spread the work over rayon's pool; `bf16`: round the operands to bfloat16 (what a
+/// kernel of pairs always does).
 ///
 /// B is packed whole, once (NR-wide panels over the full depth); each task then takes MC rows of
 /// A (read in place when row-major, else packed over the full depth) and walks its columns in
 /// strips of `NS`, finishing each strip over all of k before the next, so the strip of C it
 /// updates stays in L2 instead of being reloaded from memory for every block of depth.
-pub(super) fn gemm<K: Micro>(a: Mat, b: Mat, c: MatMut, alpha: f32, accumulate: bool, parallel: bool, bf16: bool) {
+pub(super) fn gemm<K: Micro>(a: Mat, b: Mat, c: MatMut, alpha: f32, onto: Onto, parallel: bool, bf16: bool) {
     debug_assert!(K::MR * K::NR <= MAX_TILE && MC.is_multiple_of(K::MR) && NS.is_multiple_of(K::NR));
     debug_assert!(K::KC.is_multiple_of(K::STEP_BLOCK));
     let (n, k) = (c.cols, a.cols);
@@ -125,7 +153,7 @@ pub(super) fn gemm<K: Micro>(a: Mat, b: Mat, c: MatMut, alpha: f32, accumulate: 
     let panels = n.div_ceil(K::NR);
     B_SCRATCH.with(|scratch| {
         scratch.with(panels * K::NR * steps::<K>(k), |bpack| {
-            run::<K>(a, b, c.rows, ldc, out, Step { alpha, accumulate, parallel, bf16 }, bpack)
+            run::<K>(a, b, c.rows, ldc, out, Step { alpha, onto, parallel, bf16 }, bpack)
         })
     });
 }
@@ -135,11 +163,11 @@ fn steps<K: Micro>(k: usize) -> usize {
     (if K::PAIRS { k.div_ceil(2) } else { k }).next_multiple_of(K::STEP_BLOCK)
 }
 
-/// How [`run`] runs: the scale, whether it adds to C, on how many threads, in which precision.
+/// How [`run`] runs: the scale, what it adds to, on how many threads, in which precision.
 #[derive(Clone, Copy)]
-struct Step {
+struct Step<'a> {
     alpha: f32,
-    accumulate: bool,
+    onto: Onto<'a>,
     parallel: bool,
     bf16: bool,
 }
@@ -147,7 +175,7 @@ struct Step {
 /// [`gemm`] with its packing space for B.
 // long: the kernel driver's loop nest (tasks, strips, depth blocks, micro-tiles) reads best whole.
 fn run<K: Micro>(a: Mat, b: Mat, m: usize, ldc: usize, out: OutPtr, step: Step, bpack: &mut [f32]) {
-    let Step { alpha, accumulate, parallel, bf16 } = step;
+    let Step { alpha, onto, parallel, bf16 } = step;
     let (mr_, nr_) = (K::MR, K::NR);
     let (n, k) = (b.cols, a.cols);
     let depth = steps::<K>(k);
@@ -206,7 +234,7 @@ fn run<K: Micro>(a: Mat, b: Mat, m: usize, ldc: usize, out: OutPtr, step: Step, 
                     let s1 = p1.min(s0 + strip);
                     for pc in (0..depth).step_by(K::KC) {
                         let kc = K::KC.min(depth - pc);
-                        let acc = accumulate || pc > 0;
+
                         for p in s0..s1 {
                             let (j, nr) = (p * nr_, nr_.min(n - p * nr_));
                             let panel = p * nr_ * depth;
@@ -220,13 +248,21 @@ fn run<K: Micro>(a: Mat, b: Mat, m: usize, ldc: usize, out: OutPtr, step: Step, 
                                     let i = i - whole;
                                     APanel::Packed(&apack[i * depth + pc * mr_..i * depth + (pc + kc) * mr_])
                                 };
+                                // The first block of depth starts from nothing, C or the bias;
+                                // later ones add to what the blocks before wrote.
+                                let init = match onto {
+                                    _ if pc > 0 => Edge::C,
+                                    Onto::Zero => Edge::Zero,
+                                    Onto::C => Edge::C,
+                                    Onto::Bias(bias) => Edge::Row(&bias[j..j + nr]),
+                                };
                                 // SAFETY: rows ic+i..ic+i+mr and columns j..j+nr lie inside the
                                 // output view (checked by the caller); this task owns rows
                                 // ic..ic+mc for the columns of panels p0..p1, which no other
                                 // task writes. The caller checked that the CPU runs `K`.
                                 unsafe {
                                     let dst = out.0.add((ic + i) * ldc + j);
-                                    tile::<K>(kc, apanel, bpanel, dst, ldc, mr, nr, alpha, acc);
+                                    tile::<K>(kc, apanel, bpanel, dst, ldc, mr, nr, alpha, init);
                                 }
                             }
                         }
@@ -459,6 +495,15 @@ enum APanel<'a> {
     Rows(&'a [f32], usize),
 }
 
+/// What one micro-tile starts from: [`Init`] with the bias as the tile's part of the row (`nr`
+/// values: a tile cut by the matrix's edge has fewer than NR).
+#[derive(Clone, Copy)]
+enum Edge<'a> {
+    Zero,
+    C,
+    Row(&'a [f32]),
+}
+
 /// One micro-tile of the kernel `K`: the full kernel into `c` when the tile is whole, through a
 /// scratch tile when it is cut by the matrix's edge.
 ///
@@ -466,36 +511,51 @@ enum APanel<'a> {
 /// The CPU must run `K`'s instructions; `c` must point at `mr` rows of `nr` writable floats,
 /// `ldc` apart.
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile<K: Micro>(kc: usize, a: APanel, b: &[f32], c: *mut f32, ldc: usize, mr: usize, nr: usize, alpha: f32, acc: bool) {
+unsafe fn tile<K: Micro>(kc: usize, a: APanel, b: &[f32], c: *mut f32, ldc: usize, mr: usize, nr: usize, alpha: f32, init: Edge) {
     assert!(b.len() >= kc * K::NR && K::MR * K::NR <= MAX_TILE);
     // SAFETY: the caller checked the CPU; the panels hold what the kernel reads (checked here),
-    // and `dst` is either the caller's whole tile or a scratch tile.
-    let run = |dst: *mut f32, ld: usize, add: bool| unsafe {
+    // `dst` is either the caller's whole tile or a scratch tile, and a row is NR floats.
+    let run = |dst: *mut f32, ld: usize, init: Init| unsafe {
         match a {
             APanel::Packed(a) => {
                 assert!(a.len() >= kc * K::MR);
-                K::packed(kc, a.as_ptr(), b.as_ptr(), dst, ld, alpha, add);
+                K::packed(kc, a.as_ptr(), b.as_ptr(), dst, ld, alpha, init);
             }
             APanel::Rows(a, stride) => {
                 assert!(!K::PAIRS && kc > 0 && a.len() > (K::MR - 1) * stride + kc - 1);
-                K::rows(kc, a.as_ptr(), stride, b.as_ptr(), dst, ld, alpha, add);
+                K::rows(kc, a.as_ptr(), stride, b.as_ptr(), dst, ld, alpha, init);
             }
         }
     };
     if mr == K::MR && nr == K::NR {
-        run(c, ldc, acc);
+        run(
+            c,
+            ldc,
+            match init {
+                Edge::Zero => Init::Zero,
+                Edge::C => Init::C,
+                Edge::Row(row) => {
+                    assert_eq!(row.len(), K::NR);
+                    Init::Row(row.as_ptr())
+                }
+            },
+        );
         return;
     }
     // Cut by the matrix's edge: the whole tile into scratch (so zeroed only here), then the part
     // that exists.
     let mut scratch = [0f32; MAX_TILE];
-    run(scratch.as_mut_ptr(), K::NR, false);
+    run(scratch.as_mut_ptr(), K::NR, Init::Zero);
     for r in 0..mr {
         for j in 0..nr {
             // SAFETY: r < mr and j < nr, inside the caller's tile.
             unsafe {
-                let d = c.add(r * ldc + j);
-                *d = if acc { *d + scratch[r * K::NR + j] } else { scratch[r * K::NR + j] };
+                let (d, s) = (c.add(r * ldc + j), scratch[r * K::NR + j]);
+                *d = match init {
+                    Edge::Zero => s,
+                    Edge::C => *d + s,
+                    Edge::Row(row) => row[j] + s,
+                };
             }
         }
     }
@@ -511,8 +571,8 @@ const AVX2_NR: usize = 16;
 /// As [`kernel_at`], with row `r` of A at `a + r·stride`, `kc` floats long.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel_rows(kc: usize, a: *const f32, stride: usize, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
-    unsafe { kernel_at(kc, |kk, r| a.add(r * stride + kk), b, c, ldc, alpha, acc) }
+unsafe fn kernel_rows(kc: usize, a: *const f32, stride: usize, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
+    unsafe { kernel_at(kc, |kk, r| a.add(r * stride + kk), b, c, ldc, alpha, init) }
 }
 
 /// [`kernel_at`] on a packed panel of A (`AVX2_MR` floats per step of k).
@@ -520,18 +580,19 @@ unsafe fn kernel_rows(kc: usize, a: *const f32, stride: usize, b: *const f32, c:
 /// # Safety
 /// As [`kernel_at`], with A packed k-major.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
-    unsafe { kernel_at(kc, |kk, r| a.add(kk * AVX2_MR + r), b, c, ldc, alpha, acc) }
+unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
+    unsafe { kernel_at(kc, |kk, r| a.add(kk * AVX2_MR + r), b, c, ldc, alpha, init) }
 }
 
-/// The 6×16 micro-kernel: `c[6×16] (+)= alpha · a[6×kc] · b[kc×16]`, with B packed k-major and
-/// element (kk, r) of A at `at(kk, r)`.
+/// The 6×16 micro-kernel: `c[6×16] = alpha · a[6×kc] · b[kc×16] + init`, with B packed k-major
+/// and element (kk, r) of A at `at(kk, r)`.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; `at` must give readable addresses for every `kk < kc`,
-/// `r < 6`, `b` hold `16·kc` floats, and `c` six rows of 16 writable floats `ldc` apart.
+/// `r < 6`, `b` hold `16·kc` floats, `c` six rows of 16 writable floats `ldc` apart, and an
+/// [`Init::Row`] 16 readable floats.
 #[inline(always)]
-unsafe fn kernel_at(kc: usize, at: impl Fn(usize, usize) -> *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, acc: bool) {
+unsafe fn kernel_at(kc: usize, at: impl Fn(usize, usize) -> *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
     unsafe {
         // Fetch the tile of C while the products run (it is read or written only at the end).
         for r in 0..AVX2_MR {
@@ -552,14 +613,13 @@ unsafe fn kernel_at(kc: usize, at: impl Fn(usize, usize) -> *const f32, b: *cons
             b = b.add(AVX2_NR);
         }
         let alpha = _mm256_set1_ps(alpha);
+        let (add, ld) = init.rows(c, ldc);
         for r in 0..AVX2_MR {
             let row = c.add(r * ldc);
-            if acc {
-                _mm256_storeu_ps(row, _mm256_fmadd_ps(alpha, c0[r], _mm256_loadu_ps(row)));
-                _mm256_storeu_ps(
-                    row.add(8),
-                    _mm256_fmadd_ps(alpha, c1[r], _mm256_loadu_ps(row.add(8))),
-                );
+            if !add.is_null() {
+                let add = add.add(r * ld);
+                _mm256_storeu_ps(row, _mm256_fmadd_ps(alpha, c0[r], _mm256_loadu_ps(add)));
+                _mm256_storeu_ps(row.add(8), _mm256_fmadd_ps(alpha, c1[r], _mm256_loadu_ps(add.add(8))));
             } else {
                 _mm256_storeu_ps(row, _mm256_mul_ps(alpha, c0[r]));
                 _mm256_storeu_ps(row.add(8), _mm256_mul_ps(alpha, c1[r]));
