@@ -106,8 +106,13 @@ fn amx_available() -> bool {
     if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
         return false;
     }
-    grant_tile_state()
+    let granted = grant_tile_state();
+    AMX_REFUSED.store(!granted, std::sync::atomic::Ordering::Relaxed);
+    granted
 }
+
+/// Set when the CPU has AMX but Linux did not grant the tile state (for [`summary`]).
+static AMX_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 fn grant_tile_state() -> bool {
@@ -175,7 +180,13 @@ fn choose(detected: Isa, cap: Option<Isa>) -> Isa {
 /// One line for logs and `vitforge bench`: the CPU's level, the cap, and what runs.
 pub fn summary() -> String {
     let cap = cap().map(|c| format!(", capped at {} by {CAP_VAR}", c.name())).unwrap_or_default();
-    let amx = if detected() == Isa::Amx && active() != Isa::Amx { format!(" (the AMX kernel runs only with {CAP_VAR}=amx)") } else { String::new() };
+    let amx = if detected() == Isa::Amx && active() != Isa::Amx {
+        format!(" (the AMX kernel runs only with {CAP_VAR}=amx)")
+    } else if AMX_REFUSED.load(std::sync::atomic::Ordering::Relaxed) {
+        " (the CPU has AMX, but Linux did not grant this process its tile state: AMX is not used)".to_string()
+    } else {
+        String::new()
+    };
     format!("CPU instruction sets: {} detected{cap}; running {}{amx}", detected().name(), active().describe_kernels())
 }
 
