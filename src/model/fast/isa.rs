@@ -88,32 +88,31 @@ fn detect() -> Isa {
         return Isa::Avx2;
     }
     // AMX has no stable feature detection: the CPUID bits, and the OS's grant of the tile state.
-    match (has!("avx512bf16"), amx_available()) {
+    match (has!("avx512bf16"), cpu_has_amx() && grant_tile_state()) {
         (false, _) => Isa::Avx512,
         (true, false) => Isa::Avx512Bf16,
         (true, true) => Isa::Amx,
     }
 }
 
-/// Whether this process may use AMX tiles: the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7,
-/// EDX bits 24 and 22) and Linux granted the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM,
-/// XFEATURE_XTILEDATA)`, then `ARCH_GET_XCOMP_PERM` shows it). Asked once, by [`detected`].
+/// Whether the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22). AMX is used
+/// only where Linux also grants the tile state ([`grant_tile_state`], asked once by
+/// [`detected`]).
 #[cfg(target_arch = "x86_64")]
-fn amx_available() -> bool {
-    // SAFETY: CPUID leaf 7 exists on every CPU this is asked on (it has AVX-512).
+fn cpu_has_amx() -> bool {
+    // SAFETY: CPUID leaf 7 exists on every CPU this is asked of (they have AVX-512).
     #[allow(unused_unsafe)]
     let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
-    if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
-        return false;
-    }
-    let granted = grant_tile_state();
-    AMX_REFUSED.store(!granted, std::sync::atomic::Ordering::Relaxed);
-    granted
+    edx & (1 << 22) != 0 && edx & (1 << 24) != 0
 }
 
-/// Set when the CPU has AMX but Linux did not grant the tile state (for [`summary`]).
-static AMX_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_has_amx() -> bool {
+    false
+}
 
+/// Asks Linux for the AMX tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`)
+/// and checks that `ARCH_GET_XCOMP_PERM` shows it.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 fn grant_tile_state() -> bool {
     const ARCH_GET_XCOMP_PERM: libc::c_long = 0x1022;
@@ -182,7 +181,8 @@ pub fn summary() -> String {
     let cap = cap().map(|c| format!(", capped at {} by {CAP_VAR}", c.name())).unwrap_or_default();
     let amx = if detected() == Isa::Amx && active() != Isa::Amx {
         format!(" (the AMX kernel runs only with {CAP_VAR}=amx)")
-    } else if AMX_REFUSED.load(std::sync::atomic::Ordering::Relaxed) {
+    } else if detected() == Isa::Avx512Bf16 && cpu_has_amx() {
+        // AVX-512 BF16 and the AMX flags, yet not `amx`: the grant was refused.
         " (the CPU has AMX, but Linux did not grant this process its tile state: AMX is not used)".to_string()
     } else {
         String::new()

@@ -30,10 +30,11 @@ const NR: usize = super::avx512::NR;
 /// Bytes of a packed slot (a pair of bf16, or an f32 of C).
 const SLOT: usize = 4;
 
-/// The AMX kernel (32×32, pairs of k in blocks of 16).
-pub(super) struct Amx;
+/// The AMX kernel (32×32, pairs of k in blocks of 16), its tile instructions run by `T` (the
+/// CPU's, or in the tests an emulation).
+pub(super) struct Amx<T = Hardware>(std::marker::PhantomData<T>);
 
-impl Micro for Amx {
+impl<T: Tiles> Micro for Amx<T> {
     const MR: usize = MR;
     const NR: usize = NR;
     /// 128 pairs: panels of A and of B of 16 KiB each, in L1 together (48 KiB on Sapphire
@@ -54,7 +55,7 @@ impl Micro for Amx {
 
     unsafe fn packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
         // SAFETY: as the trait's contract (the driver hands whole blocks of steps).
-        unsafe { tiles::<Hardware>(steps, a, b, c, ldc, alpha, init) }
+        unsafe { tiles::<T>(steps, a, b, c, ldc, alpha, init) }
     }
 
     unsafe fn rows(_: usize, _: *const f32, _: usize, _: *const f32, _: *mut f32, _: usize, _: f32, _: Init) {
@@ -164,7 +165,7 @@ impl Tiles for Hardware {
 /// # Safety
 /// As [`Tiles::configure`] for `T`; `a` must hold `32·steps` slots, `b` `32·steps`, `c` 32 rows
 /// of 32 writable floats `ldc` apart, and an [`Init::Row`] 32 readable floats.
-pub(super) unsafe fn tiles<T: Tiles>(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
+unsafe fn tiles<T: Tiles>(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
     assert!(steps.is_multiple_of(KT));
     // SAFETY: the caller's contract; every load and store below stays inside the panels of A
     // (32 rows of 16 slots per block) and B (16 steps of 32 slots per block) and the tile of C.
@@ -319,34 +320,6 @@ mod tests {
         }
     }
 
-    /// [`Amx`] with the tile instructions emulated.
-    struct EmulatedAmx;
-
-    impl Micro for EmulatedAmx {
-        const MR: usize = Amx::MR;
-        const NR: usize = Amx::NR;
-        const KC: usize = Amx::KC;
-        const PAIRS: bool = Amx::PAIRS;
-        const STEP_BLOCK: usize = Amx::STEP_BLOCK;
-
-        fn pack_a(a: Mat, i0: usize, mc: usize, k: usize, dst: &mut [f32]) {
-            Amx::pack_a(a, i0, mc, k, dst)
-        }
-
-        fn pack_b(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]) {
-            Amx::pack_b(b, k, j0, nr, dst)
-        }
-
-        unsafe fn packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
-            // SAFETY: as the trait's contract; the emulation needs no AMX.
-            unsafe { tiles::<Emulated>(steps, a, b, c, ldc, alpha, init) }
-        }
-
-        unsafe fn rows(_: usize, _: *const f32, _: usize, _: *const f32, _: *mut f32, _: usize, _: f32, _: Init) {
-            unreachable!("a kernel of bf16 pairs always packs A")
-        }
-    }
-
     /// The AMX kernel's packing and blocking, through the driver, with the tile instructions
     /// emulated: every layout of A and B, cut tiles and blocks, scaling and accumulation, serial
     /// and parallel, against f64 on the bf16-rounded operands (the packing needs AVX-512 BF16).
@@ -359,7 +332,7 @@ mod tests {
             return;
         }
         check_products("amx (emulated tiles)", &[Precision::Bf16], |a, b, c, alpha, onto, threads, _| {
-            super::super::sgemm::gemm::<EmulatedAmx>(a, b, c, alpha, onto, threads == Threads::All, true)
+            super::super::sgemm::gemm::<Amx<Emulated>>(a, b, c, alpha, onto, threads == Threads::All, true)
         });
     }
 

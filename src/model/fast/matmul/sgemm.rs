@@ -234,9 +234,15 @@ fn run<K: Micro>(a: Mat, b: Mat, m: usize, ldc: usize, out: OutPtr, step: Step, 
                     let s1 = p1.min(s0 + strip);
                     for pc in (0..depth).step_by(K::KC) {
                         let kc = K::KC.min(depth - pc);
-
                         for p in s0..s1 {
                             let (j, nr) = (p * nr_, nr_.min(n - p * nr_));
+                            // The first block of depth starts from nothing, C or the bias (this
+                            // panel's part of it); later ones add to what the blocks before wrote.
+                            let init = match onto {
+                                _ if pc > 0 => Onto::C,
+                                Onto::Bias(bias) => Onto::Bias(&bias[j..j + nr]),
+                                other => other,
+                            };
                             let panel = p * nr_ * depth;
                             let bpanel = &bpack[panel + pc * nr_..panel + (pc + kc) * nr_];
                             for i in (0..mc).step_by(mr_) {
@@ -247,14 +253,6 @@ fn run<K: Micro>(a: Mat, b: Mat, m: usize, ldc: usize, out: OutPtr, step: Step, 
                                 } else {
                                     let i = i - whole;
                                     APanel::Packed(&apack[i * depth + pc * mr_..i * depth + (pc + kc) * mr_])
-                                };
-                                // The first block of depth starts from nothing, C or the bias;
-                                // later ones add to what the blocks before wrote.
-                                let init = match onto {
-                                    _ if pc > 0 => Edge::C,
-                                    Onto::Zero => Edge::Zero,
-                                    Onto::C => Edge::C,
-                                    Onto::Bias(bias) => Edge::Row(&bias[j..j + nr]),
                                 };
                                 // SAFETY: rows ic+i..ic+i+mr and columns j..j+nr lie inside the
                                 // output view (checked by the caller); this task owns rows
@@ -495,23 +493,15 @@ enum APanel<'a> {
     Rows(&'a [f32], usize),
 }
 
-/// What one micro-tile starts from: [`Init`] with the bias as the tile's part of the row (`nr`
-/// values: a tile cut by the matrix's edge has fewer than NR).
-#[derive(Clone, Copy)]
-enum Edge<'a> {
-    Zero,
-    C,
-    Row(&'a [f32]),
-}
-
-/// One micro-tile of the kernel `K`: the full kernel into `c` when the tile is whole, through a
-/// scratch tile when it is cut by the matrix's edge.
+/// One micro-tile of the kernel `K`, onto `init` (a bias is the tile's `nr` values of it): the
+/// full kernel into `c` when the tile is whole, through a scratch tile when it is cut by the
+/// matrix's edge.
 ///
 /// # Safety
 /// The CPU must run `K`'s instructions; `c` must point at `mr` rows of `nr` writable floats,
 /// `ldc` apart.
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile<K: Micro>(kc: usize, a: APanel, b: &[f32], c: *mut f32, ldc: usize, mr: usize, nr: usize, alpha: f32, init: Edge) {
+unsafe fn tile<K: Micro>(kc: usize, a: APanel, b: &[f32], c: *mut f32, ldc: usize, mr: usize, nr: usize, alpha: f32, init: Onto) {
     assert!(b.len() >= kc * K::NR && K::MR * K::NR <= MAX_TILE);
     // SAFETY: the caller checked the CPU; the panels hold what the kernel reads (checked here),
     // `dst` is either the caller's whole tile or a scratch tile, and a row is NR floats.
@@ -532,9 +522,9 @@ unsafe fn tile<K: Micro>(kc: usize, a: APanel, b: &[f32], c: *mut f32, ldc: usiz
             c,
             ldc,
             match init {
-                Edge::Zero => Init::Zero,
-                Edge::C => Init::C,
-                Edge::Row(row) => {
+                Onto::Zero => Init::Zero,
+                Onto::C => Init::C,
+                Onto::Bias(row) => {
                     assert_eq!(row.len(), K::NR);
                     Init::Row(row.as_ptr())
                 }
@@ -552,9 +542,9 @@ unsafe fn tile<K: Micro>(kc: usize, a: APanel, b: &[f32], c: *mut f32, ldc: usiz
             unsafe {
                 let (d, s) = (c.add(r * ldc + j), scratch[r * K::NR + j]);
                 *d = match init {
-                    Edge::Zero => s,
-                    Edge::C => *d + s,
-                    Edge::Row(row) => row[j] + s,
+                    Onto::Zero => s,
+                    Onto::C => *d + s,
+                    Onto::Bias(row) => row[j] + s,
                 };
             }
         }
