@@ -129,6 +129,8 @@ async fn events(
     let (validation, _) = db::job_metrics::evaluations(&s.db, &id).await?;
     let shutdown = s.jobs.shutdown_token();
     let (runs_jobs, db) = (s.config.role.runs_jobs(), s.db.clone());
+    // A block published between the subscription and the read above is in both: send it once.
+    let sent_up_to = validation.last().map(|b| u64::from(b.epoch));
     let stream = async_stream(move |tx| async move {
         let _ = tx.send(sse("progress", &serde_json::to_value(&job.progress).unwrap_or_default())).await;
         for block in &validation {
@@ -150,6 +152,7 @@ async fn events(
             };
             let out = match event {
                 Ok(JobEvent::Progress(v)) => sse("progress", &v),
+                Ok(JobEvent::Metrics(v)) if already_sent(&v, sent_up_to) => continue,
                 Ok(JobEvent::Metrics(v)) => sse("metrics", &v),
                 Ok(JobEvent::Status(job)) => {
                     let _ = tx.send(sse("status", &serde_json::to_value(&*job).unwrap_or_default())).await;
@@ -164,6 +167,12 @@ async fn events(
         }
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// Whether a live validation block (it carries its `epoch`) was already sent from the stored
+/// ones, which go up to epoch `sent_up_to` (blocks come in epoch order).
+fn already_sent(block: &Value, sent_up_to: Option<u64>) -> bool {
+    matches!((block["epoch"].as_u64(), sent_up_to), (Some(epoch), Some(last)) if epoch <= last)
 }
 
 /// How often an event stream of a job run by another process looks at the database.
@@ -215,4 +224,22 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(produce(tx));
     futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::already_sent;
+
+    /// A live block of an epoch the stored blocks already covered is skipped; later ones, and
+    /// every one when nothing was stored, are sent.
+    #[test]
+    fn a_block_both_stored_and_live_is_sent_once() {
+        assert!(already_sent(&json!({"epoch": 2, "accuracy": 0.5}), Some(2)));
+        assert!(already_sent(&json!({"epoch": 1}), Some(2)));
+        assert!(!already_sent(&json!({"epoch": 3}), Some(2)));
+        assert!(!already_sent(&json!({"epoch": 1}), None));
+        assert!(!already_sent(&json!({"accuracy": 0.5}), Some(2)));
+    }
 }
