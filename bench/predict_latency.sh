@@ -28,10 +28,11 @@ wait_healthy "$url" "$work/serve.log"
 (cd "$data" && zip -qr "$work/data.zip" .)
 job=$(train_job "$url" "$work/data.zip" base "" "$work/serve.log")
 model=$(curl -sf "$url/jobs/$job" | python3 -c 'import json,sys; print(json.load(sys.stdin)["model_id"])')
-image=$(find "$data" -type f \( -iname '*.jpg' -o -iname '*.png' \) | head -1)
+# (-print -quit, not `| head -1`: under pipefail, find killed by SIGPIPE would end the script.)
+image=$(find "$data" -type f \( -iname '*.jpg' -o -iname '*.png' \) -print -quit)
 python3 bench/predict_load.py "$url/predict" "$image" --concurrency 1 --requests 5 >/dev/null # warm-up
 python3 bench/predict_load.py "$url/predict" "$image" --concurrency 1 --seconds "$secs"
 python3 bench/predict_load.py "$url/predict" "$image" --concurrency 16 --seconds "$secs"
 curl -sf "$url/metrics" | grep -E '^vitforge_predict_batch_size_(sum|count)' >&2 || true
 kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
-"$bin" bench --model "$work/data/models/$model" --batch 1,16 --mode infer --iters 10
+"$bin" bench --model "$work/data/models/$model" --batch 1,16 --mode infer --iters 10 --precision "${VITFORGE_PRECISION:-f32}"
