@@ -52,16 +52,18 @@ pub struct Classifier {
 }
 
 impl Classifier {
-    /// Wraps a loaded model, to run its products at `precision`.
-    pub fn new(model: &LoadedModel, device: &Device, precision: Precision) -> Result<Self, ModelError> {
-        let vit = Vit::frozen(&model.cfg, &model.params)?.with_precision(precision);
-        Ok(Self { vit, pre: model.preprocessor.clone(), device: device.clone() })
+    /// Wraps a loaded model, to run its products at `precision`. The model is taken, not
+    /// borrowed: its weights are packed here once for every forward pass to come (see
+    /// [`Vit::packed_for_inference`]), so they must not change afterwards.
+    pub fn new(model: LoadedModel, device: &Device, precision: Precision) -> Result<Self, ModelError> {
+        let vit = Vit::frozen(&model.cfg, &model.params)?.with_precision(precision).packed_for_inference()?;
+        Ok(Self { vit, pre: model.preprocessor, device: device.clone() })
     }
 
     /// Loads a model folder (or hub id) with its own labels.
     pub fn load(source: &ModelSource, device: &Device, precision: Precision) -> Result<Self, ModelError> {
         let model = LoadedModel::load(source, None, device, 0)?;
-        Self::new(&model, device, precision)
+        Self::new(model, device, precision)
     }
 
     pub fn config(&self) -> &VitConfig {

@@ -26,6 +26,25 @@ impl Vit {
         !self.trainable && fast::usable(self, self.patch_weight.device())
     }
 
+    /// The same model with the weights of its linear layers packed once for the products of
+    /// inference (in bf16: converted to bf16 once, here, rather than on every forward pass).
+    /// For a model whose parameters no longer change, as a loaded model being served: the
+    /// packed copy does not follow them. Nothing is packed where the fast path does not run
+    /// (another device, reference ops, a trainable model) or its products are the `gemm`
+    /// crate's.
+    pub fn packed_for_inference(mut self) -> Result<Self> {
+        self.packed = None;
+        if self.fast_path() {
+            self.packed = fast::pack(&self)?.map(Into::into);
+        }
+        Ok(self)
+    }
+
+    /// Bytes its packed weights hold (0 when none are packed).
+    pub fn packed_bytes(&self) -> usize {
+        self.packed.as_deref().map_or(0, |p| p.iter().map(|p| p.bytes()).sum())
+    }
+
     /// Patch + CLS + position embeddings: (B, C, H, W) pixels → (B, tokens, hidden).
     pub fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
         self.check_pixels(pixels)?;

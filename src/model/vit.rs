@@ -8,11 +8,14 @@
 //! activations are composed from ops that all implement backward, and golden-file tests check
 //! every gradient against PyTorch.
 
+use std::sync::Arc;
+
 use candle_core::{D, DType, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::config::Activation;
+use super::fast::matmul::PackedB;
 use super::precision::Precision;
 use super::weights::{Params, keys};
 use super::{ModelError, VitConfig};
@@ -149,6 +152,9 @@ pub struct Vit {
     pub(crate) trainable: bool,
     /// The precision of every matrix product, on both paths.
     pub(crate) precision: Precision,
+    /// The weights of its linear layers packed once for inference's products on the CPU (see
+    /// [`Vit::packed_for_inference`]); none when built.
+    pub(crate) packed: Option<Arc<[PackedB]>>,
 }
 
 impl Vit {
@@ -190,11 +196,15 @@ impl Vit {
             classifier: lin(keys::HEAD, true)?,
             trainable: any_trainable,
             precision: Precision::F32,
+            packed: None,
         })
     }
 
     /// The same model with its products at `precision` (f32 when built).
     pub fn with_precision(mut self, precision: Precision) -> Self {
+        if precision != self.precision {
+            self.packed = None;
+        }
         self.precision = precision;
         self
     }

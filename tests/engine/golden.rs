@@ -188,3 +188,32 @@ fn the_fast_cpu_path_matches_pytorch_too() {
         assert!(diff <= 1e-4, "{m}: {diff}");
     }
 }
+
+/// A model packed for inference gives the logits of the same model unpacked, bit for bit (same
+/// kernels, same packing, done once instead of per call), and holds packed weights only where
+/// our kernels run the products.
+#[test]
+fn packed_weights_give_the_same_logits_bit_for_bit() {
+    use vitforge::model::Precision;
+    for m in MODELS {
+        let loaded = model(m);
+        let reference = load(golden().join(m).join("reference.safetensors"));
+        let pixels = reference["pixel_values"].to_dtype(DType::F32).unwrap();
+        for precision in [Precision::F32, Precision::Bf16] {
+            let plain = Vit::frozen(&loaded.cfg, &loaded.params).unwrap().with_precision(precision);
+            let packed = plain.clone().packed_for_inference().unwrap();
+            let ours = vitforge::model::cpu_path();
+            let ours_run = ours != "generic" && !ours.contains("gemm-crate") && ours != "reference";
+            let expect_packed = ours_run;
+            assert_eq!(packed.packed_bytes() > 0, expect_packed, "{m} {precision:?} on {ours}: packed bytes {}", packed.packed_bytes());
+            assert_eq!(plain.packed_bytes(), 0);
+            let (a, b) = (plain.forward(&pixels).unwrap(), packed.forward(&pixels).unwrap());
+            let (a, b) = (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{m} {precision:?}: {a:?} vs {b:?}");
+            // Another precision drops the packed copy (it was packed for the old one).
+            let other = if precision == Precision::F32 { Precision::Bf16 } else { Precision::F32 };
+            assert_eq!(packed.with_precision(other).packed_bytes(), 0);
+        }
+        eprintln!("{m}: packed and plain logits agree bit for bit on {}", vitforge::model::cpu_path());
+    }
+}

@@ -10,7 +10,7 @@
 
 pub mod isa;
 mod kernels;
-mod matmul;
+pub(super) mod matmul;
 mod simd;
 
 use std::collections::BTreeMap;
@@ -19,7 +19,7 @@ use candle_core::{Device, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
 
 use self::kernels as k;
-use self::matmul::{Mat, MatMut, Threads, gemm, gemm_bias};
+use self::matmul::{Mat, MatMut, PackedB, Threads, gemm, gemm_bias, gemm_bias_packed};
 use super::precision::Precision;
 use super::vit::{Linear, Objective, Vit};
 use super::weights::{Boundary, TrainableSet, keys, param_specs};
@@ -89,6 +89,8 @@ struct Lin<'g> {
     inp: usize,
     /// The precision of its products (forward and backward).
     prec: Precision,
+    /// Its weight packed for inference's products (`x·Wᵀ`), when the model has them.
+    packed: Option<&'g PackedB>,
 }
 
 struct LayerW<'g> {
@@ -144,7 +146,7 @@ fn tensor_list(vit: &Vit) -> Vec<&Tensor> {
 }
 
 impl<'g> Weights<'g> {
-    fn new(vit: &Vit, g: &'g Guards) -> Self {
+    fn new(vit: &'g Vit, g: &'g Guards) -> Self {
         let mut i = 0;
         let mut next = || {
             i += 1;
@@ -164,7 +166,7 @@ impl<'g> Weights<'g> {
                 let (out, inp) = dims(l);
                 let w = next();
                 let b = if l.bias.is_some() { Some(next()) } else { None };
-                Lin { w, b, out, inp, prec }
+                Lin { w, b, out, inp, prec, packed: None }
             };
             let q = lin(&layer.query);
             let k = lin(&layer.key);
@@ -178,7 +180,7 @@ impl<'g> Weights<'g> {
                 let (out, inp) = dims(l);
                 let w = next();
                 let b = if l.bias.is_some() { Some(next()) } else { None };
-                Lin { w, b, out, inp, prec }
+                Lin { w, b, out, inp, prec, packed: None }
             };
             let fc1 = lin(&layer.fc1);
             let fc2 = lin(&layer.fc2);
@@ -188,15 +190,43 @@ impl<'g> Weights<'g> {
         let (out, inp) = dims(&vit.classifier);
         let hw = next();
         let hb = vit.classifier.bias.as_ref().map(|_| next());
-        let patch = Lin { w: patch_w, b: Some(patch_b), out: h, inp: cpp, prec };
-        Weights { patch, cls, pos, layers, ln, head: Lin { w: hw, b: hb, out, inp, prec } }
+        let patch = Lin { w: patch_w, b: Some(patch_b), out: h, inp: cpp, prec, packed: None };
+        let mut w = Weights { patch, cls, pos, layers, ln, head: Lin { w: hw, b: hb, out, inp, prec, packed: None } };
+        if let Some(packed) = vit.packed.as_deref() {
+            let lins: Vec<&mut Lin<'g>> = w.lins_mut().collect();
+            if lins.len() == packed.len() && lins.iter().zip(packed).all(|(l, p)| p.shape() == (l.inp, l.out)) {
+                for (l, p) in lins.into_iter().zip(packed) {
+                    l.packed = Some(p);
+                }
+            }
+        }
+        w
     }
+
+    /// Every linear layer: the patch projection, each layer's Q, K, V, output, FC1 and FC2, the
+    /// head (the order of [`pack`]).
+    fn lins_mut(&mut self) -> impl Iterator<Item = &mut Lin<'g>> {
+        let layers = self.layers.iter_mut().flat_map(|l| [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.fc1, &mut l.fc2]);
+        std::iter::once(&mut self.patch).chain(layers).chain(std::iter::once(&mut self.head))
+    }
+}
+
+/// The weights of every linear layer of `vit` packed once for the products of inference
+/// (`x·Wᵀ` at the model's precision, for the kernel this process runs), in the order
+/// [`Weights::new`] attaches them; `None` where the products are not ours (the `gemm` crate's).
+pub(super) fn pack(vit: &Vit) -> Result<Option<Vec<PackedB>>> {
+    let guards = Guards::new(&tensor_list(vit))?;
+    let mut w = Weights::new(vit, &guards);
+    Ok(w.lins_mut().map(|l| PackedB::new(Mat::rows(l.w, l.out, l.inp).t(), l.prec)).collect())
 }
 
 /// `y[:, col..col+out] = x·Wᵀ + b` for a row-major `x` (rows × in) into a buffer `stride` wide.
 fn linear(x: &[f32], rows: usize, l: &Lin, y: &mut [f32], stride: usize, col: usize) {
     let (x, wt) = (Mat::rows(x, rows, l.inp), Mat::rows(l.w, l.out, l.inp).t());
     let y = MatMut::strided(y, rows, l.out, stride, col);
+    if let Some(packed) = l.packed.filter(|p| p.fits(l.prec)) {
+        return gemm_bias_packed(x, packed, y, l.b, Threads::All);
+    }
     match l.b {
         Some(b) => gemm_bias(x, wt, y, b, Threads::All, l.prec),
         None => gemm(x, wt, y, 1.0, false, Threads::All, l.prec),

@@ -138,19 +138,10 @@ fn product(a: Mat, b: Mat, c: MatMut, beta: f32, onto: Onto, threads: Threads, p
     }
     let accumulate = matches!(onto, Onto::C);
     #[cfg(target_arch = "x86_64")]
-    if uses_our_kernels() {
-        use super::isa::Isa;
-        let parallel = threads == Threads::All && rayon::current_num_threads() > 1;
+    if let Some(kernel) = Kernel::active(precision) {
+        let parallel = parallel(threads);
         let bf16 = precision == Precision::Bf16;
-        let level = super::isa::active();
-        // SAFETY (of each kernel's instructions): `isa::active` is never above what this CPU has
-        // (and `amx` only where Linux granted the tile state).
-        match level {
-            Isa::Generic | Isa::Avx2 => sgemm::gemm::<sgemm::Avx2>(a, b, c, beta, onto, parallel, bf16),
-            Isa::Amx if bf16 => sgemm::gemm::<amx::Amx>(a, b, c, beta, onto, parallel, true),
-            _ if bf16 && level.native_bf16() => sgemm::gemm::<avx512::Bf16>(a, b, c, beta, onto, parallel, true),
-            _ => sgemm::gemm::<avx512::F32>(a, b, c, beta, onto, parallel, bf16),
-        }
+        on_kernel!(kernel, K => sgemm::gemm::<K>(a, b, c, beta, onto, parallel, bf16));
         return;
     }
     if precision == Precision::Bf16 {
@@ -189,6 +180,161 @@ fn product(a: Mat, b: Mat, c: MatMut, beta: f32, onto: Onto, threads: Threads, p
             false,
             parallelism,
         );
+    }
+}
+
+/// Whether a product with `threads` spreads over rayon's pool.
+fn parallel(threads: Threads) -> bool {
+    threads == Threads::All && rayon::current_num_threads() > 1
+}
+
+/// Which of our micro-kernels a product runs (what B is packed for).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kernel {
+    /// 6×16, AVX2 + FMA (f32 arithmetic; bf16 operands rounded as they are packed).
+    Avx2,
+    /// 12×32, AVX-512 (as `Avx2`).
+    Avx512,
+    /// 12×32, AVX-512 BF16: pairs of bf16 by `vdpbf16ps`.
+    Avx512Bf16,
+    /// 32×32 on AMX tiles (bf16 only).
+    Amx,
+}
+
+impl Kernel {
+    /// The kernel a product at `precision` runs at the active level, or `None` where products
+    /// go to the `gemm` crate (below AVX2, or `VITFORGE_GENERIC_GEMM`).
+    #[cfg(target_arch = "x86_64")]
+    fn active(precision: Precision) -> Option<Kernel> {
+        use super::isa::Isa;
+        if !uses_our_kernels() {
+            return None;
+        }
+        let bf16 = precision == Precision::Bf16;
+        let level = super::isa::active();
+        Some(match level {
+            Isa::Generic | Isa::Avx2 => Kernel::Avx2,
+            Isa::Amx if bf16 => Kernel::Amx,
+            _ if bf16 && level.native_bf16() => Kernel::Avx512Bf16,
+            _ => Kernel::Avx512,
+        })
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn active(_: Precision) -> Option<Kernel> {
+        None
+    }
+}
+
+/// Runs `$body` with the type `$k` standing for `$kernel`'s micro-kernel.
+///
+/// SAFETY (of each kernel's instructions, for every use): [`Kernel::active`] names a kernel only
+/// at a level `isa::active` allows, which is never above what this CPU has (and `amx` only where
+/// Linux granted the tile state); a [`PackedB`] is used only for the kernel it names when that
+/// is the active one.
+#[cfg(target_arch = "x86_64")]
+macro_rules! on_kernel {
+    ($kernel:expr, $k:ident => $body:expr) => {
+        match $kernel {
+            Kernel::Avx2 => {
+                type $k = sgemm::Avx2;
+                $body
+            }
+            Kernel::Avx512 => {
+                type $k = avx512::F32;
+                $body
+            }
+            Kernel::Avx512Bf16 => {
+                type $k = avx512::Bf16;
+                $body
+            }
+            Kernel::Amx => {
+                type $k = amx::Amx;
+                $body
+            }
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+use on_kernel;
+
+/// The right operand of `a·b` packed once for the kernel this process runs, at one precision
+/// (rounded to bf16, or as pairs of bf16, in `bf16`): what every product would otherwise pack
+/// again. Inference packs each weight matrix so when it loads a model ([`PackedB::new`]), then
+/// multiplies by it with [`gemm_bias_packed`].
+pub struct PackedB {
+    kernel: Kernel,
+    precision: Precision,
+    /// Depth and columns of B.
+    k: usize,
+    n: usize,
+    /// The panels, from `start` (on a cache-line boundary, as the per-call packing space is).
+    data: Vec<f32>,
+    start: usize,
+}
+
+impl PackedB {
+    /// `b` packed for the kernel a product at `precision` runs now (on rayon's pool), or `None`
+    /// where products go to the `gemm` crate, which packs its own way.
+    pub fn new(b: Mat, precision: Precision) -> Option<Self> {
+        b.check();
+        let kernel = Kernel::active(precision)?;
+        #[cfg(target_arch = "x86_64")]
+        {
+            let bf16 = precision == Precision::Bf16;
+            let len = on_kernel!(kernel, K => sgemm::packed_len::<K>(b.rows, b.cols));
+            let mut data = vec![0f32; len + 16];
+            let start = data.as_ptr().align_offset(64).min(16);
+            on_kernel!(kernel, K => sgemm::pack_panels::<K>(b, bf16, rayon::current_num_threads() > 1, &mut data[start..start + len]));
+            Some(Self { kernel, precision, k: b.rows, n: b.cols, data, start })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no kernel of ours off x86-64: {kernel:?}")
+    }
+
+    /// Whether a product at `precision` would run the kernel this was packed for (else the
+    /// caller multiplies by the plain matrix: the level may be capped differently on this
+    /// thread, as the tests do, or the precision changed).
+    pub fn fits(&self, precision: Precision) -> bool {
+        precision == self.precision && Kernel::active(precision) == Some(self.kernel)
+    }
+
+    /// Depth and columns of B.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+
+    /// Bytes it holds.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * std::mem::size_of::<f32>()
+    }
+
+    fn panels(&self) -> &[f32] {
+        &self.data[self.start..self.data.len() - (16 - self.start)]
+    }
+}
+
+/// `c = a·b + bias` with `b` packed (see [`PackedB`]); the caller checked that it
+/// [`fits`](PackedB::fits) the precision of the product.
+pub fn gemm_bias_packed(a: Mat, b: &PackedB, c: MatMut, bias: Option<&[f32]>, threads: Threads) {
+    assert!(b.fits(b.precision), "B packed for another kernel than the active one");
+    assert_eq!(a.cols, b.k, "inner dimensions");
+    assert_eq!((a.rows, b.n), (c.rows, c.cols), "output shape");
+    a.check();
+    if c.rows > 0 && c.cols > 0 {
+        assert!(c.offset + (c.rows - 1) * c.rs + c.cols - 1 < c.data.len(), "output view out of bounds");
+    }
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), c.cols, "one bias per column");
+    }
+    if a.rows == 0 || b.n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let onto = bias.map_or(Onto::Zero, Onto::Bias);
+        let step = sgemm::Step { alpha: 1.0, onto, parallel: parallel(threads), bf16: b.precision == Precision::Bf16 };
+        on_kernel!(b.kernel, K => sgemm::gemm_packed::<K>(a, b.panels(), c, step));
     }
 }
 
@@ -236,6 +382,60 @@ mod tests {
         gemm(Mat::rows(&[], 2, 0), Mat::rows(&[], 0, 2), MatMut::rows(&mut c, 2, 2), 1.0, false, Threads::One, Precision::F32);
         assert_eq!(c, vec![0.0; 4]);
         eprintln!("matrix products checked at {:?}", levels);
+    }
+
+    /// B packed once gives what packing it in the product gives, bit for bit, at every level
+    /// this CPU runs, in both precisions, with and without a bias, serial and parallel, for B
+    /// row-major and transposed (as weights are); and a packing is used only for the kernel and
+    /// precision it was made for.
+    #[test]
+    fn packed_b_gives_the_product_of_plain_b_bit_for_bit() {
+        let levels = runnable();
+        let mut seed = 3u64;
+        let mut rand = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        for &level in &levels {
+            for &(m, n, k) in &[(1, 1, 1), (13, 37, 385), (101, 33, 800), (200, 130, 64)] {
+                let a: Vec<f32> = (0..m * k).map(|_| rand()).collect();
+                let b: Vec<f32> = (0..k * n).map(|_| rand()).collect();
+                let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 0.1).collect();
+                for tb in [false, true] {
+                    let bv = if tb { Mat::rows(&b, n, k).t() } else { Mat::rows(&b, k, n) };
+                    for precision in [Precision::F32, Precision::Bf16] {
+                        let packed = on(level, || PackedB::new(bv, precision));
+                        let Some(packed) = packed else {
+                            assert!(!on(level, uses_our_kernels), "{level:?}: our kernels run, yet nothing was packed");
+                            continue;
+                        };
+                        assert!(on(level, || packed.fits(precision)) && !on(level, || packed.fits(other(precision))));
+                        assert_eq!(packed.shape(), (k, n));
+                        for (with_bias, threads) in [(false, Threads::One), (true, Threads::All), (true, Threads::One), (false, Threads::All)] {
+                            let bias = with_bias.then_some(&bias[..]);
+                            let mut want = vec![0.25f32; m * n];
+                            let mut got = vec![0.25f32; m * n];
+                            on(level, || {
+                                let onto = bias.map_or(Onto::Zero, Onto::Bias);
+                                product(Mat::rows(&a, m, k), bv, MatMut::rows(&mut want, m, n), 1.0, onto, threads, precision);
+                                gemm_bias_packed(Mat::rows(&a, m, k), &packed, MatMut::rows(&mut got, m, n), bias, threads);
+                            });
+                            let same = want.iter().zip(&got).all(|(x, y)| x.to_bits() == y.to_bits());
+                            assert!(same, "{level:?} {precision:?} {m}x{n}x{k} tb={tb} bias={with_bias}");
+                        }
+                        // Packed for one level, it does not fit another level's kernel.
+                        for &lower in levels.iter().filter(|&&l| on(l, || Kernel::active(precision)) != Some(packed.kernel)) {
+                            assert!(!on(lower, || packed.fits(precision)), "{level:?} packing fits {lower:?}");
+                        }
+                    }
+                }
+            }
+        }
+        eprintln!("packed products checked at {levels:?}");
+    }
+
+    fn other(p: Precision) -> Precision {
+        if p == Precision::F32 { Precision::Bf16 } else { Precision::F32 }
     }
 
     /// Checks `run` — a product `alpha·a·b` onto nothing, C or a bias row (a, b, c, alpha,

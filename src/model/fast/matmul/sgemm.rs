@@ -140,22 +140,55 @@ unsafe impl Sync for OutPtr {}
 /// `parallel`: spread the work over rayon's pool; `bf16`: round the operands to bfloat16 (what a
 /// kernel of pairs always does).
 ///
-/// B is packed whole, once (NR-wide panels over the full depth); each task then takes MC rows of
-/// A (read in place when row-major, else packed over the full depth) and walks its columns in
-/// strips of `NS`, finishing each strip over all of k before the next, so the strip of C it
-/// updates stays in L2 instead of being reloaded from memory for every block of depth.
+/// B is packed whole, once (NR-wide panels over the full depth, see [`pack_panels`]); each task
+/// then takes MC rows of A (read in place when row-major, else packed over the full depth) and
+/// walks its columns in strips of `NS`, finishing each strip over all of k before the next, so
+/// the strip of C it updates stays in L2 instead of being reloaded from memory for every block
+/// of depth.
 pub(super) fn gemm<K: Micro>(a: Mat, b: Mat, c: MatMut, alpha: f32, onto: Onto, parallel: bool, bf16: bool) {
-    debug_assert!(K::MR * K::NR <= MAX_TILE && MC.is_multiple_of(K::MR) && NS.is_multiple_of(K::NR));
-    debug_assert!(K::KC.is_multiple_of(K::STEP_BLOCK));
-    let (n, k) = (c.cols, a.cols);
-    let ldc = c.rs;
-    let out = OutPtr(c.data[c.offset..].as_mut_ptr());
-    let panels = n.div_ceil(K::NR);
     B_SCRATCH.with(|scratch| {
-        scratch.with(panels * K::NR * steps::<K>(k), |bpack| {
-            run::<K>(a, b, c.rows, ldc, out, Step { alpha, onto, parallel, bf16 }, bpack)
+        scratch.with(packed_len::<K>(a.cols, b.cols), |bpack| {
+            pack_panels::<K>(b, bf16, parallel, bpack);
+            gemm_packed::<K>(a, bpack, c, Step { alpha, onto, parallel, bf16 })
         })
     });
+}
+
+/// Floats of B packed for `K` (all of its panels): depth `k`, `n` columns.
+pub(super) fn packed_len<K: Micro>(k: usize, n: usize) -> usize {
+    n.div_ceil(K::NR) * K::NR * steps::<K>(k)
+}
+
+/// Packs all of `b` for `K` into `dst` ([`packed_len`] floats): NR-wide panels over the full
+/// depth, rounded to bfloat16 in `bf16` (or as pairs of bf16 by a kernel of pairs), on rayon's
+/// pool when `parallel`. A product of `K` can take B packed once this way for many products
+/// ([`gemm_packed`]), as a model's weights are at inference.
+pub(super) fn pack_panels<K: Micro>(b: Mat, bf16: bool, parallel: bool, dst: &mut [f32]) {
+    let (n, k) = (b.cols, b.rows);
+    let depth = steps::<K>(k);
+    let round = bf16 && !K::PAIRS;
+    let pack = |(p, dst): (usize, &mut [f32])| {
+        K::pack_b(b, k, p * K::NR, K::NR.min(n - p * K::NR), dst);
+        if round {
+            round_packed(&mut dst[..depth * K::NR]);
+        }
+    };
+    let dst = &mut dst[..packed_len::<K>(k, n)];
+    if parallel && n > K::NR {
+        dst.par_chunks_mut(K::NR * depth).enumerate().for_each(pack);
+    } else {
+        dst.chunks_mut(K::NR * depth).enumerate().for_each(pack);
+    }
+}
+
+/// [`gemm`] with B already packed by [`pack_panels`] for `K` at the same precision (`step.bf16`);
+/// C's view gives the product's shape.
+pub(super) fn gemm_packed<K: Micro>(a: Mat, bpack: &[f32], c: MatMut, step: Step) {
+    debug_assert!(K::MR * K::NR <= MAX_TILE && MC.is_multiple_of(K::MR) && NS.is_multiple_of(K::NR));
+    debug_assert!(K::KC.is_multiple_of(K::STEP_BLOCK));
+    assert_eq!(bpack.len(), packed_len::<K>(a.cols, c.cols), "B packed for this kernel and shape");
+    let out = OutPtr(c.data[c.offset..].as_mut_ptr());
+    run::<K>(a, bpack, c.cols, c.rows, c.rs, out, step)
 }
 
 /// Packed steps for a depth of `k`, padded to whole blocks of [`Micro::STEP_BLOCK`].
@@ -165,34 +198,22 @@ fn steps<K: Micro>(k: usize) -> usize {
 
 /// How [`run`] runs: the scale, what it adds to, on how many threads, in which precision.
 #[derive(Clone, Copy)]
-struct Step<'a> {
-    alpha: f32,
-    onto: Onto<'a>,
-    parallel: bool,
-    bf16: bool,
+pub(super) struct Step<'a> {
+    pub(super) alpha: f32,
+    pub(super) onto: Onto<'a>,
+    pub(super) parallel: bool,
+    pub(super) bf16: bool,
 }
 
-/// [`gemm`] with its packing space for B.
+/// The driver's loop nest over packed B (`n` columns).
 // long: the kernel driver's loop nest (tasks, strips, depth blocks, micro-tiles) reads best whole.
-fn run<K: Micro>(a: Mat, b: Mat, m: usize, ldc: usize, out: OutPtr, step: Step, bpack: &mut [f32]) {
+fn run<K: Micro>(a: Mat, bpack: &[f32], n: usize, m: usize, ldc: usize, out: OutPtr, step: Step) {
     let Step { alpha, onto, parallel, bf16 } = step;
     let (mr_, nr_) = (K::MR, K::NR);
-    let (n, k) = (b.cols, a.cols);
+    let k = a.cols;
     let depth = steps::<K>(k);
     let round = bf16 && !K::PAIRS;
     let panels = n.div_ceil(nr_);
-    let pack = |(p, dst): (usize, &mut [f32])| {
-        K::pack_b(b, k, p * nr_, nr_.min(n - p * nr_), dst);
-        if round {
-            round_packed(&mut dst[..depth * nr_]);
-        }
-    };
-    if parallel && panels > 1 {
-        bpack.par_chunks_mut(nr_ * depth).enumerate().for_each(pack);
-    } else {
-        bpack.chunks_mut(nr_ * depth).enumerate().for_each(pack);
-    }
-    let bpack: &[f32] = bpack;
     // Tasks: row blocks of MC, and when there are few of them, column ranges too.
     let row_blocks = m.div_ceil(MC);
     let threads = if parallel {
