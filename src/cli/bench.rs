@@ -109,7 +109,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let targets: Vec<u32> = (0..batch as u32).map(|i| i % BENCH_LABELS as u32).collect();
         for &mode in &args.mode {
             let mut optimizer = Optimizer::new(OptimizerKind::Adamw, 0.0, 0.0);
-            // As a served model: its weights packed (in bf16, converted) once, before timing.
+            // As a served model: in bf16, its weights converted and packed once, before timing.
             let served = Vit::frozen(&model.cfg, &model.params)?.with_precision(precision);
             let served = if mode == BenchMode::Infer { served.packed_for_inference()? } else { served };
             let mut run = || -> anyhow::Result<()> {

@@ -53,8 +53,8 @@ pub struct Classifier {
 
 impl Classifier {
     /// Wraps a loaded model, to run its products at `precision`. The model is taken, not
-    /// borrowed: its weights are packed here once for every forward pass to come (see
-    /// [`Vit::packed_for_inference`]), so they must not change afterwards.
+    /// borrowed: in bf16 its weights are converted and packed here once for every forward pass
+    /// to come (see [`Vit::packed_for_inference`]), so they must not change afterwards.
     pub fn new(model: LoadedModel, device: &Device, precision: Precision) -> Result<Self, ModelError> {
         let vit = Vit::frozen(&model.cfg, &model.params)?.with_precision(precision).packed_for_inference()?;
         Ok(Self { vit, pre: model.preprocessor, device: device.clone() })

@@ -13,6 +13,7 @@ use candle_core::{DType, Tensor};
 
 use super::ModelError;
 use super::fast;
+use super::precision::Precision;
 pub use super::vit::Objective;
 use super::vit::{Dropout, Vit, cross_entropy};
 use super::weights::{Boundary, Params, TrainableSet};
@@ -26,15 +27,18 @@ impl Vit {
         !self.trainable && fast::usable(self, self.patch_weight.device())
     }
 
-    /// The same model with the weights of its linear layers packed once for the products of
-    /// inference (in bf16: converted to bf16 once, here, rather than on every forward pass).
-    /// For a model whose parameters no longer change, as a loaded model being served: the
-    /// packed copy does not follow them. Nothing is packed where the fast path does not run
-    /// (another device, reference ops, a trainable model) or its products are the `gemm`
-    /// crate's.
+    /// The same model, in bf16, with the weights of its linear layers converted to bf16 once,
+    /// here, packed for the matrix-product kernel the CPU runs, rather than in every product of
+    /// every forward pass. For a model whose parameters no longer change, as a loaded model
+    /// being served: the packed copy does not follow them.
+    ///
+    /// Nothing is packed in f32 (packing once there measured no faster, for a copy as large as
+    /// the weights; in bf16 the copy is half their size and one image ran about 5% faster:
+    /// bench/RESULTS.md), nor where the fast path does not run (another device, reference ops, a
+    /// trainable model) or its products are the `gemm` crate's.
     pub fn packed_for_inference(mut self) -> Result<Self> {
         self.packed = None;
-        if self.fast_path() {
+        if self.fast_path() && self.precision == Precision::Bf16 {
             self.packed = fast::pack(&self)?.map(Into::into);
         }
         Ok(self)

@@ -19,7 +19,8 @@ use crate::model::{Boundary, LoadedModel, Precision, Vit};
 /// Evaluates `model` on examples (evaluation transforms; loss without smoothing), its products
 /// at `precision`.
 fn evaluate(model: &LoadedModel, examples: &[Example], images: &ImageCache, device: &Device, batch: usize, precision: Precision) -> Result<EvalReport, TrainError> {
-    // The weights do not change while it runs: packed once for all its batches.
+    // The weights do not change while it runs: in bf16, converted and packed once for all its
+    // batches.
     let vit = Vit::frozen(&model.cfg, &model.params)?.with_precision(precision).packed_for_inference()?;
     let frozen = Frozen { vit: &vit, boundary: Boundary::Pixels, images, model, device, batch };
     evaluate_with(&frozen, &PrefixCache::empty(), examples, None, &mut |_, _| {})

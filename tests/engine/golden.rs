@@ -190,8 +190,8 @@ fn the_fast_cpu_path_matches_pytorch_too() {
 }
 
 /// A model packed for inference gives the logits of the same model unpacked, bit for bit (same
-/// kernels, same packing, done once instead of per call), and holds packed weights only where
-/// our kernels run the products.
+/// kernels, same packing, done once instead of per call), and holds packed weights only in bf16
+/// and where our kernels run the products.
 #[test]
 fn packed_weights_give_the_same_logits_bit_for_bit() {
     use vitforge::model::Precision;
@@ -204,7 +204,7 @@ fn packed_weights_give_the_same_logits_bit_for_bit() {
             let packed = plain.clone().packed_for_inference().unwrap();
             let ours = vitforge::model::cpu_path();
             let ours_run = ours != "generic" && !ours.contains("gemm-crate") && ours != "reference";
-            let expect_packed = ours_run;
+            let expect_packed = ours_run && precision == Precision::Bf16;
             assert_eq!(packed.packed_bytes() > 0, expect_packed, "{m} {precision:?} on {ours}: packed bytes {}", packed.packed_bytes());
             assert_eq!(plain.packed_bytes(), 0);
             let (a, b) = (plain.forward(&pixels).unwrap(), packed.forward(&pixels).unwrap());
