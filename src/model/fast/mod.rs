@@ -234,23 +234,42 @@ fn linear(x: &[f32], rows: usize, l: &Lin, y: &mut [f32], stride: usize, col: us
 }
 
 /// Weight and bias gradients of a linear layer from its input and the gradient of its output
-/// (the columns `col..col+out` of a `stride`-wide buffer).
-fn linear_grads(x: &[f32], rows: usize, l: &Lin, dy: &[f32], stride: usize, col: usize) -> (Vec<f32>, Option<Vec<f32>>) {
-    let dy_view = Mat { data: dy, offset: col, rows, cols: l.out, rs: stride, cs: 1 };
+/// (`rows × out`).
+fn linear_grads(x: &[f32], rows: usize, l: &Lin, dy: &[f32]) -> (Vec<f32>, Option<Vec<f32>>) {
     let mut dw = vec![0f32; l.out * l.inp];
-    gemm(dy_view.t(), Mat::rows(x, rows, l.inp), MatMut::rows(&mut dw, l.out, l.inp), 1.0, false, Threads::All, l.prec);
-    let db = l.b.map(|_| {
-        if stride == l.out {
-            k::col_sums(dy, l.out)
+    gemm(Mat::rows(dy, rows, l.out).t(), Mat::rows(x, rows, l.inp), MatMut::rows(&mut dw, l.out, l.inp), 1.0, false, Threads::All, l.prec);
+    (dw, l.b.map(|_| k::col_sums(dy, l.out)))
+}
+
+/// [`linear_grads`] of linear layers that share their input `x` and whose outputs lie side by
+/// side, filling a `dy` as wide as they are together (Q, K and V): one product for all of them,
+/// so `x` is packed once rather than once per layer, and the bias sums read `dy` in place.
+fn shared_input_grads(x: &[f32], rows: usize, ls: &[&Lin], dy: &[f32]) -> Vec<(Vec<f32>, Option<Vec<f32>>)> {
+    let (inp, prec) = (ls[0].inp, ls[0].prec);
+    assert!(ls.iter().all(|l| l.inp == inp && l.prec == prec), "one input, one precision");
+    let width: usize = ls.iter().map(|l| l.out).sum();
+    let mut dw = vec![0f32; width * inp];
+    let dy_view = Mat::rows(dy, rows, width);
+    gemm(dy_view.t(), Mat::rows(x, rows, inp), MatMut::rows(&mut dw, width, inp), 1.0, false, Threads::All, prec);
+    let db = ls.iter().any(|l| l.b.is_some()).then(|| k::col_sums(dy, width));
+    // Split from the back, so the first layer's gradient keeps the product's buffer (shrunk in
+    // place) and only the others are copied.
+    let mut out = Vec::with_capacity(ls.len());
+    let mut end = width;
+    for l in ls.iter().rev() {
+        let start = end - l.out;
+        let w = if start == 0 {
+            dw.truncate(l.out * inp);
+            dw.shrink_to_fit();
+            std::mem::take(&mut dw)
         } else {
-            let mut part = vec![0f32; rows * l.out];
-            for r in 0..rows {
-                part[r * l.out..(r + 1) * l.out].copy_from_slice(&dy[r * stride + col..r * stride + col + l.out]);
-            }
-            k::col_sums(&part, l.out)
-        }
-    });
-    (dw, db)
+            dw.split_off(start * inp)
+        };
+        out.push((w, l.b.and(db.as_ref()).map(|db| db[start..end].to_vec())));
+        end = start;
+    }
+    out.reverse();
+    out
 }
 
 /// `dx (+)= dy[:, col..col+out]·W`.
@@ -477,7 +496,7 @@ fn layer_backward(cfg: &VitConfig, w: &LayerW, s: LayerSaved, dx: Vec<f32>, b: u
     // MLP branch: out = x_mid + fc2(act(fc1(ln2(x_mid)))).
     let mut act = vec![0f32; rows * inter];
     k::activation(cfg.hidden_act, &s.fc1, &mut act);
-    let (dw2, db2) = linear_grads(&act, rows, &w.fc2, &dx, h, 0);
+    let (dw2, db2) = linear_grads(&act, rows, &w.fc2, &dx);
     drop(act);
     let mut dfc1 = vec![0f32; rows * inter];
     linear_input_grad(&dx, rows, &w.fc2, h, 0, &mut dfc1, false);
@@ -485,7 +504,7 @@ fn layer_backward(cfg: &VitConfig, w: &LayerW, s: LayerSaved, dx: Vec<f32>, b: u
     drop(s.fc1);
     let mut hs = vec![0f32; rows * h];
     k::layer_norm_apply(&s.x_mid, w.ln2.0, w.ln2.1, &s.mean2, &s.rstd2, &mut hs);
-    let (dw1, db1) = linear_grads(&hs, rows, &w.fc1, &dfc1, inter, 0);
+    let (dw1, db1) = linear_grads(&hs, rows, &w.fc1, &dfc1);
     let mut dhs = vec![0f32; rows * h];
     linear_input_grad(&dfc1, rows, &w.fc1, inter, 0, &mut dhs, false);
     drop(dfc1);
@@ -494,7 +513,7 @@ fn layer_backward(cfg: &VitConfig, w: &LayerW, s: LayerSaved, dx: Vec<f32>, b: u
     drop(s.x_mid);
 
     // Attention branch: x_mid = x_in + o(attention(qkv(ln1(x_in)))).
-    let (dwo, dbo) = linear_grads(&s.ctx, rows, &w.o, &dx_mid, h, 0);
+    let (dwo, dbo) = linear_grads(&s.ctx, rows, &w.o, &dx_mid);
     let mut dctx = vec![0f32; rows * h];
     linear_input_grad(&dx_mid, rows, &w.o, h, 0, &mut dctx, false);
     drop(s.ctx);
@@ -502,9 +521,9 @@ fn layer_backward(cfg: &VitConfig, w: &LayerW, s: LayerSaved, dx: Vec<f32>, b: u
     drop(dctx);
     drop(s.qkv);
     k::layer_norm_apply(&s.x_in, w.ln1.0, w.ln1.1, &s.mean1, &s.rstd1, &mut hs);
-    let (dwq, dbq) = linear_grads(&hs, rows, &w.q, &dqkv, 3 * h, 0);
-    let (dwk, dbk) = linear_grads(&hs, rows, &w.k, &dqkv, 3 * h, h);
-    let (dwv, dbv) = linear_grads(&hs, rows, &w.v, &dqkv, 3 * h, 2 * h);
+    let mut qkv = shared_input_grads(&hs, rows, &[&w.q, &w.k, &w.v], &dqkv).into_iter();
+    let mut next = || qkv.next().expect("three layers, three gradients");
+    let ((dwq, dbq), (dwk, dbk), (dwv, dbv)) = (next(), next(), next());
     linear_input_grad(&dqkv, rows, &w.q, 3 * h, 0, &mut dhs, false);
     linear_input_grad(&dqkv, rows, &w.k, 3 * h, h, &mut dhs, true);
     linear_input_grad(&dqkv, rows, &w.v, 3 * h, 2 * h, &mut dhs, true);
@@ -686,7 +705,7 @@ fn forward_saving(cfg: &VitConfig, w: &Weights, start: Boundary, input: &Tensor,
 /// their parameters, and the gradient of the CLS rows entering the final layer norm.
 fn head_backward(cfg: &VitConfig, w: &Weights, pooled: &Pooled, dlogits: &[f32], b: usize, through_norm: bool) -> (NamedGrads, Option<Vec<f32>>) {
     let labels = w.head.out;
-    let (dw, db) = linear_grads(&pooled.features, b, &w.head, dlogits, labels, 0);
+    let (dw, db) = linear_grads(&pooled.features, b, &w.head, dlogits);
     let mut grads: NamedGrads = vec![(keys::HEAD_WEIGHT.into(), dw), (keys::HEAD_BIAS.into(), db.unwrap_or_default())];
     if !through_norm {
         return (grads, None);
@@ -742,7 +761,7 @@ fn embed_backward(cfg: &VitConfig, w: &Weights, cols: &[f32], dx: &[f32], b: usi
         k::add_assign(&mut dcls_tok, &xb[..h]);
         dpatch[bi * p * h..(bi + 1) * p * h].copy_from_slice(&xb[h..]);
     }
-    let (dwp, dbp) = linear_grads(cols, b * p, &w.patch, &dpatch, h, 0);
+    let (dwp, dbp) = linear_grads(cols, b * p, &w.patch, &dpatch);
     vec![
         (keys::CLS_TOKEN.into(), dcls_tok),
         (keys::POSITION_EMBEDDINGS.into(), dpos),
