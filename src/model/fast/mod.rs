@@ -236,14 +236,13 @@ fn linear(x: &[f32], rows: usize, l: &Lin, y: &mut [f32], stride: usize, col: us
 /// Weight and bias gradients of a linear layer from its input and the gradient of its output
 /// (`rows × out`).
 fn linear_grads(x: &[f32], rows: usize, l: &Lin, dy: &[f32]) -> (Vec<f32>, Option<Vec<f32>>) {
-    let mut dw = vec![0f32; l.out * l.inp];
-    gemm(Mat::rows(dy, rows, l.out).t(), Mat::rows(x, rows, l.inp), MatMut::rows(&mut dw, l.out, l.inp), 1.0, false, Threads::All, l.prec);
-    (dw, l.b.map(|_| k::col_sums(dy, l.out)))
+    shared_input_grads(x, rows, &[l], dy).pop().expect("one layer, one gradient")
 }
 
-/// [`linear_grads`] of linear layers that share their input `x` and whose outputs lie side by
-/// side, filling a `dy` as wide as they are together (Q, K and V): one product for all of them,
-/// so `x` is packed once rather than once per layer, and the bias sums read `dy` in place.
+/// Weight and bias gradients of linear layers that share their input `x` and whose outputs lie
+/// side by side, filling a `dy` as wide as they are together (one layer, or Q, K and V): one
+/// product for all of them, so `x` is packed once rather than once per layer, and the bias sums
+/// read `dy` in place.
 fn shared_input_grads(x: &[f32], rows: usize, ls: &[&Lin], dy: &[f32]) -> Vec<(Vec<f32>, Option<Vec<f32>>)> {
     let (inp, prec) = (ls[0].inp, ls[0].prec);
     assert!(ls.iter().all(|l| l.inp == inp && l.prec == prec), "one input, one precision");

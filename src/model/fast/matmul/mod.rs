@@ -107,16 +107,8 @@ pub fn gemm_bias(a: Mat, b: Mat, c: MatMut, bias: &[f32], threads: Threads, prec
 
 /// `beta·a·b` onto `onto`, with the operands at `precision`.
 fn product(a: Mat, b: Mat, c: MatMut, beta: f32, onto: Onto, threads: Threads, precision: Precision) {
-    assert_eq!(a.cols, b.rows, "inner dimensions");
-    assert_eq!((a.rows, b.cols), (c.rows, c.cols), "output shape");
-    a.check();
+    check_views(a, (b.rows, b.cols), &c, onto);
     b.check();
-    if c.rows > 0 && c.cols > 0 {
-        assert!(c.offset + (c.rows - 1) * c.rs + c.cols - 1 < c.data.len(), "output view out of bounds");
-    }
-    if let Onto::Bias(bias) = onto {
-        assert_eq!(bias.len(), c.cols, "one bias per column");
-    }
     if a.rows == 0 || b.cols == 0 {
         return;
     }
@@ -180,6 +172,20 @@ fn product(a: Mat, b: Mat, c: MatMut, beta: f32, onto: Onto, threads: Threads, p
             false,
             parallelism,
         );
+    }
+}
+
+/// Checks the views of a product of `a` by a B of depth `k` and `n` columns onto `c`: the shapes
+/// agree, `a` and `c` lie inside their slices, and a bias has one value per column.
+fn check_views(a: Mat, (k, n): (usize, usize), c: &MatMut, onto: Onto) {
+    assert_eq!(a.cols, k, "inner dimensions");
+    assert_eq!((a.rows, n), (c.rows, c.cols), "output shape");
+    a.check();
+    if c.rows > 0 && c.cols > 0 {
+        assert!(c.offset + (c.rows - 1) * c.rs + c.cols - 1 < c.data.len(), "output view out of bounds");
+    }
+    if let Onto::Bias(bias) = onto {
+        assert_eq!(bias.len(), c.cols, "one bias per column");
     }
 }
 
@@ -268,9 +274,9 @@ pub struct PackedB {
     /// Depth and columns of B.
     k: usize,
     n: usize,
-    /// The panels, from `start` (on a cache-line boundary, as the per-call packing space is).
+    /// The panels: `data[panels]`, on a cache-line boundary (as the per-call packing space is).
     data: Vec<f32>,
-    start: usize,
+    panels: std::ops::Range<usize>,
 }
 
 impl PackedB {
@@ -283,10 +289,10 @@ impl PackedB {
         {
             let bf16 = precision == Precision::Bf16;
             let len = on_kernel!(kernel, K => sgemm::packed_len::<K>(b.rows, b.cols));
-            let mut data = vec![0f32; len + 16];
-            let start = data.as_ptr().align_offset(64).min(16);
-            on_kernel!(kernel, K => sgemm::pack_panels::<K>(b, bf16, rayon::current_num_threads() > 1, &mut data[start..start + len]));
-            Some(Self { kernel, precision, k: b.rows, n: b.cols, data, start })
+            let mut data = Vec::new();
+            let panels = sgemm::on_cache_line(&mut data, len);
+            on_kernel!(kernel, K => sgemm::pack_panels::<K>(b, bf16, parallel(Threads::All), &mut data[panels.clone()]));
+            Some(Self { kernel, precision, k: b.rows, n: b.cols, data, panels })
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("no kernel of ours off x86-64: {kernel:?}")
@@ -310,7 +316,7 @@ impl PackedB {
     }
 
     fn panels(&self) -> &[f32] {
-        &self.data[self.start..self.data.len() - (16 - self.start)]
+        &self.data[self.panels.clone()]
     }
 }
 
@@ -318,21 +324,13 @@ impl PackedB {
 /// [`fits`](PackedB::fits) the precision of the product.
 pub fn gemm_bias_packed(a: Mat, b: &PackedB, c: MatMut, bias: Option<&[f32]>, threads: Threads) {
     assert!(b.fits(b.precision), "B packed for another kernel than the active one");
-    assert_eq!(a.cols, b.k, "inner dimensions");
-    assert_eq!((a.rows, b.n), (c.rows, c.cols), "output shape");
-    a.check();
-    if c.rows > 0 && c.cols > 0 {
-        assert!(c.offset + (c.rows - 1) * c.rs + c.cols - 1 < c.data.len(), "output view out of bounds");
-    }
-    if let Some(bias) = bias {
-        assert_eq!(bias.len(), c.cols, "one bias per column");
-    }
+    let onto = bias.map_or(Onto::Zero, Onto::Bias);
+    check_views(a, b.shape(), &c, onto);
     if a.rows == 0 || b.n == 0 {
         return;
     }
     #[cfg(target_arch = "x86_64")]
     {
-        let onto = bias.map_or(Onto::Zero, Onto::Bias);
         let step = sgemm::Step { alpha: 1.0, onto, parallel: parallel(threads), bf16: b.precision == Precision::Bf16 };
         on_kernel!(b.kernel, K => sgemm::gemm_packed::<K>(a, b.panels(), c, step));
     }

@@ -314,17 +314,24 @@ impl Scratch {
     /// already in use further up this thread's stack (rayon may run a nested product here).
     fn with<R>(&self, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
         let aligned = |v: &mut Vec<f32>| {
-            if v.len() < len + 16 {
-                *v = vec![0f32; len + 16];
-            }
-            let start = v.as_ptr().align_offset(64).min(16);
-            f(&mut v[start..start + len])
+            let range = on_cache_line(v, len);
+            f(&mut v[range])
         };
         match self.0.try_borrow_mut() {
             Ok(mut v) => aligned(&mut v),
             Err(_) => aligned(&mut Vec::new()),
         }
     }
+}
+
+/// Where `len` floats of `v` start on a cache-line boundary (`v` replaced by a zeroed buffer
+/// first when it is too short), so a 16-float row of a packed panel is one line, never two.
+pub(super) fn on_cache_line(v: &mut Vec<f32>, len: usize) -> std::ops::Range<usize> {
+    if v.len() < len + 16 {
+        *v = vec![0f32; len + 16];
+    }
+    let start = v.as_ptr().align_offset(64).min(16);
+    start..start + len
 }
 
 /// Packs rows `i0..i0+mc` of `a` (all `k` columns) into panels of MR rows, k-major
