@@ -8,8 +8,9 @@
 //! for AVX-512), AVX-512 BF16 (bf16 products by `vdpbf16ps`, 12×32) and AMX (bf16 products on
 //! tiles, 32×32). The first four have run and been checked against f64 on a CPU with their
 //! instruction set (bench/RESULTS.md names the CPUs) and are chosen by default. **The AMX kernel
-//! has not run on AMX hardware**, so it is never chosen by default: an AMX CPU runs the AVX-512
-//! BF16 kernels unless `VITFORGE_MAX_ISA=amx` names the level.
+//! has not run on AMX hardware** (only under an emulator, where its tests pass: see `amx.rs`), so
+//! it is never chosen by default: an AMX CPU runs the AVX-512 BF16 kernels unless
+//! `VITFORGE_MAX_ISA=amx` names the level.
 
 use std::sync::OnceLock;
 

@@ -4,10 +4,23 @@
 //!
 //! **Not on by default: it has not run on AMX hardware** (no development machine so far had
 //! AMX). It runs only where `VITFORGE_MAX_ISA=amx` names it (see `isa.rs`); an AMX CPU otherwise
-//! runs the AVX-512 BF16 kernel, which has run. What could be checked without the hardware is:
-//! the packing and the driver, against f64, through [`tests`]' emulation of each tile
-//! instruction as the Intel SDM defines it, and the instructions' encoding (the assembler's). On
-//! an AMX CPU the same test, and every matrix-product test at the `amx` level, run the
+//! runs the AVX-512 BF16 kernel, which has run. What could be checked without the hardware:
+//! - here, on any AVX-512 BF16 CPU: the packing and the driver, against f64, through [`tests`]'
+//!   emulation of each tile instruction as the Intel SDM defines it;
+//! - once (2026-12-02), under a whole-machine emulator: the kernel itself, its instructions as
+//!   the assembler encoded them, in the Bochs emulator's Sapphire Rapids model running Linux 6.12,
+//!   which granted the tile state through `arch_prctl` and XFD as on hardware. There every
+//!   matrix-product test at all five levels (`amx` included: against f64, packed against plain)
+//!   and the engine's golden and gradient tests at `VITFORGE_MAX_ISA=amx` (bf16 logits,
+//!   mixed-precision gradients against autograd) passed, with four rayon threads sharing the
+//!   one emulated core (the OS saving and restoring each one's tiles when it switches), and
+//!   `vitforge bench --config tiny --precision bf16` ran inference and a training step at path
+//!   `amx` (the grant asked by the real binary, beside Rust's signal stacks). That run checks the
+//!   encoding, the tile configuration, the layouts, the stride-0 load of the bias row and the
+//!   grant, not speed, and an emulator is not the CPU: the kernel stays off by default until it
+//!   has run, faster than the AVX-512 BF16 one, on an AMX CPU (`bench/levels.sh`).
+//!
+//! On an AMX CPU the tests above, and every matrix-product test at the `amx` level, run the
 //! instructions themselves.
 //!
 //! Layouts: the AVX-512 BF16 kernel's packing, whose blocks of 16 pairs of k are AMX's. B's pair
