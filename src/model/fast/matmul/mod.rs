@@ -389,11 +389,7 @@ mod tests {
     #[test]
     fn packed_b_gives_the_product_of_plain_b_bit_for_bit() {
         let levels = runnable();
-        let mut seed = 3u64;
-        let mut rand = move || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        };
+        let mut rand = uniform(3);
         for &level in &levels {
             for &(m, n, k) in &[(1, 1, 1), (13, 37, 385), (101, 33, 800), (200, 130, 64)] {
                 let a: Vec<f32> = (0..m * k).map(|_| rand()).collect();
@@ -432,6 +428,14 @@ mod tests {
         eprintln!("packed products checked at {levels:?}");
     }
 
+    /// Reproducible values in [-½, ½) from `seed` (a 64-bit LCG's high bits).
+    fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
+        move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        }
+    }
+
     fn other(p: Precision) -> Precision {
         if p == Precision::F32 { Precision::Bf16 } else { Precision::F32 }
     }
@@ -441,11 +445,7 @@ mod tests {
     /// kernel's tiles and blocks, every layout of A and B, a strided output, scaling by 1 and by
     /// ½, serial and parallel.
     pub(super) fn check_products(label: &str, precisions: &[Precision], run: impl Fn(Mat, Mat, MatMut, f32, Onto, Threads, Precision)) {
-        let mut seed = 1u64;
-        let mut rand = move || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        };
+        let mut rand = uniform(1);
         // Onto: 0 nothing, 1 C, 2 a bias row.
         let runs = [
             (0, Threads::One, Precision::F32, 0.5),
