@@ -11,6 +11,7 @@ pub mod dataset;
 pub mod db;
 pub mod http;
 pub mod imaging;
+pub mod malloc;
 pub mod model;
 pub mod objects;
 pub mod paths;

@@ -125,6 +125,7 @@ impl Application {
         let workers = crate::worker::spawn(job_context(&self.state), devices);
         // An API process of several learns of models registered by workers elsewhere by looking.
         let follower = (self.state.config.role == Role::Api).then(|| tokio::spawn(follow_newest_model(self.state.clone())));
+        let releaser = crate::malloc::applied().then(|| tokio::spawn(release_memory_now_and_then()));
         let app = http::router(self.state.clone());
         let hub = self.state.jobs.clone();
         // On the signal, stop the workers' jobs and end live event streams first: graceful
@@ -141,8 +142,8 @@ impl Application {
                 tracing::warn!("a worker did not stop in time; its job resumes from its checkpoint at the next start");
             }
         }
-        if let Some(follower) = follower {
-            follower.abort();
+        for task in [follower, releaser].into_iter().flatten() {
+            task.abort();
         }
         self.state.db.close().await;
         tracing::info!("vitforge stopped");
@@ -160,6 +161,21 @@ fn database_url(config: &ServeConfig, paths: &DataPaths) -> anyhow::Result<Datab
     match &config.database_url {
         Some(url) => Ok(url.clone()),
         None => crate::db::sqlite_url(&paths.database()).parse().map_err(anyhow::Error::msg),
+    }
+}
+
+/// How often `serve` gives the memory it freed back to the system (see `malloc`).
+const RELEASE_MEMORY_EVERY: Duration = Duration::from_secs(30);
+
+/// Gives freed memory back to the system every [`RELEASE_MEMORY_EVERY`], which the allocator's
+/// settings (`malloc::configure`) no longer do by themselves, so a burst of requests or a job
+/// does not leave the process at its peak size.
+async fn release_memory_now_and_then() {
+    let mut every = tokio::time::interval(RELEASE_MEMORY_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let _ = tokio::task::spawn_blocking(crate::malloc::release_free_memory).await;
     }
 }
 

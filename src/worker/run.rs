@@ -86,6 +86,9 @@ pub(super) async fn run_job(ctx: &JobContext, job: &Job, device: &Device, cancel
                 let mut model = LoadedModel::load(&source, Some(&labels), &device, params.seed).map_err(TrainError::from)?;
                 Ok(fine_tune(&mut model, spec, &device, Control { cancel: &cancel, on_event: &mut on_event })?)
             }));
+            // The model and the step's buffers are freed by now; the allocator keeps freed memory
+            // for the next step (see `malloc`), so hand it back to the system here.
+            crate::malloc::release_free_memory();
             let _ = done_tx.send(result.unwrap_or_else(|panic| Err(JobFailure::Panic(panic_message(panic.as_ref())))));
         })
         .map_err(|e| setup(format!("cannot start the training thread: {e}")))?;
