@@ -17,6 +17,7 @@ pub mod weights;
 
 pub use config::VitConfig;
 pub use fast::{cpu_path, isa};
+pub(crate) use fast::on_pool;
 pub use io::{LoadedModel, ModelSource};
 pub use precision::{Precision, PrecisionChoice};
 pub use preprocess::PreprocessorConfig;

@@ -39,7 +39,17 @@ impl Optimizer {
     }
 
     /// One update of every parameter that has a gradient, each with learning rate `lr(name)`.
-    pub fn step(&mut self, params: &Params, grads: &BTreeMap<String, Tensor>, lr: &dyn Fn(&str) -> f64) -> Result<(), TrainError> {
+    /// On the CPU it runs on rayon's threads, as the fast path does (see `model::on_pool`): the
+    /// fused AdamW opens a parallel region per parameter.
+    pub fn step(&mut self, params: &Params, grads: &BTreeMap<String, Tensor>, lr: &(dyn Fn(&str) -> f64 + Sync)) -> Result<(), TrainError> {
+        if grads.values().all(|g| g.device().is_cpu()) {
+            return crate::model::on_pool(|| self.step_here(params, grads, lr));
+        }
+        self.step_here(params, grads, lr)
+    }
+
+    /// [`Optimizer::step`] on the calling thread.
+    fn step_here(&mut self, params: &Params, grads: &BTreeMap<String, Tensor>, lr: &(dyn Fn(&str) -> f64 + Sync)) -> Result<(), TrainError> {
         self.steps += 1;
         let t = self.steps as i32;
         for (name, g) in grads {

@@ -27,6 +27,27 @@ use super::{ModelError, VitConfig};
 
 type Result<T> = std::result::Result<T, ModelError>;
 
+/// Runs `f` on one of rayon's worker threads while the calling thread waits (at once when
+/// already on one). Every entry point of this path goes through it: a training step opens some
+/// thousands of parallel regions (products, element-wise kernels, attention heads), and a region
+/// opened by a thread outside the pool is handed to the pool while that thread sleeps until it
+/// is done, two context switches each time and a third thread on the cores while the workers
+/// spin; opened by a worker, it is shared through that worker's own queue. Measured in
+/// bench/RESULTS.md ("Compute on the pool's threads").
+pub(crate) fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    // Tests force a kernel level per thread (`isa::tests::on`): the worker takes the caller's.
+    #[cfg(test)]
+    let level = isa::tests::OVERRIDE.get();
+    rayon::scope(move |_| {
+        #[cfg(test)]
+        let before = isa::tests::OVERRIDE.replace(level);
+        let out = f();
+        #[cfg(test)]
+        isa::tests::OVERRIDE.set(before);
+        out
+    })
+}
+
 /// Whether the fast path can run this model on this device (set `VITFORGE_REFERENCE_OPS=1` to
 /// force the reference path, e.g. to compare speed). [`super::network`] decides with it.
 pub(super) fn usable(vit: &Vit, device: &Device) -> bool {
@@ -575,38 +596,44 @@ fn pool(cfg: &VitConfig, w: &Weights, x: &[f32], b: usize) -> Pooled {
 
 /// Runs layers `range` on hidden states (B, tokens, hidden) without keeping anything.
 pub(super) fn encode(vit: &Vit, x: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
-    let guards = Guards::new(&tensor_list(vit))?;
-    let w = Weights::new(vit, &guards);
-    let (b, n, h) = x.dims3()?;
-    let mut hidden = host_vec(x)?;
-    let mut ws = Workspace::default();
-    for l in range {
-        hidden = layer_forward(&vit.cfg, &w.layers[l], hidden, b, false, &mut ws).0;
-    }
-    Ok(Tensor::from_vec(hidden, (b, n, h), x.device())?)
+    on_pool(|| {
+        let guards = Guards::new(&tensor_list(vit))?;
+        let w = Weights::new(vit, &guards);
+        let (b, n, h) = x.dims3()?;
+        let mut hidden = host_vec(x)?;
+        let mut ws = Workspace::default();
+        for l in range {
+            hidden = layer_forward(&vit.cfg, &w.layers[l], hidden, b, false, &mut ws).0;
+        }
+        Ok(Tensor::from_vec(hidden, (b, n, h), x.device())?)
+    })
 }
 
 /// Embeddings of pixels (B, C, H, W) → (B, tokens, hidden).
 pub(super) fn embed_tensor(vit: &Vit, pixels: &Tensor) -> Result<Tensor> {
-    let guards = Guards::new(&tensor_list(vit))?;
-    let w = Weights::new(vit, &guards);
-    let b = pixels.dim(0)?;
-    let (x, _) = embed(&vit.cfg, &w, &host_vec(pixels)?, b);
-    Ok(Tensor::from_vec(x, (b, vit.cfg.num_tokens(), vit.cfg.hidden_size), pixels.device())?)
+    on_pool(|| {
+        let guards = Guards::new(&tensor_list(vit))?;
+        let w = Weights::new(vit, &guards);
+        let b = pixels.dim(0)?;
+        let (x, _) = embed(&vit.cfg, &w, &host_vec(pixels)?, b);
+        Ok(Tensor::from_vec(x, (b, vit.cfg.num_tokens(), vit.cfg.hidden_size), pixels.device())?)
+    })
 }
 
 /// Pooled features (B, hidden) of pixels, without keeping anything for backward.
 pub(super) fn features(vit: &Vit, pixels: &Tensor) -> Result<Tensor> {
-    let guards = Guards::new(&tensor_list(vit))?;
-    let w = Weights::new(vit, &guards);
-    let b = pixels.dim(0)?;
-    let (mut x, _) = embed(&vit.cfg, &w, &host_vec(pixels)?, b);
-    let mut ws = Workspace::default();
-    for layer in &w.layers {
-        x = layer_forward(&vit.cfg, layer, x, b, false, &mut ws).0;
-    }
-    let pooled = pool(&vit.cfg, &w, &x, b);
-    Ok(Tensor::from_vec(pooled.features, (b, vit.cfg.hidden_size), pixels.device())?)
+    on_pool(|| {
+        let guards = Guards::new(&tensor_list(vit))?;
+        let w = Weights::new(vit, &guards);
+        let b = pixels.dim(0)?;
+        let (mut x, _) = embed(&vit.cfg, &w, &host_vec(pixels)?, b);
+        let mut ws = Workspace::default();
+        for layer in &w.layers {
+            x = layer_forward(&vit.cfg, layer, x, b, false, &mut ws).0;
+        }
+        let pooled = pool(&vit.cfg, &w, &x, b);
+        Ok(Tensor::from_vec(pooled.features, (b, vit.cfg.hidden_size), pixels.device())?)
+    })
 }
 
 /// Cross-entropy with label smoothing, the mean over the batch weighted by the class weights
@@ -643,36 +670,38 @@ pub(super) fn loss_and_grads(
     input: &Tensor,
     objective: Objective,
 ) -> Result<(f64, BTreeMap<String, Tensor>)> {
-    let cfg = &vit.cfg;
-    let guards = Guards::new(&tensor_list(vit))?;
-    let w = Weights::new(vit, &guards);
-    let b = objective.targets.len();
-    let labels = w.head.out;
+    on_pool(|| {
+        let cfg = &vit.cfg;
+        let guards = Guards::new(&tensor_list(vit))?;
+        let w = Weights::new(vit, &guards);
+        let b = objective.targets.len();
+        let labels = w.head.out;
 
-    // Forward, keeping what backward needs.
-    let (x, saved, cols) = forward_saving(cfg, &w, start, input, b)?;
-    let pooled = match start {
-        Boundary::Features => Pooled { features: host_vec(input)?, cls: vec![], mean: vec![], rstd: vec![] },
-        _ => pool(cfg, &w, &x, b),
-    };
-    drop(x);
-    let mut logits = vec![0f32; b * labels];
-    linear(&pooled.features, b, &w.head, &mut logits, labels, 0);
-    let (loss, dlogits) = cross_entropy(&logits, labels, &objective);
-
-    // Backward, top to bottom.
-    let (mut grads, dcls) = head_backward(cfg, &w, &pooled, &dlogits, b, start != Boundary::Features);
-    if let Some(dcls) = dcls {
-        let first_layer = match start {
-            Boundary::Layer(l) => l,
-            _ => 0,
+        // Forward, keeping what backward needs.
+        let (x, saved, cols) = forward_saving(cfg, &w, start, input, b)?;
+        let pooled = match start {
+            Boundary::Features => Pooled { features: host_vec(input)?, cls: vec![], mean: vec![], rstd: vec![] },
+            _ => pool(cfg, &w, &x, b),
         };
-        let dx = encoder_backward(cfg, &w, saved, dcls, b, first_layer, start == Boundary::Pixels, &mut grads);
-        if let (Some(cols), Some(dx)) = (cols, dx) {
-            grads.extend(embed_backward(cfg, &w, &cols, &dx, b));
+        drop(x);
+        let mut logits = vec![0f32; b * labels];
+        linear(&pooled.features, b, &w.head, &mut logits, labels, 0);
+        let (loss, dlogits) = cross_entropy(&logits, labels, &objective);
+
+        // Backward, top to bottom.
+        let (mut grads, dcls) = head_backward(cfg, &w, &pooled, &dlogits, b, start != Boundary::Features);
+        if let Some(dcls) = dcls {
+            let first_layer = match start {
+                Boundary::Layer(l) => l,
+                _ => 0,
+            };
+            let dx = encoder_backward(cfg, &w, saved, dcls, b, first_layer, start == Boundary::Pixels, &mut grads);
+            if let (Some(cols), Some(dx)) = (cols, dx) {
+                grads.extend(embed_backward(cfg, &w, &cols, &dx, b));
+            }
         }
-    }
-    Ok((loss, grads_as_tensors(cfg, labels, set, grads, input.device())?))
+        Ok((loss, grads_as_tensors(cfg, labels, set, grads, input.device())?))
+    })
 }
 
 /// The last layer's output, each layer's saved state, and the patch columns (from pixels).
