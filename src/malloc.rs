@@ -48,7 +48,7 @@ fn user_configured(vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi:
 fn apply() -> bool {
     /// Blocks at least this large get a mapping of their own (unmapped when freed).
     const MMAP_THRESHOLD: libc::c_int = 1 << 30;
-    // SAFETY: mallopt only sets glibc's malloc parameters; no other thread runs yet.
+    // SAFETY: mallopt only sets glibc's malloc parameters, under malloc's own lock.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1) == 1
             && libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) == 1
