@@ -141,26 +141,60 @@ impl PrivateS3 {
             eprintln!("moto_server (pip install 'moto[server]') is not installed: this object-store test is skipped");
             return None;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut s3 = Self { child: None, port, bucket: "vitforge".into() };
-        s3.up().await;
-        Some(s3)
+        // The port is free when we ask, but another process may take it before moto binds it:
+        // then moto exits and we try another.
+        let mut last = String::new();
+        for _ in 0..3 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let mut s3 = Self { child: None, port, bucket: "vitforge".into() };
+            match s3.try_up().await {
+                Ok(()) => return Some(s3),
+                Err(log) => last = log,
+            }
+        }
+        panic!("moto_server exited three times on a fresh port; its last output:\n{last}");
     }
 
-    /// Starts the server (again, empty: moto keeps everything in memory) and creates the bucket.
+    /// Starts the server (again, empty: moto keeps everything in memory, on the same port) and
+    /// creates the bucket.
     pub async fn up(&mut self) {
-        let child = Command::new("moto_server").args(["-H", "127.0.0.1", "-p", &self.port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-        self.child = Some(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let url = format!("{}/{}", self.endpoint(), self.bucket);
-        loop {
-            let created = reqwest::Client::new().put(&url).send().await;
-            if created.is_ok_and(|r| r.status().is_success()) {
-                return;
-            }
-            assert!(std::time::Instant::now() < deadline, "moto_server did not start within 30 s");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Err(log) = self.try_up().await {
+            panic!("moto_server exited on port {}; its output:\n{log}", self.port);
         }
+    }
+
+    /// Starts the server and creates the bucket; `Err` with its output when it exits first.
+    /// Panics when it neither answers nor exits within 120 s: it starts in about a second on an
+    /// idle machine, but under `.ci/run`'s load (a Python start with no bytecode cache, beside a
+    /// test binary's parallel tests) once took more than 30 s.
+    async fn try_up(&mut self) -> Result<(), String> {
+        let log_path = std::env::temp_dir().join(format!("vitforge-moto-{}-{}.log", std::process::id(), self.port));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let started = std::time::Instant::now();
+        let url = format!("{}/{}", self.endpoint(), self.bucket);
+        let client = reqwest::Client::new();
+        let outcome = loop {
+            let created = client.put(&url).timeout(Duration::from_secs(10)).send().await;
+            if created.is_ok_and(|r| r.status().is_success()) {
+                break Ok(());
+            }
+            if let Ok(Some(status)) = self.child.as_mut().unwrap().try_wait() {
+                self.child = None;
+                break Err(format!("({status})\n{}", std::fs::read_to_string(&log_path).unwrap_or_default()));
+            }
+            let waited = started.elapsed();
+            assert!(waited < Duration::from_secs(120), "moto_server did not answer within {waited:?}; its output:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let _ = std::fs::remove_file(&log_path);
+        outcome
     }
 
     /// Stops the server (SIGKILL).
