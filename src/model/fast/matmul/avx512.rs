@@ -235,6 +235,11 @@ pub(super) unsafe fn pack_a_blocks<const MR: usize>(a: Mat, i0: usize, mc: usize
     let depth = padded_pairs(k);
     let blocks = depth / PAIR_BLOCK;
     let dst = &mut dst[..mc.div_ceil(MR) * MR * depth];
+    if a.rs == 1 && a.cs != 1 {
+        // SAFETY: this function's contract.
+        unsafe { pack_a_columns::<MR>(a, i0, mc, k, dst) };
+        return;
+    }
     for (pi, panel) in dst.chunks_mut(MR * depth).enumerate() {
         let r0 = i0 + pi * MR;
         let rows = MR.min(i0 + mc - r0);
@@ -265,30 +270,6 @@ pub(super) unsafe fn pack_a_blocks<const MR: usize>(a: Mat, i0: usize, mc: usize
                     }
                 }
             }
-        } else if a.rs == 1 {
-            // Columns contiguous (a transposed view): 16 steps of 16 rows by interleaving two
-            // columns each, then a 16 × 16 transpose makes them 16 rows of 16 steps.
-            for g in (0..MR).step_by(16) {
-                let n = rows.saturating_sub(g).min(16);
-                let base = a.offset + r0 + g;
-                assert!(n == 0 || base + (k - 1) * a.cs + n <= a.data.len());
-                let column = |kk: usize| (n > 0 && kk < k).then(|| a.data[base + kk * a.cs..].as_ptr());
-                for block in 0..blocks {
-                    let steps: [__m512i; PAIR_BLOCK] = std::array::from_fn(|q| {
-                        let s = block * PAIR_BLOCK + q;
-                        match column(2 * s) {
-                            // SAFETY: this function's contract; the masked loads read `n` floats
-                            // of columns 2s and 2s + 1 (< k, checked above).
-                            Some(lo) => unsafe { step_of_two_runs(lo, column(2 * s + 1), lanes(n)) },
-                            None => _mm512_setzero_si512(),
-                        }
-                    });
-                    for (r, v) in transpose16(steps).into_iter().enumerate().take(MR - g) {
-                        // SAFETY: the 16 slots of row g + r of this block, inside the panel.
-                        unsafe { _mm512_storeu_si512(slots(panel, block, g + r), v) };
-                    }
-                }
-            }
         } else {
             let at = |i: usize, kk: usize| if kk < k { a.data[a.offset + i * a.rs + kk * a.cs] } else { 0.0 };
             for block in 0..blocks {
@@ -300,6 +281,70 @@ pub(super) unsafe fn pack_a_blocks<const MR: usize>(a: Mat, i0: usize, mc: usize
                 }
             }
         }
+    }
+}
+
+/// [`pack_a_blocks`] for A whose columns are contiguous (a transposed view, as `dYᵀ` in a weight
+/// gradient or `Pᵀ` in attention's backward): block by block of depth, 16 rows at a time across
+/// the panels, 16 steps of them loaded by interleaving two columns each (full 64-byte runs
+/// whatever `MR` is), then a 16 × 16 transpose makes them 16 rows of 16 steps, each stored in
+/// its panel. The 32 columns of a block stay in L1 while all `mc` rows of them are read.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and BF16.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_a_columns<const MR: usize>(a: Mat, i0: usize, mc: usize, k: usize, dst: &mut [f32]) {
+    let depth = padded_pairs(k);
+    let padded_rows = mc.div_ceil(MR) * MR;
+    assert!(a.rs == 1 && dst.len() == padded_rows * depth);
+    if mc == 0 || k == 0 {
+        dst.fill(0.0);
+        return;
+    }
+    assert!(a.offset + i0 + (k - 1) * a.cs + mc <= a.data.len());
+    let blocks = depth / PAIR_BLOCK;
+    for block in 0..blocks {
+        // The columns of the next block, all `mc` rows of them, are asked for now: one column
+        // per step, far apart in memory, is a pattern the hardware prefetcher does not follow.
+        for kk in (block + 1) * 2 * PAIR_BLOCK..k.min((block + 2) * 2 * PAIR_BLOCK) {
+            prefetch_run(a.data[a.offset + i0 + kk * a.cs..].as_ptr(), mc);
+        }
+        for g in (0..padded_rows).step_by(16) {
+            // Rows g..g + n hold values; the rest of the group (up to the last panel's end) zeros.
+            let n = mc.saturating_sub(g).min(16);
+            let base = a.offset + i0 + g;
+            let column = |kk: usize| (n > 0 && kk < k).then(|| a.data[base + kk * a.cs..].as_ptr());
+            let steps: [__m512i; PAIR_BLOCK] = std::array::from_fn(|q| {
+                let s = block * PAIR_BLOCK + q;
+                match column(2 * s) {
+                    // SAFETY: this function's contract; the masked loads read `n` floats of
+                    // columns 2s and 2s + 1 (< k) from row i0 + g, inside A (checked above).
+                    Some(lo) => unsafe { step_of_two_runs(lo, column(2 * s + 1), lanes(n)) },
+                    None => _mm512_setzero_si512(),
+                }
+            });
+            for (r, v) in transpose16(steps).into_iter().enumerate().take(padded_rows - g) {
+                let (panel, row) = ((g + r) / MR, (g + r) % MR);
+                let slots = &mut dst[panel * MR * depth + (block * MR + row) * PAIR_BLOCK..][..PAIR_BLOCK];
+                // SAFETY: the 16 slots of row `row` of this block of the panel, inside `dst`.
+                unsafe { _mm512_storeu_si512(slots.as_mut_ptr().cast(), v) };
+            }
+        }
+    }
+}
+
+/// Steps of B ahead of the one being packed whose rows [`pack_b_pairs`] asks for.
+const AHEAD: usize = 8;
+
+/// Asks for the cache lines holding `len` floats from `p`, which packing reads soon.
+#[inline]
+#[target_feature(enable = "sse")]
+fn prefetch_run(p: *const f32, len: usize) {
+    let first = p.cast::<i8>().wrapping_sub(p as usize % 64);
+    let lines = (p as usize % 64 + 4 * len).div_ceil(64);
+    for line in 0..lines {
+        // Prefetching reads nothing and never faults; the address is only computed.
+        _mm_prefetch::<_MM_HINT_T0>(first.wrapping_add(64 * line));
     }
 }
 
@@ -340,6 +385,11 @@ unsafe fn pack_b_pairs(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]) 
         let row = |kk: usize| b.offset + kk * b.rs + j0;
         assert!(row(k - 1) + nr <= b.data.len());
         for s in 0..depth {
+            // Rows a few steps ahead are asked for now: the hardware prefetcher does not follow
+            // a run of `nr` floats per row, rows far apart.
+            for kk in (2 * (s + AHEAD)..k).take(2) {
+                prefetch_run(b.data[row(kk)..].as_ptr(), nr);
+            }
             for j in (0..nr).step_by(16) {
                 let at = |kk: usize| (kk < k).then(|| b.data[row(kk) + j..].as_ptr());
                 // SAFETY: this function's contract; the masked loads read at most `nr - j`
@@ -506,18 +556,21 @@ mod tests {
             let want = |i: usize, kk: usize| if kk < k { bits(view.data[view.offset + i * view.rs + kk * view.cs]) } else { 0 };
             let slot = |i: usize, s: usize| want(i, 2 * s) | want(i, 2 * s + 1) << 16;
             let layout = format!("rs {} cs {}", view.rs, view.cs);
-            // Rows 3..16 of A: one whole panel of 12 and one cut to a single row; for 32-row
-            // panels, one panel cut to 13 rows.
+            // Rows of A from i0, mc of them: rows 3..16 are one whole panel of 12 and one cut to
+            // a single row (for 32-row panels, one cut to 13 rows); the others make groups of 16
+            // rows (a transposed view is packed 16 rows at a time) straddle panels, end inside
+            // one, and run to the last row of A.
             fn check<const R: usize>(view: Mat, k: usize, depth: usize, slot: &dyn Fn(usize, usize) -> u32, layout: &str) {
-                let (i0, mc) = (3usize, 13usize);
-                let mut dst = vec![f32::NAN; mc.div_ceil(R) * R * depth];
-                // SAFETY: the caller checked that the CPU has AVX-512 F, BW and BF16.
-                unsafe { pack_a_blocks::<R>(view, i0, mc, k, &mut dst) };
-                for i in 0..mc.div_ceil(R) * R {
-                    for s in 0..depth {
-                        let at = (i / R) * R * depth + (s / PAIR_BLOCK) * R * PAIR_BLOCK + (i % R) * PAIR_BLOCK + s % PAIR_BLOCK;
-                        let expect = if i < mc { slot(i0 + i, s) } else { 0 };
-                        assert_eq!(dst[at].to_bits(), expect, "A ({R} rows) {layout}: row {i} pair {s}");
+                for (i0, mc) in [(3usize, 13usize), (0, 40), (5, 35), (1, 17), (7, 24)] {
+                    let mut dst = vec![f32::NAN; mc.div_ceil(R) * R * depth];
+                    // SAFETY: the caller checked that the CPU has AVX-512 F, BW and BF16.
+                    unsafe { pack_a_blocks::<R>(view, i0, mc, k, &mut dst) };
+                    for i in 0..mc.div_ceil(R) * R {
+                        for s in 0..depth {
+                            let at = (i / R) * R * depth + (s / PAIR_BLOCK) * R * PAIR_BLOCK + (i % R) * PAIR_BLOCK + s % PAIR_BLOCK;
+                            let expect = if i < mc { slot(i0 + i, s) } else { 0 };
+                            assert_eq!(dst[at].to_bits(), expect, "A ({R} rows from {i0}, {mc} of them) {layout}: row {i} pair {s}");
+                        }
                     }
                 }
             }
