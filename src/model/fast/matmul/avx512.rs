@@ -298,7 +298,7 @@ unsafe fn pack_a_columns<const MR: usize>(a: Mat, i0: usize, mc: usize, k: usize
     let padded_rows = mc.div_ceil(MR) * MR;
     assert!(a.rs == 1 && dst.len() == padded_rows * depth);
     if mc == 0 || k == 0 {
-        dst.fill(0.0);
+        // `dst` is empty: no rows, or no steps.
         return;
     }
     assert!(a.offset + i0 + (k - 1) * a.cs + mc <= a.data.len());
