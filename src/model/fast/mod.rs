@@ -19,7 +19,7 @@ use candle_core::{Device, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
 
 use self::kernels as k;
-use self::matmul::{Mat, MatMut, PackedB, Threads, gemm, gemm_bias, gemm_bias_packed};
+use self::matmul::{Mat, MatMut, PackedB, Threads, gemm, gemm_bias, gemm_bias_packed, with_scratch};
 use super::precision::Precision;
 use super::vit::{Linear, Objective, Vit};
 use super::weights::{Boundary, TrainableSet, keys, param_specs};
@@ -361,14 +361,15 @@ fn attention_head(qkv: &[f32], n: usize, hid: usize, d: usize, bi: usize, hi: us
     let q = Mat { data: qkv, offset: base + hi * d, rows: n, cols: d, rs: 3 * hid, cs: 1 };
     let kk = Mat { offset: base + hid + hi * d, ..q };
     let v = Mat { offset: base + 2 * hid + hi * d, ..q };
-    let mut s = vec![0f32; n * n];
-    gemm(q, kk.t(), MatMut::rows(&mut s, n, n), 1.0, false, Threads::One, prec);
     let mut lse = vec![0f32; n];
-    for (row, l) in s.chunks_mut(n).zip(lse.iter_mut()) {
-        *l = k::softmax_row(row, scale);
-    }
     let mut o = vec![0f32; n * d];
-    gemm(Mat::rows(&s, n, n), v, MatMut::rows(&mut o, n, d), 1.0, false, Threads::One, prec);
+    with_scratch(n * n, |s| {
+        gemm(q, kk.t(), MatMut::rows(s, n, n), 1.0, false, Threads::One, prec);
+        for (row, l) in s.chunks_mut(n).zip(lse.iter_mut()) {
+            *l = k::softmax_row(row, scale);
+        }
+        gemm(Mat::rows(s, n, n), v, MatMut::rows(&mut o, n, d), 1.0, false, Threads::One, prec);
+    });
     (o, lse)
 }
 
@@ -409,33 +410,32 @@ fn attention_head_backward(
     let kk = Mat { offset: base + hid + hi * d, ..q };
     let v = Mat { offset: base + 2 * hid + hi * d, ..q };
     let d_o = Mat { data: dctx, offset: bi * n * hid + hi * d, rows: n, cols: d, rs: hid, cs: 1 };
-    let mut p = vec![0f32; n * n];
-    gemm(q, kk.t(), MatMut::rows(&mut p, n, n), 1.0, false, Threads::One, prec);
-    for (row, &l) in p.chunks_mut(n).zip(lse) {
-        k::softmax_from_lse(row, scale, l);
-    }
-    let mut dv = vec![0f32; n * d];
-    gemm(Mat::rows(&p, n, n).t(), d_o, MatMut::rows(&mut dv, n, d), 1.0, false, Threads::One, prec);
-    let mut dp = vec![0f32; n * n];
-    gemm(d_o, v.t(), MatMut::rows(&mut dp, n, n), 1.0, false, Threads::One, prec);
-    for (pr, dr) in p.chunks(n).zip(dp.chunks_mut(n)) {
-        k::softmax_backward_row(pr, dr, scale);
-    }
-    let mut dq = vec![0f32; n * d];
-    gemm(Mat::rows(&dp, n, n), kk, MatMut::rows(&mut dq, n, d), 1.0, false, Threads::One, prec);
-    let mut dk = vec![0f32; n * d];
-    gemm(Mat::rows(&dp, n, n).t(), q, MatMut::rows(&mut dk, n, d), 1.0, false, Threads::One, prec);
+    let (mut dq, mut dk, mut dv) = (vec![0f32; n * d], vec![0f32; n * d], vec![0f32; n * d]);
+    with_scratch(2 * n * n, |scores| {
+        let (p, dp) = scores.split_at_mut(n * n);
+        gemm(q, kk.t(), MatMut::rows(p, n, n), 1.0, false, Threads::One, prec);
+        for (row, &l) in p.chunks_mut(n).zip(lse) {
+            k::softmax_from_lse(row, scale, l);
+        }
+        gemm(Mat::rows(p, n, n).t(), d_o, MatMut::rows(&mut dv, n, d), 1.0, false, Threads::One, prec);
+        gemm(d_o, v.t(), MatMut::rows(dp, n, n), 1.0, false, Threads::One, prec);
+        for (pr, dr) in p.chunks(n).zip(dp.chunks_mut(n)) {
+            k::softmax_backward_row(pr, dr, scale);
+        }
+        gemm(Mat::rows(dp, n, n), kk, MatMut::rows(&mut dq, n, d), 1.0, false, Threads::One, prec);
+        gemm(Mat::rows(dp, n, n).t(), q, MatMut::rows(&mut dk, n, d), 1.0, false, Threads::One, prec);
+    });
     [dq, dk, dv]
 }
 
-fn attention_backward(cfg: &VitConfig, qkv: &[f32], lse: &[f32], dctx: &[f32], b: usize, prec: Precision) -> Vec<f32> {
+/// Attention's backward into `dqkv` (rows × 3·hidden, every element written).
+fn attention_backward(cfg: &VitConfig, qkv: &[f32], lse: &[f32], dctx: &[f32], b: usize, prec: Precision, dqkv: &mut [f32]) {
     let (n, hid, heads, d) = (cfg.num_tokens(), cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim());
     let scale = 1.0 / (d as f32).sqrt();
     let outs: Vec<[Vec<f32>; 3]> = (0..b * heads)
         .into_par_iter()
         .map(|t| attention_head_backward(qkv, &lse[t * n..(t + 1) * n], dctx, n, hid, d, t / heads, t % heads, scale, prec))
         .collect();
-    let mut dqkv = vec![0f32; b * n * 3 * hid];
     for (t, parts) in outs.into_iter().enumerate() {
         let (bi, hi) = (t / heads, t % heads);
         for (j, part) in parts.iter().enumerate() {
@@ -445,7 +445,6 @@ fn attention_backward(cfg: &VitConfig, qkv: &[f32], lse: &[f32], dctx: &[f32], b
             }
         }
     }
-    dqkv
 }
 
 /// Buffers of a layer's forward, kept from layer to layer: a buffer the layer saves for backward
@@ -459,6 +458,18 @@ struct Workspace {
     x_mid: Vec<f32>,
     fc1: Vec<f32>,
     act: Vec<f32>,
+}
+
+/// Buffers of a layer's backward, reused by every layer of one backward pass, as [`Workspace`]'s
+/// are by the forward: each is fully written before it is read (so no zeroing, and no fresh
+/// pages, after the first layer).
+#[derive(Default)]
+struct BackWorkspace {
+    inter: Vec<f32>,
+    hs: Vec<f32>,
+    dhs: Vec<f32>,
+    dctx: Vec<f32>,
+    dqkv: Vec<f32>,
 }
 
 /// `buf` holding `len` floats: as it is when it already does, else fresh zeros.
@@ -506,7 +517,16 @@ type NamedGrads = Vec<(String, Vec<f32>)>;
 /// One encoder layer backward (layer `index`): parameter gradients, and the gradient of its input
 /// when `need_dx` (not for the lowest trainable layer).
 #[allow(clippy::too_many_arguments)]
-fn layer_backward(cfg: &VitConfig, w: &LayerW, s: LayerSaved, dx: Vec<f32>, b: usize, index: usize, need_dx: bool) -> (NamedGrads, Option<Vec<f32>>) {
+fn layer_backward(
+    cfg: &VitConfig,
+    w: &LayerW,
+    s: LayerSaved,
+    dx: Vec<f32>,
+    b: usize,
+    index: usize,
+    need_dx: bool,
+    ws: &mut BackWorkspace,
+) -> (NamedGrads, Option<Vec<f32>>) {
     let h = cfg.hidden_size;
     let rows = b * cfg.num_tokens();
     let inter = w.fc1.out;
@@ -514,41 +534,41 @@ fn layer_backward(cfg: &VitConfig, w: &LayerW, s: LayerSaved, dx: Vec<f32>, b: u
     let mut push = |part: String, g: Vec<f32>| grads.push((keys::layer(index, &part), g));
 
     // MLP branch: out = x_mid + fc2(act(fc1(ln2(x_mid)))).
-    let mut act = vec![0f32; rows * inter];
-    k::activation(cfg.hidden_act, &s.fc1, &mut act);
-    let (dw2, db2) = linear_grads(&act, rows, &w.fc2, &dx);
-    drop(act);
-    let mut dfc1 = vec![0f32; rows * inter];
-    linear_input_grad(&dx, rows, &w.fc2, h, 0, &mut dfc1, false);
-    k::activation_backward(cfg.hidden_act, &s.fc1, &mut dfc1);
+    let BackWorkspace { inter: inter_buf, hs, dhs, dctx, dqkv } = ws;
+    // One buffer of rows × inter: the activation (for fc2's weight gradient), then dfc1.
+    let inter_buf = sized(inter_buf, rows * inter);
+    k::activation(cfg.hidden_act, &s.fc1, inter_buf);
+    let (dw2, db2) = linear_grads(inter_buf, rows, &w.fc2, &dx);
+    let dfc1 = inter_buf;
+    linear_input_grad(&dx, rows, &w.fc2, h, 0, dfc1, false);
+    k::activation_backward(cfg.hidden_act, &s.fc1, dfc1);
     drop(s.fc1);
-    let mut hs = vec![0f32; rows * h];
-    k::layer_norm_apply(&s.x_mid, w.ln2.0, w.ln2.1, &s.mean2, &s.rstd2, &mut hs);
-    let (dw1, db1) = linear_grads(&hs, rows, &w.fc1, &dfc1);
-    let mut dhs = vec![0f32; rows * h];
-    linear_input_grad(&dfc1, rows, &w.fc1, inter, 0, &mut dhs, false);
-    drop(dfc1);
+    let hs = sized(hs, rows * h);
+    k::layer_norm_apply(&s.x_mid, w.ln2.0, w.ln2.1, &s.mean2, &s.rstd2, hs);
+    let (dw1, db1) = linear_grads(hs, rows, &w.fc1, dfc1);
+    let dhs = sized(dhs, rows * h);
+    linear_input_grad(dfc1, rows, &w.fc1, inter, 0, dhs, false);
     let mut dx_mid = dx;
-    let (dg2, dbeta2) = k::layer_norm_backward(&dhs, &s.x_mid, w.ln2.0, &s.mean2, &s.rstd2, &mut dx_mid);
+    let (dg2, dbeta2) = k::layer_norm_backward(dhs, &s.x_mid, w.ln2.0, &s.mean2, &s.rstd2, &mut dx_mid);
     drop(s.x_mid);
 
     // Attention branch: x_mid = x_in + o(attention(qkv(ln1(x_in)))).
     let (dwo, dbo) = linear_grads(&s.ctx, rows, &w.o, &dx_mid);
-    let mut dctx = vec![0f32; rows * h];
-    linear_input_grad(&dx_mid, rows, &w.o, h, 0, &mut dctx, false);
+    let dctx = sized(dctx, rows * h);
+    linear_input_grad(&dx_mid, rows, &w.o, h, 0, dctx, false);
     drop(s.ctx);
-    let dqkv = attention_backward(cfg, &s.qkv, &s.lse, &dctx, b, w.prec);
-    drop(dctx);
+    let dqkv = sized(dqkv, rows * 3 * h);
+    attention_backward(cfg, &s.qkv, &s.lse, dctx, b, w.prec, dqkv);
     drop(s.qkv);
-    k::layer_norm_apply(&s.x_in, w.ln1.0, w.ln1.1, &s.mean1, &s.rstd1, &mut hs);
-    let mut qkv = shared_input_grads(&hs, rows, &[&w.q, &w.k, &w.v], &dqkv).into_iter();
+    k::layer_norm_apply(&s.x_in, w.ln1.0, w.ln1.1, &s.mean1, &s.rstd1, hs);
+    let mut qkv = shared_input_grads(hs, rows, &[&w.q, &w.k, &w.v], dqkv).into_iter();
     let mut next = || qkv.next().expect("three layers, three gradients");
     let ((dwq, dbq), (dwk, dbk), (dwv, dbv)) = (next(), next(), next());
-    linear_input_grad(&dqkv, rows, &w.q, 3 * h, 0, &mut dhs, false);
-    linear_input_grad(&dqkv, rows, &w.k, 3 * h, h, &mut dhs, true);
-    linear_input_grad(&dqkv, rows, &w.v, 3 * h, 2 * h, &mut dhs, true);
+    linear_input_grad(dqkv, rows, &w.q, 3 * h, 0, dhs, false);
+    linear_input_grad(dqkv, rows, &w.k, 3 * h, h, dhs, true);
+    linear_input_grad(dqkv, rows, &w.v, 3 * h, 2 * h, dhs, true);
     let mut dx_in = dx_mid;
-    let (dg1, dbeta1) = k::layer_norm_backward(&dhs, &s.x_in, w.ln1.0, &s.mean1, &s.rstd1, &mut dx_in);
+    let (dg1, dbeta1) = k::layer_norm_backward(dhs, &s.x_in, w.ln1.0, &s.mean1, &s.rstd1, &mut dx_in);
 
     for (module, (dw, db)) in [(keys::QUERY, (dwq, dbq)), (keys::KEY, (dwk, dbk)), (keys::VALUE, (dwv, dbv))] {
         push(keys::weight(module), dw);
@@ -766,10 +786,11 @@ fn encoder_backward(
     for bi in 0..b {
         dx[bi * n * h..bi * n * h + h].copy_from_slice(&dcls[bi * h..(bi + 1) * h]);
     }
+    let mut ws = BackWorkspace::default();
     for l in (first_layer..cfg.num_hidden_layers).rev() {
         let s = saved.pop().expect("one saved state per layer");
         let need_dx = l > first_layer || need_input_grad;
-        let (g, next) = layer_backward(cfg, &w.layers[l], s, dx, b, l, need_dx);
+        let (g, next) = layer_backward(cfg, &w.layers[l], s, dx, b, l, need_dx, &mut ws);
         grads.extend(g);
         dx = next.unwrap_or_default();
     }

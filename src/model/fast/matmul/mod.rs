@@ -12,6 +12,8 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod sgemm;
 
+pub use sgemm::with_scratch;
+
 use gemm::Parallelism;
 
 use crate::model::precision::{Precision, round_bf16};

@@ -307,6 +307,14 @@ struct Scratch(std::cell::RefCell<Vec<f32>>);
 thread_local! {
     static B_SCRATCH: Scratch = const { Scratch(std::cell::RefCell::new(Vec::new())) };
     static A_SCRATCH: Scratch = const { Scratch(std::cell::RefCell::new(Vec::new())) };
+    static CALLER_SCRATCH: Scratch = const { Scratch(std::cell::RefCell::new(Vec::new())) };
+}
+
+/// Runs `f` on `len` floats of space reused from call to call on this thread, for a caller's
+/// intermediate matrices (attention's scores, one head at a time), so they cost no fresh zeroed
+/// memory each time. The contents are stale: `f` must write every element before it reads it.
+pub fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    CALLER_SCRATCH.with(|s| s.with(len, f))
 }
 
 impl Scratch {
