@@ -38,10 +38,12 @@ pub struct Optimizer {
     host: BTreeMap<String, Moments>,
 }
 
-/// AdamW's first and second moments of one parameter, in host memory.
+/// AdamW's first and second moments of one parameter, in host memory, and the parameter's shape
+/// (a checkpoint stores them in it, so any worker, on any device, can take them up).
 struct Moments {
     m: Vec<f32>,
     v: Vec<f32>,
+    shape: Vec<usize>,
 }
 
 impl Optimizer {
@@ -84,7 +86,7 @@ impl Optimizer {
                         if m.len() != n || v.len() != n {
                             return Err(TrainError::Checkpoint(format!("the optimiser state of {name} does not match the parameter's size")));
                         }
-                        e.insert(Moments { m, v })
+                        e.insert(Moments { m, v, shape: p.dims().to_vec() })
                     }
                 };
                 adamw_in_place(&p, g, moments, AdamwCoeffs::new(lr, wd, t))?;
@@ -137,9 +139,9 @@ impl Optimizer {
         for (k, t) in &self.v {
             out.insert(format!("v.{k}"), t.clone());
         }
-        for (k, Moments { m, v }) in &self.host {
-            out.insert(format!("m.{k}"), Tensor::from_slice(m, m.len(), &candle_core::Device::Cpu)?);
-            out.insert(format!("v.{k}"), Tensor::from_slice(v, v.len(), &candle_core::Device::Cpu)?);
+        for (k, Moments { m, v, shape }) in &self.host {
+            out.insert(format!("m.{k}"), Tensor::from_slice(m, shape.as_slice(), &candle_core::Device::Cpu)?);
+            out.insert(format!("v.{k}"), Tensor::from_slice(v, shape.as_slice(), &candle_core::Device::Cpu)?);
         }
         let device = self.m.values().next().map(|t| t.device().clone()).unwrap_or(candle_core::Device::Cpu);
         out.insert("steps".into(), Tensor::new(&[self.steps as f64], &device)?);
@@ -236,7 +238,7 @@ fn adamw_in_place(p: &Tensor, g: &Tensor, moments: &mut Moments, k: AdamwCoeffs)
             };
             let (p, g) = (&mut p[p0..p1], &g[g0..g1]);
             let mut moments = self.moments.borrow_mut();
-            let Moments { m, v } = &mut **moments;
+            let Moments { m, v, .. } = &mut **moments;
             if g.len() != p.len() || m.len() != p.len() || v.len() != p.len() {
                 candle_core::bail!("adamw-in-place: a parameter, its gradient and its moments differ in size");
             }
@@ -400,6 +402,17 @@ mod tests {
         p.iter().enumerate().map(|(i, (k, v))| (k.clone(), rand(v.dims(), seed * 10 + i as u64))).collect()
     }
 
+    /// The same values with the matrices laid out transposed twice: not contiguous, so their
+    /// parameters take the composed update.
+    fn strided(g: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+        g.iter()
+            .map(|(k, t)| {
+                let t = if t.rank() == 2 { t.t().unwrap().contiguous().unwrap().t().unwrap() } else { t.clone() };
+                (k.clone(), t)
+            })
+            .collect()
+    }
+
     fn max_diff(a: &Params, b: &Params) -> f32 {
         a.iter()
             .map(|(k, v)| (v.as_tensor() - b.var(k).unwrap().as_tensor()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap())
@@ -415,14 +428,7 @@ mod tests {
         let (mut of, mut oc) = (Optimizer::new(OptimizerKind::Adamw, 0.01, 0.0), Optimizer::new(OptimizerKind::Adamw, 0.01, 0.0));
         for step in 1..=3 {
             let g = grads(&fused, step);
-            // The same values, laid out transposed twice: not contiguous, so not fusable.
-            let strided: BTreeMap<String, Tensor> = g
-                .iter()
-                .map(|(k, t)| {
-                    let t = if t.rank() == 2 { t.t().unwrap().contiguous().unwrap().t().unwrap() } else { t.clone() };
-                    (k.clone(), t)
-                })
-                .collect();
+            let strided = strided(&g);
             assert!(fusable(&fused.var("a.weight").unwrap().as_detached_tensor(), &g["a.weight"]));
             assert!(!fusable(&fused.var("a.weight").unwrap().as_detached_tensor(), &strided["a.weight"]));
             of.step(&fused, &g, &|_| 1e-3).unwrap();
@@ -447,13 +453,23 @@ mod tests {
         first.step(&resumed, &grads(&resumed, 1), &|_| 1e-2).unwrap();
         let state = first.state().unwrap();
         assert_eq!(state.len(), 2 * 2 + 1, "m and v of both parameters, and the step count");
+        assert_eq!(state["v.a.weight"].dims(), &[3, 40_000], "in the parameter's shape, as the composed update needs them");
+        // A worker whose update is the composed one (another device, or reference ops) takes
+        // the same state up.
+        let composed = params(7);
+        let mut third = Optimizer::new(OptimizerKind::Adamw, 0.0, 0.0);
+        third.step(&composed, &grads(&composed, 1), &|_| 1e-2).unwrap();
+        third.load_state(state.clone(), &Device::Cpu).unwrap();
         let mut second = Optimizer::new(OptimizerKind::Adamw, 0.0, 0.0);
         second.load_state(state, &Device::Cpu).unwrap();
         for step in 2..=3 {
             ok.step(&kept, &grads(&kept, step), &|_| 1e-2).unwrap();
             second.step(&resumed, &grads(&resumed, step), &|_| 1e-2).unwrap();
+            third.step(&composed, &strided(&grads(&composed, step)), &|_| 1e-2).unwrap();
         }
         assert_eq!(max_diff(&kept, &resumed), 0.0);
+        assert!(third.m.contains_key("a.weight"), "the weight took the composed update");
+        assert!(max_diff(&kept, &composed) < 1e-6);
         // Moments of the wrong size are refused, not read past.
         let mut state = second.state().unwrap();
         state.insert("m.a.bias".into(), Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap());
