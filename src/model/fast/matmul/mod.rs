@@ -12,8 +12,6 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod sgemm;
 
-pub use sgemm::with_scratch;
-
 use gemm::Parallelism;
 
 use crate::model::precision::{Precision, round_bf16};
@@ -67,6 +65,48 @@ impl<'a> MatMut<'a> {
     pub fn strided(data: &'a mut [f32], rows: usize, cols: usize, stride: usize, start: usize) -> Self {
         Self { data, offset: start, rows, cols, rs: stride }
     }
+}
+
+/// Space reused from call to call on each thread (so large products do not pay for fresh zeroed
+/// pages every time): the products' packing space, and [`with_scratch`]'s. Handed out on a
+/// cache-line boundary so a 16-float row of a packed panel is one line, never two. Contents are
+/// stale: packing writes every element it reads back, padding included.
+struct Scratch(std::cell::RefCell<Vec<f32>>);
+
+thread_local! {
+    static CALLER_SCRATCH: Scratch = const { Scratch(std::cell::RefCell::new(Vec::new())) };
+}
+
+/// Runs `f` on `len` floats of space reused from call to call on this thread, for a caller's
+/// intermediate matrices (attention's scores, one head at a time), so they cost no fresh zeroed
+/// memory each time. The contents are stale: `f` must write every element before it reads it.
+pub fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    CALLER_SCRATCH.with(|s| s.with(len, f))
+}
+
+impl Scratch {
+    /// Runs `f` on `len` floats of this thread's space, or of a fresh buffer when the space is
+    /// already in use further up this thread's stack (rayon may run a nested product here).
+    fn with<R>(&self, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+        let aligned = |v: &mut Vec<f32>| {
+            let range = on_cache_line(v, len);
+            f(&mut v[range])
+        };
+        match self.0.try_borrow_mut() {
+            Ok(mut v) => aligned(&mut v),
+            Err(_) => aligned(&mut Vec::new()),
+        }
+    }
+}
+
+/// Where `len` floats of `v` start on a cache-line boundary (`v` replaced by a zeroed buffer
+/// first when it is too short), so a 16-float row of a packed panel is one line, never two.
+fn on_cache_line(v: &mut Vec<f32>, len: usize) -> std::ops::Range<usize> {
+    if v.len() < len + 16 {
+        *v = vec![0f32; len + 16];
+    }
+    let start = v.as_ptr().align_offset(64).min(16);
+    start..start + len
 }
 
 /// How the product is run.
@@ -292,7 +332,7 @@ impl PackedB {
             let bf16 = precision == Precision::Bf16;
             let len = on_kernel!(kernel, K => sgemm::packed_len::<K>(b.rows, b.cols));
             let mut data = Vec::new();
-            let panels = sgemm::on_cache_line(&mut data, len);
+            let panels = on_cache_line(&mut data, len);
             on_kernel!(kernel, K => sgemm::pack_panels::<K>(b, bf16, parallel(Threads::All), &mut data[panels.clone()]));
             Some(Self { kernel, precision, k: b.rows, n: b.cols, data, panels })
         }

@@ -20,7 +20,7 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
-use super::{Mat, MatMut, Onto};
+use super::{Mat, MatMut, Onto, Scratch};
 use crate::model::precision::round_bf16;
 
 /// A micro-kernel: its tile, its depth blocking, and how its operands are packed.
@@ -298,48 +298,10 @@ fn run<K: Micro>(a: Mat, bpack: &[f32], n: usize, m: usize, ldc: usize, out: Out
     }
 }
 
-/// Packing space reused from call to call on each thread (so large products do not pay for
-/// fresh zeroed pages every time), handed out on a cache-line boundary so a 16-float row of a
-/// packed panel is one line, never two. Contents are stale: packing writes every element it
-/// reads back, padding included.
-struct Scratch(std::cell::RefCell<Vec<f32>>);
-
+// Packing space for B and A ([`Scratch`]).
 thread_local! {
     static B_SCRATCH: Scratch = const { Scratch(std::cell::RefCell::new(Vec::new())) };
     static A_SCRATCH: Scratch = const { Scratch(std::cell::RefCell::new(Vec::new())) };
-    static CALLER_SCRATCH: Scratch = const { Scratch(std::cell::RefCell::new(Vec::new())) };
-}
-
-/// Runs `f` on `len` floats of space reused from call to call on this thread, for a caller's
-/// intermediate matrices (attention's scores, one head at a time), so they cost no fresh zeroed
-/// memory each time. The contents are stale: `f` must write every element before it reads it.
-pub fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    CALLER_SCRATCH.with(|s| s.with(len, f))
-}
-
-impl Scratch {
-    /// Runs `f` on `len` floats of this thread's space, or of a fresh buffer when the space is
-    /// already in use further up this thread's stack (rayon may run a nested product here).
-    fn with<R>(&self, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-        let aligned = |v: &mut Vec<f32>| {
-            let range = on_cache_line(v, len);
-            f(&mut v[range])
-        };
-        match self.0.try_borrow_mut() {
-            Ok(mut v) => aligned(&mut v),
-            Err(_) => aligned(&mut Vec::new()),
-        }
-    }
-}
-
-/// Where `len` floats of `v` start on a cache-line boundary (`v` replaced by a zeroed buffer
-/// first when it is too short), so a 16-float row of a packed panel is one line, never two.
-pub(super) fn on_cache_line(v: &mut Vec<f32>, len: usize) -> std::ops::Range<usize> {
-    if v.len() < len + 16 {
-        *v = vec![0f32; len + 16];
-    }
-    let start = v.as_ptr().align_offset(64).min(16);
-    start..start + len
 }
 
 /// Packs rows `i0..i0+mc` of `a` (all `k` columns) into panels of MR rows, k-major
