@@ -175,8 +175,20 @@ impl Optimizer {
 /// Whether the fused update can step `p` in place: AdamW's arithmetic on f32 host memory, both
 /// tensors contiguous (parameters and the fast path's gradients are), and no `VITFORGE_REFERENCE_OPS`.
 fn fusable(p: &Tensor, g: &Tensor) -> bool {
-    let plain = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
-    plain(p) && plain(g) && p.elem_count() == g.elem_count() && !crate::model::network::reference_ops_forced()
+    on_host(p) && on_host(g) && p.elem_count() == g.elem_count() && !crate::model::network::reference_ops_forced()
+}
+
+/// Whether `t` is contiguous f32 host memory, which the in-place updates read and write as a slice.
+fn on_host(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()
+}
+
+/// The values of a contiguous f32 CPU tensor, from its storage and layout.
+fn host_slice<'s>(storage: &'s Storage, layout: &Layout) -> Option<&'s [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) => Some(&data[a..b]),
+        _ => None,
+    }
 }
 
 /// The scalars of one AdamW step, as the composed update uses them.
@@ -278,7 +290,7 @@ pub fn lr_multiplier(sched: Scheduler, step: u64, total: u64, warmup: u64) -> f6
 /// Scales gradients so that their global L2 norm is at most `max_norm` (as
 /// `torch.nn.utils.clip_grad_norm_`); returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut BTreeMap<String, Tensor>, max_norm: f64) -> Result<f64, TrainError> {
-    let host = !crate::model::network::reference_ops_forced() && grads.values().all(|g| g.device().is_cpu() && g.dtype() == DType::F32 && g.is_contiguous());
+    let host = !crate::model::network::reference_ops_forced() && grads.values().all(on_host);
     let norm = if host {
         crate::model::on_pool(|| host_norm(grads))?
     } else {
@@ -310,10 +322,10 @@ fn host_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64, TrainError> {
     let mut sq = 0.0f64;
     for g in grads.values() {
         let (storage, layout) = g.storage_and_layout();
-        let (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
+        let Some(data) = host_slice(&storage, layout) else {
             return Err(TrainError::Model(crate::model::ModelError::Input("gradient norm: not a contiguous f32 CPU tensor".into())));
         };
-        sq += data[a..b].par_chunks(HOST_CHUNK).map(sum_of_squares).sum::<f64>();
+        sq += data.par_chunks(HOST_CHUNK).map(sum_of_squares).sum::<f64>();
     }
     Ok(sq.sqrt())
 }
@@ -338,11 +350,11 @@ fn disjoint(grads: &BTreeMap<String, Tensor>) -> bool {
     let mut spans: Vec<(usize, usize)> = Vec::with_capacity(grads.len());
     for g in grads.values() {
         let (storage, layout) = g.storage_and_layout();
-        let (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
+        let Some(data) = host_slice(&storage, layout) else {
             return false;
         };
-        let base = data.as_ptr() as usize;
-        spans.push((base + a * 4, base + b * 4));
+        let start = data.as_ptr() as usize;
+        spans.push((start, start + 4 * data.len()));
     }
     spans.sort_unstable();
     spans.windows(2).all(|w| w[0].1 <= w[1].0)
