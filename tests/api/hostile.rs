@@ -182,7 +182,7 @@ pub(crate) async fn snapshot(s: &Server, data: &Path, dataset: &str, model: &str
         let c = s.client.clone();
         async move { c.get(path).send().await.unwrap().json::<Value>().await.unwrap() }
     };
-    let db = crate::support::open_database(&data).await;
+    let db = crate::support::open_database(data).await;
     let blobs: Vec<String> =
         sqlx::query_scalar("select blob from dataset_images where dataset_id = $1 order by rowid").bind(dataset).fetch_all(&db).await.unwrap();
     db.close().await;

@@ -203,7 +203,7 @@ fn auto_decides_after_the_probe_and_a_time_budget_stops_epochs() {
     let tmp = tempfile::tempdir().unwrap();
     // 40 images per class, half of them held out.
     let p = TrainParams { head_init: HeadInit::Probe, after_probe: AfterProbe::Auto, epochs: 1, validation_split: 0.5, ..params() };
-    assert!(20 < vitforge::train::auto::MIN_PER_CLASS_TO_FINE_TUNE);
+    const { assert!(20 < vitforge::train::auto::MIN_PER_CLASS_TO_FINE_TUNE) };
     let (out, losses) = run(&tmp.path().join("data"), &tmp.path().join("auto"), p, None);
     let out = out.unwrap();
     let d = out.decision.expect("a decision");

@@ -75,5 +75,5 @@ fn a_misspelt_variable_in_a_manifest_is_caught() {
     let dir = tempfile::tempdir().unwrap();
     let manifest = dir.path().join("api.yaml");
     std::fs::write(&manifest, "env:\n  - name: VITFORGE_DATABASE_URL\n  - name: VITFORGE_DATABSE_URL\n").unwrap();
-    assert_eq!(unknown(&root, &[manifest.clone()], &known), vec![format!("{}: VITFORGE_DATABSE_URL", manifest.display())]);
+    assert_eq!(unknown(&root, std::slice::from_ref(&manifest), &known), vec![format!("{}: VITFORGE_DATABSE_URL", manifest.display())]);
 }
