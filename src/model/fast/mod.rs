@@ -19,7 +19,7 @@ use candle_core::{Device, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
 
 use self::kernels as k;
-use self::matmul::{Mat, MatMut, PackedB, Threads, gemm, gemm_bias, gemm_bias_packed, with_scratch};
+use self::matmul::{Mat, MatMut, PackedB, Threads, gemm, gemm_bias, gemm_bias_packed, gemm_bias_parts, with_scratch};
 use super::precision::Precision;
 use super::vit::{Linear, Objective, Vit};
 use super::weights::{Boundary, TrainableSet, keys, param_specs};
@@ -125,6 +125,9 @@ struct LayerW<'g> {
     fc2: Lin<'g>,
     /// The precision of the attention products.
     prec: Precision,
+    /// Q's, K's and V's weights packed as one for inference's product (`x·[Wq Wk Wv]ᵀ`), where
+    /// the kernel's panels allow it (else each is packed on its own, if at all).
+    qkv_packed: Option<&'g PackedB>,
 }
 
 struct Weights<'g> {
@@ -167,7 +170,8 @@ fn tensor_list(vit: &Vit) -> Vec<&Tensor> {
 }
 
 impl<'g> Weights<'g> {
-    fn new(vit: &'g Vit, g: &'g Guards) -> Self {
+    /// The weights of `vit` as slices of `g`, with the packed copies of inference attached.
+    fn new(vit: &'g Vit, g: &'g Guards) -> Result<Self> {
         let mut i = 0;
         let mut next = || {
             i += 1;
@@ -205,7 +209,7 @@ impl<'g> Weights<'g> {
             };
             let fc1 = lin(&layer.fc1);
             let fc2 = lin(&layer.fc2);
-            layers.push(LayerW { ln1, q, k, v, o, ln2, fc1, fc2, prec });
+            layers.push(LayerW { ln1, q, k, v, o, ln2, fc1, fc2, prec, qkv_packed: None });
         }
         let ln = (next(), next());
         let (out, inp) = dims(&vit.classifier);
@@ -213,37 +217,107 @@ impl<'g> Weights<'g> {
         let hb = vit.classifier.bias.as_ref().map(|_| next());
         let patch = Lin { w: patch_w, b: Some(patch_b), out: h, inp: cpp, prec, packed: None };
         let mut w = Weights { patch, cls, pos, layers, ln, head: Lin { w: hw, b: hb, out, inp, prec, packed: None } };
-        if let Some(packed) = vit.packed.as_deref() {
-            let lins: Vec<&mut Lin<'g>> = w.lins_mut().collect();
-            if lins.len() == packed.len() && lins.iter().zip(packed).all(|(l, p)| p.shape() == (l.inp, l.out)) {
-                for (l, p) in lins.into_iter().zip(packed) {
-                    l.packed = Some(p);
-                }
-            }
+        if let Some(packed) = vit.packed.as_deref()
+            && w.attach(packed).is_none()
+        {
+            // `pack` made them for this very model: a mismatch is a bug, not bad input.
+            return Err(ModelError::Weights("the packed weights do not fit the model's layers".into()));
         }
-        w
+        Ok(w)
     }
 
-    /// Every linear layer: the patch projection, each layer's Q, K, V, output, FC1 and FC2, the
-    /// head (the order of [`pack`]).
-    fn lins_mut(&mut self) -> impl Iterator<Item = &mut Lin<'g>> {
-        let layers = self.layers.iter_mut().flat_map(|l| [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.fc1, &mut l.fc2]);
-        std::iter::once(&mut self.patch).chain(layers).chain(std::iter::once(&mut self.head))
+    /// Attaches the packed weights [`pack`] made, in its order; `None` where they do not fit
+    /// this model's shapes.
+    fn attach(&mut self, packed: &'g [PackedB]) -> Option<()> {
+        let mut packed = packed.iter().peekable();
+        let one = |l: &mut Lin<'g>, p: Option<&'g PackedB>| {
+            l.packed = Some(p.filter(|p| p.shape() == (l.inp, l.out))?);
+            Some(())
+        };
+        one(&mut self.patch, packed.next())?;
+        for layer in &mut self.layers {
+            let qkv = (layer.q.inp, layer.q.out + layer.k.out + layer.v.out);
+            if packed.peek().is_some_and(|p| p.shape() == qkv) {
+                layer.qkv_packed = packed.next();
+            } else {
+                for l in [&mut layer.q, &mut layer.k, &mut layer.v] {
+                    one(l, packed.next())?;
+                }
+            }
+            for l in [&mut layer.o, &mut layer.fc1, &mut layer.fc2] {
+                one(l, packed.next())?;
+            }
+        }
+        one(&mut self.head, packed.next())?;
+        packed.next().is_none().then_some(())
     }
 }
 
 /// The weights of every linear layer of `vit` packed once for the products of inference
 /// (`x·Wᵀ` at the model's precision, for the kernel this process runs), in the order
-/// [`Weights::new`] attaches them; `None` where the products are not ours (the `gemm` crate's).
+/// [`Weights::attach`] reads them: the patch projection, then per layer Q, K and V as one
+/// (where the kernel's panels allow, else each), the output, FC1 and FC2, then the head; `None`
+/// where the products are not ours (the `gemm` crate's).
 pub(super) fn pack(vit: &Vit) -> Result<Option<Vec<PackedB>>> {
     let guards = Guards::new(&tensor_list(vit))?;
-    let mut w = Weights::new(vit, &guards);
-    Ok(w.lins_mut().map(|l| PackedB::new(Mat::rows(l.w, l.out, l.inp).t(), l.prec)).collect())
+    let w = Weights::new(vit, &guards)?;
+    let one = |l: &Lin| PackedB::new(weight_t(l), l.prec);
+    let mut packed = vec![one(&w.patch)];
+    for layer in &w.layers {
+        match PackedB::from_parts(&qkv_parts(layer), layer.q.prec) {
+            Some(qkv) => packed.push(Some(qkv)),
+            None => packed.extend([&layer.q, &layer.k, &layer.v].map(one)),
+        }
+        packed.extend([&layer.o, &layer.fc1, &layer.fc2].map(one));
+    }
+    packed.push(one(&w.head));
+    Ok(packed.into_iter().collect())
+}
+
+/// `Wᵀ` of a linear layer (in × out), the right operand of `x·Wᵀ`.
+fn weight_t<'g>(l: &Lin<'g>) -> Mat<'g> {
+    Mat::rows(l.w, l.out, l.inp).t()
+}
+
+/// `Wqᵀ`, `Wkᵀ` and `Wvᵀ`, side by side the right operand of one product for Q, K and V.
+fn qkv_parts<'g>(w: &LayerW<'g>) -> [Mat<'g>; 3] {
+    [weight_t(&w.q), weight_t(&w.k), weight_t(&w.v)]
+}
+
+/// `y = x·[Wq Wk Wv]ᵀ + [bq bk bv]` for a row-major `x` (rows × in): Q, K and V side by side in
+/// `y` (rows × 3·hidden), by one product, so `x` is packed once rather than three times.
+fn linear_qkv(x: &[f32], rows: usize, w: &LayerW, y: &mut [f32]) {
+    let ls = [&w.q, &w.k, &w.v];
+    let width = ls.iter().map(|l| l.out).sum();
+    if w.qkv_packed.is_none() && ls.iter().any(|l| l.packed.is_some()) {
+        // Packed one by one (the kernel's panels did not allow one packing).
+        let mut col = 0;
+        for l in ls {
+            linear(x, rows, l, y, width, col);
+            col += l.out;
+        }
+        return;
+    }
+    let bias = ls.iter().any(|l| l.b.is_some()).then(|| {
+        let mut bias = Vec::with_capacity(width);
+        for l in ls {
+            match l.b {
+                Some(b) => bias.extend_from_slice(b),
+                None => bias.resize(bias.len() + l.out, 0.0),
+            }
+        }
+        bias
+    });
+    let (x, y) = (Mat::rows(x, rows, w.q.inp), MatMut::rows(y, rows, width));
+    match w.qkv_packed.filter(|p| p.fits(w.q.prec)) {
+        Some(packed) => gemm_bias_packed(x, packed, y, bias.as_deref(), Threads::All),
+        None => gemm_bias_parts(x, &qkv_parts(w), y, bias.as_deref(), Threads::All, w.q.prec),
+    }
 }
 
 /// `y[:, col..col+out] = x·Wᵀ + b` for a row-major `x` (rows × in) into a buffer `stride` wide.
 fn linear(x: &[f32], rows: usize, l: &Lin, y: &mut [f32], stride: usize, col: usize) {
-    let (x, wt) = (Mat::rows(x, rows, l.inp), Mat::rows(l.w, l.out, l.inp).t());
+    let (x, wt) = (Mat::rows(x, rows, l.inp), weight_t(l));
     let y = MatMut::strided(y, rows, l.out, stride, col);
     if let Some(packed) = l.packed.filter(|p| p.fits(l.prec)) {
         return gemm_bias_packed(x, packed, y, l.b, Threads::All);
@@ -490,9 +564,7 @@ fn layer_forward(cfg: &VitConfig, w: &LayerW, x: Vec<f32>, b: usize, save: bool,
     let hs = sized(hs, rows * h);
     let (mean1, rstd1) = k::layer_norm(&x, w.ln1.0, w.ln1.1, eps, hs);
     let qkv_buf = sized(qkv, rows * 3 * h);
-    linear(hs, rows, &w.q, qkv_buf, 3 * h, 0);
-    linear(hs, rows, &w.k, qkv_buf, 3 * h, h);
-    linear(hs, rows, &w.v, qkv_buf, 3 * h, 2 * h);
+    linear_qkv(hs, rows, w, qkv_buf);
     let (ctx, lse) = attention(cfg, qkv_buf, b, w.prec);
     let x_mid_buf = sized(x_mid, rows * h);
     linear(&ctx, rows, &w.o, x_mid_buf, h, 0);
@@ -618,7 +690,7 @@ fn pool(cfg: &VitConfig, w: &Weights, x: &[f32], b: usize) -> Pooled {
 pub(super) fn encode(vit: &Vit, x: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
     on_pool(|| {
         let guards = Guards::new(&tensor_list(vit))?;
-        let w = Weights::new(vit, &guards);
+        let w = Weights::new(vit, &guards)?;
         let (b, n, h) = x.dims3()?;
         let mut hidden = host_vec(x)?;
         let mut ws = Workspace::default();
@@ -633,7 +705,7 @@ pub(super) fn encode(vit: &Vit, x: &Tensor, range: std::ops::Range<usize>) -> Re
 pub(super) fn embed_tensor(vit: &Vit, pixels: &Tensor) -> Result<Tensor> {
     on_pool(|| {
         let guards = Guards::new(&tensor_list(vit))?;
-        let w = Weights::new(vit, &guards);
+        let w = Weights::new(vit, &guards)?;
         let b = pixels.dim(0)?;
         let (x, _) = embed(&vit.cfg, &w, &host_vec(pixels)?, b);
         Ok(Tensor::from_vec(x, (b, vit.cfg.num_tokens(), vit.cfg.hidden_size), pixels.device())?)
@@ -644,7 +716,7 @@ pub(super) fn embed_tensor(vit: &Vit, pixels: &Tensor) -> Result<Tensor> {
 pub(super) fn features(vit: &Vit, pixels: &Tensor) -> Result<Tensor> {
     on_pool(|| {
         let guards = Guards::new(&tensor_list(vit))?;
-        let w = Weights::new(vit, &guards);
+        let w = Weights::new(vit, &guards)?;
         let b = pixels.dim(0)?;
         let (mut x, _) = embed(&vit.cfg, &w, &host_vec(pixels)?, b);
         let mut ws = Workspace::default();
@@ -693,7 +765,7 @@ pub(super) fn loss_and_grads(
     on_pool(|| {
         let cfg = &vit.cfg;
         let guards = Guards::new(&tensor_list(vit))?;
-        let w = Weights::new(vit, &guards);
+        let w = Weights::new(vit, &guards)?;
         let b = objective.targets.len();
         let labels = w.head.out;
 

@@ -147,6 +147,36 @@ pub fn gemm_bias(a: Mat, b: Mat, c: MatMut, bias: &[f32], threads: Threads, prec
     product(a, b, c, 1.0, Onto::Bias(bias), threads, precision)
 }
 
+/// `c = a·[b₀ b₁ …] + bias`: the product by the matrix whose columns are those of `parts` side
+/// by side (each as deep as `a` is wide), as one product where our kernel's panels allow it (every
+/// part but the last a whole number of them), so A is packed once rather than once per part (Q,
+/// K and V of one input), else a product per part. `bias` has one value per column of C.
+pub fn gemm_bias_parts(a: Mat, parts: &[Mat], c: MatMut, bias: Option<&[f32]>, threads: Threads, precision: Precision) {
+    let n = parts.iter().map(|p| p.cols).sum();
+    let onto = bias.map_or(Onto::Zero, Onto::Bias);
+    check_views(a, (a.cols, n), &c, onto);
+    for part in parts {
+        assert_eq!(part.rows, a.cols, "inner dimensions");
+        part.check();
+    }
+    #[cfg(target_arch = "x86_64")]
+    if a.rows > 0
+        && a.cols > 0
+        && let Some(kernel) = Kernel::active(precision).filter(|&k| on_kernel!(k, K => sgemm::parts_align::<K>(parts)))
+    {
+        let bf16 = precision == Precision::Bf16;
+        on_kernel!(kernel, K => sgemm::gemm_parts::<K>(a, parts, c, 1.0, onto, parallel(threads), bf16));
+        return;
+    }
+    let mut col = 0;
+    for &part in parts {
+        let columns = MatMut { data: &mut *c.data, offset: c.offset + col, rows: c.rows, cols: part.cols, rs: c.rs };
+        let onto = bias.map_or(Onto::Zero, |bias| Onto::Bias(&bias[col..col + part.cols]));
+        product(a, part, columns, 1.0, onto, threads, precision);
+        col += part.cols;
+    }
+}
+
 /// `beta·a·b` onto `onto`, with the operands at `precision`.
 fn product(a: Mat, b: Mat, c: MatMut, beta: f32, onto: Onto, threads: Threads, precision: Precision) {
     check_views(a, (b.rows, b.cols), &c, onto);
@@ -325,16 +355,31 @@ impl PackedB {
     /// `b` packed for the kernel a product at `precision` runs now (on rayon's pool), or `None`
     /// where products go to the `gemm` crate, which packs its own way.
     pub fn new(b: Mat, precision: Precision) -> Option<Self> {
-        b.check();
+        Self::from_parts(&[b], precision)
+    }
+
+    /// The matrix made of `parts` side by side (equally deep) packed as [`PackedB::new`] packs
+    /// one, for one product by all of them (see [`gemm_bias_parts`]); `None` also where the
+    /// kernel's panels do not allow it (a part but the last not a whole number of them).
+    pub fn from_parts(parts: &[Mat], precision: Precision) -> Option<Self> {
+        let k = parts.first().map_or(0, |p| p.rows);
+        for part in parts {
+            assert_eq!(part.rows, k, "parts of one depth");
+            part.check();
+        }
         let kernel = Kernel::active(precision)?;
         #[cfg(target_arch = "x86_64")]
         {
+            if !on_kernel!(kernel, K => sgemm::parts_align::<K>(parts)) {
+                return None;
+            }
             let bf16 = precision == Precision::Bf16;
-            let len = on_kernel!(kernel, K => sgemm::packed_len::<K>(b.rows, b.cols));
+            let n = parts.iter().map(|p| p.cols).sum();
+            let len = on_kernel!(kernel, K => sgemm::packed_len::<K>(k, n));
             let mut data = Vec::new();
             let panels = on_cache_line(&mut data, len);
-            on_kernel!(kernel, K => sgemm::pack_panels::<K>(b, bf16, parallel(Threads::All), &mut data[panels.clone()]));
-            Some(Self { kernel, precision, k: b.rows, n: b.cols, data, panels })
+            on_kernel!(kernel, K => sgemm::pack_parts::<K>(parts, bf16, parallel(Threads::All), &mut data[panels.clone()]));
+            Some(Self { kernel, precision, k, n, data, panels })
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("no kernel of ours off x86-64: {kernel:?}")
@@ -468,6 +513,54 @@ mod tests {
             }
         }
         eprintln!("packed products checked at {levels:?}");
+    }
+
+    /// A product by parts side by side gives what a product per part gives, bit for bit (one
+    /// packing of A, the same tiles), and so does the product by the parts packed once, at every
+    /// level this CPU runs, in both precisions, with and without a bias, serial and parallel:
+    /// for parts that fill whole panels of every kernel (one product) and parts that do not (a
+    /// product per part, and nothing packed).
+    #[test]
+    fn products_by_parts_side_by_side_match_a_product_per_part_bit_for_bit() {
+        let levels = runnable();
+        let mut rand = uniform(5);
+        for &level in &levels {
+            for (m, k, widths, whole_panels) in [(50, 70, vec![32, 64, 45], true), (13, 385, vec![64, 64], true), (30, 33, vec![20, 13, 7], false)] {
+                let n: usize = widths.iter().sum();
+                let a: Vec<f32> = (0..m * k).map(|_| rand()).collect();
+                // Each part stored as weights are (out × in) and viewed transposed.
+                let stored: Vec<Vec<f32>> = widths.iter().map(|w| (0..w * k).map(|_| rand()).collect()).collect();
+                let parts: Vec<Mat> = stored.iter().zip(&widths).map(|(b, &w)| Mat::rows(b, w, k).t()).collect();
+                let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 0.1).collect();
+                for precision in [Precision::F32, Precision::Bf16] {
+                    let packed = on(level, || PackedB::from_parts(&parts, precision));
+                    let ours = on(level, uses_our_kernels);
+                    assert_eq!(packed.is_some(), ours && whole_panels, "{level:?} {precision:?} {widths:?}");
+                    for (with_bias, threads) in [(false, Threads::All), (true, Threads::One), (true, Threads::All)] {
+                        let bias = with_bias.then_some(&bias[..]);
+                        let (mut want, mut got, mut got_packed) = (vec![0.25f32; m * n], vec![0.5f32; m * n], vec![0.75f32; m * n]);
+                        on(level, || {
+                            let mut col = 0;
+                            for (part, &w) in parts.iter().zip(&widths) {
+                                let onto = bias.map_or(Onto::Zero, |b| Onto::Bias(&b[col..col + w]));
+                                product(Mat::rows(&a, m, k), *part, MatMut::strided(&mut want, m, w, n, col), 1.0, onto, threads, precision);
+                                col += w;
+                            }
+                            gemm_bias_parts(Mat::rows(&a, m, k), &parts, MatMut::rows(&mut got, m, n), bias, threads, precision);
+                            if let Some(packed) = &packed {
+                                assert_eq!(packed.shape(), (k, n));
+                                gemm_bias_packed(Mat::rows(&a, m, k), packed, MatMut::rows(&mut got_packed, m, n), bias, threads);
+                            }
+                        });
+                        let same = |x: &[f32]| want.iter().zip(x).all(|(x, y)| x.to_bits() == y.to_bits());
+                        let label = format!("{level:?} {precision:?} {m}x{widths:?}x{k} bias={with_bias}");
+                        assert!(same(&got), "{label}: by parts");
+                        assert!(packed.is_none() || same(&got_packed), "{label}: packed by parts");
+                    }
+                }
+            }
+        }
+        eprintln!("products by parts checked at {levels:?}");
     }
 
     /// Reproducible values in [-½, ½) from `seed` (a 64-bit LCG's high bits).

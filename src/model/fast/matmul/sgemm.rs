@@ -146,12 +146,36 @@ unsafe impl Sync for OutPtr {}
 /// the strip of C it updates stays in L2 instead of being reloaded from memory for every block
 /// of depth.
 pub(super) fn gemm<K: Micro>(a: Mat, b: Mat, c: MatMut, alpha: f32, onto: Onto, parallel: bool, bf16: bool) {
+    gemm_parts::<K>(a, &[b], c, alpha, onto, parallel, bf16)
+}
+
+/// [`gemm`] by the matrix made of `parts` side by side (each `a.cols` deep), which must
+/// [`parts_align`]: one product, so A is packed once for all of them.
+pub(super) fn gemm_parts<K: Micro>(a: Mat, parts: &[Mat], c: MatMut, alpha: f32, onto: Onto, parallel: bool, bf16: bool) {
     B_SCRATCH.with(|scratch| {
-        scratch.with(packed_len::<K>(a.cols, b.cols), |bpack| {
-            pack_panels::<K>(b, bf16, parallel, bpack);
+        scratch.with(packed_len::<K>(a.cols, c.cols), |bpack| {
+            pack_parts::<K>(parts, bf16, parallel, bpack);
             gemm_packed::<K>(a, bpack, c, Step { alpha, onto, parallel, bf16 })
         })
     });
+}
+
+/// Whether the matrix made of `parts` side by side packs as its parts packed one after the
+/// other: every part but the last fills whole NR-wide panels of `K`, so no panel straddles two.
+pub(super) fn parts_align<K: Micro>(parts: &[Mat]) -> bool {
+    parts.iter().rev().skip(1).all(|p| p.cols.is_multiple_of(K::NR))
+}
+
+/// Packs the matrix made of `parts` side by side (equally deep; they must [`parts_align`]) into
+/// `dst` as [`pack_panels`] packs one matrix: each part's panels after the one before's.
+pub(super) fn pack_parts<K: Micro>(parts: &[Mat], bf16: bool, parallel: bool, dst: &mut [f32]) {
+    debug_assert!(parts_align::<K>(parts));
+    let mut at = 0;
+    for &part in parts {
+        let len = packed_len::<K>(part.rows, part.cols);
+        pack_panels::<K>(part, bf16, parallel, &mut dst[at..at + len]);
+        at += len;
+    }
 }
 
 /// Floats of B packed for `K` (all of its panels): depth `k`, `n` columns.
