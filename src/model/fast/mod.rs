@@ -452,16 +452,16 @@ fn attention(cfg: &VitConfig, qkv: &[f32], b: usize, prec: Precision) -> (Vec<f3
     let scale = 1.0 / (d as f32).sqrt();
     let outs: Vec<(Vec<f32>, Vec<f32>)> =
         (0..b * heads).into_par_iter().map(|t| attention_head(qkv, n, hid, d, t / heads, t % heads, scale, prec)).collect();
+    // Gathered a row of the context at a time, in parallel (one thread copying all of it was
+    // as long as some of the products, with the other cores idle, even at batch 1).
     let mut ctx = vec![0f32; b * n * hid];
-    let mut lse = vec![0f32; b * heads * n];
-    for (t, (o, l)) in outs.into_iter().enumerate() {
-        let (bi, hi) = (t / heads, t % heads);
-        for r in 0..n {
-            let dst = (bi * n + r) * hid + hi * d;
-            ctx[dst..dst + d].copy_from_slice(&o[r * d..(r + 1) * d]);
+    ctx.par_chunks_mut(hid).enumerate().for_each(|(row, dst)| {
+        let (bi, r) = (row / n, row % n);
+        for (hi, (o, _)) in outs[bi * heads..(bi + 1) * heads].iter().enumerate() {
+            dst[hi * d..(hi + 1) * d].copy_from_slice(&o[r * d..(r + 1) * d]);
         }
-        lse[t * n..(t + 1) * n].copy_from_slice(&l);
-    }
+    });
+    let lse = outs.iter().flat_map(|(_, l)| l).copied().collect();
     (ctx, lse)
 }
 
@@ -510,15 +510,15 @@ fn attention_backward(cfg: &VitConfig, qkv: &[f32], lse: &[f32], dctx: &[f32], b
         .into_par_iter()
         .map(|t| attention_head_backward(qkv, &lse[t * n..(t + 1) * n], dctx, n, hid, d, t / heads, t % heads, scale, prec))
         .collect();
-    for (t, parts) in outs.into_iter().enumerate() {
-        let (bi, hi) = (t / heads, t % heads);
-        for (j, part) in parts.iter().enumerate() {
-            for r in 0..n {
-                let dst = (bi * n + r) * 3 * hid + j * hid + hi * d;
-                dqkv[dst..dst + d].copy_from_slice(&part[r * d..(r + 1) * d]);
+    // Gathered a row at a time, in parallel, as the forward's context is.
+    dqkv.par_chunks_mut(3 * hid).enumerate().for_each(|(row, dst)| {
+        let (bi, r) = (row / n, row % n);
+        for (hi, parts) in outs[bi * heads..(bi + 1) * heads].iter().enumerate() {
+            for (j, part) in parts.iter().enumerate() {
+                dst[j * hid + hi * d..j * hid + (hi + 1) * d].copy_from_slice(&part[r * d..(r + 1) * d]);
             }
         }
-    }
+    });
 }
 
 /// Buffers of a layer's forward, kept from layer to layer: a buffer the layer saves for backward
