@@ -73,19 +73,27 @@ pub fn exp(x: f32) -> f32 {
     y * f32::from_bits(bits as u32)
 }
 
-/// erf(x) in f32 from the Numerical Recipes `erfc` fit (fractional error below 1.2e-7).
+/// erf(x) in f32 as Eigen and XLA compute it: `x·P(x²)/Q(x²)` on x clamped to [-4, 4] (erf(4)
+/// is 1 in f32), P of degree 6 and Q of degree 4 in x². Absolute error below 4e-7 (a few ulps of
+/// values near 1), with no `exp`: GELU took 3.2% of a ViT-S bf16 inference profile with it,
+/// against 7.7% with the Numerical Recipes `erfc` fit through `exp` it replaced (bench/RESULTS.md).
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
-    let z = x.abs();
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let poly = t.mul_add(0.170_872_77, -0.822_152_23).mul_add(t, 1.488_515_9).mul_add(t, -1.135_204).mul_add(t, 0.278_868_07)
-        .mul_add(t, -0.186_288_06)
-        .mul_add(t, 0.096_784_18)
-        .mul_add(t, 0.374_091_96)
-        .mul_add(t, 1.000_023_7)
-        .mul_add(t, -1.265_512_2);
-    let erfc = t * exp(-z * z + poly);
-    (1.0 - erfc).copysign(x)
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let p = (-2.726_142_4e-10f32)
+        .mul_add(x2, 2.770_681_5e-8)
+        .mul_add(x2, -2.101_024e-6)
+        .mul_add(x2, -5.692_506_2e-5)
+        .mul_add(x2, -7.349_906_4e-4)
+        .mul_add(x2, -2.954_6e-3)
+        .mul_add(x2, -1.609_603_3e-2);
+    let q = (-1.456_607_15e-5f32)
+        .mul_add(x2, -2.133_740_5e-4)
+        .mul_add(x2, -1.682_827e-3)
+        .mul_add(x2, -7.373_329_3e-3)
+        .mul_add(x2, -1.426_473_9e-2);
+    x * p / q
 }
 
 /// tanh(x) in f32 from `exp` (saturates cleanly for large |x|).
@@ -118,7 +126,9 @@ pub mod tests {
             x += 0.001_37;
         }
         assert!(worst[0] < 3e-7, "exp relative error {}", worst[0]);
-        assert!(worst[1] < 3e-7, "erf absolute error {}", worst[1]);
+        // The rational fit's own error is ~3e-7 near |x| = 2.9, where erf is within 4e-5 of 1 and
+        // an ulp is 6e-8.
+        assert!(worst[1] < 4e-7, "erf absolute error {}", worst[1]);
         assert!(worst[2] < 3e-7, "tanh absolute error {}", worst[2]);
         assert_eq!(exp(-200.0), exp(-87.0));
         assert!(exp(100.0).is_finite());
