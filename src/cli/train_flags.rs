@@ -95,8 +95,8 @@ pub struct HyperParams {
 }
 
 impl HyperParams {
-    /// Whether a hyper-parameter flag other than `--seed` and `--validation-split` is given (which
-    /// makes the recipe `manual` by default).
+    /// Whether a hyper-parameter flag other than `--seed`, `--validation-split`,
+    /// `--time-budget-secs` and `--precision` is given (which makes the recipe `manual` by default).
     pub fn any_recipe_flag(&self) -> bool {
         let Self {
             learning_rate, head_learning_rate, epochs, batch_size, optimizer, weight_decay, momentum, lr_scheduler,

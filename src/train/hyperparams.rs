@@ -86,8 +86,8 @@ pub enum Recipe {
 }
 
 impl Recipe {
-    /// The recipe when a request names none: `auto` unless hyper-parameters other than `seed`
-    /// and `validation_split` (which pick data, not a recipe) are given.
+    /// The recipe when a request names none: `auto` unless hyper-parameters other than
+    /// [`NOT_RECIPE_FIELDS`] (which pick data, time and arithmetic, not a recipe) are given.
     pub fn implied<'a>(given: impl IntoIterator<Item = &'a str>) -> Self {
         if given.into_iter().any(|k| !NOT_RECIPE_FIELDS.contains(&k)) { Recipe::Manual } else { Recipe::Auto }
     }
