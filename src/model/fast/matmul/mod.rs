@@ -1,9 +1,11 @@
 //! Matrix products on strided views of `f32` slices, with bounds checked before the unsafe call:
 //! through our kernels ([`sgemm`]'s driver with an AVX2/FMA, AVX-512 or AVX-512 BF16 micro-kernel,
-//! the highest the CPU has and `VITFORGE_MAX_ISA` allows), else through the `gemm` crate (the kernels candle's CPU backend uses). Strides let one buffer hold Q, K and V side by
+//! the highest the CPU has and `VITFORGE_MAX_ISA` allows, or the AMX one where
+//! `VITFORGE_MAX_ISA=amx` asks for it), else through the `gemm` crate (the kernels candle's CPU backend uses). Strides let one buffer hold Q, K and V side by
 //! side and let transposes cost nothing. In [`Precision::Bf16`] both operands are rounded to
 //! bfloat16 (our kernel rounds them as it packs them, the crate's path on rounded copies) and the
-//! products accumulate in f32 (natively by `vdpbf16ps` at the `avx512bf16` level).
+//! products accumulate in f32 (natively by `vdpbf16ps` at the `avx512bf16` level, `tdpbf16ps` at
+//! `amx`).
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -592,7 +594,7 @@ mod tests {
             (2, Threads::All, Precision::Bf16, 1.0),
             (2, Threads::One, Precision::Bf16, 0.5),
         ];
-        for &(m, n, k) in &[(1, 1, 1), (5, 15, 7), (6, 16, 384), (13, 37, 385), (70, 96, 49), (101, 33, 800), (200, 130, 64)] {
+        for &(m, n, k) in &[(1, 1, 1), (5, 15, 7), (6, 16, 384), (13, 37, 385), (70, 96, 49), (101, 33, 800), (200, 130, 64), (397, 45, 33)] {
             let a: Vec<f32> = (0..m * k).map(|_| rand()).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rand()).collect();
             let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 0.1).collect();
@@ -624,6 +626,56 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Throughput of the products of a ViT layer, for comparing drivers and kernels (not a test: it
+/// asserts nothing, and is ignored unless asked for):
+/// `cargo test --release --lib product_speed -- --ignored --nocapture`, with `ROWS=197,1576`
+/// (rows of A: tokens of a batch), `SHAPES="384,1152;1536,384"` (depth and columns of B; default
+/// ViT-S/16's four), `PRECISION=f32|bf16` (default bf16), `THREADS=1` (default: rayon's pool),
+/// and `VITFORGE_MAX_ISA` to pick the kernel. B is packed once, as inference packs weights.
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    fn env_list<T>(name: &str, sep: char, default: &str, parse: impl Fn(&str) -> T) -> Vec<T> {
+        std::env::var(name).unwrap_or_else(|_| default.to_string()).split(sep).map(|x| parse(x.trim())).collect()
+    }
+
+    #[test]
+    #[ignore = "a measurement, run on request"]
+    fn product_speed() {
+        let rows = env_list("ROWS", ',', "197,1576", |x| x.parse::<usize>().expect("ROWS: numbers"));
+        let shapes = env_list("SHAPES", ';', "384,1152;384,384;384,1536;1536,384", |x| {
+            let (k, n) = x.split_once(',').expect("SHAPES: k,n;k,n");
+            (k.parse::<usize>().expect("SHAPES: numbers"), n.parse::<usize>().expect("SHAPES: numbers"))
+        });
+        let precision = if std::env::var("PRECISION").as_deref() == Ok("f32") { Precision::F32 } else { Precision::Bf16 };
+        let threads = if std::env::var("THREADS").as_deref() == Ok("1") { Threads::One } else { Threads::All };
+        let on = if threads == Threads::One { "one thread" } else { "rayon's pool" };
+        eprintln!("{}; {precision:?} on {on}", crate::model::isa::summary());
+        for &m in &rows {
+            for &(k, n) in &shapes {
+                let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+                let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
+                let mut c = vec![0f32; m * n];
+                let seconds = crate::model::fast::on_pool(|| {
+                    let packed = PackedB::new(Mat::rows(&b, k, n), precision).expect("a kernel of ours runs here");
+                    let reps = (2_000_000_000 / (m * n * k)).max(3);
+                    let mut best = f64::MAX;
+                    for _ in 0..5 {
+                        let t = std::time::Instant::now();
+                        for _ in 0..reps {
+                            gemm_bias_packed(Mat::rows(&a, m, k), &packed, MatMut::rows(&mut c, m, n), None, threads);
+                        }
+                        best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+                    }
+                    best
+                });
+                eprintln!("rows {m:5}  k {k:5}  n {n:5}: {:6.0} GFLOP/s", 2.0 * (m * n * k) as f64 / seconds / 1e9);
             }
         }
     }

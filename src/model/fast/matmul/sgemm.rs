@@ -1,8 +1,9 @@
 //! A blocked single-precision matrix product for x86-64, after BLIS (Goto's algorithm): a
 //! register-blocked micro-kernel ([`Micro`]: 6×16 with AVX2 + FMA here, 12×32 with AVX-512 in
 //! `avx512.rs`, 32×32 on AMX tiles in `amx.rs`), B packed once into NR-wide panels, and A read in place when its rows are
-//! contiguous (packed otherwise). Each rayon task owns a block of rows and finishes one strip of
-//! C over the whole depth before the next, so the strip stays in L2.
+//! contiguous (packed otherwise). Each rayon task owns a block of rows (and, where there are few
+//! blocks, a range of columns) and finishes one strip of C over the whole depth before the next,
+//! so the strip stays in L2.
 //!
 //! Matrix products are two thirds to three quarters of a ViT step. Against the `gemm` crate
 //! (which candle uses, and which this replaces where the CPU has AVX2 and FMA), the gain is in
@@ -238,12 +239,23 @@ fn run<K: Micro>(a: Mat, bpack: &[f32], n: usize, m: usize, ldc: usize, out: Out
     let depth = steps::<K>(k);
     let round = bf16 && !K::PAIRS;
     let panels = n.div_ceil(nr_);
-    // Tasks: row blocks of MC, and when there are few of them, column ranges too.
-    let row_blocks = m.div_ceil(MC);
     let threads = if parallel {
         rayon::current_num_threads().max(1)
     } else {
         1
+    };
+    // Tasks: row blocks of at most MC rows, and when there are few of them, column ranges too.
+    // The blocks are whole micro-tiles shared out evenly, not MC rows and a remainder: 197
+    // rows (one image of ViT-S/16) as 96 + 96 + 5 left one thread with a third of the work
+    // and the other with the sliver; as 72 + 72 + 53 the two finish together.
+    let tiles = m.div_ceil(mr_);
+    let mut row_blocks = tiles.div_ceil(MC / mr_);
+    if threads > 1 && row_blocks > 1 {
+        row_blocks = row_blocks.next_multiple_of(threads).min(tiles);
+    }
+    let block = |ib: usize| {
+        let (t0, t1) = (ib * tiles / row_blocks, (ib + 1) * tiles / row_blocks);
+        (t0 * mr_, (t1 * mr_).min(m) - t0 * mr_)
     };
     let col_parts = if threads > 1 {
         (threads * 3).div_ceil(row_blocks).clamp(1, panels)
@@ -254,7 +266,7 @@ fn run<K: Micro>(a: Mat, bpack: &[f32], n: usize, m: usize, ldc: usize, out: Out
     let strip = NS / nr_;
     let task = |t: usize| {
         let (ib, part) = (t / col_parts, t % col_parts);
-        let (ic, mc) = (ib * MC, MC.min(m - ib * MC));
+        let (ic, mc) = block(ib);
         let p0 = part * panels_per_part;
         let p1 = panels.min(p0 + panels_per_part);
         if p0 >= p1 {
