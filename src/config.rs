@@ -141,8 +141,8 @@ pub struct ServeConfig {
     #[arg(long, env = "VITFORGE_MAX_INFLIGHT_BYTES", default_value_t = default_max_inflight_bytes(), value_parser = clap::value_parser!(u64).range(1024 * 1024..))]
     pub max_inflight_bytes: u64,
 
-    /// API keys (comma-separated). When set, every route but /healthz and /readyz needs
-    /// `Authorization: Bearer <key>`. Keys are never logged or printed.
+    /// API keys (comma-separated; each at least 16 characters, without spaces). When set, every
+    /// route but /healthz, /readyz and the console's static files needs `Authorization: Bearer <key>`. Keys are never logged or printed.
     #[arg(long, env = "VITFORGE_API_KEY", value_delimiter = ',', hide_env_values = true)]
     pub api_key: Vec<ApiKey>,
 }

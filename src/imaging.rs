@@ -1,6 +1,6 @@
 //! Image decoding with limits, shared by dataset ingest, training and prediction.
 //!
-//! Every image enters the system through [`decode_rgb`]: the header is read first so that a file
+//! Every image enters the system through [`decode_rgb`] or [`decode_rgb_within`]: the header is read first so that a file
 //! declaring more pixels than allowed is refused before any pixel buffer is allocated.
 
 use std::io::Cursor;

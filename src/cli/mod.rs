@@ -1,5 +1,5 @@
 //! The command line: the `Cli` that `main` parses, and the subcommands besides `serve` (`train`,
-//! `predict`, `eval`, `init-model`, `bench`), which run the same engine as the service, with
+//! `predict`, `eval`, `init-model`, `bench`, `selfcheck`), which run the same engine as the service, with
 //! progress bars for long work.
 
 pub mod bench;
@@ -82,7 +82,9 @@ pub struct TrainArgs {
     pub device: String,
     /// Defaults to start from: `auto` (small-data recipe: probe head, then a gentle fine-tune) or
     /// `manual` (Hugging Face's defaults). Default: auto, or manual when a hyper-parameter flag
-    /// other than --seed and --validation-split is given. Given flags override either.
+    /// other than --seed, --validation-split, --time-budget-secs and --precision is given. Given
+    /// flags override either. The [default: …] of each flag below is `manual`'s; `auto` changes
+    /// several (the README's Recipes section, or `GET /recipes`, lists both).
     #[arg(long, value_enum)]
     pub recipe: Option<Recipe>,
     #[command(flatten)]

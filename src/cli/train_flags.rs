@@ -1,12 +1,13 @@
 //! Hyper-parameter flags of `vitforge train`, named like the JSON fields of `POST /jobs` with
-//! dashes. Unset flags keep the defaults of [`TrainParams`].
+//! dashes. Unset flags keep the defaults of the run's recipe (`Recipe::base`: `auto`'s, or
+//! Hugging Face's for `manual`).
 
 use clap::Args;
 
 use crate::model::PrecisionChoice;
 use crate::train::{AfterProbe, HeadInit, OptimizerKind, Scheduler, TrainMode, TrainParams};
 
-/// Fine-tune hyper-parameters (defaults: Hugging Face's image-classification recipe).
+/// Fine-tune hyper-parameters (defaults: the recipe's, see [`HyperParams::any_recipe_flag`]).
 #[derive(Debug, Clone, Default, Args)]
 pub struct HyperParams {
     /// Peak learning rate [default: 5e-5].
@@ -45,7 +46,7 @@ pub struct HyperParams {
     /// What trains [default: full].
     #[arg(long, value_enum)]
     pub train_mode: Option<TrainMode>,
-    /// Encoder layers that train with `--train-mode last-n-layers`.
+    /// Encoder layers that train with `--train-mode last_n_layers`.
     #[arg(long)]
     pub trainable_layers: Option<u32>,
     /// Fraction held out for validation when the data has no validation split [default: 0.1].

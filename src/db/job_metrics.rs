@@ -1,6 +1,9 @@
-//! Queries on `job_metrics` (scalar time series) and `job_evaluations` (full evaluation blocks).
-//! Every write is an upsert keyed by (job, split, epoch, step, name), so a step replayed after a
-//! restart overwrites its earlier row instead of duplicating it.
+//! Queries on `job_metrics` (scalar time series), `job_evaluations` (full evaluation blocks),
+//! `job_mistakes` (an epoch's mistaken validation images) and `checkpoints` (an epoch's saved
+//! state). Every write is an upsert by the table's key — (job, split, epoch, step, name),
+//! (job, split, epoch), (job, epoch) — or, for an epoch's mistakes, a delete and insert in one
+//! transaction, so an epoch replayed after a restart overwrites its earlier rows instead of
+//! duplicating them.
 
 use serde::Serialize;
 use crate::db::Pool;

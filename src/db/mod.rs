@@ -1,5 +1,5 @@
 //! Every SQL query of the service, one function each, grouped by table (`job_metrics` holds the
-//! queries on `job_metrics`, `job_evaluations` and `checkpoints`). `migrations/sqlite/` and
+//! queries on `job_metrics`, `job_evaluations`, `job_mistakes` and `checkpoints`). `migrations/sqlite/` and
 //! `migrations/postgres/` hold the schema of each backend; this module opens the pool and runs them.
 //!
 //! The pool is sqlx's `Any` pool, so one query text serves both backends: placeholders are `$N`

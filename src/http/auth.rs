@@ -1,5 +1,5 @@
-//! Access control: with `--api-key` set, every route but the probes needs
-//! `Authorization: Bearer <key>`.
+//! Access control: with `--api-key` set, every route but the probes and the console's static
+//! files (which hold no data) needs `Authorization: Bearer <key>`.
 //!
 //! Keys are kept only as SHA-256 digests. A presented token is digested too and compared with
 //! every digest in constant time, so neither the comparison nor the keys' lengths show in the

@@ -223,22 +223,23 @@ fn refuse_declared_oversize(headers: &HeaderMap, limit: u64) -> Result<(), AppEr
 }
 
 /// Reads the multipart body: the `file` part to disk, the `name` part into memory (bounded).
+/// Every read of it (a part's headers, each chunk) answers 408 when the client sends nothing
+/// for the request timeout.
 async fn receive(state: &AppState, mut multipart: Multipart) -> Result<Upload, AppError> {
+    let idle = state.config.request_timeout();
     let mut file: Option<(ScratchFile, Option<String>)> = None;
     let mut name = None;
-    while let Some(mut field) = multipart.next_field().await? {
+    while let Some(mut field) = within(idle, multipart.next_field()).await?? {
         match field.name().unwrap_or_default() {
             "file" if file.is_some() => {
                 return Err(AppError::bad_request("duplicate_file", "the body has more than one 'file' part"));
             }
             "file" => {
                 let file_name = field.file_name().map(str::to_owned);
-                let saved =
-                    save(&mut field, &state.paths.tmp(), state.config.max_upload_bytes, state.config.request_timeout())
-                        .await?;
+                let saved = save(&mut field, &state.paths.tmp(), state.config.max_upload_bytes, idle).await?;
                 file = Some((saved, file_name));
             }
-            "name" => name = Some(read_name(&mut field).await?),
+            "name" => name = Some(read_name(&mut field, idle).await?),
             other => {
                 let other: String = other.chars().take(64).collect();
                 return Err(AppError::unprocessable(
@@ -263,12 +264,7 @@ async fn save(field: &mut Field<'_>, dir: &Path, limit: u64, idle: Option<Durati
     let file = tokio::fs::File::create(&scratch.path).await.context("creating upload scratch file")?;
     let mut out = tokio::io::BufWriter::with_capacity(1024 * 1024, file);
     let mut written = 0u64;
-    loop {
-        let next = match idle {
-            Some(idle) => tokio::time::timeout(idle, field.chunk()).await.map_err(|_| AppError::request_timeout(idle))?,
-            None => field.chunk().await,
-        };
-        let Some(chunk) = next? else { break };
+    while let Some(chunk) = within(idle, field.chunk()).await?? {
         written += chunk.len() as u64;
         if written > limit {
             return Err(upload_too_large(limit));
@@ -279,14 +275,22 @@ async fn save(field: &mut Field<'_>, dir: &Path, limit: u64, idle: Option<Durati
     Ok(scratch)
 }
 
+/// `next` (a read of the request body), or 408 when it takes longer than `idle`.
+async fn within<T>(idle: Option<Duration>, next: impl std::future::Future<Output = T>) -> Result<T, AppError> {
+    match idle {
+        Some(idle) => tokio::time::timeout(idle, next).await.map_err(|_| AppError::request_timeout(idle)),
+        None => Ok(next.await),
+    }
+}
+
 fn invalid_name(message: &str) -> AppError {
     AppError::unprocessable("invalid_name", message.to_string())
 }
 
 /// Reads and checks the `name` part: 1 to [`MAX_NAME_CHARS`] characters, no control characters.
-async fn read_name(field: &mut Field<'_>) -> Result<String, AppError> {
+async fn read_name(field: &mut Field<'_>, idle: Option<Duration>) -> Result<String, AppError> {
     let mut bytes = Vec::new();
-    while let Some(chunk) = field.chunk().await? {
+    while let Some(chunk) = within(idle, field.chunk()).await?? {
         bytes.extend_from_slice(&chunk);
         if bytes.len() > MAX_NAME_CHARS * 4 {
             return Err(invalid_name(&format!("the name is longer than {MAX_NAME_CHARS} characters")));

@@ -45,7 +45,8 @@ async fn recipes() -> Json<Value> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct MistakesQuery {
-    epoch: Option<u32>,
+    /// Epochs count from 1: 0 is refused as a bad query, not looked up.
+    epoch: Option<std::num::NonZeroU32>,
 }
 
 /// `GET /jobs/{id}/mistakes`: the validation images the model got wrong at an epoch (default:
@@ -57,7 +58,7 @@ async fn mistakes(State(s): State<AppState>, ApiPath(id): ApiPath<String>, ApiQu
         .iter()
         .max_by(|a, b| a.report.f1.total_cmp(&b.report.f1).then(b.report.loss.total_cmp(&a.report.loss)))
         .map(|e| e.epoch);
-    let epoch = match (q.epoch, best) {
+    let epoch = match (q.epoch.map(std::num::NonZeroU32::get), best) {
         (Some(e), _) if validation.iter().any(|v| v.epoch == e) => e,
         (Some(e), _) => return Err(AppError::not_found("validated epoch", &format!("{e} of job {id}"))),
         (None, Some(e)) => e,
@@ -73,6 +74,7 @@ async fn create(State(s): State<AppState>, ApiJson(req): ApiJson<JobRequest>) ->
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ListQuery {
     status: Option<Status>,
 }

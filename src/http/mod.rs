@@ -1,6 +1,6 @@
 //! HTTP routes, the shared state handlers see, and the layers around them.
 //!
-//! Every module exposes `routes()` as a list of [`Route`]s; `router()` mounts them and
+//! Every module with endpoints exposes `routes()` as a list of [`Route`]s; `router()` mounts them and
 //! [`route_table`] lists them, so a test can hold the router and `openapi.yaml` together.
 
 pub mod auth;

@@ -2,7 +2,8 @@
 //! by the measurements of `bench/QUALITY.md` (a size curve on real photos): stop after the probe
 //! (fitted on other views of the images as well) where validation is too small to tell a better
 //! epoch; fine-tune the last layers from the probe head where that paid, the whole network (LP-FT)
-//! where there is data enough; always for as many epochs as the budget allows, keeping the best
+//! where there is data enough; for up to [`MAX_FINE_TUNE_EPOCHS`] (2) epochs, fewer where the time
+//! budget does not allow them, keeping the best
 //! epoch by validation (the probe's included, so a fine-tune that does not help is not kept).
 
 use serde::{Deserialize, Serialize};

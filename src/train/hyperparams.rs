@@ -78,9 +78,9 @@ pub const NOT_RECIPE_FIELDS: [&str; 4] = ["seed", "validation_split", "time_budg
 #[serde(rename_all = "snake_case")]
 #[value(rename_all = "snake_case")]
 pub enum Recipe {
-    /// Defaults tuned for small data ([`TrainParams::auto`]); given fields override them.
+    /// Defaults tuned for small data (`TrainParams::auto`); given fields override them.
     Auto,
-    /// Hugging Face's image-classification defaults ([`TrainParams::default`]) with exactly the
+    /// Hugging Face's image-classification defaults (`TrainParams::default`) with exactly the
     /// given fields changed.
     Manual,
 }

@@ -1,4 +1,5 @@
-//! Job workers, one per compute device: claim the oldest queued job, run the fine-tune on its own
+//! Job workers, one per compute device: claim the oldest queued job (or a running one whose
+//! worker's lease ran out), run the fine-tune on its own
 //! OS thread ([`run`]), record progress and metrics as they arrive, register the model on
 //! success. Workers get a [`JobContext`] of their own, not the web state.
 

@@ -191,6 +191,23 @@ async fn a_stalled_request_gets_408_and_a_slow_but_steady_upload_does_not() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(app.scratch_files().is_empty(), "the stalled upload's scratch file is removed");
 
+    // Stalls before the first part's headers are complete, and inside the `name` part: the
+    // same 408, at the limit.
+    let name_head = format!("--{boundary}\r\ncontent-disposition: form-data; name=\"name\"\r\n\r\npe").into_bytes();
+    for (first, what) in [(format!("--{boundary}\r\ncontent-disp").into_bytes(), "part headers"), (name_head, "name part")] {
+        let started = Instant::now();
+        let resp = app
+            .client
+            .post(app.url("/datasets"))
+            .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+            .body(stalling_body(first, Duration::from_secs(5), tail.clone()))
+            .send()
+            .await
+            .unwrap();
+        assert_error(resp, 408, "request_timeout").await;
+        assert!(started.elapsed() < Duration::from_secs(4), "{what}: answered at the limit, not when the client resumed");
+    }
+
     // An upload that takes longer than the timeout in total but never stalls is read whole (and
     // refused for what it is, not for its duration).
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> =

@@ -71,6 +71,8 @@ async fn a_job_s_mistakes_are_its_best_epoch_s_unless_an_epoch_is_named() {
     assert_eq!(at1["epoch"], 1);
     assert_error(app.get(&format!("/jobs/{id}/mistakes?epoch=9")).await, 404, "not_found").await;
     assert_error(app.get(&format!("/jobs/{id}/mistakes?epoch=first")).await, 422, "invalid_query").await;
+    assert_error(app.get(&format!("/jobs/{id}/mistakes?epoch=0")).await, 422, "invalid_query").await;
+    assert_error(app.get(&format!("/jobs/{id}/mistakes?epoch=-1")).await, 422, "invalid_query").await;
     assert_error(app.get("/jobs/nope/mistakes").await, 404, "not_found").await;
 }
 

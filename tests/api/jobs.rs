@@ -253,6 +253,7 @@ async fn bad_job_requests_get_clear_errors() {
     let resp = app.client.post(app.url("/jobs")).body("dataset_id=x").send().await.unwrap();
     assert_error(resp, 415, "expected_json").await;
     assert_error(app.get("/jobs?status=bogus").await, 422, "invalid_query").await;
+    assert_error(app.get("/jobs?stat=queued").await, 422, "invalid_query").await;
     assert_error(app.get("/jobs/nope").await, 404, "not_found").await;
     assert_error(app.get("/jobs/nope/metrics").await, 404, "not_found").await;
     assert_error(app.get("/jobs/nope/events").await, 404, "not_found").await;

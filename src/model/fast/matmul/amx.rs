@@ -5,7 +5,7 @@
 //! **Not on by default: it has not run on AMX hardware** (no development machine so far had
 //! AMX). It runs only where `VITFORGE_MAX_ISA=amx` names it (see `isa.rs`); an AMX CPU otherwise
 //! runs the AVX-512 BF16 kernel, which has run. What could be checked without the hardware:
-//! - here, on any AVX-512 BF16 CPU: the packing and the driver, against f64, through [`tests`]'
+//! - here, on any AVX-512 BF16 CPU: the packing and the driver, against f64, through the `tests` module's
 //!   emulation of each tile instruction as the Intel SDM defines it;
 //! - once (2026-12-02), under a whole-machine emulator: the kernel itself, its instructions as
 //!   the assembler encoded them, in the Bochs emulator's Sapphire Rapids model running Linux 6.12,
