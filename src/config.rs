@@ -93,7 +93,9 @@ pub struct ServeConfig {
     pub max_batch_size: u64,
 
     /// Longest time, in milliseconds, a `/predict` request waits for others to share its batch.
-    #[arg(long, env = "VITFORGE_MAX_BATCH_DELAY_MS", default_value_t = 5)]
+    /// Requests that arrived while the last batch ran join it without waiting, so at 0 a lone
+    /// request runs at once and a busy predictor still runs full batches.
+    #[arg(long, env = "VITFORGE_MAX_BATCH_DELAY_MS", default_value_t = 0)]
     pub max_batch_delay_ms: u64,
 
     /// `/predict` requests admitted at once; more are answered 429 at once.

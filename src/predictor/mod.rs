@@ -2,8 +2,8 @@
 //! queue and batching concurrent requests dynamically (as text-embeddings-inference does, its
 //! queue ([`queue`]) kept apart from the thread that runs the model ([`backend`])).
 //!
-//! Requests wait at most `max_batch_delay` for company, then run together up to
-//! `max_batch_size` images. Admission is bounded by a semaphore, and by the expected wait (images
+//! The requests that arrived while the last batch ran, and those that arrive within
+//! `max_batch_delay` (0 by default), run together up to `max_batch_size` images. Admission is bounded by a semaphore, and by the expected wait (images
 //! queued × recent cost per image) against `max_queue_wait`, so overload is answered 429 at once
 //! instead of queueing until the request times out. A newly registered model is loaded in the background and
 //! only then becomes the default, so no request is dropped by a swap.

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::Instant;
 
 use tokio::sync::oneshot;
@@ -50,19 +50,25 @@ impl<'a> Queue<'a> {
     }
 
     /// Receives more requests until the first request's model has `max_batch_size` images
-    /// waiting or `max_batch_delay` has passed.
+    /// waiting or `max_batch_delay` has passed. Requests that arrived already (while the last
+    /// batch ran) join at once, whatever the delay, so with a delay of 0 a lone request runs
+    /// without waiting and a busy predictor still runs full batches.
     fn gather(&mut self) {
         let deadline = Instant::now() + self.cfg.max_batch_delay;
         let model_id = self.pending[0].model.id.clone();
         while self.images_for(&model_id) < self.cfg.max_batch_size {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            match self.rx.recv_timeout(left) {
-                Ok(w) => self.pending.push_back(w),
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
-            }
+            let next = match self.rx.try_recv() {
+                Err(TryRecvError::Empty) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    self.rx.recv_timeout(left).ok()
+                }
+                other => other.ok(),
+            };
+            let Some(w) = next else { break };
+            self.pending.push_back(w);
         }
     }
 
@@ -101,5 +107,62 @@ impl<'a> Queue<'a> {
         self.pending = rest;
         self.queued.fetch_sub(size, Ordering::Relaxed);
         batch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use candle_core::Device;
+
+    use super::*;
+    use crate::budget::MemoryBudget;
+    use crate::model::classifier::Classifier;
+    use crate::model::{LoadedModel, Precision, VitConfig};
+
+    /// Requests already waiting join the batch at once, also with no delay (before, a delay of 0
+    /// ran them one by one); with a delay, a lone request waits that long for company.
+    #[test]
+    fn waiting_requests_join_the_batch_and_a_lone_one_waits_the_delay() {
+        let tiny = VitConfig::preset("tiny").unwrap();
+        let labels = ["a".to_string(), "b".to_string()];
+        let loaded = LoadedModel::random(&tiny, &labels, 0, &Device::Cpu).unwrap();
+        let classifier = Classifier::new(loaded, &Device::Cpu, Precision::F32).unwrap();
+        let model = Arc::new(Loaded { id: "m".into(), classifier });
+        for delay in [0, 200] {
+            let cfg = PredictorConfig {
+                max_batch_size: 16,
+                max_batch_delay: Duration::from_millis(delay),
+                max_concurrent_requests: 64,
+                max_loaded_models: 1,
+                max_queue_wait: None,
+                memory: MemoryBudget::unlimited(),
+                precision: Precision::F32,
+            };
+            let queued = AtomicUsize::new(0);
+            let (tx, rx) = mpsc::channel();
+            let mut queue = Queue::new(rx, &cfg, &queued);
+            // The receivers stay open, or the queue would drop the requests as abandoned.
+            let mut answers = Vec::new();
+            let mut send = |images: usize| {
+                let (reply, answer) = oneshot::channel();
+                answers.push(answer);
+                queued.fetch_add(images, Ordering::Relaxed);
+                tx.send(Work { model: model.clone(), pixels: vec![Vec::new(); images], reply }).unwrap();
+            };
+            for images in [1, 2, 3] {
+                send(images);
+            }
+            let batch = queue.next_batch().unwrap();
+            assert_eq!(batch.iter().map(|w| w.pixels.len()).collect::<Vec<_>>(), [1, 2, 3], "delay {delay} ms");
+            send(1);
+            let started = Instant::now();
+            assert_eq!(queue.next_batch().unwrap().len(), 1);
+            let waited = started.elapsed();
+            assert!(waited >= Duration::from_millis(delay), "delay {delay} ms: ran after {waited:?}");
+            assert_eq!(queued.load(Ordering::Relaxed), 0);
+        }
     }
 }
