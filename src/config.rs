@@ -144,7 +144,8 @@ pub struct ServeConfig {
     pub max_inflight_bytes: u64,
 
     /// API keys (comma-separated; each at least 16 characters, without spaces). When set, every
-    /// route but /healthz, /readyz and the console's static files needs `Authorization: Bearer <key>`. Keys are never logged or printed.
+    /// route but /healthz, /readyz, the console's static files and the API docs needs
+    /// `Authorization: Bearer <key>`. Keys are never logged or printed.
     #[arg(long, env = "VITFORGE_API_KEY", value_delimiter = ',', hide_env_values = true)]
     pub api_key: Vec<ApiKey>,
 }

@@ -1,5 +1,5 @@
-//! Access control: with `--api-key` set, every route but the probes and the console's static
-//! files (which hold no data) needs `Authorization: Bearer <key>`.
+//! Access control: with `--api-key` set, every route but the probes, the console's static files
+//! and the API's documentation (which hold no data) needs `Authorization: Bearer <key>`.
 //!
 //! Keys are kept only as SHA-256 digests. A presented token is digested too and compared with
 //! every digest in constant time, so neither the comparison nor the keys' lengths show in the
@@ -17,7 +17,7 @@ use crate::config::ApiKey;
 use super::error::AppError;
 
 /// Paths answered without a key: orchestrators probe them without credentials. (The console's
-/// files are public too: they hold no data.)
+/// files and the API's documentation are public too: they hold no data.)
 const PUBLIC_PATHS: [&str; 2] = ["/healthz", "/readyz"];
 
 /// The digests of the accepted keys; empty when access control is off.
@@ -58,7 +58,8 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 /// Middleware: 401 (with `WWW-Authenticate: Bearer`) for a request without a valid key.
 pub async fn require_key(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    if !s.api_keys.enabled() || PUBLIC_PATHS.contains(&path) || super::console::is_console_path(path) {
+    let public = PUBLIC_PATHS.contains(&path) || super::console::is_console_path(path) || super::docs::is_docs_path(path);
+    if !s.api_keys.enabled() || public {
         return next.run(req).await;
     }
     match bearer_token(req.headers()) {

@@ -11,6 +11,12 @@ use utoipa_swagger_ui::Config;
 use super::Route;
 use super::error::AppError;
 
+/// Whether `path` is the API's description or its Swagger UI: served without a key, as they
+/// hold no data (Swagger UI's "Authorize" sends the key with the calls it makes).
+pub fn is_docs_path(path: &str) -> bool {
+    path == "/openapi.yaml" || path == "/docs" || path.starts_with("/docs/")
+}
+
 /// The OpenAPI document, exactly as in the repository.
 pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
 

@@ -32,6 +32,13 @@ function errorBox(e) {
   return h("p", { class: "error", role: "alert" }, e instanceof ApiError ? `${e.message} (${e.code})` : String(e));
 }
 
+/**
+ * The labels of a report's confusion matrix, in its order: the model's labels or the dataset's
+ * classes where known, else the report's classes in the service's code-point order (not
+ * `Object.keys`' order, which puts names that look like integers first).
+ */
+const matrixLabels = (report, known) => known ?? Object.keys(report.per_class).sort();
+
 /** A button that deletes `path` once the person confirms `question`, then goes to the start page. */
 function deleteButton(question, path, label) {
   const button = h("button", {
@@ -128,11 +135,12 @@ function uploadZone(onDone) {
 async function overview() {
   const datasets = h("div", {});
   const jobs = h("div", { id: "jobs" });
+  const jobsError = h("div", {});
   const models = h("div", {});
   render(
     "Overview",
     h("section", {}, h("h2", {}, "Datasets"), uploadZone((ds) => (location.href = `/ui/datasets/${ds.id}`)), datasets),
-    h("section", {}, h("h2", {}, "Jobs"), h("p", {}, h("a", { href: "/ui/new" }, "Start a fine-tune")), jobs),
+    h("section", {}, h("h2", {}, "Jobs"), h("p", {}, h("a", { href: "/ui/new" }, "Start a fine-tune")), jobsError, jobs),
     h("section", {}, h("h2", {}, "Models"), models),
   );
   const ds = await get("/datasets");
@@ -147,7 +155,7 @@ async function overview() {
     table(
       ["Model", "Labels", "#Val. accuracy", "#Val. F1", "Recipe", "Created"],
       ms.map((m, i) => [
-        h("span", {}, h("a", { href: `/ui/models/${m.id}` }, short(m.id)), i === 0 ? h("span", { class: "muted" }, " (default)") : null),
+        h("span", {}, h("a", { href: `/ui/models/${m.id}` }, short(m.id)), i === 0 ? h("span", { class: "muted" }, " (newest)") : null),
         m.labels.join(", "),
         { v: pct(m.metrics?.accuracy), num: true },
         { v: num(m.metrics?.f1), num: true },
@@ -171,8 +179,12 @@ async function overview() {
     );
     return js.some((j) => j.status === "queued" || j.status === "running");
   };
+  // A failed refresh says why above the (stale) tables, and is cleared by the next success.
   const loop = async () => {
-    const busy = await refresh().catch(() => true);
+    const busy = await refresh().then(
+      (b) => (jobsError.replaceChildren(), b),
+      (e) => (jobsError.replaceChildren(errorBox(e)), true),
+    );
     setTimeout(loop, busy ? 1500 : 5000);
   };
   loop();
@@ -314,10 +326,22 @@ async function job(id) {
   const mistakes = h("div", {});
   render(`Job ${short(id)}`, head, h("section", {}, h("h2", {}, "Training"), charts), h("section", {}, h("h2", {}, "Confusion matrix (best epoch, validation)"), matrix, perClass), h("section", {}, h("h2", {}, "What the model gets wrong (validation)"), mistakes));
 
+  // A refused cancel (the job ended meanwhile: 409) says so below the redrawn head.
+  async function cancelJob() {
+    try {
+      await post(`/jobs/${id}/cancel`);
+    } catch (e) {
+      await drawHead();
+      head.append(errorBox(e));
+      return;
+    }
+    drawHead();
+  }
+
   async function drawHead() {
     const j = await get(`/jobs/${id}`);
     const cancel = !["succeeded", "failed", "cancelled"].includes(j.status)
-      ? h("button", { class: "danger", onclick: async () => { await post(`/jobs/${id}/cancel`).catch((e) => head.append(errorBox(e))); drawHead(); } }, "Cancel")
+      ? h("button", { class: "danger", onclick: cancelJob }, "Cancel")
       : null;
     head.replaceChildren(
       h("section", {},
@@ -331,8 +355,14 @@ async function job(id) {
     return j;
   }
 
+  // The job's matrices are in its dataset's class order (null if the dataset is gone).
+  let classes = null;
+  // The last validated epoch drawn: the events replay earlier ones on connecting.
+  let drawnEpoch = 0;
+
   async function drawMetrics() {
     const m = await get(`/jobs/${id}/metrics`);
+    drawnEpoch = Math.max(0, ...m.validation.map((v) => v.epoch));
     charts.replaceChildren(
       lineChart("Training loss", [{ name: "loss", points: m.train.map((p) => [p.step, p.loss]) }], { xLabel: "step" }),
       lineChart("Learning rate", [{ name: "lr", points: m.train.map((p) => [p.step, p.learning_rate]) }], { xLabel: "step" }),
@@ -343,7 +373,7 @@ async function job(id) {
     );
     if (!m.validation.length) return;
     const best = m.validation.reduce((a, b) => (b.f1 > a.f1 || (b.f1 === a.f1 && b.loss < a.loss) ? b : a));
-    const labels = Object.keys(best.per_class);
+    const labels = matrixLabels(best, classes);
     matrix.replaceChildren(h("p", { class: "muted" }, `epoch ${best.epoch}: accuracy ${pct(best.accuracy)}, macro-F1 ${num(best.f1)}, calibration error ${num(best.ece)}`), heatmap(best.confusion_matrix, labels));
     perClass.replaceChildren(
       table(["Class", "#Precision", "#Recall", "#F1", "#Support"], labels.map((l) => {
@@ -367,6 +397,7 @@ async function job(id) {
   }
 
   const j = await drawHead();
+  classes = await get(`/datasets/${j.dataset_id}`).then((d) => d.classes, () => null);
   await drawMetrics();
   await drawMistakes();
   if (["succeeded", "failed", "cancelled"].includes(j.status)) return;
@@ -374,10 +405,13 @@ async function job(id) {
   let last = 0;
   for await (const ev of events(`/jobs/${id}/events`)) {
     if (ev.event === "status") break;
+    if (ev.event === "metrics" && ev.data.epoch <= drawnEpoch) continue;
     if (ev.event === "metrics" || Date.now() - last > 1000) {
       last = Date.now();
       await drawHead();
-      if (ev.event === "metrics" || ev.data.loss !== undefined) await drawMetrics();
+      // Live progress carries the step's loss; a process that runs no jobs (--role api) sends
+      // progress without it, so the charts follow the training phase instead.
+      if (ev.event === "metrics" || ev.data.loss !== undefined || ev.data.phase === "training") await drawMetrics();
     }
   }
   await drawHead();
@@ -398,23 +432,31 @@ async function model(id) {
       const body = { dataset_id: ds.value };
       if (split.value) body.split = split.value;
       const r = await post(`/models/${id}/evaluate`, body);
-      const labels = Object.keys(r.per_class);
+      const labels = matrixLabels(r, m.labels);
       result.replaceChildren(h("p", {}, `accuracy ${pct(r.accuracy)}, macro-F1 ${num(r.f1)}, calibration error ${num(r.ece)}`), heatmap(r.confusion_matrix, labels));
     } catch (e) {
       result.replaceChildren(errorBox(e));
     }
   };
+  const downloadNote = h("div", {});
   const download = async () => {
-    const a = h("a", { href: await objectUrl(`/models/${id}/download`), download: `vitforge-model-${id}.tar` });
-    document.body.append(a);
-    a.click();
-    a.remove();
+    downloadNote.replaceChildren(h("span", { class: "muted" }, "preparing…"));
+    try {
+      const a = h("a", { href: await objectUrl(`/models/${id}/download`), download: `vitforge-model-${id}.tar` });
+      document.body.append(a);
+      a.click();
+      a.remove();
+      downloadNote.replaceChildren();
+    } catch (e) {
+      downloadNote.replaceChildren(errorBox(e));
+    }
   };
   const remove = deleteButton("Delete this model?", `/models/${id}`, "Delete model");
   const c = m.metrics?.calibration;
   render(
     `Model ${short(id)}`,
     h("p", { class: "row" }, h("button", { onclick: download }, "Download (tar for transformers)"), h("a", { href: `/ui/predict?model=${id}` }, "Predict with it"), remove),
+    downloadNote,
     h("section", {}, h("h2", {}, "Validation (kept epoch)"),
       table(["Labels", "#Accuracy", "#Macro-F1", "#Loss", "#Calibration error"], [[m.labels.join(", "), { v: pct(m.metrics?.accuracy), num: true }, { v: num(m.metrics?.f1), num: true }, { v: num(m.metrics?.loss), num: true }, { v: num(m.metrics?.ece), num: true }]]),
       c ? h("p", { class: "muted" }, c.fitted ? `Scores calibrated: temperature ${num(c.temperature)}; validation calibration error ${num(c.validation_ece_before)} → ${num(c.validation_ece_after)}` : `Scores not calibrated: ${c.reason || "no reason recorded"}.`) : null),
