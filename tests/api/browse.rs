@@ -62,13 +62,26 @@ async fn a_job_s_mistakes_are_its_best_epoch_s_unless_an_epoch_is_named() {
     let m = json(app.get(&format!("/jobs/{id}/mistakes")).await).await;
     assert_eq!(m["dataset_id"], dataset);
     assert_eq!(m["epoch"], m["best_epoch"]);
-    for mistake in m["mistakes"].as_array().unwrap() {
+    // As many as the epoch's confusion matrix has off its diagonal, most confident first.
+    let metrics = json(app.get(&format!("/jobs/{id}/metrics")).await).await;
+    let wrong_at = |epoch: &Value| -> usize {
+        let report = metrics["validation"].as_array().unwrap().iter().find(|v| v["epoch"] == *epoch).expect("a validated epoch");
+        let rows = report["confusion_matrix"].as_array().unwrap();
+        rows.iter().enumerate().map(|(i, row)| row.as_array().unwrap().iter().enumerate().filter(|&(j, _)| j != i).map(|(_, n)| n.as_u64().unwrap() as usize).sum::<usize>()).sum()
+    };
+    let listed = m["mistakes"].as_array().unwrap();
+    assert_eq!(listed.len(), wrong_at(&m["epoch"]).min(100), "{m}");
+    let scores: Vec<f64> = listed.iter().map(|x| x["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "most confident first: {scores:?}");
+    for mistake in listed {
         assert_ne!(mistake["label"], mistake["predicted"], "{mistake}");
         assert!(mistake["score"].as_f64().unwrap() > 0.0);
         assert!(app.get(&format!("/datasets/{dataset}/images/{}/thumbnail", mistake["blob"].as_str().unwrap())).await.status() == 200);
     }
     let at1 = json(app.get(&format!("/jobs/{id}/mistakes?epoch=1")).await).await;
     assert_eq!(at1["epoch"], 1);
+    assert_eq!(at1["mistakes"].as_array().unwrap().len(), wrong_at(&json!(1)).min(100), "{at1}");
+    assert_error(app.get(&format!("/jobs/{id}/mistakes?epochs=1")).await, 422, "invalid_query").await;
     assert_error(app.get(&format!("/jobs/{id}/mistakes?epoch=9")).await, 404, "not_found").await;
     assert_error(app.get(&format!("/jobs/{id}/mistakes?epoch=first")).await, 422, "invalid_query").await;
     assert_error(app.get(&format!("/jobs/{id}/mistakes?epoch=0")).await, 422, "invalid_query").await;

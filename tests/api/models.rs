@@ -71,6 +71,13 @@ async fn registry_download_evaluate_and_delete() {
     assert_error(app.post_json(&format!("/models/{}/evaluate", models[0]), &json!({"dataset_id": "nope"})).await, 404, "not_found").await;
     assert_error(app.post_json(&format!("/models/{}/evaluate", models[0]), &json!({"dataset_id": dataset, "split": "dev"})).await, 422, "invalid_field").await;
     assert_error(app.post_json("/models/nope/evaluate", &json!({"dataset_id": dataset})).await, 404, "not_found").await;
+    let evaluate = app.url(&format!("/models/{}/evaluate", models[0]));
+    let resp = app.client.post(&evaluate).header("content-type", "application/json").body("{not json").send().await.unwrap();
+    assert_error(resp, 400, "invalid_json").await;
+    let resp = app.client.post(&evaluate).body("dataset_id=x").send().await.unwrap();
+    assert_error(resp, 415, "expected_json").await;
+    assert_error(app.post_json(&format!("/models/{}/evaluate", models[0]), &json!({"split": "all"})).await, 422, "invalid_field").await;
+    assert_error(app.post_json(&format!("/models/{}/evaluate", models[0]), &json!({"dataset_id": dataset, "colour": 1})).await, 422, "invalid_field").await;
 
     // Delete: refused while a queued job continues from it, fine after, refused for the last one.
     let body = json!({"dataset_id": dataset, "base_model": models[0], "params": {"epochs": 1000}});

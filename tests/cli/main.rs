@@ -211,6 +211,7 @@ fn every_kernel_level_passes_the_golden_files_and_bench_names_it() {
         assert!(err.contains(&format!("capped at {level} by VITFORGE_MAX_ISA")), "{err}");
         let (ok, out, err) = vitforge_with(&["bench", "--config", "tiny", "--mode", "infer,train", "--iters", "1", "--warmup", "0", "--precision", "bf16"], &env);
         assert!(ok, "{level} bf16: {err}");
+        assert_eq!(out.lines().count(), 2, "a line for infer and one for train: {out}");
         for line in out.lines() {
             let line: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {out}"));
             assert_eq!((line["path"].as_str(), line["precision"].as_str()), (Some(*level), Some("bf16")), "{line}");
