@@ -15,7 +15,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tokio::io::AsyncWriteExt;
 
-use super::extract::{ApiPath, ApiQuery};
+use super::extract::{ApiPath, ApiQuery, NoQuery};
 use super::{AppState, Route};
 use super::error::AppError;
 use super::inflight::BodyUse;
@@ -153,7 +153,7 @@ fn shared_blobs(state: &AppState) -> bool {
 }
 
 /// `GET /datasets`: every dataset, newest first.
-async fn list(State(state): State<AppState>) -> Result<Json<Vec<Dataset>>, AppError> {
+async fn list(State(state): State<AppState>, _: ApiQuery<NoQuery>) -> Result<Json<Vec<Dataset>>, AppError> {
     Ok(Json(queries::list(&state.db).await?))
 }
 

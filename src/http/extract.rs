@@ -54,6 +54,12 @@ fn integral_floats_as_integers(value: &mut serde_json::Value) {
 #[from_request(via(axum::extract::Query), rejection(AppError))]
 pub struct ApiQuery<T>(pub T);
 
+/// The query of a route that takes none: any parameter is refused (422 `invalid_query`), so a
+/// misspelt or unsupported one (`?limit=5`) is not silently ignored.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoQuery {}
+
 /// `axum::extract::Path` with errors in our format.
 #[derive(Debug, FromRequestParts)]
 #[from_request(via(axum::extract::Path), rejection(AppError))]

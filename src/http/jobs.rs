@@ -14,7 +14,7 @@ use serde_json::Value;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::error::AppError;
-use super::extract::{ApiJson, ApiPath, ApiQuery};
+use super::extract::{ApiJson, ApiPath, ApiQuery, NoQuery};
 use super::{AppState, Route};
 use crate::db;
 use crate::db::jobs::{Cancel, Job, Status};
@@ -36,7 +36,7 @@ pub fn routes() -> Vec<Route> {
 }
 
 /// `GET /recipes`: every recipe's defaults, as a job without `params` gets them.
-async fn recipes() -> Json<Value> {
+async fn recipes(_: ApiQuery<NoQuery>) -> Json<Value> {
     let recipes: serde_json::Map<String, Value> =
         [Recipe::Auto, Recipe::Manual].into_iter().map(|r| (r.as_str().to_string(), serde_json::to_value(r.base()).unwrap_or_default())).collect();
     Json(Value::Object(recipes))

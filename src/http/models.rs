@@ -12,7 +12,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use super::error::AppError;
-use super::extract::{ApiJson, ApiPath};
+use super::extract::{ApiJson, ApiPath, ApiQuery, NoQuery};
 use super::{AppState, Route};
 use crate::db;
 use crate::db::models::{Deleted, Model};
@@ -36,7 +36,7 @@ async fn find(s: &AppState, id: &str) -> Result<Model, AppError> {
     db::models::get(&s.db, id).await?.ok_or_else(|| AppError::not_found("model", id))
 }
 
-async fn list(State(s): State<AppState>) -> Result<Json<Vec<Model>>, AppError> {
+async fn list(State(s): State<AppState>, _: ApiQuery<NoQuery>) -> Result<Json<Vec<Model>>, AppError> {
     Ok(Json(db::models::list(&s.db).await?))
 }
 
