@@ -543,6 +543,45 @@ async fn unsupported_methods_on_dataset_routes_are_405() {
     assert_error(resp, 405, "method_not_allowed").await;
 }
 
+/// What a crash can leave besides blobs goes at the next start: upload scratch, a model folder
+/// no model row names, the checkpoint folder of a job the database does not hold as unfinished,
+/// a thumbnail of an image no dataset has. What is still needed stays.
+#[tokio::test]
+async fn leftovers_of_a_crash_are_removed_at_start_up() {
+    let app = spawn_app().await;
+    let dataset = upload_ok(&app, "a.zip", fixtures::zip(&class_images("", &["cat", "dog"], 1, 0))).await;
+    let dataset = dataset["id"].as_str().unwrap().to_string();
+    let kept = app.blobs();
+    let blob = kept[0].clone();
+    let resp = app.get(&format!("/datasets/{dataset}/images/{blob}/thumbnail")).await;
+    assert_eq!(resp.status(), 200);
+    let root = app.data_dir.clone();
+    let kept_thumbnail = root.join("thumbnails").join(format!("{blob}.jpg"));
+    assert!(kept_thumbnail.exists(), "the thumbnail is cached");
+    let tmp = app.stop().await.expect("temporary data folder");
+    let planted = [
+        root.join("tmp/upload-123"),
+        root.join("tmp/half-unpacked/x.jpg"),
+        root.join("models/never-registered/config.json"),
+        root.join("jobs/no-such-job/epoch-1/model.safetensors"),
+        root.join(format!("thumbnails/{}.jpg", "0".repeat(64))),
+    ];
+    for path in &planted {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, b"left by a crash").unwrap();
+    }
+    let app = spawn_with(test_config(tmp.path())).await;
+    for path in &planted {
+        assert!(!path.exists(), "{} was removed", path.display());
+    }
+    for dir in ["tmp/half-unpacked", "models/never-registered", "jobs/no-such-job"] {
+        assert!(!root.join(dir).exists(), "{dir} was removed");
+    }
+    assert!(kept_thumbnail.exists(), "a thumbnail of a kept image stays");
+    assert_eq!(app.blobs(), kept);
+    assert_eq!(json(app.get(&format!("/datasets/{dataset}")).await).await["num_images"], 2);
+}
+
 #[tokio::test]
 async fn unreferenced_blobs_are_swept_at_start_up() {
     let app = spawn_app().await;
