@@ -192,6 +192,23 @@ async fn a_person_uploads_trains_watches_and_predicts_in_the_console() {
     assert!(label == "red" || label == "blue", "{label}");
     assert_eq!(c.find_all(Locator::Css(".prediction .topk .bar")).await.unwrap().len(), 2);
     screenshot(&c, "console-predict.png").await;
+
+    // Class names that look like integers: the matrix keeps the service's order ('10' before
+    // '9', its rows' order), not the one JavaScript gives such object keys ('9' first).
+    let members: Vec<Member> = (0..6)
+        .flat_map(|i| [file(&format!("10/{i}.png"), colour([190, 30, 30], 200 + i)), file(&format!("9/{i}.png"), colour([30, 40, 190], 300 + i))])
+        .collect();
+    let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(zip(&members)).file_name("numbers.zip"));
+    let dataset: serde_json::Value = server.client.post(server.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
+    assert_eq!(dataset["classes"], json!(["10", "9"]), "{dataset}");
+    let body = json!({"dataset_id": dataset["id"], "base_model": "tiny", "params": {"epochs": 1, "batch_size": 4}});
+    let job: serde_json::Value = server.client.post(server.url("/jobs")).json(&body).send().await.unwrap().json().await.unwrap();
+    c.goto(&server.url(&format!("/ui/jobs/{}", job["id"].as_str().unwrap()))).await.unwrap();
+    wait_text(&c, ".status", 60, |t| t == "succeeded").await;
+    let head = wait_text(&c, "table.heat thead", 10, |t| !t.is_empty()).await;
+    let names: Vec<&str> = head.split_whitespace().filter(|w| w.chars().all(|ch| ch.is_ascii_digit())).collect();
+    assert_eq!(names, ["10", "9"], "the matrix's columns: {head}");
+
     eprintln!("console walk-through: {:.1} s, predicted '{label}'", started.elapsed().as_secs_f64());
     c.close().await.unwrap();
 }
