@@ -200,12 +200,14 @@ impl Objects {
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {
             return Ok(path);
         }
-        let bytes = remote.store.get(&self.key(&path)?).await.map_err(|e| remote.failed(e, format!("fetching blob {hash}")))?.bytes().await.map_err(|e| remote.failed(e, "reading an object".into()))?;
-        let blobs = self.blobs.clone();
-        let stored = tokio::task::spawn_blocking(move || blobs.put(&bytes)).await??;
-        if stored != hash {
-            bail!("blob {hash} in {} holds other content ({stored})", remote.url);
+        // Streamed to a file beside the blobs, never whole in memory, then checked and renamed.
+        let temp = self.blobs.temp_path();
+        if let Err(e) = remote.get_file(&self.key(&path)?, &temp).await {
+            tokio::fs::remove_file(&temp).await.ok();
+            return Err(e);
         }
+        let (blobs, name) = (self.blobs.clone(), hash.to_string());
+        tokio::task::spawn_blocking(move || blobs.adopt(&temp, &name)).await?.with_context(|| format!("blob {hash} in {}", remote.url))?;
         Ok(path)
     }
 

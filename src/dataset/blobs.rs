@@ -56,6 +56,35 @@ impl BlobStore {
         Ok(hash)
     }
 
+    /// A new path, in the store's folder, for a file that is to become a blob through
+    /// [`adopt`](Self::adopt); a file left there by a process that died is a temporary file that
+    /// [`remove_stale_temp_files`](Self::remove_stale_temp_files) removes.
+    pub fn temp_path(&self) -> PathBuf {
+        self.root.join(format!("{TEMP_PREFIX}{}", uuid::Uuid::now_v7()))
+    }
+
+    /// Makes the complete file `temp` (from [`temp_path`](Self::temp_path)) blob `expected`,
+    /// reading it once to hash it: flushed to disk and renamed when its content has that hash,
+    /// refused (`InvalidData`, naming the hash it has) otherwise. `temp` is gone either way.
+    pub fn adopt(&self, temp: &Path, expected: &str) -> io::Result<()> {
+        let adopted = (|| {
+            let path = self.path(expected)?;
+            let mut file = std::fs::File::open(temp)?;
+            let mut hasher = Sha256::new();
+            io::copy(&mut file, &mut hasher)?;
+            let hash = hex::encode(hasher.finalize());
+            if hash != expected {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("holds other content ({hash})")));
+            }
+            file.sync_all()?;
+            std::fs::rename(temp, path)
+        })();
+        if adopted.is_err() {
+            std::fs::remove_file(temp).ok();
+        }
+        adopted
+    }
+
     /// The file of blob `hash` (which may not exist). Refuses anything that is not a blob name, so
     /// no caller can reach outside the store.
     pub fn path(&self, hash: &str) -> io::Result<PathBuf> {
@@ -136,6 +165,30 @@ mod tests {
         assert!(store.remove(&a).unwrap());
         assert!(!store.remove(&a).unwrap());
         assert!(store.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn adopt_keeps_a_file_only_under_its_own_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let hello = BlobStore::hash(b"hello");
+        let temp = store.temp_path();
+        std::fs::write(&temp, b"hello").unwrap();
+        store.adopt(&temp, &hello).unwrap();
+        assert_eq!(store.list().unwrap(), vec![hello.clone()]);
+        assert_eq!(std::fs::read_dir(store.root()).unwrap().count(), 1, "the temporary file became the blob");
+        // Other content, or a name that is no blob name: refused, and the temporary file is gone.
+        for name in [BlobStore::hash(b"bye"), "../escape".to_string()] {
+            let temp = store.temp_path();
+            std::fs::write(&temp, b"not bye").unwrap();
+            let refused = store.adopt(&temp, &name).unwrap_err();
+            assert!(!temp.exists(), "{name}");
+            assert_eq!(store.list().unwrap(), vec![hello.clone()]);
+            if name.len() == 64 {
+                assert_eq!(refused.kind(), io::ErrorKind::InvalidData);
+                assert!(refused.to_string().contains(&BlobStore::hash(b"not bye")), "{refused}");
+            }
+        }
     }
 
     #[test]

@@ -215,6 +215,43 @@ async fn large_files_go_up_in_parts_and_come_back_whole() {
     assert!(s3.keys("parts/models/big/").await.is_empty());
 }
 
+#[tokio::test]
+async fn image_blobs_come_back_checked_and_leave_nothing_behind_when_wrong() {
+    let Some(s3) = PrivateS3::start().await else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let settings: Vec<(String, String)> = s3.env("blobs").into_iter().filter(|(k, _)| k.starts_with("AWS_")).collect();
+    let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let url = format!("s3://{}/blobs", s3.bucket);
+    let machine = |name: &str| {
+        let paths = vitforge::paths::DataPaths::new(tmp.path().join(name));
+        paths.create_all().unwrap();
+        (vitforge::objects::Objects::s3_with(&url, &settings, paths.clone()).unwrap(), paths)
+    };
+    let (ours, here) = machine("here");
+    let store = vitforge::dataset::BlobStore::open(here.blobs()).unwrap();
+    let image: Vec<u8> = (0..3_000_001u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    let (good, other) = (store.put(&image).unwrap(), store.put(b"another image").unwrap());
+    ours.publish_blobs(&[good.clone(), other.clone()]).await.unwrap();
+
+    // Another machine fetches a blob it lacks, whole, into its own cache.
+    let (theirs, there) = machine("there");
+    let path = theirs.blob_path(&good).await.unwrap();
+    assert!(std::fs::read(&path).unwrap() == image, "the fetched blob differs");
+    assert_eq!(path, there.blobs().join(&good));
+
+    // An object whose bytes are not its name's is refused, and nothing of it stays in the cache.
+    s3.put(&format!("blobs/blobs/{other}"), b"tampered".to_vec()).await;
+    let (third, elsewhere) = machine("elsewhere");
+    let refused = format!("{:#}", third.blob_path(&other).await.unwrap_err());
+    assert!(refused.contains(&format!("blob {other}")) && refused.contains("holds other content"), "{refused}");
+    assert!(refused.contains(&vitforge::dataset::BlobStore::hash(b"tampered")), "names the hash it has: {refused}");
+    let missing = format!("{:#}", third.blob_path(&"0".repeat(64)).await.unwrap_err());
+    assert!(missing.contains(&"0".repeat(64)), "{missing}");
+    let left: Vec<_> = std::fs::read_dir(elsewhere.blobs()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "refused and missing blobs leave no file: {left:?}");
+    assert!(std::fs::read(third.blob_path(&good).await.unwrap()).unwrap() == image);
+}
+
 /// Each run of a job writes its checkpoints under a prefix of its own: a later run removes the
 /// earlier runs' prefixes, and a run that lost its lease without noticing ("zombie") cannot delete
 /// what the run that took over wrote; a resume takes the latest epoch, with the best model its

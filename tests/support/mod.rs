@@ -232,6 +232,17 @@ impl PrivateS3 {
         let xml = answer.text().await.unwrap();
         xml.split("<Key>").skip(1).filter_map(|s| s.split("</Key>").next()).map(str::to_string).collect()
     }
+
+    /// Stores `bytes` at `key`, behind the service's back.
+    pub async fn put(&self, key: &str, bytes: Vec<u8>) {
+        use object_store::ObjectStore;
+        let mut builder = object_store::aws::AmazonS3Builder::new().with_bucket_name(&self.bucket);
+        for (name, value) in self.env("").into_iter().filter(|(k, _)| k.starts_with("AWS_")) {
+            builder = builder.with_config(name.to_ascii_lowercase().parse().unwrap(), value);
+        }
+        let store = builder.build().unwrap();
+        store.put(&object_store::path::Path::from(key), bytes.into()).await.unwrap_or_else(|e| panic!("storing {key}: {e}"));
+    }
 }
 
 impl Drop for PrivateS3 {
