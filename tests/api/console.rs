@@ -213,6 +213,69 @@ async fn a_person_uploads_trains_watches_and_predicts_in_the_console() {
     c.close().await.unwrap();
 }
 
+/// Actions the service refuses say why on the page: a download of a model deleted since the page
+/// drew it, and a cancel of a job that has already finished.
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_downloads_and_cancels_say_why_on_the_page() {
+    let Some(driver) = chromedriver() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    install_base_model(&data, "tiny", &tiny_config(), &["a", "b"]);
+    let server = Launch::new(&data).start();
+    let members: Vec<Member> = (0..6)
+        .flat_map(|i| [file(&format!("red/{i}.png"), colour([190, 30, 30], i)), file(&format!("blue/{i}.png"), colour([30, 40, 190], 100 + i))])
+        .collect();
+    let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(zip(&members)).file_name("colours.zip"));
+    let dataset: serde_json::Value = server.client.post(server.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
+    let submit = |epochs: u32| json!({"dataset_id": dataset["id"], "base_model": "tiny", "params": {"epochs": epochs, "batch_size": 2}});
+    // Two models: the only one may not be deleted.
+    let mut models = vec![];
+    for _ in 0..2 {
+        let job = server.post_json("/jobs", &submit(1)).await;
+        let id = job["id"].as_str().unwrap().to_string();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let job = server.get_json(&format!("/jobs/{id}")).await;
+            if job["status"] == "succeeded" {
+                models.push((id, job["model_id"].as_str().unwrap().to_string()));
+                break;
+            }
+            assert!(Instant::now() < deadline && job["status"] != "failed", "a job did not succeed: {job}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let (finished, model) = models.swap_remove(0);
+    let c = browser(&driver, &tmp.path().join("profile")).await;
+
+    // The model's page is drawn, then the model is deleted behind its back: Download says so.
+    c.goto(&server.url(&format!("/ui/models/{model}"))).await.unwrap();
+    let download = c.wait().at_most(Duration::from_secs(20)).for_element(Locator::XPath("//button[contains(., 'Download')]")).await.unwrap();
+    let deleted = server.client.delete(server.url(&format!("/models/{model}"))).send().await.unwrap();
+    assert_eq!(deleted.status(), 204);
+    download.click().await.unwrap();
+    let said = wait_text(&c, "p.error", 20, |t| !t.is_empty()).await;
+    assert_eq!(said, format!("model '{model}' does not exist (not_found)"));
+
+    // A running job's page offers Cancel. Its request is sent, by the page's own code, for the
+    // job that has finished (the page cannot be made to miss the end of its own job, whose event
+    // stream redraws it): the service's 409 shows below the head, which still offers Cancel.
+    let running = server.post_json("/jobs", &submit(500)).await;
+    let running = running["id"].as_str().unwrap().to_string();
+    c.goto(&server.url(&format!("/ui/jobs/{running}"))).await.unwrap();
+    element(&c, "button.danger").await;
+    // One script: the head is redrawn on progress, so a button found earlier may be gone.
+    let redirect_and_click = "const [from, to] = arguments; const sent = window.fetch;
+        window.fetch = (url, init) => sent(String(url).replace(from, to), init);
+        document.querySelector('button.danger').click();";
+    c.execute(redirect_and_click, vec![json!(format!("/jobs/{running}/cancel")), json!(format!("/jobs/{finished}/cancel"))]).await.unwrap();
+    let said = wait_text(&c, "p.error", 20, |t| !t.is_empty()).await;
+    assert_eq!(said, format!("job '{finished}' has already finished (succeeded) (job_finished)"));
+    assert_eq!(c.find_all(Locator::Css("button.danger")).await.unwrap().len(), 1, "the redrawn head still offers Cancel");
+    assert_ne!(server.get_json(&format!("/jobs/{running}")).await["status"], "cancelled");
+    c.close().await.unwrap();
+}
+
 /// With `--api-key`, the console asks for the key once, keeps it out of every URL, and every
 /// page's data loads with it.
 #[tokio::test(flavor = "multi_thread")]

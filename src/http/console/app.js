@@ -320,20 +320,21 @@ async function newJob() {
 
 async function job(id) {
   const head = h("div", {});
+  // Outside the head, which progress redraws every second.
+  const refusal = h("div", { "aria-live": "polite" });
   const charts = h("div", { class: "charts" });
   const matrix = h("div", {});
   const perClass = h("div", {});
   const mistakes = h("div", {});
-  render(`Job ${short(id)}`, head, h("section", {}, h("h2", {}, "Training"), charts), h("section", {}, h("h2", {}, "Confusion matrix (best epoch, validation)"), matrix, perClass), h("section", {}, h("h2", {}, "What the model gets wrong (validation)"), mistakes));
+  render(`Job ${short(id)}`, head, refusal, h("section", {}, h("h2", {}, "Training"), charts), h("section", {}, h("h2", {}, "Confusion matrix (best epoch, validation)"), matrix, perClass), h("section", {}, h("h2", {}, "What the model gets wrong (validation)"), mistakes));
 
-  // A refused cancel (the job ended meanwhile: 409) says so below the redrawn head.
+  // A refused cancel (the job ended meanwhile: 409) says so below the head.
   async function cancelJob() {
+    refusal.replaceChildren();
     try {
       await post(`/jobs/${id}/cancel`);
     } catch (e) {
-      await drawHead();
-      head.append(errorBox(e));
-      return;
+      refusal.replaceChildren(errorBox(e));
     }
     drawHead();
   }
