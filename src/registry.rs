@@ -107,18 +107,31 @@ impl ModelRegistry {
     }
 
     /// The model a `/predict` request means: the one it names, else the default, else the newest.
+    /// A default deleted a moment ago (its delete has not yet moved the default on, or another
+    /// process deleted it) gives way to the newest model, not to a 404 for a model the request
+    /// never named.
     pub async fn resolve(&self, requested: Option<String>) -> Result<Model, PredictError> {
-        let id = match requested.or_else(|| self.predictor.default_model()) {
-            Some(id) => id,
-            None => db::models::latest(&self.db).await.map_err(PredictError::store)?.map(|m| m.id).ok_or(PredictError::NoModel)?,
-        };
-        db::models::get(&self.db, &id).await.map_err(PredictError::store)?.ok_or(PredictError::UnknownModel(id))
+        let named = requested.is_some();
+        let latest = || async { db::models::latest(&self.db).await.map_err(PredictError::store)?.ok_or(PredictError::NoModel) };
+        let Some(id) = requested.or_else(|| self.predictor.default_model()) else { return latest().await };
+        match db::models::get(&self.db, &id).await.map_err(PredictError::store)? {
+            Some(model) => Ok(model),
+            None if named => Err(PredictError::UnknownModel(id)),
+            None => latest().await,
+        }
     }
 
-    /// The model loaded for inference (from memory, or loaded now).
+    /// The model loaded for inference (from memory, or loaded now). A model deleted since it was
+    /// resolved (its folder gone under the load) is an unknown model, not a failure.
     pub async fn load(&self, model: &Model) -> Result<std::sync::Arc<Loaded>, PredictError> {
-        let dir = self.dir(model).await.map_err(PredictError::Fetch)?;
-        self.predictor.get_or_load(&model.id, dir).await
+        let loaded = match self.dir(model).await {
+            Ok(dir) => self.predictor.get_or_load(&model.id, dir).await,
+            Err(e) => Err(PredictError::Fetch(e)),
+        };
+        if loaded.is_err() && db::models::get(&self.db, &model.id).await.map_err(PredictError::store)?.is_none() {
+            return Err(PredictError::UnknownModel(model.id.clone()));
+        }
+        loaded
     }
 
     /// At start-up: removes folders under `models/` that no model row points at (left by a crash

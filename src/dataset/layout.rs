@@ -113,11 +113,43 @@ fn is_drive(component: &str) -> bool {
     b.len() >= 2 && b[0].is_ascii_alphabetic() && b[1] == b':'
 }
 
-/// A name as shown in a rejection: at most [`MAX_SHOWN_CHARS`] characters.
-fn shown(name: &str) -> String {
-    match name.char_indices().nth(MAX_SHOWN_CHARS) {
-        Some((cut, _)) => format!("{}…", &name[..cut]),
-        None => name.to_string(),
+/// A name as shown in a rejection: at most [`MAX_SHOWN_CHARS`] characters, control characters
+/// written as escapes (`\u{0}`), so that every database can store it.
+pub(super) fn shown(name: &str) -> String {
+    let (kept, cut) = match name.char_indices().nth(MAX_SHOWN_CHARS) {
+        Some((cut, _)) => (&name[..cut], true),
+        None => (name, false),
+    };
+    let mut out: String = kept.chars().map(|c| if c.is_control() { c.escape_unicode().to_string() } else { c.to_string() }).collect();
+    if cut {
+        out.push('…');
+    }
+    out
+}
+
+/// Why `name` cannot be a file's name in a dataset (too long, or with control characters), if
+/// it cannot; for names that come whole rather than from an archive's paths (Parquet's `path`).
+pub(super) fn unfit_file_name(name: &str) -> Option<String> {
+    if name.len() > MAX_NAME_BYTES {
+        Some(format!("file name is longer than {MAX_NAME_BYTES} bytes"))
+    } else if name.chars().any(char::is_control) {
+        Some("file name contains control characters".into())
+    } else {
+        None
+    }
+}
+
+/// Why `class` cannot be a class name, if it cannot: empty or blank, over [`MAX_NAME_BYTES`], or
+/// with control characters (a class folder in an archive can be none of these).
+pub(super) fn unfit_class_name(class: &str) -> Option<String> {
+    if class.trim().is_empty() {
+        Some("the class name is empty".into())
+    } else if class.len() > MAX_NAME_BYTES {
+        Some(format!("the class name is longer than {MAX_NAME_BYTES} bytes"))
+    } else if class.chars().any(char::is_control) {
+        Some(format!("the class name '{}' contains control characters", shown(class)))
+    } else {
+        None
     }
 }
 

@@ -123,7 +123,8 @@ fn read_rows(file: File, sink: &mut Sink<'_>) -> Result<BTreeSet<String>, Ingest
             sink.entry_done()?;
         }
     }
-    Ok(names.map(|n| n.into_iter().collect()).unwrap_or_default())
+    // The declared classes, less the names no class can have (their rows are rejected, saying why).
+    Ok(names.unwrap_or_default().into_iter().filter(|n| super::layout::unfit_class_name(n).is_none()).collect())
 }
 
 /// Validates and stores one row, or rejects it.
@@ -151,6 +152,10 @@ fn add_row(
         _ => (None, None),
     };
     let file = path.filter(|p| !p.is_empty()).unwrap_or_else(|| format!("row {index}"));
+    if let Some(reason) = super::layout::unfit_file_name(&file) {
+        sink.reject(super::layout::shown(&file), reason);
+        return Ok(());
+    }
     let split = match split {
         Ok(split) => split,
         Err(reason) => {
@@ -158,7 +163,8 @@ fn add_row(
             return Ok(());
         }
     };
-    let class = match class_of(label, names) {
+    let fit = |class: String| super::layout::unfit_class_name(&class).map_or(Ok(class), Err);
+    let class = match class_of(label, names).and_then(fit) {
         Ok(class) => class,
         Err(reason) => {
             sink.reject(file, reason);

@@ -174,17 +174,22 @@ pub struct NewJob<'a> {
     pub params: &'a Value,
     pub recipe: &'a str,
     pub epochs: u32,
+    /// The base model is a model of this service, which must still exist when the job is queued.
+    pub base_is_model: bool,
 }
 
-/// Queues a job; `None` when its dataset does not exist. The existence check is part of the
-/// insert, so a concurrent dataset delete cannot slip in between (on PostgreSQL the check takes a
-/// share lock on the dataset's row, which [`crate::db::datasets::delete`] locks for update).
+/// Queues a job; `None` when its dataset, or its base model when that is one of ours, does not
+/// exist. The existence checks are part of the insert, so a concurrent delete cannot slip in
+/// between (on PostgreSQL each check takes a share lock on the row, which
+/// [`crate::db::datasets::delete`] and [`crate::db::models::delete`] lock for update before they
+/// look for the jobs that use it).
 pub async fn insert(pool: &Pool, job: &NewJob<'_>) -> Result<Option<Job>, sqlx::Error> {
     macro_rules! insert_sql {
         ($lock:literal) => {
             concat!(
                 "insert into jobs (id, dataset_id, base_model, params, recipe, status, epochs, created_at) \
-                 select $1, $2, $3, $4, $5, 'queued', $6, $7 where exists (select 1 from datasets where id = $2", $lock, ") returning ",
+                 select $1, $2, $3, $4, $5, 'queued', $6, $7 where exists (select 1 from datasets where id = $2", $lock, ") \
+                 and ($8 = 0 or exists (select 1 from models where id = $3", $lock, ")) returning ",
                 job_columns!()
             )
         };
@@ -201,6 +206,7 @@ pub async fn insert(pool: &Pool, job: &NewJob<'_>) -> Result<Option<Job>, sqlx::
         .bind(job.recipe)
         .bind(i64::from(job.epochs))
         .bind(now())
+        .bind(i64::from(job.base_is_model))
         .fetch_optional(pool)
         .await?;
     row.map(Job::try_from).transpose()
@@ -429,7 +435,7 @@ mod tests {
             .await
             .unwrap();
         let params = serde_json::json!({});
-        let job = insert(&pool, &NewJob { dataset_id: "d", base_model: "m", params: &params, recipe: "r", epochs: 1 }).await.unwrap().unwrap();
+        let job = insert(&pool, &NewJob { dataset_id: "d", base_model: "m", params: &params, recipe: "r", epochs: 1, base_is_model: false }).await.unwrap().unwrap();
         (dir, pool, job)
     }
 
@@ -445,6 +451,19 @@ mod tests {
             created_at: now(),
             path: format!("models/{id}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_job_on_one_of_our_models_is_queued_only_while_that_model_exists() {
+        let (_dir, pool, job) = pool_with_job().await;
+        let params = serde_json::json!({});
+        let on = |base_model: &'static str| NewJob { dataset_id: "d", base_model, params: &params, recipe: "r", epochs: 1, base_is_model: true };
+        assert!(insert(&pool, &on("gone")).await.unwrap().is_none(), "a model deleted since the request was checked");
+        let finished = claim(&pool, "w", "cpu", &crate::db::at(chrono::Utc::now() + chrono::Duration::seconds(60))).await.unwrap().unwrap();
+        assert!(register_for_job(&pool, &model_of(&finished, "m-kept"), Some("w")).await.unwrap());
+        let queued = insert(&pool, &on("m-kept")).await.unwrap().unwrap();
+        assert_eq!((queued.base_model.as_str(), queued.status), ("m-kept", Status::Queued));
+        assert_ne!(queued.id, job.id);
     }
 
     #[tokio::test]

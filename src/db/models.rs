@@ -151,7 +151,13 @@ pub async fn delete(pool: &Pool, id: &str) -> Result<Deleted, sqlx::Error> {
             tx
         }
     };
-    let path: Option<String> = sqlx::query_scalar("select path from models where id = $1").bind(id).fetch_optional(&mut *tx).await?;
+    // On PostgreSQL the row is locked first: a job being queued on it (which share-locks it)
+    // is then committed, and seen below, or not queued at all.
+    let select = match Backend::of(pool) {
+        Backend::Sqlite => "select path from models where id = $1",
+        Backend::Postgres => "select path from models where id = $1 for update",
+    };
+    let path: Option<String> = sqlx::query_scalar(select).bind(id).fetch_optional(&mut *tx).await?;
     let Some(path) = path else {
         return Ok(Deleted::NotFound);
     };

@@ -4,7 +4,7 @@
 //! need no API key (they hold no data); every datum they show is fetched from the API with the
 //! key the console asks for once and keeps in the tab's session storage (never in a URL).
 
-use axum::extract::Path;
+use super::extract::ApiPath;
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use serde_json::json;
@@ -57,7 +57,7 @@ async fn page() -> Response {
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], INDEX).into_response()
 }
 
-async fn asset(Path(file): Path<String>) -> Result<Response, AppError> {
+async fn asset(ApiPath(file): ApiPath<String>) -> Result<Response, AppError> {
     let (_, content_type, body) =
         ASSETS.iter().find(|(name, ..)| *name == file).ok_or_else(|| AppError::not_found("console file", &file))?;
     Ok(([(header::CONTENT_TYPE, *content_type), (header::CACHE_CONTROL, "no-cache")], *body).into_response())

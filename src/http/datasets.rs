@@ -64,6 +64,10 @@ async fn images(State(state): State<AppState>, ApiPath(id): ApiPath<String>, Api
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(AppError::unprocessable("invalid_query", format!("limit must be between 1 and {MAX_PAGE}")));
     }
+    // The databases count rows in an i64.
+    if i64::try_from(offset).is_err() {
+        return Err(AppError::unprocessable("invalid_query", format!("offset must be at most {}", i64::MAX)));
+    }
     let (rows, total) = queries::images_page(&state.db, &id, q.split, q.class.as_deref(), offset, limit).await?;
     let images: Vec<serde_json::Value> = rows
         .into_iter()
@@ -90,9 +94,20 @@ async fn thumbnail(State(state): State<AppState>, ApiPath((id, blob)): ApiPath<(
     if let Ok(jpeg) = tokio::fs::read(&cached).await {
         return Ok(thumbnail_response(jpeg));
     }
-    let image = state.objects.blob_path(&blob).await?;
+    let made = make_thumbnail(&state, &blob).await;
+    // The dataset may have been deleted, and its blob collected, since it was looked up.
+    if made.is_err() && !queries::references(&state.db, &id, &blob).await? {
+        return Err(AppError::not_found("image", &blob));
+    }
+    Ok(thumbnail_response(made?))
+}
+
+/// Makes (and caches) the thumbnail of `blob`.
+async fn make_thumbnail(state: &AppState, blob: &str) -> Result<Vec<u8>, AppError> {
+    let cached = state.paths.thumbnail(blob);
+    let image = state.objects.blob_path(blob).await?;
     let (memory, max_pixels) = (state.memory.clone(), state.config.max_image_pixels);
-    let jpeg = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, AppError> {
+    tokio::task::spawn_blocking(move || -> Result<Vec<u8>, AppError> {
         let bytes = std::fs::read(image).context("reading the image")?;
         let img = crate::imaging::decode_rgb_within(&bytes, max_pixels, &memory, crate::budget::WAIT).map_err(|e| match e {
             crate::imaging::ImageError::OverBudget { .. } => AppError::over_budget(e.to_string()),
@@ -107,8 +122,7 @@ async fn thumbnail(State(state): State<AppState>, ApiPath((id, blob)): ApiPath<(
         Ok(out)
     })
     .await
-    .context("thumbnail task")??;
-    Ok(thumbnail_response(jpeg))
+    .context("thumbnail task")?
 }
 
 fn thumbnail_response(jpeg: Vec<u8>) -> Response {

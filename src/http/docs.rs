@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, LazyLock};
 
-use axum::extract::Path;
+use super::extract::ApiPath;
 use axum::http::header;
 use axum::response::{IntoResponse, Redirect, Response};
 use utoipa_swagger_ui::Config;
@@ -43,7 +43,7 @@ async fn docs_index() -> Result<Response, AppError> {
     serve("index.html")
 }
 
-async fn docs_file(Path(file): Path<String>) -> Result<Response, AppError> {
+async fn docs_file(ApiPath(file): ApiPath<String>) -> Result<Response, AppError> {
     serve(&file)
 }
 

@@ -6,6 +6,7 @@ use axum::extract::FromRequestParts;
 use axum::extract::multipart::{MultipartError, MultipartRejection};
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
+use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
 use super::error::AppError;
@@ -25,10 +26,29 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
         // Content type, size limit and syntax are checked here; nesting is capped by serde_json.
         let axum::Json(mut value) = axum::Json::<serde_json::Value>::from_request(req, state).await?;
+        if let Some(at) = nul_in(&value, "") {
+            return Err(AppError::unprocessable("invalid_field", format!("{at} contains a NUL character (\\u0000)")));
+        }
         integral_floats_as_integers(&mut value);
         // Re-read through axum so that a value of the wrong shape is reported with its path.
         let bytes = serde_json::to_vec(&value).map_err(anyhow::Error::from)?;
         Ok(ApiJson(axum::Json::<T>::from_bytes(&bytes)?.0))
+    }
+}
+
+/// Where `value` holds a string (or a key) with a NUL character, as `body`, `body.name` or
+/// `body.items[2]`: no field takes one, and PostgreSQL cannot store one.
+fn nul_in(value: &serde_json::Value, at: &str) -> Option<String> {
+    use serde_json::Value;
+    let here = || if at.is_empty() { "the body".to_string() } else { at.to_string() };
+    match value {
+        Value::String(s) if s.contains('\0') => Some(here()),
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, v)| nul_in(v, &format!("{at}[{i}]"))),
+        Value::Object(fields) => fields.iter().find_map(|(k, v)| {
+            let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+            if k.contains('\0') { Some(format!("a key of {}", here())) } else { nul_in(v, &path) }
+        }),
+        _ => None,
     }
 }
 
@@ -49,10 +69,26 @@ fn integral_floats_as_integers(value: &mut serde_json::Value) {
     }
 }
 
-/// `axum::extract::Query` with errors in our format (422 naming the parameter).
-#[derive(Debug, FromRequestParts)]
-#[from_request(via(axum::extract::Query), rejection(AppError))]
+/// `axum::extract::Query` with errors in our format (422 naming the parameter); a NUL
+/// character (`%00`) is refused, as no parameter takes one.
+#[derive(Debug)]
 pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
+        if parts.uri.query().is_some_and(has_nul) {
+            return Err(AppError::unprocessable("invalid_query", "the query contains a NUL character (%00)"));
+        }
+        Ok(Self(axum::extract::Query::<T>::from_request_parts(parts, state).await?.0))
+    }
+}
+
+/// Whether a raw path or query decodes to a NUL character (a literal one cannot be in a URI).
+fn has_nul(raw: &str) -> bool {
+    raw.as_bytes().windows(3).any(|w| w == b"%00")
+}
 
 /// The query of a route that takes none: any parameter is refused (422 `invalid_query`), so a
 /// misspelt or unsupported one (`?limit=5`) is not silently ignored.
@@ -60,10 +96,21 @@ pub struct ApiQuery<T>(pub T);
 #[serde(deny_unknown_fields)]
 pub struct NoQuery {}
 
-/// `axum::extract::Path` with errors in our format.
-#[derive(Debug, FromRequestParts)]
-#[from_request(via(axum::extract::Path), rejection(AppError))]
+/// `axum::extract::Path` with errors in our format; a NUL character (`%00`) is refused (400
+/// `invalid_path`), as no id or name holds one.
+#[derive(Debug)]
 pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
+        if has_nul(parts.uri.path()) {
+            return Err(AppError::bad_request("invalid_path", "the path contains a NUL character (%00)"));
+        }
+        Ok(Self(axum::extract::Path::<T>::from_request_parts(parts, state).await?.0))
+    }
+}
 
 impl From<JsonRejection> for AppError {
     fn from(rejection: JsonRejection) -> Self {

@@ -61,14 +61,15 @@ fn over_budget(memory: &MemoryBudget, bytes: u64) -> AppError {
 }
 
 /// What a buffered body takes at its peak: its length (declared, or the route's limit when it
-/// is sent without one) times the copies its reader makes.
+/// is sent without one, chunked in HTTP/1.1 or as frames in HTTP/2) times the copies its reader
+/// makes. Only a body known to be empty costs nothing.
 fn buffered_cost(req: &Request, limit: u64, copies: u64) -> u64 {
+    use axum::body::HttpBody;
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
     let length = match declared {
         Some(n) => n.min(limit),
-        None if chunked => limit,
-        None => 0,
+        None if req.body().is_end_stream() || req.body().size_hint().exact() == Some(0) => 0,
+        None => limit,
     };
     length.saturating_mul(copies)
 }
@@ -133,4 +134,28 @@ fn counted(body: Body, memory: Arc<MemoryBudget>, exhausted: Arc<AtomicBool>) ->
         }
     });
     Body::from_stream(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+
+    use super::*;
+
+    #[test]
+    fn a_body_of_unknown_length_costs_the_limit_and_only_an_empty_one_nothing() {
+        let request = |body: Body, length: Option<&str>| {
+            let mut builder = Request::builder().method("POST").uri("/predict");
+            if let Some(n) = length {
+                builder = builder.header(header::CONTENT_LENGTH, n);
+            }
+            builder.body(body).unwrap()
+        };
+        let stream = || Body::from_stream(futures::stream::iter([Ok::<_, std::io::Error>(vec![0u8; 10])]));
+        // As HTTP/2 sends a body: frames, with neither Content-Length nor Transfer-Encoding.
+        assert_eq!(buffered_cost(&request(stream(), None), 1000, 2), 2000);
+        assert_eq!(buffered_cost(&request(stream(), Some("10")), 1000, 2), 20);
+        assert_eq!(buffered_cost(&request(stream(), Some("5000")), 1000, 3), 3000);
+        assert_eq!(buffered_cost(&request(Body::empty(), None), 1000, 2), 0);
+    }
 }

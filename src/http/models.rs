@@ -119,12 +119,21 @@ async fn evaluate(
     let records: Vec<_> = rows.into_iter().zip(files).map(|(row, file)| (file, row.label, row.split)).collect();
     let dir = s.models.dir(&model).await?;
     let (max_pixels, precision) = (s.config.max_image_pixels, s.predictor.precision());
+    let dataset = req.dataset_id.clone();
     let evaluation = tokio::task::spawn_blocking(move || {
         let device = candle_core::Device::Cpu;
         let loaded = LoadedModel::load(&ModelSource::Dir(dir), None, &device, 0).map_err(anyhow::Error::from)?;
         Ok::<_, AppError>(evaluate_records(&loaded, records, req.split, max_pixels, 16, &device, precision)?)
     })
     .await
-    .map_err(anyhow::Error::from)??;
-    Ok(Json(evaluation.report))
+    .map_err(anyhow::Error::from)?;
+    // A dataset or model deleted meanwhile has its files removed under the evaluation: say so,
+    // not 500.
+    if evaluation.is_err() {
+        if db::datasets::get(&s.db, &dataset).await?.is_none() {
+            return Err(AppError::client(StatusCode::NOT_FOUND, "not_found", format!("dataset '{dataset}' was deleted while it was being evaluated")));
+        }
+        find(&s, &id).await?;
+    }
+    Ok(Json(evaluation?.report))
 }

@@ -18,13 +18,20 @@ pub fn routes() -> Vec<Route> {
 /// Request counts and latency per route template (unmatched paths are counted as `unmatched`).
 pub async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    let method = req.method().to_string();
+    let method = method_label(req.method()).to_string();
     let started = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
     s.metrics.http_requests.get_or_create(&RouteLabels { method: method.clone(), route: route.clone(), status }).inc();
     s.metrics.http_latency.get_or_create(&RouteOnly { method, route }).observe(started.elapsed().as_secs_f64());
     resp
+}
+
+/// The method as a label: the standard ones by name, any other `other`, so that clients cannot
+/// add series (and memory) by inventing methods.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    const KNOWN: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"];
+    KNOWN.into_iter().find(|m| *m == method.as_str()).unwrap_or("other")
 }
 
 async fn metrics(State(s): State<AppState>) -> Result<Response, AppError> {

@@ -190,7 +190,7 @@ pub struct Evaluation {
 
 /// Evaluates `model` on the `(image file, class, split)` records of `split` (default: the test
 /// split when there is one, else every image), its products at `precision`. Every class of the
-/// records must be one of the model's labels.
+/// records of that split must be one of the model's labels.
 pub fn evaluate_records(
     model: &LoadedModel,
     records: Vec<(PathBuf, String, Split)>,
@@ -201,16 +201,17 @@ pub fn evaluate_records(
     precision: Precision,
 ) -> Result<Evaluation, EvalError> {
     let labels = &model.cfg.labels;
-    let mut unknown: Vec<String> = records.iter().map(|r| r.1.clone()).filter(|c| !labels.contains(c)).collect();
-    unknown.sort();
-    unknown.dedup();
-    if !unknown.is_empty() {
-        return Err(EvalError::UnknownClasses { unknown, labels: labels.clone() });
-    }
     let split = split.unwrap_or(if records.iter().any(|r| r.2 == Split::Test) { EvalSplit::Test } else { EvalSplit::All });
     let kept: Vec<_> = records.into_iter().filter(|r| split.keeps(r.2)).collect();
     if kept.is_empty() {
         return Err(EvalError::EmptySplit);
+    }
+    // Only the classes of the images evaluated matter: other splits may have more.
+    let mut unknown: Vec<String> = kept.iter().map(|r| r.1.clone()).filter(|c| !labels.contains(c)).collect();
+    unknown.sort();
+    unknown.dedup();
+    if !unknown.is_empty() {
+        return Err(EvalError::UnknownClasses { unknown, labels: labels.clone() });
     }
     let data = TrainData::with_labels(labels.clone(), kept)?;
     let examples = [data.train, data.validation, data.test].concat();

@@ -29,9 +29,41 @@ pub struct JobHub {
     /// Bumped whenever a job reaches a final state.
     ended: watch::Sender<u64>,
     cancel_flags: Mutex<HashMap<String, Arc<AtomicBool>>>,
-    channels: Mutex<HashMap<String, broadcast::Sender<JobEvent>>>,
+    channels: Channels,
     throughput: Mutex<HashMap<String, f64>>,
     shutdown: CancellationToken,
+}
+
+/// Each watched job's channel of live events, by job id.
+type Channels = Arc<Mutex<HashMap<String, broadcast::Sender<JobEvent>>>>;
+
+/// A subscription to one job's live events. When the last one of a job is dropped the job's
+/// channel goes too, so streams of unknown or finished jobs leave nothing behind.
+pub struct Subscription {
+    rx: Option<broadcast::Receiver<JobEvent>>,
+    channels: Channels,
+    job_id: String,
+}
+
+impl Subscription {
+    /// The next event, as [`broadcast::Receiver::recv`].
+    pub async fn recv(&mut self) -> Result<JobEvent, broadcast::error::RecvError> {
+        match self.rx.as_mut() {
+            Some(rx) => rx.recv().await,
+            None => Err(broadcast::error::RecvError::Closed),
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        drop(self.rx.take());
+        let mut channels = lock(&self.channels);
+        // A subscriber that came meanwhile keeps the channel.
+        if channels.get(&self.job_id).is_some_and(|tx| tx.receiver_count() == 0) {
+            channels.remove(&self.job_id);
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -45,7 +77,7 @@ impl Default for JobHub {
             submitted: Notify::new(),
             ended: watch::channel(0).0,
             cancel_flags: Mutex::default(),
-            channels: Mutex::default(),
+            channels: Channels::default(),
             throughput: Mutex::default(),
             shutdown: CancellationToken::new(),
         }
@@ -93,9 +125,11 @@ impl JobHub {
         }
     }
 
-    /// Subscribes to a job's live events.
-    pub fn subscribe(&self, job_id: &str) -> broadcast::Receiver<JobEvent> {
-        lock(&self.channels).entry(job_id.to_string()).or_insert_with(|| broadcast::channel(256).0).subscribe()
+    /// Subscribes to a job's live events (of any id: the caller looks the job up after, so
+    /// that nothing published between the two is lost).
+    pub fn subscribe(&self, job_id: &str) -> Subscription {
+        let rx = lock(&self.channels).entry(job_id.to_string()).or_insert_with(|| broadcast::channel(256).0).subscribe();
+        Subscription { rx: Some(rx), channels: self.channels.clone(), job_id: job_id.to_string() }
     }
 
     /// Sends a live event to the job's subscribers (if any); a final status closes the channel.
@@ -133,5 +167,28 @@ impl JobHub {
     /// The shutdown signal.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn channels_go_with_their_last_subscriber() {
+        let hub = JobHub::new();
+        // A stream of an unknown id subscribes, finds nothing and ends: nothing stays.
+        drop(hub.subscribe("no-such-job"));
+        assert!(lock(&hub.channels).is_empty());
+
+        let (mut first, second) = (hub.subscribe("job"), hub.subscribe("job"));
+        drop(second);
+        hub.publish("job", JobEvent::Progress(serde_json::json!({"step": 1})));
+        assert!(matches!(first.recv().await, Ok(JobEvent::Progress(_))), "the remaining subscriber still hears the job");
+        drop(first);
+        assert!(lock(&hub.channels).is_empty());
+        // Events of a job nobody watches go nowhere and create nothing.
+        hub.publish("job", JobEvent::Progress(serde_json::json!({"step": 2})));
+        assert!(lock(&hub.channels).is_empty());
     }
 }

@@ -70,10 +70,23 @@ pub async fn submit(db: &Pool, hub: &JobHub, req: JobRequest) -> Result<Job, Sub
     let params_json = serde_json::to_value(&params).map_err(|e| SubmitError::InvalidParams(e.to_string()))?;
     let job = db::jobs::insert(
         db,
-        &NewJob { dataset_id: &req.dataset_id, base_model: &base_model, params: &params_json, recipe: recipe.as_str(), epochs: params.epochs },
+        &NewJob {
+            dataset_id: &req.dataset_id,
+            base_model: &base_model,
+            params: &params_json,
+            recipe: recipe.as_str(),
+            epochs: params.epochs,
+            base_is_model: is_our_model,
+        },
     )
-    .await?
-    .ok_or_else(|| SubmitError::UnknownDataset(req.dataset_id.clone()))?;
+    .await?;
+    let Some(job) = job else {
+        // The dataset, or the model it was to start from, was deleted meanwhile (or never was).
+        return Err(match db::datasets::get(db, &req.dataset_id).await? {
+            None => SubmitError::UnknownDataset(req.dataset_id.clone()),
+            Some(_) => SubmitError::BaseModel(InvalidBaseModel(base_model)),
+        });
+    };
     hub.job_submitted();
     Ok(job)
 }

@@ -17,7 +17,9 @@ async fn a_dataset_s_images_come_in_pages_with_thumbnails_of_its_own_images_only
     let cats = json(app.get(&format!("/datasets/{id}/images?split=train&class=cat&offset=4")).await).await;
     assert_eq!((cats["total"].as_u64(), cats["images"].as_array().unwrap().len()), (Some(6), 2));
     assert!(cats["images"].as_array().unwrap().iter().all(|i| i["label"] == "cat" && i["split"] == "train"));
-    for bad in ["limit=0", "limit=201", "split=bogus", "offset=-1", "colour=red"] {
+    let at_most = json(app.get(&format!("/datasets/{id}/images?offset={}", i64::MAX)).await).await;
+    assert_eq!(at_most["images"], json!([]));
+    for bad in ["limit=0", "limit=201", "split=bogus", "offset=-1", "offset=9223372036854775808", "class=%00", "colour=red"] {
         assert_error(app.get(&format!("/datasets/{id}/images?{bad}")).await, 422, "invalid_query").await;
     }
     assert_error(app.get("/datasets/nope/images").await, 404, "not_found").await;

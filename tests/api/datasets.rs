@@ -149,6 +149,25 @@ async fn hugging_face_parquet_with_class_label_names() {
     assert_eq!(app.blobs().len(), 7);
 }
 
+/// Parquet's class names and file names come whole, not from folders: they get the checks a
+/// folder name gets (not empty, no control characters, at most 1,024 bytes), and a rejected
+/// name is shown with its control characters escaped (PostgreSQL stores no NUL).
+#[tokio::test]
+async fn parquet_class_and_file_names_are_checked_like_folder_names() {
+    let app = spawn_app().await;
+    let long = "x".repeat(1025);
+    let mut rows: Vec<HfRow> = (0..10).map(|i| HfRow::new(fixtures::jpeg(i as u32), &format!("img_{i}.jpg"), i % 5)).collect();
+    rows.push(HfRow::new(fixtures::jpeg(20), "bad\u{0}name.jpg", 0));
+    let ds = upload_ok(&app, "names.parquet", fixtures::hf_parquet(&rows, "label", Some(&["cat", "dog", " ", "cow\n", &long]), 4)).await;
+    assert_eq!(ds["classes"], json!(["cat", "dog"]));
+    assert_eq!(ds["num_images"], 4);
+    let rejected = rejected(&ds);
+    assert!(rejected["img_2.jpg"].contains("class name is empty"), "{rejected:?}");
+    assert!(rejected["img_3.jpg"].contains("class name 'cow\\u{a}' contains control characters"), "{rejected:?}");
+    assert!(rejected["img_4.jpg"].contains("longer than 1024 bytes"), "{rejected:?}");
+    assert!(rejected["bad\\u{0}name.jpg"].contains("control characters"), "{rejected:?}");
+}
+
 #[tokio::test]
 async fn parquet_with_a_split_column_and_no_class_names() {
     let app = spawn_app().await;

@@ -221,6 +221,13 @@ async fn bad_job_requests_get_clear_errors() {
     // 0.0 is an integer to JSON Schema, so it is read as 0 (and refused as 0); 2.5 is not.
     let msg = assert_error(post(json!({"dataset_id": dataset, "params": {"epochs": 0.0}})).await, 422, "invalid_params").await;
     assert!(msg.contains("params.epochs"), "{msg}");
+    // NUL characters: no field takes one (PostgreSQL could not store or compare it).
+    let msg = assert_error(post(json!({"dataset_id": "a\u{0}b"})).await, 422, "invalid_field").await;
+    assert_eq!(msg, "dataset_id contains a NUL character (\\u0000)");
+    let msg = assert_error(post(json!({"dataset_id": dataset, "params": {"a\u{0}": [1, "x\u{0}"]}})).await, 422, "invalid_field").await;
+    assert_eq!(msg, "a key of params contains a NUL character (\\u0000)");
+    let msg = assert_error(post(json!({"dataset_id": dataset, "base_model": ["ok", "b\u{0}"]})).await, 422, "invalid_field").await;
+    assert!(msg.starts_with("base_model[1] contains"), "{msg}");
     let msg = assert_error(post(json!({"dataset_id": dataset, "params": {"epochs": 2.5}})).await, 422, "invalid_field").await;
     assert!(msg.contains("params.epochs"), "{msg}");
     let msg = assert_error(post(json!({"dataset_id": dataset, "params": {"learning_rate": "fast"}})).await, 422, "invalid_field").await;

@@ -5,7 +5,8 @@ use std::io::Read;
 use serde_json::json;
 use vitforge::model::{LoadedModel, ModelSource, Vit};
 
-use crate::fixtures::{class_images, zip};
+use crate::fixtures::{class_images, file, image, zip};
+use image::ImageFormat;
 use crate::helpers::{assert_error, json, spawn_app};
 
 #[tokio::test]
@@ -68,6 +69,14 @@ async fn registry_download_evaluate_and_delete() {
     let birds = json(resp).await["id"].as_str().unwrap().to_string();
     let msg = assert_error(app.post_json(&format!("/models/{}/evaluate", models[0]), &json!({"dataset_id": birds})).await, 422, "unknown_classes").await;
     assert!(msg.contains("owl"), "{msg}");
+    // Only the split evaluated counts: an owl among the training images does not stop a test.
+    let mut members = class_images("train/", &["cat", "dog", "owl"], 2, 21);
+    members.extend(class_images("test/", &["cat", "dog"], 2, 31));
+    let mixed = json(app.post_dataset("mixed.zip", zip(&members), None).await).await["id"].as_str().unwrap().to_string();
+    let tested = json(app.post_json(&format!("/models/{}/evaluate", models[0]), &json!({"dataset_id": mixed, "split": "test"})).await).await;
+    assert_eq!(tested["per_class"]["cat"]["support"].as_u64().unwrap() + tested["per_class"]["dog"]["support"].as_u64().unwrap(), 4, "{tested}");
+    let msg = assert_error(app.post_json(&format!("/models/{}/evaluate", models[0]), &json!({"dataset_id": mixed, "split": "all"})).await, 422, "unknown_classes").await;
+    assert!(msg.contains("owl"), "{msg}");
     assert_error(app.post_json(&format!("/models/{}/evaluate", models[0]), &json!({"dataset_id": "nope"})).await, 404, "not_found").await;
     assert_error(app.post_json(&format!("/models/{}/evaluate", models[0]), &json!({"dataset_id": dataset, "split": "dev"})).await, 422, "invalid_field").await;
     assert_error(app.post_json("/models/nope/evaluate", &json!({"dataset_id": dataset})).await, 404, "not_found").await;
@@ -93,4 +102,38 @@ async fn registry_download_evaluate_and_delete() {
     assert_error(app.get(&format!("/models/{}", models[0])).await, 404, "not_found").await;
     assert_error(app.delete(&format!("/models/{}", models[1])).await, 409, "only_model").await;
     assert_error(app.delete("/models/nope").await, 404, "not_found").await;
+}
+
+/// A dataset deleted while a model is being evaluated on it (its images collected under the
+/// evaluation) is answered 404 naming it, never 500. The delete lands at several moments; each
+/// answer must be a report or that 404.
+#[tokio::test]
+async fn deleting_the_dataset_under_an_evaluation_is_404_not_500() {
+    let app = spawn_app().await;
+    let dataset = app.upload_pets(4, false).await;
+    let job = app.submit_job(&dataset, json!({"epochs": 1})).await;
+    let model = app.wait_job(job["id"].as_str().unwrap(), 120).await["model_id"].as_str().unwrap().to_string();
+    let mut answers = vec![];
+    for (i, delay) in [0u64, 10, 30, 60, 120].into_iter().enumerate() {
+        // Large photos, so that evaluating them takes a while.
+        let members: Vec<_> = (0..40u32)
+            .flat_map(|n| ["cat", "dog"].map(|c| file(&format!("{c}/{n}.jpg"), image(ImageFormat::Jpeg, 640, 1000 + i as u32 * 100 + n))))
+            .collect();
+        let resp = app.post_dataset("many.zip", zip(&members), None).await;
+        let doomed = json(resp).await["id"].as_str().unwrap().to_string();
+        let url = app.url(&format!("/models/{model}/evaluate"));
+        let evaluating = tokio::spawn(app.client.post(url).json(&json!({"dataset_id": doomed})).send());
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        assert_eq!(app.delete(&format!("/datasets/{doomed}")).await.status(), 204);
+        let resp = evaluating.await.unwrap().unwrap();
+        let status = resp.status().as_u16();
+        if status == 404 {
+            let msg = assert_error(resp, 404, "not_found").await;
+            assert!(msg.contains(&doomed), "{msg}");
+        } else {
+            assert_eq!(status, 200, "{}", resp.text().await.unwrap());
+        }
+        answers.push(status);
+    }
+    eprintln!("answers with the delete 0, 10, 30, 60 and 120 ms after the evaluate: {answers:?}");
 }

@@ -158,6 +158,9 @@ async fn bad_predict_requests_name_the_problem() {
     assert_error(resp, 422, "invalid_query").await;
     let resp = app.client.post(app.url("/predict?topk=3")).header("content-type", "image/jpeg").body(jpeg(1)).send().await.unwrap();
     assert_error(resp, 422, "invalid_query").await;
+    let resp = app.client.post(app.url("/predict?model=a%00b")).header("content-type", "image/jpeg").body(jpeg(1)).send().await.unwrap();
+    let msg = assert_error(resp, 422, "invalid_query").await;
+    assert!(msg.contains("NUL"), "{msg}");
 }
 
 #[tokio::test]
@@ -180,6 +183,14 @@ async fn the_default_switches_to_the_newest_model_and_older_ones_stay_reachable(
     }
     assert_eq!(served, second);
     assert_eq!(json(post(&format!("?model={first}")).await.unwrap()).await["model_id"], first);
+
+    // The default's row deleted behind this process's back (another process deleted it, or a
+    // delete has not moved the default on yet): a request that names no model gets the newest
+    // one left, not a 404 for a model it never named; one that names it gets that 404.
+    sqlx::query("delete from models where id = $1").bind(second).execute(&app.db).await.unwrap();
+    assert_eq!(json(post("").await.unwrap()).await["model_id"], first);
+    let msg = assert_error(post(&format!("?model={second}")).await.unwrap(), 404, "not_found").await;
+    assert!(msg.contains(second), "{msg}");
 }
 
 #[tokio::test]
