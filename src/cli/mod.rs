@@ -74,7 +74,10 @@ pub struct TrainArgs {
     /// Base model: a Hugging Face hub id or a local folder with config.json and model.safetensors.
     #[arg(long, default_value = DEFAULT_BASE_MODEL)]
     pub base_model: String,
-    /// Folder to write the fine-tuned model to (replaced if it exists).
+    /// Folder to write the fine-tuned model to: created, or replaced when it is empty or holds an
+    /// earlier model (only config.json, model.safetensors, preprocessor_config.json). A folder
+    /// holding anything else is refused, as is one that is, contains or lies inside --data or
+    /// --base-model.
     #[arg(long)]
     pub output: PathBuf,
     /// Compute device: auto, cpu or cuda:N.
@@ -148,7 +151,9 @@ pub struct InitModelArgs {
     /// Class names, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     pub labels: Vec<String>,
-    /// Folder to write the model to.
+    /// Folder to write the model to: created, or replaced when it is empty or holds an earlier
+    /// model (only config.json, model.safetensors, preprocessor_config.json); a folder holding
+    /// anything else is refused.
     #[arg(long)]
     pub output: PathBuf,
     /// Seed of the random weights.
@@ -258,6 +263,56 @@ fn import(data: &Path, store: &BlobStore) -> anyhow::Result<crate::dataset::Inge
     Ok(ingested)
 }
 
+/// Refuses an `--output` that writing a model would destroy something in: a folder holding
+/// anything but an earlier model's files, or one that is, contains or lies inside one of
+/// `inputs` (flag, path), such as `--data`. Nothing is touched.
+fn check_output(output: &Path, inputs: &[(&str, &Path)]) -> anyhow::Result<()> {
+    let out = resolved(output);
+    for (flag, input) in inputs {
+        let input_at = resolved(input);
+        let overlap = if out == input_at {
+            Some("is")
+        } else if input_at.starts_with(&out) {
+            Some("contains")
+        } else if out.starts_with(&input_at) {
+            Some("lies inside")
+        } else {
+            None
+        };
+        if let Some(how) = overlap {
+            anyhow::bail!(
+                "--output {} {how} {flag} {}: writing the model there would replace or alter it; choose a folder outside it",
+                output.display(),
+                input.display()
+            );
+        }
+    }
+    let foreign = crate::model::io::foreign_entries(output).with_context(|| format!("--output {}", output.display()))?;
+    if !foreign.is_empty() {
+        let shown = foreign.iter().take(5).map(String::as_str).collect::<Vec<_>>().join(", ");
+        let more = if foreign.len() > 5 { format!(" and {} more", foreign.len() - 5) } else { String::new() };
+        anyhow::bail!(
+            "--output {} already holds files that are not a model's ({shown}{more}); refusing to replace it: \
+             choose another folder, or empty it first",
+            output.display()
+        );
+    }
+    Ok(())
+}
+
+/// `path` made absolute with symbolic links and `..` resolved as far as it exists (the rest is
+/// appended as given), so two spellings of one folder compare equal.
+fn resolved(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    for existing in absolute.ancestors() {
+        if let Ok(real) = existing.canonicalize() {
+            let rest = absolute.strip_prefix(existing).unwrap_or(Path::new(""));
+            return real.join(rest);
+        }
+    }
+    absolute
+}
+
 /// Every imported image as (blob file, class, split).
 fn records(ingested: &crate::dataset::Ingested, store: &BlobStore) -> anyhow::Result<Vec<(PathBuf, String, Split)>> {
     ingested
@@ -274,11 +329,16 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let params: TrainParams = args.hyper.apply(recipe.base());
     params.validate().map_err(|e| anyhow::anyhow!("invalid hyper-parameter {e}"))?;
     let device = crate::model::device(&args.device)?;
+    let source = ModelSource::parse(&args.base_model)?;
+    let mut inputs = vec![("--data", args.data.as_path())];
+    if let ModelSource::Dir(dir) = &source {
+        inputs.push(("--base-model", dir.as_path()));
+    }
+    check_output(&args.output, &inputs)?;
     let scratch = tempfile::tempdir()?;
     let store = BlobStore::open(scratch.path().join("blobs"))?;
     let ingested = import(&args.data, &store)?;
     let data = TrainData::with_labels(ingested.classes.clone(), records(&ingested, &store)?)?;
-    let source = ModelSource::parse(&args.base_model)?;
     let pb = bar(0, "{spinner} {prefix:>10} [{bar:30}] {pos}/{len} {msg} eta {eta}");
     pb.set_prefix(Phase::Loading.as_str());
     let mut model = LoadedModel::load(&source, Some(&ingested.classes), &device, params.seed)
@@ -304,6 +364,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let cancel = AtomicBool::new(false);
     let outcome = fine_tune(&mut model, spec, &device, Control { cancel: &cancel, on_event: &mut on_event })?;
     pb.finish_and_clear();
+    // Again: the folder may have been filled while the model trained.
+    check_output(&args.output, &inputs)?;
     model.save(&args.output).with_context(|| format!("writing {}", args.output.display()))?;
     crate::train::checkpoint::clear(&root)?;
     let summary = json!({
@@ -372,6 +434,7 @@ pub fn init_model(args: InitModelArgs) -> anyhow::Result<()> {
             format!("--config {}: not tiny, small or base, and not a readable config.json", args.config)
         })?)?,
     };
+    check_output(&args.output, &[])?;
     let model = LoadedModel::random(&cfg, &args.labels, args.seed, &Device::Cpu)?;
     model.save(&args.output)?;
     eprintln!("wrote a random {}-parameter model with labels {:?} to {}", model.params.num_scalars(), args.labels, args.output.display());

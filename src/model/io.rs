@@ -345,6 +345,31 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The entries of `dir` that a saved model folder does not hold (anything but [`SAVED_FILES`]),
+/// sorted: what replacing `dir` with a model would delete. Empty when `dir` does not exist, is
+/// empty or holds an earlier model; an error when `dir` exists but is not a folder.
+pub fn foreign_entries(dir: &Path) -> std::io::Result<Vec<String>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && fs::symlink_metadata(dir).is_err() => return Ok(vec![]),
+        Err(e) if dir.exists() && !dir.is_dir() => {
+            return Err(std::io::Error::new(e.kind(), format!("{} exists and is not a folder", dir.display())));
+        }
+        Err(e) => return Err(std::io::Error::new(e.kind(), format!("reading {}: {e}", dir.display()))),
+    };
+    let mut foreign = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| std::io::Error::new(e.kind(), format!("reading {}: {e}", dir.display())))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if !(is_file && SAVED_FILES.contains(&name.as_str())) {
+            foreign.push(name);
+        }
+    }
+    foreign.sort();
+    Ok(foreign)
+}
+
 /// Fills a fresh temporary sibling of `dir` with `fill`, then renames it to `dir` (replacing an
 /// existing folder), so readers see either the old folder or the complete new one.
 pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {

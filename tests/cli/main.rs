@@ -222,3 +222,61 @@ fn every_kernel_level_passes_the_golden_files_and_bench_names_it() {
     assert!(!ok);
     assert!(err.contains("VITFORGE_MAX_ISA") && err.contains("generic, avx2, avx512, avx512bf16, amx"), "{err}");
 }
+
+/// `--output` never replaces a folder holding anything but an earlier model, nor one that is,
+/// contains or lies inside `--data` or `--base-model`; the refusal names the folder, exits 1 and
+/// leaves everything as it was (checked before any training). An earlier model is replaced.
+#[test]
+fn output_never_replaces_a_folder_of_other_files_or_the_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_string_lossy().into_owned();
+    std::fs::create_dir(tmp.path().join("important")).unwrap();
+    std::fs::write(tmp.path().join("important/notes.txt"), "x").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vitforge"))
+        .args(["init-model", "--config", "tiny", "--labels", "cat,dog", "--output", &t("important")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&t("important")) && err.contains("notes.txt"), "{err}");
+    assert_eq!(std::fs::read_to_string(tmp.path().join("important/notes.txt")).unwrap(), "x");
+    assert!(!tmp.path().join("important/config.json").exists());
+
+    // A fresh folder, an empty one and an earlier model are written (and rewritten).
+    std::fs::create_dir(tmp.path().join("empty")).unwrap();
+    for dir in ["base", "base", "empty"] {
+        let (ok, _, err) = vitforge(&["init-model", "--config", "tiny", "--labels", "x,y", "--output", &t(dir)]);
+        assert!(ok, "{dir}: {err}");
+        assert!(tmp.path().join(dir).join("model.safetensors").is_file());
+    }
+
+    write_dataset(&tmp.path().join("data"), 4);
+    let before = support::files_under(&tmp.path().join("data"));
+    let train = |output: &str, base: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_vitforge"))
+            .args(["train", "--data", &t("data"), "--base-model", base, "--output", output, "--epochs", "1"])
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let base = t("base");
+    let cases = [
+        (t("data"), base.as_str(), "is --data"),
+        (format!("{}/../data/", t("data")), base.as_str(), "is --data"),
+        (t("data/top"), base.as_str(), "lies inside --data"),
+        (tmp.path().to_string_lossy().into_owned(), base.as_str(), "contains --data"),
+        (t("base"), base.as_str(), "is --base-model"),
+        (t("base/sub"), base.as_str(), "lies inside --base-model"),
+        (t("important"), base.as_str(), "notes.txt"),
+    ];
+    for (output, base, expected) in &cases {
+        let (code, err) = train(output, base);
+        assert_eq!(code, Some(1), "{output}: {err}");
+        assert!(err.contains(expected) && err.contains("--output"), "{output}: {err}");
+        assert!(!err.contains("imported"), "refused before reading the data: {err}");
+    }
+    assert_eq!(support::files_under(&tmp.path().join("data")), before);
+    assert!(tmp.path().join("base/model.safetensors").is_file());
+    assert!(!tmp.path().join("base/sub").exists());
+    assert_eq!(std::fs::read_to_string(tmp.path().join("important/notes.txt")).unwrap(), "x");
+}
