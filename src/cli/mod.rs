@@ -7,7 +7,8 @@ pub mod selfcheck;
 pub mod train_flags;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -23,7 +24,7 @@ use crate::model::{LoadedModel, ModelSource, PrecisionChoice, VitConfig};
 use crate::telemetry::LogFormat;
 use crate::train::data::TrainData;
 use crate::train::eval::{EvalSplit, evaluate_records};
-use crate::train::{Control, Phase, Recipe, TrainEvent, TrainParams, TrainSpec, cli_checkpoint_root, fine_tune};
+use crate::train::{Control, Phase, Recipe, TrainError, TrainEvent, TrainParams, TrainSpec, cli_checkpoint_root, fine_tune};
 use crate::worker::submit::DEFAULT_BASE_MODEL;
 
 /// vitforge: fine-tune a pre-trained Vision Transformer on your images and serve it over HTTP.
@@ -335,6 +336,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         inputs.push(("--base-model", dir.as_path()));
     }
     check_output(&args.output, &inputs)?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    cancel_on_signal(cancel.clone())?;
     let scratch = tempfile::tempdir()?;
     let store = BlobStore::open(scratch.path().join("blobs"))?;
     let ingested = import(&args.data, &store)?;
@@ -361,9 +364,16 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     let mut shown = None;
     let mut on_event = |e: TrainEvent| show_event(&pb, &mut shown, &root, e);
-    let cancel = AtomicBool::new(false);
-    let outcome = fine_tune(&mut model, spec, &device, Control { cancel: &cancel, on_event: &mut on_event })?;
+    let result = fine_tune(&mut model, spec, &device, Control { cancel: &cancel, on_event: &mut on_event });
     pb.finish_and_clear();
+    let outcome = match result {
+        Err(TrainError::Cancelled) => {
+            // The scratch copy of the data goes now; the checkpoints stay for the next run.
+            drop(scratch);
+            return Err(interrupted(&root).into());
+        }
+        other => other?,
+    };
     // Again: the folder may have been filled while the model trained.
     check_output(&args.output, &inputs)?;
     model.save(&args.output).with_context(|| format!("writing {}", args.output.display()))?;
@@ -380,6 +390,53 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         "params": params,
     });
     println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+/// `vitforge train` stopped by SIGINT (Ctrl-C) or SIGTERM; `main` exits with 130 on it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Interrupted(String);
+
+/// What an interrupted run left under checkpoint root `root`, and how to go on: the latest epoch
+/// checkpoint is kept (the next run of the same command resumes from it); without one, the
+/// empty root is removed.
+fn interrupted(root: &Path) -> Interrupted {
+    match crate::train::checkpoint::list_epochs(root).last() {
+        Some(epoch) => Interrupted(format!(
+            "interrupted: the checkpoint of epoch {epoch} is kept in {}; run the same command again to resume from it",
+            root.display()
+        )),
+        None => {
+            let _ = crate::train::checkpoint::clear(root);
+            Interrupted("interrupted before the first epoch ended: there is no checkpoint to resume from".into())
+        }
+    }
+}
+
+/// Sets `cancel` at the first SIGINT (Ctrl-C) or SIGTERM, so a fine-tune stops after its current
+/// batch and cleans up; a second signal exits at once (status 130). The handlers are in place
+/// when this returns.
+fn cancel_on_signal(cancel: Arc<AtomicBool>) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (mut int, mut term) = runtime
+            .block_on(async { Ok::<_, std::io::Error>((signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?)) })
+            .context("listening for Ctrl-C")?;
+        std::thread::spawn(move || {
+            runtime.block_on(async move {
+                tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+                cancel.store(true, Ordering::Relaxed);
+                eprintln!("stopping after the current batch (Ctrl-C again to stop at once, leaving the scratch copy of the data)");
+                tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+                std::process::exit(130);
+            })
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = cancel;
     Ok(())
 }
 

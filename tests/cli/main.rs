@@ -280,3 +280,55 @@ fn output_never_replaces_a_folder_of_other_files_or_the_inputs() {
     assert!(!tmp.path().join("base/sub").exists());
     assert_eq!(std::fs::read_to_string(tmp.path().join("important/notes.txt")).unwrap(), "x");
 }
+
+/// Ctrl-C during `train` stops it cleanly (status 130, the scratch copy of the data removed, the
+/// epoch checkpoint kept and the way to resume named), and the same command run again resumes
+/// from that checkpoint instead of starting over, then finishes.
+#[test]
+fn an_interrupted_train_resumes_from_its_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_string_lossy().into_owned();
+    std::fs::write(tmp.path().join("config.json"), support::SLOW_CONFIG).unwrap();
+    let (ok, _, err) = vitforge(&["init-model", "--config", &t("config.json"), "--labels", "x,y", "--output", &t("base")]);
+    assert!(ok, "{err}");
+    write_dataset(&tmp.path().join("data"), 24);
+    std::fs::create_dir(tmp.path().join("scratch")).unwrap();
+    let args = [
+        "train", "--data", &t("data"), "--base-model", &t("base"), "--output", &t("model"), "--epochs", "40",
+        "--learning-rate", "2e-3", "--batch-size", "4", "--augment", "false",
+    ];
+    let run = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vitforge"));
+        cmd.args(args).env("RUST_LOG", "warn").env("TMPDIR", t("scratch"));
+        cmd
+    };
+
+    let mut child = run().stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let checkpoints = tmp.path().join(".model.checkpoints");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !checkpoints.join("epoch-1").is_dir() {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint of epoch 1 within two minutes");
+        assert!(child.try_wait().unwrap().is_none(), "train ended before its first checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted") && err.contains("run the same command again to resume"), "{err}");
+    assert!(!tmp.path().join("model").exists());
+    assert!(std::fs::read_dir(tmp.path().join("scratch")).unwrap().next().is_none(), "the scratch copy of the data is removed");
+    let kept = std::fs::read_dir(&checkpoints).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with("epoch-"));
+    assert!(kept, "the epoch checkpoint is kept");
+
+    let out = run().output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("resuming after epoch"), "{err}");
+    assert!(!err.contains("starting over"), "{err}");
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["epochs_run"], 40, "{summary}");
+    assert!(tmp.path().join("model/model.safetensors").is_file());
+    assert!(!checkpoints.exists());
+}
