@@ -47,14 +47,14 @@ pub struct BenchArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Batch sizes (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "8")]
+    #[arg(long, value_delimiter = ',', default_value = "8", value_parser = super::at_least(1))]
     pub batch: Vec<usize>,
     /// Modes (comma-separated). Peak memory is the process's high-water mark, so measure one mode
     /// per process to compare memory (bench/compare.sh does).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "infer,train,head_only")]
     pub mode: Vec<BenchMode>,
     /// Timed iterations per figure (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = super::at_least(1))]
     pub iters: usize,
     /// Untimed iterations before timing.
     #[arg(long, default_value_t = 2)]
@@ -63,12 +63,12 @@ pub struct BenchArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Instead of the network: time the `auto` recipe's probe fit (the logistic regression with
-    /// its cross-validation, on the CPU) for these numbers of classes (comma-separated), on
+    /// its cross-validation, on the CPU) for these numbers of classes (comma-separated, 2 or more each), on
     /// generated features of the architecture's width.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = super::at_least(2))]
     pub probe_classes: Vec<usize>,
     /// Training images per class for `--probe-classes`.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = super::at_least(1))]
     pub probe_per_class: usize,
     /// Precision of the matrix products: f32, bf16 or auto (as `vitforge train`).
     #[arg(long, value_enum, default_value_t = PrecisionChoice::F32)]

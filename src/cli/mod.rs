@@ -101,8 +101,8 @@ pub struct PredictArgs {
     /// Model folder (or hub id).
     #[arg(long)]
     pub model: String,
-    /// Labels per image in `top_k`.
-    #[arg(long, default_value_t = 5)]
+    /// Labels per image in `top_k` (1 or more).
+    #[arg(long, default_value_t = 5, value_parser = at_least(1))]
     pub top_k: usize,
     /// Test-time flip: average each image's probabilities with its mirror image's (twice the
     /// compute).
@@ -132,8 +132,8 @@ pub struct EvalArgs {
     /// Which split of the data to evaluate on.
     #[arg(long, value_enum, default_value_t = EvalSplit::All)]
     pub split: EvalSplit,
-    /// Images per forward pass.
-    #[arg(long, default_value_t = 16)]
+    /// Images per forward pass (1 or more).
+    #[arg(long, default_value_t = 16, value_parser = at_least(1))]
     pub batch_size: usize,
     /// Compute device: auto, cpu or cuda:N.
     #[arg(long, default_value = "auto")]
@@ -160,6 +160,16 @@ pub struct InitModelArgs {
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+/// A clap value parser of whole numbers no smaller than `min`, whose error says so (clap's own
+/// ranges print the type's maximum as the upper bound).
+pub(crate) fn at_least(min: usize) -> impl Fn(&str) -> Result<usize, String> + Clone + Send + Sync + 'static {
+    move |s| match s.trim().parse::<usize>() {
+        Ok(n) if n >= min => Ok(n),
+        Ok(_) => Err(format!("must be {min} or more")),
+        Err(_) => Err(format!("not a whole number ({min} or more)")),
+    }
 }
 
 /// A progress bar on stderr (hidden when stderr is not a terminal).

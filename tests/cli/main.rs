@@ -332,3 +332,24 @@ fn an_interrupted_train_resumes_from_its_checkpoint() {
     assert!(tmp.path().join("model/model.safetensors").is_file());
     assert!(!checkpoints.exists());
 }
+
+/// Counts that must be positive are refused by the parser with the flag named, instead of a
+/// panic (`--probe-classes 0` divided a chunk size by zero) or a meaningless figure.
+#[test]
+fn zero_counts_are_refused_with_the_flag_named() {
+    let cases: [(&[&str], &str); 7] = [
+        (&["bench", "--config", "tiny", "--probe-classes", "0"], "--probe-classes"),
+        (&["bench", "--config", "tiny", "--probe-classes", "1"], "--probe-classes"),
+        (&["bench", "--config", "tiny", "--probe-classes", "2", "--probe-per-class", "0"], "--probe-per-class"),
+        (&["bench", "--config", "tiny", "--batch", "4,0"], "--batch"),
+        (&["bench", "--config", "tiny", "--iters", "0"], "--iters"),
+        (&["predict", "--model", "m", "--top-k", "0", "x.png"], "--top-k"),
+        (&["eval", "--model", "m", "--data", "d", "--batch-size", "0"], "--batch-size"),
+    ];
+    for (args, flag) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_vitforge")).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(flag) && err.contains("or more") && !err.contains("panicked"), "{args:?}: {err}");
+    }
+}
