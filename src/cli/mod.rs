@@ -149,7 +149,7 @@ pub struct InitModelArgs {
     /// Architecture: tiny, small or base (patch 16, 224×224), or a config.json file.
     #[arg(long)]
     pub config: String,
-    /// Class names, comma-separated.
+    /// Class names, comma-separated: at least two, all different.
     #[arg(long, value_delimiter = ',', required = true)]
     pub labels: Vec<String>,
     /// Folder to write the model to: created, or replaced when it is empty or holds an earlier
@@ -501,9 +501,27 @@ pub fn init_model(args: InitModelArgs) -> anyhow::Result<()> {
             format!("--config {}: not tiny, small or base, and not a readable config.json", args.config)
         })?)?,
     };
+    let labels = class_names(&args.labels)?;
     check_output(&args.output, &[])?;
-    let model = LoadedModel::random(&cfg, &args.labels, args.seed, &Device::Cpu)?;
+    let model = LoadedModel::random(&cfg, &labels, args.seed, &Device::Cpu)?;
     model.save(&args.output)?;
-    eprintln!("wrote a random {}-parameter model with labels {:?} to {}", model.params.num_scalars(), args.labels, args.output.display());
+    eprintln!("wrote a random {}-parameter model with labels {labels:?} to {}", model.params.num_scalars(), args.output.display());
     Ok(())
+}
+
+/// The class names of `--labels`, trimmed: at least two, none empty, none twice.
+fn class_names(given: &[String]) -> anyhow::Result<Vec<String>> {
+    let labels: Vec<String> = given.iter().map(|l| l.trim().to_string()).collect();
+    if labels.iter().any(String::is_empty) {
+        anyhow::bail!("--labels {:?}: a class name is empty; give the names separated by commas, like cat,dog", given.join(","));
+    }
+    for (i, label) in labels.iter().enumerate() {
+        if labels[..i].contains(label) {
+            anyhow::bail!("--labels: class '{label}' is given twice; each class name must be different");
+        }
+    }
+    if labels.len() < 2 {
+        anyhow::bail!("--labels: a classifier needs at least 2 classes, got {} ({})", labels.len(), labels.join(","));
+    }
+    Ok(labels)
 }

@@ -353,3 +353,21 @@ fn zero_counts_are_refused_with_the_flag_named() {
         assert!(err.contains(flag) && err.contains("or more") && !err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+/// `init-model --labels` takes at least two different, non-empty class names (trimmed); anything
+/// else is refused with a message saying what is wrong, and nothing is written.
+#[test]
+fn init_model_needs_two_distinct_class_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let output = tmp.path().join("m").to_string_lossy().into_owned();
+    for (labels, expected) in [("cat,cat", "'cat' is given twice"), ("cat, cat ", "'cat' is given twice"), ("", "empty"), ("cat,,dog", "empty"), ("cat", "at least 2 classes")] {
+        let (ok, _, err) = vitforge(&["init-model", "--config", "tiny", "--labels", labels, "--output", &output]);
+        assert!(!ok, "{labels:?} accepted");
+        assert!(err.contains("--labels") && err.contains(expected), "{labels:?}: {err}");
+        assert!(!tmp.path().join("m").exists(), "{labels:?}");
+    }
+    let (ok, _, err) = vitforge(&["init-model", "--config", "tiny", "--labels", " cat , dog", "--output", &output]);
+    assert!(ok, "{err}");
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("m/config.json")).unwrap()).unwrap();
+    assert_eq!(config["id2label"], serde_json::json!({"0": "cat", "1": "dog"}));
+}
