@@ -15,6 +15,7 @@ use anyhow::Context;
 use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
 use serde_json::json;
 
 use crate::config::ServeConfig;
@@ -115,7 +116,8 @@ pub struct PredictArgs {
     /// (bf16 where the CPU multiplies bf16 natively, else f32).
     #[arg(long, value_enum, default_value_t = PrecisionChoice::F32)]
     pub precision: PrecisionChoice,
-    /// Image files.
+    /// Image files. One that cannot be read or decoded gets `{"file", "error"}` in place of its
+    /// prediction, the others are still classified, and the command then exits with status 1.
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
 }
@@ -450,27 +452,63 @@ fn cancel_on_signal(cancel: Arc<AtomicBool>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `vitforge predict`: prints `{"predictions": [{"file", "label", "score", "top_k"}]}`.
+/// `vitforge predict`: prints `{"predictions": [{"file", "label", "score", "top_k"}]}`, with
+/// `{"file", "error"}` in place of the prediction of a file that cannot be read or decoded (the
+/// others are still classified); fails at the end when any file did.
 pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
     let device = crate::model::device(&args.device)?;
     let clf = Classifier::load(&ModelSource::parse(&args.model)?, &device, args.precision.resolve())?;
+    let pb = if args.images.len() > PREDICT_BATCH {
+        bar(args.images.len() as u64, "{spinner} classifying [{bar:30}] {pos}/{len} images ({per_sec}) eta {eta}")
+    } else {
+        ProgressBar::hidden()
+    };
     let mut predictions = Vec::with_capacity(args.images.len());
+    let mut failed = 0;
     // A chunk at a time, so only one forward pass of files is held in memory.
     for chunk in args.images.chunks(PREDICT_BATCH) {
-        let mut images = Vec::with_capacity(chunk.len());
-        for path in chunk {
-            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            images.push((path.display().to_string(), bytes));
+        let never = AtomicBool::new(false);
+        let prepared: Vec<Result<Vec<f32>, String>> = chunk
+            .par_iter()
+            .map(|path| {
+                let bytes = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
+                let image = [(path.display().to_string(), bytes)];
+                match clf.prepare(&image, crate::imaging::DEFAULT_MAX_PIXELS, &never) {
+                    Ok(mut pixels) => Ok(pixels.remove(0)),
+                    Err(ClassifyError::Image { reason, .. }) => Err(reason),
+                    Err(other) => Err(other.to_string()),
+                }
+            })
+            .collect();
+        let mut pixels = Vec::with_capacity(chunk.len());
+        let mut errors = Vec::with_capacity(chunk.len());
+        for p in prepared {
+            match p {
+                Ok(p) => {
+                    pixels.push(p);
+                    errors.push(None);
+                }
+                Err(e) => errors.push(Some(e)),
+            }
         }
-        let answers = clf.classify(&images, args.top_k, crate::imaging::DEFAULT_MAX_PIXELS, PREDICT_BATCH, args.flip).map_err(|e| match e {
-            ClassifyError::Image { name, reason, .. } => anyhow::anyhow!("{name}: {reason}"),
-            other => other.into(),
-        })?;
-        for (path, answer) in chunk.iter().zip(answers) {
+        let mut answers = if pixels.is_empty() { vec![] } else { clf.predictions(&clf.probabilities_tta(&pixels, args.flip)?, args.top_k) }.into_iter();
+        for (path, error) in chunk.iter().zip(errors) {
+            if let Some(error) = error {
+                failed += 1;
+                say(&pb, format!("{}: {error}", path.display()));
+                predictions.push(json!({"file": path, "error": error}));
+                continue;
+            }
+            let answer = answers.next().with_context(|| format!("no prediction for {}", path.display()))?;
             predictions.push(json!({"file": path, "label": answer.label, "score": answer.score, "top_k": answer.top_k}));
         }
+        pb.inc(chunk.len() as u64);
     }
+    pb.finish_and_clear();
     println!("{}", serde_json::to_string_pretty(&json!({ "predictions": predictions }))?);
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} images could not be read or decoded; their entries carry an \"error\" instead of a label", args.images.len());
+    }
     Ok(())
 }
 

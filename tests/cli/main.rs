@@ -371,3 +371,35 @@ fn init_model_needs_two_distinct_class_names() {
     let config: Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("m/config.json")).unwrap()).unwrap();
     assert_eq!(config["id2label"], serde_json::json!({"0": "cat", "1": "dog"}));
 }
+
+/// A file `predict` cannot read or decode gets `{"file", "error"}` in place of its prediction;
+/// the other files are still classified, and the command exits with status 1 at the end.
+#[test]
+fn predict_reports_a_bad_file_and_classifies_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_string_lossy().into_owned();
+    std::fs::write(tmp.path().join("config.json"), support::TINY_CONFIG).unwrap();
+    let (ok, _, err) = vitforge(&["init-model", "--config", &t("config.json"), "--labels", "x,y", "--output", &t("model")]);
+    assert!(ok, "{err}");
+    write_dataset(&tmp.path().join("data"), 1);
+    std::fs::write(tmp.path().join("empty.png"), b"").unwrap();
+    std::fs::write(tmp.path().join("corrupt.jpg"), b"\xff\xd8\xff\xe0 not really a jpeg").unwrap();
+    let files = [t("data/top/0.png"), "/dev/null".into(), t("missing.png"), t("empty.png"), t("corrupt.jpg"), t("data/bottom/0.png")];
+    let model = t("model");
+    let mut args = vec!["predict", "--model", &model, "--top-k", "1"];
+    args.extend(files.iter().map(String::as_str));
+    let out = Command::new(env!("CARGO_BIN_EXE_vitforge")).args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("4 of 6 images could not be read or decoded"), "{err}");
+    let preds: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {err}"));
+    let preds = preds["predictions"].as_array().unwrap();
+    assert_eq!(preds.len(), files.len());
+    for (pred, file) in preds.iter().zip(&files) {
+        assert_eq!(pred["file"], *file);
+        let bad = !file.ends_with("/0.png");
+        assert_eq!(pred.get("error").is_some(), bad, "{pred}");
+        assert_eq!(pred.get("label").is_some(), !bad, "{pred}");
+    }
+    assert!(preds[2]["error"].as_str().unwrap().contains("cannot read"), "{}", preds[2]);
+}
