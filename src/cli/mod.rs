@@ -24,7 +24,7 @@ use crate::model::classifier::{ClassifyError, Classifier};
 use crate::model::{LoadedModel, ModelSource, PrecisionChoice, VitConfig};
 use crate::telemetry::LogFormat;
 use crate::train::data::TrainData;
-use crate::train::eval::{EvalSplit, evaluate_records};
+use crate::train::eval::{EvalSplit, evaluate_records_with_progress};
 use crate::train::{Control, Phase, Recipe, TrainError, TrainEvent, TrainParams, TrainSpec, cli_checkpoint_root, fine_tune};
 use crate::worker::submit::DEFAULT_BASE_MODEL;
 
@@ -524,7 +524,15 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let store = BlobStore::open(scratch.path().join("blobs"))?;
     let ingested = import(&args.data, &store)?;
     let limits = IngestLimits::default();
-    let evaluation = evaluate_records(&model, records(&ingested, &store)?, Some(args.split), limits.max_image_pixels, args.batch_size, &device, args.precision.resolve())?;
+    let pb = bar(0, "{spinner} evaluating [{bar:30}] {pos}/{len} images ({per_sec}) eta {eta}");
+    let mut progress = |done: usize, total: usize| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    };
+    let records = records(&ingested, &store)?;
+    let (split, precision) = (Some(args.split), args.precision.resolve());
+    let evaluation = evaluate_records_with_progress(&model, records, split, limits.max_image_pixels, args.batch_size, &device, precision, &mut progress)?;
+    pb.finish_and_clear();
     let mut out = serde_json::to_value(&evaluation.report)?;
     out["num_images"] = json!(evaluation.num_images);
     println!("{}", serde_json::to_string_pretty(&out)?);
