@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use candle_core::{Device, Tensor};
 use clap::{Args, ValueEnum};
 use serde_json::json;
@@ -93,7 +93,10 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let device = crate::model::device(&args.device)?;
     let labels: Vec<String> = (0..BENCH_LABELS).map(|i| format!("class_{i}")).collect();
     let (name, model) = match &args.model {
-        Some(dir) => (dir.display().to_string(), LoadedModel::load(&ModelSource::Dir(dir.clone()), Some(&labels), &device, 0)?),
+        Some(dir) => {
+            let model = LoadedModel::load(&ModelSource::Dir(dir.clone()), Some(&labels), &device, 0).with_context(|| format!("--model {}", dir.display()))?;
+            (dir.display().to_string(), model)
+        }
         None => {
             let Some(cfg) = VitConfig::preset(&args.config) else { bail!("--config must be tiny, small or base") };
             (args.config.clone(), LoadedModel::random(&cfg, &labels, 0, &device)?)
@@ -174,7 +177,11 @@ fn bench_probe(args: &BenchArgs) -> anyhow::Result<()> {
     use rand::SeedableRng;
     use rand_distr::{Distribution, StandardNormal};
     let dim = match &args.model {
-        Some(dir) => VitConfig::from_json(&std::fs::read_to_string(dir.join("config.json"))?)?.hidden_size,
+        Some(dir) => {
+            let config = dir.join("config.json");
+            let text = std::fs::read_to_string(&config).with_context(|| format!("--model {}: reading {}", dir.display(), config.display()))?;
+            VitConfig::from_json(&text).with_context(|| format!("--model {}", dir.display()))?.hidden_size
+        }
         None => VitConfig::preset(&args.config).ok_or_else(|| anyhow::anyhow!("--config must be tiny, small or base"))?.hidden_size,
     };
     for &classes in &args.probe_classes {

@@ -457,7 +457,8 @@ fn cancel_on_signal(cancel: Arc<AtomicBool>) -> anyhow::Result<()> {
 /// others are still classified); fails at the end when any file did.
 pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
     let device = crate::model::device(&args.device)?;
-    let clf = Classifier::load(&ModelSource::parse(&args.model)?, &device, args.precision.resolve())?;
+    let source = ModelSource::parse(&args.model)?;
+    let clf = Classifier::load(&source, &device, args.precision.resolve()).with_context(|| format!("loading model {source}"))?;
     let pb = if args.images.len() > PREDICT_BATCH {
         bar(args.images.len() as u64, "{spinner} classifying [{bar:30}] {pos}/{len} images ({per_sec}) eta {eta}")
     } else {
@@ -519,7 +520,8 @@ const PREDICT_BATCH: usize = 16;
 /// confusion matrix) of a model on labelled images, and how many images it rests on.
 pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let device = crate::model::device(&args.device)?;
-    let model = LoadedModel::load(&ModelSource::parse(&args.model)?, None, &device, 0)?;
+    let source = ModelSource::parse(&args.model)?;
+    let model = LoadedModel::load(&source, None, &device, 0).with_context(|| format!("loading model {source}"))?;
     let scratch = tempfile::tempdir()?;
     let store = BlobStore::open(scratch.path().join("blobs"))?;
     let ingested = import(&args.data, &store)?;
@@ -550,7 +552,7 @@ pub fn init_model(args: InitModelArgs) -> anyhow::Result<()> {
     let labels = class_names(&args.labels)?;
     check_output(&args.output, &[])?;
     let model = LoadedModel::random(&cfg, &labels, args.seed, &Device::Cpu)?;
-    model.save(&args.output)?;
+    model.save(&args.output).with_context(|| format!("writing {}", args.output.display()))?;
     eprintln!("wrote a random {}-parameter model with labels {labels:?} to {}", model.params.num_scalars(), args.output.display());
     Ok(())
 }

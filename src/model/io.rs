@@ -352,14 +352,12 @@ pub fn foreign_entries(dir: &Path) -> std::io::Result<Vec<String>> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && fs::symlink_metadata(dir).is_err() => return Ok(vec![]),
-        Err(e) if dir.exists() && !dir.is_dir() => {
-            return Err(std::io::Error::new(e.kind(), format!("{} exists and is not a folder", dir.display())));
-        }
-        Err(e) => return Err(std::io::Error::new(e.kind(), format!("reading {}: {e}", dir.display()))),
+        Err(e) if dir.exists() && !dir.is_dir() => return Err(std::io::Error::new(e.kind(), "it exists and is not a folder")),
+        Err(e) => return Err(e),
     };
     let mut foreign = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|e| std::io::Error::new(e.kind(), format!("reading {}: {e}", dir.display())))?;
+        let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let is_file = entry.file_type().is_ok_and(|t| t.is_file());
         if !(is_file && SAVED_FILES.contains(&name.as_str())) {

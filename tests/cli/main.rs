@@ -403,3 +403,36 @@ fn predict_reports_a_bad_file_and_classifies_the_others() {
     }
     assert!(preds[2]["error"].as_str().unwrap().contains("cannot read"), "{}", preds[2]);
 }
+
+/// Errors name the path or flag at fault, and an i/o error's text is printed once (not again
+/// under "Caused by").
+#[test]
+fn errors_name_the_path_or_flag_at_fault() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("afile"), "x").unwrap();
+    let under_file = tmp.path().join("afile/out").to_string_lossy().into_owned();
+    let under_proc = "/proc/vitforge-no-such-folder/out".to_string();
+    for output in [&under_file, &under_proc] {
+        let (ok, _, err) = vitforge(&["init-model", "--config", "tiny", "--labels", "a,b", "--output", output]);
+        assert!(!ok);
+        assert!(err.contains(output.as_str()), "{err}");
+        assert_eq!(err.matches("os error").count(), 1, "{err}");
+    }
+    let (ok, _, err) = vitforge(&["bench", "--probe-classes", "2", "--model", "/nonexistent"]);
+    assert!(!ok);
+    assert!(err.contains("--model /nonexistent"), "{err}");
+    let (ok, _, err) = vitforge(&["bench", "--model", "/nonexistent", "--iters", "1"]);
+    assert!(!ok);
+    assert!(err.contains("--model /nonexistent"), "{err}");
+    let device_cases: [&[&str]; 3] = [
+        &["predict", "--device", "gpu", "--model", "m", "x.png"],
+        &["eval", "--device", "gpu", "--model", "m", "--data", "d"],
+        &["train", "--device", "gpu", "--base-model", "m", "--data", "d", "--output", "o"],
+    ];
+    for args in device_cases {
+        let (ok, _, err) = vitforge(args);
+        assert!(!ok);
+        assert!(err.contains("--device") && err.contains("'gpu'") && err.contains("auto, cpu or cuda:N"), "{args:?}: {err}");
+        assert!(!err.contains("model configuration"), "{args:?}: {err}");
+    }
+}
