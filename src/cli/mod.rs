@@ -326,6 +326,15 @@ fn resolved(path: &Path) -> PathBuf {
     absolute
 }
 
+/// The context of an error loading `what` from `source`. For a hub id it adds that no local
+/// folder has that name either, so a mistyped folder does not read as a network failure only.
+fn loading(what: &str, source: &ModelSource) -> String {
+    match source {
+        ModelSource::Dir(dir) => format!("loading {what} {}", dir.display()),
+        ModelSource::Hub(id) => format!("loading {what} '{id}' from the Hugging Face hub (no folder '{id}' here either)"),
+    }
+}
+
 /// Every imported image as (blob file, class, split).
 fn records(ingested: &crate::dataset::Ingested, store: &BlobStore) -> anyhow::Result<Vec<(PathBuf, String, Split)>> {
     ingested
@@ -357,7 +366,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let pb = bar(0, "{spinner} {prefix:>10} [{bar:30}] {pos}/{len} {msg} eta {eta}");
     pb.set_prefix(Phase::Loading.as_str());
     let mut model = LoadedModel::load(&source, Some(&ingested.classes), &device, params.seed)
-        .with_context(|| format!("loading base model {source}"))?;
+        .with_context(|| loading("base model", &source))?;
     say(
         &pb,
         format!(
@@ -458,7 +467,7 @@ fn cancel_on_signal(cancel: Arc<AtomicBool>) -> anyhow::Result<()> {
 pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
     let device = crate::model::device(&args.device)?;
     let source = ModelSource::parse(&args.model)?;
-    let clf = Classifier::load(&source, &device, args.precision.resolve()).with_context(|| format!("loading model {source}"))?;
+    let clf = Classifier::load(&source, &device, args.precision.resolve()).with_context(|| loading("model", &source))?;
     let pb = if args.images.len() > PREDICT_BATCH {
         bar(args.images.len() as u64, "{spinner} classifying [{bar:30}] {pos}/{len} images ({per_sec}) eta {eta}")
     } else {
@@ -521,7 +530,7 @@ const PREDICT_BATCH: usize = 16;
 pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let device = crate::model::device(&args.device)?;
     let source = ModelSource::parse(&args.model)?;
-    let model = LoadedModel::load(&source, None, &device, 0).with_context(|| format!("loading model {source}"))?;
+    let model = LoadedModel::load(&source, None, &device, 0).with_context(|| loading("model", &source))?;
     let scratch = tempfile::tempdir()?;
     let store = BlobStore::open(scratch.path().join("blobs"))?;
     let ingested = import(&args.data, &store)?;

@@ -436,3 +436,18 @@ fn errors_name_the_path_or_flag_at_fault() {
         assert!(!err.contains("model configuration"), "{args:?}: {err}");
     }
 }
+
+/// A model name that is no local folder is looked up on the hub, and the hub's error says that no
+/// folder of that name exists either; a name written as a path is only ever a folder.
+#[test]
+fn a_mistyped_model_folder_is_named_as_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf_home = tmp.path().to_string_lossy().into_owned();
+    let env = [("HF_HUB_OFFLINE", "1"), ("HF_HOME", hf_home.as_str())];
+    let (ok, _, err) = vitforge_with(&["predict", "--model", "my-modle", "x.jpg"], &env);
+    assert!(!ok);
+    assert!(err.contains("no folder 'my-modle' here either"), "{err}");
+    let (ok, _, err) = vitforge_with(&["eval", "--model", "./my-modle", "--data", "d"], &env);
+    assert!(!ok);
+    assert!(err.contains("model folder './my-modle' not found") && !err.contains("Hugging Face"), "{err}");
+}
