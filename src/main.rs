@@ -1,10 +1,9 @@
-use clap::Parser;
 use vitforge::cli::{self, Cli, Command};
 
 fn main() -> anyhow::Result<()> {
     // Before any thread starts: the allocator's settings for training's large, short-lived buffers.
     vitforge::malloc::configure();
-    let cli = Cli::parse();
+    let cli = Cli::parse_args();
     vitforge::telemetry::init(cli.log_format);
     // A cap on the CPU kernels that cannot be read is an error here, not a silent default later.
     vitforge::model::isa::cap_from_env().map_err(anyhow::Error::msg)?;

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use candle_core::Device;
-use clap::{Args, Parser, Subcommand};
+use clap::error::ErrorKind;
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde_json::json;
@@ -32,7 +34,7 @@ use crate::worker::submit::DEFAULT_BASE_MODEL;
 ///
 /// With no subcommand, `vitforge` runs `serve`.
 #[derive(Debug, Parser)]
-#[command(name = "vitforge", version, about, long_about = None, args_conflicts_with_subcommands = true)]
+#[command(name = "vitforge", version, about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -43,6 +45,33 @@ pub struct Cli {
     /// Log output format.
     #[arg(long, env = "VITFORGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+}
+
+impl Cli {
+    /// Parses the command line as [`Parser::parse`] does (printing the error and exiting on a bad
+    /// one), and refuses `serve`'s flags before a subcommand (`vitforge --port 80 train …`), where
+    /// they would be ignored. Global flags (`--log-format`) go before or after the subcommand.
+    /// (clap's `args_conflicts_with_subcommands` refused the global flags there too.)
+    pub fn parse_args() -> Self {
+        let mut command = Self::command();
+        let matches = command.get_matches_mut();
+        if let Some((name, _)) = matches.subcommand() {
+            let misplaced: Vec<String> = command
+                .get_arguments()
+                .filter(|a| !a.is_global_set() && matches.value_source(a.get_id().as_str()) == Some(ValueSource::CommandLine))
+                .map(|a| a.get_long().map_or_else(|| a.get_id().to_string(), |l| format!("--{l}")))
+                .collect();
+            if !misplaced.is_empty() {
+                command
+                    .error(
+                        ErrorKind::ArgumentConflict,
+                        format!("{} is a flag of `serve`, not of `{name}`: give it after `serve`, or without a subcommand", misplaced.join(", ")),
+                    )
+                    .exit();
+            }
+        }
+        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut command).exit())
+    }
 }
 
 /// The subcommands.

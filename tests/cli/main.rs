@@ -451,3 +451,44 @@ fn a_mistyped_model_folder_is_named_as_missing() {
     assert!(!ok);
     assert!(err.contains("model folder './my-modle' not found") && !err.contains("Hugging Face"), "{err}");
 }
+
+/// Global flags (`--log-format`) work before the subcommand as after it; `serve`'s flags before
+/// another subcommand are refused (they would be ignored); with no subcommand, `vitforge` still
+/// serves, and its log lines on a pipe carry no terminal colour codes.
+#[test]
+fn global_flags_go_before_the_subcommand_and_no_subcommand_serves() {
+    for args in [&["--log-format", "json", "eval", "--model", "./no-such-model", "--data", "d"][..], &["eval", "--log-format", "json", "--model", "./no-such-model", "--data", "d"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_vitforge")).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("model folder './no-such-model' not found"), "{args:?}: {err}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_vitforge")).args(["--port", "1", "eval", "--model", "m", "--data", "d"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--port is a flag of `serve`, not of `eval`"), "{err}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vitforge"))
+        .args(["--port", "0", "--data-dir"])
+        .arg(tmp.path())
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    for line in std::io::BufRead::lines(stderr) {
+        let line = line.unwrap();
+        seen.push(line.clone());
+        if line.contains("vitforge listening") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let log = seen.join("\n");
+    assert!(log.contains("vitforge listening"), "serves with no subcommand: {log}");
+    assert!(!log.contains('\x1b'), "colour codes in a piped log: {log:?}");
+}
