@@ -492,3 +492,38 @@ fn global_flags_go_before_the_subcommand_and_no_subcommand_serves() {
     assert!(log.contains("vitforge listening"), "serves with no subcommand: {log}");
     assert!(!log.contains('\x1b'), "colour codes in a piped log: {log:?}");
 }
+
+/// Every `vitforge` command line in the README's shell blocks uses only flags its subcommand's
+/// `--help` lists, and the `train` showcase runs the `auto` recipe the text promises (a
+/// hyper-parameter flag such as `--epochs` would switch it to `manual` silently).
+#[test]
+fn the_readme_command_lines_match_the_help() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let mut in_sh = false;
+    let mut checked = 0;
+    for line in readme.lines() {
+        if line.starts_with("```") {
+            in_sh = line == "```sh";
+            continue;
+        }
+        let line = line.split(" #").next().unwrap().trim();
+        let Some(rest) = line.strip_prefix("vitforge ").or_else(|| line.strip_prefix("target/release/vitforge ")) else { continue };
+        if !in_sh {
+            continue;
+        }
+        let words: Vec<&str> = rest.split_whitespace().collect();
+        let sub = words[0];
+        let (ok, help, err) = vitforge(&[sub, "--help"]);
+        assert!(ok, "{line}: {err}");
+        let flags: Vec<&str> = words.iter().filter(|w| w.starts_with("--")).map(|w| w.split('=').next().unwrap()).collect();
+        for flag in &flags {
+            assert!(help.contains(&format!("{flag} ")), "{line}: {flag} is not in `vitforge {sub} --help`");
+        }
+        if sub == "train" && !flags.contains(&"--recipe") {
+            let keeps_auto = ["--data", "--base-model", "--output", "--device", "--seed", "--validation-split", "--time-budget-secs", "--precision"];
+            assert!(flags.iter().all(|f| keeps_auto.contains(f)), "{line}: a hyper-parameter flag switches train to the manual recipe");
+        }
+        checked += 1;
+    }
+    assert!(checked >= 8, "only {checked} command lines found");
+}
