@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use candle_core::{Device, Tensor};
 use clap::{Args, ValueEnum};
 use serde_json::json;
@@ -47,14 +47,14 @@ pub struct BenchArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Batch sizes (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "8")]
+    #[arg(long, value_delimiter = ',', default_value = "8", value_parser = super::at_least(1))]
     pub batch: Vec<usize>,
     /// Modes (comma-separated). Peak memory is the process's high-water mark, so measure one mode
     /// per process to compare memory (bench/compare.sh does).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "infer,train,head_only")]
     pub mode: Vec<BenchMode>,
     /// Timed iterations per figure (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = super::at_least(1))]
     pub iters: usize,
     /// Untimed iterations before timing.
     #[arg(long, default_value_t = 2)]
@@ -63,12 +63,12 @@ pub struct BenchArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Instead of the network: time the `auto` recipe's probe fit (the logistic regression with
-    /// its cross-validation, on the CPU) for these numbers of classes (comma-separated), on
+    /// its cross-validation, on the CPU) for these numbers of classes (comma-separated, 2 or more each), on
     /// generated features of the architecture's width.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = super::at_least(2))]
     pub probe_classes: Vec<usize>,
     /// Training images per class for `--probe-classes`.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = super::at_least(1))]
     pub probe_per_class: usize,
     /// Precision of the matrix products: f32, bf16 or auto (as `vitforge train`).
     #[arg(long, value_enum, default_value_t = PrecisionChoice::F32)]
@@ -93,7 +93,10 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let device = crate::model::device(&args.device)?;
     let labels: Vec<String> = (0..BENCH_LABELS).map(|i| format!("class_{i}")).collect();
     let (name, model) = match &args.model {
-        Some(dir) => (dir.display().to_string(), LoadedModel::load(&ModelSource::Dir(dir.clone()), Some(&labels), &device, 0)?),
+        Some(dir) => {
+            let model = LoadedModel::load(&ModelSource::Dir(dir.clone()), Some(&labels), &device, 0).with_context(|| format!("--model {}", dir.display()))?;
+            (dir.display().to_string(), model)
+        }
         None => {
             let Some(cfg) = VitConfig::preset(&args.config) else { bail!("--config must be tiny, small or base") };
             (args.config.clone(), LoadedModel::random(&cfg, &labels, 0, &device)?)
@@ -174,7 +177,11 @@ fn bench_probe(args: &BenchArgs) -> anyhow::Result<()> {
     use rand::SeedableRng;
     use rand_distr::{Distribution, StandardNormal};
     let dim = match &args.model {
-        Some(dir) => VitConfig::from_json(&std::fs::read_to_string(dir.join("config.json"))?)?.hidden_size,
+        Some(dir) => {
+            let config = dir.join("config.json");
+            let text = std::fs::read_to_string(&config).with_context(|| format!("--model {}: reading {}", dir.display(), config.display()))?;
+            VitConfig::from_json(&text).with_context(|| format!("--model {}", dir.display()))?.hidden_size
+        }
         None => VitConfig::preset(&args.config).ok_or_else(|| anyhow::anyhow!("--config must be tiny, small or base"))?.hidden_size,
     };
     for &classes in &args.probe_classes {

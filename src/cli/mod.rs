@@ -7,13 +7,17 @@ pub mod selfcheck;
 pub mod train_flags;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
 use candle_core::Device;
-use clap::{Args, Parser, Subcommand};
+use clap::error::ErrorKind;
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
 use serde_json::json;
 
 use crate::config::ServeConfig;
@@ -22,15 +26,15 @@ use crate::model::classifier::{ClassifyError, Classifier};
 use crate::model::{LoadedModel, ModelSource, PrecisionChoice, VitConfig};
 use crate::telemetry::LogFormat;
 use crate::train::data::TrainData;
-use crate::train::eval::{EvalSplit, evaluate_records};
-use crate::train::{Control, Phase, Recipe, TrainEvent, TrainParams, TrainSpec, cli_checkpoint_root, fine_tune};
+use crate::train::eval::{EvalSplit, evaluate_records_with_progress};
+use crate::train::{Control, Phase, Recipe, TrainError, TrainEvent, TrainParams, TrainSpec, cli_checkpoint_root, fine_tune};
 use crate::worker::submit::DEFAULT_BASE_MODEL;
 
 /// vitforge: fine-tune a pre-trained Vision Transformer on your images and serve it over HTTP.
 ///
 /// With no subcommand, `vitforge` runs `serve`.
 #[derive(Debug, Parser)]
-#[command(name = "vitforge", version, about, long_about = None, args_conflicts_with_subcommands = true)]
+#[command(name = "vitforge", version, about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -41,6 +45,33 @@ pub struct Cli {
     /// Log output format.
     #[arg(long, env = "VITFORGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+}
+
+impl Cli {
+    /// Parses the command line as [`Parser::parse`] does (printing the error and exiting on a bad
+    /// one), and refuses `serve`'s flags before a subcommand (`vitforge --port 80 train …`), where
+    /// they would be ignored. Global flags (`--log-format`) go before or after the subcommand.
+    /// (clap's `args_conflicts_with_subcommands` refused the global flags there too.)
+    pub fn parse_args() -> Self {
+        let mut command = Self::command();
+        let matches = command.get_matches_mut();
+        if let Some((name, _)) = matches.subcommand() {
+            let misplaced: Vec<String> = command
+                .get_arguments()
+                .filter(|a| !a.is_global_set() && matches.value_source(a.get_id().as_str()) == Some(ValueSource::CommandLine))
+                .map(|a| a.get_long().map_or_else(|| a.get_id().to_string(), |l| format!("--{l}")))
+                .collect();
+            if !misplaced.is_empty() {
+                command
+                    .error(
+                        ErrorKind::ArgumentConflict,
+                        format!("{} is a flag of `serve`, not of `{name}`: give it after `serve`, or without a subcommand", misplaced.join(", ")),
+                    )
+                    .exit();
+            }
+        }
+        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut command).exit())
+    }
 }
 
 /// The subcommands.
@@ -74,7 +105,10 @@ pub struct TrainArgs {
     /// Base model: a Hugging Face hub id or a local folder with config.json and model.safetensors.
     #[arg(long, default_value = DEFAULT_BASE_MODEL)]
     pub base_model: String,
-    /// Folder to write the fine-tuned model to (replaced if it exists).
+    /// Folder to write the fine-tuned model to: created, or replaced when it is empty or holds an
+    /// earlier model (only config.json, model.safetensors, preprocessor_config.json). A folder
+    /// holding anything else is refused, as is one that is, contains or lies inside --data or
+    /// --base-model.
     #[arg(long)]
     pub output: PathBuf,
     /// Compute device: auto, cpu or cuda:N.
@@ -97,8 +131,8 @@ pub struct PredictArgs {
     /// Model folder (or hub id).
     #[arg(long)]
     pub model: String,
-    /// Labels per image in `top_k`.
-    #[arg(long, default_value_t = 5)]
+    /// Labels per image in `top_k` (1 or more).
+    #[arg(long, default_value_t = 5, value_parser = at_least(1))]
     pub top_k: usize,
     /// Test-time flip: average each image's probabilities with its mirror image's (twice the
     /// compute).
@@ -111,7 +145,8 @@ pub struct PredictArgs {
     /// (bf16 where the CPU multiplies bf16 natively, else f32).
     #[arg(long, value_enum, default_value_t = PrecisionChoice::F32)]
     pub precision: PrecisionChoice,
-    /// Image files.
+    /// Image files. One that cannot be read or decoded gets `{"file", "error"}` in place of its
+    /// prediction, the others are still classified, and the command then exits with status 1.
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
 }
@@ -128,8 +163,8 @@ pub struct EvalArgs {
     /// Which split of the data to evaluate on.
     #[arg(long, value_enum, default_value_t = EvalSplit::All)]
     pub split: EvalSplit,
-    /// Images per forward pass.
-    #[arg(long, default_value_t = 16)]
+    /// Images per forward pass (1 or more).
+    #[arg(long, default_value_t = 16, value_parser = at_least(1))]
     pub batch_size: usize,
     /// Compute device: auto, cpu or cuda:N.
     #[arg(long, default_value = "auto")]
@@ -145,15 +180,27 @@ pub struct InitModelArgs {
     /// Architecture: tiny, small or base (patch 16, 224×224), or a config.json file.
     #[arg(long)]
     pub config: String,
-    /// Class names, comma-separated.
+    /// Class names, comma-separated: at least two, all different.
     #[arg(long, value_delimiter = ',', required = true)]
     pub labels: Vec<String>,
-    /// Folder to write the model to.
+    /// Folder to write the model to: created, or replaced when it is empty or holds an earlier
+    /// model (only config.json, model.safetensors, preprocessor_config.json); a folder holding
+    /// anything else is refused.
     #[arg(long)]
     pub output: PathBuf,
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+/// A clap value parser of whole numbers no smaller than `min`, whose error says so (clap's own
+/// ranges print the type's maximum as the upper bound).
+pub(crate) fn at_least(min: usize) -> impl Fn(&str) -> Result<usize, String> + Clone + Send + Sync + 'static {
+    move |s| match s.trim().parse::<usize>() {
+        Ok(n) if n >= min => Ok(n),
+        Ok(_) => Err(format!("must be {min} or more")),
+        Err(_) => Err(format!("not a whole number ({min} or more)")),
+    }
 }
 
 /// A progress bar on stderr (hidden when stderr is not a terminal).
@@ -258,6 +305,65 @@ fn import(data: &Path, store: &BlobStore) -> anyhow::Result<crate::dataset::Inge
     Ok(ingested)
 }
 
+/// Refuses an `--output` that writing a model would destroy something in: a folder holding
+/// anything but an earlier model's files, or one that is, contains or lies inside one of
+/// `inputs` (flag, path), such as `--data`. Nothing is touched.
+fn check_output(output: &Path, inputs: &[(&str, &Path)]) -> anyhow::Result<()> {
+    let out = resolved(output);
+    for (flag, input) in inputs {
+        let input_at = resolved(input);
+        let overlap = if out == input_at {
+            Some("is")
+        } else if input_at.starts_with(&out) {
+            Some("contains")
+        } else if out.starts_with(&input_at) {
+            Some("lies inside")
+        } else {
+            None
+        };
+        if let Some(how) = overlap {
+            anyhow::bail!(
+                "--output {} {how} {flag} {}: writing the model there would replace or alter it; choose a folder outside it",
+                output.display(),
+                input.display()
+            );
+        }
+    }
+    let foreign = crate::model::io::foreign_entries(output).with_context(|| format!("--output {}", output.display()))?;
+    if !foreign.is_empty() {
+        let shown = foreign.iter().take(5).map(String::as_str).collect::<Vec<_>>().join(", ");
+        let more = if foreign.len() > 5 { format!(" and {} more", foreign.len() - 5) } else { String::new() };
+        anyhow::bail!(
+            "--output {} already holds files that are not a model's ({shown}{more}); refusing to replace it: \
+             choose another folder, or empty it first",
+            output.display()
+        );
+    }
+    Ok(())
+}
+
+/// `path` made absolute with symbolic links and `..` resolved as far as it exists (the rest is
+/// appended as given), so two spellings of one folder compare equal.
+fn resolved(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    for existing in absolute.ancestors() {
+        if let Ok(real) = existing.canonicalize() {
+            let rest = absolute.strip_prefix(existing).unwrap_or(Path::new(""));
+            return real.join(rest);
+        }
+    }
+    absolute
+}
+
+/// The context of an error loading `what` from `source`. For a hub id it adds that no local
+/// folder has that name either, so a mistyped folder does not read as a network failure only.
+fn loading(what: &str, source: &ModelSource) -> String {
+    match source {
+        ModelSource::Dir(dir) => format!("loading {what} {}", dir.display()),
+        ModelSource::Hub(id) => format!("loading {what} '{id}' from the Hugging Face hub (no folder '{id}' here either)"),
+    }
+}
+
 /// Every imported image as (blob file, class, split).
 fn records(ingested: &crate::dataset::Ingested, store: &BlobStore) -> anyhow::Result<Vec<(PathBuf, String, Split)>> {
     ingested
@@ -274,15 +380,22 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let params: TrainParams = args.hyper.apply(recipe.base());
     params.validate().map_err(|e| anyhow::anyhow!("invalid hyper-parameter {e}"))?;
     let device = crate::model::device(&args.device)?;
+    let source = ModelSource::parse(&args.base_model)?;
+    let mut inputs = vec![("--data", args.data.as_path())];
+    if let ModelSource::Dir(dir) = &source {
+        inputs.push(("--base-model", dir.as_path()));
+    }
+    check_output(&args.output, &inputs)?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    cancel_on_signal(cancel.clone())?;
     let scratch = tempfile::tempdir()?;
     let store = BlobStore::open(scratch.path().join("blobs"))?;
     let ingested = import(&args.data, &store)?;
     let data = TrainData::with_labels(ingested.classes.clone(), records(&ingested, &store)?)?;
-    let source = ModelSource::parse(&args.base_model)?;
     let pb = bar(0, "{spinner} {prefix:>10} [{bar:30}] {pos}/{len} {msg} eta {eta}");
     pb.set_prefix(Phase::Loading.as_str());
     let mut model = LoadedModel::load(&source, Some(&ingested.classes), &device, params.seed)
-        .with_context(|| format!("loading base model {source}"))?;
+        .with_context(|| loading("base model", &source))?;
     say(
         &pb,
         format!(
@@ -301,9 +414,18 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     let mut shown = None;
     let mut on_event = |e: TrainEvent| show_event(&pb, &mut shown, &root, e);
-    let cancel = AtomicBool::new(false);
-    let outcome = fine_tune(&mut model, spec, &device, Control { cancel: &cancel, on_event: &mut on_event })?;
+    let result = fine_tune(&mut model, spec, &device, Control { cancel: &cancel, on_event: &mut on_event });
     pb.finish_and_clear();
+    let outcome = match result {
+        Err(TrainError::Cancelled) => {
+            // The scratch copy of the data goes now; the checkpoints stay for the next run.
+            drop(scratch);
+            return Err(interrupted(&root).into());
+        }
+        other => other?,
+    };
+    // Again: the folder may have been filled while the model trained.
+    check_output(&args.output, &inputs)?;
     model.save(&args.output).with_context(|| format!("writing {}", args.output.display()))?;
     crate::train::checkpoint::clear(&root)?;
     let summary = json!({
@@ -321,27 +443,111 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `vitforge predict`: prints `{"predictions": [{"file", "label", "score", "top_k"}]}`.
-pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
-    let device = crate::model::device(&args.device)?;
-    let clf = Classifier::load(&ModelSource::parse(&args.model)?, &device, args.precision.resolve())?;
-    let mut predictions = Vec::with_capacity(args.images.len());
-    // A chunk at a time, so only one forward pass of files is held in memory.
-    for chunk in args.images.chunks(PREDICT_BATCH) {
-        let mut images = Vec::with_capacity(chunk.len());
-        for path in chunk {
-            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            images.push((path.display().to_string(), bytes));
-        }
-        let answers = clf.classify(&images, args.top_k, crate::imaging::DEFAULT_MAX_PIXELS, PREDICT_BATCH, args.flip).map_err(|e| match e {
-            ClassifyError::Image { name, reason, .. } => anyhow::anyhow!("{name}: {reason}"),
-            other => other.into(),
-        })?;
-        for (path, answer) in chunk.iter().zip(answers) {
-            predictions.push(json!({"file": path, "label": answer.label, "score": answer.score, "top_k": answer.top_k}));
+/// `vitforge train` stopped by SIGINT (Ctrl-C) or SIGTERM; `main` exits with 130 on it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Interrupted(String);
+
+/// What an interrupted run left under checkpoint root `root`, and how to go on: the latest epoch
+/// checkpoint is kept (the next run of the same command resumes from it); without one, the
+/// empty root is removed.
+fn interrupted(root: &Path) -> Interrupted {
+    match crate::train::checkpoint::list_epochs(root).last() {
+        Some(epoch) => Interrupted(format!(
+            "interrupted: the checkpoint of epoch {epoch} is kept in {}; run the same command again to resume from it",
+            root.display()
+        )),
+        None => {
+            let _ = crate::train::checkpoint::clear(root);
+            Interrupted("interrupted before the first epoch ended: there is no checkpoint to resume from".into())
         }
     }
+}
+
+/// Sets `cancel` at the first SIGINT (Ctrl-C) or SIGTERM, so a fine-tune stops after its current
+/// batch and cleans up; a second signal exits at once (status 130). The handlers are in place
+/// when this returns.
+fn cancel_on_signal(cancel: Arc<AtomicBool>) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (mut int, mut term) = runtime
+            .block_on(async { Ok::<_, std::io::Error>((signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?)) })
+            .context("listening for Ctrl-C")?;
+        std::thread::spawn(move || {
+            runtime.block_on(async move {
+                tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+                cancel.store(true, Ordering::Relaxed);
+                eprintln!("stopping after the current batch (Ctrl-C again to stop at once, leaving the scratch copy of the data)");
+                tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+                std::process::exit(130);
+            })
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = cancel;
+    Ok(())
+}
+
+/// `vitforge predict`: prints `{"predictions": [{"file", "label", "score", "top_k"}]}`, with
+/// `{"file", "error"}` in place of the prediction of a file that cannot be read or decoded (the
+/// others are still classified); fails at the end when any file did.
+pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
+    let device = crate::model::device(&args.device)?;
+    let source = ModelSource::parse(&args.model)?;
+    let clf = Classifier::load(&source, &device, args.precision.resolve()).with_context(|| loading("model", &source))?;
+    let pb = if args.images.len() > PREDICT_BATCH {
+        bar(args.images.len() as u64, "{spinner} classifying [{bar:30}] {pos}/{len} images ({per_sec}) eta {eta}")
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut predictions = Vec::with_capacity(args.images.len());
+    let mut failed = 0;
+    // A chunk at a time, so only one forward pass of files is held in memory.
+    for chunk in args.images.chunks(PREDICT_BATCH) {
+        let never = AtomicBool::new(false);
+        let prepared: Vec<Result<Vec<f32>, String>> = chunk
+            .par_iter()
+            .map(|path| {
+                let bytes = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
+                let image = [(path.display().to_string(), bytes)];
+                match clf.prepare(&image, crate::imaging::DEFAULT_MAX_PIXELS, &never) {
+                    Ok(mut pixels) => Ok(pixels.remove(0)),
+                    Err(ClassifyError::Image { reason, .. }) => Err(reason),
+                    Err(other) => Err(other.to_string()),
+                }
+            })
+            .collect();
+        let mut pixels = Vec::with_capacity(chunk.len());
+        let mut errors = Vec::with_capacity(chunk.len());
+        for p in prepared {
+            match p {
+                Ok(p) => {
+                    pixels.push(p);
+                    errors.push(None);
+                }
+                Err(e) => errors.push(Some(e)),
+            }
+        }
+        let mut answers = if pixels.is_empty() { vec![] } else { clf.predictions(&clf.probabilities_tta(&pixels, args.flip)?, args.top_k) }.into_iter();
+        for (path, error) in chunk.iter().zip(errors) {
+            if let Some(error) = error {
+                failed += 1;
+                say(&pb, format!("{}: {error}", path.display()));
+                predictions.push(json!({"file": path, "error": error}));
+                continue;
+            }
+            let answer = answers.next().with_context(|| format!("no prediction for {}", path.display()))?;
+            predictions.push(json!({"file": path, "label": answer.label, "score": answer.score, "top_k": answer.top_k}));
+        }
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
     println!("{}", serde_json::to_string_pretty(&json!({ "predictions": predictions }))?);
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} images could not be read or decoded; their entries carry an \"error\" instead of a label", args.images.len());
+    }
     Ok(())
 }
 
@@ -352,12 +558,21 @@ const PREDICT_BATCH: usize = 16;
 /// confusion matrix) of a model on labelled images, and how many images it rests on.
 pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let device = crate::model::device(&args.device)?;
-    let model = LoadedModel::load(&ModelSource::parse(&args.model)?, None, &device, 0)?;
+    let source = ModelSource::parse(&args.model)?;
+    let model = LoadedModel::load(&source, None, &device, 0).with_context(|| loading("model", &source))?;
     let scratch = tempfile::tempdir()?;
     let store = BlobStore::open(scratch.path().join("blobs"))?;
     let ingested = import(&args.data, &store)?;
     let limits = IngestLimits::default();
-    let evaluation = evaluate_records(&model, records(&ingested, &store)?, Some(args.split), limits.max_image_pixels, args.batch_size, &device, args.precision.resolve())?;
+    let pb = bar(0, "{spinner} evaluating [{bar:30}] {pos}/{len} images ({per_sec}) eta {eta}");
+    let mut progress = |done: usize, total: usize| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    };
+    let records = records(&ingested, &store)?;
+    let (split, precision) = (Some(args.split), args.precision.resolve());
+    let evaluation = evaluate_records_with_progress(&model, records, split, limits.max_image_pixels, args.batch_size, &device, precision, &mut progress)?;
+    pb.finish_and_clear();
     let mut out = serde_json::to_value(&evaluation.report)?;
     out["num_images"] = json!(evaluation.num_images);
     println!("{}", serde_json::to_string_pretty(&out)?);
@@ -372,8 +587,27 @@ pub fn init_model(args: InitModelArgs) -> anyhow::Result<()> {
             format!("--config {}: not tiny, small or base, and not a readable config.json", args.config)
         })?)?,
     };
-    let model = LoadedModel::random(&cfg, &args.labels, args.seed, &Device::Cpu)?;
-    model.save(&args.output)?;
-    eprintln!("wrote a random {}-parameter model with labels {:?} to {}", model.params.num_scalars(), args.labels, args.output.display());
+    let labels = class_names(&args.labels)?;
+    check_output(&args.output, &[])?;
+    let model = LoadedModel::random(&cfg, &labels, args.seed, &Device::Cpu)?;
+    model.save(&args.output).with_context(|| format!("writing {}", args.output.display()))?;
+    eprintln!("wrote a random {}-parameter model with labels {labels:?} to {}", model.params.num_scalars(), args.output.display());
     Ok(())
+}
+
+/// The class names of `--labels`, trimmed: at least two, none empty, none twice.
+fn class_names(given: &[String]) -> anyhow::Result<Vec<String>> {
+    let labels: Vec<String> = given.iter().map(|l| l.trim().to_string()).collect();
+    if labels.iter().any(String::is_empty) {
+        anyhow::bail!("--labels {:?}: a class name is empty; give the names separated by commas, like cat,dog", given.join(","));
+    }
+    for (i, label) in labels.iter().enumerate() {
+        if labels[..i].contains(label) {
+            anyhow::bail!("--labels: class '{label}' is given twice; each class name must be different");
+        }
+    }
+    if labels.len() < 2 {
+        anyhow::bail!("--labels: a classifier needs at least 2 classes, got {} ({})", labels.len(), labels.join(","));
+    }
+    Ok(labels)
 }

@@ -43,11 +43,23 @@ impl std::fmt::Display for ModelSource {
 }
 
 impl ModelSource {
-    /// A local folder when `spec` names an existing directory, else a hub id.
+    /// A local folder when `spec` names an existing directory, else a hub id. A spec written as
+    /// a path (starting with `/`, `./`, `../` or `~`) is a folder or an error, never a hub id.
     pub fn parse(spec: &str) -> Result<Self> {
         let path = Path::new(spec);
         if path.is_dir() {
             return Ok(ModelSource::Dir(path.to_path_buf()));
+        }
+        let as_path = ["/", "./", "../", "~"].iter().any(|p| spec.starts_with(p)) || matches!(spec, "." | "..");
+        if as_path {
+            let why = if path.exists() {
+                "is not a folder (give the model's folder, holding config.json and model.safetensors)"
+            } else if spec.starts_with('~') {
+                "not found (~ is not expanded here: give the full path)"
+            } else {
+                "not found"
+            };
+            return Err(ModelError::NotFound(format!("model folder '{spec}' {why}")));
         }
         if is_hub_id(spec) {
             return Ok(ModelSource::Hub(spec.to_string()));
@@ -345,6 +357,29 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The entries of `dir` that a saved model folder does not hold (anything but [`SAVED_FILES`]),
+/// sorted: what replacing `dir` with a model would delete. Empty when `dir` does not exist, is
+/// empty or holds an earlier model; an error when `dir` exists but is not a folder.
+pub fn foreign_entries(dir: &Path) -> std::io::Result<Vec<String>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && fs::symlink_metadata(dir).is_err() => return Ok(vec![]),
+        Err(e) if dir.exists() && !dir.is_dir() => return Err(std::io::Error::new(e.kind(), "it exists and is not a folder")),
+        Err(e) => return Err(e),
+    };
+    let mut foreign = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if !(is_file && SAVED_FILES.contains(&name.as_str())) {
+            foreign.push(name);
+        }
+    }
+    foreign.sort();
+    Ok(foreign)
+}
+
 /// Fills a fresh temporary sibling of `dir` with `fill`, then renames it to `dir` (replacing an
 /// existing folder), so readers see either the old folder or the complete new one.
 pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
@@ -385,6 +420,24 @@ mod tests {
         for bad in ["", "/etc/passwd", "../x", "a/b/c", "a/../b", ".hidden/x", "a b", "a/-x"] {
             assert!(!is_hub_id(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_spec_written_as_a_path_is_a_folder_or_an_error_never_a_hub_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = dir.path().to_string_lossy().into_owned();
+        assert_eq!(ModelSource::parse(&spec).unwrap(), ModelSource::Dir(dir.path().to_path_buf()));
+        for (spec, says) in [
+            ("./no-such-model", "model folder './no-such-model' not found"),
+            ("../no-such-model", "not found"),
+            ("/no/such/model", "not found"),
+            ("~/no-such-model", "~ is not expanded"),
+            ("/dev/null", "is not a folder"),
+        ] {
+            let err = ModelSource::parse(spec).unwrap_err().to_string();
+            assert!(err.contains(says) && !err.contains("Hugging Face"), "{spec}: {err}");
+        }
+        assert_eq!(ModelSource::parse("my-modle").unwrap(), ModelSource::Hub("my-modle".into()));
     }
 
     #[test]

@@ -39,8 +39,13 @@ pub enum ModelError {
     /// Input that the model cannot take (wrong image size, empty batch, ...).
     #[error("invalid input: {0}")]
     Input(String),
-    #[error("i/o error: {0}")]
+    /// A file could not be read or written; transparent, so an error chain (anyhow's `Caused
+    /// by`) does not print the same text twice. Callers add the path as context.
+    #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// A device name that is not `auto`, `cpu` or `cuda:N`, or one this build or machine lacks.
+    #[error("{0}")]
+    Device(String),
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -76,10 +81,10 @@ pub fn device_from_name(name: &str) -> Result<candle_core::Device, ModelError> {
         "cpu" => Ok(candle_core::Device::Cpu),
         _ => {
             let Some(ordinal) = name.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) else {
-                return Err(ModelError::Config(format!("unknown device '{name}' (use cpu or cuda:N)")));
+                return Err(ModelError::Device(format!("unknown device '{name}': --device takes auto, cpu or cuda:N (N the GPU's index, from 0)")));
             };
             if !candle_core::utils::cuda_is_available() {
-                return Err(ModelError::Config(format!(
+                return Err(ModelError::Device(format!(
                     "device '{name}' needs a binary built with --features cuda and an NVIDIA GPU"
                 )));
             }

@@ -107,9 +107,9 @@ pub struct Restored {
     pub optimizer: BTreeMap<String, Tensor>,
 }
 
-/// Reads the latest checkpoint under `root` whose fingerprint matches; `Ok(None)` when there is
-/// none, an error describing why when the latest one is unusable.
-pub fn load_latest(root: &Path, fingerprint: &str) -> Result<Option<Restored>, TrainError> {
+/// Reads the latest checkpoint under `root` when its fingerprint is one of `fingerprints`;
+/// `Ok(None)` when there is none, an error describing why when the latest one is unusable.
+pub fn load_latest(root: &Path, fingerprints: &[&str]) -> Result<Option<Restored>, TrainError> {
     let Some(epoch) = list_epochs(root).pop() else {
         return Ok(None);
     };
@@ -117,7 +117,7 @@ pub fn load_latest(root: &Path, fingerprint: &str) -> Result<Option<Restored>, T
     let unusable = |what: String| TrainError::Checkpoint(format!("checkpoint {}: {what}", dir.display()));
     let state: LoopState = serde_json::from_str(&fs::read_to_string(dir.join("state.json")).map_err(|e| unusable(e.to_string()))?)
         .map_err(|e| unusable(e.to_string()))?;
-    if state.fingerprint != fingerprint {
+    if !fingerprints.contains(&state.fingerprint.as_str()) {
         return Err(unusable("it belongs to other settings or data".into()));
     }
     let load = |p: PathBuf| -> Result<BTreeMap<String, Tensor>, TrainError> {

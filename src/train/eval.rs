@@ -17,13 +17,21 @@ use crate::model::network::trainable_forward;
 use crate::model::{Boundary, LoadedModel, Precision, Vit};
 
 /// Evaluates `model` on examples (evaluation transforms; loss without smoothing), its products
-/// at `precision`.
-fn evaluate(model: &LoadedModel, examples: &[Example], images: &ImageCache, device: &Device, batch: usize, precision: Precision) -> Result<EvalReport, TrainError> {
+/// at `precision`, reporting `(images done, images)` after each batch.
+fn evaluate(
+    model: &LoadedModel,
+    examples: &[Example],
+    images: &ImageCache,
+    device: &Device,
+    batch: usize,
+    precision: Precision,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<EvalReport, TrainError> {
     // The weights do not change while it runs: in bf16, converted and packed once for all its
     // batches.
     let vit = Vit::frozen(&model.cfg, &model.params)?.with_precision(precision).packed_for_inference()?;
     let frozen = Frozen { vit: &vit, boundary: Boundary::Pixels, images, model, device, batch };
-    evaluate_with(&frozen, &PrefixCache::empty(), examples, None, &mut |_, _| {})
+    evaluate_with(&frozen, &PrefixCache::empty(), examples, None, progress)
 }
 
 /// Evaluates on examples whose frozen-part outputs come from `cache` (or are computed by `f`),
@@ -200,6 +208,21 @@ pub fn evaluate_records(
     device: &Device,
     precision: Precision,
 ) -> Result<Evaluation, EvalError> {
+    evaluate_records_with_progress(model, records, split, max_pixels, batch, device, precision, &mut |_, _| {})
+}
+
+/// [`evaluate_records`], reporting `(images done, images)` after each forward pass.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_records_with_progress(
+    model: &LoadedModel,
+    records: Vec<(PathBuf, String, Split)>,
+    split: Option<EvalSplit>,
+    max_pixels: u64,
+    batch: usize,
+    device: &Device,
+    precision: Precision,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Evaluation, EvalError> {
     let labels = &model.cfg.labels;
     let split = split.unwrap_or(if records.iter().any(|r| r.2 == Split::Test) { EvalSplit::Test } else { EvalSplit::All });
     let kept: Vec<_> = records.into_iter().filter(|r| split.keeps(r.2)).collect();
@@ -216,6 +239,35 @@ pub fn evaluate_records(
     let data = TrainData::with_labels(labels.clone(), kept)?;
     let examples = [data.train, data.validation, data.test].concat();
     let images = ImageCache::new(max_pixels, 0);
-    let report = evaluate(model, &examples, &images, device, batch.max(1), precision)?;
+    let report = evaluate(model, &examples, &images, device, batch.max(1), precision, progress)?;
     Ok(Evaluation { report, num_images: examples.len() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evaluating_records_reports_progress_after_each_forward_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let labels = vec!["a".to_string(), "b".to_string()];
+        let mut records = Vec::new();
+        for i in 0..5u8 {
+            let path = dir.path().join(format!("{i}.png"));
+            image::RgbImage::from_pixel(8, 8, image::Rgb([40 * i, 0, 0])).save(&path).unwrap();
+            records.push((path, labels[usize::from(i % 2)].clone(), Split::Test));
+        }
+        let cfg = crate::model::VitConfig::from_json(
+            r#"{"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32,
+                "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}"#,
+        )
+        .unwrap();
+        let model = LoadedModel::random(&cfg, &labels, 0, &Device::Cpu).unwrap();
+        let mut seen = Vec::new();
+        let evaluation =
+            evaluate_records_with_progress(&model, records, None, 1 << 20, 2, &Device::Cpu, Precision::F32, &mut |done, total| seen.push((done, total)))
+                .unwrap();
+        assert_eq!(evaluation.num_images, 5);
+        assert_eq!(seen, [(2, 5), (4, 5), (5, 5)]);
+    }
 }

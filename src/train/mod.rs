@@ -39,7 +39,8 @@ pub enum TrainError {
     Checkpoint(String),
     #[error(transparent)]
     Model(#[from] ModelError),
-    #[error("i/o error: {0}")]
+    /// Transparent, so an error chain does not print the same text twice.
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

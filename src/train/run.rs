@@ -24,6 +24,7 @@ use super::hyperparams::{AfterProbe, HeadInit, TrainParams};
 use super::optim::{Optimizer, clip_grad_norm, lr_multiplier};
 use super::report::EvalReport;
 use super::{Control, TrainError, TrainEvent, TrainOutcome, TrainSpec, probe};
+use crate::dataset::BlobStore;
 use crate::model::network::{Objective, loss_and_grads};
 use crate::model::vit::Dropout;
 use crate::model::weights::keys;
@@ -41,7 +42,8 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, mut 
     let root = spec.checkpoint_root.clone();
     std::fs::create_dir_all(&root)?;
     let mut optimizer = Optimizer::new(p.optimizer, p.weight_decay, p.momentum);
-    let (mut state, resumed_from) = resume_or_start(&root, fingerprint(&p, &data, model), model, &mut optimizer, device, &mut ctl)?;
+    let fingerprints = [fingerprint(&p, &data, model), legacy_fingerprint(&p, &data, model)];
+    let (mut state, resumed_from) = resume_or_start(&root, fingerprints, model, &mut optimizer, device, &mut ctl)?;
     report_phase(&mut ctl, Phase::Loading, 1, 1);
     // A decision an earlier attempt of this run took stands.
     let params = state.decision.as_ref().map_or_else(|| p.clone(), |d| auto::apply(&p, d));
@@ -166,15 +168,38 @@ impl Plan {
 }
 
 /// A stable fingerprint of what determines a run, so checkpoints are only resumed by the run
-/// that wrote them.
+/// that wrote them: the hyper-parameters, labels, model size and each example's image (see
+/// [`image_identity`]), label and split.
 fn fingerprint(p: &TrainParams, data: &TrainData, model: &LoadedModel) -> String {
+    fingerprint_with(p, data, model, image_identity)
+}
+
+/// The fingerprint of builds before [`image_identity`], which hashed every image's full path:
+/// still accepted, so a job interrupted by an upgrade of the service resumes.
+fn legacy_fingerprint(p: &TrainParams, data: &TrainData, model: &LoadedModel) -> String {
+    fingerprint_with(p, data, model, |path| path.to_string_lossy())
+}
+
+/// What stands for an image in the fingerprint: its blob name (the SHA-256 of its bytes) when the
+/// file is a blob, so the same data imported again into another folder (the command line imports
+/// into a fresh scratch folder on every run; a cluster's workers keep blobs in their own data
+/// folders) is the same run; otherwise its path.
+fn image_identity(path: &Path) -> std::borrow::Cow<'_, str> {
+    match path.file_name().and_then(|n| n.to_str()) {
+        Some(name) if BlobStore::is_valid_hash(name) => name.into(),
+        _ => path.to_string_lossy(),
+    }
+}
+
+/// The fingerprint, with `identity` naming each image.
+fn fingerprint_with(p: &TrainParams, data: &TrainData, model: &LoadedModel, identity: impl for<'p> Fn(&'p Path) -> std::borrow::Cow<'p, str>) -> String {
     let mut h = Sha256::new();
     h.update(serde_json::to_string(p).unwrap_or_default());
     h.update(serde_json::to_string(&data.labels).unwrap_or_default());
     for (split, exs) in [("t", &data.train), ("v", &data.validation), ("s", &data.test)] {
         h.update(split);
         for e in exs.iter() {
-            h.update(e.path.to_string_lossy().as_bytes());
+            h.update(identity(&e.path).as_bytes());
             h.update(e.label.to_le_bytes());
         }
     }
@@ -182,18 +207,19 @@ fn fingerprint(p: &TrainParams, data: &TrainData, model: &LoadedModel) -> String
     hex::encode(h.finalize())
 }
 
-/// The loop state to continue from: the latest matching checkpoint's (its weights and optimiser
-/// state loaded), or a fresh one. An unusable checkpoint is reported and removed.
+/// The loop state to continue from: the latest checkpoint's matching either fingerprint (its
+/// weights and optimiser state loaded), or a fresh one with the first. An unusable checkpoint is
+/// reported and removed.
 fn resume_or_start(
     root: &Path,
-    fingerprint: String,
+    [fingerprint, legacy]: [String; 2],
     model: &mut LoadedModel,
     optimizer: &mut Optimizer,
     device: &Device,
     ctl: &mut Control,
 ) -> Result<(LoopState, Option<u32>), TrainError> {
     let fresh = LoopState::fresh(fingerprint.clone());
-    match checkpoint::load_latest(root, &fingerprint) {
+    match checkpoint::load_latest(root, &[&fingerprint, &legacy]) {
         Ok(Some(restored)) => {
             model.params.load_from(&restored.weights)?;
             optimizer.load_state(restored.optimizer, device)?;
@@ -631,5 +657,29 @@ mod tests {
         old.as_object_mut().unwrap().remove("lowest_loss");
         let back: LoopState = serde_json::from_value(old).unwrap();
         assert_eq!(back.lowest_loss, None);
+    }
+
+    #[test]
+    fn the_fingerprint_names_blobs_by_content_not_by_the_folder_they_were_imported_into() {
+        let cfg = crate::model::VitConfig::preset("tiny").unwrap();
+        let labels = vec!["a".to_string(), "b".to_string()];
+        let model = LoadedModel::random(&cfg, &labels, 0, &Device::Cpu).unwrap();
+        let p = TrainParams::default();
+        let (blob_a, blob_b) = ("a".repeat(64), "b".repeat(64));
+        let data = |dir: &str, blobs: [&str; 2]| {
+            let records = blobs.iter().zip(["a", "b"]).map(|(b, l)| (Path::new(dir).join(b), l.to_string(), crate::dataset::Split::Train)).collect();
+            TrainData::with_labels(labels.clone(), records).unwrap()
+        };
+        let first = data("/tmp/.tmpAbc/blobs", [&blob_a, &blob_b]);
+        let again = data("/tmp/.tmpXyz/blobs", [&blob_a, &blob_b]);
+        assert_eq!(fingerprint(&p, &first, &model), fingerprint(&p, &again, &model), "another scratch folder, the same run");
+        let swapped = data("/tmp/.tmpAbc/blobs", [&blob_b, &blob_a]);
+        assert_ne!(fingerprint(&p, &first, &model), fingerprint(&p, &swapped, &model), "other labels, another run");
+        // Files that are not blobs are still told apart by their paths.
+        let files = data("/data", ["x.png", "y.png"]);
+        assert_ne!(fingerprint(&p, &files, &model), fingerprint(&p, &data("/other", ["x.png", "y.png"]), &model));
+        // Checkpoints of older builds (full paths) still match.
+        assert_eq!(legacy_fingerprint(&p, &files, &model), fingerprint(&p, &files, &model));
+        assert_ne!(legacy_fingerprint(&p, &first, &model), legacy_fingerprint(&p, &again, &model));
     }
 }

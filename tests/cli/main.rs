@@ -222,3 +222,308 @@ fn every_kernel_level_passes_the_golden_files_and_bench_names_it() {
     assert!(!ok);
     assert!(err.contains("VITFORGE_MAX_ISA") && err.contains("generic, avx2, avx512, avx512bf16, amx"), "{err}");
 }
+
+/// `--output` never replaces a folder holding anything but an earlier model, nor one that is,
+/// contains or lies inside `--data` or `--base-model`; the refusal names the folder, exits 1 and
+/// leaves everything as it was (checked before any training). An earlier model is replaced.
+#[test]
+fn output_never_replaces_a_folder_of_other_files_or_the_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_string_lossy().into_owned();
+    std::fs::create_dir(tmp.path().join("important")).unwrap();
+    std::fs::write(tmp.path().join("important/notes.txt"), "x").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vitforge"))
+        .args(["init-model", "--config", "tiny", "--labels", "cat,dog", "--output", &t("important")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&t("important")) && err.contains("notes.txt"), "{err}");
+    assert_eq!(std::fs::read_to_string(tmp.path().join("important/notes.txt")).unwrap(), "x");
+    assert!(!tmp.path().join("important/config.json").exists());
+
+    // A fresh folder, an empty one and an earlier model are written (and rewritten).
+    std::fs::create_dir(tmp.path().join("empty")).unwrap();
+    for dir in ["base", "base", "empty"] {
+        let (ok, _, err) = vitforge(&["init-model", "--config", "tiny", "--labels", "x,y", "--output", &t(dir)]);
+        assert!(ok, "{dir}: {err}");
+        assert!(tmp.path().join(dir).join("model.safetensors").is_file());
+    }
+
+    write_dataset(&tmp.path().join("data"), 4);
+    let before = support::files_under(&tmp.path().join("data"));
+    let train = |output: &str, base: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_vitforge"))
+            .args(["train", "--data", &t("data"), "--base-model", base, "--output", output, "--epochs", "1"])
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let base = t("base");
+    let cases = [
+        (t("data"), base.as_str(), "is --data"),
+        (format!("{}/../data/", t("data")), base.as_str(), "is --data"),
+        (t("data/top"), base.as_str(), "lies inside --data"),
+        (tmp.path().to_string_lossy().into_owned(), base.as_str(), "contains --data"),
+        (t("base"), base.as_str(), "is --base-model"),
+        (t("base/sub"), base.as_str(), "lies inside --base-model"),
+        (t("important"), base.as_str(), "notes.txt"),
+    ];
+    for (output, base, expected) in &cases {
+        let (code, err) = train(output, base);
+        assert_eq!(code, Some(1), "{output}: {err}");
+        assert!(err.contains(expected) && err.contains("--output"), "{output}: {err}");
+        assert!(!err.contains("imported"), "refused before reading the data: {err}");
+    }
+    assert_eq!(support::files_under(&tmp.path().join("data")), before);
+    assert!(tmp.path().join("base/model.safetensors").is_file());
+    assert!(!tmp.path().join("base/sub").exists());
+    assert_eq!(std::fs::read_to_string(tmp.path().join("important/notes.txt")).unwrap(), "x");
+}
+
+/// Ctrl-C during `train` stops it cleanly (status 130, the scratch copy of the data removed, the
+/// epoch checkpoint kept and the way to resume named), and the same command run again resumes
+/// from that checkpoint instead of starting over, then finishes.
+#[test]
+fn an_interrupted_train_resumes_from_its_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_string_lossy().into_owned();
+    std::fs::write(tmp.path().join("config.json"), support::SLOW_CONFIG).unwrap();
+    let (ok, _, err) = vitforge(&["init-model", "--config", &t("config.json"), "--labels", "x,y", "--output", &t("base")]);
+    assert!(ok, "{err}");
+    write_dataset(&tmp.path().join("data"), 24);
+    std::fs::create_dir(tmp.path().join("scratch")).unwrap();
+    let args = [
+        "train", "--data", &t("data"), "--base-model", &t("base"), "--output", &t("model"), "--epochs", "40",
+        "--learning-rate", "2e-3", "--batch-size", "4", "--augment", "false",
+    ];
+    let run = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vitforge"));
+        cmd.args(args).env("RUST_LOG", "warn").env("TMPDIR", t("scratch"));
+        cmd
+    };
+
+    let mut child = run().stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let checkpoints = tmp.path().join(".model.checkpoints");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !checkpoints.join("epoch-1").is_dir() {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint of epoch 1 within two minutes");
+        assert!(child.try_wait().unwrap().is_none(), "train ended before its first checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted") && err.contains("run the same command again to resume"), "{err}");
+    assert!(!tmp.path().join("model").exists());
+    assert!(std::fs::read_dir(tmp.path().join("scratch")).unwrap().next().is_none(), "the scratch copy of the data is removed");
+    let kept = std::fs::read_dir(&checkpoints).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with("epoch-"));
+    assert!(kept, "the epoch checkpoint is kept");
+
+    let out = run().output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("resuming after epoch"), "{err}");
+    assert!(!err.contains("starting over"), "{err}");
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["epochs_run"], 40, "{summary}");
+    assert!(tmp.path().join("model/model.safetensors").is_file());
+    assert!(!checkpoints.exists());
+}
+
+/// Counts that must be positive are refused by the parser with the flag named, instead of a
+/// panic (`--probe-classes 0` divided a chunk size by zero) or a meaningless figure.
+#[test]
+fn zero_counts_are_refused_with_the_flag_named() {
+    let cases: [(&[&str], &str); 7] = [
+        (&["bench", "--config", "tiny", "--probe-classes", "0"], "--probe-classes"),
+        (&["bench", "--config", "tiny", "--probe-classes", "1"], "--probe-classes"),
+        (&["bench", "--config", "tiny", "--probe-classes", "2", "--probe-per-class", "0"], "--probe-per-class"),
+        (&["bench", "--config", "tiny", "--batch", "4,0"], "--batch"),
+        (&["bench", "--config", "tiny", "--iters", "0"], "--iters"),
+        (&["predict", "--model", "m", "--top-k", "0", "x.png"], "--top-k"),
+        (&["eval", "--model", "m", "--data", "d", "--batch-size", "0"], "--batch-size"),
+    ];
+    for (args, flag) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_vitforge")).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(flag) && err.contains("or more") && !err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+/// `init-model --labels` takes at least two different, non-empty class names (trimmed); anything
+/// else is refused with a message saying what is wrong, and nothing is written.
+#[test]
+fn init_model_needs_two_distinct_class_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let output = tmp.path().join("m").to_string_lossy().into_owned();
+    for (labels, expected) in [("cat,cat", "'cat' is given twice"), ("cat, cat ", "'cat' is given twice"), ("", "empty"), ("cat,,dog", "empty"), ("cat", "at least 2 classes")] {
+        let (ok, _, err) = vitforge(&["init-model", "--config", "tiny", "--labels", labels, "--output", &output]);
+        assert!(!ok, "{labels:?} accepted");
+        assert!(err.contains("--labels") && err.contains(expected), "{labels:?}: {err}");
+        assert!(!tmp.path().join("m").exists(), "{labels:?}");
+    }
+    let (ok, _, err) = vitforge(&["init-model", "--config", "tiny", "--labels", " cat , dog", "--output", &output]);
+    assert!(ok, "{err}");
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("m/config.json")).unwrap()).unwrap();
+    assert_eq!(config["id2label"], serde_json::json!({"0": "cat", "1": "dog"}));
+}
+
+/// A file `predict` cannot read or decode gets `{"file", "error"}` in place of its prediction;
+/// the other files are still classified, and the command exits with status 1 at the end.
+#[test]
+fn predict_reports_a_bad_file_and_classifies_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_string_lossy().into_owned();
+    std::fs::write(tmp.path().join("config.json"), support::TINY_CONFIG).unwrap();
+    let (ok, _, err) = vitforge(&["init-model", "--config", &t("config.json"), "--labels", "x,y", "--output", &t("model")]);
+    assert!(ok, "{err}");
+    write_dataset(&tmp.path().join("data"), 1);
+    std::fs::write(tmp.path().join("empty.png"), b"").unwrap();
+    std::fs::write(tmp.path().join("corrupt.jpg"), b"\xff\xd8\xff\xe0 not really a jpeg").unwrap();
+    let files = [t("data/top/0.png"), "/dev/null".into(), t("missing.png"), t("empty.png"), t("corrupt.jpg"), t("data/bottom/0.png")];
+    let model = t("model");
+    let mut args = vec!["predict", "--model", &model, "--top-k", "1"];
+    args.extend(files.iter().map(String::as_str));
+    let out = Command::new(env!("CARGO_BIN_EXE_vitforge")).args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("4 of 6 images could not be read or decoded"), "{err}");
+    let preds: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {err}"));
+    let preds = preds["predictions"].as_array().unwrap();
+    assert_eq!(preds.len(), files.len());
+    for (pred, file) in preds.iter().zip(&files) {
+        assert_eq!(pred["file"], *file);
+        let bad = !file.ends_with("/0.png");
+        assert_eq!(pred.get("error").is_some(), bad, "{pred}");
+        assert_eq!(pred.get("label").is_some(), !bad, "{pred}");
+    }
+    assert!(preds[2]["error"].as_str().unwrap().contains("cannot read"), "{}", preds[2]);
+}
+
+/// Errors name the path or flag at fault, and an i/o error's text is printed once (not again
+/// under "Caused by").
+#[test]
+fn errors_name_the_path_or_flag_at_fault() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("afile"), "x").unwrap();
+    let under_file = tmp.path().join("afile/out").to_string_lossy().into_owned();
+    let under_proc = "/proc/vitforge-no-such-folder/out".to_string();
+    for output in [&under_file, &under_proc] {
+        let (ok, _, err) = vitforge(&["init-model", "--config", "tiny", "--labels", "a,b", "--output", output]);
+        assert!(!ok);
+        assert!(err.contains(output.as_str()), "{err}");
+        assert_eq!(err.matches("os error").count(), 1, "{err}");
+    }
+    let (ok, _, err) = vitforge(&["bench", "--probe-classes", "2", "--model", "/nonexistent"]);
+    assert!(!ok);
+    assert!(err.contains("--model /nonexistent"), "{err}");
+    let (ok, _, err) = vitforge(&["bench", "--model", "/nonexistent", "--iters", "1"]);
+    assert!(!ok);
+    assert!(err.contains("--model /nonexistent"), "{err}");
+    let device_cases: [&[&str]; 3] = [
+        &["predict", "--device", "gpu", "--model", "m", "x.png"],
+        &["eval", "--device", "gpu", "--model", "m", "--data", "d"],
+        &["train", "--device", "gpu", "--base-model", "m", "--data", "d", "--output", "o"],
+    ];
+    for args in device_cases {
+        let (ok, _, err) = vitforge(args);
+        assert!(!ok);
+        assert!(err.contains("--device") && err.contains("'gpu'") && err.contains("auto, cpu or cuda:N"), "{args:?}: {err}");
+        assert!(!err.contains("model configuration"), "{args:?}: {err}");
+    }
+}
+
+/// A model name that is no local folder is looked up on the hub, and the hub's error says that no
+/// folder of that name exists either; a name written as a path is only ever a folder.
+#[test]
+fn a_mistyped_model_folder_is_named_as_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf_home = tmp.path().to_string_lossy().into_owned();
+    let env = [("HF_HUB_OFFLINE", "1"), ("HF_HOME", hf_home.as_str())];
+    let (ok, _, err) = vitforge_with(&["predict", "--model", "my-modle", "x.jpg"], &env);
+    assert!(!ok);
+    assert!(err.contains("no folder 'my-modle' here either"), "{err}");
+    let (ok, _, err) = vitforge_with(&["eval", "--model", "./my-modle", "--data", "d"], &env);
+    assert!(!ok);
+    assert!(err.contains("model folder './my-modle' not found") && !err.contains("Hugging Face"), "{err}");
+}
+
+/// Global flags (`--log-format`) work before the subcommand as after it; `serve`'s flags before
+/// another subcommand are refused (they would be ignored); with no subcommand, `vitforge` still
+/// serves, and its log lines on a pipe carry no terminal colour codes.
+#[test]
+fn global_flags_go_before_the_subcommand_and_no_subcommand_serves() {
+    for args in [&["--log-format", "json", "eval", "--model", "./no-such-model", "--data", "d"][..], &["eval", "--log-format", "json", "--model", "./no-such-model", "--data", "d"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_vitforge")).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("model folder './no-such-model' not found"), "{args:?}: {err}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_vitforge")).args(["--port", "1", "eval", "--model", "m", "--data", "d"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--port is a flag of `serve`, not of `eval`"), "{err}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vitforge"))
+        .args(["--port", "0", "--data-dir"])
+        .arg(tmp.path())
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    for line in std::io::BufRead::lines(stderr) {
+        let line = line.unwrap();
+        seen.push(line.clone());
+        if line.contains("vitforge listening") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let log = seen.join("\n");
+    assert!(log.contains("vitforge listening"), "serves with no subcommand: {log}");
+    assert!(!log.contains('\x1b'), "colour codes in a piped log: {log:?}");
+}
+
+/// Every `vitforge` command line in the README's shell blocks uses only flags its subcommand's
+/// `--help` lists, and the `train` showcase runs the `auto` recipe the text promises (a
+/// hyper-parameter flag such as `--epochs` would switch it to `manual` silently).
+#[test]
+fn the_readme_command_lines_match_the_help() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let mut in_sh = false;
+    let mut checked = 0;
+    for line in readme.lines() {
+        if line.starts_with("```") {
+            in_sh = line == "```sh";
+            continue;
+        }
+        let line = line.split(" #").next().unwrap().trim();
+        let Some(rest) = line.strip_prefix("vitforge ").or_else(|| line.strip_prefix("target/release/vitforge ")) else { continue };
+        if !in_sh {
+            continue;
+        }
+        let words: Vec<&str> = rest.split_whitespace().collect();
+        let sub = words[0];
+        let (ok, help, err) = vitforge(&[sub, "--help"]);
+        assert!(ok, "{line}: {err}");
+        let flags: Vec<&str> = words.iter().filter(|w| w.starts_with("--")).map(|w| w.split('=').next().unwrap()).collect();
+        for flag in &flags {
+            assert!(help.contains(&format!("{flag} ")), "{line}: {flag} is not in `vitforge {sub} --help`");
+        }
+        if sub == "train" && !flags.contains(&"--recipe") {
+            let keeps_auto = ["--data", "--base-model", "--output", "--device", "--seed", "--validation-split", "--time-budget-secs", "--precision"];
+            assert!(flags.iter().all(|f| keeps_auto.contains(f)), "{line}: a hyper-parameter flag switches train to the manual recipe");
+        }
+        checked += 1;
+    }
+    assert!(checked >= 8, "only {checked} command lines found");
+}
