@@ -51,6 +51,8 @@ async fn images_of(s: &AppState, req: Request) -> Result<Vec<(String, Bytes)>, A
     }
     let req = req.map(|body| axum::body::Body::new(http_body_util::Limited::new(body, limit)));
     let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    // The media type without its parameters (`; boundary=…`, `; charset=…`).
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_string();
     let max = s.config.max_images_per_predict;
     let too_many = |n: usize| AppError::unprocessable("too_many_images", format!("{n} images in one request; the limit is {max}"));
     // The body limit surfaces as a 413 from whichever reader hit it; answer all of them alike.
@@ -58,7 +60,7 @@ async fn images_of(s: &AppState, req: Request) -> Result<Vec<(String, Bytes)>, A
         if status == StatusCode::PAYLOAD_TOO_LARGE { too_large() } else { AppError::client(status, code, text) }
     };
     let mut out = Vec::new();
-    if content_type.starts_with("multipart/form-data") {
+    if essence == "multipart/form-data" {
         let mut form = Multipart::from_request(req, s)
             .await
             .map_err(|e| AppError::bad_request("invalid_multipart", e.body_text()))?;
@@ -70,7 +72,7 @@ async fn images_of(s: &AppState, req: Request) -> Result<Vec<(String, Bytes)>, A
                 return Err(too_many(out.len()));
             }
         }
-    } else if content_type.starts_with("application/json") {
+    } else if essence == "application/json" {
         let axum::Json(body) = axum::Json::<Base64Images>::from_request(req, s).await.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE { too_large() } else { AppError::from(e) }
         })?;
@@ -83,7 +85,7 @@ async fn images_of(s: &AppState, req: Request) -> Result<Vec<(String, Bytes)>, A
                 .map_err(|e| AppError::bad_request("invalid_base64", format!("images[{i}] is not valid base64: {e}")))?;
             out.push((format!("images[{i}]"), Bytes::from(bytes)));
         }
-    } else if content_type.starts_with("image/") || content_type.starts_with("application/octet-stream") || content_type.is_empty() {
+    } else if essence.starts_with("image/") || essence == "application/octet-stream" || essence.is_empty() {
         let bytes = Bytes::from_request(req, s).await.map_err(|e| body_error(e.status(), "invalid_body", e.body_text()))?;
         out.push(("body".to_string(), bytes));
     } else {

@@ -148,6 +148,10 @@ async fn bad_predict_requests_name_the_problem() {
     assert_error(app.post_json("/predict", &json!({"pictures": []})).await, 422, "invalid_field").await;
     let resp = app.client.post(&url).header("content-type", "text/plain").body("hello").send().await.unwrap();
     assert_error(resp, 415, "unsupported_content_type").await;
+    for almost in ["application/jsonx", "application/octet-streamy", "multipart/form-datas; boundary=x"] {
+        let resp = app.client.post(&url).header("content-type", almost).body("{}").send().await.unwrap();
+        assert_error(resp, 415, "unsupported_content_type").await;
+    }
     let resp = app.client.post(app.url("/predict?model=nope")).header("content-type", "image/jpeg").body(jpeg(1)).send().await.unwrap();
     assert_error(resp, 404, "not_found").await;
     let resp = app.client.post(app.url("/predict?top_k=0")).header("content-type", "image/jpeg").body(jpeg(1)).send().await.unwrap();
