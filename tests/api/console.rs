@@ -123,17 +123,25 @@ async fn screenshot(c: &Client, name: &str) {
     }
 }
 
+/// A service on a data folder under `root` with the tiny base model installed.
+fn server_with_tiny(root: &Path) -> crate::support::ChildServer {
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    install_base_model(&data, "tiny", &tiny_config(), &["a", "b"]);
+    Launch::new(&data).start()
+}
+
+/// `n` reddish and `n` bluish PNGs in class folders `red` and `blue`.
+fn red_and_blue(n: u64) -> Vec<Member> {
+    (0..n).flat_map(|i| [file(&format!("red/{i}.png"), colour([190, 30, 30], i)), file(&format!("blue/{i}.png"), colour([30, 40, 190], 100 + i))]).collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_person_uploads_trains_watches_and_predicts_in_the_console() {
     let Some(driver) = chromedriver() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    install_base_model(&data, "tiny", &tiny_config(), &["a", "b"]);
-    let server = Launch::new(&data).start();
-    let members: Vec<Member> = (0..12)
-        .flat_map(|i| [file(&format!("red/{i}.png"), colour([190, 30, 30], i)), file(&format!("blue/{i}.png"), colour([30, 40, 190], 100 + i))])
-        .collect();
+    let server = server_with_tiny(tmp.path());
+    let members = red_and_blue(12);
     let upload = tmp.path().join("colours.zip");
     std::fs::write(&upload, zip(&members)).unwrap();
     let probe = tmp.path().join("probe.png");
@@ -219,13 +227,8 @@ async fn a_person_uploads_trains_watches_and_predicts_in_the_console() {
 async fn refused_downloads_and_cancels_say_why_on_the_page() {
     let Some(driver) = chromedriver() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    install_base_model(&data, "tiny", &tiny_config(), &["a", "b"]);
-    let server = Launch::new(&data).start();
-    let members: Vec<Member> = (0..6)
-        .flat_map(|i| [file(&format!("red/{i}.png"), colour([190, 30, 30], i)), file(&format!("blue/{i}.png"), colour([30, 40, 190], 100 + i))])
-        .collect();
+    let server = server_with_tiny(tmp.path());
+    let members = red_and_blue(6);
     let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(zip(&members)).file_name("colours.zip"));
     let dataset: serde_json::Value = server.client.post(server.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
     let submit = |epochs: u32| json!({"dataset_id": dataset["id"], "base_model": "tiny", "params": {"epochs": epochs, "batch_size": 2}});

@@ -215,18 +215,20 @@ async fn large_files_go_up_in_parts_and_come_back_whole() {
     assert!(s3.keys("parts/models/big/").await.is_empty());
 }
 
+/// The store `s3` under `prefix`, opened on a data folder of its own at `root` ("a machine").
+fn store_on(s3: &PrivateS3, prefix: &str, root: &Path) -> (vitforge::objects::Objects, vitforge::paths::DataPaths) {
+    let settings: Vec<(String, String)> = s3.env(prefix).into_iter().filter(|(k, _)| k.starts_with("AWS_")).collect();
+    let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let paths = vitforge::paths::DataPaths::new(root);
+    paths.create_all().unwrap();
+    (vitforge::objects::Objects::s3_with(&format!("s3://{}/{prefix}", s3.bucket), &settings, paths.clone()).unwrap(), paths)
+}
+
 #[tokio::test]
 async fn image_blobs_come_back_checked_and_leave_nothing_behind_when_wrong() {
     let Some(s3) = PrivateS3::start().await else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let settings: Vec<(String, String)> = s3.env("blobs").into_iter().filter(|(k, _)| k.starts_with("AWS_")).collect();
-    let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let url = format!("s3://{}/blobs", s3.bucket);
-    let machine = |name: &str| {
-        let paths = vitforge::paths::DataPaths::new(tmp.path().join(name));
-        paths.create_all().unwrap();
-        (vitforge::objects::Objects::s3_with(&url, &settings, paths.clone()).unwrap(), paths)
-    };
+    let machine = |name: &str| store_on(&s3, "blobs", &tmp.path().join(name));
     let (ours, here) = machine("here");
     let store = vitforge::dataset::BlobStore::open(here.blobs()).unwrap();
     let image: Vec<u8> = (0..3_000_001u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
@@ -260,13 +262,8 @@ async fn image_blobs_come_back_checked_and_leave_nothing_behind_when_wrong() {
 async fn each_run_of_a_job_keeps_its_checkpoints_apart() {
     let Some(s3) = PrivateS3::start().await else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let settings: Vec<(String, String)> = s3.env("runs").into_iter().filter(|(k, _)| k.starts_with("AWS_")).collect();
-    let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let url = format!("s3://{}/runs", s3.bucket);
     let machine = |name: &str| {
-        let paths = vitforge::paths::DataPaths::new(tmp.path().join(name));
-        paths.create_all().unwrap();
-        let objects = vitforge::objects::Objects::s3_with(&url, &settings, paths.clone()).unwrap();
+        let (objects, paths) = store_on(&s3, "runs", &tmp.path().join(name));
         (paths.job("j"), objects)
     };
     // A checkpoint of `epoch` in `root` whose best model is `best` (the best model's file says which).
