@@ -408,9 +408,58 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
     result
 }
 
+/// Puts back, in `parent`, each folder that [`write_dir_atomically`] had moved aside when it was
+/// interrupted between its two renames (a crash there leaves `.NAME.old-*` and no `NAME`). The old
+/// folder is restored rather than the new one beside it: whatever recorded the replacement (a
+/// checkpoint's state naming its best epoch) was written after it, so the old folder is the one
+/// that record matches. The temporary folders left are the caller's to remove. Returns the folders
+/// restored.
+pub fn restore_interrupted_replacements(parent: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut aside: Vec<(String, String)> = Vec::new();
+    for entry in fs::read_dir(parent)? {
+        let file_name = entry?.file_name().to_string_lossy().into_owned();
+        if let Some((name, _)) = file_name.strip_prefix('.').and_then(|rest| rest.rsplit_once(".old-")) {
+            aside.push((name.to_string(), file_name.clone()));
+        }
+    }
+    // The newest first (the names end in time-ordered UUIDs), so it is the one put back.
+    aside.sort_by(|a, b| b.1.cmp(&a.1));
+    let mut restored = Vec::new();
+    for (name, old) in aside {
+        let dir = parent.join(&name);
+        if !name.is_empty() && !dir.exists() {
+            fs::rename(parent.join(old), &dir)?;
+            restored.push(dir);
+        }
+    }
+    Ok(restored)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replacement_interrupted_between_its_renames_is_undone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("best");
+        write_dir_atomically(&dir, |t| write_file(&t.join("w"), b"old")).unwrap();
+        // A crash after the old folder was moved aside, before the new one took its place.
+        let aside = tmp.path().join(format!(".best.old-{}", uuid::Uuid::now_v7()));
+        fs::rename(&dir, &aside).unwrap();
+        let new = tmp.path().join(format!(".best.tmp-{}", uuid::Uuid::now_v7()));
+        fs::create_dir(&new).unwrap();
+        write_file(&new.join("w"), b"new").unwrap();
+        // A completed replacement's leftover is not put back over the folder in place.
+        write_dir_atomically(&tmp.path().join("epoch-1"), |t| write_file(&t.join("w"), b"e1")).unwrap();
+        let stale = tmp.path().join(format!(".epoch-1.old-{}", uuid::Uuid::now_v7()));
+        fs::create_dir(&stale).unwrap();
+        assert_eq!(restore_interrupted_replacements(tmp.path()).unwrap(), vec![dir.clone()]);
+        assert_eq!(fs::read(dir.join("w")).unwrap(), b"old");
+        assert_eq!(fs::read(tmp.path().join("epoch-1/w")).unwrap(), b"e1");
+        assert!(!aside.exists() && new.exists() && stale.exists(), "the rest is left for the caller");
+        assert_eq!(restore_interrupted_replacements(tmp.path()).unwrap(), Vec::<PathBuf>::new());
+    }
 
     #[test]
     fn hub_ids_are_recognised_and_paths_are_not() {

@@ -37,6 +37,14 @@ pub struct LoopState {
     /// as decided).
     #[serde(default)]
     pub decision: Option<super::auto::Decision>,
+    /// Seconds the run had spent when this state was saved, over every attempt (its time
+    /// budget counts them). 0 in checkpoints written before it was kept.
+    #[serde(default)]
+    pub seconds: f64,
+    /// How long the next epoch is expected to take: the last gradient epoch's length, or the
+    /// probe's estimate (a resumed run checks its time budget with it before its first epoch).
+    #[serde(default)]
+    pub next_epoch_seconds: Option<f64>,
 }
 
 impl LoopState {
@@ -52,6 +60,8 @@ impl LoopState {
             lowest_loss: None,
             history: vec![],
             decision: None,
+            seconds: 0.0,
+            next_epoch_seconds: None,
         }
     }
 }
@@ -64,6 +74,12 @@ pub fn epoch_dir(root: &Path, epoch: u32) -> PathBuf {
 /// Folder of the best epoch's model.
 pub fn best_dir(root: &Path) -> PathBuf {
     root.join("best")
+}
+
+/// Folder of the kept model with its scores calibrated (written at the end of a run that
+/// calibrates; `best/` keeps the uncalibrated weights).
+pub fn calibrated_dir(root: &Path) -> PathBuf {
+    root.join("calibrated")
 }
 
 /// Writes epoch `state.epoch`'s checkpoint (a loadable model folder plus `optimizer.safetensors`

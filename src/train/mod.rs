@@ -42,6 +42,9 @@ pub enum TrainError {
     /// Transparent, so an error chain does not print the same text twice.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// Reading or writing the run's files failed: what was being done, the path and why.
+    #[error("{0}")]
+    Files(String),
 }
 
 impl From<candle_core::Error> for TrainError {
@@ -62,6 +65,8 @@ pub enum TrainEvent {
         train_images: usize,
         validation_images: usize,
         resumed_from: Option<u32>,
+        /// Optimiser steps taken before this attempt (those of the checkpoint resumed from).
+        steps_done: u64,
         precision: crate::model::Precision,
     },
     /// A checkpoint could not be used; the fine-tune starts over.
@@ -74,8 +79,9 @@ pub enum TrainEvent {
     Checkpoint { epoch: u32, dir: PathBuf, score: f64 },
     /// Test-split evaluation of the kept model.
     Test { report: EvalReport },
-    /// What follows the probe epoch was decided (`after_probe: auto`), or the time budget ended
-    /// the run early; `epochs` and `total_steps` are the run's plan from here on.
+    /// What follows the probe epoch was decided (`after_probe: auto`), or early stopping or the
+    /// time budget ended the run early; `epochs` and `total_steps` are the run's plan from here
+    /// on.
     Decided { decision: auto::Decision, epochs: u32, total_steps: u64 },
     /// The kept model's scores were calibrated on the validation split.
     Calibrated { calibration: calibrate::Calibration },
@@ -105,7 +111,8 @@ pub struct TrainSpec {
 /// The result of a fine-tune.
 #[derive(Debug, Clone)]
 pub struct TrainOutcome {
-    /// A model folder with the best epoch's weights.
+    /// A model folder with the kept model: the best epoch's weights, with the calibration
+    /// folded into its head when the run calibrated.
     pub best_dir: PathBuf,
     pub best_epoch: u32,
     pub best: EvalReport,
@@ -114,7 +121,8 @@ pub struct TrainOutcome {
     pub history: Vec<EvalReport>,
     /// The temperature fitted on the validation split, when the run calibrates.
     pub calibration: Option<calibrate::Calibration>,
-    /// What `after_probe: auto` decided.
+    /// What `after_probe: auto` decided, and why the run stopped early (early stopping or the
+    /// time budget) when it did.
     pub decision: Option<auto::Decision>,
     /// The precision the products ran in (`precision` with `auto` resolved).
     pub precision: crate::model::Precision,

@@ -40,10 +40,12 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, mut 
     p.validate()?;
     let data = checked_data(spec.data, model, &p)?;
     let root = spec.checkpoint_root.clone();
-    std::fs::create_dir_all(&root)?;
+    at_path(std::fs::create_dir_all(&root), "creating the checkpoint folder", &root)?;
     let mut optimizer = Optimizer::new(p.optimizer, p.weight_decay, p.momentum);
     let fingerprints = [fingerprint(&p, &data, model), legacy_fingerprint(&p, &data, model)];
     let (mut state, resumed_from) = resume_or_start(&root, fingerprints, model, &mut optimizer, device, &mut ctl)?;
+    // The time budget counts the seconds of earlier attempts of this run too.
+    let clock = Clock { before: state.seconds, since: started };
     report_phase(&mut ctl, Phase::Loading, 1, 1);
     // A decision an earlier attempt of this run took stands.
     let params = state.decision.as_ref().map_or_else(|| p.clone(), |d| auto::apply(&p, d));
@@ -55,14 +57,14 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, mut 
         train_images: data.train.len(),
         validation_images: data.validation.len(),
         resumed_from,
+        steps_done: state.global_step,
         precision: params.precision.resolve(),
     });
     let limits = (spec.max_pixels, spec.cache_budget);
     let mut run = Run::prepare(params, &data, limits, plan, &root, model, device, &mut ctl)?;
-    let mut next_epoch_secs = None;
     if run.plan.probe_epochs == 1 && state.epoch == 0 {
-        let decide = (p.after_probe == AfterProbe::Auto).then_some(started);
-        next_epoch_secs = probe_epoch(&run, model, &optimizer, &mut state, decide, &mut ctl)?;
+        let decide = p.after_probe == AfterProbe::Auto;
+        probe_epoch(&run, model, &optimizer, &mut state, decide, clock, &mut ctl)?;
         if let Some(d) = &state.decision {
             let params = auto::apply(&p, d);
             let plan = Plan::new(&params, model, data.train.len());
@@ -72,35 +74,68 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, mut 
     }
     while state.epoch < run.p.epochs {
         let epoch = state.epoch + 1;
-        let action = state.decision.as_ref().map_or(auto::Action::AsGiven, |d| d.action);
-        if let Some(stop) = over_budget(&run.p, started, next_epoch_secs, epoch, action) {
-            (ctl.on_event)(TrainEvent::Decided { decision: stop, epochs: state.epoch, total_steps: state.global_step });
+        if let Some(stop) = stop_before(&run.p, &state, clock.secs()) {
+            (ctl.on_event)(TrainEvent::Decided { decision: stop.clone(), epochs: state.epoch, total_steps: state.global_step });
+            state.decision = Some(stop);
             break;
         }
         let epoch_started = Instant::now();
         gradient_epoch(&run, model, &mut optimizer, &mut state, epoch, &mut ctl)?;
         let validation = validate(&run, model, &mut ctl)?;
+        (state.next_epoch_seconds, state.seconds) = (Some(epoch_started.elapsed().as_secs_f64()), clock.secs());
         end_epoch(&root, model, &optimizer, &mut state, epoch, validation, &mut *ctl.on_event)?;
-        next_epoch_secs = Some(epoch_started.elapsed().as_secs_f64());
-        if run.p.early_stopping_patience.is_some_and(|patience| state.epochs_since_best >= patience) {
-            break;
-        }
     }
     finish(&run, model, state, &mut ctl)
 }
 
-/// With a time budget: the decision to stop before epoch `epoch` when it would end past the
-/// budget (its length estimated from the last epoch, or from the probe's measurements).
-fn over_budget(p: &TrainParams, started: Instant, epoch_secs: Option<f64>, epoch: u32, action: auto::Action) -> Option<Decision> {
-    let (budget, secs) = (p.time_budget_secs? as f64, epoch_secs?);
-    let elapsed = started.elapsed().as_secs_f64();
-    (elapsed + secs > budget).then(|| Decision {
-        action,
-        epochs: epoch - 1,
-        reason: format!(
-            "stopped after epoch {}: another epoch (about {secs:.0} s) would end past the time budget of {budget:.0} s ({elapsed:.0} s spent)",
-            epoch - 1
+/// Seconds a run has spent: those of its earlier attempts (from its checkpoint) and this one's.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    before: f64,
+    since: Instant,
+}
+
+impl Clock {
+    fn secs(&self) -> f64 {
+        self.before + self.since.elapsed().as_secs_f64()
+    }
+}
+
+/// Why a run that has completed `state.epoch` epochs stops before the next, if it does: early
+/// stopping's patience ran out, or, with a time budget, the next epoch would end past it (its
+/// length estimated from the last epoch, or from the probe's measurements). Both follow from the
+/// loop state, so a run resumed from its checkpoint stops where the interrupted attempt did (or
+/// would have). The stop keeps the action `auto` decided and adds to its reason.
+fn stop_before(p: &TrainParams, state: &LoopState, elapsed: f64) -> Option<Decision> {
+    let done = state.epoch;
+    if done == 0 {
+        return None;
+    }
+    let why = match p.early_stopping_patience.filter(|&patience| state.epochs_since_best >= patience) {
+        Some(patience) => format!(
+            "stopped early after epoch {done}: neither the validation macro-F1 nor the validation loss improved in the last {patience} epoch(s) (early_stopping_patience)"
         ),
+        None => {
+            let (budget, secs) = (p.time_budget_secs? as f64, state.next_epoch_seconds?);
+            if elapsed + secs <= budget {
+                return None;
+            }
+            format!("stopped after epoch {done}: another epoch (about {secs:.0} s) would end past the time budget of {budget:.0} s ({elapsed:.0} s spent)")
+        }
+    };
+    let (action, reason) = match &state.decision {
+        Some(d) => (d.action, format!("{}; {why}", d.reason)),
+        None => (auto::Action::AsGiven, why),
+    };
+    Some(Decision { action, epochs: done, reason })
+}
+
+/// `result` with an I/O failure described by what was being done and the path (the bare
+/// operating-system message, "Permission denied", names neither).
+fn at_path<T, E: Into<TrainError>>(result: Result<T, E>, doing: &str, path: &Path) -> Result<T, TrainError> {
+    result.map_err(|e| match e.into() {
+        TrainError::Io(e) | TrainError::Model(crate::model::ModelError::Io(e)) => TrainError::Files(format!("{doing} {}: {e}", path.display())),
+        other => other,
     })
 }
 
@@ -218,6 +253,8 @@ fn resume_or_start(
     device: &Device,
     ctl: &mut Control,
 ) -> Result<(LoopState, Option<u32>), TrainError> {
+    // A crash between the two renames of a best-model replacement leaves it moved aside.
+    at_path(crate::model::io::restore_interrupted_replacements(root), "restoring the checkpoints in", root)?;
     let fresh = LoopState::fresh(fingerprint.clone());
     match checkpoint::load_latest(root, &[&fingerprint, &legacy]) {
         Ok(Some(restored)) => {
@@ -229,8 +266,8 @@ fn resume_or_start(
         Ok(None) => Ok((fresh, None)),
         Err(e) => {
             (ctl.on_event)(TrainEvent::Restarted { reason: e.to_string() });
-            checkpoint::clear(root)?;
-            std::fs::create_dir_all(root)?;
+            at_path(checkpoint::clear(root), "removing the unusable checkpoints in", root)?;
+            at_path(std::fs::create_dir_all(root), "creating the checkpoint folder", root)?;
             Ok((fresh, None))
         }
     }
@@ -322,9 +359,10 @@ fn probe_epoch(
     model: &mut LoadedModel,
     optimizer: &Optimizer,
     state: &mut LoopState,
-    decide_from: Option<Instant>,
+    decide: bool,
+    clock: Clock,
     ctl: &mut Control,
-) -> Result<Option<f64>, TrainError> {
+) -> Result<(), TrainError> {
     let started = Instant::now();
     let data = run.data;
     let (n, cancel) = (data.train.len(), ctl.cancel);
@@ -342,8 +380,7 @@ fn probe_epoch(
     // Each view costs a pass like the images' own; with a time budget, none starts that would
     // end past it (they only refine the probe).
     let pass_secs = started.elapsed().as_secs_f64();
-    let run_started = decide_from.unwrap_or(started);
-    let another_fits = || run.p.time_budget_secs.is_none_or(|b| run_started.elapsed().as_secs_f64() + pass_secs <= b as f64);
+    let another_fits = || run.p.time_budget_secs.is_none_or(|b| clock.secs() + pass_secs <= b as f64);
     let mut views = Vec::new();
     let mut probe_views_used = 0;
     for index in 0..u64::from(probe_views) {
@@ -380,15 +417,14 @@ fn probe_epoch(
     (ctl.on_event)(TrainEvent::Probe { c: fitted.c, cv_accuracy: fitted.cv_accuracy, features_seconds, fit_seconds, views: probe_views });
     let validation = validate(run, model, ctl)?;
     // The decision goes into this epoch's checkpoint, so a resumed run keeps it.
-    let mut next_epoch_secs = None;
-    if let Some(run_started) = decide_from {
+    if decide {
         let situation = Situation {
             per_class: data.train_counts(),
             validation_images: data.validation.len(),
             test_images: data.test.len(),
             layers: model.cfg.num_hidden_layers,
             forward_per_s: forward_per_s.unwrap_or(f64::INFINITY),
-            elapsed_s: run_started.elapsed().as_secs_f64(),
+            elapsed_s: clock.secs(),
             budget_s: run.p.time_budget_secs.map(|s| s as f64).filter(|_| forward_per_s.is_some()),
         };
         let mut decision = auto::decide(&situation);
@@ -396,11 +432,11 @@ fn probe_epoch(
             decision.reason.push_str(&format!("; the probe was fitted on each image and {probe_views} other view(s) of it (its mirror image, then crops)"));
         }
         // The set-up (a last-layers run's cache) happens before the next epoch's budget check.
-        next_epoch_secs = forward_per_s.map(|_| situation.epoch_secs(decision.action));
+        state.next_epoch_seconds = forward_per_s.map(|_| situation.epoch_secs(decision.action));
         state.decision = Some(decision);
     }
-    end_epoch(&run.root, model, optimizer, state, 1, validation, &mut *ctl.on_event)?;
-    Ok(next_epoch_secs)
+    state.seconds = clock.secs();
+    end_epoch(&run.root, model, optimizer, state, 1, validation, &mut *ctl.on_event)
 }
 
 /// One pass over the training split in a seeded order: a forward and backward per batch, the
@@ -544,10 +580,12 @@ fn end_epoch(
     state.history.push(report.clone());
     if improved {
         state.best_epoch = Some(epoch);
-        model.save(&checkpoint::best_dir(root))?;
+        let best = checkpoint::best_dir(root);
+        at_path(model.save(&best), "saving the best model to", &best)?;
     }
     on_event(TrainEvent::Epoch { epoch, report, improved, mistakes });
-    let dir = checkpoint::save(root, &model.cfg, &model.preprocessor, &model.params.snapshot()?, &optimizer.state()?, state)?;
+    let (weights, moments) = (model.params.snapshot()?, optimizer.state()?);
+    let dir = at_path(checkpoint::save(root, &model.cfg, &model.preprocessor, &weights, &moments, state), "writing the checkpoint in", root)?;
     on_event(TrainEvent::Checkpoint { epoch, dir, score: score.0 });
     on_event(TrainEvent::Phase { phase: Phase::Saving, done: 1, total: 1 });
     Ok(())
@@ -555,7 +593,9 @@ fn end_epoch(
 
 /// Loads the best epoch's weights back into `model`, calibrates its scores on the validation
 /// split (when the run asks for it), evaluates it on the test split when there is one, and
-/// describes the outcome.
+/// describes the outcome. The calibrated model goes to a folder of its own: `best/` keeps the
+/// uncalibrated weights, so a run interrupted after this and resumed calibrates the same weights
+/// again (and finds the same temperature), not already-calibrated ones.
 fn finish(run: &Run, model: &mut LoadedModel, state: LoopState, ctl: &mut Control) -> Result<TrainOutcome, TrainError> {
     let data = run.data;
     let best_epoch = state.best_epoch.ok_or_else(|| TrainError::Checkpoint("no epoch completed".into()))?;
@@ -563,11 +603,15 @@ fn finish(run: &Run, model: &mut LoadedModel, state: LoopState, ctl: &mut Contro
     let best = LoadedModel::load(&ModelSource::Dir(best_dir.clone()), Some(&data.labels), &run.device, run.p.seed)?;
     model.params.load_from(&best.params.snapshot()?)?;
     let mut calibration = if run.p.calibrate { Some(calibrate(run, model, ctl)?) } else { None };
-    if calibration.as_ref().is_some_and(|c| c.fitted) {
+    let kept_dir = if calibration.as_ref().is_some_and(|c| c.fitted) {
+        let dir = checkpoint::calibrated_dir(&run.root);
         report_phase(ctl, Phase::Saving, 0, 1);
-        model.save(&best_dir)?;
+        at_path(model.save(&dir), "saving the calibrated model to", &dir)?;
         report_phase(ctl, Phase::Saving, 1, 1);
-    }
+        dir
+    } else {
+        best_dir
+    };
     let test = if data.test.is_empty() {
         None
     } else {
@@ -586,7 +630,7 @@ fn finish(run: &Run, model: &mut LoadedModel, state: LoopState, ctl: &mut Contro
         Some(report)
     };
     let best_report = state.history[best_epoch as usize - 1].clone();
-    Ok(TrainOutcome { best_dir, best_epoch, best: best_report, test, epochs_run: state.epoch, history: state.history, calibration, decision: state.decision, precision: run.precision })
+    Ok(TrainOutcome { best_dir: kept_dir, best_epoch, best: best_report, test, epochs_run: state.epoch, history: state.history, calibration, decision: state.decision, precision: run.precision })
 }
 
 /// Fits a temperature on the validation split's logits and folds it into the head (see

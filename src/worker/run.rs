@@ -160,13 +160,13 @@ impl<'a> Recorder<'a> {
     async fn try_record(&mut self, event: TrainEvent) -> anyhow::Result<()> {
         let (ctx, job, db) = (self.ctx, self.job, &self.ctx.db);
         match event {
-            TrainEvent::Started { epochs, total_steps, resumed_from, precision, .. } => {
+            TrainEvent::Started { epochs, total_steps, resumed_from, steps_done, precision, .. } => {
                 db::jobs::set_plan(db, &job.id, epochs, total_steps).await?;
                 db::jobs::set_precision(db, &job.id, precision.name()).await?;
                 let done = resumed_from.unwrap_or(0);
                 db::job_metrics::truncate_after(db, &job.id, done).await?;
-                db::jobs::set_progress(db, &job.id, done, 0).await?;
-                (self.progress.epochs, self.progress.steps, self.progress.epoch, self.progress.step) = (epochs, total_steps, done, 0);
+                db::jobs::set_progress(db, &job.id, done, steps_done).await?;
+                (self.progress.epochs, self.progress.steps, self.progress.epoch, self.progress.step) = (epochs, total_steps, done, steps_done);
                 if let Some(epoch) = resumed_from {
                     tracing::info!(job = %job.id, epoch, "resuming from checkpoint");
                 }

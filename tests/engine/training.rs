@@ -17,20 +17,36 @@ fn run(
     p: TrainParams,
     cancel_after_epoch: Option<u32>,
 ) -> (Result<vitforge::train::TrainOutcome, TrainError>, Vec<f64>) {
+    let (out, events) = run_events(data_dir, ckpt, p, cancel_after_epoch);
+    (out, losses(&events))
+}
+
+/// The losses of the optimiser steps among `events`.
+fn losses(events: &[TrainEvent]) -> Vec<f64> {
+    events.iter().filter_map(|e| if let TrainEvent::Step { loss, .. } = e { Some(*loss) } else { None }).collect()
+}
+
+/// A run on the stripes data with every event it reports; cancelled once the checkpoint of
+/// `cancel_after_epoch` is written.
+fn run_events(
+    data_dir: &std::path::Path,
+    ckpt: &std::path::Path,
+    p: TrainParams,
+    cancel_after_epoch: Option<u32>,
+) -> (Result<vitforge::train::TrainOutcome, TrainError>, Vec<TrainEvent>) {
     let data = stripes_data(data_dir, 40, 3);
     let mut model = tiny_model(&["horizontal", "vertical"], 9);
     let cancel = AtomicBool::new(false);
-    let mut losses = vec![];
-    let mut on_event = |e: TrainEvent| match e {
-        TrainEvent::Step { loss, .. } => losses.push(loss),
-        TrainEvent::Checkpoint { epoch, .. } if Some(epoch) == cancel_after_epoch => {
+    let mut events = vec![];
+    let mut on_event = |e: TrainEvent| {
+        if matches!(e, TrainEvent::Checkpoint { epoch, .. } if Some(epoch) == cancel_after_epoch) {
             cancel.store(true, std::sync::atomic::Ordering::Relaxed)
         }
-        _ => {}
+        events.push(e);
     };
     let spec = TrainSpec { params: p, data, checkpoint_root: ckpt.to_path_buf(), max_pixels: 1 << 24, cache_budget: 1 << 28 };
     let out = fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut on_event });
-    (out, losses)
+    (out, events)
 }
 
 #[test]
@@ -165,6 +181,88 @@ fn a_probe_run_resumed_after_the_probe_epoch_ends_like_an_uninterrupted_one() {
     let (resumed, resumed_losses) = run(&tmp.path().join("data"), &ck, p, None);
     assert_eq!(resumed.unwrap().history, whole.history);
     assert_eq!(resumed_losses, whole_losses);
+}
+
+/// The checkpoint state a run stopped in: rewrites epoch `epoch`'s `state.json` under `root`
+/// with `change` applied (as the run would have left it had it gone on to that point).
+fn edit_state(root: &std::path::Path, epoch: u32, change: impl FnOnce(&mut serde_json::Value)) {
+    let path = root.join(format!("epoch-{epoch}/state.json"));
+    let mut state: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    change(&mut state);
+    std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
+}
+
+/// A run that early stopping or its time budget ended stays ended when it runs again on its
+/// checkpoints (as a job does after a crash while it calibrates, tests or saves): no further
+/// epoch, the stop reported with its reason, and the steps already done counted in the progress.
+#[test]
+fn a_stopped_run_run_again_on_its_checkpoints_does_not_train_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let started = |events: &[TrainEvent]| {
+        events.iter().find_map(|e| if let TrainEvent::Started { resumed_from, steps_done, .. } = e { Some((*resumed_from, *steps_done)) } else { None })
+    };
+    let decided = |events: &[TrainEvent]| {
+        events.iter().find_map(|e| if let TrainEvent::Decided { decision, epochs, total_steps } = e { Some((decision.clone(), *epochs, *total_steps)) } else { None })
+    };
+    for (name, p, stopped) in [
+        // Early stopping's count had reached the patience.
+        ("patience", TrainParams { early_stopping_patience: Some(3), ..params() }, Box::new(|s: &mut serde_json::Value| s["epochs_since_best"] = 3.into()) as Box<dyn Fn(&mut serde_json::Value)>),
+        // The budget was nearly spent, and an epoch takes longer than what is left.
+        ("budget", TrainParams { time_budget_secs: Some(1000), ..params() }, Box::new(|s: &mut serde_json::Value| {
+            s["seconds"] = 999.5.into();
+            s["next_epoch_seconds"] = 2.0.into();
+        })),
+    ] {
+        let root = tmp.path().join(name);
+        let (first, first_events) = run_events(&data, &root, p.clone(), Some(2));
+        assert!(matches!(first, Err(TrainError::Cancelled)), "{name}: {first:?}");
+        let steps = losses(&first_events).len() as u64;
+        assert!(steps > 0);
+        edit_state(&root, 2, stopped);
+        let (again, events) = run_events(&data, &root, p, None);
+        let again = again.unwrap();
+        assert_eq!(started(&events), Some((Some(2), steps)), "{name}: the progress counts the steps done");
+        assert!(losses(&events).is_empty(), "{name}: no step after the stop");
+        assert_eq!(again.epochs_run, 2, "{name}");
+        let (decision, epochs, total_steps) = decided(&events).expect("the stop is reported");
+        assert_eq!((epochs, total_steps, decision.epochs), (2, steps, 2), "{name}: the plan shrinks to what was done");
+        let why = if name == "patience" { "stopped early after epoch 2" } else { "time budget of 1000 s" };
+        assert!(decision.reason.contains(why), "{name}: {}", decision.reason);
+        assert_eq!(again.decision, Some(decision), "{name}: the outcome says why it stopped");
+    }
+}
+
+/// A run that calibrated and then runs again on its checkpoints (a crash before its model was
+/// registered) calibrates the same weights again: the same temperature, not one fitted on
+/// already-calibrated scores (about 1).
+#[test]
+fn a_calibrated_run_run_again_finds_the_same_temperature() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, root) = (tmp.path().join("data"), tmp.path().join("run"));
+    let p = TrainParams { epochs: 3, calibrate: true, ..params() };
+    let (first, _) = run(&data, &root, p.clone(), None);
+    let first = first.unwrap();
+    let (again, losses) = run(&data, &root, p, None);
+    let again = again.unwrap();
+    assert!(losses.is_empty());
+    let (t1, t2) = (first.calibration.unwrap().temperature, again.calibration.unwrap().temperature);
+    assert!(t1 != 1.0 && (t1 - t2).abs() < 1e-9, "{t1} then {t2}");
+    assert_eq!(again.best_dir, first.best_dir);
+    assert_ne!(again.best_dir, root.join("best"), "best/ keeps the uncalibrated weights");
+}
+
+/// A file the run cannot write is named in the error, with what was being done (the operating
+/// system's message alone names neither).
+#[test]
+fn a_checkpoint_folder_that_cannot_be_made_is_named_in_the_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let blocker = tmp.path().join("a-file");
+    std::fs::write(&blocker, "not a folder").unwrap();
+    let root = blocker.join("checkpoints");
+    let (out, _) = run(&tmp.path().join("data"), &root, TrainParams { epochs: 1, ..params() }, None);
+    let message = out.unwrap_err().to_string();
+    assert!(message.starts_with(&format!("creating the checkpoint folder {}: ", root.display())), "{message}");
 }
 
 /// Calibration divides the head by the fitted temperature and changes no prediction: the same
