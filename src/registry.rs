@@ -12,13 +12,23 @@ use crate::db::Pool;
 
 use crate::db;
 use crate::db::jobs::Job;
-use crate::db::models::{Deleted, Model};
+use crate::db::models::{Deleted, Model, Registration};
 use crate::model::VitConfig;
 use crate::model::io::{CONFIG_FILE, SAVED_FILES, write_dir_atomically, write_file};
 use crate::objects::Objects;
 use crate::paths::DataPaths;
 use crate::predictor::{Loaded, PredictError, Predictor};
 use crate::train::TrainOutcome;
+
+/// What registering a finished job's model came to.
+#[derive(Debug)]
+pub enum JobModel {
+    Registered(Box<Model>),
+    /// A cancel was asked for while the model was being saved: nothing is registered.
+    CancelRequested,
+    /// The job no longer runs under this worker (its lease ran out and another worker took it).
+    Lost,
+}
 
 /// Handle to the registry; cheap to clone.
 #[derive(Clone)]
@@ -48,48 +58,61 @@ impl ModelRegistry {
         Ok(())
     }
 
-    /// Registers the best checkpoint of a finished job: copies it into `<data-dir>/models/<id>/`,
+    /// Registers the kept model of a finished job: copies it into `<data-dir>/models/<id>/`,
     /// inserts the model and marks the job succeeded (one transaction), makes it the default
     /// once loaded, then drops the job's checkpoint records (the worker removes their files, as for
-    /// every job that ends). Only while the job still runs under `worker`:
-    /// a worker that lost its lease registers nothing and removes its copy.
-    pub async fn register_for_job(&self, job: &Job, outcome: &TrainOutcome, worker: &str) -> anyhow::Result<Model> {
+    /// every job that ends). Only while the job still runs under `worker` and no cancel was asked
+    /// for. Whatever stops it part-way (a failure, a lost lease, a cancel) leaves nothing behind:
+    /// neither the copy, here or in the object store, nor the loaded model.
+    pub async fn register_for_job(&self, job: &Job, outcome: &TrainOutcome, worker: &str) -> anyhow::Result<JobModel> {
         let model_id = db::new_id();
         let dest = self.paths.model(&model_id);
-        let (src, copy_to) = (outcome.best_dir.clone(), dest.clone());
-        tokio::task::spawn_blocking(move || copy_model_folder(&src, &copy_to)).await??;
-        // In the object store before its row exists, so every process that sees the row finds it.
-        if let Err(e) = self.objects.publish_dir(&dest).await {
-            self.objects.remove_dir(&dest).await.ok();
-            return Err(e.context("storing the model"));
+        match self.register_copy(job, outcome, worker, &model_id, &dest).await {
+            Ok(JobModel::Registered(model)) => {
+                if let Err(e) = db::job_metrics::delete_checkpoints(&self.db, &job.id).await {
+                    tracing::warn!(job = %job.id, error = %e, "dropping the job's checkpoint records failed");
+                }
+                Ok(JobModel::Registered(model))
+            }
+            other => {
+                self.predictor.evict(&model_id);
+                self.objects.remove_dir(&dest).await.ok();
+                other
+            }
         }
+    }
+
+    /// [`Self::register_for_job`] up to the registration, with the copy at `dest`.
+    async fn register_copy(&self, job: &Job, outcome: &TrainOutcome, worker: &str, model_id: &str, dest: &Path) -> anyhow::Result<JobModel> {
+        let (src, copy_to) = (outcome.best_dir.clone(), dest.to_path_buf());
+        let copied = tokio::task::spawn_blocking(move || copy_model_folder(&src, &copy_to)).await?;
+        copied.with_context(|| format!("copying the model from {} to {}", outcome.best_dir.display(), dest.display()))?;
+        // In the object store before its row exists, so every process that sees the row finds it.
+        self.objects.publish_dir(dest).await.context("storing the model")?;
         let model = Model {
-            id: model_id.clone(),
+            id: model_id.to_string(),
             job_id: Some(job.id.clone()),
             base_model: job.base_model.clone(),
-            labels: labels_of(&outcome.best_dir)?,
+            labels: labels_of(dest)?,
             metrics: Some(model_metrics(outcome)?),
             params: Some(trained_params(job, outcome)),
             recipe: Some(job.recipe.clone()),
             created_at: db::now(),
-            path: self.relative(&dest),
+            path: self.relative(dest),
         };
         // Load it before the job shows as succeeded, so the default can switch as soon as it does;
         // a model that fails to load is still registered, and the previous default keeps serving.
-        let loaded = self.predictor.get_or_load(&model_id, dest.clone()).await;
-        let registered = db::models::register_for_job(&self.db, &model, Some(worker)).await.context("registering the model");
-        if !matches!(registered, Ok(true)) {
-            self.predictor.evict(&model_id);
-            self.objects.remove_dir(&dest).await.ok();
-            registered?;
-            anyhow::bail!("job {} no longer runs under this worker (its lease ran out and another worker took it)", job.id);
+        let loaded = self.predictor.get_or_load(model_id, dest.to_path_buf()).await;
+        match db::models::register_for_job(&self.db, &model, Some(worker)).await.context("registering the model")? {
+            Registration::Registered => {}
+            Registration::CancelRequested => return Ok(JobModel::CancelRequested),
+            Registration::NotOurs => return Ok(JobModel::Lost),
         }
         match loaded {
-            Ok(_) => self.predictor.set_default(Some(model_id.clone())),
+            Ok(_) => self.predictor.set_default(Some(model_id.to_string())),
             Err(e) => tracing::error!(model = %model_id, error = %e, "the new model failed to load; the previous default keeps serving"),
         }
-        db::job_metrics::delete_checkpoints(&self.db, &job.id).await?;
-        Ok(model)
+        Ok(JobModel::Registered(Box::new(model)))
     }
 
     /// Deletes a model unless it is the only one or a job continues from it: its row, its place in

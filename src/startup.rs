@@ -216,9 +216,17 @@ async fn recover_jobs(state: &AppState) -> anyhow::Result<()> {
     }
     let worker_name = state.config.worker_name();
     let owner = if state.config.role == Role::All { None } else { Some(worker_name.as_str()) };
-    let requeued = crate::db::jobs::recover_interrupted(&state.db, owner).await?;
-    if requeued > 0 {
-        tracing::info!(requeued, "jobs interrupted by the last shutdown go back to the queue");
+    let recovered = crate::db::jobs::recover_interrupted(&state.db, owner).await?;
+    if recovered.requeued > 0 {
+        tracing::info!(requeued = recovered.requeued, "jobs interrupted by the last shutdown go back to the queue");
+    }
+    // Jobs whose cancel was asked for before the interruption ended cancelled: their checkpoints
+    // (here and in the object store) serve no one.
+    for id in &recovered.cancelled {
+        tracing::info!(job = %id, "a job interrupted after its cancel was asked for ends cancelled");
+        if let Err(e) = state.objects.remove_dir(&state.paths.job(id)).await {
+            tracing::warn!(job = %id, error = format!("{e:#}"), "removing the cancelled job's checkpoints failed");
+        }
     }
     Ok(())
 }
@@ -286,6 +294,11 @@ async fn remove_stale_job_files(state: &AppState) -> anyhow::Result<Vec<std::pat
             remove_path(&dir)?;
             removed.push(dir);
             continue;
+        }
+        // A crash while a checkpoint replaced its best model can leave it moved aside: put it back
+        // before the leftovers go.
+        for restored in crate::model::io::restore_interrupted_replacements(&dir)? {
+            tracing::warn!(path = %restored.display(), "restored a folder whose replacement a crash interrupted");
         }
         for inner in std::fs::read_dir(&dir)? {
             let path = inner?.path();

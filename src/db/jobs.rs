@@ -275,15 +275,15 @@ pub async fn renew_lease(pool: &Pool, id: &str, worker: &str, lease_until: &str)
 /// `owner = None` takes every running job (a process alone on its database); `Some(worker)` only
 /// this worker's own (it was restarted under the same name) and those whose lease ran out, so a
 /// process never takes a job another live process runs.
-pub async fn recover_interrupted(pool: &Pool, owner: Option<&str>) -> Result<u64, sqlx::Error> {
+pub async fn recover_interrupted(pool: &Pool, owner: Option<&str>) -> Result<Recovered, sqlx::Error> {
     let now = now();
-    sqlx::query(
+    let cancelled: Vec<String> = sqlx::query_scalar(
         "update jobs set status = 'cancelled', finished_at = $1 where status = 'running' and cancel_requested = 1 \
-         and ($2 is null or worker = $2 or lease_expires_at < $1)",
+         and ($2 is null or worker = $2 or lease_expires_at < $1) returning id",
     )
     .bind(&now)
     .bind(owner)
-    .execute(pool)
+    .fetch_all(pool)
     .await?;
     let done = sqlx::query(
         "update jobs set status = 'queued', lease_expires_at = null where status = 'running' \
@@ -293,7 +293,16 @@ pub async fn recover_interrupted(pool: &Pool, owner: Option<&str>) -> Result<u64
     .bind(owner)
     .execute(pool)
     .await?;
-    Ok(done.rows_affected())
+    Ok(Recovered { requeued: done.rows_affected(), cancelled })
+}
+
+/// What [`recover_interrupted`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Recovered {
+    /// Jobs put back in the queue.
+    pub requeued: u64,
+    /// Jobs whose cancel had been asked for, now cancelled (their checkpoints can go).
+    pub cancelled: Vec<String>,
 }
 
 /// Puts `worker`'s running job back in the queue (graceful shutdown mid-run).
@@ -425,7 +434,7 @@ pub async fn count_by_status(pool: &Pool) -> Result<Vec<(String, i64)>, sqlx::Er
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::models::{Model, register_for_job};
+    use crate::db::models::{Model, Registration, register_for_job};
 
     async fn pool_with_job() -> (tempfile::TempDir, Pool, Job) {
         let dir = tempfile::tempdir().unwrap();
@@ -460,7 +469,7 @@ mod tests {
         let on = |base_model: &'static str| NewJob { dataset_id: "d", base_model, params: &params, recipe: "r", epochs: 1, base_is_model: true };
         assert!(insert(&pool, &on("gone")).await.unwrap().is_none(), "a model deleted since the request was checked");
         let finished = claim(&pool, "w", "cpu", &crate::db::at(chrono::Utc::now() + chrono::Duration::seconds(60))).await.unwrap().unwrap();
-        assert!(register_for_job(&pool, &model_of(&finished, "m-kept"), Some("w")).await.unwrap());
+        assert_eq!(register_for_job(&pool, &model_of(&finished, "m-kept"), Some("w")).await.unwrap(), Registration::Registered);
         let queued = insert(&pool, &on("m-kept")).await.unwrap().unwrap();
         assert_eq!((queued.base_model.as_str(), queued.status), ("m-kept", Status::Queued));
         assert_ne!(queued.id, job.id);
@@ -492,12 +501,24 @@ mod tests {
         finish(&pool, &job.id, "one", Status::Failed, Some("late")).await.unwrap();
         requeue(&pool, &job.id, "one").await.unwrap();
         assert_eq!(get(&pool, &job.id).await.unwrap().unwrap().status, Status::Running);
-        assert!(!register_for_job(&pool, &model_of(&job, "m-one"), Some("one")).await.unwrap());
-        assert!(register_for_job(&pool, &model_of(&job, "m-two"), Some("two")).await.unwrap());
+        assert_eq!(register_for_job(&pool, &model_of(&job, "m-one"), Some("one")).await.unwrap(), Registration::NotOurs);
+        assert_eq!(register_for_job(&pool, &model_of(&job, "m-two"), Some("two")).await.unwrap(), Registration::Registered);
         let done = get(&pool, &job.id).await.unwrap().unwrap();
         assert_eq!((done.status, done.model_id.as_deref()), (Status::Succeeded, Some("m-two")));
         let models: Vec<String> = sqlx::query_scalar("select id from models").fetch_all(&pool).await.unwrap();
         assert_eq!(models, vec!["m-two".to_string()], "one model for the job");
+    }
+
+    #[tokio::test]
+    async fn a_cancel_asked_for_while_the_model_is_saved_wins_over_the_success() {
+        let (_dir, pool, job) = pool_with_job().await;
+        let soon = crate::db::at(chrono::Utc::now() + chrono::Duration::seconds(60));
+        claim(&pool, "w", "cpu", &soon).await.unwrap().unwrap();
+        assert_eq!(cancel(&pool, &job.id).await.unwrap(), Cancel::Requested);
+        assert_eq!(register_for_job(&pool, &model_of(&job, "m"), Some("w")).await.unwrap(), Registration::CancelRequested);
+        let still: i64 = sqlx::query_scalar("select count(*) from models").fetch_one(&pool).await.unwrap();
+        assert_eq!(still, 0, "no model registered");
+        assert_eq!(get(&pool, &job.id).await.unwrap().unwrap().status, Status::Running, "the worker ends it cancelled");
     }
 
     #[tokio::test]
@@ -506,13 +527,18 @@ mod tests {
         let soon = crate::db::at(chrono::Utc::now() + chrono::Duration::seconds(60));
         claim(&pool, "one", "cpu", &soon).await.unwrap().unwrap();
         // Another worker's live job stays where it is.
-        assert_eq!(recover_interrupted(&pool, Some("two")).await.unwrap(), 0);
+        assert_eq!(recover_interrupted(&pool, Some("two")).await.unwrap(), Recovered { requeued: 0, cancelled: vec![] });
         assert_eq!(get(&pool, &job.id).await.unwrap().unwrap().status, Status::Running);
         // Its own (restarted under the same name) goes back to the queue.
-        assert_eq!(recover_interrupted(&pool, Some("one")).await.unwrap(), 1);
+        assert_eq!(recover_interrupted(&pool, Some("one")).await.unwrap().requeued, 1);
         assert_eq!(get(&pool, &job.id).await.unwrap().unwrap().status, Status::Queued);
         // A process alone on the database takes every running job.
         claim(&pool, "one", "cpu", &soon).await.unwrap().unwrap();
-        assert_eq!(recover_interrupted(&pool, None).await.unwrap(), 1);
+        assert_eq!(recover_interrupted(&pool, None).await.unwrap().requeued, 1);
+        // A job whose cancel was asked for ends cancelled, and says so (its checkpoints can go).
+        claim(&pool, "one", "cpu", &soon).await.unwrap().unwrap();
+        assert_eq!(cancel(&pool, &job.id).await.unwrap(), Cancel::Requested);
+        assert_eq!(recover_interrupted(&pool, None).await.unwrap(), Recovered { requeued: 0, cancelled: vec![job.id.clone()] });
+        assert_eq!(get(&pool, &job.id).await.unwrap().unwrap().status, Status::Cancelled);
     }
 }

@@ -63,16 +63,28 @@ macro_rules! model_columns {
     };
 }
 
+/// What [`register_for_job`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registration {
+    /// The model is registered and the job succeeded.
+    Registered,
+    /// Nothing: a cancel was asked for while the job was saving its model; the cancel wins.
+    CancelRequested,
+    /// Nothing: the job no longer runs under this worker.
+    NotOurs,
+}
+
 /// Registers the model of a succeeded job and marks the job succeeded, in one transaction. With a
-/// `worker`, only while the job still runs under that worker: a worker whose lease ran out (and
-/// whose job another worker took) registers nothing, so a job gets one model even when two workers
-/// race to the end of it. Returns whether the model was registered.
-pub async fn register_for_job(pool: &Pool, model: &Model, worker: Option<&str>) -> Result<bool, sqlx::Error> {
+/// `worker`, only while the job still runs under that worker and no cancel was asked for: a
+/// worker whose lease ran out (and whose job another worker took) registers nothing, so a job gets
+/// one model even when two workers race to the end of it, and a cancel answered 202 while the
+/// model was being saved is not followed by a success.
+pub async fn register_for_job(pool: &Pool, model: &Model, worker: Option<&str>) -> Result<Registration, sqlx::Error> {
     let mut tx = pool.begin().await?;
     if let Some(job_id) = &model.job_id {
         let done = sqlx::query(
             "update jobs set status = 'succeeded', model_id = $1, finished_at = $2, error = null \
-             where id = $3 and ($4 is null or (status = 'running' and worker = $4))",
+             where id = $3 and ($4 is null or (status = 'running' and worker = $4 and cancel_requested = 0))",
         )
         .bind(&model.id)
         .bind(crate::db::now())
@@ -81,8 +93,13 @@ pub async fn register_for_job(pool: &Pool, model: &Model, worker: Option<&str>) 
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() == 0 {
+            let cancelled: Option<i64> = sqlx::query_scalar("select cancel_requested from jobs where id = $1 and status = 'running' and worker = $2")
+                .bind(job_id)
+                .bind(worker)
+                .fetch_optional(&mut *tx)
+                .await?;
             tx.rollback().await?;
-            return Ok(false);
+            return Ok(if cancelled.is_some_and(|c| c != 0) { Registration::CancelRequested } else { Registration::NotOurs });
         }
     }
     sqlx::query(concat!("insert into models (", model_columns!(), ") values ($1, $2, $3, $4, $5, $6, $7, $8, $9)"))
@@ -98,7 +115,7 @@ pub async fn register_for_job(pool: &Pool, model: &Model, worker: Option<&str>) 
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    Ok(true)
+    Ok(Registration::Registered)
 }
 
 /// One model.

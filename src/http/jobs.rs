@@ -99,6 +99,11 @@ async fn metrics(State(s): State<AppState>, ApiPath(id): ApiPath<String>) -> Res
 async fn cancel(State(s): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<(StatusCode, Json<Job>), AppError> {
     match db::jobs::cancel(&s.db, &id).await? {
         Cancel::Cancelled => {
+            // A queued job can hold checkpoints (a shutdown put it back in the queue mid-run):
+            // nothing will resume from them now, here or in the object store.
+            if let Err(e) = s.objects.remove_dir(&s.paths.job(&id)).await {
+                tracing::warn!(job = %id, error = format!("{e:#}"), "removing the cancelled job's checkpoints failed");
+            }
             let job = find(&s, &id).await?;
             s.jobs.publish(&id, JobEvent::Status(Box::new(job.clone())));
             Ok((StatusCode::OK, Json(job)))

@@ -19,7 +19,7 @@ use crate::db;
 use crate::db::jobs::{Job, Status};
 use crate::objects::Objects;
 use crate::paths::DataPaths;
-use crate::registry::ModelRegistry;
+use crate::registry::{JobModel, ModelRegistry};
 use crate::train::{Phase, TrainError, TrainEvent};
 use hub::{JobEvent, JobHub};
 use run::{JobFailure, Recorder};
@@ -121,6 +121,17 @@ async fn keep_lease(ctx: JobContext, job_id: String, cancel: Arc<AtomicBool>, lo
     }
 }
 
+/// Whether a cancel of the job was asked for (false when the database cannot say).
+async fn cancel_asked(ctx: &JobContext, job_id: &str) -> bool {
+    match db::jobs::get(&ctx.db, job_id).await {
+        Ok(job) => job.is_some_and(|job| job.cancel_requested),
+        Err(e) => {
+            tracing::warn!(job = %job_id, error = %e, "reading whether the job's cancel was asked for failed");
+            false
+        }
+    }
+}
+
 /// Runs one claimed job to its end and records the outcome.
 async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device) {
     tracing::info!(job = %job.id, device = %device_name, "job started");
@@ -132,7 +143,7 @@ async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device)
     ctx.hub.stop(&job.id);
     let shutting_down = ctx.hub.shutdown_token().is_cancelled();
     let worker = ctx.worker_name.as_str();
-    let result = match outcome {
+    let result: anyhow::Result<()> = match outcome {
         _ if lost.load(Ordering::SeqCst) => {
             tracing::warn!(job = %job.id, "lease lost: another worker has taken the job over; this run's outcome is dropped");
             Ok(())
@@ -140,14 +151,32 @@ async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device)
         Ok(outcome) => {
             // Copying the model into place and loading it for /predict is the last of `saving`.
             recorder.record(TrainEvent::Phase { phase: Phase::Saving, done: 0, total: 1 }).await;
-            let registered = ctx.models.register_for_job(&job, &outcome, worker).await;
-            if let Ok(model) = &registered {
-                tracing::info!(job = %job.id, model = %model.id, epoch = outcome.best_epoch, f1 = outcome.best.f1, "model registered");
-                recorder.record(TrainEvent::Phase { phase: Phase::Saving, done: 1, total: 1 }).await;
+            match ctx.models.register_for_job(&job, &outcome, worker).await {
+                Ok(JobModel::Registered(model)) => {
+                    tracing::info!(job = %job.id, model = %model.id, epoch = outcome.best_epoch, f1 = outcome.best.f1, "model registered");
+                    recorder.record(TrainEvent::Phase { phase: Phase::Saving, done: 1, total: 1 }).await;
+                    Ok(())
+                }
+                Ok(JobModel::CancelRequested) => {
+                    tracing::info!(job = %job.id, "cancelled while its model was being saved: no model registered");
+                    db::jobs::finish(&ctx.db, &job.id, worker, Status::Cancelled, None).await.map_err(Into::into)
+                }
+                Ok(JobModel::Lost) => {
+                    tracing::warn!(job = %job.id, "lease lost while registering the model: another worker has taken the job over");
+                    Ok(())
+                }
+                // A job that cannot register its model ends failed, saying why, rather than
+                // running on in the database to be claimed and trained again at every lease.
+                Err(e) => {
+                    tracing::warn!(job = %job.id, error = format!("{e:#}"), "registering the model failed");
+                    let error = format!("registering the model failed: {e:#}");
+                    db::jobs::finish(&ctx.db, &job.id, worker, Status::Failed, Some(&error)).await.map_err(Into::into)
+                }
             }
-            registered.map(|_| ())
         }
-        Err(JobFailure::Train(TrainError::Cancelled)) if shutting_down => {
+        // A shutdown requeues the job, unless its cancel was asked for (through this process or
+        // another): then it ends cancelled now rather than at the next start.
+        Err(JobFailure::Train(TrainError::Cancelled)) if shutting_down && !cancel_asked(ctx, &job.id).await => {
             tracing::info!(job = %job.id, "job interrupted by shutdown; it resumes at the next start");
             db::jobs::requeue(&ctx.db, &job.id, worker).await.map_err(Into::into)
         }

@@ -177,10 +177,15 @@ async fn queued_jobs_run_one_after_another_and_cancel_works_in_every_state() {
     assert_eq!(listed.as_array().unwrap().len(), 1);
     assert_eq!(listed[0]["id"], queued_id);
 
-    // Queued → cancelled at once.
+    // Queued → cancelled at once. A queued job can hold checkpoints (a shutdown put it back in
+    // the queue mid-run): they go with the cancel.
+    let checkpoints = app.data_dir.join("jobs").join(queued_id);
+    std::fs::create_dir_all(checkpoints.join("epoch-1")).unwrap();
+    std::fs::write(checkpoints.join("epoch-1/state.json"), "{}").unwrap();
     let resp = app.client.post(app.url(&format!("/jobs/{queued_id}/cancel"))).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(json(resp).await["status"], "cancelled");
+    assert!(!checkpoints.exists(), "the cancelled job's checkpoints are removed");
     // Running → stops within a batch.
     let resp = app.client.post(app.url(&format!("/jobs/{long_id}/cancel"))).send().await.unwrap();
     assert_eq!(resp.status(), 202);
@@ -204,6 +209,31 @@ async fn queued_jobs_run_one_after_another_and_cancel_works_in_every_state() {
     let ids: Vec<&str> = all.as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
     assert_eq!(ids[0], b["id"].as_str().unwrap(), "newest first");
     assert_eq!(ids.len(), 4);
+}
+
+/// A model that cannot be registered (here: `models/` is a file, so its copy cannot be made)
+/// ends the job failed with the reason, once: it is not left running, to be claimed and trained
+/// again at every lease. Nothing half-made stays.
+#[tokio::test]
+async fn a_job_whose_model_cannot_be_registered_fails_with_the_reason() {
+    let app = spawn_app().await;
+    let dataset = app.upload_pets(4, false).await;
+    let models = app.data_dir.join("models");
+    std::fs::remove_dir_all(&models).unwrap();
+    std::fs::write(&models, "not a folder").unwrap();
+    let job = app.submit_job(&dataset, small()).await;
+    let id = job["id"].as_str().unwrap();
+    let done = app.wait_job(id, 120).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let error = done["error"].as_str().unwrap();
+    assert!(error.starts_with("registering the model failed: copying the model from"), "{error}");
+    assert!(error.contains(&models.display().to_string()), "the error names the path: {error}");
+    assert!(done["model_id"].is_null());
+    assert_eq!(json(app.get("/models").await).await, json!([]));
+    assert!(!app.data_dir.join("jobs").join(id).exists(), "its checkpoints are removed like any ended job's");
+    // It stays failed: nothing claims it again.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(json(app.get(&format!("/jobs/{id}")).await).await["status"], "failed");
 }
 
 #[tokio::test]
