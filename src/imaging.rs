@@ -109,8 +109,13 @@ fn dimensions(bytes: &[u8], max_pixels: u64) -> Result<(ImageFormat, u32, u32), 
     Ok((format, width, height))
 }
 
-/// Decodes an image whose header [`dimensions`] has accepted.
+/// Decodes an image whose header [`dimensions`] has accepted. A JPEG cut short is refused: the
+/// decoder would fill what is missing with grey and say nothing (Pillow, and so `transformers`,
+/// refuses it too: "image file is truncated").
 fn decode_checked(bytes: &[u8], format: ImageFormat, width: u32, height: u32) -> Result<RgbImage, ImageError> {
+    if format == ImageFormat::Jpeg && !jpeg_reaches_its_end(bytes) {
+        return Err(ImageError::Corrupt("the JPEG data ends before its end-of-image marker (the file is cut short)".into()));
+    }
     let pixels = u64::from(width) * u64::from(height);
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = Limits::default();
@@ -124,6 +129,41 @@ fn decode_checked(bytes: &[u8], format: ImageFormat, width: u32, height: u32) ->
         .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))?
         .map_err(|e| ImageError::Corrupt(e.to_string()))?;
     Ok(if decoded.color().has_alpha() { composite_on_white(&decoded.into_rgba8()) } else { decoded.into_rgb8() })
+}
+
+/// Whether a JPEG's segments and scans run to its end-of-image marker: each segment's length is
+/// followed, and each scan's entropy-coded data up to the next marker (in which a 0xFF byte is
+/// followed by 0x00 or is a restart marker). Bytes after the marker (some cameras append
+/// some) do not matter; a file that runs out before it is cut short.
+fn jpeg_reaches_its_end(bytes: &[u8]) -> bool {
+    let mut at = 2; // after SOI
+    loop {
+        // A marker: 0xFF (any number of fill bytes), then its code.
+        while bytes.get(at) == Some(&0xFF) && bytes.get(at + 1) == Some(&0xFF) {
+            at += 1;
+        }
+        let (Some(&0xFF), Some(&code)) = (bytes.get(at), bytes.get(at + 1)) else { return false };
+        at += 2;
+        match code {
+            0xD9 => return true,
+            0x01 | 0xD0..=0xD7 => continue,
+            _ => {}
+        }
+        let Some(len) = bytes.get(at..at + 2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]]))) else { return false };
+        at += len;
+        if code == 0xDA {
+            // Entropy-coded data up to the next marker that is not a restart marker.
+            loop {
+                let Some(ff) = bytes.get(at..).and_then(|rest| rest.iter().position(|&b| b == 0xFF)) else { return false };
+                at += ff;
+                match bytes.get(at + 1) {
+                    None => return false,
+                    Some(0x00 | 0xD0..=0xD7 | 0xFF) => at += 1,
+                    Some(_) => break,
+                }
+            }
+        }
+    }
 }
 
 /// `Image.alpha_composite(white, img).convert("RGB")` with Pillow's exact integer arithmetic
@@ -153,6 +193,27 @@ mod tests {
         let mut out = Cursor::new(Vec::new());
         img.write_to(&mut out, format).unwrap();
         out.into_inner()
+    }
+
+    #[test]
+    fn a_jpeg_cut_short_is_refused_and_bytes_after_its_end_do_not_matter() {
+        let img = DynamicImage::ImageRgb8(ImageBuffer::from_fn(256, 192, |x, y| image::Rgb([x as u8, (y * 5) as u8, ((x ^ y) * 3) as u8])));
+        let whole = encode(img, ImageFormat::Jpeg);
+        assert!(jpeg_reaches_its_end(&whole));
+        assert_eq!(decode_rgb(&whole, 1 << 20).unwrap().dimensions(), (256, 192));
+        let mut trailing = whole.clone();
+        trailing.extend_from_slice(b"camera maker's notes");
+        assert!(decode_rgb(&trailing, 1 << 20).is_ok(), "bytes after the end-of-image marker are ignored");
+        // Progressive (several scans, tables between them) and with restart markers, whole and cut.
+        for file in [&include_bytes!("../tests/fixtures/progressive.jpg")[..], &include_bytes!("../tests/fixtures/restart-markers.jpg")[..]] {
+            assert_eq!(decode_rgb(file, 1 << 20).unwrap().dimensions(), (56, 40));
+            assert!(!jpeg_reaches_its_end(&file[..file.len() * 2 / 3]));
+        }
+        // Cut in its scan (the decoder itself refuses a cut in the headers).
+        for keep in [whole.len() - 2, whole.len() - 1, whole.len() * 3 / 4, whole.len() / 2] {
+            let err = decode_rgb(&whole[..keep], 1 << 20).unwrap_err();
+            assert!(matches!(&err, ImageError::Corrupt(m) if m.contains("cut short")), "{keep} of {} bytes: {err}", whole.len());
+        }
     }
 
     #[test]

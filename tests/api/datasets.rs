@@ -243,6 +243,10 @@ async fn broken_files_are_rejected_one_by_one() {
     let app = spawn_app().await;
     let mut members = class_images("", &["cat", "dog"], 2, 0);
     members.push(file("cat/broken.jpg", fixtures::corrupt_jpeg()));
+    // Cut in its image data: the decoder would fill the rest with grey and say nothing.
+    let mut cut = fixtures::image(ImageFormat::Jpeg, 128, 7);
+    cut.truncate(cut.len() - 100);
+    members.push(file("dog/cut.jpg", cut));
     members.push(file("cat/notes.txt", b"these are my cats".to_vec()));
     members.push(file("dog/empty.jpg", Vec::new()));
     members.push(file("README.md", b"# pets".to_vec()));
@@ -253,8 +257,9 @@ async fn broken_files_are_rejected_one_by_one() {
 
     assert_eq!(ds["num_images"], 4);
     let rejected = rejected(&ds);
-    assert_eq!(rejected.len(), 4, "{rejected:?}");
+    assert_eq!(rejected.len(), 5, "{rejected:?}");
     assert!(rejected["cat/broken.jpg"].contains("corrupt"), "{rejected:?}");
+    assert!(rejected["dog/cut.jpg"].contains("cut short"), "{rejected:?}");
     assert!(rejected["cat/notes.txt"].contains("not an image"), "{rejected:?}");
     assert!(rejected["dog/empty.jpg"].contains("empty"), "{rejected:?}");
     assert!(rejected["README.md"].contains("not inside a class folder"), "{rejected:?}");
