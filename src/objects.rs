@@ -25,6 +25,7 @@ use object_store::path::Path as Key;
 use object_store::ObjectStore;
 
 use crate::dataset::BlobStore;
+use crate::model::io::CONFIG_FILE;
 use crate::paths::DataPaths;
 use crate::train::checkpoint::{self, LoopState};
 
@@ -302,10 +303,13 @@ impl Objects {
         let best = read_state(&dir.join("state.json")).await?.best_epoch.unwrap_or(epoch);
         let best_part = format!("best-{best}");
         let stored = self.children(remote, &mine).await?;
-        // The best model this checkpoint names, when it is new or not stored under this run yet
-        // (a run that resumed elsewhere, or whose prefix a later run removed).
-        if improved || !stored.contains(&best_part) {
-            self.upload_tree(remote, &checkpoint::best_dir(root), &mine.child(best_part.clone()), None).await?;
+        // The best model this checkpoint names, when it is new or not stored whole under this run
+        // yet (a run that resumed elsewhere, whose prefix a later run removed, or whose upload of
+        // it failed part-way): its `config.json` goes last, so with it there the rest is too.
+        let best_key = mine.child(best_part.clone());
+        let best_stored = stored.contains(&best_part) && self.exists(remote, &best_key.child(CONFIG_FILE)).await?;
+        if improved || !best_stored {
+            self.upload_tree(remote, &checkpoint::best_dir(root), &best_key, Some(CONFIG_FILE)).await?;
         }
         self.upload_tree(remote, &dir, &mine.child(format!("epoch-{epoch}")), Some("state.json")).await?;
         // What was there before these uploads, less what this checkpoint needs.
@@ -354,7 +358,11 @@ impl Objects {
         let dir = checkpoint::epoch_dir(root, epoch);
         self.download_tree(remote, &job.child(format!("epoch-{epoch}")), &dir).await?;
         if let Some(best) = read_state(&dir.join("state.json")).await?.best_epoch {
-            self.download_tree(remote, &job.child(format!("best-{best}")), &checkpoint::best_dir(root)).await?;
+            let best_dir = checkpoint::best_dir(root);
+            self.download_tree(remote, &job.child(format!("best-{best}")), &best_dir).await?;
+            if !tokio::fs::try_exists(best_dir.join(CONFIG_FILE)).await? {
+                bail!("the best model of {job} (epoch {best}) is not stored whole in {}", remote.url);
+            }
         }
         Ok(Some(epoch))
     }
@@ -370,6 +378,15 @@ impl Objects {
     async fn children(&self, remote: &Remote, prefix: &Key) -> anyhow::Result<Vec<String>> {
         let listed = remote.store.list_with_delimiter(Some(prefix)).await.map_err(|e| remote.failed(e, format!("listing {prefix}")))?;
         Ok(listed.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_string)).collect())
+    }
+
+    /// Whether the object `key` is stored.
+    async fn exists(&self, remote: &Remote, key: &Key) -> anyhow::Result<bool> {
+        match remote.store.head(key).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(remote.failed(e, format!("looking up {key}"))),
+        }
     }
 
     async fn delete_prefix(&self, remote: &Remote, prefix: &Key) -> anyhow::Result<()> {

@@ -257,7 +257,7 @@ async fn image_blobs_come_back_checked_and_leave_nothing_behind_when_wrong() {
 /// Each run of a job writes its checkpoints under a prefix of its own: a later run removes the
 /// earlier runs' prefixes, and a run that lost its lease without noticing ("zombie") cannot delete
 /// what the run that took over wrote; a resume takes the latest epoch, with the best model its
-/// own `state.json` names.
+/// own `state.json` names. A best model whose upload failed part-way is uploaded again.
 #[tokio::test]
 async fn each_run_of_a_job_keeps_its_checkpoints_apart() {
     let Some(s3) = PrivateS3::start().await else { return };
@@ -276,35 +276,48 @@ async fn each_run_of_a_job_keeps_its_checkpoints_apart() {
         std::fs::write(dir.join("state.json"), serde_json::to_string(&state).unwrap()).unwrap();
         std::fs::create_dir_all(root.join("best")).unwrap();
         std::fs::write(root.join("best").join("model.safetensors"), format!("best {best}")).unwrap();
+        std::fs::write(root.join("best").join("config.json"), "{}").unwrap();
     };
     let runs = |keys: Vec<String>| -> std::collections::BTreeSet<String> { keys.iter().map(|k| k.split('/').nth(3).unwrap().to_string()).collect() };
 
     let (root_a, a) = machine("a");
     write(&root_a, 1, 1);
     a.publish_checkpoint(&root_a, "run-01", 1, true).await.unwrap();
-    write(&root_a, 2, 1);
-    a.publish_checkpoint(&root_a, "run-01", 2, false).await.unwrap();
+    // Epoch 2 improves, and its best model's upload fails part-way (its weights are stored, its
+    // config.json not); epoch 3 does not improve: the best model of epoch 2 is stored again, whole.
+    write(&root_a, 2, 2);
+    s3.put("runs/jobs/j/run-01/best-2/model.safetensors", b"part of best 2".to_vec()).await;
+    write(&root_a, 3, 2);
+    a.publish_checkpoint(&root_a, "run-01", 3, false).await.unwrap();
     let mut keys = s3.keys("runs/jobs/j/").await;
     keys.sort();
-    assert_eq!(keys, ["runs/jobs/j/run-01/best-1/model.safetensors", "runs/jobs/j/run-01/epoch-2/model/model.safetensors", "runs/jobs/j/run-01/epoch-2/state.json"]);
+    assert_eq!(
+        keys,
+        [
+            "runs/jobs/j/run-01/best-2/config.json",
+            "runs/jobs/j/run-01/best-2/model.safetensors",
+            "runs/jobs/j/run-01/epoch-3/model/model.safetensors",
+            "runs/jobs/j/run-01/epoch-3/state.json"
+        ]
+    );
 
-    // Another machine resumes: epoch 2 and the best model of epoch 1.
+    // Another machine resumes: epoch 3 and the best model of epoch 2.
     let (root_b, b) = machine("b");
-    assert_eq!(b.fetch_checkpoint(&root_b).await.unwrap(), Some(2));
-    assert_eq!(std::fs::read_to_string(root_b.join("best").join("model.safetensors")).unwrap(), "best 1");
-    assert_eq!(std::fs::read_to_string(root_b.join("epoch-2").join("model").join("model.safetensors")).unwrap(), "weights 2");
+    assert_eq!(b.fetch_checkpoint(&root_b).await.unwrap(), Some(3));
+    assert_eq!(std::fs::read_to_string(root_b.join("best").join("model.safetensors")).unwrap(), "best 2");
+    assert_eq!(std::fs::read_to_string(root_b.join("epoch-3").join("model").join("model.safetensors")).unwrap(), "weights 3");
     assert_eq!(b.fetch_checkpoint(&root_b).await.unwrap(), None, "nothing newer than what it has");
-    write(&root_b, 3, 3);
-    b.publish_checkpoint(&root_b, "run-02", 3, true).await.unwrap();
+    write(&root_b, 4, 4);
+    b.publish_checkpoint(&root_b, "run-02", 4, true).await.unwrap();
     assert_eq!(runs(s3.keys("runs/jobs/j/").await), ["run-02".to_string()].into(), "the earlier run's prefix is gone");
 
     // The first run, unaware it lost the job, writes one more checkpoint: the second run's stays.
-    write(&root_a, 4, 1);
-    a.publish_checkpoint(&root_a, "run-01", 4, false).await.unwrap();
+    write(&root_a, 5, 2);
+    a.publish_checkpoint(&root_a, "run-01", 5, false).await.unwrap();
     assert_eq!(runs(s3.keys("runs/jobs/j/").await), ["run-01".to_string(), "run-02".to_string()].into());
-    assert_eq!(s3.keys("runs/jobs/j/run-02/epoch-3/").await.len(), 2);
+    assert_eq!(s3.keys("runs/jobs/j/run-02/epoch-4/").await.len(), 2);
     // A third machine takes the latest epoch, with the best model of its own run.
     let (root_c, c) = machine("c");
-    assert_eq!(c.fetch_checkpoint(&root_c).await.unwrap(), Some(4));
-    assert_eq!(std::fs::read_to_string(root_c.join("best").join("model.safetensors")).unwrap(), "best 1");
+    assert_eq!(c.fetch_checkpoint(&root_c).await.unwrap(), Some(5));
+    assert_eq!(std::fs::read_to_string(root_c.join("best").join("model.safetensors")).unwrap(), "best 2");
 }
