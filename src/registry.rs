@@ -75,6 +75,13 @@ impl ModelRegistry {
                 Ok(JobModel::Registered(model))
             }
             other => {
+                // A commit whose answer was lost on the way may have registered it after all.
+                if other.is_err()
+                    && let Ok(Some(model)) = db::models::get(&self.db, &model_id).await
+                {
+                    tracing::warn!(job = %job.id, model = %model_id, "registering the model reported a failure, yet it is registered: kept");
+                    return Ok(JobModel::Registered(Box::new(model)));
+                }
                 self.predictor.evict(&model_id);
                 self.objects.remove_dir(&dest).await.ok();
                 other

@@ -95,6 +95,7 @@ impl Application {
             models,
             metrics,
             memory,
+            evaluations: Arc::new(tokio::sync::Semaphore::new(1)),
         };
         recover_jobs(&state).await?;
         if state.config.role == Role::All {

@@ -250,6 +250,7 @@ fn show_event(pb: &ProgressBar, shown: &mut Option<Phase>, root: &Path, e: Train
         ),
         TrainEvent::Test { report } => say(pb, format!("test: accuracy {:.4} macro-F1 {:.4} calibration error {:.4}", report.accuracy, report.f1, report.ece)),
         TrainEvent::Decided { decision, .. } => say(pb, format!("auto: {}", decision.reason)),
+        TrainEvent::Stopped { why, .. } => say(pb, why),
         TrainEvent::Calibrated { calibration: c } if c.fitted => say(
             pb,
             format!("scores calibrated: temperature {:.3}, validation calibration error {:.4} → {:.4}", c.temperature, c.validation_ece_before, c.validation_ece_after),
@@ -571,7 +572,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     };
     let records = records(&ingested, &store)?;
     let (split, precision) = (Some(args.split), args.precision.resolve());
-    let evaluation = evaluate_records_with_progress(&model, records, split, limits.max_image_pixels, args.batch_size, &device, precision, &mut progress)?;
+    let evaluation = evaluate_records_with_progress(&model, records, split, limits.max_image_pixels, args.batch_size, &device, precision, None, &mut progress)?;
     pb.finish_and_clear();
     let mut out = serde_json::to_value(&evaluation.report)?;
     out["num_images"] = json!(evaluation.num_images);

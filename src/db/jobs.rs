@@ -94,6 +94,9 @@ pub struct Job {
     /// The precision its products run in there (`params.precision` with `auto` resolved), once
     /// training has started.
     pub precision: Option<String>,
+    /// Times a worker has claimed it (a resume after a restart or a lost lease counts).
+    #[serde(skip)]
+    pub attempts: u32,
 }
 
 #[derive(sqlx::FromRow)]
@@ -123,6 +126,7 @@ struct JobRow {
     decision: Option<String>,
     worker: Option<String>,
     precision: Option<String>,
+    attempts: i64,
 }
 
 impl TryFrom<JobRow> for Job {
@@ -155,6 +159,7 @@ impl TryFrom<JobRow> for Job {
             decision: r.decision.as_deref().map(serde_json::from_str).transpose().map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
             worker: r.worker,
             precision: r.precision,
+            attempts: u32::try_from(r.attempts).unwrap_or(u32::MAX),
         })
     }
 }
@@ -163,7 +168,7 @@ impl TryFrom<JobRow> for Job {
 macro_rules! job_columns {
     () => {
         "id, dataset_id, base_model, params, recipe, status, epoch, epochs, step, steps, created_at, \
-                       started_at, finished_at, error, model_id, device, cancel_requested, phase, phase_done, phase_total, phase_rate, decision, worker, precision"
+                       started_at, finished_at, error, model_id, device, cancel_requested, phase, phase_done, phase_total, phase_rate, decision, worker, precision, attempts"
     };
 }
 

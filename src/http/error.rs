@@ -188,6 +188,7 @@ impl From<PredictError> for AppError {
             PredictError::UnknownModel(id) => Self::not_found("model", &id),
             PredictError::Classify(ClassifyError::Image { .. }) => Self::bad_request("invalid_image", e.to_string()),
             PredictError::Classify(ClassifyError::Busy(message)) => Self::over_budget(message),
+            PredictError::Classify(ClassifyError::TooLarge(message)) => Self::too_large("images_too_large", message),
             // Only reached when the client has gone; nobody reads this answer.
             PredictError::Classify(ClassifyError::Cancelled) => {
                 Self::client(StatusCode::SERVICE_UNAVAILABLE, "cancelled", "the request was abandoned")

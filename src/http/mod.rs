@@ -70,6 +70,8 @@ pub struct AppState {
     pub api_keys: Arc<auth::ApiKeys>,
     /// The budget of bytes in flight: request bodies, upload entries, image decodes.
     pub memory: Arc<MemoryBudget>,
+    /// One permit: `POST /models/{id}/evaluate` runs one evaluation at a time.
+    pub evaluations: Arc<Semaphore>,
 }
 
 /// One route: its method, its path template (axum syntax, `{id}`), and its handler.

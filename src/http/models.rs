@@ -18,6 +18,7 @@ use crate::db;
 use crate::db::models::{Deleted, Model};
 use crate::model::io::SAVED_FILES;
 use crate::model::{LoadedModel, ModelSource};
+use crate::cancel::CancelOnDrop;
 use crate::train::eval::{EvalSplit, evaluate_records};
 use crate::train::report::EvalReport;
 
@@ -120,10 +121,14 @@ async fn evaluate(
     let dir = s.models.dir(&model).await?;
     let (max_pixels, precision) = (s.config.max_image_pixels, s.predictor.precision());
     let dataset = req.dataset_id.clone();
+    // One evaluation at a time (each uses every core); those that wait hold nothing. One whose
+    // client goes away stops at its next batch instead of running on for no one.
+    let _turn = s.evaluations.clone().acquire_owned().await.map_err(anyhow::Error::from)?;
+    let (_cancel_on_drop, cancel) = CancelOnDrop::new();
     let evaluation = tokio::task::spawn_blocking(move || {
         let device = candle_core::Device::Cpu;
         let loaded = LoadedModel::load(&ModelSource::Dir(dir), None, &device, 0).map_err(anyhow::Error::from)?;
-        Ok::<_, AppError>(evaluate_records(&loaded, records, req.split, max_pixels, 16, &device, precision)?)
+        Ok::<_, AppError>(evaluate_records(&loaded, records, req.split, max_pixels, 16, &device, precision, &cancel)?)
     })
     .await
     .map_err(anyhow::Error::from)?;

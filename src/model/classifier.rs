@@ -40,6 +40,10 @@ pub enum ClassifyError {
     /// Decoding needs more of the memory budget than is free (not the image's fault).
     #[error("{0}")]
     Busy(String),
+    /// The images need more memory at once than the whole budget for work in flight: retrying
+    /// cannot help.
+    #[error("{0}")]
+    TooLarge(String),
     #[error(transparent)]
     Model(#[from] ModelError),
 }
@@ -141,27 +145,32 @@ impl Classifier {
     /// Decodes (within `max_pixels`) and preprocesses named encoded images, in parallel on the
     /// rayon pool; stops early when `cancel` is set.
     pub fn prepare<B: AsRef<[u8]> + Sync>(&self, images: &[(String, B)], max_pixels: u64, cancel: &AtomicBool) -> Result<Vec<Vec<f32>>, ClassifyError> {
-        images
-            .par_iter()
-            .enumerate()
-            .map(|(i, (name, bytes))| {
-                if cancel.load(Ordering::Relaxed) {
-                    return Err(ClassifyError::Cancelled);
-                }
-                let bad = |reason: String| ClassifyError::Image { index: i + 1, name: name.clone(), reason };
-                let img = decode_rgb(bytes.as_ref(), max_pixels).map_err(|e| bad(e.to_string()))?;
-                self.preprocess(&img).map_err(|e| bad(e.to_string()))
-            })
-            .collect()
+        images.par_iter().enumerate().map(|(i, image)| self.prepare_one(i, image, max_pixels, cancel)).collect()
+    }
+
+    /// [`Classifier::prepare`] one image at a time (when the memory for parallel decodes is not
+    /// there).
+    pub fn prepare_serially<B: AsRef<[u8]>>(&self, images: &[(String, B)], max_pixels: u64, cancel: &AtomicBool) -> Result<Vec<Vec<f32>>, ClassifyError> {
+        images.iter().enumerate().map(|(i, image)| self.prepare_one(i, image, max_pixels, cancel)).collect()
+    }
+
+    /// Decodes and preprocesses image `i` of a request.
+    fn prepare_one<B: AsRef<[u8]>>(&self, i: usize, (name, bytes): &(String, B), max_pixels: u64, cancel: &AtomicBool) -> Result<Vec<f32>, ClassifyError> {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(ClassifyError::Cancelled);
+        }
+        let bad = |reason: String| ClassifyError::Image { index: i + 1, name: name.clone(), reason };
+        let img = decode_rgb(bytes.as_ref(), max_pixels).map_err(|e| bad(e.to_string()))?;
+        self.preprocess(&img).map_err(|e| bad(e.to_string()))
     }
 
     /// The most memory [`Classifier::prepare`] holds for these images at once: the decodes that
-    /// can run together (one per thread of the pool, the largest first) and every image's pixel
-    /// values.
-    pub fn prepare_cost<B: AsRef<[u8]>>(&self, images: &[(String, B)], max_pixels: u64) -> u64 {
+    /// can run together (`parallel` of them: one per thread of the pool, the largest first; 1 for
+    /// [`Classifier::prepare_serially`]) and every image's pixel values.
+    pub fn prepare_cost<B: AsRef<[u8]>>(&self, images: &[(String, B)], max_pixels: u64, parallel: usize) -> u64 {
         let mut decodes: Vec<u64> = images.iter().map(|(_, b)| decode_cost_of(b.as_ref(), max_pixels)).collect();
         decodes.sort_unstable_by(|a, b| b.cmp(a));
-        let together: u64 = decodes.iter().take(rayon::current_num_threads().max(1)).sum();
+        let together: u64 = decodes.iter().take(parallel.max(1)).sum();
         together + self.input_bytes() * images.len() as u64
     }
 

@@ -14,7 +14,12 @@ use crate::telemetry::ServiceMetrics;
 pub(super) fn run(rx: Receiver<Work>, cfg: &PredictorConfig, queued: &AtomicUsize, ns_per_image: &AtomicU64, metrics: &ServiceMetrics) {
     let mut queue = Queue::new(rx, cfg, queued);
     while let Some(batch) = queue.next_batch() {
-        run_and_reply(batch, cfg, ns_per_image, metrics);
+        // A panic in a forward pass costs its batch (whose requests learn that their answer was
+        // dropped), not the thread every later request needs.
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_and_reply(batch, cfg, ns_per_image, metrics)));
+        if ran.is_err() {
+            tracing::error!("a batch's inference panicked; its requests fail and the model thread goes on");
+        }
     }
 }
 

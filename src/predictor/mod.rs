@@ -180,24 +180,36 @@ impl Predictor {
         self.inner.cfg.precision
     }
 
-    /// The model `id` (folder `dir`), loading it on a blocking thread if it is not in memory.
+    /// The model `id` (folder `dir`), loading it on a blocking thread if it is not in memory. The
+    /// load runs on a task of its own: when the request that started it stops waiting (its client
+    /// went away, or it timed out), the load still completes and is kept, and the lock that makes
+    /// requests for the same cold model wait for one load is held until it has.
     pub async fn get_or_load(&self, id: &str, dir: std::path::PathBuf) -> Result<Arc<Loaded>, PredictError> {
         if let Some(hit) = self.cached(id) {
             return Ok(hit);
         }
+        let (this, model_id) = (self.clone(), id.to_string());
+        tokio::spawn(async move { this.load(model_id, dir).await })
+            .await
+            .map_err(|e| PredictError::Load { id: id.to_string(), reason: e.to_string() })?
+    }
+
+    /// [`Self::get_or_load`]'s load, one at a time.
+    async fn load(&self, id: String, dir: std::path::PathBuf) -> Result<Arc<Loaded>, PredictError> {
         let _guard = self.inner.loading.lock().await;
-        if let Some(hit) = self.cached(id) {
+        if let Some(hit) = self.cached(&id) {
             return Ok(hit);
         }
         let (device, precision) = (self.inner.device.clone(), self.inner.cfg.precision);
-        let model_id = id.to_string();
+        let model_id = id.clone();
         let started = Instant::now();
+        let failed = |reason: String| PredictError::Load { id: id.clone(), reason };
         let loaded = tokio::task::spawn_blocking(move || {
             Classifier::load(&ModelSource::Dir(dir), &device, precision).map(|classifier| Loaded { id: model_id, classifier })
         })
         .await
-        .map_err(|e| PredictError::Load { id: id.to_string(), reason: e.to_string() })?
-        .map_err(|e| PredictError::Load { id: id.to_string(), reason: e.to_string() })?;
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(|e| failed(e.to_string()))?;
         tracing::info!(model = %id, ms = started.elapsed().as_millis() as u64, "model loaded");
         let loaded = Arc::new(loaded);
         self.insert(loaded.clone());
@@ -209,18 +221,23 @@ impl Predictor {
         self.lock_loaded().retain(|l| l.id != id);
     }
 
+    /// Whether `n` images with `ahead` images queued (theirs included) would wait for the model
+    /// thread longer than `max_queue_wait`. An empty queue always admits, so one large request
+    /// is never refused outright.
+    fn waits_too_long(&self, n: usize, ahead: usize) -> bool {
+        let Some(max_wait) = self.inner.cfg.max_queue_wait else { return false };
+        let expected = Duration::from_nanos(self.inner.ns_per_image.load(Ordering::Relaxed).saturating_mul(ahead as u64));
+        expected > max_wait && ahead > n
+    }
+
     /// Probabilities for preprocessed images, batched with other requests on the model thread.
     pub async fn infer(&self, model: Arc<Loaded>, pixels: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, PredictError> {
         let (reply, rx) = oneshot::channel();
         let n = pixels.len();
         let ahead = self.inner.queued_images.fetch_add(n, Ordering::Relaxed) + n;
-        if let Some(max_wait) = self.inner.cfg.max_queue_wait {
-            let expected = Duration::from_nanos(self.inner.ns_per_image.load(Ordering::Relaxed).saturating_mul(ahead as u64));
-            // Always admit into an empty queue, so one large request is never refused outright.
-            if expected > max_wait && ahead > n {
-                self.inner.queued_images.fetch_sub(n, Ordering::Relaxed);
-                return Err(PredictError::Overloaded);
-            }
+        if self.waits_too_long(n, ahead) {
+            self.inner.queued_images.fetch_sub(n, Ordering::Relaxed);
+            return Err(PredictError::Overloaded);
         }
         let sent = self.inner.queue.lock().unwrap_or_else(|e| e.into_inner()).send(Work { model, pixels, reply });
         if sent.is_err() {
@@ -239,6 +256,12 @@ impl Predictor {
     where
         B: AsRef<[u8]> + Send + Sync + 'static,
     {
+        // Refused before any decoding when the queue is already too long (checked again when
+        // the images join it): an overloaded service does not decode what it will not run.
+        let n = images.len() * if flip { 2 } else { 1 };
+        if self.waits_too_long(n, self.queue_depth() + n) {
+            return Err(PredictError::Overloaded);
+        }
         let (_cancel_on_drop, cancel) = CancelOnDrop::new();
         let memory = self.inner.cfg.memory.clone();
         let prep = model.clone();
@@ -247,14 +270,30 @@ impl Predictor {
         let (pixels, _held) = tokio::task::spawn_blocking(move || {
             // Test-time flip holds a mirrored copy of every image's pixel values as well.
             let mirrors = if flip { prep.classifier.input_bytes() * images.len() as u64 } else { 0 };
-            let cost = prep.classifier.prepare_cost(&images, max_pixels) + mirrors;
+            let cost = |parallel: usize| prep.classifier.prepare_cost(&images, max_pixels, parallel) + mirrors;
+            // In parallel where the whole budget allows it, else one image at a time; a request
+            // that cannot fit even so is refused for good, not asked to retry.
+            let threads = rayon::current_num_threads();
+            let serial = cost(threads) > memory.limit();
+            let cost = cost(if serial { 1 } else { threads });
+            if cost > memory.limit() {
+                return Err(ClassifyError::TooLarge(format!(
+                    "decoding and preparing these images needs {cost} bytes at once, more than the service's whole memory budget for work in flight ({} bytes, --max-inflight-bytes); send fewer or smaller images",
+                    memory.limit()
+                )));
+            }
             let held = memory.reserve_blocking(cost, WAIT).ok_or_else(|| {
                 ClassifyError::Busy(format!(
                     "decoding these images needs {cost} bytes and the service's memory budget for work in flight ({} bytes) is spent; retry shortly",
                     memory.limit()
                 ))
             })?;
-            Ok::<_, ClassifyError>((prep.classifier.prepare(&images, max_pixels, &cancel)?, held))
+            let pixels = if serial {
+                prep.classifier.prepare_serially(&images, max_pixels, &cancel)?
+            } else {
+                prep.classifier.prepare(&images, max_pixels, &cancel)?
+            };
+            Ok::<_, ClassifyError>((pixels, held))
         })
         .await
         .map_err(|e| PredictError::Inference(format!("preprocessing stopped: {e}")))??;
@@ -265,5 +304,38 @@ impl Predictor {
             self.infer(model.clone(), pixels).await?
         };
         Ok(model.classifier.predictions(&probs, top_k))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A load keeps going when the request that started it stops waiting (its client went away,
+    /// or it timed out): the next request finds the model in memory instead of loading it again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_load_whose_request_went_away_is_completed_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::model::VitConfig::preset("small").unwrap();
+        let labels = vec!["a".to_string(), "b".to_string()];
+        crate::model::LoadedModel::random(&cfg, &labels, 0, &Device::Cpu).unwrap().save(dir.path()).unwrap();
+        let config = PredictorConfig {
+            max_batch_size: 8,
+            max_batch_delay: Duration::ZERO,
+            max_concurrent_requests: 4,
+            max_loaded_models: 2,
+            max_queue_wait: None,
+            memory: MemoryBudget::new(1 << 30),
+            precision: Precision::F32,
+        };
+        let predictor = Predictor::start(config, Device::Cpu, Arc::new(ServiceMetrics::new()));
+        let gave_up = tokio::time::timeout(Duration::from_millis(1), predictor.get_or_load("m", dir.path().to_path_buf())).await;
+        assert!(gave_up.is_err(), "loading a ViT-S takes longer than a millisecond");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while predictor.loaded_ids().is_empty() {
+            assert!(Instant::now() < deadline, "the load was dropped with its request");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(predictor.loaded_ids(), ["m"]);
     }
 }

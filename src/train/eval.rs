@@ -18,6 +18,7 @@ use crate::model::{Boundary, LoadedModel, Precision, Vit};
 
 /// Evaluates `model` on examples (evaluation transforms; loss without smoothing), its products
 /// at `precision`, reporting `(images done, images)` after each batch.
+#[allow(clippy::too_many_arguments)]
 fn evaluate(
     model: &LoadedModel,
     examples: &[Example],
@@ -25,13 +26,14 @@ fn evaluate(
     device: &Device,
     batch: usize,
     precision: Precision,
+    cancel: Option<&AtomicBool>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalReport, TrainError> {
     // The weights do not change while it runs: in bf16, converted and packed once for all its
     // batches.
     let vit = Vit::frozen(&model.cfg, &model.params)?.with_precision(precision).packed_for_inference()?;
     let frozen = Frozen { vit: &vit, boundary: Boundary::Pixels, images, model, device, batch };
-    evaluate_with(&frozen, &PrefixCache::empty(), examples, None, progress)
+    evaluate_with(&frozen, &PrefixCache::empty(), examples, cancel, progress)
 }
 
 /// Evaluates on examples whose frozen-part outputs come from `cache` (or are computed by `f`),
@@ -199,6 +201,7 @@ pub struct Evaluation {
 /// Evaluates `model` on the `(image file, class, split)` records of `split` (default: the test
 /// split when there is one, else every image), its products at `precision`. Every class of the
 /// records of that split must be one of the model's labels.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate_records(
     model: &LoadedModel,
     records: Vec<(PathBuf, String, Split)>,
@@ -207,11 +210,13 @@ pub fn evaluate_records(
     batch: usize,
     device: &Device,
     precision: Precision,
+    cancel: &AtomicBool,
 ) -> Result<Evaluation, EvalError> {
-    evaluate_records_with_progress(model, records, split, max_pixels, batch, device, precision, &mut |_, _| {})
+    evaluate_records_with_progress(model, records, split, max_pixels, batch, device, precision, Some(cancel), &mut |_, _| {})
 }
 
-/// [`evaluate_records`], reporting `(images done, images)` after each forward pass.
+/// [`evaluate_records`], reporting `(images done, images)` after each forward pass; stopped
+/// (`TrainError::Cancelled`) between batches once `cancel` is set.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate_records_with_progress(
     model: &LoadedModel,
@@ -221,6 +226,7 @@ pub fn evaluate_records_with_progress(
     batch: usize,
     device: &Device,
     precision: Precision,
+    cancel: Option<&AtomicBool>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Evaluation, EvalError> {
     let labels = &model.cfg.labels;
@@ -239,7 +245,7 @@ pub fn evaluate_records_with_progress(
     let data = TrainData::with_labels(labels.clone(), kept)?;
     let examples = [data.train, data.validation, data.test].concat();
     let images = ImageCache::new(max_pixels, 0);
-    let report = evaluate(model, &examples, &images, device, batch.max(1), precision, progress)?;
+    let report = evaluate(model, &examples, &images, device, batch.max(1), precision, cancel, progress)?;
     Ok(Evaluation { report, num_images: examples.len() })
 }
 
@@ -248,7 +254,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn evaluating_records_reports_progress_after_each_forward_pass() {
+    fn evaluating_records_reports_progress_after_each_forward_pass_and_stops_when_cancelled() {
         let dir = tempfile::tempdir().unwrap();
         let labels = vec!["a".to_string(), "b".to_string()];
         let mut records = Vec::new();
@@ -264,10 +270,19 @@ mod tests {
         .unwrap();
         let model = LoadedModel::random(&cfg, &labels, 0, &Device::Cpu).unwrap();
         let mut seen = Vec::new();
-        let evaluation =
-            evaluate_records_with_progress(&model, records, None, 1 << 20, 2, &Device::Cpu, Precision::F32, &mut |done, total| seen.push((done, total)))
-                .unwrap();
+        let evaluation = evaluate_records_with_progress(&model, records.clone(), None, 1 << 20, 2, &Device::Cpu, Precision::F32, None, &mut |done, total| {
+            seen.push((done, total))
+        })
+        .unwrap();
         assert_eq!(evaluation.num_images, 5);
         assert_eq!(seen, [(2, 5), (4, 5), (5, 5)]);
+        // Cancelled after its first batch (its client went away): it stops there.
+        let (cancel, mut seen) = (AtomicBool::new(false), Vec::new());
+        let stopped = evaluate_records_with_progress(&model, records, None, 1 << 20, 2, &Device::Cpu, Precision::F32, Some(&cancel), &mut |done, total| {
+            seen.push((done, total));
+            cancel.store(true, Ordering::Relaxed);
+        });
+        assert!(matches!(stopped, Err(EvalError::Train(TrainError::Cancelled))), "{stopped:?}");
+        assert_eq!(seen, [(2, 5)]);
     }
 }

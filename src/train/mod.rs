@@ -79,10 +79,13 @@ pub enum TrainEvent {
     Checkpoint { epoch: u32, dir: PathBuf, score: f64 },
     /// Test-split evaluation of the kept model.
     Test { report: EvalReport },
-    /// What follows the probe epoch was decided (`after_probe: auto`), or early stopping or the
-    /// time budget ended the run early; `epochs` and `total_steps` are the run's plan from here
-    /// on.
+    /// What follows the probe epoch was decided (`after_probe: auto`); `epochs` and
+    /// `total_steps` are the run's plan from here on.
     Decided { decision: auto::Decision, epochs: u32, total_steps: u64 },
+    /// Early stopping or the time budget ended the run after `epochs` epochs and `total_steps`
+    /// optimiser steps (its plan from here on): `why`, and the run's decision with the stop added
+    /// (see [`auto::Decision`]).
+    Stopped { why: String, decision: auto::Decision, epochs: u32, total_steps: u64 },
     /// The kept model's scores were calibrated on the validation split.
     Calibrated { calibration: calibrate::Calibration },
     /// Progress within a phase (`done` of `total`; see [`Phase`] for what they count). The

@@ -74,8 +74,8 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, mut 
     }
     while state.epoch < run.p.epochs {
         let epoch = state.epoch + 1;
-        if let Some(stop) = stop_before(&run.p, &state, clock.secs()) {
-            (ctl.on_event)(TrainEvent::Decided { decision: stop.clone(), epochs: state.epoch, total_steps: state.global_step });
+        if let Some((why, stop)) = stop_before(&run.p, &state, clock.secs()) {
+            (ctl.on_event)(TrainEvent::Stopped { why, decision: stop.clone(), epochs: state.epoch, total_steps: state.global_step });
             state.decision = Some(stop);
             break;
         }
@@ -105,8 +105,9 @@ impl Clock {
 /// stopping's patience ran out, or, with a time budget, the next epoch would end past it (its
 /// length estimated from the last epoch, or from the probe's measurements). Both follow from the
 /// loop state, so a run resumed from its checkpoint stops where the interrupted attempt did (or
-/// would have). The stop keeps the action `auto` decided and adds to its reason.
-fn stop_before(p: &TrainParams, state: &LoopState, elapsed: f64) -> Option<Decision> {
+/// would have). Returns why, and the run's decision with the stop: the action `auto` decided,
+/// its reason followed by why.
+fn stop_before(p: &TrainParams, state: &LoopState, elapsed: f64) -> Option<(String, Decision)> {
     let done = state.epoch;
     if done == 0 {
         return None;
@@ -125,9 +126,9 @@ fn stop_before(p: &TrainParams, state: &LoopState, elapsed: f64) -> Option<Decis
     };
     let (action, reason) = match &state.decision {
         Some(d) => (d.action, format!("{}; {why}", d.reason)),
-        None => (auto::Action::AsGiven, why),
+        None => (auto::Action::AsGiven, why.clone()),
     };
-    Some(Decision { action, epochs: done, reason })
+    Some((why, Decision { action, epochs: done, reason }))
 }
 
 /// `result` with an I/O failure described by what was being done and the path (the bare

@@ -121,6 +121,31 @@ async fn keep_lease(ctx: JobContext, job_id: String, cancel: Arc<AtomicBool>, lo
     }
 }
 
+/// Claims of a job after which a failure that may pass ends it failed instead of putting it back
+/// in the queue.
+pub const MAX_CLAIMS: u32 = 5;
+
+/// After a failure that may pass (the object store or the database out of reach while the job
+/// fetched its inputs or saved its model): the job goes back to the queue, its checkpoints kept, so
+/// the next claim resumes where it was, after a wait that grows with each claim (a third of the
+/// lease per claim so far; the lease is renewed meanwhile, and a shutdown cuts the wait short).
+/// At its [`MAX_CLAIMS`]th claim it ends failed with the reason.
+async fn retry_or_fail(ctx: &JobContext, job: &Job, error: String) -> anyhow::Result<()> {
+    let worker = ctx.worker_name.as_str();
+    if job.attempts >= MAX_CLAIMS {
+        tracing::warn!(job = %job.id, %error, claims = job.attempts, "job failed");
+        return Ok(db::jobs::finish(&ctx.db, &job.id, worker, Status::Failed, Some(&error)).await?);
+    }
+    let wait = ctx.lease / 3 * job.attempts.max(1);
+    tracing::warn!(job = %job.id, %error, claim = job.attempts, of = MAX_CLAIMS, "the job goes back to the queue in {wait:?}, its checkpoints kept");
+    let shutdown = ctx.hub.shutdown_token();
+    tokio::select! {
+        () = tokio::time::sleep(wait) => {}
+        () = shutdown.cancelled() => {}
+    }
+    Ok(db::jobs::requeue(&ctx.db, &job.id, worker).await?)
+}
+
 /// Whether a cancel of the job was asked for (false when the database cannot say).
 async fn cancel_asked(ctx: &JobContext, job_id: &str) -> bool {
     match db::jobs::get(&ctx.db, job_id).await {
@@ -137,7 +162,8 @@ async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device)
     tracing::info!(job = %job.id, device = %device_name, "job started");
     let cancel = ctx.hub.start(&job.id, job.cancel_requested);
     let lost = Arc::new(AtomicBool::new(false));
-    let renewal = tokio::spawn(keep_lease(ctx.clone(), job.id.clone(), cancel.clone(), lost.clone()));
+    // Aborted when dropped: a panic below must not leave the lease renewed for ever.
+    let renewal = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(keep_lease(ctx.clone(), job.id.clone(), cancel.clone(), lost.clone())));
     let mut recorder = Recorder::new(ctx, &job);
     let outcome = run::run_job(ctx, &job, device, cancel, &mut recorder).await;
     ctx.hub.stop(&job.id);
@@ -165,13 +191,9 @@ async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device)
                     tracing::warn!(job = %job.id, "lease lost while registering the model: another worker has taken the job over");
                     Ok(())
                 }
-                // A job that cannot register its model ends failed, saying why, rather than
-                // running on in the database to be claimed and trained again at every lease.
-                Err(e) => {
-                    tracing::warn!(job = %job.id, error = format!("{e:#}"), "registering the model failed");
-                    let error = format!("registering the model failed: {e:#}");
-                    db::jobs::finish(&ctx.db, &job.id, worker, Status::Failed, Some(&error)).await.map_err(Into::into)
-                }
+                // Not left running (to be claimed and trained again at every lease): tried again a
+                // few times, then failed with the reason.
+                Err(e) => retry_or_fail(ctx, &job, format!("registering the model failed: {e:#}")).await,
             }
         }
         // A shutdown requeues the job, unless its cancel was asked for (through this process or
@@ -181,6 +203,7 @@ async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device)
             db::jobs::requeue(&ctx.db, &job.id, worker).await.map_err(Into::into)
         }
         Err(JobFailure::Train(TrainError::Cancelled)) => db::jobs::finish(&ctx.db, &job.id, worker, Status::Cancelled, None).await.map_err(Into::into),
+        Err(JobFailure::Store(e)) => retry_or_fail(ctx, &job, e).await,
         Err(e) => {
             tracing::warn!(job = %job.id, error = %e, "job failed");
             db::jobs::finish(&ctx.db, &job.id, worker, Status::Failed, Some(&e.to_string())).await.map_err(Into::into)
@@ -188,7 +211,7 @@ async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device)
     };
     // The lease is held until the outcome is recorded: copying and loading a large model takes a
     // while, and the job must not look abandoned meanwhile.
-    renewal.abort();
+    drop(renewal);
     if let Err(e) = result {
         tracing::error!(job = %job.id, error = ?e, "recording the job's outcome failed");
     }

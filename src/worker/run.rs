@@ -31,6 +31,10 @@ pub(super) enum JobFailure {
     Train(#[from] TrainError),
     #[error("{0}")]
     Setup(String),
+    /// Fetching from the object store failed: it may be out of reach for a while, so the job is
+    /// tried again (see `worker::retry_or_fail`).
+    #[error("{0}")]
+    Store(String),
     #[error("training crashed: {0}")]
     Panic(String),
 }
@@ -39,19 +43,23 @@ fn setup(e: impl std::fmt::Display) -> JobFailure {
     JobFailure::Setup(e.to_string())
 }
 
+fn store(e: anyhow::Error) -> JobFailure {
+    JobFailure::Store(format!("{e:#}"))
+}
+
 /// Runs the fine-tune of `job` on a thread of its own and records its events as they arrive.
 pub(super) async fn run_job(ctx: &JobContext, job: &Job, device: &Device, cancel: Arc<AtomicBool>, recorder: &mut Recorder<'_>) -> Result<TrainOutcome, JobFailure> {
     let params: TrainParams = serde_json::from_value(job.params.clone()).map_err(|e| setup(format!("stored hyper-parameters: {e}")))?;
     let our_model = db::models::get(&ctx.db, &job.base_model).await.map_err(setup)?;
     if let Some(model) = &our_model {
-        ctx.models.dir(model).await.map_err(|e| setup(format!("{e:#}")))?;
+        ctx.models.dir(model).await.map_err(store)?;
     }
     let source = resolve_base_model(&job.base_model, our_model.is_some(), &ctx.paths.models(), &ctx.base_models_dir).map_err(setup)?;
     let (data, files) = load_dataset(ctx, &job.dataset_id).await?;
     (recorder.files, recorder.labels) = (files, data.labels.clone());
     let checkpoint_root = ctx.paths.job(&job.id);
     // Another machine may have run it before: its last checkpoint is in the object store.
-    if let Some(epoch) = ctx.objects.fetch_checkpoint(&checkpoint_root).await.map_err(|e| setup(format!("{e:#}")))? {
+    if let Some(epoch) = ctx.objects.fetch_checkpoint(&checkpoint_root).await.map_err(store)? {
         tracing::info!(job = %job.id, epoch, "fetched the job's last checkpoint from the object store");
     }
     let spec = TrainSpec { params: params.clone(), data, checkpoint_root: checkpoint_root.clone(), max_pixels: ctx.max_image_pixels, cache_budget: default_cache_budget() };
@@ -116,7 +124,7 @@ async fn load_dataset(ctx: &JobContext, dataset_id: &str) -> Result<(TrainData, 
         .map_err(setup)?
         .ok_or_else(|| setup(format!("dataset '{dataset_id}' no longer exists")))?;
     let rows = db::datasets::images(&ctx.db, dataset_id).await.map_err(setup)?;
-    let paths = ctx.objects.blob_paths(&rows.iter().map(|r| r.blob.clone()).collect::<Vec<_>>()).await.map_err(|e| setup(format!("{e:#}")))?;
+    let paths = ctx.objects.blob_paths(&rows.iter().map(|r| r.blob.clone()).collect::<Vec<_>>()).await.map_err(store)?;
     let mut records = Vec::with_capacity(rows.len());
     let mut files = HashMap::with_capacity(rows.len());
     for (row, path) in rows.into_iter().zip(paths) {
@@ -205,7 +213,7 @@ impl<'a> Recorder<'a> {
             TrainEvent::Probe { c, cv_accuracy, features_seconds, fit_seconds, views } => {
                 tracing::info!(job = %job.id, c, ?cv_accuracy, features_seconds, fit_seconds, views, "probe head fitted")
             }
-            TrainEvent::Decided { decision, epochs, total_steps } => {
+            TrainEvent::Decided { decision, epochs, total_steps } | TrainEvent::Stopped { decision, epochs, total_steps, .. } => {
                 tracing::info!(job = %job.id, action = ?decision.action, epochs, reason = %decision.reason, "decided");
                 db::jobs::set_decision(db, &job.id, &serde_json::to_value(&decision)?).await?;
                 db::jobs::set_plan(db, &job.id, epochs, total_steps).await?;

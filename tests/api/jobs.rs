@@ -211,12 +211,14 @@ async fn queued_jobs_run_one_after_another_and_cancel_works_in_every_state() {
     assert_eq!(ids.len(), 4);
 }
 
-/// A model that cannot be registered (here: `models/` is a file, so its copy cannot be made)
-/// ends the job failed with the reason, once: it is not left running, to be claimed and trained
-/// again at every lease. Nothing half-made stays.
+/// A model that cannot be registered (here: `models/` is a file, so its copy cannot be made) is
+/// not left running, to be claimed and trained again at every lease: the job goes back to the
+/// queue with its checkpoints (the failure may pass: an object store out of reach), a few times,
+/// each after a longer wait, then ends failed with the reason. Nothing half-made stays.
 #[tokio::test]
 async fn a_job_whose_model_cannot_be_registered_fails_with_the_reason() {
-    let app = spawn_app().await;
+    // Waits of a third of the lease per claim: 1, 2, 3 and 4 s.
+    let app = crate::helpers::spawn_app_with(|c| c.lease_secs = 3).await;
     let dataset = app.upload_pets(4, false).await;
     let models = app.data_dir.join("models");
     std::fs::remove_dir_all(&models).unwrap();
@@ -229,6 +231,8 @@ async fn a_job_whose_model_cannot_be_registered_fails_with_the_reason() {
     assert!(error.starts_with("registering the model failed: copying the model from"), "{error}");
     assert!(error.contains(&models.display().to_string()), "the error names the path: {error}");
     assert!(done["model_id"].is_null());
+    let claims: i64 = sqlx::query_scalar("select attempts from jobs where id = $1").bind(id).fetch_one(&app.db).await.unwrap();
+    assert_eq!(claims, i64::from(vitforge::worker::MAX_CLAIMS), "tried again before failing");
     assert_eq!(json(app.get("/models").await).await, json!([]));
     assert!(!app.data_dir.join("jobs").join(id).exists(), "its checkpoints are removed like any ended job's");
     // It stays failed: nothing claims it again.

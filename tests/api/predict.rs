@@ -296,3 +296,22 @@ async fn predict_limits_answer_413_and_422_with_the_error_body() {
     let resp = app.client.post(&url).multipart(multipart(&[("a", jpeg(1)), ("b", jpeg(2))])).send().await.unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+/// The memory budget for work in flight decides how a request's images are decoded: in
+/// parallel when their decodes fit it together, one at a time when only that fits (answered, not
+/// 429 for ever), and a request that cannot fit even so is 413 at once: retrying cannot help.
+#[tokio::test]
+async fn images_are_decoded_one_at_a_time_when_the_budget_is_small_and_refused_when_they_cannot_fit() {
+    use image::ImageFormat;
+    // 24 MiB: one decode's allowance (16 MiB of metadata room, 12 bytes a pixel) fits, two do not.
+    let (app, _, _) = trained_app(|c| c.max_inflight_bytes = 24 << 20).await;
+    let url = app.url("/predict");
+    let resp = app.client.post(&url).multipart(multipart(&[("a", jpeg(1)), ("b", jpeg(2)), ("c", png(3))])).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(json(resp).await["predictions"].as_array().unwrap().len(), 3);
+    // 1000×1000 pixels: 16 MiB + 12 MB alone, over the whole budget.
+    let big = crate::fixtures::image(ImageFormat::Jpeg, 1000, 4);
+    let resp = app.client.post(&url).header("content-type", "image/jpeg").body(big).send().await.unwrap();
+    let message = assert_error(resp, 413, "images_too_large").await;
+    assert!(message.contains("--max-inflight-bytes") && message.contains(&(24u64 << 20).to_string()), "{message}");
+}

@@ -203,7 +203,7 @@ fn a_stopped_run_run_again_on_its_checkpoints_does_not_train_on() {
         events.iter().find_map(|e| if let TrainEvent::Started { resumed_from, steps_done, .. } = e { Some((*resumed_from, *steps_done)) } else { None })
     };
     let decided = |events: &[TrainEvent]| {
-        events.iter().find_map(|e| if let TrainEvent::Decided { decision, epochs, total_steps } = e { Some((decision.clone(), *epochs, *total_steps)) } else { None })
+        events.iter().find_map(|e| if let TrainEvent::Stopped { decision, epochs, total_steps, .. } = e { Some((decision.clone(), *epochs, *total_steps)) } else { None })
     };
     for (name, p, stopped) in [
         // Early stopping's count had reached the patience.
@@ -319,7 +319,7 @@ fn auto_decides_after_the_probe_and_a_time_budget_stops_epochs() {
     let cancel = AtomicBool::new(false);
     let spec = TrainSpec { params: p, data, checkpoint_root: tmp.path().join("budget"), max_pixels: 1 << 24, cache_budget: 1 << 28 };
     let mut on_event = |e: TrainEvent| {
-        if let TrainEvent::Decided { decision, .. } = e {
+        if let TrainEvent::Stopped { decision, .. } = e {
             decided = Some(decision);
         }
     };

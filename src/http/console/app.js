@@ -349,7 +349,7 @@ async function job(id) {
         h("p", { class: "row" }, status(j.status), j.model_id ? h("a", { href: `/ui/models/${j.model_id}`, id: "job-model" }, `model ${short(j.model_id)}`) : null, cancel),
         progressOf(j),
         table(["Dataset", "Base model", "Recipe", "Precision", "Worker", "Started", "Finished"], [[h("a", { href: `/ui/datasets/${j.dataset_id}` }, short(j.dataset_id)), j.base_model, j.recipe, j.precision ?? j.params.precision, j.worker ?? "–", when(j.started_at), when(j.finished_at)]]),
-        j.decision ? h("p", {}, h("strong", {}, "auto: "), j.decision.reason) : null,
+        j.decision ? h("p", {}, h("strong", {}, j.decision.action === "as_given" ? "stopped: " : "auto: "), j.decision.reason) : null,
         j.error ? errorBox(j.error) : null,
       ),
     );
