@@ -234,13 +234,22 @@ impl Objects {
         })
         .await??;
         if let Some(remote) = &self.remote {
-            for (i, hash) in hashes.iter().enumerate() {
-                let key = self.key(&self.blobs.path(hash)?)?;
-                match remote.store.delete(&key).await {
-                    Ok(()) => removed[i] = true,
-                    Err(object_store::Error::NotFound { .. }) => {}
-                    Err(e) => return Err(remote.failed(e, format!("removing blob {hash}"))),
+            // In batches (one S3 DeleteObjects request per 1,000 blobs): collection holds the
+            // lock every upload waits for while it deletes.
+            let keys = hashes.iter().map(|h| self.key(&self.blobs.path(h)?)).collect::<anyhow::Result<Vec<Key>>>()?;
+            let mut missing = std::collections::HashSet::new();
+            let mut deleted = remote.store.delete_stream(futures::stream::iter(keys.clone().into_iter().map(Ok)).boxed());
+            while let Some(result) = deleted.next().await {
+                match result {
+                    Ok(_) => {}
+                    Err(object_store::Error::NotFound { path, .. }) => {
+                        missing.insert(path);
+                    }
+                    Err(e) => return Err(remote.failed(e, "removing blobs".to_string())),
                 }
+            }
+            for (gone, key) in removed.iter_mut().zip(&keys) {
+                *gone |= !missing.contains(key.as_ref());
             }
         }
         Ok(removed.into_iter().filter(|r| *r).count())
@@ -389,11 +398,15 @@ impl Objects {
         }
     }
 
+    /// Removes every object under `prefix`, in batches (one S3 DeleteObjects request per 1,000
+    /// keys rather than one request per key).
     async fn delete_prefix(&self, remote: &Remote, prefix: &Key) -> anyhow::Result<()> {
-        for key in self.list(remote, prefix).await? {
-            match remote.store.delete(&key).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(remote.failed(e, format!("removing {key}"))),
+        let keys = self.list(remote, prefix).await?;
+        let mut deleted = remote.store.delete_stream(futures::stream::iter(keys.into_iter().map(Ok)).boxed());
+        while let Some(result) = deleted.next().await {
+            match result {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(remote.failed(e, format!("removing what is under {prefix}"))),
             }
         }
         Ok(())

@@ -37,11 +37,14 @@ pub struct ModelRegistry {
     paths: DataPaths,
     objects: Objects,
     predictor: Predictor,
+    /// Whether this process answers `/predict` (a `--role worker` process does not, so it does
+    /// not load the models it registers).
+    serves_predict: bool,
 }
 
 impl ModelRegistry {
-    pub fn new(db: Pool, paths: DataPaths, objects: Objects, predictor: Predictor) -> Self {
-        Self { db, paths, objects, predictor }
+    pub fn new(db: Pool, paths: DataPaths, objects: Objects, predictor: Predictor, serves_predict: bool) -> Self {
+        Self { db, paths, objects, predictor, serves_predict }
     }
 
     /// The folder of a registered model, fetched from the object store first when the data
@@ -109,15 +112,16 @@ impl ModelRegistry {
         };
         // Load it before the job shows as succeeded, so the default can switch as soon as it does;
         // a model that fails to load is still registered, and the previous default keeps serving.
-        let loaded = self.predictor.get_or_load(model_id, dest.to_path_buf()).await;
+        let loaded = if self.serves_predict { Some(self.predictor.get_or_load(model_id, dest.to_path_buf()).await) } else { None };
         match db::models::register_for_job(&self.db, &model, Some(worker)).await.context("registering the model")? {
             Registration::Registered => {}
             Registration::CancelRequested => return Ok(JobModel::CancelRequested),
             Registration::NotOurs => return Ok(JobModel::Lost),
         }
         match loaded {
-            Ok(_) => self.predictor.set_default(Some(model_id.to_string())),
-            Err(e) => tracing::error!(model = %model_id, error = %e, "the new model failed to load; the previous default keeps serving"),
+            Some(Ok(_)) => self.predictor.set_default(Some(model_id.to_string())),
+            Some(Err(e)) => tracing::error!(model = %model_id, error = %e, "the new model failed to load; the previous default keeps serving"),
+            None => {}
         }
         Ok(JobModel::Registered(Box::new(model)))
     }
@@ -128,10 +132,21 @@ impl ModelRegistry {
         let outcome = db::models::delete(&self.db, id).await?;
         if let Deleted::Removed { path } = &outcome {
             self.predictor.evict(id);
-            if self.predictor.default_model().as_deref() == Some(id) {
-                self.set_default_to_latest().await?;
-            }
-            self.objects.remove_dir(&self.paths.root().join(path)).await?;
+            // The row is gone: the delete has happened whatever follows. The rest runs on a task
+            // of its own, awaited (a client that goes away does not stop the folder's removal
+            // half-way), and a failure there is logged, not answered as a failed delete.
+            let (this, id, dir) = (self.clone(), id.to_string(), self.paths.root().join(path));
+            let clean_up = tokio::spawn(async move {
+                if this.predictor.default_model().as_deref() == Some(id.as_str())
+                    && let Err(e) = this.set_default_to_latest().await
+                {
+                    tracing::error!(model = %id, error = %e, "choosing the new default model failed");
+                }
+                if let Err(e) = this.objects.remove_dir(&dir).await {
+                    tracing::error!(model = %id, path = %dir.display(), error = format!("{e:#}"), "removing the deleted model's folder failed");
+                }
+            });
+            let _ = clean_up.await;
         }
         Ok(outcome)
     }

@@ -17,7 +17,7 @@ use crate::http::{self, AppState};
 use crate::model::PrecisionChoice;
 use crate::objects::Objects;
 use crate::paths::DataPaths;
-use crate::predictor::{Predictor, PredictorConfig};
+use crate::predictor::{PredictError, Predictor, PredictorConfig};
 use crate::registry::ModelRegistry;
 use crate::telemetry::ServiceMetrics;
 use crate::worker::JobContext;
@@ -80,7 +80,7 @@ impl Application {
             metrics.clone(),
         );
         let api_keys = Arc::new(http::auth::ApiKeys::new(&config.api_key));
-        let models = ModelRegistry::new(db.clone(), paths.clone(), objects.clone(), predictor.clone());
+        let models = ModelRegistry::new(db.clone(), paths.clone(), objects.clone(), predictor.clone(), config.role.serves_api());
         let state = AppState {
             db,
             api_keys,
@@ -184,23 +184,37 @@ async fn release_memory_now_and_then() {
 const FOLLOW_MODELS_EVERY: Duration = Duration::from_secs(2);
 
 /// Keeps an API process's `/predict` default on the newest registered model, which workers in
-/// other processes register: it looks when PostgreSQL notifies a new model, and every
-/// [`FOLLOW_MODELS_EVERY`] in any case.
+/// other processes register (and, since they serve no `/predict`, do not load): it looks when
+/// PostgreSQL notifies a new model, and every [`FOLLOW_MODELS_EVERY`] in any case.
 async fn follow_newest_model(state: AppState) {
     let registered = Arc::new(tokio::sync::Notify::new());
     let notify = registered.clone();
     let db = state.db.clone();
     // Aborted with this task, which is aborted at shutdown.
     let _listener = AbortOnDropHandle::new(tokio::spawn(async move { crate::db::listen(&db, crate::db::MODELS_CHANNEL, || notify.notify_one()).await }));
+    // The newest model when it could not be loaded (not tried again until a newer one comes).
+    let mut unloadable: Option<String> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(FOLLOW_MODELS_EVERY) => {}
             _ = registered.notified() => {}
         }
         match crate::db::models::latest(&state.db).await {
-            Ok(Some(newest)) if state.predictor.default_model().as_deref() != Some(newest.id.as_str()) => {
-                tracing::info!(model = %newest.id, "a newer model was registered; it is now the default of /predict");
-                state.predictor.set_default(Some(newest.id));
+            Ok(Some(newest)) if state.predictor.default_model().as_deref() != Some(newest.id.as_str()) && unloadable.as_ref() != Some(&newest.id) => {
+                // Loaded (fetched first, with an object store) before it becomes the default, so
+                // no request waits for the load, and one that cannot be loaded leaves the
+                // previous default serving, as where it was registered.
+                match state.models.load(&newest).await {
+                    Ok(_) => {
+                        tracing::info!(model = %newest.id, "a newer model was registered; it is now the default of /predict");
+                        state.predictor.set_default(Some(newest.id));
+                    }
+                    Err(PredictError::Load { id, reason }) => {
+                        tracing::error!(model = %id, %reason, "the newest model cannot be loaded; the previous default keeps serving");
+                        unloadable = Some(id);
+                    }
+                    Err(e) => tracing::warn!(model = %newest.id, error = %e, "loading the newest model failed; retrying"),
+                }
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "looking for a newer model failed"),

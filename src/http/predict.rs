@@ -54,7 +54,7 @@ async fn images_of(s: &AppState, req: Request) -> Result<Vec<(String, Bytes)>, A
     // The media type without its parameters (`; boundary=…`, `; charset=…`).
     let essence = content_type.split(';').next().unwrap_or("").trim().to_string();
     let max = s.config.max_images_per_predict;
-    let too_many = |n: usize| AppError::unprocessable("too_many_images", format!("{n} images in one request; the limit is {max}"));
+    let too_many = move |n: usize| AppError::unprocessable("too_many_images", format!("{n} images in one request; the limit is {max}"));
     // The body limit surfaces as a 413 from whichever reader hit it; answer all of them alike.
     let body_error = |status: StatusCode, code: &'static str, text: String| {
         if status == StatusCode::PAYLOAD_TOO_LARGE { too_large() } else { AppError::client(status, code, text) }
@@ -73,18 +73,27 @@ async fn images_of(s: &AppState, req: Request) -> Result<Vec<(String, Bytes)>, A
             }
         }
     } else if essence == "application/json" {
-        let axum::Json(body) = axum::Json::<Base64Images>::from_request(req, s).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE { too_large() } else { AppError::from(e) }
-        })?;
-        if body.images.len() > max {
-            return Err(too_many(body.images.len()));
-        }
-        for (i, b64) in body.images.iter().enumerate() {
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(b64.trim())
-                .map_err(|e| AppError::bad_request("invalid_base64", format!("images[{i}] is not valid base64: {e}")))?;
-            out.push((format!("images[{i}]"), Bytes::from(bytes)));
-        }
+        let body = Bytes::from_request(req, s).await.map_err(|e| body_error(e.status(), "invalid_body", e.body_text()))?;
+        // Parsing and decoding up to --max-predict-bytes of JSON and base64 is CPU work: off the
+        // async runtime's threads.
+        out = tokio::task::spawn_blocking(move || {
+            let axum::Json(body) = axum::Json::<Base64Images>::from_bytes(&body).map_err(AppError::from)?;
+            if body.images.len() > max {
+                return Err(too_many(body.images.len()));
+            }
+            body.images
+                .iter()
+                .enumerate()
+                .map(|(i, b64)| {
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(b64.trim())
+                        .map_err(|e| AppError::bad_request("invalid_base64", format!("images[{i}] is not valid base64: {e}")))?;
+                    Ok((format!("images[{i}]"), Bytes::from(bytes)))
+                })
+                .collect::<Result<Vec<_>, AppError>>()
+        })
+        .await
+        .map_err(anyhow::Error::from)??;
     } else if essence.starts_with("image/") || essence == "application/octet-stream" || essence.is_empty() {
         let bytes = Bytes::from_request(req, s).await.map_err(|e| body_error(e.status(), "invalid_body", e.body_text()))?;
         out.push(("body".to_string(), bytes));

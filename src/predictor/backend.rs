@@ -25,9 +25,11 @@ pub(super) fn run(rx: Receiver<Work>, cfg: &PredictorConfig, queued: &AtomicUsiz
 
 /// One batch: the forward passes, the cost per image (an exponential moving average that
 /// admission uses to estimate waits), and the answers.
-fn run_and_reply(batch: Vec<Work>, cfg: &PredictorConfig, ns_per_image: &AtomicU64, metrics: &ServiceMetrics) {
+fn run_and_reply(mut batch: Vec<Work>, cfg: &PredictorConfig, ns_per_image: &AtomicU64, metrics: &ServiceMetrics) {
     let model = batch[0].model.clone();
-    let all: Vec<Vec<f32>> = batch.iter().flat_map(|w| w.pixels.iter().cloned()).collect();
+    // The pixel values move into the batch (no second copy); each request's count stays.
+    let counts: Vec<usize> = batch.iter().map(|w| w.pixels.len()).collect();
+    let all: Vec<Vec<f32>> = batch.iter_mut().flat_map(|w| std::mem::take(&mut w.pixels)).collect();
     let mut results: Result<Vec<Vec<f32>>, ModelError> = Ok(Vec::with_capacity(all.len()));
     let started = Instant::now();
     for chunk in all.chunks(cfg.max_batch_size.max(1)) {
@@ -43,8 +45,8 @@ fn run_and_reply(batch: Vec<Work>, cfg: &PredictorConfig, ns_per_image: &AtomicU
     match results {
         Ok(probs) => {
             let mut it = probs.into_iter();
-            for w in batch {
-                let mine: Vec<Vec<f32>> = it.by_ref().take(w.pixels.len()).collect();
+            for (w, n) in batch.into_iter().zip(counts) {
+                let mine: Vec<Vec<f32>> = it.by_ref().take(n).collect();
                 let _ = w.reply.send(Ok(mine));
             }
         }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
-use crate::budget::{MemoryBudget, WAIT};
+use crate::budget::{MemoryBudget, Reservation, WAIT};
 use crate::cancel::CancelOnDrop;
 use crate::model::classifier::{ClassifyError, Classifier, Prediction};
 use crate::model::{ModelSource, Precision};
@@ -230,8 +230,10 @@ impl Predictor {
         expected > max_wait && ahead > n
     }
 
-    /// Probabilities for preprocessed images, batched with other requests on the model thread.
-    pub async fn infer(&self, model: Arc<Loaded>, pixels: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, PredictError> {
+    /// Probabilities for preprocessed images, batched with other requests on the model thread;
+    /// `held`, the budget the pixel values hold, goes with them and is given back when the model
+    /// thread lets go of them (not when the caller stops waiting).
+    pub async fn infer(&self, model: Arc<Loaded>, pixels: Vec<Vec<f32>>, held: Option<Reservation>) -> Result<Vec<Vec<f32>>, PredictError> {
         let (reply, rx) = oneshot::channel();
         let n = pixels.len();
         let ahead = self.inner.queued_images.fetch_add(n, Ordering::Relaxed) + n;
@@ -239,7 +241,7 @@ impl Predictor {
             self.inner.queued_images.fetch_sub(n, Ordering::Relaxed);
             return Err(PredictError::Overloaded);
         }
-        let sent = self.inner.queue.lock().unwrap_or_else(|e| e.into_inner()).send(Work { model, pixels, reply });
+        let sent = self.inner.queue.lock().unwrap_or_else(|e| e.into_inner()).send(Work { model, pixels, reply, _held: held });
         if sent.is_err() {
             self.inner.queued_images.fetch_sub(n, Ordering::Relaxed);
             return Err(PredictError::Inference("the predictor thread has stopped".into()));
@@ -267,7 +269,7 @@ impl Predictor {
         let prep = model.clone();
         // The decodes and the pixel values are reserved before any is allocated (waiting up to
         // budget::WAIT on this blocking thread), and held until the answer.
-        let (pixels, _held) = tokio::task::spawn_blocking(move || {
+        let (pixels, held) = tokio::task::spawn_blocking(move || {
             // Test-time flip holds a mirrored copy of every image's pixel values as well.
             let mirrors = if flip { prep.classifier.input_bytes() * images.len() as u64 } else { 0 };
             let cost = |parallel: usize| prep.classifier.prepare_cost(&images, max_pixels, parallel) + mirrors;
@@ -299,9 +301,9 @@ impl Predictor {
         .map_err(|e| PredictError::Inference(format!("preprocessing stopped: {e}")))??;
         let probs = if flip {
             let both = model.classifier.with_mirrors(pixels);
-            crate::model::classifier::mean_of_halves(&self.infer(model.clone(), both).await?)
+            crate::model::classifier::mean_of_halves(&self.infer(model.clone(), both, Some(held)).await?)
         } else {
-            self.infer(model.clone(), pixels).await?
+            self.infer(model.clone(), pixels, Some(held)).await?
         };
         Ok(model.classifier.predictions(&probs, top_k))
     }

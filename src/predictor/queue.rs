@@ -12,11 +12,14 @@ use tokio::sync::oneshot;
 use super::{Loaded, PredictorConfig};
 use crate::model::ModelError;
 
-/// One request: its model, its preprocessed images, and where its answer goes.
+/// One request: its model, its preprocessed images, where its answer goes, and the memory budget
+/// its pixel values hold (given back when the work is dropped: a request abandoned by its client
+/// keeps it reserved until the queue lets go of its pixels).
 pub(super) struct Work {
     pub model: Arc<Loaded>,
     pub pixels: Vec<Vec<f32>>,
     pub reply: oneshot::Sender<Result<Vec<Vec<f32>>, ModelError>>,
+    pub _held: Option<crate::budget::Reservation>,
 }
 
 /// Requests received and not yet run, in arrival order.
@@ -122,6 +125,39 @@ mod tests {
     use crate::model::classifier::Classifier;
     use crate::model::{LoadedModel, Precision, VitConfig};
 
+    /// The memory a request's pixel values hold stays reserved while they wait, also once its
+    /// client has gone, and is given back when the queue drops them.
+    #[test]
+    fn an_abandoned_request_holds_its_memory_until_the_queue_drops_it() {
+        let tiny = VitConfig::preset("tiny").unwrap();
+        let labels = ["a".to_string(), "b".to_string()];
+        let loaded = LoadedModel::random(&tiny, &labels, 0, &Device::Cpu).unwrap();
+        let model = Arc::new(Loaded { id: "m".into(), classifier: Classifier::new(loaded, &Device::Cpu, Precision::F32).unwrap() });
+        let memory = MemoryBudget::new(1 << 20);
+        let cfg = PredictorConfig {
+            max_batch_size: 16,
+            max_batch_delay: Duration::ZERO,
+            max_concurrent_requests: 4,
+            max_loaded_models: 1,
+            max_queue_wait: None,
+            memory: memory.clone(),
+            precision: Precision::F32,
+        };
+        let queued = AtomicUsize::new(0);
+        let (tx, rx) = mpsc::channel();
+        let mut queue = Queue::new(rx, &cfg, &queued);
+        let (reply, answer) = oneshot::channel();
+        queued.fetch_add(1, Ordering::Relaxed);
+        tx.send(Work { model: model.clone(), pixels: vec![vec![0.0; 1000]], reply, _held: memory.try_reserve(4000) }).unwrap();
+        drop(answer);
+        assert_eq!(memory.in_use(), 4000, "held while the pixels wait, though nobody will read the answer");
+        let (reply, _answer) = oneshot::channel();
+        queued.fetch_add(1, Ordering::Relaxed);
+        tx.send(Work { model, pixels: vec![Vec::new()], reply, _held: None }).unwrap();
+        assert_eq!(queue.next_batch().unwrap().len(), 1, "the abandoned request is dropped");
+        assert_eq!(memory.in_use(), 0);
+    }
+
     /// Requests already waiting join the batch at once, also with no delay (before, a delay of 0
     /// ran them one by one); with a delay, a lone request waits that long for company.
     #[test]
@@ -150,7 +186,7 @@ mod tests {
                 let (reply, answer) = oneshot::channel();
                 answers.push(answer);
                 queued.fetch_add(images, Ordering::Relaxed);
-                tx.send(Work { model: model.clone(), pixels: vec![Vec::new(); images], reply }).unwrap();
+                tx.send(Work { model: model.clone(), pixels: vec![Vec::new(); images], reply, _held: None }).unwrap();
             };
             for images in [1, 2, 3] {
                 send(images);
