@@ -100,6 +100,9 @@ struct Inner {
     loaded: Mutex<VecDeque<Arc<Loaded>>>,
     /// Serialises loads so two requests for the same cold model load it once.
     loading: tokio::sync::Mutex<()>,
+    /// Ids of deleted models (ids are never reused): a load that finishes after the delete does
+    /// not put its model back in memory.
+    deleted: Mutex<std::collections::HashSet<String>>,
     default_model: RwLock<Option<String>>,
 }
 
@@ -126,6 +129,7 @@ impl Predictor {
             ns_per_image,
             loaded: Mutex::new(VecDeque::new()),
             loading: tokio::sync::Mutex::new(()),
+            deleted: Mutex::default(),
             default_model: RwLock::new(None),
         };
         Self { inner: Arc::new(inner) }
@@ -169,6 +173,9 @@ impl Predictor {
     }
 
     fn insert(&self, model: Arc<Loaded>) {
+        if self.inner.deleted.lock().unwrap_or_else(|e| e.into_inner()).contains(&model.id) {
+            return;
+        }
         let mut loaded = self.lock_loaded();
         loaded.retain(|l| l.id != model.id);
         loaded.push_front(model);
@@ -216,8 +223,9 @@ impl Predictor {
         Ok(loaded)
     }
 
-    /// Forgets a deleted model.
+    /// Forgets a deleted model, also when a load of it is under way.
     pub fn evict(&self, id: &str) {
+        self.inner.deleted.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string());
         self.lock_loaded().retain(|l| l.id != id);
     }
 
@@ -313,10 +321,7 @@ impl Predictor {
 mod tests {
     use super::*;
 
-    /// A load keeps going when the request that started it stops waiting (its client went away,
-    /// or it timed out): the next request finds the model in memory instead of loading it again.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_load_whose_request_went_away_is_completed_and_kept() {
+    fn predictor_with_a_model() -> (tempfile::TempDir, Predictor) {
         let dir = tempfile::tempdir().unwrap();
         let cfg = crate::model::VitConfig::preset("small").unwrap();
         let labels = vec!["a".to_string(), "b".to_string()];
@@ -330,7 +335,29 @@ mod tests {
             memory: MemoryBudget::new(1 << 30),
             precision: Precision::F32,
         };
-        let predictor = Predictor::start(config, Device::Cpu, Arc::new(ServiceMetrics::new()));
+        (dir, Predictor::start(config, Device::Cpu, Arc::new(ServiceMetrics::new())))
+    }
+
+    /// A model deleted while it loads is not put in memory when the load finishes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_model_deleted_while_it_loads_is_not_kept() {
+        let (dir, predictor) = predictor_with_a_model();
+        let load = tokio::spawn({
+            let predictor = predictor.clone();
+            async move { predictor.get_or_load("m", dir.path().to_path_buf()).await.map(|_| ()) }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(predictor.loaded_ids().is_empty(), "loading a ViT-S takes longer than a millisecond");
+        predictor.evict("m");
+        assert!(load.await.unwrap().is_ok());
+        assert!(predictor.loaded_ids().is_empty());
+    }
+
+    /// A load keeps going when the request that started it stops waiting (its client went away,
+    /// or it timed out): the next request finds the model in memory instead of loading it again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_load_whose_request_went_away_is_completed_and_kept() {
+        let (dir, predictor) = predictor_with_a_model();
         let gave_up = tokio::time::timeout(Duration::from_millis(1), predictor.get_or_load("m", dir.path().to_path_buf())).await;
         assert!(gave_up.is_err(), "loading a ViT-S takes longer than a millisecond");
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -165,7 +165,7 @@ async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device)
     // Aborted when dropped: a panic below must not leave the lease renewed for ever.
     let renewal = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(keep_lease(ctx.clone(), job.id.clone(), cancel.clone(), lost.clone())));
     let mut recorder = Recorder::new(ctx, &job);
-    let outcome = run::run_job(ctx, &job, device, cancel, &mut recorder).await;
+    let outcome = run::run_job(ctx, &job, device, (cancel, lost.clone()), &mut recorder).await;
     ctx.hub.stop(&job.id);
     let shutting_down = ctx.hub.shutdown_token().is_cancelled();
     let worker = ctx.worker_name.as_str();

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
@@ -48,7 +48,15 @@ fn store(e: anyhow::Error) -> JobFailure {
 }
 
 /// Runs the fine-tune of `job` on a thread of its own and records its events as they arrive.
-pub(super) async fn run_job(ctx: &JobContext, job: &Job, device: &Device, cancel: Arc<AtomicBool>, recorder: &mut Recorder<'_>) -> Result<TrainOutcome, JobFailure> {
+/// `lost` is set once the job no longer runs under this worker: from then on no checkpoint of
+/// this run goes to the object store (where the run that took the job over resumes from).
+pub(super) async fn run_job(
+    ctx: &JobContext,
+    job: &Job,
+    device: &Device,
+    (cancel, lost): (Arc<AtomicBool>, Arc<AtomicBool>),
+    recorder: &mut Recorder<'_>,
+) -> Result<TrainOutcome, JobFailure> {
     let params: TrainParams = serde_json::from_value(job.params.clone()).map_err(|e| setup(format!("stored hyper-parameters: {e}")))?;
     let our_model = db::models::get(&ctx.db, &job.base_model).await.map_err(setup)?;
     if let Some(model) = &our_model {
@@ -81,7 +89,7 @@ pub(super) async fn run_job(ctx: &JobContext, job: &Job, device: &Device, cancel
                         // Stored before the next epoch starts, from this thread (the async side
                         // only records): the checkpoint is then in the object store before the
                         // next one replaces it in the folder.
-                        TrainEvent::Checkpoint { epoch, .. } if objects.is_remote() => {
+                        TrainEvent::Checkpoint { epoch, .. } if objects.is_remote() && !lost.load(Ordering::SeqCst) => {
                             if let Err(e) = runtime.block_on(objects.publish_checkpoint(&checkpoint_root, &run_prefix, *epoch, improved)) {
                                 tracing::error!(error = format!("{e:#}"), epoch, "storing the checkpoint in the object store failed; a resume elsewhere starts from an earlier one");
                             }
