@@ -390,22 +390,32 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
     fs::create_dir(&tmp)?;
     let result = fill(&tmp).and_then(|()| {
         fs::File::open(&tmp)?.sync_all()?;
-        let old = parent.join(format!(".{name}.old-{}", uuid::Uuid::now_v7()));
-        let had_old = dir.exists();
-        if had_old {
-            fs::rename(dir, &old)?;
-        }
-        fs::rename(&tmp, dir)?;
-        fs::File::open(parent)?.sync_all()?;
-        if had_old {
-            fs::remove_dir_all(&old)?;
-        }
-        Ok(())
+        Ok(replace_dir(&tmp, dir)?)
     });
     if result.is_err() {
         let _ = fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// Moves the complete folder `from` to `dir`, its sibling, replacing what is there: the old
+/// folder is moved aside first (to `.NAME.old-*`, which
+/// [`restore_interrupted_replacements`] puts back after a crash between the two renames), then
+/// removed.
+pub fn replace_dir(from: &Path, dir: &Path) -> std::io::Result<()> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let old = parent.join(format!(".{name}.old-{}", uuid::Uuid::now_v7()));
+    let had_old = dir.exists();
+    if had_old {
+        fs::rename(dir, &old)?;
+    }
+    fs::rename(from, dir)?;
+    fs::File::open(parent)?.sync_all()?;
+    if had_old {
+        fs::remove_dir_all(&old)?;
+    }
+    Ok(())
 }
 
 /// Puts back, in `parent`, each folder that [`write_dir_atomically`] had moved aside when it was

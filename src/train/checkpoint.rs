@@ -76,6 +76,35 @@ pub fn best_dir(root: &Path) -> PathBuf {
     root.join("best")
 }
 
+/// Where epoch `epoch`'s model is written when it is the best so far, before the checkpoint
+/// that names it; [`promote_best`] then makes it `best/`. So `best/` always holds the best epoch
+/// of the latest checkpoint: a crash between the two leaves the staged folder, which
+/// [`settle_staged_best`] promotes or removes on resume.
+pub fn staged_best_dir(root: &Path, epoch: u32) -> PathBuf {
+    root.join(format!("best-next-{epoch}"))
+}
+
+/// Makes epoch `epoch`'s staged best model `best/` (once its checkpoint is written).
+pub fn promote_best(root: &Path, epoch: u32) -> std::io::Result<()> {
+    crate::model::io::replace_dir(&staged_best_dir(root, epoch), &best_dir(root))
+}
+
+/// On resume from the checkpoint whose state is `state` (none: starting afresh): a staged best
+/// model that checkpoint names is promoted (the crash came after the checkpoint, before the
+/// promotion); any other is removed (the crash came before its checkpoint, which is not there).
+pub fn settle_staged_best(root: &Path, state: Option<&LoopState>) -> std::io::Result<()> {
+    for entry in fs::read_dir(root)? {
+        let path = entry?.path();
+        let Some(epoch) = path.file_name().and_then(|n| n.to_str()?.strip_prefix("best-next-")?.parse::<u32>().ok()) else { continue };
+        if state.is_some_and(|s| s.epoch == epoch && s.best_epoch == Some(epoch)) {
+            promote_best(root, epoch)?;
+        } else {
+            fs::remove_dir_all(&path)?;
+        }
+    }
+    Ok(())
+}
+
 /// Folder of the kept model with its scores calibrated (written at the end of a run that
 /// calibrates; `best/` keeps the uncalibrated weights).
 pub fn calibrated_dir(root: &Path) -> PathBuf {
@@ -150,4 +179,44 @@ pub fn clear(root: &Path) -> Result<(), TrainError> {
         fs::remove_dir_all(root)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a crash leaves between staging a best model, writing its checkpoint and promoting it
+    /// is settled on resume: promoted when the checkpoint names it, removed when not.
+    #[test]
+    fn a_staged_best_model_is_promoted_only_when_its_checkpoint_names_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let folder = |dir: PathBuf, what: &str| {
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(dir.join("w"), what).unwrap();
+        };
+        let best = || fs::read_to_string(best_dir(root).join("w")).unwrap();
+        let state = |epoch: u32, best_epoch: u32| LoopState { epoch, best_epoch: Some(best_epoch), ..LoopState::fresh(String::new()) };
+        folder(best_dir(root), "epoch 1");
+
+        // The crash came before epoch 2's checkpoint: the latest is epoch 1's, best stays.
+        folder(staged_best_dir(root, 2), "epoch 2");
+        settle_staged_best(root, Some(&state(1, 1))).unwrap();
+        assert_eq!(best(), "epoch 1");
+        assert!(!staged_best_dir(root, 2).exists());
+
+        // The crash came after epoch 2's checkpoint, which names epoch 2: promoted.
+        folder(staged_best_dir(root, 2), "epoch 2");
+        settle_staged_best(root, Some(&state(2, 2))).unwrap();
+        assert_eq!(best(), "epoch 2");
+        assert!(!staged_best_dir(root, 2).exists());
+
+        // A staged model no checkpoint names (or no checkpoint at all) goes.
+        folder(staged_best_dir(root, 4), "epoch 4");
+        settle_staged_best(root, Some(&state(3, 2))).unwrap();
+        folder(staged_best_dir(root, 5), "epoch 5");
+        settle_staged_best(root, None).unwrap();
+        assert_eq!(best(), "epoch 2");
+        assert_eq!(fs::read_dir(root).unwrap().count(), 1, "only best/ is left");
+    }
 }

@@ -259,12 +259,16 @@ fn resume_or_start(
     let fresh = LoopState::fresh(fingerprint.clone());
     match checkpoint::load_latest(root, &[&fingerprint, &legacy]) {
         Ok(Some(restored)) => {
+            at_path(checkpoint::settle_staged_best(root, Some(&restored.state)), "settling the best model in", root)?;
             model.params.load_from(&restored.weights)?;
             optimizer.load_state(restored.optimizer, device)?;
             let epoch = restored.state.epoch;
             Ok((restored.state, Some(epoch)))
         }
-        Ok(None) => Ok((fresh, None)),
+        Ok(None) => {
+            at_path(checkpoint::settle_staged_best(root, None), "settling the best model in", root)?;
+            Ok((fresh, None))
+        }
         Err(e) => {
             (ctl.on_event)(TrainEvent::Restarted { reason: e.to_string() });
             at_path(checkpoint::clear(root), "removing the unusable checkpoints in", root)?;
@@ -579,14 +583,18 @@ fn end_epoch(
     let improved = track_progress(state, score);
     state.epoch = epoch;
     state.history.push(report.clone());
+    // A new best model is staged, and becomes `best/` once the checkpoint naming it is written.
     if improved {
         state.best_epoch = Some(epoch);
-        let best = checkpoint::best_dir(root);
-        at_path(model.save(&best), "saving the best model to", &best)?;
+        let staged = checkpoint::staged_best_dir(root, epoch);
+        at_path(model.save(&staged), "saving the best model to", &staged)?;
     }
     on_event(TrainEvent::Epoch { epoch, report, improved, mistakes });
     let (weights, moments) = (model.params.snapshot()?, optimizer.state()?);
     let dir = at_path(checkpoint::save(root, &model.cfg, &model.preprocessor, &weights, &moments, state), "writing the checkpoint in", root)?;
+    if improved {
+        at_path(checkpoint::promote_best(root, epoch), "keeping the best model in", root)?;
+    }
     on_event(TrainEvent::Checkpoint { epoch, dir, score: score.0 });
     on_event(TrainEvent::Phase { phase: Phase::Saving, done: 1, total: 1 });
     Ok(())
