@@ -132,13 +132,16 @@ fn decode_checked(bytes: &[u8], format: ImageFormat, width: u32, height: u32) ->
 }
 
 /// Whether a JPEG's segments and scans run to its end-of-image marker: each segment's length is
-/// followed, and each scan's entropy-coded data up to the next marker (in which a 0xFF byte is
-/// followed by 0x00 or is a restart marker). Bytes after the marker (some cameras append
+/// followed (stray bytes after a segment are skipped), and each scan's entropy-coded data up to
+/// the next marker (in which a 0xFF byte is followed by 0x00 or is a restart marker). Bytes after the marker (some cameras append
 /// some) do not matter; a file that runs out before it is cut short.
 fn jpeg_reaches_its_end(bytes: &[u8]) -> bool {
     let mut at = 2; // after SOI
     loop {
-        // A marker: 0xFF (any number of fill bytes), then its code.
+        // A marker: 0xFF (any number of fill bytes), then its code. Stray bytes before it are
+        // skipped, as libjpeg does (with a warning Pillow ignores).
+        let Some(ff) = bytes.get(at..).and_then(|rest| rest.iter().position(|&b| b == 0xFF)) else { return false };
+        at += ff;
         while bytes.get(at) == Some(&0xFF) && bytes.get(at + 1) == Some(&0xFF) {
             at += 1;
         }
@@ -201,6 +204,10 @@ mod tests {
         let whole = encode(img, ImageFormat::Jpeg);
         assert!(jpeg_reaches_its_end(&whole));
         assert_eq!(decode_rgb(&whole, 1 << 20).unwrap().dimensions(), (256, 192));
+        // Padding between two segments (some editors leave it; libjpeg skips it with a warning).
+        let sos = whole.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+        let padded = [&whole[..sos], &[0u8; 7][..], &whole[sos..]].concat();
+        assert!(jpeg_reaches_its_end(&padded), "stray bytes before a marker are skipped");
         let mut trailing = whole.clone();
         trailing.extend_from_slice(b"camera maker's notes");
         assert!(decode_rgb(&trailing, 1 << 20).is_ok(), "bytes after the end-of-image marker are ignored");

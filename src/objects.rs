@@ -364,15 +364,22 @@ impl Objects {
         if local >= Some(epoch) {
             return Ok(None);
         }
-        let dir = checkpoint::epoch_dir(root, epoch);
-        self.download_tree(remote, &job.child(format!("epoch-{epoch}")), &dir).await?;
-        if let Some(best) = read_state(&dir.join("state.json")).await?.best_epoch {
-            let best_dir = checkpoint::best_dir(root);
-            self.download_tree(remote, &job.child(format!("best-{best}")), &best_dir).await?;
-            if !tokio::fs::try_exists(best_dir.join(CONFIG_FILE)).await? {
+        // Both fetched beside the checkpoints first (hidden: start-up removes them after a crash);
+        // then the best model goes into place, and the epoch last. Until the epoch is in place,
+        // the folder's own latest epoch is older than the store's, so a failure or a crash on the
+        // way is followed by this same fetch, never by a resume from the new epoch with the old
+        // best model.
+        let (fetched_epoch, fetched_best) = (root.join(format!(".epoch-{epoch}.fetched")), root.join(".best.fetched"));
+        self.download_tree(remote, &job.child(format!("epoch-{epoch}")), &fetched_epoch).await?;
+        if let Some(best) = read_state(&fetched_epoch.join("state.json")).await?.best_epoch {
+            self.download_tree(remote, &job.child(format!("best-{best}")), &fetched_best).await?;
+            if !tokio::fs::try_exists(fetched_best.join(CONFIG_FILE)).await? {
                 bail!("the best model of {job} (epoch {best}) is not stored whole in {}", remote.url);
             }
+            let best_dir = checkpoint::best_dir(root);
+            tokio::task::spawn_blocking(move || crate::model::io::replace_dir(&fetched_best, &best_dir)).await??;
         }
+        tokio::fs::rename(&fetched_epoch, checkpoint::epoch_dir(root, epoch)).await?;
         Ok(Some(epoch))
     }
 

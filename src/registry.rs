@@ -77,19 +77,34 @@ impl ModelRegistry {
                 }
                 Ok(JobModel::Registered(model))
             }
-            other => {
-                // A commit whose answer was lost on the way may have registered it after all.
-                if other.is_err()
-                    && let Ok(Some(model)) = db::models::get(&self.db, &model_id).await
-                {
-                    tracing::warn!(job = %job.id, model = %model_id, "registering the model reported a failure, yet it is registered: kept");
-                    return Ok(JobModel::Registered(Box::new(model)));
+            Err(e) => {
+                // A commit whose answer was lost on the way may have registered it after all; the
+                // copy goes only when the database says it is not there (when it cannot say, the
+                // copy stays: start-up clean-up removes a folder no model names).
+                match db::models::get(&self.db, &model_id).await {
+                    Ok(Some(model)) => {
+                        tracing::warn!(job = %job.id, model = %model_id, "registering the model reported a failure, yet it is registered: kept");
+                        if self.predictor.loaded_ids().contains(&model_id) {
+                            self.predictor.set_default(Some(model_id.clone()));
+                        }
+                        return Ok(JobModel::Registered(Box::new(model)));
+                    }
+                    Ok(None) => self.discard(&model_id, &dest).await,
+                    Err(_) => {}
                 }
-                self.predictor.evict(&model_id);
-                self.objects.remove_dir(&dest).await.ok();
+                Err(e)
+            }
+            other => {
+                self.discard(&model_id, &dest).await;
                 other
             }
         }
+    }
+
+    /// Forgets a model that was not registered: its place in memory and its folder.
+    async fn discard(&self, model_id: &str, dest: &Path) {
+        self.predictor.evict(model_id);
+        self.objects.remove_dir(dest).await.ok();
     }
 
     /// [`Self::register_for_job`] up to the registration, with the copy at `dest`.

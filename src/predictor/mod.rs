@@ -173,7 +173,9 @@ impl Predictor {
     }
 
     fn insert(&self, model: Arc<Loaded>) {
-        if self.inner.deleted.lock().unwrap_or_else(|e| e.into_inner()).contains(&model.id) {
+        // Held until the model is in: an eviction cannot fall between the check and the insert.
+        let deleted = self.inner.deleted.lock().unwrap_or_else(|e| e.into_inner());
+        if deleted.contains(&model.id) {
             return;
         }
         let mut loaded = self.lock_loaded();
@@ -225,7 +227,8 @@ impl Predictor {
 
     /// Forgets a deleted model, also when a load of it is under way.
     pub fn evict(&self, id: &str) {
-        self.inner.deleted.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string());
+        let mut deleted = self.inner.deleted.lock().unwrap_or_else(|e| e.into_inner());
+        deleted.insert(id.to_string());
         self.lock_loaded().retain(|l| l.id != id);
     }
 

@@ -112,6 +112,11 @@ impl JobHub {
         flag
     }
 
+    /// Whether this process runs the job (between [`JobHub::start`] and [`JobHub::stop`]).
+    pub fn runs(&self, job_id: &str) -> bool {
+        lock(&self.cancel_flags).contains_key(job_id)
+    }
+
     /// Forgets a job that stopped running.
     pub fn stop(&self, job_id: &str) {
         lock(&self.cancel_flags).remove(job_id);

@@ -81,6 +81,11 @@ async fn work(ctx: JobContext, name: String, device: Device) {
         tokio::pin!(submitted);
         submitted.as_mut().enable();
         match db::jobs::claim(&ctx.db, &ctx.worker_name, &name, &ctx.lease_until()).await {
+            // Its lease lapsed (the database was out of reach longer than the lease) while another
+            // device of this process still runs it: that run goes on, renewing under the same name.
+            Ok(Some(job)) if ctx.hub.runs(&job.id) => {
+                tracing::warn!(job = %job.id, device = %name, "claimed a job this process still runs on another device; left to that run");
+            }
             Ok(Some(job)) => {
                 process(&ctx, job, &name, &device).await;
                 continue;
@@ -136,12 +141,20 @@ async fn retry_or_fail(ctx: &JobContext, job: &Job, error: String) -> anyhow::Re
         tracing::warn!(job = %job.id, %error, claims = job.attempts, "job failed");
         return Ok(db::jobs::finish(&ctx.db, &job.id, worker, Status::Failed, Some(&error)).await?);
     }
+    let cancelled = || async { Ok(db::jobs::finish(&ctx.db, &job.id, worker, Status::Cancelled, None).await?) };
+    // A cancel asked for meanwhile ends it cancelled, not tried again (and failed in the end).
+    if cancel_asked(ctx, &job.id).await {
+        return cancelled().await;
+    }
     let wait = ctx.lease / 3 * job.attempts.max(1);
     tracing::warn!(job = %job.id, %error, claim = job.attempts, of = MAX_CLAIMS, "the job goes back to the queue in {wait:?}, its checkpoints kept");
     let shutdown = ctx.hub.shutdown_token();
     tokio::select! {
         () = tokio::time::sleep(wait) => {}
         () = shutdown.cancelled() => {}
+    }
+    if cancel_asked(ctx, &job.id).await {
+        return cancelled().await;
     }
     Ok(db::jobs::requeue(&ctx.db, &job.id, worker).await?)
 }
@@ -166,7 +179,6 @@ async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device)
     let renewal = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(keep_lease(ctx.clone(), job.id.clone(), cancel.clone(), lost.clone())));
     let mut recorder = Recorder::new(ctx, &job);
     let outcome = run::run_job(ctx, &job, device, (cancel, lost.clone()), &mut recorder).await;
-    ctx.hub.stop(&job.id);
     let shutting_down = ctx.hub.shutdown_token().is_cancelled();
     let worker = ctx.worker_name.as_str();
     let result: anyhow::Result<()> = match outcome {
@@ -212,6 +224,8 @@ async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device)
     // The lease is held until the outcome is recorded: copying and loading a large model takes a
     // while, and the job must not look abandoned meanwhile.
     drop(renewal);
+    // Until its outcome is recorded, the job is this process's: no other device of it takes it.
+    ctx.hub.stop(&job.id);
     if let Err(e) = result {
         tracing::error!(job = %job.id, error = ?e, "recording the job's outcome failed");
     }
