@@ -133,15 +133,18 @@ fn decode_checked(bytes: &[u8], format: ImageFormat, width: u32, height: u32) ->
 
 /// Whether a JPEG's segments and scans run to its end-of-image marker: each segment's length is
 /// followed (stray bytes after a segment are skipped), and each scan's entropy-coded data up to
-/// the next marker (in which a 0xFF byte is followed by 0x00 or is a restart marker). Bytes after the marker (some cameras append
-/// some) do not matter; a file that runs out before it is cut short.
+/// the next marker (in which a 0xFF byte is followed by 0x00 or is a restart marker). Bytes after
+/// the marker (some cameras append some) do not matter; a file that runs out before it is cut
+/// short.
 fn jpeg_reaches_its_end(bytes: &[u8]) -> bool {
+    // The position of the first 0xFF byte at or after `at`.
+    let next_ff = |at: usize| Some(at + bytes.get(at..)?.iter().position(|&b| b == 0xFF)?);
     let mut at = 2; // after SOI
     loop {
         // A marker: 0xFF (any number of fill bytes), then its code. Stray bytes before it are
         // skipped, as libjpeg does (with a warning Pillow ignores).
-        let Some(ff) = bytes.get(at..).and_then(|rest| rest.iter().position(|&b| b == 0xFF)) else { return false };
-        at += ff;
+        let Some(ff) = next_ff(at) else { return false };
+        at = ff;
         while bytes.get(at) == Some(&0xFF) && bytes.get(at + 1) == Some(&0xFF) {
             at += 1;
         }
@@ -157,8 +160,8 @@ fn jpeg_reaches_its_end(bytes: &[u8]) -> bool {
         if code == 0xDA {
             // Entropy-coded data up to the next marker that is not a restart marker.
             loop {
-                let Some(ff) = bytes.get(at..).and_then(|rest| rest.iter().position(|&b| b == 0xFF)) else { return false };
-                at += ff;
+                let Some(ff) = next_ff(at) else { return false };
+                at = ff;
                 match bytes.get(at + 1) {
                     None => return false,
                     Some(0x00 | 0xD0..=0xD7 | 0xFF) => at += 1,

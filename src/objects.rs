@@ -234,20 +234,9 @@ impl Objects {
         })
         .await??;
         if let Some(remote) = &self.remote {
-            // In batches (one S3 DeleteObjects request per 1,000 blobs): collection holds the
-            // lock every upload waits for while it deletes.
+            // In batches: collection holds the lock every upload waits for while it deletes.
             let keys = hashes.iter().map(|h| self.key(&self.blobs.path(h)?)).collect::<anyhow::Result<Vec<Key>>>()?;
-            let mut missing = std::collections::HashSet::new();
-            let mut deleted = remote.store.delete_stream(futures::stream::iter(keys.clone().into_iter().map(Ok)).boxed());
-            while let Some(result) = deleted.next().await {
-                match result {
-                    Ok(_) => {}
-                    Err(object_store::Error::NotFound { path, .. }) => {
-                        missing.insert(path);
-                    }
-                    Err(e) => return Err(remote.failed(e, "removing blobs".to_string())),
-                }
-            }
+            let missing = self.delete_keys(remote, keys.clone(), "removing blobs").await?;
             for (gone, key) in removed.iter_mut().zip(&keys) {
                 *gone |= !missing.contains(key.as_ref());
             }
@@ -405,18 +394,29 @@ impl Objects {
         }
     }
 
-    /// Removes every object under `prefix`, in batches (one S3 DeleteObjects request per 1,000
-    /// keys rather than one request per key).
+    /// Removes every object under `prefix`.
     async fn delete_prefix(&self, remote: &Remote, prefix: &Key) -> anyhow::Result<()> {
         let keys = self.list(remote, prefix).await?;
+        self.delete_keys(remote, keys, &format!("removing what is under {prefix}")).await?;
+        Ok(())
+    }
+
+    /// Removes the objects `keys` in batches (one S3 DeleteObjects request per 1,000 keys rather
+    /// than one request per key); returns the paths of those that were not there. `doing` names
+    /// the work in an error.
+    async fn delete_keys(&self, remote: &Remote, keys: Vec<Key>, doing: &str) -> anyhow::Result<std::collections::HashSet<String>> {
+        let mut missing = std::collections::HashSet::new();
         let mut deleted = remote.store.delete_stream(futures::stream::iter(keys.into_iter().map(Ok)).boxed());
         while let Some(result) = deleted.next().await {
             match result {
-                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(remote.failed(e, format!("removing what is under {prefix}"))),
+                Ok(_) => {}
+                Err(object_store::Error::NotFound { path, .. }) => {
+                    missing.insert(path);
+                }
+                Err(e) => return Err(remote.failed(e, doing.to_string())),
             }
         }
-        Ok(())
+        Ok(missing)
     }
 
     /// Uploads the files under `dir` to `prefix`, the file named `last` (if any) after the others.

@@ -500,7 +500,6 @@ mod tests {
 
         // Worker one stops renewing (its lease ends in the past): worker two takes the job.
         assert!(renew_lease(&pool, &job.id, "one", &past).await.unwrap().is_some());
-
         let taken = claim(&pool, "two", "cpu", &soon).await.unwrap().unwrap();
         assert_eq!(taken.worker.as_deref(), Some("two"));
         assert_eq!(renew_lease(&pool, &job.id, "one", &soon).await.unwrap(), None, "worker one learns it lost the job");

@@ -43,6 +43,14 @@ pub struct PredictorConfig {
     pub precision: Precision,
 }
 
+#[cfg(test)]
+impl PredictorConfig {
+    /// Settings for tests: batches of 16, no wait bound, f32, `memory` as the budget.
+    pub(crate) fn for_tests(memory: Arc<MemoryBudget>, max_batch_delay: Duration) -> Self {
+        Self { max_batch_size: 16, max_batch_delay, max_concurrent_requests: 64, max_loaded_models: 2, max_queue_wait: None, memory, precision: Precision::F32 }
+    }
+}
+
 /// A loaded model and its id.
 pub struct Loaded {
     pub id: String,
@@ -329,15 +337,7 @@ mod tests {
         let cfg = crate::model::VitConfig::preset("small").unwrap();
         let labels = vec!["a".to_string(), "b".to_string()];
         crate::model::LoadedModel::random(&cfg, &labels, 0, &Device::Cpu).unwrap().save(dir.path()).unwrap();
-        let config = PredictorConfig {
-            max_batch_size: 8,
-            max_batch_delay: Duration::ZERO,
-            max_concurrent_requests: 4,
-            max_loaded_models: 2,
-            max_queue_wait: None,
-            memory: MemoryBudget::new(1 << 30),
-            precision: Precision::F32,
-        };
+        let config = PredictorConfig::for_tests(MemoryBudget::new(1 << 30), Duration::ZERO);
         (dir, Predictor::start(config, Device::Cpu, Arc::new(ServiceMetrics::new())))
     }
 

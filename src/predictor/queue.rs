@@ -125,24 +125,21 @@ mod tests {
     use crate::model::classifier::Classifier;
     use crate::model::{LoadedModel, Precision, VitConfig};
 
+    /// A random tiny model with id `m`.
+    fn tiny_model() -> Arc<Loaded> {
+        let tiny = VitConfig::preset("tiny").unwrap();
+        let labels = ["a".to_string(), "b".to_string()];
+        let loaded = LoadedModel::random(&tiny, &labels, 0, &Device::Cpu).unwrap();
+        Arc::new(Loaded { id: "m".into(), classifier: Classifier::new(loaded, &Device::Cpu, Precision::F32).unwrap() })
+    }
+
     /// The memory a request's pixel values hold stays reserved while they wait, also once its
     /// client has gone, and is given back when the queue drops them.
     #[test]
     fn an_abandoned_request_holds_its_memory_until_the_queue_drops_it() {
-        let tiny = VitConfig::preset("tiny").unwrap();
-        let labels = ["a".to_string(), "b".to_string()];
-        let loaded = LoadedModel::random(&tiny, &labels, 0, &Device::Cpu).unwrap();
-        let model = Arc::new(Loaded { id: "m".into(), classifier: Classifier::new(loaded, &Device::Cpu, Precision::F32).unwrap() });
+        let model = tiny_model();
         let memory = MemoryBudget::new(1 << 20);
-        let cfg = PredictorConfig {
-            max_batch_size: 16,
-            max_batch_delay: Duration::ZERO,
-            max_concurrent_requests: 4,
-            max_loaded_models: 1,
-            max_queue_wait: None,
-            memory: memory.clone(),
-            precision: Precision::F32,
-        };
+        let cfg = PredictorConfig::for_tests(memory.clone(), Duration::ZERO);
         let queued = AtomicUsize::new(0);
         let (tx, rx) = mpsc::channel();
         let mut queue = Queue::new(rx, &cfg, &queued);
@@ -162,21 +159,9 @@ mod tests {
     /// ran them one by one); with a delay, a lone request waits that long for company.
     #[test]
     fn waiting_requests_join_the_batch_and_a_lone_one_waits_the_delay() {
-        let tiny = VitConfig::preset("tiny").unwrap();
-        let labels = ["a".to_string(), "b".to_string()];
-        let loaded = LoadedModel::random(&tiny, &labels, 0, &Device::Cpu).unwrap();
-        let classifier = Classifier::new(loaded, &Device::Cpu, Precision::F32).unwrap();
-        let model = Arc::new(Loaded { id: "m".into(), classifier });
+        let model = tiny_model();
         for delay in [0, 200] {
-            let cfg = PredictorConfig {
-                max_batch_size: 16,
-                max_batch_delay: Duration::from_millis(delay),
-                max_concurrent_requests: 64,
-                max_loaded_models: 1,
-                max_queue_wait: None,
-                memory: MemoryBudget::unlimited(),
-                precision: Precision::F32,
-            };
+            let cfg = PredictorConfig::for_tests(MemoryBudget::unlimited(), Duration::from_millis(delay));
             let queued = AtomicUsize::new(0);
             let (tx, rx) = mpsc::channel();
             let mut queue = Queue::new(rx, &cfg, &queued);

@@ -257,18 +257,19 @@ fn resume_or_start(
     // A crash between the two renames of a best-model replacement leaves it moved aside.
     at_path(crate::model::io::restore_interrupted_replacements(root), "restoring the checkpoints in", root)?;
     let fresh = LoopState::fresh(fingerprint.clone());
-    match checkpoint::load_latest(root, &[&fingerprint, &legacy]) {
+    let latest = checkpoint::load_latest(root, &[&fingerprint, &legacy]);
+    if let Ok(restored) = &latest {
+        let state = restored.as_ref().map(|r| &r.state);
+        at_path(checkpoint::settle_staged_best(root, state), "settling the best model in", root)?;
+    }
+    match latest {
         Ok(Some(restored)) => {
-            at_path(checkpoint::settle_staged_best(root, Some(&restored.state)), "settling the best model in", root)?;
             model.params.load_from(&restored.weights)?;
             optimizer.load_state(restored.optimizer, device)?;
             let epoch = restored.state.epoch;
             Ok((restored.state, Some(epoch)))
         }
-        Ok(None) => {
-            at_path(checkpoint::settle_staged_best(root, None), "settling the best model in", root)?;
-            Ok((fresh, None))
-        }
+        Ok(None) => Ok((fresh, None)),
         Err(e) => {
             (ctl.on_event)(TrainEvent::Restarted { reason: e.to_string() });
             at_path(checkpoint::clear(root), "removing the unusable checkpoints in", root)?;
