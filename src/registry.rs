@@ -11,7 +11,7 @@ use anyhow::Context;
 use crate::db::Pool;
 
 use crate::db;
-use crate::db::jobs::Job;
+use crate::db::jobs::{Holder, Job};
 use crate::db::models::{Deleted, Model, Registration};
 use crate::model::VitConfig;
 use crate::model::io::{CONFIG_FILE, SAVED_FILES, write_dir_atomically, write_file};
@@ -64,13 +64,13 @@ impl ModelRegistry {
     /// Registers the kept model of a finished job: copies it into `<data-dir>/models/<id>/`,
     /// inserts the model and marks the job succeeded (one transaction), makes it the default
     /// once loaded, then drops the job's checkpoint records (the worker removes their files, as for
-    /// every job that ends). Only while the job still runs under `worker` and no cancel was asked
+    /// every job that ends). Only while the job still runs under `holder` and no cancel was asked
     /// for. Whatever stops it part-way (a failure, a lost lease, a cancel) leaves nothing behind:
     /// neither the copy, here or in the object store, nor the loaded model.
-    pub async fn register_for_job(&self, job: &Job, outcome: &TrainOutcome, worker: &str) -> anyhow::Result<JobModel> {
+    pub async fn register_for_job(&self, job: &Job, outcome: &TrainOutcome, holder: &Holder) -> anyhow::Result<JobModel> {
         let model_id = db::new_id();
         let dest = self.paths.model(&model_id);
-        match self.register_copy(job, outcome, worker, &model_id, &dest).await {
+        match self.register_copy(job, outcome, holder, &model_id, &dest).await {
             Ok(JobModel::Registered(model)) => {
                 if let Err(e) = db::job_metrics::delete_checkpoints(&self.db, &job.id).await {
                     tracing::warn!(job = %job.id, error = %e, "dropping the job's checkpoint records failed");
@@ -108,7 +108,7 @@ impl ModelRegistry {
     }
 
     /// [`Self::register_for_job`] up to the registration, with the copy at `dest`.
-    async fn register_copy(&self, job: &Job, outcome: &TrainOutcome, worker: &str, model_id: &str, dest: &Path) -> anyhow::Result<JobModel> {
+    async fn register_copy(&self, job: &Job, outcome: &TrainOutcome, holder: &Holder, model_id: &str, dest: &Path) -> anyhow::Result<JobModel> {
         let (src, copy_to) = (outcome.best_dir.clone(), dest.to_path_buf());
         let copied = tokio::task::spawn_blocking(move || copy_model_folder(&src, &copy_to)).await?;
         copied.with_context(|| format!("copying the model from {} to {}", outcome.best_dir.display(), dest.display()))?;
@@ -128,7 +128,7 @@ impl ModelRegistry {
         // Load it before the job shows as succeeded, so the default can switch as soon as it does;
         // a model that fails to load is still registered, and the previous default keeps serving.
         let loaded = if self.serves_predict { Some(self.predictor.get_or_load(model_id, dest.to_path_buf()).await) } else { None };
-        match db::models::register_for_job(&self.db, &model, Some(worker)).await.context("registering the model")? {
+        match db::models::register_for_job(&self.db, &model, Some(holder)).await.context("registering the model")? {
             Registration::Registered => {}
             Registration::CancelRequested => return Ok(JobModel::CancelRequested),
             Registration::NotOurs => return Ok(JobModel::Lost),

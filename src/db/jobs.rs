@@ -3,6 +3,8 @@
 //! workers can never take the same one. A claim is a lease: the worker renews it while the job
 //! runs, and a running job whose lease ran out (its worker died) is claimed again like a queued one.
 
+use std::time::Duration;
+
 use serde::Serialize;
 use serde_json::Value;
 use crate::db::{Backend, Pool, new_id, now};
@@ -235,45 +237,104 @@ pub async fn list(pool: &Pool, status: Option<Status>) -> Result<Vec<Job>, sqlx:
     rows.into_iter().map(Job::try_from).collect()
 }
 
-/// Claims the oldest claimable job for `worker` (its `device`) until `lease_until`: a queued job, or
-/// a running one whose lease ran out before `now` (its worker died; it resumes from its last
-/// checkpoint). One statement, so two workers never take the same job. A job this very process
-/// still runs on another device (its lease lapsed while the database was out of reach) can come
-/// back; the worker loop leaves it to that run (see `JobHub::runs`).
-pub async fn claim(pool: &Pool, worker: &str, device: &str, lease_until: &str) -> Result<Option<Job>, sqlx::Error> {
+/// The time now on the database's clock, as [`crate::db::at`] writes it, as SQL of each backend;
+/// with a placeholder of milliseconds, that long from now. Lease times are read and written on
+/// the database's clock only, so machines whose clocks disagree still agree on whose lease ran out.
+macro_rules! db_time {
+    (sqlite) => {
+        "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+    };
+    (sqlite, $ms:literal) => {
+        concat!("strftime('%Y-%m-%dT%H:%M:%fZ', 'now', (", $ms, " / 1000.0) || ' seconds')")
+    };
+    (postgres) => {
+        "to_char(now() at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+    };
+    (postgres, $ms:literal) => {
+        concat!("to_char((now() + ", $ms, " * interval '1 millisecond') at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')")
+    };
+}
+
+/// A lease's length as the queue's statements take it (milliseconds).
+fn millis(lease: Duration) -> i64 {
+    i64::try_from(lease.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A run's hold on its job: the worker's name and the number of the claim it runs under (the
+/// job's `attempts` as that claim set it). Every statement a run makes as the job's holder names
+/// both, so a run whose claim has passed on changes nothing: its lease ran out and the job was
+/// claimed again, by another worker or under the same name by another process (a fencing token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub worker: String,
+    pub claim: i64,
+}
+
+impl Holder {
+    /// The holder of `job` as `worker` claimed it.
+    pub fn of(worker: &str, job: &Job) -> Self {
+        Holder { worker: worker.to_string(), claim: i64::from(job.attempts) }
+    }
+}
+
+/// Claims the oldest claimable job for `worker` (its `device`) for `lease`: a queued job, or a
+/// running one whose lease ran out (its worker died; it resumes from its last checkpoint). One
+/// statement, so two workers never take the same job. A job this very process still runs on
+/// another device (its lease lapsed while the database was out of reach) can come back; the
+/// worker loop hands that claim back ([`undo_claim`]) and leaves the job to that run.
+pub async fn claim(pool: &Pool, worker: &str, device: &str, lease: Duration) -> Result<Option<Job>, sqlx::Error> {
     macro_rules! claim_sql {
-        ($lock:literal) => {
+        ($backend:ident, $lock:literal) => {
             concat!(
-                "update jobs set status = 'running', device = $1, worker = $2, lease_expires_at = $3, \
-                 started_at = coalesce(started_at, $4), attempts = attempts + 1 \
-                 where id = (select id from jobs where status = 'queued' or (status = 'running' and lease_expires_at < $4) \
+                "update jobs set status = 'running', device = $1, worker = $2, lease_expires_at = ", db_time!($backend, "$3"), ", \
+                 started_at = coalesce(started_at, ", db_time!($backend), "), attempts = attempts + 1 \
+                 where id = (select id from jobs where status = 'queued' or (status = 'running' and lease_expires_at < ", db_time!($backend), ") \
                  order by created_at, id limit 1", $lock, ") \
-                 and (status = 'queued' or (status = 'running' and lease_expires_at < $4)) returning ",
+                 and (status = 'queued' or (status = 'running' and lease_expires_at < ", db_time!($backend), ")) returning ",
                 job_columns!()
             )
         };
     }
     let sql = match Backend::of(pool) {
-        Backend::Sqlite => claim_sql!(""),
-        Backend::Postgres => claim_sql!(" for update skip locked"),
+        Backend::Sqlite => claim_sql!(sqlite, ""),
+        Backend::Postgres => claim_sql!(postgres, " for update skip locked"),
     };
-    let row: Option<JobRow> =
-        sqlx::query_as(sql).bind(device).bind(worker).bind(lease_until).bind(now()).fetch_optional(pool).await?;
+    let row: Option<JobRow> = sqlx::query_as(sql).bind(device).bind(worker).bind(millis(lease)).fetch_optional(pool).await?;
     row.map(Job::try_from).transpose()
 }
 
-/// Extends `worker`'s lease on a running job. `None` when the job no longer runs under this worker
-/// (it ended, or its lease ran out and another worker claimed it), so the run must stop; else
-/// whether a cancel was asked for (by an API process that cannot reach the run itself).
-pub async fn renew_lease(pool: &Pool, id: &str, worker: &str, lease_until: &str) -> Result<Option<bool>, sqlx::Error> {
-    let cancel: Option<i64> = sqlx::query_scalar(
-        "update jobs set lease_expires_at = $1 where id = $2 and worker = $3 and status = 'running' returning cancel_requested",
-    )
-    .bind(lease_until)
-    .bind(id)
-    .bind(worker)
-    .fetch_optional(pool)
-    .await?;
+/// Undoes `holder`'s claim of a job whose previous claim, by this same process, still runs: the
+/// claim count goes back, so that run's [`Holder`] holds the job again (with the lease the claim
+/// just set). A no-op if the job has moved on meanwhile.
+pub async fn undo_claim(pool: &Pool, id: &str, holder: &Holder) -> Result<(), sqlx::Error> {
+    sqlx::query("update jobs set attempts = attempts - 1 where id = $1 and status = 'running' and worker = $2 and attempts = $3")
+        .bind(id)
+        .bind(&holder.worker)
+        .bind(holder.claim)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Extends `holder`'s lease on a running job to `lease` from now. `None` when the job no longer
+/// runs under this holder (it ended, or its lease ran out and another claim took it), so the run
+/// must stop; else whether a cancel was asked for (by an API process that cannot reach the run
+/// itself).
+pub async fn renew_lease(pool: &Pool, id: &str, holder: &Holder, lease: Duration) -> Result<Option<bool>, sqlx::Error> {
+    macro_rules! renew_sql {
+        ($backend:ident) => {
+            concat!(
+                "update jobs set lease_expires_at = ", db_time!($backend, "$1"),
+                " where id = $2 and worker = $3 and attempts = $4 and status = 'running' returning cancel_requested"
+            )
+        };
+    }
+    let sql = match Backend::of(pool) {
+        Backend::Sqlite => renew_sql!(sqlite),
+        Backend::Postgres => renew_sql!(postgres),
+    };
+    let cancel: Option<i64> =
+        sqlx::query_scalar(sql).bind(millis(lease)).bind(id).bind(&holder.worker).bind(holder.claim).fetch_optional(pool).await?;
     Ok(cancel.map(|c| c != 0))
 }
 
@@ -283,23 +344,26 @@ pub async fn renew_lease(pool: &Pool, id: &str, worker: &str, lease_until: &str)
 /// this worker's own (it was restarted under the same name) and those whose lease ran out, so a
 /// process never takes a job another live process runs.
 pub async fn recover_interrupted(pool: &Pool, owner: Option<&str>) -> Result<Recovered, sqlx::Error> {
-    let now = now();
-    let cancelled: Vec<String> = sqlx::query_scalar(
-        "update jobs set status = 'cancelled', finished_at = $1 where status = 'running' and cancel_requested = 1 \
-         and ($2 is null or worker = $2 or lease_expires_at < $1) returning id",
-    )
-    .bind(&now)
-    .bind(owner)
-    .fetch_all(pool)
-    .await?;
-    let done = sqlx::query(
-        "update jobs set status = 'queued', lease_expires_at = null where status = 'running' \
-         and ($2 is null or worker = $2 or lease_expires_at < $1)",
-    )
-    .bind(&now)
-    .bind(owner)
-    .execute(pool)
-    .await?;
+    macro_rules! recover_sql {
+        ($backend:ident) => {
+            (
+                concat!(
+                    "update jobs set status = 'cancelled', finished_at = $1 where status = 'running' and cancel_requested = 1 \
+                     and ($2 is null or worker = $2 or lease_expires_at < ", db_time!($backend), ") returning id"
+                ),
+                concat!(
+                    "update jobs set status = 'queued', lease_expires_at = null where status = 'running' \
+                     and ($1 is null or worker = $1 or lease_expires_at < ", db_time!($backend), ")"
+                ),
+            )
+        };
+    }
+    let (cancel_sql, requeue_sql) = match Backend::of(pool) {
+        Backend::Sqlite => recover_sql!(sqlite),
+        Backend::Postgres => recover_sql!(postgres),
+    };
+    let cancelled: Vec<String> = sqlx::query_scalar(cancel_sql).bind(now()).bind(owner).fetch_all(pool).await?;
+    let done = sqlx::query(requeue_sql).bind(owner).execute(pool).await?;
     Ok(Recovered { requeued: done.rows_affected(), cancelled })
 }
 
@@ -312,13 +376,17 @@ pub struct Recovered {
     pub cancelled: Vec<String>,
 }
 
-/// Puts `worker`'s running job back in the queue (graceful shutdown mid-run).
-pub async fn requeue(pool: &Pool, id: &str, worker: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("update jobs set status = 'queued', lease_expires_at = null where id = $1 and status = 'running' and worker = $2")
-        .bind(id)
-        .bind(worker)
-        .execute(pool)
-        .await?;
+/// Puts `holder`'s running job back in the queue (graceful shutdown mid-run, or a failure that may
+/// pass).
+pub async fn requeue(pool: &Pool, id: &str, holder: &Holder) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "update jobs set status = 'queued', lease_expires_at = null where id = $1 and status = 'running' and worker = $2 and attempts = $3",
+    )
+    .bind(id)
+    .bind(&holder.worker)
+    .bind(holder.claim)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
@@ -379,17 +447,20 @@ pub async fn set_epoch_done(pool: &Pool, id: &str, epoch: u32) -> Result<(), sql
     Ok(())
 }
 
-/// Ends `worker`'s running job as failed or cancelled (a no-op if it is not running under this
-/// worker any more).
-pub async fn finish(pool: &Pool, id: &str, worker: &str, status: Status, error: Option<&str>) -> Result<(), sqlx::Error> {
-    sqlx::query("update jobs set status = $1, error = $2, finished_at = $3 where id = $4 and status = 'running' and worker = $5")
-        .bind(status.as_str())
-        .bind(error)
-        .bind(now())
-        .bind(id)
-        .bind(worker)
-        .execute(pool)
-        .await?;
+/// Ends `holder`'s running job as failed or cancelled (a no-op if it is not running under this
+/// holder any more).
+pub async fn finish(pool: &Pool, id: &str, holder: &Holder, status: Status, error: Option<&str>) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "update jobs set status = $1, error = $2, finished_at = $3 where id = $4 and status = 'running' and worker = $5 and attempts = $6",
+    )
+    .bind(status.as_str())
+    .bind(error)
+    .bind(now())
+    .bind(id)
+    .bind(&holder.worker)
+    .bind(holder.claim)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
@@ -438,6 +509,8 @@ pub async fn count_by_status(pool: &Pool) -> Result<Vec<(String, i64)>, sqlx::Er
     sqlx::query_as("select status, count(*) from jobs group by status").fetch_all(pool).await
 }
 
+// The queue's claim, lease, fencing and recovery statements are tested on both backends, in
+// tests/api/queue.rs.
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -475,77 +548,10 @@ mod tests {
         let params = serde_json::json!({});
         let on = |base_model: &'static str| NewJob { dataset_id: "d", base_model, params: &params, recipe: "r", epochs: 1, base_is_model: true };
         assert!(insert(&pool, &on("gone")).await.unwrap().is_none(), "a model deleted since the request was checked");
-        let finished = claim(&pool, "w", "cpu", &crate::db::at(chrono::Utc::now() + chrono::Duration::seconds(60))).await.unwrap().unwrap();
-        assert_eq!(register_for_job(&pool, &model_of(&finished, "m-kept"), Some("w")).await.unwrap(), Registration::Registered);
+        let finished = claim(&pool, "w", "cpu", Duration::from_secs(60)).await.unwrap().unwrap();
+        assert_eq!(register_for_job(&pool, &model_of(&finished, "m-kept"), Some(&Holder::of("w", &finished))).await.unwrap(), Registration::Registered);
         let queued = insert(&pool, &on("m-kept")).await.unwrap().unwrap();
         assert_eq!((queued.base_model.as_str(), queued.status), ("m-kept", Status::Queued));
         assert_ne!(queued.id, job.id);
-    }
-
-    #[tokio::test]
-    async fn a_lease_that_ran_out_moves_the_job_and_the_first_worker_can_no_longer_end_it() {
-        let (_dir, pool, job) = pool_with_job().await;
-        let soon = crate::db::at(chrono::Utc::now() + chrono::Duration::seconds(60));
-        let past = crate::db::at(chrono::Utc::now() - chrono::Duration::seconds(1));
-
-        // A live lease: nobody else can claim.
-        let claimed = claim(&pool, "one", "cpu", &soon).await.unwrap().unwrap();
-        assert_eq!((claimed.id.as_str(), claimed.worker.as_deref(), claimed.status), (job.id.as_str(), Some("one"), Status::Running));
-        assert!(claim(&pool, "two", "cpu", &soon).await.unwrap().is_none());
-        assert_eq!(renew_lease(&pool, &job.id, "one", &soon).await.unwrap(), Some(false));
-        assert_eq!(renew_lease(&pool, &job.id, "two", &soon).await.unwrap(), None, "only the holder renews");
-        assert_eq!(cancel(&pool, &job.id).await.unwrap(), Cancel::Requested);
-        assert_eq!(renew_lease(&pool, &job.id, "one", &soon).await.unwrap(), Some(true), "the renewal carries the cancel");
-        sqlx::query("update jobs set cancel_requested = 0").execute(&pool).await.unwrap();
-
-        // Worker one stops renewing (its lease ends in the past): worker two takes the job.
-        assert!(renew_lease(&pool, &job.id, "one", &past).await.unwrap().is_some());
-        let taken = claim(&pool, "two", "cpu", &soon).await.unwrap().unwrap();
-        assert_eq!(taken.worker.as_deref(), Some("two"));
-        assert_eq!(renew_lease(&pool, &job.id, "one", &soon).await.unwrap(), None, "worker one learns it lost the job");
-
-        // Worker one, running on regardless, can neither end the job nor register a model for it.
-        finish(&pool, &job.id, "one", Status::Failed, Some("late")).await.unwrap();
-        requeue(&pool, &job.id, "one").await.unwrap();
-        assert_eq!(get(&pool, &job.id).await.unwrap().unwrap().status, Status::Running);
-        assert_eq!(register_for_job(&pool, &model_of(&job, "m-one"), Some("one")).await.unwrap(), Registration::NotOurs);
-        assert_eq!(register_for_job(&pool, &model_of(&job, "m-two"), Some("two")).await.unwrap(), Registration::Registered);
-        let done = get(&pool, &job.id).await.unwrap().unwrap();
-        assert_eq!((done.status, done.model_id.as_deref()), (Status::Succeeded, Some("m-two")));
-        let models: Vec<String> = sqlx::query_scalar("select id from models").fetch_all(&pool).await.unwrap();
-        assert_eq!(models, vec!["m-two".to_string()], "one model for the job");
-    }
-
-    #[tokio::test]
-    async fn a_cancel_asked_for_while_the_model_is_saved_wins_over_the_success() {
-        let (_dir, pool, job) = pool_with_job().await;
-        let soon = crate::db::at(chrono::Utc::now() + chrono::Duration::seconds(60));
-        claim(&pool, "w", "cpu", &soon).await.unwrap().unwrap();
-        assert_eq!(cancel(&pool, &job.id).await.unwrap(), Cancel::Requested);
-        assert_eq!(register_for_job(&pool, &model_of(&job, "m"), Some("w")).await.unwrap(), Registration::CancelRequested);
-        let still: i64 = sqlx::query_scalar("select count(*) from models").fetch_one(&pool).await.unwrap();
-        assert_eq!(still, 0, "no model registered");
-        assert_eq!(get(&pool, &job.id).await.unwrap().unwrap().status, Status::Running, "the worker ends it cancelled");
-    }
-
-    #[tokio::test]
-    async fn start_up_recovery_takes_only_what_is_its_own_or_expired() {
-        let (_dir, pool, job) = pool_with_job().await;
-        let soon = crate::db::at(chrono::Utc::now() + chrono::Duration::seconds(60));
-        claim(&pool, "one", "cpu", &soon).await.unwrap().unwrap();
-        // Another worker's live job stays where it is.
-        assert_eq!(recover_interrupted(&pool, Some("two")).await.unwrap(), Recovered { requeued: 0, cancelled: vec![] });
-        assert_eq!(get(&pool, &job.id).await.unwrap().unwrap().status, Status::Running);
-        // Its own (restarted under the same name) goes back to the queue.
-        assert_eq!(recover_interrupted(&pool, Some("one")).await.unwrap().requeued, 1);
-        assert_eq!(get(&pool, &job.id).await.unwrap().unwrap().status, Status::Queued);
-        // A process alone on the database takes every running job.
-        claim(&pool, "one", "cpu", &soon).await.unwrap().unwrap();
-        assert_eq!(recover_interrupted(&pool, None).await.unwrap().requeued, 1);
-        // A job whose cancel was asked for ends cancelled, and says so (its checkpoints can go).
-        claim(&pool, "one", "cpu", &soon).await.unwrap().unwrap();
-        assert_eq!(cancel(&pool, &job.id).await.unwrap(), Cancel::Requested);
-        assert_eq!(recover_interrupted(&pool, None).await.unwrap(), Recovered { requeued: 0, cancelled: vec![job.id.clone()] });
-        assert_eq!(get(&pool, &job.id).await.unwrap().unwrap().status, Status::Cancelled);
     }
 }

@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 use serde_json::Value;
+use crate::db::jobs::Holder;
 use crate::db::{Backend, Pool};
 
 /// A registered model as the API returns it.
@@ -75,29 +76,33 @@ pub enum Registration {
 }
 
 /// Registers the model of a succeeded job and marks the job succeeded, in one transaction. With a
-/// `worker`, only while the job still runs under that worker and no cancel was asked for: a
-/// worker whose lease ran out (and whose job another worker took) registers nothing, so a job gets
-/// one model even when two workers race to the end of it, and a cancel answered 202 while the
+/// `holder`, only while the job still runs under that holder's claim and no cancel was asked for:
+/// a worker whose lease ran out (and whose job another claim took) registers nothing, so a job
+/// gets one model even when two workers race to the end of it, and a cancel answered 202 while the
 /// model was being saved is not followed by a success.
-pub async fn register_for_job(pool: &Pool, model: &Model, worker: Option<&str>) -> Result<Registration, sqlx::Error> {
+pub async fn register_for_job(pool: &Pool, model: &Model, holder: Option<&Holder>) -> Result<Registration, sqlx::Error> {
     let mut tx = pool.begin().await?;
     if let Some(job_id) = &model.job_id {
+        let (worker, claim) = (holder.map(|h| h.worker.as_str()), holder.map(|h| h.claim));
         let done = sqlx::query(
             "update jobs set status = 'succeeded', model_id = $1, finished_at = $2, error = null \
-             where id = $3 and ($4 is null or (status = 'running' and worker = $4 and cancel_requested = 0))",
+             where id = $3 and ($4 is null or (status = 'running' and worker = $4 and attempts = $5 and cancel_requested = 0))",
         )
         .bind(&model.id)
         .bind(crate::db::now())
         .bind(job_id)
         .bind(worker)
+        .bind(claim)
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() == 0 {
-            let cancelled: Option<i64> = sqlx::query_scalar("select cancel_requested from jobs where id = $1 and status = 'running' and worker = $2")
-                .bind(job_id)
-                .bind(worker)
-                .fetch_optional(&mut *tx)
-                .await?;
+            let cancelled: Option<i64> =
+                sqlx::query_scalar("select cancel_requested from jobs where id = $1 and status = 'running' and worker = $2 and attempts = $3")
+                    .bind(job_id)
+                    .bind(worker)
+                    .bind(claim)
+                    .fetch_optional(&mut *tx)
+                    .await?;
             tx.rollback().await?;
             return Ok(if cancelled.is_some_and(|c| c != 0) { Registration::CancelRequested } else { Registration::NotOurs });
         }

@@ -16,7 +16,7 @@ use candle_core::Device;
 use crate::db::Pool;
 
 use crate::db;
-use crate::db::jobs::{Job, Status};
+use crate::db::jobs::{Holder, Job, Status};
 use crate::objects::Objects;
 use crate::paths::DataPaths;
 use crate::registry::{JobModel, ModelRegistry};
@@ -46,13 +46,6 @@ pub struct JobContext {
     pub lease: Duration,
 }
 
-impl JobContext {
-    /// When a lease taken or renewed now runs out.
-    fn lease_until(&self) -> String {
-        db::at(chrono::Utc::now() + chrono::Duration::from_std(self.lease).unwrap_or(chrono::Duration::seconds(30)))
-    }
-}
-
 /// Starts one worker task per device (and, on PostgreSQL, a listener that wakes them when a job is
 /// queued by another process).
 pub fn spawn(ctx: JobContext, devices: Vec<(String, Device)>) -> Vec<tokio::task::JoinHandle<()>> {
@@ -80,11 +73,15 @@ async fn work(ctx: JobContext, name: String, device: Device) {
         let submitted = ctx.hub.submitted();
         tokio::pin!(submitted);
         submitted.as_mut().enable();
-        match db::jobs::claim(&ctx.db, &ctx.worker_name, &name, &ctx.lease_until()).await {
+        match db::jobs::claim(&ctx.db, &ctx.worker_name, &name, ctx.lease).await {
             // Its lease lapsed (the database was out of reach longer than the lease) while another
-            // device of this process still runs it: that run goes on, renewing under the same name.
+            // device of this process still runs it: the claim is handed back, so that run goes on
+            // holding the job (with the lease this claim set).
             Ok(Some(job)) if ctx.hub.runs(&job.id) => {
                 tracing::warn!(job = %job.id, device = %name, "claimed a job this process still runs on another device; left to that run");
+                if let Err(e) = db::jobs::undo_claim(&ctx.db, &job.id, &Holder::of(&ctx.worker_name, &job)).await {
+                    tracing::error!(job = %job.id, error = %e, "handing the claim back failed; the run stops at its next renewal and the job is claimed again");
+                }
             }
             Ok(Some(job)) => {
                 process(&ctx, job, &name, &device).await;
@@ -107,10 +104,10 @@ async fn work(ctx: JobContext, name: String, device: Device) {
 /// cancelled and flagged `lost`, so nothing of its outcome is recorded. A cancel asked for through
 /// another process arrives with the renewal. A database that does not answer is retried: the
 /// lease still holds for two thirds of its length.
-async fn keep_lease(ctx: JobContext, job_id: String, cancel: Arc<AtomicBool>, lost: Arc<AtomicBool>) {
+async fn keep_lease(ctx: JobContext, job_id: String, holder: Holder, cancel: Arc<AtomicBool>, lost: Arc<AtomicBool>) {
     loop {
         tokio::time::sleep(ctx.lease / 3).await;
-        match db::jobs::renew_lease(&ctx.db, &job_id, &ctx.worker_name, &ctx.lease_until()).await {
+        match db::jobs::renew_lease(&ctx.db, &job_id, &holder, ctx.lease).await {
             Ok(Some(cancel_requested)) => {
                 if cancel_requested {
                     cancel.store(true, Ordering::SeqCst);
@@ -135,13 +132,12 @@ pub const MAX_CLAIMS: u32 = 5;
 /// the next claim resumes where it was, after a wait that grows with each claim (a third of the
 /// lease per claim so far; the lease is renewed meanwhile, and a shutdown cuts the wait short).
 /// At its [`MAX_CLAIMS`]th claim it ends failed with the reason.
-async fn retry_or_fail(ctx: &JobContext, job: &Job, error: String) -> anyhow::Result<()> {
-    let worker = ctx.worker_name.as_str();
+async fn retry_or_fail(ctx: &JobContext, job: &Job, holder: &Holder, error: String) -> anyhow::Result<()> {
     if job.attempts >= MAX_CLAIMS {
         tracing::warn!(job = %job.id, %error, claims = job.attempts, "job failed");
-        return Ok(db::jobs::finish(&ctx.db, &job.id, worker, Status::Failed, Some(&error)).await?);
+        return Ok(db::jobs::finish(&ctx.db, &job.id, holder, Status::Failed, Some(&error)).await?);
     }
-    let cancelled = || async { Ok(db::jobs::finish(&ctx.db, &job.id, worker, Status::Cancelled, None).await?) };
+    let cancelled = || async { Ok(db::jobs::finish(&ctx.db, &job.id, holder, Status::Cancelled, None).await?) };
     // A cancel asked for meanwhile ends it cancelled, not tried again (and failed in the end).
     if cancel_asked(ctx, &job.id).await {
         return cancelled().await;
@@ -156,7 +152,7 @@ async fn retry_or_fail(ctx: &JobContext, job: &Job, error: String) -> anyhow::Re
     if cancel_asked(ctx, &job.id).await {
         return cancelled().await;
     }
-    Ok(db::jobs::requeue(&ctx.db, &job.id, worker).await?)
+    Ok(db::jobs::requeue(&ctx.db, &job.id, holder).await?)
 }
 
 /// Whether a cancel of the job was asked for (false when the database cannot say).
@@ -175,12 +171,14 @@ async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device)
     tracing::info!(job = %job.id, device = %device_name, "job started");
     let cancel = ctx.hub.start(&job.id, job.cancel_requested);
     let lost = Arc::new(AtomicBool::new(false));
+    let holder = Holder::of(&ctx.worker_name, &job);
     // Aborted when dropped: a panic below must not leave the lease renewed for ever.
-    let renewal = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(keep_lease(ctx.clone(), job.id.clone(), cancel.clone(), lost.clone())));
+    let renewal =
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(keep_lease(ctx.clone(), job.id.clone(), holder.clone(), cancel.clone(), lost.clone())));
     let mut recorder = Recorder::new(ctx, &job);
     let outcome = run::run_job(ctx, &job, device, (cancel, lost.clone()), &mut recorder).await;
     let shutting_down = ctx.hub.shutdown_token().is_cancelled();
-    let worker = ctx.worker_name.as_str();
+    let holder = &holder;
     let result: anyhow::Result<()> = match outcome {
         _ if lost.load(Ordering::SeqCst) => {
             tracing::warn!(job = %job.id, "lease lost: another worker has taken the job over; this run's outcome is dropped");
@@ -189,7 +187,7 @@ async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device)
         Ok(outcome) => {
             // Copying the model into place and loading it for /predict is the last of `saving`.
             recorder.record(TrainEvent::Phase { phase: Phase::Saving, done: 0, total: 1 }).await;
-            match ctx.models.register_for_job(&job, &outcome, worker).await {
+            match ctx.models.register_for_job(&job, &outcome, holder).await {
                 Ok(JobModel::Registered(model)) => {
                     tracing::info!(job = %job.id, model = %model.id, epoch = outcome.best_epoch, f1 = outcome.best.f1, "model registered");
                     recorder.record(TrainEvent::Phase { phase: Phase::Saving, done: 1, total: 1 }).await;
@@ -197,7 +195,7 @@ async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device)
                 }
                 Ok(JobModel::CancelRequested) => {
                     tracing::info!(job = %job.id, "cancelled while its model was being saved: no model registered");
-                    db::jobs::finish(&ctx.db, &job.id, worker, Status::Cancelled, None).await.map_err(Into::into)
+                    db::jobs::finish(&ctx.db, &job.id, holder, Status::Cancelled, None).await.map_err(Into::into)
                 }
                 Ok(JobModel::Lost) => {
                     tracing::warn!(job = %job.id, "lease lost while registering the model: another worker has taken the job over");
@@ -205,20 +203,20 @@ async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device)
                 }
                 // Not left running (to be claimed and trained again at every lease): tried again a
                 // few times, then failed with the reason.
-                Err(e) => retry_or_fail(ctx, &job, format!("registering the model failed: {e:#}")).await,
+                Err(e) => retry_or_fail(ctx, &job, holder, format!("registering the model failed: {e:#}")).await,
             }
         }
         // A shutdown requeues the job, unless its cancel was asked for (through this process or
         // another): then it ends cancelled now rather than at the next start.
         Err(JobFailure::Train(TrainError::Cancelled)) if shutting_down && !cancel_asked(ctx, &job.id).await => {
             tracing::info!(job = %job.id, "job interrupted by shutdown; it resumes at the next start");
-            db::jobs::requeue(&ctx.db, &job.id, worker).await.map_err(Into::into)
+            db::jobs::requeue(&ctx.db, &job.id, holder).await.map_err(Into::into)
         }
-        Err(JobFailure::Train(TrainError::Cancelled)) => db::jobs::finish(&ctx.db, &job.id, worker, Status::Cancelled, None).await.map_err(Into::into),
-        Err(JobFailure::Store(e)) => retry_or_fail(ctx, &job, e).await,
+        Err(JobFailure::Train(TrainError::Cancelled)) => db::jobs::finish(&ctx.db, &job.id, holder, Status::Cancelled, None).await.map_err(Into::into),
+        Err(JobFailure::Store(e)) => retry_or_fail(ctx, &job, holder, e).await,
         Err(e) => {
             tracing::warn!(job = %job.id, error = %e, "job failed");
-            db::jobs::finish(&ctx.db, &job.id, worker, Status::Failed, Some(&e.to_string())).await.map_err(Into::into)
+            db::jobs::finish(&ctx.db, &job.id, holder, Status::Failed, Some(&e.to_string())).await.map_err(Into::into)
         }
     };
     // The lease is held until the outcome is recorded: copying and loading a large model takes a

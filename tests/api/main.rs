@@ -18,6 +18,7 @@ mod helpers;
 mod openapi;
 mod overload;
 mod predict;
+mod queue;
 mod restart;
 #[path = "../support/mod.rs"]
 mod support;

@@ -1,0 +1,175 @@
+//! The job queue's statements (claim, lease, fencing, start-up recovery) on whichever backend the
+//! suite runs on: SQLite by default, PostgreSQL under `scripts/test-postgres.sh`. The service runs
+//! as `--role api`, so no worker of its own claims the jobs these tests drive by hand.
+
+use std::time::Duration;
+
+use vitforge::db::Pool;
+use vitforge::db::jobs::{self, Cancel, Holder, Job, NewJob, Recovered, Status};
+use vitforge::db::models::{self, Model, Registration};
+
+use crate::helpers::{TestApp, spawn_app_with};
+
+const LEASE: Duration = Duration::from_secs(60);
+
+/// A service that runs no job, and one queued job on an uploaded dataset.
+async fn queued_job() -> (TestApp, Job) {
+    let app = spawn_app_with(|c| c.role = vitforge::config::Role::Api).await;
+    let dataset = app.upload_pets(2, false).await;
+    let params = serde_json::json!({});
+    let new = NewJob { dataset_id: &dataset, base_model: "m", params: &params, recipe: "r", epochs: 1, base_is_model: false };
+    let job = jobs::insert(&app.db, &new).await.unwrap().unwrap();
+    (app, job)
+}
+
+fn model_of(job: &Job, id: &str) -> Model {
+    Model {
+        id: id.into(),
+        job_id: Some(job.id.clone()),
+        base_model: "m".into(),
+        labels: vec![],
+        metrics: None,
+        params: None,
+        recipe: None,
+        created_at: vitforge::db::now(),
+        path: format!("models/{id}"),
+    }
+}
+
+async fn status(db: &Pool, id: &str) -> Status {
+    jobs::get(db, id).await.unwrap().unwrap().status
+}
+
+/// Lets a lease taken for `Duration::ZERO` run out (lease times have millisecond resolution).
+async fn run_out() {
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+#[tokio::test]
+async fn a_lease_that_ran_out_moves_the_job_and_the_first_worker_can_no_longer_end_it() {
+    let (app, job) = queued_job().await;
+    let db = &app.db;
+
+    // A live lease: nobody else can claim.
+    let claimed = jobs::claim(db, "one", "cpu", LEASE).await.unwrap().unwrap();
+    assert_eq!((claimed.id.as_str(), claimed.worker.as_deref(), claimed.status), (job.id.as_str(), Some("one"), Status::Running));
+    let one = Holder::of("one", &claimed);
+    assert!(jobs::claim(db, "two", "cpu", LEASE).await.unwrap().is_none());
+    assert_eq!(jobs::renew_lease(db, &job.id, &one, LEASE).await.unwrap(), Some(false));
+    let stranger = Holder { worker: "two".into(), claim: one.claim };
+    assert_eq!(jobs::renew_lease(db, &job.id, &stranger, LEASE).await.unwrap(), None, "only the holder renews");
+    assert_eq!(jobs::cancel(db, &job.id).await.unwrap(), Cancel::Requested);
+    assert_eq!(jobs::renew_lease(db, &job.id, &one, LEASE).await.unwrap(), Some(true), "the renewal carries the cancel");
+    sqlx::query("update jobs set cancel_requested = 0").execute(db).await.unwrap();
+
+    // Worker one stops renewing (its lease runs out): worker two takes the job.
+    assert!(jobs::renew_lease(db, &job.id, &one, Duration::ZERO).await.unwrap().is_some());
+    run_out().await;
+    let taken = jobs::claim(db, "two", "cpu", LEASE).await.unwrap().unwrap();
+    assert_eq!((taken.worker.as_deref(), taken.attempts), (Some("two"), 2));
+    let two = Holder::of("two", &taken);
+    assert_eq!(jobs::renew_lease(db, &job.id, &one, LEASE).await.unwrap(), None, "worker one learns it lost the job");
+
+    // Worker one, running on regardless, can neither end the job nor register a model for it.
+    jobs::finish(db, &job.id, &one, Status::Failed, Some("late")).await.unwrap();
+    jobs::requeue(db, &job.id, &one).await.unwrap();
+    assert_eq!(status(db, &job.id).await, Status::Running);
+    assert_eq!(models::register_for_job(db, &model_of(&job, "m-one"), Some(&one)).await.unwrap(), Registration::NotOurs);
+    assert_eq!(models::register_for_job(db, &model_of(&job, "m-two"), Some(&two)).await.unwrap(), Registration::Registered);
+    let done = jobs::get(db, &job.id).await.unwrap().unwrap();
+    assert_eq!((done.status, done.model_id.as_deref()), (Status::Succeeded, Some("m-two")));
+    let registered: Vec<String> = sqlx::query_scalar("select id from models").fetch_all(db).await.unwrap();
+    assert_eq!(registered, vec!["m-two".to_string()], "one model for the job");
+}
+
+/// Two processes that were given the same worker name (a configuration mistake): the claim number
+/// still tells their runs apart, so the one whose lease ran out changes nothing.
+#[tokio::test]
+async fn a_run_under_the_same_worker_name_whose_claim_passed_on_changes_nothing() {
+    let (app, job) = queued_job().await;
+    let db = &app.db;
+    let first = Holder::of("twin", &jobs::claim(db, "twin", "cpu", Duration::ZERO).await.unwrap().unwrap());
+    run_out().await;
+    let second = Holder::of("twin", &jobs::claim(db, "twin", "cpu", LEASE).await.unwrap().unwrap());
+    assert_eq!((first.claim, second.claim), (1, 2));
+
+    assert_eq!(jobs::renew_lease(db, &job.id, &first, LEASE).await.unwrap(), None, "the first run learns it lost the job");
+    jobs::finish(db, &job.id, &first, Status::Failed, Some("late")).await.unwrap();
+    jobs::requeue(db, &job.id, &first).await.unwrap();
+    assert_eq!(models::register_for_job(db, &model_of(&job, "m-first"), Some(&first)).await.unwrap(), Registration::NotOurs);
+    assert_eq!(status(db, &job.id).await, Status::Running, "the second run still holds it");
+    assert_eq!(jobs::renew_lease(db, &job.id, &second, LEASE).await.unwrap(), Some(false));
+
+    // A cancel asked for while the second run saves its model wins over its success.
+    assert_eq!(jobs::cancel(db, &job.id).await.unwrap(), Cancel::Requested);
+    assert_eq!(models::register_for_job(db, &model_of(&job, "m"), Some(&second)).await.unwrap(), Registration::CancelRequested);
+    let registered: i64 = sqlx::query_scalar("select count(*) from models").fetch_one(db).await.unwrap();
+    assert_eq!(registered, 0, "no model registered");
+    assert_eq!(status(db, &job.id).await, Status::Running, "its worker ends it cancelled");
+    jobs::finish(db, &job.id, &second, Status::Cancelled, None).await.unwrap();
+    assert_eq!(status(db, &job.id).await, Status::Cancelled);
+}
+
+/// A process that claims a job one of its own devices still runs (that run's lease lapsed while
+/// the database was out of reach) hands the claim back: the run keeps the job.
+#[tokio::test]
+async fn a_claim_handed_back_leaves_the_job_to_the_run_that_holds_it() {
+    let (app, job) = queued_job().await;
+    let db = &app.db;
+    let running = Holder::of("w", &jobs::claim(db, "w", "cpu:0", Duration::ZERO).await.unwrap().unwrap());
+    run_out().await;
+    let again = jobs::claim(db, "w", "cpu:1", LEASE).await.unwrap().unwrap();
+    jobs::undo_claim(db, &again.id, &Holder::of("w", &again)).await.unwrap();
+    assert_eq!(jobs::renew_lease(db, &job.id, &running, LEASE).await.unwrap(), Some(false), "the first run holds it again");
+    assert_eq!(jobs::get(db, &job.id).await.unwrap().unwrap().attempts, 1, "one claim counted");
+    // Handing back a claim that has moved on does nothing.
+    jobs::undo_claim(db, &again.id, &Holder::of("w", &again)).await.unwrap();
+    assert_eq!(jobs::get(db, &job.id).await.unwrap().unwrap().attempts, 1);
+}
+
+/// Lease times are written on the database's clock, in the format of every stored time, so that
+/// text order is time order on both backends.
+#[tokio::test]
+async fn leases_are_stored_as_times_a_lease_length_ahead() {
+    let (app, job) = queued_job().await;
+    let db = &app.db;
+    let before = chrono::Utc::now();
+    let claimed = jobs::claim(db, "w", "cpu", LEASE).await.unwrap().unwrap();
+    let lease: String = sqlx::query_scalar("select lease_expires_at from jobs where id = $1").bind(&job.id).fetch_one(db).await.unwrap();
+    let at = chrono::DateTime::parse_from_rfc3339(&lease).unwrap_or_else(|e| panic!("{lease}: {e}")).with_timezone(&chrono::Utc);
+    assert_eq!(vitforge::db::at(at), lease, "stored as every time is");
+    let ahead = (at - before).to_std().expect("in the future");
+    // The database runs on this machine in the tests: its clock is ours, give or take the round trip.
+    assert!(ahead >= LEASE - Duration::from_secs(1) && ahead <= LEASE + Duration::from_secs(5), "{ahead:?}");
+    let started = claimed.started_at.clone().expect("started");
+    assert_eq!(vitforge::db::at(chrono::DateTime::parse_from_rfc3339(&started).unwrap().with_timezone(&chrono::Utc)), started);
+
+    jobs::renew_lease(db, &job.id, &Holder::of("w", &claimed), Duration::from_secs(600)).await.unwrap().unwrap();
+    let renewed: String = sqlx::query_scalar("select lease_expires_at from jobs where id = $1").bind(&job.id).fetch_one(db).await.unwrap();
+    assert!(renewed > lease, "{renewed} after {lease}");
+}
+
+#[tokio::test]
+async fn start_up_recovery_takes_only_what_is_its_own_or_expired() {
+    let (app, job) = queued_job().await;
+    let db = &app.db;
+    jobs::claim(db, "one", "cpu", LEASE).await.unwrap().unwrap();
+    // Another worker's live job stays where it is.
+    assert_eq!(jobs::recover_interrupted(db, Some("two")).await.unwrap(), Recovered { requeued: 0, cancelled: vec![] });
+    assert_eq!(status(db, &job.id).await, Status::Running);
+    // Its own (restarted under the same name) goes back to the queue.
+    assert_eq!(jobs::recover_interrupted(db, Some("one")).await.unwrap().requeued, 1);
+    assert_eq!(status(db, &job.id).await, Status::Queued);
+    // Another worker's job whose lease ran out goes back too.
+    jobs::claim(db, "one", "cpu", Duration::ZERO).await.unwrap().unwrap();
+    run_out().await;
+    assert_eq!(jobs::recover_interrupted(db, Some("two")).await.unwrap().requeued, 1);
+    // A process alone on the database takes every running job.
+    jobs::claim(db, "one", "cpu", LEASE).await.unwrap().unwrap();
+    assert_eq!(jobs::recover_interrupted(db, None).await.unwrap().requeued, 1);
+    // A job whose cancel was asked for ends cancelled, and says so (its checkpoints can go).
+    jobs::claim(db, "one", "cpu", LEASE).await.unwrap().unwrap();
+    assert_eq!(jobs::cancel(db, &job.id).await.unwrap(), Cancel::Requested);
+    assert_eq!(jobs::recover_interrupted(db, None).await.unwrap(), Recovered { requeued: 0, cancelled: vec![job.id.clone()] });
+    assert_eq!(status(db, &job.id).await, Status::Cancelled);
+}
