@@ -140,7 +140,7 @@ pub(super) fn unfit_file_name(name: &str) -> Option<String> {
 }
 
 /// Why `class` cannot be a class name, if it cannot: empty or blank, over [`MAX_NAME_BYTES`], or
-/// with control characters (a class folder in an archive can be none of these).
+/// with control characters (a Parquet label or an archive's class folder).
 pub(super) fn unfit_class_name(class: &str) -> Option<String> {
     if class.trim().is_empty() {
         Some("the class name is empty".into())
@@ -243,10 +243,13 @@ pub(super) fn plan(entries: &[Entry]) -> Plan {
     for (i, c) in files {
         let file = c.join("/");
         actions[i] = match place(&c[strip..], split_mode) {
-            Ok((split, class)) => {
-                classes.insert(class.to_string());
-                Action::Read { file, label: class.to_string(), split }
-            }
+            Ok((split, class)) => match unfit_class_name(class) {
+                Some(reason) => Action::Reject { file, reason },
+                None => {
+                    classes.insert(class.to_string());
+                    Action::Read { file, label: class.to_string(), split }
+                }
+            },
             Err(reason) => Action::Reject { file, reason: reason.to_string() },
         };
     }
@@ -258,6 +261,7 @@ pub(super) fn plan(entries: &[Entry]) -> Plan {
             continue;
         }
         match (split_mode, &c[strip..]) {
+            (_, [.., class]) if unfit_class_name(class).is_some() => {}
             (false, [class]) => {
                 classes.insert(class.clone());
             }
@@ -454,5 +458,18 @@ mod tests {
         }
         let p = plan(&entries);
         assert_eq!(p.classes, BTreeSet::from(["cat".into(), "dog".into()]));
+    }
+
+    #[test]
+    fn a_blank_class_folder_is_no_class() {
+        let mut entries: Vec<Entry> = [" /1.jpg", "cat/2.jpg", "  /"].iter().map(|n| Entry::file(n)).collect();
+        entries[2].kind = Kind::Dir;
+        let p = plan(&entries);
+        assert_eq!(reason(&p.actions[0]), "the class name is empty");
+        assert_eq!(p.actions[1], read("cat/2.jpg", "cat", Split::Train));
+        assert_eq!(p.classes, BTreeSet::from(["cat".into()]), "neither the blank folder with an image nor the empty one");
+        let p = plan_of(&["train/ /3.jpg", "train/cat/4.jpg"]);
+        assert_eq!(reason(&p.actions[0]), "the class name is empty");
+        assert_eq!(p.classes, BTreeSet::from(["cat".into()]));
     }
 }

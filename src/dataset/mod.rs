@@ -84,7 +84,8 @@ impl FromStr for Split {
     type Err = UnknownSplit;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Split::from_name(s).ok_or_else(|| UnknownSplit(s.to_string()))
+        // Shown cut short: a split column may hold any text, and the reason is stored.
+        Split::from_name(s).ok_or_else(|| UnknownSplit(layout::shown(s)))
     }
 }
 
@@ -385,6 +386,10 @@ impl<'a> Sink<'a> {
     /// Marks one entry as handled, reports progress, and stops a cancelled ingest.
     fn entry_done(&mut self) -> Result<(), IngestError> {
         self.entries += 1;
+        // Each format checks its own count up front; this holds whatever a header claimed.
+        if self.entries > self.limits.max_entries {
+            return Err(IngestError::TooManyEntries(format!("the upload has more than the limit of {} entries", self.limits.max_entries)));
+        }
         (self.on_entry)(self.entries);
         check_cancelled(self.cancel)
     }

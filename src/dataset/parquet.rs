@@ -86,7 +86,10 @@ fn read_rows(file: File, sink: &mut Sink<'_>) -> Result<BTreeSet<String>, Ingest
     let names = class_names(file_meta.key_value_metadata(), columns.label.name());
 
     let limits = sink.limits;
-    let rows = u64::try_from(file_meta.num_rows()).unwrap_or(u64::MAX);
+    // The rows read are those of the row groups, whatever the file's own count says.
+    let count = |n: i64| u64::try_from(n).unwrap_or(u64::MAX);
+    let group_rows = metadata.row_groups().iter().map(|rg| count(rg.num_rows())).fold(0, u64::saturating_add);
+    let rows = group_rows.max(count(file_meta.num_rows()));
     if rows > limits.max_entries {
         return Err(IngestError::TooManyEntries(format!(
             "the Parquet file has {rows} rows, over the limit of {}",

@@ -359,6 +359,30 @@ async fn too_many_entries_is_413() {
     assert_error(resp, 413, "too_many_entries").await;
 }
 
+/// The entry limit holds for a Parquet file whose footer understates its rows (the rows read are
+/// the row groups'), and for a split column of any length the reason shows it cut short.
+#[tokio::test]
+async fn a_parquet_footer_that_understates_its_rows_is_413_and_a_long_split_is_shown_cut() {
+    let app = spawn_app_with(|cfg| cfg.max_archive_entries = 4).await;
+    let rows: Vec<HfRow> = (0..6).map(|i| HfRow::new(fixtures::png(i as u32), &format!("{i}.png"), i % 2)).collect();
+    let mut parquet = fixtures::hf_parquet(&rows, "label", Some(&["cat", "dog"]), 2);
+    // FileMetaData's num_rows (field 3, i64: 0x16, zigzag 6 = 0x0c) just before its row groups
+    // (field 4, a list: 0x19) says 1 (zigzag 2).
+    let at: Vec<usize> = parquet.windows(3).enumerate().filter(|(_, w)| *w == [0x16, 0x0c, 0x19]).map(|(i, _)| i).collect();
+    assert_eq!(at.len(), 1, "one num_rows field of 6");
+    parquet[at[0] + 1] = 0x02;
+    assert_error(app.post_dataset("lying.parquet", parquet, None).await, 413, "too_many_entries").await;
+
+    let mut rows: Vec<HfRow> = (0..4).map(|i| HfRow::new(fixtures::png(i as u32), &format!("{i}.png"), i % 2)).collect();
+    rows[3].split = Some("x".repeat(100_000));
+    for row in &mut rows[..3] {
+        row.split = Some("train".into());
+    }
+    let ds = upload_ok(&app, "split.parquet", fixtures::hf_parquet(&rows, "label", Some(&["cat", "dog"]), 4)).await;
+    let reason = &rejected(&ds)["3.png"];
+    assert!(reason.starts_with("unknown split 'xxx") && reason.len() < 400, "{} bytes: {}", reason.len(), &reason[..100]);
+}
+
 #[tokio::test]
 async fn a_body_that_is_not_an_archive_is_415() {
     let app = spawn_app().await;
