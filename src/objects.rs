@@ -229,10 +229,22 @@ impl Objects {
     /// S3 answers the delete of a missing object as a success).
     pub async fn remove_blobs(&self, hashes: &[String]) -> anyhow::Result<usize> {
         let (blobs, names) = (self.blobs.clone(), hashes.to_vec());
-        let mut removed = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<bool>> {
-            names.iter().map(|h| blobs.remove(h).with_context(|| format!("removing blob {h}"))).collect()
+        // Every blob is tried: one that cannot be removed keeps only itself, and is reported.
+        let (mut removed, failed) = tokio::task::spawn_blocking(move || {
+            let mut failed = None;
+            let removed: Vec<bool> = names
+                .iter()
+                .map(|h| match blobs.remove(h) {
+                    Ok(gone) => gone,
+                    Err(e) => {
+                        failed.get_or_insert(anyhow::Error::new(e).context(format!("removing blob {h}")));
+                        false
+                    }
+                })
+                .collect();
+            (removed, failed)
         })
-        .await??;
+        .await?;
         if let Some(remote) = &self.remote {
             // In batches: collection holds the lock every upload waits for while it deletes.
             let keys = hashes.iter().map(|h| self.key(&self.blobs.path(h)?)).collect::<anyhow::Result<Vec<Key>>>()?;
@@ -241,7 +253,10 @@ impl Objects {
                 *gone |= !missing.contains(key.as_ref());
             }
         }
-        Ok(removed.into_iter().filter(|r| *r).count())
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(removed.into_iter().filter(|r| *r).count()),
+        }
     }
 
     /// The names of the blobs in the object store (none without one).

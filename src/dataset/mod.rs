@@ -330,6 +330,8 @@ enum Content {
     /// The bytes, and their share of the memory budget (when they were reserved).
     Bytes(Vec<u8>, Option<Reservation>),
     TooBig,
+    /// More bytes than the whole memory budget for work in flight: waiting would never help.
+    OverWholeBudget(u64),
 }
 
 fn over_budget(bytes: u64) -> IngestError {
@@ -412,21 +414,39 @@ impl<'a> Sink<'a> {
         // Cap the initial allocation too: the hint comes from the archive and may lie.
         let initial = size_hint.min(cap).min(8 * 1024 * 1024);
         // The entry's bytes are held until it is stored (or rejected): reserve what the header
-        // says, and the rest if it turns out larger.
-        let mut held = self.reserve(size_hint.min(cap))?;
+        // says (never more than the whole budget: the header may lie), and the rest if it turns
+        // out larger.
+        let mut held = self.reserve(size_hint.min(cap).min(self.memory.limit()))?;
         let mut bytes = Vec::with_capacity(usize::try_from(initial).unwrap_or(0));
         let read = reader.take(cap).read_to_end(&mut bytes);
-        let more = (bytes.len() as u64).saturating_sub(held.bytes());
-        if more > 0 && !held.try_grow(more) {
-            held.absorb(self.reserve(more)?);
-        }
-        self.extracted = self.extracted.saturating_add(bytes.len() as u64);
+        let len = bytes.len() as u64;
+        self.extracted = self.extracted.saturating_add(len);
         if self.extracted > self.limits.max_extracted_bytes {
             return Err(self.too_large());
         }
-        Ok(read.map(|_| {
-            if bytes.len() as u64 > self.limits.max_image_bytes { Content::TooBig } else { Content::Bytes(bytes, Some(held)) }
-        }))
+        if let Err(e) = read {
+            return Ok(Err(e));
+        }
+        if len > self.limits.max_image_bytes {
+            return Ok(Ok(Content::TooBig));
+        }
+        if len > self.memory.limit() {
+            return Ok(Ok(Content::OverWholeBudget(len)));
+        }
+        let more = len.saturating_sub(held.bytes());
+        if more > 0 && !held.try_grow(more) {
+            held.absorb(self.reserve(more)?);
+        }
+        Ok(Ok(Content::Bytes(bytes, Some(held))))
+    }
+
+    /// Why a file is refused whose handling needs `needed` bytes at once, more than the whole
+    /// memory budget (no wait would make room for it).
+    fn over_whole_budget_reason(&self, what: &str, needed: u64) -> String {
+        format!(
+            "{what} needs {needed} bytes at once, more than the service's whole memory budget for work in flight ({} bytes, --max-inflight-bytes)",
+            self.memory.limit()
+        )
     }
 
     /// Reserves `bytes` of the memory budget, waiting up to [`MEMORY_WAIT`].
@@ -451,9 +471,19 @@ impl<'a> Sink<'a> {
                 self.reject(file, reason);
                 return Ok(());
             }
+            Content::OverWholeBudget(size) => {
+                let reason = self.over_whole_budget_reason("holding the file", size);
+                self.reject(file, reason);
+                return Ok(());
+            }
         };
         match imaging::decode_rgb_within(&bytes, self.limits.max_image_pixels, &self.memory, MEMORY_WAIT) {
             Ok(_) => {}
+            Err(ImageError::OverBudget { needed }) if needed > self.memory.limit() => {
+                let reason = self.over_whole_budget_reason("decoding the image", needed);
+                self.reject(file, reason);
+                return Ok(());
+            }
             Err(ImageError::OverBudget { needed }) => return Err(over_budget(needed)),
             Err(e) => {
                 self.reject(file, e.to_string());
@@ -552,6 +582,21 @@ mod tests {
             let content = sink.read_entry(&mut io::repeat(0), 10).unwrap().unwrap();
             assert!(matches!(content, Content::TooBig));
             assert_eq!(sink.extracted, 1001);
+        });
+    }
+
+    #[test]
+    fn an_entry_larger_than_the_whole_memory_budget_is_refused_not_waited_for() {
+        sink_fixture(IngestLimits { max_image_bytes: 10_000, ..IngestLimits::default() }, |sink| {
+            sink.memory = MemoryBudget::new(1000);
+            // The header says 10 bytes; the entry holds 5,000: refused on its own, at once.
+            let content = sink.read_entry(&mut io::repeat(1).take(5000), 10).unwrap().unwrap();
+            assert!(matches!(content, Content::OverWholeBudget(5000)));
+            sink.add("big.bin".into(), "cat".into(), Split::Train, content).unwrap();
+            assert!(sink.rejected[0].reason.contains("more than the service's whole memory budget"), "{:?}", sink.rejected);
+            // One that fits is held within the budget, whatever its header said.
+            let content = sink.read_entry(&mut io::repeat(1).take(900), 1_000_000).unwrap().unwrap();
+            assert!(matches!(content, Content::Bytes(ref b, Some(ref held)) if b.len() == 900 && held.bytes() == 1000));
         });
     }
 

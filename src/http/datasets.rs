@@ -110,6 +110,14 @@ async fn make_thumbnail(state: &AppState, blob: &str) -> Result<Vec<u8>, AppErro
     tokio::task::spawn_blocking(move || -> Result<Vec<u8>, AppError> {
         let bytes = std::fs::read(image).context("reading the image")?;
         let img = crate::imaging::decode_rgb_within(&bytes, max_pixels, &memory, crate::budget::WAIT).map_err(|e| match e {
+            // (an image stored under a larger budget than this process's: waiting never helps)
+            crate::imaging::ImageError::OverBudget { needed } if needed > memory.limit() => AppError::too_large(
+                "image_too_large",
+                format!(
+                    "decoding this image needs {needed} bytes at once, more than the service's whole memory budget for work in flight ({} bytes, --max-inflight-bytes)",
+                    memory.limit()
+                ),
+            ),
             crate::imaging::ImageError::OverBudget { .. } => AppError::over_budget(e.to_string()),
             e => AppError::Internal(anyhow::anyhow!("a stored image no longer decodes: {e}")),
         })?;
@@ -118,11 +126,25 @@ async fn make_thumbnail(state: &AppState, blob: &str) -> Result<Vec<u8>, AppErro
         let mut out = std::io::Cursor::new(Vec::new());
         image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85).encode_image(&small).context("encoding the thumbnail")?;
         let out = out.into_inner();
-        crate::model::io::write_file(&cached, &out).context("caching the thumbnail")?;
+        // Whole or not at all (a request for the same blob may read it meanwhile); a cache that
+        // cannot be written costs the next request a new thumbnail, not this one its answer.
+        if let Err(e) = cache_thumbnail(&cached, &out) {
+            tracing::warn!(path = %cached.display(), error = %e, "caching a thumbnail failed");
+        }
         Ok(out)
     })
     .await
     .context("thumbnail task")?
+}
+
+/// Writes a thumbnail into the cache through a temporary file and a rename. A temporary file left
+/// by a crash has no blob's name, so start-up removes it with the orphaned thumbnails.
+fn cache_thumbnail(path: &std::path::Path, jpeg: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut temp = tempfile::NamedTempFile::new_in(path.parent().unwrap_or(std::path::Path::new(".")))?;
+    temp.write_all(jpeg)?;
+    temp.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 fn thumbnail_response(jpeg: Vec<u8>) -> Response {
@@ -181,7 +203,16 @@ async fn get(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Res
 async fn delete(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<StatusCode, AppError> {
     match queries::delete(&state.db, &id).await? {
         Deleted::Removed { blobs } => {
-            crate::blob_gc::collect_after_delete(&state.db, &state.objects, &state.blob_lock, blobs, shared_blobs(&state)).await?;
+            // The rows are gone, so the delete has happened whatever becomes of the collection: its
+            // failure is logged, not answered (a retry would find nothing to delete). Spawned, so a
+            // request timeout cannot cut it short; awaited, so the blobs are usually gone on 204.
+            let (db, objects, lock, shared) = (state.db.clone(), state.objects.clone(), state.blob_lock.clone(), shared_blobs(&state));
+            let collection = tokio::spawn(async move { crate::blob_gc::collect_after_delete(&db, &objects, &lock, blobs, shared).await });
+            match collection.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(dataset = %id, error = ?e, "removing the deleted dataset's blobs failed; a --role all start-up sweep removes them"),
+                Err(e) => tracing::error!(dataset = %id, error = %e, "the blob collection task failed"),
+            }
             Ok(StatusCode::NO_CONTENT)
         }
         Deleted::NotFound => Err(AppError::not_found("dataset", &id)),

@@ -49,6 +49,29 @@ async fn a_dataset_s_images_come_in_pages_with_thumbnails_of_its_own_images_only
     assert_error(app.get(&format!("/datasets/nope/images/{blob}/thumbnail")).await, 404, "not_found").await;
 }
 
+/// A thumbnail cache that cannot be written costs the next request a new thumbnail, not this one
+/// its answer; a cached thumbnail is only ever a whole one (written aside and renamed).
+#[tokio::test]
+async fn a_thumbnail_is_served_when_its_cache_cannot_be_written() {
+    let app = spawn_app().await;
+    let id = app.upload_pets(2, false).await;
+    let page = json(app.get(&format!("/datasets/{id}/images?limit=1")).await).await;
+    let url = page["images"][0]["thumbnail"].as_str().unwrap().to_string();
+    let cache = app.data_dir.join("thumbnails");
+    std::fs::remove_dir(&cache).unwrap();
+    std::fs::write(&cache, b"not a folder").unwrap();
+    for _ in 0..2 {
+        let resp = app.get(&url).await;
+        assert_eq!(resp.status(), 200);
+        assert!(image::load_from_memory(&resp.bytes().await.unwrap()).is_ok());
+    }
+    std::fs::remove_file(&cache).unwrap();
+    std::fs::create_dir(&cache).unwrap();
+    assert_eq!(app.get(&url).await.status(), 200);
+    let names: Vec<String> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, vec![format!("{}.jpg", page["images"][0]["blob"].as_str().unwrap())], "the thumbnail alone, no temporary file");
+}
+
 #[tokio::test]
 async fn a_job_s_mistakes_are_its_best_epoch_s_unless_an_epoch_is_named() {
     let app = spawn_app().await;

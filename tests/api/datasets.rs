@@ -383,6 +383,21 @@ async fn a_parquet_footer_that_understates_its_rows_is_413_and_a_long_split_is_s
     assert!(reason.starts_with("unknown split 'xxx") && reason.len() < 400, "{} bytes: {}", reason.len(), &reason[..100]);
 }
 
+/// An image whose decode needs more than the whole memory budget is refused on its own, saying
+/// which setting limits it; the rest of the upload is stored (a 429 would be retried for ever).
+#[tokio::test]
+async fn an_image_larger_than_the_whole_memory_budget_is_rejected_not_retried() {
+    let app = spawn_app_with(|cfg| cfg.max_inflight_bytes = 20 << 20).await;
+    let mut members = class_images("", &["cat", "dog"], 3, 0);
+    let mut big = std::io::Cursor::new(Vec::new());
+    image::RgbImage::new(1000, 1000).write_to(&mut big, ImageFormat::Png).unwrap();
+    members.push(file("cat/big.png", big.into_inner()));
+    let ds = upload_ok(&app, "pets.zip", fixtures::zip(&members)).await;
+    assert_eq!(ds["num_images"], 6);
+    let reason = &rejected(&ds)["cat/big.png"];
+    assert!(reason.contains("more than the service's whole memory budget") && reason.contains("--max-inflight-bytes"), "{reason}");
+}
+
 #[tokio::test]
 async fn a_body_that_is_not_an_archive_is_415() {
     let app = spawn_app().await;
@@ -543,6 +558,23 @@ async fn delete_removes_orphan_blobs_and_keeps_shared_ones() {
     assert_eq!(app.delete(&b_path).await.status(), 204);
     assert!(app.blobs().is_empty());
     assert_eq!(json(app.get("/datasets").await).await, json!([]));
+}
+
+/// Once its rows are gone the dataset is deleted: a blob that cannot be removed is logged (the
+/// start-up sweep retries), not answered as a failure a retry could only meet with 404.
+#[tokio::test]
+async fn a_delete_whose_blobs_cannot_be_removed_still_succeeds() {
+    let app = spawn_app().await;
+    let image = fixtures::jpeg(7);
+    let ds = upload_ok(&app, "a.zip", fixtures::zip(&[file("cat/1.jpg", image.clone()), file("dog/2.jpg", fixtures::jpeg(8))])).await;
+    // A blob that is a folder with something in it cannot be removed as a file.
+    let stuck = app.data_dir.join("blobs").join(BlobStore::hash(&image));
+    std::fs::remove_file(&stuck).unwrap();
+    std::fs::create_dir_all(stuck.join("inside")).unwrap();
+    let path = format!("/datasets/{}", ds["id"].as_str().unwrap());
+    assert_eq!(app.delete(&path).await.status(), 204);
+    assert_error(app.get(&path).await, 404, "not_found").await;
+    assert_eq!(app.blobs(), vec![BlobStore::hash(&image)], "the other blob went");
 }
 
 #[tokio::test]
