@@ -74,7 +74,7 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, mut 
     }
     while state.epoch < run.p.epochs {
         let epoch = state.epoch + 1;
-        if let Some((why, stop)) = stop_before(&run.p, &state, clock.secs()) {
+        if let Some((why, stop)) = stop_before(&run.p, &state) {
             (ctl.on_event)(TrainEvent::Stopped { why, decision: stop.clone(), epochs: state.epoch, total_steps: state.global_step });
             state.decision = Some(stop);
             break;
@@ -106,9 +106,12 @@ impl Clock {
 /// length estimated from the last epoch, or from the probe's measurements). Both follow from the
 /// loop state, so a run resumed from its checkpoint stops where the interrupted attempt did (or
 /// would have). Returns why, and the run's decision with the stop: the action `auto` decided,
-/// its reason followed by why.
-fn stop_before(p: &TrainParams, state: &LoopState, elapsed: f64) -> Option<(String, Decision)> {
-    let done = state.epoch;
+/// its reason followed by why. The seconds spent are those the checkpoint records (up to the end
+/// of the last epoch's validation), not the clock's: with the clock, the writing of the last
+/// checkpoint counted in the attempt that wrote it and not in one resumed from it, so a stop that
+/// barely tripped could be missed on resume. (That writing counts from the next epoch on.)
+fn stop_before(p: &TrainParams, state: &LoopState) -> Option<(String, Decision)> {
+    let (done, elapsed) = (state.epoch, state.seconds);
     if done == 0 {
         return None;
     }
