@@ -303,17 +303,24 @@ pub async fn claim(pool: &Pool, worker: &str, device: &str, lease: Duration) -> 
     row.map(Job::try_from).transpose()
 }
 
+/// `update jobs set <assignments>` of a job that runs under a holder (`$1` the job, `$2` and `$3`
+/// the holder), for [`update_held`].
+macro_rules! held_update {
+    ($set:literal) => {
+        concat!("update jobs set ", $set, " where id = $1 and status = 'running' and worker = $2 and attempts = $3")
+    };
+}
+/// Runs a [`held_update`] on job `id` for `holder` (a no-op when the job no longer runs under it).
+async fn update_held(pool: &Pool, sql: &'static str, id: &str, holder: &Holder) -> Result<(), sqlx::Error> {
+    sqlx::query(sql).bind(id).bind(&holder.worker).bind(holder.claim).execute(pool).await?;
+    Ok(())
+}
+
 /// Undoes `holder`'s claim of a job whose previous claim, by this same process, still runs: the
 /// claim count goes back, so that run's [`Holder`] holds the job again (with the lease the claim
 /// just set). A no-op if the job has moved on meanwhile.
 pub async fn undo_claim(pool: &Pool, id: &str, holder: &Holder) -> Result<(), sqlx::Error> {
-    sqlx::query("update jobs set attempts = attempts - 1 where id = $1 and status = 'running' and worker = $2 and attempts = $3")
-        .bind(id)
-        .bind(&holder.worker)
-        .bind(holder.claim)
-        .execute(pool)
-        .await?;
-    Ok(())
+    update_held(pool, held_update!("attempts = attempts - 1"), id, holder).await
 }
 
 /// Extends `holder`'s lease on a running job to `lease` from now. `None` when the job no longer
@@ -379,15 +386,7 @@ pub struct Recovered {
 /// Puts `holder`'s running job back in the queue (graceful shutdown mid-run, or a failure that may
 /// pass).
 pub async fn requeue(pool: &Pool, id: &str, holder: &Holder) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "update jobs set status = 'queued', lease_expires_at = null where id = $1 and status = 'running' and worker = $2 and attempts = $3",
-    )
-    .bind(id)
-    .bind(&holder.worker)
-    .bind(holder.claim)
-    .execute(pool)
-    .await?;
-    Ok(())
+    update_held(pool, held_update!("status = 'queued', lease_expires_at = null"), id, holder).await
 }
 
 /// Records the plan of a run (total optimiser steps) once it is known.
@@ -509,49 +508,4 @@ pub async fn count_by_status(pool: &Pool) -> Result<Vec<(String, i64)>, sqlx::Er
     sqlx::query_as("select status, count(*) from jobs group by status").fetch_all(pool).await
 }
 
-// The queue's claim, lease, fencing and recovery statements are tested on both backends, in
-// tests/api/queue.rs.
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::db::models::{Model, Registration, register_for_job};
-
-    async fn pool_with_job() -> (tempfile::TempDir, Pool, Job) {
-        let dir = tempfile::tempdir().unwrap();
-        let pool = crate::db::connect(&crate::db::sqlite_url(&dir.path().join("test.db"))).await.unwrap();
-        sqlx::query("insert into datasets (id, name, created_at, num_images, classes, counts, rejected) values ('d', 'd', 'now', 0, '[]', '{}', '[]')")
-            .execute(&pool)
-            .await
-            .unwrap();
-        let params = serde_json::json!({});
-        let job = insert(&pool, &NewJob { dataset_id: "d", base_model: "m", params: &params, recipe: "r", epochs: 1, base_is_model: false }).await.unwrap().unwrap();
-        (dir, pool, job)
-    }
-
-    fn model_of(job: &Job, id: &str) -> Model {
-        Model {
-            id: id.into(),
-            job_id: Some(job.id.clone()),
-            base_model: "m".into(),
-            labels: vec![],
-            metrics: None,
-            params: None,
-            recipe: None,
-            created_at: now(),
-            path: format!("models/{id}"),
-        }
-    }
-
-    #[tokio::test]
-    async fn a_job_on_one_of_our_models_is_queued_only_while_that_model_exists() {
-        let (_dir, pool, job) = pool_with_job().await;
-        let params = serde_json::json!({});
-        let on = |base_model: &'static str| NewJob { dataset_id: "d", base_model, params: &params, recipe: "r", epochs: 1, base_is_model: true };
-        assert!(insert(&pool, &on("gone")).await.unwrap().is_none(), "a model deleted since the request was checked");
-        let finished = claim(&pool, "w", "cpu", Duration::from_secs(60)).await.unwrap().unwrap();
-        assert_eq!(register_for_job(&pool, &model_of(&finished, "m-kept"), Some(&Holder::of("w", &finished))).await.unwrap(), Registration::Registered);
-        let queued = insert(&pool, &on("m-kept")).await.unwrap().unwrap();
-        assert_eq!((queued.base_model.as_str(), queued.status), ("m-kept", Status::Queued));
-        assert_ne!(queued.id, job.id);
-    }
-}
+// The queue's statements are tested on both backends, in tests/api/queue.rs.

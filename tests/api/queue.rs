@@ -46,6 +46,21 @@ async fn run_out() {
 }
 
 #[tokio::test]
+async fn a_job_on_one_of_our_models_is_queued_only_while_that_model_exists() {
+    let (app, job) = queued_job().await;
+    let db = &app.db;
+    let params = serde_json::json!({});
+    let on = |base_model: &'static str| NewJob { dataset_id: &job.dataset_id, base_model, params: &params, recipe: "r", epochs: 1, base_is_model: true };
+    assert!(jobs::insert(db, &on("gone")).await.unwrap().is_none(), "a model deleted since the request was checked");
+    let finished = jobs::claim(db, "w", "cpu", LEASE).await.unwrap().unwrap();
+    let registered = models::register_for_job(db, &model_of(&finished, "m-kept"), Some(&Holder::of("w", &finished))).await.unwrap();
+    assert_eq!(registered, Registration::Registered);
+    let queued = jobs::insert(db, &on("m-kept")).await.unwrap().unwrap();
+    assert_eq!((queued.base_model.as_str(), queued.status), ("m-kept", Status::Queued));
+    assert_ne!(queued.id, job.id);
+}
+
+#[tokio::test]
 async fn a_lease_that_ran_out_moves_the_job_and_the_first_worker_can_no_longer_end_it() {
     let (app, job) = queued_job().await;
     let db = &app.db;
