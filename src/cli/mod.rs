@@ -21,12 +21,13 @@ use rayon::prelude::*;
 use serde_json::json;
 
 use crate::config::ServeConfig;
-use crate::dataset::{BlobStore, IngestLimits, Split, ingest};
+use crate::budget::MemoryBudget;
+use crate::dataset::{BlobStore, IngestError, IngestLimits, Split, ingest_cancellable};
 use crate::model::classifier::{ClassifyError, Classifier};
 use crate::model::{LoadedModel, ModelSource, PrecisionChoice, VitConfig};
 use crate::telemetry::LogFormat;
 use crate::train::data::TrainData;
-use crate::train::eval::{EvalSplit, evaluate_records_with_progress};
+use crate::train::eval::{EvalError, EvalSplit, evaluate_records_with_progress};
 use crate::train::{Control, Phase, Recipe, TrainError, TrainEvent, TrainParams, TrainSpec, cli_checkpoint_root, fine_tune};
 use crate::worker::submit::DEFAULT_BASE_MODEL;
 
@@ -207,9 +208,12 @@ pub(crate) fn at_least(min: usize) -> impl Fn(&str) -> Result<usize, String> + C
 fn bar(len: u64, template: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     pb.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
-    pb.enable_steady_tick(Duration::from_millis(200));
+    pb.enable_steady_tick(TICK);
     pb
 }
+
+/// How often a progress bar redraws by itself.
+const TICK: Duration = Duration::from_millis(200);
 
 /// Shows a training event on the progress bar (or as a line above it).
 fn show_event(pb: &ProgressBar, shown: &mut Option<Phase>, root: &Path, e: TrainEvent) {
@@ -260,15 +264,24 @@ fn show_event(pb: &ProgressBar, shown: &mut Option<Phase>, root: &Path, e: Train
 }
 
 /// Points the bar at `phase`: its name as the prefix, `done` of `total`; a new phase restarts the
-/// bar's clock so its rate and estimate are the phase's own.
+/// bar's clock so its rate and estimate are the phase's own, counted from `done` (a phase that
+/// resumes part-way, as training does after each validation, must not read the jump from the
+/// last phase's position to its own as steps done in no time: its estimate would show ~0).
 fn show_phase(pb: &ProgressBar, shown: &mut Option<Phase>, phase: Phase, done: u64, total: u64) {
-    if *shown != Some(phase) {
-        *shown = Some(phase);
-        pb.set_prefix(phase.as_str());
-        pb.reset();
-    }
     pb.set_length(total);
+    if *shown == Some(phase) {
+        pb.set_position(done);
+        return;
+    }
+    *shown = Some(phase);
+    pb.set_prefix(phase.as_str());
+    // The estimator takes the new position in now (only a tick records it, and the steady ticker
+    // would record it later, as a jump), then restarts from it.
+    pb.disable_steady_tick();
     pb.set_position(done);
+    pb.tick();
+    pb.reset_elapsed();
+    pb.enable_steady_tick(TICK);
 }
 
 /// What `done` / `total` count in a phase, for the bar.
@@ -290,12 +303,18 @@ fn say(pb: &ProgressBar, msg: String) {
     }
 }
 
-/// Reads a folder, archive or Parquet file into a temporary blob store, with a progress spinner.
-fn import(data: &Path, store: &BlobStore) -> anyhow::Result<crate::dataset::Ingested> {
+/// Reads a folder, archive or Parquet file into a temporary blob store, with a progress spinner;
+/// a Ctrl-C (`cancel`) stops it at the next file, and the scratch copy goes with its folder.
+fn import(data: &Path, store: &BlobStore, cancel: &AtomicBool) -> anyhow::Result<crate::dataset::Ingested> {
     let pb = bar(0, "{spinner} importing {pos} files ({per_sec}) {elapsed}");
-    let ingested = ingest(data, store, &IngestLimits::default(), &mut |n| pb.set_position(n))
-        .with_context(|| format!("reading {}", data.display()))?;
+    let imported = ingest_cancellable(data, store, &IngestLimits::default(), &mut |n| pb.set_position(n), cancel, &MemoryBudget::unlimited());
     pb.finish_and_clear();
+    let ingested = match imported {
+        Err(IngestError::Cancelled) => {
+            return Err(Interrupted(format!("interrupted while reading {}: nothing was trained", data.display())).into());
+        }
+        other => other.with_context(|| format!("reading {}", data.display()))?,
+    };
     eprintln!("imported {} images in {} classes from {}", ingested.images.len(), ingested.classes.len(), data.display());
     for r in ingested.rejected.iter().take(20) {
         eprintln!("  skipped {}: {}", r.file, r.reason);
@@ -387,11 +406,13 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         inputs.push(("--base-model", dir.as_path()));
     }
     check_output(&args.output, &inputs)?;
+    // `.` or `..` has no folder name to put the checkpoints beside, nor can it be renamed into place.
+    let output = resolved(&args.output);
     let cancel = Arc::new(AtomicBool::new(false));
-    cancel_on_signal(cancel.clone())?;
+    cancel_on_signal(cancel.clone(), "stopping after the current batch")?;
     let scratch = tempfile::tempdir()?;
     let store = BlobStore::open(scratch.path().join("blobs"))?;
-    let ingested = import(&args.data, &store)?;
+    let ingested = import(&args.data, &store, &cancel)?;
     let data = TrainData::with_labels(ingested.classes.clone(), records(&ingested, &store)?)?;
     let pb = bar(0, "{spinner} {prefix:>10} [{bar:30}] {pos}/{len} {msg} eta {eta}");
     pb.set_prefix(Phase::Loading.as_str());
@@ -405,7 +426,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             if model.report.head_reset { "new classification head" } else { "its own classification head" }
         ),
     );
-    let root = cli_checkpoint_root(&args.output);
+    let root = cli_checkpoint_root(&output);
     let spec = TrainSpec {
         params: params.clone(),
         data,
@@ -427,10 +448,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     // Again: the folder may have been filled while the model trained.
     check_output(&args.output, &inputs)?;
-    model.save(&args.output).with_context(|| format!("writing {}", args.output.display()))?;
+    model.save(&output).with_context(|| format!("writing {}", args.output.display()))?;
     crate::train::checkpoint::clear(&root)?;
     let summary = json!({
-        "output": args.output,
+        "output": args.output.to_string_lossy(),
         "best_epoch": outcome.best_epoch,
         "epochs_run": outcome.epochs_run,
         "validation": outcome.best,
@@ -465,10 +486,10 @@ fn interrupted(root: &Path) -> Interrupted {
     }
 }
 
-/// Sets `cancel` at the first SIGINT (Ctrl-C) or SIGTERM, so a fine-tune stops after its current
-/// batch and cleans up; a second signal exits at once (status 130). The handlers are in place
-/// when this returns.
-fn cancel_on_signal(cancel: Arc<AtomicBool>) -> anyhow::Result<()> {
+/// Sets `cancel` at the first SIGINT (Ctrl-C) or SIGTERM, so the work stops at its next check
+/// (`what` says where) and cleans up; a second signal exits at once (status 130). The handlers
+/// are in place when this returns.
+fn cancel_on_signal(cancel: Arc<AtomicBool>, what: &'static str) -> anyhow::Result<()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -480,14 +501,14 @@ fn cancel_on_signal(cancel: Arc<AtomicBool>) -> anyhow::Result<()> {
             runtime.block_on(async move {
                 tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
                 cancel.store(true, Ordering::Relaxed);
-                eprintln!("stopping after the current batch (Ctrl-C again to stop at once, leaving the scratch copy of the data)");
+                eprintln!("{what} (Ctrl-C again to stop at once, leaving the scratch copy of the data)");
                 tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
                 std::process::exit(130);
             })
         });
     }
     #[cfg(not(unix))]
-    let _ = cancel;
+    let _ = (cancel, what);
     Ok(())
 }
 
@@ -536,11 +557,11 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
             if let Some(error) = error {
                 failed += 1;
                 say(&pb, format!("{}: {error}", path.display()));
-                predictions.push(json!({"file": path, "error": error}));
+                predictions.push(json!({"file": path.to_string_lossy(), "error": error}));
                 continue;
             }
             let answer = answers.next().with_context(|| format!("no prediction for {}", path.display()))?;
-            predictions.push(json!({"file": path, "label": answer.label, "score": answer.score, "top_k": answer.top_k}));
+            predictions.push(json!({"file": path.to_string_lossy(), "label": answer.label, "score": answer.score, "top_k": answer.top_k}));
         }
         pb.inc(chunk.len() as u64);
     }
@@ -561,9 +582,11 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let device = crate::model::device(&args.device)?;
     let source = ModelSource::parse(&args.model)?;
     let model = LoadedModel::load(&source, None, &device, 0).with_context(|| loading("model", &source))?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    cancel_on_signal(cancel.clone(), "stopping")?;
     let scratch = tempfile::tempdir()?;
     let store = BlobStore::open(scratch.path().join("blobs"))?;
-    let ingested = import(&args.data, &store)?;
+    let ingested = import(&args.data, &store, &cancel)?;
     let limits = IngestLimits::default();
     let pb = bar(0, "{spinner} evaluating [{bar:30}] {pos}/{len} images ({per_sec}) eta {eta}");
     let mut progress = |done: usize, total: usize| {
@@ -572,8 +595,13 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     };
     let records = records(&ingested, &store)?;
     let (split, precision) = (Some(args.split), args.precision.resolve());
-    let evaluation = evaluate_records_with_progress(&model, records, split, limits.max_image_pixels, args.batch_size, &device, precision, None, &mut progress)?;
+    let evaluated =
+        evaluate_records_with_progress(&model, records, split, limits.max_image_pixels, args.batch_size, &device, precision, Some(&cancel), &mut progress);
     pb.finish_and_clear();
+    let evaluation = match evaluated {
+        Err(EvalError::Train(TrainError::Cancelled)) => return Err(Interrupted("interrupted: nothing was evaluated".into()).into()),
+        other => other?,
+    };
     let mut out = serde_json::to_value(&evaluation.report)?;
     out["num_images"] = json!(evaluation.num_images);
     println!("{}", serde_json::to_string_pretty(&out)?);
@@ -591,7 +619,7 @@ pub fn init_model(args: InitModelArgs) -> anyhow::Result<()> {
     let labels = class_names(&args.labels)?;
     check_output(&args.output, &[])?;
     let model = LoadedModel::random(&cfg, &labels, args.seed, &Device::Cpu)?;
-    model.save(&args.output).with_context(|| format!("writing {}", args.output.display()))?;
+    model.save(&resolved(&args.output)).with_context(|| format!("writing {}", args.output.display()))?;
     eprintln!("wrote a random {}-parameter model with labels {labels:?} to {}", model.params.num_scalars(), args.output.display());
     Ok(())
 }
@@ -611,4 +639,26 @@ fn class_names(given: &[String]) -> anyhow::Result<Vec<String>> {
         anyhow::bail!("--labels: a classifier needs at least 2 classes, got {} ({})", labels.len(), labels.join(","));
     }
     Ok(labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_phase_that_resumes_part_way_starts_its_rate_afresh() {
+        let pb = bar(0, "{pos}/{len}");
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        let mut shown = None;
+        show_phase(&pb, &mut shown, Phase::Validating, 40, 40);
+        // Training resumes at step 101 of 1,000 after validating 40 images.
+        show_phase(&pb, &mut shown, Phase::Training, 101, 1000);
+        std::thread::sleep(TICK * 2);
+        assert_eq!(pb.position(), 101);
+        assert!(pb.per_sec() < 1.0, "the jump from 40 to 101 was read as {} steps/s", pb.per_sec());
+        assert_eq!(pb.prefix(), "training");
+        show_phase(&pb, &mut shown, Phase::Training, 111, 1000);
+        std::thread::sleep(TICK * 2);
+        assert!(pb.per_sec() > 1.0, "steps within the phase count: {}", pb.per_sec());
+    }
 }

@@ -78,7 +78,9 @@ fn tolerances(device: &Device) -> (f64, f64) {
 
 /// `vitforge selfcheck`: runs every check, prints them, and fails when one failed.
 pub fn selfcheck(args: SelfcheckArgs) -> anyhow::Result<()> {
-    let device = crate::model::device(&args.device)?;
+    // The device `auto` resolved to is the one reported: the tolerances depend on it.
+    let (device_name, device) =
+        crate::model::resolve_devices(std::slice::from_ref(&args.device))?.into_iter().next().unwrap_or_else(|| ("cpu".into(), Device::Cpu));
     let scratch = tempfile::tempdir()?;
     let golden = match &args.fixtures {
         Some(dir) => dir.clone(),
@@ -93,7 +95,8 @@ pub fn selfcheck(args: SelfcheckArgs) -> anyhow::Result<()> {
         eprintln!("{}  {}: {}", if c.passed { "PASS" } else { "FAIL" }, c.name, c.detail);
     }
     let summary = json!({
-        "device": args.device,
+        "device": device_name,
+        "tolerances": {"logits": tolerances(&device).0, "gradients": tolerances(&device).1},
         "passed": passed,
         "checks": checks.iter().map(|c| json!({"name": c.name, "passed": c.passed, "detail": c.detail})).collect::<Vec<Value>>(),
     });

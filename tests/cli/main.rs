@@ -137,10 +137,12 @@ fn command_line_errors_are_clear() {
 
 #[test]
 fn selfcheck_passes_on_this_machine_and_fails_on_a_wrong_reference() {
-    let (ok, out, err) = vitforge(&["selfcheck", "--device", "cpu"]);
+    // `auto` is reported as the device it resolved to (this suite runs on a CPU).
+    let (ok, out, err) = vitforge(&["selfcheck", "--device", "auto"]);
     assert!(ok, "{err}");
     let summary: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     assert_eq!(summary["passed"], true, "{summary}");
+    assert_eq!((summary["device"].as_str(), summary["tolerances"]["logits"].as_f64()), (Some("cpu"), Some(1e-4)), "{summary}");
     let names: Vec<&str> = summary["checks"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
     for name in ["odd: preprocessing", "odd: logits", "odd: loss", "odd: every gradient", "odd: training steps", "odd: save and load", "odd2: logits"] {
         assert!(names.contains(&name), "{name} in {names:?}");
@@ -402,6 +404,29 @@ fn predict_reports_a_bad_file_and_classifies_the_others() {
         assert_eq!(pred.get("label").is_some(), !bad, "{pred}");
     }
     assert!(preds[2]["error"].as_str().unwrap().contains("cannot read"), "{}", preds[2]);
+
+    // A file name that is not UTF-8 is reported as far as it can be, not a panic.
+    use std::os::unix::ffi::OsStrExt;
+    let odd = tmp.path().join(std::ffi::OsStr::from_bytes(b"\xff.png"));
+    std::fs::copy(tmp.path().join("data/top/0.png"), &odd).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vitforge")).args(["predict", "--model", &model]).arg(&odd).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let preds: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(preds["predictions"][0]["file"], odd.to_string_lossy().as_ref());
+    assert!(preds["predictions"][0]["label"].is_string(), "{preds}");
+}
+
+/// `--output .` (the current folder) is a folder like any other.
+#[test]
+fn a_model_can_be_written_to_the_current_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vitforge"))
+        .args(["init-model", "--config", "tiny", "--labels", "a,b", "--output", "."])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(tmp.path().join("config.json").is_file() && tmp.path().join("model.safetensors").is_file());
 }
 
 /// Errors name the path or flag at fault, and an i/o error's text is printed once (not again
