@@ -279,6 +279,44 @@ async fn refused_downloads_and_cancels_say_why_on_the_page() {
     c.close().await.unwrap();
 }
 
+/// The live job page outlives a restart of the service: its event stream ends (or breaks) with
+/// the job unfinished, so the page reconnects and follows the resumed job to its end (here a
+/// cancel), with no reload.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_job_page_follows_its_job_across_a_restart_of_the_service() {
+    let Some(driver) = chromedriver() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    install_base_model(&data, "slow", &crate::support::slow_config(), &["a", "b"]);
+    let server = Launch::new(&data).start();
+    let port: u16 = server.base.rsplit(':').next().unwrap().parse().unwrap();
+    let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(zip(&red_and_blue(12))).file_name("colours.zip"));
+    let dataset: serde_json::Value = server.client.post(server.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
+    let body = json!({"dataset_id": dataset["id"], "base_model": "slow", "recipe": "manual", "params": {"epochs": 400, "batch_size": 2}});
+    let job = server.post_json("/jobs", &body).await;
+    let id = job["id"].as_str().unwrap().to_string();
+
+    let c = browser(&driver, &tmp.path().join("profile")).await;
+    c.goto(&server.url(&format!("/ui/jobs/{id}"))).await.unwrap();
+    wait_text(&c, ".status", 60, |t| t == "running").await;
+    wait_text(&c, "#main", 120, |t| t.contains("training ")).await;
+    server.kill();
+    let server = Launch::new(&data).port(port).start();
+    // The job resumes; its end (a cancel through the API) reaches the page.
+    let resumed = Instant::now() + Duration::from_secs(60);
+    while server.get_json(&format!("/jobs/{id}")).await["status"] != "running" {
+        assert!(Instant::now() < resumed, "the job did not resume");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let cancel = server.client.post(server.url(&format!("/jobs/{id}/cancel"))).send().await.unwrap();
+    assert!(cancel.status().is_success(), "{}", cancel.status());
+    let done = wait_text(&c, ".status", 120, |t| !["queued", "running"].contains(&t)).await;
+    assert_eq!(done, "cancelled", "{}", server.log());
+    assert!(c.find_all(Locator::Css("#main p.error")).await.unwrap().is_empty(), "no error on the page");
+    c.close().await.unwrap();
+}
+
 /// With `--api-key`, the console asks for the key once, keeps it out of every URL, and every
 /// page's data loads with it.
 #[tokio::test(flavor = "multi_thread")]

@@ -342,6 +342,7 @@ pub struct Launch {
     cwd: Option<PathBuf>,
     log_file: Option<PathBuf>,
     level: String,
+    port: u16,
 }
 
 impl Launch {
@@ -351,7 +352,7 @@ impl Launch {
         let bin = std::env::var_os("VITFORGE_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_vitforge")));
         let mut env: Vec<(String, String)> = database_url(data_dir).map(|url| ("VITFORGE_DATABASE_URL".to_string(), url)).into_iter().collect();
         env.extend(object_store_url(data_dir).map(|url| ("VITFORGE_OBJECT_STORE".to_string(), url)));
-        Self { bin, data_dir: data_dir.to_path_buf(), args: vec![], env, cwd: None, log_file: None, level: "warn".into() }
+        Self { bin, data_dir: data_dir.to_path_buf(), args: vec![], env, cwd: None, log_file: None, level: "warn".into(), port: 0 }
     }
 
     /// More `serve` flags.
@@ -384,6 +385,12 @@ impl Launch {
         self
     }
 
+    /// The port to listen on (default 0: one the system picks), e.g. a restarted server's old one.
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
     /// The `RUST_LOG` level (default `warn`); start-up's address line is always logged.
     pub fn level(mut self, level: &str) -> Self {
         self.level = level.to_string();
@@ -398,7 +405,7 @@ impl Launch {
             format!("{},vitforge::startup=info", self.level)
         };
         let mut cmd = Command::new(&self.bin);
-        cmd.args(["serve", "--port", "0", "--log-format", "json", "--data-dir"]).arg(&self.data_dir).args(&self.args);
+        cmd.args(["serve", "--port", &self.port.to_string(), "--log-format", "json", "--data-dir"]).arg(&self.data_dir).args(&self.args);
         cmd.env("RUST_LOG", rust_log).env("RUST_BACKTRACE", "0").stdout(Stdio::null()).stderr(Stdio::piped());
         for (k, v) in &self.env {
             cmd.env(k, v);

@@ -86,7 +86,9 @@ function progressOf(job) {
 
 /** Loads an image through the API (with the key) into an <img>. */
 function apiImage(path, alt) {
-  const img = h("img", { alt, loading: "lazy" });
+  // The object URL goes once the image has been decoded: a page of thumbnails would otherwise
+  // hold every one for the life of the tab.
+  const img = h("img", { alt, loading: "lazy", onload: () => URL.revokeObjectURL(img.src), onerror: () => URL.revokeObjectURL(img.src) });
   objectUrl(path).then((url) => (img.src = url)).catch(() => (img.alt = `${alt} (unavailable)`));
   return img;
 }
@@ -397,22 +399,48 @@ async function job(id) {
     }
   }
 
+  const ended = (job) => ["succeeded", "failed", "cancelled"].includes(job.status);
   const j = await drawHead();
   classes = await get(`/datasets/${j.dataset_id}`).then((d) => d.classes, () => null);
   await drawMetrics();
   await drawMistakes();
-  if (["succeeded", "failed", "cancelled"].includes(j.status)) return;
-  // Live: the event stream; the page redraws on progress (at most a few times a second).
+  if (ended(j)) return;
+  // Live: the event stream; the page redraws on progress (at most a few times a second). A stream
+  // that ends before the job does (the service restarted, the network dropped) is reconnected,
+  // after a pause that grows while the service stays out of reach.
   let last = 0;
-  for await (const ev of events(`/jobs/${id}/events`)) {
-    if (ev.event === "status") break;
-    if (ev.event === "metrics" && ev.data.epoch <= drawnEpoch) continue;
-    if (ev.event === "metrics" || Date.now() - last > 1000) {
-      last = Date.now();
-      await drawHead();
-      // Live progress carries the step's loss; a process that runs no jobs (--role api) sends
-      // progress without it, so the charts follow the training phase instead.
-      if (ev.event === "metrics" || ev.data.loss !== undefined || ev.data.phase === "training") await drawMetrics();
+  for (let failures = 0; ; ) {
+    let finished = false;
+    try {
+      for await (const ev of events(`/jobs/${id}/events`)) {
+        failures = 0;
+        if (ev.event === "status") {
+          finished = true;
+          break;
+        }
+        if (ev.event === "metrics" && ev.data.epoch <= drawnEpoch) continue;
+        if (ev.event === "metrics" || Date.now() - last > 1000) {
+          last = Date.now();
+          await drawHead();
+          // Live progress carries the step's loss; a process that runs no jobs (--role api) sends
+          // progress without it, so the charts follow the training phase instead.
+          if (ev.event === "metrics" || ev.data.loss !== undefined || ev.data.phase === "training") await drawMetrics();
+        }
+      }
+    } catch (e) {
+      // A job that is gone, or a key refused: no reconnect would help. Anything else is retried.
+      if (e instanceof ApiError && [401, 403, 404].includes(e.status)) {
+        refusal.replaceChildren(errorBox(e));
+        return;
+      }
+    }
+    if (finished) break;
+    await new Promise((resolve) => setTimeout(resolve, Math.min(30000, 1000 * 2 ** failures++)));
+    try {
+      if (ended(await drawHead())) break;
+      refusal.replaceChildren();
+    } catch (e) {
+      refusal.replaceChildren(h("p", { class: "muted" }, `reconnecting… (${e.message ?? e})`));
     }
   }
   await drawHead();
@@ -443,10 +471,13 @@ async function model(id) {
   const download = async () => {
     downloadNote.replaceChildren(h("span", { class: "muted" }, "preparing…"));
     try {
-      const a = h("a", { href: await objectUrl(`/models/${id}/download`), download: `vitforge-model-${id}.tar` });
+      const url = await objectUrl(`/models/${id}/download`);
+      const a = h("a", { href: url, download: `vitforge-model-${id}.tar` });
       document.body.append(a);
       a.click();
       a.remove();
+      // The browser has the file once the download has started: the copy in memory can go.
+      setTimeout(() => URL.revokeObjectURL(url), 60000);
       downloadNote.replaceChildren();
     } catch (e) {
       downloadNote.replaceChildren(errorBox(e));
@@ -485,7 +516,7 @@ async function predict() {
       results.replaceChildren(
         ...r.predictions.map((p, i) =>
           h("section", { class: "prediction" },
-            h("div", { class: "row" }, h("img", { src: URL.createObjectURL(files[i]), alt: files[i].name, style: "max-width:160px;max-height:160px;border-radius:4px" }),
+            h("div", { class: "row" }, h("img", { src: URL.createObjectURL(files[i]), onload: (ev) => URL.revokeObjectURL(ev.target.src), alt: files[i].name, style: "max-width:160px;max-height:160px;border-radius:4px" }),
               h("div", {}, h("h2", { class: "label" }, p.label), h("p", { class: "muted" }, `${files[i].name} · ${pct(p.score)}`))),
             h("div", { class: "topk" }, p.top_k.map((t) => [h("span", {}, t.label), h("div", { class: "bar" }, h("div", { style: `width:${(t.score * 100).toFixed(1)}%` })), h("span", { class: "num" }, pct(t.score))])),
           ),
