@@ -383,10 +383,16 @@ pub struct Recovered {
     pub cancelled: Vec<String>,
 }
 
-/// Puts `holder`'s running job back in the queue (graceful shutdown mid-run, or a failure that may
-/// pass).
+/// Puts `holder`'s running job back in the queue after a failure that may pass (the claim counts
+/// towards [`crate::worker::MAX_CLAIMS`]).
 pub async fn requeue(pool: &Pool, id: &str, holder: &Holder) -> Result<(), sqlx::Error> {
     update_held(pool, held_update!("status = 'queued', lease_expires_at = null"), id, holder).await
+}
+
+/// Puts `holder`'s running job back in the queue at a graceful shutdown: the claim does not count
+/// (a rolling restart is no failure of the job).
+pub async fn hand_back(pool: &Pool, id: &str, holder: &Holder) -> Result<(), sqlx::Error> {
+    update_held(pool, held_update!("status = 'queued', lease_expires_at = null, attempts = attempts - 1"), id, holder).await
 }
 
 /// Records the plan of a run (total optimiser steps) once it is known.

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 
+use anyhow::Context;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
@@ -76,14 +77,28 @@ impl Write for ChannelWriter {
 async fn download(State(s): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, AppError> {
     let model = find(&s, &id).await?;
     let dir = s.models.dir(&model).await?;
+    // Every file is opened before the answer starts, so a model deleted meanwhile is a 404, not a
+    // 200 whose body breaks off (an open file outlives its removal).
+    let opened = tokio::task::spawn_blocking(move || {
+        SAVED_FILES.iter().map(|f| std::fs::File::open(dir.join(f)).map(|file| (*f, file))).collect::<std::io::Result<Vec<_>>>()
+    })
+    .await
+    .context("opening the model's files")?;
+    let mut files = match opened {
+        Ok(files) => files,
+        Err(e) => {
+            find(&s, &id).await?;
+            return Err(AppError::Internal(anyhow::Error::new(e).context(format!("opening the files of model {id}"))));
+        }
+    };
     let (tx, rx) = mpsc::channel(8);
     let name = format!("vitforge-model-{id}");
     let prefix = name.clone();
     tokio::task::spawn_blocking(move || {
         let mut tar = tar::Builder::new(ChannelWriter(tx.clone()));
-        let result = SAVED_FILES
-            .iter()
-            .try_for_each(|f| tar.append_path_with_name(dir.join(f), format!("{prefix}/{f}")))
+        let result = files
+            .iter_mut()
+            .try_for_each(|(f, file)| tar.append_file(format!("{prefix}/{f}"), file))
             .and_then(|()| tar.finish());
         if let Err(e) = result {
             tracing::warn!(error = %e, "model download interrupted");

@@ -132,6 +132,16 @@ fn d_init() -> f64 {
     0.02
 }
 
+/// Most encoder layers a config may have (ViT-22B has 48).
+const MAX_LAYERS: usize = 128;
+/// Widest hidden size a config may have (ViT-22B: 6,144); the MLP may be four times as wide.
+const MAX_WIDTH: usize = 8192;
+/// Most patches an image may make (a 64 × 64 grid: 1,024 pixels a side at patch 16); attention
+/// holds the square of the tokens.
+const MAX_PATCHES: usize = 64 * 64;
+/// Most backbone parameters (8 GB of f32 weights, twice that in training with AdamW's state).
+const MAX_PARAMETERS: u64 = 2_000_000_000;
+
 impl VitConfig {
     /// Parses `config.json` text.
     pub fn from_json(text: &str) -> Result<Self, ModelError> {
@@ -195,8 +205,29 @@ impl VitConfig {
         if ih == 0 || iw == 0 || ph == 0 || pw == 0 || ph > ih || pw > iw {
             return bad(format!("image_size {ih}×{iw} and patch_size {ph}×{pw} do not fit"));
         }
-        if self.num_channels == 0 || self.hidden_size == 0 || self.num_hidden_layers == 0 || self.intermediate_size == 0 {
-            return bad("num_channels, hidden_size, num_hidden_layers and intermediate_size must be positive".into());
+        if self.hidden_size == 0 || self.num_hidden_layers == 0 || self.intermediate_size == 0 {
+            return bad("hidden_size, num_hidden_layers and intermediate_size must be positive".into());
+        }
+        if self.num_channels != 3 {
+            return bad(format!("num_channels is {}; images are read as RGB, so it must be 3", self.num_channels));
+        }
+        // Sizes are checked before anything is allocated for them (a config from the hub is anyone's).
+        for (name, value, max) in [
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, 4 * MAX_WIDTH),
+        ] {
+            if value > max {
+                return bad(format!("{name} {value} is over the limit of {max}"));
+            }
+        }
+        let (gh, gw) = (ih / ph, iw / pw);
+        if gh * gw > MAX_PATCHES {
+            return bad(format!("image_size {ih}×{iw} with patch_size {ph}×{pw} makes {} patches, over the limit of {MAX_PATCHES}", gh * gw));
+        }
+        let params = self.num_parameters();
+        if params > MAX_PARAMETERS {
+            return bad(format!("the model would have {params} parameters, over the limit of {MAX_PARAMETERS}"));
         }
         if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
@@ -213,6 +244,18 @@ impl VitConfig {
             }
         }
         Ok(())
+    }
+
+    /// The backbone's parameters (the head's depend on the labels and are left out), as the
+    /// architecture implies them: what loading or creating it allocates.
+    pub fn num_parameters(&self) -> u64 {
+        let (h, i, l) = (self.hidden_size as u64, self.intermediate_size as u64, self.num_hidden_layers as u64);
+        let (ph, pw) = self.patch_size;
+        let patch = h * (self.num_channels * ph * pw) as u64 + h;
+        let tokens = ((self.image_size.0 / ph) * (self.image_size.1 / pw) + 1) as u64;
+        // Attention (Q, K, V, output) and the MLP, with biases, and two layer norms.
+        let layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 4 * h;
+        patch + tokens * h + h + l * layer + 2 * h
     }
 
     /// Number of patches along (height, width).
@@ -335,5 +378,28 @@ mod tests {
         assert!(VitConfig::from_json(r#"{"id2label": {"5": "x"}}"#).is_err());
         assert!(VitConfig::from_json(r#"{"hidden_act": "mish"}"#).is_err());
         assert!(VitConfig::from_json("[1]").is_err());
+    }
+
+    /// Sizes that would allocate without bound are refused before anything is allocated, with
+    /// the field named; the largest real ViTs pass.
+    #[test]
+    fn refuses_configs_too_large_to_allocate() {
+        let refused = |json: &str, field: &str| {
+            let e = VitConfig::from_json(json).unwrap_err().to_string();
+            assert!(e.contains(field), "{json}: {e}");
+        };
+        refused(r#"{"num_hidden_layers": 100000000000}"#, "num_hidden_layers 100000000000 is over the limit of 128");
+        refused(r#"{"hidden_size": 65536, "num_attention_heads": 16}"#, "hidden_size");
+        refused(r#"{"intermediate_size": 1000000}"#, "intermediate_size");
+        refused(
+            r#"{"image_size": 2048, "patch_size": 2, "hidden_size": 1, "num_attention_heads": 1, "intermediate_size": 1, "num_hidden_layers": 1}"#,
+            "1048576 patches, over the limit of 4096",
+        );
+        refused(r#"{"hidden_size": 8192, "num_attention_heads": 64, "intermediate_size": 32768, "num_hidden_layers": 128}"#, "parameters, over the limit");
+        refused(r#"{"num_channels": 1}"#, "num_channels is 1");
+        // ViT-H/14 at 518 pixels (the DINOv2 giant is wider, still within the limits).
+        let huge = VitConfig::from_json(r#"{"hidden_size": 1280, "num_attention_heads": 16, "intermediate_size": 5120, "num_hidden_layers": 32, "image_size": 518, "patch_size": 14}"#).unwrap();
+        assert!((600_000_000..700_000_000).contains(&huge.num_parameters()), "{}", huge.num_parameters());
+        assert_eq!(VitConfig::preset("base").unwrap().num_parameters(), 85_798_656);
     }
 }

@@ -180,6 +180,8 @@ fn fetch_from_hub(id: &str, progress: bool) -> Result<ModelFiles> {
         })
     };
     let config = fetch(CONFIG_FILE)?;
+    // A config vitforge cannot load is refused before its weights are downloaded.
+    VitConfig::from_json(&fs::read_to_string(&config)?)?;
     let weights = fetch(WEIGHTS_FILE).map_err(|e| match repo.get("pytorch_model.bin") {
         Ok(_) => ModelError::Weights(format!("model '{id}' has only pytorch_model.bin, which vitforge does not read; use a revision with model.safetensors")),
         Err(_) => e,

@@ -280,12 +280,21 @@ impl TrainParams {
         fn check(ok: bool, field: &'static str, message: &str) -> Result<(), ParamError> {
             if ok { Ok(()) } else { Err(ParamError { field, message: message.to_string() }) }
         }
-        let lr_ok = |lr: f64| lr.is_finite() && lr > 0.0 && lr <= 10.0;
-        check(lr_ok(self.learning_rate), "learning_rate", "must be in (0, 10]")?;
-        check(self.head_learning_rate.is_none_or(lr_ok), "head_learning_rate", "must be in (0, 10]")?;
+        // (A rate below 1e-12 trains nothing, and a head rate divided by it overflows.)
+        let lr_ok = |lr: f64| lr.is_finite() && (1e-12..=10.0).contains(&lr);
+        check(lr_ok(self.learning_rate), "learning_rate", "must be in [1e-12, 10]")?;
+        check(self.head_learning_rate.is_none_or(lr_ok), "head_learning_rate", "must be in [1e-12, 10]")?;
         check((1..=1000).contains(&self.epochs), "epochs", "must be between 1 and 1000")?;
         check((1..=4096).contains(&self.batch_size), "batch_size", "must be between 1 and 4096")?;
         check(self.weight_decay.is_finite() && (0.0..=10.0).contains(&self.weight_decay), "weight_decay", "must be in [0, 10]")?;
+        // Each step scales the decayed weights by 1 − rate × decay: at 1 or more they flip sign
+        // and grow without bound (NaN within a few steps).
+        let fastest = self.learning_rate.max(self.head_learning_rate.unwrap_or(0.0));
+        check(
+            fastest * self.weight_decay < 1.0,
+            "weight_decay",
+            &format!("times the learning rate ({fastest}) must be below 1 (each step scales the weights by 1 − learning_rate × weight_decay)"),
+        )?;
         check(self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum), "momentum", "must be in [0, 1)")?;
         check(self.warmup_ratio.is_finite() && (0.0..1.0).contains(&self.warmup_ratio), "warmup_ratio", "must be in [0, 1)")?;
         check(
@@ -357,5 +366,14 @@ mod tests {
         assert_eq!(p.validate().unwrap_err().field, "learning_rate");
         assert!(serde_json::from_str::<TrainParams>(r#"{"optimizer": "adam"}"#).is_err());
         assert!(serde_json::from_str::<TrainParams>(r#"{"epochs": 1e300}"#).is_err());
+        // Ranges that pass one by one and diverge together, or overflow a ratio.
+        let p: TrainParams = serde_json::from_str(r#"{"learning_rate": 10, "weight_decay": 10}"#).unwrap();
+        assert_eq!(p.validate().unwrap_err().field, "weight_decay");
+        let p: TrainParams = serde_json::from_str(r#"{"learning_rate": 0.001, "head_learning_rate": 2, "weight_decay": 0.5}"#).unwrap();
+        assert_eq!(p.validate().unwrap_err().field, "weight_decay");
+        let p: TrainParams = serde_json::from_str(r#"{"learning_rate": 1e-309, "head_learning_rate": 1}"#).unwrap();
+        assert_eq!(p.validate().unwrap_err().field, "learning_rate");
+        let p: TrainParams = serde_json::from_str(r#"{"learning_rate": 0.001, "weight_decay": 10}"#).unwrap();
+        p.validate().unwrap();
     }
 }

@@ -45,6 +45,9 @@ pub enum TrainError {
     /// Reading or writing the run's files failed: what was being done, the path and why.
     #[error("{0}")]
     Files(String),
+    /// The loss became NaN or infinite: the weights blew up, and nothing after it can be kept.
+    #[error("training diverged: {0}; lower learning_rate (or head_learning_rate, weight_decay)")]
+    Diverged(String),
 }
 
 impl From<candle_core::Error> for TrainError {

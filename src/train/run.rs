@@ -20,7 +20,7 @@ use super::eval::{Mistake, logits_with};
 use super::features::{Frozen, PrefixCache, View};
 use super::progress::Phase;
 use super::auto::{self, Decision, Situation};
-use super::hyperparams::{AfterProbe, HeadInit, TrainParams};
+use super::hyperparams::{AfterProbe, HeadInit, TrainMode, TrainParams};
 use super::optim::{Optimizer, clip_grad_norm, lr_multiplier};
 use super::report::EvalReport;
 use super::{Control, TrainError, TrainEvent, TrainOutcome, TrainSpec, probe};
@@ -82,6 +82,9 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, mut 
         let epoch_started = Instant::now();
         gradient_epoch(&run, model, &mut optimizer, &mut state, epoch, &mut ctl)?;
         let validation = validate(&run, model, &mut ctl)?;
+        if !validation.0.loss.is_finite() {
+            return Err(TrainError::Diverged(format!("the validation loss after epoch {epoch} is {}", validation.0.loss)));
+        }
         (state.next_epoch_seconds, state.seconds) = (Some(epoch_started.elapsed().as_secs_f64()), clock.secs());
         end_epoch(&root, model, &optimizer, &mut state, epoch, validation, &mut *ctl.on_event)?;
     }
@@ -120,11 +123,17 @@ fn stop_before(p: &TrainParams, state: &LoopState) -> Option<(String, Decision)>
             "stopped early after epoch {done}: neither the validation macro-F1 nor the validation loss improved in the last {patience} epoch(s) (early_stopping_patience)"
         ),
         None => {
-            let (budget, secs) = (p.time_budget_secs? as f64, state.next_epoch_seconds?);
-            if elapsed + secs <= budget {
-                return None;
+            let budget = p.time_budget_secs? as f64;
+            match state.next_epoch_seconds {
+                // The budget is spent already (the probe alone may spend it): no estimate needed.
+                _ if elapsed >= budget => {
+                    format!("stopped after epoch {done}: the time budget of {budget:.0} s is spent ({elapsed:.0} s)")
+                }
+                Some(secs) if elapsed + secs > budget => format!(
+                    "stopped after epoch {done}: another epoch (about {secs:.0} s) would end past the time budget of {budget:.0} s ({elapsed:.0} s spent)"
+                ),
+                _ => return None,
             }
-            format!("stopped after epoch {done}: another epoch (about {secs:.0} s) would end past the time budget of {budget:.0} s ({elapsed:.0} s spent)")
         }
     };
     let (action, reason) = match &state.decision {
@@ -425,17 +434,17 @@ fn probe_epoch(
     let fit_seconds = fit_started.elapsed().as_secs_f64();
     (ctl.on_event)(TrainEvent::Probe { c: fitted.c, cv_accuracy: fitted.cv_accuracy, features_seconds, fit_seconds, views: probe_views });
     let validation = validate(run, model, ctl)?;
+    let situation = Situation {
+        per_class: data.train_counts(),
+        validation_images: data.validation.len(),
+        test_images: data.test.len(),
+        layers: model.cfg.num_hidden_layers,
+        forward_per_s: forward_per_s.unwrap_or(f64::INFINITY),
+        elapsed_s: clock.secs(),
+        budget_s: run.p.time_budget_secs.map(|s| s as f64).filter(|_| forward_per_s.is_some()),
+    };
     // The decision goes into this epoch's checkpoint, so a resumed run keeps it.
     if decide {
-        let situation = Situation {
-            per_class: data.train_counts(),
-            validation_images: data.validation.len(),
-            test_images: data.test.len(),
-            layers: model.cfg.num_hidden_layers,
-            forward_per_s: forward_per_s.unwrap_or(f64::INFINITY),
-            elapsed_s: clock.secs(),
-            budget_s: run.p.time_budget_secs.map(|s| s as f64).filter(|_| forward_per_s.is_some()),
-        };
         let mut decision = auto::decide(&situation);
         if probe_views > 0 {
             decision.reason.push_str(&format!("; the probe was fitted on each image and {probe_views} other view(s) of it (its mirror image, then crops)"));
@@ -443,6 +452,11 @@ fn probe_epoch(
         // The set-up (a last-layers run's cache) happens before the next epoch's budget check.
         state.next_epoch_seconds = forward_per_s.map(|_| situation.epoch_secs(decision.action));
         state.decision = Some(decision);
+    } else if run.p.train_mode == TrainMode::Full {
+        // The given plan goes on: a time budget must bound its first gradient epoch too, whose
+        // length the probe's measurements estimate (a partial one costs less; it is bounded once
+        // the budget is spent, and from its own length after it).
+        state.next_epoch_seconds = forward_per_s.map(|_| situation.epoch_secs(auto::Action::FullFineTune));
     }
     state.seconds = clock.secs();
     end_epoch(&run.root, model, optimizer, state, 1, validation, &mut *ctl.on_event)
@@ -517,6 +531,11 @@ fn optimiser_step(run: &Run, model: &LoadedModel, optimizer: &mut Optimizer, sta
             *g = (&*g / acc.batches as f64)?;
         }
     }
+    let loss = acc.loss / acc.batches as f64;
+    // Checked before the step is taken or reported: a NaN would poison every weight it touches.
+    if !loss.is_finite() {
+        return Err(TrainError::Diverged(format!("the loss of step {} is {loss}", state.global_step + 1)));
+    }
     clip_grad_norm(&mut acc.grads, p.max_grad_norm)?;
     let lr = p.learning_rate * lr_multiplier(p.lr_scheduler, state.global_step, plan.total_steps, plan.warmup_steps);
     let head_lr = lr * run.head_scale;
@@ -527,7 +546,7 @@ fn optimiser_step(run: &Run, model: &LoadedModel, optimizer: &mut Optimizer, sta
         epoch,
         step: state.global_step,
         steps: plan.total_steps,
-        loss: acc.loss / acc.batches as f64,
+        loss,
         learning_rate: lr,
         images_per_s: acc.images as f64 / secs,
     });
@@ -706,6 +725,23 @@ mod tests {
         // A higher F1 with a higher loss: kept, and the count starts again.
         assert!(track_progress(&mut s, (0.85, 0.60)));
         assert_eq!((s.epochs_since_best, s.best_score, s.lowest_loss), (0, Some((0.85, 0.60)), Some(0.35)));
+    }
+
+    /// The time budget stops a run whose budget is spent even without an estimate of the next
+    /// epoch (after a probe that was not asked to decide), and otherwise when the next epoch
+    /// would end past it; the decision rests on the checkpoint's seconds alone.
+    #[test]
+    fn a_spent_time_budget_stops_the_run_with_or_without_an_estimate() {
+        let p = TrainParams { time_budget_secs: Some(60), ..TrainParams::default() };
+        let at = |seconds: f64, next: Option<f64>| LoopState { epoch: 1, seconds, next_epoch_seconds: next, ..state() };
+        assert!(stop_before(&p, &LoopState { epoch: 0, seconds: 100.0, ..state() }).is_none(), "nothing done yet");
+        let (why, decision) = stop_before(&p, &at(75.0, None)).expect("spent");
+        assert_eq!(why, "stopped after epoch 1: the time budget of 60 s is spent (75 s)");
+        assert_eq!((decision.action, decision.epochs), (auto::Action::AsGiven, 1));
+        assert!(stop_before(&p, &at(30.0, None)).is_none(), "no estimate, budget left");
+        assert!(stop_before(&p, &at(30.0, Some(20.0))).is_none());
+        assert!(stop_before(&p, &at(30.0, Some(40.0))).unwrap().0.contains("another epoch (about 40 s)"));
+        assert!(stop_before(&TrainParams::default(), &at(1e9, None)).is_none(), "no budget");
     }
 
     #[test]

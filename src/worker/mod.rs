@@ -124,7 +124,8 @@ async fn keep_lease(ctx: JobContext, job_id: String, holder: Holder, cancel: Arc
 }
 
 /// Claims of a job after which a failure that may pass ends it failed instead of putting it back
-/// in the queue.
+/// in the queue; a job claimed once more than this (every earlier run ended without an outcome)
+/// fails without running. A graceful shutdown's claim does not count ([`db::jobs::hand_back`]).
 pub const MAX_CLAIMS: u32 = 5;
 
 /// After a failure that may pass (the object store or the database out of reach while the job
@@ -176,7 +177,13 @@ async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device)
     let renewal =
         tokio_util::task::AbortOnDropHandle::new(tokio::spawn(keep_lease(ctx.clone(), job.id.clone(), holder.clone(), cancel.clone(), lost.clone())));
     let mut recorder = Recorder::new(ctx, &job);
-    let outcome = run::run_job(ctx, &job, device, (cancel, lost.clone()), &mut recorder).await;
+    // Every claim before this one ended without an outcome: its process died (killed, perhaps for
+    // lack of memory, by this very job) or lost its lease. Running it again would only repeat that.
+    let outcome = if job.attempts > MAX_CLAIMS {
+        Err(JobFailure::Abandoned(job.attempts - 1))
+    } else {
+        run::run_job(ctx, &job, device, (cancel, lost.clone()), &mut recorder).await
+    };
     let shutting_down = ctx.hub.shutdown_token().is_cancelled();
     let holder = &holder;
     let result: anyhow::Result<()> = match outcome {
@@ -210,7 +217,7 @@ async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device)
         // another): then it ends cancelled now rather than at the next start.
         Err(JobFailure::Train(TrainError::Cancelled)) if shutting_down && !cancel_asked(ctx, &job.id).await => {
             tracing::info!(job = %job.id, "job interrupted by shutdown; it resumes at the next start");
-            db::jobs::requeue(&ctx.db, &job.id, holder).await.map_err(Into::into)
+            db::jobs::hand_back(&ctx.db, &job.id, holder).await.map_err(Into::into)
         }
         Err(JobFailure::Train(TrainError::Cancelled)) => db::jobs::finish(&ctx.db, &job.id, holder, Status::Cancelled, None).await.map_err(Into::into),
         Err(JobFailure::Store(e)) => retry_or_fail(ctx, &job, holder, e).await,

@@ -37,6 +37,11 @@ pub(super) enum JobFailure {
     Store(String),
     #[error("training crashed: {0}")]
     Panic(String),
+    /// Every one of this many earlier claims ended without an outcome (see `worker::MAX_CLAIMS`).
+    #[error(
+        "not run again: its last {0} runs each ended without an outcome (the process running it was killed, for example for lack of memory, or lost its lease); a smaller batch_size or base model may fit"
+    )]
+    Abandoned(u32),
 }
 
 fn setup(e: impl std::fmt::Display) -> JobFailure {

@@ -55,6 +55,13 @@ async fn registry_download_evaluate_and_delete() {
     assert_eq!(a, b);
     assert_eq!(downloaded.cfg.labels, vec!["cat", "dog"]);
     assert_error(app.get("/models/nope/download").await, 404, "not_found").await;
+    // Files that cannot be opened are an error before the answer starts, not a 200 that breaks off.
+    let file = app.data_dir.join("models").join(&models[1]).join("model.safetensors");
+    std::fs::rename(&file, file.with_extension("aside")).unwrap();
+    let resp = app.get(&format!("/models/{}/download", models[1])).await;
+    assert_eq!(resp.status(), 500);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    std::fs::rename(file.with_extension("aside"), &file).unwrap();
 
     // Evaluate on the dataset's test split (the default when it has one), and on everything.
     let report = json(app.post_json(&format!("/models/{}/evaluate", models[0]), &json!({"dataset_id": dataset})).await).await;

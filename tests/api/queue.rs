@@ -142,6 +142,47 @@ async fn a_claim_handed_back_leaves_the_job_to_the_run_that_holds_it() {
     assert_eq!(jobs::get(db, &job.id).await.unwrap().unwrap().attempts, 1);
 }
 
+/// A graceful shutdown hands its job back without counting the claim; a failure's requeue counts.
+#[tokio::test]
+async fn a_job_handed_back_at_shutdown_keeps_its_claim_count() {
+    let (app, job) = queued_job().await;
+    let db = &app.db;
+    let claimed = jobs::claim(db, "w", "cpu", LEASE).await.unwrap().unwrap();
+    jobs::hand_back(db, &job.id, &Holder::of("w", &claimed)).await.unwrap();
+    let back = jobs::get(db, &job.id).await.unwrap().unwrap();
+    assert_eq!((back.status, back.attempts), (Status::Queued, 0));
+    let claimed = jobs::claim(db, "w", "cpu", LEASE).await.unwrap().unwrap();
+    jobs::requeue(db, &job.id, &Holder::of("w", &claimed)).await.unwrap();
+    assert_eq!(jobs::get(db, &job.id).await.unwrap().unwrap().attempts, 1);
+}
+
+/// A job every earlier run of which ended without an outcome (each process running it died) is
+/// failed at its next claim instead of being run again: a job that kills its worker would
+/// otherwise crash every process that claims it, for ever.
+#[tokio::test]
+async fn a_job_whose_runs_all_died_fails_instead_of_running_again() {
+    let app = spawn_app_with(|_| {}).await;
+    let dataset = app.upload_pets(2, false).await;
+    crate::support::install_base_model(&app.data_dir, "tiny", &crate::support::tiny_config(), &["a", "b"]);
+    // One statement, so the service's worker cannot claim it before its count is set.
+    let id = vitforge::db::new_id();
+    sqlx::query(
+        "insert into jobs (id, dataset_id, base_model, params, recipe, status, epochs, created_at, attempts) \
+         values ($1, $2, 'tiny', '{}', 'manual', 'queued', 1, $3, $4)",
+    )
+    .bind(&id)
+    .bind(&dataset)
+    .bind(vitforge::db::now())
+    .bind(i64::from(vitforge::worker::MAX_CLAIMS))
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let job = app.wait_job(&id, 60).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(job["error"].as_str().unwrap().contains("not run again: its last 5 runs each ended without an outcome"), "{job}");
+    assert_eq!(job["progress"]["step"], 0, "nothing was trained");
+}
+
 /// Lease times are written on the database's clock, in the format of every stored time, so that
 /// text order is time order on both backends.
 #[tokio::test]

@@ -414,3 +414,28 @@ fn twenty_imbalanced_classes_train_and_report_every_class() {
     let d = out.decision.expect("auto decides");
     assert!(d.reason.contains("per class"), "{}", d.reason);
 }
+
+/// A loss that turns NaN (here a head weight that is NaN) ends the run as diverged, before that
+/// step is taken or reported, so no NaN is recorded and no NaN model is kept.
+#[test]
+fn a_run_whose_loss_turns_nan_fails_as_diverged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = stripes_data(&tmp.path().join("data"), 40, 3);
+    let mut model = tiny_model(&["horizontal", "vertical"], 9);
+    let head = vitforge::model::weights::keys::HEAD_WEIGHT;
+    let weight = model.params.tensor(head, false).unwrap();
+    let mut values = weight.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    values[0] = f32::NAN;
+    let poisoned = candle_core::Tensor::from_vec(values, weight.shape(), &Device::Cpu).unwrap();
+    model.params.set_some(&[(head.to_string(), poisoned)].into_iter().collect()).unwrap();
+    let cancel = AtomicBool::new(false);
+    let mut events = vec![];
+    let mut on_event = |e: TrainEvent| events.push(e);
+    let p = TrainParams { head_init: HeadInit::Random, ..params() };
+    let spec = TrainSpec { params: p, data, checkpoint_root: tmp.path().join("ck"), max_pixels: 1 << 24, cache_budget: 1 << 28 };
+    let out = fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut on_event });
+    let Err(err) = out else { panic!("a diverged run fails") };
+    assert!(matches!(err, TrainError::Diverged(_)), "{err}");
+    assert!(err.to_string().contains("the loss of step 1 is NaN"), "{err}");
+    assert!(losses(&events).is_empty(), "no step reported");
+}
