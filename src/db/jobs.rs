@@ -99,6 +99,9 @@ pub struct Job {
     /// Times a worker has claimed it (a resume after a restart or a lost lease counts).
     #[serde(skip)]
     pub attempts: u32,
+    /// The claim under which it last wrote a checkpoint.
+    #[serde(skip)]
+    pub progress_claim: u32,
 }
 
 #[derive(sqlx::FromRow)]
@@ -129,6 +132,7 @@ struct JobRow {
     worker: Option<String>,
     precision: Option<String>,
     attempts: i64,
+    progress_claim: i64,
 }
 
 impl TryFrom<JobRow> for Job {
@@ -162,6 +166,7 @@ impl TryFrom<JobRow> for Job {
             worker: r.worker,
             precision: r.precision,
             attempts: u32::try_from(r.attempts).unwrap_or(u32::MAX),
+            progress_claim: u32::try_from(r.progress_claim).unwrap_or(0),
         })
     }
 }
@@ -170,7 +175,7 @@ impl TryFrom<JobRow> for Job {
 macro_rules! job_columns {
     () => {
         "id, dataset_id, base_model, params, recipe, status, epoch, epochs, step, steps, created_at, \
-                       started_at, finished_at, error, model_id, device, cancel_requested, phase, phase_done, phase_total, phase_rate, decision, worker, precision, attempts"
+                       started_at, finished_at, error, model_id, device, cancel_requested, phase, phase_done, phase_total, phase_rate, decision, worker, precision, attempts, progress_claim"
     };
 }
 
@@ -443,6 +448,12 @@ pub async fn set_decision(pool: &Pool, id: &str, decision: &Value) -> Result<(),
 /// Records the precision the job's products run in on its worker.
 pub async fn set_precision(pool: &Pool, id: &str, precision: &str) -> Result<(), sqlx::Error> {
     sqlx::query("update jobs set precision = $1 where id = $2").bind(precision).bind(id).execute(pool).await?;
+    Ok(())
+}
+
+/// Records that the job's current claim has written a checkpoint (progress a restart resumes from).
+pub async fn mark_progress(pool: &Pool, id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("update jobs set progress_claim = attempts where id = $1").bind(id).execute(pool).await?;
     Ok(())
 }
 

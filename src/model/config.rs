@@ -139,6 +139,8 @@ const MAX_WIDTH: usize = 8192;
 /// Most patches an image may make (a 64 × 64 grid: 1,024 pixels a side at patch 16); attention
 /// holds the square of the tokens.
 const MAX_PATCHES: usize = 64 * 64;
+/// Largest image side a config may have.
+const MAX_IMAGE_SIDE: usize = 16384;
 /// Most backbone parameters (8 GB of f32 weights, twice that in training with AdamW's state).
 const MAX_PARAMETERS: u64 = 2_000_000_000;
 
@@ -204,6 +206,10 @@ impl VitConfig {
         let (ph, pw) = self.patch_size;
         if ih == 0 || iw == 0 || ph == 0 || pw == 0 || ph > ih || pw > iw {
             return bad(format!("image_size {ih}×{iw} and patch_size {ph}×{pw} do not fit"));
+        }
+        // Bounded first, so the products below cannot overflow.
+        if ih.max(iw) > MAX_IMAGE_SIDE {
+            return bad(format!("image_size {ih}×{iw} is over the limit of {MAX_IMAGE_SIDE} a side"));
         }
         if self.hidden_size == 0 || self.num_hidden_layers == 0 || self.intermediate_size == 0 {
             return bad("hidden_size, num_hidden_layers and intermediate_size must be positive".into());
@@ -397,6 +403,7 @@ mod tests {
         );
         refused(r#"{"hidden_size": 8192, "num_attention_heads": 64, "intermediate_size": 32768, "num_hidden_layers": 128}"#, "parameters, over the limit");
         refused(r#"{"num_channels": 1}"#, "num_channels is 1");
+        refused(r#"{"image_size": 4294967296, "patch_size": 4294967296}"#, "over the limit of 16384 a side");
         // ViT-H/14 at 518 pixels (the DINOv2 giant is wider, still within the limits).
         let huge = VitConfig::from_json(r#"{"hidden_size": 1280, "num_attention_heads": 16, "intermediate_size": 5120, "num_hidden_layers": 32, "image_size": 518, "patch_size": 14}"#).unwrap();
         assert!((600_000_000..700_000_000).contains(&huge.num_parameters()), "{}", huge.num_parameters());

@@ -449,8 +449,9 @@ fn probe_epoch(
         if probe_views > 0 {
             decision.reason.push_str(&format!("; the probe was fitted on each image and {probe_views} other view(s) of it (its mirror image, then crops)"));
         }
-        // The set-up (a last-layers run's cache) happens before the next epoch's budget check.
-        state.next_epoch_seconds = forward_per_s.map(|_| situation.epoch_secs(decision.action));
+        // The set-up (a last-layers run's cache) comes after these seconds are recorded, before
+        // the next epoch: the estimate carries it, so the budget check counts it.
+        state.next_epoch_seconds = forward_per_s.map(|_| situation.epoch_secs(decision.action) + situation.setup_secs(decision.action));
         state.decision = Some(decision);
     } else if run.p.train_mode == TrainMode::Full {
         // The given plan goes on: a time budget must bound its first gradient epoch too, whose

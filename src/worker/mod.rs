@@ -124,8 +124,9 @@ async fn keep_lease(ctx: JobContext, job_id: String, holder: Holder, cancel: Arc
 }
 
 /// Claims of a job after which a failure that may pass ends it failed instead of putting it back
-/// in the queue; a job claimed once more than this (every earlier run ended without an outcome)
-/// fails without running. A graceful shutdown's claim does not count ([`db::jobs::hand_back`]).
+/// in the queue; a job claimed once more than this since its last checkpoint (every run since
+/// ended without an outcome) fails without running. A graceful shutdown's claim does not count
+/// ([`db::jobs::hand_back`]).
 pub const MAX_CLAIMS: u32 = 5;
 
 /// After a failure that may pass (the object store or the database out of reach while the job
@@ -177,10 +178,12 @@ async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device)
     let renewal =
         tokio_util::task::AbortOnDropHandle::new(tokio::spawn(keep_lease(ctx.clone(), job.id.clone(), holder.clone(), cancel.clone(), lost.clone())));
     let mut recorder = Recorder::new(ctx, &job);
-    // Every claim before this one ended without an outcome: its process died (killed, perhaps for
-    // lack of memory, by this very job) or lost its lease. Running it again would only repeat that.
-    let outcome = if job.attempts > MAX_CLAIMS {
-        Err(JobFailure::Abandoned(job.attempts - 1))
+    // Every claim since its last checkpoint ended without an outcome: its process died (killed,
+    // perhaps for lack of memory, by this very job) or lost its lease. Running it again would only
+    // repeat that.
+    let since_progress = job.attempts.saturating_sub(job.progress_claim);
+    let outcome = if since_progress > MAX_CLAIMS {
+        Err(JobFailure::Abandoned(since_progress - 1))
     } else {
         run::run_job(ctx, &job, device, (cancel, lost.clone()), &mut recorder).await
     };

@@ -37,9 +37,10 @@ pub(super) enum JobFailure {
     Store(String),
     #[error("training crashed: {0}")]
     Panic(String),
-    /// Every one of this many earlier claims ended without an outcome (see `worker::MAX_CLAIMS`).
+    /// This many claims since its last checkpoint ended without an outcome (see
+    /// `worker::MAX_CLAIMS`).
     #[error(
-        "not run again: its last {0} runs each ended without an outcome (the process running it was killed, for example for lack of memory, or lost its lease); a smaller batch_size or base model may fit"
+        "not run again: its last {0} runs each ended without an outcome or a new checkpoint (the process running it was killed, for example for lack of memory, or lost its lease, or the object store was out of reach); a smaller batch_size or base model may fit"
     )]
     Abandoned(u32),
 }
@@ -221,6 +222,7 @@ impl<'a> Recorder<'a> {
             TrainEvent::Checkpoint { epoch, dir, score } => {
                 let rel = dir.strip_prefix(ctx.paths.root()).unwrap_or(&dir).to_string_lossy().into_owned();
                 db::job_metrics::record_checkpoint(db, &job.id, epoch, &rel, score).await?;
+                db::jobs::mark_progress(db, &job.id).await?;
             }
             TrainEvent::Test { report } => db::job_metrics::record_evaluation(db, &job.id, "test", 0, &report).await?,
             TrainEvent::Probe { c, cv_accuracy, features_seconds, fit_seconds, views } => {

@@ -156,31 +156,48 @@ async fn a_job_handed_back_at_shutdown_keeps_its_claim_count() {
     assert_eq!(jobs::get(db, &job.id).await.unwrap().unwrap().attempts, 1);
 }
 
-/// A job every earlier run of which ended without an outcome (each process running it died) is
-/// failed at its next claim instead of being run again: a job that kills its worker would
-/// otherwise crash every process that claims it, for ever.
+/// A job every run of which since its last checkpoint ended without an outcome (each process
+/// running it died) is failed at its next claim instead of being run again: a job that kills its
+/// worker would otherwise crash every process that claims it, for ever. One that wrote a
+/// checkpoint in one of those runs is resumed, however often it was interrupted; and its
+/// checkpoints mark the claim that wrote them.
 #[tokio::test]
 async fn a_job_whose_runs_all_died_fails_instead_of_running_again() {
     let app = spawn_app_with(|_| {}).await;
     let dataset = app.upload_pets(2, false).await;
     crate::support::install_base_model(&app.data_dir, "tiny", &crate::support::tiny_config(), &["a", "b"]);
-    // One statement, so the service's worker cannot claim it before its count is set.
-    let id = vitforge::db::new_id();
-    sqlx::query(
-        "insert into jobs (id, dataset_id, base_model, params, recipe, status, epochs, created_at, attempts) \
-         values ($1, $2, 'tiny', '{}', 'manual', 'queued', 1, $3, $4)",
-    )
-    .bind(&id)
-    .bind(&dataset)
-    .bind(vitforge::db::now())
-    .bind(i64::from(vitforge::worker::MAX_CLAIMS))
-    .execute(&app.db)
-    .await
-    .unwrap();
-    let job = app.wait_job(&id, 60).await;
+    // One statement each, so the service's worker cannot claim a job before its counts are set.
+    let claimed = |progress_claim: u32| {
+        let (db, dataset) = (app.db.clone(), dataset.clone());
+        async move {
+            let id = vitforge::db::new_id();
+            sqlx::query(
+                "insert into jobs (id, dataset_id, base_model, params, recipe, status, epochs, created_at, attempts, progress_claim) \
+                 values ($1, $2, 'tiny', '{}', 'manual', 'queued', 1, $3, $4, $5)",
+            )
+            .bind(&id)
+            .bind(&dataset)
+            .bind(vitforge::db::now())
+            .bind(i64::from(vitforge::worker::MAX_CLAIMS) + 10)
+            .bind(i64::from(progress_claim))
+            .execute(&db)
+            .await
+            .unwrap();
+            id
+        }
+    };
+    let died = claimed(10).await;
+    let job = app.wait_job(&died, 60).await;
     assert_eq!(job["status"], "failed", "{job}");
-    assert!(job["error"].as_str().unwrap().contains("not run again: its last 5 runs each ended without an outcome"), "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(error.contains("not run again: its last 5 runs each ended without an outcome or a new checkpoint"), "{job}");
     assert_eq!(job["progress"]["step"], 0, "nothing was trained");
+
+    let progressed = claimed(11).await;
+    let job = app.wait_job(&progressed, 120).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let marked = jobs::get(&app.db, &progressed).await.unwrap().unwrap();
+    assert_eq!((marked.attempts, marked.progress_claim), (16, 16), "its checkpoint marked its claim");
 }
 
 /// Lease times are written on the database's clock, in the format of every stored time, so that

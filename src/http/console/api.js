@@ -121,6 +121,16 @@ export function upload(path, form, onProgress) {
 export async function* events(path) {
   const resp = await send("GET", path);
   const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+  // However the caller stops reading (a break, an exception), the connection is closed.
+  try {
+    yield* parse(reader);
+  } finally {
+    reader.cancel().catch(() => {});
+  }
+}
+
+/** The events of an SSE stream's reader. */
+async function* parse(reader) {
   let buffer = "";
   for (;;) {
     const { value, done } = await reader.read();

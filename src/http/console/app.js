@@ -516,7 +516,7 @@ async function predict() {
       results.replaceChildren(
         ...r.predictions.map((p, i) =>
           h("section", { class: "prediction" },
-            h("div", { class: "row" }, h("img", { src: URL.createObjectURL(files[i]), onload: (ev) => URL.revokeObjectURL(ev.target.src), alt: files[i].name, style: "max-width:160px;max-height:160px;border-radius:4px" }),
+            h("div", { class: "row" }, h("img", { src: URL.createObjectURL(files[i]), onload: (ev) => URL.revokeObjectURL(ev.target.src), onerror: (ev) => URL.revokeObjectURL(ev.target.src), alt: files[i].name, style: "max-width:160px;max-height:160px;border-radius:4px" }),
               h("div", {}, h("h2", { class: "label" }, p.label), h("p", { class: "muted" }, `${files[i].name} · ${pct(p.score)}`))),
             h("div", { class: "topk" }, p.top_k.map((t) => [h("span", {}, t.label), h("div", { class: "bar" }, h("div", { style: `width:${(t.score * 100).toFixed(1)}%` })), h("span", { class: "num" }, pct(t.score))])),
           ),
