@@ -324,11 +324,13 @@ async function job(id) {
   const head = h("div", {});
   // Outside the head, which progress redraws every second.
   const refusal = h("div", { "aria-live": "polite" });
+  // Whether the live view is reconnecting (kept apart from a refusal, which must stay shown).
+  const connection = h("div", { "aria-live": "polite" });
   const charts = h("div", { class: "charts" });
   const matrix = h("div", {});
   const perClass = h("div", {});
   const mistakes = h("div", {});
-  render(`Job ${short(id)}`, head, refusal, h("section", {}, h("h2", {}, "Training"), charts), h("section", {}, h("h2", {}, "Confusion matrix (best epoch, validation)"), matrix, perClass), h("section", {}, h("h2", {}, "What the model gets wrong (validation)"), mistakes));
+  render(`Job ${short(id)}`, head, refusal, connection, h("section", {}, h("h2", {}, "Training"), charts), h("section", {}, h("h2", {}, "Confusion matrix (best epoch, validation)"), matrix, perClass), h("section", {}, h("h2", {}, "What the model gets wrong (validation)"), mistakes));
 
   // A refused cancel (the job ended meanwhile: 409) says so below the head.
   async function cancelJob() {
@@ -430,7 +432,7 @@ async function job(id) {
     } catch (e) {
       // A job that is gone, or a key refused: no reconnect would help. Anything else is retried.
       if (e instanceof ApiError && [401, 403, 404].includes(e.status)) {
-        refusal.replaceChildren(errorBox(e));
+        connection.replaceChildren(errorBox(e));
         return;
       }
     }
@@ -438,9 +440,9 @@ async function job(id) {
     await new Promise((resolve) => setTimeout(resolve, Math.min(30000, 1000 * 2 ** failures++)));
     try {
       if (ended(await drawHead())) break;
-      refusal.replaceChildren();
+      connection.replaceChildren();
     } catch (e) {
-      refusal.replaceChildren(h("p", { class: "muted" }, `reconnecting… (${e.message ?? e})`));
+      connection.replaceChildren(h("p", { class: "muted" }, `reconnecting… (${e.message ?? e})`));
     }
   }
   await drawHead();
