@@ -330,6 +330,16 @@ fn import(data: &Path, store: &BlobStore, cancel: &AtomicBool) -> anyhow::Result
 /// `inputs` (flag, path), such as `--data`. Nothing is touched.
 fn check_output(output: &Path, inputs: &[(&str, &Path)]) -> anyhow::Result<()> {
     let out = resolved(output);
+    // A model replaces its folder whole (written aside, then renamed into place): the current
+    // folder, or one above it, would leave the shell in a folder that no longer exists.
+    if let Ok(cwd) = std::env::current_dir().map(|d| resolved(&d))
+        && cwd.starts_with(&out)
+    {
+        anyhow::bail!(
+            "--output {} is the current folder or one above it, which writing a model replaces whole; name a folder inside it (e.g. --output model)",
+            output.display()
+        );
+    }
     for (flag, input) in inputs {
         let input_at = resolved(input);
         let overlap = if out == input_at {
