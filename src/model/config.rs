@@ -328,17 +328,22 @@ impl VitConfig {
     }
 }
 
-/// `id2label` keys are stringified integers; they must cover 0..n exactly.
+/// `id2label` keys are stringified integers; they must cover 0..n exactly, each once (`"0"` and
+/// `"00"` are both id 0: without the check the second silently replaced the first and the last id
+/// was left without a name).
 fn labels_from_id2label(map: &BTreeMap<String, String>) -> Result<Vec<String>, ModelError> {
-    let mut labels = vec![None; map.len()];
+    let mut labels: Vec<Option<(&str, &str)>> = vec![None; map.len()];
     for (k, v) in map {
         let i: usize = k.parse().map_err(|_| ModelError::Config(format!("id2label key '{k}' is not an integer")))?;
         let slot = labels
             .get_mut(i)
             .ok_or_else(|| ModelError::Config(format!("id2label ids must be 0..{}, found {i}", map.len())))?;
-        *slot = Some(v.clone());
+        if let Some((first, _)) = slot {
+            return Err(ModelError::Config(format!("id2label names id {i} twice (keys '{first}' and '{k}')")));
+        }
+        *slot = Some((k, v));
     }
-    Ok(labels.into_iter().map(|l| l.unwrap_or_default()).collect())
+    Ok(labels.into_iter().map(|l| l.map(|(_, v)| v.to_string()).unwrap_or_default()).collect())
 }
 
 #[cfg(test)]
@@ -382,6 +387,9 @@ mod tests {
         assert!(VitConfig::from_json(r#"{"hidden_size": 10, "num_attention_heads": 3}"#).is_err());
         assert!(VitConfig::from_json(r#"{"model_type": "bert"}"#).is_err());
         assert!(VitConfig::from_json(r#"{"id2label": {"5": "x"}}"#).is_err());
+        let twice = VitConfig::from_json(r#"{"id2label": {"0": "cat", "00": "dog"}}"#).unwrap_err().to_string();
+        assert!(twice.contains("id2label names id 0 twice (keys '0' and '00')"), "{twice}");
+        assert!(VitConfig::from_json(r#"{"id2label": {"+1": "cat", "1": "dog"}}"#).is_err());
         assert!(VitConfig::from_json(r#"{"hidden_act": "mish"}"#).is_err());
         assert!(VitConfig::from_json("[1]").is_err());
     }

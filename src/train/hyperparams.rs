@@ -275,6 +275,20 @@ pub struct ParamError {
 }
 
 impl TrainParams {
+    /// Checks what depends on the base model, known only when the job runs: `trainable_layers`
+    /// may not exceed its encoder layers (more used to train them all without a word).
+    pub fn validate_for(&self, num_layers: usize) -> Result<(), ParamError> {
+        match self.trainable_layers {
+            Some(n) if n as usize > num_layers => Err(ParamError {
+                field: "trainable_layers",
+                message: format!(
+                    "is {n}, more than the {num_layers} encoder layers of the base model (train_mode all trains every layer and the embeddings)"
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Checks every range; the error names the first offending field.
     pub fn validate(&self) -> Result<(), ParamError> {
         fn check(ok: bool, field: &'static str, message: &str) -> Result<(), ParamError> {

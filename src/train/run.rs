@@ -38,6 +38,7 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, mut 
     let started = Instant::now();
     let p = spec.params.clone();
     p.validate()?;
+    p.validate_for(model.cfg.num_hidden_layers)?;
     let data = checked_data(spec.data, model, &p)?;
     let root = spec.checkpoint_root.clone();
     at_path(std::fs::create_dir_all(&root), "creating the checkpoint folder", &root)?;

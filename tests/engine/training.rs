@@ -3,7 +3,7 @@
 use std::sync::atomic::AtomicBool;
 
 use candle_core::Device;
-use vitforge::train::{Control, HeadInit, Phase, TrainError, TrainEvent, TrainParams, TrainSpec, fine_tune};
+use vitforge::train::{Control, HeadInit, Phase, TrainError, TrainEvent, TrainMode, TrainParams, TrainSpec, fine_tune};
 
 use crate::synth::{stripes_data, tiny_model};
 
@@ -86,7 +86,7 @@ fn head_only_changes_only_the_head() {
     let data = stripes_data(&tmp.path().join("data"), 12, 4);
     let mut model = tiny_model(&["horizontal", "vertical"], 9);
     let before = model.params.snapshot().unwrap();
-    let p = TrainParams { train_mode: vitforge::train::TrainMode::HeadOnly, epochs: 2, learning_rate: 1e-2, ..params() };
+    let p = TrainParams { train_mode: TrainMode::HeadOnly, epochs: 2, learning_rate: 1e-2, ..params() };
     let spec = TrainSpec { params: p, data, checkpoint_root: tmp.path().join("ck"), max_pixels: 1 << 24, cache_budget: 1 << 28 };
     let cancel = AtomicBool::new(false);
     fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut |_| {} }).unwrap();
@@ -438,4 +438,25 @@ fn a_run_whose_loss_turns_nan_fails_as_diverged() {
     assert!(matches!(err, TrainError::Diverged(_)), "{err}");
     assert!(err.to_string().contains("the loss of step 1 is NaN"), "{err}");
     assert!(losses(&events).is_empty(), "no step reported");
+}
+
+/// `trainable_layers` above the base model's encoder layers is refused when the run starts, with
+/// both numbers (before, it trained every layer without a word); as many as it has is accepted.
+#[test]
+fn more_trainable_layers_than_the_model_has_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = stripes_data(&tmp.path().join("data"), 12, 3);
+    let layers = tiny_model(&["horizontal", "vertical"], 9).cfg.num_hidden_layers;
+    let run = |n: usize| {
+        let mut model = tiny_model(&["horizontal", "vertical"], 9);
+        let cancel = AtomicBool::new(false);
+        let p = TrainParams { train_mode: TrainMode::LastNLayers, trainable_layers: Some(n as u32), epochs: 1, ..params() };
+        let spec = TrainSpec { params: p, data: data.clone(), checkpoint_root: tmp.path().join(format!("ck{n}")), max_pixels: 1 << 24, cache_budget: 1 << 28 };
+        fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut |_| {} })
+    };
+    let Err(err) = run(layers + 1) else { panic!("trained more layers than the model has") };
+    assert!(matches!(err, TrainError::Params(_)), "{err}");
+    let expected = format!("trainable_layers: is {}, more than the {layers} encoder layers of the base model", layers + 1);
+    assert!(err.to_string().contains(&expected), "{err}");
+    run(layers).expect("every encoder layer may train");
 }
