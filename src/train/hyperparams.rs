@@ -282,7 +282,7 @@ impl TrainParams {
             Some(n) if n as usize > num_layers => Err(ParamError {
                 field: "trainable_layers",
                 message: format!(
-                    "is {n}, more than the {num_layers} encoder layers of the base model (train_mode all trains every layer and the embeddings)"
+                    "is {n}, more than the {num_layers} encoder layers of the base model (train_mode full trains every layer and the embeddings)"
                 ),
             }),
             _ => Ok(()),
