@@ -47,6 +47,23 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def write_profile(path, run, cuda):
+    """Profiles one call of run: each kernel's (or on a CPU, each op's own) total time and count."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        run()
+    shares = {}
+    for e in prof.key_averages():
+        if cuda:  # named self_cuda_time_total before PyTorch 2.4
+            us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        else:
+            us = e.self_cpu_time_total
+        if us > 0:
+            shares[e.key] = [us * 1000.0, e.count]
+    with open(path, "w") as f:
+        json.dump(shares, f)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="small", choices=sorted(PRESETS))
@@ -58,6 +75,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--precision", default="f32", choices=["f32", "bf16"])
+    ap.add_argument("--profile", metavar="FILE",
+                    help="after timing, profile one more run of each figure with torch.profiler and write "
+                         "{kernel name: [ns, launches]} as JSON to FILE (GPU kernels; CPU ops on a CPU)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -109,6 +129,8 @@ def main():
                 t = time.perf_counter()
                 run()
                 times.append(time.perf_counter() - t)
+            if args.profile:
+                write_profile(args.profile, run, cuda)
             median = statistics.median(times)
             line = {"impl": "pytorch", "config": name, "batch": batch, "mode": mode, "precision": args.precision,
                     "device": args.device, "images_per_s": round(batch / median, 2), "peak_rss_mb": round(peak_rss_mb())}

@@ -13,11 +13,16 @@
 #      training steps, save/load);
 #   2. vitforge serve --device "$DEVICE" on a temporary folder: a generated dataset uploaded, a
 #      fine-tune of a ViT-S/16 made by init-model through the API to `succeeded`, /predict on it;
-#   3. vitforge bench --device "$DEVICE" for base/16 at batch 64 (inference and training step, f32),
-#      beside bench/torch_reference.py on the same GPU (f32 with PyTorch's defaults, and bf16:
-#      bf16 weights for inference, autocast for a training step), with peak GPU memory (PyTorch's
-#      own count; for vitforge, the peak of nvidia-smi's memory.used while it runs).
-# Results go to $OUT (default ./gpu-check-out): one log per step, bench JSON lines, summary.md.
+#   3. vitforge bench --device "$DEVICE" for base/16 at batch 64 (inference and training step, f32
+#      and bf16), beside bench/torch_reference.py on the same GPU (f32 with PyTorch's defaults, and
+#      bf16: bf16 weights for inference, autocast for a training step), with peak GPU memory
+#      (PyTorch's own count; for vitforge, the peak of nvidia-smi's memory.used while it runs);
+#   4. where the time goes: Nsight Compute's duration of every kernel of one vitforge training
+#      step (the first PROFILE_KERNELS launches), and PyTorch's profiler on its own step, each
+#      summed by kernel name (skipped where ncu is missing; PROFILE_KERNELS=0 skips it).
+# Results go to $GPU_CHECK_OUT (default ./gpu-check-out): one log per step, bench JSON lines,
+# profiles, summary.md. Where $OUT is set (the device tool's folder for files to bring back,
+# which takes few files), summary.md and a gzipped tar of everything are copied there.
 # Exit status 1 when a step failed.
 #
 # Rehearsal without a GPU (every step of the script on the CPU, small): DEVICE=cpu BENCH_CONFIG=tiny
@@ -29,13 +34,14 @@ DEVICE=${DEVICE:-cuda:0}
 BENCH_CONFIG=${BENCH_CONFIG:-base}
 BENCH_BATCH=${BENCH_BATCH:-64}
 TORCH_DEVICE=$([[ $DEVICE == cuda* ]] && echo cuda || echo cpu)
-OUT=${OUT:-$PWD/gpu-check-out}
-mkdir -p "$OUT"
+RES=${GPU_CHECK_OUT:-$PWD/gpu-check-out}
+PROFILE_KERNELS=${PROFILE_KERNELS:-2000}
+mkdir -p "$RES"
 PY=${PYTHON:-python3}
 FAILED=0
-summary() { echo "$*" | tee -a "$OUT/summary.md"; }
+summary() { echo "$*" | tee -a "$RES/summary.md"; }
 step() { echo; echo "==> $*"; }
-: >"$OUT/summary.md"
+: >"$RES/summary.md"
 summary "# vitforge GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
 
 # ---- the CUDA libraries of the machine's Python packages --------------------------------------
@@ -63,33 +69,33 @@ export LD_LIBRARY_PATH="$paths"
     "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.version.cuda)' 2>&1
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
     ldd "$BIN" 2>&1 | grep -E 'cuda|cublas|curand|nvrtc|not found'
-} | tee "$OUT/environment.txt"
+} | tee "$RES/environment.txt"
 summary ""
 summary '```'
-cat "$OUT/environment.txt" >>"$OUT/summary.md"
+cat "$RES/environment.txt" >>"$RES/summary.md"
 summary '```'
-if ! "$BIN" --version >/dev/null 2>"$OUT/start.log"; then
-    cat "$OUT/start.log"
+if ! "$BIN" --version >/dev/null 2>"$RES/start.log"; then
+    cat "$RES/start.log"
     summary "FAIL  the binary does not start (see start.log)"
     exit 1
 fi
 
 # ---- 1. selfcheck ----------------------------------------------------------------------------
 step "selfcheck"
-if timeout 300 "$BIN" selfcheck --device "$DEVICE" >"$OUT/selfcheck.json" 2>"$OUT/selfcheck.log"; then
+if timeout 300 "$BIN" selfcheck --device "$DEVICE" >"$RES/selfcheck.json" 2>"$RES/selfcheck.log"; then
     summary "PASS  selfcheck --device $DEVICE"
 else
     FAILED=1
     summary "FAIL  selfcheck --device $DEVICE"
 fi
-grep -E '^(PASS|FAIL)' "$OUT/selfcheck.log" | sed 's/^/      /' | tee -a "$OUT/summary.md"
+grep -E '^(PASS|FAIL)' "$RES/selfcheck.log" | sed 's/^/      /' | tee -a "$RES/summary.md"
 
 # ---- 2. the service on the GPU ----------------------------------------------------------------
 step "serve --device $DEVICE: dataset, fine-tune, predict"
 work=$(mktemp -d)
 data=$work/data
 mkdir -p "$data/base-models"
-"$BIN" init-model --config small --labels a,b --output "$data/base-models/vit-s16" 2>>"$OUT/serve.log"
+"$BIN" init-model --config small --labels a,b --output "$data/base-models/vit-s16" 2>>"$RES/serve.log"
 "$PY" - "$work" <<'EOF'
 import io, random, sys, zipfile
 from PIL import Image
@@ -104,32 +110,32 @@ with zipfile.ZipFile(f"{sys.argv[1]}/colours.zip", "w") as z:
             if i == 0:
                 img.save(f"{sys.argv[1]}/{label}.png")
 EOF
-RUST_LOG=info,vitforge::startup=info "$BIN" serve --device "$DEVICE" --port 0 --data-dir "$data" --log-format json >/dev/null 2>"$OUT/serve.log" &
+RUST_LOG=info,vitforge::startup=info "$BIN" serve --device "$DEVICE" --port 0 --data-dir "$data" --log-format json >/dev/null 2>"$RES/serve.log" &
 server=$!
 base=""
 for _ in $(seq 1 120); do
-    addr=$(grep -o '"addr":"[^"]*"' "$OUT/serve.log" | head -n 1 | cut -d'"' -f4)
+    addr=$(grep -o '"addr":"[^"]*"' "$RES/serve.log" | head -n 1 | cut -d'"' -f4)
     [[ -n $addr ]] && base=http://$addr && break
     kill -0 $server 2>/dev/null || break
     sleep 0.5
 done
 serve_ok=0
 if [[ -n $base ]]; then
-    dataset=$(curl -s -F file=@"$work/colours.zip" "$base/datasets" | tee "$OUT/dataset.json" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+    dataset=$(curl -s -F file=@"$work/colours.zip" "$base/datasets" | tee "$RES/dataset.json" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["id"])')
     job=$(curl -s -H 'content-type: application/json' -d "{\"dataset_id\": \"$dataset\", \"base_model\": \"vit-s16\", \"params\": {\"epochs\": 2, \"batch_size\": 16, \"learning_rate\": 1e-4}}" "$base/jobs" \
         | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["id"])')
     t0=$(date +%s)
     status=queued
     while (($(date +%s) - t0 < 300)); do
-        status=$(curl -s "$base/jobs/$job" | tee "$OUT/job.json" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["status"])')
+        status=$(curl -s "$base/jobs/$job" | tee "$RES/job.json" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["status"])')
         [[ $status == succeeded || $status == failed || $status == cancelled ]] && break
         sleep 1
     done
-    curl -s "$base/jobs/$job/metrics" >"$OUT/job-metrics.json"
-    code=$(curl -s -o "$OUT/predict.json" -w '%{http_code}' --data-binary @"$work/red.png" -H 'content-type: image/png' "$base/predict?top_k=2")
+    curl -s "$base/jobs/$job/metrics" >"$RES/job-metrics.json"
+    code=$(curl -s -o "$RES/predict.json" -w '%{http_code}' --data-binary @"$work/red.png" -H 'content-type: image/png' "$base/predict?top_k=2")
     if [[ $status == succeeded && $code == 200 ]]; then
         serve_ok=1
-        summary "PASS  serve --device $DEVICE: job $status in $(($(date +%s) - t0)) s, /predict $code: $(cat "$OUT/predict.json")"
+        summary "PASS  serve --device $DEVICE: job $status in $(($(date +%s) - t0)) s, /predict $code: $(cat "$RES/predict.json")"
     else
         summary "FAIL  serve --device $DEVICE: job $status, /predict $code (job.json, serve.log)"
     fi
@@ -156,32 +162,58 @@ peak_gpu() {
     sort -n "$log.mem" | tail -n 1
     return $rc
 }
-: >"$OUT/bench.jsonl"
+: >"$RES/bench.jsonl"
 for mode in infer train; do
-    mem=$(peak_gpu "$OUT/vitforge-$mode" timeout 240 "$BIN" bench --device "$DEVICE" --config "$BENCH_CONFIG" --batch "$BENCH_BATCH" --mode $mode --iters 10 --warmup 3 \
-        2>"$OUT/bench-vitforge-$mode.log" >"$OUT/vitforge-$mode.json")
-    if [[ -s $OUT/vitforge-$mode.json ]]; then
-        "$PY" -c 'import json,sys; d=json.loads(open(sys.argv[1]).read().splitlines()[-1]); d.update(device=sys.argv[3], precision="f32", peak_gpu_mb=int(sys.argv[2] or 0)); print(json.dumps(d))' \
-            "$OUT/vitforge-$mode.json" "$mem" "$TORCH_DEVICE" >>"$OUT/bench.jsonl"
-    else
-        FAILED=1
-        summary "FAIL  vitforge bench --mode $mode (bench-vitforge-$mode.log)"
-    fi
+    for precision in f32 bf16; do
+        run=vitforge-$mode-$precision
+        mem=$(peak_gpu "$RES/$run" timeout 240 "$BIN" bench --device "$DEVICE" --config "$BENCH_CONFIG" --batch "$BENCH_BATCH" --mode $mode --precision $precision --iters 10 --warmup 3 \
+            2>"$RES/bench-$run.log" >"$RES/$run.json")
+        if [[ -s $RES/$run.json ]]; then
+            "$PY" -c 'import json,sys; d=json.loads(open(sys.argv[1]).read().splitlines()[-1]); d.update(device=sys.argv[3], peak_gpu_mb=int(sys.argv[2] or 0)); print(json.dumps(d))' \
+                "$RES/$run.json" "$mem" "$TORCH_DEVICE" >>"$RES/bench.jsonl"
+        else
+            FAILED=1
+            summary "FAIL  vitforge bench --mode $mode --precision $precision (bench-$run.log)"
+        fi
+    done
     for precision in f32 bf16; do
         timeout 240 "$PY" bench/torch_reference.py --device "$TORCH_DEVICE" --precision $precision --config "$BENCH_CONFIG" --batch "$BENCH_BATCH" --mode $mode --iters 10 --warmup 3 \
-            >>"$OUT/bench.jsonl" 2>"$OUT/bench-torch-$mode-$precision.log" || { FAILED=1; summary "FAIL  torch_reference $mode $precision (bench-torch-$mode-$precision.log)"; }
+            >>"$RES/bench.jsonl" 2>"$RES/bench-torch-$mode-$precision.log" || { FAILED=1; summary "FAIL  torch_reference $mode $precision (bench-torch-$mode-$precision.log)"; }
     done
 done
 summary ""
 summary "| impl | precision | mode | images/s | peak GPU MiB |"
 summary "| --- | --- | --- | --- | --- |"
-"$PY" - "$OUT/bench.jsonl" <<'EOF' | tee -a "$OUT/summary.md"
+"$PY" - "$RES/bench.jsonl" <<'EOF' | tee -a "$RES/summary.md"
 import json, sys
 for line in open(sys.argv[1]):
     d = json.loads(line)
     print(f"| {d['impl']} | {d.get('precision', 'f32')} | {d['mode']} | {d['images_per_s']} | {d.get('peak_gpu_mb', '-')} |")
 EOF
+# ---- 4. where the time goes --------------------------------------------------------------------
+ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
+if [[ $DEVICE == cuda* && $PROFILE_KERNELS != 0 ]]; then
+    step "profiles of one training step"
+    if [[ -n $ncu ]]; then
+        # One metric, so that no kernel is replayed; the clocks are left as they are.
+        timeout 150 "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv --page raw --print-units base --launch-count "$PROFILE_KERNELS" \
+            "$BIN" bench --device "$DEVICE" --config "$BENCH_CONFIG" --batch "$BENCH_BATCH" --mode train --iters 1 --warmup 0 \
+            >"$RES/ncu-vitforge-train.csv" 2>"$RES/ncu-vitforge-train.log" ||
+            summary "note: ncu did not finish (ncu-vitforge-train.log)"
+    else
+        summary "note: no ncu on this machine, no kernel profile of vitforge"
+    fi
+    timeout 120 "$PY" bench/torch_reference.py --device "$TORCH_DEVICE" --precision f32 --config "$BENCH_CONFIG" --batch "$BENCH_BATCH" --mode train \
+        --iters 1 --warmup 2 --profile "$RES/torch-profile-train-f32.json" >/dev/null 2>"$RES/torch-profile.log" ||
+        summary "note: the PyTorch profile failed (torch-profile.log)"
+    "$PY" bench/kernel_shares.py "$RES/ncu-vitforge-train.csv" "$RES/torch-profile-train-f32.json" | tee -a "$RES/summary.md"
+fi
+
 rm -rf "$work"
 summary ""
 summary "result: $([[ $FAILED == 0 ]] && echo PASS || echo FAIL)"
+if [[ -n ${OUT:-} && -d $OUT && $OUT != "$RES" ]]; then
+    cp "$RES/summary.md" "$OUT/"
+    tar -czf "$OUT/gpu-check.tar.gz" -C "$RES" .
+fi
 exit $FAILED

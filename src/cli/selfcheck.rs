@@ -18,7 +18,7 @@ use clap::Args;
 use serde_json::{Value, json};
 
 use crate::model::network::{Objective, loss_and_grads};
-use crate::model::{Boundary, LoadedModel, ModelSource, TrainableSet, Vit};
+use crate::model::{Boundary, LoadedModel, ModelSource, Precision, TrainableSet, Vit};
 use crate::train::OptimizerKind;
 use crate::train::optim::Optimizer;
 
@@ -143,19 +143,60 @@ fn check_model(golden: &Path, name: &str, device: &Device, scratch: &Path) -> an
     let logits = Vit::frozen(&model.cfg, &model.params)?.forward(&pixels)?;
     let diff = max_abs_diff(&logits, &reference["logits"])?;
     checks.push(Check { name: format!("{name}: logits"), passed: diff <= logit_tol, detail: format!("max abs diff {diff:.2e} (≤ {logit_tol:.0e})") });
-
     let vit = Vit::new(&model.cfg, &model.params, &|_| true)?;
-    let (loss, grads) = loss_and_grads(&vit, &model.params, TrainableSet::All, Boundary::Pixels, &pixels, Objective::plain(&labels), None)?;
+    checks.extend(check_gradients(name, "", &vit, &model, &pixels, &labels, &reference, grad_tol)?);
+
+    // bf16 products (f32 weights, layer norm, softmax and reductions), held to the f32 golden
+    // values within what rounding the operands to 8 significant bits costs.
+    let logits = Vit::frozen(&model.cfg, &model.params)?.with_precision(Precision::Bf16).forward(&pixels)?;
+    let (diff, scale) = (max_abs_diff(&logits, &reference["logits"])?, max_abs(&reference["logits"])?);
+    let rel = diff / scale.max(1e-12);
+    checks.push(Check {
+        name: format!("{name}: bf16 logits"),
+        passed: rel <= BF16_TOLERANCE,
+        detail: format!("max abs diff {diff:.2e}, relative to the largest logit {rel:.1e} (≤ {BF16_TOLERANCE:.0e})"),
+    });
+    let vit = Vit::new(&model.cfg, &model.params, &|_| true)?.with_precision(Precision::Bf16);
+    checks.extend(check_gradients(name, "bf16 ", &vit, &model, &pixels, &labels, &reference, BF16_TOLERANCE)?);
+    checks.push(check_training(name, &model, &pixels, &labels)?);
+    checks.push(check_round_trip(name, &model, &pixels, &scratch.join(format!("saved-{name}")))?);
+    Ok(checks)
+}
+
+/// Relative tolerance of the bf16 checks (loss, and logits and gradients relative to each
+/// tensor's largest value). Rounding both operands of every product to bf16 (8 significant bits)
+/// moves these golden models' values by up to about 1%; a wrong kernel moves them by 100%.
+const BF16_TOLERANCE: f64 = 5e-2;
+
+fn max_abs(t: &Tensor) -> anyhow::Result<f64> {
+    Ok(t.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// The loss and every parameter's gradient of `vit` on the golden batch against PyTorch's, the
+/// gradients relative to each tensor's largest value: two checks, named with `prefix`.
+#[allow(clippy::too_many_arguments)]
+fn check_gradients(
+    name: &str,
+    prefix: &str,
+    vit: &Vit,
+    model: &LoadedModel,
+    pixels: &Tensor,
+    labels: &[u32],
+    reference: &HashMap<String, Tensor>,
+    tol: f64,
+) -> anyhow::Result<Vec<Check>> {
+    let (loss, grads) = loss_and_grads(vit, &model.params, TrainableSet::All, Boundary::Pixels, pixels, Objective::plain(labels), None)?;
     let ref_loss = reference["loss"].to_dtype(DType::F64)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f64>()?[0];
     let rel = (loss - ref_loss).abs() / ref_loss.abs().max(1e-12);
-    checks.push(Check { name: format!("{name}: loss"), passed: rel <= grad_tol, detail: format!("{loss:.6} vs {ref_loss:.6} (relative {rel:.1e})") });
+    let mut checks =
+        vec![Check { name: format!("{name}: {prefix}loss"), passed: rel <= tol, detail: format!("{loss:.6} vs {ref_loss:.6} (relative {rel:.1e})") }];
     let (mut worst, mut worst_name, mut missing) = (0f64, String::new(), 0);
     for (param, _) in model.params.iter() {
         let (Some(ours), Some(expected)) = (grads.get(param), reference.get(&format!("grad.{param}"))) else {
             missing += 1;
             continue;
         };
-        let scale = expected.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let scale = max_abs(expected)?;
         let diff = max_abs_diff(ours, expected)?;
         // Analytically zero gradients (key biases) are compared absolutely.
         let err = if scale < 1e-10 { diff / 1e-2 } else { diff / scale };
@@ -164,12 +205,10 @@ fn check_model(golden: &Path, name: &str, device: &Device, scratch: &Path) -> an
         }
     }
     checks.push(Check {
-        name: format!("{name}: every gradient"),
-        passed: missing == 0 && worst <= grad_tol,
-        detail: format!("{} tensors, worst relative error {worst:.1e} ({worst_name}; ≤ {grad_tol:.0e}), {missing} missing", grads.len()),
+        name: format!("{name}: {prefix}every gradient"),
+        passed: missing == 0 && worst <= tol,
+        detail: format!("{} tensors, worst relative error {worst:.1e} ({worst_name}; ≤ {tol:.0e}), {missing} missing", grads.len()),
     });
-    checks.push(check_training(name, &model, &pixels, &labels)?);
-    checks.push(check_round_trip(name, &model, &pixels, &scratch.join(format!("saved-{name}")))?);
     Ok(checks)
 }
 

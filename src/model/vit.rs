@@ -48,9 +48,19 @@ impl Linear {
 /// straight-through cast, `x + (bf16(x) − x)` with the difference detached: the value is the
 /// rounded one (the difference is exact), and the gradient reaches `x` unchanged, as the fast
 /// path's mixed precision gives it (f32 gradients of the f32 master weights).
+///
+/// On a GPU, bf16 runs natively instead, as `torch.autocast` does: both operands cast to bf16,
+/// cuBLAS multiplies them with f32 accumulation (candle asks for `CUBLAS_COMPUTE_32F`), and the
+/// bf16 result is cast back to f32. The casts are differentiable (their backward casts the
+/// gradient back), so the backward's products run in bf16 too and the f32 master weights get
+/// f32 gradients.
 fn matmul(a: &Tensor, b: &Tensor, prec: Precision) -> Result<Tensor> {
     match prec {
         Precision::F32 => Ok(a.matmul(b)?),
+        Precision::Bf16 if a.device().is_cuda() => {
+            let dtype = a.dtype();
+            Ok(a.to_dtype(DType::BF16)?.matmul(&b.to_dtype(DType::BF16)?)?.to_dtype(dtype)?)
+        }
         Precision::Bf16 => {
             let round = |x: &Tensor| -> Result<Tensor> { Ok((x + (x.to_dtype(DType::BF16)?.to_dtype(x.dtype())? - x)?.detach())?) };
             Ok(round(a)?.matmul(&round(b)?)?)

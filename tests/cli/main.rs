@@ -144,7 +144,18 @@ fn selfcheck_passes_on_this_machine_and_fails_on_a_wrong_reference() {
     assert_eq!(summary["passed"], true, "{summary}");
     assert_eq!((summary["device"].as_str(), summary["tolerances"]["logits"].as_f64()), (Some("cpu"), Some(1e-4)), "{summary}");
     let names: Vec<&str> = summary["checks"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
-    for name in ["odd: preprocessing", "odd: logits", "odd: loss", "odd: every gradient", "odd: training steps", "odd: save and load", "odd2: logits"] {
+    for name in [
+        "odd: preprocessing",
+        "odd: logits",
+        "odd: loss",
+        "odd: every gradient",
+        "odd: bf16 logits",
+        "odd: bf16 loss",
+        "odd: bf16 every gradient",
+        "odd: training steps",
+        "odd: save and load",
+        "odd2: logits",
+    ] {
         assert!(names.contains(&name), "{name} in {names:?}");
     }
     assert_eq!(err.lines().filter(|l| l.starts_with("PASS")).count(), names.len(), "{err}");
