@@ -40,6 +40,8 @@ mkdir -p "$RES"
 PY=${PYTHON:-python3}
 FAILED=0
 summary() { echo "$*" | tee -a "$RES/summary.md"; }
+# The last lines of a failed step's log, indented, into the summary.
+excerpt() { tail -n "${2:-6}" "$1" 2>/dev/null | cut -c1-400 | sed 's/^/      > /' | tee -a "$RES/summary.md"; }
 step() { echo; echo "==> $*"; }
 : >"$RES/summary.md"
 summary "# vitforge GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -87,8 +89,18 @@ if timeout 300 "$BIN" selfcheck --device "$DEVICE" >"$RES/selfcheck.json" 2>"$RE
 else
     FAILED=1
     summary "FAIL  selfcheck --device $DEVICE"
+    excerpt "$RES/selfcheck.log" 3
 fi
 grep -E '^(PASS|FAIL)' "$RES/selfcheck.log" | sed 's/^/      /' | tee -a "$RES/summary.md"
+if ((FAILED)); then
+    # Which part is at fault: the same checks without the fused inference kernels.
+    if VITFORGE_FUSED=0 timeout 300 "$BIN" selfcheck --device "$DEVICE" >"$RES/selfcheck-unfused.json" 2>"$RES/selfcheck-unfused.log"; then
+        summary "      with VITFORGE_FUSED=0 every check passes"
+    else
+        summary "      with VITFORGE_FUSED=0:"
+        grep -E '^FAIL' "$RES/selfcheck-unfused.log" | sed 's/^/      /' | tee -a "$RES/summary.md"
+    fi
+fi
 
 # ---- 2. the service on the GPU ----------------------------------------------------------------
 step "serve --device $DEVICE: dataset, fine-tune, predict"
@@ -138,6 +150,9 @@ if [[ -n $base ]]; then
         summary "PASS  serve --device $DEVICE: job $status in $(($(date +%s) - t0)) s, /predict $code: $(cat "$RES/predict.json")"
     else
         summary "FAIL  serve --device $DEVICE: job $status, /predict $code (job.json, serve.log)"
+        excerpt "$RES/job.json" 1
+        grep -iE '"level":"(ERROR|WARN)"' "$RES/serve.log" >"$RES/serve-errors.log"
+        excerpt "$RES/serve-errors.log" 4
     fi
 else
     summary "FAIL  serve --device $DEVICE did not start (serve.log)"
@@ -174,11 +189,16 @@ for mode in infer train; do
         else
             FAILED=1
             summary "FAIL  vitforge bench --mode $mode --precision $precision (bench-$run.log)"
+            excerpt "$RES/bench-$run.log" 3
         fi
     done
     for precision in f32 bf16; do
         timeout 240 "$PY" bench/torch_reference.py --device "$TORCH_DEVICE" --precision $precision --config "$BENCH_CONFIG" --batch "$BENCH_BATCH" --mode $mode --iters 10 --warmup 3 \
-            >>"$RES/bench.jsonl" 2>"$RES/bench-torch-$mode-$precision.log" || { FAILED=1; summary "FAIL  torch_reference $mode $precision (bench-torch-$mode-$precision.log)"; }
+            >>"$RES/bench.jsonl" 2>"$RES/bench-torch-$mode-$precision.log" || {
+            FAILED=1
+            summary "FAIL  torch_reference $mode $precision (bench-torch-$mode-$precision.log)"
+            excerpt "$RES/bench-torch-$mode-$precision.log" 2
+        }
     done
 done
 summary ""
