@@ -3,12 +3,12 @@
 # build of vitforge made beforehand (no Rust toolchain is needed there):
 #
 #   scripts/cuda-toolkit.sh cargo build --release --locked --features cuda      # on the build machine
-#   mkdir -p .gpu && objcopy --strip-debug target/release/vitforge .gpu/vitforge  # about 40 MB
+#   mkdir -p .gpu && strip -o .gpu/vitforge target/release/vitforge && gzip -f .gpu/vitforge  # 26 MB
 #   scripts/gpu-check.sh [BINARY]                                               # on the GPU machine
 #
-# BINARY defaults to .gpu/vitforge. The CUDA libraries come from the machine's own Python
-# installation (PyTorch's wheels carry libcublas.so.13, libcurand, libnvrtc, libcudart): they are
-# found there and put on LD_LIBRARY_PATH. It runs, in about five minutes on an H200:
+# BINARY defaults to .gpu/vitforge; a name ending in .gz is unpacked first. The CUDA libraries
+# come from the machine's own Python installation (PyTorch's wheels carry libcublas.so.13,
+# libcurand, libnvrtc, libcudart): they are found there and put on LD_LIBRARY_PATH. It runs, in about five minutes on an H200:
 #   1. vitforge selfcheck --device cuda:0 (golden files: preprocessing, logits, loss, gradients,
 #      training steps, save/load);
 #   2. vitforge serve --device "$DEVICE" on a temporary folder: a generated dataset uploaded, a
@@ -30,6 +30,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-.gpu/vitforge}
+if [[ $BIN == *.gz ]]; then
+    # A gzipped binary (the CUDA build is about 86 MB stripped, 26 MB gzipped: the device tool
+    # carries 64 MiB at most).
+    gunzip -c "$BIN" >"${TMPDIR:-/tmp}/vitforge-gpu-check" && chmod +x "${TMPDIR:-/tmp}/vitforge-gpu-check"
+    BIN=${TMPDIR:-/tmp}/vitforge-gpu-check
+fi
 DEVICE=${DEVICE:-cuda:0}
 BENCH_CONFIG=${BENCH_CONFIG:-base}
 BENCH_BATCH=${BENCH_BATCH:-64}
