@@ -14,7 +14,7 @@
 #   2. vitforge serve --device "$DEVICE" on a temporary folder: a generated dataset uploaded, a
 #      fine-tune of a ViT-S/16 made by init-model through the API to `succeeded`, /predict on it;
 #   3. vitforge bench --device "$DEVICE" for base/16 at batch 64 (inference and training step, f32
-#      and bf16), beside bench/torch_reference.py on the same GPU (f32 with PyTorch's defaults, and
+#      and bf16; on a GPU with layer norm and softmax fused, the default, and composed), beside bench/torch_reference.py on the same GPU (f32 with PyTorch's defaults, and
 #      bf16: bf16 weights for inference, autocast for a training step), with peak GPU memory
 #      (PyTorch's own count; for vitforge, the peak of nvidia-smi's memory.used while it runs);
 #   4. where the time goes: Nsight Compute's duration of every kernel of one vitforge training
@@ -45,11 +45,15 @@ PROFILE_KERNELS=${PROFILE_KERNELS:-2000}
 mkdir -p "$RES"
 PY=${PYTHON:-python3}
 FAILED=0
-summary() { echo "$*" | tee -a "$RES/summary.md"; }
+# The summary is also written to $OUT as it grows, so that a run stopped at its limit still
+# brings back what it found.
+sumfiles=("$RES/summary.md")
+[[ -n ${OUT:-} && -d ${OUT:-} && ${OUT:-} != "$RES" ]] && sumfiles+=("$OUT/summary.md")
+summary() { echo "$*" | tee -a "${sumfiles[@]}"; }
 # The last lines of a failed step's log, indented, into the summary.
-excerpt() { tail -n "${2:-6}" "$1" 2>/dev/null | cut -c1-400 | sed 's/^/      > /' | tee -a "$RES/summary.md"; }
+excerpt() { tail -n "${2:-6}" "$1" 2>/dev/null | cut -c1-400 | sed 's/^/      > /' | tee -a "${sumfiles[@]}"; }
 step() { echo; echo "==> $*"; }
-: >"$RES/summary.md"
+: | tee "${sumfiles[@]}"
 summary "# vitforge GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
 
 # ---- the CUDA libraries of the machine's Python packages --------------------------------------
@@ -80,7 +84,7 @@ export LD_LIBRARY_PATH="$paths"
 } | tee "$RES/environment.txt"
 summary ""
 summary '```'
-cat "$RES/environment.txt" >>"$RES/summary.md"
+cat "$RES/environment.txt" | tee -a "${sumfiles[@]}" >/dev/null
 summary '```'
 if ! "$BIN" --version >/dev/null 2>"$RES/start.log"; then
     cat "$RES/start.log"
@@ -97,14 +101,14 @@ else
     summary "FAIL  selfcheck --device $DEVICE"
     excerpt "$RES/selfcheck.log" 3
 fi
-grep -E '^(PASS|FAIL)' "$RES/selfcheck.log" | sed 's/^/      /' | tee -a "$RES/summary.md"
+grep -E '^(PASS|FAIL)' "$RES/selfcheck.log" | sed 's/^/      /' | tee -a "${sumfiles[@]}"
 if ((FAILED)); then
     # Which part is at fault: the same checks without the fused inference kernels.
-    if VITFORGE_FUSED=0 timeout 300 "$BIN" selfcheck --device "$DEVICE" >"$RES/selfcheck-unfused.json" 2>"$RES/selfcheck-unfused.log"; then
-        summary "      with VITFORGE_FUSED=0 every check passes"
+    if VITFORGE_FUSED=0 VITFORGE_FUSED_TRAINING=0 timeout 300 "$BIN" selfcheck --device "$DEVICE" >"$RES/selfcheck-unfused.json" 2>"$RES/selfcheck-unfused.log"; then
+        summary "      with VITFORGE_FUSED=0 VITFORGE_FUSED_TRAINING=0 every check passes"
     else
-        summary "      with VITFORGE_FUSED=0:"
-        grep -E '^FAIL' "$RES/selfcheck-unfused.log" | sed 's/^/      /' | tee -a "$RES/summary.md"
+        summary "      with VITFORGE_FUSED=0 VITFORGE_FUSED_TRAINING=0:"
+        grep -E '^FAIL' "$RES/selfcheck-unfused.log" | sed 's/^/      /' | tee -a "${sumfiles[@]}"
     fi
 fi
 
@@ -169,7 +173,8 @@ wait $server 2>/dev/null
 
 # ---- 3. speed beside PyTorch -------------------------------------------------------------------
 step "bench $BENCH_CONFIG/16, batch $BENCH_BATCH"
-# Peak of nvidia-smi's memory.used while a command runs (MiB; the CUDA context included).
+# Runs a command while sampling nvidia-smi's memory.used, and writes the peak (MiB; the CUDA
+# context included) to $log.peak.
 peak_gpu() {
     local log=$1
     shift
@@ -180,23 +185,32 @@ peak_gpu() {
     local rc=$?
     kill $smi 2>/dev/null
     wait $smi 2>/dev/null
-    sort -n "$log.mem" | tail -n 1
+    sort -n "$log.mem" | tail -n 1 >"$log.peak"
     return $rc
 }
 : >"$RES/bench.jsonl"
+# vitforge's layer norm and softmax: fused kernels (the default on a GPU), and the composed
+# candle ops (VITFORGE_FUSED=0 VITFORGE_FUSED_TRAINING=0), to show what the fused ones gain.
+variants=(default)
+[[ $DEVICE == cuda* ]] && variants=(fused composed)
 for mode in infer train; do
     for precision in f32 bf16; do
-        run=vitforge-$mode-$precision
-        mem=$(peak_gpu "$RES/$run" timeout 240 "$BIN" bench --device "$DEVICE" --config "$BENCH_CONFIG" --batch "$BENCH_BATCH" --mode $mode --precision $precision --iters 10 --warmup 3 \
-            2>"$RES/bench-$run.log" >"$RES/$run.json")
-        if [[ -s $RES/$run.json ]]; then
-            "$PY" -c 'import json,sys; d=json.loads(open(sys.argv[1]).read().splitlines()[-1]); d.update(device=sys.argv[3], peak_gpu_mb=int(sys.argv[2] or 0)); print(json.dumps(d))' \
-                "$RES/$run.json" "$mem" "$TORCH_DEVICE" >>"$RES/bench.jsonl"
-        else
-            FAILED=1
-            summary "FAIL  vitforge bench --mode $mode --precision $precision (bench-$run.log)"
-            excerpt "$RES/bench-$run.log" 3
-        fi
+        for variant in "${variants[@]}"; do
+            run=vitforge-$mode-$precision-$variant
+            env=()
+            [[ $variant == composed ]] && env=(VITFORGE_FUSED=0 VITFORGE_FUSED_TRAINING=0)
+            peak_gpu "$RES/$run" env "${env[@]}" timeout 240 "$BIN" bench --device "$DEVICE" --config "$BENCH_CONFIG" --batch "$BENCH_BATCH" --mode $mode \
+                --precision $precision --iters 10 --warmup 3 2>"$RES/bench-$run.log" >"$RES/$run.json"
+            mem=$(cat "$RES/$run.peak" 2>/dev/null)
+            if [[ -s $RES/$run.json ]]; then
+                "$PY" -c 'import json,sys; d=json.loads(open(sys.argv[1]).read().splitlines()[-1]); d.update(device=sys.argv[3], peak_gpu_mb=int(sys.argv[2] or 0), kernels=sys.argv[4]); print(json.dumps(d))' \
+                    "$RES/$run.json" "$mem" "$TORCH_DEVICE" "$variant" >>"$RES/bench.jsonl"
+            else
+                FAILED=1
+                summary "FAIL  vitforge bench --mode $mode --precision $precision ($variant; bench-$run.log)"
+                excerpt "$RES/bench-$run.log" 3
+            fi
+        done
     done
     for precision in f32 bf16; do
         timeout 240 "$PY" bench/torch_reference.py --device "$TORCH_DEVICE" --precision $precision --config "$BENCH_CONFIG" --batch "$BENCH_BATCH" --mode $mode --iters 10 --warmup 3 \
@@ -208,13 +222,13 @@ for mode in infer train; do
     done
 done
 summary ""
-summary "| impl | precision | mode | images/s | peak GPU MiB |"
-summary "| --- | --- | --- | --- | --- |"
-"$PY" - "$RES/bench.jsonl" <<'EOF' | tee -a "$RES/summary.md"
+summary "| impl | precision | mode | images/s | peak GPU MiB | layer norm, softmax |"
+summary "| --- | --- | --- | --- | --- | --- |"
+"$PY" - "$RES/bench.jsonl" <<'EOF' | tee -a "${sumfiles[@]}"
 import json, sys
 for line in open(sys.argv[1]):
     d = json.loads(line)
-    print(f"| {d['impl']} | {d.get('precision', 'f32')} | {d['mode']} | {d['images_per_s']} | {d.get('peak_gpu_mb', '-')} |")
+    print(f"| {d['impl']} | {d.get('precision', 'f32')} | {d['mode']} | {d['images_per_s']} | {d.get('peak_gpu_mb', '-')} | {d.get('kernels', '')} |")
 EOF
 # ---- 4. where the time goes --------------------------------------------------------------------
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
@@ -232,14 +246,13 @@ if [[ $DEVICE == cuda* && $PROFILE_KERNELS != 0 ]]; then
     timeout 120 "$PY" bench/torch_reference.py --device "$TORCH_DEVICE" --precision f32 --config "$BENCH_CONFIG" --batch "$BENCH_BATCH" --mode train \
         --iters 1 --warmup 2 --profile "$RES/torch-profile-train-f32.json" >/dev/null 2>"$RES/torch-profile.log" ||
         summary "note: the PyTorch profile failed (torch-profile.log)"
-    "$PY" bench/kernel_shares.py "$RES/ncu-vitforge-train.csv" "$RES/torch-profile-train-f32.json" | tee -a "$RES/summary.md"
+    "$PY" bench/kernel_shares.py "$RES/ncu-vitforge-train.csv" "$RES/torch-profile-train-f32.json" | tee -a "${sumfiles[@]}"
 fi
 
 rm -rf "$work"
 summary ""
 summary "result: $([[ $FAILED == 0 ]] && echo PASS || echo FAIL)"
 if [[ -n ${OUT:-} && -d $OUT && $OUT != "$RES" ]]; then
-    cp "$RES/summary.md" "$OUT/"
     tar -czf "$OUT/gpu-check.tar.gz" -C "$RES" .
 fi
 exit $FAILED

@@ -8,6 +8,7 @@
 pub mod classifier;
 pub mod config;
 mod fast;
+mod fused;
 pub mod io;
 pub mod network;
 pub mod precision;

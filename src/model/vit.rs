@@ -6,10 +6,8 @@
 //! candle-transformers' `vit` uses `softmax_last_dim` and the fused `layer_norm`, which have no
 //! backward: candle silently treats their outputs as constants. Here layer norm, softmax and the
 //! activations are composed from ops that all implement backward, and golden-file tests check
-//! every gradient against PyTorch. Only where no gradient can be asked for (no input tracked by
-//! autograd: inference, and a frozen prefix) and the tensors are on a GPU do layer norm and
-//! softmax run as candle's fused kernels instead, one launch each where the composed forms take
-//! five to nine ([`fused`]; `VITFORGE_FUSED=0` turns them off).
+//! every gradient against PyTorch. On a GPU, layer norm and softmax run as candle's fused kernels
+//! instead, with our own backward attached where a gradient may be asked for ([`super::fused`]).
 
 use std::sync::Arc;
 
@@ -18,6 +16,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::config::Activation;
+use super::fused;
 use super::fast::matmul::PackedB;
 use super::precision::Precision;
 use super::weights::{Params, keys};
@@ -81,8 +80,12 @@ pub(crate) struct LayerNorm {
 
 impl LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if fused(&[xs, &self.weight, &self.bias]) {
+        let inputs = [xs, &self.weight, &self.bias];
+        if fused::no_grad(&inputs) {
             return Ok(candle_nn::ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps as f32)?);
+        }
+        if fused::with_backward(&inputs) {
+            return Ok(fused::layer_norm(xs, &self.weight, &self.bias, self.eps)?);
         }
         let mean = xs.mean_keepdim(D::Minus1)?;
         let centred = xs.broadcast_sub(&mean)?;
@@ -95,23 +98,15 @@ impl LayerNorm {
 /// Softmax over the last dimension. The max is subtracted for stability; it is detached because
 /// softmax does not depend on it, which saves its backward work.
 pub fn softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
-    if fused(&[xs]) {
+    if fused::no_grad(&[xs]) {
         return candle_nn::ops::softmax_last_dim(&xs.contiguous()?);
+    }
+    if fused::with_backward(&[xs]) {
+        return fused::softmax_last_dim(xs);
     }
     let max = xs.detach().max_keepdim(D::Minus1)?;
     let e = xs.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
-
-/// Whether an op on `inputs` may run as candle's fused kernel, which has no backward: only when
-/// none of them is tracked by autograd (so no gradient can be asked for through it), on a GPU
-/// (on the CPU the fast path runs inference, and the reference path stays the composed oracle),
-/// and unless `VITFORGE_FUSED=0`.
-fn fused(inputs: &[&Tensor]) -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    !inputs[0].device().is_cpu()
-        && inputs.iter().all(|t| !t.track_op())
-        && *ENABLED.get_or_init(|| std::env::var("VITFORGE_FUSED").map_or(true, |v| v.trim() != "0"))
 }
 
 /// log(softmax(x)) over the last dimension, composed (differentiable).
@@ -405,38 +400,4 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32], eps: f64, class_weights: 
 /// Softmax probabilities of logits, on the host.
 pub fn probabilities(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(softmax_last_dim(&logits.to_dtype(DType::F32)?)?.to_vec2::<f32>()?)
-}
-
-
-#[cfg(test)]
-mod tests {
-    use candle_core::{Device, Tensor};
-
-    use super::*;
-
-    /// The fused kernels that replace layer norm and softmax on a GPU when no gradient is
-    /// wanted compute what the composed forms compute (here on the CPU, where candle has both;
-    /// the GPU's own kernels are checked by `vitforge selfcheck` against the golden files).
-    #[test]
-    fn fused_layer_norm_and_softmax_match_the_composed_forms() {
-        let dev = Device::Cpu;
-        let xs = (Tensor::randn(0f32, 3.0, (2, 5, 24), &dev).unwrap() + 1.5).unwrap();
-        let ln = LayerNorm {
-            weight: Tensor::randn(1f32, 0.2, 24, &dev).unwrap(),
-            bias: Tensor::randn(0f32, 0.2, 24, &dev).unwrap(),
-            eps: 1e-6,
-        };
-        let composed = ln.forward(&xs).unwrap();
-        let kernel = candle_nn::ops::layer_norm(&xs, &ln.weight, &ln.bias, ln.eps as f32).unwrap();
-        let diff = (composed - kernel).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < 1e-4, "layer norm differs by {diff}");
-        let composed = softmax_last_dim(&xs).unwrap();
-        let kernel = candle_nn::ops::softmax_last_dim(&xs).unwrap();
-        let diff = (composed - kernel).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < 1e-6, "softmax differs by {diff}");
-        // On the CPU, and for anything autograd tracks, the composed forms always run.
-        assert!(!fused(&[&xs]));
-        let var = candle_core::Var::from_tensor(&xs).unwrap();
-        assert!(!fused(&[var.as_tensor()]));
-    }
 }
