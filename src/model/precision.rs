@@ -7,9 +7,8 @@
 //! as it packs it for the product ([`super::fast`]); the reference path rounds with a
 //! straight-through cast, so that autograd passes gradients through the rounding unchanged.
 //!
-//! On a CPU with AVX-512 BF16 (and on AMX CPUs, which run the same kernel unless
-//! `VITFORGE_MAX_ISA=amx` asks for tiles) the products run natively by `vdpbf16ps`, twice the
-//! f32 rate; elsewhere bf16 is emulated (the f32 kernels
+//! On a CPU with AVX-512 BF16 the products run natively by `vdpbf16ps`, twice the f32 rate, and
+//! on AMX CPUs on tiles by `tdpbf16ps`; elsewhere bf16 is emulated (the f32 kernels
 //! multiply the rounded operands), at f32 speed with bf16's results. `auto` is bf16 only where it
 //! runs natively (see [`super::isa`]). The default stays `f32` (README, "Precision", says why).
 

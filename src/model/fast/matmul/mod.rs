@@ -1,7 +1,6 @@
 //! Matrix products on strided views of `f32` slices, with bounds checked before the unsafe call:
-//! through our kernels ([`sgemm`]'s driver with an AVX2/FMA, AVX-512 or AVX-512 BF16 micro-kernel,
-//! the highest the CPU has and `VITFORGE_MAX_ISA` allows, or the AMX one where
-//! `VITFORGE_MAX_ISA=amx` asks for it), else through the `gemm` crate (the kernels candle's CPU backend uses). Strides let one buffer hold Q, K and V side by
+//! through our kernels ([`sgemm`]'s driver with an AVX2/FMA, AVX-512, AVX-512 BF16 or AMX
+//! micro-kernel, the highest the CPU has and `VITFORGE_MAX_ISA` allows), else through the `gemm` crate (the kernels candle's CPU backend uses). Strides let one buffer hold Q, K and V side by
 //! side and let transposes cost nothing. In [`Precision::Bf16`] both operands are rounded to
 //! bfloat16 (our kernel rounds them as it packs them, the crate's path on rounded copies) and the
 //! products accumulate in f32 (natively by `vdpbf16ps` at the `avx512bf16` level, `tdpbf16ps` at
