@@ -1,5 +1,6 @@
 //! Removal of blobs that no dataset references any more: right after a dataset is deleted, and as a
-//! full sweep at start-up (a crash between an upload's blob writes and its insert leaves orphans).
+//! full sweep at start-up and every `--sweep-secs` (a crash between an upload's blob writes and its
+//! insert leaves orphans, and so does a failed collection after a delete).
 //!
 //! Blobs are shared between datasets, and an upload whose image is already stored writes nothing
 //! and only references the existing blob. So uploads hold the [`BlobLock`] shared from their first
@@ -76,6 +77,33 @@ pub async fn collect_after_delete(
 /// temporary files a crash left behind.
 pub async fn sweep(pool: &Pool, store: &Objects, lock: &BlobLock) -> anyhow::Result<usize> {
     let guard = lock.clone().write_owned().await;
+    sweep_locked(pool, store, &guard).await
+}
+
+/// [`sweep`] now unless an upload is in flight (then `None`: the next sweep tries again). With
+/// `shared_store` (processes of several roles share the blobs), uploads of every process count:
+/// the sweep needs PostgreSQL's advisory lock exclusively, and on SQLite, which has none, it is
+/// never done.
+pub async fn sweep_if_idle(pool: &Pool, store: &Objects, lock: &BlobLock, shared_store: bool) -> anyhow::Result<Option<usize>> {
+    if shared_store && db::Backend::of(pool) != db::Backend::Postgres {
+        return Ok(None);
+    }
+    let across = if shared_store {
+        match db::blob_lock(pool, true, false).await? {
+            Some(held) => Some(held),
+            None => return Ok(None),
+        }
+    } else {
+        None
+    };
+    let Ok(guard) = lock.clone().try_write_owned() else { return Ok(None) };
+    let removed = sweep_locked(pool, store, &guard).await?;
+    drop(across);
+    Ok(Some(removed))
+}
+
+/// The sweep itself; the guard proves the caller holds the in-process lock exclusively.
+async fn sweep_locked(pool: &Pool, store: &Objects, guard: &OwnedRwLockWriteGuard<()>) -> anyhow::Result<usize> {
     let listing = store.blobs().clone();
     let stored = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<String>> {
         // An hour is far longer than any single blob write, so such a file is abandoned.
@@ -87,7 +115,7 @@ pub async fn sweep(pool: &Pool, store: &Objects, lock: &BlobLock) -> anyhow::Res
     .with_context(|| format!("listing blobs in {}", store.blobs().root().display()))?;
     let mut stored: std::collections::BTreeSet<String> = stored.into_iter().collect();
     stored.extend(store.remote_blobs().await?);
-    remove_unreferenced(pool, store, &stored.into_iter().collect::<Vec<_>>(), &guard).await
+    remove_unreferenced(pool, store, &stored.into_iter().collect::<Vec<_>>(), guard).await
 }
 
 /// Removes cached thumbnails (`<hash>.jpg` in `dir`) whose blob is gone; returns how many.

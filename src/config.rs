@@ -55,6 +55,14 @@ pub struct ServeConfig {
     #[arg(long, env = "VITFORGE_LEASE_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3600))]
     pub lease_secs: u64,
 
+    /// Seconds between sweeps for blobs no dataset references (left by a crash between an
+    /// upload's blob writes and its insert, or by a delete whose collection failed): in `--role
+    /// all`, and in processes of several roles on PostgreSQL, whose advisory lock keeps out every
+    /// process's uploads. A sweep is skipped while an upload is in flight. 0: none (the start-up
+    /// sweep of `--role all` remains).
+    #[arg(long, env = "VITFORGE_SWEEP_SECS", default_value_t = 3600)]
+    pub sweep_secs: u64,
+
     /// Largest dataset upload accepted, in bytes (the archive as sent).
     #[arg(long, env = "VITFORGE_MAX_UPLOAD_BYTES", default_value_t = 2 * 1024 * 1024 * 1024)]
     pub max_upload_bytes: u64,

@@ -127,6 +127,7 @@ impl Application {
         // An API process of several learns of models registered by workers elsewhere by looking.
         let follower = (self.state.config.role == Role::Api).then(|| tokio::spawn(follow_newest_model(self.state.clone())));
         let releaser = crate::malloc::applied().then(|| tokio::spawn(release_memory_now_and_then()));
+        let sweeper = (self.state.config.sweep_secs > 0).then(|| tokio::spawn(sweep_blobs_now_and_then(self.state.clone())));
         let app = http::router(self.state.clone());
         let hub = self.state.jobs.clone();
         // On the signal, stop the workers' jobs and end live event streams first: graceful
@@ -143,7 +144,7 @@ impl Application {
                 tracing::warn!("a worker did not stop in time; its job resumes from its checkpoint at the next start");
             }
         }
-        for task in [follower, releaser].into_iter().flatten() {
+        for task in [follower, releaser, sweeper].into_iter().flatten() {
             task.abort();
         }
         self.state.db.close().await;
@@ -177,6 +178,29 @@ async fn release_memory_now_and_then() {
     loop {
         every.tick().await;
         let _ = tokio::task::spawn_blocking(crate::malloc::release_free_memory).await;
+    }
+}
+
+/// Sweeps for blobs no dataset references every `--sweep-secs` (the first sweep one period after
+/// start: `--role all` has just swept at start-up). Where the sweep cannot be safe (several
+/// processes on SQLite) it says so once and stops.
+async fn sweep_blobs_now_and_then(state: AppState) {
+    let shared = state.config.role != Role::All;
+    if shared && crate::db::Backend::of(&state.db) != crate::db::Backend::Postgres {
+        tracing::info!("no periodic blob sweep: processes of several roles on SQLite have no lock across processes (a --role all start-up sweeps)");
+        return;
+    }
+    let period = Duration::from_secs(state.config.sweep_secs);
+    let mut every = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        match crate::blob_gc::sweep_if_idle(&state.db, &state.objects, &state.blob_lock, shared).await {
+            Ok(Some(0)) => tracing::debug!("blob sweep: nothing to remove"),
+            Ok(Some(removed)) => tracing::info!(removed, "removed blobs no dataset references"),
+            Ok(None) => tracing::debug!("blob sweep skipped: an upload is in flight"),
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "the blob sweep failed; the next one tries again"),
+        }
     }
 }
 

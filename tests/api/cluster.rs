@@ -223,6 +223,35 @@ async fn the_database_stopped_and_restarted_under_load() {
     assert_eq!(done["status"], "succeeded", "{done}");
 }
 
+/// The periodic blob sweep of a process of several (`--sweep-secs`) runs only when no process
+/// has an upload in flight (PostgreSQL's advisory lock, held shared by uploads, taken exclusively
+/// with a try), then removes what no dataset references. On SQLite such a process never sweeps.
+#[tokio::test]
+async fn periodic_blob_sweep_of_a_process_of_several_waits_for_uploads_elsewhere() {
+    let postgres = crate::support::test_postgres().is_some();
+    let app = crate::helpers::spawn_app_with(|c| {
+        c.role = vitforge::config::Role::Api;
+        c.sweep_secs = 1;
+    })
+    .await;
+    app.upload_pets(1, false).await;
+    let kept = app.blobs();
+    let orphan = vitforge::dataset::BlobStore::open(app.data_dir.join("blobs")).unwrap().put(b"orphan").unwrap();
+    let upload_elsewhere = if postgres { vitforge::db::blob_lock(&app.db, false, true).await.unwrap() } else { None };
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(app.blobs().contains(&orphan), "no sweep under an upload elsewhere, nor on SQLite");
+    if !postgres {
+        return;
+    }
+    drop(upload_elsewhere);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.blobs().contains(&orphan) {
+        assert!(Instant::now() < deadline, "swept once the upload ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.blobs(), kept);
+}
+
 /// Blob collection after a dataset delete waits for uploads in other processes (which hold
 /// PostgreSQL's advisory lock shared), then removes what no dataset references. On SQLite an API
 /// process of several leaves them to the next `--role all` start-up sweep: skipped there.

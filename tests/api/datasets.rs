@@ -662,6 +662,30 @@ async fn leftovers_of_a_crash_are_removed_at_start_up() {
     assert_eq!(json(app.get(&format!("/datasets/{dataset}")).await).await["num_images"], 2);
 }
 
+/// `--sweep-secs`: a blob no dataset references goes at the next periodic sweep, without a
+/// restart, and referenced ones stay; with the sweep off (0) it stays.
+#[tokio::test]
+async fn unreferenced_blobs_are_swept_periodically_unless_off() {
+    for sweep_secs in [1, 0] {
+        let app = spawn_app_with(|c| c.sweep_secs = sweep_secs).await;
+        upload_ok(&app, "a.zip", fixtures::zip(&class_images("", &["cat", "dog"], 1, 0))).await;
+        let kept = app.blobs();
+        // What an upload interrupted between its blob writes and its insert leaves behind.
+        let orphan = BlobStore::open(app.data_dir.join("blobs")).unwrap().put(b"orphan").unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(if sweep_secs > 0 { 15 } else { 3 });
+        while app.blobs().contains(&orphan) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        if sweep_secs > 0 {
+            assert!(!app.blobs().contains(&orphan), "swept within 15 s");
+            assert_eq!(app.blobs(), kept);
+        } else {
+            assert!(app.blobs().contains(&orphan), "no sweep when it is off");
+        }
+        assert_eq!(json(app.get("/datasets").await).await.as_array().unwrap().len(), 1);
+    }
+}
+
 #[tokio::test]
 async fn unreferenced_blobs_are_swept_at_start_up() {
     let app = spawn_app().await;
