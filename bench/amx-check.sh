@@ -21,25 +21,13 @@
 # CORES (default 0,1) are the cores the measurements are pinned to.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-unpack() {
-    if [[ $1 == *.gz ]]; then
-        gunzip -c "$1" >"${TMPDIR:-/tmp}/$(basename "$1" .gz)" && chmod +x "${TMPDIR:-/tmp}/$(basename "$1" .gz)"
-        echo "${TMPDIR:-/tmp}/$(basename "$1" .gz)"
-    else
-        echo "$1"
-    fi
-}
-BIN=$(unpack "${1:?the vitforge binary}")
-TESTS=$(unpack "${2:?the test binary of the library}")
+source bench/lib.sh
+BIN=$(unpack_binary "${1:?the vitforge binary}")
+TESTS=$(unpack_binary "${2:?the test binary of the library}")
 CORES=${CORES:-0,1}
 RES=${AMX_CHECK_OUT:-$PWD/amx-check-out}
 mkdir -p "$RES"
-# The summary is also written to $OUT as it grows, so that a run stopped at its limit still
-# brings back what it found.
-sumfiles=("$RES/amx-summary.md")
-[[ -n ${OUT:-} && -d ${OUT:-} && ${OUT:-} != "$RES" ]] && sumfiles+=("$OUT/amx-summary.md")
-: | tee "${sumfiles[@]}"
-summary() { echo "$*" | tee -a "${sumfiles[@]}"; }
+summary_to "$RES/amx-summary.md"
 threads=$(tr ',' '\n' <<<"$CORES" | wc -l)
 pinned() { RAYON_NUM_THREADS=$threads taskset -c "$CORES" "$@"; }
 FAILED=0
@@ -92,7 +80,5 @@ done
 
 summary ""
 summary "result: $([[ $FAILED == 0 ]] && echo PASS || echo FAIL)"
-if [[ -n ${OUT:-} && -d $OUT && $OUT != "$RES" ]]; then
-    tar -czf "$OUT/amx-check.tar.gz" -C "$RES" .
-fi
+pack_results "$RES" amx-check
 exit $FAILED

@@ -42,3 +42,34 @@ train_job() {
   [[ $status == succeeded ]] || { echo "fine-tune $status" >&2; [[ -n ${5:-} ]] && cat "$5" >&2; exit 1; }
   echo "$job"
 }
+
+# For the checks run through the device tool (scripts/gpu-check.sh, bench/amx-check.sh), whose
+# $OUT folder brings back a few files only.
+
+# unpack_binary FILE: prints FILE, or for FILE.gz the path of an executable copy unpacked into
+# $TMPDIR (a stripped CUDA build is 86 MB, over the 64 MiB the device tool carries; 26 MB gzipped).
+unpack_binary() {
+  if [[ $1 == *.gz ]]; then
+    local dest=${TMPDIR:-/tmp}/$(basename "$1" .gz)
+    gunzip -c "$1" >"$dest" && chmod +x "$dest" && echo "$dest"
+  else
+    echo "$1"
+  fi
+}
+
+# summary_to FILE: starts an empty summary at FILE and, where $OUT is set, at $OUT/<its name> too,
+# written as it grows, so that a run stopped at its limit still brings back what it found;
+# `summary TEXT...` then adds a line, and `... | tee -a "${sumfiles[@]}"` adds output.
+summary_to() {
+  sumfiles=("$1")
+  [[ -n ${OUT:-} && -d ${OUT:-} && $OUT != "$(dirname "$1")" ]] && sumfiles+=("$OUT/$(basename "$1")")
+  : | tee "${sumfiles[@]}"
+}
+summary() { echo "$*" | tee -a "${sumfiles[@]}"; }
+
+# pack_results DIR NAME: where $OUT is set, DIR's files as $OUT/NAME.tar.gz.
+pack_results() {
+  if [[ -n ${OUT:-} && -d ${OUT:-} && $OUT != "$1" ]]; then
+    tar -czf "$OUT/$2.tar.gz" -C "$1" .
+  fi
+}

@@ -8,14 +8,16 @@
 #
 # BINARY defaults to .gpu/vitforge; a name ending in .gz is unpacked first. The CUDA libraries
 # come from the machine's own Python installation (PyTorch's wheels carry libcublas.so.13,
-# libcurand, libnvrtc, libcudart): they are found there and put on LD_LIBRARY_PATH. It runs, in about five minutes on an H200:
+# libcurand, libnvrtc, libcudart): they are found there and put on LD_LIBRARY_PATH. It runs, in
+# under five minutes on an H200:
 #   1. vitforge selfcheck --device cuda:0 (golden files: preprocessing, logits, loss, gradients,
 #      training steps, save/load);
 #   2. vitforge serve --device "$DEVICE" on a temporary folder: a generated dataset uploaded, a
 #      fine-tune of a ViT-S/16 made by init-model through the API to `succeeded`, /predict on it;
 #   3. vitforge bench --device "$DEVICE" for base/16 at batch 64 (inference and training step, f32
-#      and bf16; on a GPU with layer norm and softmax fused, the default, and composed), beside bench/torch_reference.py on the same GPU (f32 with PyTorch's defaults, and
-#      bf16: bf16 weights for inference, autocast for a training step), with peak GPU memory
+#      and bf16; on a GPU with layer norm and softmax fused, the default, and composed), beside
+#      bench/torch_reference.py on the same GPU (f32 with PyTorch's defaults, and bf16: bf16
+#      weights for inference, autocast for a training step), with peak GPU memory
 #      (PyTorch's own count; for vitforge, the peak of nvidia-smi's memory.used while it runs);
 #   4. where the time goes: Nsight Compute's duration of every kernel of one vitforge training
 #      step (the first PROFILE_KERNELS launches), and PyTorch's profiler on its own step, each
@@ -29,13 +31,8 @@
 # BENCH_BATCH=4 scripts/gpu-check.sh target/release/vitforge
 set -uo pipefail
 cd "$(dirname "$0")/.."
-BIN=${1:-.gpu/vitforge}
-if [[ $BIN == *.gz ]]; then
-    # A gzipped binary (the CUDA build is about 86 MB stripped, 26 MB gzipped: the device tool
-    # carries 64 MiB at most).
-    gunzip -c "$BIN" >"${TMPDIR:-/tmp}/vitforge-gpu-check" && chmod +x "${TMPDIR:-/tmp}/vitforge-gpu-check"
-    BIN=${TMPDIR:-/tmp}/vitforge-gpu-check
-fi
+source bench/lib.sh
+BIN=$(unpack_binary "${1:-.gpu/vitforge}")
 DEVICE=${DEVICE:-cuda:0}
 BENCH_CONFIG=${BENCH_CONFIG:-base}
 BENCH_BATCH=${BENCH_BATCH:-64}
@@ -45,15 +42,10 @@ PROFILE_KERNELS=${PROFILE_KERNELS:-2000}
 mkdir -p "$RES"
 PY=${PYTHON:-python3}
 FAILED=0
-# The summary is also written to $OUT as it grows, so that a run stopped at its limit still
-# brings back what it found.
-sumfiles=("$RES/summary.md")
-[[ -n ${OUT:-} && -d ${OUT:-} && ${OUT:-} != "$RES" ]] && sumfiles+=("$OUT/summary.md")
-summary() { echo "$*" | tee -a "${sumfiles[@]}"; }
 # The last lines of a failed step's log, indented, into the summary.
 excerpt() { tail -n "${2:-6}" "$1" 2>/dev/null | cut -c1-400 | sed 's/^/      > /' | tee -a "${sumfiles[@]}"; }
 step() { echo; echo "==> $*"; }
-: | tee "${sumfiles[@]}"
+summary_to "$RES/summary.md"
 summary "# vitforge GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
 
 # ---- the CUDA libraries of the machine's Python packages --------------------------------------
@@ -103,7 +95,7 @@ else
 fi
 grep -E '^(PASS|FAIL)' "$RES/selfcheck.log" | sed 's/^/      /' | tee -a "${sumfiles[@]}"
 if ((FAILED)); then
-    # Which part is at fault: the same checks without the fused inference kernels.
+    # Which part is at fault: the same checks without the fused kernels.
     if VITFORGE_FUSED=0 VITFORGE_FUSED_TRAINING=0 timeout 300 "$BIN" selfcheck --device "$DEVICE" >"$RES/selfcheck-unfused.json" 2>"$RES/selfcheck-unfused.log"; then
         summary "      with VITFORGE_FUSED=0 VITFORGE_FUSED_TRAINING=0 every check passes"
     else
@@ -252,7 +244,5 @@ fi
 rm -rf "$work"
 summary ""
 summary "result: $([[ $FAILED == 0 ]] && echo PASS || echo FAIL)"
-if [[ -n ${OUT:-} && -d $OUT && $OUT != "$RES" ]]; then
-    tar -czf "$OUT/gpu-check.tar.gz" -C "$RES" .
-fi
+pack_results "$RES" gpu-check
 exit $FAILED

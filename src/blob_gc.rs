@@ -82,12 +82,9 @@ pub async fn sweep(pool: &Pool, store: &Objects, lock: &BlobLock) -> anyhow::Res
 
 /// [`sweep`] now unless an upload is in flight (then `None`: the next sweep tries again). With
 /// `shared_store` (processes of several roles share the blobs), uploads of every process count:
-/// the sweep needs PostgreSQL's advisory lock exclusively, and on SQLite, which has none, it is
-/// never done.
+/// the sweep needs PostgreSQL's advisory lock exclusively, and on SQLite, which has none
+/// ([`db::blob_lock`] gives `None` there), it is never done.
 pub async fn sweep_if_idle(pool: &Pool, store: &Objects, lock: &BlobLock, shared_store: bool) -> anyhow::Result<Option<usize>> {
-    if shared_store && db::Backend::of(pool) != db::Backend::Postgres {
-        return Ok(None);
-    }
     let across = if shared_store {
         match db::blob_lock(pool, true, false).await? {
             Some(held) => Some(held),

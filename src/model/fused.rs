@@ -124,12 +124,9 @@ mod tests {
         (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
     }
 
+    /// The reference path's layer norm, which on the CPU is always the composed form.
     fn composed_layer_norm(xs: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Tensor {
-        let mean = xs.mean_keepdim(D::Minus1).unwrap();
-        let centred = xs.broadcast_sub(&mean).unwrap();
-        let var = centred.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-        let normed = centred.broadcast_div(&(var + eps).unwrap().sqrt().unwrap()).unwrap();
-        normed.broadcast_mul(w).unwrap().broadcast_add(b).unwrap()
+        crate::model::vit::LayerNorm { weight: w.clone(), bias: b.clone(), eps }.forward(xs).unwrap()
     }
 
     /// The fused forms with our backward give the composed forms' values and gradients (of the

@@ -79,7 +79,7 @@ pub(crate) struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let inputs = [xs, &self.weight, &self.bias];
         if fused::no_grad(&inputs) {
             return Ok(candle_nn::ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps as f32)?);
