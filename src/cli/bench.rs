@@ -161,6 +161,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 "cpu_isa": isa::detected().name(),
                 "path": if device.is_cpu() { crate::model::cpu_path() } else { "cuda".to_string() },
                 "precision": precision.name(),
+                "bf16_products": if device.is_cpu() { crate::model::bf16_products() } else { "cuda" },
             });
             println!("{line}");
         }

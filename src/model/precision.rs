@@ -1,5 +1,6 @@
 //! The precision of the matrix products: `f32`, or `bf16` (operands rounded to bfloat16, products
-//! accumulated in f32), and `auto`, which picks bf16 only where our kernels run bf16 natively.
+//! accumulated in f32), and `auto`, which picks bf16 only where our kernels run bf16 natively
+//! and faster than f32.
 //!
 //! Layer norm, softmax, the activations, the loss and every reduction stay in f32 in both; so do
 //! the weights a model keeps and saves (training in bf16 is mixed precision: f32 master weights
@@ -7,10 +8,12 @@
 //! as it packs it for the product ([`super::fast`]); the reference path rounds with a
 //! straight-through cast, so that autograd passes gradients through the rounding unchanged.
 //!
-//! On a CPU with AVX-512 BF16 the products run natively by `vdpbf16ps`, twice the f32 rate, and
-//! on AMX CPUs on tiles by `tdpbf16ps`; elsewhere bf16 is emulated (the f32 kernels
-//! multiply the rounded operands), at f32 speed with bf16's results. `auto` is bf16 only where it
-//! runs natively (see [`super::isa`]). The default stays `f32` (README, "Precision", says why).
+//! On AMX CPUs the products run on tiles by `tdpbf16ps`; on a CPU with AVX-512 BF16 by
+//! `vdpbf16ps` where that measured faster than the f32 FMA kernel (twice the f32 rate on an AMD
+//! Zen 5, half of it on an Intel Xeon without AMX: `matmul::dpbf16_pays`); elsewhere bf16 is
+//! emulated (the f32 kernels multiply the rounded operands), at f32 speed with bf16's results.
+//! `auto` is bf16 only where it runs natively and faster. The default stays `f32` (README,
+//! "Precision", says why).
 
 use serde::{Deserialize, Serialize};
 
@@ -59,10 +62,10 @@ impl PrecisionChoice {
     }
 }
 
-/// bf16 when a kernel of ours multiplies bf16 natively at the active instruction-set level
-/// (AVX-512 BF16 or AMX), else f32.
+/// bf16 when a kernel of ours multiplies bf16 natively, and faster than f32, at the active
+/// instruction-set level (AMX; AVX-512 BF16 where `vdpbf16ps` measured faster), else f32.
 fn native_bf16() -> Precision {
-    if super::isa::active().native_bf16() { Precision::Bf16 } else { Precision::F32 }
+    if super::native_bf16() { Precision::Bf16 } else { Precision::F32 }
 }
 
 /// `x` rounded to the nearest bfloat16 (ties to even), as an f32.
@@ -93,7 +96,7 @@ mod tests {
         let c: PrecisionChoice = serde_json::from_str("\"bf16\"").unwrap();
         assert_eq!(c.resolve(), Precision::Bf16);
         assert_eq!(PrecisionChoice::F32.resolve(), Precision::F32);
-        let native = super::super::isa::active().native_bf16();
+        let native = super::super::native_bf16();
         assert_eq!(PrecisionChoice::Auto.resolve(), if native { Precision::Bf16 } else { Precision::F32 });
         assert_eq!(super::super::isa::tests::on(super::super::isa::Isa::Avx512, || PrecisionChoice::Auto.resolve()), Precision::F32);
         assert!(serde_json::from_str::<PrecisionChoice>("\"fp16\"").is_err());

@@ -209,8 +209,15 @@ fn every_kernel_level_passes_the_golden_files_and_bench_names_it() {
         levels.push("amx");
         assert_eq!(line["path"], "amx", "an AMX CPU runs the AMX kernel by default: {line}");
     }
-    for level in &levels {
-        let env = [("VITFORGE_MAX_ISA", *level)];
+    // At `avx512bf16` bf16 runs by `vdpbf16ps` or emulated on the FMA kernel, as measured at
+    // start: both are put through the golden files, each forced by VITFORGE_DPBF16.
+    let mut runs: Vec<(&str, Option<&str>)> = levels.iter().map(|l| (*l, None)).collect();
+    if levels.contains(&"avx512bf16") {
+        runs.extend([("avx512bf16", Some("1")), ("avx512bf16", Some("0"))]);
+    }
+    for (level, dpbf16) in &runs {
+        let mut env = vec![("VITFORGE_MAX_ISA", *level)];
+        env.extend(dpbf16.map(|v| ("VITFORGE_DPBF16", v)));
         let (ok, out, err) = vitforge_with(&["selfcheck", "--device", "cpu"], &env);
         assert!(ok, "{level}: {err}");
         let summary: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
@@ -227,12 +234,23 @@ fn every_kernel_level_passes_the_golden_files_and_bench_names_it() {
         for line in out.lines() {
             let line: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {out}"));
             assert_eq!((line["path"].as_str(), line["precision"].as_str()), (Some(*level), Some("bf16")), "{line}");
+            let products = line["bf16_products"].as_str();
+            match (*level, dpbf16) {
+                ("amx", _) => assert_eq!(products, Some("amx"), "{line}"),
+                ("avx512bf16", Some("1")) => assert_eq!(products, Some("vdpbf16ps"), "{line}"),
+                ("avx512bf16", None) => assert!(matches!(products, Some("vdpbf16ps" | "fma-emulated")), "{line}"),
+                ("generic", _) => assert_eq!(products, Some("gemm-crate-emulated"), "{line}"),
+                _ => assert_eq!(products, Some("fma-emulated"), "{line}"),
+            }
         }
     }
-    eprintln!("kernel levels run through the golden files here: {levels:?}");
+    eprintln!("kernel levels run through the golden files here: {runs:?} (level, VITFORGE_DPBF16)");
     let (ok, _, err) = vitforge_with(&["bench", "--config", "tiny", "--iters", "1"], &[("VITFORGE_MAX_ISA", "sse9")]);
     assert!(!ok);
     assert!(err.contains("VITFORGE_MAX_ISA") && err.contains("generic, avx2, avx512, avx512bf16, amx"), "{err}");
+    let (ok, _, err) = vitforge_with(&["bench", "--config", "tiny", "--iters", "1"], &[("VITFORGE_DPBF16", "yes")]);
+    assert!(!ok);
+    assert!(err.contains("VITFORGE_DPBF16=\"yes\"") && err.contains("use 1"), "{err}");
 }
 
 /// `--output` never replaces a folder holding anything but an earlier model, nor one that is,

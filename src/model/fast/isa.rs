@@ -51,7 +51,8 @@ impl Isa {
         ALL.into_iter().find(|i| i.name().eq_ignore_ascii_case(s.trim()))
     }
 
-    /// Whether bf16 products run natively at this level (not emulated by rounding f32 operands).
+    /// Whether a bf16 kernel exists at this level (not emulated by rounding f32 operands); at
+    /// `avx512bf16` it runs only where it measured faster (`matmul::dpbf16_pays`).
     pub fn native_bf16(self) -> bool {
         self >= Isa::Avx512Bf16
     }
@@ -65,7 +66,7 @@ impl Isa {
                 "AVX-512 kernels (our 12×32 f32 matrix product, bf16 emulated by rounding; element-wise kernels compiled for AVX-512)"
             }
             Isa::Avx512Bf16 => {
-                "AVX-512 BF16 kernels (12×32 matrix products: f32 by FMA, bf16 by vdpbf16ps; element-wise kernels compiled for AVX-512)"
+                "AVX-512 BF16 kernels (12×32 matrix products: f32 by FMA, bf16 by vdpbf16ps where it is faster, else emulated by FMA; element-wise kernels compiled for AVX-512)"
             }
             Isa::Amx => {
                 "AMX kernels (bf16 products on 32×32 tiles; f32 by the 12×32 AVX-512 FMA kernel; element-wise kernels compiled for AVX-512)"
@@ -186,7 +187,18 @@ pub fn summary() -> String {
     } else {
         String::new()
     };
-    format!("CPU instruction sets: {} detected{cap}; running {}{amx}", detected().name(), active().describe_kernels())
+    let bf16 = match (active(), super::matmul::dpbf16_from_env()) {
+        (Isa::Avx512Bf16, Ok(Some(forced))) => {
+            format!("; bf16 products by {} (VITFORGE_DPBF16={})", super::matmul::bf16_products(), u8::from(forced))
+        }
+        (Isa::Avx512Bf16, _) => format!(
+            "; vdpbf16ps measured at {:.2}× the f32 FMA kernel's speed here, so bf16 products by {}",
+            super::matmul::dpbf16_speed().unwrap_or(f64::NAN),
+            super::matmul::bf16_products()
+        ),
+        _ => String::new(),
+    };
+    format!("CPU instruction sets: {} detected{cap}; running {}{amx}{bf16}", detected().name(), active().describe_kernels())
 }
 
 #[cfg(test)]

@@ -64,6 +64,15 @@ pub fn reference_ops_forced() -> bool {
     *FORCE_REFERENCE.get_or_init(|| std::env::var_os("VITFORGE_REFERENCE_OPS").is_some())
 }
 
+pub use matmul::{bf16_products, dpbf16_from_env};
+
+/// Whether this CPU runs bf16 products natively and faster than f32 ones at the active level
+/// (AMX; AVX-512 BF16 where `vdpbf16ps` measured faster than the FMA kernel): what `auto`
+/// precision picks bf16 on.
+pub fn native_bf16() -> bool {
+    matches!(bf16_products(), "amx" | "vdpbf16ps")
+}
+
 /// Which compute path a CPU model runs, for `vitforge bench`: `reference` (candle's composed ops,
 /// `VITFORGE_REFERENCE_OPS`), else the kernel level (`generic`, `avx2`, `avx512`, `avx512bf16` or `amx`, see [`isa`]), with
 /// `+gemm-crate` when `VITFORGE_GENERIC_GEMM` swaps our matrix product for the crate's.

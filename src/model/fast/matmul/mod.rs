@@ -294,7 +294,7 @@ impl Kernel {
         Some(match level {
             Isa::Generic | Isa::Avx2 => Kernel::Avx2,
             Isa::Amx if bf16 => Kernel::Amx,
-            _ if bf16 && level.native_bf16() => Kernel::Avx512Bf16,
+            Isa::Avx512Bf16 if bf16 && dpbf16_pays() => Kernel::Avx512Bf16,
             _ => Kernel::Avx512,
         })
     }
@@ -303,6 +303,110 @@ impl Kernel {
     fn active(_: Precision) -> Option<Kernel> {
         None
     }
+}
+
+/// What multiplies bf16 at the active level: `amx`, `vdpbf16ps`, `fma-emulated` (our f32
+/// kernel on operands rounded as they are packed) or `gemm-crate-emulated` (the crate's product
+/// on rounded copies), for `vitforge bench`.
+pub fn bf16_products() -> &'static str {
+    match Kernel::active(Precision::Bf16) {
+        Some(Kernel::Amx) => "amx",
+        Some(Kernel::Avx512Bf16) => "vdpbf16ps",
+        Some(Kernel::Avx2 | Kernel::Avx512) => "fma-emulated",
+        None => "gemm-crate-emulated",
+    }
+}
+
+/// The environment variable that settles [`dpbf16_pays`] instead of the measurement: `1` (bf16
+/// products by `vdpbf16ps`) or `0` (bf16 emulated on the f32 FMA kernel).
+pub const DPBF16_VAR: &str = "VITFORGE_DPBF16";
+
+/// Whether bf16 products at the `avx512bf16` level run by `vdpbf16ps` rather than emulated on
+/// the f32 FMA kernel (operands rounded as they are packed: the same products, added in another
+/// order). `vdpbf16ps` does twice an FMA's multiplications, but not at the same rate on every
+/// CPU: on an AMD EPYC Zen 5 it multiplied bf16 2–3 times as fast as the FMA kernel multiplied
+/// f32, on an Intel Xeon without AMX at about half its speed (both in bench/RESULTS.md). So it is
+/// measured, once per process ([`dpbf16_speed`]), unless `VITFORGE_DPBF16` settles it.
+pub fn dpbf16_pays() -> bool {
+    // Tests that force a level run that level's own kernel.
+    #[cfg(test)]
+    if super::isa::tests::OVERRIDE.get().is_some() {
+        return true;
+    }
+    static PAYS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PAYS.get_or_init(|| match dpbf16_from_env() {
+        Ok(Some(forced)) => forced,
+        _ => dpbf16_speed().is_some_and(|speed| speed >= 1.0),
+    })
+}
+
+/// `VITFORGE_DPBF16` as set (`1` or `0`), or an error naming the variable and its values (the
+/// command line checks it at start-up; an unreadable value is ignored here).
+pub fn dpbf16_from_env() -> Result<Option<bool>, String> {
+    match std::env::var(DPBF16_VAR) {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Ok(v) if v.trim().is_empty() => Ok(None),
+        Ok(v) if v.trim() == "1" => Ok(Some(true)),
+        Ok(v) if v.trim() == "0" => Ok(Some(false)),
+        Ok(v) => Err(format!("{DPBF16_VAR}={v:?}: use 1 (bf16 products by vdpbf16ps) or 0 (emulated on the f32 FMA kernel), or leave it unset to measure")),
+        Err(e) => Err(format!("{DPBF16_VAR}: {e}")),
+    }
+}
+
+/// How fast `vdpbf16ps` multiplies here against the f32 FMA kernel (> 1: faster), measured once
+/// on the first call (whatever `VITFORGE_MAX_ISA` says); `None` where the CPU lacks AVX-512 BF16.
+pub fn dpbf16_speed() -> Option<f64> {
+    static SPEED: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
+    *SPEED.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if super::isa::detected() >= super::isa::Isa::Avx512Bf16 {
+            // SAFETY: this CPU runs both kernels' instructions.
+            return Some(unsafe { measure_dpbf16_speed() });
+        }
+        None
+    })
+}
+
+/// Times the two 12×32 micro-kernels on the same tile, operands in L1 (about 15 ms): the
+/// f32 kernel over 2·KC steps of k, and `vdpbf16ps` over KC pairs (the same multiplications);
+/// alternately, the best of several rounds of each, as this machine's speed drifts.
+///
+/// # Safety
+/// The CPU must run AVX-512 F and BF16.
+#[cfg(target_arch = "x86_64")]
+unsafe fn measure_dpbf16_speed() -> f64 {
+    use sgemm::{Init, Micro};
+    const PAIRS: usize = <avx512::Bf16 as Micro>::KC;
+    let (mr, nr) = (<avx512::F32 as Micro>::MR, <avx512::F32 as Micro>::NR);
+    // 1.0 as f32 bits is the pair (0, 1.0) in bf16: ordinary values either way.
+    let a = vec![1.0f32; mr * 2 * PAIRS];
+    let b = vec![1.0f32; nr * 2 * PAIRS];
+    let mut c = vec![0f32; mr * nr];
+    let mut time = |pairs: bool| {
+        let t = std::time::Instant::now();
+        for _ in 0..2000 {
+            // SAFETY: `a` and `b` hold MR·2·KC and NR·2·KC floats (KC pairs are as many
+            // floats); `c` is one MR × NR tile; the caller's CPU runs both kernels.
+            unsafe {
+                if pairs {
+                    avx512::Bf16::packed(PAIRS, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), nr, 1.0, Init::Zero);
+                } else {
+                    avx512::F32::packed(2 * PAIRS, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), nr, 1.0, Init::Zero);
+                }
+            }
+            std::hint::black_box(&mut c);
+        }
+        t.elapsed().as_secs_f64()
+    };
+    // A first pass of each warms the vector units (and any change of clock they bring).
+    time(false);
+    time(true);
+    let (mut fma, mut dp) = (f64::MAX, f64::MAX);
+    for _ in 0..5 {
+        fma = fma.min(time(false));
+        dp = dp.min(time(true));
+    }
+    fma / dp
 }
 
 /// Runs `$body` with the type `$k` standing for `$kernel`'s micro-kernel.
@@ -468,6 +572,44 @@ mod tests {
         gemm(Mat::rows(&[], 2, 0), Mat::rows(&[], 0, 2), MatMut::rows(&mut c, 2, 2), 1.0, false, Threads::One, Precision::F32);
         assert_eq!(c, vec![0.0; 4]);
         eprintln!("matrix products checked at {:?}", levels);
+    }
+
+    /// At the `avx512bf16` level bf16 products run by `vdpbf16ps` only where it measured faster
+    /// than the FMA kernel (or `VITFORGE_DPBF16` says so); emulated, they are the `avx512`
+    /// level's products bit for bit. `auto` precision follows the same choice.
+    #[test]
+    fn bf16_products_run_by_vdpbf16ps_only_where_it_measured_faster() {
+        use crate::model::fast::isa::{self, Isa};
+        let speed = dpbf16_speed();
+        assert_eq!(speed.is_some(), isa::detected() >= Isa::Avx512Bf16);
+        let expected = match isa::active() {
+            Isa::Amx => "amx",
+            Isa::Avx512Bf16 => match dpbf16_from_env() {
+                Ok(Some(true)) => "vdpbf16ps",
+                Ok(Some(false)) => "fma-emulated",
+                _ if speed.expect("measured at this level") >= 1.0 => "vdpbf16ps",
+                _ => "fma-emulated",
+            },
+            _ if !uses_our_kernels() => "gemm-crate-emulated",
+            _ => "fma-emulated",
+        };
+        assert_eq!(bf16_products(), expected);
+        assert_eq!(crate::model::native_bf16(), matches!(expected, "amx" | "vdpbf16ps"));
+        if let Some(speed) = speed {
+            assert!(speed.is_finite() && speed > 0.0, "{speed}");
+        }
+        let (m, k, n) = (37, 300, 70);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 37.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 41.0).collect();
+        let run = || {
+            let mut c = vec![0f32; m * n];
+            gemm(Mat::rows(&a, m, k), Mat::rows(&b, k, n), MatMut::rows(&mut c, m, n), 1.0, false, Threads::All, Precision::Bf16);
+            c
+        };
+        if expected == "fma-emulated" && isa::active() >= Isa::Avx512 {
+            assert!(run() == on(Isa::Avx512, run), "emulated bf16 is the avx512 level's product");
+        }
+        eprintln!("bf16 products here: {expected} (vdpbf16ps against the FMA kernel: {speed:?})");
     }
 
     /// B packed once gives what packing it in the product gives, bit for bit, at every level
