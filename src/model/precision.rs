@@ -42,7 +42,7 @@ pub enum PrecisionChoice {
     #[default]
     F32,
     Bf16,
-    /// bf16 where our kernels run it natively on this CPU, else f32.
+    /// bf16 where our kernels run it natively, and faster than f32, on this CPU, else f32.
     Auto,
 }
 
