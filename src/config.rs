@@ -117,7 +117,7 @@ pub struct ServeConfig {
     pub max_predict_wait_ms: u64,
 
     /// Precision of `/predict`'s matrix products: `f32`, `bf16` (bf16 operands, f32 accumulation
-    /// and statistics) or `auto` (bf16 where the CPU multiplies bf16 natively, else f32).
+    /// and statistics) or `auto` (bf16 on a GPU and where the CPU multiplies bf16 natively and faster, else f32).
     #[arg(long, env = "VITFORGE_PRECISION", default_value = "f32", value_parser = ["f32", "bf16", "auto"])]
     pub precision: String,
 

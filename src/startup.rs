@@ -66,6 +66,7 @@ impl Application {
         let metrics = Arc::new(ServiceMetrics::new());
         let devices = crate::model::resolve_devices(&config.device).context("--device")?;
         let memory = MemoryBudget::new(config.max_inflight_bytes);
+        let predict_device = devices.first().map_or(candle_core::Device::Cpu, |(_, d)| d.clone());
         let predictor = Predictor::start(
             PredictorConfig {
                 max_batch_size: config.max_batch_size as usize,
@@ -74,9 +75,9 @@ impl Application {
                 max_loaded_models: config.max_loaded_models as usize,
                 max_queue_wait: config.max_predict_wait(),
                 memory: memory.clone(),
-                precision: PrecisionChoice::parse(&config.precision).map_err(|e| anyhow::anyhow!("--precision: {e}"))?.resolve(),
+                precision: PrecisionChoice::parse(&config.precision).map_err(|e| anyhow::anyhow!("--precision: {e}"))?.resolve(&predict_device),
             },
-            devices.first().map_or(candle_core::Device::Cpu, |(_, d)| d.clone()),
+            predict_device,
             metrics.clone(),
         );
         let api_keys = Arc::new(http::auth::ApiKeys::new(&config.api_key));

@@ -103,7 +103,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
     };
     let (h, w) = model.cfg.image_size;
-    let precision = args.precision.resolve();
+    let precision = args.precision.resolve(&device);
     if device.is_cpu() {
         eprintln!("{}; path {}; precision {}", isa::summary(), crate::model::cpu_path(), precision.name());
     }

@@ -143,7 +143,7 @@ pub struct PredictArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Precision of the matrix products: f32, bf16 (bf16 operands, f32 accumulation) or auto
-    /// (bf16 where the CPU multiplies bf16 natively, else f32).
+    /// (bf16 on a GPU and where the CPU multiplies bf16 natively and faster, else f32).
     #[arg(long, value_enum, default_value_t = PrecisionChoice::F32)]
     pub precision: PrecisionChoice,
     /// Image files. One that cannot be read or decoded gets `{"file", "error"}` in place of its
@@ -528,7 +528,7 @@ fn cancel_on_signal(cancel: Arc<AtomicBool>, what: &'static str) -> anyhow::Resu
 pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
     let device = crate::model::device(&args.device)?;
     let source = ModelSource::parse(&args.model)?;
-    let clf = Classifier::load(&source, &device, args.precision.resolve()).with_context(|| loading("model", &source))?;
+    let clf = Classifier::load(&source, &device, args.precision.resolve(&device)).with_context(|| loading("model", &source))?;
     let pb = if args.images.len() > PREDICT_BATCH {
         bar(args.images.len() as u64, "{spinner} classifying [{bar:30}] {pos}/{len} images ({per_sec}) eta {eta}")
     } else {
@@ -604,7 +604,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         pb.set_position(done as u64);
     };
     let records = records(&ingested, &store)?;
-    let (split, precision) = (Some(args.split), args.precision.resolve());
+    let (split, precision) = (Some(args.split), args.precision.resolve(&device));
     let evaluated =
         evaluate_records_with_progress(&model, records, split, limits.max_image_pixels, args.batch_size, &device, precision, Some(&cancel), &mut progress);
     pb.finish_and_clear();

@@ -90,7 +90,7 @@ pub struct HyperParams {
     #[arg(long)]
     pub time_budget_secs: Option<u64>,
     /// Precision of the matrix products: f32, bf16 (mixed precision: f32 weights, bf16 operands,
-    /// f32 accumulation) or auto (bf16 where the CPU multiplies bf16 natively) [default: f32].
+    /// f32 accumulation) or auto (bf16 on a GPU and where the CPU multiplies bf16 natively and faster) [default: f32].
     #[arg(long, value_enum)]
     pub precision: Option<PrecisionChoice>,
 }

@@ -189,8 +189,8 @@ pub struct TrainParams {
     pub time_budget_secs: Option<u64>,
     /// The precision of the matrix products, in training and in the run's evaluations: `f32`,
     /// `bf16` (mixed precision: f32 weights and optimiser state, bf16 operands, f32
-    /// accumulation), or `auto` (bf16 where the worker's CPU multiplies bf16 natively, else
-    /// f32). The model is saved in f32 either way.
+    /// accumulation), or `auto` (bf16 on a GPU worker and where the worker's CPU multiplies bf16
+    /// natively and faster, else f32). The model is saved in f32 either way.
     pub precision: PrecisionChoice,
 }
 

@@ -59,7 +59,7 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, mut 
         validation_images: data.validation.len(),
         resumed_from,
         steps_done: state.global_step,
-        precision: params.precision.resolve(),
+        precision: params.precision.resolve(device),
     });
     let limits = (spec.max_pixels, spec.cache_budget);
     let mut run = Run::prepare(params, &data, limits, plan, &root, model, device, &mut ctl)?;
@@ -326,7 +326,7 @@ impl<'a> Run<'a> {
         ctl: &mut Control,
     ) -> Result<Self, TrainError> {
         let images = ImageCache::new(max_pixels, cache_budget / 2);
-        let precision = p.precision.resolve();
+        let precision = p.precision.resolve(device);
         let frozen = Vit::frozen(&model.cfg, &model.params)?.with_precision(precision);
         // Frozen-part outputs never change during the run: cache them (for training only when
         // augmentation is off, since augmented views differ every epoch).

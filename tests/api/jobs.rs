@@ -388,7 +388,7 @@ async fn the_precision_a_job_ran_in_is_recorded_on_the_job_and_its_model() {
     let auto = app.submit_job(&dataset, json!({"epochs": 1, "batch_size": 4, "precision": "auto"})).await;
     let plain = app.submit_job(&dataset, json!({"epochs": 1, "batch_size": 4})).await;
     assert_eq!(plain["params"]["precision"], "f32", "f32 is the default");
-    let resolved = vitforge::model::PrecisionChoice::Auto.resolve().name();
+    let resolved = vitforge::model::PrecisionChoice::Auto.resolve(&candle_core::Device::Cpu).name();
     for (job, asked, ran) in [(&bf16, "bf16", "bf16"), (&auto, "auto", resolved), (&plain, "f32", "f32")] {
         let done = app.wait_job(job["id"].as_str().unwrap(), 120).await;
         assert_eq!(done["status"], "succeeded", "{done}");
