@@ -217,9 +217,57 @@ impl ModelRegistry {
         Ok(removed)
     }
 
+    /// With an object store, every so often: removes this machine's cached copies of models
+    /// deleted through another process (which removed its own copy and the store's, but cannot
+    /// reach this data folder), and forgets them in the predictor. A folder under `models/` goes
+    /// when no model row names it and nothing in it has changed for `grace`: a folder being
+    /// registered has no row yet either, but is being written (and its upload to the store
+    /// follows at once). The folders are listed before the rows are read, so a model registered
+    /// in between is kept. Without an object store the data folder is no cache: a delete
+    /// removes the one folder, and there is nothing to do.
+    pub async fn remove_deleted_copies(&self, grace: std::time::Duration) -> anyhow::Result<Vec<PathBuf>> {
+        if !self.objects.is_remote() {
+            return Ok(vec![]);
+        }
+        let models = self.paths.models();
+        let listed = tokio::task::spawn_blocking(move || idle_folders(&models, grace)).await??;
+        if listed.is_empty() {
+            return Ok(vec![]);
+        }
+        let known: std::collections::HashSet<String> = db::models::paths(&self.db).await?.into_iter().collect();
+        let mut removed = vec![];
+        for path in listed.into_iter().filter(|p| !known.contains(&self.relative(p))) {
+            let gone = path.clone();
+            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&gone)).await??;
+            if let Some(id) = path.file_name().and_then(|n| n.to_str()) {
+                self.predictor.evict(id);
+            }
+            removed.push(path);
+        }
+        Ok(removed)
+    }
+
     fn relative(&self, path: &Path) -> String {
         path.strip_prefix(self.paths.root()).unwrap_or(path).to_string_lossy().into_owned()
     }
+}
+
+/// The folders in `dir` whose modification time is at least `grace` ago (a missing `dir`: none).
+fn idle_folders(dir: &Path, grace: std::time::Duration) -> std::io::Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        other => other?,
+    };
+    let mut idle = vec![];
+    for entry in entries {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        let age = meta.modified()?.elapsed().unwrap_or_default();
+        if meta.is_dir() && age >= grace {
+            idle.push(entry.path());
+        }
+    }
+    Ok(idle)
 }
 
 /// What a model records as its metrics: the kept epoch's validation block, with the calibration

@@ -128,7 +128,7 @@ impl Application {
         // An API process of several learns of models registered by workers elsewhere by looking.
         let follower = (self.state.config.role == Role::Api).then(|| tokio::spawn(follow_newest_model(self.state.clone())));
         let releaser = crate::malloc::applied().then(|| tokio::spawn(release_memory_now_and_then()));
-        let sweeper = (self.state.config.sweep_secs > 0).then(|| tokio::spawn(sweep_blobs_now_and_then(self.state.clone())));
+        let sweeper = (self.state.config.sweep_secs > 0).then(|| tokio::spawn(sweep_now_and_then(self.state.clone())));
         let app = http::router(self.state.clone());
         let hub = self.state.jobs.clone();
         // On the signal, stop the workers' jobs and end live event streams first: graceful
@@ -182,13 +182,18 @@ async fn release_memory_now_and_then() {
     }
 }
 
-/// Sweeps for blobs no dataset references every `--sweep-secs` (the first sweep one period after
-/// start: `--role all` has just swept at start-up). Where the sweep cannot be safe (several
-/// processes on SQLite) it says so once and stops.
-async fn sweep_blobs_now_and_then(state: AppState) {
+/// Every `--sweep-secs` (the first time one period after start: `--role all` has just swept at
+/// start-up), sweeps for blobs no dataset references, and, with an object store, for this
+/// machine's cached copies of models deleted through another process. Where the blob sweep
+/// cannot be safe (several processes on SQLite) it says so once and leaves blobs alone.
+async fn sweep_now_and_then(state: AppState) {
     let shared = state.config.role != Role::All;
-    if shared && crate::db::Backend::of(&state.db) != crate::db::Backend::Postgres {
+    let blobs = !shared || crate::db::Backend::of(&state.db) == crate::db::Backend::Postgres;
+    if !blobs {
         tracing::info!("no periodic blob sweep: processes of several roles on SQLite have no lock across processes (a --role all start-up sweeps)");
+    }
+    let cache = state.objects.is_remote();
+    if !blobs && !cache {
         return;
     }
     let period = Duration::from_secs(state.config.sweep_secs);
@@ -196,14 +201,31 @@ async fn sweep_blobs_now_and_then(state: AppState) {
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        match crate::blob_gc::sweep_if_idle(&state.db, &state.objects, &state.blob_lock, shared).await {
-            Ok(Some(0)) => tracing::debug!("blob sweep: nothing to remove"),
-            Ok(Some(removed)) => tracing::info!(removed, "removed blobs no dataset references"),
-            Ok(None) => tracing::debug!("blob sweep skipped: an upload is in flight"),
-            Err(e) => tracing::warn!(error = format!("{e:#}"), "the blob sweep failed; the next one tries again"),
+        if blobs {
+            match crate::blob_gc::sweep_if_idle(&state.db, &state.objects, &state.blob_lock, shared).await {
+                Ok(Some(0)) => tracing::debug!("blob sweep: nothing to remove"),
+                Ok(Some(removed)) => tracing::info!(removed, "removed blobs no dataset references"),
+                Ok(None) => tracing::debug!("blob sweep skipped: an upload is in flight"),
+                Err(e) => tracing::warn!(error = format!("{e:#}"), "the blob sweep failed; the next one tries again"),
+            }
+        }
+        if cache {
+            match state.models.remove_deleted_copies(DELETED_COPY_GRACE).await {
+                Ok(removed) => {
+                    for path in removed {
+                        tracing::info!(path = %path.display(), "removed the cached copy of a model deleted elsewhere");
+                    }
+                }
+                Err(e) => tracing::warn!(error = format!("{e:#}"), "sweeping cached copies of deleted models failed; the next sweep tries again"),
+            }
         }
     }
 }
+
+/// How long a model folder without a row must have been left alone before a sweep takes it for
+/// the cached copy of a deleted model rather than one being registered (copied, uploaded to the
+/// store, then given its row).
+const DELETED_COPY_GRACE: Duration = Duration::from_secs(3600);
 
 /// How often an API process looks for a model newer than its `/predict` default.
 const FOLLOW_MODELS_EVERY: Duration = Duration::from_secs(2);

@@ -67,7 +67,7 @@ async fn machines_that_share_only_the_database_and_the_object_store() {
     assert!(stored.iter().any(|k| k.contains("/epoch-") && k.ends_with("/state.json")), "a checkpoint is in the store: {stored:?}");
     first.kill();
     let log = tmp.path().join("worker-2.log");
-    let second = launch(&machine(tmp.path(), "worker-2"), &db, &s3, &["--role", "worker", "--worker-name", "worker-two", "--lease-secs", "3"])
+    let second = launch(&machine(tmp.path(), "worker-2"), &db, &s3, &["--role", "worker", "--worker-name", "worker-two", "--lease-secs", "3", "--sweep-secs", "1"])
         .level("info")
         .log_file(&log)
         .start();
@@ -125,6 +125,25 @@ async fn machines_that_share_only_the_database_and_the_object_store() {
     assert_eq!(resp.status(), 204);
     assert!(s3.keys(&format!("cluster/models/{model_id}/")).await.is_empty(), "the deleted model's files are gone from the store");
     assert_eq!(s3.keys(&format!("cluster/models/{}/", other["model_id"].as_str().unwrap())).await.len(), 3);
+
+    // The second worker's cached copy goes at its next sweep once it has been left alone for an
+    // hour (made so here), while a folder without a row that is still being written stays, and
+    // so does the copy of the model that remains.
+    let models = tmp.path().join("worker-2").join("models");
+    let copy = models.join(&model_id);
+    assert!(copy.join("config.json").is_file(), "the worker that registered the model has its copy");
+    let an_hour_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 3600);
+    std::fs::File::open(&copy).unwrap().set_modified(an_hour_ago).unwrap();
+    let being_written = models.join("01a00000-0000-7000-8000-000000000000");
+    std::fs::create_dir_all(&being_written).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while copy.exists() {
+        assert!(Instant::now() < deadline, "the deleted model's cached copy is still there");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(being_written.is_dir(), "a recent folder without a row is not swept");
+    assert!(models.join(other["model_id"].as_str().unwrap()).join("config.json").is_file(), "the remaining model's copy stays");
     drop(second);
 }
 
