@@ -105,7 +105,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let (h, w) = model.cfg.image_size;
     let precision = args.precision.resolve(&device);
     if device.is_cpu() {
-        eprintln!("{}; path {}; precision {}", isa::summary(), crate::model::cpu_path(), precision.name());
+        eprintln!("{}; path {}; precision {}", crate::model::kernels_summary(), crate::model::cpu_path(), precision.name());
     }
     for &batch in &args.batch {
         let pixels = Tensor::randn(0f32, 1.0, (batch, model.cfg.num_channels, h, w), &device)?;

@@ -187,18 +187,7 @@ pub fn summary() -> String {
     } else {
         String::new()
     };
-    let bf16 = match (active(), super::matmul::dpbf16_from_env()) {
-        (Isa::Avx512Bf16, Ok(Some(forced))) => {
-            format!("; bf16 products by {} (VITFORGE_DPBF16={})", super::matmul::bf16_products(), u8::from(forced))
-        }
-        (Isa::Avx512Bf16, _) => format!(
-            "; vdpbf16ps measured at {:.2}× the f32 FMA kernel's speed here, so bf16 products by {}",
-            super::matmul::dpbf16_speed().unwrap_or(f64::NAN),
-            super::matmul::bf16_products()
-        ),
-        _ => String::new(),
-    };
-    format!("CPU instruction sets: {} detected{cap}; running {}{amx}{bf16}", detected().name(), active().describe_kernels())
+    format!("CPU instruction sets: {} detected{cap}; running {}{amx}", detected().name(), active().describe_kernels())
 }
 
 #[cfg(test)]
