@@ -51,12 +51,6 @@ impl Isa {
         ALL.into_iter().find(|i| i.name().eq_ignore_ascii_case(s.trim()))
     }
 
-    /// Whether a bf16 kernel exists at this level (not emulated by rounding f32 operands); at
-    /// `avx512bf16` it runs only where it measured faster (`matmul::dpbf16_pays`).
-    pub fn native_bf16(self) -> bool {
-        self >= Isa::Avx512Bf16
-    }
-
     /// What runs at this level, in words (for `vitforge bench` and the start-up log).
     pub fn describe_kernels(self) -> &'static str {
         match self {
@@ -226,7 +220,6 @@ pub mod tests {
         assert_eq!(choose(Isa::Avx512Bf16, Some(Isa::Amx)), Isa::Avx512Bf16);
         assert_eq!(choose(Isa::Amx, Some(Isa::Avx2)), Isa::Avx2);
         assert_eq!(choose(Isa::Avx512, None), Isa::Avx512);
-        assert!(Isa::Amx.native_bf16() && Isa::Avx512Bf16.native_bf16() && !Isa::Avx512.native_bf16());
         assert_eq!(on(Isa::Generic, active), Isa::Generic);
         assert!(runnable().contains(&Isa::Generic));
         #[cfg(target_arch = "x86_64")]

@@ -64,14 +64,7 @@ pub fn reference_ops_forced() -> bool {
     *FORCE_REFERENCE.get_or_init(|| std::env::var_os("VITFORGE_REFERENCE_OPS").is_some())
 }
 
-pub use matmul::{bf16_products, dpbf16_from_env};
-
-/// Whether this CPU runs bf16 products natively and faster than f32 ones at the active level
-/// (AMX; AVX-512 BF16 where `vdpbf16ps` measured faster than the FMA kernel): what `auto`
-/// precision picks bf16 on.
-pub fn native_bf16() -> bool {
-    matches!(bf16_products(), "amx" | "vdpbf16ps")
-}
+pub use matmul::{bf16_products, dpbf16_from_env, native_bf16};
 
 /// [`isa::summary`], and at `avx512bf16` what multiplies bf16 and why: for logs and `vitforge
 /// bench`.

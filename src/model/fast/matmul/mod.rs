@@ -317,6 +317,13 @@ pub fn bf16_products() -> &'static str {
     }
 }
 
+/// Whether this CPU runs bf16 products natively and faster than f32 ones at the active level
+/// (AMX; AVX-512 BF16 where `vdpbf16ps` measured faster than the FMA kernel): what `auto`
+/// precision picks bf16 on.
+pub fn native_bf16() -> bool {
+    matches!(Kernel::active(Precision::Bf16), Some(Kernel::Amx | Kernel::Avx512Bf16))
+}
+
 /// The environment variable that settles [`dpbf16_pays`] instead of the measurement: `1` (bf16
 /// products by `vdpbf16ps`) or `0` (bf16 emulated on the f32 FMA kernel).
 pub const DPBF16_VAR: &str = "VITFORGE_DPBF16";
