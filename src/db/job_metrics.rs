@@ -3,10 +3,12 @@
 //! state). Every write is an upsert by the table's key — (job, split, epoch, step, name),
 //! (job, split, epoch), (job, epoch) — or, for an epoch's mistakes, a delete and insert in one
 //! transaction, so an epoch replayed after a restart overwrites its earlier rows instead of
-//! duplicating them.
+//! duplicating them. A run's writes are its claim's ([`Holder`]): each runs in a transaction that
+//! [`begin_held`] opens, so a run whose claim passed on to another writes nothing.
 
 use serde::Serialize;
 use crate::db::Pool;
+use crate::db::jobs::{Holder, begin_held};
 
 use crate::train::report::EvalReport;
 
@@ -36,8 +38,8 @@ pub struct JobMetrics {
 }
 
 /// Records a training step.
-pub async fn record_step(pool: &Pool, job_id: &str, p: &TrainPoint) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+pub async fn record_step(pool: &Pool, job_id: &str, holder: &Holder, p: &TrainPoint) -> Result<(), sqlx::Error> {
+    let Some(mut tx) = begin_held(pool, job_id, holder).await? else { return Ok(()) };
     for (name, value) in [("loss", p.loss), ("learning_rate", p.learning_rate)] {
         sqlx::query("insert into job_metrics (job_id, split, epoch, step, name, value) values ($1, 'train', $2, $3, $4, $5) \
              on conflict (job_id, split, epoch, step, name) do update set value = excluded.value")
@@ -53,9 +55,9 @@ pub async fn record_step(pool: &Pool, job_id: &str, p: &TrainPoint) -> Result<()
 }
 
 /// Records an evaluation block (`split` is `validation` or `test`).
-pub async fn record_evaluation(pool: &Pool, job_id: &str, split: &str, epoch: u32, report: &EvalReport) -> Result<(), sqlx::Error> {
+pub async fn record_evaluation(pool: &Pool, job_id: &str, holder: &Holder, split: &str, epoch: u32, report: &EvalReport) -> Result<(), sqlx::Error> {
     let json = serde_json::to_string(report).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    let mut tx = pool.begin().await?;
+    let Some(mut tx) = begin_held(pool, job_id, holder).await? else { return Ok(()) };
     sqlx::query("insert into job_evaluations (job_id, split, epoch, report) values ($1, $2, $3, $4) \
          on conflict (job_id, split, epoch) do update set report = excluded.report")
         .bind(job_id)
@@ -82,11 +84,16 @@ pub async fn record_evaluation(pool: &Pool, job_id: &str, split: &str, epoch: u3
 
 /// Removes the metrics of epochs after `epoch` (a run restarting from scratch or from an earlier
 /// checkpoint must not keep figures of a future it will recompute).
-pub async fn truncate_after(pool: &Pool, job_id: &str, epoch: u32) -> Result<(), sqlx::Error> {
-    sqlx::query("delete from job_metrics where job_id = $1 and epoch > $2").bind(job_id).bind(i64::from(epoch)).execute(pool).await?;
-    sqlx::query("delete from job_evaluations where job_id = $1 and epoch > $2").bind(job_id).bind(i64::from(epoch)).execute(pool).await?;
-    sqlx::query("delete from job_mistakes where job_id = $1 and epoch > $2").bind(job_id).bind(i64::from(epoch)).execute(pool).await?;
-    Ok(())
+pub async fn truncate_after(pool: &Pool, job_id: &str, holder: &Holder, epoch: u32) -> Result<(), sqlx::Error> {
+    let Some(mut tx) = begin_held(pool, job_id, holder).await? else { return Ok(()) };
+    for sql in [
+        "delete from job_metrics where job_id = $1 and epoch > $2",
+        "delete from job_evaluations where job_id = $1 and epoch > $2",
+        "delete from job_mistakes where job_id = $1 and epoch > $2",
+    ] {
+        sqlx::query(sql).bind(job_id).bind(i64::from(epoch)).execute(&mut *tx).await?;
+    }
+    tx.commit().await
 }
 
 /// The full history of a job.
@@ -132,7 +139,8 @@ pub async fn evaluations(pool: &Pool, job_id: &str) -> Result<(Vec<EpochReport>,
 }
 
 /// Records an epoch checkpoint.
-pub async fn record_checkpoint(pool: &Pool, job_id: &str, epoch: u32, path: &str, score: f64) -> Result<(), sqlx::Error> {
+pub async fn record_checkpoint(pool: &Pool, job_id: &str, holder: &Holder, epoch: u32, path: &str, score: f64) -> Result<(), sqlx::Error> {
+    let Some(mut tx) = begin_held(pool, job_id, holder).await? else { return Ok(()) };
     sqlx::query("insert into checkpoints (job_id, epoch, path, score, created_at) values ($1, $2, $3, $4, $5) \
          on conflict (job_id, epoch) do update set path = excluded.path, score = excluded.score, created_at = excluded.created_at")
         .bind(job_id)
@@ -140,11 +148,11 @@ pub async fn record_checkpoint(pool: &Pool, job_id: &str, epoch: u32, path: &str
         .bind(path)
         .bind(score)
         .bind(crate::db::now())
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
     // Only the latest epoch's checkpoint stays on disk.
-    sqlx::query("delete from checkpoints where job_id = $1 and epoch < $2").bind(job_id).bind(i64::from(epoch)).execute(pool).await?;
-    Ok(())
+    sqlx::query("delete from checkpoints where job_id = $1 and epoch < $2").bind(job_id).bind(i64::from(epoch)).execute(&mut *tx).await?;
+    tx.commit().await
 }
 /// A validation image a job's model got wrong.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -160,8 +168,8 @@ pub struct MistakeRow {
 }
 
 /// Replaces epoch `epoch`'s mistakes of a job (most confident first).
-pub async fn record_mistakes(pool: &Pool, job_id: &str, epoch: u32, mistakes: &[MistakeRow]) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+pub async fn record_mistakes(pool: &Pool, job_id: &str, holder: &Holder, epoch: u32, mistakes: &[MistakeRow]) -> Result<(), sqlx::Error> {
+    let Some(mut tx) = begin_held(pool, job_id, holder).await? else { return Ok(()) };
     sqlx::query("delete from job_mistakes where job_id = $1 and epoch = $2").bind(job_id).bind(i64::from(epoch)).execute(&mut *tx).await?;
     for (rank, m) in mistakes.iter().enumerate() {
         sqlx::query("insert into job_mistakes (job_id, epoch, rank, blob, file, label, predicted, score) values ($1, $2, $3, $4, $5, $6, $7, $8)")

@@ -284,16 +284,20 @@ impl Holder {
 
 /// Claims the oldest claimable job for `worker` (its `device`) for `lease`: a queued job, or a
 /// running one whose lease ran out (its worker died; it resumes from its last checkpoint). One
-/// statement, so two workers never take the same job. A job this very process still runs on
-/// another device (its lease lapsed while the database was out of reach) can come back; the
-/// worker loop hands that claim back ([`undo_claim`]) and leaves the job to that run.
-pub async fn claim(pool: &Pool, worker: &str, device: &str, lease: Duration) -> Result<Option<Job>, sqlx::Error> {
+/// statement, so two workers never take the same job. `running`: the jobs this very process runs
+/// on its other devices, which it never claims, though their leases may have lapsed (the
+/// database was out of reach longer than a lease): those runs still hold them, and renew their
+/// leases when they next can.
+pub async fn claim(pool: &Pool, worker: &str, device: &str, lease: Duration, running: &[String]) -> Result<Option<Job>, sqlx::Error> {
+    // The ids (UUIDs, without commas) go as one comma-separated text: sqlx's `Any` driver binds
+    // no arrays.
     macro_rules! claim_sql {
-        ($backend:ident, $lock:literal) => {
+        ($backend:ident, $lock:literal, $find:literal) => {
             concat!(
                 "update jobs set status = 'running', device = $1, worker = $2, lease_expires_at = ", db_time!($backend, "$3"), ", \
                  started_at = coalesce(started_at, ", db_time!($backend), "), attempts = attempts + 1 \
-                 where id = (select id from jobs where status = 'queued' or (status = 'running' and lease_expires_at < ", db_time!($backend), ") \
+                 where id = (select id from jobs where (status = 'queued' or (status = 'running' and lease_expires_at < ", db_time!($backend), ")) \
+                 and ", $find, "(',' || $4 || ',', ',' || id || ',') = 0 \
                  order by created_at, id limit 1", $lock, ") \
                  and (status = 'queued' or (status = 'running' and lease_expires_at < ", db_time!($backend), ")) returning ",
                 job_columns!()
@@ -301,10 +305,12 @@ pub async fn claim(pool: &Pool, worker: &str, device: &str, lease: Duration) -> 
         };
     }
     let sql = match Backend::of(pool) {
-        Backend::Sqlite => claim_sql!(sqlite, ""),
-        Backend::Postgres => claim_sql!(postgres, " for update skip locked"),
+        Backend::Sqlite => claim_sql!(sqlite, "", "instr"),
+        Backend::Postgres => claim_sql!(postgres, " for update skip locked", "strpos"),
     };
-    let row: Option<JobRow> = sqlx::query_as(sql).bind(device).bind(worker).bind(millis(lease)).fetch_optional(pool).await?;
+    let running = running.join(",");
+    let row: Option<JobRow> =
+        sqlx::query_as(sql).bind(device).bind(worker).bind(millis(lease)).bind(running).fetch_optional(pool).await?;
     row.map(Job::try_from).transpose()
 }
 
@@ -313,6 +319,15 @@ pub async fn claim(pool: &Pool, worker: &str, device: &str, lease: Duration) -> 
 macro_rules! held_update {
     ($set:literal) => {
         concat!("update jobs set ", $set, " where id = $1 and status = 'running' and worker = $2 and attempts = $3")
+    };
+}
+/// `update jobs set <assignments>` of the job `holder`'s claim took (`$1` the job, `$2` and `$3`
+/// the holder), whether it still runs or that claim's run has just ended it (its last progress
+/// comes after its outcome), for what a run records of itself: a no-op once another claim took
+/// the job.
+macro_rules! claim_update {
+    ($set:literal) => {
+        concat!("update jobs set ", $set, " where id = $1 and worker = $2 and attempts = $3")
     };
 }
 /// Runs a [`held_update`] on job `id` for `holder` (a no-op when the job no longer runs under it).
@@ -400,38 +415,62 @@ pub async fn hand_back(pool: &Pool, id: &str, holder: &Holder) -> Result<(), sql
     update_held(pool, held_update!("status = 'queued', lease_expires_at = null, attempts = attempts - 1"), id, holder).await
 }
 
+/// Begins a transaction in which `holder` holds job `id`, for writes of its run that span several
+/// statements (its metrics): the first statement writes the job's row under the holder's claim
+/// (a [`claim_update`]), which takes that row (PostgreSQL) or the database (SQLite) until the
+/// transaction ends, so no claim can take the job over in between. `None`, with nothing begun,
+/// once another claim has taken the job: a run whose claim passed on writes nothing.
+pub async fn begin_held<'p>(pool: &'p Pool, id: &str, holder: &Holder) -> Result<Option<sqlx::Transaction<'p, sqlx::Any>>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let held = sqlx::query(claim_update!("attempts = attempts")).bind(id).bind(&holder.worker).bind(holder.claim).execute(&mut *tx).await?;
+    if held.rows_affected() == 0 {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    Ok(Some(tx))
+}
+
+// The statements below record a run's progress on its job's row. Each is a [`claim_update`]: a
+// no-op once another claim has taken the job from `holder`, so a run whose lease ran out cannot
+// write over the progress of the run that took its job over, in the time before its next
+// renewal tells it to stop.
+
 /// Records the plan of a run (total optimiser steps) once it is known.
-pub async fn set_plan(pool: &Pool, id: &str, epochs: u32, steps: u64) -> Result<(), sqlx::Error> {
-    sqlx::query("update jobs set epochs = $1, steps = $2 where id = $3")
+pub async fn set_plan(pool: &Pool, id: &str, holder: &Holder, epochs: u32, steps: u64) -> Result<(), sqlx::Error> {
+    sqlx::query(claim_update!("epochs = $4, steps = $5"))
+        .bind(id)
+        .bind(&holder.worker)
+        .bind(holder.claim)
         .bind(i64::from(epochs))
         .bind(steps as i64)
-        .bind(id)
         .execute(pool)
         .await?;
     Ok(())
 }
 
 /// Records progress.
-pub async fn set_progress(pool: &Pool, id: &str, epoch: u32, step: u64) -> Result<(), sqlx::Error> {
-    sqlx::query("update jobs set epoch = $1, step = $2 where id = $3")
+pub async fn set_progress(pool: &Pool, id: &str, holder: &Holder, epoch: u32, step: u64) -> Result<(), sqlx::Error> {
+    sqlx::query(claim_update!("epoch = $4, step = $5"))
+        .bind(id)
+        .bind(&holder.worker)
+        .bind(holder.claim)
         .bind(i64::from(epoch))
         .bind(step as i64)
-        .bind(id)
         .execute(pool)
         .await?;
     Ok(())
 }
 
 /// Records the phase a job is in and its progress within it.
-pub async fn set_phase(pool: &Pool, id: &str, phase: Phase, done: u64, total: u64, rate: Option<f64>) -> Result<(), sqlx::Error> {
+pub async fn set_phase(pool: &Pool, id: &str, holder: &Holder, phase: Phase, done: u64, total: u64, rate: Option<f64>) -> Result<(), sqlx::Error> {
     // No `Option<f64>` is bound: sqlx 0.9's Any driver sends a missing f64 as a PostgreSQL `real`,
     // and a prepared statement whose parameter got that type then refuses the next rate (8 bytes):
     // transact-rs/sqlx#4284 (the NULL float kinds swapped in `AnyArguments::convert_into`).
     let query = match rate {
-        Some(_) => sqlx::query("update jobs set phase = $1, phase_done = $2, phase_total = $3, phase_rate = $5 where id = $4"),
-        None => sqlx::query("update jobs set phase = $1, phase_done = $2, phase_total = $3, phase_rate = null where id = $4"),
+        Some(_) => sqlx::query(claim_update!("phase = $4, phase_done = $5, phase_total = $6, phase_rate = $7")),
+        None => sqlx::query(claim_update!("phase = $4, phase_done = $5, phase_total = $6, phase_rate = null")),
     };
-    let query = query.bind(phase.as_str()).bind(done as i64).bind(total as i64).bind(id);
+    let query = query.bind(id).bind(&holder.worker).bind(holder.claim).bind(phase.as_str()).bind(done as i64).bind(total as i64);
     match rate {
         Some(rate) => query.bind(rate).execute(pool).await?,
         None => query.execute(pool).await?,
@@ -440,26 +479,31 @@ pub async fn set_phase(pool: &Pool, id: &str, phase: Phase, done: u64, total: u6
 }
 
 /// Records what the auto recipe decided (or why a time budget ended the run).
-pub async fn set_decision(pool: &Pool, id: &str, decision: &Value) -> Result<(), sqlx::Error> {
-    sqlx::query("update jobs set decision = $1 where id = $2").bind(decision.to_string()).bind(id).execute(pool).await?;
+pub async fn set_decision(pool: &Pool, id: &str, holder: &Holder, decision: &Value) -> Result<(), sqlx::Error> {
+    sqlx::query(claim_update!("decision = $4")).bind(id).bind(&holder.worker).bind(holder.claim).bind(decision.to_string()).execute(pool).await?;
     Ok(())
 }
 
 /// Records the precision the job's products run in on its worker.
-pub async fn set_precision(pool: &Pool, id: &str, precision: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("update jobs set precision = $1 where id = $2").bind(precision).bind(id).execute(pool).await?;
+pub async fn set_precision(pool: &Pool, id: &str, holder: &Holder, precision: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(claim_update!("precision = $4")).bind(id).bind(&holder.worker).bind(holder.claim).bind(precision).execute(pool).await?;
     Ok(())
 }
 
 /// Records that the job's current claim has written a checkpoint (progress a restart resumes from).
-pub async fn mark_progress(pool: &Pool, id: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("update jobs set progress_claim = attempts where id = $1").bind(id).execute(pool).await?;
-    Ok(())
+pub async fn mark_progress(pool: &Pool, id: &str, holder: &Holder) -> Result<(), sqlx::Error> {
+    update_held(pool, claim_update!("progress_claim = attempts"), id, holder).await
 }
 
 /// Records that epoch `epoch` has ended (a probe epoch has no steps to report it).
-pub async fn set_epoch_done(pool: &Pool, id: &str, epoch: u32) -> Result<(), sqlx::Error> {
-    sqlx::query("update jobs set epoch = case when epoch > $1 then epoch else $1 end where id = $2").bind(i64::from(epoch)).bind(id).execute(pool).await?;
+pub async fn set_epoch_done(pool: &Pool, id: &str, holder: &Holder, epoch: u32) -> Result<(), sqlx::Error> {
+    sqlx::query(claim_update!("epoch = case when epoch > $4 then epoch else $4 end"))
+        .bind(id)
+        .bind(&holder.worker)
+        .bind(holder.claim)
+        .bind(i64::from(epoch))
+        .execute(pool)
+        .await?;
     Ok(())
 }
 

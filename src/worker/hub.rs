@@ -117,6 +117,11 @@ impl JobHub {
         lock(&self.cancel_flags).contains_key(job_id)
     }
 
+    /// The jobs this process runs.
+    pub fn running(&self) -> Vec<String> {
+        lock(&self.cancel_flags).keys().cloned().collect()
+    }
+
     /// Forgets a job that stopped running.
     pub fn stop(&self, job_id: &str) {
         lock(&self.cancel_flags).remove(job_id);

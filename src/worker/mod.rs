@@ -73,10 +73,12 @@ async fn work(ctx: JobContext, name: String, device: Device) {
         let submitted = ctx.hub.submitted();
         tokio::pin!(submitted);
         submitted.as_mut().enable();
-        match db::jobs::claim(&ctx.db, &ctx.worker_name, &name, ctx.lease).await {
-            // Its lease lapsed (the database was out of reach longer than the lease) while another
-            // device of this process still runs it: the claim is handed back, so that run goes on
-            // holding the job (with the lease this claim set).
+        // Not the jobs this process runs on its other devices, though their leases may have lapsed
+        // (the database was out of reach longer than a lease): those runs still hold them.
+        match db::jobs::claim(&ctx.db, &ctx.worker_name, &name, ctx.lease, &ctx.hub.running()).await {
+            // A fallback the claim above makes unreachable unless a run started between the list
+            // and the claim: the claim is handed back, so that run goes on holding the job (with
+            // the lease this claim set).
             Ok(Some(job)) if ctx.hub.runs(&job.id) => {
                 tracing::warn!(job = %job.id, device = %name, "claimed a job this process still runs on another device; left to that run");
                 if let Err(e) = db::jobs::undo_claim(&ctx.db, &job.id, &Holder::of(&ctx.worker_name, &job)).await {
@@ -177,7 +179,7 @@ async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device)
     // Aborted when dropped: a panic below must not leave the lease renewed for ever.
     let renewal =
         tokio_util::task::AbortOnDropHandle::new(tokio::spawn(keep_lease(ctx.clone(), job.id.clone(), holder.clone(), cancel.clone(), lost.clone())));
-    let mut recorder = Recorder::new(ctx, &job);
+    let mut recorder = Recorder::new(ctx, &job, holder.clone());
     // Every claim since its last checkpoint ended without an outcome: its process died (killed,
     // perhaps for lack of memory, by this very job) or lost its lease. Running it again would only
     // repeat that.

@@ -17,7 +17,7 @@ use super::JobContext;
 use super::hub::JobEvent;
 use super::submit::resolve_base_model;
 use crate::db;
-use crate::db::jobs::{Job, Progress};
+use crate::db::jobs::{Holder, Job, Progress};
 use crate::db::job_metrics::{MistakeRow, TrainPoint};
 use crate::model::LoadedModel;
 use crate::train::data::TrainData;
@@ -158,6 +158,9 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 pub(super) struct Recorder<'a> {
     ctx: &'a JobContext,
     job: &'a Job,
+    /// The claim the run holds the job under: every write names it (a run whose claim passed on
+    /// writes nothing).
+    holder: Holder,
     progress: Progress,
     clock: PhaseClock,
     last_sent: Option<Instant>,
@@ -168,8 +171,8 @@ pub(super) struct Recorder<'a> {
 }
 
 impl<'a> Recorder<'a> {
-    pub fn new(ctx: &'a JobContext, job: &'a Job) -> Self {
-        Self { ctx, job, progress: job.progress.clone(), clock: PhaseClock::default(), last_sent: None, files: HashMap::new(), labels: vec![] }
+    pub fn new(ctx: &'a JobContext, job: &'a Job, holder: Holder) -> Self {
+        Self { ctx, job, holder, progress: job.progress.clone(), clock: PhaseClock::default(), last_sent: None, files: HashMap::new(), labels: vec![] }
     }
 
     /// Records one event; a failure to record is logged (the run goes on).
@@ -180,14 +183,14 @@ impl<'a> Recorder<'a> {
     }
 
     async fn try_record(&mut self, event: TrainEvent) -> anyhow::Result<()> {
-        let (ctx, job, db) = (self.ctx, self.job, &self.ctx.db);
+        let (ctx, job, db, holder) = (self.ctx, self.job, &self.ctx.db, &self.holder);
         match event {
             TrainEvent::Started { epochs, total_steps, resumed_from, steps_done, precision, .. } => {
-                db::jobs::set_plan(db, &job.id, epochs, total_steps).await?;
-                db::jobs::set_precision(db, &job.id, precision.name()).await?;
+                db::jobs::set_plan(db, &job.id, holder, epochs, total_steps).await?;
+                db::jobs::set_precision(db, &job.id, holder, precision.name()).await?;
                 let done = resumed_from.unwrap_or(0);
-                db::job_metrics::truncate_after(db, &job.id, done).await?;
-                db::jobs::set_progress(db, &job.id, done, steps_done).await?;
+                db::job_metrics::truncate_after(db, &job.id, holder, done).await?;
+                db::jobs::set_progress(db, &job.id, holder, done, steps_done).await?;
                 (self.progress.epochs, self.progress.steps, self.progress.epoch, self.progress.step) = (epochs, total_steps, done, steps_done);
                 if let Some(epoch) = resumed_from {
                     tracing::info!(job = %job.id, epoch, "resuming from checkpoint");
@@ -195,7 +198,7 @@ impl<'a> Recorder<'a> {
             }
             TrainEvent::Restarted { reason } => tracing::warn!(job = %job.id, %reason, "checkpoint unusable, starting over"),
             TrainEvent::Step { epoch, step, steps, loss, learning_rate, images_per_s } => {
-                db::job_metrics::record_step(db, &job.id, &TrainPoint { step, epoch, loss, learning_rate }).await?;
+                db::job_metrics::record_step(db, &job.id, holder, &TrainPoint { step, epoch, loss, learning_rate }).await?;
                 ctx.hub.set_throughput(&job.id, images_per_s);
                 (self.progress.epoch, self.progress.step, self.progress.steps) = (epoch, step, steps);
                 let extra = json!({"loss": loss, "learning_rate": learning_rate, "images_per_s": images_per_s});
@@ -203,7 +206,7 @@ impl<'a> Recorder<'a> {
             }
             TrainEvent::Phase { phase, done, total } => self.phase(phase, done, total, None, json!({})).await?,
             TrainEvent::Epoch { epoch, report, mistakes, .. } => {
-                db::job_metrics::record_evaluation(db, &job.id, "validation", epoch, &report).await?;
+                db::job_metrics::record_evaluation(db, &job.id, holder, "validation", epoch, &report).await?;
                 let label = |i: u32| self.labels.get(i as usize).cloned().unwrap_or_default();
                 let rows: Vec<MistakeRow> = mistakes
                     .iter()
@@ -212,8 +215,8 @@ impl<'a> Recorder<'a> {
                         Some(MistakeRow { blob, file, label: label(m.label), predicted: label(m.predicted), score: m.score })
                     })
                     .collect();
-                db::job_metrics::record_mistakes(db, &job.id, epoch, &rows).await?;
-                db::jobs::set_epoch_done(db, &job.id, epoch).await?;
+                db::job_metrics::record_mistakes(db, &job.id, holder, epoch, &rows).await?;
+                db::jobs::set_epoch_done(db, &job.id, holder, epoch).await?;
                 self.progress.epoch = self.progress.epoch.max(epoch);
                 let mut block = serde_json::to_value(&report)?;
                 block["epoch"] = json!(epoch);
@@ -221,17 +224,17 @@ impl<'a> Recorder<'a> {
             }
             TrainEvent::Checkpoint { epoch, dir, score } => {
                 let rel = dir.strip_prefix(ctx.paths.root()).unwrap_or(&dir).to_string_lossy().into_owned();
-                db::job_metrics::record_checkpoint(db, &job.id, epoch, &rel, score).await?;
-                db::jobs::mark_progress(db, &job.id).await?;
+                db::job_metrics::record_checkpoint(db, &job.id, holder, epoch, &rel, score).await?;
+                db::jobs::mark_progress(db, &job.id, holder).await?;
             }
-            TrainEvent::Test { report } => db::job_metrics::record_evaluation(db, &job.id, "test", 0, &report).await?,
+            TrainEvent::Test { report } => db::job_metrics::record_evaluation(db, &job.id, holder, "test", 0, &report).await?,
             TrainEvent::Probe { c, cv_accuracy, features_seconds, fit_seconds, views } => {
                 tracing::info!(job = %job.id, c, ?cv_accuracy, features_seconds, fit_seconds, views, "probe head fitted")
             }
             TrainEvent::Decided { decision, epochs, total_steps } | TrainEvent::Stopped { decision, epochs, total_steps, .. } => {
                 tracing::info!(job = %job.id, action = ?decision.action, epochs, reason = %decision.reason, "decided");
-                db::jobs::set_decision(db, &job.id, &serde_json::to_value(&decision)?).await?;
-                db::jobs::set_plan(db, &job.id, epochs, total_steps).await?;
+                db::jobs::set_decision(db, &job.id, holder, &serde_json::to_value(&decision)?).await?;
+                db::jobs::set_plan(db, &job.id, holder, epochs, total_steps).await?;
                 (self.progress.epochs, self.progress.steps) = (epochs, total_steps);
             }
             TrainEvent::Calibrated { calibration: c } => {
@@ -254,8 +257,8 @@ impl<'a> Recorder<'a> {
         }
         self.last_sent = Some(Instant::now());
         let (db, id, p) = (&self.ctx.db, &self.job.id, &self.progress);
-        db::jobs::set_progress(db, id, p.epoch, p.step).await?;
-        db::jobs::set_phase(db, id, phase, done, total, p.rate).await?;
+        db::jobs::set_progress(db, id, &self.holder, p.epoch, p.step).await?;
+        db::jobs::set_phase(db, id, &self.holder, phase, done, total, p.rate).await?;
         let mut event = serde_json::to_value(p)?;
         if let (Some(event), Some(extra)) = (event.as_object_mut(), extra.as_object()) {
             event.extend(extra.clone());

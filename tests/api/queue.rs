@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use vitforge::db::Pool;
 use vitforge::db::jobs::{self, Cancel, Holder, Job, NewJob, Recovered, Status};
+use vitforge::db::job_metrics::{self, MistakeRow, TrainPoint};
 use vitforge::db::models::{self, Model, Registration};
+use vitforge::train::Phase;
+use vitforge::train::report::EvalReport;
 
 use crate::helpers::{TestApp, spawn_app_with};
 
@@ -52,7 +55,7 @@ async fn a_job_on_one_of_our_models_is_queued_only_while_that_model_exists() {
     let params = serde_json::json!({});
     let on = |base_model: &'static str| NewJob { dataset_id: &job.dataset_id, base_model, params: &params, recipe: "r", epochs: 1, base_is_model: true };
     assert!(jobs::insert(db, &on("gone")).await.unwrap().is_none(), "a model deleted since the request was checked");
-    let finished = jobs::claim(db, "w", "cpu", LEASE).await.unwrap().unwrap();
+    let finished = jobs::claim(db, "w", "cpu", LEASE, &[]).await.unwrap().unwrap();
     let registered = models::register_for_job(db, &model_of(&finished, "m-kept"), Some(&Holder::of("w", &finished))).await.unwrap();
     assert_eq!(registered, Registration::Registered);
     let queued = jobs::insert(db, &on("m-kept")).await.unwrap().unwrap();
@@ -66,10 +69,10 @@ async fn a_lease_that_ran_out_moves_the_job_and_the_first_worker_can_no_longer_e
     let db = &app.db;
 
     // A live lease: nobody else can claim.
-    let claimed = jobs::claim(db, "one", "cpu", LEASE).await.unwrap().unwrap();
+    let claimed = jobs::claim(db, "one", "cpu", LEASE, &[]).await.unwrap().unwrap();
     assert_eq!((claimed.id.as_str(), claimed.worker.as_deref(), claimed.status), (job.id.as_str(), Some("one"), Status::Running));
     let one = Holder::of("one", &claimed);
-    assert!(jobs::claim(db, "two", "cpu", LEASE).await.unwrap().is_none());
+    assert!(jobs::claim(db, "two", "cpu", LEASE, &[]).await.unwrap().is_none());
     assert_eq!(jobs::renew_lease(db, &job.id, &one, LEASE).await.unwrap(), Some(false));
     let stranger = Holder { worker: "two".into(), claim: one.claim };
     assert_eq!(jobs::renew_lease(db, &job.id, &stranger, LEASE).await.unwrap(), None, "only the holder renews");
@@ -80,7 +83,7 @@ async fn a_lease_that_ran_out_moves_the_job_and_the_first_worker_can_no_longer_e
     // Worker one stops renewing (its lease runs out): worker two takes the job.
     assert!(jobs::renew_lease(db, &job.id, &one, Duration::ZERO).await.unwrap().is_some());
     run_out().await;
-    let taken = jobs::claim(db, "two", "cpu", LEASE).await.unwrap().unwrap();
+    let taken = jobs::claim(db, "two", "cpu", LEASE, &[]).await.unwrap().unwrap();
     assert_eq!((taken.worker.as_deref(), taken.attempts), (Some("two"), 2));
     let two = Holder::of("two", &taken);
     assert_eq!(jobs::renew_lease(db, &job.id, &one, LEASE).await.unwrap(), None, "worker one learns it lost the job");
@@ -103,9 +106,9 @@ async fn a_lease_that_ran_out_moves_the_job_and_the_first_worker_can_no_longer_e
 async fn a_run_under_the_same_worker_name_whose_claim_passed_on_changes_nothing() {
     let (app, job) = queued_job().await;
     let db = &app.db;
-    let first = Holder::of("twin", &jobs::claim(db, "twin", "cpu", Duration::ZERO).await.unwrap().unwrap());
+    let first = Holder::of("twin", &jobs::claim(db, "twin", "cpu", Duration::ZERO, &[]).await.unwrap().unwrap());
     run_out().await;
-    let second = Holder::of("twin", &jobs::claim(db, "twin", "cpu", LEASE).await.unwrap().unwrap());
+    let second = Holder::of("twin", &jobs::claim(db, "twin", "cpu", LEASE, &[]).await.unwrap().unwrap());
     assert_eq!((first.claim, second.claim), (1, 2));
 
     assert_eq!(jobs::renew_lease(db, &job.id, &first, LEASE).await.unwrap(), None, "the first run learns it lost the job");
@@ -125,15 +128,100 @@ async fn a_run_under_the_same_worker_name_whose_claim_passed_on_changes_nothing(
     assert_eq!(status(db, &job.id).await, Status::Cancelled);
 }
 
+/// What a run records as it goes (progress on the job's row, steps, evaluations, mistakes,
+/// checkpoints) is its claim's too: once its lease ran out and another claim took the job, a
+/// late write of the first run (before its next renewal tells it to stop) changes nothing, even
+/// one that would remove the metrics the second run wrote.
+#[tokio::test]
+async fn a_run_whose_claim_passed_on_records_no_progress_or_metrics() {
+    let (app, job) = queued_job().await;
+    let db = &app.db;
+    let first = Holder::of("one", &jobs::claim(db, "one", "cpu", Duration::ZERO, &[]).await.unwrap().unwrap());
+    run_out().await;
+    let second = Holder::of("two", &jobs::claim(db, "two", "cpu", LEASE, &[]).await.unwrap().unwrap());
+    let report = |accuracy: f64| EvalReport {
+        loss: 1.0 - accuracy,
+        accuracy,
+        precision: accuracy,
+        recall: accuracy,
+        f1: accuracy,
+        per_class: Default::default(),
+        confusion_matrix: vec![],
+        ece: 0.0,
+        mean_score: accuracy,
+    };
+    let mistake = |file: &str| MistakeRow { blob: "b".into(), file: file.into(), label: "cat".into(), predicted: "dog".into(), score: 0.9 };
+    // Every write a run makes, as `holder` would make it with these figures.
+    let record = async |holder: &Holder, x: u32| {
+        let (id, f) = (&job.id, f64::from(x));
+        jobs::set_plan(db, id, holder, x + 3, u64::from(x) * 10).await.unwrap();
+        jobs::set_precision(db, id, holder, if x == 2 { "bf16" } else { "f32" }).await.unwrap();
+        jobs::set_decision(db, id, holder, &serde_json::json!({"action": format!("run {x}")})).await.unwrap();
+        job_metrics::truncate_after(db, id, holder, x - 1).await.unwrap();
+        jobs::set_progress(db, id, holder, x, u64::from(x) * 5).await.unwrap();
+        jobs::set_phase(db, id, holder, Phase::Training, u64::from(x), 10, Some(f)).await.unwrap();
+        jobs::set_epoch_done(db, id, holder, x).await.unwrap();
+        job_metrics::record_step(db, id, holder, &TrainPoint { step: u64::from(x), epoch: x, loss: f, learning_rate: f / 100.0 }).await.unwrap();
+        job_metrics::record_evaluation(db, id, holder, "validation", x, &report(f / 10.0)).await.unwrap();
+        job_metrics::record_mistakes(db, id, holder, x, &[mistake(&format!("run-{x}.jpg"))]).await.unwrap();
+        job_metrics::record_checkpoint(db, id, holder, x, &format!("jobs/{id}/run-{x}"), f).await.unwrap();
+        jobs::mark_progress(db, id, holder).await.unwrap();
+    };
+    let written = async || {
+        let checkpoints: Vec<(i64, String)> =
+            sqlx::query_as("select epoch, path from checkpoints where job_id = $1 order by epoch").bind(&job.id).fetch_all(db).await.unwrap();
+        let mistakes = job_metrics::mistakes(db, &job.id, 2).await.unwrap();
+        (jobs::get(db, &job.id).await.unwrap().unwrap(), job_metrics::get(db, &job.id).await.unwrap(), mistakes, checkpoints)
+    };
+
+    record(&second, 2).await;
+    let (row, metrics, mistakes, checkpoints) = written().await;
+    // The second run's writes landed (so the comparison below can fail).
+    assert_eq!((row.progress.epochs, row.progress.epoch, row.progress.step, row.progress.done), (5, 2, 10, 2));
+    assert_eq!((row.precision.as_deref(), row.progress_claim), (Some("bf16"), 2));
+    assert_eq!((metrics.train.len(), metrics.validation.len()), (1, 1));
+    assert_eq!((mistakes.len(), checkpoints.len()), (1, 1));
+
+    // The first run's late writes, epoch 1 (its truncation would remove epoch 2's metrics).
+    record(&first, 1).await;
+    assert_eq!(written().await, (row, metrics, mistakes, checkpoints), "the first run changed nothing");
+}
+
+/// A process never claims a job it runs on another device, though that run's lease lapsed (the
+/// database was out of reach longer than a lease): the run keeps the job under its claim, with no
+/// moment at which its renewal would find the job taken. Other jobs are claimed as ever.
+#[tokio::test]
+async fn a_process_does_not_claim_the_jobs_it_runs() {
+    let (app, job) = queued_job().await;
+    let db = &app.db;
+    let running = Holder::of("w", &jobs::claim(db, "w", "cpu:0", Duration::ZERO, &[]).await.unwrap().unwrap());
+    run_out().await;
+    let params = serde_json::json!({});
+    let new = NewJob { dataset_id: &job.dataset_id, base_model: "m", params: &params, recipe: "r", epochs: 1, base_is_model: false };
+    let other = jobs::insert(db, &new).await.unwrap().unwrap();
+    // The list names the job, and a part of the other job's id (which must not match it).
+    let ours = [job.id.clone(), other.id[..other.id.len() - 1].to_string()];
+    let claimed = jobs::claim(db, "w", "cpu:1", LEASE, &ours).await.unwrap().unwrap();
+    assert_eq!(claimed.id, other.id, "the job the process runs is older, but not claimed");
+    assert!(jobs::claim(db, "w", "cpu:2", LEASE, &ours).await.unwrap().is_none());
+    assert_eq!(jobs::renew_lease(db, &job.id, &running, LEASE).await.unwrap(), Some(false), "the run still holds its job");
+    assert_eq!(jobs::get(db, &job.id).await.unwrap().unwrap().attempts, 1, "one claim counted");
+    // Another process, whose list does not name it, takes it once the lease lapses again.
+    jobs::renew_lease(db, &job.id, &running, Duration::ZERO).await.unwrap().unwrap();
+    run_out().await;
+    assert_eq!(jobs::claim(db, "x", "cpu", LEASE, &[]).await.unwrap().unwrap().id, job.id);
+}
+
 /// A process that claims a job one of its own devices still runs (that run's lease lapsed while
-/// the database was out of reach) hands the claim back: the run keeps the job.
+/// the database was out of reach) hands the claim back: the run keeps the job. (The worker loop's
+/// fallback: its claims skip the jobs it runs, above.)
 #[tokio::test]
 async fn a_claim_handed_back_leaves_the_job_to_the_run_that_holds_it() {
     let (app, job) = queued_job().await;
     let db = &app.db;
-    let running = Holder::of("w", &jobs::claim(db, "w", "cpu:0", Duration::ZERO).await.unwrap().unwrap());
+    let running = Holder::of("w", &jobs::claim(db, "w", "cpu:0", Duration::ZERO, &[]).await.unwrap().unwrap());
     run_out().await;
-    let again = jobs::claim(db, "w", "cpu:1", LEASE).await.unwrap().unwrap();
+    let again = jobs::claim(db, "w", "cpu:1", LEASE, &[]).await.unwrap().unwrap();
     jobs::undo_claim(db, &again.id, &Holder::of("w", &again)).await.unwrap();
     assert_eq!(jobs::renew_lease(db, &job.id, &running, LEASE).await.unwrap(), Some(false), "the first run holds it again");
     assert_eq!(jobs::get(db, &job.id).await.unwrap().unwrap().attempts, 1, "one claim counted");
@@ -147,11 +235,11 @@ async fn a_claim_handed_back_leaves_the_job_to_the_run_that_holds_it() {
 async fn a_job_handed_back_at_shutdown_keeps_its_claim_count() {
     let (app, job) = queued_job().await;
     let db = &app.db;
-    let claimed = jobs::claim(db, "w", "cpu", LEASE).await.unwrap().unwrap();
+    let claimed = jobs::claim(db, "w", "cpu", LEASE, &[]).await.unwrap().unwrap();
     jobs::hand_back(db, &job.id, &Holder::of("w", &claimed)).await.unwrap();
     let back = jobs::get(db, &job.id).await.unwrap().unwrap();
     assert_eq!((back.status, back.attempts), (Status::Queued, 0));
-    let claimed = jobs::claim(db, "w", "cpu", LEASE).await.unwrap().unwrap();
+    let claimed = jobs::claim(db, "w", "cpu", LEASE, &[]).await.unwrap().unwrap();
     jobs::requeue(db, &job.id, &Holder::of("w", &claimed)).await.unwrap();
     assert_eq!(jobs::get(db, &job.id).await.unwrap().unwrap().attempts, 1);
 }
@@ -207,7 +295,7 @@ async fn leases_are_stored_as_times_a_lease_length_ahead() {
     let (app, job) = queued_job().await;
     let db = &app.db;
     let before = chrono::Utc::now();
-    let claimed = jobs::claim(db, "w", "cpu", LEASE).await.unwrap().unwrap();
+    let claimed = jobs::claim(db, "w", "cpu", LEASE, &[]).await.unwrap().unwrap();
     let lease: String = sqlx::query_scalar("select lease_expires_at from jobs where id = $1").bind(&job.id).fetch_one(db).await.unwrap();
     let at = chrono::DateTime::parse_from_rfc3339(&lease).unwrap_or_else(|e| panic!("{lease}: {e}")).with_timezone(&chrono::Utc);
     assert_eq!(vitforge::db::at(at), lease, "stored as every time is");
@@ -226,7 +314,7 @@ async fn leases_are_stored_as_times_a_lease_length_ahead() {
 async fn start_up_recovery_takes_only_what_is_its_own_or_expired() {
     let (app, job) = queued_job().await;
     let db = &app.db;
-    jobs::claim(db, "one", "cpu", LEASE).await.unwrap().unwrap();
+    jobs::claim(db, "one", "cpu", LEASE, &[]).await.unwrap().unwrap();
     // Another worker's live job stays where it is.
     assert_eq!(jobs::recover_interrupted(db, Some("two")).await.unwrap(), Recovered { requeued: 0, cancelled: vec![] });
     assert_eq!(status(db, &job.id).await, Status::Running);
@@ -234,14 +322,14 @@ async fn start_up_recovery_takes_only_what_is_its_own_or_expired() {
     assert_eq!(jobs::recover_interrupted(db, Some("one")).await.unwrap().requeued, 1);
     assert_eq!(status(db, &job.id).await, Status::Queued);
     // Another worker's job whose lease ran out goes back too.
-    jobs::claim(db, "one", "cpu", Duration::ZERO).await.unwrap().unwrap();
+    jobs::claim(db, "one", "cpu", Duration::ZERO, &[]).await.unwrap().unwrap();
     run_out().await;
     assert_eq!(jobs::recover_interrupted(db, Some("two")).await.unwrap().requeued, 1);
     // A process alone on the database takes every running job.
-    jobs::claim(db, "one", "cpu", LEASE).await.unwrap().unwrap();
+    jobs::claim(db, "one", "cpu", LEASE, &[]).await.unwrap().unwrap();
     assert_eq!(jobs::recover_interrupted(db, None).await.unwrap().requeued, 1);
     // A job whose cancel was asked for ends cancelled, and says so (its checkpoints can go).
-    jobs::claim(db, "one", "cpu", LEASE).await.unwrap().unwrap();
+    jobs::claim(db, "one", "cpu", LEASE, &[]).await.unwrap().unwrap();
     assert_eq!(jobs::cancel(db, &job.id).await.unwrap(), Cancel::Requested);
     assert_eq!(jobs::recover_interrupted(db, None).await.unwrap(), Recovered { requeued: 0, cancelled: vec![job.id.clone()] });
     assert_eq!(status(db, &job.id).await, Status::Cancelled);
