@@ -58,10 +58,11 @@ pub struct ServeConfig {
     /// Seconds between sweeps for blobs no dataset references (left by a crash between an
     /// upload's blob writes and its insert, or by a delete whose collection failed): in `--role
     /// all`, and in processes of several roles on PostgreSQL, whose advisory lock keeps out every
-    /// process's uploads. A sweep is skipped while an upload is in flight. With an object store
-    /// the same sweeps remove this machine's cached copies of models deleted through another
-    /// process (in every role, after an hour untouched). 0: none (the start-up sweep of `--role
-    /// all` remains).
+    /// process's uploads. A sweep is skipped while an upload is in flight. The same sweeps, in
+    /// every role, remove the folders of jobs that have ended (left by a run that lost its lease)
+    /// and, with an object store, this machine's cached copies of models deleted through another
+    /// process, each after an hour untouched. 0: none (the start-up sweep of `--role all`
+    /// remains).
     #[arg(long, env = "VITFORGE_SWEEP_SECS", default_value_t = 3600)]
     pub sweep_secs: u64,
 

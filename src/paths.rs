@@ -72,3 +72,21 @@ impl DataPaths {
         self.root.join("tmp")
     }
 }
+
+/// The folders in `dir` whose modification time is at least `grace` ago (a missing `dir`: none).
+pub fn idle_folders(dir: &Path, grace: std::time::Duration) -> std::io::Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        other => other?,
+    };
+    let mut idle = vec![];
+    for entry in entries {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        let age = meta.modified()?.elapsed().unwrap_or_default();
+        if meta.is_dir() && age >= grace {
+            idle.push(entry.path());
+        }
+    }
+    Ok(idle)
+}

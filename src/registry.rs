@@ -230,7 +230,7 @@ impl ModelRegistry {
             return Ok(vec![]);
         }
         let models = self.paths.models();
-        let listed = tokio::task::spawn_blocking(move || idle_folders(&models, grace)).await??;
+        let listed = tokio::task::spawn_blocking(move || crate::paths::idle_folders(&models, grace)).await??;
         if listed.is_empty() {
             return Ok(vec![]);
         }
@@ -250,24 +250,6 @@ impl ModelRegistry {
     fn relative(&self, path: &Path) -> String {
         path.strip_prefix(self.paths.root()).unwrap_or(path).to_string_lossy().into_owned()
     }
-}
-
-/// The folders in `dir` whose modification time is at least `grace` ago (a missing `dir`: none).
-fn idle_folders(dir: &Path, grace: std::time::Duration) -> std::io::Result<Vec<PathBuf>> {
-    let entries = match std::fs::read_dir(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-        other => other?,
-    };
-    let mut idle = vec![];
-    for entry in entries {
-        let entry = entry?;
-        let meta = entry.metadata()?;
-        let age = meta.modified()?.elapsed().unwrap_or_default();
-        if meta.is_dir() && age >= grace {
-            idle.push(entry.path());
-        }
-    }
-    Ok(idle)
 }
 
 /// What a model records as its metrics: the kept epoch's validation block, with the calibration

@@ -183,7 +183,8 @@ async fn release_memory_now_and_then() {
 }
 
 /// Every `--sweep-secs` (the first time one period after start: `--role all` has just swept at
-/// start-up), sweeps for blobs no dataset references, and, with an object store, for this
+/// start-up), sweeps for blobs no dataset references, for the folders of jobs that have ended
+/// (left on this machine by a run that lost its lease), and, with an object store, for this
 /// machine's cached copies of models deleted through another process. Where the blob sweep
 /// cannot be safe (several processes on SQLite) it says so once and leaves blobs alone.
 async fn sweep_now_and_then(state: AppState) {
@@ -193,9 +194,6 @@ async fn sweep_now_and_then(state: AppState) {
         tracing::info!("no periodic blob sweep: processes of several roles on SQLite have no lock across processes (a --role all start-up sweeps)");
     }
     let cache = state.objects.is_remote();
-    if !blobs && !cache {
-        return;
-    }
     let period = Duration::from_secs(state.config.sweep_secs);
     let mut every = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -209,8 +207,16 @@ async fn sweep_now_and_then(state: AppState) {
                 Err(e) => tracing::warn!(error = format!("{e:#}"), "the blob sweep failed; the next one tries again"),
             }
         }
+        match crate::worker::remove_ended_job_folders(&state.db, &state.objects, &state.paths, LEFTOVER_GRACE).await {
+            Ok(removed) => {
+                for path in removed {
+                    tracing::info!(path = %path.display(), "removed the folder of a job that has ended");
+                }
+            }
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "sweeping the folders of ended jobs failed; the next sweep tries again"),
+        }
         if cache {
-            match state.models.remove_deleted_copies(DELETED_COPY_GRACE).await {
+            match state.models.remove_deleted_copies(LEFTOVER_GRACE).await {
                 Ok(removed) => {
                     for path in removed {
                         tracing::info!(path = %path.display(), "removed the cached copy of a model deleted elsewhere");
@@ -224,8 +230,9 @@ async fn sweep_now_and_then(state: AppState) {
 
 /// How long a model folder without a row must have been left alone before a sweep takes it for
 /// the cached copy of a deleted model rather than one being registered (copied, uploaded to the
-/// store, then given its row).
-const DELETED_COPY_GRACE: Duration = Duration::from_secs(3600);
+/// store, then given its row); and the folder of an ended job, for a leftover rather than one a
+/// run that lost its lease still writes.
+const LEFTOVER_GRACE: Duration = Duration::from_secs(3600);
 
 /// How often an API process looks for a model newer than its `/predict` default.
 const FOLLOW_MODELS_EVERY: Duration = Duration::from_secs(2);

@@ -125,6 +125,28 @@ async fn keep_lease(ctx: JobContext, job_id: String, holder: Holder, cancel: Arc
     }
 }
 
+/// The periodic sweep's part of `jobs/`: removes, here and in the object store, the folder of a
+/// job that has ended (or no longer exists) once nothing directly in it has changed for `grace`.
+/// The process that ends a job removes its folder; but a machine whose run lost its lease (and
+/// whose job another machine then finished) keeps its copy of the checkpoints, and so does a
+/// process that stopped between a job's end and the removal. An ended job never runs again, so
+/// no claim can race the removal, whichever processes share the data folder; the grace leaves
+/// alone a run that lost its lease and writes on until its next renewal stops it. Returns the
+/// folders removed.
+pub async fn remove_ended_job_folders(db: &Pool, objects: &Objects, paths: &DataPaths, grace: Duration) -> anyhow::Result<Vec<PathBuf>> {
+    let jobs = paths.jobs();
+    let idle = tokio::task::spawn_blocking(move || crate::paths::idle_folders(&jobs, grace)).await??;
+    let mut removed = vec![];
+    for dir in idle {
+        let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if db::jobs::get(db, &id).await?.is_none_or(|job| job.status.is_terminal()) {
+            objects.remove_dir(&dir).await?;
+            removed.push(dir);
+        }
+    }
+    Ok(removed)
+}
+
 /// Claims of a job after which a failure that may pass ends it failed instead of putting it back
 /// in the queue; a job claimed once more than this since its last checkpoint (every run since
 /// ended without an outcome) fails without running. A graceful shutdown's claim does not count

@@ -144,7 +144,22 @@ async fn machines_that_share_only_the_database_and_the_object_store() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(being_written.is_dir(), "a recent folder without a row is not swept");
     assert!(models.join(other["model_id"].as_str().unwrap()).join("config.json").is_file(), "the remaining model's copy stays");
-    drop(second);
+
+    // The first worker, killed while it ran the job the second one finished, still has its copy
+    // of that job's checkpoints. Restarted (a worker's start-up removes nothing), its sweep
+    // removes that folder once it has been left alone for an hour (made so here).
+    let lost = machine(tmp.path(), "worker-1").join("jobs").join(&id);
+    assert!(lost.is_dir(), "the killed worker's copy of the job's checkpoints");
+    std::fs::File::open(&lost).unwrap().set_modified(an_hour_ago).unwrap();
+    let restarted =
+        launch(&machine(tmp.path(), "worker-1"), &db, &s3, &["--role", "worker", "--worker-name", "worker-one", "--lease-secs", "3", "--sweep-secs", "1"])
+            .start();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lost.exists() {
+        assert!(Instant::now() < deadline, "the folder of the job that moved away and ended is still there");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop((second, restarted));
 }
 
 #[tokio::test]

@@ -334,3 +334,50 @@ async fn start_up_recovery_takes_only_what_is_its_own_or_expired() {
     assert_eq!(jobs::recover_interrupted(db, None).await.unwrap(), Recovered { requeued: 0, cancelled: vec![job.id.clone()] });
     assert_eq!(status(db, &job.id).await, Status::Cancelled);
 }
+
+/// The periodic sweep's part of `jobs/` (`vitforge::worker::remove_ended_job_folders`): the
+/// folder of a job that has ended, or that no longer exists, goes once nothing in it has changed
+/// for the grace, here and in the store; a recent one stays, and so do the folders of jobs that
+/// are queued or that run, however old.
+#[tokio::test]
+async fn the_folders_of_ended_jobs_are_swept_once_left_alone() {
+    let (app, queued) = queued_job().await;
+    let db = &app.db;
+    let paths = vitforge::paths::DataPaths::new(&app.data_dir);
+    let objects = vitforge::objects::Objects::local(paths.clone()).unwrap();
+    // The queued job is claimed and ends; another runs (claimed elsewhere); a third is queued.
+    let first = jobs::claim(db, "elsewhere", "cpu", LEASE, &[]).await.unwrap().unwrap();
+    assert_eq!(first.id, queued.id);
+    jobs::finish(db, &first.id, &Holder::of("elsewhere", &first), Status::Failed, Some("it ended")).await.unwrap();
+    let params = serde_json::json!({});
+    let new = NewJob { dataset_id: &queued.dataset_id, base_model: "m", params: &params, recipe: "r", epochs: 1, base_is_model: false };
+    let running = jobs::insert(db, &new).await.unwrap().unwrap();
+    assert_eq!(jobs::claim(db, "elsewhere", "cpu", LEASE, &[]).await.unwrap().unwrap().id, running.id);
+    let waiting = jobs::insert(db, &new).await.unwrap().unwrap();
+    let recent_end = jobs::insert(db, &new).await.unwrap().unwrap();
+    jobs::cancel(db, &recent_end.id).await.unwrap();
+
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 3600);
+    let folder = |id: &str, old: bool| {
+        let dir = paths.job(id);
+        std::fs::create_dir_all(dir.join("epoch-1")).unwrap();
+        std::fs::write(dir.join("epoch-1").join("state.json"), b"{}").unwrap();
+        if old {
+            std::fs::File::open(&dir).unwrap().set_modified(two_hours_ago).unwrap();
+        }
+        dir
+    };
+    let gone = folder("01a00000-0000-7000-8000-00000000dead", true);
+    let swept = [folder(&first.id, true), gone.clone()];
+    let kept = [folder(&running.id, true), folder(&waiting.id, true), folder(&recent_end.id, false)];
+
+    let grace = Duration::from_secs(3600);
+    let mut removed = vitforge::worker::remove_ended_job_folders(db, &objects, &paths, grace).await.unwrap();
+    removed.sort();
+    let mut expected = swept.to_vec();
+    expected.sort();
+    assert_eq!(removed, expected, "the ended job's and the unknown job's folders");
+    assert!(swept.iter().all(|d| !d.exists()));
+    assert!(kept.iter().all(|d| d.join("epoch-1").join("state.json").is_file()), "the running, the queued and the recent folders stay");
+    assert!(vitforge::worker::remove_ended_job_folders(db, &objects, &paths, grace).await.unwrap().is_empty(), "nothing more");
+}
