@@ -154,6 +154,13 @@ pub struct ServeConfig {
     #[arg(long, env = "VITFORGE_MAX_INFLIGHT_BYTES", default_value_t = default_max_inflight_bytes(), value_parser = clap::value_parser!(u64).range(1024 * 1024..))]
     pub max_inflight_bytes: u64,
 
+    /// Memory a job's training may take on the CPU (default: the machine's memory, or the
+    /// container's memory limit). A job whose training step needs more, by a lower bound from
+    /// its model, batch_size, trained layers, precision and optimiser, fails at once with what
+    /// it needs and what to change, instead of being killed for lack of memory. 0: no check.
+    #[arg(long, env = "VITFORGE_MAX_JOB_MEMORY", default_value_t = default_max_job_memory())]
+    pub max_job_memory: u64,
+
     /// API keys (comma-separated; each at least 16 visible ASCII characters). When set, every
     /// route but /healthz, /readyz, the console's static files and the API docs needs
     /// `Authorization: Bearer <key>`. Keys are never logged or printed.
@@ -237,9 +244,19 @@ impl FromStr for DatabaseUrl {
     }
 }
 
-/// A quarter of the memory this process may use: the machine's (`MemTotal`), or the cgroup's
-/// limit when that is lower (a container); 1 GiB where neither can be read.
+/// A quarter of the [`process_memory`]; 1 GiB where it cannot be read.
 pub fn default_max_inflight_bytes() -> u64 {
+    process_memory().map_or(1 << 30, |m| m / 4)
+}
+
+/// All the [`process_memory`]; 0 (no check) where it cannot be read.
+pub fn default_max_job_memory() -> u64 {
+    process_memory().unwrap_or(0)
+}
+
+/// The memory this process may use: the machine's (`MemTotal`), or the cgroup's limit when that
+/// is lower (a container); `None` where neither can be read.
+pub fn process_memory() -> Option<u64> {
     let machine = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
         let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
         line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
@@ -249,10 +266,8 @@ pub fn default_max_inflight_bytes() -> u64 {
         .filter_map(|p| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok())
         .min();
     match (machine, cgroup) {
-        (Some(m), Some(c)) => m.min(c) / 4,
-        (Some(m), None) => m / 4,
-        (None, Some(c)) => c / 4,
-        (None, None) => 1 << 30,
+        (Some(m), Some(c)) => Some(m.min(c)),
+        (m, c) => m.or(c),
     }
 }
 

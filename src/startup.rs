@@ -346,6 +346,7 @@ fn job_context(state: &AppState) -> JobContext {
         max_image_pixels: state.config.max_image_pixels,
         worker_name: state.config.worker_name(),
         lease: Duration::from_secs(state.config.lease_secs),
+        max_job_memory: state.config.max_job_memory,
     }
 }
 

@@ -443,6 +443,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         checkpoint_root: root.clone(),
         max_pixels: IngestLimits::default().max_image_pixels,
         cache_budget: crate::train::default_cache_budget(),
+        memory_limit: crate::config::process_memory().map(|bytes| crate::train::memory::MemoryLimit { bytes, source: "this machine's memory".into() }),
     };
     let mut shown = None;
     let mut on_event = |e: TrainEvent| show_event(&pb, &mut shown, &root, e);

@@ -9,6 +9,7 @@ pub mod data;
 pub mod eval;
 pub mod features;
 pub mod hyperparams;
+pub mod memory;
 pub mod optim;
 pub mod probe;
 pub mod progress;
@@ -48,6 +49,9 @@ pub enum TrainError {
     /// The loss became NaN or infinite: the weights blew up, and nothing after it can be kept.
     #[error("training diverged: {0}; lower learning_rate (or head_learning_rate, weight_decay)")]
     Diverged(String),
+    /// A training step cannot fit the memory the run may take ([`memory::StepMemory::check`]).
+    #[error("{0}")]
+    Memory(String),
 }
 
 impl From<candle_core::Error> for TrainError {
@@ -112,6 +116,9 @@ pub struct TrainSpec {
     pub max_pixels: u64,
     /// Memory for decoded images and cached frozen-backbone outputs, in bytes.
     pub cache_budget: usize,
+    /// The most memory the run may take on the CPU: a run whose training step needs more
+    /// ([`memory::training_step`]) is refused before it starts. `None`: no check.
+    pub memory_limit: Option<memory::MemoryLimit>,
 }
 
 /// The result of a fine-tune.

@@ -21,6 +21,7 @@ use super::features::{Frozen, PrefixCache, View};
 use super::progress::Phase;
 use super::auto::{self, Decision, Situation};
 use super::hyperparams::{AfterProbe, HeadInit, TrainMode, TrainParams};
+use super::memory::{self, MemoryLimit};
 use super::optim::{Optimizer, clip_grad_norm, lr_multiplier};
 use super::report::EvalReport;
 use super::{Control, TrainError, TrainEvent, TrainOutcome, TrainSpec, probe};
@@ -61,7 +62,7 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, mut 
         steps_done: state.global_step,
         precision: params.precision.resolve(device),
     });
-    let limits = (spec.max_pixels, spec.cache_budget);
+    let limits = (spec.max_pixels, spec.cache_budget, spec.memory_limit.as_ref());
     let mut run = Run::prepare(params, &data, limits, plan, &root, model, device, &mut ctl)?;
     if run.plan.probe_epochs == 1 && state.epoch == 0 {
         let decide = p.after_probe == AfterProbe::Auto;
@@ -318,15 +319,22 @@ impl<'a> Run<'a> {
     fn prepare(
         p: TrainParams,
         data: &'a TrainData,
-        (max_pixels, cache_budget): (u64, usize),
+        (max_pixels, cache_budget, memory_limit): (u64, usize, Option<&MemoryLimit>),
         plan: Plan,
         root: &Path,
         model: &LoadedModel,
         device: &Device,
         ctl: &mut Control,
     ) -> Result<Self, TrainError> {
-        let images = ImageCache::new(max_pixels, cache_budget / 2);
         let precision = p.precision.resolve(device);
+        // Before anything is computed: a run whose steps cannot fit is refused, not killed. (The
+        // bound is the CPU's; on a GPU the tensors live in its memory.)
+        if let Some(limit) = memory_limit.filter(|_| device.is_cpu() && plan.total_steps > 0) {
+            let batch = plan.batch.min(data.train.len());
+            let step = memory::training_step(model, plan.set, batch, precision, p.optimizer, p.momentum);
+            step.check(limit, batch, precision).map_err(TrainError::Memory)?;
+        }
+        let images = ImageCache::new(max_pixels, cache_budget / 2);
         let frozen = Vit::frozen(&model.cfg, &model.params)?.with_precision(precision);
         // Frozen-part outputs never change during the run: cache them (for training only when
         // augmentation is off, since augmented views differ every epoch).

@@ -44,6 +44,8 @@ pub struct JobContext {
     pub worker_name: String,
     /// How long a claim holds without renewal (`--lease-secs`); renewed every third of it.
     pub lease: Duration,
+    /// Memory a job's training may take on the CPU (`--max-job-memory`; 0: no check).
+    pub max_job_memory: u64,
 }
 
 /// Starts one worker task per device (and, on PostgreSQL, a listener that wakes them when a job is

@@ -21,6 +21,7 @@ use crate::db::jobs::{Holder, Job, Progress};
 use crate::db::job_metrics::{MistakeRow, TrainPoint};
 use crate::model::LoadedModel;
 use crate::train::data::TrainData;
+use crate::train::memory::MemoryLimit;
 use crate::train::progress::PhaseClock;
 use crate::train::{Control, Phase, TrainError, TrainEvent, TrainOutcome, TrainParams, TrainSpec, default_cache_budget, fine_tune};
 
@@ -76,7 +77,15 @@ pub(super) async fn run_job(
     if let Some(epoch) = ctx.objects.fetch_checkpoint(&checkpoint_root).await.map_err(store)? {
         tracing::info!(job = %job.id, epoch, "fetched the job's last checkpoint from the object store");
     }
-    let spec = TrainSpec { params: params.clone(), data, checkpoint_root: checkpoint_root.clone(), max_pixels: ctx.max_image_pixels, cache_budget: default_cache_budget() };
+    let memory_limit = (ctx.max_job_memory > 0).then(|| MemoryLimit { bytes: ctx.max_job_memory, source: "--max-job-memory".into() });
+    let spec = TrainSpec {
+        params: params.clone(),
+        data,
+        checkpoint_root: checkpoint_root.clone(),
+        max_pixels: ctx.max_image_pixels,
+        cache_budget: default_cache_budget(),
+        memory_limit,
+    };
     let (tx, mut rx) = mpsc::unbounded_channel::<TrainEvent>();
     let (done_tx, done_rx) = oneshot::channel();
     let device = device.clone();

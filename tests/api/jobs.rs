@@ -240,6 +240,29 @@ async fn a_job_whose_model_cannot_be_registered_fails_with_the_reason() {
     assert_eq!(json(app.get(&format!("/jobs/{id}")).await).await["status"], "failed");
 }
 
+/// `--max-job-memory`: a job whose training step cannot fit fails at once, claimed once, with
+/// what it needs, the limit and what to change; the same job with a batch that fits trains.
+#[tokio::test]
+async fn a_job_whose_training_step_cannot_fit_the_memory_allowed_fails_at_once() {
+    let app = crate::helpers::spawn_app_with(|c| c.max_job_memory = 1 << 20).await;
+    let dataset = app.upload_pets(20, false).await;
+    let job = app.submit_job(&dataset, json!({"epochs": 2, "batch_size": 32, "head_init": "random"})).await;
+    let id = job["id"].as_str().unwrap();
+    let done = app.wait_job(id, 60).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let error = done["error"].as_str().unwrap();
+    assert!(error.starts_with("a training step needs at least "), "{error}");
+    assert!(error.contains("batches of 32 images, f32), more than the 1 MiB of --max-job-memory: lower batch_size"), "{error}");
+    let claims: i64 = sqlx::query_scalar("select attempts from jobs where id = $1").bind(id).fetch_one(&app.db).await.unwrap();
+    assert_eq!(claims, 1, "not tried again");
+    assert_eq!(done["progress"]["step"], 0, "no step taken");
+    assert_eq!(json(app.get("/models").await).await, json!([]));
+
+    let fits = app.submit_job(&dataset, json!({"epochs": 2, "batch_size": 2, "head_init": "random"})).await;
+    let done = app.wait_job(fits["id"].as_str().unwrap(), 120).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+}
+
 #[tokio::test]
 async fn bad_job_requests_get_clear_errors() {
     let app = spawn_app().await;

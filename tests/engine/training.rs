@@ -44,7 +44,7 @@ fn run_events(
         }
         events.push(e);
     };
-    let spec = TrainSpec { params: p, data, checkpoint_root: ckpt.to_path_buf(), max_pixels: 1 << 24, cache_budget: 1 << 28 };
+    let spec = TrainSpec { params: p, data, checkpoint_root: ckpt.to_path_buf(), max_pixels: 1 << 24, cache_budget: 1 << 28, memory_limit: None };
     let out = fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut on_event });
     (out, events)
 }
@@ -87,7 +87,7 @@ fn head_only_changes_only_the_head() {
     let mut model = tiny_model(&["horizontal", "vertical"], 9);
     let before = model.params.snapshot().unwrap();
     let p = TrainParams { train_mode: TrainMode::HeadOnly, epochs: 2, learning_rate: 1e-2, ..params() };
-    let spec = TrainSpec { params: p, data, checkpoint_root: tmp.path().join("ck"), max_pixels: 1 << 24, cache_budget: 1 << 28 };
+    let spec = TrainSpec { params: p, data, checkpoint_root: tmp.path().join("ck"), max_pixels: 1 << 24, cache_budget: 1 << 28, memory_limit: None };
     let cancel = AtomicBool::new(false);
     fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut |_| {} }).unwrap();
     let after = model.params.snapshot().unwrap();
@@ -111,7 +111,7 @@ fn a_probe_head_is_fitted_in_epoch_one_without_gradient_steps() {
     // A backbone that already sees stripes: trained on them, then given a head that knows nothing.
     let data = stripes_data(&tmp.path().join("data"), 40, 3);
     let mut model = tiny_model(&["horizontal", "vertical"], 9);
-    let spec = TrainSpec { params: params(), data: data.clone(), checkpoint_root: tmp.path().join("pre"), max_pixels: 1 << 24, cache_budget: 1 << 28 };
+    let spec = TrainSpec { params: params(), data: data.clone(), checkpoint_root: tmp.path().join("pre"), max_pixels: 1 << 24, cache_budget: 1 << 28, memory_limit: None };
     let cancel = AtomicBool::new(false);
     fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut |_| {} }).unwrap();
     let blank: std::collections::BTreeMap<String, candle_core::Tensor> = ["classifier.weight", "classifier.bias"]
@@ -124,7 +124,7 @@ fn a_probe_head_is_fitted_in_epoch_one_without_gradient_steps() {
     model.params.set_some(&blank).unwrap();
     let before = model.params.snapshot().unwrap();
     let p = TrainParams { head_init: HeadInit::Probe, epochs: 1, ..params() };
-    let spec = TrainSpec { params: p, data, checkpoint_root: tmp.path().join("ck"), max_pixels: 1 << 24, cache_budget: 1 << 28 };
+    let spec = TrainSpec { params: p, data, checkpoint_root: tmp.path().join("ck"), max_pixels: 1 << 24, cache_budget: 1 << 28, memory_limit: None };
     let (mut steps, mut probes, mut features) = (0, vec![], 0);
     let mut on_event = |e: TrainEvent| match e {
         TrainEvent::Step { .. } => steps += 1,
@@ -148,7 +148,7 @@ fn a_probe_head_is_fitted_in_epoch_one_without_gradient_steps() {
     // training images in one count, and the head is fitted on them all (it differs).
     model.params.set_some(&blank).unwrap();
     let p = TrainParams { head_init: HeadInit::Probe, epochs: 1, probe_views: Some(2), ..params() };
-    let spec = TrainSpec { params: p, data: stripes_data(&tmp.path().join("data"), 40, 3), checkpoint_root: tmp.path().join("views"), max_pixels: 1 << 24, cache_budget: 1 << 28 };
+    let spec = TrainSpec { params: p, data: stripes_data(&tmp.path().join("data"), 40, 3), checkpoint_root: tmp.path().join("views"), max_pixels: 1 << 24, cache_budget: 1 << 28, memory_limit: None };
     let mut counts = vec![];
     let mut on_event = |e: TrainEvent| {
         if let TrainEvent::Phase { phase: Phase::Features, done, total } = e {
@@ -317,7 +317,7 @@ fn auto_decides_after_the_probe_and_a_time_budget_stops_epochs() {
     let data = crate::synth::stripes_data(&tmp.path().join("data"), 40, 3);
     let mut model = crate::synth::tiny_model(&["horizontal", "vertical"], 9);
     let cancel = AtomicBool::new(false);
-    let spec = TrainSpec { params: p, data, checkpoint_root: tmp.path().join("budget"), max_pixels: 1 << 24, cache_budget: 1 << 28 };
+    let spec = TrainSpec { params: p, data, checkpoint_root: tmp.path().join("budget"), max_pixels: 1 << 24, cache_budget: 1 << 28, memory_limit: None };
     let mut on_event = |e: TrainEvent| {
         if let TrainEvent::Stopped { decision, .. } = e {
             decided = Some(decision);
@@ -361,7 +361,7 @@ fn auto_fine_tunes_the_last_layers_with_enough_images_per_class() {
             steps += 1;
         }
     };
-    let spec = TrainSpec { params: p, data, checkpoint_root: tmp.path().join("run"), max_pixels: 1 << 24, cache_budget: 1 << 28 };
+    let spec = TrainSpec { params: p, data, checkpoint_root: tmp.path().join("run"), max_pixels: 1 << 24, cache_budget: 1 << 28, memory_limit: None };
     let out = fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut on_event }).unwrap();
     let d = out.decision.expect("a decision");
     assert_eq!((d.action, d.epochs, out.epochs_run), (Action::LastLayers, 1 + MAX_FINE_TUNE_EPOCHS, 1 + MAX_FINE_TUNE_EPOCHS), "{}", d.reason);
@@ -402,7 +402,7 @@ fn twenty_imbalanced_classes_train_and_report_every_class() {
     let mut model = tiny_model(&labels, 3);
     let p = TrainParams { head_init: HeadInit::Probe, after_probe: AfterProbe::Auto, epochs: 1, validation_split: 0.25, ..params() };
     let cancel = AtomicBool::new(false);
-    let spec = TrainSpec { params: p, data, checkpoint_root: tmp.path().join("run"), max_pixels: 1 << 24, cache_budget: 1 << 28 };
+    let spec = TrainSpec { params: p, data, checkpoint_root: tmp.path().join("run"), max_pixels: 1 << 24, cache_budget: 1 << 28, memory_limit: None };
     let out = fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut |_| {} }).unwrap();
     let test = out.test.expect("a test report");
     assert_eq!(test.per_class.len(), 20);
@@ -432,7 +432,7 @@ fn a_run_whose_loss_turns_nan_fails_as_diverged() {
     let mut events = vec![];
     let mut on_event = |e: TrainEvent| events.push(e);
     let p = TrainParams { head_init: HeadInit::Random, ..params() };
-    let spec = TrainSpec { params: p, data, checkpoint_root: tmp.path().join("ck"), max_pixels: 1 << 24, cache_budget: 1 << 28 };
+    let spec = TrainSpec { params: p, data, checkpoint_root: tmp.path().join("ck"), max_pixels: 1 << 24, cache_budget: 1 << 28, memory_limit: None };
     let out = fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut on_event });
     let Err(err) = out else { panic!("a diverged run fails") };
     assert!(matches!(err, TrainError::Diverged(_)), "{err}");
@@ -451,7 +451,7 @@ fn more_trainable_layers_than_the_model_has_are_refused_by_name() {
         let mut model = tiny_model(&["horizontal", "vertical"], 9);
         let cancel = AtomicBool::new(false);
         let p = TrainParams { train_mode: TrainMode::LastNLayers, trainable_layers: Some(n as u32), epochs: 1, ..params() };
-        let spec = TrainSpec { params: p, data: data.clone(), checkpoint_root: tmp.path().join(format!("ck{n}")), max_pixels: 1 << 24, cache_budget: 1 << 28 };
+        let spec = TrainSpec { params: p, data: data.clone(), checkpoint_root: tmp.path().join(format!("ck{n}")), max_pixels: 1 << 24, cache_budget: 1 << 28, memory_limit: None };
         fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut |_| {} })
     };
     let Err(err) = run(layers + 1) else { panic!("trained more layers than the model has") };
