@@ -48,6 +48,27 @@ async fn run_out() {
     tokio::time::sleep(Duration::from_millis(20)).await;
 }
 
+/// The queued job claimed by `worker` for a lease that has run out on return.
+async fn lapsed_claim(db: &Pool, worker: &str) -> Holder {
+    let holder = Holder::of(worker, &jobs::claim(db, worker, "cpu", Duration::ZERO, &[]).await.unwrap().unwrap());
+    run_out().await;
+    holder
+}
+
+/// The queued job claimed by worker `first` for a lease that runs out at once, then by `second`.
+async fn claimed_twice(db: &Pool, first: &str, second: &str) -> (Holder, Holder) {
+    let one = lapsed_claim(db, first).await;
+    let two = Holder::of(second, &jobs::claim(db, second, "cpu", LEASE, &[]).await.unwrap().unwrap());
+    (one, two)
+}
+
+/// Another queued job on the dataset of `job`.
+async fn another_job(db: &Pool, job: &Job) -> Job {
+    let params = serde_json::json!({});
+    let new = NewJob { dataset_id: &job.dataset_id, base_model: "m", params: &params, recipe: "r", epochs: 1, base_is_model: false };
+    jobs::insert(db, &new).await.unwrap().unwrap()
+}
+
 #[tokio::test]
 async fn a_job_on_one_of_our_models_is_queued_only_while_that_model_exists() {
     let (app, job) = queued_job().await;
@@ -106,9 +127,7 @@ async fn a_lease_that_ran_out_moves_the_job_and_the_first_worker_can_no_longer_e
 async fn a_run_under_the_same_worker_name_whose_claim_passed_on_changes_nothing() {
     let (app, job) = queued_job().await;
     let db = &app.db;
-    let first = Holder::of("twin", &jobs::claim(db, "twin", "cpu", Duration::ZERO, &[]).await.unwrap().unwrap());
-    run_out().await;
-    let second = Holder::of("twin", &jobs::claim(db, "twin", "cpu", LEASE, &[]).await.unwrap().unwrap());
+    let (first, second) = claimed_twice(db, "twin", "twin").await;
     assert_eq!((first.claim, second.claim), (1, 2));
 
     assert_eq!(jobs::renew_lease(db, &job.id, &first, LEASE).await.unwrap(), None, "the first run learns it lost the job");
@@ -136,9 +155,7 @@ async fn a_run_under_the_same_worker_name_whose_claim_passed_on_changes_nothing(
 async fn a_run_whose_claim_passed_on_records_no_progress_or_metrics() {
     let (app, job) = queued_job().await;
     let db = &app.db;
-    let first = Holder::of("one", &jobs::claim(db, "one", "cpu", Duration::ZERO, &[]).await.unwrap().unwrap());
-    run_out().await;
-    let second = Holder::of("two", &jobs::claim(db, "two", "cpu", LEASE, &[]).await.unwrap().unwrap());
+    let (first, second) = claimed_twice(db, "one", "two").await;
     let report = |accuracy: f64| EvalReport {
         loss: 1.0 - accuracy,
         accuracy,
@@ -194,11 +211,8 @@ async fn a_run_whose_claim_passed_on_records_no_progress_or_metrics() {
 async fn a_process_does_not_claim_the_jobs_it_runs() {
     let (app, job) = queued_job().await;
     let db = &app.db;
-    let running = Holder::of("w", &jobs::claim(db, "w", "cpu:0", Duration::ZERO, &[]).await.unwrap().unwrap());
-    run_out().await;
-    let params = serde_json::json!({});
-    let new = NewJob { dataset_id: &job.dataset_id, base_model: "m", params: &params, recipe: "r", epochs: 1, base_is_model: false };
-    let other = jobs::insert(db, &new).await.unwrap().unwrap();
+    let running = lapsed_claim(db, "w").await;
+    let other = another_job(db, &job).await;
     // The list names the job, and a part of the other job's id (which must not match it).
     let ours = [job.id.clone(), other.id[..other.id.len() - 1].to_string()];
     let claimed = jobs::claim(db, "w", "cpu:1", LEASE, &ours).await.unwrap().unwrap();
@@ -219,8 +233,7 @@ async fn a_process_does_not_claim_the_jobs_it_runs() {
 async fn a_claim_handed_back_leaves_the_job_to_the_run_that_holds_it() {
     let (app, job) = queued_job().await;
     let db = &app.db;
-    let running = Holder::of("w", &jobs::claim(db, "w", "cpu:0", Duration::ZERO, &[]).await.unwrap().unwrap());
-    run_out().await;
+    let running = lapsed_claim(db, "w").await;
     let again = jobs::claim(db, "w", "cpu:1", LEASE, &[]).await.unwrap().unwrap();
     jobs::undo_claim(db, &again.id, &Holder::of("w", &again)).await.unwrap();
     assert_eq!(jobs::renew_lease(db, &job.id, &running, LEASE).await.unwrap(), Some(false), "the first run holds it again");
@@ -349,12 +362,10 @@ async fn the_folders_of_ended_jobs_are_swept_once_left_alone() {
     let first = jobs::claim(db, "elsewhere", "cpu", LEASE, &[]).await.unwrap().unwrap();
     assert_eq!(first.id, queued.id);
     jobs::finish(db, &first.id, &Holder::of("elsewhere", &first), Status::Failed, Some("it ended")).await.unwrap();
-    let params = serde_json::json!({});
-    let new = NewJob { dataset_id: &queued.dataset_id, base_model: "m", params: &params, recipe: "r", epochs: 1, base_is_model: false };
-    let running = jobs::insert(db, &new).await.unwrap().unwrap();
+    let running = another_job(db, &queued).await;
     assert_eq!(jobs::claim(db, "elsewhere", "cpu", LEASE, &[]).await.unwrap().unwrap().id, running.id);
-    let waiting = jobs::insert(db, &new).await.unwrap().unwrap();
-    let recent_end = jobs::insert(db, &new).await.unwrap().unwrap();
+    let waiting = another_job(db, &queued).await;
+    let recent_end = another_job(db, &queued).await;
     jobs::cancel(db, &recent_end.id).await.unwrap();
 
     let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 3600);
