@@ -437,13 +437,14 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         ),
     );
     let root = cli_checkpoint_root(&output);
+    let memory_limit = crate::config::process_memory().map(|bytes| crate::train::memory::MemoryLimit { bytes, source: "this machine's memory".into() });
     let spec = TrainSpec {
         params: params.clone(),
         data,
         checkpoint_root: root.clone(),
         max_pixels: IngestLimits::default().max_image_pixels,
-        cache_budget: crate::train::default_cache_budget(),
-        memory_limit: crate::config::process_memory().map(|bytes| crate::train::memory::MemoryLimit { bytes, source: "this machine's memory".into() }),
+        cache_budget: crate::train::cache_budget_within(memory_limit.as_ref()),
+        memory_limit,
     };
     let mut shown = None;
     let mut on_event = |e: TrainEvent| show_event(&pb, &mut shown, &root, e);

@@ -330,7 +330,8 @@ macro_rules! claim_update {
         concat!("update jobs set ", $set, " where id = $1 and worker = $2 and attempts = $3")
     };
 }
-/// Runs a [`held_update`] on job `id` for `holder` (a no-op when the job no longer runs under it).
+/// Runs a [`held_update`] or a [`claim_update`] on job `id` for `holder` (a no-op when the job
+/// no longer runs under it, or for a `claim_update` once another claim took it).
 async fn update_held(pool: &Pool, sql: &'static str, id: &str, holder: &Holder) -> Result<(), sqlx::Error> {
     sqlx::query(sql).bind(id).bind(&holder.worker).bind(holder.claim).execute(pool).await?;
     Ok(())

@@ -149,6 +149,10 @@ mod tests {
         assert_eq!((size(3 << 29), size(300 << 20), size((300 << 20) + 1)), ("1.5 GiB".into(), "300 MiB".into(), "301 MiB".into()));
 
         let limit = |bytes| MemoryLimit { bytes, source: "--max-job-memory".into() };
+        // The caches take a quarter of a small limit, and 4 GiB of a large one or of none.
+        assert_eq!(crate::train::cache_budget_within(Some(&limit(2 << 30))), 512 << 20);
+        assert_eq!(crate::train::cache_budget_within(Some(&limit(64 << 30))), 4 << 30);
+        assert_eq!(crate::train::cache_budget_within(None), 4 << 30);
         assert_eq!(all.check(&limit(all.bytes), 8, Precision::F32), Ok(()), "a step that just fits");
         let refused = all.check(&limit(all.bytes - 1), 8, Precision::F32).unwrap_err();
         assert!(refused.starts_with("a training step needs at least 1 MiB of memory (0.0 M parameters"), "{refused}");

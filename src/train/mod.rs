@@ -152,6 +152,14 @@ pub fn default_cache_budget() -> usize {
     4usize << 30
 }
 
+/// The cache budget of a run that may take `memory_limit` bytes: [`default_cache_budget`], or a
+/// quarter of the limit where that is less (a small machine or container), so the caches leave
+/// the training step its room.
+pub fn cache_budget_within(memory_limit: Option<&memory::MemoryLimit>) -> usize {
+    let quarter = memory_limit.map_or(u64::MAX, |l| l.bytes / 4);
+    usize::try_from(quarter).map_or(default_cache_budget(), |q| q.min(default_cache_budget()))
+}
+
 /// Path helper: the checkpoint root used by `vitforge train --output DIR`.
 pub fn cli_checkpoint_root(output: &Path) -> PathBuf {
     let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());

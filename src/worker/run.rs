@@ -23,7 +23,7 @@ use crate::model::LoadedModel;
 use crate::train::data::TrainData;
 use crate::train::memory::MemoryLimit;
 use crate::train::progress::PhaseClock;
-use crate::train::{Control, Phase, TrainError, TrainEvent, TrainOutcome, TrainParams, TrainSpec, default_cache_budget, fine_tune};
+use crate::train::{Control, Phase, TrainError, TrainEvent, TrainOutcome, TrainParams, TrainSpec, cache_budget_within, fine_tune};
 
 /// Why a job did not produce a model.
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +83,7 @@ pub(super) async fn run_job(
         data,
         checkpoint_root: checkpoint_root.clone(),
         max_pixels: ctx.max_image_pixels,
-        cache_budget: default_cache_budget(),
+        cache_budget: cache_budget_within(memory_limit.as_ref()),
         memory_limit,
     };
     let (tx, mut rx) = mpsc::unbounded_channel::<TrainEvent>();
