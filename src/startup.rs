@@ -359,8 +359,7 @@ async fn remove_stale_job_files(state: &AppState) -> anyhow::Result<Vec<std::pat
     for entry in std::fs::read_dir(state.paths.jobs())? {
         let dir = entry?.path();
         let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let unfinished = crate::db::jobs::get(&state.db, &id).await?.is_some_and(|job| !job.status.is_terminal());
-        if !unfinished {
+        if crate::db::jobs::ended_or_gone(&state.db, &id).await? {
             remove_path(&dir)?;
             removed.push(dir);
             continue;

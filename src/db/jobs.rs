@@ -231,6 +231,12 @@ pub async fn get(pool: &Pool, id: &str) -> Result<Option<Job>, sqlx::Error> {
     row.map(Job::try_from).transpose()
 }
 
+/// Whether job `id` has ended or no longer exists: what its folder of checkpoints serves is over
+/// (an ended job never runs again).
+pub async fn ended_or_gone(pool: &Pool, id: &str) -> Result<bool, sqlx::Error> {
+    Ok(get(pool, id).await?.is_none_or(|job| job.status.is_terminal()))
+}
+
 /// Jobs, newest first, optionally with one status.
 pub async fn list(pool: &Pool, status: Option<Status>) -> Result<Vec<Job>, sqlx::Error> {
     let rows: Vec<JobRow> = sqlx::query_as(concat!(

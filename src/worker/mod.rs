@@ -141,7 +141,7 @@ pub async fn remove_ended_job_folders(db: &Pool, objects: &Objects, paths: &Data
     let mut removed = vec![];
     for dir in idle {
         let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        if db::jobs::get(db, &id).await?.is_none_or(|job| job.status.is_terminal()) {
+        if db::jobs::ended_or_gone(db, &id).await? {
             objects.remove_dir(&dir).await?;
             removed.push(dir);
         }
