@@ -60,9 +60,9 @@ pub struct ServeConfig {
     /// all`, and in processes of several roles on PostgreSQL, whose advisory lock keeps out every
     /// process's uploads. A sweep is skipped while an upload is in flight. The same sweeps, in
     /// every role, remove the folders of jobs that have ended (left by a run that lost its lease)
-    /// and, with an object store, this machine's cached copies of models deleted through another
-    /// process, each after an hour untouched. 0: none (the start-up sweep of `--role all`
-    /// remains).
+    /// and model folders no model names (cached copies of models deleted through another process,
+    /// registrations that did not finish), here and in the object store, each after an hour
+    /// untouched. 0: none (the start-up sweep of `--role all` remains).
     #[arg(long, env = "VITFORGE_SWEEP_SECS", default_value_t = 3600)]
     pub sweep_secs: u64,
 

@@ -290,6 +290,26 @@ impl Objects {
         self.children(remote, &self.key(dir)?).await
     }
 
+    /// The names of the folders directly under `dir` in the object store none of whose objects
+    /// was written less than `grace` ago, by the store's clock (none without a store): what the
+    /// periodic sweeps may take for leftovers. A folder with an object written within the grace
+    /// is being written, or was just now.
+    pub async fn idle_stored_folders(&self, dir: &Path, grace: Duration) -> anyhow::Result<Vec<String>> {
+        let Some(remote) = &self.remote else { return Ok(vec![]) };
+        let prefix = self.key(dir)?;
+        let listed: Vec<_> = remote.store.list(Some(&prefix)).try_collect().await.map_err(|e| remote.failed(e, format!("listing {prefix}")))?;
+        let mut newest = std::collections::BTreeMap::<String, chrono::DateTime<chrono::Utc>>::new();
+        for meta in listed {
+            // Objects in a folder only (a file directly under `dir` is no folder's).
+            let Some(mut parts) = meta.location.prefix_match(&prefix) else { continue };
+            let (Some(folder), Some(_)) = (parts.next(), parts.next()) else { continue };
+            let at = newest.entry(folder.as_ref().to_string()).or_insert(meta.last_modified);
+            *at = (*at).max(meta.last_modified);
+        }
+        let cutoff = chrono::Utc::now() - grace;
+        Ok(newest.into_iter().filter(|(_, at)| *at <= cutoff).map(|(name, _)| name).collect())
+    }
+
     /// Removes `dir` from the cache and its objects from the store.
     pub async fn remove_dir(&self, dir: &Path) -> anyhow::Result<()> {
         let local = dir.to_path_buf();

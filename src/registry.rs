@@ -217,32 +217,39 @@ impl ModelRegistry {
         Ok(removed)
     }
 
-    /// With an object store, every so often: removes this machine's cached copies of models
-    /// deleted through another process (which removed its own copy and the store's, but cannot
-    /// reach this data folder), and forgets them in the predictor. A folder under `models/` goes
-    /// when no model row names it and nothing in it has changed for `grace`: a folder being
-    /// registered has no row yet either, but is being written (and its upload to the store
-    /// follows at once). The folders are listed before the rows are read, so a model registered
-    /// in between is kept. Without an object store the data folder is no cache: a delete
-    /// removes the one folder, and there is nothing to do.
-    pub async fn remove_deleted_copies(&self, grace: std::time::Duration) -> anyhow::Result<Vec<PathBuf>> {
-        if !self.objects.is_remote() {
-            return Ok(vec![]);
-        }
+    /// Every so often, in every role: removes the model folders that no model row names once
+    /// nothing in them has changed for `grace` — here (with an object store, this machine's
+    /// cached copies of models deleted through another process, which removed its own copy and
+    /// the store's but cannot reach this data folder; and in any case the copy a process left
+    /// when it stopped between copying a model and registering it) and in the object store (a
+    /// model stored by a process that then stopped before its row went in). A folder being
+    /// registered has no row yet either, but is being written, and its row follows at once. The
+    /// folders are listed before the rows are read, so a model registered in between is kept.
+    /// Models removed here are forgotten by the predictor. Returns the folders removed (the
+    /// store's as the data folder's paths).
+    pub async fn remove_unregistered(&self, grace: std::time::Duration) -> anyhow::Result<Vec<PathBuf>> {
         let models = self.paths.models();
-        let listed = tokio::task::spawn_blocking(move || crate::paths::idle_folders(&models, grace)).await??;
-        if listed.is_empty() {
+        let local = tokio::task::spawn_blocking(move || crate::paths::idle_folders(&models, grace)).await??;
+        let stored = self.objects.idle_stored_folders(&self.paths.models(), grace).await?;
+        if local.is_empty() && stored.is_empty() {
             return Ok(vec![]);
         }
         let known: std::collections::HashSet<String> = db::models::paths(&self.db).await?.into_iter().collect();
+        let unknown = |path: &PathBuf| !known.contains(&self.relative(path));
         let mut removed = vec![];
-        for path in listed.into_iter().filter(|p| !known.contains(&self.relative(p))) {
+        for path in local.into_iter().filter(unknown) {
             let gone = path.clone();
             tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&gone)).await??;
             if let Some(id) = path.file_name().and_then(|n| n.to_str()) {
                 self.predictor.evict(id);
             }
             removed.push(path);
+        }
+        for path in stored.iter().map(|name| self.paths.model(name)).filter(unknown) {
+            self.objects.remove_dir(&path).await?;
+            if !removed.contains(&path) {
+                removed.push(path);
+            }
         }
         Ok(removed)
     }

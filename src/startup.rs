@@ -184,16 +184,16 @@ async fn release_memory_now_and_then() {
 
 /// Every `--sweep-secs` (the first time one period after start: `--role all` has just swept at
 /// start-up), sweeps for blobs no dataset references, for the folders of jobs that have ended
-/// (left on this machine by a run that lost its lease), and, with an object store, for this
-/// machine's cached copies of models deleted through another process. Where the blob sweep
-/// cannot be safe (several processes on SQLite) it says so once and leaves blobs alone.
+/// (left on this machine by a run that lost its lease, or in the object store by a machine that
+/// stopped), and for model folders no model names (here: cached copies of models deleted through
+/// another process; here or in the store: registrations that did not finish). Where the blob
+/// sweep cannot be safe (several processes on SQLite) it says so once and leaves blobs alone.
 async fn sweep_now_and_then(state: AppState) {
     let shared = state.config.role != Role::All;
     let blobs = !shared || crate::db::Backend::of(&state.db) == crate::db::Backend::Postgres;
     if !blobs {
         tracing::info!("no periodic blob sweep: processes of several roles on SQLite have no lock across processes (a --role all start-up sweeps)");
     }
-    let cache = state.objects.is_remote();
     let period = Duration::from_secs(state.config.sweep_secs);
     let mut every = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -215,23 +215,21 @@ async fn sweep_now_and_then(state: AppState) {
             }
             Err(e) => tracing::warn!(error = format!("{e:#}"), "sweeping the folders of ended jobs failed; the next sweep tries again"),
         }
-        if cache {
-            match state.models.remove_deleted_copies(LEFTOVER_GRACE).await {
-                Ok(removed) => {
-                    for path in removed {
-                        tracing::info!(path = %path.display(), "removed the cached copy of a model deleted elsewhere");
-                    }
+        match state.models.remove_unregistered(LEFTOVER_GRACE).await {
+            Ok(removed) => {
+                for path in removed {
+                    tracing::info!(path = %path.display(), "removed a model folder no model names (a deleted model's cached copy, or a registration that did not finish)");
                 }
-                Err(e) => tracing::warn!(error = format!("{e:#}"), "sweeping cached copies of deleted models failed; the next sweep tries again"),
             }
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "sweeping the model folders no model names failed; the next sweep tries again"),
         }
     }
 }
 
-/// How long a model folder without a row must have been left alone before a sweep takes it for
-/// the cached copy of a deleted model rather than one being registered (copied, uploaded to the
-/// store, then given its row); and the folder of an ended job, for a leftover rather than one a
-/// run that lost its lease still writes.
+/// How long a model folder without a row must have been left alone (here, or in the object
+/// store) before a sweep takes it for a leftover rather than one being registered (copied,
+/// uploaded to the store, then given its row); and the folder of an ended job, for a leftover
+/// rather than one a run that lost its lease still writes.
 const LEFTOVER_GRACE: Duration = Duration::from_secs(3600);
 
 /// How often an API process looks for a model newer than its `/predict` default.

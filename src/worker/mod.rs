@@ -128,16 +128,18 @@ async fn keep_lease(ctx: JobContext, job_id: String, holder: Holder, cancel: Arc
 }
 
 /// The periodic sweep's part of `jobs/`: removes, here and in the object store, the folder of a
-/// job that has ended (or no longer exists) once nothing directly in it has changed for `grace`.
-/// The process that ends a job removes its folder; but a machine whose run lost its lease (and
-/// whose job another machine then finished) keeps its copy of the checkpoints, and so does a
-/// process that stopped between a job's end and the removal. An ended job never runs again, so
-/// no claim can race the removal, whichever processes share the data folder; the grace leaves
-/// alone a run that lost its lease and writes on until its next renewal stops it. Returns the
-/// folders removed.
+/// job that has ended (or no longer exists) once nothing directly in it here, or nothing in it
+/// in the store, has changed for `grace`. The process that ends a job removes its folder; but a
+/// machine whose run lost its lease (and whose job another machine then finished) keeps its copy
+/// of the checkpoints, and so does a process that stopped between a job's end and the removal
+/// (with a store, the store's copy too, which no other machine's data folder names). An ended
+/// job never runs again, so no claim can race the removal, whichever processes share the data
+/// folder; the grace leaves alone a run that lost its lease and writes on until its next renewal
+/// stops it. Returns the folders removed (the store's as the data folder's paths).
 pub async fn remove_ended_job_folders(db: &Pool, objects: &Objects, paths: &DataPaths, grace: Duration) -> anyhow::Result<Vec<PathBuf>> {
     let jobs = paths.jobs();
-    let idle = tokio::task::spawn_blocking(move || crate::paths::idle_folders(&jobs, grace)).await??;
+    let mut idle: std::collections::BTreeSet<PathBuf> = tokio::task::spawn_blocking(move || crate::paths::idle_folders(&jobs, grace)).await??.into_iter().collect();
+    idle.extend(objects.idle_stored_folders(&paths.jobs(), grace).await?.iter().map(|id| paths.job(id)));
     let mut removed = vec![];
     for dir in idle {
         let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

@@ -355,3 +355,95 @@ async fn each_run_of_a_job_keeps_its_checkpoints_apart() {
     assert_eq!(c.fetch_checkpoint(&root_c).await.unwrap(), Some(5));
     assert_eq!(std::fs::read_to_string(root_c.join("best").join("model.safetensors")).unwrap(), "best 2");
 }
+
+/// The periodic sweeps' part of the object store (`ModelRegistry::remove_unregistered`,
+/// `worker::remove_ended_job_folders`): a model folder that no row names (a process stored it and
+/// stopped before registering it), and the folder of a job that has ended or no longer exists (a
+/// process stopped before its clean-up), go from the store once nothing in them has changed for
+/// the grace, and so does such a model folder that only this machine has; a registered model's
+/// and a running job's stay, and so does everything written within the grace.
+#[tokio::test]
+async fn leftovers_in_the_object_store_are_swept_once_left_alone() {
+    use vitforge::db::jobs::{self, Holder, NewJob, Status};
+    let Some(s3) = PrivateS3::start().await else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let app = crate::helpers::spawn_app_with(|c| c.role = vitforge::config::Role::Api).await;
+    let db = &app.db;
+    let (objects, paths) = store_on(&s3, "leftovers", &tmp.path().join("here"));
+    let predictor = vitforge::predictor::Predictor::start(
+        vitforge::predictor::PredictorConfig {
+            max_batch_size: 1,
+            max_batch_delay: Duration::ZERO,
+            max_concurrent_requests: 1,
+            max_loaded_models: 1,
+            max_queue_wait: None,
+            memory: vitforge::budget::MemoryBudget::new(1 << 20),
+            precision: vitforge::model::Precision::F32,
+        },
+        candle_core::Device::Cpu,
+        std::sync::Arc::new(vitforge::telemetry::ServiceMetrics::new()),
+    );
+    let registry = vitforge::registry::ModelRegistry::new(db.clone(), paths.clone(), objects.clone(), predictor, false);
+
+    // A job that ended, one that runs (elsewhere), and a registered model.
+    let dataset = app.upload_pets(2, false).await;
+    let params = json!({});
+    let new = NewJob { dataset_id: &dataset, base_model: "m", params: &params, recipe: "r", epochs: 1, base_is_model: false };
+    let lease = Duration::from_secs(30);
+    let ended = jobs::insert(db, &new).await.unwrap().unwrap();
+    assert_eq!(jobs::claim(db, "elsewhere", "cpu", lease, &[]).await.unwrap().unwrap().id, ended.id);
+    let holder = Holder::of("elsewhere", &jobs::get(db, &ended.id).await.unwrap().unwrap());
+    jobs::finish(db, &ended.id, &holder, Status::Failed, Some("it ended")).await.unwrap();
+    let running = jobs::insert(db, &new).await.unwrap().unwrap();
+    assert_eq!(jobs::claim(db, "elsewhere", "cpu", lease, &[]).await.unwrap().unwrap().id, running.id);
+    let kept = vitforge::db::models::Model {
+        id: "kept".into(),
+        job_id: None,
+        base_model: "m".into(),
+        labels: vec![],
+        metrics: None,
+        params: None,
+        recipe: None,
+        created_at: vitforge::db::now(),
+        path: "models/kept".into(),
+    };
+    vitforge::db::models::register_for_job(db, &kept, None).await.unwrap();
+
+    let gone = "01a00000-0000-7000-8000-00000000dead";
+    for key in [
+        "models/kept/config.json".to_string(),
+        "models/unfinished/config.json".into(),
+        "models/unfinished/model.safetensors".into(),
+        format!("jobs/{}/run-1/epoch-1/state.json", ended.id),
+        format!("jobs/{}/run-1/epoch-1/state.json", running.id),
+        format!("jobs/{gone}/run-1/epoch-1/state.json"),
+    ] {
+        s3.put(&format!("leftovers/{key}"), b"{}".to_vec()).await;
+    }
+    std::fs::create_dir_all(paths.model("only-here")).unwrap();
+    let stored = |prefix: String| {
+        let s3 = &s3;
+        async move { !s3.keys(&format!("leftovers/{prefix}/")).await.is_empty() }
+    };
+
+    // Within the grace (everything was written just now): nothing goes.
+    let hour = Duration::from_secs(3600);
+    assert_eq!(registry.remove_unregistered(hour).await.unwrap(), Vec::<std::path::PathBuf>::new());
+    assert_eq!(vitforge::worker::remove_ended_job_folders(db, &objects, &paths, hour).await.unwrap(), Vec::<std::path::PathBuf>::new());
+    assert!(stored("models/unfinished".into()).await && stored(format!("jobs/{gone}")).await);
+
+    // Past it (a grace of zero here): the leftovers go, here and in the store.
+    let mut removed = registry.remove_unregistered(Duration::ZERO).await.unwrap();
+    removed.sort();
+    assert_eq!(removed, vec![paths.model("only-here"), paths.model("unfinished")]);
+    let mut removed = vitforge::worker::remove_ended_job_folders(db, &objects, &paths, Duration::ZERO).await.unwrap();
+    removed.sort();
+    let mut expected = vec![paths.job(&ended.id), paths.job(gone)];
+    expected.sort();
+    assert_eq!(removed, expected);
+    assert!(!stored("models/unfinished".into()).await && !paths.model("only-here").exists());
+    assert!(!stored(format!("jobs/{}", ended.id)).await && !stored(format!("jobs/{gone}")).await);
+    assert!(stored("models/kept".into()).await, "the registered model stays");
+    assert!(stored(format!("jobs/{}", running.id)).await, "the running job's checkpoints stay");
+    assert!(registry.remove_unregistered(Duration::ZERO).await.unwrap().is_empty(), "nothing more");
+}
