@@ -426,7 +426,13 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let data = TrainData::with_labels(ingested.classes.clone(), records(&ingested, &store)?)?;
     let pb = bar(0, "{spinner} {prefix:>10} [{bar:30}] {pos}/{len} {msg} eta {eta}");
     pb.set_prefix(Phase::Loading.as_str());
-    let mut model = LoadedModel::load(&source, Some(&ingested.classes), &device, params.seed)
+    // A hub model not cached yet: its download on the bar, in MiB.
+    let mut downloaded = |done: u64, total: u64| {
+        pb.set_length(total >> 20);
+        pb.set_position(done >> 20);
+        pb.set_message("MiB downloaded");
+    };
+    let mut model = LoadedModel::load_with(&source, Some(&ingested.classes), &device, params.seed, &mut downloaded)
         .with_context(|| loading("base model", &source))?;
     say(
         &pb,

@@ -69,11 +69,13 @@ impl ModelSource {
         )))
     }
 
-    /// The files of the model, downloading them first for a hub id that is not cached.
-    pub fn resolve(&self, progress: bool) -> Result<ModelFiles> {
+    /// The files of the model, downloading them first for a hub id that is not cached;
+    /// `on_download(received, total)` follows the download of the weights in bytes (every
+    /// half-percent or so, and at the end).
+    pub fn resolve(&self, on_download: &mut dyn FnMut(u64, u64)) -> Result<ModelFiles> {
         match self {
             ModelSource::Dir(dir) => ModelFiles::in_dir(dir),
-            ModelSource::Hub(id) => fetch_from_hub(id, progress),
+            ModelSource::Hub(id) => fetch_from_hub(id, on_download),
         }
     }
 }
@@ -153,7 +155,33 @@ fn hub_offline() -> bool {
     std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
 }
 
-fn fetch_from_hub(id: &str, progress: bool) -> Result<ModelFiles> {
+/// Bytes received of a download, for a callback: reported when at least a 200th of the file
+/// (and 64 KiB) came in since the last report, and when it is complete, rather than at every read.
+struct Received<'a> {
+    done: u64,
+    total: u64,
+    reported: u64,
+    report: &'a mut dyn FnMut(u64, u64),
+}
+
+impl hf_hub::api::Progress for Received<'_> {
+    fn init(&mut self, size: usize, _filename: &str) {
+        (self.done, self.total, self.reported) = (0, size as u64, 0);
+        (self.report)(0, self.total);
+    }
+
+    fn update(&mut self, size: usize) {
+        self.done += size as u64;
+        if self.done >= self.total || self.done - self.reported >= (self.total / 200).max(64 << 10) {
+            self.reported = self.done;
+            (self.report)(self.done, self.total);
+        }
+    }
+
+    fn finish(&mut self) {}
+}
+
+fn fetch_from_hub(id: &str, on_download: &mut dyn FnMut(u64, u64)) -> Result<ModelFiles> {
     let cache = hf_hub::Cache::from_env();
     let cached = cache.model(id.to_string());
     let how_to = format!(
@@ -170,7 +198,7 @@ fn fetch_from_hub(id: &str, progress: bool) -> Result<ModelFiles> {
         )));
     }
     let api = hf_hub::api::sync::ApiBuilder::from_env()
-        .with_progress(progress)
+        .with_progress(false)
         .build()
         .map_err(|e| ModelError::NotFound(format!("cannot reach the Hugging Face hub for '{id}': {e}; {how_to}")))?;
     let repo = api.model(id.to_string());
@@ -182,7 +210,14 @@ fn fetch_from_hub(id: &str, progress: bool) -> Result<ModelFiles> {
     let config = fetch(CONFIG_FILE)?;
     // A config vitforge cannot load is refused before its weights are downloaded.
     VitConfig::from_json(&fs::read_to_string(&config)?)?;
-    let weights = fetch(WEIGHTS_FILE).map_err(|e| match repo.get("pytorch_model.bin") {
+    // The weights (the large file) are the one download whose progress is followed.
+    let weights = match cached.get(WEIGHTS_FILE) {
+        Some(path) => Ok(path),
+        None => repo.download_with_progress(WEIGHTS_FILE, Received { done: 0, total: 0, reported: 0, report: on_download }).map_err(|e| {
+            ModelError::NotFound(format!("cannot fetch {WEIGHTS_FILE} of model '{id}' from the Hugging Face hub: {e}; {how_to}"))
+        }),
+    };
+    let weights = weights.map_err(|e| match repo.get("pytorch_model.bin") {
         Ok(_) => ModelError::Weights(format!("model '{id}' has only pytorch_model.bin, which vitforge does not read; use a revision with model.safetensors")),
         Err(_) => e,
     })?;
@@ -213,7 +248,13 @@ impl LoadedModel {
     /// checkpoint's labels are the same, created fresh otherwise (so a 1000-class ImageNet head
     /// does not stop a backbone from loading). The backbone must be complete.
     pub fn load(source: &ModelSource, labels: Option<&[String]>, device: &Device, seed: u64) -> Result<Self> {
-        let files = source.resolve(false)?;
+        Self::load_with(source, labels, device, seed, &mut |_, _| {})
+    }
+
+    /// [`LoadedModel::load`], following the download of a hub model's weights that are not
+    /// cached yet with `on_download(received, total)` in bytes (see [`ModelSource::resolve`]).
+    pub fn load_with(source: &ModelSource, labels: Option<&[String]>, device: &Device, seed: u64, on_download: &mut dyn FnMut(u64, u64)) -> Result<Self> {
+        let files = source.resolve(on_download)?;
         let cfg = VitConfig::from_json(&fs::read_to_string(&files.config)?)?;
         let preprocessor = match &files.preprocessor {
             Some(p) => PreprocessorConfig::from_json(&fs::read_to_string(p)?, cfg.image_size, cfg.num_channels)?,

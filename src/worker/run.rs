@@ -114,7 +114,9 @@ pub(super) async fn run_job(
                     let _ = tx.send(e);
                 };
                 on_event(TrainEvent::Phase { phase: Phase::Loading, done: 0, total: 1 });
-                let mut model = LoadedModel::load(&source, Some(&labels), &device, params.seed).map_err(TrainError::from)?;
+                // A hub model not cached yet: its download in bytes.
+                let mut downloaded = |done: u64, total: u64| on_event(TrainEvent::Phase { phase: Phase::Loading, done, total });
+                let mut model = LoadedModel::load_with(&source, Some(&labels), &device, params.seed, &mut downloaded).map_err(TrainError::from)?;
                 Ok(fine_tune(&mut model, spec, &device, Control { cancel: &cancel, on_event: &mut on_event })?)
             }));
             // The model and the step's buffers are freed by now; the allocator keeps freed memory

@@ -11,6 +11,7 @@ mod fixtures;
 mod health;
 mod hostile;
 mod hostile_inputs;
+mod hub;
 mod jobs;
 mod models;
 mod objects;

@@ -591,3 +591,40 @@ fn the_readme_command_lines_match_the_help() {
     }
     assert!(checked >= 8, "only {checked} command lines found");
 }
+
+/// `train --base-model owner/name` downloads the model from the hub (`HF_ENDPOINT`, a stand-in
+/// here) into the hub cache (`HF_HOME`), then trains; `predict` then finds it in the cache with
+/// the hub out of reach (`HF_HUB_OFFLINE=1`), and a model the hub lacks is an error naming it.
+#[test]
+fn a_hub_base_model_is_downloaded_into_the_cache_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_string_lossy().into_owned();
+    std::fs::write(tmp.path().join("config.json"), support::TINY_CONFIG).unwrap();
+    let (ok, _, err) = vitforge(&["init-model", "--config", &t("config.json"), "--labels", "top,bottom", "--output", &t("repo")]);
+    assert!(ok, "{err}");
+    let hub = support::hub::FakeHub::serve("acme/tiny-vit", &tmp.path().join("repo"), 4, std::time::Duration::from_millis(20));
+    let hf_home = t("hf");
+    let online = [("HF_ENDPOINT", hub.url.as_str()), ("HF_HOME", hf_home.as_str()), ("HF_HUB_OFFLINE", "0")];
+    write_dataset(&tmp.path().join("data"), 6);
+    let (ok, out, err) = vitforge_with(
+        &["train", "--data", &t("data"), "--base-model", "acme/tiny-vit", "--output", &t("model"), "--epochs", "1", "--batch-size", "4"],
+        &online,
+    );
+    assert!(ok, "{err}");
+    let summary: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(summary["epochs_run"], 1, "{summary}");
+    let weights = hub.requests_for("model.safetensors");
+    assert_eq!(weights, ["model.safetensors 0-0", "model.safetensors 0-"], "its size, then the file whole");
+    let cached = support::files_under(&tmp.path().join("hf").join("hub"));
+    assert!(cached.iter().any(|p| p.ends_with(format!("snapshots/{}/model.safetensors", "0123456789abcdef0123456789abcdef01234567"))), "{cached:?}");
+
+    let offline = [("HF_HOME", hf_home.as_str()), ("HF_HUB_OFFLINE", "1")];
+    let (ok, out, err) = vitforge_with(&["predict", "--model", "acme/tiny-vit", &t("data/top/0.png")], &offline);
+    assert!(ok, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["predictions"].as_array().unwrap().len(), 1);
+    assert_eq!(hub.requests_for("model.safetensors").len(), 2, "nothing downloaded again");
+
+    let (ok, _, err) = vitforge_with(&["predict", "--model", "acme/other", &t("data/top/0.png")], &online);
+    assert!(!ok);
+    assert!(err.contains("acme/other") && err.contains("config.json"), "{err}");
+}

@@ -4,6 +4,8 @@
 //! needs, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod hub;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

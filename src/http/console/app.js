@@ -72,6 +72,13 @@ function table(headers, rows, empty = "none yet") {
   );
 }
 
+// A phase's done/total and rate; the loading phase counts the bytes of a base model's download.
+function counts(p) {
+  const mib = (n) => (n / 1048576).toFixed(1);
+  if (p.phase === "loading" && p.total > 1) return `${mib(p.done)}/${mib(p.total)} MiB${p.rate ? ` · ${mib(p.rate)} MiB/s` : ""}`;
+  return `${p.done}/${p.total}${p.rate ? ` · ${p.rate.toFixed(1)}/s` : ""}`;
+}
+
 function progressOf(job) {
   const p = job.progress;
   if (!p.phase) return h("span", { class: "muted" }, job.status === "queued" ? "waiting" : "–");
@@ -79,7 +86,7 @@ function progressOf(job) {
   return h(
     "div",
     {},
-    h("div", { class: "muted" }, `${p.phase} ${p.done}/${p.total}${p.rate ? ` · ${p.rate.toFixed(1)}/s` : ""} · epoch ${p.epoch}/${p.epochs}`),
+    h("div", { class: "muted" }, `${p.phase} ${counts(p)} · epoch ${p.epoch}/${p.epochs}`),
     h("div", { class: "bar", role: "progressbar", "aria-valuemin": 0, "aria-valuemax": p.total, "aria-valuenow": p.done }, h("div", { style: `width:${(share * 100).toFixed(0)}%` })),
   );
 }

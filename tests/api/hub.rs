@@ -1,0 +1,67 @@
+//! Base models from the Hugging Face hub, against a stand-in for it (`support::hub::FakeHub`,
+//! reached through `HF_ENDPOINT`) in a `vitforge serve` child process, whose environment (the hub's
+//! address and cache) is its own.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::cluster::wait_for;
+use crate::fixtures::{class_images, zip};
+use crate::support::hub::FakeHub;
+use crate::support::{Launch, slow_config};
+
+/// A job on a hub model that is not cached downloads its weights into the hub cache, and its
+/// `loading` phase follows the download in bytes (live events, with the file's size as the total);
+/// a second job on the same model downloads nothing.
+#[tokio::test]
+async fn a_job_on_a_hub_model_shows_its_download_and_the_next_one_uses_the_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let labels = ["cat".to_string(), "dog".to_string()];
+    vitforge::model::LoadedModel::random(&slow_config(), &labels, 1, &candle_core::Device::Cpu).unwrap().save(&repo).unwrap();
+    let size = std::fs::metadata(repo.join("model.safetensors")).unwrap().len();
+    assert!(size > 8 * (64 << 10), "the weights are large enough for progress in between: {size} bytes");
+    let hub = FakeHub::serve("acme/tiny-vit", &repo, 8, Duration::from_millis(250));
+    let app = Launch::new(&tmp.path().join("data"))
+        .env("HF_ENDPOINT", &hub.url)
+        .env("HF_HOME", tmp.path().join("hf"))
+        .env("HF_HUB_OFFLINE", "0")
+        .start();
+    let form = reqwest::multipart::Form::new()
+        .part("file", reqwest::multipart::Part::bytes(zip(&class_images("", &["cat", "dog"], 6, 3))).file_name("pets.zip"));
+    let resp = app.client.post(app.url("/datasets")).multipart(form).send().await.unwrap();
+    assert_eq!(resp.status(), 201);
+    let dataset: Value = resp.json().await.unwrap();
+    let request = json!({"dataset_id": dataset["id"], "base_model": "acme/tiny-vit", "params": {"epochs": 1, "batch_size": 4}});
+    let submit = || app.post_json("/jobs", &request);
+
+    let job = submit().await;
+    let id = job["id"].as_str().unwrap();
+    let mut stream = app.client.get(app.url(&format!("/jobs/{id}/events"))).send().await.unwrap();
+    assert_eq!(stream.status(), 200);
+    let mut body = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(120), stream.chunk()).await.expect("the stream ends").unwrap() {
+        body.extend_from_slice(&chunk);
+    }
+    let loading: Vec<(u64, u64)> = String::from_utf8(body)
+        .unwrap()
+        .split("\n\n")
+        .filter(|block| block.lines().any(|l| l == "event: progress"))
+        .filter_map(|block| serde_json::from_str::<Value>(block.lines().find_map(|l| l.strip_prefix("data: "))?).ok())
+        .filter(|p| p["phase"] == "loading" && p["total"].as_u64() > Some(1))
+        .map(|p| (p["done"].as_u64().unwrap(), p["total"].as_u64().unwrap()))
+        .collect();
+    assert!(loading.iter().all(|&(_, total)| total == size), "the total is the weights' size: {loading:?}");
+    assert!(loading.iter().any(|&(done, _)| done > 0 && done < size), "progress while it downloads: {loading:?}");
+    assert_eq!(loading.last(), Some(&(size, size)), "{loading:?}");
+    assert!(loading.windows(2).all(|w| w[0].0 <= w[1].0), "{loading:?}");
+    let done = wait_for(&app, id, 60, "the job ending", |j| j["status"] != "running" && j["status"] != "queued").await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(hub.requests_for("model.safetensors"), ["model.safetensors 0-0", "model.safetensors 0-"]);
+
+    let again = submit().await;
+    let done = wait_for(&app, again["id"].as_str().unwrap(), 60, "the second job ending", |j| j["status"] != "running" && j["status"] != "queued").await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(hub.requests_for("model.safetensors").len(), 2, "the second job downloads nothing");
+}
