@@ -396,17 +396,7 @@ async fn leftovers_in_the_object_store_are_swept_once_left_alone() {
     jobs::finish(db, &ended.id, &holder, Status::Failed, Some("it ended")).await.unwrap();
     let running = jobs::insert(db, &new).await.unwrap().unwrap();
     assert_eq!(jobs::claim(db, "elsewhere", "cpu", lease, &[]).await.unwrap().unwrap().id, running.id);
-    let kept = vitforge::db::models::Model {
-        id: "kept".into(),
-        job_id: None,
-        base_model: "m".into(),
-        labels: vec![],
-        metrics: None,
-        params: None,
-        recipe: None,
-        created_at: vitforge::db::now(),
-        path: "models/kept".into(),
-    };
+    let kept = vitforge::db::models::Model { job_id: None, ..crate::queue::model_of(&ended, "kept") };
     vitforge::db::models::register_for_job(db, &kept, None).await.unwrap();
 
     let gone = "01a00000-0000-7000-8000-00000000dead";

@@ -25,7 +25,8 @@ async fn queued_job() -> (TestApp, Job) {
     (app, job)
 }
 
-fn model_of(job: &Job, id: &str) -> Model {
+/// A model row of `job`'s, with the id `id` and the folder `models/<id>`.
+pub(crate) fn model_of(job: &Job, id: &str) -> Model {
     Model {
         id: id.into(),
         job_id: Some(job.id.clone()),
