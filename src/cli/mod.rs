@@ -212,6 +212,21 @@ fn bar(len: u64, template: &str) -> ProgressBar {
     pb
 }
 
+/// Loads a model with its own labels, with a bar for the download of a hub model's weights when
+/// they are not cached yet (none otherwise).
+fn load_showing_download(source: &ModelSource, device: &Device) -> Result<LoadedModel, crate::model::ModelError> {
+    let mut pb: Option<ProgressBar> = None;
+    let mut downloaded = |done: u64, total: u64| {
+        let pb = pb.get_or_insert_with(|| bar(total, "{spinner} downloading [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}) eta {eta}"));
+        pb.set_position(done);
+    };
+    let model = LoadedModel::load_with(source, None, device, 0, &mut downloaded);
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    model
+}
+
 /// How often a progress bar redraws by itself.
 const TICK: Duration = Duration::from_millis(200);
 
@@ -536,7 +551,8 @@ fn cancel_on_signal(cancel: Arc<AtomicBool>, what: &'static str) -> anyhow::Resu
 pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
     let device = crate::model::device(&args.device)?;
     let source = ModelSource::parse(&args.model)?;
-    let clf = Classifier::load(&source, &device, args.precision.resolve(&device)).with_context(|| loading("model", &source))?;
+    let model = load_showing_download(&source, &device).with_context(|| loading("model", &source))?;
+    let clf = Classifier::new(model, &device, args.precision.resolve(&device)).with_context(|| loading("model", &source))?;
     let pb = if args.images.len() > PREDICT_BATCH {
         bar(args.images.len() as u64, "{spinner} classifying [{bar:30}] {pos}/{len} images ({per_sec}) eta {eta}")
     } else {
@@ -599,7 +615,7 @@ const PREDICT_BATCH: usize = 16;
 pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let device = crate::model::device(&args.device)?;
     let source = ModelSource::parse(&args.model)?;
-    let model = LoadedModel::load(&source, None, &device, 0).with_context(|| loading("model", &source))?;
+    let model = load_showing_download(&source, &device).with_context(|| loading("model", &source))?;
     let cancel = Arc::new(AtomicBool::new(false));
     cancel_on_signal(cancel.clone(), "stopping")?;
     let scratch = tempfile::tempdir()?;
