@@ -37,10 +37,11 @@ impl Phase {
         }
     }
 
-    /// Whether a rate (per second of `done`) means something for the phase: images for
-    /// `features`, `training` and `validating`.
-    pub fn has_rate(self) -> bool {
-        matches!(self, Phase::Features | Phase::Training | Phase::Validating)
+    /// Whether a rate (per second of `done`) means something for the phase at `total`: images
+    /// for `features`, `training` and `validating`, and bytes for `loading` while it counts a
+    /// download's (a total over 1).
+    pub fn has_rate(self, total: u64) -> bool {
+        matches!(self, Phase::Features | Phase::Training | Phase::Validating) || (self == Phase::Loading && total > 1)
     }
 }
 
@@ -77,13 +78,13 @@ impl Default for PhaseClock {
 impl PhaseClock {
     /// Records `done` of `phase`; returns whether the phase just changed, and the rate where
     /// the phase has one and enough time has passed to tell.
-    pub fn update(&mut self, phase: Phase, done: u64) -> (bool, Option<f64>) {
+    pub fn update(&mut self, phase: Phase, done: u64, total: u64) -> (bool, Option<f64>) {
         let changed = self.phase != Some(phase);
         if changed {
             *self = Self { phase: Some(phase), started: Instant::now(), first_done: done };
         }
         let secs = self.started.elapsed().as_secs_f64();
-        let rate = (phase.has_rate() && secs > 0.05 && done >= self.first_done).then(|| (done - self.first_done) as f64 / secs);
+        let rate = (phase.has_rate(total) && secs > 0.05 && done >= self.first_done).then(|| (done - self.first_done) as f64 / secs);
         (changed, rate)
     }
 }

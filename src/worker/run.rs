@@ -259,7 +259,7 @@ impl<'a> Recorder<'a> {
     /// when the last update is older than [`PROGRESS_INTERVAL`]. `rate` overrides the measured one;
     /// `extra` fields (a step's loss) go into the live event only.
     async fn phase(&mut self, phase: Phase, done: u64, total: u64, rate: Option<f64>, extra: serde_json::Value) -> anyhow::Result<()> {
-        let (changed, measured) = self.clock.update(phase, done);
+        let (changed, measured) = self.clock.update(phase, done, total);
         let p = &mut self.progress;
         (p.phase, p.done, p.total, p.rate) = (Some(phase), done, total, rate.or(measured));
         let due = self.last_sent.is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL);

@@ -44,14 +44,15 @@ async fn a_job_on_a_hub_model_shows_its_download_and_the_next_one_uses_the_cache
     while let Some(chunk) = tokio::time::timeout(Duration::from_secs(120), stream.chunk()).await.expect("the stream ends").unwrap() {
         body.extend_from_slice(&chunk);
     }
-    let loading: Vec<(u64, u64)> = String::from_utf8(body)
+    let events: Vec<Value> = String::from_utf8(body)
         .unwrap()
         .split("\n\n")
         .filter(|block| block.lines().any(|l| l == "event: progress"))
         .filter_map(|block| serde_json::from_str::<Value>(block.lines().find_map(|l| l.strip_prefix("data: "))?).ok())
         .filter(|p| p["phase"] == "loading" && p["total"].as_u64() > Some(1))
-        .map(|p| (p["done"].as_u64().unwrap(), p["total"].as_u64().unwrap()))
         .collect();
+    let loading: Vec<(u64, u64)> = events.iter().map(|p| (p["done"].as_u64().unwrap(), p["total"].as_u64().unwrap())).collect();
+    assert!(events.iter().any(|p| p["rate"].as_f64().is_some_and(|r| r > 0.0)), "a rate in bytes per second: {events:?}");
     assert!(loading.iter().all(|&(_, total)| total == size), "the total is the weights' size: {loading:?}");
     assert!(loading.iter().any(|&(done, _)| done > 0 && done < size), "progress while it downloads: {loading:?}");
     assert_eq!(loading.last(), Some(&(size, size)), "{loading:?}");
