@@ -151,6 +151,11 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
         .collect()
 }
 
+/// The hub token in `HF_TOKEN` (or the older `HUGGING_FACE_HUB_TOKEN`), when set and not empty.
+fn hub_token() -> Option<String> {
+    ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"].iter().find_map(|name| std::env::var(name).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()))
+}
+
 fn hub_offline() -> bool {
     std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
 }
@@ -197,25 +202,29 @@ fn fetch_from_hub(id: &str, on_download: &mut dyn FnMut(u64, u64)) -> Result<Mod
             cache.path().display()
         )));
     }
-    let api = hf_hub::api::sync::ApiBuilder::from_env()
-        .with_progress(false)
-        .build()
-        .map_err(|e| ModelError::NotFound(format!("cannot reach the Hugging Face hub for '{id}': {e}; {how_to}")))?;
+    let mut builder = hf_hub::api::sync::ApiBuilder::from_env().with_progress(false);
+    // `hf-hub` reads only the token file `huggingface-cli login` writes; the variable that the
+    // hub's own tools and containers use goes first, as there.
+    if let Some(token) = hub_token() {
+        builder = builder.with_token(Some(token));
+    }
+    let api = builder.build().map_err(|e| ModelError::NotFound(format!("cannot reach the Hugging Face hub for '{id}': {e}; {how_to}")))?;
     let repo = api.model(id.to_string());
-    let fetch = |file: &str| {
-        repo.get(file).map_err(|e| {
-            ModelError::NotFound(format!("cannot fetch {file} of model '{id}' from the Hugging Face hub: {e}; {how_to}"))
-        })
+    let failed = |file: &str, e: hf_hub::api::sync::ApiError| {
+        let e = e.to_string();
+        // A gated or private model answers 401 (no token) or 403 (a token without access).
+        let denied = ["status code 401", "status code 403"].iter().any(|code| e.contains(code));
+        let hint = if denied { "; a gated or private model needs a token with access to it in HF_TOKEN" } else { "" };
+        ModelError::NotFound(format!("cannot fetch {file} of model '{id}' from the Hugging Face hub: {e}{hint}; {how_to}"))
     };
+    let fetch = |file: &str| repo.get(file).map_err(|e| failed(file, e));
     let config = fetch(CONFIG_FILE)?;
     // A config vitforge cannot load is refused before its weights are downloaded.
     VitConfig::from_json(&fs::read_to_string(&config)?)?;
     // The weights (the large file) are the one download whose progress is followed.
     let weights = match cached.get(WEIGHTS_FILE) {
         Some(path) => Ok(path),
-        None => repo.download_with_progress(WEIGHTS_FILE, Received { done: 0, total: 0, reported: 0, report: on_download }).map_err(|e| {
-            ModelError::NotFound(format!("cannot fetch {WEIGHTS_FILE} of model '{id}' from the Hugging Face hub: {e}; {how_to}"))
-        }),
+        None => repo.download_with_progress(WEIGHTS_FILE, Received { done: 0, total: 0, reported: 0, report: on_download }).map_err(|e| failed(WEIGHTS_FILE, e)),
     };
     let weights = weights.map_err(|e| match repo.get("pytorch_model.bin") {
         Ok(_) => ModelError::Weights(format!("model '{id}' has only pytorch_model.bin, which vitforge does not read; use a revision with model.safetensors")),

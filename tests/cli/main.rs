@@ -628,3 +628,32 @@ fn a_hub_base_model_is_downloaded_into_the_cache_once() {
     assert!(!ok);
     assert!(err.contains("acme/other") && err.contains("config.json"), "{err}");
 }
+
+/// A gated or private hub model: without a token the error says to set `HF_TOKEN`; with it in
+/// `HF_TOKEN` the model downloads (the token file of `huggingface-cli login` is not needed).
+#[test]
+fn a_private_hub_model_needs_its_token_in_hf_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_string_lossy().into_owned();
+    std::fs::write(tmp.path().join("config.json"), support::TINY_CONFIG).unwrap();
+    let (ok, _, err) = vitforge(&["init-model", "--config", &t("config.json"), "--labels", "top,bottom", "--output", &t("repo")]);
+    assert!(ok, "{err}");
+    let hub = support::hub::FakeHub::serve_private("acme/private-vit", &tmp.path().join("repo"), Some("hf_secret"), 1, std::time::Duration::ZERO);
+    write_dataset(&tmp.path().join("data"), 2);
+    let hf_home = t("hf");
+    let env = |token: &'static str| [("HF_ENDPOINT", hub.url.clone()), ("HF_HOME", hf_home.clone()), ("HF_HUB_OFFLINE", "0".into()), ("HF_TOKEN", token.into())];
+    let predict = |token: &'static str| {
+        let env = env(token);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        vitforge_with(&["predict", "--model", "acme/private-vit", &t("data/top/0.png")], &env)
+    };
+    let (ok, _, err) = predict("");
+    assert!(!ok);
+    assert!(err.contains("acme/private-vit") && err.contains("401") && err.contains("HF_TOKEN"), "{err}");
+    let (ok, _, err) = predict("hf_wrong");
+    assert!(!ok && err.contains("HF_TOKEN"), "{err}");
+    assert!(!err.contains("hf_wrong"), "the token is never shown: {err}");
+    let (ok, out, err) = predict("hf_secret");
+    assert!(ok, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["predictions"].as_array().unwrap().len(), 1);
+}

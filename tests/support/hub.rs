@@ -24,14 +24,21 @@ impl FakeHub {
     /// Serves the files of `dir` as the repository `repo` (any revision), `model.safetensors` in
     /// `pieces` parts `pause` apart.
     pub fn serve(repo: &str, dir: &Path, pieces: usize, pause: Duration) -> Self {
+        Self::serve_private(repo, dir, None, pieces, pause)
+    }
+
+    /// [`FakeHub::serve`], answering 401 to a request without `Authorization: Bearer <token>`
+    /// when there is a `token` (a gated or private model).
+    pub fn serve_private(repo: &str, dir: &Path, token: Option<&str>, pieces: usize, pause: Duration) -> Self {
+        let bearer = token.map(|t| format!("Bearer {t}"));
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(Mutex::new(Vec::new()));
         let (prefix, dir, seen) = (format!("/{repo}/resolve/"), dir.to_path_buf(), requests.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (prefix, dir, seen) = (prefix.clone(), dir.clone(), seen.clone());
-                std::thread::spawn(move || answer(stream, &prefix, &dir, &seen, pieces, pause));
+                let (prefix, dir, seen, bearer) = (prefix.clone(), dir.clone(), seen.clone(), bearer.clone());
+                std::thread::spawn(move || answer(stream, &prefix, &dir, &seen, bearer.as_deref(), pieces, pause));
             }
         });
         FakeHub { url, requests }
@@ -44,22 +51,28 @@ impl FakeHub {
 }
 
 /// Answers one request (and closes the connection).
-fn answer(mut stream: TcpStream, prefix: &str, dir: &Path, seen: &Mutex<Vec<String>>, pieces: usize, pause: Duration) {
+fn answer(mut stream: TcpStream, prefix: &str, dir: &Path, seen: &Mutex<Vec<String>>, bearer: Option<&str>, pieces: usize, pause: Duration) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
     let path = line.split(' ').nth(1).unwrap_or("").to_string();
-    let mut range = None;
+    let (mut range, mut authorization) = (None, None);
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header).unwrap() == 0 || header.trim().is_empty() {
             break;
         }
-        if let Some((name, value)) = header.split_once(':')
-            && name.eq_ignore_ascii_case("range")
-        {
-            range = value.trim().strip_prefix("bytes=").map(str::to_string);
+        if let Some((name, value)) = header.split_once(':') {
+            if name.eq_ignore_ascii_case("range") {
+                range = value.trim().strip_prefix("bytes=").map(str::to_string);
+            } else if name.eq_ignore_ascii_case("authorization") {
+                authorization = Some(value.trim().to_string());
+            }
         }
+    }
+    if bearer.is_some_and(|b| authorization.as_deref() != Some(b)) {
+        let _ = stream.write_all(b"HTTP/1.1 401 Unauthorized\r\nx-error-code: GatedRepo\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        return;
     }
     // `<revision>/<file>` after the repository's prefix.
     let file = path.strip_prefix(prefix).and_then(|rest| rest.split_once('/')).map(|(_, f)| f.to_string()).unwrap_or_default();
