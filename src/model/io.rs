@@ -19,6 +19,8 @@ type Result<T> = std::result::Result<T, ModelError>;
 pub const CONFIG_FILE: &str = "config.json";
 /// The weights file (unsharded).
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The index of a sharded checkpoint (which shard holds each tensor).
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// The image processor's configuration.
 pub const PREPROCESSOR_FILE: &str = "preprocessor_config.json";
 /// The files [`save_folder`] writes: a model folder as `from_pretrained` reads it.
@@ -110,7 +112,7 @@ impl ModelFiles {
             return Err(ModelError::NotFound(format!("{} has no config.json", dir.display())));
         }
         let single = dir.join(WEIGHTS_FILE);
-        let index = dir.join("model.safetensors.index.json");
+        let index = dir.join(INDEX_FILE);
         let weights = if single.is_file() {
             vec![single]
         } else if index.is_file() {
@@ -193,8 +195,15 @@ fn fetch_from_hub(id: &str, on_download: &mut dyn FnMut(u64, u64)) -> Result<Mod
         "download it where the hub is reachable (e.g. `huggingface-cli download {id}`, with HF_HOME pointing at the \
          same cache), or use a local folder containing config.json and model.safetensors"
     );
-    if let (Some(config), Some(weights)) = (cached.get(CONFIG_FILE), cached.get(WEIGHTS_FILE)) {
-        return Ok(ModelFiles { config, weights: vec![weights], preprocessor: cached.get(PREPROCESSOR_FILE) });
+    if let Some(config) = cached.get(CONFIG_FILE) {
+        // One weights file, or an index whose every shard is cached.
+        let weights = cached.get(WEIGHTS_FILE).map(|w| vec![w]).or_else(|| {
+            let shards = shards_from_index(&cached.get(INDEX_FILE)?).ok()?;
+            shards.iter().all(|s| s.is_file()).then_some(shards)
+        });
+        if let Some(weights) = weights {
+            return Ok(ModelFiles { config, weights, preprocessor: cached.get(PREPROCESSOR_FILE) });
+        }
     }
     if hub_offline() {
         return Err(ModelError::NotFound(format!(
@@ -221,17 +230,33 @@ fn fetch_from_hub(id: &str, on_download: &mut dyn FnMut(u64, u64)) -> Result<Mod
     let config = fetch(CONFIG_FILE)?;
     // A config vitforge cannot load is refused before its weights are downloaded.
     VitConfig::from_json(&fs::read_to_string(&config)?)?;
-    // The weights (the large file) are the one download whose progress is followed.
-    let weights = match cached.get(WEIGHTS_FILE) {
+    // The weights (the large files) are the downloads whose progress is followed, file by file.
+    let mut weights_file = |file: &str| match cached.get(file) {
         Some(path) => Ok(path),
-        None => repo.download_with_progress(WEIGHTS_FILE, Received { done: 0, total: 0, reported: 0, report: on_download }).map_err(|e| failed(WEIGHTS_FILE, e)),
+        None => repo.download_with_progress(file, Received { done: 0, total: 0, reported: 0, report: &mut *on_download }).map_err(|e| failed(file, e)),
     };
-    let weights = weights.map_err(|e| match repo.get("pytorch_model.bin") {
-        Ok(_) => ModelError::Weights(format!("model '{id}' has only pytorch_model.bin, which vitforge does not read; use a revision with model.safetensors")),
-        Err(_) => e,
-    })?;
+    let weights = match weights_file(WEIGHTS_FILE) {
+        Ok(single) => vec![single],
+        // Sharded: the index names the shards, each downloaded beside it.
+        Err(single) => match repo.get(INDEX_FILE) {
+            Ok(index) => {
+                let mut shards = vec![];
+                for shard in shards_from_index(&index)? {
+                    let name = shard.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+                    shards.push(weights_file(&name)?);
+                }
+                shards
+            }
+            Err(_) => {
+                return Err(match repo.get("pytorch_model.bin") {
+                    Ok(_) => ModelError::Weights(format!("model '{id}' has only pytorch_model.bin, which vitforge does not read; use a revision with model.safetensors")),
+                    Err(_) => single,
+                });
+            }
+        },
+    };
     let preprocessor = repo.get(PREPROCESSOR_FILE).ok();
-    Ok(ModelFiles { config, weights: vec![weights], preprocessor })
+    Ok(ModelFiles { config, weights, preprocessor })
 }
 
 /// How loading went: what was reused and what was left over.

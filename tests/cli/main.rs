@@ -657,3 +657,56 @@ fn a_private_hub_model_needs_its_token_in_hf_token() {
     assert!(ok, "{err}");
     assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["predictions"].as_array().unwrap().len(), 1);
 }
+
+/// Splits a model folder's `model.safetensors` into two shards and the index naming them, as
+/// `save_pretrained` does for a large model.
+fn shard(dir: &Path) {
+    let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", i + 1);
+        let subset: std::collections::HashMap<String, candle_core::Tensor> = part.iter().map(|n| ((*n).clone(), tensors[*n].clone())).collect();
+        candle_core::safetensors::save(&subset, dir.join(&file)).unwrap();
+        for n in part {
+            weight_map.insert((*n).clone(), Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+}
+
+/// A sharded checkpoint (`model.safetensors.index.json` and its shards) loads from a folder and
+/// from the hub, where each shard is downloaded into the cache, and gives the same predictions as
+/// the model it was split from.
+#[test]
+fn a_sharded_checkpoint_loads_from_a_folder_and_from_the_hub() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_string_lossy().into_owned();
+    std::fs::write(tmp.path().join("config.json"), support::TINY_CONFIG).unwrap();
+    let (ok, _, err) = vitforge(&["init-model", "--config", &t("config.json"), "--labels", "top,bottom", "--output", &t("repo")]);
+    assert!(ok, "{err}");
+    write_dataset(&tmp.path().join("data"), 2);
+    let image = t("data/top/0.png");
+    let scores = |out: &str| serde_json::from_str::<Value>(out).unwrap()["predictions"][0]["top_k"].clone();
+    let (ok, whole, err) = vitforge(&["predict", "--model", &t("repo"), &image]);
+    assert!(ok, "{err}");
+    shard(&tmp.path().join("repo"));
+    let (ok, out, err) = vitforge(&["predict", "--model", &t("repo"), &image]);
+    assert!(ok, "{err}");
+    assert_eq!(scores(&out), scores(&whole), "the shards hold the same model");
+
+    let hub = support::hub::FakeHub::serve("acme/sharded-vit", &tmp.path().join("repo"), 1, std::time::Duration::ZERO);
+    let hf_home = t("hf");
+    let online = [("HF_ENDPOINT", hub.url.as_str()), ("HF_HOME", hf_home.as_str()), ("HF_HUB_OFFLINE", "0")];
+    let (ok, out, err) = vitforge_with(&["predict", "--model", "acme/sharded-vit", &image], &online);
+    assert!(ok, "{err}");
+    assert_eq!(scores(&out), scores(&whole));
+    assert_eq!(hub.requests_for("model-00002-of-00002.safetensors"), ["model-00002-of-00002.safetensors 0-0", "model-00002-of-00002.safetensors 0-"]);
+    // Cached whole: offline, it loads without the hub.
+    let (ok, out, err) = vitforge_with(&["predict", "--model", "acme/sharded-vit", &image], &[("HF_HOME", hf_home.as_str()), ("HF_HUB_OFFLINE", "1")]);
+    assert!(ok, "{err}");
+    assert_eq!(scores(&out), scores(&whole));
+}
