@@ -26,6 +26,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
         // Content type, size limit and syntax are checked here; nesting is capped by serde_json.
         let axum::Json(mut value) = axum::Json::<serde_json::Value>::from_request(req, state).await?;
+        // Every JSON body of this API is an object: say so, rather than serde's "invalid length
+        // 0, expected struct JobRequest with 4 elements" for `[]`.
+        if let Some(kind) = not_an_object(&value) {
+            return Err(AppError::unprocessable("invalid_field", format!("the body must be a JSON object, not {kind}")));
+        }
         if let Some(at) = nul_in(&value, "") {
             return Err(AppError::unprocessable("invalid_field", format!("{at} contains a NUL character (\\u0000)")));
         }
@@ -33,6 +38,19 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         // Re-read through axum so that a value of the wrong shape is reported with its path.
         let bytes = serde_json::to_vec(&value).map_err(anyhow::Error::from)?;
         Ok(ApiJson(axum::Json::<T>::from_bytes(&bytes)?.0))
+    }
+}
+
+/// What `value` is when it is not an object (`an array`, `a string`…).
+pub(crate) fn not_an_object(value: &serde_json::Value) -> Option<&'static str> {
+    use serde_json::Value;
+    match value {
+        Value::Object(_) => None,
+        Value::Array(_) => Some("an array"),
+        Value::String(_) => Some("a string"),
+        Value::Number(_) => Some("a number"),
+        Value::Bool(_) => Some("a boolean"),
+        Value::Null => Some("null"),
     }
 }
 

@@ -307,6 +307,10 @@ async fn bad_job_requests_get_clear_errors() {
     let msg = assert_error(post(json!({"dataset_id": dataset, "params": {"precision": "fp16"}})).await, 422, "invalid_field").await;
     assert!(msg.contains("precision") && msg.contains("bf16"), "{msg}");
     assert_error(post(json!({"params": {}})).await, 422, "invalid_field").await;
+    for (body, kind) in [(json!([]), "an array"), (json!("x"), "a string"), (json!(3), "a number"), (json!(null), "null")] {
+        let msg = assert_error(post(body).await, 422, "invalid_field").await;
+        assert_eq!(msg, format!("the body must be a JSON object, not {kind}"));
+    }
     assert_error(post(json!({"dataset_id": dataset, "colour": 1})).await, 422, "invalid_field").await;
     for path in ["/etc/passwd", "../../secret", "a/b/c", "C:\\model"] {
         let msg = assert_error(post(json!({"dataset_id": dataset, "base_model": path})).await, 422, "invalid_base_model").await;

@@ -146,6 +146,10 @@ async fn bad_predict_requests_name_the_problem() {
     assert!(msg.contains("images[0]"), "{msg}");
     assert_error(app.post_json("/predict", &json!({"images": []})).await, 422, "no_images").await;
     assert_error(app.post_json("/predict", &json!({"pictures": []})).await, 422, "invalid_field").await;
+    let msg = assert_error(app.post_json("/predict", &json!(["a"])).await, 422, "invalid_field").await;
+    assert_eq!(msg, "the body must be a JSON object, not an array");
+    let resp = app.client.post(&url).header("content-type", "application/json").body(r#"{"images": ["a""#).send().await.unwrap();
+    assert_error(resp, 400, "invalid_json").await;
     let resp = app.client.post(&url).header("content-type", "text/plain").body("hello").send().await.unwrap();
     assert_error(resp, 415, "unsupported_content_type").await;
     for almost in ["application/jsonx", "application/octet-streamy", "multipart/form-datas; boundary=x"] {
