@@ -290,10 +290,20 @@ impl Objects {
         self.children(remote, &self.key(dir)?).await
     }
 
+    /// The folders directly under `dir` (a folder of the data folder) left alone for `grace`:
+    /// here, those whose modification time is that old ([`crate::paths::idle_folders`]), and in
+    /// the object store, those none of whose objects is newer ([`Objects::idle_stored_folders`]),
+    /// each once, as data-folder paths. What the periodic sweeps may take for leftovers.
+    pub async fn idle_folders(&self, dir: &Path, grace: Duration) -> anyhow::Result<std::collections::BTreeSet<PathBuf>> {
+        let local = dir.to_path_buf();
+        let mut idle: std::collections::BTreeSet<PathBuf> = tokio::task::spawn_blocking(move || crate::paths::idle_folders(&local, grace)).await??.into_iter().collect();
+        idle.extend(self.idle_stored_folders(dir, grace).await?.iter().map(|name| dir.join(name)));
+        Ok(idle)
+    }
+
     /// The names of the folders directly under `dir` in the object store none of whose objects
-    /// was written less than `grace` ago, by the store's clock (none without a store): what the
-    /// periodic sweeps may take for leftovers. A folder with an object written within the grace
-    /// is being written, or was just now.
+    /// was written less than `grace` ago, by the store's clock (none without a store). A folder
+    /// with an object written within the grace is being written, or was just now.
     pub async fn idle_stored_folders(&self, dir: &Path, grace: Duration) -> anyhow::Result<Vec<String>> {
         let Some(remote) = &self.remote else { return Ok(vec![]) };
         let prefix = self.key(dir)?;

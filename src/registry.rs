@@ -228,28 +228,18 @@ impl ModelRegistry {
     /// Models removed here are forgotten by the predictor. Returns the folders removed (the
     /// store's as the data folder's paths).
     pub async fn remove_unregistered(&self, grace: std::time::Duration) -> anyhow::Result<Vec<PathBuf>> {
-        let models = self.paths.models();
-        let local = tokio::task::spawn_blocking(move || crate::paths::idle_folders(&models, grace)).await??;
-        let stored = self.objects.idle_stored_folders(&self.paths.models(), grace).await?;
-        if local.is_empty() && stored.is_empty() {
+        let idle = self.objects.idle_folders(&self.paths.models(), grace).await?;
+        if idle.is_empty() {
             return Ok(vec![]);
         }
         let known: std::collections::HashSet<String> = db::models::paths(&self.db).await?.into_iter().collect();
-        let unknown = |path: &PathBuf| !known.contains(&self.relative(path));
         let mut removed = vec![];
-        for path in local.into_iter().filter(unknown) {
-            let gone = path.clone();
-            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&gone)).await??;
+        for path in idle.into_iter().filter(|path| !known.contains(&self.relative(path))) {
+            self.objects.remove_dir(&path).await?;
             if let Some(id) = path.file_name().and_then(|n| n.to_str()) {
                 self.predictor.evict(id);
             }
             removed.push(path);
-        }
-        for path in stored.iter().map(|name| self.paths.model(name)).filter(unknown) {
-            self.objects.remove_dir(&path).await?;
-            if !removed.contains(&path) {
-                removed.push(path);
-            }
         }
         Ok(removed)
     }

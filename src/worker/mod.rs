@@ -137,11 +137,8 @@ async fn keep_lease(ctx: JobContext, job_id: String, holder: Holder, cancel: Arc
 /// folder; the grace leaves alone a run that lost its lease and writes on until its next renewal
 /// stops it. Returns the folders removed (the store's as the data folder's paths).
 pub async fn remove_ended_job_folders(db: &Pool, objects: &Objects, paths: &DataPaths, grace: Duration) -> anyhow::Result<Vec<PathBuf>> {
-    let jobs = paths.jobs();
-    let mut idle: std::collections::BTreeSet<PathBuf> = tokio::task::spawn_blocking(move || crate::paths::idle_folders(&jobs, grace)).await??.into_iter().collect();
-    idle.extend(objects.idle_stored_folders(&paths.jobs(), grace).await?.iter().map(|id| paths.job(id)));
     let mut removed = vec![];
-    for dir in idle {
+    for dir in objects.idle_folders(&paths.jobs(), grace).await? {
         let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         if db::jobs::ended_or_gone(db, &id).await? {
             objects.remove_dir(&dir).await?;
