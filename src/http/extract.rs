@@ -28,8 +28,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         let axum::Json(mut value) = axum::Json::<serde_json::Value>::from_request(req, state).await?;
         // Every JSON body of this API is an object: say so, rather than serde's "invalid length
         // 0, expected struct JobRequest with 4 elements" for `[]`.
-        if let Some(kind) = not_an_object(&value) {
-            return Err(AppError::unprocessable("invalid_field", format!("the body must be a JSON object, not {kind}")));
+        if let Some(refused) = not_an_object(&value) {
+            return Err(refused);
         }
         if let Some(at) = nul_in(&value, "") {
             return Err(AppError::unprocessable("invalid_field", format!("{at} contains a NUL character (\\u0000)")));
@@ -41,17 +41,18 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     }
 }
 
-/// What `value` is when it is not an object (`an array`, `a string`…).
-pub(crate) fn not_an_object(value: &serde_json::Value) -> Option<&'static str> {
+/// The refusal of a body that is not an object, naming what it is (`an array`, `a string`…).
+pub(crate) fn not_an_object(value: &serde_json::Value) -> Option<AppError> {
     use serde_json::Value;
-    match value {
-        Value::Object(_) => None,
-        Value::Array(_) => Some("an array"),
-        Value::String(_) => Some("a string"),
-        Value::Number(_) => Some("a number"),
-        Value::Bool(_) => Some("a boolean"),
-        Value::Null => Some("null"),
-    }
+    let kind = match value {
+        Value::Object(_) => return None,
+        Value::Array(_) => "an array",
+        Value::String(_) => "a string",
+        Value::Number(_) => "a number",
+        Value::Bool(_) => "a boolean",
+        Value::Null => "null",
+    };
+    Some(AppError::unprocessable("invalid_field", format!("the body must be a JSON object, not {kind}")))
 }
 
 /// Where `value` holds a string (or a key) with a NUL character, as `body`, `body.name` or

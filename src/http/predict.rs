@@ -79,10 +79,8 @@ async fn images_of(s: &AppState, req: Request) -> Result<Vec<(String, Bytes)>, A
         out = tokio::task::spawn_blocking(move || {
             let axum::Json(body) = axum::Json::<Base64Images>::from_bytes(&body).map_err(|rejection| {
                 // Well-formed JSON of the wrong kind (`[]`): said as plainly as for other bodies.
-                match serde_json::from_slice::<serde_json::Value>(&body).ok().as_ref().and_then(crate::http::extract::not_an_object) {
-                    Some(kind) => AppError::unprocessable("invalid_field", format!("the body must be a JSON object, not {kind}")),
-                    None => AppError::from(rejection),
-                }
+                let value = serde_json::from_slice::<serde_json::Value>(&body).ok();
+                value.as_ref().and_then(crate::http::extract::not_an_object).unwrap_or_else(|| AppError::from(rejection))
             })?;
             if body.images.len() > max {
                 return Err(too_many(body.images.len()));
