@@ -592,6 +592,14 @@ fn the_readme_command_lines_match_the_help() {
     assert!(checked >= 8, "only {checked} command lines found");
 }
 
+/// A random tiny model (classes `top` and `bottom`) in `root/repo`, for a stand-in hub to serve.
+fn hub_repo(root: &Path) {
+    std::fs::write(root.join("config.json"), support::TINY_CONFIG).unwrap();
+    let t = |p: &str| root.join(p).to_string_lossy().into_owned();
+    let (ok, _, err) = vitforge(&["init-model", "--config", &t("config.json"), "--labels", "top,bottom", "--output", &t("repo")]);
+    assert!(ok, "{err}");
+}
+
 /// `train --base-model owner/name` downloads the model from the hub (`HF_ENDPOINT`, a stand-in
 /// here) into the hub cache (`HF_HOME`), then trains; `predict` then finds it in the cache with
 /// the hub out of reach (`HF_HUB_OFFLINE=1`), and a model the hub lacks is an error naming it.
@@ -599,9 +607,7 @@ fn the_readme_command_lines_match_the_help() {
 fn a_hub_base_model_is_downloaded_into_the_cache_once() {
     let tmp = tempfile::tempdir().unwrap();
     let t = |p: &str| tmp.path().join(p).to_string_lossy().into_owned();
-    std::fs::write(tmp.path().join("config.json"), support::TINY_CONFIG).unwrap();
-    let (ok, _, err) = vitforge(&["init-model", "--config", &t("config.json"), "--labels", "top,bottom", "--output", &t("repo")]);
-    assert!(ok, "{err}");
+    hub_repo(tmp.path());
     let hub = support::hub::FakeHub::serve("acme/tiny-vit", &tmp.path().join("repo"), 4, std::time::Duration::from_millis(20));
     let hf_home = t("hf");
     let online = [("HF_ENDPOINT", hub.url.as_str()), ("HF_HOME", hf_home.as_str()), ("HF_HUB_OFFLINE", "0")];
@@ -635,9 +641,7 @@ fn a_hub_base_model_is_downloaded_into_the_cache_once() {
 fn a_private_hub_model_needs_its_token_in_hf_token() {
     let tmp = tempfile::tempdir().unwrap();
     let t = |p: &str| tmp.path().join(p).to_string_lossy().into_owned();
-    std::fs::write(tmp.path().join("config.json"), support::TINY_CONFIG).unwrap();
-    let (ok, _, err) = vitforge(&["init-model", "--config", &t("config.json"), "--labels", "top,bottom", "--output", &t("repo")]);
-    assert!(ok, "{err}");
+    hub_repo(tmp.path());
     let hub = support::hub::FakeHub::serve_private("acme/private-vit", &tmp.path().join("repo"), Some("hf_secret"), 1, std::time::Duration::ZERO);
     write_dataset(&tmp.path().join("data"), 2);
     let hf_home = t("hf");
@@ -685,9 +689,7 @@ fn shard(dir: &Path) {
 fn a_sharded_checkpoint_loads_from_a_folder_and_from_the_hub() {
     let tmp = tempfile::tempdir().unwrap();
     let t = |p: &str| tmp.path().join(p).to_string_lossy().into_owned();
-    std::fs::write(tmp.path().join("config.json"), support::TINY_CONFIG).unwrap();
-    let (ok, _, err) = vitforge(&["init-model", "--config", &t("config.json"), "--labels", "top,bottom", "--output", &t("repo")]);
-    assert!(ok, "{err}");
+    hub_repo(tmp.path());
     write_dataset(&tmp.path().join("data"), 2);
     let image = t("data/top/0.png");
     let scores = |out: &str| serde_json::from_str::<Value>(out).unwrap()["predictions"][0]["top_k"].clone();
