@@ -6,6 +6,7 @@ pub mod bench;
 pub mod selfcheck;
 pub mod train_flags;
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -219,6 +220,7 @@ fn load_showing_download(source: &ModelSource, device: &Device) -> Result<Loaded
     let mut downloaded = |done: u64, total: u64| {
         let pb = pb.get_or_insert_with(|| bar(total, "{spinner} downloading [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}) eta {eta}"));
         pb.set_position(done);
+        ControlFlow::Continue(())
     };
     let model = LoadedModel::load_with(source, None, device, 0, &mut downloaded);
     if let Some(pb) = pb {
@@ -446,9 +448,16 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         pb.set_length(total >> 20);
         pb.set_position(done >> 20);
         pb.set_message("MiB downloaded");
+        // Ctrl-C stops the download too (what came in is kept for the next run to resume).
+        if cancel.load(Ordering::SeqCst) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
     };
-    let mut model = LoadedModel::load_with(&source, Some(&ingested.classes), &device, params.seed, &mut downloaded)
-        .with_context(|| loading("base model", &source))?;
+    let mut model = match LoadedModel::load_with(&source, Some(&ingested.classes), &device, params.seed, &mut downloaded) {
+        Err(crate::model::ModelError::Stopped) => {
+            pb.finish_and_clear();
+            return Err(Interrupted(format!("interrupted while downloading {source}: nothing was trained; the next run resumes the download")).into());
+        }
+        other => other.with_context(|| loading("base model", &source))?,
+    };
     say(
         &pb,
         format!(

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -73,8 +74,10 @@ impl ModelSource {
 
     /// The files of the model, downloading them first for a hub id that is not cached;
     /// `on_download(received, total)` follows the download of the weights in bytes (every
-    /// half-percent or so, and at the end).
-    pub fn resolve(&self, on_download: &mut dyn FnMut(u64, u64)) -> Result<ModelFiles> {
+    /// half-percent or so, and at the end), and stops it by answering `Break`: the result is
+    /// then [`ModelError::Stopped`], and what came in stays in the hub cache's partial file,
+    /// from which the next download resumes.
+    pub fn resolve(&self, on_download: &mut OnDownload) -> Result<ModelFiles> {
         match self {
             ModelSource::Dir(dir) => ModelFiles::in_dir(dir),
             ModelSource::Hub(id) => fetch_from_hub(id, on_download),
@@ -162,33 +165,61 @@ fn hub_offline() -> bool {
     std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
 }
 
+/// What follows a hub download ([`ModelSource::resolve`]): called with the bytes received and
+/// the file's size; `Break` stops the download.
+pub type OnDownload<'a> = dyn FnMut(u64, u64) -> ControlFlow<()> + 'a;
+
 /// Bytes received of a download, for a callback: reported when at least a 200th of the file
 /// (and 64 KiB) came in since the last report, and when it is complete, rather than at every read.
-struct Received<'a> {
+struct Received<'a, 'b> {
     done: u64,
     total: u64,
     reported: u64,
-    report: &'a mut dyn FnMut(u64, u64),
+    report: &'a mut OnDownload<'b>,
 }
 
-impl hf_hub::api::Progress for Received<'_> {
+/// What unwinds out of `hf-hub`'s download when the callback stops it: its progress hook, called
+/// from inside the read loop, returns nothing, and nothing else reaches into that loop. Unwinding
+/// drops the download's file and lock as an error would, and [`stoppable`] turns it back into
+/// [`ModelError::Stopped`] at once (`resume_unwind` runs no panic hook, so nothing is printed).
+struct StopDownload;
+
+impl Received<'_, '_> {
+    fn report(&mut self) {
+        self.reported = self.done;
+        if (self.report)(self.done, self.total).is_break() {
+            std::panic::resume_unwind(Box::new(StopDownload));
+        }
+    }
+}
+
+impl hf_hub::api::Progress for Received<'_, '_> {
     fn init(&mut self, size: usize, _filename: &str) {
-        (self.done, self.total, self.reported) = (0, size as u64, 0);
-        (self.report)(0, self.total);
+        (self.done, self.total) = (0, size as u64);
+        self.report();
     }
 
     fn update(&mut self, size: usize) {
         self.done += size as u64;
         if self.done >= self.total || self.done - self.reported >= (self.total / 200).max(64 << 10) {
-            self.reported = self.done;
-            (self.report)(self.done, self.total);
+            self.report();
         }
     }
 
     fn finish(&mut self) {}
 }
 
-fn fetch_from_hub(id: &str, on_download: &mut dyn FnMut(u64, u64)) -> Result<ModelFiles> {
+/// Runs a download that a [`Received`] may stop, giving [`ModelError::Stopped`] when it did (any
+/// other panic goes on unwinding).
+fn stoppable<T>(download: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(download)) {
+        Ok(result) => result,
+        Err(payload) if payload.is::<StopDownload>() => Err(ModelError::Stopped),
+        Err(payload) => std::panic::resume_unwind(payload),
+    }
+}
+
+fn fetch_from_hub(id: &str, on_download: &mut OnDownload) -> Result<ModelFiles> {
     let cache = hf_hub::Cache::from_env();
     let cached = cache.model(id.to_string());
     let how_to = format!(
@@ -233,10 +264,13 @@ fn fetch_from_hub(id: &str, on_download: &mut dyn FnMut(u64, u64)) -> Result<Mod
     // The weights (the large files) are the downloads whose progress is followed, file by file.
     let mut weights_file = |file: &str| match cached.get(file) {
         Some(path) => Ok(path),
-        None => repo.download_with_progress(file, Received { done: 0, total: 0, reported: 0, report: &mut *on_download }).map_err(|e| failed(file, e)),
+        None => stoppable(|| {
+            repo.download_with_progress(file, Received { done: 0, total: 0, reported: 0, report: &mut *on_download }).map_err(|e| failed(file, e))
+        }),
     };
     let weights = match weights_file(WEIGHTS_FILE) {
         Ok(single) => vec![single],
+        Err(ModelError::Stopped) => return Err(ModelError::Stopped),
         // Sharded: the index names the shards, each downloaded beside it.
         Err(single) => match repo.get(INDEX_FILE) {
             Ok(index) => {
@@ -282,12 +316,13 @@ impl LoadedModel {
     /// checkpoint's labels are the same, created fresh otherwise (so a 1000-class ImageNet head
     /// does not stop a backbone from loading). The backbone must be complete.
     pub fn load(source: &ModelSource, labels: Option<&[String]>, device: &Device, seed: u64) -> Result<Self> {
-        Self::load_with(source, labels, device, seed, &mut |_, _| {})
+        Self::load_with(source, labels, device, seed, &mut |_, _| ControlFlow::Continue(()))
     }
 
     /// [`LoadedModel::load`], following the download of a hub model's weights that are not
-    /// cached yet with `on_download(received, total)` in bytes (see [`ModelSource::resolve`]).
-    pub fn load_with(source: &ModelSource, labels: Option<&[String]>, device: &Device, seed: u64, on_download: &mut dyn FnMut(u64, u64)) -> Result<Self> {
+    /// cached yet with `on_download(received, total)` in bytes, which may stop it (see
+    /// [`ModelSource::resolve`]).
+    pub fn load_with(source: &ModelSource, labels: Option<&[String]>, device: &Device, seed: u64, on_download: &mut OnDownload) -> Result<Self> {
         let files = source.resolve(on_download)?;
         let cfg = VitConfig::from_json(&fs::read_to_string(&files.config)?)?;
         let preprocessor = match &files.preprocessor {

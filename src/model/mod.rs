@@ -49,6 +49,9 @@ pub enum ModelError {
     Device(String),
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
+    /// The caller stopped the download of a hub model's weights (a cancelled job, a signal).
+    #[error("the download was stopped")]
+    Stopped,
 }
 
 /// Resolves device names as the command line and `--device` take them (`auto`, `cpu`, `cuda:N`)

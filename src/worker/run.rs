@@ -3,6 +3,7 @@
 //! to the job's live subscribers.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use super::submit::resolve_base_model;
 use crate::db;
 use crate::db::jobs::{Holder, Job, Progress};
 use crate::db::job_metrics::{MistakeRow, TrainPoint};
-use crate::model::LoadedModel;
+use crate::model::{LoadedModel, ModelError};
 use crate::train::data::TrainData;
 use crate::train::memory::MemoryLimit;
 use crate::train::progress::PhaseClock;
@@ -114,9 +115,16 @@ pub(super) async fn run_job(
                     let _ = tx.send(e);
                 };
                 on_event(TrainEvent::Phase { phase: Phase::Loading, done: 0, total: 1 });
-                // A hub model not cached yet: its download in bytes.
-                let mut downloaded = |done: u64, total: u64| on_event(TrainEvent::Phase { phase: Phase::Loading, done, total });
-                let mut model = LoadedModel::load_with(&source, Some(&labels), &device, params.seed, &mut downloaded).map_err(TrainError::from)?;
+                // A hub model not cached yet: its download in bytes, stopped by a cancel (or by
+                // this process stopping) rather than finished first.
+                let mut downloaded = |done: u64, total: u64| {
+                    on_event(TrainEvent::Phase { phase: Phase::Loading, done, total });
+                    if cancel.load(Ordering::SeqCst) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+                };
+                let mut model = LoadedModel::load_with(&source, Some(&labels), &device, params.seed, &mut downloaded).map_err(|e| match e {
+                    ModelError::Stopped => TrainError::Cancelled,
+                    e => TrainError::from(e),
+                })?;
                 Ok(fine_tune(&mut model, spec, &device, Control { cancel: &cancel, on_event: &mut on_event })?)
             }));
             // The model and the step's buffers are freed by now; the allocator keeps freed memory

@@ -66,3 +66,52 @@ async fn a_job_on_a_hub_model_shows_its_download_and_the_next_one_uses_the_cache
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(hub.requests_for("model.safetensors").len(), 2, "the second job downloads nothing");
 }
+
+/// A cancel during a hub download stops it there, rather than once the whole file is in: the
+/// job is cancelled while the cache holds only the partial file. The next job on the model
+/// resumes the download from where the first stopped (a range from that byte), and succeeds.
+#[tokio::test]
+async fn a_cancel_stops_a_hub_download_and_the_next_job_resumes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let labels = ["cat".to_string(), "dog".to_string()];
+    vitforge::model::LoadedModel::random(&slow_config(), &labels, 1, &candle_core::Device::Cpu).unwrap().save(&repo).unwrap();
+    let size = std::fs::metadata(repo.join("model.safetensors")).unwrap().len();
+    // 30 pieces 200 ms apart: six seconds for the whole file.
+    let hub = FakeHub::serve("acme/tiny-vit", &repo, 30, Duration::from_millis(200));
+    let hf = tmp.path().join("hf");
+    let app = Launch::new(&tmp.path().join("data")).env("HF_ENDPOINT", &hub.url).env("HF_HOME", &hf).env("HF_HUB_OFFLINE", "0").start();
+    let form = reqwest::multipart::Form::new()
+        .part("file", reqwest::multipart::Part::bytes(zip(&class_images("", &["cat", "dog"], 6, 3))).file_name("pets.zip"));
+    let dataset: Value = app.client.post(app.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
+    let request = json!({"dataset_id": dataset["id"], "base_model": "acme/tiny-vit", "params": {"epochs": 1, "batch_size": 4}});
+
+    let job = app.post_json("/jobs", &request).await;
+    let id = job["id"].as_str().unwrap();
+    let started = |j: &Value| j["progress"]["phase"] == "loading" && j["progress"]["total"] == size && j["progress"]["done"].as_u64() > Some(0);
+    let downloading = wait_for(&app, id, 60, "the download under way", |j| started(j) || j["status"] != "running" && j["status"] != "queued").await;
+    assert!(started(&downloading), "{downloading}");
+    let resp = app.client.post(app.url(&format!("/jobs/{id}/cancel"))).send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+    let cancelled = wait_for(&app, id, 60, "the cancel", |j| j["status"] != "running").await;
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    // Files of the hub cache's blobs: (name, bytes).
+    let blobs = || -> Vec<(String, u64)> {
+        let dir = hf.join("hub/models--acme--tiny-vit/blobs");
+        std::fs::read_dir(&dir).map_or(vec![], |entries| {
+            entries.flatten().map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().unwrap().len())).collect()
+        })
+    };
+    let now = blobs();
+    let partial: Vec<u64> = now.iter().filter(|(name, _)| name.ends_with(".part")).map(|&(_, len)| len).collect();
+    assert!(!now.iter().any(|&(ref name, len)| len == size && !name.ends_with(".part")), "the whole file never came in: {now:?}");
+    let [kept] = partial[..] else { panic!("one partial file in the cache: {now:?}") };
+    assert!(kept > 0 && kept < size, "{kept} of {size} bytes");
+
+    let again = app.post_json("/jobs", &request).await;
+    let done = wait_for(&app, again["id"].as_str().unwrap(), 60, "the second job ending", |j| j["status"] != "running" && j["status"] != "queued").await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let requests = hub.requests_for("model.safetensors");
+    assert_eq!(requests.last().map(String::as_str), Some(format!("model.safetensors {kept}-").as_str()), "resumed from byte {kept}: {requests:?}");
+    assert!(blobs().iter().any(|&(ref name, len)| len == size && !name.ends_with(".part")), "{:?}", blobs());
+}

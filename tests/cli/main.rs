@@ -594,7 +594,12 @@ fn the_readme_command_lines_match_the_help() {
 
 /// A random tiny model (classes `top` and `bottom`) in `root/repo`, for a stand-in hub to serve.
 fn hub_repo(root: &Path) {
-    std::fs::write(root.join("config.json"), support::TINY_CONFIG).unwrap();
+    hub_repo_of(root, support::TINY_CONFIG);
+}
+
+/// [`hub_repo`] with the configuration `config`.
+fn hub_repo_of(root: &Path, config: &str) {
+    std::fs::write(root.join("config.json"), config).unwrap();
     let t = |p: &str| root.join(p).to_string_lossy().into_owned();
     let (ok, _, err) = vitforge(&["init-model", "--config", &t("config.json"), "--labels", "top,bottom", "--output", &t("repo")]);
     assert!(ok, "{err}");
@@ -633,6 +638,56 @@ fn a_hub_base_model_is_downloaded_into_the_cache_once() {
     let (ok, _, err) = vitforge_with(&["predict", "--model", "acme/other", &t("data/top/0.png")], &online);
     assert!(!ok);
     assert!(err.contains("acme/other") && err.contains("config.json"), "{err}");
+}
+
+/// Ctrl-C while `train` downloads its base model from the hub stops the download there (status
+/// 130, saying so) with what came in kept in the hub cache, and the same command run again
+/// resumes the download from that byte, then trains.
+#[test]
+fn ctrl_c_stops_a_hub_download_and_the_next_run_resumes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_string_lossy().into_owned();
+    // The larger test model: enough bytes for progress between the pieces.
+    hub_repo_of(tmp.path(), support::SLOW_CONFIG);
+    let size = std::fs::metadata(tmp.path().join("repo/model.safetensors")).unwrap().len();
+    // 30 pieces 200 ms apart: six seconds for the whole file.
+    let hub = support::hub::FakeHub::serve("acme/slow-vit", &tmp.path().join("repo"), 30, std::time::Duration::from_millis(200));
+    write_dataset(&tmp.path().join("data"), 4);
+    let run = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vitforge"));
+        cmd.args(["train", "--data", &t("data"), "--base-model", "acme/slow-vit", "--output", &t("model"), "--epochs", "1", "--batch-size", "4"])
+            .env("RUST_LOG", "warn")
+            .envs([("HF_ENDPOINT", hub.url.as_str()), ("HF_HOME", &t("hf")), ("HF_HUB_OFFLINE", "0")]);
+        cmd
+    };
+    // The partial file of the download in the hub cache, and its length.
+    let blobs = tmp.path().join("hf/hub/models--acme--slow-vit/blobs");
+    let partial = || -> Option<u64> {
+        std::fs::read_dir(&blobs).ok()?.flatten().find(|e| e.file_name().to_string_lossy().ends_with(".part")).map(|e| e.metadata().unwrap().len())
+    };
+
+    let mut child = run().stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while partial().is_none_or(|len| len == 0) {
+        assert!(std::time::Instant::now() < deadline, "no download under way within a minute");
+        assert!(child.try_wait().unwrap().is_none(), "train ended before its download began");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted while downloading acme/slow-vit") && err.contains("resumes"), "{err}");
+    let kept = partial().expect("the partial download is kept");
+    assert!(kept > 0 && kept < size, "{kept} of {size} bytes");
+    assert!(!tmp.path().join("model").exists());
+
+    let out = run().output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let requests = hub.requests_for("model.safetensors");
+    assert_eq!(requests.last().map(String::as_str), Some(format!("model.safetensors {kept}-").as_str()), "resumed from byte {kept}: {requests:?}");
+    assert!(tmp.path().join("model/model.safetensors").is_file());
 }
 
 /// A gated or private hub model: without a token the error says to set `HF_TOKEN`; with it in
