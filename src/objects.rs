@@ -464,12 +464,11 @@ impl Objects {
         Ok(missing)
     }
 
-    /// Uploads the files under `dir` to `prefix`, the file named `last` (if any) after the others.
+    /// Uploads the files under `dir` to `prefix` in [`upload_order`].
     async fn upload_tree(&self, remote: &Remote, dir: &Path, prefix: &Key, last: Option<&str>) -> anyhow::Result<()> {
         let root = dir.to_path_buf();
-        let mut files = tokio::task::spawn_blocking(move || files_under(&root)).await?.with_context(|| format!("listing {}", dir.display()))?;
-        files.sort_by_key(|rel| Some(rel.as_str()) == last);
-        for rel in files {
+        let files = tokio::task::spawn_blocking(move || files_under(&root)).await?.with_context(|| format!("listing {}", dir.display()))?;
+        for rel in upload_order(files, last) {
             remote.put_file(&dir.join(&rel), &Key::from(format!("{prefix}/{rel}"))).await?;
         }
         Ok(())
@@ -520,7 +519,7 @@ impl Objects {
 }
 
 /// The files under `dir`, as `/`-separated paths relative to it.
-fn files_under(dir: &Path) -> std::io::Result<Vec<String>> {
+fn files_under(dir: &Path) -> std::io::Result<Vec<(String, u64)>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -529,11 +528,22 @@ fn files_under(dir: &Path) -> std::io::Result<Vec<String>> {
             if entry.file_type()?.is_dir() {
                 stack.push(entry.path());
             } else if let Ok(rel) = entry.path().strip_prefix(dir) {
-                out.push(rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/"));
+                let name = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+                out.push((name, entry.metadata()?.len()));
             }
         }
     }
     Ok(out)
+}
+
+/// The order a folder's files (name, bytes) go to the object store: the largest first, the one
+/// named `last` (a marker that the rest is complete) after all others. A folder then appears in
+/// a listing only once its largest file is in, and the files after it follow within moments: the
+/// periodic sweep, which takes a folder whose newest object is an hour old for a leftover, never
+/// sees one whose large upload is still running with its small files long written.
+fn upload_order(mut files: Vec<(String, u64)>, last: Option<&str>) -> Vec<String> {
+    files.sort_by(|(a, a_len), (b, b_len)| (Some(a.as_str()) == last).cmp(&(Some(b.as_str()) == last)).then(b_len.cmp(a_len)).then(a.cmp(b)));
+    files.into_iter().map(|(name, _)| name).collect()
 }
 
 async fn read_state(path: &Path) -> anyhow::Result<LoopState> {
@@ -544,6 +554,19 @@ async fn read_state(path: &Path) -> anyhow::Result<LoopState> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_folder_is_uploaded_largest_file_first_and_its_marker_last() {
+        let files = |list: &[(&str, u64)]| list.iter().map(|&(n, len)| (n.to_string(), len)).collect::<Vec<_>>();
+        let model = files(&[("config.json", 700), ("model.safetensors", 90_000_000), ("preprocessor_config.json", 400)]);
+        assert_eq!(upload_order(model, None), ["model.safetensors", "config.json", "preprocessor_config.json"]);
+        // An epoch's checkpoint: `state.json` says the rest is complete.
+        let checkpoint = files(&[("state.json", 300), ("model.safetensors", 5_000), ("optimizer.safetensors", 10_000), ("config.json", 700)]);
+        assert_eq!(upload_order(checkpoint, Some("state.json")), ["optimizer.safetensors", "model.safetensors", "config.json", "state.json"]);
+        // The marker goes last even when it is the largest; equal sizes go by name.
+        let odd = files(&[("b", 5), ("a", 5), ("state.json", 9)]);
+        assert_eq!(upload_order(odd, Some("state.json")), ["a", "b", "state.json"]);
+    }
 
     fn objects(url: &str) -> anyhow::Result<Objects> {
         Objects::s3(url, DataPaths::new(tempfile::tempdir().unwrap().path()))

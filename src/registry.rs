@@ -5,7 +5,9 @@
 //! removes its folder. `/predict` asks it which model a request means. With an object store the
 //! folder is stored there before the row exists, and fetched into the data folder on first use.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use crate::db::Pool;
@@ -40,11 +42,40 @@ pub struct ModelRegistry {
     /// Whether this process answers `/predict` (a `--role worker` process does not, so it does
     /// not load the models it registers).
     serves_predict: bool,
+    /// The ids of the models this process is registering (see [`ModelRegistry::registering`]).
+    registering: Arc<Mutex<HashSet<String>>>,
+}
+
+/// A model being registered by this process: while it is held, the periodic sweep leaves the
+/// model's folder alone, however long the copy and the upload to the object store take.
+pub struct Registering {
+    set: Arc<Mutex<HashSet<String>>>,
+    id: String,
+}
+
+impl Drop for Registering {
+    fn drop(&mut self) {
+        self.set.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+    }
 }
 
 impl ModelRegistry {
     pub fn new(db: Pool, paths: DataPaths, objects: Objects, predictor: Predictor, serves_predict: bool) -> Self {
-        Self { db, paths, objects, predictor, serves_predict }
+        Self { db, paths, objects, predictor, serves_predict, registering: Arc::default() }
+    }
+
+    /// Marks model `id` as being registered until the guard is dropped: its folder has no row
+    /// yet, and [`ModelRegistry::remove_unregistered`] must not take it for a leftover however
+    /// old its files grow meanwhile (a large model's upload to a slow object store can outlast
+    /// the sweep's grace).
+    pub fn registering(&self, id: &str) -> Registering {
+        self.registering.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string());
+        Registering { set: self.registering.clone(), id: id.to_string() }
+    }
+
+    fn is_registering(&self, path: &Path) -> bool {
+        let id = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        self.registering.lock().unwrap_or_else(|e| e.into_inner()).contains(id)
     }
 
     /// The folder of a registered model, fetched from the object store first when the data
@@ -70,6 +101,7 @@ impl ModelRegistry {
     pub async fn register_for_job(&self, job: &Job, outcome: &TrainOutcome, holder: &Holder) -> anyhow::Result<JobModel> {
         let model_id = db::new_id();
         let dest = self.paths.model(&model_id);
+        let _registering = self.registering(&model_id);
         match self.register_copy(job, outcome, holder, &model_id, &dest).await {
             Ok(JobModel::Registered(model)) => {
                 if let Err(e) = db::job_metrics::delete_checkpoints(&self.db, &job.id).await {
@@ -197,7 +229,7 @@ impl ModelRegistry {
     /// At start-up: removes folders under `models/` that no model row points at (left by a crash
     /// between copying a model and registering it), and temporary folders.
     pub async fn remove_orphans(&self) -> anyhow::Result<Vec<PathBuf>> {
-        let known: std::collections::HashSet<String> = db::models::paths(&self.db).await?.into_iter().collect();
+        let known: HashSet<String> = db::models::paths(&self.db).await?.into_iter().collect();
         let mut removed = vec![];
         for entry in std::fs::read_dir(self.paths.models())? {
             let path = entry?.path();
@@ -223,7 +255,9 @@ impl ModelRegistry {
     /// the store's but cannot reach this data folder; and in any case the copy a process left
     /// when it stopped between copying a model and registering it) and in the object store (a
     /// model stored by a process that then stopped before its row went in). A folder being
-    /// registered has no row yet either, but is being written, and its row follows at once. The
+    /// registered has no row yet either: this process's own are skipped whatever their age
+    /// ([`ModelRegistry::registering`]), and another's is being written (the store receives its
+    /// largest file first, so the folder appears in a listing only as its last files go in). The
     /// folders are listed before the rows are read, so a model registered in between is kept.
     /// Models removed here are forgotten by the predictor. Returns the folders removed (the
     /// store's as the data folder's paths).
@@ -232,9 +266,9 @@ impl ModelRegistry {
         if idle.is_empty() {
             return Ok(vec![]);
         }
-        let known: std::collections::HashSet<String> = db::models::paths(&self.db).await?.into_iter().collect();
+        let known: HashSet<String> = db::models::paths(&self.db).await?.into_iter().collect();
         let mut removed = vec![];
-        for path in idle.into_iter().filter(|path| !known.contains(&self.relative(path))) {
+        for path in idle.into_iter().filter(|path| !known.contains(&self.relative(path)) && !self.is_registering(path)) {
             self.objects.remove_dir(&path).await?;
             if let Some(id) = path.file_name().and_then(|n| n.to_str()) {
                 self.predictor.evict(id);

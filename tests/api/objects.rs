@@ -370,20 +370,7 @@ async fn leftovers_in_the_object_store_are_swept_once_left_alone() {
     let app = crate::helpers::spawn_app_with(|c| c.role = vitforge::config::Role::Api).await;
     let db = &app.db;
     let (objects, paths) = store_on(&s3, "leftovers", &tmp.path().join("here"));
-    let predictor = vitforge::predictor::Predictor::start(
-        vitforge::predictor::PredictorConfig {
-            max_batch_size: 1,
-            max_batch_delay: Duration::ZERO,
-            max_concurrent_requests: 1,
-            max_loaded_models: 1,
-            max_queue_wait: None,
-            memory: vitforge::budget::MemoryBudget::new(1 << 20),
-            precision: vitforge::model::Precision::F32,
-        },
-        candle_core::Device::Cpu,
-        std::sync::Arc::new(vitforge::telemetry::ServiceMetrics::new()),
-    );
-    let registry = vitforge::registry::ModelRegistry::new(db.clone(), paths.clone(), objects.clone(), predictor, false);
+    let registry = registry_on(db, &paths, &objects);
 
     // A job that ended, one that runs (elsewhere), and a registered model.
     let dataset = app.upload_pets(2, false).await;
@@ -402,6 +389,7 @@ async fn leftovers_in_the_object_store_are_swept_once_left_alone() {
     let gone = "01a00000-0000-7000-8000-00000000dead";
     for key in [
         "models/kept/config.json".to_string(),
+        "models/in-flight/model.safetensors".into(),
         "models/unfinished/config.json".into(),
         "models/unfinished/model.safetensors".into(),
         format!("jobs/{}/run-1/epoch-1/state.json", ended.id),
@@ -422,7 +410,9 @@ async fn leftovers_in_the_object_store_are_swept_once_left_alone() {
     assert_eq!(vitforge::worker::remove_ended_job_folders(db, &objects, &paths, hour).await.unwrap(), Vec::<std::path::PathBuf>::new());
     assert!(stored("models/unfinished".into()).await && stored(format!("jobs/{gone}")).await);
 
-    // Past it (a grace of zero here): the leftovers go, here and in the store.
+    // Past it (a grace of zero here): the leftovers go, here and in the store; not a model this
+    // process is registering.
+    let in_flight = registry.registering("in-flight");
     let mut removed = registry.remove_unregistered(Duration::ZERO).await.unwrap();
     removed.sort();
     assert_eq!(removed, vec![paths.model("only-here"), paths.model("unfinished")]);
@@ -435,5 +425,49 @@ async fn leftovers_in_the_object_store_are_swept_once_left_alone() {
     assert!(!stored(format!("jobs/{}", ended.id)).await && !stored(format!("jobs/{gone}")).await);
     assert!(stored("models/kept".into()).await, "the registered model stays");
     assert!(stored(format!("jobs/{}", running.id)).await, "the running job's checkpoints stay");
+    assert!(stored("models/in-flight".into()).await, "the model being registered stays");
     assert!(registry.remove_unregistered(Duration::ZERO).await.unwrap().is_empty(), "nothing more");
+    // Had its registration ended without a row, its folder would be a leftover like the others.
+    drop(in_flight);
+    assert_eq!(registry.remove_unregistered(Duration::ZERO).await.unwrap(), vec![paths.model("in-flight")]);
+    assert!(!stored("models/in-flight".into()).await);
+}
+
+/// A model registry on `db`, `paths` and `objects`, with a predictor that serves nothing.
+fn registry_on(db: &vitforge::db::Pool, paths: &vitforge::paths::DataPaths, objects: &vitforge::objects::Objects) -> vitforge::registry::ModelRegistry {
+    let predictor = vitforge::predictor::Predictor::start(
+        vitforge::predictor::PredictorConfig {
+            max_batch_size: 1,
+            max_batch_delay: Duration::ZERO,
+            max_concurrent_requests: 1,
+            max_loaded_models: 1,
+            max_queue_wait: None,
+            memory: vitforge::budget::MemoryBudget::new(1 << 20),
+            precision: vitforge::model::Precision::F32,
+        },
+        candle_core::Device::Cpu,
+        std::sync::Arc::new(vitforge::telemetry::ServiceMetrics::new()),
+    );
+    vitforge::registry::ModelRegistry::new(db.clone(), paths.clone(), objects.clone(), predictor, false)
+}
+
+/// Without an object store too, the sweep of unregistered model folders leaves alone the folder
+/// of a model this process is registering, however old it is, and takes it once that ends.
+#[tokio::test]
+async fn a_model_being_registered_is_not_swept_however_long_it_takes() {
+    let app = crate::helpers::spawn_app_with(|c| c.role = vitforge::config::Role::Api).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let paths = vitforge::paths::DataPaths::new(tmp.path());
+    let objects = vitforge::objects::Objects::local(paths.clone()).unwrap();
+    let registry = registry_on(&app.db, &paths, &objects);
+    for name in ["in-flight", "leftover"] {
+        std::fs::create_dir_all(paths.model(name)).unwrap();
+        std::fs::write(paths.model(name).join("config.json"), "{}").unwrap();
+    }
+    let in_flight = registry.registering("in-flight");
+    assert_eq!(registry.remove_unregistered(Duration::ZERO).await.unwrap(), vec![paths.model("leftover")]);
+    assert!(paths.model("in-flight").join("config.json").is_file());
+    drop(in_flight);
+    assert_eq!(registry.remove_unregistered(Duration::ZERO).await.unwrap(), vec![paths.model("in-flight")]);
+    assert!(!paths.model("in-flight").exists());
 }
