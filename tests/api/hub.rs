@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use crate::cluster::wait_for;
 use crate::fixtures::{class_images, zip};
 use crate::support::hub::FakeHub;
-use crate::support::{Launch, slow_config};
+use crate::support::{ChildServer, Launch, slow_config};
 
 /// A job on a hub model that is not cached downloads its weights into the hub cache, and its
 /// `loading` phase follows the download in bytes (live events, with the file's size as the total);
@@ -17,23 +17,8 @@ use crate::support::{Launch, slow_config};
 #[tokio::test]
 async fn a_job_on_a_hub_model_shows_its_download_and_the_next_one_uses_the_cache() {
     let tmp = tempfile::tempdir().unwrap();
-    let repo = tmp.path().join("repo");
-    let labels = ["cat".to_string(), "dog".to_string()];
-    vitforge::model::LoadedModel::random(&slow_config(), &labels, 1, &candle_core::Device::Cpu).unwrap().save(&repo).unwrap();
-    let size = std::fs::metadata(repo.join("model.safetensors")).unwrap().len();
+    let Served { hub, app, request, size } = serve_a_hub_model(tmp.path(), 8, Duration::from_millis(250)).await;
     assert!(size > 8 * (64 << 10), "the weights are large enough for progress in between: {size} bytes");
-    let hub = FakeHub::serve("acme/tiny-vit", &repo, 8, Duration::from_millis(250));
-    let app = Launch::new(&tmp.path().join("data"))
-        .env("HF_ENDPOINT", &hub.url)
-        .env("HF_HOME", tmp.path().join("hf"))
-        .env("HF_HUB_OFFLINE", "0")
-        .start();
-    let form = reqwest::multipart::Form::new()
-        .part("file", reqwest::multipart::Part::bytes(zip(&class_images("", &["cat", "dog"], 6, 3))).file_name("pets.zip"));
-    let resp = app.client.post(app.url("/datasets")).multipart(form).send().await.unwrap();
-    assert_eq!(resp.status(), 201);
-    let dataset: Value = resp.json().await.unwrap();
-    let request = json!({"dataset_id": dataset["id"], "base_model": "acme/tiny-vit", "params": {"epochs": 1, "batch_size": 4}});
     let submit = || app.post_json("/jobs", &request);
 
     let job = submit().await;
@@ -73,18 +58,9 @@ async fn a_job_on_a_hub_model_shows_its_download_and_the_next_one_uses_the_cache
 #[tokio::test]
 async fn a_cancel_stops_a_hub_download_and_the_next_job_resumes_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let repo = tmp.path().join("repo");
-    let labels = ["cat".to_string(), "dog".to_string()];
-    vitforge::model::LoadedModel::random(&slow_config(), &labels, 1, &candle_core::Device::Cpu).unwrap().save(&repo).unwrap();
-    let size = std::fs::metadata(repo.join("model.safetensors")).unwrap().len();
     // 30 pieces 200 ms apart: six seconds for the whole file.
-    let hub = FakeHub::serve("acme/tiny-vit", &repo, 30, Duration::from_millis(200));
+    let Served { hub, app, request, size } = serve_a_hub_model(tmp.path(), 30, Duration::from_millis(200)).await;
     let hf = tmp.path().join("hf");
-    let app = Launch::new(&tmp.path().join("data")).env("HF_ENDPOINT", &hub.url).env("HF_HOME", &hf).env("HF_HUB_OFFLINE", "0").start();
-    let form = reqwest::multipart::Form::new()
-        .part("file", reqwest::multipart::Part::bytes(zip(&class_images("", &["cat", "dog"], 6, 3))).file_name("pets.zip"));
-    let dataset: Value = app.client.post(app.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
-    let request = json!({"dataset_id": dataset["id"], "base_model": "acme/tiny-vit", "params": {"epochs": 1, "batch_size": 4}});
 
     let job = app.post_json("/jobs", &request).await;
     let id = job["id"].as_str().unwrap();
@@ -114,4 +90,33 @@ async fn a_cancel_stops_a_hub_download_and_the_next_job_resumes_it() {
     let requests = hub.requests_for("model.safetensors");
     assert_eq!(requests.last().map(String::as_str), Some(format!("model.safetensors {kept}-").as_str()), "resumed from byte {kept}: {requests:?}");
     assert!(blobs().iter().any(|&(ref name, len)| len == size && !name.ends_with(".part")), "{:?}", blobs());
+}
+
+/// What [`serve_a_hub_model`] started.
+struct Served {
+    hub: FakeHub,
+    app: ChildServer,
+    /// A job request on the hub model, for a dataset of cats and dogs.
+    request: Value,
+    /// Bytes of the model's weights.
+    size: u64,
+}
+
+/// A random model (the larger test configuration) served by a stand-in hub as `acme/tiny-vit`,
+/// weights in `pieces` parts `pause` apart; the service started on `root/data` with the hub cache
+/// in `root/hf`, and a dataset uploaded.
+async fn serve_a_hub_model(root: &std::path::Path, pieces: usize, pause: Duration) -> Served {
+    let repo = root.join("repo");
+    let labels = ["cat".to_string(), "dog".to_string()];
+    vitforge::model::LoadedModel::random(&slow_config(), &labels, 1, &candle_core::Device::Cpu).unwrap().save(&repo).unwrap();
+    let size = std::fs::metadata(repo.join("model.safetensors")).unwrap().len();
+    let hub = FakeHub::serve("acme/tiny-vit", &repo, pieces, pause);
+    let app = Launch::new(&root.join("data")).env("HF_ENDPOINT", &hub.url).env("HF_HOME", root.join("hf")).env("HF_HUB_OFFLINE", "0").start();
+    let form = reqwest::multipart::Form::new()
+        .part("file", reqwest::multipart::Part::bytes(zip(&class_images("", &["cat", "dog"], 6, 3))).file_name("pets.zip"));
+    let resp = app.client.post(app.url("/datasets")).multipart(form).send().await.unwrap();
+    assert_eq!(resp.status(), 201);
+    let dataset: Value = resp.json().await.unwrap();
+    let request = json!({"dataset_id": dataset["id"], "base_model": "acme/tiny-vit", "params": {"epochs": 1, "batch_size": 4}});
+    Served { hub, app, request, size }
 }
