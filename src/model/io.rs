@@ -166,7 +166,8 @@ fn hub_offline() -> bool {
 }
 
 /// What follows a hub download ([`ModelSource::resolve`]): called with the bytes received and
-/// the file's size; `Break` stops the download.
+/// the file's size, and with `(0, 0)` while it waits for another download of the same file to
+/// end; `Break` stops the download (or the wait).
 pub type OnDownload<'a> = dyn FnMut(u64, u64) -> ControlFlow<()> + 'a;
 
 /// Bytes received of a download, for a callback: reported when at least a 200th of the file
@@ -219,6 +220,24 @@ fn stoppable<T>(download: impl FnOnce() -> Result<T>) -> Result<T> {
     }
 }
 
+/// Waits until no download holds the lock file `lock` (hf-hub's, an exclusive `flock`, which
+/// ends with its process), calling `on_download(0, 0)` every quarter second so the caller can
+/// stop the wait.
+fn wait_for_lock(lock: &Path, on_download: &mut OnDownload) -> Result<()> {
+    let file = fs::File::open(lock)?;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file.unlock()?),
+            Err(fs::TryLockError::WouldBlock) => {}
+            Err(fs::TryLockError::Error(e)) => return Err(e.into()),
+        }
+        if on_download(0, 0).is_break() {
+            return Err(ModelError::Stopped);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
 fn fetch_from_hub(id: &str, on_download: &mut OnDownload) -> Result<ModelFiles> {
     let cache = hf_hub::Cache::from_env();
     let cached = cache.model(id.to_string());
@@ -262,11 +281,19 @@ fn fetch_from_hub(id: &str, on_download: &mut OnDownload) -> Result<ModelFiles> 
     // A config vitforge cannot load is refused before its weights are downloaded.
     VitConfig::from_json(&fs::read_to_string(&config)?)?;
     // The weights (the large files) are the downloads whose progress is followed, file by file.
-    let mut weights_file = |file: &str| match cached.get(file) {
-        Some(path) => Ok(path),
-        None => stoppable(|| {
-            repo.download_with_progress(file, Received { done: 0, total: 0, reported: 0, report: &mut *on_download }).map_err(|e| failed(file, e))
-        }),
+    let mut weights_file = |file: &str| loop {
+        if let Some(path) = cached.get(file) {
+            return Ok(path);
+        }
+        let received = Received { done: 0, total: 0, reported: 0, report: &mut *on_download };
+        match stoppable(|| Ok(repo.download_with_progress(file, received)))? {
+            Ok(path) => return Ok(path),
+            // Another download of the file (another job's, another process's) holds its lock,
+            // and hf-hub gave up after five seconds: wait for that one to end, then take the
+            // file from the cache, or resume what it left.
+            Err(hf_hub::api::sync::ApiError::LockAcquisition(lock)) => wait_for_lock(&lock, &mut *on_download)?,
+            Err(e) => return Err(failed(file, e)),
+        }
     };
     let weights = match weights_file(WEIGHTS_FILE) {
         Ok(single) => vec![single],

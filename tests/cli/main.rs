@@ -690,6 +690,46 @@ fn ctrl_c_stops_a_hub_download_and_the_next_run_resumes_it() {
     assert!(tmp.path().join("model/model.safetensors").is_file());
 }
 
+/// Two processes that need the same hub model at once download it once: the second waits for
+/// the first's download (whose lock hf-hub gives up on after five seconds) and takes the file
+/// from the cache, instead of failing.
+#[test]
+fn two_processes_wait_for_one_download_of_a_hub_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_string_lossy().into_owned();
+    hub_repo_of(tmp.path(), support::SLOW_CONFIG);
+    // 40 pieces 250 ms apart: ten seconds for the whole file, twice hf-hub's wait for a lock.
+    let hub = support::hub::FakeHub::serve("acme/slow-vit", &tmp.path().join("repo"), 40, std::time::Duration::from_millis(250));
+    write_dataset(&tmp.path().join("data"), 1);
+    let predict = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vitforge"));
+        cmd.args(["predict", "--model", "acme/slow-vit", &t("data/top/0.png")])
+            .env("RUST_LOG", "warn")
+            .envs([("HF_ENDPOINT", hub.url.as_str()), ("HF_HOME", &t("hf")), ("HF_HUB_OFFLINE", "0")])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    let blobs = tmp.path().join("hf/hub/models--acme--slow-vit/blobs");
+    let downloading = || std::fs::read_dir(&blobs).into_iter().flatten().flatten().any(|e| e.file_name().to_string_lossy().ends_with(".part"));
+
+    let first = predict();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !downloading() {
+        assert!(std::time::Instant::now() < deadline, "no download under way within a minute");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let second = predict();
+    for (which, child) in [("first", first), ("second", second)] {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{which}: {}", String::from_utf8_lossy(&out.stderr));
+        let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(answer["predictions"].as_array().map(Vec::len), Some(1), "{which}: {answer}");
+    }
+    let downloads: Vec<String> = hub.requests_for("model.safetensors").into_iter().filter(|r| !r.ends_with(" 0-0")).collect();
+    assert_eq!(downloads, ["model.safetensors 0-"], "the file was sent once");
+}
+
 /// A gated or private hub model: without a token the error says to set `HF_TOKEN`; with it in
 /// `HF_TOKEN` the model downloads (the token file of `huggingface-cli login` is not needed).
 #[test]
