@@ -220,6 +220,9 @@ fn stoppable<T>(download: impl FnOnce() -> Result<T>) -> Result<T> {
     }
 }
 
+/// Times a download of the hub whose connection failed mid-file is resumed before it fails.
+const HUB_RETRIES: usize = 5;
+
 /// Waits until no download holds the lock file `lock` (hf-hub's, an exclusive `flock`, which
 /// ends with its process), calling `on_download(0, 0)` every quarter second so the caller can
 /// stop the wait.
@@ -261,7 +264,9 @@ fn fetch_from_hub(id: &str, on_download: &mut OnDownload) -> Result<ModelFiles> 
             cache.path().display()
         )));
     }
-    let mut builder = hf_hub::api::sync::ApiBuilder::from_env().with_progress(false);
+    // A connection lost mid-file is tried again (after 0.3, 0.6, 1.2, 2.4 and 4.8 s), from the
+    // byte it reached, rather than failing the job that needs the model.
+    let mut builder = hf_hub::api::sync::ApiBuilder::from_env().with_progress(false).with_retries(HUB_RETRIES);
     // `hf-hub` reads only the token file `huggingface-cli login` writes; the variable that the
     // hub's own tools and containers use goes first, as there.
     if let Some(token) = hub_token() {

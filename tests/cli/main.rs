@@ -730,6 +730,26 @@ fn two_processes_wait_for_one_download_of_a_hub_model() {
     assert_eq!(downloads, ["model.safetensors 0-"], "the file was sent once");
 }
 
+/// A connection to the hub lost in the middle of the weights is resumed from the byte it
+/// reached (a range request), and the model loads, instead of the command failing.
+#[test]
+fn a_download_cut_short_resumes_where_it_stopped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_string_lossy().into_owned();
+    hub_repo_of(tmp.path(), support::SLOW_CONFIG);
+    let hub = support::hub::FakeHub::serve_cutting_once("acme/slow-vit", &tmp.path().join("repo"), 8, std::time::Duration::from_millis(20), 3);
+    write_dataset(&tmp.path().join("data"), 1);
+    let env = [("HF_ENDPOINT", hub.url.as_str()), ("HF_HOME", &t("hf")), ("HF_HUB_OFFLINE", "0")];
+    let (ok, out, err) = vitforge_with(&["predict", "--model", "acme/slow-vit", &t("data/top/0.png")], &env);
+    assert!(ok, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["predictions"].as_array().map(Vec::len), Some(1));
+    let requests = hub.requests_for("model.safetensors");
+    let [size, whole, rest] = &requests[..] else { panic!("its size, the file, then the rest: {requests:?}") };
+    assert_eq!((size.as_str(), whole.as_str()), ("model.safetensors 0-0", "model.safetensors 0-"));
+    let from: u64 = rest.strip_prefix("model.safetensors ").and_then(|r| r.strip_suffix('-')).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(from > 0, "resumed from where the first stopped: {requests:?}");
+}
+
 /// A gated or private hub model: without a token the error says to set `HF_TOKEN`; with it in
 /// `HF_TOKEN` the model downloads (the token file of `huggingface-cli login` is not needed).
 #[test]

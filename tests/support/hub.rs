@@ -30,15 +30,26 @@ impl FakeHub {
     /// [`FakeHub::serve`], answering 401 to a request without `Authorization: Bearer <token>`
     /// when there is a `token` (a gated or private model).
     pub fn serve_private(repo: &str, dir: &Path, token: Option<&str>, pieces: usize, pause: Duration) -> Self {
+        Self::start(repo, dir, token, Pacing { pieces, pause, cut_once_after: None })
+    }
+
+    /// [`FakeHub::serve`], but the first time it sends the weights it closes the connection
+    /// after `after` of the pieces, as a network failing mid-download does.
+    pub fn serve_cutting_once(repo: &str, dir: &Path, pieces: usize, pause: Duration, after: usize) -> Self {
+        Self::start(repo, dir, None, Pacing { pieces, pause, cut_once_after: Some(after) })
+    }
+
+    fn start(repo: &str, dir: &Path, token: Option<&str>, pacing: Pacing) -> Self {
         let bearer = token.map(|t| format!("Bearer {t}"));
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(Mutex::new(Vec::new()));
         let (prefix, dir, seen) = (format!("/{repo}/resolve/"), dir.to_path_buf(), requests.clone());
+        let cut = Arc::new(Mutex::new(pacing.cut_once_after));
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (prefix, dir, seen, bearer) = (prefix.clone(), dir.clone(), seen.clone(), bearer.clone());
-                std::thread::spawn(move || answer(stream, &prefix, &dir, &seen, bearer.as_deref(), pieces, pause));
+                let (prefix, dir, seen, bearer, cut) = (prefix.clone(), dir.clone(), seen.clone(), bearer.clone(), cut.clone());
+                std::thread::spawn(move || answer(stream, &prefix, &dir, &seen, bearer.as_deref(), &pacing, &cut));
             }
         });
         FakeHub { url, requests }
@@ -50,8 +61,18 @@ impl FakeHub {
     }
 }
 
+/// How the weights are sent.
+#[derive(Clone, Copy)]
+struct Pacing {
+    pieces: usize,
+    pause: Duration,
+    /// Closes the first sending of the weights after this many pieces.
+    cut_once_after: Option<usize>,
+}
+
 /// Answers one request (and closes the connection).
-fn answer(mut stream: TcpStream, prefix: &str, dir: &Path, seen: &Mutex<Vec<String>>, bearer: Option<&str>, pieces: usize, pause: Duration) {
+fn answer(mut stream: TcpStream, prefix: &str, dir: &Path, seen: &Mutex<Vec<String>>, bearer: Option<&str>, pacing: &Pacing, cut: &Mutex<Option<usize>>) {
+    let Pacing { pieces, pause, .. } = *pacing;
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
@@ -100,7 +121,13 @@ fn answer(mut stream: TcpStream, prefix: &str, dir: &Path, seen: &Mutex<Vec<Stri
     let body = &bytes[start..end];
     let paced = file == "model.safetensors" && body.len() > 1;
     let size = if paced { body.len().div_ceil(pieces.max(1)) } else { body.len().max(1) };
+    let cut_after = if paced { cut.lock().unwrap().take() } else { None };
     for (i, piece) in body.chunks(size).enumerate() {
+        if cut_after == Some(i) {
+            // Cut short: the client has fewer bytes than the length it was told.
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            return;
+        }
         if paced && i > 0 {
             std::thread::sleep(pause);
         }
