@@ -218,7 +218,7 @@ fn bar(len: u64, template: &str) -> ProgressBar {
 fn load_showing_download(source: &ModelSource, device: &Device) -> Result<LoadedModel, crate::model::ModelError> {
     let mut pb: Option<ProgressBar> = None;
     let mut downloaded = |done: u64, total: u64| {
-        // (0, 0): waiting for another download of the same file, whose bar is elsewhere.
+        // (0, 0): nothing to count yet (or waiting for another download of the same file).
         if total > 0 {
             let pb = pb.get_or_insert_with(|| bar(total, "{spinner} downloading [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}) eta {eta}"));
             pb.set_position(done);
@@ -448,13 +448,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     pb.set_prefix(Phase::Loading.as_str());
     // A hub model not cached yet: its download on the bar, in MiB.
     let mut downloaded = |done: u64, total: u64| {
-        // (0, 0): waiting for another download of the same file.
+        // (0, 0): nothing to count yet (or waiting for another download of the same file).
         if total > 0 {
             pb.set_length(total >> 20);
             pb.set_position(done >> 20);
             pb.set_message("MiB downloaded");
-        } else {
-            pb.set_message("waiting for another download of the model");
         }
         // Ctrl-C stops the download too (what came in is kept for the next run to resume).
         if cancel.load(Ordering::SeqCst) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }

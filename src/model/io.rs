@@ -7,6 +7,10 @@ use std::fs;
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 
@@ -166,8 +170,9 @@ fn hub_offline() -> bool {
 }
 
 /// What follows a hub download ([`ModelSource::resolve`]): called with the bytes received and
-/// the file's size, and with `(0, 0)` while it waits for another download of the same file to
-/// end; `Break` stops the download (or the wait).
+/// the file's size, again with the same figures at least every quarter second when nothing new
+/// came in, and with `(0, 0)` while there is nothing to count yet (the download has not begun,
+/// or waits for another download of the same file to end); `Break` stops it.
 pub type OnDownload<'a> = dyn FnMut(u64, u64) -> ControlFlow<()> + 'a;
 
 /// Bytes received of a download, for a callback: reported when at least a 200th of the file
@@ -237,7 +242,7 @@ fn wait_for_lock(lock: &Path, on_download: &mut OnDownload) -> Result<()> {
         if on_download(0, 0).is_break() {
             return Err(ModelError::Stopped);
         }
-        std::thread::sleep(std::time::Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
@@ -264,6 +269,43 @@ fn fetch_from_hub(id: &str, on_download: &mut OnDownload) -> Result<ModelFiles> 
             cache.path().display()
         )));
     }
+    // The network part runs on a thread of its own: hf-hub sets no timeouts on its connections,
+    // so one that stalls without closing blocks a read for as long as it lasts, and the caller
+    // must still be able to stop. Progress comes over a channel, the caller is asked at least
+    // every quarter second, and its `Break` returns at once (the thread then stops at its next
+    // read, or when the connection dies).
+    let (sent, progress) = mpsc::channel::<(u64, u64)>();
+    let stop = Arc::new(AtomicBool::new(false));
+    let download = {
+        let (id, how_to, stop) = (id.to_string(), how_to.clone(), stop.clone());
+        std::thread::Builder::new().name("hub-download".into()).spawn(move || {
+            download_from_hub(&id, &how_to, &mut |done, total| {
+                let _ = sent.send((done, total));
+                if stop.load(Ordering::Relaxed) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+            })
+        })?
+    };
+    let mut last = (0, 0);
+    loop {
+        let asked = match progress.recv_timeout(Duration::from_millis(250)) {
+            Ok(now) => {
+                last = now;
+                on_download(now.0, now.1)
+            }
+            Err(RecvTimeoutError::Timeout) => on_download(last.0, last.1),
+            Err(RecvTimeoutError::Disconnected) => return download.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+        };
+        if asked.is_break() {
+            stop.store(true, Ordering::Relaxed);
+            return Err(ModelError::Stopped);
+        }
+    }
+}
+
+/// [`fetch_from_hub`]'s network part: the config, then the weights (one file or the shards an
+/// index names) with their progress.
+fn download_from_hub(id: &str, how_to: &str, on_download: &mut OnDownload) -> Result<ModelFiles> {
+    let cached = hf_hub::Cache::from_env().model(id.to_string());
     // A connection lost mid-file is tried again (after 0.3, 0.6, 1.2, 2.4 and 4.8 s), from the
     // byte it reached, rather than failing the job that needs the model.
     let mut builder = hf_hub::api::sync::ApiBuilder::from_env().with_progress(false).with_retries(HUB_RETRIES);

@@ -118,7 +118,7 @@ pub(super) async fn run_job(
                 // A hub model not cached yet: its download in bytes, stopped by a cancel (or by
                 // this process stopping) rather than finished first.
                 let mut downloaded = |done: u64, total: u64| {
-                    // (0, 0): waiting for another download of the file; still `loading 0/1`.
+                    // (0, 0): nothing to count yet; still `loading 0/1`.
                     if total > 0 {
                         on_event(TrainEvent::Phase { phase: Phase::Loading, done, total });
                     }
