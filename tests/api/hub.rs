@@ -129,7 +129,7 @@ async fn serve_a_hub_model(root: &std::path::Path, pieces: usize, pause: Duratio
     vitforge::model::LoadedModel::random(&slow_config(), &labels, 1, &candle_core::Device::Cpu).unwrap().save(&repo).unwrap();
     let size = std::fs::metadata(repo.join("model.safetensors")).unwrap().len();
     let hub = FakeHub::serve("acme/tiny-vit", &repo, pieces, pause);
-    let app = Launch::new(&root.join("data")).env("HF_ENDPOINT", &hub.url).env("HF_HOME", root.join("hf")).env("HF_HUB_OFFLINE", "0").start();
+    let app = Launch::new(&root.join("data")).envs(hub.env(&root.join("hf"))).start();
     let form = reqwest::multipart::Form::new()
         .part("file", reqwest::multipart::Part::bytes(zip(&class_images("", &["cat", "dog"], 6, 3))).file_name("pets.zip"));
     let resp = app.client.post(app.url("/datasets")).multipart(form).send().await.unwrap();

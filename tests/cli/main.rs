@@ -10,14 +10,14 @@ use serde_json::Value;
 mod support;
 
 fn vitforge(args: &[&str]) -> (bool, String, String) {
-    vitforge_with(args, &[])
+    vitforge_with::<&str, &str>(args, &[])
 }
 
-fn vitforge_with(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+fn vitforge_with<K: AsRef<std::ffi::OsStr>, V: AsRef<std::ffi::OsStr>>(args: &[&str], env: &[(K, V)]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_vitforge"))
         .args(args)
         .env("RUST_LOG", "warn")
-        .envs(env.iter().copied())
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .expect("run vitforge");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
@@ -202,7 +202,7 @@ fn every_kernel_level_passes_the_golden_files_and_bench_names_it() {
         }
     }
     // AMX needs the OS's grant as well as the CPU's flags: the binary's own detection decides.
-    let (ok, out, err) = vitforge_with(&["bench", "--config", "tiny", "--mode", "infer", "--iters", "1", "--warmup", "0"], &[]);
+    let (ok, out, err) = vitforge(&["bench", "--config", "tiny", "--mode", "infer", "--iters", "1", "--warmup", "0"]);
     assert!(ok, "{err}");
     let line: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
     if line["cpu_isa"] == "amx" {
@@ -605,6 +605,24 @@ fn hub_repo_of(root: &Path, config: &str) {
     assert!(ok, "{err}");
 }
 
+/// The bytes of the partial download (hf-hub's `.part` file) of hub model `repo`'s weights in
+/// the hub cache `hf_home`, when there is one.
+fn partial_download(hf_home: &Path, repo: &str) -> Option<u64> {
+    let blobs = hf_home.join(format!("hub/models--{}/blobs", repo.replace('/', "--")));
+    std::fs::read_dir(blobs).ok()?.flatten().find(|e| e.file_name().to_string_lossy().ends_with(".part")).map(|e| e.metadata().unwrap().len())
+}
+
+/// Waits, a minute at most, until `child`'s download of hub model `repo` into `hf_home` has
+/// received bytes.
+fn wait_for_download(hf_home: &Path, repo: &str, child: &mut std::process::Child) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while partial_download(hf_home, repo).is_none_or(|len| len == 0) {
+        assert!(std::time::Instant::now() < deadline, "no download under way within a minute");
+        assert!(child.try_wait().unwrap().is_none(), "the command ended before its download began");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// `train --base-model owner/name` downloads the model from the hub (`HF_ENDPOINT`, a stand-in
 /// here) into the hub cache (`HF_HOME`), then trains; `predict` then finds it in the cache with
 /// the hub out of reach (`HF_HUB_OFFLINE=1`), and a model the hub lacks is an error naming it.
@@ -615,7 +633,7 @@ fn a_hub_base_model_is_downloaded_into_the_cache_once() {
     hub_repo(tmp.path());
     let hub = support::hub::FakeHub::serve("acme/tiny-vit", &tmp.path().join("repo"), 4, std::time::Duration::from_millis(20));
     let hf_home = t("hf");
-    let online = [("HF_ENDPOINT", hub.url.as_str()), ("HF_HOME", hf_home.as_str()), ("HF_HUB_OFFLINE", "0")];
+    let online = hub.env(Path::new(&hf_home));
     write_dataset(&tmp.path().join("data"), 6);
     let (ok, out, err) = vitforge_with(
         &["train", "--data", &t("data"), "--base-model", "acme/tiny-vit", "--output", &t("model"), "--epochs", "1", "--batch-size", "4"],
@@ -653,33 +671,24 @@ fn ctrl_c_stops_a_hub_download_and_the_next_run_resumes_it() {
     // 30 pieces 200 ms apart: six seconds for the whole file.
     let hub = support::hub::FakeHub::serve("acme/slow-vit", &tmp.path().join("repo"), 30, std::time::Duration::from_millis(200));
     write_dataset(&tmp.path().join("data"), 4);
+    let hf_home = tmp.path().join("hf");
     let run = || {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vitforge"));
         cmd.args(["train", "--data", &t("data"), "--base-model", "acme/slow-vit", "--output", &t("model"), "--epochs", "1", "--batch-size", "4"])
             .env("RUST_LOG", "warn")
-            .envs([("HF_ENDPOINT", hub.url.as_str()), ("HF_HOME", &t("hf")), ("HF_HUB_OFFLINE", "0")]);
+            .envs(hub.env(&hf_home));
         cmd
-    };
-    // The partial file of the download in the hub cache, and its length.
-    let blobs = tmp.path().join("hf/hub/models--acme--slow-vit/blobs");
-    let partial = || -> Option<u64> {
-        std::fs::read_dir(&blobs).ok()?.flatten().find(|e| e.file_name().to_string_lossy().ends_with(".part")).map(|e| e.metadata().unwrap().len())
     };
 
     let mut child = run().stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while partial().is_none_or(|len| len == 0) {
-        assert!(std::time::Instant::now() < deadline, "no download under way within a minute");
-        assert!(child.try_wait().unwrap().is_none(), "train ended before its download began");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    wait_for_download(&hf_home, "acme/slow-vit", &mut child);
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("interrupted while downloading acme/slow-vit") && err.contains("resumes"), "{err}");
-    let kept = partial().expect("the partial download is kept");
+    let kept = partial_download(&hf_home, "acme/slow-vit").expect("the partial download is kept");
     assert!(kept > 0 && kept < size, "{kept} of {size} bytes");
     assert!(!tmp.path().join("model").exists());
 
@@ -701,24 +710,19 @@ fn two_processes_wait_for_one_download_of_a_hub_model() {
     // 40 pieces 250 ms apart: ten seconds for the whole file, twice hf-hub's wait for a lock.
     let hub = support::hub::FakeHub::serve("acme/slow-vit", &tmp.path().join("repo"), 40, std::time::Duration::from_millis(250));
     write_dataset(&tmp.path().join("data"), 1);
+    let hf_home = tmp.path().join("hf");
     let predict = || {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vitforge"));
         cmd.args(["predict", "--model", "acme/slow-vit", &t("data/top/0.png")])
             .env("RUST_LOG", "warn")
-            .envs([("HF_ENDPOINT", hub.url.as_str()), ("HF_HOME", &t("hf")), ("HF_HUB_OFFLINE", "0")])
+            .envs(hub.env(&hf_home))
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         cmd.spawn().unwrap()
     };
-    let blobs = tmp.path().join("hf/hub/models--acme--slow-vit/blobs");
-    let downloading = || std::fs::read_dir(&blobs).into_iter().flatten().flatten().any(|e| e.file_name().to_string_lossy().ends_with(".part"));
 
-    let first = predict();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !downloading() {
-        assert!(std::time::Instant::now() < deadline, "no download under way within a minute");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let mut first = predict();
+    wait_for_download(&hf_home, "acme/slow-vit", &mut first);
     let second = predict();
     for (which, child) in [("first", first), ("second", second)] {
         let out = child.wait_with_output().unwrap();
@@ -739,8 +743,7 @@ fn a_download_cut_short_resumes_where_it_stopped() {
     hub_repo_of(tmp.path(), support::SLOW_CONFIG);
     let hub = support::hub::FakeHub::serve_cutting_once("acme/slow-vit", &tmp.path().join("repo"), 8, std::time::Duration::from_millis(20), 3);
     write_dataset(&tmp.path().join("data"), 1);
-    let env = [("HF_ENDPOINT", hub.url.as_str()), ("HF_HOME", &t("hf")), ("HF_HUB_OFFLINE", "0")];
-    let (ok, out, err) = vitforge_with(&["predict", "--model", "acme/slow-vit", &t("data/top/0.png")], &env);
+    let (ok, out, err) = vitforge_with(&["predict", "--model", "acme/slow-vit", &t("data/top/0.png")], &hub.env(&tmp.path().join("hf")));
     assert!(ok, "{err}");
     assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["predictions"].as_array().map(Vec::len), Some(1));
     let requests = hub.requests_for("model.safetensors");
@@ -759,11 +762,9 @@ fn a_private_hub_model_needs_its_token_in_hf_token() {
     hub_repo(tmp.path());
     let hub = support::hub::FakeHub::serve_private("acme/private-vit", &tmp.path().join("repo"), Some("hf_secret"), 1, std::time::Duration::ZERO);
     write_dataset(&tmp.path().join("data"), 2);
-    let hf_home = t("hf");
-    let env = |token: &'static str| [("HF_ENDPOINT", hub.url.clone()), ("HF_HOME", hf_home.clone()), ("HF_HUB_OFFLINE", "0".into()), ("HF_TOKEN", token.into())];
-    let predict = |token: &'static str| {
-        let env = env(token);
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let predict = |token: &str| {
+        let mut env = hub.env(&tmp.path().join("hf"));
+        env.push(("HF_TOKEN".into(), token.into()));
         vitforge_with(&["predict", "--model", "acme/private-vit", &t("data/top/0.png")], &env)
     };
     let (ok, _, err) = predict("");
@@ -817,7 +818,7 @@ fn a_sharded_checkpoint_loads_from_a_folder_and_from_the_hub() {
 
     let hub = support::hub::FakeHub::serve("acme/sharded-vit", &tmp.path().join("repo"), 1, std::time::Duration::ZERO);
     let hf_home = t("hf");
-    let online = [("HF_ENDPOINT", hub.url.as_str()), ("HF_HOME", hf_home.as_str()), ("HF_HUB_OFFLINE", "0")];
+    let online = hub.env(Path::new(&hf_home));
     let (ok, out, err) = vitforge_with(&["predict", "--model", "acme/sharded-vit", &image], &online);
     assert!(ok, "{err}");
     assert_eq!(scores(&out), scores(&whole));

@@ -55,6 +55,13 @@ impl FakeHub {
         FakeHub { url, requests }
     }
 
+    /// The environment that sends hf-hub to this stand-in, online, with its cache in `hf_home`.
+    pub fn env(&self, hf_home: &Path) -> Vec<(String, String)> {
+        [("HF_ENDPOINT", self.url.clone()), ("HF_HOME", hf_home.to_string_lossy().into_owned()), ("HF_HUB_OFFLINE", "0".into())]
+            .map(|(k, v)| (k.to_string(), v))
+            .to_vec()
+    }
+
     /// The requests for `file`, as `"<file> <range>"`.
     pub fn requests_for(&self, file: &str) -> Vec<String> {
         self.requests.lock().unwrap().iter().filter(|r| r.split(' ').next() == Some(file)).cloned().collect()
