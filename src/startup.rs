@@ -333,7 +333,7 @@ fn ingest_limits(config: &ServeConfig) -> IngestLimits {
 }
 
 /// What the job workers get: storage, the hub, the registry, and the settings of jobs.
-fn job_context(state: &AppState) -> JobContext {
+pub(crate) fn job_context(state: &AppState) -> JobContext {
     JobContext {
         db: state.db.clone(),
         paths: state.paths.clone(),

@@ -87,7 +87,7 @@ pub(super) async fn run_job(
         cache_budget: cache_budget_within(memory_limit.as_ref()),
         memory_limit,
     };
-    let (tx, mut rx) = mpsc::unbounded_channel::<TrainEvent>();
+    let (tx, rx) = mpsc::unbounded_channel::<TrainEvent>();
     let (done_tx, done_rx) = oneshot::channel();
     let device = device.clone();
     let labels = spec.data.labels.clone();
@@ -137,11 +137,30 @@ pub(super) async fn run_job(
         })
         .map_err(|e| setup(format!("cannot start the training thread: {e}")))?;
 
-    // Events arrive until the thread drops its sender; record each as it comes.
-    while let Some(event) = rx.recv().await {
-        recorder.record(event).await;
-    }
+    record_events(recorder, rx).await;
     done_rx.await.unwrap_or_else(|_| Err(JobFailure::Panic("the training thread vanished".into())))
+}
+
+/// Records events as they arrive until their sender is dropped, and progress held back by the
+/// interval once the interval has passed, should no event come by then.
+async fn record_events(recorder: &mut Recorder<'_>, mut rx: mpsc::UnboundedReceiver<TrainEvent>) {
+    loop {
+        let event = match recorder.flush_at() {
+            Some(at) => tokio::select! {
+                event = rx.recv() => event,
+                () = tokio::time::sleep_until(at.into()) => {
+                    recorder.flush().await;
+                    continue;
+                }
+            },
+            None => rx.recv().await,
+        };
+        match event {
+            Some(event) => recorder.record(event).await,
+            None => break,
+        }
+    }
+    recorder.flush().await;
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
@@ -176,7 +195,9 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Records a run's events: every step and evaluation in the database; the job's progress (epoch,
 /// step, phase) in its row and as live `progress` events, at most every [`PROGRESS_INTERVAL`]
-/// except at a change of phase and at the end of one.
+/// except at a change of phase and at the end of one. Progress held back by the interval is
+/// written when it has passed ([`Recorder::flush_at`]), so the last figures before a slow stretch
+/// show at once rather than with the next event.
 pub(super) struct Recorder<'a> {
     ctx: &'a JobContext,
     job: &'a Job,
@@ -186,6 +207,8 @@ pub(super) struct Recorder<'a> {
     progress: Progress,
     clock: PhaseClock,
     last_sent: Option<Instant>,
+    /// The live event's extra fields of progress held back by the interval, not written yet.
+    held: Option<serde_json::Value>,
     /// Blob and file name of each image file of the dataset, and the class names, to record
     /// mistakes by.
     files: HashMap<PathBuf, (String, String)>,
@@ -194,7 +217,7 @@ pub(super) struct Recorder<'a> {
 
 impl<'a> Recorder<'a> {
     pub fn new(ctx: &'a JobContext, job: &'a Job, holder: Holder) -> Self {
-        Self { ctx, job, holder, progress: job.progress.clone(), clock: PhaseClock::default(), last_sent: None, files: HashMap::new(), labels: vec![] }
+        Self { ctx, job, holder, progress: job.progress.clone(), clock: PhaseClock::default(), last_sent: None, held: None, files: HashMap::new(), labels: vec![] }
     }
 
     /// Records one event; a failure to record is logged (the run goes on).
@@ -275,17 +298,88 @@ impl<'a> Recorder<'a> {
         (p.phase, p.done, p.total, p.rate) = (Some(phase), done, total, rate.or(measured));
         let due = self.last_sent.is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL);
         if !(changed || done >= total || due) {
+            self.held = Some(extra);
             return Ok(());
         }
+        self.send(extra).await
+    }
+
+    /// When progress held back by the interval is due to be written, if any is.
+    pub fn flush_at(&self) -> Option<Instant> {
+        self.held.as_ref().and(self.last_sent).map(|t| t + PROGRESS_INTERVAL)
+    }
+
+    /// Writes and sends progress held back by the interval, if any.
+    pub async fn flush(&mut self) {
+        let Some(extra) = self.held.take() else { return };
+        if let Err(e) = self.send(extra).await {
+            tracing::error!(job = %self.job.id, error = %e, "recording a job's progress failed");
+        }
+    }
+
+    /// Writes the current progress in the job's row and sends it live, with `extra` fields.
+    async fn send(&mut self, extra: serde_json::Value) -> anyhow::Result<()> {
+        self.held = None;
         self.last_sent = Some(Instant::now());
         let (db, id, p) = (&self.ctx.db, &self.job.id, &self.progress);
+        let Some(phase) = p.phase else { return Ok(()) };
         db::jobs::set_progress(db, id, &self.holder, p.epoch, p.step).await?;
-        db::jobs::set_phase(db, id, &self.holder, phase, done, total, p.rate).await?;
+        db::jobs::set_phase(db, id, &self.holder, phase, p.done, p.total, p.rate).await?;
         let mut event = serde_json::to_value(p)?;
         if let (Some(event), Some(extra)) = (event.as_object_mut(), extra.as_object()) {
             event.extend(extra.clone());
         }
         self.ctx.hub.publish(id, JobEvent::Progress(event));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::{ImageRecord, Ingested, Split};
+    use crate::db::jobs::NewJob;
+
+    /// A running job of a one-image dataset, in a service on a fresh data folder.
+    async fn running_job(dir: &std::path::Path) -> (crate::startup::Application, JobContext, Job) {
+        let mut config = crate::config::ServeConfig::default_for(dir);
+        (config.host, config.port) = ("127.0.0.1".into(), 0);
+        let app = crate::startup::Application::build(config).await.unwrap();
+        let ctx = crate::startup::job_context(app.state());
+        let image = ImageRecord { file: "a.png".into(), label: "a".into(), split: Split::Train, blob: format!("{:064x}", 1) };
+        let ingested = Ingested { images: vec![image], rejected: vec![], rejected_total: 0, classes: vec!["a".into()] };
+        let dataset = db::datasets::insert(&ctx.db, "set", &ingested).await.unwrap();
+        let new = NewJob { dataset_id: &dataset.id, base_model: "tiny", params: &json!({}), recipe: "auto", epochs: 1, base_is_model: false };
+        db::jobs::insert(&ctx.db, &new).await.unwrap().unwrap();
+        let job = db::jobs::claim(&ctx.db, &ctx.worker_name, "cpu", Duration::from_secs(60), &[]).await.unwrap().unwrap();
+        (app, ctx, job)
+    }
+
+    /// Progress held back because it came within the interval of the last is written, and sent
+    /// live, once the interval has passed, though no event follows it.
+    #[tokio::test]
+    async fn progress_held_back_by_the_interval_is_written_once_it_has_passed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_app, ctx, job) = running_job(dir.path()).await;
+        let mut live = ctx.hub.subscribe(&job.id);
+        let mut recorder = Recorder::new(&ctx, &job, Holder::of(&ctx.worker_name, &job));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let phase = |done| TrainEvent::Phase { phase: Phase::Features, done, total: 10 };
+        let done = |job: Option<Job>| job.unwrap().progress.done;
+        let check = async {
+            tx.send(phase(1)).unwrap();
+            tx.send(phase(2)).unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(done(db::jobs::get(&ctx.db, &job.id).await.unwrap()), 1, "the first is written, the second held back");
+            tokio::time::sleep(PROGRESS_INTERVAL * 3).await;
+            assert_eq!(done(db::jobs::get(&ctx.db, &job.id).await.unwrap()), 2, "written once the interval passed");
+            drop(tx);
+        };
+        tokio::join!(record_events(&mut recorder, rx), check);
+        let mut sent = vec![];
+        while let Ok(Ok(JobEvent::Progress(p))) = tokio::time::timeout(Duration::from_millis(10), live.recv()).await {
+            sent.push(p["done"].as_u64().unwrap());
+        }
+        assert_eq!(sent, [1, 2], "each sent live once");
     }
 }
