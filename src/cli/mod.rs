@@ -484,7 +484,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     let mut shown = None;
     let mut on_event = |e: TrainEvent| show_event(&pb, &mut shown, &root, e);
-    let result = fine_tune(&mut model, spec, &device, Control { cancel: &cancel, on_event: &mut on_event });
+    let result = fine_tune(&mut model, spec, &device, Control::new(&cancel, &mut on_event));
     pb.finish_and_clear();
     let outcome = match result {
         Err(TrainError::Cancelled) => {

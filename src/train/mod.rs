@@ -141,10 +141,25 @@ pub struct TrainOutcome {
     pub precision: crate::model::Precision,
 }
 
-/// Cancellation flag and event sink of a running fine-tune.
+/// Cancellation flag and event sink of a running fine-tune, and its fence.
 pub struct Control<'a> {
     pub cancel: &'a AtomicBool,
     pub on_event: &'a mut dyn FnMut(TrainEvent),
+    /// Asked before anything is written to the checkpoint folder (an epoch's checkpoint, the
+    /// calibrated model): `false` stops the run as cancelled with nothing written. A job's run
+    /// answers whether it still holds the job, since a run that took the job over when this
+    /// one's lease lapsed may share the folder ([`Control::new`]: always `true`).
+    pub holds: &'a dyn Fn() -> bool,
+}
+
+impl<'a> Control<'a> {
+    /// A run that answers to `cancel`, reports to `on_event` and is never fenced.
+    pub fn new(cancel: &'a AtomicBool, on_event: &'a mut dyn FnMut(TrainEvent)) -> Self {
+        fn always() -> bool {
+            true
+        }
+        Self { cancel, on_event, holds: &always }
+    }
 }
 
 /// The default memory budget for decoded images and cached frozen-backbone outputs: 4 GiB.

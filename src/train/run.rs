@@ -88,7 +88,7 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, mut 
             return Err(TrainError::Diverged(format!("the validation loss after epoch {epoch} is {}", validation.0.loss)));
         }
         (state.next_epoch_seconds, state.seconds) = (Some(epoch_started.elapsed().as_secs_f64()), clock.secs());
-        end_epoch(&root, model, &optimizer, &mut state, epoch, validation, &mut *ctl.on_event)?;
+        end_epoch(&root, model, &optimizer, &mut state, epoch, validation, &mut ctl)?;
     }
     finish(&run, model, state, &mut ctl)
 }
@@ -469,7 +469,7 @@ fn probe_epoch(
         state.next_epoch_seconds = forward_per_s.map(|_| situation.epoch_secs(auto::Action::FullFineTune));
     }
     state.seconds = clock.secs();
-    end_epoch(&run.root, model, optimizer, state, 1, validation, &mut *ctl.on_event)
+    end_epoch(&run.root, model, optimizer, state, 1, validation, ctl)
 }
 
 /// One pass over the training split in a seeded order: a forward and backward per batch, the
@@ -609,9 +609,13 @@ fn end_epoch(
     state: &mut LoopState,
     epoch: u32,
     (report, mistakes): (EvalReport, Vec<Mistake>),
-    on_event: &mut dyn FnMut(TrainEvent),
+    ctl: &mut Control,
 ) -> Result<(), TrainError> {
+    let on_event = &mut *ctl.on_event;
     on_event(TrainEvent::Phase { phase: Phase::Saving, done: 0, total: 1 });
+    if !(ctl.holds)() {
+        return Err(TrainError::Cancelled);
+    }
     let score = (report.f1, report.loss);
     let improved = track_progress(state, score);
     state.epoch = epoch;
@@ -648,6 +652,9 @@ fn finish(run: &Run, model: &mut LoadedModel, state: LoopState, ctl: &mut Contro
     let kept_dir = if calibration.as_ref().is_some_and(|c| c.fitted) {
         let dir = checkpoint::calibrated_dir(&run.root);
         report_phase(ctl, Phase::Saving, 0, 1);
+        if !(ctl.holds)() {
+            return Err(TrainError::Cancelled);
+        }
         at_path(model.save(&dir), "saving the calibrated model to", &dir)?;
         report_phase(ctl, Phase::Saving, 1, 1);
         dir

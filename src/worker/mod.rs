@@ -8,9 +8,9 @@ mod run;
 pub mod submit;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use crate::db::Pool;
@@ -103,16 +103,23 @@ async fn work(ctx: JobContext, name: String, device: Device) {
     tracing::info!(device = %name, "worker stopped");
 }
 
+/// A run's flags: cancel it, it lost its job, and when its claim was last renewed.
+type RunFlags = (Arc<AtomicBool>, Arc<AtomicBool>, Arc<Mutex<Instant>>);
+
 /// Renews the lease on a running job every third of its length. When the job no longer runs under
 /// this worker (its lease ran out and another worker claimed it, or it ended elsewhere), the run is
 /// cancelled and flagged `lost`, so nothing of its outcome is recorded. A cancel asked for through
 /// another process arrives with the renewal. A database that does not answer is retried: the
-/// lease still holds for two thirds of its length.
-async fn keep_lease(ctx: JobContext, job_id: String, holder: Holder, cancel: Arc<AtomicBool>, lost: Arc<AtomicBool>) {
+/// lease still holds for two thirds of its length. `renewed` is when the last renewal that held
+/// was asked for (the run's fence reads it, `run::run_job`).
+async fn keep_lease(ctx: JobContext, job_id: String, holder: Holder, (cancel, lost, renewed): RunFlags) {
     loop {
         tokio::time::sleep(ctx.lease / 3).await;
+        let asked = Instant::now();
         match db::jobs::renew_lease(&ctx.db, &job_id, &holder, ctx.lease).await {
             Ok(Some(cancel_requested)) => {
+                let mut last = renewed.lock().unwrap_or_else(PoisonError::into_inner);
+                *last = (*last).max(asked);
                 if cancel_requested {
                     cancel.store(true, Ordering::SeqCst);
                 }
@@ -198,10 +205,12 @@ async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device)
     tracing::info!(job = %job.id, device = %device_name, "job started");
     let cancel = ctx.hub.start(&job.id, job.cancel_requested);
     let lost = Arc::new(AtomicBool::new(false));
+    // The claim was taken just now: its lease runs from before this.
+    let renewed = Arc::new(Mutex::new(Instant::now()));
     let holder = Holder::of(&ctx.worker_name, &job);
+    let flags: RunFlags = (cancel, lost.clone(), renewed);
     // Aborted when dropped: a panic below must not leave the lease renewed for ever.
-    let renewal =
-        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(keep_lease(ctx.clone(), job.id.clone(), holder.clone(), cancel.clone(), lost.clone())));
+    let renewal = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(keep_lease(ctx.clone(), job.id.clone(), holder.clone(), flags.clone())));
     let mut recorder = Recorder::new(ctx, &job, holder.clone());
     // Every claim since its last checkpoint ended without an outcome: its process died (killed,
     // perhaps for lack of memory, by this very job) or lost its lease. Running it again would only
@@ -210,7 +219,7 @@ async fn process(ctx: &JobContext, job: Job, device_name: &str, device: &Device)
     let outcome = if since_progress > MAX_CLAIMS {
         Err(JobFailure::Abandoned(since_progress - 1))
     } else {
-        run::run_job(ctx, &job, device, (cancel, lost.clone()), &mut recorder).await
+        run::run_job(ctx, &job, device, flags, &mut recorder).await
     };
     let shutting_down = ctx.hub.shutdown_token().is_cancelled();
     let holder = &holder;

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
@@ -57,12 +57,14 @@ fn store(e: anyhow::Error) -> JobFailure {
 
 /// Runs the fine-tune of `job` on a thread of its own and records its events as they arrive.
 /// `lost` is set once the job no longer runs under this worker: from then on no checkpoint of
-/// this run goes to the object store (where the run that took the job over resumes from).
+/// this run goes to the object store (where the run that took the job over resumes from). Nor
+/// into the job's folder, which that run may share: before anything is written there, the claim
+/// is renewed ([`holds_claim`]).
 pub(super) async fn run_job(
     ctx: &JobContext,
     job: &Job,
     device: &Device,
-    (cancel, lost): (Arc<AtomicBool>, Arc<AtomicBool>),
+    (cancel, lost, renewed): super::RunFlags,
     recorder: &mut Recorder<'_>,
 ) -> Result<TrainOutcome, JobFailure> {
     let params: TrainParams = serde_json::from_value(job.params.clone()).map_err(|e| setup(format!("stored hyper-parameters: {e}")))?;
@@ -94,6 +96,7 @@ pub(super) async fn run_job(
     let (objects, runtime) = (ctx.objects.clone(), tokio::runtime::Handle::current());
     // This run's own prefix for its checkpoints in the object store (see `objects`).
     let run_prefix = format!("run-{}", db::new_id());
+    let (pool, job_id, holder, lease) = (ctx.db.clone(), job.id.clone(), Holder::of(&ctx.worker_name, job), ctx.lease);
     std::thread::Builder::new()
         .name(format!("train-{}", &job.id[job.id.len().saturating_sub(8)..]))
         .spawn(move || {
@@ -128,7 +131,15 @@ pub(super) async fn run_job(
                     ModelError::Stopped => TrainError::Cancelled,
                     e => TrainError::from(e),
                 })?;
-                Ok(fine_tune(&mut model, spec, &device, Control { cancel: &cancel, on_event: &mut on_event })?)
+                let holds = || {
+                    let held = holds_claim(&runtime, (&pool, &job_id, &holder, lease), &renewed);
+                    if !held {
+                        lost.store(true, Ordering::SeqCst);
+                        cancel.store(true, Ordering::SeqCst);
+                    }
+                    held
+                };
+                Ok(fine_tune(&mut model, spec, &device, Control { cancel: &cancel, on_event: &mut on_event, holds: &holds })?)
             }));
             // The model and the step's buffers are freed by now; the allocator keeps freed memory
             // for the next step (see `malloc`), so hand it back to the system here.
@@ -139,6 +150,32 @@ pub(super) async fn run_job(
 
     record_events(recorder, rx).await;
     done_rx.await.unwrap_or_else(|_| Err(JobFailure::Panic("the training thread vanished".into())))
+}
+
+/// Whether the run still holds its job, asked (from the training thread) before it writes into
+/// the job's folder: the lease is renewed now. A claim that passed on (the lease lapsed, another
+/// run took the job and may share the folder) does not hold. A database that does not answer
+/// leaves the claim holding while half the lease since the last renewal that held (`renewed`)
+/// is left, as `keep_lease` would: after that, another run may have taken the job.
+fn holds_claim(runtime: &tokio::runtime::Handle, (pool, job_id, holder, lease): (&db::Pool, &str, &Holder, Duration), renewed: &Mutex<Instant>) -> bool {
+    let asked = Instant::now();
+    let renewal = runtime.block_on(db::jobs::renew_lease(pool, job_id, holder, lease));
+    let mut last = renewed.lock().unwrap_or_else(PoisonError::into_inner);
+    match renewal {
+        Ok(Some(_)) => {
+            *last = (*last).max(asked);
+            true
+        }
+        Ok(None) => {
+            tracing::warn!(job = %job_id, "the job was taken over by another run: this one stops, writing nothing more into its folder");
+            false
+        }
+        Err(e) => {
+            let held = last.elapsed() < lease / 2;
+            tracing::warn!(job = %job_id, error = %e, held, "renewing the job's lease before writing a checkpoint failed");
+            held
+        }
+    }
 }
 
 /// Records events as they arrive until their sender is dropped, and progress held back by the
@@ -353,6 +390,36 @@ mod tests {
         db::jobs::insert(&ctx.db, &new).await.unwrap().unwrap();
         let job = db::jobs::claim(&ctx.db, &ctx.worker_name, "cpu", Duration::from_secs(60), &[]).await.unwrap().unwrap();
         (app, ctx, job)
+    }
+
+    /// The fence a run asks before writing into the job's folder: the claim holds while the
+    /// lease renews; once another claim took the job it does not; with the database out of reach,
+    /// while half the lease since the last renewal that held is left.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_claim_holds_while_it_renews_or_half_its_lease_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_app, ctx, job) = running_job(dir.path()).await;
+        let holder = Holder::of(&ctx.worker_name, &job);
+        let lease = Duration::from_secs(60);
+        // From a thread outside the runtime, as the training thread asks.
+        let ask = async |holder: &Holder, renewed: Instant| {
+            let (runtime, pool, id, holder) = (tokio::runtime::Handle::current(), ctx.db.clone(), job.id.clone(), holder.clone());
+            tokio::task::spawn_blocking(move || {
+                let renewed = Mutex::new(renewed);
+                let held = holds_claim(&runtime, (&pool, &id, &holder, lease), &renewed);
+                (held, renewed.into_inner().unwrap())
+            })
+            .await
+            .unwrap()
+        };
+        let long_ago = Instant::now() - lease;
+        let (held, renewed) = ask(&holder, long_ago).await;
+        assert!(held && renewed > long_ago, "renewed, and the renewal noted");
+        assert!(!ask(&Holder::of("elsewhere", &job), Instant::now()).await.0, "another claim's run does not hold it");
+        // The database out of reach.
+        ctx.db.close().await;
+        assert!(ask(&holder, Instant::now()).await.0, "renewed just now");
+        assert!(!ask(&holder, Instant::now() - lease / 2).await.0, "half the lease ago");
     }
 
     /// Progress held back because it came within the interval of the last is written, and sent

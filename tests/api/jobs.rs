@@ -240,6 +240,41 @@ async fn a_job_whose_model_cannot_be_registered_fails_with_the_reason() {
     assert_eq!(json(app.get(&format!("/jobs/{id}")).await).await["status"], "failed");
 }
 
+/// A run whose claim passed on (its lease lapsed: the database was out of reach, the process
+/// paused) writes nothing more into the job's folder, which the run that took the job over may
+/// share: before each checkpoint it renews its claim, and finding it gone it stops, at its next
+/// checkpoint rather than at its next renewal (here ten minutes away).
+#[tokio::test]
+async fn a_run_whose_claim_passed_on_writes_no_more_checkpoints_and_stops() {
+    let app = crate::helpers::spawn_app_with(|c| c.lease_secs = 1800).await;
+    // Enough images that the thousand epochs would take minutes.
+    let dataset = app.upload_pets(40, false).await;
+    let job = app.submit_job(&dataset, json!({"epochs": 1000, "batch_size": 2})).await;
+    let id = job["id"].as_str().unwrap();
+    let folder = app.data_dir.join("jobs").join(id);
+    let last_epoch = || vitforge::train::checkpoint::list_epochs(&folder).pop();
+    for _ in 0..600 {
+        if last_epoch().is_some_and(|e| e >= 2) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Another claim takes the job, as another process's would once this run's lease lapsed.
+    sqlx::query("update jobs set worker = 'elsewhere', attempts = attempts + 1 where id = $1").bind(id).execute(&app.db).await.unwrap();
+    let taken = last_epoch().expect("checkpoints before the take-over");
+    // The run stops: the one CPU worker takes the next job.
+    let next = app.submit_job(&dataset, json!({"epochs": 1, "batch_size": 2})).await;
+    let done = app.wait_job(next["id"].as_str().unwrap(), 30).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    // An epoch that passed its check before the take-over may have been written, no more.
+    let last = last_epoch().unwrap();
+    assert!(last <= taken + 1, "checkpoints up to epoch {taken} at the take-over, {last} after");
+    let row = json(app.get(&format!("/jobs/{id}")).await).await;
+    assert_eq!(row["status"], "running", "left to its new claim: {row}");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(last_epoch(), Some(last), "nothing written since");
+}
+
 /// `--max-job-memory`: a job whose training step cannot fit fails at once, claimed once, with
 /// what it needs, the limit and what to change; the same job with a batch that fits trains.
 #[tokio::test]

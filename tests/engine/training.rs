@@ -45,7 +45,7 @@ fn run_events(
         events.push(e);
     };
     let spec = TrainSpec { params: p, data, checkpoint_root: ckpt.to_path_buf(), max_pixels: 1 << 24, cache_budget: 1 << 28, memory_limit: None };
-    let out = fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut on_event });
+    let out = fine_tune(&mut model, spec, &Device::Cpu, Control::new(&cancel, &mut on_event));
     (out, events)
 }
 
@@ -89,7 +89,7 @@ fn head_only_changes_only_the_head() {
     let p = TrainParams { train_mode: TrainMode::HeadOnly, epochs: 2, learning_rate: 1e-2, ..params() };
     let spec = TrainSpec { params: p, data, checkpoint_root: tmp.path().join("ck"), max_pixels: 1 << 24, cache_budget: 1 << 28, memory_limit: None };
     let cancel = AtomicBool::new(false);
-    fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut |_| {} }).unwrap();
+    fine_tune(&mut model, spec, &Device::Cpu, Control::new(&cancel, &mut |_| {})).unwrap();
     let after = model.params.snapshot().unwrap();
     for (name, t) in &before {
         let same = t.eq(&after[name]).unwrap().min_all().unwrap().to_scalar::<u8>().unwrap() == 1;
@@ -113,7 +113,7 @@ fn a_probe_head_is_fitted_in_epoch_one_without_gradient_steps() {
     let mut model = tiny_model(&["horizontal", "vertical"], 9);
     let spec = TrainSpec { params: params(), data: data.clone(), checkpoint_root: tmp.path().join("pre"), max_pixels: 1 << 24, cache_budget: 1 << 28, memory_limit: None };
     let cancel = AtomicBool::new(false);
-    fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut |_| {} }).unwrap();
+    fine_tune(&mut model, spec, &Device::Cpu, Control::new(&cancel, &mut |_| {})).unwrap();
     let blank: std::collections::BTreeMap<String, candle_core::Tensor> = ["classifier.weight", "classifier.bias"]
         .iter()
         .map(|n| {
@@ -132,7 +132,7 @@ fn a_probe_head_is_fitted_in_epoch_one_without_gradient_steps() {
         TrainEvent::Phase { phase: Phase::Features, .. } => features += 1,
         _ => {}
     };
-    let out = fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut on_event }).unwrap();
+    let out = fine_tune(&mut model, spec, &Device::Cpu, Control::new(&cancel, &mut on_event)).unwrap();
     assert_eq!((steps, probes.len(), out.best_epoch, out.epochs_run), (0, 1, 1, 1));
     assert!(features > 0);
     assert!(probes[0].1.unwrap() >= 0.9, "{probes:?}");
@@ -155,7 +155,7 @@ fn a_probe_head_is_fitted_in_epoch_one_without_gradient_steps() {
             counts.push((done, total));
         }
     };
-    let viewed = fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut on_event }).unwrap();
+    let viewed = fine_tune(&mut model, spec, &Device::Cpu, Control::new(&cancel, &mut on_event)).unwrap();
     let train = 60; // 40 images per class, a quarter held out
 
     assert!(counts.iter().all(|&(_, total)| total == 3 * train), "{counts:?}");
@@ -323,7 +323,7 @@ fn auto_decides_after_the_probe_and_a_time_budget_stops_epochs() {
             decided = Some(decision);
         }
     };
-    let out = fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut on_event }).unwrap();
+    let out = fine_tune(&mut model, spec, &Device::Cpu, Control::new(&cancel, &mut on_event)).unwrap();
     assert!(out.epochs_run < 1000, "stopped early: {} epochs", out.epochs_run);
     let stop = decided.expect("the stop is reported");
     assert!(stop.reason.contains("time budget"), "{}", stop.reason);
@@ -362,7 +362,7 @@ fn auto_fine_tunes_the_last_layers_with_enough_images_per_class() {
         }
     };
     let spec = TrainSpec { params: p, data, checkpoint_root: tmp.path().join("run"), max_pixels: 1 << 24, cache_budget: 1 << 28, memory_limit: None };
-    let out = fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut on_event }).unwrap();
+    let out = fine_tune(&mut model, spec, &Device::Cpu, Control::new(&cancel, &mut on_event)).unwrap();
     let d = out.decision.expect("a decision");
     assert_eq!((d.action, d.epochs, out.epochs_run), (Action::LastLayers, 1 + MAX_FINE_TUNE_EPOCHS, 1 + MAX_FINE_TUNE_EPOCHS), "{}", d.reason);
     assert!(d.reason.contains(&format!("last {LAST_LAYERS} layers")), "{}", d.reason);
@@ -403,7 +403,7 @@ fn twenty_imbalanced_classes_train_and_report_every_class() {
     let p = TrainParams { head_init: HeadInit::Probe, after_probe: AfterProbe::Auto, epochs: 1, validation_split: 0.25, ..params() };
     let cancel = AtomicBool::new(false);
     let spec = TrainSpec { params: p, data, checkpoint_root: tmp.path().join("run"), max_pixels: 1 << 24, cache_budget: 1 << 28, memory_limit: None };
-    let out = fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut |_| {} }).unwrap();
+    let out = fine_tune(&mut model, spec, &Device::Cpu, Control::new(&cancel, &mut |_| {})).unwrap();
     let test = out.test.expect("a test report");
     assert_eq!(test.per_class.len(), 20);
     for (class, m) in &test.per_class {
@@ -433,7 +433,7 @@ fn a_run_whose_loss_turns_nan_fails_as_diverged() {
     let mut on_event = |e: TrainEvent| events.push(e);
     let p = TrainParams { head_init: HeadInit::Random, ..params() };
     let spec = TrainSpec { params: p, data, checkpoint_root: tmp.path().join("ck"), max_pixels: 1 << 24, cache_budget: 1 << 28, memory_limit: None };
-    let out = fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut on_event });
+    let out = fine_tune(&mut model, spec, &Device::Cpu, Control::new(&cancel, &mut on_event));
     let Err(err) = out else { panic!("a diverged run fails") };
     assert!(matches!(err, TrainError::Diverged(_)), "{err}");
     assert!(err.to_string().contains("the loss of step 1 is NaN"), "{err}");
@@ -452,7 +452,7 @@ fn more_trainable_layers_than_the_model_has_are_refused_by_name() {
         let cancel = AtomicBool::new(false);
         let p = TrainParams { train_mode: TrainMode::LastNLayers, trainable_layers: Some(n as u32), epochs: 1, ..params() };
         let spec = TrainSpec { params: p, data: data.clone(), checkpoint_root: tmp.path().join(format!("ck{n}")), max_pixels: 1 << 24, cache_budget: 1 << 28, memory_limit: None };
-        fine_tune(&mut model, spec, &Device::Cpu, Control { cancel: &cancel, on_event: &mut |_| {} })
+        fine_tune(&mut model, spec, &Device::Cpu, Control::new(&cancel, &mut |_| {}))
     };
     let Err(err) = run(layers + 1) else { panic!("trained more layers than the model has") };
     assert!(matches!(err, TrainError::Params(_)), "{err}");
