@@ -25,7 +25,8 @@ fi
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 # Every figure belongs to a CPU: say which, and which of the instruction sets that matter it has.
-echo "CPU:$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-); flags: $(grep -ow 'avx2\|avx512f\|avx512_bf16\|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')" >&2
+source bench/lib.sh
+cpu_line >&2
 for config in ${configs//,/ }; do
   for batch in ${batches//,/ }; do
     for mode in ${modes//,/ }; do

@@ -23,7 +23,8 @@ precision=${7:-bf16}
 rounds=${ROUNDS:-1}
 bin=${VITFORGE:-target/release/vitforge}
 [[ -x $bin ]] || cargo build --release --locked
-echo "CPU:$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-); flags: $(grep -ow 'avx2\|avx512f\|avx512_bf16\|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')" >&2
+source bench/lib.sh
+cpu_line >&2
 for want in "$level" "$baseline"; do
   got=$(VITFORGE_MAX_ISA=$want "$bin" bench --config tiny --batch 1 --mode infer --iters 1 --warmup 0 --precision "$precision" 2>/dev/null \
     | python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["path"])')

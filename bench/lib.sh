@@ -2,6 +2,17 @@
 # run a fine-tune to its end, read JSON fields.
 # The caller sets `work` (a scratch folder) and removes it.
 
+# cpu_line: the CPU every figure belongs to, for the log: its name, family and model (a VM's name
+# can be as vague as "AMD EPYC": family 25 model 17 is a Zen 4, family 26 a Zen 5), its cores,
+# and which of the instruction sets our kernels choose by it has.
+cpu_line() {
+  echo "CPU: $(cpu_field 'model name') (family $(cpu_field 'cpu family') model $(cpu_field model)), $(nproc) cores;" \
+    "flags: $(grep -ow 'avx2\|avx512f\|avx512_bf16\|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+}
+
+# cpu_field NAME: one field of /proc/cpuinfo's first processor.
+cpu_field() { grep -m1 "^$1[[:space:]]*:" /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'; }
+
 # json_field FIELD: one top-level field of the JSON on stdin.
 json_field() { python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
 

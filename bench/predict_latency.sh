@@ -15,6 +15,7 @@ source bench/lib.sh
 base=$(realpath "$1") data=$(realpath "$2") secs=${3:-30}
 bin=${VITFORGE:-target/release/vitforge}
 [[ -x $bin ]] || cargo build --release --locked
+cpu_line >&2
 work=$(mktemp -d)
 port=$((20000 + RANDOM % 20000))
 cleanup() { [[ -n ${pid:-} ]] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
