@@ -8,7 +8,10 @@ requires_grad=False, so autograd builds no graph through it) images/s, and the p
 Median of --iters timed runs after --warmup untimed ones, with 2 threads by default (the machine
 vitforge is compared on). One JSON line per figure:
 
-    {"impl": "pytorch", "config", "batch", "mode", "images_per_s", "peak_rss_mb"}
+    {"impl": "pytorch", "config", "batch", "mode", "images_per_s", "peak_rss_mb", "cpu"}
+
+("cpu": the CPU's name, family and model, as `vitforge bench` gives it; null where /proc/cpuinfo
+names no model.)
 
 With --device cuda, timings wait for the GPU (torch.cuda.synchronize) and each line also has
 "peak_gpu_mb" (torch.cuda.max_memory_allocated); f32 then runs with PyTorch's defaults (TF32 in
@@ -41,6 +44,22 @@ def build(args):
                     image_size=224, patch_size=16, num_labels=LABELS, layer_norm_eps=1e-12,
                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return args.config, ViTForImageClassification(cfg)
+
+
+def cpu_description():
+    """The CPU's name with its family and model, from /proc/cpuinfo's first processor (None where
+    it names no model), as `vitforge bench` gives it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            first = f.read().split("\n\n")[0]
+    except OSError:
+        return None
+    fields = dict((k.strip(), v.strip()) for k, _, v in (l.partition(":") for l in first.splitlines()) if _)
+    if "model name" not in fields:
+        return None
+    if "cpu family" in fields and "model" in fields:
+        return f"{fields['model name']} (family {fields['cpu family']} model {fields['model']})"
+    return fields["model name"]
 
 
 def peak_rss_mb():
@@ -133,7 +152,8 @@ def main():
                 write_profile(args.profile, run, cuda)
             median = statistics.median(times)
             line = {"impl": "pytorch", "config": name, "batch": batch, "mode": mode, "precision": args.precision,
-                    "device": args.device, "images_per_s": round(batch / median, 2), "peak_rss_mb": round(peak_rss_mb())}
+                    "device": args.device, "images_per_s": round(batch / median, 2), "peak_rss_mb": round(peak_rss_mb()),
+                    "cpu": cpu_description()}
             if cuda:
                 line["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
             print(json.dumps(line), flush=True)

@@ -91,6 +91,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         return bench_probe(&args);
     }
     let device = crate::model::device(&args.device)?;
+    let cpu = cpu_description(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default());
     let labels: Vec<String> = (0..BENCH_LABELS).map(|i| format!("class_{i}")).collect();
     let (name, model) = match &args.model {
         Some(dir) => {
@@ -158,6 +159,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 "mode": mode.name(),
                 "images_per_s": (batch as f64 / median * 100.0).round() / 100.0,
                 "peak_rss_mb": peak_rss_mb().round(),
+                "cpu": cpu,
                 "cpu_isa": isa::detected().name(),
                 "path": if device.is_cpu() { crate::model::cpu_path() } else { "cuda".to_string() },
                 "precision": precision.name(),
@@ -167,6 +169,24 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The CPU figures are taken on, from `/proc/cpuinfo`'s first processor: its name, with its
+/// family and model (a VM may give only the vendor's line, "AMD EPYC", for several
+/// generations); `None` where the file names no model (not Linux, not x86).
+fn cpu_description(cpuinfo: &str) -> Option<String> {
+    let first = cpuinfo.lines().take_while(|l| !l.trim().is_empty());
+    let field = |name: &str| {
+        first.clone().find_map(|l| {
+            let (key, value) = l.split_once(':')?;
+            (key.trim() == name).then(|| value.trim().to_string())
+        })
+    };
+    let name = field("model name")?;
+    Some(match (field("cpu family"), field("model")) {
+        (Some(family), Some(model)) => format!("{name} (family {family} model {model})"),
+        _ => name,
+    })
 }
 
 /// `--probe-classes`: seconds to fit the probe head on `classes × per_class` feature vectors of
@@ -213,4 +233,19 @@ fn bench_probe(args: &BenchArgs) -> anyhow::Result<()> {
         println!("{line}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_description;
+
+    #[test]
+    fn the_cpu_is_named_with_its_family_and_model_from_the_first_processor() {
+        let zen4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\nstepping\t: 1\n\nprocessor\t: 1\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: Other\n";
+        assert_eq!(cpu_description(zen4).as_deref(), Some("AMD EPYC (family 25 model 17)"));
+        assert_eq!(cpu_description("model name\t: Some CPU\n").as_deref(), Some("Some CPU"));
+        // An Arm machine's cpuinfo names no model; nor does a missing file.
+        assert_eq!(cpu_description("processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\n"), None);
+        assert_eq!(cpu_description(""), None);
+    }
 }

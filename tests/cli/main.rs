@@ -227,6 +227,9 @@ fn every_kernel_level_passes_the_golden_files_and_bench_names_it() {
         let line: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
         assert_eq!(line["path"], *level, "{line}");
         assert!(line["cpu_isa"].is_string(), "{line}");
+        if cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+            assert!(line["cpu"].as_str().is_some_and(|cpu| cpu.contains(" (family ")), "the CPU named, with its family and model: {line}");
+        }
         assert!(err.contains(&format!("capped at {level} by VITFORGE_MAX_ISA")), "{err}");
         let (ok, out, err) = vitforge_with(&["bench", "--config", "tiny", "--mode", "infer,train", "--iters", "1", "--warmup", "0", "--precision", "bf16"], &env);
         assert!(ok, "{level} bf16: {err}");
