@@ -106,30 +106,40 @@ async fn work(ctx: JobContext, name: String, device: Device) {
 /// A run's flags: cancel it, it lost its job, and when its claim was last renewed.
 type RunFlags = (Arc<AtomicBool>, Arc<AtomicBool>, Arc<Mutex<Instant>>);
 
-/// Renews the lease on a running job every third of its length. When the job no longer runs under
-/// this worker (its lease ran out and another worker claimed it, or it ended elsewhere), the run is
-/// cancelled and flagged `lost`, so nothing of its outcome is recorded. A cancel asked for through
-/// another process arrives with the renewal. A database that does not answer is retried: the
-/// lease still holds for two thirds of its length. `renewed` is when the last renewal that held
-/// was asked for (the run's fence reads it, `run::run_job`).
-async fn keep_lease(ctx: JobContext, job_id: String, holder: Holder, (cancel, lost, renewed): RunFlags) {
+/// Renews the lease on a running job every third of its length ([`renew`]). When the job no
+/// longer runs under this worker (its lease ran out and another worker claimed it, or it ended
+/// elsewhere), the run is cancelled and flagged `lost`, so nothing of its outcome is recorded. A
+/// database that does not answer is retried: the lease still holds for two thirds of its length.
+async fn keep_lease(ctx: JobContext, job_id: String, holder: Holder, flags: RunFlags) {
     loop {
         tokio::time::sleep(ctx.lease / 3).await;
-        let asked = Instant::now();
-        match db::jobs::renew_lease(&ctx.db, &job_id, &holder, ctx.lease).await {
-            Ok(Some(cancel_requested)) => {
-                let mut last = renewed.lock().unwrap_or_else(PoisonError::into_inner);
-                *last = (*last).max(asked);
-                if cancel_requested {
-                    cancel.store(true, Ordering::SeqCst);
-                }
-            }
-            Ok(None) => {
-                lost.store(true, Ordering::SeqCst);
-                cancel.store(true, Ordering::SeqCst);
-                return;
-            }
+        match renew(&ctx.db, &job_id, &holder, ctx.lease, &flags).await {
+            Ok(true) => {}
+            Ok(false) => return,
             Err(e) => tracing::warn!(job = %job_id, error = %e, "renewing the job's lease failed; retrying"),
+        }
+    }
+}
+
+/// Extends `holder`'s lease on the job and gives the answer to the run's flags: when a renewal
+/// that held was asked for (`renewed`, which the run's fence reads: `run::holds_claim`), a cancel
+/// asked for through another process, or the job gone from this claim (the run is cancelled and
+/// flagged `lost`). Whether the claim still holds.
+async fn renew(db: &Pool, job_id: &str, holder: &Holder, lease: Duration, (cancel, lost, renewed): &RunFlags) -> Result<bool, sqlx::Error> {
+    let asked = Instant::now();
+    match db::jobs::renew_lease(db, job_id, holder, lease).await? {
+        Some(cancel_requested) => {
+            let mut last = renewed.lock().unwrap_or_else(PoisonError::into_inner);
+            *last = (*last).max(asked);
+            if cancel_requested {
+                cancel.store(true, Ordering::SeqCst);
+            }
+            Ok(true)
+        }
+        None => {
+            lost.store(true, Ordering::SeqCst);
+            cancel.store(true, Ordering::SeqCst);
+            Ok(false)
         }
     }
 }

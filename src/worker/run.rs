@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Mutex, PoisonError};
+use std::sync::PoisonError;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
@@ -56,7 +56,7 @@ fn store(e: anyhow::Error) -> JobFailure {
 }
 
 /// Runs the fine-tune of `job` on a thread of its own and records its events as they arrive.
-/// `lost` is set once the job no longer runs under this worker: from then on no checkpoint of
+/// Of the run's `flags`, `lost` is set once the job no longer runs under this worker: from then on no checkpoint of
 /// this run goes to the object store (where the run that took the job over resumes from). Nor
 /// into the job's folder, which that run may share: before anything is written there, the claim
 /// is renewed ([`holds_claim`]).
@@ -64,7 +64,7 @@ pub(super) async fn run_job(
     ctx: &JobContext,
     job: &Job,
     device: &Device,
-    (cancel, lost, renewed): super::RunFlags,
+    flags: super::RunFlags,
     recorder: &mut Recorder<'_>,
 ) -> Result<TrainOutcome, JobFailure> {
     let params: TrainParams = serde_json::from_value(job.params.clone()).map_err(|e| setup(format!("stored hyper-parameters: {e}")))?;
@@ -97,6 +97,7 @@ pub(super) async fn run_job(
     // This run's own prefix for its checkpoints in the object store (see `objects`).
     let run_prefix = format!("run-{}", db::new_id());
     let (pool, job_id, holder, lease) = (ctx.db.clone(), job.id.clone(), Holder::of(&ctx.worker_name, job), ctx.lease);
+    let (cancel, lost, _) = flags.clone();
     std::thread::Builder::new()
         .name(format!("train-{}", &job.id[job.id.len().saturating_sub(8)..]))
         .spawn(move || {
@@ -131,14 +132,7 @@ pub(super) async fn run_job(
                     ModelError::Stopped => TrainError::Cancelled,
                     e => TrainError::from(e),
                 })?;
-                let holds = || {
-                    let held = holds_claim(&runtime, (&pool, &job_id, &holder, lease), &renewed);
-                    if !held {
-                        lost.store(true, Ordering::SeqCst);
-                        cancel.store(true, Ordering::SeqCst);
-                    }
-                    held
-                };
+                let holds = || holds_claim(&runtime, (&pool, &job_id, &holder, lease), &flags);
                 Ok(fine_tune(&mut model, spec, &device, Control { cancel: &cancel, on_event: &mut on_event, holds: &holds })?)
             }));
             // The model and the step's buffers are freed by now; the allocator keeps freed memory
@@ -153,26 +147,26 @@ pub(super) async fn run_job(
 }
 
 /// Whether the run still holds its job, asked (from the training thread) before it writes into
-/// the job's folder: the lease is renewed now. A claim that passed on (the lease lapsed, another
-/// run took the job and may share the folder) does not hold. A database that does not answer
-/// leaves the claim holding while half the lease since the last renewal that held (`renewed`)
-/// is left, as `keep_lease` would: after that, another run may have taken the job.
-fn holds_claim(runtime: &tokio::runtime::Handle, (pool, job_id, holder, lease): (&db::Pool, &str, &Holder, Duration), renewed: &Mutex<Instant>) -> bool {
-    let asked = Instant::now();
-    let renewal = runtime.block_on(db::jobs::renew_lease(pool, job_id, holder, lease));
-    let mut last = renewed.lock().unwrap_or_else(PoisonError::into_inner);
-    match renewal {
-        Ok(Some(_)) => {
-            *last = (*last).max(asked);
-            true
-        }
-        Ok(None) => {
+/// the job's folder: the lease is renewed now ([`super::renew`], which flags a run whose claim
+/// passed on `lost` and cancels it: another run took the job and may share the folder). A
+/// database that does not answer leaves the claim holding while half the lease since the last
+/// renewal that held is left, as `keep_lease` would; after that, another run may have taken the
+/// job, and the run is flagged and cancelled the same way.
+fn holds_claim(runtime: &tokio::runtime::Handle, (pool, job_id, holder, lease): (&db::Pool, &str, &Holder, Duration), flags: &super::RunFlags) -> bool {
+    match runtime.block_on(super::renew(pool, job_id, holder, lease, flags)) {
+        Ok(true) => true,
+        Ok(false) => {
             tracing::warn!(job = %job_id, "the job was taken over by another run: this one stops, writing nothing more into its folder");
             false
         }
         Err(e) => {
-            let held = last.elapsed() < lease / 2;
+            let (cancel, lost, renewed) = flags;
+            let held = renewed.lock().unwrap_or_else(PoisonError::into_inner).elapsed() < lease / 2;
             tracing::warn!(job = %job_id, error = %e, held, "renewing the job's lease before writing a checkpoint failed");
+            if !held {
+                lost.store(true, Ordering::SeqCst);
+                cancel.store(true, Ordering::SeqCst);
+            }
             held
         }
     }
@@ -373,6 +367,8 @@ impl<'a> Recorder<'a> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
     use super::*;
     use crate::dataset::{ImageRecord, Ingested, Split};
     use crate::db::jobs::NewJob;
@@ -405,9 +401,9 @@ mod tests {
         let ask = async |holder: &Holder, renewed: Instant| {
             let (runtime, pool, id, holder) = (tokio::runtime::Handle::current(), ctx.db.clone(), job.id.clone(), holder.clone());
             tokio::task::spawn_blocking(move || {
-                let renewed = Mutex::new(renewed);
-                let held = holds_claim(&runtime, (&pool, &id, &holder, lease), &renewed);
-                (held, renewed.into_inner().unwrap())
+                let flags: super::super::RunFlags = (Default::default(), Default::default(), Arc::new(Mutex::new(renewed)));
+                let held = holds_claim(&runtime, (&pool, &id, &holder, lease), &flags);
+                (held, *flags.2.lock().unwrap())
             })
             .await
             .unwrap()

@@ -49,6 +49,27 @@ fn run_events(
     (out, events)
 }
 
+/// A run whose fence stops holding (a job's run whose claim passed on) writes nothing more into
+/// its checkpoint folder, not even the epoch it had just validated, and ends cancelled.
+#[test]
+fn a_run_whose_fence_stops_holding_writes_no_more_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = stripes_data(&tmp.path().join("data"), 40, 3);
+    let mut model = tiny_model(&["horizontal", "vertical"], 9);
+    let (cancel, asked) = (AtomicBool::new(false), std::cell::Cell::new(0));
+    // Holds for the first two epochs' checkpoints, then no more.
+    let holds = || {
+        asked.set(asked.get() + 1);
+        asked.get() <= 2
+    };
+    let root = tmp.path().join("ck");
+    let spec = TrainSpec { params: params(), data, checkpoint_root: root.clone(), max_pixels: 1 << 24, cache_budget: 1 << 28, memory_limit: None };
+    let out = fine_tune(&mut model, spec, &Device::Cpu, Control { holds: &holds, ..Control::new(&cancel, &mut |_| {}) });
+    assert!(matches!(out, Err(TrainError::Cancelled)), "{:?}", out.map(|o| o.epochs_run));
+    assert_eq!(asked.get(), 3, "asked before each checkpoint");
+    assert_eq!(vitforge::train::checkpoint::list_epochs(&root), [2], "epoch 3 was not written");
+}
+
 #[test]
 fn learns_stripes_from_scratch_deterministically() {
     let tmp = tempfile::tempdir().unwrap();
