@@ -228,6 +228,10 @@ fn stoppable<T>(download: impl FnOnce() -> Result<T>) -> Result<T> {
 /// Times a download of the hub whose connection failed mid-file is resumed before it fails.
 const HUB_RETRIES: usize = 5;
 
+/// How often, at least, a hub download asks its caller whether to go on ([`OnDownload`]), while
+/// it waits for another download's lock and while its bytes do not come.
+const ASK_EVERY: Duration = Duration::from_millis(250);
+
 /// Waits until no download holds the lock file `lock` (hf-hub's, an exclusive `flock`, which
 /// ends with its process), calling `on_download(0, 0)` every quarter second so the caller can
 /// stop the wait.
@@ -242,7 +246,7 @@ fn wait_for_lock(lock: &Path, on_download: &mut OnDownload) -> Result<()> {
         if on_download(0, 0).is_break() {
             return Err(ModelError::Stopped);
         }
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(ASK_EVERY);
     }
 }
 
@@ -287,7 +291,7 @@ fn fetch_from_hub(id: &str, on_download: &mut OnDownload) -> Result<ModelFiles> 
     };
     let mut last = (0, 0);
     loop {
-        let asked = match progress.recv_timeout(Duration::from_millis(250)) {
+        let asked = match progress.recv_timeout(ASK_EVERY) {
             Ok(now) => {
                 last = now;
                 on_download(now.0, now.1)

@@ -30,22 +30,23 @@ impl FakeHub {
     /// [`FakeHub::serve`], answering 401 to a request without `Authorization: Bearer <token>`
     /// when there is a `token` (a gated or private model).
     pub fn serve_private(repo: &str, dir: &Path, token: Option<&str>, pieces: usize, pause: Duration) -> Self {
-        Self::start(repo, dir, token, Pacing { pieces, pause, cut_once_after: None })
+        Self::start(repo, dir, token, Pacing { pieces, pause }, None)
     }
 
     /// [`FakeHub::serve`], but the first time it sends the weights it closes the connection
     /// after `after` of the pieces, as a network failing mid-download does.
     pub fn serve_cutting_once(repo: &str, dir: &Path, pieces: usize, pause: Duration, after: usize) -> Self {
-        Self::start(repo, dir, None, Pacing { pieces, pause, cut_once_after: Some(after) })
+        Self::start(repo, dir, None, Pacing { pieces, pause }, Some(after))
     }
 
-    fn start(repo: &str, dir: &Path, token: Option<&str>, pacing: Pacing) -> Self {
+    /// Serves, with the first sending of the weights closed after `cut_once_after` pieces.
+    fn start(repo: &str, dir: &Path, token: Option<&str>, pacing: Pacing, cut_once_after: Option<usize>) -> Self {
         let bearer = token.map(|t| format!("Bearer {t}"));
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(Mutex::new(Vec::new()));
         let (prefix, dir, seen) = (format!("/{repo}/resolve/"), dir.to_path_buf(), requests.clone());
-        let cut = Arc::new(Mutex::new(pacing.cut_once_after));
+        let cut = Arc::new(Mutex::new(cut_once_after));
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let (prefix, dir, seen, bearer, cut) = (prefix.clone(), dir.clone(), seen.clone(), bearer.clone(), cut.clone());
@@ -62,6 +63,12 @@ impl FakeHub {
             .to_vec()
     }
 
+    /// The first byte that request `request` (as [`FakeHub::requests_for`] gives it) asked for
+    /// from there on (`"<file> <n>-"`), if it was such a request.
+    pub fn range_start(request: &str) -> Option<u64> {
+        request.split_once(' ')?.1.strip_suffix('-')?.parse().ok()
+    }
+
     /// The requests for `file`, as `"<file> <range>"`.
     pub fn requests_for(&self, file: &str) -> Vec<String> {
         self.requests.lock().unwrap().iter().filter(|r| r.split(' ').next() == Some(file)).cloned().collect()
@@ -73,13 +80,11 @@ impl FakeHub {
 struct Pacing {
     pieces: usize,
     pause: Duration,
-    /// Closes the first sending of the weights after this many pieces.
-    cut_once_after: Option<usize>,
 }
 
 /// Answers one request (and closes the connection).
 fn answer(mut stream: TcpStream, prefix: &str, dir: &Path, seen: &Mutex<Vec<String>>, bearer: Option<&str>, pacing: &Pacing, cut: &Mutex<Option<usize>>) {
-    let Pacing { pieces, pause, .. } = *pacing;
+    let Pacing { pieces, pause } = *pacing;
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
