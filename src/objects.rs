@@ -167,6 +167,12 @@ impl Objects {
         Ok(Key::from(parts.join("/")))
     }
 
+    /// The prefix of a job's checkpoints, from the folder `root` of one claim of it
+    /// (`jobs/<id>/claim-<n>`, see `checkpoint::take_over`): the store's runs of a job share it.
+    fn job_key(&self, root: &Path) -> anyhow::Result<Key> {
+        self.key(root.parent().with_context(|| format!("{} is not in a job's folder", root.display()))?)
+    }
+
     /// Whether the object store answers (a missing object is an answer).
     pub async fn check(&self) -> anyhow::Result<()> {
         let Some(remote) = &self.remote else { return Ok(()) };
@@ -334,13 +340,13 @@ impl Objects {
         Ok(())
     }
 
-    /// After epoch `epoch`'s checkpoint of the job whose folder is `root` was written by the run
+    /// After epoch `epoch`'s checkpoint of a job was written in its claim's folder `root` by the run
     /// `run` (`run-<uuid v7>`, new at each claim): stores the best model (when this epoch improved
     /// it) as `best-<epoch>/`, then the checkpoint with its `state.json` last, under the run's
     /// prefix; then removes what this run's checkpoint supersedes, and the earlier runs' prefixes.
     pub async fn publish_checkpoint(&self, root: &Path, run: &str, epoch: u32, improved: bool) -> anyhow::Result<()> {
         let Some(remote) = &self.remote else { return Ok(()) };
-        let job = self.key(root)?;
+        let job = self.job_key(root)?;
         let mine = job.child(run);
         let dir = checkpoint::epoch_dir(root, epoch);
         let best = read_state(&dir.join("state.json")).await?.best_epoch.unwrap_or(epoch);
@@ -371,12 +377,12 @@ impl Objects {
         Ok(())
     }
 
-    /// Before a job runs: when the object store holds a later checkpoint of it than the folder
-    /// `root` (another machine ran it), fetches that checkpoint and its best model: the latest
+    /// Before a job runs: when the object store holds a later checkpoint of it than its claim's
+    /// folder `root` (another machine ran it), fetches that checkpoint and its best model: the latest
     /// epoch of any run, the latest run among equals. Returns the epoch fetched.
     pub async fn fetch_checkpoint(&self, root: &Path) -> anyhow::Result<Option<u32>> {
         let Some(remote) = &self.remote else { return Ok(None) };
-        let job = self.key(root)?;
+        let job = self.job_key(root)?;
         let stored = self.list(remote, &job).await?;
         let Some((epoch, run)) = stored
             .iter()

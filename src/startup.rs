@@ -15,6 +15,7 @@ use crate::config::{DatabaseUrl, Role, ServeConfig};
 use crate::dataset::IngestLimits;
 use crate::http::{self, AppState};
 use crate::model::PrecisionChoice;
+use crate::model::io::remove_path;
 use crate::objects::Objects;
 use crate::paths::DataPaths;
 use crate::predictor::{PredictError, Predictor, PredictorConfig};
@@ -350,7 +351,8 @@ pub(crate) fn job_context(state: &AppState) -> JobContext {
 
 /// Under `jobs/`: the folders of jobs that have ended or no longer exist (a crash after a model
 /// was registered, before its job's checkpoints were dropped, leaves one), and inside the others
-/// the half-written temporary folders of a checkpoint interrupted by a crash. Nothing trains while
+/// (and their claims' folders) the half-written temporary folders of a checkpoint interrupted by
+/// a crash. Nothing trains while
 /// this runs, so nothing removed is in use.
 async fn remove_stale_job_files(state: &AppState) -> anyhow::Result<Vec<std::path::PathBuf>> {
     let mut removed = Vec::new();
@@ -362,32 +364,31 @@ async fn remove_stale_job_files(state: &AppState) -> anyhow::Result<Vec<std::pat
             removed.push(dir);
             continue;
         }
-        // A crash while a checkpoint replaced its best model can leave it moved aside: put it back
-        // before the leftovers go.
-        for restored in crate::model::io::restore_interrupted_replacements(&dir)? {
-            tracing::warn!(path = %restored.display(), "restored a folder whose replacement a crash interrupted");
-        }
-        for inner in std::fs::read_dir(&dir)? {
-            let path = inner?.path();
-            if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
-                remove_path(&path)?;
-                removed.push(path);
+        // The job's folder and its claims' folders (`checkpoint::take_over`), where checkpoints are.
+        let claims = std::fs::read_dir(&dir)?.flatten().map(|e| e.path()).filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("claim-")));
+        for folder in std::iter::once(dir.clone()).chain(claims.collect::<Vec<_>>()) {
+            // A crash while a checkpoint replaced its best model can leave it moved aside: put it
+            // back before the leftovers go.
+            for restored in crate::model::io::restore_interrupted_replacements(&folder)? {
+                tracing::warn!(path = %restored.display(), "restored a folder whose replacement a crash interrupted");
+            }
+            for inner in std::fs::read_dir(&folder)? {
+                let path = inner?.path();
+                if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+                    remove_path(&path)?;
+                    removed.push(path);
+                }
             }
         }
     }
     Ok(removed)
 }
 
-fn remove_path(path: &std::path::Path) -> std::io::Result<()> {
-    if path.is_dir() { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) }
-}
-
 /// Removes upload leftovers from a previous run (a crash mid-upload leaves them behind).
 fn clear_scratch(paths: &DataPaths) -> anyhow::Result<()> {
     for entry in std::fs::read_dir(paths.tmp())? {
         let path = entry?.path();
-        let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
-        removed.with_context(|| format!("removing leftover {}", path.display()))?;
+        remove_path(&path).with_context(|| format!("removing leftover {}", path.display()))?;
     }
     Ok(())
 }

@@ -608,6 +608,11 @@ pub fn replace_dir(from: &Path, dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Removes a folder with its contents, or a file.
+pub fn remove_path(path: &Path) -> std::io::Result<()> {
+    if path.is_dir() { fs::remove_dir_all(path) } else { fs::remove_file(path) }
+}
+
 /// Puts back, in `parent`, each folder that [`write_dir_atomically`] had moved aside when it was
 /// interrupted between its two renames (a crash there leaves `.NAME.old-*` and no `NAME`). The old
 /// folder is restored rather than the new one beside it: whatever recorded the replacement (a

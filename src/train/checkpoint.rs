@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::TrainError;
 use super::report::EvalReport;
-use crate::model::io::{save_folder, write_dir_atomically, write_file, write_safetensors};
+use crate::model::io::{remove_path, save_folder, write_dir_atomically, write_file, write_safetensors};
 use crate::model::{PreprocessorConfig, VitConfig};
 
 /// What the loop needs besides tensors to continue after epoch `epoch`.
@@ -173,6 +173,84 @@ pub fn load_latest(root: &Path, fingerprints: &[&str]) -> Result<Option<Restored
     Ok(Some(Restored { state, weights, optimizer }))
 }
 
+/// Folder name of claim `claim`'s checkpoints in a job's folder (see [`take_over`]).
+pub fn claim_dir(job_dir: &Path, claim: i64) -> PathBuf {
+    job_dir.join(format!("claim-{claim}"))
+}
+
+/// Makes `claim_dir(job_dir, claim)` the folder that claim `claim` of a job resumes from and
+/// writes its checkpoints in. The folder of the newest earlier claim that holds a checkpoint (the
+/// job's own folder for a job checkpointed before claims had folders) becomes it by one rename;
+/// every other entry of `job_dir` goes. The newest claim, not the latest epoch: each claim's
+/// folder starts as the one before it, so the newest is the line of runs whose progress the
+/// database recorded, and a later epoch in an older claim's folder is what a run whose claim
+/// had passed on wrote after all.
+///
+/// A run whose claim passed on while it ran (its lease lapsed) may still be writing its
+/// checkpoints by the old folder's path: the rename is atomic, so each of its writes lands wholly
+/// in what this claim takes over (and is resumed from, a complete checkpoint or a staged best
+/// model settled as after a crash) or wholly in a folder of its old name that this claim never
+/// reads. It can no longer replace a checkpoint or best model under this claim, nor remove one.
+/// What cannot be removed of the other folders (a run still writing there) is left to the next
+/// take-over or the job's end, and logged.
+pub fn take_over(job_dir: &Path, claim: i64) -> std::io::Result<PathBuf> {
+    fs::create_dir_all(job_dir)?;
+    let ours = claim_dir(job_dir, claim);
+    let mut claims: Vec<(i64, PathBuf)> = fs::read_dir(job_dir)?
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.strip_prefix("claim-")?.parse::<i64>().ok()?, e.path())))
+        .filter(|(_, path)| !list_epochs(path).is_empty())
+        .collect();
+    claims.sort();
+    match claims.pop() {
+        Some((_, newest)) => {
+            if newest != ours {
+                if ours.exists() {
+                    fs::remove_dir_all(&ours)?;
+                }
+                fs::rename(&newest, &ours)?;
+            }
+        }
+        None if !list_epochs(job_dir).is_empty() => {
+            // Written before claims had folders (no run of that version writes any more).
+            let staging = job_dir.join(format!(".claim-{claim}.legacy"));
+            if staging.exists() {
+                fs::remove_dir_all(&staging)?;
+            }
+            fs::create_dir(&staging)?;
+            for entry in fs::read_dir(job_dir)?.flatten() {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with("epoch-") || name.starts_with("best") || name == "calibrated" || name.starts_with(".best") {
+                    fs::rename(entry.path(), staging.join(&*name))?;
+                }
+            }
+            if ours.exists() {
+                fs::remove_dir_all(&ours)?;
+            }
+            fs::rename(&staging, &ours)?;
+        }
+        None => fs::create_dir_all(&ours)?,
+    }
+    fs::File::open(job_dir)?.sync_all()?;
+    for entry in fs::read_dir(job_dir)?.flatten() {
+        let path = entry.path();
+        if path != ours && let Err(e) = remove_path(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "removing a superseded checkpoint folder failed; it goes when the job ends");
+        }
+    }
+    // What a write interrupted in the folder taken over (by a crash, or by this rename) left:
+    // a best model moved aside goes back (`settle_staged_best` then promotes the staged one if
+    // the checkpoint names it), and the half-written folders go.
+    crate::model::io::restore_interrupted_replacements(&ours)?;
+    for entry in fs::read_dir(&ours)?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            remove_path(&entry.path())?;
+        }
+    }
+    Ok(ours)
+}
+
 /// Removes every checkpoint under `root` (used before re-running from scratch).
 pub fn clear(root: &Path) -> Result<(), TrainError> {
     if root.exists() {
@@ -185,16 +263,91 @@ pub fn clear(root: &Path) -> Result<(), TrainError> {
 mod tests {
     use super::*;
 
+    /// A folder under `dir` holding `what` in a file `w`.
+    fn folder(dir: PathBuf, what: &str) {
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("w"), what).unwrap();
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    }
+
+    /// A claim takes over the newest claim's folder that holds a checkpoint by renaming it, and
+    /// everything else in the job's folder goes; a first claim starts an empty folder.
+    #[test]
+    fn a_claim_takes_over_the_newest_claims_checkpoints_and_the_rest_goes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let job = tmp.path().join("job");
+        let ours = take_over(&job, 1).unwrap();
+        assert_eq!((ours.clone(), names(&job), names(&ours).len()), (claim_dir(&job, 1), vec!["claim-1".to_string()], 0));
+
+        folder(epoch_dir(&claim_dir(&job, 1), 5), "claim 1 epoch 5");
+        folder(epoch_dir(&claim_dir(&job, 2), 3), "claim 2 epoch 3");
+        // Claim 1's epoch 5 is later, but claim 3 took the job over from claim 1 after all.
+        folder(epoch_dir(&claim_dir(&job, 3), 4), "claim 3 epoch 4");
+        folder(best_dir(&claim_dir(&job, 3)), "claim 3 best");
+        folder(staged_best_dir(&claim_dir(&job, 4), 6), "claim 4 staged, no checkpoint");
+        let ours = take_over(&job, 5).unwrap();
+        assert_eq!(names(&job), ["claim-5"]);
+        assert_eq!(names(&ours), ["best", "epoch-4"]);
+        assert_eq!(fs::read_to_string(epoch_dir(&ours, 4).join("w")).unwrap(), "claim 3 epoch 4");
+        assert_eq!(fs::read_to_string(best_dir(&ours).join("w")).unwrap(), "claim 3 best");
+    }
+
+    /// A job checkpointed before claims had folders keeps its checkpoints, moved into the claim's.
+    #[test]
+    fn checkpoints_written_before_claims_had_folders_are_taken_over() {
+        let tmp = tempfile::tempdir().unwrap();
+        let job = tmp.path().join("job");
+        folder(epoch_dir(&job, 2), "epoch 2");
+        folder(best_dir(&job), "best");
+        folder(job.join(".epoch-3.tmp-0192"), "half-written");
+        let ours = take_over(&job, 7).unwrap();
+        assert_eq!(names(&job), ["claim-7"]);
+        assert_eq!(names(&ours), ["best", "epoch-2"]);
+        assert_eq!(fs::read_to_string(epoch_dir(&ours, 2).join("w")).unwrap(), "epoch 2");
+    }
+
+    /// What an interrupted write left in the folder taken over is settled: a best model moved
+    /// aside is put back, half-written folders go.
+    #[test]
+    fn a_folder_taken_over_is_settled_like_after_a_crash() {
+        let tmp = tempfile::tempdir().unwrap();
+        let job = tmp.path().join("job");
+        let before = claim_dir(&job, 1);
+        folder(epoch_dir(&before, 4), "epoch 4");
+        folder(before.join(".best.old-0192"), "best of epoch 3");
+        folder(staged_best_dir(&before, 4), "best of epoch 4");
+        folder(before.join(".epoch-5.tmp-0193"), "half-written");
+        let ours = take_over(&job, 2).unwrap();
+        assert_eq!(names(&ours), ["best", "best-next-4", "epoch-4"]);
+        assert_eq!(fs::read_to_string(best_dir(&ours).join("w")).unwrap(), "best of epoch 3");
+    }
+
+    /// A run still writing by the old folder's path after the take-over (its claim passed on)
+    /// writes into a folder of that name, never into the one taken over.
+    #[test]
+    fn a_run_writing_by_the_old_path_after_a_take_over_misses_the_folder_taken_over() {
+        let tmp = tempfile::tempdir().unwrap();
+        let job = tmp.path().join("job");
+        let stale = take_over(&job, 1).unwrap();
+        folder(epoch_dir(&stale, 1), "epoch 1");
+        let ours = take_over(&job, 2).unwrap();
+        crate::model::io::write_dir_atomically(&epoch_dir(&stale, 2), |t| crate::model::io::write_file(&t.join("w"), b"stale epoch 2")).unwrap();
+        fs::remove_dir_all(epoch_dir(&stale, 1)).unwrap_err();
+        assert_eq!(names(&ours), ["epoch-1"]);
+        assert_eq!(list_epochs(&stale), [2]);
+    }
+
     /// What a crash leaves between staging a best model, writing its checkpoint and promoting it
     /// is settled on resume: promoted when the checkpoint names it, removed when not.
     #[test]
     fn a_staged_best_model_is_promoted_only_when_its_checkpoint_names_it() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
-        let folder = |dir: PathBuf, what: &str| {
-            fs::create_dir_all(&dir).unwrap();
-            fs::write(dir.join("w"), what).unwrap();
-        };
         let best = || fs::read_to_string(best_dir(root).join("w")).unwrap();
         let state = |epoch: u32, best_epoch: u32| LoopState { epoch, best_epoch: Some(best_epoch), ..LoopState::fresh(String::new()) };
         folder(best_dir(root), "epoch 1");

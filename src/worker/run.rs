@@ -58,8 +58,9 @@ fn store(e: anyhow::Error) -> JobFailure {
 /// Runs the fine-tune of `job` on a thread of its own and records its events as they arrive.
 /// Of the run's `flags`, `lost` is set once the job no longer runs under this worker: from then on no checkpoint of
 /// this run goes to the object store (where the run that took the job over resumes from). Nor
-/// into the job's folder, which that run may share: before anything is written there, the claim
-/// is renewed ([`holds_claim`]).
+/// into its claim's folder: before anything is written there, the claim is renewed
+/// ([`holds_claim`]); and the run that took the job over renamed that folder to its own
+/// (`checkpoint::take_over`), so what this run still writes by the old path reaches no one.
 pub(super) async fn run_job(
     ctx: &JobContext,
     job: &Job,
@@ -75,7 +76,13 @@ pub(super) async fn run_job(
     let source = resolve_base_model(&job.base_model, our_model.is_some(), &ctx.paths.models(), &ctx.base_models_dir).map_err(setup)?;
     let (data, files) = load_dataset(ctx, &job.dataset_id).await?;
     (recorder.files, recorder.labels) = (files, data.labels.clone());
-    let checkpoint_root = ctx.paths.job(&job.id);
+    // This claim's own folder, holding the job's latest checkpoint if it has one: a run of an
+    // earlier claim still writing (its lease lapsed unnoticed) writes elsewhere from now on.
+    let (job_dir, claim) = (ctx.paths.job(&job.id), i64::from(job.attempts));
+    let checkpoint_root = tokio::task::spawn_blocking(move || crate::train::checkpoint::take_over(&job_dir, claim))
+        .await
+        .map_err(setup)?
+        .map_err(|e| setup(format!("taking over the job's checkpoints: {e}")))?;
     // Another machine may have run it before: its last checkpoint is in the object store.
     if let Some(epoch) = ctx.objects.fetch_checkpoint(&checkpoint_root).await.map_err(store)? {
         tracing::info!(job = %job.id, epoch, "fetched the job's last checkpoint from the object store");

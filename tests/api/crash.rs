@@ -45,6 +45,17 @@ fn dot_entries(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+/// The hidden entries of a job's folder and of its claims' folders, where its checkpoints are.
+fn job_dot_entries(job_dir: &Path) -> Vec<PathBuf> {
+    let mut found = dot_entries(job_dir);
+    for claim in std::fs::read_dir(job_dir).into_iter().flatten().flatten() {
+        if claim.file_name().to_string_lossy().starts_with("claim-") {
+            found.extend(dot_entries(&claim.path()));
+        }
+    }
+    found
+}
+
 /// `PRAGMA integrity_check` on the database of a stopped service (SQLite; PostgreSQL keeps its
 /// own files whole).
 async fn integrity_check(data: &Path) {
@@ -63,7 +74,7 @@ async fn leftovers(data: &Path) -> Vec<PathBuf> {
     let mut found = dot_entries(&data.join("models"));
     found.extend(unregistered_models(data).await.into_iter().map(|m| data.join("models").join(m)));
     for job_dir in std::fs::read_dir(data.join("jobs")).unwrap().flatten() {
-        found.extend(dot_entries(&job_dir.path()));
+        found.extend(job_dot_entries(&job_dir.path()));
     }
     found.extend(std::fs::read_dir(data.join("tmp")).unwrap().flatten().map(|e| e.path()));
     found
@@ -225,7 +236,7 @@ async fn sigkill_at_random_points_loses_nothing() {
                 tokio::time::sleep(Duration::from_millis(rng.random_range(0..2500))).await;
                 true
             }
-            Point::Checkpoint => wait_for(60, || dot_entries(&job_dir).iter().any(|p| p.to_string_lossy().contains(".tmp-"))).await,
+            Point::Checkpoint => wait_for(60, || job_dot_entries(&job_dir).iter().any(|p| p.to_string_lossy().contains(".tmp-"))).await,
             Point::Register => {
                 let known: Vec<String> = server.get_json("/models").await.as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
                 wait_for(120, || {
@@ -240,7 +251,7 @@ async fn sigkill_at_random_points_loses_nothing() {
         // Proof the kill interrupted a write: its temporary folder is still there, or a model
         // folder is in place that the database does not list yet.
         let interrupted = match point {
-            Point::Checkpoint => !dot_entries(&job_dir).is_empty(),
+            Point::Checkpoint => !job_dot_entries(&job_dir).is_empty(),
             Point::Register => !dot_entries(&models_dir).is_empty() || !unregistered_models(&data).await.is_empty(),
             Point::Upload | Point::Epoch => true,
         };

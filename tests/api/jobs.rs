@@ -180,8 +180,8 @@ async fn queued_jobs_run_one_after_another_and_cancel_works_in_every_state() {
     // Queued → cancelled at once. A queued job can hold checkpoints (a shutdown put it back in
     // the queue mid-run): they go with the cancel.
     let checkpoints = app.data_dir.join("jobs").join(queued_id);
-    std::fs::create_dir_all(checkpoints.join("epoch-1")).unwrap();
-    std::fs::write(checkpoints.join("epoch-1/state.json"), "{}").unwrap();
+    std::fs::create_dir_all(checkpoints.join("claim-1/epoch-1")).unwrap();
+    std::fs::write(checkpoints.join("claim-1/epoch-1/state.json"), "{}").unwrap();
     let resp = app.client.post(app.url(&format!("/jobs/{queued_id}/cancel"))).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(json(resp).await["status"], "cancelled");
@@ -241,9 +241,9 @@ async fn a_job_whose_model_cannot_be_registered_fails_with_the_reason() {
 }
 
 /// A run whose claim passed on (its lease lapsed: the database was out of reach, the process
-/// paused) writes nothing more into the job's folder, which the run that took the job over may
-/// share: before each checkpoint it renews its claim, and finding it gone it stops, at its next
-/// checkpoint rather than at its next renewal (here ten minutes away).
+/// paused) writes nothing more into its claim's folder: before each checkpoint it renews its
+/// claim, and finding it gone it stops, at its next checkpoint rather than at its next renewal
+/// (here ten minutes away).
 #[tokio::test]
 async fn a_run_whose_claim_passed_on_writes_no_more_checkpoints_and_stops() {
     let app = crate::helpers::spawn_app_with(|c| c.lease_secs = 1800).await;
@@ -251,7 +251,8 @@ async fn a_run_whose_claim_passed_on_writes_no_more_checkpoints_and_stops() {
     let dataset = app.upload_pets(40, false).await;
     let job = app.submit_job(&dataset, json!({"epochs": 1000, "batch_size": 2})).await;
     let id = job["id"].as_str().unwrap();
-    let folder = app.data_dir.join("jobs").join(id);
+    // The folder of the job's first claim.
+    let folder = vitforge::train::checkpoint::claim_dir(&app.data_dir.join("jobs").join(id), 1);
     let last_epoch = || vitforge::train::checkpoint::list_epochs(&folder).pop();
     for _ in 0..600 {
         if last_epoch().is_some_and(|e| e >= 2) {

@@ -298,7 +298,7 @@ async fn each_run_of_a_job_keeps_its_checkpoints_apart() {
     let tmp = tempfile::tempdir().unwrap();
     let machine = |name: &str| {
         let (objects, paths) = store_on(&s3, "runs", &tmp.path().join(name));
-        (paths.job("j"), objects)
+        (vitforge::train::checkpoint::claim_dir(&paths.job("j"), 1), objects)
     };
     // A checkpoint of `epoch` in `root` whose best model is `best` (the best model's file says which).
     let write = |root: &Path, epoch: u32, best: u32| {

@@ -70,6 +70,60 @@ fn a_run_whose_fence_stops_holding_writes_no_more_checkpoints() {
     assert_eq!(vitforge::train::checkpoint::list_epochs(&root), [2], "epoch 3 was not written");
 }
 
+/// The race a job's folder per claim closes: a run whose claim passed on just after its fence
+/// held (its lease lapsed unnoticed) goes on writing checkpoints while the next claim takes the
+/// job over. What the new claim resumes from does not change under it, and the old run's later
+/// checkpoints land in a folder of the old name, which the new claim never reads.
+#[test]
+fn a_claim_that_took_over_resumes_from_what_the_run_whose_claim_passed_on_cannot_touch() {
+    use vitforge::train::checkpoint::{best_dir, epoch_dir, list_epochs, take_over};
+    let tmp = tempfile::tempdir().unwrap();
+    let (job, data_dir) = (tmp.path().join("job"), tmp.path().join("data"));
+    let stale_root = take_over(&job, 1).unwrap();
+    let (passed, passed_seen) = std::sync::mpsc::channel();
+    let (taken, taken_seen) = std::sync::mpsc::channel();
+    // The latest checkpoint and the best model, byte for byte.
+    let contents = |root: &std::path::Path| {
+        let epochs = list_epochs(root);
+        let state = std::fs::read(epoch_dir(root, *epochs.last().unwrap()).join("state.json")).unwrap();
+        (epochs, state, std::fs::read(best_dir(root).join("model.safetensors")).unwrap())
+    };
+    let (stale, ours, taken_over) = std::thread::scope(|s| {
+        let (data_dir, stale_root) = (&data_dir, &stale_root);
+        let stale = s.spawn(move || {
+            let mut model = tiny_model(&["horizontal", "vertical"], 9);
+            let (cancel, asked) = (AtomicBool::new(false), std::cell::Cell::new(0));
+            // The third checkpoint's fence holds, and the job is taken over right after; the run
+            // stops at its seventh.
+            let holds = || {
+                asked.set(asked.get() + 1);
+                if asked.get() == 3 {
+                    passed.send(()).unwrap();
+                    taken_seen.recv().unwrap();
+                }
+                asked.get() <= 6
+            };
+            let spec = TrainSpec { params: params(), data: stripes_data(data_dir, 40, 3), checkpoint_root: stale_root.clone(), max_pixels: 1 << 24, cache_budget: 1 << 28, memory_limit: None };
+            fine_tune(&mut model, spec, &Device::Cpu, Control { holds: &holds, ..Control::new(&cancel, &mut |_| {}) })
+        });
+        passed_seen.recv().unwrap();
+        let ours = take_over(&job, 2).unwrap();
+        let taken_over = contents(&ours);
+        taken.send(()).unwrap();
+        (stale.join().unwrap(), ours, taken_over)
+    });
+    assert!(matches!(stale, Err(TrainError::Cancelled)), "{:?}", stale.map(|o| o.epochs_run));
+    assert_eq!(taken_over.0, [2], "taken over with the second epoch's checkpoint");
+    assert!(contents(&ours) == taken_over, "the run whose claim passed on changed the folder taken over");
+    assert_eq!(list_epochs(&stale_root), [6], "it wrote on, under its old folder's name");
+
+    // The new claim resumes from epoch 2 and ends as a run never interrupted would.
+    let (resumed, events) = run_events(&data_dir, &ours, params(), None);
+    assert!(events.iter().any(|e| matches!(e, TrainEvent::Started { resumed_from: Some(2), .. })));
+    let (whole, _) = run(&data_dir, &tmp.path().join("whole"), params(), None);
+    assert_eq!(resumed.unwrap().history, whole.unwrap().history);
+}
+
 #[test]
 fn learns_stripes_from_scratch_deterministically() {
     let tmp = tempfile::tempdir().unwrap();
