@@ -378,19 +378,23 @@ impl Objects {
     }
 
     /// Before a job runs: when the object store holds a later checkpoint of it than its claim's
-    /// folder `root` (another machine ran it), fetches that checkpoint and its best model: the latest
-    /// epoch of any run, the latest run among equals. Returns the epoch fetched.
+    /// folder `root` (another machine ran it), fetches that checkpoint and its best model: the
+    /// latest epoch of the newest run that stored one. The newest run, not the latest epoch, as
+    /// `checkpoint::take_over` chooses among local folders: each run starts from the one before
+    /// it, so the newest is the line of runs whose progress the database recorded, and a later
+    /// epoch under an older run is what a run whose lease had lapsed stored after all. Returns the
+    /// epoch fetched.
     pub async fn fetch_checkpoint(&self, root: &Path) -> anyhow::Result<Option<u32>> {
         let Some(remote) = &self.remote else { return Ok(None) };
         let job = self.job_key(root)?;
         let stored = self.list(remote, &job).await?;
-        let Some((epoch, run)) = stored
+        let Some((run, epoch)) = stored
             .iter()
             .filter_map(|k| {
                 let parts: Vec<String> = k.prefix_match(&job)?.map(|p| p.as_ref().to_string()).collect();
                 let [run, epoch, file] = parts.as_slice() else { return None };
                 let epoch = epoch.strip_prefix("epoch-")?.parse::<u32>().ok()?;
-                (run.starts_with("run-") && file == "state.json").then(|| (epoch, run.clone()))
+                (run.starts_with("run-") && file == "state.json").then(|| (run.clone(), epoch))
             })
             .max()
         else {

@@ -352,8 +352,7 @@ pub(crate) fn job_context(state: &AppState) -> JobContext {
 /// Under `jobs/`: the folders of jobs that have ended or no longer exist (a crash after a model
 /// was registered, before its job's checkpoints were dropped, leaves one), and inside the others
 /// (and their claims' folders) the half-written temporary folders of a checkpoint interrupted by
-/// a crash. Nothing trains while
-/// this runs, so nothing removed is in use.
+/// a crash. Nothing trains while this runs, so nothing removed is in use.
 async fn remove_stale_job_files(state: &AppState) -> anyhow::Result<Vec<std::path::PathBuf>> {
     let mut removed = Vec::new();
     for entry in std::fs::read_dir(state.paths.jobs())? {

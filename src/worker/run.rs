@@ -76,8 +76,8 @@ pub(super) async fn run_job(
     let source = resolve_base_model(&job.base_model, our_model.is_some(), &ctx.paths.models(), &ctx.base_models_dir).map_err(setup)?;
     let (data, files) = load_dataset(ctx, &job.dataset_id).await?;
     (recorder.files, recorder.labels) = (files, data.labels.clone());
-    // This claim's own folder, holding the job's latest checkpoint if it has one: a run of an
-    // earlier claim still writing (its lease lapsed unnoticed) writes elsewhere from now on.
+    // This claim's own folder, holding the checkpoint the job resumes from if it has one: a run
+    // of an earlier claim still writing (its lease lapsed unnoticed) writes elsewhere from now on.
     let (job_dir, claim) = (ctx.paths.job(&job.id), i64::from(job.attempts));
     let checkpoint_root = tokio::task::spawn_blocking(move || crate::train::checkpoint::take_over(&job_dir, claim))
         .await

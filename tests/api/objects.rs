@@ -290,8 +290,8 @@ async fn image_blobs_come_back_checked_and_leave_nothing_behind_when_wrong() {
 
 /// Each run of a job writes its checkpoints under a prefix of its own: a later run removes the
 /// earlier runs' prefixes, and a run that lost its lease without noticing ("zombie") cannot delete
-/// what the run that took over wrote; a resume takes the latest epoch, with the best model its
-/// own `state.json` names. A best model whose upload failed part-way is uploaded again.
+/// what the run that took over wrote; a resume takes the newest run's latest epoch, with the best
+/// model its own `state.json` names. A best model whose upload failed part-way is uploaded again.
 #[tokio::test]
 async fn each_run_of_a_job_keeps_its_checkpoints_apart() {
     let Some(s3) = PrivateS3::start().await else { return };
@@ -350,10 +350,11 @@ async fn each_run_of_a_job_keeps_its_checkpoints_apart() {
     a.publish_checkpoint(&root_a, "run-01", 5, false).await.unwrap();
     assert_eq!(runs(s3.keys("runs/jobs/j/").await), ["run-01".to_string(), "run-02".to_string()].into());
     assert_eq!(s3.keys("runs/jobs/j/run-02/epoch-4/").await.len(), 2);
-    // A third machine takes the latest epoch, with the best model of its own run.
+    // A third machine takes the newest run's checkpoint, with that run's best model: not the
+    // first run's later epoch, written after its lease had passed on.
     let (root_c, c) = machine("c");
-    assert_eq!(c.fetch_checkpoint(&root_c).await.unwrap(), Some(5));
-    assert_eq!(std::fs::read_to_string(root_c.join("best").join("model.safetensors")).unwrap(), "best 2");
+    assert_eq!(c.fetch_checkpoint(&root_c).await.unwrap(), Some(4));
+    assert_eq!(std::fs::read_to_string(root_c.join("best").join("model.safetensors")).unwrap(), "best 4");
 }
 
 /// The periodic sweeps' part of the object store (`ModelRegistry::remove_unregistered`,
