@@ -29,7 +29,7 @@ pub struct ParamSpec {
 
 /// The checkpoint key of every tensor, as `save_pretrained` writes a `ViTForImageClassification`:
 /// the one place those strings are spelled (as candle's `vb.pp(…)` keeps key structure in one
-/// place). Every per-layer key is [`layer`]`(i, part)` with a `part` below.
+/// place). Every per-layer key is [`keys::layer`]`(i, part)` with a `part` below.
 pub mod keys {
     /// Prefix of backbone tensors.
     pub const BACKBONE_PREFIX: &str = "vit.";

@@ -150,7 +150,7 @@ pub(super) fn gemm<K: Micro>(a: Mat, b: Mat, c: MatMut, alpha: f32, onto: Onto, 
     gemm_parts::<K>(a, &[b], c, alpha, onto, parallel, bf16)
 }
 
-/// [`gemm`] by the matrix made of `parts` side by side (each `a.cols` deep), which must
+/// [`gemm()`] by the matrix made of `parts` side by side (each `a.cols` deep), which must
 /// [`parts_align`]: one product, so A is packed once for all of them.
 pub(super) fn gemm_parts<K: Micro>(a: Mat, parts: &[Mat], c: MatMut, alpha: f32, onto: Onto, parallel: bool, bf16: bool) {
     B_SCRATCH.with(|scratch| {
@@ -206,7 +206,7 @@ pub(super) fn pack_panels<K: Micro>(b: Mat, bf16: bool, parallel: bool, dst: &mu
     }
 }
 
-/// [`gemm`] with B already packed by [`pack_panels`] for `K` at the same precision (`step.bf16`);
+/// [`gemm()`] with B already packed by [`pack_panels`] for `K` at the same precision (`step.bf16`);
 /// C's view gives the product's shape.
 pub(super) fn gemm_packed<K: Micro>(a: Mat, bpack: &[f32], c: MatMut, step: Step) {
     debug_assert!(K::MR * K::NR <= MAX_TILE && MC.is_multiple_of(K::MR) && NS.is_multiple_of(K::NR));
