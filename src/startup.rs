@@ -21,6 +21,7 @@ use crate::paths::DataPaths;
 use crate::predictor::{PredictError, Predictor, PredictorConfig};
 use crate::registry::ModelRegistry;
 use crate::telemetry::ServiceMetrics;
+use crate::train::checkpoint;
 use crate::worker::JobContext;
 use crate::worker::hub::JobHub;
 
@@ -363,21 +364,12 @@ async fn remove_stale_job_files(state: &AppState) -> anyhow::Result<Vec<std::pat
             removed.push(dir);
             continue;
         }
-        // The job's folder and its claims' folders (`checkpoint::take_over`), where checkpoints are.
-        let claims = std::fs::read_dir(&dir)?.flatten().map(|e| e.path()).filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("claim-")));
-        for folder in std::iter::once(dir.clone()).chain(claims.collect::<Vec<_>>()) {
-            // A crash while a checkpoint replaced its best model can leave it moved aside: put it
-            // back before the leftovers go.
-            for restored in crate::model::io::restore_interrupted_replacements(&folder)? {
-                tracing::warn!(path = %restored.display(), "restored a folder whose replacement a crash interrupted");
-            }
-            for inner in std::fs::read_dir(&folder)? {
-                let path = inner?.path();
-                if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
-                    remove_path(&path)?;
-                    removed.push(path);
-                }
-            }
+        // The job's folder and its claims' folders (`checkpoint::take_over`), where checkpoints are;
+        // a crash while a checkpoint replaced its best model can leave it moved aside, put back
+        // before the leftovers go.
+        let claims = checkpoint::claim_folders(&dir)?.into_iter().map(|(_, folder)| folder);
+        for folder in std::iter::once(dir.clone()).chain(claims) {
+            removed.extend(checkpoint::clear_interrupted_writes(&folder)?);
         }
     }
     Ok(removed)

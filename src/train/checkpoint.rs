@@ -196,40 +196,20 @@ pub fn claim_dir(job_dir: &Path, claim: i64) -> PathBuf {
 pub fn take_over(job_dir: &Path, claim: i64) -> std::io::Result<PathBuf> {
     fs::create_dir_all(job_dir)?;
     let ours = claim_dir(job_dir, claim);
-    let mut claims: Vec<(i64, PathBuf)> = fs::read_dir(job_dir)?
-        .flatten()
-        .filter_map(|e| Some((e.file_name().to_str()?.strip_prefix("claim-")?.parse::<i64>().ok()?, e.path())))
-        .filter(|(_, path)| !list_epochs(path).is_empty())
-        .collect();
-    claims.sort();
-    match claims.pop() {
-        Some((_, newest)) => {
-            if newest != ours {
-                if ours.exists() {
-                    fs::remove_dir_all(&ours)?;
-                }
-                fs::rename(&newest, &ours)?;
-            }
-        }
-        None if !list_epochs(job_dir).is_empty() => {
-            // Written before claims had folders (no run of that version writes any more).
-            let staging = job_dir.join(format!(".claim-{claim}.legacy"));
-            if staging.exists() {
-                fs::remove_dir_all(&staging)?;
-            }
-            fs::create_dir(&staging)?;
-            for entry in fs::read_dir(job_dir)?.flatten() {
-                let name = entry.file_name();
-                let name = name.to_string_lossy();
-                if name.starts_with("epoch-") || name.starts_with("best") || name == "calibrated" || name.starts_with(".best") {
-                    fs::rename(entry.path(), staging.join(&*name))?;
-                }
-            }
+    let newest = claim_folders(job_dir)?.into_iter().rev().map(|(_, path)| path).find(|path| !list_epochs(path).is_empty());
+    let source = match newest {
+        Some(newest) => Some(newest),
+        None if !list_epochs(job_dir).is_empty() => Some(gather_unclaimed(job_dir, claim)?),
+        None => None,
+    };
+    match source {
+        Some(source) if source != ours => {
             if ours.exists() {
                 fs::remove_dir_all(&ours)?;
             }
-            fs::rename(&staging, &ours)?;
+            fs::rename(&source, &ours)?;
         }
+        Some(_) => {}
         None => fs::create_dir_all(&ours)?,
     }
     fs::File::open(job_dir)?.sync_all()?;
@@ -239,16 +219,56 @@ pub fn take_over(job_dir: &Path, claim: i64) -> std::io::Result<PathBuf> {
             tracing::warn!(path = %path.display(), error = %e, "removing a superseded checkpoint folder failed; it goes when the job ends");
         }
     }
-    // What a write interrupted in the folder taken over (by a crash, or by this rename) left:
-    // a best model moved aside goes back (`settle_staged_best` then promotes the staged one if
-    // the checkpoint names it), and the half-written folders go.
-    crate::model::io::restore_interrupted_replacements(&ours)?;
-    for entry in fs::read_dir(&ours)?.flatten() {
-        if entry.file_name().to_string_lossy().starts_with('.') {
-            remove_path(&entry.path())?;
+    clear_interrupted_writes(&ours)?;
+    Ok(ours)
+}
+
+/// The claims' folders in a job's folder, by claim, ascending.
+pub fn claim_folders(job_dir: &Path) -> std::io::Result<Vec<(i64, PathBuf)>> {
+    let mut claims: Vec<(i64, PathBuf)> = fs::read_dir(job_dir)?
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.strip_prefix("claim-")?.parse::<i64>().ok()?, e.path())))
+        .filter(|(_, path)| path.is_dir())
+        .collect();
+    claims.sort();
+    Ok(claims)
+}
+
+/// Moves the checkpoints of a job checkpointed before claims had folders (directly in
+/// `job_dir`; no run of that version writes any more) into a folder of their own, returned.
+fn gather_unclaimed(job_dir: &Path, claim: i64) -> std::io::Result<PathBuf> {
+    let staging = job_dir.join(format!(".claim-{claim}.legacy"));
+    if staging.exists() {
+        fs::remove_dir_all(&staging)?;
+    }
+    fs::create_dir(&staging)?;
+    for entry in fs::read_dir(job_dir)?.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("epoch-") || name.starts_with("best") || name == "calibrated" || name.starts_with(".best") {
+            fs::rename(entry.path(), staging.join(&*name))?;
         }
     }
-    Ok(ours)
+    Ok(staging)
+}
+
+/// Settles what writes interrupted in the checkpoint folder `dir` left (by a crash, or by a
+/// take-over's rename under a run still writing): a best model moved aside goes back
+/// (`settle_staged_best` then promotes the staged one if the checkpoint names it), and the
+/// half-written folders, hidden by their names, go. Returns what was removed.
+pub fn clear_interrupted_writes(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    for restored in crate::model::io::restore_interrupted_replacements(dir)? {
+        tracing::warn!(path = %restored.display(), "restored a folder whose replacement a write interrupted");
+    }
+    let mut removed = vec![];
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+            remove_path(&path)?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
 }
 
 /// Removes every checkpoint under `root` (used before re-running from scratch).

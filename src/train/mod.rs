@@ -147,8 +147,9 @@ pub struct Control<'a> {
     pub on_event: &'a mut dyn FnMut(TrainEvent),
     /// Asked before anything is written to the checkpoint folder (an epoch's checkpoint, the
     /// calibrated model): `false` stops the run as cancelled with nothing written. A job's run
-    /// answers whether it still holds the job, since a run that took the job over when this
-    /// one's lease lapsed may share the folder ([`Control::new`]: always `true`).
+    /// answers whether it still holds the job: one whose lease lapsed stops there rather than
+    /// training on for a folder no one resumes from (`checkpoint::take_over`) ([`Control::new`]:
+    /// always `true`).
     pub holds: &'a dyn Fn() -> bool,
 }
 

@@ -78,7 +78,8 @@ pub(super) async fn run_job(
     (recorder.files, recorder.labels) = (files, data.labels.clone());
     // This claim's own folder, holding the checkpoint the job resumes from if it has one: a run
     // of an earlier claim still writing (its lease lapsed unnoticed) writes elsewhere from now on.
-    let (job_dir, claim) = (ctx.paths.job(&job.id), i64::from(job.attempts));
+    let holder = recorder.holder.clone();
+    let (job_dir, claim) = (ctx.paths.job(&job.id), holder.claim);
     let checkpoint_root = tokio::task::spawn_blocking(move || crate::train::checkpoint::take_over(&job_dir, claim))
         .await
         .map_err(setup)?
@@ -103,7 +104,7 @@ pub(super) async fn run_job(
     let (objects, runtime) = (ctx.objects.clone(), tokio::runtime::Handle::current());
     // This run's own prefix for its checkpoints in the object store (see `objects`).
     let run_prefix = format!("run-{}", db::new_id());
-    let (pool, job_id, holder, lease) = (ctx.db.clone(), job.id.clone(), Holder::of(&ctx.worker_name, job), ctx.lease);
+    let (pool, job_id, lease) = (ctx.db.clone(), job.id.clone(), ctx.lease);
     let (cancel, lost, _) = flags.clone();
     std::thread::Builder::new()
         .name(format!("train-{}", &job.id[job.id.len().saturating_sub(8)..]))
@@ -154,8 +155,8 @@ pub(super) async fn run_job(
 }
 
 /// Whether the run still holds its job, asked (from the training thread) before it writes into
-/// the job's folder: the lease is renewed now ([`super::renew`], which flags a run whose claim
-/// passed on `lost` and cancels it: another run took the job and may share the folder). A
+/// its claim's folder: the lease is renewed now ([`super::renew`], which flags a run whose claim
+/// passed on `lost` and cancels it: another run took the job, and that folder with it). A
 /// database that does not answer leaves the claim holding while half the lease since the last
 /// renewal that held is left, as `keep_lease` would; after that, another run may have taken the
 /// job, and the run is flagged and cancelled the same way.
