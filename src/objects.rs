@@ -7,10 +7,11 @@
 //! may be deleted at any time and is fetched again on first use. Keys mirror the data folder's
 //! layout (`blobs/<sha256>`, `models/<id>/…`), under the prefix, except a job's checkpoints: each
 //! run of a job (each claim of it by a worker) writes under a prefix of its own,
-//! `jobs/<id>/run-<uuid v7>/` (`epoch-<n>/`, and the local `best/` as `best-<epoch>/`, which each
-//! checkpoint's `state.json`, written last, names). One writer per prefix: a worker that lost its
-//! lease and has not noticed yet cannot overwrite or delete what the worker that took over
-//! writes.
+//! `jobs/<id>/claim-<n>-run-<uuid v7>/` ([`run_prefix`]: `epoch-<n>/`, and the local `best/` as
+//! `best-<epoch>/`, which each checkpoint's `state.json`, written last, names). One writer per
+//! prefix: a worker that lost its lease and has not noticed yet cannot overwrite or delete what
+//! the worker that took over writes. The claim in the name (the database's claim count, the same
+//! on every machine) orders the runs, where the machines' clocks, and so the ids, may not.
 //!
 //! The bottom layers stay synchronous and know only local files; this module moves bytes between
 //! the two, on the async side, and the callers decide when.
@@ -31,6 +32,23 @@ use crate::train::checkpoint::{self, LoopState};
 
 /// How many objects move at once in a transfer of many (a dataset's blobs).
 const PARALLEL: usize = 16;
+
+/// The prefix (under `jobs/<id>/`) of a new run of claim `claim` of a job in the object store:
+/// `claim-<claim>-run-<uuid v7>`. The id keeps two runs apart that got the same claim (a claim
+/// handed back at a graceful shutdown is counted again).
+pub fn run_prefix(claim: i64) -> String {
+    format!("claim-{claim}-run-{}", crate::db::new_id())
+}
+
+/// The claim of the run whose prefix (under `jobs/<id>/`) is `name`: as [`run_prefix`] writes it,
+/// or 0 for a run stored before prefixes named their claim (`run-<uuid v7>`). `None` for a name
+/// that is no run's.
+pub fn run_claim(name: &str) -> Option<i64> {
+    if name.starts_with("run-") {
+        return Some(0);
+    }
+    name.strip_prefix("claim-")?.split_once("-run-")?.0.parse().ok()
+}
 
 /// The bytes of the service: the data folder, and the object store when there is one. Cheap to
 /// clone.
@@ -341,11 +359,13 @@ impl Objects {
     }
 
     /// After epoch `epoch`'s checkpoint of a job was written in its claim's folder `root` by the run
-    /// `run` (`run-<uuid v7>`, new at each claim): stores the best model (when this epoch improved
+    /// `run` ([`run_prefix`], new at each claim): stores the best model (when this epoch improved
     /// it) as `best-<epoch>/`, then the checkpoint with its `state.json` last, under the run's
-    /// prefix; then removes what this run's checkpoint supersedes, and the earlier runs' prefixes.
+    /// prefix; then removes what this run's checkpoint supersedes, and the prefixes of the runs
+    /// of its claim and of earlier claims.
     pub async fn publish_checkpoint(&self, root: &Path, run: &str, epoch: u32, improved: bool) -> anyhow::Result<()> {
         let Some(remote) = &self.remote else { return Ok(()) };
+        let claim = run_claim(run).with_context(|| format!("{run:?} is not a run's prefix"))?;
         let job = self.job_key(root)?;
         let mine = job.child(run);
         let dir = checkpoint::epoch_dir(root, epoch);
@@ -368,33 +388,46 @@ impl Objects {
                 self.delete_prefix(remote, &mine.child(part)).await?;
             }
         }
-        // Runs before this one (UUIDv7 sorts by time): this run resumed from the newest of them.
+        // Runs of earlier claims, or of this one handed back: this run resumed from the newest of
+        // them, or from a later checkpoint.
         for part in self.children(remote, &job).await? {
-            if part.starts_with("run-") && part.as_str() < run {
+            if part != run && run_claim(&part).is_some_and(|c| c <= claim) {
                 self.delete_prefix(remote, &job.child(part)).await?;
             }
         }
         Ok(())
     }
 
-    /// Before a job runs: when the object store holds a later checkpoint of it than its claim's
-    /// folder `root` (another machine ran it), fetches that checkpoint and its best model: the
-    /// latest epoch of the newest run that stored one. The newest run, not the latest epoch, as
-    /// `checkpoint::take_over` chooses among local folders: each run starts from the one before
-    /// it, so the newest is the line of runs whose progress the database recorded, and a later
-    /// epoch under an older run is what a run whose lease had lapsed stored after all. Returns the
-    /// epoch fetched.
-    pub async fn fetch_checkpoint(&self, root: &Path) -> anyhow::Result<Option<u32>> {
+    /// Before claim `claim` of a job runs: when the object store holds a later checkpoint of the
+    /// job than the claim's folder `root`, fetches that checkpoint and its best model in place of
+    /// the folder's; then marks the folder as this claim's ([`checkpoint::mark_claim`]). Returns
+    /// the epoch fetched.
+    ///
+    /// Later is by claim first, then by epoch: the claim whose run stored a checkpoint (its
+    /// prefix names it), against the claim the folder is marked with. Each claim starts from the
+    /// latest checkpoint of the claim before it, so the newest claim's is the line of runs whose
+    /// progress the database recorded, and a later epoch of an older claim (in the store, or in
+    /// this machine's folder) is what a run whose lease had lapsed wrote after all. Claims, not
+    /// the runs' ids, order them: machines' clocks may differ. (`checkpoint::take_over` chooses
+    /// among local folders the same way.)
+    pub async fn fetch_checkpoint(&self, root: &Path, claim: i64) -> anyhow::Result<Option<u32>> {
         let Some(remote) = &self.remote else { return Ok(None) };
+        let fetched = self.fetch_later_checkpoint(remote, root).await?;
+        let root = root.to_path_buf();
+        tokio::task::spawn_blocking(move || checkpoint::mark_claim(&root, claim)).await??;
+        Ok(fetched)
+    }
+
+    async fn fetch_later_checkpoint(&self, remote: &Remote, root: &Path) -> anyhow::Result<Option<u32>> {
         let job = self.job_key(root)?;
         let stored = self.list(remote, &job).await?;
-        let Some((run, epoch)) = stored
+        let Some((claim, epoch, run)) = stored
             .iter()
             .filter_map(|k| {
                 let parts: Vec<String> = k.prefix_match(&job)?.map(|p| p.as_ref().to_string()).collect();
                 let [run, epoch, file] = parts.as_slice() else { return None };
                 let epoch = epoch.strip_prefix("epoch-")?.parse::<u32>().ok()?;
-                (run.starts_with("run-") && file == "state.json").then(|| (run.clone(), epoch))
+                (file == "state.json").then_some((run_claim(run)?, epoch, run.clone()))
             })
             .max()
         else {
@@ -403,27 +436,40 @@ impl Objects {
         let job = job.child(run);
         let local = {
             let root = root.to_path_buf();
-            tokio::task::spawn_blocking(move || checkpoint::list_epochs(&root).pop()).await?
+            tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+                let Some(epoch) = checkpoint::list_epochs(&root).pop() else { return Ok(None) };
+                Ok(Some((checkpoint::marked_claim(&root)?, epoch)))
+            })
+            .await??
         };
-        if local >= Some(epoch) {
+        if local >= Some((claim, epoch)) {
             return Ok(None);
         }
-        // Both fetched beside the checkpoints first (hidden: start-up removes them after a crash);
-        // then the best model goes into place, and the epoch last. Until the epoch is in place,
-        // the folder's own latest epoch is older than the store's, so a failure or a crash on the
-        // way is followed by this same fetch, never by a resume from the new epoch with the old
-        // best model.
+        // Both fetched beside the checkpoints first (hidden: start-up or the next take-over removes
+        // them after a crash); then the folder's own checkpoints go, the best model goes into
+        // place, and the epoch last. Until the epoch is in place, the folder holds none, so a
+        // failure or a crash on the way is followed by this same fetch, never by a resume from
+        // the new epoch with the old best model, nor from the folder's superseded checkpoint.
         let (fetched_epoch, fetched_best) = (root.join(format!(".epoch-{epoch}.fetched")), root.join(".best.fetched"));
         self.download_tree(remote, &job.child(format!("epoch-{epoch}")), &fetched_epoch).await?;
-        if let Some(best) = read_state(&fetched_epoch.join("state.json")).await?.best_epoch {
+        let best = read_state(&fetched_epoch.join("state.json")).await?.best_epoch;
+        if let Some(best) = best {
             self.download_tree(remote, &job.child(format!("best-{best}")), &fetched_best).await?;
             if !tokio::fs::try_exists(fetched_best.join(CONFIG_FILE)).await? {
                 bail!("the best model of {job} (epoch {best}) is not stored whole in {}", remote.url);
             }
-            let best_dir = checkpoint::best_dir(root);
-            tokio::task::spawn_blocking(move || crate::model::io::replace_dir(&fetched_best, &best_dir)).await??;
         }
-        tokio::fs::rename(&fetched_epoch, checkpoint::epoch_dir(root, epoch)).await?;
+        let root = root.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            for superseded in checkpoint::list_epochs(&root) {
+                std::fs::remove_dir_all(checkpoint::epoch_dir(&root, superseded))?;
+            }
+            if best.is_some() {
+                crate::model::io::replace_dir(&fetched_best, &checkpoint::best_dir(&root))?;
+            }
+            std::fs::rename(&fetched_epoch, checkpoint::epoch_dir(&root, epoch))
+        })
+        .await??;
         Ok(Some(epoch))
     }
 
@@ -564,6 +610,17 @@ async fn read_state(path: &Path) -> anyhow::Result<LoopState> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_runs_prefix_names_its_claim() {
+        let run = run_prefix(12);
+        assert_eq!(run_claim(&run), Some(12), "{run}");
+        assert_ne!(run, run_prefix(12), "two runs of one claim are kept apart");
+        assert_eq!(run_claim("run-01f0a1b2-0000-7000-8000-000000000000"), Some(0), "stored before prefixes named their claim");
+        for other in ["claim-x-run-1", "claim--run-1", "claim-3", "best-2", "epoch-3", ""] {
+            assert_eq!(run_claim(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn a_folder_is_uploaded_largest_file_first_and_its_marker_last() {

@@ -223,6 +223,34 @@ pub fn take_over(job_dir: &Path, claim: i64) -> std::io::Result<PathBuf> {
     Ok(ours)
 }
 
+/// The file in a claim's folder naming the claim whose line of runs its checkpoints belong to
+/// (see [`mark_claim`]).
+const CLAIM_MARK: &str = "claim";
+
+/// Marks the claim's folder `root` as claim `claim`'s, once the claim has chosen what it resumes
+/// from (its own checkpoints go in from then on). The mark travels with the folder when a later
+/// claim takes it over; so where machines share an object store, the checkpoint in a folder
+/// is known to be of the line the claim it names chose, whatever the folder's name
+/// (`Objects::fetch_checkpoint` compares it with the store's). Written whole or not at all.
+pub fn mark_claim(root: &Path, claim: i64) -> std::io::Result<()> {
+    let staged = root.join(format!(".{CLAIM_MARK}.tmp"));
+    let mut file = fs::File::create(&staged)?;
+    std::io::Write::write_all(&mut file, claim.to_string().as_bytes())?;
+    file.sync_all()?;
+    fs::rename(&staged, root.join(CLAIM_MARK))
+}
+
+/// The claim the folder `root` was marked with by [`mark_claim`]; 0, older than any claim, for
+/// a folder never marked (checkpointed before the marks, or by a process without an object store)
+/// or whose mark does not read as a claim.
+pub fn marked_claim(root: &Path) -> std::io::Result<i64> {
+    match fs::read_to_string(root.join(CLAIM_MARK)) {
+        Ok(text) => Ok(text.trim().parse().unwrap_or(0)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
 /// The claims' folders in a job's folder, by claim, ascending.
 pub fn claim_folders(job_dir: &Path) -> std::io::Result<Vec<(i64, PathBuf)>> {
     let mut claims: Vec<(i64, PathBuf)> = fs::read_dir(job_dir)?

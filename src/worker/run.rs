@@ -84,8 +84,8 @@ pub(super) async fn run_job(
         .await
         .map_err(setup)?
         .map_err(|e| setup(format!("taking over the job's checkpoints: {e}")))?;
-    // Another machine may have run it before: its last checkpoint is in the object store.
-    if let Some(epoch) = ctx.objects.fetch_checkpoint(&checkpoint_root).await.map_err(store)? {
+    // Another machine may have run it since: its last checkpoint is in the object store.
+    if let Some(epoch) = ctx.objects.fetch_checkpoint(&checkpoint_root, claim).await.map_err(store)? {
         tracing::info!(job = %job.id, epoch, "fetched the job's last checkpoint from the object store");
     }
     let memory_limit = (ctx.max_job_memory > 0).then(|| MemoryLimit { bytes: ctx.max_job_memory, source: "--max-job-memory".into() });
@@ -103,7 +103,7 @@ pub(super) async fn run_job(
     let labels = spec.data.labels.clone();
     let (objects, runtime) = (ctx.objects.clone(), tokio::runtime::Handle::current());
     // This run's own prefix for its checkpoints in the object store (see `objects`).
-    let run_prefix = format!("run-{}", db::new_id());
+    let run_prefix = crate::objects::run_prefix(claim);
     let (pool, job_id, lease) = (ctx.db.clone(), job.id.clone(), ctx.lease);
     let (cancel, lost, _) = flags.clone();
     std::thread::Builder::new()

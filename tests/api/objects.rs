@@ -63,7 +63,7 @@ async fn machines_that_share_only_the_database_and_the_object_store() {
         j["progress"]["epoch"].as_u64().unwrap_or(0) >= 2
     })
     .await;
-    let stored = s3.keys(&format!("cluster/jobs/{id}/run-")).await;
+    let stored = s3.keys(&format!("cluster/jobs/{id}/claim-")).await;
     assert!(stored.iter().any(|k| k.contains("/epoch-") && k.ends_with("/state.json")), "a checkpoint is in the store: {stored:?}");
     first.kill();
     let log = tmp.path().join("worker-2.log");
@@ -288,17 +288,22 @@ async fn image_blobs_come_back_checked_and_leave_nothing_behind_when_wrong() {
     assert!(std::fs::read(third.blob_path(&good).await.unwrap()).unwrap() == image);
 }
 
-/// Each run of a job writes its checkpoints under a prefix of its own: a later run removes the
-/// earlier runs' prefixes, and a run that lost its lease without noticing ("zombie") cannot delete
-/// what the run that took over wrote; a resume takes the newest run's latest epoch, with the best
-/// model its own `state.json` names. A best model whose upload failed part-way is uploaded again.
+/// Each run of a job writes its checkpoints under a prefix of its own, named by its claim: a
+/// later run removes the earlier claims' prefixes, and a run that lost its lease without noticing
+/// ("zombie") cannot delete what the run that took over wrote. A resume takes the newest claim's
+/// latest epoch, with the best model its own `state.json` names, over a later epoch of an older
+/// claim, in the store or in the machine's own folder. A best model whose upload failed part-way
+/// is uploaded again.
 #[tokio::test]
 async fn each_run_of_a_job_keeps_its_checkpoints_apart() {
+    use vitforge::objects::run_prefix;
+    use vitforge::train::checkpoint::take_over;
     let Some(s3) = PrivateS3::start().await else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let machine = |name: &str| {
+    // A machine's objects, and its folder for claim `claim` of the job, taken over as a worker does.
+    let machine = |name: &str, claim: i64| {
         let (objects, paths) = store_on(&s3, "runs", &tmp.path().join(name));
-        (vitforge::train::checkpoint::claim_dir(&paths.job("j"), 1), objects)
+        (take_over(&paths.job("j"), claim).unwrap(), objects)
     };
     // A checkpoint of `epoch` in `root` whose best model is `best` (the best model's file says which).
     let write = |root: &Path, epoch: u32, best: u32| {
@@ -312,49 +317,79 @@ async fn each_run_of_a_job_keeps_its_checkpoints_apart() {
         std::fs::write(root.join("best").join("model.safetensors"), format!("best {best}")).unwrap();
         std::fs::write(root.join("best").join("config.json"), "{}").unwrap();
     };
+    let read = |path: std::path::PathBuf| std::fs::read_to_string(path).unwrap();
     let runs = |keys: Vec<String>| -> std::collections::BTreeSet<String> { keys.iter().map(|k| k.split('/').nth(3).unwrap().to_string()).collect() };
 
-    let (root_a, a) = machine("a");
+    // Claim 1, on machine a.
+    let (root_a, a) = machine("a", 1);
+    assert_eq!(a.fetch_checkpoint(&root_a, 1).await.unwrap(), None, "nothing stored yet");
+    let run_1 = run_prefix(1);
+    assert!(run_1.starts_with("claim-1-run-"), "{run_1}");
     write(&root_a, 1, 1);
-    a.publish_checkpoint(&root_a, "run-01", 1, true).await.unwrap();
+    a.publish_checkpoint(&root_a, &run_1, 1, true).await.unwrap();
     // Epoch 2 improves, and its best model's upload fails part-way (its weights are stored, its
     // config.json not); epoch 3 does not improve: the best model of epoch 2 is stored again, whole.
     write(&root_a, 2, 2);
-    s3.put("runs/jobs/j/run-01/best-2/model.safetensors", b"part of best 2".to_vec()).await;
+    s3.put(&format!("runs/jobs/j/{run_1}/best-2/model.safetensors"), b"part of best 2".to_vec()).await;
     write(&root_a, 3, 2);
-    a.publish_checkpoint(&root_a, "run-01", 3, false).await.unwrap();
+    a.publish_checkpoint(&root_a, &run_1, 3, false).await.unwrap();
     let mut keys = s3.keys("runs/jobs/j/").await;
     keys.sort();
-    assert_eq!(
-        keys,
-        [
-            "runs/jobs/j/run-01/best-2/config.json",
-            "runs/jobs/j/run-01/best-2/model.safetensors",
-            "runs/jobs/j/run-01/epoch-3/model/model.safetensors",
-            "runs/jobs/j/run-01/epoch-3/state.json"
-        ]
-    );
+    let stored: Vec<String> = ["best-2/config.json", "best-2/model.safetensors", "epoch-3/model/model.safetensors", "epoch-3/state.json"]
+        .iter()
+        .map(|k| format!("runs/jobs/j/{run_1}/{k}"))
+        .collect();
+    assert_eq!(keys, stored);
 
-    // Another machine resumes: epoch 3 and the best model of epoch 2.
-    let (root_b, b) = machine("b");
-    assert_eq!(b.fetch_checkpoint(&root_b).await.unwrap(), Some(3));
-    assert_eq!(std::fs::read_to_string(root_b.join("best").join("model.safetensors")).unwrap(), "best 2");
-    assert_eq!(std::fs::read_to_string(root_b.join("epoch-3").join("model").join("model.safetensors")).unwrap(), "weights 3");
-    assert_eq!(b.fetch_checkpoint(&root_b).await.unwrap(), None, "nothing newer than what it has");
+    // Claim 2, on machine b, resumes: epoch 3 and the best model of epoch 2.
+    let (root_b, b) = machine("b", 2);
+    assert_eq!(b.fetch_checkpoint(&root_b, 2).await.unwrap(), Some(3));
+    assert_eq!(read(root_b.join("best").join("model.safetensors")), "best 2");
+    assert_eq!(read(root_b.join("epoch-3").join("model").join("model.safetensors")), "weights 3");
+    assert_eq!(b.fetch_checkpoint(&root_b, 2).await.unwrap(), None, "nothing newer than what it has");
+    let run_2 = run_prefix(2);
     write(&root_b, 4, 4);
-    b.publish_checkpoint(&root_b, "run-02", 4, true).await.unwrap();
-    assert_eq!(runs(s3.keys("runs/jobs/j/").await), ["run-02".to_string()].into(), "the earlier run's prefix is gone");
+    b.publish_checkpoint(&root_b, &run_2, 4, true).await.unwrap();
+    assert_eq!(runs(s3.keys("runs/jobs/j/").await), [run_2.clone()].into(), "the earlier claim's prefix is gone");
 
-    // The first run, unaware it lost the job, writes one more checkpoint: the second run's stays.
+    // Claim 1's run, unaware it lost the job, writes two more checkpoints: claim 2's stays.
     write(&root_a, 5, 2);
-    a.publish_checkpoint(&root_a, "run-01", 5, false).await.unwrap();
-    assert_eq!(runs(s3.keys("runs/jobs/j/").await), ["run-01".to_string(), "run-02".to_string()].into());
-    assert_eq!(s3.keys("runs/jobs/j/run-02/epoch-4/").await.len(), 2);
-    // A third machine takes the newest run's checkpoint, with that run's best model: not the
-    // first run's later epoch, written after its lease had passed on.
-    let (root_c, c) = machine("c");
-    assert_eq!(c.fetch_checkpoint(&root_c).await.unwrap(), Some(4));
-    assert_eq!(std::fs::read_to_string(root_c.join("best").join("model.safetensors")).unwrap(), "best 4");
+    a.publish_checkpoint(&root_a, &run_1, 5, false).await.unwrap();
+    assert_eq!(runs(s3.keys("runs/jobs/j/").await), [run_1.clone(), run_2.clone()].into());
+    assert_eq!(s3.keys(&format!("runs/jobs/j/{run_2}/epoch-4/")).await.len(), 2);
+    write(&root_a, 6, 2);
+    // Machine b keeps its own checkpoint of claim 2 over claim 1's later epoch.
+    let (root_b, b) = machine("b", 3);
+    assert_eq!(b.fetch_checkpoint(&root_b, 3).await.unwrap(), None, "claim 2's own epoch 4 stays");
+    assert_eq!(read(root_b.join("epoch-4").join("model").join("model.safetensors")), "weights 4");
+    // A machine that has never run the job takes claim 2's checkpoint, with its best model: not
+    // claim 1's later epoch, stored after its lease had passed on.
+    let (root_c, c) = machine("c", 4);
+    assert_eq!(c.fetch_checkpoint(&root_c, 4).await.unwrap(), Some(4));
+    assert_eq!(read(root_c.join("best").join("model.safetensors")), "best 4");
+    // And so does machine a, back on the job, whose own folder holds claim 1's later epoch 6:
+    // it resumes from claim 2's epoch 4 alone.
+    let (root_a, a) = machine("a", 5);
+    assert_eq!(a.fetch_checkpoint(&root_a, 5).await.unwrap(), Some(4));
+    assert_eq!(vitforge::train::checkpoint::list_epochs(&root_a), [4], "its own later epoch is gone");
+    assert_eq!(read(root_a.join("best").join("model.safetensors")), "best 4");
+    // Claim 5 chose: its folder's checkpoint is now of its line, and stays over the store's.
+    assert_eq!(a.fetch_checkpoint(&root_a, 6).await.unwrap(), None);
+
+    // A run stored before prefixes named their claim counts as older than any claim.
+    s3.put("runs/jobs/j/run-01f0/epoch-9/state.json", b"{}".to_vec()).await;
+    let (root_d, d) = machine("d", 7);
+    assert_eq!(d.fetch_checkpoint(&root_d, 7).await.unwrap(), Some(4));
+    // Its first checkpoint removes every earlier claim's prefix, that one's too; and a second run
+    // of the same claim (the first handed it back at a shutdown) removes the first one's.
+    let run_7 = run_prefix(7);
+    write(&root_d, 5, 5);
+    d.publish_checkpoint(&root_d, &run_7, 5, true).await.unwrap();
+    assert_eq!(runs(s3.keys("runs/jobs/j/").await), [run_7.clone()].into());
+    let run_7_again = run_prefix(7);
+    write(&root_d, 6, 5);
+    d.publish_checkpoint(&root_d, &run_7_again, 6, false).await.unwrap();
+    assert_eq!(runs(s3.keys("runs/jobs/j/").await), [run_7_again].into());
 }
 
 /// The periodic sweeps' part of the object store (`ModelRegistry::remove_unregistered`,
