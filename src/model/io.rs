@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 
@@ -169,6 +169,18 @@ fn hub_offline() -> bool {
     std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
 }
 
+/// How long a hub download may receive nothing before it is given up: `HF_HUB_DOWNLOAD_TIMEOUT`
+/// seconds (the hub's own tools' variable, there a socket's timeout, 10 s by default), else a
+/// minute. hf-hub sets no timeout on its connections, so a stalled one would otherwise hold the
+/// job that needs the model, and the worker with it, for as long as it stays open.
+fn hub_download_timeout() -> Duration {
+    std::env::var("HF_HUB_DOWNLOAD_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|secs| secs.is_finite() && *secs > 0.0)
+        .map_or(Duration::from_secs(60), Duration::from_secs_f64)
+}
+
 /// What follows a hub download ([`ModelSource::resolve`]): called with the bytes received and
 /// the file's size, again with the same figures at least every quarter second when nothing new
 /// came in, and with `(0, 0)` while there is nothing to count yet (the download has not begun,
@@ -176,11 +188,13 @@ fn hub_offline() -> bool {
 pub type OnDownload<'a> = dyn FnMut(u64, u64) -> ControlFlow<()> + 'a;
 
 /// Bytes received of a download, for a callback: reported when at least a 200th of the file
-/// (and 64 KiB) came in since the last report, and when it is complete, rather than at every read.
+/// (and 64 KiB) came in since the last report, or a second passed, and when it is complete,
+/// rather than at every read.
 struct Received<'a, 'b> {
     done: u64,
     total: u64,
     reported: u64,
+    reported_at: Instant,
     report: &'a mut OnDownload<'b>,
 }
 
@@ -192,7 +206,7 @@ struct StopDownload;
 
 impl Received<'_, '_> {
     fn report(&mut self) {
-        self.reported = self.done;
+        (self.reported, self.reported_at) = (self.done, Instant::now());
         if (self.report)(self.done, self.total).is_break() {
             std::panic::resume_unwind(Box::new(StopDownload));
         }
@@ -207,7 +221,7 @@ impl hf_hub::api::Progress for Received<'_, '_> {
 
     fn update(&mut self, size: usize) {
         self.done += size as u64;
-        if self.done >= self.total || self.done - self.reported >= (self.total / 200).max(64 << 10) {
+        if self.done >= self.total || self.done - self.reported >= (self.total / 200).max(64 << 10) || self.reported_at.elapsed() >= Duration::from_secs(1) {
             self.report();
         }
     }
@@ -234,9 +248,13 @@ const ASK_EVERY: Duration = Duration::from_millis(250);
 
 /// Waits until no download holds the lock file `lock` (hf-hub's, an exclusive `flock`, which
 /// ends with its process), calling `on_download(0, 0)` every quarter second so the caller can
-/// stop the wait.
-fn wait_for_lock(lock: &Path, on_download: &mut OnDownload) -> Result<()> {
+/// stop the wait. Fails when that download's partial file (hf-hub's, beside the lock) has not
+/// grown for `timeout`: its connection stalled, and the wait would last as long as it does.
+fn wait_for_lock(lock: &Path, file_name: &str, timeout: Duration, on_download: &mut OnDownload) -> Result<()> {
     let file = fs::File::open(lock)?;
+    let partial = lock.with_extension("part");
+    let size = || fs::metadata(&partial).ok().map(|m| m.len());
+    let (mut seen, mut grew) = (size(), Instant::now());
     loop {
         match file.try_lock() {
             Ok(()) => return Ok(file.unlock()?),
@@ -247,6 +265,18 @@ fn wait_for_lock(lock: &Path, on_download: &mut OnDownload) -> Result<()> {
             return Err(ModelError::Stopped);
         }
         std::thread::sleep(ASK_EVERY);
+        let now = size();
+        if now != seen {
+            (seen, grew) = (now, Instant::now());
+        } else if grew.elapsed() >= timeout {
+            return Err(ModelError::NotFound(format!(
+                "another download of {file_name} holds its lock ({}) and has received nothing for {} s (HF_HUB_DOWNLOAD_TIMEOUT): \
+                 its connection stalled; the file can be fetched once that connection closes or the process downloading stops \
+                 (the download then resumes from where it stopped)",
+                lock.display(),
+                timeout.as_secs_f64()
+            )));
+        }
     }
 }
 
@@ -277,24 +307,38 @@ fn fetch_from_hub(id: &str, on_download: &mut OnDownload) -> Result<ModelFiles> 
     // so one that stalls without closing blocks a read for as long as it lasts, and the caller
     // must still be able to stop. Progress comes over a channel, the caller is asked at least
     // every quarter second, and its `Break` returns at once (the thread then stops at its next
-    // read, or when the connection dies).
+    // read, or when the connection dies). So does a download from which nothing came for the
+    // timeout (the thread reports at least every second while bytes come, and every quarter
+    // second while it waits for another download's lock, which it gives up itself when that one
+    // stalls).
+    let timeout = hub_download_timeout();
     let (sent, progress) = mpsc::channel::<(u64, u64)>();
     let stop = Arc::new(AtomicBool::new(false));
     let download = {
         let (id, how_to, stop) = (id.to_string(), how_to.clone(), stop.clone());
         std::thread::Builder::new().name("hub-download".into()).spawn(move || {
-            download_from_hub(&id, &how_to, &mut |done, total| {
+            download_from_hub(&id, &how_to, timeout, &mut |done, total| {
                 let _ = sent.send((done, total));
                 if stop.load(Ordering::Relaxed) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
             })
         })?
     };
-    let mut last = (0, 0);
+    let (mut last, mut heard) = ((0, 0), Instant::now());
     loop {
         let asked = match progress.recv_timeout(ASK_EVERY) {
             Ok(now) => {
-                last = now;
+                (last, heard) = (now, Instant::now());
                 on_download(now.0, now.1)
+            }
+            Err(RecvTimeoutError::Timeout) if heard.elapsed() >= timeout => {
+                stop.store(true, Ordering::Relaxed);
+                let received = if last.1 > 0 { format!(" ({} of {} bytes of its weights)", last.0, last.1) } else { String::new() };
+                return Err(ModelError::NotFound(format!(
+                    "nothing came from the Hugging Face hub for {} s (HF_HUB_DOWNLOAD_TIMEOUT) while fetching model '{id}'{received}: \
+                     the connection stalled; try again later (the download resumes from where it stopped once that connection \
+                     closes, or this process restarts), or {how_to}",
+                    timeout.as_secs_f64()
+                )));
             }
             Err(RecvTimeoutError::Timeout) => on_download(last.0, last.1),
             Err(RecvTimeoutError::Disconnected) => return download.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
@@ -308,7 +352,7 @@ fn fetch_from_hub(id: &str, on_download: &mut OnDownload) -> Result<ModelFiles> 
 
 /// [`fetch_from_hub`]'s network part: the config, then the weights (one file or the shards an
 /// index names) with their progress.
-fn download_from_hub(id: &str, how_to: &str, on_download: &mut OnDownload) -> Result<ModelFiles> {
+fn download_from_hub(id: &str, how_to: &str, timeout: Duration, on_download: &mut OnDownload) -> Result<ModelFiles> {
     let cached = hf_hub::Cache::from_env().model(id.to_string());
     // A connection lost mid-file is tried again (after 0.3, 0.6, 1.2, 2.4 and 4.8 s), from the
     // byte it reached, rather than failing the job that needs the model.
@@ -336,13 +380,13 @@ fn download_from_hub(id: &str, how_to: &str, on_download: &mut OnDownload) -> Re
         if let Some(path) = cached.get(file) {
             return Ok(path);
         }
-        let received = Received { done: 0, total: 0, reported: 0, report: &mut *on_download };
+        let received = Received { done: 0, total: 0, reported: 0, reported_at: Instant::now(), report: &mut *on_download };
         match stoppable(|| Ok(repo.download_with_progress(file, received)))? {
             Ok(path) => return Ok(path),
             // Another download of the file (another job's, another process's) holds its lock,
             // and hf-hub gave up after five seconds: wait for that one to end, then take the
             // file from the cache, or resume what it left.
-            Err(hf_hub::api::sync::ApiError::LockAcquisition(lock)) => wait_for_lock(&lock, &mut *on_download)?,
+            Err(hf_hub::api::sync::ApiError::LockAcquisition(lock)) => wait_for_lock(&lock, file, timeout, &mut *on_download)?,
             Err(e) => return Err(failed(file, e)),
         }
     };

@@ -17,7 +17,7 @@ use crate::support::{ChildServer, Launch, slow_config};
 #[tokio::test]
 async fn a_job_on_a_hub_model_shows_its_download_and_the_next_one_uses_the_cache() {
     let tmp = tempfile::tempdir().unwrap();
-    let Served { hub, app, request, size } = serve_a_hub_model(tmp.path(), 8, Duration::from_millis(250)).await;
+    let Served { hub, app, request, size } = serve_a_hub_model(tmp.path(), 8, Duration::from_millis(250), &[]).await;
     assert!(size > 8 * (64 << 10), "the weights are large enough for progress in between: {size} bytes");
     let submit = || app.post_json("/jobs", &request);
 
@@ -59,7 +59,7 @@ async fn a_job_on_a_hub_model_shows_its_download_and_the_next_one_uses_the_cache
 async fn a_cancel_stops_a_hub_download_and_the_next_job_resumes_it() {
     let tmp = tempfile::tempdir().unwrap();
     // 30 pieces 200 ms apart: six seconds for the whole file.
-    let Served { hub, app, request, size } = serve_a_hub_model(tmp.path(), 30, Duration::from_millis(200)).await;
+    let Served { hub, app, request, size } = serve_a_hub_model(tmp.path(), 30, Duration::from_millis(200), &[]).await;
     let hf = tmp.path().join("hf");
 
     let job = app.post_json("/jobs", &request).await;
@@ -93,9 +93,35 @@ async fn a_cancel_stops_a_hub_download_and_the_next_job_resumes_it() {
 async fn a_cancel_stops_a_stalled_hub_download() {
     let tmp = tempfile::tempdir().unwrap();
     // Half the weights, then nothing for ten minutes.
-    let Served { app, request, size, .. } = serve_a_hub_model(tmp.path(), 2, Duration::from_secs(600)).await;
+    let Served { app, request, size, .. } = serve_a_hub_model(tmp.path(), 2, Duration::from_secs(600), &[]).await;
     let job = app.post_json("/jobs", &request).await;
     cancel_mid_download(&app, job["id"].as_str().unwrap(), size).await;
+}
+
+/// A download from which nothing comes for `HF_HUB_DOWNLOAD_TIMEOUT` (its connection stalled and
+/// stays open) is given up: the job fails saying so, rather than holding the worker for as long
+/// as the connection lasts, and the worker goes on to the next job. That one, on the same model,
+/// finds the stalled download still holding the file's lock, and fails saying that, in time too.
+#[tokio::test]
+async fn a_stalled_hub_download_is_given_up_and_the_worker_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Half the weights, then nothing for ten minutes. The timeout is longer than the five seconds
+    // hf-hub itself tries a lock for.
+    let Served { app, request, size, .. } = serve_a_hub_model(tmp.path(), 2, Duration::from_secs(600), &[("HF_HUB_DOWNLOAD_TIMEOUT", "8")]).await;
+    let ended = |j: &Value| j["status"] != "running" && j["status"] != "queued";
+    let first = app.post_json("/jobs", &request).await;
+    let second = app.post_json("/jobs", &request).await;
+    let started = std::time::Instant::now();
+    let failed = wait_for(&app, first["id"].as_str().unwrap(), 60, "the stalled job ending", ended).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("nothing came from the Hugging Face hub for 8 s (HF_HUB_DOWNLOAD_TIMEOUT)"), "{error}");
+    assert!(error.contains(&format!("of {size} bytes of its weights")) && error.contains("acme/tiny-vit"), "{error}");
+    let failed = wait_for(&app, second["id"].as_str().unwrap(), 60, "the next job ending", ended).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("another download of model.safetensors holds its lock") && error.contains("received nothing for 8 s"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(100), "both ended in {:?}", started.elapsed());
 }
 
 /// Waits until job `id` has received part of its model's weights (`size` bytes), cancels it, and
@@ -122,14 +148,16 @@ struct Served {
 
 /// A random model (the larger test configuration) served by a stand-in hub as `acme/tiny-vit`,
 /// weights in `pieces` parts `pause` apart; the service started on `root/data` with the hub cache
-/// in `root/hf`, and a dataset uploaded.
-async fn serve_a_hub_model(root: &std::path::Path, pieces: usize, pause: Duration) -> Served {
+/// in `root/hf` (and the variables `env`), and a dataset uploaded.
+async fn serve_a_hub_model(root: &std::path::Path, pieces: usize, pause: Duration, env: &[(&str, &str)]) -> Served {
     let repo = root.join("repo");
     let labels = ["cat".to_string(), "dog".to_string()];
     vitforge::model::LoadedModel::random(&slow_config(), &labels, 1, &candle_core::Device::Cpu).unwrap().save(&repo).unwrap();
     let size = std::fs::metadata(repo.join("model.safetensors")).unwrap().len();
     let hub = FakeHub::serve("acme/tiny-vit", &repo, pieces, pause);
-    let app = Launch::new(&root.join("data")).envs(hub.env(&root.join("hf"))).start();
+    let mut vars = hub.env(&root.join("hf"));
+    vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let app = Launch::new(&root.join("data")).envs(vars).start();
     let form = reqwest::multipart::Form::new()
         .part("file", reqwest::multipart::Part::bytes(zip(&class_images("", &["cat", "dog"], 6, 3))).file_name("pets.zip"));
     let resp = app.client.post(app.url("/datasets")).multipart(form).send().await.unwrap();
