@@ -461,9 +461,7 @@ impl Objects {
         }
         let root = root.to_path_buf();
         tokio::task::spawn_blocking(move || {
-            for superseded in checkpoint::list_epochs(&root) {
-                std::fs::remove_dir_all(checkpoint::epoch_dir(&root, superseded))?;
-            }
+            checkpoint::remove_superseded(&root)?;
             if best.is_some() {
                 crate::model::io::replace_dir(&fetched_best, &checkpoint::best_dir(&root))?;
             }

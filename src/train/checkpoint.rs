@@ -299,6 +299,19 @@ pub fn clear_interrupted_writes(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
+/// Removes the checkpoints in `root` and the best models staged for them: what a checkpoint of
+/// another line of runs, about to be put in, supersedes (`best/` is replaced with that one's).
+/// A staged model left would be promoted on resume when its epoch's number matched.
+pub fn remove_superseded(root: &Path) -> std::io::Result<()> {
+    for entry in fs::read_dir(root)? {
+        let path = entry?.path();
+        if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("epoch-") || n.starts_with("best-next-")) {
+            remove_path(&path)?;
+        }
+    }
+    Ok(())
+}
+
 /// Removes every checkpoint under `root` (used before re-running from scratch).
 pub fn clear(root: &Path) -> Result<(), TrainError> {
     if root.exists() {

@@ -358,6 +358,8 @@ async fn each_run_of_a_job_keeps_its_checkpoints_apart() {
     assert_eq!(runs(s3.keys("runs/jobs/j/").await), [run_1.clone(), run_2.clone()].into());
     assert_eq!(s3.keys(&format!("runs/jobs/j/{run_2}/epoch-4/")).await.len(), 2);
     write(&root_a, 6, 2);
+    // And stages a best model for an epoch 4 of its own, as it would before that checkpoint.
+    std::fs::create_dir_all(root_a.join("best-next-4")).unwrap();
     // Machine b keeps its own checkpoint of claim 2 over claim 1's later epoch.
     let (root_b, b) = machine("b", 3);
     assert_eq!(b.fetch_checkpoint(&root_b, 3).await.unwrap(), None, "claim 2's own epoch 4 stays");
@@ -368,10 +370,11 @@ async fn each_run_of_a_job_keeps_its_checkpoints_apart() {
     assert_eq!(c.fetch_checkpoint(&root_c, 4).await.unwrap(), Some(4));
     assert_eq!(read(root_c.join("best").join("model.safetensors")), "best 4");
     // And so does machine a, back on the job, whose own folder holds claim 1's later epoch 6:
-    // it resumes from claim 2's epoch 4 alone.
+    // it resumes from claim 2's epoch 4 alone, with that one's best model.
     let (root_a, a) = machine("a", 5);
     assert_eq!(a.fetch_checkpoint(&root_a, 5).await.unwrap(), Some(4));
     assert_eq!(vitforge::train::checkpoint::list_epochs(&root_a), [4], "its own later epoch is gone");
+    assert!(!root_a.join("best-next-4").exists(), "and its staged best model, which a resume from epoch 4 would promote");
     assert_eq!(read(root_a.join("best").join("model.safetensors")), "best 4");
     // Claim 5 chose: its folder's checkpoint is now of its line, and stays over the store's.
     assert_eq!(a.fetch_checkpoint(&root_a, 6).await.unwrap(), None);
