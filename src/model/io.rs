@@ -171,14 +171,16 @@ fn hub_offline() -> bool {
 
 /// How long a hub download may receive nothing before it is given up: `HF_HUB_DOWNLOAD_TIMEOUT`
 /// seconds (the hub's own tools' variable, there a socket's timeout, 10 s by default), else a
-/// minute. hf-hub sets no timeout on its connections, so a stalled one would otherwise hold the
-/// job that needs the model, and the worker with it, for as long as it stays open.
+/// minute; at least 10 s, as hf-hub tries for another download's lock for five seconds without a
+/// word. hf-hub sets no timeout on its connections, so a stalled one would otherwise hold the job
+/// that needs the model, and the worker with it, for as long as it stays open.
 fn hub_download_timeout() -> Duration {
     std::env::var("HF_HUB_DOWNLOAD_TIMEOUT")
         .ok()
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|secs| secs.is_finite() && *secs > 0.0)
-        .map_or(Duration::from_secs(60), Duration::from_secs_f64)
+        .map_or(Duration::from_secs(60), |secs| Duration::from_secs_f64(secs.min(1e9)))
+        .max(Duration::from_secs(10))
 }
 
 /// What follows a hub download ([`ModelSource::resolve`]): called with the bytes received and
