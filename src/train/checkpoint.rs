@@ -299,17 +299,15 @@ pub fn clear_interrupted_writes(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
-/// Removes the checkpoints in `root` and the best models staged for them: what a checkpoint of
-/// another line of runs, about to be put in, supersedes (`best/` is replaced with that one's).
-/// A staged model left would be promoted on resume when its epoch's number matched.
+/// Removes the checkpoints in `root` and the best models staged for them (as
+/// [`settle_staged_best`] does with no checkpoint): what a checkpoint of another line of runs,
+/// about to be put in, supersedes (`best/` is replaced with that one's). A staged model left
+/// would be promoted on resume when its epoch's number matched.
 pub fn remove_superseded(root: &Path) -> std::io::Result<()> {
-    for entry in fs::read_dir(root)? {
-        let path = entry?.path();
-        if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("epoch-") || n.starts_with("best-next-")) {
-            remove_path(&path)?;
-        }
+    for epoch in list_epochs(root) {
+        fs::remove_dir_all(epoch_dir(root, epoch))?;
     }
-    Ok(())
+    settle_staged_best(root, None)
 }
 
 /// Removes every checkpoint under `root` (used before re-running from scratch).
