@@ -35,9 +35,17 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
             return Err(AppError::unprocessable("invalid_field", format!("{at} contains a NUL character (\\u0000)")));
         }
         integral_floats_as_integers(&mut value);
-        // Re-read through axum so that a value of the wrong shape is reported with its path.
-        let bytes = serde_json::to_vec(&value).map_err(anyhow::Error::from)?;
-        Ok(ApiJson(axum::Json::<T>::from_bytes(&bytes)?.0))
+        serde_path_to_error::deserialize(value).map(ApiJson).map_err(|e| AppError::unprocessable("invalid_field", field_error(&e)))
+    }
+}
+
+/// A value of the wrong shape, named by its path in the body (`params.epochs: invalid type: …`).
+/// Read from the parsed value, so the message carries no line and column: they would count in a
+/// re-serialised copy, not in the body the client sent.
+fn field_error(e: &serde_path_to_error::Error<serde_json::Error>) -> String {
+    match e.path().to_string().as_str() {
+        "." => e.inner().to_string(),
+        path => format!("{path}: {}", e.inner()),
     }
 }
 

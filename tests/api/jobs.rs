@@ -348,6 +348,14 @@ async fn bad_job_requests_get_clear_errors() {
         assert_eq!(msg, format!("the body must be a JSON object, not {kind}"));
     }
     assert_error(post(json!({"dataset_id": dataset, "colour": 1})).await, 422, "invalid_field").await;
+    let msg = assert_error(post(json!({"params": {}})).await, 422, "invalid_field").await;
+    assert_eq!(msg, "missing field `dataset_id`");
+    // A value of the wrong shape is named by its path, with no line and column: those would
+    // count in a re-serialised copy, not in the (here pretty-printed) body that was sent.
+    let pretty = format!("{{\n  \"dataset_id\": \"{dataset}\",\n\n  \"recipe\": \"magic\"\n}}");
+    let resp = app.client.post(app.url("/jobs")).header("content-type", "application/json").body(pretty).send().await.unwrap();
+    let msg = assert_error(resp, 422, "invalid_field").await;
+    assert_eq!(msg, "recipe: unknown variant `magic`, expected `auto` or `manual`");
     for path in ["/etc/passwd", "../../secret", "a/b/c", "C:\\model"] {
         let msg = assert_error(post(json!({"dataset_id": dataset, "base_model": path})).await, 422, "invalid_base_model").await;
         assert!(msg.contains("paths are not accepted"), "{msg}");
