@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use crate::dataset::{Ingested, Rejected, Split, SplitCounts};
-use crate::db::{Backend, Pool, new_id, now};
+use crate::db::{Backend, Cursor, Listed, Page, Pool, new_id, now};
 
 /// Rows per multi-row `insert` (5 parameters each, well under SQLite's parameter limit and
 /// PostgreSQL's 65,535).
@@ -134,14 +134,19 @@ pub async fn insert(pool: &Pool, name: &str, ingested: &Ingested) -> Result<Data
 }
 
 /// Every dataset, newest first.
-pub async fn list(pool: &Pool) -> Result<Vec<Dataset>, sqlx::Error> {
-    let rows: Vec<DatasetRow> = sqlx::query_as(
-        "select id, name, created_at, num_images, classes, counts, rejected, rejected_total from datasets \
-         order by created_at desc, id desc",
-    )
+pub async fn list(pool: &Pool, page: &Page) -> Result<Listed<Dataset>, sqlx::Error> {
+    let (created_at, id, rows) = page.binds();
+    let rows: Vec<DatasetRow> = sqlx::query_as(concat!(
+        "select id, name, created_at, num_images, classes, counts, rejected, rejected_total from datasets where ",
+        newest_first_page!("$1", "$2", "$3")
+    ))
+    .bind(created_at)
+    .bind(id)
+    .bind(rows)
     .fetch_all(pool)
     .await?;
-    rows.into_iter().map(Dataset::try_from).collect()
+    let datasets = rows.into_iter().map(Dataset::try_from).collect::<Result<Vec<_>, _>>()?;
+    Ok(page.fetch(datasets, |d| Cursor { created_at: d.created_at.clone(), id: d.id.clone() }))
 }
 
 /// One dataset.
@@ -311,7 +316,7 @@ mod tests {
         let (_dir, pool) = pool().await;
         let a = insert(&pool, "a", &ingested(3)).await.unwrap();
         let b = insert(&pool, "b", &ingested(2)).await.unwrap();
-        let ids: Vec<String> = list(&pool).await.unwrap().into_iter().map(|d| d.id).collect();
+        let ids: Vec<String> = list(&pool, &Page::all()).await.unwrap().rows.into_iter().map(|d| d.id).collect();
         assert_eq!(ids, vec![b.id.clone(), a.id.clone()]);
 
         sqlx::query(

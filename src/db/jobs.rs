@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
-use crate::db::{Backend, Pool, new_id, now};
+use crate::db::{Backend, Cursor, Listed, Page, Pool, new_id, now};
 use crate::train::Phase;
 
 /// Lifecycle of a job.
@@ -238,14 +238,19 @@ pub async fn ended_or_gone(pool: &Pool, id: &str) -> Result<bool, sqlx::Error> {
 }
 
 /// Jobs, newest first, optionally with one status.
-pub async fn list(pool: &Pool, status: Option<Status>) -> Result<Vec<Job>, sqlx::Error> {
+pub async fn list(pool: &Pool, status: Option<Status>, page: &Page) -> Result<Listed<Job>, sqlx::Error> {
+    let (created_at, id, rows) = page.binds();
     let rows: Vec<JobRow> = sqlx::query_as(concat!(
-        "select ", job_columns!(), " from jobs where ($1 is null or status = $1) order by created_at desc, id desc"
+        "select ", job_columns!(), " from jobs where ($1 is null or status = $1) and ", newest_first_page!("$2", "$3", "$4")
     ))
     .bind(status.map(Status::as_str))
+    .bind(created_at)
+    .bind(id)
+    .bind(rows)
     .fetch_all(pool)
     .await?;
-    rows.into_iter().map(Job::try_from).collect()
+    let jobs = rows.into_iter().map(Job::try_from).collect::<Result<Vec<_>, _>>()?;
+    Ok(page.fetch(jobs, |j| Cursor { created_at: j.created_at.clone(), id: j.id.clone() }))
 }
 
 /// The time now on the database's clock, as [`crate::db::at`] writes it, as SQL of each backend;

@@ -6,10 +6,14 @@
 //! (which SQLite reads too), upserts are `on conflict … do update`, and the few statements that must
 //! differ (locking, the queue's claim) pick their text with [`Backend::of`].
 
+#[macro_use]
+mod page;
 pub mod datasets;
 pub mod job_metrics;
 pub mod jobs;
 pub mod models;
+
+pub use page::{Cursor, Listed, Page};
 
 use std::time::Duration;
 

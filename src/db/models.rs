@@ -3,7 +3,7 @@
 use serde::Serialize;
 use serde_json::Value;
 use crate::db::jobs::Holder;
-use crate::db::{Backend, Pool};
+use crate::db::{Backend, Cursor, Listed, Page, Pool};
 
 /// A registered model as the API returns it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -131,10 +131,16 @@ pub async fn get(pool: &Pool, id: &str) -> Result<Option<Model>, sqlx::Error> {
 }
 
 /// All models, newest first.
-pub async fn list(pool: &Pool) -> Result<Vec<Model>, sqlx::Error> {
-    let rows: Vec<ModelRow> =
-        sqlx::query_as(concat!("select ", model_columns!(), " from models order by created_at desc, id desc")).fetch_all(pool).await?;
-    rows.into_iter().map(Model::try_from).collect()
+pub async fn list(pool: &Pool, page: &Page) -> Result<Listed<Model>, sqlx::Error> {
+    let (created_at, id, rows) = page.binds();
+    let rows: Vec<ModelRow> = sqlx::query_as(concat!("select ", model_columns!(), " from models where ", newest_first_page!("$1", "$2", "$3")))
+        .bind(created_at)
+        .bind(id)
+        .bind(rows)
+        .fetch_all(pool)
+        .await?;
+    let models = rows.into_iter().map(Model::try_from).collect::<Result<Vec<_>, _>>()?;
+    Ok(page.fetch(models, |m| Cursor { created_at: m.created_at.clone(), id: m.id.clone() }))
 }
 
 /// The newest model (the default for `/predict`).

@@ -15,7 +15,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tokio::io::AsyncWriteExt;
 
-use super::extract::{ApiPath, ApiQuery, NoQuery};
+use super::extract::{ApiPath, ApiQuery};
+use super::paged::{self, PageQuery};
 use super::{AppState, Route};
 use super::error::AppError;
 use super::inflight::BodyUse;
@@ -188,9 +189,10 @@ fn shared_blobs(state: &AppState) -> bool {
     state.config.role != crate::config::Role::All
 }
 
-/// `GET /datasets`: every dataset, newest first.
-async fn list(State(state): State<AppState>, _: ApiQuery<NoQuery>) -> Result<Json<Vec<Dataset>>, AppError> {
-    Ok(Json(queries::list(&state.db).await?))
+/// `GET /datasets`: newest first, all or a page of them (see [`paged`]).
+async fn list(State(state): State<AppState>, ApiQuery(q): ApiQuery<PageQuery>) -> Result<Response, AppError> {
+    let page = paged::page(q.limit, q.cursor.as_deref())?;
+    Ok(paged::answer("/datasets", &[], &page, queries::list(&state.db, &page).await?))
 }
 
 /// `GET /datasets/{id}`.

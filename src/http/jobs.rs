@@ -7,6 +7,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::Response;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use serde::Deserialize;
@@ -15,7 +16,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::error::AppError;
 use super::extract::{ApiJson, ApiPath, ApiQuery, NoQuery};
-use super::{AppState, Route};
+use super::{AppState, Route, paged};
 use crate::db;
 use crate::db::jobs::{Cancel, Job, Status};
 use crate::train::Recipe;
@@ -77,10 +78,16 @@ async fn create(State(s): State<AppState>, ApiJson(req): ApiJson<JobRequest>) ->
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     status: Option<Status>,
+    limit: Option<u32>,
+    cursor: Option<String>,
 }
 
-async fn list(State(s): State<AppState>, ApiQuery(q): ApiQuery<ListQuery>) -> Result<Json<Vec<Job>>, AppError> {
-    Ok(Json(db::jobs::list(&s.db, q.status).await?))
+/// `GET /jobs`: newest first, all or a page of them (see [`paged`]).
+async fn list(State(s): State<AppState>, ApiQuery(q): ApiQuery<ListQuery>) -> Result<Response, AppError> {
+    let page = paged::page(q.limit, q.cursor.as_deref())?;
+    let listed = db::jobs::list(&s.db, q.status, &page).await?;
+    let status = q.status.map(|s| ("status", s.as_str()));
+    Ok(paged::answer("/jobs", status.as_slice(), &page, listed))
 }
 
 async fn find(s: &AppState, id: &str) -> Result<Job, AppError> {

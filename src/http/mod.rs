@@ -15,6 +15,7 @@ pub mod inflight;
 pub mod jobs;
 pub mod linger;
 pub mod models;
+pub mod paged;
 pub mod predict;
 pub mod prometheus;
 

@@ -13,7 +13,8 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use super::error::AppError;
-use super::extract::{ApiJson, ApiPath, ApiQuery, NoQuery};
+use super::extract::{ApiJson, ApiPath, ApiQuery};
+use super::paged::{self, PageQuery};
 use super::{AppState, Route};
 use crate::db;
 use crate::db::models::{Deleted, Model};
@@ -38,8 +39,10 @@ async fn find(s: &AppState, id: &str) -> Result<Model, AppError> {
     db::models::get(&s.db, id).await?.ok_or_else(|| AppError::not_found("model", id))
 }
 
-async fn list(State(s): State<AppState>, _: ApiQuery<NoQuery>) -> Result<Json<Vec<Model>>, AppError> {
-    Ok(Json(db::models::list(&s.db).await?))
+/// `GET /models`: newest first, all or a page of them (see [`paged`]).
+async fn list(State(s): State<AppState>, ApiQuery(q): ApiQuery<PageQuery>) -> Result<Response, AppError> {
+    let page = paged::page(q.limit, q.cursor.as_deref())?;
+    Ok(paged::answer("/models", &[], &page, db::models::list(&s.db, &page).await?))
 }
 
 async fn get(State(s): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Json<Model>, AppError> {

@@ -337,3 +337,52 @@ async fn with_an_api_key_the_console_asks_once_and_sends_it_as_a_bearer_token() 
     assert!(!url.contains(key), "{url}");
     c.close().await.unwrap();
 }
+
+/// The overview shows the newest 25 datasets and jobs, and "Show more" brings the rest: it asks
+/// the lists for pages (`?limit=`) instead of every row at each refresh.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_overview_shows_the_newest_rows_and_more_on_request() {
+    let Some(driver) = chromedriver() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let server = server_with_tiny(tmp.path());
+    let archive = zip(&red_and_blue(1));
+    let mut dataset = String::new();
+    for i in 0..26 {
+        let part = reqwest::multipart::Part::bytes(archive.clone()).file_name(format!("{i}.zip"));
+        let resp = server.client.post(server.url("/datasets")).multipart(reqwest::multipart::Form::new().part("file", part)).send().await.unwrap();
+        assert_eq!(resp.status(), 201);
+        dataset = resp.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    }
+    for _ in 0..26 {
+        let body = json!({"dataset_id": dataset, "base_model": "tiny", "params": {"epochs": 50}});
+        let job: serde_json::Value = server.client.post(server.url("/jobs")).json(&body).send().await.unwrap().json().await.unwrap();
+        let cancel = server.client.post(server.url(&format!("/jobs/{}/cancel", job["id"].as_str().unwrap()))).send().await.unwrap();
+        assert!(cancel.status().is_success(), "{}", cancel.status());
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ended = |jobs: serde_json::Value| jobs.as_array().unwrap().iter().filter(|j| !["queued", "running"].contains(&j["status"].as_str().unwrap())).count();
+    while ended(server.get_json("/jobs").await) < 26 {
+        assert!(Instant::now() < deadline, "the jobs did not end: {}", server.get_json("/jobs").await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let c = browser(&driver, &tmp.path().join("profile")).await;
+    c.goto(&server.url("/ui/")).await.unwrap();
+    let rows = |list: &'static str| {
+        let c = c.clone();
+        async move { c.find_all(Locator::Css(&format!("#{list} tbody tr"))).await.unwrap().len() }
+    };
+    for list in ["datasets", "jobs"] {
+        let button = element(&c, &format!("button.more[data-list={list}]")).await;
+        assert_eq!(rows(list).await, 25, "{list}");
+        button.click().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while rows(list).await != 26 || !c.find_all(Locator::Css(&format!("button.more[data-list={list}]"))).await.unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "{list}: {} rows after Show more", rows(list).await);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    wait_text(&c, "#models", 10, |t| t.contains("No model yet")).await;
+    assert!(c.find_all(Locator::Css("#main p.error")).await.unwrap().is_empty(), "no error on the page");
+    c.close().await.unwrap();
+}

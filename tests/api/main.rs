@@ -18,6 +18,7 @@ mod objects;
 mod helpers;
 mod openapi;
 mod overload;
+mod pages;
 mod predict;
 mod queue;
 mod restart;

@@ -75,6 +75,12 @@ export async function get(path) {
   return (await send("GET", path)).json();
 }
 
+/** A list's first `limit` items, newest first, and whether more follow (the service's Link header). */
+export async function getFirst(path, limit) {
+  const resp = await send("GET", `${path}${path.includes("?") ? "&" : "?"}limit=${limit}`);
+  return { items: await resp.json(), more: resp.headers.has("link") };
+}
+
 export async function post(path, body) {
   const resp = await send("POST", path, body);
   return resp.status === 204 ? null : resp.json();

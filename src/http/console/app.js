@@ -1,7 +1,7 @@
 // The console's pages. Every /ui/ path loads this module, which renders the page the path names
 // from the JSON API: overview, dataset, new job, job, model, predict.
 
-import { ApiError, del, events, get, objectUrl, post, send, upload } from "./api.js";
+import { ApiError, del, events, get, getFirst, objectUrl, post, send, upload } from "./api.js";
 import { heatmap, lineChart } from "./charts.js";
 
 const main = document.getElementById("main");
@@ -141,29 +141,43 @@ function uploadZone(onDone) {
   return h("div", {}, zone, h("label", {}, "Name ", name), bar, note);
 }
 
+/** Rows a list of the overview shows at first, and how many more each "Show more" adds. */
+const OVERVIEW_ROWS = 25;
+
+/** A "Show more" button under a list that has more rows than it shows. */
+function showMore(list, onclick) {
+  return h("button", { class: "more", "data-list": list, onclick }, "Show more");
+}
+
 async function overview() {
-  const datasets = h("div", {});
+  const datasets = h("div", { id: "datasets" });
   const jobs = h("div", { id: "jobs" });
   const jobsError = h("div", {});
-  const models = h("div", {});
+  const models = h("div", { id: "models" });
   render(
     "Overview",
     h("section", {}, h("h2", {}, "Datasets"), uploadZone((ds) => (location.href = `/ui/datasets/${ds.id}`)), datasets),
     h("section", {}, h("h2", {}, "Jobs"), h("p", {}, h("a", { href: "/ui/new" }, "Start a fine-tune")), jobsError, jobs),
     h("section", {}, h("h2", {}, "Models"), models),
   );
-  const ds = await get("/datasets");
-  datasets.replaceChildren(
-    table(
-      ["Dataset", "#Images", "Classes", "Created", ""],
-      ds.map((d) => [h("a", { href: `/ui/datasets/${d.id}` }, d.name), { v: d.num_images, num: true }, d.classes.join(", "), when(d.created_at), h("a", { href: `/ui/new?dataset=${d.id}` }, "fine-tune")]),
-      "No dataset yet: upload one above.",
-    ),
-  );
+  // Each list shows its newest rows; the service says whether more follow.
+  const shown = { datasets: OVERVIEW_ROWS, jobs: OVERVIEW_ROWS, models: OVERVIEW_ROWS };
+  const drawDatasets = async () => {
+    const ds = await getFirst("/datasets", shown.datasets);
+    datasets.replaceChildren(
+      table(
+        ["Dataset", "#Images", "Classes", "Created", ""],
+        ds.items.map((d) => [h("a", { href: `/ui/datasets/${d.id}` }, d.name), { v: d.num_images, num: true }, d.classes.join(", "), when(d.created_at), h("a", { href: `/ui/new?dataset=${d.id}` }, "fine-tune")]),
+        "No dataset yet: upload one above.",
+      ),
+      ds.more ? showMore("datasets", () => ((shown.datasets += OVERVIEW_ROWS), drawDatasets().catch((e) => datasets.append(errorBox(e))))) : null,
+    );
+  };
+  await drawDatasets();
   const drawModels = (ms) => models.replaceChildren(
     table(
       ["Model", "Labels", "#Val. accuracy", "#Val. F1", "Recipe", "Created"],
-      ms.map((m, i) => [
+      ms.items.map((m, i) => [
         h("span", {}, h("a", { href: `/ui/models/${m.id}` }, short(m.id)), i === 0 ? h("span", { class: "muted" }, " (newest)") : null),
         m.labels.join(", "),
         { v: pct(m.metrics?.accuracy), num: true },
@@ -173,20 +187,23 @@ async function overview() {
       ]),
       "No model yet: fine-tune one.",
     ),
+    ms.more ? showMore("models", () => ((shown.models += OVERVIEW_ROWS), refresh().catch((e) => jobsError.replaceChildren(errorBox(e))))) : null,
   );
-  // Live job status (and the models jobs register) without reloading.
+  // Live job status (and the models jobs register) without reloading. A job's F1 is its model's,
+  // where that model is among those shown.
   const refresh = async () => {
-    const [js, ms] = await Promise.all([get("/jobs"), get("/models")]);
-    const f1 = Object.fromEntries(ms.map((m) => [m.id, m.metrics?.f1]));
+    const [js, ms] = await Promise.all([getFirst("/jobs", shown.jobs), getFirst("/models", shown.models)]);
+    const f1 = Object.fromEntries(ms.items.map((m) => [m.id, m.metrics?.f1]));
     drawModels(ms);
     jobs.replaceChildren(
       table(
         ["Job", "Status", "Progress", "Recipe", "#Best val. F1", "Created"],
-        js.map((j) => [h("a", { href: `/ui/jobs/${j.id}` }, short(j.id)), status(j.status), progressOf(j), j.recipe, { v: num(f1[j.model_id]), num: true }, when(j.created_at)]),
+        js.items.map((j) => [h("a", { href: `/ui/jobs/${j.id}` }, short(j.id)), status(j.status), progressOf(j), j.recipe, { v: num(f1[j.model_id]), num: true }, when(j.created_at)]),
         "No job yet.",
       ),
+      js.more ? showMore("jobs", () => ((shown.jobs += OVERVIEW_ROWS), refresh().catch((e) => jobsError.replaceChildren(errorBox(e))))) : null,
     );
-    return js.some((j) => j.status === "queued" || j.status === "running");
+    return js.items.some((j) => j.status === "queued" || j.status === "running");
   };
   // A failed refresh says why above the (stale) tables, and is cleared by the next success.
   const loop = async () => {
