@@ -60,7 +60,15 @@ struct ImagesQuery {
 /// `GET /datasets/{id}/images`: a page of the dataset's images in upload order, optionally of one
 /// split and class, each with its thumbnail's URL.
 async fn images(State(state): State<AppState>, ApiPath(id): ApiPath<String>, ApiQuery(q): ApiQuery<ImagesQuery>) -> Result<Json<serde_json::Value>, AppError> {
-    queries::get(&state.db, &id).await?.ok_or_else(|| AppError::not_found("dataset", &id))?;
+    let dataset = queries::get(&state.db, &id).await?.ok_or_else(|| AppError::not_found("dataset", &id))?;
+    // A class the dataset lacks is a mistake (a misspelling, another dataset's class), not an
+    // empty page.
+    if let Some(class) = q.class.as_deref()
+        && !dataset.classes.iter().any(|c| c == class)
+    {
+        let classes = dataset.classes.iter().map(|c| format!("'{c}'")).collect::<Vec<_>>().join(", ");
+        return Err(AppError::unprocessable("invalid_query", format!("class '{class}' is not a class of dataset '{id}' (its classes: {classes})")));
+    }
     let (offset, limit) = (q.offset.unwrap_or(0), q.limit.unwrap_or(50));
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(AppError::unprocessable("invalid_query", format!("limit must be between 1 and {MAX_PAGE}")));

@@ -23,6 +23,10 @@ async fn a_dataset_s_images_come_in_pages_with_thumbnails_of_its_own_images_only
         assert_error(app.get(&format!("/datasets/{id}/images?{bad}")).await, 422, "invalid_query").await;
     }
     assert_error(app.get("/datasets/nope/images").await, 404, "not_found").await;
+    let msg = assert_error(app.get(&format!("/datasets/{id}/images?class=Cat")).await, 422, "invalid_query").await;
+    assert_eq!(msg, format!("class 'Cat' is not a class of dataset '{id}' (its classes: 'cat', 'dog')"));
+    let empty = json(app.get(&format!("/datasets/{id}/images?split=validation&class=dog")).await).await;
+    assert_eq!((empty["total"].as_u64(), empty["images"].as_array().unwrap().len()), (Some(0), 0), "a class of the dataset with no image in the split");
 
     // A thumbnail: a JPEG within 160 pixels, cached, the same bytes the second time.
     let first = &page["images"][0];
