@@ -326,6 +326,10 @@ fn say(pb: &ProgressBar, msg: String) {
 /// Reads a folder, archive or Parquet file into a temporary blob store, with a progress spinner;
 /// a Ctrl-C (`cancel`) stops it at the next file, and the scratch copy goes with its folder.
 fn import(data: &Path, store: &BlobStore, cancel: &AtomicBool) -> anyhow::Result<crate::dataset::Ingested> {
+    // Said plainly, rather than as the ingest's I/O error twice over.
+    if !data.exists() {
+        anyhow::bail!("--data {}: no such file or folder", data.display());
+    }
     let pb = bar(0, "{spinner} importing {pos} files ({per_sec}) {elapsed}");
     let imported = ingest_cancellable(data, store, &IngestLimits::default(), &mut |n| pb.set_position(n), cancel, &MemoryBudget::unlimited());
     pb.finish_and_clear();

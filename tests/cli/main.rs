@@ -485,6 +485,15 @@ fn errors_name_the_path_or_flag_at_fault() {
         assert!(err.contains(output.as_str()), "{err}");
         assert_eq!(err.matches("os error").count(), 1, "{err}");
     }
+    let model = tmp.path().join("m").to_string_lossy().into_owned();
+    assert!(vitforge(&["init-model", "--config", "tiny", "--labels", "a,b", "--output", &model]).0);
+    let missing = tmp.path().join("no-such-data").to_string_lossy().into_owned();
+    let out = tmp.path().join("o").to_string_lossy().into_owned();
+    for args in [&["train", "--base-model", &model, "--data", &missing, "--output", &out][..], &["eval", "--model", &model, "--data", &missing]] {
+        let (ok, _, err) = vitforge(args);
+        assert!(!ok);
+        assert!(err.contains(&format!("--data {missing}: no such file or folder")) && !err.contains("os error"), "{args:?}: {err}");
+    }
     let (ok, _, err) = vitforge(&["bench", "--probe-classes", "2", "--model", "/nonexistent"]);
     assert!(!ok);
     assert!(err.contains("--model /nonexistent"), "{err}");
