@@ -155,7 +155,11 @@ impl From<JsonRejection> for AppError {
 
 impl From<QueryRejection> for AppError {
     fn from(rejection: QueryRejection) -> Self {
-        AppError::unprocessable("invalid_query", rejection.body_text())
+        // axum's message is "Failed to deserialize query string: <parameter>: <why>"; the
+        // parameter and why, as the JSON bodies' errors say it.
+        let text = rejection.body_text();
+        let message = text.strip_prefix("Failed to deserialize query string: ").unwrap_or(&text);
+        AppError::unprocessable("invalid_query", message)
     }
 }
 

@@ -20,8 +20,11 @@ async fn a_dataset_s_images_come_in_pages_with_thumbnails_of_its_own_images_only
     let at_most = json(app.get(&format!("/datasets/{id}/images?offset={}", i64::MAX)).await).await;
     assert_eq!(at_most["images"], json!([]));
     for bad in ["limit=0", "limit=201", "split=bogus", "offset=-1", "offset=9223372036854775808", "class=%00", "colour=red"] {
-        assert_error(app.get(&format!("/datasets/{id}/images?{bad}")).await, 422, "invalid_query").await;
+        let msg = assert_error(app.get(&format!("/datasets/{id}/images?{bad}")).await, 422, "invalid_query").await;
+        assert!(!msg.starts_with("Failed to deserialize"), "{bad}: {msg}");
     }
+    let msg = assert_error(app.get(&format!("/datasets/{id}/images?split=bogus")).await, 422, "invalid_query").await;
+    assert_eq!(msg, "split: unknown variant `bogus`, expected one of `train`, `validation`, `test`");
     assert_error(app.get("/datasets/nope/images").await, 404, "not_found").await;
     let msg = assert_error(app.get(&format!("/datasets/{id}/images?class=Cat")).await, 422, "invalid_query").await;
     assert_eq!(msg, format!("class 'Cat' is not a class of dataset '{id}' (its classes: 'cat', 'dog')"));
