@@ -3,6 +3,7 @@
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -14,6 +15,8 @@ const TEMP_PREFIX: &str = ".tmp-";
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     root: PathBuf,
+    /// Where [`put`](Self::put) notes the blobs it writes, when the store is [`recording`](Self::recording).
+    written: Option<Arc<Mutex<Vec<String>>>>,
 }
 
 impl BlobStore {
@@ -21,7 +24,15 @@ impl BlobStore {
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
         std::fs::create_dir_all(&root)?;
-        Ok(Self { root })
+        Ok(Self { root, written: None })
+    }
+
+    /// The same store, noting in the list returned with it the name of every blob its
+    /// [`put`](Self::put) writes (not those it finds already stored): what an upload added, to be
+    /// removed again if the upload fails.
+    pub fn recording(&self) -> (Self, Arc<Mutex<Vec<String>>>) {
+        let written = Arc::new(Mutex::new(Vec::new()));
+        (Self { root: self.root.clone(), written: Some(written.clone()) }, written)
     }
 
     /// The folder holding the blobs.
@@ -53,6 +64,9 @@ impl BlobStore {
         tmp.as_file().sync_all()?;
         // A concurrent put of the same content may win the rename; both files are identical.
         tmp.persist(&path).map_err(|e| e.error)?;
+        if let Some(written) = &self.written {
+            written.lock().unwrap_or_else(|e| e.into_inner()).push(hash.clone());
+        }
         Ok(hash)
     }
 

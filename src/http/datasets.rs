@@ -181,15 +181,35 @@ async fn create(
     // Processes of several roles share the blobs: the lock across processes is held as well.
     let across = if shared_blobs(&state) { crate::db::blob_lock(&state.db, false, true).await? } else { None };
     let uploading = Arc::new(state.blob_lock.clone().read_owned().await);
-    let ingested = ingest(&state, upload.file, slot, uploading.clone()).await?;
-    // In the object store before the rows that name them.
-    let blobs: std::collections::BTreeSet<String> = ingested.images.iter().map(|i| i.blob.clone()).collect();
-    state.objects.publish_blobs(&blobs.into_iter().collect::<Vec<_>>()).await?;
-    let dataset = queries::insert(&state.db, &upload.name, &ingested).await?;
+    let (store, written) = state.objects.blobs().recording();
+    let stored = async {
+        let ingested = ingest(&state, store, upload.file, slot, uploading.clone()).await?;
+        // In the object store before the rows that name them.
+        let blobs: std::collections::BTreeSet<String> = ingested.images.iter().map(|i| i.blob.clone()).collect();
+        state.objects.publish_blobs(&blobs.into_iter().collect::<Vec<_>>()).await?;
+        Ok::<_, AppError>(queries::insert(&state.db, &upload.name, &ingested).await?)
+    }
+    .await;
     drop(uploading);
     drop(across);
-    tracing::info!(id = %dataset.id, images = dataset.num_images, rejected = dataset.rejected_total, "dataset stored");
-    Ok((StatusCode::CREATED, Json(dataset)))
+    match stored {
+        Ok(dataset) => {
+            tracing::info!(id = %dataset.id, images = dataset.num_images, rejected = dataset.rejected_total, "dataset stored");
+            Ok((StatusCode::CREATED, Json(dataset)))
+        }
+        Err(e) => {
+            // The blobs this upload added go again (unless a dataset uploaded meanwhile uses
+            // them), as those of a deleted dataset do: a failed upload, a full disk's above all,
+            // should not hold their space until the next sweep.
+            let written = std::mem::take(&mut *written.lock().unwrap_or_else(|e| e.into_inner()));
+            if !written.is_empty()
+                && let Err(c) = crate::blob_gc::collect_after_delete(&state.db, &state.objects, &state.blob_lock, written, shared_blobs(&state)).await
+            {
+                tracing::warn!(error = ?c, "removing a failed upload's blobs failed; the next sweep removes them");
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Whether other processes share this one's blobs (every role but `all`, which is alone).
@@ -379,11 +399,11 @@ fn name_from_file_name(file_name: &str) -> Option<String> {
 /// next entry.
 async fn ingest(
     state: &AppState,
+    store: BlobStore,
     upload: ScratchFile,
     slot: tokio::sync::OwnedSemaphorePermit,
     uploading: Arc<tokio::sync::OwnedRwLockReadGuard<()>>,
 ) -> Result<Ingested, AppError> {
-    let store = state.objects.blobs().clone();
     let limits = state.ingest_limits.clone();
     let memory = state.memory.clone();
     let span = tracing::Span::current();

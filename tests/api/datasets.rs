@@ -433,6 +433,27 @@ async fn a_damaged_archive_is_400() {
     assert!(app.blobs().is_empty());
 }
 
+/// An upload refused after some of its images were stored (here: every image of one class is
+/// unusable, which only decoding finds) removes the blobs it added, and keeps those it shares
+/// with a stored dataset: no space is held until the next sweep.
+#[tokio::test]
+async fn a_refused_upload_removes_the_blobs_it_added() {
+    let app = spawn_app().await;
+    let kept = class_images("", &["cat", "dog"], 2, 0);
+    upload_ok(&app, "kept.zip", fixtures::zip(&kept)).await;
+    let stored = app.blobs();
+    assert_eq!(stored.len(), 4);
+    let mut members: Vec<Member> = class_images("", &["cat"], 5, 0);
+    members.push(file("dog/0.jpg", b"not an image".to_vec()));
+    members.push(file("dog/1.jpg", fixtures::corrupt_jpeg()));
+    let resp = app.post_dataset("refused.zip", fixtures::zip(&members), None).await;
+    let message = assert_error(resp, 422, "empty_class").await;
+    assert!(message.contains("'dog'"), "{message}");
+    assert_eq!(app.blobs(), stored, "the three new cats are gone, the two shared ones stay");
+    assert!(app.scratch_files().is_empty());
+    assert_eq!(json(app.get("/datasets").await).await.as_array().unwrap().len(), 1);
+}
+
 #[tokio::test]
 async fn one_class_only_is_422() {
     let app = spawn_app().await;
