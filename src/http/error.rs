@@ -119,8 +119,38 @@ impl AppError {
         match self {
             Self::Client { status, .. } => *status,
             Self::Db(e) if database_unreachable(e) => StatusCode::SERVICE_UNAVAILABLE,
+            _ if self.disk_full() => StatusCode::INSUFFICIENT_STORAGE,
             Self::Db(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
+    }
+
+    /// Whether this failed for want of disk space: a write of the data folder (or of the object
+    /// store's cache in it) with no space or quota left, or a database whose disk is full. Not
+    /// the client's fault, but not a bug either: answered 507 saying so (uploads and jobs clean up
+    /// after a failed write as after any other, so nothing half-written stays).
+    pub fn disk_full(&self) -> bool {
+        match self {
+            Self::Client { .. } => false,
+            Self::Db(e) => database_full(e),
+            Self::Internal(e) => e.chain().any(|cause| {
+                cause.downcast_ref::<std::io::Error>().is_some_and(io_full) || cause.downcast_ref::<sqlx::Error>().is_some_and(database_full)
+            }),
+        }
+    }
+}
+
+/// Whether an I/O error is a full disk or a spent quota (ENOSPC, EDQUOT).
+fn io_full(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+}
+
+/// Whether a database refused a write for want of space: SQLite's SQLITE_FULL (13), PostgreSQL's
+/// disk_full (53100).
+fn database_full(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| matches!(c.as_ref(), "13" | "53100")),
+        sqlx::Error::Io(io) => io_full(io),
+        _ => false,
     }
 }
 
@@ -128,6 +158,7 @@ impl AppError {
 /// network gone) rather than a bug: answered 503, and the request can be retried.
 fn database_unreachable(e: &sqlx::Error) -> bool {
     match e {
+        sqlx::Error::Io(io) if io_full(io) => false,
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
         // PostgreSQL: 08 connection exception, 57P01-57P03 shut down or starting up.
         sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("08") || matches!(c.as_ref(), "57P01" | "57P02" | "57P03")),
@@ -231,6 +262,14 @@ impl IntoResponse for AppError {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
                 resp
             }
+            ref full if full.disk_full() => {
+                tracing::error!(error = ?full, "a write failed: the disk is full");
+                error_response(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "insufficient_storage",
+                    "the service's disk is full (no space left for the data folder or the database), so this request could not be carried out; free space and retry",
+                )
+            }
             Self::Internal(e) if e.downcast_ref::<crate::objects::StoreFailed>().is_some() => {
                 tracing::warn!(error = format!("{e:#}"), "the object store failed");
                 let mut resp =
@@ -243,5 +282,46 @@ impl IntoResponse for AppError {
                 error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Connection;
+
+    async fn answer(e: AppError) -> (StatusCode, String) {
+        let status = e.status();
+        let resp = e.into_response();
+        assert_eq!(resp.status(), status, "status() and the answer agree");
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        (status, body["error"]["code"].as_str().unwrap().to_string())
+    }
+
+    /// A full disk or a spent quota, met anywhere in an error's chain or as a database's own
+    /// refusal, is 507 `insufficient_storage`; other I/O errors stay 500.
+    #[tokio::test]
+    async fn a_full_disk_is_507_and_other_failures_are_not() {
+        let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let e = AppError::Internal(anyhow::Error::new(full).context("writing upload scratch file").context("dataset ingest"));
+        assert_eq!(answer(e).await, (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage".into()));
+        let quota = std::io::Error::from_raw_os_error(libc::EDQUOT);
+        assert_eq!(answer(AppError::Internal(quota.into())).await.0, StatusCode::INSUFFICIENT_STORAGE);
+        let denied = std::io::Error::from_raw_os_error(libc::EACCES);
+        assert_eq!(answer(AppError::Internal(anyhow::Error::new(denied).context("x"))).await, (StatusCode::INTERNAL_SERVER_ERROR, "internal".into()));
+
+        // SQLite's own "database or disk is full", from a real database held to a few pages.
+        let mut db = sqlx::SqliteConnection::connect("sqlite::memory:").await.unwrap();
+        sqlx::query("create table t (x blob)").execute(&mut db).await.unwrap();
+        sqlx::query("pragma max_page_count = 3").execute(&mut db).await.unwrap();
+        let refused = sqlx::query("insert into t values (zeroblob(100000))").execute(&mut db).await.unwrap_err();
+        assert!(refused.to_string().contains("full"), "{refused}");
+        assert_eq!(answer(AppError::Db(refused)).await, (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage".into()));
+        let other = sqlx::query("insert into nowhere values (1)").execute(&mut db).await.unwrap_err();
+        assert_eq!(answer(AppError::Db(other)).await.0, StatusCode::INTERNAL_SERVER_ERROR);
+        // A database error inside another error's chain (a job's submit, say) counts as well.
+        let refused = sqlx::query("insert into t values (zeroblob(100000))").execute(&mut db).await.unwrap_err();
+        assert_eq!(answer(AppError::Internal(anyhow::Error::new(refused).context("storing"))).await.0, StatusCode::INSUFFICIENT_STORAGE);
     }
 }
