@@ -568,6 +568,29 @@ pub async fn cancel(pool: &Pool, id: &str) -> Result<Cancel, sqlx::Error> {
     })
 }
 
+/// The outcome of [`delete`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Deleted {
+    /// It had ended; it is gone with its metrics, evaluations, mistakes and checkpoint rows.
+    Removed,
+    /// It has not ended (this status): cancel it first.
+    NotEnded(Status),
+    NotFound,
+}
+
+/// Deletes an ended job and what the database holds of it (by the foreign keys' cascade); the
+/// model it registered stays. A job that is queued or running is left as it is.
+pub async fn delete(pool: &Pool, id: &str) -> Result<Deleted, sqlx::Error> {
+    let done = sqlx::query("delete from jobs where id = $1 and status in ('succeeded', 'failed', 'cancelled')").bind(id).execute(pool).await?;
+    if done.rows_affected() == 1 {
+        return Ok(Deleted::Removed);
+    }
+    Ok(match get(pool, id).await? {
+        Some(job) => Deleted::NotEnded(job.status),
+        None => Deleted::NotFound,
+    })
+}
+
 /// The base models jobs named, most recently used first (at most `limit`).
 pub async fn recent_base_models(pool: &Pool, limit: u32) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar("select base_model from jobs group by base_model order by max(created_at) desc limit $1")

@@ -18,7 +18,7 @@ use super::error::AppError;
 use super::extract::{ApiJson, ApiPath, ApiQuery, NoQuery};
 use super::{AppState, Route, paged};
 use crate::db;
-use crate::db::jobs::{Cancel, Job, Status};
+use crate::db::jobs::{Cancel, Deleted, Job, Status};
 use crate::train::Recipe;
 use crate::worker::hub::JobEvent;
 use crate::worker::submit::{JobRequest, submit};
@@ -31,6 +31,7 @@ pub fn routes() -> Vec<Route> {
         Route::get("/jobs/{id}/metrics", metrics),
         Route::get("/jobs/{id}/events", events),
         Route::post("/jobs/{id}/cancel", cancel),
+        Route::delete("/jobs/{id}", delete),
         Route::get("/jobs/{id}/mistakes", mistakes),
         Route::get("/recipes", recipes),
     ]
@@ -126,6 +127,24 @@ async fn cancel(State(s): State<AppState>, ApiPath(id): ApiPath<String>) -> Resu
     }
 }
 
+/// `DELETE /jobs/{id}`: 204 for an ended job, gone with its metrics and any checkpoints left (the
+/// model it registered stays); 409 for one still queued or running.
+async fn delete(State(s): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<StatusCode, AppError> {
+    match db::jobs::delete(&s.db, &id).await? {
+        Deleted::Removed => {
+            // An ended job's checkpoints are normally gone already; a failed removal left some.
+            if let Err(e) = s.objects.remove_dir(&s.paths.job(&id)).await {
+                tracing::warn!(job = %id, error = format!("{e:#}"), "removing the deleted job's checkpoints failed; the sweep of ended jobs' folders removes them");
+            }
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Deleted::NotEnded(status) => Err(AppError::conflict(
+            "job_not_ended",
+            format!("job '{id}' is {}: cancel it (POST /jobs/{id}/cancel) and delete it once it has ended", status.as_str()),
+        )),
+        Deleted::NotFound => Err(AppError::not_found("job", &id)),
+    }
+}
 
 fn sse(event: &str, data: &Value) -> Event {
     Event::default().event(event).data(data.to_string())

@@ -471,3 +471,48 @@ async fn the_precision_a_job_ran_in_is_recorded_on_the_job_and_its_model() {
         assert!(!losses.is_empty() && losses.iter().all(|l| l.is_finite()), "{asked}: {metrics}");
     }
 }
+
+/// `DELETE /jobs/{id}` removes an ended job with what the database holds of it, and keeps the
+/// model it registered; a job still queued or running is refused (409) until it has ended.
+#[tokio::test]
+async fn an_ended_job_can_be_deleted_and_its_model_stays() {
+    let app = spawn_app().await;
+    let dataset = app.upload_pets(3, false).await;
+    let done = app.submit_job(&dataset, small()).await;
+    let id = done["id"].as_str().unwrap().to_string();
+    let done = app.wait_job(&id, 120).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let model = done["model_id"].as_str().unwrap().to_string();
+    let rows = |table: &'static str| {
+        let (db, id) = (app.db.clone(), id.clone());
+        async move {
+            let sql = format!("select count(*) from {table} where job_id = $1");
+            sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql)).bind(id).fetch_one(&db).await.unwrap()
+        }
+    };
+    assert!(rows("job_metrics").await > 0 && rows("job_evaluations").await > 0);
+
+    let long = app.submit_job(&dataset, json!({"epochs": 200, "batch_size": 2})).await;
+    let long = long["id"].as_str().unwrap().to_string();
+    let msg = assert_error(app.delete(&format!("/jobs/{long}")).await, 409, "job_not_ended").await;
+    assert!(msg.contains("cancel it") && (msg.contains("queued") || msg.contains("running")), "{msg}");
+
+    assert_eq!(app.delete(&format!("/jobs/{id}")).await.status(), 204);
+    assert_error(app.get(&format!("/jobs/{id}")).await, 404, "not_found").await;
+    assert_error(app.get(&format!("/jobs/{id}/metrics")).await, 404, "not_found").await;
+    for table in ["job_metrics", "job_evaluations", "job_mistakes", "checkpoints"] {
+        assert_eq!(rows(table).await, 0, "{table}");
+    }
+    let kept = json(app.get(&format!("/models/{model}")).await).await;
+    assert_eq!(kept["job_id"], id.as_str(), "the model stays, naming the job it came from");
+    assert_error(app.delete(&format!("/jobs/{id}")).await, 404, "not_found").await;
+    assert_error(app.delete("/jobs/nope").await, 404, "not_found").await;
+    assert_error(app.delete("/jobs/a%00b").await, 400, "invalid_path").await;
+
+    let resp = app.client.post(app.url(&format!("/jobs/{long}/cancel"))).send().await.unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    assert_eq!(app.wait_job(&long, 60).await["status"], "cancelled");
+    assert_eq!(app.delete(&format!("/jobs/{long}")).await.status(), 204);
+    assert!(!app.data_dir.join("jobs").join(&long).exists(), "no folder of the job is left");
+    assert_eq!(json(app.get("/jobs").await).await, json!([]));
+}

@@ -371,7 +371,7 @@ async function job(id) {
     const j = await get(`/jobs/${id}`);
     const cancel = !["succeeded", "failed", "cancelled"].includes(j.status)
       ? h("button", { class: "danger", onclick: cancelJob }, "Cancel")
-      : null;
+      : deleteButton("Delete this job with its metrics? The model it made stays.", `/jobs/${id}`, "Delete job");
     head.replaceChildren(
       h("section", {},
         h("p", { class: "row" }, status(j.status), j.model_id ? h("a", { href: `/ui/models/${j.model_id}`, id: "job-model" }, `model ${short(j.model_id)}`) : null, cancel),
