@@ -26,7 +26,8 @@ pub fn page(limit: Option<u32>, cursor: Option<&str>) -> Result<Page, AppError> 
 }
 
 /// `listed` as its JSON array, with the `Link` to the next page when there is one. `path` is the
-/// list's path, `query` the list's other parameters as given (kept in the next page's URL).
+/// list's path, `query` the list's other parameters as given (kept in the next page's URL as
+/// they are, so plain words only: a status name).
 pub fn answer<T: Serialize>(path: &str, query: &[(&str, &str)], page: &Page, listed: Listed<T>) -> Response {
     let link = match (&listed.next, page.limit) {
         (Some(next), Some(limit)) => {
