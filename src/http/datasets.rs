@@ -182,6 +182,7 @@ async fn create(
     let across = if shared_blobs(&state) { crate::db::blob_lock(&state.db, false, true).await? } else { None };
     let uploading = Arc::new(state.blob_lock.clone().read_owned().await);
     let (store, written) = state.objects.blobs().recording();
+    let mut added = AddedBlobs { state: state.clone(), written: written.clone(), armed: true };
     let stored = async {
         let ingested = ingest(&state, store, upload.file, slot, uploading.clone()).await?;
         // In the object store before the rows that name them.
@@ -190,6 +191,8 @@ async fn create(
         Ok::<_, AppError>(queries::insert(&state.db, &upload.name, &ingested).await?)
     }
     .await;
+    // Not dropped mid-way: the outcome below keeps the blobs or removes them itself.
+    added.armed = false;
     drop(uploading);
     drop(across);
     match stored {
@@ -209,6 +212,39 @@ async fn create(
             }
             Err(e)
         }
+    }
+}
+
+/// The blobs an upload added, removed again when its request is dropped before it ended (the
+/// client went away mid-ingest), as a failed upload's are. Disarmed once the upload has an
+/// outcome, which keeps them or removes them itself.
+struct AddedBlobs {
+    state: AppState,
+    written: Arc<std::sync::Mutex<Vec<String>>>,
+    armed: bool,
+}
+
+impl Drop for AddedBlobs {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        // Without a runtime (the process is ending) the next start-up sweep removes them.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (state, written) = (self.state.clone(), self.written.clone());
+        runtime.spawn(async move {
+            // The ingest thread holds the lock shared until it stops, at its next entry: once the
+            // lock can be had exclusively, it has stopped and the list is complete.
+            drop(state.blob_lock.clone().write_owned().await);
+            let written = std::mem::take(&mut *written.lock().unwrap_or_else(|e| e.into_inner()));
+            if written.is_empty() {
+                return;
+            }
+            let (db, objects, lock) = (&state.db, &state.objects, &state.blob_lock);
+            if let Err(e) = crate::blob_gc::collect_after_delete(db, objects, lock, written, shared_blobs(&state)).await {
+                tracing::warn!(error = ?e, "removing an abandoned upload's blobs failed; the next sweep removes them");
+            }
+        });
     }
 }
 

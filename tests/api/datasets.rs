@@ -719,3 +719,31 @@ async fn unreferenced_blobs_are_swept_at_start_up() {
     assert!(!app.blobs().contains(&orphan));
     assert_eq!(app.blobs(), kept);
 }
+
+/// A client that goes away while its upload is being unpacked: the request is dropped, the ingest
+/// stops at its next entry, and the images stored by then are removed as a failed upload's are.
+#[tokio::test]
+async fn an_upload_whose_client_goes_away_mid_ingest_leaves_no_blobs() {
+    let app = spawn_app().await;
+    let archive = fixtures::zip(&class_images("", &["cat", "dog"], 1500, 0));
+    let (client, url) = (app.client.clone(), app.url("/datasets"));
+    let request = tokio::spawn(async move {
+        let part = reqwest::multipart::Part::bytes(archive).file_name("big.zip");
+        client.post(url).multipart(reqwest::multipart::Form::new().part("file", part)).send().await
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while app.blobs().is_empty() {
+        assert!(!request.is_finished(), "the upload ended before it could be cut short");
+        assert!(std::time::Instant::now() < deadline, "no image was stored");
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    request.abort();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !app.blobs().is_empty() || !app.scratch_files().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "left behind: {} blobs, {:?}", app.blobs().len(), app.scratch_files());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(json(app.get("/datasets").await).await, json!([]));
+    // The service goes on: the next upload is stored.
+    upload_ok(&app, "ok.zip", fixtures::zip(&class_images("", &["cat", "dog"], 1, 0))).await;
+}
