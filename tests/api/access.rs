@@ -262,5 +262,5 @@ async fn a_malformed_path_parameter_is_400_on_every_route() {
         }
         checked += 1;
     }
-    assert_eq!(checked, 15, "the routes with an {{id}} and the two file routes");
+    assert_eq!(checked, 16, "the routes with an {{id}} and the two file routes");
 }
