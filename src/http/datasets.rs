@@ -201,17 +201,24 @@ async fn create(
             Ok((StatusCode::CREATED, Json(dataset)))
         }
         Err(e) => {
-            // The blobs this upload added go again (unless a dataset uploaded meanwhile uses
-            // them), as those of a deleted dataset do: a failed upload, a full disk's above all,
-            // should not hold their space until the next sweep.
-            let written = std::mem::take(&mut *written.lock().unwrap_or_else(|e| e.into_inner()));
-            if !written.is_empty()
-                && let Err(c) = crate::blob_gc::collect_after_delete(&state.db, &state.objects, &state.blob_lock, written, shared_blobs(&state)).await
-            {
-                tracing::warn!(error = ?c, "removing a failed upload's blobs failed; the next sweep removes them");
-            }
+            // A failed upload, a full disk's above all, should not hold its blobs' space until
+            // the next sweep.
+            remove_added_blobs(&state, &written).await;
             Err(e)
         }
+    }
+}
+
+/// Removes the blobs an upload added (`written`, by a recording [`BlobStore`]) that no dataset
+/// uses, as those of a deleted dataset are: called when the upload failed or was abandoned,
+/// once its ingest has stopped.
+async fn remove_added_blobs(state: &AppState, written: &std::sync::Mutex<Vec<String>>) {
+    let written = std::mem::take(&mut *written.lock().unwrap_or_else(|e| e.into_inner()));
+    if written.is_empty() {
+        return;
+    }
+    if let Err(e) = crate::blob_gc::collect_after_delete(&state.db, &state.objects, &state.blob_lock, written, shared_blobs(state)).await {
+        tracing::warn!(error = ?e, "removing the blobs of an upload that did not end stored failed; the next sweep removes them");
     }
 }
 
@@ -236,14 +243,7 @@ impl Drop for AddedBlobs {
             // The ingest thread holds the lock shared until it stops, at its next entry: once the
             // lock can be had exclusively, it has stopped and the list is complete.
             drop(state.blob_lock.clone().write_owned().await);
-            let written = std::mem::take(&mut *written.lock().unwrap_or_else(|e| e.into_inner()));
-            if written.is_empty() {
-                return;
-            }
-            let (db, objects, lock) = (&state.db, &state.objects, &state.blob_lock);
-            if let Err(e) = crate::blob_gc::collect_after_delete(db, objects, lock, written, shared_blobs(&state)).await {
-                tracing::warn!(error = ?e, "removing an abandoned upload's blobs failed; the next sweep removes them");
-            }
+            remove_added_blobs(&state, &written).await;
         });
     }
 }
