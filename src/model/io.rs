@@ -388,7 +388,19 @@ fn download_from_hub(id: &str, how_to: &str, timeout: Duration, on_download: &mu
             // Another download of the file (another job's, another process's) holds its lock,
             // and hf-hub gave up after five seconds: wait for that one to end, then take the
             // file from the cache, or resume what it left.
-            Err(hf_hub::api::sync::ApiError::LockAcquisition(lock)) => wait_for_lock(&lock, file, timeout, &mut *on_download)?,
+            Err(hf_hub::api::sync::ApiError::LockAcquisition(lock)) => {
+                wait_for_lock(&lock, file, timeout, &mut *on_download)?;
+                // hf-hub frees the lock when the file is in place and only then names it in the
+                // cache (pointer and ref): when the download that held it completed, its file is
+                // taken from the cache as soon as it is named there, not downloaded again.
+                let named = Instant::now();
+                while lock.with_extension("").exists() && named.elapsed() < Duration::from_secs(5) {
+                    if let Some(path) = cached.get(file) {
+                        return Ok(path);
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
             Err(e) => return Err(failed(file, e)),
         }
     };
