@@ -115,13 +115,17 @@ async fn sweep_locked(pool: &Pool, store: &Objects, guard: &OwnedRwLockWriteGuar
     remove_unreferenced(pool, store, &stored.into_iter().collect::<Vec<_>>(), guard).await
 }
 
-/// Removes cached thumbnails (`<hash>.jpg` in `dir`) whose blob is gone; returns how many.
+/// Removes cached thumbnails (`<hash>` and [`THUMBNAIL_SUFFIX`] in `dir`) whose blob is gone,
+/// and files of any other name (thumbnails made by an older version); returns how many.
+///
+/// [`THUMBNAIL_SUFFIX`]: crate::paths::THUMBNAIL_SUFFIX
 pub fn remove_orphan_thumbnails(store: &BlobStore, dir: &std::path::Path) -> std::io::Result<usize> {
     let mut removed = 0;
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        let hash = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        if store.path(&hash).is_ok_and(|blob| blob.exists()) {
+        let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let hash = name.strip_suffix(crate::paths::THUMBNAIL_SUFFIX);
+        if hash.is_some_and(|hash| store.path(hash).is_ok_and(|blob| blob.exists())) {
             continue;
         }
         std::fs::remove_file(&path)?;

@@ -7,7 +7,8 @@ use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
 
-use image::{ImageFormat, ImageReader, Limits, RgbImage, RgbaImage};
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage, RgbaImage};
 
 use crate::budget::{MemoryBudget, Reservation};
 
@@ -49,7 +50,8 @@ pub fn is_supported(format: ImageFormat) -> bool {
 
 /// Decodes an encoded image (JPEG, PNG, WebP, BMP, or a GIF's first frame) to 8-bit RGB, as
 /// `transformers`' `convert_to_rgb` does with Pillow: grey is replicated, 16-bit is reduced to 8,
-/// and an image with transparency is composited onto white.
+/// and an image with transparency is composited onto white. An EXIF orientation is applied
+/// ([`upright`]).
 pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
     let (format, width, height) = dimensions(bytes, max_pixels)?;
     decode_checked(bytes, format, width, height)
@@ -125,10 +127,31 @@ fn decode_checked(bytes: &[u8], format: ImageFormat, width: u32, height: u32) ->
     limits.max_image_width = Some(width);
     limits.max_image_height = Some(height);
     reader.limits(limits);
-    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.decode()))
-        .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))?
-        .map_err(|e| ImageError::Corrupt(e.to_string()))?;
-    Ok(if decoded.color().has_alpha() { composite_on_white(&decoded.into_rgba8()) } else { decoded.into_rgb8() })
+    let (decoded, orientation) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> image::ImageResult<_> {
+        let mut decoder = reader.into_decoder()?;
+        // Metadata that cannot be read leaves the pixels as stored, as Pillow's `exif_transpose`
+        // does with an orientation it does not know.
+        let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+        Ok((DynamicImage::from_decoder(decoder)?, orientation))
+    }))
+    .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))?
+    .map_err(|e| ImageError::Corrupt(e.to_string()))?;
+    let rgb = if decoded.color().has_alpha() { composite_on_white(&decoded.into_rgba8()) } else { decoded.into_rgb8() };
+    Ok(upright(rgb, orientation))
+}
+
+/// The image as it is meant to be seen: turned and mirrored as its EXIF orientation says (a
+/// phone's portrait photo is stored sideways with orientation 6). `transformers`' `load_image`,
+/// which its pipelines use, does the same (`PIL.ImageOps.exif_transpose`), and so does every
+/// browser and image viewer. Done on the 8-bit image, so that it costs one 3-byte frame more at
+/// most, within [`decode_cost`].
+fn upright(rgb: RgbImage, orientation: Orientation) -> RgbImage {
+    if orientation == Orientation::NoTransforms {
+        return rgb;
+    }
+    let mut image = DynamicImage::ImageRgb8(rgb);
+    image.apply_orientation(orientation);
+    image.into_rgb8()
 }
 
 /// Whether a JPEG's segments and scans run to its end-of-image marker: each segment's length is
@@ -238,6 +261,87 @@ mod tests {
         // Fully transparent pixels become white, as transformers' convert_to_rgb composites onto white.
         assert_eq!(decode_rgb(&encode(rgba.clone(), ImageFormat::Png), 100).unwrap().get_pixel(1, 1).0, [255, 255, 255]);
         assert_eq!(decode_rgb(&encode(rgba, ImageFormat::Gif), 100).unwrap().dimensions(), (2, 2));
+    }
+
+    /// A little-endian EXIF (TIFF) block holding only an orientation.
+    fn exif_orientation(value: u16) -> Vec<u8> {
+        let mut exif = b"II*\0".to_vec();
+        exif.extend(8u32.to_le_bytes()); // the first directory's offset
+        exif.extend(1u16.to_le_bytes()); // one entry
+        exif.extend(0x0112u16.to_le_bytes()); // Orientation
+        exif.extend(3u16.to_le_bytes()); // SHORT
+        exif.extend(1u32.to_le_bytes()); // one value
+        exif.extend(value.to_le_bytes());
+        exif.extend([0, 0]);
+        exif.extend(0u32.to_le_bytes()); // no next directory
+        exif
+    }
+
+    fn encode_with_exif(img: &RgbImage, format: ImageFormat, exif: Vec<u8>) -> Vec<u8> {
+        use image::ImageEncoder;
+        let mut out = Vec::new();
+        let (w, h) = img.dimensions();
+        let color = image::ExtendedColorType::Rgb8;
+        match format {
+            ImageFormat::Png => {
+                let mut encoder = image::codecs::png::PngEncoder::new(&mut out);
+                encoder.set_exif_metadata(exif).unwrap();
+                encoder.write_image(img, w, h, color).unwrap();
+            }
+            ImageFormat::Jpeg => {
+                let mut encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 95);
+                encoder.set_exif_metadata(exif).unwrap();
+                encoder.write_image(img, w, h, color).unwrap();
+            }
+            ImageFormat::WebP => {
+                let mut encoder = image::codecs::webp::WebPEncoder::new_lossless(&mut out);
+                encoder.set_exif_metadata(exif).unwrap();
+                encoder.write_image(img, w, h, color).unwrap();
+            }
+            other => unreachable!("{other:?}"),
+        }
+        out
+    }
+
+    #[test]
+    fn an_exif_orientation_is_applied_as_pillow_s_exif_transpose_does() {
+        // Each pixel holds its own coordinates, so where it lands shows the turn.
+        let (w, h) = (3u32, 2u32);
+        let stored = RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        // For each EXIF orientation, the stored pixel that lands at (x, y) of the upright image:
+        // checked against `PIL.ImageOps.exif_transpose` (Pillow 13) on these same images.
+        #[allow(clippy::type_complexity)]
+        let source: [(u16, fn(u32, u32, u32, u32) -> (u32, u32)); 8] = [
+            (1, |x, y, _, _| (x, y)),
+            (2, |x, y, w, _| (w - 1 - x, y)),
+            (3, |x, y, w, h| (w - 1 - x, h - 1 - y)),
+            (4, |x, y, _, h| (x, h - 1 - y)),
+            (5, |x, y, _, _| (y, x)),
+            (6, |x, y, _, h| (y, h - 1 - x)),
+            (7, |x, y, w, h| (w - 1 - y, h - 1 - x)),
+            (8, |x, y, w, _| (w - 1 - y, x)),
+        ];
+        for format in [ImageFormat::Png, ImageFormat::WebP] {
+            for (orientation, from) in source {
+                let upright = decode_rgb(&encode_with_exif(&stored, format, exif_orientation(orientation)), 100).unwrap();
+                let turned = orientation >= 5;
+                assert_eq!(upright.dimensions(), if turned { (h, w) } else { (w, h) }, "{format:?} orientation {orientation}");
+                for (x, y, pixel) in upright.enumerate_pixels() {
+                    let (sx, sy) = from(x, y, w, h);
+                    assert_eq!(pixel.0, [sx as u8, sy as u8, 7], "{format:?} orientation {orientation} at ({x}, {y})");
+                }
+            }
+        }
+        // A phone's portrait JPEG: stored 64 wide and 32 high, with its top-left quarter red.
+        let landscape = RgbImage::from_fn(64, 32, |x, y| if x < 32 && y < 16 { image::Rgb([255, 0, 0]) } else { image::Rgb([0, 0, 255]) });
+        let portrait = decode_rgb(&encode_with_exif(&landscape, ImageFormat::Jpeg, exif_orientation(6)), 10_000).unwrap();
+        assert_eq!(portrait.dimensions(), (32, 64));
+        let [r, _, b] = portrait.get_pixel(24, 8).0; // turned a quarter clockwise: now top-right
+        assert!(r > 200 && b < 60, "{:?}", portrait.get_pixel(24, 8));
+        // An orientation out of range, and none at all, leave the pixels as stored.
+        for exif in [exif_orientation(9), Vec::new()] {
+            assert_eq!(decode_rgb(&encode_with_exif(&stored, ImageFormat::Png, exif), 100).unwrap(), stored);
+        }
     }
 
     #[test]

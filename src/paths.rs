@@ -2,6 +2,11 @@
 
 use std::path::{Path, PathBuf};
 
+/// What a cached thumbnail's name adds to its blob's hash. The number counts changes to how
+/// thumbnails are made (2: the EXIF orientation applied). The start-up sweep removes thumbnails
+/// of any other name, so a change here retires the thumbnails made the old way.
+pub const THUMBNAIL_SUFFIX: &str = ".v2.jpg";
+
 /// The layout of a data folder: the SQLite file, the blob store, job checkpoints and models.
 #[derive(Debug, Clone)]
 pub struct DataPaths {
@@ -64,7 +69,7 @@ impl DataPaths {
 
     /// The cached thumbnail of a blob.
     pub fn thumbnail(&self, blob: &str) -> PathBuf {
-        self.thumbnails().join(format!("{blob}.jpg"))
+        self.thumbnails().join(format!("{blob}{THUMBNAIL_SUFFIX}"))
     }
 
     /// Scratch space for uploads in flight; emptied at start-up.

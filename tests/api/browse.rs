@@ -4,6 +4,7 @@
 
 use serde_json::{Value, json};
 
+use crate::fixtures::{class_images, file, png_with_orientation, zip};
 use crate::helpers::{assert_error, json, spawn_app};
 
 #[tokio::test]
@@ -41,7 +42,7 @@ async fn a_dataset_s_images_come_in_pages_with_thumbnails_of_its_own_images_only
     let img = image::load_from_memory(&bytes).unwrap();
     assert!(img.width() <= 160 && img.height() <= 160);
     let blob = first["blob"].as_str().unwrap();
-    assert!(app.data_dir.join("thumbnails").join(format!("{blob}.jpg")).is_file(), "cached");
+    assert!(app.data_dir.join("thumbnails").join(format!("{blob}.v2.jpg")).is_file(), "cached");
     assert_eq!(app.get(&url).await.bytes().await.unwrap(), bytes);
 
     // Only a blob of this dataset, named by its hash: nothing else can be read this way.
@@ -58,6 +59,29 @@ async fn a_dataset_s_images_come_in_pages_with_thumbnails_of_its_own_images_only
 
 /// A thumbnail cache that cannot be written costs the next request a new thumbnail, not this one
 /// its answer; a cached thumbnail is only ever a whole one (written aside and renamed).
+/// A photo stored sideways with an EXIF orientation gets an upright thumbnail, as the browser
+/// shows the photo itself.
+#[tokio::test]
+async fn a_thumbnail_is_upright_by_its_image_s_exif_orientation() {
+    let app = spawn_app().await;
+    // Stored 64 wide and 32 high with its top-left quarter red; orientation 6 turns it a quarter
+    // clockwise, so the red quarter is the top right of a 32×64 picture.
+    let stored = image::RgbImage::from_fn(64, 32, |x, y| image::Rgb(if x < 32 && y < 16 { [255, 0, 0] } else { [0, 0, 255] }));
+    let mut members = class_images("", &["cat", "dog"], 2, 0);
+    members.push(file("cat/portrait.png", png_with_orientation(&stored, 6)));
+    let resp = app.post_dataset("photos.zip", zip(&members), None).await;
+    assert_eq!(resp.status(), 201);
+    let id = json(resp).await["id"].as_str().unwrap().to_string();
+    let page = json(app.get(&format!("/datasets/{id}/images?limit=200")).await).await;
+    let portrait = page["images"].as_array().unwrap().iter().find(|i| i["file"] == "cat/portrait.png").expect("the portrait is listed");
+    let resp = app.get(portrait["thumbnail"].as_str().unwrap()).await;
+    assert_eq!(resp.status(), 200);
+    let thumbnail = image::load_from_memory(&resp.bytes().await.unwrap()).unwrap().into_rgb8();
+    assert_eq!(thumbnail.dimensions(), (32, 64));
+    let [r, _, b] = thumbnail.get_pixel(24, 8).0;
+    assert!(r > 200 && b < 60, "top right {:?}", thumbnail.get_pixel(24, 8));
+}
+
 #[tokio::test]
 async fn a_thumbnail_is_served_when_its_cache_cannot_be_written() {
     let app = spawn_app().await;
@@ -76,7 +100,7 @@ async fn a_thumbnail_is_served_when_its_cache_cannot_be_written() {
     std::fs::create_dir(&cache).unwrap();
     assert_eq!(app.get(&url).await.status(), 200);
     let names: Vec<String> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    assert_eq!(names, vec![format!("{}.jpg", page["images"][0]["blob"].as_str().unwrap())], "the thumbnail alone, no temporary file");
+    assert_eq!(names, vec![format!("{}.v2.jpg", page["images"][0]["blob"].as_str().unwrap())], "the thumbnail alone, no temporary file");
 }
 
 #[tokio::test]

@@ -646,7 +646,8 @@ async fn unsupported_methods_on_dataset_routes_are_405() {
 
 /// What a crash can leave besides blobs goes at the next start: upload scratch, a model folder
 /// no model row names, the checkpoint folder of a job the database does not hold as unfinished,
-/// a thumbnail of an image no dataset has. What is still needed stays.
+/// a thumbnail of an image no dataset has, one made the old way (named `<hash>.jpg`, before the
+/// EXIF orientation was applied). What is still needed stays.
 #[tokio::test]
 async fn leftovers_of_a_crash_are_removed_at_start_up() {
     let app = spawn_app().await;
@@ -657,7 +658,7 @@ async fn leftovers_of_a_crash_are_removed_at_start_up() {
     let resp = app.get(&format!("/datasets/{dataset}/images/{blob}/thumbnail")).await;
     assert_eq!(resp.status(), 200);
     let root = app.data_dir.clone();
-    let kept_thumbnail = root.join("thumbnails").join(format!("{blob}.jpg"));
+    let kept_thumbnail = root.join("thumbnails").join(format!("{blob}.v2.jpg"));
     assert!(kept_thumbnail.exists(), "the thumbnail is cached");
     let tmp = app.stop().await.expect("temporary data folder");
     let planted = [
@@ -665,7 +666,8 @@ async fn leftovers_of_a_crash_are_removed_at_start_up() {
         root.join("tmp/half-unpacked/x.jpg"),
         root.join("models/never-registered/config.json"),
         root.join("jobs/no-such-job/epoch-1/model.safetensors"),
-        root.join(format!("thumbnails/{}.jpg", "0".repeat(64))),
+        root.join(format!("thumbnails/{}.v2.jpg", "0".repeat(64))),
+        root.join(format!("thumbnails/{blob}.jpg")),
     ];
     for path in &planted {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();

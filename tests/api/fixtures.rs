@@ -28,6 +28,27 @@ pub fn png(seed: u32) -> Vec<u8> {
     image(ImageFormat::Png, 32, seed)
 }
 
+/// `img` as a PNG whose EXIF says to show it turned by `orientation` (1–8: 6 is a quarter turn
+/// clockwise, as a phone stores a portrait photo).
+pub fn png_with_orientation(img: &image::RgbImage, orientation: u16) -> Vec<u8> {
+    use image::ImageEncoder;
+    // A little-endian TIFF block with one entry: Orientation (0x0112), one SHORT.
+    let mut exif = b"II*\0".to_vec();
+    exif.extend(8u32.to_le_bytes());
+    exif.extend(1u16.to_le_bytes());
+    exif.extend(0x0112u16.to_le_bytes());
+    exif.extend(3u16.to_le_bytes());
+    exif.extend(1u32.to_le_bytes());
+    exif.extend(orientation.to_le_bytes());
+    exif.extend([0, 0]);
+    exif.extend(0u32.to_le_bytes());
+    let mut out = Vec::new();
+    let mut encoder = image::codecs::png::PngEncoder::new(&mut out);
+    encoder.set_exif_metadata(exif).expect("PNG takes EXIF");
+    encoder.write_image(img, img.width(), img.height(), image::ExtendedColorType::Rgb8).expect("encode image");
+    out
+}
+
 /// A JPEG cut off after its headers: recognisable, not decodable.
 pub fn corrupt_jpeg() -> Vec<u8> {
     let mut bytes = jpeg(999);

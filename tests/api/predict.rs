@@ -3,7 +3,7 @@
 use base64::Engine;
 use serde_json::{Value, json};
 
-use crate::fixtures::{corrupt_jpeg, jpeg, png};
+use crate::fixtures::{corrupt_jpeg, jpeg, png, png_with_orientation};
 use crate::helpers::{TestApp, assert_error, json, spawn_app, spawn_app_with};
 
 /// An app with one succeeded job; returns (app, dataset id, model id).
@@ -123,6 +123,22 @@ async fn test_time_flip_averages_an_image_with_its_mirror_image() {
         assert!((score - flipped_mirror[label]).abs() < 1e-4, "an image and its mirror agree with flip");
     }
     assert_eq!(scores(&ask(image, "&flip=false").await), plain);
+}
+
+/// A photo stored sideways with an EXIF orientation (as phones store portrait photos) is
+/// classified as it is meant to be seen: exactly as the same picture stored upright.
+#[tokio::test]
+async fn an_image_is_classified_upright_by_its_exif_orientation() {
+    let (app, _, _) = trained_app(|_| {}).await;
+    let upright = image::load_from_memory(&png(4)).unwrap().into_rgb8();
+    let sideways = image::imageops::rotate270(&upright); // stored a quarter turn back…
+    let ask = |body: Vec<u8>| {
+        let req = app.client.post(app.url("/predict?top_k=2")).header("content-type", "image/png").body(body);
+        async move { scores(&json(req.send().await.unwrap()).await) }
+    };
+    let plain = ask(png_with_orientation(&upright, 1)).await;
+    assert_eq!(ask(png_with_orientation(&sideways, 6)).await, plain, "…with orientation 6: turned upright");
+    assert_ne!(ask(png_with_orientation(&sideways, 1)).await, plain, "the model tells the sideways picture apart, so the test can see a difference");
 }
 
 #[tokio::test]
