@@ -339,7 +339,8 @@ async fn with_an_api_key_the_console_asks_once_and_sends_it_as_a_bearer_token() 
 }
 
 /// The overview shows the newest 25 datasets and jobs, and "Show more" brings the rest: it asks
-/// the lists for pages (`?limit=`) instead of every row at each refresh.
+/// the lists for pages (`?limit=`) instead of every row at each refresh. A job whose model is
+/// not among the models shown still shows that model's F1.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_overview_shows_the_newest_rows_and_more_on_request() {
     let Some(driver) = chromedriver() else { return };
@@ -399,6 +400,40 @@ async fn the_overview_shows_the_newest_rows_and_more_on_request() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_gone(&server, &newest).await;
+
+    // A job whose model is older than the 25 models shown still shows its model's F1 (the page
+    // asks for that model).
+    let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(zip(&red_and_blue(6))).file_name("six.zip"));
+    let six: serde_json::Value = server.client.post(server.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
+    let body = json!({"dataset_id": six["id"], "base_model": "tiny", "params": {"epochs": 1, "batch_size": 2}});
+    let trained = server.post_json("/jobs", &body).await["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let job = loop {
+        let job = server.get_json(&format!("/jobs/{trained}")).await;
+        if job["status"] == "succeeded" {
+            break job;
+        }
+        assert!(Instant::now() < deadline && job["status"] != "failed", "{job}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let model = job["model_id"].as_str().unwrap();
+    let f1 = server.get_json(&format!("/models/{model}")).await["metrics"]["f1"].as_f64().expect("the model has an F1");
+    // 25 newer models (rows that share its files) push it off the overview's first page.
+    let db = crate::support::open_database(&tmp.path().join("data")).await;
+    for i in 0..25 {
+        sqlx::query("insert into models (id, job_id, base_model, labels, metrics, params, recipe, path, created_at) select $1, null, base_model, labels, metrics, params, recipe, path, $2 from models where id = $3")
+            .bind(format!("newer-{i:02}"))
+            .bind(format!("2999-01-01T00:00:{i:02}Z"))
+            .bind(model)
+            .execute(&db)
+            .await
+            .unwrap();
+    }
+    c.goto(&server.url("/ui/")).await.unwrap();
+    let shown = wait_text(&c, "#models tbody", 20, |t| t.contains("newer-00")).await;
+    assert!(!shown.contains(&model[model.len() - 8..]), "the job's model is not among those shown: {shown}");
+    let row = wait_text(&c, "#jobs tbody tr:first-child", 20, |t| t.contains(&trained[trained.len() - 8..])).await;
+    assert!(row.contains(&format!("{f1:.3}")), "the job's row shows its model's F1 {f1:.3}: {row}");
     c.close().await.unwrap();
 }
 

@@ -189,16 +189,30 @@ async function overview() {
     ),
     ms.more ? showMore("models", () => ((shown.models += OVERVIEW_ROWS), refresh().catch((e) => jobsError.replaceChildren(errorBox(e))))) : null,
   );
-  // Live job status (and the models jobs register) without reloading. A job's F1 is its model's,
-  // where that model is among those shown.
+  // Live job status (and the models jobs register) without reloading. A job's F1 is its model's:
+  // from the models shown, else asked for once (a model's metrics never change; a deleted one's
+  // F1 stays blank).
+  const f1 = new Map();
   const refresh = async () => {
     const [js, ms] = await Promise.all([getFirst("/jobs", shown.jobs), getFirst("/models", shown.models)]);
-    const f1 = Object.fromEntries(ms.items.map((m) => [m.id, m.metrics?.f1]));
+    for (const m of ms.items) f1.set(m.id, m.metrics?.f1);
+    const unknown = new Set(js.items.map((j) => j.model_id).filter((id) => id && !f1.has(id)));
+    await Promise.all(
+      [...unknown].map((id) =>
+        get(`/models/${id}`).then(
+          (m) => f1.set(id, m.metrics?.f1),
+          (e) => {
+            if (e.status !== 404) throw e;
+            f1.set(id, undefined);
+          },
+        ),
+      ),
+    );
     drawModels(ms);
     jobs.replaceChildren(
       table(
         ["Job", "Status", "Progress", "Recipe", "#Best val. F1", "Created"],
-        js.items.map((j) => [h("a", { href: `/ui/jobs/${j.id}` }, short(j.id)), status(j.status), progressOf(j), j.recipe, { v: num(f1[j.model_id]), num: true }, when(j.created_at)]),
+        js.items.map((j) => [h("a", { href: `/ui/jobs/${j.id}` }, short(j.id)), status(j.status), progressOf(j), j.recipe, { v: num(f1.get(j.model_id)), num: true }, when(j.created_at)]),
         "No job yet.",
       ),
       js.more ? showMore("jobs", () => ((shown.jobs += OVERVIEW_ROWS), refresh().catch((e) => jobsError.replaceChildren(errorBox(e))))) : null,
