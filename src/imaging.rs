@@ -81,14 +81,22 @@ pub fn decode_rgb_within(bytes: &[u8], max_pixels: u64, memory: &Arc<MemoryBudge
     decode_checked(bytes, format, width, height)
 }
 
+/// Whether `bytes` begin as a HEIF image does (an ISO media file whose brand is a HEIF one), the
+/// format iPhones store photos in: not one we decode, but worth naming rather than calling it
+/// "not an image".
+fn is_heif(bytes: &[u8]) -> bool {
+    const BRANDS: [&[u8]; 10] = [b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"];
+    bytes.get(4..8) == Some(b"ftyp".as_slice()) && bytes.get(8..12).is_some_and(|brand| BRANDS.contains(&brand))
+}
+
 /// The format and size of an encoded image, read from its header within the limits.
 fn dimensions(bytes: &[u8], max_pixels: u64) -> Result<(ImageFormat, u32, u32), ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
-    let format = image::guess_format(bytes).map_err(|_| ImageError::UnknownFormat)?;
+    let format = image::guess_format(bytes).map_err(|_| if is_heif(bytes) { ImageError::UnsupportedFormat("HEIC/HEIF".into()) } else { ImageError::UnknownFormat })?;
     if !is_supported(format) {
-        return Err(ImageError::UnsupportedFormat(format!("{format:?}")));
+        return Err(ImageError::UnsupportedFormat(format!("{format:?}").to_uppercase()));
     }
     let mut header = ImageReader::with_format(Cursor::new(bytes), format);
     let mut header_limits = Limits::default();
@@ -348,6 +356,12 @@ mod tests {
     fn bad_inputs_are_refused_with_a_reason() {
         assert_eq!(decode_rgb(b"", 100), Err(ImageError::Empty));
         assert_eq!(decode_rgb(b"hello, world", 100), Err(ImageError::UnknownFormat));
+        // An iPhone photo's first bytes: an ISO media file of brand `heic`.
+        let heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic\0\0\0\0";
+        assert_eq!(decode_rgb(heic, 100), Err(ImageError::UnsupportedFormat("HEIC/HEIF".into())));
+        assert_eq!(decode_rgb(b"\0\0\0\x18ftypisom\0\0\0\0", 100), Err(ImageError::UnknownFormat), "an MP4 is not a HEIF");
+        let tiff = b"II*\0\x08\0\0\0";
+        assert_eq!(decode_rgb(tiff, 100).unwrap_err().to_string(), "unsupported image format TIFF (supported: JPEG, PNG, WebP, BMP, GIF)");
         let png = encode(DynamicImage::new_rgb8(20, 10), ImageFormat::Png);
         assert!(matches!(decode_rgb(&png, 199), Err(ImageError::TooManyPixels { pixels: 200, .. })));
         assert!(matches!(decode_rgb(&png[..png.len() / 2], 1000), Err(ImageError::Corrupt(_))));

@@ -157,6 +157,11 @@ async fn bad_predict_requests_name_the_problem() {
     assert!(msg.contains("image 2") && msg.contains("broken"), "{msg}");
     let resp = app.client.post(&url).header("content-type", "image/png").body("not an image").send().await.unwrap();
     assert_error(resp, 400, "invalid_image").await;
+    // An iPhone photo (HEIC) is named as such, not called "not an image".
+    let heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic\0\0\0\0".to_vec();
+    let resp = app.client.post(&url).header("content-type", "image/heic").body(heic).send().await.unwrap();
+    let msg = assert_error(resp, 400, "invalid_image").await;
+    assert!(msg.contains("unsupported image format HEIC/HEIF (supported: JPEG"), "{msg}");
     let resp = app.post_json("/predict", &json!({"images": ["@@@not base64@@@"]})).await;
     let msg = assert_error(resp, 400, "invalid_base64").await;
     assert!(msg.contains("images[0]"), "{msg}");
