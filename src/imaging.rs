@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use image::metadata::Orientation;
-use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage, RgbaImage};
+use image::{DynamicImage, ImageBuffer, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage, RgbaImage};
 
 use crate::budget::{MemoryBudget, Reservation};
 
@@ -144,8 +144,31 @@ fn decode_checked(bytes: &[u8], format: ImageFormat, width: u32, height: u32) ->
     }))
     .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))?
     .map_err(|e| ImageError::Corrupt(e.to_string()))?;
+    let decoded = high_bytes(decoded);
     let rgb = if decoded.color().has_alpha() { composite_on_white(&decoded.into_rgba8()) } else { decoded.into_rgb8() };
     Ok(upright(rgb, orientation))
+}
+
+/// A 16-bit image reduced to 8 bits by keeping each sample's high byte, as Pillow reads a 16-bit
+/// PNG (its `RGB;16B` unpackers), so that such images reach the model as they reach it through
+/// `transformers`; the image crate would round (`v / 257`), one level off for some samples.
+/// (Pillow opens 16-bit grey without alpha as `I;16`, which its RGB conversion clips to
+/// 0–255, washing out the picture; that one we read by the high byte too, as the picture is
+/// meant.) Other images pass unchanged. The 8-bit copy costs half the 16-bit frame at most,
+/// within [`decode_cost`].
+fn high_bytes(image: DynamicImage) -> DynamicImage {
+    fn high<P: image::Pixel<Subpixel = u8>>(width: u32, height: u32, samples: Vec<u16>) -> ImageBuffer<P, Vec<u8>> {
+        let bytes = samples.into_iter().map(|v| (v >> 8) as u8).collect();
+        ImageBuffer::from_raw(width, height, bytes).expect("as many samples as the 16-bit frame had")
+    }
+    let (width, height) = (image.width(), image.height());
+    match image {
+        DynamicImage::ImageLuma16(b) => DynamicImage::ImageLuma8(high(width, height, b.into_raw())),
+        DynamicImage::ImageLumaA16(b) => DynamicImage::ImageLumaA8(high(width, height, b.into_raw())),
+        DynamicImage::ImageRgb16(b) => DynamicImage::ImageRgb8(high(width, height, b.into_raw())),
+        DynamicImage::ImageRgba16(b) => DynamicImage::ImageRgba8(high(width, height, b.into_raw())),
+        other => other,
+    }
 }
 
 /// The image as it is meant to be seen: turned and mirrored as its EXIF orientation says (a
@@ -269,6 +292,15 @@ mod tests {
         // Fully transparent pixels become white, as transformers' convert_to_rgb composites onto white.
         assert_eq!(decode_rgb(&encode(rgba.clone(), ImageFormat::Png), 100).unwrap().get_pixel(1, 1).0, [255, 255, 255]);
         assert_eq!(decode_rgb(&encode(rgba, ImageFormat::Gif), 100).unwrap().dimensions(), (2, 2));
+        // 16 bits become 8 by the high byte, as Pillow reads a 16-bit PNG: 0x12FF is 0x12 (the
+        // image crate's rounding would make it 0x13).
+        let rgb16 = DynamicImage::ImageRgb16(ImageBuffer::from_pixel(2, 2, image::Rgb([0x12FFu16, 0x0080, 0xFFFF])));
+        assert_eq!(decode_rgb(&encode(rgb16, ImageFormat::Png), 100).unwrap().get_pixel(1, 1).0, [0x12, 0x00, 0xFF]);
+        let grey16 = DynamicImage::ImageLuma16(ImageBuffer::from_pixel(2, 2, Luma([0x80FFu16])));
+        assert_eq!(decode_rgb(&encode(grey16, ImageFormat::Png), 100).unwrap().get_pixel(0, 1).0, [0x80; 3]);
+        // With alpha, the high bytes are composited onto white: 0x12FF at alpha 0xFFFF stays 0x12.
+        let rgba16 = DynamicImage::ImageRgba16(ImageBuffer::from_pixel(2, 2, image::Rgba([0x12FFu16, 0x12FF, 0x12FF, 0xFFFF])));
+        assert_eq!(decode_rgb(&encode(rgba16, ImageFormat::Png), 100).unwrap().get_pixel(0, 0).0, [0x12; 3]);
     }
 
     /// A little-endian EXIF (TIFF) block holding only an orientation.
