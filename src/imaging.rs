@@ -81,6 +81,12 @@ pub fn decode_rgb_within(bytes: &[u8], max_pixels: u64, memory: &Arc<MemoryBudge
     decode_checked(bytes, format, width, height)
 }
 
+/// Whether `bytes` look like an image by their first bytes: a format we know of, decodable or
+/// not (a text file or a PDF is not one).
+pub fn looks_like_an_image(bytes: &[u8]) -> bool {
+    image::guess_format(bytes).is_ok() || is_heif(bytes)
+}
+
 /// Whether `bytes` begin as a HEIF image does (an ISO media file whose brand is a HEIF one), the
 /// format iPhones store photos in: not one we decode, but worth naming rather than calling it
 /// "not an image".

@@ -147,8 +147,11 @@ pub struct PredictArgs {
     /// (bf16 on a GPU and where the CPU multiplies bf16 natively and faster, else f32).
     #[arg(long, value_enum, default_value_t = PrecisionChoice::F32)]
     pub precision: PrecisionChoice,
-    /// Image files. One that cannot be read or decoded gets `{"file", "error"}` in place of its
-    /// prediction, the others are still classified, and the command then exits with status 1.
+    /// Image files, or folders of them: a folder's images are classified in name order, its
+    /// sub-folders' too, and files in it that are not images (by their content: a README, a CSV)
+    /// or are clutter (`.DS_Store`, `Thumbs.db`) are passed over. An image that cannot be read or
+    /// decoded gets `{"file", "error"}` in place of its prediction, the others are still
+    /// classified, and the command then exits with status 1.
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
 }
@@ -568,27 +571,32 @@ fn cancel_on_signal(cancel: Arc<AtomicBool>, what: &'static str) -> anyhow::Resu
 /// `{"file", "error"}` in place of the prediction of a file that cannot be read or decoded (the
 /// others are still classified); fails at the end when any file did.
 pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
+    let inputs = predict_inputs(&args.images)?;
     let device = crate::model::device(&args.device)?;
     let source = ModelSource::parse(&args.model)?;
     let model = load_showing_download(&source, &device).with_context(|| loading("model", &source))?;
     let clf = Classifier::new(model, &device, args.precision.resolve(&device)).with_context(|| loading("model", &source))?;
-    let pb = if args.images.len() > PREDICT_BATCH {
-        bar(args.images.len() as u64, "{spinner} classifying [{bar:30}] {pos}/{len} images ({per_sec}) eta {eta}")
+    let pb = if inputs.len() > PREDICT_BATCH {
+        bar(inputs.len() as u64, "{spinner} classifying [{bar:30}] {pos}/{len} files ({per_sec}) eta {eta}")
     } else {
         ProgressBar::hidden()
     };
-    let mut predictions = Vec::with_capacity(args.images.len());
-    let mut failed = 0;
+    let mut predictions = Vec::with_capacity(inputs.len());
+    let (mut failed, mut passed_over) = (0, 0);
     // A chunk at a time, so only one forward pass of files is held in memory.
-    for chunk in args.images.chunks(PREDICT_BATCH) {
+    for chunk in inputs.chunks(PREDICT_BATCH) {
         let never = AtomicBool::new(false);
-        let prepared: Vec<Result<Vec<f32>, String>> = chunk
+        // `Ok(None)`: a file in a folder that is not an image, passed over.
+        let prepared: Vec<Result<Option<Vec<f32>>, String>> = chunk
             .par_iter()
-            .map(|path| {
+            .map(|(path, in_folder)| {
                 let bytes = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
+                if *in_folder && !crate::imaging::looks_like_an_image(&bytes) {
+                    return Ok(None);
+                }
                 let image = [(path.display().to_string(), bytes)];
                 match clf.prepare(&image, crate::imaging::DEFAULT_MAX_PIXELS, &never) {
-                    Ok(mut pixels) => Ok(pixels.remove(0)),
+                    Ok(mut pixels) => Ok(Some(pixels.remove(0))),
                     Err(ClassifyError::Image { reason, .. }) => Err(reason),
                     Err(other) => Err(other.to_string()),
                 }
@@ -598,15 +606,20 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
         let mut errors = Vec::with_capacity(chunk.len());
         for p in prepared {
             match p {
-                Ok(p) => {
+                Ok(Some(p)) => {
                     pixels.push(p);
-                    errors.push(None);
+                    errors.push(Some(None));
                 }
-                Err(e) => errors.push(Some(e)),
+                Ok(None) => errors.push(None),
+                Err(e) => errors.push(Some(Some(e))),
             }
         }
         let mut answers = if pixels.is_empty() { vec![] } else { clf.predictions(&clf.probabilities_tta(&pixels, args.flip)?, args.top_k) }.into_iter();
-        for (path, error) in chunk.iter().zip(errors) {
+        for ((path, _), error) in chunk.iter().zip(errors) {
+            let Some(error) = error else {
+                passed_over += 1;
+                continue;
+            };
             if let Some(error) = error {
                 failed += 1;
                 say(&pb, format!("{}: {error}", path.display()));
@@ -619,11 +632,39 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
         pb.inc(chunk.len() as u64);
     }
     pb.finish_and_clear();
+    if passed_over > 0 {
+        eprintln!("passed over {passed_over} file(s) in the folders given that are not images");
+    }
     println!("{}", serde_json::to_string_pretty(&json!({ "predictions": predictions }))?);
     if failed > 0 {
-        anyhow::bail!("{failed} of {} images could not be read or decoded; their entries carry an \"error\" instead of a label", args.images.len());
+        anyhow::bail!("{failed} of {} images could not be read or decoded; their entries carry an \"error\" instead of a label", predictions.len());
+    }
+    if predictions.is_empty() {
+        anyhow::bail!("no image in the folders given");
     }
     Ok(())
+}
+
+/// The files `vitforge predict` reads, each with whether it came from a folder: each file given
+/// as it is (a path that does not exist is its own error, in its entry), and each folder's files
+/// depth-first in name order, without clutter (`dataset::is_clutter`) and without following
+/// links to folders.
+fn predict_inputs(given: &[PathBuf]) -> anyhow::Result<Vec<(PathBuf, bool)>> {
+    let mut inputs = Vec::new();
+    for path in given {
+        if !path.is_dir() {
+            inputs.push((path.clone(), false));
+            continue;
+        }
+        let walk = walkdir::WalkDir::new(path).sort_by_file_name().into_iter();
+        for entry in walk.filter_entry(|e| e.depth() == 0 || !crate::dataset::is_clutter(&e.file_name().to_string_lossy())) {
+            let entry = entry.with_context(|| format!("reading the folder {}", path.display()))?;
+            if entry.file_type().is_file() || (entry.path_is_symlink() && entry.path().is_file()) {
+                inputs.push((entry.into_path(), true));
+            }
+        }
+    }
+    Ok(inputs)
 }
 
 /// Images per forward pass of `vitforge predict`.

@@ -99,12 +99,17 @@ fn parse(name: &str) -> Parsed {
     if components.contains(&"..") {
         return Parsed::Unsafe("path contains '..'");
     }
-    let junk = |c: &&str| c.starts_with('.') || *c == "__MACOSX";
-    let junk_file = |c: &str| c.eq_ignore_ascii_case("thumbs.db") || c.eq_ignore_ascii_case("desktop.ini");
-    if components.iter().any(junk) || components.last().is_some_and(|c| junk_file(c)) {
+    if components.iter().any(|c| is_clutter(c)) {
         return Parsed::Junk;
     }
     Parsed::Path(components.into_iter().map(str::to_string).collect())
+}
+
+/// Whether a file or folder name is operating-system clutter, skipped silently wherever images
+/// are gathered from folders: `__MACOSX`, names starting with a dot (`.DS_Store`, `._photo.jpg`,
+/// `.git`), `Thumbs.db` and `desktop.ini`.
+pub fn is_clutter(name: &str) -> bool {
+    name.starts_with('.') || name == "__MACOSX" || name.eq_ignore_ascii_case("thumbs.db") || name.eq_ignore_ascii_case("desktop.ini")
 }
 
 /// `C:` and the like: a Windows drive.

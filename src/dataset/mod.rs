@@ -31,6 +31,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use blobs::BlobStore;
+pub use layout::is_clutter;
 
 use crate::budget::{MemoryBudget, Reservation};
 use crate::imaging::{self, ImageError};

@@ -447,6 +447,52 @@ fn predict_reports_a_bad_file_and_classifies_the_others() {
     assert!(preds["predictions"][0]["label"].is_string(), "{preds}");
 }
 
+/// A folder given to `predict` stands for its images, sub-folders' included, in name order;
+/// files in it that are not images, and clutter, are passed over; a broken image is still an
+/// error; a folder with no image fails saying so.
+#[test]
+fn predict_classifies_the_images_of_a_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_string_lossy().into_owned();
+    let (ok, _, err) = vitforge(&["init-model", "--config", "tiny", "--labels", "x,y", "--output", &t("model")]);
+    assert!(ok, "{err}");
+    write_dataset(&tmp.path().join("data"), 1);
+    let photos = tmp.path().join("photos");
+    for (from, to) in [("top/0.png", "b.png"), ("bottom/0.png", "a.png"), ("top/0.png", "sub/c.png"), ("top/0.png", "__MACOSX/._a.png")] {
+        std::fs::create_dir_all(photos.join(to).parent().unwrap()).unwrap();
+        std::fs::copy(tmp.path().join("data").join(from), photos.join(to)).unwrap();
+    }
+    std::fs::write(photos.join(".DS_Store"), b"\0\0\0\x01Bud1").unwrap();
+    std::fs::write(photos.join("README.txt"), b"holiday photos").unwrap();
+    let model = t("model");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_vitforge")).args(["predict", "--model", &model]).args(args).output().unwrap();
+        let stdout: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        (out.status.code(), stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, preds, err) = run(&[&t("photos"), &t("data/top/0.png")]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("passed over 1 file(s)"), "the README: {err}");
+    let files: Vec<&str> = preds["predictions"].as_array().unwrap().iter().map(|p| p["file"].as_str().unwrap()).collect();
+    assert_eq!(files, [t("photos/a.png"), t("photos/b.png"), t("photos/sub/c.png"), t("data/top/0.png")]);
+    assert!(preds["predictions"].as_array().unwrap().iter().all(|p| p["label"].is_string()), "{preds}");
+
+    // A broken image in a folder is an error of its own; the others are classified.
+    std::fs::write(photos.join("broken.jpg"), b"\xff\xd8\xff\xe0 cut short").unwrap();
+    let (code, preds, err) = run(&[&t("photos")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("1 of 4 images could not be read or decoded"), "{err}");
+    assert_eq!(preds["predictions"][2]["file"], t("photos/broken.jpg"));
+    assert!(preds["predictions"][2]["error"].is_string(), "{preds}");
+
+    // A folder with no image at all.
+    std::fs::create_dir_all(tmp.path().join("notes")).unwrap();
+    std::fs::write(tmp.path().join("notes/list.txt"), b"nothing").unwrap();
+    let (code, _, err) = run(&[&t("notes")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("no image in the folders given"), "{err}");
+}
+
 /// `--output .` or `..` (the current folder or one above it) is refused with the reason: a model
 /// replaces its folder whole, which would leave the shell in a folder that no longer exists.
 /// A folder inside it is fine.
