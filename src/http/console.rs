@@ -13,10 +13,11 @@ use super::Route;
 use super::error::AppError;
 
 /// The console's files: name under `/ui/assets/`, content type, content.
-const ASSETS: [(&str, &str, &str); 4] = [
+const ASSETS: [(&str, &str, &str); 5] = [
     ("app.js", "text/javascript; charset=utf-8", include_str!("console/app.js")),
     ("api.js", "text/javascript; charset=utf-8", include_str!("console/api.js")),
     ("charts.js", "text/javascript; charset=utf-8", include_str!("console/charts.js")),
+    ("tar.js", "text/javascript; charset=utf-8", include_str!("console/tar.js")),
     ("style.css", "text/css; charset=utf-8", include_str!("console/style.css")),
 ];
 

@@ -181,7 +181,7 @@ async fn a_browser_at_the_root_is_sent_to_the_console_and_its_files_are_served()
         assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
         assert!(resp.text().await.unwrap().contains("/ui/assets/app.js"));
     }
-    for (file, kind) in [("app.js", "text/javascript"), ("api.js", "text/javascript"), ("charts.js", "text/javascript"), ("style.css", "text/css")] {
+    for (file, kind) in [("app.js", "text/javascript"), ("api.js", "text/javascript"), ("charts.js", "text/javascript"), ("tar.js", "text/javascript"), ("style.css", "text/css")] {
         let resp = app.get(&format!("/ui/assets/{file}")).await;
         assert_eq!(resp.status(), 200, "{file}");
         assert!(resp.headers()["content-type"].to_str().unwrap().starts_with(kind));

@@ -3,6 +3,7 @@
 
 import { ApiError, del, events, get, getFirst, objectUrl, post, send, upload } from "./api.js";
 import { heatmap, lineChart } from "./charts.js";
+import { filesOfEntry, tarOf } from "./tar.js";
 
 const main = document.getElementById("main");
 
@@ -104,10 +105,26 @@ function apiImage(path, alt) {
 
 function uploadZone(onDone) {
   const input = h("input", { type: "file", id: "dataset-file", accept: ".zip,.tar,.gz,.tgz,.parquet" });
+  const folder = h("input", { type: "file", id: "dataset-folder", webkitdirectory: true, multiple: true });
   const name = h("input", { type: "text", id: "dataset-name", placeholder: "name (default: the file's)" });
   const bar = h("progress", { max: 1, value: 0, hidden: true });
   const note = h("p", { class: "muted", "aria-live": "polite" });
-  const zone = h("div", { class: "drop", id: "drop" }, "Drop a zip, tar(.gz) or Parquet file of labelled images here, or pick one: ", input);
+  const zone = h(
+    "div",
+    { class: "drop", id: "drop" },
+    "Drop a folder of class folders (cat/…, dog/…), or a zip, tar(.gz) or Parquet file of labelled images here, or pick a file: ",
+    input,
+    " or a folder: ",
+    folder,
+  );
+  // A folder goes up as one tar archive named after it, read from disk as it is sent.
+  function sendFolder(top, entries) {
+    if (entries.length === 0) {
+      note.textContent = `the folder ${top} holds no files`;
+      return;
+    }
+    send(new File([tarOf(entries)], `${top}.tar`, { type: "application/x-tar" }));
+  }
   async function send(file) {
     const form = new FormData();
     form.append("file", file);
@@ -128,6 +145,11 @@ function uploadZone(onDone) {
     }
   }
   input.addEventListener("change", () => input.files[0] && send(input.files[0]));
+  folder.addEventListener("change", () => {
+    const files = [...folder.files];
+    const top = files[0]?.webkitRelativePath.split("/")[0] ?? "folder";
+    sendFolder(top, files.map((file) => ({ path: file.webkitRelativePath, file })));
+  });
   zone.addEventListener("dragover", (e) => {
     e.preventDefault();
     zone.classList.add("over");
@@ -136,7 +158,13 @@ function uploadZone(onDone) {
   zone.addEventListener("drop", (e) => {
     e.preventDefault();
     zone.classList.remove("over");
-    if (e.dataTransfer.files[0]) send(e.dataTransfer.files[0]);
+    const entry = e.dataTransfer.items?.[0]?.webkitGetAsEntry?.();
+    if (entry?.isDirectory) {
+      note.textContent = `reading the folder ${entry.name}…`;
+      filesOfEntry(entry).then((entries) => sendFolder(entry.name, entries), (err) => note.replaceChildren(errorBox(err)));
+    } else if (e.dataTransfer.files[0]) {
+      send(e.dataTransfer.files[0]);
+    }
   });
   return h("div", {}, zone, h("label", {}, "Name ", name), bar, note);
 }
