@@ -123,7 +123,14 @@ function uploadZone(onDone) {
       note.textContent = `the folder ${top} holds no files`;
       return;
     }
-    send(new File([tarOf(entries)], `${top}.tar`, { type: "application/x-tar" }));
+    let archive;
+    try {
+      archive = tarOf(entries);
+    } catch (e) {
+      note.replaceChildren(errorBox(e)); // a file over tar's 8 GiB
+      return;
+    }
+    send(new File([archive], `${top}.tar`, { type: "application/x-tar" }));
   }
   async function send(file) {
     const form = new FormData();
