@@ -120,7 +120,7 @@ function uploadZone(onDone) {
   // A folder goes up as one tar archive named after it, read from disk as it is sent.
   function sendFolder(top, entries) {
     if (entries.length === 0) {
-      note.textContent = `the folder ${top} holds no files`;
+      note.textContent = "that folder holds no files";
       return;
     }
     let archive;
@@ -154,7 +154,7 @@ function uploadZone(onDone) {
   input.addEventListener("change", () => input.files[0] && send(input.files[0]));
   folder.addEventListener("change", () => {
     const files = [...folder.files];
-    const top = files[0]?.webkitRelativePath.split("/")[0] ?? "folder";
+    const top = files[0]?.webkitRelativePath.split("/")[0];
     sendFolder(top, files.map((file) => ({ path: file.webkitRelativePath, file })));
   });
   zone.addEventListener("dragover", (e) => {

@@ -42,10 +42,11 @@ function padding(size) {
 
 /** A PAX extended-header record, `"<length> <key>=<value>\n"`, whose length counts itself. */
 function paxRecord(key, value) {
-  const body = encoder.encode(` ${key}=${value}\n`);
-  let length = body.length + 1;
-  while (String(length).length + body.length !== length) length = String(length).length + body.length;
-  return encoder.encode(`${length}${new TextDecoder().decode(body)}`);
+  const rest = ` ${key}=${value}\n`;
+  const size = encoder.encode(rest).length;
+  let length = size + 1;
+  while (String(length).length + size !== length) length = String(length).length + size;
+  return encoder.encode(`${length}${rest}`);
 }
 
 /**
