@@ -246,7 +246,7 @@ async fn a_folder_picked_in_the_console_is_uploaded_as_a_dataset() {
     wait_url(&c, "/ui/datasets/", 30).await;
     wait_text(&c, "h2", 10, |t| t.contains("8 images in 2 classes")).await;
     let dataset = &server.get_json("/datasets").await[0];
-    assert_eq!(dataset["name"], "colours.tar", "{dataset}");
+    assert_eq!(dataset["name"], "colours", "named after the folder: {dataset}");
     assert_eq!(dataset["rejected_total"], 0, "{dataset}");
     let images = server.get_json(&format!("/datasets/{}/images", dataset["id"].as_str().unwrap())).await;
     let files: Vec<&str> = images["images"].as_array().unwrap().iter().map(|i| i["file"].as_str().unwrap()).collect();

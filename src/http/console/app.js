@@ -106,7 +106,7 @@ function apiImage(path, alt) {
 function uploadZone(onDone) {
   const input = h("input", { type: "file", id: "dataset-file", accept: ".zip,.tar,.gz,.tgz,.parquet" });
   const folder = h("input", { type: "file", id: "dataset-folder", webkitdirectory: true, multiple: true });
-  const name = h("input", { type: "text", id: "dataset-name", placeholder: "name (default: the file's)" });
+  const name = h("input", { type: "text", id: "dataset-name", placeholder: "name (default: the file's or folder's)" });
   const bar = h("progress", { max: 1, value: 0, hidden: true });
   const note = h("p", { class: "muted", "aria-live": "polite" });
   const zone = h(
@@ -117,7 +117,8 @@ function uploadZone(onDone) {
     " or a folder: ",
     folder,
   );
-  // A folder goes up as one tar archive named after it, read from disk as it is sent.
+  // A folder goes up as one tar archive, read from disk as it is sent; the dataset is named after
+  // the folder.
   function sendFolder(top, entries) {
     if (entries.length === 0) {
       note.textContent = "that folder holds no files";
@@ -130,12 +131,14 @@ function uploadZone(onDone) {
       note.replaceChildren(errorBox(e)); // a file over tar's 8 GiB
       return;
     }
-    send(new File([archive], `${top}.tar`, { type: "application/x-tar" }));
+    send(new File([archive], `${top}.tar`, { type: "application/x-tar" }), top);
   }
-  async function send(file) {
+  // `fallback`: the dataset's name when none is typed (else the service names it after the file).
+  async function send(file, fallback) {
     const form = new FormData();
     form.append("file", file);
-    if (name.value.trim()) form.append("name", name.value.trim());
+    const chosen = name.value.trim() || fallback;
+    if (chosen) form.append("name", chosen);
     bar.hidden = false;
     note.textContent = `uploading ${file.name}…`;
     try {
