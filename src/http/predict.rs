@@ -39,6 +39,16 @@ struct PredictResponse {
     predictions: Vec<Prediction>,
 }
 
+/// The base64 of one image of a JSON body: the string itself, or the data of a base64 data URL
+/// (`data:image/jpeg;base64,…`, what a browser's `FileReader.readAsDataURL` gives).
+fn base64_of(text: &str) -> Result<&str, String> {
+    let Some(url) = text.strip_prefix("data:") else { return Ok(text) };
+    match url.split_once(',') {
+        Some((kind, data)) if kind.ends_with(";base64") => Ok(data),
+        _ => Err("is a data URL without ';base64,': send the image's bytes in base64".to_string()),
+    }
+}
+
 /// The images of a request, named for error messages: multipart parts (any field name), a raw
 /// image body, or JSON `{"images": [base64, ...]}`.
 async fn images_of(s: &AppState, req: Request) -> Result<Vec<(String, Bytes)>, AppError> {
@@ -90,7 +100,7 @@ async fn images_of(s: &AppState, req: Request) -> Result<Vec<(String, Bytes)>, A
                 .enumerate()
                 .map(|(i, b64)| {
                     let bytes = base64::engine::general_purpose::STANDARD
-                        .decode(b64.trim())
+                        .decode(base64_of(b64.trim()).map_err(|e| AppError::bad_request("invalid_base64", format!("images[{i}] {e}")))?)
                         .map_err(|e| AppError::bad_request("invalid_base64", format!("images[{i}] is not valid base64: {e}")))?;
                     Ok((format!("images[{i}]"), Bytes::from(bytes)))
                 })

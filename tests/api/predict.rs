@@ -54,6 +54,10 @@ async fn every_input_form_gives_the_same_answer_in_input_order() {
     let b64: Vec<String> = images.iter().map(|i| base64::engine::general_purpose::STANDARD.encode(i)).collect();
     let by_json = json(app.post_json("/predict", &json!({"images": b64})).await).await;
     assert_eq!(by_json["predictions"], by_multipart["predictions"]);
+    // Data URLs, as a browser's FileReader.readAsDataURL gives them, are read the same.
+    let data_urls: Vec<String> = b64.iter().zip(["image/jpeg", "image/png", "image/jpeg"]).map(|(b, kind)| format!("data:{kind};base64,{b}")).collect();
+    let by_data_url = json(app.post_json("/predict", &json!({"images": data_urls})).await).await;
+    assert_eq!(by_data_url["predictions"], by_multipart["predictions"]);
 
     // One at a time, raw bodies: each equals its position in the batch (order preserved).
     for (i, img) in images.iter().enumerate() {
@@ -165,6 +169,9 @@ async fn bad_predict_requests_name_the_problem() {
     let resp = app.post_json("/predict", &json!({"images": ["@@@not base64@@@"]})).await;
     let msg = assert_error(resp, 400, "invalid_base64").await;
     assert!(msg.contains("images[0]"), "{msg}");
+    let resp = app.post_json("/predict", &json!({"images": [format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png(3))), "data:text/plain,hello"]})).await;
+    let msg = assert_error(resp, 400, "invalid_base64").await;
+    assert_eq!(msg, "images[1] is a data URL without ';base64,': send the image's bytes in base64");
     assert_error(app.post_json("/predict", &json!({"images": []})).await, 422, "no_images").await;
     assert_error(app.post_json("/predict", &json!({"pictures": []})).await, 422, "invalid_field").await;
     let msg = assert_error(app.post_json("/predict", &json!(["a"])).await, 422, "invalid_field").await;
