@@ -602,32 +602,38 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
                 }
             })
             .collect();
+        // What became of each file; the pixels of those to classify go into one forward pass.
+        enum Outcome {
+            Classified,
+            Failed(String),
+            PassedOver,
+        }
         let mut pixels = Vec::with_capacity(chunk.len());
-        let mut errors = Vec::with_capacity(chunk.len());
-        for p in prepared {
-            match p {
+        let outcomes: Vec<Outcome> = prepared
+            .into_iter()
+            .map(|p| match p {
                 Ok(Some(p)) => {
                     pixels.push(p);
-                    errors.push(Some(None));
+                    Outcome::Classified
                 }
-                Ok(None) => errors.push(None),
-                Err(e) => errors.push(Some(Some(e))),
-            }
-        }
+                Ok(None) => Outcome::PassedOver,
+                Err(e) => Outcome::Failed(e),
+            })
+            .collect();
         let mut answers = if pixels.is_empty() { vec![] } else { clf.predictions(&clf.probabilities_tta(&pixels, args.flip)?, args.top_k) }.into_iter();
-        for ((path, _), error) in chunk.iter().zip(errors) {
-            let Some(error) = error else {
-                passed_over += 1;
-                continue;
-            };
-            if let Some(error) = error {
-                failed += 1;
-                say(&pb, format!("{}: {error}", path.display()));
-                predictions.push(json!({"file": path.to_string_lossy(), "error": error}));
-                continue;
+        for ((path, _), outcome) in chunk.iter().zip(outcomes) {
+            match outcome {
+                Outcome::PassedOver => passed_over += 1,
+                Outcome::Failed(error) => {
+                    failed += 1;
+                    say(&pb, format!("{}: {error}", path.display()));
+                    predictions.push(json!({"file": path.to_string_lossy(), "error": error}));
+                }
+                Outcome::Classified => {
+                    let answer = answers.next().with_context(|| format!("no prediction for {}", path.display()))?;
+                    predictions.push(json!({"file": path.to_string_lossy(), "label": answer.label, "score": answer.score, "top_k": answer.top_k}));
+                }
             }
-            let answer = answers.next().with_context(|| format!("no prediction for {}", path.display()))?;
-            predictions.push(json!({"file": path.to_string_lossy(), "label": answer.label, "score": answer.score, "top_k": answer.top_k}));
         }
         pb.inc(chunk.len() as u64);
     }
