@@ -349,6 +349,18 @@ fn import(data: &Path, store: &BlobStore, cancel: &AtomicBool) -> anyhow::Result
     if ingested.rejected.len() > 20 {
         eprintln!("  ... and {} more skipped files", ingested.rejected.len() - 20);
     }
+    let duplicates = ingested.duplicates();
+    if let Some(text) = duplicates.describe() {
+        eprintln!("note: {text}; all are used as given");
+        for group in duplicates.groups.iter().take(10) {
+            let files: Vec<String> = group.files.iter().map(|f| format!("{} ({}, {})", f.file, f.label, f.split)).collect();
+            let more = if group.count > group.files.len() as u64 { format!(" and {} more", group.count - group.files.len() as u64) } else { String::new() };
+            eprintln!("  the same file: {}{more}", files.join(", "));
+        }
+        if duplicates.groups_total > 10 {
+            eprintln!("  ... and {} more such files", duplicates.groups_total - 10);
+        }
+    }
     Ok(ingested)
 }
 

@@ -14,6 +14,7 @@
 
 mod archive;
 mod blobs;
+mod duplicates;
 mod layout;
 mod parquet;
 mod parquet_pages;
@@ -31,6 +32,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use blobs::BlobStore;
+pub use duplicates::{DuplicateFile, DuplicateGroup, Duplicates, ImageRef};
 pub use layout::is_clutter;
 
 use crate::budget::{MemoryBudget, Reservation};
@@ -176,6 +178,11 @@ impl Ingested {
             *counts.split_mut(image.split).entry(image.label.clone()).or_insert(0) += 1;
         }
         counts
+    }
+
+    /// The images that are the same file as another.
+    pub fn duplicates(&self) -> Duplicates {
+        Duplicates::of(self.images.iter().map(|i| ImageRef { blob: &i.blob, file: &i.file, label: &i.label, split: i.split }))
     }
 }
 

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::dataset::{Ingested, Rejected, Split, SplitCounts};
+use crate::dataset::{Duplicates, ImageRef, Ingested, Rejected, Split, SplitCounts};
 use crate::db::{Backend, Cursor, Listed, Page, Pool, new_id, now};
 
 /// Rows per multi-row `insert` (5 parameters each, well under SQLite's parameter limit and
@@ -25,6 +25,8 @@ pub struct Dataset {
     pub rejected: Vec<Rejected>,
     /// How many files were not used, including those past the listing cap.
     pub rejected_total: u64,
+    /// The images that are the same file as another.
+    pub duplicates: Duplicates,
 }
 
 /// One image of a dataset, as training reads it.
@@ -63,13 +65,20 @@ struct DatasetRow {
     counts: String,
     rejected: String,
     rejected_total: i64,
+    /// Null for a dataset stored before duplicates were worked out (see [`with_duplicates`]).
+    duplicates: Option<String>,
 }
 
-impl TryFrom<DatasetRow> for Dataset {
-    type Error = sqlx::Error;
-
-    fn try_from(row: DatasetRow) -> Result<Self, Self::Error> {
+impl DatasetRow {
+    /// The dataset, with `duplicates` as given where the row has none.
+    fn into_dataset(self, duplicates: Option<Duplicates>) -> Result<Dataset, sqlx::Error> {
         let decode = |e: serde_json::Error| sqlx::Error::Decode(Box::new(e));
+        let duplicates = match (duplicates, &self.duplicates) {
+            (Some(given), _) => given,
+            (None, Some(text)) => serde_json::from_str(text).map_err(decode)?,
+            (None, None) => Duplicates::default(),
+        };
+        let row = self;
         Ok(Dataset {
             id: row.id,
             name: row.name,
@@ -79,8 +88,26 @@ impl TryFrom<DatasetRow> for Dataset {
             counts: serde_json::from_str(&row.counts).map_err(decode)?,
             rejected: serde_json::from_str(&row.rejected).map_err(decode)?,
             rejected_total: u64::try_from(row.rejected_total).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+            duplicates,
         })
     }
+}
+
+/// The dataset of a row, its duplicates worked out from its images and stored where the row was
+/// written before they were (a dataset of an older version is read once more, then never again).
+async fn with_duplicates(pool: &Pool, row: DatasetRow) -> Result<Dataset, sqlx::Error> {
+    if row.duplicates.is_some() {
+        return row.into_dataset(None);
+    }
+    let images = images(pool, &row.id).await?;
+    let duplicates =
+        Duplicates::of(images.iter().map(|i| ImageRef { blob: &i.blob, file: &i.file, label: &i.label, split: i.split }));
+    sqlx::query("update datasets set duplicates = $1 where id = $2 and duplicates is null")
+        .bind(to_json(&duplicates)?)
+        .bind(&row.id)
+        .execute(pool)
+        .await?;
+    row.into_dataset(Some(duplicates))
 }
 
 /// `($1, $2, …), ($n+1, …)`: `rows` groups of `width` numbered placeholders, which both backends
@@ -105,11 +132,12 @@ pub async fn insert(pool: &Pool, name: &str, ingested: &Ingested) -> Result<Data
         counts: ingested.counts(),
         rejected: ingested.rejected.clone(),
         rejected_total: ingested.rejected_total,
+        duplicates: ingested.duplicates(),
     };
     let mut tx = pool.begin().await?;
     sqlx::query(
-        "insert into datasets (id, name, created_at, num_images, classes, counts, rejected, rejected_total) \
-         values ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "insert into datasets (id, name, created_at, num_images, classes, counts, rejected, rejected_total, duplicates) \
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(&dataset.id)
     .bind(&dataset.name)
@@ -119,6 +147,7 @@ pub async fn insert(pool: &Pool, name: &str, ingested: &Ingested) -> Result<Data
     .bind(to_json(&dataset.counts)?)
     .bind(to_json(&dataset.rejected)?)
     .bind(i64::try_from(dataset.rejected_total).unwrap_or(i64::MAX))
+    .bind(to_json(&dataset.duplicates)?)
     .execute(&mut *tx)
     .await?;
     for chunk in ingested.images.chunks(INSERT_CHUNK) {
@@ -137,7 +166,7 @@ pub async fn insert(pool: &Pool, name: &str, ingested: &Ingested) -> Result<Data
 pub async fn list(pool: &Pool, page: &Page) -> Result<Listed<Dataset>, sqlx::Error> {
     let (created_at, id, rows) = page.binds();
     let rows: Vec<DatasetRow> = sqlx::query_as(concat!(
-        "select id, name, created_at, num_images, classes, counts, rejected, rejected_total from datasets where ",
+        "select id, name, created_at, num_images, classes, counts, rejected, rejected_total, duplicates from datasets where ",
         newest_first_page!("$1", "$2", "$3")
     ))
     .bind(created_at)
@@ -145,7 +174,10 @@ pub async fn list(pool: &Pool, page: &Page) -> Result<Listed<Dataset>, sqlx::Err
     .bind(rows)
     .fetch_all(pool)
     .await?;
-    let datasets = rows.into_iter().map(Dataset::try_from).collect::<Result<Vec<_>, _>>()?;
+    let mut datasets = Vec::with_capacity(rows.len());
+    for row in rows {
+        datasets.push(with_duplicates(pool, row).await?);
+    }
     Ok(page.fetch(datasets, |d| Cursor { created_at: d.created_at.clone(), id: d.id.clone() }))
 }
 
@@ -153,12 +185,15 @@ pub async fn list(pool: &Pool, page: &Page) -> Result<Listed<Dataset>, sqlx::Err
 pub async fn get(pool: &Pool, id: &str) -> Result<Option<Dataset>, sqlx::Error> {
     let row: Option<DatasetRow> =
         sqlx::query_as(
-            "select id, name, created_at, num_images, classes, counts, rejected, rejected_total from datasets where id = $1",
+            "select id, name, created_at, num_images, classes, counts, rejected, rejected_total, duplicates from datasets where id = $1",
         )
             .bind(id)
             .fetch_optional(pool)
             .await?;
-    row.map(Dataset::try_from).transpose()
+    match row {
+        Some(row) => Ok(Some(with_duplicates(pool, row).await?)),
+        None => Ok(None),
+    }
 }
 
 /// The images of a dataset in upload order (empty for an unknown dataset).

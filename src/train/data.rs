@@ -2,7 +2,7 @@
 //! per-image transforms (random resized crop + horizontal flip for training, the processor's
 //! exact resize for evaluation).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -64,22 +64,45 @@ impl TrainData {
     }
 
     /// When there is no validation split, moves a stratified, seeded `ratio` of each class's
-    /// training examples into one (at least one example of every class with two or more).
+    /// training images into one (at least one image of every class with two or more).
+    ///
+    /// Copies of one file (the same blob path) stay together, all held out or none, so that no
+    /// validation image is also a training image; a file under two or more classes is never held
+    /// out, since its score would be wrong under one of its labels whatever the model said. With
+    /// no such copies this is a stratified shuffle split of the examples.
     pub fn ensure_validation(&mut self, ratio: f64, seed: u64) {
         if !self.validation.is_empty() {
             return;
         }
-        let mut by_class: BTreeMap<u32, Vec<Example>> = BTreeMap::new();
+        let mut classes_of: HashMap<&PathBuf, HashSet<u32>> = HashMap::new();
+        for ex in &self.train {
+            classes_of.entry(&ex.path).or_default().insert(ex.label);
+        }
+        let contradicted: HashSet<PathBuf> =
+            classes_of.into_iter().filter(|(_, labels)| labels.len() > 1).map(|(path, _)| path.clone()).collect();
+        // Each class's distinct files in the order first seen, and the examples of each.
+        type Files = (Vec<PathBuf>, HashMap<PathBuf, Vec<Example>>);
+        let mut by_class: BTreeMap<u32, Files> = BTreeMap::new();
         for ex in self.train.drain(..) {
-            by_class.entry(ex.label).or_default().push(ex);
+            let (order, copies) = by_class.entry(ex.label).or_default();
+            copies
+                .entry(ex.path.clone())
+                .or_insert_with(|| {
+                    order.push(ex.path.clone());
+                    Vec::new()
+                })
+                .push(ex);
         }
         let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, 0x7661_6c69));
-        for (_, mut exs) in by_class {
-            exs.shuffle(&mut rng);
-            let n = exs.len();
+        for (_, (order, mut copies)) in by_class {
+            let (mut files, fixed): (Vec<PathBuf>, Vec<PathBuf>) = order.into_iter().partition(|p| !contradicted.contains(p));
+            files.shuffle(&mut rng);
+            let n = files.len();
             let take = if n < 2 { 0 } else { ((n as f64 * ratio).round() as usize).clamp(1, n - 1) };
-            self.validation.extend(exs.drain(..take));
-            self.train.extend(exs);
+            for (i, path) in files.iter().chain(&fixed).enumerate() {
+                let examples = copies.remove(path).expect("every file of the class has its examples");
+                if i < take { self.validation.extend(examples) } else { self.train.extend(examples) }
+            }
         }
     }
 
@@ -245,6 +268,55 @@ mod tests {
         assert_eq!(d.validation.iter().filter(|e| e.label == 0).count(), 4);
         assert_eq!(d.validation.iter().filter(|e| e.label == 1).count(), 2);
         assert_eq!(d.train.len(), 24);
+    }
+
+    /// Without copies the split is the stratified shuffle split it was before copies were kept
+    /// together, example for example and in the same order: the runs of earlier versions are
+    /// reproduced.
+    #[test]
+    fn without_copies_the_split_is_the_plain_stratified_one() {
+        fn plain(train: Vec<Example>, ratio: f64, seed: u64) -> (Vec<Example>, Vec<Example>) {
+            let mut by_class: BTreeMap<u32, Vec<Example>> = BTreeMap::new();
+            for ex in train {
+                by_class.entry(ex.label).or_default().push(ex);
+            }
+            let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, 0x7661_6c69));
+            let (mut kept, mut held) = (Vec::new(), Vec::new());
+            for (_, mut exs) in by_class {
+                exs.shuffle(&mut rng);
+                let n = exs.len();
+                let take = if n < 2 { 0 } else { ((n as f64 * ratio).round() as usize).clamp(1, n - 1) };
+                held.extend(exs.drain(..take));
+                kept.extend(exs);
+            }
+            (kept, held)
+        }
+        for seed in 0..20u64 {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let n = rng.random_range(3..60);
+            let train: Vec<Example> = (0..n).map(|i| ex(i, rng.random_range(0..3))).collect();
+            let mut d = TrainData { labels: vec!["a".into(), "b".into(), "c".into()], train: train.clone(), ..Default::default() };
+            d.ensure_validation(0.25, seed);
+            assert_eq!((d.train, d.validation), plain(train, 0.25, seed), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn copies_of_a_file_stay_together_and_contradicted_files_are_not_held_out() {
+        let mut d = TrainData { labels: vec!["a".into(), "b".into()], ..Default::default() };
+        // Ten files of class a, each there three times; file 20 under both classes, five times.
+        d.train = (0..30).map(|i| ex(i % 10, 0)).chain((0..5).map(|i| ex(20, i % 2))).chain((30..40).map(|i| ex(i, 1))).collect();
+        for seed in 0..10 {
+            let mut split = d.clone();
+            split.ensure_validation(0.2, seed);
+            let held: HashSet<&PathBuf> = split.validation.iter().map(|e| &e.path).collect();
+            assert!(split.train.iter().all(|e| !held.contains(&e.path)), "seed {seed}: a held-out file is also trained on");
+            assert!(!held.contains(&PathBuf::from("img20.png")), "seed {seed}");
+            // Two of class a's ten files (each three times), two of class b's ten.
+            assert_eq!(split.validation.iter().filter(|e| e.label == 0).count(), 6, "seed {seed}");
+            assert_eq!(split.validation.iter().filter(|e| e.label == 1).count(), 2, "seed {seed}");
+            assert_eq!(split.train.len() + split.validation.len(), d.train.len());
+        }
     }
 
     #[test]

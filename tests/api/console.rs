@@ -158,6 +158,7 @@ async fn a_person_uploads_trains_watches_and_predicts_in_the_console() {
     element(&c, "#dataset-file").await.send_keys(&upload.to_string_lossy()).await.unwrap();
     wait_url(&c, "/ui/datasets/", 30).await;
     wait_text(&c, "h2", 10, |t| t.contains("24 images in 2 classes")).await;
+    wait_text(&c, "#main", 10, |t| t.contains("No image is repeated.")).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while c.find_all(Locator::Css("#thumbs img[src^='blob:']")).await.unwrap().len() < 24 {
         assert!(Instant::now() < deadline, "the thumbnails did not load");
@@ -235,6 +236,8 @@ async fn a_folder_picked_in_the_console_is_uploaded_as_a_dataset() {
     members.push(file(&long, colour([200, 20, 20], 50)));
     members.push(file("blue/ciel-été.png", colour([20, 20, 200], 51)));
     members.push(file(".DS_Store", b"\0\0\0\x01Bud1".to_vec()));
+    // A red image filed under blue as well: the dataset page points it out.
+    members.push(file("blue/stray.png", colour([190, 30, 30], 1)));
     for member in &members {
         let Member::File(name, bytes) = member else { unreachable!() };
         std::fs::create_dir_all(folder.join(name).parent().unwrap()).unwrap();
@@ -244,7 +247,13 @@ async fn a_folder_picked_in_the_console_is_uploaded_as_a_dataset() {
     c.goto(&server.url("/ui/")).await.unwrap();
     element(&c, "#dataset-folder").await.send_keys(&folder.to_string_lossy()).await.unwrap();
     wait_url(&c, "/ui/datasets/", 30).await;
-    wait_text(&c, "h2", 10, |t| t.contains("8 images in 2 classes")).await;
+    wait_text(&c, "h2", 10, |t| t.contains("9 images in 2 classes")).await;
+    let repeated = wait_text(&c, "#duplicates", 10, |t| !t.is_empty()).await;
+    assert!(repeated.contains("1 image is a copy of another: 1 file under two or more classes."), "{repeated}");
+    assert!(repeated.contains("A file under two classes contradicts itself.") && !repeated.contains("look better"), "{repeated}");
+    assert!(repeated.contains("colours/red/1.png") && repeated.contains("colours/blue/stray.png"), "{repeated}");
+    assert!(repeated.contains("blue, red"), "{repeated}");
+    assert_eq!(c.find_all(Locator::Css("#duplicates p.warning")).await.unwrap().len(), 1);
     let dataset = &server.get_json("/datasets").await[0];
     assert_eq!(dataset["name"], "colours", "named after the folder: {dataset}");
     assert_eq!(dataset["rejected_total"], 0, "{dataset}");

@@ -128,6 +128,55 @@ async fn duplicate_names_keep_the_first_entry() {
     assert!(!app.blobs().contains(&BlobStore::hash(&fixtures::jpeg(3))));
 }
 
+/// Files repeated under other names are kept, and reported: a file under two classes first, then
+/// one in two splits, then plain copies. A dataset stored before the report existed gets it when
+/// first read.
+#[tokio::test]
+async fn repeated_files_are_reported_and_worked_out_for_older_datasets() {
+    let app = spawn_app().await;
+    let members = vec![
+        file("train/cat/1.png", fixtures::png(1)),
+        file("train/cat/1 copy.png", fixtures::png(1)),
+        file("train/dog/2.png", fixtures::png(2)),
+        file("train/cat/3.png", fixtures::png(3)),
+        file("train/dog/3.png", fixtures::png(3)),
+        file("test/dog/2.png", fixtures::png(2)),
+        file("test/cat/4.png", fixtures::png(4)),
+    ];
+    let ds = upload_ok(&app, "dups.tar", fixtures::tar(&members)).await;
+    assert_eq!(ds["num_images"], 7);
+    assert_eq!(app.blobs().len(), 4);
+    let at = |file: &str, label: &str, split: &str| json!({"file": file, "label": label, "split": split});
+    let expected = json!({
+        "copies": 3,
+        "across_classes": 1,
+        "across_splits": 1,
+        "groups_total": 3,
+        "groups": [
+            {"count": 2, "classes": ["cat", "dog"], "splits": ["train"], "files": [at("train/cat/3.png", "cat", "train"), at("train/dog/3.png", "dog", "train")]},
+            {"count": 2, "classes": ["dog"], "splits": ["train", "test"], "files": [at("train/dog/2.png", "dog", "train"), at("test/dog/2.png", "dog", "test")]},
+            {"count": 2, "classes": ["cat"], "splits": ["train"], "files": [at("train/cat/1.png", "cat", "train"), at("train/cat/1 copy.png", "cat", "train")]},
+        ],
+    });
+    assert_eq!(ds["duplicates"], expected);
+    let id = ds["id"].as_str().unwrap();
+    assert_eq!(json(app.get(&format!("/datasets/{id}")).await).await, ds);
+
+    let plain = upload_ok(&app, "plain.zip", fixtures::zip(&class_images("", &["cat", "dog"], 2, 0))).await;
+    let none = json!({"copies": 0, "across_classes": 0, "across_splits": 0, "groups": [], "groups_total": 0});
+    assert_eq!(plain["duplicates"], none);
+
+    // As stored by a version before this report: the column is null until the dataset is read.
+    let db = crate::support::open_database(&app.data_dir).await;
+    sqlx::query("update datasets set duplicates = null").execute(&db).await.unwrap();
+    let list = json(app.get("/datasets").await).await;
+    assert_eq!(list[1]["duplicates"], expected);
+    assert_eq!(list[0]["duplicates"], none);
+    let stored: Vec<Option<String>> = sqlx::query_scalar("select duplicates from datasets").fetch_all(&db).await.unwrap();
+    assert!(stored.iter().all(Option::is_some), "the report was not stored once worked out: {stored:?}");
+    assert_eq!(json(app.get(&format!("/datasets/{id}")).await).await, ds);
+}
+
 #[tokio::test]
 async fn hugging_face_parquet_with_class_label_names() {
     let app = spawn_app().await;

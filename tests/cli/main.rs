@@ -99,13 +99,20 @@ fn init_train_predict_and_eval_from_the_command_line() {
     let gap = (half_report["accuracy"].as_f64().unwrap() - report["accuracy"].as_f64().unwrap()).abs();
     assert!(gap <= 1.0 / 32.0 + 1e-9, "accuracy f32 {} vs bf16 {}", report["accuracy"], half_report["accuracy"]);
 
-    // Mixed-precision training says so, and records it.
+    // Mixed-precision training says so, and records it. Its data repeats two files, one of them
+    // under both classes, which the import points out.
+    write_dataset(&tmp.path().join("data2"), 16);
+    std::fs::copy(tmp.path().join("data2/top/3.png"), tmp.path().join("data2/top/3 copy.png")).unwrap();
+    std::fs::copy(tmp.path().join("data2/top/5.png"), tmp.path().join("data2/bottom/x.png")).unwrap();
     let (ok, out, err) = vitforge(&[
-        "train", "--data", &t("data"), "--base-model", &t("base"), "--output", &t("model16"), "--epochs", "2",
+        "train", "--data", &t("data2"), "--base-model", &t("base"), "--output", &t("model16"), "--epochs", "2",
         "--learning-rate", "2e-3", "--batch-size", "4", "--augment", "false", "--precision", "bf16",
     ]);
     assert!(ok, "{err}");
     assert!(err.contains("products in bf16"), "{err}");
+    assert!(err.contains("note: 2 images are copies of others: 1 file under two or more classes; all are used as given"), "{err}");
+    assert!(err.contains("the same file: bottom/x.png (bottom, train), top/5.png (top, train)"), "{err}");
+    assert!(err.contains("the same file: top/3 copy.png (top, train), top/3.png (top, train)"), "{err}");
     let summary: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     assert_eq!(summary["params"]["precision"], "bf16");
     assert!(summary["validation"]["loss"].as_f64().unwrap().is_finite(), "{summary}");

@@ -270,6 +270,16 @@ async function overview() {
 
 // ---- Dataset -------------------------------------------------------------------------------
 
+// A dataset's repeated files in a sentence, as `vitforge train` says it.
+function duplicatesSummary(dup) {
+  const files = (n) => `${n} ${n === 1 ? "file" : "files"}`;
+  const kinds = [];
+  if (dup.across_classes) kinds.push(`${files(dup.across_classes)} under two or more classes`);
+  if (dup.across_splits) kinds.push(`${files(dup.across_splits)} in two or more splits`);
+  const head = dup.copies === 1 ? "1 image is a copy of another" : `${dup.copies} images are copies of others`;
+  return `${head}${kinds.length ? ": " + kinds.join(", ") : ""}. All are used as uploaded.`;
+}
+
 async function dataset(id) {
   const d = await get(`/datasets/${id}`);
   const splits = ["train", "validation", "test"];
@@ -280,6 +290,30 @@ async function dataset(id) {
   const rejected = d.rejected_total
     ? h("details", {}, h("summary", {}, `${d.rejected_total} files rejected`), table(["File", "Why"], d.rejected.map((r) => [h("span", { class: "mono" }, r.file), r.reason])))
     : h("p", { class: "muted" }, "No file was rejected.");
+  const dup = d.duplicates;
+  const repeated = dup.copies
+    ? h(
+        "div",
+        { id: "duplicates" },
+        h(
+          "p",
+          { class: dup.across_classes || dup.across_splits ? "warning" : null },
+          duplicatesSummary(dup),
+          dup.across_classes ? " A file under two classes contradicts itself." : "",
+          dup.across_splits ? " A validation or test image that is also a training image makes that split's figures look better than they are." : "",
+        ),
+        table(
+          ["Images", "#Copies", "Classes", "Splits"],
+          dup.groups.map((g) => [
+            h("span", { class: "mono" }, g.files.map((f, i) => [i ? h("br") : null, f.file])),
+            { v: g.count, num: true },
+            g.classes.join(", "),
+            g.splits.join(", "),
+          ]),
+        ),
+        dup.groups_total > dup.groups.length ? h("p", { class: "muted" }, `and ${dup.groups_total - dup.groups.length} more repeated files`) : null,
+      )
+    : h("p", { class: "muted" }, "No image is repeated.");
   const split = h("select", { id: "split", "aria-label": "Split" }, h("option", { value: "" }, "all splits"), splits.map((s) => h("option", { value: s }, s)));
   const cls = h("select", { id: "class", "aria-label": "Class" }, h("option", { value: "" }, "all classes"), d.classes.map((c) => h("option", { value: c }, c)));
   const grid = h("div", { class: "grid", id: "thumbs" });
@@ -306,6 +340,7 @@ async function dataset(id) {
     h("p", { class: "row" }, h("a", { href: `/ui/new?dataset=${id}` }, "Fine-tune on it"), remove),
     h("section", {}, h("h2", {}, `${d.num_images} images in ${d.classes.length} classes`), counts),
     h("section", {}, h("h2", {}, "Rejected files"), rejected),
+    h("section", {}, h("h2", {}, "Repeated files"), repeated),
     h("section", {}, h("h2", {}, "Images"), h("p", { class: "row" }, split, cls), grid, pager),
   );
   await page();
