@@ -164,6 +164,10 @@ async fn a_person_uploads_trains_watches_and_predicts_in_the_console() {
         assert!(Instant::now() < deadline, "the thumbnails did not load");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // A thumbnail fills its grid cell (at least 120 px), not what a figure's default margins
+    // leave of it (40 px).
+    let width = c.execute("return document.querySelector('#thumbs img').getBoundingClientRect().width", vec![]).await.unwrap();
+    assert!(width.as_f64().unwrap() >= 110.0, "a thumbnail is {width} px wide");
 
     // Start a fine-tune from the new-job page, on the tiny local base model.
     element(&c, "a[href^='/ui/new?dataset=']").await.click().await.unwrap();
