@@ -206,23 +206,40 @@ fn predict(theta: &[f64], x: &[f64], d: usize, k: usize) -> Vec<u32> {
 /// Chooses `C` from [`C_GRID`] by stratified `folds`-fold cross-validation on standardised
 /// features; returns it with its mean accuracy. The first `n` rows are the images; any rows after
 /// them are other views of the same images, `n` per view in the same order: a view trains with
-/// its image's fold and is never validated on, so no image is judged by a copy of itself. The
-/// grid's fits are independent, so they run side by side on rayon's threads; `progress` hears the
-/// number done after each one.
+/// its image's fold and is never validated on, so no image is judged by a copy of itself.
+/// `groups` (empty, or one per image) names each image's file: images of one file (copies in the
+/// dataset, under one class or several) share a fold too. The grid's fits are independent, so
+/// they run side by side on rayon's threads; `progress` hears the number done after each one.
 #[allow(clippy::too_many_arguments)]
-fn cross_validate(x: &[f64], labels: &[u32], n: usize, d: usize, classes: usize, folds: usize, seed: u64, progress: &mut dyn FnMut(usize)) -> (f64, f64) {
+fn cross_validate(
+    x: &[f64],
+    labels: &[u32],
+    groups: &[usize],
+    n: usize,
+    d: usize,
+    classes: usize,
+    folds: usize,
+    seed: u64,
+    progress: &mut dyn FnMut(usize),
+) -> (f64, f64) {
     use rayon::prelude::*;
+    use std::collections::{HashMap, HashSet};
     let rows = labels.len();
-    // Stratified folds: each class's images are shuffled and dealt round-robin.
-    let mut fold_of = vec![0usize; n];
+    // Stratified folds: each class's files are shuffled and dealt round-robin (a file dealt
+    // under an earlier class keeps its fold). With no copies, a file is an image.
+    let group = |i: usize| groups.get(i).copied().unwrap_or(i);
+    let mut fold_of_group: HashMap<usize, usize> = HashMap::new();
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7072_6f62);
     for class in 0..classes as u32 {
-        let mut idx: Vec<usize> = (0..n).filter(|&i| labels[i] == class).collect();
-        idx.shuffle(&mut rng);
-        for (j, i) in idx.into_iter().enumerate() {
-            fold_of[i] = j % folds;
+        let mut seen = HashSet::new();
+        let mut files: Vec<usize> =
+            (0..n).filter(|&i| labels[i] == class).map(group).filter(|g| !fold_of_group.contains_key(g) && seen.insert(*g)).collect();
+        files.shuffle(&mut rng);
+        for (j, g) in files.into_iter().enumerate() {
+            fold_of_group.insert(g, j % folds);
         }
     }
+    let fold_of: Vec<usize> = (0..n).map(|i| fold_of_group[&group(i)]).collect();
     let pick = |keep: &dyn Fn(usize) -> bool, upto: usize| -> (Vec<f64>, Vec<u32>) {
         let idx: Vec<usize> = (0..upto).filter(|&i| keep(fold_of[i % n])).collect();
         (idx.iter().flat_map(|&i| x[i * d..(i + 1) * d].iter().copied()).collect(), idx.iter().map(|&i| labels[i]).collect())
@@ -277,17 +294,19 @@ pub fn fit(features: &[f32], labels: &[u32], classes: usize, seed: u64) -> Probe
 
 /// [`fit`], reporting `(fits done, fits in all)` after each logistic-regression fit.
 pub fn fit_with_progress(features: &[f32], labels: &[u32], classes: usize, seed: u64, progress: &mut dyn FnMut(usize, usize)) -> Probe {
-    fit_with_views(features, &[], labels, classes, seed, progress)
+    fit_with_views(features, &[], labels, &[], classes, seed, progress)
 }
 
 /// [`fit_with_progress`] on the images' features and those of other views of them (mirror
 /// images, crops): `views` holds whole blocks of n × d, each in the images' order. The views
 /// train with their images (the cross-validation keeps each with its image's fold and validates
-/// on the images alone).
+/// on the images alone). `groups` is empty, or names each image's file (the same number for the
+/// images that are one file): the cross-validation keeps a file's copies in one fold.
 pub fn fit_with_views(
     images: &[f32],
     views: &[f32],
     labels: &[u32],
+    groups: &[usize],
     classes: usize,
     seed: u64,
     progress: &mut dyn FnMut(usize, usize),
@@ -319,7 +338,7 @@ pub fn fit_with_views(
     let folds = min_class.min(5);
     let fits = if folds >= 2 { C_GRID.len() * folds + 1 } else { 1 };
     let (c, cv_accuracy) = if folds >= 2 {
-        let (c, accuracy) = cross_validate(&x, labels, n, d, classes, folds, seed, &mut |done| progress(done, fits));
+        let (c, accuracy) = cross_validate(&x, labels, groups, n, d, classes, folds, seed, &mut |done| progress(done, fits));
         (c, Some(accuracy))
     } else {
         (1.0, None)
@@ -359,13 +378,33 @@ mod tests {
         let mut noise = || rand_distr::Distribution::<f64>::sample(&rand_distr::StandardNormal, &mut rng) as f32 * 0.05;
         let views: Vec<f32> = [images.clone(), images.clone()].concat().into_iter().map(|v| v + noise()).collect();
         let alone = fit(&images, &labels, 2, 0);
-        let with_views = fit_with_views(&images, &views, &labels, 2, 0, &mut |_, _| {});
+        let with_views = fit_with_views(&images, &views, &labels, &[], 2, 0, &mut |_, _| {});
         let (a, v) = (alone.cv_accuracy.unwrap(), with_views.cv_accuracy.unwrap());
         eprintln!("cross-validated accuracy on noise: {a} alone, {v} with views");
         assert!(v < 0.7, "cross-validated accuracy {v} on noise: a view leaked into validation");
         assert!(a < 0.7, "{a}");
         // The views are in the fit.
         assert_ne!(alone.weight, with_views.weight);
+    }
+
+    /// The same for files that are in the dataset twice: labels that are noise, each image twice
+    /// (the second time under the same label, or under the other class). Grouped by file, the
+    /// cross-validated accuracy stays near chance; split apart, the copies memorise it up.
+    #[test]
+    fn copies_of_a_file_share_a_fold_in_cross_validation() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let (n, d) = (60, 40);
+        let images: Vec<f32> = (0..n * d).map(|_| rand_distr::Distribution::<f64>::sample(&rand_distr::StandardNormal, &mut rng) as f32).collect();
+        let labels: Vec<u32> = (0..n).map(|_| rand::Rng::random_range(&mut rng, 0..2u32)).collect();
+        let twice: Vec<f32> = [images.clone(), images].concat();
+        // The last ten copies contradict their first.
+        let labels2: Vec<u32> = labels.iter().copied().chain(labels.iter().enumerate().map(|(i, &l)| if i >= n - 10 { 1 - l } else { l })).collect();
+        let groups: Vec<usize> = (0..2 * n).map(|i| i % n).collect();
+        let apart = fit_with_views(&twice, &[], &labels2, &[], 2, 0, &mut |_, _| {}).cv_accuracy.unwrap();
+        let together = fit_with_views(&twice, &[], &labels2, &groups, 2, 0, &mut |_, _| {}).cv_accuracy.unwrap();
+        eprintln!("cross-validated accuracy on noise, every image twice: {apart} apart, {together} together");
+        assert!(together < 0.7, "cross-validated accuracy {together} on noise: a copy leaked into validation");
+        assert!(apart > together + 0.15, "{apart} against {together}: the test no longer tells copies split apart from kept together");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! schedule, resume or start, fit the probe head, run gradient epochs, finish), and each step is a
 //! function of its own below.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -431,7 +431,10 @@ fn probe_epoch(
     };
     let (flat, views) = (flat(&feats)?, flat(&views)?);
     let labels: Vec<u32> = data.train.iter().map(|e| e.label).collect();
-    let fitted = probe::fit_with_views(&flat, &views, &labels, data.labels.len(), run.p.seed, &mut |done, total| {
+    // The copies of a file (one blob) share a cross-validation fold.
+    let mut file_of: HashMap<&std::path::Path, usize> = HashMap::new();
+    let groups: Vec<usize> = data.train.iter().map(|e| { let next = file_of.len(); *file_of.entry(&e.path).or_insert(next) }).collect();
+    let fitted = probe::fit_with_views(&flat, &views, &labels, &groups, data.labels.len(), run.p.seed, &mut |done, total| {
         report_phase(ctl, Phase::Probe, done, total)
     });
     let k = data.labels.len();
