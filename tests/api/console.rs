@@ -197,6 +197,22 @@ async fn a_person_uploads_trains_watches_and_predicts_in_the_console() {
     assert_eq!(c.find_all(Locator::Css("svg.chart")).await.unwrap().len(), 3);
     screenshot(&c, "console-job.png").await;
     assert!(job_url.contains("/ui/jobs/"));
+    assert_eq!(c.find_all(Locator::Css("#job-repeats")).await.unwrap().len(), 0, "a dataset without repeated files is not warned about");
+
+    // "Run again…" opens the new-job form as that job ran: its base model, recipe and the
+    // parameters it set.
+    element(&c, "#job-again").await.click().await.unwrap();
+    wait_url(&c, "/ui/new?from=", 10).await;
+    wait_text(&c, "#job-from", 10, |t| t.contains("As job")).await;
+    let value = |css: &'static str| {
+        let c = c.clone();
+        async move { element(&c, css).await.prop("value").await.unwrap().unwrap_or_default() }
+    };
+    assert_eq!(value("#job-base").await, "tiny");
+    assert_eq!(value("#job-recipe").await, "manual");
+    assert_eq!(value("input[name='epochs']").await, "", "3 epochs is the manual recipe's default: a placeholder");
+    assert_eq!(value("input[name='learning_rate']").await, "0.002");
+    assert_eq!(value("input[name='batch_size']").await, "4");
 
     // Predict: pick an image, read its label and the top-k bars.
     c.goto(&server.url("/ui/predict")).await.unwrap();
@@ -208,19 +224,42 @@ async fn a_person_uploads_trains_watches_and_predicts_in_the_console() {
 
     // Class names that look like integers: the matrix keeps the service's order ('10' before
     // '9', its rows' order), not the one JavaScript gives such object keys ('9' first).
-    let members: Vec<Member> = (0..6)
+    let mut members: Vec<Member> = (0..6)
         .flat_map(|i| [file(&format!("10/{i}.png"), colour([190, 30, 30], 200 + i)), file(&format!("9/{i}.png"), colour([30, 40, 190], 300 + i))])
         .collect();
+    // One file under both classes: the job page warns of it.
+    members.push(file("9/stray.png", colour([190, 30, 30], 200)));
     let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(zip(&members)).file_name("numbers.zip"));
     let dataset: serde_json::Value = server.client.post(server.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
     assert_eq!(dataset["classes"], json!(["10", "9"]), "{dataset}");
-    let body = json!({"dataset_id": dataset["id"], "base_model": "tiny", "params": {"epochs": 1, "batch_size": 4}});
+    let body = json!({"dataset_id": dataset["id"], "base_model": "tiny", "params": {"epochs": 1, "batch_size": 4, "label_smoothing": 0.1}});
     let job: serde_json::Value = server.client.post(server.url("/jobs")).json(&body).send().await.unwrap().json().await.unwrap();
     c.goto(&server.url(&format!("/ui/jobs/{}", job["id"].as_str().unwrap()))).await.unwrap();
     wait_text(&c, ".status", 60, |t| t == "succeeded").await;
     let head = wait_text(&c, "table.heat thead", 10, |t| !t.is_empty()).await;
     let names: Vec<&str> = head.split_whitespace().filter(|w| w.chars().all(|ch| ch.is_ascii_digit())).collect();
     assert_eq!(names, ["10", "9"], "the matrix's columns: {head}");
+    let warning = wait_text(&c, "#job-repeats", 10, |t| !t.is_empty()).await;
+    assert!(warning.contains("1 image is a copy of another: 1 file under two or more classes"), "{warning}");
+
+    // Run again with a change: what the form has no field for (label smoothing) goes along.
+    let first = job["id"].as_str().unwrap();
+    c.goto(&server.url(&format!("/ui/new?from={first}"))).await.unwrap();
+    let from = wait_text(&c, "#job-from", 10, |t| t.contains("As job")).await;
+    assert!(from.contains("Also kept from job") && from.contains("label_smoothing 0.1"), "{from}");
+    let epochs = element(&c, "input[name='epochs']").await;
+    epochs.clear().await.unwrap();
+    epochs.send_keys("2").await.unwrap();
+    element(&c, "#job-submit").await.click().await.unwrap();
+    let again = wait_url(&c, "/ui/jobs/", 10).await;
+    let again = again.rsplit('/').next().unwrap().to_string();
+    assert_ne!(again, first);
+    let rerun = server.get_json(&format!("/jobs/{again}")).await;
+    assert_eq!(rerun["dataset_id"], dataset["id"], "{rerun}");
+    assert_eq!(rerun["base_model"], "tiny");
+    assert_eq!((rerun["params"]["epochs"].as_u64(), rerun["params"]["batch_size"].as_u64()), (Some(2), Some(4)), "{rerun}");
+    assert_eq!(rerun["params"]["label_smoothing"], 0.1, "{rerun}");
+    server.client.post(server.url(&format!("/jobs/{again}/cancel"))).send().await.unwrap();
 
     eprintln!("console walk-through: {:.1} s, predicted '{label}'", started.elapsed().as_secs_f64());
     c.close().await.unwrap();

@@ -374,7 +374,11 @@ const FIELDS = [
 
 async function newJob() {
   const [datasets, bases, models, recipes] = await Promise.all([get("/datasets"), get("/base-models"), get("/models"), get("/recipes")]);
-  const want = new URLSearchParams(location.search).get("dataset");
+  const query = new URLSearchParams(location.search);
+  // "Run again" (?from=<job id>): that job's dataset, base model, recipe and the parameters it
+  // set away from its recipe's defaults.
+  const prior = query.get("from") ? await get(`/jobs/${query.get("from")}`) : null;
+  const want = prior ? prior.dataset_id : query.get("dataset");
   const dsSelect = h("select", { id: "job-dataset", required: true }, datasets.map((d) => h("option", { value: d.id, selected: d.id === want }, `${d.name} (${d.num_images} images)`)));
   const base = h("select", { id: "job-base" },
     h("optgroup", { label: "Local base models" }, bases.local.map((b) => h("option", { value: b }, b))),
@@ -397,7 +401,27 @@ async function newJob() {
     );
   }
   recipe.addEventListener("change", showDefaults);
+  // Parameters of the earlier job that the form has no field for (momentum, label smoothing…).
+  let carried = {};
+  const notes = [];
+  if (prior) {
+    if (!datasets.some((d) => d.id === prior.dataset_id)) notes.push(`Its dataset ${short(prior.dataset_id)} has been deleted: choose another.`);
+    if (![...base.options].some((o) => o.value === prior.base_model)) base.append(h("option", { value: prior.base_model }, prior.base_model));
+    base.value = prior.base_model;
+    recipe.value = prior.recipe;
+  }
   showDefaults();
+  if (prior) {
+    const defaults = recipes[prior.recipe] ?? {};
+    for (const [key, value] of Object.entries(prior.params)) {
+      if (value === null || value === defaults[key]) continue;
+      if (inputs[key]) inputs[key][0].value = String(value);
+      else carried[key] = value;
+    }
+    const extra = Object.entries(carried).map(([k, v]) => `${k} ${v}`);
+    if (extra.length) notes.push(`Also kept from job ${short(prior.id)}: ${extra.join(", ")}.`);
+  }
+  recipe.addEventListener("change", () => (carried = {}));
   const note = h("div", { "aria-live": "polite" });
   const form = h(
     "form",
@@ -411,13 +435,14 @@ async function newJob() {
           params[key] = kind === "number" ? Number(input.value) : input.value === "true" ? true : input.value === "false" ? false : input.value;
         }
         try {
-          const job = await post("/jobs", { dataset_id: dsSelect.value, base_model: base.value, recipe: recipe.value, params });
+          const job = await post("/jobs", { dataset_id: dsSelect.value, base_model: base.value, recipe: recipe.value, params: { ...carried, ...params } });
           location.href = `/ui/jobs/${job.id}`;
         } catch (err) {
           note.replaceChildren(errorBox(err));
         }
       },
     },
+    prior ? h("p", { class: "muted", id: "job-from" }, `As job ${short(prior.id)} ran; change what you like.`, notes.map((n) => [" ", n])) : null,
     h("label", {}, "Dataset ", dsSelect),
     h("label", {}, "Base model ", base),
     h("label", {}, "Recipe ", recipe),
@@ -426,7 +451,7 @@ async function newJob() {
     h("p", {}, h("button", { class: "primary", type: "submit", id: "job-submit" }, "Start the fine-tune")),
     note,
   );
-  render("New fine-tune", datasets.length ? form : h("p", {}, "Upload a dataset first, on the ", h("a", { href: "/ui/" }, "overview"), "."));
+  render(prior ? `Run job ${short(prior.id)} again` : "New fine-tune", datasets.length ? form : h("p", {}, "Upload a dataset first, on the ", h("a", { href: "/ui/" }, "overview"), "."));
 }
 
 // ---- Job -----------------------------------------------------------------------------------
@@ -437,11 +462,13 @@ async function job(id) {
   const refusal = h("div", { "aria-live": "polite" });
   // Whether the live view is reconnecting (kept apart from a refusal, which must stay shown).
   const connection = h("div", { "aria-live": "polite" });
+  // What the dataset's repeated files mean for this job's figures.
+  const repeats = h("div", {});
   const charts = h("div", { class: "charts" });
   const matrix = h("div", {});
   const perClass = h("div", {});
   const mistakes = h("div", {});
-  render(`Job ${short(id)}`, head, refusal, connection, h("section", {}, h("h2", {}, "Training"), charts), h("section", {}, h("h2", {}, "Confusion matrix (best epoch, validation)"), matrix, perClass), h("section", {}, h("h2", {}, "What the model gets wrong (validation)"), mistakes));
+  render(`Job ${short(id)}`, head, refusal, connection, repeats, h("section", {}, h("h2", {}, "Training"), charts), h("section", {}, h("h2", {}, "Confusion matrix (best epoch, validation)"), matrix, perClass), h("section", {}, h("h2", {}, "What the model gets wrong (validation)"), mistakes));
 
   // A refused cancel (the job ended meanwhile: 409) says so below the head.
   async function cancelJob() {
@@ -461,7 +488,7 @@ async function job(id) {
       : deleteButton("Delete this job with its metrics? The model it made stays.", `/jobs/${id}`, "Delete job");
     head.replaceChildren(
       h("section", {},
-        h("p", { class: "row" }, status(j.status), j.model_id ? h("a", { href: `/ui/models/${j.model_id}`, id: "job-model" }, `model ${short(j.model_id)}`) : null, cancel),
+        h("p", { class: "row" }, status(j.status), j.model_id ? h("a", { href: `/ui/models/${j.model_id}`, id: "job-model" }, `model ${short(j.model_id)}`) : null, h("a", { href: `/ui/new?from=${id}`, id: "job-again" }, "Run again…"), cancel),
         progressOf(j),
         table(["Dataset", "Base model", "Recipe", "Precision", "Worker", "Started", "Finished"], [[h("a", { href: `/ui/datasets/${j.dataset_id}` }, short(j.dataset_id)), j.base_model, j.recipe, j.precision ?? j.params.precision, j.worker ?? "–", when(j.started_at), when(j.finished_at)]]),
         j.decision ? h("p", {}, h("strong", {}, j.decision.action === "as_given" ? "stopped: " : "auto: "), j.decision.reason) : null,
@@ -514,7 +541,16 @@ async function job(id) {
 
   const ended = (job) => ["succeeded", "failed", "cancelled"].includes(job.status);
   const j = await drawHead();
-  classes = await get(`/datasets/${j.dataset_id}`).then((d) => d.classes, () => null);
+  const dataset = await get(`/datasets/${j.dataset_id}`).catch(() => null);
+  classes = dataset ? dataset.classes : null;
+  const dup = dataset ? dataset.duplicates : null;
+  if (dup && (dup.across_classes || dup.across_splits)) {
+    repeats.replaceChildren(
+      h("p", { class: "warning", id: "job-repeats" }, `Its dataset repeats files: ${duplicatesSummary(dup)}`,
+        dup.across_splits ? " Where the dataset has its own validation or test split, those figures count images the model was trained on." : "",
+        " ", h("a", { href: `/ui/datasets/${j.dataset_id}` }, "See which")),
+    );
+  }
   await drawMetrics();
   await drawMistakes();
   if (ended(j)) return;
