@@ -36,8 +36,22 @@ struct Base64Images {
 #[derive(Debug, Serialize)]
 struct PredictResponse {
     model_id: String,
-    predictions: Vec<Prediction>,
+    predictions: Vec<NamedPrediction>,
 }
+
+/// A prediction, with the file name of the multipart part it is for where the part has one, so
+/// that a client sending many files need not count them.
+#[derive(Debug, Serialize)]
+struct NamedPrediction {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    file: Option<String>,
+    #[serde(flatten)]
+    prediction: Prediction,
+}
+
+/// The images of a request: for each, its name for error messages, the file name its multipart
+/// part gave (if any) and its bytes.
+type Images = Vec<(String, Option<String>, Bytes)>;
 
 /// The base64 of one image of a JSON body: the string itself, or the data of a base64 data URL
 /// (`data:image/jpeg;base64,…`, what a browser's `FileReader.readAsDataURL` gives).
@@ -51,7 +65,7 @@ fn base64_of(text: &str) -> Result<&str, String> {
 
 /// The images of a request, named for error messages: multipart parts (any field name), a raw
 /// image body, or JSON `{"images": [base64, ...]}`.
-async fn images_of(s: &AppState, req: Request) -> Result<Vec<(String, Bytes)>, AppError> {
+async fn images_of(s: &AppState, req: Request) -> Result<Images, AppError> {
     let limit = s.config.max_predict_bytes;
     let too_large = || AppError::too_large("body_too_large", format!("the request body is larger than the limit of {limit} bytes"));
     // A declared length over the limit is refused before any of the body is read.
@@ -75,9 +89,10 @@ async fn images_of(s: &AppState, req: Request) -> Result<Vec<(String, Bytes)>, A
             .await
             .map_err(|e| AppError::bad_request("invalid_multipart", e.body_text()))?;
         while let Some(field) = form.next_field().await.map_err(|e| body_error(e.status(), "invalid_multipart", e.body_text()))? {
-            let name = field.file_name().or(field.name()).map(str::to_string).unwrap_or_else(|| format!("part {}", out.len() + 1));
+            let file = field.file_name().map(str::to_string);
+            let name = file.clone().or(field.name().map(str::to_string)).unwrap_or_else(|| format!("part {}", out.len() + 1));
             let bytes = field.bytes().await.map_err(|e| body_error(e.status(), "invalid_multipart", e.body_text()))?;
-            out.push((name, bytes));
+            out.push((name, file, bytes));
             if out.len() > max {
                 return Err(too_many(out.len()));
             }
@@ -102,7 +117,7 @@ async fn images_of(s: &AppState, req: Request) -> Result<Vec<(String, Bytes)>, A
                     let bytes = base64::engine::general_purpose::STANDARD
                         .decode(base64_of(b64.trim()).map_err(|e| AppError::bad_request("invalid_base64", format!("images[{i}] {e}")))?)
                         .map_err(|e| AppError::bad_request("invalid_base64", format!("images[{i}] is not valid base64: {e}")))?;
-                    Ok((format!("images[{i}]"), Bytes::from(bytes)))
+                    Ok((format!("images[{i}]"), None, Bytes::from(bytes)))
                 })
                 .collect::<Result<Vec<_>, AppError>>()
         })
@@ -110,7 +125,7 @@ async fn images_of(s: &AppState, req: Request) -> Result<Vec<(String, Bytes)>, A
         .map_err(anyhow::Error::from)??;
     } else if essence.starts_with("image/") || essence == "application/octet-stream" || essence.is_empty() {
         let bytes = Bytes::from_request(req, s).await.map_err(|e| body_error(e.status(), "invalid_body", e.body_text()))?;
-        out.push(("body".to_string(), bytes));
+        out.push(("body".to_string(), None, bytes));
     } else {
         return Err(AppError::unsupported_media(
             "unsupported_content_type",
@@ -129,10 +144,12 @@ async fn predict(State(s): State<AppState>, ApiQuery(q): ApiQuery<PredictQuery>,
     if q.top_k == Some(0) {
         return Err(AppError::unprocessable("invalid_query", "top_k must be at least 1"));
     }
-    let images = images_of(&s, req).await?;
+    let (images, files): (Vec<(String, Bytes)>, Vec<Option<String>>) =
+        images_of(&s, req).await?.into_iter().map(|(name, file, bytes)| ((name, bytes), file)).unzip();
     let n = images.len();
     let loaded = s.models.load(&model).await?;
     let predictions = s.predictor.classify(loaded, images, q.top_k.unwrap_or(5), s.config.max_image_pixels, q.flip).await?;
     s.metrics.predict_images.inc_by(n as u64);
+    let predictions = files.into_iter().zip(predictions).map(|(file, prediction)| NamedPrediction { file, prediction }).collect();
     Ok(Json(PredictResponse { model_id: model.id, predictions }))
 }

@@ -50,6 +50,16 @@ async fn every_input_form_gives_the_same_answer_in_input_order() {
     for p in preds {
         check_probabilities(p, 2);
     }
+    // Each multipart prediction names its part's file; the other forms have no file name.
+    let files: Vec<&Value> = preds.iter().map(|p| &p["file"]).collect();
+    assert_eq!(files, [&json!("a.img"), &json!("b.img"), &json!("c.img")]);
+    let mut by_multipart = by_multipart.clone();
+    for p in by_multipart["predictions"].as_array_mut().unwrap() {
+        p.as_object_mut().unwrap().remove("file");
+    }
+    let unnamed = reqwest::multipart::Form::new().part("a", reqwest::multipart::Part::bytes(images[0].clone()));
+    let unnamed = json(app.client.post(&url).multipart(unnamed).send().await.unwrap()).await;
+    assert_eq!(unnamed["predictions"][0], by_multipart["predictions"][0], "a part without a file name has no `file`");
 
     let b64: Vec<String> = images.iter().map(|i| base64::engine::general_purpose::STANDARD.encode(i)).collect();
     let by_json = json(app.post_json("/predict", &json!({"images": b64})).await).await;
