@@ -198,7 +198,8 @@ impl ModelRegistry {
         Ok(outcome)
     }
 
-    /// The model a `/predict` request means: the one it names, else the default, else the newest.
+    /// The model a `/predict` request means: the one it names (by id, or by an alias), else the
+    /// default, else the newest.
     /// A default deleted a moment ago (its delete has not yet moved the default on, or another
     /// process deleted it) gives way to the newest model, not to a 404 for a model the request
     /// never named.
@@ -206,11 +207,19 @@ impl ModelRegistry {
         let named = requested.is_some();
         let latest = || async { db::models::latest(&self.db).await.map_err(PredictError::store)?.ok_or(PredictError::NoModel) };
         let Some(id) = requested.or_else(|| self.predictor.default_model()) else { return latest().await };
-        match db::models::get(&self.db, &id).await.map_err(PredictError::store)? {
-            Some(model) => Ok(model),
-            None if named => Err(PredictError::UnknownModel(id)),
-            None => latest().await,
+        if let Some(model) = db::models::get(&self.db, &id).await.map_err(PredictError::store)? {
+            return Ok(model);
         }
+        if !named {
+            return latest().await;
+        }
+        // Not a model's id: an alias's name, pointing at one.
+        if let Some(alias) = db::aliases::get(&self.db, &id).await.map_err(PredictError::store)?
+            && let Some(model) = db::models::get(&self.db, &alias.model_id).await.map_err(PredictError::store)?
+        {
+            return Ok(model);
+        }
+        Err(PredictError::UnknownModel(id))
     }
 
     /// The model loaded for inference (from memory, or loaded now). A model deleted since it was

@@ -11,6 +11,7 @@ mod page;
 pub mod datasets;
 pub mod job_metrics;
 pub mod jobs;
+pub mod aliases;
 pub mod models;
 
 pub use page::{Cursor, Listed, Page};

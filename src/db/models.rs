@@ -166,9 +166,12 @@ pub enum Deleted {
     OnlyModel,
     /// A queued or running job continues training from it.
     InUse { job_id: String },
+    /// Aliases point at it (`/predict?model=<alias>` would stop working); sorted.
+    Aliased { names: Vec<String> },
 }
 
-/// Deletes a model unless it is the only one or a job continues from it (one transaction).
+/// Deletes a model unless it is the only one, a job continues from it or an alias points at it
+/// (one transaction).
 pub async fn delete(pool: &Pool, id: &str) -> Result<Deleted, sqlx::Error> {
     // One deleter at a time, so two deletes cannot each see the other's model and leave none.
     let mut tx = match Backend::of(pool) {
@@ -200,6 +203,13 @@ pub async fn delete(pool: &Pool, id: &str) -> Result<Deleted, sqlx::Error> {
             .await?;
     if let Some(job_id) = job {
         return Ok(Deleted::InUse { job_id });
+    }
+    // An alias being put takes a share lock on this row (PostgreSQL) or waits for this write
+    // transaction (SQLite), so none can point here unseen.
+    let names: Vec<String> =
+        sqlx::query_scalar("select name from model_aliases where model_id = $1 order by name").bind(id).fetch_all(&mut *tx).await?;
+    if !names.is_empty() {
+        return Ok(Deleted::Aliased { names });
     }
     sqlx::query("delete from models where id = $1").bind(id).execute(&mut *tx).await?;
     tx.commit().await?;

@@ -3,6 +3,7 @@
 //! Every module with endpoints exposes `routes()` as a list of [`Route`]s; `router()` mounts them and
 //! [`route_table`] lists them, so a test can hold the router and `openapi.yaml` together.
 
+pub mod aliases;
 pub mod auth;
 pub mod base_models;
 pub mod console;
@@ -97,6 +98,11 @@ impl Route {
         Self { method: Method::POST, path, handler: axum::routing::post(h), timed: true, body: inflight::BodyUse::Json }
     }
 
+    /// A `PUT` route.
+    pub fn put<H: Handler<T, AppState>, T: 'static>(path: &'static str, h: H) -> Self {
+        Self { method: Method::PUT, path, handler: axum::routing::put(h), timed: true, body: inflight::BodyUse::Json }
+    }
+
     /// A `DELETE` route.
     pub fn delete<H: Handler<T, AppState>, T: 'static>(path: &'static str, h: H) -> Self {
         Self { method: Method::DELETE, path, handler: axum::routing::delete(h), timed: true, body: inflight::BodyUse::Json }
@@ -131,6 +137,7 @@ fn all_routes() -> Vec<Route> {
         jobs::routes(),
         base_models::routes(),
         models::routes(),
+        aliases::routes(),
         predict::routes(),
         prometheus::routes(),
         console::routes(),

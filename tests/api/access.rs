@@ -255,12 +255,12 @@ async fn a_malformed_path_parameter_is_400_on_every_route() {
             continue;
         }
         for bad in ["%FF%FE", "a%00b"] {
-            let url = app.url(&path.replace("{id}", bad).replace("{blob}", "ab").replace("{file}", bad).replace("{*file}", bad));
+            let url = app.url(&path.replace("{id}", bad).replace("{blob}", "ab").replace("{file}", bad).replace("{*file}", bad).replace("{name}", bad));
             let resp = app.client.request(method.clone(), &url).header("content-type", "application/json").body("{}").send().await.unwrap();
             let msg = assert_error(resp, 400, "invalid_path").await;
             assert!(!msg.is_empty(), "{method} {path}");
         }
         checked += 1;
     }
-    assert_eq!(checked, 16, "the routes with an {{id}} and the two file routes");
+    assert_eq!(checked, 19, "the routes with an {{id}}, the two file routes and the three of an alias's {{name}}");
 }

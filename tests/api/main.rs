@@ -1,6 +1,7 @@
 //! Integration tests against the real router on a random port with a temporary data folder.
 
 mod access;
+mod aliases;
 mod browse;
 mod budget;
 mod cluster;
