@@ -324,6 +324,58 @@ async fn a_folder_picked_in_the_console_is_uploaded_as_a_dataset() {
     c.close().await.unwrap();
 }
 
+/// Submits a job and waits for it to succeed: its id and its model's.
+async fn trained(server: &crate::support::ChildServer, body: &serde_json::Value) -> (String, String) {
+    let job = server.post_json("/jobs", body).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let job = server.get_json(&format!("/jobs/{id}")).await;
+        if job["status"] == "succeeded" {
+            return (id, job["model_id"].as_str().unwrap().to_string());
+        }
+        assert!(Instant::now() < deadline && job["status"] != "failed", "a job did not succeed: {job}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A model's page points an alias at it and removes it; the overview lists it beside its model,
+/// and the predict page offers it. A name the service refuses says why.
+#[tokio::test(flavor = "multi_thread")]
+async fn aliases_are_set_on_a_model_s_page_and_offered_for_predictions() {
+    let Some(driver) = chromedriver() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let server = server_with_tiny(tmp.path());
+    let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(zip(&red_and_blue(4))).file_name("colours.zip"));
+    let dataset: serde_json::Value = server.client.post(server.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
+    let (_, model) = trained(&server, &json!({"dataset_id": dataset["id"], "base_model": "tiny", "params": {"epochs": 1, "batch_size": 2}})).await;
+    let c = browser(&driver, &tmp.path().join("profile")).await;
+    c.goto(&server.url(&format!("/ui/models/{model}"))).await.unwrap();
+    wait_text(&c, "#aliases", 20, |t| t.contains("No alias names this model.")).await;
+    element(&c, "#alias-name").await.send_keys("two words").await.unwrap();
+    element(&c, "#alias-set").await.click().await.unwrap();
+    let said = wait_text(&c, "p.error", 20, |t| !t.is_empty()).await;
+    assert!(said.contains("may hold only") && said.contains("(invalid_alias)"), "{said}");
+    element(&c, "#alias-name").await.clear().await.unwrap();
+    element(&c, "#alias-name").await.send_keys("production").await.unwrap();
+    element(&c, "#alias-set").await.click().await.unwrap();
+    wait_text(&c, "#aliases", 20, |t| t.contains("production")).await;
+    assert_eq!(c.find_all(Locator::Css("p.error")).await.unwrap().len(), 0, "the refusal is cleared by the next success");
+    assert_eq!(server.get_json("/aliases").await[0]["model_id"], model.as_str());
+
+    c.goto(&server.url("/ui/")).await.unwrap();
+    wait_text(&c, "#models tbody", 20, |t| t.contains("production")).await;
+    c.goto(&server.url("/ui/predict?model=production")).await.unwrap();
+    let chosen = element(&c, "#predict-model").await.prop("value").await.unwrap();
+    assert_eq!(chosen.as_deref(), Some("production"));
+
+    c.goto(&server.url(&format!("/ui/models/{model}"))).await.unwrap();
+    element(&c, "button[aria-label='Remove alias production']").await.click().await.unwrap();
+    wait_text(&c, "#aliases", 20, |t| t.contains("No alias names this model.")).await;
+    assert_eq!(server.get_json("/aliases").await, json!([]));
+    c.close().await.unwrap();
+}
+
 /// Actions the service refuses say why on the page: a download of a model deleted since the page
 /// drew it, and a cancel of a job that has already finished.
 #[tokio::test(flavor = "multi_thread")]
@@ -336,22 +388,8 @@ async fn refused_downloads_and_cancels_say_why_on_the_page() {
     let dataset: serde_json::Value = server.client.post(server.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
     let submit = |epochs: u32| json!({"dataset_id": dataset["id"], "base_model": "tiny", "params": {"epochs": epochs, "batch_size": 2}});
     // Two models: the only one may not be deleted.
-    let mut models = vec![];
-    for _ in 0..2 {
-        let job = server.post_json("/jobs", &submit(1)).await;
-        let id = job["id"].as_str().unwrap().to_string();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let job = server.get_json(&format!("/jobs/{id}")).await;
-            if job["status"] == "succeeded" {
-                models.push((id, job["model_id"].as_str().unwrap().to_string()));
-                break;
-            }
-            assert!(Instant::now() < deadline && job["status"] != "failed", "a job did not succeed: {job}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-    let (finished, model) = models.swap_remove(0);
+    let (finished, model) = trained(&server, &submit(1)).await;
+    trained(&server, &submit(1)).await;
     let c = browser(&driver, &tmp.path().join("profile")).await;
 
     // The model's page is drawn, then the model is deleted behind its back: Download says so.

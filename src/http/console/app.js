@@ -212,11 +212,12 @@ async function overview() {
     );
   };
   await drawDatasets();
-  const drawModels = (ms) => models.replaceChildren(
+  const drawModels = (ms, named) => models.replaceChildren(
     table(
-      ["Model", "Labels", "#Val. accuracy", "#Val. F1", "Recipe", "Created"],
+      ["Model", "Aliases", "Labels", "#Val. accuracy", "#Val. F1", "Recipe", "Created"],
       ms.items.map((m, i) => [
         h("span", {}, h("a", { href: `/ui/models/${m.id}` }, short(m.id)), i === 0 ? h("span", { class: "muted" }, " (newest)") : null),
+        (named.get(m.id) ?? []).join(", "),
         m.labels.join(", "),
         { v: pct(m.metrics?.accuracy), num: true },
         { v: num(m.metrics?.f1), num: true },
@@ -232,7 +233,9 @@ async function overview() {
   // F1 stays blank).
   const f1 = new Map();
   const refresh = async () => {
-    const [js, ms] = await Promise.all([getFirst("/jobs", shown.jobs), getFirst("/models", shown.models)]);
+    const [js, ms, aliases] = await Promise.all([getFirst("/jobs", shown.jobs), getFirst("/models", shown.models), get("/aliases")]);
+    const named = new Map();
+    for (const a of aliases) named.set(a.model_id, [...(named.get(a.model_id) ?? []), a.name]);
     for (const m of ms.items) f1.set(m.id, m.metrics?.f1);
     const unknown = new Set(js.items.map((j) => j.model_id).filter((id) => id && !f1.has(id)));
     await Promise.all(
@@ -246,7 +249,7 @@ async function overview() {
         ),
       ),
     );
-    drawModels(ms);
+    drawModels(ms, named);
     jobs.replaceChildren(
       table(
         ["Job", "Status", "Progress", "Recipe", "#Best val. F1", "Created"],
@@ -633,6 +636,32 @@ async function model(id) {
     }
   };
   const remove = deleteButton("Delete this model?", `/models/${id}`, "Delete model");
+  // The aliases that name this model (for /predict?model=<alias>), and pointing one here.
+  const aliases = h("div", { id: "aliases" });
+  const aliasName = h("input", { type: "text", id: "alias-name", placeholder: "production", "aria-label": "Alias name" });
+  const aliasNote = h("div", { "aria-live": "polite" });
+  const drawAliases = async () => {
+    const mine = (await get("/aliases")).filter((a) => a.model_id === id);
+    aliases.replaceChildren(
+      mine.length
+        ? h("p", { class: "row" }, mine.map((a) => h("span", { class: "status" }, a.name, " ", h("button", { "aria-label": `Remove alias ${a.name}`, onclick: () => change(() => del(`/aliases/${encodeURIComponent(a.name)}`)) }, "×"))))
+        : h("p", { class: "muted" }, "No alias names this model."),
+    );
+  };
+  const change = async (action) => {
+    aliasNote.replaceChildren();
+    try {
+      await action();
+      await drawAliases();
+    } catch (e) {
+      aliasNote.replaceChildren(errorBox(e));
+    }
+  };
+  const pointHere = () => change(async () => {
+    await send("PUT", `/aliases/${encodeURIComponent(aliasName.value.trim())}`, { model_id: id });
+    aliasName.value = "";
+  });
+  await drawAliases();
   const c = m.metrics?.calibration;
   render(
     `Model ${short(id)}`,
@@ -641,6 +670,9 @@ async function model(id) {
     h("section", {}, h("h2", {}, "Validation (kept epoch)"),
       table(["Labels", "#Accuracy", "#Macro-F1", "#Loss", "#Calibration error"], [[m.labels.join(", "), { v: pct(m.metrics?.accuracy), num: true }, { v: num(m.metrics?.f1), num: true }, { v: num(m.metrics?.loss), num: true }, { v: num(m.metrics?.ece), num: true }]]),
       c ? h("p", { class: "muted" }, c.fitted ? `Scores calibrated: temperature ${num(c.temperature)}; validation calibration error ${num(c.validation_ece_before)} → ${num(c.validation_ece_after)}` : `Scores not calibrated: ${c.reason || "no reason recorded"}.`) : null),
+    h("section", {}, h("h2", {}, "Aliases"),
+      h("p", { class: "muted" }, "A name for /predict?model=<name> that stays on a model until pointed elsewhere (without one, /predict takes the newest model)."),
+      aliases, h("p", { class: "row" }, aliasName, h("button", { id: "alias-set", onclick: pointHere }, "Point here")), aliasNote),
     h("section", {}, h("h2", {}, "Trained with"), table(["Base model", "Recipe", "Job"], [[m.base_model, m.recipe ?? "–", m.job_id ? h("a", { href: `/ui/jobs/${m.job_id}` }, short(m.job_id)) : "–"]]),
       h("pre", { class: "mono" }, JSON.stringify(m.params, null, 2))),
     h("section", {}, h("h2", {}, "Evaluate on a dataset"), h("p", { class: "row" }, ds, split, h("button", { class: "primary", onclick: evaluate }, "Evaluate")), result),
@@ -650,9 +682,12 @@ async function model(id) {
 // ---- Predict -------------------------------------------------------------------------------
 
 async function predict() {
-  const models = await get("/models");
+  const [models, aliases] = await Promise.all([get("/models"), get("/aliases")]);
   const want = new URLSearchParams(location.search).get("model");
-  const choice = h("select", { id: "predict-model" }, models.map((m, i) => h("option", { value: m.id, selected: want ? m.id === want : i === 0 }, `${short(m.id)} (${m.labels.join(", ")})${i === 0 ? " — newest" : ""}`)));
+  const labels = new Map(models.map((m) => [m.id, m.labels.join(", ")]));
+  const choice = h("select", { id: "predict-model" },
+    aliases.length ? h("optgroup", { label: "Aliases" }, aliases.map((a) => h("option", { value: a.name, selected: a.name === want }, `${a.name} → ${short(a.model_id)} (${labels.get(a.model_id) ?? "?"})`))) : null,
+    h("optgroup", { label: "Models" }, models.map((m, i) => h("option", { value: m.id, selected: want ? m.id === want : i === 0 }, `${short(m.id)} (${m.labels.join(", ")})${i === 0 ? " — newest" : ""}`))));
   const input = h("input", { type: "file", id: "predict-file", accept: "image/*", multiple: true });
   const results = h("div", { id: "predictions", "aria-live": "polite" });
   async function classify(files) {
