@@ -106,6 +106,19 @@ impl TrainData {
         }
     }
 
+    /// For each training example, the number of its file (its blob path), counted from 0 in the
+    /// order first seen: copies of one file share a number.
+    pub fn train_files(&self) -> Vec<usize> {
+        let mut number: HashMap<&PathBuf, usize> = HashMap::new();
+        self.train
+            .iter()
+            .map(|ex| {
+                let next = number.len();
+                *number.entry(&ex.path).or_insert(next)
+            })
+            .collect()
+    }
+
     /// Number of training examples per class.
     pub fn train_counts(&self) -> Vec<usize> {
         let mut counts = vec![0; self.labels.len()];
@@ -317,6 +330,12 @@ mod tests {
             assert_eq!(split.validation.iter().filter(|e| e.label == 1).count(), 2, "seed {seed}");
             assert_eq!(split.train.len() + split.validation.len(), d.train.len());
         }
+    }
+
+    #[test]
+    fn copies_share_a_file_number() {
+        let d = TrainData { train: vec![ex(3, 0), ex(5, 1), ex(3, 1), ex(7, 0), ex(5, 0)], ..Default::default() };
+        assert_eq!(d.train_files(), [0, 1, 0, 2, 1]);
     }
 
     #[test]

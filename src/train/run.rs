@@ -2,7 +2,7 @@
 //! schedule, resume or start, fit the probe head, run gradient epochs, finish), and each step is a
 //! function of its own below.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -379,6 +379,14 @@ impl<'a> Run<'a> {
     }
 }
 
+/// Rows of features as one flat, row-major vector (empty for no rows).
+fn stacked(rows: &[Tensor]) -> Result<Vec<f32>, TrainError> {
+    if rows.is_empty() {
+        return Ok(vec![]);
+    }
+    Ok(Tensor::stack(rows, 0)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
 /// Epoch 1 of a `head_init: probe` run: the head fitted as a logistic regression on the frozen
 /// backbone's features, then validated and checkpointed like any epoch.
 fn probe_epoch(
@@ -423,18 +431,10 @@ fn probe_epoch(
     let probe_views = probe_views_used;
     let features_seconds = started.elapsed().as_secs_f64();
     let fit_started = Instant::now();
-    let flat = |rows: &[Tensor]| -> Result<Vec<f32>, TrainError> {
-        if rows.is_empty() {
-            return Ok(vec![]);
-        }
-        Ok(Tensor::stack(rows, 0)?.flatten_all()?.to_vec1::<f32>()?)
-    };
-    let (flat, views) = (flat(&feats)?, flat(&views)?);
+    let (flat, views) = (stacked(&feats)?, stacked(&views)?);
     let labels: Vec<u32> = data.train.iter().map(|e| e.label).collect();
     // The copies of a file (one blob) share a cross-validation fold.
-    let mut file_of: HashMap<&std::path::Path, usize> = HashMap::new();
-    let groups: Vec<usize> = data.train.iter().map(|e| { let next = file_of.len(); *file_of.entry(&e.path).or_insert(next) }).collect();
-    let fitted = probe::fit_with_views(&flat, &views, &labels, &groups, data.labels.len(), run.p.seed, &mut |done, total| {
+    let fitted = probe::fit_with_views(&flat, &views, &labels, &data.train_files(), data.labels.len(), run.p.seed, &mut |done, total| {
         report_phase(ctl, Phase::Probe, done, total)
     });
     let k = data.labels.len();
