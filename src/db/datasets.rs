@@ -70,14 +70,9 @@ struct DatasetRow {
 }
 
 impl DatasetRow {
-    /// The dataset, with `duplicates` as given where the row has none.
-    fn into_dataset(self, duplicates: Option<Duplicates>) -> Result<Dataset, sqlx::Error> {
+    /// The dataset, with its `duplicates` (read or worked out by [`with_duplicates`]).
+    fn into_dataset(self, duplicates: Duplicates) -> Result<Dataset, sqlx::Error> {
         let decode = |e: serde_json::Error| sqlx::Error::Decode(Box::new(e));
-        let duplicates = match (duplicates, &self.duplicates) {
-            (Some(given), _) => given,
-            (None, Some(text)) => serde_json::from_str(text).map_err(decode)?,
-            (None, None) => Duplicates::default(),
-        };
         let row = self;
         Ok(Dataset {
             id: row.id,
@@ -96,8 +91,9 @@ impl DatasetRow {
 /// The dataset of a row, its duplicates worked out from its images and stored where the row was
 /// written before they were (a dataset of an older version is read once more, then never again).
 async fn with_duplicates(pool: &Pool, row: DatasetRow) -> Result<Dataset, sqlx::Error> {
-    if row.duplicates.is_some() {
-        return row.into_dataset(None);
+    if let Some(text) = &row.duplicates {
+        let duplicates = serde_json::from_str(text).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+        return row.into_dataset(duplicates);
     }
     let images = images(pool, &row.id).await?;
     let duplicates =
@@ -107,7 +103,7 @@ async fn with_duplicates(pool: &Pool, row: DatasetRow) -> Result<Dataset, sqlx::
         .bind(&row.id)
         .execute(pool)
         .await?;
-    row.into_dataset(Some(duplicates))
+    row.into_dataset(duplicates)
 }
 
 /// `($1, $2, …), ($n+1, …)`: `rows` groups of `width` numbered placeholders, which both backends

@@ -421,10 +421,11 @@ async function newJob() {
       if (inputs[key]) inputs[key][0].value = String(value);
       else carried[key] = value;
     }
-    const extra = Object.entries(carried).map(([k, v]) => `${k} ${v}`);
-    if (extra.length) notes.push(`Also kept from job ${short(prior.id)}: ${extra.join(", ")}.`);
   }
-  recipe.addEventListener("change", () => (carried = {}));
+  const extra = Object.entries(carried).map(([k, v]) => `${k} ${v}`);
+  const kept = h("span", {}, extra.length ? ` Also kept from job ${short(prior.id)}: ${extra.join(", ")}.` : "");
+  // Another recipe starts from its own defaults: nothing is carried over to it.
+  recipe.addEventListener("change", () => ((carried = {}), (kept.textContent = "")));
   const note = h("div", { "aria-live": "polite" });
   const form = h(
     "form",
@@ -445,7 +446,7 @@ async function newJob() {
         }
       },
     },
-    prior ? h("p", { class: "muted", id: "job-from" }, `As job ${short(prior.id)} ran; change what you like.`, notes.map((n) => [" ", n])) : null,
+    prior ? h("p", { class: "muted", id: "job-from" }, `As job ${short(prior.id)} ran; change what you like.`, notes.map((n) => [" ", n]), kept) : null,
     h("label", {}, "Dataset ", dsSelect),
     h("label", {}, "Base model ", base),
     h("label", {}, "Recipe ", recipe),
