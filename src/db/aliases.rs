@@ -23,16 +23,22 @@ pub async fn get(pool: &Pool, name: &str) -> Result<Option<Alias>, sqlx::Error> 
     sqlx::query_as("select name, model_id, updated_at from model_aliases where name = $1").bind(name).fetch_optional(pool).await
 }
 
-/// The aliases of one model, by name.
-pub async fn of_model(pool: &Pool, model_id: &str) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar("select name from model_aliases where model_id = $1 order by name").bind(model_id).fetch_all(pool).await
+/// What [`put`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Put {
+    /// The name is new.
+    Created(Alias),
+    /// The name existed, and now points at the model (it may already have).
+    Moved(Alias),
+    /// No model has that id; nothing was written.
+    NoModel,
 }
 
-/// Points `name` at `model_id` (made, or moved from the model it pointed at). `None` when the
-/// model does not exist. The model's row is read in the same transaction as the write, locked
-/// against a delete (which checks aliases under its own lock: see `db::models::delete`), so a
-/// name never points at a deleted model.
-pub async fn put(pool: &Pool, name: &str, model_id: &str) -> Result<Option<Alias>, sqlx::Error> {
+/// Points `name` at `model_id` (made, or moved from the model it pointed at). The model's row is
+/// read in the same transaction as the write, locked against a delete (which checks aliases under
+/// its own lock: see `db::models::delete`), so a name never points at a deleted model; whether
+/// the name existed is read there too.
+pub async fn put(pool: &Pool, name: &str, model_id: &str) -> Result<Put, sqlx::Error> {
     let (begin, lock) = match Backend::of(pool) {
         Backend::Sqlite => ("begin immediate", "select 1 from models where id = $1"),
         Backend::Postgres => ("begin", "select 1 from models where id = $1 for share"),
@@ -40,8 +46,9 @@ pub async fn put(pool: &Pool, name: &str, model_id: &str) -> Result<Option<Alias
     let mut tx = pool.begin_with(begin).await?;
     let exists: Option<i32> = sqlx::query_scalar(lock).bind(model_id).fetch_optional(&mut *tx).await?;
     if exists.is_none() {
-        return Ok(None);
+        return Ok(Put::NoModel);
     }
+    let existed: Option<i32> = sqlx::query_scalar("select 1 from model_aliases where name = $1").bind(name).fetch_optional(&mut *tx).await?;
     let alias = Alias { name: name.to_string(), model_id: model_id.to_string(), updated_at: now() };
     sqlx::query(
         "insert into model_aliases (name, model_id, updated_at) values ($1, $2, $3) \
@@ -53,7 +60,7 @@ pub async fn put(pool: &Pool, name: &str, model_id: &str) -> Result<Option<Alias
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(Some(alias))
+    Ok(if existed.is_some() { Put::Moved(alias) } else { Put::Created(alias) })
 }
 
 /// Removes an alias; whether there was one.

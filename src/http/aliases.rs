@@ -11,7 +11,7 @@ use super::error::AppError;
 use super::extract::{ApiJson, ApiPath, ApiQuery, NoQuery};
 use super::{AppState, Route};
 use crate::db;
-use crate::db::aliases::Alias;
+use crate::db::aliases::{Alias, Put};
 
 pub fn routes() -> Vec<Route> {
     vec![
@@ -61,9 +61,11 @@ struct PutAlias {
 /// Points the name at a model: 201 when the name is new, 200 when it moved (or stayed).
 async fn put(State(s): State<AppState>, ApiPath(name): ApiPath<String>, ApiJson(body): ApiJson<PutAlias>) -> Result<(StatusCode, Json<Alias>), AppError> {
     check_name(&name)?;
-    let existed = db::aliases::get(&s.db, &name).await?.is_some();
-    let alias = db::aliases::put(&s.db, &name, &body.model_id).await?.ok_or_else(|| AppError::not_found("model", &body.model_id))?;
-    Ok((if existed { StatusCode::OK } else { StatusCode::CREATED }, Json(alias)))
+    match db::aliases::put(&s.db, &name, &body.model_id).await? {
+        Put::Created(alias) => Ok((StatusCode::CREATED, Json(alias))),
+        Put::Moved(alias) => Ok((StatusCode::OK, Json(alias))),
+        Put::NoModel => Err(AppError::not_found("model", &body.model_id)),
+    }
 }
 
 async fn delete(State(s): State<AppState>, ApiPath(name): ApiPath<String>) -> Result<StatusCode, AppError> {

@@ -56,10 +56,14 @@ async fn delete(State(s): State<AppState>, ApiPath(id): ApiPath<String>) -> Resu
         Deleted::InUse { job_id } => {
             Err(AppError::conflict("model_in_use", format!("model '{id}' is the base model of job '{job_id}', which has not finished")))
         }
-        Deleted::Aliased { names } => Err(AppError::conflict(
-            "model_aliased",
-            format!("model '{id}' is named by the alias{} {}; point {} at another model or delete {} first", if names.len() == 1 { "" } else { "es" }, names.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", "), if names.len() == 1 { "it" } else { "them" }, if names.len() == 1 { "it" } else { "them" }),
-        )),
+        Deleted::Aliased { names } => {
+            let (plural, them) = if names.len() == 1 { ("", "it") } else { ("es", "them") };
+            let quoted = names.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ");
+            Err(AppError::conflict(
+                "model_aliased",
+                format!("model '{id}' is named by the alias{plural} {quoted}; point {them} at another model or delete {them} first"),
+            ))
+        }
         Deleted::Removed { .. } => Ok(StatusCode::NO_CONTENT),
     }
 }
