@@ -150,6 +150,7 @@ mod tests {
                 label: if i % 2 == 0 { "a" } else { "b" }.to_string(),
                 split: Split::Train,
                 blob: store.put(bytes).unwrap(),
+                look: None,
             })
             .collect();
         Ingested { images, rejected: vec![], rejected_total: 0, classes: vec!["a".into(), "b".into()] }

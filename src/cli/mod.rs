@@ -23,7 +23,7 @@ use serde_json::json;
 
 use crate::config::ServeConfig;
 use crate::budget::MemoryBudget;
-use crate::dataset::{BlobStore, IngestError, IngestLimits, Split, ingest_cancellable};
+use crate::dataset::{BlobStore, Duplicates, IngestError, IngestLimits, Split, ingest_cancellable};
 use crate::model::classifier::{ClassifyError, Classifier};
 use crate::model::{LoadedModel, ModelSource, PrecisionChoice, VitConfig};
 use crate::telemetry::LogFormat;
@@ -349,19 +349,26 @@ fn import(data: &Path, store: &BlobStore, cancel: &AtomicBool) -> anyhow::Result
     if ingested.rejected.len() > 20 {
         eprintln!("  ... and {} more skipped files", ingested.rejected.len() - 20);
     }
-    let duplicates = ingested.duplicates();
-    if let Some(text) = duplicates.describe() {
-        eprintln!("note: {text}; all are used as given");
-        for group in duplicates.groups.iter().take(10) {
-            let files: Vec<String> = group.files.iter().map(|f| format!("{} ({}, {})", f.file, f.label, f.split)).collect();
-            let more = if group.count > group.files.len() as u64 { format!(" and {} more", group.count - group.files.len() as u64) } else { String::new() };
-            eprintln!("  the same file: {}{more}", files.join(", "));
-        }
-        if duplicates.groups_total > 10 {
-            eprintln!("  ... and {} more such files", duplicates.groups_total - 10);
-        }
+    note_groups(&ingested.duplicates(), Duplicates::describe, "the same file", "files");
+    if let Some(similar) = ingested.look_alikes() {
+        note_groups(&similar, Duplicates::describe_look_alikes, "alike", "groups");
     }
     Ok(ingested)
+}
+
+/// A `note:` on stderr for a duplicate summary, with its first groups: "  the same file: a.jpg
+/// (cat, train), b.jpg (cat, test)".
+fn note_groups(summary: &Duplicates, describe: fn(&Duplicates) -> Option<String>, what: &str, more: &str) {
+    let Some(text) = describe(summary) else { return };
+    eprintln!("note: {text}; all are used as given");
+    for group in summary.groups.iter().take(10) {
+        let files: Vec<String> = group.files.iter().map(|f| format!("{} ({}, {})", f.file, f.label, f.split)).collect();
+        let rest = if group.count > group.files.len() as u64 { format!(" and {} more", group.count - group.files.len() as u64) } else { String::new() };
+        eprintln!("  {what}: {}{rest}", files.join(", "));
+    }
+    if summary.groups_total > 10 {
+        eprintln!("  ... and {} more such {more}", summary.groups_total - 10);
+    }
 }
 
 /// Refuses an `--output` that writing a model would destroy something in: a folder holding
@@ -462,7 +469,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let scratch = tempfile::tempdir()?;
     let store = BlobStore::open(scratch.path().join("blobs"))?;
     let ingested = import(&args.data, &store, &cancel)?;
-    let data = TrainData::with_labels(ingested.classes.clone(), records(&ingested, &store)?)?;
+    let mut data = TrainData::with_labels(ingested.classes.clone(), records(&ingested, &store)?)?;
+    let looks = ingested.images.iter().map(|r| Ok((store.path(&r.blob)?, r.look))).collect::<anyhow::Result<Vec<_>>>()?;
+    data.set_look_alikes(&looks);
     let pb = bar(0, "{spinner} {prefix:>10} [{bar:30}] {pos}/{len} {msg} eta {eta}");
     pb.set_prefix(Phase::Loading.as_str());
     // A hub model not cached yet: its download on the bar, in MiB.

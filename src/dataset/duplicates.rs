@@ -8,11 +8,12 @@
 //! upload; the trainer keeps the copies of a file together when it holds out its own validation
 //! images (`TrainData::ensure_validation`).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
 use super::Split;
+use super::look_alike::{self, Look};
 
 /// Most groups of copies listed; the rest are only counted.
 pub const MAX_GROUPS_LISTED: usize = 100;
@@ -20,14 +21,15 @@ pub const MAX_GROUPS_LISTED: usize = 100;
 /// group); `count` says how many it has.
 pub const MAX_FILES_LISTED: usize = 10;
 
-/// What a dataset repeats.
+/// What a dataset repeats: the same file ([`Duplicates::of`]), or pictures that look the same
+/// ([`Duplicates::look_alikes`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Duplicates {
-    /// Images that repeat an earlier image of the dataset (a file there three times counts 2).
+    /// Images that repeat an earlier image of their group (a file there three times counts 2).
     pub copies: u64,
-    /// Files found under two or more classes.
+    /// Groups found under two or more classes.
     pub across_classes: u64,
-    /// Files found in two or more splits.
+    /// Groups found in two or more splits.
     pub across_splits: u64,
     /// The first [`MAX_GROUPS_LISTED`] groups of copies: those across classes first, then those
     /// across splits, then the rest, each kind in upload order.
@@ -36,10 +38,10 @@ pub struct Duplicates {
     pub groups_total: u64,
 }
 
-/// The images that are one file.
+/// The images that are one file, or that look alike.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DuplicateGroup {
-    /// How many images of the dataset are this file.
+    /// How many images of the dataset are in the group.
     pub count: u64,
     /// Its classes, sorted.
     pub classes: Vec<String>,
@@ -58,30 +60,60 @@ pub struct DuplicateFile {
 }
 
 /// The fields of a dataset's image that the summary reads.
+#[derive(Debug, Clone, Copy)]
 pub struct ImageRef<'a> {
     pub blob: &'a str,
     pub file: &'a str,
     pub label: &'a str,
     pub split: Split,
+    /// Its look-alike fingerprint ([`super::look_alike::fingerprint`]); `None` for an image
+    /// stored before they were taken.
+    pub look: Option<Look>,
 }
 
 impl Duplicates {
-    /// The summary of a dataset's images, given in upload order.
+    /// The summary of a dataset's images, given in upload order: groups of the same file.
     pub fn of<'a>(images: impl IntoIterator<Item = ImageRef<'a>>) -> Self {
+        let images: Vec<ImageRef<'a>> = images.into_iter().collect();
+        let mut number: HashMap<&str, usize> = HashMap::new();
+        let keys: Vec<usize> = images
+            .iter()
+            .map(|i| {
+                let next = number.len();
+                *number.entry(i.blob).or_insert(next)
+            })
+            .collect();
+        Self::grouped(&images, &keys, false)
+    }
+
+    /// The same summary of the images that look alike ([`super::look_alike`]) though their
+    /// files differ: a group holds two or more different files (and any copies of them). `None`
+    /// where an image has no fingerprint (a dataset stored before they were taken).
+    pub fn look_alikes<'a>(images: impl IntoIterator<Item = ImageRef<'a>>) -> Option<Self> {
+        let images: Vec<ImageRef<'a>> = images.into_iter().collect();
+        let prints: Vec<Look> = images.iter().map(|i| i.look).collect::<Option<_>>()?;
+        Some(Self::grouped(&images, &look_alike::clusters(&prints), true))
+    }
+
+    /// The summary of the groups `keys` put the images in (one key per image); with
+    /// `different_files`, only groups of two or more different files count.
+    fn grouped<'a>(images: &[ImageRef<'a>], keys: &[usize], different_files: bool) -> Self {
         struct Group<'a> {
             count: u64,
+            blobs: HashSet<&'a str>,
             classes: BTreeSet<&'a str>,
             splits: BTreeSet<Split>,
             files: Vec<DuplicateFile>,
         }
-        let mut order: Vec<&'a str> = Vec::new();
-        let mut groups: HashMap<&'a str, Group<'a>> = HashMap::new();
-        for image in images {
-            let group = groups.entry(image.blob).or_insert_with(|| {
-                order.push(image.blob);
-                Group { count: 0, classes: BTreeSet::new(), splits: BTreeSet::new(), files: Vec::new() }
+        let mut order: Vec<usize> = Vec::new();
+        let mut groups: HashMap<usize, Group<'a>> = HashMap::new();
+        for (image, &key) in images.iter().zip(keys) {
+            let group = groups.entry(key).or_insert_with(|| {
+                order.push(key);
+                Group { count: 0, blobs: HashSet::new(), classes: BTreeSet::new(), splits: BTreeSet::new(), files: Vec::new() }
             });
             group.count += 1;
+            group.blobs.insert(image.blob);
             group.classes.insert(image.label);
             group.splits.insert(image.split);
             if group.files.len() < MAX_FILES_LISTED {
@@ -90,9 +122,9 @@ impl Duplicates {
         }
         let mut summary = Self::default();
         let mut repeated: Vec<(u8, DuplicateGroup)> = Vec::new();
-        for blob in order {
-            let group = groups.remove(blob).expect("every blob in the order has its group");
-            if group.count < 2 {
+        for key in order {
+            let group = groups.remove(&key).expect("every key in the order has its group");
+            if group.count < 2 || (different_files && group.blobs.len() < 2) {
                 continue;
             }
             summary.copies += group.count - 1;
@@ -119,19 +151,30 @@ impl Duplicates {
     }
 
     /// The summary in a sentence, or `None` when no image is repeated: "3 images are copies of
-    /// others: 1 file under two or more classes, 1 in two or more splits".
+    /// others: 1 file under two or more classes, 1 file in two or more splits".
     pub fn describe(&self) -> Option<String> {
+        let head = if self.copies == 1 { "1 image is a copy of another".to_string() } else { format!("{} images are copies of others", self.copies) };
+        self.sentence(head, ("file", "files"))
+    }
+
+    /// The look-alike summary in a sentence, or `None` when no images look alike: "2 images look
+    /// like other files (resized or re-encoded copies): 1 group under two or more classes".
+    pub fn describe_look_alikes(&self) -> Option<String> {
+        let head = if self.copies == 1 { "1 image looks like another file".to_string() } else { format!("{} images look like other files", self.copies) };
+        self.sentence(format!("{head} (resized or re-encoded copies)"), ("group", "groups"))
+    }
+
+    fn sentence(&self, mut text: String, (one, many): (&str, &str)) -> Option<String> {
         if self.copies == 0 {
             return None;
         }
-        let mut text =
-            if self.copies == 1 { "1 image is a copy of another".to_string() } else { format!("{} images are copies of others", self.copies) };
+        let unit = |n: u64| if n == 1 { one } else { many };
         let mut kinds = Vec::new();
         if self.across_classes > 0 {
-            kinds.push(format!("{} {} under two or more classes", self.across_classes, files(self.across_classes)));
+            kinds.push(format!("{} {} under two or more classes", self.across_classes, unit(self.across_classes)));
         }
         if self.across_splits > 0 {
-            kinds.push(format!("{} {} in two or more splits", self.across_splits, files(self.across_splits)));
+            kinds.push(format!("{} {} in two or more splits", self.across_splits, unit(self.across_splits)));
         }
         if !kinds.is_empty() {
             text.push_str(": ");
@@ -141,16 +184,12 @@ impl Duplicates {
     }
 }
 
-fn files(n: u64) -> &'static str {
-    if n == 1 { "file" } else { "files" }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn image<'a>(blob: &'a str, file: &'a str, label: &'a str, split: Split) -> ImageRef<'a> {
-        ImageRef { blob, file, label, split }
+        ImageRef { blob, file, label, split, look: None }
     }
 
     #[test]
@@ -207,5 +246,33 @@ mod tests {
         let placeholder = Duplicates::of(many.iter().map(|f| image("placeholder", f, "dog", Split::Train)));
         assert_eq!(placeholder.groups[0].count, MAX_FILES_LISTED as u64 + 3);
         assert_eq!(placeholder.groups[0].files.len(), MAX_FILES_LISTED);
+    }
+
+    #[test]
+    fn look_alikes_group_different_files_that_look_the_same() {
+        let looks = |blob: &'static str, file: &'static str, label: &'static str, split, shape| ImageRef { blob, file, label, split, look: Some(Look { shape, colour: 0 }) };
+        let images = [
+            looks("a", "cat/a.jpg", "cat", Split::Train, 0),
+            looks("a2", "cat/a-small.jpg", "cat", Split::Train, 0b111),
+            looks("b", "train/dog/b.jpg", "dog", Split::Train, u64::MAX),
+            looks("b", "train/dog/b copy.jpg", "dog", Split::Train, u64::MAX),
+            looks("c", "other/c.jpg", "dog", Split::Train, 0xF0F0_F0F0_F0F0_F0F0),
+            looks("b2", "test/dog/b.png", "dog", Split::Test, u64::MAX ^ 1),
+        ];
+        let similar = Duplicates::look_alikes(images.iter().copied()).unwrap();
+        // The copy of b is counted; c, alone, and the same-file pair inside b's group are no group of their own.
+        assert_eq!((similar.copies, similar.across_classes, similar.across_splits, similar.groups_total), (3, 0, 1, 2));
+        assert_eq!(similar.groups[0].files.iter().map(|f| f.file.as_str()).collect::<Vec<_>>(), ["train/dog/b.jpg", "train/dog/b copy.jpg", "test/dog/b.png"]);
+        assert_eq!(similar.groups[1].count, 2);
+        assert_eq!(
+            similar.describe_look_alikes().unwrap(),
+            "3 images look like other files (resized or re-encoded copies): 1 group in two or more splits"
+        );
+        // Same-file copies alone are no look-alike group.
+        let same = [looks("a", "x.jpg", "cat", Split::Train, 1), looks("a", "y.jpg", "dog", Split::Train, 1)];
+        assert_eq!(Duplicates::look_alikes(same.iter().copied()), Some(Duplicates::default()));
+        // An image without a fingerprint: not worked out.
+        let old = [ImageRef { look: None, ..images[0] }, images[1]];
+        assert_eq!(Duplicates::look_alikes(old.iter().copied()), None);
     }
 }

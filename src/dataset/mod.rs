@@ -16,6 +16,7 @@ mod archive;
 mod blobs;
 mod duplicates;
 mod layout;
+pub mod look_alike;
 mod parquet;
 mod parquet_pages;
 
@@ -110,6 +111,15 @@ pub struct ImageRecord {
     pub split: Split,
     /// SHA-256 (hex) of the file's bytes, the blob's name in the [`BlobStore`].
     pub blob: String,
+    /// Its look-alike fingerprint ([`look_alike::fingerprint`]), taken when it was decoded.
+    pub look: Option<look_alike::Look>,
+}
+
+impl ImageRecord {
+    /// The fields the duplicate summaries read.
+    pub fn as_ref(&self) -> ImageRef<'_> {
+        ImageRef { blob: &self.blob, file: &self.file, label: &self.label, split: self.split, look: self.look }
+    }
 }
 
 /// A file of the upload that was not used, and why.
@@ -182,7 +192,13 @@ impl Ingested {
 
     /// The images that are the same file as another.
     pub fn duplicates(&self) -> Duplicates {
-        Duplicates::of(self.images.iter().map(|i| ImageRef { blob: &i.blob, file: &i.file, label: &i.label, split: i.split }))
+        Duplicates::of(self.images.iter().map(ImageRecord::as_ref))
+    }
+
+    /// The images that look like another though their files differ (`None` only when an image
+    /// has no fingerprint, which an ingest always takes).
+    pub fn look_alikes(&self) -> Option<Duplicates> {
+        Duplicates::look_alikes(self.images.iter().map(ImageRecord::as_ref))
     }
 }
 
@@ -485,8 +501,8 @@ impl<'a> Sink<'a> {
                 return Ok(());
             }
         };
-        match imaging::decode_rgb_within(&bytes, self.limits.max_image_pixels, &self.memory, MEMORY_WAIT) {
-            Ok(_) => {}
+        let look = match imaging::decode_rgb_within(&bytes, self.limits.max_image_pixels, &self.memory, MEMORY_WAIT) {
+            Ok(image) => look_alike::fingerprint(&image),
             Err(ImageError::OverBudget { needed }) if needed > self.memory.limit() => {
                 let reason = self.over_whole_budget_reason("decoding the image", needed);
                 self.reject(file, reason);
@@ -497,9 +513,9 @@ impl<'a> Sink<'a> {
                 self.reject(file, e.to_string());
                 return Ok(());
             }
-        }
+        };
         let blob = self.store.put(&bytes)?;
-        self.images.push(ImageRecord { file, label, split, blob });
+        self.images.push(ImageRecord { file, label, split, blob, look: Some(look) });
         Ok(())
     }
 
@@ -542,7 +558,7 @@ mod tests {
     use super::*;
 
     fn record(label: &str, split: Split) -> ImageRecord {
-        ImageRecord { file: "f".into(), label: label.into(), split, blob: "b".into() }
+        ImageRecord { file: "f".into(), label: label.into(), split, blob: "b".into(), look: None }
     }
 
     #[test]

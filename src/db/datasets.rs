@@ -2,10 +2,11 @@
 
 use serde::Serialize;
 
+use crate::dataset::look_alike::Look;
 use crate::dataset::{Duplicates, ImageRef, Ingested, Rejected, Split, SplitCounts};
 use crate::db::{Backend, Cursor, Listed, Page, Pool, new_id, now};
 
-/// Rows per multi-row `insert` (5 parameters each, well under SQLite's parameter limit and
+/// Rows per multi-row `insert` (7 parameters each, well under SQLite's parameter limit and
 /// PostgreSQL's 65,535).
 const INSERT_CHUNK: usize = 500;
 /// Blob names per `in (...)` lookup.
@@ -27,6 +28,9 @@ pub struct Dataset {
     pub rejected_total: u64,
     /// The images that are the same file as another.
     pub duplicates: Duplicates,
+    /// The images that look like another though their files differ; `None` for a dataset
+    /// stored before images were fingerprinted.
+    pub look_alikes: Option<Duplicates>,
 }
 
 /// One image of a dataset, as training reads it.
@@ -39,6 +43,22 @@ pub struct ImageRow {
     pub split: Split,
     /// Its name in the upload.
     pub file: String,
+    /// Its look-alike fingerprint's shape (the u64's bits) and colour ([`Look::to_columns`]);
+    /// null for an image stored before they were taken.
+    pub look: Option<i64>,
+    pub look_colour: Option<i32>,
+}
+
+impl ImageRow {
+    /// Its look-alike fingerprint.
+    pub fn look(&self) -> Option<Look> {
+        Look::from_columns(self.look, self.look_colour)
+    }
+
+    /// The fields the duplicate summaries read.
+    pub fn as_ref(&self) -> ImageRef<'_> {
+        ImageRef { blob: &self.blob, file: &self.file, label: &self.label, split: self.split, look: self.look() }
+    }
 }
 
 /// The outcome of [`delete`].
@@ -67,6 +87,8 @@ struct DatasetRow {
     rejected_total: i64,
     /// Null for a dataset stored before duplicates were worked out (see [`with_duplicates`]).
     duplicates: Option<String>,
+    /// Null for a dataset stored before images were fingerprinted.
+    look_alikes: Option<String>,
 }
 
 impl DatasetRow {
@@ -84,6 +106,7 @@ impl DatasetRow {
             rejected: serde_json::from_str(&row.rejected).map_err(decode)?,
             rejected_total: u64::try_from(row.rejected_total).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
             duplicates,
+            look_alikes: row.look_alikes.as_deref().map(serde_json::from_str).transpose().map_err(decode)?,
         })
     }
 }
@@ -96,8 +119,7 @@ async fn with_duplicates(pool: &Pool, row: DatasetRow) -> Result<Dataset, sqlx::
         return row.into_dataset(duplicates);
     }
     let images = images(pool, &row.id).await?;
-    let duplicates =
-        Duplicates::of(images.iter().map(|i| ImageRef { blob: &i.blob, file: &i.file, label: &i.label, split: i.split }));
+    let duplicates = Duplicates::of(images.iter().map(ImageRow::as_ref));
     sqlx::query("update datasets set duplicates = $1 where id = $2 and duplicates is null")
         .bind(to_json(&duplicates)?)
         .bind(&row.id)
@@ -129,11 +151,12 @@ pub async fn insert(pool: &Pool, name: &str, ingested: &Ingested) -> Result<Data
         rejected: ingested.rejected.clone(),
         rejected_total: ingested.rejected_total,
         duplicates: ingested.duplicates(),
+        look_alikes: ingested.look_alikes(),
     };
     let mut tx = pool.begin().await?;
     sqlx::query(
-        "insert into datasets (id, name, created_at, num_images, classes, counts, rejected, rejected_total, duplicates) \
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        "insert into datasets (id, name, created_at, num_images, classes, counts, rejected, rejected_total, duplicates, look_alikes) \
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(&dataset.id)
     .bind(&dataset.name)
@@ -144,13 +167,16 @@ pub async fn insert(pool: &Pool, name: &str, ingested: &Ingested) -> Result<Data
     .bind(to_json(&dataset.rejected)?)
     .bind(i64::try_from(dataset.rejected_total).unwrap_or(i64::MAX))
     .bind(to_json(&dataset.duplicates)?)
+    .bind(dataset.look_alikes.as_ref().map(to_json).transpose()?)
     .execute(&mut *tx)
     .await?;
     for chunk in ingested.images.chunks(INSERT_CHUNK) {
-        let sql = format!("insert into dataset_images (dataset_id, blob, label, split, file) values {}", placeholder_rows(chunk.len(), 5));
+        let sql = format!("insert into dataset_images (dataset_id, blob, label, split, file, look, look_colour) values {}", placeholder_rows(chunk.len(), 7));
         let mut insert = sqlx::query(sqlx::AssertSqlSafe(sql));
         for image in chunk {
             insert = insert.bind(&dataset.id).bind(&image.blob).bind(&image.label).bind(image.split.as_str()).bind(&image.file);
+            let (shape, colour) = image.look.map(Look::to_columns).unzip();
+            insert = insert.bind(shape).bind(colour);
         }
         insert.execute(&mut *tx).await?;
     }
@@ -162,7 +188,7 @@ pub async fn insert(pool: &Pool, name: &str, ingested: &Ingested) -> Result<Data
 pub async fn list(pool: &Pool, page: &Page) -> Result<Listed<Dataset>, sqlx::Error> {
     let (created_at, id, rows) = page.binds();
     let rows: Vec<DatasetRow> = sqlx::query_as(concat!(
-        "select id, name, created_at, num_images, classes, counts, rejected, rejected_total, duplicates from datasets where ",
+        "select id, name, created_at, num_images, classes, counts, rejected, rejected_total, duplicates, look_alikes from datasets where ",
         newest_first_page!("$1", "$2", "$3")
     ))
     .bind(created_at)
@@ -181,7 +207,7 @@ pub async fn list(pool: &Pool, page: &Page) -> Result<Listed<Dataset>, sqlx::Err
 pub async fn get(pool: &Pool, id: &str) -> Result<Option<Dataset>, sqlx::Error> {
     let row: Option<DatasetRow> =
         sqlx::query_as(
-            "select id, name, created_at, num_images, classes, counts, rejected, rejected_total, duplicates from datasets where id = $1",
+            "select id, name, created_at, num_images, classes, counts, rejected, rejected_total, duplicates, look_alikes from datasets where id = $1",
         )
             .bind(id)
             .fetch_optional(pool)
@@ -194,7 +220,7 @@ pub async fn get(pool: &Pool, id: &str) -> Result<Option<Dataset>, sqlx::Error> 
 
 /// The images of a dataset in upload order (empty for an unknown dataset).
 pub async fn images(pool: &Pool, dataset_id: &str) -> Result<Vec<ImageRow>, sqlx::Error> {
-    sqlx::query_as("select blob, label, split, file from dataset_images where dataset_id = $1 order by rowid")
+    sqlx::query_as("select blob, label, split, file, look, look_colour from dataset_images where dataset_id = $1 order by rowid")
         .bind(dataset_id)
         .fetch_all(pool)
         .await
@@ -215,7 +241,7 @@ pub async fn images_page(
             "dataset_id = $1 and ($2 is null or split = $2) and ($3 is null or label = $3)"
         };
     }
-    let rows: Vec<ImageRow> = sqlx::query_as(concat!("select blob, label, split, file from dataset_images where ", filter!(), " order by rowid limit $4 offset $5"))
+    let rows: Vec<ImageRow> = sqlx::query_as(concat!("select blob, label, split, file, look, look_colour from dataset_images where ", filter!(), " order by rowid limit $4 offset $5"))
         .bind(dataset_id)
         .bind(split.map(Split::as_str))
         .bind(label)
@@ -306,6 +332,11 @@ mod tests {
         format!("{i:064x}")
     }
 
+    /// Spread-out fingerprints, half of them with the top bit set (a negative i64 stored).
+    fn look(i: usize) -> Look {
+        Look { shape: (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15), colour: (i * 7919) as u16 }
+    }
+
     fn ingested(n: usize) -> Ingested {
         let split = |i: usize| [Split::Train, Split::Validation, Split::Test][i % 3];
         let images = (0..n)
@@ -314,6 +345,7 @@ mod tests {
                 label: format!("c{}", i % 2),
                 split: split(i),
                 blob: blob(i),
+                look: Some(look(i)),
             })
             .collect();
         Ingested {
@@ -335,8 +367,10 @@ mod tests {
         assert_eq!(rows.len(), 1203);
         assert_eq!(
             rows[4],
-            ImageRow { blob: blob(4), label: "c0".into(), split: Split::Validation, file: "f4".into() }
+            ImageRow { blob: blob(4), label: "c0".into(), split: Split::Validation, file: "f4".into(), look: Some(look(4).shape as i64), look_colour: Some(i32::from(look(4).colour)) }
         );
+        assert!(rows.iter().enumerate().all(|(i, r)| r.look() == Some(look(i))));
+        assert!(stored.look_alikes.is_some());
         assert!(rows.iter().enumerate().all(|(i, r)| r.file == format!("f{i}")));
         assert!(images(&pool, "unknown").await.unwrap().is_empty());
         assert_eq!(get(&pool, "unknown").await.unwrap(), None);

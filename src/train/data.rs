@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use super::TrainError;
-use crate::dataset::Split;
+use crate::dataset::{Split, look_alike};
 use crate::model::PreprocessorConfig;
 use crate::model::preprocess::{Filter, resize_box};
 
@@ -32,6 +32,9 @@ pub struct TrainData {
     pub train: Vec<Example>,
     pub validation: Vec<Example>,
     pub test: Vec<Example>,
+    /// For each image file with look-alikes ([`crate::dataset::look_alike`]), the first file of
+    /// its cluster: look-alikes are kept together like copies of one file.
+    pub look_alikes: HashMap<PathBuf, PathBuf>,
 }
 
 impl TrainData {
@@ -66,57 +69,73 @@ impl TrainData {
     /// When there is no validation split, moves a stratified, seeded `ratio` of each class's
     /// training images into one (at least one image of every class with two or more).
     ///
-    /// Copies of one file (the same blob path) stay together, all held out or none, so that no
-    /// validation image is also a training image; a file under two or more classes is never held
-    /// out, since its score would be wrong under one of its labels whatever the model said. With
-    /// no such copies this is a stratified shuffle split of the examples.
+    /// Copies of one file (the same blob path), and files that look alike ([`Self::look_alikes`]),
+    /// stay together, all held out or none, so that no validation image is also a training
+    /// image; such a group under two or more classes is never held out, since its score would be
+    /// wrong under one of its labels whatever the model said. A group is held out only where it
+    /// fits in the class's share, so that one large group of look-alikes does not hold out far
+    /// more than `ratio`; where look-alike groups would leave a class with nothing held out (a
+    /// class of pictures that all look alike), that class is split by files instead. With no
+    /// copies and no look-alikes this is a stratified shuffle split of the examples.
     pub fn ensure_validation(&mut self, ratio: f64, seed: u64) {
         if !self.validation.is_empty() {
             return;
         }
-        let mut classes_of: HashMap<&PathBuf, HashSet<u32>> = HashMap::new();
-        for ex in &self.train {
-            classes_of.entry(&ex.path).or_default().insert(ex.label);
-        }
-        let contradicted: HashSet<PathBuf> =
-            classes_of.into_iter().filter(|(_, labels)| labels.len() > 1).map(|(path, _)| path.clone()).collect();
-        // Each class's distinct files in the order first seen, and the examples of each.
-        type Files = (Vec<PathBuf>, HashMap<PathBuf, Vec<Example>>);
-        let mut by_class: BTreeMap<u32, Files> = BTreeMap::new();
+        let by_files = HashMap::new();
+        let alike = Grouping::new(&self.train, &self.look_alikes);
+        let files = Grouping::new(&self.train, &by_files);
+        let mut by_class: BTreeMap<u32, Vec<Example>> = BTreeMap::new();
         for ex in self.train.drain(..) {
-            let (order, copies) = by_class.entry(ex.label).or_default();
-            copies
-                .entry(ex.path.clone())
-                .or_insert_with(|| {
-                    order.push(ex.path.clone());
-                    Vec::new()
-                })
-                .push(ex);
+            by_class.entry(ex.label).or_default().push(ex);
         }
         let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, 0x7661_6c69));
-        for (_, (order, mut copies)) in by_class {
-            let (mut files, fixed): (Vec<PathBuf>, Vec<PathBuf>) = order.into_iter().partition(|p| !contradicted.contains(p));
-            files.shuffle(&mut rng);
-            let n = files.len();
-            let take = if n < 2 { 0 } else { ((n as f64 * ratio).round() as usize).clamp(1, n - 1) };
-            for (i, path) in files.iter().chain(&fixed).enumerate() {
-                let examples = copies.remove(path).expect("every file of the class has its examples");
-                if i < take { self.validation.extend(examples) } else { self.train.extend(examples) }
-            }
+        for (_, examples) in by_class {
+            let (held, kept) = match alike.hold_out(examples, ratio, &mut rng) {
+                Ok(split) => split,
+                Err(examples) => files.hold_out(examples, ratio, &mut rng).unwrap_or_else(|examples| (Vec::new(), examples)),
+            };
+            self.validation.extend(held);
+            self.train.extend(kept);
         }
     }
 
     /// For each training example, the number of its file (its blob path), counted from 0 in the
-    /// order first seen: copies of one file share a number.
+    /// order first seen: copies of one file share a number, and so do files that look alike, in
+    /// a group of at most a fifth of its class's files (one cross-validation fold's share: a
+    /// larger one, such as a class of pictures that all look alike, would leave a fold without
+    /// the class).
     pub fn train_files(&self) -> Vec<usize> {
+        fn first<'a>(look_alikes: &'a HashMap<PathBuf, PathBuf>, ex: &'a Example) -> &'a PathBuf {
+            look_alikes.get(&ex.path).unwrap_or(&ex.path)
+        }
+        let cluster = |ex| first(&self.look_alikes, ex);
+        let mut class_files: HashMap<u32, HashSet<&PathBuf>> = HashMap::new();
+        let mut cluster_files: HashMap<&PathBuf, HashSet<&PathBuf>> = HashMap::new();
+        for ex in &self.train {
+            class_files.entry(ex.label).or_default().insert(&ex.path);
+            cluster_files.entry(cluster(ex)).or_default().insert(&ex.path);
+        }
         let mut number: HashMap<&PathBuf, usize> = HashMap::new();
         self.train
             .iter()
             .map(|ex| {
+                let whole = cluster_files[cluster(ex)].len() <= (class_files[&ex.label].len() / 5).max(1);
                 let next = number.len();
-                *number.entry(&ex.path).or_insert(next)
+                *number.entry(if whole { cluster(ex) } else { &ex.path }).or_insert(next)
             })
             .collect()
+    }
+
+    /// Sets [`Self::look_alikes`] from each image file's fingerprint; when one has none (a
+    /// dataset stored before they were taken), there are none.
+    pub fn set_look_alikes(&mut self, files: &[(PathBuf, Option<look_alike::Look>)]) {
+        self.look_alikes.clear();
+        let Some(prints) = files.iter().map(|(_, look)| *look).collect::<Option<Vec<_>>>() else { return };
+        for (i, first) in look_alike::clusters(&prints).into_iter().enumerate() {
+            if files[first].0 != files[i].0 {
+                self.look_alikes.insert(files[i].0.clone(), files[first].0.clone());
+            }
+        }
     }
 
     /// Number of training examples per class.
@@ -126,6 +145,63 @@ impl TrainData {
             counts[ex.label as usize] += 1;
         }
         counts
+    }
+}
+
+
+/// A class's examples held out, and kept for training.
+type HeldKept = (Vec<Example>, Vec<Example>);
+
+/// How [`TrainData::ensure_validation`] groups a class's examples: by file, or by look-alike
+/// cluster (`first`: a file's cluster's first file).
+struct Grouping<'a> {
+    first: &'a HashMap<PathBuf, PathBuf>,
+    /// Groups under two or more classes, never held out.
+    contradicted: HashSet<PathBuf>,
+}
+
+impl<'a> Grouping<'a> {
+    fn new(train: &[Example], first: &'a HashMap<PathBuf, PathBuf>) -> Self {
+        let mut classes_of: HashMap<&PathBuf, HashSet<u32>> = HashMap::new();
+        for ex in train {
+            classes_of.entry(first.get(&ex.path).unwrap_or(&ex.path)).or_default().insert(ex.label);
+        }
+        let contradicted = classes_of.into_iter().filter(|(_, labels)| labels.len() > 1).map(|(path, _)| path.clone()).collect();
+        Self { first, contradicted }
+    }
+
+    /// One class's examples split into (held out, kept): its groups shuffled, each held out
+    /// while the held-out files stay within the class's share. `Err` with the examples where
+    /// nothing is held out of a class of two or more files because of look-alike groups.
+    fn hold_out(&self, examples: Vec<Example>, ratio: f64, rng: &mut ChaCha8Rng) -> Result<HeldKept, Vec<Example>> {
+        // The groups in the order first seen, each with its examples and its distinct files.
+        let mut order: Vec<&PathBuf> = Vec::new();
+        let mut groups: HashMap<&PathBuf, (Vec<&Example>, HashSet<&PathBuf>)> = HashMap::new();
+        for ex in &examples {
+            let key = self.first.get(&ex.path).unwrap_or(&ex.path);
+            let (members, files) = groups.entry(key).or_insert_with(|| {
+                order.push(key);
+                Default::default()
+            });
+            members.push(ex);
+            files.insert(&ex.path);
+        }
+        let (mut free, fixed): (Vec<&PathBuf>, Vec<&PathBuf>) = order.into_iter().partition(|p| !self.contradicted.contains(*p));
+        free.shuffle(rng);
+        let n: usize = free.iter().map(|g| groups[g].1.len()).sum();
+        let share = if n < 2 { 0 } else { ((n as f64 * ratio).round() as usize).clamp(1, n - 1) };
+        let (mut held, mut kept, mut held_files) = (Vec::new(), Vec::new(), 0);
+        for key in free.iter().chain(&fixed) {
+            let (members, files) = &groups[key];
+            let fits = !self.contradicted.contains(*key) && held_files + files.len() <= share;
+            held_files += if fits { files.len() } else { 0 };
+            if fits { held.extend(members.iter().map(|ex| (*ex).clone())) } else { kept.extend(members.iter().map(|ex| (*ex).clone())) }
+        }
+        let distinct: HashSet<&PathBuf> = examples.iter().map(|ex| &ex.path).collect();
+        if held.is_empty() && !self.first.is_empty() && distinct.len() > 1 {
+            return Err(examples);
+        }
+        Ok((held, kept))
     }
 }
 
@@ -336,6 +412,80 @@ mod tests {
     fn copies_share_a_file_number() {
         let d = TrainData { train: vec![ex(3, 0), ex(5, 1), ex(3, 1), ex(7, 0), ex(5, 0)], ..Default::default() };
         assert_eq!(d.train_files(), [0, 1, 0, 2, 1]);
+    }
+
+    #[test]
+    fn look_alikes_stay_together_like_copies() {
+        let mut d = TrainData { labels: vec!["a".into(), "b".into()], ..Default::default() };
+        // Files 0..10 and 10..20 of class a: file i + 10 looks like file i. File 30 (class a)
+        // looks like file 31 (class b). Files 40..50 of class b stand alone.
+        let ids: Vec<usize> = (0..20).chain([30, 31]).chain(40..50).collect();
+        d.train = ids.iter().map(|&i| ex(i, u32::from(i == 31 || i >= 40))).collect();
+        let print = |i: usize| match i {
+            0..20 => ((i % 10) as u64 * 0x0101_0101_0101_0101) ^ u64::from(i >= 10),
+            30 | 31 => u64::MAX,
+            _ => (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        };
+        let files: Vec<(PathBuf, Option<look_alike::Look>)> =
+            ids.iter().map(|&i| (ex(i, 0).path, Some(look_alike::Look { shape: print(i), colour: 0 }))).collect();
+        d.set_look_alikes(&files);
+        assert_eq!(d.look_alikes.len(), 11, "{:?}", d.look_alikes);
+        assert_eq!(d.look_alikes[&PathBuf::from("img13.png")], PathBuf::from("img3.png"));
+        let numbers = d.train_files();
+        assert_eq!(numbers[3], numbers[13]);
+        assert_eq!(numbers[20], numbers[21]);
+        for seed in 0..10 {
+            let mut split = d.clone();
+            split.ensure_validation(0.2, seed);
+            let held: HashSet<&PathBuf> = split.validation.iter().map(|e| &e.path).collect();
+            for i in 0..10 {
+                let (a, b) = (PathBuf::from(format!("img{i}.png")), PathBuf::from(format!("img{}.png", i + 10)));
+                assert_eq!(held.contains(&a), held.contains(&b), "seed {seed}: file {i} and its look-alike were split");
+            }
+            assert!(!held.contains(&PathBuf::from("img30.png")) && !held.contains(&PathBuf::from("img31.png")), "seed {seed}");
+            // Two of class a's ten pairs, two of class b's ten single files.
+            assert_eq!(split.validation.iter().filter(|e| e.label == 0).count(), 4, "seed {seed}");
+            assert_eq!(split.validation.iter().filter(|e| e.label == 1).count(), 2, "seed {seed}");
+        }
+        // An image without a fingerprint (an older dataset): no look-alikes at all.
+        let mut older = files.clone();
+        older[0].1 = None;
+        d.set_look_alikes(&older);
+        assert!(d.look_alikes.is_empty());
+    }
+
+    /// A large group of look-alikes is not held out past the class's share, and a class of
+    /// pictures that all look alike is split by files rather than left without validation.
+    #[test]
+    fn large_look_alike_groups_do_not_swamp_or_empty_the_hold_out() {
+        let mut d = TrainData { labels: vec!["a".into(), "b".into()], ..Default::default() };
+        // Class a: files 0..10 all alike, 10..20 alone. Class b: files 20..25, all alike.
+        d.train = (0..20).map(|i| ex(i, 0)).chain((20..25).map(|i| ex(i, 1))).collect();
+        let alike = [0..10, 20..25];
+        let files: Vec<(PathBuf, Option<look_alike::Look>)> = (0..25)
+            .map(|i| {
+                let shape = match alike.iter().position(|r| r.contains(&i)) {
+                    Some(group) => (group as u64 * 0xFFFF_FFFF_0000_0000) ^ (1 << (i % 5)),
+                    None => (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                };
+                (ex(i, 0).path, Some(look_alike::Look { shape, colour: 0 }))
+            })
+            .collect();
+        d.set_look_alikes(&files);
+        for seed in 0..10 {
+            let mut split = d.clone();
+            split.ensure_validation(0.2, seed);
+            let held: Vec<usize> = split.validation.iter().map(|e| e.path.to_string_lossy()[3..].trim_end_matches(".png").parse().unwrap()).collect();
+            let (a, b): (Vec<usize>, Vec<usize>) = held.iter().partition(|&&i| i < 20);
+            assert_eq!(a.len(), 4, "seed {seed}: {held:?}");
+            assert!(a.iter().all(|&i| i >= 10), "seed {seed}: the group of ten was held out: {held:?}");
+            assert_eq!(b.len(), 1, "seed {seed}: {held:?}");
+            assert_eq!(split.train.len() + split.validation.len(), 25);
+        }
+        // Nor do the cross-validation folds keep groups that large together: every file has its
+        // own number.
+        let numbers = d.train_files();
+        assert_eq!(numbers, (0..25).collect::<Vec<_>>());
     }
 
     #[test]

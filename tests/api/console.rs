@@ -297,6 +297,8 @@ async fn a_folder_picked_in_the_console_is_uploaded_as_a_dataset() {
     assert!(repeated.contains("colours/red/1.png") && repeated.contains("colours/blue/stray.png"), "{repeated}");
     assert!(repeated.contains("blue, red"), "{repeated}");
     assert_eq!(c.find_all(Locator::Css("#duplicates p.warning")).await.unwrap().len(), 1);
+    let alike = wait_text(&c, "#look-alikes-section", 10, |t| !t.is_empty()).await;
+    assert!(alike.contains("No two different files look alike."), "{alike}");
     let dataset = &server.get_json("/datasets").await[0];
     assert_eq!(dataset["name"], "colours", "named after the folder: {dataset}");
     assert_eq!(dataset["rejected_total"], 0, "{dataset}");

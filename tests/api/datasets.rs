@@ -177,6 +177,50 @@ async fn repeated_files_are_reported_and_worked_out_for_older_datasets() {
     assert_eq!(json(app.get(&format!("/datasets/{id}")).await).await, ds);
 }
 
+/// A resized, re-encoded copy of a picture is reported as a look-alike; datasets stored before
+/// images were fingerprinted report none (`null`), and keep working.
+#[tokio::test]
+async fn pictures_that_look_alike_are_reported() {
+    let app = spawn_app().await;
+    let picture = |seed| image::load_from_memory(&fixtures::image(ImageFormat::Png, 256, seed)).unwrap().to_rgb8();
+    let smaller = {
+        let half = image::imageops::resize(&picture(1), 128, 128, image::imageops::FilterType::Triangle);
+        let mut bytes = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 70).encode_image(&half).unwrap();
+        bytes
+    };
+    let png = |seed| fixtures::image(ImageFormat::Png, 256, seed);
+    let members = vec![
+        file("train/cat/1.png", png(1)),
+        file("train/cat/2.png", png(2)),
+        file("train/dog/3.png", png(3)),
+        file("train/dog/4.png", png(4)),
+        file("test/cat/1-small.jpg", smaller),
+        file("test/dog/5.png", png(5)),
+    ];
+    let ds = upload_ok(&app, "alike.zip", fixtures::zip(&members)).await;
+    let at = |file: &str, label: &str, split: &str| json!({"file": file, "label": label, "split": split});
+    let expected = json!({
+        "copies": 1,
+        "across_classes": 0,
+        "across_splits": 1,
+        "groups_total": 1,
+        "groups": [{"count": 2, "classes": ["cat"], "splits": ["train", "test"], "files": [at("train/cat/1.png", "cat", "train"), at("test/cat/1-small.jpg", "cat", "test")]}],
+    });
+    assert_eq!(ds["look_alikes"], expected);
+    assert_eq!(ds["duplicates"]["copies"], 0);
+    let id = ds["id"].as_str().unwrap();
+    assert_eq!(json(app.get(&format!("/datasets/{id}")).await).await["look_alikes"], expected);
+
+    // As stored by a version before fingerprints: no report, and the rest reads as before.
+    let db = crate::support::open_database(&app.data_dir).await;
+    sqlx::query("update dataset_images set look = null, look_colour = null").execute(&db).await.unwrap();
+    sqlx::query("update datasets set look_alikes = null").execute(&db).await.unwrap();
+    let old = json(app.get(&format!("/datasets/{id}")).await).await;
+    assert_eq!(old["look_alikes"], Value::Null);
+    assert_eq!(old["num_images"], 6);
+}
+
 #[tokio::test]
 async fn hugging_face_parquet_with_class_label_names() {
     let app = spawn_app().await;

@@ -104,6 +104,8 @@ fn init_train_predict_and_eval_from_the_command_line() {
     write_dataset(&tmp.path().join("data2"), 16);
     std::fs::copy(tmp.path().join("data2/top/3.png"), tmp.path().join("data2/top/3 copy.png")).unwrap();
     std::fs::copy(tmp.path().join("data2/top/5.png"), tmp.path().join("data2/bottom/x.png")).unwrap();
+    // And a picture saved again in another format: the same pixels in other bytes, a look-alike.
+    image::open(tmp.path().join("data2/top/7.png")).unwrap().save(tmp.path().join("data2/top/7.bmp")).unwrap();
     let (ok, out, err) = vitforge(&[
         "train", "--data", &t("data2"), "--base-model", &t("base"), "--output", &t("model16"), "--epochs", "2",
         "--learning-rate", "2e-3", "--batch-size", "4", "--augment", "false", "--precision", "bf16",
@@ -113,6 +115,9 @@ fn init_train_predict_and_eval_from_the_command_line() {
     assert!(err.contains("note: 2 images are copies of others: 1 file under two or more classes; all are used as given"), "{err}");
     assert!(err.contains("the same file: bottom/x.png (bottom, train), top/5.png (top, train)"), "{err}");
     assert!(err.contains("the same file: top/3 copy.png (top, train), top/3.png (top, train)"), "{err}");
+    // This set's pictures are drawn alike on purpose, so 7.bmp is in a group with others.
+    assert!(err.contains("images look like other files (resized or re-encoded copies); all are used as given"), "{err}");
+    assert!(err.lines().any(|l| l.starts_with("  alike: ") && l.contains("top/7.bmp (top, train)") && l.contains("top/7.png (top, train)")), "{err}");
     let summary: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     assert_eq!(summary["params"]["precision"], "bf16");
     assert!(summary["validation"]["loss"].as_f64().unwrap().is_finite(), "{summary}");

@@ -273,14 +273,45 @@ async function overview() {
 
 // ---- Dataset -------------------------------------------------------------------------------
 
-// A dataset's repeated files in a sentence, as `vitforge train` says it.
-function duplicatesSummary(dup) {
-  const files = (n) => `${n} ${n === 1 ? "file" : "files"}`;
+// A dataset's repeated files (or, with `alike`, its look-alike pictures) in a sentence, as
+// `vitforge train` says it.
+function duplicatesSummary(dup, alike = false) {
+  const [one, many] = alike ? ["group", "groups"] : ["file", "files"];
+  const count = (n) => `${n} ${n === 1 ? one : many}`;
   const kinds = [];
-  if (dup.across_classes) kinds.push(`${files(dup.across_classes)} under two or more classes`);
-  if (dup.across_splits) kinds.push(`${files(dup.across_splits)} in two or more splits`);
-  const head = dup.copies === 1 ? "1 image is a copy of another" : `${dup.copies} images are copies of others`;
+  if (dup.across_classes) kinds.push(`${count(dup.across_classes)} under two or more classes`);
+  if (dup.across_splits) kinds.push(`${count(dup.across_splits)} in two or more splits`);
+  const head = alike
+    ? `${dup.copies === 1 ? "1 image looks like another file" : `${dup.copies} images look like other files`} (resized or re-encoded copies)`
+    : dup.copies === 1 ? "1 image is a copy of another" : `${dup.copies} images are copies of others`;
   return `${head}${kinds.length ? ": " + kinds.join(", ") : ""}. All are used as uploaded.`;
+}
+
+// A dataset's section on repeated files, or with `alike` on pictures that look alike.
+function repeatsSection(dup, alike) {
+  if (!dup) return h("p", { class: "muted", id: "look-alikes" }, "Not checked: the dataset was uploaded before pictures were compared by look. Upload it again to check.");
+  if (!dup.copies) return h("p", { class: "muted" }, alike ? "No two different files look alike." : "No image is repeated.");
+  return h(
+    "div",
+    { id: alike ? "look-alikes" : "duplicates" },
+    h(
+      "p",
+      { class: dup.across_classes || dup.across_splits ? "warning" : null },
+      duplicatesSummary(dup, alike),
+      dup.across_classes ? ` A ${alike ? "picture" : "file"} under two classes contradicts itself.` : "",
+      dup.across_splits ? " A validation or test image that is also a training image makes that split's figures look better than they are." : "",
+    ),
+    table(
+      [alike ? "Files" : "Images", alike ? "#Images" : "#Copies", "Classes", "Splits"],
+      dup.groups.map((g) => [
+        h("span", { class: "mono" }, g.files.map((f, i) => [i ? h("br") : null, f.file])),
+        { v: g.count, num: true },
+        g.classes.join(", "),
+        g.splits.join(", "),
+      ]),
+    ),
+    dup.groups_total > dup.groups.length ? h("p", { class: "muted" }, `and ${dup.groups_total - dup.groups.length} more ${alike ? "groups" : "repeated files"}`) : null,
+  );
 }
 
 async function dataset(id) {
@@ -293,30 +324,6 @@ async function dataset(id) {
   const rejected = d.rejected_total
     ? h("details", {}, h("summary", {}, `${d.rejected_total} files rejected`), table(["File", "Why"], d.rejected.map((r) => [h("span", { class: "mono" }, r.file), r.reason])))
     : h("p", { class: "muted" }, "No file was rejected.");
-  const dup = d.duplicates;
-  const repeated = dup.copies
-    ? h(
-        "div",
-        { id: "duplicates" },
-        h(
-          "p",
-          { class: dup.across_classes || dup.across_splits ? "warning" : null },
-          duplicatesSummary(dup),
-          dup.across_classes ? " A file under two classes contradicts itself." : "",
-          dup.across_splits ? " A validation or test image that is also a training image makes that split's figures look better than they are." : "",
-        ),
-        table(
-          ["Images", "#Copies", "Classes", "Splits"],
-          dup.groups.map((g) => [
-            h("span", { class: "mono" }, g.files.map((f, i) => [i ? h("br") : null, f.file])),
-            { v: g.count, num: true },
-            g.classes.join(", "),
-            g.splits.join(", "),
-          ]),
-        ),
-        dup.groups_total > dup.groups.length ? h("p", { class: "muted" }, `and ${dup.groups_total - dup.groups.length} more repeated files`) : null,
-      )
-    : h("p", { class: "muted" }, "No image is repeated.");
   const split = h("select", { id: "split", "aria-label": "Split" }, h("option", { value: "" }, "all splits"), splits.map((s) => h("option", { value: s }, s)));
   const cls = h("select", { id: "class", "aria-label": "Class" }, h("option", { value: "" }, "all classes"), d.classes.map((c) => h("option", { value: c }, c)));
   const grid = h("div", { class: "grid", id: "thumbs" });
@@ -343,7 +350,8 @@ async function dataset(id) {
     h("p", { class: "row" }, h("a", { href: `/ui/new?dataset=${id}` }, "Fine-tune on it"), remove),
     h("section", {}, h("h2", {}, `${d.num_images} images in ${d.classes.length} classes`), counts),
     h("section", {}, h("h2", {}, "Rejected files"), rejected),
-    h("section", {}, h("h2", {}, "Repeated files"), repeated),
+    h("section", {}, h("h2", {}, "Repeated files"), repeatsSection(d.duplicates, false)),
+    h("section", { id: "look-alikes-section" }, h("h2", {}, "Pictures that look alike"), repeatsSection(d.look_alikes, true)),
     h("section", {}, h("h2", {}, "Images"), h("p", { class: "row" }, split, cls), grid, pager),
   );
   await page();
@@ -547,11 +555,13 @@ async function job(id) {
   const j = await drawHead();
   const dataset = await get(`/datasets/${j.dataset_id}`).catch(() => null);
   classes = dataset ? dataset.classes : null;
-  const dup = dataset ? dataset.duplicates : null;
-  if (dup && (dup.across_classes || dup.across_splits)) {
+  // Repeated files, and pictures that look alike, under two classes or in two splits.
+  const worrying = (dup) => dup && (dup.across_classes || dup.across_splits);
+  const reports = dataset ? [[dataset.duplicates, false], [dataset.look_alikes, true]].filter(([dup]) => worrying(dup)) : [];
+  if (reports.length) {
     repeats.replaceChildren(
-      h("p", { class: "warning", id: "job-repeats" }, `Its dataset repeats files: ${duplicatesSummary(dup)}`,
-        dup.across_splits ? " Where the dataset has its own validation or test split, those figures count images the model was trained on." : "",
+      h("p", { class: "warning", id: "job-repeats" }, "Its dataset repeats pictures: ", reports.map(([dup, alike]) => duplicatesSummary(dup, alike)).join(" "),
+        reports.some(([dup]) => dup.across_splits) ? " Where the dataset has its own validation or test split, those figures count images the model was trained on." : "",
         " ", h("a", { href: `/ui/datasets/${j.dataset_id}` }, "See which")),
     );
   }
