@@ -16,6 +16,7 @@ pub mod dataset;
 pub mod db;
 pub mod http;
 pub mod imaging;
+pub mod look_backfill;
 pub mod malloc;
 pub mod model;
 pub mod objects;

@@ -10,6 +10,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::task::AbortOnDropHandle;
 
+use crate::look_backfill::Backfill;
 use crate::budget::MemoryBudget;
 use crate::config::{DatabaseUrl, Role, ServeConfig};
 use crate::dataset::IngestLimits;
@@ -131,6 +132,12 @@ impl Application {
         let follower = (self.state.config.role == Role::Api).then(|| tokio::spawn(follow_newest_model(self.state.clone())));
         let releaser = crate::malloc::applied().then(|| tokio::spawn(release_memory_now_and_then()));
         let sweeper = (self.state.config.sweep_secs > 0).then(|| tokio::spawn(sweep_now_and_then(self.state.clone())));
+        // Datasets stored by an older version get their look-alike fingerprints, once.
+        let backfill = self.state.config.role.serves_api().then(|| {
+            let s = &self.state;
+            let pieces = Backfill { db: s.db.clone(), objects: s.objects.clone(), memory: s.memory.clone(), max_image_pixels: s.ingest_limits.max_image_pixels };
+            tokio::spawn(crate::look_backfill::run(pieces))
+        });
         let app = http::router(self.state.clone());
         let hub = self.state.jobs.clone();
         // On the signal, stop the workers' jobs and end live event streams first: graceful
@@ -147,7 +154,7 @@ impl Application {
                 tracing::warn!("a worker did not stop in time; its job resumes from its checkpoint at the next start");
             }
         }
-        for task in [follower, releaser, sweeper].into_iter().flatten() {
+        for task in [follower, releaser, sweeper, backfill].into_iter().flatten() {
             task.abort();
         }
         self.state.db.close().await;

@@ -117,7 +117,7 @@ pub struct ImageRecord {
 
 impl ImageRecord {
     /// The fields the duplicate summaries read.
-    pub fn as_ref(&self) -> ImageRef<'_> {
+    pub fn image_ref(&self) -> ImageRef<'_> {
         ImageRef { blob: &self.blob, file: &self.file, label: &self.label, split: self.split, look: self.look }
     }
 }
@@ -192,13 +192,13 @@ impl Ingested {
 
     /// The images that are the same file as another.
     pub fn duplicates(&self) -> Duplicates {
-        Duplicates::of(self.images.iter().map(ImageRecord::as_ref))
+        Duplicates::of(self.images.iter().map(ImageRecord::image_ref))
     }
 
     /// The images that look like another though their files differ (`None` only when an image
     /// has no fingerprint, which an ingest always takes).
     pub fn look_alikes(&self) -> Option<Duplicates> {
-        Duplicates::look_alikes(self.images.iter().map(ImageRecord::as_ref))
+        Duplicates::look_alikes(self.images.iter().map(ImageRecord::image_ref))
     }
 }
 

@@ -1,5 +1,7 @@
 //! Queries on `datasets` and `dataset_images`.
 
+use std::collections::HashMap;
+
 use serde::Serialize;
 
 use crate::dataset::look_alike::Look;
@@ -56,7 +58,7 @@ impl ImageRow {
     }
 
     /// The fields the duplicate summaries read.
-    pub fn as_ref(&self) -> ImageRef<'_> {
+    pub fn image_ref(&self) -> ImageRef<'_> {
         ImageRef { blob: &self.blob, file: &self.file, label: &self.label, split: self.split, look: self.look() }
     }
 }
@@ -119,7 +121,7 @@ async fn with_duplicates(pool: &Pool, row: DatasetRow) -> Result<Dataset, sqlx::
         return row.into_dataset(duplicates);
     }
     let images = images(pool, &row.id).await?;
-    let duplicates = Duplicates::of(images.iter().map(ImageRow::as_ref));
+    let duplicates = Duplicates::of(images.iter().map(ImageRow::image_ref));
     sqlx::query("update datasets set duplicates = $1 where id = $2 and duplicates is null")
         .bind(to_json(&duplicates)?)
         .bind(&row.id)
@@ -258,6 +260,50 @@ pub async fn images_page(
     Ok((rows, total as u64))
 }
 
+/// The datasets stored before images were fingerprinted (no look-alike report), oldest first.
+pub async fn without_look_alikes(pool: &Pool) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("select id from datasets where look_alikes is null order by created_at, id").fetch_all(pool).await
+}
+
+/// Stores the fingerprints of a dataset's images (by blob) taken after its upload, and its
+/// look-alike report worked out from them, in one transaction. Nothing is written where the
+/// dataset is gone or already has a report, or where an image still lacks a fingerprint;
+/// whether the report was stored.
+pub async fn set_looks(pool: &Pool, dataset_id: &str, looks: &HashMap<String, Look>) -> Result<bool, sqlx::Error> {
+    // SQLite: a write transaction from the start, so that the images read are those written.
+    let begin = match Backend::of(pool) {
+        Backend::Sqlite => "begin immediate",
+        Backend::Postgres => "begin",
+    };
+    let mut tx = pool.begin_with(begin).await?;
+    let pending: Option<i32> = sqlx::query_scalar("select 1 from datasets where id = $1 and look_alikes is null")
+        .bind(dataset_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if pending.is_none() {
+        return Ok(false);
+    }
+    for (blob, look) in looks {
+        let (shape, colour) = look.to_columns();
+        sqlx::query("update dataset_images set look = $1, look_colour = $2 where dataset_id = $3 and blob = $4")
+            .bind(shape)
+            .bind(colour)
+            .bind(dataset_id)
+            .bind(blob)
+            .execute(&mut *tx)
+            .await?;
+    }
+    let images: Vec<ImageRow> =
+        sqlx::query_as("select blob, label, split, file, look, look_colour from dataset_images where dataset_id = $1 order by rowid")
+            .bind(dataset_id)
+            .fetch_all(&mut *tx)
+            .await?;
+    let Some(report) = Duplicates::look_alikes(images.iter().map(ImageRow::image_ref)) else { return Ok(false) };
+    sqlx::query("update datasets set look_alikes = $1 where id = $2").bind(to_json(&report)?).bind(dataset_id).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
 /// Whether a dataset has an image stored as `blob`.
 pub async fn references(pool: &Pool, dataset_id: &str, blob: &str) -> Result<bool, sqlx::Error> {
     let found: Option<i64> = sqlx::query_scalar("select 1 from dataset_images where dataset_id = $1 and blob = $2 limit 1")
@@ -374,6 +420,30 @@ mod tests {
         assert!(rows.iter().enumerate().all(|(i, r)| r.file == format!("f{i}")));
         assert!(images(&pool, "unknown").await.unwrap().is_empty());
         assert_eq!(get(&pool, "unknown").await.unwrap(), None);
+    }
+
+    /// Fingerprints taken after the upload are stored with their report only when they cover
+    /// every image of a dataset that has none.
+    #[tokio::test]
+    async fn late_fingerprints_are_stored_only_where_they_complete_a_dataset() {
+        let (_dir, pool) = pool().await;
+        let mut old = ingested(4);
+        old.images.iter_mut().for_each(|i| i.look = None);
+        let stored = insert(&pool, "old", &old).await.unwrap();
+        assert_eq!(stored.look_alikes, None);
+        assert_eq!(without_look_alikes(&pool).await.unwrap(), vec![stored.id.clone()]);
+        let looks: HashMap<String, Look> = (0..4).map(|i| (blob(i), look(i))).collect();
+        // Three of four: nothing is written.
+        let some: HashMap<String, Look> = looks.iter().filter(|(b, _)| **b != blob(3)).map(|(b, l)| (b.clone(), *l)).collect();
+        assert!(!set_looks(&pool, &stored.id, &some).await.unwrap());
+        assert!(images(&pool, &stored.id).await.unwrap().iter().all(|r| r.look().is_none()));
+        assert!(set_looks(&pool, &stored.id, &looks).await.unwrap());
+        assert!(images(&pool, &stored.id).await.unwrap().iter().enumerate().all(|(i, r)| r.look() == Some(look(i))));
+        assert_eq!(get(&pool, &stored.id).await.unwrap().unwrap().look_alikes, Some(Duplicates::default()));
+        assert!(without_look_alikes(&pool).await.unwrap().is_empty());
+        // Done already, or gone: nothing to do.
+        assert!(!set_looks(&pool, &stored.id, &looks).await.unwrap());
+        assert!(!set_looks(&pool, "unknown", &looks).await.unwrap());
     }
 
     #[tokio::test]
