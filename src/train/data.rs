@@ -148,7 +148,6 @@ impl TrainData {
     }
 }
 
-
 /// A class's examples held out, and kept for training.
 type HeldKept = (Vec<Example>, Vec<Example>);
 
