@@ -51,10 +51,10 @@ pub async fn run(state: Backfill) {
 /// gone or was done meanwhile.
 pub async fn backfill(state: &Backfill, id: &str) -> anyhow::Result<Option<usize>> {
     let rows = crate::db::datasets::images(&state.db, id).await?;
-    let blobs: Vec<String> = rows.iter().filter(|r| r.look().is_none()).map(|r| r.blob.clone()).collect::<BTreeSet<_>>().into_iter().collect();
     if rows.is_empty() {
         return Ok(None);
     }
+    let blobs: Vec<String> = rows.iter().filter(|r| r.look().is_none()).map(|r| r.blob.clone()).collect::<BTreeSet<_>>().into_iter().collect();
     let paths = state.objects.blob_paths(&blobs).await?;
     let (memory, max_pixels) = (state.memory.clone(), state.max_image_pixels);
     let looks = tokio::task::spawn_blocking(move || -> anyhow::Result<HashMap<String, Look>> {

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::db::{Backend, Pool, now};
+use crate::db::{Pool, RowLock, lock_row, now};
 
 /// A name and the model it points at.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -39,15 +39,7 @@ pub enum Put {
 /// its own lock: see `db::models::delete`), so a name never points at a deleted model; whether
 /// the name existed is read there too.
 pub async fn put(pool: &Pool, name: &str, model_id: &str) -> Result<Put, sqlx::Error> {
-    let (begin, lock) = match Backend::of(pool) {
-        Backend::Sqlite => ("begin immediate", "select 1 from models where id = $1"),
-        Backend::Postgres => ("begin", "select 1 from models where id = $1 for share"),
-    };
-    let mut tx = pool.begin_with(begin).await?;
-    let exists: Option<i32> = sqlx::query_scalar(lock).bind(model_id).fetch_optional(&mut *tx).await?;
-    if exists.is_none() {
-        return Ok(Put::NoModel);
-    }
+    let Some(mut tx) = lock_row(pool, "models", model_id, RowLock::Share).await? else { return Ok(Put::NoModel) };
     let existed: Option<i32> = sqlx::query_scalar("select 1 from model_aliases where name = $1").bind(name).fetch_optional(&mut *tx).await?;
     let alias = Alias { name: name.to_string(), model_id: model_id.to_string(), updated_at: now() };
     sqlx::query(

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::dataset::look_alike::Look;
 use crate::dataset::{Duplicates, ImageRef, Ingested, Rejected, Split, SplitCounts};
-use crate::db::{Backend, Cursor, Listed, Page, Pool, new_id, now};
+use crate::db::{Cursor, Listed, Page, Pool, RowLock, lock_row, new_id, now};
 
 /// Rows per multi-row `insert` (7 parameters each, well under SQLite's parameter limit and
 /// PostgreSQL's 65,535).
@@ -270,12 +270,9 @@ pub async fn without_look_alikes(pool: &Pool) -> Result<Vec<String>, sqlx::Error
 /// dataset is gone or already has a report, or where an image still lacks a fingerprint;
 /// whether the report was stored.
 pub async fn set_looks(pool: &Pool, dataset_id: &str, looks: &HashMap<String, Look>) -> Result<bool, sqlx::Error> {
-    // SQLite: a write transaction from the start, so that the images read are those written.
-    let begin = match Backend::of(pool) {
-        Backend::Sqlite => "begin immediate",
-        Backend::Postgres => "begin",
-    };
-    let mut tx = pool.begin_with(begin).await?;
+    // The dataset's row held against a delete, and against another process storing the same
+    // fingerprints: the second finds the report there and writes nothing.
+    let Some(mut tx) = lock_row(pool, "datasets", dataset_id, RowLock::Update).await? else { return Ok(false) };
     let pending: Option<i32> = sqlx::query_scalar("select 1 from datasets where id = $1 and look_alikes is null")
         .bind(dataset_id)
         .fetch_optional(&mut *tx)
@@ -319,15 +316,7 @@ pub async fn references(pool: &Pool, dataset_id: &str, blob: &str) -> Result<boo
 pub async fn delete(pool: &Pool, id: &str) -> Result<Deleted, sqlx::Error> {
     // SQLite: a write transaction from the start. PostgreSQL: the dataset's row locked for update,
     // which a job insert's share lock on it waits for (see `jobs::insert`).
-    let (begin, lock) = match Backend::of(pool) {
-        Backend::Sqlite => ("begin immediate", "select 1 from datasets where id = $1"),
-        Backend::Postgres => ("begin", "select 1 from datasets where id = $1 for update"),
-    };
-    let mut tx = pool.begin_with(begin).await?;
-    let exists: Option<i32> = sqlx::query_scalar(lock).bind(id).fetch_optional(&mut *tx).await?;
-    if exists.is_none() {
-        return Ok(Deleted::NotFound);
-    }
+    let Some(mut tx) = lock_row(pool, "datasets", id, RowLock::Update).await? else { return Ok(Deleted::NotFound) };
     let job: Option<String> = sqlx::query_scalar(
         "select id from jobs where dataset_id = $1 and status in ('queued', 'running') order by created_at limit 1",
     )

@@ -48,6 +48,34 @@ impl Backend {
     }
 }
 
+/// How a transaction of [`lock_row`] holds its row on PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowLock {
+    /// Against deletes and updates (`for share`): other sharers go ahead.
+    Share,
+    /// Against every other lock (`for update`).
+    Update,
+}
+
+/// Begins a transaction that holds the row of `table` with this `id` until it ends: on SQLite a
+/// write transaction from the start (`begin immediate`, the whole database), on PostgreSQL the
+/// row locked as `lock` says. `None`, with nothing held, where there is no such row.
+pub async fn lock_row<'p>(pool: &'p Pool, table: &'static str, id: &str, lock: RowLock) -> Result<Option<sqlx::Transaction<'p, sqlx::Any>>, sqlx::Error> {
+    let (begin, suffix) = match (Backend::of(pool), lock) {
+        (Backend::Sqlite, _) => ("begin immediate", ""),
+        (Backend::Postgres, RowLock::Share) => ("begin", " for share"),
+        (Backend::Postgres, RowLock::Update) => ("begin", " for update"),
+    };
+    let mut tx = pool.begin_with(begin).await?;
+    let sql = format!("select 1 from {table} where id = $1{suffix}");
+    let found: Option<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&mut *tx).await?;
+    if found.is_none() {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    Ok(Some(tx))
+}
+
 /// The SQLite URL of a database file (created if missing).
 pub fn sqlite_url(path: &std::path::Path) -> String {
     format!("sqlite://{}?mode=rwc", path.display())
