@@ -9,6 +9,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::TrainError;
+use super::data::SplitOrder;
 use super::report::EvalReport;
 use crate::model::io::{remove_path, save_folder, write_dir_atomically, write_file, write_safetensors};
 use crate::model::{PreprocessorConfig, VitConfig};
@@ -45,6 +46,11 @@ pub struct LoopState {
     /// probe's estimate (a resumed run checks its time budget with it before its first epoch).
     #[serde(default)]
     pub next_epoch_seconds: Option<f64>,
+    /// How the run split validation images off its training images, where it did (a version
+    /// of the service that would split them differently resumes the run with this split).
+    /// Absent in checkpoints written before it was kept.
+    #[serde(default)]
+    pub split: Option<SplitOrder>,
 }
 
 impl LoopState {
@@ -62,6 +68,7 @@ impl LoopState {
             decision: None,
             seconds: 0.0,
             next_epoch_seconds: None,
+            split: None,
         }
     }
 }
@@ -160,8 +167,7 @@ pub fn load_latest(root: &Path, fingerprints: &[&str]) -> Result<Option<Restored
     };
     let dir = epoch_dir(root, epoch);
     let unusable = |what: String| TrainError::Checkpoint(format!("checkpoint {}: {what}", dir.display()));
-    let state: LoopState = serde_json::from_str(&fs::read_to_string(dir.join("state.json")).map_err(|e| unusable(e.to_string()))?)
-        .map_err(|e| unusable(e.to_string()))?;
+    let state = read_state(&dir).map_err(unusable)?;
     if !fingerprints.contains(&state.fingerprint.as_str()) {
         return Err(unusable("it belongs to other settings or data".into()));
     }
@@ -171,6 +177,18 @@ pub fn load_latest(root: &Path, fingerprints: &[&str]) -> Result<Option<Restored
     let weights = load(dir.join("model").join("model.safetensors"))?;
     let optimizer = load(dir.join("optimizer.safetensors"))?;
     Ok(Some(Restored { state, weights, optimizer }))
+}
+
+/// The loop state of the latest checkpoint under `root`, whatever run wrote it; none when there
+/// is no checkpoint or its state cannot be read.
+pub fn latest_state(root: &Path) -> Option<LoopState> {
+    read_state(&epoch_dir(root, list_epochs(root).pop()?)).ok()
+}
+
+/// The loop state of the checkpoint in `dir`.
+fn read_state(dir: &Path) -> Result<LoopState, String> {
+    let text = fs::read_to_string(dir.join("state.json")).map_err(|e| e.to_string())?;
+    serde_json::from_str(&text).map_err(|e| e.to_string())
 }
 
 /// Folder name of claim `claim`'s checkpoints in a job's folder (see [`take_over`]).

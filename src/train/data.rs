@@ -2,7 +2,7 @@
 //! per-image transforms (random resized crop + horizontal flip for training, the processor's
 //! exact resize for evaluation).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -12,6 +12,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use super::TrainError;
 use crate::dataset::{Split, look_alike};
@@ -19,7 +20,7 @@ use crate::model::PreprocessorConfig;
 use crate::model::preprocess::{Filter, resize_box};
 
 /// One labelled image file.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Example {
     pub path: PathBuf,
     pub label: u32,
@@ -77,10 +78,14 @@ impl TrainData {
     /// more than `ratio`; where look-alike groups would leave a class with nothing held out (a
     /// class of pictures that all look alike), that class is split by files instead. With no
     /// copies and no look-alikes this is a stratified shuffle split of the examples.
-    pub fn ensure_validation(&mut self, ratio: f64, seed: u64) {
+    ///
+    /// Returns the split made, to be [`Self::apply_split`] again (none when there was a
+    /// validation split).
+    pub fn ensure_validation(&mut self, ratio: f64, seed: u64) -> Option<SplitOrder> {
         if !self.validation.is_empty() {
-            return;
+            return None;
         }
+        let before = self.train.clone();
         let by_files = HashMap::new();
         let alike = Grouping::new(&self.train, &self.look_alikes);
         let files = Grouping::new(&self.train, &by_files);
@@ -97,6 +102,24 @@ impl TrainData {
             self.validation.extend(held);
             self.train.extend(kept);
         }
+        Some(SplitOrder::of(&before, &self.train, &self.validation))
+    }
+
+    /// Splits the training examples as `split` says, which [`Self::ensure_validation`] returned
+    /// for examples in the same order (a run resumed by a version of the service that chooses
+    /// validation images differently goes on with the ones it had). False, and nothing changes,
+    /// where `split` is not a split of these examples: there is a validation split already, or
+    /// its positions are not each of the training examples' once.
+    pub fn apply_split(&mut self, split: &SplitOrder) -> bool {
+        let mut seen = vec![false; self.train.len()];
+        let positions = || split.train.iter().chain(&split.validation).map(|&i| i as usize);
+        let whole = positions().all(|i| i < seen.len() && !std::mem::replace(&mut seen[i], true)) && seen.iter().all(|s| *s);
+        if !self.validation.is_empty() || !whole {
+            return false;
+        }
+        let pick = |positions: &[u32]| positions.iter().map(|&i| self.train[i as usize].clone()).collect::<Vec<_>>();
+        (self.train, self.validation) = (pick(&split.train), pick(&split.validation));
+        true
     }
 
     /// For each training example, the number of its file (its blob path), counted from 0 in the
@@ -145,6 +168,29 @@ impl TrainData {
             counts[ex.label as usize] += 1;
         }
         counts
+    }
+}
+
+/// How a run split its training examples into training and validation: each kept example's and
+/// each held-out example's position among the training examples before the split, in their
+/// order after it. Recorded in the run's checkpoints ([`super::checkpoint::LoopState::split`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitOrder {
+    pub train: Vec<u32>,
+    pub validation: Vec<u32>,
+}
+
+impl SplitOrder {
+    /// The positions in `before` of the examples of `train` and `validation`, which are
+    /// `before`'s examples moved (of equal examples, copies of one file under one class, the
+    /// first position goes to the first met: which is which makes no difference).
+    fn of(before: &[Example], train: &[Example], validation: &[Example]) -> Self {
+        let mut at: HashMap<&Example, VecDeque<u32>> = HashMap::new();
+        for (i, ex) in before.iter().enumerate() {
+            at.entry(ex).or_default().push_back(i as u32);
+        }
+        let mut position = |ex: &Example| at.get_mut(ex).and_then(VecDeque::pop_front).expect("a split moves examples, it makes none");
+        Self { train: train.iter().map(&mut position).collect(), validation: validation.iter().map(position).collect() }
     }
 }
 
@@ -387,6 +433,42 @@ mod tests {
             d.ensure_validation(0.25, seed);
             assert_eq!((d.train, d.validation), plain(train, 0.25, seed), "seed {seed}");
         }
+    }
+
+    /// The split a run made is made again from its record, example for example and in the same
+    /// order, with copies of one file among the examples and whatever the look-alikes now say;
+    /// a record that is not a split of the examples changes nothing.
+    #[test]
+    fn a_recorded_split_is_made_again_exactly_and_a_wrong_one_is_refused() {
+        let labels: Vec<String> = vec!["a".into(), "b".into()];
+        // Files 0..12 of class a (file 3 three times), 12..20 of class b; 5 and 6 look alike.
+        let train: Vec<Example> = (0..12).chain([3, 3]).map(|i| ex(i, 0)).chain((12..20).map(|i| ex(i, 1))).collect();
+        let alike = HashMap::from([(ex(6, 0).path, ex(5, 0).path)]);
+        let mut made = TrainData { labels: labels.clone(), train: train.clone(), look_alikes: alike, ..Default::default() };
+        let split = made.ensure_validation(0.3, 5).expect("a split was made");
+        assert_eq!((split.train.len(), split.validation.len()), (made.train.len(), made.validation.len()));
+        assert!(made.validation.iter().filter(|e| e.path == ex(3, 0).path).count() % 3 == 0, "copies together");
+        // Another version, which knows no look-alikes: its own split differs, the record's does not.
+        let mut other = TrainData { labels: labels.clone(), train: train.clone(), ..Default::default() };
+        let mut own = other.clone();
+        assert_ne!(own.ensure_validation(0.3, 5).as_ref(), Some(&split), "the test needs splits that differ");
+        assert!(other.apply_split(&split));
+        assert_eq!((&other.train, &other.validation), (&made.train, &made.validation));
+
+        let fresh = TrainData { labels, train, ..Default::default() };
+        let wrong = |f: &dyn Fn(&mut SplitOrder)| {
+            let (mut record, mut d) = (split.clone(), fresh.clone());
+            f(&mut record);
+            assert!(!d.apply_split(&record), "{record:?}");
+            assert_eq!((&d.train, d.validation.len()), (&fresh.train, 0), "unchanged");
+        };
+        wrong(&|r| r.validation[0] = r.train[0]);
+        wrong(&|r| r.validation[0] = 22);
+        wrong(&|r| _ = r.train.pop());
+        wrong(&|r| r.train.push(0));
+        let mut split_already = made.clone();
+        assert!(!split_already.apply_split(&split), "a dataset with a validation split keeps it");
+        assert_eq!(split_already.ensure_validation(0.3, 5), None);
     }
 
     #[test]

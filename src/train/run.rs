@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
 
 use super::checkpoint::{self, LoopState};
-use super::data::{ImageCache, TrainData, mix};
+use super::data::{ImageCache, SplitOrder, TrainData, mix};
 use super::calibrate::{self, Calibration};
 use super::eval::{Mistake, logits_with};
 use super::features::{Frozen, PrefixCache, View};
@@ -40,12 +40,12 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, mut 
     let p = spec.params.clone();
     p.validate()?;
     p.validate_for(model.cfg.num_hidden_layers)?;
-    let data = checked_data(spec.data, model, &p)?;
     let root = spec.checkpoint_root.clone();
+    let (data, split) = checked_data(spec.data, model, &p, &root)?;
     at_path(std::fs::create_dir_all(&root), "creating the checkpoint folder", &root)?;
     let mut optimizer = Optimizer::new(p.optimizer, p.weight_decay, p.momentum);
-    let fingerprints = [fingerprint(&p, &data, model), legacy_fingerprint(&p, &data, model)];
-    let (mut state, resumed_from) = resume_or_start(&root, fingerprints, model, &mut optimizer, device, &mut ctl)?;
+    let (mut state, resumed_from) = resume_or_start(&root, fingerprints(&p, &data, model), model, &mut optimizer, device, &mut ctl)?;
+    state.split = split;
     // The time budget counts the seconds of earlier attempts of this run too.
     let clock = Clock { before: state.seconds, since: started };
     report_phase(&mut ctl, Phase::Loading, 1, 1);
@@ -159,23 +159,39 @@ fn report_phase(ctl: &mut Control, phase: Phase, done: usize, total: usize) {
     (ctl.on_event)(TrainEvent::Phase { phase, done: done as u64, total: total as u64 });
 }
 
-/// The data of a run: its classes match the model's labels, validation is split off when the
-/// data has none, and neither training nor validation is empty.
-fn checked_data(mut data: TrainData, model: &LoadedModel, p: &TrainParams) -> Result<TrainData, TrainError> {
+/// The data of a run, and how it split validation images off (none where the data has a
+/// validation split): its classes match the model's labels, and neither training nor validation
+/// is empty. The split is the one recorded in the latest checkpoint under `root` where that
+/// checkpoint is this run's with it (its fingerprint then matches), so a run resumed by a
+/// version of the service that chooses validation images differently goes on with the ones it
+/// had instead of starting over; otherwise [`TrainData::ensure_validation`] makes it.
+fn checked_data(mut data: TrainData, model: &LoadedModel, p: &TrainParams, root: &Path) -> Result<(TrainData, Option<SplitOrder>), TrainError> {
     if data.labels != model.cfg.labels {
         return Err(TrainError::Data(format!(
             "the data's classes {:?} differ from the model's labels {:?}",
             data.labels, model.cfg.labels
         )));
     }
-    data.ensure_validation(p.validation_split, p.seed);
+    let recorded = checkpoint::latest_state(root).and_then(|state| {
+        let split = state.split?;
+        let mut recorded = data.clone();
+        let ours = recorded.apply_split(&split) && fingerprints(p, &recorded, model).contains(&state.fingerprint);
+        ours.then_some((recorded, split))
+    });
+    let (data, split) = match recorded {
+        Some((recorded, split)) => (recorded, Some(split)),
+        None => {
+            let split = data.ensure_validation(p.validation_split, p.seed);
+            (data, split)
+        }
+    };
     if data.train.is_empty() {
         return Err(TrainError::Data("no training images".into()));
     }
     if data.validation.is_empty() {
         return Err(TrainError::Data("no validation images (every class has a single image)".into()));
     }
-    Ok(data)
+    Ok((data, split))
 }
 
 /// The schedule maths of a run: what trains, batches and optimiser steps per epoch, warm-up.
@@ -222,6 +238,11 @@ impl Plan {
 /// [`image_identity`]), label and split.
 fn fingerprint(p: &TrainParams, data: &TrainData, model: &LoadedModel) -> String {
     fingerprint_with(p, data, model, image_identity)
+}
+
+/// The fingerprints a checkpoint of this run may carry: this build's, and the legacy one.
+fn fingerprints(p: &TrainParams, data: &TrainData, model: &LoadedModel) -> [String; 2] {
+    [fingerprint(p, data, model), legacy_fingerprint(p, data, model)]
 }
 
 /// The fingerprint of builds before [`image_identity`], which hashed every image's full path:
@@ -768,8 +789,9 @@ mod tests {
     fn a_checkpoint_written_before_the_lowest_loss_was_kept_still_loads() {
         let mut old = serde_json::to_value(state()).unwrap();
         old.as_object_mut().unwrap().remove("lowest_loss");
+        old.as_object_mut().unwrap().remove("split");
         let back: LoopState = serde_json::from_value(old).unwrap();
-        assert_eq!(back.lowest_loss, None);
+        assert_eq!((back.lowest_loss, back.split), (None, None));
     }
 
     #[test]

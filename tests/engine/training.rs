@@ -34,7 +34,16 @@ fn run_events(
     p: TrainParams,
     cancel_after_epoch: Option<u32>,
 ) -> (Result<vitforge::train::TrainOutcome, TrainError>, Vec<TrainEvent>) {
-    let data = stripes_data(data_dir, 40, 3);
+    run_on(stripes_data(data_dir, 40, 3), ckpt, p, cancel_after_epoch)
+}
+
+/// [`run_events`] on `data`.
+fn run_on(
+    data: vitforge::train::data::TrainData,
+    ckpt: &std::path::Path,
+    p: TrainParams,
+    cancel_after_epoch: Option<u32>,
+) -> (Result<vitforge::train::TrainOutcome, TrainError>, Vec<TrainEvent>) {
     let mut model = tiny_model(&["horizontal", "vertical"], 9);
     let cancel = AtomicBool::new(false);
     let mut events = vec![];
@@ -153,6 +162,53 @@ fn a_cancelled_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_on
     let resumed = resumed.unwrap();
     assert_eq!(resumed.history, whole.history);
     assert_eq!([first_losses, resumed_losses].concat(), whole_losses);
+}
+
+/// A run resumed by a version of the service that chooses validation images differently (here
+/// one that no longer takes two pairs of files for look-alikes) goes on from its checkpoint with
+/// the validation images it had, and ends as the uninterrupted run did. A checkpoint of other
+/// data is not resumed, with its split or without.
+#[test]
+fn a_run_resumed_by_a_version_that_splits_differently_keeps_its_split() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = TrainParams { epochs: 3, ..params() };
+    let data_dir = tmp.path().join("data");
+    let upgraded = || stripes_data(&data_dir, 40, 3);
+    let old = || {
+        let mut data = upgraded();
+        for (a, b) in [(0, 2), (4, 6)] {
+            data.look_alikes.insert(data.train[b].path.clone(), data.train[a].path.clone());
+        }
+        data
+    };
+    let split = |mut data: vitforge::train::data::TrainData| {
+        data.ensure_validation(p.validation_split, p.seed);
+        data.validation
+    };
+    assert_ne!(split(old()), split(upgraded()), "the test needs versions whose splits differ");
+
+    let (whole, whole_events) = run_on(old(), &tmp.path().join("whole"), p.clone(), None);
+    let ck = tmp.path().join("interrupted");
+    let (first, first_events) = run_on(old(), &ck, p.clone(), Some(2));
+    assert!(matches!(first, Err(TrainError::Cancelled)), "{first:?}");
+    let (resumed, events) = run_on(upgraded(), &ck, p.clone(), None);
+    assert!(events.iter().any(|e| matches!(e, TrainEvent::Started { resumed_from: Some(2), .. })), "{:?}", &events[..2]);
+    assert_eq!(resumed.unwrap().history, whole.unwrap().history);
+    assert_eq!([losses(&first_events), losses(&events)].concat(), losses(&whole_events));
+
+    // Other settings on the same images: the recorded split is not theirs; the run starts over
+    // with its own.
+    let other = TrainParams { learning_rate: 2e-3, epochs: 1, ..p.clone() };
+    let (restarted, events) = run_on(upgraded(), &ck, other.clone(), None);
+    assert!(events.iter().any(|e| matches!(e, TrainEvent::Restarted { .. })), "{:?}", &events[..2]);
+    let (afresh, _) = run_on(upgraded(), &tmp.path().join("afresh"), other, None);
+    assert_eq!(restarted.unwrap().history, afresh.unwrap().history);
+    // Other images (one fewer): the same.
+    let mut fewer = upgraded();
+    fewer.train.pop();
+    let (_, events) = run_on(fewer, &ck, p, None);
+    assert!(events.iter().any(|e| matches!(e, TrainEvent::Restarted { .. })), "{:?}", &events[..2]);
+    assert!(events.iter().any(|e| matches!(e, TrainEvent::Started { resumed_from: None, .. })));
 }
 
 #[test]
