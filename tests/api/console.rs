@@ -2,6 +2,7 @@
 //! `chromedriver`) by fantoccini. One test walks the path a person takes: open `/`, upload an
 //! image-folder zip through the page, start a fine-tune on a tiny base model, watch it reach
 //! `succeeded`, see the charts and the confusion matrix, predict an image and read its label.
+//! Files and folders are also dropped on the pages as from a file manager ([`drop_paths`]).
 //!
 //! Without chromium and chromedriver it says so and passes, unless `VITFORGE_REQUIRE_BROWSER=1`
 //! (set by `.ci/run`, which installs them). With `VITFORGE_SCREENSHOTS=DIR` it saves the job and
@@ -104,6 +105,34 @@ async fn wait_url(c: &Client, part: &str, secs: u64) -> String {
         }
         assert!(Instant::now() < deadline, "waited {secs} s for a URL with '{part}', at {url}");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A Chrome DevTools Protocol command, sent through chromedriver (`goog/cdp/execute`).
+#[derive(Debug)]
+struct Cdp(serde_json::Value);
+
+impl fantoccini::wd::WebDriverCompatibleCommand for Cdp {
+    fn endpoint(&self, base: &reqwest::Url, session: Option<&str>) -> Result<reqwest::Url, <reqwest::Url as std::str::FromStr>::Err> {
+        base.join(&format!("session/{}/goog/cdp/execute", session.unwrap_or_default()))
+    }
+
+    fn method_and_body(&self, _: &reqwest::Url) -> (axum::http::Method, Option<String>) {
+        (axum::http::Method::POST, Some(self.0.to_string()))
+    }
+}
+
+/// Drags `paths` (files, or a folder) from outside the browser and drops them on the middle of
+/// the element `css`, as a person does from a file manager: the browser's own drag and drop, with
+/// a dropped folder's `webkitGetAsEntry` a real `FileSystemDirectoryEntry`.
+async fn drop_paths(c: &Client, css: &str, paths: &[&Path]) {
+    element(c, css).await;
+    let script = format!("const r = document.querySelector({css:?}).getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2];");
+    let at = c.execute(&script, vec![]).await.unwrap();
+    let data = json!({"items": [], "files": paths, "dragOperationsMask": 1});
+    for kind in ["dragEnter", "dragOver", "drop"] {
+        let params = json!({"type": kind, "x": at[0], "y": at[1], "data": data});
+        c.issue_cmd(Cdp(json!({"cmd": "Input.dispatchDragEvent", "params": params}))).await.unwrap_or_else(|e| panic!("{kind}: {e}"));
     }
 }
 
@@ -221,6 +250,13 @@ async fn a_person_uploads_trains_watches_and_predicts_in_the_console() {
     assert!(label == "red" || label == "blue", "{label}");
     assert_eq!(c.find_all(Locator::Css(".prediction .topk .bar")).await.unwrap().len(), 2);
     screenshot(&c, "console-predict.png").await;
+    // Or drop images on the page from outside the browser: each gets its prediction, named.
+    let blue = tmp.path().join("blue-probe.png");
+    std::fs::write(&blue, colour([35, 35, 200], 998)).unwrap();
+    drop_paths(&c, "#predict-drop", &[&probe, &blue]).await;
+    wait_text(&c, ".prediction .muted", 30, |t| t.starts_with("blue-probe.png")).await;
+    let named = wait_text(&c, ".prediction .muted", 5, |t| t.starts_with("probe.png")).await;
+    assert_eq!(c.find_all(Locator::Css(".prediction")).await.unwrap().len(), 2, "{named}");
 
     // Class names that look like integers: the matrix keeps the service's order ('10' before
     // '9', its rows' order), not the one JavaScript gives such object keys ('9' first).
@@ -308,9 +344,23 @@ async fn a_folder_picked_in_the_console_is_uploaded_as_a_dataset() {
         assert!(files.contains(&name.as_str()), "{name} in {files:?}");
     }
 
-    // A dropped folder is read through its FileSystemDirectoryEntry, which WebDriver cannot
-    // drop: the reading is checked on entries made to answer as the browser's do (a folder's
-    // entries in more than one batch, in no order).
+    // The same folder dragged from outside the browser and dropped on the overview's upload zone:
+    // another dataset, the same images.
+    c.goto(&server.url("/ui/")).await.unwrap();
+    drop_paths(&c, "#drop", &[&folder]).await;
+    wait_url(&c, "/ui/datasets/", 30).await;
+    wait_text(&c, "h2", 10, |t| t.contains("9 images in 2 classes")).await;
+    let datasets = server.get_json("/datasets").await;
+    assert_eq!((datasets.as_array().unwrap().len(), &datasets[0]["name"]), (2, &json!("colours")), "{datasets}");
+    let dropped = server.get_json(&format!("/datasets/{}/images", datasets[0]["id"].as_str().unwrap())).await;
+    let mut dropped: Vec<&str> = dropped["images"].as_array().unwrap().iter().map(|i| i["file"].as_str().unwrap()).collect();
+    let mut picked = files.clone();
+    dropped.sort();
+    picked.sort();
+    assert_eq!(dropped, picked);
+
+    // A folder's entries come in batches, in no order: the reading is checked on entries made to
+    // answer so (a real folder this small comes in one batch).
     let script = r#"
         const done = arguments[arguments.length - 1];
         const file = (path) => ({ isFile: true, isDirectory: false, fullPath: "/" + path, name: path.split("/").pop(), file: (ok) => ok(new File([path], path)) });

@@ -722,7 +722,7 @@ async function predict() {
     }
   }
   input.addEventListener("change", () => classify([...input.files]));
-  const zone = h("div", { class: "drop" }, "Drop images here, or pick them: ", input);
+  const zone = h("div", { class: "drop", id: "predict-drop" }, "Drop images here, or pick them: ", input);
   zone.addEventListener("dragover", (e) => (e.preventDefault(), zone.classList.add("over")));
   zone.addEventListener("dragleave", () => zone.classList.remove("over"));
   zone.addEventListener("drop", (e) => (e.preventDefault(), zone.classList.remove("over"), classify([...e.dataTransfer.files])));
