@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 
 use super::error::AppError;
-use super::extract::{ApiJson, ApiPath, ApiQuery, NoQuery};
+use super::extract::{ApiJson, ApiPath};
 use super::{AppState, Route};
 use crate::db;
 use crate::db::aliases::{Alias, Put};
@@ -44,7 +44,7 @@ fn check_name(name: &str) -> Result<(), AppError> {
     Ok(())
 }
 
-async fn list(State(s): State<AppState>, _: ApiQuery<NoQuery>) -> Result<Json<Vec<Alias>>, AppError> {
+async fn list(State(s): State<AppState>) -> Result<Json<Vec<Alias>>, AppError> {
     Ok(Json(db::aliases::list(&s.db).await?))
 }
 

@@ -6,7 +6,6 @@ use axum::extract::State;
 use serde_json::{Value, json};
 
 use super::error::AppError;
-use super::extract::{ApiQuery, NoQuery};
 use super::{AppState, Route};
 use crate::db;
 use crate::model::io::is_hub_id;
@@ -21,7 +20,7 @@ const RECENT: u32 = 20;
 
 /// `{"default", "local": [names], "hub": [ids]}`: the default base model, the folders of the base
 /// models folder, and the hub ids recent jobs named (the default first when no job has).
-async fn list(State(s): State<AppState>, _: ApiQuery<NoQuery>) -> Result<Json<Value>, AppError> {
+async fn list(State(s): State<AppState>) -> Result<Json<Value>, AppError> {
     let dir = s.config.base_models_dir();
     let local = tokio::task::spawn_blocking(move || local_base_models(&dir)).await.map_err(anyhow::Error::from)?;
     let mut hub: Vec<String> = Vec::new();

@@ -24,6 +24,8 @@ const ASSETS: [(&str, &str, &str); 5] = [
 /// The page shell every console path answers with.
 const INDEX: &str = include_str!("console/index.html");
 
+/// Pages read their own query (`/ui/new?dataset=…`), and a browser's stray one (a link's
+/// tracking parameters) is no reason to refuse the console: every route takes any query.
 pub fn routes() -> Vec<Route> {
     vec![
         Route::get("/", root),
@@ -32,6 +34,9 @@ pub fn routes() -> Vec<Route> {
         Route::get("/ui/assets/{file}", asset),
         Route::get("/ui/{*page}", page),
     ]
+    .into_iter()
+    .map(Route::with_query)
+    .collect()
 }
 
 /// Whether a path is the console's (served without an API key).

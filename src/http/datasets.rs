@@ -34,10 +34,10 @@ pub fn routes() -> Vec<Route> {
         // A big upload takes as long as the link needs, and its ingest as long as the images
         // need: the body is timed per chunk instead (see `save`).
         Route::post("/datasets", create).without_body_limit().without_timeout().body(BodyUse::Streamed),
-        Route::get("/datasets", list),
+        Route::get("/datasets", list).with_query(),
         Route::get("/datasets/{id}", get),
         Route::delete("/datasets/{id}", delete),
-        Route::get("/datasets/{id}/images", images),
+        Route::get("/datasets/{id}/images", images).with_query(),
         Route::get("/datasets/{id}/images/{blob}/thumbnail", thumbnail),
     ]
 }

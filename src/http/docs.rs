@@ -22,12 +22,17 @@ pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
 
 static CONFIG: LazyLock<Arc<Config<'static>>> = LazyLock::new(|| Arc::new(Config::from("/openapi.yaml")));
 
+/// Swagger UI's page takes its own query parameters, and the documents are files for tools:
+/// every route takes any query, as the console's do.
 pub fn routes() -> Vec<Route> {
     vec![
         Route::get("/openapi.yaml", openapi), Route::get("/docs", docs_root),
         Route::get("/docs/", docs_index),
         Route::get("/docs/{*file}", docs_file),
     ]
+    .into_iter()
+    .map(Route::with_query)
+    .collect()
 }
 
 async fn openapi() -> Response {

@@ -117,11 +117,18 @@ fn has_nul(raw: &str) -> bool {
     raw.as_bytes().windows(3).any(|w| w == b"%00")
 }
 
-/// The query of a route that takes none: any parameter is refused (422 `invalid_query`), so a
-/// misspelt or unsupported one (`?limit=5`) is not silently ignored.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NoQuery {}
+/// Middleware of the routes that take no query parameters ([`super::Route::with_query`]): any
+/// parameter is refused (422 `invalid_query`, naming it), so a misspelt or unsupported one
+/// (`?limit=5`, `?force=true`) is not silently ignored. An empty query (`?`) is none.
+pub async fn refuse_query(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let Some(query) = req.uri().query().filter(|q| !q.is_empty()) else {
+        return next.run(req).await;
+    };
+    let pairs = axum::extract::Query::<Vec<(String, String)>>::try_from_uri(req.uri()).map(|q| q.0).unwrap_or_default();
+    let name = pairs.into_iter().map(|(name, _)| name).next().unwrap_or_else(|| query.split(['=', '&']).next().unwrap_or_default().to_string());
+    AppError::unprocessable("invalid_query", format!("unknown query parameter `{name}`: this operation takes no query parameters")).into_response()
+}
 
 /// `axum::extract::Path` with errors in our format; a NUL character (`%00`) is refused (400
 /// `invalid_path`), as no id or name holds one.

@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::error::AppError;
-use super::extract::{ApiJson, ApiPath, ApiQuery, NoQuery};
+use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::{AppState, Route, paged};
 use crate::db;
 use crate::db::jobs::{Cancel, Deleted, Job, Status};
@@ -26,19 +26,19 @@ use crate::worker::submit::{JobRequest, submit};
 pub fn routes() -> Vec<Route> {
     vec![
         Route::post("/jobs", create),
-        Route::get("/jobs", list),
+        Route::get("/jobs", list).with_query(),
         Route::get("/jobs/{id}", get),
         Route::get("/jobs/{id}/metrics", metrics),
         Route::get("/jobs/{id}/events", events),
         Route::post("/jobs/{id}/cancel", cancel),
         Route::delete("/jobs/{id}", delete),
-        Route::get("/jobs/{id}/mistakes", mistakes),
+        Route::get("/jobs/{id}/mistakes", mistakes).with_query(),
         Route::get("/recipes", recipes),
     ]
 }
 
 /// `GET /recipes`: every recipe's defaults, as a job without `params` gets them.
-async fn recipes(_: ApiQuery<NoQuery>) -> Json<Value> {
+async fn recipes() -> Json<Value> {
     let recipes: serde_json::Map<String, Value> =
         [Recipe::Auto, Recipe::Manual].into_iter().map(|r| (r.as_str().to_string(), serde_json::to_value(r.base()).unwrap_or_default())).collect();
     Json(Value::Object(recipes))

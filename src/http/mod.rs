@@ -85,27 +85,30 @@ pub struct Route {
     timed: bool,
     /// How the body is held, for the memory budget.
     body: inflight::BodyUse,
+    /// Whether the handler reads the query (or its page's script does); any query parameter of
+    /// a route that does not is refused, 422 `invalid_query`, rather than ignored.
+    query: bool,
 }
 
 impl Route {
     /// A `GET` route.
     pub fn get<H: Handler<T, AppState>, T: 'static>(path: &'static str, h: H) -> Self {
-        Self { method: Method::GET, path, handler: axum::routing::get(h), timed: true, body: inflight::BodyUse::Json }
+        Self { method: Method::GET, path, handler: axum::routing::get(h), timed: true, body: inflight::BodyUse::Json, query: false }
     }
 
     /// A `POST` route.
     pub fn post<H: Handler<T, AppState>, T: 'static>(path: &'static str, h: H) -> Self {
-        Self { method: Method::POST, path, handler: axum::routing::post(h), timed: true, body: inflight::BodyUse::Json }
+        Self { method: Method::POST, path, handler: axum::routing::post(h), timed: true, body: inflight::BodyUse::Json, query: false }
     }
 
     /// A `PUT` route.
     pub fn put<H: Handler<T, AppState>, T: 'static>(path: &'static str, h: H) -> Self {
-        Self { method: Method::PUT, path, handler: axum::routing::put(h), timed: true, body: inflight::BodyUse::Json }
+        Self { method: Method::PUT, path, handler: axum::routing::put(h), timed: true, body: inflight::BodyUse::Json, query: false }
     }
 
     /// A `DELETE` route.
     pub fn delete<H: Handler<T, AppState>, T: 'static>(path: &'static str, h: H) -> Self {
-        Self { method: Method::DELETE, path, handler: axum::routing::delete(h), timed: true, body: inflight::BodyUse::Json }
+        Self { method: Method::DELETE, path, handler: axum::routing::delete(h), timed: true, body: inflight::BodyUse::Json, query: false }
     }
 
     /// Lifts axum's default 2 MB body limit, for a handler that streams its body and enforces its
@@ -118,6 +121,12 @@ impl Route {
     /// Declares how the handler holds its body (default: read whole as JSON).
     pub fn body(mut self, body: inflight::BodyUse) -> Self {
         self.body = body;
+        self
+    }
+
+    /// Declares that the handler reads the query: its parameters are its own to check.
+    pub fn with_query(mut self) -> Self {
+        self.query = true;
         self
     }
 
@@ -157,6 +166,11 @@ pub fn route_table() -> Vec<(Method, &'static str)> {
     all_routes().into_iter().map(|r| (r.method, r.path)).collect()
 }
 
+/// The (method, path) of the routes that take no query parameters (and refuse any).
+pub fn routes_without_query() -> Vec<(Method, &'static str)> {
+    all_routes().into_iter().filter(|r| !r.query).map(|r| (r.method, r.path)).collect()
+}
+
 /// The application's router with its layers, ready to serve.
 pub fn router(state: AppState) -> Router {
     // Methods of one path are merged first: axum refuses to merge two `MethodRouter`s that both
@@ -170,6 +184,8 @@ pub fn router(state: AppState) -> Router {
         } else {
             handler
         };
+        // Outermost: a refused query costs no body and no time.
+        let handler = if route.query { handler } else { handler.layer(axum::middleware::from_fn(extract::refuse_query)) };
         match paths.iter_mut().find(|(path, _)| *path == route.path) {
             Some((_, methods)) => *methods = std::mem::take(methods).merge(handler),
             None => paths.push((route.path, handler)),

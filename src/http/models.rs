@@ -26,7 +26,7 @@ use crate::train::report::EvalReport;
 
 pub fn routes() -> Vec<Route> {
     vec![
-        Route::get("/models", list),
+        Route::get("/models", list).with_query(),
         Route::get("/models/{id}", get),
         Route::delete("/models/{id}", delete),
         Route::get("/models/{id}/download", download),

@@ -14,7 +14,7 @@ use super::{AppState, Route};
 use crate::model::classifier::Prediction;
 
 pub fn routes() -> Vec<Route> {
-    vec![Route::post("/predict", predict).without_body_limit().body(BodyUse::Images)]
+    vec![Route::post("/predict", predict).with_query().without_body_limit().body(BodyUse::Images)]
 }
 
 #[derive(Debug, Deserialize)]

@@ -11,8 +11,9 @@ use super::{AppState, Route};
 use super::error::AppError;
 use crate::telemetry::{JobLabel, RouteLabels, RouteOnly, StatusLabel};
 
+/// A scrape may carry parameters of Prometheus's configuration (`params:`); they are ignored.
 pub fn routes() -> Vec<Route> {
-    vec![Route::get("/metrics", metrics)]
+    vec![Route::get("/metrics", metrics).with_query()]
 }
 
 /// Request counts and latency per route template (unmatched paths are counted as `unmatched`).

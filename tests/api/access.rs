@@ -242,6 +242,32 @@ async fn a_stalled_request_gets_408_and_a_slow_but_steady_upload_does_not() {
     assert_error(resp, 415, "unsupported_format").await;
 }
 
+/// A query parameter on a route that takes none is refused by name (422 `invalid_query`), before
+/// the route looks at its path or body, rather than ignored (`DELETE /models/{id}?force=true`
+/// must not seem to do what it does not). The console, the docs, the probes and the metrics,
+/// which browsers and scrapers call with parameters of their own, answer as without it.
+#[tokio::test]
+async fn a_query_parameter_on_a_route_that_takes_none_is_refused_by_name() {
+    let app = spawn_app_with(|_| {}).await;
+    let without = vitforge::http::routes_without_query();
+    let at = |path: &str, query: &str| app.url(&format!("{}?{query}", path.replace("{id}", "x").replace("{name}", "x").replace("{blob}", "x")));
+    for (method, path) in &without {
+        let url = at(path, "bogus%20name=1&other");
+        let resp = app.client.request(method.clone(), &url).header("content-type", "application/json").body("{}").send().await.unwrap();
+        let msg = assert_error(resp, 422, "invalid_query").await;
+        assert_eq!(msg, "unknown query parameter `bogus name`: this operation takes no query parameters", "{method} {path}");
+        // An empty query is none.
+        let resp = app.client.request(method.clone(), at(path, "")).send().await.unwrap();
+        assert_ne!(resp.status(), 422, "{method} {path}?");
+    }
+    for path in ["/healthz", "/readyz", "/metrics", "/", "/ui/", "/ui/new", "/ui/assets/app.js", "/openapi.yaml", "/docs/"] {
+        let resp = app.client.get(app.url(&format!("{path}?utm_source=mail"))).send().await.unwrap();
+        assert!(resp.status().is_success() || resp.status().is_redirection(), "{path}: {}", resp.status());
+    }
+    let all = vitforge::http::route_table();
+    assert_eq!(all.len() - without.len(), 9 + 6 + 3, "the console's, the docs' and the probes' and metrics' routes, and 6 that read a query");
+}
+
 /// A path parameter that is not valid percent-encoded UTF-8, or that holds a NUL character
 /// (which PostgreSQL cannot compare), is answered 400 `invalid_path` by every route that has one,
 /// the console's and the docs' file routes included.

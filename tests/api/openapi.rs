@@ -1,14 +1,21 @@
 //! `openapi.yaml` and the router stay in step: every served route is documented and every
 //! documented operation is served.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// The (METHOD, path) operations under `paths:`, read by indentation (two spaces per level).
 fn documented_operations(yaml: &str) -> BTreeSet<(String, String)> {
+    operations(yaml).into_keys().collect()
+}
+
+/// Each operation under `paths:` with the lines of its text, read by indentation (two spaces per
+/// level).
+fn operations(yaml: &str) -> BTreeMap<(String, String), Vec<&str>> {
     const METHODS: [&str; 8] = ["get", "put", "post", "delete", "options", "head", "patch", "trace"];
-    let mut ops = BTreeSet::new();
+    let mut ops: BTreeMap<(String, String), Vec<&str>> = BTreeMap::new();
     let mut in_paths = false;
     let mut path = None;
+    let mut op = None;
     for line in yaml.lines() {
         if line.trim().is_empty() || line.trim_start().starts_with('#') {
             continue;
@@ -16,16 +23,29 @@ fn documented_operations(yaml: &str) -> BTreeSet<(String, String)> {
         let indent = line.len() - line.trim_start().len();
         let key = line.trim().trim_end_matches(':');
         match indent {
-            0 => in_paths = line == "paths:",
-            2 if in_paths => path = Some(key.trim_matches(['\'', '"']).to_string()),
+            0 => (in_paths, op) = (line == "paths:", None),
+            2 if in_paths => (path, op) = (Some(key.trim_matches(['\'', '"']).to_string()), None),
             4 if in_paths && line.trim().ends_with(':') && METHODS.contains(&key) => {
                 let path = path.clone().expect("method before any path");
-                ops.insert((key.to_uppercase(), path));
+                op = Some((key.to_uppercase(), path));
+                ops.insert(op.clone().unwrap(), vec![]);
             }
+            4 => op = None,
             _ => {}
+        }
+        if let Some(op) = &op {
+            ops.get_mut(op).unwrap().push(line);
         }
     }
     ops
+}
+
+/// The text of an operation's `'422':` response (its lines, the key's included).
+fn response_422<'a>(lines: &[&'a str]) -> Vec<&'a str> {
+    let Some(start) = lines.iter().position(|l| l.trim() == "'422':") else { return vec![] };
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let key = indent(lines[start]);
+    std::iter::once(lines[start]).chain(lines[start + 1..].iter().copied().take_while(|l| indent(l) > key)).collect()
 }
 
 #[test]
@@ -37,6 +57,22 @@ fn openapi_documents_exactly_the_served_routes() {
     let served: BTreeSet<(String, String)> =
         vitforge::http::route_table().into_iter().map(|(m, p)| (m.to_string(), p.replace("{*", "{"))).collect();
     assert_eq!(documented, served, "openapi.yaml and the router disagree");
+}
+
+/// Every operation that takes no query parameters documents the 422 `invalid_query` it answers
+/// to one, and declares none.
+#[test]
+fn operations_without_query_parameters_document_their_refusal() {
+    let yaml = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).expect("openapi.yaml");
+    let ops = operations(&yaml);
+    let without = vitforge::http::routes_without_query();
+    assert!(without.len() >= 20, "{without:?}");
+    for (method, path) in without {
+        let lines = &ops[&(method.to_string(), path.to_string())];
+        let refusal = response_422(lines).join("\n");
+        assert!(refusal.contains("NoQueryParameters") || refusal.contains("`invalid_query`"), "{method} {path}: 422 {refusal:?}");
+        assert!(!lines.iter().any(|l| l.trim() == "in: query"), "{method} {path} declares a query parameter");
+    }
 }
 
 #[test]
