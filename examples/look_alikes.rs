@@ -5,12 +5,14 @@
 //! `cargo run --release --example look_alikes -- ../shared/data/catsdogs-dev ../shared/data/catsdogs-more`.
 //!
 //! Every image under the folders is decoded (EXIF orientation applied, as at upload) and copied
-//! four ways: resized to half with JPEG quality 75, to a third with quality 40, saved as PNG at
-//! full size, and with 2% cut from each edge. For each way it prints the largest shape distance
+//! five ways: resized to half with JPEG quality 75, to a third with quality 40, saved as PNG at
+//! full size, with 2% cut from each edge, and flipped left to right (JPEG quality 75; its
+//! distance is to the original's mirror-image shape). For each way it prints the largest shape distance
 //! between an image and its copy and how many copies are taken as look-alikes; then, over every
 //! pair of different images, how many pairs are at each shape distance up to twice the threshold,
 //! and how many are taken as look-alikes (byte-identical files counted once). With
-//! `LOOK_ALIKES_PAIRS=1` it also names, on stderr, each pair of different images within 8 bits.
+//! `LOOK_ALIKES_PAIRS=1` it also names, on stderr, each pair of different images within 8 bits
+//! (as they are, or one mirrored).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -51,7 +53,7 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(!paths.is_empty(), "usage: look_alikes FOLDER... (no images found)");
     paths.sort();
     type Copier = Box<dyn Fn(&RgbImage) -> anyhow::Result<RgbImage>>;
-    let ways: [(&str, Copier); 4] = [
+    let ways: [(&str, Copier); 5] = [
         ("half size, JPEG 75", Box::new(|i| encoded(i, 0.5, Some(75)))),
         ("third size, JPEG 40", Box::new(|i| encoded(i, 1.0 / 3.0, Some(40)))),
         ("full size, PNG", Box::new(|i| encoded(i, 1.0, None))),
@@ -59,11 +61,12 @@ fn main() -> anyhow::Result<()> {
             let (dx, dy) = (i.width() / 50, i.height() / 50);
             Ok(image::imageops::crop_imm(i, dx, dy, i.width() - 2 * dx, i.height() - 2 * dy).to_image())
         })),
+        ("mirror image, JPEG 75", Box::new(|i| encoded(&image::imageops::flip_horizontal(i), 1.0, Some(75)))),
     ];
     let mut prints = Vec::new();
     let mut names = Vec::new();
-    let mut worst = [0u32; 4];
-    let mut within = [0usize; 4];
+    let mut worst = [0u32; 5];
+    let mut within = [0usize; 5];
     let mut hashing = 0.0f64;
     let mut seen = BTreeSet::new();
     for path in &paths {
@@ -79,7 +82,9 @@ fn main() -> anyhow::Result<()> {
         names.push(path.clone());
         for (k, (_, way)) in ways.iter().enumerate() {
             let copy = fingerprint(&way(&image)?);
-            worst[k] = worst[k].max(distance(f, copy));
+            // The mirror image is compared with the original's mirror-image shape.
+            let d = if k == 4 { (f.mirror ^ copy.shape).count_ones() } else { distance(f, copy) };
+            worst[k] = worst[k].max(d);
             within[k] += usize::from(alike(f, copy));
         }
     }
@@ -89,6 +94,7 @@ fn main() -> anyhow::Result<()> {
         println!("copy {name:<22} largest shape distance {:>2}, taken as look-alikes {}/{n}", worst[k], within[k]);
     }
     let mut pairs = vec![0u64; 2 * MAX_DISTANCE as usize + 1];
+    let mut mirror_pairs = vec![0u64; 2 * MAX_DISTANCE as usize + 1];
     let mut alike_pairs = 0u64;
     let name_pairs = std::env::var_os("LOOK_ALIKES_PAIRS").is_some();
     for i in 0..n {
@@ -101,12 +107,23 @@ fn main() -> anyhow::Result<()> {
             if d < pairs.len() {
                 pairs[d] += 1;
             }
+            let m = (prints[i].shape ^ prints[j].mirror).count_ones().min((prints[i].mirror ^ prints[j].shape).count_ones()) as usize;
+            if m < mirror_pairs.len() {
+                mirror_pairs[m] += 1;
+            }
+            if m <= 8 && name_pairs {
+                eprintln!("{m} mirrored {} {}", names[i].display(), names[j].display());
+            }
         }
     }
     println!("pairs of different images ({}) at each distance:", n * (n - 1) / 2);
     for (d, count) in pairs.iter().enumerate() {
         println!("  {d:>2} bits: {count}{}", if d as u32 <= MAX_DISTANCE { "  (within the threshold)" } else { "" });
     }
-    println!("pairs of different images taken as look-alikes (shape and colour): {alike_pairs}");
+    println!("the same pairs, one image mirrored, at each distance:");
+    for (d, count) in mirror_pairs.iter().enumerate() {
+        println!("  {d:>2} bits: {count}{}", if d as u32 <= MAX_DISTANCE { "  (within the threshold)" } else { "" });
+    }
+    println!("pairs of different images taken as look-alikes (shape or mirror image, and colour): {alike_pairs}");
     Ok(())
 }

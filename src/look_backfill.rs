@@ -1,6 +1,7 @@
-//! Fingerprints the images of datasets stored before look-alike fingerprints were taken
-//! ([`crate::dataset::look_alike`]), once, in the background after start-up, so that an upgraded
-//! service reports their look-alikes and its jobs keep them together as for new uploads.
+//! Fingerprints the images of datasets stored before look-alike fingerprints (or those of mirror
+//! images) were taken ([`crate::dataset::look_alike`]), once, in the background after start-up,
+//! so that an upgraded service reports their look-alikes and its jobs keep them together as for
+//! new uploads.
 //!
 //! One dataset at a time, oldest first, each image decoded on one blocking thread within the
 //! memory budget: the work is that of the upload's decode, spread out so as not to crowd out

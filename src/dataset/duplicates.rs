@@ -250,7 +250,7 @@ mod tests {
 
     #[test]
     fn look_alikes_group_different_files_that_look_the_same() {
-        let looks = |blob: &'static str, file: &'static str, label: &'static str, split, shape| ImageRef { blob, file, label, split, look: Some(Look { shape, colour: 0 }) };
+        let looks = |blob: &'static str, file: &'static str, label: &'static str, split, shape| ImageRef { blob, file, label, split, look: Some(Look { shape, mirror: shape, colour: 0 }) };
         let images = [
             looks("a", "cat/a.jpg", "cat", Split::Train, 0),
             looks("a2", "cat/a-small.jpg", "cat", Split::Train, 0b111),

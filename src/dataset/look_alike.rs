@@ -1,19 +1,22 @@
 //! Images that look the same though their files differ: a photo saved again at another size or
-//! JPEG quality, a screenshot of it, a copy with its metadata stripped.
+//! JPEG quality, a screenshot of it, a copy with its metadata stripped, its mirror image (as image
+//! sets augmented by flipping hold).
 //!
 //! Byte-identical copies are found by their SHA-256 ([`super::duplicates`]); these are not, and
 //! they mislead in the same ways (a held-out image that is a training image re-encoded makes
 //! validation look better than it is). Each image gets a 64-bit perceptual fingerprint when it is
 //! decoded at upload: the gradient hash (dHash) of the `image_hasher` crate, taken of a small
-//! area-averaged copy of the picture, and its mean colour. Two images whose hashes differ in at
-//! most [`MAX_DISTANCE`] bits and whose colours are close look alike; the look-alike relation is
-//! closed transitively into clusters, so that a chain of near copies is one group.
+//! area-averaged copy of the picture, the same of its mirror image, and its mean colour. Two
+//! images whose hashes differ in at most [`MAX_DISTANCE`] bits (or one's and the other's mirror
+//! image's) and whose colours are close look alike; the look-alike relation is closed
+//! transitively into clusters, so that a chain of near copies is one group.
 //!
 //! The threshold was chosen on real photos (`bench/look-alikes.md` has the measurement): of the
 //! 1,200 cat and dog photos of `../shared/`, 99.9% of the copies at half size (JPEG quality 75)
 //! and 99.3% at a third (quality 40) were found, and no two different photos were taken for one
-//! another, bar one pair that is the same picture in two files. Cropped copies are found less
-//! often (90% with 2% cut from each edge).
+//! another, bar one pair that is the same picture in two files; so were all of their mirror
+//! images (JPEG quality 75). Cropped copies are found less often (90% with 2% cut from each
+//! edge).
 
 use std::collections::HashMap;
 
@@ -33,6 +36,9 @@ pub struct Look {
     /// The gradient hash of its shape: whether each cell of a 9×8 grey copy is brighter than its
     /// right neighbour (64 bits).
     pub shape: u64,
+    /// The same of its mirror image (flipped left to right), so that a mirrored copy, as
+    /// augmented image sets hold, is found too.
+    pub mirror: u64,
     /// Its mean colour, RGB 5:6:5. The shape sees only where brightness changes, so pictures with
     /// little structure (a flat colour, a smooth ramp) all have one shape whatever their colour;
     /// the colour tells those apart.
@@ -40,15 +46,16 @@ pub struct Look {
 }
 
 impl Look {
-    /// The two integers the database stores (the shape's bits as an i64).
-    pub fn to_columns(self) -> (i64, i32) {
-        (self.shape as i64, i32::from(self.colour))
+    /// The integers the database stores: the shape's and the mirror image's bits as i64s, and
+    /// the colour.
+    pub fn to_columns(self) -> (i64, i64, i32) {
+        (self.shape as i64, self.mirror as i64, i32::from(self.colour))
     }
 
-    /// The fingerprint of the stored integers; `None` where either is null or the colour is out
-    /// of range (an image stored before fingerprints were taken).
-    pub fn from_columns(shape: Option<i64>, colour: Option<i32>) -> Option<Self> {
-        Some(Self { shape: shape? as u64, colour: u16::try_from(colour?).ok()? })
+    /// The fingerprint of the stored integers; `None` where one is null or the colour is out of
+    /// range (an image stored before fingerprints, or their mirror images', were taken).
+    pub fn from_columns(shape: Option<i64>, mirror: Option<i64>, colour: Option<i32>) -> Option<Self> {
+        Some(Self { shape: shape? as u64, mirror: mirror? as u64, colour: u16::try_from(colour?).ok()? })
     }
 }
 
@@ -56,7 +63,8 @@ impl Look {
 pub fn fingerprint(image: &RgbImage) -> Look {
     let shrunk = image::imageops::thumbnail(image, SHRUNK, SHRUNK);
     let hasher = HasherConfig::with_bytes_type::<[u8; 8]>().hash_size(8, 8).hash_alg(HashAlg::Gradient).to_hasher();
-    let shape = u64::from_le_bytes(hasher.hash_image(&shrunk).into_inner());
+    let hash = |image: &RgbImage| u64::from_le_bytes(hasher.hash_image(image).into_inner());
+    let (shape, mirror) = (hash(&shrunk), hash(&image::imageops::flip_horizontal(&shrunk)));
     let pixels = u64::from(SHRUNK * SHRUNK);
     let mut sum = [0u64; 3];
     for p in shrunk.pixels() {
@@ -65,7 +73,7 @@ pub fn fingerprint(image: &RgbImage) -> Look {
         }
     }
     let [r, g, b] = sum.map(|s| (s + pixels / 2) / pixels);
-    Look { shape, colour: (((r >> 3) << 11) | ((g >> 2) << 5) | (b >> 3)) as u16 }
+    Look { shape, mirror, colour: (((r >> 3) << 11) | ((g >> 2) << 5) | (b >> 3)) as u16 }
 }
 
 /// How many bits two fingerprints' shapes differ in.
@@ -73,12 +81,15 @@ pub fn distance(a: Look, b: Look) -> u32 {
     (a.shape ^ b.shape).count_ones()
 }
 
-/// Whether two fingerprints are of images that look alike: shapes at most [`MAX_DISTANCE`] bits
-/// apart, and mean colours at most one step apart in each channel.
+/// Whether two fingerprints are of images that look alike, one perhaps the other's mirror image:
+/// shapes at most [`MAX_DISTANCE`] bits apart (as they are, or one's shape and the other's
+/// mirror image's), and mean colours at most one step apart in each channel.
 pub fn alike(a: Look, b: Look) -> bool {
     let channel = |l: Look, shift: u32, bits: u32| i32::from((l.colour >> shift) & ((1 << bits) - 1));
     let close = |shift, bits| (channel(a, shift, bits) - channel(b, shift, bits)).abs() <= 1;
-    distance(a, b) <= MAX_DISTANCE && close(11, 5) && close(5, 6) && close(0, 5)
+    let apart = |x: u64, y: u64| (x ^ y).count_ones() <= MAX_DISTANCE;
+    let shape = apart(a.shape, b.shape) || apart(a.shape, b.mirror) || apart(a.mirror, b.shape);
+    shape && close(11, 5) && close(5, 6) && close(0, 5)
 }
 
 /// For each fingerprint, the index of the first fingerprint of its cluster: fingerprints
@@ -86,8 +97,9 @@ pub fn alike(a: Look, b: Look) -> bool {
 ///
 /// Pairs are found by multi-index hashing: with the shape split into `MAX_DISTANCE + 1` bit
 /// ranges, two shapes that close agree on at least one whole range, so only fingerprints sharing
-/// a range's value are compared (about `n² / 2^10` comparisons for `n` distinct random
-/// fingerprints rather than `n² / 2`).
+/// a range's value are compared. Each fingerprint is filed under its shape's value and its
+/// mirror image's, so that a mirror image meets its original in some range too: for `n`
+/// distinct random fingerprints, about one in twenty of the `n² / 2` pairs is compared.
 pub fn clusters(fingerprints: &[Look]) -> Vec<usize> {
     let mut parent: Vec<usize> = (0..fingerprints.len()).collect();
     // Equal fingerprints first: one representative each goes through the pair search.
@@ -108,12 +120,16 @@ pub fn clusters(fingerprints: &[Look]) -> Vec<usize> {
         let mask = ((1u64 << (hi - lo)) - 1) << lo;
         let mut buckets: HashMap<u64, Vec<usize>> = HashMap::new();
         for &i in &distinct {
-            buckets.entry(fingerprints[i].shape & mask).or_default().push(i);
+            let (plain, mirror) = (fingerprints[i].shape & mask, fingerprints[i].mirror & mask);
+            buckets.entry(plain).or_default().push(i);
+            if mirror != plain {
+                buckets.entry(mirror).or_default().push(i);
+            }
         }
         for bucket in buckets.values() {
             for (k, &i) in bucket.iter().enumerate() {
                 for &j in &bucket[k + 1..] {
-                    if alike(fingerprints[i], fingerprints[j]) {
+                    if i != j && alike(fingerprints[i], fingerprints[j]) {
                         union(&mut parent, i, j);
                     }
                 }
@@ -179,6 +195,10 @@ mod tests {
             assert!(alike(f, copy), "seed {seed}: copy {f:?} {copy:?} at distance {}", distance(f, copy));
             let other = fingerprint(&picture(seed + 1000, 640, 480));
             assert!(!alike(f, other), "seed {seed}: another picture at distance {}", distance(f, other));
+            // A mirror image, resized and re-encoded: alike, by the mirror image's shape.
+            let mirrored = fingerprint(&image::imageops::flip_horizontal(&reencoded(&original, 300, 225, 60)));
+            assert!(alike(f, mirrored) && alike(mirrored, f), "seed {seed}: mirror image {f:?} {mirrored:?}");
+            assert!(distance(f, mirrored) > MAX_DISTANCE, "seed {seed}: the test needs pictures whose mirror images differ");
         }
     }
 
@@ -202,7 +222,7 @@ mod tests {
             assert_eq!(fingerprint(&image), fingerprint(&image), "{w}×{h}");
         }
         let grey = fingerprint(&RgbImage::from_pixel(1, 1, image::Rgb([128, 128, 128])));
-        assert_eq!(grey, Look { shape: 0, colour: ((128 >> 3) << 11) | ((128 >> 2) << 5) | (128 >> 3) });
+        assert_eq!(grey, Look { shape: 0, mirror: 0, colour: ((128 >> 3) << 11) | ((128 >> 2) << 5) | (128 >> 3) });
     }
 
     /// The multi-index search finds exactly the clusters of the plain all-pairs search.
@@ -210,12 +230,17 @@ mod tests {
     fn clusters_match_the_all_pairs_search() {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         for _ in 0..30 {
-            let mut prints: Vec<Look> = (0..rng.random_range(1..60)).map(|_| Look { shape: rng.random(), colour: rng.random() }).collect();
-            // Near copies: a few bits flipped, some just within the threshold, some just past it.
+            let mut prints: Vec<Look> = (0..rng.random_range(1..60)).map(|_| Look { shape: rng.random(), mirror: rng.random(), colour: rng.random() }).collect();
+            // Near copies, some of them mirror images (the shapes swapped): a few bits flipped,
+            // some just within the threshold, some just past it.
             for _ in 0..rng.random_range(0..40) {
                 let mut f = prints[rng.random_range(0..prints.len())];
+                if rng.random_bool(0.3) {
+                    (f.shape, f.mirror) = (f.mirror, f.shape);
+                }
                 for _ in 0..rng.random_range(0..=MAX_DISTANCE + 2) {
                     f.shape ^= 1 << rng.random_range(0..64);
+                    f.mirror ^= 1 << rng.random_range(0..64);
                 }
                 // The colour: the same, or one bit changed (one, two or more steps in a channel).
                 f.colour ^= [0, 0, 1, 2 << 5, 3 << 11][rng.random_range(0..5)];
@@ -238,16 +263,22 @@ mod tests {
     /// found (the search needs one more bit range than the threshold).
     #[test]
     fn a_pair_at_the_threshold_with_spread_bits_is_found() {
-        let a = Look { shape: 0x0123_4567_89AB_CDEF, colour: 7 };
+        let a = Look { shape: 0x0123_4567_89AB_CDEF, mirror: 0xF7B3_D591_E6A2_C480, colour: 7 };
         let spread = (0..MAX_DISTANCE).fold(0u64, |m, k| m | 1 << (64 * k / MAX_DISTANCE));
-        let b = Look { shape: a.shape ^ spread, ..a };
+        let b = Look { shape: a.shape ^ spread, mirror: !a.mirror, ..a };
         assert_eq!(distance(a, b), MAX_DISTANCE);
         assert_eq!(clusters(&[a, b]), [0, 0]);
+        // A mirror image at the threshold: its shape is the original's mirror image's, nearly.
+        let mirror = Look { shape: a.mirror ^ spread, mirror: !a.shape, ..a };
+        assert!(distance(a, mirror) > 2 * MAX_DISTANCE);
+        assert_eq!(clusters(&[a, mirror]), [0, 0]);
+        let past = Look { shape: mirror.shape ^ 1 << 63, ..mirror };
+        assert_eq!(clusters(&[a, past]), [0, 1], "one bit past the threshold");
     }
 
     #[test]
     fn a_chain_of_near_copies_is_one_cluster_led_by_its_first_member() {
-        let look = |shape| Look { shape, colour: 0x1234 };
+        let look = |shape| Look { shape, mirror: shape, colour: 0x1234 };
         let a = look(0);
         let b = look(0b11_1111); // 6 bits from a
         let c = look(0b1111_1111_1111); // 6 from b, 12 from a

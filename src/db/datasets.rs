@@ -45,16 +45,17 @@ pub struct ImageRow {
     pub split: Split,
     /// Its name in the upload.
     pub file: String,
-    /// Its look-alike fingerprint's shape (the u64's bits) and colour ([`Look::to_columns`]);
-    /// null for an image stored before they were taken.
+    /// Its look-alike fingerprint's shape and mirror image's shape (the u64s' bits) and colour
+    /// ([`Look::to_columns`]); null for an image stored before they were taken.
     pub look: Option<i64>,
+    pub look_mirror: Option<i64>,
     pub look_colour: Option<i32>,
 }
 
 impl ImageRow {
     /// Its look-alike fingerprint.
     pub fn look(&self) -> Option<Look> {
-        Look::from_columns(self.look, self.look_colour)
+        Look::from_columns(self.look, self.look_mirror, self.look_colour)
     }
 
     /// The fields the duplicate summaries read.
@@ -173,12 +174,12 @@ pub async fn insert(pool: &Pool, name: &str, ingested: &Ingested) -> Result<Data
     .execute(&mut *tx)
     .await?;
     for chunk in ingested.images.chunks(INSERT_CHUNK) {
-        let sql = format!("insert into dataset_images (dataset_id, blob, label, split, file, look, look_colour) values {}", placeholder_rows(chunk.len(), 7));
+        let sql = format!("insert into dataset_images (dataset_id, blob, label, split, file, look, look_mirror, look_colour) values {}", placeholder_rows(chunk.len(), 8));
         let mut insert = sqlx::query(sqlx::AssertSqlSafe(sql));
         for image in chunk {
             insert = insert.bind(&dataset.id).bind(&image.blob).bind(&image.label).bind(image.split.as_str()).bind(&image.file);
-            let (shape, colour) = image.look.map(Look::to_columns).unzip();
-            insert = insert.bind(shape).bind(colour);
+            let columns = image.look.map(Look::to_columns);
+            insert = insert.bind(columns.map(|c| c.0)).bind(columns.map(|c| c.1)).bind(columns.map(|c| c.2));
         }
         insert.execute(&mut *tx).await?;
     }
@@ -222,7 +223,7 @@ pub async fn get(pool: &Pool, id: &str) -> Result<Option<Dataset>, sqlx::Error> 
 
 /// The images of a dataset in upload order (empty for an unknown dataset).
 pub async fn images(pool: &Pool, dataset_id: &str) -> Result<Vec<ImageRow>, sqlx::Error> {
-    sqlx::query_as("select blob, label, split, file, look, look_colour from dataset_images where dataset_id = $1 order by rowid")
+    sqlx::query_as("select blob, label, split, file, look, look_mirror, look_colour from dataset_images where dataset_id = $1 order by rowid")
         .bind(dataset_id)
         .fetch_all(pool)
         .await
@@ -243,7 +244,7 @@ pub async fn images_page(
             "dataset_id = $1 and ($2 is null or split = $2) and ($3 is null or label = $3)"
         };
     }
-    let rows: Vec<ImageRow> = sqlx::query_as(concat!("select blob, label, split, file, look, look_colour from dataset_images where ", filter!(), " order by rowid limit $4 offset $5"))
+    let rows: Vec<ImageRow> = sqlx::query_as(concat!("select blob, label, split, file, look, look_mirror, look_colour from dataset_images where ", filter!(), " order by rowid limit $4 offset $5"))
         .bind(dataset_id)
         .bind(split.map(Split::as_str))
         .bind(label)
@@ -281,9 +282,10 @@ pub async fn set_looks(pool: &Pool, dataset_id: &str, looks: &HashMap<String, Lo
         return Ok(false);
     }
     for (blob, look) in looks {
-        let (shape, colour) = look.to_columns();
-        sqlx::query("update dataset_images set look = $1, look_colour = $2 where dataset_id = $3 and blob = $4")
+        let (shape, mirror, colour) = look.to_columns();
+        sqlx::query("update dataset_images set look = $1, look_mirror = $2, look_colour = $3 where dataset_id = $4 and blob = $5")
             .bind(shape)
+            .bind(mirror)
             .bind(colour)
             .bind(dataset_id)
             .bind(blob)
@@ -291,7 +293,7 @@ pub async fn set_looks(pool: &Pool, dataset_id: &str, looks: &HashMap<String, Lo
             .await?;
     }
     let images: Vec<ImageRow> =
-        sqlx::query_as("select blob, label, split, file, look, look_colour from dataset_images where dataset_id = $1 order by rowid")
+        sqlx::query_as("select blob, label, split, file, look, look_mirror, look_colour from dataset_images where dataset_id = $1 order by rowid")
             .bind(dataset_id)
             .fetch_all(&mut *tx)
             .await?;
@@ -369,7 +371,7 @@ mod tests {
 
     /// Spread-out fingerprints, half of them with the top bit set (a negative i64 stored).
     fn look(i: usize) -> Look {
-        Look { shape: (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15), colour: (i * 7919) as u16 }
+        Look { shape: (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15), mirror: (i as u64 + 1).wrapping_mul(0xC2B2_AE3D_27D4_EB4F), colour: (i * 7919) as u16 }
     }
 
     fn ingested(n: usize) -> Ingested {
@@ -402,7 +404,7 @@ mod tests {
         assert_eq!(rows.len(), 1203);
         assert_eq!(
             rows[4],
-            ImageRow { blob: blob(4), label: "c0".into(), split: Split::Validation, file: "f4".into(), look: Some(look(4).shape as i64), look_colour: Some(i32::from(look(4).colour)) }
+            ImageRow { blob: blob(4), label: "c0".into(), split: Split::Validation, file: "f4".into(), look: Some(look(4).shape as i64), look_mirror: Some(look(4).mirror as i64), look_colour: Some(i32::from(look(4).colour)) }
         );
         assert!(rows.iter().enumerate().all(|(i, r)| r.look() == Some(look(i))));
         assert!(stored.look_alikes.is_some());

@@ -508,7 +508,7 @@ mod tests {
             _ => (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         };
         let files: Vec<(PathBuf, Option<look_alike::Look>)> =
-            ids.iter().map(|&i| (ex(i, 0).path, Some(look_alike::Look { shape: print(i), colour: 0 }))).collect();
+            ids.iter().map(|&i| (ex(i, 0).path, Some(look_alike::Look { shape: print(i), mirror: print(i), colour: 0 }))).collect();
         d.set_look_alikes(&files);
         assert_eq!(d.look_alikes.len(), 11, "{:?}", d.look_alikes);
         assert_eq!(d.look_alikes[&PathBuf::from("img13.png")], PathBuf::from("img3.png"));
@@ -549,7 +549,7 @@ mod tests {
                     Some(group) => (group as u64 * 0xFFFF_FFFF_0000_0000) ^ (1 << (i % 5)),
                     None => (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
                 };
-                (ex(i, 0).path, Some(look_alike::Look { shape, colour: 0 }))
+                (ex(i, 0).path, Some(look_alike::Look { shape, mirror: shape, colour: 0 }))
             })
             .collect();
         d.set_look_alikes(&files);

@@ -437,7 +437,7 @@ mod tests {
     async fn a_job_s_data_knows_which_files_look_alike() {
         let dir = tempfile::tempdir().unwrap();
         let (_app, ctx, _job) = running_job(dir.path()).await;
-        let look = |shape| Some(crate::dataset::look_alike::Look { shape, colour: 0 });
+        let look = |shape| Some(crate::dataset::look_alike::Look { shape, mirror: shape, colour: 0 });
         let image = |i: u64, label: &str, shape| ImageRecord { file: format!("{i}.png"), label: label.into(), split: Split::Train, blob: format!("{i:064x}"), look: look(shape) };
         let images = vec![image(1, "a", 0), image(2, "a", u64::MAX), image(3, "b", 0b11), image(4, "b", 0xFFFF_0000)];
         let ingested = Ingested { images, rejected: vec![], rejected_total: 0, classes: vec!["a".into(), "b".into()] };

@@ -181,9 +181,9 @@ async fn repeated_files_are_reported_and_worked_out_for_older_datasets() {
     assert_eq!(json(app.get(&format!("/datasets/{id}")).await).await, ds);
 }
 
-/// A resized, re-encoded copy of a picture is reported as a look-alike; datasets stored before
-/// images were fingerprinted report none (`null`) and keep working until the next start
-/// fingerprints them.
+/// A resized, re-encoded copy of a picture and its mirror image are reported as look-alikes;
+/// datasets stored before images were fingerprinted (or before their mirror images were) report
+/// none (`null`) and keep working until the next start fingerprints them.
 #[tokio::test]
 async fn pictures_that_look_alike_are_reported() {
     let app = spawn_app().await;
@@ -195,34 +195,42 @@ async fn pictures_that_look_alike_are_reported() {
         bytes
     };
     let png = |seed| fixtures::image(ImageFormat::Png, 256, seed);
+    let mirrored = {
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        image::imageops::flip_horizontal(&picture(1)).write_to(&mut bytes, ImageFormat::Png).unwrap();
+        bytes.into_inner()
+    };
     let members = vec![
         file("train/cat/1.png", png(1)),
         file("train/cat/2.png", png(2)),
         file("train/dog/3.png", png(3)),
         file("train/dog/4.png", png(4)),
         file("test/cat/1-small.jpg", smaller),
+        file("test/cat/1-mirrored.png", mirrored),
         file("test/dog/5.png", png(5)),
     ];
     let ds = upload_ok(&app, "alike.zip", fixtures::zip(&members)).await;
+    let files = [at("train/cat/1.png", "cat", "train"), at("test/cat/1-small.jpg", "cat", "test"), at("test/cat/1-mirrored.png", "cat", "test")];
     let expected = json!({
-        "copies": 1,
+        "copies": 2,
         "across_classes": 0,
         "across_splits": 1,
         "groups_total": 1,
-        "groups": [{"count": 2, "classes": ["cat"], "splits": ["train", "test"], "files": [at("train/cat/1.png", "cat", "train"), at("test/cat/1-small.jpg", "cat", "test")]}],
+        "groups": [{"count": 3, "classes": ["cat"], "splits": ["train", "test"], "files": files}],
     });
     assert_eq!(ds["look_alikes"], expected);
     assert_eq!(ds["duplicates"]["copies"], 0);
     let id = ds["id"].as_str().unwrap();
     assert_eq!(json(app.get(&format!("/datasets/{id}")).await).await["look_alikes"], expected);
 
-    // As stored by a version before fingerprints: no report, and the rest reads as before.
+    // As stored by a version before fingerprints of mirror images: no report, and the rest reads
+    // as before.
     let db = crate::support::open_database(&app.data_dir).await;
-    sqlx::query("update dataset_images set look = null, look_colour = null").execute(&db).await.unwrap();
+    sqlx::query("update dataset_images set look_mirror = null").execute(&db).await.unwrap();
     sqlx::query("update datasets set look_alikes = null").execute(&db).await.unwrap();
     let old = json(app.get(&format!("/datasets/{id}")).await).await;
     assert_eq!(old["look_alikes"], Value::Null);
-    assert_eq!(old["num_images"], 6);
+    assert_eq!(old["num_images"], 7);
 
     // The next start fingerprints them in the background, and the report appears.
     let restarted = spawn_with(test_config(&app.data_dir)).await;
@@ -235,7 +243,10 @@ async fn pictures_that_look_alike_are_reported() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
     assert_eq!(report, expected);
-    let unset: i64 = sqlx::query_scalar("select count(*) from dataset_images where look is null or look_colour is null").fetch_one(&db).await.unwrap();
+    let unset: i64 = sqlx::query_scalar("select count(*) from dataset_images where look is null or look_mirror is null or look_colour is null")
+        .fetch_one(&db)
+        .await
+        .unwrap();
     assert_eq!(unset, 0);
 }
 

@@ -289,7 +289,7 @@ function duplicatesSummary(dup, alike = false) {
 
 // A dataset's section on repeated files, or with `alike` on pictures that look alike.
 function repeatsSection(dup, alike) {
-  if (!dup) return h("p", { class: "muted", id: "look-alikes" }, "Not checked: the dataset was uploaded before pictures were compared by look. Upload it again to check.");
+  if (!dup) return h("p", { class: "muted", id: "look-alikes" }, "Not checked yet: an earlier version stored this dataset, and the service compares its pictures in the background after an upgrade. Reload in a moment.");
   if (!dup.copies) return h("p", { class: "muted" }, alike ? "No two different files look alike." : "No image is repeated.");
   return h(
     "div",
