@@ -122,6 +122,7 @@ pub fn clusters(fingerprints: &[Look]) -> Vec<usize> {
         for &i in &distinct {
             let (plain, mirror) = (fingerprints[i].shape & mask, fingerprints[i].mirror & mask);
             buckets.entry(plain).or_default().push(i);
+            // Once where both are the same value, so that no fingerprint meets itself.
             if mirror != plain {
                 buckets.entry(mirror).or_default().push(i);
             }
@@ -129,7 +130,7 @@ pub fn clusters(fingerprints: &[Look]) -> Vec<usize> {
         for bucket in buckets.values() {
             for (k, &i) in bucket.iter().enumerate() {
                 for &j in &bucket[k + 1..] {
-                    if i != j && alike(fingerprints[i], fingerprints[j]) {
+                    if alike(fingerprints[i], fingerprints[j]) {
                         union(&mut parent, i, j);
                     }
                 }
