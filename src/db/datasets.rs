@@ -8,7 +8,7 @@ use crate::dataset::look_alike::Look;
 use crate::dataset::{Duplicates, ImageRef, Ingested, Rejected, Split, SplitCounts};
 use crate::db::{Cursor, Listed, Page, Pool, RowLock, lock_row, new_id, now};
 
-/// Rows per multi-row `insert` (7 parameters each, well under SQLite's parameter limit and
+/// Rows per multi-row `insert` (8 parameters each, well under SQLite's parameter limit and
 /// PostgreSQL's 65,535).
 const INSERT_CHUNK: usize = 500;
 /// Blob names per `in (...)` lookup.
@@ -221,12 +221,18 @@ pub async fn get(pool: &Pool, id: &str) -> Result<Option<Dataset>, sqlx::Error> 
     }
 }
 
-/// The images of a dataset in upload order (empty for an unknown dataset).
-pub async fn images(pool: &Pool, dataset_id: &str) -> Result<Vec<ImageRow>, sqlx::Error> {
-    sqlx::query_as("select blob, label, split, file, look, look_mirror, look_colour from dataset_images where dataset_id = $1 order by rowid")
-        .bind(dataset_id)
-        .fetch_all(pool)
-        .await
+/// The columns of `dataset_images` an [`ImageRow`] holds, in one place for every query that
+/// reads them.
+macro_rules! image_columns {
+    () => {
+        "blob, label, split, file, look, look_mirror, look_colour"
+    };
+}
+
+/// The images of a dataset in upload order (empty for an unknown dataset), read through a pool
+/// or within a transaction.
+pub async fn images<'e>(db: impl sqlx::Executor<'e, Database = sqlx::Any>, dataset_id: &str) -> Result<Vec<ImageRow>, sqlx::Error> {
+    sqlx::query_as(concat!("select ", image_columns!(), " from dataset_images where dataset_id = $1 order by rowid")).bind(dataset_id).fetch_all(db).await
 }
 
 /// One page of a dataset's images in upload order, optionally of one split and one class, and how
@@ -244,7 +250,7 @@ pub async fn images_page(
             "dataset_id = $1 and ($2 is null or split = $2) and ($3 is null or label = $3)"
         };
     }
-    let rows: Vec<ImageRow> = sqlx::query_as(concat!("select blob, label, split, file, look, look_mirror, look_colour from dataset_images where ", filter!(), " order by rowid limit $4 offset $5"))
+    let rows: Vec<ImageRow> = sqlx::query_as(concat!("select ", image_columns!(), " from dataset_images where ", filter!(), " order by rowid limit $4 offset $5"))
         .bind(dataset_id)
         .bind(split.map(Split::as_str))
         .bind(label)
@@ -292,11 +298,7 @@ pub async fn set_looks(pool: &Pool, dataset_id: &str, looks: &HashMap<String, Lo
             .execute(&mut *tx)
             .await?;
     }
-    let images: Vec<ImageRow> =
-        sqlx::query_as("select blob, label, split, file, look, look_mirror, look_colour from dataset_images where dataset_id = $1 order by rowid")
-            .bind(dataset_id)
-            .fetch_all(&mut *tx)
-            .await?;
+    let images = images(&mut *tx, dataset_id).await?;
     let Some(report) = Duplicates::look_alikes(images.iter().map(ImageRow::image_ref)) else { return Ok(false) };
     sqlx::query("update datasets set look_alikes = $1 where id = $2").bind(to_json(&report)?).bind(dataset_id).execute(&mut *tx).await?;
     tx.commit().await?;
