@@ -41,10 +41,10 @@ pub fn fine_tune(model: &mut LoadedModel, spec: TrainSpec, device: &Device, mut 
     p.validate()?;
     p.validate_for(model.cfg.num_hidden_layers)?;
     let root = spec.checkpoint_root.clone();
-    let (data, split) = checked_data(spec.data, model, &p, &root)?;
+    let (data, split, fingerprints) = checked_data(spec.data, model, &p, &root)?;
     at_path(std::fs::create_dir_all(&root), "creating the checkpoint folder", &root)?;
     let mut optimizer = Optimizer::new(p.optimizer, p.weight_decay, p.momentum);
-    let (mut state, resumed_from) = resume_or_start(&root, fingerprints(&p, &data, model), model, &mut optimizer, device, &mut ctl)?;
+    let (mut state, resumed_from) = resume_or_start(&root, fingerprints, model, &mut optimizer, device, &mut ctl)?;
     state.split = split;
     // The time budget counts the seconds of earlier attempts of this run too.
     let clock = Clock { before: state.seconds, since: started };
@@ -164,8 +164,9 @@ fn report_phase(ctl: &mut Control, phase: Phase, done: usize, total: usize) {
 /// is empty. The split is the one recorded in the latest checkpoint under `root` where that
 /// checkpoint is this run's with it (its fingerprint then matches), so a run resumed by a
 /// version of the service that chooses validation images differently goes on with the ones it
-/// had instead of starting over; otherwise [`TrainData::ensure_validation`] makes it.
-fn checked_data(mut data: TrainData, model: &LoadedModel, p: &TrainParams, root: &Path) -> Result<(TrainData, Option<SplitOrder>), TrainError> {
+/// had instead of starting over; otherwise [`TrainData::ensure_validation`] makes it. With them,
+/// the run's [`fingerprints`].
+fn checked_data(mut data: TrainData, model: &LoadedModel, p: &TrainParams, root: &Path) -> Result<(TrainData, Option<SplitOrder>, [String; 2]), TrainError> {
     if data.labels != model.cfg.labels {
         return Err(TrainError::Data(format!(
             "the data's classes {:?} differ from the model's labels {:?}",
@@ -175,23 +176,24 @@ fn checked_data(mut data: TrainData, model: &LoadedModel, p: &TrainParams, root:
     let recorded = checkpoint::latest_state(root).and_then(|state| {
         let split = state.split?;
         let mut recorded = data.clone();
-        let ours = recorded.apply_split(&split) && fingerprints(p, &recorded, model).contains(&state.fingerprint);
-        ours.then_some((recorded, split))
-    });
-    let (data, split) = match recorded {
-        Some((recorded, split)) => (recorded, Some(split)),
-        None => {
-            let split = data.ensure_validation(p.validation_split, p.seed);
-            (data, split)
+        if !recorded.apply_split(&split) {
+            return None;
         }
-    };
+        let prints = fingerprints(p, &recorded, model);
+        prints.contains(&state.fingerprint).then_some((recorded, Some(split), prints))
+    });
+    let (data, split, prints) = recorded.unwrap_or_else(|| {
+        let split = data.ensure_validation(p.validation_split, p.seed);
+        let prints = fingerprints(p, &data, model);
+        (data, split, prints)
+    });
     if data.train.is_empty() {
         return Err(TrainError::Data("no training images".into()));
     }
     if data.validation.is_empty() {
         return Err(TrainError::Data("no validation images (every class has a single image)".into()));
     }
-    Ok((data, split))
+    Ok((data, split, prints))
 }
 
 /// The schedule maths of a run: what trains, batches and optimiser steps per epoch, warm-up.
