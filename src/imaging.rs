@@ -249,6 +249,11 @@ pub fn composite_on_white(rgba: &RgbaImage) -> RgbImage {
     })
 }
 
+/// The EXIF blocks the test binaries use too.
+#[cfg(test)]
+#[path = "../tests/support/exif.rs"]
+mod test_exif;
+
 #[cfg(test)]
 mod tests {
     use image::{DynamicImage, ImageBuffer, Luma, Rgba};
@@ -309,19 +314,7 @@ mod tests {
         assert_eq!(decode_rgb(&encode(rgba16, ImageFormat::Png), 100).unwrap().get_pixel(0, 0).0, [0x12; 3]);
     }
 
-    /// A little-endian EXIF (TIFF) block holding only an orientation.
-    fn exif_orientation(value: u16) -> Vec<u8> {
-        let mut exif = b"II*\0".to_vec();
-        exif.extend(8u32.to_le_bytes()); // the first directory's offset
-        exif.extend(1u16.to_le_bytes()); // one entry
-        exif.extend(0x0112u16.to_le_bytes()); // Orientation
-        exif.extend(3u16.to_le_bytes()); // SHORT
-        exif.extend(1u32.to_le_bytes()); // one value
-        exif.extend(value.to_le_bytes());
-        exif.extend([0, 0]);
-        exif.extend(0u32.to_le_bytes()); // no next directory
-        exif
-    }
+    use super::test_exif::orientation as exif_orientation;
 
     fn encode_with_exif(img: &RgbImage, format: ImageFormat, exif: Vec<u8>) -> Vec<u8> {
         use image::ImageEncoder;

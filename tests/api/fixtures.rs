@@ -32,16 +32,7 @@ pub fn png(seed: u32) -> Vec<u8> {
 /// clockwise, as a phone stores a portrait photo).
 pub fn png_with_orientation(img: &image::RgbImage, orientation: u16) -> Vec<u8> {
     use image::ImageEncoder;
-    // A little-endian TIFF block with one entry: Orientation (0x0112), one SHORT.
-    let mut exif = b"II*\0".to_vec();
-    exif.extend(8u32.to_le_bytes());
-    exif.extend(1u16.to_le_bytes());
-    exif.extend(0x0112u16.to_le_bytes());
-    exif.extend(3u16.to_le_bytes());
-    exif.extend(1u32.to_le_bytes());
-    exif.extend(orientation.to_le_bytes());
-    exif.extend([0, 0]);
-    exif.extend(0u32.to_le_bytes());
+    let exif = crate::support::exif::orientation(orientation);
     let mut out = Vec::new();
     let mut encoder = image::codecs::png::PngEncoder::new(&mut out);
     encoder.set_exif_metadata(exif).expect("PNG takes EXIF");

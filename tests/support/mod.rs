@@ -4,6 +4,7 @@
 //! needs, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod exif;
 pub mod hub;
 
 use std::io::{BufRead, BufReader, Write};
