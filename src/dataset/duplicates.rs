@@ -158,10 +158,10 @@ impl Duplicates {
     }
 
     /// The look-alike summary in a sentence, or `None` when no images look alike: "2 images look
-    /// like other files (resized or re-encoded copies): 1 group under two or more classes".
+    /// like other files (resized, re-encoded or mirrored copies): 1 group under two or more classes".
     pub fn describe_look_alikes(&self) -> Option<String> {
         let head = if self.copies == 1 { "1 image looks like another file".to_string() } else { format!("{} images look like other files", self.copies) };
-        self.sentence(format!("{head} (resized or re-encoded copies)"), ("group", "groups"))
+        self.sentence(format!("{head} (resized, re-encoded or mirrored copies)"), ("group", "groups"))
     }
 
     fn sentence(&self, mut text: String, (one, many): (&str, &str)) -> Option<String> {
@@ -182,6 +182,26 @@ impl Duplicates {
         }
         Some(text)
     }
+}
+
+/// A report as the API shows it: its fields and `summary`, its sentence (`null` when nothing
+/// repeats), so that every client (the console, scripts) says it as `vitforge train` does.
+#[derive(Serialize)]
+struct Described<'a> {
+    #[serde(flatten)]
+    report: &'a Duplicates,
+    summary: Option<String>,
+}
+
+/// Serializes a report of repeated files with its [`Duplicates::describe`] sentence.
+pub fn serialize_repeats<S: serde::Serializer>(report: &Duplicates, s: S) -> Result<S::Ok, S::Error> {
+    Described { report, summary: report.describe() }.serialize(s)
+}
+
+/// Serializes a look-alike report (`null` before it is made) with its
+/// [`Duplicates::describe_look_alikes`] sentence.
+pub fn serialize_look_alikes<S: serde::Serializer>(report: &Option<Duplicates>, s: S) -> Result<S::Ok, S::Error> {
+    report.as_ref().map(|report| Described { report, summary: report.describe_look_alikes() }).serialize(s)
 }
 
 #[cfg(test)]
@@ -266,7 +286,7 @@ mod tests {
         assert_eq!(similar.groups[1].count, 2);
         assert_eq!(
             similar.describe_look_alikes().unwrap(),
-            "3 images look like other files (resized or re-encoded copies): 1 group in two or more splits"
+            "3 images look like other files (resized, re-encoded or mirrored copies): 1 group in two or more splits"
         );
         // Same-file copies alone are no look-alike group.
         let same = [looks("a", "x.jpg", "cat", Split::Train, 1), looks("a", "y.jpg", "dog", Split::Train, 1)];

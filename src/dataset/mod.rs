@@ -33,7 +33,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use blobs::BlobStore;
-pub use duplicates::{DuplicateFile, DuplicateGroup, Duplicates, ImageRef};
+pub use duplicates::{DuplicateFile, DuplicateGroup, Duplicates, ImageRef, serialize_look_alikes, serialize_repeats};
 pub use layout::is_clutter;
 
 use crate::budget::{MemoryBudget, Reservation};

@@ -28,10 +28,12 @@ pub struct Dataset {
     pub rejected: Vec<Rejected>,
     /// How many files were not used, including those past the listing cap.
     pub rejected_total: u64,
-    /// The images that are the same file as another.
+    /// The images that are the same file as another (shown with their sentence).
+    #[serde(serialize_with = "crate::dataset::serialize_repeats")]
     pub duplicates: Duplicates,
     /// The images that look like another though their files differ; `None` for a dataset
     /// stored before images were fingerprinted.
+    #[serde(serialize_with = "crate::dataset::serialize_look_alikes")]
     pub look_alikes: Option<Duplicates>,
 }
 

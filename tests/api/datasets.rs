@@ -161,13 +161,14 @@ async fn repeated_files_are_reported_and_worked_out_for_older_datasets() {
             {"count": 2, "classes": ["dog"], "splits": ["train", "test"], "files": [at("train/dog/2.png", "dog", "train"), at("test/dog/2.png", "dog", "test")]},
             {"count": 2, "classes": ["cat"], "splits": ["train"], "files": [at("train/cat/1.png", "cat", "train"), at("train/cat/1 copy.png", "cat", "train")]},
         ],
+        "summary": "3 images are copies of others: 1 file under two or more classes, 1 file in two or more splits",
     });
     assert_eq!(ds["duplicates"], expected);
     let id = ds["id"].as_str().unwrap();
     assert_eq!(json(app.get(&format!("/datasets/{id}")).await).await, ds);
 
     let plain = upload_ok(&app, "plain.zip", fixtures::zip(&class_images("", &["cat", "dog"], 2, 0))).await;
-    let none = json!({"copies": 0, "across_classes": 0, "across_splits": 0, "groups": [], "groups_total": 0});
+    let none = json!({"copies": 0, "across_classes": 0, "across_splits": 0, "groups": [], "groups_total": 0, "summary": null});
     assert_eq!(plain["duplicates"], none);
 
     // As stored by a version before this report: the column is null until the dataset is read.
@@ -217,6 +218,7 @@ async fn pictures_that_look_alike_are_reported() {
         "across_splits": 1,
         "groups_total": 1,
         "groups": [{"count": 3, "classes": ["cat"], "splits": ["train", "test"], "files": files}],
+        "summary": "2 images look like other files (resized, re-encoded or mirrored copies): 1 group in two or more splits",
     });
     assert_eq!(ds["look_alikes"], expected);
     assert_eq!(ds["duplicates"]["copies"], 0);

@@ -116,7 +116,7 @@ fn init_train_predict_and_eval_from_the_command_line() {
     assert!(err.contains("the same file: bottom/x.png (bottom, train), top/5.png (top, train)"), "{err}");
     assert!(err.contains("the same file: top/3 copy.png (top, train), top/3.png (top, train)"), "{err}");
     // This set's pictures are drawn alike on purpose, so 7.bmp is in a group with others.
-    assert!(err.contains("images look like other files (resized or re-encoded copies); all are used as given"), "{err}");
+    assert!(err.contains("images look like other files (resized, re-encoded or mirrored copies); all are used as given"), "{err}");
     assert!(err.lines().any(|l| l.starts_with("  alike: ") && l.contains("top/7.bmp (top, train)") && l.contains("top/7.png (top, train)")), "{err}");
     let summary: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     assert_eq!(summary["params"]["precision"], "bf16");

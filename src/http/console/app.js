@@ -273,18 +273,10 @@ async function overview() {
 
 // ---- Dataset -------------------------------------------------------------------------------
 
-// A dataset's repeated files (or, with `alike`, its look-alike pictures) in a sentence, as
+// A dataset's repeated files (or its look-alike pictures) in a sentence: the report's own, as
 // `vitforge train` says it.
-function duplicatesSummary(dup, alike = false) {
-  const [one, many] = alike ? ["group", "groups"] : ["file", "files"];
-  const count = (n) => `${n} ${n === 1 ? one : many}`;
-  const kinds = [];
-  if (dup.across_classes) kinds.push(`${count(dup.across_classes)} under two or more classes`);
-  if (dup.across_splits) kinds.push(`${count(dup.across_splits)} in two or more splits`);
-  const head = alike
-    ? `${dup.copies === 1 ? "1 image looks like another file" : `${dup.copies} images look like other files`} (resized or re-encoded copies)`
-    : dup.copies === 1 ? "1 image is a copy of another" : `${dup.copies} images are copies of others`;
-  return `${head}${kinds.length ? ": " + kinds.join(", ") : ""}. All are used as uploaded.`;
+function duplicatesSummary(dup) {
+  return `${dup.summary}. All are used as uploaded.`;
 }
 
 // A dataset's section on repeated files, or with `alike` on pictures that look alike.
@@ -297,7 +289,7 @@ function repeatsSection(dup, alike) {
     h(
       "p",
       { class: dup.across_classes || dup.across_splits ? "warning" : null },
-      duplicatesSummary(dup, alike),
+      duplicatesSummary(dup),
       dup.across_classes ? ` A ${alike ? "picture" : "file"} under two classes contradicts itself.` : "",
       dup.across_splits ? " A validation or test image that is also a training image makes that split's figures look better than they are." : "",
     ),
@@ -557,11 +549,11 @@ async function job(id) {
   classes = dataset ? dataset.classes : null;
   // Repeated files, and pictures that look alike, under two classes or in two splits.
   const worrying = (dup) => dup && (dup.across_classes || dup.across_splits);
-  const reports = dataset ? [[dataset.duplicates, false], [dataset.look_alikes, true]].filter(([dup]) => worrying(dup)) : [];
+  const reports = dataset ? [dataset.duplicates, dataset.look_alikes].filter(worrying) : [];
   if (reports.length) {
     repeats.replaceChildren(
-      h("p", { class: "warning", id: "job-repeats" }, "Its dataset repeats pictures: ", reports.map(([dup, alike]) => duplicatesSummary(dup, alike)).join(" "),
-        reports.some(([dup]) => dup.across_splits) ? " Where the dataset has its own validation or test split, those figures count images the model was trained on." : "",
+      h("p", { class: "warning", id: "job-repeats" }, "Its dataset repeats pictures: ", reports.map(duplicatesSummary).join(" "),
+        reports.some((dup) => dup.across_splits) ? " Where the dataset has its own validation or test split, those figures count images the model was trained on." : "",
         " ", h("a", { href: `/ui/datasets/${j.dataset_id}` }, "See which")),
     );
   }
