@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::TrainError;
 use super::data::{Example, ImageCache, TrainData};
-use super::features::{Frozen, PrefixCache};
+use super::features::{Frozen, PrefixCache, distinct_images};
 use super::report::EvalReport;
 use crate::dataset::Split;
 use crate::model::network::trainable_forward;
@@ -135,7 +135,8 @@ fn log_softmax(row: &[f32], scale: f64) -> Vec<f64> {
 }
 
 /// The logits of examples whose frozen-part outputs come from `cache` (or are computed by `f`),
-/// reporting `(images done, images)` after each batch.
+/// reporting `(images done, images)` after each batch. The copies of a file under one label are
+/// computed once.
 pub fn logits_with(
     f: &Frozen,
     cache: &PrefixCache,
@@ -143,19 +144,19 @@ pub fn logits_with(
     cancel: Option<&AtomicBool>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Logits, TrainError> {
-    let mut out = Logits { rows: Vec::with_capacity(examples.len()), truth: Vec::with_capacity(examples.len()) };
-    let all: Vec<usize> = (0..examples.len()).collect();
-    for idx in all.chunks(f.batch.max(1)) {
+    let (first, slot) = distinct_images(examples);
+    let mut rows = Vec::with_capacity(first.len());
+    for idx in first.chunks(f.batch.max(1)) {
         if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             return Err(TrainError::Cancelled);
         }
         let input = cache.batch(f, idx, examples, None)?;
         let logits = trainable_forward(f.vit, f.boundary, &input, None)?;
-        out.rows.extend(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?);
-        out.truth.extend(idx.iter().map(|&i| examples[i].label));
-        progress(out.truth.len(), examples.len());
+        rows.extend(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?);
+        // In examples, so that the count ends at their number.
+        progress(rows.len() * examples.len() / first.len(), examples.len());
     }
-    Ok(out)
+    Ok(Logits { rows: slot.into_iter().map(|s| rows[s].clone()).collect(), truth: examples.iter().map(|e| e.label).collect() })
 }
 
 /// Which images of a labelled set an evaluation uses.
@@ -284,5 +285,37 @@ mod tests {
         });
         assert!(matches!(stopped, Err(EvalError::Train(TrainError::Cancelled))), "{stopped:?}");
         assert_eq!(seen, [(2, 5)]);
+    }
+
+    /// The copies of a file are evaluated once and counted as often as they stand: the report is
+    /// that of distinct files with the same pixels.
+    #[test]
+    fn copies_of_a_file_are_evaluated_once_and_counted_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let labels = vec!["a".to_string(), "b".to_string()];
+        let save = |name: &str, shade: u8| {
+            let path = dir.path().join(name);
+            image::RgbImage::from_fn(8, 8, |x, y| image::Rgb([shade, (x * 30) as u8, (y * 30) as u8])).save(&path).unwrap();
+            path
+        };
+        let (a, b, a_again) = (save("a.png", 0), save("b.png", 250), save("a2.png", 0));
+        let cfg = crate::model::VitConfig::from_json(
+            r#"{"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32,
+                "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}"#,
+        )
+        .unwrap();
+        let model = LoadedModel::random(&cfg, &labels, 0, &Device::Cpu).unwrap();
+        let run = |third: &PathBuf| {
+            let records = vec![(a.clone(), "a".to_string(), Split::Test), (b.clone(), "b".to_string(), Split::Test), (third.clone(), "a".to_string(), Split::Test)];
+            let mut seen = Vec::new();
+            let e = evaluate_records_with_progress(&model, records, None, 1 << 20, 1, &Device::Cpu, Precision::F32, None, &mut |done, total| seen.push((done, total)))
+                .unwrap();
+            (e, seen)
+        };
+        let (copies, seen_copies) = run(&a);
+        let (distinct, seen_distinct) = run(&a_again);
+        assert_eq!(seen_copies, [(1, 3), (3, 3)], "a's copy was evaluated again");
+        assert_eq!(seen_distinct, [(1, 3), (2, 3), (3, 3)]);
+        assert_eq!((copies.num_images, &copies.report), (3, &distinct.report));
     }
 }
