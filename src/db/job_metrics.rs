@@ -138,7 +138,9 @@ pub async fn evaluations(pool: &Pool, job_id: &str) -> Result<(Vec<EpochReport>,
     Ok((validation, test))
 }
 
-/// Records an epoch checkpoint.
+/// Records an epoch checkpoint: `path` is its folder in the job's newest claim folder
+/// (`jobs/<id>/claim-N/`, see `train::checkpoint::take_over`), `epoch-N`. (Rows written before
+/// 2026-12-06 hold a path from the data folder through the claim folder of their time.)
 pub async fn record_checkpoint(pool: &Pool, job_id: &str, holder: &Holder, epoch: u32, path: &str, score: f64) -> Result<(), sqlx::Error> {
     let Some(mut tx) = begin_held(pool, job_id, holder).await? else { return Ok(()) };
     sqlx::query("insert into checkpoints (job_id, epoch, path, score, created_at) values ($1, $2, $3, $4, $5) \

@@ -311,8 +311,10 @@ impl<'a> Recorder<'a> {
                 ctx.hub.publish(&job.id, JobEvent::Metrics(block));
             }
             TrainEvent::Checkpoint { epoch, dir, score } => {
-                let rel = dir.strip_prefix(ctx.paths.root()).unwrap_or(&dir).to_string_lossy().into_owned();
-                db::job_metrics::record_checkpoint(db, &job.id, holder, epoch, &rel, score).await?;
+                // Its folder's name in the claim's folder: the next claim takes that folder over
+                // under its own name, so a path through it would go stale.
+                let name = dir.file_name().unwrap_or(dir.as_os_str()).to_string_lossy().into_owned();
+                db::job_metrics::record_checkpoint(db, &job.id, holder, epoch, &name, score).await?;
                 db::jobs::mark_progress(db, &job.id, holder).await?;
             }
             TrainEvent::Test { report } => db::job_metrics::record_evaluation(db, &job.id, holder, "test", 0, &report).await?,

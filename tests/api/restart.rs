@@ -49,6 +49,13 @@ async fn a_killed_server_resumes_its_job_from_the_last_checkpoint() {
     db.close().await;
     assert!(matches!(phase.as_deref(), Some("training" | "validating" | "saving")), "{phase:?}");
     assert!(total > 0 && done <= total, "{done} of {total}");
+    // The checkpoint recorded is named by its folder in the claim's folder, which the next claim
+    // takes over under its own name.
+    let db = crate::support::open_database(&data).await;
+    let (epoch, path): (i64, String) = sqlx::query_as("select epoch, path from checkpoints where job_id = $1").bind(&id).fetch_one(&db).await.unwrap();
+    db.close().await;
+    assert_eq!(path, format!("epoch-{epoch}"));
+    assert!(data.join("jobs").join(&id).join("claim-1").join(&path).join("state.json").is_file(), "{path}");
 
     let server = Launch::new(&data).start();
     let deadline = Instant::now() + Duration::from_secs(300);
