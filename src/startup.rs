@@ -84,6 +84,7 @@ impl Application {
             metrics.clone(),
         );
         let api_keys = Arc::new(http::auth::ApiKeys::new(&config.api_key));
+        let job_memory = job_memory(&config, &devices, &paths);
         let models = ModelRegistry::new(db.clone(), paths.clone(), objects.clone(), predictor.clone(), config.role.serves_api());
         let state = AppState {
             db,
@@ -100,6 +101,7 @@ impl Application {
             metrics,
             memory,
             evaluations: Arc::new(tokio::sync::Semaphore::new(1)),
+            job_memory,
         };
         recover_jobs(&state).await?;
         if state.config.role == Role::All {
@@ -281,6 +283,18 @@ async fn follow_newest_model(state: AppState) {
             Err(e) => tracing::warn!(error = %e, "looking for a newer model failed"),
         }
     }
+}
+
+/// The memory every job this process queues runs within, where it knows it: `--role all` is
+/// alone on its database, so its workers run every job; with all of them on the CPU, each
+/// training step must fit `--max-job-memory` (0: no limit).
+fn job_memory(config: &ServeConfig, devices: &[(String, candle_core::Device)], paths: &DataPaths) -> Option<crate::worker::submit::JobMemory> {
+    let cpu_only = !devices.is_empty() && devices.iter().all(|(_, d)| d.is_cpu());
+    (config.role == Role::All && cpu_only && config.max_job_memory > 0).then(|| crate::worker::submit::JobMemory {
+        limit: crate::train::memory::MemoryLimit { bytes: config.max_job_memory, source: "--max-job-memory".into() },
+        models_dir: paths.models(),
+        base_models_dir: config.base_models_dir(),
+    })
 }
 
 /// At start-up, jobs left `running` go back to the queue (they resume from their last checkpoint).

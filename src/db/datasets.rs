@@ -208,6 +208,13 @@ pub async fn list(pool: &Pool, page: &Page) -> Result<Listed<Dataset>, sqlx::Err
     Ok(page.fetch(datasets, |d| Cursor { created_at: d.created_at.clone(), id: d.id.clone() }))
 }
 
+/// How many distinct files (blobs) each class has in dataset `id`'s training split.
+pub async fn train_files_per_class(pool: &Pool, id: &str) -> Result<Vec<u64>, sqlx::Error> {
+    let counts: Vec<i64> =
+        sqlx::query_scalar("select count(distinct blob) from dataset_images where dataset_id = $1 and split = 'train' group by label").bind(id).fetch_all(pool).await?;
+    Ok(counts.into_iter().map(|n| n.max(0) as u64).collect())
+}
+
 /// One dataset.
 pub async fn get(pool: &Pool, id: &str) -> Result<Option<Dataset>, sqlx::Error> {
     let row: Option<DatasetRow> =

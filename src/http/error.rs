@@ -200,6 +200,7 @@ impl From<SubmitError> for AppError {
             SubmitError::InvalidParams(_) => Self::unprocessable("invalid_params", message),
             SubmitError::BaseModel(_) => Self::unprocessable("invalid_base_model", message),
             SubmitError::UnknownDataset(id) => Self::not_found("dataset", &id),
+            SubmitError::TooLarge(_) => Self::unprocessable("job_too_large", message),
             SubmitError::Db(e) => Self::Db(e),
         }
     }

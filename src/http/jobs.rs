@@ -72,7 +72,7 @@ async fn mistakes(State(s): State<AppState>, ApiPath(id): ApiPath<String>, ApiQu
 
 /// `POST /jobs`: 202 with the queued job.
 async fn create(State(s): State<AppState>, ApiJson(req): ApiJson<JobRequest>) -> Result<(StatusCode, Json<Job>), AppError> {
-    Ok((StatusCode::ACCEPTED, Json(submit(&s.db, &s.jobs, req).await?)))
+    Ok((StatusCode::ACCEPTED, Json(submit(&s.db, &s.jobs, req, s.job_memory.as_ref()).await?)))
 }
 
 #[derive(Debug, Deserialize)]

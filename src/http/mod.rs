@@ -74,6 +74,10 @@ pub struct AppState {
     pub memory: Arc<MemoryBudget>,
     /// One permit: `POST /models/{id}/evaluate` runs one evaluation at a time.
     pub evaluations: Arc<Semaphore>,
+    /// The memory this process's workers run every job it queues within, where it knows that
+    /// (`--role all` with CPU workers and `--max-job-memory`): `POST /jobs` refuses a job whose
+    /// training step cannot fit.
+    pub job_memory: Option<crate::worker::submit::JobMemory>,
 }
 
 /// One route: its method, its path template (axum syntax, `{id}`), and its handler.

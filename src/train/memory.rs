@@ -22,7 +22,7 @@
 //! outputs (`TrainSpec::cache_budget`), evaluation, the process's own memory.
 
 use crate::model::weights::TrainableSet;
-use crate::model::{LoadedModel, Precision};
+use crate::model::{LoadedModel, Precision, VitConfig};
 use crate::train::OptimizerKind;
 
 /// Floats per token and trained encoder layer that a step keeps at the least, per unit of
@@ -45,11 +45,40 @@ pub struct StepMemory {
 /// The least memory one training step of `model` needs, training `set` on batches of `batch`
 /// images with `optimizer` (`momentum` for SGD) in `precision`.
 pub fn training_step(model: &LoadedModel, set: TrainableSet, batch: usize, precision: Precision, optimizer: OptimizerKind, momentum: f64) -> StepMemory {
-    let cfg = &model.cfg;
+    let sizes = model.params.iter().map(|(name, var)| (name.as_str(), var.as_tensor().elem_count()));
+    step_of(&model.cfg, sizes, set, batch, precision, optimizer, momentum)
+}
+
+/// [`training_step`] of a model known by its configuration alone (no weights loaded), as a job
+/// about to be queued is: `num_labels` classes.
+pub fn training_step_of_config(
+    cfg: &VitConfig,
+    num_labels: usize,
+    set: TrainableSet,
+    batch: usize,
+    precision: Precision,
+    optimizer: OptimizerKind,
+    momentum: f64,
+) -> StepMemory {
+    let specs = crate::model::weights::param_specs(cfg, num_labels);
+    let sizes = specs.iter().map(|s| (s.name.as_str(), s.shape.iter().product()));
+    step_of(cfg, sizes, set, batch, precision, optimizer, momentum)
+}
+
+/// The bound for a model of `cfg` whose parameters are `sizes` (name, elements).
+fn step_of<'a>(
+    cfg: &VitConfig,
+    sizes: impl Iterator<Item = (&'a str, usize)>,
+    set: TrainableSet,
+    batch: usize,
+    precision: Precision,
+    optimizer: OptimizerKind,
+    momentum: f64,
+) -> StepMemory {
     let layers = cfg.num_hidden_layers;
     let (mut params, mut trained) = (0u64, 0u64);
-    for (name, var) in model.params.iter() {
-        let n = var.as_tensor().elem_count() as u64;
+    for (name, n) in sizes {
+        let n = n as u64;
         params += n;
         if set.contains(name, layers) {
             trained += n;
@@ -144,6 +173,11 @@ mod tests {
         assert_eq!(last.bytes, 4 * params + (4 * 8 * 17 * ACTIVATION_FLOATS_PER_HIDDEN * 32).max(4 * last.trained));
         let bf16 = training_step(&m, TrainableSet::All, 8, Precision::Bf16, OptimizerKind::Adamw, 0.9);
         assert_eq!(bf16.bytes, all.bytes + 2 * params);
+        // Worked out from the configuration alone (a job being queued), the same.
+        for (set, optimizer) in [(TrainableSet::All, OptimizerKind::Adamw), (TrainableSet::HeadOnly, OptimizerKind::Sgd), (TrainableSet::LastLayers(1), OptimizerKind::Adamw)] {
+            let of_config = training_step_of_config(&m.cfg, 2, set, 8, Precision::Bf16, optimizer, 0.9);
+            assert_eq!(of_config, training_step(&m, set, 8, Precision::Bf16, optimizer, 0.9), "{set:?}");
+        }
         let bigger = training_step(&m, TrainableSet::All, 512, Precision::F32, OptimizerKind::Adamw, 0.9);
         assert_eq!(bigger.bytes, 12 * params + 64 * activations, "activations grow with the batch");
         assert_eq!((size(3 << 29), size(300 << 20), size((300 << 20) + 1)), ("1.5 GiB".into(), "300 MiB".into(), "301 MiB".into()));

@@ -276,27 +276,54 @@ async fn a_run_whose_claim_passed_on_writes_no_more_checkpoints_and_stops() {
     assert_eq!(last_epoch(), Some(last), "nothing written since");
 }
 
-/// `--max-job-memory`: a job whose training step cannot fit fails at once, claimed once, with
-/// what it needs, the limit and what to change; the same job with a batch that fits trains.
+/// `--max-job-memory`: a job whose training step cannot fit is refused when submitted to a
+/// `--role all` process on the CPU, with what it needs, the limit and what to change; the same
+/// job with a batch that fits trains. One that reached the queue anyway (here through an API
+/// process, whose workers it cannot know) fails at once when claimed, claimed once.
 #[tokio::test]
-async fn a_job_whose_training_step_cannot_fit_the_memory_allowed_fails_at_once() {
+async fn a_job_whose_training_step_cannot_fit_the_memory_allowed_is_refused_or_fails_at_once() {
     let app = crate::helpers::spawn_app_with(|c| c.max_job_memory = 1 << 20).await;
     let dataset = app.upload_pets(20, false).await;
-    let job = app.submit_job(&dataset, json!({"epochs": 2, "batch_size": 32, "head_init": "random"})).await;
-    let id = job["id"].as_str().unwrap();
-    let done = app.wait_job(id, 60).await;
-    assert_eq!(done["status"], "failed", "{done}");
-    let error = done["error"].as_str().unwrap();
+    crate::support::install_base_model(&app.data_dir, "tiny", &crate::support::tiny_config(), &["a", "b"]);
+    let too_large = json!({"dataset_id": dataset, "base_model": "tiny", "params": {"epochs": 2, "batch_size": 32, "head_init": "random"}});
+    let error = assert_error(app.post_json("/jobs", &too_large).await, 422, "job_too_large").await;
     assert!(error.starts_with("a training step needs at least "), "{error}");
+    // 36 of the 40 training images stay after the hold-out, so batches are of 32.
     assert!(error.contains("batches of 32 images, f32), more than the 1 MiB of --max-job-memory: lower batch_size"), "{error}");
-    let claims: i64 = sqlx::query_scalar("select attempts from jobs where id = $1").bind(id).fetch_one(&app.db).await.unwrap();
-    assert_eq!(claims, 1, "not tried again");
-    assert_eq!(done["progress"]["step"], 0, "no step taken");
-    assert_eq!(json(app.get("/models").await).await, json!([]));
-
+    // A batch larger than the images kept: judged at their number, as the worker would.
+    let larger = json!({"dataset_id": dataset, "base_model": "tiny", "params": {"epochs": 2, "batch_size": 64, "head_init": "random"}});
+    let error = assert_error(app.post_json("/jobs", &larger).await, 422, "job_too_large").await;
+    assert!(error.contains("batches of 36 images"), "{error}");
+    assert_eq!(json(app.get("/jobs").await).await, json!([]), "nothing queued");
+    // Steps that fit, or none at all (the probe alone, as the `auto` recipe plans before its
+    // probe decides), are queued.
     let fits = app.submit_job(&dataset, json!({"epochs": 2, "batch_size": 2, "head_init": "random"})).await;
     let done = app.wait_job(fits["id"].as_str().unwrap(), 120).await;
     assert_eq!(done["status"], "succeeded", "{done}");
+    let probe = app.submit_job(&dataset, json!({"epochs": 1, "batch_size": 32, "head_init": "probe"})).await;
+    assert_eq!(app.wait_job(probe["id"].as_str().unwrap(), 120).await["status"], "succeeded");
+    let data_dir = app.data_dir.clone();
+    let tmp = app.stop().await;
+
+    // Queued through an API process, then claimed by a worker with the limit.
+    let mut config = crate::helpers::test_config(&data_dir);
+    config.role = vitforge::config::Role::Api;
+    let api = crate::helpers::spawn_with(config).await;
+    let queued = api.submit_job(&dataset, too_large["params"].clone()).await;
+    let id = queued["id"].as_str().unwrap().to_string();
+    api.stop().await;
+    let mut config = crate::helpers::test_config(&data_dir);
+    config.max_job_memory = 1 << 20;
+    let app = crate::helpers::spawn_with(config).await;
+    let done = app.wait_job(&id, 60).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let error = done["error"].as_str().unwrap();
+    assert!(error.contains("batches of 32 images, f32), more than the 1 MiB of --max-job-memory: lower batch_size"), "{error}");
+    let claims: i64 = sqlx::query_scalar("select attempts from jobs where id = $1").bind(&id).fetch_one(&app.db).await.unwrap();
+    assert_eq!(claims, 1, "not tried again");
+    assert_eq!(done["progress"]["step"], 0, "no step taken");
+    app.stop().await;
+    drop(tmp);
 }
 
 #[tokio::test]
