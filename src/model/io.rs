@@ -282,6 +282,12 @@ fn wait_for_lock(lock: &Path, file_name: &str, timeout: Duration, on_download: &
     }
 }
 
+/// The `config.json` of hub model `id` where the hub cache (`HF_HOME`) holds it: a look in the
+/// cache's folders, no connection.
+pub fn cached_hub_config(id: &str) -> Option<PathBuf> {
+    hf_hub::Cache::from_env().model(id.to_string()).get(CONFIG_FILE)
+}
+
 fn fetch_from_hub(id: &str, on_download: &mut OnDownload) -> Result<ModelFiles> {
     let cache = hf_hub::Cache::from_env();
     let cached = cache.model(id.to_string());

@@ -118,13 +118,20 @@ impl JobMemory {
     /// nothing that would fit is refused. Passed over: a run that plans no gradient step (the
     /// probe alone, as the `auto` recipe plans until its probe has decided what trains, which
     /// the worker checks then), or a base model whose configuration is not on this machine (a
-    /// hub model not downloaded yet).
+    /// hub model not in the hub cache yet).
     async fn check(&self, db: &Pool, p: &TrainParams, base_model: &str, is_our_model: bool, dataset_id: &str) -> Result<(), SubmitError> {
         if p.epochs <= u32::from(p.head_init == HeadInit::Probe) {
             return Ok(());
         }
-        let Ok(ModelSource::Dir(dir)) = resolve_base_model(base_model, is_our_model, &self.models_dir, &self.base_models_dir) else { return Ok(()) };
-        let Ok(text) = tokio::fs::read_to_string(dir.join(crate::model::io::CONFIG_FILE)).await else { return Ok(()) };
+        let config = match resolve_base_model(base_model, is_our_model, &self.models_dir, &self.base_models_dir) {
+            Ok(ModelSource::Dir(dir)) => dir.join(crate::model::io::CONFIG_FILE),
+            Ok(ModelSource::Hub(id)) => match tokio::task::spawn_blocking(move || crate::model::io::cached_hub_config(&id)).await {
+                Ok(Some(config)) => config,
+                _ => return Ok(()),
+            },
+            Err(_) => return Ok(()),
+        };
+        let Ok(text) = tokio::fs::read_to_string(config).await else { return Ok(()) };
         let Ok(cfg) = crate::model::VitConfig::from_json(&text) else { return Ok(()) };
         let Some(dataset) = db::datasets::get(db, dataset_id).await? else { return Ok(()) };
         let train = if dataset.counts.validation.values().sum::<u64>() > 0 {

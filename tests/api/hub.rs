@@ -123,6 +123,32 @@ async fn a_stalled_hub_download_is_given_up_and_the_worker_goes_on() {
     assert!(started.elapsed() < Duration::from_secs(100), "both ended in {:?}", started.elapsed());
 }
 
+/// `--max-job-memory` judges a job on a hub model when it is submitted once the model is in the
+/// hub cache; before that, the job is queued and judged when claimed, after the download.
+#[tokio::test]
+async fn a_hub_model_in_the_cache_is_judged_for_memory_when_the_job_is_submitted() {
+    let tmp = tempfile::tempdir().unwrap();
+    // About 4 MiB for a step of 4 images, about 8 for one of the 10 the hold-out leaves.
+    let Served { app, request, .. } = serve_a_hub_model(tmp.path(), 1, Duration::ZERO, &[("VITFORGE_MAX_JOB_MEMORY", "6291456")]).await;
+    let ended = |j: &Value| j["status"] != "running" && j["status"] != "queued";
+    let mut too_large = request.clone();
+    too_large["params"]["batch_size"] = json!(64);
+    // Not cached: queued, and refused by the worker after the download.
+    let queued = app.post_json("/jobs", &too_large).await;
+    let failed = wait_for(&app, queued["id"].as_str().unwrap(), 120, "the job ending", ended).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(failed["error"].as_str().unwrap().contains("batches of 10 images, f32), more than the 6 MiB of --max-job-memory"), "{failed}");
+    // Cached now: refused at once with the same reason, and one that fits trains.
+    let resp = app.client.post(app.url("/jobs")).json(&too_large).send().await.unwrap();
+    assert_eq!(resp.status(), 422);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "job_too_large", "{body}");
+    assert_eq!(body["error"]["message"], failed["error"], "the worker's reason");
+    let fits = app.post_json("/jobs", &request).await;
+    let done = wait_for(&app, fits["id"].as_str().unwrap(), 120, "the job ending", ended).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+}
+
 /// Waits until job `id` has received part of its model's weights (`size` bytes), cancels it, and
 /// checks that it ends cancelled within a minute.
 async fn cancel_mid_download(app: &ChildServer, id: &str, size: u64) {
