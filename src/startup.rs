@@ -290,11 +290,8 @@ async fn follow_newest_model(state: AppState) {
 /// training step must fit `--max-job-memory` (0: no limit).
 fn job_memory(config: &ServeConfig, devices: &[(String, candle_core::Device)], paths: &DataPaths) -> Option<crate::worker::submit::JobMemory> {
     let cpu_only = !devices.is_empty() && devices.iter().all(|(_, d)| d.is_cpu());
-    (config.role == Role::All && cpu_only && config.max_job_memory > 0).then(|| crate::worker::submit::JobMemory {
-        limit: crate::train::memory::MemoryLimit { bytes: config.max_job_memory, source: "--max-job-memory".into() },
-        models_dir: paths.models(),
-        base_models_dir: config.base_models_dir(),
-    })
+    let limit = crate::train::memory::MemoryLimit::max_job_memory(config.max_job_memory)?;
+    (config.role == Role::All && cpu_only).then(|| crate::worker::submit::JobMemory { limit, models_dir: paths.models(), base_models_dir: config.base_models_dir() })
 }
 
 /// At start-up, jobs left `running` go back to the queue (they resume from their last checkpoint).

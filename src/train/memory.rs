@@ -109,6 +109,14 @@ pub struct MemoryLimit {
     pub source: String,
 }
 
+impl MemoryLimit {
+    /// The limit `--max-job-memory` sets for a job's training (0: none), as both the worker that
+    /// runs a job and `POST /jobs` (`worker::submit::JobMemory`) apply it.
+    pub fn max_job_memory(bytes: u64) -> Option<Self> {
+        (bytes > 0).then(|| Self { bytes, source: "--max-job-memory".into() })
+    }
+}
+
 impl StepMemory {
     /// `Err` with the reason and what to change when this step cannot fit `limit`.
     pub fn check(&self, limit: &MemoryLimit, batch: usize, precision: Precision) -> Result<(), String> {

@@ -88,7 +88,7 @@ pub(super) async fn run_job(
     if let Some(epoch) = ctx.objects.fetch_checkpoint(&checkpoint_root, claim).await.map_err(store)? {
         tracing::info!(job = %job.id, epoch, "fetched the job's last checkpoint from the object store");
     }
-    let memory_limit = (ctx.max_job_memory > 0).then(|| MemoryLimit { bytes: ctx.max_job_memory, source: "--max-job-memory".into() });
+    let memory_limit = MemoryLimit::max_job_memory(ctx.max_job_memory);
     let spec = TrainSpec {
         params: params.clone(),
         data,
