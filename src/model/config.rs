@@ -178,6 +178,17 @@ impl VitConfig {
         Ok(cfg)
     }
 
+    /// The ViT the library's unit tests run forward (32×32 input, patch 8, 2 layers of width 32,
+    /// as `tests/support`'s `TINY_CONFIG` for the test binaries).
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Self {
+        Self::from_json(
+            r#"{"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32,
+                "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}"#,
+        )
+        .expect("a valid configuration")
+    }
+
     /// A named architecture with patch 16 at 224×224: `tiny` (192 wide, 3 heads), `small` (384,
     /// 6 heads) or `base` (768, 12 heads), all 12 layers with an MLP four times as wide.
     pub fn preset(name: &str) -> Option<Self> {

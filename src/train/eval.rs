@@ -264,11 +264,7 @@ mod tests {
             image::RgbImage::from_pixel(8, 8, image::Rgb([40 * i, 0, 0])).save(&path).unwrap();
             records.push((path, labels[usize::from(i % 2)].clone(), Split::Test));
         }
-        let cfg = crate::model::VitConfig::from_json(
-            r#"{"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32,
-                "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}"#,
-        )
-        .unwrap();
+        let cfg = crate::model::VitConfig::for_tests();
         let model = LoadedModel::random(&cfg, &labels, 0, &Device::Cpu).unwrap();
         let mut seen = Vec::new();
         let evaluation = evaluate_records_with_progress(&model, records.clone(), None, 1 << 20, 2, &Device::Cpu, Precision::F32, None, &mut |done, total| {
@@ -299,11 +295,7 @@ mod tests {
             path
         };
         let (a, b, a_again) = (save("a.png", 0), save("b.png", 250), save("a2.png", 0));
-        let cfg = crate::model::VitConfig::from_json(
-            r#"{"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32,
-                "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}"#,
-        )
-        .unwrap();
+        let cfg = crate::model::VitConfig::for_tests();
         let model = LoadedModel::random(&cfg, &labels, 0, &Device::Cpu).unwrap();
         let run = |third: &PathBuf| {
             let records = vec![(a.clone(), "a".to_string(), Split::Test), (b.clone(), "b".to_string(), Split::Test), (third.clone(), "a".to_string(), Split::Test)];

@@ -170,11 +170,7 @@ mod tests {
         let (a, b) = (path("a.png", 10), path("b.png", 200));
         let ex = |p: &std::path::Path, label| Example { path: p.to_path_buf(), label };
         let examples = [ex(&a, 0), ex(&b, 0), ex(&a, 0), ex(&a, 1), ex(&a, 0)];
-        let cfg = VitConfig::from_json(
-            r#"{"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32,
-                "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}"#,
-        )
-        .unwrap();
+        let cfg = VitConfig::for_tests();
         let model = LoadedModel::random(&cfg, &["x".into(), "y".into()], 0, &Device::Cpu).unwrap();
         let vit = Vit::frozen(&cfg, &model.params).unwrap().with_precision(Precision::F32);
         let images = ImageCache::new(1 << 20, 1 << 20);
