@@ -163,7 +163,8 @@ mod tests {
         let objects = Objects::local(crate::paths::DataPaths::new(dir.path())).unwrap();
         let store = objects.blobs().clone();
         let lock = BlobLock::default();
-        let dataset = db::datasets::insert(&pool, "d", &ingested(&store, &[b"one", b"two"])).await.unwrap();
+        let first = ingested(&store, &[b"one", b"two"]);
+        let dataset = db::datasets::insert(&pool, "d", &first, first.reports()).await.unwrap();
 
         // An upload in flight that found b"two" already stored and is about to reference it.
         let upload = lock.clone().read_owned().await;
@@ -173,7 +174,8 @@ mod tests {
         collect_after_delete(&pool, &objects, &lock, blobs, false).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(store.list().unwrap().len(), 2, "collected while an upload held the lock");
-        db::datasets::insert(&pool, "e", &ingested(&store, &[b"two", b"three"])).await.unwrap();
+        let second = ingested(&store, &[b"two", b"three"]);
+        db::datasets::insert(&pool, "e", &second, second.reports()).await.unwrap();
         drop(upload);
 
         // Once the upload is done, only the blob nobody references goes.

@@ -470,7 +470,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let store = BlobStore::open(scratch.path().join("blobs"))?;
     let ingested = import(&args.data, &store, &cancel)?;
     let records = records(&ingested, &store)?;
-    let looks: Vec<_> = records.iter().zip(&ingested.images).map(|((path, _, _), image)| (path.clone(), image.look)).collect();
+    let looks: Vec<_> = records.iter().zip(&ingested.images).map(|((path, _, _), image)| (path.clone(), image.label.as_str(), image.look)).collect();
     let mut data = TrainData::with_labels(ingested.classes.clone(), records)?;
     data.set_look_alikes(&looks);
     let pb = bar(0, "{spinner} {prefix:>10} [{bar:30}] {pos}/{len} {msg} eta {eta}");

@@ -91,7 +91,7 @@ impl Duplicates {
     /// where an image has no fingerprint (a dataset stored before they were taken).
     pub fn look_alikes<'a>(images: impl IntoIterator<Item = ImageRef<'a>>) -> Option<Self> {
         let images: Vec<ImageRef<'a>> = images.into_iter().collect();
-        let prints: Vec<Look> = images.iter().map(|i| i.look).collect::<Option<_>>()?;
+        let prints: Vec<(Look, &str)> = images.iter().map(|i| Some((i.look?, i.label))).collect::<Option<_>>()?;
         Some(Self::grouped(&images, &look_alike::clusters(&prints), true))
     }
 
@@ -158,10 +158,10 @@ impl Duplicates {
     }
 
     /// The look-alike summary in a sentence, or `None` when no images look alike: "2 images look
-    /// like other files (resized, re-encoded or mirrored copies): 1 group under two or more classes".
+    /// like other files (resized, re-encoded, mirrored or turned copies): 1 group under two or more classes".
     pub fn describe_look_alikes(&self) -> Option<String> {
         let head = if self.copies == 1 { "1 image looks like another file".to_string() } else { format!("{} images look like other files", self.copies) };
-        self.sentence(format!("{head} (resized, re-encoded or mirrored copies)"), ("group", "groups"))
+        self.sentence(format!("{head} (resized, re-encoded, mirrored or turned copies)"), ("group", "groups"))
     }
 
     fn sentence(&self, mut text: String, (one, many): (&str, &str)) -> Option<String> {
@@ -270,7 +270,7 @@ mod tests {
 
     #[test]
     fn look_alikes_group_different_files_that_look_the_same() {
-        let looks = |blob: &'static str, file: &'static str, label: &'static str, split, shape| ImageRef { blob, file, label, split, look: Some(Look { shape, mirror: shape, colour: 0 }) };
+        let looks = |blob: &'static str, file: &'static str, label: &'static str, split, shape| ImageRef { blob, file, label, split, look: Some(Look::of_shape(shape, 0)) };
         let images = [
             looks("a", "cat/a.jpg", "cat", Split::Train, 0),
             looks("a2", "cat/a-small.jpg", "cat", Split::Train, 0b111),
@@ -286,7 +286,7 @@ mod tests {
         assert_eq!(similar.groups[1].count, 2);
         assert_eq!(
             similar.describe_look_alikes().unwrap(),
-            "3 images look like other files (resized, re-encoded or mirrored copies): 1 group in two or more splits"
+            "3 images look like other files (resized, re-encoded, mirrored or turned copies): 1 group in two or more splits"
         );
         // Same-file copies alone are no look-alike group.
         let same = [looks("a", "x.jpg", "cat", Split::Train, 1), looks("a", "y.jpg", "dog", Split::Train, 1)];

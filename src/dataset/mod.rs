@@ -200,6 +200,19 @@ impl Ingested {
     pub fn look_alikes(&self) -> Option<Duplicates> {
         Duplicates::look_alikes(self.images.iter().map(ImageRecord::image_ref))
     }
+
+    /// Both reports, as a dataset's record holds them. Finding look-alikes grows as the square
+    /// of the images: a server works them out on a blocking thread, not on its async runtime.
+    pub fn reports(&self) -> Reports {
+        Reports { duplicates: self.duplicates(), look_alikes: self.look_alikes() }
+    }
+}
+
+/// An upload's reports of repeated files and of pictures that look alike ([`Ingested::reports`]).
+#[derive(Debug, Clone)]
+pub struct Reports {
+    pub duplicates: Duplicates,
+    pub look_alikes: Option<Duplicates>,
 }
 
 /// Bounds on what one ingest may unpack.

@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::dataset::look_alike::Look;
-use crate::dataset::{Duplicates, ImageRef, Ingested, Rejected, Split, SplitCounts};
+use crate::dataset::{Duplicates, ImageRef, Ingested, Rejected, Reports, Split, SplitCounts};
 use crate::db::{Cursor, Listed, Page, Pool, RowLock, lock_row, new_id, now};
 
-/// Rows per multi-row `insert` (8 parameters each, well under SQLite's parameter limit and
+/// Rows per multi-row `insert` (9 parameters each, well under SQLite's parameter limit and
 /// PostgreSQL's 65,535).
 const INSERT_CHUNK: usize = 500;
 /// Blob names per `in (...)` lookup.
@@ -47,17 +47,18 @@ pub struct ImageRow {
     pub split: Split,
     /// Its name in the upload.
     pub file: String,
-    /// Its look-alike fingerprint's shape and mirror image's shape (the u64s' bits) and colour
-    /// ([`Look::to_columns`]); null for an image stored before they were taken.
+    /// Its look-alike fingerprint's shape, mirror image's shape (the u64s' bits), turned shapes
+    /// and colour ([`Look::to_columns`]); null for an image stored before they were taken.
     pub look: Option<i64>,
     pub look_mirror: Option<i64>,
+    pub look_turned: Option<Vec<u8>>,
     pub look_colour: Option<i32>,
 }
 
 impl ImageRow {
     /// Its look-alike fingerprint.
     pub fn look(&self) -> Option<Look> {
-        Look::from_columns(self.look, self.look_mirror, self.look_colour)
+        Look::from_columns(self.look, self.look_mirror, self.look_turned.as_deref(), self.look_colour)
     }
 
     /// The fields the duplicate summaries read.
@@ -144,8 +145,8 @@ fn to_json<T: Serialize>(value: &T) -> Result<String, sqlx::Error> {
     serde_json::to_string(value).map_err(|e| sqlx::Error::Encode(Box::new(e)))
 }
 
-/// Stores a dataset and all its images in one transaction.
-pub async fn insert(pool: &Pool, name: &str, ingested: &Ingested) -> Result<Dataset, sqlx::Error> {
+/// Stores a dataset, its reports ([`Ingested::reports`]) and all its images in one transaction.
+pub async fn insert(pool: &Pool, name: &str, ingested: &Ingested, reports: Reports) -> Result<Dataset, sqlx::Error> {
     let dataset = Dataset {
         id: new_id(),
         name: name.to_string(),
@@ -155,8 +156,8 @@ pub async fn insert(pool: &Pool, name: &str, ingested: &Ingested) -> Result<Data
         counts: ingested.counts(),
         rejected: ingested.rejected.clone(),
         rejected_total: ingested.rejected_total,
-        duplicates: ingested.duplicates(),
-        look_alikes: ingested.look_alikes(),
+        duplicates: reports.duplicates,
+        look_alikes: reports.look_alikes,
     };
     let mut tx = pool.begin().await?;
     sqlx::query(
@@ -176,12 +177,18 @@ pub async fn insert(pool: &Pool, name: &str, ingested: &Ingested) -> Result<Data
     .execute(&mut *tx)
     .await?;
     for chunk in ingested.images.chunks(INSERT_CHUNK) {
-        let sql = format!("insert into dataset_images (dataset_id, blob, label, split, file, look, look_mirror, look_colour) values {}", placeholder_rows(chunk.len(), 8));
+        let sql = format!(
+            "insert into dataset_images (dataset_id, blob, label, split, file, look, look_mirror, look_turned, look_colour) values {}",
+            placeholder_rows(chunk.len(), 9)
+        );
         let mut insert = sqlx::query(sqlx::AssertSqlSafe(sql));
         for image in chunk {
             insert = insert.bind(&dataset.id).bind(&image.blob).bind(&image.label).bind(image.split.as_str()).bind(&image.file);
-            let columns = image.look.map(Look::to_columns);
-            insert = insert.bind(columns.map(|c| c.0)).bind(columns.map(|c| c.1)).bind(columns.map(|c| c.2));
+            let (shape, mirror, turned, colour) = match image.look.map(Look::to_columns) {
+                Some(c) => (Some(c.shape), Some(c.mirror), Some(c.turned), Some(c.colour)),
+                None => (None, None, None, None),
+            };
+            insert = insert.bind(shape).bind(mirror).bind(turned).bind(colour);
         }
         insert.execute(&mut *tx).await?;
     }
@@ -234,7 +241,7 @@ pub async fn get(pool: &Pool, id: &str) -> Result<Option<Dataset>, sqlx::Error> 
 /// reads them.
 macro_rules! image_columns {
     () => {
-        "blob, label, split, file, look, look_mirror, look_colour"
+        "blob, label, split, file, look, look_mirror, look_turned, look_colour"
     };
 }
 
@@ -297,18 +304,23 @@ pub async fn set_looks(pool: &Pool, dataset_id: &str, looks: &HashMap<String, Lo
         return Ok(false);
     }
     for (blob, look) in looks {
-        let (shape, mirror, colour) = look.to_columns();
-        sqlx::query("update dataset_images set look = $1, look_mirror = $2, look_colour = $3 where dataset_id = $4 and blob = $5")
-            .bind(shape)
-            .bind(mirror)
-            .bind(colour)
+        let columns = look.to_columns();
+        sqlx::query("update dataset_images set look = $1, look_mirror = $2, look_turned = $3, look_colour = $4 where dataset_id = $5 and blob = $6")
+            .bind(columns.shape)
+            .bind(columns.mirror)
+            .bind(columns.turned)
+            .bind(columns.colour)
             .bind(dataset_id)
             .bind(blob)
             .execute(&mut *tx)
             .await?;
     }
     let images = images(&mut *tx, dataset_id).await?;
-    let Some(report) = Duplicates::look_alikes(images.iter().map(ImageRow::image_ref)) else { return Ok(false) };
+    // Finding look-alikes grows as the square of the images: on a blocking thread.
+    let report = tokio::task::spawn_blocking(move || Duplicates::look_alikes(images.iter().map(ImageRow::image_ref)))
+        .await
+        .map_err(|e| sqlx::Error::Io(std::io::Error::other(e)))?;
+    let Some(report) = report else { return Ok(false) };
     sqlx::query("update datasets set look_alikes = $1 where id = $2").bind(to_json(&report)?).bind(dataset_id).execute(&mut *tx).await?;
     tx.commit().await?;
     Ok(true)
@@ -382,7 +394,14 @@ mod tests {
 
     /// Spread-out fingerprints, half of them with the top bit set (a negative i64 stored).
     fn look(i: usize) -> Look {
-        Look { shape: (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15), mirror: (i as u64 + 1).wrapping_mul(0xC2B2_AE3D_27D4_EB4F), colour: (i * 7919) as u16 }
+        let spread = |k: u64| (i as u64 + 1).wrapping_mul(k);
+        Look {
+            shape: spread(0x9E37_79B9_7F4A_7C15),
+            mirror: spread(0xC2B2_AE3D_27D4_EB4F),
+            turned: [0x1656_67B1_9E37_79F9, 0x27D4_EB2F_1656_67C5, 0x85EB_CA77_C2B2_AE63, 0xFF51_AFD7_ED55_8CCD, 0xC4CE_B9FE_1A85_EC53, 0x9E37_79B9_7F4A_7C16]
+                .map(spread),
+            colour: (i * 7919) as u16,
+        }
     }
 
     fn ingested(n: usize) -> Ingested {
@@ -408,14 +427,24 @@ mod tests {
     async fn a_dataset_round_trips_with_its_images_in_upload_order() {
         let (_dir, pool) = pool().await;
         // More rows than one multi-row insert holds.
-        let stored = insert(&pool, "set", &ingested(1203)).await.unwrap();
+        let set = ingested(1203);
+        let stored = insert(&pool, "set", &set, set.reports()).await.unwrap();
         assert_eq!(get(&pool, &stored.id).await.unwrap(), Some(stored.clone()));
         assert_eq!(stored.counts.train["c0"], 201);
         let rows = images(&pool, &stored.id).await.unwrap();
         assert_eq!(rows.len(), 1203);
         assert_eq!(
             rows[4],
-            ImageRow { blob: blob(4), label: "c0".into(), split: Split::Validation, file: "f4".into(), look: Some(look(4).shape as i64), look_mirror: Some(look(4).mirror as i64), look_colour: Some(i32::from(look(4).colour)) }
+            ImageRow {
+                blob: blob(4),
+                label: "c0".into(),
+                split: Split::Validation,
+                file: "f4".into(),
+                look: Some(look(4).shape as i64),
+                look_mirror: Some(look(4).mirror as i64),
+                look_turned: Some(look(4).turned.iter().flat_map(|t| t.to_le_bytes()).collect()),
+                look_colour: Some(i32::from(look(4).colour))
+            }
         );
         assert!(rows.iter().enumerate().all(|(i, r)| r.look() == Some(look(i))));
         assert!(stored.look_alikes.is_some());
@@ -431,7 +460,7 @@ mod tests {
         let (_dir, pool) = pool().await;
         let mut old = ingested(4);
         old.images.iter_mut().for_each(|i| i.look = None);
-        let stored = insert(&pool, "old", &old).await.unwrap();
+        let stored = insert(&pool, "old", &old, old.reports()).await.unwrap();
         assert_eq!(stored.look_alikes, None);
         assert_eq!(without_look_alikes(&pool).await.unwrap(), vec![stored.id.clone()]);
         let looks: HashMap<String, Look> = (0..4).map(|i| (blob(i), look(i))).collect();
@@ -451,8 +480,9 @@ mod tests {
     #[tokio::test]
     async fn list_is_newest_first_and_delete_reports_blobs_and_users() {
         let (_dir, pool) = pool().await;
-        let a = insert(&pool, "a", &ingested(3)).await.unwrap();
-        let b = insert(&pool, "b", &ingested(2)).await.unwrap();
+        let (three, two) = (ingested(3), ingested(2));
+        let a = insert(&pool, "a", &three, three.reports()).await.unwrap();
+        let b = insert(&pool, "b", &two, two.reports()).await.unwrap();
         let ids: Vec<String> = list(&pool, &Page::all()).await.unwrap().rows.into_iter().map(|d| d.id).collect();
         assert_eq!(ids, vec![b.id.clone(), a.id.clone()]);
 

@@ -21,7 +21,7 @@ use super::{AppState, Route};
 use super::error::AppError;
 use super::inflight::BodyUse;
 use crate::cancel::CancelOnDrop;
-use crate::dataset::{self, BlobStore, Ingested, Split};
+use crate::dataset::{self, BlobStore, Ingested, Reports, Split};
 use crate::db::datasets::{self as queries, Dataset, Deleted};
 
 /// Longest dataset name, in characters.
@@ -184,11 +184,11 @@ async fn create(
     let (store, written) = state.objects.blobs().recording();
     let mut added = AddedBlobs { state: state.clone(), written: written.clone(), armed: true };
     let stored = async {
-        let ingested = ingest(&state, store, upload.file, slot, uploading.clone()).await?;
+        let (ingested, reports) = ingest(&state, store, upload.file, slot, uploading.clone()).await?;
         // In the object store before the rows that name them.
         let blobs: std::collections::BTreeSet<String> = ingested.images.iter().map(|i| i.blob.clone()).collect();
         state.objects.publish_blobs(&blobs.into_iter().collect::<Vec<_>>()).await?;
-        Ok::<_, AppError>(queries::insert(&state.db, &upload.name, &ingested).await?)
+        Ok::<_, AppError>(queries::insert(&state.db, &upload.name, &ingested, reports).await?)
     }
     .await;
     // Not dropped mid-way: the outcome below keeps the blobs or removes them itself.
@@ -439,7 +439,7 @@ async fn ingest(
     upload: ScratchFile,
     slot: tokio::sync::OwnedSemaphorePermit,
     uploading: Arc<tokio::sync::OwnedRwLockReadGuard<()>>,
-) -> Result<Ingested, AppError> {
+) -> Result<(Ingested, Reports), AppError> {
     let limits = state.ingest_limits.clone();
     let memory = state.memory.clone();
     let span = tracing::Span::current();
@@ -447,7 +447,13 @@ async fn ingest(
     let task = tokio::task::spawn_blocking(move || {
         // The scratch file too: the tar reader opens it by name twice.
         let _held = (slot, uploading);
-        span.in_scope(|| dataset::ingest_cancellable(&upload.path, &store, &limits, &mut |_| {}, &cancel, &memory))
+        span.in_scope(|| {
+            let ingested = dataset::ingest_cancellable(&upload.path, &store, &limits, &mut |_| {}, &cancel, &memory)?;
+            // Worked out here, off the async runtime: finding look-alikes grows as the square of
+            // the images.
+            let reports = ingested.reports();
+            Ok::<_, dataset::IngestError>((ingested, reports))
+        })
     });
     Ok(task.await.context("ingest task failed")??)
 }

@@ -149,11 +149,11 @@ impl TrainData {
             .collect()
     }
 
-    /// Sets [`Self::look_alikes`] from each image file's fingerprint; when one has none (a
-    /// dataset stored before they were taken), there are none.
-    pub fn set_look_alikes(&mut self, files: &[(PathBuf, Option<look_alike::Look>)]) {
+    /// Sets [`Self::look_alikes`] from each image's file, class and fingerprint; when one has
+    /// none (a dataset stored before they were taken), there are none.
+    pub fn set_look_alikes(&mut self, files: &[(PathBuf, &str, Option<look_alike::Look>)]) {
         self.look_alikes.clear();
-        let Some(prints) = files.iter().map(|(_, look)| *look).collect::<Option<Vec<_>>>() else { return };
+        let Some(prints) = files.iter().map(|&(_, class, look)| Some((look?, class))).collect::<Option<Vec<_>>>() else { return };
         for (i, first) in look_alike::clusters(&prints).into_iter().enumerate() {
             if files[first].0 != files[i].0 {
                 self.look_alikes.insert(files[i].0.clone(), files[first].0.clone());
@@ -507,8 +507,9 @@ mod tests {
             30 | 31 => u64::MAX,
             _ => (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         };
-        let files: Vec<(PathBuf, Option<look_alike::Look>)> =
-            ids.iter().map(|&i| (ex(i, 0).path, Some(look_alike::Look { shape: print(i), mirror: print(i), colour: 0 }))).collect();
+        let class = |i: usize| if i == 31 || i >= 40 { "b" } else { "a" };
+        let files: Vec<(PathBuf, &str, Option<look_alike::Look>)> =
+            ids.iter().map(|&i| (ex(i, 0).path, class(i), Some(look_alike::Look::of_shape(print(i), 0)))).collect();
         d.set_look_alikes(&files);
         assert_eq!(d.look_alikes.len(), 11, "{:?}", d.look_alikes);
         assert_eq!(d.look_alikes[&PathBuf::from("img13.png")], PathBuf::from("img3.png"));
@@ -530,7 +531,7 @@ mod tests {
         }
         // An image without a fingerprint (an older dataset): no look-alikes at all.
         let mut older = files.clone();
-        older[0].1 = None;
+        older[0].2 = None;
         d.set_look_alikes(&older);
         assert!(d.look_alikes.is_empty());
     }
@@ -543,13 +544,13 @@ mod tests {
         // Class a: files 0..10 all alike, 10..20 alone. Class b: files 20..25, all alike.
         d.train = (0..20).map(|i| ex(i, 0)).chain((20..25).map(|i| ex(i, 1))).collect();
         let alike = [0..10, 20..25];
-        let files: Vec<(PathBuf, Option<look_alike::Look>)> = (0..25)
+        let files: Vec<(PathBuf, &str, Option<look_alike::Look>)> = (0..25)
             .map(|i| {
                 let shape = match alike.iter().position(|r| r.contains(&i)) {
                     Some(group) => (group as u64 * 0xFFFF_FFFF_0000_0000) ^ (1 << (i % 5)),
                     None => (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
                 };
-                (ex(i, 0).path, Some(look_alike::Look { shape, mirror: shape, colour: 0 }))
+                (ex(i, 0).path, if i < 20 { "a" } else { "b" }, Some(look_alike::Look::of_shape(shape, 0)))
             })
             .collect();
         d.set_look_alikes(&files);

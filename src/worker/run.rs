@@ -219,17 +219,16 @@ async fn load_dataset(ctx: &JobContext, dataset_id: &str) -> Result<(TrainData, 
         .ok_or_else(|| setup(format!("dataset '{dataset_id}' no longer exists")))?;
     let rows = db::datasets::images(&ctx.db, dataset_id).await.map_err(setup)?;
     let paths = ctx.objects.blob_paths(&rows.iter().map(|r| r.blob.clone()).collect::<Vec<_>>()).await.map_err(store)?;
-    let mut records = Vec::with_capacity(rows.len());
-    let mut looks = Vec::with_capacity(rows.len());
-    let mut files = HashMap::with_capacity(rows.len());
-    for (row, path) in rows.into_iter().zip(paths) {
-        looks.push((path.clone(), row.look()));
-        files.insert(path.clone(), (row.blob, row.file));
-        records.push((path, row.label, row.split));
-    }
-    let mut data = TrainData::with_labels(dataset.classes, records)?;
-    data.set_look_alikes(&looks);
-    Ok((data, files))
+    // Clustering the look-alikes grows as the square of the images: on a blocking thread.
+    tokio::task::spawn_blocking(move || {
+        let looks: Vec<_> = rows.iter().zip(&paths).map(|(row, path)| (path.clone(), row.label.as_str(), row.look())).collect();
+        let mut data = TrainData::with_labels(dataset.classes, rows.iter().zip(&paths).map(|(row, path)| (path.clone(), row.label.clone(), row.split)).collect())?;
+        data.set_look_alikes(&looks);
+        let files = rows.into_iter().zip(paths).map(|(row, path)| (path, (row.blob, row.file))).collect();
+        Ok((data, files))
+    })
+    .await
+    .map_err(setup)?
 }
 
 /// How often, at most, a job's phase progress is written and sent live (besides every change of
@@ -395,7 +394,7 @@ mod tests {
         let ctx = crate::startup::job_context(app.state());
         let image = ImageRecord { file: "a.png".into(), label: "a".into(), split: Split::Train, blob: format!("{:064x}", 1), look: None };
         let ingested = Ingested { images: vec![image], rejected: vec![], rejected_total: 0, classes: vec!["a".into()] };
-        let dataset = db::datasets::insert(&ctx.db, "set", &ingested).await.unwrap();
+        let dataset = db::datasets::insert(&ctx.db, "set", &ingested, ingested.reports()).await.unwrap();
         let new = NewJob { dataset_id: &dataset.id, base_model: "tiny", params: &json!({}), recipe: "auto", epochs: 1, base_is_model: false };
         db::jobs::insert(&ctx.db, &new).await.unwrap().unwrap();
         let job = db::jobs::claim(&ctx.db, &ctx.worker_name, "cpu", Duration::from_secs(60), &[]).await.unwrap().unwrap();
@@ -439,11 +438,11 @@ mod tests {
     async fn a_job_s_data_knows_which_files_look_alike() {
         let dir = tempfile::tempdir().unwrap();
         let (_app, ctx, _job) = running_job(dir.path()).await;
-        let look = |shape| Some(crate::dataset::look_alike::Look { shape, mirror: shape, colour: 0 });
+        let look = |shape| Some(crate::dataset::look_alike::Look::of_shape(shape, 0));
         let image = |i: u64, label: &str, shape| ImageRecord { file: format!("{i}.png"), label: label.into(), split: Split::Train, blob: format!("{i:064x}"), look: look(shape) };
         let images = vec![image(1, "a", 0), image(2, "a", u64::MAX), image(3, "b", 0b11), image(4, "b", 0xFFFF_0000)];
         let ingested = Ingested { images, rejected: vec![], rejected_total: 0, classes: vec!["a".into(), "b".into()] };
-        let dataset = db::datasets::insert(&ctx.db, "alike", &ingested).await.unwrap();
+        let dataset = db::datasets::insert(&ctx.db, "alike", &ingested, ingested.reports()).await.unwrap();
         let (data, files) = load_dataset(&ctx, &dataset.id).await.unwrap();
         let name = |path: &PathBuf| files[path].1.clone();
         let pairs: Vec<(String, String)> = data.look_alikes.iter().map(|(file, first)| (name(file), name(first))).collect();

@@ -182,25 +182,29 @@ async fn repeated_files_are_reported_and_worked_out_for_older_datasets() {
     assert_eq!(json(app.get(&format!("/datasets/{id}")).await).await, ds);
 }
 
-/// A resized, re-encoded copy of a picture and its mirror image are reported as look-alikes;
-/// datasets stored before images were fingerprinted (or before their mirror images were) report
-/// none (`null`) and keep working until the next start fingerprints them.
+/// A resized, re-encoded copy of a picture, its mirror image and the picture turned a quarter
+/// are reported as look-alikes, though not the picture turned under another class (where the
+/// way it is laid down is what tells classes apart); datasets stored before images were
+/// fingerprinted (or before their mirror images or turned copies were) report none (`null`)
+/// and keep working until the next start fingerprints them.
 #[tokio::test]
 async fn pictures_that_look_alike_are_reported() {
     let app = spawn_app().await;
-    let picture = |seed| image::load_from_memory(&fixtures::image(ImageFormat::Png, 256, seed)).unwrap().to_rgb8();
+    let picture = |seed| crate::support::pictures::picture(seed, 256, 256);
     let smaller = {
         let half = image::imageops::resize(&picture(1), 128, 128, image::imageops::FilterType::Triangle);
         let mut bytes = Vec::new();
         image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 70).encode_image(&half).unwrap();
         bytes
     };
-    let png = |seed| fixtures::image(ImageFormat::Png, 256, seed);
-    let mirrored = {
+    let encoded = |image: image::RgbImage| {
         let mut bytes = std::io::Cursor::new(Vec::new());
-        image::imageops::flip_horizontal(&picture(1)).write_to(&mut bytes, ImageFormat::Png).unwrap();
+        image.write_to(&mut bytes, ImageFormat::Png).unwrap();
         bytes.into_inner()
     };
+    let png = |seed| encoded(picture(seed));
+    let mirrored = encoded(image::imageops::flip_horizontal(&picture(1)));
+    let turned = encoded(image::imageops::rotate90(&picture(1)));
     let members = vec![
         file("train/cat/1.png", png(1)),
         file("train/cat/2.png", png(2)),
@@ -208,31 +212,38 @@ async fn pictures_that_look_alike_are_reported() {
         file("train/dog/4.png", png(4)),
         file("test/cat/1-small.jpg", smaller),
         file("test/cat/1-mirrored.png", mirrored),
+        file("validation/cat/1-turned.png", turned),
         file("test/dog/5.png", png(5)),
+        file("train/dog/1-turned.png", encoded(image::imageops::rotate270(&picture(1)))),
     ];
     let ds = upload_ok(&app, "alike.zip", fixtures::zip(&members)).await;
-    let files = [at("train/cat/1.png", "cat", "train"), at("test/cat/1-small.jpg", "cat", "test"), at("test/cat/1-mirrored.png", "cat", "test")];
+    let files = [
+        at("train/cat/1.png", "cat", "train"),
+        at("test/cat/1-small.jpg", "cat", "test"),
+        at("test/cat/1-mirrored.png", "cat", "test"),
+        at("validation/cat/1-turned.png", "cat", "validation"),
+    ];
     let expected = json!({
-        "copies": 2,
+        "copies": 3,
         "across_classes": 0,
         "across_splits": 1,
         "groups_total": 1,
-        "groups": [{"count": 3, "classes": ["cat"], "splits": ["train", "test"], "files": files}],
-        "summary": "2 images look like other files (resized, re-encoded or mirrored copies): 1 group in two or more splits",
+        "groups": [{"count": 4, "classes": ["cat"], "splits": ["train", "validation", "test"], "files": files}],
+        "summary": "3 images look like other files (resized, re-encoded, mirrored or turned copies): 1 group in two or more splits",
     });
     assert_eq!(ds["look_alikes"], expected);
     assert_eq!(ds["duplicates"]["copies"], 0);
     let id = ds["id"].as_str().unwrap();
     assert_eq!(json(app.get(&format!("/datasets/{id}")).await).await["look_alikes"], expected);
 
-    // As stored by a version before fingerprints of mirror images: no report, and the rest reads
-    // as before.
+    // As stored by a version before fingerprints of turned copies (or of mirror images): no
+    // report, and the rest reads as before.
     let db = crate::support::open_database(&app.data_dir).await;
-    sqlx::query("update dataset_images set look_mirror = null").execute(&db).await.unwrap();
+    sqlx::query("update dataset_images set look_turned = null").execute(&db).await.unwrap();
     sqlx::query("update datasets set look_alikes = null").execute(&db).await.unwrap();
     let old = json(app.get(&format!("/datasets/{id}")).await).await;
     assert_eq!(old["look_alikes"], Value::Null);
-    assert_eq!(old["num_images"], 7);
+    assert_eq!(old["num_images"], 9);
 
     // The next start fingerprints them in the background, and the report appears.
     let restarted = spawn_with(test_config(&app.data_dir)).await;
@@ -245,7 +256,9 @@ async fn pictures_that_look_alike_are_reported() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
     assert_eq!(report, expected);
-    let unset: i64 = sqlx::query_scalar("select count(*) from dataset_images where look is null or look_mirror is null or look_colour is null")
+    let unset: i64 = sqlx::query_scalar(
+        "select count(*) from dataset_images where look is null or look_mirror is null or look_turned is null or look_colour is null",
+    )
         .fetch_one(&db)
         .await
         .unwrap();

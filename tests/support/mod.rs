@@ -6,6 +6,7 @@
 
 pub mod exif;
 pub mod hub;
+pub mod pictures;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
