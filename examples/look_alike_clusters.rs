@@ -8,23 +8,15 @@
 //! many land near each other, as copies do), and times clustering them; then the same for `N`
 //! random fingerprints (no folders needed for those: with none, only they are timed).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 use vitforge::dataset::look_alike::{Look, clusters, fingerprint};
 
-fn files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            files(&path, out)?;
-        } else if path.extension().is_some_and(|e| ["jpg", "jpeg", "png"].contains(&e.to_string_lossy().to_lowercase().as_str())) {
-            out.push(path);
-        }
-    }
-    Ok(())
-}
+#[path = "support/image_files.rs"]
+mod image_files;
+use image_files::files;
 
 /// Clusters `prints` as if all were under one class (where mirrored and turned copies count).
 fn timed(what: &str, prints: &[Look]) {

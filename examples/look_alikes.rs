@@ -17,24 +17,16 @@
 //! within 8 bits (as they are, one mirrored, or one turned).
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use image::RgbImage;
 use image::imageops::{self, FilterType};
 use vitforge::dataset::look_alike::{Look, MAX_DISTANCE, TURNS, alike, distance, fingerprint};
 
-fn files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            files(&path, out)?;
-        } else if path.extension().is_some_and(|e| ["jpg", "jpeg", "png"].contains(&e.to_string_lossy().to_lowercase().as_str())) {
-            out.push(path);
-        }
-    }
-    Ok(())
-}
+#[path = "support/image_files.rs"]
+mod image_files;
+use image_files::files;
 
 fn encoded(image: &RgbImage, scale: f32, quality: Option<u8>) -> anyhow::Result<RgbImage> {
     let (w, h) = (((image.width() as f32 * scale) as u32).max(1), ((image.height() as f32 * scale) as u32).max(1));
