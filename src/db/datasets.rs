@@ -61,6 +61,11 @@ impl ImageRow {
         Look::from_columns(self.look, self.look_mirror, self.look_turned.as_deref(), self.look_colour)
     }
 
+    /// Its look-alike fingerprint as far as an older version took it ([`Look::from_columns_so_far`]).
+    pub fn look_so_far(&self) -> Option<Look> {
+        Look::from_columns_so_far(self.look, self.look_mirror, self.look_turned.as_deref(), self.look_colour)
+    }
+
     /// The fields the duplicate summaries read.
     pub fn image_ref(&self) -> ImageRef<'_> {
         ImageRef { blob: &self.blob, file: &self.file, label: &self.label, split: self.split, look: self.look() }

@@ -221,7 +221,9 @@ async fn load_dataset(ctx: &JobContext, dataset_id: &str) -> Result<(TrainData, 
     let paths = ctx.objects.blob_paths(&rows.iter().map(|r| r.blob.clone()).collect::<Vec<_>>()).await.map_err(store)?;
     // Clustering the look-alikes grows as the square of the images: on a blocking thread.
     tokio::task::spawn_blocking(move || {
-        let looks: Vec<_> = rows.iter().zip(&paths).map(|(row, path)| (path.clone(), row.label.as_str(), row.look())).collect();
+        // A dataset the background fill-in has not fingerprinted again since an upgrade is
+        // grouped by what the version that stored it knew.
+        let looks: Vec<_> = rows.iter().zip(&paths).map(|(row, path)| (path.clone(), row.label.as_str(), row.look_so_far())).collect();
         let mut data = TrainData::with_labels(dataset.classes, rows.iter().zip(&paths).map(|(row, path)| (path.clone(), row.label.clone(), row.split)).collect())?;
         data.set_look_alikes(&looks);
         let files = rows.into_iter().zip(paths).map(|(row, path)| (path, (row.blob, row.file))).collect();
@@ -431,9 +433,9 @@ mod tests {
         assert!(!ask(&holder, Instant::now() - lease / 2).await.0, "half the lease ago");
     }
 
-    /// Progress held back because it came within the interval of the last is written, and sent
-    /// live, once the interval has passed, though no event follows it.
-    /// A job reads its dataset's fingerprints: look-alikes are kept together by its hold-out.
+    /// A job reads its dataset's fingerprints: look-alikes are kept together by its hold-out. A
+    /// dataset stored by an older version is grouped by what that version took until the
+    /// background fill-in has fingerprinted it again.
     #[tokio::test(flavor = "multi_thread")]
     async fn a_job_s_data_knows_which_files_look_alike() {
         let dir = tempfile::tempdir().unwrap();
@@ -447,8 +449,22 @@ mod tests {
         let name = |path: &PathBuf| files[path].1.clone();
         let pairs: Vec<(String, String)> = data.look_alikes.iter().map(|(file, first)| (name(file), name(first))).collect();
         assert_eq!(pairs, [("3.png".to_string(), "1.png".to_string())]);
+
+        let db = &ctx.db;
+        for (older, expected) in [
+            ("update dataset_images set look_turned = null", vec![("3.png".to_string(), "1.png".to_string())]),
+            ("update dataset_images set look_mirror = null", vec![("3.png".to_string(), "1.png".to_string())]),
+            ("update dataset_images set look = null where file = '4.png'", vec![]),
+        ] {
+            sqlx::query(older).execute(db).await.unwrap();
+            let (data, files) = load_dataset(&ctx, &dataset.id).await.unwrap();
+            let pairs: Vec<(String, String)> = data.look_alikes.iter().map(|(file, first)| (files[file].1.clone(), files[first].1.clone())).collect();
+            assert_eq!(pairs, expected, "after {older}");
+        }
     }
 
+    /// Progress held back because it came within the interval of the last is written, and sent
+    /// live, once the interval has passed, though no event follows it.
     #[tokio::test]
     async fn progress_held_back_by_the_interval_is_written_once_it_has_passed() {
         let dir = tempfile::tempdir().unwrap();
