@@ -175,7 +175,7 @@ fn close_colours(a: u16, b: u16) -> bool {
 /// a range's value are compared. Each fingerprint is filed under its shape's value, and looked
 /// up under the value of each of its eight ways, so that a mirrored or turned copy meets its
 /// original in some range too: for `n` distinct random fingerprints, about one in nine of the
-/// `n²` ordered pairs is looked at, and a pair already in one cluster is not compared again.
+/// `n²` ordered pairs is looked at, most of them turned down by their colours alone.
 pub fn clusters<C: Copy + Eq + Hash>(fingerprints: &[(Look, C)]) -> Vec<usize> {
     let mut parent: Vec<usize> = (0..fingerprints.len()).collect();
     // Equal fingerprints first: one representative each goes through the pair search.
