@@ -51,12 +51,17 @@ pub struct DuplicateGroup {
     pub files: Vec<DuplicateFile>,
 }
 
-/// One image of a group: its name in the upload, its class and split.
+/// One image of a group: its name in the upload, its class and split, and its blob (whose
+/// thumbnail the console shows, so that a group can be judged by eye).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DuplicateFile {
     pub file: String,
     pub label: String,
     pub split: Split,
+    /// Empty in a report stored by a version before it was listed (a migration clears those
+    /// reports, so they are worked out again).
+    #[serde(default)]
+    pub blob: String,
 }
 
 /// The fields of a dataset's image that the summary reads.
@@ -117,7 +122,12 @@ impl Duplicates {
             group.classes.insert(image.label);
             group.splits.insert(image.split);
             if group.files.len() < MAX_FILES_LISTED {
-                group.files.push(DuplicateFile { file: image.file.to_string(), label: image.label.to_string(), split: image.split });
+                group.files.push(DuplicateFile {
+                    file: image.file.to_string(),
+                    label: image.label.to_string(),
+                    split: image.split,
+                    blob: image.blob.to_string(),
+                });
             }
         }
         let mut summary = Self::default();
@@ -237,13 +247,17 @@ mod tests {
         assert_eq!(d.groups[0].classes, ["cat", "dog"]);
         assert_eq!(d.groups[1].splits, [Split::Train, Split::Test]);
         assert_eq!(d.groups[2].count, 3);
-        assert_eq!(d.groups[2].files[2], DuplicateFile { file: "cat/1 copy 2.jpg".into(), label: "cat".into(), split: Split::Train });
+        assert_eq!(d.groups[2].files[2], DuplicateFile { file: "cat/1 copy 2.jpg".into(), label: "cat".into(), split: Split::Train, blob: "same".into() });
         assert_eq!(
             d.describe().unwrap(),
             "4 images are copies of others: 1 file under two or more classes, 1 file in two or more splits"
         );
         let json = serde_json::to_value(&d).unwrap();
         assert_eq!(json["groups"][1]["splits"], serde_json::json!(["train", "test"]));
+        assert_eq!(json["groups"][1]["files"][0]["blob"], "leak");
+        // A report stored before files named their blobs still reads.
+        let older: DuplicateFile = serde_json::from_str(r#"{"file": "a.jpg", "label": "cat", "split": "train"}"#).unwrap();
+        assert_eq!(older.blob, "");
     }
 
     #[test]

@@ -317,6 +317,14 @@ async fn a_folder_picked_in_the_console_is_uploaded_as_a_dataset() {
     members.push(file(".DS_Store", b"\0\0\0\x01Bud1".to_vec()));
     // A red image filed under blue as well: the dataset page points it out.
     members.push(file("blue/stray.png", colour([190, 30, 30], 1)));
+    // And a picture beside a copy of it turned a quarter: the page shows both, to judge by eye.
+    let disc = crate::support::pictures::picture(7, 96, 80);
+    let mut png = Cursor::new(Vec::new());
+    disc.write_to(&mut png, ImageFormat::Png).unwrap();
+    let mut jpeg = Cursor::new(Vec::new());
+    image::imageops::rotate90(&disc).write_to(&mut jpeg, ImageFormat::Jpeg).unwrap();
+    members.push(file("red/disc.png", png.into_inner()));
+    members.push(file("red/disc-turned.jpg", jpeg.into_inner()));
     for member in &members {
         let Member::File(name, bytes) = member else { unreachable!() };
         std::fs::create_dir_all(folder.join(name).parent().unwrap()).unwrap();
@@ -326,7 +334,7 @@ async fn a_folder_picked_in_the_console_is_uploaded_as_a_dataset() {
     c.goto(&server.url("/ui/")).await.unwrap();
     element(&c, "#dataset-folder").await.send_keys(&folder.to_string_lossy()).await.unwrap();
     wait_url(&c, "/ui/datasets/", 30).await;
-    wait_text(&c, "h2", 10, |t| t.contains("9 images in 2 classes")).await;
+    wait_text(&c, "h2", 10, |t| t.contains("11 images in 2 classes")).await;
     let repeated = wait_text(&c, "#duplicates", 10, |t| !t.is_empty()).await;
     assert!(repeated.contains("1 image is a copy of another: 1 file under two or more classes."), "{repeated}");
     assert!(repeated.contains("A file under two classes contradicts itself.") && !repeated.contains("look better"), "{repeated}");
@@ -334,7 +342,26 @@ async fn a_folder_picked_in_the_console_is_uploaded_as_a_dataset() {
     assert!(repeated.contains("blue, red"), "{repeated}");
     assert_eq!(c.find_all(Locator::Css("#duplicates p.warning")).await.unwrap().len(), 1);
     let alike = wait_text(&c, "#look-alikes-section", 10, |t| !t.is_empty()).await;
-    assert!(alike.contains("No two different files look alike."), "{alike}");
+    assert!(alike.contains("1 image looks like another file (resized, re-encoded, mirrored or turned copies)."), "{alike}");
+    assert!(alike.contains("colours/red/disc.png") && alike.contains("colours/red/disc-turned.jpg"), "{alike}");
+    // Each look-alike's thumbnail, and the repeated file's once, loaded through the API.
+    let widths = |section: &'static str| {
+        let c = c.clone();
+        async move {
+            let script = format!("return [...document.querySelectorAll('{section} .strip img')].map((i) => i.complete ? i.naturalWidth : 0)");
+            for _ in 0..100 {
+                let widths = c.execute(&script, vec![]).await.unwrap();
+                if widths.as_array().unwrap().iter().all(|w| w.as_u64() > Some(0)) {
+                    return widths;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            panic!("{section}'s thumbnails did not load");
+        }
+    };
+    assert_eq!(widths("#look-alikes").await.as_array().unwrap().len(), 2);
+    assert_eq!(widths("#duplicates").await.as_array().unwrap().len(), 1);
+    screenshot(&c, "dataset-repeats.png").await;
     let dataset = &server.get_json("/datasets").await[0];
     assert_eq!(dataset["name"], "colours", "named after the folder: {dataset}");
     assert_eq!(dataset["rejected_total"], 0, "{dataset}");
@@ -349,7 +376,7 @@ async fn a_folder_picked_in_the_console_is_uploaded_as_a_dataset() {
     c.goto(&server.url("/ui/")).await.unwrap();
     drop_paths(&c, "#drop", &[&folder]).await;
     wait_url(&c, "/ui/datasets/", 30).await;
-    wait_text(&c, "h2", 10, |t| t.contains("9 images in 2 classes")).await;
+    wait_text(&c, "h2", 10, |t| t.contains("11 images in 2 classes")).await;
     let datasets = server.get_json("/datasets").await;
     assert_eq!((datasets.as_array().unwrap().len(), &datasets[0]["name"]), (2, &json!("colours")), "{datasets}");
     let dropped = server.get_json(&format!("/datasets/{}/images", datasets[0]["id"].as_str().unwrap())).await;

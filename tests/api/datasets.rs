@@ -14,8 +14,9 @@ use crate::support::files_under;
 
 /// Uploads and expects 201, returning the dataset.
 /// An image of a duplicates report's group, as the API lists it.
-fn at(file: &str, label: &str, split: &str) -> Value {
-    json!({"file": file, "label": label, "split": split})
+/// A file of a report's group: its name, class, split, and blob (the SHA-256 of its bytes).
+fn at(file: &str, bytes: &[u8], label: &str, split: &str) -> Value {
+    json!({"file": file, "label": label, "split": split, "blob": BlobStore::hash(bytes)})
 }
 
 async fn upload_ok(app: &TestApp, file_name: &str, bytes: Vec<u8>) -> Value {
@@ -157,9 +158,9 @@ async fn repeated_files_are_reported_and_worked_out_for_older_datasets() {
         "across_splits": 1,
         "groups_total": 3,
         "groups": [
-            {"count": 2, "classes": ["cat", "dog"], "splits": ["train"], "files": [at("train/cat/3.png", "cat", "train"), at("train/dog/3.png", "dog", "train")]},
-            {"count": 2, "classes": ["dog"], "splits": ["train", "test"], "files": [at("train/dog/2.png", "dog", "train"), at("test/dog/2.png", "dog", "test")]},
-            {"count": 2, "classes": ["cat"], "splits": ["train"], "files": [at("train/cat/1.png", "cat", "train"), at("train/cat/1 copy.png", "cat", "train")]},
+            {"count": 2, "classes": ["cat", "dog"], "splits": ["train"], "files": [at("train/cat/3.png", &fixtures::png(3), "cat", "train"), at("train/dog/3.png", &fixtures::png(3), "dog", "train")]},
+            {"count": 2, "classes": ["dog"], "splits": ["train", "test"], "files": [at("train/dog/2.png", &fixtures::png(2), "dog", "train"), at("test/dog/2.png", &fixtures::png(2), "dog", "test")]},
+            {"count": 2, "classes": ["cat"], "splits": ["train"], "files": [at("train/cat/1.png", &fixtures::png(1), "cat", "train"), at("train/cat/1 copy.png", &fixtures::png(1), "cat", "train")]},
         ],
         "summary": "3 images are copies of others: 1 file under two or more classes, 1 file in two or more splits",
     });
@@ -205,6 +206,12 @@ async fn pictures_that_look_alike_are_reported() {
     let png = |seed| encoded(picture(seed));
     let mirrored = encoded(image::imageops::flip_horizontal(&picture(1)));
     let turned = encoded(image::imageops::rotate90(&picture(1)));
+    let files = [
+        at("train/cat/1.png", &png(1), "cat", "train"),
+        at("test/cat/1-small.jpg", &smaller, "cat", "test"),
+        at("test/cat/1-mirrored.png", &mirrored, "cat", "test"),
+        at("validation/cat/1-turned.png", &turned, "cat", "validation"),
+    ];
     let members = vec![
         file("train/cat/1.png", png(1)),
         file("train/cat/2.png", png(2)),
@@ -217,12 +224,6 @@ async fn pictures_that_look_alike_are_reported() {
         file("train/dog/1-turned.png", encoded(image::imageops::rotate270(&picture(1)))),
     ];
     let ds = upload_ok(&app, "alike.zip", fixtures::zip(&members)).await;
-    let files = [
-        at("train/cat/1.png", "cat", "train"),
-        at("test/cat/1-small.jpg", "cat", "test"),
-        at("test/cat/1-mirrored.png", "cat", "test"),
-        at("validation/cat/1-turned.png", "cat", "validation"),
-    ];
     let expected = json!({
         "copies": 3,
         "across_classes": 0,

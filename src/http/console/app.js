@@ -279,8 +279,16 @@ function duplicatesSummary(dup) {
   return `${dup.summary}. All are used as uploaded.`;
 }
 
+// A group's pictures, small, so that it can be judged by eye: each file's for pictures that look
+// alike, the one file's for copies of a file. (A report stored before files named their blobs
+// has none to show.)
+function groupThumbs(datasetId, files, alike) {
+  const shown = (alike ? files : files.slice(0, 1)).filter((f) => f.blob);
+  return h("div", { class: "strip" }, shown.map((f) => apiImage(`/datasets/${datasetId}/images/${f.blob}/thumbnail`, f.file)));
+}
+
 // A dataset's section on repeated files, or with `alike` on pictures that look alike.
-function repeatsSection(dup, alike) {
+function repeatsSection(datasetId, dup, alike) {
   if (!dup) return h("p", { class: "muted", id: "look-alikes" }, "Not checked yet: an earlier version stored this dataset, and the service compares its pictures in the background after an upgrade. Reload in a moment.");
   if (!dup.copies) return h("p", { class: "muted" }, alike ? "No two different files look alike." : "No image is repeated.");
   return h(
@@ -296,7 +304,7 @@ function repeatsSection(dup, alike) {
     table(
       [alike ? "Files" : "Images", alike ? "#Images" : "#Copies", "Classes", "Splits"],
       dup.groups.map((g) => [
-        h("span", { class: "mono" }, g.files.map((f, i) => [i ? h("br") : null, f.file])),
+        [groupThumbs(datasetId, g.files, alike), h("span", { class: "mono" }, g.files.map((f, i) => [i ? h("br") : null, f.file]))],
         { v: g.count, num: true },
         g.classes.join(", "),
         g.splits.join(", "),
@@ -342,8 +350,8 @@ async function dataset(id) {
     h("p", { class: "row" }, h("a", { href: `/ui/new?dataset=${id}` }, "Fine-tune on it"), remove),
     h("section", {}, h("h2", {}, `${d.num_images} images in ${d.classes.length} classes`), counts),
     h("section", {}, h("h2", {}, "Rejected files"), rejected),
-    h("section", {}, h("h2", {}, "Repeated files"), repeatsSection(d.duplicates, false)),
-    h("section", { id: "look-alikes-section" }, h("h2", {}, "Pictures that look alike"), repeatsSection(d.look_alikes, true)),
+    h("section", {}, h("h2", {}, "Repeated files"), repeatsSection(id, d.duplicates, false)),
+    h("section", { id: "look-alikes-section" }, h("h2", {}, "Pictures that look alike"), repeatsSection(id, d.look_alikes, true)),
     h("section", {}, h("h2", {}, "Images"), h("p", { class: "row" }, split, cls), grid, pager),
   );
   await page();
