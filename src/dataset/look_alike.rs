@@ -154,10 +154,13 @@ pub fn distance(a: Look, b: Look) -> u32 {
 /// other's as it is, mirrored or turned); under two classes, only as they are.
 pub fn alike(a: Look, b: Look, same_class: bool) -> bool {
     // The colour first: it is cheaper, and turns down most pairs of different pictures.
-    close_colours(a.colour, b.colour) && {
-        let near = |x: u64, y: u64| (x ^ y).count_ones() <= MAX_DISTANCE;
-        if same_class { b.ways().any(|w| near(a.shape, w)) || a.ways().any(|w| near(w, b.shape)) } else { near(a.shape, b.shape) }
-    }
+    close_colours(a.colour, b.colour) && near_shapes(a, b, same_class)
+}
+
+/// The shapes' half of [`alike`].
+fn near_shapes(a: Look, b: Look, same_class: bool) -> bool {
+    let near = |x: u64, y: u64| (x ^ y).count_ones() <= MAX_DISTANCE;
+    if same_class { b.ways().any(|w| near(a.shape, w)) || a.ways().any(|w| near(w, b.shape)) } else { near(a.shape, b.shape) }
 }
 
 /// Whether two mean colours (RGB 5:6:5) are at most one step apart in each channel.
@@ -207,8 +210,8 @@ pub fn clusters<C: Copy + Eq + Hash>(fingerprints: &[(Look, C)]) -> Vec<usize> {
             keys.dedup();
             for key in keys {
                 for &(colour, j) in buckets.get(&key).map_or(&[][..], Vec::as_slice) {
-                    // The fingerprint is read only for candidates of a close colour.
-                    if j != i && close_colours(f.colour, colour) && alike(f, fingerprints[j].0, class == fingerprints[j].1) {
+                    // [`alike`], its fingerprint read only for candidates of a close colour.
+                    if j != i && close_colours(f.colour, colour) && near_shapes(f, fingerprints[j].0, class == fingerprints[j].1) {
                         union(&mut parent, i, j);
                     }
                 }
