@@ -8,7 +8,7 @@
 //! (set by `.ci/run`, which installs them). With `VITFORGE_SCREENSHOTS=DIR` it saves the job and
 //! predict pages as PNGs there (the README's screenshots).
 
-use std::io::{BufRead, BufReader, Cursor};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ use image::{ImageFormat, Rgb, RgbImage};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use crate::fixtures::{Member, file, zip};
+use crate::fixtures::{Member, encoded, file, zip};
 use crate::support::{Launch, install_base_model, tiny_config};
 
 /// A chromedriver process, killed when dropped.
@@ -140,9 +140,7 @@ async fn drop_paths(c: &Client, css: &str, paths: &[&Path]) {
 fn colour(rgb: [u8; 3], seed: u64) -> Vec<u8> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let img = RgbImage::from_fn(48, 40, |_, _| Rgb(rgb.map(|c| c.saturating_add(rng.random_range(0..40)))));
-    let mut out = Cursor::new(Vec::new());
-    img.write_to(&mut out, ImageFormat::Png).unwrap();
-    out.into_inner()
+    encoded(&img, ImageFormat::Png)
 }
 
 async fn screenshot(c: &Client, name: &str) {
@@ -319,12 +317,8 @@ async fn a_folder_picked_in_the_console_is_uploaded_as_a_dataset() {
     members.push(file("blue/stray.png", colour([190, 30, 30], 1)));
     // And a picture beside a copy of it turned a quarter: the page shows both, to judge by eye.
     let disc = crate::support::pictures::picture(7, 96, 80);
-    let mut png = Cursor::new(Vec::new());
-    disc.write_to(&mut png, ImageFormat::Png).unwrap();
-    let mut jpeg = Cursor::new(Vec::new());
-    image::imageops::rotate90(&disc).write_to(&mut jpeg, ImageFormat::Jpeg).unwrap();
-    members.push(file("red/disc.png", png.into_inner()));
-    members.push(file("red/disc-turned.jpg", jpeg.into_inner()));
+    members.push(file("red/disc.png", encoded(&disc, ImageFormat::Png)));
+    members.push(file("red/disc-turned.jpg", encoded(&image::imageops::rotate90(&disc), ImageFormat::Jpeg)));
     for member in &members {
         let Member::File(name, bytes) = member else { unreachable!() };
         std::fs::create_dir_all(folder.join(name).parent().unwrap()).unwrap();

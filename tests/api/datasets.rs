@@ -198,11 +198,7 @@ async fn pictures_that_look_alike_are_reported() {
         image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 70).encode_image(&half).unwrap();
         bytes
     };
-    let encoded = |image: image::RgbImage| {
-        let mut bytes = std::io::Cursor::new(Vec::new());
-        image.write_to(&mut bytes, ImageFormat::Png).unwrap();
-        bytes.into_inner()
-    };
+    let encoded = |image: image::RgbImage| fixtures::encoded(&image, ImageFormat::Png);
     let png = |seed| encoded(picture(seed));
     let mirrored = encoded(image::imageops::flip_horizontal(&picture(1)));
     let turned = encoded(image::imageops::rotate90(&picture(1)));

@@ -5,14 +5,19 @@
 use std::io::{Cursor, Write};
 use std::sync::Arc;
 
-use image::{ImageBuffer, ImageFormat, Rgb};
+use image::{ImageFormat, Rgb, RgbImage};
 
 /// A `size`×`size` image, different for every `seed`, encoded in `format`.
 pub fn image(format: ImageFormat, size: u32, seed: u32) -> Vec<u8> {
-    let img = ImageBuffer::from_fn(size, size, |x, y| {
+    let img = RgbImage::from_fn(size, size, |x, y| {
         let v = x.wrapping_mul(7).wrapping_add(y.wrapping_mul(13)).wrapping_add(seed.wrapping_mul(101));
         Rgb([(v % 256) as u8, ((v / 3 + seed) % 256) as u8, ((x ^ y ^ seed) % 256) as u8])
     });
+    encoded(&img, format)
+}
+
+/// `img` encoded in `format`.
+pub fn encoded(img: &RgbImage, format: ImageFormat) -> Vec<u8> {
     let mut out = Cursor::new(Vec::new());
     img.write_to(&mut out, format).expect("encode image");
     out.into_inner()
