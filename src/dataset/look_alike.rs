@@ -173,12 +173,14 @@ fn close_colours(a: u16, b: u16) -> bool {
 /// For each fingerprint, with the class of its image, the index of the first fingerprint of its
 /// cluster: fingerprints [`alike`] are in one cluster, and so, transitively, are their clusters.
 ///
-/// Pairs are found by multi-index hashing: with the shape split into `MAX_DISTANCE + 1` bit
-/// ranges, two shapes that close agree on at least one whole range, so only fingerprints sharing
-/// a range's value are compared. Each fingerprint is filed under its shape's value, and looked
-/// up under the value of each of its eight ways, so that a mirrored or turned copy meets its
-/// original in some range too: for `n` distinct random fingerprints, about one in nine of the
-/// `n²` ordered pairs is looked at, most of them turned down by their colours alone.
+/// Pairs are found by multi-index hashing: the shape is split into [`PIECES`] pieces of 16 bits,
+/// and two shapes at most [`MAX_DISTANCE`] bits apart differ in at most one bit of some piece (in
+/// two or more bits of every piece they would differ in eight). Each fingerprint is filed under
+/// each piece of its shape; for each piece of each of its eight ways (so that a mirrored or
+/// turned copy meets its original too), the fingerprints filed under that value and under the 16
+/// values one bit from it are the candidates. For `n` distinct random fingerprints that is about
+/// one in 120 of the `n²` ordered pairs, most of them turned down by their colours alone; a
+/// candidate already in the fingerprint's cluster is passed over without a look at its shapes.
 pub fn clusters<C: Copy + Eq + Hash>(fingerprints: &[(Look, C)]) -> Vec<usize> {
     let mut parent: Vec<usize> = (0..fingerprints.len()).collect();
     // Equal fingerprints first: one representative each goes through the pair search.
@@ -193,32 +195,79 @@ pub fn clusters<C: Copy + Eq + Hash>(fingerprints: &[(Look, C)]) -> Vec<usize> {
             }
         }
     }
-    let ranges = MAX_DISTANCE + 1;
-    for r in 0..ranges {
-        let (lo, hi) = (64 * r / ranges, 64 * (r + 1) / ranges);
-        let mask = ((1u64 << (hi - lo)) - 1) << lo;
-        // Each fingerprint's colour beside its index, so that most candidates are turned down
-        // without reading their fingerprint.
-        let mut buckets: HashMap<u64, Vec<(u16, usize)>> = HashMap::new();
-        for &i in &distinct {
-            buckets.entry(fingerprints[i].0.shape & mask).or_default().push((fingerprints[i].0.colour, i));
-        }
+    let mut keys = Vec::with_capacity(8);
+    for p in 0..PIECES {
+        let filed = Filed::new(fingerprints, &distinct, p);
         for &i in &distinct {
             let (f, class) = fingerprints[i];
-            let mut keys: Vec<u64> = f.ways().map(|w| w & mask).collect();
+            keys.clear();
+            keys.extend(f.ways().map(|w| piece(w, p)));
             keys.sort_unstable();
             keys.dedup();
-            for key in keys {
-                for &(colour, j) in buckets.get(&key).map_or(&[][..], Vec::as_slice) {
-                    // [`alike`], its fingerprint read only for candidates of a close colour.
-                    if j != i && close_colours(f.colour, colour) && near_shapes(f, fingerprints[j].0, class == fingerprints[j].1) {
-                        union(&mut parent, i, j);
+            for &key in &keys {
+                for probe in std::iter::once(key).chain((0..16).map(|bit| key ^ 1 << bit)) {
+                    for (&colour, &j) in filed.under(probe) {
+                        // [`alike`], its fingerprint read only for candidates of a close colour
+                        // not yet in its cluster.
+                        if j != i
+                            && close_colours(f.colour, colour)
+                            && root(&mut parent, i) != root(&mut parent, j)
+                            && near_shapes(f, fingerprints[j].0, class == fingerprints[j].1)
+                        {
+                            union(&mut parent, i, j);
+                        }
                     }
                 }
             }
         }
     }
     (0..fingerprints.len()).map(|i| root(&mut parent, i)).collect()
+}
+
+/// How many 16-bit pieces [`clusters`] splits a shape into.
+const PIECES: u32 = 4;
+// Two shapes within the threshold must differ in at most one bit of some piece.
+const _: () = assert!(2 * PIECES > MAX_DISTANCE && 16 * PIECES == 64);
+
+/// Piece `p` of a shape.
+fn piece(shape: u64, p: u32) -> u16 {
+    (shape >> (16 * p)) as u16
+}
+
+/// Fingerprints filed under one piece of their shape, sorted by its value (a counting sort):
+/// those with value `v` are at `start[v]..start[v + 1]` of `colours` and `indices`, each one's
+/// colour beside its index, so that most candidates are turned down without reading their
+/// fingerprint.
+struct Filed {
+    start: Vec<usize>,
+    colours: Vec<u16>,
+    indices: Vec<usize>,
+}
+
+impl Filed {
+    fn new<C>(fingerprints: &[(Look, C)], distinct: &[usize], p: u32) -> Self {
+        let mut start = vec![0usize; (1 << 16) + 1];
+        for &i in distinct {
+            start[usize::from(piece(fingerprints[i].0.shape, p)) + 1] += 1;
+        }
+        for v in 0..1 << 16 {
+            start[v + 1] += start[v];
+        }
+        let mut next = start.clone();
+        let (mut colours, mut indices) = (vec![0; distinct.len()], vec![0; distinct.len()]);
+        for &i in distinct {
+            let slot = &mut next[usize::from(piece(fingerprints[i].0.shape, p))];
+            (colours[*slot], indices[*slot]) = (fingerprints[i].0.colour, i);
+            *slot += 1;
+        }
+        Self { start, colours, indices }
+    }
+
+    /// The colours and indices of the fingerprints filed under `value`.
+    fn under(&self, value: u16) -> impl Iterator<Item = (&u16, &usize)> {
+        let range = self.start[usize::from(value)]..self.start[usize::from(value) + 1];
+        self.colours[range.clone()].iter().zip(&self.indices[range])
+    }
 }
 
 fn root(parent: &mut [usize], mut i: usize) -> usize {
@@ -388,7 +437,7 @@ mod tests {
     }
 
     /// Shapes at exactly the threshold, their differing bits spread over the whole hash, are
-    /// found (the search needs one more bit range than the threshold).
+    /// found (the search must look one bit round each piece of the shape).
     #[test]
     fn a_pair_at_the_threshold_with_spread_bits_is_found() {
         let clusters = |looks: &[Look]| clusters(&looks.iter().map(|&l| (l, "cat")).collect::<Vec<_>>());
@@ -413,6 +462,49 @@ mod tests {
         assert_eq!(super::clusters(&[(a, "cat"), (mirror, "dog")]), [0, 1]);
         assert_eq!(super::clusters(&[(a, "cat"), (turned, "dog")]), [0, 1]);
         assert_eq!(super::clusters(&[(a, "cat"), (mirror, "dog"), (turned, "cat")]), [0, 1, 0]);
+    }
+
+    /// Every way of spreading [`MAX_DISTANCE`] differing bits over the pieces of the shape is
+    /// found, the hardest (no piece equal) included, and none one bit further.
+    #[test]
+    fn shapes_at_the_threshold_are_found_however_their_bits_fall() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let flips = |rng: &mut ChaCha8Rng, per_piece: &[u32]| {
+            let mut mask = 0u64;
+            for (p, &k) in per_piece.iter().enumerate() {
+                while (mask >> (16 * p) & 0xFFFF).count_ones() < k {
+                    mask |= 1 << (16 * p + rng.random_range(0..16));
+                }
+            }
+            mask
+        };
+        // How many bits differ in each piece: the threshold's every split over the four pieces.
+        let mut splits = Vec::new();
+        for a in 0..=MAX_DISTANCE {
+            for b in 0..=MAX_DISTANCE - a {
+                for c in 0..=MAX_DISTANCE - a - b {
+                    splits.push([a, b, c, MAX_DISTANCE - a - b - c]);
+                }
+            }
+        }
+        assert!(splits.contains(&[2, 2, 1, 1]) && splits.contains(&[0, 0, 0, 6]));
+        for split in splits {
+            for _ in 0..20 {
+                let a = Look::of_shape(rng.random(), 0x4321);
+                let near = Look::of_shape(a.shape ^ flips(&mut rng, &split), 0x4321);
+                assert_eq!(distance(a, near), MAX_DISTANCE);
+                assert_eq!(clusters(&[(a, ()), (near, ())]), [0, 0], "{split:?}");
+                // One bit more is too far.
+                let mut past = split;
+                *past.iter_mut().min().unwrap() += 1;
+                let far = Look::of_shape(a.shape ^ flips(&mut rng, &past), 0x4321);
+                assert_eq!(clusters(&[(a, ()), (far, ())]), [0, 1], "{past:?}");
+                // Found as a turned copy too: the original's turned shape near the copy's.
+                let turned = Look { turned: [a.shape, 1, 2, 3, 4, 5], ..Look::of_shape(!a.shape, 0x4321) };
+                let copy = Look::of_shape(near.shape, 0x4321);
+                assert_eq!(clusters(&[(turned, ()), (copy, ())]), [0, 0], "{split:?}");
+            }
+        }
     }
 
     #[test]
