@@ -12,6 +12,8 @@ use image::{DynamicImage, ImageBuffer, ImageDecoder, ImageFormat, ImageReader, L
 
 use crate::budget::{MemoryBudget, Reservation};
 
+mod jpeg;
+
 /// Default pixel limit (width × height): 40 megapixels.
 pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
 
@@ -125,12 +127,13 @@ fn dimensions(bytes: &[u8], max_pixels: u64) -> Result<(ImageFormat, u32, u32), 
     Ok((format, width, height))
 }
 
-/// Decodes an image whose header [`dimensions`] has accepted. A JPEG cut short is refused: the
-/// decoder would fill what is missing with grey and say nothing (Pillow, and so `transformers`,
-/// refuses it too: "image file is truncated").
+/// Decodes an image whose header [`dimensions`] has accepted. A JPEG's pixels come from
+/// libjpeg-turbo's decoder, as Pillow's do ([`jpeg`]), once its structure is checked (one cut
+/// short is refused, as Pillow refuses it); the image crate reads its orientation.
 fn decode_checked(bytes: &[u8], format: ImageFormat, width: u32, height: u32) -> Result<RgbImage, ImageError> {
-    if format == ImageFormat::Jpeg && !jpeg_reaches_its_end(bytes) {
-        return Err(ImageError::Corrupt("the JPEG data ends before its end-of-image marker (the file is cut short)".into()));
+    let is_jpeg = format == ImageFormat::Jpeg;
+    if is_jpeg {
+        jpeg::check_structure(bytes)?;
     }
     let pixels = u64::from(width) * u64::from(height);
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
@@ -146,12 +149,17 @@ fn decode_checked(bytes: &[u8], format: ImageFormat, width: u32, height: u32) ->
         // Metadata that cannot be read leaves the pixels as stored, as Pillow's `exif_transpose`
         // does with an orientation it does not know.
         let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
-        Ok((DynamicImage::from_decoder(decoder)?, orientation))
+        Ok((if is_jpeg { None } else { Some(DynamicImage::from_decoder(decoder)?) }, orientation))
     }))
     .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))?
     .map_err(|e| ImageError::Corrupt(e.to_string()))?;
-    let decoded = high_bytes(decoded);
-    let rgb = if decoded.color().has_alpha() { composite_on_white(&decoded.into_rgba8()) } else { decoded.into_rgb8() };
+    let rgb = match decoded {
+        None => jpeg::decode(bytes, width, height)?,
+        Some(decoded) => {
+            let decoded = high_bytes(decoded);
+            if decoded.color().has_alpha() { composite_on_white(&decoded.into_rgba8()) } else { decoded.into_rgb8() }
+        }
+    };
     Ok(upright(rgb, orientation))
 }
 
@@ -189,47 +197,6 @@ fn upright(rgb: RgbImage, orientation: Orientation) -> RgbImage {
     let mut image = DynamicImage::ImageRgb8(rgb);
     image.apply_orientation(orientation);
     image.into_rgb8()
-}
-
-/// Whether a JPEG's segments and scans run to its end-of-image marker: each segment's length is
-/// followed (stray bytes after a segment are skipped), and each scan's entropy-coded data up to
-/// the next marker (in which a 0xFF byte is followed by 0x00 or is a restart marker). Bytes after
-/// the marker (some cameras append some) do not matter; a file that runs out before it is cut
-/// short.
-fn jpeg_reaches_its_end(bytes: &[u8]) -> bool {
-    // The position of the first 0xFF byte at or after `at`.
-    let next_ff = |at: usize| Some(at + bytes.get(at..)?.iter().position(|&b| b == 0xFF)?);
-    let mut at = 2; // after SOI
-    loop {
-        // A marker: 0xFF (any number of fill bytes), then its code. Stray bytes before it are
-        // skipped, as libjpeg does (with a warning Pillow ignores).
-        let Some(ff) = next_ff(at) else { return false };
-        at = ff;
-        while bytes.get(at) == Some(&0xFF) && bytes.get(at + 1) == Some(&0xFF) {
-            at += 1;
-        }
-        let (Some(&0xFF), Some(&code)) = (bytes.get(at), bytes.get(at + 1)) else { return false };
-        at += 2;
-        match code {
-            0xD9 => return true,
-            0x01 | 0xD0..=0xD7 => continue,
-            _ => {}
-        }
-        let Some(len) = bytes.get(at..at + 2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]]))) else { return false };
-        at += len;
-        if code == 0xDA {
-            // Entropy-coded data up to the next marker that is not a restart marker.
-            loop {
-                let Some(ff) = next_ff(at) else { return false };
-                at = ff;
-                match bytes.get(at + 1) {
-                    None => return false,
-                    Some(0x00 | 0xD0..=0xD7 | 0xFF) => at += 1,
-                    Some(_) => break,
-                }
-            }
-        }
-    }
 }
 
 /// `Image.alpha_composite(white, img).convert("RGB")` with Pillow's exact integer arithmetic
@@ -270,12 +237,12 @@ mod tests {
     fn a_jpeg_cut_short_is_refused_and_bytes_after_its_end_do_not_matter() {
         let img = DynamicImage::ImageRgb8(ImageBuffer::from_fn(256, 192, |x, y| image::Rgb([x as u8, (y * 5) as u8, ((x ^ y) * 3) as u8])));
         let whole = encode(img, ImageFormat::Jpeg);
-        assert!(jpeg_reaches_its_end(&whole));
+        assert_eq!(jpeg::check_structure(&whole), Ok(()));
         assert_eq!(decode_rgb(&whole, 1 << 20).unwrap().dimensions(), (256, 192));
         // Padding between two segments (some editors leave it; libjpeg skips it with a warning).
         let sos = whole.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
         let padded = [&whole[..sos], &[0u8; 7][..], &whole[sos..]].concat();
-        assert!(jpeg_reaches_its_end(&padded), "stray bytes before a marker are skipped");
+        assert_eq!(jpeg::check_structure(&padded), Ok(()), "stray bytes before a marker are skipped");
         let mut trailing = whole.clone();
         trailing.extend_from_slice(b"camera maker's notes");
         assert!(decode_rgb(&trailing, 1 << 20).is_ok(), "bytes after the end-of-image marker are ignored");
@@ -284,7 +251,7 @@ mod tests {
             // Read when the test runs, so the image build (which leaves tests/ out) needs no fixture.
             let file = &std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)).unwrap();
             assert_eq!(decode_rgb(file, 1 << 20).unwrap().dimensions(), (56, 40));
-            assert!(!jpeg_reaches_its_end(&file[..file.len() * 2 / 3]));
+            assert!(jpeg::check_structure(&file[..file.len() * 2 / 3]).is_err());
         }
         // Cut in its scan (the decoder itself refuses a cut in the headers).
         for keep in [whole.len() - 2, whole.len() - 1, whole.len() * 3 / 4, whole.len() / 2] {

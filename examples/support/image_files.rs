@@ -1,4 +1,4 @@
-//! What the look-alike examples share (each includes this file by its path; a folder without a
+//! What the examples that read image folders share (each includes this file by its path; a folder without a
 //! `main.rs` is no example of its own).
 
 use std::path::{Path, PathBuf};

@@ -34,15 +34,8 @@ fn model(name: &str) -> LoadedModel {
     LoadedModel::load(&ModelSource::Dir(golden().join(name)), None, &Device::Cpu, 0).unwrap()
 }
 
-/// The image as vitforge decodes it, except the JPEG, which starts from libjpeg-turbo's pixels
-/// (decoders may differ by a level; that is tested separately with a bound).
+/// The image as vitforge decodes it.
 fn decoded(name: &str) -> image::RgbImage {
-    if name.ends_with(".jpg") {
-        let t = &load(golden().join("images/decoded_rgb.safetensors"))[name];
-        let (h, w, _) = t.dims3().unwrap();
-        let data = t.flatten_all().unwrap().to_vec1::<u8>().unwrap();
-        return image::RgbImage::from_raw(w as u32, h as u32, data).unwrap();
-    }
     let bytes = std::fs::read(golden().join("images").join(name)).unwrap();
     vitforge::imaging::decode_rgb(&bytes, 1 << 30).unwrap()
 }
@@ -54,7 +47,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 #[test]
-fn decoding_matches_pillow_for_alpha_and_grey_and_bounds_the_jpeg() {
+fn decoding_matches_pillow() {
     let reference = load(golden().join("images/decoded_rgb.safetensors"));
     for (name, t) in &reference {
         let bytes = std::fs::read(golden().join("images").join(name)).unwrap();
@@ -64,12 +57,8 @@ fn decoding_matches_pillow_for_alpha_and_grey_and_bounds_the_jpeg() {
         let ours = Tensor::from_vec(ours.into_raw(), (h, w, 3), &Device::Cpu).unwrap();
         let diff = max_abs_diff(&ours, t);
         eprintln!("decode {name}: max abs diff {diff}");
-        if name.ends_with(".jpg") {
-            // zune-jpeg and libjpeg-turbo round IDCT and chroma upsampling differently.
-            assert!(diff <= 8.0, "{name}: {diff}");
-        } else {
-            assert_eq!(diff, 0.0, "{name}");
-        }
+        // The JPEG too: its pixels come from libjpeg-turbo's decoder, as Pillow's do.
+        assert_eq!(diff, 0.0, "{name}");
     }
 }
 

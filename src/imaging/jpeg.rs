@@ -1,0 +1,199 @@
+//! JPEG pixels as Pillow reads them, and so as `transformers` feeds them to a model.
+//!
+//! Pillow decodes JPEG with libjpeg-turbo at libjpeg's defaults (the accurate integer inverse
+//! DCT, smooth "fancy" chroma upsampling). So does [`decode`], through the `mozjpeg` crate:
+//! MozJPEG is libjpeg-turbo with another encoder, and its decoder is libjpeg-turbo's. The pixels
+//! are then the very ones Pillow gives, where the image crate's decoder (zune-jpeg) rounds the
+//! inverse DCT, the upsampling and the colour conversion its own way: on the 1,200 photos of
+//! `../shared/` it gave 11% of the samples a level or more off Pillow's (up to 5), enough to
+//! move a predicted probability by 5e-3 (`bench/jpeg-parity.md`). The image crate still reads
+//! the header (size, EXIF orientation) before any pixel is decoded.
+
+use image::RgbImage;
+use mozjpeg::{ColorSpace, Decompress};
+
+use super::ImageError;
+
+/// Most scans a JPEG may have. Each scan of a progressive JPEG goes over the whole image again,
+/// so a small file of thousands of scans would take minutes; real ones have about ten. (The image
+/// crate's decoder, used before, had the same limit.)
+pub(super) const MAX_SCANS: usize = 100;
+
+/// Refuses a JPEG whose data runs out before its end-of-image marker, as Pillow does ("image
+/// file is truncated"; libjpeg would fill what is missing with grey and say nothing), or that
+/// has more than [`MAX_SCANS`] scans.
+pub(super) fn check_structure(bytes: &[u8]) -> Result<(), ImageError> {
+    match scans(bytes) {
+        None => Err(ImageError::Corrupt("the JPEG data ends before its end-of-image marker (the file is cut short)".into())),
+        Some(n) if n > MAX_SCANS => Err(ImageError::Corrupt(format!("the JPEG has {n} scans, more than the {MAX_SCANS} allowed"))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// How many scans a JPEG has when its segments and scans run to its end-of-image marker, none
+/// when it is cut short: each segment's length is followed (stray bytes after a segment are
+/// skipped), and each scan's entropy-coded data up to the next marker (in which a 0xFF byte is
+/// followed by 0x00 or is a restart marker). Bytes after the marker (some cameras append some) do
+/// not matter.
+fn scans(bytes: &[u8]) -> Option<usize> {
+    // The position of the first 0xFF byte at or after `at`.
+    let next_ff = |at: usize| Some(at + bytes.get(at..)?.iter().position(|&b| b == 0xFF)?);
+    let mut at = 2; // after SOI
+    let mut scans = 0;
+    loop {
+        // A marker: 0xFF (any number of fill bytes), then its code. Stray bytes before it are
+        // skipped, as libjpeg does (with a warning Pillow ignores).
+        at = next_ff(at)?;
+        while bytes.get(at) == Some(&0xFF) && bytes.get(at + 1) == Some(&0xFF) {
+            at += 1;
+        }
+        let (Some(&0xFF), Some(&code)) = (bytes.get(at), bytes.get(at + 1)) else { return None };
+        at += 2;
+        match code {
+            0xD9 => return Some(scans),
+            0x01 | 0xD0..=0xD7 => continue,
+            _ => {}
+        }
+        let len = bytes.get(at..at + 2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))?;
+        at += len;
+        if code == 0xDA {
+            scans += 1;
+            // Entropy-coded data up to the next marker that is not a restart marker.
+            loop {
+                at = next_ff(at)?;
+                match bytes.get(at + 1)? {
+                    0x00 | 0xD0..=0xD7 | 0xFF => at += 1,
+                    _ => break,
+                }
+            }
+        }
+    }
+}
+
+/// Decodes a JPEG that [`check_structure`] passed and whose header declared `width` × `height`
+/// to 8-bit RGB as Pillow and `transformers`' `convert_to_rgb` do: grey replicated, colour as
+/// libjpeg converts it, CMYK as [`cmyk_to_rgb`] says.
+pub(super) fn decode(bytes: &[u8], width: u32, height: u32) -> Result<RgbImage, ImageError> {
+    let corrupt = |e: std::io::Error| ImageError::Corrupt(e.to_string());
+    // libjpeg reports a fatal error by unwinding out of its C code (`mozjpeg`'s error manager,
+    // built for it); the message is the unwind's payload.
+    let decoded = std::panic::catch_unwind(|| -> Result<Vec<u8>, ImageError> {
+        let jpeg = Decompress::new_mem(bytes).map_err(corrupt)?;
+        if (jpeg.width(), jpeg.height()) != (width as usize, height as usize) {
+            return Err(ImageError::Corrupt("the JPEG's frame header does not match its size".into()));
+        }
+        // Pillow opens one layer as grey, three as RGB, four as CMYK, and refuses others.
+        let cmyk = match jpeg.components().len() {
+            1 | 3 => false,
+            4 => true,
+            n => return Err(ImageError::Corrupt(format!("a JPEG of {n} components (Pillow reads 1, 3 or 4)"))),
+        };
+        let mut started = if cmyk { jpeg.to_colorspace(ColorSpace::JCS_CMYK) } else { jpeg.rgb() }.map_err(corrupt)?;
+        let samples: Vec<u8> = started.read_scanlines().map_err(corrupt)?;
+        started.finish().map_err(corrupt)?;
+        // libjpeg's memory (a progressive JPEG's coefficients) is freed before the RGB copy.
+        Ok(if cmyk { cmyk_to_rgb(&samples) } else { samples })
+    });
+    let samples = decoded.unwrap_or_else(|payload| {
+        let message = payload.downcast_ref::<String>().map_or("the decoder failed on this file", String::as_str);
+        Err(ImageError::Corrupt(message.trim_start_matches("libjpeg fatal error: ").to_string()))
+    })?;
+    RgbImage::from_raw(width, height, samples).ok_or_else(|| ImageError::Corrupt("the JPEG's data ended before its last row".into()))
+}
+
+/// A CMYK JPEG's samples to RGB as Pillow does: it takes a four-layer JPEG's samples as Adobe
+/// writes them, inverted (its raw mode `CMYK;I`), then converts with its integer arithmetic
+/// (`cmyk2rgb` in `Convert.c`: each channel is `(255 - k) - (c × (255 - k)) / 255`, rounded as
+/// its `MULDIV255`).
+fn cmyk_to_rgb(samples: &[u8]) -> Vec<u8> {
+    let mut rgb = Vec::with_capacity(samples.len() / 4 * 3);
+    for pixel in samples.chunks_exact(4) {
+        let [c, m, y, k] = [pixel[0], pixel[1], pixel[2], pixel[3]].map(|v| u32::from(255 - v));
+        let nk = 255 - k;
+        let muldiv255 = |a: u32| {
+            let t = a * nk + 128;
+            ((t >> 8) + t) >> 8
+        };
+        rgb.extend([c, m, y].map(|v| (nk - muldiv255(v)) as u8));
+    }
+    rgb
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kind of JPEG Pillow writes (4:2:0, 4:2:2 and 4:4:4 sampling, quality 10 to 100,
+    /// progressive, optimised tables, restart markers, grey, CMYK, one pixel, sizes that end
+    /// mid-block), decoded sample for sample as Pillow decodes it
+    /// (`tests/fixtures/make_jpeg_refs.py` wrote the references).
+    #[test]
+    fn every_kind_of_jpeg_decodes_to_pillow_s_pixels() {
+        // Read when the test runs, so the image build (which leaves tests/ out) needs no fixture.
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let mut files: Vec<_> = std::fs::read_dir(fixtures.join("jpeg")).unwrap().map(|e| e.unwrap().path()).collect();
+        files.retain(|p| p.extension().is_some_and(|e| e == "jpg"));
+        files.extend(["progressive.jpg", "restart-markers.jpg"].map(|n| fixtures.join(n)));
+        files.sort();
+        assert_eq!(files.len(), 15);
+        for file in files {
+            let name = file.file_name().unwrap().to_string_lossy().into_owned();
+            let ours = super::super::decode_rgb(&std::fs::read(&file).unwrap(), 1 << 20).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let pillow = image::open(fixtures.join("jpeg").join(format!("{name}.png"))).unwrap().into_rgb8();
+            assert_eq!(ours.dimensions(), pillow.dimensions(), "{name}");
+            let differing = ours.as_raw().iter().zip(pillow.as_raw()).filter(|(a, b)| a != b).count();
+            assert_eq!(differing, 0, "{name}: {differing} of {} samples differ from Pillow's", ours.as_raw().len());
+        }
+    }
+
+    fn fixture(name: &str) -> Vec<u8> {
+        std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jpeg").join(name)).unwrap()
+    }
+
+    /// Where the first scan's segment and its entropy-coded data start and end.
+    fn first_scan(jpeg: &[u8]) -> std::ops::Range<usize> {
+        let sos = jpeg.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+        let data = sos + 2 + usize::from(u16::from_be_bytes([jpeg[sos + 2], jpeg[sos + 3]]));
+        let end = (data..jpeg.len() - 1).find(|&i| jpeg[i] == 0xFF && !matches!(jpeg[i + 1], 0x00 | 0xD0..=0xD7)).unwrap();
+        sos..end
+    }
+
+    #[test]
+    fn a_jpeg_libjpeg_refuses_is_corrupt_with_its_reason() {
+        let jpeg = fixture("420-q90.jpg");
+        // The first scan's first component uses Huffman tables 3, which the file does not
+        // define: the image crate reads the headers without minding, libjpeg refuses (as it
+        // does in Pillow).
+        let mut bad = jpeg.clone();
+        let sos = first_scan(&jpeg).start;
+        bad[sos + 6] = 0x33;
+        let err = super::super::decode_rgb(&bad, 1 << 20).unwrap_err();
+        assert_eq!(err, ImageError::Corrupt("Huffman table 0x03 was not defined".into()));
+        // The decoder is whole after it: the next image decodes.
+        assert!(super::super::decode_rgb(&jpeg, 1 << 20).is_ok());
+    }
+
+    #[test]
+    fn a_jpeg_of_too_many_scans_is_refused() {
+        // A progressive JPEG's first scan (DC of every component) repeated: libjpeg would go over
+        // the image again for each copy.
+        let jpeg = fixture("420-progressive.jpg");
+        let scan = first_scan(&jpeg);
+        let repeated = |copies: usize| [&jpeg[..scan.end], &jpeg[scan.clone()].repeat(copies), &jpeg[scan.end..]].concat();
+        let scans = scans(&jpeg).unwrap();
+        assert!(scans > 1, "{scans}");
+        assert_eq!(check_structure(&repeated(MAX_SCANS - scans)), Ok(()));
+        let err = super::super::decode_rgb(&repeated(MAX_SCANS - scans + 1), 1 << 20).unwrap_err();
+        assert_eq!(err, ImageError::Corrupt(format!("the JPEG has {} scans, more than the {MAX_SCANS} allowed", MAX_SCANS + 1)));
+    }
+
+    #[test]
+    fn cmyk_converts_with_pillow_s_rounding() {
+        // Samples as stored (inverted): 255 is no ink.
+        assert_eq!(cmyk_to_rgb(&[255, 255, 255, 255]), [255, 255, 255]);
+        assert_eq!(cmyk_to_rgb(&[0, 0, 0, 0]), [0, 0, 0]);
+        assert_eq!(cmyk_to_rgb(&[255, 255, 255, 0]), [0, 0, 0], "full black");
+        // c = 100, k = 50: nk = 205, 100 × 205 / 255 = 80.39 (Pillow: 80), 205 - 80 = 125.
+        assert_eq!(cmyk_to_rgb(&[155, 255, 0, 205]), [125, 205, 0]);
+    }
+}
