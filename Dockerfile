@@ -22,8 +22,8 @@ ARG RUST_VERSION=1.95.0
 ARG CUDA_COMPUTE_CAP=
 ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:$PATH
 
-# The official rust images have the toolchain and a C compiler (for the bundled SQLite, zstd and
-# lz4 C sources); other builder images (NVIDIA CUDA) get them here.
+# The official rust images have the toolchain and a C compiler (for the bundled SQLite, zstd,
+# lz4 and libjpeg-turbo C sources); other builder images (NVIDIA CUDA) get them here.
 RUN if ! command -v cargo >/dev/null 2>&1; then \
         apt-get update \
         && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
