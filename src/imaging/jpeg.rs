@@ -5,9 +5,9 @@
 //! MozJPEG is libjpeg-turbo with another encoder, and its decoder is libjpeg-turbo's. The pixels
 //! are then the very ones Pillow gives, where the image crate's decoder (zune-jpeg) rounds the
 //! inverse DCT, the upsampling and the colour conversion its own way: on the 1,200 photos of
-//! `../shared/` it gave 11% of the samples a level or more off Pillow's (up to 5), enough to
-//! move a predicted probability by 5e-3 (`bench/jpeg-parity.md`). The image crate still reads
-//! the header (size, EXIF orientation) before any pixel is decoded.
+//! `../shared/` it gave 11% of the samples a level or more off Pillow's (up to 5;
+//! `bench/jpeg-parity.md`), enough to move a predicted probability by 5e-3 (`bench/QUALITY.md`).
+//! The image crate still reads the header (size, EXIF orientation) before any pixel is decoded.
 
 use image::RgbImage;
 use mozjpeg::{ColorSpace, Decompress};
@@ -91,7 +91,8 @@ pub(super) fn decode(bytes: &[u8], width: u32, height: u32) -> Result<RgbImage, 
         let mut started = if cmyk { jpeg.to_colorspace(ColorSpace::JCS_CMYK) } else { jpeg.rgb() }.map_err(corrupt)?;
         let samples: Vec<u8> = started.read_scanlines().map_err(corrupt)?;
         started.finish().map_err(corrupt)?;
-        // libjpeg's memory (a progressive JPEG's coefficients) is freed before the RGB copy.
+        // `finish` dropped the decoder: libjpeg's memory (a progressive JPEG's coefficients) is
+        // freed before CMYK is converted, so that decoding stays within `decode_cost`.
         Ok(if cmyk { cmyk_to_rgb(&samples) } else { samples })
     });
     let samples = decoded.unwrap_or_else(|payload| {
