@@ -1,5 +1,5 @@
-//! What the examples that read image folders share (each includes this file by its path; a folder without a
-//! `main.rs` is no example of its own).
+//! What the examples that read image folders share (each includes this file by its path; a
+//! folder without a `main.rs` is no example of its own).
 
 use std::path::{Path, PathBuf};
 
