@@ -13,8 +13,9 @@
 //! copy and how many copies are taken as look-alikes; then, over every pair of different images,
 //! how many pairs are at each shape distance up to twice the threshold (as they are, one
 //! mirrored, one turned), and how many are taken as look-alikes (byte-identical files counted
-//! once; every pair as if under one class, where mirrored and turned copies count too). With `LOOK_ALIKES_PAIRS=1` it also names, on stderr, each pair of different images
-//! within 8 bits (as they are, one mirrored, or one turned).
+//! once; every pair as if under one class, where mirrored and turned copies count too). With
+//! `LOOK_ALIKES_PAIRS=1` it also names, on stderr, each pair of different images within 8 bits
+//! (as they are, one mirrored, or one turned).
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -22,7 +23,7 @@ use std::time::Instant;
 
 use image::RgbImage;
 use image::imageops::{self, FilterType};
-use vitforge::dataset::look_alike::{Look, MAX_DISTANCE, TURNS, alike, distance, fingerprint};
+use vitforge::dataset::look_alike::{Look, MAX_DISTANCE, TURNS, alike, distance, fingerprint, turned};
 
 #[path = "support/image_files.rs"]
 mod image_files;
@@ -67,12 +68,7 @@ fn main() -> anyhow::Result<()> {
         let name = format!("{}turned {}/4, half, JPEG 75", if mirror { "mirrored, " } else { "" }, quarters);
         let turn = move |i: &RgbImage| {
             let i = if mirror { imageops::flip_horizontal(i) } else { i.clone() };
-            let turned = match quarters {
-                1 => imageops::rotate90(&i),
-                2 => imageops::rotate180(&i),
-                _ => imageops::rotate270(&i),
-            };
-            encoded(&turned, 0.5, Some(75))
+            encoded(&turned(&i, quarters), 0.5, Some(75))
         };
         ways.push((name, Box::new(turn), Box::new(move |f: &Look| f.turned[k])));
     }

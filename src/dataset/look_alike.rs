@@ -124,14 +124,7 @@ pub fn fingerprint(image: &RgbImage) -> Look {
     let hash = |image: &RgbImage| u64::from_le_bytes(hasher.hash_image(image).into_inner());
     let mirrored = image::imageops::flip_horizontal(&shrunk);
     let (shape, mirror) = (hash(&shrunk), hash(&mirrored));
-    let turned = TURNS.map(|(mirror, quarters)| {
-        let picture = if mirror { &mirrored } else { &shrunk };
-        hash(&match quarters {
-            1 => image::imageops::rotate90(picture),
-            2 => image::imageops::rotate180(picture),
-            _ => image::imageops::rotate270(picture),
-        })
-    });
+    let turned = TURNS.map(|(mirror, quarters)| hash(&turned(if mirror { &mirrored } else { &shrunk }, quarters)));
     let pixels = u64::from(SHRUNK * SHRUNK);
     let mut sum = [0u64; 3];
     for p in shrunk.pixels() {
@@ -141,6 +134,15 @@ pub fn fingerprint(image: &RgbImage) -> Look {
     }
     let [r, g, b] = sum.map(|s| (s + pixels / 2) / pixels);
     Look { shape, mirror, turned, colour: (((r >> 3) << 11) | ((g >> 2) << 5) | (b >> 3)) as u16 }
+}
+
+/// `picture` turned clockwise by `quarters` quarter turns (1 to 3), as [`TURNS`] counts them.
+pub fn turned(picture: &RgbImage, quarters: u8) -> RgbImage {
+    match quarters {
+        1 => image::imageops::rotate90(picture),
+        2 => image::imageops::rotate180(picture),
+        _ => image::imageops::rotate270(picture),
+    }
 }
 
 /// How many bits two fingerprints' shapes differ in.
