@@ -122,7 +122,19 @@ fn cmyk_to_rgb(samples: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
+
+    /// The test fixtures, read when a test runs, so that the image build (which leaves tests/
+    /// out) needs none.
+    fn fixtures() -> PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    }
+
+    fn fixture(name: &str) -> Vec<u8> {
+        std::fs::read(fixtures().join("jpeg").join(name)).unwrap()
+    }
 
     /// Every kind of JPEG Pillow writes (4:2:0, 4:2:2 and 4:4:4 sampling, quality 10 to 100,
     /// progressive, optimised tables, restart markers, grey, CMYK, one pixel, sizes that end
@@ -130,8 +142,7 @@ mod tests {
     /// (`tests/fixtures/make_jpeg_refs.py` wrote the references).
     #[test]
     fn every_kind_of_jpeg_decodes_to_pillow_s_pixels() {
-        // Read when the test runs, so the image build (which leaves tests/ out) needs no fixture.
-        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let fixtures = fixtures();
         let mut files: Vec<_> = std::fs::read_dir(fixtures.join("jpeg")).unwrap().map(|e| e.unwrap().path()).collect();
         files.retain(|p| p.extension().is_some_and(|e| e == "jpg"));
         files.extend(["progressive.jpg", "restart-markers.jpg"].map(|n| fixtures.join(n)));
@@ -145,10 +156,6 @@ mod tests {
             let differing = ours.as_raw().iter().zip(pillow.as_raw()).filter(|(a, b)| a != b).count();
             assert_eq!(differing, 0, "{name}: {differing} of {} samples differ from Pillow's", ours.as_raw().len());
         }
-    }
-
-    fn fixture(name: &str) -> Vec<u8> {
-        std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jpeg").join(name)).unwrap()
     }
 
     /// Where the first scan's segment and its entropy-coded data start and end.

@@ -445,10 +445,13 @@ mod tests {
         let images = vec![image(1, "a", 0), image(2, "a", u64::MAX), image(3, "b", 0b11), image(4, "b", 0xFFFF_0000)];
         let ingested = Ingested { images, rejected: vec![], rejected_total: 0, classes: vec!["a".into(), "b".into()] };
         let dataset = db::datasets::insert(&ctx.db, "alike", &ingested, ingested.reports()).await.unwrap();
-        let (data, files) = load_dataset(&ctx, &dataset.id).await.unwrap();
-        let name = |path: &PathBuf| files[path].1.clone();
-        let pairs: Vec<(String, String)> = data.look_alikes.iter().map(|(file, first)| (name(file), name(first))).collect();
-        assert_eq!(pairs, [("3.png".to_string(), "1.png".to_string())]);
+        // Each file the job groups with another, by their names in the upload.
+        let pairs = || async {
+            let (data, files) = load_dataset(&ctx, &dataset.id).await.unwrap();
+            let name = |path: &PathBuf| files[path].1.clone();
+            data.look_alikes.iter().map(|(file, first)| (name(file), name(first))).collect::<Vec<(String, String)>>()
+        };
+        assert_eq!(pairs().await, [("3.png".to_string(), "1.png".to_string())]);
 
         let db = &ctx.db;
         for (older, expected) in [
@@ -457,9 +460,7 @@ mod tests {
             ("update dataset_images set look = null where file = '4.png'", vec![]),
         ] {
             sqlx::query(older).execute(db).await.unwrap();
-            let (data, files) = load_dataset(&ctx, &dataset.id).await.unwrap();
-            let pairs: Vec<(String, String)> = data.look_alikes.iter().map(|(file, first)| (files[file].1.clone(), files[first].1.clone())).collect();
-            assert_eq!(pairs, expected, "after {older}");
+            assert_eq!(pairs().await, expected, "after {older}");
         }
     }
 
