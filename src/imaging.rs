@@ -13,6 +13,7 @@ use image::{DynamicImage, ImageBuffer, ImageDecoder, ImageFormat, ImageReader, L
 use crate::budget::{MemoryBudget, Reservation};
 
 mod jpeg;
+mod tiff;
 
 /// Default pixel limit (width × height): 40 megapixels.
 pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
@@ -30,8 +31,11 @@ pub enum ImageError {
     Empty,
     #[error("not an image (unrecognised format)")]
     UnknownFormat,
-    #[error("unsupported image format {0} (supported: JPEG, PNG, WebP, BMP, GIF)")]
+    #[error("unsupported image format {0} (supported: JPEG, PNG, WebP, BMP, GIF, TIFF)")]
     UnsupportedFormat(String),
+    /// A format we read, in a kind of it we do not (a TIFF of palette colours, say).
+    #[error("unsupported image: {0}")]
+    Unsupported(String),
     #[error("image is {width}×{height} = {pixels} pixels, over the limit of {max} pixels")]
     TooManyPixels { width: u32, height: u32, pixels: u64, max: u64 },
     #[error("image has a zero dimension")]
@@ -47,10 +51,10 @@ pub enum ImageError {
 
 /// The image formats we accept.
 pub fn is_supported(format: ImageFormat) -> bool {
-    matches!(format, ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP | ImageFormat::Bmp | ImageFormat::Gif)
+    matches!(format, ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP | ImageFormat::Bmp | ImageFormat::Gif | ImageFormat::Tiff)
 }
 
-/// Decodes an encoded image (JPEG, PNG, WebP, BMP, or a GIF's first frame) to 8-bit RGB, as
+/// Decodes an encoded image (JPEG, PNG, WebP, BMP, TIFF, or a GIF's or TIFF's first frame) to 8-bit RGB, as
 /// `transformers`' `convert_to_rgb` does with Pillow: grey is replicated, 16-bit is reduced to 8,
 /// and an image with transparency is composited onto white. An EXIF orientation is applied
 /// ([`upright`]).
@@ -106,17 +110,7 @@ fn dimensions(bytes: &[u8], max_pixels: u64) -> Result<(ImageFormat, u32, u32), 
     if !is_supported(format) {
         return Err(ImageError::UnsupportedFormat(format!("{format:?}").to_uppercase()));
     }
-    let mut header = ImageReader::with_format(Cursor::new(bytes), format);
-    let mut header_limits = Limits::default();
-    header_limits.max_alloc = Some(MAX_METADATA_BYTES);
-    header.limits(header_limits);
-    // Decoders see untrusted bytes; a panic in one must cost one image, not the caller's thread.
-    let (width, height) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| header.into_dimensions()))
-        .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))?
-        .map_err(|e| match e {
-            image::ImageError::Limits(_) => ImageError::MetadataTooLarge,
-            e => ImageError::Corrupt(e.to_string()),
-        })?;
+    let (width, height) = if format == ImageFormat::Tiff { tiff_dimensions(bytes)? } else { header_dimensions(bytes, format)? };
     let pixels = u64::from(width) * u64::from(height);
     if pixels == 0 {
         return Err(ImageError::ZeroSize);
@@ -127,10 +121,35 @@ fn dimensions(bytes: &[u8], max_pixels: u64) -> Result<(ImageFormat, u32, u32), 
     Ok((format, width, height))
 }
 
+/// A TIFF's size, read by [`tiff`] (the image crate's TIFF support is not built in).
+fn tiff_dimensions(bytes: &[u8]) -> Result<(u32, u32), ImageError> {
+    std::panic::catch_unwind(|| tiff::dimensions(bytes)).map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))?
+}
+
+/// The size of an image in another format, read by the image crate within the metadata limit.
+fn header_dimensions(bytes: &[u8], format: ImageFormat) -> Result<(u32, u32), ImageError> {
+    let mut header = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut header_limits = Limits::default();
+    header_limits.max_alloc = Some(MAX_METADATA_BYTES);
+    header.limits(header_limits);
+    // Decoders see untrusted bytes; a panic in one must cost one image, not the caller's thread.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| header.into_dimensions()))
+        .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))?
+        .map_err(|e| match e {
+            image::ImageError::Limits(_) => ImageError::MetadataTooLarge,
+            e => ImageError::Corrupt(e.to_string()),
+        })
+}
+
 /// Decodes an image whose header [`dimensions`] has accepted. A JPEG's pixels come from
 /// libjpeg-turbo's decoder, as Pillow's do ([`jpeg`]), once its structure is checked (one cut
 /// short is refused, as Pillow refuses it); the image crate reads its orientation.
 fn decode_checked(bytes: &[u8], format: ImageFormat, width: u32, height: u32) -> Result<RgbImage, ImageError> {
+    if format == ImageFormat::Tiff {
+        let (rgb, orientation) = std::panic::catch_unwind(|| tiff::decode(bytes, width, height))
+            .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))??;
+        return Ok(upright(rgb, orientation));
+    }
     let is_jpeg = format == ImageFormat::Jpeg;
     if is_jpeg {
         jpeg::check_structure(bytes)?;
@@ -197,6 +216,18 @@ fn upright(rgb: RgbImage, orientation: Orientation) -> RgbImage {
     let mut image = DynamicImage::ImageRgb8(rgb);
     image.apply_orientation(orientation);
     image.into_rgb8()
+}
+
+/// CMYK ink amounts (0 is no ink) to RGB as Pillow converts them (`cmyk2rgb` in `Convert.c`:
+/// each channel is `(255 - k) - (c × (255 - k)) / 255`, rounded as its `MULDIV255`).
+fn cmyk_to_rgb(cmyk: [u8; 4]) -> [u8; 3] {
+    let [c, m, y, k] = cmyk.map(u32::from);
+    let nk = 255 - k;
+    let muldiv255 = |a: u32| {
+        let t = a * nk + 128;
+        ((t >> 8) + t) >> 8
+    };
+    [c, m, y].map(|v| (nk - muldiv255(v)) as u8)
 }
 
 /// `Image.alpha_composite(white, img).convert("RGB")` with Pillow's exact integer arithmetic
@@ -358,8 +389,9 @@ mod tests {
         let heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic\0\0\0\0";
         assert_eq!(decode_rgb(heic, 100), Err(ImageError::UnsupportedFormat("HEIC/HEIF".into())));
         assert_eq!(decode_rgb(b"\0\0\0\x18ftypisom\0\0\0\0", 100), Err(ImageError::UnknownFormat), "an MP4 is not a HEIF");
-        let tiff = b"II*\0\x08\0\0\0";
-        assert_eq!(decode_rgb(tiff, 100).unwrap_err().to_string(), "unsupported image format TIFF (supported: JPEG, PNG, WebP, BMP, GIF)");
+        let avif = b"\0\0\0\x1cftypavif\0\0\0\0avifmif1miaf";
+        assert_eq!(decode_rgb(avif, 100).unwrap_err().to_string(), "unsupported image format AVIF (supported: JPEG, PNG, WebP, BMP, GIF, TIFF)");
+        assert!(matches!(decode_rgb(b"II*\0\x08\0\0\0", 100), Err(ImageError::Corrupt(_))), "a TIFF header alone");
         let png = encode(DynamicImage::new_rgb8(20, 10), ImageFormat::Png);
         assert!(matches!(decode_rgb(&png, 199), Err(ImageError::TooManyPixels { pixels: 200, .. })));
         assert!(matches!(decode_rgb(&png[..png.len() / 2], 1000), Err(ImageError::Corrupt(_))));

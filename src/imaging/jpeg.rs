@@ -74,48 +74,76 @@ fn scans(bytes: &[u8]) -> Option<usize> {
 /// to 8-bit RGB as Pillow and `transformers`' `convert_to_rgb` do: grey replicated, colour as
 /// libjpeg converts it, CMYK as [`cmyk_to_rgb`] says.
 pub(super) fn decode(bytes: &[u8], width: u32, height: u32) -> Result<RgbImage, ImageError> {
+    let samples = decode_samples(bytes, Output::Rgb, |w, h, _| {
+        if (w, h) == (width as usize, height as usize) {
+            Ok(())
+        } else {
+            Err(ImageError::Corrupt("the JPEG's frame header does not match its size".into()))
+        }
+    })?;
+    RgbImage::from_raw(width, height, samples).ok_or_else(|| ImageError::Corrupt("the JPEG's data ended before its last row".into()))
+}
+
+/// What [`decode_samples`] makes of a JPEG's components.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Output {
+    /// RGB, as Pillow opens a JPEG file: colour converted as the JPEG's markers say (else as
+    /// libjpeg guesses from its component ids), grey replicated, CMYK by [`cmyk_to_rgb`].
+    Rgb,
+    /// The components as stored, upsampled but not converted: one sample a pixel for grey, three
+    /// for colour, as libtiff hands over the JPEG strips of an RGB or grey TIFF.
+    Stored,
+}
+
+/// Decodes a whole JPEG that [`check_structure`] passed to 8-bit samples, row after row.
+/// `accept` sees its width, height and component count before any pixel is decoded, and may
+/// refuse it.
+pub(super) fn decode_samples(
+    bytes: &[u8],
+    output: Output,
+    accept: impl FnOnce(usize, usize, usize) -> Result<(), ImageError>,
+) -> Result<Vec<u8>, ImageError> {
     let corrupt = |e: std::io::Error| ImageError::Corrupt(e.to_string());
     // libjpeg reports a fatal error by unwinding out of its C code (`mozjpeg`'s error manager,
     // built for it); the message is the unwind's payload.
-    let decoded = std::panic::catch_unwind(|| -> Result<Vec<u8>, ImageError> {
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<Vec<u8>, ImageError> {
         let jpeg = Decompress::new_mem(bytes).map_err(corrupt)?;
-        if (jpeg.width(), jpeg.height()) != (width as usize, height as usize) {
-            return Err(ImageError::Corrupt("the JPEG's frame header does not match its size".into()));
-        }
+        let components = jpeg.components().len();
+        accept(jpeg.width(), jpeg.height(), components)?;
         // Pillow opens one layer as grey, three as RGB, four as CMYK, and refuses others.
-        let cmyk = match jpeg.components().len() {
-            1 | 3 => false,
-            4 => true,
-            n => return Err(ImageError::Corrupt(format!("a JPEG of {n} components (Pillow reads 1, 3 or 4)"))),
+        let cmyk = match (components, output) {
+            (1 | 3, _) => false,
+            (4, Output::Rgb) => true,
+            (n, _) => return Err(ImageError::Corrupt(format!("a JPEG of {n} components (Pillow reads 1, 3 or 4)"))),
         };
-        let mut started = if cmyk { jpeg.to_colorspace(ColorSpace::JCS_CMYK) } else { jpeg.rgb() }.map_err(corrupt)?;
+        let mut started = match output {
+            Output::Rgb if cmyk => jpeg.to_colorspace(ColorSpace::JCS_CMYK),
+            Output::Rgb => jpeg.rgb(),
+            Output::Stored => {
+                let stored = jpeg.color_space();
+                jpeg.to_colorspace(stored)
+            }
+        }
+        .map_err(corrupt)?;
         let samples: Vec<u8> = started.read_scanlines().map_err(corrupt)?;
         started.finish().map_err(corrupt)?;
         // `finish` dropped the decoder: libjpeg's memory (a progressive JPEG's coefficients) is
         // freed before CMYK is converted, so that decoding stays within `decode_cost`.
         Ok(if cmyk { cmyk_to_rgb(&samples) } else { samples })
-    });
-    let samples = decoded.unwrap_or_else(|payload| {
+    }));
+    decoded.unwrap_or_else(|payload| {
         let message = payload.downcast_ref::<String>().map_or("the decoder failed on this file", String::as_str);
         Err(ImageError::Corrupt(message.trim_start_matches("libjpeg fatal error: ").to_string()))
-    })?;
-    RgbImage::from_raw(width, height, samples).ok_or_else(|| ImageError::Corrupt("the JPEG's data ended before its last row".into()))
+    })
 }
 
 /// A CMYK JPEG's samples to RGB as Pillow does: it takes a four-layer JPEG's samples as Adobe
 /// writes them, inverted (its raw mode `CMYK;I`), then converts with its integer arithmetic
-/// (`cmyk2rgb` in `Convert.c`: each channel is `(255 - k) - (c × (255 - k)) / 255`, rounded as
-/// its `MULDIV255`).
+/// ([`super::cmyk_to_rgb`]).
 fn cmyk_to_rgb(samples: &[u8]) -> Vec<u8> {
     let mut rgb = Vec::with_capacity(samples.len() / 4 * 3);
     for pixel in samples.chunks_exact(4) {
-        let [c, m, y, k] = [pixel[0], pixel[1], pixel[2], pixel[3]].map(|v| u32::from(255 - v));
-        let nk = 255 - k;
-        let muldiv255 = |a: u32| {
-            let t = a * nk + 128;
-            ((t >> 8) + t) >> 8
-        };
-        rgb.extend([c, m, y].map(|v| (nk - muldiv255(v)) as u8));
+        rgb.extend(super::cmyk_to_rgb([pixel[0], pixel[1], pixel[2], pixel[3]].map(|v| 255 - v)));
     }
     rgb
 }

@@ -79,6 +79,30 @@ async fn zip_in_class_folders_is_ingested() {
     assert_eq!(fetched, ds);
 }
 
+/// TIFFs are ingested, the first page of one of several; a kind that is not read is listed in
+/// `rejected` by what it is; a TIFF's thumbnail is a JPEG like any other.
+#[tokio::test]
+async fn tiffs_are_ingested_and_a_kind_not_read_is_rejected_by_name() {
+    let app = spawn_app().await;
+    let mut members = class_images("", &["cat", "dog"], 2, 0);
+    for (name, fixture) in [("cat/scan.tif", "jpeg-ycbcr-tiles.tif"), ("cat/pages.tif", "multipage.tif"), ("dog/16bit.tiff", "rgb16.tif"), ("dog/palette.tif", "refused-palette.tif")] {
+        members.push(file(name, fixtures::tiff(fixture)));
+    }
+    let ds = upload_ok(&app, "scans.zip", fixtures::zip(&members)).await;
+    assert_eq!(ds["counts"]["train"], json!({"cat": 4, "dog": 3}));
+    assert_eq!(
+        rejected(&ds),
+        BTreeMap::from([("dog/palette.tif".to_string(), "unsupported image: a TIFF of palette colours; save it as 8-bit RGB".to_string())])
+    );
+    let id = ds["id"].as_str().unwrap();
+    let page = json(app.get(&format!("/datasets/{id}/images?limit=200")).await).await;
+    let scan = page["images"].as_array().unwrap().iter().find(|i| i["file"] == "cat/scan.tif").expect("the scan is listed");
+    let resp = app.get(scan["thumbnail"].as_str().unwrap()).await;
+    assert_eq!(resp.status(), 200);
+    let thumbnail = image::load_from_memory_with_format(&resp.bytes().await.unwrap(), ImageFormat::Jpeg).unwrap();
+    assert_eq!((thumbnail.width(), thumbnail.height()), (37, 29), "no larger than the scan");
+}
+
 #[tokio::test]
 async fn the_default_name_is_the_uploaded_file_name() {
     let app = spawn_app().await;

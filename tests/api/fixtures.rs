@@ -28,6 +28,12 @@ pub fn jpeg(seed: u32) -> Vec<u8> {
     image(ImageFormat::Jpeg, 32, seed)
 }
 
+/// A TIFF of `tests/fixtures/tiff/` (`make_tiff_refs.py` wrote them), and for one it decodes
+/// the PNG of the pixels transformers gets from it.
+pub fn tiff(name: &str) -> Vec<u8> {
+    std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiff").join(name)).unwrap()
+}
+
 /// A 32×32 PNG, different for every `seed`.
 pub fn png(seed: u32) -> Vec<u8> {
     image(ImageFormat::Png, 32, seed)

@@ -3,7 +3,7 @@
 use base64::Engine;
 use serde_json::{Value, json};
 
-use crate::fixtures::{corrupt_jpeg, jpeg, png, png_with_orientation};
+use crate::fixtures::{corrupt_jpeg, jpeg, png, png_with_orientation, tiff};
 use crate::helpers::{TestApp, assert_error, json, spawn_app, spawn_app_with};
 
 /// An app with one succeeded job; returns (app, dataset id, model id).
@@ -155,6 +155,28 @@ async fn an_image_is_classified_upright_by_its_exif_orientation() {
     assert_ne!(ask(png_with_orientation(&sideways, 1)).await, plain, "the model tells the sideways picture apart, so the test can see a difference");
 }
 
+/// A TIFF is classified exactly as the PNG of the pixels transformers gets from it (JPEG-compressed
+/// YCbCr tiles, premultiplied alpha, and an orientation tag among them).
+#[tokio::test]
+async fn a_tiff_is_classified_as_the_png_of_its_pixels() {
+    let (app, _, _) = trained_app(|_| {}).await;
+    let names = ["jpeg-ycbcr-tiles.tif", "rgba-premultiplied.tif", "orientation6.tif", "rgb16.tif"];
+    let mut images: Vec<(String, Vec<u8>)> = Vec::new();
+    for name in names {
+        images.push((name.into(), tiff(name)));
+        images.push((format!("{name}.png"), tiff(&format!("{name}.png"))));
+    }
+    let form = multipart(&images.iter().map(|(n, b)| (n.as_str(), b.clone())).collect::<Vec<_>>());
+    let resp = app.client.post(app.url("/predict?top_k=2")).multipart(form).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let answer = json(resp).await;
+    let predictions = answer["predictions"].as_array().unwrap();
+    assert_eq!(predictions.len(), 2 * names.len());
+    for (name, pair) in names.iter().zip(predictions.chunks(2)) {
+        assert_eq!(pair[0]["top_k"], pair[1]["top_k"], "{name}");
+    }
+}
+
 #[tokio::test]
 async fn bad_predict_requests_name_the_problem() {
     let app = spawn_app().await;
@@ -176,6 +198,10 @@ async fn bad_predict_requests_name_the_problem() {
     let resp = app.client.post(&url).header("content-type", "image/heic").body(heic).send().await.unwrap();
     let msg = assert_error(resp, 400, "invalid_image").await;
     assert!(msg.contains("unsupported image format HEIC/HEIF (supported: JPEG"), "{msg}");
+    // A kind of TIFF that is not read is named too.
+    let resp = app.client.post(&url).header("content-type", "image/tiff").body(tiff("refused-palette.tif")).send().await.unwrap();
+    let msg = assert_error(resp, 400, "invalid_image").await;
+    assert!(msg.ends_with("unsupported image: a TIFF of palette colours; save it as 8-bit RGB"), "{msg}");
     let resp = app.post_json("/predict", &json!({"images": ["@@@not base64@@@"]})).await;
     let msg = assert_error(resp, 400, "invalid_base64").await;
     assert!(msg.contains("images[0]"), "{msg}");
