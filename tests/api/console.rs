@@ -251,10 +251,15 @@ async fn a_person_uploads_trains_watches_and_predicts_in_the_console() {
     // Or drop images on the page from outside the browser: each gets its prediction, named.
     let blue = tmp.path().join("blue-probe.png");
     std::fs::write(&blue, colour([35, 35, 200], 998)).unwrap();
-    drop_paths(&c, "#predict-drop", &[&probe, &blue]).await;
+    // A TIFF among them, which Chromium cannot show: a note stands in for its picture.
+    let scan = tmp.path().join("scan.tif");
+    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiff/rgb-lzw.tif"), &scan).unwrap();
+    drop_paths(&c, "#predict-drop", &[&probe, &blue, &scan]).await;
     wait_text(&c, ".prediction .muted", 30, |t| t.starts_with("blue-probe.png")).await;
     let named = wait_text(&c, ".prediction .muted", 5, |t| t.starts_with("probe.png")).await;
-    assert_eq!(c.find_all(Locator::Css(".prediction")).await.unwrap().len(), 2, "{named}");
+    assert_eq!(c.find_all(Locator::Css(".prediction")).await.unwrap().len(), 3, "{named}");
+    wait_text(&c, ".prediction .no-preview", 10, |t| t == "no preview: this browser cannot show the format").await;
+    assert_eq!(c.find_all(Locator::Css(".prediction img")).await.unwrap().len(), 2, "the two PNGs are shown");
 
     // Class names that look like integers: the matrix keeps the service's order ('10' before
     // '9', its rows' order), not the one JavaScript gives such object keys ('9' first).

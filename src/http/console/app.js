@@ -701,6 +701,16 @@ async function predict() {
     h("optgroup", { label: "Models" }, models.map((m, i) => h("option", { value: m.id, selected: want ? m.id === want : i === 0 }, `${short(m.id)} (${m.labels.join(", ")})${i === 0 ? " — newest" : ""}`))));
   const input = h("input", { type: "file", id: "predict-file", accept: "image/*", multiple: true });
   const results = h("div", { id: "predictions", "aria-live": "polite" });
+  // The picture sent, as the browser shows it; a format it cannot show (TIFF in most browsers)
+  // gets a note in its place, its prediction all the same.
+  const preview = (file) =>
+    h("img", {
+      src: URL.createObjectURL(file),
+      alt: file.name,
+      style: "max-width:160px;max-height:160px;border-radius:4px",
+      onload: (ev) => URL.revokeObjectURL(ev.target.src),
+      onerror: (ev) => (URL.revokeObjectURL(ev.target.src), ev.target.replaceWith(h("div", { class: "no-preview" }, "no preview: this browser cannot show the format"))),
+    });
   async function classify(files) {
     if (!files.length) return;
     const form = new FormData();
@@ -711,7 +721,7 @@ async function predict() {
       results.replaceChildren(
         ...r.predictions.map((p, i) =>
           h("section", { class: "prediction" },
-            h("div", { class: "row" }, h("img", { src: URL.createObjectURL(files[i]), onload: (ev) => URL.revokeObjectURL(ev.target.src), onerror: (ev) => URL.revokeObjectURL(ev.target.src), alt: files[i].name, style: "max-width:160px;max-height:160px;border-radius:4px" }),
+            h("div", { class: "row" }, preview(files[i]),
               h("div", {}, h("h2", { class: "label" }, p.label), h("p", { class: "muted" }, `${files[i].name} · ${pct(p.score)}`))),
             h("div", { class: "topk" }, p.top_k.map((t) => [h("span", {}, t.label), h("div", { class: "bar" }, h("div", { style: `width:${(t.score * 100).toFixed(1)}%` })), h("span", { class: "num" }, pct(t.score))])),
           ),
