@@ -2,12 +2,14 @@
 """Does an image reach a fine-tuned model through vitforge as it does through transformers?
 
 Writes one photo in many encodings (PNG in every Pillow mode, 16-bit, GIF, BMP, WebP, JPEG
-4:2:0 / 4:4:4 / progressive / grey, EXIF orientations) to a scratch folder, classifies each with
+4:2:0 / 4:4:4 / progressive / grey, TIFF LZW / Deflate with alpha / grey / bilevel / CMYK / JPEG
+RGB / JPEG YCbCr tiles, EXIF and TIFF orientations) to a scratch folder, classifies each with
 `vitforge predict` and with `tests/fixtures/check_export.py` (transformers, the images opened by
 Pillow and turned upright by `exif_transpose`, as `transformers`' `load_image` does), and prints
 the difference in the predicted label's probability for each.
 
-Usage (needs `pip install torch transformers pillow numpy`):
+Usage (needs `pip install torch transformers pillow numpy`, and libtiff's `tiffcp`, Debian
+`libtiff-tools`):
 
     bench/decode_parity.py --model MODEL_DIR --image PHOTO [--vitforge target/release/vitforge]
 
@@ -90,12 +92,22 @@ def variants(photo, out):
     save("progressive.jpg", rgb, lossless=False, quality=95, progressive=True)
     save("grey.jpg", grey, lossless=False, quality=95)
     save("cmyk.jpg", rgb.convert("CMYK"), lossless=False, quality=95)
+    save("lzw.tif", rgb, compression="tiff_lzw")
+    save("rgba_deflate.tif", rgba, compression="tiff_adobe_deflate")
+    save("l.tif", grey)
+    save("1bit_group4.tif", rgb.convert("1"), compression="group4")
+    save("cmyk.tif", rgb.convert("CMYK"))
+    save("jpeg_rgb.tif", rgb, compression="jpeg", quality=90)
+    # JPEG-compressed YCbCr 2×2 in tiles, libtiff's default for colour (its `tiffcp` writes it).
+    subprocess.run(["tiffcp", "-c", "jpeg:90", "-t", "-w", "128", "-l", "128", out / "lzw.tif", out / "jpeg_ycbcr_tiles.tif"], check=True)
+    files.append("jpeg_ycbcr_tiles.tif")
     # Stored sideways (a quarter turn back) with EXIF orientation 6, as phones store portraits,
     # and mirrored with orientation 2.
     save("orientation6.png", rgb.transpose(Image.Transpose.ROTATE_90), exif=exif(6))
     save("orientation2.png", rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT), exif=exif(2))
     save("orientation8.webp", rgb.transpose(Image.Transpose.ROTATE_270), lossless=True, exif=exif(8))
     save("orientation6.jpg", rgb.transpose(Image.Transpose.ROTATE_90), lossless=False, quality=95, exif=exif(6))
+    save("orientation6.tif", rgb.transpose(Image.Transpose.ROTATE_90), tiffinfo={274: 6})
     return files
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Are the pixels vitforge decodes from images the ones Pillow decodes?
 
-Runs `cargo run --release --example decoded_pixels` on the folders given (every JPEG and PNG under
-them; it also times JPEG decoding against the image crate's own decoder), then compares each
+Runs `cargo run --release --example decoded_pixels` on the folders given (every JPEG, PNG and TIFF
+under them; it also times JPEG decoding against the image crate's own decoder), then compares each
 image's pixels with Pillow's (`Image.open(f).convert("RGB")`, as `transformers` reads an image,
 before `exif_transpose`; the photos measured have no EXIF orientation) and prints how many
 samples differ and by how much. Exit status 1 when any sample differs.
@@ -27,7 +27,7 @@ def main():
     folders = [Path(f).resolve() for f in sys.argv[1:]]
     if not folders:
         sys.exit(__doc__)
-    files = sorted(p for f in folders for p in f.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    files = sorted(p for f in folders for p in f.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".tif", ".tiff"))
     with tempfile.TemporaryDirectory() as out:
         subprocess.run(["cargo", "run", "--quiet", "--release", "--locked", "--example", "decoded_pixels", "--", out, *map(str, folders)], cwd=ROOT, check=True)
         samples = differing = off_by_more = worst = 0
@@ -35,6 +35,7 @@ def main():
         for f in files:
             with Image.open(f) as im:
                 kind = f"{im.format} {im.mode}" + (" progressive" if im.info.get("progressive") else "")
+                kind += f" {im.info['compression']}" if im.format == "TIFF" else ""
                 pillow = np.asarray(im.convert("RGB"), dtype=np.int16)
             ours = np.asarray(Image.open(Path(out) / (f.name + ".png")).convert("RGB"), dtype=np.int16)
             if ours.shape != pillow.shape:
