@@ -2,14 +2,16 @@
 //!
 //! Read with the `tiff` crate (the image-rs project's decoder: strips and tiles, chunky and
 //! planar, uncompressed, PackBits, LZW and Deflate with or without the horizontal predictor, CCITT
-//! fax, JPEG, either byte order), its samples are then made RGB here with Pillow's rules: 16 bits
-//! by each sample's high byte, bilevel and 2- and 4-bit grey scaled to 0–255, CMYK with Pillow's
+//! fax, either byte order), its samples are then made RGB here with Pillow's rules: 16 bits by
+//! each sample's high byte, bilevel and 2- and 4-bit grey scaled to 0–255, CMYK with Pillow's
 //! integer `cmyk2rgb`, premultiplied alpha divided out as Pillow's `RGBa` unpacker does, and
 //! alpha composited onto white as `transformers`' `convert_to_rgb` does. (The image crate's own
-//! TIFF support rounds CMYK otherwise and refuses grey with alpha.) The first image of a file of
-//! several is the one read, as Pillow opens it. Kinds Pillow or this module do not read (palette
-//! colours, floating-point or signed samples, 32-bit samples, YCbCr, CIELab, more than four
-//! samples) are refused by name before any pixel is decoded.
+//! TIFF support rounds CMYK otherwise and refuses grey with alpha.) JPEG-compressed strips and
+//! tiles are decoded by libjpeg-turbo ([`jpeg_chunks`]). The first image of a file of several is
+//! the one read, as Pillow opens it. Kinds Pillow or this module do not read (palette colours,
+//! floating-point or signed samples, 32-bit samples, 16-bit CMYK, uncompressed YCbCr, CIELab,
+//! more than four samples, old-style JPEG, bits filled least significant first) are refused by
+//! name before any pixel is decoded.
 
 use std::io::Cursor;
 
@@ -446,7 +448,7 @@ mod tests {
         let mut files: Vec<_> = std::fs::read_dir(fixtures()).unwrap().map(|e| e.unwrap().path()).collect();
         files.retain(|p| p.extension().is_some_and(|e| e == "tif") && !p.file_name().unwrap().to_string_lossy().starts_with("refused-"));
         files.sort();
-        assert_eq!(files.len(), 30);
+        assert_eq!(files.len(), 31);
         let mut failures = Vec::new();
         for file in files {
             let name = file.file_name().unwrap().to_string_lossy().into_owned();
