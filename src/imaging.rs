@@ -110,7 +110,11 @@ fn dimensions(bytes: &[u8], max_pixels: u64) -> Result<(ImageFormat, u32, u32), 
     if !is_supported(format) {
         return Err(ImageError::UnsupportedFormat(format!("{format:?}").to_uppercase()));
     }
-    let (width, height) = if format == ImageFormat::Tiff { tiff_dimensions(bytes)? } else { header_dimensions(bytes, format)? };
+    let (width, height) = match format {
+        ImageFormat::Jpeg => jpeg::dimensions(bytes)?,
+        ImageFormat::Tiff => tiff_dimensions(bytes)?,
+        _ => header_dimensions(bytes, format)?,
+    };
     let pixels = u64::from(width) * u64::from(height);
     if pixels == 0 {
         return Err(ImageError::ZeroSize);
@@ -141,18 +145,21 @@ fn header_dimensions(bytes: &[u8], format: ImageFormat) -> Result<(u32, u32), Im
         })
 }
 
-/// Decodes an image whose header [`dimensions`] has accepted. A JPEG's pixels come from
-/// libjpeg-turbo's decoder, as Pillow's do ([`jpeg`]), once its structure is checked (one cut
-/// short is refused, as Pillow refuses it); the image crate reads its orientation.
+/// Decodes an image whose header [`dimensions`] has accepted. A JPEG is read by libjpeg-turbo's
+/// decoder, as Pillow reads it ([`jpeg`]), once its structure is checked (one cut short is
+/// refused, as Pillow refuses it); a TIFF by [`tiff`]; the others by the image crate.
 fn decode_checked(bytes: &[u8], format: ImageFormat, width: u32, height: u32) -> Result<RgbImage, ImageError> {
-    if format == ImageFormat::Tiff {
-        let (rgb, orientation) = std::panic::catch_unwind(|| tiff::decode(bytes, width, height))
-            .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))??;
-        return Ok(upright(rgb, orientation));
-    }
-    let is_jpeg = format == ImageFormat::Jpeg;
-    if is_jpeg {
-        jpeg::check_structure(bytes)?;
+    match format {
+        ImageFormat::Jpeg => {
+            jpeg::check_structure(bytes)?;
+            return Ok(upright(jpeg::decode(bytes, width, height)?, jpeg::orientation(bytes)));
+        }
+        ImageFormat::Tiff => {
+            let (rgb, orientation) = std::panic::catch_unwind(|| tiff::decode(bytes, width, height))
+                .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))??;
+            return Ok(upright(rgb, orientation));
+        }
+        _ => {}
     }
     let pixels = u64::from(width) * u64::from(height);
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
@@ -168,17 +175,12 @@ fn decode_checked(bytes: &[u8], format: ImageFormat, width: u32, height: u32) ->
         // Metadata that cannot be read leaves the pixels as stored, as Pillow's `exif_transpose`
         // does with an orientation it does not know.
         let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
-        Ok((if is_jpeg { None } else { Some(DynamicImage::from_decoder(decoder)?) }, orientation))
+        Ok((DynamicImage::from_decoder(decoder)?, orientation))
     }))
     .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))?
     .map_err(|e| ImageError::Corrupt(e.to_string()))?;
-    let rgb = match decoded {
-        None => jpeg::decode(bytes, width, height)?,
-        Some(decoded) => {
-            let decoded = high_bytes(decoded);
-            if decoded.color().has_alpha() { composite_on_white(&decoded.into_rgba8()) } else { decoded.into_rgb8() }
-        }
-    };
+    let decoded = high_bytes(decoded);
+    let rgb = if decoded.color().has_alpha() { composite_on_white(&decoded.into_rgba8()) } else { decoded.into_rgb8() };
     Ok(upright(rgb, orientation))
 }
 

@@ -7,9 +7,12 @@
 //! inverse DCT, the upsampling and the colour conversion its own way: on the 1,200 photos of
 //! `../shared/` it gave 11% of the samples a level or more off Pillow's (up to 5;
 //! `bench/jpeg-parity.md`), enough to move a predicted probability by 5e-3 (`bench/QUALITY.md`).
-//! The image crate still reads the header (size, EXIF orientation) before any pixel is decoded.
+//! libjpeg reads the header too ([`dimensions`]), so that what it decodes (arithmetic-coded JPEGs
+//! included, which the image crate's header reader refuses) is accepted, and the EXIF
+//! orientation is read from the file's segments ([`orientation`]).
 
 use image::RgbImage;
+use image::metadata::Orientation;
 use mozjpeg::{ColorSpace, Decompress};
 
 use super::ImageError;
@@ -68,6 +71,51 @@ fn scans(bytes: &[u8]) -> Option<usize> {
             }
         }
     }
+}
+
+/// A JPEG's size, from its frame header as libjpeg reads it; nothing is decoded, and no segment is
+/// kept in memory.
+pub(super) fn dimensions(bytes: &[u8]) -> Result<(u32, u32), ImageError> {
+    let read = std::panic::catch_unwind(|| Decompress::new_mem(bytes).map(|jpeg| (jpeg.width(), jpeg.height())));
+    match read {
+        // A JPEG's sides are 16-bit numbers.
+        Ok(Ok((width, height))) => Ok((width as u32, height as u32)),
+        Ok(Err(e)) => Err(ImageError::Corrupt(e.to_string())),
+        Err(payload) => Err(libjpeg_error(payload)),
+    }
+}
+
+/// A JPEG's EXIF orientation, from its first APP1 segment that holds EXIF, as Pillow reads it (the
+/// image crate's reader took the last). None, or one that cannot be read, leaves the pixels as
+/// stored, as Pillow's `exif_transpose` does.
+pub(super) fn orientation(bytes: &[u8]) -> Orientation {
+    let mut at = 2; // after SOI
+    // Each segment up to the first scan; stray bytes before a marker are skipped, as Pillow does.
+    while let Some(ff) = bytes.get(at..).and_then(|rest| rest.iter().position(|&b| b == 0xFF)) {
+        at += ff;
+        let Some(&code) = bytes.get(at + 1) else { break };
+        match code {
+            0xFF => at += 1,
+            0x01 | 0xD0..=0xD8 => at += 2,
+            0xD9 | 0xDA => break,
+            _ => {
+                let Some(len) = bytes.get(at + 2..at + 4).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]]))) else { break };
+                let body = &bytes[(at + 4).min(bytes.len())..(at + 2 + len).min(bytes.len())];
+                if code == 0xE1 && body.starts_with(b"Exif\0\0") {
+                    return Orientation::from_exif_chunk(&body[6..]).unwrap_or(Orientation::NoTransforms);
+                }
+                at += 2 + len;
+            }
+        }
+    }
+    Orientation::NoTransforms
+}
+
+/// libjpeg's fatal error, unwound out of its C code (`mozjpeg`'s error manager, built for it),
+/// as a reason; the message is the unwind's payload.
+fn libjpeg_error(payload: Box<dyn std::any::Any + Send>) -> ImageError {
+    let message = payload.downcast_ref::<String>().map_or("the decoder failed on this file", String::as_str);
+    ImageError::Corrupt(message.trim_start_matches("libjpeg fatal error: ").to_string())
 }
 
 /// Decodes a JPEG that [`check_structure`] passed and whose header declared `width` × `height`
@@ -131,10 +179,7 @@ pub(super) fn decode_samples(
         // freed before CMYK is converted, so that decoding stays within `decode_cost`.
         Ok(if cmyk { cmyk_to_rgb(&samples) } else { samples })
     }));
-    decoded.unwrap_or_else(|payload| {
-        let message = payload.downcast_ref::<String>().map_or("the decoder failed on this file", String::as_str);
-        Err(ImageError::Corrupt(message.trim_start_matches("libjpeg fatal error: ").to_string()))
-    })
+    decoded.unwrap_or_else(|payload| Err(libjpeg_error(payload)))
 }
 
 /// A CMYK JPEG's samples to RGB as Pillow does: it takes a four-layer JPEG's samples as Adobe
@@ -175,7 +220,7 @@ mod tests {
         files.retain(|p| p.extension().is_some_and(|e| e == "jpg"));
         files.extend(["progressive.jpg", "restart-markers.jpg"].map(|n| fixtures.join(n)));
         files.sort();
-        assert_eq!(files.len(), 15);
+        assert_eq!(files.len(), 17);
         for file in files {
             let name = file.file_name().unwrap().to_string_lossy().into_owned();
             let ours = super::super::decode_rgb(&std::fs::read(&file).unwrap(), 1 << 20).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -198,8 +243,7 @@ mod tests {
     fn a_jpeg_libjpeg_refuses_is_corrupt_with_its_reason() {
         let jpeg = fixture("420-q90.jpg");
         // The first scan's first component uses Huffman tables 3, which the file does not
-        // define: the image crate reads the headers without minding, libjpeg refuses (as it
-        // does in Pillow).
+        // define: the header reads, libjpeg refuses at the scan (as it does in Pillow).
         let mut bad = jpeg.clone();
         let sos = first_scan(&jpeg).start;
         bad[sos + 6] = 0x33;
@@ -207,6 +251,24 @@ mod tests {
         assert_eq!(err, ImageError::Corrupt("Huffman table 0x03 was not defined".into()));
         // The decoder is whole after it: the next image decodes.
         assert!(super::super::decode_rgb(&jpeg, 1 << 20).is_ok());
+    }
+
+    /// The orientation is the first EXIF segment's, as Pillow reads it; XMP in an APP1 before it
+    /// and stray bytes between segments do not get in its way.
+    #[test]
+    fn the_orientation_is_the_first_exif_segment_s() {
+        let jpeg = fixture("420-q90.jpg");
+        let app1 = |body: &[u8]| [&[0xFF, 0xE1], &(body.len() as u16 + 2).to_be_bytes()[..], body].concat();
+        let exif = |n| app1(&[b"Exif\0\0".as_slice(), &super::super::test_exif::orientation(n)].concat());
+        let with = |segments: &[Vec<u8>]| [&jpeg[..2], &segments.concat(), &jpeg[2..]].concat();
+        assert_eq!(orientation(&jpeg), Orientation::NoTransforms);
+        assert_eq!(orientation(&with(&[exif(6), exif(3)])), Orientation::Rotate90);
+        let xmp = app1(b"http://ns.adobe.com/xap/1.0/\0<x:xmpmeta/>");
+        assert_eq!(orientation(&with(&[xmp, vec![0x00, 0x17], exif(8)])), Orientation::Rotate270);
+        assert_eq!(orientation(&with(&[app1(b"Exif\0\0II*\0")])), Orientation::NoTransforms, "unreadable EXIF");
+        // Decoded and turned a quarter: 61×45 stored, 45×61 seen.
+        let turned = super::super::decode_rgb(&with(&[exif(6)]), 1 << 20).unwrap();
+        assert_eq!(turned.dimensions(), (45, 61));
     }
 
     #[test]
