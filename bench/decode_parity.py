@@ -2,14 +2,14 @@
 """Does an image reach a fine-tuned model through vitforge as it does through transformers?
 
 Writes one photo in many encodings (PNG in every Pillow mode, 16-bit, GIF, BMP, WebP, JPEG
-4:2:0 / 4:4:4 / progressive / grey, TIFF LZW / Deflate with alpha / grey / bilevel / CMYK / JPEG
-RGB / JPEG YCbCr tiles, EXIF and TIFF orientations) to a scratch folder, classifies each with
+4:2:0 / 4:4:4 / progressive / grey / arithmetic-coded, TIFF LZW / Deflate with alpha / grey /
+bilevel / CMYK / JPEG RGB / JPEG YCbCr tiles, EXIF and TIFF orientations) to a scratch folder, classifies each with
 `vitforge predict` and with `tests/fixtures/check_export.py` (transformers, the images opened by
 Pillow and turned upright by `exif_transpose`, as `transformers`' `load_image` does), and prints
 the difference in the predicted label's probability for each.
 
-Usage (needs `pip install torch transformers pillow numpy`, and libtiff's `tiffcp`, Debian
-`libtiff-tools`):
+Usage (needs `pip install torch transformers pillow numpy`, libtiff's `tiffcp` and libjpeg-turbo's
+`jpegtran`, Debian `libtiff-tools` and `libjpeg-turbo-progs`):
 
     bench/decode_parity.py --model MODEL_DIR --image PHOTO [--vitforge target/release/vitforge]
 
@@ -92,6 +92,9 @@ def variants(photo, out):
     save("progressive.jpg", rgb, lossless=False, quality=95, progressive=True)
     save("grey.jpg", grey, lossless=False, quality=95)
     save("cmyk.jpg", rgb.convert("CMYK"), lossless=False, quality=95)
+    # Arithmetic-coded: the 4:2:0 one recoded losslessly by libjpeg-turbo's `jpegtran`.
+    subprocess.run(["jpegtran", "-arithmetic", "-outfile", out / "arithmetic.jpg", out / "q90_420.jpg"], check=True)
+    files.append("arithmetic.jpg")
     save("lzw.tif", rgb, compression="tiff_lzw")
     save("rgba_deflate.tif", rgba, compression="tiff_adobe_deflate")
     save("l.tif", grey)
