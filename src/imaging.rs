@@ -54,10 +54,10 @@ pub fn is_supported(format: ImageFormat) -> bool {
     matches!(format, ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP | ImageFormat::Bmp | ImageFormat::Gif | ImageFormat::Tiff)
 }
 
-/// Decodes an encoded image (JPEG, PNG, WebP, BMP, TIFF, or a GIF's or TIFF's first frame) to 8-bit RGB, as
-/// `transformers`' `convert_to_rgb` does with Pillow: grey is replicated, 16-bit is reduced to 8,
-/// and an image with transparency is composited onto white. An EXIF orientation is applied
-/// ([`upright`]).
+/// Decodes an encoded image (JPEG, PNG, WebP, BMP, a GIF's first frame or a TIFF's first page)
+/// to 8-bit RGB, as `transformers`' `convert_to_rgb` does with Pillow: grey is replicated, 16-bit
+/// is reduced to 8, and an image with transparency is composited onto white. An EXIF orientation
+/// (or a TIFF's orientation tag) is applied ([`upright`]).
 pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
     let (format, width, height) = dimensions(bytes, max_pixels)?;
     decode_checked(bytes, format, width, height)

@@ -28,8 +28,8 @@ pub fn jpeg(seed: u32) -> Vec<u8> {
     image(ImageFormat::Jpeg, 32, seed)
 }
 
-/// A TIFF of `tests/fixtures/tiff/` (`make_tiff_refs.py` wrote them), and for one it decodes
-/// the PNG of the pixels transformers gets from it.
+/// A file of `tests/fixtures/tiff/` (`make_tiff_refs.py` wrote them): a TIFF, or the PNG of the
+/// pixels transformers gets from one (`<name>.png`).
 pub fn tiff(name: &str) -> Vec<u8> {
     std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiff").join(name)).unwrap()
 }
