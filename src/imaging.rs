@@ -151,8 +151,13 @@ fn header_dimensions(bytes: &[u8], format: ImageFormat) -> Result<(u32, u32), Im
 fn decode_checked(bytes: &[u8], format: ImageFormat, width: u32, height: u32) -> Result<RgbImage, ImageError> {
     match format {
         ImageFormat::Jpeg => {
-            jpeg::check_structure(bytes)?;
-            return Ok(upright(jpeg::decode(bytes, width, height)?, jpeg::orientation(bytes)));
+            // Our segment walks see untrusted bytes too: a panic in one costs one image.
+            let read = std::panic::catch_unwind(|| -> Result<_, ImageError> {
+                jpeg::check_structure(bytes)?;
+                Ok((jpeg::decode(bytes, width, height)?, jpeg::orientation(bytes)))
+            });
+            let (rgb, orientation) = read.map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))??;
+            return Ok(upright(rgb, orientation));
         }
         ImageFormat::Tiff => {
             let (rgb, orientation) = std::panic::catch_unwind(|| tiff::decode(bytes, width, height))

@@ -96,11 +96,14 @@ pub(super) fn orientation(bytes: &[u8]) -> Orientation {
         let Some(&code) = bytes.get(at + 1) else { break };
         match code {
             0xFF => at += 1,
-            0x01 | 0xD0..=0xD8 => at += 2,
+            // Markers without a length, and a stuffed zero, which is no marker (Pillow skips it).
+            0x00 | 0x01 | 0xD0..=0xD8 => at += 2,
             0xD9 | 0xDA => break,
             _ => {
                 let Some(len) = bytes.get(at + 2..at + 4).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]]))) else { break };
-                let body = &bytes[(at + 4).min(bytes.len())..(at + 2 + len).min(bytes.len())];
+                // A length under 2 (which libjpeg refuses) leaves an empty body, not a panic.
+                let start = (at + 4).min(bytes.len());
+                let body = &bytes[start..(at + 2 + len).clamp(start, bytes.len())];
                 if code == 0xE1 && body.starts_with(b"Exif\0\0") {
                     return Orientation::from_exif_chunk(&body[6..]).unwrap_or(Orientation::NoTransforms);
                 }
@@ -269,6 +272,24 @@ mod tests {
         // Decoded and turned a quarter: 61×45 stored, 45×61 seen.
         let turned = super::super::decode_rgb(&with(&[exif(6)]), 1 << 20).unwrap();
         assert_eq!(turned.dimensions(), (45, 61));
+    }
+
+    /// Bytes that are no segment, or a segment of a length under 2, before the EXIF one: the walk
+    /// neither panics nor loops, and the decode says what is wrong or decodes. (The fuzzer found
+    /// a stuffed zero before the frame header that made the walk slice backwards.)
+    #[test]
+    fn the_segment_walk_survives_bogus_lengths() {
+        let jpeg = fixture("420-q90.jpg");
+        let block = [b"Exif\0\0".as_slice(), &super::super::test_exif::orientation(6)].concat();
+        let exif = [&[0xFF, 0xE1][..], &(block.len() as u16 + 2).to_be_bytes(), &block].concat();
+        for junk in [[0xFF, 0x00, 0x00, 0x00], [0xFF, 0xE0, 0x00, 0x00], [0xFF, 0xE0, 0x00, 0x01], [0xFF, 0xFF, 0xFF, 0x00]] {
+            let file = [&jpeg[..2], &junk, &exif, &jpeg[2..]].concat();
+            let turned = orientation(&file);
+            assert!(matches!(turned, Orientation::Rotate90 | Orientation::NoTransforms), "{junk:?}: {turned:?}");
+            let _ = super::super::decode_rgb(&file, 1 << 20);
+        }
+        let stuffed = [&jpeg[..2], &[0xFF, 0x00], &exif, &jpeg[2..]].concat();
+        assert_eq!(orientation(&stuffed), Orientation::Rotate90, "a stuffed zero is skipped");
     }
 
     #[test]
