@@ -39,31 +39,22 @@ pub(super) fn check_structure(bytes: &[u8]) -> Result<(), ImageError> {
 /// followed by 0x00 or is a restart marker). Bytes after the marker (some cameras append some) do
 /// not matter.
 fn scans(bytes: &[u8]) -> Option<usize> {
-    // The position of the first 0xFF byte at or after `at`.
-    let next_ff = |at: usize| Some(at + bytes.get(at..)?.iter().position(|&b| b == 0xFF)?);
     let mut at = 2; // after SOI
     let mut scans = 0;
     loop {
-        // A marker: 0xFF (any number of fill bytes), then its code. Stray bytes before it are
-        // skipped, as libjpeg does (with a warning Pillow ignores).
-        at = next_ff(at)?;
-        while bytes.get(at) == Some(&0xFF) && bytes.get(at + 1) == Some(&0xFF) {
-            at += 1;
-        }
-        let (Some(&0xFF), Some(&code)) = (bytes.get(at), bytes.get(at + 1)) else { return None };
-        at += 2;
+        let code;
+        (code, at) = marker(bytes, at)?;
         match code {
             0xD9 => return Some(scans),
             0x01 | 0xD0..=0xD7 => continue,
             _ => {}
         }
-        let len = bytes.get(at..at + 2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))?;
-        at += len;
+        at += segment_length(bytes, at)?;
         if code == 0xDA {
             scans += 1;
             // Entropy-coded data up to the next marker that is not a restart marker.
             loop {
-                at = next_ff(at)?;
+                at = next_ff(bytes, at)?;
                 match bytes.get(at + 1)? {
                     0x00 | 0xD0..=0xD7 | 0xFF => at += 1,
                     _ => break,
@@ -71,6 +62,27 @@ fn scans(bytes: &[u8]) -> Option<usize> {
             }
         }
     }
+}
+
+/// The position of the first 0xFF byte at or after `at`.
+fn next_ff(bytes: &[u8], at: usize) -> Option<usize> {
+    Some(at + bytes.get(at..)?.iter().position(|&b| b == 0xFF)?)
+}
+
+/// The next marker at or after `at`: its code and where what follows it starts. A marker is
+/// 0xFF (any number of fill bytes), then its code; stray bytes before it are skipped, as libjpeg
+/// (with a warning Pillow ignores) and Pillow do. None when the bytes end first.
+fn marker(bytes: &[u8], at: usize) -> Option<(u8, usize)> {
+    let mut at = next_ff(bytes, at)?;
+    while bytes.get(at + 1) == Some(&0xFF) {
+        at += 1;
+    }
+    Some((*bytes.get(at + 1)?, at + 2))
+}
+
+/// The length a segment's first two bytes (at `at`) give, those two bytes included.
+fn segment_length(bytes: &[u8], at: usize) -> Option<usize> {
+    bytes.get(at..at + 2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
 }
 
 /// A JPEG's size, from its frame header as libjpeg reads it; nothing is decoded, and no segment is
@@ -90,24 +102,22 @@ pub(super) fn dimensions(bytes: &[u8]) -> Result<(u32, u32), ImageError> {
 /// stored, as Pillow's `exif_transpose` does.
 pub(super) fn orientation(bytes: &[u8]) -> Orientation {
     let mut at = 2; // after SOI
-    // Each segment up to the first scan; stray bytes before a marker are skipped, as Pillow does.
-    while let Some(ff) = bytes.get(at..).and_then(|rest| rest.iter().position(|&b| b == 0xFF)) {
-        at += ff;
-        let Some(&code) = bytes.get(at + 1) else { break };
+    // Each segment up to the first scan.
+    while let Some((code, next)) = marker(bytes, at) {
+        at = next;
         match code {
-            0xFF => at += 1,
             // Markers without a length, and a stuffed zero, which is no marker (Pillow skips it).
-            0x00 | 0x01 | 0xD0..=0xD8 => at += 2,
+            0x00 | 0x01 | 0xD0..=0xD8 => {}
             0xD9 | 0xDA => break,
             _ => {
-                let Some(len) = bytes.get(at + 2..at + 4).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]]))) else { break };
+                let Some(len) = segment_length(bytes, at) else { break };
                 // A length under 2 (which libjpeg refuses) leaves an empty body, not a panic.
-                let start = (at + 4).min(bytes.len());
-                let body = &bytes[start..(at + 2 + len).clamp(start, bytes.len())];
+                let start = (at + 2).min(bytes.len());
+                let body = &bytes[start..(at + len).clamp(start, bytes.len())];
                 if code == 0xE1 && body.starts_with(b"Exif\0\0") {
                     return Orientation::from_exif_chunk(&body[6..]).unwrap_or(Orientation::NoTransforms);
                 }
-                at += 2 + len;
+                at += len;
             }
         }
     }

@@ -267,14 +267,8 @@ pub(super) fn decode(bytes: &[u8], width: u32, height: u32) -> Result<(RgbImage,
             let channels: [usize; 4] = if matches!(kind, Kind::GreyAlpha(..)) { [0, 0, 0, 1] } else { [0, 1, 2, 3] };
             let rgba = image::RgbaImage::from_fn(width, height, |x, y| {
                 let [r, g, b, a] = channels.map(|c| samples.get(x, y, c));
-                let colour = [r, g, b];
-                image::Rgba(match alpha {
-                    Alpha::Straight => [r, g, b, a],
-                    Alpha::Premultiplied => {
-                        let [r, g, b] = unpremultiply(colour, a);
-                        [r, g, b, a]
-                    }
-                })
+                let [r, g, b] = if alpha == Alpha::Premultiplied { unpremultiply([r, g, b], a) } else { [r, g, b] };
+                image::Rgba([r, g, b, a])
             });
             drop(raw);
             return Ok((super::composite_on_white(&rgba), orientation));
@@ -329,7 +323,7 @@ fn jpeg_chunks(decoder: &mut Reader<'_>, bytes: &[u8], photometric: Photometric,
         return Err(ImageError::Corrupt(format!("the TIFF has {} JPEG strips or tiles, more than the {most} its size allows", offsets.len())));
     }
     let output = if photometric == Photometric::YCbCr { super::jpeg::Output::Rgb } else { super::jpeg::Output::Stored };
-    let components = if photometric == Photometric::Grey { 1 } else { 3 };
+    let components = Kind::Jpeg(photometric).samples();
     let pixels = u64::from(width) * u64::from(height);
     let mut rgb = RgbImage::new(width, height);
     for (index, (&offset, &count)) in offsets.iter().zip(&counts).enumerate() {
