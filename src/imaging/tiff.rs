@@ -8,12 +8,13 @@
 //! alpha composited onto white as `transformers`' `convert_to_rgb` does. (The image crate's own
 //! TIFF support rounds CMYK otherwise and refuses grey with alpha.) JPEG-compressed strips and
 //! tiles are decoded by libjpeg-turbo ([`jpeg_chunks`]). The first image of a file of several is
-//! the one read, as Pillow opens it. Kinds Pillow or this module do not read (palette colours,
-//! floating-point or signed samples, 32-bit samples, 16-bit CMYK, uncompressed YCbCr, CIELab,
-//! more than four samples, old-style JPEG, bits filled least significant first) are refused by
-//! name before any pixel is decoded.
+//! the one read, as Pillow opens it. Palette colours are looked up in the file's colour map by
+//! each entry's high byte, as Pillow does ([`Source`] hands the indices over). Kinds Pillow or
+//! this module do not read (floating-point or signed samples, 16-bit palettes, 32-bit samples,
+//! 16-bit CMYK, uncompressed YCbCr, CIELab, more than four samples, old-style JPEG, bits filled
+//! least significant first) are refused by name before any pixel is decoded.
 
-use std::io::Cursor;
+use std::io::{Cursor, Read, Seek, SeekFrom};
 
 use image::metadata::Orientation;
 use image::RgbImage;
@@ -37,6 +38,20 @@ enum Kind {
     Cmyk,
     /// JPEG-compressed strips or tiles of 8-bit grey (one sample), RGB or YCbCr (three).
     Jpeg(Photometric),
+    /// Indices of 1, 2, 4 or 8 bits into the file's colour map, alone or (8 bits) with a second
+    /// sample.
+    Palette(u8, Extra),
+}
+
+/// What a palette TIFF's second sample is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Extra {
+    /// There is none.
+    None,
+    /// Of no stated meaning (ExtraSamples 0): Pillow ignores it (its `PX` raw mode).
+    Ignored,
+    /// Alpha, not premultiplied (ExtraSamples 2): Pillow's `PA`.
+    Alpha,
 }
 
 /// What the components of a JPEG-compressed TIFF's strips hold.
@@ -58,16 +73,16 @@ enum Alpha {
 impl Kind {
     fn bits(self) -> u8 {
         match self {
-            Kind::Grey(b) | Kind::GreyAlpha(b, _) | Kind::Rgb(b) | Kind::Rgba(b, _) => b,
+            Kind::Grey(b) | Kind::GreyAlpha(b, _) | Kind::Rgb(b) | Kind::Rgba(b, _) | Kind::Palette(b, _) => b,
             Kind::Cmyk | Kind::Jpeg(_) => 8,
         }
     }
 
     fn samples(self) -> usize {
         match self {
-            Kind::Grey(_) | Kind::Jpeg(Photometric::Grey) => 1,
+            Kind::Grey(_) | Kind::Jpeg(Photometric::Grey) | Kind::Palette(_, Extra::None) => 1,
             Kind::Jpeg(_) => 3,
-            Kind::GreyAlpha(..) => 2,
+            Kind::GreyAlpha(..) | Kind::Palette(..) => 2,
             Kind::Rgb(_) => 3,
             Kind::Rgba(..) | Kind::Cmyk => 4,
         }
@@ -75,7 +90,37 @@ impl Kind {
 }
 
 /// The decoder, on a TIFF's bytes in memory.
-type Reader<'a> = Decoder<Cursor<&'a [u8]>>;
+type Reader<'a> = Decoder<Source<'a>>;
+
+/// A TIFF's bytes as the decoder reads them, but for a palette TIFF's photometric tag, which
+/// reads as grey (BlackIsZero): the `tiff` crate refuses palettes, and so hands over their
+/// indices as grey samples, to be looked up here. Nothing is copied.
+struct Source<'a> {
+    bytes: Cursor<&'a [u8]>,
+    /// Where the photometric tag's value is, and the value grey has in the file's byte order.
+    grey: Option<(u64, [u8; 2])>,
+}
+
+impl Read for Source<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let start = self.bytes.position();
+        let n = self.bytes.read(buf)?;
+        if let Some((at, value)) = self.grey {
+            for (i, byte) in (at..).zip(value) {
+                if let Some(slot) = i.checked_sub(start).filter(|&o| o < n as u64) {
+                    buf[slot as usize] = byte;
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Seek for Source<'_> {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        self.bytes.seek(to)
+    }
+}
 
 fn corrupt(e: TiffError) -> ImageError {
     match e {
@@ -88,14 +133,16 @@ fn corrupt(e: TiffError) -> ImageError {
 /// Refuses a TIFF whose first directory (the only one read) has a tag declaring a value longer
 /// than the whole file. Such a value cannot be there, and the `tiff` crate (0.11.3) prints a
 /// debugging line to stderr when an ASCII one is longer than its limit, a line per hostile
-/// upload in the service's log.
-fn check_first_directory(bytes: &[u8]) -> Result<(), ImageError> {
+/// upload in the service's log. Says where the photometric tag's value is, with the bytes of
+/// grey for it, when it says palette colours: the [`Source`] to read the file through.
+fn check_first_directory(bytes: &[u8]) -> Result<Source<'_>, ImageError> {
+    let mut source = Source { bytes: Cursor::new(bytes), grey: None };
     let (le, big) = match bytes.get(..4) {
         Some(b"II*\0") => (true, false),
         Some(b"MM\0*") => (false, false),
         Some(b"II+\0") => (true, true),
         Some(b"MM\0+") => (false, true),
-        _ => return Ok(()), // not a TIFF header: the decoder says what is wrong
+        _ => return Ok(source), // not a TIFF header: the decoder says what is wrong
     };
     let number = |at: usize, len: usize| -> Option<u64> {
         let b = bytes.get(at..at.checked_add(len)?)?;
@@ -118,22 +165,28 @@ fn check_first_directory(bytes: &[u8]) -> Result<(), ImageError> {
             5 | 10 | 12 | 16..=18 => 8,
             _ => 1,
         };
+        let tag = number(entry, 2).unwrap_or_default();
         if count.saturating_mul(size) > bytes.len() as u64 {
-            let tag = number(entry, 2).unwrap_or_default();
             return Err(ImageError::Corrupt(format!("the TIFF's tag {tag} declares {count} values, more than the file holds")));
         }
+        // One SHORT, stored in the entry itself (at the start of its value field).
+        let value = entry + 4 + count_len;
+        if tag == 262 && kind == 3 && count == 1 && number(value, 2) == Some(3) {
+            source.grey = Some((value as u64, if le { [1, 0] } else { [0, 1] }));
+        }
     }
-    Ok(())
+    Ok(source)
 }
 
 /// A decoder on the first image of a TIFF whose kind is one we read, with its kind.
 fn open(bytes: &[u8]) -> Result<(Reader<'_>, Kind), ImageError> {
-    check_first_directory(bytes)?;
+    let source = check_first_directory(bytes)?;
+    let palette = source.grey.is_some();
     let mut limits = Limits::default();
     limits.ifd_value_size = MAX_METADATA_BYTES as usize;
     // Compressed data is read a strip or tile at a time, and one cannot be longer than the file.
     limits.intermediate_buffer_size = bytes.len();
-    let mut decoder = Decoder::new(Cursor::new(bytes)).map_err(corrupt)?.with_limits(limits);
+    let mut decoder = Decoder::new(source).map_err(corrupt)?.with_limits(limits);
     let unsupported = |what: &str| Err(ImageError::Unsupported(format!("a TIFF of {what}; save it as 8-bit RGB")));
     let format = decoder.find_tag_unsigned_vec::<u16>(Tag::SampleFormat).map_err(corrupt)?.unwrap_or_default();
     if let Some(&other) = format.iter().find(|&&f| SampleFormat::from_u16(f) != Some(SampleFormat::Uint)) {
@@ -157,6 +210,24 @@ fn open(bytes: &[u8]) -> Result<(Reader<'_>, Kind), ImageError> {
     let compression = decoder.find_tag_unsigned::<u16>(Tag::Compression).map_err(corrupt)?;
     if compression == Some(6) {
         return unsupported("old-style JPEG compression");
+    }
+    if palette {
+        // Read as grey through the `Source`: one index, or two samples, as Pillow's raw modes
+        // `P;1`, `P;2`, `P;4`, `P`, `PX` and `PA` take them.
+        let kind = match decoder.colortype() {
+            _ if compression == Some(7) => return unsupported("JPEG-compressed palette colours"),
+            Ok(ColorType::Gray(bits @ (1 | 2 | 4 | 8))) => Kind::Palette(bits, Extra::None),
+            Ok(ColorType::Multiband { bit_depth: 8, num_samples: 2 }) => match decoder.find_tag_unsigned_vec::<u16>(Tag::ExtraSamples).map_err(corrupt)?.as_deref() {
+                Some([0]) => Kind::Palette(8, Extra::Ignored),
+                Some([2]) => Kind::Palette(8, Extra::Alpha),
+                _ => return unsupported("palette colours with premultiplied alpha"),
+            },
+            Ok(ColorType::Gray(bits)) => return unsupported(&format!("{bits}-bit palette colours")),
+            Ok(_) => return unsupported("palette colours with extra samples"),
+            Err(e) => return Err(corrupt(e)),
+        };
+        colour_map(&mut decoder, kind.bits())?;
+        return Ok((decoder, kind));
     }
     if compression == Some(7) {
         let planar = decoder.find_tag_unsigned::<u16>(Tag::PlanarConfiguration).map_err(corrupt)?.unwrap_or(1);
@@ -183,6 +254,7 @@ fn open(bytes: &[u8]) -> Result<(Reader<'_>, Kind), ImageError> {
         Ok(other) => return unsupported(&describe(other)),
         Err(TiffError::UnsupportedError(_)) => {
             return match photometric.and_then(PhotometricInterpretation::from_u16) {
+                // A palette whose photometric tag is not one SHORT, which the `Source` leaves.
                 Some(PhotometricInterpretation::RGBPalette) => unsupported("palette colours"),
                 Some(other) => unsupported(&format!("{other:?} samples")),
                 None => unsupported("an unknown photometric interpretation"),
@@ -191,6 +263,24 @@ fn open(bytes: &[u8]) -> Result<(Reader<'_>, Kind), ImageError> {
         Err(e) => return Err(corrupt(e)),
     };
     Ok((decoder, kind))
+}
+
+/// A palette TIFF's colours, one for each of its 2^`bits` indices. Its colour map holds all the
+/// reds, then all the greens, then all the blues, of 16 bits each, of which Pillow keeps the high
+/// byte. Writers keep 2^`bits` colours there, or (tifffile) 256 whatever the bits: Pillow takes
+/// a third of the map for each, and so does this.
+fn colour_map(decoder: &mut Reader<'_>, bits: u8) -> Result<Vec<[u8; 3]>, ImageError> {
+    let Some(map) = decoder.find_tag_unsigned_vec::<u16>(Tag::ColorMap).map_err(corrupt)? else {
+        return Err(ImageError::Corrupt("the TIFF's palette has no colour map".into()));
+    };
+    let (colours, each) = (1usize << bits, map.len() / 3);
+    if map.len() % 3 != 0 || each < colours || each > 256 {
+        return Err(ImageError::Corrupt(format!(
+            "the TIFF's colour map has {} values, where its {bits}-bit indices need from 3 × {colours} to 3 × 256",
+            map.len()
+        )));
+    }
+    Ok((0..colours).map(|i| [0, 1, 2].map(|c| (map[c * each + i] >> 8) as u8)).collect())
 }
 
 /// What a TIFF's samples are, in words, for a refusal.
@@ -248,6 +338,7 @@ pub(super) fn decode(bytes: &[u8], width: u32, height: u32) -> Result<(RgbImage,
         TiffError::LimitsExceeded => ImageError::Corrupt("the TIFF's strips or tiles run past the end of the file".into()),
         e => corrupt(e),
     })?;
+    let colours = if let Kind::Palette(bits, _) = kind { colour_map(&mut decoder, bits)? } else { Vec::new() };
     drop(decoder);
     if kind == Kind::Rgb(8) && layout.planes == 1 {
         // Already 8-bit RGB, row after row (the commonest TIFF): the samples are the image.
@@ -256,6 +347,19 @@ pub(super) fn decode(bytes: &[u8], width: u32, height: u32) -> Result<(RgbImage,
     }
     let samples = Samples { raw: &raw, kind, row, planes: layout.planes, plane: layout.plane_stride.map_or(0, |s| s.get()) };
     let rgb = match kind {
+        Kind::Palette(_, extra) => {
+            let colour = |x, y| colours[usize::from(samples.stored(x, y, 0))];
+            if extra != Extra::Alpha {
+                RgbImage::from_fn(width, height, |x, y| image::Rgb(colour(x, y)))
+            } else {
+                let rgba = image::RgbaImage::from_fn(width, height, |x, y| {
+                    let [r, g, b] = colour(x, y);
+                    image::Rgba([r, g, b, samples.stored(x, y, 1) as u8])
+                });
+                drop(raw);
+                return Ok((super::composite_on_white(&rgba), orientation));
+            }
+        }
         Kind::Grey(_) => RgbImage::from_fn(width, height, |x, y| {
             let v = samples.get(x, y, 0);
             image::Rgb([v, v, v])
@@ -397,6 +501,18 @@ impl Samples<'_> {
     /// Sample `c` of pixel (`x`, `y`) as 8 bits: a 16-bit one by its high byte (Pillow's `;16`
     /// unpackers), 1-, 2- and 4-bit grey scaled to 0–255 as Pillow's `1`, `L;2` and `L;4` do.
     fn get(&self, x: u32, y: u32, c: usize) -> u8 {
+        match self.kind.bits() {
+            bits @ (1 | 2 | 4) => {
+                let max = (1u16 << bits) - 1;
+                (self.stored(x, y, c) * 255 / max) as u8
+            }
+            _ => self.stored(x, y, c) as u8,
+        }
+    }
+
+    /// Sample `c` of pixel (`x`, `y`) as stored, but for a 16-bit one, which is its high byte:
+    /// for packed samples (1, 2 or 4 bits, one a pixel), the value of those bits.
+    fn stored(&self, x: u32, y: u32, c: usize) -> u16 {
         let (x, y) = (x as usize, y as usize);
         let samples = self.kind.samples();
         let (base, index) = if self.planes > 1 {
@@ -405,19 +521,17 @@ impl Samples<'_> {
             (y * self.row, x * samples + c)
         };
         match self.kind.bits() {
-            8 => self.raw[base + index],
+            8 => u16::from(self.raw[base + index]),
             16 => {
                 let at = base + 2 * index;
-                (u16::from_ne_bytes([self.raw[at], self.raw[at + 1]]) >> 8) as u8
+                u16::from_ne_bytes([self.raw[at], self.raw[at + 1]]) >> 8
             }
             bits => {
-                // Packed, most significant bits first; grey only.
+                // Packed, most significant bits first; one sample a pixel.
                 debug_assert_eq!(samples, 1);
                 let bit = index * usize::from(bits);
                 let byte = self.raw[base + bit / 8];
-                let max = (1u16 << bits) - 1;
-                let v = u16::from(byte >> (8 - usize::from(bits) - bit % 8)) & max;
-                (v * 255 / max) as u8
+                u16::from(byte >> (8 - usize::from(bits) - bit % 8)) & ((1 << bits) - 1)
             }
         }
     }
@@ -442,7 +556,7 @@ mod tests {
         let mut files: Vec<_> = std::fs::read_dir(fixtures()).unwrap().map(|e| e.unwrap().path()).collect();
         files.retain(|p| p.extension().is_some_and(|e| e == "tif") && !p.file_name().unwrap().to_string_lossy().starts_with("refused-"));
         files.sort();
-        assert_eq!(files.len(), 31);
+        assert_eq!(files.len(), 39);
         let mut failures = Vec::new();
         for file in files {
             let name = file.file_name().unwrap().to_string_lossy().into_owned();
@@ -503,7 +617,9 @@ mod tests {
     /// what they are, from the header, before any pixel is decoded.
     #[test]
     fn kinds_it_does_not_read_are_refused_by_name() {
-        assert_eq!(decode(&fixture("refused-palette.tif")), unsupported("palette colours"));
+        assert_eq!(decode(&fixture("refused-palette16.tif")), unsupported("16-bit palette colours"));
+        assert_eq!(decode(&fixture("refused-palette-premultiplied.tif")), unsupported("palette colours with premultiplied alpha"));
+        assert_eq!(decode(&with_tag(&fixture("jpeg-grey.tif"), 262, 3)), unsupported("JPEG-compressed palette colours"));
         assert_eq!(decode(&fixture("refused-float.tif")), unsupported("floating-point samples"));
         assert_eq!(decode(&fixture("refused-int16.tif")), unsupported("signed samples"));
         // Old-style JPEG (compression 6), which TIFF 6.0 itself retired.
@@ -515,13 +631,49 @@ mod tests {
         assert!(matches!(decode(&with_tag(&fixture("rgb.tif"), 262, 99)), Err(ImageError::Unsupported(_) | ImageError::Corrupt(_))));
         // The refusal names the format it is in, for the dataset's `rejected` list.
         assert_eq!(
-            decode(&fixture("refused-palette.tif")).unwrap_err().to_string(),
-            "unsupported image: a TIFF of palette colours; save it as 8-bit RGB"
+            decode(&fixture("refused-float.tif")).unwrap_err().to_string(),
+            "unsupported image: a TIFF of floating-point samples; save it as 8-bit RGB"
         );
     }
 
     /// A TIFF declaring more pixels than allowed is refused from its header, before its strips
     /// are read or any pixel buffer allocated.
+    /// `bytes` (a little-endian TIFF) with the entry of `tag` in its first directory changed by
+    /// `change` (its 12 bytes: tag, type, count, value).
+    fn with_entry(bytes: &[u8], tag: u16, change: impl Fn(&mut [u8])) -> Vec<u8> {
+        let mut bytes = bytes.to_vec();
+        let ifd = u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize;
+        let entry = (0..usize::from(u16::from_le_bytes([bytes[ifd], bytes[ifd + 1]])))
+            .map(|i| ifd + 2 + 12 * i)
+            .find(|&at| u16::from_le_bytes([bytes[at], bytes[at + 1]]) == tag)
+            .unwrap_or_else(|| panic!("no tag {tag}"));
+        change(&mut bytes[entry..entry + 12]);
+        bytes
+    }
+
+    /// A palette TIFF's colour map must hold a colour for each index, as Pillow reads it (a
+    /// third of the map each for red, green and blue, up to 256 colours); one that does not is
+    /// refused as corrupt, not read with colours made up.
+    #[test]
+    fn a_palette_s_colour_map_must_cover_its_indices() {
+        let count = |n: u32| move |entry: &mut [u8]| entry[4..8].copy_from_slice(&n.to_le_bytes());
+        let palette4 = fixture("palette4.tif");
+        for (values, why) in [(45, "too few for 16 colours"), (47, "not three of each"), (3 * 257, "more than 256 colours")] {
+            let damaged = with_entry(&palette4, 320, count(values));
+            assert!(matches!(decode(&damaged), Err(ImageError::Corrupt(_))), "{values} values ({why}): {:?}", decode(&damaged).map(|i| i.dimensions()));
+        }
+        assert_eq!(
+            decode(&with_entry(&palette4, 320, count(45))).unwrap_err().to_string(),
+            "corrupt or truncated image: the TIFF's colour map has 45 values, where its 4-bit indices need from 3 × 16 to 3 × 256"
+        );
+        // No colour map at all (its entry made one of a tag that means nothing).
+        let unmapped = with_entry(&palette4, 320, |entry| entry[..2].copy_from_slice(&65000u16.to_le_bytes()));
+        assert_eq!(decode(&unmapped), Err(ImageError::Corrupt("the TIFF's palette has no colour map".into())));
+        // 3 × 16 and 3 × 256 both read (`palette4-16-colours.tif` and `palette4.tif` against
+        // Pillow's pixels above); so does any count between, a third each.
+        assert!(decode(&with_entry(&palette4, 320, count(3 * 100))).is_ok());
+    }
+
     #[test]
     fn a_tiff_over_the_pixel_limit_is_refused_from_its_header() {
         // One strip of 100,000 rows, as a scanner might write it.

@@ -85,14 +85,14 @@ async fn zip_in_class_folders_is_ingested() {
 async fn tiffs_are_ingested_and_a_kind_not_read_is_rejected_by_name() {
     let app = spawn_app().await;
     let mut members = class_images("", &["cat", "dog"], 2, 0);
-    for (name, fixture) in [("cat/scan.tif", "jpeg-ycbcr-tiles.tif"), ("cat/pages.tif", "multipage.tif"), ("dog/16bit.tiff", "rgb16.tif"), ("dog/palette.tif", "refused-palette.tif")] {
+    for (name, fixture) in [("cat/scan.tif", "jpeg-ycbcr-tiles.tif"), ("cat/pages.tif", "multipage.tif"), ("dog/16bit.tiff", "rgb16.tif"), ("dog/palette.tif", "palette4.tif"), ("dog/float.tif", "refused-float.tif")] {
         members.push(file(name, fixtures::tiff(fixture)));
     }
     let ds = upload_ok(&app, "scans.zip", fixtures::zip(&members)).await;
-    assert_eq!(ds["counts"]["train"], json!({"cat": 4, "dog": 3}));
+    assert_eq!(ds["counts"]["train"], json!({"cat": 4, "dog": 4}));
     assert_eq!(
         rejected(&ds),
-        BTreeMap::from([("dog/palette.tif".to_string(), "unsupported image: a TIFF of palette colours; save it as 8-bit RGB".to_string())])
+        BTreeMap::from([("dog/float.tif".to_string(), "unsupported image: a TIFF of floating-point samples; save it as 8-bit RGB".to_string())])
     );
     let id = ds["id"].as_str().unwrap();
     let page = json(app.get(&format!("/datasets/{id}/images?limit=200")).await).await;

@@ -160,7 +160,7 @@ async fn an_image_is_classified_upright_by_its_exif_orientation() {
 #[tokio::test]
 async fn a_tiff_is_classified_as_the_png_of_its_pixels() {
     let (app, _, _) = trained_app(|_| {}).await;
-    let names = ["jpeg-ycbcr-tiles.tif", "rgba-premultiplied.tif", "orientation6.tif", "rgb16.tif"];
+    let names = ["jpeg-ycbcr-tiles.tif", "rgba-premultiplied.tif", "orientation6.tif", "rgb16.tif", "palette4.tif"];
     let mut images: Vec<(String, Vec<u8>)> = Vec::new();
     for name in names {
         images.push((name.into(), tiff(name)));
@@ -199,9 +199,9 @@ async fn bad_predict_requests_name_the_problem() {
     let msg = assert_error(resp, 400, "invalid_image").await;
     assert!(msg.contains("unsupported image format HEIC/HEIF (supported: JPEG"), "{msg}");
     // A kind of TIFF that is not read is named too.
-    let resp = app.client.post(&url).header("content-type", "image/tiff").body(tiff("refused-palette.tif")).send().await.unwrap();
+    let resp = app.client.post(&url).header("content-type", "image/tiff").body(tiff("refused-palette16.tif")).send().await.unwrap();
     let msg = assert_error(resp, 400, "invalid_image").await;
-    assert!(msg.ends_with("unsupported image: a TIFF of palette colours; save it as 8-bit RGB"), "{msg}");
+    assert!(msg.ends_with("unsupported image: a TIFF of 16-bit palette colours; save it as 8-bit RGB"), "{msg}");
     let resp = app.post_json("/predict", &json!({"images": ["@@@not base64@@@"]})).await;
     let msg = assert_error(resp, 400, "invalid_base64").await;
     assert!(msg.contains("images[0]"), "{msg}");
