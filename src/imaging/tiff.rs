@@ -1,18 +1,19 @@
 //! TIFF pixels as Pillow reads them, and so as `transformers` feeds them to a model.
 //!
 //! Read with the `tiff` crate (the image-rs project's decoder: strips and tiles, chunky and
-//! planar, uncompressed, PackBits, LZW and Deflate with or without the horizontal predictor, CCITT
-//! fax, either byte order), its samples are then made RGB here with Pillow's rules: 16 bits by
-//! each sample's high byte, bilevel and 2- and 4-bit grey scaled to 0–255, CMYK with Pillow's
-//! integer `cmyk2rgb`, premultiplied alpha divided out as Pillow's `RGBa` unpacker does, and
-//! alpha composited onto white as `transformers`' `convert_to_rgb` does. (The image crate's own
-//! TIFF support rounds CMYK otherwise and refuses grey with alpha.) JPEG-compressed strips and
-//! tiles are decoded by libjpeg-turbo ([`jpeg_chunks`]). The first image of a file of several is
-//! the one read, as Pillow opens it. Palette colours are looked up in the file's colour map by
-//! each entry's high byte, as Pillow does ([`Source`] hands the indices over). Kinds Pillow or
-//! this module do not read (floating-point or signed samples, 16-bit palettes, 32-bit samples,
-//! 16-bit CMYK, uncompressed YCbCr, CIELab, more than four samples, old-style JPEG, bits filled
-//! least significant first) are refused by name before any pixel is decoded.
+//! planar, uncompressed, PackBits, LZW, Deflate and Zstandard, with or without the horizontal
+//! predictor, CCITT fax, either byte order), its samples are then made RGB here with Pillow's
+//! rules: 16 bits by each sample's high byte, bilevel and 2- and 4-bit grey scaled to 0–255,
+//! CMYK with Pillow's integer `cmyk2rgb`, samples of no stated meaning (ExtraSamples 0) ignored,
+//! premultiplied alpha divided out as Pillow's `RGBa` unpacker does, and alpha composited onto
+//! white as `transformers`' `convert_to_rgb` does. (The image crate's own TIFF support rounds
+//! CMYK otherwise and refuses grey with alpha.) Palette colours are looked up in the file's
+//! colour map by each entry's high byte, as Pillow does ([`Source`] hands the indices over).
+//! JPEG-compressed strips and tiles are decoded by libjpeg-turbo ([`jpeg_chunks`]). The first
+//! image of a file of several is the one read, as Pillow opens it. Kinds Pillow or this module
+//! do not read (floating-point or signed samples, 16-bit palettes, 12- and 32-bit samples,
+//! uncompressed YCbCr, CIELab, old-style JPEG, bits filled least significant first) are refused
+//! by name before any pixel is decoded.
 
 use std::io::{Cursor, Read, Seek, SeekFrom};
 
@@ -31,11 +32,14 @@ enum Kind {
     Grey(u8),
     /// Grey and alpha, 8 or 16 bits each.
     GreyAlpha(u8, Alpha),
+    /// Grey and a second sample of no stated meaning (ExtraSamples 0), 8 or 16 bits each: the
+    /// second is ignored, as Pillow's `LX` does.
+    GreyExtra(u8),
     /// 8 or 16 bits each.
     Rgb(u8),
     Rgba(u8, Alpha),
-    /// 8 bits each, ink amounts (0 is no ink).
-    Cmyk,
+    /// 8 or 16 bits each, ink amounts (0 is no ink).
+    Cmyk(u8),
     /// JPEG-compressed strips or tiles of 8-bit grey (one sample), RGB or YCbCr (three).
     Jpeg(Photometric),
     /// Indices of 1, 2, 4 or 8 bits into the file's colour map, alone or (8 bits) with a second
@@ -73,8 +77,8 @@ enum Alpha {
 impl Kind {
     fn bits(self) -> u8 {
         match self {
-            Kind::Grey(b) | Kind::GreyAlpha(b, _) | Kind::Rgb(b) | Kind::Rgba(b, _) | Kind::Palette(b, _) => b,
-            Kind::Cmyk | Kind::Jpeg(_) => 8,
+            Kind::Grey(b) | Kind::GreyAlpha(b, _) | Kind::GreyExtra(b) | Kind::Rgb(b) | Kind::Rgba(b, _) | Kind::Cmyk(b) | Kind::Palette(b, _) => b,
+            Kind::Jpeg(_) => 8,
         }
     }
 
@@ -82,9 +86,9 @@ impl Kind {
         match self {
             Kind::Grey(_) | Kind::Jpeg(Photometric::Grey) | Kind::Palette(_, Extra::None) => 1,
             Kind::Jpeg(_) => 3,
-            Kind::GreyAlpha(..) | Kind::Palette(..) => 2,
+            Kind::GreyAlpha(..) | Kind::GreyExtra(_) | Kind::Palette(..) => 2,
             Kind::Rgb(_) => 3,
-            Kind::Rgba(..) | Kind::Cmyk => 4,
+            Kind::Rgba(..) | Kind::Cmyk(_) => 4,
         }
     }
 }
@@ -203,7 +207,8 @@ fn open(bytes: &[u8]) -> Result<(Reader<'_>, Kind), ImageError> {
         return unsupported("bits filled least significant first (FillOrder 2)");
     }
     let photometric = decoder.find_tag_unsigned::<u16>(Tag::PhotometricInterpretation).map_err(corrupt)?;
-    let alpha = match decoder.find_tag_unsigned_vec::<u16>(Tag::ExtraSamples).map_err(corrupt)?.as_deref() {
+    let extra = decoder.find_tag_unsigned_vec::<u16>(Tag::ExtraSamples).map_err(corrupt)?;
+    let alpha = match extra.as_deref() {
         Some([1, ..]) => Alpha::Premultiplied,
         _ => Alpha::Straight,
     };
@@ -217,7 +222,7 @@ fn open(bytes: &[u8]) -> Result<(Reader<'_>, Kind), ImageError> {
         let kind = match decoder.colortype() {
             _ if compression == Some(7) => return unsupported("JPEG-compressed palette colours"),
             Ok(ColorType::Gray(bits @ (1 | 2 | 4 | 8))) => Kind::Palette(bits, Extra::None),
-            Ok(ColorType::Multiband { bit_depth: 8, num_samples: 2 }) => match decoder.find_tag_unsigned_vec::<u16>(Tag::ExtraSamples).map_err(corrupt)?.as_deref() {
+            Ok(ColorType::Multiband { bit_depth: 8, num_samples: 2 }) => match extra.as_deref() {
                 Some([0]) => Kind::Palette(8, Extra::Ignored),
                 Some([2]) => Kind::Palette(8, Extra::Alpha),
                 _ => return unsupported("palette colours with premultiplied alpha"),
@@ -246,11 +251,11 @@ fn open(bytes: &[u8]) -> Result<(Reader<'_>, Kind), ImageError> {
         Ok(ColorType::Multiband { bit_depth: bits @ (8 | 16), num_samples: 2 })
             if photometric.and_then(PhotometricInterpretation::from_u16) == Some(PhotometricInterpretation::BlackIsZero) =>
         {
-            Kind::GreyAlpha(bits, alpha)
+            if extra.as_deref() == Some(&[0]) { Kind::GreyExtra(bits) } else { Kind::GreyAlpha(bits, alpha) }
         }
         Ok(ColorType::RGB(bits @ (8 | 16))) => Kind::Rgb(bits),
         Ok(ColorType::RGBA(bits @ (8 | 16))) => Kind::Rgba(bits, alpha),
-        Ok(ColorType::CMYK(8)) => Kind::Cmyk,
+        Ok(ColorType::CMYK(bits @ (8 | 16))) => Kind::Cmyk(bits),
         Ok(other) => return unsupported(&describe(other)),
         Err(TiffError::UnsupportedError(_)) => {
             return match photometric.and_then(PhotometricInterpretation::from_u16) {
@@ -360,13 +365,13 @@ pub(super) fn decode(bytes: &[u8], width: u32, height: u32) -> Result<(RgbImage,
                 return Ok((super::composite_on_white(&rgba), orientation));
             }
         }
-        Kind::Grey(_) => RgbImage::from_fn(width, height, |x, y| {
+        Kind::Grey(_) | Kind::GreyExtra(_) => RgbImage::from_fn(width, height, |x, y| {
             let v = samples.get(x, y, 0);
             image::Rgb([v, v, v])
         }),
         Kind::Jpeg(_) => unreachable!("decoded above"),
         Kind::Rgb(_) => RgbImage::from_fn(width, height, |x, y| image::Rgb([0, 1, 2].map(|c| samples.get(x, y, c)))),
-        Kind::Cmyk => RgbImage::from_fn(width, height, |x, y| image::Rgb(super::cmyk_to_rgb([0, 1, 2, 3].map(|c| samples.get(x, y, c))))),
+        Kind::Cmyk(_) => RgbImage::from_fn(width, height, |x, y| image::Rgb(super::cmyk_to_rgb([0, 1, 2, 3].map(|c| samples.get(x, y, c))))),
         Kind::GreyAlpha(_, alpha) | Kind::Rgba(_, alpha) => {
             let channels: [usize; 4] = if matches!(kind, Kind::GreyAlpha(..)) { [0, 0, 0, 1] } else { [0, 1, 2, 3] };
             let rgba = image::RgbaImage::from_fn(width, height, |x, y| {
@@ -548,15 +553,16 @@ mod tests {
     }
 
     /// TIFFs as Pillow, tifffile and scanners write them (compressions, byte orders, tiles,
-    /// planes, bit depths, alpha straight and premultiplied, CMYK, orientation, several pages),
-    /// decoded sample for sample as transformers gets them from Pillow
-    /// (`tests/fixtures/make_tiff_refs.py` wrote the references).
+    /// planes, bit depths, alpha straight and premultiplied, samples of no stated meaning, CMYK,
+    /// palettes, orientation, several pages), decoded sample for sample as transformers gets them
+    /// from Pillow (`tests/fixtures/make_tiff_refs.py` wrote the references, and says which four
+    /// are not Pillow's own).
     #[test]
     fn every_kind_of_tiff_decodes_to_pillow_s_pixels() {
         let mut files: Vec<_> = std::fs::read_dir(fixtures()).unwrap().map(|e| e.unwrap().path()).collect();
         files.retain(|p| p.extension().is_some_and(|e| e == "tif") && !p.file_name().unwrap().to_string_lossy().starts_with("refused-"));
         files.sort();
-        assert_eq!(files.len(), 39);
+        assert_eq!(files.len(), 45);
         let mut failures = Vec::new();
         for file in files {
             let name = file.file_name().unwrap().to_string_lossy().into_owned();
@@ -625,7 +631,7 @@ mod tests {
         // Old-style JPEG (compression 6), which TIFF 6.0 itself retired.
         assert_eq!(decode(&with_tag(&fixture("rgb-jpeg.tif"), 259, 6)), unsupported("old-style JPEG compression"));
         assert_eq!(decode(&fixture("refused-fillorder.tif")), unsupported("bits filled least significant first (FillOrder 2)"));
-        assert_eq!(decode(&fixture("refused-cmyk16.tif")), unsupported("16-bit CMYK samples"));
+        assert_eq!(decode(&with_tag(&fixture("l16.tif"), 258, 12)), unsupported("12-bit grey samples"));
         // CIELab (photometric 8), and a photometric interpretation no one defined.
         assert_eq!(decode(&with_tag(&fixture("rgb.tif"), 262, 8)), unsupported("CIELab samples"));
         assert!(matches!(decode(&with_tag(&fixture("rgb.tif"), 262, 99)), Err(ImageError::Unsupported(_) | ImageError::Corrupt(_))));
