@@ -3,8 +3,8 @@
 
 Writes one photo in many encodings (PNG in every Pillow mode, 16-bit, GIF, BMP, WebP, JPEG
 4:2:0 / 4:4:4 / progressive / grey / arithmetic-coded, TIFF LZW / Deflate with alpha / grey /
-bilevel / CMYK / palette / JPEG RGB / JPEG YCbCr tiles, EXIF and TIFF orientations) to a scratch folder, classifies each with
-`vitforge predict` and with `tests/fixtures/check_export.py` (transformers, the images opened by
+bilevel / CMYK / palette / JPEG RGB / JPEG YCbCr tiles, PGM, PPM, EXIF and TIFF orientations) to
+a scratch folder, classifies each with `vitforge predict` and with `tests/fixtures/check_export.py` (transformers, the images opened by
 Pillow and turned upright by `exif_transpose`, as `transformers`' `load_image` does), and prints
 the difference in the predicted label's probability for each.
 
@@ -101,6 +101,8 @@ def variants(photo, out):
     save("1bit_group4.tif", rgb.convert("1"), compression="group4")
     save("cmyk.tif", rgb.convert("CMYK"))
     save("palette.tif", rgb.convert("P", palette=Image.Palette.ADAPTIVE), compression="tiff_lzw")
+    save("grey.pgm", grey)
+    save("rgb.ppm", rgb)
     save("jpeg_rgb.tif", rgb, compression="jpeg", quality=90)
     # JPEG-compressed YCbCr 2×2 in tiles, libtiff's default for colour (its `tiffcp` writes it).
     subprocess.run(["tiffcp", "-c", "jpeg:90", "-t", "-w", "128", "-l", "128", out / "lzw.tif", out / "jpeg_ycbcr_tiles.tif"], check=True)

@@ -13,6 +13,7 @@ use image::{DynamicImage, ImageBuffer, ImageDecoder, ImageFormat, ImageReader, L
 use crate::budget::{MemoryBudget, Reservation};
 
 mod jpeg;
+mod pnm;
 mod tiff;
 
 /// Default pixel limit (width × height): 40 megapixels.
@@ -31,7 +32,7 @@ pub enum ImageError {
     Empty,
     #[error("not an image (unrecognised format)")]
     UnknownFormat,
-    #[error("unsupported image format {0} (supported: JPEG, PNG, WebP, BMP, GIF, TIFF)")]
+    #[error("unsupported image format {0} (supported: JPEG, PNG, WebP, BMP, GIF, TIFF, PBM/PGM/PPM)")]
     UnsupportedFormat(String),
     /// A format we read, in a kind of it we do not (a TIFF of palette colours, say).
     #[error("unsupported image: {0}")]
@@ -51,7 +52,7 @@ pub enum ImageError {
 
 /// The image formats we accept.
 pub fn is_supported(format: ImageFormat) -> bool {
-    matches!(format, ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP | ImageFormat::Bmp | ImageFormat::Gif | ImageFormat::Tiff)
+    matches!(format, ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP | ImageFormat::Bmp | ImageFormat::Gif | ImageFormat::Tiff | ImageFormat::Pnm)
 }
 
 /// Decodes an encoded image (JPEG, PNG, WebP, BMP, a GIF's first frame or a TIFF's first page)
@@ -113,6 +114,7 @@ fn dimensions(bytes: &[u8], max_pixels: u64) -> Result<(ImageFormat, u32, u32), 
     let (width, height) = match format {
         ImageFormat::Jpeg => jpeg::dimensions(bytes)?,
         ImageFormat::Tiff => tiff_dimensions(bytes)?,
+        ImageFormat::Pnm => pnm::dimensions(bytes)?,
         _ => header_dimensions(bytes, format)?,
     };
     let pixels = u64::from(width) * u64::from(height);
@@ -147,7 +149,8 @@ fn header_dimensions(bytes: &[u8], format: ImageFormat) -> Result<(u32, u32), Im
 
 /// Decodes an image whose header [`dimensions`] has accepted. A JPEG is read by libjpeg-turbo's
 /// decoder, as Pillow reads it ([`jpeg`]), once its structure is checked (one cut short is
-/// refused, as Pillow refuses it); a TIFF by [`tiff`]; the others by the image crate.
+/// refused, as Pillow refuses it); a TIFF by [`tiff`], a Netpbm image by [`pnm`]; the others by
+/// the image crate.
 fn decode_checked(bytes: &[u8], format: ImageFormat, width: u32, height: u32) -> Result<RgbImage, ImageError> {
     match format {
         ImageFormat::Jpeg => {
@@ -163,6 +166,11 @@ fn decode_checked(bytes: &[u8], format: ImageFormat, width: u32, height: u32) ->
             let (rgb, orientation) = std::panic::catch_unwind(|| tiff::decode(bytes, width, height))
                 .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))??;
             return Ok(upright(rgb, orientation));
+        }
+        // No orientation: the format has no metadata.
+        ImageFormat::Pnm => {
+            return std::panic::catch_unwind(|| pnm::decode(bytes, width, height))
+                .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))?;
         }
         _ => {}
     }
@@ -252,6 +260,35 @@ pub fn composite_on_white(rgba: &RgbaImage) -> RgbImage {
         };
         image::Rgb([blend(p[0]), blend(p[1]), blend(p[2])])
     })
+}
+
+/// For the decoders' tests: how each of `files` decodes otherwise than to the pixels transformers
+/// gets from it through Pillow, kept in `references` as `<name>.png`: one line a file that
+/// differs or fails, none when every sample is Pillow's.
+#[cfg(test)]
+fn differences_from_pillow(files: &[std::path::PathBuf], references: &std::path::Path) -> Vec<String> {
+    let mut failures = Vec::new();
+    for file in files {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        let ours = match decode_rgb(&std::fs::read(file).unwrap(), 1 << 20) {
+            Ok(ours) => ours,
+            Err(e) => {
+                failures.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        let pillow = image::open(references.join(format!("{name}.png"))).unwrap().into_rgb8();
+        if ours.dimensions() != pillow.dimensions() {
+            failures.push(format!("{name}: {:?} against Pillow's {:?}", ours.dimensions(), pillow.dimensions()));
+            continue;
+        }
+        let differing = ours.as_raw().iter().zip(pillow.as_raw()).filter(|(a, b)| a != b).count();
+        if differing > 0 {
+            let most = ours.as_raw().iter().zip(pillow.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+            failures.push(format!("{name}: {differing} of {} samples differ from Pillow's (by up to {most})", ours.as_raw().len()));
+        }
+    }
+    failures
 }
 
 /// The EXIF blocks the test binaries use too.
@@ -397,7 +434,7 @@ mod tests {
         assert_eq!(decode_rgb(heic, 100), Err(ImageError::UnsupportedFormat("HEIC/HEIF".into())));
         assert_eq!(decode_rgb(b"\0\0\0\x18ftypisom\0\0\0\0", 100), Err(ImageError::UnknownFormat), "an MP4 is not a HEIF");
         let avif = b"\0\0\0\x1cftypavif\0\0\0\0avifmif1miaf";
-        assert_eq!(decode_rgb(avif, 100).unwrap_err().to_string(), "unsupported image format AVIF (supported: JPEG, PNG, WebP, BMP, GIF, TIFF)");
+        assert_eq!(decode_rgb(avif, 100).unwrap_err().to_string(), "unsupported image format AVIF (supported: JPEG, PNG, WebP, BMP, GIF, TIFF, PBM/PGM/PPM)");
         assert!(matches!(decode_rgb(b"II*\0\x08\0\0\0", 100), Err(ImageError::Corrupt(_))), "a TIFF header alone");
         let png = encode(DynamicImage::new_rgb8(20, 10), ImageFormat::Png);
         assert!(matches!(decode_rgb(&png, 199), Err(ImageError::TooManyPixels { pixels: 200, .. })));

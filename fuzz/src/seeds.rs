@@ -108,12 +108,15 @@ fn main() {
         write(&images, &format!("seed.{name}"), &image(format, i as u8 * 40));
     }
     // TIFFs of every kind the decoder reads or refuses (compressions, tiles, planes, depths,
-    // alpha, CMYK, JPEG strips with shared tables), from the lib tests' fixtures.
-    let tiffs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiff");
-    for entry in std::fs::read_dir(&tiffs).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "tif") {
-            write(&images, &format!("seed-{}", path.file_name().unwrap().to_string_lossy()), &std::fs::read(&path).unwrap());
+    // alpha, CMYK, palettes, JPEG strips with shared tables) and Netpbm images (plain and binary,
+    // every maximum), from the lib tests' fixtures.
+    for folder in ["tiff", "pnm"] {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(folder);
+        for entry in std::fs::read_dir(&fixtures).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e != "png") {
+                write(&images, &format!("seed-{}", path.file_name().unwrap().to_string_lossy()), &std::fs::read(&path).unwrap());
+            }
         }
     }
     println!("seed corpora written under {}", root.display());

@@ -234,14 +234,8 @@ mod tests {
         files.extend(["progressive.jpg", "restart-markers.jpg"].map(|n| fixtures.join(n)));
         files.sort();
         assert_eq!(files.len(), 17);
-        for file in files {
-            let name = file.file_name().unwrap().to_string_lossy().into_owned();
-            let ours = super::super::decode_rgb(&std::fs::read(&file).unwrap(), 1 << 20).unwrap_or_else(|e| panic!("{name}: {e}"));
-            let pillow = image::open(fixtures.join("jpeg").join(format!("{name}.png"))).unwrap().into_rgb8();
-            assert_eq!(ours.dimensions(), pillow.dimensions(), "{name}");
-            let differing = ours.as_raw().iter().zip(pillow.as_raw()).filter(|(a, b)| a != b).count();
-            assert_eq!(differing, 0, "{name}: {differing} of {} samples differ from Pillow's", ours.as_raw().len());
-        }
+        let failures = super::super::differences_from_pillow(&files, &fixtures.join("jpeg"));
+        assert!(failures.is_empty(), "{failures:#?}");
     }
 
     /// Where the first scan's segment and its entropy-coded data start and end.

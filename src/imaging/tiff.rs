@@ -563,27 +563,7 @@ mod tests {
         files.retain(|p| p.extension().is_some_and(|e| e == "tif") && !p.file_name().unwrap().to_string_lossy().starts_with("refused-"));
         files.sort();
         assert_eq!(files.len(), 45);
-        let mut failures = Vec::new();
-        for file in files {
-            let name = file.file_name().unwrap().to_string_lossy().into_owned();
-            let ours = match super::super::decode_rgb(&std::fs::read(&file).unwrap(), 1 << 20) {
-                Ok(ours) => ours,
-                Err(e) => {
-                    failures.push(format!("{name}: {e}"));
-                    continue;
-                }
-            };
-            let pillow = image::open(fixtures().join(format!("{name}.png"))).unwrap().into_rgb8();
-            if ours.dimensions() != pillow.dimensions() {
-                failures.push(format!("{name}: {:?} against Pillow's {:?}", ours.dimensions(), pillow.dimensions()));
-                continue;
-            }
-            let differing = ours.as_raw().iter().zip(pillow.as_raw()).filter(|(a, b)| a != b).count();
-            if differing > 0 {
-                let most = ours.as_raw().iter().zip(pillow.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
-                failures.push(format!("{name}: {differing} of {} samples differ from Pillow's (by up to {most})", ours.as_raw().len()));
-            }
-        }
+        let failures = super::super::differences_from_pillow(&files, &fixtures());
         assert!(failures.is_empty(), "{failures:#?}");
     }
 

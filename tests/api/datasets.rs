@@ -79,17 +79,25 @@ async fn zip_in_class_folders_is_ingested() {
     assert_eq!(fetched, ds);
 }
 
-/// TIFFs are ingested, the first page of one of several; a kind that is not read is listed in
-/// `rejected` by what it is; a TIFF's thumbnail is a JPEG like any other.
+/// TIFFs and Netpbm images are ingested, the first page of a TIFF of several; a kind that is not
+/// read is listed in `rejected` by what it is; a TIFF's thumbnail is a JPEG like any other.
 #[tokio::test]
-async fn tiffs_are_ingested_and_a_kind_not_read_is_rejected_by_name() {
+async fn tiffs_and_netpbm_images_are_ingested_and_a_kind_not_read_is_rejected_by_name() {
     let app = spawn_app().await;
     let mut members = class_images("", &["cat", "dog"], 2, 0);
-    for (name, fixture) in [("cat/scan.tif", "jpeg-ycbcr-tiles.tif"), ("cat/pages.tif", "multipage.tif"), ("dog/16bit.tiff", "rgb16.tif"), ("dog/palette.tif", "palette4.tif"), ("dog/float.tif", "refused-float.tif")] {
-        members.push(file(name, fixtures::tiff(fixture)));
+    for (name, fixture) in [
+        ("cat/scan.tif", "tiff/jpeg-ycbcr-tiles.tif"),
+        ("cat/pages.tif", "tiff/multipage.tif"),
+        ("dog/16bit.tiff", "tiff/rgb16.tif"),
+        ("dog/palette.tif", "tiff/palette4.tif"),
+        ("dog/float.tif", "tiff/refused-float.tif"),
+        ("dog/face.pgm", "pnm/p5-max255.pgm"),
+        ("cat/plain.ppm", "pnm/p3-max1000.ppm"),
+    ] {
+        members.push(file(name, fixtures::decoder_fixture(fixture)));
     }
     let ds = upload_ok(&app, "scans.zip", fixtures::zip(&members)).await;
-    assert_eq!(ds["counts"]["train"], json!({"cat": 4, "dog": 4}));
+    assert_eq!(ds["counts"]["train"], json!({"cat": 5, "dog": 5}));
     assert_eq!(
         rejected(&ds),
         BTreeMap::from([("dog/float.tif".to_string(), "unsupported image: a TIFF of floating-point samples; save it as 8-bit RGB".to_string())])

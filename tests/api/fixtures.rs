@@ -28,10 +28,11 @@ pub fn jpeg(seed: u32) -> Vec<u8> {
     image(ImageFormat::Jpeg, 32, seed)
 }
 
-/// A file of `tests/fixtures/tiff/` (`make_tiff_refs.py` wrote them): a TIFF, or the PNG of the
+/// A file of `tests/fixtures/tiff/` or `tests/fixtures/pnm/` (`make_tiff_refs.py` and
+/// `make_pnm_refs.py` wrote them), by its path there (`tiff/rgb.tif`): an image, or the PNG of the
 /// pixels transformers gets from one (`<name>.png`).
-pub fn tiff(name: &str) -> Vec<u8> {
-    std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiff").join(name)).unwrap()
+pub fn decoder_fixture(path: &str) -> Vec<u8> {
+    std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(path)).unwrap()
 }
 
 /// A 32×32 PNG, different for every `seed`.

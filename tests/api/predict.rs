@@ -3,7 +3,7 @@
 use base64::Engine;
 use serde_json::{Value, json};
 
-use crate::fixtures::{corrupt_jpeg, jpeg, png, png_with_orientation, tiff};
+use crate::fixtures::{corrupt_jpeg, decoder_fixture, jpeg, png, png_with_orientation};
 use crate::helpers::{TestApp, assert_error, json, spawn_app, spawn_app_with};
 
 /// An app with one succeeded job; returns (app, dataset id, model id).
@@ -155,16 +155,25 @@ async fn an_image_is_classified_upright_by_its_exif_orientation() {
     assert_ne!(ask(png_with_orientation(&sideways, 1)).await, plain, "the model tells the sideways picture apart, so the test can see a difference");
 }
 
-/// A TIFF is classified exactly as the PNG of the pixels transformers gets from it (JPEG-compressed
-/// YCbCr tiles, premultiplied alpha, and an orientation tag among them).
+/// A TIFF or Netpbm image is classified exactly as the PNG of the pixels transformers gets from it
+/// (JPEG-compressed YCbCr tiles, premultiplied alpha, an orientation tag, a palette, and grey and
+/// colour of maxima other than 255 among them).
 #[tokio::test]
-async fn a_tiff_is_classified_as_the_png_of_its_pixels() {
+async fn a_tiff_or_netpbm_image_is_classified_as_the_png_of_its_pixels() {
     let (app, _, _) = trained_app(|_| {}).await;
-    let names = ["jpeg-ycbcr-tiles.tif", "rgba-premultiplied.tif", "orientation6.tif", "rgb16.tif", "palette4.tif"];
+    let names = [
+        "tiff/jpeg-ycbcr-tiles.tif",
+        "tiff/rgba-premultiplied.tif",
+        "tiff/orientation6.tif",
+        "tiff/rgb16.tif",
+        "tiff/palette4.tif",
+        "pnm/p2-max10.pgm",
+        "pnm/p6-max65535.ppm",
+    ];
     let mut images: Vec<(String, Vec<u8>)> = Vec::new();
     for name in names {
-        images.push((name.into(), tiff(name)));
-        images.push((format!("{name}.png"), tiff(&format!("{name}.png"))));
+        images.push((name.into(), decoder_fixture(name)));
+        images.push((format!("{name}.png"), decoder_fixture(&format!("{name}.png"))));
     }
     let form = multipart(&images.iter().map(|(n, b)| (n.as_str(), b.clone())).collect::<Vec<_>>());
     let resp = app.client.post(app.url("/predict?top_k=2")).multipart(form).send().await.unwrap();
@@ -199,9 +208,12 @@ async fn bad_predict_requests_name_the_problem() {
     let msg = assert_error(resp, 400, "invalid_image").await;
     assert!(msg.contains("unsupported image format HEIC/HEIF (supported: JPEG"), "{msg}");
     // A kind of TIFF that is not read is named too.
-    let resp = app.client.post(&url).header("content-type", "image/tiff").body(tiff("refused-palette16.tif")).send().await.unwrap();
+    let resp = app.client.post(&url).header("content-type", "image/tiff").body(decoder_fixture("tiff/refused-palette16.tif")).send().await.unwrap();
     let msg = assert_error(resp, 400, "invalid_image").await;
     assert!(msg.ends_with("unsupported image: a TIFF of 16-bit palette colours; save it as 8-bit RGB"), "{msg}");
+    let resp = app.client.post(&url).header("content-type", "image/x-portable-anymap").body(decoder_fixture("pnm/refused-p7.pam")).send().await.unwrap();
+    let msg = assert_error(resp, 400, "invalid_image").await;
+    assert!(msg.ends_with("unsupported image: a PAM (P7) image; save it as PNG"), "{msg}");
     let resp = app.post_json("/predict", &json!({"images": ["@@@not base64@@@"]})).await;
     let msg = assert_error(resp, 400, "invalid_base64").await;
     assert!(msg.contains("images[0]"), "{msg}");
