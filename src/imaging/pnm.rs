@@ -122,26 +122,29 @@ pub(super) fn decode(bytes: &[u8], width: u32, height: u32) -> Result<RgbImage, 
             (0..rows).flat_map(|y| (0..w).map(move |x| if data[y * row + x / 8] & (0x80 >> (x % 8)) != 0 { 0 } else { 255 })).collect()
         }
         5 | 6 => {
-            let width = if h.maxval < 256 { 1 } else { 2 };
-            let data = data.get(..needed * width).ok_or_else(short)?;
-            if width == 1 {
+            let sample_bytes = if h.maxval < 256 { 1 } else { 2 };
+            let data = data.get(..needed * sample_bytes).ok_or_else(short)?;
+            if sample_bytes == 1 {
                 data.iter().map(|&v| scale(u32::from(v), h.maxval)).collect()
             } else {
                 data.chunks_exact(2).map(|v| scale(u32::from(u16::from_be_bytes([v[0], v[1]])), h.maxval)).collect()
             }
         }
         1 => {
-            // Digits 0 and 1, whitespace between them optional; every one in the file must be one.
+            // Digits 0 and 1, whitespace between them optional; every one in the file must be one
+            // (Pillow checks those it reads, a megabyte at a time).
             let mut bits = Vec::with_capacity(needed);
             for c in plain(data) {
-                match c {
-                    b'0' => bits.push(255),
-                    b'1' => bits.push(0),
-                    c if WHITESPACE.contains(&c) => {}
+                let bit = match c {
+                    b'0' => 255,
+                    b'1' => 0,
+                    c if WHITESPACE.contains(&c) => continue,
                     c => return Err(corrupt(format!("the plain bitmap holds {:?} where 0 or 1 belongs", char::from(c)))),
+                };
+                if bits.len() < needed {
+                    bits.push(bit);
                 }
             }
-            bits.truncate(needed);
             bits
         }
         _ => {
