@@ -12,6 +12,7 @@ use image::{DynamicImage, ImageBuffer, ImageDecoder, ImageFormat, ImageReader, L
 
 use crate::budget::{MemoryBudget, Reservation};
 
+mod bmp;
 mod jpeg;
 mod pnm;
 mod tiff;
@@ -149,8 +150,8 @@ fn header_dimensions(bytes: &[u8], format: ImageFormat) -> Result<(u32, u32), Im
 
 /// Decodes an image whose header [`dimensions`] has accepted. A JPEG is read by libjpeg-turbo's
 /// decoder, as Pillow reads it ([`jpeg`]), once its structure is checked (one cut short is
-/// refused, as Pillow refuses it); a TIFF by [`tiff`], a Netpbm image by [`pnm`]; the others by
-/// the image crate.
+/// refused, as Pillow refuses it); a TIFF by [`tiff`], a Netpbm image by [`pnm`], a 16-bit BMP
+/// by [`bmp`]; the others by the image crate.
 fn decode_checked(bytes: &[u8], format: ImageFormat, width: u32, height: u32) -> Result<RgbImage, ImageError> {
     match format {
         ImageFormat::Jpeg => {
@@ -167,9 +168,13 @@ fn decode_checked(bytes: &[u8], format: ImageFormat, width: u32, height: u32) ->
                 .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))??;
             return Ok(upright(rgb, orientation));
         }
-        // No orientation: the format has no metadata.
+        // No orientation: neither format has metadata.
         ImageFormat::Pnm => {
             return std::panic::catch_unwind(|| pnm::decode(bytes, width, height))
+                .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))?;
+        }
+        ImageFormat::Bmp if bmp::is_16_bit(bytes) => {
+            return std::panic::catch_unwind(|| bmp::decode_16(bytes, width, height))
                 .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))?;
         }
         _ => {}

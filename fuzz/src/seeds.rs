@@ -108,9 +108,10 @@ fn main() {
         write(&images, &format!("seed.{name}"), &image(format, i as u8 * 40));
     }
     // TIFFs of every kind the decoder reads or refuses (compressions, tiles, planes, depths,
-    // alpha, CMYK, palettes, JPEG strips with shared tables) and Netpbm images (plain and binary,
-    // every maximum), from the lib tests' fixtures.
-    for folder in ["tiff", "pnm"] {
+    // alpha, CMYK, palettes, JPEG strips with shared tables), Netpbm images (plain and binary,
+    // every maximum) and BMPs (16-bit layouts, palettes, run-length coding), from the lib tests'
+    // fixtures.
+    for folder in ["tiff", "pnm", "bmp"] {
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(folder);
         for entry in std::fs::read_dir(&fixtures).unwrap() {
             let path = entry.unwrap().path();

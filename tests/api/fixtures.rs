@@ -28,9 +28,9 @@ pub fn jpeg(seed: u32) -> Vec<u8> {
     image(ImageFormat::Jpeg, 32, seed)
 }
 
-/// A file of `tests/fixtures/tiff/` or `tests/fixtures/pnm/` (`make_tiff_refs.py` and
-/// `make_pnm_refs.py` wrote them), by its path there (`tiff/rgb.tif`): an image, or the PNG of the
-/// pixels transformers gets from one (`<name>.png`).
+/// A file of `tests/fixtures/tiff/`, `pnm/` or `bmp/` (`make_tiff_refs.py`, `make_pnm_refs.py`
+/// and `make_bmp_refs.py` wrote them), by its path there (`tiff/rgb.tif`): an image, or the PNG of
+/// the pixels transformers gets from one (`<name>.png`).
 pub fn decoder_fixture(path: &str) -> Vec<u8> {
     std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(path)).unwrap()
 }

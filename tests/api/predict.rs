@@ -155,11 +155,11 @@ async fn an_image_is_classified_upright_by_its_exif_orientation() {
     assert_ne!(ask(png_with_orientation(&sideways, 1)).await, plain, "the model tells the sideways picture apart, so the test can see a difference");
 }
 
-/// A TIFF or Netpbm image is classified exactly as the PNG of the pixels transformers gets from it
-/// (JPEG-compressed YCbCr tiles, premultiplied alpha, an orientation tag, a palette, and grey and
-/// colour of maxima other than 255 among them).
+/// A TIFF, Netpbm or 16-bit BMP image is classified exactly as the PNG of the pixels transformers
+/// gets from it (JPEG-compressed YCbCr tiles, premultiplied alpha, an orientation tag, a palette,
+/// and grey and colour of maxima other than 255 among them).
 #[tokio::test]
-async fn a_tiff_or_netpbm_image_is_classified_as_the_png_of_its_pixels() {
+async fn tiff_netpbm_and_16_bit_bmp_images_are_classified_as_the_png_of_their_pixels() {
     let (app, _, _) = trained_app(|_| {}).await;
     let names = [
         "tiff/jpeg-ycbcr-tiles.tif",
@@ -169,6 +169,7 @@ async fn a_tiff_or_netpbm_image_is_classified_as_the_png_of_its_pixels() {
         "tiff/palette4.tif",
         "pnm/p2-max10.pgm",
         "pnm/p6-max65535.ppm",
+        "bmp/rgb565-bitfields.bmp",
     ];
     let mut images: Vec<(String, Vec<u8>)> = Vec::new();
     for name in names {
