@@ -128,9 +128,15 @@ fn dimensions(bytes: &[u8], max_pixels: u64) -> Result<(ImageFormat, u32, u32), 
     Ok((format, width, height))
 }
 
+/// Runs a decoder on untrusted bytes: a panic in it costs one image, refused as corrupt, not the
+/// caller's thread.
+fn guarded<T>(decode: impl FnOnce() -> T) -> Result<T, ImageError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)).map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))
+}
+
 /// A TIFF's size, read by [`tiff`] (the image crate's TIFF support is not built in).
 fn tiff_dimensions(bytes: &[u8]) -> Result<(u32, u32), ImageError> {
-    std::panic::catch_unwind(|| tiff::dimensions(bytes)).map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))?
+    guarded(|| tiff::dimensions(bytes))?
 }
 
 /// The size of an image in another format, read by the image crate within the metadata limit.
@@ -139,13 +145,10 @@ fn header_dimensions(bytes: &[u8], format: ImageFormat) -> Result<(u32, u32), Im
     let mut header_limits = Limits::default();
     header_limits.max_alloc = Some(MAX_METADATA_BYTES);
     header.limits(header_limits);
-    // Decoders see untrusted bytes; a panic in one must cost one image, not the caller's thread.
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| header.into_dimensions()))
-        .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))?
-        .map_err(|e| match e {
-            image::ImageError::Limits(_) => ImageError::MetadataTooLarge,
-            e => ImageError::Corrupt(e.to_string()),
-        })
+    guarded(|| header.into_dimensions())?.map_err(|e| match e {
+        image::ImageError::Limits(_) => ImageError::MetadataTooLarge,
+        e => ImageError::Corrupt(e.to_string()),
+    })
 }
 
 /// Decodes an image whose header [`dimensions`] has accepted. A JPEG is read by libjpeg-turbo's
@@ -155,28 +158,20 @@ fn header_dimensions(bytes: &[u8], format: ImageFormat) -> Result<(u32, u32), Im
 fn decode_checked(bytes: &[u8], format: ImageFormat, width: u32, height: u32) -> Result<RgbImage, ImageError> {
     match format {
         ImageFormat::Jpeg => {
-            // Our segment walks see untrusted bytes too: a panic in one costs one image.
-            let read = std::panic::catch_unwind(|| -> Result<_, ImageError> {
+            // Our segment walks see untrusted bytes too.
+            let (rgb, orientation) = guarded(|| -> Result<_, ImageError> {
                 jpeg::check_structure(bytes)?;
                 Ok((jpeg::decode(bytes, width, height)?, jpeg::orientation(bytes)))
-            });
-            let (rgb, orientation) = read.map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))??;
+            })??;
             return Ok(upright(rgb, orientation));
         }
         ImageFormat::Tiff => {
-            let (rgb, orientation) = std::panic::catch_unwind(|| tiff::decode(bytes, width, height))
-                .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))??;
+            let (rgb, orientation) = guarded(|| tiff::decode(bytes, width, height))??;
             return Ok(upright(rgb, orientation));
         }
         // No orientation: neither format has metadata.
-        ImageFormat::Pnm => {
-            return std::panic::catch_unwind(|| pnm::decode(bytes, width, height))
-                .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))?;
-        }
-        ImageFormat::Bmp if bmp::is_16_bit(bytes) => {
-            return std::panic::catch_unwind(|| bmp::decode_16(bytes, width, height))
-                .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))?;
-        }
+        ImageFormat::Pnm => return guarded(|| pnm::decode(bytes, width, height))?,
+        ImageFormat::Bmp if bmp::is_16_bit(bytes) => return guarded(|| bmp::decode_16(bytes, width, height))?,
         _ => {}
     }
     let pixels = u64::from(width) * u64::from(height);
@@ -188,14 +183,13 @@ fn decode_checked(bytes: &[u8], format: ImageFormat, width: u32, height: u32) ->
     limits.max_image_width = Some(width);
     limits.max_image_height = Some(height);
     reader.limits(limits);
-    let (decoded, orientation) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> image::ImageResult<_> {
+    let (decoded, orientation) = guarded(|| -> image::ImageResult<_> {
         let mut decoder = reader.into_decoder()?;
         // Metadata that cannot be read leaves the pixels as stored, as Pillow's `exif_transpose`
         // does with an orientation it does not know.
         let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
         Ok((DynamicImage::from_decoder(decoder)?, orientation))
-    }))
-    .map_err(|_| ImageError::Corrupt("the decoder failed on this file".into()))?
+    })?
     .map_err(|e| ImageError::Corrupt(e.to_string()))?;
     let decoded = high_bytes(decoded);
     let rgb = if decoded.color().has_alpha() { composite_on_white(&decoded.into_rgba8()) } else { decoded.into_rgb8() };
