@@ -261,6 +261,16 @@ pub fn composite_on_white(rgba: &RgbaImage) -> RgbImage {
     })
 }
 
+/// For the decoders' tests: the images of a fixture folder, sorted, but for the PNGs of Pillow's
+/// pixels beside them (`<name>.png`) and the files that must be refused (`refused-*`).
+#[cfg(test)]
+fn fixture_images(folder: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(folder).unwrap().map(|e| e.unwrap().path()).collect();
+    files.retain(|p| p.extension().is_some_and(|e| e != "png") && !p.file_name().unwrap().to_string_lossy().starts_with("refused-"));
+    files.sort();
+    files
+}
+
 /// For the decoders' tests: how each of `files` decodes otherwise than to the pixels transformers
 /// gets from it through Pillow, kept in `references` as `<name>.png`: one line a file that
 /// differs or fails, none when every sample is Pillow's.

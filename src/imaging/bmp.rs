@@ -75,9 +75,7 @@ mod tests {
     /// from Pillow (`tests/fixtures/make_bmp_refs.py` wrote the references).
     #[test]
     fn every_kind_of_bmp_decodes_to_pillow_s_pixels() {
-        let mut files: Vec<_> = std::fs::read_dir(fixtures()).unwrap().map(|e| e.unwrap().path()).collect();
-        files.retain(|p| p.extension().is_some_and(|e| e == "bmp") && !p.file_name().unwrap().to_string_lossy().starts_with("refused-"));
-        files.sort();
+        let files = super::super::fixture_images(&fixtures());
         assert_eq!(files.len(), 13);
         let failures = super::super::differences_from_pillow(&files, &fixtures());
         assert!(failures.is_empty(), "{failures:#?}");
