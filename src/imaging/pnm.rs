@@ -75,10 +75,8 @@ fn header(bytes: &[u8]) -> Result<Header, ImageError> {
         if digits.is_empty() {
             return Err(corrupt("the Netpbm header ends early"));
         }
-        std::str::from_utf8(&digits)
-            .ok()
-            .filter(|d| d.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|d| d.parse().ok())
+        number(&digits)
+            .and_then(|n| u32::try_from(n).ok())
             .ok_or_else(|| corrupt(format!("the Netpbm header has {:?} where a number belongs", String::from_utf8_lossy(&digits))))
     };
     let (width, height) = (token()?, token()?);
@@ -87,6 +85,11 @@ fn header(bytes: &[u8]) -> Result<Header, ImageError> {
         return Err(corrupt(format!("the Netpbm maximum value is {maxval}, outside 1 to 65535")));
     }
     Ok(Header { kind, width, height, maxval, data: at.min(bytes.len()) })
+}
+
+/// A header value or plain sample: decimal digits only (at most 10 of them, so it fits).
+fn number(digits: &[u8]) -> Option<u64> {
+    digits.iter().all(u8::is_ascii_digit).then(|| std::str::from_utf8(digits).ok()?.parse().ok()).flatten()
 }
 
 /// The size of a Netpbm image, from its header.
@@ -166,11 +169,7 @@ pub(super) fn decode(bytes: &[u8], width: u32, height: u32) -> Result<RgbImage, 
                 if token.is_empty() {
                     continue;
                 }
-                let value = std::str::from_utf8(&token)
-                    .ok()
-                    .filter(|t| t.bytes().all(|b| b.is_ascii_digit()))
-                    .and_then(|t| t.parse::<u64>().ok())
-                    .ok_or_else(|| corrupt(format!("the plain Netpbm image holds {:?} where a number belongs", String::from_utf8_lossy(&token))))?;
+                let value = number(&token).ok_or_else(|| corrupt(format!("the plain Netpbm image holds {:?} where a number belongs", String::from_utf8_lossy(&token))))?;
                 if value > u64::from(h.maxval) {
                     return Err(corrupt(format!("the plain Netpbm image holds {value}, over its maximum {}", h.maxval)));
                 }
