@@ -182,8 +182,9 @@ fn check_first_directory(bytes: &[u8]) -> Result<Source<'_>, ImageError> {
     Ok(source)
 }
 
-/// A decoder on the first image of a TIFF whose kind is one we read, with its kind.
-fn open(bytes: &[u8]) -> Result<(Reader<'_>, Kind), ImageError> {
+/// A decoder on the first image of a TIFF whose kind is one we read, with its kind and, for a
+/// palette, its colours ([`colour_map`]; none for other kinds).
+fn open(bytes: &[u8]) -> Result<(Reader<'_>, Kind, Vec<[u8; 3]>), ImageError> {
     let source = check_first_directory(bytes)?;
     let palette = source.grey.is_some();
     let mut limits = Limits::default();
@@ -231,8 +232,8 @@ fn open(bytes: &[u8]) -> Result<(Reader<'_>, Kind), ImageError> {
             Ok(_) => return unsupported("palette colours with extra samples"),
             Err(e) => return Err(corrupt(e)),
         };
-        colour_map(&mut decoder, kind.bits())?;
-        return Ok((decoder, kind));
+        let colours = colour_map(&mut decoder, kind.bits())?;
+        return Ok((decoder, kind, colours));
     }
     if compression == Some(7) {
         let planar = decoder.find_tag_unsigned::<u16>(Tag::PlanarConfiguration).map_err(corrupt)?.unwrap_or(1);
@@ -244,7 +245,7 @@ fn open(bytes: &[u8]) -> Result<(Reader<'_>, Kind), ImageError> {
             (Ok(other), _) => return unsupported(&format!("JPEG-compressed {}", describe(other))),
             (Err(e), _) => return Err(corrupt(e)),
         };
-        return Ok((decoder, Kind::Jpeg(photometric)));
+        return Ok((decoder, Kind::Jpeg(photometric), Vec::new()));
     }
     let kind = match decoder.colortype() {
         Ok(ColorType::Gray(bits @ (1 | 2 | 4 | 8 | 16))) => Kind::Grey(bits),
@@ -267,7 +268,7 @@ fn open(bytes: &[u8]) -> Result<(Reader<'_>, Kind), ImageError> {
         }
         Err(e) => return Err(corrupt(e)),
     };
-    Ok((decoder, kind))
+    Ok((decoder, kind, Vec::new()))
 }
 
 /// A palette TIFF's colours, one for each of its 2^`bits` indices. Its colour map holds all the
@@ -306,7 +307,7 @@ fn describe(colour: ColorType) -> String {
 
 /// The size of a TIFF's first image, once its kind is known to be one we read.
 pub(super) fn dimensions(bytes: &[u8]) -> Result<(u32, u32), ImageError> {
-    let (mut decoder, _) = open(bytes)?;
+    let (mut decoder, ..) = open(bytes)?;
     decoder.dimensions().map_err(corrupt)
 }
 
@@ -314,7 +315,7 @@ pub(super) fn dimensions(bytes: &[u8]) -> Result<(u32, u32), ImageError> {
 /// 8-bit RGB with Pillow's rules, with its orientation tag. Holds at most 8 bytes a pixel of
 /// samples (16-bit RGBA), then 4 more for RGBA to composite, within `decode_cost`.
 pub(super) fn decode(bytes: &[u8], width: u32, height: u32) -> Result<(RgbImage, Orientation), ImageError> {
-    let (mut decoder, kind) = open(bytes)?;
+    let (mut decoder, kind, colours) = open(bytes)?;
     if decoder.dimensions().map_err(corrupt)? != (width, height) {
         return Err(ImageError::Corrupt("the TIFF's size changed between reads".into()));
     }
@@ -343,7 +344,6 @@ pub(super) fn decode(bytes: &[u8], width: u32, height: u32) -> Result<(RgbImage,
         TiffError::LimitsExceeded => ImageError::Corrupt("the TIFF's strips or tiles run past the end of the file".into()),
         e => corrupt(e),
     })?;
-    let colours = if let Kind::Palette(bits, _) = kind { colour_map(&mut decoder, bits)? } else { Vec::new() };
     drop(decoder);
     if kind == Kind::Rgb(8) && layout.planes == 1 {
         // Already 8-bit RGB, row after row (the commonest TIFF): the samples are the image.
