@@ -23,7 +23,9 @@ ARG CUDA_COMPUTE_CAP=
 ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:$PATH
 
 # The official rust images have the toolchain and a C compiler (for the bundled SQLite, zstd,
-# lz4 and libjpeg-turbo C sources); other builder images (NVIDIA CUDA) get them here.
+# lz4 and libjpeg-turbo C sources); other builder images (NVIDIA CUDA) get them here. Every
+# builder gets nasm, which assembles libjpeg-turbo's SIMD code (JPEG decoding twice as fast, the
+# same pixels; without it the build falls back to the C code with a warning).
 RUN if ! command -v cargo >/dev/null 2>&1; then \
         apt-get update \
         && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
@@ -32,7 +34,12 @@ RUN if ! command -v cargo >/dev/null 2>&1; then \
            | sh -s -- -y --no-modify-path --profile minimal --default-toolchain "$RUST_VERSION" \
         && rm -rf /var/lib/apt/lists/*; \
     fi \
-    && cargo --version
+    && if ! command -v nasm >/dev/null 2>&1; then \
+        apt-get update \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nasm \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && cargo --version && nasm -v
 
 WORKDIR /src
 

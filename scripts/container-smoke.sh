@@ -283,8 +283,16 @@ UID_WANT=${IMAGE_USER%%:*}
 CTR=$(B from --pull=never --name "vitforge-smoke-$$" "$IMAGE") || die "start a container" "buildah from failed"
 mnt=$(B mount "$CTR")
 BINARY_SIZE=$(du -h "$mnt/usr/local/bin/vitforge" | cut -f1)
+# The builder installs nasm so that libjpeg-turbo's SIMD code is in the binary (mozjpeg-sys's build
+# script only warns when it cannot assemble it): its AVX2 inverse DCT must be there, by name.
+simd_symbols=$(grep -c -a jsimd_idct_islow_avx2 "$mnt/usr/local/bin/vitforge" || true)
 data_owner=$(stat -c '%u:%g' "$mnt/data" "$mnt/data/hf" "$mnt/data/base-models" | sort -u | tr '\n' ' ')
 B umount "$CTR" >/dev/null
+if ((simd_symbols > 0)); then
+    pass "libjpeg-turbo's SIMD code is in the binary (nasm in the builder)"
+else
+    fail "libjpeg-turbo's SIMD code in the binary" "no jsimd_idct_islow_avx2 symbol: was nasm missing from the builder?"
+fi
 if [[ $data_owner == "$UID_WANT:"*" " && $(wc -w <<<"$data_owner") == 1 ]]; then
     pass "the image's /data, /data/hf and /data/base-models belong to uid $UID_WANT (a new named volume starts writable)"
 else

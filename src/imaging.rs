@@ -89,6 +89,16 @@ pub fn decode_rgb_within(bytes: &[u8], max_pixels: u64, memory: &Arc<MemoryBudge
     decode_checked(bytes, format, width, height)
 }
 
+/// How JPEGs are decoded here, in words, for the start-up log: with libjpeg-turbo's SIMD code
+/// where the build had `nasm` to assemble it, else with its C code alone (the same pixels).
+pub fn jpeg_decoder_summary() -> &'static str {
+    if jpeg::simd_in_use() {
+        "JPEG decoding: libjpeg-turbo with its SIMD code"
+    } else {
+        "JPEG decoding: libjpeg-turbo's C code alone, about half the speed of its SIMD code (the same pixels): the build had no nasm to assemble it (apt-get install nasm, then cargo clean -p mozjpeg-sys and build again)"
+    }
+}
+
 /// Whether `bytes` look like an image by their first bytes: a format we know of, decodable or
 /// not (a text file or a PDF is not one).
 pub fn looks_like_an_image(bytes: &[u8]) -> bool {

@@ -128,6 +128,7 @@ impl Application {
         let object_store = self.state.objects.url().unwrap_or("the data folder");
         tracing::info!(addr = %self.addr, data_dir = %self.state.paths.root().display(), object_store, "vitforge listening");
         tracing::info!("{}", crate::model::kernels_summary());
+        tracing::info!("{}", crate::imaging::jpeg_decoder_summary());
         let devices = if self.state.config.role.runs_jobs() { self.devices } else { Vec::new() };
         let workers = crate::worker::spawn(job_context(&self.state), devices);
         // An API process of several learns of models registered by workers elsewhere by looking.

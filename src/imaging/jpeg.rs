@@ -124,6 +124,22 @@ pub(super) fn orientation(bytes: &[u8]) -> Orientation {
     Orientation::NoTransforms
 }
 
+unsafe extern "C" {
+    /// libjpeg-turbo's own answer to whether its SIMD inverse DCT runs here: 0 where the library
+    /// was built without its SIMD code (`jsimd_none.c`: no `nasm` at build time), else whether
+    /// this CPU has SSE2 or AVX2 (mozjpeg-sys builds it without its `JSIMD_*` variables).
+    fn jsimd_can_idct_islow() -> std::ffi::c_int;
+}
+
+/// Whether JPEGs are decoded with libjpeg-turbo's SIMD code (its inverse DCT, upsampling and
+/// colour conversion; the same pixels as its C code, in about half the time), for the start-up
+/// log.
+pub(super) fn simd_in_use() -> bool {
+    // SAFETY: a libjpeg-turbo function of no arguments that reads the CPU's features (once, and
+    // thread-safely) and returns an int.
+    unsafe { jsimd_can_idct_islow() != 0 }
+}
+
 /// libjpeg's fatal error, unwound out of its C code (`mozjpeg`'s error manager, built for it),
 /// as a reason; the message is the unwind's payload.
 fn libjpeg_error(payload: Box<dyn std::any::Any + Send>) -> ImageError {
@@ -226,6 +242,16 @@ mod tests {
     /// progressive, optimised tables, restart markers, grey, CMYK, one pixel, sizes that end
     /// mid-block), decoded sample for sample as Pillow decodes it
     /// (`tests/fixtures/make_jpeg_refs.py` wrote the references).
+    /// Where the build is meant to have libjpeg-turbo's SIMD code (`VITFORGE_REQUIRE_JPEG_SIMD=1`,
+    /// which `.ci/run` sets once nasm is installed, as the container build has it), it is in use,
+    /// so that the fixture tests here decode with the code the service runs.
+    #[test]
+    fn libjpeg_turbo_s_simd_code_is_in_use_where_required() {
+        let required = std::env::var("VITFORGE_REQUIRE_JPEG_SIMD").is_ok_and(|v| v == "1");
+        eprintln!("libjpeg-turbo's SIMD code in use: {}", simd_in_use());
+        assert!(!required || simd_in_use(), "VITFORGE_REQUIRE_JPEG_SIMD=1 but libjpeg-turbo runs its C code alone: was nasm missing when mozjpeg-sys was built?");
+    }
+
     #[test]
     fn every_kind_of_jpeg_decodes_to_pillow_s_pixels() {
         let fixtures = fixtures();
