@@ -11,7 +11,7 @@
 pub mod isa;
 mod kernels;
 pub(super) mod matmul;
-mod simd;
+pub(super) mod simd;
 
 use std::collections::BTreeMap;
 
