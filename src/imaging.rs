@@ -233,13 +233,62 @@ fn high_bytes(image: DynamicImage) -> DynamicImage {
 /// which its pipelines use, does the same (`PIL.ImageOps.exif_transpose`), and so does every
 /// browser and image viewer. Done on the 8-bit image, so that it costs one 3-byte frame more at
 /// most, within [`decode_cost`].
+///
+/// Our own loops rather than the image crate's `apply_orientation`, which turned a 12-megapixel
+/// photo more slowly than libjpeg-turbo decodes it (`examples/prepare_time.rs`; figures in
+/// `bench/RESULTS.md`, "Phone photos at `/predict`").
 fn upright(rgb: RgbImage, orientation: Orientation) -> RgbImage {
-    if orientation == Orientation::NoTransforms {
-        return rgb;
+    // Where the upright image's pixel (x, y) comes from in the stored image: its coordinates
+    // swapped (a quarter turn), then mirrored across either axis.
+    let (swap, mirror_x, mirror_y) = match orientation {
+        Orientation::NoTransforms => return rgb,
+        Orientation::FlipHorizontal => (false, true, false), // EXIF 2
+        Orientation::Rotate180 => (false, true, true),       // 3
+        Orientation::FlipVertical => (false, false, true),   // 4
+        Orientation::Rotate90FlipH => (true, false, false),  // 5
+        Orientation::Rotate90 => (true, false, true),        // 6
+        Orientation::Rotate270FlipH => (true, true, true),   // 7
+        Orientation::Rotate270 => (true, true, false),       // 8
+    };
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    let (out_w, out_h) = if swap { (h, w) } else { (w, h) };
+    let stored = rgb.as_raw();
+    let mut out = vec![0u8; stored.len()];
+    // The stored index, along an axis of `along` pixels, of index `i`: counted from the far end
+    // when mirrored.
+    let row = |i: usize, mirrored: bool, along: usize| if mirrored { along - 1 - i } else { i };
+    if !swap {
+        for (y, upright_row) in out.chunks_exact_mut(w * 3).enumerate() {
+            let from = row(y, mirror_y, h);
+            let stored_row = &stored[from * w * 3..(from + 1) * w * 3];
+            if mirror_x {
+                for (pixel, source) in upright_row.chunks_exact_mut(3).zip(stored_row.chunks_exact(3).rev()) {
+                    pixel.copy_from_slice(source);
+                }
+            } else {
+                upright_row.copy_from_slice(stored_row);
+            }
+        }
+    } else {
+        // A quarter turn: row y of the upright image is column `row(y, mirror_x, w)` of the
+        // stored one, read down its rows (up them when mirrored across the other axis). In
+        // strips of 64 upright columns, so that the 64 stored rows a strip reads stay in the
+        // cache all the way down it.
+        const TILE: usize = 64;
+        for x0 in (0..out_w).step_by(TILE) {
+            let x1 = (x0 + TILE).min(out_w);
+            // The stored rows this tile column reads, in the upright image's x order.
+            let rows: Vec<&[u8]> = (x0..x1).map(|x| row(x, mirror_y, h)).map(|r| &stored[r * w * 3..(r + 1) * w * 3]).collect();
+            for y in 0..out_h {
+                let column = row(y, mirror_x, w) * 3;
+                let upright_row = &mut out[(y * out_w + x0) * 3..(y * out_w + x1) * 3];
+                for (pixel, stored_row) in upright_row.chunks_exact_mut(3).zip(&rows) {
+                    pixel.copy_from_slice(&stored_row[column..column + 3]);
+                }
+            }
+        }
     }
-    let mut image = DynamicImage::ImageRgb8(rgb);
-    image.apply_orientation(orientation);
-    image.into_rgb8()
+    RgbImage::from_raw(out_w as u32, out_h as u32, out).expect("the same number of pixels, turned")
 }
 
 /// CMYK ink amounts (0 is no ink) to RGB as Pillow converts them (`cmyk2rgb` in `Convert.c`:
@@ -403,26 +452,47 @@ mod tests {
         out
     }
 
+    /// For each EXIF orientation, the stored pixel that lands at (x, y) of the upright image of a
+    /// stored image `w` × `h`: checked against `PIL.ImageOps.exif_transpose` (Pillow 13) by
+    /// [`an_exif_orientation_is_applied_as_pillow_s_exif_transpose_does`].
+    #[allow(clippy::type_complexity)]
+    const EXIF_SOURCE: [(u16, fn(u32, u32, u32, u32) -> (u32, u32)); 8] = [
+        (1, |x, y, _, _| (x, y)),
+        (2, |x, y, w, _| (w - 1 - x, y)),
+        (3, |x, y, w, h| (w - 1 - x, h - 1 - y)),
+        (4, |x, y, _, h| (x, h - 1 - y)),
+        (5, |x, y, _, _| (y, x)),
+        (6, |x, y, _, h| (y, h - 1 - x)),
+        (7, |x, y, w, h| (w - 1 - y, h - 1 - x)),
+        (8, |x, y, w, _| (w - 1 - y, x)),
+    ];
+
+    /// [`upright`] turns and mirrors images of every shape as [`EXIF_SOURCE`] says: one pixel,
+    /// one row, one column, and sizes on, under and over its tiles of 64 pixels.
+    #[test]
+    fn every_orientation_turns_images_of_any_size() {
+        for (w, h) in [(1, 1), (1, 70), (70, 1), (64, 64), (65, 130), (131, 63), (200, 3)] {
+            // Each pixel holds its own coordinates (all under 256), so where it lands shows the turn.
+            let stored = RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 7]));
+            for (orientation, from) in EXIF_SOURCE {
+                let upright = upright(stored.clone(), Orientation::from_exif(orientation as u8).unwrap());
+                let turned = orientation >= 5;
+                assert_eq!(upright.dimensions(), if turned { (h, w) } else { (w, h) }, "{w}×{h} orientation {orientation}");
+                for (x, y, pixel) in upright.enumerate_pixels() {
+                    let (sx, sy) = from(x, y, w, h);
+                    assert_eq!(pixel.0, [sx as u8, sy as u8, 7], "{w}×{h} orientation {orientation} at ({x}, {y})");
+                }
+            }
+        }
+    }
+
     #[test]
     fn an_exif_orientation_is_applied_as_pillow_s_exif_transpose_does() {
         // Each pixel holds its own coordinates, so where it lands shows the turn.
         let (w, h) = (3u32, 2u32);
         let stored = RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 7]));
-        // For each EXIF orientation, the stored pixel that lands at (x, y) of the upright image:
-        // checked against `PIL.ImageOps.exif_transpose` (Pillow 13) on these same images.
-        #[allow(clippy::type_complexity)]
-        let source: [(u16, fn(u32, u32, u32, u32) -> (u32, u32)); 8] = [
-            (1, |x, y, _, _| (x, y)),
-            (2, |x, y, w, _| (w - 1 - x, y)),
-            (3, |x, y, w, h| (w - 1 - x, h - 1 - y)),
-            (4, |x, y, _, h| (x, h - 1 - y)),
-            (5, |x, y, _, _| (y, x)),
-            (6, |x, y, _, h| (y, h - 1 - x)),
-            (7, |x, y, w, h| (w - 1 - y, h - 1 - x)),
-            (8, |x, y, w, _| (w - 1 - y, x)),
-        ];
         for format in [ImageFormat::Png, ImageFormat::WebP] {
-            for (orientation, from) in source {
+            for (orientation, from) in EXIF_SOURCE {
                 let upright = decode_rgb(&encode_with_exif(&stored, format, exif_orientation(orientation)), 100).unwrap();
                 let turned = orientation >= 5;
                 assert_eq!(upright.dimensions(), if turned { (h, w) } else { (w, h) }, "{format:?} orientation {orientation}");
