@@ -7,7 +7,10 @@
 # 16 concurrent clients; finally `vitforge bench --model` gives the forward time of batches of 1
 # and 16 for the same model. Prints JSON lines.
 #
-# Usage: bench/predict_latency.sh BASE_MODEL DATA_DIR [SECONDS]
+# The image sent is the first JPEG or PNG under DATA_DIR, or IMAGE when set (a phone photo of
+# 12 megapixels, say, where decoding and resizing weigh more).
+#
+# Usage: [IMAGE=photo.jpg] bench/predict_latency.sh BASE_MODEL DATA_DIR [SECONDS]
 #   e.g. bench/predict_latency.sh ../shared/models/vit-small-patch14-pretrained ../shared/data/catsdogs-dev 30
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +33,7 @@ wait_healthy "$url" "$work/serve.log"
 job=$(train_job "$url" "$work/data.zip" base "" "$work/serve.log")
 model=$(curl -sf "$url/jobs/$job" | python3 -c 'import json,sys; print(json.load(sys.stdin)["model_id"])')
 # (-print -quit, not `| head -1`: under pipefail, find killed by SIGPIPE would end the script.)
-image=$(find "$data" -type f \( -iname '*.jpg' -o -iname '*.png' \) -print -quit)
+image=${IMAGE:-$(find "$data" -type f \( -iname '*.jpg' -o -iname '*.png' \) -print -quit)}
 python3 bench/predict_load.py "$url/predict" "$image" --concurrency 1 --requests 5 >/dev/null # warm-up
 python3 bench/predict_load.py "$url/predict" "$image" --concurrency 1 --seconds "$secs"
 python3 bench/predict_load.py "$url/predict" "$image" --concurrency 16 --seconds "$secs"
