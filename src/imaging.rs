@@ -256,10 +256,10 @@ fn upright(rgb: RgbImage, orientation: Orientation) -> RgbImage {
     let mut out = vec![0u8; stored.len()];
     // The stored index, along an axis of `along` pixels, of index `i`: counted from the far end
     // when mirrored.
-    let row = |i: usize, mirrored: bool, along: usize| if mirrored { along - 1 - i } else { i };
+    let stored_index = |i: usize, mirrored: bool, along: usize| if mirrored { along - 1 - i } else { i };
     if !swap {
         for (y, upright_row) in out.chunks_exact_mut(w * 3).enumerate() {
-            let from = row(y, mirror_y, h);
+            let from = stored_index(y, mirror_y, h);
             let stored_row = &stored[from * w * 3..(from + 1) * w * 3];
             if mirror_x {
                 for (pixel, source) in upright_row.chunks_exact_mut(3).zip(stored_row.chunks_exact(3).rev()) {
@@ -270,7 +270,7 @@ fn upright(rgb: RgbImage, orientation: Orientation) -> RgbImage {
             }
         }
     } else {
-        // A quarter turn: row y of the upright image is column `row(y, mirror_x, w)` of the
+        // A quarter turn: row y of the upright image is column `stored_index(y, mirror_x, w)` of the
         // stored one, read down its rows (up them when mirrored across the other axis). In
         // strips of 64 upright columns, so that the 64 stored rows a strip reads stay in the
         // cache all the way down it.
@@ -278,9 +278,9 @@ fn upright(rgb: RgbImage, orientation: Orientation) -> RgbImage {
         for x0 in (0..out_w).step_by(TILE) {
             let x1 = (x0 + TILE).min(out_w);
             // The stored rows this tile column reads, in the upright image's x order.
-            let rows: Vec<&[u8]> = (x0..x1).map(|x| row(x, mirror_y, h)).map(|r| &stored[r * w * 3..(r + 1) * w * 3]).collect();
+            let rows: Vec<&[u8]> = (x0..x1).map(|x| stored_index(x, mirror_y, h)).map(|r| &stored[r * w * 3..(r + 1) * w * 3]).collect();
             for y in 0..out_h {
-                let column = row(y, mirror_x, w) * 3;
+                let column = stored_index(y, mirror_x, w) * 3;
                 let upright_row = &mut out[(y * out_w + x0) * 3..(y * out_w + x1) * 3];
                 for (pixel, stored_row) in upright_row.chunks_exact_mut(3).zip(&rows) {
                     pixel.copy_from_slice(&stored_row[column..column + 3]);

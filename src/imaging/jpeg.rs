@@ -238,10 +238,6 @@ mod tests {
         std::fs::read(fixtures().join("jpeg").join(name)).unwrap()
     }
 
-    /// Every kind of JPEG Pillow writes (4:2:0, 4:2:2 and 4:4:4 sampling, quality 10 to 100,
-    /// progressive, optimised tables, restart markers, grey, CMYK, one pixel, sizes that end
-    /// mid-block), decoded sample for sample as Pillow decodes it
-    /// (`tests/fixtures/make_jpeg_refs.py` wrote the references).
     /// Where the build is meant to have libjpeg-turbo's SIMD code (`VITFORGE_REQUIRE_JPEG_SIMD=1`,
     /// which `.ci/run` sets once nasm is installed, as the container build has it), it is in use,
     /// so that the fixture tests here decode with the code the service runs.
@@ -252,6 +248,10 @@ mod tests {
         assert!(!required || simd_in_use(), "VITFORGE_REQUIRE_JPEG_SIMD=1 but libjpeg-turbo runs its C code alone: was nasm missing when mozjpeg-sys was built?");
     }
 
+    /// Every kind of JPEG Pillow writes (4:2:0, 4:2:2 and 4:4:4 sampling, quality 10 to 100,
+    /// progressive, optimised tables, restart markers, grey, CMYK, one pixel, sizes that end
+    /// mid-block), decoded sample for sample as Pillow decodes it
+    /// (`tests/fixtures/make_jpeg_refs.py` wrote the references).
     #[test]
     fn every_kind_of_jpeg_decodes_to_pillow_s_pixels() {
         let fixtures = fixtures();

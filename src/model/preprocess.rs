@@ -350,6 +350,10 @@ pub fn resize(img: &RgbImage, out_w: usize, out_h: usize, filter: Filter) -> Rgb
 /// `PIL.Image.resize((out_w, out_h), filter, box=(x0, y0, x1, y1))`.
 pub fn resize_box(img: &RgbImage, bx: (f64, f64, f64, f64), out_w: usize, out_h: usize, filter: Filter) -> RgbImage {
     let (in_w, in_h) = (img.width() as usize, img.height() as usize);
+    if out_w == 0 || out_h == 0 {
+        // No pixels to compute (the passes' row loops need rows of at least one pixel).
+        return RgbImage::new(out_w as u32, out_h as u32);
+    }
     if filter == Filter::Nearest {
         return resize_nearest(img, bx, out_w, out_h);
     }
@@ -607,6 +611,9 @@ mod tests {
     fn identity_size_is_untouched() {
         let img = RgbImage::from_fn(7, 5, |x, y| image::Rgb([(x * 30) as u8, (y * 40) as u8, 9]));
         assert_eq!(resize(&img, 7, 5, Filter::Bilinear), img);
+        // An empty output is an empty image, not a panic.
+        assert_eq!(resize(&img, 0, 5, Filter::Bilinear).dimensions(), (0, 5));
+        assert_eq!(resize(&img, 3, 0, Filter::Lanczos).dimensions(), (3, 0));
     }
 
     #[test]
