@@ -25,7 +25,7 @@ ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo PATH=/usr/local/ca
 # The official rust images have the toolchain and a C compiler (for the bundled SQLite, zstd,
 # lz4 and libjpeg-turbo C sources); other builder images (NVIDIA CUDA) get them here. Every
 # builder gets nasm, which assembles libjpeg-turbo's SIMD code (JPEG decoding twice as fast, the
-# same pixels; without it the build falls back to the C code with a warning).
+# same pixels; without it the build would quietly take the C code alone).
 RUN if ! command -v cargo >/dev/null 2>&1; then \
         apt-get update \
         && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \

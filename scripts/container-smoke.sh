@@ -283,8 +283,8 @@ UID_WANT=${IMAGE_USER%%:*}
 CTR=$(B from --pull=never --name "vitforge-smoke-$$" "$IMAGE") || die "start a container" "buildah from failed"
 mnt=$(B mount "$CTR")
 BINARY_SIZE=$(du -h "$mnt/usr/local/bin/vitforge" | cut -f1)
-# The builder installs nasm so that libjpeg-turbo's SIMD code is in the binary (mozjpeg-sys's build
-# script only warns when it cannot assemble it): its AVX2 inverse DCT must be there, by name.
+# The builder installs nasm so that libjpeg-turbo's SIMD code is in the binary (without nasm the
+# build quietly takes the C code alone): its AVX2 inverse DCT must be there, by name.
 simd_symbols=$(grep -c -a jsimd_idct_islow_avx2 "$mnt/usr/local/bin/vitforge" || true)
 data_owner=$(stat -c '%u:%g' "$mnt/data" "$mnt/data/hf" "$mnt/data/base-models" | sort -u | tr '\n' ' ')
 B umount "$CTR" >/dev/null
