@@ -320,14 +320,18 @@ pub fn composite_on_white(rgba: &RgbaImage) -> RgbImage {
     })
 }
 
-/// For the decoders' tests: the images of a fixture folder, sorted, but for the PNGs of Pillow's
-/// pixels beside them (`<name>.png`) and the files that must be refused (`refused-*`).
+/// For the decoders' tests: the images of a fixture folder, but for the PNGs of Pillow's pixels
+/// beside them (`<name>.png`) and the files that must be refused (`refused-*`), are `count` and
+/// each decodes to Pillow's pixels ([`differences_from_pillow`]).
 #[cfg(test)]
-fn fixture_images(folder: &std::path::Path) -> Vec<std::path::PathBuf> {
+#[track_caller]
+fn assert_fixture_folder_decodes_as_pillow_does(folder: &std::path::Path, count: usize) {
     let mut files: Vec<_> = std::fs::read_dir(folder).unwrap().map(|e| e.unwrap().path()).collect();
     files.retain(|p| p.extension().is_some_and(|e| e != "png") && !p.file_name().unwrap().to_string_lossy().starts_with("refused-"));
     files.sort();
-    files
+    assert_eq!(files.len(), count, "{}", folder.display());
+    let failures = differences_from_pillow(&files, folder);
+    assert!(failures.is_empty(), "{failures:#?}");
 }
 
 /// For the decoders' tests: how each of `files` decodes otherwise than to the pixels transformers

@@ -75,10 +75,7 @@ mod tests {
     /// from Pillow (`tests/fixtures/make_bmp_refs.py` wrote the references).
     #[test]
     fn every_kind_of_bmp_decodes_to_pillow_s_pixels() {
-        let files = super::super::fixture_images(&fixtures());
-        assert_eq!(files.len(), 13);
-        let failures = super::super::differences_from_pillow(&files, &fixtures());
-        assert!(failures.is_empty(), "{failures:#?}");
+        super::super::assert_fixture_folder_decodes_as_pillow_does(&fixtures(), 13);
     }
 
     /// Bit fields Pillow does not read are refused by name; pixels cut short as corrupt.

@@ -229,10 +229,7 @@ mod tests {
     /// own).
     #[test]
     fn every_kind_of_netpbm_image_decodes_to_pillow_s_pixels() {
-        let files = super::super::fixture_images(&fixtures());
-        assert_eq!(files.len(), 18);
-        let failures = super::super::differences_from_pillow(&files, &fixtures());
-        assert!(failures.is_empty(), "{failures:#?}");
+        super::super::assert_fixture_folder_decodes_as_pillow_does(&fixtures(), 18);
     }
 
     /// Pillow's rounding: halves to even (3 of 10 is 76.5, so 76; 1 of 10 is 25.5, so 26), and a

@@ -559,10 +559,7 @@ mod tests {
     /// are not Pillow's own).
     #[test]
     fn every_kind_of_tiff_decodes_to_pillow_s_pixels() {
-        let files = super::super::fixture_images(&fixtures());
-        assert_eq!(files.len(), 45);
-        let failures = super::super::differences_from_pillow(&files, &fixtures());
-        assert!(failures.is_empty(), "{failures:#?}");
+        super::super::assert_fixture_folder_decodes_as_pillow_does(&fixtures(), 45);
     }
 
     fn fixture(name: &str) -> Vec<u8> {
