@@ -15,6 +15,7 @@
 mod archive;
 mod blobs;
 mod duplicates;
+pub mod edits;
 mod layout;
 pub mod look_alike;
 mod parquet;

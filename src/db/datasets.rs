@@ -4,8 +4,9 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
+use crate::dataset::edits::Source;
 use crate::dataset::look_alike::Look;
-use crate::dataset::{Duplicates, ImageRef, Ingested, Rejected, Reports, Split, SplitCounts};
+use crate::dataset::{Duplicates, ImageRecord, ImageRef, Ingested, Rejected, Reports, Split, SplitCounts};
 use crate::db::{Cursor, Listed, Page, Pool, RowLock, lock_row, new_id, now};
 
 /// Rows per multi-row `insert` (9 parameters each, well under SQLite's parameter limit and
@@ -35,6 +36,9 @@ pub struct Dataset {
     /// stored before images were fingerprinted.
     #[serde(serialize_with = "crate::dataset::serialize_look_alikes")]
     pub look_alikes: Option<Duplicates>,
+    /// For a corrected copy of another dataset, that dataset and what changed; `None` for an
+    /// upload.
+    pub source: Option<Source>,
 }
 
 /// One image of a dataset, as training reads it.
@@ -70,6 +74,12 @@ impl ImageRow {
     pub fn image_ref(&self) -> ImageRef<'_> {
         ImageRef { blob: &self.blob, file: &self.file, label: &self.label, split: self.split, look: self.look() }
     }
+
+    /// The image as an ingest records it (for a copy of its dataset).
+    pub fn into_record(self) -> ImageRecord {
+        let look = self.look();
+        ImageRecord { file: self.file, label: self.label, split: self.split, blob: self.blob, look }
+    }
 }
 
 /// The outcome of [`delete`].
@@ -100,6 +110,8 @@ struct DatasetRow {
     duplicates: Option<String>,
     /// Null for a dataset stored before images were fingerprinted.
     look_alikes: Option<String>,
+    /// Null for an upload.
+    source: Option<String>,
 }
 
 impl DatasetRow {
@@ -118,6 +130,7 @@ impl DatasetRow {
             rejected_total: u64::try_from(row.rejected_total).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
             duplicates,
             look_alikes: row.look_alikes.as_deref().map(serde_json::from_str).transpose().map_err(decode)?,
+            source: row.source.as_deref().map(serde_json::from_str).transpose().map_err(decode)?,
         })
     }
 }
@@ -150,8 +163,15 @@ fn to_json<T: Serialize>(value: &T) -> Result<String, sqlx::Error> {
     serde_json::to_string(value).map_err(|e| sqlx::Error::Encode(Box::new(e)))
 }
 
-/// Stores a dataset, its reports ([`Ingested::reports`]) and all its images in one transaction.
+/// Stores an uploaded dataset, its reports ([`Ingested::reports`]) and all its images in one
+/// transaction.
 pub async fn insert(pool: &Pool, name: &str, ingested: &Ingested, reports: Reports) -> Result<Dataset, sqlx::Error> {
+    insert_from(pool, name, ingested, reports, None).await
+}
+
+/// [`insert`], for a dataset made from another (`source`, [`crate::dataset::edits`]) or uploaded
+/// (`None`).
+pub async fn insert_from(pool: &Pool, name: &str, ingested: &Ingested, reports: Reports, source: Option<Source>) -> Result<Dataset, sqlx::Error> {
     let dataset = Dataset {
         id: new_id(),
         name: name.to_string(),
@@ -163,11 +183,12 @@ pub async fn insert(pool: &Pool, name: &str, ingested: &Ingested, reports: Repor
         rejected_total: ingested.rejected_total,
         duplicates: reports.duplicates,
         look_alikes: reports.look_alikes,
+        source,
     };
     let mut tx = pool.begin().await?;
     sqlx::query(
-        "insert into datasets (id, name, created_at, num_images, classes, counts, rejected, rejected_total, duplicates, look_alikes) \
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        "insert into datasets (id, name, created_at, num_images, classes, counts, rejected, rejected_total, duplicates, look_alikes, source) \
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(&dataset.id)
     .bind(&dataset.name)
@@ -179,6 +200,7 @@ pub async fn insert(pool: &Pool, name: &str, ingested: &Ingested, reports: Repor
     .bind(i64::try_from(dataset.rejected_total).unwrap_or(i64::MAX))
     .bind(to_json(&dataset.duplicates)?)
     .bind(dataset.look_alikes.as_ref().map(to_json).transpose()?)
+    .bind(dataset.source.as_ref().map(to_json).transpose()?)
     .execute(&mut *tx)
     .await?;
     for chunk in ingested.images.chunks(INSERT_CHUNK) {
@@ -205,7 +227,7 @@ pub async fn insert(pool: &Pool, name: &str, ingested: &Ingested, reports: Repor
 pub async fn list(pool: &Pool, page: &Page) -> Result<Listed<Dataset>, sqlx::Error> {
     let (created_at, id, rows) = page.binds();
     let rows: Vec<DatasetRow> = sqlx::query_as(concat!(
-        "select id, name, created_at, num_images, classes, counts, rejected, rejected_total, duplicates, look_alikes from datasets where ",
+        "select id, name, created_at, num_images, classes, counts, rejected, rejected_total, duplicates, look_alikes, source from datasets where ",
         newest_first_page!("$1", "$2", "$3")
     ))
     .bind(created_at)
@@ -231,7 +253,7 @@ pub async fn train_files_per_class(pool: &Pool, id: &str) -> Result<Vec<u64>, sq
 pub async fn get(pool: &Pool, id: &str) -> Result<Option<Dataset>, sqlx::Error> {
     let row: Option<DatasetRow> =
         sqlx::query_as(
-            "select id, name, created_at, num_images, classes, counts, rejected, rejected_total, duplicates, look_alikes from datasets where id = $1",
+            "select id, name, created_at, num_images, classes, counts, rejected, rejected_total, duplicates, look_alikes, source from datasets where id = $1",
         )
             .bind(id)
             .fetch_optional(pool)

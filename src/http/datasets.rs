@@ -15,12 +15,13 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tokio::io::AsyncWriteExt;
 
-use super::extract::{ApiPath, ApiQuery};
+use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::paged::{self, PageQuery};
 use super::{AppState, Route};
 use super::error::AppError;
 use super::inflight::BodyUse;
 use crate::cancel::CancelOnDrop;
+use crate::dataset::edits::{EditError, Edits};
 use crate::dataset::{self, BlobStore, Ingested, Reports, Split};
 use crate::db::datasets::{self as queries, Dataset, Deleted};
 
@@ -39,6 +40,7 @@ pub fn routes() -> Vec<Route> {
         Route::delete("/datasets/{id}", delete),
         Route::get("/datasets/{id}/images", images).with_query(),
         Route::get("/datasets/{id}/images/{blob}/thumbnail", thumbnail),
+        Route::post("/datasets/{id}/copy", copy),
     ]
 }
 
@@ -291,6 +293,51 @@ async fn delete(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> 
     }
 }
 
+/// The body of `POST /datasets/{id}/copy`: the copy's name and the edits, each image named by
+/// its blob.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CopyRequest {
+    name: Option<String>,
+    #[serde(default)]
+    relabel: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    remove: std::collections::BTreeSet<String>,
+    #[serde(default, rename = "move")]
+    moves: std::collections::BTreeMap<String, Split>,
+}
+
+/// `POST /datasets/{id}/copy`: 201 and a new dataset, the images of dataset `id` with some
+/// relabelled, removed or moved to another split ([`dataset::edits`]); dataset `id` stays as it
+/// is.
+async fn copy(State(state): State<AppState>, ApiPath(id): ApiPath<String>, ApiJson(req): ApiJson<CopyRequest>) -> Result<(StatusCode, Json<Dataset>), AppError> {
+    let name = req.name.as_deref().map(checked_name).transpose()?;
+    let edits = Edits { relabel: req.relabel, remove: req.remove, moves: req.moves };
+    // The copy's rows reference the source's blobs: held, as an upload holds it, from reading
+    // the source's rows until the copy's are committed, so that deleting the source meanwhile
+    // cannot have those blobs collected under the copy.
+    let across = if shared_blobs(&state) { crate::db::blob_lock(&state.db, false, true).await? } else { None };
+    let reading = state.blob_lock.clone().read_owned().await;
+    let source = queries::get(&state.db, &id).await?.ok_or_else(|| AppError::not_found("dataset", &id))?;
+    let images: Vec<_> = queries::images(&state.db, &id).await?.into_iter().map(|row| row.into_record()).collect();
+    let name = name.unwrap_or_else(|| format!("{} (copy)", source.name.chars().take(MAX_NAME_CHARS - " (copy)".len()).collect::<String>()));
+    // Off the async runtime, in an ingest slot: finding look-alikes grows as the square of the
+    // images.
+    let slot = state.ingest_slots.clone().acquire_owned().await.context("ingest slots closed")?;
+    let made = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        let (copy, source) = dataset::edits::apply(images, &edits, &id)?;
+        let reports = copy.reports();
+        Ok::<_, EditError>((copy, source, reports))
+    });
+    let (copy, source, reports) = made.await.context("copy task failed")??;
+    let dataset = queries::insert_from(&state.db, &name, &copy, reports, Some(source)).await?;
+    drop(reading);
+    drop(across);
+    tracing::info!(id = %dataset.id, images = dataset.num_images, "dataset copied");
+    Ok((StatusCode::CREATED, Json(dataset)))
+}
+
 /// A received upload: the dataset's name and the file on disk.
 struct Upload {
     name: String,
@@ -408,6 +455,12 @@ async fn read_name(field: &mut Field<'_>, idle: Option<Duration>) -> Result<Stri
         }
     }
     let name = String::from_utf8(bytes).map_err(|_| invalid_name("the name is not valid UTF-8"))?;
+    checked_name(&name)
+}
+
+/// `name` without its surrounding blanks, if it is 1 to [`MAX_NAME_CHARS`] characters with no
+/// control characters.
+fn checked_name(name: &str) -> Result<String, AppError> {
     let name = name.trim();
     if name.is_empty() {
         return Err(invalid_name("the name is empty"));

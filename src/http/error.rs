@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::dataset::IngestError;
+use crate::dataset::edits::EditError;
 use crate::model::classifier::ClassifyError;
 use crate::predictor::PredictError;
 use crate::train::eval::EvalError;
@@ -170,6 +171,19 @@ fn database_unreachable(e: &sqlx::Error) -> bool {
 fn error_response(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     let body = ErrorBody { error: ErrorDetail { code: code.to_string(), message: message.into() } };
     (status, Json(body)).into_response()
+}
+
+impl From<EditError> for AppError {
+    fn from(e: EditError) -> Self {
+        let code = match e {
+            EditError::UnknownImage { .. } => "unknown_image",
+            EditError::RemovedAndChanged { .. } => "conflicting_edits",
+            EditError::UnfitLabel { .. } => "invalid_label",
+            EditError::NoImages => "no_images",
+            EditError::TooFewClasses(_) => "too_few_classes",
+        };
+        Self::unprocessable(code, e.to_string())
+    }
 }
 
 impl From<IngestError> for AppError {

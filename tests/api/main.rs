@@ -6,6 +6,7 @@ mod browse;
 mod budget;
 mod cluster;
 mod console;
+mod copies;
 mod crash;
 mod datasets;
 mod fixtures;
