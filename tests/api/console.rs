@@ -417,6 +417,75 @@ async fn trained(server: &crate::support::ChildServer, body: &serde_json::Value)
     }
 }
 
+/// A job's mistakes and a dataset's images are corrected on their pages and saved as a new
+/// dataset, which names what it was made from; the dataset itself stays as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn mistakes_and_images_are_corrected_into_a_copy_of_the_dataset() {
+    let Some(driver) = chromedriver() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let server = server_with_tiny(tmp.path());
+    // Validation pictures labelled against their colour: a model that learned anything from the
+    // training pictures, or nothing, gets some of them wrong.
+    let mut members = red_and_blue(6).into_iter().map(|m| match m {
+        Member::File(name, bytes) => Member::File(format!("train/{name}"), bytes),
+        other => other,
+    }).collect::<Vec<_>>();
+    for i in 0..3 {
+        members.push(file(&format!("validation/blue/r{i}.png"), colour([190, 30, 30], 500 + i)));
+        members.push(file(&format!("validation/red/b{i}.png"), colour([30, 40, 190], 600 + i)));
+    }
+    let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(zip(&members)).file_name("colours.zip"));
+    let dataset: serde_json::Value = server.client.post(server.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
+    let source = dataset["id"].as_str().unwrap().to_string();
+    let (job, _) = trained(&server, &json!({"dataset_id": source, "base_model": "tiny", "params": {"epochs": 2, "batch_size": 4, "learning_rate": 0.002}})).await;
+    let c = browser(&driver, &tmp.path().join("profile")).await;
+
+    // On the job's page: relabel the first mistake as the other class, and save under a name.
+    c.goto(&server.url(&format!("/ui/jobs/{job}"))).await.unwrap();
+    wait_text(&c, "#edit-count", 20, |t| t.starts_with("Relabel or remove")).await;
+    assert_eq!(element(&c, "#edit-save").await.prop("disabled").await.unwrap().as_deref(), Some("true"), "nothing to save yet");
+    let select = element(&c, "#mistakes select.edit").await;
+    let blob = select.attr("data-blob").await.unwrap().unwrap();
+    let mistakes = server.get_json(&format!("/jobs/{job}/mistakes")).await;
+    let first = &mistakes["mistakes"][0];
+    assert_eq!(first["blob"], blob.as_str(), "{mistakes}");
+    let other = if first["label"] == "red" { "blue" } else { "red" };
+    element(&c, &format!("#mistakes select.edit option[value='label:{other}']")).await.click().await.unwrap();
+    wait_text(&c, "#edit-count", 10, |t| t == "1 image to correct").await;
+    screenshot(&c, "console-corrections.png").await;
+    element(&c, "#edit-name").await.send_keys("colours, corrected").await.unwrap();
+    element(&c, "#edit-save").await.click().await.unwrap();
+    let url = wait_url(&c, "/ui/datasets/", 20).await;
+    let copy = url.rsplit('/').next().unwrap().to_string();
+    assert_ne!(copy, source);
+    let note = wait_text(&c, "#dataset-source", 10, |t| !t.is_empty()).await;
+    assert_eq!(note, format!("A corrected copy of dataset {}: 1 relabelled.", &source[source.len() - 8..]));
+    let stored = server.get_json(&format!("/datasets/{copy}")).await;
+    assert_eq!(stored["name"], "colours, corrected");
+    let images = server.get_json(&format!("/datasets/{copy}/images?limit=200")).await;
+    let relabelled: Vec<&serde_json::Value> = images["images"].as_array().unwrap().iter().filter(|im| im["blob"] == blob.as_str()).collect();
+    assert!(!relabelled.is_empty() && relabelled.iter().all(|im| im["label"] == other), "{images}");
+
+    // On the copy's page: remove an image, and a refusal says why (the copy of a copy is
+    // refused once the copy is deleted).
+    let select = element(&c, "#thumbs select.edit").await;
+    let removed = select.attr("data-blob").await.unwrap().unwrap();
+    element(&c, "#thumbs select.edit option[value='remove']").await.click().await.unwrap();
+    wait_text(&c, "#edit-count", 10, |t| t == "1 image to correct").await;
+    let gone = server.client.delete(server.url(&format!("/datasets/{copy}"))).send().await.unwrap();
+    assert_eq!(gone.status(), 204);
+    element(&c, "#edit-save").await.click().await.unwrap();
+    let said = wait_text(&c, "#edit-bar p.error", 10, |t| !t.is_empty()).await;
+    assert!(said.contains("does not exist") && said.contains("(not_found)"), "{said}");
+    assert!(c.current_url().await.unwrap().as_str().ends_with(&copy), "the page stays");
+
+    // The source dataset is as it was uploaded.
+    let now = server.get_json(&format!("/datasets/{source}")).await;
+    assert_eq!(now, dataset);
+    assert_ne!(removed, "");
+    c.close().await.unwrap();
+}
+
 /// A model's page points an alias at it and removes it; the overview lists it beside its model,
 /// and the predict page offers it. A name the service refuses says why.
 #[tokio::test(flavor = "multi_thread")]

@@ -314,8 +314,73 @@ function repeatsSection(datasetId, dup, alike) {
   );
 }
 
+// ---- Corrections: a copy of a dataset with images relabelled or removed -------------------
+
+/**
+ * Edits to a dataset's images, by blob, kept while its pages are redrawn: a select per image
+ * (keep, relabel as another class, remove) and a bar that saves them as a corrected copy (the
+ * dataset itself never changes: its jobs and models keep reading it as it was).
+ */
+function corrections(datasetId, classes) {
+  const edits = new Map();
+  const count = h("span", { class: "muted", id: "edit-count" });
+  const name = h("input", { type: "text", id: "edit-name", "aria-label": "Name of the copy", placeholder: "name of the copy (default: this one's, with \"(copy)\")" });
+  const save = h("button", { class: "primary", id: "edit-save", onclick: saveCopy }, "Save as a new dataset");
+  const failure = h("div", { "aria-live": "polite" });
+  const bar = h("div", { class: "card", id: "edit-bar" }, h("p", { class: "row" }, count, name, save), failure);
+  function update() {
+    const n = edits.size;
+    count.textContent = n ? `${n} image${n === 1 ? "" : "s"} to correct` : "Relabel or remove images below, then save the corrections as a new dataset.";
+    save.disabled = n === 0;
+  }
+  async function saveCopy() {
+    failure.replaceChildren();
+    const body = { relabel: {}, remove: [] };
+    for (const [blob, edit] of edits) {
+      if (edit === "remove") body.remove.push(blob);
+      else body.relabel[blob] = edit.slice("label:".length);
+    }
+    if (name.value.trim()) body.name = name.value.trim();
+    save.disabled = true;
+    try {
+      const copy = await post(`/datasets/${datasetId}/copy`, body);
+      location.href = `/ui/datasets/${copy.id}`;
+    } catch (e) {
+      failure.replaceChildren(errorBox(e));
+      update();
+    }
+  }
+  /** The select of one image, showing its pending edit. */
+  function control(blob, label) {
+    const select = h(
+      "select",
+      { class: "edit", "aria-label": `Correct ${label} image`, "data-blob": blob },
+      h("option", { value: "" }, `keep as ${label}`),
+      classes.filter((c) => c !== label).map((c) => h("option", { value: `label:${c}` }, `relabel as ${c}`)),
+      h("option", { value: "remove" }, "remove"),
+    );
+    select.value = edits.get(blob) ?? "";
+    select.addEventListener("change", () => {
+      if (select.value) edits.set(blob, select.value);
+      else edits.delete(blob);
+      update();
+    });
+    return select;
+  }
+  update();
+  return { bar, control };
+}
+
+// What a copy was made from, and what changed.
+function sourceNote(source) {
+  if (!source) return null;
+  const changes = [["relabelled", source.relabelled], ["removed", source.removed], ["moved to another split", source.moved]].filter(([, n]) => n).map(([what, n]) => `${n} ${what}`);
+  return h("p", { id: "dataset-source" }, "A corrected copy of dataset ", h("a", { href: `/ui/datasets/${source.dataset_id}` }, short(source.dataset_id)), `: ${changes.length ? changes.join(", ") : "no image changed"}.`);
+}
+
 async function dataset(id) {
   const d = await get(`/datasets/${id}`);
+  const fix = corrections(id, d.classes);
   const splits = ["train", "validation", "test"];
   const counts = table(
     ["Class", ...splits.map((s) => "#" + s)],
@@ -335,7 +400,7 @@ async function dataset(id) {
     if (split.value) q.set("split", split.value);
     if (cls.value) q.set("class", cls.value);
     const p = await get(`/datasets/${id}/images?${q}`);
-    grid.replaceChildren(...p.images.map((im) => h("figure", { class: "thumb" }, apiImage(im.thumbnail, im.file), h("figcaption", {}, `${im.label} · ${im.split}`, h("br"), h("span", { class: "muted" }, im.file)))));
+    grid.replaceChildren(...p.images.map((im) => h("figure", { class: "thumb" }, apiImage(im.thumbnail, im.file), h("figcaption", {}, `${im.label} · ${im.split}`, h("br"), h("span", { class: "muted" }, im.file), h("br"), fix.control(im.blob, im.label)))));
     pager.replaceChildren(
       h("button", { disabled: offset === 0, onclick: () => ((offset = Math.max(0, offset - limit)), page()) }, "Previous"),
       h("span", { class: "muted" }, p.total ? `${offset + 1}–${Math.min(offset + limit, p.total)} of ${p.total}` : "no image"),
@@ -348,11 +413,12 @@ async function dataset(id) {
   render(
     d.name,
     h("p", { class: "row" }, h("a", { href: `/ui/new?dataset=${id}` }, "Fine-tune on it"), remove),
+    sourceNote(d.source),
     h("section", {}, h("h2", {}, `${d.num_images} images in ${d.classes.length} classes`), counts),
     h("section", {}, h("h2", {}, "Rejected files"), rejected),
     h("section", {}, h("h2", {}, "Repeated files"), repeatsSection(id, d.duplicates, false)),
     h("section", { id: "look-alikes-section" }, h("h2", {}, "Pictures that look alike"), repeatsSection(id, d.look_alikes, true)),
-    h("section", {}, h("h2", {}, "Images"), h("p", { class: "row" }, split, cls), grid, pager),
+    h("section", {}, h("h2", {}, "Images"), h("p", { class: "row" }, split, cls), fix.bar, grid, pager),
   );
   await page();
 }
@@ -538,13 +604,17 @@ async function job(id) {
     );
   }
 
+  // Corrections of the mistakes' labels, saved as a copy of the dataset (none once it is gone).
+  let fix = null;
+
   async function drawMistakes() {
     try {
       const m = await get(`/jobs/${id}/mistakes`);
+      const figure = (x) => h("figure", { class: "thumb" }, apiImage(`/datasets/${m.dataset_id}/images/${x.blob}/thumbnail`, x.file), h("figcaption", {}, `true: ${x.label}`, h("br"), h("span", { class: "wrong" }, `predicted: ${x.predicted} (${pct(x.score)})`), fix ? [h("br"), fix.control(x.blob, x.label)] : null));
       mistakes.replaceChildren(
-        m.mistakes.length
-          ? h("div", { class: "grid", id: "mistakes" }, m.mistakes.map((x) => h("figure", { class: "thumb" }, apiImage(`/datasets/${m.dataset_id}/images/${x.blob}/thumbnail`, x.file), h("figcaption", {}, `true: ${x.label}`, h("br"), h("span", { class: "wrong" }, `predicted: ${x.predicted} (${pct(x.score)})`)))))
-          : h("p", { class: "muted" }, `No validation image was misclassified at epoch ${m.epoch}.`),
+        ...(m.mistakes.length
+          ? [fix ? fix.bar : null, h("div", { class: "grid", id: "mistakes" }, m.mistakes.map(figure))].filter(Boolean)
+          : [h("p", { class: "muted" }, `No validation image was misclassified at epoch ${m.epoch}.`)]),
       );
     } catch (e) {
       mistakes.replaceChildren(h("p", { class: "muted" }, e.code === "not_validated" ? "No epoch has been validated yet." : e.message));
@@ -555,6 +625,7 @@ async function job(id) {
   const j = await drawHead();
   const dataset = await get(`/datasets/${j.dataset_id}`).catch(() => null);
   classes = dataset ? dataset.classes : null;
+  if (dataset) fix = corrections(dataset.id, dataset.classes);
   // Repeated files, and pictures that look alike, under two classes or in two splits.
   const worrying = (dup) => dup && (dup.across_classes || dup.across_splits);
   const reports = dataset ? [dataset.duplicates, dataset.look_alikes].filter(worrying) : [];
