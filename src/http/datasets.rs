@@ -320,6 +320,10 @@ async fn copy(State(state): State<AppState>, ApiPath(id): ApiPath<String>, ApiJs
     let reading = state.blob_lock.clone().read_owned().await;
     let source = queries::get(&state.db, &id).await?.ok_or_else(|| AppError::not_found("dataset", &id))?;
     let images: Vec<_> = queries::images(&state.db, &id).await?.into_iter().map(|row| row.into_record()).collect();
+    if images.is_empty() {
+        // Deleted between the two reads (a stored dataset has images).
+        return Err(AppError::not_found("dataset", &id));
+    }
     let name = name.unwrap_or_else(|| format!("{} (copy)", source.name.chars().take(MAX_NAME_CHARS - " (copy)".len()).collect::<String>()));
     // Off the async runtime, in an ingest slot: finding look-alikes grows as the square of the
     // images.
