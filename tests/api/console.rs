@@ -456,10 +456,36 @@ async fn mistakes_and_images_are_corrected_into_a_copy_of_the_dataset() {
     element(&c, "#edit-name").await.send_keys("colours, corrected").await.unwrap();
     element(&c, "#edit-save").await.click().await.unwrap();
     let url = wait_url(&c, "/ui/datasets/", 20).await;
-    let copy = url.rsplit('/').next().unwrap().to_string();
+    let (copy, from) = url.rsplit('/').next().unwrap().split_once('?').unwrap();
+    let copy = copy.to_string();
+    assert_eq!(from, format!("job={job}"));
     assert_ne!(copy, source);
     let note = wait_text(&c, "#dataset-source", 10, |t| !t.is_empty()).await;
     assert_eq!(note, format!("A corrected copy of dataset {}: 1 relabelled.", &source[source.len() - 8..]));
+    // The copy's page offers the job again, on the copy: its base model and parameters, the
+    // copy as its dataset.
+    element(&c, "#dataset-again").await.click().await.unwrap();
+    wait_url(&c, "/ui/new?from=", 10).await;
+    wait_text(&c, "#job-from", 10, |t| t.contains("As job")).await;
+    assert_eq!(element(&c, "#job-dataset").await.prop("value").await.unwrap().as_deref(), Some(copy.as_str()));
+    assert_eq!(element(&c, "#job-base").await.prop("value").await.unwrap().as_deref(), Some("tiny"));
+    element(&c, "#job-submit").await.click().await.unwrap();
+    let rerun = wait_url(&c, "/ui/jobs/", 10).await;
+    let rerun = rerun.rsplit('/').next().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ran = loop {
+        let ran = server.get_json(&format!("/jobs/{rerun}")).await;
+        if ["succeeded", "failed", "cancelled"].contains(&ran["status"].as_str().unwrap()) {
+            break ran;
+        }
+        assert!(Instant::now() < deadline, "the job on the copy did not end: {ran}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!((ran["status"].as_str(), ran["dataset_id"].as_str()), (Some("succeeded"), Some(copy.as_str())), "{ran}");
+    assert_eq!(ran["params"]["epochs"], 2, "{ran}");
+    c.goto(&server.url(&format!("/ui/datasets/{copy}"))).await.unwrap();
+    wait_text(&c, "#dataset-source", 10, |t| !t.is_empty()).await;
+    assert!(c.find_all(Locator::Css("#dataset-again")).await.unwrap().is_empty(), "no job to run again without ?job=");
     let stored = server.get_json(&format!("/datasets/{copy}")).await;
     assert_eq!(stored["name"], "colours, corrected");
     let images = server.get_json(&format!("/datasets/{copy}/images?limit=200")).await;

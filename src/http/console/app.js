@@ -321,7 +321,7 @@ function repeatsSection(datasetId, dup, alike) {
  * (keep, relabel as another class, remove) and a bar that saves them as a corrected copy (the
  * dataset itself never changes: its jobs and models keep reading it as it was).
  */
-function corrections(datasetId, classes) {
+function corrections(datasetId, classes, fromJob = null) {
   const edits = new Map();
   const count = h("span", { class: "muted", id: "edit-count" });
   const name = h("input", { type: "text", id: "edit-name", "aria-label": "Name of the copy", placeholder: "name of the copy (default: this one's, with \"(copy)\")" });
@@ -344,7 +344,8 @@ function corrections(datasetId, classes) {
     save.disabled = true;
     try {
       const copy = await post(`/datasets/${datasetId}/copy`, body);
-      location.href = `/ui/datasets/${copy.id}`;
+      // From a job's page, the copy's page offers to run that job again on it.
+      location.href = `/ui/datasets/${copy.id}${fromJob ? `?job=${encodeURIComponent(fromJob)}` : ""}`;
     } catch (e) {
       failure.replaceChildren(errorBox(e));
       update();
@@ -381,6 +382,9 @@ function sourceNote(source) {
 async function dataset(id) {
   const d = await get(`/datasets/${id}`);
   const fix = corrections(id, d.classes);
+  // Made from a job's mistakes (?job=<id>): that job, again, on this dataset.
+  const fromJob = new URLSearchParams(location.search).get("job");
+  const again = fromJob ? h("a", { href: `/ui/new?from=${encodeURIComponent(fromJob)}&dataset=${id}`, id: "dataset-again" }, `Run job ${short(fromJob)} again on it`) : null;
   const splits = ["train", "validation", "test"];
   const counts = table(
     ["Class", ...splits.map((s) => "#" + s)],
@@ -412,7 +416,7 @@ async function dataset(id) {
   const remove = deleteButton(`Delete dataset ${d.name}?`, `/datasets/${id}`, "Delete dataset");
   render(
     d.name,
-    h("p", { class: "row" }, h("a", { href: `/ui/new?dataset=${id}` }, "Fine-tune on it"), remove),
+    h("p", { class: "row" }, again, h("a", { href: `/ui/new?dataset=${id}` }, "Fine-tune on it"), remove),
     sourceNote(d.source),
     h("section", {}, h("h2", {}, `${d.num_images} images in ${d.classes.length} classes`), counts),
     h("section", {}, h("h2", {}, "Rejected files"), rejected),
@@ -452,10 +456,11 @@ const FIELDS = [
 async function newJob() {
   const [datasets, bases, models, recipes] = await Promise.all([get("/datasets"), get("/base-models"), get("/models"), get("/recipes")]);
   const query = new URLSearchParams(location.search);
-  // "Run again" (?from=<job id>): that job's dataset, base model, recipe and the parameters it
-  // set away from its recipe's defaults.
+  // "Run again" (?from=<job id>): that job's dataset (unless ?dataset= names another, as for a
+  // corrected copy of it), base model, recipe and the parameters it set away from its recipe's
+  // defaults.
   const prior = query.get("from") ? await get(`/jobs/${query.get("from")}`) : null;
-  const want = prior ? prior.dataset_id : query.get("dataset");
+  const want = query.get("dataset") ?? prior?.dataset_id;
   const dsSelect = h("select", { id: "job-dataset", required: true }, datasets.map((d) => h("option", { value: d.id, selected: d.id === want }, `${d.name} (${d.num_images} images)`)));
   const base = h("select", { id: "job-base" },
     h("optgroup", { label: "Local base models" }, bases.local.map((b) => h("option", { value: b }, b))),
@@ -482,7 +487,7 @@ async function newJob() {
   let carried = {};
   const notes = [];
   if (prior) {
-    if (!datasets.some((d) => d.id === prior.dataset_id)) notes.push(`Its dataset ${short(prior.dataset_id)} has been deleted: choose another.`);
+    if (!datasets.some((d) => d.id === want)) notes.push(`Its dataset ${short(want)} has been deleted: choose another.`);
     if (![...base.options].some((o) => o.value === prior.base_model)) base.append(h("option", { value: prior.base_model }, prior.base_model));
     base.value = prior.base_model;
     recipe.value = prior.recipe;
@@ -625,7 +630,7 @@ async function job(id) {
   const j = await drawHead();
   const dataset = await get(`/datasets/${j.dataset_id}`).catch(() => null);
   classes = dataset ? dataset.classes : null;
-  if (dataset) fix = corrections(dataset.id, dataset.classes);
+  if (dataset) fix = corrections(dataset.id, dataset.classes, id);
   // Repeated files, and pictures that look alike, under two classes or in two splits.
   const worrying = (dup) => dup && (dup.across_classes || dup.across_splits);
   const reports = dataset ? [dataset.duplicates, dataset.look_alikes].filter(worrying) : [];
