@@ -434,6 +434,9 @@ async fn mistakes_and_images_are_corrected_into_a_copy_of_the_dataset() {
         members.push(file(&format!("validation/blue/r{i}.png"), colour([190, 30, 30], 500 + i)));
         members.push(file(&format!("validation/red/b{i}.png"), colour([30, 40, 190], 600 + i)));
     }
+    // And one red picture filed under both classes.
+    members.push(file("train/red/twice.png", colour([190, 30, 30], 700)));
+    members.push(file("train/blue/twice.png", colour([190, 30, 30], 700)));
     let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(zip(&members)).file_name("colours.zip"));
     let dataset: serde_json::Value = server.client.post(server.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
     let source = dataset["id"].as_str().unwrap().to_string();
@@ -442,9 +445,8 @@ async fn mistakes_and_images_are_corrected_into_a_copy_of_the_dataset() {
 
     // On the job's page: relabel the first mistake as the other class, and save under a name.
     c.goto(&server.url(&format!("/ui/jobs/{job}"))).await.unwrap();
-    wait_text(&c, "#edit-count", 20, |t| t.starts_with("Relabel or remove")).await;
-    assert_eq!(element(&c, "#edit-save").await.prop("disabled").await.unwrap().as_deref(), Some("true"), "nothing to save yet");
     let select = element(&c, "#mistakes select.edit").await;
+    assert!(!element(&c, "#edit-bar").await.is_displayed().await.unwrap(), "nothing to save yet");
     let blob = select.attr("data-blob").await.unwrap().unwrap();
     let mistakes = server.get_json(&format!("/jobs/{job}/mistakes")).await;
     let first = &mistakes["mistakes"][0];
@@ -505,10 +507,35 @@ async fn mistakes_and_images_are_corrected_into_a_copy_of_the_dataset() {
     assert!(said.contains("does not exist") && said.contains("(not_found)"), "{said}");
     assert!(c.current_url().await.unwrap().as_str().ends_with(&copy), "the page stays");
 
+    assert_ne!(removed, "");
+
+    // On the dataset's own page, the picture filed under both classes is settled as red.
+    assert_eq!(dataset["duplicates"]["across_classes"], 1, "{dataset}");
+    c.goto(&server.url(&format!("/ui/datasets/{source}"))).await.unwrap();
+    element(&c, "#duplicates select.edit option[value='label:red']").await.click().await.unwrap();
+    let page = wait_text(&c, "#main", 10, |t| t.contains("Repeated files")).await;
+    assert!(!page.contains("null") && c.find_all(Locator::Css("#dataset-source")).await.unwrap().is_empty(), "an upload names no source: {page}");
+    wait_text(&c, "#edit-count", 10, |t| t == "1 image to correct").await;
+    screenshot(&c, "console-dataset-corrections.png").await;
+    element(&c, "#edit-save").await.click().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let url = loop {
+        let url = c.current_url().await.unwrap().to_string();
+        if !url.ends_with(&source) {
+            break url;
+        }
+        assert!(Instant::now() < deadline, "the copy's page did not open");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let settled = url.strip_prefix(&server.url("/ui/datasets/")).unwrap_or_else(|| panic!("{url}"));
+    assert!(!settled.contains('?'), "no job to run again: {url}");
+    let settled = server.get_json(&format!("/datasets/{settled}")).await;
+    assert_eq!(settled["duplicates"]["across_classes"], 0, "{settled}");
+    assert_eq!(settled["source"]["relabelled"], 1, "{settled}");
+
     // The source dataset is as it was uploaded.
     let now = server.get_json(&format!("/datasets/{source}")).await;
     assert_eq!(now, dataset);
-    assert_ne!(removed, "");
     c.close().await.unwrap();
 }
 

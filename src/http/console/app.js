@@ -59,7 +59,7 @@ function deleteButton(question, path, label) {
 
 function render(title, ...content) {
   document.title = `${title} · vitforge`;
-  main.replaceChildren(h("h1", {}, title), ...content);
+  main.replaceChildren(h("h1", {}, title), ...content.filter((c) => c !== null && c !== undefined));
 }
 
 /** A table from rows of cells (a cell: text, a node, or {v, num: true}). */
@@ -287,8 +287,9 @@ function groupThumbs(datasetId, files, alike) {
   return h("div", { class: "strip" }, shown.map((f) => apiImage(`/datasets/${datasetId}/images/${f.blob}/thumbnail`, f.file)));
 }
 
-// A dataset's section on repeated files, or with `alike` on pictures that look alike.
-function repeatsSection(datasetId, dup, alike) {
+// A dataset's section on repeated files, or with `alike` on pictures that look alike; with `fix`
+// (corrections), a choice to relabel or remove each picture.
+function repeatsSection(datasetId, dup, alike, fix = null) {
   if (!dup) return h("p", { class: "muted", id: "look-alikes" }, "Not checked yet: an earlier version stored this dataset, and the service compares its pictures in the background after an upgrade. Reload in a moment.");
   if (!dup.copies) return h("p", { class: "muted" }, alike ? "No two different files look alike." : "No image is repeated.");
   return h(
@@ -304,7 +305,7 @@ function repeatsSection(datasetId, dup, alike) {
     table(
       [alike ? "Files" : "Images", alike ? "#Images" : "#Copies", "Classes", "Splits"],
       dup.groups.map((g) => [
-        [groupThumbs(datasetId, g.files, alike), h("span", { class: "mono" }, g.files.map((f, i) => [i ? h("br") : null, f.file]))],
+        [groupThumbs(datasetId, g.files, alike), h("span", { class: "mono" }, g.files.map((f, i) => [i ? h("br") : null, f.file])), fix ? groupControls(fix, g.files, alike) : null],
         { v: g.count, num: true },
         g.classes.join(", "),
         g.splits.join(", "),
@@ -327,11 +328,13 @@ function corrections(datasetId, classes, fromJob = null) {
   const name = h("input", { type: "text", id: "edit-name", "aria-label": "Name of the copy", placeholder: "name of the copy (default: this one's, with \"(copy)\")" });
   const save = h("button", { class: "primary", id: "edit-save", onclick: saveCopy }, "Save as a new dataset");
   const failure = h("div", { "aria-live": "polite" });
-  const bar = h("div", { class: "card", id: "edit-bar" }, h("p", { class: "row" }, count, name, save), failure);
+  // Shown, at the foot of the window, once there is something to save.
+  const bar = h("div", { class: "card", id: "edit-bar", hidden: true }, h("p", { class: "row" }, count, name, save), failure);
   function update() {
     const n = edits.size;
-    count.textContent = n ? `${n} image${n === 1 ? "" : "s"} to correct` : "Relabel or remove images below, then save the corrections as a new dataset.";
+    count.textContent = `${n} image${n === 1 ? "" : "s"} to correct`;
     save.disabled = n === 0;
+    bar.hidden = n === 0;
   }
   async function saveCopy() {
     failure.replaceChildren();
@@ -351,12 +354,12 @@ function corrections(datasetId, classes, fromJob = null) {
       update();
     }
   }
-  /** The select of one image, showing its pending edit. */
+  /** The select of one image (of one label, or `null` for files under several), showing its pending edit. */
   function control(blob, label) {
     const select = h(
       "select",
-      { class: "edit", "aria-label": `Correct ${label} image`, "data-blob": blob },
-      h("option", { value: "" }, `keep as ${label}`),
+      { class: "edit", "aria-label": label === null ? "Correct a picture filed under several classes" : `Correct ${label} image`, "data-blob": blob },
+      h("option", { value: "" }, label === null ? "keep as filed" : `keep as ${label}`),
       classes.filter((c) => c !== label).map((c) => h("option", { value: `label:${c}` }, `relabel as ${c}`)),
       h("option", { value: "remove" }, "remove"),
     );
@@ -377,6 +380,16 @@ function sourceNote(source) {
   if (!source) return null;
   const changes = [["relabelled", source.relabelled], ["removed", source.removed], ["moved to another split", source.moved]].filter(([, n]) => n).map(([what, n]) => `${n} ${what}`);
   return h("p", { id: "dataset-source" }, "A corrected copy of dataset ", h("a", { href: `/ui/datasets/${source.dataset_id}` }, short(source.dataset_id)), `: ${changes.length ? changes.join(", ") : "no image changed"}.`);
+}
+
+// The choices of a group's pictures: one per file of pictures that look alike, one for the
+// files of a repeated file (one picture, whose files change together).
+function groupControls(fix, files, alike) {
+  const named = files.filter((f) => f.blob);
+  if (!named.length) return null;
+  if (alike) return h("div", { class: "strip" }, named.map((f) => fix.control(f.blob, f.label)));
+  const labels = [...new Set(named.map((f) => f.label))];
+  return h("div", {}, fix.control(named[0].blob, labels.length === 1 ? labels[0] : null));
 }
 
 async function dataset(id) {
@@ -420,9 +433,10 @@ async function dataset(id) {
     sourceNote(d.source),
     h("section", {}, h("h2", {}, `${d.num_images} images in ${d.classes.length} classes`), counts),
     h("section", {}, h("h2", {}, "Rejected files"), rejected),
-    h("section", {}, h("h2", {}, "Repeated files"), repeatsSection(id, d.duplicates, false)),
-    h("section", { id: "look-alikes-section" }, h("h2", {}, "Pictures that look alike"), repeatsSection(id, d.look_alikes, true)),
-    h("section", {}, h("h2", {}, "Images"), h("p", { class: "row" }, split, cls), fix.bar, grid, pager),
+    h("section", {}, h("h2", {}, "Repeated files"), repeatsSection(id, d.duplicates, false, fix)),
+    h("section", { id: "look-alikes-section" }, h("h2", {}, "Pictures that look alike"), repeatsSection(id, d.look_alikes, true, fix)),
+    h("section", {}, h("h2", {}, "Images"), h("p", { class: "row" }, split, cls), grid, pager),
+    fix.bar,
   );
   await page();
 }
@@ -618,7 +632,7 @@ async function job(id) {
       const figure = (x) => h("figure", { class: "thumb" }, apiImage(`/datasets/${m.dataset_id}/images/${x.blob}/thumbnail`, x.file), h("figcaption", {}, `true: ${x.label}`, h("br"), h("span", { class: "wrong" }, `predicted: ${x.predicted} (${pct(x.score)})`), fix ? [h("br"), fix.control(x.blob, x.label)] : null));
       mistakes.replaceChildren(
         ...(m.mistakes.length
-          ? [fix ? fix.bar : null, h("div", { class: "grid", id: "mistakes" }, m.mistakes.map(figure))].filter(Boolean)
+          ? [h("div", { class: "grid", id: "mistakes" }, m.mistakes.map(figure))]
           : [h("p", { class: "muted" }, `No validation image was misclassified at epoch ${m.epoch}.`)]),
       );
     } catch (e) {
@@ -630,7 +644,10 @@ async function job(id) {
   const j = await drawHead();
   const dataset = await get(`/datasets/${j.dataset_id}`).catch(() => null);
   classes = dataset ? dataset.classes : null;
-  if (dataset) fix = corrections(dataset.id, dataset.classes, id);
+  if (dataset) {
+    fix = corrections(dataset.id, dataset.classes, id);
+    main.append(fix.bar);
+  }
   // Repeated files, and pictures that look alike, under two classes or in two splits.
   const worrying = (dup) => dup && (dup.across_classes || dup.across_splits);
   const reports = dataset ? [dataset.duplicates, dataset.look_alikes].filter(worrying) : [];
