@@ -434,9 +434,11 @@ async fn mistakes_and_images_are_corrected_into_a_copy_of_the_dataset() {
         members.push(file(&format!("validation/blue/r{i}.png"), colour([190, 30, 30], 500 + i)));
         members.push(file(&format!("validation/red/b{i}.png"), colour([30, 40, 190], 600 + i)));
     }
-    // And one red picture filed under both classes.
-    members.push(file("train/red/twice.png", colour([190, 30, 30], 700)));
-    members.push(file("train/blue/twice.png", colour([190, 30, 30], 700)));
+    // And one red picture filed under both classes, and the same pixels as a BMP (a look-alike).
+    let twice = colour([190, 30, 30], 700);
+    members.push(file("train/red/twice.png", twice.clone()));
+    members.push(file("train/blue/twice.png", twice.clone()));
+    members.push(file("train/red/twice.bmp", encoded(&image::load_from_memory(&twice).unwrap().to_rgb8(), ImageFormat::Bmp)));
     let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(zip(&members)).file_name("colours.zip"));
     let dataset: serde_json::Value = server.client.post(server.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
     let source = dataset["id"].as_str().unwrap().to_string();
@@ -513,6 +515,11 @@ async fn mistakes_and_images_are_corrected_into_a_copy_of_the_dataset() {
     assert_eq!(dataset["duplicates"]["across_classes"], 1, "{dataset}");
     c.goto(&server.url(&format!("/ui/datasets/{source}"))).await.unwrap();
     element(&c, "#duplicates select.edit option[value='label:red']").await.click().await.unwrap();
+    // The same picture's choice among the look-alikes (one per distinct file) follows.
+    assert_eq!(c.find_all(Locator::Css("#look-alikes select.edit")).await.unwrap().len(), 2);
+    let png = vitforge::dataset::BlobStore::hash(&twice);
+    let beside = element(&c, &format!("#look-alikes select.edit[data-blob='{png}']")).await;
+    assert_eq!(beside.prop("value").await.unwrap().as_deref(), Some("label:red"));
     let page = wait_text(&c, "#main", 10, |t| t.contains("Repeated files")).await;
     assert!(!page.contains("null") && c.find_all(Locator::Css("#dataset-source")).await.unwrap().is_empty(), "an upload names no source: {page}");
     wait_text(&c, "#edit-count", 10, |t| t == "1 image to correct").await;

@@ -305,7 +305,7 @@ function repeatsSection(datasetId, dup, alike, fix = null) {
     table(
       [alike ? "Files" : "Images", alike ? "#Images" : "#Copies", "Classes", "Splits"],
       dup.groups.map((g) => [
-        [groupThumbs(datasetId, g.files, alike), h("span", { class: "mono" }, g.files.map((f, i) => [i ? h("br") : null, f.file])), fix ? groupControls(fix, g.files, alike) : null],
+        [groupThumbs(datasetId, g.files, alike), h("span", { class: "mono" }, g.files.map((f, i) => [i ? h("br") : null, f.file])), fix ? groupControls(fix, g.files) : null],
         { v: g.count, num: true },
         g.classes.join(", "),
         g.splits.join(", "),
@@ -324,6 +324,8 @@ function repeatsSection(datasetId, dup, alike, fix = null) {
  */
 function corrections(datasetId, classes, fromJob = null) {
   const edits = new Map();
+  // The selects shown for each blob (a picture can be in the grid and in a group at once).
+  const shown = new Map();
   const count = h("span", { class: "muted", id: "edit-count" });
   const name = h("input", { type: "text", id: "edit-name", "aria-label": "Name of the copy", placeholder: "name of the copy (default: this one's, with \"(copy)\")" });
   const save = h("button", { class: "primary", id: "edit-save", onclick: saveCopy }, "Save as a new dataset");
@@ -367,8 +369,11 @@ function corrections(datasetId, classes, fromJob = null) {
     select.addEventListener("change", () => {
       if (select.value) edits.set(blob, select.value);
       else edits.delete(blob);
+      for (const other of shown.get(blob)) if (other !== select) other.value = select.value;
       update();
     });
+    // Those of pages drawn before are let go.
+    shown.set(blob, [...(shown.get(blob) ?? []).filter((s) => s.isConnected), select]);
     return select;
   }
   update();
@@ -382,14 +387,13 @@ function sourceNote(source) {
   return h("p", { id: "dataset-source" }, "A corrected copy of dataset ", h("a", { href: `/ui/datasets/${source.dataset_id}` }, short(source.dataset_id)), `: ${changes.length ? changes.join(", ") : "no image changed"}.`);
 }
 
-// The choices of a group's pictures: one per file of pictures that look alike, one for the
-// files of a repeated file (one picture, whose files change together).
-function groupControls(fix, files, alike) {
-  const named = files.filter((f) => f.blob);
-  if (!named.length) return null;
-  if (alike) return h("div", { class: "strip" }, named.map((f) => fix.control(f.blob, f.label)));
-  const labels = [...new Set(named.map((f) => f.label))];
-  return h("div", {}, fix.control(named[0].blob, labels.length === 1 ? labels[0] : null));
+// The choices of a group's pictures: one per distinct file (a file repeated under several names
+// is one picture, whose files change together).
+function groupControls(fix, files) {
+  const labels = new Map();
+  for (const f of files.filter((f) => f.blob)) labels.set(f.blob, new Set([...(labels.get(f.blob) ?? []), f.label]));
+  if (!labels.size) return null;
+  return h("div", { class: "strip" }, [...labels].map(([blob, of]) => fix.control(blob, of.size === 1 ? [...of][0] : null)));
 }
 
 async function dataset(id) {
