@@ -523,6 +523,11 @@ async fn mistakes_and_images_are_corrected_into_a_copy_of_the_dataset() {
     let page = wait_text(&c, "#main", 10, |t| t.contains("Repeated files")).await;
     assert!(!page.contains("null") && c.find_all(Locator::Css("#dataset-source")).await.unwrap().is_empty(), "an upload names no source: {page}");
     wait_text(&c, "#edit-count", 10, |t| t == "1 image to correct").await;
+    // And a training image moves to the test split (an image offers the splits it is not in).
+    let first = element(&c, "#thumbs select.edit").await;
+    assert!(first.find(Locator::Css("option[value='move:train']")).await.is_err(), "it is in train already");
+    first.find(Locator::Css("option[value='move:test']")).await.unwrap().click().await.unwrap();
+    wait_text(&c, "#edit-count", 10, |t| t == "2 images to correct").await;
     screenshot(&c, "console-dataset-corrections.png").await;
     element(&c, "#edit-save").await.click().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -538,7 +543,8 @@ async fn mistakes_and_images_are_corrected_into_a_copy_of_the_dataset() {
     assert!(!settled.contains('?'), "no job to run again: {url}");
     let settled = server.get_json(&format!("/datasets/{settled}")).await;
     assert_eq!(settled["duplicates"]["across_classes"], 0, "{settled}");
-    assert_eq!(settled["source"]["relabelled"], 1, "{settled}");
+    assert_eq!((settled["source"]["relabelled"].as_u64(), settled["source"]["moved"].as_u64()), (Some(1), Some(1)), "{settled}");
+    assert_eq!(settled["counts"]["test"]["red"], 1, "{settled}");
 
     // The source dataset is as it was uploaded.
     let now = server.get_json(&format!("/datasets/{source}")).await;

@@ -27,6 +27,7 @@ const pct = (v) => (v === null || v === undefined ? "–" : `${(v * 100).toFixed
 const num = (v, d = 3) => (v === null || v === undefined ? "–" : Number(v).toFixed(d));
 const when = (t) => (t ? new Date(t).toLocaleString() : "–");
 const short = (id) => id.slice(-8);
+const SPLITS = ["train", "validation", "test"];
 const status = (s) => h("span", { class: `status ${s}` }, s);
 
 function errorBox(e) {
@@ -342,8 +343,10 @@ function corrections(datasetId, classes, fromJob = null) {
     failure.replaceChildren();
     const body = { relabel: {}, remove: [] };
     for (const [blob, edit] of edits) {
-      if (edit === "remove") body.remove.push(blob);
-      else body.relabel[blob] = edit.slice("label:".length);
+      const [kind, value] = edit.split(/:(.*)/s);
+      if (kind === "remove") body.remove.push(blob);
+      else if (kind === "move") (body.move ??= {})[blob] = value;
+      else body.relabel[blob] = value;
     }
     if (name.value.trim()) body.name = name.value.trim();
     save.disabled = true;
@@ -356,13 +359,17 @@ function corrections(datasetId, classes, fromJob = null) {
       update();
     }
   }
-  /** The select of one image (of one label, or `null` for files under several), showing its pending edit. */
-  function control(blob, label) {
+  /**
+   * The select of one image (of one label and split, or `null` for files under several, or a
+   * split not known), showing its pending edit.
+   */
+  function control(blob, label, split = null) {
     const select = h(
       "select",
       { class: "edit", "aria-label": label === null ? "Correct a picture filed under several classes" : `Correct ${label} image`, "data-blob": blob },
       h("option", { value: "" }, label === null ? "keep as filed" : `keep as ${label}`),
       classes.filter((c) => c !== label).map((c) => h("option", { value: `label:${c}` }, `relabel as ${c}`)),
+      SPLITS.filter((s) => s !== split).map((s) => h("option", { value: `move:${s}` }, `move to ${s}`)),
       h("option", { value: "remove" }, "remove"),
     );
     select.value = edits.get(blob) ?? "";
@@ -391,9 +398,14 @@ function sourceNote(source) {
 // is one picture, whose files change together).
 function groupControls(fix, files) {
   const labels = new Map();
-  for (const f of files.filter((f) => f.blob)) labels.set(f.blob, new Set([...(labels.get(f.blob) ?? []), f.label]));
+  const splits = new Map();
+  for (const f of files.filter((f) => f.blob)) {
+    labels.set(f.blob, new Set([...(labels.get(f.blob) ?? []), f.label]));
+    splits.set(f.blob, new Set([...(splits.get(f.blob) ?? []), f.split]));
+  }
   if (!labels.size) return null;
-  return h("div", { class: "strip" }, [...labels].map(([blob, of]) => fix.control(blob, of.size === 1 ? [...of][0] : null)));
+  const one = (set) => (set.size === 1 ? [...set][0] : null);
+  return h("div", { class: "strip" }, [...labels].map(([blob, of]) => fix.control(blob, one(of), one(splits.get(blob)))));
 }
 
 async function dataset(id) {
@@ -402,7 +414,7 @@ async function dataset(id) {
   // Made from a job's mistakes (?job=<id>): that job, again, on this dataset.
   const fromJob = new URLSearchParams(location.search).get("job");
   const again = fromJob ? h("a", { href: `/ui/new?from=${encodeURIComponent(fromJob)}&dataset=${id}`, id: "dataset-again" }, `Run job ${short(fromJob)} again on it`) : null;
-  const splits = ["train", "validation", "test"];
+  const splits = SPLITS;
   const counts = table(
     ["Class", ...splits.map((s) => "#" + s)],
     d.classes.map((c) => [c, ...splits.map((s) => ({ v: d.counts[s][c] ?? 0, num: true }))]),
@@ -421,7 +433,7 @@ async function dataset(id) {
     if (split.value) q.set("split", split.value);
     if (cls.value) q.set("class", cls.value);
     const p = await get(`/datasets/${id}/images?${q}`);
-    grid.replaceChildren(...p.images.map((im) => h("figure", { class: "thumb" }, apiImage(im.thumbnail, im.file), h("figcaption", {}, `${im.label} · ${im.split}`, h("br"), h("span", { class: "muted" }, im.file), h("br"), fix.control(im.blob, im.label)))));
+    grid.replaceChildren(...p.images.map((im) => h("figure", { class: "thumb" }, apiImage(im.thumbnail, im.file), h("figcaption", {}, `${im.label} · ${im.split}`, h("br"), h("span", { class: "muted" }, im.file), h("br"), fix.control(im.blob, im.label, im.split)))));
     pager.replaceChildren(
       h("button", { disabled: offset === 0, onclick: () => ((offset = Math.max(0, offset - limit)), page()) }, "Previous"),
       h("span", { class: "muted" }, p.total ? `${offset + 1}–${Math.min(offset + limit, p.total)} of ${p.total}` : "no image"),
