@@ -289,7 +289,7 @@ function groupThumbs(datasetId, files, alike) {
 }
 
 // A dataset's section on repeated files, or with `alike` on pictures that look alike; with `fix`
-// (corrections), a choice to relabel or remove each picture.
+// (corrections), a choice for each picture.
 function repeatsSection(datasetId, dup, alike, fix = null) {
   if (!dup) return h("p", { class: "muted", id: "look-alikes" }, "Not checked yet: an earlier version stored this dataset, and the service compares its pictures in the background after an upgrade. Reload in a moment.");
   if (!dup.copies) return h("p", { class: "muted" }, alike ? "No two different files look alike." : "No image is repeated.");
@@ -316,11 +316,11 @@ function repeatsSection(datasetId, dup, alike, fix = null) {
   );
 }
 
-// ---- Corrections: a copy of a dataset with images relabelled or removed -------------------
+// ---- Corrections: a copy of a dataset with images relabelled, moved or removed -------------
 
 /**
  * Edits to a dataset's images, by blob, kept while its pages are redrawn: a select per image
- * (keep, relabel as another class, remove) and a bar that saves them as a corrected copy (the
+ * (keep, relabel as another class, move to another split, remove) and a bar that saves them as a corrected copy (the
  * dataset itself never changes: its jobs and models keep reading it as it was).
  */
 function corrections(datasetId, classes, fromJob = null) {
@@ -397,15 +397,11 @@ function sourceNote(source) {
 // The choices of a group's pictures: one per distinct file (a file repeated under several names
 // is one picture, whose files change together).
 function groupControls(fix, files) {
-  const labels = new Map();
-  const splits = new Map();
-  for (const f of files.filter((f) => f.blob)) {
-    labels.set(f.blob, new Set([...(labels.get(f.blob) ?? []), f.label]));
-    splits.set(f.blob, new Set([...(splits.get(f.blob) ?? []), f.split]));
-  }
-  if (!labels.size) return null;
-  const one = (set) => (set.size === 1 ? [...set][0] : null);
-  return h("div", { class: "strip" }, [...labels].map(([blob, of]) => fix.control(blob, one(of), one(splits.get(blob)))));
+  const byBlob = Map.groupBy(files.filter((f) => f.blob), (f) => f.blob);
+  if (!byBlob.size) return null;
+  // The value all of a picture's files share, else null.
+  const one = (values) => (new Set(values).size === 1 ? values[0] : null);
+  return h("div", { class: "strip" }, [...byBlob].map(([blob, of]) => fix.control(blob, one(of.map((f) => f.label)), one(of.map((f) => f.split)))));
 }
 
 async function dataset(id) {
@@ -414,15 +410,14 @@ async function dataset(id) {
   // Made from a job's mistakes (?job=<id>): that job, again, on this dataset.
   const fromJob = new URLSearchParams(location.search).get("job");
   const again = fromJob ? h("a", { href: `/ui/new?from=${encodeURIComponent(fromJob)}&dataset=${id}`, id: "dataset-again" }, `Run job ${short(fromJob)} again on it`) : null;
-  const splits = SPLITS;
   const counts = table(
-    ["Class", ...splits.map((s) => "#" + s)],
-    d.classes.map((c) => [c, ...splits.map((s) => ({ v: d.counts[s][c] ?? 0, num: true }))]),
+    ["Class", ...SPLITS.map((s) => "#" + s)],
+    d.classes.map((c) => [c, ...SPLITS.map((s) => ({ v: d.counts[s][c] ?? 0, num: true }))]),
   );
   const rejected = d.rejected_total
     ? h("details", {}, h("summary", {}, `${d.rejected_total} files rejected`), table(["File", "Why"], d.rejected.map((r) => [h("span", { class: "mono" }, r.file), r.reason])))
     : h("p", { class: "muted" }, "No file was rejected.");
-  const split = h("select", { id: "split", "aria-label": "Split" }, h("option", { value: "" }, "all splits"), splits.map((s) => h("option", { value: s }, s)));
+  const split = h("select", { id: "split", "aria-label": "Split" }, h("option", { value: "" }, "all splits"), SPLITS.map((s) => h("option", { value: s }, s)));
   const cls = h("select", { id: "class", "aria-label": "Class" }, h("option", { value: "" }, "all classes"), d.classes.map((c) => h("option", { value: c }, c)));
   const grid = h("div", { class: "grid", id: "thumbs" });
   const pager = h("p", { class: "row" });
@@ -647,9 +642,9 @@ async function job(id) {
       const m = await get(`/jobs/${id}/mistakes`);
       const figure = (x) => h("figure", { class: "thumb" }, apiImage(`/datasets/${m.dataset_id}/images/${x.blob}/thumbnail`, x.file), h("figcaption", {}, `true: ${x.label}`, h("br"), h("span", { class: "wrong" }, `predicted: ${x.predicted} (${pct(x.score)})`), fix ? [h("br"), fix.control(x.blob, x.label)] : null));
       mistakes.replaceChildren(
-        ...(m.mistakes.length
-          ? [h("div", { class: "grid", id: "mistakes" }, m.mistakes.map(figure))]
-          : [h("p", { class: "muted" }, `No validation image was misclassified at epoch ${m.epoch}.`)]),
+        m.mistakes.length
+          ? h("div", { class: "grid", id: "mistakes" }, m.mistakes.map(figure))
+          : h("p", { class: "muted" }, `No validation image was misclassified at epoch ${m.epoch}.`),
       );
     } catch (e) {
       mistakes.replaceChildren(h("p", { class: "muted" }, e.code === "not_validated" ? "No epoch has been validated yet." : e.message));
