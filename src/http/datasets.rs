@@ -180,9 +180,8 @@ async fn create(
     let slot = state.ingest_slots.clone().acquire_owned().await.context("ingest slots closed")?;
     // Held until the rows are committed, so blob collection cannot remove a blob this upload
     // reuses; shared with the ingest thread, which may outlive this future by an entry.
-    // Processes of several roles share the blobs: the lock across processes is held as well.
-    let across = if shared_blobs(&state) { crate::db::blob_lock(&state.db, false, true).await? } else { None };
-    let uploading = Arc::new(state.blob_lock.clone().read_owned().await);
+    let (across, uploading) = blobs_held(&state).await?;
+    let uploading = Arc::new(uploading);
     let (store, written) = state.objects.blobs().recording();
     let mut added = AddedBlobs { state: state.clone(), written: written.clone(), armed: true };
     let stored = async {
@@ -248,6 +247,15 @@ impl Drop for AddedBlobs {
             remove_added_blobs(&state, &written).await;
         });
     }
+}
+
+/// The blob lock held shared, by a request about to reference blobs (an upload, a copy), so that
+/// collection cannot remove them until its rows are committed: where processes of several roles
+/// share the blobs, the lock across processes first (its holders wait on the database, not on
+/// this process), then this process's.
+async fn blobs_held(state: &AppState) -> Result<(Option<crate::db::SessionLock>, tokio::sync::OwnedRwLockReadGuard<()>), AppError> {
+    let across = if shared_blobs(state) { crate::db::blob_lock(&state.db, false, true).await? } else { None };
+    Ok((across, state.blob_lock.clone().read_owned().await))
 }
 
 /// Whether other processes share this one's blobs (every role but `all`, which is alone).
@@ -316,8 +324,7 @@ async fn copy(State(state): State<AppState>, ApiPath(id): ApiPath<String>, ApiJs
     // The copy's rows reference the source's blobs: held, as an upload holds it, from reading
     // the source's rows until the copy's are committed, so that deleting the source meanwhile
     // cannot have those blobs collected under the copy.
-    let across = if shared_blobs(&state) { crate::db::blob_lock(&state.db, false, true).await? } else { None };
-    let reading = state.blob_lock.clone().read_owned().await;
+    let (across, reading) = blobs_held(&state).await?;
     let source = queries::get(&state.db, &id).await?.ok_or_else(|| AppError::not_found("dataset", &id))?;
     let images: Vec<_> = queries::images(&state.db, &id).await?.into_iter().map(|row| row.into_record()).collect();
     if images.is_empty() {
