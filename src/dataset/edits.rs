@@ -1,5 +1,6 @@
-//! Corrected copies of a dataset: its images with some relabelled, removed or moved to another
-//! split, stored as a new dataset beside the old one.
+//! Corrected and extended copies of a dataset: its images with some relabelled, removed or moved
+//! to another split, or with the images of an upload added, stored as a new dataset beside the
+//! old one.
 //!
 //! A dataset is never changed in place: jobs and models name the dataset they were trained on,
 //! and what they report (its counts, its validation images, the mistakes of a job) must stay
@@ -10,12 +11,12 @@
 //! one picture was uploaded under several names (its files share a blob), an edit changes all of
 //! them: relabelling such a picture is how a copy under two contradicting classes is resolved.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
 use super::layout::{shown, unfit_class_name};
-use super::{ImageRecord, Ingested, Split};
+use super::{ImageRecord, Ingested, MAX_REJECTED_LISTED, Rejected, Split};
 
 /// Changes to a dataset's images, each image named by its blob.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -28,7 +29,8 @@ pub struct Edits {
     pub moves: BTreeMap<String, Split>,
 }
 
-/// Where a copy came from and how many of its files changed, as its dataset's record keeps it.
+/// Where a copy came from and how many of its files changed or were added, as its dataset's
+/// record keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Source {
     /// The dataset it is a copy of (which may since have been deleted).
@@ -39,6 +41,10 @@ pub struct Source {
     pub removed: u64,
     /// Files moved to another split.
     pub moved: u64,
+    /// Files added from an upload ([`extend`]); absent from the records of copies made before
+    /// images could be added.
+    #[serde(default)]
+    pub added: u64,
 }
 
 /// Why a copy cannot be made: each names the problem, and nothing is stored.
@@ -59,6 +65,9 @@ pub enum EditError {
     /// One class left.
     #[error("the copy would have a single class ('{0}'); a classifier needs at least 2")]
     TooFewClasses(String),
+    /// An upload to add whose every image the dataset already has.
+    #[error("every image of the upload ({0} file(s)) is already in the dataset under the same class; nothing would be added")]
+    NothingNew(u64),
 }
 
 /// The images of a copy of `images` (a dataset's, in upload order) with `edits` applied, in the
@@ -67,7 +76,7 @@ pub enum EditError {
 /// whose images were relabelled or removed is gone), at least two.
 pub fn apply(images: Vec<ImageRecord>, edits: &Edits, dataset_id: &str) -> Result<(Ingested, Source), EditError> {
     check(&images, edits)?;
-    let mut source = Source { dataset_id: dataset_id.to_string(), relabelled: 0, removed: 0, moved: 0 };
+    let mut source = Source { dataset_id: dataset_id.to_string(), relabelled: 0, removed: 0, moved: 0, added: 0 };
     let mut kept = Vec::with_capacity(images.len());
     for mut image in images {
         if edits.remove.contains(&image.blob) {
@@ -84,14 +93,57 @@ pub fn apply(images: Vec<ImageRecord>, edits: &Edits, dataset_id: &str) -> Resul
         }
         kept.push(image);
     }
-    let classes: BTreeSet<&str> = kept.iter().map(|i| i.label.as_str()).collect();
+    Ok((with_classes(kept, Vec::new(), 0)?, source))
+}
+
+/// The images of `images` (a dataset's, in upload order) followed by those of `added` (an upload
+/// to add to it), and how many files were added. A file of the upload that the dataset already
+/// has under the same class is not added again, whatever its split (the same picture in two
+/// splits would leak held-out images into training; moving one is a copy's edit): it is listed
+/// among the copy's rejected files, which are the upload's, naming the dataset's file. One under
+/// another class is added, and reported as a file under two classes. The copy's classes are
+/// those of both; a new class name in the upload makes a new class.
+pub fn extend(images: Vec<ImageRecord>, added: Ingested, dataset_id: &str) -> Result<(Ingested, Source), EditError> {
+    let mut rejected = added.rejected;
+    let mut rejected_total = added.rejected_total;
+    let mut new = Vec::with_capacity(added.images.len());
+    {
+        let mut have: HashMap<(&str, &str), &ImageRecord> = HashMap::with_capacity(images.len());
+        for image in &images {
+            have.entry((&image.blob, &image.label)).or_insert(image);
+        }
+        for image in added.images {
+            match have.get(&(image.blob.as_str(), image.label.as_str())) {
+                Some(had) => {
+                    rejected_total += 1;
+                    if rejected.len() < MAX_REJECTED_LISTED {
+                        let reason = format!("already in the dataset as '{}' (class '{}', split {})", shown(&had.file), shown(&had.label), had.split);
+                        rejected.push(Rejected { file: image.file, reason });
+                    }
+                }
+                None => new.push(image),
+            }
+        }
+    }
+    if new.is_empty() {
+        return Err(EditError::NothingNew(rejected_total - added.rejected_total));
+    }
+    let source = Source { dataset_id: dataset_id.to_string(), relabelled: 0, removed: 0, moved: 0, added: new.len() as u64 };
+    let mut all = images;
+    all.extend(new);
+    Ok((with_classes(all, rejected, rejected_total)?, source))
+}
+
+/// A copy of `images` and `rejected` files, its classes the labels its images have: at least two.
+fn with_classes(images: Vec<ImageRecord>, rejected: Vec<Rejected>, rejected_total: u64) -> Result<Ingested, EditError> {
+    let classes: BTreeSet<&str> = images.iter().map(|i| i.label.as_str()).collect();
     match classes.len() {
         0 => return Err(EditError::NoImages),
         1 => return Err(EditError::TooFewClasses(shown(classes.first().expect("one class")))),
         _ => {}
     }
     let classes = classes.into_iter().map(str::to_string).collect();
-    Ok((Ingested { images: kept, rejected: Vec::new(), rejected_total: 0, classes }, source))
+    Ok(Ingested { images, rejected, rejected_total, classes })
 }
 
 /// Refuses edits that name an image the dataset lacks, remove an image they also change, or give
@@ -167,7 +219,7 @@ mod tests {
         );
         assert_eq!(copy.classes, ["bird", "cat", "dog"], "a new label is a new class");
         // b's dog file and d kept their label: only real changes count.
-        assert_eq!(source, Source { dataset_id: "src".into(), relabelled: 2, removed: 1, moved: 2 });
+        assert_eq!(source, Source { dataset_id: "src".into(), relabelled: 2, removed: 1, moved: 2, added: 0 });
         assert_eq!((copy.rejected.len(), copy.rejected_total), (0, 0));
         assert_eq!(copy.counts().train, BTreeMap::from([("bird".into(), 0), ("cat".into(), 1), ("dog".into(), 2)]));
     }
@@ -182,6 +234,54 @@ mod tests {
         let edits = Edits { relabel: relabel(&[("a", "kitten"), ("b", "kitten"), ("c", "kitten")]), ..Edits::default() };
         let (copy, _) = apply(images(), &edits, "src").unwrap();
         assert_eq!(copy.classes, ["dog", "kitten"]);
+    }
+
+    fn upload(images: Vec<ImageRecord>, rejected: &[&str]) -> Ingested {
+        let classes = images.iter().map(|i| i.label.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+        let rejected: Vec<Rejected> = rejected.iter().map(|f| Rejected { file: f.to_string(), reason: "not an image".into() }).collect();
+        Ingested { rejected_total: rejected.len() as u64, images, rejected, classes }
+    }
+
+    #[test]
+    fn an_extension_adds_what_the_dataset_lacks_after_its_images() {
+        let added = upload(
+            vec![
+                image("f", "cat/f.jpg", "cat", Split::Train),
+                // The dataset has a as a training cat and c as a validation cat: not added again,
+                // in any split.
+                image("a", "cat/a-again.jpg", "cat", Split::Train),
+                image("c", "train/cat/c.jpg", "cat", Split::Train),
+                // c under another class: added (and reported as a file under two classes).
+                image("c", "bird/c.jpg", "bird", Split::Train),
+            ],
+            &["notes.txt"],
+        );
+        let (copy, source) = extend(images(), added, "src").unwrap();
+        let blobs: Vec<(&str, &str)> = copy.images.iter().map(|i| (i.blob.as_str(), i.file.as_str())).collect();
+        assert_eq!(blobs[..6], images().iter().map(|i| (i.blob.as_str(), i.file.as_str())).collect::<Vec<_>>()[..], "the dataset's images first, in order");
+        assert_eq!(blobs[6..], [("f", "cat/f.jpg"), ("c", "bird/c.jpg")]);
+        assert_eq!(copy.classes, ["bird", "cat", "dog"]);
+        assert_eq!(source, Source { dataset_id: "src".into(), relabelled: 0, removed: 0, moved: 0, added: 2 });
+        assert_eq!(copy.rejected_total, 3);
+        let rejected: Vec<(&str, &str)> = copy.rejected.iter().map(|r| (r.file.as_str(), r.reason.as_str())).collect();
+        assert_eq!(
+            rejected,
+            [
+                ("notes.txt", "not an image"),
+                ("cat/a-again.jpg", "already in the dataset as 'cat/a.jpg' (class 'cat', split train)"),
+                ("train/cat/c.jpg", "already in the dataset as 'cat/c.jpg' (class 'cat', split validation)"),
+            ]
+        );
+
+        // Nothing new is refused, saying how many files were there already.
+        let again = upload(vec![image("a", "x.jpg", "cat", Split::Train), image("e", "y.jpg", "dog", Split::Test)], &["z.txt"]);
+        assert_eq!(extend(images(), again, "src").unwrap_err(), EditError::NothingNew(2));
+    }
+
+    #[test]
+    fn a_source_stored_before_additions_reads_as_none_added() {
+        let old: Source = serde_json::from_str(r#"{"dataset_id":"d","relabelled":1,"removed":2,"moved":3}"#).unwrap();
+        assert_eq!(old, Source { dataset_id: "d".into(), relabelled: 1, removed: 2, moved: 3, added: 0 });
     }
 
     #[test]

@@ -329,8 +329,35 @@ pub fn ingest_cancellable(
     cancel: &AtomicBool,
     memory: &Arc<MemoryBudget>,
 ) -> Result<Ingested, IngestError> {
+    ingest_checked(source, store, limits, on_entry, cancel, memory, 2)
+}
+
+/// [`ingest_cancellable`] for images to be added to a dataset, which has classes of its own: an
+/// upload of a single class is accepted (more pictures of one class is the usual addition).
+pub fn ingest_addition_cancellable(
+    source: &Path,
+    store: &BlobStore,
+    limits: &IngestLimits,
+    on_entry: &mut dyn FnMut(u64),
+    cancel: &AtomicBool,
+    memory: &Arc<MemoryBudget>,
+) -> Result<Ingested, IngestError> {
+    ingest_checked(source, store, limits, on_entry, cancel, memory, 1)
+}
+
+/// The ingest, refusing an upload with fewer than `classes_needed` classes.
+fn ingest_checked(
+    source: &Path,
+    store: &BlobStore,
+    limits: &IngestLimits,
+    on_entry: &mut dyn FnMut(u64),
+    cancel: &AtomicBool,
+    memory: &Arc<MemoryBudget>,
+    classes_needed: usize,
+) -> Result<Ingested, IngestError> {
     let mut sink = Sink::new(store, limits, on_entry, cancel);
     sink.memory = memory.clone();
+    sink.classes_needed = classes_needed;
     // Archive and Parquet readers are not hardened against every malformed input; a panic inside
     // one is the upload's fault, so it is answered as a damaged file, not a crashed request.
     let declared_classes = match catch_unwind(AssertUnwindSafe(|| read_source(source, &mut sink))) {
@@ -393,6 +420,8 @@ struct Sink<'a> {
     images: Vec<ImageRecord>,
     rejected: Vec<Rejected>,
     rejected_total: u64,
+    /// Fewest classes the upload must have.
+    classes_needed: usize,
 }
 
 impl<'a> Sink<'a> {
@@ -413,6 +442,7 @@ impl<'a> Sink<'a> {
             images: Vec::new(),
             rejected: Vec::new(),
             rejected_total: 0,
+            classes_needed: 2,
         }
     }
 
@@ -544,7 +574,7 @@ impl<'a> Sink<'a> {
         }
         let mut classes = declared;
         classes.extend(self.images.iter().map(|i| i.label.clone()));
-        if classes.len() < 2 {
+        if classes.len() < self.classes_needed {
             return Err(IngestError::TooFewClasses { classes: classes.into_iter().collect() });
         }
         let used: BTreeSet<&str> = self.images.iter().map(|i| i.label.as_str()).collect();
@@ -654,7 +684,7 @@ mod tests {
     }
 
     #[test]
-    fn finish_refuses_single_class_and_empty_class() {
+    fn finish_refuses_single_class_unless_adding_and_empty_class() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
         let limits = IngestLimits::default();
@@ -665,6 +695,11 @@ mod tests {
         sink.images.push(record("cat", Split::Train));
         let err = sink.finish(BTreeSet::new()).unwrap_err();
         assert!(matches!(err, IngestError::TooFewClasses { ref classes } if classes == &["cat"]), "{err:?}");
+        // Images added to a dataset may be of one class (the dataset has the others).
+        let mut sink = Sink::new(&store, &limits, &mut progress, &cancel);
+        sink.classes_needed = 1;
+        sink.images.push(record("cat", Split::Train));
+        assert_eq!(sink.finish(BTreeSet::new()).unwrap().classes, ["cat"]);
 
         let mut sink = Sink::new(&store, &limits, &mut progress, &cancel);
         sink.images.push(record("cat", Split::Train));

@@ -1,8 +1,9 @@
-//! `/datasets`: upload, list, inspect and delete labelled image sets.
+//! `/datasets`: upload, list, inspect, copy, extend and delete labelled image sets.
 //!
 //! An upload is streamed to `<data-dir>/tmp/` chunk by chunk (never held in memory), ingested on a
 //! blocking thread, and stored in one transaction.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,8 +22,8 @@ use super::{AppState, Route};
 use super::error::AppError;
 use super::inflight::BodyUse;
 use crate::cancel::CancelOnDrop;
-use crate::dataset::edits::{EditError, Edits};
-use crate::dataset::{self, BlobStore, Ingested, Reports, Split};
+use crate::dataset::edits::{EditError, Edits, Source};
+use crate::dataset::{self, BlobStore, ImageRecord, Ingested, Reports, Split};
 use crate::db::datasets::{self as queries, Dataset, Deleted};
 
 /// Longest dataset name, in characters.
@@ -41,6 +42,7 @@ pub fn routes() -> Vec<Route> {
         Route::get("/datasets/{id}/images", images).with_query(),
         Route::get("/datasets/{id}/images/{blob}/thumbnail", thumbnail),
         Route::post("/datasets/{id}/copy", copy),
+        Route::post("/datasets/{id}/extend", extend).without_body_limit().without_timeout().body(BodyUse::Streamed),
     ]
 }
 
@@ -177,37 +179,85 @@ async fn create(
 ) -> Result<(StatusCode, Json<Dataset>), AppError> {
     refuse_declared_oversize(&headers, state.config.max_upload_bytes)?;
     let upload = receive(&state, multipart?).await?;
+    let name = upload.name.or_else(|| upload.file_name.as_deref().and_then(name_from_file_name)).unwrap_or_else(|| "dataset".into());
+    let dataset = store_upload(&state, upload.file, Making::Dataset { name }).await?;
+    tracing::info!(id = %dataset.id, images = dataset.num_images, rejected = dataset.rejected_total, "dataset stored");
+    Ok((StatusCode::CREATED, Json(dataset)))
+}
+
+/// `POST /datasets/{id}/extend`: multipart `file` and optional `name`, as for `POST /datasets`;
+/// 201 and a new dataset, the images of dataset `id` followed by those of the upload that it
+/// lacks ([`dataset::edits::extend`]). The upload may be of a single class; dataset `id` stays
+/// as it is.
+async fn extend(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<(StatusCode, Json<Dataset>), AppError> {
+    refuse_declared_oversize(&headers, state.config.max_upload_bytes)?;
+    // Before the body is read, so an upload to a dataset that is not there is not sent for
+    // nothing (it is read again under the blob lock).
+    queries::get(&state.db, &id).await?.ok_or_else(|| AppError::not_found("dataset", &id))?;
+    let upload = receive(&state, multipart?).await?;
+    let dataset = store_upload(&state, upload.file, Making::Extension { id, name: upload.name }).await?;
+    tracing::info!(id = %dataset.id, images = dataset.num_images, rejected = dataset.rejected_total, "dataset extended");
+    Ok((StatusCode::CREATED, Json(dataset)))
+}
+
+/// What an upload makes: a dataset of its own, or a copy of dataset `id` with its images added.
+enum Making {
+    Dataset { name: String },
+    Extension { id: String, name: Option<String> },
+}
+
+/// Ingests an upload and stores the dataset it makes, removing the blobs it added when it fails.
+async fn store_upload(state: &AppState, file: ScratchFile, making: Making) -> Result<Dataset, AppError> {
     let slot = state.ingest_slots.clone().acquire_owned().await.context("ingest slots closed")?;
     // Held until the rows are committed, so blob collection cannot remove a blob this upload
-    // reuses; shared with the ingest thread, which may outlive this future by an entry.
-    let (across, uploading) = blobs_held(&state).await?;
+    // reuses (nor, for an extension, one of the dataset it copies); shared with the ingest
+    // thread, which may outlive this future by an entry.
+    let (across, uploading) = blobs_held(state).await?;
     let uploading = Arc::new(uploading);
     let (store, written) = state.objects.blobs().recording();
     let mut added = AddedBlobs { state: state.clone(), written: written.clone(), armed: true };
     let stored = async {
-        let (ingested, reports) = ingest(&state, store, upload.file, slot, uploading.clone()).await?;
+        let (name, base) = match making {
+            Making::Dataset { name } => (name, None),
+            Making::Extension { id, name } => {
+                let source = queries::get(&state.db, &id).await?.ok_or_else(|| AppError::not_found("dataset", &id))?;
+                let images: Vec<_> = queries::images(&state.db, &id).await?.into_iter().map(|row| row.into_record()).collect();
+                if images.is_empty() {
+                    // Deleted between the two reads (a stored dataset has images).
+                    return Err(AppError::not_found("dataset", &id));
+                }
+                (name.unwrap_or_else(|| derived_name(&source.name, "extended")), Some((id, images)))
+            }
+        };
+        let made = ingest(state, store, file, slot, uploading.clone(), base).await?;
         // In the object store before the rows that name them.
-        let blobs: std::collections::BTreeSet<String> = ingested.images.iter().map(|i| i.blob.clone()).collect();
-        state.objects.publish_blobs(&blobs.into_iter().collect::<Vec<_>>()).await?;
-        Ok::<_, AppError>(queries::insert(&state.db, &upload.name, &ingested, reports).await?)
+        state.objects.publish_blobs(&made.uploaded_blobs).await?;
+        Ok::<_, AppError>(queries::insert_from(&state.db, &name, &made.dataset, made.reports, made.source).await?)
     }
     .await;
     // Not dropped mid-way: the outcome below keeps the blobs or removes them itself.
     added.armed = false;
     drop(uploading);
     drop(across);
-    match stored {
-        Ok(dataset) => {
-            tracing::info!(id = %dataset.id, images = dataset.num_images, rejected = dataset.rejected_total, "dataset stored");
-            Ok((StatusCode::CREATED, Json(dataset)))
-        }
-        Err(e) => {
-            // A failed upload, a full disk's above all, should not hold its blobs' space until
-            // the next sweep.
-            remove_added_blobs(&state, &written).await;
-            Err(e)
-        }
+    if stored.is_err() {
+        // A failed upload, a full disk's above all, should not hold its blobs' space until the
+        // next sweep.
+        remove_added_blobs(state, &written).await;
     }
+    stored
+}
+
+/// `source`'s name with `(what)` after it, within [`MAX_NAME_CHARS`]: the default name of a
+/// dataset made from another.
+fn derived_name(source: &str, what: &str) -> String {
+    let suffix = format!(" ({what})");
+    let kept: String = source.chars().take(MAX_NAME_CHARS.saturating_sub(suffix.chars().count())).collect();
+    kept + &suffix
 }
 
 /// Removes the blobs an upload added (`written`, by a recording [`BlobStore`]) that no dataset
@@ -331,7 +381,7 @@ async fn copy(State(state): State<AppState>, ApiPath(id): ApiPath<String>, ApiJs
         // Deleted between the two reads (a stored dataset has images).
         return Err(AppError::not_found("dataset", &id));
     }
-    let name = name.unwrap_or_else(|| format!("{} (copy)", source.name.chars().take(MAX_NAME_CHARS - " (copy)".len()).collect::<String>()));
+    let name = name.unwrap_or_else(|| derived_name(&source.name, "copy"));
     // Off the async runtime, in an ingest slot: finding look-alikes grows as the square of the
     // images.
     let slot = state.ingest_slots.clone().acquire_owned().await.context("ingest slots closed")?;
@@ -349,9 +399,11 @@ async fn copy(State(state): State<AppState>, ApiPath(id): ApiPath<String>, ApiJs
     Ok((StatusCode::CREATED, Json(dataset)))
 }
 
-/// A received upload: the dataset's name and the file on disk.
+/// A received upload: the name given for its dataset, the file's name in the request, and the
+/// file on disk.
 struct Upload {
-    name: String,
+    name: Option<String>,
+    file_name: Option<String>,
     file: ScratchFile,
 }
 
@@ -421,8 +473,7 @@ async fn receive(state: &AppState, mut multipart: Multipart) -> Result<Upload, A
     let Some((file, file_name)) = file else {
         return Err(AppError::unprocessable("missing_file", "the multipart body has no 'file' part"));
     };
-    let name = name.or_else(|| file_name.as_deref().and_then(name_from_file_name)).unwrap_or_else(|| "dataset".into());
-    Ok(Upload { name, file })
+    Ok(Upload { name, file_name, file })
 }
 
 /// Streams one part to a scratch file, refusing it once it passes `limit` bytes, and answering
@@ -493,7 +544,17 @@ fn name_from_file_name(file_name: &str) -> Option<String> {
     (!name.is_empty()).then(|| name.to_string())
 }
 
-/// Runs the ingest on a blocking thread: it decodes every image. The ingest slot and the blob
+/// What an ingest made: the dataset to store, its reports and source, and the blobs of the
+/// upload's images (to be published before the rows that name them).
+struct Made {
+    dataset: Ingested,
+    reports: Reports,
+    source: Option<Source>,
+    uploaded_blobs: Vec<String>,
+}
+
+/// Runs the ingest on a blocking thread: it decodes every image. With `base` (a dataset's id and
+/// images), the upload is added to them, and may be of one class. The ingest slot and the blob
 /// lock's read guard travel with it, as does the scratch file, so they are held until it really
 /// ends: when the client goes away this future is dropped at once, and the thread stops at the
 /// next entry.
@@ -503,7 +564,8 @@ async fn ingest(
     upload: ScratchFile,
     slot: tokio::sync::OwnedSemaphorePermit,
     uploading: Arc<tokio::sync::OwnedRwLockReadGuard<()>>,
-) -> Result<(Ingested, Reports), AppError> {
+    base: Option<(String, Vec<ImageRecord>)>,
+) -> Result<Made, AppError> {
     let limits = state.ingest_limits.clone();
     let memory = state.memory.clone();
     let span = tracing::Span::current();
@@ -512,14 +574,23 @@ async fn ingest(
         // The scratch file too: the tar reader opens it by name twice.
         let _held = (slot, uploading);
         span.in_scope(|| {
-            let ingested = dataset::ingest_cancellable(&upload.path, &store, &limits, &mut |_| {}, &cancel, &memory)?;
+            let read = if base.is_some() { dataset::ingest_addition_cancellable } else { dataset::ingest_cancellable };
+            let ingested = read(&upload.path, &store, &limits, &mut |_| {}, &cancel, &memory)?;
+            let uploaded_blobs = ingested.images.iter().map(|i| i.blob.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+            let (dataset, source) = match base {
+                Some((id, images)) => {
+                    let (dataset, source) = dataset::edits::extend(images, ingested, &id)?;
+                    (dataset, Some(source))
+                }
+                None => (ingested, None),
+            };
             // Worked out here, off the async runtime: finding look-alikes grows as the square of
             // the images.
-            let reports = ingested.reports();
-            Ok::<_, dataset::IngestError>((ingested, reports))
+            let reports = dataset.reports();
+            Ok::<_, AppError>(Made { dataset, reports, source, uploaded_blobs })
         })
     });
-    Ok(task.await.context("ingest task failed")??)
+    task.await.context("ingest task failed")?
 }
 
 #[cfg(test)]

@@ -181,6 +181,7 @@ impl From<EditError> for AppError {
             EditError::UnfitLabel { .. } => "invalid_label",
             EditError::NoImages => "no_images",
             EditError::TooFewClasses(_) => "too_few_classes",
+            EditError::NothingNew(_) => "no_new_images",
         };
         Self::unprocessable(code, e.to_string())
     }

@@ -288,5 +288,5 @@ async fn a_malformed_path_parameter_is_400_on_every_route() {
         }
         checked += 1;
     }
-    assert_eq!(checked, 20, "the routes with an {{id}}, the two file routes and the three of an alias's {{name}}");
+    assert_eq!(checked, 21, "the routes with an {{id}}, the two file routes and the three of an alias's {{name}}");
 }

@@ -9,7 +9,7 @@ use crate::fixtures::{self, file};
 use crate::helpers::{TestApp, assert_error, json, spawn_app};
 
 /// cat: 1, 2, 3 (3 in validation); dog: 4, 5 (5 in test); 6 under both cat and dog.
-async fn pets(app: &TestApp) -> (Value, Vec<String>) {
+pub(crate) async fn pets(app: &TestApp) -> (Value, Vec<String>) {
     let images: Vec<Vec<u8>> = (1..=6).map(fixtures::jpeg).collect();
     let members = vec![
         file("train/cat/1.jpg", images[0].clone()),
@@ -30,7 +30,7 @@ fn copy_path(dataset: &Value) -> String {
 }
 
 /// The (file, label, split) of every image of a dataset, in upload order.
-async fn listing(app: &TestApp, id: &str) -> Vec<(String, String, String)> {
+pub(crate) async fn listing(app: &TestApp, id: &str) -> Vec<(String, String, String)> {
     let page = json(app.get(&format!("/datasets/{id}/images?limit=200")).await).await;
     let field = |im: &Value, k: &str| im[k].as_str().unwrap().to_string();
     page["images"].as_array().unwrap().iter().map(|im| (field(im, "file"), field(im, "label"), field(im, "split"))).collect()
@@ -63,7 +63,7 @@ async fn a_copy_relabels_removes_and_moves_images_and_leaves_its_dataset_as_it_w
         copy["counts"],
         json!({"train": {"cat": 4, "dog": 1}, "validation": {"cat": 0, "dog": 0}, "test": {"cat": 0, "dog": 1}})
     );
-    assert_eq!(copy["source"], json!({"dataset_id": id, "relabelled": 2, "removed": 1, "moved": 1}));
+    assert_eq!(copy["source"], json!({"dataset_id": id, "relabelled": 2, "removed": 1, "moved": 1, "added": 0}));
     assert_eq!((copy["rejected"].clone(), copy["rejected_total"].clone()), (json!([]), json!(0)));
     // Its reports are its own: the one file under two classes is now a copy under one.
     assert_eq!(copy["duplicates"]["copies"], 1, "{copy}");
@@ -96,7 +96,7 @@ async fn a_copy_relabels_removes_and_moves_images_and_leaves_its_dataset_as_it_w
     let plain = json(app.post_json(&copy_path(&source), &json!({})).await).await;
     assert_eq!(plain["name"], "pets (copy)");
     assert_eq!(plain["counts"], source["counts"]);
-    assert_eq!(plain["source"], json!({"dataset_id": id, "relabelled": 0, "removed": 0, "moved": 0}));
+    assert_eq!(plain["source"], json!({"dataset_id": id, "relabelled": 0, "removed": 0, "moved": 0, "added": 0}));
     assert_eq!(app.blobs().len(), 6, "a copy stores no image again");
 
     // A job trains on the copy like on any dataset.

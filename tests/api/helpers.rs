@@ -90,11 +90,16 @@ impl TestApp {
 
     /// Uploads `bytes` as the multipart `file` part named `file_name`, with an optional `name` part.
     pub async fn post_dataset(&self, file_name: &str, bytes: Vec<u8>, name: Option<&str>) -> Response {
+        self.post_upload("/datasets", file_name, bytes, name).await
+    }
+
+    /// A multipart upload of `bytes` as the `file` part, and `name`, to `path`.
+    pub async fn post_upload(&self, path: &str, file_name: &str, bytes: Vec<u8>, name: Option<&str>) -> Response {
         let mut form = Form::new().part("file", Part::bytes(bytes).file_name(file_name.to_string()));
         if let Some(name) = name {
             form = form.text("name", name.to_string());
         }
-        self.client.post(self.url("/datasets")).multipart(form).send().await.expect("request")
+        self.client.post(self.url(path)).multipart(form).send().await.expect("request")
     }
 
     /// The names of the files in the blob store.

@@ -9,6 +9,7 @@ mod console;
 mod copies;
 mod crash;
 mod datasets;
+mod extensions;
 mod fixtures;
 mod health;
 mod hostile;
