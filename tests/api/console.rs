@@ -108,6 +108,19 @@ async fn wait_url(c: &Client, part: &str, secs: u64) -> String {
     }
 }
 
+/// The page's URL once it no longer ends with `old` (another page opened).
+async fn wait_url_leaves(c: &Client, old: &str, secs: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let url = c.current_url().await.unwrap().to_string();
+        if !url.ends_with(old) {
+            return url;
+        }
+        assert!(Instant::now() < deadline, "waited {secs} s for a page other than {url}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A Chrome DevTools Protocol command, sent through chromedriver (`goog/cdp/execute`).
 #[derive(Debug)]
 struct Cdp(serde_json::Value);
@@ -530,15 +543,7 @@ async fn mistakes_and_images_are_corrected_into_a_copy_of_the_dataset() {
     wait_text(&c, "#edit-count", 10, |t| t == "2 images to correct").await;
     screenshot(&c, "console-dataset-corrections.png").await;
     element(&c, "#edit-save").await.click().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let url = loop {
-        let url = c.current_url().await.unwrap().to_string();
-        if !url.ends_with(&source) {
-            break url;
-        }
-        assert!(Instant::now() < deadline, "the copy's page did not open");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let url = wait_url_leaves(&c, &source, 20).await;
     let settled = url.strip_prefix(&server.url("/ui/datasets/")).unwrap_or_else(|| panic!("{url}"));
     assert!(!settled.contains('?'), "no job to run again: {url}");
     let settled = server.get_json(&format!("/datasets/{settled}")).await;
@@ -549,6 +554,60 @@ async fn mistakes_and_images_are_corrected_into_a_copy_of_the_dataset() {
     // The source dataset is as it was uploaded.
     let now = server.get_json(&format!("/datasets/{source}")).await;
     assert_eq!(now, dataset);
+    c.close().await.unwrap();
+}
+
+/// A dataset's page adds more images, from a folder of one class or an archive, as a new
+/// dataset; a refused upload says why and the page stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn more_images_are_added_to_a_copy_of_a_dataset_from_its_page() {
+    let Some(driver) = chromedriver() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let server = server_with_tiny(tmp.path());
+    let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(zip(&red_and_blue(3))).file_name("colours.zip"));
+    let dataset: serde_json::Value = server.client.post(server.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
+    let source = dataset["id"].as_str().unwrap().to_string();
+    // A folder of more reds: one new, one the dataset has.
+    let folder = tmp.path().join("more");
+    std::fs::create_dir_all(folder.join("red")).unwrap();
+    std::fs::write(folder.join("red/new.png"), colour([200, 25, 25], 40)).unwrap();
+    std::fs::write(folder.join("red/0.png"), colour([190, 30, 30], 0)).unwrap();
+    let c = browser(&driver, &tmp.path().join("profile")).await;
+
+    c.goto(&server.url(&format!("/ui/datasets/{source}"))).await.unwrap();
+    let placeholder = element(&c, "#extend #dataset-name").await.attr("placeholder").await.unwrap().unwrap();
+    assert_eq!(placeholder, "name (default: colours.zip (extended))");
+    element(&c, "#extend #dataset-folder").await.send_keys(&folder.to_string_lossy()).await.unwrap();
+    let url = wait_url_leaves(&c, &source, 30).await;
+    let more = url.rsplit('/').next().unwrap().to_string();
+    wait_text(&c, "h2", 10, |t| t.contains("7 images in 2 classes")).await;
+    let note = wait_text(&c, "#dataset-source", 10, |t| !t.is_empty()).await;
+    assert_eq!(note, format!("An extended copy of dataset {}: 1 added.", &source[source.len() - 8..]));
+    let rejected = wait_text(&c, "#main details", 10, |t| !t.is_empty()).await;
+    assert!(rejected.contains("1 files rejected"), "{rejected}");
+    let stored = server.get_json(&format!("/datasets/{more}")).await;
+    assert_eq!(stored["name"], "colours.zip (extended)", "the service's default, not the folder's name");
+    assert_eq!(stored["rejected"][0]["file"], "more/red/0.png", "{stored}");
+    assert!(stored["rejected"][0]["reason"].as_str().unwrap().starts_with("already in the dataset as 'red/0.png'"), "{stored}");
+
+    // A file that is no archive is refused on the page, which stays.
+    let junk = tmp.path().join("notes.zip");
+    std::fs::write(&junk, b"not an archive").unwrap();
+    element(&c, "#extend #dataset-file").await.send_keys(&junk.to_string_lossy()).await.unwrap();
+    let said = wait_text(&c, "#extend p.error", 20, |t| !t.is_empty()).await;
+    assert!(said.contains("(unsupported_format)"), "{said}");
+    assert!(c.current_url().await.unwrap().as_str().ends_with(&more), "the page stays");
+
+    // An archive of a new class, under a typed name.
+    let greens = tmp.path().join("greens.zip");
+    std::fs::write(&greens, zip(&[file("green/0.png", colour([30, 180, 40], 300)), file("green/1.png", colour([30, 180, 40], 301))])).unwrap();
+    element(&c, "#extend #dataset-name").await.send_keys("with greens").await.unwrap();
+    element(&c, "#extend #dataset-file").await.send_keys(&greens.to_string_lossy()).await.unwrap();
+    wait_url_leaves(&c, &more, 30).await;
+    wait_text(&c, "h1", 10, |t| t == "with greens").await;
+    wait_text(&c, "h2", 10, |t| t.contains("9 images in 3 classes")).await;
+    screenshot(&c, "console-extended.png").await;
+    assert_eq!(server.get_json(&format!("/datasets/{source}")).await, dataset, "the dataset is as it was uploaded");
     c.close().await.unwrap();
 }
 

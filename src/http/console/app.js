@@ -104,16 +104,20 @@ function apiImage(path, alt) {
 
 // ---- Overview ------------------------------------------------------------------------------
 
-function uploadZone(onDone) {
+// Uploads a dataset, or with `base` (a dataset) images to add to a copy of it.
+function uploadZone(onDone, base = null) {
   const input = h("input", { type: "file", id: "dataset-file", accept: ".zip,.tar,.gz,.tgz,.parquet" });
   const folder = h("input", { type: "file", id: "dataset-folder", webkitdirectory: true, multiple: true });
-  const name = h("input", { type: "text", id: "dataset-name", placeholder: "name (default: the file's or folder's)" });
+  const placeholder = base ? `name (default: ${base.name} (extended))` : "name (default: the file's or folder's)";
+  const name = h("input", { type: "text", id: "dataset-name", placeholder });
   const bar = h("progress", { max: 1, value: 0, hidden: true });
   const note = h("p", { class: "muted", "aria-live": "polite" });
   const zone = h(
     "div",
     { class: "drop", id: "drop" },
-    "Drop a folder of class folders (cat/…, dog/…), or a zip, tar(.gz) or Parquet file of labelled images here, or pick a file: ",
+    base
+      ? "Drop a folder of class folders (one class is enough), or a zip, tar(.gz) or Parquet file of more labelled images here, or pick a file: "
+      : "Drop a folder of class folders (cat/…, dog/…), or a zip, tar(.gz) or Parquet file of labelled images here, or pick a file: ",
     input,
     " or a folder: ",
     folder,
@@ -134,20 +138,23 @@ function uploadZone(onDone) {
     }
     send(new File([archive], `${top}.tar`, { type: "application/x-tar" }), top);
   }
-  // `fallback`: the dataset's name when none is typed (else the service names it after the file).
+  // `fallback`: a new dataset's name when none is typed (else the service names it after the
+  // file; an extension after its dataset).
   async function send(file, fallback) {
     const form = new FormData();
     form.append("file", file);
-    const chosen = name.value.trim() || fallback;
+    const chosen = name.value.trim() || (base ? "" : fallback);
     if (chosen) form.append("name", chosen);
     bar.hidden = false;
     note.textContent = `uploading ${file.name}…`;
     try {
-      const ds = await upload("/datasets", form, (share) => {
+      const ds = await upload(base ? `/datasets/${base.id}/extend` : "/datasets", form, (share) => {
         bar.value = share;
         note.textContent = share < 1 ? `uploading ${file.name}: ${(share * 100).toFixed(0)}%` : "checking every image…";
       });
-      note.textContent = `stored ${ds.num_images} images in ${ds.classes.length} classes (${ds.rejected_total} files rejected)`;
+      note.textContent = base
+        ? `added ${ds.source.added} images (${ds.rejected_total} files rejected)`
+        : `stored ${ds.num_images} images in ${ds.classes.length} classes (${ds.rejected_total} files rejected)`;
       onDone(ds);
     } catch (e) {
       note.replaceChildren(errorBox(e));
@@ -387,11 +394,12 @@ function corrections(datasetId, classes, fromJob = null) {
   return { bar, control };
 }
 
-// What a copy was made from, and what changed.
+// What a copy was made from, and what changed or was added.
 function sourceNote(source) {
   if (!source) return null;
-  const changes = [["relabelled", source.relabelled], ["removed", source.removed], ["moved to another split", source.moved]].filter(([, n]) => n).map(([what, n]) => `${n} ${what}`);
-  return h("p", { id: "dataset-source" }, "A corrected copy of dataset ", h("a", { href: `/ui/datasets/${source.dataset_id}` }, short(source.dataset_id)), `: ${changes.length ? changes.join(", ") : "no image changed"}.`);
+  const changes = [["relabelled", source.relabelled], ["removed", source.removed], ["moved to another split", source.moved], ["added", source.added]].filter(([, n]) => n).map(([what, n]) => `${n} ${what}`);
+  const what = source.added ? "An extended copy" : "A corrected copy";
+  return h("p", { id: "dataset-source" }, `${what} of dataset `, h("a", { href: `/ui/datasets/${source.dataset_id}` }, short(source.dataset_id)), `: ${changes.length ? changes.join(", ") : "no image changed"}.`);
 }
 
 // The choices of a group's pictures: one per distinct file (a file repeated under several names
@@ -447,6 +455,13 @@ async function dataset(id) {
     h("section", {}, h("h2", {}, "Repeated files"), repeatsSection(id, d.duplicates, false, fix)),
     h("section", { id: "look-alikes-section" }, h("h2", {}, "Pictures that look alike"), repeatsSection(id, d.look_alikes, true, fix)),
     h("section", {}, h("h2", {}, "Images"), h("p", { class: "row" }, split, cls), grid, pager),
+    h(
+      "section",
+      { id: "extend" },
+      h("h2", {}, "Add images"),
+      h("p", { class: "muted" }, "Makes a new dataset: this one's images and the new ones (those it already has are not added twice). This dataset stays as it is."),
+      uploadZone((ds) => (location.href = `/ui/datasets/${ds.id}`), d),
+    ),
     fix.bar,
   );
   await page();
