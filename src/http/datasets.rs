@@ -225,12 +225,7 @@ async fn store_upload(state: &AppState, file: ScratchFile, making: Making) -> Re
         let (name, base) = match making {
             Making::Dataset { name } => (name, None),
             Making::Extension { id, name } => {
-                let source = queries::get(&state.db, &id).await?.ok_or_else(|| AppError::not_found("dataset", &id))?;
-                let images: Vec<_> = queries::images(&state.db, &id).await?.into_iter().map(|row| row.into_record()).collect();
-                if images.is_empty() {
-                    // Deleted between the two reads (a stored dataset has images).
-                    return Err(AppError::not_found("dataset", &id));
-                }
+                let (source, images) = source_images(state, &id).await?;
                 (name.unwrap_or_else(|| derived_name(&source.name, "extended")), Some((id, images)))
             }
         };
@@ -250,6 +245,18 @@ async fn store_upload(state: &AppState, file: ScratchFile, making: Making) -> Re
         remove_added_blobs(state, &written).await;
     }
     stored
+}
+
+/// Dataset `id` and its images in upload order, for a copy made from it (read under the blob
+/// lock, so that they stay until the copy's rows are committed).
+async fn source_images(state: &AppState, id: &str) -> Result<(Dataset, Vec<ImageRecord>), AppError> {
+    let source = queries::get(&state.db, id).await?.ok_or_else(|| AppError::not_found("dataset", id))?;
+    let images: Vec<_> = queries::images(&state.db, id).await?.into_iter().map(|row| row.into_record()).collect();
+    if images.is_empty() {
+        // Deleted between the two reads (a stored dataset has images).
+        return Err(AppError::not_found("dataset", id));
+    }
+    Ok((source, images))
 }
 
 /// `source`'s name with `(what)` after it, within [`MAX_NAME_CHARS`]: the default name of a
@@ -375,12 +382,7 @@ async fn copy(State(state): State<AppState>, ApiPath(id): ApiPath<String>, ApiJs
     // the source's rows until the copy's are committed, so that deleting the source meanwhile
     // cannot have those blobs collected under the copy.
     let (across, reading) = blobs_held(&state).await?;
-    let source = queries::get(&state.db, &id).await?.ok_or_else(|| AppError::not_found("dataset", &id))?;
-    let images: Vec<_> = queries::images(&state.db, &id).await?.into_iter().map(|row| row.into_record()).collect();
-    if images.is_empty() {
-        // Deleted between the two reads (a stored dataset has images).
-        return Err(AppError::not_found("dataset", &id));
-    }
+    let (source, images) = source_images(&state, &id).await?;
     let name = name.unwrap_or_else(|| derived_name(&source.name, "copy"));
     // Off the async runtime, in an ingest slot: finding look-alikes grows as the square of the
     // images.
