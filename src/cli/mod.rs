@@ -23,7 +23,7 @@ use serde_json::json;
 
 use crate::config::ServeConfig;
 use crate::budget::MemoryBudget;
-use crate::dataset::{BlobStore, Duplicates, IngestError, IngestLimits, Split, ingest_cancellable};
+use crate::dataset::{BlobStore, Duplicates, IngestError, IngestLimits, Purpose, Split, ingest_cancellable};
 use crate::model::classifier::{ClassifyError, Classifier};
 use crate::model::{LoadedModel, ModelSource, PrecisionChoice, VitConfig};
 use crate::telemetry::LogFormat;
@@ -334,7 +334,7 @@ fn import(data: &Path, store: &BlobStore, cancel: &AtomicBool) -> anyhow::Result
         anyhow::bail!("--data {}: no such file or folder", data.display());
     }
     let pb = bar(0, "{spinner} importing {pos} files ({per_sec}) {elapsed}");
-    let imported = ingest_cancellable(data, store, &IngestLimits::default(), &mut |n| pb.set_position(n), cancel, &MemoryBudget::unlimited());
+    let imported = ingest_cancellable(data, store, &IngestLimits::default(), &mut |n| pb.set_position(n), cancel, &MemoryBudget::unlimited(), Purpose::Dataset);
     pb.finish_and_clear();
     let ingested = match imported {
         Err(IngestError::Cancelled) => {

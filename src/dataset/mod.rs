@@ -311,16 +311,26 @@ pub fn ingest(
     limits: &IngestLimits,
     on_entry: &mut dyn FnMut(u64),
 ) -> Result<Ingested, IngestError> {
-    ingest_cancellable(source, store, limits, on_entry, &AtomicBool::new(false), &MemoryBudget::unlimited())
+    ingest_cancellable(source, store, limits, on_entry, &AtomicBool::new(false), &MemoryBudget::unlimited(), Purpose::Dataset)
 }
 
 /// How long an entry waits for its bytes (or an image for its decode) when the memory budget is
 /// spent, before the upload is refused with [`IngestError::OverBudget`].
 pub const MEMORY_WAIT: Duration = Duration::from_secs(30);
 
-/// [`ingest`], stopping with [`IngestError::Cancelled`] at the next entry once `cancel` is set
-/// (the service sets it when the uploading client disconnects), with the bytes of each entry
-/// read and each image decoded reserved from `memory` while they are held.
+/// What an upload is for, which decides how few classes it may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// A dataset of its own: at least two classes.
+    Dataset,
+    /// Images to add to a dataset, which has classes of its own: one class is enough (more
+    /// pictures of one class is the usual addition).
+    Addition,
+}
+
+/// [`ingest`], for `purpose`, stopping with [`IngestError::Cancelled`] at the next entry once
+/// `cancel` is set (the service sets it when the uploading client disconnects), with the bytes
+/// of each entry read and each image decoded reserved from `memory` while they are held.
 pub fn ingest_cancellable(
     source: &Path,
     store: &BlobStore,
@@ -328,36 +338,14 @@ pub fn ingest_cancellable(
     on_entry: &mut dyn FnMut(u64),
     cancel: &AtomicBool,
     memory: &Arc<MemoryBudget>,
-) -> Result<Ingested, IngestError> {
-    ingest_checked(source, store, limits, on_entry, cancel, memory, 2)
-}
-
-/// [`ingest_cancellable`] for images to be added to a dataset, which has classes of its own: an
-/// upload of a single class is accepted (more pictures of one class is the usual addition).
-pub fn ingest_addition_cancellable(
-    source: &Path,
-    store: &BlobStore,
-    limits: &IngestLimits,
-    on_entry: &mut dyn FnMut(u64),
-    cancel: &AtomicBool,
-    memory: &Arc<MemoryBudget>,
-) -> Result<Ingested, IngestError> {
-    ingest_checked(source, store, limits, on_entry, cancel, memory, 1)
-}
-
-/// The ingest, refusing an upload with fewer than `classes_needed` classes.
-fn ingest_checked(
-    source: &Path,
-    store: &BlobStore,
-    limits: &IngestLimits,
-    on_entry: &mut dyn FnMut(u64),
-    cancel: &AtomicBool,
-    memory: &Arc<MemoryBudget>,
-    classes_needed: usize,
+    purpose: Purpose,
 ) -> Result<Ingested, IngestError> {
     let mut sink = Sink::new(store, limits, on_entry, cancel);
     sink.memory = memory.clone();
-    sink.classes_needed = classes_needed;
+    sink.classes_needed = match purpose {
+        Purpose::Dataset => 2,
+        Purpose::Addition => 1,
+    };
     // Archive and Parquet readers are not hardened against every malformed input; a panic inside
     // one is the upload's fault, so it is answered as a damaged file, not a crashed request.
     let declared_classes = match catch_unwind(AssertUnwindSafe(|| read_source(source, &mut sink))) {

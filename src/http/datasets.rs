@@ -576,8 +576,8 @@ async fn ingest(
         // The scratch file too: the tar reader opens it by name twice.
         let _held = (slot, uploading);
         span.in_scope(|| {
-            let read = if base.is_some() { dataset::ingest_addition_cancellable } else { dataset::ingest_cancellable };
-            let ingested = read(&upload.path, &store, &limits, &mut |_| {}, &cancel, &memory)?;
+            let purpose = if base.is_some() { dataset::Purpose::Addition } else { dataset::Purpose::Dataset };
+            let ingested = dataset::ingest_cancellable(&upload.path, &store, &limits, &mut |_| {}, &cancel, &memory, purpose)?;
             let uploaded_blobs = ingested.images.iter().map(|i| i.blob.clone()).collect::<BTreeSet<_>>().into_iter().collect();
             let (dataset, source) = match base {
                 Some((id, images)) => {

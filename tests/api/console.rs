@@ -171,6 +171,14 @@ fn server_with_tiny(root: &Path) -> crate::support::ChildServer {
     Launch::new(&data).start()
 }
 
+/// Uploads `members` zipped as `file_name`: the dataset.
+async fn uploaded(server: &crate::support::ChildServer, members: &[Member], file_name: &str) -> serde_json::Value {
+    let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(zip(members)).file_name(file_name.to_string()));
+    let resp = server.client.post(server.url("/datasets")).multipart(form).send().await.unwrap();
+    assert_eq!(resp.status(), 201);
+    resp.json().await.unwrap()
+}
+
 /// `n` reddish and `n` bluish PNGs in class folders `red` and `blue`.
 fn red_and_blue(n: u64) -> Vec<Member> {
     (0..n).flat_map(|i| [file(&format!("red/{i}.png"), colour([190, 30, 30], i)), file(&format!("blue/{i}.png"), colour([30, 40, 190], 100 + i))]).collect()
@@ -281,8 +289,7 @@ async fn a_person_uploads_trains_watches_and_predicts_in_the_console() {
         .collect();
     // One file under both classes: the job page warns of it.
     members.push(file("9/stray.png", colour([190, 30, 30], 200)));
-    let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(zip(&members)).file_name("numbers.zip"));
-    let dataset: serde_json::Value = server.client.post(server.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
+    let dataset = uploaded(&server, &members, "numbers.zip").await;
     assert_eq!(dataset["classes"], json!(["10", "9"]), "{dataset}");
     let body = json!({"dataset_id": dataset["id"], "base_model": "tiny", "params": {"epochs": 1, "batch_size": 4, "label_smoothing": 0.1}});
     let job: serde_json::Value = server.client.post(server.url("/jobs")).json(&body).send().await.unwrap().json().await.unwrap();
@@ -452,8 +459,7 @@ async fn mistakes_and_images_are_corrected_into_a_copy_of_the_dataset() {
     members.push(file("train/red/twice.png", twice.clone()));
     members.push(file("train/blue/twice.png", twice.clone()));
     members.push(file("train/red/twice.bmp", encoded(&image::load_from_memory(&twice).unwrap().to_rgb8(), ImageFormat::Bmp)));
-    let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(zip(&members)).file_name("colours.zip"));
-    let dataset: serde_json::Value = server.client.post(server.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
+    let dataset = uploaded(&server, &members, "colours.zip").await;
     let source = dataset["id"].as_str().unwrap().to_string();
     let (job, _) = trained(&server, &json!({"dataset_id": source, "base_model": "tiny", "params": {"epochs": 2, "batch_size": 4, "learning_rate": 0.002}})).await;
     let c = browser(&driver, &tmp.path().join("profile")).await;
@@ -564,8 +570,7 @@ async fn more_images_are_added_to_a_copy_of_a_dataset_from_its_page() {
     let Some(driver) = chromedriver() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let server = server_with_tiny(tmp.path());
-    let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(zip(&red_and_blue(3))).file_name("colours.zip"));
-    let dataset: serde_json::Value = server.client.post(server.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
+    let dataset = uploaded(&server, &red_and_blue(3), "colours.zip").await;
     let source = dataset["id"].as_str().unwrap().to_string();
     // A folder of more reds: one new, one the dataset has.
     let folder = tmp.path().join("more");
@@ -618,8 +623,7 @@ async fn aliases_are_set_on_a_model_s_page_and_offered_for_predictions() {
     let Some(driver) = chromedriver() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let server = server_with_tiny(tmp.path());
-    let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(zip(&red_and_blue(4))).file_name("colours.zip"));
-    let dataset: serde_json::Value = server.client.post(server.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
+    let dataset = uploaded(&server, &red_and_blue(4), "colours.zip").await;
     let (_, model) = trained(&server, &json!({"dataset_id": dataset["id"], "base_model": "tiny", "params": {"epochs": 1, "batch_size": 2}})).await;
     let c = browser(&driver, &tmp.path().join("profile")).await;
     c.goto(&server.url(&format!("/ui/models/{model}"))).await.unwrap();
@@ -656,8 +660,7 @@ async fn refused_downloads_and_cancels_say_why_on_the_page() {
     let tmp = tempfile::tempdir().unwrap();
     let server = server_with_tiny(tmp.path());
     let members = red_and_blue(6);
-    let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(zip(&members)).file_name("colours.zip"));
-    let dataset: serde_json::Value = server.client.post(server.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
+    let dataset = uploaded(&server, &members, "colours.zip").await;
     let submit = |epochs: u32| json!({"dataset_id": dataset["id"], "base_model": "tiny", "params": {"epochs": epochs, "batch_size": 2}});
     // Two models: the only one may not be deleted.
     let (finished, model) = trained(&server, &submit(1)).await;
@@ -704,8 +707,7 @@ async fn the_job_page_follows_its_job_across_a_restart_of_the_service() {
     install_base_model(&data, "slow", &crate::support::slow_config(), &["a", "b"]);
     let server = Launch::new(&data).start();
     let port: u16 = server.base.rsplit(':').next().unwrap().parse().unwrap();
-    let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(zip(&red_and_blue(12))).file_name("colours.zip"));
-    let dataset: serde_json::Value = server.client.post(server.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
+    let dataset = uploaded(&server, &red_and_blue(12), "colours.zip").await;
     let body = json!({"dataset_id": dataset["id"], "base_model": "slow", "recipe": "manual", "params": {"epochs": 400, "batch_size": 2}});
     let job = server.post_json("/jobs", &body).await;
     let id = job["id"].as_str().unwrap().to_string();
@@ -816,8 +818,7 @@ async fn the_overview_shows_the_newest_rows_and_more_on_request() {
 
     // A job whose model is older than the 25 models shown still shows its model's F1 (the page
     // asks for that model).
-    let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(zip(&red_and_blue(6))).file_name("six.zip"));
-    let six: serde_json::Value = server.client.post(server.url("/datasets")).multipart(form).send().await.unwrap().json().await.unwrap();
+    let six = uploaded(&server, &red_and_blue(6), "six.zip").await;
     let body = json!({"dataset_id": six["id"], "base_model": "tiny", "params": {"epochs": 1, "batch_size": 2}});
     let trained = server.post_json("/jobs", &body).await["id"].as_str().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(60);
