@@ -324,7 +324,8 @@ pub enum Purpose {
     /// A dataset of its own: at least two classes.
     Dataset,
     /// Images to add to a dataset, which has classes of its own: one class is enough (more
-    /// pictures of one class is the usual addition).
+    /// pictures of one class is the usual addition), and only the classes it has files of need
+    /// a usable image.
     Addition,
 }
 
@@ -342,10 +343,7 @@ pub fn ingest_cancellable(
 ) -> Result<Ingested, IngestError> {
     let mut sink = Sink::new(store, limits, on_entry, cancel);
     sink.memory = memory.clone();
-    sink.classes_needed = match purpose {
-        Purpose::Dataset => 2,
-        Purpose::Addition => 1,
-    };
+    sink.purpose = purpose;
     // Archive and Parquet readers are not hardened against every malformed input; a panic inside
     // one is the upload's fault, so it is answered as a damaged file, not a crashed request.
     let declared_classes = match catch_unwind(AssertUnwindSafe(|| read_source(source, &mut sink))) {
@@ -408,8 +406,10 @@ struct Sink<'a> {
     images: Vec<ImageRecord>,
     rejected: Vec<Rejected>,
     rejected_total: u64,
-    /// Fewest classes the upload must have.
-    classes_needed: usize,
+    /// What the upload is for.
+    purpose: Purpose,
+    /// The classes of the files that were read as images, usable or not.
+    tried: BTreeSet<String>,
 }
 
 impl<'a> Sink<'a> {
@@ -430,7 +430,8 @@ impl<'a> Sink<'a> {
             images: Vec::new(),
             rejected: Vec::new(),
             rejected_total: 0,
-            classes_needed: 2,
+            purpose: Purpose::Dataset,
+            tried: BTreeSet::new(),
         }
     }
 
@@ -520,6 +521,9 @@ impl<'a> Sink<'a> {
 
     /// Validates one image and stores it, or records why it was rejected.
     fn add(&mut self, file: String, label: String, split: Split, content: Content) -> Result<(), IngestError> {
+        if !self.tried.contains(&label) {
+            self.tried.insert(label.clone());
+        }
         let (bytes, _held) = match content {
             Content::Bytes(bytes, held) => (bytes, held),
             Content::TooBig => {
@@ -552,17 +556,22 @@ impl<'a> Sink<'a> {
     }
 
     /// Checks the dataset as a whole. `declared` are the classes the upload names even where no
-    /// image of theirs survived (class folders, Parquet class names).
-    fn finish(self, declared: BTreeSet<String>) -> Result<Ingested, IngestError> {
+    /// image of theirs survived (class folders, Parquet class names). An addition to a dataset
+    /// is held only to the classes it has files of: a Parquet file's class names list every class
+    /// of the set it was exported from, and an addition may be a part of one.
+    fn finish(mut self, declared: BTreeSet<String>) -> Result<Ingested, IngestError> {
         if self.images.is_empty() {
             return Err(IngestError::NoImages {
                 rejected: usize::try_from(self.rejected_total).unwrap_or(usize::MAX),
                 example: self.rejected.into_iter().next(),
             });
         }
-        let mut classes = declared;
+        let (mut classes, needed) = match self.purpose {
+            Purpose::Dataset => (declared, 2),
+            Purpose::Addition => (std::mem::take(&mut self.tried), 1),
+        };
         classes.extend(self.images.iter().map(|i| i.label.clone()));
-        if classes.len() < self.classes_needed {
+        if classes.len() < needed {
             return Err(IngestError::TooFewClasses { classes: classes.into_iter().collect() });
         }
         let used: BTreeSet<&str> = self.images.iter().map(|i| i.label.as_str()).collect();
@@ -684,10 +693,19 @@ mod tests {
         let err = sink.finish(BTreeSet::new()).unwrap_err();
         assert!(matches!(err, IngestError::TooFewClasses { ref classes } if classes == &["cat"]), "{err:?}");
         // Images added to a dataset may be of one class (the dataset has the others).
+        // And they need not have every class they name (a Parquet file's class names are those
+        // of the whole set), but a class of files that were tried needs a usable image.
         let mut sink = Sink::new(&store, &limits, &mut progress, &cancel);
-        sink.classes_needed = 1;
+        sink.purpose = Purpose::Addition;
         sink.images.push(record("cat", Split::Train));
-        assert_eq!(sink.finish(BTreeSet::new()).unwrap().classes, ["cat"]);
+        sink.tried.insert("cat".into());
+        assert_eq!(sink.finish(BTreeSet::from(["cat".to_string(), "dog".to_string()])).unwrap().classes, ["cat"]);
+        let mut sink = Sink::new(&store, &limits, &mut progress, &cancel);
+        sink.purpose = Purpose::Addition;
+        sink.images.push(record("cat", Split::Train));
+        sink.add("bird/broken.jpg".into(), "bird".into(), Split::Train, Content::Bytes(b"no image".to_vec(), None)).unwrap();
+        let err = sink.finish(BTreeSet::new()).unwrap_err();
+        assert!(matches!(err, IngestError::EmptyClass { ref class } if class == "bird"), "{err:?}");
 
         let mut sink = Sink::new(&store, &limits, &mut progress, &cancel);
         sink.images.push(record("cat", Split::Train));

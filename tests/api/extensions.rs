@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use vitforge::dataset::BlobStore;
 
 use crate::copies::{listing, pets};
-use crate::fixtures::{self, Member, file};
+use crate::fixtures::{self, HfRow, Member, file};
 use crate::helpers::{assert_error, json, spawn_app, spawn_app_with};
 
 fn extend_path(dataset: &Value) -> String {
@@ -92,6 +92,24 @@ async fn an_extension_adds_an_uploads_new_images_to_a_copy_of_the_dataset() {
     assert_eq!(done["status"], "succeeded", "{done}");
     let model = json(app.get(&format!("/models/{}", done["model_id"].as_str().unwrap())).await).await;
     assert_eq!(model["labels"], json!(["bird", "cat", "dog"]), "{model}");
+}
+
+/// A Parquet export of part of a set names every class of the set: an extension needs images of
+/// the classes it has rows of only.
+#[tokio::test]
+async fn a_parquet_extension_may_hold_some_of_the_classes_it_names() {
+    let app = spawn_app().await;
+    let (source, _) = pets(&app).await;
+    let rows: Vec<HfRow> = (20..23).map(|i| HfRow::new(fixtures::jpeg(i), &format!("img_{i}.jpg"), 1)).collect();
+    let bytes = fixtures::hf_parquet(&rows, "label", Some(&["bird", "cat", "dog"]), 2);
+    let resp = app.post_upload(&extend_path(&source), "train-00000-of-00001.parquet", bytes.clone(), None).await;
+    assert_eq!(resp.status(), 201);
+    let more = json(resp).await;
+    assert_eq!(more["classes"], json!(["cat", "dog"]), "no bird: {more}");
+    assert_eq!(more["counts"]["train"], json!({"cat": 6, "dog": 2}));
+    assert_eq!(more["source"]["added"], 3);
+    // As a dataset of its own, the same file is refused: it names a class it has no image of.
+    assert_error(app.post_dataset("train-00000-of-00001.parquet", bytes, None).await, 422, "empty_class").await;
 }
 
 #[tokio::test]
