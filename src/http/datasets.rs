@@ -547,7 +547,8 @@ fn name_from_file_name(file_name: &str) -> Option<String> {
 }
 
 /// What an ingest made: the dataset to store, its reports and source, and the blobs of the
-/// upload's images (to be published before the rows that name them).
+/// upload's images it stores (to be published before the rows that name them; an extension's
+/// repeats of the dataset's images are in the object store with the dataset's).
 struct Made {
     dataset: Ingested,
     reports: Reports,
@@ -578,14 +579,16 @@ async fn ingest(
         span.in_scope(|| {
             let purpose = if base.is_some() { dataset::Purpose::Addition } else { dataset::Purpose::Dataset };
             let ingested = dataset::ingest_cancellable(&upload.path, &store, &limits, &mut |_| {}, &cancel, &memory, purpose)?;
-            let uploaded_blobs = ingested.images.iter().map(|i| i.blob.clone()).collect::<BTreeSet<_>>().into_iter().collect();
-            let (dataset, source) = match base {
+            // The upload's images follow the dataset's, less those the dataset has already.
+            let (dataset, source, first_uploaded) = match base {
                 Some((id, images)) => {
+                    let had = images.len();
                     let (dataset, source) = dataset::edits::extend(images, ingested, &id)?;
-                    (dataset, Some(source))
+                    (dataset, Some(source), had)
                 }
-                None => (ingested, None),
+                None => (ingested, None, 0),
             };
+            let uploaded_blobs = dataset.images[first_uploaded..].iter().map(|i| i.blob.clone()).collect::<BTreeSet<_>>().into_iter().collect();
             // Worked out here, off the async runtime: finding look-alikes grows as the square of
             // the images.
             let reports = dataset.reports();
