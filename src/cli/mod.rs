@@ -23,7 +23,7 @@ use serde_json::json;
 
 use crate::config::ServeConfig;
 use crate::budget::MemoryBudget;
-use crate::dataset::{BlobStore, Duplicates, IngestError, IngestLimits, Purpose, Split, ingest_cancellable};
+use crate::dataset::{BlobStore, Duplicates, IngestError, IngestLimits, Progress, Purpose, Split, ingest_cancellable};
 use crate::model::classifier::{ClassifyError, Classifier};
 use crate::model::{LoadedModel, ModelSource, PrecisionChoice, VitConfig};
 use crate::telemetry::LogFormat;
@@ -211,9 +211,13 @@ pub(crate) fn at_least(min: usize) -> impl Fn(&str) -> Result<usize, String> + C
 /// A progress bar on stderr (hidden when stderr is not a terminal).
 fn bar(len: u64, template: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
-    pb.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
+    pb.set_style(bar_style(template));
     pb.enable_steady_tick(TICK);
     pb
+}
+
+fn bar_style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> ")
 }
 
 /// Loads a model with its own labels, with a bar for the download of a hub model's weights when
@@ -333,8 +337,21 @@ fn import(data: &Path, store: &BlobStore, cancel: &AtomicBool) -> anyhow::Result
     if !data.exists() {
         anyhow::bail!("--data {}: no such file or folder", data.display());
     }
-    let pb = bar(0, "{spinner} importing {pos} files ({per_sec}) {elapsed}");
-    let imported = ingest_cancellable(data, store, &IngestLimits::default(), &mut |n| pb.set_position(n), cancel, &MemoryBudget::unlimited(), Purpose::Dataset);
+    let pb = bar(0, "{spinner} listing entries: {pos} {elapsed}");
+    let mut checking = false;
+    let mut shown = |progress: Progress| match progress {
+        Progress::Listing { listed } => pb.set_position(listed),
+        Progress::Checking { checked, entries } => {
+            if !checking {
+                checking = true;
+                pb.set_style(bar_style("{spinner} checking [{bar:30}] {pos}/{len} files ({per_sec}) eta {eta}"));
+                pb.reset();
+            }
+            pb.set_length(entries);
+            pb.set_position(checked);
+        }
+    };
+    let imported = ingest_cancellable(data, store, &IngestLimits::default(), &mut shown, cancel, &MemoryBudget::unlimited(), Purpose::Dataset);
     pb.finish_and_clear();
     let ingested = match imported {
         Err(IngestError::Cancelled) => {

@@ -159,6 +159,7 @@ pub(super) fn read_zip(mut file: File, sink: &mut Sink<'_>) -> Result<BTreeSet<S
     }
     let plan = layout::plan(&entries);
     check_declared(&plan, &entries, sink)?;
+    sink.plan(entries.len() as u64);
 
     for (i, action) in plan.actions.iter().enumerate() {
         match action {
@@ -243,16 +244,16 @@ pub(super) fn read_tar(path: &Path, gzip: bool, sink: &mut Sink<'_>) -> Result<B
         Ok(if gzip { Box::new(flate2::read::MultiGzDecoder::new(file)) } else { Box::new(file) })
     };
     let limits = sink.limits.clone();
-    let cancel = sink.cancel;
     let mut entries = Vec::new();
-    // The first pass streams the whole archive (gigabytes, for a big tar.gz): it stops on
-    // cancellation too.
+    // The first pass streams the whole archive (gigabytes, for a big tar.gz): it reports its
+    // progress and stops on cancellation too.
     walk_tar(open()?, &limits, &mut |entry, _| {
         entries.push(entry);
-        super::check_cancelled(cancel)
+        sink.listed(entries.len() as u64)
     })?;
     let plan = layout::plan(&entries);
     check_declared(&plan, &entries, sink)?;
+    sink.plan(entries.len() as u64);
 
     let mut index = 0;
     walk_tar(open()?, &limits, &mut |entry, reader| {
@@ -365,6 +366,7 @@ pub(super) fn read_folder(root: &Path, sink: &mut Sink<'_>) -> Result<BTreeSet<S
     walk_folder(root, &mut Vec::new(), sink.limits.max_entries, &mut entries, &mut paths)?;
     let plan = layout::plan(&entries);
     check_declared(&plan, &entries, sink)?;
+    sink.plan(entries.len() as u64);
 
     for (i, action) in plan.actions.iter().enumerate() {
         match action {
@@ -513,7 +515,7 @@ mod tests {
     #[cfg(unix)]
     #[test]
     fn a_folder_is_ingested_without_following_links() {
-        use super::super::{BlobStore, IngestLimits, Split, ingest};
+        use super::super::{BlobStore, IngestLimits, Progress, Split, ingest};
 
         let src = tempfile::tempdir().unwrap();
         let outside = tempfile::tempdir().unwrap();
@@ -531,8 +533,8 @@ mod tests {
 
         let store_dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(store_dir.path()).unwrap();
-        let mut seen = 0;
-        let ingested = ingest(src.path(), &store, &IngestLimits::default(), &mut |n| seen = n).unwrap();
+        let mut seen = Vec::new();
+        let ingested = ingest(src.path(), &store, &IngestLimits::default(), &mut |p| seen.push(p)).unwrap();
 
         assert_eq!(ingested.classes, vec!["cat", "dog"]);
         assert_eq!(ingested.images.len(), 4);
@@ -543,7 +545,9 @@ mod tests {
         assert!(rejected.iter().all(|(_, reason)| reason.contains("symbolic link")), "{rejected:?}");
         assert!(!store.list().unwrap().contains(&BlobStore::hash(&png(9))));
         // Every entry was counted: 6 folders, 2 links, 4 images and the clutter file.
-        assert_eq!(seen, 13);
+        // A folder is listed at once: its check counts up to its 13 entries.
+        let want: Vec<_> = (0..=13).map(|checked| Progress::Checking { checked, entries: 13 }).collect();
+        assert_eq!(seen, want);
     }
 
     #[test]
@@ -591,6 +595,40 @@ mod tests {
         header.set_size(data.len() as u64);
         header.set_cksum();
         builder.append(&header, data).unwrap();
+    }
+
+    /// Every progress report of ingesting `bytes` (named `name`), which must succeed.
+    fn progress_of(name: &str, bytes: &[u8]) -> Vec<super::super::Progress> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let store = super::super::BlobStore::open(dir.path().join("blobs")).unwrap();
+        let mut seen = Vec::new();
+        super::super::ingest(&path, &store, &super::super::IngestLimits::default(), &mut |p| seen.push(p)).unwrap();
+        seen
+    }
+
+    /// A tar reports each member its first pass lists, then each entry its second checks, out of
+    /// the number listed; a zip lists its entries at once and reports the check alone.
+    #[test]
+    fn progress_counts_every_entry_of_each_pass() {
+        use super::super::Progress::{Checking, Listing};
+
+        let members = [("pets/cat/1.png", png(1)), ("pets/cat/2.png", png(2)), ("pets/dog/1.png", png(3)), ("pets/notes.txt", b"x".to_vec())];
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, data) in &members {
+            raw_member(&mut builder, tar::EntryType::Regular, name, data);
+        }
+        let checks: Vec<_> = (0..=4).map(|checked| Checking { checked, entries: 4 }).collect();
+        let listing: Vec<_> = (1..=4).map(|listed| Listing { listed }).collect();
+        assert_eq!(progress_of("x.tar", &builder.into_inner().unwrap()), [listing, checks.clone()].concat());
+
+        let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        for (name, data) in &members {
+            zip.start_file(*name, zip::write::SimpleFileOptions::default()).unwrap();
+            zip.write_all(data).unwrap();
+        }
+        assert_eq!(progress_of("x.zip", &zip.finish().unwrap().into_inner()), checks);
     }
 
     fn ingest_tar(bytes: &[u8]) -> Result<super::super::Ingested, IngestError> {

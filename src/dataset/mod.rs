@@ -299,19 +299,32 @@ fn too_few_classes_message(classes: &[String]) -> String {
     }
 }
 
+/// How far an ingest has got, as it reports after each entry (file, folder or Parquet row).
+///
+/// Every format is read in two passes: the first lists the entries (and, for a tar, reads the
+/// whole stream to do so: gigabytes for a big tar.gz), the second checks each one (reads it,
+/// decodes an image, stores its blob). Zip, folders and Parquet list theirs at once, so only a
+/// tar reports [`Progress::Listing`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Members of a tar listed so far.
+    Listing { listed: u64 },
+    /// `checked` of the upload's `entries` entries handled.
+    Checking { checked: u64, entries: u64 },
+}
+
 /// Ingests `source` into `store`.
 ///
 /// `source` is a file (zip, tar or gzip-compressed tar, recognised by its first bytes whatever its
 /// name, or Parquet) or a folder in the same image-folder layout as archives; links inside a folder
-/// are not followed. `on_entry` is called after each entry (file, folder or Parquet row) with the
-/// number handled so far.
+/// are not followed. `on_progress` is called after each entry of each pass (see [`Progress`]).
 pub fn ingest(
     source: &Path,
     store: &BlobStore,
     limits: &IngestLimits,
-    on_entry: &mut dyn FnMut(u64),
+    on_progress: &mut dyn FnMut(Progress),
 ) -> Result<Ingested, IngestError> {
-    ingest_cancellable(source, store, limits, on_entry, &AtomicBool::new(false), &MemoryBudget::unlimited(), Purpose::Dataset)
+    ingest_cancellable(source, store, limits, on_progress, &AtomicBool::new(false), &MemoryBudget::unlimited(), Purpose::Dataset)
 }
 
 /// How long an entry waits for its bytes (or an image for its decode) when the memory budget is
@@ -336,12 +349,12 @@ pub fn ingest_cancellable(
     source: &Path,
     store: &BlobStore,
     limits: &IngestLimits,
-    on_entry: &mut dyn FnMut(u64),
+    on_progress: &mut dyn FnMut(Progress),
     cancel: &AtomicBool,
     memory: &Arc<MemoryBudget>,
     purpose: Purpose,
 ) -> Result<Ingested, IngestError> {
-    let mut sink = Sink::new(store, limits, on_entry, cancel);
+    let mut sink = Sink::new(store, limits, on_progress, cancel);
     sink.memory = memory.clone();
     sink.purpose = purpose;
     // Archive and Parquet readers are not hardened against every malformed input; a panic inside
@@ -397,11 +410,14 @@ fn over_budget(bytes: u64) -> IngestError {
 struct Sink<'a> {
     store: &'a BlobStore,
     limits: &'a IngestLimits,
-    on_entry: &'a mut dyn FnMut(u64),
+    on_progress: &'a mut dyn FnMut(Progress),
     cancel: &'a AtomicBool,
     /// What entries being read and images being decoded reserve (unlimited unless set).
     memory: Arc<MemoryBudget>,
+    /// Entries handled by the second pass.
     entries: u64,
+    /// The entries the second pass will handle, as the first pass found them.
+    planned: u64,
     extracted: u64,
     images: Vec<ImageRecord>,
     rejected: Vec<Rejected>,
@@ -416,16 +432,17 @@ impl<'a> Sink<'a> {
     fn new(
         store: &'a BlobStore,
         limits: &'a IngestLimits,
-        on_entry: &'a mut dyn FnMut(u64),
+        on_progress: &'a mut dyn FnMut(Progress),
         cancel: &'a AtomicBool,
     ) -> Self {
         Self {
             store,
             limits,
-            on_entry,
+            on_progress,
             cancel,
             memory: MemoryBudget::unlimited(),
             entries: 0,
+            planned: 0,
             extracted: 0,
             images: Vec::new(),
             rejected: Vec::new(),
@@ -442,6 +459,18 @@ impl<'a> Sink<'a> {
         }
     }
 
+    /// Reports one more member of a tar listed by the first pass, and stops a cancelled ingest.
+    fn listed(&mut self, listed: u64) -> Result<(), IngestError> {
+        (self.on_progress)(Progress::Listing { listed });
+        check_cancelled(self.cancel)
+    }
+
+    /// Starts the second pass, over the `entries` the first found.
+    fn plan(&mut self, entries: u64) {
+        self.planned = entries;
+        (self.on_progress)(Progress::Checking { checked: 0, entries });
+    }
+
     /// Marks one entry as handled, reports progress, and stops a cancelled ingest.
     fn entry_done(&mut self) -> Result<(), IngestError> {
         self.entries += 1;
@@ -449,7 +478,9 @@ impl<'a> Sink<'a> {
         if self.entries > self.limits.max_entries {
             return Err(IngestError::TooManyEntries(format!("the upload has more than the limit of {} entries", self.limits.max_entries)));
         }
-        (self.on_entry)(self.entries);
+        // A Parquet file whose row groups hold more rows than their headers said.
+        let entries = self.planned.max(self.entries);
+        (self.on_progress)(Progress::Checking { checked: self.entries, entries });
         check_cancelled(self.cancel)
     }
 

@@ -114,6 +114,7 @@ fn read_rows(file: File, sink: &mut Sink<'_>) -> Result<BTreeSet<String>, Ingest
     let projection = Type::group_type_builder("schema").with_fields(fields).build().map_err(corrupt)?;
     let descr = Arc::new(SchemaDescriptor::new(Arc::new(projection)));
 
+    sink.plan(group_rows);
     let mut index = 0u64;
     for group in 0..reader.num_row_groups() {
         let group_reader = reader.get_row_group(group).map_err(corrupt)?;

@@ -4,6 +4,7 @@
 //! blocking thread, and stored in one transaction.
 
 use std::collections::BTreeSet;
+use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,8 +14,10 @@ use axum::Json;
 use axum::extract::multipart::{Field, MultipartRejection};
 use axum::extract::{Multipart, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use tokio::io::AsyncWriteExt;
+use tracing::Instrument;
 
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::paged::{self, PageQuery};
@@ -171,18 +174,13 @@ fn fit_within(w: u32, h: u32, side: u32) -> (u32, u32) {
     (((f64::from(w) * scale).round() as u32).max(1), ((f64::from(h) * scale).round() as u32).max(1))
 }
 
-/// `POST /datasets`: multipart `file` (archive or Parquet) and optional `name`; 201 with the dataset.
-async fn create(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    multipart: Result<Multipart, MultipartRejection>,
-) -> Result<(StatusCode, Json<Dataset>), AppError> {
+/// `POST /datasets`: multipart `file` (archive or Parquet) and optional `name`; 201 with the
+/// dataset, or its progress as events (see [`answer`]).
+async fn create(State(state): State<AppState>, headers: HeaderMap, multipart: Result<Multipart, MultipartRejection>) -> Result<Response, AppError> {
     refuse_declared_oversize(&headers, state.config.max_upload_bytes)?;
     let upload = receive(&state, multipart?).await?;
     let name = upload.name.or_else(|| upload.file_name.as_deref().and_then(name_from_file_name)).unwrap_or_else(|| "dataset".into());
-    let dataset = store_upload(&state, upload.file, Making::Dataset { name }).await?;
-    tracing::info!(id = %dataset.id, images = dataset.num_images, rejected = dataset.rejected_total, "dataset stored");
-    Ok((StatusCode::CREATED, Json(dataset)))
+    Ok(answer(state, &headers, upload.file, Making::Dataset { name }).await)
 }
 
 /// `POST /datasets/{id}/extend`: multipart `file` and optional `name`, as for `POST /datasets`;
@@ -194,15 +192,13 @@ async fn extend(
     ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
-) -> Result<(StatusCode, Json<Dataset>), AppError> {
+) -> Result<Response, AppError> {
     refuse_declared_oversize(&headers, state.config.max_upload_bytes)?;
     // Before the body is read, so an upload to a dataset that is not there is not sent for
     // nothing (it is read again under the blob lock).
     queries::get(&state.db, &id).await?.ok_or_else(|| AppError::not_found("dataset", &id))?;
     let upload = receive(&state, multipart?).await?;
-    let dataset = store_upload(&state, upload.file, Making::Extension { id, name: upload.name }).await?;
-    tracing::info!(id = %dataset.id, images = dataset.num_images, rejected = dataset.rejected_total, "dataset extended");
-    Ok((StatusCode::CREATED, Json(dataset)))
+    Ok(answer(state, &headers, upload.file, Making::Extension { id, name: upload.name }).await)
 }
 
 /// What an upload makes: a dataset of its own, or a copy of dataset `id` with its images added.
@@ -211,9 +207,144 @@ enum Making {
     Extension { id: String, name: Option<String> },
 }
 
-/// Ingests an upload and stores the dataset it makes, removing the blobs it added when it fails.
-async fn store_upload(state: &AppState, file: ScratchFile, making: Making) -> Result<Dataset, AppError> {
+/// The answer to a received upload: 201 with the dataset it makes (or its error) once it is
+/// stored; or, when the client accepts `text/event-stream`, 200 at once and the upload's
+/// [`UploadProgress`] as `progress` events (at most one each [`PROGRESS_EVERY`], and the last
+/// one before the end), then a `dataset` event with the 201's body or an `error` event with the
+/// error's body and its `status`. Either way the upload stops, and its blobs go, when the client
+/// goes away before the end.
+async fn answer(state: AppState, headers: &HeaderMap, file: ScratchFile, making: Making) -> Response {
+    let (progress, watching) = tokio::sync::watch::channel(UploadProgress::default());
+    let work = async move {
+        let extending = matches!(making, Making::Extension { .. });
+        let dataset = store_upload(&state, file, making, &progress).await?;
+        let what = if extending { "dataset extended" } else { "dataset stored" };
+        tracing::info!(id = %dataset.id, images = dataset.num_images, rejected = dataset.rejected_total, "{what}");
+        Ok::<_, AppError>(dataset)
+    }
+    // A stream is polled after the handler returned: its logs keep the request's span.
+    .instrument(tracing::Span::current());
+    if !wants_events(headers) {
+        return match work.await {
+            Ok(dataset) => (StatusCode::CREATED, Json(dataset)).into_response(),
+            Err(e) => e.into_response(),
+        };
+    }
+    Sse::new(upload_events(work, watching)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
+}
+
+/// Whether the request's `Accept` names `text/event-stream` (a wildcard does not).
+fn wants_events(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|range| range.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case("text/event-stream"))
+}
+
+/// Where an upload has got, as its event stream reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+struct UploadProgress {
+    stage: Stage,
+    /// Entries listed so far while `listing`; the upload's entries (files, folders, Parquet rows)
+    /// from `checking` on.
+    entries: u64,
+    /// Entries checked (read, decoded, stored).
+    checked: u64,
+}
+
+/// The stages of an upload after it was received.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Stage {
+    /// Waiting for an ingest slot (as many as the CPU has cores).
+    #[default]
+    Waiting,
+    /// Listing the entries (a tar is read through once to list them; the others at once).
+    Listing,
+    /// Checking each entry.
+    Checking,
+    /// Finding repeated files and look-alikes (and, for an extension, what the dataset has).
+    Comparing,
+    /// Storing the dataset's rows (and its new blobs in the object store).
+    Storing,
+}
+
+impl UploadProgress {
+    fn of(progress: dataset::Progress) -> Self {
+        match progress {
+            dataset::Progress::Listing { listed } => Self { stage: Stage::Listing, entries: listed, checked: 0 },
+            dataset::Progress::Checking { checked, entries } => Self { stage: Stage::Checking, entries, checked },
+        }
+    }
+}
+
+/// Moves an upload's progress on to `stage`, keeping its counts.
+fn reached(progress: &tokio::sync::watch::Sender<UploadProgress>, stage: Stage) {
+    progress.send_modify(|p| p.stage = stage);
+}
+
+/// How often, at most, an upload's event stream reports its progress.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// An upload's event stream (see [`answer`]): it drives `work`, so the upload stops when the
+/// stream is dropped, as a request's future is.
+fn upload_events(
+    work: impl Future<Output = Result<Dataset, AppError>> + Send + 'static,
+    progress: tokio::sync::watch::Receiver<UploadProgress>,
+) -> impl futures::Stream<Item = Result<Event, Infallible>> {
+    enum State<W> {
+        Running { work: std::pin::Pin<Box<W>>, progress: tokio::sync::watch::Receiver<UploadProgress>, sent: Option<UploadProgress> },
+        Ending(Event),
+        Ended,
+    }
+    let event = |p: UploadProgress| Event::default().event("progress").data(serde_json::to_string(&p).unwrap_or_default());
+    futures::stream::unfold(State::Running { work: Box::pin(work), progress, sent: None }, move |state| async move {
+        let (mut work, progress, sent) = match state {
+            State::Running { work, progress, sent } => (work, progress, sent),
+            State::Ending(last) => return Some((Ok(last), State::Ended)),
+            State::Ended => return None,
+        };
+        loop {
+            tokio::select! {
+                outcome = &mut work => {
+                    let last = outcome_event(outcome).await;
+                    let now = *progress.borrow();
+                    return Some(if sent == Some(now) { (Ok(last), State::Ended) } else { (Ok(event(now)), State::Ending(last)) });
+                }
+                _ = tokio::time::sleep(PROGRESS_EVERY) => {
+                    let now = *progress.borrow();
+                    if sent != Some(now) {
+                        return Some((Ok(event(now)), State::Running { work, progress, sent: Some(now) }));
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// The last event of an upload's stream: `dataset`, or `error` with the body and the `status`
+/// its error is answered with without a stream.
+async fn outcome_event(outcome: Result<Dataset, AppError>) -> Event {
+    match outcome {
+        Ok(dataset) => Event::default().event("dataset").data(serde_json::to_string(&dataset).unwrap_or_default()),
+        Err(e) => {
+            let answer = e.into_response();
+            let status = answer.status().as_u16();
+            let body = axum::body::to_bytes(answer.into_body(), 1 << 20).await.unwrap_or_default();
+            let mut value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_else(|_| serde_json::json!({}));
+            value["status"] = status.into();
+            Event::default().event("error").data(value.to_string())
+        }
+    }
+}
+
+/// Ingests an upload and stores the dataset it makes, removing the blobs it added when it fails;
+/// reports its stages to `progress`.
+async fn store_upload(state: &AppState, file: ScratchFile, making: Making, progress: &tokio::sync::watch::Sender<UploadProgress>) -> Result<Dataset, AppError> {
     let slot = state.ingest_slots.clone().acquire_owned().await.context("ingest slots closed")?;
+    reached(progress, Stage::Listing);
     // Held until the rows are committed, so blob collection cannot remove a blob this upload
     // reuses (nor, for an extension, one of the dataset it copies); shared with the ingest
     // thread, which may outlive this future by an entry.
@@ -229,7 +360,8 @@ async fn store_upload(state: &AppState, file: ScratchFile, making: Making) -> Re
                 (name.unwrap_or_else(|| derived_name(&source.name, "extended")), Some((id, images)))
             }
         };
-        let made = ingest(state, store, file, slot, uploading.clone(), base).await?;
+        let made = ingest(state, store, file, slot, uploading.clone(), base, progress.clone()).await?;
+        reached(progress, Stage::Storing);
         // In the object store before the rows that name them.
         state.objects.publish_blobs(&made.uploaded_blobs).await?;
         Ok::<_, AppError>(queries::insert_from(&state.db, &name, &made.dataset, made.reports, made.source).await?)
@@ -568,6 +700,7 @@ async fn ingest(
     slot: tokio::sync::OwnedSemaphorePermit,
     uploading: Arc<tokio::sync::OwnedRwLockReadGuard<()>>,
     base: Option<(String, Vec<ImageRecord>)>,
+    progress: tokio::sync::watch::Sender<UploadProgress>,
 ) -> Result<Made, AppError> {
     let limits = state.ingest_limits.clone();
     let memory = state.memory.clone();
@@ -578,7 +711,11 @@ async fn ingest(
         let _held = (slot, uploading);
         span.in_scope(|| {
             let purpose = if base.is_some() { dataset::Purpose::Addition } else { dataset::Purpose::Dataset };
-            let ingested = dataset::ingest_cancellable(&upload.path, &store, &limits, &mut |_| {}, &cancel, &memory, purpose)?;
+            let mut report = |p| {
+                progress.send_replace(UploadProgress::of(p));
+            };
+            let ingested = dataset::ingest_cancellable(&upload.path, &store, &limits, &mut report, &cancel, &memory, purpose)?;
+            reached(&progress, Stage::Comparing);
             // The upload's images follow the dataset's, less those the dataset has already.
             let (dataset, source, first_uploaded) = match base {
                 Some((id, images)) => {

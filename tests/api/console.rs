@@ -602,6 +602,14 @@ async fn more_images_are_added_to_a_copy_of_a_dataset_from_its_page() {
     let said = wait_text(&c, "#extend p.error", 20, |t| !t.is_empty()).await;
     assert!(said.contains("(unsupported_format)"), "{said}");
     assert!(c.current_url().await.unwrap().as_str().ends_with(&more), "the page stays");
+    // An archive without a picture is refused once the service has checked it, which the page
+    // says from the service's progress events.
+    let notes = tmp.path().join("notes-only.zip");
+    std::fs::write(&notes, zip(&[file("red/notes.txt", b"no picture".to_vec())])).unwrap();
+    element(&c, "#extend #dataset-file").await.send_keys(&notes.to_string_lossy()).await.unwrap();
+    let said = wait_text(&c, "#extend p.error", 20, |t| t.contains("(no_images)")).await;
+    assert!(said.contains("red/notes.txt"), "{said}");
+    assert_eq!(element(&c, "#extend .checked").await.text().await.unwrap(), "checked 1 of 1 files");
 
     // An archive of a new class, under a typed name.
     let greens = tmp.path().join("greens.zip");

@@ -129,6 +129,29 @@ impl TestApp {
     }
 }
 
+/// Reads a whole Server-Sent Events answer (200, `text/event-stream`) into (event, data) pairs.
+pub async fn sse_events(resp: Response) -> Vec<(String, Value)> {
+    use futures::StreamExt;
+
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let mut body = String::new();
+    let mut stream = resp.bytes_stream();
+    let reading = async {
+        while let Some(chunk) = stream.next().await {
+            body.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), reading).await.expect("the stream ends");
+    body.split("\n\n")
+        .filter_map(|block| {
+            let event = block.lines().find_map(|l| l.strip_prefix("event: "))?;
+            let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
+            Some((event.to_string(), serde_json::from_str(data).unwrap()))
+        })
+        .collect()
+}
+
 /// Reads a response as JSON, panicking with the body when it is not JSON.
 pub async fn json(resp: Response) -> Value {
     let text = resp.text().await.expect("body");

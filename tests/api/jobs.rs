@@ -2,7 +2,6 @@
 
 use std::collections::BTreeSet;
 
-use futures::StreamExt;
 use serde_json::{Value, json};
 
 use crate::helpers::{assert_error, json, spawn_app};
@@ -62,26 +61,9 @@ async fn a_job_runs_to_a_registered_model_with_its_metrics() {
     assert!(!app.data_dir.join("jobs").join(job["id"].as_str().unwrap()).exists());
 }
 
-/// Reads a whole SSE stream into (event, data) pairs.
+/// Reads a job's whole event stream into (event, data) pairs.
 async fn read_events(app: &crate::helpers::TestApp, id: &str) -> Vec<(String, Value)> {
-    let resp = app.get(&format!("/jobs/{id}/events")).await;
-    assert_eq!(resp.status(), 200);
-    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
-    let mut body = String::new();
-    let mut stream = resp.bytes_stream();
-    let reading = async {
-        while let Some(chunk) = stream.next().await {
-            body.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-        }
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(120), reading).await.expect("the stream ends");
-    body.split("\n\n")
-        .filter_map(|block| {
-            let event = block.lines().find_map(|l| l.strip_prefix("event: "))?;
-            let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
-            Some((event.to_string(), serde_json::from_str(data).unwrap()))
-        })
-        .collect()
+    crate::helpers::sse_events(app.get(&format!("/jobs/{id}/events")).await).await
 }
 
 #[tokio::test]

@@ -28,3 +28,4 @@ mod restart;
 #[path = "../support/mod.rs"]
 mod support;
 mod throughput;
+mod upload_progress;

@@ -95,15 +95,41 @@ export async function objectUrl(path) {
   return URL.createObjectURL(await (await send("GET", path)).blob());
 }
 
-/** Uploads a form with progress (fetch cannot report upload progress). Resolves with the JSON. */
-export function upload(path, form, onProgress) {
+/**
+ * Uploads a form with progress (fetch cannot report upload progress): `onProgress` gets the share
+ * sent. The service's progress while it checks the upload comes as events on the same answer
+ * (asked for by `Accept`), each passed to `onStage`. Resolves with the JSON (the dataset).
+ */
+export function upload(path, form, onProgress, onStage = () => {}) {
   return new Promise((resolve, reject) => {
     const xhr = new XMLHttpRequest();
     xhr.open("POST", path);
     for (const [k, v] of Object.entries(authHeaders())) xhr.setRequestHeader(k, v);
+    xhr.setRequestHeader("Accept", "text/event-stream");
     xhr.upload.onprogress = (e) => e.lengthComputable && onProgress(e.loaded / e.total);
     xhr.onerror = () => reject(new ApiError(0, "network", "the upload did not reach the service"));
+    // A refusal before the check (a missing file, a key) is a plain JSON answer, not a stream.
+    const streamed = () => (xhr.getResponseHeader("Content-Type") ?? "").startsWith("text/event-stream");
+    let read = 0; // characters of the stream already parsed
+    let outcome = null; // the last event: `dataset` or `error`
+    const readEvents = () => {
+      if (!streamed()) return;
+      const { events, rest } = splitEvents(xhr.responseText.slice(read));
+      read = xhr.responseText.length - rest.length;
+      for (const e of events) {
+        if (e.event === "progress") onStage(e.data);
+        else outcome = e;
+      }
+    };
+    xhr.onprogress = readEvents;
     xhr.onload = async () => {
+      if (streamed()) {
+        readEvents();
+        if (outcome?.event === "dataset") resolve(outcome.data);
+        else if (outcome?.event === "error") reject(new ApiError(outcome.data.status, outcome.data.error?.code, outcome.data.error?.message));
+        else reject(new ApiError(0, "network", "the service's answer ended before the upload was stored"));
+        return;
+      }
       let body = null;
       try {
         body = JSON.parse(xhr.responseText);
@@ -112,7 +138,7 @@ export function upload(path, form, onProgress) {
       }
       if (xhr.status === 401) {
         await askKey(body?.error?.message ?? "This service needs an API key.");
-        upload(path, form, onProgress).then(resolve, reject);
+        upload(path, form, onProgress, onStage).then(resolve, reject);
       } else if (xhr.status >= 200 && xhr.status < 300) {
         resolve(body);
       } else {
@@ -141,18 +167,26 @@ async function* parse(reader) {
   for (;;) {
     const { value, done } = await reader.read();
     if (done) return;
-    buffer += value;
-    let end;
-    while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const block = buffer.slice(0, end);
-      buffer = buffer.slice(end + 2);
-      let event = "message";
-      const data = [];
-      for (const line of block.split("\n")) {
-        if (line.startsWith("event:")) event = line.slice(6).trim();
-        else if (line.startsWith("data:")) data.push(line.slice(5).trim());
-      }
-      if (data.length) yield { event, data: JSON.parse(data.join("\n")) };
-    }
+    const { events, rest } = splitEvents(buffer + value);
+    buffer = rest;
+    yield* events;
   }
+}
+
+/** The whole events ({event, data}) at the start of SSE text, and the unfinished rest. */
+function splitEvents(text) {
+  const events = [];
+  let end;
+  while ((end = text.indexOf("\n\n")) >= 0) {
+    const block = text.slice(0, end);
+    text = text.slice(end + 2);
+    let event = "message";
+    const data = [];
+    for (const line of block.split("\n")) {
+      if (line.startsWith("event:")) event = line.slice(6).trim();
+      else if (line.startsWith("data:")) data.push(line.slice(5).trim());
+    }
+    if (data.length) events.push({ event, data: JSON.parse(data.join("\n")) });
+  }
+  return { events, rest: text };
 }

@@ -147,17 +147,24 @@ function uploadZone(onDone, base = null) {
     if (chosen) form.append("name", chosen);
     bar.hidden = false;
     note.textContent = `uploading ${file.name}…`;
+    let checked = ""; // the service's last word on its check, kept above a refusal
+    const sent = (share) => {
+      bar.value = share;
+      note.textContent = share < 1 ? `uploading ${file.name}: ${(share * 100).toFixed(0)}%` : "uploaded; waiting for the service to check it…";
+    };
+    const stage = (p) => {
+      checked = checkText(p);
+      note.textContent = checked;
+      if (p.stage === "checking" && p.entries > 0) bar.value = p.checked / p.entries;
+    };
     try {
-      const ds = await upload(base ? `/datasets/${base.id}/extend` : "/datasets", form, (share) => {
-        bar.value = share;
-        note.textContent = share < 1 ? `uploading ${file.name}: ${(share * 100).toFixed(0)}%` : "checking every image…";
-      });
+      const ds = await upload(base ? `/datasets/${base.id}/extend` : "/datasets", form, sent, stage);
       note.textContent = base
         ? `added ${ds.source.added} images (${ds.rejected_total} files rejected)`
         : `stored ${ds.num_images} images in ${ds.classes.length} classes (${ds.rejected_total} files rejected)`;
       onDone(ds);
     } catch (e) {
-      note.replaceChildren(errorBox(e));
+      note.replaceChildren(...(checked ? [h("span", { class: "checked" }, checked)] : []), errorBox(e));
     } finally {
       bar.hidden = true;
     }
@@ -185,6 +192,23 @@ function uploadZone(onDone, base = null) {
     }
   });
   return h("div", {}, zone, h("label", {}, "Name ", name), bar, note);
+}
+
+/** What an upload's progress event says, as a line under its drop zone. */
+function checkText(p) {
+  const n = (x) => x.toLocaleString("en");
+  switch (p.stage) {
+    case "waiting":
+      return "waiting for a free slot to check the upload…";
+    case "listing":
+      return `listing the archive: ${n(p.entries)} entries so far…`;
+    case "checking":
+      return `checked ${n(p.checked)} of ${n(p.entries)} files`;
+    case "comparing":
+      return `checked ${n(p.entries)} files; looking for repeated files and look-alikes…`;
+    default:
+      return `checked ${n(p.entries)} files; storing the dataset…`;
+  }
 }
 
 /** Rows a list of the overview shows at first, and how many more each "Show more" adds. */
