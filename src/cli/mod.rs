@@ -344,8 +344,9 @@ fn import(data: &Path, store: &BlobStore, cancel: &AtomicBool) -> anyhow::Result
         Progress::Checking { checked, entries } => {
             if !checking {
                 checking = true;
-                pb.set_style(bar_style("{spinner} checking [{bar:30}] {pos}/{len} files ({per_sec}) eta {eta}"));
                 pb.reset();
+                pb.set_length(entries);
+                pb.set_style(bar_style("{spinner} checking [{bar:30}] {pos}/{len} files ({per_sec}) eta {eta}"));
             }
             pb.set_length(entries);
             pb.set_position(checked);
