@@ -4,7 +4,6 @@
 //! blocking thread, and stored in one transaction.
 
 use std::collections::BTreeSet;
-use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,13 +13,13 @@ use axum::Json;
 use axum::extract::multipart::{Field, MultipartRejection};
 use axum::extract::{Multipart, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::paged::{self, PageQuery};
+use super::progress;
 use super::{AppState, Route};
 use super::error::AppError;
 use super::inflight::BodyUse;
@@ -207,12 +206,8 @@ enum Making {
     Extension { id: String, name: Option<String> },
 }
 
-/// The answer to a received upload: 201 with the dataset it makes (or its error) once it is
-/// stored; or, when the client accepts `text/event-stream`, 200 at once and the upload's
-/// [`UploadProgress`] as `progress` events (at most one each [`PROGRESS_EVERY`], and the last
-/// one before the end), then a `dataset` event with the 201's body or an `error` event with the
-/// error's body and its `status`. Either way the upload stops, and its blobs go, when the client
-/// goes away before the end.
+/// The answer to a received upload (see [`progress::answer`]): 201 and the dataset it makes,
+/// or its [`UploadProgress`] as events, then a `dataset` event.
 async fn answer(state: AppState, headers: &HeaderMap, file: ScratchFile, making: Making) -> Response {
     let (progress, watching) = tokio::sync::watch::channel(UploadProgress::default());
     let work = async move {
@@ -224,23 +219,7 @@ async fn answer(state: AppState, headers: &HeaderMap, file: ScratchFile, making:
     }
     // A stream is polled after the handler returned: its logs keep the request's span.
     .instrument(tracing::Span::current());
-    if !wants_events(headers) {
-        return match work.await {
-            Ok(dataset) => (StatusCode::CREATED, Json(dataset)).into_response(),
-            Err(e) => e.into_response(),
-        };
-    }
-    Sse::new(upload_events(work, watching)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
-}
-
-/// Whether the request's `Accept` names `text/event-stream` (a wildcard does not).
-fn wants_events(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|range| range.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case("text/event-stream"))
+    progress::answer(progress::wants_events(headers), StatusCode::CREATED, "dataset", work, watching).await
 }
 
 /// Where an upload has got, as its event stream reports it.
@@ -283,61 +262,6 @@ impl UploadProgress {
 /// Moves an upload's progress on to `stage`, keeping its counts.
 fn reached(progress: &tokio::sync::watch::Sender<UploadProgress>, stage: Stage) {
     progress.send_modify(|p| p.stage = stage);
-}
-
-/// How often, at most, an upload's event stream reports its progress.
-const PROGRESS_EVERY: Duration = Duration::from_millis(250);
-
-/// An upload's event stream (see [`answer`]): it drives `work`, so the upload stops when the
-/// stream is dropped, as a request's future is.
-fn upload_events(
-    work: impl Future<Output = Result<Dataset, AppError>> + Send + 'static,
-    progress: tokio::sync::watch::Receiver<UploadProgress>,
-) -> impl futures::Stream<Item = Result<Event, Infallible>> {
-    enum State<W> {
-        Running { work: std::pin::Pin<Box<W>>, progress: tokio::sync::watch::Receiver<UploadProgress>, sent: Option<UploadProgress> },
-        Ending(Event),
-        Ended,
-    }
-    let event = |p: UploadProgress| Event::default().event("progress").data(serde_json::to_string(&p).unwrap_or_default());
-    futures::stream::unfold(State::Running { work: Box::pin(work), progress, sent: None }, move |state| async move {
-        let (mut work, progress, sent) = match state {
-            State::Running { work, progress, sent } => (work, progress, sent),
-            State::Ending(last) => return Some((Ok(last), State::Ended)),
-            State::Ended => return None,
-        };
-        loop {
-            tokio::select! {
-                outcome = &mut work => {
-                    let last = outcome_event(outcome).await;
-                    let now = *progress.borrow();
-                    return Some(if sent == Some(now) { (Ok(last), State::Ended) } else { (Ok(event(now)), State::Ending(last)) });
-                }
-                _ = tokio::time::sleep(PROGRESS_EVERY) => {
-                    let now = *progress.borrow();
-                    if sent != Some(now) {
-                        return Some((Ok(event(now)), State::Running { work, progress, sent: Some(now) }));
-                    }
-                }
-            }
-        }
-    })
-}
-
-/// The last event of an upload's stream: `dataset`, or `error` with the body and the `status`
-/// its error is answered with without a stream.
-async fn outcome_event(outcome: Result<Dataset, AppError>) -> Event {
-    match outcome {
-        Ok(dataset) => Event::default().event("dataset").data(serde_json::to_string(&dataset).unwrap_or_default()),
-        Err(e) => {
-            let answer = e.into_response();
-            let status = answer.status().as_u16();
-            let body = axum::body::to_bytes(answer.into_body(), 1 << 20).await.unwrap_or_default();
-            let mut value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_else(|_| serde_json::json!({}));
-            value["status"] = status.into();
-            Event::default().event("error").data(value.to_string())
-        }
-    }
 }
 
 /// Ingests an upload and stores the dataset it makes, removing the blobs it added when it fails;

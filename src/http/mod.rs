@@ -18,6 +18,7 @@ pub mod linger;
 pub mod models;
 pub mod paged;
 pub mod predict;
+pub mod progress;
 pub mod prometheus;
 
 use std::sync::Arc;

@@ -6,23 +6,24 @@ use anyhow::Context;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::Deserialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 
 use super::error::AppError;
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::paged::{self, PageQuery};
+use super::progress;
 use super::{AppState, Route};
 use crate::db;
 use crate::db::models::{Deleted, Model};
 use crate::model::io::SAVED_FILES;
 use crate::model::{LoadedModel, ModelSource};
 use crate::cancel::CancelOnDrop;
-use crate::train::eval::{EvalSplit, evaluate_records};
-use crate::train::report::EvalReport;
+use crate::train::eval::{EvalSplit, evaluate_records_with_progress};
 
 pub fn routes() -> Vec<Route> {
     vec![
@@ -133,12 +134,9 @@ struct EvaluateRequest {
 }
 
 /// `POST /models/{id}/evaluate`: the model's metrics on a split of a dataset, computed on a
-/// blocking thread by the same path as `vitforge eval`.
-async fn evaluate(
-    State(s): State<AppState>,
-    ApiPath(id): ApiPath<String>,
-    ApiJson(req): ApiJson<EvaluateRequest>,
-) -> Result<Json<EvalReport>, AppError> {
+/// blocking thread by the same path as `vitforge eval`; or its [`EvalProgress`] as events, then a
+/// `report` event (see [`progress::answer`]).
+async fn evaluate(State(s): State<AppState>, ApiPath(id): ApiPath<String>, headers: HeaderMap, ApiJson(req): ApiJson<EvaluateRequest>) -> Result<Response, AppError> {
     let model = find(&s, &id).await?;
     db::datasets::get(&s.db, &req.dataset_id).await?.ok_or_else(|| AppError::not_found("dataset", &req.dataset_id))?;
     let rows = db::datasets::images(&s.db, &req.dataset_id).await?;
@@ -147,24 +145,56 @@ async fn evaluate(
     let dir = s.models.dir(&model).await?;
     let (max_pixels, precision) = (s.config.max_image_pixels, s.predictor.precision());
     let dataset = req.dataset_id.clone();
-    // One evaluation at a time (each uses every core); those that wait hold nothing. One whose
-    // client goes away stops at its next batch instead of running on for no one.
-    let _turn = s.evaluations.clone().acquire_owned().await.map_err(anyhow::Error::from)?;
-    let (_cancel_on_drop, cancel) = CancelOnDrop::new();
-    let evaluation = tokio::task::spawn_blocking(move || {
-        let device = candle_core::Device::Cpu;
-        let loaded = LoadedModel::load(&ModelSource::Dir(dir), None, &device, 0).map_err(anyhow::Error::from)?;
-        Ok::<_, AppError>(evaluate_records(&loaded, records, req.split, max_pixels, 16, &device, precision, &cancel)?)
-    })
-    .await
-    .map_err(anyhow::Error::from)?;
-    // A dataset or model deleted meanwhile has its files removed under the evaluation: say so,
-    // not 500.
-    if evaluation.is_err() {
-        if db::datasets::get(&s.db, &dataset).await?.is_none() {
-            return Err(AppError::client(StatusCode::NOT_FOUND, "not_found", format!("dataset '{dataset}' was deleted while it was being evaluated")));
+    let (progress, watching) = watch::channel(EvalProgress::default());
+    let work = async move {
+        // One evaluation at a time (each uses every core); those that wait hold nothing. One whose
+        // client goes away stops at its next batch instead of running on for no one.
+        let _turn = s.evaluations.clone().acquire_owned().await.map_err(anyhow::Error::from)?;
+        progress.send_modify(|p| p.stage = EvalStage::Loading);
+        let (_cancel_on_drop, cancel) = CancelOnDrop::new();
+        let evaluation = tokio::task::spawn_blocking(move || {
+            let device = candle_core::Device::Cpu;
+            let loaded = LoadedModel::load(&ModelSource::Dir(dir), None, &device, 0).map_err(anyhow::Error::from)?;
+            let mut report = |done: usize, images: usize| {
+                progress.send_replace(EvalProgress { stage: EvalStage::Evaluating, images: images as u64, evaluated: done as u64 });
+            };
+            Ok::<_, AppError>(evaluate_records_with_progress(&loaded, records, req.split, max_pixels, 16, &device, precision, Some(&cancel), &mut report)?)
+        })
+        .await
+        .map_err(anyhow::Error::from)?;
+        // A dataset or model deleted meanwhile has its files removed under the evaluation: say
+        // so, not 500.
+        if evaluation.is_err() {
+            if db::datasets::get(&s.db, &dataset).await?.is_none() {
+                return Err(AppError::client(StatusCode::NOT_FOUND, "not_found", format!("dataset '{dataset}' was deleted while it was being evaluated")));
+            }
+            find(&s, &id).await?;
         }
-        find(&s, &id).await?;
+        Ok(evaluation?.report)
     }
-    Ok(Json(evaluation?.report))
+    .instrument(tracing::Span::current());
+    Ok(progress::answer(progress::wants_events(&headers), StatusCode::OK, "report", work, watching).await)
+}
+
+/// Where an evaluation has got, as its event stream reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+struct EvalProgress {
+    stage: EvalStage,
+    /// The images of the split evaluated (0 until `evaluating`).
+    images: u64,
+    /// Images classified so far.
+    evaluated: u64,
+}
+
+/// The stages of an evaluation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+enum EvalStage {
+    /// Waiting for the evaluation before it to end (one runs at a time).
+    #[default]
+    Waiting,
+    /// Loading the model.
+    Loading,
+    /// Classifying the images, a batch at a time.
+    Evaluating,
 }

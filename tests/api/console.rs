@@ -660,6 +660,35 @@ async fn aliases_are_set_on_a_model_s_page_and_offered_for_predictions() {
     c.close().await.unwrap();
 }
 
+/// A model's page evaluates it on a dataset: the count of images from the service's progress
+/// events, then the metrics and the confusion matrix; a dataset with a class the model lacks
+/// is refused on the page.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_is_evaluated_on_its_page_with_the_count_of_images() {
+    let Some(driver) = chromedriver() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let server = server_with_tiny(tmp.path());
+    let dataset = uploaded(&server, &red_and_blue(4), "colours.zip").await;
+    let (_, model) = trained(&server, &json!({"dataset_id": dataset["id"], "base_model": "tiny", "params": {"epochs": 1, "batch_size": 2}})).await;
+    let c = browser(&driver, &tmp.path().join("profile")).await;
+    c.goto(&server.url(&format!("/ui/models/{model}"))).await.unwrap();
+    let evaluate = c.wait().at_most(Duration::from_secs(20)).for_element(Locator::XPath("//button[contains(., 'Evaluate')]")).await.unwrap();
+    evaluate.click().await.unwrap();
+    let images = dataset["num_images"].as_u64().unwrap();
+    let said = wait_text(&c, "#main", 30, |t| t.contains("accuracy")).await;
+    assert!(said.contains(&format!("(evaluated {images} of {images} images)")), "{said}");
+    element(&c, "#main table.heat").await;
+
+    let other = uploaded(&server, &[file("red/0.png", colour([200, 30, 30], 7)), file("green/0.png", colour([30, 200, 30], 8))], "greens.zip").await;
+    c.refresh().await.unwrap();
+    let choice = format!("#eval-dataset option[value='{}']", other["id"].as_str().unwrap());
+    element(&c, &choice).await.click().await.unwrap();
+    c.wait().at_most(Duration::from_secs(20)).for_element(Locator::XPath("//button[contains(., 'Evaluate')]")).await.unwrap().click().await.unwrap();
+    let said = wait_text(&c, "p.error", 20, |t| !t.is_empty()).await;
+    assert!(said.contains("green") && said.ends_with("(unknown_classes)"), "{said}");
+    c.close().await.unwrap();
+}
+
 /// Actions the service refuses say why on the page: a download of a model deleted since the page
 /// drew it, and a cancel of a job that has already finished.
 #[tokio::test(flavor = "multi_thread")]

@@ -7,7 +7,7 @@ use vitforge::model::{LoadedModel, ModelSource, Vit};
 
 use crate::fixtures::{class_images, file, image, zip};
 use image::ImageFormat;
-use crate::helpers::{assert_error, json, spawn_app};
+use crate::helpers::{assert_error, json, spawn_app, sse_events};
 
 #[tokio::test]
 async fn registry_download_evaluate_and_delete() {
@@ -143,4 +143,38 @@ async fn deleting_the_dataset_under_an_evaluation_is_404_not_500() {
         answers.push(status);
     }
     eprintln!("answers with the delete 0, 10, 30, 60 and 120 ms after the evaluate: {answers:?}");
+}
+
+/// `Accept: text/event-stream` on an evaluation: its progress, the last one with every image
+/// evaluated, then the report the plain request gets; an evaluation refused once it has started
+/// ends its stream with the error; one refused before keeps its status.
+#[tokio::test]
+async fn an_evaluation_asking_for_events_reports_its_progress_then_the_report() {
+    let app = spawn_app().await;
+    let dataset = app.upload_pets(20, true).await;
+    let job = app.submit_job(&dataset, json!({"epochs": 1})).await;
+    let model = app.wait_job(job["id"].as_str().unwrap(), 120).await["model_id"].as_str().unwrap().to_string();
+    let path = format!("/models/{model}/evaluate");
+    let streamed = |body: serde_json::Value| app.client.post(app.url(&path)).header("accept", "text/event-stream").json(&body).send();
+
+    let events = sse_events(streamed(json!({"dataset_id": dataset, "split": "all"})).await.unwrap()).await;
+    let (last, progress) = events.split_last().unwrap();
+    assert_eq!(last.0, "report", "{events:?}");
+    assert!(progress.iter().all(|(e, _)| e == "progress"), "{events:?}");
+    assert_eq!(progress.last().unwrap().1, json!({"stage": "evaluating", "images": 44, "evaluated": 44}), "{events:?}");
+    let plain = json(app.post_json(&path, &json!({"dataset_id": dataset, "split": "all"})).await).await;
+    assert_eq!(last.1, plain, "the same report either way");
+
+    // Classes the model lacks are found once the evaluation runs: an `error` event.
+    let owls = json(app.post_dataset("owls.zip", zip(&class_images("", &["cat", "owl"], 2, 9)), None).await).await["id"].clone();
+    let events = sse_events(streamed(json!({"dataset_id": owls})).await.unwrap()).await;
+    let (last, _) = events.split_last().unwrap();
+    assert_eq!(last.0, "error", "{events:?}");
+    assert_eq!((last.1["status"].clone(), last.1["error"]["code"].clone()), (json!(422), json!("unknown_classes")));
+
+    // A dataset that is not there, a bad body: refused before the stream, with their status.
+    assert_error(streamed(json!({"dataset_id": "nope"})).await.unwrap(), 404, "not_found").await;
+    assert_error(streamed(json!({"dataset_id": dataset, "split": "dev"})).await.unwrap(), 422, "invalid_field").await;
+    let resp = app.client.post(app.url("/models/nope/evaluate")).header("accept", "text/event-stream").json(&json!({"dataset_id": dataset})).send().await.unwrap();
+    assert_error(resp, 404, "not_found").await;
 }

@@ -49,9 +49,9 @@ async function errorOf(resp) {
 }
 
 /** A request with the key; asks for a key on 401 and tries again. Returns the Response. */
-export async function send(method, path, body) {
+export async function send(method, path, body, headers = {}) {
   for (let attempt = 0; ; attempt++) {
-    const init = { method, headers: authHeaders() };
+    const init = { method, headers: authHeaders(headers) };
     if (body !== undefined) {
       if (body instanceof FormData || body instanceof Blob) {
         init.body = body;
@@ -84,6 +84,26 @@ export async function getFirst(path, limit) {
 export async function post(path, body) {
   const resp = await send("POST", path, body);
   return resp.status === 204 ? null : resp.json();
+}
+
+/**
+ * POSTs JSON to long work that reports its progress as events when asked (`Accept`): each
+ * `progress` event's data goes to `onProgress`. Resolves with the data of the last event, the
+ * outcome; rejects with an `error` event's error.
+ */
+export async function postWatching(path, body, onProgress) {
+  const resp = await send("POST", path, body, { Accept: "text/event-stream" });
+  const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+  try {
+    for await (const { event, data } of parse(reader)) {
+      if (event === "progress") onProgress(data);
+      else if (event === "error") throw new ApiError(data.status, data.error?.code, data.error?.message);
+      else return data;
+    }
+  } finally {
+    reader.cancel().catch(() => {});
+  }
+  throw new ApiError(0, "network", "the service's answer ended before the outcome");
 }
 
 export async function del(path) {

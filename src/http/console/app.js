@@ -1,7 +1,7 @@
 // The console's pages. Every /ui/ path loads this module, which renders the page the path names
 // from the JSON API: overview, dataset, new job, job, model, predict.
 
-import { ApiError, del, events, get, getFirst, objectUrl, post, send, upload } from "./api.js";
+import { ApiError, del, events, get, getFirst, objectUrl, post, postWatching, send, upload } from "./api.js";
 import { heatmap, lineChart } from "./charts.js";
 import { filesOfEntry, tarOf } from "./tar.js";
 
@@ -762,13 +762,24 @@ async function model(id) {
   const ds = h("select", { id: "eval-dataset" }, datasets.map((d) => h("option", { value: d.id }, d.name)));
   const split = h("select", { id: "eval-split" }, h("option", { value: "" }, "test split if any, else all"), ["test", "validation", "train", "all"].map((s) => h("option", { value: s }, s)));
   const evaluate = async () => {
-    result.replaceChildren(h("p", { class: "muted" }, "evaluating…"));
+    const bar = h("progress", { max: 1, value: 0 });
+    const note = h("span", { class: "muted", id: "eval-progress" }, "evaluating…");
+    result.replaceChildren(h("p", {}, bar, " ", note));
+    const stage = (p) => {
+      if (p.stage === "waiting") note.textContent = "waiting for the evaluation before this one to end…";
+      else if (p.stage === "loading") note.textContent = "loading the model…";
+      else {
+        note.textContent = `evaluated ${p.evaluated.toLocaleString("en")} of ${p.images.toLocaleString("en")} images`;
+        bar.value = p.images ? p.evaluated / p.images : 0;
+      }
+    };
     try {
       const body = { dataset_id: ds.value };
       if (split.value) body.split = split.value;
-      const r = await post(`/models/${id}/evaluate`, body);
+      const r = await postWatching(`/models/${id}/evaluate`, body, stage);
       const labels = matrixLabels(r, m.labels);
-      result.replaceChildren(h("p", {}, `accuracy ${pct(r.accuracy)}, macro-F1 ${num(r.f1)}, calibration error ${num(r.ece)}`), heatmap(r.confusion_matrix, labels));
+      const summary = `accuracy ${pct(r.accuracy)}, macro-F1 ${num(r.f1)}, calibration error ${num(r.ece)}`;
+      result.replaceChildren(h("p", {}, summary, h("span", { class: "muted" }, ` (${note.textContent})`)), heatmap(r.confusion_matrix, labels));
     } catch (e) {
       result.replaceChildren(errorBox(e));
     }
