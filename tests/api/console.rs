@@ -624,17 +624,24 @@ async fn more_images_are_added_to_a_copy_of_a_dataset_from_its_page() {
     c.close().await.unwrap();
 }
 
+/// A service with a tiny model trained on 4 reds and 4 blues (the dataset's JSON, the model's
+/// id), and a browser on the model's page.
+async fn on_a_model_page(driver: &Driver, root: &Path) -> (crate::support::ChildServer, serde_json::Value, String, Client) {
+    let server = server_with_tiny(root);
+    let dataset = uploaded(&server, &red_and_blue(4), "colours.zip").await;
+    let (_, model) = trained(&server, &json!({"dataset_id": dataset["id"], "base_model": "tiny", "params": {"epochs": 1, "batch_size": 2}})).await;
+    let c = browser(driver, &root.join("profile")).await;
+    c.goto(&server.url(&format!("/ui/models/{model}"))).await.unwrap();
+    (server, dataset, model, c)
+}
+
 /// A model's page points an alias at it and removes it; the overview lists it beside its model,
 /// and the predict page offers it. A name the service refuses says why.
 #[tokio::test(flavor = "multi_thread")]
 async fn aliases_are_set_on_a_model_s_page_and_offered_for_predictions() {
     let Some(driver) = chromedriver() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let server = server_with_tiny(tmp.path());
-    let dataset = uploaded(&server, &red_and_blue(4), "colours.zip").await;
-    let (_, model) = trained(&server, &json!({"dataset_id": dataset["id"], "base_model": "tiny", "params": {"epochs": 1, "batch_size": 2}})).await;
-    let c = browser(&driver, &tmp.path().join("profile")).await;
-    c.goto(&server.url(&format!("/ui/models/{model}"))).await.unwrap();
+    let (server, _, model, c) = on_a_model_page(&driver, tmp.path()).await;
     wait_text(&c, "#aliases", 20, |t| t.contains("No alias names this model.")).await;
     element(&c, "#alias-name").await.send_keys("two words").await.unwrap();
     element(&c, "#alias-set").await.click().await.unwrap();
@@ -667,11 +674,7 @@ async fn aliases_are_set_on_a_model_s_page_and_offered_for_predictions() {
 async fn a_model_is_evaluated_on_its_page_with_the_count_of_images() {
     let Some(driver) = chromedriver() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let server = server_with_tiny(tmp.path());
-    let dataset = uploaded(&server, &red_and_blue(4), "colours.zip").await;
-    let (_, model) = trained(&server, &json!({"dataset_id": dataset["id"], "base_model": "tiny", "params": {"epochs": 1, "batch_size": 2}})).await;
-    let c = browser(&driver, &tmp.path().join("profile")).await;
-    c.goto(&server.url(&format!("/ui/models/{model}"))).await.unwrap();
+    let (server, dataset, _, c) = on_a_model_page(&driver, tmp.path()).await;
     let evaluate = c.wait().at_most(Duration::from_secs(20)).for_element(Locator::XPath("//button[contains(., 'Evaluate')]")).await.unwrap();
     evaluate.click().await.unwrap();
     let images = dataset["num_images"].as_u64().unwrap();
