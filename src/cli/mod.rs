@@ -342,13 +342,13 @@ fn import(data: &Path, store: &BlobStore, cancel: &AtomicBool) -> anyhow::Result
     let mut shown = |progress: Progress| match progress {
         Progress::Listing { listed } => pb.set_position(listed),
         Progress::Checking { checked, entries } => {
+            // The length before the new style's first draw.
+            pb.set_length(entries);
             if !checking {
                 checking = true;
                 pb.reset();
-                pb.set_length(entries);
                 pb.set_style(bar_style("{spinner} checking [{bar:30}] {pos}/{len} files ({per_sec}) eta {eta}"));
             }
-            pb.set_length(entries);
             pb.set_position(checked);
         }
     };

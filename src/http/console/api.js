@@ -94,16 +94,26 @@ export async function post(path, body) {
 export async function postWatching(path, body, onProgress) {
   const resp = await send("POST", path, body, { Accept: "text/event-stream" });
   const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+  let last = null;
   try {
-    for await (const { event, data } of parse(reader)) {
-      if (event === "progress") onProgress(data);
-      else if (event === "error") throw new ApiError(data.status, data.error?.code, data.error?.message);
-      else return data;
+    for await (const e of parse(reader)) {
+      if (e.event !== "progress") {
+        last = e;
+        break;
+      }
+      onProgress(e.data);
     }
   } finally {
     reader.cancel().catch(() => {});
   }
-  throw new ApiError(0, "network", "the service's answer ended before the outcome");
+  return outcomeOf(last);
+}
+
+/** The data of an event stream's outcome (its last event); an `error` event's error is thrown. */
+function outcomeOf(last) {
+  if (last?.event === "error") throw new ApiError(last.data.status, last.data.error?.code, last.data.error?.message);
+  if (!last) throw new ApiError(0, "network", "the service's answer ended before its outcome");
+  return last.data;
 }
 
 export async function del(path) {
@@ -145,9 +155,11 @@ export function upload(path, form, onProgress, onStage = () => {}) {
     xhr.onload = async () => {
       if (streamed()) {
         readEvents();
-        if (outcome?.event === "dataset") resolve(outcome.data);
-        else if (outcome?.event === "error") reject(new ApiError(outcome.data.status, outcome.data.error?.code, outcome.data.error?.message));
-        else reject(new ApiError(0, "network", "the service's answer ended before the upload was stored"));
+        try {
+          resolve(outcomeOf(outcome));
+        } catch (e) {
+          reject(e);
+        }
         return;
       }
       let body = null;
