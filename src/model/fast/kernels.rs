@@ -203,7 +203,9 @@ pub fn col_sums(x: &[f32], cols: usize) -> Vec<f32> {
 }
 
 dispatch! {
-    fn act_forward_chunk(act: Activation, x: &[f32], y: &mut [f32]) {
+    /// `y = act(x)` on this thread (a panel of rows being packed; [`activation`] spreads a whole
+    /// matrix over the pool).
+    pub fn act_forward_chunk(act: Activation, x: &[f32], y: &mut [f32]) {
         const SQRT_2_OVER_PI: f32 = 0.797_884_6;
         match act {
             Activation::Gelu => {

@@ -19,7 +19,7 @@ use candle_core::{Device, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
 
 use self::kernels as k;
-use self::matmul::{Mat, MatMut, PackedB, Threads, gemm, gemm_bias, gemm_bias_packed, gemm_bias_parts, with_scratch};
+use self::matmul::{ElementWise, Mat, MatMut, PackedB, Threads, gemm, gemm_bias, gemm_bias_packed, gemm_bias_parts, gemm_mapped, gemm_mapped_packed, with_scratch};
 use super::precision::Precision;
 use super::vit::{Linear, Objective, Vit};
 use super::weights::{Boundary, TrainableSet, keys, param_specs};
@@ -347,6 +347,16 @@ fn linear(x: &[f32], rows: usize, l: &Lin, y: &mut [f32], stride: usize, col: us
     }
 }
 
+/// `y = f(x)·Wᵀ + b` for a row-major `x` (rows × in) and an element-wise `f` (the activation
+/// before fc2), `y` rows × out.
+fn linear_mapped(x: &[f32], f: ElementWise, rows: usize, l: &Lin, y: &mut [f32]) {
+    let (x, y) = (Mat::rows(x, rows, l.inp), MatMut::rows(y, rows, l.out));
+    match l.packed.filter(|p| p.fits(l.prec)) {
+        Some(packed) => gemm_mapped_packed(x, f, packed, y, l.b, Threads::All),
+        None => gemm_mapped(x, f, weight_t(l), y, l.b, Threads::All, l.prec),
+    }
+}
+
 /// Weight and bias gradients of a linear layer from its input and the gradient of its output
 /// (`rows × out`).
 fn linear_grads(x: &[f32], rows: usize, l: &Lin, dy: &[f32]) -> (Vec<f32>, Option<Vec<f32>>) {
@@ -550,7 +560,6 @@ struct Workspace {
     qkv: Vec<f32>,
     x_mid: Vec<f32>,
     fc1: Vec<f32>,
-    act: Vec<f32>,
 }
 
 /// Buffers of a layer's backward, reused by every layer of one backward pass, as [`Workspace`]'s
@@ -579,7 +588,7 @@ fn layer_forward(cfg: &VitConfig, w: &LayerW, x: Vec<f32>, b: usize, save: bool,
     let rows = b * cfg.num_tokens();
     let eps = cfg.layer_norm_eps as f32;
     let inter = w.fc1.out;
-    let Workspace { hs, qkv, x_mid, fc1, act } = ws;
+    let Workspace { hs, qkv, x_mid, fc1 } = ws;
     let hs = sized(hs, rows * h);
     let (mean1, rstd1) = k::layer_norm(&x, w.ln1.0, w.ln1.1, eps, hs);
     let qkv_buf = sized(qkv, rows * 3 * h);
@@ -591,11 +600,11 @@ fn layer_forward(cfg: &VitConfig, w: &LayerW, x: Vec<f32>, b: usize, save: bool,
     let (mean2, rstd2) = k::layer_norm(x_mid_buf, w.ln2.0, w.ln2.1, eps, hs);
     let fc1_buf = sized(fc1, rows * inter);
     linear(hs, rows, &w.fc1, fc1_buf, inter, 0);
-    let act = sized(act, rows * inter);
-    k::activation(cfg.hidden_act, fc1_buf, act);
     // The output goes where the input was, unless the input is saved.
     let (mut out, x_in) = if save { (vec![0f32; rows * h], Some(x)) } else { (x, None) };
-    linear(act, rows, &w.fc2, &mut out, h, 0);
+    // fc2 of the activation, applied as the product packs fc1's rows.
+    let act = |x: &[f32], y: &mut [f32]| k::act_forward_chunk(cfg.hidden_act, x, y);
+    linear_mapped(fc1_buf, &act, rows, &w.fc2, &mut out);
     k::par_add_assign(&mut out, x_mid_buf);
     let take = std::mem::take::<Vec<f32>>;
     let saved = x_in.map(|x_in| LayerSaved { x_in, mean1, rstd1, qkv: take(qkv), lse, ctx, x_mid: take(x_mid), mean2, rstd2, fc1: take(fc1) });

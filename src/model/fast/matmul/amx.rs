@@ -349,8 +349,42 @@ mod tests {
             return;
         }
         check_products("amx (emulated tiles)", &[Precision::Bf16], |a, b, c, alpha, onto, threads, _| {
-            super::super::sgemm::gemm::<Amx<Emulated>>(a, b, c, alpha, onto, threads == Threads::All, true)
+            let step = super::super::sgemm::Step { alpha, onto, parallel: threads == Threads::All, bf16: true, map: None };
+            super::super::sgemm::gemm::<Amx<Emulated>>(a, b, c, step)
         });
+    }
+
+    /// `f(A)·B` on the emulated tiles, `f` applied as the 32-row panels are packed, is the
+    /// product of `f(A)` written whole, bit for bit (200 rows: several row blocks and a cut last
+    /// panel; a depth of 70 cutting a block; serial and parallel).
+    #[test]
+    fn tiles_emulated_take_a_mapped_a_as_the_mapped_matrix() {
+        use std::arch::is_x86_feature_detected as has;
+        use super::super::sgemm::{Step, gemm};
+        use super::super::{Mat, MatMut, Onto};
+        if !(has!("avx512f") && has!("avx512bw") && has!("avx512bf16")) {
+            eprintln!("no AVX-512 BF16 here: the AMX kernel's packing cannot run");
+            return;
+        }
+        let f = |x: &[f32], y: &mut [f32]| y.iter_mut().zip(x).for_each(|(y, &x)| *y = (x - 0.2) * x);
+        let (m, n, k) = (200, 40, 70);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 37.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 41.0).collect();
+        let mut fa = vec![0f32; m * k];
+        for (x, y) in a.chunks(k).zip(fa.chunks_mut(k)) {
+            f(x, y);
+        }
+        for parallel in [false, true] {
+            let run = |a: &[f32], map: Option<super::super::ElementWise>| {
+                let mut c = vec![0f32; m * n];
+                let step = Step { alpha: 1.0, onto: Onto::Zero, parallel, bf16: true, map };
+                gemm::<Amx<Emulated>>(Mat::rows(a, m, k), Mat::rows(&b, k, n), MatMut::rows(&mut c, m, n), step);
+                c
+            };
+            let (want, got) = (run(&fa, None), run(&a, Some(&f)));
+            assert!(want.iter().zip(&got).all(|(x, y)| x.to_bits() == y.to_bits()), "parallel={parallel}");
+            assert!(want.iter().any(|&x| x != 0.0));
+        }
     }
 
     /// The emulation itself, on one hand-made product: row 0 of A holds pairs (1, 2) at pair 0

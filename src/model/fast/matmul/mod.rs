@@ -138,14 +138,27 @@ pub enum Onto<'a> {
     Bias(&'a [f32]),
 }
 
+/// An element-wise function, `f(x, y)` writing `f` of each value of `x` to `y` (as long as `x`),
+/// applied to the left operand of a product: `f(A)·B` (GELU's output as fc2's input). Our
+/// kernels apply it to each panel of A's rows as they pack them, so `f(A)` is never a matrix in
+/// memory; the `gemm` crate's product gets `f(A)` written whole first.
+pub type ElementWise<'a> = &'a (dyn Fn(&[f32], &mut [f32]) + Sync);
+
 /// `c = beta·a·b` (or `c += beta·a·b` with `accumulate`), with the operands at `precision`.
 pub fn gemm(a: Mat, b: Mat, c: MatMut, beta: f32, accumulate: bool, threads: Threads, precision: Precision) {
-    product(a, b, c, beta, if accumulate { Onto::C } else { Onto::Zero }, threads, precision)
+    product(a, None, b, c, beta, if accumulate { Onto::C } else { Onto::Zero }, threads, precision)
 }
 
 /// `c = a·b + bias`, the bias added to every row, with the operands at `precision`.
 pub fn gemm_bias(a: Mat, b: Mat, c: MatMut, bias: &[f32], threads: Threads, precision: Precision) {
-    product(a, b, c, 1.0, Onto::Bias(bias), threads, precision)
+    product(a, None, b, c, 1.0, Onto::Bias(bias), threads, precision)
+}
+
+/// `c = f(a)·b (+ bias)` for a row-major `a`, with the operands at `precision` (see
+/// [`ElementWise`]).
+pub fn gemm_mapped(a: Mat, f: ElementWise, b: Mat, c: MatMut, bias: Option<&[f32]>, threads: Threads, precision: Precision) {
+    assert_eq!(a.cs, 1, "a mapped A is row-major");
+    product(a, Some(f), b, c, 1.0, bias.map_or(Onto::Zero, Onto::Bias), threads, precision)
 }
 
 /// `c = a·[b₀ b₁ …] + bias`: the product by the matrix whose columns are those of `parts` side
@@ -166,24 +179,32 @@ pub fn gemm_bias_parts(a: Mat, parts: &[Mat], c: MatMut, bias: Option<&[f32]>, t
         && let Some(kernel) = Kernel::active(precision).filter(|&k| on_kernel!(k, K => sgemm::parts_align::<K>(parts)))
     {
         let bf16 = precision == Precision::Bf16;
-        on_kernel!(kernel, K => sgemm::gemm_parts::<K>(a, parts, c, 1.0, onto, parallel(threads), bf16));
+        let step = sgemm::Step { alpha: 1.0, onto, parallel: parallel(threads), bf16, map: None };
+        on_kernel!(kernel, K => sgemm::gemm_parts::<K>(a, parts, c, step));
         return;
     }
     let mut col = 0;
     for &part in parts {
         let columns = MatMut { data: &mut *c.data, offset: c.offset + col, rows: c.rows, cols: part.cols, rs: c.rs };
         let onto = bias.map_or(Onto::Zero, |bias| Onto::Bias(&bias[col..col + part.cols]));
-        product(a, part, columns, 1.0, onto, threads, precision);
+        product(a, None, part, columns, 1.0, onto, threads, precision);
         col += part.cols;
     }
 }
 
-/// `beta·a·b` onto `onto`, with the operands at `precision`.
-fn product(a: Mat, b: Mat, c: MatMut, beta: f32, onto: Onto, threads: Threads, precision: Precision) {
+/// `beta·map(a)·b` onto `onto`, with the operands at `precision`.
+#[allow(clippy::too_many_arguments)]
+fn product(a: Mat, map: Option<ElementWise>, b: Mat, c: MatMut, beta: f32, onto: Onto, threads: Threads, precision: Precision) {
     check_views(a, (b.rows, b.cols), &c, onto);
     b.check();
     if a.rows == 0 || b.cols == 0 {
         return;
+    }
+    if let Some(f) = map
+        && !uses_our_kernels()
+    {
+        let mapped = mapped_rows(a, f);
+        return product(Mat::rows(&mapped, a.rows, a.cols), None, b, c, beta, onto, threads, precision);
     }
     if a.cols == 0 || matches!(onto, Onto::Bias(_)) && !uses_our_kernels() {
         // No product to add (C becomes zero or the bias), or the crate's product, which adds to
@@ -199,14 +220,15 @@ fn product(a: Mat, b: Mat, c: MatMut, beta: f32, onto: Onto, threads: Threads, p
         if a.cols == 0 {
             return;
         }
-        return product(a, b, c, beta, Onto::C, threads, precision);
+        return product(a, map, b, c, beta, Onto::C, threads, precision);
     }
     let accumulate = matches!(onto, Onto::C);
     #[cfg(target_arch = "x86_64")]
     if let Some(kernel) = Kernel::active(precision) {
         let parallel = parallel(threads);
         let bf16 = precision == Precision::Bf16;
-        on_kernel!(kernel, K => sgemm::gemm::<K>(a, b, c, beta, onto, parallel, bf16));
+        let step = sgemm::Step { alpha: beta, onto, parallel, bf16, map };
+        on_kernel!(kernel, K => sgemm::gemm::<K>(a, b, c, step));
         return;
     }
     if precision == Precision::Bf16 {
@@ -246,6 +268,17 @@ fn product(a: Mat, b: Mat, c: MatMut, beta: f32, onto: Onto, threads: Threads, p
             parallelism,
         );
     }
+}
+
+/// `f` of every row of the row-major `a`, as a matrix of its own.
+fn mapped_rows(a: Mat, f: ElementWise) -> Vec<f32> {
+    let mut out = vec![0f32; a.rows * a.cols];
+    if a.cols > 0 {
+        for (r, row) in out.chunks_mut(a.cols).enumerate() {
+            f(&a.data[a.offset + r * a.rs..][..a.cols], row);
+        }
+    }
+    out
 }
 
 /// Checks the views of a product of `a` by a B of depth `k` and `n` columns onto `c`: the shapes
@@ -522,6 +555,16 @@ impl PackedB {
 /// `c = a·b + bias` with `b` packed (see [`PackedB`]); the caller checked that it
 /// [`fits`](PackedB::fits) the precision of the product.
 pub fn gemm_bias_packed(a: Mat, b: &PackedB, c: MatMut, bias: Option<&[f32]>, threads: Threads) {
+    packed_product(a, None, b, c, bias, threads)
+}
+
+/// [`gemm_bias_packed`] of `f(a)` for a row-major `a` (see [`ElementWise`]).
+pub fn gemm_mapped_packed(a: Mat, f: ElementWise, b: &PackedB, c: MatMut, bias: Option<&[f32]>, threads: Threads) {
+    assert_eq!(a.cs, 1, "a mapped A is row-major");
+    packed_product(a, Some(f), b, c, bias, threads)
+}
+
+fn packed_product(a: Mat, map: Option<ElementWise>, b: &PackedB, c: MatMut, bias: Option<&[f32]>, threads: Threads) {
     assert!(b.fits(b.precision), "B packed for another kernel than the active one");
     let onto = bias.map_or(Onto::Zero, Onto::Bias);
     check_views(a, b.shape(), &c, onto);
@@ -530,7 +573,7 @@ pub fn gemm_bias_packed(a: Mat, b: &PackedB, c: MatMut, bias: Option<&[f32]>, th
     }
     #[cfg(target_arch = "x86_64")]
     {
-        let step = sgemm::Step { alpha: 1.0, onto, parallel: parallel(threads), bf16: b.precision == Precision::Bf16 };
+        let step = sgemm::Step { alpha: 1.0, onto, parallel: parallel(threads), bf16: b.precision == Precision::Bf16, map };
         on_kernel!(b.kernel, K => sgemm::gemm_packed::<K>(a, b.panels(), c, step));
     }
 }
@@ -571,7 +614,7 @@ mod tests {
         let levels = runnable();
         for &level in &levels {
             check_products(&format!("{level:?}"), &[Precision::F32, Precision::Bf16], |a, b, c, alpha, onto, threads, precision| {
-                on(level, || product(a, b, c, alpha, onto, threads, precision))
+                on(level, || product(a, None, b, c, alpha, onto, threads, precision))
             });
         }
         // An empty depth: C is cleared, or left as it is when accumulating.
@@ -648,7 +691,7 @@ mod tests {
                             let mut got = vec![0.25f32; m * n];
                             on(level, || {
                                 let onto = bias.map_or(Onto::Zero, Onto::Bias);
-                                product(Mat::rows(&a, m, k), bv, MatMut::rows(&mut want, m, n), 1.0, onto, threads, precision);
+                                product(Mat::rows(&a, m, k), None, bv, MatMut::rows(&mut want, m, n), 1.0, onto, threads, precision);
                                 gemm_bias_packed(Mat::rows(&a, m, k), &packed, MatMut::rows(&mut got, m, n), bias, threads);
                             });
                             let same = want.iter().zip(&got).all(|(x, y)| x.to_bits() == y.to_bits());
@@ -663,6 +706,55 @@ mod tests {
             }
         }
         eprintln!("packed products checked at {levels:?}");
+    }
+
+    /// `f(A)·B` with `f` applied as A is packed gives the product of `f(A)` written whole, bit
+    /// for bit, at every level this CPU runs, in both precisions, by B plain and packed once,
+    /// with and without a bias, serial and parallel, for A a view inside a wider matrix and
+    /// shapes that cut panels and blocks; and `f` is never asked for more than one row at a time.
+    #[test]
+    fn mapped_products_are_products_of_the_mapped_matrix_bit_for_bit() {
+        let levels = runnable();
+        let mut rand = uniform(11);
+        let f = |x: &[f32], y: &mut [f32]| {
+            assert_eq!(x.len(), y.len());
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = x * x.abs() - 0.3 * x + 0.1;
+            }
+        };
+        for &level in &levels {
+            for &(m, n, k) in &[(1, 1, 1), (13, 37, 385), (197, 70, 130), (250, 33, 64)] {
+                // A is the first k columns of an m × (k + 3) matrix.
+                let wide: Vec<f32> = (0..m * (k + 3)).map(|_| rand()).collect();
+                let a = Mat { data: &wide, offset: 0, rows: m, cols: k, rs: k + 3, cs: 1 };
+                let fa = mapped_rows(a, &f);
+                assert_eq!(fa.len(), m * k);
+                let b: Vec<f32> = (0..k * n).map(|_| rand()).collect();
+                let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.02 - 0.3).collect();
+                let bv = Mat::rows(&b, n, k).t();
+                for precision in [Precision::F32, Precision::Bf16] {
+                    let packed = on(level, || PackedB::new(bv, precision));
+                    for (with_bias, threads) in [(false, Threads::One), (true, Threads::All), (true, Threads::One), (false, Threads::All)] {
+                        let bias = with_bias.then_some(&bias[..]);
+                        let (mut want, mut got, mut got_packed) = (vec![0.5f32; m * n], vec![0.5f32; m * n], vec![0.5f32; m * n]);
+                        on(level, || {
+                            let onto = bias.map_or(Onto::Zero, Onto::Bias);
+                            product(Mat::rows(&fa, m, k), None, bv, MatMut::rows(&mut want, m, n), 1.0, onto, threads, precision);
+                            gemm_mapped(a, &f, bv, MatMut::rows(&mut got, m, n), bias, threads, precision);
+                            if let Some(packed) = &packed {
+                                gemm_mapped_packed(a, &f, packed, MatMut::rows(&mut got_packed, m, n), bias, threads);
+                            }
+                        });
+                        let label = format!("{level:?} {precision:?} {m}x{n}x{k} bias={with_bias} serial={}", threads == Threads::One);
+                        assert!(want.iter().zip(&got).all(|(x, y)| x.to_bits() == y.to_bits()), "{label}");
+                        if packed.is_some() {
+                            assert!(want.iter().zip(&got_packed).all(|(x, y)| x.to_bits() == y.to_bits()), "{label}, B packed");
+                        }
+                    }
+                }
+            }
+        }
+        eprintln!("mapped products checked at {levels:?}");
     }
 
     /// A product by parts side by side gives what a product per part gives, bit for bit (one
@@ -693,7 +785,7 @@ mod tests {
                             let mut col = 0;
                             for (part, &w) in parts.iter().zip(&widths) {
                                 let onto = bias.map_or(Onto::Zero, |b| Onto::Bias(&b[col..col + w]));
-                                product(Mat::rows(&a, m, k), *part, MatMut::strided(&mut want, m, w, n, col), 1.0, onto, threads, precision);
+                                product(Mat::rows(&a, m, k), None, *part, MatMut::strided(&mut want, m, w, n, col), 1.0, onto, threads, precision);
                                 col += w;
                             }
                             gemm_bias_parts(Mat::rows(&a, m, k), &parts, MatMut::rows(&mut got, m, n), bias, threads, precision);

@@ -21,7 +21,7 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
-use super::{Mat, MatMut, Onto, Scratch};
+use super::{ElementWise, Mat, MatMut, Onto, Scratch};
 use crate::model::precision::round_bf16;
 
 /// A micro-kernel: its tile, its depth blocking, and how its operands are packed.
@@ -146,17 +146,17 @@ unsafe impl Sync for OutPtr {}
 /// walks its columns in strips of `NS`, finishing each strip over all of k before the next, so
 /// the strip of C it updates stays in L2 instead of being reloaded from memory for every block
 /// of depth.
-pub(super) fn gemm<K: Micro>(a: Mat, b: Mat, c: MatMut, alpha: f32, onto: Onto, parallel: bool, bf16: bool) {
-    gemm_parts::<K>(a, &[b], c, alpha, onto, parallel, bf16)
+pub(super) fn gemm<K: Micro>(a: Mat, b: Mat, c: MatMut, step: Step) {
+    gemm_parts::<K>(a, &[b], c, step)
 }
 
 /// [`gemm()`] by the matrix made of `parts` side by side (each `a.cols` deep), which must
 /// [`parts_align`]: one product, so A is packed once for all of them.
-pub(super) fn gemm_parts<K: Micro>(a: Mat, parts: &[Mat], c: MatMut, alpha: f32, onto: Onto, parallel: bool, bf16: bool) {
+pub(super) fn gemm_parts<K: Micro>(a: Mat, parts: &[Mat], c: MatMut, step: Step) {
     B_SCRATCH.with(|scratch| {
         scratch.with(packed_len::<K>(a.cols, c.cols), |bpack| {
-            pack_parts::<K>(parts, bf16, parallel, bpack);
-            gemm_packed::<K>(a, bpack, c, Step { alpha, onto, parallel, bf16 })
+            pack_parts::<K>(parts, step.bf16, step.parallel, bpack);
+            gemm_packed::<K>(a, bpack, c, step)
         })
     });
 }
@@ -221,19 +221,22 @@ fn steps<K: Micro>(k: usize) -> usize {
     (if K::PAIRS { k.div_ceil(2) } else { k }).next_multiple_of(K::STEP_BLOCK)
 }
 
-/// How [`run`] runs: the scale, what it adds to, on how many threads, in which precision.
+/// How [`run`] runs: the scale, what it adds to, on how many threads, in which precision, and
+/// what it applies to A's values first.
 #[derive(Clone, Copy)]
 pub(super) struct Step<'a> {
     pub(super) alpha: f32,
     pub(super) onto: Onto<'a>,
     pub(super) parallel: bool,
     pub(super) bf16: bool,
+    /// `f` of `f(A)·B`, for a row-major A: applied as A is packed ([`pack_a_mapped`]).
+    pub(super) map: Option<ElementWise<'a>>,
 }
 
 /// The driver's loop nest over packed B (`n` columns).
 // long: the kernel driver's loop nest (tasks, strips, depth blocks, micro-tiles) reads best whole.
 fn run<K: Micro>(a: Mat, bpack: &[f32], n: usize, m: usize, ldc: usize, out: OutPtr, step: Step) {
-    let Step { alpha, onto, parallel, bf16 } = step;
+    let Step { alpha, onto, parallel, bf16, map } = step;
     let (mr_, nr_) = (K::MR, K::NR);
     let k = a.cols;
     let depth = steps::<K>(k);
@@ -273,13 +276,17 @@ fn run<K: Micro>(a: Mat, bpack: &[f32], n: usize, m: usize, ldc: usize, out: Out
             return;
         }
         // Row-major A is read in place, MR rows at a time (its rows are contiguous in k);
-        // only a last partial panel, or A in any other layout or precision, is packed.
-        let direct = a.cs == 1 && !bf16 && !K::PAIRS;
+        // only a last partial panel, or A in any other layout or precision, or mapped, is
+        // packed.
+        let direct = a.cs == 1 && !bf16 && !K::PAIRS && map.is_none();
         let whole = if direct { mc / mr_ * mr_ } else { 0 };
         let packed_rows = mc - whole;
         A_SCRATCH.with(|scratch| {
             scratch.with(packed_rows.next_multiple_of(mr_) * depth, |apack| {
-                K::pack_a(a, ic + whole, packed_rows, k, apack);
+                match map {
+                    None => K::pack_a(a, ic + whole, packed_rows, k, apack),
+                    Some(f) => pack_a_mapped::<K>(a, f, ic + whole, packed_rows, apack),
+                }
                 if round {
                     round_packed(apack);
                 }
@@ -334,10 +341,33 @@ fn run<K: Micro>(a: Mat, bpack: &[f32], n: usize, m: usize, ldc: usize, out: Out
     }
 }
 
-// Packing space for B and A ([`Scratch`]).
+// Packing space for B and A, and for a panel of A's rows mapped before they are packed
+// ([`Scratch`]).
 thread_local! {
     static B_SCRATCH: Scratch = const { Scratch(std::cell::RefCell::new(Vec::new())) };
     static A_SCRATCH: Scratch = const { Scratch(std::cell::RefCell::new(Vec::new())) };
+    static MAPPED_SCRATCH: Scratch = const { Scratch(std::cell::RefCell::new(Vec::new())) };
+}
+
+/// [`Micro::pack_a`] of `f(a)` for a row-major `a` (all of its columns): each panel's MR rows
+/// are mapped into this thread's space (`MR × k` floats, in L2), then packed from there, so
+/// `f(A)` is never written to memory whole, nor read back, as a pass of its own would.
+fn pack_a_mapped<K: Micro>(a: Mat, f: ElementWise, i0: usize, mc: usize, dst: &mut [f32]) {
+    let k = a.cols;
+    assert_eq!(a.cs, 1, "a mapped A is row-major");
+    let per_panel = K::MR * steps::<K>(k);
+    MAPPED_SCRATCH.with(|scratch| {
+        scratch.with(K::MR * k, |mapped| {
+            for (p, panel) in dst[..mc.div_ceil(K::MR) * per_panel].chunks_mut(per_panel).enumerate() {
+                let r0 = i0 + p * K::MR;
+                let rows = K::MR.min(i0 + mc - r0);
+                for (r, out) in mapped.chunks_mut(k).take(rows).enumerate() {
+                    f(&a.data[a.offset + (r0 + r) * a.rs..][..k], out);
+                }
+                K::pack_a(Mat::rows(&mapped[..rows * k], rows, k), 0, rows, k, panel);
+            }
+        })
+    });
 }
 
 /// Packs rows `i0..i0+mc` of `a` (all `k` columns) into panels of MR rows, k-major
