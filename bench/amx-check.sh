@@ -10,7 +10,9 @@
 #   3. bench/levels.sh amx against avx512bf16 (bf16; small and base; inference and a training
 #      step; batch 8), on 2 cores as the issue's table;
 #   4. bench/compare.sh against PyTorch on the same 2 cores: bf16 at the amx level (small and
-#      base), then f32 (small).
+#      base), then f32 (small);
+#   5. where the time goes (`vitforge bench --breakdown`, bf16, ViT-S, inference and a training
+#      step) at amx and at avx512bf16, each stage's share side by side.
 #
 #   cargo test --release --lib --no-run   # prints the test binary's path
 #   strip -o .gpu/vitforge-libtests target/release/deps/vitforge-HASH && gzip -f .gpu/vitforge-libtests
@@ -76,6 +78,30 @@ for run in "bf16 amx small,base 150" "f32 default small 60"; do
     pinned env "${env[@]}" VITFORGE="$BIN" timeout "$limit" bench/compare.sh "$configs" 8 infer,train 3 "$precision" \
         >"$RES/compare-$precision-$level.txt" 2>"$RES/compare-$precision-$level.log" || summary "note: compare.sh did not finish (compare-$precision-$level.log)"
     sed 's/^/    /' "$RES/compare-$precision-$level.txt" | tee -a "${sumfiles[@]}"
+done
+
+summary ""
+summary "## 5. where the time goes (vitforge bench --breakdown, bf16, small, batch 8): share by stage"
+for mode in infer train; do
+    for level in amx avx512bf16; do
+        pinned env VITFORGE_MAX_ISA=$level timeout 60 "$BIN" bench --config small --batch 8 --mode $mode --iters 3 \
+            --warmup 1 --precision bf16 --breakdown >"$RES/breakdown-$mode-$level.json" 2>"$RES/breakdown-$mode-$level.log" ||
+            summary "note: the $mode breakdown at $level did not finish (breakdown-$mode-$level.log)"
+    done
+    python3 - "$RES/breakdown-$mode-amx.json" "$RES/breakdown-$mode-avx512bf16.json" <<'PY' | sed 's/^/    /' | tee -a "${sumfiles[@]}"
+import json, sys
+runs = []
+for path in sys.argv[1:]:
+    try:
+        runs.append(json.loads(open(path).readline()))
+    except (OSError, ValueError):
+        runs.append({})
+print(f"{runs[0].get('mode', '?')}: " + ", ".join(f"{r.get('path', '?')} {r.get('images_per_s', '?')} img/s" for r in runs))
+stages = list(dict.fromkeys(k for r in runs for k in r.get("breakdown", {})))
+print(f"{'stage':<20}" + "".join(f"{r.get('path', '?'):>12}" for r in runs))
+for s in stages:
+    print(f"{s:<20}" + "".join(f"{100 * r.get('breakdown', {}).get(s, 0):>11.1f}%" for r in runs))
+PY
 done
 
 summary ""

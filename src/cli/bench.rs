@@ -11,7 +11,7 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use crate::model::network::{Objective, frozen_forward, loss_and_grads};
-use crate::model::{LoadedModel, ModelSource, PrecisionChoice, TrainableSet, Vit, VitConfig, isa};
+use crate::model::{LoadedModel, ModelSource, Precision, PrecisionChoice, TrainableSet, Vit, VitConfig, isa, stages};
 use crate::train::OptimizerKind;
 use crate::train::optim::{Optimizer, clip_grad_norm};
 
@@ -73,6 +73,11 @@ pub struct BenchArgs {
     /// Precision of the matrix products: f32, bf16 or auto (as `vitforge train`).
     #[arg(long, value_enum, default_value_t = PrecisionChoice::F32)]
     pub precision: PrecisionChoice,
+    /// Also time each stage of the CPU's fast path (products, attention, layer norms, …) over
+    /// the timed iterations: a table on stderr, and each stage's share of the time in the JSON
+    /// line (`breakdown`).
+    #[arg(long)]
+    pub breakdown: bool,
 }
 
 /// Number of classes of the benchmark head (as in bench/torch_reference.py).
@@ -103,6 +108,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             (args.config.clone(), LoadedModel::random(&cfg, &labels, 0, &device)?)
         }
     };
+    if args.breakdown && (!device.is_cpu() || crate::model::cpu_path() == "reference") {
+        bail!("--breakdown times the stages of the CPU's fast path: it needs --device cpu, without VITFORGE_REFERENCE_OPS");
+    }
     let (h, w) = model.cfg.image_size;
     let precision = args.precision.resolve(&device);
     if device.is_cpu() {
@@ -122,17 +130,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                         let logits = served.forward(&pixels)?;
                         logits.to_device(&Device::Cpu)?;
                     }
-                    BenchMode::Train | BenchMode::HeadOnly => {
-                        let set = if mode == BenchMode::Train { TrainableSet::All } else { TrainableSet::HeadOnly };
-                        let layers = model.cfg.num_hidden_layers;
-                        let b = set.boundary(layers);
-                        let frozen = Vit::frozen(&model.cfg, &model.params)?.with_precision(precision);
-                        let input = frozen_forward(&frozen, b, &pixels)?;
-                        let vit = Vit::new(&model.cfg, &model.params, &|n| set.contains(n, layers))?.with_precision(precision);
-                        let (_, mut grads) = loss_and_grads(&vit, &model.params, set, b, &input, Objective::plain(&targets), None)?;
-                        clip_grad_norm(&mut grads, 1.0)?;
-                        optimizer.step(&model.params, &grads, &|_| 1e-4)?;
-                    }
+                    BenchMode::Train => train_step(&model, TrainableSet::All, precision, &pixels, &targets, &mut optimizer)?,
+                    BenchMode::HeadOnly => train_step(&model, TrainableSet::HeadOnly, precision, &pixels, &targets, &mut optimizer)?,
                 }
                 // GPU work is queued; a figure must include it.
                 device.synchronize()?;
@@ -142,6 +141,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 run()?;
             }
             let mut times = Vec::with_capacity(args.iters);
+            stages::set_breakdown(args.breakdown);
             let pb = indicatif::ProgressBar::new(args.iters as u64);
             for _ in 0..args.iters.max(1) {
                 let t = Instant::now();
@@ -150,9 +150,11 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 pb.inc(1);
             }
             pb.finish_and_clear();
+            let breakdown = args.breakdown.then(|| shares(&stages::breakdown(), times.iter().sum()));
+            stages::set_breakdown(false);
             times.sort_by(f64::total_cmp);
             let median = times[times.len() / 2];
-            let line = json!({
+            let mut line = json!({
                 "impl": "vitforge",
                 "config": name,
                 "batch": batch,
@@ -165,10 +167,47 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 "precision": precision.name(),
                 "bf16_products": if device.is_cpu() { crate::model::bf16_products() } else { "cuda" },
             });
+            if let Some(shares) = breakdown {
+                eprintln!("{name}, batch {batch}, {}: share of {} timed iterations", mode.name(), times.len());
+                line["breakdown"] = print_shares(shares);
+            }
             println!("{line}");
         }
     }
     Ok(())
+}
+
+/// One training step of `set` on a batch: the frozen part's forward, loss and gradients,
+/// clipping and an AdamW step.
+fn train_step(model: &LoadedModel, set: TrainableSet, precision: Precision, pixels: &Tensor, targets: &[u32], optimizer: &mut Optimizer) -> anyhow::Result<()> {
+    let layers = model.cfg.num_hidden_layers;
+    let b = set.boundary(layers);
+    let frozen = Vit::frozen(&model.cfg, &model.params)?.with_precision(precision);
+    let input = frozen_forward(&frozen, b, pixels)?;
+    let vit = Vit::new(&model.cfg, &model.params, &|n| set.contains(n, layers))?.with_precision(precision);
+    let (_, mut grads) = loss_and_grads(&vit, &model.params, set, b, &input, Objective::plain(targets), None)?;
+    clip_grad_norm(&mut grads, 1.0)?;
+    optimizer.step(&model.params, &grads, &|_| 1e-4)?;
+    Ok(())
+}
+
+/// Each stage's share of `total` seconds, rounded to 0.1%, the stages that ran (in their
+/// order), then `other`: what no stage covers (the head, the loss, the optimiser, conversions).
+fn shares(stages: &[(stages::Stage, f64)], total: f64) -> Vec<(String, f64)> {
+    let share = |secs: f64| (secs / total.max(f64::MIN_POSITIVE) * 1000.0).round() / 1000.0;
+    let timed: f64 = stages.iter().map(|(_, s)| s).sum();
+    let ran = stages.iter().filter(|(_, secs)| *secs > 0.0);
+    let mut out: Vec<_> = ran.map(|(stage, secs)| (stage.name().to_string(), share(*secs))).collect();
+    out.push(("other".into(), share((total - timed).max(0.0))));
+    out
+}
+
+/// Prints `shares` as a table on stderr, and returns them as a JSON object.
+fn print_shares(shares: Vec<(String, f64)>) -> serde_json::Value {
+    for (stage, share) in &shares {
+        eprintln!("  {stage:<20} {:5.1}%", share * 100.0);
+    }
+    shares.into_iter().map(|(stage, share)| (stage, json!(share))).collect::<serde_json::Map<_, _>>().into()
 }
 
 /// The CPU figures are taken on, from `/proc/cpuinfo`'s first processor: its name, with its

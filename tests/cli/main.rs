@@ -276,6 +276,38 @@ fn every_kernel_level_passes_the_golden_files_and_bench_names_it() {
     assert!(err.contains("VITFORGE_DPBF16=\"yes\"") && err.contains("use 1"), "{err}");
 }
 
+/// `bench --breakdown` adds each stage's share of the timed iterations to the JSON line: the
+/// forward's stages for inference, the backward's too for a training step, each above zero,
+/// with `other` for the rest, adding up to the whole; a table of them goes to stderr. It times
+/// the CPU's fast path only, so the reference ops are refused with the reason.
+#[test]
+fn bench_breaks_the_time_down_by_stage() {
+    let forward = ["embed", "layer_norm", "qkv", "attention", "attention_out", "residual", "fc1", "activation_fc2"];
+    let backward = ["activation_backward", "weight_grads", "input_grads", "attention_backward", "layer_norm_backward", "embed_backward"];
+    let (ok, out, err) = vitforge(&["bench", "--config", "tiny", "--mode", "infer,train", "--iters", "2", "--warmup", "1", "--breakdown"]);
+    assert!(ok, "{err}");
+    let lines: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {out}"))).collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    for (line, train) in lines.iter().zip([false, true]) {
+        let shares = line["breakdown"].as_object().unwrap_or_else(|| panic!("a breakdown: {line}"));
+        let want: Vec<&str> = forward.iter().chain(if train { &backward[..] } else { &[] }).chain(&["other"]).copied().collect();
+        assert_eq!(shares.keys().map(String::as_str).collect::<std::collections::BTreeSet<_>>(), want.iter().copied().collect(), "{line}");
+        for stage in &want[..want.len() - 1] {
+            assert!(shares[*stage].as_f64().is_some_and(|s| s > 0.0 && s < 1.0), "{stage}: {line}");
+        }
+        let total: f64 = shares.values().map(|v| v.as_f64().unwrap()).sum();
+        assert!((total - 1.0).abs() < 0.01, "the shares add up to the whole: {total} {line}");
+        let mode = line["mode"].as_str().unwrap();
+        assert!(err.contains(&format!("tiny, batch 8, {mode}: share of 2 timed iterations")), "{err}");
+    }
+    assert!(err.lines().any(|l| l.trim_start().starts_with("weight_grads") && l.ends_with('%')), "{err}");
+    // Without the flag, no breakdown.
+    let (ok, out, _) = vitforge(&["bench", "--config", "tiny", "--mode", "infer", "--iters", "1", "--warmup", "0"]);
+    assert!(ok && !out.contains("breakdown"), "{out}");
+    let (ok, _, err) = vitforge_with(&["bench", "--config", "tiny", "--iters", "1", "--breakdown"], &[("VITFORGE_REFERENCE_OPS", "1")]);
+    assert!(!ok && err.contains("--breakdown") && err.contains("VITFORGE_REFERENCE_OPS"), "{err}");
+}
+
 /// `--output` never replaces a folder holding anything but an earlier model, nor one that is,
 /// contains or lies inside `--data` or `--base-model`; the refusal names the folder, exits 1 and
 /// leaves everything as it was (checked before any training). An earlier model is replaced.
@@ -659,7 +691,8 @@ fn the_readme_command_lines_match_the_help() {
         assert!(ok, "{line}: {err}");
         let flags: Vec<&str> = words.iter().filter(|w| w.starts_with("--")).map(|w| w.split('=').next().unwrap()).collect();
         for flag in &flags {
-            assert!(help.contains(&format!("{flag} ")), "{line}: {flag} is not in `vitforge {sub} --help`");
+            // A flag with a value is followed by it, a switch by the end of its line.
+            assert!(help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")), "{line}: {flag} is not in `vitforge {sub} --help`");
         }
         if sub == "train" && !flags.contains(&"--recipe") {
             let keeps_auto = ["--data", "--base-model", "--output", "--device", "--seed", "--validation-split", "--time-budget-secs", "--precision"];

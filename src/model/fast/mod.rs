@@ -12,6 +12,9 @@ pub mod isa;
 mod kernels;
 pub(super) mod matmul;
 pub(super) mod simd;
+pub mod stages;
+
+use self::stages::{Stage, timed};
 
 use std::collections::BTreeMap;
 
@@ -590,22 +593,22 @@ fn layer_forward(cfg: &VitConfig, w: &LayerW, x: Vec<f32>, b: usize, save: bool,
     let inter = w.fc1.out;
     let Workspace { hs, qkv, x_mid, fc1 } = ws;
     let hs = sized(hs, rows * h);
-    let (mean1, rstd1) = k::layer_norm(&x, w.ln1.0, w.ln1.1, eps, hs);
+    let (mean1, rstd1) = timed(Stage::LayerNorm, || k::layer_norm(&x, w.ln1.0, w.ln1.1, eps, hs));
     let qkv_buf = sized(qkv, rows * 3 * h);
-    linear_qkv(hs, rows, w, qkv_buf);
-    let (ctx, lse) = attention(cfg, qkv_buf, b, w.prec);
+    timed(Stage::Qkv, || linear_qkv(hs, rows, w, qkv_buf));
+    let (ctx, lse) = timed(Stage::Attention, || attention(cfg, qkv_buf, b, w.prec));
     let x_mid_buf = sized(x_mid, rows * h);
-    linear(&ctx, rows, &w.o, x_mid_buf, h, 0);
-    k::par_add_assign(x_mid_buf, &x);
-    let (mean2, rstd2) = k::layer_norm(x_mid_buf, w.ln2.0, w.ln2.1, eps, hs);
+    timed(Stage::AttentionOut, || linear(&ctx, rows, &w.o, x_mid_buf, h, 0));
+    timed(Stage::Residual, || k::par_add_assign(x_mid_buf, &x));
+    let (mean2, rstd2) = timed(Stage::LayerNorm, || k::layer_norm(x_mid_buf, w.ln2.0, w.ln2.1, eps, hs));
     let fc1_buf = sized(fc1, rows * inter);
-    linear(hs, rows, &w.fc1, fc1_buf, inter, 0);
+    timed(Stage::Fc1, || linear(hs, rows, &w.fc1, fc1_buf, inter, 0));
     // The output goes where the input was, unless the input is saved.
     let (mut out, x_in) = if save { (vec![0f32; rows * h], Some(x)) } else { (x, None) };
     // fc2 of the activation, applied as the product packs fc1's rows.
     let act = |x: &[f32], y: &mut [f32]| k::act_forward_chunk(cfg.hidden_act, x, y);
-    linear_mapped(fc1_buf, &act, rows, &w.fc2, &mut out);
-    k::par_add_assign(&mut out, x_mid_buf);
+    timed(Stage::Fc2, || linear_mapped(fc1_buf, &act, rows, &w.fc2, &mut out));
+    timed(Stage::Residual, || k::par_add_assign(&mut out, x_mid_buf));
     let take = std::mem::take::<Vec<f32>>;
     let saved = x_in.map(|x_in| LayerSaved { x_in, mean1, rstd1, qkv: take(qkv), lse, ctx, x_mid: take(x_mid), mean2, rstd2, fc1: take(fc1) });
     (out, saved)
@@ -637,38 +640,40 @@ fn layer_backward(
     let BackWorkspace { inter: inter_buf, hs, dhs, dctx, dqkv } = ws;
     // One buffer of rows × inter: the activation (for fc2's weight gradient), then dfc1.
     let inter_buf = sized(inter_buf, rows * inter);
-    k::activation(cfg.hidden_act, &s.fc1, inter_buf);
-    let (dw2, db2) = linear_grads(inter_buf, rows, &w.fc2, &dx);
+    timed(Stage::ActivationBackward, || k::activation(cfg.hidden_act, &s.fc1, inter_buf));
+    let (dw2, db2) = timed(Stage::WeightGrads, || linear_grads(inter_buf, rows, &w.fc2, &dx));
     let dfc1 = inter_buf;
-    linear_input_grad(&dx, rows, &w.fc2, h, 0, dfc1, false);
-    k::activation_backward(cfg.hidden_act, &s.fc1, dfc1);
+    timed(Stage::InputGrads, || linear_input_grad(&dx, rows, &w.fc2, h, 0, dfc1, false));
+    timed(Stage::ActivationBackward, || k::activation_backward(cfg.hidden_act, &s.fc1, dfc1));
     drop(s.fc1);
     let hs = sized(hs, rows * h);
-    k::layer_norm_apply(&s.x_mid, w.ln2.0, w.ln2.1, &s.mean2, &s.rstd2, hs);
-    let (dw1, db1) = linear_grads(hs, rows, &w.fc1, dfc1);
+    timed(Stage::LayerNormBackward, || k::layer_norm_apply(&s.x_mid, w.ln2.0, w.ln2.1, &s.mean2, &s.rstd2, hs));
+    let (dw1, db1) = timed(Stage::WeightGrads, || linear_grads(hs, rows, &w.fc1, dfc1));
     let dhs = sized(dhs, rows * h);
-    linear_input_grad(dfc1, rows, &w.fc1, inter, 0, dhs, false);
+    timed(Stage::InputGrads, || linear_input_grad(dfc1, rows, &w.fc1, inter, 0, dhs, false));
     let mut dx_mid = dx;
-    let (dg2, dbeta2) = k::layer_norm_backward(dhs, &s.x_mid, w.ln2.0, &s.mean2, &s.rstd2, &mut dx_mid);
+    let (dg2, dbeta2) = timed(Stage::LayerNormBackward, || k::layer_norm_backward(dhs, &s.x_mid, w.ln2.0, &s.mean2, &s.rstd2, &mut dx_mid));
     drop(s.x_mid);
 
     // Attention branch: x_mid = x_in + o(attention(qkv(ln1(x_in)))).
-    let (dwo, dbo) = linear_grads(&s.ctx, rows, &w.o, &dx_mid);
+    let (dwo, dbo) = timed(Stage::WeightGrads, || linear_grads(&s.ctx, rows, &w.o, &dx_mid));
     let dctx = sized(dctx, rows * h);
-    linear_input_grad(&dx_mid, rows, &w.o, h, 0, dctx, false);
+    timed(Stage::InputGrads, || linear_input_grad(&dx_mid, rows, &w.o, h, 0, dctx, false));
     drop(s.ctx);
     let dqkv = sized(dqkv, rows * 3 * h);
-    attention_backward(cfg, &s.qkv, &s.lse, dctx, b, w.prec, dqkv);
+    timed(Stage::AttentionBackward, || attention_backward(cfg, &s.qkv, &s.lse, dctx, b, w.prec, dqkv));
     drop(s.qkv);
-    k::layer_norm_apply(&s.x_in, w.ln1.0, w.ln1.1, &s.mean1, &s.rstd1, hs);
-    let mut qkv = shared_input_grads(hs, rows, &[&w.q, &w.k, &w.v], dqkv).into_iter();
+    timed(Stage::LayerNormBackward, || k::layer_norm_apply(&s.x_in, w.ln1.0, w.ln1.1, &s.mean1, &s.rstd1, hs));
+    let mut qkv = timed(Stage::WeightGrads, || shared_input_grads(hs, rows, &[&w.q, &w.k, &w.v], dqkv)).into_iter();
     let mut next = || qkv.next().expect("three layers, three gradients");
     let ((dwq, dbq), (dwk, dbk), (dwv, dbv)) = (next(), next(), next());
-    linear_input_grad(dqkv, rows, &w.q, 3 * h, 0, dhs, false);
-    linear_input_grad(dqkv, rows, &w.k, 3 * h, h, dhs, true);
-    linear_input_grad(dqkv, rows, &w.v, 3 * h, 2 * h, dhs, true);
+    timed(Stage::InputGrads, || {
+        linear_input_grad(dqkv, rows, &w.q, 3 * h, 0, dhs, false);
+        linear_input_grad(dqkv, rows, &w.k, 3 * h, h, dhs, true);
+        linear_input_grad(dqkv, rows, &w.v, 3 * h, 2 * h, dhs, true);
+    });
     let mut dx_in = dx_mid;
-    let (dg1, dbeta1) = k::layer_norm_backward(dhs, &s.x_in, w.ln1.0, &s.mean1, &s.rstd1, &mut dx_in);
+    let (dg1, dbeta1) = timed(Stage::LayerNormBackward, || k::layer_norm_backward(dhs, &s.x_in, w.ln1.0, &s.mean1, &s.rstd1, &mut dx_in));
 
     for (module, (dw, db)) in [(keys::QUERY, (dwq, dbq)), (keys::KEY, (dwk, dbk)), (keys::VALUE, (dwv, dbv))] {
         push(keys::weight(module), dw);
@@ -742,17 +747,19 @@ pub(super) fn embed_tensor(vit: &Vit, pixels: &Tensor) -> Result<Tensor> {
 
 /// Pooled features (B, hidden) of pixels, without keeping anything for backward.
 pub(super) fn features(vit: &Vit, pixels: &Tensor) -> Result<Tensor> {
+    let device = pixels.device();
     on_pool(|| {
         let guards = Guards::new(&tensor_list(vit))?;
         let w = Weights::new(vit, &guards)?;
         let b = pixels.dim(0)?;
-        let (mut x, _) = embed(&vit.cfg, &w, &host_vec(pixels)?, b);
+        let pixels = host_vec(pixels)?;
+        let (mut x, _) = timed(Stage::Embed, || embed(&vit.cfg, &w, &pixels, b));
         let mut ws = Workspace::default();
         for layer in &w.layers {
             x = layer_forward(&vit.cfg, layer, x, b, false, &mut ws).0;
         }
         let pooled = pool(&vit.cfg, &w, &x, b);
-        Ok(Tensor::from_vec(pooled.features, (b, vit.cfg.hidden_size), pixels.device())?)
+        Ok(Tensor::from_vec(pooled.features, (b, vit.cfg.hidden_size), device)?)
     })
 }
 
@@ -817,7 +824,7 @@ pub(super) fn loss_and_grads(
             };
             let dx = encoder_backward(cfg, &w, saved, dcls, b, first_layer, start == Boundary::Pixels, &mut grads);
             if let (Some(cols), Some(dx)) = (cols, dx) {
-                grads.extend(embed_backward(cfg, &w, &cols, &dx, b));
+                grads.extend(timed(Stage::EmbedBackward, || embed_backward(cfg, &w, &cols, &dx, b)));
             }
         }
         Ok((loss, grads_as_tensors(cfg, labels, set, grads, input.device())?))
@@ -833,7 +840,8 @@ fn forward_saving(cfg: &VitConfig, w: &Weights, start: Boundary, input: &Tensor,
     let layers = cfg.num_hidden_layers;
     let (first_layer, mut x, cols) = match start {
         Boundary::Pixels => {
-            let (x, cols) = embed(cfg, w, &host_vec(input)?, b);
+            let pixels = host_vec(input)?;
+            let (x, cols) = timed(Stage::Embed, || embed(cfg, w, &pixels, b));
             (0, x, Some(cols))
         }
         Boundary::Layer(l) => (l, host_vec(input)?, None),
