@@ -293,25 +293,25 @@ pub fn activation_backward(act: Activation, x: &[f32], dy: &mut [f32]) {
 }
 
 dispatch! {
-    /// Softmax of one row in place (scaled by `scale` first); returns the row's log-sum-exp of
-    /// the scaled inputs.
-    pub fn softmax_row(row: &mut [f32], scale: f32) -> f32 {
+    /// Softmax of one row before its division by the sum, in place: `exp(x − max)` with `max`
+    /// the row's maximum; returns `(max, sum)` (the log-sum-exp is `max + ln sum`). Attention
+    /// divides its weighted values' rows by the sum instead (`n × d` values rather than the
+    /// `n × n` probabilities), as it gathers the heads.
+    pub fn exp_row(row: &mut [f32]) -> (f32, f32) {
         // The maximum in 16 independent lanes: one running maximum is a chain of dependent
         // `max`es that does not vectorise (it was 10% of a small ViT's inference in bf16). `>`
         // rather than `f32::max`, whose rule for NaN costs a compare and a blend per vector; a
         // NaN is passed over either way (and makes the row NaN through its exp).
         let mut lanes = [f32::NEG_INFINITY; 16];
-        let mut chunks = row.chunks_exact_mut(16);
+        let mut chunks = row.chunks_exact(16);
         for c in &mut chunks {
             for i in 0..16 {
-                c[i] *= scale;
                 lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
             }
         }
         let mut max = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-        for v in chunks.into_remainder() {
-            *v *= scale;
-            max = if *v > max { *v } else { max };
+        for &v in chunks.remainder() {
+            max = if v > max { v } else { max };
         }
         // exp and the sum in one pass, 16 lanes at a time; the last partial vector (a ViT row of
         // 197 ends in 5) through a padded copy, so it is one vector, not that many scalar exps.
@@ -335,12 +335,7 @@ dispatch! {
                 *s += v;
             }
         }
-        let sum = sums.iter().sum::<f32>();
-        let inv = 1.0 / sum;
-        for v in row.iter_mut() {
-            *v *= inv;
-        }
-        max + sum.ln()
+        (max, sums.iter().sum::<f32>())
     }
 }
 
@@ -448,10 +443,13 @@ mod tests {
                 let max = x64.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b * scale));
                 let sum: f64 = x64.iter().map(|v| (v * scale - max).exp()).sum();
                 let p64: Vec<f64> = x64.iter().map(|v| (v * scale - max).exp() / sum).collect();
-                let mut p = x.clone();
-                let lse = on(level, || softmax_row(&mut p, scale as f32));
-                close(&p, &p64, 1e-6, &what("softmax_row"));
+                let mut p: Vec<f32> = x.iter().map(|&v| v * scale as f32).collect();
+                let (row_max, row_sum) = on(level, || exp_row(&mut p));
+                close(&p, &p64.iter().map(|&v| v * sum).collect::<Vec<_>>(), 1e-6, &what("exp_row"));
+                close(&[row_max, row_sum], &[max, sum], 1e-6, &what("exp_row's maximum and sum"));
+                let lse = row_max + row_sum.ln();
                 close(&[lse], &[max + sum.ln()], 1e-6, &what("log-sum-exp"));
+                p.iter_mut().for_each(|v| *v /= row_sum);
                 let mut q = x.clone();
                 on(level, || softmax_from_lse(&mut q, scale as f32, lse));
                 close(&q, &p64, 1e-5, &what("softmax_from_lse"));

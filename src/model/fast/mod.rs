@@ -460,40 +460,53 @@ struct LayerSaved {
     fc1: Vec<f32>,
 }
 
-/// Attention of one (image, head): O (n × d) and the log-sum-exp of each score row.
+/// Attention of one (image, head), all but the division by each row's sum: `exp(S − max)·V`
+/// (n × d, with `S = scale·Q·Kᵀ`), the log-sum-exp of each score row, and `1 / sum` of each.
 #[allow(clippy::too_many_arguments)]
-fn attention_head(qkv: &[f32], n: usize, hid: usize, d: usize, bi: usize, hi: usize, scale: f32, prec: Precision) -> (Vec<f32>, Vec<f32>) {
+fn attention_head(qkv: &[f32], n: usize, hid: usize, d: usize, bi: usize, hi: usize, scale: f32, prec: Precision) -> Head {
     let base = bi * n * 3 * hid;
     let q = Mat { data: qkv, offset: base + hi * d, rows: n, cols: d, rs: 3 * hid, cs: 1 };
     let kk = Mat { offset: base + hid + hi * d, ..q };
     let v = Mat { offset: base + 2 * hid + hi * d, ..q };
-    let mut lse = vec![0f32; n];
+    let (mut lse, mut inv) = (vec![0f32; n], vec![0f32; n]);
     let mut o = vec![0f32; n * d];
     with_scratch(n * n, |s| {
-        gemm(q, kk.t(), MatMut::rows(s, n, n), 1.0, false, Threads::One, prec);
-        for (row, l) in s.chunks_mut(n).zip(lse.iter_mut()) {
-            *l = k::softmax_row(row, scale);
+        // The scale as the product's factor: the kernel multiplies each sum as it stores it.
+        gemm(q, kk.t(), MatMut::rows(s, n, n), scale, false, Threads::One, prec);
+        for ((row, l), inv) in s.chunks_mut(n).zip(lse.iter_mut()).zip(inv.iter_mut()) {
+            let (max, sum) = k::exp_row(row);
+            (*l, *inv) = (max + sum.ln(), 1.0 / sum);
         }
         gemm(Mat::rows(s, n, n), v, MatMut::rows(&mut o, n, d), 1.0, false, Threads::One, prec);
     });
-    (o, lse)
+    Head { o, lse, inv }
+}
+
+/// What [`attention_head`] returns.
+struct Head {
+    o: Vec<f32>,
+    lse: Vec<f32>,
+    inv: Vec<f32>,
 }
 
 fn attention(cfg: &VitConfig, qkv: &[f32], b: usize, prec: Precision) -> (Vec<f32>, Vec<f32>) {
     let (n, hid, heads, d) = (cfg.num_tokens(), cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim());
     let scale = 1.0 / (d as f32).sqrt();
-    let outs: Vec<(Vec<f32>, Vec<f32>)> =
-        (0..b * heads).into_par_iter().map(|t| attention_head(qkv, n, hid, d, t / heads, t % heads, scale, prec)).collect();
+    let outs: Vec<Head> = (0..b * heads).into_par_iter().map(|t| attention_head(qkv, n, hid, d, t / heads, t % heads, scale, prec)).collect();
     // Gathered a row of the context at a time, in parallel (one thread copying all of it was
-    // as long as some of the products, with the other cores idle, even at batch 1).
+    // as long as some of the products, with the other cores idle, even at batch 1), each head's
+    // row divided by its softmax's sum on the way.
     let mut ctx = vec![0f32; b * n * hid];
     ctx.par_chunks_mut(hid).enumerate().for_each(|(row, dst)| {
         let (bi, r) = (row / n, row % n);
-        for (hi, (o, _)) in outs[bi * heads..(bi + 1) * heads].iter().enumerate() {
-            dst[hi * d..(hi + 1) * d].copy_from_slice(&o[r * d..(r + 1) * d]);
+        for (hi, head) in outs[bi * heads..(bi + 1) * heads].iter().enumerate() {
+            let inv = head.inv[r];
+            for (c, &x) in dst[hi * d..(hi + 1) * d].iter_mut().zip(&head.o[r * d..(r + 1) * d]) {
+                *c = x * inv;
+            }
         }
     });
-    let lse = outs.iter().flat_map(|(_, l)| l).copied().collect();
+    let lse = outs.iter().flat_map(|h| &h.lse).copied().collect();
     (ctx, lse)
 }
 
