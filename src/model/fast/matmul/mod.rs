@@ -716,14 +716,14 @@ mod tests {
     fn mapped_products_are_products_of_the_mapped_matrix_bit_for_bit() {
         let levels = runnable();
         let mut rand = uniform(11);
-        let f = |x: &[f32], y: &mut [f32]| {
-            assert_eq!(x.len(), y.len());
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = x * x.abs() - 0.3 * x + 0.1;
-            }
-        };
         for &level in &levels {
             for &(m, n, k) in &[(1, 1, 1), (13, 37, 385), (197, 70, 130), (250, 33, 64)] {
+                let f = |x: &[f32], y: &mut [f32]| {
+                    assert_eq!((x.len(), y.len()), (k, k), "one row at a time");
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = x * x.abs() - 0.3 * x + 0.1;
+                    }
+                };
                 // A is the first k columns of an m × (k + 3) matrix.
                 let wide: Vec<f32> = (0..m * (k + 3)).map(|_| rand()).collect();
                 let a = Mat { data: &wide, offset: 0, rows: m, cols: k, rs: k + 3, cs: 1 };
