@@ -609,7 +609,7 @@ async fn more_images_are_added_to_a_copy_of_a_dataset_from_its_page() {
     element(&c, "#extend #dataset-file").await.send_keys(&notes.to_string_lossy()).await.unwrap();
     let said = wait_text(&c, "#extend p.error", 20, |t| t.contains("(no_images)")).await;
     assert!(said.contains("red/notes.txt"), "{said}");
-    assert_eq!(element(&c, "#extend .checked").await.text().await.unwrap(), "checked 1 of 1 files");
+    assert_eq!(element(&c, "#extend .checked").await.text().await.unwrap(), "checked 1 of 1 entries");
 
     // An archive of a new class, under a typed name.
     let greens = tmp.path().join("greens.zip");

@@ -202,12 +202,13 @@ function checkText(p) {
       return "waiting for a free slot to check the upload…";
     case "listing":
       return `listing the archive: ${n(p.entries)} entries so far…`;
+    // Entries, not files: a zip lists its folders too, and a Parquet file counts rows.
     case "checking":
-      return `checked ${n(p.checked)} of ${n(p.entries)} files`;
+      return `checked ${n(p.checked)} of ${n(p.entries)} entries`;
     case "comparing":
-      return `checked ${n(p.entries)} files; looking for repeated files and look-alikes…`;
+      return `checked ${n(p.entries)} entries; looking for repeated files and look-alikes…`;
     default:
-      return `checked ${n(p.entries)} files; storing the dataset…`;
+      return `checked ${n(p.entries)} entries; storing the dataset…`;
   }
 }
 
