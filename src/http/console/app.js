@@ -26,6 +26,8 @@ function h(tag, attrs = {}, ...children) {
 const pct = (v) => (v === null || v === undefined ? "–" : `${(v * 100).toFixed(1)}%`);
 const num = (v, d = 3) => (v === null || v === undefined ? "–" : Number(v).toFixed(d));
 const when = (t) => (t ? new Date(t).toLocaleString() : "–");
+/** A count as the progress lines write it: 1,002. */
+const countText = (x) => x.toLocaleString("en");
 const short = (id) => id.slice(-8);
 const SPLITS = ["train", "validation", "test"];
 const status = (s) => h("span", { class: `status ${s}` }, s);
@@ -196,19 +198,18 @@ function uploadZone(onDone, base = null) {
 
 /** What an upload's progress event says, as a line under its drop zone. */
 function checkText(p) {
-  const n = (x) => x.toLocaleString("en");
   switch (p.stage) {
     case "waiting":
       return "waiting for a free slot to check the upload…";
     case "listing":
-      return `listing the archive: ${n(p.entries)} entries so far…`;
+      return `listing the archive: ${countText(p.entries)} entries so far…`;
     // Entries, not files: a zip lists its folders too, and a Parquet file counts rows.
     case "checking":
-      return `checked ${n(p.checked)} of ${n(p.entries)} entries`;
+      return `checked ${countText(p.checked)} of ${countText(p.entries)} entries`;
     case "comparing":
-      return `checked ${n(p.entries)} entries; looking for repeated files and look-alikes…`;
+      return `checked ${countText(p.entries)} entries; looking for repeated files and look-alikes…`;
     default:
-      return `checked ${n(p.entries)} entries; storing the dataset…`;
+      return `checked ${countText(p.entries)} entries; storing the dataset…`;
   }
 }
 
@@ -770,7 +771,7 @@ async function model(id) {
       if (p.stage === "waiting") note.textContent = "waiting for the evaluation before this one to end…";
       else if (p.stage === "loading") note.textContent = "loading the model…";
       else {
-        note.textContent = `evaluated ${p.evaluated.toLocaleString("en")} of ${p.images.toLocaleString("en")} images`;
+        note.textContent = `evaluated ${countText(p.evaluated)} of ${countText(p.images)} images`;
         bar.value = p.images ? p.evaluated / p.images : 0;
       }
     };
