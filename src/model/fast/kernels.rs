@@ -178,6 +178,15 @@ dispatch! {
     }
 }
 
+dispatch! {
+    /// `y = s·x`.
+    pub fn scale_into(y: &mut [f32], x: &[f32], s: f32) {
+        for (y, x) in y.iter_mut().zip(x) {
+            *y = s * x;
+        }
+    }
+}
+
 /// `a += b` over large buffers, in parallel.
 pub fn par_add_assign(a: &mut [f32], b: &[f32]) {
     let chunk = 1 << 14;
@@ -462,6 +471,10 @@ mod tests {
                 let mut a = x.clone();
                 on(level, || add_assign(&mut a, &dy));
                 close(&a, &(0..n).map(|i| x64[i] + f64::from(dy[i])).collect::<Vec<_>>(), 1e-6, &what("add_assign"));
+                // y = s·x.
+                let mut y = vec![0f32; n];
+                on(level, || scale_into(&mut y, &x, 0.3));
+                close(&y, &x64.iter().map(|v| v * f64::from(0.3f32)).collect::<Vec<_>>(), 1e-6, &what("scale_into"));
             }
         }
         eprintln!("element-wise kernels checked at {levels:?}");

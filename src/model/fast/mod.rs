@@ -460,110 +460,116 @@ struct LayerSaved {
     fc1: Vec<f32>,
 }
 
-/// Attention of one (image, head), all but the division by each row's sum: `exp(S − max)·V`
-/// (n × d, with `S = scale·Q·Kᵀ`), the log-sum-exp of each score row, and `1 / sum` of each.
-#[allow(clippy::too_many_arguments)]
-fn attention_head(qkv: &[f32], n: usize, hid: usize, d: usize, bi: usize, hi: usize, scale: f32, prec: Precision) -> Head {
-    let base = bi * n * 3 * hid;
-    let q = Mat { data: qkv, offset: base + hi * d, rows: n, cols: d, rs: 3 * hid, cs: 1 };
-    let kk = Mat { offset: base + hid + hi * d, ..q };
-    let v = Mat { offset: base + 2 * hid + hi * d, ..q };
-    let (mut lse, mut inv) = (vec![0f32; n], vec![0f32; n]);
-    let mut o = vec![0f32; n * d];
-    with_scratch(n * n, |s| {
-        // The scale as the product's factor: the kernel multiplies each sum as it stores it.
-        gemm(q, kk.t(), MatMut::rows(s, n, n), scale, false, Threads::One, prec);
-        for ((row, l), inv) in s.chunks_mut(n).zip(lse.iter_mut()).zip(inv.iter_mut()) {
-            let (max, sum) = k::exp_row(row);
-            (*l, *inv) = (max + sum.ln(), 1.0 / sum);
-        }
-        gemm(Mat::rows(s, n, n), v, MatMut::rows(&mut o, n, d), 1.0, false, Threads::One, prec);
-    });
-    Head { o, lse, inv }
+/// A buffer that parallel tasks write disjoint parts of, each through [`Disjoint::part`].
+struct Disjoint<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _buf: std::marker::PhantomData<&'a mut [f32]>,
 }
 
-/// What [`attention_head`] returns.
-struct Head {
-    o: Vec<f32>,
-    lse: Vec<f32>,
-    inv: Vec<f32>,
+// SAFETY: a `Disjoint` is the exclusive borrow of its buffer, handed to tasks that each write
+// parts no other task touches (the contract of `part`); f32 has no drop or interior state.
+unsafe impl Send for Disjoint<'_> {}
+unsafe impl Sync for Disjoint<'_> {}
+
+impl<'a> Disjoint<'a> {
+    fn new(buf: &'a mut [f32]) -> Self {
+        Self { ptr: buf.as_mut_ptr(), len: buf.len(), _buf: std::marker::PhantomData }
+    }
+
+    /// Elements `start..start + len`.
+    ///
+    /// # Safety
+    /// No two parts alive at the same time, on any thread, overlap.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn part(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(start + len <= self.len, "part {start}..{} of {}", start + len, self.len);
+        // SAFETY: in bounds (checked above), and no other live part overlaps it (the caller's
+        // promise), so this is the only reference to these elements.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
 }
 
-fn attention(cfg: &VitConfig, qkv: &[f32], b: usize, prec: Precision) -> (Vec<f32>, Vec<f32>) {
+/// Attention into `ctx` (rows × hidden, every element written); returns each (image, head)'s
+/// row log-sum-exps, `n` per head, for the backward. One task per (image, head): `S =
+/// scale·Q·Kᵀ`, `exp(S − max)` and its product by V in the thread's scratch space, then each
+/// row divided by its sum (its `d` values rather than its `n` probabilities) as it is written
+/// into the head's columns of the context, so no head's output is allocated or gathered.
+fn attention(cfg: &VitConfig, qkv: &[f32], b: usize, prec: Precision, ctx: &mut [f32]) -> Vec<f32> {
     let (n, hid, heads, d) = (cfg.num_tokens(), cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim());
     let scale = 1.0 / (d as f32).sqrt();
-    let outs: Vec<Head> = (0..b * heads).into_par_iter().map(|t| attention_head(qkv, n, hid, d, t / heads, t % heads, scale, prec)).collect();
-    // Gathered a row of the context at a time, in parallel (one thread copying all of it was
-    // as long as some of the products, with the other cores idle, even at batch 1), each head's
-    // row divided by its softmax's sum on the way.
-    let mut ctx = vec![0f32; b * n * hid];
-    ctx.par_chunks_mut(hid).enumerate().for_each(|(row, dst)| {
-        let (bi, r) = (row / n, row % n);
-        for (hi, head) in outs[bi * heads..(bi + 1) * heads].iter().enumerate() {
-            let inv = head.inv[r];
-            for (c, &x) in dst[hi * d..(hi + 1) * d].iter_mut().zip(&head.o[r * d..(r + 1) * d]) {
-                *c = x * inv;
+    assert_eq!(ctx.len(), b * n * hid, "context size");
+    let out = Disjoint::new(ctx);
+    let mut lse = vec![0f32; b * heads * n];
+    lse.par_chunks_mut(n).enumerate().for_each(|(t, lse)| {
+        let (bi, hi) = (t / heads, t % heads);
+        let base = bi * n * 3 * hid;
+        let q = Mat { data: qkv, offset: base + hi * d, rows: n, cols: d, rs: 3 * hid, cs: 1 };
+        let kk = Mat { offset: base + hid + hi * d, ..q };
+        let v = Mat { offset: base + 2 * hid + hi * d, ..q };
+        with_scratch(n * n + n * d + n, |scratch| {
+            let (s, rest) = scratch.split_at_mut(n * n);
+            let (o, inv) = rest.split_at_mut(n * d);
+            // The scale as the product's factor: the kernel multiplies each sum as it stores it.
+            gemm(q, kk.t(), MatMut::rows(s, n, n), scale, false, Threads::One, prec);
+            for ((row, l), inv) in s.chunks_mut(n).zip(lse.iter_mut()).zip(inv.iter_mut()) {
+                let (max, sum) = k::exp_row(row);
+                (*l, *inv) = (max + sum.ln(), 1.0 / sum);
             }
-        }
+            gemm(Mat::rows(s, n, n), v, MatMut::rows(o, n, d), 1.0, false, Threads::One, prec);
+            for (r, (o, &inv)) in o.chunks(d).zip(&*inv).enumerate() {
+                // SAFETY: this task alone writes columns `hi·d..(hi+1)·d` of image `bi`'s rows.
+                let dst = unsafe { out.part((bi * n + r) * hid + hi * d, d) };
+                k::scale_into(dst, o, inv);
+            }
+        });
     });
-    let lse = outs.iter().flat_map(|h| &h.lse).copied().collect();
-    (ctx, lse)
+    lse
 }
 
-/// Backward of one (image, head): dQ, dK, dV (each n × d), recomputing the probabilities.
+/// Backward of one (image, head), recomputing the probabilities: dQ, dK and dV (each n × d, in
+/// the thread's scratch space) written into the head's columns of `dqkv`'s Q, K and V parts.
 #[allow(clippy::too_many_arguments)]
-fn attention_head_backward(
-    qkv: &[f32],
-    lse: &[f32],
-    dctx: &[f32],
-    n: usize,
-    hid: usize,
-    d: usize,
-    bi: usize,
-    hi: usize,
-    scale: f32,
-    prec: Precision,
-) -> [Vec<f32>; 3] {
+fn attention_head_backward(qkv: &[f32], lse: &[f32], dctx: &[f32], n: usize, hid: usize, d: usize, bi: usize, hi: usize, scale: f32, prec: Precision, dqkv: &Disjoint) {
     let base = bi * n * 3 * hid;
     let q = Mat { data: qkv, offset: base + hi * d, rows: n, cols: d, rs: 3 * hid, cs: 1 };
     let kk = Mat { offset: base + hid + hi * d, ..q };
     let v = Mat { offset: base + 2 * hid + hi * d, ..q };
     let d_o = Mat { data: dctx, offset: bi * n * hid + hi * d, rows: n, cols: d, rs: hid, cs: 1 };
-    let (mut dq, mut dk, mut dv) = (vec![0f32; n * d], vec![0f32; n * d], vec![0f32; n * d]);
-    with_scratch(2 * n * n, |scores| {
-        let (p, dp) = scores.split_at_mut(n * n);
+    with_scratch(2 * n * n + 3 * n * d, |scratch| {
+        let (p, rest) = scratch.split_at_mut(n * n);
+        let (dp, rest) = rest.split_at_mut(n * n);
+        let (dq, rest) = rest.split_at_mut(n * d);
+        let (dk, dv) = rest.split_at_mut(n * d);
         gemm(q, kk.t(), MatMut::rows(p, n, n), 1.0, false, Threads::One, prec);
         for (row, &l) in p.chunks_mut(n).zip(lse) {
             k::softmax_from_lse(row, scale, l);
         }
-        gemm(Mat::rows(p, n, n).t(), d_o, MatMut::rows(&mut dv, n, d), 1.0, false, Threads::One, prec);
+        gemm(Mat::rows(p, n, n).t(), d_o, MatMut::rows(dv, n, d), 1.0, false, Threads::One, prec);
         gemm(d_o, v.t(), MatMut::rows(dp, n, n), 1.0, false, Threads::One, prec);
         for (pr, dr) in p.chunks(n).zip(dp.chunks_mut(n)) {
             k::softmax_backward_row(pr, dr, scale);
         }
-        gemm(Mat::rows(dp, n, n), kk, MatMut::rows(&mut dq, n, d), 1.0, false, Threads::One, prec);
-        gemm(Mat::rows(dp, n, n).t(), q, MatMut::rows(&mut dk, n, d), 1.0, false, Threads::One, prec);
-    });
-    [dq, dk, dv]
-}
-
-/// Attention's backward into `dqkv` (rows × 3·hidden, every element written).
-fn attention_backward(cfg: &VitConfig, qkv: &[f32], lse: &[f32], dctx: &[f32], b: usize, prec: Precision, dqkv: &mut [f32]) {
-    let (n, hid, heads, d) = (cfg.num_tokens(), cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim());
-    let scale = 1.0 / (d as f32).sqrt();
-    let outs: Vec<[Vec<f32>; 3]> = (0..b * heads)
-        .into_par_iter()
-        .map(|t| attention_head_backward(qkv, &lse[t * n..(t + 1) * n], dctx, n, hid, d, t / heads, t % heads, scale, prec))
-        .collect();
-    // Gathered a row at a time, in parallel, as the forward's context is.
-    dqkv.par_chunks_mut(3 * hid).enumerate().for_each(|(row, dst)| {
-        let (bi, r) = (row / n, row % n);
-        for (hi, parts) in outs[bi * heads..(bi + 1) * heads].iter().enumerate() {
-            for (j, part) in parts.iter().enumerate() {
-                dst[j * hid + hi * d..j * hid + (hi + 1) * d].copy_from_slice(&part[r * d..(r + 1) * d]);
+        gemm(Mat::rows(dp, n, n), kk, MatMut::rows(dq, n, d), 1.0, false, Threads::One, prec);
+        gemm(Mat::rows(dp, n, n).t(), q, MatMut::rows(dk, n, d), 1.0, false, Threads::One, prec);
+        for (j, part) in [&*dq, &*dk, &*dv].into_iter().enumerate() {
+            for (r, src) in part.chunks(d).enumerate() {
+                // SAFETY: this (image, head) alone writes columns `hi·d..(hi+1)·d` of part `j`
+                // of image `bi`'s rows.
+                unsafe { dqkv.part((bi * n + r) * 3 * hid + j * hid + hi * d, d) }.copy_from_slice(src);
             }
         }
     });
+}
+
+/// Attention's backward into `dqkv` (rows × 3·hidden, every element written), one task per
+/// (image, head), each writing its own columns.
+fn attention_backward(cfg: &VitConfig, qkv: &[f32], lse: &[f32], dctx: &[f32], b: usize, prec: Precision, dqkv: &mut [f32]) {
+    let (n, hid, heads, d) = (cfg.num_tokens(), cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim());
+    let scale = 1.0 / (d as f32).sqrt();
+    assert_eq!(dqkv.len(), b * n * 3 * hid, "gradient size");
+    let out = Disjoint::new(dqkv);
+    lse.par_chunks(n).enumerate().for_each(|(t, lse)| attention_head_backward(qkv, lse, dctx, n, hid, d, t / heads, t % heads, scale, prec, &out));
 }
 
 /// Buffers of a layer's forward, kept from layer to layer: a buffer the layer saves for backward
@@ -574,6 +580,7 @@ fn attention_backward(cfg: &VitConfig, qkv: &[f32], lse: &[f32], dctx: &[f32], b
 struct Workspace {
     hs: Vec<f32>,
     qkv: Vec<f32>,
+    ctx: Vec<f32>,
     x_mid: Vec<f32>,
     fc1: Vec<f32>,
 }
@@ -604,14 +611,15 @@ fn layer_forward(cfg: &VitConfig, w: &LayerW, x: Vec<f32>, b: usize, save: bool,
     let rows = b * cfg.num_tokens();
     let eps = cfg.layer_norm_eps as f32;
     let inter = w.fc1.out;
-    let Workspace { hs, qkv, x_mid, fc1 } = ws;
+    let Workspace { hs, qkv, ctx, x_mid, fc1 } = ws;
     let hs = sized(hs, rows * h);
     let (mean1, rstd1) = timed(Stage::LayerNorm, || k::layer_norm(&x, w.ln1.0, w.ln1.1, eps, hs));
     let qkv_buf = sized(qkv, rows * 3 * h);
     timed(Stage::Qkv, || linear_qkv(hs, rows, w, qkv_buf));
-    let (ctx, lse) = timed(Stage::Attention, || attention(cfg, qkv_buf, b, w.prec));
+    let ctx_buf = sized(ctx, rows * h);
+    let lse = timed(Stage::Attention, || attention(cfg, qkv_buf, b, w.prec, ctx_buf));
     let x_mid_buf = sized(x_mid, rows * h);
-    timed(Stage::AttentionOut, || linear(&ctx, rows, &w.o, x_mid_buf, h, 0));
+    timed(Stage::AttentionOut, || linear(ctx_buf, rows, &w.o, x_mid_buf, h, 0));
     timed(Stage::Residual, || k::par_add_assign(x_mid_buf, &x));
     let (mean2, rstd2) = timed(Stage::LayerNorm, || k::layer_norm(x_mid_buf, w.ln2.0, w.ln2.1, eps, hs));
     let fc1_buf = sized(fc1, rows * inter);
@@ -623,7 +631,7 @@ fn layer_forward(cfg: &VitConfig, w: &LayerW, x: Vec<f32>, b: usize, save: bool,
     timed(Stage::Fc2, || linear_mapped(fc1_buf, &act, rows, &w.fc2, &mut out));
     timed(Stage::Residual, || k::par_add_assign(&mut out, x_mid_buf));
     let take = std::mem::take::<Vec<f32>>;
-    let saved = x_in.map(|x_in| LayerSaved { x_in, mean1, rstd1, qkv: take(qkv), lse, ctx, x_mid: take(x_mid), mean2, rstd2, fc1: take(fc1) });
+    let saved = x_in.map(|x_in| LayerSaved { x_in, mean1, rstd1, qkv: take(qkv), lse, ctx: take(ctx), x_mid: take(x_mid), mean2, rstd2, fc1: take(fc1) });
     (out, saved)
 }
 
@@ -952,4 +960,26 @@ fn grads_as_tensors(cfg: &VitConfig, labels: usize, set: TrainableSet, grads: Na
         out.insert(name, Tensor::from_vec(g, shape.as_slice(), device)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Disjoint;
+
+    #[test]
+    fn disjoint_parts_are_written_from_several_threads_and_bounded() {
+        let mut buf = vec![0f32; 10];
+        let out = Disjoint::new(&mut buf);
+        std::thread::scope(|s| {
+            for t in 0..2 {
+                let out = &out;
+                // SAFETY: the two threads' parts (0..5 and 5..10) do not overlap.
+                s.spawn(move || unsafe { out.part(5 * t, 5) }.iter_mut().enumerate().for_each(|(i, v)| *v = (5 * t + i) as f32));
+            }
+        });
+        // SAFETY: no other part is alive.
+        let beyond = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { out.part(8, 3) }.len()));
+        assert!(beyond.is_err(), "a part past the end is refused");
+        assert_eq!(buf, (0..10).map(|i| i as f32).collect::<Vec<_>>());
+    }
 }
