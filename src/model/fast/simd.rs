@@ -50,8 +50,8 @@ macro_rules! dispatch {
 pub(crate) use dispatch;
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
+pub(super) const LN2_HI: f32 = 0.693_359_4;
+pub(super) const LN2_LO: f32 = -2.121_944_4e-4;
 
 /// e^x in f32 (Cephes `expf`: range reduction by ln 2 and a degree-6 polynomial, about 1 ulp),
 /// branch-free so that loops calling it vectorise.
