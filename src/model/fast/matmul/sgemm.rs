@@ -267,8 +267,14 @@ fn run<K: Micro>(a: Mat, bpack: &[f32], n: usize, m: usize, ldc: usize, out: Out
     };
     let panels_per_part = panels.div_ceil(col_parts);
     let strip = NS / nr_;
+    // Tasks are numbered column part first: rayon hands each thread a contiguous half of the
+    // numbers, which is then a half of the columns over every row block, the same work for
+    // each whichever block is one tile taller, and B's columns one thread reads stay its own.
+    // Numbered row block first, a half was whole row blocks: 197 rows (17 tiles of 12) as
+    // 4 + 4 | 4 + 5 tiles, and ViT-S's products at batch 1 ran 1.61–1.85× faster on two threads
+    // than on one, against 1.83–1.99× now (bench/RESULTS.md).
     let task = |t: usize| {
-        let (ib, part) = (t / col_parts, t % col_parts);
+        let (ib, part) = (t % row_blocks, t / row_blocks);
         let (ic, mc) = block(ib);
         let p0 = part * panels_per_part;
         let p1 = panels.min(p0 + panels_per_part);
