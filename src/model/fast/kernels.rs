@@ -556,4 +556,3 @@ mod tests {
         eprintln!("element-wise kernels checked at {levels:?}");
     }
 }
-
