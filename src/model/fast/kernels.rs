@@ -363,6 +363,8 @@ dispatch! {
 mod avx512 {
     use std::arch::x86_64::*;
 
+    use super::simd::{EXP_POLY, EXP_RANGE, LN2_HI, LN2_LO};
+
     /// e^x of 16 lanes, the same steps as [`simd::exp`](super::simd::exp) in the same order, so
     /// the same results.
     #[target_feature(enable = "avx512f")]
@@ -370,15 +372,15 @@ mod avx512 {
     fn exp(x: __m512) -> __m512 {
         // Bound first, so a NaN stays one (`max`/`min` return their second operand when either
         // is NaN).
-        let x = _mm512_min_ps(_mm512_set1_ps(88.0), _mm512_max_ps(_mm512_set1_ps(-87.0), x));
+        let x = _mm512_min_ps(_mm512_set1_ps(EXP_RANGE.1), _mm512_max_ps(_mm512_set1_ps(EXP_RANGE.0), x));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_add_ps(
             _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
             _mm512_set1_ps(0.5),
         ));
-        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-super::simd::LN2_LO), _mm512_fmadd_ps(n, _mm512_set1_ps(-super::simd::LN2_HI), x));
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_LO), _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_HI), x));
         let z = _mm512_mul_ps(r, r);
-        let mut p = _mm512_set1_ps(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+        let mut p = _mm512_set1_ps(EXP_POLY[0]);
+        for &c in &EXP_POLY[1..] {
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
         }
         let y = _mm512_add_ps(_mm512_fmadd_ps(p, z, r), _mm512_set1_ps(1.0));

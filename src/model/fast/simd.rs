@@ -53,20 +53,20 @@ const LOG2E: f32 = std::f32::consts::LOG2_E;
 pub(super) const LN2_HI: f32 = 0.693_359_4;
 pub(super) const LN2_LO: f32 = -2.121_944_4e-4;
 
+/// Bounds of [`exp`]'s argument (e^-87 is near f32's smallest normal, e^88 near its largest).
+pub(super) const EXP_RANGE: (f32, f32) = (-87.0, 88.0);
+/// [`exp`]'s polynomial in the reduced argument, highest degree first.
+pub(super) const EXP_POLY: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
+
 /// e^x in f32 (Cephes `expf`: range reduction by ln 2 and a degree-6 polynomial, about 1 ulp),
 /// branch-free so that loops calling it vectorise.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
+    let x = x.clamp(EXP_RANGE.0, EXP_RANGE.1);
     let n = (x * LOG2E + 0.5).floor();
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
     let z = r * r;
-    let p = 1.987_569_1e-4f32
-        .mul_add(r, 1.398_199_9e-3)
-        .mul_add(r, 8.333_452e-3)
-        .mul_add(r, 4.166_579_6e-2)
-        .mul_add(r, 1.666_666_5e-1)
-        .mul_add(r, 0.5);
+    let p = EXP_POLY[1..].iter().fold(EXP_POLY[0], |p, &c| p.mul_add(r, c));
     let y = p.mul_add(z, r) + 1.0;
     // SAFETY: n is in [-126, 127] after the clamp, so the conversion is exact.
     let bits = (unsafe { n.to_int_unchecked::<i32>() } + 127) << 23;
