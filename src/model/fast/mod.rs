@@ -490,6 +490,13 @@ impl<'a> Disjoint<'a> {
     }
 }
 
+/// Head `hi`'s Q, K and V (each n × d) of image `bi`, as views into the QKV product's rows.
+fn head_qkv(qkv: &[f32], n: usize, hid: usize, d: usize, bi: usize, hi: usize) -> [Mat<'_>; 3] {
+    let base = bi * n * 3 * hid;
+    let q = Mat { data: qkv, offset: base + hi * d, rows: n, cols: d, rs: 3 * hid, cs: 1 };
+    [q, Mat { offset: base + hid + hi * d, ..q }, Mat { offset: base + 2 * hid + hi * d, ..q }]
+}
+
 /// Attention into `ctx` (rows × hidden, every element written); returns each (image, head)'s
 /// row log-sum-exps, `n` per head, for the backward. One task per (image, head): `S =
 /// scale·Q·Kᵀ`, `exp(S − max)` and its product by V in the thread's scratch space, then each
@@ -503,10 +510,7 @@ fn attention(cfg: &VitConfig, qkv: &[f32], b: usize, prec: Precision, ctx: &mut 
     let mut lse = vec![0f32; b * heads * n];
     lse.par_chunks_mut(n).enumerate().for_each(|(t, lse)| {
         let (bi, hi) = (t / heads, t % heads);
-        let base = bi * n * 3 * hid;
-        let q = Mat { data: qkv, offset: base + hi * d, rows: n, cols: d, rs: 3 * hid, cs: 1 };
-        let kk = Mat { offset: base + hid + hi * d, ..q };
-        let v = Mat { offset: base + 2 * hid + hi * d, ..q };
+        let [q, kk, v] = head_qkv(qkv, n, hid, d, bi, hi);
         with_scratch(n * n + n * d + n, |scratch| {
             let (s, rest) = scratch.split_at_mut(n * n);
             let (o, inv) = rest.split_at_mut(n * d);
@@ -531,10 +535,7 @@ fn attention(cfg: &VitConfig, qkv: &[f32], b: usize, prec: Precision, ctx: &mut 
 /// the thread's scratch space) written into the head's columns of `dqkv`'s Q, K and V parts.
 #[allow(clippy::too_many_arguments)]
 fn attention_head_backward(qkv: &[f32], lse: &[f32], dctx: &[f32], n: usize, hid: usize, d: usize, bi: usize, hi: usize, scale: f32, prec: Precision, dqkv: &Disjoint) {
-    let base = bi * n * 3 * hid;
-    let q = Mat { data: qkv, offset: base + hi * d, rows: n, cols: d, rs: 3 * hid, cs: 1 };
-    let kk = Mat { offset: base + hid + hi * d, ..q };
-    let v = Mat { offset: base + 2 * hid + hi * d, ..q };
+    let [q, kk, v] = head_qkv(qkv, n, hid, d, bi, hi);
     let d_o = Mat { data: dctx, offset: bi * n * hid + hi * d, rows: n, cols: d, rs: hid, cs: 1 };
     with_scratch(2 * n * n + 3 * n * d, |scratch| {
         let (p, rest) = scratch.split_at_mut(n * n);
