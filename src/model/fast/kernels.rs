@@ -117,30 +117,35 @@ dispatch! {
     #[allow(clippy::too_many_arguments)]
     pub fn ln_backward_row(dy: &[f32], x: &[f32], gamma: &[f32], mean: f32, rstd: f32, dx: &mut [f32], dgamma: &mut [f32], dbeta: &mut [f32]) {
         let n = x.len();
+        let (dy, gamma, dx, dgamma, dbeta) = (&dy[..n], &gamma[..n], &mut dx[..n], &mut dgamma[..n], &mut dbeta[..n]);
         // dxhat = dy·γ; dx = rstd·(dxhat − mean(dxhat) − x̂·mean(dxhat·x̂))
         let mut s1 = [0f32; 8];
         let mut s2 = [0f32; 8];
-        let mut i = 0;
-        while i + 8 <= n {
+        let whole = n / 8 * 8;
+        for ((((x, dy), gamma), dgamma), dbeta) in x[..whole]
+            .chunks_exact(8)
+            .zip(dy[..whole].chunks_exact(8))
+            .zip(gamma[..whole].chunks_exact(8))
+            .zip(dgamma[..whole].chunks_exact_mut(8))
+            .zip(dbeta[..whole].chunks_exact_mut(8))
+        {
             for j in 0..8 {
-                let xhat = (x[i + j] - mean) * rstd;
-                let g = dy[i + j] * gamma[i + j];
+                let xhat = (x[j] - mean) * rstd;
+                let g = dy[j] * gamma[j];
                 s1[j] += g;
                 s2[j] = g.mul_add(xhat, s2[j]);
-                dgamma[i + j] = dy[i + j].mul_add(xhat, dgamma[i + j]);
-                dbeta[i + j] += dy[i + j];
+                dgamma[j] = dy[j].mul_add(xhat, dgamma[j]);
+                dbeta[j] += dy[j];
             }
-            i += 8;
         }
         let (mut t1, mut t2) = (s1.iter().sum::<f32>(), s2.iter().sum::<f32>());
-        while i < n {
+        for i in whole..n {
             let xhat = (x[i] - mean) * rstd;
             let g = dy[i] * gamma[i];
             t1 += g;
             t2 += g * xhat;
             dgamma[i] += dy[i] * xhat;
             dbeta[i] += dy[i];
-            i += 1;
         }
         let m1 = t1 / n as f32;
         let m2 = t2 / n as f32;
