@@ -384,7 +384,27 @@ unsafe fn pack_b_pairs(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]) 
         // Rows contiguous: rows 2s and 2s + 1 interleaved, 16 columns at a time.
         let row = |kk: usize| b.offset + kk * b.rs + j0;
         assert!(row(k - 1) + nr <= b.data.len());
-        for s in 0..depth {
+        // Steps with both rows and the panel's 32 columns: unmasked loads from two row pointers.
+        let whole = if nr == NR { k / 2 } else { 0 };
+        for s in 0..whole {
+            let (lo, hi) = (row(2 * s), row(2 * s + 1));
+            if 2 * (s + AHEAD) + 1 < k {
+                for at in [row(2 * (s + AHEAD)), row(2 * (s + AHEAD) + 1)] {
+                    prefetch_run(b.data[at..].as_ptr(), NR);
+                }
+            }
+            // SAFETY: rows 2s and 2s + 1 (< k) hold NR floats from `lo` and `hi` (checked
+            // above, nr = NR); the stores write the NR slots of step s (< depth).
+            unsafe {
+                let (lo, hi) = (b.data.as_ptr().add(lo), b.data.as_ptr().add(hi));
+                let out = dst.as_mut_ptr().add(s * NR);
+                for j in (0..NR).step_by(16) {
+                    let v = interleave_pairs(_mm512_loadu_ps(lo.add(j)), _mm512_loadu_ps(hi.add(j)));
+                    _mm512_storeu_si512(out.add(j).cast(), v);
+                }
+            }
+        }
+        for s in whole..depth {
             // Rows a few steps ahead are asked for now: the hardware prefetcher does not follow
             // a run of `nr` floats per row, rows far apart.
             for kk in (2 * (s + AHEAD)..k).take(2) {
