@@ -92,6 +92,7 @@ pub fn layer_norm(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32
 dispatch! {
     /// Re-applies a layer norm with known statistics (backward recomputes outputs this way).
     pub fn ln_apply_row(x: &[f32], gamma: &[f32], beta: &[f32], mean: f32, rstd: f32, y: &mut [f32]) {
+        assert!(y.len() == x.len() && gamma.len() == x.len() && beta.len() == x.len(), "one γ, β and output per value");
         // Zipped, so no index is checked against four lengths and the loop vectorises.
         for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
             *y = ((x - mean) * rstd).mul_add(g, b);
