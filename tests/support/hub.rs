@@ -75,6 +75,12 @@ impl FakeHub {
     }
 }
 
+/// The etag the stand-in sends for a file of `bytes` (a hash of them), which hf-hub names the
+/// file's blob in its cache after.
+pub fn etag_of(bytes: &[u8]) -> String {
+    format!("{:016x}", bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)))
+}
+
 /// How the weights are sent.
 #[derive(Clone, Copy)]
 struct Pacing {
@@ -120,7 +126,7 @@ fn answer(mut stream: TcpStream, prefix: &str, dir: &Path, seen: &Mutex<Vec<Stri
         Some((from, to)) => (from.parse().unwrap_or(0), to.parse::<usize>().map_or(len, |t| (t + 1).min(len))),
         None => (0, len),
     };
-    let etag = format!("{:016x}", bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)));
+    let etag = etag_of(&bytes);
     let status = if range.is_some() { "206 Partial Content" } else { "200 OK" };
     let head = format!(
         "HTTP/1.1 {status}\r\nx-repo-commit: {COMMIT}\r\netag: \"{etag}\"\r\ncontent-range: bytes {start}-{}/{len}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
