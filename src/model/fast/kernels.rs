@@ -433,36 +433,18 @@ mod avx512 {
 
     /// [`super::ln_row`]: the mean and the variance by [`row_sum`] (in the loops LLVM
     /// vectorises, their sums were chains of dependent additions: 2.3 times as long a row of
-    /// 384), then the output, its last partial vector under a mask.
+    /// 384), then the output by [`super::ln_apply_row`], as below AVX-512.
     #[target_feature(enable = "avx512f")]
     pub(super) fn ln_row(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32]) -> (f32, f32) {
-        let n = x.len();
-        let (gamma, beta, y) = (&gamma[..n], &beta[..n], &mut y[..n]);
-        let mean = row_sum(x, |v, acc| _mm512_add_ps(v, acc)) / n as f32;
+        let n = x.len() as f32;
+        let mean = row_sum(x, |v, acc| _mm512_add_ps(v, acc)) / n;
         let m = _mm512_set1_ps(mean);
         let var = row_sum(x, |v, acc| {
             let d = _mm512_sub_ps(v, m);
             _mm512_fmadd_ps(d, d, acc)
-        }) / n as f32;
+        }) / n;
         let rstd = 1.0 / (var + eps).sqrt();
-        let r = _mm512_set1_ps(rstd);
-        // As the loops: ((x − mean)·rstd)·γ + β.
-        let norm = |x: __m512, g: __m512, b: __m512| _mm512_fmadd_ps(_mm512_mul_ps(_mm512_sub_ps(x, m), r), g, b);
-        let whole = n / 16 * 16;
-        for i in (0..whole).step_by(16) {
-            // SAFETY: `i + 16 ≤ n`, and all four slices hold `n` floats.
-            unsafe {
-                let v = norm(_mm512_loadu_ps(x.as_ptr().add(i)), _mm512_loadu_ps(gamma.as_ptr().add(i)), _mm512_loadu_ps(beta.as_ptr().add(i)));
-                _mm512_storeu_ps(y.as_mut_ptr().add(i), v);
-            }
-        }
-        let mask: __mmask16 = ((1u32 << (n - whole)) - 1) as u16;
-        // SAFETY: the masked lanes are the last `n − whole` elements of the four slices.
-        unsafe {
-            let at = |s: &[f32]| _mm512_maskz_loadu_ps(mask, s[whole..].as_ptr());
-            let v = norm(at(x), at(gamma), at(beta));
-            _mm512_mask_storeu_ps(y[whole..].as_mut_ptr(), mask, v);
-        }
+        super::ln_apply_row(x, gamma, beta, mean, rstd, y);
         (mean, rstd)
     }
 
