@@ -716,21 +716,26 @@ fn hub_repo_of(root: &Path, config: &str) {
     assert!(ok, "{err}");
 }
 
-/// The bytes of the partial download (hf-hub's `.part` file) of hub model `repo`'s weights in
-/// the hub cache `hf_home`, when there is one.
-fn partial_download(hf_home: &Path, repo: &str, weights: &Path) -> Option<u64> {
-    let blob = format!("{}.part", support::hub::etag_of(&std::fs::read(weights).unwrap()));
-    let path = hf_home.join(format!("hub/models--{}/blobs", repo.replace('/', "--"))).join(blob);
+/// The name of the blob the hub cache keeps the file `served` in (after the etag the stand-in
+/// hub sends for it).
+fn blob_of(served: &Path) -> String {
+    support::hub::etag_of(&std::fs::read(served).unwrap())
+}
+
+/// The bytes of the partial download (hf-hub's `.part` file) of blob `blob` of hub model `repo`
+/// in the hub cache `hf_home`, when there is one.
+fn partial_download(hf_home: &Path, repo: &str, blob: &str) -> Option<u64> {
+    let path = hf_home.join(format!("hub/models--{}/blobs/{blob}.part", repo.replace('/', "--")));
     std::fs::metadata(path).ok().map(|m| m.len())
 }
 
 /// Waits, a minute at most, until `child`'s download of hub model `repo` into `hf_home` has
-/// received bytes of its weights (the file `weights` served). Any partial file would not do:
-/// the config's is one too while it downloads, and a signal sent then, before the weights'
-/// download began, left no partial file behind.
-fn wait_for_download(hf_home: &Path, repo: &str, weights: &Path, child: &mut std::process::Child) {
+/// received bytes of blob `blob` (the weights'). Any partial file would not do: the config's
+/// is one too while it downloads, and a signal sent then, before the weights' download began,
+/// left no partial file behind.
+fn wait_for_download(hf_home: &Path, repo: &str, blob: &str, child: &mut std::process::Child) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while partial_download(hf_home, repo, weights).is_none_or(|len| len == 0) {
+    while partial_download(hf_home, repo, blob).is_none_or(|len| len == 0) {
         assert!(std::time::Instant::now() < deadline, "no download under way within a minute");
         assert!(child.try_wait().unwrap().is_none(), "the command ended before its download began");
         std::thread::sleep(std::time::Duration::from_millis(5));
@@ -795,7 +800,7 @@ fn ctrl_c_stops_a_hub_download_and_the_next_run_resumes_it() {
     };
 
     let mut child = run().stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    let weights = tmp.path().join("repo/model.safetensors");
+    let weights = blob_of(&tmp.path().join("repo/model.safetensors"));
     wait_for_download(&hf_home, "acme/slow-vit", &weights, &mut child);
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
@@ -837,7 +842,7 @@ fn two_processes_wait_for_one_download_of_a_hub_model() {
     };
 
     let mut first = predict();
-    wait_for_download(&hf_home, "acme/slow-vit", &tmp.path().join("repo/model.safetensors"), &mut first);
+    wait_for_download(&hf_home, "acme/slow-vit", &blob_of(&tmp.path().join("repo/model.safetensors")), &mut first);
     let second = predict();
     for (which, child) in [("first", first), ("second", second)] {
         let out = child.wait_with_output().unwrap();
