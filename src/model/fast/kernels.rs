@@ -380,16 +380,18 @@ mod avx512 {
 
     use super::simd::{EXP_POLY, EXP_RANGE, LN2_HI, LN2_LO};
 
-    /// e^x of 16 lanes, the same steps as [`simd::exp`](super::simd::exp) in the same order, so
-    /// the same results.
+    /// e^x of 16 lanes at most 0 (a softmax's `x − max`), the steps of
+    /// [`simd::exp`](super::simd::exp) in the same order, so the same results, in fewer
+    /// instructions: `vscalefps` multiplies by 2ⁿ where the loops build 2ⁿ's bits (three
+    /// instructions), and no upper bound, which the argument never passes.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    fn exp(x: __m512) -> __m512 {
-        // Bound first, so a NaN stays one (`max`/`min` return their second operand when either
-        // is NaN).
-        let x = _mm512_min_ps(_mm512_set1_ps(EXP_RANGE.1), _mm512_max_ps(_mm512_set1_ps(EXP_RANGE.0), x));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_add_ps(
-            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+    fn exp_nonpositive(x: __m512) -> __m512 {
+        // Bound first, so a NaN stays one (`max` returns its second operand when either is NaN).
+        let x = _mm512_max_ps(_mm512_set1_ps(EXP_RANGE.0), x);
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
             _mm512_set1_ps(0.5),
         ));
         let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_LO), _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_HI), x));
@@ -399,8 +401,7 @@ mod avx512 {
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
         }
         let y = _mm512_add_ps(_mm512_fmadd_ps(p, z, r), _mm512_set1_ps(1.0));
-        let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)));
-        _mm512_mul_ps(y, _mm512_castsi512_ps(bits))
+        _mm512_scalef_ps(y, n)
     }
 
     /// The sum over `xs` of `step(v, acc)`, which adds what 16 of its values `v` give to the
@@ -473,12 +474,12 @@ mod avx512 {
         for c in body.chunks_exact_mut(16) {
             // SAFETY: `c` holds 16 floats.
             unsafe {
-                let e = exp(_mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), vmax));
+                let e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), vmax));
                 _mm512_storeu_ps(c.as_mut_ptr(), e);
                 sum = _mm512_add_ps(sum, e);
             }
         }
-        let e = exp(_mm512_sub_ps(last, vmax));
+        let e = exp_nonpositive(_mm512_sub_ps(last, vmax));
         // SAFETY: as the masked load above.
         unsafe { _mm512_mask_storeu_ps(tail, mask, e) };
         sum = _mm512_mask_add_ps(sum, mask, sum, e);
@@ -536,6 +537,30 @@ mod tests {
             Activation::Relu => x.max(0.0),
             Activation::Silu => x * sigmoid(x),
             Activation::QuickGelu => x * sigmoid(1.702 * x),
+        }
+    }
+
+    /// Softmax's exponentials over the whole range of scores at every level: differences down
+    /// to the bound at −87 (e⁻⁸⁷ is still a normal f32) and far past it (bounded there, never
+    /// NaN, even for a score of −∞), and a NaN score making the sum NaN.
+    #[test]
+    fn exp_row_spans_the_range_of_scores() {
+        for level in runnable() {
+            // 20 values: a whole vector and a partial one under AVX-512.
+            let mut row: Vec<f32> = vec![0.0, -0.3, -1.0, -7.5, -20.0, -44.4, -60.0, -80.0, -86.0, -86.9, -87.0, -87.3];
+            row.extend([-88.0, -100.0, -126.0, -200.0, -1e4, -1e30, f32::MIN, f32::NEG_INFINITY]);
+            let want: Vec<f64> = row.iter().map(|&v| f64::from(v).max(-87.0).exp()).collect();
+            let mut got = row.clone();
+            let (max, sum) = on(level, || exp_row(&mut got));
+            assert_eq!(max, 0.0, "{level:?}");
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                assert!(g > 0.0 && (f64::from(g) - w).abs() <= 2e-7 * w, "{level:?} e^{}: {g}, want {w}", row[i]);
+            }
+            assert!((f64::from(sum) - want.iter().sum::<f64>()).abs() < 1e-6, "{level:?} sum {sum}");
+            let mut nan = row.clone();
+            nan[3] = f32::NAN;
+            let (_, sum) = on(level, || exp_row(&mut nan));
+            assert!(nan[3].is_nan() && sum.is_nan(), "{level:?}: a NaN score is not passed over");
         }
     }
 
