@@ -7,7 +7,8 @@
 //!   nearest even as [`round_bf16`] does — so one instruction does two steps of depth. The
 //!   depth is padded to whole blocks of 16 pairs ([`PAIR_BLOCK`]); A keeps each row's 16 pairs
 //!   of a block together (row-major bf16, converted without a transpose when A is row-major,
-//!   as activations are), and the AMX kernel (`amx.rs`) packs both operands the same way.
+//!   as activations are), and the AMX kernel (`amx.rs`) packs both operands the same way. This
+//!   kernel stops at the last pair that holds some of k; AMX's tiles multiply whole blocks.
 //!
 //! Every product of two bf16 values is exact in f32, so [`Bf16`] and the emulation differ only in
 //! the order of the f32 additions (and in `vdpbf16ps` treating subnormal inputs as zero).
@@ -66,6 +67,7 @@ impl Micro for Bf16 {
     const KC: usize = 128;
     const PAIRS: bool = true;
     const STEP_BLOCK: usize = PAIR_BLOCK;
+    const PARTIAL_BLOCK: bool = true;
 
     fn pack_a(a: Mat, i0: usize, mc: usize, k: usize, dst: &mut [f32]) {
         // SAFETY: the driver runs this kernel only on a CPU with AVX-512 BF16.
@@ -479,34 +481,46 @@ unsafe fn f32_at(kc: usize, at: impl Fn(usize, usize) -> *const f32, b: *const f
     }
 }
 
-/// The 12×32 bf16 micro-kernel: `c[12×32] = alpha · a · b + init` over `steps` pairs of k (whole
-/// blocks), A packed by [`pack_a_blocks`] (`dst[block][r][q]`) and B by [`pack_b_blocks`]
-/// (`dst[s][j]`).
+/// The 12×32 bf16 micro-kernel: `c[12×32] = alpha · a · b + init` over `steps` pairs of k, A
+/// packed by [`pack_a_blocks`] (`dst[block][r][q]`) and B by [`pack_b_blocks`] (`dst[s][j]`).
+/// `steps` may stop inside a block: the padding after it is not multiplied.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F and BF16; `a` must hold `12·steps` slots, `b` `32·steps`, and
 /// `c` twelve rows of 32 writable floats `ldc` apart.
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn bf16_packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
-    assert!(steps.is_multiple_of(PAIR_BLOCK));
     unsafe {
         prefetch_tile(c, ldc);
         let mut c0 = [_mm512_setzero_ps(); MR];
         let mut c1 = [_mm512_setzero_ps(); MR];
         let (a, mut b) = (a.cast::<i32>(), b.cast::<i32>());
-        for block in 0..steps / PAIR_BLOCK {
+        // Pair `q` of the block of A at `a`, by the step of B at `b`.
+        let mut step = |a: *const i32, q: usize, b: *const i32| {
+            // Loaded as integers: the slots are bit patterns (a pair may look like a NaN).
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.cast()));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(16).cast()));
+            for r in 0..MR {
+                let ar: __m512bh = std::mem::transmute(_mm512_set1_epi32(a.add(r * PAIR_BLOCK + q).read_unaligned()));
+                c0[r] = _mm512_dpbf16_ps(c0[r], ar, b0);
+                c1[r] = _mm512_dpbf16_ps(c1[r], ar, b1);
+            }
+        };
+        let blocks = steps / PAIR_BLOCK;
+        for block in 0..blocks {
             let a = a.add(block * MR * PAIR_BLOCK);
+            // A constant count, so the compiler unrolls the block whole.
             for q in 0..PAIR_BLOCK {
-                // Loaded as integers: the slots are bit patterns (a pair may look like a NaN).
-                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.cast()));
-                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(16).cast()));
-                for r in 0..MR {
-                    let ar: __m512bh = std::mem::transmute(_mm512_set1_epi32(a.add(r * PAIR_BLOCK + q).read_unaligned()));
-                    c0[r] = _mm512_dpbf16_ps(c0[r], ar, b0);
-                    c1[r] = _mm512_dpbf16_ps(c1[r], ar, b1);
-                }
+                step(a, q, b);
                 b = b.add(NR);
             }
+        }
+        // The last block's live pairs (a depth of 197 is 99 pairs: 6 blocks and 3 pairs, where
+        // a whole seventh block would multiply 13 pairs of zeros).
+        let a = a.add(blocks * MR * PAIR_BLOCK);
+        for q in 0..steps % PAIR_BLOCK {
+            step(a, q, b);
+            b = b.add(NR);
         }
         store_tile(c0, c1, c, ldc, alpha, init);
     }

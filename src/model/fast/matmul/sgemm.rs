@@ -39,6 +39,9 @@ pub(super) trait Micro {
     /// Packed steps come in blocks of this many (KC is a multiple of it): the depth is padded
     /// with zero steps to whole blocks (AMX tiles take 16 pairs of k at a time).
     const STEP_BLOCK: usize = 1;
+    /// Whether [`Micro::packed`] takes a count of steps that stops inside a block (the last
+    /// one's padding then not multiplied), rather than whole blocks only (AMX's tiles).
+    const PARTIAL_BLOCK: bool = false;
 
     /// Packs rows `i0..i0+mc` of `a` (all of k, padded to whole blocks of steps) into panels of
     /// MR rows, `MR · STEP_BLOCK` slots per block (`dst[panel][block][..]`, step-major within
@@ -218,7 +221,12 @@ pub(super) fn gemm_packed<K: Micro>(a: Mat, bpack: &[f32], c: MatMut, step: Step
 
 /// Packed steps for a depth of `k`, padded to whole blocks of [`Micro::STEP_BLOCK`].
 fn steps<K: Micro>(k: usize) -> usize {
-    (if K::PAIRS { k.div_ceil(2) } else { k }).next_multiple_of(K::STEP_BLOCK)
+    unpadded_steps::<K>(k).next_multiple_of(K::STEP_BLOCK)
+}
+
+/// Steps that hold some of a depth of `k`: its values, or its pairs.
+fn unpadded_steps<K: Micro>(k: usize) -> usize {
+    if K::PAIRS { k.div_ceil(2) } else { k }
 }
 
 /// How [`run`] runs: the scale, what it adds to, on how many threads, in which precision, and
@@ -240,6 +248,8 @@ fn run<K: Micro>(a: Mat, bpack: &[f32], n: usize, m: usize, ldc: usize, out: Out
     let (mr_, nr_) = (K::MR, K::NR);
     let k = a.cols;
     let depth = steps::<K>(k);
+    // The steps multiplied: the packed depth, or short of its padding where the kernel allows.
+    let live = if K::PARTIAL_BLOCK { unpadded_steps::<K>(k) } else { depth };
     let round = bf16 && !K::PAIRS;
     let panels = n.div_ceil(nr_);
     let threads = if parallel {
@@ -302,8 +312,8 @@ fn run<K: Micro>(a: Mat, bpack: &[f32], n: usize, m: usize, ldc: usize, out: Out
                 let out = out;
                 for s0 in (p0..p1).step_by(strip) {
                     let s1 = p1.min(s0 + strip);
-                    for pc in (0..depth).step_by(K::KC) {
-                        let kc = K::KC.min(depth - pc);
+                    for pc in (0..live).step_by(K::KC) {
+                        let kc = K::KC.min(live - pc);
                         for p in s0..s1 {
                             let (j, nr) = (p * nr_, nr_.min(n - p * nr_));
                             // The first block of depth starts from nothing, C or the bias (this
