@@ -48,14 +48,42 @@ impl Micro for F32 {
 
     unsafe fn packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
         // SAFETY: as the trait's contract.
-        unsafe { f32_packed(steps, a, b, c, ldc, alpha, init) }
+        unsafe { f32_packed::<MR, 2>(steps, a, b, c, ldc, alpha, init) }
     }
 
     unsafe fn rows(kc: usize, a: *const f32, stride: usize, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
         // SAFETY: as the trait's contract.
-        unsafe { f32_rows(kc, a, stride, b, c, ldc, alpha, init) }
+        unsafe { f32_rows::<MR, 2>(kc, a, stride, b, c, ldc, alpha, init) }
+    }
+
+    unsafe fn packed_edge(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init, mr: usize, nr: usize) {
+        // SAFETY: as the trait's contract; the tile chosen covers `mr` rows and `nr` columns.
+        unsafe { by_edge!(mr, nr, f32_packed, (steps, a, b, c, ldc, alpha, init)) }
+    }
+
+    unsafe fn rows_edge(kc: usize, a: *const f32, stride: usize, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init, nr: usize) {
+        // SAFETY: as the trait's contract; the tile chosen covers `nr` columns.
+        unsafe { by_edge!(MR, nr, f32_rows, (kc, a, stride, b, c, ldc, alpha, init)) }
     }
 }
+
+/// Calls `$kernel::<R, H>($args)` with the fewest rows `R` (4, 8 or 12) and halves `H` of 16
+/// columns (1 or 2) that cover an edge tile of `$mr` rows and `$nr` columns: a product whose
+/// edge cuts a tile (197 rows are 16 tiles of 12 and one of 5; 197 columns, 6 panels of 32 and
+/// one of 5) then multiplies 8 rows rather than 12, and 16 columns rather than 32.
+macro_rules! by_edge {
+    ($mr:expr, $nr:expr, $kernel:ident, ($($arg:expr),*)) => {
+        match ($mr.div_ceil(4), $nr > 16) {
+            (1, false) => $kernel::<4, 1>($($arg),*),
+            (2, false) => $kernel::<8, 1>($($arg),*),
+            (_, false) => $kernel::<MR, 1>($($arg),*),
+            (1, true) => $kernel::<4, 2>($($arg),*),
+            (2, true) => $kernel::<8, 2>($($arg),*),
+            (_, true) => $kernel::<MR, 2>($($arg),*),
+        }
+    };
+}
+use by_edge;
 
 /// The AVX-512 BF16 kernel (12×32, pairs of k).
 pub(super) struct Bf16;
@@ -81,7 +109,12 @@ impl Micro for Bf16 {
 
     unsafe fn packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
         // SAFETY: as the trait's contract.
-        unsafe { bf16_packed(steps, a, b, c, ldc, alpha, init) }
+        unsafe { bf16_packed::<MR, 2>(steps, a, b, c, ldc, alpha, init) }
+    }
+
+    unsafe fn packed_edge(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init, mr: usize, nr: usize) {
+        // SAFETY: as the trait's contract; the tile chosen covers `mr` rows and `nr` columns.
+        unsafe { by_edge!(mr, nr, bf16_packed, (steps, a, b, c, ldc, alpha, init)) }
     }
 
     unsafe fn rows(_: usize, _: *const f32, _: usize, _: *const f32, _: *mut f32, _: usize, _: f32, _: Init) {
@@ -435,75 +468,82 @@ unsafe fn pack_b_pairs(b: Mat, k: usize, j0: usize, nr: usize, dst: &mut [f32]) 
     }
 }
 
-/// [`f32_at`] on twelve rows of A read in place, `stride` apart.
+/// [`f32_at`] on R rows of A read in place, `stride` apart.
 ///
 /// # Safety
 /// As [`f32_at`], with row `r` of A at `a + r·stride`, `kc` floats long.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn f32_rows(kc: usize, a: *const f32, stride: usize, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
-    unsafe { f32_at(kc, |kk, r| a.add(r * stride + kk), b, c, ldc, alpha, init) }
+unsafe fn f32_rows<const R: usize, const H: usize>(kc: usize, a: *const f32, stride: usize, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
+    unsafe { f32_at::<R, H>(kc, |kk, r| a.add(r * stride + kk), b, c, ldc, alpha, init) }
 }
 
-/// [`f32_at`] on a packed panel of A (`MR` floats per step of k).
+/// [`f32_at`] on a packed panel of A (`MR` floats per step of k, the first R of them read).
 ///
 /// # Safety
 /// As [`f32_at`], with A packed k-major.
 #[target_feature(enable = "avx512f")]
-unsafe fn f32_packed(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
-    unsafe { f32_at(kc, |kk, r| a.add(kk * MR + r), b, c, ldc, alpha, init) }
+unsafe fn f32_packed<const R: usize, const H: usize>(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
+    unsafe { f32_at::<R, H>(kc, |kk, r| a.add(kk * MR + r), b, c, ldc, alpha, init) }
 }
 
-/// The 12×32 f32 micro-kernel: `c[12×32] = alpha · a[12×kc] · b[kc×32] + init`, with B packed
-/// k-major and element (kk, r) of A at `at(kk, r)`.
+/// The f32 micro-kernel, 12×32 whole (R = 12, H = 2; R rows and H halves of 16 columns at an
+/// edge, see [`by_edge`]): `c[R×16H] = alpha · a[R×kc] · b[kc×16H] + init`, with B packed k-major
+/// (32 floats a step whatever H) and element (kk, r) of A at `at(kk, r)`.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F; `at` must give readable addresses for every `kk < kc`,
-/// `r < 12`, `b` hold `32·kc` floats, and `c` twelve rows of 32 writable floats `ldc` apart.
+/// `r < R`, `b` hold `32·kc` floats, and `c` R rows of 16·H writable floats `ldc` apart.
 #[inline(always)]
-unsafe fn f32_at(kc: usize, at: impl Fn(usize, usize) -> *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
+unsafe fn f32_at<const R: usize, const H: usize>(kc: usize, at: impl Fn(usize, usize) -> *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
     unsafe {
-        prefetch_tile(c, ldc);
-        let mut c0 = [_mm512_setzero_ps(); MR];
-        let mut c1 = [_mm512_setzero_ps(); MR];
+        prefetch_tile::<R, H>(c, ldc);
+        let mut c0 = [_mm512_setzero_ps(); R];
+        let mut c1 = [_mm512_setzero_ps(); R];
         let mut b = b;
         for kk in 0..kc {
             let b0 = _mm512_loadu_ps(b);
-            let b1 = _mm512_loadu_ps(b.add(16));
-            for r in 0..MR {
+            let b1 = if H == 2 { _mm512_loadu_ps(b.add(16)) } else { b0 };
+            for r in 0..R {
                 let ar = _mm512_set1_ps(*at(kk, r));
                 c0[r] = _mm512_fmadd_ps(ar, b0, c0[r]);
-                c1[r] = _mm512_fmadd_ps(ar, b1, c1[r]);
+                if H == 2 {
+                    c1[r] = _mm512_fmadd_ps(ar, b1, c1[r]);
+                }
             }
             b = b.add(NR);
         }
-        store_tile(c0, c1, c, ldc, alpha, init);
+        store_tile::<R, H>(c0, c1, c, ldc, alpha, init);
     }
 }
 
-/// The 12×32 bf16 micro-kernel: `c[12×32] = alpha · a · b + init` over `steps` pairs of k, A
-/// packed by [`pack_a_blocks`] (`dst[block][r][q]`) and B by [`pack_b_blocks`] (`dst[s][j]`).
-/// `steps` may stop inside a block: the padding after it is not multiplied.
+/// The bf16 micro-kernel, 12×32 whole (R = 12, H = 2; R rows and H halves of 16 columns at an
+/// edge, see [`by_edge`]): `c[R×16H] = alpha · a · b + init` over `steps` pairs of k, A packed by
+/// [`pack_a_blocks`] (`dst[block][r][q]`, 12 rows whatever R) and B by [`pack_b_blocks`]
+/// (`dst[s][j]`, 32 columns whatever H). `steps` may stop inside a block: the padding after it
+/// is not multiplied.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F and BF16; `a` must hold `12·steps` slots, `b` `32·steps`, and
-/// `c` twelve rows of 32 writable floats `ldc` apart.
+/// `c` R rows of 16·H writable floats `ldc` apart.
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn bf16_packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
+unsafe fn bf16_packed<const R: usize, const H: usize>(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init) {
     unsafe {
-        prefetch_tile(c, ldc);
-        let mut c0 = [_mm512_setzero_ps(); MR];
-        let mut c1 = [_mm512_setzero_ps(); MR];
+        prefetch_tile::<R, H>(c, ldc);
+        let mut c0 = [_mm512_setzero_ps(); R];
+        let mut c1 = [_mm512_setzero_ps(); R];
         let (a, mut b) = (a.cast::<i32>(), b.cast::<i32>());
         // Pair `q` of the block of A at `a`, by the step of B at `b`.
         let mut step = |a: *const i32, q: usize, b: *const i32| {
             // Loaded as integers: the slots are bit patterns (a pair may look like a NaN).
             let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.cast()));
-            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(16).cast()));
-            for r in 0..MR {
+            let b1: __m512bh = if H == 2 { std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(b.add(16).cast())) } else { b0 };
+            for r in 0..R {
                 let ar: __m512bh = std::mem::transmute(_mm512_set1_epi32(a.add(r * PAIR_BLOCK + q).read_unaligned()));
                 c0[r] = _mm512_dpbf16_ps(c0[r], ar, b0);
-                c1[r] = _mm512_dpbf16_ps(c1[r], ar, b1);
+                if H == 2 {
+                    c1[r] = _mm512_dpbf16_ps(c1[r], ar, b1);
+                }
             }
         };
         let blocks = steps / PAIR_BLOCK;
@@ -522,46 +562,55 @@ unsafe fn bf16_packed(steps: usize, a: *const f32, b: *const f32, c: *mut f32, l
             step(a, q, b);
             b = b.add(NR);
         }
-        store_tile(c0, c1, c, ldc, alpha, init);
+        store_tile::<R, H>(c0, c1, c, ldc, alpha, init);
     }
 }
 
-/// Fetches a tile of C while the products run (it is read or written only at the end).
+/// Fetches a tile of C (R rows of 16·H floats) while the products run (it is read or written
+/// only at the end).
 ///
 /// # Safety
-/// The CPU must support SSE; prefetches never fault, but `c + r·ldc + 31` must not overflow.
+/// The CPU must support SSE; prefetches never fault, but `c + r·ldc + 16·H − 1` must not
+/// overflow.
 #[inline(always)]
-unsafe fn prefetch_tile(c: *mut f32, ldc: usize) {
-    for r in 0..MR {
+unsafe fn prefetch_tile<const R: usize, const H: usize>(c: *mut f32, ldc: usize) {
+    for r in 0..R {
         // SAFETY: address arithmetic inside the caller's tile; prefetching reads nothing.
         unsafe {
             _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc).cast());
-            _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc + 16).cast());
-            _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc + NR - 1).cast());
+            _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc + 16 * H - 1).cast());
+            if H == 2 {
+                _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc + 16).cast());
+            }
         }
     }
 }
 
-/// `c = alpha·acc + init` for a 12×32 tile held as two halves of 16 columns.
+/// `c = alpha·acc + init` for a tile of R rows held as H halves of 16 columns (`c1` unused when
+/// H is 1).
 ///
 /// # Safety
-/// The CPU must support AVX-512 F; `c` must hold twelve rows of 32 writable floats `ldc` apart,
-/// and an [`Init::Row`] 32 readable floats.
+/// The CPU must support AVX-512 F; `c` must hold R rows of 16·H writable floats `ldc` apart,
+/// and an [`Init::Row`] 16·H readable floats.
 #[inline(always)]
-unsafe fn store_tile(c0: [__m512; MR], c1: [__m512; MR], c: *mut f32, ldc: usize, alpha: f32, init: Init) {
+unsafe fn store_tile<const R: usize, const H: usize>(c0: [__m512; R], c1: [__m512; R], c: *mut f32, ldc: usize, alpha: f32, init: Init) {
     unsafe {
         let alpha = _mm512_set1_ps(alpha);
         // What is added: rows `ld` apart from `add` (C's own rows, or the bias row every time).
         let (add, ld) = init.rows(c, ldc);
-        for r in 0..MR {
+        for r in 0..R {
             let row = c.add(r * ldc);
             if !add.is_null() {
                 let add = add.add(r * ld);
                 _mm512_storeu_ps(row, _mm512_fmadd_ps(alpha, c0[r], _mm512_loadu_ps(add)));
-                _mm512_storeu_ps(row.add(16), _mm512_fmadd_ps(alpha, c1[r], _mm512_loadu_ps(add.add(16))));
+                if H == 2 {
+                    _mm512_storeu_ps(row.add(16), _mm512_fmadd_ps(alpha, c1[r], _mm512_loadu_ps(add.add(16))));
+                }
             } else {
                 _mm512_storeu_ps(row, _mm512_mul_ps(alpha, c0[r]));
-                _mm512_storeu_ps(row.add(16), _mm512_mul_ps(alpha, c1[r]));
+                if H == 2 {
+                    _mm512_storeu_ps(row.add(16), _mm512_mul_ps(alpha, c1[r]));
+                }
             }
         }
     }

@@ -67,6 +67,31 @@ pub(super) trait Micro {
     /// As [`Micro::packed`], with row `r` of A at `a + r·stride`.
     #[allow(clippy::too_many_arguments)]
     unsafe fn rows(kc: usize, a: *const f32, stride: usize, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init);
+
+    /// As [`Micro::packed`] for a tile cut by the matrix's edge, of which only the first `mr`
+    /// rows and `nr` columns are wanted: a kernel may compute a smaller tile that covers them
+    /// (what it writes past them is never read). By default the whole tile.
+    ///
+    /// # Safety
+    /// As [`Micro::packed`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn packed_edge(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init, mr: usize, nr: usize) {
+        let _ = (mr, nr);
+        // SAFETY: as the caller's contract.
+        unsafe { Self::packed(steps, a, b, c, ldc, alpha, init) }
+    }
+
+    /// As [`Micro::rows`] for a tile cut by the matrix's edge on the right, of which only the
+    /// first `nr` columns are wanted (as [`Micro::packed_edge`]).
+    ///
+    /// # Safety
+    /// As [`Micro::rows`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows_edge(kc: usize, a: *const f32, stride: usize, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init, nr: usize) {
+        let _ = nr;
+        // SAFETY: as the caller's contract.
+        unsafe { Self::rows(kc, a, stride, b, c, ldc, alpha, init) }
+    }
 }
 
 /// What a micro-kernel adds its product to.
@@ -585,19 +610,28 @@ unsafe fn tile<K: Micro>(kc: usize, a: APanel, b: &[f32], c: *mut f32, ldc: usiz
     assert!(b.len() >= kc * K::NR && K::MR * K::NR <= MAX_TILE);
     // SAFETY: the caller checked the CPU; the panels hold what the kernel reads (checked here),
     // `dst` is either the caller's whole tile or a scratch tile, and a row is NR floats.
+    let whole = mr == K::MR && nr == K::NR;
     let run = |dst: *mut f32, ld: usize, init: Init| unsafe {
         match a {
             APanel::Packed(a) => {
                 assert!(a.len() >= kc * K::MR);
-                K::packed(kc, a.as_ptr(), b.as_ptr(), dst, ld, alpha, init);
+                if whole {
+                    K::packed(kc, a.as_ptr(), b.as_ptr(), dst, ld, alpha, init);
+                } else {
+                    K::packed_edge(kc, a.as_ptr(), b.as_ptr(), dst, ld, alpha, init, mr, nr);
+                }
             }
             APanel::Rows(a, stride) => {
                 assert!(!K::PAIRS && kc > 0 && a.len() > (K::MR - 1) * stride + kc - 1);
-                K::rows(kc, a.as_ptr(), stride, b.as_ptr(), dst, ld, alpha, init);
+                if whole {
+                    K::rows(kc, a.as_ptr(), stride, b.as_ptr(), dst, ld, alpha, init);
+                } else {
+                    K::rows_edge(kc, a.as_ptr(), stride, b.as_ptr(), dst, ld, alpha, init, nr);
+                }
             }
         }
     };
-    if mr == K::MR && nr == K::NR {
+    if whole {
         run(
             c,
             ldc,
@@ -612,8 +646,8 @@ unsafe fn tile<K: Micro>(kc: usize, a: APanel, b: &[f32], c: *mut f32, ldc: usiz
         );
         return;
     }
-    // Cut by the matrix's edge: the whole tile into scratch (so zeroed only here), then the part
-    // that exists.
+    // Cut by the matrix's edge: the tile (or the kernel's smaller one that covers the part that
+    // exists) into scratch (so zeroed only here), then the part that exists.
     let mut scratch = [0f32; MAX_TILE];
     run(scratch.as_mut_ptr(), K::NR, Init::Zero);
     for r in 0..mr {
