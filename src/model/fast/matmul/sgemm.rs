@@ -647,20 +647,20 @@ unsafe fn tile<K: Micro>(kc: usize, a: APanel, b: &[f32], c: *mut f32, ldc: usiz
         return;
     }
     // Cut by the matrix's edge: the tile (or the kernel's smaller one that covers the part that
-    // exists) into scratch (so zeroed only here), then the part that exists.
-    let mut scratch = [0f32; MAX_TILE];
-    run(scratch.as_mut_ptr(), K::NR, Init::Zero);
+    // exists) into scratch, then the part that exists. The scratch is not zeroed first (that
+    // was 4 KiB of memset per edge tile, 4% of attention's Q·Kᵀ): the kernel writes every
+    // element read back.
+    let mut scratch = std::mem::MaybeUninit::<[f32; MAX_TILE]>::uninit();
+    let part = scratch.as_mut_ptr().cast::<f32>();
+    run(part, K::NR, Init::Zero);
     for r in 0..mr {
-        for j in 0..nr {
-            // SAFETY: r < mr and j < nr, inside the caller's tile.
-            unsafe {
-                let (d, s) = (c.add(r * ldc + j), scratch[r * K::NR + j]);
-                *d = match init {
-                    Onto::Zero => s,
-                    Onto::C => *d + s,
-                    Onto::Bias(row) => row[j] + s,
-                };
-            }
+        // SAFETY: the kernel wrote the first `nr` floats of each of the tile's first `mr` rows
+        // (at least), and the caller's tile holds `mr` rows of `nr` floats `ldc` apart.
+        let (src, dst) = unsafe { (std::slice::from_raw_parts(part.add(r * K::NR), nr), std::slice::from_raw_parts_mut(c.add(r * ldc), nr)) };
+        match init {
+            Onto::Zero => dst.copy_from_slice(src),
+            Onto::C => dst.iter_mut().zip(src).for_each(|(d, s)| *d += s),
+            Onto::Bias(row) => dst.iter_mut().zip(src).zip(row).for_each(|((d, s), b)| *d = b + s),
         }
     }
 }
