@@ -308,86 +308,122 @@ fn run<K: Micro>(a: Mat, bpack: &[f32], n: usize, m: usize, ldc: usize, out: Out
     // Numbered row block first, a half was whole row blocks: 197 rows (17 tiles of 12) as
     // 4 + 4 | 4 + 5 tiles, and ViT-S's products at batch 1 ran 1.61–1.85× faster on two threads
     // than on one, against 1.83–1.99× now (bench/RESULTS.md).
-    let task = |t: usize| {
-        let (ib, part) = (t % row_blocks, t / row_blocks);
-        let (ic, mc) = block(ib);
-        let p0 = part * panels_per_part;
-        let p1 = panels.min(p0 + panels_per_part);
-        if p0 >= p1 {
-            return;
+    // Row-major A is read in place, MR rows at a time (its rows are contiguous in k); only a
+    // last partial panel, or A in any other layout or precision, or mapped, is packed.
+    let direct = a.cs == 1 && !bf16 && !K::PAIRS && map.is_none();
+    // Packs `rows` rows of A from row `i0` (all of k) into `dst`.
+    let pack = |i0: usize, rows: usize, dst: &mut [f32]| {
+        match map {
+            None => K::pack_a(a, i0, rows, k, dst),
+            Some(f) => pack_a_mapped::<K>(a, f, i0, rows, dst),
         }
-        // Row-major A is read in place, MR rows at a time (its rows are contiguous in k);
-        // only a last partial panel, or A in any other layout or precision, or mapped, is
-        // packed.
-        let direct = a.cs == 1 && !bf16 && !K::PAIRS && map.is_none();
-        let whole = if direct { mc / mr_ * mr_ } else { 0 };
-        let packed_rows = mc - whole;
-        A_SCRATCH.with(|scratch| {
-            scratch.with(packed_rows.next_multiple_of(mr_) * depth, |apack| {
-                match map {
-                    None => K::pack_a(a, ic + whole, packed_rows, k, apack),
-                    Some(f) => pack_a_mapped::<K>(a, f, ic + whole, packed_rows, apack),
+        if round {
+            round_packed(dst);
+        }
+    };
+    // Where tasks share a block of rows (few rows, split by columns too: one image's 197),
+    // A is packed once, block by block on the pool, before the products, rather than by every
+    // task that multiplies the block: at batch 1 each row of fc2's input was its GELU computed
+    // twice, once per half of the columns.
+    let shared = col_parts > 1 && !direct;
+    SHARED_A_SCRATCH.with(|scratch| {
+        scratch.with(if shared { tiles * mr_ * depth } else { 0 }, |all| {
+            if shared {
+                // Blocks are whole runs of tiles, in order: each one's panels follow the last's.
+                let mut blocks = Vec::with_capacity(row_blocks);
+                let mut rest = &mut *all;
+                for ib in 0..row_blocks {
+                    let (ic, mc) = block(ib);
+                    let (packed, after) = rest.split_at_mut(mc.next_multiple_of(mr_) * depth);
+                    blocks.push((ic, mc, packed));
+                    rest = after;
                 }
-                if round {
-                    round_packed(apack);
+                blocks.into_par_iter().for_each(|(ic, mc, packed)| pack(ic, mc, packed));
+            }
+            let all = &*all;
+            let task = |t: usize| {
+                let (ib, part) = (t % row_blocks, t / row_blocks);
+                let (ic, mc) = block(ib);
+                let p0 = part * panels_per_part;
+                let p1 = panels.min(p0 + panels_per_part);
+                if p0 >= p1 {
+                    return;
                 }
-                // The whole `OutPtr` (Send), not its raw pointer field, is what the closure
-                // below must capture.
-                #[allow(clippy::redundant_locals)]
-                let out = out;
-                for s0 in (p0..p1).step_by(strip) {
-                    let s1 = p1.min(s0 + strip);
-                    for pc in (0..live).step_by(K::KC) {
-                        let kc = K::KC.min(live - pc);
-                        for p in s0..s1 {
-                            let (j, nr) = (p * nr_, nr_.min(n - p * nr_));
-                            // The first block of depth starts from nothing, C or the bias (this
-                            // panel's part of it); later ones add to what the blocks before wrote.
-                            let init = match onto {
-                                _ if pc > 0 => Onto::C,
-                                Onto::Bias(bias) => Onto::Bias(&bias[j..j + nr]),
-                                other => other,
-                            };
-                            let panel = p * nr_ * depth;
-                            let bpanel = &bpack[panel + pc * nr_..panel + (pc + kc) * nr_];
-                            for i in (0..mc).step_by(mr_) {
-                                let mr = mr_.min(mc - i);
-                                let apanel = if i < whole {
-                                    let start = a.offset + (ic + i) * a.rs + pc;
-                                    APanel::Rows(&a.data[start..start + (mr_ - 1) * a.rs + kc], a.rs)
-                                } else {
-                                    let i = i - whole;
-                                    APanel::Packed(&apack[i * depth + pc * mr_..i * depth + (pc + kc) * mr_])
+                let whole = if direct { mc / mr_ * mr_ } else { 0 };
+                let packed_rows = mc - whole;
+                // The task's products, on its rows of A packed in `apack` (those past `whole`).
+                let products = |apack: &[f32]| {
+                    // The whole `OutPtr` (Send), not its raw pointer field, is what the closure
+                    // below must capture.
+                    #[allow(clippy::redundant_locals)]
+                    let out = out;
+                    for s0 in (p0..p1).step_by(strip) {
+                        let s1 = p1.min(s0 + strip);
+                        for pc in (0..live).step_by(K::KC) {
+                            let kc = K::KC.min(live - pc);
+                            for p in s0..s1 {
+                                let (j, nr) = (p * nr_, nr_.min(n - p * nr_));
+                                // The first block of depth starts from nothing, C or the bias
+                                // (this panel's part of it); later ones add to what the blocks
+                                // before wrote.
+                                let init = match onto {
+                                    _ if pc > 0 => Onto::C,
+                                    Onto::Bias(bias) => Onto::Bias(&bias[j..j + nr]),
+                                    other => other,
                                 };
-                                // SAFETY: rows ic+i..ic+i+mr and columns j..j+nr lie inside the
-                                // output view (checked by the caller); this task owns rows
-                                // ic..ic+mc for the columns of panels p0..p1, which no other
-                                // task writes. The caller checked that the CPU runs `K`.
-                                unsafe {
-                                    let dst = out.0.add((ic + i) * ldc + j);
-                                    tile::<K>(kc, apanel, bpanel, dst, ldc, mr, nr, alpha, init);
+                                let panel = p * nr_ * depth;
+                                let bpanel = &bpack[panel + pc * nr_..panel + (pc + kc) * nr_];
+                                for i in (0..mc).step_by(mr_) {
+                                    let mr = mr_.min(mc - i);
+                                    let apanel = if i < whole {
+                                        let start = a.offset + (ic + i) * a.rs + pc;
+                                        APanel::Rows(&a.data[start..start + (mr_ - 1) * a.rs + kc], a.rs)
+                                    } else {
+                                        let i = i - whole;
+                                        APanel::Packed(&apack[i * depth + pc * mr_..i * depth + (pc + kc) * mr_])
+                                    };
+                                    // SAFETY: rows ic+i..ic+i+mr and columns j..j+nr lie
+                                    // inside the output view (checked by the caller); this
+                                    // task owns rows ic..ic+mc for the columns of panels
+                                    // p0..p1, which no other task writes. The caller checked
+                                    // that the CPU runs `K`.
+                                    unsafe {
+                                        let dst = out.0.add((ic + i) * ldc + j);
+                                        tile::<K>(kc, apanel, bpanel, dst, ldc, mr, nr, alpha, init);
+                                    }
                                 }
                             }
                         }
                     }
+                };
+                if shared {
+                    products(&all[ic * depth..][..packed_rows.next_multiple_of(mr_) * depth]);
+                } else {
+                    A_SCRATCH.with(|scratch| {
+                        scratch.with(packed_rows.next_multiple_of(mr_) * depth, |apack| {
+                            pack(ic + whole, packed_rows, apack);
+                            products(apack)
+                        })
+                    });
                 }
-            })
-        });
-    };
-    let tasks = row_blocks * col_parts;
-    if threads > 1 && tasks > 1 {
-        (0..tasks).into_par_iter().for_each(task);
-    } else {
-        (0..tasks).for_each(task);
-    }
+            };
+            let tasks = row_blocks * col_parts;
+            if threads > 1 && tasks > 1 {
+                (0..tasks).into_par_iter().for_each(task);
+            } else {
+                (0..tasks).for_each(task);
+            }
+        })
+    });
 }
 
-// Packing space for B and A, and for a panel of A's rows mapped before they are packed
-// ([`Scratch`]).
+// Packing space for B and A, for a panel of A's rows mapped before they are packed, and for
+// all of A where tasks share it ([`Scratch`]).
 thread_local! {
     static B_SCRATCH: Scratch = const { Scratch(std::cell::RefCell::new(Vec::new())) };
     static A_SCRATCH: Scratch = const { Scratch(std::cell::RefCell::new(Vec::new())) };
     static MAPPED_SCRATCH: Scratch = const { Scratch(std::cell::RefCell::new(Vec::new())) };
+    static SHARED_A_SCRATCH: Scratch = const { Scratch(std::cell::RefCell::new(Vec::new())) };
 }
 
 /// [`Micro::pack_a`] of `f(a)` for a row-major `a` (all of its columns): each panel's MR rows
