@@ -326,95 +326,100 @@ fn run<K: Micro>(a: Mat, bpack: &[f32], n: usize, m: usize, ldc: usize, out: Out
     // task that multiplies the block: at batch 1 each row of fc2's input was its GELU computed
     // twice, once per half of the columns.
     let shared = col_parts > 1 && !direct;
-    SHARED_A_SCRATCH.with(|scratch| {
-        scratch.with(if shared { tiles * mr_ * depth } else { 0 }, |all| {
-            if shared {
-                // Blocks are whole runs of tiles, in order: each one's panels follow the last's.
-                let mut blocks = Vec::with_capacity(row_blocks);
-                let mut rest = &mut *all;
-                for ib in 0..row_blocks {
-                    let (ic, mc) = block(ib);
-                    let (packed, after) = rest.split_at_mut(mc.next_multiple_of(mr_) * depth);
-                    blocks.push((ic, mc, packed));
-                    rest = after;
-                }
-                blocks.into_par_iter().for_each(|(ic, mc, packed)| pack(ic, mc, packed));
-            }
-            let all = &*all;
-            let task = |t: usize| {
-                let (ib, part) = (t % row_blocks, t / row_blocks);
+    // The tasks, on A packed whole in `all` where `shared` (else `all` is empty and each task
+    // packs its own rows).
+    let multiply = |all: &mut [f32]| {
+        if shared {
+            // Blocks are whole runs of tiles, in order: each one's panels follow the last's.
+            let mut blocks = Vec::with_capacity(row_blocks);
+            let mut rest = &mut *all;
+            for ib in 0..row_blocks {
                 let (ic, mc) = block(ib);
-                let p0 = part * panels_per_part;
-                let p1 = panels.min(p0 + panels_per_part);
-                if p0 >= p1 {
-                    return;
-                }
-                let whole = if direct { mc / mr_ * mr_ } else { 0 };
-                let packed_rows = mc - whole;
-                // The task's products, on its rows of A packed in `apack` (those past `whole`).
-                let products = |apack: &[f32]| {
-                    // The whole `OutPtr` (Send), not its raw pointer field, is what the closure
-                    // below must capture.
-                    #[allow(clippy::redundant_locals)]
-                    let out = out;
-                    for s0 in (p0..p1).step_by(strip) {
-                        let s1 = p1.min(s0 + strip);
-                        for pc in (0..live).step_by(K::KC) {
-                            let kc = K::KC.min(live - pc);
-                            for p in s0..s1 {
-                                let (j, nr) = (p * nr_, nr_.min(n - p * nr_));
-                                // The first block of depth starts from nothing, C or the bias
-                                // (this panel's part of it); later ones add to what the blocks
-                                // before wrote.
-                                let init = match onto {
-                                    _ if pc > 0 => Onto::C,
-                                    Onto::Bias(bias) => Onto::Bias(&bias[j..j + nr]),
-                                    other => other,
+                let (packed, after) = rest.split_at_mut(mc.next_multiple_of(mr_) * depth);
+                blocks.push((ic, mc, packed));
+                rest = after;
+            }
+            blocks.into_par_iter().for_each(|(ic, mc, packed)| pack(ic, mc, packed));
+        }
+        let all = &*all;
+        let task = |t: usize| {
+            let (ib, part) = (t % row_blocks, t / row_blocks);
+            let (ic, mc) = block(ib);
+            let p0 = part * panels_per_part;
+            let p1 = panels.min(p0 + panels_per_part);
+            if p0 >= p1 {
+                return;
+            }
+            let whole = if direct { mc / mr_ * mr_ } else { 0 };
+            let packed_rows = mc - whole;
+            // The task's products, on its rows of A packed in `apack` (those past `whole`).
+            let products = |apack: &[f32]| {
+                // The whole `OutPtr` (Send), not its raw pointer field, is what the closure
+                // below must capture.
+                #[allow(clippy::redundant_locals)]
+                let out = out;
+                for s0 in (p0..p1).step_by(strip) {
+                    let s1 = p1.min(s0 + strip);
+                    for pc in (0..live).step_by(K::KC) {
+                        let kc = K::KC.min(live - pc);
+                        for p in s0..s1 {
+                            let (j, nr) = (p * nr_, nr_.min(n - p * nr_));
+                            // The first block of depth starts from nothing, C or the bias
+                            // (this panel's part of it); later ones add to what the blocks
+                            // before wrote.
+                            let init = match onto {
+                                _ if pc > 0 => Onto::C,
+                                Onto::Bias(bias) => Onto::Bias(&bias[j..j + nr]),
+                                other => other,
+                            };
+                            let panel = p * nr_ * depth;
+                            let bpanel = &bpack[panel + pc * nr_..panel + (pc + kc) * nr_];
+                            for i in (0..mc).step_by(mr_) {
+                                let mr = mr_.min(mc - i);
+                                let apanel = if i < whole {
+                                    let start = a.offset + (ic + i) * a.rs + pc;
+                                    APanel::Rows(&a.data[start..start + (mr_ - 1) * a.rs + kc], a.rs)
+                                } else {
+                                    let i = i - whole;
+                                    APanel::Packed(&apack[i * depth + pc * mr_..i * depth + (pc + kc) * mr_])
                                 };
-                                let panel = p * nr_ * depth;
-                                let bpanel = &bpack[panel + pc * nr_..panel + (pc + kc) * nr_];
-                                for i in (0..mc).step_by(mr_) {
-                                    let mr = mr_.min(mc - i);
-                                    let apanel = if i < whole {
-                                        let start = a.offset + (ic + i) * a.rs + pc;
-                                        APanel::Rows(&a.data[start..start + (mr_ - 1) * a.rs + kc], a.rs)
-                                    } else {
-                                        let i = i - whole;
-                                        APanel::Packed(&apack[i * depth + pc * mr_..i * depth + (pc + kc) * mr_])
-                                    };
-                                    // SAFETY: rows ic+i..ic+i+mr and columns j..j+nr lie
-                                    // inside the output view (checked by the caller); this
-                                    // task owns rows ic..ic+mc for the columns of panels
-                                    // p0..p1, which no other task writes. The caller checked
-                                    // that the CPU runs `K`.
-                                    unsafe {
-                                        let dst = out.0.add((ic + i) * ldc + j);
-                                        tile::<K>(kc, apanel, bpanel, dst, ldc, mr, nr, alpha, init);
-                                    }
+                                // SAFETY: rows ic+i..ic+i+mr and columns j..j+nr lie
+                                // inside the output view (checked by the caller); this
+                                // task owns rows ic..ic+mc for the columns of panels
+                                // p0..p1, which no other task writes. The caller checked
+                                // that the CPU runs `K`.
+                                unsafe {
+                                    let dst = out.0.add((ic + i) * ldc + j);
+                                    tile::<K>(kc, apanel, bpanel, dst, ldc, mr, nr, alpha, init);
                                 }
                             }
                         }
                     }
-                };
-                if shared {
-                    products(&all[ic * depth..][..packed_rows.next_multiple_of(mr_) * depth]);
-                } else {
-                    A_SCRATCH.with(|scratch| {
-                        scratch.with(packed_rows.next_multiple_of(mr_) * depth, |apack| {
-                            pack(ic + whole, packed_rows, apack);
-                            products(apack)
-                        })
-                    });
                 }
             };
-            let tasks = row_blocks * col_parts;
-            if threads > 1 && tasks > 1 {
-                (0..tasks).into_par_iter().for_each(task);
+            if shared {
+                products(&all[ic * depth..][..packed_rows.next_multiple_of(mr_) * depth]);
             } else {
-                (0..tasks).for_each(task);
+                A_SCRATCH.with(|scratch| {
+                    scratch.with(packed_rows.next_multiple_of(mr_) * depth, |apack| {
+                        pack(ic + whole, packed_rows, apack);
+                        products(apack)
+                    })
+                });
             }
-        })
-    });
+        };
+        let tasks = row_blocks * col_parts;
+        if threads > 1 && tasks > 1 {
+            (0..tasks).into_par_iter().for_each(task);
+        } else {
+            (0..tasks).for_each(task);
+        }
+    };
+    if shared {
+        SHARED_A_SCRATCH.with(|scratch| scratch.with(tiles * mr_ * depth, multiply));
+    } else {
+        multiply(&mut []);
+    }
 }
 
 // Packing space for B and A, for a panel of A's rows mapped before they are packed, and for
