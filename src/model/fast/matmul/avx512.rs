@@ -62,8 +62,15 @@ impl Micro for F32 {
     }
 
     unsafe fn rows_edge(kc: usize, a: *const f32, stride: usize, b: *const f32, c: *mut f32, ldc: usize, alpha: f32, init: Init, nr: usize) {
-        // SAFETY: as the trait's contract; the tile chosen covers `nr` columns.
-        unsafe { by_edge!(MR, nr, f32_rows, (kc, a, stride, b, c, ldc, alpha, init)) }
+        // SAFETY: as the trait's contract; the tile chosen covers `nr` columns (rows read in
+        // place are always whole panels of MR).
+        unsafe {
+            if nr > 16 {
+                f32_rows::<MR, 2>(kc, a, stride, b, c, ldc, alpha, init)
+            } else {
+                f32_rows::<MR, 1>(kc, a, stride, b, c, ldc, alpha, init)
+            }
+        }
     }
 }
 
