@@ -710,7 +710,12 @@ async function job(id) {
         " ", h("a", { href: `/ui/datasets/${j.dataset_id}` }, "See which")),
     );
   }
-  await drawMetrics();
+  // The service going away while the page loads (a restart) does not end the page: the live view
+  // below reconnects and draws the metrics again. An answer from the service still does.
+  await drawMetrics().catch((e) => {
+    if (e instanceof ApiError || ended(j)) throw e;
+    connection.replaceChildren(h("p", { class: "muted" }, `reconnecting… (${e.message ?? e})`));
+  });
   await drawMistakes();
   if (ended(j)) return;
   // Live: the event stream; the page redraws on progress (at most a few times a second). A stream
