@@ -316,22 +316,28 @@ pub fn activation_backward(act: Activation, x: &[f32], dy: &mut [f32]) {
     dy.par_chunks_mut(ELEMENTS_PER_TASK).zip(x.par_chunks(ELEMENTS_PER_TASK)).for_each(|(dy, x)| act_backward_chunk(act, x, dy));
 }
 
-/// Softmax of one row before its division by the sum, in place: `exp(x − max)` with `max` the
-/// row's maximum; returns `(max, sum)` (the log-sum-exp is `max + ln sum`). Attention divides
-/// its weighted values' rows by the sum instead (`n × d` values rather than the `n × n`
-/// probabilities), as it writes them into the context.
-pub fn exp_row(row: &mut [f32]) -> (f32, f32) {
+/// Softmax of one row of scores scaled by `scale` (> 0), before its division by the sum, in
+/// place: `exp(scale·x − max)` with `max` the largest `scale·x`; returns `(max, sum)` (the
+/// log-sum-exp is `max + ln sum`). Attention divides its weighted values' rows by the sum
+/// instead (`n × d` values rather than the `n × n` probabilities), as it writes them into the
+/// context.
+///
+/// The scale is applied here, by the multiply-add that subtracts the maximum, rather than by the
+/// product that computes the scores: so that product stores its tiles as they are, which the
+/// AMX kernel does straight from its tile registers (a scaled product goes through a scratch
+/// tile there, element by element).
+pub fn exp_row(row: &mut [f32], scale: f32) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
     if simd::use_avx512() {
         // SAFETY: `isa::active` is never above what was detected on this CPU, so it has AVX-512 F.
-        return unsafe { avx512::exp_row(row) };
+        return unsafe { avx512::exp_row(row, scale) };
     }
-    exp_row_vectorised(row)
+    exp_row_vectorised(row, scale)
 }
 
 dispatch! {
     /// [`exp_row`] as loops LLVM vectorises, for CPUs without AVX-512.
-    fn exp_row_vectorised(row: &mut [f32]) -> (f32, f32) {
+    fn exp_row_vectorised(row: &mut [f32], scale: f32) -> (f32, f32) {
         // The maximum in 16 independent lanes: one running maximum is a chain of dependent
         // `max`es that does not vectorise (it was 10% of a small ViT's inference in bf16). `>`
         // rather than `f32::max`, whose rule for NaN costs a compare and a blend per vector; a
@@ -343,26 +349,28 @@ dispatch! {
                 lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
             }
         }
-        let mut max = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+        let mut raw = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
         for &v in chunks.remainder() {
-            max = if v > max { v } else { max };
+            raw = if v > raw { v } else { raw };
         }
+        // The largest scaled score: rounding keeps the order, so it is the largest score scaled.
+        let max = raw * scale;
         // exp and the sum in one pass, 16 lanes at a time; the last partial vector (a ViT row of
         // 197 ends in 5) through a padded copy, so it is one vector, not that many scalar exps.
         let mut sums = [0f32; 16];
         let mut chunks = row.chunks_exact_mut(16);
         for c in &mut chunks {
             for i in 0..16 {
-                c[i] = simd::exp(c[i] - max);
+                c[i] = simd::exp(c[i].mul_add(scale, -max));
                 sums[i] += c[i];
             }
         }
         let rest = chunks.into_remainder();
         if !rest.is_empty() {
-            let mut pad = [max; 16];
+            let mut pad = [raw; 16];
             pad[..rest.len()].copy_from_slice(rest);
             for v in &mut pad {
-                *v = simd::exp(*v - max);
+                *v = simd::exp(v.mul_add(scale, -max));
             }
             rest.copy_from_slice(&pad[..rest.len()]);
             for (s, &v) in sums.iter_mut().zip(&pad[..rest.len()]) {
@@ -380,10 +388,11 @@ mod avx512 {
 
     use super::simd::{EXP_POLY, EXP_RANGE, LN2_HI, LN2_LO};
 
-    /// e^x of 16 lanes at most 0 (a softmax's `x − max`), the steps of
-    /// [`simd::exp`](super::simd::exp) in the same order, so the same results, in fewer
-    /// instructions: `vscalefps` multiplies by 2ⁿ where the loops build 2ⁿ's bits (three
-    /// instructions), and no upper bound, which the argument never passes.
+    /// e^x of 16 lanes at most 0 (a softmax's `scale·x − max`, or a rounding above it), the
+    /// steps of [`simd::exp`](super::simd::exp) in the same order, so the same results, in
+    /// fewer instructions: `vscalefps` multiplies by 2ⁿ where the loops build 2ⁿ's bits (three
+    /// instructions), and no upper bound, which the argument never passes by more than a
+    /// rounding (n is then 0).
     #[target_feature(enable = "avx512f")]
     #[inline]
     fn exp_nonpositive(x: __m512) -> __m512 {
@@ -453,7 +462,7 @@ mod avx512 {
     /// the vectorised loops' padded copy of it through memory, whose reload could not be
     /// forwarded from the store, and their sums' serial reduction took half their time).
     #[target_feature(enable = "avx512f")]
-    pub(super) fn exp_row(row: &mut [f32]) -> (f32, f32) {
+    pub(super) fn exp_row(row: &mut [f32], scale: f32) -> (f32, f32) {
         let (whole, rest) = (row.len() / 16 * 16, row.len() % 16);
         let mask: __mmask16 = ((1u32 << rest) - 1) as u16;
         let (body, end) = row.split_at_mut(whole);
@@ -468,18 +477,21 @@ mod avx512 {
         // SAFETY: the masked lanes, `rest` of them, are the row's last elements.
         let last = unsafe { _mm512_maskz_loadu_ps(mask, tail) };
         m = _mm512_mask_max_ps(m, mask, last, m);
-        let max = _mm512_reduce_max_ps(m);
-        let vmax = _mm512_set1_ps(max);
+        // The largest scaled score (rounding keeps the order), subtracted by the multiply-add
+        // that scales: `scale·x − max` is at most 0 but for the rounding of `max`, a few ulps of
+        // it, whose exp `exp_nonpositive` takes as well.
+        let max = _mm512_reduce_max_ps(m) * scale;
+        let (vscale, vneg) = (_mm512_set1_ps(scale), _mm512_set1_ps(-max));
         let mut sum = _mm512_setzero_ps();
         for c in body.chunks_exact_mut(16) {
             // SAFETY: `c` holds 16 floats.
             unsafe {
-                let e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), vmax));
+                let e = exp_nonpositive(_mm512_fmadd_ps(_mm512_loadu_ps(c.as_ptr()), vscale, vneg));
                 _mm512_storeu_ps(c.as_mut_ptr(), e);
                 sum = _mm512_add_ps(sum, e);
             }
         }
-        let e = exp_nonpositive(_mm512_sub_ps(last, vmax));
+        let e = exp_nonpositive(_mm512_fmadd_ps(last, vscale, vneg));
         // SAFETY: as the masked load above.
         unsafe { _mm512_mask_storeu_ps(tail, mask, e) };
         sum = _mm512_mask_add_ps(sum, mask, sum, e);
@@ -550,8 +562,9 @@ mod tests {
             let mut row: Vec<f32> = vec![0.0, -0.3, -1.0, -7.5, -20.0, -44.4, -60.0, -80.0, -86.0, -86.9, -87.0, -87.3];
             row.extend([-88.0, -100.0, -126.0, -200.0, -1e4, -1e30, f32::MIN, f32::NEG_INFINITY]);
             let want: Vec<f64> = row.iter().map(|&v| f64::from(v).max(-87.0).exp()).collect();
-            let mut got = row.clone();
-            let (max, sum) = on(level, || exp_row(&mut got));
+            // The scores as the product leaves them, 8 times the scaled ones (ViT's 1/√64).
+            let mut got: Vec<f32> = row.iter().map(|&v| v * 8.0).collect();
+            let (max, sum) = on(level, || exp_row(&mut got, 0.125));
             assert_eq!(max, 0.0, "{level:?}");
             for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
                 assert!(g > 0.0 && (f64::from(g) - w).abs() <= 2e-7 * w, "{level:?} e^{}: {g}, want {w}", row[i]);
@@ -559,7 +572,7 @@ mod tests {
             assert!((f64::from(sum) - want.iter().sum::<f64>()).abs() < 1e-6, "{level:?} sum {sum}");
             let mut nan = row.clone();
             nan[3] = f32::NAN;
-            let (_, sum) = on(level, || exp_row(&mut nan));
+            let (_, sum) = on(level, || exp_row(&mut nan, 1.0));
             assert!(nan[3].is_nan() && sum.is_nan(), "{level:?}: a NaN score is not passed over");
         }
     }
@@ -615,8 +628,8 @@ mod tests {
                 let max = x64.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b * scale));
                 let sum: f64 = x64.iter().map(|v| (v * scale - max).exp()).sum();
                 let p64: Vec<f64> = x64.iter().map(|v| (v * scale - max).exp() / sum).collect();
-                let mut p: Vec<f32> = x.iter().map(|&v| v * scale as f32).collect();
-                let (row_max, row_sum) = on(level, || exp_row(&mut p));
+                let mut p = x.clone();
+                let (row_max, row_sum) = on(level, || exp_row(&mut p, scale as f32));
                 close(&p, &p64.iter().map(|&v| v * sum).collect::<Vec<_>>(), 1e-6, &what("exp_row"));
                 close(&[row_max, row_sum], &[max, sum], 1e-6, &what("exp_row's maximum and sum"));
                 let lse = row_max + row_sum.ln();

@@ -498,8 +498,8 @@ fn head_qkv(qkv: &[f32], n: usize, hid: usize, d: usize, bi: usize, hi: usize) -
 }
 
 /// Attention into `ctx` (rows × hidden, every element written); returns each (image, head)'s
-/// row log-sum-exps, `n` per head, for the backward. One task per (image, head): `S =
-/// scale·Q·Kᵀ`, `exp(S − max)` and its product by V in the thread's scratch space, then each
+/// row log-sum-exps, `n` per head, for the backward. One task per (image, head): `S = Q·Kᵀ`,
+/// `exp(scale·S − max)` and its product by V in the thread's scratch space, then each
 /// row divided by its sum (its `d` values rather than its `n` probabilities) as it is written
 /// into the head's columns of the context, so no head's output is allocated or gathered.
 fn attention(cfg: &VitConfig, qkv: &[f32], b: usize, prec: Precision, ctx: &mut [f32]) -> Vec<f32> {
@@ -514,10 +514,10 @@ fn attention(cfg: &VitConfig, qkv: &[f32], b: usize, prec: Precision, ctx: &mut 
         with_scratch(n * n + n * d + n, |scratch| {
             let (s, rest) = scratch.split_at_mut(n * n);
             let (o, inv) = rest.split_at_mut(n * d);
-            // The scale as the product's factor: the kernel multiplies each sum as it stores it.
-            gemm(q, kk.t(), MatMut::rows(s, n, n), scale, false, Threads::One, prec);
+            // The scale is applied by `exp_row`, so that the product stores its sums as they are.
+            gemm(q, kk.t(), MatMut::rows(s, n, n), 1.0, false, Threads::One, prec);
             for ((row, l), inv) in s.chunks_mut(n).zip(lse.iter_mut()).zip(inv.iter_mut()) {
-                let (max, sum) = k::exp_row(row);
+                let (max, sum) = k::exp_row(row, scale);
                 (*l, *inv) = (max + sum.ln(), 1.0 / sum);
             }
             gemm(Mat::rows(s, n, n), v, MatMut::rows(o, n, d), 1.0, false, Threads::One, prec);
