@@ -1,5 +1,6 @@
 //! The C allocator's settings for this workload (glibc, the allocator of our Linux builds and
-//! containers; elsewhere this module does nothing).
+//! containers; elsewhere the settings do nothing), and the process's allocator: the C
+//! allocator's, with large blocks on a cache line ([`CacheLineAligned`]).
 //!
 //! A training step of the fast CPU path allocates its activations, thousands of buffers of a
 //! few MiB each (hundreds of MiB to GiB in all), and frees them when the step ends. With glibc's
@@ -18,6 +19,71 @@
 //! running job then faults one step's memory in again, twice a minute). Settings of the
 //! user's own (`GLIBC_TUNABLES` naming `glibc.malloc.*`, or any `MALLOC_*` variable) win: then
 //! nothing is changed.
+
+/// The process's allocator: the C allocator (Rust's `System`), with every block of
+/// [`ALIGNED_FROM`] bytes or more on a cache-line boundary.
+///
+/// glibc hands out blocks on 16-byte boundaries, so three matrices in four began mid-line, and
+/// so did every one of their rows (rows are whole multiples of 64 bytes in a ViT). AMX loads and
+/// stores tiles of C row by row, 64 bytes each: a row across two lines made `tileloadd` some
+/// five times slower (2.5 ns aligned, 17 ns not, on a 2.6 GHz Xeon) and the bf16 products of a
+/// ViT 14–18% slower in all (bench/RESULTS.md, "Intel Xeon with AMX-BF16, the development VM").
+/// Small blocks keep the C allocator's alignment, which costs nothing.
+pub struct CacheLineAligned;
+
+/// Blocks from this size up start on a cache line.
+pub const ALIGNED_FROM: usize = 4096;
+
+/// `layout` as the C allocator is asked for it: large blocks aligned to 64 bytes.
+fn widened(layout: std::alloc::Layout) -> std::alloc::Layout {
+    if layout.size() >= ALIGNED_FROM && layout.align() < 64 {
+        layout.align_to(64).expect("64 is a power of two, and the size stays under isize::MAX")
+    } else {
+        layout
+    }
+}
+
+// SAFETY: every method passes the C allocator the layout `widened` gives for the block's
+// current size and alignment, the same whenever that block is allocated, grown or freed.
+unsafe impl std::alloc::GlobalAlloc for CacheLineAligned {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller's contract (a non-zero size), which `widened` keeps.
+        unsafe { std::alloc::System.alloc(widened(layout)) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: as `alloc`.
+        unsafe { std::alloc::System.alloc_zeroed(widened(layout)) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: `ptr` came from this allocator with `layout`, so from `System` with `widened`.
+        unsafe { std::alloc::System.dealloc(ptr, widened(layout)) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        let old = widened(layout);
+        // SAFETY: the caller's contract: `new_size` rounded up to `layout.align()` fits isize.
+        let new = widened(unsafe { std::alloc::Layout::from_size_align_unchecked(new_size, layout.align()) });
+        if old.align() == new.align() {
+            // SAFETY: as `dealloc`, and the new block keeps the old one's alignment.
+            return unsafe { std::alloc::System.realloc(ptr, old, new_size) };
+        }
+        // Across the threshold: a new block at the new alignment, the bytes both hold copied.
+        // SAFETY: `new` has a non-zero size; `ptr` holds `layout.size()` bytes, as `dealloc`.
+        unsafe {
+            let moved = std::alloc::System.alloc(new);
+            if !moved.is_null() {
+                std::ptr::copy_nonoverlapping(ptr, moved, layout.size().min(new_size));
+                std::alloc::System.dealloc(ptr, old);
+            }
+            moved
+        }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CacheLineAligned = CacheLineAligned;
 
 /// Applies this workload's allocator settings, unless the user set their own. Call first thing
 /// in `main`, before any thread starts (arenas are handed out to threads as they first
@@ -89,6 +155,37 @@ mod tests {
         assert!(user_configured(env(&[("GLIBC_TUNABLES", "glibc.cpu.x=1:glibc.malloc.arena_max=4")])));
         assert!(user_configured(env(&[("MALLOC_ARENA_MAX", "2")])));
         assert!(user_configured(env(&[("MALLOC_TRIM_THRESHOLD_", "0")])));
+    }
+
+    /// Large blocks start on a cache line however they came (allocated, zeroed, grown, or grown
+    /// past the threshold from a small one), and keep their bytes when they move.
+    #[test]
+    fn large_blocks_start_on_a_cache_line() {
+        let on_line = |p: *const f32| (p as usize).is_multiple_of(64);
+        // Sizes around the threshold and a ViT's (rows of 384 and 768 floats).
+        for floats in [1024, 1025, 1031, 4 * 384, 197 * 384, 1576 * 768, 3 << 18] {
+            let mut held = Vec::new();
+            for _ in 0..8 {
+                let plain: Vec<f32> = Vec::with_capacity(floats);
+                let zeroed = vec![0f32; floats];
+                assert!(on_line(plain.as_ptr()) && on_line(zeroed.as_ptr()), "{floats} floats");
+                held.push((plain, zeroed, vec![0u8; 8]));
+            }
+        }
+        // A block grown from under the threshold to over it, and back, keeps its contents.
+        let mut v: Vec<f32> = (0..100).map(|i| i as f32).collect();
+        for n in 100..5000 {
+            v.push(n as f32);
+            if v.capacity() * 4 >= ALIGNED_FROM {
+                assert!(on_line(v.as_ptr()), "grown to {n}");
+            }
+        }
+        v.truncate(10);
+        v.shrink_to_fit();
+        assert_eq!(v, (0..10).map(|i| i as f32).collect::<Vec<_>>());
+        v.extend((10..3000).map(|i| i as f32));
+        assert!(on_line(v.as_ptr()));
+        assert!(v.iter().enumerate().all(|(i, &x)| x == i as f32));
     }
 
     #[test]
