@@ -21,22 +21,61 @@
 //! nothing is changed.
 
 /// The process's allocator: the C allocator (Rust's `System`), with every block of
-/// [`ALIGNED_FROM`] bytes or more on a cache-line boundary.
+/// [`ALIGNED_FROM`] bytes or more on a cache-line boundary on CPUs with AMX ([`aligns`]).
 ///
 /// glibc hands out blocks on 16-byte boundaries, so three matrices in four began mid-line, and
 /// so did every one of their rows (rows are whole multiples of 64 bytes in a ViT). AMX loads and
 /// stores tiles of C row by row, 64 bytes each: a row across two lines made `tileloadd` some
 /// five times slower (2.5 ns aligned, 17 ns not, on a 2.6 GHz Xeon) and the bf16 products of a
 /// ViT 14–18% slower in all (bench/RESULTS.md, "Intel Xeon with AMX-BF16, the development VM").
-/// Small blocks keep the C allocator's alignment, which costs nothing.
+/// Small blocks keep the C allocator's alignment, which costs nothing. Only on CPUs with AMX:
+/// the same alignment did nothing for the f32 kernels there (AVX-512 loads across two lines cost
+/// less), and it raised peak memory by up to 16% (ViT-B; why is not measured: glibc's aligned
+/// blocks are zeroed by `memset` where `calloc` skips fresh pages, and moved when they grow).
 pub struct CacheLineAligned;
 
 /// Blocks from this size up start on a cache line.
 pub const ALIGNED_FROM: usize = 4096;
 
-/// `layout` as the C allocator is asked for it: large blocks aligned to 64 bytes.
+/// Whether large blocks are aligned: on CPUs with AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX bits
+/// 24 and 22), asked once, by an instruction (no allocation, and the same answer for every block
+/// the process allocates, grows or frees).
+pub fn aligns() -> bool {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    static AMX: AtomicU8 = AtomicU8::new(0);
+    match AMX.load(Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => {
+            let amx = cpu_has_amx();
+            AMX.store(if amx { 2 } else { 1 }, Ordering::Relaxed);
+            amx
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_has_amx() -> bool {
+    use std::arch::x86_64::{__cpuid_count, __get_cpuid_max};
+    // SAFETY: CPUID exists on every x86-64 CPU; leaf 7 is read only where the CPU has it.
+    #[allow(unused_unsafe)]
+    unsafe {
+        __get_cpuid_max(0).0 >= 7 && {
+            let edx = __cpuid_count(7, 0).edx;
+            edx & (1 << 22) != 0 && edx & (1 << 24) != 0
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_has_amx() -> bool {
+    false
+}
+
+/// `layout` as the C allocator is asked for it: large blocks aligned to 64 bytes where
+/// [`aligns`].
 fn widened(layout: std::alloc::Layout) -> std::alloc::Layout {
-    if layout.size() >= ALIGNED_FROM && layout.align() < 64 {
+    if layout.size() >= ALIGNED_FROM && layout.align() < 64 && aligns() {
         layout.align_to(64).expect("64 is a power of two, and the size stays under isize::MAX")
     } else {
         layout
@@ -159,9 +198,14 @@ mod tests {
 
     /// Large blocks start on a cache line however they came (allocated, zeroed, grown, or grown
     /// past the threshold from a small one), and keep their bytes when they move.
+    /// (On a CPU without AMX, where blocks keep glibc's alignment, only the contents are
+    /// checked.)
     #[test]
     fn large_blocks_start_on_a_cache_line() {
-        let on_line = |p: *const f32| (p as usize).is_multiple_of(64);
+        if !aligns() {
+            eprintln!("no AMX here: large blocks keep the C allocator's alignment");
+        }
+        let on_line = |p: *const f32| !aligns() || (p as usize).is_multiple_of(64);
         // Sizes around the threshold and a ViT's (rows of 384 and 768 floats).
         for floats in [1024, 1025, 1031, 4 * 384, 197 * 384, 1576 * 768, 3 << 18] {
             let mut held = Vec::new();
