@@ -30,8 +30,11 @@
 /// ViT 14–18% slower in all (bench/RESULTS.md, "Intel Xeon with AMX-BF16, the development VM").
 /// Small blocks keep the C allocator's alignment, which costs nothing. Only on CPUs with AMX:
 /// the same alignment did nothing for the f32 kernels there (AVX-512 loads across two lines cost
-/// less), and it raised peak memory by up to 16% (ViT-B; why is not measured: glibc's aligned
-/// blocks are zeroed by `memset` where `calloc` skips fresh pages, and moved when they grow).
+/// less), and it costs memory: peak RSS of f32 ViT-B inference (`bench --iters 2 --warmup 1`)
+/// 461 MiB before, 603 MiB with `System`'s `realloc` (which moves every aligned block it grows),
+/// 515 MiB with C's `realloc` growing blocks in place (below). Most of the rest is zeroing:
+/// `calloc` skips fresh pages, an aligned block is cleared by `memset` (506 MiB with zeroed
+/// blocks left unaligned, which would give up most of the gain).
 pub struct CacheLineAligned;
 
 /// Blocks from this size up start on a cache line.
@@ -104,6 +107,31 @@ unsafe impl std::alloc::GlobalAlloc for CacheLineAligned {
         let old = widened(layout);
         // SAFETY: the caller's contract: `new_size` rounded up to `layout.align()` fits isize.
         let new = widened(unsafe { std::alloc::Layout::from_size_align_unchecked(new_size, layout.align()) });
+        #[cfg(unix)]
+        if new.align() != layout.align() && old.align() == new.align() {
+            // An aligned block growing or shrinking: C's `realloc` keeps it where it is when it
+            // can (`System` would always move it, for its alignment: peak memory of ViT-B
+            // inference 526 MiB this way against 603), and where it moved it off a cache line,
+            // it moves once more, to an aligned block.
+            // SAFETY: `ptr` came from `posix_memalign` (`System` for an alignment over 16), which
+            // C's `realloc` takes, as `System.dealloc`'s `free` takes a block from `realloc`;
+            // `new_size` is non-zero; the copy reads the bytes both blocks hold.
+            unsafe {
+                let grown = libc::realloc(ptr.cast(), new_size).cast::<u8>();
+                if grown.is_null() || (grown as usize).is_multiple_of(64) {
+                    return grown;
+                }
+                let moved = std::alloc::System.alloc(new);
+                if moved.is_null() {
+                    // Out of memory for the second move: the block as C moved it (on the
+                    // caller's alignment, and freed by `free` as any block here).
+                    return grown;
+                }
+                std::ptr::copy_nonoverlapping(grown, moved, layout.size().min(new_size));
+                libc::free(grown.cast());
+                return moved;
+            }
+        }
         if old.align() == new.align() {
             // SAFETY: as `dealloc`, and the new block keeps the old one's alignment.
             return unsafe { std::alloc::System.realloc(ptr, old, new_size) };
@@ -230,6 +258,17 @@ mod tests {
         v.extend((10..3000).map(|i| i as f32));
         assert!(on_line(v.as_ptr()));
         assert!(v.iter().enumerate().all(|(i, &x)| x == i as f32));
+        // Large blocks grown with another block allocated after each (so C's `realloc` must
+        // move most of them, to wherever it finds room) still start on a cache line.
+        let mut kept = Vec::new();
+        for i in 0..16 {
+            let mut v = vec![i as f32; 2000 + 16 * i];
+            let after = vec![0f32; 1100 + i];
+            v.reserve_exact(20_000);
+            assert!(on_line(v.as_ptr()), "block {i}, grown");
+            assert!(v.iter().all(|&x| x == i as f32));
+            kept.push((v, after));
+        }
     }
 
     #[test]
