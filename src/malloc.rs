@@ -50,29 +50,11 @@ pub fn aligns() -> bool {
         1 => false,
         2 => true,
         _ => {
-            let amx = cpu_has_amx();
+            let amx = crate::model::isa::cpu_has_amx();
             AMX.store(if amx { 2 } else { 1 }, Ordering::Relaxed);
             amx
         }
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn cpu_has_amx() -> bool {
-    use std::arch::x86_64::{__cpuid_count, __get_cpuid_max};
-    // SAFETY: CPUID exists on every x86-64 CPU; leaf 7 is read only where the CPU has it.
-    #[allow(unused_unsafe)]
-    unsafe {
-        __get_cpuid_max(0).0 >= 7 && {
-            let edx = __cpuid_count(7, 0).edx;
-            edx & (1 << 22) != 0 && edx & (1 << 24) != 0
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn cpu_has_amx() -> bool {
-    false
 }
 
 /// `layout` as the C allocator is asked for it: large blocks aligned to 64 bytes where

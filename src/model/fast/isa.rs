@@ -93,19 +93,25 @@ fn detect() -> Isa {
     }
 }
 
-/// Whether the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22). AMX is used
+/// Whether the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22), on any CPU:
+/// it allocates nothing, so the allocator asks it too (`crate::malloc::aligns`). AMX is used
 /// only where Linux also grants the tile state ([`grant_tile_state`], asked once by
 /// [`detected`]).
 #[cfg(target_arch = "x86_64")]
-fn cpu_has_amx() -> bool {
-    // SAFETY: CPUID leaf 7 exists on every CPU this is asked of (they have AVX-512).
+pub(crate) fn cpu_has_amx() -> bool {
+    use std::arch::x86_64::{__cpuid_count, __get_cpuid_max};
+    // SAFETY: CPUID exists on every x86-64 CPU; leaf 7 is read only where the CPU has it.
     #[allow(unused_unsafe)]
-    let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
-    edx & (1 << 22) != 0 && edx & (1 << 24) != 0
+    unsafe {
+        __get_cpuid_max(0).0 >= 7 && {
+            let edx = __cpuid_count(7, 0).edx;
+            edx & (1 << 22) != 0 && edx & (1 << 24) != 0
+        }
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn cpu_has_amx() -> bool {
+pub(crate) fn cpu_has_amx() -> bool {
     false
 }
 
