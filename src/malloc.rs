@@ -27,7 +27,8 @@
 /// so did every one of their rows (rows are whole multiples of 64 bytes in a ViT). AMX loads and
 /// stores tiles of C row by row, 64 bytes each: a row across two lines made `tileloadd` some
 /// five times slower (2.5 ns aligned, 17 ns not, on a 2.6 GHz Xeon) and the bf16 products of a
-/// ViT 14–18% slower in all (bench/RESULTS.md, "Intel Xeon with AMX-BF16, the development VM").
+/// ViT 14–18% slower in all (bench/RESULTS.md, "Intel Xeon with AMX-BF16 (a development VM),
+/// 2026-12-07").
 /// Small blocks keep the C allocator's alignment, which costs nothing. Only on CPUs with AMX:
 /// the same alignment did nothing for the f32 kernels there (AVX-512 loads across two lines cost
 /// less), and it costs memory: peak RSS of f32 ViT-B inference (`bench --iters 2 --warmup 1`)
