@@ -140,7 +140,16 @@ async fn evaluate(State(s): State<AppState>, ApiPath(id): ApiPath<String>, heade
     let model = find(&s, &id).await?;
     db::datasets::get(&s.db, &req.dataset_id).await?.ok_or_else(|| AppError::not_found("dataset", &req.dataset_id))?;
     let rows = db::datasets::images(&s.db, &req.dataset_id).await?;
-    let files = s.objects.blob_paths(&rows.iter().map(|r| r.blob.clone()).collect::<Vec<_>>()).await?;
+    // A dataset deleted meanwhile may have its blobs gone from the object store before they are
+    // fetched (its rows go first, then the blobs): that is the dataset's 404, not the store's 503.
+    let files = match s.objects.blob_paths(&rows.iter().map(|r| r.blob.clone()).collect::<Vec<_>>()).await {
+        Ok(files) => files,
+        Err(e) if db::datasets::get(&s.db, &req.dataset_id).await?.is_none() => {
+            tracing::debug!(dataset = %req.dataset_id, error = format!("{e:#}"), "the dataset was deleted as its images were fetched");
+            return Err(deleted_under_evaluation(&req.dataset_id));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let records: Vec<_> = rows.into_iter().zip(files).map(|(row, file)| (file, row.label, row.split)).collect();
     let dir = s.models.dir(&model).await?;
     let (max_pixels, precision) = (s.config.max_image_pixels, s.predictor.precision());
@@ -166,7 +175,7 @@ async fn evaluate(State(s): State<AppState>, ApiPath(id): ApiPath<String>, heade
         // so, not 500.
         if evaluation.is_err() {
             if db::datasets::get(&s.db, &dataset).await?.is_none() {
-                return Err(AppError::client(StatusCode::NOT_FOUND, "not_found", format!("dataset '{dataset}' was deleted while it was being evaluated")));
+                return Err(deleted_under_evaluation(&dataset));
             }
             find(&s, &id).await?;
         }
@@ -174,6 +183,11 @@ async fn evaluate(State(s): State<AppState>, ApiPath(id): ApiPath<String>, heade
     }
     .instrument(tracing::Span::current());
     Ok(progress::answer(progress::wants_events(&headers), StatusCode::OK, "report", work, watching).await)
+}
+
+/// The answer to an evaluation whose dataset was deleted under it.
+fn deleted_under_evaluation(dataset: &str) -> AppError {
+    AppError::client(StatusCode::NOT_FOUND, "not_found", format!("dataset '{dataset}' was deleted while it was being evaluated"))
 }
 
 /// Where an evaluation has got, as its event stream reports it.
