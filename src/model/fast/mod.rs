@@ -497,6 +497,21 @@ fn head_qkv(qkv: &[f32], n: usize, hid: usize, d: usize, bi: usize, hi: usize) -
     [q, Mat { offset: base + hid + hi * d, ..q }, Mat { offset: base + 2 * hid + hi * d, ..q }]
 }
 
+/// The row stride of a head's `n × n` scores and probabilities in scratch space: `n` rounded up
+/// to whole cache lines, so every row starts on one (the scratch does). With 197 tokens a row
+/// was 788 bytes, and most rows began inside a line: the AMX kernel's 64-byte tile rows were
+/// stored across two lines and `exp_row`'s vectors loaded across two. Padded to 208, one
+/// thread's Q·Kᵀ of a ViT-B head took 13 µs instead of 15–16, its softmax 16.5 instead of
+/// 19.5–20.5, and the batch's attention 5–10% less (bench/RESULTS.md).
+fn score_stride(n: usize) -> usize {
+    n.next_multiple_of(16)
+}
+
+/// `s`'s first `n` rows of `n` scores, `ls` apart (see [`score_stride`]).
+fn scores(s: &[f32], n: usize, ls: usize) -> Mat<'_> {
+    Mat { data: s, offset: 0, rows: n, cols: n, rs: ls, cs: 1 }
+}
+
 /// Attention into `ctx` (rows × hidden, every element written); returns each (image, head)'s
 /// row log-sum-exps, `n` per head, for the backward. One task per (image, head): `S = Q·Kᵀ`,
 /// `exp(scale·S − max)` and its product by V in the thread's scratch space, then each
@@ -511,16 +526,17 @@ fn attention(cfg: &VitConfig, qkv: &[f32], b: usize, prec: Precision, ctx: &mut 
     lse.par_chunks_mut(n).enumerate().for_each(|(t, lse)| {
         let (bi, hi) = (t / heads, t % heads);
         let [q, kk, v] = head_qkv(qkv, n, hid, d, bi, hi);
-        with_scratch(n * n + n * d + n, |scratch| {
-            let (s, rest) = scratch.split_at_mut(n * n);
+        let ls = score_stride(n);
+        with_scratch(n * ls + n * d + n, |scratch| {
+            let (s, rest) = scratch.split_at_mut(n * ls);
             let (o, inv) = rest.split_at_mut(n * d);
             // The scale is applied by `exp_row`, so that the product stores its sums as they are.
-            gemm(q, kk.t(), MatMut::rows(s, n, n), 1.0, false, Threads::One, prec);
-            for ((row, l), inv) in s.chunks_mut(n).zip(lse.iter_mut()).zip(inv.iter_mut()) {
-                let (max, sum) = k::exp_row(row, scale);
+            gemm(q, kk.t(), MatMut::strided(s, n, n, ls, 0), 1.0, false, Threads::One, prec);
+            for ((row, l), inv) in s.chunks_mut(ls).zip(lse.iter_mut()).zip(inv.iter_mut()) {
+                let (max, sum) = k::exp_row(&mut row[..n], scale);
                 (*l, *inv) = (max + sum.ln(), 1.0 / sum);
             }
-            gemm(Mat::rows(s, n, n), v, MatMut::rows(o, n, d), 1.0, false, Threads::One, prec);
+            gemm(scores(s, n, ls), v, MatMut::rows(o, n, d), 1.0, false, Threads::One, prec);
             for (r, (o, &inv)) in o.chunks(d).zip(&*inv).enumerate() {
                 // SAFETY: this task alone writes columns `hi·d..(hi+1)·d` of image `bi`'s rows.
                 let dst = unsafe { out.part((bi * n + r) * hid + hi * d, d) };
@@ -537,22 +553,23 @@ fn attention(cfg: &VitConfig, qkv: &[f32], b: usize, prec: Precision, ctx: &mut 
 fn attention_head_backward(qkv: &[f32], lse: &[f32], dctx: &[f32], n: usize, hid: usize, d: usize, bi: usize, hi: usize, scale: f32, prec: Precision, dqkv: &Disjoint) {
     let [q, kk, v] = head_qkv(qkv, n, hid, d, bi, hi);
     let d_o = Mat { data: dctx, offset: bi * n * hid + hi * d, rows: n, cols: d, rs: hid, cs: 1 };
-    with_scratch(2 * n * n + 3 * n * d, |scratch| {
-        let (p, rest) = scratch.split_at_mut(n * n);
-        let (dp, rest) = rest.split_at_mut(n * n);
+    let ls = score_stride(n);
+    with_scratch(2 * n * ls + 3 * n * d, |scratch| {
+        let (p, rest) = scratch.split_at_mut(n * ls);
+        let (dp, rest) = rest.split_at_mut(n * ls);
         let (dq, rest) = rest.split_at_mut(n * d);
         let (dk, dv) = rest.split_at_mut(n * d);
-        gemm(q, kk.t(), MatMut::rows(p, n, n), 1.0, false, Threads::One, prec);
-        for (row, &l) in p.chunks_mut(n).zip(lse) {
-            k::softmax_from_lse(row, scale, l);
+        gemm(q, kk.t(), MatMut::strided(p, n, n, ls, 0), 1.0, false, Threads::One, prec);
+        for (row, &l) in p.chunks_mut(ls).zip(lse) {
+            k::softmax_from_lse(&mut row[..n], scale, l);
         }
-        gemm(Mat::rows(p, n, n).t(), d_o, MatMut::rows(dv, n, d), 1.0, false, Threads::One, prec);
-        gemm(d_o, v.t(), MatMut::rows(dp, n, n), 1.0, false, Threads::One, prec);
-        for (pr, dr) in p.chunks(n).zip(dp.chunks_mut(n)) {
-            k::softmax_backward_row(pr, dr, scale);
+        gemm(scores(p, n, ls).t(), d_o, MatMut::rows(dv, n, d), 1.0, false, Threads::One, prec);
+        gemm(d_o, v.t(), MatMut::strided(dp, n, n, ls, 0), 1.0, false, Threads::One, prec);
+        for (pr, dr) in p.chunks(ls).zip(dp.chunks_mut(ls)) {
+            k::softmax_backward_row(&pr[..n], &mut dr[..n], scale);
         }
-        gemm(Mat::rows(dp, n, n), kk, MatMut::rows(dq, n, d), 1.0, false, Threads::One, prec);
-        gemm(Mat::rows(dp, n, n).t(), q, MatMut::rows(dk, n, d), 1.0, false, Threads::One, prec);
+        gemm(scores(dp, n, ls), kk, MatMut::rows(dq, n, d), 1.0, false, Threads::One, prec);
+        gemm(scores(dp, n, ls).t(), q, MatMut::rows(dk, n, d), 1.0, false, Threads::One, prec);
         for (j, part) in [&*dq, &*dk, &*dv].into_iter().enumerate() {
             for (r, src) in part.chunks(d).enumerate() {
                 // SAFETY: this (image, head) alone writes columns `hi·d..(hi+1)·d` of part `j`
@@ -982,5 +999,61 @@ mod tests {
         let beyond = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { out.part(8, 3) }.len()));
         assert!(beyond.is_err(), "a part past the end is refused");
         assert_eq!(buf, (0..10).map(|i| i as f32).collect::<Vec<_>>());
+    }
+}
+
+#[cfg(test)]
+mod attention_timing {
+    use super::*;
+
+    /// Attention's time on a batch of 8 (`CONFIG`: tiny, small or base; `PRECISION`: f32 or
+    /// bf16), on rayon's pool, then one head's phases on one thread: `cargo test --release --lib
+    /// attention_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, run on request"]
+    fn attention_speed() {
+        let name = std::env::var("CONFIG").unwrap_or_else(|_| "base".into());
+        let cfg = VitConfig::preset(&name).expect("CONFIG: tiny, small or base");
+        let prec = if std::env::var("PRECISION").as_deref() == Ok("f32") { Precision::F32 } else { Precision::Bf16 };
+        let (n, hid, d, b) = (cfg.num_tokens(), cfg.hidden_size, cfg.head_dim(), 8);
+        let qkv: Vec<f32> = (0..b * n * 3 * hid).map(|i| ((i * 7919) % 1000) as f32 * 0.002 - 1.0).collect();
+        let mut ctx = vec![0f32; b * n * hid];
+        let mut times: Vec<f64> = (0..21)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                on_pool(|| attention(&cfg, &qkv, b, prec, &mut ctx));
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        eprintln!("{}; {name} {prec:?}", crate::model::isa::summary());
+        eprintln!("attention of a batch of {b}, rayon's pool: best {:.2} ms, median {:.2} ms", times[0], times[10]);
+        let [q, kk, v] = head_qkv(&qkv, n, hid, d, 0, 0);
+        let ls = score_stride(n);
+        let (mut s, mut o, mut out, mut inv) = (vec![0f32; n * ls], vec![0f32; n * d], vec![0f32; n * d], vec![0f32; n]);
+        let scale = 1.0 / (d as f32).sqrt();
+        let (mut phases, heads) = ([0f64; 4], 2000);
+        let mut time = |phase: usize, f: &mut dyn FnMut()| {
+            let t = std::time::Instant::now();
+            f();
+            phases[phase] += t.elapsed().as_secs_f64();
+        };
+        for _ in 0..heads {
+            time(0, &mut || gemm(q, kk.t(), MatMut::strided(&mut s, n, n, ls, 0), 1.0, false, Threads::One, prec));
+            time(1, &mut || {
+                for (row, inv) in s.chunks_mut(ls).zip(inv.iter_mut()) {
+                    *inv = 1.0 / k::exp_row(&mut row[..n], scale).1;
+                }
+            });
+            time(2, &mut || gemm(scores(&s, n, ls), v, MatMut::rows(&mut o, n, d), 1.0, false, Threads::One, prec));
+            time(3, &mut || {
+                for ((dst, o), &inv) in out.chunks_mut(d).zip(o.chunks(d)).zip(&inv) {
+                    k::scale_into(dst, o, inv);
+                }
+            });
+        }
+        let us = |x: f64| x * 1e6 / heads as f64;
+        let [qk, exp, pv, sc] = phases.map(us);
+        eprintln!("one head, one thread (µs): Q·Kᵀ {qk:.1}, softmax {exp:.1}, P·V {pv:.1}, division {sc:.1}; total {:.1}", qk + exp + pv + sc);
     }
 }
