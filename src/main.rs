@@ -8,6 +8,7 @@ fn main() -> anyhow::Result<()> {
     // A cap on the CPU kernels that cannot be read is an error here, not a silent default later.
     vitforge::model::isa::cap_from_env().map_err(anyhow::Error::msg)?;
     vitforge::model::dpbf16_from_env().map_err(anyhow::Error::msg)?;
+    vitforge::model::mkl_from_env().map_err(anyhow::Error::msg)?;
     let result = match cli.command {
         None => vitforge::startup::serve(cli.serve),
         Some(Command::Serve(cfg)) => vitforge::startup::serve(*cfg),

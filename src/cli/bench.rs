@@ -166,6 +166,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 "path": if device.is_cpu() { crate::model::cpu_path() } else { "cuda".to_string() },
                 "precision": precision.name(),
                 "bf16_products": if device.is_cpu() { crate::model::bf16_products() } else { "cuda" },
+                "f32_products": if device.is_cpu() { crate::model::f32_products() } else { "cuda" },
             });
             if let Some(shares) = breakdown {
                 eprintln!("{name}, batch {batch}, {}: share of {} timed iterations", mode.name(), times.len());

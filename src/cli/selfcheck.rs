@@ -96,6 +96,9 @@ pub fn selfcheck(args: SelfcheckArgs) -> anyhow::Result<()> {
     }
     let summary = json!({
         "device": device_name,
+        // What ran on the CPU (the kernel level, and who multiplied f32 and bf16).
+        "cpu_kernels": device.is_cpu().then(crate::model::kernels_summary),
+        "f32_products": device.is_cpu().then(crate::model::f32_products),
         "tolerances": {"logits": tolerances(&device).0, "gradients": tolerances(&device).1},
         "passed": passed,
         "checks": checks.iter().map(|c| json!({"name": c.name, "passed": c.passed, "detail": c.detail})).collect::<Vec<Value>>(),

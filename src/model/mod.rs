@@ -17,7 +17,7 @@ pub mod vit;
 pub mod weights;
 
 pub use config::VitConfig;
-pub use fast::{bf16_products, cpu_path, dpbf16_from_env, isa, kernels_summary, native_bf16, stages};
+pub use fast::{bf16_products, cpu_path, dpbf16_from_env, f32_products, isa, kernels_summary, mkl_from_env, native_bf16, stages};
 pub(crate) use fast::on_pool;
 pub use io::{LoadedModel, ModelSource};
 pub use precision::{Precision, PrecisionChoice};

@@ -276,6 +276,42 @@ fn every_kernel_level_passes_the_golden_files_and_bench_names_it() {
     assert!(err.contains("VITFORGE_DPBF16=\"yes\"") && err.contains("use 1"), "{err}");
 }
 
+/// `VITFORGE_MKL` picks who multiplies f32, and `bench` and `selfcheck` say who did. Built with
+/// the `mkl` feature: MKL with `1` (and the golden files pass), ours with `0`, and by default MKL
+/// only on Intel CPUs with AVX-512. Built without it: `1` is refused, naming the feature. A value
+/// that is not 0 or 1 is refused either way.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn f32_products_follow_vitforge_mkl_and_bench_and_selfcheck_name_them() {
+    let f32_products = |env: &[(&str, &str)]| {
+        let (ok, out, err) = vitforge_with(&["bench", "--config", "tiny", "--mode", "infer", "--iters", "1", "--warmup", "0"], env);
+        assert!(ok, "{env:?}: {err}");
+        let line: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+        line["f32_products"].as_str().map(str::to_string).unwrap_or_else(|| panic!("{line}"))
+    };
+    let ours = if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") { "ours" } else { "gemm-crate" };
+    assert_eq!(f32_products(&[("VITFORGE_MKL", "0")]), ours);
+    let (ok, _, err) = vitforge_with(&["bench", "--config", "tiny", "--iters", "1"], &[("VITFORGE_MKL", "yes")]);
+    assert!(!ok);
+    assert!(err.contains("VITFORGE_MKL=\"yes\"") && err.contains("use 1"), "{err}");
+    if cfg!(feature = "mkl") {
+        assert_eq!(f32_products(&[("VITFORGE_MKL", "1")]), "mkl");
+        let intel = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().contains("GenuineIntel");
+        let default = if intel && std::arch::is_x86_feature_detected!("avx512f") { "mkl" } else { ours };
+        assert_eq!(f32_products(&[("VITFORGE_MKL", "")]), default, "MKL by default on Intel CPUs with AVX-512 only");
+        let (ok, out, err) = vitforge_with(&["selfcheck", "--device", "cpu"], &[("VITFORGE_MKL", "1")]);
+        assert!(ok, "{err}");
+        let summary: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        assert_eq!((&summary["passed"], &summary["f32_products"]), (&Value::Bool(true), &Value::from("mkl")), "{summary}");
+        assert!(summary["cpu_kernels"].as_str().is_some_and(|s| s.contains("f32 products by Intel MKL (VITFORGE_MKL=1)")), "{summary}");
+    } else {
+        assert_eq!(f32_products(&[("VITFORGE_MKL", "")]), ours);
+        let (ok, _, err) = vitforge_with(&["bench", "--config", "tiny", "--iters", "1"], &[("VITFORGE_MKL", "1")]);
+        assert!(!ok);
+        assert!(err.contains("VITFORGE_MKL=1: this build has no MKL") && err.contains("--features mkl"), "{err}");
+    }
+}
+
 /// `bench --breakdown` adds each stage's share of the timed iterations to the JSON line: the
 /// forward's stages for inference, the backward's too for a training step, each above zero,
 /// with `other` for the rest, adding up to the whole; a table of them goes to stderr. It times

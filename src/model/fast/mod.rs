@@ -67,7 +67,7 @@ pub fn reference_ops_forced() -> bool {
     *FORCE_REFERENCE.get_or_init(|| std::env::var_os("VITFORGE_REFERENCE_OPS").is_some())
 }
 
-pub use matmul::{bf16_products, dpbf16_from_env, native_bf16};
+pub use matmul::{bf16_products, dpbf16_from_env, f32_products, mkl_from_env, native_bf16};
 
 /// [`isa::summary`], and at `avx512bf16` what multiplies bf16 and why: for logs and `vitforge
 /// bench`.
@@ -83,7 +83,13 @@ pub fn kernels_summary() -> String {
         ),
         _ => String::new(),
     };
-    format!("{}{bf16}", isa::summary())
+    let f32 = match (f32_products(), mkl_from_env()) {
+        ("mkl", Ok(Some(_))) => "; f32 products by Intel MKL (VITFORGE_MKL=1)",
+        ("mkl", _) => "; f32 products by Intel MKL (its default on Intel CPUs with AVX-512; VITFORGE_MKL=0 for ours)",
+        (_, Ok(Some(false))) => "; f32 products by our kernels (VITFORGE_MKL=0)",
+        _ => "",
+    };
+    format!("{}{bf16}{f32}", isa::summary())
 }
 
 /// Which compute path a CPU model runs, for `vitforge bench`: `reference` (candle's composed ops,

@@ -4,12 +4,15 @@
 //! side and let transposes cost nothing. In [`Precision::Bf16`] both operands are rounded to
 //! bfloat16 (our kernel rounds them as it packs them, the crate's path on rounded copies) and the
 //! products accumulate in f32 (natively by `vdpbf16ps` at the `avx512bf16` level, `tdpbf16ps` at
-//! `amx`).
+//! `amx`). Built with the `mkl` feature, f32 products go to Intel MKL instead where it is faster
+//! ([`mkl`]: Intel CPUs with AVX-512, or as `VITFORGE_MKL` says).
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(all(feature = "mkl", target_arch = "x86_64"))]
+pub(crate) mod mkl;
 #[cfg(target_arch = "x86_64")]
 mod sgemm;
 
@@ -176,6 +179,7 @@ pub fn gemm_bias_parts(a: Mat, parts: &[Mat], c: MatMut, bias: Option<&[f32]>, t
     #[cfg(target_arch = "x86_64")]
     if a.rows > 0
         && a.cols > 0
+        && !by_mkl(precision)
         && let Some(kernel) = Kernel::active(precision).filter(|&k| on_kernel!(k, K => sgemm::parts_align::<K>(parts)))
     {
         let bf16 = precision == Precision::Bf16;
@@ -223,6 +227,10 @@ fn product(a: Mat, map: Option<ElementWise>, b: Mat, c: MatMut, beta: f32, onto:
         return product(a, map, b, c, beta, Onto::C, threads, precision);
     }
     let accumulate = matches!(onto, Onto::C);
+    #[cfg(all(feature = "mkl", target_arch = "x86_64"))]
+    if by_mkl(precision) && mkl::takes(a, b, &c) {
+        return mkl::product(a, map, b, c, beta, onto, threads);
+    }
     #[cfg(target_arch = "x86_64")]
     if let Some(kernel) = Kernel::active(precision) {
         let parallel = parallel(threads);
@@ -498,7 +506,7 @@ pub struct PackedB {
 
 impl PackedB {
     /// `b` packed for the kernel a product at `precision` runs now (on rayon's pool), or `None`
-    /// where products go to the `gemm` crate, which packs its own way.
+    /// where products go to the `gemm` crate or to MKL, which pack their own way.
     pub fn new(b: Mat, precision: Precision) -> Option<Self> {
         Self::from_parts(&[b], precision)
     }
@@ -511,6 +519,9 @@ impl PackedB {
         for part in parts {
             assert_eq!(part.rows, k, "parts of one depth");
             part.check();
+        }
+        if by_mkl(precision) {
+            return None;
         }
         let kernel = Kernel::active(precision)?;
         #[cfg(target_arch = "x86_64")]
@@ -534,7 +545,7 @@ impl PackedB {
     /// caller multiplies by the plain matrix: the level may be capped differently on this
     /// thread, as the tests do, or the precision changed).
     pub fn fits(&self, precision: Precision) -> bool {
-        precision == self.precision && Kernel::active(precision) == Some(self.kernel)
+        precision == self.precision && !by_mkl(precision) && Kernel::active(precision) == Some(self.kernel)
     }
 
     /// Depth and columns of B.
@@ -588,6 +599,55 @@ fn uses_our_kernels() -> bool {
 #[cfg(not(target_arch = "x86_64"))]
 fn uses_our_kernels() -> bool {
     false
+}
+
+/// Whether a product at `precision` called on this thread goes to MKL ([`mkl`]): f32 where our
+/// kernels would otherwise run, in a build with the `mkl` feature, when MKL is switched on.
+fn by_mkl(precision: Precision) -> bool {
+    #[cfg(all(feature = "mkl", target_arch = "x86_64"))]
+    {
+        precision == Precision::F32 && uses_our_kernels() && mkl::runs()
+    }
+    #[cfg(not(all(feature = "mkl", target_arch = "x86_64")))]
+    {
+        let _ = precision;
+        false
+    }
+}
+
+/// What multiplies f32 now: `mkl` (Intel MKL's sgemm, see [`mkl`]), `ours` (our kernels) or
+/// `gemm-crate`, for `vitforge bench`.
+pub fn f32_products() -> &'static str {
+    if by_mkl(Precision::F32) {
+        "mkl"
+    } else if uses_our_kernels() {
+        "ours"
+    } else {
+        "gemm-crate"
+    }
+}
+
+/// `VITFORGE_MKL` as asked (`1`: f32 products by MKL, `0`: by ours), or an error naming the
+/// variable and its values, or that this build has no MKL to switch on.
+pub fn mkl_from_env() -> Result<Option<bool>, String> {
+    let asked = match std::env::var("VITFORGE_MKL") {
+        Err(std::env::VarError::NotPresent) => None,
+        Ok(v) => parse_mkl(&v)?,
+        Err(e) => return Err(format!("VITFORGE_MKL: {e}")),
+    };
+    if asked == Some(true) && !cfg!(all(feature = "mkl", target_arch = "x86_64")) {
+        return Err("VITFORGE_MKL=1: this build has no MKL (build with `--features mkl`, see README)".to_string());
+    }
+    Ok(asked)
+}
+
+fn parse_mkl(v: &str) -> Result<Option<bool>, String> {
+    match v.trim() {
+        "" => Ok(None),
+        "1" => Ok(Some(true)),
+        "0" => Ok(Some(false)),
+        _ => Err(format!("VITFORGE_MKL={v:?}: use 1 (f32 products by MKL) or 0 (by our kernels)")),
+    }
 }
 
 /// A row-major copy of `m` with every element rounded to bfloat16.
@@ -805,6 +865,90 @@ mod tests {
         eprintln!("products by parts checked at {levels:?}");
     }
 
+    /// With MKL switched on, f32 products are MKL's, and right: every layout, edge, output
+    /// stride, scaling and target of [`check_products`] against f64, serial and parallel; bf16
+    /// products stay ours.
+    #[cfg(all(feature = "mkl", target_arch = "x86_64"))]
+    #[test]
+    fn mkl_products_match_f64_for_every_layout_and_edge() {
+        let before = mkl::tests::calls();
+        check_products("mkl", &[Precision::F32], |a, b, c, alpha, onto, threads, precision| {
+            mkl::tests::with(true, || product(a, None, b, c, alpha, onto, threads, precision))
+        });
+        assert!(mkl::tests::calls() > before, "MKL did not run");
+        assert_eq!(mkl::tests::with(true, f32_products), "mkl");
+        assert_eq!(mkl::tests::with(false, f32_products), if uses_our_kernels() { "ours" } else { "gemm-crate" });
+        let before = mkl::tests::calls();
+        check_products("mkl, bf16", &[Precision::Bf16], |a, b, c, alpha, onto, threads, precision| {
+            mkl::tests::with(true, || product(a, None, b, c, alpha, onto, threads, precision))
+        });
+        assert_eq!(mkl::tests::calls(), before, "bf16 products went to MKL");
+    }
+
+    /// With MKL switched on, `f(A)·B` mapped block by block and a product by parts side by side
+    /// give the f64 product of `f(A)` (or A) by B plus the bias, serial and parallel, for A a view
+    /// inside a wider matrix, row counts that leave uneven blocks, and more rows than one mapped
+    /// block; nothing is packed ahead for MKL, and our kernels' packing does not fit its products.
+    #[cfg(all(feature = "mkl", target_arch = "x86_64"))]
+    #[test]
+    fn mkl_mapped_and_parts_products_match_f64() {
+        let mut rand = uniform(17);
+        for &(m, k, ref widths) in &[(1, 1, vec![1]), (13, 385, vec![32, 5]), (197, 130, vec![64, 6]), (301, 64, vec![20, 13, 7])] {
+            let n: usize = widths.iter().sum();
+            let f = |x: &[f32], y: &mut [f32]| {
+                assert_eq!((x.len(), y.len()), (k, k), "one row at a time");
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = x * x.abs() - 0.3 * x + 0.1;
+                }
+            };
+            let wide: Vec<f32> = (0..m * (k + 3)).map(|_| rand()).collect();
+            let a = Mat { data: &wide, offset: 0, rows: m, cols: k, rs: k + 3, cs: 1 };
+            let fa = mapped_rows(a, &f);
+            let plain_a = mapped_rows(a, &|x: &[f32], y: &mut [f32]| y.copy_from_slice(x));
+            // Each part stored as weights are (out × in) and viewed transposed.
+            let stored: Vec<Vec<f32>> = widths.iter().map(|w| (0..w * k).map(|_| rand()).collect()).collect();
+            let parts: Vec<Mat> = stored.iter().zip(widths).map(|(b, &w)| Mat::rows(b, w, k).t()).collect();
+            let whole: Vec<f32> = (0..k).flat_map(|p| parts.iter().flat_map(move |b| (0..b.cols).map(move |j| b.data[b.offset + p * b.rs + j * b.cs]))).collect();
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.02 - 0.3).collect();
+            let check = |got: &[f32], of: &[f32], with_bias: bool, label: &str| {
+                for i in 0..m {
+                    for j in 0..n {
+                        let dot: f64 = (0..k).map(|p| f64::from(of[i * k + p]) * f64::from(whole[p * n + j])).sum();
+                        let want = dot + if with_bias { f64::from(bias[j]) } else { 0.0 };
+                        let got = f64::from(got[i * n + j]);
+                        assert!((got - want).abs() < 1e-4, "{label} {m}x{n}x{k}: c[{i}][{j}] = {got}, want {want}");
+                    }
+                }
+            };
+            assert!(mkl::tests::with(true, || PackedB::from_parts(&parts, Precision::F32)).is_none(), "packed ahead for MKL");
+            if let Some(ours) = mkl::tests::with(false, || PackedB::from_parts(&parts, Precision::F32)) {
+                assert!(!mkl::tests::with(true, || ours.fits(Precision::F32)), "our packing fits MKL's products");
+            }
+            for (with_bias, threads) in [(false, Threads::One), (true, Threads::All), (true, Threads::One), (false, Threads::All)] {
+                let b = with_bias.then_some(&bias[..]);
+                let label = format!("bias={with_bias} serial={}", threads == Threads::One);
+                let before = mkl::tests::calls();
+                let (mut mapped, mut by_parts) = (vec![0.5f32; m * n], vec![0.5f32; m * n]);
+                mkl::tests::with(true, || {
+                    gemm_mapped(a, &f, Mat::rows(&whole, k, n), MatMut::rows(&mut mapped, m, n), b, threads, Precision::F32);
+                    gemm_bias_parts(a, &parts, MatMut::rows(&mut by_parts, m, n), b, threads, Precision::F32);
+                });
+                assert_eq!(mkl::tests::calls(), before + 1 + parts.len(), "{label}: MKL ran one product, then one per part");
+                check(&mapped, &fa, with_bias, &format!("{label} mapped"));
+                check(&by_parts, &plain_a, with_bias, &format!("{label} by parts"));
+            }
+        }
+    }
+
+    #[test]
+    fn the_mkl_switch_parses() {
+        assert_eq!(parse_mkl(" 1 "), Ok(Some(true)));
+        assert_eq!(parse_mkl("0"), Ok(Some(false)));
+        assert_eq!(parse_mkl(""), Ok(None));
+        let err = parse_mkl("yes").unwrap_err();
+        assert!(err.contains("VITFORGE_MKL=\"yes\"") && err.contains("use 1"), "{err}");
+    }
+
     /// Reproducible values in [-½, ½) from `seed` (a 64-bit LCG's high bits).
     fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
         move || {
@@ -876,7 +1020,8 @@ mod tests {
 /// `cargo test --release --lib product_speed -- --ignored --nocapture`, with `ROWS=197,1576`
 /// (rows of A: tokens of a batch), `SHAPES="384,1152;1536,384"` (depth and columns of B; default
 /// ViT-S/16's four), `PRECISION=f32|bf16` (default bf16), `THREADS=1` (default: rayon's pool),
-/// and `VITFORGE_MAX_ISA` to pick the kernel. B is packed once, as inference packs weights.
+/// and `VITFORGE_MAX_ISA` to pick the kernel (with the `mkl` feature, `VITFORGE_MKL=1` for MKL's
+/// f32 products). Our kernels' B is packed once, as inference packs weights.
 #[cfg(test)]
 mod speed {
     use super::*;
@@ -896,25 +1041,33 @@ mod speed {
         let precision = if std::env::var("PRECISION").as_deref() == Ok("f32") { Precision::F32 } else { Precision::Bf16 };
         let threads = if std::env::var("THREADS").as_deref() == Ok("1") { Threads::One } else { Threads::All };
         let on = if threads == Threads::One { "one thread" } else { "rayon's pool" };
-        eprintln!("{}; {precision:?} on {on}", crate::model::isa::summary());
+        eprintln!("{}; {precision:?} on {on}; VITFORGE_MKL {:?}", crate::model::isa::summary(), mkl_from_env());
         for &m in &rows {
             for &(k, n) in &shapes {
                 let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
                 let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
                 let mut c = vec![0f32; m * n];
-                let seconds = crate::model::fast::on_pool(|| {
-                    let packed = PackedB::new(Mat::rows(&b, k, n), precision).expect("a kernel of ours runs here");
+                let time = || {
+                    // MKL packs B in each call; our kernels' B is packed once.
+                    let packed = (!by_mkl(precision)).then(|| PackedB::new(Mat::rows(&b, k, n), precision).expect("a kernel of ours runs here"));
                     let reps = (2_000_000_000 / (m * n * k)).max(3);
                     let mut best = f64::MAX;
                     for _ in 0..5 {
                         let t = std::time::Instant::now();
                         for _ in 0..reps {
-                            gemm_bias_packed(Mat::rows(&a, m, k), &packed, MatMut::rows(&mut c, m, n), None, threads);
+                            let (a, c) = (Mat::rows(&a, m, k), MatMut::rows(&mut c, m, n));
+                            match &packed {
+                                Some(packed) => gemm_bias_packed(a, packed, c, None, threads),
+                                None => gemm(a, Mat::rows(&b, k, n), c, 1.0, false, threads, precision),
+                            }
                         }
                         best = best.min(t.elapsed().as_secs_f64() / reps as f64);
                     }
                     best
-                });
+                };
+                #[cfg(all(feature = "mkl", target_arch = "x86_64"))]
+                let time = || mkl::tests::with(mkl_from_env() == Ok(Some(true)), time);
+                let seconds = crate::model::fast::on_pool(time);
                 eprintln!("rows {m:5}  k {k:5}  n {n:5}: {:6.0} GFLOP/s", 2.0 * (m * n * k) as f64 / seconds / 1e9);
             }
         }
