@@ -69,7 +69,7 @@ fn intel() -> bool {
 }
 
 /// Whether f32 products called on this thread go to MKL now. The library's own tests test our
-/// kernels unless a test asks for MKL ([`tests::with`]); the engine's tests follow
+/// kernels unless a test asks for MKL (`tests::with`); the engine's tests follow
 /// `VITFORGE_MKL` as the service does.
 pub(super) fn runs() -> bool {
     #[cfg(test)]

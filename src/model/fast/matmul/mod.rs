@@ -5,7 +5,7 @@
 //! bfloat16 (our kernel rounds them as it packs them, the crate's path on rounded copies) and the
 //! products accumulate in f32 (natively by `vdpbf16ps` at the `avx512bf16` level, `tdpbf16ps` at
 //! `amx`). Built with the `mkl` feature, f32 products go to Intel MKL instead where it is faster
-//! ([`mkl`]: Intel CPUs with AVX-512, or as `VITFORGE_MKL` says).
+//! (`matmul/mkl.rs`: Intel CPUs with AVX-512, or as `VITFORGE_MKL` says).
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -601,7 +601,7 @@ fn uses_our_kernels() -> bool {
     false
 }
 
-/// Whether a product at `precision` called on this thread goes to MKL ([`mkl`]): f32 where our
+/// Whether a product at `precision` called on this thread goes to MKL (`matmul/mkl.rs`): f32 where our
 /// kernels would otherwise run, in a build with the `mkl` feature, when MKL is switched on.
 fn by_mkl(precision: Precision) -> bool {
     #[cfg(all(feature = "mkl", target_arch = "x86_64"))]
@@ -615,7 +615,7 @@ fn by_mkl(precision: Precision) -> bool {
     }
 }
 
-/// What multiplies f32 now: `mkl` (Intel MKL's sgemm, see [`mkl`]), `ours` (our kernels) or
+/// What multiplies f32 now: `mkl` (Intel MKL's sgemm, see `matmul/mkl.rs`), `ours` (our kernels) or
 /// `gemm-crate`, for `vitforge bench`.
 pub fn f32_products() -> &'static str {
     if by_mkl(Precision::F32) {
@@ -871,11 +871,12 @@ mod tests {
     #[cfg(all(feature = "mkl", target_arch = "x86_64"))]
     #[test]
     fn mkl_products_match_f64_for_every_layout_and_edge() {
-        let before = mkl::tests::calls();
+        let (before, runs) = (mkl::tests::calls(), std::cell::Cell::new(0));
         check_products("mkl", &[Precision::F32], |a, b, c, alpha, onto, threads, precision| {
+            runs.set(runs.get() + 1);
             mkl::tests::with(true, || product(a, None, b, c, alpha, onto, threads, precision))
         });
-        assert!(mkl::tests::calls() > before, "MKL did not run");
+        assert_eq!(mkl::tests::calls() - before, runs.get(), "every f32 product went to MKL");
         assert_eq!(mkl::tests::with(true, f32_products), "mkl");
         assert_eq!(mkl::tests::with(false, f32_products), if uses_our_kernels() { "ours" } else { "gemm-crate" });
         let before = mkl::tests::calls();
