@@ -8,6 +8,8 @@
 #
 # Usage: bench/precision.sh IMAGES BASE_MODEL PER_CLASS SEED [vitforge train flags...]
 #   TEST_PER_CLASS=M (env) caps the test images per class (default: all the rest)
+#   EXTRA_TEST=DIR (env): a second, held-out folder (DIR/<class>/images) that each model also
+#   classifies in its own precision, reported as "extra" (a larger test than the split's)
 #   Default flags: the probe, then the last 2 layers for 2 epochs (lr 1e-4, no augmentation), so
 #   that gradient steps run in bf16 too.
 #   e.g. bench/precision.sh ../shared/data/catsdogs-dev ../shared/models/vit-small-patch14-pretrained 50 1
@@ -40,6 +42,10 @@ for train_in in f32 bf16; do
       >"$work/predict-$train_in-$products.json"
     echo "$start $(date +%s.%N)" >"$work/predict-$train_in-$products.secs"
   done
+  if [[ -n ${EXTRA_TEST:-} ]]; then
+    "$bin" predict --model "$work/model-$train_in" --device cpu --top-k 1 --precision "$train_in" "$EXTRA_TEST" \
+      >"$work/extra-$train_in.json"
+  fi
 done
 python3 - "$work" "$per_class" "$seed" "${flags[*]}" <<'PY'
 import json, sys
@@ -52,6 +58,17 @@ runs = {(t, p): labels(t, p) for t in ("f32", "bf16") for p in ("f32", "bf16")}
 n = len(runs[("f32", "f32")])
 acc = lambda r: round(sum(truth == got for truth, got in r) / n, 4)
 same = lambda a, b: sum(x[1] == y[1] for x, y in zip(runs[a], runs[b]))
+def extra():
+    if not (work / "extra-f32.json").exists():
+        return {}
+    got = {t: [(Path(p["file"]).parent.name, p["label"]) for p in json.load(open(work / f"extra-{t}.json"))["predictions"]]
+           for t in ("f32", "bf16")}
+    m = len(got["f32"])
+    return {"extra": {
+        "images": m,
+        "accuracy_own_precision": {t: round(sum(a == b for a, b in got[t]) / m, 4) for t in got},
+        "same_top1_f32_vs_bf16_model": sum(x[1] == y[1] for x, y in zip(got["f32"], got["bf16"])),
+    }}
 def secs(name):
     start, end = map(float, (work / f"{name}.secs").read_text().split())
     return round(end - start, 1)
@@ -64,5 +81,6 @@ print(json.dumps({
     "predict_wall_s": {f"{t}_{p}": secs(f"predict-{t}-{p}") for t, p in runs},
     "validation_f1": {t: round(json.load(open(work / f"train-{t}.json"))["validation"]["f1"], 4) for t in ("f32", "bf16")},
     "best_epoch": {t: json.load(open(work / f"train-{t}.json"))["best_epoch"] for t in ("f32", "bf16")},
+    **extra(),
 }))
 PY
