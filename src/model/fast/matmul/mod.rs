@@ -778,15 +778,9 @@ mod tests {
         let mut rand = uniform(11);
         for &level in &levels {
             for &(m, n, k) in &[(1, 1, 1), (13, 37, 385), (197, 70, 130), (250, 33, 64)] {
-                let f = |x: &[f32], y: &mut [f32]| {
-                    assert_eq!((x.len(), y.len()), (k, k), "one row at a time");
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = x * x.abs() - 0.3 * x + 0.1;
-                    }
-                };
-                // A is the first k columns of an m × (k + 3) matrix.
-                let wide: Vec<f32> = (0..m * (k + 3)).map(|_| rand()).collect();
-                let a = Mat { data: &wide, offset: 0, rows: m, cols: k, rs: k + 3, cs: 1 };
+                let f = test_map(k);
+                let wide = wider(m, k, &mut rand);
+                let a = first_columns(&wide, m, k);
                 let fa = mapped_rows(a, &f);
                 assert_eq!(fa.len(), m * k);
                 let b: Vec<f32> = (0..k * n).map(|_| rand()).collect();
@@ -896,14 +890,9 @@ mod tests {
         let mut rand = uniform(17);
         for &(m, k, ref widths) in &[(1, 1, vec![1]), (13, 385, vec![32, 5]), (197, 130, vec![64, 6]), (301, 64, vec![20, 13, 7])] {
             let n: usize = widths.iter().sum();
-            let f = |x: &[f32], y: &mut [f32]| {
-                assert_eq!((x.len(), y.len()), (k, k), "one row at a time");
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = x * x.abs() - 0.3 * x + 0.1;
-                }
-            };
-            let wide: Vec<f32> = (0..m * (k + 3)).map(|_| rand()).collect();
-            let a = Mat { data: &wide, offset: 0, rows: m, cols: k, rs: k + 3, cs: 1 };
+            let f = test_map(k);
+            let wide = wider(m, k, &mut rand);
+            let a = first_columns(&wide, m, k);
             let fa = mapped_rows(a, &f);
             let plain_a = mapped_rows(a, &|x: &[f32], y: &mut [f32]| y.copy_from_slice(x));
             // Each part stored as weights are (out × in) and viewed transposed.
@@ -948,6 +937,27 @@ mod tests {
         assert_eq!(parse_mkl(""), Ok(None));
         let err = parse_mkl("yes").unwrap_err();
         assert!(err.contains("VITFORGE_MKL=\"yes\"") && err.contains("use 1"), "{err}");
+    }
+
+    /// The element-wise function the mapped products' tests apply (`x·|x| − 0.3·x + 0.1`),
+    /// checking that it is given one row of `k` at a time.
+    fn test_map(k: usize) -> impl Fn(&[f32], &mut [f32]) + Sync {
+        move |x, y| {
+            assert_eq!((x.len(), y.len()), (k, k), "one row at a time");
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = x * x.abs() - 0.3 * x + 0.1;
+            }
+        }
+    }
+
+    /// An m × (k + 3) matrix of `rand`'s values, whose first k columns ([`first_columns`]) are
+    /// an A that is a view inside a wider matrix.
+    fn wider(m: usize, k: usize, rand: &mut impl FnMut() -> f32) -> Vec<f32> {
+        (0..m * (k + 3)).map(|_| rand()).collect()
+    }
+
+    fn first_columns(wide: &[f32], m: usize, k: usize) -> Mat<'_> {
+        Mat { data: wide, offset: 0, rows: m, cols: k, rs: k + 3, cs: 1 }
     }
 
     /// Reproducible values in [-½, ½) from `seed` (a 64-bit LCG's high bits).
