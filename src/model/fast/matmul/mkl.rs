@@ -15,13 +15,12 @@
 //! rows into this thread's scratch just before its call, so `f(A)` is never a matrix in memory;
 //! a bias is written into the block's rows of C, which the call then adds to.
 
-use std::cell::RefCell;
 use std::ffi::c_int;
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::{ElementWise, Mat, MatMut, Onto, Threads, on_cache_line, parallel};
+use super::{ElementWise, Mat, MatMut, Onto, Scratch, Threads, parallel};
 
 // CBLAS's enumerations (mkl_cblas.h).
 const ROW_MAJOR: c_int = 101;
@@ -148,13 +147,12 @@ pub(super) fn product(a: Mat, map: Option<ElementWise>, b: Mat, c: MatMut, alpha
         match map {
             None => call(ab, b, cb, ldc, alpha, beta),
             Some(f) => MAPPED.with(|scratch| {
-                let mut scratch = scratch.borrow_mut();
-                let range = on_cache_line(&mut scratch, rows * k);
-                let fa = &mut scratch[range];
-                for r in 0..rows {
-                    f(&ab.data[ab.offset + r * ab.rs..][..k], &mut fa[r * k..(r + 1) * k]);
-                }
-                call(Mat::rows(fa, rows, k), b, cb, ldc, alpha, beta)
+                scratch.with(rows * k, |fa| {
+                    for r in 0..rows {
+                        f(&ab.data[ab.offset + r * ab.rs..][..k], &mut fa[r * k..(r + 1) * k]);
+                    }
+                    call(Mat::rows(fa, rows, k), b, cb, ldc, alpha, beta)
+                })
             }),
         }
     };
@@ -171,7 +169,7 @@ const MAPPED_ROWS: usize = 128;
 
 thread_local! {
     /// Each thread's space for its block of `f(A)`, reused from call to call.
-    static MAPPED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static MAPPED: Scratch = const { Scratch(std::cell::RefCell::new(Vec::new())) };
 }
 
 /// C's first element and the floats from it to the end of its slice, for rayon's tasks.

@@ -391,13 +391,27 @@ pub fn dpbf16_pays() -> bool {
 /// `VITFORGE_DPBF16` as set (`1` or `0`), or an error naming the variable and its values (the
 /// command line checks it at start-up; an unreadable value is ignored here).
 pub fn dpbf16_from_env() -> Result<Option<bool>, String> {
-    match std::env::var(DPBF16_VAR) {
+    switch_from_env(DPBF16_VAR, "use 1 (bf16 products by vdpbf16ps) or 0 (emulated on the f32 FMA kernel), or leave it unset to measure")
+}
+
+/// A 0/1 switch read from the environment: `Some(true)` for `1`, `Some(false)` for `0`, `None`
+/// when unset or empty, or an error naming the variable, its value and `usage` (what each value
+/// does).
+fn switch_from_env(var: &str, usage: &str) -> Result<Option<bool>, String> {
+    match std::env::var(var) {
         Err(std::env::VarError::NotPresent) => Ok(None),
-        Ok(v) if v.trim().is_empty() => Ok(None),
-        Ok(v) if v.trim() == "1" => Ok(Some(true)),
-        Ok(v) if v.trim() == "0" => Ok(Some(false)),
-        Ok(v) => Err(format!("{DPBF16_VAR}={v:?}: use 1 (bf16 products by vdpbf16ps) or 0 (emulated on the f32 FMA kernel), or leave it unset to measure")),
-        Err(e) => Err(format!("{DPBF16_VAR}: {e}")),
+        Ok(v) => parse_switch(var, &v, usage),
+        Err(e) => Err(format!("{var}: {e}")),
+    }
+}
+
+/// [`switch_from_env`]'s reading of the value `v` of `var`.
+fn parse_switch(var: &str, v: &str, usage: &str) -> Result<Option<bool>, String> {
+    match v.trim() {
+        "" => Ok(None),
+        "1" => Ok(Some(true)),
+        "0" => Ok(Some(false)),
+        _ => Err(format!("{var}={v:?}: {usage}")),
     }
 }
 
@@ -630,25 +644,15 @@ pub fn f32_products() -> &'static str {
 /// `VITFORGE_MKL` as asked (`1`: f32 products by MKL, `0`: by ours), or an error naming the
 /// variable and its values, or that this build has no MKL to switch on.
 pub fn mkl_from_env() -> Result<Option<bool>, String> {
-    let asked = match std::env::var("VITFORGE_MKL") {
-        Err(std::env::VarError::NotPresent) => None,
-        Ok(v) => parse_mkl(&v)?,
-        Err(e) => return Err(format!("VITFORGE_MKL: {e}")),
-    };
+    let asked = switch_from_env(MKL_VAR, MKL_USAGE)?;
     if asked == Some(true) && !cfg!(all(feature = "mkl", target_arch = "x86_64")) {
-        return Err("VITFORGE_MKL=1: this build has no MKL (build with `--features mkl`, see README)".to_string());
+        return Err(format!("{MKL_VAR}=1: this build has no MKL (build with `--features mkl`, see README)"));
     }
     Ok(asked)
 }
 
-fn parse_mkl(v: &str) -> Result<Option<bool>, String> {
-    match v.trim() {
-        "" => Ok(None),
-        "1" => Ok(Some(true)),
-        "0" => Ok(Some(false)),
-        _ => Err(format!("VITFORGE_MKL={v:?}: use 1 (f32 products by MKL) or 0 (by our kernels)")),
-    }
-}
+const MKL_VAR: &str = "VITFORGE_MKL";
+const MKL_USAGE: &str = "use 1 (f32 products by MKL) or 0 (by our kernels)";
 
 /// A row-major copy of `m` with every element rounded to bfloat16.
 fn rounded(m: Mat) -> Vec<f32> {
@@ -932,6 +936,7 @@ mod tests {
 
     #[test]
     fn the_mkl_switch_parses() {
+        let parse_mkl = |v| parse_switch(MKL_VAR, v, MKL_USAGE);
         assert_eq!(parse_mkl(" 1 "), Ok(Some(true)));
         assert_eq!(parse_mkl("0"), Ok(Some(false)));
         assert_eq!(parse_mkl(""), Ok(None));
