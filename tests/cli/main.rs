@@ -299,6 +299,10 @@ fn f32_products_follow_vitforge_mkl_and_bench_and_selfcheck_name_them() {
         let intel = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().contains("GenuineIntel");
         let default = if intel && std::arch::is_x86_feature_detected!("avx512f") { "mkl" } else { ours };
         assert_eq!(f32_products(&[("VITFORGE_MKL", "")]), default, "MKL by default on Intel CPUs with AVX-512 only");
+        // The start-up line says MKL is there, whether it multiplies or not.
+        let (ok, _, err) = vitforge_with(&["bench", "--config", "tiny", "--mode", "infer", "--iters", "1", "--warmup", "0"], &[("VITFORGE_MKL", "")]);
+        let said = if default == "mkl" { "but f32 products by Intel MKL (its default on Intel CPUs with AVX-512" } else { "Intel MKL is built in but off here" };
+        assert!(ok && err.contains(said), "{err}");
         let (ok, out, err) = vitforge_with(&["selfcheck", "--device", "cpu"], &[("VITFORGE_MKL", "1")]);
         assert!(ok, "{err}");
         let summary: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));

@@ -84,9 +84,12 @@ pub fn kernels_summary() -> String {
         _ => String::new(),
     };
     let f32 = match (f32_products(), mkl_from_env()) {
-        ("mkl", Ok(Some(_))) => "; f32 products by Intel MKL (VITFORGE_MKL=1)",
-        ("mkl", _) => "; f32 products by Intel MKL (its default on Intel CPUs with AVX-512; VITFORGE_MKL=0 for ours)",
+        ("mkl", Ok(Some(_))) => "; but f32 products by Intel MKL (VITFORGE_MKL=1)",
+        ("mkl", _) => "; but f32 products by Intel MKL (its default on Intel CPUs with AVX-512; VITFORGE_MKL=0 for ours)",
         (_, Ok(Some(false))) => "; f32 products by our kernels (VITFORGE_MKL=0)",
+        _ if cfg!(all(feature = "mkl", target_arch = "x86_64")) => {
+            "; Intel MKL is built in but off here (its default only on Intel CPUs with AVX-512; VITFORGE_MKL=1 turns it on)"
+        }
         _ => "",
     };
     format!("{}{bf16}{f32}", isa::summary())
