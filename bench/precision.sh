@@ -4,7 +4,7 @@
 # classified by each model with f32 and with bf16 products. Prints one JSON line: each model's
 # test accuracy in each precision, how many test images get the same top-1 label from the f32
 # model in f32 and in bf16 (what `/predict --precision bf16` changes), and from the two models
-# (what training in bf16 changes), and the wall times.
+# (what training in bf16 changes), each run's probe C, and the wall times.
 #
 # Usage: bench/precision.sh IMAGES BASE_MODEL PER_CLASS SEED [vitforge train flags...]
 #   TEST_PER_CLASS=M (env) caps the test images per class (default: all the rest)
@@ -48,7 +48,7 @@ for train_in in f32 bf16; do
   fi
 done
 python3 - "$work" "$per_class" "$seed" "${flags[*]}" <<'PY'
-import json, sys
+import json, re, sys
 from pathlib import Path
 work, per_class, seed, flags = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 def labels(train, products):
@@ -69,6 +69,10 @@ def extra():
         "accuracy_own_precision": {t: round(sum(a == b for a, b in got[t]) / m, 4) for t in got},
         "same_top1_f32_vs_bf16_model": sum(x[1] == y[1] for x, y in zip(got["f32"], got["bf16"])),
     }}
+def probe_c(train):
+    # The C the probe's cross-validation chose, from the training log (none without a probe).
+    found = re.search(r"probe head fitted.*: C = ([0-9.e+-]+)", (work / f"train-{train}.log").read_text())
+    return float(found.group(1)) if found else None
 def secs(name):
     start, end = map(float, (work / f"{name}.secs").read_text().split())
     return round(end - start, 1)
@@ -81,6 +85,7 @@ print(json.dumps({
     "predict_wall_s": {f"{t}_{p}": secs(f"predict-{t}-{p}") for t, p in runs},
     "validation_f1": {t: round(json.load(open(work / f"train-{t}.json"))["validation"]["f1"], 4) for t in ("f32", "bf16")},
     "best_epoch": {t: json.load(open(work / f"train-{t}.json"))["best_epoch"] for t in ("f32", "bf16")},
+    "probe_c": {t: probe_c(t) for t in ("f32", "bf16")},
     **extra(),
 }))
 PY

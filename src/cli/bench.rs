@@ -268,7 +268,8 @@ fn bench_probe(args: &BenchArgs) -> anyhow::Result<()> {
             "images": n,
             "seconds": (secs * 100.0).round() / 100.0,
             "chosen_c": probe.c,
-            "cv_accuracy": probe.cv_accuracy,
+            "cv_accuracy": probe.cv.map(|s| s.accuracy),
+            "cv_log_loss": probe.cv.map(|s| s.log_loss),
         });
         println!("{line}");
     }

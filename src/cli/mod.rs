@@ -271,12 +271,12 @@ fn show_event(pb: &ProgressBar, shown: &mut Option<Phase>, root: &Path, e: Train
             ),
         ),
         TrainEvent::Checkpoint { .. } => {}
-        TrainEvent::Probe { c, cv_accuracy, features_seconds, fit_seconds, views } => say(
+        TrainEvent::Probe { c, cv_accuracy, cv_log_loss, features_seconds, fit_seconds, views } => say(
             pb,
             format!(
                 "probe head fitted in {fit_seconds:.1} s after a {features_seconds:.1} s feature pass{}: C = {c}{}",
                 if views > 0 { format!(" over the images and {views} other view(s) of each") } else { String::new() },
-                cv_accuracy.map(|a| format!(", cross-validated accuracy {a:.4}")).unwrap_or_default()
+                cv_accuracy.zip(cv_log_loss).map(|(a, l)| format!(", cross-validated log-loss {l:.4} and accuracy {a:.4}")).unwrap_or_default()
             ),
         ),
         TrainEvent::Test { report } => say(pb, format!("test: accuracy {:.4} macro-F1 {:.4} calibration error {:.4}", report.accuracy, report.f1, report.ece)),

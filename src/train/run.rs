@@ -467,7 +467,7 @@ fn probe_epoch(
     head.insert(keys::HEAD_BIAS.to_string(), Tensor::from_vec(fitted.bias, k, &run.device)?);
     model.params.set_some(&head)?;
     let fit_seconds = fit_started.elapsed().as_secs_f64();
-    (ctl.on_event)(TrainEvent::Probe { c: fitted.c, cv_accuracy: fitted.cv_accuracy, features_seconds, fit_seconds, views: probe_views });
+    (ctl.on_event)(TrainEvent::Probe { c: fitted.c, cv_accuracy: fitted.cv.map(|s| s.accuracy), cv_log_loss: fitted.cv.map(|s| s.log_loss), features_seconds, fit_seconds, views: probe_views });
     let validation = validate(run, model, ctl)?;
     let situation = Situation {
         per_class: data.train_counts(),

@@ -319,8 +319,8 @@ impl<'a> Recorder<'a> {
                 db::jobs::mark_progress(db, &job.id, holder).await?;
             }
             TrainEvent::Test { report } => db::job_metrics::record_evaluation(db, &job.id, holder, "test", 0, &report).await?,
-            TrainEvent::Probe { c, cv_accuracy, features_seconds, fit_seconds, views } => {
-                tracing::info!(job = %job.id, c, ?cv_accuracy, features_seconds, fit_seconds, views, "probe head fitted")
+            TrainEvent::Probe { c, cv_accuracy, cv_log_loss, features_seconds, fit_seconds, views } => {
+                tracing::info!(job = %job.id, c, ?cv_accuracy, ?cv_log_loss, features_seconds, fit_seconds, views, "probe head fitted")
             }
             TrainEvent::Decided { decision, epochs, total_steps } | TrainEvent::Stopped { decision, epochs, total_steps, .. } => {
                 tracing::info!(job = %job.id, action = ?decision.action, epochs, reason = %decision.reason, "decided");
