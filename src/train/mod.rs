@@ -100,10 +100,10 @@ pub enum TrainEvent {
     Phase { phase: Phase, done: u64, total: u64 },
     /// The probe head was fitted (epoch 1 of a `head_init: probe` run): its regularisation
     /// strength `c` chosen by cross-validation (its `cv_log_loss`, which chose it, and
-    /// `cv_accuracy`; none with too few images per class to cross-validate), the seconds of the frozen
-    /// network's pass over the training images (`features_seconds`, 0 when they were cached) and
-    /// of the logistic-regression fits (`fit_seconds`), and how many other views of each image
-    /// (mirror image, crops) it was fitted on as well (`views`).
+    /// `cv_accuracy`; none with too few images per class to cross-validate), the seconds of the
+    /// frozen network's pass over the training images (`features_seconds`, 0 when they were
+    /// cached) and of the logistic-regression fits (`fit_seconds`), and how many other views of
+    /// each image (mirror image, crops) it was fitted on as well (`views`).
     Probe { c: f64, cv_accuracy: Option<f64>, cv_log_loss: Option<f64>, features_seconds: f64, fit_seconds: f64, views: u32 },
 }
 
